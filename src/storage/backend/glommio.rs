@@ -1,0 +1,205 @@
+//! The real backend: glommio DMA files (O_DIRECT, io_uring) in one directory.
+//!
+//! Owns: one shard's data directory and its `LOCK` file. Invariants: the
+//! directory is locked (flock, exclusive) for as long as the backend lives, so
+//! two engines never share it; and the first file this backend opens with
+//! O_DIRECT is the non-empty `LOCK` file. glommio 0.9 probes a device for
+//! io_uring polling by reading the first DMA file it opens; if that file is
+//! empty the probe wrongly succeeds and every later read fails with
+//! EOPNOTSUPP (os error 95, glommio issue 605). Reading a full block of
+//! `LOCK` first makes the cached answer correct.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+
+
+use super::{Backend, WriteBuf};
+use crate::limits::BLOCK_SIZE;
+
+/// Name of the lock file in every data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// A shard directory on a real disk.
+pub struct GlommioBackend {
+    dir: PathBuf,
+    /// Holds the exclusive lock; released when the backend is dropped.
+    _lock: File,
+}
+
+/// A write buffer in DMA-able memory.
+pub struct GlommioBuf(DmaBuffer);
+
+impl WriteBuf for GlommioBuf {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_bytes_mut()
+    }
+}
+
+/// The bytes of a read.
+pub struct GlommioRead(ReadResult);
+
+impl AsRef<[u8]> for GlommioRead {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl GlommioBackend {
+    /// Opens (creating if needed) and locks a data directory. Must run
+    /// inside a glommio executor.
+    pub async fn open(dir: impl AsRef<Path>) -> io::Result<GlommioBackend> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                let holder = holder.lines().next().unwrap_or("").trim().to_string();
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("data directory {} is in use by another Gyre process ({holder})", dir.display()),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        // A full block: the DMA probe below must read a non-empty file.
+        let mut text = format!("pid {}\n", std::process::id()).into_bytes();
+        text.resize(BLOCK_SIZE, b'\n');
+        lock.set_len(0)?;
+        lock.write_all(&text)?;
+        lock.sync_all()?;
+        let probe = DmaFile::open(&lock_path).await.map_err(io::Error::from)?;
+        let read = probe.read_at(0, BLOCK_SIZE).await.map_err(io::Error::from)?;
+        if read.len() != BLOCK_SIZE {
+            return Err(io::Error::other("short read probing the data directory's device"));
+        }
+        probe.close().await.map_err(io::Error::from)?;
+        Ok(GlommioBackend { dir, _lock: lock })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn full_write(n: usize, want: usize) -> io::Result<()> {
+    if n != want {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {n} of {want} bytes")));
+    }
+    Ok(())
+}
+
+impl Backend for GlommioBackend {
+    type File = Rc<DmaFile>;
+    type Buf = GlommioBuf;
+    type Read = GlommioRead;
+
+    async fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    async fn open(&self, name: &str, create: bool) -> io::Result<Rc<DmaFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .dma_open(self.dir.join(name))
+            .await
+            .map_err(io::Error::from)?;
+        Ok(Rc::new(f))
+    }
+
+    async fn preallocate(&self, file: &Rc<DmaFile>, size: u64) -> io::Result<()> {
+        file.pre_allocate(size, true).await.map_err(io::Error::from)
+    }
+
+    fn alloc(&self, file: &Rc<DmaFile>, len: usize) -> GlommioBuf {
+        assert_eq!(len % BLOCK_SIZE, 0, "unaligned buffer length {len}");
+        let mut buf = file.alloc_dma_buffer(len);
+        buf.as_bytes_mut().fill(0);
+        GlommioBuf(buf)
+    }
+
+    async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
+        assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        let want = buf.0.len();
+        let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
+        full_write(n, want)
+    }
+
+    async fn sync(&self, file: &Rc<DmaFile>) -> io::Result<()> {
+        file.fdatasync().await.map_err(io::Error::from)
+    }
+
+    async fn read_at(&self, file: &Rc<DmaFile>, off: u64, len: usize) -> io::Result<GlommioRead> {
+        file.read_at(off, len).await.map(GlommioRead).map_err(io::Error::from)
+    }
+
+    async fn size(&self, file: &Rc<DmaFile>) -> io::Result<u64> {
+        file.file_size().await.map_err(io::Error::from)
+    }
+
+    async fn truncate(&self, file: &Rc<DmaFile>, len: u64) -> io::Result<()> {
+        file.truncate(len).await.map_err(io::Error::from)
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.dir.join(name))
+    }
+
+    async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let tmp = format!("{name}.tmp");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(self.dir.join(&tmp))
+            .await
+            .map_err(io::Error::from)?;
+        let len = data.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        if len > 0 {
+            let mut buf = f.alloc_dma_buffer(len);
+            buf.as_bytes_mut().fill(0);
+            buf.as_bytes_mut()[..data.len()].copy_from_slice(data);
+            let n = f.write_at(buf, 0).await.map_err(io::Error::from)?;
+            full_write(n, len)?;
+        }
+        f.truncate(data.len() as u64).await.map_err(io::Error::from)?;
+        f.fdatasync().await.map_err(io::Error::from)?;
+        f.rename(self.dir.join(name)).await.map_err(io::Error::from)?;
+        f.close().await.map_err(io::Error::from)?;
+        self.sync_dir().await
+    }
+
+    async fn read_file(&self, name: &str) -> io::Result<Vec<u8>> {
+        let f = DmaFile::open(self.dir.join(name)).await.map_err(io::Error::from)?;
+        let size = f.file_size().await.map_err(io::Error::from)? as usize;
+        let data = if size == 0 { Vec::new() } else { f.read_at(0, size).await.map_err(io::Error::from)?.to_vec() };
+        f.close().await.map_err(io::Error::from)?;
+        if data.len() != size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{name}: short read")));
+        }
+        Ok(data)
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    async fn yield_now(&self) {
+        glommio::yield_if_needed().await
+    }
+}

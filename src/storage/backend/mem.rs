@@ -1,0 +1,240 @@
+//! An in-memory backend that can crash.
+//!
+//! Owns: a map of file names to contents, each with the image it had at its
+//! last fdatasync. [`MemBackend::crash`] throws away everything not synced,
+//! or, with tearing, keeps a random prefix of the unsynced writes in order
+//! with the last one cut mid-way and filled with garbage, as a power cut
+//! during a multi-block write can. Faults can be injected into writes and
+//! syncs. Invariant: `durable` only changes on `sync` (and on the metadata
+//! operations, which are modelled as durable at once; the engine syncs the
+//! directory after them anyway).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io;
+use std::rc::Rc;
+
+use super::{Backend, WriteBuf};
+use crate::limits::BLOCK_SIZE;
+
+#[derive(Default, Debug)]
+struct MemFile {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order.
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct MemFs {
+    files: BTreeMap<String, Rc<RefCell<MemFile>>>,
+}
+
+/// Shared handle to one in-memory directory; clones see the same files.
+#[derive(Clone, Default)]
+pub struct MemBackend {
+    fs: Rc<RefCell<MemFs>>,
+    /// Injected faults: fail every write / sync from now on.
+    fail_writes: Rc<Cell<bool>>,
+    fail_syncs: Rc<Cell<bool>>,
+}
+
+/// A write buffer.
+pub struct MemBuf(Vec<u8>);
+
+impl WriteBuf for MemBuf {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+/// An open in-memory file.
+#[derive(Clone)]
+pub struct MemHandle(Rc<RefCell<MemFile>>);
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
+}
+
+impl MemBackend {
+    pub fn new() -> MemBackend {
+        MemBackend::default()
+    }
+
+    /// Makes every later write fail with an I/O error (or stop failing).
+    pub fn fail_writes(&self, on: bool) {
+        self.fail_writes.set(on);
+    }
+
+    /// Makes every later sync fail with an I/O error (or stop failing).
+    pub fn fail_syncs(&self, on: bool) {
+        self.fail_syncs.set(on);
+    }
+
+    /// Simulates a power cut: every file goes back to its synced image. With
+    /// `tear`, a random prefix of each file's unsynced writes survives, the
+    /// last of them torn (a prefix of it, then garbage). Handles opened
+    /// before the crash must not be used after it.
+    pub fn crash(&self, seed: u64, tear: bool) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let fs = self.fs.borrow();
+        for file in fs.files.values() {
+            let mut f = file.borrow_mut();
+            let mut image = f.durable.clone();
+            if tear && !f.pending.is_empty() {
+                let keep = rng.usize(0..=f.pending.len());
+                for (i, (off, bytes)) in f.pending.iter().enumerate().take(keep + 1) {
+                    let mut bytes = bytes.clone();
+                    if i == keep {
+                        let cut = rng.usize(0..=bytes.len());
+                        for b in &mut bytes[cut..] {
+                            *b = if rng.bool() { rng.u8(..) } else { 0 };
+                        }
+                        if rng.bool() {
+                            // The torn part never reached the disk at all.
+                            bytes.truncate(cut);
+                        }
+                    }
+                    let end = *off as usize + bytes.len();
+                    if image.len() < end {
+                        image.resize(end, 0);
+                    }
+                    image[*off as usize..end].copy_from_slice(&bytes);
+                }
+            }
+            f.data = image.clone();
+            f.durable = image;
+            f.pending.clear();
+        }
+    }
+
+    /// Direct access for tests: flips bits in a file, durably.
+    pub fn corrupt(&self, name: &str, off: usize, xor: u8) -> io::Result<()> {
+        let fs = self.fs.borrow();
+        let file = fs.files.get(name).ok_or_else(|| not_found(name))?;
+        let mut f = file.borrow_mut();
+        if off >= f.data.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "offset past end"));
+        }
+        f.data[off] ^= xor;
+        if off < f.durable.len() {
+            f.durable[off] ^= xor;
+        }
+        Ok(())
+    }
+
+    /// Names and sizes of all files (tests).
+    pub fn files(&self) -> Vec<(String, usize)> {
+        self.fs.borrow().files.iter().map(|(n, f)| (n.clone(), f.borrow().data.len())).collect()
+    }
+
+    fn io_error(what: &str) -> io::Error {
+        io::Error::other(format!("injected {what} failure"))
+    }
+}
+
+impl Backend for MemBackend {
+    type File = MemHandle;
+    type Buf = MemBuf;
+    type Read = Vec<u8>;
+
+    async fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.fs.borrow().files.keys().cloned().collect())
+    }
+
+    async fn open(&self, name: &str, create: bool) -> io::Result<MemHandle> {
+        let mut fs = self.fs.borrow_mut();
+        if let Some(f) = fs.files.get(name) {
+            return Ok(MemHandle(f.clone()));
+        }
+        if !create {
+            return Err(not_found(name));
+        }
+        let f = Rc::new(RefCell::new(MemFile::default()));
+        fs.files.insert(name.to_string(), f.clone());
+        Ok(MemHandle(f))
+    }
+
+    async fn preallocate(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn alloc(&self, _file: &MemHandle, len: usize) -> MemBuf {
+        assert_eq!(len % BLOCK_SIZE, 0, "unaligned buffer length {len}");
+        MemBuf(vec![0; len])
+    }
+
+    async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
+        assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        if self.fail_writes.get() {
+            return Err(Self::io_error("write"));
+        }
+        let mut f = file.0.borrow_mut();
+        let end = off as usize + buf.0.len();
+        if f.data.len() < end {
+            f.data.resize(end, 0);
+        }
+        f.data[off as usize..end].copy_from_slice(&buf.0);
+        f.pending.push((off, buf.0));
+        Ok(())
+    }
+
+    async fn sync(&self, file: &MemHandle) -> io::Result<()> {
+        if self.fail_syncs.get() {
+            return Err(Self::io_error("fdatasync"));
+        }
+        let mut f = file.0.borrow_mut();
+        f.durable = f.data.clone();
+        f.pending.clear();
+        Ok(())
+    }
+
+    async fn read_at(&self, file: &MemHandle, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        let f = file.0.borrow();
+        let start = (off as usize).min(f.data.len());
+        let end = (off as usize + len).min(f.data.len());
+        Ok(f.data[start..end].to_vec())
+    }
+
+    async fn size(&self, file: &MemHandle) -> io::Result<u64> {
+        Ok(file.0.borrow().data.len() as u64)
+    }
+
+    async fn truncate(&self, file: &MemHandle, len: u64) -> io::Result<()> {
+        let mut f = file.0.borrow_mut();
+        f.data.resize(len as usize, 0);
+        f.durable.resize(len as usize, 0);
+        for (off, bytes) in &mut f.pending {
+            bytes.truncate((len as usize).saturating_sub(*off as usize));
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        self.fs.borrow_mut().files.remove(name).map(|_| ()).ok_or_else(|| not_found(name))
+    }
+
+    async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        if self.fail_writes.get() {
+            return Err(Self::io_error("write"));
+        }
+        let f = MemFile { data: data.to_vec(), durable: data.to_vec(), pending: Vec::new() };
+        self.fs.borrow_mut().files.insert(name.to_string(), Rc::new(RefCell::new(f)));
+        Ok(())
+    }
+
+    async fn read_file(&self, name: &str) -> io::Result<Vec<u8>> {
+        let fs = self.fs.borrow();
+        let f = fs.files.get(name).ok_or_else(|| not_found(name))?;
+        let data = f.borrow().data.clone();
+        Ok(data)
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn yield_now(&self) {
+        futures_lite::future::yield_now().await
+    }
+}

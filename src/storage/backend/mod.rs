@@ -1,0 +1,62 @@
+//! The I/O a shard's storage engine needs, behind one small trait.
+//!
+//! Owns: the boundary between the engine's decisions and the disk. Two
+//! implementations: [`glommio::GlommioBackend`] (io_uring, O_DIRECT, feature
+//! `node`) for real, and [`mem::MemBackend`] for tests, which keeps what was
+//! fsynced and can crash, losing or tearing what was not.
+//!
+//! Invariant: writes are whole blocks at block-aligned offsets (the engine
+//! guarantees it, both backends assert it); a write or sync that returns
+//! `Ok` has fully happened.
+
+#[cfg(feature = "node")]
+pub mod glommio;
+pub mod mem;
+
+use std::io;
+
+/// A buffer for one aligned write.
+pub trait WriteBuf {
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// Everything the engine does to the disk. Single-threaded: futures need
+/// not be `Send` (thread per core).
+#[allow(async_fn_in_trait, reason = "engines are driven on one thread; no Send bound is wanted")]
+pub trait Backend {
+    /// An open file; clones share the handle (a read in flight keeps a
+    /// removed file readable).
+    type File: Clone;
+    type Buf: WriteBuf;
+    /// Bytes of a read.
+    type Read: AsRef<[u8]>;
+
+    /// Names of the files in the data directory.
+    async fn list(&self) -> io::Result<Vec<String>>;
+    /// Opens a file for reading and writing, creating it if asked.
+    async fn open(&self, name: &str, create: bool) -> io::Result<Self::File>;
+    /// Reserves `size` bytes for the file so appends do not allocate.
+    async fn preallocate(&self, file: &Self::File, size: u64) -> io::Result<()>;
+    /// A zeroed buffer of `len` bytes (a multiple of the block size) for a
+    /// write to `file`.
+    fn alloc(&self, file: &Self::File, len: usize) -> Self::Buf;
+    /// Writes the whole buffer at `off` (block aligned).
+    async fn write_at(&self, file: &Self::File, buf: Self::Buf, off: u64) -> io::Result<()>;
+    /// fdatasync.
+    async fn sync(&self, file: &Self::File) -> io::Result<()>;
+    /// Reads up to `len` bytes at `off` (short only at end of file).
+    async fn read_at(&self, file: &Self::File, off: u64, len: usize) -> io::Result<Self::Read>;
+    async fn size(&self, file: &Self::File) -> io::Result<u64>;
+    async fn truncate(&self, file: &Self::File, len: u64) -> io::Result<()>;
+    /// Unlinks a file by name (open handles stay readable).
+    async fn remove(&self, name: &str) -> io::Result<()>;
+    /// Replaces a whole small file durably: temporary file, sync, rename,
+    /// directory sync.
+    async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Reads a whole small file.
+    async fn read_file(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Makes creations, renames and removals durable.
+    async fn sync_dir(&self) -> io::Result<()>;
+    /// Lets other tasks run (background work calls it between units).
+    async fn yield_now(&self);
+}

@@ -1,0 +1,194 @@
+//! Configuration of one shard's storage engine.
+//!
+//! Invariant: an [`EngineConfig`] that passed [`EngineConfig::validate`] can
+//! store any record its limits admit (a largest record fits in a segment).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::partition::{validate_partitions, DEFAULT_PARTITIONS};
+use crate::limits::{
+    BLOCK_SIZE, DEFAULT_FLUSH_THRESHOLD, DEFAULT_MAX_VALUE_LEN, DEFAULT_SEGMENT_SIZE, MAX_KEY_LEN, MAX_META_LEN,
+    MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, VALUE_LEN_HARD_CAP,
+};
+use crate::storage::format::record_len;
+
+/// When a write is acknowledged relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After the write and an fdatasync covering it (group commit batches
+    /// concurrent writers into one write and one fdatasync).
+    Always,
+    /// At once; the log is written and fdatasynced every so many
+    /// milliseconds, so a power cut loses at most that much.
+    Interval(u64),
+    /// At once; the log is written when the buffer fills or on the flush
+    /// timer and never fdatasynced (Dynamo's buffered writes). A process
+    /// crash loses what was still buffered.
+    Never,
+}
+
+impl FsyncPolicy {
+    /// How often the shell should call `Engine::tick`.
+    pub fn tick_ms(&self) -> u64 {
+        match self {
+            FsyncPolicy::Always => 10,
+            FsyncPolicy::Interval(ms) => (*ms).max(1),
+            FsyncPolicy::Never => 10,
+        }
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Interval(ms) => write!(f, "interval({ms})"),
+            FsyncPolicy::Never => f.write_str("never"),
+        }
+    }
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    /// Accepts `always`, `never`, `interval(MS)`, `interval:MS` or `MSms`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s {
+            "always" => return Ok(FsyncPolicy::Always),
+            "never" => return Ok(FsyncPolicy::Never),
+            _ => {}
+        }
+        let ms = s
+            .strip_prefix("interval(")
+            .and_then(|r| r.strip_suffix(')'))
+            .or_else(|| s.strip_prefix("interval:"))
+            .or_else(|| s.strip_suffix("ms"))
+            .map(|n| n.trim().trim_end_matches("ms"));
+        match ms.and_then(|n| n.parse::<u64>().ok()) {
+            Some(ms) if ms > 0 => Ok(FsyncPolicy::Interval(ms)),
+            _ => Err(format!("unknown fsync policy {s:?}: expected always, never or interval(MS) with MS > 0")),
+        }
+    }
+}
+
+impl Serialize for FsyncPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Settings of one shard's engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Partitions of the ring (power of two); the index is kept per partition.
+    pub partitions: u32,
+    /// Size at which the active segment is sealed (multiple of 4 KiB).
+    pub segment_size: u64,
+    /// Largest value accepted (up to `VALUE_LEN_HARD_CAP`).
+    pub max_value_len: usize,
+    pub fsync: FsyncPolicy,
+    /// Budget of the hot-record cache in bytes (0 disables it).
+    pub cache_bytes: usize,
+    /// Buffered bytes that make a writer flush under `interval`/`never`.
+    pub flush_threshold: usize,
+    /// Garbage ratio from which a sealed segment is compacted.
+    pub compaction_threshold: f64,
+    /// Age after which compaction may drop a tombstone.
+    pub tombstone_grace_ms: u64,
+    /// Reserve each new segment's full size on disk when it is created.
+    pub preallocate: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            partitions: DEFAULT_PARTITIONS,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            max_value_len: DEFAULT_MAX_VALUE_LEN,
+            fsync: FsyncPolicy::Always,
+            cache_bytes: 64 * 1024 * 1024,
+            flush_threshold: DEFAULT_FLUSH_THRESHOLD,
+            compaction_threshold: 0.5,
+            tombstone_grace_ms: 24 * 3600 * 1000,
+            preallocate: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Largest record this configuration admits.
+    pub fn max_record_len(&self) -> u64 {
+        record_len(MAX_KEY_LEN, MAX_META_LEN, self.max_value_len) as u64
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        validate_partitions(self.partitions)?;
+        if self.max_value_len > VALUE_LEN_HARD_CAP {
+            return Err(format!("max_value_len {} exceeds the hard cap {VALUE_LEN_HARD_CAP}", self.max_value_len));
+        }
+        if self.segment_size % BLOCK_SIZE as u64 != 0
+            || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size)
+        {
+            return Err(format!(
+                "segment_size {} must be a multiple of {BLOCK_SIZE} between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE}",
+                self.segment_size
+            ));
+        }
+        if self.segment_size < self.max_record_len() {
+            return Err(format!(
+                "segment_size {} is smaller than the largest record ({} bytes with max_value_len {})",
+                self.segment_size,
+                self.max_record_len(),
+                self.max_value_len
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.compaction_threshold) {
+            return Err("compaction_threshold must be between 0 and 1".into());
+        }
+        if self.flush_threshold == 0 {
+            return Err("flush_threshold must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policy_parses() {
+        assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
+        assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
+        assert_eq!("interval(5)".parse(), Ok(FsyncPolicy::Interval(5)));
+        assert_eq!("interval:7".parse(), Ok(FsyncPolicy::Interval(7)));
+        assert_eq!("interval(3ms)".parse(), Ok(FsyncPolicy::Interval(3)));
+        assert_eq!("20ms".parse(), Ok(FsyncPolicy::Interval(20)));
+        assert!("sometimes".parse::<FsyncPolicy>().is_err());
+        assert!("interval(0)".parse::<FsyncPolicy>().is_err());
+        assert_eq!(FsyncPolicy::Interval(5).to_string().parse(), Ok(FsyncPolicy::Interval(5)));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(EngineConfig::default().validate().is_ok());
+        let tiny = EngineConfig { segment_size: 4096, max_value_len: 100, ..Default::default() };
+        assert!(tiny.validate().is_err(), "max key + max meta do not fit in 4 KiB");
+        let ok = EngineConfig { segment_size: 32 * 1024, max_value_len: 100, ..Default::default() };
+        assert!(ok.validate().is_ok());
+        assert!(EngineConfig { max_value_len: VALUE_LEN_HARD_CAP + 1, ..Default::default() }.validate().is_err());
+        assert!(EngineConfig { partitions: 3, ..Default::default() }.validate().is_err());
+    }
+}

@@ -1,0 +1,814 @@
+//! One shard's storage engine: the async driver that executes the log's
+//! decisions against a [`Backend`].
+//!
+//! Owns: the shard's index, log writer, segment files, record cache and
+//! counters, behind one `RefCell` (a shard is one thread; no borrow is held
+//! across an `.await`). Invariants:
+//! - a write is acknowledged only when its durability policy is met: under
+//!   `always`, once an fdatasync covering its bytes returned `Ok`;
+//! - after any write or sync error the engine is *failed*: every later write
+//!   is refused with that error and nothing more is acknowledged;
+//! - every record returned by `get` passed its checksum and names its key;
+//! - a segment is deleted by compaction only after copies of all its live
+//!   records are durable.
+//!
+//! Group commit is leader/follower and needs no background task: a writer
+//! that needs its bytes on disk and finds no flush in progress becomes the
+//! leader, writes everything buffered in one aligned write (plus one
+//! fdatasync), and wakes the others; the ones still not covered elect the
+//! next leader. Any single-threaded executor can drive it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::poll_fn;
+use std::io;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use lru::LruCache;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::core::partition::key_hash;
+use crate::limits::MAX_KEY_LEN;
+use crate::limits::MAX_META_LEN;
+use crate::storage::backend::{Backend, WriteBuf};
+use crate::storage::config::{EngineConfig, FsyncPolicy};
+use crate::storage::format::{
+    decode_hint, decode_record, format_file_contents, hint_file_name, parse_file_name, parse_format_file,
+    segment_file_name, FileKind, HintBuilder, Kind, RECORD_HEADER_LEN, FORMAT_FILE,
+    STORAGE_FORMAT_VERSION,
+};
+use crate::storage::index::{Loc, ShardIndex};
+use crate::storage::log::{Appended, LogWriter, Pos};
+use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentUsage};
+
+/// Errors of the storage engine.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("I/O error during {op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// An earlier write or sync failed; the shard accepts no more writes.
+    #[error("shard refuses writes after an earlier I/O error: {0}")]
+    Failed(String),
+    #[error("key length {0} is outside 1..={MAX_KEY_LEN}")]
+    KeyLength(usize),
+    #[error("value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("causal metadata of {0} bytes exceeds the limit of {MAX_META_LEN}")]
+    MetaTooLarge(usize),
+    #[error("corrupt record in segment {seg} at offset {off}: {reason}")]
+    Corrupt { seg: u32, off: u64, reason: String },
+    #[error("data directory has storage format {found}, this build reads format {expected}")]
+    FormatVersion { found: String, expected: u32 },
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
+    move |source| StorageError::Io { op, source }
+}
+
+/// A record read back: the verified bytes plus where its parts lie.
+#[derive(Clone, Debug)]
+pub struct Record {
+    raw: Rc<[u8]>,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub kind: Kind,
+    key_len: usize,
+    meta_len: usize,
+}
+
+impl Record {
+    fn decode(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
+        let corrupt = |reason: String| StorageError::Corrupt { seg: loc.seg, off: loc.off as u64, reason };
+        if raw.len() != loc.len as usize {
+            return Err(corrupt(format!("short read: {} of {} bytes", raw.len(), loc.len)));
+        }
+        let r = decode_record(&raw).map_err(|e| corrupt(e.to_string()))?;
+        if r.key != key {
+            return Err(corrupt("record belongs to another key".into()));
+        }
+        let (seq, timestamp_ms, kind, meta_len) = (r.seq, r.timestamp_ms, r.kind, r.meta.len());
+        Ok(Record { raw, seq, timestamp_ms, kind, key_len: key.len(), meta_len })
+    }
+
+    pub fn is_tombstone(&self) -> bool {
+        self.kind == Kind::Tombstone
+    }
+
+    /// The opaque causal metadata stored with the record.
+    pub fn meta(&self) -> &[u8] {
+        let at = RECORD_HEADER_LEN + self.key_len;
+        &self.raw[at..at + self.meta_len]
+    }
+
+    /// The value (empty for a tombstone).
+    pub fn value(&self) -> &[u8] {
+        &self.raw[RECORD_HEADER_LEN + self.key_len + self.meta_len..]
+    }
+}
+
+/// What opening a shard found.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub hints_used: usize,
+    pub segments_scanned: usize,
+    pub keys: usize,
+    /// Bytes cut from the end of the last segment as a torn write.
+    pub torn_tail_bytes: u64,
+    /// Regions holding no valid record (reported, skipped).
+    pub corruptions: Vec<Corruption>,
+    /// Hint files that were rejected (their segments were scanned instead).
+    pub hint_errors: Vec<String>,
+    pub next_seq: u64,
+}
+
+/// Counters of one engine.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct EngineStats {
+    pub puts: u64,
+    pub deletes: u64,
+    pub gets: u64,
+    pub get_not_found: u64,
+    pub reads_from_buffer: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_bytes: usize,
+    /// Aligned writes issued (one per group-commit batch).
+    pub flushes: u64,
+    pub fdatasyncs: u64,
+    pub bytes_written: u64,
+    pub segments_sealed: u64,
+    pub segments_compacted: u64,
+    pub records_moved: u64,
+    pub tombstones_dropped: u64,
+    pub keys: usize,
+    pub segments: usize,
+    pub index_bytes: usize,
+    pub disk_live_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+/// What one compaction pass did.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct CompactionStats {
+    pub segments_removed: u64,
+    pub records_moved: u64,
+    pub tombstones_dropped: u64,
+    pub bytes_reclaimed: u64,
+    pub corrupt_regions: u64,
+}
+
+/// Wakes every waiter when the flush state changes.
+#[derive(Default)]
+struct Notify {
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Notify {
+    fn generation(&self) -> u64 {
+        self.generation.get()
+    }
+
+    fn notify_all(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for w in self.wakers.take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self, seen: u64) {
+        poll_fn(|cx| {
+            if self.generation.get() != seen {
+                Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// A bounded cache of verified records keyed by location (locations are
+/// never reused, so an entry can be stale only by being unreachable).
+struct RecordCache {
+    lru: LruCache<u64, Rc<[u8]>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl RecordCache {
+    fn new(budget: usize) -> RecordCache {
+        RecordCache { lru: LruCache::unbounded(), bytes: 0, budget }
+    }
+
+    fn get(&mut self, id: u64) -> Option<Rc<[u8]>> {
+        self.lru.get(&id).cloned()
+    }
+
+    fn insert(&mut self, id: u64, raw: Rc<[u8]>) {
+        if self.budget == 0 || raw.len() > self.budget / 8 {
+            return;
+        }
+        self.bytes += raw.len();
+        if let Some(old) = self.lru.put(id, raw) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.budget {
+            let Some((_, old)) = self.lru.pop_lru() else { break };
+            self.bytes -= old.len();
+        }
+    }
+}
+
+struct State<F> {
+    writer: LogWriter,
+    index: ShardIndex,
+    usage: BTreeMap<u32, SegmentUsage>,
+    files: HashMap<u32, F>,
+    cache: RecordCache,
+    /// A leader is writing; others wait for `Notify`.
+    flushing: bool,
+    /// Everything before this position is written and fdatasynced.
+    synced: Pos,
+    /// Set by the first write or sync error; refuses all later writes.
+    failed: Option<String>,
+    compacting: bool,
+    stats: EngineStats,
+}
+
+impl<F> State<F> {
+    /// Index and space accounting for a record just appended.
+    fn account(&mut self, a: &Appended, hash: u64, key: &[u8]) {
+        if let Some(old) = self.index.insert(hash, key, a.loc) {
+            self.drop_live(old);
+        }
+        let u = self.usage.entry(a.loc.seg).or_default();
+        u.total += a.loc.len as u64;
+        u.live += a.loc.len as u64;
+        if a.sealed.is_some() {
+            self.stats.segments_sealed += 1;
+        }
+    }
+
+    fn drop_live(&mut self, old: Loc) {
+        let u = self.usage.get_mut(&old.seg).expect("a live record's segment is accounted");
+        u.live -= old.len as u64;
+    }
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    config: EngineConfig,
+    st: RefCell<State<B::File>>,
+    notify: Notify,
+}
+
+/// One shard's storage engine. Clones share the engine (one thread).
+pub struct Engine<B: Backend> {
+    inner: Rc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Engine<B> {
+    fn clone(&self) -> Self {
+        Engine { inner: self.inner.clone() }
+    }
+}
+
+/// Resets the `compacting` flag however a pass ends.
+struct CompactingGuard<'a, F>(&'a RefCell<State<F>>);
+
+impl<F> Drop for CompactingGuard<'_, F> {
+    fn drop(&mut self) {
+        self.0.borrow_mut().compacting = false;
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Opens a shard directory: checks its format, replays hint files or
+    /// scans segments, cuts a torn tail, and reports what it found.
+    pub async fn open(backend: B, config: EngineConfig) -> Result<(Engine<B>, RecoveryReport), StorageError> {
+        config.validate().map_err(StorageError::Config)?;
+        let names = backend.list().await.map_err(io_err("listing the data directory"))?;
+        let mut segs = BTreeSet::new();
+        let mut hints = BTreeSet::new();
+        for name in &names {
+            match parse_file_name(name) {
+                Some(FileKind::Segment(id)) => {
+                    segs.insert(id);
+                }
+                Some(FileKind::Hint(id)) => {
+                    hints.insert(id);
+                }
+                None if name.ends_with(".tmp") => {
+                    backend.remove(name).await.map_err(io_err("removing a temporary file"))?;
+                }
+                None => {}
+            }
+        }
+        check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
+
+        let mut report = RecoveryReport { segments: segs.len(), ..Default::default() };
+        let mut index = ShardIndex::new(config.partitions);
+        let mut usage: BTreeMap<u32, SegmentUsage> = BTreeMap::new();
+        let mut files = HashMap::new();
+        let mut max_seq = 0u64;
+        let last = segs.last().copied();
+        for &seg in &segs {
+            let name = segment_file_name(seg);
+            let file = backend.open(&name, false).await.map_err(io_err("opening a segment"))?;
+            let size = backend.size(&file).await.map_err(io_err("sizing a segment"))?;
+            let is_last = Some(seg) == last;
+            let mut total = 0u64;
+            let mut hinted = false;
+            if !is_last && hints.contains(&seg) {
+                match backend.read_file(&hint_file_name(seg)).await {
+                    Ok(bytes) => match decode_hint(&bytes, seg) {
+                        Ok(h) if h.data_len == size => {
+                            let res = h.for_each(|e| {
+                                let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
+                                index.insert(key_hash(e.key), e.key, loc);
+                                total += e.len as u64;
+                            });
+                            match res {
+                                Ok(()) => {
+                                    hinted = true;
+                                    max_seq = max_seq.max(h.max_seq);
+                                }
+                                Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                            }
+                        }
+                        Ok(h) => report.hint_errors.push(format!(
+                            "segment {seg}: hint says {} bytes of data, segment has {size}",
+                            h.data_len
+                        )),
+                        Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                    },
+                    Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
+                }
+            }
+            if hinted {
+                report.hints_used += 1;
+            } else {
+                report.segments_scanned += 1;
+                total = 0;
+                let data = backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+                let mut hb = HintBuilder::default();
+                let out = scan_segment(seg, data.as_ref(), !is_last, |off, r| {
+                    let len = r.encoded_len() as u32;
+                    let tombstone = r.kind == Kind::Tombstone;
+                    index.insert(key_hash(r.key), r.key, Loc { seg, off: off as u32, len, tombstone });
+                    hb.push(off as u32, len, tombstone, r.key, r.seq);
+                    total += len as u64;
+                });
+                max_seq = max_seq.max(hb.max_seq());
+                report.corruptions.extend(out.corruptions.iter().cloned());
+                if is_last {
+                    if out.valid_end == 0 && out.corruptions.is_empty() {
+                        drop(file);
+                        backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
+                        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+                        continue;
+                    }
+                    if size != out.valid_end {
+                        report.torn_tail_bytes = size - out.valid_end;
+                        backend.truncate(&file, out.valid_end).await.map_err(io_err("truncating a torn tail"))?;
+                    }
+                    backend.sync(&file).await.map_err(io_err("syncing a recovered segment"))?;
+                }
+                // Seal the recovered segment (or repair its hint) so the next
+                // open replays the hint instead of scanning.
+                let hint = hb.finish(seg, out.valid_end);
+                if is_last || out.corruptions.is_empty() {
+                    backend.write_file(&hint_file_name(seg), &hint).await.map_err(io_err("writing a hint file"))?;
+                }
+            }
+            usage.insert(seg, SegmentUsage { total, live: 0 });
+            files.insert(seg, file);
+        }
+        for (_, loc) in index.iter() {
+            usage.get_mut(&loc.seg).expect("indexed segment exists").live += loc.len as u64;
+        }
+        let first_seg = last.map_or(1, |l| l + 1);
+        let writer = LogWriter::new(config.segment_size, first_seg, max_seq + 1);
+        report.keys = index.len();
+        report.next_seq = writer.next_seq();
+        let st = State {
+            synced: writer.written(),
+            writer,
+            index,
+            usage,
+            files,
+            cache: RecordCache::new(config.cache_bytes),
+            flushing: false,
+            failed: None,
+            compacting: false,
+            stats: EngineStats::default(),
+        };
+        let inner = Inner { backend, config, st: RefCell::new(st), notify: Notify::default() };
+        Ok((Engine { inner: Rc::new(inner) }, report))
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    fn check(&self, key: &[u8], meta: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(StorageError::KeyLength(key.len()));
+        }
+        if meta.len() > MAX_META_LEN {
+            return Err(StorageError::MetaTooLarge(meta.len()));
+        }
+        let max = self.inner.config.max_value_len;
+        if value.len() > max {
+            return Err(StorageError::ValueTooLarge { len: value.len(), max });
+        }
+        Ok(())
+    }
+
+    /// Stores `value` for `key` with its causal metadata; returns the
+    /// record's sequence number once the durability policy is met.
+    pub async fn put(&self, key: &[u8], meta: &[u8], value: &[u8], now_ms: u64) -> Result<u64, StorageError> {
+        self.write(Kind::Value, key, meta, value, now_ms).await
+    }
+
+    /// Writes a tombstone for `key` carrying `meta`.
+    pub async fn delete(&self, key: &[u8], meta: &[u8], now_ms: u64) -> Result<u64, StorageError> {
+        self.write(Kind::Tombstone, key, meta, &[], now_ms).await
+    }
+
+    async fn write(&self, kind: Kind, key: &[u8], meta: &[u8], value: &[u8], now_ms: u64) -> Result<u64, StorageError> {
+        self.check(key, meta, value)?;
+        let hash = key_hash(key);
+        let (end, seq, pending) = {
+            let mut st = self.inner.st.borrow_mut();
+            if let Some(e) = &st.failed {
+                return Err(StorageError::Failed(e.clone()));
+            }
+            let a = st.writer.append(now_ms, kind, key, meta, value);
+            st.account(&a, hash, key);
+            match kind {
+                Kind::Value => st.stats.puts += 1,
+                Kind::Tombstone => st.stats.deletes += 1,
+            }
+            (a.end(), a.seq, st.writer.pending_bytes())
+        };
+        match self.inner.config.fsync {
+            FsyncPolicy::Always => self.wait_until(end, true).await?,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                if pending >= self.inner.config.flush_threshold {
+                    self.wait_until(end, false).await?;
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Waits until `target` is written (and synced if `sync`), leading
+    /// flushes while nobody else is.
+    async fn wait_until(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
+        loop {
+            let seen = self.inner.notify.generation();
+            let lead = {
+                let mut st = self.inner.st.borrow_mut();
+                if let Some(e) = &st.failed {
+                    return Err(StorageError::Failed(e.clone()));
+                }
+                let reached = if sync { st.synced } else { st.writer.written() };
+                if reached >= target {
+                    return Ok(());
+                }
+                !std::mem::replace(&mut st.flushing, true)
+            };
+            if lead {
+                let res = self.flush_as_leader(sync).await;
+                {
+                    let mut st = self.inner.st.borrow_mut();
+                    st.flushing = false;
+                    if let Err(e) = &res {
+                        if st.failed.is_none() {
+                            tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
+                            st.failed = Some(e.to_string());
+                        }
+                    }
+                }
+                self.inner.notify.notify_all();
+                res?;
+            } else {
+                self.inner.notify.wait(seen).await;
+            }
+        }
+    }
+
+    /// Writes everything buffered (sealing full segments on the way) and,
+    /// if `sync`, fdatasyncs the last segment written.
+    async fn flush_as_leader(&self, sync: bool) -> Result<(), StorageError> {
+        let backend = &self.inner.backend;
+        loop {
+            let Some(plan) = self.inner.st.borrow().writer.plan_flush() else { break };
+            let name = segment_file_name(plan.seg);
+            let file = if plan.create {
+                let f = backend.open(&name, true).await.map_err(io_err("creating a segment"))?;
+                if self.inner.config.preallocate {
+                    backend
+                        .preallocate(&f, self.inner.config.segment_size)
+                        .await
+                        .map_err(io_err("preallocating a segment"))?;
+                }
+                backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+                self.inner.st.borrow_mut().files.insert(plan.seg, f.clone());
+                f
+            } else {
+                self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
+            };
+            let mut buf = backend.alloc(&file, plan.write_len());
+            buf.bytes_mut()[..plan.end].copy_from_slice(self.inner.st.borrow().writer.plan_bytes(&plan));
+            backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
+            if plan.seal {
+                backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
+                backend.sync(&file).await.map_err(io_err("syncing a sealed segment"))?;
+                let hint = self.inner.st.borrow().writer.plan_hint(&plan);
+                backend.write_file(&hint_file_name(plan.seg), &hint).await.map_err(io_err("writing a hint file"))?;
+            }
+            let mut st = self.inner.st.borrow_mut();
+            st.writer.complete_flush(&plan);
+            st.stats.flushes += 1;
+            st.stats.bytes_written += plan.write_len() as u64;
+            if plan.seal {
+                st.stats.fdatasyncs += 1;
+                st.synced = st.synced.max(plan.written_to());
+            }
+        }
+        if sync {
+            let (written, file) = {
+                let st = self.inner.st.borrow();
+                let w = st.writer.written();
+                if st.synced >= w {
+                    return Ok(());
+                }
+                (w, st.files.get(&w.0).expect("written segment is open").clone())
+            };
+            backend.sync(&file).await.map_err(io_err("fdatasync of the log"))?;
+            let mut st = self.inner.st.borrow_mut();
+            st.stats.fdatasyncs += 1;
+            st.synced = st.synced.max(written);
+        }
+        Ok(())
+    }
+
+    /// Writes everything appended so far to the log files (no fdatasync).
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let target = self.inner.st.borrow().writer.appended();
+        self.wait_until(target, false).await
+    }
+
+    /// Writes and fdatasyncs everything appended so far.
+    pub async fn sync(&self) -> Result<(), StorageError> {
+        let target = self.inner.st.borrow().writer.appended();
+        self.wait_until(target, true).await
+    }
+
+    /// The periodic work of the durability policy; the shell calls it every
+    /// `config().fsync.tick_ms()` milliseconds.
+    pub async fn tick(&self) -> Result<(), StorageError> {
+        match self.inner.config.fsync {
+            FsyncPolicy::Always => Ok(()),
+            FsyncPolicy::Interval(_) => self.sync().await,
+            FsyncPolicy::Never => self.flush().await,
+        }
+    }
+
+    /// The latest record of `key` (a tombstone included), verified.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        self.check(key, &[], &[])?;
+        let hash = key_hash(key);
+        let (loc, file) = {
+            let mut st = self.inner.st.borrow_mut();
+            st.stats.gets += 1;
+            let Some(loc) = st.index.get(hash, key) else {
+                st.stats.get_not_found += 1;
+                return Ok(None);
+            };
+            if let Some(bytes) = st.writer.read_buffered(loc) {
+                let raw: Rc<[u8]> = bytes.into();
+                st.stats.reads_from_buffer += 1;
+                return Record::decode(raw, loc, key).map(Some);
+            }
+            if let Some(raw) = st.cache.get(loc.id()) {
+                st.stats.cache_hits += 1;
+                return Record::decode(raw, loc, key).map(Some);
+            }
+            st.stats.cache_misses += 1;
+            (loc, st.files.get(&loc.seg).expect("indexed segment is open").clone())
+        };
+        let data = self
+            .inner
+            .backend
+            .read_at(&file, loc.off as u64, loc.len as usize)
+            .await
+            .map_err(io_err("reading a record"))?;
+        let raw: Rc<[u8]> = data.as_ref().into();
+        let rec = Record::decode(raw.clone(), loc, key)?;
+        self.inner.st.borrow_mut().cache.insert(loc.id(), raw);
+        Ok(Some(rec))
+    }
+
+    /// The keys of one partition with whether each is a tombstone.
+    pub fn partition_keys(&self, partition: u32) -> Vec<(Vec<u8>, bool)> {
+        let st = self.inner.st.borrow();
+        st.index
+            .partition(partition)
+            .map(|p| p.iter().map(|(k, l)| (k.to_vec(), l.tombstone)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of keys (tombstones included).
+    pub fn len(&self) -> usize {
+        self.inner.st.borrow().index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap bytes of the index.
+    pub fn index_memory_bytes(&self) -> usize {
+        self.inner.st.borrow().index.memory_bytes()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> EngineStats {
+        let st = self.inner.st.borrow();
+        let mut s = st.stats.clone();
+        s.cache_bytes = st.cache.bytes;
+        s.keys = st.index.len();
+        s.segments = st.usage.len();
+        s.index_bytes = st.index.memory_bytes();
+        s.disk_live_bytes = st.usage.values().map(|u| u.live).sum();
+        s.disk_total_bytes = st.usage.values().map(|u| u.total).sum();
+        s
+    }
+
+    /// Whether the engine refuses writes after an I/O error.
+    pub fn failed(&self) -> Option<String> {
+        self.inner.st.borrow().failed.clone()
+    }
+
+    /// Space accounting per segment (for tests and tools).
+    pub fn segment_usage(&self) -> BTreeMap<u32, SegmentUsage> {
+        self.inner.st.borrow().usage.clone()
+    }
+
+    /// One compaction pass: every sealed segment whose garbage ratio passed
+    /// the threshold has its live records copied to the head of the log
+    /// (expired tombstones dropped when allowed), the copies are synced, and
+    /// the segment is removed. Call it from a low-priority task: it yields
+    /// between records.
+    pub async fn compact(&self, now_ms: u64) -> Result<CompactionStats, StorageError> {
+        let mut stats = CompactionStats::default();
+        let victims = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.compacting || st.failed.is_some() {
+                return Ok(stats);
+            }
+            st.compacting = true;
+            pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.inner.config.compaction_threshold)
+        };
+        let _guard = CompactingGuard(&self.inner.st);
+        for seg in victims {
+            self.compact_segment(seg, now_ms, &mut stats).await?;
+        }
+        Ok(stats)
+    }
+
+    async fn compact_segment(&self, seg: u32, now_ms: u64, stats: &mut CompactionStats) -> Result<(), StorageError> {
+        let backend = &self.inner.backend;
+        let (file, live) = {
+            let st = self.inner.st.borrow();
+            (st.files.get(&seg).expect("accounted segment is open").clone(), st.usage[&seg].live)
+        };
+        if live > 0 {
+            let size = backend.size(&file).await.map_err(io_err("sizing a segment"))?;
+            let data = backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+            let data = data.as_ref();
+            let mut records = Vec::new();
+            let out = scan_segment(seg, data, true, |off, r| records.push((off as usize, r.encoded_len())));
+            for c in &out.corruptions {
+                tracing::error!(seg, off = c.off, len = c.len, reason = %c.reason, "corruption found by compaction");
+            }
+            stats.corrupt_regions += out.corruptions.len() as u64;
+            for (i, &(off, len)) in records.iter().enumerate() {
+                if i % 64 == 63 {
+                    backend.yield_now().await;
+                }
+                let r = decode_record(&data[off..off + len]).expect("verified by the scan");
+                let hash = key_hash(r.key);
+                let loc = Loc { seg, off: off as u32, len: len as u32, tombstone: r.kind == Kind::Tombstone };
+                let mut st = self.inner.st.borrow_mut();
+                if let Some(e) = &st.failed {
+                    return Err(StorageError::Failed(e.clone()));
+                }
+                if st.index.get(hash, r.key) != Some(loc) {
+                    continue;
+                }
+                let oldest = *st.usage.keys().next().expect("segment being compacted exists");
+                let grace = self.inner.config.tombstone_grace_ms;
+                if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
+                    st.index.remove(hash, r.key);
+                    st.drop_live(loc);
+                    stats.tombstones_dropped += 1;
+                    st.stats.tombstones_dropped += 1;
+                    continue;
+                }
+                let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
+                st.account(&a, hash, r.key);
+                stats.records_moved += 1;
+                st.stats.records_moved += 1;
+            }
+            self.sync().await?;
+        }
+        let (live, total) = {
+            let st = self.inner.st.borrow();
+            let u = st.usage[&seg];
+            (u.live, u.total)
+        };
+        if live > 0 {
+            // Only corrupt records can still be referenced: keep the segment
+            // so reads keep reporting them instead of losing the keys.
+            tracing::error!(seg, live, "segment keeps records that could not be moved; not removed");
+            return Ok(());
+        }
+        match backend.remove(&hint_file_name(seg)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::Io { op: "removing a hint file", source: e }),
+        }
+        backend.remove(&segment_file_name(seg)).await.map_err(io_err("removing a segment"))?;
+        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+        let mut st = self.inner.st.borrow_mut();
+        st.usage.remove(&seg);
+        st.files.remove(&seg);
+        st.stats.segments_compacted += 1;
+        stats.segments_removed += 1;
+        stats.bytes_reclaimed += total;
+        Ok(())
+    }
+
+    /// Reads every record of every segment on disk and reports the regions
+    /// that fail their checksums (a scrub).
+    pub async fn verify(&self) -> Result<Vec<Corruption>, StorageError> {
+        let segs: Vec<(u32, B::File)> = {
+            let st = self.inner.st.borrow();
+            let first_buffered = st.writer.first_buffered_segment();
+            st.files.iter().filter(|(&s, _)| s < first_buffered).map(|(&s, f)| (s, f.clone())).collect()
+        };
+        let mut found = Vec::new();
+        for (seg, file) in segs {
+            let size = self.inner.backend.size(&file).await.map_err(io_err("sizing a segment"))?;
+            let data = self.inner.backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+            found.extend(scan_segment(seg, data.as_ref(), true, |_, _| {}).corruptions);
+            self.inner.backend.yield_now().await;
+        }
+        found.sort_by_key(|c| (c.seg, c.off));
+        Ok(found)
+    }
+
+    /// Flushes and syncs everything buffered (whatever the policy): call
+    /// before dropping the engine on a clean shutdown.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        self.sync().await
+    }
+}
+
+/// Checks (or, in a new directory, writes) the storage format file.
+async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool) -> Result<(), StorageError> {
+    if !exists {
+        if has_segments {
+            return Err(StorageError::FormatVersion { found: "none (segments without a format file)".into(), expected: STORAGE_FORMAT_VERSION });
+        }
+        return backend
+            .write_file(FORMAT_FILE, &format_file_contents())
+            .await
+            .map_err(io_err("writing the format file"));
+    }
+    let bytes = backend.read_file(FORMAT_FILE).await.map_err(io_err("reading the format file"))?;
+    match parse_format_file(&bytes) {
+        Some(STORAGE_FORMAT_VERSION) => Ok(()),
+        Some(v) => Err(StorageError::FormatVersion { found: v.to_string(), expected: STORAGE_FORMAT_VERSION }),
+        None => Err(StorageError::FormatVersion { found: "unreadable".into(), expected: STORAGE_FORMAT_VERSION }),
+    }
+}

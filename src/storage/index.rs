@@ -1,0 +1,347 @@
+//! The in-memory index of one shard: key -> location of its latest record.
+//!
+//! Owns: one [`PartitionIndex`] per partition (virtual node), so that a
+//! partition's keys can be listed, streamed or handed to another core without
+//! touching the others. Invariant: for every key with a record in the log,
+//! the index holds exactly the location of the record written last (in log
+//! position order); tombstones stay in the index until compaction drops them.
+//!
+//! # Memory layout (the per-key cost is a headline figure)
+//!
+//! A partition is a `hashbrown::HashTable<Slot>` of 16-byte slots plus a key
+//! arena. A slot is `key_ref: u32` (offset of the key in the arena),
+//! `seg: u32`, `off: u32`, `len_flags: u32` (record length, bit 31 =
+//! tombstone): everything a read needs to issue exactly one I/O of exactly
+//! the record's size, and nothing else. Keys sit in the arena as
+//! `len u16 | bytes`. The table costs 17 bytes per bucket (slot + control
+//! byte) at a load factor between 7/16 and 7/8; the arena costs the key plus
+//! 2 bytes, plus garbage from deleted keys that is reclaimed by rewriting the
+//! arena once it passes half. Bitcask's keydir costs ~91 bytes + key.
+
+use hashbrown::HashTable;
+
+use crate::core::partition::{key_hash, partition_of};
+
+/// Location of a record in the shard's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub seg: u32,
+    pub off: u32,
+    /// Encoded record length.
+    pub len: u32,
+    pub tombstone: bool,
+}
+
+impl Loc {
+    /// Position of the record's first byte, ordered like the log.
+    pub fn pos(&self) -> (u32, u64) {
+        (self.seg, self.off as u64)
+    }
+
+    /// Cache key: segment ids are never reused, so a location names one
+    /// immutable record forever.
+    pub fn id(&self) -> u64 {
+        ((self.seg as u64) << 32) | self.off as u64
+    }
+}
+
+const TOMBSTONE_BIT: u32 = 1 << 31;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    key_ref: u32,
+    seg: u32,
+    off: u32,
+    len_flags: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+impl Slot {
+    fn loc(&self) -> Loc {
+        Loc {
+            seg: self.seg,
+            off: self.off,
+            len: self.len_flags & !TOMBSTONE_BIT,
+            tombstone: self.len_flags & TOMBSTONE_BIT != 0,
+        }
+    }
+
+    fn set_loc(&mut self, loc: Loc) {
+        debug_assert!(loc.len & TOMBSTONE_BIT == 0);
+        self.seg = loc.seg;
+        self.off = loc.off;
+        self.len_flags = loc.len | if loc.tombstone { TOMBSTONE_BIT } else { 0 };
+    }
+}
+
+/// Table hash from the ring hash. Keys of one partition share their top
+/// bits (that is what makes them one partition), and hashbrown takes its
+/// 7-bit tag from the top bits; multiplying by an odd constant spreads the
+/// varying low bits over the whole word.
+#[inline]
+fn table_hash(ring_hash: u64) -> u64 {
+    ring_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// The index of one partition.
+#[derive(Default)]
+pub struct PartitionIndex {
+    table: HashTable<Slot>,
+    /// Keys, each as `len u16 | bytes`, referenced by `Slot::key_ref`.
+    arena: Vec<u8>,
+    /// Bytes of `arena` that belong to removed keys.
+    garbage: usize,
+}
+
+fn arena_key(arena: &[u8], key_ref: u32) -> &[u8] {
+    let at = key_ref as usize;
+    let len = u16::from_le_bytes([arena[at], arena[at + 1]]) as usize;
+    &arena[at + 2..at + 2 + len]
+}
+
+impl PartitionIndex {
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Location of `key`'s latest record.
+    pub fn get(&self, hash: u64, key: &[u8]) -> Option<Loc> {
+        let arena = &self.arena;
+        self.table.find(table_hash(hash), |s| arena_key(arena, s.key_ref) == key).map(Slot::loc)
+    }
+
+    /// Points `key` at `loc`; returns the location it replaced.
+    pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
+        let arena = &self.arena;
+        if let Some(slot) = self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) {
+            let old = slot.loc();
+            slot.set_loc(loc);
+            return Some(old);
+        }
+        let key_ref = u32::try_from(self.arena.len()).expect("partition key arena exceeds 4 GiB");
+        self.arena.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.arena.extend_from_slice(key);
+        let mut slot = Slot { key_ref, seg: 0, off: 0, len_flags: 0 };
+        slot.set_loc(loc);
+        let arena = &self.arena;
+        self.table.insert_unique(table_hash(hash), slot, |s| table_hash(key_hash(arena_key(arena, s.key_ref))));
+        None
+    }
+
+    /// Points `key` at `loc` only if it currently points at `expected`
+    /// (compaction moving a record must not undo a newer write).
+    pub fn replace_if(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> bool {
+        let arena = &self.arena;
+        match self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) {
+            Some(slot) if slot.loc() == expected => {
+                slot.set_loc(loc);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `key`; returns its location.
+    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<Loc> {
+        let arena = &self.arena;
+        let Ok(entry) = self.table.find_entry(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) else {
+            return None;
+        };
+        let (slot, _) = entry.remove();
+        self.garbage += 2 + key.len();
+        if self.garbage > 4096 && self.garbage * 2 > self.arena.len() {
+            self.rewrite_arena();
+        }
+        Some(slot.loc())
+    }
+
+    /// Compacts the arena: copies live keys into a fresh one.
+    fn rewrite_arena(&mut self) {
+        let mut fresh = Vec::with_capacity(self.arena.len() - self.garbage);
+        for slot in self.table.iter_mut() {
+            let key = arena_key(&self.arena, slot.key_ref);
+            slot.key_ref = fresh.len() as u32;
+            fresh.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            fresh.extend_from_slice(key);
+        }
+        self.arena = fresh;
+        self.garbage = 0;
+    }
+
+    /// Every key with its location, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Loc)> + '_ {
+        self.table.iter().map(|s| (arena_key(&self.arena, s.key_ref), s.loc()))
+    }
+
+    /// Heap bytes held by this partition's index.
+    pub fn memory_bytes(&self) -> usize {
+        self.table.allocation_size() + self.arena.capacity()
+    }
+}
+
+/// The index of one shard: a partition index per partition it holds keys of.
+pub struct ShardIndex {
+    partitions: u32,
+    /// Indexed by partition number; `None` until the partition gets a key.
+    parts: Vec<Option<Box<PartitionIndex>>>,
+    len: usize,
+}
+
+impl ShardIndex {
+    /// An empty index for a ring of `partitions` partitions (a power of two).
+    pub fn new(partitions: u32) -> ShardIndex {
+        ShardIndex { partitions, parts: (0..partitions).map(|_| None).collect(), len: 0 }
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Number of keys (tombstones included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn part_of(&self, hash: u64) -> usize {
+        partition_of(hash, self.partitions) as usize
+    }
+
+    pub fn get(&self, hash: u64, key: &[u8]) -> Option<Loc> {
+        self.parts[self.part_of(hash)].as_ref()?.get(hash, key)
+    }
+
+    pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
+        let p = self.part_of(hash);
+        let old = self.parts[p].get_or_insert_with(Default::default).insert(hash, key, loc);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub fn replace_if(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> bool {
+        let p = self.part_of(hash);
+        self.parts[p].as_mut().is_some_and(|part| part.replace_if(hash, key, expected, loc))
+    }
+
+    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<Loc> {
+        let p = self.part_of(hash);
+        let old = self.parts[p].as_mut()?.remove(hash, key);
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// The index of one partition, if it holds any key.
+    pub fn partition(&self, partition: u32) -> Option<&PartitionIndex> {
+        self.parts.get(partition as usize)?.as_deref()
+    }
+
+    /// Every key of the shard with its location.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Loc)> + '_ {
+        self.parts.iter().flatten().flat_map(|p| p.iter())
+    }
+
+    /// Heap bytes held by the whole index, partition tables included.
+    pub fn memory_bytes(&self) -> usize {
+        self.parts.capacity() * std::mem::size_of::<Option<Box<PartitionIndex>>>()
+            + self
+                .parts
+                .iter()
+                .flatten()
+                .map(|p| std::mem::size_of::<PartitionIndex>() + p.memory_bytes())
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn loc(seg: u32, off: u32, tomb: bool) -> Loc {
+        Loc { seg, off, len: 40 + off % 100, tombstone: tomb }
+    }
+
+    #[test]
+    fn behaves_like_a_map() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut idx = ShardIndex::new(16);
+        let mut model: BTreeMap<Vec<u8>, Loc> = BTreeMap::new();
+        for i in 0..50_000u32 {
+            let key = format!("k{}", rng.u32(0..3000)).into_bytes();
+            let h = key_hash(&key);
+            match rng.u8(0..10) {
+                0..=5 => {
+                    let l = loc(i, i, rng.bool());
+                    assert_eq!(idx.insert(h, &key, l), model.insert(key, l));
+                }
+                6..=7 => assert_eq!(idx.remove(h, &key), model.remove(&key)),
+                _ => assert_eq!(idx.get(h, &key), model.get(&key).copied()),
+            }
+            assert_eq!(idx.len(), model.len());
+        }
+        let mut all: Vec<(Vec<u8>, Loc)> = idx.iter().map(|(k, l)| (k.to_vec(), l)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn replace_if_only_moves_the_expected_version() {
+        let mut idx = ShardIndex::new(4);
+        let h = key_hash(b"a");
+        idx.insert(h, b"a", loc(1, 0, false));
+        assert!(!idx.replace_if(h, b"a", loc(1, 8, false), loc(9, 0, false)));
+        assert!(idx.replace_if(h, b"a", loc(1, 0, false), loc(9, 0, false)));
+        assert_eq!(idx.get(h, b"a"), Some(loc(9, 0, false)));
+        assert!(!idx.replace_if(key_hash(b"zz"), b"zz", loc(1, 0, false), loc(2, 0, false)));
+    }
+
+    #[test]
+    fn keys_are_grouped_by_partition() {
+        let mut idx = ShardIndex::new(8);
+        for i in 0..1000u32 {
+            let k = i.to_le_bytes();
+            idx.insert(key_hash(&k), &k, loc(0, i, false));
+        }
+        let mut total = 0;
+        for p in 0..8 {
+            if let Some(part) = idx.partition(p) {
+                for (k, _) in part.iter() {
+                    assert_eq!(partition_of(key_hash(k), 8), p);
+                    total += 1;
+                }
+            }
+        }
+        assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn arena_is_reclaimed_after_mass_deletes() {
+        let mut p = PartitionIndex::default();
+        for i in 0..10_000u32 {
+            let k = format!("key-{i:08}");
+            p.insert(key_hash(k.as_bytes()), k.as_bytes(), loc(0, i, false));
+        }
+        let full = p.arena.len();
+        for i in 0..9_000u32 {
+            let k = format!("key-{i:08}");
+            assert!(p.remove(key_hash(k.as_bytes()), k.as_bytes()).is_some());
+        }
+        assert!(p.arena.len() < full / 2, "arena {} of {}", p.arena.len(), full);
+        for i in 9_000..10_000u32 {
+            let k = format!("key-{i:08}");
+            assert_eq!(p.get(key_hash(k.as_bytes()), k.as_bytes()), Some(loc(0, i, false)));
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The per-shard storage engine: a Bitcask-like append-only log with an
+//! in-memory index, written through io_uring.
+//!
+//! Code map: `format` (bytes on disk), `index` (key -> location), `log`
+//! (what the next write is), `scan` (what recovery and compaction keep),
+//! `engine` (the async driver), `backend` (the I/O trait and its glommio and
+//! in-memory implementations), `config`.
+//!
+//! Invariant: `format`, `index`, `log`, `scan` and `config` do no I/O and
+//! never read the clock; all I/O goes through `backend::Backend`.
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod format;
+pub mod index;
+pub mod log;
+pub mod scan;
+
+pub use config::{EngineConfig, FsyncPolicy};
+pub use engine::{CompactionStats, Engine, EngineStats, Record, RecoveryReport, StorageError};
+pub use format::Kind;

@@ -1,0 +1,226 @@
+//! Recovery and compaction decisions, as pure functions over bytes and
+//! numbers: what a segment scan keeps, what counts as a torn tail and what as
+//! corruption, which segments to compact, which tombstones to drop.
+//!
+//! Invariants: a scan never returns a record whose checksum failed; in a
+//! sealed segment every byte that is not part of a valid record is reported;
+//! in the active segment only a tail after which no valid record follows is
+//! treated as torn (and truncated), anything else is reported.
+
+use std::collections::BTreeMap;
+
+use crate::storage::format::{decode_header, decode_record, DecodeError, RecordRef};
+
+/// A region of a segment that holds no valid record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Corruption {
+    pub seg: u32,
+    pub off: u64,
+    pub len: u64,
+    pub reason: String,
+}
+
+/// The outcome of scanning one segment.
+#[derive(Debug, Default)]
+pub struct ScanOutcome {
+    /// End of the last valid record.
+    pub valid_end: u64,
+    /// Bytes after `valid_end` dropped as a torn tail (active segment only).
+    pub torn_tail: u64,
+    pub corruptions: Vec<Corruption>,
+}
+
+/// Finds the next offset at or after `from` where a verified record starts.
+fn resync(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len().saturating_sub(crate::storage::format::RECORD_HEADER_LEN - 1))
+        .find(|&at| decode_header(&data[at..]).is_ok() && decode_record(&data[at..]).is_ok())
+}
+
+/// Scans a segment's bytes, calling `visit(offset, record)` for every valid
+/// record in log order.
+///
+/// `sealed`: a sealed segment was complete and truncated to its data when
+/// it was sealed, so anything unparseable is corruption. Otherwise (the
+/// highest segment after a crash) an unparseable tail with no valid record
+/// after it is a torn write, and is cut off.
+pub fn scan_segment<'a>(
+    seg: u32,
+    data: &'a [u8],
+    sealed: bool,
+    mut visit: impl FnMut(u64, RecordRef<'a>),
+) -> ScanOutcome {
+    let mut out = ScanOutcome::default();
+    let mut at = 0usize;
+    while at < data.len() {
+        let err = match decode_record(&data[at..]) {
+            Ok(r) => {
+                visit(at as u64, r);
+                at += r.encoded_len();
+                out.valid_end = at as u64;
+                continue;
+            }
+            Err(e) => e,
+        };
+        if err == DecodeError::End && data[at..].iter().all(|&b| b == 0) {
+            // Zeros to the end: the end of the data. A sealed segment was
+            // truncated to its data, so zeros there mean lost bytes.
+            if sealed {
+                out.corruptions.push(Corruption {
+                    seg,
+                    off: at as u64,
+                    len: (data.len() - at) as u64,
+                    reason: "zeroed bytes at the end of a sealed segment".into(),
+                });
+            }
+            break;
+        }
+        match resync(data, at + 1) {
+            Some(next) => {
+                out.corruptions.push(Corruption {
+                    seg,
+                    off: at as u64,
+                    len: (next - at) as u64,
+                    reason: format!("invalid record ({err})"),
+                });
+                at = next;
+            }
+            None if sealed => {
+                out.corruptions.push(Corruption {
+                    seg,
+                    off: at as u64,
+                    len: (data.len() - at) as u64,
+                    reason: format!("invalid record up to the end of a sealed segment ({err})"),
+                });
+                break;
+            }
+            None => {
+                out.torn_tail = (data.len() - at) as u64;
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Space accounting of one segment on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentUsage {
+    /// Bytes of records in the segment.
+    pub total: u64,
+    /// Bytes of records the index still points at.
+    pub live: u64,
+}
+
+impl SegmentUsage {
+    pub fn garbage_ratio(&self) -> f64 {
+        if self.total == 0 {
+            return 1.0;
+        }
+        1.0 - self.live as f64 / self.total as f64
+    }
+}
+
+/// Segments worth compacting, most garbage first: complete on disk (below
+/// `first_buffered`) and with a garbage ratio of at least `threshold`.
+pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u32, threshold: f64) -> Vec<u32> {
+    let mut v: Vec<(u32, f64)> = segments
+        .iter()
+        .filter(|(&id, u)| id < first_buffered && u.garbage_ratio() >= threshold)
+        .map(|(&id, u)| (id, u.garbage_ratio()))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.into_iter().map(|(id, _)| id).collect()
+}
+
+/// Whether compaction may drop a live tombstone instead of copying it.
+///
+/// Recovery replays segments in id order, so a tombstone shadows older
+/// records only while it exists. It may go once its grace period has passed
+/// (replicas have had time to learn of the delete) and its segment is the
+/// oldest on disk (no older record of the key can remain to resurrect).
+pub fn may_drop_tombstone(ts_ms: u64, now_ms: u64, grace_ms: u64, seg: u32, oldest_seg: u32) -> bool {
+    seg == oldest_seg && now_ms.saturating_sub(ts_ms) >= grace_ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::format::{encode_record, Kind};
+
+    fn segment(n: usize) -> (Vec<u8>, Vec<u64>) {
+        let mut v = Vec::new();
+        let mut offs = Vec::new();
+        for i in 0..n {
+            offs.push(v.len() as u64);
+            encode_record(&mut v, i as u64, 0, Kind::Value, format!("k{i}").as_bytes(), b"", &[7u8; 50]);
+        }
+        (v, offs)
+    }
+
+    fn keys(seg: &[u8], sealed: bool) -> (Vec<u64>, ScanOutcome) {
+        let mut seen = Vec::new();
+        let out = scan_segment(1, seg, sealed, |_, r| seen.push(r.seq));
+        (seen, out)
+    }
+
+    #[test]
+    fn clean_segment_with_zero_tail() {
+        let (mut s, _) = segment(10);
+        let end = s.len() as u64;
+        let (seen, out) = keys(&s, true);
+        assert_eq!(seen.len(), 10);
+        assert!(out.corruptions.is_empty());
+        s.resize(8192, 0);
+        let (seen, out) = keys(&s, false);
+        assert_eq!((seen.len(), out.valid_end, out.torn_tail), (10, end, 0));
+        assert!(out.corruptions.is_empty());
+    }
+
+    #[test]
+    fn torn_tail_of_active_segment_is_cut() {
+        let (s, offs) = segment(10);
+        let cut = offs[9] as usize + 20;
+        let mut torn = s[..cut].to_vec();
+        torn.extend_from_slice(&[0xAB; 300]);
+        let (seen, out) = keys(&torn, false);
+        assert_eq!(seen.len(), 9);
+        assert_eq!(out.valid_end, offs[9]);
+        assert_eq!(out.torn_tail, torn.len() as u64 - offs[9]);
+        assert!(out.corruptions.is_empty());
+        // The same bytes in a sealed segment are corruption.
+        let (_, out) = keys(&torn, true);
+        assert_eq!(out.corruptions.len(), 1);
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_reported_and_skipped() {
+        let (mut s, offs) = segment(10);
+        s[offs[4] as usize + 40] ^= 0xFF;
+        for sealed in [true, false] {
+            let (seen, out) = keys(&s, sealed);
+            assert_eq!(seen, vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
+            assert_eq!(out.corruptions.len(), 1);
+            assert_eq!(out.corruptions[0].off, offs[4]);
+            assert_eq!(out.corruptions[0].len, offs[5] - offs[4]);
+            assert_eq!(out.torn_tail, 0);
+        }
+    }
+
+    #[test]
+    fn compaction_picks_garbage_first_and_skips_buffered() {
+        let mut m = BTreeMap::new();
+        m.insert(1, SegmentUsage { total: 100, live: 90 });
+        m.insert(2, SegmentUsage { total: 100, live: 10 });
+        m.insert(3, SegmentUsage { total: 100, live: 40 });
+        m.insert(4, SegmentUsage { total: 100, live: 0 });
+        assert_eq!(pick_compaction(&m, 4, 0.5), vec![2, 3]);
+        assert_eq!(pick_compaction(&m, 5, 0.5), vec![4, 2, 3]);
+    }
+
+    #[test]
+    fn tombstones_drop_only_when_old_and_oldest() {
+        assert!(may_drop_tombstone(0, 100, 100, 3, 3));
+        assert!(!may_drop_tombstone(0, 99, 100, 3, 3));
+        assert!(!may_drop_tombstone(0, 1000, 100, 4, 3));
+    }
+}
