@@ -464,7 +464,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), xxh3_64(expected_tail));
         assert_eq!(
             u64::from_le_bytes(bytes[..8].try_into().unwrap()),
-            0x9212_6e4e_44b3_2c51,
+            0x9213_06f5_5683_2b51,
             "checksum golden value"
         );
     }

@@ -73,7 +73,10 @@ impl MemBackend {
 
     /// Simulates a power cut: every file goes back to its synced image. With
     /// `tear`, a random prefix of each file's unsynced writes survives, the
-    /// last of them torn (a prefix of it, then garbage). Handles opened
+    /// last of them torn: a prefix of its blocks reached the disk, the rest
+    /// kept their old contents. The model assumes what the engine's format
+    /// relies on: a device persists each 4 KiB block atomically (old or new,
+    /// never a mix) and the blocks of one write in order. Handles opened
     /// before the crash must not be used after it.
     pub fn crash(&self, seed: u64, tear: bool) {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -84,22 +87,16 @@ impl MemBackend {
             if tear && !f.pending.is_empty() {
                 let keep = rng.usize(0..=f.pending.len());
                 for (i, (off, bytes)) in f.pending.iter().enumerate().take(keep + 1) {
-                    let mut bytes = bytes.clone();
+                    let mut bytes = &bytes[..];
                     if i == keep {
-                        let cut = rng.usize(0..=bytes.len());
-                        for b in &mut bytes[cut..] {
-                            *b = if rng.bool() { rng.u8(..) } else { 0 };
-                        }
-                        if rng.bool() {
-                            // The torn part never reached the disk at all.
-                            bytes.truncate(cut);
-                        }
+                        let blocks = bytes.len() / BLOCK_SIZE;
+                        bytes = &bytes[..rng.usize(0..=blocks) * BLOCK_SIZE];
                     }
                     let end = *off as usize + bytes.len();
                     if image.len() < end {
                         image.resize(end, 0);
                     }
-                    image[*off as usize..end].copy_from_slice(&bytes);
+                    image[*off as usize..end].copy_from_slice(bytes);
                 }
             }
             f.data = image.clone();
@@ -166,6 +163,7 @@ impl Backend for MemBackend {
 
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        futures_lite::future::yield_now().await;
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
         }
@@ -180,6 +178,7 @@ impl Backend for MemBackend {
     }
 
     async fn sync(&self, file: &MemHandle) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
         if self.fail_syncs.get() {
             return Err(Self::io_error("fdatasync"));
         }
