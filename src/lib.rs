@@ -9,3 +9,5 @@
 pub mod core;
 pub mod limits;
 pub mod storage;
+#[cfg(feature = "node")]
+pub mod shell;

@@ -1,0 +1,98 @@
+//! The glommio shell: runs storage engines on real executors and disks.
+//!
+//! Owns: executor construction, the wall clock, and the background tasks
+//! that drive an engine (the durability ticker, and compaction in a
+//! low-priority task queue so foreground work always runs first). This is
+//! the only place (with the binaries) that reads the clock; the engine gets
+//! `now` as an argument.
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
+
+use crate::storage::backend::glommio::GlommioBackend;
+use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs `f` on a new glommio executor on this thread, pinned to `cpu` if
+/// given. glommio needs locked memory for its io_uring rings; if this fails
+/// with a memlock error, raise `ulimit -l` (see README).
+pub fn run_executor<T: 'static>(
+    name: &str,
+    cpu: Option<usize>,
+    f: impl std::future::Future<Output = T> + 'static,
+) -> anyhow::Result<T> {
+    let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let ex = LocalExecutorBuilder::new(placement)
+        .name(name)
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting a glommio executor failed: {e} (is `ulimit -l` high enough?)"))?;
+    Ok(ex.run(f))
+}
+
+/// A shard engine on the real disk.
+pub type DiskEngine = Engine<GlommioBackend>;
+
+/// Opens a shard directory with the glommio backend.
+pub async fn open_shard(dir: &Path, config: EngineConfig) -> anyhow::Result<(DiskEngine, RecoveryReport)> {
+    let backend = GlommioBackend::open(dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening data directory {}: {e}", dir.display()))?;
+    Ok(Engine::open(backend, config).await?)
+}
+
+/// Handle that stops the background tasks of [`spawn_background`].
+#[derive(Clone, Default)]
+pub struct Stop(Rc<Cell<bool>>);
+
+impl Stop {
+    pub fn stop(&self) {
+        self.0.set(true);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.0.get()
+    }
+}
+
+/// Starts the engine's durability ticker and a compaction loop in a
+/// low-priority task queue. Both end once `stop` is set.
+pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
+    let tick = Duration::from_millis(engine.config().fsync.tick_ms());
+    let (e, s) = (engine.clone(), stop.clone());
+    glommio::spawn_local(async move {
+        while !s.stopped() {
+            glommio::timer::sleep(tick).await;
+            if let Err(err) = e.tick().await {
+                tracing::error!(error = %err, "durability tick failed");
+                break;
+            }
+        }
+    })
+    .detach();
+    let tq = executor().create_task_queue(Shares::Static(10), Latency::NotImportant, "compaction");
+    let (e, s) = (engine.clone(), stop.clone());
+    glommio::spawn_local_into(
+        async move {
+            while !s.stopped() {
+                glommio::timer::sleep(compact_every).await;
+                match e.compact(now_ms()).await {
+                    Ok(st) if st.segments_removed > 0 => tracing::info!(?st, "compaction pass"),
+                    Ok(_) => {}
+                    Err(StorageError::Failed(_)) => break,
+                    Err(err) => tracing::error!(error = %err, "compaction failed"),
+                }
+            }
+        },
+        tq,
+    )
+    .expect("compaction task queue exists")
+    .detach();
+}
