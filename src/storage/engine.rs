@@ -398,6 +398,7 @@ impl<B: Backend> Engine<B> {
         for (_, loc) in index.iter() {
             usage.get_mut(&loc.seg).expect("indexed segment exists").live += loc.len as u64;
         }
+        index.shrink_to_fit();
         let first_seg = last.map_or(1, |l| l + 1);
         let writer = LogWriter::new(config.segment_size, first_seg, max_seq + 1);
         report.keys = index.len();

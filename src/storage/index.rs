@@ -124,6 +124,12 @@ impl PartitionIndex {
             return Some(old);
         }
         let key_ref = u32::try_from(self.arena.len()).expect("partition key arena exceeds 4 GiB");
+        let need = 2 + key.len();
+        if self.arena.capacity() - self.arena.len() < need {
+            // Grow by a quarter, not the doubling of Vec: the arena is most
+            // of the per-key memory, and a doubled one wastes up to half.
+            self.arena.reserve_exact(need.max(self.arena.capacity() / 4).max(256));
+        }
         self.arena.extend_from_slice(&(key.len() as u16).to_le_bytes());
         self.arena.extend_from_slice(key);
         let mut slot = Slot { key_ref, seg: 0, off: 0, len_flags: 0 };
@@ -171,6 +177,11 @@ impl PartitionIndex {
         }
         self.arena = fresh;
         self.garbage = 0;
+    }
+
+    /// Releases spare capacity (after recovery, when no growth is expected soon).
+    pub fn shrink_to_fit(&mut self) {
+        self.arena.shrink_to_fit();
     }
 
     /// Every key with its location, in no particular order.
@@ -245,6 +256,11 @@ impl ShardIndex {
     /// The index of one partition, if it holds any key.
     pub fn partition(&self, partition: u32) -> Option<&PartitionIndex> {
         self.parts.get(partition as usize)?.as_deref()
+    }
+
+    /// Releases spare arena capacity in every partition.
+    pub fn shrink_to_fit(&mut self) {
+        self.parts.iter_mut().flatten().for_each(|p| p.shrink_to_fit());
     }
 
     /// Every key of the shard with its location.
