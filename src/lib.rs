@@ -8,6 +8,6 @@
 
 pub mod core;
 pub mod limits;
-pub mod storage;
 #[cfg(feature = "node")]
 pub mod shell;
+pub mod storage;

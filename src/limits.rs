@@ -57,6 +57,6 @@ const _: () = assert!((MAX_RECORD_LEN as u64) < (1 << 31), "index keeps the reco
 const _: () = assert!((MAX_RECORD_LEN as u64) <= MAX_SEGMENT_SIZE, "a record must fit in a segment");
 const _: () = assert!(DEFAULT_SEGMENT_SIZE >= MAX_RECORD_LEN as u64);
 const _: () = assert!(DEFAULT_SEGMENT_SIZE <= MAX_SEGMENT_SIZE);
-const _: () = assert!(DEFAULT_SEGMENT_SIZE % BLOCK_SIZE as u64 == 0);
-const _: () = assert!(MIN_SEGMENT_SIZE % BLOCK_SIZE as u64 == 0);
+const _: () = assert!(DEFAULT_SEGMENT_SIZE.is_multiple_of(BLOCK_SIZE as u64));
+const _: () = assert!(MIN_SEGMENT_SIZE.is_multiple_of(BLOCK_SIZE as u64));
 const _: () = assert!(BLOCK_SIZE.is_power_of_two());

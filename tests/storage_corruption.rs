@@ -7,7 +7,13 @@ use gyre::storage::format::{hint_file_name, segment_file_name};
 use gyre::storage::{Engine, EngineConfig, FsyncPolicy, StorageError};
 
 fn config() -> EngineConfig {
-    EngineConfig { partitions: 8, segment_size: 20 * 1024, max_value_len: 200, fsync: FsyncPolicy::Always, ..Default::default() }
+    EngineConfig {
+        partitions: 8,
+        segment_size: 20 * 1024,
+        max_value_len: 200,
+        fsync: FsyncPolicy::Always,
+        ..Default::default()
+    }
 }
 
 /// Writes 300 keys (several sealed segments), closes, returns the backend.

@@ -51,7 +51,7 @@ fn disk_roundtrip_reopen_and_compaction() {
         }
         // Reading through the cache gives the same bytes.
         let again = engine.get(b"k1").await.unwrap().unwrap();
-        assert_eq!(again.value(), format!("value-3-1").repeat(10).as_bytes());
+        assert_eq!(again.value(), "value-3-1".repeat(10).as_bytes());
         assert!(engine.stats().cache_hits > 0);
         assert!(engine.verify().await.unwrap().is_empty());
     })
@@ -89,9 +89,8 @@ fn sigkill_under_fsync_always_loses_no_acknowledged_write() {
             .spawn()
             .expect("spawn gyre storage-writer");
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
-        });
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
         std::thread::sleep(Duration::from_millis(rng.u64(150..600)));
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
@@ -103,9 +102,8 @@ fn sigkill_under_fsync_always_loses_no_acknowledged_write() {
     let path = dir.path().to_path_buf();
     let keys: Vec<String> = acked.into_iter().collect();
     run_executor("check", None, async move {
-        let (engine, report) = open_shard(&path, EngineConfig { max_value_len: 64 * 1024, ..Default::default() })
-            .await
-            .unwrap();
+        let (engine, report) =
+            open_shard(&path, EngineConfig { max_value_len: 64 * 1024, ..Default::default() }).await.unwrap();
         assert!(report.corruptions.is_empty(), "{report:?}");
         for key in &keys {
             let rec = engine.get(key.as_bytes()).await.unwrap().unwrap_or_else(|| panic!("acknowledged {key} lost"));

@@ -188,7 +188,7 @@ fn run_torn_prefix(seed: u64) {
         backend.crash(seed, true);
         let (engine, report) = Engine::open(backend.clone(), config.clone()).await.unwrap();
         assert!(report.corruptions.is_empty(), "seed {seed}: torn tail reported as corruption: {report:?}");
-        let mut recovered: BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        let mut recovered: Model = BTreeMap::new();
         for k in states.last().unwrap().keys() {
             if let Some(v) = read(&engine, k).await {
                 recovered.insert(k.clone(), v);

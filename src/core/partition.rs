@@ -36,9 +36,7 @@ pub fn partition_of(hash: u64, partitions: u32) -> u32 {
 /// Checks a configured partition count.
 pub fn validate_partitions(partitions: u32) -> Result<(), String> {
     if !partitions.is_power_of_two() || partitions > MAX_PARTITIONS {
-        return Err(format!(
-            "partition count must be a power of two between 1 and {MAX_PARTITIONS}, got {partitions}"
-        ));
+        return Err(format!("partition count must be a power of two between 1 and {MAX_PARTITIONS}, got {partitions}"));
     }
     Ok(())
 }

@@ -138,7 +138,7 @@ impl EngineConfig {
         if self.max_value_len > VALUE_LEN_HARD_CAP {
             return Err(format!("max_value_len {} exceeds the hard cap {VALUE_LEN_HARD_CAP}", self.max_value_len));
         }
-        if self.segment_size % BLOCK_SIZE as u64 != 0
+        if !self.segment_size.is_multiple_of(BLOCK_SIZE as u64)
             || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size)
         {
             return Err(format!(

@@ -36,8 +36,7 @@ use crate::storage::backend::{Backend, WriteBuf};
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_hint, decode_record, format_file_contents, hint_file_name, parse_file_name, parse_format_file,
-    segment_file_name, FileKind, HintBuilder, Kind, RECORD_HEADER_LEN, FORMAT_FILE,
-    STORAGE_FORMAT_VERSION,
+    segment_file_name, FileKind, HintBuilder, Kind, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -347,10 +346,9 @@ impl<B: Backend> Engine<B> {
                                 Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
                             }
                         }
-                        Ok(h) => report.hint_errors.push(format!(
-                            "segment {seg}: hint says {} bytes of data, segment has {size}",
-                            h.data_len
-                        )),
+                        Ok(h) => report
+                            .hint_errors
+                            .push(format!("segment {seg}: hint says {} bytes of data, segment has {size}", h.data_len)),
                         Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
                     },
                     Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
@@ -780,7 +778,8 @@ impl<B: Backend> Engine<B> {
         let mut found = Vec::new();
         for (seg, file) in segs {
             let size = self.inner.backend.size(&file).await.map_err(io_err("sizing a segment"))?;
-            let data = self.inner.backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+            let data =
+                self.inner.backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
             found.extend(scan_segment(seg, data.as_ref(), true, |_, _| {}).corruptions);
             self.inner.backend.yield_now().await;
         }
@@ -799,7 +798,10 @@ impl<B: Backend> Engine<B> {
 async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool) -> Result<(), StorageError> {
     if !exists {
         if has_segments {
-            return Err(StorageError::FormatVersion { found: "none (segments without a format file)".into(), expected: STORAGE_FORMAT_VERSION });
+            return Err(StorageError::FormatVersion {
+                found: "none (segments without a format file)".into(),
+                expected: STORAGE_FORMAT_VERSION,
+            });
         }
         return backend
             .write_file(FORMAT_FILE, &format_file_contents())

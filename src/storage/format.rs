@@ -462,11 +462,7 @@ mod tests {
         ];
         assert_eq!(&bytes[8..], expected_tail);
         assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), xxh3_64(expected_tail));
-        assert_eq!(
-            u64::from_le_bytes(bytes[..8].try_into().unwrap()),
-            0x9213_06f5_5683_2b51,
-            "checksum golden value"
-        );
+        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 0x9213_06f5_5683_2b51, "checksum golden value");
     }
 
     #[test]

@@ -53,7 +53,15 @@ pub struct Chunk {
 
 impl Chunk {
     fn new(seg: u32) -> Chunk {
-        Chunk { seg, base: 0, bytes: Vec::new(), written: 0, file_exists: false, sealed: false, hint: HintBuilder::default() }
+        Chunk {
+            seg,
+            base: 0,
+            bytes: Vec::new(),
+            written: 0,
+            file_exists: false,
+            sealed: false,
+            hint: HintBuilder::default(),
+        }
     }
 
     /// End of the segment's data (file offset).
@@ -122,7 +130,7 @@ impl LogWriter {
     /// A writer whose first segment is `first_seg` (empty, not yet created)
     /// and whose first record gets `next_seq`.
     pub fn new(segment_size: u64, first_seg: u32, next_seq: u64) -> LogWriter {
-        assert!(segment_size % BLOCK_SIZE as u64 == 0);
+        assert!(segment_size.is_multiple_of(BLOCK_SIZE as u64));
         let mut chunks = VecDeque::new();
         chunks.push_back(Chunk::new(first_seg));
         LogWriter { segment_size, next_seq, next_seg: first_seg + 1, chunks, written: (first_seg, 0) }

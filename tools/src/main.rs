@@ -52,7 +52,9 @@ fn file_id(path: &std::path::Path) -> Option<FileKind> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::DumpSegment { file, active } => {
-            let Some(FileKind::Segment(id)) = file_id(&file) else { bail!("{} is not a segment file name", file.display()) };
+            let Some(FileKind::Segment(id)) = file_id(&file) else {
+                bail!("{} is not a segment file name", file.display())
+            };
             let data = map(&file)?;
             let bytes = data.as_deref().unwrap_or(&[]);
             let mut n = 0;
@@ -81,9 +83,18 @@ fn main() -> anyhow::Result<()> {
             let Some(FileKind::Hint(id)) = file_id(&file) else { bail!("{} is not a hint file name", file.display()) };
             let data = map(&file)?;
             let hint = decode_hint(data.as_deref().unwrap_or(&[]), id)?;
-            println!("segment={} data_len={} max_seq={} entries={}", hint.segment, hint.data_len, hint.max_seq, hint.count);
+            println!(
+                "segment={} data_len={} max_seq={} entries={}",
+                hint.segment, hint.data_len, hint.max_seq, hint.count
+            );
             hint.for_each(|e| {
-                println!("{:>10} len={:<7} tombstone={} key={:?}", e.off, e.len, e.tombstone, String::from_utf8_lossy(e.key))
+                println!(
+                    "{:>10} len={:<7} tombstone={} key={:?}",
+                    e.off,
+                    e.len,
+                    e.tombstone,
+                    String::from_utf8_lossy(e.key)
+                )
             })?;
         }
     }

@@ -16,7 +16,6 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
-
 use super::{Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
 
@@ -55,7 +54,8 @@ impl GlommioBackend {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let lock_path = dir.join(LOCK_FILE);
-        let mut lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
+        let mut lock =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
