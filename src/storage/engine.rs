@@ -421,10 +421,6 @@ impl<B: Backend> Engine<B> {
         &self.inner.config
     }
 
-    pub fn backend(&self) -> &B {
-        &self.inner.backend
-    }
-
     fn check(&self, key: &[u8], meta: &[u8], value: &[u8]) -> Result<(), StorageError> {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(StorageError::KeyLength(key.len()));
@@ -665,11 +661,6 @@ impl<B: Backend> Engine<B> {
     /// Whether the engine refuses writes after an I/O error.
     pub fn failed(&self) -> Option<String> {
         self.inner.st.borrow().failed.clone()
-    }
-
-    /// Space accounting per segment (for tests and tools).
-    pub fn segment_usage(&self) -> BTreeMap<u32, SegmentUsage> {
-        self.inner.st.borrow().usage.clone()
     }
 
     /// One compaction pass: every sealed segment whose garbage ratio passed

@@ -179,9 +179,6 @@ pub fn decode_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
         }
         return Err(DecodeError::Truncated { need: RECORD_HEADER_LEN, have: buf.len() });
     };
-    if h.kind == 0 {
-        return Err(DecodeError::End);
-    }
     let kind = Kind::from_byte(h.kind).ok_or(DecodeError::BadHeader("unknown kind"))?;
     if h.reserved != 0 {
         return Err(DecodeError::BadHeader("reserved byte set"));
@@ -298,11 +295,6 @@ impl HintBuilder {
 
     pub fn max_seq(&self) -> u64 {
         self.max_seq
-    }
-
-    /// Memory held (the cost of keeping hints for the active segment).
-    pub fn capacity_bytes(&self) -> usize {
-        self.entries.capacity()
     }
 
     /// Serializes the complete hint file for segment `id` of `data_len` bytes.

@@ -33,11 +33,6 @@ pub struct Loc {
 }
 
 impl Loc {
-    /// Position of the record's first byte, ordered like the log.
-    pub fn pos(&self) -> (u32, u64) {
-        (self.seg, self.off as u64)
-    }
-
     /// Cache key: segment ids are never reused, so a location names one
     /// immutable record forever.
     pub fn id(&self) -> u64 {
@@ -207,10 +202,6 @@ impl ShardIndex {
     /// An empty index for a ring of `partitions` partitions (a power of two).
     pub fn new(partitions: u32) -> ShardIndex {
         ShardIndex { partitions, parts: (0..partitions).map(|_| None).collect(), len: 0 }
-    }
-
-    pub fn partitions(&self) -> u32 {
-        self.partitions
     }
 
     /// Number of keys (tombstones included).

@@ -136,11 +136,6 @@ impl LogWriter {
         LogWriter { segment_size, next_seq, next_seg: first_seg + 1, chunks, written: (first_seg, 0) }
     }
 
-    /// Id of the segment being appended to.
-    pub fn active_segment(&self) -> u32 {
-        self.chunks.back().expect("always an active chunk").seg
-    }
-
     /// Lowest segment id that still has bytes in memory: segments below it
     /// are complete on disk (candidates for compaction).
     pub fn first_buffered_segment(&self) -> u32 {
@@ -166,11 +161,6 @@ impl LogWriter {
     /// Bytes appended but not yet written.
     pub fn pending_bytes(&self) -> usize {
         self.chunks.iter().map(|c| c.bytes.len() - c.written).sum()
-    }
-
-    /// Whether a flush has anything to do.
-    pub fn has_pending(&self) -> bool {
-        self.chunks.iter().any(|c| c.bytes.len() > c.written || c.sealed)
     }
 
     /// Appends one record with the next sequence number.
@@ -262,11 +252,6 @@ impl LogWriter {
         c.bytes.drain(..drop);
         c.base += drop as u64;
         c.written = plan.end - drop;
-    }
-
-    /// Memory held by buffered bytes and hints.
-    pub fn memory_bytes(&self) -> usize {
-        self.chunks.iter().map(|c| c.bytes.capacity() + c.hint.capacity_bytes()).sum()
     }
 }
 

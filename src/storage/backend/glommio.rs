@@ -82,10 +82,6 @@ impl GlommioBackend {
         probe.close().await.map_err(io::Error::from)?;
         Ok(GlommioBackend { dir, _lock: lock })
     }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 fn full_write(n: usize, want: usize) -> io::Result<()> {
