@@ -692,8 +692,7 @@ impl<B: Backend> Engine<B> {
             (st.files.get(&seg).expect("accounted segment is open").clone(), st.usage[&seg].live)
         };
         if live > 0 {
-            let size = backend.size(&file).await.map_err(io_err("sizing a segment"))?;
-            let data = backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+            let data = read_segment(backend, &file).await?;
             let data = data.as_ref();
             let mut records = Vec::new();
             let out = scan_segment(seg, data, true, |off, r| records.push((off as usize, r.encoded_len())));
@@ -768,9 +767,7 @@ impl<B: Backend> Engine<B> {
         };
         let mut found = Vec::new();
         for (seg, file) in segs {
-            let size = self.inner.backend.size(&file).await.map_err(io_err("sizing a segment"))?;
-            let data =
-                self.inner.backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
+            let data = read_segment(&self.inner.backend, &file).await?;
             found.extend(scan_segment(seg, data.as_ref(), true, |_, _| {}).corruptions);
             self.inner.backend.yield_now().await;
         }
@@ -783,6 +780,12 @@ impl<B: Backend> Engine<B> {
     pub async fn close(&self) -> Result<(), StorageError> {
         self.sync().await
     }
+}
+
+/// Reads a whole segment file (compaction and scrub work segment by segment).
+async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read, StorageError> {
+    let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
+    backend.read_at(file, 0, size as usize).await.map_err(io_err("reading a segment"))
 }
 
 /// Checks (or, in a new directory, writes) the storage format file.
