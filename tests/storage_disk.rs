@@ -127,7 +127,11 @@ fn never_policy_writes_through_the_ticker() {
         assert_eq!(engine.stats().flushes, 0, "acknowledged without I/O");
         glommio::timer::sleep(Duration::from_millis(100)).await;
         assert!(engine.stats().flushes >= 1, "the ticker wrote the buffer");
-        stop.stop();
+        stop.stop().await;
+        drop(engine);
+        // Stopping released every engine clone: the directory lock is free.
+        let (engine, _) = open_shard(&path, config).await.unwrap();
+        assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v");
     })
     .unwrap();
 }

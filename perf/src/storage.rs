@@ -204,7 +204,7 @@ async fn bench(args: StorageArgs, config: EngineConfig) -> anyhow::Result<Output
         out.max_us = h.max() as f64 / 1e3;
     }
     engine.close().await?;
-    stop.stop();
+    stop.stop().await;
     let stats = engine.stats();
     let writes = (stats.puts + stats.deletes).saturating_sub(loaded.puts + loaded.deletes);
     let syncs = stats.fdatasyncs.saturating_sub(loaded.fdatasyncs);
@@ -215,8 +215,6 @@ async fn bench(args: StorageArgs, config: EngineConfig) -> anyhow::Result<Output
     drop(engine);
 
     if args.reopen {
-        // Background tasks hold clones until their next wake-up.
-        glommio::timer::sleep(Duration::from_millis(1100)).await;
         let started = Instant::now();
         let (engine, report) = open_shard(&args.dir, config).await?;
         out.recovery_ms = Some(started.elapsed().as_secs_f64() * 1e3);

@@ -6,11 +6,12 @@
 //! the only place (with the binaries) that reads the clock; the engine gets
 //! `now` as an argument.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::storage::backend::glommio::GlommioBackend;
@@ -50,15 +51,30 @@ pub async fn open_shard(dir: &Path, config: EngineConfig) -> anyhow::Result<(Dis
 
 /// Handle that stops the background tasks of [`spawn_background`].
 #[derive(Clone, Default)]
-pub struct Stop(Rc<Cell<bool>>);
+pub struct Stop {
+    stopped: Rc<Cell<bool>>,
+    /// The tasks, so that stopping can cancel them mid-sleep: each holds an
+    /// engine clone, and the engine (with its directory lock) is released
+    /// only when the last clone is dropped.
+    tasks: Rc<RefCell<Vec<JoinHandle<()>>>>,
+}
 
 impl Stop {
-    pub fn stop(&self) {
-        self.0.set(true);
+    /// Stops the background tasks and waits until they have dropped their
+    /// engine clones.
+    pub async fn stop(&self) {
+        self.stopped.set(true);
+        let tasks = self.tasks.take();
+        for t in &tasks {
+            t.cancel();
+        }
+        for t in tasks {
+            t.await;
+        }
     }
 
     pub fn stopped(&self) -> bool {
-        self.0.get()
+        self.stopped.get()
     }
 }
 
@@ -67,7 +83,7 @@ impl Stop {
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
     let (e, s) = (engine.clone(), stop.clone());
-    glommio::spawn_local(async move {
+    let ticker = glommio::spawn_local(async move {
         while !s.stopped() {
             glommio::timer::sleep(tick).await;
             if let Err(err) = e.tick().await {
@@ -79,7 +95,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     .detach();
     let tq = executor().create_task_queue(Shares::Static(10), Latency::NotImportant, "compaction");
     let (e, s) = (engine.clone(), stop.clone());
-    glommio::spawn_local_into(
+    let compactor = glommio::spawn_local_into(
         async move {
             while !s.stopped() {
                 glommio::timer::sleep(compact_every).await;
@@ -95,4 +111,5 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     )
     .expect("compaction task queue exists")
     .detach();
+    stop.tasks.borrow_mut().extend([ticker, compactor]);
 }
