@@ -6,8 +6,14 @@
 //! the default `node` feature the glommio backend is built; without it the
 //! crate stays portable.
 
+pub mod client;
 pub mod core;
 pub mod limits;
 #[cfg(feature = "node")]
+pub mod node;
+pub(crate) mod notify;
+#[cfg(feature = "node")]
 pub mod shell;
 pub mod storage;
+pub mod store;
+pub mod wire;

@@ -1,12 +1,15 @@
-//! The `gyre` binary. Today: inspect and verify a shard's data directory,
-//! and a crash-test writer. The node, the dev cluster and the client
-//! commands come with the next pieces of work.
+//! The `gyre` binary: run a node (`gyre node`), talk to one (`put`, `get`,
+//! `delete`, `ping`, `stats`), verify a shard directory (`check`), and a
+//! hidden crash-test writer.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use gyre::client::{Client, ClientConfig, Context as VersionContext};
+use gyre::node::config::DEFAULT_LISTEN;
+use gyre::node::NodeConfig;
 use gyre::shell::{now_ms, open_shard, run_executor};
 use gyre::storage::{EngineConfig, FsyncPolicy};
 
@@ -17,8 +20,60 @@ struct Cli {
     command: Command,
 }
 
+/// Where the client commands connect, and how they print.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Address of any shard of the node.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    node: String,
+    /// Print JSON instead of plain text.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for a reply.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node: one pinned executor per shard, each on its own port.
+    Node(NodeArgs),
+    /// Store VALUE under KEY as the successor of what CONTEXT saw.
+    Put {
+        key: String,
+        value: String,
+        /// The context printed by `get` (omit to add a sibling).
+        #[arg(long, default_value = "")]
+        context: VersionContext,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print every concurrent value of KEY and the context to write back with.
+    Get {
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete the versions of KEY that CONTEXT saw.
+    Delete {
+        key: String,
+        #[arg(long, default_value = "")]
+        context: VersionContext,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the node's identity and shard ports.
+    Ping {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print one shard's counters (JSON).
+    Stats {
+        #[arg(long, default_value_t = 0)]
+        shard: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Recover a shard data directory, scrub every segment, print a JSON report.
     /// Exits 1 if corruption is found.
     Check {
@@ -48,12 +103,124 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Node(args) => node(args),
+        Command::Put { key, value, context, client } => {
+            let put = connect(&client)?.put(key.as_bytes(), value.as_bytes(), &context)?;
+            if client.json {
+                println!("{}", serde_json::json!({ "context": put.context.to_string(), "siblings": put.siblings }));
+            } else {
+                println!("{}", put.context);
+                if put.siblings > 1 {
+                    eprintln!("note: {KEY} now has {} siblings (a concurrent write)", put.siblings, KEY = key);
+                }
+            }
+            Ok(())
+        }
+        Command::Get { key, client } => {
+            let got = connect(&client)?.get(key.as_bytes())?;
+            let values: Vec<String> = got.values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            if client.json {
+                println!("{}", serde_json::json!({ "values": values, "context": got.context.to_string() }));
+            } else {
+                if values.is_empty() {
+                    eprintln!("(not found)");
+                }
+                for v in &values {
+                    println!("{v}");
+                }
+                eprintln!("context: {}", got.context);
+            }
+            Ok(())
+        }
+        Command::Delete { key, context, client } => {
+            let ctx = connect(&client)?.delete(key.as_bytes(), &context)?;
+            if client.json {
+                println!("{}", serde_json::json!({ "context": ctx.to_string() }));
+            } else {
+                println!("{ctx}");
+            }
+            Ok(())
+        }
+        Command::Ping { client } => {
+            let info = connect(&client)?.ping()?;
+            let out = serde_json::json!({
+                "node_id": format!("{:016x}", info.node_id),
+                "partitions": info.partitions,
+                "shard": info.shard,
+                "ports": info.ports,
+            });
+            println!("{out}");
+            Ok(())
+        }
+        Command::Stats { shard, client } => {
+            let stats = connect(&client)?.stats(shard)?;
+            let v: serde_json::Value = serde_json::from_str(&stats)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Command::Check { data_dir } => check(data_dir),
         Command::StorageWriter { data_dir, fsync, writers, value_size, segment_size } => {
             let config = EngineConfig { fsync, segment_size, max_value_len: 64 * 1024, ..Default::default() };
             storage_writer(data_dir, config, writers, value_size)
         }
     }
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// TOML configuration file (every setting has a default).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address of shard 0; shard i listens on port + i [default: 127.0.0.1:7700].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Shards (pinned executors) [default: every available core; fixed at creation].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// When writes are acknowledged: always | interval(MS) | never [default: always].
+    #[arg(long)]
+    fsync: Option<FsyncPolicy>,
+    /// Largest value accepted, in bytes [default: 1048576].
+    #[arg(long)]
+    max_value_len: Option<usize>,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    config.data_dir = args.data_dir.unwrap_or(config.data_dir);
+    config.listen = args.listen.unwrap_or(config.listen);
+    config.shards = args.shards.or(config.shards);
+    config.fsync = args.fsync.unwrap_or(config.fsync);
+    config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
+    config.pin &= !args.no_pin;
+    let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
+    }
+    let data_dir = config.data_dir.clone();
+    gyre::node::run(config, shutdown, |started| {
+        let addrs: Vec<String> = started.addrs.iter().map(ToString::to_string).collect();
+        tracing::info!(node_id = format!("{:016x}", started.node_id), ?addrs, data_dir = %data_dir.display(), "node ready");
+        println!("gyre node {:016x} ready: {}", started.node_id, addrs.join(" "));
+        let _ = std::io::stdout().flush();
+    })?;
+    eprintln!("gyre node stopped cleanly");
+    Ok(())
+}
+
+fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let timeout = std::time::Duration::from_secs_f64(args.timeout.max(0.001));
+    let config = ClientConfig { request_timeout: timeout, connect_timeout: timeout, ..Default::default() };
+    Client::connect_with(&args.node, config).with_context(|| format!("connecting to {}", args.node))
 }
 
 fn check(dir: PathBuf) -> anyhow::Result<()> {

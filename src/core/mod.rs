@@ -6,3 +6,4 @@
 //! arguments.
 
 pub mod partition;
+pub mod version;

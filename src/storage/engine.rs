@@ -18,12 +18,10 @@
 //! fdatasync), and wakes the others; the ones still not covered elect the
 //! next leader. Any single-threaded executor can drive it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::poll_fn;
 use std::io;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 
 use lru::LruCache;
 use serde::Serialize;
@@ -32,6 +30,7 @@ use thiserror::Error;
 use crate::core::partition::key_hash;
 use crate::limits::MAX_KEY_LEN;
 use crate::limits::MAX_META_LEN;
+use crate::notify::Notify;
 use crate::storage::backend::{Backend, WriteBuf};
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
@@ -76,6 +75,9 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
 #[derive(Clone, Debug)]
 pub struct Record {
     raw: Rc<[u8]>,
+    /// Where it was read from: a write in between changes the key's
+    /// location, which is how [`Engine::put_if`] detects it.
+    loc: Loc,
     pub seq: u64,
     pub timestamp_ms: u64,
     pub kind: Kind,
@@ -94,11 +96,16 @@ impl Record {
             return Err(corrupt("record belongs to another key".into()));
         }
         let (seq, timestamp_ms, kind, meta_len) = (r.seq, r.timestamp_ms, r.kind, r.meta.len());
-        Ok(Record { raw, seq, timestamp_ms, kind, key_len: key.len(), meta_len })
+        Ok(Record { raw, loc, seq, timestamp_ms, kind, key_len: key.len(), meta_len })
     }
 
     pub fn is_tombstone(&self) -> bool {
         self.kind == Kind::Tombstone
+    }
+
+    /// Names this stored record for a conditional write.
+    pub fn id(&self) -> RecordId {
+        RecordId(self.loc.id())
     }
 
     /// The opaque causal metadata stored with the record.
@@ -112,6 +119,10 @@ impl Record {
         &self.raw[RECORD_HEADER_LEN + self.key_len + self.meta_len..]
     }
 }
+
+/// The identity of one stored record (locations are never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordId(u64);
 
 /// What opening a shard found.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -136,6 +147,8 @@ pub struct EngineStats {
     pub deletes: u64,
     pub gets: u64,
     pub get_not_found: u64,
+    /// Conditional writes refused because the key changed since the read.
+    pub write_conflicts: u64,
     pub reads_from_buffer: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
@@ -163,38 +176,6 @@ pub struct CompactionStats {
     pub tombstones_dropped: u64,
     pub bytes_reclaimed: u64,
     pub corrupt_regions: u64,
-}
-
-/// Wakes every waiter when the flush state changes.
-#[derive(Default)]
-struct Notify {
-    generation: Cell<u64>,
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl Notify {
-    fn generation(&self) -> u64 {
-        self.generation.get()
-    }
-
-    fn notify_all(&self) {
-        self.generation.set(self.generation.get() + 1);
-        for w in self.wakers.take() {
-            w.wake();
-        }
-    }
-
-    async fn wait(&self, seen: u64) {
-        poll_fn(|cx| {
-            if self.generation.get() != seen {
-                Poll::Ready(())
-            } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
 }
 
 /// A bounded cache of verified records keyed by location (locations are
@@ -438,21 +419,59 @@ impl<B: Backend> Engine<B> {
     /// Stores `value` for `key` with its causal metadata; returns the
     /// record's sequence number once the durability policy is met.
     pub async fn put(&self, key: &[u8], meta: &[u8], value: &[u8], now_ms: u64) -> Result<u64, StorageError> {
-        self.write(Kind::Value, key, meta, value, now_ms).await
+        let written = self.write(Kind::Value, key, meta, value, now_ms, None).await?;
+        Ok(written.expect("an unconditional write always appends"))
     }
 
     /// Writes a tombstone for `key` carrying `meta`.
     pub async fn delete(&self, key: &[u8], meta: &[u8], now_ms: u64) -> Result<u64, StorageError> {
-        self.write(Kind::Tombstone, key, meta, &[], now_ms).await
+        let written = self.write(Kind::Tombstone, key, meta, &[], now_ms, None).await?;
+        Ok(written.expect("an unconditional write always appends"))
     }
 
-    async fn write(&self, kind: Kind, key: &[u8], meta: &[u8], value: &[u8], now_ms: u64) -> Result<u64, StorageError> {
+    /// Writes a record of `kind` only if `key` still holds the record
+    /// `expect` (`None`: the key is absent), as read by [`Engine::get`].
+    /// The check and the append happen together, before any await, so a
+    /// read-modify-write through this cannot lose an interleaved write.
+    /// Returns `Ok(None)` if the key changed (read again and retry), else
+    /// the sequence number once the durability policy is met. A compaction
+    /// that moves the record also counts as a change.
+    pub async fn put_if(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        meta: &[u8],
+        value: &[u8],
+        now_ms: u64,
+        expect: Option<RecordId>,
+    ) -> Result<Option<u64>, StorageError> {
+        self.write(kind, key, meta, value, now_ms, Some(expect)).await
+    }
+
+    async fn write(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        meta: &[u8],
+        value: &[u8],
+        now_ms: u64,
+        expect: Option<Option<RecordId>>,
+    ) -> Result<Option<u64>, StorageError> {
+        if kind == Kind::Tombstone && !value.is_empty() {
+            return Err(StorageError::Config("a tombstone carries no value".into()));
+        }
         self.check(key, meta, value)?;
         let hash = key_hash(key);
         let (end, seq, pending) = {
             let mut st = self.inner.st.borrow_mut();
             if let Some(e) = &st.failed {
                 return Err(StorageError::Failed(e.clone()));
+            }
+            if let Some(expect) = expect {
+                if st.index.get(hash, key).map(|l| RecordId(l.id())) != expect {
+                    st.stats.write_conflicts += 1;
+                    return Ok(None);
+                }
             }
             let a = st.writer.append(now_ms, kind, key, meta, value);
             st.account(&a, hash, key);
@@ -470,7 +489,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        Ok(seq)
+        Ok(Some(seq))
     }
 
     /// Waits until `target` is written (and synced if `sync`), leading

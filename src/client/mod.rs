@@ -1,0 +1,528 @@
+//! The Gyre client: a blocking client over std sockets (always built), and
+//! an async one over tokio (feature `tokio`). Neither needs glommio, so
+//! this module builds with `default-features = false` on any platform.
+//!
+//! Owns: connections to a node's shards, request ids, request timeouts,
+//! shard-aware routing (hash the key as the node does, send it straight to
+//! the owning shard's port, learnt from a PING), and the get-merge-put
+//! helper [`Client::update`].
+//!
+//! Invariant: a request is checked against the protocol's limits before
+//! anything is sent, a connection that saw an I/O or protocol error is
+//! dropped (never reused half-read), and a write is never retried
+//! blindly (it could add a sibling); reads are retried once on a new
+//! connection.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::core::partition::{key_hash, partition_of};
+use crate::core::version::MAX_CONTEXT_LEN;
+use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
+use crate::wire::{split_frame, ErrorCode, NodeInfo, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN};
+
+/// Get-merge-put rounds [`Client::update`] makes before giving up.
+pub const MAX_UPDATE_ATTEMPTS: usize = 16;
+
+/// Why a request failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("I/O error talking to {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+    #[error("no reply from {addr} within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("protocol error from {addr}: {reason}")]
+    Protocol { addr: SocketAddr, reason: String },
+    /// The node answered with an error.
+    #[error("{code:?}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("still {siblings} siblings after {attempts} get-merge-put rounds")]
+    Conflict { attempts: usize, siblings: usize },
+}
+
+impl ClientError {
+    /// The server's error code, if the node answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// The opaque causal context of a read, to pass back with the next write.
+/// As text it is lowercase hex (empty for "no context").
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Context(pub Vec<u8>);
+
+impl Context {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Context({self})")
+    }
+}
+
+impl FromStr for Context {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Context, String> {
+        let s = s.trim();
+        if !s.len().is_multiple_of(2) || s.len() / 2 > MAX_CONTEXT_LEN {
+            return Err("a context is an even number of hex digits, as printed by get".into());
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("not hex: {s:?}")))
+            .collect::<Result<_, _>>()
+            .map(Context)
+    }
+}
+
+/// What a get returns: every concurrent value and one context.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// The live siblings; empty if the key does not exist.
+    pub values: Vec<Vec<u8>>,
+    pub context: Context,
+}
+
+/// What a put returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Put {
+    pub context: Context,
+    /// Live values of the key after the write (more than one: a concurrent
+    /// write happened and the key has siblings).
+    pub siblings: usize,
+}
+
+/// An owned reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Pong(NodeInfo),
+    Stats(String),
+    Get(Versions),
+    Put(Put),
+    Delete(Context),
+}
+
+impl Reply {
+    fn from_response(r: Response<'_>) -> Result<Reply> {
+        Ok(match r {
+            Response::Pong(info) => Reply::Pong(info),
+            Response::Stats(s) => Reply::Stats(s.to_string()),
+            Response::Get { context, values } => Reply::Get(Versions {
+                values: values.into_iter().map(<[u8]>::to_vec).collect(),
+                context: Context(context.to_vec()),
+            }),
+            Response::Put { context, siblings } => {
+                Reply::Put(Put { context: Context(context.to_vec()), siblings: siblings as usize })
+            }
+            Response::Delete { context } => Reply::Delete(Context(context.to_vec())),
+            Response::Error { code, message } => {
+                return Err(ClientError::Server { code, message: message.to_string() })
+            }
+        })
+    }
+}
+
+/// Checks a request against the protocol limits before it is sent.
+pub fn check_request(req: &Request<'_>) -> Result<()> {
+    if let Some(key) = req.key() {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(ClientError::Invalid(format!("key length {} is outside 1..={MAX_KEY_LEN}", key.len())));
+        }
+    }
+    match req {
+        Request::Put { context, value, .. } => {
+            if value.len() > VALUE_LEN_HARD_CAP {
+                return Err(ClientError::Invalid(format!(
+                    "value of {} bytes exceeds the protocol's cap of {VALUE_LEN_HARD_CAP}",
+                    value.len()
+                )));
+            }
+            check_context(context)
+        }
+        Request::Delete { context, .. } => check_context(context),
+        _ => Ok(()),
+    }
+}
+
+fn check_context(c: &[u8]) -> Result<()> {
+    if c.len() > MAX_CONTEXT_LEN {
+        return Err(ClientError::Invalid(format!("context of {} bytes is longer than {MAX_CONTEXT_LEN}", c.len())));
+    }
+    Ok(())
+}
+
+/// Settings of a client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// How long a request may wait for its reply.
+    pub request_timeout: Duration,
+    /// Send each key straight to the shard that owns it (otherwise every
+    /// request goes to the address given and the node forwards it).
+    pub shard_aware: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            shard_aware: true,
+        }
+    }
+}
+
+/// One connection to one shard, with pipelining: [`Connection::send`] any
+/// number of requests, then [`Connection::recv`] their replies, matched by
+/// the ids `send` returned (they may come back in any order).
+pub struct Connection {
+    addr: SocketAddr,
+    stream: TcpStream,
+    /// Bytes read but not yet consumed as frames.
+    rbuf: Vec<u8>,
+    /// Encoded requests not yet written.
+    wbuf: Vec<u8>,
+    next_id: u64,
+    timeout: Duration,
+    /// Set after any I/O or protocol error: the stream's position in the
+    /// frame sequence is unknown, so it must not be used again.
+    broken: bool,
+}
+
+impl Connection {
+    pub fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<Connection> {
+        let io = |source| ClientError::Io { addr, source };
+        let stream = TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        stream.set_read_timeout(Some(config.request_timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(config.request_timeout)).map_err(io)?;
+        Ok(Connection {
+            addr,
+            stream,
+            rbuf: Vec::with_capacity(16 * 1024),
+            wbuf: Vec::new(),
+            next_id: 1,
+            timeout: config.request_timeout,
+            broken: false,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Queues a request for `shard` (`ANY_SHARD`: let the node route) and
+    /// returns its id; it is written by the next `flush` or `recv`.
+    pub fn send(&mut self, req: &Request<'_>, shard: u16) -> Result<u64> {
+        check_request(req)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        req.encode(&mut self.wbuf, id, shard, 0);
+        Ok(id)
+    }
+
+    /// Writes every queued request.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let res = self.stream.write_all(&self.wbuf);
+        self.wbuf.clear();
+        res.map_err(|e| self.fail(e))
+    }
+
+    fn fail(&mut self, e: io::Error) -> ClientError {
+        self.broken = true;
+        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            ClientError::Timeout { addr: self.addr, timeout: self.timeout }
+        } else {
+            ClientError::Io { addr: self.addr, source: e }
+        }
+    }
+
+    fn protocol(&mut self, reason: String) -> ClientError {
+        self.broken = true;
+        ClientError::Protocol { addr: self.addr, reason }
+    }
+
+    /// The next reply: its request id and the reply (an error reply is
+    /// `Err(ClientError::Server)` in the second field).
+    pub fn recv(&mut self) -> Result<(u64, Result<Reply>)> {
+        self.flush()?;
+        loop {
+            match split_frame(&self.rbuf, MAX_BODY_LEN) {
+                Ok(Some((header, total))) => {
+                    let reply = Response::decode(header.opcode, &self.rbuf[HEADER_LEN..total])
+                        .map_err(|e: WireError| e.to_string());
+                    let reply = match reply {
+                        Ok(r) => Reply::from_response(r),
+                        Err(e) => return Err(self.protocol(e)),
+                    };
+                    self.rbuf.drain(..total);
+                    return Ok((header.request_id, reply));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.protocol(e.to_string())),
+            }
+            let at = self.rbuf.len();
+            self.rbuf.resize(at + 64 * 1024, 0);
+            let n = match self.stream.read(&mut self.rbuf[at..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.rbuf.truncate(at);
+                    return Err(self.fail(e));
+                }
+            };
+            self.rbuf.truncate(at + n);
+            if n == 0 {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the node closed the connection");
+                return Err(self.fail(e));
+            }
+        }
+    }
+
+    /// Sends one request and waits for its reply.
+    pub fn call(&mut self, req: &Request<'_>, shard: u16) -> Result<Reply> {
+        let id = self.send(req, shard)?;
+        let (got, reply) = self.recv()?;
+        if got != id {
+            return Err(self.protocol(format!("reply to request {got} while waiting for {id}")));
+        }
+        reply
+    }
+}
+
+/// A blocking client of one node, with one reused connection per shard.
+pub struct Client {
+    config: ClientConfig,
+    /// The address given; requests go here when not shard-aware.
+    addr: SocketAddr,
+    info: NodeInfo,
+    /// One slot per shard (index = shard id), or a single slot when not
+    /// shard-aware.
+    conns: Vec<Option<Connection>>,
+}
+
+/// Resolves `addr` ("host:port") to its first socket address.
+pub fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| ClientError::Resolve(addr.to_string()))
+}
+
+impl Client {
+    /// Connects to a node with the default settings.
+    pub fn connect(addr: &str) -> Result<Client> {
+        Client::connect_with(addr, ClientConfig::default())
+    }
+
+    /// Connects to a node and learns its shard layout with a PING.
+    pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client> {
+        let addr = resolve(addr)?;
+        let mut conn = Connection::connect(addr, &config)?;
+        let info = match conn.call(&Request::Ping, ANY_SHARD)? {
+            Reply::Pong(info) => info,
+            other => return Err(conn.protocol(format!("PING answered with {other:?}"))),
+        };
+        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
+            return Err(conn.protocol(format!("implausible node info {info:?}")));
+        }
+        let slots = if config.shard_aware { info.ports.len() } else { 1 };
+        let mut conns: Vec<Option<Connection>> = (0..slots).map(|_| None).collect();
+        let first = if config.shard_aware { info.shard as usize } else { 0 };
+        if first < conns.len() {
+            conns[first] = Some(conn);
+        }
+        Ok(Client { config, addr, info, conns })
+    }
+
+    /// The node's identity and shard ports.
+    pub fn node_info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// The shard that owns `key` on this node.
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        partition_of(key_hash(key), self.info.partitions) as usize % self.info.ports.len()
+    }
+
+    fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {
+        match key {
+            Some(k) if self.config.shard_aware => {
+                let s = self.shard_of(k);
+                (s, s as u16)
+            }
+            _ => (0, ANY_SHARD),
+        }
+    }
+
+    fn conn(&mut self, slot: usize) -> Result<&mut Connection> {
+        if self.conns[slot].as_ref().is_some_and(Connection::is_broken) {
+            self.conns[slot] = None;
+        }
+        if self.conns[slot].is_none() {
+            let addr = if self.config.shard_aware {
+                SocketAddr::new(self.addr.ip(), self.info.ports[slot])
+            } else {
+                self.addr
+            };
+            self.conns[slot] = Some(Connection::connect(addr, &self.config)?);
+        }
+        Ok(self.conns[slot].as_mut().expect("connected above"))
+    }
+
+    /// Sends one request to the right shard; reads are retried once on a
+    /// fresh connection after an I/O error.
+    pub fn call(&mut self, req: &Request<'_>) -> Result<Reply> {
+        let (slot, shard) = self.slot_for(req.key());
+        let retry = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats);
+        match self.conn(slot)?.call(req, shard) {
+            Err(ClientError::Io { .. }) if retry => self.conn(slot)?.call(req, shard),
+            other => other,
+        }
+    }
+
+    /// Every concurrent value of `key` and the context to write back with.
+    pub fn get(&mut self, key: &[u8]) -> Result<Versions> {
+        match self.call(&Request::Get { key })? {
+            Reply::Get(v) => Ok(v),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Writes `value` as the successor of what `context` saw (empty: a new
+    /// sibling beside whatever is there).
+    pub fn put(&mut self, key: &[u8], value: &[u8], context: &Context) -> Result<Put> {
+        match self.call(&Request::Put { key, context: &context.0, value })? {
+            Reply::Put(p) => Ok(p),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Deletes the versions `context` saw; concurrent writes survive.
+    pub fn delete(&mut self, key: &[u8], context: &Context) -> Result<Context> {
+        match self.call(&Request::Delete { key, context: &context.0 })? {
+            Reply::Delete(c) => Ok(c),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Reads `key`, computes a new value from its siblings (an empty slice
+    /// if absent) with `merge`, and writes it back with the read's context.
+    /// If a concurrent write left siblings, it reads and merges again, up
+    /// to [`MAX_UPDATE_ATTEMPTS`] times.
+    pub fn update(&mut self, key: &[u8], mut merge: impl FnMut(&[Vec<u8>]) -> Vec<u8>) -> Result<Put> {
+        let mut siblings = 0;
+        for _ in 0..MAX_UPDATE_ATTEMPTS {
+            let read = self.get(key)?;
+            let value = merge(&read.values);
+            let put = self.put(key, &value, &read.context)?;
+            if put.siblings <= 1 {
+                return Ok(put);
+            }
+            siblings = put.siblings;
+        }
+        Err(ClientError::Conflict { attempts: MAX_UPDATE_ATTEMPTS, siblings })
+    }
+
+    /// Pipelined gets: every request is sent before any reply is read.
+    pub fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Result<Versions>>> {
+        let mut ids = Vec::with_capacity(keys.len());
+        for k in keys {
+            let (slot, shard) = self.slot_for(Some(k));
+            let id = self.conn(slot)?.send(&Request::Get { key: k }, shard)?;
+            ids.push((slot, id));
+        }
+        let mut results: Vec<Option<Result<Versions>>> = (0..keys.len()).map(|_| None).collect();
+        let mut by_id = std::collections::HashMap::new();
+        for (i, (slot, id)) in ids.iter().enumerate() {
+            by_id.insert((*slot, *id), i);
+        }
+        for (slot, _) in &ids {
+            let (id, reply) = self.conn(*slot)?.recv()?;
+            let Some(&i) = by_id.get(&(*slot, id)) else {
+                let c = self.conn(*slot)?;
+                return Err(c.protocol(format!("reply to unknown request {id}")));
+            };
+            results[i] = Some(reply.and_then(|r| match r {
+                Reply::Get(v) => Ok(v),
+                other => Err(ClientError::Protocol { addr: self.addr, reason: format!("GET answered {other:?}") }),
+            }));
+        }
+        Ok(results.into_iter().map(|r| r.expect("every id got a reply")).collect())
+    }
+
+    /// The node's identity (a PING).
+    pub fn ping(&mut self) -> Result<NodeInfo> {
+        match self.call(&Request::Ping)? {
+            Reply::Pong(info) => Ok(info),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// One shard's counters as JSON.
+    pub fn stats(&mut self, shard: usize) -> Result<String> {
+        let slot = if self.config.shard_aware { shard.min(self.conns.len() - 1) } else { 0 };
+        match self.conn(slot)?.call(&Request::Stats, slot as u16)? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    fn unexpected(&self, r: Reply) -> ClientError {
+        ClientError::Protocol { addr: self.addr, reason: format!("unexpected reply {r:?}") }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_text_roundtrip() {
+        let c = Context(vec![0x01, 0xab, 0x00]);
+        assert_eq!(c.to_string(), "01ab00");
+        assert_eq!("01AB00".parse::<Context>().unwrap(), c);
+        assert_eq!("".parse::<Context>().unwrap(), Context::default());
+        assert!("abc".parse::<Context>().is_err());
+        assert!("zz".parse::<Context>().is_err());
+    }
+
+    #[test]
+    fn requests_are_checked_before_sending() {
+        assert!(check_request(&Request::Get { key: b"" }).is_err());
+        assert!(check_request(&Request::Get { key: &[0; MAX_KEY_LEN + 1] }).is_err());
+        let big = vec![0; MAX_CONTEXT_LEN + 1];
+        assert!(check_request(&Request::Delete { key: b"k", context: &big }).is_err());
+        assert!(check_request(&Request::Put { key: b"k", context: b"", value: b"v" }).is_ok());
+    }
+}

@@ -1,0 +1,213 @@
+//! The node's settings (TOML file and command-line flags) and its data
+//! directory's identity file.
+//!
+//! Owns: every default of `gyre node`, the `NODE` file that pins a data
+//! directory's node id, shard count and partition count, and the directory
+//! lock.
+//!
+//! Invariant: a data directory is never served with a shard or partition
+//! count other than the one it was created with (keys would be looked up
+//! on the wrong shard), and never by two processes at once.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{DEFAULT_MAX_VALUE_LEN, VALUE_LEN_HARD_CAP};
+use crate::storage::{EngineConfig, FsyncPolicy};
+
+/// Port of shard 0 when nothing else is said; shard `i` listens on
+/// `DEFAULT_PORT + i`.
+pub const DEFAULT_PORT: u16 = 7700;
+/// The default listen address: loopback only, so a node started with no
+/// configuration is not exposed to the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Version of the `NODE` file layout.
+pub const NODE_FILE_VERSION: u32 = 1;
+/// Most shards a node runs (shard ids are a `u16` on the wire, and
+/// 0xFFFF means "any").
+pub const MAX_SHARDS: usize = 1024;
+
+/// Everything `gyre node` can be told. Every field has a default, so an
+/// empty file (or none) is a working configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Address of shard 0; shard `i` listens on the next ports. Port 0
+    /// gives every shard an ephemeral port (they are printed at start).
+    pub listen: SocketAddr,
+    /// Executors (one per core, pinned); default: every available core.
+    /// Fixed when the data directory is created.
+    pub shards: Option<usize>,
+    /// Largest value a client may write.
+    pub max_value_len: usize,
+    /// Durability of acknowledged writes: "always", "interval(ms)", "never".
+    pub fsync: FsyncPolicy,
+    /// Per-shard storage settings (`fsync` and the value limit above take
+    /// precedence over the same fields here).
+    pub storage: EngineConfig,
+    /// Pin shard `i` to CPU `i mod cpus`.
+    pub pin: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("./data"),
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            shards: None,
+            max_value_len: DEFAULT_MAX_VALUE_LEN,
+            fsync: FsyncPolicy::Always,
+            storage: EngineConfig::default(),
+            pin: true,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; unknown keys are errors, not silently ignored.
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// The engine settings every shard opens with: the stored-object limit
+    /// is the hard cap (siblings of one key share a record), the per-value
+    /// limit is enforced by the key-value layer.
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        if self.max_value_len == 0 || self.max_value_len > VALUE_LEN_HARD_CAP {
+            bail!("max_value_len {} must be between 1 and {VALUE_LEN_HARD_CAP}", self.max_value_len);
+        }
+        let config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
+        config.validate().map_err(|e| anyhow::anyhow!("invalid storage settings: {e}"))?;
+        Ok(config)
+    }
+}
+
+/// The identity of a data directory, written at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub version: u32,
+    /// The dot actor of this node's versions.
+    pub node_id: u64,
+    pub shards: usize,
+    pub partitions: u32,
+}
+
+pub const NODE_FILE: &str = "NODE";
+pub const LOCK_FILE: &str = "LOCK";
+
+/// An open, locked data directory. The lock is held until this is dropped.
+pub struct DataDir {
+    pub path: PathBuf,
+    pub node: NodeFile,
+    /// Held open for its `flock`; the kernel drops the lock if we die.
+    _lock: File,
+}
+
+/// Locks `config.data_dir` (creating it if needed) and reads or creates its
+/// `NODE` file. `random_id` is used only for a new directory.
+pub fn open_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64) -> anyhow::Result<DataDir> {
+    let path = config.data_dir.clone();
+    std::fs::create_dir_all(&path).with_context(|| format!("creating data directory {}", path.display()))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join(LOCK_FILE))
+        .with_context(|| format!("opening {}", path.join(LOCK_FILE).display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            bail!("data directory {} is in use by another gyre node (its LOCK file is held)", path.display())
+        }
+        Err(TryLockError::Error(e)) => return Err(e).context("locking the data directory"),
+    }
+    let node_path = path.join(NODE_FILE);
+    let partitions = config.storage.partitions;
+    let node = if node_path.exists() {
+        let text = std::fs::read_to_string(&node_path).with_context(|| format!("reading {}", node_path.display()))?;
+        let node: NodeFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid NODE file of this Gyre version", node_path.display()))?;
+        if node.version != NODE_FILE_VERSION {
+            bail!(
+                "{} has layout version {}, this build reads version {NODE_FILE_VERSION}; refusing to serve it",
+                path.display(),
+                node.version
+            );
+        }
+        if let Some(s) = config.shards {
+            if s != node.shards {
+                bail!(
+                    "{} was created with {} shards; it cannot be served with {s} (drop --shards to use {})",
+                    path.display(),
+                    node.shards,
+                    node.shards
+                );
+            }
+        }
+        if node.partitions != partitions {
+            bail!("{} was created with {} partitions, not {partitions}", path.display(), node.partitions);
+        }
+        node
+    } else {
+        let shards = config.shards.unwrap_or(available_cores).max(1);
+        if shards > MAX_SHARDS {
+            bail!("{shards} shards is more than the limit of {MAX_SHARDS}");
+        }
+        let node = NodeFile { version: NODE_FILE_VERSION, node_id: random_id, shards, partitions };
+        let tmp = path.join("NODE.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(&node)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &node_path)?;
+        File::open(&path)?.sync_all()?;
+        node
+    };
+    Ok(DataDir { path, node, _lock: lock })
+}
+
+impl DataDir {
+    /// Directory of shard `i`'s storage engine.
+    pub fn shard_dir(&self, shard: usize) -> PathBuf {
+        self.path.join(format!("shard-{shard:03}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults_and_unknown_keys_fail() {
+        let c: NodeConfig = toml::from_str("").unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        let c: NodeConfig =
+            toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
+        assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));
+        assert!(toml::from_str::<NodeConfig>("fsnyc = \"never\"").is_err());
+    }
+
+    #[test]
+    fn data_dir_pins_its_shape_and_is_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = NodeConfig { data_dir: tmp.path().join("d"), shards: Some(2), ..Default::default() };
+        let d = open_data_dir(&config, 8, 42).unwrap();
+        assert_eq!((d.node.shards, d.node.node_id), (2, 42));
+        let again = open_data_dir(&config, 8, 43).unwrap_err().to_string();
+        assert!(again.contains("in use"), "{again}");
+        drop(d);
+        let other = NodeConfig { shards: Some(3), ..config.clone() };
+        assert!(open_data_dir(&other, 8, 1).unwrap_err().to_string().contains("created with 2 shards"));
+        let any = NodeConfig { shards: None, ..config };
+        let d = open_data_dir(&any, 8, 44).unwrap();
+        assert_eq!((d.node.shards, d.node.node_id), (2, 42), "identity comes from the directory");
+    }
+}

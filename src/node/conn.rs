@@ -1,0 +1,189 @@
+//! One client connection: a reader that frames requests and starts each
+//! one, and a writer that sends every reply that is ready in one write.
+//!
+//! Owns: the connection's read buffer, its in-flight count and its reply
+//! queue.
+//!
+//! Invariant: at most `MAX_IN_FLIGHT` requests of a connection run at
+//! once (past that the reader stops reading: backpressure, not errors);
+//! a frame that cannot be framed or decoded gets an error reply and ends
+//! the connection after the replies before it are written; other
+//! connections never notice.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use futures_lite::future::poll_once;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::{decode_error_frame, Shard};
+use crate::notify::Notify;
+use crate::wire::{split_frame, MAX_IN_FLIGHT};
+
+/// Initial read buffer; it grows to hold the largest frame being read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Replies waiting for the writer, and the connection's in-flight count.
+#[derive(Default)]
+struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    queued: Cell<u64>,
+    in_flight: Cell<usize>,
+    /// No more replies will come; the writer exits once `buf` is empty.
+    closing: Cell<bool>,
+    /// A write failed; the reader stops.
+    broken: Cell<bool>,
+    changed: Notify,
+}
+
+impl Outbox {
+    fn push(&self, frame: &[u8]) {
+        self.buf.borrow_mut().extend_from_slice(frame);
+        self.queued.set(self.queued.get() + 1);
+        self.changed.notify_all();
+    }
+
+    fn finish_one(&self, frame: &[u8]) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.push(frame);
+    }
+}
+
+struct OpenGuard(Rc<Shard>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let c = &self.0.counters.connections_open;
+        c.set(c.get() - 1);
+        self.0.changed.notify_all();
+    }
+}
+
+/// Serves one connection until the client closes it, a frame is bad, a
+/// write fails, or the node shuts down.
+pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let c = &shard.counters.connections_open;
+    c.set(c.get() + 1);
+    let _open = OpenGuard(shard.clone());
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let out = Rc::new(Outbox::default());
+    let writer_task = {
+        let (out, shard) = (out.clone(), shard.clone());
+        glommio::spawn_local(async move {
+            loop {
+                let g = out.changed.generation();
+                let batch = std::mem::take(&mut *out.buf.borrow_mut());
+                if !batch.is_empty() {
+                    let n = out.queued.replace(0);
+                    if writer.write_all(&batch).await.is_err() {
+                        out.broken.set(true);
+                        out.changed.notify_all();
+                        return;
+                    }
+                    let c = &shard.counters;
+                    c.reply_writes.set(c.reply_writes.get() + 1);
+                    c.replies.set(c.replies.get() + n);
+                    // Give the emptied buffer back to be refilled.
+                    let mut b = batch;
+                    b.clear();
+                    let mut cur = out.buf.borrow_mut();
+                    if cur.is_empty() && cur.capacity() < b.capacity() {
+                        *cur = b;
+                    }
+                    continue;
+                }
+                if out.closing.get() && out.in_flight.get() == 0 {
+                    let _ = writer.close().await;
+                    return;
+                }
+                out.changed.wait(g).await;
+            }
+        })
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    let (mut start, mut end) = (0usize, 0usize);
+    'read: loop {
+        // Frame and start every whole request in the buffer.
+        loop {
+            match split_frame(&buf[start..end], shard.max_body) {
+                Ok(Some((header, total))) => {
+                    while out.in_flight.get() >= MAX_IN_FLIGHT && !out.broken.get() {
+                        let g = out.changed.generation();
+                        if out.in_flight.get() < MAX_IN_FLIGHT {
+                            break;
+                        }
+                        out.changed.wait(g).await;
+                    }
+                    let frame = buf[start..start + total].to_vec();
+                    start += total;
+                    out.in_flight.set(out.in_flight.get() + 1);
+                    let mut fut = Box::pin(shard.clone().dispatch(header, frame));
+                    // Most requests complete without waiting (cache hits,
+                    // buffered writes): answer those without a task.
+                    match poll_once(&mut fut).await {
+                        Some(reply) => out.finish_one(&reply),
+                        None => {
+                            let out = out.clone();
+                            glommio::spawn_local(async move {
+                                let reply = fut.await;
+                                out.finish_one(&reply);
+                            })
+                            .detach();
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let header: [u8; crate::wire::HEADER_LEN] =
+                        buf[start..start + crate::wire::HEADER_LEN].try_into().expect("a header was read");
+                    out.push(&decode_error_frame(&shard, &header, &e));
+                    tracing::debug!(error = %e, "closing a connection after a bad frame");
+                    break 'read;
+                }
+            }
+        }
+        if out.broken.get() || shard.is_shutting_down() {
+            break;
+        }
+        // Make room: move the partial frame to the front, grow for a big one.
+        if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        let needed = match crate::wire::split_frame(&buf[..end], usize::MAX) {
+            Err(_) | Ok(Some(_)) => READ_CHUNK,
+            Ok(None) if end >= crate::wire::HEADER_LEN => {
+                let body = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes")) as usize;
+                crate::wire::HEADER_LEN + body
+            }
+            Ok(None) => READ_CHUNK,
+        };
+        if buf.len() < needed.max(end + 1) {
+            buf.resize(needed.max(end + 1), 0);
+        } else if end == 0 && buf.len() > 4 * READ_CHUNK {
+            buf = vec![0u8; READ_CHUNK];
+        }
+        let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
+            shard.shutdown_requested().await;
+            None
+        })
+        .await;
+        match read {
+            Some(Ok(0)) | None => break,
+            Some(Ok(n)) => end += n,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "connection read failed");
+                break;
+            }
+        }
+    }
+    // Let in-flight requests finish and the writer send their replies.
+    out.closing.set(true);
+    out.changed.notify_all();
+    writer_task.await;
+}

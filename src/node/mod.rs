@@ -1,0 +1,491 @@
+//! `gyre node`: one glommio executor per shard, each pinned to a core,
+//! each serving its own port and owning its partitions' storage.
+//!
+//! Owns: starting and stopping shards, the cross-shard channel mesh, the
+//! routing rule, and turning decoded requests into replies.
+//!
+//! Routing rule (also in ARCHITECTURE.md): a key's partition is
+//! `partition_of(xxh3(key), Q)`, and partition `p` belongs to shard
+//! `p mod S`. Shard `i` listens on port `listen.port + i` (or an ephemeral
+//! port each when `listen.port` is 0); a PING reply lists every shard's
+//! port so a client can connect straight to the owner. A request that
+//! lands on another shard is forwarded as its raw frame through the
+//! glommio channel mesh and the owner's encoded reply comes back the same
+//! way: no locks, no shared state between shards.
+//!
+//! Invariant: only the owning shard touches a key's storage; a shard
+//! thread never blocks (all waiting is async), and after a shutdown
+//! request a shard finishes every request it has read, flushes and syncs
+//! its log, and only then exits.
+
+pub mod config;
+mod conn;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use serde::Serialize;
+
+use crate::core::partition::{key_hash, partition_of};
+use crate::notify::Notify;
+use crate::shell::{now_ms, open_shard, run_executor, spawn_background, DiskEngine, Stop};
+use crate::storage::backend::glommio::GlommioBackend;
+use crate::storage::StorageError;
+use crate::store::{Store, StoreError};
+use crate::wire::{ErrorCode, Header, NodeInfo, Request, Response, WireError, HEADER_LEN};
+pub use config::{open_data_dir, DataDir, NodeConfig};
+
+/// Queue depth of each shard-to-shard channel; a full channel makes the
+/// forwarding task wait (backpressure) rather than grow memory.
+const MESH_CHANNEL_SIZE: usize = 1024;
+/// How often a shard checks the process-wide shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How often compaction looks for work.
+const COMPACT_EVERY: Duration = Duration::from_secs(5);
+
+/// A message between shards.
+enum Cross {
+    /// A whole request frame for the receiving shard to execute.
+    Request { from: usize, tag: u64, frame: Vec<u8>, deadline: Option<Instant> },
+    /// The encoded reply frame to request `tag`.
+    Reply { tag: u64, frame: Vec<u8> },
+}
+
+/// Counters of one shard, reported by STATS.
+#[derive(Default, Serialize)]
+pub struct ShardCounters {
+    pub connections_accepted: Cell<u64>,
+    pub connections_open: Cell<u64>,
+    pub requests: Cell<u64>,
+    /// Requests this shard received for keys another shard owns.
+    pub forwarded_out: Cell<u64>,
+    /// Requests other shards handed to this one.
+    pub forwarded_in: Cell<u64>,
+    /// Frames refused as malformed or oversized (their connection closed).
+    pub malformed_frames: Cell<u64>,
+    pub error_replies: Cell<u64>,
+    pub deadline_exceeded: Cell<u64>,
+    /// Socket writes of replies and replies written: their ratio is how
+    /// many replies share one write.
+    pub reply_writes: Cell<u64>,
+    pub replies: Cell<u64>,
+}
+
+/// One shard's state, shared by its tasks (one thread).
+pub struct Shard {
+    id: usize,
+    shards: usize,
+    partitions: u32,
+    node_id: u64,
+    ports: Vec<u16>,
+    store: Store<GlommioBackend>,
+    /// Largest request body this shard reads (checked from the header).
+    max_body: usize,
+    senders: Senders<Cross>,
+    /// Forwarded requests waiting for their reply, by tag.
+    pending: RefCell<HashMap<u64, Rc<ReplySlot>>>,
+    next_tag: Cell<u64>,
+    pub counters: ShardCounters,
+    shutting_down: Cell<bool>,
+    /// Fires when `shutting_down` is set or a connection closes.
+    changed: Notify,
+}
+
+/// Where a forwarded request's reply lands.
+#[derive(Default)]
+struct ReplySlot {
+    frame: RefCell<Option<Vec<u8>>>,
+    ready: Notify,
+}
+
+impl Shard {
+    /// The shard that owns `key`.
+    fn owner(&self, key: &[u8]) -> usize {
+        partition_of(key_hash(key), self.partitions) as usize % self.shards
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    /// Completes once shutdown has begun.
+    async fn shutdown_requested(&self) {
+        loop {
+            let g = self.changed.generation();
+            if self.shutting_down.get() {
+                return;
+            }
+            self.changed.wait(g).await;
+        }
+    }
+
+    fn error_frame(&self, request_id: u64, code: ErrorCode, message: &str) -> Vec<u8> {
+        let c = &self.counters.error_replies;
+        c.set(c.get() + 1);
+        let mut out = Vec::with_capacity(HEADER_LEN + 4 + message.len());
+        Response::Error { code, message }.encode(&mut out, request_id, self.id as u16);
+        out
+    }
+
+    /// Routes one well-framed request (`frame` = header + body) and returns
+    /// the encoded reply frame.
+    async fn dispatch(self: Rc<Self>, header: Header, frame: Vec<u8>) -> Vec<u8> {
+        let deadline =
+            (header.deadline_us > 0).then(|| Instant::now() + Duration::from_micros(header.deadline_us as u64));
+        let owner = match Request::decode(header.opcode, &frame[HEADER_LEN..]) {
+            Ok(req) => req.key().map_or(self.id, |k| self.owner(k)),
+            Err(e) => return self.error_frame(header.request_id, e.code(), &e.to_string()),
+        };
+        if owner == self.id {
+            return self.execute(header, &frame, deadline).await;
+        }
+        let c = &self.counters.forwarded_out;
+        c.set(c.get() + 1);
+        let tag = self.next_tag.get();
+        self.next_tag.set(tag + 1);
+        let slot = Rc::new(ReplySlot::default());
+        self.pending.borrow_mut().insert(tag, slot.clone());
+        let msg = Cross::Request { from: self.id, tag, frame, deadline };
+        if self.senders.send_to(owner, msg).await.is_err() {
+            self.pending.borrow_mut().remove(&tag);
+            return self.error_frame(header.request_id, ErrorCode::ShuttingDown, "the owning shard is gone");
+        }
+        loop {
+            let g = slot.ready.generation();
+            if let Some(f) = slot.frame.borrow_mut().take() {
+                return f;
+            }
+            slot.ready.wait(g).await;
+        }
+    }
+
+    /// Executes a request this shard owns.
+    async fn execute(&self, header: Header, frame: &[u8], deadline: Option<Instant>) -> Vec<u8> {
+        let id = header.request_id;
+        let c = &self.counters.requests;
+        c.set(c.get() + 1);
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            let c = &self.counters.deadline_exceeded;
+            c.set(c.get() + 1);
+            return self.error_frame(id, ErrorCode::DeadlineExceeded, "the request's deadline passed before it ran");
+        }
+        let req = match Request::decode(header.opcode, &frame[HEADER_LEN..]) {
+            Ok(r) => r,
+            Err(e) => return self.error_frame(id, e.code(), &e.to_string()),
+        };
+        let shard = self.id as u16;
+        let mut out = Vec::new();
+        let result: Result<(), StoreError> = async {
+            match req {
+                Request::Ping => Response::Pong(self.info()).encode(&mut out, id, shard),
+                Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
+                Request::Get { key } => {
+                    let set = self.store.get(key).await?;
+                    let context = set.clock().to_bytes();
+                    let values: Vec<&[u8]> = set.live_values().collect();
+                    Response::Get { context: &context, values }.encode(&mut out, id, shard);
+                }
+                Request::Put { key, context, value } => {
+                    let w = self.store.put(key, context, Some(value), now_ms()).await?;
+                    let siblings = w.siblings.min(u16::MAX as usize) as u16;
+                    Response::Put { context: &w.context.to_bytes(), siblings }.encode(&mut out, id, shard);
+                }
+                Request::Delete { key, context } => {
+                    let w = self.store.put(key, context, None, now_ms()).await?;
+                    Response::Delete { context: &w.context.to_bytes() }.encode(&mut out, id, shard);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => out,
+            Err(e) => {
+                let code = error_code(&e);
+                if code == ErrorCode::StorageFailed || code == ErrorCode::Internal {
+                    tracing::error!(shard = self.id, error = %e, "request failed");
+                }
+                self.error_frame(id, code, &e.to_string())
+            }
+        }
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo { node_id: self.node_id, partitions: self.partitions, shard: self.id as u16, ports: self.ports.clone() }
+    }
+
+    fn stats_json(&self) -> String {
+        serde_json::json!({
+            "node_id": format!("{:016x}", self.node_id),
+            "shard": self.id,
+            "shards": self.shards,
+            "partitions": self.partitions,
+            "node": &self.counters,
+            "storage": self.store.engine().stats(),
+            "storage_failed": self.store.engine().failed(),
+        })
+        .to_string()
+    }
+
+    /// Serves the mesh channel from shard `peer`: requests from it are
+    /// executed here, replies to our forwarded requests are handed over.
+    async fn serve_peer(self: Rc<Self>, receivers: Rc<Receivers<Cross>>, peer: usize) {
+        while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+            match msg {
+                Cross::Request { from, tag, frame, deadline } => {
+                    let c = &self.counters.forwarded_in;
+                    c.set(c.get() + 1);
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        let header = match frame.first_chunk::<HEADER_LEN>() {
+                            Some(h) => crate::wire::decode_header(h, usize::MAX).ok(),
+                            None => None,
+                        };
+                        let reply = match header {
+                            Some(h) => me.execute(h, &frame, deadline).await,
+                            None => me.error_frame(0, ErrorCode::Internal, "bad forwarded frame"),
+                        };
+                        // The origin is gone only if it is shutting down.
+                        let _ = me.senders.send_to(from, Cross::Reply { tag, frame: reply }).await;
+                    })
+                    .detach();
+                }
+                Cross::Reply { tag, frame } => {
+                    if let Some(slot) = self.pending.borrow_mut().remove(&tag) {
+                        *slot.frame.borrow_mut() = Some(frame);
+                        slot.ready.notify_all();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The error code a failed key-value operation is reported with.
+fn error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::InvalidContext(_) => ErrorCode::InvalidContext,
+        StoreError::ValueTooLarge { .. } | StoreError::ObjectTooLarge { .. } => ErrorCode::ValueTooLarge,
+        StoreError::TooManySiblings(_) => ErrorCode::TooManySiblings,
+        StoreError::Contended => ErrorCode::Overloaded,
+        StoreError::CorruptVersions(_) => ErrorCode::Internal,
+        StoreError::Storage(s) => match s {
+            StorageError::KeyLength(_) => ErrorCode::InvalidKey,
+            StorageError::ValueTooLarge { .. } | StorageError::MetaTooLarge(_) => ErrorCode::ValueTooLarge,
+            StorageError::Io { .. } | StorageError::Failed(_) => ErrorCode::StorageFailed,
+            _ => ErrorCode::Internal,
+        },
+    }
+}
+
+/// What `run` reports once every shard is up.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub node_id: u64,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Runs a node until `shutdown` is set; returns once every shard has
+/// drained, flushed and stopped. `on_start` is called once all shards
+/// serve.
+pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(Started)) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let data = open_data_dir(&config, cores, fastrand::u64(1..))?;
+    let engine_config = config.engine_config()?;
+    let shards = data.node.shards;
+    // Bind every listener here so that a taken port fails the start with
+    // a clear error before any shard runs.
+    let mut listeners = Vec::with_capacity(shards);
+    for i in 0..shards {
+        let mut addr = config.listen;
+        if addr.port() != 0 {
+            let port = addr.port() as usize + i;
+            let port = u16::try_from(port).with_context(|| format!("no port for shard {i} after {}", config.listen))?;
+            addr.set_port(port);
+        }
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr} for shard {i}"))?;
+        listeners.push(l);
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
+    let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
+    let ready = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(AtomicUsize::new(0));
+    let max_body = 2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len;
+    let (err_tx, err_rx) = std::sync::mpsc::channel::<anyhow::Error>();
+    let mut threads = Vec::with_capacity(shards);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let setup = ShardSetup {
+            id: i,
+            shards,
+            partitions: data.node.partitions,
+            node_id: data.node.node_id,
+            ports: ports.clone(),
+            dir: data.shard_dir(i),
+            engine_config: engine_config.clone(),
+            max_value_len: config.max_value_len,
+            max_body,
+            listener_fd: listener.into_raw_fd(),
+            mesh: mesh.clone(),
+            shutdown: shutdown.clone(),
+            ready: ready.clone(),
+            drained: drained.clone(),
+        };
+        let cpu = config.pin.then(|| i % cores);
+        let err_tx = err_tx.clone();
+        let t = std::thread::Builder::new().name(format!("gyre-shard-{i}")).spawn(move || {
+            let res = run_executor(&format!("shard-{i}"), cpu, run_shard(setup)).and_then(|r| r);
+            if let Err(e) = res {
+                let _ = err_tx.send(e.context(format!("shard {i}")));
+            }
+        })?;
+        threads.push(t);
+    }
+    drop(err_tx);
+    // Wait until every shard serves (or one fails).
+    loop {
+        if let Ok(e) = err_rx.try_recv() {
+            shutdown.store(true, Ordering::SeqCst);
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+        if ready.load(Ordering::SeqCst) == shards {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    on_start(Started { node_id: data.node.node_id, addrs });
+    for t in threads {
+        let _ = t.join();
+    }
+    // Keep the mesh builder (and the directory lock) alive until every
+    // shard has exited.
+    drop(mesh);
+    drop(data);
+    match err_rx.try_recv() {
+        Ok(e) => Err(e),
+        Err(_) => Ok(()),
+    }
+}
+
+struct ShardSetup {
+    id: usize,
+    shards: usize,
+    partitions: u32,
+    node_id: u64,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    engine_config: crate::storage::EngineConfig,
+    max_value_len: usize,
+    max_body: usize,
+    listener_fd: std::os::fd::RawFd,
+    mesh: MeshBuilder<Cross, glommio::channels::channel_mesh::Full>,
+    shutdown: Arc<AtomicBool>,
+    ready: Arc<AtomicUsize>,
+    drained: Arc<AtomicUsize>,
+}
+
+async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
+    // SAFETY: the fd came from a std listener this thread now owns alone.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(s.listener_fd) };
+    let (engine, report): (DiskEngine, _) = open_shard(&s.dir, s.engine_config.clone()).await?;
+    if !report.corruptions.is_empty() {
+        tracing::warn!(shard = s.id, corruptions = report.corruptions.len(), "recovery found corruption");
+    }
+    tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
+    let stop = Stop::default();
+    spawn_background(&engine, &stop, COMPACT_EVERY);
+    let (senders, mut receivers) = s.mesh.join().await.map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+    let shard = Rc::new(Shard {
+        id: s.id,
+        shards: s.shards,
+        partitions: s.partitions,
+        node_id: s.node_id,
+        ports: s.ports,
+        store: Store::new(engine.clone(), s.node_id, s.max_value_len),
+        max_body: s.max_body,
+        senders,
+        pending: RefCell::new(HashMap::new()),
+        next_tag: Cell::new(0),
+        counters: ShardCounters::default(),
+        shutting_down: Cell::new(false),
+        changed: Notify::default(),
+    });
+    let peers: Vec<usize> = receivers.streams().into_iter().map(|(p, _)| p).collect();
+    let receivers = Rc::new(receivers);
+    let mesh_tasks: Vec<_> =
+        peers.into_iter().map(|p| glommio::spawn_local(shard.clone().serve_peer(receivers.clone(), p))).collect();
+    // Watch the process-wide flag.
+    let watcher = {
+        let (shard, flag) = (shard.clone(), s.shutdown.clone());
+        glommio::spawn_local(async move {
+            while !flag.load(Ordering::SeqCst) {
+                glommio::timer::sleep(SHUTDOWN_POLL).await;
+            }
+            shard.shutting_down.set(true);
+            shard.changed.notify_all();
+        })
+    };
+    s.ready.fetch_add(1, Ordering::SeqCst);
+    // Accept until shutdown.
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown_requested().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let c = &shard.counters.connections_accepted;
+                c.set(c.get() + 1);
+                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(shard = s.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+    watcher.await;
+    // Drain: every connection finishes what it has read.
+    loop {
+        let g = shard.changed.generation();
+        if shard.counters.connections_open.get() == 0 {
+            break;
+        }
+        shard.changed.wait(g).await;
+    }
+    // Keep serving forwarded requests until every shard has drained.
+    s.drained.fetch_add(1, Ordering::SeqCst);
+    while s.drained.load(Ordering::SeqCst) < s.shards {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    shard.senders.close();
+    for t in mesh_tasks {
+        t.await;
+    }
+    stop.stop().await;
+    engine.close().await.context("flushing the log at shutdown")?;
+    tracing::info!(shard = s.id, "shard stopped");
+    Ok(())
+}
+
+/// Converts a decode error into the reply frame for it, if the header
+/// was readable enough to name the request.
+fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -> Vec<u8> {
+    let c = &shard.counters.malformed_frames;
+    c.set(c.get() + 1);
+    shard.error_frame(crate::wire::peek_request_id(header).unwrap_or(0), e.code(), &e.to_string())
+}

@@ -1,0 +1,203 @@
+//! The key-value layer of one shard: Dynamo's `get`/`put`/`delete` with
+//! causal versions, over that shard's storage engine.
+//!
+//! Owns: how a key's [`VersionSet`] is stored (its encoded clock and
+//! sibling table in the record's causal-metadata field, the live sibling
+//! values concatenated in the record's value), and the read-reconcile-append
+//! cycle of a write.
+//!
+//! Invariant: a write never loses a version it has not seen. The cycle
+//! reads the stored set, applies the update, and appends with
+//! [`Engine::put_if`], which refuses if any other write to the key landed
+//! in between; the cycle then starts again from a fresh read. A key whose
+//! every sibling is a delete is stored as a storage tombstone that still
+//! carries the clock, so a later write with an old context does not
+//! resurrect what was deleted; compaction forgets it after the engine's
+//! tombstone grace period.
+
+use thiserror::Error;
+
+use crate::core::version::{Actor, Clock, VersionError, VersionSet};
+use crate::storage::backend::Backend;
+use crate::storage::{Engine, Kind, StorageError};
+
+/// Conflicting writes on one key that make a write start over this many
+/// times give up with [`StoreError::Contended`] rather than spin.
+pub const MAX_WRITE_ATTEMPTS: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("invalid context: {0}")]
+    InvalidContext(VersionError),
+    #[error("value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("the key's siblings would total {len} bytes, over the stored-object limit of {max}; read the key and write back with its context to resolve them")]
+    ObjectTooLarge { len: usize, max: usize },
+    #[error("{0}; read the key and write back with its context to resolve them")]
+    TooManySiblings(VersionError),
+    #[error("stored versions of the key are unreadable: {0}")]
+    CorruptVersions(VersionError),
+    #[error("the key was rewritten concurrently {MAX_WRITE_ATTEMPTS} times in a row")]
+    Contended,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The result of a write: the context of the new version, and how many
+/// live values the key has now (more than one: a concurrent write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub context: Clock,
+    pub siblings: usize,
+}
+
+/// One shard's key-value store.
+pub struct Store<B: Backend> {
+    engine: Engine<B>,
+    /// The dot actor of this node: every version this node creates is
+    /// named `(actor, n)`.
+    actor: Actor,
+    /// Largest single value a client may write; the engine's own value
+    /// limit bounds the whole stored object (all siblings together).
+    max_value_len: usize,
+}
+
+impl<B: Backend> Store<B> {
+    pub fn new(engine: Engine<B>, actor: Actor, max_value_len: usize) -> Self {
+        Store { engine, actor, max_value_len }
+    }
+
+    pub fn engine(&self) -> &Engine<B> {
+        &self.engine
+    }
+
+    /// The key's versions (empty if it was never written or is forgotten).
+    pub async fn get(&self, key: &[u8]) -> Result<VersionSet, StoreError> {
+        Ok(self.read(key).await?.0)
+    }
+
+    async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<crate::storage::RecordId>), StoreError> {
+        match self.engine.get(key).await? {
+            None => Ok((VersionSet::new(), None)),
+            Some(rec) => {
+                let set = VersionSet::decode(rec.meta(), rec.value()).map_err(StoreError::CorruptVersions)?;
+                Ok((set, Some(rec.id())))
+            }
+        }
+    }
+
+    /// Writes `value` (`None`: a delete) as the successor of the versions
+    /// `context` has seen. `context` is what a get returned (empty: none).
+    pub async fn put(
+        &self,
+        key: &[u8],
+        context: &[u8],
+        value: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Written, StoreError> {
+        let ctx = Clock::decode(context).map_err(StoreError::InvalidContext)?;
+        if let Some(v) = value {
+            if v.len() > self.max_value_len {
+                return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
+            }
+        }
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let (mut set, id) = self.read(key).await?;
+            set.update(&ctx, self.actor, value.map(<[u8]>::to_vec)).map_err(|e| match e {
+                e @ VersionError::TooManySiblings { .. } => StoreError::TooManySiblings(e),
+                e => StoreError::InvalidContext(e),
+            })?;
+            let max = self.engine.config().max_value_len;
+            let len = set.encoded_value_len();
+            if len > max {
+                return Err(StoreError::ObjectTooLarge { len, max });
+            }
+            let (meta, bytes) = set.encode();
+            let kind = if set.all_tombstones() { Kind::Tombstone } else { Kind::Value };
+            if self.engine.put_if(kind, key, &meta, &bytes, now_ms, id).await?.is_some() {
+                let siblings = set.live_values().count();
+                return Ok(Written { context: set.clock().clone(), siblings });
+            }
+        }
+        Err(StoreError::Contended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::backend::mem::MemBackend;
+    use crate::storage::EngineConfig;
+    use futures_lite::future::block_on;
+
+    fn store() -> Store<MemBackend> {
+        let config = EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, ..Default::default() };
+        let (engine, _) = block_on(Engine::open(MemBackend::new(), config)).unwrap();
+        Store::new(engine, 7, 1024)
+    }
+
+    fn values(set: &VersionSet) -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = set.live_values().map(<[u8]>::to_vec).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn concurrent_writers_make_siblings_and_a_merge_collapses_them() {
+        block_on(async {
+            let s = store();
+            let w0 = s.put(b"k", &[], Some(b"v0"), 1).await.unwrap();
+            assert_eq!(w0.siblings, 1);
+            let ctx = w0.context.to_bytes();
+            let a = s.put(b"k", &ctx, Some(b"a"), 2).await.unwrap();
+            let b = s.put(b"k", &ctx, Some(b"b"), 3).await.unwrap();
+            assert_eq!((a.siblings, b.siblings), (1, 2));
+            let got = s.get(b"k").await.unwrap();
+            assert_eq!(values(&got), vec![b"a".to_vec(), b"b".to_vec()]);
+            let merged = s.put(b"k", &got.clock().to_bytes(), Some(b"ab"), 4).await.unwrap();
+            assert_eq!(merged.siblings, 1);
+            assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"ab".to_vec()]);
+        })
+    }
+
+    #[test]
+    fn delete_keeps_the_clock_and_a_concurrent_put_survives() {
+        block_on(async {
+            let s = store();
+            let ctx = s.put(b"k", &[], Some(b"v"), 1).await.unwrap().context.to_bytes();
+            s.put(b"k", &ctx, Some(b"new"), 2).await.unwrap();
+            // A delete that saw only "v" leaves the concurrent "new".
+            s.put(b"k", &ctx, None, 3).await.unwrap();
+            let got = s.get(b"k").await.unwrap();
+            assert_eq!(values(&got), vec![b"new".to_vec()]);
+            // Deleting with the full context removes the key; the clock stays.
+            s.put(b"k", &got.clock().to_bytes(), None, 4).await.unwrap();
+            let rec = s.engine().get(b"k").await.unwrap().unwrap();
+            assert!(rec.is_tombstone(), "an all-deleted key is a storage tombstone");
+            let gone = s.get(b"k").await.unwrap();
+            assert_eq!(gone.live_values().count(), 0);
+            assert!(!gone.clock().is_empty());
+            // A write with the stale first context is concurrent with the
+            // delete: it comes back as the only live value.
+            let w = s.put(b"k", &ctx, Some(b"late"), 5).await.unwrap();
+            assert_eq!(w.siblings, 1);
+        })
+    }
+
+    #[test]
+    fn bad_input_is_refused_and_changes_nothing() {
+        block_on(async {
+            let s = store();
+            assert!(matches!(s.put(b"k", &[], Some(&[0; 1025]), 1).await, Err(StoreError::ValueTooLarge { .. })));
+            assert!(matches!(s.put(b"k", &[9, 9, 9], Some(b"v"), 1).await, Err(StoreError::InvalidContext(_))));
+            assert!(s.engine().is_empty());
+            // Siblings that together outgrow the stored-object limit.
+            for _ in 0..4 {
+                s.put(b"big", &[], Some(&[1; 1000]), 1).await.unwrap();
+            }
+            let err = s.put(b"big", &[], Some(&[1; 1000]), 1).await.unwrap_err();
+            assert!(matches!(err, StoreError::ObjectTooLarge { .. }), "{err}");
+            assert_eq!(s.get(b"big").await.unwrap().live_values().count(), 4);
+        })
+    }
+}

@@ -1,0 +1,796 @@
+//! The binary wire protocol shared by the node and the client.
+//!
+//! Owns: the frame header, the opcodes, the body layouts of every request
+//! and reply, the error codes, and the decode-side limits. It is pure
+//! (no I/O, no clock) and builds on every platform.
+//!
+//! Invariant: a length read off the wire is checked against a named limit
+//! before anything is allocated for it, and decoding never panics on any
+//! input (the `fuzz/` target and a property test feed it arbitrary bytes).
+//!
+//! # Frames
+//!
+//! A connection carries a stream of frames in both directions; several
+//! frames may share one write. Every frame is a fixed 24-byte header
+//! followed by `body_len` bytes of body. All integers are little-endian.
+//!
+//! ```text
+//! offset size field
+//!      0    2 magic        b"GY" (0x47 0x59)
+//!      2    1 version      protocol version, 1
+//!      3    1 opcode       see below; a reply is the request's opcode | 0x80
+//!      4    2 flags        must be 0 in version 1 (unknown flags are refused)
+//!      6    2 shard        target shard of the node, 0xFFFF = any (the node routes)
+//!      8    8 request_id   chosen by the client, echoed in the reply
+//!     16    4 body_len     bytes after the header, <= MAX_BODY_LEN
+//!     20    4 deadline_us  time budget from receipt in microseconds, 0 = none
+//! ```
+//!
+//! Request ids let a client keep many requests in flight on one connection
+//! (up to [`MAX_IN_FLIGHT`]); the node may reply out of order.
+//!
+//! # Opcodes and bodies
+//!
+//! `bytes(u16)` is a `u16` length then that many bytes, likewise `bytes(u32)`.
+//!
+//! ```text
+//! 0x01 PING    req: (empty)
+//!              rep: u64 node_id, u32 partitions, u16 shard (the replying one),
+//!                   u16 shards, shards x u16 port (shard i listens on port[i])
+//! 0x02 STATS   req: (empty)             rep: UTF-8 JSON object
+//! 0x10 GET     req: bytes(u16) key
+//!              rep: bytes(u32) context, u16 n, n x bytes(u32) value
+//!                   (n = 0: not found; the context may still be non-empty)
+//! 0x11 PUT     req: u16 key_len, u32 context_len, u32 value_len, key, context, value
+//!              rep: bytes(u32) context (the new version's), u16 siblings (live
+//!                   values the key has after this write: more than 1 means a
+//!                   concurrent write happened)
+//! 0x12 DELETE  req: u16 key_len, u32 context_len, key, context
+//!              rep: bytes(u32) context
+//! 0xFF ERROR   rep: u16 code, bytes(u16) UTF-8 message
+//! ```
+//!
+//! Reserved for the next pieces of work (a version-1 node answers them
+//! with `UnknownOpcode`): 0x20-0x2F replica reads and writes, 0x30-0x3F ring
+//! state, 0x40-0x4F gossip, 0x50-0x5F anti-entropy, 0x60-0x6F hinted handoff.
+//! The flags field is where per-request R/W overrides and similar options
+//! will be signalled.
+//!
+//! The context is opaque to clients: it is the causal context of
+//! [`crate::core::version::Clock`], empty for "never read".
+//!
+//! # Errors
+//!
+//! A frame that cannot be parsed gets an ERROR reply (with the request id
+//! when the header was readable) and the connection is closed; a request
+//! that parses but fails (a key too long, a full disk) gets an ERROR reply
+//! and the connection stays open.
+
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::core::version::MAX_CONTEXT_LEN;
+use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
+
+/// First two bytes of every frame.
+pub const MAGIC: [u8; 2] = *b"GY";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 24;
+/// `shard` value meaning "whichever shard owns the key".
+pub const ANY_SHARD: u16 = u16::MAX;
+/// Set on a reply opcode.
+pub const REPLY_BIT: u8 = 0x80;
+
+/// Largest body of any frame: a PUT of the largest value with the largest
+/// key and context, or a GET reply carrying a stored object of up to the
+/// hard value cap with its sibling framing. Checked before allocating.
+pub const MAX_BODY_LEN: usize = VALUE_LEN_HARD_CAP + 64 * 1024;
+/// Requests one connection may have in flight; past it the node stops
+/// reading that connection until replies drain (backpressure, not errors).
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Longest error message (longer ones are cut at a character boundary).
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+/// Most values in one GET reply.
+pub const MAX_REPLY_VALUES: usize = crate::core::version::MAX_SIBLINGS;
+
+const PUT_FIXED: usize = 2 + 4 + 4;
+const _: () = assert!(MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_CONTEXT_LEN + VALUE_LEN_HARD_CAP);
+const _: () = assert!(MAX_BODY_LEN >= 4 + MAX_CONTEXT_LEN + 2 + 4 * MAX_REPLY_VALUES + VALUE_LEN_HARD_CAP);
+const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize, "body_len is a u32");
+const _: () = assert!(MAX_KEY_LEN <= u16::MAX as usize, "key length is a u16 on the wire");
+const _: () = assert!(MAX_REPLY_VALUES <= u16::MAX as usize, "value count is a u16 on the wire");
+const _: () = assert!(MAX_ERROR_MESSAGE <= u16::MAX as usize);
+
+/// The fixed frame header, exactly as on the wire.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct RawHeader {
+    pub magic: [u8; 2],
+    pub version: u8,
+    pub opcode: u8,
+    pub flags: U16,
+    pub shard: U16,
+    pub request_id: U64,
+    pub body_len: U32,
+    pub deadline_us: U32,
+}
+
+const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_LEN);
+
+/// A validated header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub opcode: u8,
+    pub flags: u16,
+    pub shard: u16,
+    pub request_id: u64,
+    pub body_len: u32,
+    pub deadline_us: u32,
+}
+
+/// Operation codes.
+pub mod op {
+    pub const PING: u8 = 0x01;
+    pub const STATS: u8 = 0x02;
+    pub const GET: u8 = 0x10;
+    pub const PUT: u8 = 0x11;
+    pub const DELETE: u8 = 0x12;
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// Machine-readable error codes carried by ERROR replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame could not be parsed; the connection is closed.
+    Malformed,
+    UnsupportedVersion,
+    /// The body is longer than this node accepts; the connection is closed.
+    FrameTooLarge,
+    UnknownOpcode,
+    /// Empty or longer than `MAX_KEY_LEN`.
+    InvalidKey,
+    ValueTooLarge,
+    /// The context is not one this node issued.
+    InvalidContext,
+    /// The key has too many concurrent versions; read it and write back
+    /// with the context to resolve them.
+    TooManySiblings,
+    DeadlineExceeded,
+    /// The shard cannot take more work right now.
+    Overloaded,
+    /// The shard's storage failed (a disk error); it refuses writes.
+    StorageFailed,
+    /// The node is shutting down.
+    ShuttingDown,
+    Internal,
+    /// A code from a newer protocol version.
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Malformed => 1,
+            ErrorCode::UnsupportedVersion => 2,
+            ErrorCode::FrameTooLarge => 3,
+            ErrorCode::UnknownOpcode => 4,
+            ErrorCode::InvalidKey => 5,
+            ErrorCode::ValueTooLarge => 6,
+            ErrorCode::InvalidContext => 7,
+            ErrorCode::TooManySiblings => 8,
+            ErrorCode::DeadlineExceeded => 9,
+            ErrorCode::Overloaded => 10,
+            ErrorCode::StorageFailed => 11,
+            ErrorCode::ShuttingDown => 12,
+            ErrorCode::Internal => 13,
+            ErrorCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_u16(c: u16) -> ErrorCode {
+        match c {
+            1 => ErrorCode::Malformed,
+            2 => ErrorCode::UnsupportedVersion,
+            3 => ErrorCode::FrameTooLarge,
+            4 => ErrorCode::UnknownOpcode,
+            5 => ErrorCode::InvalidKey,
+            6 => ErrorCode::ValueTooLarge,
+            7 => ErrorCode::InvalidContext,
+            8 => ErrorCode::TooManySiblings,
+            9 => ErrorCode::DeadlineExceeded,
+            10 => ErrorCode::Overloaded,
+            11 => ErrorCode::StorageFailed,
+            12 => ErrorCode::ShuttingDown,
+            13 => ErrorCode::Internal,
+            c => ErrorCode::Other(c),
+        }
+    }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WireError {
+    #[error("bad magic {0:02x?}: not a Gyre frame")]
+    BadMagic([u8; 2]),
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("unknown flags {0:#06x}")]
+    UnknownFlags(u16),
+    #[error("unknown opcode {0:#04x}")]
+    UnknownOpcode(u8),
+    #[error("malformed {what}")]
+    Malformed { what: &'static str },
+    #[error("key length {0} is outside 1..={MAX_KEY_LEN}")]
+    KeyLength(usize),
+    #[error("context of {0} bytes exceeds {MAX_CONTEXT_LEN}")]
+    ContextLength(usize),
+}
+
+impl WireError {
+    /// The error code an ERROR reply to this carries.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::BadMagic(_) | WireError::UnknownFlags(_) | WireError::Malformed { .. } => ErrorCode::Malformed,
+            WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
+            WireError::KeyLength(_) => ErrorCode::InvalidKey,
+            WireError::ContextLength(_) => ErrorCode::InvalidContext,
+        }
+    }
+
+    /// Whether the connection can go on after this error: only when the
+    /// frame boundaries are still known and the body was well formed.
+    pub fn keeps_connection(&self) -> bool {
+        matches!(self, WireError::UnknownOpcode(_) | WireError::KeyLength(_) | WireError::ContextLength(_))
+    }
+}
+
+fn malformed(what: &'static str) -> WireError {
+    WireError::Malformed { what }
+}
+
+/// Validates a header. `max_body` is the receiver's own limit (at most
+/// [`MAX_BODY_LEN`]); the body length is checked here, before the caller
+/// allocates for it.
+pub fn decode_header(bytes: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, WireError> {
+    let raw = RawHeader::read_from_bytes(bytes).map_err(|_| malformed("header"))?;
+    if raw.magic != MAGIC {
+        return Err(WireError::BadMagic(raw.magic));
+    }
+    if raw.version != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion(raw.version));
+    }
+    let len = raw.body_len.get() as usize;
+    let max = max_body.min(MAX_BODY_LEN);
+    if len > max {
+        return Err(WireError::FrameTooLarge { len, max });
+    }
+    if raw.flags.get() != 0 {
+        return Err(WireError::UnknownFlags(raw.flags.get()));
+    }
+    Ok(Header {
+        opcode: raw.opcode,
+        flags: raw.flags.get(),
+        shard: raw.shard.get(),
+        request_id: raw.request_id.get(),
+        body_len: raw.body_len.get(),
+        deadline_us: raw.deadline_us.get(),
+    })
+}
+
+/// Reads the request id of a header even if the rest is invalid, so an
+/// error reply can still name the request.
+pub fn peek_request_id(bytes: &[u8; HEADER_LEN]) -> Option<u64> {
+    (bytes[..2] == MAGIC).then(|| u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")))
+}
+
+/// If `buf` starts with a whole frame, its header and total length.
+pub fn split_frame(buf: &[u8], max_body: usize) -> Result<Option<(Header, usize)>, WireError> {
+    let Some(h) = buf.first_chunk::<HEADER_LEN>() else { return Ok(None) };
+    let header = decode_header(h, max_body)?;
+    let total = HEADER_LEN + header.body_len as usize;
+    Ok((buf.len() >= total).then_some((header, total)))
+}
+
+fn put_header(out: &mut Vec<u8>, opcode: u8, shard: u16, request_id: u64, deadline_us: u32, body_len: usize) {
+    debug_assert!(body_len <= MAX_BODY_LEN);
+    let raw = RawHeader {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        opcode,
+        flags: U16::new(0),
+        shard: U16::new(shard),
+        request_id: U64::new(request_id),
+        body_len: U32::new(body_len as u32),
+        deadline_us: U32::new(deadline_us),
+    };
+    out.extend_from_slice(raw.as_bytes());
+}
+
+/// A request, borrowing its bytes from the frame it was decoded from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    Ping,
+    Stats,
+    Get { key: &'a [u8] },
+    Put { key: &'a [u8], context: &'a [u8], value: &'a [u8] },
+    Delete { key: &'a [u8], context: &'a [u8] },
+}
+
+impl Request<'_> {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Request::Ping => op::PING,
+            Request::Stats => op::STATS,
+            Request::Get { .. } => op::GET,
+            Request::Put { .. } => op::PUT,
+            Request::Delete { .. } => op::DELETE,
+        }
+    }
+
+    /// The key the request is about, if any.
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => Some(key),
+            Request::Ping | Request::Stats => None,
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        match self {
+            Request::Ping | Request::Stats => 0,
+            Request::Get { key } => 2 + key.len(),
+            Request::Put { key, context, value } => PUT_FIXED + key.len() + context.len() + value.len(),
+            Request::Delete { key, context } => 6 + key.len() + context.len(),
+        }
+    }
+
+    /// Appends this request as one frame. The caller checks lengths
+    /// against the limits first (the client does); oversized fields are a
+    /// programming error here.
+    pub fn encode(&self, out: &mut Vec<u8>, request_id: u64, shard: u16, deadline_us: u32) {
+        put_header(out, self.opcode(), shard, request_id, deadline_us, self.body_len());
+        match self {
+            Request::Ping | Request::Stats => {}
+            Request::Get { key } => put_bytes16(out, key),
+            Request::Put { key, context, value } => {
+                out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+                out.extend_from_slice(&(context.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                out.extend_from_slice(key);
+                out.extend_from_slice(context);
+                out.extend_from_slice(value);
+            }
+            Request::Delete { key, context } => {
+                out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+                out.extend_from_slice(&(context.len() as u32).to_le_bytes());
+                out.extend_from_slice(key);
+                out.extend_from_slice(context);
+            }
+        }
+    }
+
+    /// Decodes a request body. Every length is checked against the body
+    /// and the limits; the slices borrow from `body`.
+    pub fn decode(opcode: u8, body: &[u8]) -> Result<Request<'_>, WireError> {
+        let mut r = Reader::new(body);
+        let req = match opcode {
+            op::PING => Request::Ping,
+            op::STATS => Request::Stats,
+            op::GET => {
+                let key = r.bytes16("GET key")?;
+                Request::Get { key: check_key(key)? }
+            }
+            op::PUT => {
+                let key_len = r.u16("PUT header")? as usize;
+                let ctx_len = r.u32("PUT header")? as usize;
+                let value_len = r.u32("PUT header")? as usize;
+                check_key_len(key_len)?;
+                check_context_len(ctx_len)?;
+                let key = r.take(key_len, "PUT key")?;
+                let context = r.take(ctx_len, "PUT context")?;
+                let value = r.take(value_len, "PUT value")?;
+                Request::Put { key, context, value }
+            }
+            op::DELETE => {
+                let key_len = r.u16("DELETE header")? as usize;
+                let ctx_len = r.u32("DELETE header")? as usize;
+                check_key_len(key_len)?;
+                check_context_len(ctx_len)?;
+                let key = r.take(key_len, "DELETE key")?;
+                let context = r.take(ctx_len, "DELETE context")?;
+                Request::Delete { key, context }
+            }
+            other => return Err(WireError::UnknownOpcode(other)),
+        };
+        r.finish("request body")?;
+        Ok(req)
+    }
+}
+
+fn check_key_len(len: usize) -> Result<(), WireError> {
+    if len == 0 || len > MAX_KEY_LEN {
+        return Err(WireError::KeyLength(len));
+    }
+    Ok(())
+}
+
+fn check_key(key: &[u8]) -> Result<&[u8], WireError> {
+    check_key_len(key.len()).map(|()| key)
+}
+
+fn check_context_len(len: usize) -> Result<(), WireError> {
+    if len > MAX_CONTEXT_LEN {
+        return Err(WireError::ContextLength(len));
+    }
+    Ok(())
+}
+
+/// Identity of a node and the ports of its shards (the PING reply).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub partitions: u32,
+    /// The shard that answered.
+    pub shard: u16,
+    /// Port of each shard, by shard id.
+    pub ports: Vec<u16>,
+}
+
+/// A reply, borrowing from its frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response<'a> {
+    Pong(NodeInfo),
+    Stats(&'a str),
+    Get { context: &'a [u8], values: Vec<&'a [u8]> },
+    Put { context: &'a [u8], siblings: u16 },
+    Delete { context: &'a [u8] },
+    Error { code: ErrorCode, message: &'a str },
+}
+
+impl Response<'_> {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Response::Pong(_) => op::PING | REPLY_BIT,
+            Response::Stats(_) => op::STATS | REPLY_BIT,
+            Response::Get { .. } => op::GET | REPLY_BIT,
+            Response::Put { .. } => op::PUT | REPLY_BIT,
+            Response::Delete { .. } => op::DELETE | REPLY_BIT,
+            Response::Error { .. } => op::ERROR,
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        match self {
+            Response::Pong(info) => 8 + 4 + 2 + 2 + 2 * info.ports.len(),
+            Response::Stats(s) => s.len(),
+            Response::Get { context, values } => {
+                4 + context.len() + 2 + values.iter().map(|v| 4 + v.len()).sum::<usize>()
+            }
+            Response::Put { context, .. } => 4 + context.len() + 2,
+            Response::Delete { context } => 4 + context.len(),
+            Response::Error { message, .. } => 4 + error_message(message).len(),
+        }
+    }
+
+    /// Appends this reply as one frame.
+    pub fn encode(&self, out: &mut Vec<u8>, request_id: u64, shard: u16) {
+        put_header(out, self.opcode(), shard, request_id, 0, self.body_len());
+        match self {
+            Response::Pong(info) => {
+                out.extend_from_slice(&info.node_id.to_le_bytes());
+                out.extend_from_slice(&info.partitions.to_le_bytes());
+                out.extend_from_slice(&info.shard.to_le_bytes());
+                out.extend_from_slice(&(info.ports.len() as u16).to_le_bytes());
+                for p in &info.ports {
+                    out.extend_from_slice(&p.to_le_bytes());
+                }
+            }
+            Response::Stats(s) => out.extend_from_slice(s.as_bytes()),
+            Response::Get { context, values } => {
+                put_bytes32(out, context);
+                out.extend_from_slice(&(values.len() as u16).to_le_bytes());
+                for v in values {
+                    put_bytes32(out, v);
+                }
+            }
+            Response::Put { context, siblings } => {
+                put_bytes32(out, context);
+                out.extend_from_slice(&siblings.to_le_bytes());
+            }
+            Response::Delete { context } => put_bytes32(out, context),
+            Response::Error { code, message } => {
+                out.extend_from_slice(&code.to_u16().to_le_bytes());
+                put_bytes16(out, error_message(message).as_bytes());
+            }
+        }
+    }
+
+    /// Decodes a reply body for `opcode`.
+    pub fn decode(opcode: u8, body: &[u8]) -> Result<Response<'_>, WireError> {
+        let mut r = Reader::new(body);
+        let resp = match opcode {
+            o if o == op::PING | REPLY_BIT => {
+                let node_id = r.u64("PONG")?;
+                let partitions = r.u32("PONG")?;
+                let shard = r.u16("PONG")?;
+                let n = r.u16("PONG")? as usize;
+                let raw = r.take(2 * n, "PONG ports")?;
+                let ports = raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                Response::Pong(NodeInfo { node_id, partitions, shard, ports })
+            }
+            o if o == op::STATS | REPLY_BIT => {
+                Response::Stats(std::str::from_utf8(r.rest()).map_err(|_| malformed("STATS text"))?)
+            }
+            o if o == op::GET | REPLY_BIT => {
+                let context = r.bytes32("GET context")?;
+                let n = r.u16("GET value count")? as usize;
+                if n > MAX_REPLY_VALUES {
+                    return Err(malformed("GET value count"));
+                }
+                let mut values = Vec::with_capacity(n);
+                for _ in 0..n {
+                    values.push(r.bytes32("GET value")?);
+                }
+                Response::Get { context, values }
+            }
+            o if o == op::PUT | REPLY_BIT => {
+                Response::Put { context: r.bytes32("PUT context")?, siblings: r.u16("PUT siblings")? }
+            }
+            o if o == op::DELETE | REPLY_BIT => Response::Delete { context: r.bytes32("DELETE context")? },
+            op::ERROR => {
+                let code = ErrorCode::from_u16(r.u16("ERROR code")?);
+                let msg = r.bytes16("ERROR message")?;
+                Response::Error { code, message: std::str::from_utf8(msg).map_err(|_| malformed("ERROR text"))? }
+            }
+            other => return Err(WireError::UnknownOpcode(other)),
+        };
+        r.finish("reply body")?;
+        Ok(resp)
+    }
+}
+
+/// `message` cut to [`MAX_ERROR_MESSAGE`] bytes at a character boundary.
+fn error_message(message: &str) -> &str {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_ERROR_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Bounds-checked little-endian reader over a body.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if n > self.buf.len() {
+            return Err(malformed(what));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        Ok(self.take(N, what)?.try_into().expect("took N bytes"))
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        self.array(what).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    fn bytes16(&mut self, what: &'static str) -> Result<&'a [u8], WireError> {
+        let n = self.u16(what)? as usize;
+        self.take(n, what)
+    }
+
+    fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], WireError> {
+        let n = self.u32(what)? as usize;
+        self.take(n, what)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+
+    fn finish(&self, what: &'static str) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(what))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_of(req: &Request<'_>, id: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        req.encode(&mut out, id, ANY_SHARD, 0);
+        out
+    }
+
+    #[test]
+    fn golden_get_request() {
+        let bytes = frame_of(&Request::Get { key: b"k1" }, 7);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x10, 0, 0, 0xFF, 0xFF,
+            7, 0, 0, 0, 0, 0, 0, 0,
+            4, 0, 0, 0, 0, 0, 0, 0,
+            2, 0, b'k', b'1',
+        ];
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn golden_put_request() {
+        let mut out = Vec::new();
+        Request::Put { key: b"a", context: &[1, 0], value: b"xyz" }.encode(&mut out, 0x0102, 3, 1500);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x11, 0, 0, 3, 0,
+            0x02, 0x01, 0, 0, 0, 0, 0, 0,
+            16, 0, 0, 0, 0xDC, 0x05, 0, 0,
+            1, 0, 2, 0, 0, 0, 3, 0, 0, 0,
+            b'a', 1, 0, b'x', b'y', b'z',
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn golden_get_reply_and_error() {
+        let mut out = Vec::new();
+        Response::Get { context: &[9], values: vec![b"v", b""] }.encode(&mut out, 5, 1);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x90, 0, 0, 1, 0,
+            5, 0, 0, 0, 0, 0, 0, 0,
+            16, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 9, 2, 0, 1, 0, 0, 0, b'v', 0, 0, 0, 0,
+        ];
+        assert_eq!(out, expected);
+        let mut out = Vec::new();
+        Response::Error { code: ErrorCode::InvalidKey, message: "no" }.encode(&mut out, 1, 0);
+        assert_eq!(&out[HEADER_LEN..], &[5, 0, 2, 0, b'n', b'o']);
+        assert_eq!(out[3], 0xFF);
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        let reqs = [
+            Request::Ping,
+            Request::Stats,
+            Request::Get { key: b"key" },
+            Request::Put { key: b"key", context: b"ctx", value: &[0u8; 300] },
+            Request::Put { key: b"k", context: b"", value: b"" },
+            Request::Delete { key: b"key", context: b"c" },
+        ];
+        let mut stream = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            r.encode(&mut stream, i as u64, ANY_SHARD, 0);
+        }
+        let mut at = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            let (h, total) = split_frame(&stream[at..], MAX_BODY_LEN).unwrap().unwrap();
+            assert_eq!(h.request_id, i as u64);
+            let decoded = Request::decode(h.opcode, &stream[at + HEADER_LEN..at + total]).unwrap();
+            assert_eq!(&decoded, r);
+            at += total;
+        }
+        assert_eq!(at, stream.len());
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        let info = NodeInfo { node_id: 42, partitions: 1024, shard: 1, ports: vec![7700, 7701] };
+        let resps = [
+            Response::Pong(info),
+            Response::Stats("{\"a\":1}"),
+            Response::Get { context: b"c", values: vec![b"one", b"two"] },
+            Response::Put { context: b"p", siblings: 2 },
+            Response::Delete { context: b"" },
+            Response::Error { code: ErrorCode::Other(999), message: "later" },
+        ];
+        for r in &resps {
+            let mut out = Vec::new();
+            r.encode(&mut out, 9, 0);
+            let (h, total) = split_frame(&out, MAX_BODY_LEN).unwrap().unwrap();
+            assert_eq!(total, out.len());
+            assert_eq!(&Response::decode(h.opcode, &out[HEADER_LEN..]).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn header_rejections() {
+        let good = frame_of(&Request::Ping, 1);
+        let hdr = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            f(&mut b);
+            decode_header(b[..HEADER_LEN].try_into().unwrap(), MAX_BODY_LEN)
+        };
+        assert!(matches!(hdr(&|b| b[0] = b'X'), Err(WireError::BadMagic(_))));
+        assert_eq!(hdr(&|b| b[2] = 2), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(hdr(&|b| b[4] = 1), Err(WireError::UnknownFlags(1)));
+        let too_big = hdr(&|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes()));
+        assert!(matches!(too_big, Err(WireError::FrameTooLarge { .. })));
+        // The receiver's own limit applies before the global one.
+        let mut b = good.clone();
+        b[16..20].copy_from_slice(&100u32.to_le_bytes());
+        let h: &[u8; HEADER_LEN] = b[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(decode_header(h, 99), Err(WireError::FrameTooLarge { len: 100, max: 99 }));
+        assert_eq!(peek_request_id(h), Some(1));
+        assert_eq!(split_frame(&good[..10], MAX_BODY_LEN), Ok(None));
+    }
+
+    #[test]
+    fn body_rejections() {
+        assert_eq!(Request::decode(0x20, &[]), Err(WireError::UnknownOpcode(0x20)));
+        assert_eq!(Request::decode(op::GET, &[0, 0]), Err(WireError::KeyLength(0)));
+        assert!(matches!(Request::decode(op::GET, &[5, 0, b'a']), Err(WireError::Malformed { .. })));
+        assert!(matches!(Request::decode(op::PING, &[1]), Err(WireError::Malformed { .. })));
+        let mut put = Vec::new();
+        put.extend_from_slice(&1u16.to_le_bytes());
+        put.extend_from_slice(&(MAX_CONTEXT_LEN as u32 + 1).to_le_bytes());
+        put.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Request::decode(op::PUT, &put), Err(WireError::ContextLength(MAX_CONTEXT_LEN + 1)));
+        // A value length beyond the body is malformed, not an allocation.
+        let mut put = Vec::new();
+        put.extend_from_slice(&1u16.to_le_bytes());
+        put.extend_from_slice(&0u32.to_le_bytes());
+        put.extend_from_slice(&u32::MAX.to_le_bytes());
+        put.push(b'k');
+        assert!(matches!(Request::decode(op::PUT, &put), Err(WireError::Malformed { .. })));
+        let mut long = vec![0u8; 2];
+        long[..2].copy_from_slice(&((MAX_KEY_LEN + 1) as u16).to_le_bytes());
+        long.resize(2 + MAX_KEY_LEN + 1, b'k');
+        assert_eq!(Request::decode(op::GET, &long), Err(WireError::KeyLength(MAX_KEY_LEN + 1)));
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_char_boundary() {
+        let msg = "é".repeat(MAX_ERROR_MESSAGE);
+        let mut out = Vec::new();
+        Response::Error { code: ErrorCode::Internal, message: &msg }.encode(&mut out, 1, 0);
+        let Response::Error { message, .. } = Response::decode(op::ERROR, &out[HEADER_LEN..]).unwrap() else {
+            panic!("not an error")
+        };
+        assert!(message.len() <= MAX_ERROR_MESSAGE && message.len() >= MAX_ERROR_MESSAGE - 1);
+    }
+}
