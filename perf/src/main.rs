@@ -1,9 +1,11 @@
 //! `gyre-bench`: Gyre's benchmark harness.
 //!
 //! `gyre-bench storage` drives one shard's storage engine in process (no
-//! network) on a pinned glommio executor and prints a JSON result. The
-//! network, cluster and SLA modes come with the node.
+//! network) on a pinned glommio executor and prints a JSON result.
+//! `gyre-bench net` drives a Gyre node or a Redis server over TCP with
+//! the same closed-loop generator. The cluster and SLA modes come later.
 
+mod net;
 mod storage;
 
 use clap::{Parser, Subcommand};
@@ -23,10 +25,13 @@ struct Cli {
 enum Command {
     /// One shard's storage engine, in process.
     Storage(storage::StorageArgs),
+    /// A Gyre node or a Redis server over the network (GET/SET mix).
+    Net(net::NetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Storage(args) => storage::run(args),
+        Command::Net(args) => net::run(args),
     }
 }

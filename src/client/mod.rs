@@ -13,6 +13,9 @@
 //! blindly (it could add a sibling); reads are retried once on a new
 //! connection.
 
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -24,7 +27,9 @@ use thiserror::Error;
 use crate::core::partition::{key_hash, partition_of};
 use crate::core::version::MAX_CONTEXT_LEN;
 use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
-use crate::wire::{split_frame, ErrorCode, NodeInfo, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN};
+use crate::wire::{
+    split_frame, ErrorCode, NodeInfo, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
+};
 
 /// Get-merge-put rounds [`Client::update`] makes before giving up.
 pub const MAX_UPDATE_ATTEMPTS: usize = 16;
@@ -127,7 +132,7 @@ pub enum Reply {
 }
 
 impl Reply {
-    fn from_response(r: Response<'_>) -> Result<Reply> {
+    pub(crate) fn from_response(r: Response<'_>) -> Result<Reply> {
         Ok(match r {
             Response::Pong(info) => Reply::Pong(info),
             Response::Stats(s) => Reply::Stats(s.to_string()),

@@ -104,6 +104,7 @@ pub const NODE_FILE: &str = "NODE";
 pub const LOCK_FILE: &str = "LOCK";
 
 /// An open, locked data directory. The lock is held until this is dropped.
+#[derive(Debug)]
 pub struct DataDir {
     pub path: PathBuf,
     pub node: NodeFile,

@@ -19,7 +19,7 @@ use glommio::net::TcpStream;
 
 use super::{decode_error_frame, Shard};
 use crate::notify::Notify;
-use crate::wire::{split_frame, MAX_IN_FLIGHT};
+use crate::wire::{split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -118,6 +118,18 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         }
                         out.changed.wait(g).await;
                     }
+                    let body = &buf[start + HEADER_LEN..start + total];
+                    if let Err(e) = Request::decode(header.opcode, body) {
+                        let reply = shard.request_error_frame(header.request_id, &e);
+                        if !e.keeps_connection() {
+                            out.push(&reply);
+                            tracing::debug!(error = %e, "closing a connection after a malformed request");
+                            break 'read;
+                        }
+                        start += total;
+                        out.push(&reply);
+                        continue;
+                    }
                     let frame = buf[start..start + total].to_vec();
                     start += total;
                     out.in_flight.set(out.in_flight.get() + 1);
@@ -138,8 +150,8 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let header: [u8; crate::wire::HEADER_LEN] =
-                        buf[start..start + crate::wire::HEADER_LEN].try_into().expect("a header was read");
+                    let header: [u8; HEADER_LEN] =
+                        buf[start..start + HEADER_LEN].try_into().expect("a header was read");
                     out.push(&decode_error_frame(&shard, &header, &e));
                     tracing::debug!(error = %e, "closing a connection after a bad frame");
                     break 'read;
@@ -155,13 +167,11 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             end -= start;
             start = 0;
         }
-        let needed = match crate::wire::split_frame(&buf[..end], usize::MAX) {
-            Err(_) | Ok(Some(_)) => READ_CHUNK,
-            Ok(None) if end >= crate::wire::HEADER_LEN => {
-                let body = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes")) as usize;
-                crate::wire::HEADER_LEN + body
-            }
-            Ok(None) => READ_CHUNK,
+        // A partial frame whose header is in: its size was checked against
+        // the limit when it was framed above.
+        let needed = match buf[..end].first_chunk::<HEADER_LEN>() {
+            Some(h) => HEADER_LEN + u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize,
+            None => READ_CHUNK,
         };
         if buf.len() < needed.max(end + 1) {
             buf.resize(needed.max(end + 1), 0);

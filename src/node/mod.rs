@@ -31,7 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
 use crate::core::partition::{key_hash, partition_of};
@@ -90,6 +91,9 @@ pub struct Shard {
     /// Largest request body this shard reads (checked from the header).
     max_body: usize,
     senders: Senders<Cross>,
+    /// Mesh peer index of each shard (the mesh numbers executors in the
+    /// order they joined, not by shard id).
+    peer_of: Vec<usize>,
     /// Forwarded requests waiting for their reply, by tag.
     pending: RefCell<HashMap<u64, Rc<ReplySlot>>>,
     next_tag: Cell<u64>,
@@ -154,7 +158,7 @@ impl Shard {
         let slot = Rc::new(ReplySlot::default());
         self.pending.borrow_mut().insert(tag, slot.clone());
         let msg = Cross::Request { from: self.id, tag, frame, deadline };
-        if self.senders.send_to(owner, msg).await.is_err() {
+        if self.senders.send_to(self.peer_of[owner], msg).await.is_err() {
             self.pending.borrow_mut().remove(&tag);
             return self.error_frame(header.request_id, ErrorCode::ShuttingDown, "the owning shard is gone");
         }
@@ -219,7 +223,12 @@ impl Shard {
     }
 
     fn info(&self) -> NodeInfo {
-        NodeInfo { node_id: self.node_id, partitions: self.partitions, shard: self.id as u16, ports: self.ports.clone() }
+        NodeInfo {
+            node_id: self.node_id,
+            partitions: self.partitions,
+            shard: self.id as u16,
+            ports: self.ports.clone(),
+        }
     }
 
     fn stats_json(&self) -> String {
@@ -237,8 +246,8 @@ impl Shard {
 
     /// Serves the mesh channel from shard `peer`: requests from it are
     /// executed here, replies to our forwarded requests are handed over.
-    async fn serve_peer(self: Rc<Self>, receivers: Rc<Receivers<Cross>>, peer: usize) {
-        while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+    async fn serve_peer(self: Rc<Self>, receiver: ConnectedReceiver<Cross>) {
+        while let Some(msg) = receiver.recv().await {
             match msg {
                 Cross::Request { from, tag, frame, deadline } => {
                     let c = &self.counters.forwarded_in;
@@ -254,7 +263,7 @@ impl Shard {
                             None => me.error_frame(0, ErrorCode::Internal, "bad forwarded frame"),
                         };
                         // The origin is gone only if it is shutting down.
-                        let _ = me.senders.send_to(from, Cross::Reply { tag, frame: reply }).await;
+                        let _ = me.senders.send_to(me.peer_of[from], Cross::Reply { tag, frame: reply }).await;
                     })
                     .detach();
                 }
@@ -318,8 +327,10 @@ pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(
     let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
+    let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
     let drained = Arc::new(AtomicUsize::new(0));
-    let max_body = 2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len;
+    let max_body =
+        2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len;
     let (err_tx, err_rx) = std::sync::mpsc::channel::<anyhow::Error>();
     let mut threads = Vec::with_capacity(shards);
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -338,6 +349,7 @@ pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(
             shutdown: shutdown.clone(),
             ready: ready.clone(),
             drained: drained.clone(),
+            peer_ids: peer_ids.clone(),
         };
         let cpu = config.pin.then(|| i % cores);
         let err_tx = err_tx.clone();
@@ -393,11 +405,31 @@ struct ShardSetup {
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     drained: Arc<AtomicUsize>,
+    /// Each shard's mesh peer index, published after joining.
+    peer_ids: Arc<Vec<AtomicUsize>>,
+}
+
+/// Counts a shard as drained however it exits, so that the others never
+/// wait for a shard that failed to start.
+struct DrainedGuard(Arc<AtomicUsize>);
+
+impl Drop for DrainedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // SAFETY: the fd came from a std listener this thread now owns alone.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(s.listener_fd) };
+    let drained = DrainedGuard(s.drained.clone());
+    // Join the mesh first: every shard must join or the others wait forever.
+    let (senders, mut receivers) = s.mesh.join().await.map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+    s.peer_ids[s.id].store(senders.peer_id(), Ordering::SeqCst);
+    while s.peer_ids.iter().any(|p| p.load(Ordering::SeqCst) == usize::MAX) {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let peer_of: Vec<usize> = s.peer_ids.iter().map(|p| p.load(Ordering::SeqCst)).collect();
     let (engine, report): (DiskEngine, _) = open_shard(&s.dir, s.engine_config.clone()).await?;
     if !report.corruptions.is_empty() {
         tracing::warn!(shard = s.id, corruptions = report.corruptions.len(), "recovery found corruption");
@@ -405,7 +437,6 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
-    let (senders, mut receivers) = s.mesh.join().await.map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,
@@ -415,16 +446,15 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         store: Store::new(engine.clone(), s.node_id, s.max_value_len),
         max_body: s.max_body,
         senders,
+        peer_of,
         pending: RefCell::new(HashMap::new()),
         next_tag: Cell::new(0),
         counters: ShardCounters::default(),
         shutting_down: Cell::new(false),
         changed: Notify::default(),
     });
-    let peers: Vec<usize> = receivers.streams().into_iter().map(|(p, _)| p).collect();
-    let receivers = Rc::new(receivers);
     let mesh_tasks: Vec<_> =
-        peers.into_iter().map(|p| glommio::spawn_local(shard.clone().serve_peer(receivers.clone(), p))).collect();
+        receivers.streams().into_iter().map(|(_, r)| glommio::spawn_local(shard.clone().serve_peer(r))).collect();
     // Watch the process-wide flag.
     let watcher = {
         let (shard, flag) = (shard.clone(), s.shutdown.clone());
@@ -468,7 +498,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         shard.changed.wait(g).await;
     }
     // Keep serving forwarded requests until every shard has drained.
-    s.drained.fetch_add(1, Ordering::SeqCst);
+    drop(drained);
     while s.drained.load(Ordering::SeqCst) < s.shards {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
@@ -482,10 +512,21 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Converts a decode error into the reply frame for it, if the header
-/// was readable enough to name the request.
+/// The reply to a frame whose header is unreadable (named by its request
+/// id when the magic at least matched).
 fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -> Vec<u8> {
     let c = &shard.counters.malformed_frames;
     c.set(c.get() + 1);
     shard.error_frame(crate::wire::peek_request_id(header).unwrap_or(0), e.code(), &e.to_string())
+}
+
+impl Shard {
+    /// The reply to a well-framed request whose body does not decode.
+    fn request_error_frame(&self, request_id: u64, e: &WireError) -> Vec<u8> {
+        if !e.keeps_connection() {
+            let c = &self.counters.malformed_frames;
+            c.set(c.get() + 1);
+        }
+        self.error_frame(request_id, e.code(), &e.to_string())
+    }
 }

@@ -1,0 +1,944 @@
+//! The network benchmark: a closed-loop load generator that drives a Gyre
+//! node (binary frames) or a Redis server (RESP `GET`/`SET`) with the same
+//! connections, the same key choice and the same timing; only the codec
+//! differs.
+//!
+//! Design: `--threads` OS threads (default 1), each running a tokio
+//! current-thread runtime (epoll) with its share of the connections as
+//! local tasks; no thread per connection. Each connection keeps `--depth`
+//! requests in flight: it encodes every request it may send into one
+//! buffer, writes it with one `write`, then reads and parses every reply
+//! that has arrived and sends as many new requests as it got replies.
+//! Latency is the time from just before the write of a request to the
+//! read that completed its reply, in an hdrhistogram per connection,
+//! merged at the end.
+//!
+//! Routing for Gyre: one PING gives the shard ports and the partition
+//! count. Connection `c` is bound to shard `c % shards` and only asks for
+//! keys that shard owns (`partition_of(key_hash(key)) % shards`), drawn
+//! uniformly from them, so no request is forwarded between shards. Redis
+//! is the same with one "shard" owning every key.
+//!
+//! Versions for Gyre: a write carries the newest context the thread has
+//! seen for its key (from a PUT or GET reply, or the load), or an empty
+//! one if none; keys are split between threads so that every write of a
+//! key goes out with the context of the previous acknowledged write of
+//! it. Two writes of one key in flight at once still make a transient
+//! sibling that the next write resolves; `max_siblings_seen` (values in
+//! GET replies) and the post-run check of sampled keys show that siblings
+//! do not pile up.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use gyre::core::partition::{key_hash, partition_of};
+use gyre::core::version::Clock;
+use gyre::wire::{split_frame, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct NetArgs {
+    /// gyre://HOST:PORT (any shard of a node) or redis://HOST:PORT.
+    #[arg(long)]
+    pub target: String,
+    /// TCP connections in all (spread evenly over a Gyre node's shards).
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    /// Requests each connection keeps in flight (1 = unpipelined).
+    #[arg(long, default_value_t = 1)]
+    pub depth: usize,
+    /// Share of GETs (0.0 to 1.0); the rest are SETs / PUTs.
+    #[arg(long, default_value_t = 0.5)]
+    pub read_ratio: f64,
+    /// Key space: keys "key:0" .. "key:<keys-1>", chosen uniformly.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds run before the measurement starts (not measured).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Write every key once before the run (not measured). On Gyre the load
+    /// writes with an empty context, so load a fresh node only.
+    #[arg(long)]
+    pub load: bool,
+    /// Generator threads, each an event loop over its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Keys read back after the run to check their sibling count.
+    #[arg(long, default_value_t = 200)]
+    pub verify_keys: usize,
+    /// Seed of the key and operation choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Also report this process's CPU use during the run (the server's pid).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Also write the JSON result to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Gyre,
+    Redis,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Gyre => "gyre",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
+#[derive(Serialize, Default)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
+            p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+            p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
+            max_us: h.max() as f64 / 1e3,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Output {
+    target: String,
+    connections: usize,
+    depth: usize,
+    read_ratio: f64,
+    ops_per_sec: f64,
+    get_ops_per_sec: f64,
+    set_ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    errors: u64,
+    /// Largest number of values in any GET reply during the run.
+    max_siblings_seen: u64,
+    /// Largest sibling count in any PUT reply (Gyre; 1 for Redis).
+    max_put_siblings: u64,
+    /// GETs that found no value.
+    get_misses: u64,
+    ops: u64,
+    get: Latency,
+    set: Latency,
+    /// Sampled keys read back after the run, and the most values one had.
+    verify_keys: usize,
+    verify_max_values: u64,
+    verify_keys_with_siblings: usize,
+    first_error: Option<String>,
+    server: String,
+    shards: usize,
+    threads: usize,
+    keys: u64,
+    value_size: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    load_seconds: Option<f64>,
+    load_ops_per_sec: Option<f64>,
+    /// CPU time of this generator and of `--server-pid` during warmup and
+    /// run, in percent of one core.
+    generator_cpu_percent: Option<f64>,
+    server_cpu_percent: Option<f64>,
+    /// Busy CPU time of the whole machine over the same span (all
+    /// processes and the kernel), in percent of one core; the rest of it
+    /// beyond generator and server is other load on the machine.
+    machine_busy_percent: Option<f64>,
+    /// Steal time over the same span (VM), in percent of one core.
+    machine_steal_percent: Option<f64>,
+}
+
+/// Where the requests go: one address per shard and the key owner rule.
+struct Topology {
+    kind: Kind,
+    addrs: Vec<SocketAddr>,
+    partitions: u32,
+}
+
+impl Topology {
+    fn owner(&self, key: &[u8]) -> usize {
+        match self.kind {
+            Kind::Redis => 0,
+            Kind::Gyre => partition_of(key_hash(key), self.partitions) as usize % self.addrs.len(),
+        }
+    }
+}
+
+fn parse_target(t: &str) -> anyhow::Result<(Kind, SocketAddr)> {
+    let (kind, rest) = if let Some(r) = t.strip_prefix("gyre://") {
+        (Kind::Gyre, r)
+    } else if let Some(r) = t.strip_prefix("redis://") {
+        (Kind::Redis, r)
+    } else {
+        bail!("--target must be gyre://HOST:PORT or redis://HOST:PORT, got {t}");
+    };
+    let addr = rest
+        .trim_end_matches('/')
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {rest}"))?
+        .next()
+        .with_context(|| format!("{rest} resolves to no address"))?;
+    Ok((kind, addr))
+}
+
+/// Learns a Gyre node's shard ports and partition count with one PING.
+fn discover(kind: Kind, addr: SocketAddr) -> anyhow::Result<Topology> {
+    if kind == Kind::Redis {
+        return Ok(Topology { kind, addrs: vec![addr], partitions: 1 });
+    }
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    Request::Ping.encode(&mut req, 0, gyre::wire::ANY_SHARD, 0);
+    s.write_all(&req)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((h, total)) = split_frame(&buf, MAX_BODY_LEN)? {
+            match Response::decode(h.opcode, &buf[HEADER_LEN..total])? {
+                Response::Pong(info) => {
+                    let addrs = info.ports.iter().map(|&p| SocketAddr::new(addr.ip(), p)).collect::<Vec<_>>();
+                    anyhow::ensure!(!addrs.is_empty(), "the node reports no shards");
+                    return Ok(Topology { kind, addrs, partitions: info.partitions });
+                }
+                other => bail!("unexpected reply to PING: {other:?}"),
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "{addr} closed the connection during PING");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Get,
+    Set,
+}
+
+/// Data every connection of a thread reads.
+struct Shared {
+    keys: Arc<Vec<Vec<u8>>>,
+    value: Vec<u8>,
+    /// Gyre only: per key, the newest context seen (its counter sum and bytes).
+    contexts: RefCell<Vec<Option<Held>>>,
+}
+
+/// A context and the sum of its counters (its age).
+#[derive(Clone)]
+struct Held {
+    sum: u64,
+    bytes: Vec<u8>,
+}
+
+impl Shared {
+    /// Keeps `ctx` for `key` if it is newer than the one held. On one node
+    /// every context of a key is a clock with one growing entry, so the
+    /// larger counter sum is the later version and covers the other.
+    fn learn(&self, key: u32, ctx: &[u8]) {
+        if ctx.is_empty() {
+            return;
+        }
+        let Ok(clock) = Clock::decode(ctx) else { return };
+        let sum: u64 = clock.iter().map(|(_, n)| n).sum();
+        let mut all = self.contexts.borrow_mut();
+        let slot = &mut all[key as usize];
+        match slot {
+            Some(held) if held.sum < sum => {
+                held.sum = sum;
+                held.bytes.clear();
+                held.bytes.extend_from_slice(ctx);
+            }
+            Some(_) => {}
+            None => *slot = Some(Held { sum, bytes: ctx.to_vec() }),
+        }
+    }
+}
+
+/// A parsed reply.
+struct Decoded<'a> {
+    /// Request id (Gyre), or `None`: replies come in request order (Redis).
+    id: Option<u64>,
+    len: usize,
+    error: Option<String>,
+    /// Values of a GET reply, or siblings of a PUT reply.
+    values: u64,
+    /// Context of a Gyre reply (empty for Redis).
+    ctx: &'a [u8],
+}
+
+/// The only part that differs between the targets.
+fn encode(kind: Kind, shared: &Shared, out: &mut Vec<u8>, id: u64, shard: u16, op: Op, key: u32) {
+    let k = &shared.keys[key as usize];
+    match (kind, op) {
+        (Kind::Gyre, Op::Get) => Request::Get { key: k }.encode(out, id, shard, 0),
+        (Kind::Gyre, Op::Set) => {
+            let ctxs = shared.contexts.borrow();
+            let context = ctxs[key as usize].as_ref().map_or(&[][..], |h| &h.bytes[..]);
+            Request::Put { key: k, context, value: &shared.value }.encode(out, id, shard, 0)
+        }
+        (Kind::Redis, Op::Get) => {
+            out.extend_from_slice(b"*2\r\n$3\r\nGET\r\n");
+            resp_bulk(out, k);
+        }
+        (Kind::Redis, Op::Set) => {
+            out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n");
+            resp_bulk(out, k);
+            resp_bulk(out, &shared.value);
+        }
+    }
+}
+
+fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
+    out.push(b'$');
+    push_decimal(out, b.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn decode(kind: Kind, buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
+    match kind {
+        Kind::Gyre => decode_gyre(buf),
+        Kind::Redis => decode_resp(buf),
+    }
+}
+
+fn decode_gyre(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
+    let Some((h, total)) = split_frame(buf, MAX_BODY_LEN)? else { return Ok(None) };
+    let mut d = Decoded { id: Some(h.request_id), len: total, error: None, values: 0, ctx: &[] };
+    match Response::decode(h.opcode, &buf[HEADER_LEN..total])? {
+        Response::Get { context, values } => {
+            d.values = values.len() as u64;
+            d.ctx = context;
+        }
+        Response::Put { context, siblings } => {
+            d.values = siblings as u64;
+            d.ctx = context;
+        }
+        Response::Error { code, message } => d.error = Some(format!("{code:?}: {message}")),
+        other => bail!("unexpected reply {other:?}"),
+    }
+    Ok(Some(d))
+}
+
+/// One RESP reply: `+simple`, `-error`, `:int` or `$len bulk` / `$-1`.
+fn decode_resp(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    let line = &buf[1..eol];
+    let mut d = Decoded { id: None, len: eol + 2, error: None, values: 1, ctx: &[] };
+    match buf[0] {
+        b'+' | b':' => {}
+        b'-' => d.error = Some(String::from_utf8_lossy(line).into_owned()),
+        b'$' => {
+            let n: i64 = std::str::from_utf8(line).ok().and_then(|s| s.parse().ok()).context("bad RESP bulk length")?;
+            if n < 0 {
+                d.values = 0;
+            } else {
+                d.len += n as usize + 2;
+                if buf.len() < d.len {
+                    return Ok(None);
+                }
+            }
+        }
+        other => bail!("unexpected RESP reply type {:?}", other as char),
+    }
+    Ok(Some(d))
+}
+
+/// Counts of one connection (merged per thread, then overall).
+struct Tally {
+    all: Histogram<u64>,
+    get: Histogram<u64>,
+    set: Histogram<u64>,
+    gets: u64,
+    sets: u64,
+    get_misses: u64,
+    errors: u64,
+    max_get_values: u64,
+    max_put_siblings: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let h = || Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        Tally {
+            all: h(),
+            get: h(),
+            set: h(),
+            gets: 0,
+            sets: 0,
+            get_misses: 0,
+            errors: 0,
+            max_get_values: 0,
+            max_put_siblings: 0,
+            first_error: None,
+        }
+    }
+
+    fn add(&mut self, o: &Tally) {
+        self.all.add(&o.all).expect("same histogram bounds");
+        self.get.add(&o.get).expect("same histogram bounds");
+        self.set.add(&o.set).expect("same histogram bounds");
+        self.gets += o.gets;
+        self.sets += o.sets;
+        self.get_misses += o.get_misses;
+        self.errors += o.errors;
+        self.max_get_values = self.max_get_values.max(o.max_get_values);
+        self.max_put_siblings = self.max_put_siblings.max(o.max_put_siblings);
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&o.first_error);
+        }
+    }
+}
+
+/// What a connection sends next.
+enum Source<'a> {
+    /// Each key of the slice once, as a SET.
+    Load(std::slice::Iter<'a, u32>),
+    /// Uniform keys of `keys`, GET with probability `read_ratio`, until `end`.
+    Mix { rng: fastrand::Rng, read_ratio: f64, keys: &'a [u32], end: Instant },
+}
+
+impl Source<'_> {
+    fn next(&mut self, now: Instant) -> Option<(Op, u32)> {
+        match self {
+            Source::Load(it) => it.next().map(|&k| (Op::Set, k)),
+            Source::Mix { rng, read_ratio, keys, end } => {
+                if now >= *end || keys.is_empty() {
+                    return None;
+                }
+                let op = if rng.f64() < *read_ratio { Op::Get } else { Op::Set };
+                Some((op, keys[rng.usize(..keys.len())]))
+            }
+        }
+    }
+}
+
+struct InFlight {
+    id: u64,
+    op: Op,
+    key: u32,
+    sent: Instant,
+}
+
+/// One connection and its buffers.
+struct Conn {
+    kind: Kind,
+    shard: u16,
+    stream: tokio::net::TcpStream,
+    shared: Rc<Shared>,
+    wbuf: Vec<u8>,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    in_flight: VecDeque<InFlight>,
+    next_id: u64,
+}
+
+impl Conn {
+    async fn open(kind: Kind, addr: SocketAddr, shard: u16, shared: Rc<Shared>) -> anyhow::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            kind,
+            shard,
+            stream,
+            shared,
+            wbuf: Vec::with_capacity(16 * 1024),
+            rbuf: vec![0; 64 * 1024],
+            rstart: 0,
+            rend: 0,
+            in_flight: VecDeque::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Runs `source` dry with up to `depth` requests in flight. Replies
+    /// read within `window` are recorded in `tally`.
+    async fn drive(
+        &mut self,
+        mut source: Source<'_>,
+        depth: usize,
+        window: Option<(Instant, Instant)>,
+        tally: &mut Tally,
+    ) -> anyhow::Result<()> {
+        let mut more = true;
+        let mut read_at = Instant::now();
+        loop {
+            if more {
+                let now = Instant::now();
+                while self.in_flight.len() < depth {
+                    let Some((op, key)) = source.next(now) else {
+                        more = false;
+                        break;
+                    };
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    encode(self.kind, &self.shared, &mut self.wbuf, id, self.shard, op, key);
+                    self.in_flight.push_back(InFlight { id, op, key, sent: now });
+                }
+                if !self.wbuf.is_empty() {
+                    self.stream.write_all(&self.wbuf).await?;
+                    self.wbuf.clear();
+                }
+            }
+            if self.in_flight.is_empty() {
+                return Ok(());
+            }
+            // Take every whole reply in the buffer; read until there is one.
+            let mut got = 0;
+            loop {
+                while let Some(d) = decode(self.kind, &self.rbuf[self.rstart..self.rend])? {
+                    self.rstart += d.len;
+                    got += 1;
+                    let pos = match d.id {
+                        Some(id) => self.in_flight.iter().position(|f| f.id == id),
+                        None => (!self.in_flight.is_empty()).then_some(0),
+                    };
+                    let Some(f) = pos.and_then(|p| self.in_flight.remove(p)) else {
+                        bail!("a reply to no request in flight (id {:?})", d.id);
+                    };
+                    if self.kind == Kind::Gyre {
+                        self.shared.learn(f.key, d.ctx);
+                    }
+                    if let Some(e) = d.error {
+                        tally.errors += 1;
+                        if tally.first_error.is_none() {
+                            tally.first_error = Some(e);
+                        }
+                        continue;
+                    }
+                    match f.op {
+                        Op::Get => {
+                            tally.max_get_values = tally.max_get_values.max(d.values);
+                            tally.get_misses += u64::from(d.values == 0);
+                        }
+                        Op::Set => tally.max_put_siblings = tally.max_put_siblings.max(d.values),
+                    }
+                    if let Some((from, to)) = window {
+                        if read_at >= from && read_at < to {
+                            let ns = read_at.saturating_duration_since(f.sent).as_nanos() as u64;
+                            tally.all.record(ns.max(1))?;
+                            match f.op {
+                                Op::Get => {
+                                    tally.gets += 1;
+                                    tally.get.record(ns.max(1))?;
+                                }
+                                Op::Set => {
+                                    tally.sets += 1;
+                                    tally.set.record(ns.max(1))?;
+                                }
+                            }
+                        }
+                    }
+                }
+                if got > 0 {
+                    break;
+                }
+                if self.rstart == self.rend {
+                    (self.rstart, self.rend) = (0, 0);
+                } else if self.rend == self.rbuf.len() {
+                    if self.rstart > 0 {
+                        self.rbuf.copy_within(self.rstart..self.rend, 0);
+                        (self.rstart, self.rend) = (0, self.rend - self.rstart);
+                    } else {
+                        self.rbuf.resize(self.rbuf.len() * 2, 0);
+                    }
+                }
+                let n = self.stream.read(&mut self.rbuf[self.rend..]).await?;
+                if n == 0 {
+                    bail!("the server closed the connection");
+                }
+                self.rend += n;
+                read_at = Instant::now();
+            }
+        }
+    }
+}
+
+/// One connection's assignment.
+struct ConnPlan {
+    addr: SocketAddr,
+    shard: u16,
+    /// Keys it draws from in the run (shared by the connections of its
+    /// thread and shard).
+    keys: Arc<Vec<u32>>,
+    /// Keys it writes in the load phase.
+    load: Vec<u32>,
+}
+
+/// The times every thread works to.
+struct Timeline {
+    measure_from: Instant,
+    measure_to: Instant,
+}
+
+struct ThreadResult {
+    tally: Tally,
+    load_errors: u64,
+    load_first_error: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn thread_main(
+    kind: Kind,
+    plans: Vec<ConnPlan>,
+    keys: Arc<Vec<Vec<u8>>>,
+    args: &NetArgs,
+    thread: usize,
+    barrier: &Barrier,
+    timeline: &OnceLock<Timeline>,
+    load_done: &OnceLock<Instant>,
+) -> anyhow::Result<ThreadResult> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let local = tokio::task::LocalSet::new();
+    let shared = Rc::new(Shared {
+        contexts: RefCell::new(vec![None; if kind == Kind::Gyre { keys.len() } else { 0 }]),
+        keys,
+        value: vec![b'x'; args.value_size],
+    });
+    let setup = local.block_on(&rt, async {
+        let mut conns = Vec::with_capacity(plans.len());
+        for p in &plans {
+            conns.push(Conn::open(kind, p.addr, p.shard, shared.clone()).await?);
+        }
+        anyhow::Ok(conns)
+    });
+    // Every thread reaches the barriers even when its setup failed, so
+    // that the others do not wait forever.
+    let mut conns = match setup {
+        Ok(c) => Some(c),
+        Err(e) => {
+            barrier.wait();
+            barrier.wait();
+            return Err(e);
+        }
+    };
+    let mut load_tally = Tally::new();
+    if args.load {
+        let depth = args.depth.max(16);
+        let done = local.block_on(&rt, async {
+            let mut tasks = Vec::new();
+            for (mut c, p) in conns.take().expect("connected").into_iter().zip(&plans) {
+                let load = p.load.clone();
+                tasks.push(tokio::task::spawn_local(async move {
+                    let mut t = Tally::new();
+                    c.drive(Source::Load(load.iter()), depth, None, &mut t).await.map(|()| (c, t))
+                }));
+            }
+            let mut back = Vec::new();
+            for t in tasks {
+                let (c, t) = t.await??;
+                load_tally.add(&t);
+                back.push(c);
+            }
+            anyhow::Ok(back)
+        });
+        match done {
+            Ok(c) => conns = Some(c),
+            Err(e) => {
+                barrier.wait();
+                barrier.wait();
+                return Err(e);
+            }
+        }
+    }
+    // All loads are done: the first thread through sets the timeline.
+    if barrier.wait().is_leader() {
+        let now = Instant::now();
+        let _ = load_done.set(now);
+        let from = now + Duration::from_secs_f64(args.warmup);
+        let _ =
+            timeline.set(Timeline { measure_from: from, measure_to: from + Duration::from_secs_f64(args.duration) });
+    }
+    barrier.wait();
+    let tl = timeline.get().expect("set by the leader");
+    let window = (tl.measure_from, tl.measure_to);
+    let tally = local.block_on(&rt, async {
+        let mut tasks = Vec::new();
+        for (i, (mut c, p)) in conns.take().expect("connected").into_iter().zip(plans).enumerate() {
+            let seed = args.seed.wrapping_mul(1_000_003).wrapping_add((thread * 100_000 + i) as u64);
+            let (read_ratio, depth) = (args.read_ratio, args.depth);
+            tasks.push(tokio::task::spawn_local(async move {
+                let mut t = Tally::new();
+                let src = Source::Mix { rng: fastrand::Rng::with_seed(seed), read_ratio, keys: &p.keys, end: window.1 };
+                c.drive(src, depth, Some(window), &mut t).await?;
+                anyhow::Ok(t)
+            }));
+        }
+        let mut all = Tally::new();
+        for t in tasks {
+            all.add(&t.await??);
+        }
+        anyhow::Ok(all)
+    })?;
+    Ok(ThreadResult { tally, load_errors: load_tally.errors, load_first_error: load_tally.first_error })
+}
+
+/// utime + stime of a process in seconds (`/proc/PID/stat`, 100 ticks/s).
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Busy and steal time of the whole machine in seconds (`/proc/stat`).
+fn machine_seconds() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = text.lines().next()?.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some(((total - idle) as f64 / 100.0, *f.get(7)? as f64 / 100.0))
+}
+
+/// GETs `n` sampled keys one at a time and returns (checked, most values,
+/// keys with more than one value).
+fn verify(kind: Kind, topo: &Topology, keys: &Arc<Vec<Vec<u8>>>, n: usize) -> anyhow::Result<(usize, u64, usize)> {
+    let n = n.min(keys.len());
+    if n == 0 {
+        return Ok((0, 0, 0));
+    }
+    let shared = Shared { keys: keys.clone(), value: Vec::new(), contexts: RefCell::new(Vec::new()) };
+    let mut streams: Vec<Option<std::net::TcpStream>> = (0..topo.addrs.len()).map(|_| None).collect();
+    let (mut most, mut multi) = (0u64, 0usize);
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    for i in 0..n {
+        let key = (i as u64 * keys.len() as u64 / n as u64) as u32;
+        let shard = topo.owner(&keys[key as usize]);
+        let s = match &mut streams[shard] {
+            Some(s) => s,
+            slot => {
+                let s = std::net::TcpStream::connect(topo.addrs[shard])?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                slot.insert(s)
+            }
+        };
+        let mut req = Vec::new();
+        encode(kind, &shared, &mut req, i as u64, shard as u16, Op::Get, key);
+        s.write_all(&req)?;
+        buf.clear();
+        let values = loop {
+            if let Some(d) = decode(kind, &buf)? {
+                if let Some(e) = d.error {
+                    bail!("verification GET failed: {e}");
+                }
+                break d.values;
+            }
+            let r = s.read(&mut chunk)?;
+            anyhow::ensure!(r > 0, "the server closed the connection during verification");
+            buf.extend_from_slice(&chunk[..r]);
+        };
+        most = most.max(values);
+        multi += usize::from(values > 1);
+    }
+    Ok((n, most, multi))
+}
+
+pub fn run(args: NetArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((0.0..=1.0).contains(&args.read_ratio), "--read-ratio must be between 0 and 1");
+    anyhow::ensure!(args.connections > 0 && args.depth > 0 && args.threads > 0, "counts must be positive");
+    anyhow::ensure!(args.keys > 0 && args.keys <= u32::MAX as u64, "--keys must be between 1 and 2^32-1");
+    anyhow::ensure!(args.duration > 0.0 && args.warmup >= 0.0, "--duration must be positive");
+    let (kind, addr) = parse_target(&args.target)?;
+    let topo = discover(kind, addr)?;
+    let shards = topo.addrs.len();
+    let threads = args.threads.min(args.connections);
+    let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..args.keys).map(|i| format!("key:{i}").into_bytes()).collect());
+
+    // Key lists per (thread, shard): a thread owns the keys k with
+    // k % threads == thread, so one thread's context map sees every write
+    // of its keys.
+    let mut groups: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); shards]; threads];
+    for (i, k) in keys.iter().enumerate() {
+        groups[i % threads][topo.owner(k)].push(i as u32);
+    }
+    // Connection c: shard c % shards, thread (c / shards) % threads.
+    let mut members: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); shards]; threads];
+    for c in 0..args.connections {
+        members[(c / shards) % threads][c % shards].push(c);
+    }
+    let mut plans: Vec<Vec<ConnPlan>> = (0..threads).map(|_| Vec::new()).collect();
+    for t in 0..threads {
+        for s in 0..shards {
+            let group = Arc::new(std::mem::take(&mut groups[t][s]));
+            let m = &members[t][s];
+            if m.is_empty() {
+                anyhow::ensure!(!args.load || group.is_empty(), "no connection for thread {t} shard {s}");
+                continue;
+            }
+            for (j, _) in m.iter().enumerate() {
+                let load = group.iter().copied().skip(j).step_by(m.len()).collect();
+                plans[t].push(ConnPlan { addr: topo.addrs[s], shard: s as u16, keys: group.clone(), load });
+            }
+        }
+    }
+
+    let barrier = Barrier::new(threads);
+    let timeline = OnceLock::new();
+    let load_done = OnceLock::new();
+    let load_started = Instant::now();
+    let (results, cpu) = std::thread::scope(|scope| {
+        let handles: Vec<_> = plans
+            .into_iter()
+            .enumerate()
+            .map(|(t, p)| {
+                let (keys, args, barrier, timeline, load_done) = (keys.clone(), &args, &barrier, &timeline, &load_done);
+                std::thread::Builder::new()
+                    .name(format!("gyre-bench-{t}"))
+                    .spawn_scoped(scope, move || thread_main(kind, p, keys, args, t, barrier, timeline, load_done))
+                    .expect("spawning a generator thread")
+            })
+            .collect();
+        // CPU use over warmup + run, sampled once the load is done.
+        while load_done.get().is_none() && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let cpu_before = (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
+        let cpu_wall = Instant::now();
+        let results: Vec<anyhow::Result<ThreadResult>> =
+            handles.into_iter().map(|h| h.join().expect("generator thread panicked")).collect();
+        let wall = cpu_wall.elapsed().as_secs_f64();
+        let cpu_after = (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
+        let percent = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
+        let cpu = [
+            percent(cpu_before.0, cpu_after.0),
+            percent(cpu_before.1, cpu_after.1),
+            percent(cpu_before.2.map(|m| m.0), cpu_after.2.map(|m| m.0)),
+            percent(cpu_before.2.map(|m| m.1), cpu_after.2.map(|m| m.1)),
+        ];
+        (results, cpu)
+    });
+    let mut tally = Tally::new();
+    let (mut load_errors, mut load_first_error) = (0, None);
+    for r in results {
+        let r = r?;
+        tally.add(&r.tally);
+        load_errors += r.load_errors;
+        if load_first_error.is_none() {
+            load_first_error = r.load_first_error;
+        }
+    }
+    anyhow::ensure!(load_errors == 0, "{load_errors} load writes failed, first: {load_first_error:?}");
+    let load_seconds =
+        args.load.then(|| load_done.get().map_or(0.0, |d| d.saturating_duration_since(load_started).as_secs_f64()));
+    let (verify_keys, verify_max_values, verify_keys_with_siblings) = verify(kind, &topo, &keys, args.verify_keys)?;
+    let [generator_cpu_percent, server_cpu_percent, machine_busy_percent, machine_steal_percent] = cpu;
+
+    let ops = tally.gets + tally.sets;
+    let secs = args.duration;
+    let all = Latency::of(&tally.all);
+    let out = Output {
+        target: kind.name().to_string(),
+        connections: args.connections,
+        depth: args.depth,
+        read_ratio: args.read_ratio,
+        ops_per_sec: ops as f64 / secs,
+        get_ops_per_sec: tally.gets as f64 / secs,
+        set_ops_per_sec: tally.sets as f64 / secs,
+        p50_us: all.p50_us,
+        p99_us: all.p99_us,
+        p999_us: all.p999_us,
+        max_us: all.max_us,
+        errors: tally.errors,
+        max_siblings_seen: tally.max_get_values,
+        max_put_siblings: tally.max_put_siblings,
+        get_misses: tally.get_misses,
+        ops,
+        get: Latency::of(&tally.get),
+        set: Latency::of(&tally.set),
+        verify_keys,
+        verify_max_values,
+        verify_keys_with_siblings,
+        first_error: tally.first_error,
+        server: args.target.clone(),
+        shards,
+        threads,
+        keys: args.keys,
+        value_size: args.value_size,
+        duration_s: args.duration,
+        warmup_s: args.warmup,
+        load_seconds,
+        load_ops_per_sec: load_seconds.map(|s| args.keys as f64 / s.max(1e-9)),
+        generator_cpu_percent,
+        server_cpu_percent,
+        machine_busy_percent,
+        machine_steal_percent,
+    };
+    let text = serde_json::to_string(&out)?;
+    println!("{text}");
+    eprintln!(
+        "{} c={} d={} r={}: {:.0} ops/s (get {:.0}, set {:.0}), p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, \
+         max {:.0} us, errors {}, max siblings {}",
+        out.target,
+        out.connections,
+        out.depth,
+        out.read_ratio,
+        out.ops_per_sec,
+        out.get_ops_per_sec,
+        out.set_ops_per_sec,
+        out.p50_us,
+        out.p99_us,
+        out.p999_us,
+        out.max_us,
+        out.errors,
+        out.max_siblings_seen.max(out.verify_max_values),
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{text}\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,737 @@
+//! The async client over tokio (feature `tokio`): the blocking
+//! [`Client`](super::Client)'s routing and semantics, with one pipelined
+//! connection per shard shared by every task that calls it.
+//!
+//! Owns: the per-shard connections (opened lazily, replaced after they
+//! break), their writer and reader tasks, request ids, the in-flight bound
+//! per connection, per-request timeouts, and the async get-merge-put
+//! helper [`AsyncClient::update`].
+//!
+//! A call encodes its frame into the connection's write buffer and waits
+//! on a oneshot; the connection's writer task writes whatever has queued
+//! up in one write (several frames per write under load), and its reader
+//! task matches each reply to its waiter by request id, in any order.
+//!
+//! Invariant: every id in a connection's pending table has exactly one
+//! frame queued or written on that connection and holds one of its
+//! [`MAX_IN_FLIGHT`] permits until its reply arrives or the connection
+//! breaks (a caller that timed out or was dropped leaves its entry to be
+//! cleared by the reply). A connection that saw an I/O or protocol error,
+//! or stayed silent for a whole request timeout, is broken: every waiter
+//! gets an error, nothing more is written on it, and the next call opens
+//! a new one. A request is resent only if it was never queued (the
+//! connection was already broken), or if it is a read that failed with an
+//! I/O error, once; a write that may have reached the node is never
+//! resent (it could add a sibling).
+//!
+//! Must be used from within a tokio runtime (the connection tasks are
+//! spawned on the current one); outside one, calls fail with an I/O error.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::{check_request, ClientConfig, ClientError, Context, Put, Reply, Result, Versions, MAX_UPDATE_ATTEMPTS};
+use crate::core::partition::{key_hash, partition_of};
+use crate::wire::{split_frame, NodeInfo, Request, Response, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT};
+
+/// Free space the reader makes before each read.
+const READ_CHUNK: usize = 64 * 1024;
+/// A read or write buffer that grew past this (large values) is not kept.
+const KEEP_BUFFER: usize = 1 << 20;
+
+/// An async client of one node. Cheap to clone; every clone shares the
+/// same connections, and any number of tasks may call through `&self`
+/// at once.
+#[derive(Clone)]
+pub struct AsyncClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    /// The address given; requests go here when not shard-aware.
+    addr: SocketAddr,
+    info: NodeInfo,
+    /// One slot per shard (index = shard id), or a single slot when not
+    /// shard-aware.
+    slots: Vec<Slot>,
+}
+
+impl AsyncClient {
+    /// Connects to a node with the default settings.
+    pub async fn connect(addr: &str) -> Result<AsyncClient> {
+        AsyncClient::connect_with(addr, ClientConfig::default()).await
+    }
+
+    /// Connects to a node and learns its shard layout with a PING.
+    pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<AsyncClient> {
+        let addr = resolve(addr).await?;
+        let first = Arc::new(Conn::open(addr, &config).await?);
+        let info = match first.call(&Request::Ping, ANY_SHARD).await.map_err(Failure::into_error)? {
+            Reply::Pong(info) => info,
+            other => return Err(protocol(addr, format!("PING answered with {other:?}"))),
+        };
+        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
+            return Err(protocol(addr, format!("implausible node info {info:?}")));
+        }
+        let slots: Vec<Slot> = if config.shard_aware {
+            info.ports.iter().map(|&port| Slot::new(SocketAddr::new(addr.ip(), port))).collect()
+        } else {
+            vec![Slot::new(addr)]
+        };
+        let first_slot = if config.shard_aware { info.shard as usize } else { 0 };
+        if let Some(slot) = slots.get(first_slot) {
+            *lock(&slot.current) = Some(first);
+        }
+        Ok(AsyncClient { inner: Arc::new(Inner { config, addr, info, slots }) })
+    }
+
+    /// The node's identity and shard ports, as learnt when connecting.
+    pub fn node_info(&self) -> &NodeInfo {
+        &self.inner.info
+    }
+
+    /// The shard that owns `key` on this node.
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        let info = &self.inner.info;
+        partition_of(key_hash(key), info.partitions) as usize % info.ports.len()
+    }
+
+    fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {
+        match key {
+            Some(k) if self.inner.config.shard_aware => {
+                let s = self.shard_of(k);
+                (s, s as u16)
+            }
+            _ => (0, ANY_SHARD),
+        }
+    }
+
+    /// Sends one request to the right shard and waits for its reply (an
+    /// error reply is `Err(ClientError::Server)`). Reads are retried once
+    /// on a fresh connection after an I/O error.
+    pub async fn call(&self, req: &Request<'_>) -> Result<Reply> {
+        check_request(req)?;
+        let (slot, shard) = self.slot_for(req.key());
+        self.call_on(slot, shard, req).await
+    }
+
+    async fn call_on(&self, slot: usize, shard: u16, req: &Request<'_>) -> Result<Reply> {
+        let config = &self.inner.config;
+        let Some(slot) = self.inner.slots.get(slot) else {
+            return Err(ClientError::Invalid(format!("no shard {slot} on this node")));
+        };
+        let read = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats);
+        match slot.conn(config).await?.call(req, shard).await {
+            Ok(reply) => return Ok(reply),
+            // Never queued: resending cannot duplicate it.
+            Err(Failure::Unsent(_)) => {}
+            Err(Failure::Failed(ClientError::Io { .. })) if read => {}
+            Err(Failure::Failed(e)) => return Err(e),
+        }
+        slot.conn(config).await?.call(req, shard).await.map_err(Failure::into_error)
+    }
+
+    /// Every concurrent value of `key` and the context to write back with.
+    pub async fn get(&self, key: &[u8]) -> Result<Versions> {
+        match self.call(&Request::Get { key }).await? {
+            Reply::Get(v) => Ok(v),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Writes `value` as the successor of what `context` saw (empty: a new
+    /// sibling beside whatever is there).
+    pub async fn put(&self, key: &[u8], value: &[u8], context: &Context) -> Result<Put> {
+        match self.call(&Request::Put { key, context: &context.0, value }).await? {
+            Reply::Put(p) => Ok(p),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Deletes the versions `context` saw; concurrent writes survive.
+    pub async fn delete(&self, key: &[u8], context: &Context) -> Result<Context> {
+        match self.call(&Request::Delete { key, context: &context.0 }).await? {
+            Reply::Delete(c) => Ok(c),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Reads `key`, computes a new value from its siblings (an empty slice
+    /// if absent) with `merge`, and writes it back with the read's context.
+    /// If a concurrent write left siblings, it reads and merges again, up
+    /// to [`MAX_UPDATE_ATTEMPTS`] times.
+    pub async fn update(&self, key: &[u8], mut merge: impl FnMut(&[Vec<u8>]) -> Vec<u8>) -> Result<Put> {
+        let mut siblings = 0;
+        for _ in 0..MAX_UPDATE_ATTEMPTS {
+            let read = self.get(key).await?;
+            let value = merge(&read.values);
+            let put = self.put(key, &value, &read.context).await?;
+            if put.siblings <= 1 {
+                return Ok(put);
+            }
+            siblings = put.siblings;
+        }
+        Err(ClientError::Conflict { attempts: MAX_UPDATE_ATTEMPTS, siblings })
+    }
+
+    /// The node's identity (a PING).
+    pub async fn ping(&self) -> Result<NodeInfo> {
+        match self.call(&Request::Ping).await? {
+            Reply::Pong(info) => Ok(info),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// One shard's counters as JSON (`shard` past the last is the last).
+    pub async fn stats(&self, shard: usize) -> Result<String> {
+        let last = self.inner.slots.len().saturating_sub(1);
+        let slot = if self.inner.config.shard_aware { shard.min(last) } else { 0 };
+        match self.call_on(slot, slot as u16, &Request::Stats).await? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    fn unexpected(&self, r: Reply) -> ClientError {
+        protocol(self.inner.addr, format!("unexpected reply {r:?}"))
+    }
+}
+
+/// Resolves `addr` ("host:port") to its first socket address without
+/// blocking the runtime's thread.
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| ClientError::Resolve(addr.to_string()))
+}
+
+fn protocol(addr: SocketAddr, reason: String) -> ClientError {
+    ClientError::Protocol { addr, reason }
+}
+
+/// A mutex whose holder panicked still guards consistent data here (every
+/// critical section is a few plain field updates), so poison is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The connection of one shard.
+struct Slot {
+    addr: SocketAddr,
+    current: Mutex<Option<Arc<Conn>>>,
+    /// Held while opening, so that concurrent callers open one connection.
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(addr: SocketAddr) -> Slot {
+        Slot { addr, current: Mutex::new(None), opening: tokio::sync::Mutex::new(()) }
+    }
+
+    fn live(&self) -> Option<Arc<Conn>> {
+        lock(&self.current).as_ref().filter(|c| !c.shared.broken.load(Ordering::Acquire)).cloned()
+    }
+
+    async fn conn(&self, config: &ClientConfig) -> Result<Arc<Conn>> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let conn = Arc::new(Conn::open(self.addr, config).await?);
+        *lock(&self.current) = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// Why a call failed, and whether resending it is safe.
+enum Failure {
+    /// The connection was broken before the request was queued: nothing
+    /// was sent.
+    Unsent(ClientError),
+    /// The request may have reached the node (or the node answered with an
+    /// error).
+    Failed(ClientError),
+}
+
+impl Failure {
+    fn into_error(self) -> ClientError {
+        match self {
+            Failure::Unsent(e) | Failure::Failed(e) => e,
+        }
+    }
+}
+
+/// Why a connection broke; every waiter gets its own error made from it.
+#[derive(Clone, Debug)]
+enum Broken {
+    Io(io::ErrorKind, String),
+    Protocol(String),
+    /// A request timed out and nothing at all was read while it waited.
+    Silent,
+}
+
+impl Broken {
+    fn error(&self, addr: SocketAddr, timeout: Duration) -> ClientError {
+        match self {
+            Broken::Io(kind, msg) => ClientError::Io { addr, source: io::Error::new(*kind, msg.clone()) },
+            Broken::Protocol(reason) => protocol(addr, reason.clone()),
+            Broken::Silent => ClientError::Timeout { addr, timeout },
+        }
+    }
+}
+
+/// A caller waiting for its reply.
+struct Waiter {
+    tx: oneshot::Sender<Result<Reply>>,
+    /// Released when the reply arrives or the connection breaks.
+    _permit: OwnedSemaphorePermit,
+}
+
+struct State {
+    next_id: u64,
+    /// Encoded requests the writer has not taken yet.
+    wbuf: Vec<u8>,
+    pending: HashMap<u64, Waiter>,
+    broken: Option<Broken>,
+}
+
+/// What a connection's callers and its two tasks share.
+struct Shared {
+    addr: SocketAddr,
+    request_timeout: Duration,
+    state: Mutex<State>,
+    /// Mirrors `state.broken.is_some()` for the lock-free check in `Slot`.
+    broken: AtomicBool,
+    /// `MAX_IN_FLIGHT` permits; closed when the connection breaks.
+    permits: Arc<Semaphore>,
+    /// Something was queued in `wbuf`.
+    write_ready: Notify,
+    /// Set to true when the connection breaks; stops both tasks.
+    closed: watch::Sender<bool>,
+    epoch: Instant,
+    /// When bytes were last read, in microseconds since `epoch`.
+    last_read_us: AtomicU64,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn error_of(&self, why: &Broken) -> ClientError {
+        why.error(self.addr, self.request_timeout)
+    }
+
+    /// Marks the connection broken (the first reason wins), answers every
+    /// waiter with an error, wakes permit waiters and stops both tasks.
+    fn fail(&self, why: Broken) {
+        let waiters = {
+            let mut st = lock(&self.state);
+            if st.broken.is_some() {
+                return;
+            }
+            st.broken = Some(why.clone());
+            st.wbuf = Vec::new();
+            std::mem::take(&mut st.pending)
+        };
+        self.broken.store(true, Ordering::Release);
+        self.permits.close();
+        self.closed.send_replace(true);
+        if !waiters.is_empty() {
+            tracing::debug!(addr = %self.addr, ?why, waiters = waiters.len(), "connection broken");
+        }
+        for (_, w) in waiters {
+            let _ = w.tx.send(Err(self.error_of(&why)));
+        }
+    }
+
+    /// Hands one reply frame to its waiter.
+    fn deliver(&self, id: u64, opcode: u8, body: &[u8]) -> Result<(), Broken> {
+        let reply = match Response::decode(opcode, body) {
+            Ok(r) => Reply::from_response(r),
+            Err(e) => return Err(Broken::Protocol(e.to_string())),
+        };
+        let waiter = lock(&self.state).pending.remove(&id);
+        match waiter {
+            // The caller may have given up (timeout, cancelled): fine.
+            Some(w) => {
+                let _ = w.tx.send(reply);
+                Ok(())
+            }
+            None => Err(Broken::Protocol(format!("reply to unknown request {id}"))),
+        }
+    }
+}
+
+/// A handle on one connection; dropping the last one closes it.
+struct Conn {
+    shared: Arc<Shared>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, config: &ClientConfig) -> Result<Conn> {
+        let io = |source| ClientError::Io { addr, source };
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| io(io::Error::other(e)))?;
+        let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(io(e)),
+            Err(_) => return Err(ClientError::Timeout { addr, timeout: config.connect_timeout }),
+        };
+        stream.set_nodelay(true).map_err(io)?;
+        let (rd, wr) = stream.into_split();
+        let shared = Arc::new(Shared {
+            addr,
+            request_timeout: config.request_timeout,
+            state: Mutex::new(State { next_id: 1, wbuf: Vec::new(), pending: HashMap::new(), broken: None }),
+            broken: AtomicBool::new(false),
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            write_ready: Notify::new(),
+            closed: watch::channel(false).0,
+            epoch: Instant::now(),
+            last_read_us: AtomicU64::new(0),
+        });
+        runtime.spawn(read_loop(shared.clone(), rd, shared.closed.subscribe()));
+        runtime.spawn(write_loop(shared.clone(), wr, shared.closed.subscribe()));
+        Ok(Conn { shared })
+    }
+
+    /// Queues one request, waits for its reply within the request timeout
+    /// (which also covers waiting for an in-flight permit).
+    async fn call(&self, req: &Request<'_>, shard: u16) -> Result<Reply, Failure> {
+        let s = &self.shared;
+        let timeout = ClientError::Timeout { addr: s.addr, timeout: s.request_timeout };
+        let deadline = tokio::time::Instant::now() + s.request_timeout;
+        let permit = match tokio::time::timeout_at(deadline, s.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_closed)) => return Err(Failure::Unsent(self.broken_error())),
+            Err(_elapsed) => return Err(Failure::Failed(timeout)),
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent_us = {
+            let mut st = lock(&s.state);
+            if let Some(why) = &st.broken {
+                return Err(Failure::Unsent(s.error_of(why)));
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            req.encode(&mut st.wbuf, id, shard, 0);
+            st.pending.insert(id, Waiter { tx, _permit: permit });
+            s.now_us()
+        };
+        s.write_ready.notify_one();
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => Err(Failure::Failed(e)),
+            Ok(Err(_dropped)) => Err(Failure::Failed(self.broken_error())),
+            Err(_elapsed) => {
+                if s.last_read_us.load(Ordering::Acquire) < sent_us {
+                    // Not a byte in a whole timeout: the node or the path
+                    // to it is gone; let the next call open a new one.
+                    s.fail(Broken::Silent);
+                }
+                Err(Failure::Failed(timeout))
+            }
+        }
+    }
+
+    fn broken_error(&self) -> ClientError {
+        let s = &self.shared;
+        let why = lock(&s.state).broken.clone();
+        let why = why.unwrap_or_else(|| Broken::Io(io::ErrorKind::BrokenPipe, "connection closed".into()));
+        s.error_of(&why)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.fail(Broken::Io(io::ErrorKind::ConnectionAborted, "closed by the client".into()));
+    }
+}
+
+/// Reads reply frames and hands each to its waiter, until the connection
+/// breaks or is closed.
+async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Receiver<bool>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let mut at = 0;
+        loop {
+            match split_frame(&buf[at..], MAX_BODY_LEN) {
+                Ok(Some((header, total))) => {
+                    let body = &buf[at + HEADER_LEN..at + total];
+                    if let Err(why) = s.deliver(header.request_id, header.opcode, body) {
+                        s.fail(why);
+                        return;
+                    }
+                    at += total;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    s.fail(Broken::Protocol(e.to_string()));
+                    return;
+                }
+            }
+        }
+        buf.drain(..at);
+        if buf.capacity() > KEEP_BUFFER && buf.len() < READ_CHUNK {
+            buf.shrink_to(2 * READ_CHUNK);
+        }
+        buf.reserve(READ_CHUNK);
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => {
+                    s.fail(Broken::Io(io::ErrorKind::UnexpectedEof, "the node closed the connection".into()));
+                    return;
+                }
+                Ok(_) => s.last_read_us.store(s.now_us(), Ordering::Release),
+                Err(e) => {
+                    s.fail(Broken::Io(e.kind(), e.to_string()));
+                    return;
+                }
+            },
+            _ = closed.wait_for(|c| *c) => return,
+        }
+    }
+}
+
+/// Writes queued requests, everything queued so far in one write, until
+/// the connection breaks or is closed.
+async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::Receiver<bool>) {
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        {
+            let mut st = lock(&s.state);
+            if st.broken.is_some() {
+                return;
+            }
+            std::mem::swap(&mut st.wbuf, &mut out);
+        }
+        if out.is_empty() {
+            tokio::select! {
+                _ = s.write_ready.notified() => continue,
+                _ = closed.wait_for(|c| *c) => return,
+            }
+        }
+        tokio::select! {
+            r = wr.write_all(&out) => if let Err(e) = r {
+                s.fail(Broken::Io(e.kind(), e.to_string()));
+                return;
+            },
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        out.clear();
+        if out.capacity() > KEEP_BUFFER {
+            out = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a scripted fake node, so that reply order, silence and
+    //! dropped connections are under the test's control.
+
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::wire::{decode_header, Header};
+
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+
+    #[test]
+    fn client_is_send_sync_clone() {
+        assert_send_sync::<AsyncClient>();
+    }
+
+    /// Compiles only if every call's future can be spawned on a
+    /// multi-threaded runtime.
+    #[allow(dead_code)]
+    fn futures_are_send(c: &AsyncClient, ctx: &Context) {
+        fn send<T: Send>(_: T) {}
+        send(c.get(b"k"));
+        send(c.put(b"k", b"v", ctx));
+        send(c.delete(b"k", ctx));
+        send(c.update(b"k", |v| v.concat()));
+        send(c.ping());
+        send(c.stats(0));
+        send(c.call(&Request::Ping));
+    }
+
+    async fn read_frame(s: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).await.ok()?;
+        let header = decode_header(&h, MAX_BODY_LEN).ok()?;
+        let mut body = vec![0u8; header.body_len as usize];
+        s.read_exact(&mut body).await.ok()?;
+        Some((header, body))
+    }
+
+    /// Answers the PING a client opens with (one shard, on `port`).
+    async fn answer_ping(s: &mut TcpStream, port: u16) {
+        let (h, _) = read_frame(s).await.expect("a PING");
+        let info = NodeInfo { node_id: 7, partitions: 64, shard: 0, ports: vec![port] };
+        let mut out = Vec::new();
+        Response::Pong(info).encode(&mut out, h.request_id, 0);
+        s.write_all(&out).await.expect("PONG written");
+    }
+
+    fn get_reply(id: u64, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Response::Get { context: b"", values: vec![value] }.encode(&mut out, id, 0);
+        out
+    }
+
+    fn config(timeout_ms: u64) -> ClientConfig {
+        ClientConfig { request_timeout: Duration::from_millis(timeout_ms), ..Default::default() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn out_of_order_replies_reach_their_callers() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        const N: usize = 64;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            answer_ping(&mut s, port).await;
+            let mut got = Vec::new();
+            while got.len() < N {
+                let (h, body) = read_frame(&mut s).await.unwrap();
+                let Ok(Request::Get { key }) = Request::decode(h.opcode, &body) else { panic!("not a GET") };
+                got.push((h.request_id, key.to_vec()));
+            }
+            // Every reply in one write, last request first.
+            let out: Vec<u8> = got.iter().rev().flat_map(|(id, key)| get_reply(*id, key)).collect();
+            s.write_all(&out).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(5000)).await.unwrap();
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let key = format!("key-{i}");
+                    let v = c.get(key.as_bytes()).await.unwrap();
+                    assert_eq!(v.values, vec![key.into_bytes()]);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn in_flight_is_bounded_per_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        const EXTRA: usize = 10;
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            answer_ping(&mut s, port).await;
+            let mut ids = Vec::new();
+            while ids.len() < MAX_IN_FLIGHT {
+                ids.push(read_frame(&mut s).await.unwrap().0.request_id);
+            }
+            // No more may come before a reply frees a permit.
+            let more = tokio::time::timeout(Duration::from_millis(300), read_frame(&mut s)).await;
+            assert!(more.is_err(), "a request past MAX_IN_FLIGHT was sent");
+            let out: Vec<u8> = ids.iter().flat_map(|id| get_reply(*id, b"v")).collect();
+            s.write_all(&out).await.unwrap();
+            for _ in 0..EXTRA {
+                let id = read_frame(&mut s).await.unwrap().0.request_id;
+                s.write_all(&get_reply(id, b"v")).await.unwrap();
+            }
+            s
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(10_000)).await.unwrap();
+        let gets = (0..MAX_IN_FLIGHT + EXTRA).map(|_| client.get(b"k"));
+        for r in futures_util::future::join_all(gets).await {
+            assert_eq!(r.unwrap().values, vec![b"v".to_vec()]);
+        }
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_silent_node_times_out_and_the_connection_is_replaced() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    answer_ping(&mut s, port).await;
+                }
+                held.push(s); // read nothing, answer nothing
+            }
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(200)).await.unwrap();
+        let started = Instant::now();
+        let err = client.get(b"k").await.unwrap_err();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(matches!(client.get(b"k").await, Err(ClientError::Timeout { .. })));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the silent connection was not replaced");
+    }
+
+    #[tokio::test]
+    async fn reads_are_retried_once_and_writes_never() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let frames = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let seen = frames.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                if std::mem::take(&mut first) {
+                    answer_ping(&mut s, port).await;
+                }
+                // Read one request, then hang up without answering.
+                if let Some((h, _)) = read_frame(&mut s).await {
+                    lock(&seen).push(h.opcode);
+                }
+            }
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(2000)).await.unwrap();
+        let err = client.get(b"k").await.unwrap_err();
+        assert!(matches!(err, ClientError::Io { .. }), "{err:?}");
+        let err = client.put(b"k", b"v", &Context::default()).await.unwrap_err();
+        assert!(matches!(err, ClientError::Io { .. }), "{err:?}");
+        let ops = lock(&frames).clone();
+        assert_eq!(ops, [crate::wire::op::GET, crate::wire::op::GET, crate::wire::op::PUT]);
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_are_refused_before_sending() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            answer_ping(&mut s, port).await;
+            assert!(read_frame(&mut s).await.is_none(), "an invalid request was sent");
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(2000)).await.unwrap();
+        assert!(matches!(client.get(b"").await, Err(ClientError::Invalid(_))));
+        let long = Context(vec![0; crate::core::version::MAX_CONTEXT_LEN + 1]);
+        assert!(matches!(client.delete(b"k", &long).await, Err(ClientError::Invalid(_))));
+    }
+}

@@ -1,0 +1,349 @@
+//! End-to-end tests against real `gyre node` processes on loopback:
+//! the data model over the wire, pipelining, bad frames, crash and
+//! restart, shutdown, the command line.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Node, GYRE};
+use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply};
+use gyre::wire::{self, ErrorCode, Request, Response, ANY_SHARD, HEADER_LEN};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+#[test]
+fn put_get_delete_over_the_wire() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(c.node_info().ports.len(), 2);
+    assert_eq!(c.get(b"missing").unwrap().values, Vec::<Vec<u8>>::new());
+    for i in 0..50 {
+        let key = format!("key-{i}");
+        let put = c.put(key.as_bytes(), format!("value-{i}").as_bytes(), &Context::default()).unwrap();
+        assert_eq!(put.siblings, 1);
+    }
+    for i in 0..50 {
+        let got = c.get(format!("key-{i}").as_bytes()).unwrap();
+        assert_eq!(got.values, vec![format!("value-{i}").into_bytes()]);
+    }
+    let got = c.get(b"key-7").unwrap();
+    c.delete(b"key-7", &got.context).unwrap();
+    assert!(c.get(b"key-7").unwrap().values.is_empty());
+    // Both shards served keys they own.
+    for shard in 0..2 {
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(shard).unwrap()).unwrap();
+        assert!(stats["storage"]["puts"].as_u64().unwrap() > 5, "shard {shard}: {stats}");
+        assert_eq!(stats["node"]["forwarded_out"], 0, "a shard-aware client never lands on the wrong shard");
+    }
+    // Bad requests get typed errors and the connection goes on.
+    let err = c.put(b"k", b"v", &Context(vec![0xde, 0xad])).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidContext), "{err}");
+    let err = c.put(b"k", &vec![0u8; (1 << 20) + 1], &Context::default()).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ValueTooLarge), "{err}");
+    assert!(matches!(c.get(b""), Err(ClientError::Invalid(_))));
+    assert_eq!(c.get(b"key-8").unwrap().values.len(), 1);
+}
+
+#[test]
+fn concurrent_writers_get_siblings_and_a_merge_collapses_them() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let mut alice = Client::connect(node.addr()).unwrap();
+    let mut bob = Client::connect(node.addr()).unwrap();
+    alice.put(b"cart", b"milk", &Context::default()).unwrap();
+    // Both read the same version, both add an item.
+    let a_read = alice.get(b"cart").unwrap();
+    let b_read = bob.get(b"cart").unwrap();
+    assert_eq!(a_read.context, b_read.context);
+    alice.put(b"cart", b"milk,eggs", &a_read.context).unwrap();
+    let b_put = bob.put(b"cart", b"milk,bread", &b_read.context).unwrap();
+    assert_eq!(b_put.siblings, 2, "the second write saw only the old version");
+    let both = alice.get(b"cart").unwrap();
+    assert_eq!(sorted(both.values.clone()), vec![b"milk,bread".to_vec(), b"milk,eggs".to_vec()]);
+    // The shopping-cart merge: union of the items, written with the context
+    // that saw both siblings.
+    let put = alice
+        .update(b"cart", |siblings| {
+            let mut items: Vec<&str> =
+                siblings.iter().flat_map(|s| std::str::from_utf8(s).unwrap().split(',')).collect();
+            items.sort();
+            items.dedup();
+            items.join(",").into_bytes()
+        })
+        .unwrap();
+    assert_eq!(put.siblings, 1);
+    assert_eq!(bob.get(b"cart").unwrap().values, vec![b"bread,eggs,milk".to_vec()]);
+    // A write with the stale context now adds a sibling, it does not
+    // overwrite the merge.
+    let stale = bob.put(b"cart", b"stale", &b_read.context).unwrap();
+    assert_eq!(stale.siblings, 2);
+}
+
+#[test]
+fn many_pipelined_requests_on_one_connection() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "always"]);
+    // One connection to shard 0, which owns some keys and forwards the
+    // rest: replies come back out of order and are matched by id.
+    let addr = node.addr().parse().unwrap();
+    let mut conn = Connection::connect(addr, &ClientConfig::default()).unwrap();
+    let n = 2000;
+    let mut expect = HashMap::new();
+    for i in 0..n {
+        let key = format!("p{i}");
+        let value = format!("v{i}");
+        let id = conn.send(&Request::Put { key: key.as_bytes(), context: b"", value: value.as_bytes() }, ANY_SHARD);
+        expect.insert(id.unwrap(), i);
+    }
+    let mut seen = 0;
+    let mut out_of_order = false;
+    let mut last = 0;
+    for _ in 0..n {
+        let (id, reply) = conn.recv().unwrap();
+        assert!(expect.remove(&id).is_some(), "unknown or duplicate reply id {id}");
+        assert!(matches!(reply.unwrap(), Reply::Put(p) if p.siblings == 1));
+        out_of_order |= id < last;
+        last = id;
+        seen += 1;
+    }
+    assert_eq!(seen, n);
+    assert!(expect.is_empty());
+    // Read them back, pipelined again.
+    let ids: Vec<(u64, usize)> =
+        (0..n).map(|i| (conn.send(&Request::Get { key: format!("p{i}").as_bytes() }, ANY_SHARD).unwrap(), i)).collect();
+    let want: HashMap<u64, usize> = ids.into_iter().collect();
+    for _ in 0..n {
+        let (id, reply) = conn.recv().unwrap();
+        let Reply::Get(v) = reply.unwrap() else { panic!("not a get reply") };
+        assert_eq!(v.values, vec![format!("v{}", want[&id]).into_bytes()]);
+    }
+    let mut c = Client::connect(node.addr()).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let (writes, replies) =
+        (stats["node"]["reply_writes"].as_u64().unwrap(), stats["node"]["replies"].as_u64().unwrap());
+    assert!(stats["node"]["forwarded_out"].as_u64().unwrap() > 0, "{stats}");
+    assert!(writes < replies, "pipelined replies share writes: {writes} writes for {replies} replies");
+    eprintln!("replies arrived out of order: {out_of_order}; {replies} replies in {writes} writes");
+}
+
+/// Reads frames from a raw socket until EOF, returning the replies.
+fn read_until_closed(s: &mut TcpStream) -> Vec<(u64, ErrorCode)> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((h, total))) = wire::split_frame(&buf[at..], wire::MAX_BODY_LEN) {
+        if let Ok(Response::Error { code, .. }) = Response::decode(h.opcode, &buf[at + HEADER_LEN..at + total]) {
+            out.push((h.request_id, code));
+        }
+        at += total;
+    }
+    out
+}
+
+#[test]
+fn malformed_and_oversized_frames_close_only_their_connection() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--max-value-len", "1024"]);
+    let mut good = Client::connect(node.addr()).unwrap();
+    good.put(b"steady", b"1", &Context::default()).unwrap();
+
+    // Garbage: not a Gyre frame.
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_until_closed(&mut s), vec![(0, ErrorCode::Malformed)]);
+
+    // A frame announcing a body far over the node's limit: refused from
+    // the header, before the body is read or allocated.
+    let mut frame = Vec::new();
+    Request::Ping.encode(&mut frame, 77, ANY_SHARD, 0);
+    frame[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.write_all(&frame).unwrap();
+    assert_eq!(read_until_closed(&mut s), vec![(77, ErrorCode::FrameTooLarge)]);
+
+    // A value over --max-value-len but within the frame limit: an error
+    // reply, and the connection stays usable.
+    let mut c = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default()).unwrap();
+    let err = c.call(&Request::Put { key: b"k", context: b"", value: &[1; 1025] }, ANY_SHARD).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ValueTooLarge));
+    assert!(matches!(c.call(&Request::Get { key: b"steady" }, ANY_SHARD).unwrap(), Reply::Get(_)));
+
+    // A valid request, then one whose body lies about its lengths, then a
+    // valid one that must never run: replies to the first two, then close.
+    let mut bytes = Vec::new();
+    Request::Get { key: b"steady" }.encode(&mut bytes, 1, ANY_SHARD, 0);
+    let mut bad = Vec::new();
+    Request::Put { key: b"k", context: b"", value: b"vv" }.encode(&mut bad, 2, ANY_SHARD, 0);
+    bad[HEADER_LEN + 6..HEADER_LEN + 10].copy_from_slice(&1000u32.to_le_bytes()); // value_len beyond the body
+    bytes.extend_from_slice(&bad);
+    Request::Put { key: b"never", context: b"", value: b"x" }.encode(&mut bytes, 3, ANY_SHARD, 0);
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.write_all(&bytes).unwrap();
+    let errors = read_until_closed(&mut s);
+    assert_eq!(errors, vec![(2, ErrorCode::Malformed)]);
+
+    // Truncated frame then hang-up: nothing to answer, nothing breaks.
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.write_all(&bytes[..HEADER_LEN + 3]).unwrap();
+    drop(s);
+
+    // The well-behaved client never noticed.
+    assert_eq!(good.get(b"steady").unwrap().values, vec![b"1".to_vec()]);
+    assert!(good.get(b"never").unwrap().values.is_empty(), "a request after a bad frame never runs");
+    let stats: serde_json::Value = serde_json::from_str(&good.stats(0).unwrap()).unwrap();
+    assert_eq!(stats["node"]["malformed_frames"], 3, "{stats}");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "always"]);
+    let addr = node.addr().to_string();
+    // Writers record every acknowledged put; the node is killed mid-stream.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr).unwrap();
+                let mut acked = Vec::new();
+                for i in 0.. {
+                    let key = format!("w{w}-{i}");
+                    match c.put(key.as_bytes(), key.repeat(3).as_bytes(), &Context::default()) {
+                        Ok(_) => acked.push(key),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    node.kill9();
+    let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(acked.len() > 100, "only {} writes before the kill", acked.len());
+    let node = Node::start(dir.path(), &[]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(c.node_info().ports.len(), 2, "the shard count comes from the data directory");
+    for chunk in acked.chunks(500) {
+        let keys: Vec<&[u8]> = chunk.iter().map(|k| k.as_bytes()).collect();
+        for (key, got) in chunk.iter().zip(c.get_many(&keys).unwrap()) {
+            assert_eq!(got.unwrap().values, vec![key.repeat(3).into_bytes()], "acknowledged {key} lost");
+        }
+    }
+    eprintln!("{} acknowledged writes all present after kill -9", acked.len());
+}
+
+#[test]
+fn sigterm_flushes_buffered_writes_and_exits_zero() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..300 {
+        c.put(format!("k{i}").as_bytes(), b"buffered", &Context::default()).unwrap();
+    }
+    let status = node.terminate();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    let node = Node::start(dir.path(), &["--fsync", "never"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..300 {
+        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![b"buffered".to_vec()]);
+    }
+    // The client keeps the connection open: shutdown still completes.
+    assert!(node.terminate().success());
+}
+
+#[test]
+fn a_data_directory_serves_one_node_and_its_own_shape() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let err = Node::try_start(dir.path(), &[]).err().expect("second node must refuse");
+    assert!(err.contains("in use by another gyre node"), "{err}");
+    drop(node);
+    let err = Node::try_start(dir.path(), &["--shards", "3"]).err().expect("wrong shard count must refuse");
+    assert!(err.contains("created with 2 shards"), "{err}");
+    // A shard directory from another storage format version is refused.
+    let format = dir.path().join("shard-001").join(gyre::storage::format::FORMAT_FILE);
+    let mut bytes = std::fs::read(&format).unwrap();
+    let text = String::from_utf8_lossy(&bytes).replace("format 1", "format 9");
+    bytes[..text.len()].copy_from_slice(text.as_bytes());
+    std::fs::write(&format, &bytes).unwrap();
+    let err = Node::try_start(dir.path(), &[]).err().expect("a newer format must refuse");
+    assert!(err.contains("format"), "{err}");
+}
+
+#[test]
+fn shard_unaware_clients_are_forwarded_through_the_mesh() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let config = ClientConfig { shard_aware: false, ..Default::default() };
+    let mut c = Client::connect_with(node.addr(), config).unwrap();
+    for i in 0..40 {
+        c.put(format!("f{i}").as_bytes(), b"x", &Context::default()).unwrap();
+    }
+    let mut aware = Client::connect(node.addr()).unwrap();
+    for i in 0..40 {
+        assert_eq!(aware.get(format!("f{i}").as_bytes()).unwrap().values, vec![b"x".to_vec()]);
+    }
+    let stats: serde_json::Value = serde_json::from_str(&aware.stats(0).unwrap()).unwrap();
+    let stats1: serde_json::Value = serde_json::from_str(&aware.stats(1).unwrap()).unwrap();
+    let out = stats["node"]["forwarded_out"].as_u64().unwrap();
+    assert!(out > 5, "{stats}");
+    assert_eq!(stats1["node"]["forwarded_in"].as_u64().unwrap(), out);
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(GYRE).args(args).output().expect("running gyre");
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn command_line_put_get_delete() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let addr = &node.addr().to_string();
+    let (ok, out, err) = cli(&["put", "greeting", "hello", "--node", addr, "--json"]);
+    assert!(ok, "{err}");
+    let put: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ctx = put["context"].as_str().unwrap().to_string();
+    let (ok, out, _) = cli(&["get", "greeting", "--node", addr, "--json"]);
+    assert!(ok);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["values"], serde_json::json!(["hello"]));
+    assert_eq!(got["context"].as_str().unwrap(), ctx);
+    // Two writers from the same context: siblings.
+    assert!(cli(&["put", "greeting", "hi", "--context", &ctx, "--node", addr]).0);
+    assert!(cli(&["put", "greeting", "hey", "--context", &ctx, "--node", addr]).0);
+    let (_, out, _) = cli(&["get", "greeting", "--node", addr, "--json"]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut values: Vec<String> = serde_json::from_value(got["values"].clone()).unwrap();
+    values.sort();
+    assert_eq!(values, ["hey", "hi"]);
+    let ctx = got["context"].as_str().unwrap();
+    let (ok, out, _) = cli(&["delete", "greeting", "--context", ctx, "--node", addr, "--json"]);
+    assert!(ok && out.contains("context"));
+    let (_, out, _) = cli(&["get", "greeting", "--node", addr, "--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["values"], serde_json::json!([]));
+    // Errors: a clear message and a non-zero exit.
+    let (ok, _, err) = cli(&["put", "k", "v", "--context", "zz", "--node", addr]);
+    assert!(!ok && err.contains("hex"), "{err}");
+    let (ok, _, err) = cli(&["put", "k", "v", "--context", "abcd", "--node", addr]);
+    assert!(!ok && err.contains("InvalidContext"), "{err}");
+    drop(node);
+    let (ok, _, err) = cli(&["get", "k", "--node", addr, "--timeout", "1"]);
+    assert!(!ok && err.contains("connecting to"), "{err}");
+}
