@@ -547,6 +547,9 @@ impl Response<'_> {
             op::ERROR => {
                 let code = ErrorCode::from_u16(r.u16("ERROR code")?);
                 let msg = r.bytes16("ERROR message")?;
+                if msg.len() > MAX_ERROR_MESSAGE {
+                    return Err(malformed("ERROR message length"));
+                }
                 Response::Error { code, message: std::str::from_utf8(msg).map_err(|_| malformed("ERROR text"))? }
             }
             other => return Err(WireError::UnknownOpcode(other)),
