@@ -26,7 +26,8 @@ fn check_stream(data: &[u8]) {
 fn valid_frames() -> Vec<u8> {
     let mut out = Vec::new();
     Request::Get { key: b"key" }.encode(&mut out, 1, ANY_SHARD, 0);
-    Request::Put { key: b"key", context: &[1, 1, 7, 0, 0, 0, 0, 0, 0, 0, 1], value: b"value" }.encode(&mut out, 2, 0, 9);
+    Request::Put { key: b"key", context: &[1, 1, 7, 0, 0, 0, 0, 0, 0, 0, 1], value: b"value" }
+        .encode(&mut out, 2, 0, 9);
     Request::Delete { key: b"k", context: b"" }.encode(&mut out, 3, 1, 0);
     Response::Get { context: b"c", values: vec![b"a", b"bb"] }.encode(&mut out, 4, 0);
     Response::Error { code: gyre::wire::ErrorCode::Malformed, message: "m" }.encode(&mut out, 5, 0);

@@ -250,7 +250,10 @@ impl Connection {
         check_request(req)?;
         let id = self.next_id;
         self.next_id += 1;
-        req.encode(&mut self.wbuf, id, shard, 0);
+        // The node drops the request instead of running it once the client
+        // has stopped waiting for it.
+        let deadline_us = self.timeout.as_micros().min(u32::MAX as u128) as u32;
+        req.encode(&mut self.wbuf, id, shard, deadline_us);
         Ok(id)
     }
 

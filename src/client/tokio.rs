@@ -429,7 +429,11 @@ impl Conn {
             }
             let id = st.next_id;
             st.next_id += 1;
-            req.encode(&mut st.wbuf, id, shard, 0);
+            // What is left of the timeout: the node drops the request
+            // rather than run it after the caller gave up.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
+            req.encode(&mut st.wbuf, id, shard, deadline_us);
             st.pending.insert(id, Waiter { tx, _permit: permit });
             s.now_us()
         };

@@ -28,7 +28,11 @@ const READ_CHUNK: usize = 64 * 1024;
 #[derive(Default)]
 struct Outbox {
     buf: RefCell<Vec<u8>>,
-    queued: Cell<u64>,
+    /// Replies in `buf`.
+    queued: Cell<usize>,
+    /// Requests read whose replies are not yet written to the socket
+    /// (running, or queued in `buf`): bounds the memory a client that does
+    /// not read its replies can make us hold.
     in_flight: Cell<usize>,
     /// No more replies will come; the writer exits once `buf` is empty.
     closing: Cell<bool>,
@@ -38,15 +42,22 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// A request was read; its reply is owed.
+    fn start(&self) {
+        self.in_flight.set(self.in_flight.get() + 1);
+    }
+
+    /// Queues the reply of a started request.
     fn push(&self, frame: &[u8]) {
         self.buf.borrow_mut().extend_from_slice(frame);
         self.queued.set(self.queued.get() + 1);
         self.changed.notify_all();
     }
 
-    fn finish_one(&self, frame: &[u8]) {
-        self.in_flight.set(self.in_flight.get() - 1);
-        self.push(frame);
+    /// `n` replies reached the socket.
+    fn written(&self, n: usize) {
+        self.in_flight.set(self.in_flight.get() - n);
+        self.changed.notify_all();
     }
 }
 
@@ -84,9 +95,10 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         out.changed.notify_all();
                         return;
                     }
+                    out.written(n);
                     let c = &shard.counters;
                     c.reply_writes.set(c.reply_writes.get() + 1);
-                    c.replies.set(c.replies.get() + n);
+                    c.replies.set(c.replies.get() + n as u64);
                     // Give the emptied buffer back to be refilled.
                     let mut b = batch;
                     b.clear();
@@ -121,6 +133,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                     let body = &buf[start + HEADER_LEN..start + total];
                     if let Err(e) = Request::decode(header.opcode, body) {
                         let reply = shard.request_error_frame(header.request_id, &e);
+                        out.start();
                         if !e.keeps_connection() {
                             out.push(&reply);
                             tracing::debug!(error = %e, "closing a connection after a malformed request");
@@ -132,17 +145,17 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                     }
                     let frame = buf[start..start + total].to_vec();
                     start += total;
-                    out.in_flight.set(out.in_flight.get() + 1);
+                    out.start();
                     let mut fut = Box::pin(shard.clone().dispatch(header, frame));
                     // Most requests complete without waiting (cache hits,
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
-                        Some(reply) => out.finish_one(&reply),
+                        Some(reply) => out.push(&reply),
                         None => {
                             let out = out.clone();
                             glommio::spawn_local(async move {
                                 let reply = fut.await;
-                                out.finish_one(&reply);
+                                out.push(&reply);
                             })
                             .detach();
                         }
@@ -152,6 +165,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 Err(e) => {
                     let header: [u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
+                    out.start();
                     out.push(&decode_error_frame(&shard, &header, &e));
                     tracing::debug!(error = %e, "closing a connection after a bad frame");
                     break 'read;

@@ -49,6 +49,8 @@ pub use config::{open_data_dir, DataDir, NodeConfig};
 const MESH_CHANNEL_SIZE: usize = 1024;
 /// How often a shard checks the process-wide shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How long a shutdown waits for connections to take their last replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often compaction looks for work.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
 
@@ -489,13 +491,26 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     }
     drop(listener);
     watcher.await;
-    // Drain: every connection finishes what it has read.
-    loop {
-        let g = shard.changed.generation();
-        if shard.counters.connections_open.get() == 0 {
-            break;
+    // Drain: every connection finishes what it has read and writes its
+    // replies; a client that stops reading its socket is given up on after
+    // a grace period instead of holding the shutdown forever.
+    let drain = async {
+        loop {
+            let g = shard.changed.generation();
+            if shard.counters.connections_open.get() == 0 {
+                break;
+            }
+            shard.changed.wait(g).await;
         }
-        shard.changed.wait(g).await;
+        true
+    };
+    let grace = async {
+        glommio::timer::sleep(SHUTDOWN_GRACE).await;
+        false
+    };
+    if !futures_lite::future::or(drain, grace).await {
+        let open = shard.counters.connections_open.get();
+        tracing::warn!(shard = s.id, open, "connections still open after the shutdown grace period; dropping them");
     }
     // Keep serving forwarded requests until every shard has drained.
     drop(drained);
