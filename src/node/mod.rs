@@ -49,6 +49,8 @@ pub use config::{open_data_dir, DataDir, NodeConfig};
 const MESH_CHANNEL_SIZE: usize = 1024;
 /// How often a shard checks the process-wide shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How long a failed start waits for the other shards to stop.
+const STARTUP_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for connections to take their last replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often compaction looks for work.
@@ -367,9 +369,13 @@ pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(
     // Wait until every shard serves (or one fails).
     loop {
         if let Ok(e) = err_rx.try_recv() {
+            // The other shards stop on the flag; one stuck waiting for the
+            // failed shard (say, in the mesh join) must not hang the
+            // process, so they get a bounded time before we return anyway.
             shutdown.store(true, Ordering::SeqCst);
-            for t in threads {
-                let _ = t.join();
+            let deadline = Instant::now() + STARTUP_FAILURE_GRACE;
+            while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
             }
             return Err(e);
         }
