@@ -21,12 +21,12 @@
 //!
 //! Versions for Gyre: a write carries the newest context the thread has
 //! seen for its key (from a PUT or GET reply, or the load), or an empty
-//! one if none; keys are split between threads so that every write of a
-//! key goes out with the context of the previous acknowledged write of
-//! it. Two writes of one key in flight at once still make a transient
-//! sibling that the next write resolves; `max_siblings_seen` (values in
-//! GET replies) and the post-run check of sampled keys show that siblings
-//! do not pile up.
+//! one if none. Keys are split between threads, and a thread never has
+//! two writes of one key in flight (a drawn key that has one is drawn
+//! again, for both targets), so every write of a key goes out with the
+//! context of the previous acknowledged write of it and no siblings
+//! form; `max_siblings_seen` (values in GET replies), `max_put_siblings`
+//! and the post-run check of sampled keys show it.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -166,10 +166,12 @@ struct Output {
     warmup_s: f64,
     load_seconds: Option<f64>,
     load_ops_per_sec: Option<f64>,
-    /// CPU time of this generator and of `--server-pid` during warmup and
-    /// run, in percent of one core.
+    /// CPU time of this generator and of `--server-pid` during the
+    /// measured window, in percent of one core, and per operation.
     generator_cpu_percent: Option<f64>,
     server_cpu_percent: Option<f64>,
+    generator_cpu_us_per_op: Option<f64>,
+    server_cpu_us_per_op: Option<f64>,
     /// Busy CPU time of the whole machine over the same span (all
     /// processes and the kernel), in percent of one core; the rest of it
     /// beyond generator and server is other load on the machine.
@@ -252,6 +254,8 @@ struct Shared {
     value: Vec<u8>,
     /// Gyre only: per key, the newest context seen (its counter sum and bytes).
     contexts: RefCell<Vec<Option<Held>>>,
+    /// Per key, whether a write of it is in flight on this thread.
+    writing: RefCell<Vec<bool>>,
 }
 
 /// A context and the sum of its counters (its age).
@@ -261,7 +265,30 @@ struct Held {
     bytes: Vec<u8>,
 }
 
+/// Draws before a write goes ahead on a key that already has one in flight
+/// (only a key space not much larger than the requests in flight gets there).
+const MAX_REDRAWS: usize = 64;
+
 impl Shared {
+    fn new(keys: Arc<Vec<Vec<u8>>>, value_size: usize, contexts: bool) -> Shared {
+        let n = keys.len();
+        Shared {
+            contexts: RefCell::new(vec![None; if contexts { n } else { 0 }]),
+            writing: RefCell::new(vec![false; n]),
+            keys,
+            value: vec![b'x'; value_size],
+        }
+    }
+
+    /// Marks a write of `key` in flight; false if one already is.
+    fn begin_write(&self, key: u32) -> bool {
+        !std::mem::replace(&mut self.writing.borrow_mut()[key as usize], true)
+    }
+
+    fn end_write(&self, key: u32) {
+        self.writing.borrow_mut()[key as usize] = false;
+    }
+
     /// Keeps `ctx` for `key` if it is newer than the one held. On one node
     /// every context of a key is a clock with one growing entry, so the
     /// larger counter sum is the later version and covers the other.
@@ -513,10 +540,19 @@ impl Conn {
         loop {
             if more {
                 let now = Instant::now();
-                while self.in_flight.len() < depth {
-                    let Some((op, key)) = source.next(now) else {
-                        more = false;
-                        break;
+                'fill: while self.in_flight.len() < depth {
+                    // One write per key in flight, so that every write
+                    // carries the context of the previous one of its key.
+                    let mut draws = 0;
+                    let (op, key) = loop {
+                        let Some((op, key)) = source.next(now) else {
+                            more = false;
+                            break 'fill;
+                        };
+                        draws += 1;
+                        if op == Op::Get || self.shared.begin_write(key) || draws > MAX_REDRAWS {
+                            break (op, key);
+                        }
                     };
                     let id = self.next_id;
                     self.next_id += 1;
@@ -546,6 +582,9 @@ impl Conn {
                     };
                     if self.kind == Kind::Gyre {
                         self.shared.learn(f.key, d.ctx);
+                    }
+                    if f.op == Op::Set {
+                        self.shared.end_write(f.key);
                     }
                     if let Some(e) = d.error {
                         tally.errors += 1;
@@ -638,11 +677,7 @@ fn thread_main(
 ) -> anyhow::Result<ThreadResult> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
-    let shared = Rc::new(Shared {
-        contexts: RefCell::new(vec![None; if kind == Kind::Gyre { keys.len() } else { 0 }]),
-        keys,
-        value: vec![b'x'; args.value_size],
-    });
+    let shared = Rc::new(Shared::new(keys, args.value_size, kind == Kind::Gyre));
     let setup = local.block_on(&rt, async {
         let mut conns = Vec::with_capacity(plans.len());
         for p in &plans {
@@ -751,7 +786,7 @@ fn verify(kind: Kind, topo: &Topology, keys: &Arc<Vec<Vec<u8>>>, n: usize) -> an
     if n == 0 {
         return Ok((0, 0, 0));
     }
-    let shared = Shared { keys: keys.clone(), value: Vec::new(), contexts: RefCell::new(Vec::new()) };
+    let shared = Shared::new(keys.clone(), 0, false);
     let mut streams: Vec<Option<std::net::TcpStream>> = (0..topo.addrs.len()).map(|_| None).collect();
     let (mut most, mut multi) = (0u64, 0usize);
     let mut buf = Vec::new();
@@ -843,23 +878,33 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
                     .expect("spawning a generator thread")
             })
             .collect();
-        // CPU use over warmup + run, sampled once the load is done.
-        while load_done.get().is_none() && !handles.iter().all(|h| h.is_finished()) {
+        // CPU use over the measured window.
+        let running = |hs: &[std::thread::ScopedJoinHandle<'_, _>]| !hs.iter().all(|h| h.is_finished());
+        while timeline.get().is_none() && running(&handles) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let cpu_before = (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
-        let cpu_wall = Instant::now();
+        let sample = || (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
+        let mut cpu = [None; 4];
+        if let Some(tl) = timeline.get() {
+            let wait_until = |t: Instant| {
+                while Instant::now() < t && running(&handles) {
+                    std::thread::sleep((t - Instant::now()).min(Duration::from_millis(10)));
+                }
+            };
+            wait_until(tl.measure_from);
+            let (before, from) = (sample(), Instant::now());
+            wait_until(tl.measure_to);
+            let (after, wall) = (sample(), from.elapsed().as_secs_f64());
+            let percent = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
+            cpu = [
+                percent(before.0, after.0),
+                percent(before.1, after.1),
+                percent(before.2.map(|m| m.0), after.2.map(|m| m.0)),
+                percent(before.2.map(|m| m.1), after.2.map(|m| m.1)),
+            ];
+        }
         let results: Vec<anyhow::Result<ThreadResult>> =
             handles.into_iter().map(|h| h.join().expect("generator thread panicked")).collect();
-        let wall = cpu_wall.elapsed().as_secs_f64();
-        let cpu_after = (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
-        let percent = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
-        let cpu = [
-            percent(cpu_before.0, cpu_after.0),
-            percent(cpu_before.1, cpu_after.1),
-            percent(cpu_before.2.map(|m| m.0), cpu_after.2.map(|m| m.0)),
-            percent(cpu_before.2.map(|m| m.1), cpu_after.2.map(|m| m.1)),
-        ];
         (results, cpu)
     });
     let mut tally = Tally::new();
@@ -915,6 +960,8 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         load_ops_per_sec: load_seconds.map(|s| args.keys as f64 / s.max(1e-9)),
         generator_cpu_percent,
         server_cpu_percent,
+        generator_cpu_us_per_op: generator_cpu_percent.filter(|_| ops > 0).map(|p| p / 100.0 * secs * 1e6 / ops as f64),
+        server_cpu_us_per_op: server_cpu_percent.filter(|_| ops > 0).map(|p| p / 100.0 * secs * 1e6 / ops as f64),
         machine_busy_percent,
         machine_steal_percent,
     };
