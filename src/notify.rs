@@ -35,10 +35,44 @@ impl Notify {
             if self.generation.get() != seen {
                 Poll::Ready(())
             } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
+                // One registration per waiter: a future polled again (say,
+                // inside a `select` with a socket read) must not add another
+                // clone each time, or the list grows without bound until the
+                // next notify (glommio panics past 32767 clones of a waker).
+                let mut wakers = self.wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Context;
+
+    #[test]
+    fn repolling_a_waiter_registers_it_once() {
+        let n = Notify::default();
+        struct Nop;
+        impl std::task::Wake for Nop {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let waker = Waker::from(std::sync::Arc::new(Nop));
+        let mut cx = Context::from_waker(&waker);
+        let g = n.generation();
+        let mut fut = pin!(n.wait(g));
+        for _ in 0..100_000 {
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(n.wakers.borrow().len(), 1);
+        n.notify_all();
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
     }
 }

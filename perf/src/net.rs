@@ -989,3 +989,78 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(keys: u64) -> Shared {
+        Shared::new(Arc::new((0..keys).map(|i| format!("key:{i}").into_bytes()).collect()), 3, true)
+    }
+
+    #[test]
+    fn resp_requests_and_replies() {
+        let s = shared(12);
+        let mut out = Vec::new();
+        encode(Kind::Redis, &s, &mut out, 0, 0, Op::Set, 11);
+        encode(Kind::Redis, &s, &mut out, 1, 0, Op::Get, 0);
+        assert_eq!(out, b"*3\r\n$3\r\nSET\r\n$6\r\nkey:11\r\n$3\r\nxxx\r\n*2\r\n$3\r\nGET\r\n$5\r\nkey:0\r\n");
+        let d = decode_resp(b"+OK\r\n$3\r\nab").unwrap().unwrap();
+        assert_eq!((d.len, d.values, d.error.is_none()), (5, 1, true));
+        // A bulk reply is whole only with its payload and CRLF.
+        assert!(decode_resp(b"$3\r\nab").unwrap().is_none());
+        assert!(decode_resp(b"$3\r\nabc\r").unwrap().is_none());
+        let d = decode_resp(b"$3\r\nabc\r\n").unwrap().unwrap();
+        assert_eq!((d.len, d.values), (9, 1));
+        let d = decode_resp(b"$-1\r\n").unwrap().unwrap();
+        assert_eq!((d.len, d.values), (5, 0));
+        let d = decode_resp(b"-ERR no\r\n").unwrap().unwrap();
+        assert_eq!(d.error.as_deref(), Some("ERR no"));
+        assert!(decode_resp(b"?\r\n").is_err());
+    }
+
+    #[test]
+    fn gyre_replies_are_matched_by_id_and_carry_contexts() {
+        let mut out = Vec::new();
+        Response::Get { context: &[1, 1, 7, 0, 0, 0, 0, 0, 0, 0, 3], values: vec![b"a", b"b"] }.encode(&mut out, 42, 1);
+        let d = decode_gyre(&out).unwrap().unwrap();
+        assert_eq!((d.id, d.len, d.values), (Some(42), out.len(), 2));
+        assert_eq!(d.ctx.len(), 11);
+        assert!(decode_gyre(&out[..out.len() - 1]).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_newest_context_wins() {
+        let s = shared(2);
+        let clock = |n: u64| {
+            // A context of one actor (7) at counter n: format, count, actor, varint.
+            let mut ctx = vec![1, 1];
+            ctx.extend_from_slice(&7u64.to_le_bytes());
+            ctx.push(n as u8);
+            ctx
+        };
+        s.learn(0, &clock(3));
+        s.learn(0, &clock(2));
+        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().bytes, clock(3));
+        s.learn(0, &clock(4));
+        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().sum, 4);
+        assert!(s.contexts.borrow()[1].is_none());
+        let mut out = Vec::new();
+        encode(Kind::Gyre, &s, &mut out, 5, 1, Op::Set, 0);
+        let (h, total) = split_frame(&out, MAX_BODY_LEN).unwrap().unwrap();
+        assert_eq!((h.request_id, h.shard, total), (5, 1, out.len()));
+        let Request::Put { key, context, value } = Request::decode(h.opcode, &out[HEADER_LEN..]).unwrap() else {
+            panic!("not a PUT")
+        };
+        assert_eq!((key, context, value), (&b"key:0"[..], &clock(4)[..], &b"xxx"[..]));
+    }
+
+    #[test]
+    fn one_write_per_key_in_flight() {
+        let s = shared(1);
+        assert!(s.begin_write(0));
+        assert!(!s.begin_write(0));
+        s.end_write(0);
+        assert!(s.begin_write(0));
+    }
+}
