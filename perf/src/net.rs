@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use gyre::core::partition::{key_hash, partition_of};
+use gyre::core::partition::shard_of;
 use gyre::core::version::Clock;
 use gyre::wire::{split_frame, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 use hdrhistogram::Histogram;
@@ -191,7 +191,7 @@ impl Topology {
     fn owner(&self, key: &[u8]) -> usize {
         match self.kind {
             Kind::Redis => 0,
-            Kind::Gyre => partition_of(key_hash(key), self.partitions) as usize % self.addrs.len(),
+            Kind::Gyre => shard_of(key, self.partitions, self.addrs.len()),
         }
     }
 }

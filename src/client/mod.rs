@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::core::partition::{key_hash, partition_of};
+use crate::core::partition;
 use crate::core::version::MAX_CONTEXT_LEN;
 use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
 use crate::wire::{
@@ -380,7 +380,7 @@ impl Client {
 
     /// The shard that owns `key` on this node.
     pub fn shard_of(&self, key: &[u8]) -> usize {
-        partition_of(key_hash(key), self.info.partitions) as usize % self.info.ports.len()
+        partition::shard_of(key, self.info.partitions, self.info.ports.len())
     }
 
     fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {

@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{check_request, ClientConfig, ClientError, Context, Put, Reply, Result, Versions, MAX_UPDATE_ATTEMPTS};
-use crate::core::partition::{key_hash, partition_of};
+use crate::core::partition;
 use crate::wire::{split_frame, NodeInfo, Request, Response, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT};
 
 /// Free space the reader makes before each read.
@@ -103,7 +103,7 @@ impl AsyncClient {
     /// The shard that owns `key` on this node.
     pub fn shard_of(&self, key: &[u8]) -> usize {
         let info = &self.inner.info;
-        partition_of(key_hash(key), info.partitions) as usize % info.ports.len()
+        partition::shard_of(key, info.partitions, info.ports.len())
     }
 
     fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {

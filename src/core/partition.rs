@@ -33,6 +33,15 @@ pub fn partition_of(hash: u64, partitions: u32) -> u32 {
     (hash >> (64 - partitions.trailing_zeros())) as u32
 }
 
+/// The shard of a node that owns `key`: partition `p` belongs to shard
+/// `p mod shards`. The node routes by this and shard-aware clients connect
+/// by it, so it is written once, here.
+#[inline]
+pub fn shard_of(key: &[u8], partitions: u32, shards: usize) -> usize {
+    debug_assert!(shards > 0);
+    partition_of(key_hash(key), partitions) as usize % shards
+}
+
 /// Checks a configured partition count.
 pub fn validate_partitions(partitions: u32) -> Result<(), String> {
     if !partitions.is_power_of_two() || partitions > MAX_PARTITIONS {

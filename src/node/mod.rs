@@ -35,7 +35,7 @@ use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
-use crate::core::partition::{key_hash, partition_of};
+use crate::core::partition::shard_of;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
@@ -117,7 +117,7 @@ struct ReplySlot {
 impl Shard {
     /// The shard that owns `key`.
     fn owner(&self, key: &[u8]) -> usize {
-        partition_of(key_hash(key), self.partitions) as usize % self.shards
+        shard_of(key, self.partitions, self.shards)
     }
 
     fn is_shutting_down(&self) -> bool {
