@@ -131,22 +131,25 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         out.changed.wait(g).await;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
-                    if let Err(e) = Request::decode(header.opcode, body) {
-                        let reply = shard.request_error_frame(header.request_id, &e);
-                        out.start();
-                        if !e.keeps_connection() {
+                    let owner = match Request::decode(header.opcode, body) {
+                        Ok(req) => req.key().map_or(shard.id, |k| shard.owner(k)),
+                        Err(e) => {
+                            let reply = shard.request_error_frame(header.request_id, &e);
+                            out.start();
+                            if !e.keeps_connection() {
+                                out.push(&reply);
+                                tracing::debug!(error = %e, "closing a connection after a malformed request");
+                                break 'read;
+                            }
+                            start += total;
                             out.push(&reply);
-                            tracing::debug!(error = %e, "closing a connection after a malformed request");
-                            break 'read;
+                            continue;
                         }
-                        start += total;
-                        out.push(&reply);
-                        continue;
-                    }
+                    };
                     let frame = buf[start..start + total].to_vec();
                     start += total;
                     out.start();
-                    let mut fut = Box::pin(shard.clone().dispatch(header, frame));
+                    let mut fut = Box::pin(shard.clone().dispatch(header, frame, owner));
                     // Most requests complete without waiting (cache hits,
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {

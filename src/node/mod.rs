@@ -143,15 +143,11 @@ impl Shard {
         out
     }
 
-    /// Routes one well-framed request (`frame` = header + body) and returns
-    /// the encoded reply frame.
-    async fn dispatch(self: Rc<Self>, header: Header, frame: Vec<u8>) -> Vec<u8> {
+    /// Runs one validated request (`frame` = header + body) here or on
+    /// its `owner` shard and returns the encoded reply frame.
+    async fn dispatch(self: Rc<Self>, header: Header, frame: Vec<u8>, owner: usize) -> Vec<u8> {
         let deadline =
             (header.deadline_us > 0).then(|| Instant::now() + Duration::from_micros(header.deadline_us as u64));
-        let owner = match Request::decode(header.opcode, &frame[HEADER_LEN..]) {
-            Ok(req) => req.key().map_or(self.id, |k| self.owner(k)),
-            Err(e) => return self.error_frame(header.request_id, e.code(), &e.to_string()),
-        };
         if owner == self.id {
             return self.execute(header, &frame, deadline).await;
         }
