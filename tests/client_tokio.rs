@@ -1,55 +1,21 @@
 //! The async client against a real node process (`gyre node`, two shards).
 #![cfg(feature = "tokio")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::Node;
 use gyre::client::tokio::AsyncClient;
 use gyre::client::{ClientConfig, ClientError, Context};
 
-/// A running node; killed (and its data removed) when dropped.
-struct Node {
-    child: Child,
-    addrs: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn start() -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
-            .args(["node", "--listen", "127.0.0.1:0", "--shards", "2", "--fsync", "never", "--no-pin"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting gyre node");
-        let stdout = child.stdout.take().expect("piped stdout");
-        // Read the ready line on a thread so a node that never starts fails
-        // the test instead of hanging it.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut node = Node { child, addrs: Vec::new(), _dir: dir };
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the node did not report ready");
-        let (_, addrs) = line.trim().split_once(" ready: ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        node.addrs = addrs.split_whitespace().map(str::to_string).collect();
-        assert_eq!(node.addrs.len(), 2, "{line:?}");
-        node
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A two-shard node on a fresh data directory. Bind as `(_dir, node)` so
+/// the node is stopped before its directory is removed.
+fn start() -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    assert_eq!(node.addrs.len(), 2);
+    (dir, node)
 }
 
 fn config() -> ClientConfig {
@@ -62,7 +28,7 @@ async fn connect(node: &Node, which: usize) -> AsyncClient {
 
 #[tokio::test]
 async fn roundtrip_ping_and_stats() {
-    let node = Node::start();
+    let (_dir, node) = start();
     let client = connect(&node, 1).await;
     assert_eq!(client.node_info().ports.len(), 2);
     assert_eq!(client.ping().await.expect("ping").node_id, client.node_info().node_id);
@@ -86,7 +52,7 @@ async fn roundtrip_ping_and_stats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_concurrent_tasks_share_the_client() {
-    let node = Node::start();
+    let (_dir, node) = start();
     let client = connect(&node, 0).await;
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -119,7 +85,7 @@ async fn many_concurrent_tasks_share_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_make_siblings_and_update_collapses_them() {
-    let node = Node::start();
+    let (_dir, node) = start();
     let client = connect(&node, 0).await;
     client.put(b"counter", b"1", &Context::default()).await.unwrap();
     let seen = client.get(b"counter").await.unwrap();
@@ -143,7 +109,7 @@ async fn concurrent_writers_make_siblings_and_update_collapses_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_node_gives_errors_not_hangs() {
-    let mut node = Node::start();
+    let (_dir, mut node) = start();
     let client = connect(&node, 0).await;
     client.put(b"k", b"v", &Context::default()).await.unwrap();
     // Tasks busy reading when the node dies.
