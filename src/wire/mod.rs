@@ -639,6 +639,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The checks the decoder must pass on any input, shared by the cargo-fuzz
+/// target (`fuzz/`) and the property tests (`tests/wire_fuzz.rs`): frames
+/// are split off `data` one by one; every request that decodes re-encodes
+/// to exactly its bytes, every reply to its length. Panics on a violation.
+#[doc(hidden)]
+pub fn check_decoder(data: &[u8]) {
+    let mut at = 0;
+    while let Ok(Some((header, total))) = split_frame(&data[at..], MAX_BODY_LEN) {
+        let body = &data[at + HEADER_LEN..at + total];
+        if let Ok(req) = Request::decode(header.opcode, body) {
+            let mut out = Vec::new();
+            req.encode(&mut out, header.request_id, header.shard, header.deadline_us);
+            assert_eq!(&out[..], &data[at..at + total], "a request re-encodes to its bytes");
+        }
+        if let Ok(resp) = Response::decode(header.opcode, body) {
+            let mut out = Vec::new();
+            resp.encode(&mut out, header.request_id, header.shard);
+            assert_eq!(out.len(), total, "a reply re-encodes to its length");
+        }
+        at += total;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
