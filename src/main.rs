@@ -67,6 +67,17 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Start a local cluster: one `gyre node` process per node on 127.0.0.1,
+    /// 127.0.0.2, ... (port 7700), all stopped on Ctrl-C or SIGTERM.
+    Dev(DevArgs),
+    /// Print a cluster's ring: members, partitions owned, replica load.
+    Ring {
+        /// Read the ring from this cluster file instead of asking a node.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print one shard's counters (JSON).
     Stats {
         #[arg(long, default_value_t = 0)]
@@ -158,6 +169,40 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
+        Command::Dev(args) => dev(args),
+        Command::Ring { cluster, client } => {
+            let (ring, n) = match cluster {
+                Some(path) => {
+                    let file = gyre::node::cluster::ClusterFile::load(&path)?;
+                    (file.ring()?, file.n)
+                }
+                None => {
+                    let view = connect(&client)?.fetch_ring()?;
+                    (view.ring, view.n as usize)
+                }
+            };
+            if client.json {
+                let members: Vec<_> = ring
+                    .members()
+                    .iter()
+                    .zip(ring.owned_counts())
+                    .zip(ring.replica_counts(n))
+                    .map(|((m, owned), replicas)| {
+                        serde_json::json!({
+                            "name": m.name, "addr": m.addr.to_string(), "zone": m.zone,
+                            "partitions": owned, "replica_partitions": replicas,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "version": ring.version(), "partitions": ring.partitions(), "n": n, "members": members,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", ring.describe(n));
+            }
+            Ok(())
+        }
         Command::Check { data_dir } => check(data_dir),
         Command::StorageWriter { data_dir, fsync, writers, value_size, segment_size } => {
             let config = EngineConfig { fsync, segment_size, max_value_len: 64 * 1024, ..Default::default() };
@@ -189,6 +234,38 @@ struct NodeArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Cluster file: run as a member of that cluster (see `gyre dev`).
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// This node's name in the cluster file [default: the node whose address is --listen].
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Directory of the cluster file and of each node's data (DIR/n1, ...).
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Port of every node (each has its own loopback address).
+    #[arg(long, default_value_t = 7700)]
+    port: u16,
+    /// Shards per node [default: cores / nodes, at least 1].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Replicas per key, and the default read and write quorums.
+    #[arg(short = 'n', long, default_value_t = 3)]
+    replicas: usize,
+    #[arg(short = 'r', long, default_value_t = 2)]
+    read_quorum: usize,
+    #[arg(short = 'w', long, default_value_t = 2)]
+    write_quorum: usize,
+    /// Durability of each node: always | interval(MS) | never.
+    #[arg(long, default_value = "always")]
+    fsync: FsyncPolicy,
 }
 
 fn node(args: NodeArgs) -> anyhow::Result<()> {
@@ -202,6 +279,12 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
     config.pin &= !args.no_pin;
+    config.cluster = args.cluster.or(config.cluster);
+    config.name = args.name.or(config.name);
+    if config.cluster.is_some() && args.listen.is_none() {
+        // The cluster file says where this node listens.
+        config.listen = DEFAULT_LISTEN.parse().expect("valid default");
+    }
     let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
@@ -214,6 +297,116 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
     })?;
     eprintln!("gyre node stopped cleanly");
+    Ok(())
+}
+
+/// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
+/// process per member, prints where they are, and stops them all on
+/// SIGINT or SIGTERM.
+fn dev(args: DevArgs) -> anyhow::Result<()> {
+    use gyre::node::cluster::{ClusterFile, NodeEntry};
+    if args.nodes == 0 || args.nodes > 250 {
+        bail!("--nodes must be between 1 and 250 (one loopback address each)");
+    }
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let path = args.data_dir.join("cluster.toml");
+    let file = if path.exists() {
+        let file = ClusterFile::load(&path)?;
+        if file.nodes.len() != args.nodes {
+            bail!(
+                "{} describes a {}-node cluster, not {}; use another --data-dir or remove it",
+                path.display(),
+                file.nodes.len(),
+                args.nodes
+            );
+        }
+        file
+    } else {
+        let nodes = (1..=args.nodes)
+            .map(|i| NodeEntry {
+                name: format!("n{i}"),
+                addr: std::net::SocketAddr::from(([127, 0, 0, i as u8], args.port)),
+                zone: None,
+            })
+            .collect();
+        let file = ClusterFile {
+            partitions: gyre::core::partition::DEFAULT_PARTITIONS,
+            n: args.replicas.min(args.nodes),
+            r: args.read_quorum.min(args.nodes),
+            w: args.write_quorum.min(args.nodes),
+            nodes,
+            namespaces: Vec::new(),
+        };
+        file.validate()?;
+        std::fs::write(&path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+        file
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
+    let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
+    }
+    let exe = std::env::current_exe().context("finding the gyre executable")?;
+    let mut children: Vec<(String, std::process::Child)> = Vec::new();
+    let stop_all = |children: &mut Vec<(String, std::process::Child)>| {
+        for (_, c) in children.iter() {
+            // SAFETY: kill(2) on a child we started; no memory is involved.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for (name, c) in children.iter_mut() {
+            match c.wait() {
+                Ok(s) if s.success() => eprintln!("gyre dev: {name} stopped"),
+                Ok(s) => eprintln!("gyre dev: {name} exited with {s}"),
+                Err(e) => eprintln!("gyre dev: waiting for {name}: {e}"),
+            }
+        }
+    };
+    for node in &file.nodes {
+        let data = args.data_dir.join(&node.name);
+        let mut child = std::process::Command::new(&exe)
+            .args(["node", "--cluster"])
+            .arg(&path)
+            .args(["--name", &node.name, "--data-dir"])
+            .arg(&data)
+            .args(["--shards", &shards.to_string(), "--fsync", &args.fsync.to_string(), "--no-pin"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting node {}", node.name))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let ready = lines.next().and_then(Result::ok).filter(|l| l.contains(" ready: "));
+        children.push((node.name.clone(), child));
+        let Some(ready) = ready else {
+            stop_all(&mut children);
+            bail!("node {} did not start (its log is above)", node.name);
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        eprintln!("gyre dev: {} {ready}", node.name);
+    }
+    let addrs: Vec<String> = file.nodes.iter().map(|n| n.addr.to_string()).collect();
+    println!("gyre dev ready: {}", addrs.join(" "));
+    println!(
+        "{} nodes, N={} R={} W={}, cluster file {}; try: gyre put hello world --node {}",
+        file.nodes.len(),
+        file.n,
+        file.r,
+        file.w,
+        path.display(),
+        addrs[0]
+    );
+    let _ = std::io::stdout().flush();
+    while !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+        for (name, c) in children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!("gyre dev: node {name} exited ({status}); the others keep running");
+            }
+        }
+        children.retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("gyre dev: stopping {} nodes", children.len());
+    stop_all(&mut children);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! A single-threaded broadcast notification for async tasks on one
-//! executor (a shard is one thread, so no atomics and no locks).
+//! executor (a shard is one thread, so no atomics and no locks), and a
+//! one-value slot built on it.
 //!
 //! Invariant: a waiter that read generation `g` before checking its
 //! condition is woken by any `notify_all` after that read, so a wake-up
@@ -47,6 +48,37 @@ impl Notify {
             }
         })
         .await
+    }
+}
+
+/// Where one task leaves a value for another (a reply for its request).
+pub struct Slot<T> {
+    value: RefCell<Option<T>>,
+    ready: Notify,
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot { value: RefCell::new(None), ready: Notify::default() }
+    }
+}
+
+impl<T> Slot<T> {
+    /// Leaves `value` (replacing one not yet taken) and wakes the taker.
+    pub fn set(&self, value: T) {
+        *self.value.borrow_mut() = Some(value);
+        self.ready.notify_all();
+    }
+
+    /// Waits for a value and takes it.
+    pub async fn take(&self) -> T {
+        loop {
+            let g = self.ready.generation();
+            if let Some(v) = self.value.borrow_mut().take() {
+                return v;
+            }
+            self.ready.wait(g).await;
+        }
     }
 }
 

@@ -17,7 +17,8 @@
 
 use thiserror::Error;
 
-use crate::core::version::{Actor, Clock, VersionError, VersionSet};
+use crate::core::coord::apply_replica_put;
+use crate::core::version::{decode_context, Actor, Clock, VersionError, VersionSet};
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, StorageError};
 
@@ -43,12 +44,14 @@ pub enum StoreError {
     Storage(#[from] StorageError),
 }
 
-/// The result of a write: the context of the new version, and how many
-/// live values the key has now (more than one: a concurrent write).
+/// The result of a write: the context of the new version, how many live
+/// values the key has now (more than one: a concurrent write), and the
+/// whole stored set (what a coordinator sends to the other replicas).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
     pub context: Clock,
     pub siblings: usize,
+    pub set: VersionSet,
 }
 
 /// One shard's key-value store.
@@ -95,7 +98,7 @@ impl<B: Backend> Store<B> {
         value: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Written, StoreError> {
-        let ctx = Clock::decode(context).map_err(StoreError::InvalidContext)?;
+        let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
         if let Some(v) = value {
             if v.len() > self.max_value_len {
                 return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
@@ -107,16 +110,47 @@ impl<B: Backend> Store<B> {
                 e @ VersionError::TooManySiblings { .. } => StoreError::TooManySiblings(e),
                 e => StoreError::InvalidContext(e),
             })?;
-            let max = self.engine.config().max_value_len;
-            let len = set.encoded_value_len();
-            if len > max {
-                return Err(StoreError::ObjectTooLarge { len, max });
-            }
-            let (meta, bytes) = set.encode();
-            let kind = if set.all_tombstones() { Kind::Tombstone } else { Kind::Value };
-            if self.engine.put_if(kind, key, &meta, &bytes, now_ms, id).await?.is_some() {
+            if self.write_if(key, &set, id, now_ms).await? {
                 let siblings = set.live_values().count();
-                return Ok(Written { context: set.clock().clone(), siblings });
+                return Ok(Written { context: set.clock().clone(), siblings, set });
+            }
+        }
+        Err(StoreError::Contended)
+    }
+
+    /// Stores `set` if the key still holds record `id` (the one it was
+    /// read from); false if another write came first.
+    async fn write_if(
+        &self,
+        key: &[u8],
+        set: &VersionSet,
+        id: Option<crate::storage::RecordId>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let max = self.engine.config().max_value_len;
+        let len = set.encoded_value_len();
+        if len > max {
+            return Err(StoreError::ObjectTooLarge { len, max });
+        }
+        let (meta, bytes) = set.encode();
+        let kind = if set.all_tombstones() { Kind::Tombstone } else { Kind::Value };
+        Ok(self.engine.put_if(kind, key, &meta, &bytes, now_ms, id).await?.is_some())
+    }
+
+    /// Replica sync: merges `incoming` (another replica's set) into the
+    /// stored one, with the same read-check-append cycle as [`Self::put`].
+    /// Returns whether anything changed (nothing is written otherwise).
+    pub async fn merge(&self, key: &[u8], incoming: &VersionSet, now_ms: u64) -> Result<bool, StoreError> {
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let (set, id) = self.read(key).await?;
+            let local = id.map(|_| set);
+            let merged = match apply_replica_put(local, incoming) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(StoreError::TooManySiblings(e)),
+            };
+            if self.write_if(key, &merged, id, now_ms).await? {
+                return Ok(true);
             }
         }
         Err(StoreError::Contended)

@@ -2,10 +2,17 @@
 //! an async one over tokio (feature `tokio`). Neither needs glommio, so
 //! this module builds with `default-features = false` on any platform.
 //!
-//! Owns: connections to a node's shards, request ids, request timeouts,
-//! shard-aware routing (hash the key as the node does, send it straight to
-//! the owning shard's port, learnt from a PING), and the get-merge-put
-//! helper [`Client::update`].
+//! Owns: connections to the shards of the nodes it talks to, request ids,
+//! request timeouts, routing, and the get-merge-put helper
+//! [`Client::update`].
+//!
+//! Routing: with [`Routing::Client`] (the default) the client fetches the
+//! cluster's ring (a RING request), hashes the key, and sends the request
+//! straight to a replica from the key's preference list (a write to the
+//! replica its context names as the fastest reader), to the shard that
+//! owns the key there (shard ports come from a PING). A reply flagged
+//! STALE_ROUTE makes it fetch the ring again. With [`Routing::Server`],
+//! or against a lone node, everything goes to the node given.
 //!
 //! Invariant: a request is checked against the protocol's limits before
 //! anything is sent, a connection that saw an I/O or protocol error is
@@ -25,10 +32,12 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::core::partition;
+use crate::core::ring::{MemberIdx, Ring};
+use crate::core::version::decode_context;
 use crate::core::version::MAX_CONTEXT_LEN;
 use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
 use crate::wire::{
-    split_frame, ErrorCode, NodeInfo, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
+    flags, split_frame, ErrorCode, NodeInfo, Quorum, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
 };
 
 /// Get-merge-put rounds [`Client::update`] makes before giving up.
@@ -129,6 +138,13 @@ pub enum Reply {
     Get(Versions),
     Put(Put),
     Delete(Context),
+    /// The cluster's default quorum and its encoded ring.
+    Ring {
+        n: u8,
+        r: u8,
+        w: u8,
+        ring: Vec<u8>,
+    },
 }
 
 impl Reply {
@@ -144,6 +160,10 @@ impl Reply {
                 Reply::Put(Put { context: Context(context.to_vec()), siblings: siblings as usize })
             }
             Response::Delete { context } => Reply::Delete(Context(context.to_vec())),
+            Response::Ring { n, r, w, ring } => Reply::Ring { n, r, w, ring: ring.to_vec() },
+            Response::ReplicaGet { .. } | Response::ReplicaPut => {
+                return Err(ClientError::Invalid("a replica message reached a client".into()))
+            }
             Response::Error { code, message } => {
                 return Err(ClientError::Server { code, message: message.to_string() })
             }
@@ -189,6 +209,8 @@ pub struct ClientConfig {
     /// Send each key straight to the shard that owns it (otherwise every
     /// request goes to the address given and the node forwards it).
     pub shard_aware: bool,
+    /// Route by the cluster's ring, or let the node given coordinate.
+    pub routing: Routing,
 }
 
 impl Default for ClientConfig {
@@ -197,6 +219,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             shard_aware: true,
+            routing: Routing::Client,
         }
     }
 }
@@ -216,6 +239,9 @@ pub struct Connection {
     /// Set after any I/O or protocol error: the stream's position in the
     /// frame sequence is unknown, so it must not be used again.
     broken: bool,
+    /// A reply came flagged STALE_ROUTE (the node was not a replica of its
+    /// key): the client's ring is out of date. Cleared by whoever acts on it.
+    pub stale_route: bool,
 }
 
 impl Connection {
@@ -233,6 +259,7 @@ impl Connection {
             next_id: 1,
             timeout: config.request_timeout,
             broken: false,
+            stale_route: false,
         })
     }
 
@@ -247,13 +274,18 @@ impl Connection {
     /// Queues a request for `shard` (`ANY_SHARD`: let the node route) and
     /// returns its id; it is written by the next `flush` or `recv`.
     pub fn send(&mut self, req: &Request<'_>, shard: u16) -> Result<u64> {
+        self.send_with(req, shard, Quorum::default())
+    }
+
+    /// [`Self::send`] with R/W overrides for a GET, PUT or DELETE.
+    pub fn send_with(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<u64> {
         check_request(req)?;
         let id = self.next_id;
         self.next_id += 1;
         // The node drops the request instead of running it once the client
         // has stopped waiting for it.
         let deadline_us = self.timeout.as_micros().min(u32::MAX as u128) as u32;
-        req.encode(&mut self.wbuf, id, shard, deadline_us);
+        req.encode_with(&mut self.wbuf, id, shard, deadline_us, quorum);
         Ok(id)
     }
 
@@ -295,6 +327,7 @@ impl Connection {
                         Err(e) => return Err(self.protocol(e)),
                     };
                     self.rbuf.drain(..total);
+                    self.stale_route |= header.flags & flags::STALE_ROUTE != 0;
                     return Ok((header.request_id, reply));
                 }
                 Ok(None) => {}
@@ -319,7 +352,12 @@ impl Connection {
 
     /// Sends one request and waits for its reply.
     pub fn call(&mut self, req: &Request<'_>, shard: u16) -> Result<Reply> {
-        let id = self.send(req, shard)?;
+        self.call_with(req, shard, Quorum::default())
+    }
+
+    /// [`Self::call`] with R/W overrides.
+    pub fn call_with(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<Reply> {
+        let id = self.send_with(req, shard, quorum)?;
         let (got, reply) = self.recv()?;
         if got != id {
             return Err(self.protocol(format!("reply to request {got} while waiting for {id}")));
@@ -328,15 +366,116 @@ impl Connection {
     }
 }
 
-/// A blocking client of one node, with one reused connection per shard.
-pub struct Client {
-    config: ClientConfig,
-    /// The address given; requests go here when not shard-aware.
+/// One node as the client sees it: its shard layout and a reused
+/// connection per shard.
+struct NodeConns {
     addr: SocketAddr,
     info: NodeInfo,
     /// One slot per shard (index = shard id), or a single slot when not
     /// shard-aware.
     conns: Vec<Option<Connection>>,
+}
+
+impl NodeConns {
+    /// Connects to a node and learns its shard layout with a PING.
+    fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<NodeConns> {
+        let mut conn = Connection::connect(addr, config)?;
+        let info = match conn.call(&Request::Ping, ANY_SHARD)? {
+            Reply::Pong(info) => info,
+            other => return Err(conn.protocol(format!("PING answered with {other:?}"))),
+        };
+        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
+            return Err(conn.protocol(format!("implausible node info {info:?}")));
+        }
+        let slots = if config.shard_aware { info.ports.len() } else { 1 };
+        let mut conns: Vec<Option<Connection>> = (0..slots).map(|_| None).collect();
+        let first = if config.shard_aware { info.shard as usize } else { 0 };
+        if first < conns.len() {
+            conns[first] = Some(conn);
+        }
+        Ok(NodeConns { addr, info, conns })
+    }
+
+    fn slot_for(&self, key: Option<&[u8]>, shard_aware: bool) -> (usize, u16) {
+        match key {
+            Some(k) if shard_aware => {
+                let s = partition::shard_of(k, self.info.partitions, self.info.ports.len());
+                (s, s as u16)
+            }
+            _ => (0, ANY_SHARD),
+        }
+    }
+
+    fn conn(&mut self, slot: usize, config: &ClientConfig) -> Result<&mut Connection> {
+        if self.conns[slot].as_ref().is_some_and(Connection::is_broken) {
+            self.conns[slot] = None;
+        }
+        if self.conns[slot].is_none() {
+            let addr =
+                if config.shard_aware { SocketAddr::new(self.addr.ip(), self.info.ports[slot]) } else { self.addr };
+            self.conns[slot] = Some(Connection::connect(addr, config)?);
+        }
+        Ok(self.conns[slot].as_mut().expect("connected above"))
+    }
+
+    /// Sends one request to the right shard; reads are retried once on a
+    /// fresh connection after an I/O error. Also returns whether the reply
+    /// said the client's ring is stale.
+    fn call(&mut self, req: &Request<'_>, quorum: Quorum, config: &ClientConfig) -> (Result<Reply>, bool) {
+        let (slot, shard) = self.slot_for(req.key(), config.shard_aware);
+        let retry = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring);
+        let mut once = || -> Result<(Reply, bool)> {
+            let c = self.conn(slot, config)?;
+            let reply = c.call_with(req, shard, quorum);
+            let stale = std::mem::take(&mut c.stale_route);
+            reply.map(|r| (r, stale))
+        };
+        let res = match once() {
+            Err(ClientError::Io { .. }) if retry => once(),
+            other => other,
+        };
+        match res {
+            Ok((r, stale)) => (Ok(r), stale),
+            Err(e) => (Err(e), false),
+        }
+    }
+}
+
+/// How a client picks the node for a key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// Fetch the cluster's ring and send each request straight to a
+    /// replica of its key (to the owning shard), as Dynamo's
+    /// client-driven coordination. A lone node is its own replica.
+    #[default]
+    Client,
+    /// Send everything to the node given; it coordinates or forwards, as
+    /// behind a load balancer.
+    Server,
+}
+
+/// The ring as a client uses it.
+#[derive(Clone, Debug)]
+pub struct RingView {
+    pub ring: Ring,
+    /// Replicas per key, and the cluster's default quorums.
+    pub n: u8,
+    pub r: u8,
+    pub w: u8,
+}
+
+/// A blocking client of a node or of a cluster, with one reused
+/// connection per shard of each node it talks to.
+pub struct Client {
+    config: ClientConfig,
+    /// The node given to `connect`.
+    seed: NodeConns,
+    /// The cluster's ring, when routing by it.
+    ring: Option<RingView>,
+    /// Connections to ring members, by member index.
+    members: Vec<Option<NodeConns>>,
+    /// R/W overrides sent with every GET, PUT and DELETE.
+    quorum: Quorum,
 }
 
 /// Resolves `addr` ("host:port") to its first socket address.
@@ -353,70 +492,120 @@ impl Client {
         Client::connect_with(addr, ClientConfig::default())
     }
 
-    /// Connects to a node and learns its shard layout with a PING.
+    /// Connects to a node, learns its shard layout with a PING and, when
+    /// routing by the ring, fetches the cluster's ring (a lone node has
+    /// none: every request then goes to it).
     pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client> {
-        let addr = resolve(addr)?;
-        let mut conn = Connection::connect(addr, &config)?;
-        let info = match conn.call(&Request::Ping, ANY_SHARD)? {
-            Reply::Pong(info) => info,
-            other => return Err(conn.protocol(format!("PING answered with {other:?}"))),
-        };
-        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
-            return Err(conn.protocol(format!("implausible node info {info:?}")));
+        let seed = NodeConns::connect(resolve(addr)?, &config)?;
+        let mut client = Client { config, seed, ring: None, members: Vec::new(), quorum: Quorum::default() };
+        if client.config.routing == Routing::Client {
+            client.refresh_ring()?;
         }
-        let slots = if config.shard_aware { info.ports.len() } else { 1 };
-        let mut conns: Vec<Option<Connection>> = (0..slots).map(|_| None).collect();
-        let first = if config.shard_aware { info.shard as usize } else { 0 };
-        if first < conns.len() {
-            conns[first] = Some(conn);
-        }
-        Ok(Client { config, addr, info, conns })
+        Ok(client)
     }
 
-    /// The node's identity and shard ports.
-    pub fn node_info(&self) -> &NodeInfo {
-        &self.info
+    /// Sets R/W overrides for every later GET, PUT and DELETE (0: the
+    /// namespace's default).
+    pub fn set_quorum(&mut self, quorum: Quorum) {
+        self.quorum = quorum;
     }
 
-    /// The shard that owns `key` on this node.
-    pub fn shard_of(&self, key: &[u8]) -> usize {
-        partition::shard_of(key, self.info.partitions, self.info.ports.len())
-    }
-
-    fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {
-        match key {
-            Some(k) if self.config.shard_aware => {
-                let s = self.shard_of(k);
-                (s, s as u16)
+    /// Asks the seed node for the cluster's ring.
+    pub fn fetch_ring(&mut self) -> Result<RingView> {
+        match self.seed.call(&Request::Ring, Quorum::default(), &self.config).0? {
+            Reply::Ring { n, r, w, ring } => {
+                let ring = Ring::decode(&ring)
+                    .map_err(|e| ClientError::Protocol { addr: self.seed.addr, reason: format!("bad ring: {e}") })?;
+                Ok(RingView { ring, n, r, w })
             }
-            _ => (0, ANY_SHARD),
+            other => Err(self.unexpected(other)),
         }
     }
 
-    fn conn(&mut self, slot: usize) -> Result<&mut Connection> {
-        if self.conns[slot].as_ref().is_some_and(Connection::is_broken) {
-            self.conns[slot] = None;
+    /// Fetches the ring again (after a node said it is stale); a lone
+    /// node leaves the client without one.
+    pub fn refresh_ring(&mut self) -> Result<()> {
+        match self.fetch_ring() {
+            Ok(view) => {
+                if self.ring.as_ref().is_none_or(|old| old.ring != view.ring) {
+                    self.members = (0..view.ring.members().len()).map(|_| None).collect();
+                }
+                self.ring = Some(view);
+                Ok(())
+            }
+            Err(ClientError::Server { code: ErrorCode::NotClustered, .. }) => {
+                self.ring = None;
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        if self.conns[slot].is_none() {
-            let addr = if self.config.shard_aware {
-                SocketAddr::new(self.addr.ip(), self.info.ports[slot])
-            } else {
-                self.addr
-            };
-            self.conns[slot] = Some(Connection::connect(addr, &self.config)?);
-        }
-        Ok(self.conns[slot].as_mut().expect("connected above"))
     }
 
-    /// Sends one request to the right shard; reads are retried once on a
-    /// fresh connection after an I/O error.
+    /// The ring the client routes by, if any.
+    pub fn ring(&self) -> Option<&RingView> {
+        self.ring.as_ref()
+    }
+
+    /// The seed node's identity and shard ports.
+    pub fn node_info(&self) -> &NodeInfo {
+        &self.seed.info
+    }
+
+    /// The shard that owns `key` on the seed node.
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        partition::shard_of(key, self.seed.info.partitions, self.seed.info.ports.len())
+    }
+
+    /// The members to try for `req`, best first: a write's hinted
+    /// coordinator (the replica that answered its read fastest), then the
+    /// key's preference list.
+    fn targets(&self, req: &Request<'_>) -> Vec<MemberIdx> {
+        let (Some(view), Some(key)) = (&self.ring, req.key()) else { return Vec::new() };
+        let prefs = view.ring.preference_list(view.ring.partition_of_key(key), view.n as usize);
+        let hint = match req {
+            Request::Put { context, .. } | Request::Delete { context, .. } => {
+                decode_context(context).ok().and_then(|(_, h)| h).filter(|h| prefs.contains(h))
+            }
+            _ => None,
+        };
+        hint.into_iter().chain(prefs.into_iter().filter(|m| Some(*m) != hint)).collect()
+    }
+
+    /// Sends one request: by the ring to a replica of its key when the
+    /// client has one (moving on to the next replica only when one cannot
+    /// be connected to, so a write is never sent twice), else to the seed.
     pub fn call(&mut self, req: &Request<'_>) -> Result<Reply> {
-        let (slot, shard) = self.slot_for(req.key());
-        let retry = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats);
-        match self.conn(slot)?.call(req, shard) {
-            Err(ClientError::Io { .. }) if retry => self.conn(slot)?.call(req, shard),
-            other => other,
+        let targets = self.targets(req);
+        let (reply, stale) = if targets.is_empty() {
+            self.seed.call(req, self.quorum, &self.config)
+        } else {
+            let mut last = None;
+            let mut result = None;
+            for m in targets {
+                if self.members[m as usize].is_none() {
+                    let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
+                    match NodeConns::connect(addr, &self.config) {
+                        Ok(n) => self.members[m as usize] = Some(n),
+                        Err(e) => {
+                            last = Some(e);
+                            continue;
+                        }
+                    }
+                }
+                let node = self.members[m as usize].as_mut().expect("connected above");
+                result = Some(node.call(req, self.quorum, &self.config));
+                break;
+            }
+            match result {
+                Some(r) => r,
+                None => (Err(last.expect("at least one target was tried")), false),
+            }
+        };
+        if stale {
+            // Best effort: the reply itself is good either way.
+            let _ = self.refresh_ring();
         }
+        reply
     }
 
     /// Every concurrent value of `key` and the context to write back with.
@@ -462,12 +651,13 @@ impl Client {
         Err(ClientError::Conflict { attempts: MAX_UPDATE_ATTEMPTS, siblings })
     }
 
-    /// Pipelined gets: every request is sent before any reply is read.
+    /// Pipelined gets to the seed node: every request is sent before any
+    /// reply is read.
     pub fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Result<Versions>>> {
         let mut ids = Vec::with_capacity(keys.len());
         for k in keys {
-            let (slot, shard) = self.slot_for(Some(k));
-            let id = self.conn(slot)?.send(&Request::Get { key: k }, shard)?;
+            let (slot, shard) = self.seed.slot_for(Some(k), self.config.shard_aware);
+            let id = self.seed.conn(slot, &self.config)?.send_with(&Request::Get { key: k }, shard, self.quorum)?;
             ids.push((slot, id));
         }
         let mut results: Vec<Option<Result<Versions>>> = (0..keys.len()).map(|_| None).collect();
@@ -476,38 +666,39 @@ impl Client {
             by_id.insert((*slot, *id), i);
         }
         for (slot, _) in &ids {
-            let (id, reply) = self.conn(*slot)?.recv()?;
+            let c = self.seed.conn(*slot, &self.config)?;
+            let (id, reply) = c.recv()?;
             let Some(&i) = by_id.get(&(*slot, id)) else {
-                let c = self.conn(*slot)?;
                 return Err(c.protocol(format!("reply to unknown request {id}")));
             };
+            let addr = c.addr;
             results[i] = Some(reply.and_then(|r| match r {
                 Reply::Get(v) => Ok(v),
-                other => Err(ClientError::Protocol { addr: self.addr, reason: format!("GET answered {other:?}") }),
+                other => Err(ClientError::Protocol { addr, reason: format!("GET answered {other:?}") }),
             }));
         }
         Ok(results.into_iter().map(|r| r.expect("every id got a reply")).collect())
     }
 
-    /// The node's identity (a PING).
+    /// The seed node's identity (a PING).
     pub fn ping(&mut self) -> Result<NodeInfo> {
-        match self.call(&Request::Ping)? {
+        match self.seed.call(&Request::Ping, Quorum::default(), &self.config).0? {
             Reply::Pong(info) => Ok(info),
             other => Err(self.unexpected(other)),
         }
     }
 
-    /// One shard's counters as JSON.
+    /// One shard's counters of the seed node, as JSON.
     pub fn stats(&mut self, shard: usize) -> Result<String> {
-        let slot = if self.config.shard_aware { shard.min(self.conns.len() - 1) } else { 0 };
-        match self.conn(slot)?.call(&Request::Stats, slot as u16)? {
+        let slot = if self.config.shard_aware { shard.min(self.seed.conns.len() - 1) } else { 0 };
+        match self.seed.conn(slot, &self.config)?.call(&Request::Stats, slot as u16)? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
     }
 
     fn unexpected(&self, r: Reply) -> ClientError {
-        ClientError::Protocol { addr: self.addr, reason: format!("unexpected reply {r:?}") }
+        ClientError::Protocol { addr: self.seed.addr, reason: format!("unexpected reply {r:?}") }
     }
 }
 

@@ -5,5 +5,7 @@
 //! reads the clock or draws from a global RNG. Time and randomness come in as
 //! arguments.
 
+pub mod coord;
 pub mod partition;
+pub mod ring;
 pub mod version;

@@ -56,6 +56,22 @@
 //! Example: `{1: 1, 300: 300}` is `01 02 | 01 00 00 00 00 00 00 00 01 |
 //! 2c 01 00 00 00 00 00 00 ac 02`.
 //!
+//! A cluster's GET reply adds a coordinator hint (Dynamo section 6.4: the
+//! replica that answered the read fastest coordinates the write that
+//! follows it) with format 2, which [`decode_context`] reads and
+//! [`Clock::decode`] refuses:
+//!
+//! ```text
+//! size     field
+//! 1        format     u8 = 2
+//! 2        hint       u16 LE, a ring member index
+//! 1..=10   n          varint, 0..=MAX_CLOCK_ENTRIES (0: nothing seen yet)
+//! n times: actor, counter as above
+//! ```
+//!
+//! Example: `{1: 1}` hinted at member 3 is `02 03 00 01 | 01 00 00 00 00 00
+//! 00 00 01`.
+//!
 //! ## Stored version set: `(meta, value)`
 //!
 //! The empty set is an empty `meta` and an empty `value`. Otherwise `meta` is:
@@ -138,6 +154,8 @@ const MAX_VARINT_LEN: usize = 10;
 
 /// Format byte of both encodings.
 const FORMAT: u8 = 1;
+/// Format byte of a context that carries a coordinator hint.
+const FORMAT_HINTED: u8 = 2;
 
 /// Sibling kind bytes in the stored sibling table.
 const KIND_LIVE: u8 = 0;
@@ -164,8 +182,8 @@ const MAX_CLOCK_BODY_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64) + MAX_CLO
 /// value length.
 const MAX_SIBLING_ROW_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64 - 1) + MAX_VARINT_LEN + 1 + MAX_VARINT_LEN;
 
-/// Worst-case length of a context ([`Clock`]) encoding.
-pub const MAX_CONTEXT_LEN: usize = 1 + MAX_CLOCK_BODY_LEN;
+/// Worst-case length of a context encoding (a [`Clock`] with a hint).
+pub const MAX_CONTEXT_LEN: usize = 1 + 2 + MAX_CLOCK_BODY_LEN;
 
 /// Worst-case length of the stored metadata of a [`VersionSet`] within the
 /// limits.
@@ -339,6 +357,28 @@ impl Clock {
         }
         Ok(Clock { entries })
     }
+}
+
+/// A client context with a coordinator hint (module doc, format 2).
+pub fn encode_context(clock: &Clock, hint: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + varint_len(clock.len() as u64) + clock.len() * MAX_CLOCK_ENTRY_LEN);
+    out.push(FORMAT_HINTED);
+    out.extend_from_slice(&hint.to_le_bytes());
+    clock.encode_body(&mut out);
+    out
+}
+
+/// Decodes a client context of either format: its clock and, for format
+/// 2, the coordinator hint.
+pub fn decode_context(bytes: &[u8]) -> Result<(Clock, Option<u16>), VersionError> {
+    if bytes.first() != Some(&FORMAT_HINTED) {
+        return Ok((Clock::decode(bytes)?, None));
+    }
+    let mut r = Reader::new(&bytes[1..]);
+    let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
+    let clock = Clock::decode_body(&mut r)?;
+    r.finish("trailing bytes after context")?;
+    Ok((clock, Some(hint)))
 }
 
 /// One concurrent version of a key: the value a write put, or `None` for a
@@ -755,6 +795,24 @@ mod tests {
         c.encode(&mut appended);
         assert_eq!(appended[1..], golden);
         assert_eq!(Clock::decode(&golden), Ok(c));
+    }
+
+    #[test]
+    fn hinted_context_golden() {
+        let c = clock(&[(1, 1)]);
+        let golden = [0x02, 0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01];
+        assert_eq!(encode_context(&c, 3), golden);
+        assert_eq!(decode_context(&golden), Ok((c.clone(), Some(3))));
+        assert!(Clock::decode(&golden).is_err(), "a plain clock decoder refuses a hint");
+        assert_eq!(decode_context(&c.to_bytes()), Ok((c, None)));
+        // A hint for a key never written: the empty clock.
+        assert_eq!(encode_context(&Clock::new(), 1), [0x02, 0x01, 0x00, 0x00]);
+        assert_eq!(decode_context(&[0x02, 0x01, 0x00, 0x00]), Ok((Clock::new(), Some(1))));
+        assert_eq!(decode_context(&[]), Ok((Clock::new(), None)));
+        assert!(decode_context(&[0x02, 0x01]).is_err());
+        assert!(decode_context(&[0x02, 0x01, 0x00, 0x00, 0x00]).is_err());
+        let big = Clock { entries: (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, u64::MAX)).collect() };
+        assert_eq!(encode_context(&big, u16::MAX).len(), MAX_CONTEXT_LEN);
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub struct NodeConfig {
     pub storage: EngineConfig,
     /// Pin shard `i` to CPU `i mod cpus`.
     pub pin: bool,
+    /// The cluster file (see `node::cluster`); none: a lone node.
+    pub cluster: Option<PathBuf>,
+    /// This node's name in the cluster file (default: the node whose
+    /// address is `listen`).
+    pub name: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -65,6 +70,8 @@ impl Default for NodeConfig {
             fsync: FsyncPolicy::Always,
             storage: EngineConfig::default(),
             pin: true,
+            cluster: None,
+            name: None,
         }
     }
 }

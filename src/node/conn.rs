@@ -131,8 +131,8 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         out.changed.wait(g).await;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
-                    let owner = match Request::decode(header.opcode, body) {
-                        Ok(req) => req.key().map_or(shard.id, |k| shard.owner(k)),
+                    let owner = match Request::decode_with(&header, body) {
+                        Ok((req, _)) => req.key().map_or(shard.id, |k| shard.owner(k)),
                         Err(e) => {
                             let reply = shard.request_error_frame(header.request_id, &e);
                             out.start();

@@ -18,8 +18,11 @@
 //! request a shard finishes every request it has read, flushes and syncs
 //! its log, and only then exits.
 
+pub mod cluster;
 pub mod config;
 mod conn;
+mod coordinate;
+mod peer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -105,14 +108,13 @@ pub struct Shard {
     shutting_down: Cell<bool>,
     /// Fires when `shutting_down` is set or a connection closes.
     changed: Notify,
+    /// The cluster this node belongs to (`None`: a lone node, which
+    /// serves every key itself).
+    cluster: Option<coordinate::ClusterState>,
 }
 
-/// Where a forwarded request's reply lands.
-#[derive(Default)]
-struct ReplySlot {
-    frame: RefCell<Option<Vec<u8>>>,
-    ready: Notify,
-}
+/// Where a forwarded request's reply frame lands.
+type ReplySlot = crate::notify::Slot<Vec<u8>>;
 
 impl Shard {
     /// The shard that owns `key`.
@@ -162,17 +164,11 @@ impl Shard {
             self.pending.borrow_mut().remove(&tag);
             return self.error_frame(header.request_id, ErrorCode::ShuttingDown, "the owning shard is gone");
         }
-        loop {
-            let g = slot.ready.generation();
-            if let Some(f) = slot.frame.borrow_mut().take() {
-                return f;
-            }
-            slot.ready.wait(g).await;
-        }
+        slot.take().await
     }
 
     /// Executes a request this shard owns.
-    async fn execute(&self, header: Header, frame: &[u8], deadline: Option<Instant>) -> Vec<u8> {
+    async fn execute(self: &Rc<Self>, header: Header, frame: &[u8], deadline: Option<Instant>) -> Vec<u8> {
         let id = header.request_id;
         let c = &self.counters.requests;
         c.set(c.get() + 1);
@@ -181,13 +177,16 @@ impl Shard {
             c.set(c.get() + 1);
             return self.error_frame(id, ErrorCode::DeadlineExceeded, "the request's deadline passed before it ran");
         }
-        let req = match Request::decode(header.opcode, &frame[HEADER_LEN..]) {
+        let (req, quorum) = match Request::decode_with(&header, &frame[HEADER_LEN..]) {
             Ok(r) => r,
             Err(e) => return self.error_frame(id, e.code(), &e.to_string()),
         };
+        if self.cluster.is_some() && req.is_quorum_op() {
+            return self.coordinate(&header, req, quorum, deadline).await;
+        }
         let shard = self.id as u16;
         let mut out = Vec::new();
-        let result: Result<(), StoreError> = async {
+        let result: Result<Vec<u8>, StoreError> = async {
             match req {
                 Request::Ping => Response::Pong(self.info()).encode(&mut out, id, shard),
                 Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
@@ -206,12 +205,27 @@ impl Shard {
                     let w = self.store.put(key, context, None, now_ms()).await?;
                     Response::Delete { context: &w.context.to_bytes() }.encode(&mut out, id, shard);
                 }
+                Request::Ring => match &self.cluster {
+                    Some(c) => {
+                        let [n, r, w] = [c.info.n, c.info.r, c.info.w].map(|v| v as u8);
+                        Response::Ring { n, r, w, ring: &c.info.ring_bytes }.encode(&mut out, id, shard)
+                    }
+                    None => {
+                        return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"))
+                    }
+                },
+                Request::ReplicaGet { .. } | Request::ReplicaPut { .. } => {
+                    if self.cluster.is_none() {
+                        return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"));
+                    }
+                    out = self.serve_replica(id, req).await?;
+                }
             }
-            Ok(())
+            Ok(out)
         }
         .await;
         match result {
-            Ok(()) => out,
+            Ok(out) => out,
             Err(e) => {
                 let code = error_code(&e);
                 if code == ErrorCode::StorageFailed || code == ErrorCode::Internal {
@@ -238,6 +252,12 @@ impl Shard {
             "shards": self.shards,
             "partitions": self.partitions,
             "node": &self.counters,
+            "cluster": self.cluster.as_ref().map(|c| serde_json::json!({
+                "member": c.info.ring.member(c.info.me).name,
+                "ring_version": c.info.ring.version(),
+                "coordination": &c.counters,
+                "peers": &c.peers.counters,
+            })),
             "storage": self.store.engine().stats(),
             "storage_failed": self.store.engine().failed(),
         })
@@ -269,8 +289,7 @@ impl Shard {
                 }
                 Cross::Reply { tag, frame } => {
                     if let Some(slot) = self.pending.borrow_mut().remove(&tag) {
-                        *slot.frame.borrow_mut() = Some(frame);
-                        slot.ready.notify_all();
+                        slot.set(frame);
                     }
                 }
             }
@@ -305,8 +324,32 @@ pub struct Started {
 /// Runs a node until `shutdown` is set; returns once every shard has
 /// drained, flushed and stopped. `on_start` is called once all shards
 /// serve.
-pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(Started)) -> anyhow::Result<()> {
+pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(Started)) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cluster = match &config.cluster {
+        None => None,
+        Some(path) => {
+            let file = cluster::ClusterFile::load(path)?;
+            let name = match &config.name {
+                Some(n) => n.clone(),
+                None => match file.nodes.iter().find(|n| n.addr == config.listen) {
+                    Some(n) => n.name.clone(),
+                    None => anyhow::bail!(
+                        "no node of {} has the address {}; say which node this is with --name",
+                        path.display(),
+                        config.listen
+                    ),
+                },
+            };
+            let Some(entry) = file.nodes.iter().find(|n| n.name == name) else {
+                anyhow::bail!("this node's name {name:?} is not in {}", path.display());
+            };
+            // A cluster member listens where the cluster file says.
+            config.listen = entry.addr;
+            config.storage.partitions = file.partitions;
+            Some((file, name))
+        }
+    };
     let data = open_data_dir(&config, cores, fastrand::u64(1..))?;
     let engine_config = config.engine_config()?;
     let shards = data.node.shards;
@@ -329,8 +372,12 @@ pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(
     let ready = Arc::new(AtomicUsize::new(0));
     let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
     let drained = Arc::new(AtomicUsize::new(0));
-    let max_body =
-        2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len;
+    // A client request is at most a PUT of the largest value; a clustered
+    // node also takes replica writes, which carry a key's whole stored set.
+    let max_body = match cluster {
+        Some(_) => crate::wire::MAX_BODY_LEN,
+        None => 2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len,
+    };
     let (err_tx, err_rx) = std::sync::mpsc::channel::<anyhow::Error>();
     let mut threads = Vec::with_capacity(shards);
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -350,6 +397,7 @@ pub fn run(config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(
             ready: ready.clone(),
             drained: drained.clone(),
             peer_ids: peer_ids.clone(),
+            cluster: cluster.clone(),
         };
         let cpu = config.pin.then(|| i % cores);
         let err_tx = err_tx.clone();
@@ -411,6 +459,8 @@ struct ShardSetup {
     drained: Arc<AtomicUsize>,
     /// Each shard's mesh peer index, published after joining.
     peer_ids: Arc<Vec<AtomicUsize>>,
+    /// The cluster file and this node's name in it.
+    cluster: Option<(cluster::ClusterFile, String)>,
 }
 
 /// Counts a shard as drained however it exits, so that the others never
@@ -441,6 +491,10 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
+    let cluster = match &s.cluster {
+        Some((file, name)) => Some(coordinate::ClusterState::new(cluster::Cluster::new(file, name)?, s.partitions)),
+        None => None,
+    };
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,
@@ -456,6 +510,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         counters: ShardCounters::default(),
         shutting_down: Cell::new(false),
         changed: Notify::default(),
+        cluster,
     });
     let mesh_tasks: Vec<_> =
         receivers.streams().into_iter().map(|(_, r)| glommio::spawn_local(shard.clone().serve_peer(r))).collect();

@@ -19,7 +19,8 @@
 //!      0    2 magic        b"GY" (0x47 0x59)
 //!      2    1 version      protocol version, 1
 //!      3    1 opcode       see below; a reply is the request's opcode | 0x80
-//!      4    2 flags        must be 0 in version 1 (unknown flags are refused)
+//!      4    2 flags        request: 0x0001 QUORUM; reply: 0x0001 STALE_ROUTE;
+//!                          any other bit is refused
 //!      6    2 shard        target shard of the node, 0xFFFF = any (the node routes)
 //!      8    8 request_id   chosen by the client, echoed in the reply
 //!     16    4 body_len     bytes after the header, <= MAX_BODY_LEN
@@ -48,13 +49,38 @@
 //! 0x12 DELETE  req: u16 key_len, u32 context_len, key, context
 //!              rep: bytes(u32) context
 //! 0xFF ERROR   rep: u16 code, bytes(u16) UTF-8 message
+//!
+//! Between nodes of a cluster:
+//! 0x20 REPLICA_GET  req: bytes(u16) key
+//!                   rep: u8 found (0 or 1), bytes(u32) meta, bytes(u32) value
+//!                        (the replica's stored version set, encoded as in
+//!                        storage; both empty when found = 0)
+//! 0x21 REPLICA_PUT  req: u16 key_len, u32 meta_len, u32 value_len, key, meta, value
+//!                        (a version set to merge into the replica's own)
+//!                   rep: (empty): merged and stored as the replica's fsync
+//!                        policy says
+//! 0x30 RING         req: (empty)
+//!                   rep: u8 n, u8 r, u8 w (the cluster's default quorum),
+//!                        then the ring state (`core::ring` documents it)
 //! ```
 //!
-//! Reserved for the next pieces of work (a version-1 node answers them
-//! with `UnknownOpcode`): 0x20-0x2F replica reads and writes, 0x30-0x3F ring
-//! state, 0x40-0x4F gossip, 0x50-0x5F anti-entropy, 0x60-0x6F hinted handoff.
-//! The flags field is where per-request R/W overrides and similar options
-//! will be signalled.
+//! Reserved for the next pieces of work (a node answers them with
+//! `UnknownOpcode`): 0x22-0x2F more replica messages, 0x31-0x3F ring
+//! changes, 0x40-0x4F gossip, 0x50-0x5F anti-entropy, 0x60-0x6F hinted
+//! handoff.
+//!
+//! # Flags
+//!
+//! ```text
+//! request 0x0001 QUORUM       GET, PUT, DELETE: the body starts with two
+//!                             extra bytes, u8 r, u8 w, overriding the
+//!                             namespace's read and write quorum for this
+//!                             request (0 = keep the default)
+//! reply   0x0001 STALE_ROUTE  the node that answered is not in the key's
+//!                             preference list (it forwarded the request):
+//!                             a client routing by the ring should fetch it
+//!                             again
+//! ```
 //!
 //! The context is opaque to clients: it is the causal context of
 //! [`crate::core::version::Clock`], empty for "never read".
@@ -70,7 +96,7 @@ use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::core::version::MAX_CONTEXT_LEN;
+use crate::core::version::{MAX_CONTEXT_LEN, MAX_ENCODED_META};
 use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
 
 /// First two bytes of every frame.
@@ -99,6 +125,7 @@ pub const MAX_REPLY_VALUES: usize = crate::core::version::MAX_SIBLINGS;
 const PUT_FIXED: usize = 2 + 4 + 4;
 const _: () = assert!(MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_CONTEXT_LEN + VALUE_LEN_HARD_CAP);
 const _: () = assert!(MAX_BODY_LEN >= 4 + MAX_CONTEXT_LEN + 2 + 4 * MAX_REPLY_VALUES + VALUE_LEN_HARD_CAP);
+const _: () = assert!(MAX_BODY_LEN >= 2 + PUT_FIXED + MAX_KEY_LEN + MAX_ENCODED_META + VALUE_LEN_HARD_CAP);
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize, "body_len is a u32");
 const _: () = assert!(MAX_KEY_LEN <= u16::MAX as usize, "key length is a u16 on the wire");
 const _: () = assert!(MAX_REPLY_VALUES <= u16::MAX as usize, "value count is a u16 on the wire");
@@ -138,7 +165,37 @@ pub mod op {
     pub const GET: u8 = 0x10;
     pub const PUT: u8 = 0x11;
     pub const DELETE: u8 = 0x12;
+    pub const REPLICA_GET: u8 = 0x20;
+    pub const REPLICA_PUT: u8 = 0x21;
+    pub const RING: u8 = 0x30;
     pub const ERROR: u8 = 0xFF;
+}
+
+/// Header flag bits.
+pub mod flags {
+    /// Request: the body starts with `u8 r, u8 w` quorum overrides.
+    pub const QUORUM: u16 = 0x0001;
+    /// Reply: the answering node is not a replica of the key; refresh the
+    /// ring.
+    pub const STALE_ROUTE: u16 = 0x0001;
+    /// Every flag a request may carry.
+    pub const REQUEST_MASK: u16 = QUORUM;
+    /// Every flag a reply may carry.
+    pub const REPLY_MASK: u16 = STALE_ROUTE;
+}
+
+/// Per-request quorum overrides (the QUORUM flag); 0 keeps the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quorum {
+    pub r: u8,
+    pub w: u8,
+}
+
+impl Quorum {
+    /// Whether nothing is overridden (the flag is not sent).
+    pub fn is_default(&self) -> bool {
+        self.r == 0 && self.w == 0
+    }
 }
 
 /// Machine-readable error codes carried by ERROR replies.
@@ -166,6 +223,13 @@ pub enum ErrorCode {
     /// The node is shutting down.
     ShuttingDown,
     Internal,
+    /// Fewer replicas than the read or write quorum answered in time; the
+    /// message says how many.
+    QuorumFailed,
+    /// The node is not part of a cluster (a RING request to a lone node).
+    NotClustered,
+    /// An R or W override outside 1..=N.
+    InvalidQuorum,
     /// A code from a newer protocol version.
     Other(u16),
 }
@@ -186,6 +250,9 @@ impl ErrorCode {
             ErrorCode::StorageFailed => 11,
             ErrorCode::ShuttingDown => 12,
             ErrorCode::Internal => 13,
+            ErrorCode::QuorumFailed => 14,
+            ErrorCode::NotClustered => 15,
+            ErrorCode::InvalidQuorum => 16,
             ErrorCode::Other(c) => c,
         }
     }
@@ -205,6 +272,9 @@ impl ErrorCode {
             11 => ErrorCode::StorageFailed,
             12 => ErrorCode::ShuttingDown,
             13 => ErrorCode::Internal,
+            14 => ErrorCode::QuorumFailed,
+            15 => ErrorCode::NotClustered,
+            16 => ErrorCode::InvalidQuorum,
             c => ErrorCode::Other(c),
         }
     }
@@ -271,7 +341,8 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN], max_body: usize) -> Result<Header
     if len > max {
         return Err(WireError::FrameTooLarge { len, max });
     }
-    if raw.flags.get() != 0 {
+    let mask = if raw.opcode & REPLY_BIT != 0 { flags::REPLY_MASK } else { flags::REQUEST_MASK };
+    if raw.flags.get() & !mask != 0 {
         return Err(WireError::UnknownFlags(raw.flags.get()));
     }
     Ok(Header {
@@ -298,13 +369,23 @@ pub fn split_frame(buf: &[u8], max_body: usize) -> Result<Option<(Header, usize)
     Ok((buf.len() >= total).then_some((header, total)))
 }
 
-fn put_header(out: &mut Vec<u8>, opcode: u8, shard: u16, request_id: u64, deadline_us: u32, body_len: usize) {
+/// Header fields that differ per frame.
+struct HeaderFields {
+    opcode: u8,
+    flags: u16,
+    shard: u16,
+    request_id: u64,
+    deadline_us: u32,
+}
+
+fn put_header(out: &mut Vec<u8>, h: HeaderFields, body_len: usize) {
     debug_assert!(body_len <= MAX_BODY_LEN);
+    let HeaderFields { opcode, flags, shard, request_id, deadline_us } = h;
     let raw = RawHeader {
         magic: MAGIC,
         version: PROTOCOL_VERSION,
         opcode,
-        flags: U16::new(0),
+        flags: U16::new(flags),
         shard: U16::new(shard),
         request_id: U64::new(request_id),
         body_len: U32::new(body_len as u32),
@@ -318,9 +399,28 @@ fn put_header(out: &mut Vec<u8>, opcode: u8, shard: u16, request_id: u64, deadli
 pub enum Request<'a> {
     Ping,
     Stats,
-    Get { key: &'a [u8] },
-    Put { key: &'a [u8], context: &'a [u8], value: &'a [u8] },
-    Delete { key: &'a [u8], context: &'a [u8] },
+    Get {
+        key: &'a [u8],
+    },
+    Put {
+        key: &'a [u8],
+        context: &'a [u8],
+        value: &'a [u8],
+    },
+    Delete {
+        key: &'a [u8],
+        context: &'a [u8],
+    },
+    ReplicaGet {
+        key: &'a [u8],
+    },
+    /// `meta` and `value` are a version set as stored (`VersionSet::encode`).
+    ReplicaPut {
+        key: &'a [u8],
+        meta: &'a [u8],
+        value: &'a [u8],
+    },
+    Ring,
 }
 
 impl Request<'_> {
@@ -331,23 +431,37 @@ impl Request<'_> {
             Request::Get { .. } => op::GET,
             Request::Put { .. } => op::PUT,
             Request::Delete { .. } => op::DELETE,
+            Request::ReplicaGet { .. } => op::REPLICA_GET,
+            Request::ReplicaPut { .. } => op::REPLICA_PUT,
+            Request::Ring => op::RING,
         }
     }
 
     /// The key the request is about, if any.
     pub fn key(&self) -> Option<&[u8]> {
         match self {
-            Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => Some(key),
-            Request::Ping | Request::Stats => None,
+            Request::Get { key }
+            | Request::Put { key, .. }
+            | Request::Delete { key, .. }
+            | Request::ReplicaGet { key }
+            | Request::ReplicaPut { key, .. } => Some(key),
+            Request::Ping | Request::Stats | Request::Ring => None,
         }
+    }
+
+    /// Whether the request is a client's quorum operation (GET, PUT,
+    /// DELETE), the only ones that may carry the QUORUM flag.
+    pub fn is_quorum_op(&self) -> bool {
+        matches!(self, Request::Get { .. } | Request::Put { .. } | Request::Delete { .. })
     }
 
     fn body_len(&self) -> usize {
         match self {
-            Request::Ping | Request::Stats => 0,
-            Request::Get { key } => 2 + key.len(),
+            Request::Ping | Request::Stats | Request::Ring => 0,
+            Request::Get { key } | Request::ReplicaGet { key } => 2 + key.len(),
             Request::Put { key, context, value } => PUT_FIXED + key.len() + context.len() + value.len(),
             Request::Delete { key, context } => 6 + key.len() + context.len(),
+            Request::ReplicaPut { key, meta, value } => PUT_FIXED + key.len() + meta.len() + value.len(),
         }
     }
 
@@ -355,16 +469,28 @@ impl Request<'_> {
     /// against the limits first (the client does); oversized fields are a
     /// programming error here.
     pub fn encode(&self, out: &mut Vec<u8>, request_id: u64, shard: u16, deadline_us: u32) {
-        put_header(out, self.opcode(), shard, request_id, deadline_us, self.body_len());
+        self.encode_with(out, request_id, shard, deadline_us, Quorum::default())
+    }
+
+    /// [`Self::encode`] with quorum overrides (sent with the QUORUM flag
+    /// when not default; only a quorum operation carries them).
+    pub fn encode_with(&self, out: &mut Vec<u8>, request_id: u64, shard: u16, deadline_us: u32, quorum: Quorum) {
+        let with_quorum = !quorum.is_default() && self.is_quorum_op();
+        let (flags, extra) = if with_quorum { (flags::QUORUM, 2) } else { (0, 0) };
+        let h = HeaderFields { opcode: self.opcode(), flags, shard, request_id, deadline_us };
+        put_header(out, h, self.body_len() + extra);
+        if with_quorum {
+            out.extend_from_slice(&[quorum.r, quorum.w]);
+        }
         match self {
-            Request::Ping | Request::Stats => {}
-            Request::Get { key } => put_bytes16(out, key),
-            Request::Put { key, context, value } => {
+            Request::Ping | Request::Stats | Request::Ring => {}
+            Request::Get { key } | Request::ReplicaGet { key } => put_bytes16(out, key),
+            Request::Put { key, context: middle, value } | Request::ReplicaPut { key, meta: middle, value } => {
                 out.extend_from_slice(&(key.len() as u16).to_le_bytes());
-                out.extend_from_slice(&(context.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(middle.len() as u32).to_le_bytes());
                 out.extend_from_slice(&(value.len() as u32).to_le_bytes());
                 out.extend_from_slice(key);
-                out.extend_from_slice(context);
+                out.extend_from_slice(middle);
                 out.extend_from_slice(value);
             }
             Request::Delete { key, context } => {
@@ -376,13 +502,47 @@ impl Request<'_> {
         }
     }
 
-    /// Decodes a request body. Every length is checked against the body
-    /// and the limits; the slices borrow from `body`.
+    /// Decodes a request frame's body with its header's flags: the
+    /// request and its quorum overrides.
+    pub fn decode_with<'a>(header: &Header, body: &'a [u8]) -> Result<(Request<'a>, Quorum), WireError> {
+        if header.flags & flags::QUORUM == 0 {
+            return Ok((Request::decode(header.opcode, body)?, Quorum::default()));
+        }
+        let (q, rest) = body.split_first_chunk::<2>().ok_or(malformed("quorum overrides"))?;
+        let req = Request::decode(header.opcode, rest)?;
+        let quorum = Quorum { r: q[0], w: q[1] };
+        if !req.is_quorum_op() || quorum.is_default() {
+            return Err(malformed("QUORUM flag on a request that takes no quorum, or with nothing overridden"));
+        }
+        Ok((req, quorum))
+    }
+
+    /// Decodes a request body (of a frame without flags). Every length is
+    /// checked against the body and the limits; the slices borrow from
+    /// `body`.
     pub fn decode(opcode: u8, body: &[u8]) -> Result<Request<'_>, WireError> {
         let mut r = Reader::new(body);
         let req = match opcode {
             op::PING => Request::Ping,
             op::STATS => Request::Stats,
+            op::RING => Request::Ring,
+            op::REPLICA_GET => {
+                let key = r.bytes16("REPLICA_GET key")?;
+                Request::ReplicaGet { key: check_key(key)? }
+            }
+            op::REPLICA_PUT => {
+                let key_len = r.u16("REPLICA_PUT header")? as usize;
+                let meta_len = r.u32("REPLICA_PUT header")? as usize;
+                let value_len = r.u32("REPLICA_PUT header")? as usize;
+                check_key_len(key_len)?;
+                if meta_len > MAX_ENCODED_META {
+                    return Err(malformed("REPLICA_PUT meta length"));
+                }
+                let key = r.take(key_len, "REPLICA_PUT key")?;
+                let meta = r.take(meta_len, "REPLICA_PUT meta")?;
+                let value = r.take(value_len, "REPLICA_PUT value")?;
+                Request::ReplicaPut { key, meta, value }
+            }
             op::GET => {
                 let key = r.bytes16("GET key")?;
                 Request::Get { key: check_key(key)? }
@@ -448,10 +608,34 @@ pub struct NodeInfo {
 pub enum Response<'a> {
     Pong(NodeInfo),
     Stats(&'a str),
-    Get { context: &'a [u8], values: Vec<&'a [u8]> },
-    Put { context: &'a [u8], siblings: u16 },
-    Delete { context: &'a [u8] },
-    Error { code: ErrorCode, message: &'a str },
+    Get {
+        context: &'a [u8],
+        values: Vec<&'a [u8]>,
+    },
+    Put {
+        context: &'a [u8],
+        siblings: u16,
+    },
+    Delete {
+        context: &'a [u8],
+    },
+    /// A replica's stored version set (`meta`, `value` as in storage), or
+    /// `None`: the replica has nothing for the key.
+    ReplicaGet {
+        set: Option<(&'a [u8], &'a [u8])>,
+    },
+    ReplicaPut,
+    /// The cluster's default quorum and its encoded ring.
+    Ring {
+        n: u8,
+        r: u8,
+        w: u8,
+        ring: &'a [u8],
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
 }
 
 impl Response<'_> {
@@ -462,6 +646,9 @@ impl Response<'_> {
             Response::Get { .. } => op::GET | REPLY_BIT,
             Response::Put { .. } => op::PUT | REPLY_BIT,
             Response::Delete { .. } => op::DELETE | REPLY_BIT,
+            Response::ReplicaGet { .. } => op::REPLICA_GET | REPLY_BIT,
+            Response::ReplicaPut => op::REPLICA_PUT | REPLY_BIT,
+            Response::Ring { .. } => op::RING | REPLY_BIT,
             Response::Error { .. } => op::ERROR,
         }
     }
@@ -475,13 +662,26 @@ impl Response<'_> {
             }
             Response::Put { context, .. } => 4 + context.len() + 2,
             Response::Delete { context } => 4 + context.len(),
+            Response::ReplicaGet { set } => 1 + 8 + set.map_or(0, |(m, v)| m.len() + v.len()),
+            Response::ReplicaPut => 0,
+            Response::Ring { ring, .. } => 3 + ring.len(),
             Response::Error { message, .. } => 4 + error_message(message).len(),
         }
     }
 
     /// Appends this reply as one frame.
     pub fn encode(&self, out: &mut Vec<u8>, request_id: u64, shard: u16) {
-        put_header(out, self.opcode(), shard, request_id, 0, self.body_len());
+        self.encode_flagged(out, request_id, shard, 0)
+    }
+
+    /// [`Self::encode`] with reply flags (see [`flags`]).
+    pub fn encode_flagged(&self, out: &mut Vec<u8>, request_id: u64, shard: u16, flags: u16) {
+        debug_assert_eq!(flags & !flags::REPLY_MASK, 0);
+        put_header(
+            out,
+            HeaderFields { opcode: self.opcode(), flags, shard, request_id, deadline_us: 0 },
+            self.body_len(),
+        );
         match self {
             Response::Pong(info) => {
                 out.extend_from_slice(&info.node_id.to_le_bytes());
@@ -505,6 +705,17 @@ impl Response<'_> {
                 out.extend_from_slice(&siblings.to_le_bytes());
             }
             Response::Delete { context } => put_bytes32(out, context),
+            Response::ReplicaGet { set } => {
+                out.push(set.is_some() as u8);
+                let (meta, value) = set.unwrap_or((&[], &[]));
+                put_bytes32(out, meta);
+                put_bytes32(out, value);
+            }
+            Response::ReplicaPut => {}
+            Response::Ring { n, r, w, ring } => {
+                out.extend_from_slice(&[*n, *r, *w]);
+                out.extend_from_slice(ring);
+            }
             Response::Error { code, message } => {
                 out.extend_from_slice(&code.to_u16().to_le_bytes());
                 put_bytes16(out, error_message(message).as_bytes());
@@ -544,6 +755,21 @@ impl Response<'_> {
                 Response::Put { context: r.bytes32("PUT context")?, siblings: r.u16("PUT siblings")? }
             }
             o if o == op::DELETE | REPLY_BIT => Response::Delete { context: r.bytes32("DELETE context")? },
+            o if o == op::REPLICA_GET | REPLY_BIT => {
+                let found = r.u8("REPLICA_GET found")?;
+                let meta = r.bytes32("REPLICA_GET meta")?;
+                let value = r.bytes32("REPLICA_GET value")?;
+                match found {
+                    1 => Response::ReplicaGet { set: Some((meta, value)) },
+                    0 if meta.is_empty() && value.is_empty() => Response::ReplicaGet { set: None },
+                    _ => return Err(malformed("REPLICA_GET found flag")),
+                }
+            }
+            o if o == op::REPLICA_PUT | REPLY_BIT => Response::ReplicaPut,
+            o if o == op::RING | REPLY_BIT => {
+                let [n, rq, w] = r.array("RING quorum")?;
+                Response::Ring { n, r: rq, w, ring: r.rest() }
+            }
             op::ERROR => {
                 let code = ErrorCode::from_u16(r.u16("ERROR code")?);
                 let msg = r.bytes16("ERROR message")?;
@@ -604,6 +830,10 @@ impl<'a> Reader<'a> {
         Ok(self.take(N, what)?.try_into().expect("took N bytes"))
     }
 
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        self.array::<1>(what).map(|[b]| b)
+    }
+
     fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
         self.array(what).map(u16::from_le_bytes)
     }
@@ -648,14 +878,14 @@ pub fn check_decoder(data: &[u8]) {
     let mut at = 0;
     while let Ok(Some((header, total))) = split_frame(&data[at..], MAX_BODY_LEN) {
         let body = &data[at + HEADER_LEN..at + total];
-        if let Ok(req) = Request::decode(header.opcode, body) {
+        if let Ok((req, quorum)) = Request::decode_with(&header, body) {
             let mut out = Vec::new();
-            req.encode(&mut out, header.request_id, header.shard, header.deadline_us);
+            req.encode_with(&mut out, header.request_id, header.shard, header.deadline_us, quorum);
             assert_eq!(&out[..], &data[at..at + total], "a request re-encodes to its bytes");
         }
         if let Ok(resp) = Response::decode(header.opcode, body) {
             let mut out = Vec::new();
-            resp.encode(&mut out, header.request_id, header.shard);
+            resp.encode_flagged(&mut out, header.request_id, header.shard, header.flags & flags::REPLY_MASK);
             assert_eq!(out.len(), total, "a reply re-encodes to its length");
         }
         at += total;
@@ -727,6 +957,9 @@ mod tests {
             Request::Put { key: b"key", context: b"ctx", value: &[0u8; 300] },
             Request::Put { key: b"k", context: b"", value: b"" },
             Request::Delete { key: b"key", context: b"c" },
+            Request::ReplicaGet { key: b"key" },
+            Request::ReplicaPut { key: b"key", meta: b"m", value: b"vv" },
+            Request::Ring,
         ];
         let mut stream = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
@@ -752,6 +985,11 @@ mod tests {
             Response::Get { context: b"c", values: vec![b"one", b"two"] },
             Response::Put { context: b"p", siblings: 2 },
             Response::Delete { context: b"" },
+            Response::ReplicaGet { set: None },
+            Response::ReplicaGet { set: Some((b"m", b"")) },
+            Response::ReplicaPut,
+            Response::Ring { n: 3, r: 2, w: 1, ring: b"ring" },
+            Response::Error { code: ErrorCode::QuorumFailed, message: "1 of 3" },
             Response::Error { code: ErrorCode::Other(999), message: "later" },
         ];
         for r in &resps {
@@ -773,7 +1011,7 @@ mod tests {
         };
         assert!(matches!(hdr(&|b| b[0] = b'X'), Err(WireError::BadMagic(_))));
         assert_eq!(hdr(&|b| b[2] = 2), Err(WireError::UnsupportedVersion(2)));
-        assert_eq!(hdr(&|b| b[4] = 1), Err(WireError::UnknownFlags(1)));
+        assert_eq!(hdr(&|b| b[4] = 2), Err(WireError::UnknownFlags(2)));
         let too_big = hdr(&|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes()));
         assert!(matches!(too_big, Err(WireError::FrameTooLarge { .. })));
         // The receiver's own limit applies before the global one.
@@ -787,7 +1025,7 @@ mod tests {
 
     #[test]
     fn body_rejections() {
-        assert_eq!(Request::decode(0x20, &[]), Err(WireError::UnknownOpcode(0x20)));
+        assert_eq!(Request::decode(0x22, &[]), Err(WireError::UnknownOpcode(0x22)));
         assert_eq!(Request::decode(op::GET, &[0, 0]), Err(WireError::KeyLength(0)));
         assert!(matches!(Request::decode(op::GET, &[5, 0, b'a']), Err(WireError::Malformed { .. })));
         assert!(matches!(Request::decode(op::PING, &[1]), Err(WireError::Malformed { .. })));
@@ -807,6 +1045,56 @@ mod tests {
         long[..2].copy_from_slice(&((MAX_KEY_LEN + 1) as u16).to_le_bytes());
         long.resize(2 + MAX_KEY_LEN + 1, b'k');
         assert_eq!(Request::decode(op::GET, &long), Err(WireError::KeyLength(MAX_KEY_LEN + 1)));
+    }
+
+    #[test]
+    fn golden_quorum_flag_and_replica_frames() {
+        let mut out = Vec::new();
+        Request::Get { key: b"k" }.encode_with(&mut out, 1, 0, 0, Quorum { r: 1, w: 0 });
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x10, 1, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
+            5, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 1, 0, b'k',
+        ];
+        assert_eq!(out, expected);
+        let (h, _) = split_frame(&out, MAX_BODY_LEN).unwrap().unwrap();
+        let (req, q) = Request::decode_with(&h, &out[HEADER_LEN..]).unwrap();
+        assert_eq!((req, q), (Request::Get { key: b"k" }, Quorum { r: 1, w: 0 }));
+        // Default overrides send no flag; PING never carries one.
+        let mut plain = Vec::new();
+        Request::Ping.encode_with(&mut plain, 1, 0, 0, Quorum { r: 2, w: 2 });
+        assert_eq!(&plain[4..6], &[0, 0]);
+        // A QUORUM flag on PING, or with nothing overridden, is malformed.
+        let mut bad = plain.clone();
+        bad[4] = 1;
+        bad[16] = 2;
+        bad.extend_from_slice(&[1, 1]);
+        let (h, _) = split_frame(&bad, MAX_BODY_LEN).unwrap().unwrap();
+        assert!(matches!(Request::decode_with(&h, &bad[HEADER_LEN..]), Err(WireError::Malformed { .. })));
+
+        let mut out = Vec::new();
+        Request::ReplicaPut { key: b"k", meta: &[1, 2], value: b"v" }.encode(&mut out, 2, 1, 0);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x21, 0, 0, 1, 0,
+            2, 0, 0, 0, 0, 0, 0, 0,
+            14, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 2, 0, 0, 0, 1, 0, 0, 0, b'k', 1, 2, b'v',
+        ];
+        assert_eq!(out, expected);
+        let mut out = Vec::new();
+        Response::ReplicaGet { set: Some((&[7], b"ab")) }.encode_flagged(&mut out, 3, 0, flags::STALE_ROUTE);
+        assert_eq!(&out[3..6], &[0xA0, 1, 0]);
+        assert_eq!(&out[HEADER_LEN..], &[1, 1, 0, 0, 0, 7, 2, 0, 0, 0, b'a', b'b']);
+        let mut out = Vec::new();
+        Response::Ring { n: 3, r: 2, w: 2, ring: &[9, 9] }.encode(&mut out, 4, 0);
+        assert_eq!(&out[HEADER_LEN..], &[3, 2, 2, 9, 9]);
+        // Not found is both lengths zero; anything else is malformed.
+        assert_eq!(Response::decode(0xA0, &[0, 0, 0, 0, 0, 0, 0, 0, 0]), Ok(Response::ReplicaGet { set: None }));
+        assert!(Response::decode(0xA0, &[2, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Response::decode(0xA0, &[0, 1, 0, 0, 0, 5, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

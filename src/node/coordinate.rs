@@ -1,0 +1,468 @@
+//! The glommio driver of the quorum coordinators in `core::coord`: one
+//! shard's part in a cluster.
+//!
+//! Owns: turning a client GET, PUT or DELETE on a key this node replicates
+//! into a coordinator run (its messages to the local store and to peers,
+//! their answers, its timer), forwarding a request this node does not
+//! replicate to one that does, and serving the replica messages of other
+//! coordinators.
+//!
+//! Invariant: the decisions (when a quorum is reached, what is merged,
+//! which replica is repaired) are all made by the sans-IO coordinators;
+//! this module only moves messages and times. A coordinator runs in its
+//! own task, so a read's repair goes on after the client has its reply,
+//! and every run ends by the request's deadline.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::cluster::Cluster;
+use super::peer::{PeerError, Peers};
+use super::{error_code, Shard};
+use crate::core::coord::{GetCoordinator, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg, Transmit};
+use crate::core::ring::MemberIdx;
+use crate::core::version::{encode_context, VersionSet};
+use crate::notify::{Notify, Slot};
+use crate::shell::now_ms;
+use crate::wire::{flags, split_frame, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+
+/// Time a quorum operation may take when the client set no deadline.
+pub const DEFAULT_QUORUM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counters of a shard's cluster work, reported by STATS.
+#[derive(Default, Serialize)]
+pub struct ClusterCounters {
+    pub coordinated_gets: Cell<u64>,
+    pub coordinated_puts: Cell<u64>,
+    /// Client requests sent on to a replica because this node is not one.
+    pub proxied: Cell<u64>,
+    pub quorum_failures: Cell<u64>,
+    /// Repair writes sent after reads that found stale or missing replicas.
+    pub read_repairs: Cell<u64>,
+    /// Replica messages served for other coordinators.
+    pub replica_gets: Cell<u64>,
+    pub replica_puts: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+/// A shard's cluster state.
+pub struct ClusterState {
+    pub info: Cluster,
+    pub peers: Rc<Peers>,
+    pub counters: ClusterCounters,
+    /// Time zero of the coordinators' microsecond clock.
+    epoch: Instant,
+}
+
+impl ClusterState {
+    pub fn new(info: Cluster, partitions: u32) -> ClusterState {
+        let members = info.ring.members().iter().map(|m| (m.name.clone(), m.addr)).collect();
+        ClusterState {
+            info,
+            peers: Rc::new(Peers::new(members, partitions)),
+            counters: ClusterCounters::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+}
+
+/// A replica's answer to one message: its set for a get (`None`: not
+/// found), nothing for a put.
+type Answer = Result<Option<VersionSet>, ReplicaFailure>;
+
+/// The two coordinators, seen alike by the driver loop.
+trait Coordinator {
+    type Out;
+    fn handle(&mut self, from: MemberIdx, answer: Answer, now: u64);
+    fn handle_timeout(&mut self, now: u64);
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    fn poll_outcome(&mut self) -> Option<Result<Self::Out, QuorumError>>;
+    fn poll_timeout(&self) -> Option<u64>;
+    fn is_done(&self) -> bool;
+    /// Read-repair writes it sent.
+    fn repairs(&self) -> usize {
+        0
+    }
+}
+
+impl Coordinator for PutCoordinator {
+    type Out = ();
+    fn handle(&mut self, from: MemberIdx, answer: Answer, now: u64) {
+        match answer {
+            Ok(_) => self.handle_ack(from, now),
+            Err(why) => self.handle_failure(from, why, now),
+        }
+    }
+    fn handle_timeout(&mut self, now: u64) {
+        PutCoordinator::handle_timeout(self, now)
+    }
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        PutCoordinator::poll_transmit(self)
+    }
+    fn poll_outcome(&mut self) -> Option<Result<(), QuorumError>> {
+        PutCoordinator::poll_outcome(self).map(|r| r.map(|_| ()))
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        PutCoordinator::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        PutCoordinator::is_done(self)
+    }
+}
+
+impl Coordinator for GetCoordinator {
+    /// The merged set and the replica that answered first.
+    type Out = (VersionSet, Option<MemberIdx>);
+    fn handle(&mut self, from: MemberIdx, answer: Answer, now: u64) {
+        match answer {
+            Ok(set) => self.handle_reply(from, set, now),
+            Err(why) => self.handle_failure(from, why, now),
+        }
+    }
+    fn handle_timeout(&mut self, now: u64) {
+        GetCoordinator::handle_timeout(self, now)
+    }
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        GetCoordinator::poll_transmit(self)
+    }
+    fn poll_outcome(&mut self) -> Option<Result<Self::Out, QuorumError>> {
+        let fastest = self.fastest();
+        GetCoordinator::poll_outcome(self).map(|r| r.map(|set| (set, fastest)))
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        GetCoordinator::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        GetCoordinator::is_done(self)
+    }
+    fn repairs(&self) -> usize {
+        GetCoordinator::repairs(self)
+    }
+}
+
+/// Answers arriving for one coordinator run.
+#[derive(Default)]
+struct Inbox {
+    answers: RefCell<VecDeque<(MemberIdx, Answer)>>,
+    changed: Notify,
+}
+
+impl Shard {
+    fn cluster(&self) -> &ClusterState {
+        self.cluster.as_ref().expect("called only on a clustered node")
+    }
+
+    /// Runs a client GET, PUT or DELETE in the cluster: coordinates it if
+    /// this node replicates the key, forwards it to a replica otherwise.
+    /// Returns the reply frame.
+    pub(super) async fn coordinate(
+        self: &Rc<Self>,
+        header: &Header,
+        req: Request<'_>,
+        quorum: Quorum,
+        deadline: Option<Instant>,
+    ) -> Vec<u8> {
+        let id = header.request_id;
+        let cs = self.cluster();
+        let key = req.key().expect("quorum operations have a key");
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + DEFAULT_QUORUM_TIMEOUT);
+        let (r, w) = match cs.info.quorum(key, quorum) {
+            Ok(rw) => rw,
+            Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e),
+        };
+        let replicas = cs.info.replicas(key);
+        if !replicas.contains(&cs.info.me) {
+            return self.proxy(header, &req, quorum, &replicas, deadline).await;
+        }
+        let shard = self.id as u16;
+        let mut out = Vec::new();
+        match req {
+            Request::Get { key } => {
+                bump(&cs.counters.coordinated_gets, 1);
+                let coord = match GetCoordinator::new(&replicas, r, cs.micros(Instant::now()), cs.micros(deadline)) {
+                    Ok(c) => c,
+                    Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
+                };
+                match self.clone().run_coordinator(key, coord, deadline).await {
+                    Ok((set, fastest)) => {
+                        let context = encode_context(set.clock(), fastest.unwrap_or(cs.info.me));
+                        let values: Vec<&[u8]> = set.live_values().collect();
+                        Response::Get { context: &context, values }.encode(&mut out, id, shard);
+                    }
+                    Err(e) => return self.quorum_error(id, &e),
+                }
+            }
+            Request::Put { key, context, value } => {
+                return self.coordinate_put(id, key, context, Some(value), &replicas, w, deadline).await
+            }
+            Request::Delete { key, context } => {
+                return self.coordinate_put(id, key, context, None, &replicas, w, deadline).await
+            }
+            _ => unreachable!("only quorum operations are coordinated"),
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn coordinate_put(
+        self: &Rc<Self>,
+        id: u64,
+        key: &[u8],
+        context: &[u8],
+        value: Option<&[u8]>,
+        replicas: &[MemberIdx],
+        w: usize,
+        deadline: Instant,
+    ) -> Vec<u8> {
+        let cs = self.cluster();
+        bump(&cs.counters.coordinated_puts, 1);
+        let me = cs.info.me;
+        // The new version is made here, from this replica's versions and
+        // the client's context; the others merge it in.
+        let written = match self.store.put(key, context, value, now_ms()).await {
+            Ok(wr) => wr,
+            Err(e) => return self.error_frame(id, error_code(&e), &e.to_string()),
+        };
+        let others: Vec<MemberIdx> = replicas.iter().copied().filter(|&m| m != me).collect();
+        let now = cs.micros(Instant::now());
+        let coord = match PutCoordinator::new(written.set, me, &others, w, now, cs.micros(deadline)) {
+            Ok(c) => c,
+            Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
+        };
+        if let Err(e) = self.clone().run_coordinator(key, coord, deadline).await {
+            return self.quorum_error(id, &e);
+        }
+        let context = encode_context(&written.context, me);
+        let mut out = Vec::new();
+        let shard = self.id as u16;
+        match value {
+            Some(_) => {
+                let siblings = written.siblings.min(u16::MAX as usize) as u16;
+                Response::Put { context: &context, siblings }.encode(&mut out, id, shard)
+            }
+            None => Response::Delete { context: &context }.encode(&mut out, id, shard),
+        }
+        out
+    }
+
+    fn quorum_error(&self, id: u64, e: &QuorumError) -> Vec<u8> {
+        bump(&self.cluster().counters.quorum_failures, 1);
+        self.error_frame(id, ErrorCode::QuorumFailed, &e.to_string())
+    }
+
+    /// Starts `coord` in its own task and waits for its outcome; the task
+    /// goes on with whatever the coordinator still sends (read repair).
+    async fn run_coordinator<C: Coordinator + 'static>(
+        self: Rc<Self>,
+        key: &[u8],
+        mut coord: C,
+        deadline: Instant,
+    ) -> Result<C::Out, QuorumError>
+    where
+        C::Out: 'static,
+    {
+        let outcome: Rc<Slot<Result<C::Out, QuorumError>>> = Rc::new(Slot::default());
+        // Decided at once (W = 1 with nothing else to send)?
+        if let Some(o) = coord.poll_outcome() {
+            if coord.is_done() {
+                return o;
+            }
+            outcome.set(o);
+        }
+        let key: Rc<[u8]> = key.into();
+        let slot = outcome.clone();
+        glommio::spawn_local(async move {
+            let inbox = Rc::new(Inbox::default());
+            let cs = self.cluster();
+            loop {
+                while let Some(t) = coord.poll_transmit() {
+                    let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
+                    glommio::spawn_local(async move {
+                        let answer = me.send_replica(&key, t.to, t.msg, deadline).await;
+                        inbox.answers.borrow_mut().push_back((t.to, answer));
+                        inbox.changed.notify_all();
+                    })
+                    .detach();
+                }
+                if let Some(o) = coord.poll_outcome() {
+                    slot.set(o);
+                }
+                if coord.is_done() {
+                    break;
+                }
+                let g = inbox.changed.generation();
+                let queued: Vec<_> = inbox.answers.borrow_mut().drain(..).collect();
+                if !queued.is_empty() {
+                    let now = cs.micros(Instant::now());
+                    for (from, answer) in queued {
+                        coord.handle(from, answer, now);
+                    }
+                    continue;
+                }
+                match coord.poll_timeout() {
+                    Some(t) => {
+                        let at = cs.epoch + Duration::from_micros(t);
+                        let timer = async {
+                            glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await;
+                            true
+                        };
+                        let woke = async {
+                            inbox.changed.wait(g).await;
+                            false
+                        };
+                        if futures_lite::future::or(woke, timer).await {
+                            coord.handle_timeout(cs.micros(Instant::now()).max(t));
+                        }
+                    }
+                    None => inbox.changed.wait(g).await,
+                }
+            }
+            bump(&cs.counters.read_repairs, coord.repairs() as u64);
+        })
+        .detach();
+        outcome.take().await
+    }
+
+    /// Sends one coordinator message to replica `to` (this node's own
+    /// store when `to` is this node) and returns its answer.
+    async fn send_replica(self: &Rc<Self>, key: &[u8], to: MemberIdx, msg: ReplicaMsg, deadline: Instant) -> Answer {
+        let cs = self.cluster();
+        if to == cs.info.me {
+            return match msg {
+                ReplicaMsg::Get => match self.store.get(key).await {
+                    Ok(set) => Ok((!set.is_empty()).then_some(set)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local replica read failed");
+                        Err(ReplicaFailure::Refused)
+                    }
+                },
+                ReplicaMsg::Put { set } => match self.store.merge(key, &set, now_ms()).await {
+                    Ok(_) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local replica write failed");
+                        Err(ReplicaFailure::Refused)
+                    }
+                },
+            };
+        }
+        let reply = match &msg {
+            ReplicaMsg::Get => cs.peers.call(to, &Request::ReplicaGet { key }, Quorum::default(), deadline).await,
+            ReplicaMsg::Put { set } => {
+                let (meta, value) = set.encode();
+                let req = Request::ReplicaPut { key, meta: &meta, value: &value };
+                cs.peers.call(to, &req, Quorum::default(), deadline).await
+            }
+        };
+        let frame = match reply {
+            Ok(f) => f,
+            Err(PeerError::BadReply(..)) => return Err(ReplicaFailure::Refused),
+            Err(_) => return Err(ReplicaFailure::Unreachable),
+        };
+        let Some((h, _)) = split_frame(&frame, MAX_BODY_LEN).ok().flatten() else {
+            return Err(ReplicaFailure::Refused);
+        };
+        match Response::decode(h.opcode, &frame[HEADER_LEN..]) {
+            Ok(Response::ReplicaGet { set: None }) => Ok(None),
+            Ok(Response::ReplicaGet { set: Some((meta, value)) }) => match VersionSet::decode(meta, value) {
+                Ok(set) => Ok(Some(set)),
+                Err(e) => {
+                    tracing::warn!(peer = cs.peers.name(to), error = %e, "a replica sent unreadable versions");
+                    Err(ReplicaFailure::Refused)
+                }
+            },
+            Ok(Response::ReplicaPut) => Ok(None),
+            Ok(Response::Error { code, message }) => {
+                tracing::debug!(peer = cs.peers.name(to), ?code, message, "a replica refused");
+                Err(ReplicaFailure::Refused)
+            }
+            _ => Err(ReplicaFailure::Refused),
+        }
+    }
+
+    /// Forwards a client request to a replica of its key (the put's hinted
+    /// coordinator first, then the preference list in order, skipping
+    /// unreachable ones) and relays the reply, flagged STALE_ROUTE.
+    async fn proxy(
+        self: &Rc<Self>,
+        header: &Header,
+        req: &Request<'_>,
+        quorum: Quorum,
+        replicas: &[MemberIdx],
+        deadline: Instant,
+    ) -> Vec<u8> {
+        let cs = self.cluster();
+        bump(&cs.counters.proxied, 1);
+        let hint = match req {
+            Request::Put { context, .. } | Request::Delete { context, .. } => {
+                crate::core::version::decode_context(context).ok().and_then(|(_, h)| h)
+            }
+            _ => None,
+        };
+        let mut order: Vec<MemberIdx> = Vec::with_capacity(replicas.len());
+        if let Some(h) = hint.filter(|h| replicas.contains(h)) {
+            order.push(h);
+        }
+        order.extend(replicas.iter().copied().filter(|m| Some(*m) != hint));
+        let mut last = String::new();
+        for to in order {
+            match cs.peers.call(to, req, quorum, deadline).await {
+                Ok(mut frame) => {
+                    // Answer as if it were ours: the client's request id, and
+                    // the flag that tells a ring-routing client to refresh.
+                    frame[8..16].copy_from_slice(&header.request_id.to_le_bytes());
+                    let f = u16::from_le_bytes([frame[4], frame[5]]) | flags::STALE_ROUTE;
+                    frame[4..6].copy_from_slice(&f.to_le_bytes());
+                    return frame;
+                }
+                Err(e @ PeerError::Timeout(_)) => {
+                    return self.error_frame(header.request_id, ErrorCode::DeadlineExceeded, &e.to_string())
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        bump(&cs.counters.quorum_failures, 1);
+        self.error_frame(
+            header.request_id,
+            ErrorCode::QuorumFailed,
+            &format!("no replica of the key is reachable: {last}"),
+        )
+    }
+
+    /// Serves another coordinator's replica message.
+    pub(super) async fn serve_replica(&self, id: u64, req: Request<'_>) -> Result<Vec<u8>, crate::store::StoreError> {
+        let shard = self.id as u16;
+        let mut out = Vec::new();
+        let cs = self.cluster();
+        match req {
+            Request::ReplicaGet { key } => {
+                bump(&cs.counters.replica_gets, 1);
+                let set = self.store.get(key).await?;
+                if set.is_empty() {
+                    Response::ReplicaGet { set: None }.encode(&mut out, id, shard);
+                } else {
+                    let (meta, value) = set.encode();
+                    Response::ReplicaGet { set: Some((&meta, &value)) }.encode(&mut out, id, shard);
+                }
+            }
+            Request::ReplicaPut { key, meta, value } => {
+                bump(&cs.counters.replica_puts, 1);
+                let set = VersionSet::decode(meta, value).map_err(crate::store::StoreError::CorruptVersions)?;
+                self.store.merge(key, &set, now_ms()).await?;
+                Response::ReplicaPut.encode(&mut out, id, shard);
+            }
+            _ => unreachable!("only replica messages are served here"),
+        }
+        Ok(out)
+    }
+}
