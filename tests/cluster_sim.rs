@@ -235,7 +235,7 @@ fn hash_set(h: &mut impl Hasher, set: &VersionSet) {
 
 impl Sim {
     fn new(mode: Mode, seed: u64) -> Sim {
-        let nodes = if seed % 2 == 0 { 3 } else { 5 };
+        let nodes = if seed.is_multiple_of(2) { 3 } else { 5 };
         let keys: Vec<Vec<u8>> = (0..KEYS).map(|k| format!("key-{k}").into_bytes()).collect();
         let prefs = keys
             .iter()

@@ -1,7 +1,7 @@
 //! The network benchmark: a closed-loop load generator that drives a Gyre
-//! node (binary frames) or a Redis server (RESP `GET`/`SET`) with the same
-//! connections, the same key choice and the same timing; only the codec
-//! differs.
+//! node or cluster (binary frames) or a Redis server (RESP `GET`/`SET`)
+//! with the same connections, the same key choice and the same timing;
+//! only the codec differs.
 //!
 //! Design: `--threads` OS threads (default 1), each running a tokio
 //! current-thread runtime (epoll) with its share of the connections as
@@ -11,13 +11,29 @@
 //! that has arrived and sends as many new requests as it got replies.
 //! Latency is the time from just before the write of a request to the
 //! read that completed its reply, in an hdrhistogram per connection,
-//! merged at the end.
+//! merged at the end. With `--rate` every connection sends on a fixed
+//! schedule instead (rate / connections each, evenly spaced) and latency
+//! counts from the scheduled time, so a stall of the server (or of the
+//! generator) is charged to the requests it delayed.
 //!
-//! Routing for Gyre: one PING gives the shard ports and the partition
-//! count. Connection `c` is bound to shard `c % shards` and only asks for
-//! keys that shard owns (`partition_of(key_hash(key)) % shards`), drawn
-//! uniformly from them, so no request is forwarded between shards. Redis
-//! is the same with one "shard" owning every key.
+//! Routing for Gyre: a RING request tells a lone node (`NotClustered`)
+//! from a cluster member, and a PING of every node gives its shard ports
+//! and partition count. An endpoint is one shard of one node; each
+//! connection is bound to one endpoint and draws its keys uniformly from
+//! those the endpoint may serve:
+//!
+//! - lone node: the keys its shard owns (`shard_of(key, Q, shards)`), so
+//!   nothing is forwarded between shards;
+//! - cluster, `--routing client`: the keys whose preference list starts
+//!   with the endpoint's node and that its shard owns there, so every
+//!   request reaches the key's coordinator, on the owning shard;
+//! - cluster, `--routing server`: every key the shard owns on its node
+//!   (the connections are spread over all nodes, as behind a load
+//!   balancer): the node coordinates if it is a replica of the key and
+//!   forwards the request otherwise (its reply is then flagged
+//!   STALE_ROUTE, counted as `stale_routes`).
+//!
+//! Redis is a lone node with one "shard" owning every key.
 //!
 //! Versions for Gyre: a write carries the newest context the thread has
 //! seen for its key (from a PUT or GET reply, or the load), or an empty
@@ -38,20 +54,28 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gyre::core::partition::shard_of;
-use gyre::core::version::Clock;
-use gyre::wire::{split_frame, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use gyre::core::ring::Ring;
+use gyre::core::version::decode_context;
+use gyre::wire::{flags, split_frame, ErrorCode, NodeInfo, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct NetArgs {
-    /// gyre://HOST:PORT (any shard of a node) or redis://HOST:PORT.
+    /// gyre://HOST:PORT (any shard of a node, or of any node of a
+    /// cluster) or redis://HOST:PORT.
     #[arg(long)]
     pub target: String,
-    /// TCP connections in all (spread evenly over a Gyre node's shards).
+    /// How a Gyre cluster is driven: `client` sends each key straight to
+    /// the owning shard of its coordinator (the first node of its
+    /// preference list); `server` spreads the keys over every node, which
+    /// coordinates or forwards. No effect on a lone node or Redis.
+    #[arg(long, value_enum, default_value_t = Routing::Client)]
+    pub routing: Routing,
+    /// TCP connections in all (spread evenly over the shards of every node).
     #[arg(long, default_value_t = 50)]
     pub connections: usize,
     /// Requests each connection keeps in flight (1 = unpipelined).
@@ -68,6 +92,11 @@ pub struct NetArgs {
     /// Seconds measured.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Requests per second in all: pace the connections (rate / connections
+    /// each, evenly spaced) and measure latency from each request's
+    /// scheduled send time. Unset: closed loop, as fast as replies come.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Seconds run before the measurement starts (not measured).
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
@@ -84,12 +113,23 @@ pub struct NetArgs {
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Also report this process's CPU use during the run (the server's pid).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Also report these processes' CPU use during the run (the server's
+    /// pid; repeat it, or separate with commas, for every node of a cluster).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// How requests reach a cluster (`--routing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// To the key's coordinator, on its owning shard.
+    Client,
+    /// To any node, on the shard that owns the key there.
+    Server,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +149,7 @@ impl Kind {
 
 #[derive(Serialize, Default)]
 struct Latency {
+    avg_us: f64,
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
@@ -121,6 +162,7 @@ impl Latency {
             return Latency::default();
         }
         Latency {
+            avg_us: h.mean() / 1e3,
             p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
             p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
             p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
@@ -132,17 +174,37 @@ impl Latency {
 #[derive(Serialize)]
 struct Output {
     target: String,
+    /// `client` or `server` against a cluster, `none` against a lone node
+    /// or Redis.
+    routing: String,
+    /// Members of the cluster's ring (1 for a lone node or Redis), and its
+    /// default N, R and W (absent unless clustered).
+    cluster_nodes: usize,
+    n: Option<u8>,
+    r: Option<u8>,
+    w: Option<u8>,
     connections: usize,
     depth: usize,
     read_ratio: f64,
+    /// The offered load of `--rate` (absent: closed loop).
+    rate: Option<f64>,
     ops_per_sec: f64,
     get_ops_per_sec: f64,
     set_ops_per_sec: f64,
+    avg_us: f64,
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
     max_us: f64,
+    /// GET and PUT latency apart (the `get` and `set` objects have more).
+    read_avg_us: f64,
+    read_p999_us: f64,
+    write_avg_us: f64,
+    write_p999_us: f64,
     errors: u64,
+    /// Replies flagged STALE_ROUTE: the node that got the request was not a
+    /// replica of its key and forwarded it.
+    stale_routes: u64,
     /// Largest number of values in any GET reply during the run.
     max_siblings_seen: u64,
     /// Largest sibling count in any PUT reply (Gyre; 1 for Redis).
@@ -158,6 +220,7 @@ struct Output {
     verify_keys_with_siblings: usize,
     first_error: Option<String>,
     server: String,
+    /// Shards in all (of every node of a cluster).
     shards: usize,
     threads: usize,
     keys: u64,
@@ -166,7 +229,7 @@ struct Output {
     warmup_s: f64,
     load_seconds: Option<f64>,
     load_ops_per_sec: Option<f64>,
-    /// CPU time of this generator and of `--server-pid` during the
+    /// CPU time of this generator and of the `--server-pid`s during the
     /// measured window, in percent of one core, and per operation.
     generator_cpu_percent: Option<f64>,
     server_cpu_percent: Option<f64>,
@@ -180,18 +243,112 @@ struct Output {
     machine_steal_percent: Option<f64>,
 }
 
-/// Where the requests go: one address per shard and the key owner rule.
+/// One place connections go to: a shard of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    addr: SocketAddr,
+    shard: u16,
+    /// Ring member index (0 on a lone node or Redis).
+    member: usize,
+}
+
+/// A cluster as the generator routes in it.
+struct ClusterView {
+    ring: Ring,
+    n: u8,
+    r: u8,
+    w: u8,
+    /// The first node of each partition's preference list (its coordinator).
+    coordinator: Vec<usize>,
+    /// Per member: the index of its shard 0 in `Topology::endpoints`.
+    first: Vec<usize>,
+    /// Per member: its shard count.
+    shards: Vec<usize>,
+}
+
+/// Where the requests go: every endpoint, and which of them serve a key.
 struct Topology {
     kind: Kind,
-    addrs: Vec<SocketAddr>,
+    routing: Routing,
     partitions: u32,
+    /// Grouped by member, each member's shards in shard order.
+    endpoints: Vec<Endpoint>,
+    cluster: Option<ClusterView>,
 }
 
 impl Topology {
-    fn owner(&self, key: &[u8]) -> usize {
-        match self.kind {
-            Kind::Redis => 0,
-            Kind::Gyre => shard_of(key, self.partitions, self.addrs.len()),
+    /// A lone node (or Redis) with one endpoint per shard.
+    fn single(kind: Kind, addr: SocketAddr, ports: &[u16], partitions: u32) -> Topology {
+        let endpoints = ports.iter().enumerate().map(|(i, &p)| Endpoint {
+            addr: SocketAddr::new(addr.ip(), p),
+            shard: i as u16,
+            member: 0,
+        });
+        Topology { kind, routing: Routing::Client, partitions, endpoints: endpoints.collect(), cluster: None }
+    }
+
+    /// A cluster: `infos[m]` is member `m`'s PING reply.
+    fn cluster(ring: Ring, n: u8, r: u8, w: u8, infos: &[NodeInfo], routing: Routing) -> anyhow::Result<Topology> {
+        let members = ring.members();
+        anyhow::ensure!(!members.is_empty() && infos.len() == members.len(), "one PING reply per ring member");
+        anyhow::ensure!(n >= 1 && n as usize <= members.len(), "the cluster's N = {n} does not fit its ring");
+        let partitions = ring.partitions();
+        let mut endpoints = Vec::new();
+        let (mut first, mut shards) = (Vec::new(), Vec::new());
+        for (m, (member, info)) in members.iter().zip(infos).enumerate() {
+            anyhow::ensure!(!info.ports.is_empty(), "member {} reports no shards", member.name);
+            anyhow::ensure!(
+                info.partitions == partitions,
+                "member {} has {} partitions, the ring {partitions}",
+                member.name,
+                info.partitions
+            );
+            first.push(endpoints.len());
+            shards.push(info.ports.len());
+            for (i, &p) in info.ports.iter().enumerate() {
+                endpoints.push(Endpoint { addr: SocketAddr::new(member.addr.ip(), p), shard: i as u16, member: m });
+            }
+        }
+        let coordinator = (0..partitions).map(|p| ring.preference_list(p, n as usize)[0] as usize).collect();
+        let cluster = ClusterView { ring, n, r, w, coordinator, first, shards };
+        Ok(Topology { kind: Kind::Gyre, routing, partitions, endpoints, cluster: Some(cluster) })
+    }
+
+    /// The endpoint of member `m` that owns `key` there.
+    fn on_member(&self, m: usize, key: &[u8]) -> usize {
+        match &self.cluster {
+            Some(c) => c.first[m] + shard_of(key, self.partitions, c.shards[m]),
+            None => shard_of(key, self.partitions, self.endpoints.len()),
+        }
+    }
+
+    /// The endpoint a key's load write and verification GET go to: its
+    /// owning shard (on a cluster, on the key's coordinator).
+    fn home(&self, key: &[u8]) -> usize {
+        match (self.kind, &self.cluster) {
+            (Kind::Redis, _) => 0,
+            (Kind::Gyre, None) => self.on_member(0, key),
+            (Kind::Gyre, Some(c)) => {
+                let p = c.ring.partition_of_key(key);
+                self.on_member(c.coordinator[p as usize], key)
+            }
+        }
+    }
+
+    /// Calls `f` with every endpoint whose connections draw `key` in the run.
+    fn drawn_by(&self, key: &[u8], mut f: impl FnMut(usize)) {
+        match &self.cluster {
+            Some(c) if self.routing == Routing::Server => (0..c.shards.len()).for_each(|m| f(self.on_member(m, key))),
+            _ => f(self.home(key)),
+        }
+    }
+
+    /// The routing mode as reported.
+    fn routing_name(&self) -> &'static str {
+        match (&self.cluster, self.routing) {
+            (None, _) => "none",
+            (Some(_), Routing::Client) => "client",
+            (Some(_), Routing::Server) => "server",
         }
     }
 }
@@ -213,32 +370,63 @@ fn parse_target(t: &str) -> anyhow::Result<(Kind, SocketAddr)> {
     Ok((kind, addr))
 }
 
-/// Learns a Gyre node's shard ports and partition count with one PING.
-fn discover(kind: Kind, addr: SocketAddr) -> anyhow::Result<Topology> {
-    if kind == Kind::Redis {
-        return Ok(Topology { kind, addrs: vec![addr], partitions: 1 });
-    }
+/// Sends one request to `addr` on a fresh connection and hands its reply
+/// to `f`.
+fn roundtrip<T>(
+    addr: SocketAddr,
+    req: &Request<'_>,
+    f: impl FnOnce(Response<'_>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = Vec::new();
-    Request::Ping.encode(&mut req, 0, gyre::wire::ANY_SHARD, 0);
-    s.write_all(&req)?;
+    let mut out = Vec::new();
+    req.encode(&mut out, 0, gyre::wire::ANY_SHARD, 0);
+    s.write_all(&out)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         if let Some((h, total)) = split_frame(&buf, MAX_BODY_LEN)? {
-            match Response::decode(h.opcode, &buf[HEADER_LEN..total])? {
-                Response::Pong(info) => {
-                    let addrs = info.ports.iter().map(|&p| SocketAddr::new(addr.ip(), p)).collect::<Vec<_>>();
-                    anyhow::ensure!(!addrs.is_empty(), "the node reports no shards");
-                    return Ok(Topology { kind, addrs, partitions: info.partitions });
-                }
-                other => bail!("unexpected reply to PING: {other:?}"),
-            }
+            return f(Response::decode(h.opcode, &buf[HEADER_LEN..total])?);
         }
         let n = s.read(&mut chunk)?;
-        anyhow::ensure!(n > 0, "{addr} closed the connection during PING");
+        anyhow::ensure!(n > 0, "{addr} closed the connection");
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A node's shard ports and partition count (one PING).
+fn ping(addr: SocketAddr) -> anyhow::Result<NodeInfo> {
+    roundtrip(addr, &Request::Ping, |r| match r {
+        Response::Pong(info) => Ok(info),
+        other => bail!("unexpected reply to PING from {addr}: {other:?}"),
+    })
+}
+
+/// Learns where to send: a RING request tells a cluster member (its ring
+/// and quorums) from a lone node (`NotClustered`), and a PING of every
+/// node its shard ports.
+fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow::Result<Topology> {
+    if kind == Kind::Redis {
+        return Ok(Topology::single(kind, addr, &[addr.port()], 1));
+    }
+    let ring = roundtrip(addr, &Request::Ring, |r| match r {
+        Response::Ring { n, r, w, ring } => {
+            Ok(Some((n, r, w, Ring::decode(ring).map_err(|e| anyhow::anyhow!("bad ring from {addr}: {e}"))?)))
+        }
+        // A node that predates RING is a lone node too.
+        Response::Error { code: ErrorCode::NotClustered | ErrorCode::UnknownOpcode, .. } => Ok(None),
+        other => bail!("unexpected reply to RING from {addr}: {other:?}"),
+    })?;
+    match ring {
+        None => {
+            let info = ping(addr)?;
+            anyhow::ensure!(!info.ports.is_empty(), "the node reports no shards");
+            Ok(Topology::single(kind, addr, &info.ports, info.partitions))
+        }
+        Some((n, r, w, ring)) => {
+            let infos = ring.members().iter().map(|m| ping(m.addr)).collect::<anyhow::Result<Vec<_>>>()?;
+            Topology::cluster(ring, n, r, w, &infos, routing)
+        }
     }
 }
 
@@ -289,14 +477,17 @@ impl Shared {
         self.writing.borrow_mut()[key as usize] = false;
     }
 
-    /// Keeps `ctx` for `key` if it is newer than the one held. On one node
-    /// every context of a key is a clock with one growing entry, so the
-    /// larger counter sum is the later version and covers the other.
+    /// Keeps `ctx` for `key` if it is newer than the one held. The writes
+    /// of a key form one chain (each carries the context of the one
+    /// before), so every context a reply brings covers or is covered by
+    /// the one held, and the larger counter sum is the later. A cluster's
+    /// contexts also carry a coordinator hint (`decode_context` reads
+    /// both formats); the bytes are passed back whole.
     fn learn(&self, key: u32, ctx: &[u8]) {
         if ctx.is_empty() {
             return;
         }
-        let Ok(clock) = Clock::decode(ctx) else { return };
+        let Ok((clock, _hint)) = decode_context(ctx) else { return };
         let sum: u64 = clock.iter().map(|(_, n)| n).sum();
         let mut all = self.contexts.borrow_mut();
         let slot = &mut all[key as usize];
@@ -322,6 +513,8 @@ struct Decoded<'a> {
     values: u64,
     /// Context of a Gyre reply (empty for Redis).
     ctx: &'a [u8],
+    /// The reply was flagged STALE_ROUTE (Gyre: the node forwarded it).
+    stale: bool,
 }
 
 /// The only part that differs between the targets.
@@ -377,7 +570,8 @@ fn decode(kind: Kind, buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
 
 fn decode_gyre(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
     let Some((h, total)) = split_frame(buf, MAX_BODY_LEN)? else { return Ok(None) };
-    let mut d = Decoded { id: Some(h.request_id), len: total, error: None, values: 0, ctx: &[] };
+    let stale = h.flags & flags::STALE_ROUTE != 0;
+    let mut d = Decoded { id: Some(h.request_id), len: total, error: None, values: 0, ctx: &[], stale };
     match Response::decode(h.opcode, &buf[HEADER_LEN..total])? {
         Response::Get { context, values } => {
             d.values = values.len() as u64;
@@ -397,7 +591,7 @@ fn decode_gyre(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
 fn decode_resp(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
     let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
     let line = &buf[1..eol];
-    let mut d = Decoded { id: None, len: eol + 2, error: None, values: 1, ctx: &[] };
+    let mut d = Decoded { id: None, len: eol + 2, error: None, values: 1, ctx: &[], stale: false };
     match buf[0] {
         b'+' | b':' => {}
         b'-' => d.error = Some(String::from_utf8_lossy(line).into_owned()),
@@ -426,6 +620,7 @@ struct Tally {
     sets: u64,
     get_misses: u64,
     errors: u64,
+    stale_routes: u64,
     max_get_values: u64,
     max_put_siblings: u64,
     first_error: Option<String>,
@@ -442,6 +637,7 @@ impl Tally {
             sets: 0,
             get_misses: 0,
             errors: 0,
+            stale_routes: 0,
             max_get_values: 0,
             max_put_siblings: 0,
             first_error: None,
@@ -456,6 +652,7 @@ impl Tally {
         self.sets += o.sets;
         self.get_misses += o.get_misses;
         self.errors += o.errors;
+        self.stale_routes += o.stale_routes;
         self.max_get_values = self.max_get_values.max(o.max_get_values);
         self.max_put_siblings = self.max_put_siblings.max(o.max_put_siblings);
         if self.first_error.is_none() {
@@ -526,13 +723,15 @@ impl Conn {
         })
     }
 
-    /// Runs `source` dry with up to `depth` requests in flight. Replies
-    /// read within `window` are recorded in `tally`.
+    /// Runs `source` dry with up to `depth` requests in flight, each sent
+    /// as soon as a slot is free or, with `pace`, at its scheduled time.
+    /// Replies read within `window` are recorded in `tally`.
     async fn drive(
         &mut self,
         mut source: Source<'_>,
         depth: usize,
         window: Option<(Instant, Instant)>,
+        mut pace: Option<Pace>,
         tally: &mut Tally,
     ) -> anyhow::Result<()> {
         let mut more = true;
@@ -541,6 +740,15 @@ impl Conn {
             if more {
                 let now = Instant::now();
                 'fill: while self.in_flight.len() < depth {
+                    // Paced: a request goes once it is due (up to a timer
+                    // tick early), and its latency counts from the earlier
+                    // of its scheduled time and now: late sends count
+                    // their wait, early ones are not credited.
+                    let sent = match &pace {
+                        None => now,
+                        Some(p) if p.next <= now + TIMER_SLACK => p.next.min(now),
+                        Some(_) => break,
+                    };
                     // One write per key in flight, so that every write
                     // carries the context of the previous one of its key.
                     let mut draws = 0;
@@ -554,18 +762,30 @@ impl Conn {
                             break (op, key);
                         }
                     };
+                    if let Some(p) = &mut pace {
+                        p.next += p.interval;
+                    }
                     let id = self.next_id;
                     self.next_id += 1;
                     encode(self.kind, &self.shared, &mut self.wbuf, id, self.shard, op, key);
-                    self.in_flight.push_back(InFlight { id, op, key, sent: now });
+                    self.in_flight.push_back(InFlight { id, op, key, sent });
                 }
                 if !self.wbuf.is_empty() {
                     self.stream.write_all(&self.wbuf).await?;
                     self.wbuf.clear();
                 }
             }
+            // While paced with a free slot, reading waits only until the
+            // next request is due.
+            let due = pace.as_ref().filter(|_| more && self.in_flight.len() < depth).map(Pace::wake);
             if self.in_flight.is_empty() {
-                return Ok(());
+                match due {
+                    None => return Ok(()),
+                    Some(t) => {
+                        tokio::time::sleep_until(t.into()).await;
+                        continue;
+                    }
+                }
             }
             // Take every whole reply in the buffer; read until there is one.
             let mut got = 0;
@@ -586,6 +806,7 @@ impl Conn {
                     if f.op == Op::Set {
                         self.shared.end_write(f.key);
                     }
+                    tally.stale_routes += u64::from(d.stale);
                     if let Some(e) = d.error {
                         tally.errors += 1;
                         if tally.first_error.is_none() {
@@ -630,7 +851,15 @@ impl Conn {
                         self.rbuf.resize(self.rbuf.len() * 2, 0);
                     }
                 }
-                let n = self.stream.read(&mut self.rbuf[self.rend..]).await?;
+                let read = self.stream.read(&mut self.rbuf[self.rend..]);
+                let n = match due {
+                    None => read.await?,
+                    Some(t) => match tokio::time::timeout_at(t.into(), read).await {
+                        Ok(n) => n?,
+                        // The next request is due: send it, then read on.
+                        Err(_) => break,
+                    },
+                };
                 if n == 0 {
                     bail!("the server closed the connection");
                 }
@@ -641,12 +870,34 @@ impl Conn {
     }
 }
 
+/// How early a paced request may go: tokio's timer fires on whole
+/// milliseconds, at or after the deadline, so a connection wakes up to
+/// this much before a send is due and sends then (not a tick late).
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// A connection's send schedule under `--rate`.
+struct Pace {
+    /// When the next request is due.
+    next: Instant,
+    /// Time between two requests of this connection.
+    interval: Duration,
+}
+
+impl Pace {
+    /// When to wake for the next request.
+    fn wake(&self) -> Instant {
+        self.next.checked_sub(TIMER_SLACK).unwrap_or(self.next)
+    }
+}
+
 /// One connection's assignment.
 struct ConnPlan {
+    /// Its number among all connections (its place in the `--rate` schedule).
+    index: usize,
     addr: SocketAddr,
     shard: u16,
     /// Keys it draws from in the run (shared by the connections of its
-    /// thread and shard).
+    /// thread and endpoint).
     keys: Arc<Vec<u32>>,
     /// Keys it writes in the load phase.
     load: Vec<u32>,
@@ -654,6 +905,8 @@ struct ConnPlan {
 
 /// The times every thread works to.
 struct Timeline {
+    /// The run (warm-up and measurement) starts: the `--rate` schedule's origin.
+    run_from: Instant,
     measure_from: Instant,
     measure_to: Instant,
 }
@@ -675,7 +928,7 @@ fn thread_main(
     timeline: &OnceLock<Timeline>,
     load_done: &OnceLock<Instant>,
 ) -> anyhow::Result<ThreadResult> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     let local = tokio::task::LocalSet::new();
     let shared = Rc::new(Shared::new(keys, args.value_size, kind == Kind::Gyre));
     let setup = local.block_on(&rt, async {
@@ -704,7 +957,7 @@ fn thread_main(
                 let load = p.load.clone();
                 tasks.push(tokio::task::spawn_local(async move {
                     let mut t = Tally::new();
-                    c.drive(Source::Load(load.iter()), depth, None, &mut t).await.map(|()| (c, t))
+                    c.drive(Source::Load(load.iter()), depth, None, None, &mut t).await.map(|()| (c, t))
                 }));
             }
             let mut back = Vec::new();
@@ -729,8 +982,8 @@ fn thread_main(
         let now = Instant::now();
         let _ = load_done.set(now);
         let from = now + Duration::from_secs_f64(args.warmup);
-        let _ =
-            timeline.set(Timeline { measure_from: from, measure_to: from + Duration::from_secs_f64(args.duration) });
+        let measure_to = from + Duration::from_secs_f64(args.duration);
+        let _ = timeline.set(Timeline { run_from: now, measure_from: from, measure_to });
     }
     barrier.wait();
     let tl = timeline.get().expect("set by the leader");
@@ -740,10 +993,15 @@ fn thread_main(
         for (i, (mut c, p)) in conns.take().expect("connected").into_iter().zip(plans).enumerate() {
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add((thread * 100_000 + i) as u64);
             let (read_ratio, depth) = (args.read_ratio, args.depth);
+            // Connection c of C sends at run_from + (c + k C) / rate, k = 0, 1, ...
+            let pace = args.rate.map(|rate| Pace {
+                next: tl.run_from + Duration::from_secs_f64(p.index as f64 / rate),
+                interval: Duration::from_secs_f64(args.connections as f64 / rate),
+            });
             tasks.push(tokio::task::spawn_local(async move {
                 let mut t = Tally::new();
                 let src = Source::Mix { rng: fastrand::Rng::with_seed(seed), read_ratio, keys: &p.keys, end: window.1 };
-                c.drive(src, depth, Some(window), &mut t).await?;
+                c.drive(src, depth, Some(window), pace, &mut t).await?;
                 anyhow::Ok(t)
             }));
         }
@@ -754,6 +1012,12 @@ fn thread_main(
         anyhow::Ok(all)
     })?;
     Ok(ThreadResult { tally, load_errors: load_tally.errors, load_first_error: load_tally.first_error })
+}
+
+/// utime + stime of processes in seconds, summed: `None` is this one
+/// (`/proc/PID/stat`, 100 ticks/s).
+fn cpu_seconds_of(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|&p| cpu_seconds(Some(p))).sum()
 }
 
 /// utime + stime of a process in seconds (`/proc/PID/stat`, 100 ticks/s).
@@ -787,23 +1051,23 @@ fn verify(kind: Kind, topo: &Topology, keys: &Arc<Vec<Vec<u8>>>, n: usize) -> an
         return Ok((0, 0, 0));
     }
     let shared = Shared::new(keys.clone(), 0, false);
-    let mut streams: Vec<Option<std::net::TcpStream>> = (0..topo.addrs.len()).map(|_| None).collect();
+    let mut streams: Vec<Option<std::net::TcpStream>> = (0..topo.endpoints.len()).map(|_| None).collect();
     let (mut most, mut multi) = (0u64, 0usize);
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     for i in 0..n {
         let key = (i as u64 * keys.len() as u64 / n as u64) as u32;
-        let shard = topo.owner(&keys[key as usize]);
-        let s = match &mut streams[shard] {
+        let e = topo.home(&keys[key as usize]);
+        let s = match &mut streams[e] {
             Some(s) => s,
             slot => {
-                let s = std::net::TcpStream::connect(topo.addrs[shard])?;
+                let s = std::net::TcpStream::connect(topo.endpoints[e].addr)?;
                 s.set_read_timeout(Some(Duration::from_secs(5)))?;
                 slot.insert(s)
             }
         };
         let mut req = Vec::new();
-        encode(kind, &shared, &mut req, i as u64, shard as u16, Op::Get, key);
+        encode(kind, &shared, &mut req, i as u64, topo.endpoints[e].shard, Op::Get, key);
         s.write_all(&req)?;
         buf.clear();
         let values = loop {
@@ -823,45 +1087,78 @@ fn verify(kind: Kind, topo: &Topology, keys: &Arc<Vec<Vec<u8>>>, n: usize) -> an
     Ok((n, most, multi))
 }
 
+/// Key lists per (thread, endpoint). A thread owns the keys k with
+/// k % threads == thread, so one thread's context map sees every write of
+/// its keys.
+struct KeyGroups {
+    /// The keys the thread's connections to the endpoint draw in the run.
+    draw: Vec<Vec<Vec<u32>>>,
+    /// The keys they write in the load phase: each key once, at its home.
+    home: Vec<Vec<Vec<u32>>>,
+}
+
+fn key_groups(topo: &Topology, keys: &[Vec<u8>], threads: usize) -> KeyGroups {
+    let e = topo.endpoints.len();
+    let mut draw = vec![vec![Vec::new(); e]; threads];
+    let mut home = vec![vec![Vec::new(); e]; threads];
+    for (i, k) in keys.iter().enumerate() {
+        let t = i % threads;
+        topo.drawn_by(k, |e| draw[t][e].push(i as u32));
+        home[t][topo.home(k)].push(i as u32);
+    }
+    KeyGroups { draw, home }
+}
+
+/// Every connection's assignment, by thread. Connection c goes to
+/// endpoint c % endpoints (so consecutive connections go to different
+/// nodes of a cluster) and runs on thread (c / endpoints) % threads.
+fn plan(
+    topo: &Topology,
+    keys: &[Vec<u8>],
+    connections: usize,
+    threads: usize,
+    load: bool,
+) -> anyhow::Result<Vec<Vec<ConnPlan>>> {
+    let mut groups = key_groups(topo, keys, threads);
+    let e = topo.endpoints.len();
+    let mut conns: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); e]; threads];
+    for c in 0..connections {
+        conns[(c / e) % threads][c % e].push(c);
+    }
+    let mut plans: Vec<Vec<ConnPlan>> = (0..threads).map(|_| Vec::new()).collect();
+    for t in 0..threads {
+        for (s, ep) in topo.endpoints.iter().enumerate() {
+            let (mine, home) = (&conns[t][s], &groups.home[t][s]);
+            if mine.is_empty() {
+                anyhow::ensure!(
+                    !load || home.is_empty(),
+                    "no connection of thread {t} goes to {} (shard {}) to load its keys: use more --connections",
+                    ep.addr,
+                    ep.shard
+                );
+                continue;
+            }
+            let group = Arc::new(std::mem::take(&mut groups.draw[t][s]));
+            for (j, &c) in mine.iter().enumerate() {
+                let load = home.iter().copied().skip(j).step_by(mine.len()).collect();
+                plans[t].push(ConnPlan { index: c, addr: ep.addr, shard: ep.shard, keys: group.clone(), load });
+            }
+        }
+    }
+    Ok(plans)
+}
+
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
     anyhow::ensure!((0.0..=1.0).contains(&args.read_ratio), "--read-ratio must be between 0 and 1");
     anyhow::ensure!(args.connections > 0 && args.depth > 0 && args.threads > 0, "counts must be positive");
     anyhow::ensure!(args.keys > 0 && args.keys <= u32::MAX as u64, "--keys must be between 1 and 2^32-1");
     anyhow::ensure!(args.duration > 0.0 && args.warmup >= 0.0, "--duration must be positive");
+    anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "--rate must be positive");
     let (kind, addr) = parse_target(&args.target)?;
-    let topo = discover(kind, addr)?;
-    let shards = topo.addrs.len();
+    let topo = discover(kind, addr, args.routing)?;
     let threads = args.threads.min(args.connections);
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..args.keys).map(|i| format!("key:{i}").into_bytes()).collect());
-
-    // Key lists per (thread, shard): a thread owns the keys k with
-    // k % threads == thread, so one thread's context map sees every write
-    // of its keys.
-    let mut groups: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); shards]; threads];
-    for (i, k) in keys.iter().enumerate() {
-        groups[i % threads][topo.owner(k)].push(i as u32);
-    }
-    // Connection c: shard c % shards, thread (c / shards) % threads.
-    let mut members: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); shards]; threads];
-    for c in 0..args.connections {
-        members[(c / shards) % threads][c % shards].push(c);
-    }
-    let mut plans: Vec<Vec<ConnPlan>> = (0..threads).map(|_| Vec::new()).collect();
-    for t in 0..threads {
-        for s in 0..shards {
-            let group = Arc::new(std::mem::take(&mut groups[t][s]));
-            let m = &members[t][s];
-            if m.is_empty() {
-                anyhow::ensure!(!args.load || group.is_empty(), "no connection for thread {t} shard {s}");
-                continue;
-            }
-            for (j, _) in m.iter().enumerate() {
-                let load = group.iter().copied().skip(j).step_by(m.len()).collect();
-                plans[t].push(ConnPlan { addr: topo.addrs[s], shard: s as u16, keys: group.clone(), load });
-            }
-        }
-    }
-
+    let plans = plan(&topo, &keys, args.connections, threads, args.load)?;
     let barrier = Barrier::new(threads);
     let timeline = OnceLock::new();
     let load_done = OnceLock::new();
@@ -883,7 +1180,8 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         while timeline.get().is_none() && running(&handles) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let sample = || (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))), machine_seconds());
+        let server = || (!args.server_pid.is_empty()).then(|| cpu_seconds_of(&args.server_pid)).flatten();
+        let sample = || (cpu_seconds(None), server(), machine_seconds());
         let mut cpu = [None; 4];
         if let Some(tl) = timeline.get() {
             let wait_until = |t: Instant| {
@@ -925,32 +1223,45 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
 
     let ops = tally.gets + tally.sets;
     let secs = args.duration;
-    let all = Latency::of(&tally.all);
+    let (all, get, set) = (Latency::of(&tally.all), Latency::of(&tally.get), Latency::of(&tally.set));
+    let c = topo.cluster.as_ref();
     let out = Output {
         target: kind.name().to_string(),
+        routing: topo.routing_name().to_string(),
+        cluster_nodes: c.map_or(1, |c| c.ring.members().len()),
+        n: c.map(|c| c.n),
+        r: c.map(|c| c.r),
+        w: c.map(|c| c.w),
         connections: args.connections,
         depth: args.depth,
         read_ratio: args.read_ratio,
+        rate: args.rate,
         ops_per_sec: ops as f64 / secs,
         get_ops_per_sec: tally.gets as f64 / secs,
         set_ops_per_sec: tally.sets as f64 / secs,
+        avg_us: all.avg_us,
         p50_us: all.p50_us,
         p99_us: all.p99_us,
         p999_us: all.p999_us,
         max_us: all.max_us,
+        read_avg_us: get.avg_us,
+        read_p999_us: get.p999_us,
+        write_avg_us: set.avg_us,
+        write_p999_us: set.p999_us,
         errors: tally.errors,
+        stale_routes: tally.stale_routes,
         max_siblings_seen: tally.max_get_values,
         max_put_siblings: tally.max_put_siblings,
         get_misses: tally.get_misses,
         ops,
-        get: Latency::of(&tally.get),
-        set: Latency::of(&tally.set),
+        get,
+        set,
         verify_keys,
         verify_max_values,
         verify_keys_with_siblings,
         first_error: tally.first_error,
         server: args.target.clone(),
-        shards,
+        shards: topo.endpoints.len(),
         threads,
         keys: args.keys,
         value_size: args.value_size,
@@ -967,21 +1278,31 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     };
     let text = serde_json::to_string(&out)?;
     println!("{text}");
+    let rate = args.rate.map_or(String::new(), |r| format!(" rate={r:.0}"));
     eprintln!(
-        "{} c={} d={} r={}: {:.0} ops/s (get {:.0}, set {:.0}), p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, \
-         max {:.0} us, errors {}, max siblings {}",
+        "{} routing={} nodes={} c={} d={} r={}{rate}: {:.0} ops/s (get {:.0}, set {:.0}), avg {:.0} us, \
+         p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us; read avg {:.0} p99.9 {:.0} us, \
+         write avg {:.0} p99.9 {:.0} us; errors {}, stale routes {}, max siblings {}",
         out.target,
+        out.routing,
+        out.cluster_nodes,
         out.connections,
         out.depth,
         out.read_ratio,
         out.ops_per_sec,
         out.get_ops_per_sec,
         out.set_ops_per_sec,
+        out.avg_us,
         out.p50_us,
         out.p99_us,
         out.p999_us,
         out.max_us,
+        out.read_avg_us,
+        out.read_p999_us,
+        out.write_avg_us,
+        out.write_p999_us,
         out.errors,
+        out.stale_routes,
         out.max_siblings_seen.max(out.verify_max_values),
     );
     if let Some(path) = &args.json {

@@ -60,12 +60,8 @@ use std::fmt;
 
 use thiserror::Error;
 
+pub use crate::core::ring::MemberIdx;
 use crate::core::version::{VersionError, VersionSet, MAX_SIBLINGS};
-
-/// A ring member: the index of a node in the ring's member table.
-///
-/// Defined here until `core::ring` exists; it will be re-exported from there.
-pub type MemberIdx = u16;
 
 /// What a coordinator asks of one replica. The key is the driver's: a
 /// coordinator serves one request for one key.

@@ -1,13 +1,25 @@
 //! Starts real `gyre node` processes for end-to-end tests: loopback only,
-//! ephemeral ports (read back from the node's "ready" line), stopped on drop.
+//! stopped on drop. A lone [`Node`] takes ephemeral ports (read back from
+//! its "ready" line); a [`Cluster`] writes a cluster file and runs one node
+//! per member, each on its own loopback address, which it can stop, kill
+//! and restart one at a time.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const GYRE: &str = env!("CARGO_BIN_EXE_gyre");
+
+/// How long a node may take to print its ready line before it is killed.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running node process.
 pub struct Node {
@@ -23,26 +35,45 @@ impl Node {
     }
 
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Node, String> {
-        let mut child = Command::new(GYRE)
-            .args(["node", "--listen", "127.0.0.1:0", "--no-pin", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning gyre node");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
-        if !matches!(read, Ok(n) if n > 0) {
+        let mut args: Vec<OsString> =
+            ["node", "--listen", "127.0.0.1:0", "--no-pin", "--data-dir"].iter().map(OsString::from).collect();
+        args.push(data_dir.into());
+        args.extend(extra.iter().map(OsString::from));
+        Node::try_spawn(&args, data_dir, None)
+    }
+
+    /// Runs `gyre ARGS` (a `node` command line, complete) and waits until
+    /// it prints its ready line. Its stderr is appended to `log` if given,
+    /// else piped and returned in the error if the node does not start.
+    pub fn try_spawn(args: &[OsString], data_dir: &Path, log: Option<&Path>) -> Result<Node, String> {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display())),
+            ),
+            None => Stdio::piped(),
+        };
+        let mut command = Command::new(GYRE);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
+        let mut child = command.args(args).stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawning gyre node");
+        let line = first_line(&mut child, START_TIMEOUT);
+        let ready = line.as_deref().and_then(|l| l.split("ready:").nth(1)).map(str::to_string);
+        let Some(ready) = ready else {
             let _ = child.kill();
             let out = child.wait_with_output().expect("node output");
-            return Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
-        }
-        let Some(ready) = line.split("ready:").nth(1) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("unexpected first line {line:?}"));
+            let stderr = match log {
+                Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+                None => String::from_utf8_lossy(&out.stderr).into_owned(),
+            };
+            return Err(match line {
+                Some(line) => format!("{}: unexpected first line {line:?}: {stderr}", out.status),
+                None => format!("{}: {stderr}", out.status),
+            });
         };
         let addrs = ready.split_whitespace().map(String::from).collect();
         Ok(Node { child, addrs, data_dir: data_dir.to_path_buf() })
@@ -66,14 +97,7 @@ impl Node {
     /// SIGTERM and wait (bounded) for the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         signal(self.pid(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for the node") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "node did not stop within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_bounded(&mut self.child, STOP_TIMEOUT).expect("node did not stop within 20 s of SIGTERM")
     }
 }
 
@@ -87,4 +111,258 @@ impl Drop for Node {
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("running kill");
     assert!(ok.success(), "kill -{sig} {pid} failed");
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The first line `child` prints on its (piped) stdout, or `None` if it
+/// closes stdout first or prints nothing within `timeout` (it is then
+/// killed). Its stdout is closed afterwards.
+fn first_line(child: &mut Child, timeout: Duration) -> Option<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(matches!(read, Ok(n) if n > 0).then_some(line));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            None
+        }
+    }
+}
+
+/// A port free on every one of `ips` (checked by binding it on each),
+/// outside the usual ephemeral range so outgoing connections do not take
+/// it while a node is down.
+pub fn free_port(ips: &[Ipv4Addr]) -> u16 {
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        let all_free = ips.iter().all(|ip| TcpListener::bind(SocketAddrV4::new(*ip, port)).is_ok());
+        if all_free {
+            return port;
+        }
+    }
+    panic!("no free port on {ips:?}");
+}
+
+/// Loopback blocks 127.X.Y.0/24 handed out in this process.
+static BLOCKS: Mutex<Option<HashSet<(u8, u8)>>> = Mutex::new(None);
+
+/// Addresses `127.X.Y.1..=count`, all on one port, for a cluster: a block
+/// no other cluster of this process uses, at a port free on all of them.
+fn loopback_addrs(count: usize) -> Vec<SocketAddr> {
+    assert!((1..=250).contains(&count));
+    let (x, y) = {
+        let mut blocks = BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+        let blocks = blocks.get_or_insert_with(HashSet::new);
+        loop {
+            // 127.0.0.x is left to `gyre dev` and lone nodes.
+            let b = (fastrand::u8(10..=250), fastrand::u8(..));
+            if blocks.insert(b) {
+                break b;
+            }
+        }
+    };
+    let ips: Vec<Ipv4Addr> = (1..=count).map(|i| Ipv4Addr::new(127, x, y, i as u8)).collect();
+    let port = free_port(&ips);
+    ips.into_iter().map(|ip| SocketAddr::from((ip, port))).collect()
+}
+
+/// The shape of a test cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub partitions: u32,
+    pub n: usize,
+    pub r: usize,
+    pub w: usize,
+    /// Every node's `--fsync`.
+    pub fsync: String,
+}
+
+impl Default for ClusterSpec {
+    /// Three nodes, N = 3, R = W = 2, 64 partitions, no fsync.
+    fn default() -> Self {
+        ClusterSpec { nodes: 3, partitions: 64, n: 3, r: 2, w: 2, fsync: "never".into() }
+    }
+}
+
+/// One member of a [`Cluster`].
+pub struct Member {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Its stderr, across restarts.
+    pub log: PathBuf,
+    /// The running process (`None` while stopped).
+    pub node: Option<Node>,
+}
+
+/// A cluster of `gyre node` processes (one shard each, unpinned) on
+/// loopback, named `n1`, `n2`, ... in cluster-file order. Every node is
+/// killed on drop; the logs of all of them are printed if the test panicked.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    /// The cluster file.
+    pub file: PathBuf,
+    pub members: Vec<Member>,
+    /// Holds the cluster file, the data directories and the logs.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Writes the cluster file and starts every node.
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("cluster.toml");
+        let mut cluster = Cluster { spec, file, members: Vec::new(), dir };
+        // A port found free can be taken before a node binds it: then the
+        // whole cluster moves to another block and port.
+        for attempt in 1.. {
+            cluster.layout();
+            match (0..cluster.members.len()).try_for_each(|i| cluster.try_start_member(i)) {
+                Ok(()) => return cluster,
+                Err(e) if attempt < 3 && e.contains("listening on") => {
+                    eprintln!("cluster start attempt {attempt} lost a port race, trying another: {e}");
+                    for m in &mut cluster.members {
+                        drop(m.node.take());
+                        let _ = std::fs::remove_dir_all(&m.data_dir);
+                    }
+                }
+                Err(e) => panic!("cluster node did not start: {e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Picks the members' addresses and writes the cluster file.
+    fn layout(&mut self) {
+        let spec = &self.spec;
+        let addrs = loopback_addrs(spec.nodes);
+        let mut toml = format!("partitions = {}\nn = {}\nr = {}\nw = {}\n", spec.partitions, spec.n, spec.r, spec.w);
+        self.members.clear();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            toml.push_str(&format!("\n[[nodes]]\nname = \"{name}\"\naddr = \"{addr}\"\n"));
+            self.members.push(Member {
+                data_dir: self.dir.path().join(&name),
+                log: self.dir.path().join(format!("{name}.log")),
+                name,
+                addr,
+                node: None,
+            });
+        }
+        std::fs::write(&self.file, toml).expect("writing the cluster file");
+    }
+
+    fn try_start_member(&mut self, i: usize) -> Result<(), String> {
+        let m = &self.members[i];
+        assert!(m.node.is_none(), "{} is already running", m.name);
+        let mut args: Vec<OsString> = vec!["node".into(), "--cluster".into(), self.file.clone().into()];
+        args.extend(["--name", &m.name, "--shards", "1", "--no-pin", "--fsync", &self.spec.fsync].map(OsString::from));
+        args.extend(["--data-dir".into(), m.data_dir.clone().into()]);
+        let node = Node::try_spawn(&args, &m.data_dir, Some(&m.log)).map_err(|e| format!("{}: {e}", m.name))?;
+        assert_eq!(node.addr(), m.addr.to_string(), "{} listens where the cluster file says", m.name);
+        self.members[i].node = Some(node);
+        Ok(())
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.members.iter().position(|m| m.name == name).unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    pub fn member(&self, name: &str) -> &Member {
+        &self.members[self.index(name)]
+    }
+
+    /// The members' names, in cluster-file order.
+    pub fn names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// The address (shard 0) of a member, as the cluster file gives it.
+    pub fn addr(&self, name: &str) -> String {
+        self.member(name).addr.to_string()
+    }
+
+    pub fn is_running(&self, name: &str) -> bool {
+        self.member(name).node.is_some()
+    }
+
+    /// SIGTERM, and the exit status (bounded wait).
+    pub fn stop(&mut self, name: &str) -> ExitStatus {
+        let i = self.index(name);
+        let node = self.members[i].node.take().unwrap_or_else(|| panic!("{name} is not running"));
+        node.terminate()
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self, name: &str) {
+        let i = self.index(name);
+        self.members[i].node.take().unwrap_or_else(|| panic!("{name} is not running")).kill9();
+    }
+
+    /// Starts a stopped member again on its data directory.
+    pub fn restart(&mut self, name: &str) {
+        let i = self.index(name);
+        self.try_start_member(i).unwrap_or_else(|e| panic!("restarting {e}"));
+    }
+
+    /// A client of the cluster with the given routing, seeded with `name`
+    /// (with [`Routing::Server`](gyre::client::Routing), every request goes
+    /// to that node).
+    pub fn client(&self, name: &str, routing: gyre::client::Routing) -> gyre::client::Client {
+        let config = gyre::client::ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            routing,
+            ..Default::default()
+        };
+        let addr = self.addr(name);
+        gyre::client::Client::connect_with(&addr, config).unwrap_or_else(|e| panic!("connecting to {name}: {e}"))
+    }
+
+    /// A member's STATS (its only shard).
+    pub fn stats(&self, name: &str) -> serde_json::Value {
+        let mut c = self.client(name, gyre::client::Routing::Server);
+        let text = c.stats(0).unwrap_or_else(|e| panic!("STATS of {name}: {e}"));
+        serde_json::from_str(&text).expect("STATS is JSON")
+    }
+
+    /// Every member's log.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            out.push_str(&format!("----- {} ({}) log -----\n{log}", m.name, m.addr));
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            drop(m.node.take());
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
 }

@@ -1,0 +1,626 @@
+//! End-to-end tests of clusters of real `gyre node` processes on loopback
+//! (one shard each): quorum reads and writes through every node in both
+//! routing modes, per-request R and W, siblings from concurrent
+//! coordinators, read repair of a replica that missed writes, stopped and
+//! killed nodes, a five-node ring where non-replicas proxy, and `gyre dev`.
+//!
+//! Every test is bounded: waits poll with a deadline (a peer whose
+//! connection failed is not tried again for 200 ms, so a restarted node is
+//! reachable a little after it serves), and quorum failures must come back
+//! well within the request deadline.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, ClusterSpec, GYRE};
+use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply, Routing, Versions};
+use gyre::wire::{ErrorCode, Quorum, Request, ANY_SHARD};
+
+const NO_CONTEXT: &Context = &Context(Vec::new());
+
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+fn bytes(values: &[&str]) -> Vec<Vec<u8>> {
+    sorted(values.iter().map(|v| v.as_bytes().to_vec()).collect())
+}
+
+/// The key's live values, sorted.
+fn values(c: &mut Client, key: &str) -> Vec<Vec<u8>> {
+    sorted(get(c, key).values)
+}
+
+fn get(c: &mut Client, key: &str) -> Versions {
+    c.get(key.as_bytes()).unwrap_or_else(|e| panic!("get {key}: {e}"))
+}
+
+fn put(c: &mut Client, key: &str, value: &str, context: &Context) -> usize {
+    c.put(key.as_bytes(), value.as_bytes(), context).unwrap_or_else(|e| panic!("put {key}: {e}")).siblings
+}
+
+/// Calls `f` until it succeeds, for at most `timeout`.
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A coordination counter of a member's STATS.
+fn counter(cluster: &Cluster, name: &str, which: &str) -> u64 {
+    let stats = cluster.stats(name);
+    stats["cluster"]["coordination"][which].as_u64().unwrap_or_else(|| panic!("no counter {which} in {stats}"))
+}
+
+fn expect_code<T: std::fmt::Debug>(res: Result<T, ClientError>, code: ErrorCode, what: &str) -> String {
+    match res {
+        Err(ClientError::Server { code: got, message }) if got == code => message,
+        other => panic!("{what}: expected {code:?}, got {other:?}"),
+    }
+}
+
+/// One sequence of operations spread over three clients (each talking to
+/// its own node when routing is server-driven), checking every outcome
+/// that the quorums make deterministic. Returns what it saw, so that two
+/// routing modes can be compared.
+fn scenario(clients: &mut [Client], prefix: &str) -> Vec<String> {
+    assert_eq!(clients.len(), 3);
+    let mut seen = Vec::new();
+    let mut log = |what: String, values: &[Vec<u8>]| {
+        let v: Vec<String> = values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        seen.push(format!("{what}: {v:?}"));
+    };
+    // A write through one node is read through each other node (W + R > N).
+    for i in 0..9 {
+        let key = format!("{prefix}k{i}");
+        let value = format!("v{i}");
+        assert_eq!(put(&mut clients[i % 3], &key, &value, NO_CONTEXT), 1, "a new key has one version");
+        log(format!("put {key} via {}", i % 3), &[value.clone().into_bytes()]);
+        for j in (1..3).map(|d| (i + d) % 3) {
+            let got = values(&mut clients[j], &key);
+            assert_eq!(got, bytes(&[&value]), "{key} written via {} read via {j}", i % 3);
+            log(format!("get {key} via {j}"), &got);
+        }
+    }
+    // An overwrite with the context of a read through another node
+    // replaces the value everywhere.
+    let key = format!("{prefix}k0");
+    let read = get(&mut clients[0], &key);
+    assert_eq!(put(&mut clients[1], &key, "v0-new", &read.context), 1);
+    for (j, c) in clients.iter_mut().enumerate() {
+        let got = values(c, &key);
+        assert_eq!(got, bytes(&["v0-new"]), "overwrite read via {j}");
+        log(format!("get {key} via {j}"), &got);
+    }
+    // Two blind writes through two nodes: siblings, seen through the third.
+    let key = format!("{prefix}s");
+    put(&mut clients[0], &key, "x", NO_CONTEXT);
+    put(&mut clients[1], &key, "y", NO_CONTEXT);
+    let both = get(&mut clients[2], &key);
+    assert_eq!(sorted(both.values.clone()), bytes(&["x", "y"]), "two blind writes are siblings");
+    log(format!("get {key} via 2"), &sorted(both.values.clone()));
+    // A write with the context that saw both collapses them.
+    assert_eq!(put(&mut clients[2], &key, "xy", &both.context), 1, "the merge covers both siblings");
+    for (j, c) in clients.iter_mut().enumerate() {
+        let got = values(c, &key);
+        assert_eq!(got, bytes(&["xy"]), "merged value via {j}");
+        log(format!("get {key} via {j}"), &got);
+    }
+    // A write with the stale context is a sibling of the merge, not an
+    // overwrite.
+    put(&mut clients[0], &key, "stale", &both.context);
+    for (j, c) in clients.iter_mut().enumerate() {
+        let got = values(c, &key);
+        assert_eq!(got, bytes(&["stale", "xy"]), "stale write via {j}");
+        log(format!("get {key} via {j}"), &got);
+    }
+    // A delete with a full context removes the key everywhere.
+    let read = get(&mut clients[1], &key);
+    clients[0].delete(key.as_bytes(), &read.context).expect("delete");
+    for (j, c) in clients.iter_mut().enumerate() {
+        let got = values(c, &key);
+        assert!(got.is_empty(), "deleted key read via {j}: {got:?}");
+        log(format!("get {key} via {j}"), &got);
+    }
+    seen
+}
+
+#[test]
+fn quorum_reads_and_writes_through_every_node_in_both_routing_modes() {
+    let cluster = Cluster::start(ClusterSpec::default());
+    let names = cluster.names();
+    let mut seen = Vec::new();
+    for routing in [Routing::Client, Routing::Server] {
+        let mut clients: Vec<Client> = names.iter().map(|n| cluster.client(n, routing)).collect();
+        match routing {
+            Routing::Client => {
+                let view = clients[1].ring().expect("a cluster member gives its ring");
+                assert_eq!((view.n, view.r, view.w), (3, 2, 2));
+                let members: Vec<&str> = view.ring.members().iter().map(|m| m.name.as_str()).collect();
+                assert_eq!(members, ["n1", "n2", "n3"]);
+                assert_eq!(view.ring.members()[2].addr.to_string(), cluster.addr("n3"));
+            }
+            Routing::Server => assert!(clients[0].ring().is_none(), "server-driven clients fetch no ring"),
+        }
+        seen.push(scenario(&mut clients, &format!("{routing:?}-")));
+    }
+    let normalize =
+        |s: &[String]| s.iter().map(|l| l.replace("Client-", "").replace("Server-", "")).collect::<Vec<_>>();
+    assert_eq!(normalize(&seen[0]), normalize(&seen[1]), "both routing modes see the same outcomes");
+    // Every node coordinated some of the server-driven requests, and
+    // served replica messages for the others.
+    for name in &names {
+        let stats = cluster.stats(name);
+        let c = &stats["cluster"]["coordination"];
+        assert!(c["coordinated_puts"].as_u64().unwrap() > 0, "{name}: {stats}");
+        assert!(c["coordinated_gets"].as_u64().unwrap() > 0, "{name}: {stats}");
+        assert!(c["replica_puts"].as_u64().unwrap() > 0, "{name}: {stats}");
+        assert_eq!(c["quorum_failures"], 0, "{name}: {stats}");
+        assert_eq!(c["proxied"], 0, "every node replicates every key when N = nodes: {stats}");
+        assert_eq!(stats["cluster"]["member"], name.as_str());
+    }
+}
+
+#[test]
+fn quorum_overrides_per_request() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    // All three up: R = W = 3 work.
+    let mut c = cluster.client("n1", Routing::Server);
+    c.set_quorum(Quorum { r: 3, w: 3 });
+    assert_eq!(put(&mut c, "all", "1", NO_CONTEXT), 1);
+    assert_eq!(values(&mut c, "all"), bytes(&["1"]));
+    // More than N is refused, in both routing modes, for every operation.
+    for routing in [Routing::Server, Routing::Client] {
+        let mut c = cluster.client("n2", routing);
+        for (r, w) in [(4, 0), (0, 4), (255, 255)] {
+            c.set_quorum(Quorum { r, w });
+            let what = format!("{routing:?} r={r} w={w}");
+            let msg = expect_code(c.get(b"all"), ErrorCode::InvalidQuorum, &what);
+            assert!(msg.contains("n = 3"), "{what}: {msg}");
+            expect_code(c.put(b"all", b"2", NO_CONTEXT), ErrorCode::InvalidQuorum, &what);
+            expect_code(c.delete(b"all", NO_CONTEXT), ErrorCode::InvalidQuorum, &what);
+        }
+    }
+    assert_eq!(values(&mut c, "all"), bytes(&["1"]), "refused requests changed nothing");
+
+    assert!(cluster.stop("n3").success());
+    for routing in [Routing::Server, Routing::Client] {
+        let mut c = cluster.client("n1", routing);
+        let key = format!("{routing:?}-k");
+        // W = 3 cannot be met with one replica down; W = 2 can.
+        let w3 = format!("{routing:?}-w3");
+        c.set_quorum(Quorum { r: 0, w: 3 });
+        let started = Instant::now();
+        let msg = expect_code(c.put(w3.as_bytes(), b"v", NO_CONTEXT), ErrorCode::QuorumFailed, "W=3");
+        assert!(started.elapsed() < Duration::from_secs(3), "W=3 failed only after {:?}", started.elapsed());
+        assert!(msg.contains("of 3 replicas answered") && msg.contains("3 needed"), "{msg}");
+        c.set_quorum(Quorum { r: 0, w: 2 });
+        assert_eq!(put(&mut c, &key, "v", NO_CONTEXT), 1);
+        // A put that missed its quorum is not undone (Dynamo): its
+        // coordinator stored it, so a read of the two live replicas sees it.
+        assert_eq!(values(&mut c, &w3), bytes(&["v"]));
+        // R = 3 likewise; R = 2 and R = 1 read it.
+        c.set_quorum(Quorum { r: 3, w: 0 });
+        let msg = expect_code(c.get(key.as_bytes()), ErrorCode::QuorumFailed, "R=3");
+        assert!(msg.contains("of 3 replicas answered") && msg.contains("3 needed"), "{msg}");
+        for r in [2, 1] {
+            c.set_quorum(Quorum { r, w: 0 });
+            assert_eq!(values(&mut c, &key), bytes(&["v"]), "R={r}");
+        }
+        // W = 1 works too, and the default applies again with 0.
+        c.set_quorum(Quorum { r: 0, w: 1 });
+        let read = get(&mut c, &key);
+        assert_eq!(put(&mut c, &key, "v1", &read.context), 1);
+        c.set_quorum(Quorum::default());
+        assert_eq!(values(&mut c, &key), bytes(&["v1"]));
+    }
+    let failures: u64 = ["n1", "n2"].iter().map(|n| counter(&cluster, n, "quorum_failures")).sum();
+    assert!(failures >= 4, "quorum failures counted: {failures}");
+}
+
+#[test]
+fn concurrent_writers_through_different_coordinators_make_siblings() {
+    let cluster = Cluster::start(ClusterSpec::default());
+    let mut alice = cluster.client("n1", Routing::Server);
+    let mut bob = cluster.client("n2", Routing::Server);
+    let mut carol = cluster.client("n3", Routing::Server);
+    assert_eq!(put(&mut alice, "cart", "milk", NO_CONTEXT), 1);
+    // Both read the same version, then each adds an item through its own
+    // coordinator.
+    let a_read = get(&mut alice, "cart");
+    let b_read = get(&mut bob, "cart");
+    assert_eq!(a_read.values, bytes(&["milk"]));
+    assert_eq!(b_read.values, bytes(&["milk"]));
+    assert_eq!(put(&mut alice, "cart", "milk,eggs", &a_read.context), 1);
+    // n2 may or may not have alice's write yet when it coordinates bob's.
+    let b_siblings = put(&mut bob, "cart", "milk,bread", &b_read.context);
+    assert!((1..=2).contains(&b_siblings), "{b_siblings}");
+    for (who, c) in [("alice", &mut alice), ("bob", &mut bob), ("carol", &mut carol)] {
+        assert_eq!(values(c, "cart"), bytes(&["milk,bread", "milk,eggs"]), "{who} sees both siblings");
+    }
+    // Carol merges (union of the items) with the context that saw both.
+    let both = get(&mut carol, "cart");
+    assert_eq!(put(&mut carol, "cart", "bread,eggs,milk", &both.context), 1);
+    for (who, c) in [("alice", &mut alice), ("bob", &mut bob), ("carol", &mut carol)] {
+        assert_eq!(values(c, "cart"), bytes(&["bread,eggs,milk"]), "{who} sees the merge alone");
+    }
+    // `update` (get, merge, put) through another coordinator keeps one value.
+    let updated = alice
+        .update(b"cart", |siblings| {
+            assert_eq!(siblings.len(), 1);
+            [&siblings[0][..], b",jam"].concat()
+        })
+        .unwrap();
+    assert_eq!(updated.siblings, 1);
+    assert_eq!(values(&mut bob, "cart"), bytes(&["bread,eggs,milk,jam"]));
+    // Truly concurrent blind writers on every coordinator at once: every
+    // write survives as a sibling.
+    let writers: Vec<_> = cluster
+        .names()
+        .into_iter()
+        .map(|name| {
+            let mut c = cluster.client(&name, Routing::Server);
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    c.put(b"race", format!("{name}-{i}").as_bytes(), NO_CONTEXT).unwrap();
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    let all = get(&mut carol, "race");
+    assert_eq!(all.values.len(), 15, "{:?}", all.values);
+    assert_eq!(put(&mut bob, "race", "resolved", &all.context), 1);
+    assert_eq!(values(&mut alice, "race"), bytes(&["resolved"]));
+}
+
+#[test]
+fn read_repair_heals_a_replica_that_missed_writes() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    assert!(cluster.stop("n3").success());
+    let mut c = cluster.client("n1", Routing::Server);
+    let keys: Vec<String> = (0..20).map(|i| format!("missed-{i}")).collect();
+    for key in &keys {
+        assert_eq!(put(&mut c, key, &format!("{key}-value"), NO_CONTEXT), 1, "W = 2 with n3 down");
+    }
+    cluster.restart("n3");
+    assert_eq!(cluster.stats("n3")["storage"]["keys"], 0, "n3 missed every write");
+    let repairs_before = counter(&cluster, "n1", "read_repairs");
+
+    // R = 3 needs n3's answer: it succeeds once n1 tries n3 again (a peer
+    // that refused a connection is skipped for a while).
+    c.set_quorum(Quorum { r: 3, w: 0 });
+    for key in &keys[..10] {
+        let got = eventually(&format!("R=3 read of {key}"), Duration::from_secs(5), || {
+            c.get(key.as_bytes()).map_err(|e| e.to_string())
+        });
+        assert_eq!(sorted(got.values), bytes(&[&format!("{key}-value")]));
+    }
+    // R = 2 answers before n3 does; n3's answer still comes and is repaired
+    // after the reply.
+    c.set_quorum(Quorum::default());
+    for key in &keys[10..] {
+        assert_eq!(values(&mut c, key), bytes(&[&format!("{key}-value")]));
+    }
+    eventually("n1 counted its read repairs", Duration::from_secs(5), || {
+        let repairs = counter(&cluster, "n1", "read_repairs") - repairs_before;
+        (repairs >= keys.len() as u64).then_some(()).ok_or(format!("{repairs} repairs"))
+    });
+    eventually("n3 stored the repairs", Duration::from_secs(5), || {
+        let stats = cluster.stats("n3");
+        let stored = stats["storage"]["keys"].as_u64().unwrap();
+        (stored == keys.len() as u64).then_some(()).ok_or(format!("n3 holds {stored} keys: {stats}"))
+    });
+    assert!(counter(&cluster, "n3", "replica_puts") >= keys.len() as u64);
+
+    // With the other two stopped, n3 alone serves every key (R = 1).
+    assert!(cluster.stop("n1").success());
+    assert!(cluster.stop("n2").success());
+    let mut alone = cluster.client("n3", Routing::Server);
+    alone.set_quorum(Quorum { r: 1, w: 1 });
+    for key in &keys {
+        assert_eq!(values(&mut alone, key), bytes(&[&format!("{key}-value")]), "{key} on n3 alone");
+    }
+    // Its default R = 2 cannot be met alone.
+    alone.set_quorum(Quorum::default());
+    expect_code(alone.get(keys[0].as_bytes()), ErrorCode::QuorumFailed, "R=2 alone");
+}
+
+#[test]
+fn one_stopped_node_is_tolerated_and_two_give_a_quick_quorum_error() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    let mut c = cluster.client("n1", Routing::Server);
+    for i in 0..10 {
+        put(&mut c, &format!("k{i}"), &format!("v{i}"), NO_CONTEXT);
+    }
+    assert!(cluster.stop("n2").success());
+    // Reads and writes go on, through either live node, in both modes.
+    for (via, routing) in [("n1", Routing::Server), ("n3", Routing::Server), ("n3", Routing::Client)] {
+        let mut c = cluster.client(via, routing);
+        for i in 0..10 {
+            assert_eq!(values(&mut c, &format!("k{i}")), bytes(&[&format!("v{i}")]), "via {via} {routing:?}");
+        }
+        for i in 0..10 {
+            let key = format!("after-{via}-{routing:?}-{i}");
+            assert_eq!(put(&mut c, &key, "x", NO_CONTEXT), 1);
+            assert_eq!(values(&mut c, &key), bytes(&["x"]));
+        }
+    }
+    // A second node gone (kill -9 this time): a clear quorum error, quickly.
+    cluster.kill9("n3");
+    for routing in [Routing::Server, Routing::Client] {
+        let mut c = cluster.client("n1", routing);
+        let started = Instant::now();
+        let msg = expect_code(c.get(b"k1"), ErrorCode::QuorumFailed, "get with 1 of 3 up");
+        // n1's own answer may come before or after the two failures.
+        let answered = msg.contains("0 of 3 replicas answered") || msg.contains("1 of 3 replicas answered");
+        assert!(answered && msg.contains("2 unreachable") && msg.contains("2 needed"), "{msg}");
+        let msg = expect_code(c.put(b"k1", b"lost", NO_CONTEXT), ErrorCode::QuorumFailed, "put with 1 of 3 up");
+        // The coordinator's own write counts: one ack.
+        assert!(msg.contains("1 of 3 replicas answered") && msg.contains("2 unreachable"), "{msg}");
+        expect_code(c.delete(b"k2", NO_CONTEXT), ErrorCode::QuorumFailed, "delete with 1 of 3 up");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{routing:?}: three quorum failures took {took:?}");
+    }
+    // Both back: everything works again.
+    cluster.restart("n2");
+    cluster.restart("n3");
+    let mut c = cluster.client("n2", Routing::Server);
+    eventually("a write after the restarts", Duration::from_secs(5), || {
+        c.put(b"back", b"1", NO_CONTEXT).map_err(|e| e.to_string())
+    });
+    for i in 0..10 {
+        let got = values(&mut c, &format!("k{i}"));
+        // k1 also holds the write that failed its quorum (it was stored on n1).
+        assert!(got.contains(&format!("v{i}").into_bytes()), "k{i}: {got:?}");
+    }
+}
+
+/// A PUT sent to exactly the node `conn` is connected to (a raw
+/// connection never re-routes): the siblings after it.
+fn put_at(conn: &mut Connection, key: &str, value: &str, context: &Context) -> usize {
+    let req = Request::Put { key: key.as_bytes(), context: &context.0, value: value.as_bytes() };
+    match conn.call(&req, ANY_SHARD) {
+        Ok(Reply::Put(p)) => p.siblings,
+        other => panic!("put {key} at {}: {other:?}", conn.addr()),
+    }
+}
+
+/// A GET sent to exactly the node `conn` is connected to.
+fn get_at(conn: &mut Connection, key: &str) -> Versions {
+    match conn.call(&Request::Get { key: key.as_bytes() }, ANY_SHARD) {
+        Ok(Reply::Get(v)) => v,
+        other => panic!("get {key} at {}: {other:?}", conn.addr()),
+    }
+}
+
+fn connect_raw(cluster: &Cluster, name: &str) -> Connection {
+    Connection::connect(cluster.addr(name).parse().unwrap(), &ClientConfig::default()).unwrap()
+}
+
+#[test]
+fn five_nodes_serve_every_key_from_every_node_and_non_replicas_proxy() {
+    let cluster = Cluster::start(ClusterSpec { nodes: 5, ..Default::default() });
+    let names = cluster.names();
+    // Server-driven: each request goes to the node of its connection, which
+    // coordinates it if it replicates the key and proxies it otherwise.
+    let mut conns: Vec<Connection> = names.iter().map(|n| connect_raw(&cluster, n)).collect();
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    assert_eq!(view.ring.members().len(), 5);
+    let is_replica = |node: usize, key: &str| {
+        let prefs = view.ring.preference_list(view.ring.partition_of_key(key.as_bytes()), view.n as usize);
+        prefs.contains(&view.ring.index_of(&names[node]).expect("a member"))
+    };
+    let keys: Vec<String> = (0..200).map(|i| format!("five-{i}")).collect();
+    let mut expect_proxied = vec![0u64; names.len()];
+    for (i, key) in keys.iter().enumerate() {
+        let via = i % names.len();
+        assert_eq!(put_at(&mut conns[via], key, &format!("{key}!"), NO_CONTEXT), 1);
+        expect_proxied[via] += u64::from(!is_replica(via, key));
+    }
+    for (via, conn) in conns.iter_mut().enumerate() {
+        for key in &keys {
+            assert_eq!(sorted(get_at(conn, key).values), bytes(&[&format!("{key}!")]), "{key} via {}", names[via]);
+            expect_proxied[via] += u64::from(!is_replica(via, key));
+        }
+    }
+    let proxied: Vec<u64> = names.iter().map(|n| counter(&cluster, n, "proxied")).collect();
+    assert_eq!(proxied, expect_proxied, "proxied requests per node");
+    assert!(proxied.iter().all(|&p| p > 0), "{proxied:?}");
+    // Every key is on exactly its N = 3 replicas.
+    let held: Vec<u64> = names.iter().map(|n| cluster.stats(n)["storage"]["keys"].as_u64().unwrap()).collect();
+    assert_eq!(held.iter().sum::<u64>(), 3 * keys.len() as u64, "{held:?}");
+    for (node, name) in names.iter().enumerate() {
+        let want = keys.iter().filter(|k| is_replica(node, k)).count() as u64;
+        assert_eq!(held[node], want, "{name} holds the keys it replicates");
+    }
+    // A client-driven client reads and writes straight at replicas:
+    // nothing more is proxied.
+    let mut driven = cluster.client("n4", Routing::Client);
+    for key in &keys {
+        let read = get(&mut driven, key);
+        assert_eq!(read.values, bytes(&[&format!("{key}!")]));
+        assert_eq!(put(&mut driven, key, "again", &read.context), 1);
+    }
+    let after: Vec<u64> = names.iter().map(|n| counter(&cluster, n, "proxied")).collect();
+    assert_eq!(after, proxied, "client-driven requests are never proxied");
+    for (via, conn) in conns.iter_mut().enumerate() {
+        for key in keys.iter().step_by(7) {
+            assert_eq!(get_at(conn, key).values, bytes(&["again"]), "{key} via {}", names[via]);
+        }
+    }
+}
+
+/// BUG (client): a `Routing::Server` client adopts the ring on the first
+/// reply flagged STALE_ROUTE (a proxied request) and routes by it from
+/// then on, so it stops sending everything to the node given.
+#[test]
+fn a_server_driven_client_keeps_sending_everything_to_its_node() {
+    let cluster = Cluster::start(ClusterSpec { nodes: 4, n: 2, r: 1, w: 1, ..Default::default() });
+    let mut c = cluster.client("n1", Routing::Server);
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    let n1 = view.ring.index_of("n1").unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("srv-{i}")).collect();
+    let foreign = keys
+        .iter()
+        .filter(|k| !view.ring.preference_list(view.ring.partition_of_key(k.as_bytes()), 2).contains(&n1))
+        .count() as u64;
+    assert!(foreign > 5, "some keys are not on n1");
+    for key in &keys {
+        assert_eq!(put(&mut c, key, "v", NO_CONTEXT), 1);
+        assert_eq!(values(&mut c, key), bytes(&["v"]));
+    }
+    assert!(c.ring().is_none(), "a server-driven client took the ring");
+    assert_eq!(counter(&cluster, "n1", "proxied"), 2 * foreign, "n1 proxied every request on a key it does not hold");
+}
+
+/// BUG (client): a client-driven `Client` that already talked to a replica
+/// keeps using it after that node stops, so every request whose key's
+/// preference list starts at the stopped node fails with an I/O error
+/// instead of going to the next replica (a fresh client skips it).
+#[test]
+fn a_client_driven_client_moves_past_a_replica_that_stopped_after_it_connected() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    let mut c = cluster.client("n1", Routing::Client);
+    let keys: Vec<String> = (0..30).map(|i| format!("early-{i}")).collect();
+    for key in &keys {
+        put(&mut c, key, "v", NO_CONTEXT);
+        assert_eq!(values(&mut c, key), bytes(&["v"]));
+    }
+    assert!(cluster.stop("n3").success());
+    let mut failed = Vec::new();
+    for key in &keys {
+        match c.get(key.as_bytes()) {
+            Ok(v) => assert_eq!(sorted(v.values), bytes(&["v"])),
+            Err(e) => failed.push(format!("get {key}: {e}")),
+        }
+        if let Err(e) = c.put(format!("{key}-new").as_bytes(), b"w", NO_CONTEXT) {
+            failed.push(format!("put {key}-new: {e}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed with n3 down:\n{}",
+        failed.len(),
+        2 * keys.len(),
+        failed.join("\n")
+    );
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so parse after ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// The `gyre dev` process and its nodes, killed if the test fails.
+struct Dev {
+    child: std::process::Child,
+    nodes: Vec<u32>,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        for &pid in &self.nodes {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(GYRE).args(args).output().expect("running gyre");
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let port = common::free_port(&ips).to_string();
+    let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
+    let data = dir.path().join("data");
+    let child = Command::new(GYRE)
+        .args(["dev", "--nodes", "3", "--shards", "1", "--fsync", "never", "--port", &port, "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawning gyre dev");
+    let mut dev = Dev { child, nodes: Vec::new() };
+    let stdout = dev.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("gyre dev ready:") => break line,
+            Ok(_) => {}
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
+                panic!("gyre dev not ready ({e}): {log}");
+            }
+        }
+    };
+    let addrs: Vec<String> = ready["gyre dev ready:".len()..].split_whitespace().map(String::from).collect();
+    let want: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
+    assert_eq!(addrs, want);
+    dev.nodes = children_of(dev.child.id());
+    assert_eq!(dev.nodes.len(), 3, "one node process per member: {:?}", dev.nodes);
+
+    let (ok, out, err) = cli(&["put", "greeting", "hello", "--node", &addrs[0], "--json"]);
+    assert!(ok, "{err}");
+    let put: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(put["siblings"], 1, "{out}");
+    for addr in &addrs[1..] {
+        let (ok, out, err) = cli(&["get", "greeting", "--node", addr, "--json"]);
+        assert!(ok, "{err}");
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(got["values"], serde_json::json!(["hello"]), "via {addr}");
+    }
+    let (ok, out, err) = cli(&["ring", "--node", &addrs[2], "--json"]);
+    assert!(ok, "{err}");
+    let ring: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ring["n"], 3);
+    assert_eq!(ring["members"].as_array().unwrap().len(), 3, "{ring}");
+
+    common::signal(dev.child.id(), "TERM");
+    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(10)).expect("gyre dev exits after SIGTERM");
+    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap();
+    assert!(status.success(), "gyre dev exit status {status}: {log}");
+    for &pid in &dev.nodes {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "node process {pid} left behind: {log}");
+    }
+    for name in ["n1", "n2", "n3"] {
+        assert!(log.contains(&format!("gyre dev: {name} stopped")), "{log}");
+    }
+}
