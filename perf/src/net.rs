@@ -1376,6 +1376,131 @@ mod tests {
         assert_eq!((key, context, value), (&b"key:0"[..], &clock(4)[..], &b"xxx"[..]));
     }
 
+    /// A 3-node ring of 64 partitions whose nodes have 1, 2 and 3 shards.
+    fn cluster(routing: Routing) -> Topology {
+        use gyre::core::ring::Member;
+        let members = (1..=3u8)
+            .map(|i| Member { name: format!("n{i}"), addr: SocketAddr::from(([127, 0, 0, i], 7800)), zone: None })
+            .collect();
+        let ring = Ring::with_members(64, members).unwrap();
+        let infos: Vec<NodeInfo> = (1..=3u16)
+            .map(|s| NodeInfo {
+                node_id: s as u64,
+                partitions: 64,
+                shard: 0,
+                ports: (0..s).map(|i| 7800 + i).collect(),
+            })
+            .collect();
+        Topology::cluster(ring, 2, 1, 1, &infos, routing).unwrap()
+    }
+
+    fn key_list(n: u64) -> Vec<Vec<u8>> {
+        (0..n).map(|i| format!("key:{i}").into_bytes()).collect()
+    }
+
+    #[test]
+    fn client_routing_draws_only_keys_the_endpoint_coordinates() {
+        let topo = cluster(Routing::Client);
+        assert_eq!(topo.endpoints.len(), 6);
+        assert_eq!(topo.routing_name(), "client");
+        let keys = key_list(3000);
+        let groups = key_groups(&topo, &keys, 2);
+        let ring = &topo.cluster.as_ref().unwrap().ring;
+        let mut seen = vec![0usize; keys.len()];
+        for t in 0..2 {
+            for (e, ep) in topo.endpoints.iter().enumerate() {
+                let shards = topo.endpoints.iter().filter(|x| x.member == ep.member).count();
+                assert_eq!(ep.addr, SocketAddr::new(ring.members()[ep.member].addr.ip(), 7800 + ep.shard));
+                let (draw, home) = (&groups.draw[t][e], &groups.home[t][e]);
+                assert!(!draw.is_empty(), "every endpoint coordinates some keys");
+                assert_eq!(draw, home, "client routing loads and draws the same keys");
+                for &k in draw {
+                    let key = &keys[k as usize];
+                    assert_eq!(k as usize % 2, t, "keys are split between threads");
+                    let prefs = ring.preference_list(ring.partition_of_key(key), 2);
+                    assert_eq!(prefs[0] as usize, ep.member, "key {k} goes to its coordinator");
+                    assert_eq!(shard_of(key, 64, shards), ep.shard as usize, "key {k} goes to its shard");
+                    seen[k as usize] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "every key is drawn by exactly one endpoint");
+    }
+
+    #[test]
+    fn server_routing_spreads_every_key_over_every_node() {
+        let topo = cluster(Routing::Server);
+        assert_eq!(topo.routing_name(), "server");
+        let keys = key_list(3000);
+        let groups = key_groups(&topo, &keys, 1);
+        let ring = &topo.cluster.as_ref().unwrap().ring;
+        let mut drawn = vec![Vec::new(); keys.len()];
+        let mut loaded = vec![0usize; keys.len()];
+        for (e, ep) in topo.endpoints.iter().enumerate() {
+            let shards = topo.endpoints.iter().filter(|x| x.member == ep.member).count();
+            for &k in &groups.draw[0][e] {
+                assert_eq!(shard_of(&keys[k as usize], 64, shards), ep.shard as usize);
+                drawn[k as usize].push(ep.member);
+            }
+            for &k in &groups.home[0][e] {
+                let key = &keys[k as usize];
+                assert_eq!(ring.preference_list(ring.partition_of_key(key), 2)[0] as usize, ep.member);
+                loaded[k as usize] += 1;
+            }
+        }
+        assert!(drawn.iter().all(|m| m == &[0, 1, 2]), "each key is drawn on every node, by its owning shard");
+        assert!(loaded.iter().all(|&n| n == 1), "each key is loaded once");
+    }
+
+    #[test]
+    fn plans_cover_every_endpoint_and_number_the_connections() {
+        let topo = cluster(Routing::Client);
+        let keys = key_list(600);
+        let plans = plan(&topo, &keys, 13, 2, true).unwrap();
+        let mut index: Vec<usize> = plans.iter().flatten().map(|p| p.index).collect();
+        index.sort_unstable();
+        assert_eq!(index, (0..13).collect::<Vec<_>>());
+        let loaded: usize = plans.iter().flatten().map(|p| p.load.len()).sum();
+        assert_eq!(loaded, keys.len(), "the load writes each key once");
+        // Too few connections to reach every endpoint from every thread.
+        assert!(plan(&topo, &keys, 7, 2, true).is_err());
+        assert!(plan(&topo, &keys, 7, 2, false).is_ok());
+        // A lone node: one endpoint per shard, keys by shard.
+        let lone = Topology::single(Kind::Gyre, "127.0.0.1:7700".parse().unwrap(), &[7700, 7701], 64);
+        let g = key_groups(&lone, &keys, 1);
+        for s in 0..2 {
+            assert!(g.draw[0][s].iter().all(|&k| shard_of(&keys[k as usize], 64, 2) == s));
+        }
+        assert_eq!(lone.routing_name(), "none");
+    }
+
+    #[test]
+    fn hinted_contexts_are_learned() {
+        use gyre::core::version::{encode_context, Clock};
+        let s = shared(1);
+        let clock = |n: u64| {
+            let mut bytes = vec![1, 1];
+            bytes.extend_from_slice(&7u64.to_le_bytes());
+            bytes.push(n as u8);
+            Clock::decode(&bytes).unwrap()
+        };
+        s.learn(0, &encode_context(&clock(2), 1));
+        s.learn(0, &encode_context(&clock(1), 2));
+        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().bytes, encode_context(&clock(2), 1));
+        s.learn(0, &encode_context(&clock(3), 0));
+        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().sum, 3);
+    }
+
+    #[test]
+    fn stale_route_flag_is_read() {
+        let mut out = Vec::new();
+        Response::Put { context: &[], siblings: 1 }.encode_flagged(&mut out, 9, 0, flags::STALE_ROUTE);
+        assert!(decode_gyre(&out).unwrap().unwrap().stale);
+        out.clear();
+        Response::Put { context: &[], siblings: 1 }.encode(&mut out, 9, 0);
+        assert!(!decode_gyre(&out).unwrap().unwrap().stale);
+    }
+
     #[test]
     fn one_write_per_key_in_flight() {
         let s = shared(1);

@@ -994,7 +994,7 @@ mod tests {
 
     #[test]
     fn bounds_are_what_the_doc_says() {
-        assert_eq!(MAX_CONTEXT_LEN, 1 + 1 + 64 * 18);
+        assert_eq!(MAX_CONTEXT_LEN, 1 + 2 + 1 + 64 * 18, "format, hint, n, entries");
         assert_eq!(MAX_ENCODED_META, 1 + 1 + 64 * 18 + 1 + 64 * 22);
     }
 }
