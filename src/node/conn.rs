@@ -22,7 +22,29 @@ use crate::notify::Notify;
 use crate::wire::{split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
-const READ_CHUNK: usize = 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
+
+/// Prepares a frame reader's buffer for the next read: moves the partial
+/// frame in `buf[start..end]` to the front, grows the buffer to hold the
+/// whole of a big frame whose header is in (its size was checked against
+/// the limit when it was framed), and gives back the memory of a big one
+/// once it is consumed. Used by client and peer connections alike.
+pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
+    if *start > 0 {
+        buf.copy_within(*start..*end, 0);
+        *end -= *start;
+        *start = 0;
+    }
+    let needed = match buf[..*end].first_chunk::<HEADER_LEN>() {
+        Some(h) => HEADER_LEN + u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize,
+        None => READ_CHUNK,
+    };
+    if buf.len() < needed.max(*end + 1) {
+        buf.resize(needed.max(*end + 1), 0);
+    } else if *end == 0 && buf.len() > 4 * READ_CHUNK {
+        *buf = vec![0u8; READ_CHUNK];
+    }
+}
 
 /// Replies waiting for the writer, and the connection's in-flight count.
 #[derive(Default)]
@@ -178,23 +200,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         if out.broken.get() || shard.is_shutting_down() {
             break;
         }
-        // Make room: move the partial frame to the front, grow for a big one.
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        // A partial frame whose header is in: its size was checked against
-        // the limit when it was framed above.
-        let needed = match buf[..end].first_chunk::<HEADER_LEN>() {
-            Some(h) => HEADER_LEN + u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize,
-            None => READ_CHUNK,
-        };
-        if buf.len() < needed.max(end + 1) {
-            buf.resize(needed.max(end + 1), 0);
-        } else if end == 0 && buf.len() > 4 * READ_CHUNK {
-            buf = vec![0u8; READ_CHUNK];
-        }
+        make_room(&mut buf, &mut start, &mut end);
         let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
             shard.shutdown_requested().await;
             None

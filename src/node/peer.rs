@@ -40,8 +40,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a peer whose connection failed is considered down before a
 /// call tries to connect again.
 pub const RETRY_AFTER: Duration = Duration::from_millis(200);
-/// Initial read buffer of a peer connection.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// Why a call to a peer got no reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -277,7 +275,7 @@ impl Peers {
                 }
             })
         };
-        let mut buf = vec![0u8; READ_CHUNK];
+        let mut buf = vec![0u8; super::conn::READ_CHUNK];
         let (mut start, mut end) = (0usize, 0usize);
         let why = 'read: loop {
             loop {
@@ -295,18 +293,7 @@ impl Peers {
             if conn.dead.get() {
                 break "write failed".to_string();
             }
-            if start > 0 {
-                buf.copy_within(start..end, 0);
-                end -= start;
-                start = 0;
-            }
-            let needed = match buf[..end].first_chunk::<HEADER_LEN>() {
-                Some(h) => HEADER_LEN + u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize,
-                None => READ_CHUNK,
-            };
-            if buf.len() < needed.max(end + 1) {
-                buf.resize(needed.max(end + 1), 0);
-            }
+            super::conn::make_room(&mut buf, &mut start, &mut end);
             // Wake on a failed write too, so the reader does not wait forever.
             let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
                 loop {

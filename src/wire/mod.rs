@@ -531,16 +531,9 @@ impl Request<'_> {
                 Request::ReplicaGet { key: check_key(key)? }
             }
             op::REPLICA_PUT => {
-                let key_len = r.u16("REPLICA_PUT header")? as usize;
-                let meta_len = r.u32("REPLICA_PUT header")? as usize;
-                let value_len = r.u32("REPLICA_PUT header")? as usize;
-                check_key_len(key_len)?;
-                if meta_len > MAX_ENCODED_META {
-                    return Err(malformed("REPLICA_PUT meta length"));
-                }
-                let key = r.take(key_len, "REPLICA_PUT key")?;
-                let meta = r.take(meta_len, "REPLICA_PUT meta")?;
-                let value = r.take(value_len, "REPLICA_PUT value")?;
+                let meta_ok =
+                    |len| if len > MAX_ENCODED_META { Err(malformed("REPLICA_PUT meta length")) } else { Ok(()) };
+                let (key, meta, value) = r.put_body("REPLICA_PUT", meta_ok)?;
                 Request::ReplicaPut { key, meta, value }
             }
             op::GET => {
@@ -548,14 +541,7 @@ impl Request<'_> {
                 Request::Get { key: check_key(key)? }
             }
             op::PUT => {
-                let key_len = r.u16("PUT header")? as usize;
-                let ctx_len = r.u32("PUT header")? as usize;
-                let value_len = r.u32("PUT header")? as usize;
-                check_key_len(key_len)?;
-                check_context_len(ctx_len)?;
-                let key = r.take(key_len, "PUT key")?;
-                let context = r.take(ctx_len, "PUT context")?;
-                let value = r.take(value_len, "PUT value")?;
+                let (key, context, value) = r.put_body("PUT", check_context_len)?;
                 Request::Put { key, context, value }
             }
             op::DELETE => {
@@ -807,6 +793,9 @@ fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// Key, middle (context or meta) and value of a PUT-shaped body.
+type PutFields<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
 /// Bounds-checked little-endian reader over a body.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -854,6 +843,21 @@ impl<'a> Reader<'a> {
     fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], WireError> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
+    }
+
+    /// `u16 key_len, u32 mid_len, u32 value_len, key, mid, value` (PUT's
+    /// context or REPLICA_PUT's meta in the middle, checked by `check_mid`).
+    fn put_body(
+        &mut self,
+        what: &'static str,
+        check_mid: impl Fn(usize) -> Result<(), WireError>,
+    ) -> Result<PutFields<'a>, WireError> {
+        let key_len = self.u16(what)? as usize;
+        let mid_len = self.u32(what)? as usize;
+        let value_len = self.u32(what)? as usize;
+        check_key_len(key_len)?;
+        check_mid(mid_len)?;
+        Ok((self.take(key_len, what)?, self.take(mid_len, what)?, self.take(value_len, what)?))
     }
 
     fn rest(&mut self) -> &'a [u8] {
