@@ -234,6 +234,9 @@ struct NodeArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Microseconds an idle shard spins before it sleeps [default: 0].
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Cluster file: run as a member of that cluster (see `gyre dev`).
     #[arg(long)]
     cluster: Option<PathBuf>,
@@ -279,6 +282,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
     config.pin &= !args.no_pin;
+    config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
     if config.cluster.is_some() && args.listen.is_none() {

@@ -2,8 +2,9 @@
 //!
 //! `gyre-bench storage` drives one shard's storage engine in process (no
 //! network) on a pinned glommio executor and prints a JSON result.
-//! `gyre-bench net` drives a Gyre node or a Redis server over TCP with
-//! the same closed-loop generator. The cluster and SLA modes come later.
+//! `gyre-bench net` drives a Gyre node or cluster (client- or
+//! server-driven routing) or a Redis server over TCP with the same
+//! closed-loop generator, optionally paced to a fixed offered load.
 
 mod net;
 mod storage;
@@ -25,7 +26,7 @@ struct Cli {
 enum Command {
     /// One shard's storage engine, in process.
     Storage(storage::StorageArgs),
-    /// A Gyre node or a Redis server over the network (GET/SET mix).
+    /// A Gyre node or cluster, or a Redis server, over the network (GET/SET mix).
     Net(net::NetArgs),
 }
 

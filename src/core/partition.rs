@@ -33,13 +33,26 @@ pub fn partition_of(hash: u64, partitions: u32) -> u32 {
     (hash >> (64 - partitions.trailing_zeros())) as u32
 }
 
-/// The shard of a node that owns `key`: partition `p` belongs to shard
-/// `p mod shards`. The node routes by this and shard-aware clients connect
-/// by it, so it is written once, here.
+/// The shard of a node that owns `key`: the shards split the partitions
+/// into contiguous ranges, partition `p` belonging to shard
+/// `p * shards / partitions`. The node routes by this and shard-aware
+/// clients connect by it, so it is written once, here.
+///
+/// Ranges rather than `p mod shards`: the ring deals a node's partitions
+/// out at regular strides (with 3 nodes, every node can own only even or
+/// only odd partitions), and a modulus can line up with a stride and
+/// leave a shard with none of them; a contiguous range holds its share of
+/// any stride.
 #[inline]
 pub fn shard_of(key: &[u8], partitions: u32, shards: usize) -> usize {
-    debug_assert!(shards > 0);
-    partition_of(key_hash(key), partitions) as usize % shards
+    shard_of_partition(partition_of(key_hash(key), partitions), partitions, shards)
+}
+
+/// The shard of a node that owns partition `p` (see [`shard_of`]).
+#[inline]
+pub fn shard_of_partition(p: u32, partitions: u32, shards: usize) -> usize {
+    debug_assert!(shards > 0 && p < partitions);
+    (p as u64 * shards as u64 / partitions as u64) as usize
 }
 
 /// Checks a configured partition count.
@@ -70,6 +83,28 @@ mod tests {
         // Pinned so that a dependency change cannot silently move every key.
         assert_eq!(key_hash(b""), 0x2d06800538d394c2);
         assert_eq!(key_hash(b"gyre"), 0x03f5_281d_bb5e_7fdc);
+    }
+
+    #[test]
+    fn shards_own_contiguous_equal_ranges() {
+        assert_eq!(shard_of_partition(0, 1024, 3), 0);
+        assert_eq!(shard_of_partition(341, 1024, 3), 0);
+        assert_eq!(shard_of_partition(342, 1024, 3), 1);
+        assert_eq!(shard_of_partition(1023, 1024, 3), 2);
+        let mut counts = [0usize; 3];
+        for p in 0..1024 {
+            counts[shard_of_partition(p, 1024, 3)] += 1;
+        }
+        assert_eq!(counts, [342, 341, 341]);
+        // Every stride of partitions is shared out, unlike with `p mod S`.
+        for stride in 2..7u32 {
+            let mut c = [0usize; 2];
+            for p in (0..1024).step_by(stride as usize) {
+                c[shard_of_partition(p, 1024, 2)] += 1;
+            }
+            assert!(c[0].abs_diff(c[1]) <= 1, "stride {stride}: {c:?}");
+        }
+        assert_eq!(shard_of_partition(0, 1, 4), 0);
     }
 
     #[test]

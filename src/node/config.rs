@@ -26,8 +26,10 @@ pub const DEFAULT_PORT: u16 = 7700;
 /// The default listen address: loopback only, so a node started with no
 /// configuration is not exposed to the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
-/// Version of the `NODE` file layout.
-pub const NODE_FILE_VERSION: u32 = 1;
+/// Version of the `NODE` file layout. 2: shards own contiguous partition
+/// ranges (version 1 directories were laid out by `p mod shards`, so their
+/// keys would be looked for on the wrong shard: refused).
+pub const NODE_FILE_VERSION: u32 = 2;
 /// Most shards a node runs (shard ids are a `u16` on the wire, and
 /// 0xFFFF means "any").
 pub const MAX_SHARDS: usize = 1024;
@@ -53,6 +55,10 @@ pub struct NodeConfig {
     pub storage: EngineConfig,
     /// Pin shard `i` to CPU `i mod cpus`.
     pub pin: bool,
+    /// Microseconds a shard with no work spins before it parks (0: park
+    /// at once). Spinning saves the sleep and wake-up of each request
+    /// under steady load, at the price of a busy core.
+    pub spin_before_park_us: u64,
     /// The cluster file (see `node::cluster`); none: a lone node.
     pub cluster: Option<PathBuf>,
     /// This node's name in the cluster file (default: the node whose
@@ -70,6 +76,7 @@ impl Default for NodeConfig {
             fsync: FsyncPolicy::Always,
             storage: EngineConfig::default(),
             pin: true,
+            spin_before_park_us: 0,
             cluster: None,
             name: None,
         }

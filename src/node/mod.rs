@@ -6,7 +6,7 @@
 //!
 //! Routing rule (also in ARCHITECTURE.md): a key's partition is
 //! `partition_of(xxh3(key), Q)`, and partition `p` belongs to shard
-//! `p mod S`. Shard `i` listens on port `listen.port + i` (or an ephemeral
+//! `p * S / Q` (contiguous ranges). Shard `i` listens on port `listen.port + i` (or an ephemeral
 //! port each when `listen.port` is 0); a PING reply lists every shard's
 //! port so a client can connect straight to the owner. A request that
 //! lands on another shard is forwarded as its raw frame through the
@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use crate::core::partition::shard_of;
 use crate::notify::Notify;
-use crate::shell::{now_ms, open_shard, run_executor, spawn_background, DiskEngine, Stop};
+use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
 use crate::storage::StorageError;
 use crate::store::{Store, StoreError};
@@ -400,9 +400,10 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             cluster: cluster.clone(),
         };
         let cpu = config.pin.then(|| i % cores);
+        let spin = Duration::from_micros(config.spin_before_park_us);
         let err_tx = err_tx.clone();
         let t = std::thread::Builder::new().name(format!("gyre-shard-{i}")).spawn(move || {
-            let res = run_executor(&format!("shard-{i}"), cpu, run_shard(setup)).and_then(|r| r);
+            let res = run_executor_with(&format!("shard-{i}"), cpu, Some(spin), run_shard(setup)).and_then(|r| r);
             if let Err(e) = res {
                 let _ = err_tx.send(e.context(format!("shard {i}")));
             }

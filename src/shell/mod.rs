@@ -30,9 +30,23 @@ pub fn run_executor<T: 'static>(
     cpu: Option<usize>,
     f: impl std::future::Future<Output = T> + 'static,
 ) -> anyhow::Result<T> {
+    run_executor_with(name, cpu, None, f)
+}
+
+/// [`run_executor`], spinning for `spin` before the executor parks when
+/// it runs out of work (trades CPU for fewer sleeps and wake-ups).
+pub fn run_executor_with<T: 'static>(
+    name: &str,
+    cpu: Option<usize>,
+    spin: Option<std::time::Duration>,
+    f: impl std::future::Future<Output = T> + 'static,
+) -> anyhow::Result<T> {
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
-    let ex = LocalExecutorBuilder::new(placement)
-        .name(name)
+    let mut builder = LocalExecutorBuilder::new(placement).name(name);
+    if let Some(spin) = spin.filter(|d| !d.is_zero()) {
+        builder = builder.spin_before_park(spin);
+    }
+    let ex = builder
         .make()
         .map_err(|e| anyhow::anyhow!("starting a glommio executor failed: {e} (is `ulimit -l` high enough?)"))?;
     Ok(ex.run(f))
