@@ -135,3 +135,40 @@ fn never_policy_writes_through_the_ticker() {
     })
     .unwrap();
 }
+
+/// Regression: a flush cancelled while its write is in flight (as
+/// `shell::Stop::stop` cancels the durability ticker at shutdown) left the
+/// group-commit leader flag set, and every later flush, sync or close
+/// waited for it forever (a node could hang on SIGTERM).
+#[test]
+fn engine_close_after_a_cancelled_flush_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let closed = run_executor("cancelled-flush", None, async move {
+        let config = EngineConfig { fsync: FsyncPolicy::Never, ..Default::default() };
+        let (engine, _) = open_shard(&path, config).await.unwrap();
+        for i in 0..100u32 {
+            engine.put(format!("k{i}").as_bytes(), b"", &[7u8; 1000], 1).await.unwrap();
+        }
+        let e = engine.clone();
+        let flush = glommio::spawn_local(async move { e.flush().await }).detach();
+        // Let it start its write, then cancel it mid-way.
+        futures_lite::future::yield_now().await;
+        futures_lite::future::yield_now().await;
+        flush.cancel();
+        let finished = flush.await.is_some();
+        let close = async { Some(engine.close().await.is_ok()) };
+        let timeout = async {
+            glommio::timer::sleep(Duration::from_secs(3)).await;
+            None
+        };
+        (finished, futures_lite::future::or(close, timeout).await)
+    })
+    .unwrap();
+    match closed {
+        (_, Some(ok)) => assert!(ok, "close failed"),
+        (finished, None) => {
+            panic!("engine.close() still waiting after 3 s (the flush finished before the cancel: {finished})")
+        }
+    }
+}

@@ -27,7 +27,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -39,6 +39,10 @@ use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
 use crate::wire::{
     flags, split_frame, ErrorCode, NodeInfo, Quorum, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
 };
+
+/// How long a ring member that could not be reached is tried only after
+/// the other replicas.
+pub const MEMBER_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Get-merge-put rounds [`Client::update`] makes before giving up.
 pub const MAX_UPDATE_ATTEMPTS: usize = 16;
@@ -474,6 +478,8 @@ pub struct Client {
     ring: Option<RingView>,
     /// Connections to ring members, by member index.
     members: Vec<Option<NodeConns>>,
+    /// Members that could not be reached, until when they are tried last.
+    down_until: Vec<Option<Instant>>,
     /// R/W overrides sent with every GET, PUT and DELETE.
     quorum: Quorum,
 }
@@ -497,7 +503,8 @@ impl Client {
     /// none: every request then goes to it).
     pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client> {
         let seed = NodeConns::connect(resolve(addr)?, &config)?;
-        let mut client = Client { config, seed, ring: None, members: Vec::new(), quorum: Quorum::default() };
+        let mut client =
+            Client { config, seed, ring: None, members: Vec::new(), down_until: Vec::new(), quorum: Quorum::default() };
         if client.config.routing == Routing::Client {
             client.refresh_ring()?;
         }
@@ -529,6 +536,7 @@ impl Client {
             Ok(view) => {
                 if self.ring.as_ref().is_none_or(|old| old.ring != view.ring) {
                     self.members = (0..view.ring.members().len()).map(|_| None).collect();
+                    self.down_until = vec![None; view.ring.members().len()];
                 }
                 self.ring = Some(view);
                 Ok(())
@@ -572,40 +580,63 @@ impl Client {
     }
 
     /// Sends one request: by the ring to a replica of its key when the
-    /// client has one (moving on to the next replica only when one cannot
-    /// be connected to, so a write is never sent twice), else to the seed.
+    /// client routes by it, else to the seed. Routing by the ring moves on
+    /// to the next replica when one cannot be connected to (nothing was
+    /// sent), and for a read also when the connection fails; a write that
+    /// may have been sent is never sent again (it could add a sibling).
     pub fn call(&mut self, req: &Request<'_>) -> Result<Reply> {
         let targets = self.targets(req);
         let (reply, stale) = if targets.is_empty() {
             self.seed.call(req, self.quorum, &self.config)
         } else {
-            let mut last = None;
-            let mut result = None;
-            for m in targets {
-                if self.members[m as usize].is_none() {
-                    let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
-                    match NodeConns::connect(addr, &self.config) {
-                        Ok(n) => self.members[m as usize] = Some(n),
-                        Err(e) => {
-                            last = Some(e);
-                            continue;
-                        }
-                    }
-                }
-                let node = self.members[m as usize].as_mut().expect("connected above");
-                result = Some(node.call(req, self.quorum, &self.config));
-                break;
-            }
-            match result {
-                Some(r) => r,
-                None => (Err(last.expect("at least one target was tried")), false),
-            }
+            self.call_replicas(req, &targets)
         };
-        if stale {
+        if stale && self.config.routing == Routing::Client {
             // Best effort: the reply itself is good either way.
             let _ = self.refresh_ring();
         }
         reply
+    }
+
+    fn call_replicas(&mut self, req: &Request<'_>, targets: &[MemberIdx]) -> (Result<Reply>, bool) {
+        let is_read = matches!(req, Request::Get { .. });
+        let now = Instant::now();
+        // Replicas that failed recently go last: a dead node costs each
+        // request a connection attempt only while nothing better is left.
+        let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) =
+            targets.iter().partition(|&&m| self.down_until[m as usize].is_none_or(|t| t <= now));
+        order.extend(down);
+        let mut last = None;
+        for m in order {
+            let i = m as usize;
+            if self.members[i].is_none() {
+                let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
+                match NodeConns::connect(addr, &self.config) {
+                    Ok(n) => self.members[i] = Some(n),
+                    Err(e) => {
+                        self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
+                        last = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let node = self.members[i].as_mut().expect("connected above");
+            let (slot, _) = node.slot_for(req.key(), self.config.shard_aware);
+            if let Err(e) = node.conn(slot, &self.config) {
+                self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
+                last = Some(e);
+                continue;
+            }
+            let (reply, stale) = node.call(req, self.quorum, &self.config);
+            if is_read && matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
+                self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
+                last = reply.err();
+                continue;
+            }
+            self.down_until[i] = None;
+            return (reply, stale);
+        }
+        (Err(last.expect("at least one replica was tried")), false)
     }
 
     /// Every concurrent value of `key` and the context to write back with.

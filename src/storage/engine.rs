@@ -254,6 +254,17 @@ struct Inner<B: Backend> {
 }
 
 /// One shard's storage engine. Clones share the engine (one thread).
+/// Clears the group-commit leader flag and wakes the followers when the
+/// leader's flush ends, however it ends.
+struct LeaderGuard<'a, B: Backend>(&'a Inner<B>);
+
+impl<B: Backend> Drop for LeaderGuard<'_, B> {
+    fn drop(&mut self) {
+        self.0.st.borrow_mut().flushing = false;
+        self.0.notify.notify_all();
+    }
+}
+
 pub struct Engine<B: Backend> {
     inner: Rc<Inner<B>>,
 }
@@ -509,18 +520,21 @@ impl<B: Backend> Engine<B> {
                 !std::mem::replace(&mut st.flushing, true)
             };
             if lead {
+                // Hands leadership back even if this future is dropped
+                // mid-flush (a cancelled task): otherwise every later
+                // writer would wait for a leader that is gone. A flush cut
+                // short is planned again from the same state, and rewriting
+                // the same bytes at the same offsets is harmless.
+                let guard = LeaderGuard(&self.inner);
                 let res = self.flush_as_leader(sync).await;
-                {
+                if let Err(e) = &res {
                     let mut st = self.inner.st.borrow_mut();
-                    st.flushing = false;
-                    if let Err(e) = &res {
-                        if st.failed.is_none() {
-                            tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
-                            st.failed = Some(e.to_string());
-                        }
+                    if st.failed.is_none() {
+                        tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
+                        st.failed = Some(e.to_string());
                     }
                 }
-                self.inner.notify.notify_all();
+                drop(guard);
                 res?;
             } else {
                 self.inner.notify.wait(seen).await;

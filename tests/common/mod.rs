@@ -95,9 +95,22 @@ impl Node {
     }
 
     /// SIGTERM and wait (bounded) for the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_within(STOP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit status; past that,
+    /// an error with the stacks of the node's threads (and the node is
+    /// killed).
+    pub fn terminate_within(mut self, timeout: Duration) -> Result<ExitStatus, String> {
         signal(self.pid(), "TERM");
-        wait_bounded(&mut self.child, STOP_TIMEOUT).expect("node did not stop within 20 s of SIGTERM")
+        wait_bounded(&mut self.child, timeout).ok_or_else(|| {
+            format!(
+                "node {} did not stop within {timeout:?} of SIGTERM; its threads:\n{}",
+                self.pid(),
+                stacks(self.pid())
+            )
+        })
     }
 }
 
@@ -105,6 +118,31 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Every thread's stack of process `pid`, for a failure message (gdb, if
+/// installed and allowed to attach; else each thread's kernel wait channel).
+pub fn stacks(pid: u32) -> String {
+    let gdb = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output();
+    match gdb {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => {
+            let mut out = String::new();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+                out.push_str(&format!(
+                    "{}: {} wchan {}\n",
+                    task.file_name().to_string_lossy(),
+                    read("stat").trim(),
+                    read("wchan")
+                ));
+            }
+            out
+        }
     }
 }
 
@@ -312,6 +350,14 @@ impl Cluster {
         node.terminate()
     }
 
+    /// SIGTERM, and the exit status if it comes within `timeout` (else an
+    /// error with the node's stacks; the node is killed).
+    pub fn try_stop(&mut self, name: &str, timeout: Duration) -> Result<ExitStatus, String> {
+        let i = self.index(name);
+        let node = self.members[i].node.take().unwrap_or_else(|| panic!("{name} is not running"));
+        node.terminate_within(timeout)
+    }
+
     /// SIGKILL.
     pub fn kill9(&mut self, name: &str) {
         let i = self.index(name);
@@ -321,7 +367,19 @@ impl Cluster {
     /// Starts a stopped member again on its data directory.
     pub fn restart(&mut self, name: &str) {
         let i = self.index(name);
-        self.try_start_member(i).unwrap_or_else(|e| panic!("restarting {e}"));
+        // The old process's listening socket can outlive it for a few
+        // milliseconds (io_uring tears down asynchronously): retry a bind
+        // failure for a while.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.try_start_member(i) {
+                Ok(()) => return,
+                Err(e) if e.contains("Address already in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("restarting {e}"),
+            }
+        }
     }
 
     /// A client of the cluster with the given routing, seeded with `name`
