@@ -12,6 +12,11 @@
 //! this module only moves messages and times. A coordinator runs in its
 //! own task, so a read's repair goes on after the client has its reply,
 //! and every run ends by the request's deadline.
+//!
+//! A put that fails its quorum is not acknowledged, but it is not undone
+//! either: the coordinator and any replica that acked keep the new
+//! version, and a later read may return it (Dynamo's semantics; the
+//! client's retry with the read's context supersedes it cleanly).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
