@@ -18,7 +18,8 @@
 //! deadline passes. A peer that refused a connection is not tried again
 //! for [`RETRY_AFTER`], so a dead node costs its callers nothing but an
 //! immediate error. Frames carry the time left as their deadline, so the
-//! receiver drops work that is already too late.
+//! receiver drops work that is already too late; a frame whose deadline
+//! passes while it waits in the queue is dropped unsent.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -62,6 +63,8 @@ pub struct PeerCounters {
     pub connect_failures: Cell<u64>,
     /// Calls that ended without a reply (unreachable, broken, deadline).
     pub call_failures: Cell<u64>,
+    /// Frames dropped unsent because their deadline passed while queued.
+    pub expired_unsent: Cell<u64>,
 }
 
 /// Where a call's reply frame lands.
@@ -72,7 +75,9 @@ struct PeerConn {
     name: String,
     /// Frames waiting for the writer.
     out: RefCell<Vec<u8>>,
-    queued: Cell<u64>,
+    /// Where each frame in `out` ends, and its deadline: a frame whose
+    /// caller has stopped waiting is dropped instead of sent late.
+    spans: RefCell<Vec<(usize, Instant)>>,
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
     next_id: Cell<u64>,
     /// The connection failed; no more frames are accepted.
@@ -89,6 +94,25 @@ impl PeerConn {
         }
         self.changed.notify_all();
     }
+}
+
+/// The frames of `batch` (ending at the offsets in `spans`) whose deadline
+/// is still ahead, and how many they are. Copies only when one expired.
+fn drop_expired(batch: Vec<u8>, spans: &[(usize, Instant)], now: Instant) -> (Vec<u8>, u64) {
+    if spans.iter().all(|&(_, d)| d > now) {
+        return (batch, spans.len() as u64);
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    let mut start = 0;
+    let mut frames = 0;
+    for &(end, deadline) in spans {
+        if deadline > now {
+            kept.extend_from_slice(&batch[start..end]);
+            frames += 1;
+        }
+        start = end;
+    }
+    (kept, frames)
 }
 
 /// A shard's view of its peers.
@@ -158,8 +182,11 @@ impl Peers {
         conn.next_id.set(id + 1);
         let left = deadline.saturating_duration_since(Instant::now());
         let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
-        req.encode_with(&mut conn.out.borrow_mut(), id, shard, deadline_us, quorum);
-        conn.queued.set(conn.queued.get() + 1);
+        {
+            let mut out = conn.out.borrow_mut();
+            req.encode_with(&mut out, id, shard, deadline_us, quorum);
+            conn.spans.borrow_mut().push((out.len(), deadline));
+        }
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
         conn.changed.notify_all();
@@ -212,7 +239,7 @@ impl Peers {
         let conn = Rc::new(PeerConn {
             name: format!("{} shard {shard}", self.name(member)),
             out: RefCell::default(),
-            queued: Cell::new(0),
+            spans: RefCell::default(),
             pending: RefCell::default(),
             next_id: Cell::new(1),
             dead: Cell::new(false),
@@ -264,7 +291,14 @@ impl Peers {
                         conn.changed.wait(g).await;
                         continue;
                     }
-                    let frames = conn.queued.replace(0);
+                    let spans = std::mem::take(&mut *conn.spans.borrow_mut());
+                    let (batch, frames) = drop_expired(batch, &spans, Instant::now());
+                    let dropped = spans.len() as u64 - frames;
+                    let c = &peers.counters.expired_unsent;
+                    c.set(c.get() + dropped);
+                    if frames == 0 {
+                        continue;
+                    }
                     if let Err(e) = writer.write_all(&batch).await {
                         conn.kill(&format!("write failed: {e}"));
                         return;
@@ -324,5 +358,23 @@ impl Peers {
         if conns.get(&(member, shard)).is_some_and(|c| Rc::ptr_eq(c, conn)) {
             conns.remove(&(member, shard));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_frames_past_their_deadline_are_dropped() {
+        let now = Instant::now();
+        let (late, soon) = (now - Duration::from_millis(1), now + Duration::from_secs(1));
+        let batch = b"aaabbbbcc".to_vec();
+        let all_live = [(3, soon), (7, soon), (9, soon)];
+        assert_eq!(drop_expired(batch.clone(), &all_live, now), (batch.clone(), 3));
+        let middle_late = [(3, soon), (7, late), (9, soon)];
+        assert_eq!(drop_expired(batch.clone(), &middle_late, now), (b"aaacc".to_vec(), 2));
+        let all_late = [(3, late), (7, late), (9, late)];
+        assert_eq!(drop_expired(batch, &all_late, now), (Vec::new(), 0));
     }
 }
