@@ -56,6 +56,9 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
 const STARTUP_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for connections to take their last replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a node start waits for a listening address still held by a
+/// process that just exited.
+const BIND_RETRY: Duration = Duration::from_secs(1);
 /// How often compaction looks for work.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
 
@@ -363,7 +366,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             let port = u16::try_from(port).with_context(|| format!("no port for shard {i} after {}", config.listen))?;
             addr.set_port(port);
         }
-        let l = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr} for shard {i}"))?;
+        let l = bind_listener(addr).with_context(|| format!("listening on {addr} for shard {i}"))?;
         listeners.push(l);
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
@@ -440,6 +443,22 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     match err_rx.try_recv() {
         Ok(e) => Err(e),
         Err(_) => Ok(()),
+    }
+}
+
+/// Binds a listener, retrying for [`BIND_RETRY`] while the address is in
+/// use: the sockets of a node that just exited can stay bound for a few
+/// milliseconds (glommio's rings are torn down after the process's last
+/// close), and a supervisor that restarts a node at once must not fail.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let deadline = Instant::now() + BIND_RETRY;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
