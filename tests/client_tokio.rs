@@ -140,3 +140,49 @@ async fn a_killed_node_gives_errors_not_hangs() {
     assert!(put.is_err(), "{put:?}");
     assert!(started.elapsed() < limit, "took {:?}", started.elapsed());
 }
+
+/// The `proxied` counter of a cluster member.
+fn proxied(cluster: &common::Cluster, name: &str) -> u64 {
+    cluster.stats(name)["cluster"]["coordination"]["proxied"].as_u64().expect("a counter")
+}
+
+/// In a cluster the async client routes by the ring, like the blocking
+/// one: N = 2 of 4 nodes, so half the keys are not on any given node, yet
+/// a client-driven client makes no node forward anything, while a
+/// server-driven one through n1 does; both read the same values; a node
+/// that stops is passed over for reads; R/W overrides travel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_it_routes_by_the_ring() {
+    let mut cluster = common::Cluster::start(common::ClusterSpec { nodes: 4, n: 2, r: 1, w: 2, ..Default::default() });
+    let client = AsyncClient::connect_with(&cluster.addr("n1"), config()).await.expect("connect");
+    let view = client.ring().expect("a cluster client has the ring");
+    assert_eq!((view.n, view.ring.members().len()), (2, 4));
+    for i in 0..60 {
+        let key = format!("k{i}");
+        let put = client.put(key.as_bytes(), key.as_bytes(), &Context::default()).await.unwrap();
+        assert_eq!(put.siblings, 1);
+        assert_eq!(client.get(key.as_bytes()).await.unwrap().values, vec![key.into_bytes()]);
+    }
+    for name in cluster.names() {
+        assert_eq!(proxied(&cluster, &name), 0, "{name} forwarded a client-driven request");
+    }
+    let server = ClientConfig { routing: gyre::client::Routing::Server, ..config() };
+    let through_n1 = AsyncClient::connect_with(&cluster.addr("n1"), server).await.expect("connect");
+    assert!(through_n1.ring().is_none(), "a server-driven client does not route by the ring");
+    for i in 0..60 {
+        let key = format!("k{i}");
+        assert_eq!(through_n1.get(key.as_bytes()).await.unwrap().values, vec![key.into_bytes()]);
+    }
+    assert!(proxied(&cluster, "n1") > 0, "n1 is a replica of only some keys");
+    // An override beyond N is refused by the node, not guessed at.
+    let w3 = client.with_quorum(gyre::wire::Quorum { r: 0, w: 3 });
+    let err = w3.put(b"k0", b"x", &Context::default()).await.unwrap_err();
+    assert_eq!(err.code(), Some(gyre::wire::ErrorCode::InvalidQuorum), "{err}");
+    // With n2 stopped every key still has a replica, and R = 1 reads go on.
+    cluster.stop("n2");
+    for i in 0..60 {
+        let key = format!("k{i}");
+        let got = client.get(key.as_bytes()).await.unwrap_or_else(|e| panic!("{key} with n2 stopped: {e}"));
+        assert_eq!(got.values, vec![key.into_bytes()]);
+    }
+}

@@ -468,6 +468,33 @@ pub struct RingView {
     pub w: u8,
 }
 
+/// The members to try for `req`, best first: a write's hinted coordinator
+/// (the replica that answered its read fastest), then the key's
+/// preference list. Empty for a request without a key.
+pub(crate) fn ring_targets(view: &RingView, req: &Request<'_>) -> Vec<MemberIdx> {
+    let Some(key) = req.key() else { return Vec::new() };
+    let prefs = view.ring.preference_list(view.ring.partition_of_key(key), view.n as usize);
+    let hint = match req {
+        Request::Put { context, .. } | Request::Delete { context, .. } => {
+            decode_context(context).ok().and_then(|(_, h)| h).filter(|h| prefs.contains(h))
+        }
+        _ => None,
+    };
+    hint.into_iter().chain(prefs.into_iter().filter(|m| Some(*m) != hint)).collect()
+}
+
+/// Decodes a RING reply into the view a client routes by.
+pub(crate) fn ring_view(addr: SocketAddr, reply: Reply) -> Result<RingView> {
+    match reply {
+        Reply::Ring { n, r, w, ring } => {
+            let ring =
+                Ring::decode(&ring).map_err(|e| ClientError::Protocol { addr, reason: format!("bad ring: {e}") })?;
+            Ok(RingView { ring, n, r, w })
+        }
+        other => Err(ClientError::Protocol { addr, reason: format!("RING answered with {other:?}") }),
+    }
+}
+
 /// A blocking client of a node or of a cluster, with one reused
 /// connection per shard of each node it talks to.
 pub struct Client {
@@ -519,14 +546,8 @@ impl Client {
 
     /// Asks the seed node for the cluster's ring.
     pub fn fetch_ring(&mut self) -> Result<RingView> {
-        match self.seed.call(&Request::Ring, Quorum::default(), &self.config).0? {
-            Reply::Ring { n, r, w, ring } => {
-                let ring = Ring::decode(&ring)
-                    .map_err(|e| ClientError::Protocol { addr: self.seed.addr, reason: format!("bad ring: {e}") })?;
-                Ok(RingView { ring, n, r, w })
-            }
-            other => Err(self.unexpected(other)),
-        }
+        let reply = self.seed.call(&Request::Ring, Quorum::default(), &self.config).0?;
+        ring_view(self.seed.addr, reply)
     }
 
     /// Fetches the ring again (after a node said it is stale); a lone
@@ -564,19 +585,8 @@ impl Client {
         partition::shard_of(key, self.seed.info.partitions, self.seed.info.ports.len())
     }
 
-    /// The members to try for `req`, best first: a write's hinted
-    /// coordinator (the replica that answered its read fastest), then the
-    /// key's preference list.
     fn targets(&self, req: &Request<'_>) -> Vec<MemberIdx> {
-        let (Some(view), Some(key)) = (&self.ring, req.key()) else { return Vec::new() };
-        let prefs = view.ring.preference_list(view.ring.partition_of_key(key), view.n as usize);
-        let hint = match req {
-            Request::Put { context, .. } | Request::Delete { context, .. } => {
-                decode_context(context).ok().and_then(|(_, h)| h).filter(|h| prefs.contains(h))
-            }
-            _ => None,
-        };
-        hint.into_iter().chain(prefs.into_iter().filter(|m| Some(*m) != hint)).collect()
+        self.ring.as_ref().map_or_else(Vec::new, |view| ring_targets(view, req))
     }
 
     /// Sends one request: by the ring to a replica of its key when the

@@ -1,6 +1,7 @@
 //! The async client over tokio (feature `tokio`): the blocking
-//! [`Client`](super::Client)'s routing and semantics, with one pipelined
-//! connection per shard shared by every task that calls it.
+//! [`Client`](super::Client)'s routing (by the cluster's ring, or through
+//! the node given) and semantics, with one pipelined connection per shard
+//! of each node shared by every task that calls it.
 //!
 //! Owns: the per-shard connections (opened lazily, replaced after they
 //! break), their writer and reader tasks, request ids, the in-flight bound
@@ -39,46 +40,65 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{check_request, ClientConfig, ClientError, Context, Put, Reply, Result, Versions, MAX_UPDATE_ATTEMPTS};
+use super::{
+    check_request, ring_targets, ring_view, ClientConfig, ClientError, Context, Put, Reply, Result, RingView, Routing,
+    Versions, MAX_UPDATE_ATTEMPTS, MEMBER_RETRY_AFTER,
+};
 use crate::core::partition;
-use crate::wire::{split_frame, NodeInfo, Request, Response, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT};
+use crate::core::ring::MemberIdx;
+use crate::wire::{
+    flags, split_frame, ErrorCode, Header, NodeInfo, Quorum, Request, Response, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
+    MAX_IN_FLIGHT,
+};
 
 /// Free space the reader makes before each read.
 const READ_CHUNK: usize = 64 * 1024;
 /// A read or write buffer that grew past this (large values) is not kept.
 const KEEP_BUFFER: usize = 1 << 20;
 
-/// An async client of one node. Cheap to clone; every clone shares the
-/// same connections, and any number of tasks may call through `&self`
-/// at once.
+/// An async client of a node or of a cluster. Cheap to clone; every
+/// clone shares the same connections (and ring), and any number of tasks
+/// may call through `&self` at once.
 #[derive(Clone)]
 pub struct AsyncClient {
     inner: Arc<Inner>,
+    /// R/W overrides sent with this handle's GETs, PUTs and DELETEs.
+    quorum: Quorum,
 }
 
 struct Inner {
     config: ClientConfig,
-    /// The address given; requests go here when not shard-aware.
+    /// The node given to `connect`.
+    seed: NodeSlots,
+    /// The cluster's ring and the connections to its members, when routing
+    /// by it (`Routing::Client` against a cluster).
+    route: Mutex<Option<Arc<Route>>>,
+}
+
+/// The ring the client routes by, and its members' connections.
+struct Route {
+    view: RingView,
+    /// By member index, opened on first use.
+    members: Vec<tokio::sync::OnceCell<Arc<NodeSlots>>>,
+    /// Members that could not be reached, until when they are tried last.
+    down_until: Mutex<Vec<Option<Instant>>>,
+}
+
+/// One node: its shard layout, and one slot per shard (or a single slot
+/// when not shard-aware).
+struct NodeSlots {
     addr: SocketAddr,
     info: NodeInfo,
-    /// One slot per shard (index = shard id), or a single slot when not
-    /// shard-aware.
     slots: Vec<Slot>,
 }
 
-impl AsyncClient {
-    /// Connects to a node with the default settings.
-    pub async fn connect(addr: &str) -> Result<AsyncClient> {
-        AsyncClient::connect_with(addr, ClientConfig::default()).await
-    }
-
+impl NodeSlots {
     /// Connects to a node and learns its shard layout with a PING.
-    pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<AsyncClient> {
-        let addr = resolve(addr).await?;
-        let first = Arc::new(Conn::open(addr, &config).await?);
-        let info = match first.call(&Request::Ping, ANY_SHARD).await.map_err(Failure::into_error)? {
-            Reply::Pong(info) => info,
-            other => return Err(protocol(addr, format!("PING answered with {other:?}"))),
+    async fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<NodeSlots> {
+        let first = Arc::new(Conn::open(addr, config).await?);
+        let info = match first.call(&Request::Ping, ANY_SHARD, Quorum::default()).await.map_err(Failure::into_error)? {
+            (Reply::Pong(info), _) => info,
+            (other, _) => return Err(protocol(addr, format!("PING answered with {other:?}"))),
         };
         if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
             return Err(protocol(addr, format!("implausible node info {info:?}")));
@@ -92,53 +112,189 @@ impl AsyncClient {
         if let Some(slot) = slots.get(first_slot) {
             *lock(&slot.current) = Some(first);
         }
-        Ok(AsyncClient { inner: Arc::new(Inner { config, addr, info, slots }) })
+        Ok(NodeSlots { addr, info, slots })
     }
 
-    /// The node's identity and shard ports, as learnt when connecting.
-    pub fn node_info(&self) -> &NodeInfo {
-        &self.inner.info
-    }
-
-    /// The shard that owns `key` on this node.
-    pub fn shard_of(&self, key: &[u8]) -> usize {
-        let info = &self.inner.info;
-        partition::shard_of(key, info.partitions, info.ports.len())
-    }
-
-    fn slot_for(&self, key: Option<&[u8]>) -> (usize, u16) {
+    fn slot_for(&self, key: Option<&[u8]>, shard_aware: bool) -> (usize, u16) {
         match key {
-            Some(k) if self.inner.config.shard_aware => {
-                let s = self.shard_of(k);
+            Some(k) if shard_aware => {
+                let s = partition::shard_of(k, self.info.partitions, self.info.ports.len());
                 (s, s as u16)
             }
             _ => (0, ANY_SHARD),
         }
     }
 
-    /// Sends one request to the right shard and waits for its reply (an
-    /// error reply is `Err(ClientError::Server)`). Reads are retried once
-    /// on a fresh connection after an I/O error.
-    pub async fn call(&self, req: &Request<'_>) -> Result<Reply> {
-        check_request(req)?;
-        let (slot, shard) = self.slot_for(req.key());
-        self.call_on(slot, shard, req).await
-    }
-
-    async fn call_on(&self, slot: usize, shard: u16, req: &Request<'_>) -> Result<Reply> {
-        let config = &self.inner.config;
-        let Some(slot) = self.inner.slots.get(slot) else {
-            return Err(ClientError::Invalid(format!("no shard {slot} on this node")));
+    /// Sends one request on `slot` and waits for its reply and whether
+    /// the reply said the ring is stale. Reads are retried once on a fresh
+    /// connection after an I/O error; a connection that cannot be opened
+    /// is `Failure::Unsent`.
+    async fn call_on(
+        &self,
+        slot: usize,
+        shard: u16,
+        req: &Request<'_>,
+        quorum: Quorum,
+        config: &ClientConfig,
+    ) -> Result<(Reply, bool), Failure> {
+        let Some(slot) = self.slots.get(slot) else {
+            return Err(Failure::Failed(ClientError::Invalid(format!("no shard {slot} on this node"))));
         };
-        let read = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats);
-        match slot.conn(config).await?.call(req, shard).await {
+        let read = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring);
+        match slot.conn(config).await.map_err(Failure::Unsent)?.call(req, shard, quorum).await {
             Ok(reply) => return Ok(reply),
             // Never queued: resending cannot duplicate it.
             Err(Failure::Unsent(_)) => {}
             Err(Failure::Failed(ClientError::Io { .. })) if read => {}
-            Err(Failure::Failed(e)) => return Err(e),
+            Err(e) => return Err(e),
         }
-        slot.conn(config).await?.call(req, shard).await.map_err(Failure::into_error)
+        slot.conn(config).await.map_err(Failure::Unsent)?.call(req, shard, quorum).await
+    }
+}
+
+impl AsyncClient {
+    /// Connects to a node with the default settings.
+    pub async fn connect(addr: &str) -> Result<AsyncClient> {
+        AsyncClient::connect_with(addr, ClientConfig::default()).await
+    }
+
+    /// Connects to a node, learns its shard layout with a PING and, when
+    /// routing by the ring, fetches the cluster's ring (a lone node has
+    /// none: every request then goes to it).
+    pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<AsyncClient> {
+        let addr = resolve(addr).await?;
+        let seed = NodeSlots::connect(addr, &config).await?;
+        let routing = config.routing;
+        let client =
+            AsyncClient { inner: Arc::new(Inner { config, seed, route: Mutex::new(None) }), quorum: Quorum::default() };
+        if routing == Routing::Client {
+            client.refresh_ring().await?;
+        }
+        Ok(client)
+    }
+
+    /// A handle on the same connections that sends `quorum` (R/W
+    /// overrides, 0 = the namespace's default) with its GETs, PUTs and
+    /// DELETEs.
+    pub fn with_quorum(&self, quorum: Quorum) -> AsyncClient {
+        AsyncClient { inner: self.inner.clone(), quorum }
+    }
+
+    /// Asks the seed node for the cluster's ring.
+    pub async fn fetch_ring(&self) -> Result<RingView> {
+        let (reply, _) = self.call_seed(0, ANY_SHARD, &Request::Ring).await?;
+        ring_view(self.inner.seed.addr, reply)
+    }
+
+    /// Fetches the ring again; a lone node leaves the client without one.
+    pub async fn refresh_ring(&self) -> Result<()> {
+        let view = match self.fetch_ring().await {
+            Ok(v) => v,
+            Err(ClientError::Server { code: ErrorCode::NotClustered, .. }) => {
+                *lock(&self.inner.route) = None;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut route = lock(&self.inner.route);
+        if route.as_ref().is_none_or(|r| r.view.ring != view.ring) {
+            let members = view.ring.members().len();
+            *route = Some(Arc::new(Route {
+                members: (0..members).map(|_| tokio::sync::OnceCell::new()).collect(),
+                down_until: Mutex::new(vec![None; members]),
+                view,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The ring the client routes by, if any.
+    pub fn ring(&self) -> Option<RingView> {
+        lock(&self.inner.route).as_ref().map(|r| r.view.clone())
+    }
+
+    /// The seed node's identity and shard ports, as learnt when connecting.
+    pub fn node_info(&self) -> &NodeInfo {
+        &self.inner.seed.info
+    }
+
+    /// The shard that owns `key` on the seed node.
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        let info = &self.inner.seed.info;
+        partition::shard_of(key, info.partitions, info.ports.len())
+    }
+
+    async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>) -> Result<(Reply, bool)> {
+        let quorum = if req.is_quorum_op() { self.quorum } else { Quorum::default() };
+        self.inner.seed.call_on(slot, shard, req, quorum, &self.inner.config).await.map_err(Failure::into_error)
+    }
+
+    /// Sends one request and waits for its reply (an error reply is
+    /// `Err(ClientError::Server)`): by the ring to a replica of its key
+    /// when the client routes by it, else to the seed node's owning shard.
+    /// Routing by the ring moves on to the next replica when one cannot be
+    /// connected to (nothing was sent), and for a read also when the
+    /// connection fails; a write that may have been sent is never resent.
+    pub async fn call(&self, req: &Request<'_>) -> Result<Reply> {
+        check_request(req)?;
+        let route = lock(&self.inner.route).clone();
+        let targets = route.as_ref().map_or_else(Vec::new, |r| ring_targets(&r.view, req));
+        let (reply, stale) = match route {
+            Some(route) if !targets.is_empty() => self.call_replicas(&route, req, &targets).await?,
+            _ => {
+                let (slot, shard) = self.inner.seed.slot_for(req.key(), self.inner.config.shard_aware);
+                self.call_seed(slot, shard, req).await?
+            }
+        };
+        if stale && self.inner.config.routing == Routing::Client {
+            // Best effort: the reply itself is good either way.
+            let _ = self.refresh_ring().await;
+        }
+        Ok(reply)
+    }
+
+    async fn call_replicas(&self, route: &Route, req: &Request<'_>, targets: &[MemberIdx]) -> Result<(Reply, bool)> {
+        let config = &self.inner.config;
+        let is_read = matches!(req, Request::Get { .. });
+        let now = Instant::now();
+        let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) = {
+            let down_until = lock(&route.down_until);
+            targets.iter().partition(|&&m| down_until[m as usize].is_none_or(|t| t <= now))
+        };
+        order.extend(down);
+        let mark_down = |m: MemberIdx| lock(&route.down_until)[m as usize] = Some(Instant::now() + MEMBER_RETRY_AFTER);
+        let mut last = None;
+        for m in order {
+            let addr = route.view.ring.member(m).addr;
+            let node = match route.members[m as usize]
+                .get_or_try_init(|| async { NodeSlots::connect(addr, config).await.map(Arc::new) })
+                .await
+            {
+                Ok(n) => n.clone(),
+                Err(e) => {
+                    mark_down(m);
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let (slot, shard) = node.slot_for(req.key(), config.shard_aware);
+            match node.call_on(slot, shard, req, self.quorum, config).await {
+                Err(Failure::Unsent(e)) => {
+                    mark_down(m);
+                    last = Some(e);
+                }
+                Err(Failure::Failed(e @ (ClientError::Io { .. } | ClientError::Timeout { .. }))) if is_read => {
+                    mark_down(m);
+                    last = Some(e);
+                }
+                Err(Failure::Failed(e)) => return Err(e),
+                Ok(r) => {
+                    lock(&route.down_until)[m as usize] = None;
+                    return Ok(r);
+                }
+            }
+        }
+        Err(last.expect("at least one replica was tried"))
     }
 
     /// Every concurrent value of `key` and the context to write back with.
@@ -184,7 +340,7 @@ impl AsyncClient {
         Err(ClientError::Conflict { attempts: MAX_UPDATE_ATTEMPTS, siblings })
     }
 
-    /// The node's identity (a PING).
+    /// The seed node's identity (a PING).
     pub async fn ping(&self) -> Result<NodeInfo> {
         match self.call(&Request::Ping).await? {
             Reply::Pong(info) => Ok(info),
@@ -192,18 +348,19 @@ impl AsyncClient {
         }
     }
 
-    /// One shard's counters as JSON (`shard` past the last is the last).
+    /// One shard's counters of the seed node as JSON (`shard` past the
+    /// last is the last).
     pub async fn stats(&self, shard: usize) -> Result<String> {
-        let last = self.inner.slots.len().saturating_sub(1);
+        let last = self.inner.seed.slots.len().saturating_sub(1);
         let slot = if self.inner.config.shard_aware { shard.min(last) } else { 0 };
-        match self.call_on(slot, slot as u16, &Request::Stats).await? {
+        match self.call_seed(slot, slot as u16, &Request::Stats).await?.0 {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
     }
 
     fn unexpected(&self, r: Reply) -> ClientError {
-        protocol(self.inner.addr, format!("unexpected reply {r:?}"))
+        protocol(self.inner.seed.addr, format!("unexpected reply {r:?}"))
     }
 }
 
@@ -297,7 +454,8 @@ impl Broken {
 
 /// A caller waiting for its reply.
 struct Waiter {
-    tx: oneshot::Sender<Result<Reply>>,
+    /// The reply, and whether it was flagged STALE_ROUTE.
+    tx: oneshot::Sender<Result<(Reply, bool)>>,
     /// Released when the reply arrives or the connection breaks.
     _permit: OwnedSemaphorePermit,
 }
@@ -361,9 +519,10 @@ impl Shared {
     }
 
     /// Hands one reply frame to its waiter.
-    fn deliver(&self, id: u64, opcode: u8, body: &[u8]) -> Result<(), Broken> {
-        let reply = match Response::decode(opcode, body) {
-            Ok(r) => Reply::from_response(r),
+    fn deliver(&self, header: &Header, body: &[u8]) -> Result<(), Broken> {
+        let (id, stale) = (header.request_id, header.flags & flags::STALE_ROUTE != 0);
+        let reply = match Response::decode(header.opcode, body) {
+            Ok(r) => Reply::from_response(r).map(|r| (r, stale)),
             Err(e) => return Err(Broken::Protocol(e.to_string())),
         };
         let waiter = lock(&self.state).pending.remove(&id);
@@ -412,7 +571,7 @@ impl Conn {
 
     /// Queues one request, waits for its reply within the request timeout
     /// (which also covers waiting for an in-flight permit).
-    async fn call(&self, req: &Request<'_>, shard: u16) -> Result<Reply, Failure> {
+    async fn call(&self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<(Reply, bool), Failure> {
         let s = &self.shared;
         let timeout = ClientError::Timeout { addr: s.addr, timeout: s.request_timeout };
         let deadline = tokio::time::Instant::now() + s.request_timeout;
@@ -433,7 +592,7 @@ impl Conn {
             // rather than run it after the caller gave up.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
-            req.encode(&mut st.wbuf, id, shard, deadline_us);
+            req.encode_with(&mut st.wbuf, id, shard, deadline_us, quorum);
             st.pending.insert(id, Waiter { tx, _permit: permit });
             s.now_us()
         };
@@ -477,7 +636,7 @@ async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Rec
             match split_frame(&buf[at..], MAX_BODY_LEN) {
                 Ok(Some((header, total))) => {
                     let body = &buf[at + HEADER_LEN..at + total];
-                    if let Err(why) = s.deliver(header.request_id, header.opcode, body) {
+                    if let Err(why) = s.deliver(&header, body) {
                         s.fail(why);
                         return;
                     }
@@ -554,7 +713,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::wire::{decode_header, Header};
+    use crate::wire::decode_header;
 
     fn assert_send_sync<T: Send + Sync + Clone>() {}
 
@@ -601,8 +760,14 @@ mod tests {
         out
     }
 
+    /// The fake node is a lone node that speaks only what each test
+    /// scripts, so the client is not asked to fetch a ring.
     fn config(timeout_ms: u64) -> ClientConfig {
-        ClientConfig { request_timeout: Duration::from_millis(timeout_ms), ..Default::default() }
+        ClientConfig {
+            request_timeout: Duration::from_millis(timeout_ms),
+            routing: Routing::Server,
+            ..Default::default()
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
