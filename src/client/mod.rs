@@ -401,13 +401,7 @@ impl NodeConns {
     }
 
     fn slot_for(&self, key: Option<&[u8]>, shard_aware: bool) -> (usize, u16) {
-        match key {
-            Some(k) if shard_aware => {
-                let s = partition::shard_of(k, self.info.partitions, self.info.ports.len());
-                (s, s as u16)
-            }
-            _ => (0, ANY_SHARD),
-        }
+        slot_for(&self.info, key, shard_aware)
     }
 
     fn conn(&mut self, slot: usize, config: &ClientConfig) -> Result<&mut Connection> {
@@ -481,6 +475,19 @@ pub(crate) fn ring_targets(view: &RingView, req: &Request<'_>) -> Vec<MemberIdx>
         _ => None,
     };
     hint.into_iter().chain(prefs.into_iter().filter(|m| Some(*m) != hint)).collect()
+}
+
+/// The connection slot of a node for a request on `key`, and the shard id
+/// to put in its frame: the owning shard when shard-aware, else the single
+/// slot and "any shard".
+pub(crate) fn slot_for(info: &NodeInfo, key: Option<&[u8]>, shard_aware: bool) -> (usize, u16) {
+    match key {
+        Some(k) if shard_aware => {
+            let s = partition::shard_of(k, info.partitions, info.ports.len());
+            (s, s as u16)
+        }
+        _ => (0, ANY_SHARD),
+    }
 }
 
 /// Decodes a RING reply into the view a client routes by.

@@ -116,13 +116,7 @@ impl NodeSlots {
     }
 
     fn slot_for(&self, key: Option<&[u8]>, shard_aware: bool) -> (usize, u16) {
-        match key {
-            Some(k) if shard_aware => {
-                let s = partition::shard_of(k, self.info.partitions, self.info.ports.len());
-                (s, s as u16)
-            }
-            _ => (0, ANY_SHARD),
-        }
+        super::slot_for(&self.info, key, shard_aware)
     }
 
     /// Sends one request on `slot` and waits for its reply and whether
