@@ -173,8 +173,8 @@ fn main() -> anyhow::Result<()> {
         Command::Ring { cluster, client } => {
             let (ring, n) = match cluster {
                 Some(path) => {
-                    let file = gyre::node::cluster::ClusterFile::load(&path)?;
-                    (file.ring()?, file.n)
+                    let (file, ring) = gyre::node::cluster::ClusterFile::load(&path)?;
+                    (ring, file.n)
                 }
                 None => {
                     let view = connect(&client)?.fetch_ring()?;
@@ -315,7 +315,7 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let path = args.data_dir.join("cluster.toml");
     let file = if path.exists() {
-        let file = ClusterFile::load(&path)?;
+        let (file, _) = ClusterFile::load(&path)?;
         if file.nodes.len() != args.nodes {
             bail!(
                 "{} describes a {}-node cluster, not {}; use another --data-dir or remove it",

@@ -143,7 +143,9 @@ fn check_preference_lists(ring: &Ring) {
     }
     let zones = zone_keys(ring);
     let distinct_zones = zones.iter().collect::<BTreeSet<_>>().len();
+    let table = ring.preference_table(3);
     for p in 0..ring.partitions() {
+        assert_eq!(table.of_partition(p), ring.preference_list(p, 3), "the table is the lists, partition {p}");
         let ext = ring.extended_preference_list(p);
         // A permutation of all members, starting with the owner.
         assert_eq!(ext.len(), m);

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::core::coord::coordinator_order;
 use crate::core::partition;
-use crate::core::ring::{MemberIdx, Ring};
-use crate::core::version::decode_context;
+use crate::core::ring::{MemberIdx, PreferenceTable, Ring};
 use crate::core::version::MAX_CONTEXT_LEN;
 use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
 use crate::wire::{
@@ -460,21 +460,19 @@ pub struct RingView {
     pub n: u8,
     pub r: u8,
     pub w: u8,
+    /// Every partition's first N replicas, computed once per ring.
+    pub prefs: PreferenceTable,
 }
 
-/// The members to try for `req`, best first: a write's hinted coordinator
-/// (the replica that answered its read fastest), then the key's
-/// preference list. Empty for a request without a key.
+/// The members to try for `req`, best first (`core::coord::coordinator_order`
+/// over the key's preference list). Empty for a request without a key.
 pub(crate) fn ring_targets(view: &RingView, req: &Request<'_>) -> Vec<MemberIdx> {
     let Some(key) = req.key() else { return Vec::new() };
-    let prefs = view.ring.preference_list(view.ring.partition_of_key(key), view.n as usize);
-    let hint = match req {
-        Request::Put { context, .. } | Request::Delete { context, .. } => {
-            decode_context(context).ok().and_then(|(_, h)| h).filter(|h| prefs.contains(h))
-        }
+    let context = match req {
+        Request::Put { context, .. } | Request::Delete { context, .. } => Some(*context),
         _ => None,
     };
-    hint.into_iter().chain(prefs.into_iter().filter(|m| Some(*m) != hint)).collect()
+    coordinator_order(view.prefs.of_key(key), context)
 }
 
 /// The connection slot of a node for a request on `key`, and the shard id
@@ -496,7 +494,8 @@ pub(crate) fn ring_view(addr: SocketAddr, reply: Reply) -> Result<RingView> {
         Reply::Ring { n, r, w, ring } => {
             let ring =
                 Ring::decode(&ring).map_err(|e| ClientError::Protocol { addr, reason: format!("bad ring: {e}") })?;
-            Ok(RingView { ring, n, r, w })
+            let prefs = ring.preference_table(n as usize);
+            Ok(RingView { ring, n, r, w, prefs })
         }
         other => Err(ClientError::Protocol { addr, reason: format!("RING answered with {other:?}") }),
     }

@@ -61,7 +61,7 @@ use std::fmt;
 use thiserror::Error;
 
 pub use crate::core::ring::MemberIdx;
-use crate::core::version::{VersionError, VersionSet, MAX_SIBLINGS};
+use crate::core::version::{decode_context, VersionError, VersionSet, MAX_SIBLINGS};
 
 /// What a coordinator asks of one replica. The key is the driver's: a
 /// coordinator serves one request for one key.
@@ -529,6 +529,16 @@ impl GetCoordinator {
     }
 }
 
+/// The members to send a client's request on a key with preference list
+/// `replicas` to, best first. A write whose `context` names a coordinator
+/// (Dynamo section 6.4: the replica that answered the read before it
+/// fastest) goes to that one first if it is a replica; then the list in
+/// preference order. A read (`context: None`) takes the list as it is.
+pub fn coordinator_order(replicas: &[MemberIdx], context: Option<&[u8]>) -> Vec<MemberIdx> {
+    let hint = context.and_then(|c| decode_context(c).ok()).and_then(|(_, h)| h).filter(|h| replicas.contains(h));
+    hint.into_iter().chain(replicas.iter().copied().filter(|&m| Some(m) != hint)).collect()
+}
+
 /// The replica side of a [`ReplicaMsg::Put`] (a put's replication or a read
 /// repair): merges `incoming` into the stored set `local` (`None`: not
 /// found). Returns `Some(merged)` when the stored set must change, `None`
@@ -554,6 +564,16 @@ mod tests {
     use crate::core::version::{Clock, Dot};
 
     const DEADLINE: u64 = 1_000;
+
+    #[test]
+    fn a_hinted_write_goes_to_its_coordinator_first() {
+        let hinted = |h| crate::core::version::encode_context(&Clock::new(), h);
+        assert_eq!(coordinator_order(&[4, 2, 7], None), [4, 2, 7]);
+        assert_eq!(coordinator_order(&[4, 2, 7], Some(&hinted(7))), [7, 4, 2]);
+        assert_eq!(coordinator_order(&[4, 2, 7], Some(&hinted(9))), [4, 2, 7], "not a replica: ignored");
+        assert_eq!(coordinator_order(&[4, 2, 7], Some(b"junk")), [4, 2, 7]);
+        assert_eq!(coordinator_order(&[4, 2, 7], Some(&[])), [4, 2, 7], "no context, no hint");
+    }
 
     /// A set with one write per actor in `actors`, all concurrent.
     fn concurrent(actors: &[u64]) -> VersionSet {

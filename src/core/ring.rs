@@ -533,6 +533,18 @@ impl Ring {
         out
     }
 
+    /// The first `N` entries of every partition's preference list,
+    /// computed once: the ring is immutable, and a request only looks its
+    /// key's list up.
+    pub fn preference_table(&self, n: usize) -> PreferenceTable {
+        let n = n.min(self.members.len());
+        let mut lists = Vec::with_capacity(self.owners.len() * n);
+        for p in 0..self.partitions {
+            lists.extend(self.preference_list(p, n));
+        }
+        PreferenceTable { n, partitions: self.partitions, lists }
+    }
+
     /// Every member, in preference order for `partition`: its first `N`
     /// entries are `preference_list(partition, N)` for every `N`. Panics
     /// on the empty ring or a partition `>= partitions()`.
@@ -830,6 +842,29 @@ impl<'a> Reader<'a> {
         }
         // Printable ASCII is UTF-8.
         String::from_utf8(bytes.to_vec()).map_err(|_| RingError::Malformed(what))
+    }
+}
+
+/// Every partition's first `N` preference-list entries, flat (partition
+/// `p`'s list is `lists[p * n .. (p + 1) * n]`): about 6 KiB for Q = 1024
+/// and N = 3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreferenceTable {
+    n: usize,
+    partitions: u32,
+    lists: Vec<MemberIdx>,
+}
+
+impl PreferenceTable {
+    /// The preference list of `partition` (`< partitions`).
+    pub fn of_partition(&self, partition: u32) -> &[MemberIdx] {
+        let at = partition as usize * self.n;
+        &self.lists[at..at + self.n]
+    }
+
+    /// The preference list of `key`.
+    pub fn of_key(&self, key: &[u8]) -> &[MemberIdx] {
+        self.of_partition(partition_of(key_hash(key), self.partitions))
     }
 }
 

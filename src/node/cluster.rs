@@ -40,7 +40,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::core::partition::{validate_partitions, DEFAULT_PARTITIONS};
-use crate::core::ring::{Member, MemberIdx, Ring};
+use crate::core::ring::{Member, MemberIdx, PreferenceTable, Ring};
 use crate::wire::Quorum;
 
 /// Largest replica count: quorum sizes travel as a `u8`, and a preference
@@ -94,20 +94,21 @@ pub struct Namespace {
 }
 
 impl ClusterFile {
-    /// Reads and validates a cluster file.
-    pub fn load(path: &Path) -> anyhow::Result<ClusterFile> {
+    /// Reads and validates a cluster file; also returns its ring.
+    pub fn load(path: &Path) -> anyhow::Result<(ClusterFile, Ring)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: ClusterFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        file.validate().with_context(|| format!("invalid cluster file {}", path.display()))?;
-        Ok(file)
+        let ring = file.validate().with_context(|| format!("invalid cluster file {}", path.display()))?;
+        Ok((file, ring))
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a cluster file serializes")
     }
 
-    /// Checks every rule the file must follow.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Checks every rule the file must follow; the ring (built to check
+    /// the members) is returned.
+    pub fn validate(&self) -> anyhow::Result<Ring> {
         validate_partitions(self.partitions).map_err(anyhow::Error::msg)?;
         if self.nodes.is_empty() {
             bail!("the cluster has no nodes");
@@ -134,7 +135,7 @@ impl ClusterFile {
             bail!("two namespaces have the same prefix");
         }
         // The ring checks the rest (unique names and addresses, lengths).
-        self.ring().map(|_| ())
+        self.ring()
     }
 
     /// The ring: the members claimed in file order.
@@ -153,6 +154,7 @@ fn check_quorum(what: &str, v: usize, n: usize) -> anyhow::Result<()> {
 }
 
 /// What a running node knows of its cluster.
+#[derive(Clone)]
 pub struct Cluster {
     pub ring: Ring,
     /// This node's index in the ring.
@@ -164,22 +166,23 @@ pub struct Cluster {
     namespaces: Vec<(Vec<u8>, Option<usize>, Option<usize>)>,
     /// The encoded ring, ready for RING replies.
     pub ring_bytes: Vec<u8>,
+    /// Every partition's first N replicas, computed once.
+    prefs: PreferenceTable,
 }
 
 impl Cluster {
-    /// The cluster of `file` as seen by the node named `name`.
-    pub fn new(file: &ClusterFile, name: &str) -> anyhow::Result<Cluster> {
-        file.validate()?;
-        let ring = file.ring()?;
+    /// The cluster of a validated `file` and its `ring`, as seen by the
+    /// node named `name`.
+    pub fn new(file: &ClusterFile, ring: Ring, name: &str) -> anyhow::Result<Cluster> {
         let Some(me) = ring.index_of(name) else {
             bail!("this node's name {name:?} is not in the cluster file");
         };
         let mut namespaces: Vec<_> =
             file.namespaces.iter().map(|ns| (ns.prefix.as_bytes().to_vec(), ns.r, ns.w)).collect();
         namespaces.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.len()));
-        let mut ring_bytes = Vec::new();
-        ring.encode(&mut ring_bytes);
-        Ok(Cluster { ring, me, n: file.n, r: file.r, w: file.w, namespaces, ring_bytes })
+        let ring_bytes = ring.to_bytes();
+        let prefs = ring.preference_table(file.n);
+        Ok(Cluster { ring, me, n: file.n, r: file.r, w: file.w, namespaces, ring_bytes, prefs })
     }
 
     /// The read and write quorum of a request on `key`: its overrides,
@@ -197,8 +200,8 @@ impl Cluster {
     }
 
     /// The key's N replicas, in preference order.
-    pub fn replicas(&self, key: &[u8]) -> Vec<MemberIdx> {
-        self.ring.preference_list(self.ring.partition_of_key(key), self.n)
+    pub fn replicas(&self, key: &[u8]) -> &[MemberIdx] {
+        self.prefs.of_key(key)
     }
 }
 
@@ -231,10 +234,10 @@ w = 3
     #[test]
     fn parses_validates_and_picks_quorums() {
         let file: ClusterFile = toml::from_str(FILE).unwrap();
-        file.validate().unwrap();
+        let ring = file.validate().unwrap();
         let back: ClusterFile = toml::from_str(&file.to_toml()).unwrap();
         assert_eq!(back, file);
-        let c = Cluster::new(&file, "b").unwrap();
+        let c = Cluster::new(&file, ring.clone(), "b").unwrap();
         assert_eq!(c.me, 1);
         assert_eq!(c.quorum(b"k", Quorum::default()), Ok((2, 2)));
         assert_eq!(c.quorum(b"s:1", Quorum::default()), Ok((1, 2)));
@@ -242,8 +245,8 @@ w = 3
         assert_eq!(c.quorum(b"k", Quorum { r: 3, w: 0 }), Ok((3, 2)));
         assert!(c.quorum(b"k", Quorum { r: 4, w: 0 }).is_err());
         let replicas = c.replicas(b"k");
-        assert_eq!(replicas.len(), 3);
-        assert!(Cluster::new(&file, "zz").is_err());
+        assert_eq!(replicas, ring.preference_list(ring.partition_of_key(b"k"), 3));
+        assert!(Cluster::new(&file, ring, "zz").is_err());
     }
 
     #[test]

@@ -28,7 +28,9 @@ use serde::Serialize;
 use super::cluster::Cluster;
 use super::peer::{PeerError, Peers};
 use super::{error_code, Shard};
-use crate::core::coord::{GetCoordinator, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg, Transmit};
+use crate::core::coord::{
+    coordinator_order, GetCoordinator, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg, Transmit,
+};
 use crate::core::ring::MemberIdx;
 use crate::core::version::{encode_context, VersionSet};
 use crate::notify::{Notify, Slot};
@@ -67,11 +69,10 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub fn new(info: Cluster, partitions: u32) -> ClusterState {
-        let members = info.ring.members().iter().map(|m| (m.name.clone(), m.addr)).collect();
+    pub fn new(info: Cluster) -> ClusterState {
         ClusterState {
+            peers: Rc::new(Peers::new(&info.ring)),
             info,
-            peers: Rc::new(Peers::new(members, partitions)),
             counters: ClusterCounters::default(),
             epoch: Instant::now(),
         }
@@ -188,14 +189,14 @@ impl Shard {
         };
         let replicas = cs.info.replicas(key);
         if !replicas.contains(&cs.info.me) {
-            return self.proxy(header, &req, quorum, &replicas, deadline).await;
+            return self.proxy(header, &req, quorum, replicas, deadline).await;
         }
         let shard = self.id as u16;
         let mut out = Vec::new();
         match req {
             Request::Get { key } => {
                 bump(&cs.counters.coordinated_gets, 1);
-                let coord = match GetCoordinator::new(&replicas, r, cs.micros(Instant::now()), cs.micros(deadline)) {
+                let coord = match GetCoordinator::new(replicas, r, cs.micros(Instant::now()), cs.micros(deadline)) {
                     Ok(c) => c,
                     Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
                 };
@@ -209,10 +210,10 @@ impl Shard {
                 }
             }
             Request::Put { key, context, value } => {
-                return self.coordinate_put(id, key, context, Some(value), &replicas, w, deadline).await
+                return self.coordinate_put(id, key, context, Some(value), replicas, w, deadline).await
             }
             Request::Delete { key, context } => {
-                return self.coordinate_put(id, key, context, None, &replicas, w, deadline).await
+                return self.coordinate_put(id, key, context, None, replicas, w, deadline).await
             }
             _ => unreachable!("only quorum operations are coordinated"),
         }
@@ -408,17 +409,11 @@ impl Shard {
     ) -> Vec<u8> {
         let cs = self.cluster();
         bump(&cs.counters.proxied, 1);
-        let hint = match req {
-            Request::Put { context, .. } | Request::Delete { context, .. } => {
-                crate::core::version::decode_context(context).ok().and_then(|(_, h)| h)
-            }
+        let context = match req {
+            Request::Put { context, .. } | Request::Delete { context, .. } => Some(*context),
             _ => None,
         };
-        let mut order: Vec<MemberIdx> = Vec::with_capacity(replicas.len());
-        if let Some(h) = hint.filter(|h| replicas.contains(h)) {
-            order.push(h);
-        }
-        order.extend(replicas.iter().copied().filter(|m| Some(*m) != hint));
+        let order = coordinator_order(replicas, context);
         let mut last = String::new();
         for to in order {
             match cs.peers.call(to, req, quorum, deadline).await {

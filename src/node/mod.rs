@@ -332,7 +332,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let cluster = match &config.cluster {
         None => None,
         Some(path) => {
-            let file = cluster::ClusterFile::load(path)?;
+            let (file, ring) = cluster::ClusterFile::load(path)?;
             let name = match &config.name {
                 Some(n) => n.clone(),
                 None => match file.nodes.iter().find(|n| n.addr == config.listen) {
@@ -344,13 +344,12 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
                     ),
                 },
             };
-            let Some(entry) = file.nodes.iter().find(|n| n.name == name) else {
-                anyhow::bail!("this node's name {name:?} is not in {}", path.display());
-            };
+            let cluster = cluster::Cluster::new(&file, ring, &name)
+                .with_context(|| format!("joining the cluster of {}", path.display()))?;
             // A cluster member listens where the cluster file says.
-            config.listen = entry.addr;
+            config.listen = cluster.ring.member(cluster.me).addr;
             config.storage.partitions = file.partitions;
-            Some((file, name))
+            Some(cluster)
         }
     };
     let data = open_data_dir(&config, cores, fastrand::u64(1..))?;
@@ -479,8 +478,8 @@ struct ShardSetup {
     drained: Arc<AtomicUsize>,
     /// Each shard's mesh peer index, published after joining.
     peer_ids: Arc<Vec<AtomicUsize>>,
-    /// The cluster file and this node's name in it.
-    cluster: Option<(cluster::ClusterFile, String)>,
+    /// The cluster this node belongs to.
+    cluster: Option<cluster::Cluster>,
 }
 
 /// Counts a shard as drained however it exits, so that the others never
@@ -511,10 +510,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
-    let cluster = match &s.cluster {
-        Some((file, name)) => Some(coordinate::ClusterState::new(cluster::Cluster::new(file, name)?, s.partitions)),
-        None => None,
-    };
+    let cluster = s.cluster.map(coordinate::ClusterState::new);
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,

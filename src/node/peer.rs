@@ -32,7 +32,7 @@ use glommio::net::TcpStream;
 use serde::Serialize;
 
 use crate::core::partition::shard_of;
-use crate::core::ring::MemberIdx;
+use crate::core::ring::{Member, MemberIdx, Ring};
 use crate::notify::Notify;
 use crate::wire::{split_frame, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
@@ -117,9 +117,8 @@ fn drop_expired(batch: Vec<u8>, spans: &[(usize, Instant)], now: Instant) -> (Ve
 
 /// A shard's view of its peers.
 pub struct Peers {
-    /// Shard 0's address of each member, by member index.
-    addrs: Vec<SocketAddr>,
-    names: Vec<String>,
+    /// The ring's members (shard 0's address and the name of each).
+    members: Vec<Member>,
     partitions: u32,
     /// Each peer's shard ports, learned by PING.
     ports: RefCell<HashMap<MemberIdx, Rc<Vec<u16>>>>,
@@ -131,12 +130,10 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(members: Vec<(String, SocketAddr)>, partitions: u32) -> Peers {
-        let (names, addrs) = members.into_iter().unzip();
+    pub fn new(ring: &Ring) -> Peers {
         Peers {
-            addrs,
-            names,
-            partitions,
+            members: ring.members().to_vec(),
+            partitions: ring.partitions(),
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
@@ -145,7 +142,7 @@ impl Peers {
     }
 
     pub fn name(&self, member: MemberIdx) -> &str {
-        &self.names[member as usize]
+        &self.members[member as usize].name
     }
 
     fn fail(&self, e: PeerError) -> PeerError {
@@ -246,7 +243,7 @@ impl Peers {
             changed: Notify::default(),
         });
         self.conns.borrow_mut().insert((member, shard), conn.clone());
-        let mut addr = self.addrs[member as usize];
+        let mut addr = self.members[member as usize].addr;
         if shard != 0 {
             if let Some(p) = self.ports.borrow().get(&member).and_then(|p| p.get(shard as usize)) {
                 addr.set_port(*p);
