@@ -44,14 +44,23 @@ pub enum StoreError {
     Storage(#[from] StorageError),
 }
 
-/// The result of a write: the context of the new version, how many live
-/// values the key has now (more than one: a concurrent write), and the
-/// whole stored set (what a coordinator sends to the other replicas).
+/// The result of a write: the key's whole stored set after it (what a
+/// coordinator sends to the other replicas).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
-    pub context: Clock,
-    pub siblings: usize,
     pub set: VersionSet,
+}
+
+impl Written {
+    /// The context of the new version.
+    pub fn context(&self) -> &Clock {
+        self.set.clock()
+    }
+
+    /// Live values the key has now (more than one: a concurrent write).
+    pub fn siblings(&self) -> usize {
+        self.set.live_values().count()
+    }
 }
 
 /// One shard's key-value store.
@@ -111,8 +120,7 @@ impl<B: Backend> Store<B> {
                 e => StoreError::InvalidContext(e),
             })?;
             if self.write_if(key, &set, id, now_ms).await? {
-                let siblings = set.live_values().count();
-                return Ok(Written { context: set.clock().clone(), siblings, set });
+                return Ok(Written { set });
             }
         }
         Err(StoreError::Contended)
@@ -181,15 +189,15 @@ mod tests {
         block_on(async {
             let s = store();
             let w0 = s.put(b"k", &[], Some(b"v0"), 1).await.unwrap();
-            assert_eq!(w0.siblings, 1);
-            let ctx = w0.context.to_bytes();
+            assert_eq!(w0.siblings(), 1);
+            let ctx = w0.context().to_bytes();
             let a = s.put(b"k", &ctx, Some(b"a"), 2).await.unwrap();
             let b = s.put(b"k", &ctx, Some(b"b"), 3).await.unwrap();
-            assert_eq!((a.siblings, b.siblings), (1, 2));
+            assert_eq!((a.siblings(), b.siblings()), (1, 2));
             let got = s.get(b"k").await.unwrap();
             assert_eq!(values(&got), vec![b"a".to_vec(), b"b".to_vec()]);
             let merged = s.put(b"k", &got.clock().to_bytes(), Some(b"ab"), 4).await.unwrap();
-            assert_eq!(merged.siblings, 1);
+            assert_eq!(merged.siblings(), 1);
             assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"ab".to_vec()]);
         })
     }
@@ -198,7 +206,7 @@ mod tests {
     fn delete_keeps_the_clock_and_a_concurrent_put_survives() {
         block_on(async {
             let s = store();
-            let ctx = s.put(b"k", &[], Some(b"v"), 1).await.unwrap().context.to_bytes();
+            let ctx = s.put(b"k", &[], Some(b"v"), 1).await.unwrap().context().to_bytes();
             s.put(b"k", &ctx, Some(b"new"), 2).await.unwrap();
             // A delete that saw only "v" leaves the concurrent "new".
             s.put(b"k", &ctx, None, 3).await.unwrap();
@@ -214,7 +222,7 @@ mod tests {
             // A write with the stale first context is concurrent with the
             // delete: it comes back as the only live value.
             let w = s.put(b"k", &ctx, Some(b"late"), 5).await.unwrap();
-            assert_eq!(w.siblings, 1);
+            assert_eq!(w.siblings(), 1);
         })
     }
 

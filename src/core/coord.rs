@@ -58,6 +58,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 pub use crate::core::ring::MemberIdx;
@@ -70,7 +72,9 @@ pub enum ReplicaMsg {
     /// Reply with the key's stored versions, or "not found".
     Get,
     /// Merge `set` into the stored versions ([`apply_replica_put`]) and ack.
-    Put { set: VersionSet },
+    /// Shared: every replica of one put (or one read repair) gets the
+    /// same set, so the driver can encode it once.
+    Put { set: Arc<VersionSet> },
 }
 
 /// One message for the driver to send.
@@ -281,6 +285,7 @@ impl PutCoordinator {
     ) -> Result<PutCoordinator, QuorumArgError> {
         let members: Vec<MemberIdx> = std::iter::once(local).chain(replicas.iter().copied()).collect();
         validate(QuorumKind::W, w, &members)?;
+        let set = Arc::new(set);
         let transmits = replicas.iter().map(|&to| Transmit { to, msg: ReplicaMsg::Put { set: set.clone() } }).collect();
         let mut coord = PutCoordinator {
             replicas: replicas.iter().map(|&m| (m, Answer::Pending)).collect(),
@@ -424,10 +429,11 @@ impl GetCoordinator {
 
     /// Replica `from` answered with its stored versions (`None`: not found).
     pub fn handle_reply(&mut self, from: MemberIdx, set: Option<VersionSet>, now: u64) {
-        if let Some(answer @ Answer::Pending) = self.answer_of(from) {
+        let answer = self.replicas.iter_mut().find(|(m, _)| *m == from).map(|(_, a)| a);
+        if let Some(answer @ Answer::Pending) = answer {
             let set = set.unwrap_or_default();
-            *answer = Answer::Answered(set.clone());
             self.merged.merge(&set);
+            *answer = Answer::Answered(set);
             self.answered += 1;
             self.tally.pending -= 1;
             self.fastest.get_or_insert(from);
@@ -479,10 +485,11 @@ impl GetCoordinator {
         if self.merged.check_limits().is_err() {
             return;
         }
+        let merged = Arc::new(self.merged.clone());
         for (to, answer) in &self.replicas {
             if let Answer::Answered(set) = answer {
-                if *set != self.merged {
-                    self.transmits.push_back(Transmit { to: *to, msg: ReplicaMsg::Put { set: self.merged.clone() } });
+                if *set != *merged {
+                    self.transmits.push_back(Transmit { to: *to, msg: ReplicaMsg::Put { set: merged.clone() } });
                     self.repairs += 1;
                 }
             }
@@ -597,7 +604,7 @@ mod tests {
         let set = concurrent(&[1]);
         let mut p = PutCoordinator::new(set.clone(), 0, &[1, 2], 2, 0, DEADLINE).unwrap();
         let sent = drain(|| p.poll_transmit());
-        assert_eq!(sent, [1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: set.clone() } }));
+        assert_eq!(sent, [1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(set.clone()) } }));
         assert_eq!(p.poll_outcome(), None);
         assert_eq!(p.poll_timeout(), Some(DEADLINE));
         p.handle_ack(2, 10);
@@ -746,7 +753,7 @@ mod tests {
         assert_eq!(g.poll_transmit(), None, "no repair before all answered or the deadline");
         g.handle_reply(2, None, 3);
         let repairs = drain(|| g.poll_transmit());
-        assert_eq!(repairs, [1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: new.clone() } }));
+        assert_eq!(repairs, [1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(new.clone()) } }));
         assert_eq!(g.repairs(), 2);
         assert_eq!(g.poll_timeout(), None);
         assert!(g.is_done());
@@ -761,7 +768,7 @@ mod tests {
         g.handle_reply(2, Some(concurrent(&[10, 11])), 3);
         let full = concurrent(&[10, 11]);
         let repairs = drain(|| g.poll_transmit());
-        assert_eq!(repairs, [0, 1].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: full.clone() } }));
+        assert_eq!(repairs, [0, 1].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(full.clone()) } }));
     }
 
     #[test]
@@ -827,7 +834,10 @@ mod tests {
             Some(Err(QuorumError { needed: 3, answered: 2, of: 3, reason: QuorumFailure::Deadline }))
         );
         // Whatever answered is repaired even though the read failed.
-        assert_eq!(drain(|| g.poll_transmit()), [Transmit { to: 1, msg: ReplicaMsg::Put { set: concurrent(&[10]) } }]);
+        assert_eq!(
+            drain(|| g.poll_transmit()),
+            [Transmit { to: 1, msg: ReplicaMsg::Put { set: Arc::new(concurrent(&[10])) } }]
+        );
         assert!(g.is_done());
     }
 

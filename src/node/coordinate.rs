@@ -21,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -157,6 +158,16 @@ impl Coordinator for GetCoordinator {
     }
 }
 
+/// A version set as stored and sent: `(meta, value)`.
+type Encoded = (Vec<u8>, Vec<u8>);
+
+/// A coordinator's message as the driver sends it: a put carries its set
+/// (for the local store) and the set's encoding (for peers).
+enum Outgoing {
+    Get,
+    Put { set: Arc<VersionSet>, bytes: Rc<Encoded> },
+}
+
 /// Answers arriving for one coordinator run.
 #[derive(Default)]
 struct Inbox {
@@ -191,8 +202,6 @@ impl Shard {
         if !replicas.contains(&cs.info.me) {
             return self.proxy(header, &req, quorum, replicas, deadline).await;
         }
-        let shard = self.id as u16;
-        let mut out = Vec::new();
         match req {
             Request::Get { key } => {
                 bump(&cs.counters.coordinated_gets, 1);
@@ -202,22 +211,19 @@ impl Shard {
                 };
                 match self.clone().run_coordinator(key, coord, deadline).await {
                     Ok((set, fastest)) => {
-                        let context = encode_context(set.clock(), fastest.unwrap_or(cs.info.me));
-                        let values: Vec<&[u8]> = set.live_values().collect();
-                        Response::Get { context: &context, values }.encode(&mut out, id, shard);
+                        self.get_reply(id, &set, &encode_context(set.clock(), fastest.unwrap_or(cs.info.me)))
                     }
-                    Err(e) => return self.quorum_error(id, &e),
+                    Err(e) => self.quorum_error(id, &e),
                 }
             }
             Request::Put { key, context, value } => {
-                return self.coordinate_put(id, key, context, Some(value), replicas, w, deadline).await
+                self.coordinate_put(id, key, context, Some(value), replicas, w, deadline).await
             }
             Request::Delete { key, context } => {
-                return self.coordinate_put(id, key, context, None, replicas, w, deadline).await
+                self.coordinate_put(id, key, context, None, replicas, w, deadline).await
             }
             _ => unreachable!("only quorum operations are coordinated"),
         }
-        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -241,25 +247,16 @@ impl Shard {
             Err(e) => return self.error_frame(id, error_code(&e), &e.to_string()),
         };
         let others: Vec<MemberIdx> = replicas.iter().copied().filter(|&m| m != me).collect();
+        let (context, siblings) = (encode_context(written.context(), me), written.siblings());
         let now = cs.micros(Instant::now());
         let coord = match PutCoordinator::new(written.set, me, &others, w, now, cs.micros(deadline)) {
             Ok(c) => c,
             Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
         };
-        if let Err(e) = self.clone().run_coordinator(key, coord, deadline).await {
-            return self.quorum_error(id, &e);
+        match self.clone().run_coordinator(key, coord, deadline).await {
+            Ok(()) => self.write_reply(id, value.is_some(), &context, siblings),
+            Err(e) => self.quorum_error(id, &e),
         }
-        let context = encode_context(&written.context, me);
-        let mut out = Vec::new();
-        let shard = self.id as u16;
-        match value {
-            Some(_) => {
-                let siblings = written.siblings.min(u16::MAX as usize) as u16;
-                Response::Put { context: &context, siblings }.encode(&mut out, id, shard)
-            }
-            None => Response::Delete { context: &context }.encode(&mut out, id, shard),
-        }
-        out
     }
 
     fn quorum_error(&self, id: u64, e: &QuorumError) -> Vec<u8> {
@@ -291,11 +288,28 @@ impl Shard {
         glommio::spawn_local(async move {
             let inbox = Rc::new(Inbox::default());
             let cs = self.cluster();
+            // The encoding of the last set sent: every replica of a put (and
+            // of a read repair) gets the same set, encoded once.
+            let mut encoded: Option<(Arc<VersionSet>, Rc<Encoded>)> = None;
             loop {
                 while let Some(t) = coord.poll_transmit() {
+                    let msg = match t.msg {
+                        ReplicaMsg::Get => Outgoing::Get,
+                        ReplicaMsg::Put { set } => {
+                            let bytes = match &encoded {
+                                Some((last, bytes)) if Arc::ptr_eq(last, &set) => bytes.clone(),
+                                _ => {
+                                    let bytes = Rc::new(set.encode());
+                                    encoded = Some((set.clone(), bytes.clone()));
+                                    bytes
+                                }
+                            };
+                            Outgoing::Put { set, bytes }
+                        }
+                    };
                     let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
                     glommio::spawn_local(async move {
-                        let answer = me.send_replica(&key, t.to, t.msg, deadline).await;
+                        let answer = me.send_replica(&key, t.to, msg, deadline).await;
                         inbox.answers.borrow_mut().push_back((t.to, answer));
                         inbox.changed.notify_all();
                     })
@@ -342,18 +356,18 @@ impl Shard {
 
     /// Sends one coordinator message to replica `to` (this node's own
     /// store when `to` is this node) and returns its answer.
-    async fn send_replica(self: &Rc<Self>, key: &[u8], to: MemberIdx, msg: ReplicaMsg, deadline: Instant) -> Answer {
+    async fn send_replica(self: &Rc<Self>, key: &[u8], to: MemberIdx, msg: Outgoing, deadline: Instant) -> Answer {
         let cs = self.cluster();
         if to == cs.info.me {
             return match msg {
-                ReplicaMsg::Get => match self.store.get(key).await {
+                Outgoing::Get => match self.store.get(key).await {
                     Ok(set) => Ok((!set.is_empty()).then_some(set)),
                     Err(e) => {
                         tracing::warn!(error = %e, "local replica read failed");
                         Err(ReplicaFailure::Refused)
                     }
                 },
-                ReplicaMsg::Put { set } => match self.store.merge(key, &set, now_ms()).await {
+                Outgoing::Put { set, .. } => match self.store.merge(key, &set, now_ms()).await {
                     Ok(_) => Ok(None),
                     Err(e) => {
                         tracing::warn!(error = %e, "local replica write failed");
@@ -363,10 +377,9 @@ impl Shard {
             };
         }
         let reply = match &msg {
-            ReplicaMsg::Get => cs.peers.call(to, &Request::ReplicaGet { key }, Quorum::default(), deadline).await,
-            ReplicaMsg::Put { set } => {
-                let (meta, value) = set.encode();
-                let req = Request::ReplicaPut { key, meta: &meta, value: &value };
+            Outgoing::Get => cs.peers.call(to, &Request::ReplicaGet { key }, Quorum::default(), deadline).await,
+            Outgoing::Put { bytes, .. } => {
+                let req = Request::ReplicaPut { key, meta: &bytes.0, value: &bytes.1 };
                 cs.peers.call(to, &req, Quorum::default(), deadline).await
             }
         };
@@ -447,13 +460,11 @@ impl Shard {
         match req {
             Request::ReplicaGet { key } => {
                 bump(&cs.counters.replica_gets, 1);
-                let set = self.store.get(key).await?;
-                if set.is_empty() {
-                    Response::ReplicaGet { set: None }.encode(&mut out, id, shard);
-                } else {
-                    let (meta, value) = set.encode();
-                    Response::ReplicaGet { set: Some((&meta, &value)) }.encode(&mut out, id, shard);
-                }
+                // The stored bytes are the wire's encoding: no decode and
+                // re-encode here (the coordinator decodes and checks them).
+                let rec = self.store.engine().get(key).await?;
+                let set = rec.as_ref().map(|r| (r.meta(), r.value()));
+                Response::ReplicaGet { set }.encode(&mut out, id, shard);
             }
             Request::ReplicaPut { key, meta, value } => {
                 bump(&cs.counters.replica_puts, 1);

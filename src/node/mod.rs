@@ -39,6 +39,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
 use crate::core::partition::shard_of;
+use crate::core::version::VersionSet;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
@@ -195,18 +196,15 @@ impl Shard {
                 Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
                 Request::Get { key } => {
                     let set = self.store.get(key).await?;
-                    let context = set.clock().to_bytes();
-                    let values: Vec<&[u8]> = set.live_values().collect();
-                    Response::Get { context: &context, values }.encode(&mut out, id, shard);
+                    out = self.get_reply(id, &set, &set.clock().to_bytes());
                 }
                 Request::Put { key, context, value } => {
                     let w = self.store.put(key, context, Some(value), now_ms()).await?;
-                    let siblings = w.siblings.min(u16::MAX as usize) as u16;
-                    Response::Put { context: &w.context.to_bytes(), siblings }.encode(&mut out, id, shard);
+                    out = self.write_reply(id, true, &w.context().to_bytes(), w.siblings());
                 }
                 Request::Delete { key, context } => {
                     let w = self.store.put(key, context, None, now_ms()).await?;
-                    Response::Delete { context: &w.context.to_bytes() }.encode(&mut out, id, shard);
+                    out = self.write_reply(id, false, &w.context().to_bytes(), w.siblings());
                 }
                 Request::Ring => match &self.cluster {
                     Some(c) => {
@@ -237,6 +235,28 @@ impl Shard {
                 self.error_frame(id, code, &e.to_string())
             }
         }
+    }
+
+    /// A GET reply: the set's live values and `context` (a lone node's
+    /// clock, or a cluster's hinted context).
+    fn get_reply(&self, id: u64, set: &VersionSet, context: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let values: Vec<&[u8]> = set.live_values().collect();
+        Response::Get { context, values }.encode(&mut out, id, self.id as u16);
+        out
+    }
+
+    /// A PUT (`is_put`) or DELETE reply with the new version's `context`.
+    fn write_reply(&self, id: u64, is_put: bool, context: &[u8], siblings: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let shard = self.id as u16;
+        if is_put {
+            let siblings = siblings.min(u16::MAX as usize) as u16;
+            Response::Put { context, siblings }.encode(&mut out, id, shard)
+        } else {
+            Response::Delete { context }.encode(&mut out, id, shard)
+        }
+        out
     }
 
     fn info(&self) -> NodeInfo {
