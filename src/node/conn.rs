@@ -89,7 +89,7 @@ impl Drop for OpenGuard {
     fn drop(&mut self) {
         let c = &self.0.counters.connections_open;
         c.set(c.get() - 1);
-        self.0.changed.notify_all();
+        self.0.closed.notify_all();
     }
 }
 

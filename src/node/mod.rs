@@ -110,8 +110,12 @@ pub struct Shard {
     next_tag: Cell<u64>,
     pub counters: ShardCounters,
     shutting_down: Cell<bool>,
-    /// Fires when `shutting_down` is set or a connection closes.
-    changed: Notify,
+    /// Fires once, when `shutting_down` is set (every connection reader
+    /// waits on it beside its socket).
+    shutdown: Notify,
+    /// Fires when a connection closes (only the shutdown drain waits on
+    /// it, so a close does not wake every reader).
+    closed: Notify,
     /// The cluster this node belongs to (`None`: a lone node, which
     /// serves every key itself).
     cluster: Option<coordinate::ClusterState>,
@@ -133,11 +137,11 @@ impl Shard {
     /// Completes once shutdown has begun.
     async fn shutdown_requested(&self) {
         loop {
-            let g = self.changed.generation();
+            let g = self.shutdown.generation();
             if self.shutting_down.get() {
                 return;
             }
-            self.changed.wait(g).await;
+            self.shutdown.wait(g).await;
         }
     }
 
@@ -545,7 +549,8 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         next_tag: Cell::new(0),
         counters: ShardCounters::default(),
         shutting_down: Cell::new(false),
-        changed: Notify::default(),
+        shutdown: Notify::default(),
+        closed: Notify::default(),
         cluster,
     });
     let mesh_tasks: Vec<_> =
@@ -558,7 +563,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
             }
             shard.shutting_down.set(true);
-            shard.changed.notify_all();
+            shard.shutdown.notify_all();
         })
     };
     s.ready.fetch_add(1, Ordering::SeqCst);
@@ -589,11 +594,11 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // a grace period instead of holding the shutdown forever.
     let drain = async {
         loop {
-            let g = shard.changed.generation();
+            let g = shard.closed.generation();
             if shard.counters.connections_open.get() == 0 {
                 break;
             }
-            shard.changed.wait(g).await;
+            shard.closed.wait(g).await;
         }
         true
     };

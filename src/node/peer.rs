@@ -82,7 +82,12 @@ struct PeerConn {
     next_id: Cell<u64>,
     /// The connection failed; no more frames are accepted.
     dead: Cell<bool>,
-    changed: Notify,
+    /// Fires when a frame is queued (the writer waits on it) or the
+    /// connection dies.
+    queued: Notify,
+    /// Fires when the connection dies (the reader waits on it beside its
+    /// socket, so queued frames do not wake it).
+    died: Notify,
 }
 
 impl PeerConn {
@@ -92,7 +97,8 @@ impl PeerConn {
         for (_, slot) in self.pending.borrow_mut().drain() {
             slot.set(Err(PeerError::Unreachable(self.name.clone(), why.to_string())));
         }
-        self.changed.notify_all();
+        self.queued.notify_all();
+        self.died.notify_all();
     }
 }
 
@@ -186,7 +192,7 @@ impl Peers {
         }
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
-        conn.changed.notify_all();
+        conn.queued.notify_all();
         let wait = async { Some(slot.take().await) };
         let timeout = async {
             glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
@@ -240,7 +246,8 @@ impl Peers {
             pending: RefCell::default(),
             next_id: Cell::new(1),
             dead: Cell::new(false),
-            changed: Notify::default(),
+            queued: Notify::default(),
+            died: Notify::default(),
         });
         self.conns.borrow_mut().insert((member, shard), conn.clone());
         let mut addr = self.members[member as usize].addr;
@@ -279,13 +286,13 @@ impl Peers {
             let (conn, peers) = (conn.clone(), self.clone());
             glommio::spawn_local(async move {
                 loop {
-                    let g = conn.changed.generation();
+                    let g = conn.queued.generation();
                     if conn.dead.get() {
                         return;
                     }
                     let batch = std::mem::take(&mut *conn.out.borrow_mut());
                     if batch.is_empty() {
-                        conn.changed.wait(g).await;
+                        conn.queued.wait(g).await;
                         continue;
                     }
                     let spans = std::mem::take(&mut *conn.spans.borrow_mut());
@@ -328,11 +335,11 @@ impl Peers {
             // Wake on a failed write too, so the reader does not wait forever.
             let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
                 loop {
-                    let g = conn.changed.generation();
+                    let g = conn.died.generation();
                     if conn.dead.get() {
                         return None;
                     }
-                    conn.changed.wait(g).await;
+                    conn.died.wait(g).await;
                 }
             })
             .await;
