@@ -52,17 +52,21 @@ impl Notify {
 }
 
 /// Where one task leaves a value for another (a reply for its request).
+/// Only the node's tasks use it.
+#[cfg(feature = "node")]
 pub struct Slot<T> {
     value: RefCell<Option<T>>,
     ready: Notify,
 }
 
+#[cfg(feature = "node")]
 impl<T> Default for Slot<T> {
     fn default() -> Self {
         Slot { value: RefCell::new(None), ready: Notify::default() }
     }
 }
 
+#[cfg(feature = "node")]
 impl<T> Slot<T> {
     /// Leaves `value` (replacing one not yet taken) and wakes the taker.
     pub fn set(&self, value: T) {

@@ -35,9 +35,10 @@ use crate::core::coord::coordinator_order;
 use crate::core::partition;
 use crate::core::ring::{MemberIdx, PreferenceTable, Ring};
 use crate::core::version::MAX_CONTEXT_LEN;
-use crate::limits::{MAX_KEY_LEN, VALUE_LEN_HARD_CAP};
+use crate::limits::VALUE_LEN_HARD_CAP;
 use crate::wire::{
-    flags, split_frame, ErrorCode, NodeInfo, Quorum, Request, Response, WireError, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
+    check_context_len, check_key_len, flags, split_frame, ErrorCode, NodeInfo, Quorum, Request, Response, WireError,
+    ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
 };
 
 /// How long a ring member that could not be reached is tried only after
@@ -177,10 +178,9 @@ impl Reply {
 
 /// Checks a request against the protocol limits before it is sent.
 pub fn check_request(req: &Request<'_>) -> Result<()> {
+    let invalid = |e: WireError| ClientError::Invalid(e.to_string());
     if let Some(key) = req.key() {
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(ClientError::Invalid(format!("key length {} is outside 1..={MAX_KEY_LEN}", key.len())));
-        }
+        check_key_len(key.len()).map_err(invalid)?;
     }
     match req {
         Request::Put { context, value, .. } => {
@@ -190,18 +190,11 @@ pub fn check_request(req: &Request<'_>) -> Result<()> {
                     value.len()
                 )));
             }
-            check_context(context)
+            check_context_len(context.len()).map_err(invalid)
         }
-        Request::Delete { context, .. } => check_context(context),
+        Request::Delete { context, .. } => check_context_len(context.len()).map_err(invalid),
         _ => Ok(()),
     }
-}
-
-fn check_context(c: &[u8]) -> Result<()> {
-    if c.len() > MAX_CONTEXT_LEN {
-        return Err(ClientError::Invalid(format!("context of {} bytes is longer than {MAX_CONTEXT_LEN}", c.len())));
-    }
-    Ok(())
 }
 
 /// Settings of a client.
@@ -421,7 +414,7 @@ impl NodeConns {
     /// said the client's ring is stale.
     fn call(&mut self, req: &Request<'_>, quorum: Quorum, config: &ClientConfig) -> (Result<Reply>, bool) {
         let (slot, shard) = self.slot_for(req.key(), config.shard_aware);
-        let retry = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring);
+        let retry = req.is_idempotent();
         let mut once = || -> Result<(Reply, bool)> {
             let c = self.conn(slot, config)?;
             let reply = c.call_with(req, shard, quorum);
@@ -766,7 +759,7 @@ mod tests {
     #[test]
     fn requests_are_checked_before_sending() {
         assert!(check_request(&Request::Get { key: b"" }).is_err());
-        assert!(check_request(&Request::Get { key: &[0; MAX_KEY_LEN + 1] }).is_err());
+        assert!(check_request(&Request::Get { key: &[0; crate::limits::MAX_KEY_LEN + 1] }).is_err());
         let big = vec![0; MAX_CONTEXT_LEN + 1];
         assert!(check_request(&Request::Delete { key: b"k", context: &big }).is_err());
         assert!(check_request(&Request::Put { key: b"k", context: b"", value: b"v" }).is_ok());

@@ -134,7 +134,7 @@ impl NodeSlots {
         let Some(slot) = self.slots.get(slot) else {
             return Err(Failure::Failed(ClientError::Invalid(format!("no shard {slot} on this node"))));
         };
-        let read = matches!(req, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring);
+        let read = req.is_idempotent();
         match slot.conn(config).await.map_err(Failure::Unsent)?.call(req, shard, quorum).await {
             Ok(reply) => return Ok(reply),
             // Never queued: resending cannot duplicate it.
@@ -219,7 +219,7 @@ impl AsyncClient {
     }
 
     async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>) -> Result<(Reply, bool)> {
-        let quorum = if req.is_quorum_op() { self.quorum } else { Quorum::default() };
+        let quorum = self.quorum;
         self.inner.seed.call_on(slot, shard, req, quorum, &self.inner.config).await.map_err(Failure::into_error)
     }
 

@@ -19,7 +19,7 @@ use glommio::net::TcpStream;
 
 use super::{decode_error_frame, Shard};
 use crate::notify::Notify;
-use crate::wire::{split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
+use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
@@ -35,10 +35,7 @@ pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
         *end -= *start;
         *start = 0;
     }
-    let needed = match buf[..*end].first_chunk::<HEADER_LEN>() {
-        Some(h) => HEADER_LEN + u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize,
-        None => READ_CHUNK,
-    };
+    let needed = buf[..*end].first_chunk::<HEADER_LEN>().map_or(READ_CHUNK, declared_frame_len);
     if buf.len() < needed.max(*end + 1) {
         buf.resize(needed.max(*end + 1), 0);
     } else if *end == 0 && buf.len() > 4 * READ_CHUNK {

@@ -36,7 +36,9 @@ use crate::core::ring::MemberIdx;
 use crate::core::version::{encode_context, VersionSet};
 use crate::notify::{Notify, Slot};
 use crate::shell::now_ms;
-use crate::wire::{flags, split_frame, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use crate::wire::{
+    flags, patch_reply, split_frame, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN,
+};
 
 /// Time a quorum operation may take when the client set no deadline.
 pub const DEFAULT_QUORUM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -433,9 +435,7 @@ impl Shard {
                 Ok(mut frame) => {
                     // Answer as if it were ours: the client's request id, and
                     // the flag that tells a ring-routing client to refresh.
-                    frame[8..16].copy_from_slice(&header.request_id.to_le_bytes());
-                    let f = u16::from_le_bytes([frame[4], frame[5]]) | flags::STALE_ROUTE;
-                    frame[4..6].copy_from_slice(&f.to_le_bytes());
+                    patch_reply(&mut frame, header.request_id, flags::STALE_ROUTE);
                     return frame;
                 }
                 Err(e @ PeerError::Timeout(_)) => {

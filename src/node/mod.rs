@@ -402,7 +402,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     // node also takes replica writes, which carry a key's whole stored set.
     let max_body = match cluster {
         Some(_) => crate::wire::MAX_BODY_LEN,
-        None => 2 + 4 + 4 + crate::limits::MAX_KEY_LEN + crate::core::version::MAX_CONTEXT_LEN + config.max_value_len,
+        None => crate::wire::max_request_body(config.max_value_len),
     };
     let (err_tx, err_rx) = std::sync::mpsc::channel::<anyhow::Error>();
     let mut threads = Vec::with_capacity(shards);

@@ -123,9 +123,10 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 pub const MAX_REPLY_VALUES: usize = crate::core::version::MAX_SIBLINGS;
 
 const PUT_FIXED: usize = 2 + 4 + 4;
-const _: () = assert!(MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_CONTEXT_LEN + VALUE_LEN_HARD_CAP);
+const _: () = assert!(MAX_BODY_LEN >= max_request_body(VALUE_LEN_HARD_CAP), "a PUT with QUORUM overrides");
 const _: () = assert!(MAX_BODY_LEN >= 4 + MAX_CONTEXT_LEN + 2 + 4 * MAX_REPLY_VALUES + VALUE_LEN_HARD_CAP);
-const _: () = assert!(MAX_BODY_LEN >= 2 + PUT_FIXED + MAX_KEY_LEN + MAX_ENCODED_META + VALUE_LEN_HARD_CAP);
+const _: () = assert!(MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_ENCODED_META + VALUE_LEN_HARD_CAP, "REPLICA_PUT");
+const _: () = assert!(MAX_BODY_LEN >= 1 + 4 + MAX_ENCODED_META + 4 + VALUE_LEN_HARD_CAP, "REPLICA_GET reply");
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize, "body_len is a u32");
 const _: () = assert!(MAX_KEY_LEN <= u16::MAX as usize, "key length is a u16 on the wire");
 const _: () = assert!(MAX_REPLY_VALUES <= u16::MAX as usize, "value count is a u16 on the wire");
@@ -358,7 +359,50 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN], max_body: usize) -> Result<Header
 /// Reads the request id of a header even if the rest is invalid, so an
 /// error reply can still name the request.
 pub fn peek_request_id(bytes: &[u8; HEADER_LEN]) -> Option<u64> {
-    (bytes[..2] == MAGIC).then(|| u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")))
+    let raw = RawHeader::ref_from_bytes(bytes).ok()?;
+    (raw.magic == MAGIC).then(|| raw.request_id.get())
+}
+
+/// The total length (header + body) a frame's header declares, read
+/// without validating anything else: how much a reader must buffer for
+/// a frame [`split_frame`] has already accepted the header of.
+pub fn declared_frame_len(bytes: &[u8; HEADER_LEN]) -> usize {
+    RawHeader::ref_from_bytes(bytes).map_or(HEADER_LEN, |raw| HEADER_LEN + raw.body_len.get() as usize)
+}
+
+/// Rewrites a reply frame's request id and adds `flags` to it: how a
+/// node relays another node's reply as its own. Frames shorter than a
+/// header are left alone.
+pub fn patch_reply(frame: &mut [u8], request_id: u64, flags: u16) {
+    if let Some(h) = frame.first_chunk_mut::<HEADER_LEN>() {
+        if let Ok(raw) = RawHeader::mut_from_bytes(h) {
+            raw.request_id = U64::new(request_id);
+            raw.flags = U16::new(raw.flags.get() | flags);
+        }
+    }
+}
+
+/// The largest request body a node whose values are limited to
+/// `max_value_len` must read: a PUT of such a value with the largest key
+/// and context, and the QUORUM overrides.
+pub const fn max_request_body(max_value_len: usize) -> usize {
+    2 + PUT_FIXED + MAX_KEY_LEN + MAX_CONTEXT_LEN + max_value_len
+}
+
+/// Checks a key's length against [`MAX_KEY_LEN`].
+pub fn check_key_len(len: usize) -> Result<(), WireError> {
+    if len == 0 || len > MAX_KEY_LEN {
+        return Err(WireError::KeyLength(len));
+    }
+    Ok(())
+}
+
+/// Checks a context's length against [`MAX_CONTEXT_LEN`].
+pub fn check_context_len(len: usize) -> Result<(), WireError> {
+    if len > MAX_CONTEXT_LEN {
+        return Err(WireError::ContextLength(len));
+    }
+    Ok(())
 }
 
 /// If `buf` starts with a whole frame, its header and total length.
@@ -447,6 +491,12 @@ impl Request<'_> {
             | Request::ReplicaPut { key, .. } => Some(key),
             Request::Ping | Request::Stats | Request::Ring => None,
         }
+    }
+
+    /// Whether sending the request twice does no harm (a read), so a
+    /// client may resend it after a broken connection.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(self, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring)
     }
 
     /// Whether the request is a client's quorum operation (GET, PUT,
@@ -560,22 +610,8 @@ impl Request<'_> {
     }
 }
 
-fn check_key_len(len: usize) -> Result<(), WireError> {
-    if len == 0 || len > MAX_KEY_LEN {
-        return Err(WireError::KeyLength(len));
-    }
-    Ok(())
-}
-
 fn check_key(key: &[u8]) -> Result<&[u8], WireError> {
     check_key_len(key.len()).map(|()| key)
-}
-
-fn check_context_len(len: usize) -> Result<(), WireError> {
-    if len > MAX_CONTEXT_LEN {
-        return Err(WireError::ContextLength(len));
-    }
-    Ok(())
 }
 
 /// Identity of a node and the ports of its shards (the PING reply).
@@ -1103,12 +1139,13 @@ mod tests {
 
     #[test]
     fn long_error_messages_are_cut_on_a_char_boundary() {
-        let msg = "é".repeat(MAX_ERROR_MESSAGE);
+        // "é" is 2 bytes: after the leading "a" the limit falls inside one.
+        let msg = format!("a{}", "é".repeat(MAX_ERROR_MESSAGE));
         let mut out = Vec::new();
         Response::Error { code: ErrorCode::Internal, message: &msg }.encode(&mut out, 1, 0);
         let Response::Error { message, .. } = Response::decode(op::ERROR, &out[HEADER_LEN..]).unwrap() else {
             panic!("not an error")
         };
-        assert!(message.len() <= MAX_ERROR_MESSAGE && message.len() >= MAX_ERROR_MESSAGE - 1);
+        assert_eq!(message.len(), MAX_ERROR_MESSAGE - 1);
     }
 }
