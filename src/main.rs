@@ -285,14 +285,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
-    if config.cluster.is_some() && args.listen.is_none() {
-        // The cluster file says where this node listens.
-        config.listen = DEFAULT_LISTEN.parse().expect("valid default");
-    }
-    let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
-    }
+    let shutdown = shutdown_flag()?;
     let data_dir = config.data_dir.clone();
     gyre::node::run(config, shutdown, |started| {
         let addrs: Vec<String> = started.addrs.iter().map(ToString::to_string).collect();
@@ -316,6 +309,8 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     let path = args.data_dir.join("cluster.toml");
     let file = if path.exists() {
         let (file, _) = ClusterFile::load(&path)?;
+        // Its port, N, R and W stand; the flags shape only a new cluster.
+        eprintln!("gyre dev: reusing {} (remove {} for a new cluster)", path.display(), args.data_dir.display());
         if file.nodes.len() != args.nodes {
             bail!(
                 "{} describes a {}-node cluster, not {}; use another --data-dir or remove it",
@@ -347,10 +342,7 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
-    let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
-    }
+    let shutdown = shutdown_flag()?;
     let exe = std::env::current_exe().context("finding the gyre executable")?;
     let mut children: Vec<(String, std::process::Child)> = Vec::new();
     let stop_all = |children: &mut Vec<(String, std::process::Child)>| {
@@ -401,17 +393,27 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     );
     let _ = std::io::stdout().flush();
     while !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
-        for (name, c) in children.iter_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
+        children.retain_mut(|(name, c)| match c.try_wait() {
+            Ok(Some(status)) => {
                 eprintln!("gyre dev: node {name} exited ({status}); the others keep running");
+                false
             }
-        }
-        children.retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
+            _ => true,
+        });
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     eprintln!("gyre dev: stopping {} nodes", children.len());
     stop_all(&mut children);
     Ok(())
+}
+
+/// A flag that SIGTERM and SIGINT set.
+fn shutdown_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
+    }
+    Ok(flag)
 }
 
 fn connect(args: &ClientArgs) -> anyhow::Result<Client> {

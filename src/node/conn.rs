@@ -17,7 +17,7 @@ use futures_lite::future::poll_once;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::{decode_error_frame, Shard};
+use super::{bump, decode_error_frame, Shard};
 use crate::notify::Notify;
 use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
@@ -93,8 +93,7 @@ impl Drop for OpenGuard {
 /// Serves one connection until the client closes it, a frame is bad, a
 /// write fails, or the node shuts down.
 pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    let c = &shard.counters.connections_open;
-    c.set(c.get() + 1);
+    bump(&shard.counters.connections_open, 1);
     let _open = OpenGuard(shard.clone());
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed");
@@ -115,9 +114,8 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         return;
                     }
                     out.written(n);
-                    let c = &shard.counters;
-                    c.reply_writes.set(c.reply_writes.get() + 1);
-                    c.replies.set(c.replies.get() + n as u64);
+                    bump(&shard.counters.reply_writes, 1);
+                    bump(&shard.counters.replies, n as u64);
                     // Give the emptied buffer back to be refilled.
                     let mut b = batch;
                     b.clear();

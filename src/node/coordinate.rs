@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use super::cluster::Cluster;
 use super::peer::{PeerError, Peers};
-use super::{error_code, Shard};
+use super::{bump, error_code, Shard};
 use crate::core::coord::{
     coordinator_order, GetCoordinator, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg, Transmit,
 };
@@ -56,10 +56,6 @@ pub struct ClusterCounters {
     /// Replica messages served for other coordinators.
     pub replica_gets: Cell<u64>,
     pub replica_puts: Cell<u64>,
-}
-
-fn bump(c: &Cell<u64>, n: u64) {
-    c.set(c.get() + n);
 }
 
 /// A shard's cluster state.

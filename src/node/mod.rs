@@ -65,10 +65,16 @@ const COMPACT_EVERY: Duration = Duration::from_secs(5);
 
 /// A message between shards.
 enum Cross {
-    /// A whole request frame for the receiving shard to execute.
-    Request { from: usize, tag: u64, frame: Vec<u8>, deadline: Option<Instant> },
+    /// A whole request frame (with its header, already validated) for the
+    /// receiving shard to execute.
+    Request { from: usize, tag: u64, header: Header, frame: Vec<u8>, deadline: Option<Instant> },
     /// The encoded reply frame to request `tag`.
     Reply { tag: u64, frame: Vec<u8> },
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
 }
 
 /// Counters of one shard, reported by STATS.
@@ -146,8 +152,7 @@ impl Shard {
     }
 
     fn error_frame(&self, request_id: u64, code: ErrorCode, message: &str) -> Vec<u8> {
-        let c = &self.counters.error_replies;
-        c.set(c.get() + 1);
+        bump(&self.counters.error_replies, 1);
         let mut out = Vec::with_capacity(HEADER_LEN + 4 + message.len());
         Response::Error { code, message }.encode(&mut out, request_id, self.id as u16);
         out
@@ -161,13 +166,12 @@ impl Shard {
         if owner == self.id {
             return self.execute(header, &frame, deadline).await;
         }
-        let c = &self.counters.forwarded_out;
-        c.set(c.get() + 1);
+        bump(&self.counters.forwarded_out, 1);
         let tag = self.next_tag.get();
         self.next_tag.set(tag + 1);
         let slot = Rc::new(ReplySlot::default());
         self.pending.borrow_mut().insert(tag, slot.clone());
-        let msg = Cross::Request { from: self.id, tag, frame, deadline };
+        let msg = Cross::Request { from: self.id, tag, header, frame, deadline };
         if self.senders.send_to(self.peer_of[owner], msg).await.is_err() {
             self.pending.borrow_mut().remove(&tag);
             return self.error_frame(header.request_id, ErrorCode::ShuttingDown, "the owning shard is gone");
@@ -178,11 +182,9 @@ impl Shard {
     /// Executes a request this shard owns.
     async fn execute(self: &Rc<Self>, header: Header, frame: &[u8], deadline: Option<Instant>) -> Vec<u8> {
         let id = header.request_id;
-        let c = &self.counters.requests;
-        c.set(c.get() + 1);
+        bump(&self.counters.requests, 1);
         if deadline.is_some_and(|d| Instant::now() > d) {
-            let c = &self.counters.deadline_exceeded;
-            c.set(c.get() + 1);
+            bump(&self.counters.deadline_exceeded, 1);
             return self.error_frame(id, ErrorCode::DeadlineExceeded, "the request's deadline passed before it ran");
         }
         let (req, quorum) = match Request::decode_with(&header, &frame[HEADER_LEN..]) {
@@ -296,19 +298,11 @@ impl Shard {
     async fn serve_peer(self: Rc<Self>, receiver: ConnectedReceiver<Cross>) {
         while let Some(msg) = receiver.recv().await {
             match msg {
-                Cross::Request { from, tag, frame, deadline } => {
-                    let c = &self.counters.forwarded_in;
-                    c.set(c.get() + 1);
+                Cross::Request { from, tag, header, frame, deadline } => {
+                    bump(&self.counters.forwarded_in, 1);
                     let me = self.clone();
                     glommio::spawn_local(async move {
-                        let header = match frame.first_chunk::<HEADER_LEN>() {
-                            Some(h) => crate::wire::decode_header(h, usize::MAX).ok(),
-                            None => None,
-                        };
-                        let reply = match header {
-                            Some(h) => me.execute(h, &frame, deadline).await,
-                            None => me.error_frame(0, ErrorCode::Internal, "bad forwarded frame"),
-                        };
+                        let reply = me.execute(header, &frame, deadline).await;
                         // The origin is gone only if it is shutting down.
                         let _ = me.senders.send_to(me.peer_of[from], Cross::Reply { tag, frame: reply }).await;
                     })
@@ -429,7 +423,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         let spin = Duration::from_micros(config.spin_before_park_us);
         let err_tx = err_tx.clone();
         let t = std::thread::Builder::new().name(format!("gyre-shard-{i}")).spawn(move || {
-            let res = run_executor_with(&format!("shard-{i}"), cpu, Some(spin), run_shard(setup)).and_then(|r| r);
+            let res = run_executor_with(&format!("shard-{i}"), cpu, spin, run_shard(setup)).and_then(|r| r);
             if let Err(e) = res {
                 let _ = err_tx.send(e.context(format!("shard {i}")));
             }
@@ -577,8 +571,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                let c = &shard.counters.connections_accepted;
-                c.set(c.get() + 1);
+                bump(&shard.counters.connections_accepted, 1);
                 glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
             }
             Some(Err(e)) => {
@@ -628,8 +621,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
 /// The reply to a frame whose header is unreadable (named by its request
 /// id when the magic at least matched).
 fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -> Vec<u8> {
-    let c = &shard.counters.malformed_frames;
-    c.set(c.get() + 1);
+    bump(&shard.counters.malformed_frames, 1);
     shard.error_frame(crate::wire::peek_request_id(header).unwrap_or(0), e.code(), &e.to_string())
 }
 
@@ -637,8 +629,7 @@ impl Shard {
     /// The reply to a well-framed request whose body does not decode.
     fn request_error_frame(&self, request_id: u64, e: &WireError) -> Vec<u8> {
         if !e.keeps_connection() {
-            let c = &self.counters.malformed_frames;
-            c.set(c.get() + 1);
+            bump(&self.counters.malformed_frames, 1);
         }
         self.error_frame(request_id, e.code(), &e.to_string())
     }

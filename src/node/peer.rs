@@ -31,6 +31,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde::Serialize;
 
+use super::bump;
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx, Ring};
 use crate::notify::Notify;
@@ -152,8 +153,7 @@ impl Peers {
     }
 
     fn fail(&self, e: PeerError) -> PeerError {
-        let c = &self.counters.call_failures;
-        c.set(c.get() + 1);
+        bump(&self.counters.call_failures, 1);
         e
     }
 
@@ -166,9 +166,9 @@ impl Peers {
         quorum: Quorum,
         deadline: Instant,
     ) -> Result<Vec<u8>, PeerError> {
-        let name = self.name(member).to_string();
+        let name = || self.name(member).to_string();
         if self.down_until.borrow().get(&member).is_some_and(|&t| Instant::now() < t) {
-            return Err(self.fail(PeerError::Unreachable(name, "its last connection attempt failed".into())));
+            return Err(self.fail(PeerError::Unreachable(name(), "its last connection attempt failed".into())));
         }
         let shard = match req.key() {
             None => 0,
@@ -179,7 +179,7 @@ impl Peers {
         };
         let conn = self.conn(member, shard);
         if conn.dead.get() {
-            return Err(self.fail(PeerError::Unreachable(name, "the connection failed".into())));
+            return Err(self.fail(PeerError::Unreachable(name(), "the connection failed".into())));
         }
         let id = conn.next_id.get();
         conn.next_id.set(id + 1);
@@ -203,7 +203,7 @@ impl Peers {
             Some(Err(e)) => Err(self.fail(e)),
             None => {
                 conn.pending.borrow_mut().remove(&id);
-                Err(self.fail(PeerError::Timeout(name)))
+                Err(self.fail(PeerError::Timeout(name())))
             }
         }
     }
@@ -266,8 +266,7 @@ impl Peers {
         let stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
-                let c = &self.counters.connect_failures;
-                c.set(c.get() + 1);
+                bump(&self.counters.connect_failures, 1);
                 tracing::debug!(peer = %conn.name, %addr, error = %e, "connecting to a peer failed");
                 self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
                 // Its ports may have changed if it restarted.
@@ -277,8 +276,7 @@ impl Peers {
                 return;
             }
         };
-        let c = &self.counters.connects;
-        c.set(c.get() + 1);
+        bump(&self.counters.connects, 1);
         self.down_until.borrow_mut().remove(&member);
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = futures_lite::io::split(stream);
@@ -298,8 +296,7 @@ impl Peers {
                     let spans = std::mem::take(&mut *conn.spans.borrow_mut());
                     let (batch, frames) = drop_expired(batch, &spans, Instant::now());
                     let dropped = spans.len() as u64 - frames;
-                    let c = &peers.counters.expired_unsent;
-                    c.set(c.get() + dropped);
+                    bump(&peers.counters.expired_unsent, dropped);
                     if frames == 0 {
                         continue;
                     }
@@ -307,9 +304,8 @@ impl Peers {
                         conn.kill(&format!("write failed: {e}"));
                         return;
                     }
-                    let c = &peers.counters;
-                    c.replica_writes.set(c.replica_writes.get() + 1);
-                    c.replica_frames.set(c.replica_frames.get() + frames);
+                    bump(&peers.counters.replica_writes, 1);
+                    bump(&peers.counters.replica_frames, frames);
                 }
             })
         };

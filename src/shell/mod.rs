@@ -6,7 +6,7 @@
 //! the only place (with the binaries) that reads the clock; the engine gets
 //! `now` as an argument.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,20 +30,21 @@ pub fn run_executor<T: 'static>(
     cpu: Option<usize>,
     f: impl std::future::Future<Output = T> + 'static,
 ) -> anyhow::Result<T> {
-    run_executor_with(name, cpu, None, f)
+    run_executor_with(name, cpu, Duration::ZERO, f)
 }
 
-/// [`run_executor`], spinning for `spin` before the executor parks when
-/// it runs out of work (trades CPU for fewer sleeps and wake-ups).
+/// [`run_executor`], spinning for `spin` (zero: not at all) before the
+/// executor parks when it runs out of work (trades CPU for fewer sleeps
+/// and wake-ups).
 pub fn run_executor_with<T: 'static>(
     name: &str,
     cpu: Option<usize>,
-    spin: Option<std::time::Duration>,
+    spin: Duration,
     f: impl std::future::Future<Output = T> + 'static,
 ) -> anyhow::Result<T> {
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
     let mut builder = LocalExecutorBuilder::new(placement).name(name);
-    if let Some(spin) = spin.filter(|d| !d.is_zero()) {
+    if !spin.is_zero() {
         builder = builder.spin_before_park(spin);
     }
     let ex = builder
@@ -66,7 +67,6 @@ pub async fn open_shard(dir: &Path, config: EngineConfig) -> anyhow::Result<(Dis
 /// Handle that stops the background tasks of [`spawn_background`].
 #[derive(Clone, Default)]
 pub struct Stop {
-    stopped: Rc<Cell<bool>>,
     /// The tasks, so that stopping can cancel them mid-sleep: each holds an
     /// engine clone, and the engine (with its directory lock) is released
     /// only when the last clone is dropped.
@@ -74,10 +74,10 @@ pub struct Stop {
 }
 
 impl Stop {
-    /// Stops the background tasks and waits until they have dropped their
-    /// engine clones.
+    /// Cancels the background tasks and waits until they have dropped
+    /// their engine clones. (A cancelled task is never polled again, and
+    /// the engine's group commit survives a flush cut short.)
     pub async fn stop(&self) {
-        self.stopped.set(true);
         let tasks = self.tasks.take();
         for t in &tasks {
             t.cancel();
@@ -86,19 +86,15 @@ impl Stop {
             t.await;
         }
     }
-
-    pub fn stopped(&self) -> bool {
-        self.stopped.get()
-    }
 }
 
 /// Starts the engine's durability ticker and a compaction loop in a
-/// low-priority task queue. Both end once `stop` is set.
+/// low-priority task queue. Both run until `stop` cancels them.
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
-    let (e, s) = (engine.clone(), stop.clone());
+    let e = engine.clone();
     let ticker = glommio::spawn_local(async move {
-        while !s.stopped() {
+        loop {
             glommio::timer::sleep(tick).await;
             if let Err(err) = e.tick().await {
                 tracing::error!(error = %err, "durability tick failed");
@@ -108,10 +104,10 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     })
     .detach();
     let tq = executor().create_task_queue(Shares::Static(10), Latency::NotImportant, "compaction");
-    let (e, s) = (engine.clone(), stop.clone());
+    let e = engine.clone();
     let compactor = glommio::spawn_local_into(
         async move {
-            while !s.stopped() {
+            loop {
                 glommio::timer::sleep(compact_every).await;
                 match e.compact(now_ms()).await {
                     Ok(st) if st.segments_removed > 0 => tracing::info!(?st, "compaction pass"),
