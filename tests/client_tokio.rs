@@ -141,11 +141,6 @@ async fn a_killed_node_gives_errors_not_hangs() {
     assert!(started.elapsed() < limit, "took {:?}", started.elapsed());
 }
 
-/// The `proxied` counter of a cluster member.
-fn proxied(cluster: &common::Cluster, name: &str) -> u64 {
-    cluster.stats(name)["cluster"]["coordination"]["proxied"].as_u64().expect("a counter")
-}
-
 /// In a cluster the async client routes by the ring, like the blocking
 /// one: N = 2 of 4 nodes, so half the keys are not on any given node, yet
 /// a client-driven client makes no node forward anything, while a
@@ -164,7 +159,7 @@ async fn in_a_cluster_it_routes_by_the_ring() {
         assert_eq!(client.get(key.as_bytes()).await.unwrap().values, vec![key.into_bytes()]);
     }
     for name in cluster.names() {
-        assert_eq!(proxied(&cluster, &name), 0, "{name} forwarded a client-driven request");
+        assert_eq!(cluster.counter(&name, "proxied"), 0, "{name} forwarded a client-driven request");
     }
     let server = ClientConfig { routing: gyre::client::Routing::Server, ..config() };
     let through_n1 = AsyncClient::connect_with(&cluster.addr("n1"), server).await.expect("connect");
@@ -173,7 +168,7 @@ async fn in_a_cluster_it_routes_by_the_ring() {
         let key = format!("k{i}");
         assert_eq!(through_n1.get(key.as_bytes()).await.unwrap().values, vec![key.into_bytes()]);
     }
-    assert!(proxied(&cluster, "n1") > 0, "n1 is a replica of only some keys");
+    assert!(cluster.counter("n1", "proxied") > 0, "n1 is a replica of only some keys");
     // An override beyond N is refused by the node, not guessed at.
     let w3 = client.with_quorum(gyre::wire::Quorum { r: 0, w: 3 });
     let err = w3.put(b"k0", b"x", &Context::default()).await.unwrap_err();

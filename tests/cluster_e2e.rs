@@ -18,16 +18,11 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, ClusterSpec, GYRE};
+use common::{cli, sorted, Cluster, ClusterSpec, GYRE};
 use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply, Routing, Versions};
 use gyre::wire::{ErrorCode, Quorum, Request, ANY_SHARD};
 
 const NO_CONTEXT: &Context = &Context(Vec::new());
-
-fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    v.sort();
-    v
-}
 
 fn bytes(values: &[&str]) -> Vec<Vec<u8>> {
     sorted(values.iter().map(|v| v.as_bytes().to_vec()).collect())
@@ -64,12 +59,6 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T,
 /// `a_node_stopped_while_it_takes_writes_exits`).
 fn stoppable() -> ClusterSpec {
     ClusterSpec { fsync: "always".into(), ..Default::default() }
-}
-
-/// A coordination counter of a member's STATS.
-fn counter(cluster: &Cluster, name: &str, which: &str) -> u64 {
-    let stats = cluster.stats(name);
-    stats["cluster"]["coordination"][which].as_u64().unwrap_or_else(|| panic!("no counter {which} in {stats}"))
 }
 
 fn expect_code<T: std::fmt::Debug>(res: Result<T, ClientError>, code: ErrorCode, what: &str) -> String {
@@ -234,7 +223,7 @@ fn quorum_overrides_per_request() {
         c.set_quorum(Quorum::default());
         assert_eq!(values(&mut c, &key), bytes(&["v1"]));
     }
-    let failures: u64 = ["n1", "n2"].iter().map(|n| counter(&cluster, n, "quorum_failures")).sum();
+    let failures: u64 = ["n1", "n2"].iter().map(|n| cluster.counter(n, "quorum_failures")).sum();
     assert!(failures >= 4, "quorum failures counted: {failures}");
 }
 
@@ -305,7 +294,7 @@ fn read_repair_heals_a_replica_that_missed_writes() {
     }
     cluster.restart("n3");
     assert_eq!(cluster.stats("n3")["storage"]["keys"], 0, "n3 missed every write");
-    let repairs_before = counter(&cluster, "n1", "read_repairs");
+    let repairs_before = cluster.counter("n1", "read_repairs");
 
     // R = 3 needs n3's answer: it succeeds once n1 tries n3 again (a peer
     // that refused a connection is skipped for a while).
@@ -323,7 +312,7 @@ fn read_repair_heals_a_replica_that_missed_writes() {
         assert_eq!(values(&mut c, key), bytes(&[&format!("{key}-value")]));
     }
     eventually("n1 counted its read repairs", Duration::from_secs(5), || {
-        let repairs = counter(&cluster, "n1", "read_repairs") - repairs_before;
+        let repairs = cluster.counter("n1", "read_repairs") - repairs_before;
         (repairs >= keys.len() as u64).then_some(()).ok_or(format!("{repairs} repairs"))
     });
     eventually("n3 stored the repairs", Duration::from_secs(5), || {
@@ -331,7 +320,7 @@ fn read_repair_heals_a_replica_that_missed_writes() {
         let stored = stats["storage"]["keys"].as_u64().unwrap();
         (stored == keys.len() as u64).then_some(()).ok_or(format!("n3 holds {stored} keys: {stats}"))
     });
-    assert!(counter(&cluster, "n3", "replica_puts") >= keys.len() as u64);
+    assert!(cluster.counter("n3", "replica_puts") >= keys.len() as u64);
 
     // With the other two stopped, n3 alone serves every key (R = 1).
     assert!(cluster.stop("n1").success());
@@ -444,7 +433,7 @@ fn five_nodes_serve_every_key_from_every_node_and_non_replicas_proxy() {
             expect_proxied[via] += u64::from(!is_replica(via, key));
         }
     }
-    let proxied: Vec<u64> = names.iter().map(|n| counter(&cluster, n, "proxied")).collect();
+    let proxied: Vec<u64> = names.iter().map(|n| cluster.counter(n, "proxied")).collect();
     assert_eq!(proxied, expect_proxied, "proxied requests per node");
     assert!(proxied.iter().all(|&p| p > 0), "{proxied:?}");
     // Every key is on exactly its N = 3 replicas.
@@ -462,7 +451,7 @@ fn five_nodes_serve_every_key_from_every_node_and_non_replicas_proxy() {
         assert_eq!(read.values, bytes(&[&format!("{key}!")]));
         assert_eq!(put(&mut driven, key, "again", &read.context), 1);
     }
-    let after: Vec<u64> = names.iter().map(|n| counter(&cluster, n, "proxied")).collect();
+    let after: Vec<u64> = names.iter().map(|n| cluster.counter(n, "proxied")).collect();
     assert_eq!(after, proxied, "client-driven requests are never proxied");
     for (via, conn) in conns.iter_mut().enumerate() {
         for key in keys.iter().step_by(7) {
@@ -491,7 +480,7 @@ fn a_server_driven_client_keeps_sending_everything_to_its_node() {
         assert_eq!(values(&mut c, key), bytes(&["v"]));
     }
     assert!(c.ring().is_none(), "a server-driven client took the ring");
-    assert_eq!(counter(&cluster, "n1", "proxied"), 2 * foreign, "n1 proxied every request on a key it does not hold");
+    assert_eq!(cluster.counter("n1", "proxied"), 2 * foreign, "n1 proxied every request on a key it does not hold");
 }
 
 /// Regression (client): a client-driven `Client` that already talked to a
@@ -545,7 +534,7 @@ fn a_client_driven_client_moves_past_a_replica_that_stopped_after_it_connected()
 /// (`shell::Stop::stop`); a durability tick (`fsync never`: a flush every
 /// 10 ms) cancelled while its write was in flight left the engine's
 /// group-commit leader flag set, so `engine.close()` waited forever. Writes
-/// in flight at SIGTERM make the race likely. The deterministic engine-level
+/// in flight at SIGTERM make the race likely. The engine-level
 /// test is `engine_close_after_a_cancelled_flush_returns` in storage_disk.rs.
 #[test]
 fn a_node_stopped_while_it_takes_writes_exits() {
@@ -615,11 +604,6 @@ impl Drop for Dev {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(GYRE).args(args).output().expect("running gyre");
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
 /// Starts `gyre dev` (three one-shard nodes on 127.0.0.1-3 at a free port,

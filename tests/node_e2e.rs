@@ -7,20 +7,14 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Node, GYRE};
+use common::{cli, sorted, Node};
 use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply};
 use gyre::wire::{self, ErrorCode, Request, Response, ANY_SHARD, HEADER_LEN};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
-}
-
-fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    v.sort();
-    v
 }
 
 #[test]
@@ -97,7 +91,7 @@ fn many_pipelined_requests_on_one_connection() {
     let dir = tmp();
     let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "always"]);
     // One connection to shard 0, which owns some keys and forwards the
-    // rest: replies come back out of order and are matched by id.
+    // rest: replies may come back out of order and are matched by id.
     let addr = node.addr().parse().unwrap();
     let mut conn = Connection::connect(addr, &ClientConfig::default()).unwrap();
     let n = 2000;
@@ -108,19 +102,11 @@ fn many_pipelined_requests_on_one_connection() {
         let id = conn.send(&Request::Put { key: key.as_bytes(), context: b"", value: value.as_bytes() }, ANY_SHARD);
         expect.insert(id.unwrap(), i);
     }
-    let mut seen = 0;
-    let mut out_of_order = false;
-    let mut last = 0;
     for _ in 0..n {
         let (id, reply) = conn.recv().unwrap();
         assert!(expect.remove(&id).is_some(), "unknown or duplicate reply id {id}");
         assert!(matches!(reply.unwrap(), Reply::Put(p) if p.siblings == 1));
-        out_of_order |= id < last;
-        last = id;
-        seen += 1;
     }
-    assert_eq!(seen, n);
-    assert!(expect.is_empty());
     // Read them back, pipelined again.
     let ids: Vec<(u64, usize)> =
         (0..n).map(|i| (conn.send(&Request::Get { key: format!("p{i}").as_bytes() }, ANY_SHARD).unwrap(), i)).collect();
@@ -136,7 +122,7 @@ fn many_pipelined_requests_on_one_connection() {
         (stats["node"]["reply_writes"].as_u64().unwrap(), stats["node"]["replies"].as_u64().unwrap());
     assert!(stats["node"]["forwarded_out"].as_u64().unwrap() > 0, "{stats}");
     assert!(writes < replies, "pipelined replies share writes: {writes} writes for {replies} replies");
-    eprintln!("replies arrived out of order: {out_of_order}; {replies} replies in {writes} writes");
+    eprintln!("{replies} replies in {writes} writes");
 }
 
 /// Reads frames from a raw socket until EOF, returning the replies.
@@ -304,11 +290,6 @@ fn shard_unaware_clients_are_forwarded_through_the_mesh() {
     let out = stats["node"]["forwarded_out"].as_u64().unwrap();
     assert!(out > 5, "{stats}");
     assert_eq!(stats1["node"]["forwarded_in"].as_u64().unwrap(), out);
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(GYRE).args(args).output().expect("running gyre");
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
 #[test]

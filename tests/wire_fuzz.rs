@@ -1,6 +1,6 @@
 //! The wire decoder on arbitrary and mutated input (the same checks as the
-//! `fuzz/` target, run in CI with proptest): it never panics, and whatever
-//! decodes re-encodes to the same bytes.
+//! `fuzz/` target, run in CI with proptest): it never panics; a request
+//! that decodes re-encodes to the same bytes, a reply to the same length.
 
 use gyre::wire::{check_decoder, Request, Response, ANY_SHARD};
 use proptest::prelude::*;

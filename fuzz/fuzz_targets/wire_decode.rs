@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to the wire decoder the node runs on every
 //! connection: framing, request bodies and reply bodies. It must never
-//! panic, and whatever decodes must re-encode to the same bytes.
+//! panic; a request that decodes must re-encode to the same bytes, a reply
+//! to the same length.
 //!
 //! The first byte picks the mode: odd = a valid header is built around the
 //! rest (byte 1 is the opcode, the remainder the body), so the fuzzer

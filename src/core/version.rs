@@ -23,9 +23,11 @@
 //!   is applied (update), or when the other side of a merge has seen the dot
 //!   and no longer holds it.
 //! - [`VersionSet::update`] keeps at most [`MAX_SIBLINGS`] siblings and
-//!   [`MAX_CLOCK_ENTRIES`] clock entries. [`VersionSet::merge`] never fails and
-//!   keeps the clock bound too, but it cannot drop a concurrent write, so the
-//!   union of two full replicas can hold more siblings: the node checks
+//!   [`MAX_CLOCK_ENTRIES`] clock entries. [`VersionSet::merge`] never fails,
+//!   but it cannot drop a concurrent write, so the union of two full replicas
+//!   can hold more siblings (and then, as sibling actors are never dropped,
+//!   more clock entries; with at most [`MAX_SIBLINGS`] siblings the clock is
+//!   within its bound too): the node checks
 //!   [`VersionSet::check_limits`] before storing (as it checks
 //!   [`VersionSet::encoded_value_len`] against the value limit), because
 //!   [`VersionSet::decode`] rejects more than [`MAX_SIBLINGS`].

@@ -253,7 +253,6 @@ struct Inner<B: Backend> {
     notify: Notify,
 }
 
-/// One shard's storage engine. Clones share the engine (one thread).
 /// Clears the group-commit leader flag and wakes the followers when the
 /// leader's flush ends, however it ends.
 struct LeaderGuard<'a, B: Backend>(&'a Inner<B>);
@@ -265,6 +264,7 @@ impl<B: Backend> Drop for LeaderGuard<'_, B> {
     }
 }
 
+/// One shard's storage engine. Clones share the engine (one thread).
 pub struct Engine<B: Backend> {
     inner: Rc<Inner<B>>,
 }

@@ -364,21 +364,12 @@ impl Cluster {
         self.members[i].node.take().unwrap_or_else(|| panic!("{name} is not running")).kill9();
     }
 
-    /// Starts a stopped member again on its data directory.
+    /// Starts a stopped member again on its data directory (the node itself
+    /// waits for a listening address its old process still holds).
     pub fn restart(&mut self, name: &str) {
         let i = self.index(name);
-        // The old process's listening socket can outlive it for a few
-        // milliseconds (io_uring tears down asynchronously): retry a bind
-        // failure for a while.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.try_start_member(i) {
-                Ok(()) => return,
-                Err(e) if e.contains("Address already in use") && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("restarting {e}"),
-            }
+        if let Err(e) = self.try_start_member(i) {
+            panic!("restarting {e}");
         }
     }
 
@@ -394,6 +385,13 @@ impl Cluster {
         };
         let addr = self.addr(name);
         gyre::client::Client::connect_with(&addr, config).unwrap_or_else(|e| panic!("connecting to {name}: {e}"))
+    }
+
+    /// A coordination counter (`proxied`, `read_repairs`, ...) of a
+    /// member's STATS.
+    pub fn counter(&self, name: &str, which: &str) -> u64 {
+        let stats = self.stats(name);
+        stats["cluster"]["coordination"][which].as_u64().unwrap_or_else(|| panic!("no counter {which} in {stats}"))
     }
 
     /// A member's STATS (its only shard).
@@ -423,4 +421,16 @@ impl Drop for Cluster {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// `v`, sorted (sibling order is not part of the contract).
+pub fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+/// Runs the `gyre` binary: whether it succeeded, its stdout and stderr.
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(GYRE).args(args).output().expect("running gyre");
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }

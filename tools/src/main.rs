@@ -1,5 +1,7 @@
 //! `gyre-tools`: offline operator tools that read Gyre's files directly
-//! (memory-mapped, read-only; no glommio, safe to run next to a live node).
+//! (memory-mapped, read-only, no glommio). Run it on a stopped node's files
+//! or on copies: a live node truncates and deletes segments, and a mapped
+//! page past a truncated end faults.
 //!
 //! `gyre-tools dump-segment FILE` lists every record of a segment with its
 //! offset, and reports regions that fail their checksums.
