@@ -381,8 +381,8 @@ impl NodeConns {
             Reply::Pong(info) => info,
             other => return Err(conn.protocol(format!("PING answered with {other:?}"))),
         };
-        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
-            return Err(conn.protocol(format!("implausible node info {info:?}")));
+        if let Err(reason) = check_node_info(&info) {
+            return Err(conn.protocol(reason));
         }
         let slots = if config.shard_aware { info.ports.len() } else { 1 };
         let mut conns: Vec<Option<Connection>> = (0..slots).map(|_| None).collect();
@@ -479,6 +479,24 @@ pub(crate) fn slot_for(info: &NodeInfo, key: Option<&[u8]>, shard_aware: bool) -
         }
         _ => (0, ANY_SHARD),
     }
+}
+
+/// Checks a PING reply's node info before routing by it.
+pub(crate) fn check_node_info(info: &NodeInfo) -> Result<(), String> {
+    if info.ports.is_empty() {
+        return Err(format!("node info without shard ports: {info:?}"));
+    }
+    partition::validate_partitions(info.partitions).map_err(|e| format!("node info {info:?}: {e}"))
+}
+
+/// `targets` with the members marked down (until after `now`) moved last:
+/// a dead node costs a request a connection attempt only when nothing
+/// better is left.
+pub(crate) fn up_first(targets: &[MemberIdx], down_until: &[Option<Instant>], now: Instant) -> Vec<MemberIdx> {
+    let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) =
+        targets.iter().partition(|&&m| down_until[m as usize].is_none_or(|t| t <= now));
+    order.extend(down);
+    order
 }
 
 /// Decodes a RING reply into the view a client routes by.
@@ -610,11 +628,7 @@ impl Client {
     fn call_replicas(&mut self, req: &Request<'_>, targets: &[MemberIdx]) -> (Result<Reply>, bool) {
         let is_read = matches!(req, Request::Get { .. });
         let now = Instant::now();
-        // Replicas that failed recently go last: a dead node costs each
-        // request a connection attempt only while nothing better is left.
-        let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) =
-            targets.iter().partition(|&&m| self.down_until[m as usize].is_none_or(|t| t <= now));
-        order.extend(down);
+        let order = up_first(targets, &self.down_until, now);
         let mut last = None;
         for m in order {
             let i = m as usize;

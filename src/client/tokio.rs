@@ -41,8 +41,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    check_request, ring_targets, ring_view, ClientConfig, ClientError, Context, Put, Reply, Result, RingView, Routing,
-    Versions, MAX_UPDATE_ATTEMPTS, MEMBER_RETRY_AFTER,
+    check_node_info, check_request, ring_targets, ring_view, up_first, ClientConfig, ClientError, Context, Put, Reply,
+    Result, RingView, Routing, Versions, MAX_UPDATE_ATTEMPTS, MEMBER_RETRY_AFTER,
 };
 use crate::core::partition;
 use crate::core::ring::MemberIdx;
@@ -100,9 +100,7 @@ impl NodeSlots {
             (Reply::Pong(info), _) => info,
             (other, _) => return Err(protocol(addr, format!("PING answered with {other:?}"))),
         };
-        if info.ports.is_empty() || info.partitions == 0 || !info.partitions.is_power_of_two() {
-            return Err(protocol(addr, format!("implausible node info {info:?}")));
-        }
+        check_node_info(&info).map_err(|reason| protocol(addr, reason))?;
         let slots: Vec<Slot> = if config.shard_aware {
             info.ports.iter().map(|&port| Slot::new(SocketAddr::new(addr.ip(), port))).collect()
         } else {
@@ -251,11 +249,7 @@ impl AsyncClient {
         let config = &self.inner.config;
         let is_read = matches!(req, Request::Get { .. });
         let now = Instant::now();
-        let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) = {
-            let down_until = lock(&route.down_until);
-            targets.iter().partition(|&&m| down_until[m as usize].is_none_or(|t| t <= now))
-        };
-        order.extend(down);
+        let order = up_first(targets, &lock(&route.down_until), now);
         let mark_down = |m: MemberIdx| lock(&route.down_until)[m as usize] = Some(Instant::now() + MEMBER_RETRY_AFTER);
         let mut last = None;
         for m in order {

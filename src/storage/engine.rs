@@ -430,13 +430,24 @@ impl<B: Backend> Engine<B> {
     /// Stores `value` for `key` with its causal metadata; returns the
     /// record's sequence number once the durability policy is met.
     pub async fn put(&self, key: &[u8], meta: &[u8], value: &[u8], now_ms: u64) -> Result<u64, StorageError> {
-        let written = self.write(Kind::Value, key, meta, value, now_ms, None).await?;
-        Ok(written.expect("an unconditional write always appends"))
+        self.append(Kind::Value, key, meta, value, now_ms).await
     }
 
     /// Writes a tombstone for `key` carrying `meta`.
     pub async fn delete(&self, key: &[u8], meta: &[u8], now_ms: u64) -> Result<u64, StorageError> {
-        let written = self.write(Kind::Tombstone, key, meta, &[], now_ms, None).await?;
+        self.append(Kind::Tombstone, key, meta, &[], now_ms).await
+    }
+
+    /// An unconditional write.
+    async fn append(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        meta: &[u8],
+        value: &[u8],
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        let written = self.write(kind, key, meta, value, now_ms, None).await?;
         Ok(written.expect("an unconditional write always appends"))
     }
 
