@@ -53,6 +53,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::harness::Latency;
+use crate::workload::push_decimal;
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use gyre::core::partition::shard_of;
@@ -133,40 +135,16 @@ pub enum Routing {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Gyre,
     Redis,
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Gyre => "gyre",
             Kind::Redis => "redis",
-        }
-    }
-}
-
-#[derive(Serialize, Default)]
-struct Latency {
-    avg_us: f64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-}
-
-impl Latency {
-    fn of(h: &Histogram<u64>) -> Latency {
-        if h.is_empty() {
-            return Latency::default();
-        }
-        Latency {
-            avg_us: h.mean() / 1e3,
-            p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
-            p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-            p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-            max_us: h.max() as f64 / 1e3,
         }
     }
 }
@@ -245,9 +223,9 @@ struct Output {
 
 /// One place connections go to: a shard of a node.
 #[derive(Clone, Debug)]
-struct Endpoint {
-    addr: SocketAddr,
-    shard: u16,
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    pub(crate) shard: u16,
     /// Ring member index (0 on a lone node or Redis); the key choice's
     /// tests check by it.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -269,12 +247,12 @@ struct ClusterView {
 }
 
 /// Where the requests go: every endpoint, and which of them serve a key.
-struct Topology {
+pub(crate) struct Topology {
     kind: Kind,
     routing: Routing,
     partitions: u32,
     /// Grouped by member, each member's shards in shard order.
-    endpoints: Vec<Endpoint>,
+    pub(crate) endpoints: Vec<Endpoint>,
     cluster: Option<ClusterView>,
 }
 
@@ -345,8 +323,22 @@ impl Topology {
         }
     }
 
+    /// The endpoint one request for `key` goes to: its home, or with
+    /// server routing the owning shard of a node drawn uniformly.
+    pub(crate) fn route(&self, key: &[u8], rng: &mut fastrand::Rng) -> usize {
+        match &self.cluster {
+            Some(c) if self.routing == Routing::Server => self.on_member(rng.usize(..c.shards.len()), key),
+            _ => self.home(key),
+        }
+    }
+
+    /// Ring members (1 for a lone node or Redis).
+    pub(crate) fn nodes(&self) -> usize {
+        self.cluster.as_ref().map_or(1, |c| c.ring.members().len())
+    }
+
     /// The routing mode as reported.
-    fn routing_name(&self) -> &'static str {
+    pub(crate) fn routing_name(&self) -> &'static str {
         match (&self.cluster, self.routing) {
             (None, _) => "none",
             (Some(_), Routing::Client) => "client",
@@ -355,7 +347,7 @@ impl Topology {
     }
 }
 
-fn parse_target(t: &str) -> anyhow::Result<(Kind, SocketAddr)> {
+pub(crate) fn parse_target(t: &str) -> anyhow::Result<(Kind, SocketAddr)> {
     let (kind, rest) = if let Some(r) = t.strip_prefix("gyre://") {
         (Kind::Gyre, r)
     } else if let Some(r) = t.strip_prefix("redis://") {
@@ -407,7 +399,7 @@ fn ping(addr: SocketAddr) -> anyhow::Result<NodeInfo> {
 /// Learns where to send: a RING request tells a cluster member (its ring
 /// and quorums) from a lone node (`NotClustered`), and a PING of every
 /// node its shard ports.
-fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow::Result<Topology> {
+pub(crate) fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow::Result<Topology> {
     if kind == Kind::Redis {
         return Ok(Topology::single(kind, addr, &[addr.port()], 1));
     }
@@ -442,17 +434,58 @@ enum Op {
 struct Shared {
     keys: Arc<Vec<Vec<u8>>>,
     value: Vec<u8>,
-    /// Gyre only: per key, the newest context seen (its counter sum and bytes).
-    contexts: RefCell<Vec<Option<Held>>>,
+    /// Gyre only: per key, the newest context seen.
+    contexts: RefCell<Contexts>,
     /// Per key, whether a write of it is in flight on this thread.
     writing: RefCell<Vec<bool>>,
 }
 
 /// A context and the sum of its counters (its age).
-#[derive(Clone)]
 struct Held {
     sum: u64,
     bytes: Vec<u8>,
+}
+
+/// The newest context a generator thread has seen per key (by key number).
+#[derive(Default)]
+pub(crate) struct Contexts {
+    held: std::collections::HashMap<u64, Held>,
+}
+
+impl Contexts {
+    pub(crate) fn new() -> Contexts {
+        Contexts::default()
+    }
+
+    pub(crate) fn get(&self, key: u64) -> Option<&[u8]> {
+        self.held.get(&key).map(|h| &h.bytes[..])
+    }
+
+    /// Keeps `ctx` for `key` if it is newer than the one held. A context
+    /// in a reply covers every version the replica held (siblings
+    /// included), so of two contexts of one key the later covers the
+    /// earlier unless they come from concurrent writes; the larger counter
+    /// sum is taken as the later. A cluster's contexts also carry a
+    /// coordinator hint (`decode_context` reads both formats); the bytes
+    /// are passed back whole.
+    pub(crate) fn learn(&mut self, key: u64, ctx: &[u8]) {
+        if ctx.is_empty() {
+            return;
+        }
+        let Ok((clock, _hint)) = decode_context(ctx) else { return };
+        let sum: u64 = clock.iter().map(|(_, n)| n).sum();
+        match self.held.get_mut(&key) {
+            Some(held) if held.sum < sum => {
+                held.sum = sum;
+                held.bytes.clear();
+                held.bytes.extend_from_slice(ctx);
+            }
+            Some(_) => {}
+            None => {
+                self.held.insert(key, Held { sum, bytes: ctx.to_vec() });
+            }
+        }
+    }
 }
 
 /// Draws before a write goes ahead on a key that already has one in flight
@@ -460,10 +493,10 @@ struct Held {
 const MAX_REDRAWS: usize = 64;
 
 impl Shared {
-    fn new(keys: Arc<Vec<Vec<u8>>>, value_size: usize, contexts: bool) -> Shared {
+    fn new(keys: Arc<Vec<Vec<u8>>>, value_size: usize) -> Shared {
         let n = keys.len();
         Shared {
-            contexts: RefCell::new(vec![None; if contexts { n } else { 0 }]),
+            contexts: RefCell::new(Contexts::new()),
             writing: RefCell::new(vec![false; n]),
             keys,
             value: vec![b'x'; value_size],
@@ -479,44 +512,26 @@ impl Shared {
         self.writing.borrow_mut()[key as usize] = false;
     }
 
-    /// Keeps `ctx` for `key` if it is newer than the one held. The writes
-    /// of a key form one chain (each carries the context of the one
-    /// before), so every context a reply brings covers or is covered by
-    /// the one held, and the larger counter sum is the later. A cluster's
-    /// contexts also carry a coordinator hint (`decode_context` reads
-    /// both formats); the bytes are passed back whole.
+    /// The writes of a key form one chain here (each carries the context
+    /// of the one before), so every context a reply brings covers or is
+    /// covered by the one held.
     fn learn(&self, key: u32, ctx: &[u8]) {
-        if ctx.is_empty() {
-            return;
-        }
-        let Ok((clock, _hint)) = decode_context(ctx) else { return };
-        let sum: u64 = clock.iter().map(|(_, n)| n).sum();
-        let mut all = self.contexts.borrow_mut();
-        let slot = &mut all[key as usize];
-        match slot {
-            Some(held) if held.sum < sum => {
-                held.sum = sum;
-                held.bytes.clear();
-                held.bytes.extend_from_slice(ctx);
-            }
-            Some(_) => {}
-            None => *slot = Some(Held { sum, bytes: ctx.to_vec() }),
-        }
+        self.contexts.borrow_mut().learn(u64::from(key), ctx);
     }
 }
 
 /// A parsed reply.
-struct Decoded<'a> {
+pub(crate) struct Decoded<'a> {
     /// Request id (Gyre), or `None`: replies come in request order (Redis).
-    id: Option<u64>,
-    len: usize,
-    error: Option<String>,
+    pub(crate) id: Option<u64>,
+    pub(crate) len: usize,
+    pub(crate) error: Option<String>,
     /// Values of a GET reply, or siblings of a PUT reply.
-    values: u64,
+    pub(crate) values: u64,
     /// Context of a Gyre reply (empty for Redis).
-    ctx: &'a [u8],
+    pub(crate) ctx: &'a [u8],
     /// The reply was flagged STALE_ROUTE (Gyre: the node forwarded it).
-    stale: bool,
+    pub(crate) stale: bool,
 }
 
 /// The only part that differs between the targets.
@@ -526,7 +541,7 @@ fn encode(kind: Kind, shared: &Shared, out: &mut Vec<u8>, id: u64, shard: u16, o
         (Kind::Gyre, Op::Get) => Request::Get { key: k }.encode(out, id, shard, 0),
         (Kind::Gyre, Op::Set) => {
             let ctxs = shared.contexts.borrow();
-            let context = ctxs[key as usize].as_ref().map_or(&[][..], |h| &h.bytes[..]);
+            let context = ctxs.get(u64::from(key)).unwrap_or(&[]);
             Request::Put { key: k, context, value: &shared.value }.encode(out, id, shard, 0)
         }
         (Kind::Redis, Op::Get) => {
@@ -541,7 +556,7 @@ fn encode(kind: Kind, shared: &Shared, out: &mut Vec<u8>, id: u64, shard: u16, o
     }
 }
 
-fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
     out.push(b'$');
     push_decimal(out, b.len() as u64);
     out.extend_from_slice(b"\r\n");
@@ -549,21 +564,7 @@ fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-fn decode(kind: Kind, buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
+pub(crate) fn decode(kind: Kind, buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
     match kind {
         Kind::Gyre => decode_gyre(buf),
         Kind::Redis => decode_resp(buf),
@@ -932,7 +933,7 @@ fn thread_main(
 ) -> anyhow::Result<ThreadResult> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     let local = tokio::task::LocalSet::new();
-    let shared = Rc::new(Shared::new(keys, args.value_size, kind == Kind::Gyre));
+    let shared = Rc::new(Shared::new(keys, args.value_size));
     let setup = local.block_on(&rt, async {
         let mut conns = Vec::with_capacity(plans.len());
         for p in &plans {
@@ -1023,7 +1024,7 @@ fn cpu_seconds_of(pids: &[u32]) -> Option<f64> {
 }
 
 /// utime + stime of a process in seconds (`/proc/PID/stat`, 100 ticks/s).
-fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".to_string(),
@@ -1037,7 +1038,7 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 }
 
 /// Busy and steal time of the whole machine in seconds (`/proc/stat`).
-fn machine_seconds() -> Option<(f64, f64)> {
+pub(crate) fn machine_seconds() -> Option<(f64, f64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let f: Vec<u64> = text.lines().next()?.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
     let total: u64 = f.iter().take(8).sum();
@@ -1052,7 +1053,7 @@ fn verify(kind: Kind, topo: &Topology, keys: &Arc<Vec<Vec<u8>>>, n: usize) -> an
     if n == 0 {
         return Ok((0, 0, 0));
     }
-    let shared = Shared::new(keys.clone(), 0, false);
+    let shared = Shared::new(keys.clone(), 0);
     let mut streams: Vec<Option<std::net::TcpStream>> = (0..topo.endpoints.len()).map(|_| None).collect();
     let (mut most, mut multi) = (0u64, 0usize);
     let mut buf = Vec::new();
@@ -1230,7 +1231,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let out = Output {
         target: kind.name().to_string(),
         routing: topo.routing_name().to_string(),
-        cluster_nodes: c.map_or(1, |c| c.ring.members().len()),
+        cluster_nodes: topo.nodes(),
         n: c.map(|c| c.n),
         r: c.map(|c| c.r),
         w: c.map(|c| c.w),
@@ -1318,7 +1319,7 @@ mod tests {
     use super::*;
 
     fn shared(keys: u64) -> Shared {
-        Shared::new(Arc::new((0..keys).map(|i| format!("key:{i}").into_bytes()).collect()), 3, true)
+        Shared::new(Arc::new((0..keys).map(|i| format!("key:{i}").into_bytes()).collect()), 3)
     }
 
     #[test]
@@ -1364,10 +1365,10 @@ mod tests {
         };
         s.learn(0, &clock(3));
         s.learn(0, &clock(2));
-        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().bytes, clock(3));
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), clock(3));
         s.learn(0, &clock(4));
-        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().sum, 4);
-        assert!(s.contexts.borrow()[1].is_none());
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), clock(4));
+        assert!(s.contexts.borrow().get(1).is_none());
         let mut out = Vec::new();
         encode(Kind::Gyre, &s, &mut out, 5, 1, Op::Set, 0);
         let (h, total) = split_frame(&out, MAX_BODY_LEN).unwrap().unwrap();
@@ -1494,9 +1495,9 @@ mod tests {
         };
         s.learn(0, &encode_context(&clock(2), 1));
         s.learn(0, &encode_context(&clock(1), 2));
-        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().bytes, encode_context(&clock(2), 1));
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(2), 1));
         s.learn(0, &encode_context(&clock(3), 0));
-        assert_eq!(s.contexts.borrow()[0].as_ref().unwrap().sum, 3);
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(3), 0));
     }
 
     #[test]

@@ -6,18 +6,28 @@
 //! `gyre-tools dump-segment FILE` lists every record of a segment with its
 //! offset, and reports regions that fail their checksums.
 //! `gyre-tools dump-hint FILE` lists a hint file's entries.
+//!
+//! `gyre-tools partition-sim` reads no files: it simulates the Dynamo
+//! paper's partitioning strategies over Gyre's real ring and prints the
+//! paper's Figure 8 (load balancing efficiency against metadata per node)
+//! and Figure 6 (nodes out of balance against request load); see
+//! [`partition_sim`].
 
 use std::fs::File;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use gyre::core::partition::DEFAULT_PARTITIONS;
 use gyre::storage::format::{decode_hint, parse_file_name, FileKind, Kind};
 use gyre::storage::scan::scan_segment;
 use memmap2::Mmap;
+use partition_sim::{Dist, Figure6Params, Figure8Params};
+
+mod partition_sim;
 
 #[derive(Parser)]
-#[command(name = "gyre-tools", about = "Offline tools for Gyre data files")]
+#[command(name = "gyre-tools", about = "Offline tools for Gyre data files, and a partitioning simulator")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,6 +44,126 @@ enum Command {
     },
     /// List the entries of a hint file (seg-NNNNNNNN.hint).
     DumpHint { file: PathBuf },
+    /// Simulate Dynamo's partitioning strategies: the paper's Figures 8 and 6.
+    PartitionSim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// S, the number of nodes.
+    #[arg(long, default_value_t = 30)]
+    nodes: usize,
+    /// N, the length of a preference list: every request loads N nodes.
+    #[arg(short = 'n', long = "replicas", default_value_t = 3)]
+    n: usize,
+    /// Requests per seed and configuration (Figure 8).
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: usize,
+    /// Runs averaged per configuration (Figure 8).
+    #[arg(long, default_value_t = 5)]
+    seeds: usize,
+    /// Base seed: the same arguments always print the same numbers.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Key popularity [default: uniform for Figure 8, zipfian for Figure 6].
+    #[arg(long, value_enum)]
+    dist: Option<DistArg>,
+    /// Zipf exponent [default: 0.99; Figure 6: 0.8, the most skew for which
+    /// no single key unbalances a node on its own].
+    #[arg(long)]
+    theta: Option<f64>,
+    /// Distinct keys (key:0, key:1, ...).
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: usize,
+    /// Windows per load (Figure 6).
+    #[arg(long, default_value_t = 20)]
+    windows: usize,
+    /// Q of the ring for Figure 6 (a power of two, at least --nodes).
+    #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
+    partitions: u32,
+    /// Which figure to simulate.
+    #[arg(long, value_enum, default_value = "all")]
+    figure: Figure,
+    /// Print JSON lines instead of Markdown tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DistArg {
+    Uniform,
+    Zipfian,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Figure {
+    #[value(name = "8")]
+    Eight,
+    #[value(name = "6")]
+    Six,
+    All,
+}
+
+fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
+    let dist = |default, theta| match a.dist.unwrap_or(default) {
+        DistArg::Uniform => Dist::Uniform,
+        DistArg::Zipfian => Dist::Zipfian { theta: a.theta.unwrap_or(theta) },
+    };
+    if a.figure != Figure::Six {
+        let p = Figure8Params {
+            nodes: a.nodes,
+            n: a.n,
+            keys: a.keys,
+            dist: dist(DistArg::Uniform, partition_sim::DEFAULT_THETA),
+            requests: a.requests,
+            seeds: a.seeds,
+            seed: a.seed,
+            ..Figure8Params::default()
+        };
+        let rows = partition_sim::figure8(&p)?;
+        if a.json {
+            print!("{}", partition_sim::json8(&rows));
+        } else {
+            println!(
+                "## Figure 8: load balancing efficiency vs metadata per node\n\n\
+                 S={} nodes, N={}, {} keys {}, {} requests x {} seeds, seed {}; \
+                 efficiency = mean / max replica load\n",
+                p.nodes, p.n, p.keys, p.dist, p.requests, p.seeds, p.seed
+            );
+            println!("{}", partition_sim::markdown8(&rows));
+        }
+    }
+    if a.figure != Figure::Eight {
+        let p = Figure6Params {
+            nodes: a.nodes,
+            n: a.n,
+            keys: a.keys,
+            dist: dist(DistArg::Zipfian, partition_sim::FIGURE6_THETA),
+            partitions: a.partitions,
+            windows: a.windows,
+            seed: a.seed,
+            ..Figure6Params::default()
+        };
+        let rows = partition_sim::figure6(&p)?;
+        if a.json {
+            print!("{}", partition_sim::json6(&rows));
+        } else {
+            println!(
+                "## Figure 6: fraction of nodes out of balance (>{}% from the mean) vs request load\n\n\
+                 strategy 3 (Gyre's ring), S={} nodes, Q={}, N={}, {} keys {}, {} windows per load, seed {}\n",
+                partition_sim::OUT_OF_BALANCE * 100.0,
+                p.nodes,
+                p.partitions,
+                p.n,
+                p.keys,
+                p.dist,
+                p.windows,
+                p.seed
+            );
+            println!("{}", partition_sim::markdown6(&rows));
+        }
+    }
+    Ok(())
 }
 
 fn map(path: &PathBuf) -> anyhow::Result<Option<Mmap>> {
@@ -53,6 +183,7 @@ fn file_id(path: &std::path::Path) -> Option<FileKind> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::PartitionSim(args) => partition_sim(args)?,
         Command::DumpSegment { file, active } => {
             let Some(FileKind::Segment(id)) = file_id(&file) else {
                 bail!("{} is not a segment file name", file.display())

@@ -1,0 +1,1192 @@
+//! The SLA harness's load generator: runs one workload (`workload.rs`)
+//! against one target (a Gyre node, a Gyre cluster driven client- or
+//! server-side, or Redis) and measures what a user would feel.
+//!
+//! Design. `threads` OS threads (default 1: on a small machine the
+//! generator competes with the server for cores), each a tokio
+//! current-thread runtime with its share of the connections. On every
+//! thread one *dispatcher* decides what is sent and when; connections only
+//! carry requests:
+//!
+//! - open loop: requests arrive on a schedule (`Schedule`, constant or
+//!   Poisson, `rate / threads` per thread), whatever the replies do. The
+//!   dispatcher sleeps on a timerfd (microsecond precision; tokio's own
+//!   timer has millisecond ticks, too coarse for sub-millisecond SLAs) and
+//!   sends what is due. A request's latency counts from its *intended*
+//!   send time, so a stall of the server, the network or the generator is
+//!   charged to every request it delayed (no coordinated omission). A
+//!   request due while its connection has `max_in_flight` outstanding
+//!   waits in that connection's queue, still on the clock.
+//! - closed loop: `connections × depth` operations are outstanding at all
+//!   times; each completion dispatches the next one at once. This measures
+//!   peak throughput, and its latency is not a user's.
+//!
+//! Each operation draws its key from the whole key space (so a zipfian
+//! workload's hot keys are as hot as the law says), and goes to a
+//! connection of the endpoint that serves the key, the one with the least
+//! outstanding: on a lone node the shard owning the key; on a cluster with
+//! client routing the key's coordinator (first of its preference list), on
+//! its owning shard; with server routing the owning shard of a node chosen
+//! uniformly (it coordinates or forwards); on Redis its one address.
+//!
+//! Versions (Gyre): an update carries the newest context this thread has
+//! seen for the key (from any reply), an insert none. Two updates of one
+//! key in flight at once are concurrent, and both survive as siblings
+//! until a later write, whose context covers them, collapses them: reads
+//! report how many versions they saw (the paper's section 6.3). A
+//! read-modify-write does what the client's `update` helper does: GET,
+//! PUT with the GET's context, and again while the PUT reports siblings
+//! (up to `MAX_UPDATE_ATTEMPTS`). With several threads, a thread only
+//! draws the keys `k ≡ thread (mod threads)`, so contexts are never split
+//! between threads.
+//!
+//! Time series: every completion also lands in its thread's current
+//! *window* (a mutex the monitor swaps every `interval`), which gives the
+//! live progress line and the latency-over-time curves. The run's own
+//! histograms count requests by intended send time within the measured
+//! span, including those whose replies come after it ends.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use gyre::client::MAX_UPDATE_ATTEMPTS;
+use gyre::wire::Request;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::net::{self, decode, resp_bulk, Contexts, Kind, Routing, Topology};
+use crate::workload::{key_of, Arrival, KeyChooser, KeyDist, Mix, Op, Schedule, ValueSize};
+
+/// Where a run sends its load: `gyre://HOST:PORT` (`?routing=server` for
+/// server-driven coordination of a cluster) or `redis://HOST:PORT`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub url: String,
+    kind: Kind,
+    addr: SocketAddr,
+    routing: Routing,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> anyhow::Result<Target> {
+        let (base, routing) = match url.split_once('?') {
+            None => (url, Routing::Client),
+            Some((base, "routing=client")) => (base, Routing::Client),
+            Some((base, "routing=server")) => (base, Routing::Server),
+            Some((_, q)) => bail!("unknown target option {q:?} in {url} (only routing=client|server)"),
+        };
+        let (kind, addr) = net::parse_target(base)?;
+        anyhow::ensure!(
+            kind == Kind::Gyre || routing == Routing::Client,
+            "routing=server only applies to gyre targets: {url}"
+        );
+        Ok(Target { url: url.to_string(), kind, addr, routing })
+    }
+
+    /// A short name for tables and plots: `gyre`, `gyre (server-driven)`, `redis`.
+    pub fn label(&self) -> String {
+        match (self.kind, self.routing) {
+            (Kind::Gyre, Routing::Server) => format!("gyre {} server-driven", self.addr),
+            _ => format!("{} {}", self.kind.name(), self.addr),
+        }
+    }
+}
+
+/// How requests are paced.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    Open { arrival: Arrival, rate: f64 },
+    Closed { depth: usize },
+}
+
+/// Everything a run needs besides its target.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub mix: Mix,
+    pub dist: KeyDist,
+    pub theta: f64,
+    /// Records written by the load phase: record numbers `0..records`.
+    pub records: u64,
+    pub value_size: ValueSize,
+    /// Write every record before the run (not measured).
+    pub load: bool,
+    pub mode: Mode,
+    pub connections: usize,
+    /// Open loop: most requests outstanding on one connection.
+    pub max_in_flight: usize,
+    pub warmup: f64,
+    pub duration: f64,
+    /// Seconds per point of the time series and progress line.
+    pub interval: f64,
+    pub threads: usize,
+    pub seed: u64,
+    /// Print a progress line to stderr every interval.
+    pub progress: bool,
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.mix.validate().map_err(anyhow::Error::msg)?;
+        self.value_size.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.records >= 1 && self.records < u32::MAX as u64, "records must be in 1..2^32-1");
+        anyhow::ensure!(self.theta > 0.0 && self.theta < 1.0, "theta must be between 0 and 1 (exclusive)");
+        anyhow::ensure!(self.connections >= 1 && self.threads >= 1, "connections and threads must be positive");
+        anyhow::ensure!(self.max_in_flight >= 1, "max_in_flight must be positive");
+        anyhow::ensure!(self.duration > 0.0 && self.warmup >= 0.0, "duration must be positive, warmup not negative");
+        anyhow::ensure!(self.interval >= 0.05, "interval must be at least 0.05 s");
+        match self.mode {
+            Mode::Open { rate, .. } => anyhow::ensure!(rate > 0.0 && rate.is_finite(), "rate must be positive"),
+            Mode::Closed { depth } => anyhow::ensure!(depth >= 1, "depth must be positive"),
+        }
+        Ok(())
+    }
+}
+
+/// Latency summary of one class of operations, in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub avg_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub p9999_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    /// From a histogram of nanoseconds.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let q = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        Latency {
+            count: h.len(),
+            avg_us: h.mean() / 1e3,
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            p9999_us: q(0.9999),
+            max_us: h.max() as f64 / 1e3,
+        }
+    }
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is valid")
+}
+
+/// Reads by the number of values they returned (section 6.3 of the paper).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VersionCounts {
+    pub one: u64,
+    pub two: u64,
+    pub three: u64,
+    pub four_or_more: u64,
+}
+
+impl VersionCounts {
+    fn add_read(&mut self, values: u64) {
+        match values {
+            0 => {}
+            1 => self.one += 1,
+            2 => self.two += 1,
+            3 => self.three += 1,
+            _ => self.four_or_more += 1,
+        }
+    }
+
+    fn add(&mut self, o: &VersionCounts) {
+        self.one += o.one;
+        self.two += o.two;
+        self.three += o.three;
+        self.four_or_more += o.four_or_more;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.one + self.two + self.three + self.four_or_more
+    }
+}
+
+/// One point of the time series (completions during one interval).
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    /// End of the interval, seconds since the measured span began
+    /// (negative during the warm-up).
+    pub t: f64,
+    pub ops_per_sec: f64,
+    pub errors: u64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub p999_us: Option<f64>,
+    pub read_p999_us: Option<f64>,
+    pub write_p999_us: Option<f64>,
+}
+
+/// The outcome of one run against one target.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub target: String,
+    pub url: String,
+    pub kind: &'static str,
+    /// `client`, `server` (a cluster) or `none`.
+    pub routing: &'static str,
+    pub nodes: usize,
+    pub shards: usize,
+    pub mode: &'static str,
+    pub offered_rate: Option<f64>,
+    /// Operations completed whose intended send time fell in the measured span.
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    /// Failed operations (error replies, timeouts at the end of the run,
+    /// overflowed generator queues), within the measured span.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Reads that found no value.
+    pub read_misses: u64,
+    /// Replies a cluster node forwarded (it was not a replica of the key).
+    pub stale_routes: u64,
+    /// Read-modify-writes that had to start over (the PUT made siblings).
+    pub rmw_retries: u64,
+    /// By class: `all`, `read`, `write` (updates and inserts), `update`,
+    /// `insert`, `rmw` (classes with no operations are left out).
+    pub latency: BTreeMap<String, Latency>,
+    pub versions: VersionCounts,
+    pub timeline: Vec<Point>,
+    pub load_seconds: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+    pub machine_busy_percent: Option<f64>,
+    /// (quantile, µs) of all operations, for the plot.
+    #[serde(skip)]
+    pub curve: Vec<(f64, f64)>,
+}
+
+impl RunResult {
+    pub fn latency_of(&self, class: &str) -> Option<&Latency> {
+        self.latency.get(class)
+    }
+}
+
+/// Requests a connection may have queued (beyond those in flight) before
+/// the generator counts new ones as failed: it is overloaded itself.
+const MAX_QUEUED: usize = 100_000;
+
+/// How much earlier than due an open-loop request may leave (it then
+/// counts from when it left): waking for every single arrival would cost
+/// more than this.
+const EARLY: Duration = Duration::from_micros(20);
+
+/// How long replies are awaited after the run before the rest count as
+/// timeouts.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A request waiting or in flight.
+#[derive(Clone, Debug)]
+struct Req {
+    op: Op,
+    record: u64,
+    /// When it should have been sent (latency counts from here).
+    intended: Instant,
+    /// `None`: the first request of the operation. `Some(ctx)`: the PUT
+    /// that follows a read-modify-write's GET, or a load write's second
+    /// PUT that collapses siblings left by an earlier run.
+    follow: Option<Vec<u8>>,
+    attempt: u8,
+    load: bool,
+}
+
+/// Counts of one thread, merged at the end.
+struct Stats {
+    by_op: [Histogram<u64>; 4],
+    errors: u64,
+    first_error: Option<String>,
+    read_misses: u64,
+    stale_routes: u64,
+    rmw_retries: u64,
+    versions: VersionCounts,
+    load_errors: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            by_op: std::array::from_fn(|_| histogram()),
+            errors: 0,
+            first_error: None,
+            read_misses: 0,
+            stale_routes: 0,
+            rmw_retries: 0,
+            versions: VersionCounts::default(),
+            load_errors: 0,
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    fn add(&mut self, o: &Stats) {
+        for (a, b) in self.by_op.iter_mut().zip(&o.by_op) {
+            a.add(b).expect("same bounds");
+        }
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&o.first_error);
+        }
+        self.read_misses += o.read_misses;
+        self.stale_routes += o.stale_routes;
+        self.rmw_retries += o.rmw_retries;
+        self.versions.add(&o.versions);
+        self.load_errors += o.load_errors;
+    }
+}
+
+/// Completions of one thread since the monitor last looked.
+pub struct Window {
+    pub all: Histogram<u64>,
+    pub read: Histogram<u64>,
+    pub write: Histogram<u64>,
+    pub errors: u64,
+}
+
+impl Window {
+    pub fn new() -> Window {
+        Window { all: histogram(), read: histogram(), write: histogram(), errors: 0 }
+    }
+
+    pub fn add(&mut self, o: &Window) {
+        self.all.add(&o.all).expect("same bounds");
+        self.read.add(&o.read).expect("same bounds");
+        self.write.add(&o.write).expect("same bounds");
+        self.errors += o.errors;
+    }
+
+    pub fn reset(&mut self) {
+        self.all.reset();
+        self.read.reset();
+        self.write.reset();
+        self.errors = 0;
+    }
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window::new()
+    }
+}
+
+/// One connection's queue, shared by the dispatcher and its task.
+struct Slot {
+    endpoint: usize,
+    queue: RefCell<VecDeque<Req>>,
+    /// Queued plus in flight (the dispatcher picks the smallest).
+    busy: Cell<usize>,
+    wake: Notify,
+}
+
+/// What the dispatcher draws from.
+enum Source {
+    /// Load phase: records `next, next + step, ...` below `end`.
+    Load {
+        next: u64,
+        step: u64,
+        end: u64,
+    },
+    Mix,
+}
+
+/// One thread's generator state.
+struct Gen {
+    kind: Kind,
+    topo: Arc<Topology>,
+    cfg: Arc<RunConfig>,
+    thread: u64,
+    threads: u64,
+    rng: RefCell<fastrand::Rng>,
+    keys: RefCell<KeyChooser>,
+    source: RefCell<Source>,
+    /// Highest record acknowledged as written (`latest` reads below it).
+    newest: Cell<u64>,
+    /// The next record this thread inserts.
+    next_insert: Cell<u64>,
+    contexts: RefCell<Contexts>,
+    slots: Vec<Rc<Slot>>,
+    by_endpoint: Vec<Vec<usize>>,
+    stats: RefCell<Stats>,
+    window: Arc<Mutex<Window>>,
+    /// Intended times in `[from, to)` are measured; `None`: nothing is (load).
+    measure: Cell<Option<(Instant, Instant)>>,
+    /// Operations dispatched and not finished.
+    outstanding: Cell<usize>,
+    /// Closed loop: dispatch a new operation on every completion.
+    refill: Cell<bool>,
+    /// Set when nothing more is dispatched; tasks exit once drained.
+    stop: Cell<bool>,
+    /// Woken when `outstanding` reaches zero.
+    idle: Notify,
+    value: Vec<u8>,
+}
+
+impl Gen {
+    /// Queues one operation (or a load write); false if the source is dry.
+    fn dispatch(&self, intended: Instant) -> bool {
+        let mut rng = self.rng.borrow_mut();
+        let (op, record, load) = match &mut *self.source.borrow_mut() {
+            Source::Load { next, step, end } => {
+                if *next >= *end {
+                    return false;
+                }
+                let r = *next;
+                *next += *step;
+                (Op::Insert, r, true)
+            }
+            Source::Mix => {
+                let op = self.cfg.mix.draw(&mut rng);
+                let record = if op == Op::Insert {
+                    let r = self.next_insert.get();
+                    self.next_insert.set(r + self.threads);
+                    r
+                } else {
+                    let mut keys = self.keys.borrow_mut();
+                    let mut r = keys.next(&mut rng, self.newest.get());
+                    // A thread keeps to its own residue class of keys.
+                    for _ in 0..64 {
+                        if r % self.threads == self.thread {
+                            break;
+                        }
+                        r = keys.next(&mut rng, self.newest.get());
+                    }
+                    r
+                };
+                (op, record, false)
+            }
+        };
+        let mut key = Vec::with_capacity(24);
+        key_of(record, &mut key);
+        let endpoint = self.topo.route(&key, &mut rng);
+        drop(rng);
+        let req = Req { op, record, intended, follow: None, attempt: 0, load };
+        let Some(&best) = self.by_endpoint[endpoint].iter().min_by_key(|&&i| self.slots[i].busy.get()) else {
+            // Planning gives every endpoint a connection on every thread.
+            unreachable!("no connection to endpoint {endpoint}");
+        };
+        let slot = &self.slots[best];
+        self.outstanding.set(self.outstanding.get() + 1);
+        if slot.busy.get() >= MAX_QUEUED + self.cfg.max_in_flight {
+            self.finish(&req, Instant::now(), Err("the generator's queue overflowed: the target is too slow".into()));
+            return true;
+        }
+        slot.busy.set(slot.busy.get() + 1);
+        slot.queue.borrow_mut().push_back(req);
+        slot.wake.notify_one();
+        true
+    }
+
+    fn measured(&self, t: Instant) -> bool {
+        self.measure.get().is_some_and(|(from, to)| t >= from && t < to)
+    }
+
+    /// An operation ended at `now`.
+    fn finish(&self, req: &Req, now: Instant, result: Result<(), String>) {
+        let ns = now.saturating_duration_since(req.intended).as_nanos() as u64;
+        if !req.load {
+            let mut w = self.window.lock().expect("window lock");
+            match &result {
+                Ok(()) => {
+                    let _ = w.all.record(ns.max(1));
+                    let class = if req.op == Op::Read { &mut w.read } else { &mut w.write };
+                    let _ = class.record(ns.max(1));
+                }
+                Err(_) => w.errors += 1,
+            }
+        }
+        let mut stats = self.stats.borrow_mut();
+        if req.load {
+            if let Err(e) = result {
+                stats.load_errors += 1;
+                if stats.first_error.is_none() {
+                    stats.first_error = Some(format!("load: {e}"));
+                }
+            }
+        } else if self.measured(req.intended) {
+            match result {
+                Ok(()) => {
+                    let _ = stats.by_op[req.op.index()].record(ns.max(1));
+                }
+                Err(e) => stats.fail(e),
+            }
+        }
+        drop(stats);
+        let left = self.outstanding.get() - 1;
+        self.outstanding.set(left);
+        if self.refill.get() && !self.stop.get() && self.dispatch(now) {
+            return;
+        }
+        if self.outstanding.get() == 0 {
+            self.idle.notify_one();
+        }
+    }
+
+    /// Encodes `req` as a frame for `shard` with id `id`.
+    fn encode(&self, out: &mut Vec<u8>, key: &[u8], req: &Req, id: u64, shard: u16) {
+        let get = matches!(req.op, Op::Read | Op::Rmw) && req.follow.is_none();
+        let size = if get { 0 } else { self.cfg.value_size.draw(&mut self.rng.borrow_mut()) };
+        let value = &self.value[..size];
+        match (self.kind, get) {
+            (Kind::Gyre, true) => Request::Get { key }.encode(out, id, shard, 0),
+            (Kind::Gyre, false) => {
+                let held = self.contexts.borrow();
+                let context = match (&req.follow, req.op) {
+                    (Some(ctx), _) => &ctx[..],
+                    (None, Op::Update) => held.get(req.record).unwrap_or(&[]),
+                    _ => &[],
+                };
+                Request::Put { key, context, value }.encode(out, id, shard, 0)
+            }
+            (Kind::Redis, true) => {
+                out.extend_from_slice(b"*2\r\n$3\r\nGET\r\n");
+                resp_bulk(out, key);
+            }
+            (Kind::Redis, false) => {
+                out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n");
+                resp_bulk(out, key);
+                resp_bulk(out, value);
+            }
+        }
+    }
+
+    /// A reply to `req` arrived at `now`: finish the operation or queue its
+    /// next step on `slot`.
+    fn on_reply(&self, slot: &Slot, mut req: Req, d: net::Decoded<'_>, now: Instant) {
+        if self.kind == Kind::Gyre {
+            self.contexts.borrow_mut().learn(req.record, d.ctx);
+        }
+        if let Some(e) = d.error {
+            return self.finish(&req, now, Err(e));
+        }
+        if self.measured(req.intended) {
+            self.stats.borrow_mut().stale_routes += u64::from(d.stale);
+        }
+        let again = |req: Req| {
+            slot.busy.set(slot.busy.get() + 1);
+            slot.queue.borrow_mut().push_front(req);
+        };
+        match (req.op, req.follow.is_some()) {
+            (Op::Read, _) => {
+                if self.measured(req.intended) {
+                    let mut s = self.stats.borrow_mut();
+                    s.versions.add_read(d.values);
+                    s.read_misses += u64::from(d.values == 0);
+                }
+                self.finish(&req, now, Ok(()))
+            }
+            // A first load write that found siblings (a store loaded
+            // before): one more PUT with the reply's context, which
+            // covers them all, leaves one version.
+            (Op::Insert, false) if req.load && self.kind == Kind::Gyre && d.values > 1 => {
+                req.follow = Some(d.ctx.to_vec());
+                again(req)
+            }
+            (Op::Rmw, false) => {
+                req.follow = Some(d.ctx.to_vec());
+                again(req)
+            }
+            (Op::Rmw, true) if self.kind == Kind::Gyre && d.values > 1 => {
+                if (req.attempt as usize) + 1 >= MAX_UPDATE_ATTEMPTS {
+                    return self.finish(&req, now, Err(format!("read-modify-write still has {} siblings", d.values)));
+                }
+                if self.measured(req.intended) {
+                    self.stats.borrow_mut().rmw_retries += 1;
+                }
+                req.follow = None;
+                req.attempt += 1;
+                again(req)
+            }
+            _ => {
+                if req.op == Op::Insert {
+                    self.newest.set(self.newest.get().max(req.record));
+                }
+                self.finish(&req, now, Ok(()))
+            }
+        }
+    }
+}
+
+struct InFlight {
+    id: u64,
+    req: Req,
+}
+
+/// One connection: sends what its slot queues, matches replies.
+async fn conn_task(gen: Rc<Gen>, index: usize, mut stream: tokio::net::TcpStream, shard: u16) -> anyhow::Result<()> {
+    let slot = gen.slots[index].clone();
+    let cap = match gen.cfg.mode {
+        Mode::Open { .. } => gen.cfg.max_in_flight,
+        // Closed loop: whatever the dispatcher gave this connection.
+        Mode::Closed { .. } => usize::MAX,
+    };
+    let mut wbuf = Vec::with_capacity(16 * 1024);
+    let (mut rbuf, mut rstart, mut rend) = (vec![0u8; 64 * 1024], 0usize, 0usize);
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut next_id = 0u64;
+    let mut key = Vec::with_capacity(24);
+    loop {
+        while in_flight.len() < cap {
+            let Some(req) = slot.queue.borrow_mut().pop_front() else { break };
+            key_of(req.record, &mut key);
+            gen.encode(&mut wbuf, &key, &req, next_id, shard);
+            in_flight.push_back(InFlight { id: next_id, req });
+            next_id += 1;
+        }
+        if !wbuf.is_empty() {
+            stream.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        if in_flight.is_empty() && gen.stop.get() && slot.queue.borrow().is_empty() {
+            return Ok(());
+        }
+        if rend == rbuf.len() {
+            if rstart > 0 {
+                rbuf.copy_within(rstart..rend, 0);
+                (rstart, rend) = (0, rend - rstart);
+            } else {
+                rbuf.resize(rbuf.len() * 2, 0);
+            }
+        }
+        tokio::select! {
+            n = stream.read(&mut rbuf[rend..]), if !in_flight.is_empty() => {
+                let n = n?;
+                if n == 0 {
+                    bail!("the server closed the connection");
+                }
+                rend += n;
+                let now = Instant::now();
+                while let Some(d) = decode(gen.kind, &rbuf[rstart..rend])? {
+                    rstart += d.len;
+                    let pos = match d.id {
+                        Some(id) => in_flight.iter().position(|f| f.id == id),
+                        None => (!in_flight.is_empty()).then_some(0),
+                    };
+                    let Some(f) = pos.and_then(|p| in_flight.remove(p)) else {
+                        bail!("a reply to no request in flight (id {:?})", d.id);
+                    };
+                    slot.busy.set(slot.busy.get() - 1);
+                    gen.on_reply(&slot, f.req, d, now);
+                }
+                if rstart == rend {
+                    (rstart, rend) = (0, 0);
+                }
+            }
+            () = slot.wake.notified() => {}
+        }
+    }
+}
+
+/// A timerfd: sleeps with microsecond precision inside tokio.
+struct Timer {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl Timer {
+    fn new() -> anyhow::Result<Timer> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        anyhow::ensure!(fd >= 0, "timerfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor this owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the AsyncFd owns the descriptor and closes it on drop;
+        // nothing else replaces or closes it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(owned) }.map_err(std::io::Error::from)?;
+        Ok(Timer { fd })
+    }
+
+    async fn sleep(&self, d: Duration) -> anyhow::Result<()> {
+        let d = d.max(Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long },
+        };
+        // SAFETY: valid fd and a valid itimerspec; relative time.
+        let rc = unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        anyhow::ensure!(rc == 0, "timerfd_settime: {}", std::io::Error::last_os_error());
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads 8 bytes into a buffer of 8.
+            let got = guard.try_io(|fd| {
+                let n = unsafe { libc::read(fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match got {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// The open-loop dispatcher of one thread: sends on `schedule` from
+/// `origin` until `end`.
+async fn open_loop(gen: Rc<Gen>, mut schedule: Schedule, origin: Instant, end: Instant) -> anyhow::Result<()> {
+    let timer = Timer::new()?;
+    loop {
+        let due = origin + Duration::from_secs_f64(schedule.peek());
+        if due >= end {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if due > now + EARLY {
+            timer.sleep(due - now).await?;
+            continue;
+        }
+        schedule.next(&mut gen.rng.borrow_mut());
+        gen.dispatch(due.min(now));
+    }
+}
+
+/// The times every thread works to.
+struct Timeline {
+    run_from: Instant,
+    measure_from: Instant,
+    measure_to: Instant,
+}
+
+struct ThreadOut {
+    stats: Stats,
+    load_done: Option<Instant>,
+}
+
+/// Connections per thread and endpoint: connection `c` goes to endpoint
+/// `c % endpoints` on thread `(c / endpoints) % threads`; every endpoint
+/// gets at least one connection on every thread.
+fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>> {
+    let total = connections.max(endpoints * threads);
+    let mut per: Vec<Vec<usize>> = vec![Vec::new(); threads];
+    for c in 0..total {
+        per[(c / endpoints) % threads].push(c % endpoints);
+    }
+    per
+}
+
+#[allow(clippy::too_many_arguments)]
+fn thread_main(
+    target: &Target,
+    topo: Arc<Topology>,
+    cfg: Arc<RunConfig>,
+    thread: usize,
+    endpoints: Vec<usize>,
+    window: Arc<Mutex<Window>>,
+    barrier: &Barrier,
+    timeline: &OnceLock<Timeline>,
+) -> anyhow::Result<ThreadOut> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+    let local = tokio::task::LocalSet::new();
+    let threads = cfg.threads as u64;
+    let mut by_endpoint = vec![Vec::new(); topo.endpoints.len()];
+    let slots: Vec<Rc<Slot>> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            by_endpoint[e].push(i);
+            Rc::new(Slot { endpoint: e, queue: RefCell::new(VecDeque::new()), busy: Cell::new(0), wake: Notify::new() })
+        })
+        .collect();
+    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
+    let gen = Rc::new(Gen {
+        kind: target.kind,
+        topo: topo.clone(),
+        rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+        keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
+        source: RefCell::new(Source::Load { next: thread as u64, step: threads, end: cfg.records }),
+        newest: Cell::new(cfg.records - 1),
+        next_insert: Cell::new(cfg.records + thread as u64),
+        contexts: RefCell::new(Contexts::new()),
+        slots,
+        by_endpoint,
+        stats: RefCell::new(Stats::new()),
+        window,
+        measure: Cell::new(None),
+        outstanding: Cell::new(0),
+        refill: Cell::new(true),
+        stop: Cell::new(false),
+        idle: Notify::new(),
+        value: vec![b'x'; cfg.value_size.max()],
+        thread: thread as u64,
+        threads,
+        cfg: cfg.clone(),
+    });
+    // Every thread reaches both barriers even when it failed, so that the
+    // others do not wait forever.
+    let setup = local.block_on(&rt, async {
+        let mut tasks = Vec::new();
+        for (i, slot) in gen.slots.iter().enumerate() {
+            let ep = &topo.endpoints[slot.endpoint];
+            let stream =
+                tokio::net::TcpStream::connect(ep.addr).await.with_context(|| format!("connecting to {}", ep.addr))?;
+            stream.set_nodelay(true)?;
+            tasks.push(tokio::task::spawn_local(conn_task(gen.clone(), i, stream, ep.shard)));
+        }
+        if cfg.load {
+            let depth = 16 * gen.slots.len();
+            for _ in 0..depth {
+                if !gen.dispatch(Instant::now()) {
+                    break;
+                }
+            }
+            while gen.outstanding.get() > 0 {
+                tokio::select! {
+                    () = gen.idle.notified() => {}
+                    // A connection that failed ends the load.
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if let Some(t) = tasks.iter().position(|t| t.is_finished()) {
+                            tasks.swap_remove(t).await??;
+                            bail!("a connection ended during the load");
+                        }
+                    }
+                }
+            }
+        }
+        anyhow::Ok(tasks)
+    });
+    let load_done = cfg.load.then(Instant::now);
+    let tasks = match setup {
+        Ok(t) => t,
+        Err(e) => {
+            barrier.wait();
+            barrier.wait();
+            return Err(e);
+        }
+    };
+    if barrier.wait().is_leader() {
+        let run_from = Instant::now() + Duration::from_millis(10);
+        let measure_from = run_from + Duration::from_secs_f64(cfg.warmup);
+        let measure_to = measure_from + Duration::from_secs_f64(cfg.duration);
+        let _ = timeline.set(Timeline { run_from, measure_from, measure_to });
+    }
+    barrier.wait();
+    let tl = timeline.get().expect("set by the leader");
+    *gen.source.borrow_mut() = Source::Mix;
+    gen.measure.set(Some((tl.measure_from, tl.measure_to)));
+    let drained = local.block_on(&rt, async {
+        tokio::time::sleep_until(tl.run_from.into()).await;
+        match cfg.mode {
+            Mode::Closed { depth } => {
+                gen.refill.set(true);
+                for _ in 0..(cfg.connections * depth).div_ceil(cfg.threads) {
+                    gen.dispatch(Instant::now());
+                }
+                tokio::time::sleep_until(tl.measure_to.into()).await;
+            }
+            Mode::Open { arrival, rate } => {
+                gen.refill.set(false);
+                let mut rng = fastrand::Rng::with_seed(seed ^ 0x5EED);
+                let phase = thread as f64 / cfg.threads as f64;
+                let schedule = Schedule::new(arrival, rate / cfg.threads as f64, phase, &mut rng);
+                open_loop(gen.clone(), schedule, tl.run_from, tl.measure_to).await?;
+            }
+        }
+        gen.stop.set(true);
+        for s in &gen.slots {
+            s.wake.notify_one();
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        for t in tasks {
+            match tokio::time::timeout_at(deadline, t).await {
+                Ok(r) => r??,
+                Err(_) => return anyhow::Ok(false),
+            }
+        }
+        anyhow::Ok(true)
+    })?;
+    let mut stats = gen.stats.take();
+    if !drained {
+        let left = gen.outstanding.get() as u64;
+        stats.errors += left;
+        if stats.first_error.is_none() {
+            stats.first_error = Some(format!("{left} requests unanswered {DRAIN:?} after the run"));
+        }
+    }
+    Ok(ThreadOut { stats, load_done })
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats::new()
+    }
+}
+
+/// Runs `cfg` against `target` and returns what it measured.
+pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
+    cfg.validate()?;
+    let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
+    let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
+    let cfg = Arc::new(cfg.clone());
+    let windows: Vec<Arc<Mutex<Window>>> = (0..cfg.threads).map(|_| Arc::new(Mutex::new(Window::new()))).collect();
+    let barrier = Barrier::new(cfg.threads);
+    let timeline = OnceLock::new();
+    let started = Instant::now();
+    let label = target.label();
+    let (outs, points, cpu) = std::thread::scope(|scope| {
+        let handles: Vec<_> = plans
+            .into_iter()
+            .enumerate()
+            .map(|(t, endpoints)| {
+                let (topo, cfg, window, barrier, timeline) =
+                    (topo.clone(), cfg.clone(), windows[t].clone(), &barrier, &timeline);
+                std::thread::Builder::new()
+                    .name(format!("gyre-bench-{t}"))
+                    .spawn_scoped(scope, move || {
+                        thread_main(target, topo, cfg, t, endpoints, window, barrier, timeline)
+                    })
+                    .expect("spawning a generator thread")
+            })
+            .collect();
+        let running = |hs: &[std::thread::ScopedJoinHandle<'_, _>]| !hs.iter().all(|h| h.is_finished());
+        while timeline.get().is_none() && running(&handles) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (points, cpu) = match timeline.get() {
+            Some(tl) => monitor(&label, &cfg, tl, &windows, || running(&handles)),
+            None => (Vec::new(), [None, None]),
+        };
+        let outs: Vec<anyhow::Result<ThreadOut>> =
+            handles.into_iter().map(|h| h.join().expect("generator thread panicked")).collect();
+        (outs, points, cpu)
+    });
+    let mut stats = Stats::new();
+    let mut load_done: Option<Instant> = None;
+    for o in outs {
+        let o = o?;
+        stats.add(&o.stats);
+        load_done = load_done.max(o.load_done);
+    }
+    anyhow::ensure!(stats.load_errors == 0, "{} load writes failed: {:?}", stats.load_errors, stats.first_error);
+    Ok(summarize(target, &topo, &cfg, stats, points, cpu, load_done.map(|d| (d - started).as_secs_f64())))
+}
+
+/// Samples the threads' windows every interval until they finish: the
+/// time series, and the progress line. Returns the points and the CPU use
+/// (generator, whole machine) over the measured span.
+fn monitor(
+    label: &str,
+    cfg: &RunConfig,
+    tl: &Timeline,
+    windows: &[Arc<Mutex<Window>>],
+    running: impl Fn() -> bool,
+) -> (Vec<Point>, [Option<f64>; 2]) {
+    let interval = Duration::from_secs_f64(cfg.interval);
+    let mut merged = Window::new();
+    let mut points = Vec::new();
+    let mut next = tl.run_from + interval;
+    let mut cpu_from = None;
+    let mut cpu = [None, None];
+    let sample = || (net::cpu_seconds(None), net::machine_seconds().map(|m| m.0));
+    let mut stderr = std::io::stderr();
+    while running() {
+        let now = Instant::now();
+        if cpu_from.is_none() && now >= tl.measure_from {
+            cpu_from = Some((sample(), now));
+        }
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(20)));
+            continue;
+        }
+        if next > tl.measure_to + interval {
+            // Draining after the run: no more points.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        merged.reset();
+        for w in windows {
+            let mut w = w.lock().expect("window lock");
+            merged.add(&w);
+            w.reset();
+        }
+        let t = next.saturating_duration_since(tl.measure_from).as_secs_f64()
+            - tl.measure_from.saturating_duration_since(next).as_secs_f64();
+        let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
+        let p = Point {
+            t,
+            ops_per_sec: merged.all.len() as f64 / cfg.interval,
+            errors: merged.errors,
+            p50_us: q(&merged.all, 0.5),
+            p99_us: q(&merged.all, 0.99),
+            p999_us: q(&merged.all, 0.999),
+            read_p999_us: q(&merged.read, 0.999),
+            write_p999_us: q(&merged.write, 0.999),
+        };
+        if cfg.progress {
+            let phase = if t <= 0.0 { "warm-up" } else { "measure" };
+            let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}us"));
+            let _ = write!(
+                stderr,
+                "\r{label} [{phase} {t:6.1}s] {:8.0} ops/s  p99 {:>8}  p99.9 {:>8}  errors {:<6}",
+                p.ops_per_sec,
+                us(p.p99_us),
+                us(p.p999_us),
+                p.errors
+            );
+            let _ = stderr.flush();
+        }
+        if let Some(((g0, m0), t0)) = cpu_from.filter(|_| next >= tl.measure_to && cpu == [None, None]) {
+            let (g1, m1) = sample();
+            let wall = t0.elapsed().as_secs_f64();
+            let pct = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
+            cpu = [pct(g0, g1), pct(m0, m1)];
+        }
+        points.push(p);
+        next += interval;
+    }
+    if cfg.progress {
+        let _ = writeln!(stderr);
+    }
+    (points, cpu)
+}
+
+fn summarize(
+    target: &Target,
+    topo: &Topology,
+    cfg: &RunConfig,
+    stats: Stats,
+    timeline: Vec<Point>,
+    cpu: [Option<f64>; 2],
+    load_seconds: Option<f64>,
+) -> RunResult {
+    let mut latency = BTreeMap::new();
+    let (mut all, mut write) = (histogram(), histogram());
+    for op in Op::ALL {
+        let h = &stats.by_op[op.index()];
+        all.add(h).expect("same bounds");
+        if matches!(op, Op::Update | Op::Insert) {
+            write.add(h).expect("same bounds");
+        }
+        if !h.is_empty() {
+            latency.insert(op.name().to_string(), Latency::of(h));
+        }
+    }
+    if !write.is_empty() {
+        latency.insert("write".to_string(), Latency::of(&write));
+    }
+    latency.insert("all".to_string(), Latency::of(&all));
+    let curve = if all.is_empty() {
+        Vec::new()
+    } else {
+        crate::plot::percentile_points().into_iter().map(|q| (q, all.value_at_quantile(q) as f64 / 1e3)).collect()
+    };
+    let ops = all.len();
+    let (mode, offered_rate) = match cfg.mode {
+        Mode::Open { rate, .. } => ("open", Some(rate)),
+        Mode::Closed { .. } => ("closed", None),
+    };
+    RunResult {
+        target: target.label(),
+        url: target.url.clone(),
+        kind: target.kind.name(),
+        routing: topo.routing_name(),
+        nodes: topo.nodes(),
+        shards: topo.endpoints.len(),
+        mode,
+        offered_rate,
+        ops,
+        ops_per_sec: ops as f64 / cfg.duration,
+        errors: stats.errors,
+        first_error: stats.first_error,
+        read_misses: stats.read_misses,
+        stale_routes: stats.stale_routes,
+        rmw_retries: stats.rmw_retries,
+        latency,
+        versions: stats.versions,
+        timeline,
+        load_seconds,
+        generator_cpu_percent: cpu[0],
+        machine_busy_percent: cpu[1],
+        curve,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        let t = Target::parse("gyre://127.0.0.1:7700").unwrap();
+        assert_eq!((t.kind, t.routing), (Kind::Gyre, Routing::Client));
+        let t = Target::parse("gyre://127.0.0.1:7700?routing=server").unwrap();
+        assert_eq!(t.routing, Routing::Server);
+        assert!(t.label().contains("server-driven"));
+        assert_eq!(Target::parse("redis://127.0.0.1:6379").unwrap().kind, Kind::Redis);
+        assert!(Target::parse("redis://127.0.0.1:6379?routing=server").is_err());
+        assert!(Target::parse("gyre://127.0.0.1:7700?fast=yes").is_err());
+        assert!(Target::parse("http://127.0.0.1:80").is_err());
+    }
+
+    #[test]
+    fn plans_give_every_endpoint_a_connection_on_every_thread() {
+        for (e, c, t) in [(1, 50, 1), (6, 50, 2), (6, 4, 2), (3, 3, 3)] {
+            let p = plan(e, c, t);
+            assert_eq!(p.len(), t);
+            assert_eq!(p.iter().map(Vec::len).sum::<usize>(), c.max(e * t));
+            for per in &p {
+                for ep in 0..e {
+                    assert!(per.contains(&ep), "{e} endpoints, {c} connections, {t} threads: {p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn version_counts_bucket_reads() {
+        let mut v = VersionCounts::default();
+        for n in [0, 1, 1, 2, 3, 4, 9] {
+            v.add_read(n);
+        }
+        assert_eq!((v.one, v.two, v.three, v.four_or_more, v.total()), (2, 1, 1, 2, 6));
+    }
+
+    #[test]
+    fn latency_summary_and_window_merging() {
+        let mut a = Window::new();
+        let mut b = Window::new();
+        for us in 1..=1000u64 {
+            a.all.record(us * 1000).unwrap();
+        }
+        b.all.record(50_000_000).unwrap();
+        b.errors = 2;
+        let mut m = Window::new();
+        m.add(&a);
+        m.add(&b);
+        assert_eq!(m.all.len(), 1001);
+        assert_eq!(m.errors, 2);
+        let l = Latency::of(&m.all);
+        assert_eq!(l.count, 1001);
+        // Three significant figures: within 0.3% of the exact order statistics.
+        assert!((l.p50_us - 500.0).abs() / 500.0 < 0.003, "{l:?}");
+        assert!((l.p99_us - 990.0).abs() / 990.0 < 0.003, "{l:?}");
+        assert!((l.max_us - 50_000.0).abs() / 50_000.0 < 0.001, "{l:?}");
+        m.reset();
+        assert!(m.all.is_empty() && m.errors == 0);
+        assert_eq!(Latency::of(&m.all).count, 0);
+    }
+}

@@ -1,0 +1,841 @@
+//! SLA files and their verdicts: `gyre-bench sla FILE` runs the workload
+//! an SLA file describes against each of its targets, checks every limit,
+//! writes JSON, Markdown and SVG results, and exits 2 on a miss;
+//! `gyre-bench capacity FILE` searches the highest offered rate at which
+//! every limit still holds.
+//!
+//! An SLA file (TOML; unknown keys are errors):
+//!
+//! ```toml
+//! name = "node-a"                  # default: the file's stem
+//! description = "YCSB A on one node"
+//! targets = ["gyre://127.0.0.1:7700", "redis://127.0.0.1:6379"]
+//! limits = ["p99.9 < 1ms", "read.p99 <= 500us", "throughput >= 95%", "errors == 0"]
+//!
+//! [workload]
+//! workload = "a"                   # a b c d f, or mix = { read = 0.9, update = 0.1 }
+//! distribution = "zipfian"         # uniform | zipfian | latest (default: per workload)
+//! theta = 0.99
+//! records = 100000
+//! value_size = 100                 # or { min = 50, max = 150 }
+//! load = true                      # write every record first (not measured)
+//!
+//! [run]
+//! mode = "open"                    # open | closed
+//! arrival = "poisson"              # poisson | constant (open loop)
+//! rate = 20000                     # offered operations per second (open loop)
+//! depth = 1                        # outstanding per connection (closed loop)
+//! connections = 50
+//! max_in_flight = 64               # per connection (open loop)
+//! warmup = 2
+//! duration = 10
+//! interval = 1                     # seconds per point of the time series
+//! threads = 1
+//! seed = 1
+//!
+//! [capacity]                       # for `gyre-bench capacity`
+//! start = 5000
+//! max = 500000
+//! tolerance = 0.05
+//! probe_duration = 5
+//! ```
+//!
+//! A limit is `[CLASS.]METRIC CMP VALUE`: CLASS is `all` (default),
+//! `read`, `write`, `update`, `insert` or `rmw`; METRIC is `avg`, `p50`,
+//! `p90`, `p99`, `p99.9`, `p99.99` or `max` (VALUE with `us`, `µs`, `ms`
+//! or `s`), or `throughput` (ops/s, or `%` of the offered rate), `errors`
+//! (a count) or `error_rate` (`%` of operations); CMP is `<`, `<=`, `>`,
+//! `>=` or `==`. A limit on a class with no operations fails: it could not
+//! be checked.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+
+use crate::harness::{Mode, RunConfig, RunResult};
+use crate::workload::{Arrival, KeyDist, Mix, ValueSize, Workload, DEFAULT_THETA};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaFile {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub limits: Vec<Limit>,
+    #[serde(default)]
+    pub workload: WorkloadSection,
+    #[serde(default)]
+    pub run: RunSection,
+    #[serde(default)]
+    pub capacity: CapacitySection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadSection {
+    pub workload: Option<Workload>,
+    pub mix: Option<Mix>,
+    pub distribution: Option<KeyDist>,
+    pub theta: f64,
+    pub records: u64,
+    pub value_size: ValueSize,
+    pub load: bool,
+}
+
+impl Default for WorkloadSection {
+    fn default() -> Self {
+        WorkloadSection {
+            workload: None,
+            mix: None,
+            distribution: None,
+            theta: DEFAULT_THETA,
+            records: 100_000,
+            value_size: ValueSize::Fixed(100),
+            load: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoopMode {
+    Open,
+    Closed,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    pub mode: LoopMode,
+    pub arrival: Arrival,
+    pub rate: Option<f64>,
+    pub depth: usize,
+    pub connections: usize,
+    pub max_in_flight: usize,
+    pub warmup: f64,
+    pub duration: f64,
+    pub interval: f64,
+    pub threads: usize,
+    pub seed: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            mode: LoopMode::Open,
+            arrival: Arrival::Poisson,
+            rate: None,
+            depth: 1,
+            connections: 50,
+            max_in_flight: 64,
+            warmup: 2.0,
+            duration: 10.0,
+            interval: 1.0,
+            threads: 1,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacitySection {
+    pub start: f64,
+    pub max: f64,
+    /// The search stops when the lowest failing rate is within this share
+    /// of the highest passing one.
+    pub tolerance: f64,
+    /// Measured seconds of each probe (shorter than a full run).
+    pub probe_duration: f64,
+}
+
+impl Default for CapacitySection {
+    fn default() -> Self {
+        CapacitySection { start: 1000.0, max: 1_000_000.0, tolerance: 0.05, probe_duration: 5.0 }
+    }
+}
+
+impl SlaFile {
+    pub fn load(path: &Path) -> anyhow::Result<SlaFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut f: SlaFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if f.name.is_none() {
+            f.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        f.config(f.run.rate.unwrap_or(1.0)).with_context(|| format!("checking {}", path.display()))?;
+        Ok(f)
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("sla")
+    }
+
+    /// The run this file describes, at `rate` (open loop).
+    pub fn config(&self, rate: f64) -> anyhow::Result<RunConfig> {
+        let w = &self.workload;
+        let mix = match (w.workload, w.mix) {
+            (Some(_), Some(_)) => bail!("set either workload or mix, not both"),
+            (Some(k), None) => k.mix(),
+            (None, Some(m)) => m,
+            (None, None) => bail!("the [workload] section needs workload = \"a\" (b, c, d, f) or a mix"),
+        };
+        let dist = w.distribution.unwrap_or(w.workload.map_or(KeyDist::Zipfian, Workload::default_distribution));
+        let r = &self.run;
+        let mode = match r.mode {
+            LoopMode::Open => {
+                anyhow::ensure!(r.rate.is_some() || rate > 0.0, "an open-loop run needs a rate");
+                Mode::Open { arrival: r.arrival, rate }
+            }
+            LoopMode::Closed => Mode::Closed { depth: r.depth },
+        };
+        let cfg = RunConfig {
+            mix,
+            dist,
+            theta: w.theta,
+            records: w.records,
+            value_size: w.value_size,
+            load: w.load,
+            mode,
+            connections: r.connections,
+            max_in_flight: r.max_in_flight,
+            warmup: r.warmup,
+            duration: r.duration,
+            interval: r.interval,
+            threads: r.threads,
+            seed: r.seed,
+            progress: true,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// A latency statistic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    Avg,
+    P50,
+    P90,
+    P99,
+    P999,
+    P9999,
+    Max,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Metric {
+    Latency {
+        class: String,
+        stat: Stat,
+    },
+    /// Completed operations per second.
+    Throughput,
+    Errors,
+    /// Errors per operation attempted.
+    ErrorRate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cmp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+}
+
+impl Cmp {
+    fn holds(self, measured: f64, limit: f64) -> bool {
+        match self {
+            Cmp::Lt => measured < limit,
+            Cmp::Le => measured <= limit,
+            Cmp::Gt => measured > limit,
+            Cmp::Ge => measured >= limit,
+            Cmp::Eq => measured == limit,
+        }
+    }
+}
+
+/// One limit of an SLA file, e.g. `p99.9 < 1ms`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limit {
+    pub text: String,
+    pub metric: Metric,
+    pub cmp: Cmp,
+    /// Microseconds (latency), ops/s or a share of the offered rate
+    /// (throughput), a count (errors) or a share (error rate).
+    pub value: f64,
+    /// `throughput` given in % of the offered rate.
+    pub relative: bool,
+}
+
+const CLASSES: [&str; 6] = ["all", "read", "write", "update", "insert", "rmw"];
+
+impl FromStr for Limit {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Limit, String> {
+        let bad = |why: &str| format!("limit {text:?}: {why}");
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        // The value may have its unit apart: "1 ms".
+        let (name, cmp, value) = match parts.as_slice() {
+            [n, c, v] => (*n, *c, v.to_string()),
+            [n, c, v, u] => (*n, *c, format!("{v}{u}")),
+            _ => return Err(bad("write it as METRIC CMP VALUE, e.g. \"p99.9 < 1ms\"")),
+        };
+        let cmp = match cmp {
+            "<" => Cmp::Lt,
+            "<=" => Cmp::Le,
+            ">" => Cmp::Gt,
+            ">=" => Cmp::Ge,
+            "==" => Cmp::Eq,
+            other => return Err(bad(&format!("unknown comparison {other:?} (< <= > >= ==)"))),
+        };
+        let (class, stat) = match name.split_once('.') {
+            Some((c, s)) if CLASSES.contains(&c) => (c, s),
+            _ => ("all", name),
+        };
+        let stat = match stat {
+            "avg" => Some(Stat::Avg),
+            "p50" => Some(Stat::P50),
+            "p90" => Some(Stat::P90),
+            "p99" => Some(Stat::P99),
+            "p99.9" => Some(Stat::P999),
+            "p99.99" => Some(Stat::P9999),
+            "max" => Some(Stat::Max),
+            _ => None,
+        };
+        let number = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+        let (metric, value, relative) = match (stat, name) {
+            (Some(stat), _) => {
+                let (digits, scale) = [("us", 1.0), ("µs", 1.0), ("ms", 1e3), ("s", 1e6)]
+                    .iter()
+                    .find_map(|(u, k)| value.strip_suffix(u).map(|d| (d, *k)))
+                    .ok_or_else(|| bad("a latency needs a unit: us, ms or s"))?;
+                let v = number(digits).ok_or_else(|| bad("not a number"))?;
+                (Metric::Latency { class: class.to_string(), stat }, v * scale, false)
+            }
+            (None, "throughput") => match value.strip_suffix('%') {
+                Some(p) => (Metric::Throughput, number(p).ok_or_else(|| bad("not a number"))? / 100.0, true),
+                None => {
+                    let v = value.strip_suffix("ops/s").unwrap_or(&value);
+                    (Metric::Throughput, number(v).ok_or_else(|| bad("not a number"))?, false)
+                }
+            },
+            (None, "errors") => (Metric::Errors, number(&value).ok_or_else(|| bad("not a count"))?, false),
+            (None, "error_rate") => {
+                let p = value.strip_suffix('%').ok_or_else(|| bad("an error rate is in %"))?;
+                (Metric::ErrorRate, number(p).ok_or_else(|| bad("not a number"))? / 100.0, false)
+            }
+            _ => {
+                return Err(bad(
+                    "unknown metric (avg p50 p90 p99 p99.9 p99.99 max, optionally after read. write. ..., \
+                     throughput, errors, error_rate)",
+                ))
+            }
+        };
+        Ok(Limit { text: text.to_string(), metric, cmp, value, relative })
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A limit checked against a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    pub limit: String,
+    /// What was measured, in the limit's terms (µs, ops/s, count, share).
+    pub measured: Option<f64>,
+    pub pass: bool,
+    /// Why it could not be checked, if so.
+    pub note: Option<String>,
+}
+
+impl Limit {
+    /// The limit's latency in µs, if it is a latency limit (for plots).
+    pub fn latency_us(&self) -> Option<f64> {
+        matches!(self.metric, Metric::Latency { .. }).then_some(self.value)
+    }
+
+    pub fn check(&self, r: &RunResult) -> Verdict {
+        let attempted = r.ops + r.errors;
+        let measured: Result<f64, String> = match &self.metric {
+            Metric::Latency { class, stat } => match r.latency_of(class).filter(|l| l.count > 0) {
+                None => Err(format!("no {class} operations were measured")),
+                Some(l) => Ok(match stat {
+                    Stat::Avg => l.avg_us,
+                    Stat::P50 => l.p50_us,
+                    Stat::P90 => l.p90_us,
+                    Stat::P99 => l.p99_us,
+                    Stat::P999 => l.p999_us,
+                    Stat::P9999 => l.p9999_us,
+                    Stat::Max => l.max_us,
+                }),
+            },
+            Metric::Throughput if self.relative => match r.offered_rate {
+                Some(rate) => Ok(r.ops_per_sec / rate),
+                None => Err("a closed-loop run has no offered rate".to_string()),
+            },
+            Metric::Throughput => Ok(r.ops_per_sec),
+            Metric::Errors => Ok(r.errors as f64),
+            Metric::ErrorRate if attempted == 0 => Err("no operations".to_string()),
+            Metric::ErrorRate => Ok(r.errors as f64 / attempted as f64),
+        };
+        match measured {
+            Ok(m) => {
+                Verdict { limit: self.text.clone(), measured: Some(m), pass: self.cmp.holds(m, self.value), note: None }
+            }
+            Err(why) => Verdict { limit: self.text.clone(), measured: None, pass: false, note: Some(why) },
+        }
+    }
+
+    /// A measured value in the limit's own terms, for people.
+    pub fn show(&self, v: Option<f64>) -> String {
+        let Some(v) = v else { return "n/a".to_string() };
+        match self.metric {
+            Metric::Latency { .. } => fmt_us(v),
+            Metric::Throughput if self.relative => format!("{:.1}% of offered", v * 100.0),
+            Metric::Throughput => format!("{v:.0} ops/s"),
+            Metric::Errors => format!("{v:.0}"),
+            Metric::ErrorRate => format!("{:.3}%", v * 100.0),
+        }
+    }
+}
+
+pub fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// The capacity search: from `start`, double the rate while the SLA holds,
+/// then bisect (geometrically) between the highest passing and the lowest
+/// failing rate until they are within `tolerance`.
+#[derive(Clone, Debug)]
+pub struct Search {
+    start: f64,
+    max: f64,
+    tolerance: f64,
+    /// Highest rate that passed and lowest that failed so far.
+    pub pass: Option<f64>,
+    pub fail: Option<f64>,
+}
+
+/// Below `start / 2^MAX_HALVINGS` a search gives up: nothing passes.
+const MAX_HALVINGS: i32 = 8;
+
+impl Search {
+    pub fn new(c: &CapacitySection) -> anyhow::Result<Search> {
+        anyhow::ensure!(c.start > 0.0 && c.max >= c.start, "capacity needs 0 < start <= max");
+        anyhow::ensure!(c.tolerance > 0.0 && c.tolerance < 1.0, "capacity tolerance must be in (0, 1)");
+        anyhow::ensure!(c.probe_duration > 0.0, "capacity probe_duration must be positive");
+        Ok(Search { start: c.start, max: c.max, tolerance: c.tolerance, pass: None, fail: None })
+    }
+
+    /// The next rate to probe, or `None` when the search is over.
+    pub fn next(&self) -> Option<f64> {
+        match (self.pass, self.fail) {
+            (None, None) => Some(self.start),
+            (Some(p), None) => (p < self.max).then(|| (p * 2.0).min(self.max)),
+            (None, Some(f)) => (f / 2.0 >= self.start / 2f64.powi(MAX_HALVINGS)).then_some(f / 2.0),
+            (Some(p), Some(f)) => (f / p > 1.0 + self.tolerance).then(|| (p * f).sqrt()),
+        }
+    }
+
+    pub fn record(&mut self, rate: f64, passed: bool) {
+        if passed {
+            self.pass = Some(self.pass.map_or(rate, |p| p.max(rate)));
+        } else {
+            self.fail = Some(self.fail.map_or(rate, |f| f.min(rate)));
+        }
+    }
+}
+
+/// The machine a result was measured on (from /proc).
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn here() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim()))
+            .unwrap_or("unknown")
+            .to_string();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        Machine { cpu, cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), kernel }
+    }
+}
+
+/// One target's result and verdicts.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetReport {
+    pub result: RunResult,
+    pub verdicts: Vec<Verdict>,
+    pub pass: bool,
+}
+
+/// What `gyre-bench sla` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub description: String,
+    pub file: String,
+    pub machine: Machine,
+    pub workload: String,
+    pub limits: Vec<String>,
+    pub targets: Vec<TargetReport>,
+    pub pass: bool,
+}
+
+/// A one-line description of the workload, for reports.
+pub fn describe(cfg: &RunConfig) -> String {
+    let m = &cfg.mix;
+    let mut parts = Vec::new();
+    for (share, name) in [(m.read, "read"), (m.update, "update"), (m.insert, "insert"), (m.rmw, "rmw")] {
+        if share > 0.0 {
+            parts.push(format!("{:.0}% {name}", share * 100.0));
+        }
+    }
+    let load = match cfg.mode {
+        Mode::Open { arrival, rate } => {
+            format!("open loop, {} arrivals at {rate:.0} ops/s", format!("{arrival:?}").to_lowercase())
+        }
+        Mode::Closed { depth } => format!("closed loop, {depth} outstanding per connection"),
+    };
+    let size = match cfg.value_size {
+        ValueSize::Fixed(n) => format!("{n} B"),
+        ValueSize::Uniform { min, max } => format!("{min}-{max} B"),
+    };
+    format!(
+        "{}; {} keys over {} records; {size} values; {load}; {} connections; {} s measured after {} s warm-up",
+        parts.join(", "),
+        format!("{:?}", cfg.dist).to_lowercase(),
+        cfg.records,
+        cfg.connections,
+        cfg.duration,
+        cfg.warmup
+    )
+}
+
+/// The Markdown summary of a report.
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!("# {}\n\n", r.name);
+    if !r.description.is_empty() {
+        s += &format!("{}\n\n", r.description);
+    }
+    s += &format!(
+        "Workload: {}.\n\nMachine: {} ({} CPUs), Linux {}. Source: `{}`.\n\n",
+        r.workload, r.machine.cpu, r.machine.cpus, r.machine.kernel, r.file
+    );
+    s += "| target | ops/s | p50 | p90 | p99 | p99.9 | p99.99 | max | errors | verdict |\n";
+    s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
+    for t in &r.targets {
+        let res = &t.result;
+        let l = res.latency_of("all").cloned().unwrap_or_default();
+        s += &format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            res.target,
+            res.ops_per_sec,
+            fmt_us(l.p50_us),
+            fmt_us(l.p90_us),
+            fmt_us(l.p99_us),
+            fmt_us(l.p999_us),
+            fmt_us(l.p9999_us),
+            fmt_us(l.max_us),
+            res.errors,
+            if t.pass { "pass" } else { "**miss**" }
+        );
+    }
+    for t in &r.targets {
+        let res = &t.result;
+        s += &format!("\n## {}\n\n", res.target);
+        s += "| class | ops | avg | p50 | p99 | p99.9 | max |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+        for (class, l) in &res.latency {
+            s += &format!(
+                "| {class} | {} | {} | {} | {} | {} | {} |\n",
+                l.count,
+                fmt_us(l.avg_us),
+                fmt_us(l.p50_us),
+                fmt_us(l.p99_us),
+                fmt_us(l.p999_us),
+                fmt_us(l.max_us)
+            );
+        }
+        let v = &res.versions;
+        if v.total() > 0 {
+            let pct = |n: u64| n as f64 * 100.0 / v.total() as f64;
+            s += &format!(
+                "\nReads by versions seen: 1: {:.4}%, 2: {:.4}%, 3: {:.4}%, 4 or more: {:.4}% (of {} reads that found the key; {} misses).\n",
+                pct(v.one),
+                pct(v.two),
+                pct(v.three),
+                pct(v.four_or_more),
+                v.total(),
+                res.read_misses
+            );
+        }
+        if !t.verdicts.is_empty() {
+            s += "\n| limit | measured | verdict |\n| --- | ---: | --- |\n";
+            for v in &t.verdicts {
+                let shown = match v.measured {
+                    Some(_) => show_measured(&v.limit, v.measured),
+                    None => format!("n/a ({})", v.note.as_deref().unwrap_or("")),
+                };
+                s += &format!("| `{}` | {shown} | {} |\n", v.limit, if v.pass { "pass" } else { "**miss**" });
+            }
+        }
+        if let Some(e) = &res.first_error {
+            s += &format!("\nFirst error: `{e}`\n");
+        }
+    }
+    s
+}
+
+fn show_measured(limit: &str, v: Option<f64>) -> String {
+    limit.parse::<Limit>().map_or_else(|_| format!("{v:?}"), |l| l.show(v))
+}
+
+/// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
+pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let base = dir.join(&r.name);
+    let json = base.with_extension("json");
+    std::fs::write(&json, serde_json::to_string_pretty(r)? + "\n")?;
+    let md = base.with_extension("md");
+    std::fs::write(&md, markdown(r))?;
+    let svg = base.with_extension("svg");
+    std::fs::write(&svg, plot(r, limits))?;
+    Ok(vec![json, md, svg])
+}
+
+/// The report's plot: each target's percentile curve and p99.9 over time.
+pub fn plot(r: &Report, limits: &[Limit]) -> String {
+    let series: Vec<crate::plot::Series> = r
+        .targets
+        .iter()
+        .map(|t| crate::plot::Series {
+            label: t.result.target.clone(),
+            percentiles: t.result.curve.clone(),
+            over_time: t.result.timeline.iter().filter(|p| p.t > 0.0).map(|p| (p.t, p.p999_us)).collect(),
+        })
+        .collect();
+    let lines: Vec<(String, f64)> =
+        limits.iter().filter_map(|l| l.latency_us().map(|us| (format!("SLA {}", l.text), us))).collect();
+    let interval = r.targets.first().and_then(|t| t.result.timeline.get(1).zip(t.result.timeline.first()));
+    let label = match interval {
+        Some((b, a)) => format!("p99.9 per {:.1} s interval", b.t - a.t),
+        None => "p99.9 per interval".to_string(),
+    };
+    crate::plot::render_svg(&crate::plot::Plot {
+        title: &format!("{}: {}", r.name, r.workload),
+        over_time_label: &label,
+        series: &series,
+        limits: &lines,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::Latency;
+    use std::collections::BTreeMap;
+
+    fn result(ops_per_sec: f64, p999: f64, errors: u64, offered: Option<f64>) -> RunResult {
+        let mut latency = BTreeMap::new();
+        let l = Latency { count: 100, p999_us: p999, p99_us: p999 / 2.0, ..Latency::default() };
+        latency.insert("all".to_string(), l.clone());
+        latency.insert("read".to_string(), l);
+        RunResult {
+            target: "t".into(),
+            url: "gyre://x".into(),
+            kind: "gyre",
+            routing: "none",
+            nodes: 1,
+            shards: 1,
+            mode: if offered.is_some() { "open" } else { "closed" },
+            offered_rate: offered,
+            ops: (ops_per_sec * 10.0) as u64,
+            ops_per_sec,
+            errors,
+            first_error: None,
+            read_misses: 0,
+            stale_routes: 0,
+            rmw_retries: 0,
+            latency,
+            versions: Default::default(),
+            timeline: Vec::new(),
+            load_seconds: None,
+            generator_cpu_percent: None,
+            machine_busy_percent: None,
+            curve: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn limits_parse() {
+        let l: Limit = "p99.9 < 1ms".parse().unwrap();
+        assert_eq!(l.metric, Metric::Latency { class: "all".into(), stat: Stat::P999 });
+        assert_eq!((l.cmp, l.value), (Cmp::Lt, 1000.0));
+        let l: Limit = "read.p99 <= 500 us".parse().unwrap();
+        assert_eq!(l.metric, Metric::Latency { class: "read".into(), stat: Stat::P99 });
+        assert_eq!((l.cmp, l.value), (Cmp::Le, 500.0));
+        assert_eq!("write.max < 2s".parse::<Limit>().unwrap().value, 2e6);
+        assert_eq!("p99.99 < 750µs".parse::<Limit>().unwrap().value, 750.0);
+        let t: Limit = "throughput >= 95%".parse().unwrap();
+        assert_eq!((t.metric.clone(), t.value, t.relative), (Metric::Throughput, 0.95, true));
+        let t: Limit = "throughput >= 40000 ops/s".parse().unwrap();
+        assert_eq!((t.value, t.relative), (40000.0, false));
+        assert_eq!("errors == 0".parse::<Limit>().unwrap().metric, Metric::Errors);
+        assert_eq!("error_rate <= 0.1%".parse::<Limit>().unwrap().value, 0.001);
+        for bad in [
+            "p99.9 < 1",
+            "p99.9 < 1 parsec",
+            "p99.9 ~ 1ms",
+            "p97 < 1ms",
+            "scan.p99 < 1ms",
+            "p99 < -1ms",
+            "p99 < NaNms",
+            "throughput",
+            "error_rate < 1",
+            "",
+        ] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let r = result(9_600.0, 800.0, 0, Some(10_000.0));
+        let check = |s: &str| s.parse::<Limit>().unwrap().check(&r);
+        assert!(check("p99.9 < 1ms").pass);
+        assert!(!check("p99.9 < 800us").pass);
+        assert!(check("p99.9 <= 800us").pass);
+        assert!(check("read.p99 < 401us").pass);
+        assert!(!check("read.p99 < 400us").pass);
+        assert!(check("throughput >= 95%").pass);
+        assert!(!check("throughput >= 97%").pass);
+        assert!(check("throughput >= 9000").pass);
+        assert!(check("errors == 0").pass);
+        // A class with no operations cannot pass.
+        let v = check("rmw.p99 < 1s");
+        assert!(!v.pass && v.measured.is_none() && v.note.unwrap().contains("no rmw"));
+        let closed = result(9_600.0, 800.0, 5, None);
+        let v = "throughput >= 95%".parse::<Limit>().unwrap().check(&closed);
+        assert!(!v.pass && v.note.is_some());
+        let v = "error_rate <= 1%".parse::<Limit>().unwrap().check(&closed);
+        assert!(v.pass && (v.measured.unwrap() - 5.0 / 96_005.0).abs() < 1e-9);
+        assert!(!"errors == 0".parse::<Limit>().unwrap().check(&closed).pass);
+    }
+
+    #[test]
+    fn sla_files_parse_and_reject_mistakes() {
+        let text = r#"
+            description = "d"
+            targets = ["gyre://127.0.0.1:7700"]
+            limits = ["p99.9 < 1ms", "errors == 0"]
+            [workload]
+            workload = "d"
+            records = 1000
+            value_size = { min = 10, max = 20 }
+            [run]
+            rate = 5000
+            arrival = "constant"
+        "#;
+        let f: SlaFile = toml::from_str(text).unwrap();
+        let c = f.config(5000.0).unwrap();
+        assert_eq!(c.dist, KeyDist::Latest);
+        assert_eq!(c.mix, Workload::D.mix());
+        assert_eq!(c.mode, Mode::Open { arrival: Arrival::Constant, rate: 5000.0 });
+        assert_eq!(c.value_size, ValueSize::Uniform { min: 10, max: 20 });
+        assert_eq!(f.limits.len(), 2);
+        let bad = |t: &str| {
+            toml::from_str::<SlaFile>(t)
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.config(1.0).map_err(|e| e.to_string()))
+        };
+        assert!(bad("[workload]\nworkload = \"a\"\nspeed = 3").is_err(), "unknown key");
+        assert!(bad("limits = [\"p99 < 3 parsecs\"]\n[workload]\nworkload = \"a\"").is_err());
+        assert!(bad("[workload]\nworkload = \"e\"").is_err(), "no workload E");
+        assert!(bad("[run]\nrate = 1").is_err(), "no workload");
+        assert!(bad("[workload]\nmix = { read = 0.5, update = 0.4 }").is_err(), "shares sum to 0.9");
+        assert!(bad("[workload]\nworkload = \"a\"\n[run]\nconnections = 0").is_err());
+        assert!(bad("[workload]\nworkload = \"c\"\n[run]\nmode = \"closed\"").is_ok());
+    }
+
+    #[test]
+    fn capacity_search_converges_on_the_boundary() {
+        for boundary in [700.0, 3_000.0, 12_345.0, 90_000.0] {
+            let c = CapacitySection { start: 1000.0, max: 200_000.0, tolerance: 0.05, probe_duration: 1.0 };
+            let mut s = Search::new(&c).unwrap();
+            let mut probes = 0;
+            while let Some(rate) = s.next() {
+                s.record(rate, rate <= boundary);
+                probes += 1;
+                assert!(probes < 40);
+            }
+            let (p, f) = (s.pass.unwrap(), s.fail.unwrap());
+            assert!(p <= boundary && f > boundary && f / p <= 1.05, "{boundary}: {p} .. {f}");
+        }
+        // Nothing passes: the search ends with no passing rate.
+        let mut s = Search::new(&CapacitySection { start: 1000.0, ..Default::default() }).unwrap();
+        while let Some(rate) = s.next() {
+            s.record(rate, false);
+        }
+        assert!(s.pass.is_none());
+        // Everything passes up to the cap.
+        let mut s = Search::new(&CapacitySection { start: 1000.0, max: 5000.0, ..Default::default() }).unwrap();
+        while let Some(rate) = s.next() {
+            s.record(rate, true);
+        }
+        assert_eq!((s.pass, s.fail), (Some(5000.0), None));
+    }
+
+    #[test]
+    fn reports_render() {
+        let mut res = result(9_600.0, 800.0, 0, Some(10_000.0));
+        res.versions = crate::harness::VersionCounts { one: 990, two: 9, three: 1, four_or_more: 0 };
+        let limits: Vec<Limit> = vec!["p99.9 < 1ms".parse().unwrap(), "rmw.p99 < 1ms".parse().unwrap()];
+        let verdicts: Vec<Verdict> = limits.iter().map(|l| l.check(&res)).collect();
+        let r = Report {
+            name: "n".into(),
+            description: "d".into(),
+            file: "f.toml".into(),
+            machine: Machine::here(),
+            workload: "w".into(),
+            limits: limits.iter().map(|l| l.text.clone()).collect(),
+            pass: false,
+            targets: vec![TargetReport { result: res, pass: false, verdicts }],
+        };
+        let md = markdown(&r);
+        assert!(md.contains("| `p99.9 < 1ms` | 800 µs | pass |"), "{md}");
+        assert!(md.contains("| `rmw.p99 < 1ms` | n/a (no rmw operations were measured) | **miss** |"), "{md}");
+        assert!(md.contains("1: 99.0000%, 2: 0.9000%, 3: 0.1000%"), "{md}");
+        let svg = plot(&r, &limits);
+        assert!(svg.starts_with("<svg") && svg.contains("SLA p99.9 &lt; 1ms"));
+    }
+}
