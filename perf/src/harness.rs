@@ -40,6 +40,17 @@
 //! draws the keys `k ≡ thread (mod threads)`, so contexts are never split
 //! between threads.
 //!
+//! Load phase: every record is written once (a Gyre record already there
+//! gets a second PUT with the context that covers its siblings, so a store
+//! loaded before ends with one version per record). Without a load, a Gyre
+//! target's records are read once instead, so that updates carry their
+//! contexts from the start (a blind write would add a sibling per run).
+//!
+//! A connection writes its queued requests and then reads replies: it
+//! does not read while a write is blocked, which with large values and a
+//! deep `max_in_flight` could stall it until the drain times out (the
+//! requests then count as timeouts, not as lost).
+//!
 //! Time series: every completion also lands in its thread's current
 //! *window* (a mutex the monitor swaps every `interval`), which gives the
 //! live progress line and the latency-over-time curves. The run's own
@@ -141,11 +152,17 @@ impl RunConfig {
         anyhow::ensure!(self.theta > 0.0 && self.theta < 1.0, "theta must be between 0 and 1 (exclusive)");
         anyhow::ensure!(self.connections >= 1 && self.threads >= 1, "connections and threads must be positive");
         anyhow::ensure!(self.max_in_flight >= 1, "max_in_flight must be positive");
-        anyhow::ensure!(self.duration > 0.0 && self.warmup >= 0.0, "duration must be positive, warmup not negative");
-        anyhow::ensure!(self.interval >= 0.05, "interval must be at least 0.05 s");
+        anyhow::ensure!(
+            self.duration.is_finite() && self.duration > 0.0 && self.warmup.is_finite() && self.warmup >= 0.0,
+            "duration must be positive, warmup not negative (both finite)"
+        );
+        anyhow::ensure!(self.interval.is_finite() && self.interval >= 0.05, "interval must be at least 0.05 s");
         match self.mode {
             Mode::Open { rate, .. } => anyhow::ensure!(rate > 0.0 && rate.is_finite(), "rate must be positive"),
-            Mode::Closed { depth } => anyhow::ensure!(depth >= 1, "depth must be positive"),
+            Mode::Closed { depth } => anyhow::ensure!(
+                depth >= 1 && self.connections.saturating_mul(depth) <= MAX_QUEUED,
+                "depth must be positive, and connections × depth at most {MAX_QUEUED}"
+            ),
         }
         Ok(())
     }
@@ -247,12 +264,18 @@ pub struct RunResult {
     pub shards: usize,
     pub mode: &'static str,
     pub offered_rate: Option<f64>,
-    /// Operations completed whose intended send time fell in the measured span.
+    /// Operations whose intended send time fell in the measured span and
+    /// that completed (the latency histograms count these).
     pub ops: u64,
+    /// Operations that *completed* within the measured span, per second:
+    /// an overloaded target's backlog, answered after the span, does not
+    /// count.
     pub ops_per_sec: f64,
     /// Failed operations (error replies, timeouts at the end of the run,
-    /// overflowed generator queues), within the measured span.
+    /// overflowed generator queues), within the measured span. Timeouts
+    /// also go into the latency histograms at the time they waited.
     pub errors: u64,
+    pub timeouts: u64,
     pub first_error: Option<String>,
     /// Reads that found no value.
     pub read_misses: u64,
@@ -310,7 +333,10 @@ struct Req {
 /// Counts of one thread, merged at the end.
 struct Stats {
     by_op: [Histogram<u64>; 4],
+    /// Operations that completed (successfully) inside the measured span.
+    completed_in_span: u64,
     errors: u64,
+    timeouts: u64,
     first_error: Option<String>,
     read_misses: u64,
     stale_routes: u64,
@@ -323,7 +349,9 @@ impl Stats {
     fn new() -> Stats {
         Stats {
             by_op: std::array::from_fn(|_| histogram()),
+            completed_in_span: 0,
             errors: 0,
+            timeouts: 0,
             first_error: None,
             read_misses: 0,
             stale_routes: 0,
@@ -344,7 +372,9 @@ impl Stats {
         for (a, b) in self.by_op.iter_mut().zip(&o.by_op) {
             a.add(b).expect("same bounds");
         }
+        self.completed_in_span += o.completed_in_span;
         self.errors += o.errors;
+        self.timeouts += o.timeouts;
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.first_error);
         }
@@ -375,13 +405,6 @@ impl Window {
         self.write.add(&o.write).expect("same bounds");
         self.errors += o.errors;
     }
-
-    pub fn reset(&mut self) {
-        self.all.reset();
-        self.read.reset();
-        self.write.reset();
-        self.errors = 0;
-    }
 }
 
 impl Default for Window {
@@ -394,6 +417,9 @@ impl Default for Window {
 struct Slot {
     endpoint: usize,
     queue: RefCell<VecDeque<Req>>,
+    /// Sent and not yet answered (here, not in the task, so that what is
+    /// left unanswered at the end can be counted).
+    in_flight: RefCell<VecDeque<InFlight>>,
     /// Queued plus in flight (the dispatcher picks the smallest).
     busy: Cell<usize>,
     wake: Notify,
@@ -401,11 +427,15 @@ struct Slot {
 
 /// What the dispatcher draws from.
 enum Source {
-    /// Load phase: records `next, next + step, ...` below `end`.
+    /// Load phase: records `next, next + step, ...` below `end`, each
+    /// written (`prime` false) or read (`prime` true: a store loaded by an
+    /// earlier run, whose contexts this run must learn before it updates,
+    /// or its first update of every key would be a new sibling).
     Load {
         next: u64,
         step: u64,
         end: u64,
+        prime: bool,
     },
     Mix,
 }
@@ -433,6 +463,8 @@ struct Gen {
     measure: Cell<Option<(Instant, Instant)>>,
     /// Operations dispatched and not finished.
     outstanding: Cell<usize>,
+    /// Operations finished (the load phase watches it for progress).
+    done: Cell<u64>,
     /// Closed loop: dispatch a new operation on every completion.
     refill: Cell<bool>,
     /// Set when nothing more is dispatched; tasks exit once drained.
@@ -447,13 +479,13 @@ impl Gen {
     fn dispatch(&self, intended: Instant) -> bool {
         let mut rng = self.rng.borrow_mut();
         let (op, record, load) = match &mut *self.source.borrow_mut() {
-            Source::Load { next, step, end } => {
+            Source::Load { next, step, end, prime } => {
                 if *next >= *end {
                     return false;
                 }
                 let r = *next;
                 *next += *step;
-                (Op::Insert, r, true)
+                (if *prime { Op::Read } else { Op::Insert }, r, true)
             }
             Source::Mix => {
                 let op = self.cfg.mix.draw(&mut rng);
@@ -464,7 +496,9 @@ impl Gen {
                 } else {
                     let mut keys = self.keys.borrow_mut();
                     let mut r = keys.next(&mut rng, self.newest.get());
-                    // A thread keeps to its own residue class of keys.
+                    // A thread keeps to its own residue class of keys
+                    // (a draw that misses it 64 times in a row, with many
+                    // threads, takes another thread's key).
                     for _ in 0..64 {
                         if r % self.threads == self.thread {
                             break;
@@ -509,8 +543,11 @@ impl Gen {
             match &result {
                 Ok(()) => {
                     let _ = w.all.record(ns.max(1));
-                    let class = if req.op == Op::Read { &mut w.read } else { &mut w.write };
-                    let _ = class.record(ns.max(1));
+                    match req.op {
+                        Op::Read => drop(w.read.record(ns.max(1))),
+                        Op::Update | Op::Insert => drop(w.write.record(ns.max(1))),
+                        Op::Rmw => {}
+                    }
                 }
                 Err(_) => w.errors += 1,
             }
@@ -523,22 +560,47 @@ impl Gen {
                     stats.first_error = Some(format!("load: {e}"));
                 }
             }
-        } else if self.measured(req.intended) {
-            match result {
-                Ok(()) => {
-                    let _ = stats.by_op[req.op.index()].record(ns.max(1));
+        } else {
+            if result.is_ok() && self.measured(now) {
+                stats.completed_in_span += 1;
+            }
+            if self.measured(req.intended) {
+                match result {
+                    Ok(()) => {
+                        let _ = stats.by_op[req.op.index()].record(ns.max(1));
+                    }
+                    Err(e) => stats.fail(e),
                 }
-                Err(e) => stats.fail(e),
             }
         }
         drop(stats);
-        let left = self.outstanding.get() - 1;
-        self.outstanding.set(left);
+        self.done.set(self.done.get() + 1);
+        self.outstanding.set(self.outstanding.get() - 1);
         if self.refill.get() && !self.stop.get() && self.dispatch(now) {
             return;
         }
         if self.outstanding.get() == 0 {
             self.idle.notify_one();
+        }
+    }
+
+    /// The run is over and replies stopped coming: every operation still
+    /// queued or in flight that was due in the measured span counts as a
+    /// timeout, an error whose latency is at least what it waited.
+    fn time_out_the_rest(&self, now: Instant) {
+        let mut stats = self.stats.borrow_mut();
+        for slot in &self.slots {
+            let queued = slot.queue.borrow();
+            let in_flight = slot.in_flight.borrow();
+            for req in queued.iter().chain(in_flight.iter().map(|f| &f.req)) {
+                if req.load || !self.measured(req.intended) {
+                    continue;
+                }
+                let ns = now.saturating_duration_since(req.intended).as_nanos() as u64;
+                let _ = stats.by_op[req.op.index()].record(ns.max(1));
+                stats.timeouts += 1;
+                stats.fail(format!("no reply {DRAIN:?} after the run"));
+            }
         }
     }
 
@@ -587,6 +649,16 @@ impl Gen {
             slot.queue.borrow_mut().push_front(req);
         };
         match (req.op, req.follow.is_some()) {
+            // Priming: a key with siblings left by an earlier run is
+            // collapsed with one PUT of the context that covers them.
+            (Op::Read, false) if req.load => {
+                if self.kind == Kind::Gyre && d.values > 1 {
+                    req.op = Op::Insert;
+                    req.follow = Some(d.ctx.to_vec());
+                    return again(req);
+                }
+                self.finish(&req, now, Ok(()))
+            }
             (Op::Read, _) => {
                 if self.measured(req.intended) {
                     let mut s = self.stats.borrow_mut();
@@ -595,10 +667,11 @@ impl Gen {
                 }
                 self.finish(&req, now, Ok(()))
             }
-            // A first load write that found siblings (a store loaded
-            // before): one more PUT with the reply's context, which
-            // covers them all, leaves one version.
-            (Op::Insert, false) if req.load && self.kind == Kind::Gyre && d.values > 1 => {
+            // An insert (or load write) that found siblings: the record
+            // was written by an earlier run. One more PUT with the reply's
+            // context, which covers them all, leaves one version; the
+            // insert's latency includes it.
+            (Op::Insert, false) if self.kind == Kind::Gyre && d.values > 1 => {
                 req.follow = Some(d.ctx.to_vec());
                 again(req)
             }
@@ -642,22 +715,22 @@ async fn conn_task(gen: Rc<Gen>, index: usize, mut stream: tokio::net::TcpStream
     };
     let mut wbuf = Vec::with_capacity(16 * 1024);
     let (mut rbuf, mut rstart, mut rend) = (vec![0u8; 64 * 1024], 0usize, 0usize);
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next_id = 0u64;
     let mut key = Vec::with_capacity(24);
     loop {
-        while in_flight.len() < cap {
+        while slot.in_flight.borrow().len() < cap {
             let Some(req) = slot.queue.borrow_mut().pop_front() else { break };
             key_of(req.record, &mut key);
             gen.encode(&mut wbuf, &key, &req, next_id, shard);
-            in_flight.push_back(InFlight { id: next_id, req });
+            slot.in_flight.borrow_mut().push_back(InFlight { id: next_id, req });
             next_id += 1;
         }
         if !wbuf.is_empty() {
             stream.write_all(&wbuf).await?;
             wbuf.clear();
         }
-        if in_flight.is_empty() && gen.stop.get() && slot.queue.borrow().is_empty() {
+        let idle = slot.in_flight.borrow().is_empty();
+        if idle && gen.stop.get() && slot.queue.borrow().is_empty() {
             return Ok(());
         }
         if rend == rbuf.len() {
@@ -669,7 +742,7 @@ async fn conn_task(gen: Rc<Gen>, index: usize, mut stream: tokio::net::TcpStream
             }
         }
         tokio::select! {
-            n = stream.read(&mut rbuf[rend..]), if !in_flight.is_empty() => {
+            n = stream.read(&mut rbuf[rend..]), if !idle => {
                 let n = n?;
                 if n == 0 {
                     bail!("the server closed the connection");
@@ -678,11 +751,15 @@ async fn conn_task(gen: Rc<Gen>, index: usize, mut stream: tokio::net::TcpStream
                 let now = Instant::now();
                 while let Some(d) = decode(gen.kind, &rbuf[rstart..rend])? {
                     rstart += d.len;
-                    let pos = match d.id {
-                        Some(id) => in_flight.iter().position(|f| f.id == id),
-                        None => (!in_flight.is_empty()).then_some(0),
+                    let f = {
+                        let mut in_flight = slot.in_flight.borrow_mut();
+                        let pos = match d.id {
+                            Some(id) => in_flight.iter().position(|f| f.id == id),
+                            None => (!in_flight.is_empty()).then_some(0),
+                        };
+                        pos.and_then(|p| in_flight.remove(p))
                     };
-                    let Some(f) = pos.and_then(|p| in_flight.remove(p)) else {
+                    let Some(f) = f else {
                         bail!("a reply to no request in flight (id {:?})", d.id);
                     };
                     slot.busy.set(slot.busy.get() - 1);
@@ -752,10 +829,14 @@ async fn open_loop(gen: Rc<Gen>, mut schedule: Schedule, origin: Instant, end: I
     let timer = Timer::new()?;
     loop {
         let due = origin + Duration::from_secs_f64(schedule.peek());
+        let now = Instant::now();
         if due >= end {
+            // Stay until the end, so that the run lasts what it says.
+            if end > now {
+                timer.sleep(end - now).await?;
+            }
             return Ok(());
         }
-        let now = Instant::now();
         if due > now + EARLY {
             timer.sleep(due - now).await?;
             continue;
@@ -789,6 +870,115 @@ fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>>
     per
 }
 
+/// A thread's runtime and generator, connected and loaded.
+fn prepare_thread(
+    target: &Target,
+    topo: Arc<Topology>,
+    cfg: Arc<RunConfig>,
+    thread: usize,
+    endpoints: Vec<usize>,
+    window: Arc<Mutex<Window>>,
+) -> anyhow::Result<ThreadReady> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+    let local = tokio::task::LocalSet::new();
+    let threads = cfg.threads as u64;
+    let mut by_endpoint = vec![Vec::new(); topo.endpoints.len()];
+    let slots: Vec<Rc<Slot>> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            by_endpoint[e].push(i);
+            Rc::new(Slot {
+                endpoint: e,
+                queue: RefCell::new(VecDeque::new()),
+                in_flight: RefCell::new(VecDeque::new()),
+                busy: Cell::new(0),
+                wake: Notify::new(),
+            })
+        })
+        .collect();
+    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
+    let gen = Rc::new(Gen {
+        kind: target.kind,
+        topo: topo.clone(),
+        rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+        keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
+        // Without a load, Gyre's records are read once to learn their
+        // contexts (see `Source::Load`); Redis needs nothing.
+        source: RefCell::new(Source::Load {
+            next: thread as u64,
+            step: threads,
+            end: if cfg.load || target.kind == Kind::Gyre { cfg.records } else { 0 },
+            prime: !cfg.load,
+        }),
+        newest: Cell::new(cfg.records - 1),
+        // The first record past the loaded ones in this thread's residue class.
+        next_insert: Cell::new(cfg.records + (thread as u64 + threads - cfg.records % threads) % threads),
+        contexts: RefCell::new(Contexts::new()),
+        slots,
+        by_endpoint,
+        stats: RefCell::new(Stats::new()),
+        window,
+        measure: Cell::new(None),
+        outstanding: Cell::new(0),
+        done: Cell::new(0),
+        refill: Cell::new(true),
+        stop: Cell::new(false),
+        idle: Notify::new(),
+        value: vec![b'x'; cfg.value_size.max()],
+        thread: thread as u64,
+        threads,
+        cfg: cfg.clone(),
+    });
+    let setup = local.block_on(&rt, async {
+        let mut tasks = Vec::new();
+        for (i, slot) in gen.slots.iter().enumerate() {
+            let ep = &topo.endpoints[slot.endpoint];
+            let stream =
+                tokio::net::TcpStream::connect(ep.addr).await.with_context(|| format!("connecting to {}", ep.addr))?;
+            stream.set_nodelay(true)?;
+            tasks.push(tokio::task::spawn_local(conn_task(gen.clone(), i, stream, ep.shard)));
+        }
+        // The load (or priming) phase, closed loop.
+        for _ in 0..16 * gen.slots.len() {
+            if !gen.dispatch(Instant::now()) {
+                break;
+            }
+        }
+        let (mut seen, mut progress) = (gen.done.get(), Instant::now());
+        while gen.outstanding.get() > 0 {
+            tokio::select! {
+                () = gen.idle.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    // A connection that failed, or a server that stopped
+                    // answering, ends the load.
+                    if let Some(t) = tasks.iter().position(|t| t.is_finished()) {
+                        tasks.swap_remove(t).await??;
+                        bail!("a connection ended during the load");
+                    }
+                    if gen.done.get() != seen {
+                        (seen, progress) = (gen.done.get(), Instant::now());
+                    } else if progress.elapsed() > DRAIN {
+                        bail!("the load made no progress for {DRAIN:?}");
+                    }
+                }
+            }
+        }
+        anyhow::Ok(tasks)
+    });
+    Ok(ThreadReady { rt, local, gen, setup, load_done: Instant::now() })
+}
+
+/// A thread after its connections and load: either ready to run, or failed.
+struct ThreadReady {
+    rt: tokio::runtime::Runtime,
+    local: tokio::task::LocalSet,
+    gen: Rc<Gen>,
+    setup: anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>,
+    load_done: Instant,
+}
+
+/// Runs one generator thread: set up, wait for every thread, run, drain.
 #[allow(clippy::too_many_arguments)]
 fn thread_main(
     target: &Target,
@@ -800,94 +990,21 @@ fn thread_main(
     barrier: &Barrier,
     timeline: &OnceLock<Timeline>,
 ) -> anyhow::Result<ThreadOut> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
-    let local = tokio::task::LocalSet::new();
-    let threads = cfg.threads as u64;
-    let mut by_endpoint = vec![Vec::new(); topo.endpoints.len()];
-    let slots: Vec<Rc<Slot>> = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| {
-            by_endpoint[e].push(i);
-            Rc::new(Slot { endpoint: e, queue: RefCell::new(VecDeque::new()), busy: Cell::new(0), wake: Notify::new() })
-        })
-        .collect();
-    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
-    let gen = Rc::new(Gen {
-        kind: target.kind,
-        topo: topo.clone(),
-        rng: RefCell::new(fastrand::Rng::with_seed(seed)),
-        keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
-        source: RefCell::new(Source::Load { next: thread as u64, step: threads, end: cfg.records }),
-        newest: Cell::new(cfg.records - 1),
-        next_insert: Cell::new(cfg.records + thread as u64),
-        contexts: RefCell::new(Contexts::new()),
-        slots,
-        by_endpoint,
-        stats: RefCell::new(Stats::new()),
-        window,
-        measure: Cell::new(None),
-        outstanding: Cell::new(0),
-        refill: Cell::new(true),
-        stop: Cell::new(false),
-        idle: Notify::new(),
-        value: vec![b'x'; cfg.value_size.max()],
-        thread: thread as u64,
-        threads,
-        cfg: cfg.clone(),
-    });
-    // Every thread reaches both barriers even when it failed, so that the
-    // others do not wait forever.
-    let setup = local.block_on(&rt, async {
-        let mut tasks = Vec::new();
-        for (i, slot) in gen.slots.iter().enumerate() {
-            let ep = &topo.endpoints[slot.endpoint];
-            let stream =
-                tokio::net::TcpStream::connect(ep.addr).await.with_context(|| format!("connecting to {}", ep.addr))?;
-            stream.set_nodelay(true)?;
-            tasks.push(tokio::task::spawn_local(conn_task(gen.clone(), i, stream, ep.shard)));
-        }
-        if cfg.load {
-            let depth = 16 * gen.slots.len();
-            for _ in 0..depth {
-                if !gen.dispatch(Instant::now()) {
-                    break;
-                }
-            }
-            while gen.outstanding.get() > 0 {
-                tokio::select! {
-                    () = gen.idle.notified() => {}
-                    // A connection that failed ends the load.
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {
-                        if let Some(t) = tasks.iter().position(|t| t.is_finished()) {
-                            tasks.swap_remove(t).await??;
-                            bail!("a connection ended during the load");
-                        }
-                    }
-                }
-            }
-        }
-        anyhow::Ok(tasks)
-    });
-    let load_done = cfg.load.then(Instant::now);
-    let tasks = match setup {
-        Ok(t) => t,
-        Err(e) => {
-            barrier.wait();
-            barrier.wait();
-            return Err(e);
-        }
-    };
-    if barrier.wait().is_leader() {
+    let ready = prepare_thread(target, topo, cfg.clone(), thread, endpoints, window);
+    // Every thread reaches the barrier and the timeline, failed or not, so
+    // that none waits forever; the first one there sets the timeline.
+    barrier.wait();
+    let tl = timeline.get_or_init(|| {
         let run_from = Instant::now() + Duration::from_millis(10);
         let measure_from = run_from + Duration::from_secs_f64(cfg.warmup);
         let measure_to = measure_from + Duration::from_secs_f64(cfg.duration);
-        let _ = timeline.set(Timeline { run_from, measure_from, measure_to });
-    }
-    barrier.wait();
-    let tl = timeline.get().expect("set by the leader");
+        Timeline { run_from, measure_from, measure_to }
+    });
+    let ThreadReady { rt, local, gen, setup, load_done } = ready?;
+    let tasks = setup?;
     *gen.source.borrow_mut() = Source::Mix;
     gen.measure.set(Some((tl.measure_from, tl.measure_to)));
+    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
     let drained = local.block_on(&rt, async {
         tokio::time::sleep_until(tl.run_from.into()).await;
         match cfg.mode {
@@ -919,15 +1036,11 @@ fn thread_main(
         }
         anyhow::Ok(true)
     })?;
-    let mut stats = gen.stats.take();
     if !drained {
-        let left = gen.outstanding.get() as u64;
-        stats.errors += left;
-        if stats.first_error.is_none() {
-            stats.first_error = Some(format!("{left} requests unanswered {DRAIN:?} after the run"));
-        }
+        gen.time_out_the_rest(Instant::now());
     }
-    Ok(ThreadOut { stats, load_done })
+    let stats = gen.stats.take();
+    Ok(ThreadOut { stats, load_done: cfg.load.then_some(load_done) })
 }
 
 impl Default for Stats {
@@ -996,39 +1109,44 @@ fn monitor(
     running: impl Fn() -> bool,
 ) -> (Vec<Point>, [Option<f64>; 2]) {
     let interval = Duration::from_secs_f64(cfg.interval);
-    let mut merged = Window::new();
     let mut points = Vec::new();
-    let mut next = tl.run_from + interval;
+    let mut last = tl.run_from;
     let mut cpu_from = None;
     let mut cpu = [None, None];
     let sample = || (net::cpu_seconds(None), net::machine_seconds().map(|m| m.0));
     let mut stderr = std::io::stderr();
-    while running() {
+    loop {
+        let alive = running();
         let now = Instant::now();
         if cpu_from.is_none() && now >= tl.measure_from {
             cpu_from = Some((sample(), now));
         }
-        if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(20)));
+        // CPU over the measured span: sampled at its end, or when the
+        // threads finish if that comes first.
+        if let Some(((g0, m0), t0)) = cpu_from.filter(|_| cpu == [None, None] && (now >= tl.measure_to || !alive)) {
+            let (g1, m1) = sample();
+            let wall = t0.elapsed().as_secs_f64().max(1e-9);
+            let pct = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
+            cpu = [pct(g0, g1), pct(m0, m1)];
+        }
+        if alive && now < last + interval {
+            std::thread::sleep((last + interval - now).min(Duration::from_millis(20)));
             continue;
         }
-        if next > tl.measure_to + interval {
-            // Draining after the run: no more points.
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        merged.reset();
+        // Swap every thread's window out (a short lock each).
+        let mut merged = Window::new();
         for w in windows {
-            let mut w = w.lock().expect("window lock");
-            merged.add(&w);
-            w.reset();
+            let taken = std::mem::take(&mut *w.lock().expect("window lock"));
+            merged.add(&taken);
         }
-        let t = next.saturating_duration_since(tl.measure_from).as_secs_f64()
-            - tl.measure_from.saturating_duration_since(next).as_secs_f64();
+        let span = now.saturating_duration_since(last).as_secs_f64().max(1e-9);
+        last = now;
+        let t = now.saturating_duration_since(tl.measure_from).as_secs_f64()
+            - tl.measure_from.saturating_duration_since(now).as_secs_f64();
         let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
         let p = Point {
             t,
-            ops_per_sec: merged.all.len() as f64 / cfg.interval,
+            ops_per_sec: merged.all.len() as f64 / span,
             errors: merged.errors,
             p50_us: q(&merged.all, 0.5),
             p99_us: q(&merged.all, 0.99),
@@ -1049,14 +1167,13 @@ fn monitor(
             );
             let _ = stderr.flush();
         }
-        if let Some(((g0, m0), t0)) = cpu_from.filter(|_| next >= tl.measure_to && cpu == [None, None]) {
-            let (g1, m1) = sample();
-            let wall = t0.elapsed().as_secs_f64();
-            let pct = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / wall * 100.0);
-            cpu = [pct(g0, g1), pct(m0, m1)];
+        // The drain after the run adds no points unless it has completions.
+        if now <= tl.measure_to + interval || merged.all.len() + merged.errors > 0 {
+            points.push(p);
         }
-        points.push(p);
-        next += interval;
+        if !alive {
+            break;
+        }
     }
     if cfg.progress {
         let _ = writeln!(stderr);
@@ -1109,8 +1226,9 @@ fn summarize(
         mode,
         offered_rate,
         ops,
-        ops_per_sec: ops as f64 / cfg.duration,
+        ops_per_sec: stats.completed_in_span as f64 / cfg.duration,
         errors: stats.errors,
+        timeouts: stats.timeouts,
         first_error: stats.first_error,
         read_misses: stats.read_misses,
         stale_routes: stats.stale_routes,
@@ -1185,7 +1303,8 @@ mod tests {
         assert!((l.p50_us - 500.0).abs() / 500.0 < 0.003, "{l:?}");
         assert!((l.p99_us - 990.0).abs() / 990.0 < 0.003, "{l:?}");
         assert!((l.max_us - 50_000.0).abs() / 50_000.0 < 0.001, "{l:?}");
-        m.reset();
+        let taken = std::mem::take(&mut m);
+        assert_eq!(taken.all.len(), 1001);
         assert!(m.all.is_empty() && m.errors == 0);
         assert_eq!(Latency::of(&m.all).count, 0);
     }

@@ -203,14 +203,32 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
         let mut search = sla::Search::new(&file.capacity)?;
         let mut probes = Vec::new();
         let mut load = file.workload.load;
+        // A probe lasts long enough for the strictest percentile limit to
+        // be more than a maximum (up to MAX_PROBE_SECONDS).
+        let needed = file.limits.iter().map(sla::Limit::samples_needed).max().unwrap_or(0) as f64;
         while let Some(rate) = search.next() {
             let mut cfg = file.config(rate)?;
-            cfg.duration = file.capacity.probe_duration;
+            cfg.duration = file.capacity.probe_duration.max((needed / rate).min(MAX_PROBE_SECONDS));
             cfg.progress = !args.quiet;
             // Load once; later probes find the records there.
             cfg.load = load;
             load = false;
-            let r = harness::run(t, &cfg)?;
+            let r = match harness::run(t, &cfg) {
+                Ok(r) => r,
+                // A target that fails under a rate misses it.
+                Err(e) => {
+                    println!("{} at {rate:.0}/s: error: {e:#}", t.label());
+                    search.record(rate, false);
+                    let verdicts = vec![sla::Verdict {
+                        limit: "run".into(),
+                        measured: None,
+                        pass: false,
+                        note: Some(format!("{e:#}")),
+                    }];
+                    probes.push(Probe { rate, pass: false, ops_per_sec: 0.0, p99_us: 0.0, p999_us: 0.0, verdicts });
+                    continue;
+                }
+            };
             let verdicts: Vec<sla::Verdict> = file.limits.iter().map(|l| l.check(&r)).collect();
             let pass = verdicts.iter().all(|v| v.pass);
             let l = r.latency_of("all").cloned().unwrap_or_default();
@@ -244,6 +262,9 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
     eprintln!("wrote {}", path.display());
     Ok(())
 }
+
+/// The longest a capacity probe is stretched to for enough samples.
+const MAX_PROBE_SECONDS: f64 = 30.0;
 
 fn limit_list(limits: &[sla::Limit]) -> String {
     limits.iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join(", ")

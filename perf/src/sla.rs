@@ -24,7 +24,7 @@
 //! mode = "open"                    # open | closed
 //! arrival = "poisson"              # poisson | constant (open loop)
 //! rate = 20000                     # offered operations per second (open loop)
-//! depth = 1                        # outstanding per connection (closed loop)
+//! depth = 1                        # closed loop: connections × depth outstanding in all
 //! connections = 50
 //! max_in_flight = 64               # per connection (open loop)
 //! warmup = 2
@@ -368,7 +368,42 @@ pub struct Verdict {
     pub note: Option<String>,
 }
 
+impl Stat {
+    /// The quantile a percentile stands for.
+    pub fn quantile(self) -> Option<f64> {
+        match self {
+            Stat::P50 => Some(0.5),
+            Stat::P90 => Some(0.9),
+            Stat::P99 => Some(0.99),
+            Stat::P999 => Some(0.999),
+            Stat::P9999 => Some(0.9999),
+            Stat::Avg | Stat::Max => None,
+        }
+    }
+}
+
 impl Limit {
+    fn stat_of(&self, l: &crate::harness::Latency, stat: Stat) -> f64 {
+        match stat {
+            Stat::Avg => l.avg_us,
+            Stat::P50 => l.p50_us,
+            Stat::P90 => l.p90_us,
+            Stat::P99 => l.p99_us,
+            Stat::P999 => l.p999_us,
+            Stat::P9999 => l.p9999_us,
+            Stat::Max => l.max_us,
+        }
+    }
+
+    /// Samples a run needs for this limit's percentile to be more than
+    /// its maximum: `2 / (1 - q)`.
+    pub fn samples_needed(&self) -> u64 {
+        match &self.metric {
+            Metric::Latency { stat, .. } => stat.quantile().map_or(0, |q| (2.0 / (1.0 - q)).ceil() as u64),
+            _ => 0,
+        }
+    }
+
     /// The limit's latency in µs, if it is a latency limit (for plots).
     pub fn latency_us(&self) -> Option<f64> {
         matches!(self.metric, Metric::Latency { .. }).then_some(self.value)
@@ -378,16 +413,18 @@ impl Limit {
         let attempted = r.ops + r.errors;
         let measured: Result<f64, String> = match &self.metric {
             Metric::Latency { class, stat } => match r.latency_of(class).filter(|l| l.count > 0) {
+                Some(l) if stat.quantile().is_some_and(|q| (l.count as f64) < 1.0 / (1.0 - q)) => {
+                    let v = self.stat_of(l, *stat);
+                    let note = format!("only {} samples: {} is about their maximum", l.count, self.text);
+                    return Verdict {
+                        limit: self.text.clone(),
+                        measured: Some(v),
+                        pass: self.cmp.holds(v, self.value),
+                        note: Some(note),
+                    };
+                }
                 None => Err(format!("no {class} operations were measured")),
-                Some(l) => Ok(match stat {
-                    Stat::Avg => l.avg_us,
-                    Stat::P50 => l.p50_us,
-                    Stat::P90 => l.p90_us,
-                    Stat::P99 => l.p99_us,
-                    Stat::P999 => l.p999_us,
-                    Stat::P9999 => l.p9999_us,
-                    Stat::Max => l.max_us,
-                }),
+                Some(l) => Ok(self.stat_of(l, *stat)),
             },
             Metric::Throughput if self.relative => match r.offered_rate {
                 Some(rate) => Ok(r.ops_per_sec / rate),
@@ -525,7 +562,7 @@ pub fn describe(cfg: &RunConfig) -> String {
         Mode::Open { arrival, rate } => {
             format!("open loop, {} arrivals at {rate:.0} ops/s", format!("{arrival:?}").to_lowercase())
         }
-        Mode::Closed { depth } => format!("closed loop, {depth} outstanding per connection"),
+        Mode::Closed { depth } => format!("closed loop, {} operations outstanding", cfg.connections * depth),
     };
     let size = match cfg.value_size {
         ValueSize::Fixed(n) => format!("{n} B"),
@@ -682,6 +719,7 @@ mod tests {
             ops: (ops_per_sec * 10.0) as u64,
             ops_per_sec,
             errors,
+            timeouts: 0,
             first_error: None,
             read_misses: 0,
             stale_routes: 0,
