@@ -78,10 +78,12 @@ use crate::net::{self, decode, resp_bulk, Contexts, Kind, Routing, Topology};
 use crate::workload::{key_of, Arrival, KeyChooser, KeyDist, Mix, Op, Schedule, ValueSize};
 
 /// Where a run sends its load: `gyre://HOST:PORT` (`?routing=server` for
-/// server-driven coordination of a cluster) or `redis://HOST:PORT`.
+/// server-driven coordination of a cluster) or `redis://HOST:PORT`, with
+/// an optional `#NAME` that names it in reports.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub url: String,
+    name: Option<String>,
     kind: Kind,
     addr: SocketAddr,
     routing: Routing,
@@ -89,8 +91,13 @@ pub struct Target {
 
 impl Target {
     pub fn parse(url: &str) -> anyhow::Result<Target> {
-        let (base, routing) = match url.split_once('?') {
-            None => (url, Routing::Client),
+        let (rest, name) = match url.split_once('#') {
+            Some((rest, name)) if !name.trim().is_empty() => (rest, Some(name.trim().to_string())),
+            Some(_) => bail!("an empty #name in {url}"),
+            None => (url, None),
+        };
+        let (base, routing) = match rest.split_once('?') {
+            None => (rest, Routing::Client),
             Some((base, "routing=client")) => (base, Routing::Client),
             Some((base, "routing=server")) => (base, Routing::Server),
             Some((_, q)) => bail!("unknown target option {q:?} in {url} (only routing=client|server)"),
@@ -100,11 +107,14 @@ impl Target {
             kind == Kind::Gyre || routing == Routing::Client,
             "routing=server only applies to gyre targets: {url}"
         );
-        Ok(Target { url: url.to_string(), kind, addr, routing })
+        Ok(Target { url: url.to_string(), name, kind, addr, routing })
     }
 
     /// A short name for tables and plots: `gyre`, `gyre (server-driven)`, `redis`.
     pub fn label(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
         match (self.kind, self.routing) {
             (Kind::Gyre, Routing::Server) => format!("gyre {} server-driven", self.addr),
             _ => format!("{} {}", self.kind.name(), self.addr),
@@ -1258,6 +1268,10 @@ mod tests {
         assert!(Target::parse("redis://127.0.0.1:6379?routing=server").is_err());
         assert!(Target::parse("gyre://127.0.0.1:7700?fast=yes").is_err());
         assert!(Target::parse("http://127.0.0.1:80").is_err());
+        let t = Target::parse("gyre://127.0.0.1:7700?routing=server#server-driven").unwrap();
+        assert_eq!((t.routing, t.label()), (Routing::Server, "server-driven".to_string()));
+        assert_eq!(Target::parse("redis://127.0.0.1:6379#Redis 7").unwrap().label(), "Redis 7");
+        assert!(Target::parse("redis://127.0.0.1:6379#").is_err());
     }
 
     #[test]

@@ -141,6 +141,7 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
         machine: sla::Machine::here(),
         workload,
         limits: file.limits.iter().map(|l| l.text.clone()).collect(),
+        plot: file.plot,
         pass: reports.iter().all(|r| r.pass),
         targets: reports,
     };

@@ -9,8 +9,9 @@
 //! ```toml
 //! name = "node-a"                  # default: the file's stem
 //! description = "YCSB A on one node"
-//! targets = ["gyre://127.0.0.1:7700", "redis://127.0.0.1:6379"]
+//! targets = ["gyre://127.0.0.1:7700", "redis://127.0.0.1:6379#Redis"]   # #NAME: its name in reports
 //! limits = ["p99.9 < 1ms", "read.p99 <= 500us", "throughput >= 95%", "errors == 0"]
+//! plot = "all"                     # all | read | write: the p99.9-over-time curve
 //!
 //! [workload]
 //! workload = "a"                   # a b c d f, or mix = { read = 0.9, update = 0.1 }
@@ -68,6 +69,9 @@ pub struct SlaFile {
     pub targets: Vec<String>,
     #[serde(default)]
     pub limits: Vec<Limit>,
+    /// Which operations the plot's latency-over-time panel follows.
+    #[serde(default)]
+    pub plot: PlotClass,
     #[serde(default)]
     pub workload: WorkloadSection,
     #[serde(default)]
@@ -100,6 +104,16 @@ impl Default for WorkloadSection {
             load: true,
         }
     }
+}
+
+/// The operations a latency-over-time curve follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlotClass {
+    #[default]
+    All,
+    Read,
+    Write,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -545,6 +559,7 @@ pub struct Report {
     pub machine: Machine,
     pub workload: String,
     pub limits: Vec<String>,
+    pub plot: PlotClass,
     pub targets: Vec<TargetReport>,
     pub pass: bool,
 }
@@ -671,6 +686,9 @@ pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<
 }
 
 /// The report's plot: each target's percentile curve and p99.9 over time.
+/// Characters of a plot's title that fit its width.
+const MAX_TITLE_CHARS: usize = 80;
+
 pub fn plot(r: &Report, limits: &[Limit]) -> String {
     let series: Vec<crate::plot::Series> = r
         .targets
@@ -678,18 +696,42 @@ pub fn plot(r: &Report, limits: &[Limit]) -> String {
         .map(|t| crate::plot::Series {
             label: t.result.target.clone(),
             percentiles: t.result.curve.clone(),
-            over_time: t.result.timeline.iter().filter(|p| p.t > 0.0).map(|p| (p.t, p.p999_us)).collect(),
+            over_time: t
+                .result
+                .timeline
+                .iter()
+                .filter(|p| p.t > 0.0)
+                .map(|p| {
+                    let v = match r.plot {
+                        PlotClass::All => p.p999_us,
+                        PlotClass::Read => p.read_p999_us,
+                        PlotClass::Write => p.write_p999_us,
+                    };
+                    (p.t, v)
+                })
+                .collect(),
         })
         .collect();
     let lines: Vec<(String, f64)> =
         limits.iter().filter_map(|l| l.latency_us().map(|us| (format!("SLA {}", l.text), us))).collect();
     let interval = r.targets.first().and_then(|t| t.result.timeline.get(1).zip(t.result.timeline.first()));
+    let class = match r.plot {
+        PlotClass::All => "",
+        PlotClass::Read => "read ",
+        PlotClass::Write => "write ",
+    };
     let label = match interval {
-        Some((b, a)) => format!("p99.9 per {:.1} s interval", b.t - a.t),
-        None => "p99.9 per interval".to_string(),
+        Some((b, a)) => format!("{class}p99.9 per {:.1} s interval", b.t - a.t),
+        None => format!("{class}p99.9 per interval"),
+    };
+    let title = if r.description.is_empty() { r.name.clone() } else { format!("{}: {}", r.name, r.description) };
+    // The plot is 960 px wide: a long description is cut.
+    let title: String = match title.char_indices().nth(MAX_TITLE_CHARS) {
+        Some((i, _)) => format!("{}…", &title[..i]),
+        None => title,
     };
     crate::plot::render_svg(&crate::plot::Plot {
-        title: &format!("{}: {}", r.name, r.workload),
+        title: &title,
         over_time_label: &label,
         series: &series,
         limits: &lines,
@@ -866,6 +908,7 @@ mod tests {
             machine: Machine::here(),
             workload: "w".into(),
             limits: limits.iter().map(|l| l.text.clone()).collect(),
+            plot: PlotClass::All,
             pass: false,
             targets: vec![TargetReport { result: res, pass: false, verdicts }],
         };
