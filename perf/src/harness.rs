@@ -881,14 +881,8 @@ fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>>
 }
 
 /// A thread's runtime and generator, connected and loaded.
-fn prepare_thread(
-    target: &Target,
-    topo: Arc<Topology>,
-    cfg: Arc<RunConfig>,
-    thread: usize,
-    endpoints: Vec<usize>,
-    window: Arc<Mutex<Window>>,
-) -> anyhow::Result<ThreadReady> {
+fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
+    let ThreadSpec { target, topo, cfg, thread, endpoints, window } = spec;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     let local = tokio::task::LocalSet::new();
     let threads = cfg.threads as u64;
@@ -988,19 +982,21 @@ struct ThreadReady {
     load_done: Instant,
 }
 
-/// Runs one generator thread: set up, wait for every thread, run, drain.
-#[allow(clippy::too_many_arguments)]
-fn thread_main(
-    target: &Target,
+/// What one generator thread is given.
+struct ThreadSpec<'a> {
+    target: &'a Target,
     topo: Arc<Topology>,
     cfg: Arc<RunConfig>,
     thread: usize,
+    /// The endpoint of each of its connections.
     endpoints: Vec<usize>,
     window: Arc<Mutex<Window>>,
-    barrier: &Barrier,
-    timeline: &OnceLock<Timeline>,
-) -> anyhow::Result<ThreadOut> {
-    let ready = prepare_thread(target, topo, cfg.clone(), thread, endpoints, window);
+}
+
+/// Runs one generator thread: set up, wait for every thread, run, drain.
+fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Timeline>) -> anyhow::Result<ThreadOut> {
+    let (cfg, thread) = (spec.cfg.clone(), spec.thread);
+    let ready = prepare_thread(spec);
     // Every thread reaches the barrier and the timeline, failed or not, so
     // that none waits forever; the first one there sets the timeline.
     barrier.wait();
@@ -1075,13 +1071,18 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
             .into_iter()
             .enumerate()
             .map(|(t, endpoints)| {
-                let (topo, cfg, window, barrier, timeline) =
-                    (topo.clone(), cfg.clone(), windows[t].clone(), &barrier, &timeline);
+                let spec = ThreadSpec {
+                    target,
+                    topo: topo.clone(),
+                    cfg: cfg.clone(),
+                    thread: t,
+                    endpoints,
+                    window: windows[t].clone(),
+                };
+                let (barrier, timeline) = (&barrier, &timeline);
                 std::thread::Builder::new()
                     .name(format!("gyre-bench-{t}"))
-                    .spawn_scoped(scope, move || {
-                        thread_main(target, topo, cfg, t, endpoints, window, barrier, timeline)
-                    })
+                    .spawn_scoped(scope, move || thread_main(spec, barrier, timeline))
                     .expect("spawning a generator thread")
             })
             .collect();
