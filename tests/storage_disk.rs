@@ -59,6 +59,37 @@ fn disk_roundtrip_reopen_and_compaction() {
 }
 
 #[test]
+fn records_written_are_read_from_memory_not_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run_executor("test", None, async move {
+        let (engine, _) = open_shard(&path, small_config()).await.unwrap();
+        for i in 0..2000u32 {
+            engine.put(format!("k{i}").as_bytes(), b"", format!("v{i}").repeat(20).as_bytes(), 0).await.unwrap();
+        }
+        // Everything is flushed out of the write buffer (and segments sealed).
+        engine.close().await.unwrap();
+        assert!(engine.stats().segments_sealed > 0);
+        for i in 0..2000u32 {
+            let r = engine.get(format!("k{i}").as_bytes()).await.unwrap().expect("present");
+            assert_eq!(r.value(), format!("v{i}").repeat(20).as_bytes());
+        }
+        // The write-through cache served them: no disk read.
+        let st = engine.stats();
+        assert_eq!(st.cache_misses, 0, "{st:?}");
+        assert_eq!(st.cache_hits + st.reads_from_buffer, 2000, "{st:?}");
+        drop(engine);
+        // After a restart the cache is empty: the same reads go to disk once.
+        let (engine, _) = open_shard(&path, small_config()).await.unwrap();
+        engine.get(b"k7").await.unwrap().expect("present");
+        engine.get(b"k7").await.unwrap().expect("present");
+        let st = engine.stats();
+        assert_eq!((st.cache_misses, st.cache_hits), (1, 1), "{st:?}");
+    })
+    .unwrap();
+}
+
+#[test]
 fn a_locked_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();

@@ -178,8 +178,11 @@ pub struct CompactionStats {
     pub corrupt_regions: u64,
 }
 
-/// A bounded cache of verified records keyed by location (locations are
-/// never reused, so an entry can be stale only by being unreachable).
+/// A bounded cache of records keyed by location (locations are never
+/// reused, so an entry can be stale only by being unreachable): records
+/// read from disk (verified) and records as written (write-through; they
+/// are verified when read, like every record). Least recently used first
+/// out.
 struct RecordCache {
     lru: LruCache<u64, Rc<[u8]>>,
     bytes: usize,
@@ -497,6 +500,14 @@ impl<B: Backend> Engine<B> {
             }
             let a = st.writer.append(now_ms, kind, key, meta, value);
             st.account(&a, hash, key);
+            // Write-through: with O_DIRECT there is no page cache, so a
+            // record just written would otherwise be read back from disk
+            // once its buffer is flushed. Keep it (within the budget).
+            if st.cache.budget > 0 {
+                if let Some(raw) = st.writer.read_buffered(a.loc).map(Rc::<[u8]>::from) {
+                    st.cache.insert(a.loc.id(), raw);
+                }
+            }
             match kind {
                 Kind::Value => st.stats.puts += 1,
                 Kind::Tombstone => st.stats.deletes += 1,
