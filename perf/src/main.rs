@@ -129,8 +129,7 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
     let mut reports = Vec::new();
     for t in &targets {
         let result = harness::run(t, &cfg)?;
-        let verdicts: Vec<sla::Verdict> = file.limits.iter().map(|l| l.check(&result)).collect();
-        let pass = verdicts.iter().all(|v| v.pass);
+        let (verdicts, pass) = sla::judge(&file.limits, &result);
         print_target(&result, &file.limits, &verdicts);
         reports.push(sla::TargetReport { result, verdicts, pass });
     }
@@ -153,18 +152,7 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
 }
 
 fn print_target(r: &harness::RunResult, limits: &[sla::Limit], verdicts: &[sla::Verdict]) {
-    let l = r.latency_of("all").cloned().unwrap_or_default();
-    println!(
-        "{}: {:.0} ops/s, p50 {}, p99 {}, p99.9 {}, p99.99 {}, max {}, errors {}",
-        r.target,
-        r.ops_per_sec,
-        sla::fmt_us(l.p50_us),
-        sla::fmt_us(l.p99_us),
-        sla::fmt_us(l.p999_us),
-        sla::fmt_us(l.p9999_us),
-        sla::fmt_us(l.max_us),
-        r.errors
-    );
+    println!("{}: {}", r.target, sla::summary(r));
     if let Some(e) = &r.first_error {
         println!("  first error: {e}");
     }
@@ -230,17 +218,9 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            let verdicts: Vec<sla::Verdict> = file.limits.iter().map(|l| l.check(&r)).collect();
-            let pass = verdicts.iter().all(|v| v.pass);
+            let (verdicts, pass) = sla::judge(&file.limits, &r);
             let l = r.latency_of("all").cloned().unwrap_or_default();
-            println!(
-                "{} at {rate:.0}/s: {:.0} ops/s, p99 {}, p99.9 {}: {}",
-                r.target,
-                r.ops_per_sec,
-                sla::fmt_us(l.p99_us),
-                sla::fmt_us(l.p999_us),
-                if pass { "pass" } else { "miss" }
-            );
+            println!("{} at {rate:.0}/s: {}: {}", r.target, sla::summary(&r), if pass { "pass" } else { "miss" });
             search.record(rate, pass);
             probes.push(Probe {
                 rate,

@@ -470,6 +470,28 @@ impl Limit {
     }
 }
 
+/// Every limit checked against `r`, and whether all hold.
+pub fn judge(limits: &[Limit], r: &RunResult) -> (Vec<Verdict>, bool) {
+    let verdicts: Vec<Verdict> = limits.iter().map(|l| l.check(r)).collect();
+    let pass = verdicts.iter().all(|v| v.pass);
+    (verdicts, pass)
+}
+
+/// One line: throughput, the percentiles of all operations, errors.
+pub fn summary(r: &RunResult) -> String {
+    let l = r.latency_of("all").cloned().unwrap_or_default();
+    format!(
+        "{:.0} ops/s, p50 {}, p99 {}, p99.9 {}, p99.99 {}, max {}, errors {}",
+        r.ops_per_sec,
+        fmt_us(l.p50_us),
+        fmt_us(l.p99_us),
+        fmt_us(l.p999_us),
+        fmt_us(l.p9999_us),
+        fmt_us(l.max_us),
+        r.errors
+    )
+}
+
 pub fn fmt_us(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2} ms", us / 1000.0)
