@@ -198,8 +198,14 @@ impl RecordCache {
         self.lru.get(&id).cloned()
     }
 
+    /// Whether a record of `len` bytes may be cached: one record may take
+    /// at most an eighth of the budget.
+    fn admits(&self, len: usize) -> bool {
+        self.budget > 0 && len <= self.budget / 8
+    }
+
     fn insert(&mut self, id: u64, raw: Rc<[u8]>) {
-        if self.budget == 0 || raw.len() > self.budget / 8 {
+        if !self.admits(raw.len()) {
             return;
         }
         self.bytes += raw.len();
@@ -208,6 +214,13 @@ impl RecordCache {
         }
         while self.bytes > self.budget {
             let Some((_, old)) = self.lru.pop_lru() else { break };
+            self.bytes -= old.len();
+        }
+    }
+
+    /// Drops the entry of a record that is no longer reachable.
+    fn forget(&mut self, id: u64) {
+        if let Some(old) = self.lru.pop(&id) {
             self.bytes -= old.len();
         }
     }
@@ -246,6 +259,8 @@ impl<F> State<F> {
     fn drop_live(&mut self, old: Loc) {
         let u = self.usage.get_mut(&old.seg).expect("a live record's segment is accounted");
         u.live -= old.len as u64;
+        // Superseded or moved: its cache entry can never be read again.
+        self.cache.forget(old.id());
     }
 }
 
@@ -503,7 +518,7 @@ impl<B: Backend> Engine<B> {
             // Write-through: with O_DIRECT there is no page cache, so a
             // record just written would otherwise be read back from disk
             // once its buffer is flushed. Keep it (within the budget).
-            if st.cache.budget > 0 {
+            if st.cache.admits(a.loc.len as usize) {
                 if let Some(raw) = st.writer.read_buffered(a.loc).map(Rc::<[u8]>::from) {
                     st.cache.insert(a.loc.id(), raw);
                 }
@@ -653,13 +668,15 @@ impl<B: Backend> Engine<B> {
                 st.stats.get_not_found += 1;
                 return Ok(None);
             };
+            // The cache first: a record just written is usually there
+            // (write-through) and needs no copy out of the write buffer.
+            if let Some(raw) = st.cache.get(loc.id()) {
+                st.stats.cache_hits += 1;
+                return Record::decode(raw, loc, key).map(Some);
+            }
             if let Some(bytes) = st.writer.read_buffered(loc) {
                 let raw: Rc<[u8]> = bytes.into();
                 st.stats.reads_from_buffer += 1;
-                return Record::decode(raw, loc, key).map(Some);
-            }
-            if let Some(raw) = st.cache.get(loc.id()) {
-                st.stats.cache_hits += 1;
                 return Record::decode(raw, loc, key).map(Some);
             }
             st.stats.cache_misses += 1;
