@@ -203,8 +203,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
-    /// Send each key straight to the shard that owns it (otherwise every
-    /// request goes to the address given and the node forwards it).
+    /// Send each key straight to the shard that owns it on the node it
+    /// goes to (otherwise to that node's listed address, the one given or
+    /// a replica's from the ring, and the node forwards it).
     pub shard_aware: bool,
     /// Route by the cluster's ring, or let the node given coordinate.
     pub routing: Routing,

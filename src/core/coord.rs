@@ -529,11 +529,6 @@ impl GetCoordinator {
     pub fn fastest(&self) -> Option<MemberIdx> {
         self.fastest
     }
-
-    /// Replicas that answered so far.
-    pub fn answered(&self) -> usize {
-        self.answered
-    }
 }
 
 /// The members to send a client's request on a key with preference list

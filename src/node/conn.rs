@@ -153,13 +153,12 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                         Err(e) => {
                             let reply = shard.request_error_frame(header.request_id, &e);
                             out.start();
+                            out.push(&reply);
                             if !e.keeps_connection() {
-                                out.push(&reply);
                                 tracing::debug!(error = %e, "closing a connection after a malformed request");
                                 break 'read;
                             }
                             start += total;
-                            out.push(&reply);
                             continue;
                         }
                     };
