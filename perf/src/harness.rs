@@ -1318,9 +1318,7 @@ mod tests {
         assert!((l.p50_us - 500.0).abs() / 500.0 < 0.003, "{l:?}");
         assert!((l.p99_us - 990.0).abs() / 990.0 < 0.003, "{l:?}");
         assert!((l.max_us - 50_000.0).abs() / 50_000.0 < 0.001, "{l:?}");
-        let taken = std::mem::take(&mut m);
-        assert_eq!(taken.all.len(), 1001);
-        assert!(m.all.is_empty() && m.errors == 0);
-        assert_eq!(Latency::of(&m.all).count, 0);
+        // An empty window summarizes to zeros, not a panic.
+        assert_eq!(Latency::of(&Window::new().all).count, 0);
     }
 }

