@@ -22,7 +22,8 @@
 //!   peak throughput, and its latency is not a user's.
 //!
 //! Each operation draws its key from the whole key space (so a zipfian
-//! workload's hot keys are as hot as the law says), and goes to a
+//! workload's hot keys are as hot as the law says; with several threads,
+//! see below), and goes to a
 //! connection of the endpoint that serves the key, the one with the least
 //! outstanding: on a lone node the shard owning the key; on a cluster with
 //! client routing the key's coordinator (first of its preference list), on
@@ -36,9 +37,11 @@
 //! report how many versions they saw (the paper's section 6.3). A
 //! read-modify-write does what the client's `update` helper does: GET,
 //! PUT with the GET's context, and again while the PUT reports siblings
-//! (up to `MAX_UPDATE_ATTEMPTS`). With several threads, a thread only
-//! draws the keys `k ≡ thread (mod threads)`, so contexts are never split
-//! between threads.
+//! (up to `MAX_UPDATE_ATTEMPTS`). With several threads, a thread redraws
+//! until its key is one of `k ≡ thread (mod threads)` (up to 64 times,
+//! then takes the key drawn), so contexts are rarely split between threads;
+//! the redraw weights each thread's share of keys equally, which flattens a
+//! zipfian law slightly. The SLA files all use one thread.
 //!
 //! Load phase: every record is written once (a Gyre record already there
 //! gets a second PUT with the context that covers its siblings, so a store
@@ -275,7 +278,7 @@ pub struct RunResult {
     pub mode: &'static str,
     pub offered_rate: Option<f64>,
     /// Operations whose intended send time fell in the measured span and
-    /// that completed (the latency histograms count these).
+    /// that completed or timed out (the latency histograms count these).
     pub ops: u64,
     /// Operations that *completed* within the measured span, per second:
     /// an overloaded target's backlog, answered after the span, does not
@@ -465,6 +468,8 @@ struct Gen {
     /// The next record this thread inserts.
     next_insert: Cell<u64>,
     contexts: RefCell<Contexts>,
+    /// Scratch for the key being routed (no allocation per dispatch).
+    key: RefCell<Vec<u8>>,
     slots: Vec<Rc<Slot>>,
     by_endpoint: Vec<Vec<usize>>,
     stats: RefCell<Stats>,
@@ -520,9 +525,11 @@ impl Gen {
                 (op, record, false)
             }
         };
-        let mut key = Vec::with_capacity(24);
-        key_of(record, &mut key);
-        let endpoint = self.topo.route(&key, &mut rng);
+        let endpoint = {
+            let mut key = self.key.borrow_mut();
+            key_of(record, &mut key);
+            self.topo.route(&key, &mut rng)
+        };
         drop(rng);
         let req = Req { op, record, intended, follow: None, attempt: 0, load };
         let Some(&best) = self.by_endpoint[endpoint].iter().min_by_key(|&&i| self.slots[i].busy.get()) else {
@@ -880,6 +887,11 @@ fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>>
     per
 }
 
+/// Thread `thread`'s RNG seed.
+fn thread_seed(cfg: &RunConfig, thread: usize) -> u64 {
+    cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64)
+}
+
 /// A thread's runtime and generator, connected and loaded.
 fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
     let ThreadSpec { target, topo, cfg, thread, endpoints, window } = spec;
@@ -901,7 +913,7 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
             })
         })
         .collect();
-    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
+    let seed = thread_seed(&cfg, thread);
     let gen = Rc::new(Gen {
         kind: target.kind,
         topo: topo.clone(),
@@ -919,6 +931,7 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
         // The first record past the loaded ones in this thread's residue class.
         next_insert: Cell::new(cfg.records + (thread as u64 + threads - cfg.records % threads) % threads),
         contexts: RefCell::new(Contexts::new()),
+        key: RefCell::new(Vec::with_capacity(24)),
         slots,
         by_endpoint,
         stats: RefCell::new(Stats::new()),
@@ -934,7 +947,7 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
         threads,
         cfg: cfg.clone(),
     });
-    let setup = local.block_on(&rt, async {
+    let tasks = local.block_on(&rt, async {
         let mut tasks = Vec::new();
         for (i, slot) in gen.slots.iter().enumerate() {
             let ep = &topo.endpoints[slot.endpoint];
@@ -969,16 +982,16 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
             }
         }
         anyhow::Ok(tasks)
-    });
-    Ok(ThreadReady { rt, local, gen, setup, load_done: Instant::now() })
+    })?;
+    Ok(ThreadReady { rt, local, gen, tasks, load_done: Instant::now() })
 }
 
-/// A thread after its connections and load: either ready to run, or failed.
+/// A thread after its connections and load, ready to run.
 struct ThreadReady {
     rt: tokio::runtime::Runtime,
     local: tokio::task::LocalSet,
     gen: Rc<Gen>,
-    setup: anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     load_done: Instant,
 }
 
@@ -1006,11 +1019,10 @@ fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Time
         let measure_to = measure_from + Duration::from_secs_f64(cfg.duration);
         Timeline { run_from, measure_from, measure_to }
     });
-    let ThreadReady { rt, local, gen, setup, load_done } = ready?;
-    let tasks = setup?;
+    let ThreadReady { rt, local, gen, tasks, load_done } = ready?;
     *gen.source.borrow_mut() = Source::Mix;
     gen.measure.set(Some((tl.measure_from, tl.measure_to)));
-    let seed = cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64);
+    let seed = thread_seed(&cfg, thread);
     let drained = local.block_on(&rt, async {
         tokio::time::sleep_until(tl.run_from.into()).await;
         match cfg.mode {

@@ -238,8 +238,6 @@ struct ClusterView {
     n: u8,
     r: u8,
     w: u8,
-    /// The first node of each partition's preference list (its coordinator).
-    coordinator: Vec<usize>,
     /// Per member: the index of its shard 0 in `Topology::endpoints`.
     first: Vec<usize>,
     /// Per member: its shard count.
@@ -289,8 +287,7 @@ impl Topology {
                 endpoints.push(Endpoint { addr: SocketAddr::new(member.addr.ip(), p), shard: i as u16, member: m });
             }
         }
-        let coordinator = (0..partitions).map(|p| ring.preference_list(p, n as usize)[0] as usize).collect();
-        let cluster = ClusterView { ring, n, r, w, coordinator, first, shards };
+        let cluster = ClusterView { ring, n, r, w, first, shards };
         Ok(Topology { kind: Kind::Gyre, routing, partitions, endpoints, cluster: Some(cluster) })
     }
 
@@ -310,7 +307,9 @@ impl Topology {
             (Kind::Gyre, None) => self.on_member(0, key),
             (Kind::Gyre, Some(c)) => {
                 let p = c.ring.partition_of_key(key);
-                self.on_member(c.coordinator[p as usize], key)
+                // A key's coordinator, first of its preference list, is
+                // its partition's owner.
+                self.on_member(c.ring.owner(p) as usize, key)
             }
         }
     }
@@ -631,7 +630,7 @@ struct Tally {
 
 impl Tally {
     fn new() -> Tally {
-        let h = || Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        let h = crate::harness::histogram;
         Tally {
             all: h(),
             get: h(),

@@ -424,7 +424,8 @@ impl Limit {
     }
 
     pub fn check(&self, r: &RunResult) -> Verdict {
-        let attempted = r.ops + r.errors;
+        // Timeouts are in both `ops` (with the time they waited) and `errors`.
+        let attempted = r.ops + r.errors - r.timeouts;
         let measured: Result<f64, String> = match &self.metric {
             Metric::Latency { class, stat } => match r.latency_of(class).filter(|l| l.count > 0) {
                 Some(l) if stat.quantile().is_some_and(|q| (l.count as f64) < 1.0 / (1.0 - q)) => {
@@ -616,8 +617,8 @@ pub fn describe(cfg: &RunConfig) -> String {
     )
 }
 
-/// The Markdown summary of a report.
-pub fn markdown(r: &Report) -> String {
+/// The Markdown summary of a report whose verdicts come from `limits`.
+pub fn markdown(r: &Report, limits: &[Limit]) -> String {
     let mut s = format!("# {}\n\n", r.name);
     if !r.description.is_empty() {
         s += &format!("{}\n\n", r.description);
@@ -675,9 +676,9 @@ pub fn markdown(r: &Report) -> String {
         }
         if !t.verdicts.is_empty() {
             s += "\n| limit | measured | verdict |\n| --- | ---: | --- |\n";
-            for v in &t.verdicts {
+            for (l, v) in limits.iter().zip(&t.verdicts) {
                 let shown = match v.measured {
-                    Some(_) => show_measured(&v.limit, v.measured),
+                    Some(_) => l.show(v.measured),
                     None => format!("n/a ({})", v.note.as_deref().unwrap_or("")),
                 };
                 s += &format!("| `{}` | {shown} | {} |\n", v.limit, if v.pass { "pass" } else { "**miss**" });
@@ -690,10 +691,6 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-fn show_measured(limit: &str, v: Option<f64>) -> String {
-    limit.parse::<Limit>().map_or_else(|_| format!("{v:?}"), |l| l.show(v))
-}
-
 /// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
 pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -701,16 +698,16 @@ pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<
     let json = base.with_extension("json");
     std::fs::write(&json, serde_json::to_string_pretty(r)? + "\n")?;
     let md = base.with_extension("md");
-    std::fs::write(&md, markdown(r))?;
+    std::fs::write(&md, markdown(r, limits))?;
     let svg = base.with_extension("svg");
     std::fs::write(&svg, plot(r, limits))?;
     Ok(vec![json, md, svg])
 }
 
-/// The report's plot: each target's percentile curve and p99.9 over time.
 /// Characters of a plot's title that fit its width.
 const MAX_TITLE_CHARS: usize = 80;
 
+/// The report's plot: each target's percentile curve and p99.9 over time.
 pub fn plot(r: &Report, limits: &[Limit]) -> String {
     let series: Vec<crate::plot::Series> = r
         .targets
@@ -852,6 +849,11 @@ mod tests {
         let v = "error_rate <= 1%".parse::<Limit>().unwrap().check(&closed);
         assert!(v.pass && (v.measured.unwrap() - 5.0 / 96_005.0).abs() < 1e-9);
         assert!(!"errors == 0".parse::<Limit>().unwrap().check(&closed).pass);
+        // Timeouts are counted in both `ops` and `errors`, once in the rate.
+        let mut timed_out = result(9_600.0, 800.0, 5, None);
+        timed_out.timeouts = 2;
+        let v = "error_rate <= 1%".parse::<Limit>().unwrap().check(&timed_out);
+        assert!((v.measured.unwrap() - 5.0 / 96_003.0).abs() < 1e-12);
     }
 
     #[test]
@@ -934,7 +936,7 @@ mod tests {
             pass: false,
             targets: vec![TargetReport { result: res, pass: false, verdicts }],
         };
-        let md = markdown(&r);
+        let md = markdown(&r, &limits);
         assert!(md.contains("| `p99.9 < 1ms` | 800 µs | pass |"), "{md}");
         assert!(md.contains("| `rmw.p99 < 1ms` | n/a (no rmw operations were measured) | **miss** |"), "{md}");
         assert!(md.contains("1: 99.0000%, 2: 0.9000%, 3: 0.1000%"), "{md}");
