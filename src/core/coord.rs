@@ -300,13 +300,9 @@ impl PutCoordinator {
         Ok(coord)
     }
 
-    fn answer_of(&mut self, from: MemberIdx) -> Option<&mut Answer<()>> {
-        self.replicas.iter_mut().find(|(m, _)| *m == from).map(|(_, a)| a)
-    }
-
     /// Replica `from` stored the set.
     pub fn handle_ack(&mut self, from: MemberIdx, now: u64) {
-        if let Some(answer @ Answer::Pending) = self.answer_of(from) {
+        if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             *answer = Answer::Answered(());
             self.acks += 1;
             self.tally.pending -= 1;
@@ -316,7 +312,7 @@ impl PutCoordinator {
 
     /// Replica `from` refused the set or could not be reached.
     pub fn handle_failure(&mut self, from: MemberIdx, reason: ReplicaFailure, now: u64) {
-        if let Some(answer @ Answer::Pending) = self.answer_of(from) {
+        if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             *answer = Answer::Failed;
             self.tally.fail(reason);
         }
@@ -423,14 +419,9 @@ impl GetCoordinator {
         Ok(coord)
     }
 
-    fn answer_of(&mut self, from: MemberIdx) -> Option<&mut Answer<VersionSet>> {
-        self.replicas.iter_mut().find(|(m, _)| *m == from).map(|(_, a)| a)
-    }
-
     /// Replica `from` answered with its stored versions (`None`: not found).
     pub fn handle_reply(&mut self, from: MemberIdx, set: Option<VersionSet>, now: u64) {
-        let answer = self.replicas.iter_mut().find(|(m, _)| *m == from).map(|(_, a)| a);
-        if let Some(answer @ Answer::Pending) = answer {
+        if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             let set = set.unwrap_or_default();
             self.merged.merge(&set);
             *answer = Answer::Answered(set);
@@ -443,7 +434,7 @@ impl GetCoordinator {
 
     /// Replica `from` refused the get or could not be reached.
     pub fn handle_failure(&mut self, from: MemberIdx, reason: ReplicaFailure, now: u64) {
-        if let Some(answer @ Answer::Pending) = self.answer_of(from) {
+        if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             *answer = Answer::Failed;
             self.tally.fail(reason);
         }
@@ -529,6 +520,11 @@ impl GetCoordinator {
     pub fn fastest(&self) -> Option<MemberIdx> {
         self.fastest
     }
+}
+
+/// Replica `from`'s answer slot, if it is one of `replicas`.
+fn answer_of<T>(replicas: &mut [(MemberIdx, Answer<T>)], from: MemberIdx) -> Option<&mut Answer<T>> {
+    replicas.iter_mut().find(|(m, _)| *m == from).map(|(_, a)| a)
 }
 
 /// The members to send a client's request on a key with preference list
