@@ -125,6 +125,38 @@ fn many_pipelined_requests_on_one_connection() {
     eprintln!("{replies} replies in {writes} writes");
 }
 
+#[test]
+fn a_client_that_stops_reading_its_replies_holds_up_no_one() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    let mut good = Client::connect(node.addr()).unwrap();
+    let big = vec![7u8; 512 * 1024];
+    good.put(b"big", &big, &Context::default()).unwrap();
+    // 64 pipelined reads of a 512 KiB value: 32 MiB of replies, far more
+    // than the kernel's socket buffers hold, and this client reads none
+    // of them yet. The node's writes hit EAGAIN and wait for the socket
+    // to drain.
+    let addr = node.addr().parse().unwrap();
+    let mut slow = Connection::connect(addr, &ClientConfig::default()).unwrap();
+    let n = 64;
+    let ids: Vec<u64> = (0..n).map(|_| slow.send(&Request::Get { key: b"big" }, ANY_SHARD).unwrap()).collect();
+    slow.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Everyone else is served meanwhile.
+    for i in 0..100 {
+        let key = format!("k{i}");
+        good.put(key.as_bytes(), b"v", &Context::default()).unwrap();
+        assert_eq!(good.get(key.as_bytes()).unwrap().values, vec![b"v".to_vec()]);
+    }
+    // Once the slow client reads, every reply arrives whole and in order.
+    for want in ids {
+        let (id, reply) = slow.recv().unwrap();
+        assert_eq!(id, want);
+        let Reply::Get(v) = reply.unwrap() else { panic!("not a get reply") };
+        assert!(v.values.len() == 1 && v.values[0] == big, "reply {id} is not the value");
+    }
+}
+
 /// Reads frames from a raw socket until EOF, returning the replies.
 fn read_until_closed(s: &mut TcpStream) -> Vec<(u64, ErrorCode)> {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

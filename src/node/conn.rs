@@ -14,9 +14,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use futures_lite::future::poll_once;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
+use super::front::Socket;
 use super::{bump, decode_error_frame, Shard};
 use crate::notify::Notify;
 use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
@@ -92,16 +91,16 @@ impl Drop for OpenGuard {
 
 /// Serves one connection until the client closes it, a frame is bad, a
 /// write fails, or the node shuts down.
-pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
     bump(&shard.counters.connections_open, 1);
     let _open = OpenGuard(shard.clone());
-    if let Err(e) = stream.set_nodelay(true) {
+    if let Err(e) = sock.set_nodelay() {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let sock = Rc::new(sock);
     let out = Rc::new(Outbox::default());
     let writer_task = {
-        let (out, shard) = (out.clone(), shard.clone());
+        let (out, shard, writer) = (out.clone(), shard.clone(), sock.clone());
         glommio::spawn_local(async move {
             loop {
                 let g = out.changed.generation();
@@ -126,7 +125,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                     continue;
                 }
                 if out.closing.get() && out.in_flight.get() == 0 {
-                    let _ = writer.close().await;
+                    writer.shutdown_write();
                     return;
                 }
                 out.changed.wait(g).await;
@@ -195,7 +194,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             break;
         }
         make_room(&mut buf, &mut start, &mut end);
-        let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
+        let read = futures_lite::future::or(async { Some(sock.read(&mut buf[end..]).await) }, async {
             shard.shutdown_requested().await;
             None
         })

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 mod conn;
 mod coordinate;
+mod front;
 mod peer;
 
 use std::cell::{Cell, RefCell};
@@ -512,7 +513,10 @@ impl Drop for DrainedGuard {
 
 async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // SAFETY: the fd came from a std listener this thread now owns alone.
-    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(s.listener_fd) };
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(s.listener_fd) };
+    listener.set_nonblocking(true).context("making the listener non-blocking")?;
+    let front = front::Front::new().context("creating the shard's epoll instance")?;
+    let listener = front.register(listener.into()).context("registering the listener")?;
     let drained = DrainedGuard(s.drained.clone());
     // Join the mesh first: every shard must join or the others wait forever.
     let (senders, mut receivers) = s.mesh.join().await.map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
@@ -560,6 +564,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
             shard.shutdown.notify_all();
         })
     };
+    let front_task = glommio::spawn_local(front.clone().run());
     s.ready.fetch_add(1, Ordering::SeqCst);
     // Accept until shutdown.
     loop {
@@ -570,9 +575,14 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         .await;
         match accepted {
             None => break,
-            Some(Ok(stream)) => {
+            Some(Ok(fd)) => {
                 bump(&shard.counters.connections_accepted, 1);
-                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+                match front.register(fd) {
+                    Ok(sock) => {
+                        glommio::spawn_local(conn::serve(shard.clone(), sock)).detach();
+                    }
+                    Err(e) => tracing::warn!(shard = s.id, error = %e, "registering a connection failed"),
+                }
             }
             Some(Err(e)) => {
                 tracing::warn!(shard = s.id, error = %e, "accept failed");
@@ -603,6 +613,8 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         let open = shard.counters.connections_open.get();
         tracing::warn!(shard = s.id, open, "connections still open after the shutdown grace period; dropping them");
     }
+    front.stop();
+    front_task.await;
     // Keep serving forwarded requests until every shard has drained.
     drop(drained);
     while s.drained.load(Ordering::SeqCst) < s.shards {

@@ -1,0 +1,346 @@
+//! A shard's client sockets: readiness from one edge-triggered epoll
+//! instance per shard, and reads and writes as plain non-blocking system
+//! calls, the way Redis's event loop does it, inside the shard's glommio
+//! executor.
+//!
+//! Why not glommio's own `TcpStream`: glommio arms a one-shot io_uring
+//! poll for every read, and io_uring completes a poll as task work on the
+//! shard thread, kicking it with a reschedule IPI when it is running.
+//! Unpipelined, that is one IPI per request; on this project's VM a
+//! profile of one shard at saturation put 19% of its time in those
+//! interrupts and 7% more in submitting the polls (perf/RESULTS.md,
+//! "Where the time goes"). An epoll callback only links the socket onto a
+//! ready list: while the shard is busy, readiness costs one
+//! `epoll_wait(0)` per batch of requests and interrupts nothing.
+//!
+//! When nothing is ready the shard must sleep inside glommio, which can
+//! only wait on its own rings. The [`Bridge`] does that: a one-shot poll
+//! of the epoll fd on a small io_uring of our own (the `io-uring` crate),
+//! whose completions signal an eventfd that glommio reads. It is armed
+//! only when a shard goes idle, so its wake-up costs once per idle period.
+//!
+//! Owns: the epoll fd, the table of registered sockets (token to
+//! readiness cell) and the bridge.
+//!
+//! Invariant: a socket's readiness cell says "readable" (or "writable")
+//! from the moment epoll reports it until a read (or write) finds the
+//! socket empty (or full); edge-triggered epoll reports the next change,
+//! so a task that waits only after seeing `EAGAIN` never misses data. A
+//! token is removed from epoll before its socket closes, and a token is
+//! never looked up after its socket was deregistered (events are handled
+//! in the same synchronous step that fetched them).
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::notify::Notify;
+
+/// Events fetched per `epoll_wait`; a full batch is followed by another
+/// wait at once, so this bounds only the stack array.
+const EVENTS_PER_WAIT: usize = 256;
+
+/// The readiness of one registered socket, as last reported by epoll and
+/// consumed by its connection's reads and writes.
+#[derive(Default)]
+pub(super) struct Ready {
+    readable: Cell<bool>,
+    writable: Cell<bool>,
+    /// Fires when epoll reports anything for the socket.
+    changed: Notify,
+}
+
+/// A socket registered with its shard's front. Dropping it deregisters
+/// the socket and then closes it.
+pub(super) struct Socket {
+    fd: OwnedFd,
+    token: usize,
+    ready: Rc<Ready>,
+    front: Rc<Front>,
+}
+
+/// What one non-blocking call on a socket did.
+fn check(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+impl Socket {
+    /// Runs `op` once the socket is ready in the direction `flag` tracks,
+    /// again after every `EAGAIN`. `op` returns its value and whether it
+    /// left the socket drained (a short read), which clears the flag
+    /// without paying a system call to see `EAGAIN`.
+    async fn when_ready<T>(&self, flag: &Cell<bool>, mut op: impl FnMut() -> io::Result<(T, bool)>) -> io::Result<T> {
+        loop {
+            let seen = self.ready.changed.generation();
+            if flag.get() {
+                match op() {
+                    Ok((v, drained)) => {
+                        if drained {
+                            flag.set(false);
+                        }
+                        return Ok(v);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => flag.set(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.ready.changed.wait(seen).await;
+        }
+    }
+
+    /// Reads what the socket has into `buf`, waiting until it has
+    /// something. `Ok(0)` is end of stream.
+    pub(super) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.fd.as_raw_fd();
+        self.when_ready(&self.ready.readable, || {
+            // SAFETY: `buf` is valid for `buf.len()` bytes and the fd is open.
+            let n = check(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })?;
+            Ok((n, n > 0 && n < buf.len()))
+        })
+        .await
+    }
+
+    /// Writes all of `buf`, waiting while the socket's send buffer is full.
+    pub(super) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        while !buf.is_empty() {
+            let n = self
+                .when_ready(&self.ready.writable, || {
+                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                    // SAFETY: `buf` is valid for `buf.len()` bytes and the fd is open.
+                    let n = check(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) })?;
+                    Ok((n, false))
+                })
+                .await?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// Accepts one connection on a listening socket, as a non-blocking
+    /// socket.
+    pub(super) async fn accept(&self) -> io::Result<OwnedFd> {
+        let fd = self.fd.as_raw_fd();
+        self.when_ready(&self.ready.readable, || {
+            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            // SAFETY: null address pointers are allowed; the fd is open.
+            let c = check(unsafe { libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), flags) } as isize)?;
+            // SAFETY: accept4 returned a new fd that nothing else owns.
+            Ok((unsafe { OwnedFd::from_raw_fd(c as RawFd) }, false))
+        })
+        .await
+    }
+
+    /// Ends the write side (the client reads end of stream after the
+    /// replies already sent).
+    pub(super) fn shutdown_write(&self) {
+        // SAFETY: plain system call on an open fd.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+    }
+
+    pub(super) fn set_nodelay(&self) -> io::Result<()> {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` outlives the call; the length matches its type.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        check(r as isize).map(drop)
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.front.deregister(self.fd.as_raw_fd(), self.token);
+    }
+}
+
+/// One shard's epoll instance and registered sockets.
+pub(super) struct Front {
+    epfd: OwnedFd,
+    /// Readiness cells by token (the epoll event's data); `None` slots are
+    /// free and listed in `free`.
+    sockets: RefCell<Vec<Option<Rc<Ready>>>>,
+    free: RefCell<Vec<usize>>,
+    bridge: Bridge,
+    /// Set when the shard no longer needs readiness; the loop exits.
+    stopped: Cell<bool>,
+    stop: Notify,
+}
+
+impl Front {
+    pub(super) fn new() -> io::Result<Rc<Front>> {
+        // SAFETY: plain system call; the fd is owned right after.
+        let epfd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) } as isize)?;
+        // SAFETY: epoll_create1 returned a new fd that nothing else owns.
+        let epfd = unsafe { OwnedFd::from_raw_fd(epfd as RawFd) };
+        let bridge = Bridge::new(epfd.as_raw_fd())?;
+        Ok(Rc::new(Front {
+            epfd,
+            sockets: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            bridge,
+            stopped: Cell::new(false),
+            stop: Notify::default(),
+        }))
+    }
+
+    /// Registers a non-blocking socket for edge-triggered reads and writes.
+    pub(super) fn register(self: &Rc<Self>, fd: OwnedFd) -> io::Result<Socket> {
+        let ready = Rc::new(Ready::default());
+        // A new socket may already hold data, and has room to write.
+        ready.readable.set(true);
+        ready.writable.set(true);
+        let token = match self.free.borrow_mut().pop() {
+            Some(t) => t,
+            None => {
+                let mut s = self.sockets.borrow_mut();
+                s.push(None);
+                s.len() - 1
+            }
+        };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token as u64,
+        };
+        // SAFETY: both fds are open; `ev` outlives the call.
+        let r = unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
+        if let Err(e) = check(r as isize) {
+            self.free.borrow_mut().push(token);
+            return Err(e);
+        }
+        self.sockets.borrow_mut()[token] = Some(ready.clone());
+        Ok(Socket { fd, token, ready, front: self.clone() })
+    }
+
+    fn deregister(&self, fd: RawFd, token: usize) {
+        // SAFETY: the fd is still open (the caller closes it after this).
+        unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        self.sockets.borrow_mut()[token] = None;
+        self.free.borrow_mut().push(token);
+    }
+
+    /// Ends [`Front::run`].
+    pub(super) fn stop(&self) {
+        self.stopped.set(true);
+        self.stop.notify_all();
+    }
+
+    /// Delivers readiness to the registered sockets until [`Front::stop`].
+    pub(super) async fn run(self: Rc<Self>) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+        while !self.stopped.get() {
+            // SAFETY: `events` is valid for EVENTS_PER_WAIT entries.
+            let n = unsafe {
+                libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), EVENTS_PER_WAIT as libc::c_int, 0)
+            };
+            let n = match check(n as isize) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Only a bug can get here (a bad fd or pointer); keep
+                    // the shard alive and say so.
+                    tracing::error!(error = %e, "epoll_wait failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            {
+                let sockets = self.sockets.borrow();
+                for ev in &events[..n] {
+                    let Some(Some(ready)) = sockets.get(ev.u64 as usize) else { continue };
+                    let bits = ev.events as libc::c_int;
+                    // An error or hang-up makes both directions fail fast.
+                    let broken = bits & (libc::EPOLLERR | libc::EPOLLHUP) != 0;
+                    if broken || bits & (libc::EPOLLIN | libc::EPOLLRDHUP) != 0 {
+                        ready.readable.set(true);
+                    }
+                    if broken || bits & libc::EPOLLOUT != 0 {
+                        ready.writable.set(true);
+                    }
+                    ready.changed.notify_all();
+                }
+            }
+            if n > 0 {
+                // Let the woken connections run, then look again before
+                // paying for a sleep: under load more requests are in by
+                // then. A zero timer, not a plain yield: glommio handles
+                // I/O completions only once its run queue is empty.
+                glommio::timer::sleep(Duration::ZERO).await;
+                continue;
+            }
+            let seen = self.stop.generation();
+            if self.stopped.get() {
+                break;
+            }
+            let woke = futures_lite::future::or(async { Some(self.bridge.wait().await) }, async {
+                self.stop.wait(seen).await;
+                None
+            })
+            .await;
+            if let Some(Err(e)) = woke {
+                tracing::error!(error = %e, "waiting for socket readiness failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Lets a glommio executor sleep until the epoll fd is readable.
+struct Bridge {
+    epfd: RawFd,
+    ring: RefCell<io_uring::IoUring>,
+    /// A poll of the epoll fd is in the ring and has not completed.
+    armed: Cell<bool>,
+    /// The eventfd the ring signals on each completion, read through
+    /// glommio's own ring (a blocking eventfd: io_uring waits for it
+    /// with a poll of its own instead of failing with EAGAIN).
+    eventfd: glommio::io::BufferedFile,
+}
+
+impl Bridge {
+    fn new(epfd: RawFd) -> io::Result<Bridge> {
+        let ring = io_uring::IoUring::builder().dontfork().build(4)?;
+        // SAFETY: plain system call; the fd is owned right after.
+        let efd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) } as isize)? as RawFd;
+        // SAFETY: a new fd that nothing else owns; the file closes it.
+        let eventfd = unsafe { <glommio::io::BufferedFile as FromRawFd>::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd)?;
+        Ok(Bridge { epfd, ring: RefCell::new(ring), armed: Cell::new(false), eventfd })
+    }
+
+    /// Completes once the epoll fd is readable (perhaps spuriously).
+    async fn wait(&self) -> io::Result<()> {
+        if !self.armed.get() {
+            let poll = io_uring::opcode::PollAdd::new(io_uring::types::Fd(self.epfd), libc::POLLIN as u32)
+                .build()
+                .user_data(1);
+            let mut ring = self.ring.borrow_mut();
+            // SAFETY: the entry refers to no memory; the ring is empty
+            // (one poll at a time), so the push cannot fail.
+            let pushed = unsafe { ring.submission().push(&poll) };
+            debug_assert!(pushed.is_ok());
+            ring.submit()?;
+            self.armed.set(true);
+        }
+        loop {
+            if self.ring.borrow_mut().completion().next().is_some() {
+                self.armed.set(false);
+                return Ok(());
+            }
+            self.eventfd.read_at(0, 8).await.map_err(io::Error::from)?;
+        }
+    }
+}
