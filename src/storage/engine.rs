@@ -184,14 +184,16 @@ pub struct CompactionStats {
 /// are verified when read, like every record). Least recently used first
 /// out.
 struct RecordCache {
-    lru: LruCache<u64, Rc<[u8]>>,
+    /// foldhash (hashbrown's default), not std's SipHash: a lookup per
+    /// GET is on the hot path, and record ids need no DoS resistance.
+    lru: LruCache<u64, Rc<[u8]>, hashbrown::DefaultHashBuilder>,
     bytes: usize,
     budget: usize,
 }
 
 impl RecordCache {
     fn new(budget: usize) -> RecordCache {
-        RecordCache { lru: LruCache::unbounded(), bytes: 0, budget }
+        RecordCache { lru: LruCache::unbounded_with_hasher(Default::default()), bytes: 0, budget }
     }
 
     fn get(&mut self, id: u64) -> Option<Rc<[u8]>> {
