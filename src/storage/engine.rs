@@ -28,6 +28,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::core::partition::key_hash;
+use crate::limits::FLUSH_BACKLOG_THRESHOLDS;
 use crate::limits::MAX_KEY_LEN;
 use crate::limits::MAX_META_LEN;
 use crate::notify::Notify;
@@ -504,7 +505,7 @@ impl<B: Backend> Engine<B> {
         }
         self.check(key, meta, value)?;
         let hash = key_hash(key);
-        let (end, seq, pending) = {
+        let (end, seq, over_limit) = {
             let mut st = self.inner.st.borrow_mut();
             if let Some(e) = &st.failed {
                 return Err(StorageError::Failed(e.clone()));
@@ -529,12 +530,15 @@ impl<B: Backend> Engine<B> {
                 Kind::Value => st.stats.puts += 1,
                 Kind::Tombstone => st.stats.deletes += 1,
             }
-            (a.end(), a.seq, st.writer.pending_bytes())
+            // A flush in progress is leading already: let appends pile up
+            // behind it (bounded) rather than stall on its seal.
+            let limit = self.inner.config.flush_threshold * if st.flushing { FLUSH_BACKLOG_THRESHOLDS } else { 1 };
+            (a.end(), a.seq, st.writer.pending_bytes() >= limit)
         };
         match self.inner.config.fsync {
             FsyncPolicy::Always => self.wait_until(end, true).await?,
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
-                if pending >= self.inner.config.flush_threshold {
+                if over_limit {
                     self.wait_until(end, false).await?;
                 }
             }
