@@ -68,9 +68,9 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub fn new(info: Cluster) -> ClusterState {
+    pub(super) fn new(info: Cluster, front: Rc<super::front::Front>) -> ClusterState {
         ClusterState {
-            peers: Rc::new(Peers::new(&info.ring)),
+            peers: Rc::new(Peers::new(&info.ring, front)),
             info,
             counters: ClusterCounters::default(),
             epoch: Instant::now(),

@@ -1,4 +1,4 @@
-//! A shard's client sockets: readiness from one edge-triggered epoll
+//! A shard's sockets (clients' and peers'): readiness from one edge-triggered epoll
 //! instance per shard, and reads and writes as plain non-blocking system
 //! calls, the way Redis's event loop does it, inside the shard's glommio
 //! executor.
@@ -32,6 +32,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -223,6 +224,23 @@ impl Front {
         }
         self.sockets.borrow_mut()[token] = Some(ready.clone());
         Ok(Socket { fd, token, ready, front: self.clone() })
+    }
+
+    /// Connects to `addr` through glommio (which bounds the attempt by
+    /// `timeout` without blocking the shard), then moves the connected
+    /// socket onto this front.
+    pub(super) async fn connect(self: &Rc<Self>, addr: SocketAddr, timeout: Duration) -> io::Result<Socket> {
+        let stream = glommio::net::TcpStream::connect_timeout(addr, timeout).await.map_err(io::Error::from)?;
+        // SAFETY: duplicating an open fd; the copy is owned right after.
+        let fd = check(unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) } as isize)?;
+        // SAFETY: a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // glommio's copy closes; the socket lives on in `fd`.
+        drop(stream);
+        // SAFETY: plain system calls on an open fd.
+        let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as isize)? as libc::c_int;
+        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } as isize)?;
+        self.register(fd)
     }
 
     fn deregister(&self, fd: RawFd, token: usize) {

@@ -532,7 +532,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
-    let cluster = s.cluster.map(coordinate::ClusterState::new);
+    let cluster = s.cluster.map(|c| coordinate::ClusterState::new(c, front.clone()));
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,
@@ -613,8 +613,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         let open = shard.counters.connections_open.get();
         tracing::warn!(shard = s.id, open, "connections still open after the shutdown grace period; dropping them");
     }
-    front.stop();
-    front_task.await;
+
     // Keep serving forwarded requests until every shard has drained.
     drop(drained);
     while s.drained.load(Ordering::SeqCst) < s.shards {
@@ -624,6 +623,8 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     for t in mesh_tasks {
         t.await;
     }
+    front.stop();
+    front_task.await;
     stop.stop().await;
     engine.close().await.context("flushing the log at shutdown")?;
     tracing::info!(shard = s.id, "shard stopped");

@@ -27,11 +27,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use serde::Serialize;
 
 use super::bump;
+use super::front::Front;
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx, Ring};
 use crate::notify::Notify;
@@ -133,17 +132,20 @@ pub struct Peers {
     /// Peers whose last connection attempt failed, until when they are
     /// not tried again.
     down_until: RefCell<HashMap<MemberIdx, Instant>>,
+    /// The shard's socket readiness (peer connections are its sockets too).
+    front: Rc<Front>,
     pub counters: PeerCounters,
 }
 
 impl Peers {
-    pub fn new(ring: &Ring) -> Peers {
+    pub(super) fn new(ring: &Ring, front: Rc<Front>) -> Peers {
         Peers {
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
+            front,
             counters: PeerCounters::default(),
         }
     }
@@ -263,7 +265,7 @@ impl Peers {
     /// Connects, then writes queued frames and hands replies to their
     /// callers until the connection fails.
     async fn run_conn(self: Rc<Self>, member: MemberIdx, shard: u16, addr: SocketAddr, conn: Rc<PeerConn>) {
-        let stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await {
+        let sock = match self.front.connect(addr, CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
                 bump(&self.counters.connect_failures, 1);
@@ -278,10 +280,10 @@ impl Peers {
         };
         bump(&self.counters.connects, 1);
         self.down_until.borrow_mut().remove(&member);
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = futures_lite::io::split(stream);
+        let _ = sock.set_nodelay();
+        let sock = Rc::new(sock);
         let writer_task = {
-            let (conn, peers) = (conn.clone(), self.clone());
+            let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
                 loop {
                     let g = conn.queued.generation();
@@ -329,7 +331,7 @@ impl Peers {
             }
             super::conn::make_room(&mut buf, &mut start, &mut end);
             // Wake on a failed write too, so the reader does not wait forever.
-            let read = futures_lite::future::or(async { Some(reader.read(&mut buf[end..]).await) }, async {
+            let read = futures_lite::future::or(async { Some(sock.read(&mut buf[end..]).await) }, async {
                 loop {
                     let g = conn.died.generation();
                     if conn.dead.get() {
