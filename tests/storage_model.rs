@@ -302,3 +302,56 @@ fn bad_input_is_refused_with_clear_errors() {
         assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v");
     });
 }
+
+/// Buffered writers keep going while a flush is stuck on a slow device
+/// (up to FLUSH_BACKLOG_THRESHOLDS thresholds), and only then wait.
+#[test]
+fn buffered_writes_do_not_stall_behind_a_slow_flush() {
+    use futures_lite::future::poll_once;
+    use gyre::limits::FLUSH_BACKLOG_THRESHOLDS;
+    let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        backend.hold_writes(true);
+        let value = [7u8; 100];
+        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("k{i}").into_bytes()).collect();
+        // The write that crosses the threshold leads a flush and waits in it.
+        let mut i = 0;
+        let mut leader = loop {
+            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
+            i += 1;
+            if poll_once(&mut put).await.is_none() {
+                break put;
+            }
+        };
+        let first_wait = i;
+        // The next writers append behind the flush without waiting ...
+        let mut blocked = loop {
+            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
+            i += 1;
+            match poll_once(&mut put).await {
+                Some(r) => {
+                    r.expect("put");
+                }
+                None => break put,
+            }
+        };
+        // ... until the backlog (which counts the bytes being flushed
+        // too) is full.
+        let per_record = config.flush_threshold / first_wait;
+        let backlog = (i - first_wait) * per_record;
+        assert!(
+            backlog >= (FLUSH_BACKLOG_THRESHOLDS - 2) * config.flush_threshold,
+            "{} writes went on behind the flush, {backlog} bytes",
+            i - first_wait
+        );
+        assert!(backlog <= FLUSH_BACKLOG_THRESHOLDS * config.flush_threshold, "{backlog} bytes buffered");
+        backend.hold_writes(false);
+        leader.as_mut().await.expect("leader");
+        blocked.as_mut().await.expect("blocked writer");
+        for k in &keys[..i] {
+            assert!(engine.get(k).await.expect("get").is_some());
+        }
+    });
+}

@@ -37,6 +37,8 @@ pub struct MemBackend {
     /// Injected faults: fail every write / sync from now on.
     fail_writes: Rc<Cell<bool>>,
     fail_syncs: Rc<Cell<bool>>,
+    /// Writes wait while set (a slow device, e.g. a seal's fdatasync).
+    hold_writes: Rc<Cell<bool>>,
 }
 
 /// A write buffer.
@@ -64,6 +66,11 @@ impl MemBackend {
     /// Makes every later write fail with an I/O error (or stop failing).
     pub fn fail_writes(&self, on: bool) {
         self.fail_writes.set(on);
+    }
+
+    /// Makes every write wait until released (or releases them).
+    pub fn hold_writes(&self, on: bool) {
+        self.hold_writes.set(on);
     }
 
     /// Makes every later sync fail with an I/O error (or stop failing).
@@ -164,6 +171,9 @@ impl Backend for MemBackend {
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         futures_lite::future::yield_now().await;
+        while self.hold_writes.get() {
+            futures_lite::future::yield_now().await;
+        }
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
         }
