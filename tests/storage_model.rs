@@ -309,6 +309,7 @@ fn bad_input_is_refused_with_clear_errors() {
 fn buffered_writes_do_not_stall_behind_a_slow_flush() {
     use futures_lite::future::poll_once;
     use gyre::limits::FLUSH_BACKLOG_THRESHOLDS;
+    use gyre::storage::format::record_len;
     let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
     let backend = MemBackend::new();
     block_on(async {
@@ -337,16 +338,17 @@ fn buffered_writes_do_not_stall_behind_a_slow_flush() {
                 None => break put,
             }
         };
-        // ... until the backlog (which counts the bytes being flushed
-        // too) is full.
-        let per_record = config.flush_threshold / first_wait;
-        let backlog = (i - first_wait) * per_record;
+        // ... until the backlog is full. Nothing reached the device, so
+        // the buffer holds every record appended: the blocked writer is
+        // the first to take it to FLUSH_BACKLOG_THRESHOLDS thresholds.
+        let bytes = |n: usize| keys[..n].iter().map(|k| record_len(k.len(), 0, value.len())).sum::<usize>();
+        let limit = FLUSH_BACKLOG_THRESHOLDS * config.flush_threshold;
+        assert!(bytes(first_wait) < limit / 2, "the first flush started at {} bytes", bytes(first_wait));
         assert!(
-            backlog >= (FLUSH_BACKLOG_THRESHOLDS - 2) * config.flush_threshold,
-            "{} writes went on behind the flush, {backlog} bytes",
-            i - first_wait
+            bytes(i - 1) < limit && bytes(i) >= limit,
+            "{} of {limit} bytes buffered when a writer waited",
+            bytes(i)
         );
-        assert!(backlog <= FLUSH_BACKLOG_THRESHOLDS * config.flush_threshold, "{backlog} bytes buffered");
         backend.hold_writes(false);
         leader.as_mut().await.expect("leader");
         blocked.as_mut().await.expect("blocked writer");
