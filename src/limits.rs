@@ -45,8 +45,9 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 pub const MIN_SEGMENT_SIZE: u64 = BLOCK_SIZE as u64;
 
 /// Buffered bytes that make a writer flush the log itself under the
-/// `interval` and `never` policies (beyond that, appends wait): bounds the
-/// memory and the data at risk between timer flushes.
+/// `interval` and `never` policies (it waits for that flush; while one is
+/// already running, appends wait only past `FLUSH_BACKLOG_THRESHOLDS` of
+/// these): bounds the memory and the data at risk between timer flushes.
 pub const DEFAULT_FLUSH_THRESHOLD: usize = 1024 * 1024;
 
 /// While a flush is already in progress, appends under `interval` and

@@ -9,7 +9,7 @@
 //! Unpipelined, that is one IPI per request; on this project's VM a
 //! profile of one shard at saturation put 19% of its time in those
 //! interrupts and 7% more in submitting the polls (perf/RESULTS.md,
-//! "Where the time goes"). An epoll callback only links the socket onto a
+//! "Where the time went (the diagnosis behind the front)"). An epoll callback only links the socket onto a
 //! ready list: while the shard is busy, readiness costs one
 //! `epoll_wait(0)` per batch of requests and interrupts nothing.
 //!
@@ -39,8 +39,9 @@ use std::time::Duration;
 
 use crate::notify::Notify;
 
-/// Events fetched per `epoll_wait`; a full batch is followed by another
-/// wait at once, so this bounds only the stack array.
+/// Events fetched per `epoll_wait`; any non-empty batch is followed by
+/// another wait once the woken tasks have run, so this bounds only the
+/// stack array.
 const EVENTS_PER_WAIT: usize = 256;
 
 /// The readiness of one registered socket, as last reported by epoll and

@@ -613,7 +613,6 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         let open = shard.counters.connections_open.get();
         tracing::warn!(shard = s.id, open, "connections still open after the shutdown grace period; dropping them");
     }
-
     // Keep serving forwarded requests until every shard has drained.
     drop(drained);
     while s.drained.load(Ordering::SeqCst) < s.shards {
