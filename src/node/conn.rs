@@ -94,9 +94,6 @@ impl Drop for OpenGuard {
 pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
     bump(&shard.counters.connections_open, 1);
     let _open = OpenGuard(shard.clone());
-    if let Err(e) = sock.set_nodelay() {
-        tracing::debug!(error = %e, "set_nodelay failed");
-    }
     let sock = Rc::new(sock);
     let out = Rc::new(Outbox::default());
     let writer_task = {

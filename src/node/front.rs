@@ -20,7 +20,8 @@
 //! only when a shard goes idle, so its wake-up costs once per idle period.
 //!
 //! Owns: the epoll fd, the table of registered sockets (token to
-//! readiness cell) and the bridge.
+//! readiness cell, a `slab`) and the bridge. Sockets leave `accept` and
+//! `connect` non-blocking with Nagle's algorithm off.
 //!
 //! Invariant: a socket's readiness cell says "readable" (or "writable")
 //! from the moment epoll reports it until a read (or write) finds the
@@ -33,7 +34,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -127,7 +128,7 @@ impl Socket {
     }
 
     /// Accepts one connection on a listening socket, as a non-blocking
-    /// socket.
+    /// socket with Nagle's algorithm off.
     pub(super) async fn accept(&self) -> io::Result<OwnedFd> {
         let fd = self.fd.as_raw_fd();
         self.when_ready(&self.ready.readable, || {
@@ -135,7 +136,9 @@ impl Socket {
             // SAFETY: null address pointers are allowed; the fd is open.
             let c = check(unsafe { libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), flags) } as isize)?;
             // SAFETY: accept4 returned a new fd that nothing else owns.
-            Ok((unsafe { OwnedFd::from_raw_fd(c as RawFd) }, false))
+            let stream = unsafe { std::net::TcpStream::from_raw_fd(c as RawFd) };
+            no_delay(&stream);
+            Ok((stream.into(), false))
         })
         .await
     }
@@ -146,20 +149,13 @@ impl Socket {
         // SAFETY: plain system call on an open fd.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
     }
+}
 
-    pub(super) fn set_nodelay(&self) -> io::Result<()> {
-        let one: libc::c_int = 1;
-        // SAFETY: `one` outlives the call; the length matches its type.
-        let r = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        check(r as isize).map(drop)
+/// Turns Nagle's algorithm off: replies and replica frames are small and
+/// must leave at once. A failure only costs latency, so it is logged.
+fn no_delay(stream: &std::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
     }
 }
 
@@ -172,10 +168,8 @@ impl Drop for Socket {
 /// One shard's epoll instance and registered sockets.
 pub(super) struct Front {
     epfd: OwnedFd,
-    /// Readiness cells by token (the epoll event's data); `None` slots are
-    /// free and listed in `free`.
-    sockets: RefCell<Vec<Option<Rc<Ready>>>>,
-    free: RefCell<Vec<usize>>,
+    /// Readiness cells by token (the epoll event's data).
+    sockets: RefCell<slab::Slab<Rc<Ready>>>,
     bridge: Bridge,
     /// Set when the shard no longer needs readiness; the loop exits.
     stopped: Cell<bool>,
@@ -191,8 +185,7 @@ impl Front {
         let bridge = Bridge::new(epfd.as_raw_fd())?;
         Ok(Rc::new(Front {
             epfd,
-            sockets: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
+            sockets: RefCell::default(),
             bridge,
             stopped: Cell::new(false),
             stop: Notify::default(),
@@ -205,50 +198,39 @@ impl Front {
         // A new socket may already hold data, and has room to write.
         ready.readable.set(true);
         ready.writable.set(true);
-        let token = match self.free.borrow_mut().pop() {
-            Some(t) => t,
-            None => {
-                let mut s = self.sockets.borrow_mut();
-                s.push(None);
-                s.len() - 1
-            }
-        };
+        let mut sockets = self.sockets.borrow_mut();
+        let slot = sockets.vacant_entry();
+        let token = slot.key();
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: token as u64,
         };
         // SAFETY: both fds are open; `ev` outlives the call.
         let r = unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
-        if let Err(e) = check(r as isize) {
-            self.free.borrow_mut().push(token);
-            return Err(e);
-        }
-        self.sockets.borrow_mut()[token] = Some(ready.clone());
+        check(r as isize)?;
+        slot.insert(ready.clone());
         Ok(Socket { fd, token, ready, front: self.clone() })
     }
 
     /// Connects to `addr` through glommio (which bounds the attempt by
     /// `timeout` without blocking the shard), then moves the connected
-    /// socket onto this front.
+    /// socket (non-blocking, Nagle's algorithm off) onto this front.
     pub(super) async fn connect(self: &Rc<Self>, addr: SocketAddr, timeout: Duration) -> io::Result<Socket> {
-        let stream = glommio::net::TcpStream::connect_timeout(addr, timeout).await.map_err(io::Error::from)?;
-        // SAFETY: duplicating an open fd; the copy is owned right after.
-        let fd = check(unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) } as isize)?;
-        // SAFETY: a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let glommio_stream = glommio::net::TcpStream::connect_timeout(addr, timeout).await.map_err(io::Error::from)?;
+        // SAFETY: the fd is open for as long as `glommio_stream` lives.
+        let fd = unsafe { BorrowedFd::borrow_raw(glommio_stream.as_raw_fd()) }.try_clone_to_owned()?;
         // glommio's copy closes; the socket lives on in `fd`.
-        drop(stream);
-        // SAFETY: plain system calls on an open fd.
-        let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as isize)? as libc::c_int;
-        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } as isize)?;
-        self.register(fd)
+        drop(glommio_stream);
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        no_delay(&stream);
+        self.register(stream.into())
     }
 
     fn deregister(&self, fd: RawFd, token: usize) {
         // SAFETY: the fd is still open (the caller closes it after this).
         unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-        self.sockets.borrow_mut()[token] = None;
-        self.free.borrow_mut().push(token);
+        self.sockets.borrow_mut().remove(token);
     }
 
     /// Ends [`Front::run`].
@@ -279,7 +261,7 @@ impl Front {
             {
                 let sockets = self.sockets.borrow();
                 for ev in &events[..n] {
-                    let Some(Some(ready)) = sockets.get(ev.u64 as usize) else { continue };
+                    let Some(ready) = sockets.get(ev.u64 as usize) else { continue };
                     let bits = ev.events as libc::c_int;
                     // An error or hang-up makes both directions fail fast.
                     let broken = bits & (libc::EPOLLERR | libc::EPOLLHUP) != 0;

@@ -280,7 +280,6 @@ impl Peers {
         };
         bump(&self.counters.connects, 1);
         self.down_until.borrow_mut().remove(&member);
-        let _ = sock.set_nodelay();
         let sock = Rc::new(sock);
         let writer_task = {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
