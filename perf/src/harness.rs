@@ -433,9 +433,14 @@ struct Slot {
     /// Sent and not yet answered (here, not in the task, so that what is
     /// left unanswered at the end can be counted).
     in_flight: RefCell<VecDeque<InFlight>>,
-    /// Queued plus in flight (the dispatcher picks the smallest).
-    busy: Cell<usize>,
     wake: Notify,
+}
+
+impl Slot {
+    /// Queued plus in flight (the dispatcher picks the smallest).
+    fn busy(&self) -> usize {
+        self.queue.borrow().len() + self.in_flight.borrow().len()
+    }
 }
 
 /// What the dispatcher draws from.
@@ -532,17 +537,16 @@ impl Gen {
         };
         drop(rng);
         let req = Req { op, record, intended, follow: None, attempt: 0, load };
-        let Some(&best) = self.by_endpoint[endpoint].iter().min_by_key(|&&i| self.slots[i].busy.get()) else {
+        let Some(&best) = self.by_endpoint[endpoint].iter().min_by_key(|&&i| self.slots[i].busy()) else {
             // Planning gives every endpoint a connection on every thread.
             unreachable!("no connection to endpoint {endpoint}");
         };
         let slot = &self.slots[best];
         self.outstanding.set(self.outstanding.get() + 1);
-        if slot.busy.get() >= MAX_QUEUED + self.cfg.max_in_flight {
+        if slot.busy() >= MAX_QUEUED + self.cfg.max_in_flight {
             self.finish(&req, Instant::now(), Err("the generator's queue overflowed: the target is too slow".into()));
             return true;
         }
-        slot.busy.set(slot.busy.get() + 1);
         slot.queue.borrow_mut().push_back(req);
         slot.wake.notify_one();
         true
@@ -661,10 +665,7 @@ impl Gen {
         if self.measured(req.intended) {
             self.stats.borrow_mut().stale_routes += u64::from(d.stale);
         }
-        let again = |req: Req| {
-            slot.busy.set(slot.busy.get() + 1);
-            slot.queue.borrow_mut().push_front(req);
-        };
+        let again = |req: Req| slot.queue.borrow_mut().push_front(req);
         match (req.op, req.follow.is_some()) {
             // Priming: a key with siblings left by an earlier run is
             // collapsed with one PUT of the context that covers them.
@@ -779,7 +780,6 @@ async fn conn_task(gen: Rc<Gen>, index: usize, mut stream: tokio::net::TcpStream
                     let Some(f) = f else {
                         bail!("a reply to no request in flight (id {:?})", d.id);
                     };
-                    slot.busy.set(slot.busy.get() - 1);
                     gen.on_reply(&slot, f.req, d, now);
                 }
                 if rstart == rend {
@@ -908,7 +908,6 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
                 endpoint: e,
                 queue: RefCell::new(VecDeque::new()),
                 in_flight: RefCell::new(VecDeque::new()),
-                busy: Cell::new(0),
                 wake: Notify::new(),
             })
         })
