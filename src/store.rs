@@ -88,6 +88,26 @@ impl<B: Backend> Store<B> {
         Ok(self.read(key).await?.0)
     }
 
+    /// A GET answered from memory without waiting: `reply` gets the
+    /// context and the live values, borrowed from the stored record (no
+    /// value is copied). `None` when the record must be read from disk;
+    /// [`Self::get`] does that.
+    pub fn get_now<R>(&self, key: &[u8], reply: impl FnOnce(&[u8], Vec<&[u8]>) -> R) -> Option<Result<R, StoreError>> {
+        let rec = match self.engine.get_now(key)? {
+            Ok(rec) => rec,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let mut live = Vec::new();
+        let context = match &rec {
+            None => &[][..],
+            Some(rec) => match VersionSet::decode_live(rec.meta(), rec.value(), &mut live) {
+                Ok(context) => context,
+                Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
+            },
+        };
+        Some(Ok(reply(context, live)))
+    }
+
     async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<crate::storage::RecordId>), StoreError> {
         match self.engine.get(key).await? {
             None => Ok((VersionSet::new(), None)),

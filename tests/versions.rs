@@ -175,6 +175,7 @@ proptest! {
             prop_assert_eq!(value.len(), s.encoded_value_len());
             prop_assert_eq!(s.live_values().map(<[u8]>::len).sum::<usize>(), value.len());
             prop_assert_eq!(&VersionSet::decode(&meta, &value).expect("decode"), s);
+            decode_live_agrees(&meta, &value)?;
             let ctx = s.clock().to_bytes();
             prop_assert!(ctx.len() <= MAX_CONTEXT_LEN);
             prop_assert_eq!(ctx.is_empty(), s.clock().is_empty());
@@ -205,6 +206,7 @@ proptest! {
             check_invariant(&d);
             prop_assert_eq!(d.encode(), (meta.clone(), value.clone()));
         }
+        decode_live_agrees(&meta, &value)?;
         if let Ok(c) = Clock::decode(&ctx) {
             prop_assert_eq!(c.to_bytes(), ctx.clone());
         }
@@ -223,6 +225,7 @@ proptest! {
             check_invariant(&d);
             prop_assert_eq!(d.encode(), (meta.clone(), value.clone()));
         }
+        decode_live_agrees(&meta, &value)?;
         if let Ok(c) = Clock::decode(&meta) {
             prop_assert_eq!(c.to_bytes(), meta.clone());
         }
@@ -239,10 +242,26 @@ proptest! {
             check_invariant(&d);
             prop_assert_eq!(d.encode(), (meta.clone(), value.clone()));
         }
+        decode_live_agrees(&meta, &value)?;
         if let Ok(c) = Clock::decode(&meta) {
             prop_assert_eq!(c.to_bytes(), meta.clone());
         }
     }
+}
+
+/// The in-place reader a GET reply uses accepts exactly what `decode`
+/// accepts, and yields the same context and live values.
+fn decode_live_agrees(meta: &[u8], value: &[u8]) -> Result<(), TestCaseError> {
+    let mut live = Vec::new();
+    match (VersionSet::decode(meta, value), VersionSet::decode_live(meta, value, &mut live)) {
+        (Ok(set), Ok(ctx)) => {
+            prop_assert_eq!(ctx, &set.clock().to_bytes()[..]);
+            prop_assert_eq!(live, set.live_values().collect::<Vec<_>>());
+        }
+        (Err(a), Err(b)) => prop_assert_eq!(a, b),
+        (a, b) => prop_assert!(false, "decode {:?} but decode_live {:?}", a.map(|_| ()), b.map(|_| ())),
+    }
+    Ok(())
 }
 
 // ---- Scenarios ----

@@ -584,11 +584,39 @@ impl VersionSet {
     /// Strictly decodes a stored set; empty meta and empty value are the
     /// empty set.
     pub fn decode(meta: &[u8], value: &[u8]) -> Result<VersionSet, VersionError> {
+        let mut siblings = Vec::new();
+        let (clock, _) =
+            Self::walk(meta, value, |dot, v| siblings.push(Sibling { dot, value: v.map(<[u8]>::to_vec) }))?;
+        Ok(VersionSet { clock, siblings })
+    }
+
+    /// Reads a stored set in place, for a GET reply: pushes its live values
+    /// (borrowed, in dot order) onto `live` and returns the context a get
+    /// hands out, which is a prefix of `meta` (the stored clock is encoded
+    /// as a context is). Validates exactly what [`Self::decode`] validates;
+    /// copies no value.
+    pub fn decode_live<'a>(
+        meta: &'a [u8],
+        value: &'a [u8],
+        live: &mut Vec<&'a [u8]>,
+    ) -> Result<&'a [u8], VersionError> {
+        let (_, clock_end) = Self::walk(meta, value, |_, v| live.extend(v))?;
+        Ok(&meta[..clock_end])
+    }
+
+    /// The one decoder of the storage encoding: validates `meta` and
+    /// `value`, hands every sibling to `sibling` in dot order, and returns
+    /// the clock with the length of its encoding at the start of `meta`.
+    fn walk<'a>(
+        meta: &'a [u8],
+        value: &'a [u8],
+        mut sibling: impl FnMut(Dot, Option<&'a [u8]>),
+    ) -> Result<(Clock, usize), VersionError> {
         if meta.is_empty() {
             if !value.is_empty() {
                 return Err(VersionError::Malformed("value bytes without version metadata"));
             }
-            return Ok(VersionSet::new());
+            return Ok((Clock::new(), 0));
         }
         let mut r = Reader::new(meta);
         if r.u8()? != FORMAT {
@@ -598,11 +626,11 @@ impl VersionSet {
         if clock.is_empty() {
             return Err(VersionError::Malformed("empty version set must be zero bytes"));
         }
+        let clock_end = r.at;
         let s = r.varint()?;
         if s > MAX_SIBLINGS as u64 {
             return Err(VersionError::Malformed("more siblings than MAX_SIBLINGS"));
         }
-        let mut siblings: Vec<Sibling> = Vec::with_capacity(s as usize);
         let mut value_at = 0usize;
         let mut prev: Option<(u64, u64)> = None;
         for _ in 0..s {
@@ -632,14 +660,14 @@ impl VersionSet {
                         .and_then(|len| value_at.checked_add(len))
                         .filter(|&end| end <= value.len())
                         .ok_or(VersionError::Malformed("sibling lengths exceed the value"))?;
-                    siblings.push(Sibling { dot, value: Some(value[value_at..end].to_vec()) });
+                    sibling(dot, Some(&value[value_at..end]));
                     value_at = end;
                 }
                 KIND_TOMBSTONE => {
                     if len != 0 {
                         return Err(VersionError::Malformed("tombstone with a value length"));
                     }
-                    siblings.push(Sibling { dot, value: None });
+                    sibling(dot, None);
                 }
                 _ => return Err(VersionError::Malformed("unknown sibling kind")),
             }
@@ -648,7 +676,7 @@ impl VersionSet {
         if value_at != value.len() {
             return Err(VersionError::Malformed("sibling lengths do not sum to the value length"));
         }
-        Ok(VersionSet { clock, siblings })
+        Ok((clock, clock_end))
     }
 }
 

@@ -72,6 +72,18 @@ impl Outbox {
         self.changed.notify_all();
     }
 
+    /// Lets `answer` append a reply at once; if it did, counts a request
+    /// started and its reply queued.
+    fn push_now(&self, answer: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let answered = answer(&mut self.buf.borrow_mut());
+        if answered {
+            self.start();
+            self.queued.set(self.queued.get() + 1);
+            self.changed.notify_all();
+        }
+        answered
+    }
+
     /// `n` replies reached the socket.
     fn written(&self, n: usize) {
         self.in_flight.set(self.in_flight.get() - n);
@@ -145,7 +157,14 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
-                        Ok((req, _)) => req.key().map_or(shard.id, |k| shard.owner(k)),
+                        Ok((req, _)) => {
+                            let owner = req.key().map_or(shard.id, |k| shard.owner(k));
+                            if out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
+                                start += total;
+                                continue;
+                            }
+                            owner
+                        }
                         Err(e) => {
                             let reply = shard.request_error_frame(header.request_id, &e);
                             out.start();

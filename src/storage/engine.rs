@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::rc::Rc;
 
-use lru::LruCache;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,6 +32,7 @@ use crate::limits::MAX_KEY_LEN;
 use crate::limits::MAX_META_LEN;
 use crate::notify::Notify;
 use crate::storage::backend::{Backend, WriteBuf};
+use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_hint, decode_record, format_file_contents, hint_file_name, parse_file_name, parse_format_file,
@@ -179,54 +179,12 @@ pub struct CompactionStats {
     pub corrupt_regions: u64,
 }
 
-/// A bounded cache of records keyed by location (locations are never
-/// reused, so an entry can be stale only by being unreachable): records
-/// read from disk (verified) and records as written (write-through; they
-/// are verified when read, like every record). Least recently used first
-/// out.
-struct RecordCache {
-    /// foldhash (hashbrown's default), not std's SipHash: a lookup per
-    /// GET is on the hot path, and record ids need no DoS resistance.
-    lru: LruCache<u64, Rc<[u8]>, hashbrown::DefaultHashBuilder>,
-    bytes: usize,
-    budget: usize,
-}
-
-impl RecordCache {
-    fn new(budget: usize) -> RecordCache {
-        RecordCache { lru: LruCache::unbounded_with_hasher(Default::default()), bytes: 0, budget }
-    }
-
-    fn get(&mut self, id: u64) -> Option<Rc<[u8]>> {
-        self.lru.get(&id).cloned()
-    }
-
-    /// Whether a record of `len` bytes may be cached: one record may take
-    /// at most an eighth of the budget.
-    fn admits(&self, len: usize) -> bool {
-        self.budget > 0 && len <= self.budget / 8
-    }
-
-    fn insert(&mut self, id: u64, raw: Rc<[u8]>) {
-        if !self.admits(raw.len()) {
-            return;
-        }
-        self.bytes += raw.len();
-        if let Some(old) = self.lru.put(id, raw) {
-            self.bytes -= old.len();
-        }
-        while self.bytes > self.budget {
-            let Some((_, old)) = self.lru.pop_lru() else { break };
-            self.bytes -= old.len();
-        }
-    }
-
-    /// Drops the entry of a record that is no longer reachable.
-    fn forget(&mut self, id: u64) {
-        if let Some(old) = self.lru.pop(&id) {
-            self.bytes -= old.len();
-        }
-    }
+/// What [`Engine::lookup`] found.
+enum Lookup<F> {
+    /// Answered from memory: the verified record, or `None` (no such key).
+    InMemory(Option<Record>),
+    /// To be read from this segment file at `Loc`.
+    OnDisk(Loc, F),
 }
 
 struct State<F> {
@@ -665,29 +623,15 @@ impl<B: Backend> Engine<B> {
 
     /// The latest record of `key` (a tombstone included), verified.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
-        self.check(key, &[], &[])?;
-        let hash = key_hash(key);
-        let (loc, file) = {
-            let mut st = self.inner.st.borrow_mut();
-            st.stats.gets += 1;
-            let Some(loc) = st.index.get(hash, key) else {
-                st.stats.get_not_found += 1;
-                return Ok(None);
-            };
-            // The cache first: a record just written is usually there
-            // (write-through) and needs no copy out of the write buffer.
-            if let Some(raw) = st.cache.get(loc.id()) {
-                st.stats.cache_hits += 1;
-                return Record::decode(raw, loc, key).map(Some);
-            }
-            if let Some(bytes) = st.writer.read_buffered(loc) {
-                let raw: Rc<[u8]> = bytes.into();
-                st.stats.reads_from_buffer += 1;
-                return Record::decode(raw, loc, key).map(Some);
-            }
-            st.stats.cache_misses += 1;
-            (loc, st.files.get(&loc.seg).expect("indexed segment is open").clone())
+        let (loc, file) = match self.lookup(key)? {
+            Lookup::InMemory(rec) => return Ok(rec),
+            Lookup::OnDisk(loc, file) => (loc, file),
         };
+        {
+            let stats = &mut self.inner.st.borrow_mut().stats;
+            stats.gets += 1;
+            stats.cache_misses += 1;
+        }
         let data = self
             .inner
             .backend
@@ -698,6 +642,45 @@ impl<B: Backend> Engine<B> {
         let rec = Record::decode(raw.clone(), loc, key)?;
         self.inner.st.borrow_mut().cache.insert(loc.id(), raw);
         Ok(Some(rec))
+    }
+
+    /// [`Self::get`] without waiting: `None` when the record has to be
+    /// read from disk (then `get` reads it). Lets a caller answer from
+    /// memory without allocating a future.
+    pub fn get_now(&self, key: &[u8]) -> Option<Result<Option<Record>, StorageError>> {
+        match self.lookup(key) {
+            Ok(Lookup::InMemory(rec)) => Some(Ok(rec)),
+            Ok(Lookup::OnDisk(..)) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Where `key`'s latest record is: in memory (or nowhere), or on disk.
+    /// Counts a get answered from memory; one that goes to disk is counted
+    /// by `get`, so a `get_now` that gives up counts nothing.
+    fn lookup(&self, key: &[u8]) -> Result<Lookup<B::File>, StorageError> {
+        self.check(key, &[], &[])?;
+        let hash = key_hash(key);
+        let mut st = self.inner.st.borrow_mut();
+        let Some(loc) = st.index.get(hash, key) else {
+            st.stats.gets += 1;
+            st.stats.get_not_found += 1;
+            return Ok(Lookup::InMemory(None));
+        };
+        // The cache first: a record just written is usually there
+        // (write-through) and needs no copy out of the write buffer.
+        if let Some(raw) = st.cache.get(loc.id()) {
+            st.stats.gets += 1;
+            st.stats.cache_hits += 1;
+            return Record::decode(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
+        }
+        if let Some(bytes) = st.writer.read_buffered(loc) {
+            let raw: Rc<[u8]> = bytes.into();
+            st.stats.gets += 1;
+            st.stats.reads_from_buffer += 1;
+            return Record::decode(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
+        }
+        Ok(Lookup::OnDisk(loc, st.files.get(&loc.seg).expect("indexed segment is open").clone()))
     }
 
     /// The keys of one partition with whether each is a tombstone.
