@@ -303,6 +303,42 @@ fn bad_input_is_refused_with_clear_errors() {
     });
 }
 
+/// A flush leader writes up to what it needs and stops: what was appended
+/// while its write was in flight is the next flush's. (Draining instead kept
+/// one leader writing small pieces back to back under steady load.)
+#[test]
+fn a_flush_leader_stops_at_its_own_target() {
+    use futures_lite::future::poll_once;
+    let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        backend.hold_writes(true);
+        let value = [7u8; 100];
+        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("k{i}").into_bytes()).collect();
+        let mut i = 0;
+        let mut leader = loop {
+            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
+            i += 1;
+            if poll_once(&mut put).await.is_none() {
+                break put;
+            }
+        };
+        // Appended behind the leader's write, without waiting.
+        for k in &keys[i..i + 10] {
+            poll_once(Box::pin(engine.put(k, b"", &value, 0))).await.expect("no wait").expect("put");
+        }
+        backend.hold_writes(false);
+        leader.as_mut().await.expect("leader");
+        assert_eq!(engine.stats().flushes, 1, "the leader wrote once, up to its own record");
+        engine.flush().await.expect("flush");
+        assert_eq!(engine.stats().flushes, 2, "the later appends took one more write");
+        for k in &keys[..i + 10] {
+            assert!(engine.get(k).await.expect("get").is_some());
+        }
+    });
+}
+
 /// Buffered writers keep going while a flush is stuck on a slow device
 /// (up to FLUSH_BACKLOG_THRESHOLDS thresholds), and only then wait.
 #[test]
