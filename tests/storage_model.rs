@@ -303,27 +303,48 @@ fn bad_input_is_refused_with_clear_errors() {
     });
 }
 
+/// A put that could not complete at once, and the keys put before it.
+type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StorageError>> + 'a>>;
+
+/// Puts `keys` in order, each polled once, until one has to wait (behind
+/// held writes); returns that put and how many keys were put, it included.
+async fn put_until_one_waits<'a>(
+    engine: &'a Engine<MemBackend>,
+    keys: &'a [Vec<u8>],
+    value: &'a [u8],
+) -> (Waiting<'a>, usize) {
+    use futures_lite::future::poll_once;
+    for (i, k) in keys.iter().enumerate() {
+        let mut put: Waiting<'a> = Box::pin(engine.put(k, b"", value, 0));
+        match poll_once(&mut put).await {
+            Some(r) => {
+                r.expect("put");
+            }
+            None => return (put, i + 1),
+        }
+    }
+    panic!("no put of {} waited", keys.len());
+}
+
+/// The tests that hold writes back: buffered (`never`) 1 MiB segments,
+/// 10,000 keys and a 100-byte value.
+fn held_writes_setup() -> (EngineConfig, MemBackend, Vec<Vec<u8>>, [u8; 100]) {
+    let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
+    let keys = (0..10_000).map(|i| format!("k{i}").into_bytes()).collect();
+    (config, MemBackend::new(), keys, [7u8; 100])
+}
+
 /// A flush leader writes up to what it needs and stops: what was appended
 /// while its write was in flight is the next flush's. (Draining instead kept
 /// one leader writing small pieces back to back under steady load.)
 #[test]
 fn a_flush_leader_stops_at_its_own_target() {
     use futures_lite::future::poll_once;
-    let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
-    let backend = MemBackend::new();
+    let (config, backend, keys, value) = held_writes_setup();
     block_on(async {
         let engine = open(&backend, &config).await;
         backend.hold_writes(true);
-        let value = [7u8; 100];
-        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("k{i}").into_bytes()).collect();
-        let mut i = 0;
-        let mut leader = loop {
-            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
-            i += 1;
-            if poll_once(&mut put).await.is_none() {
-                break put;
-            }
-        };
+        let (mut leader, i) = put_until_one_waits(&engine, &keys, &value).await;
         // Appended behind the leader's write, without waiting.
         for k in &keys[i..i + 10] {
             poll_once(Box::pin(engine.put(k, b"", &value, 0))).await.expect("no wait").expect("put");
@@ -343,37 +364,17 @@ fn a_flush_leader_stops_at_its_own_target() {
 /// (up to FLUSH_BACKLOG_THRESHOLDS thresholds), and only then wait.
 #[test]
 fn buffered_writes_do_not_stall_behind_a_slow_flush() {
-    use futures_lite::future::poll_once;
     use gyre::limits::FLUSH_BACKLOG_THRESHOLDS;
     use gyre::storage::format::record_len;
-    let config = EngineConfig { segment_size: 1024 * 1024, ..tiny_config(FsyncPolicy::Never) };
-    let backend = MemBackend::new();
+    let (config, backend, keys, value) = held_writes_setup();
     block_on(async {
         let engine = open(&backend, &config).await;
         backend.hold_writes(true);
-        let value = [7u8; 100];
-        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("k{i}").into_bytes()).collect();
         // The write that crosses the threshold leads a flush and waits in it.
-        let mut i = 0;
-        let mut leader = loop {
-            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
-            i += 1;
-            if poll_once(&mut put).await.is_none() {
-                break put;
-            }
-        };
-        let first_wait = i;
+        let (mut leader, first_wait) = put_until_one_waits(&engine, &keys, &value).await;
         // The next writers append behind the flush without waiting ...
-        let mut blocked = loop {
-            let mut put = Box::pin(engine.put(&keys[i], b"", &value, 0));
-            i += 1;
-            match poll_once(&mut put).await {
-                Some(r) => {
-                    r.expect("put");
-                }
-                None => break put,
-            }
-        };
+        let (mut blocked, more) = put_until_one_waits(&engine, &keys[first_wait..], &value).await;
+        let i = first_wait + more;
         // ... until the backlog is full. Nothing reached the device, so
         // the buffer holds every record appended: the blocked writer is
         // the first to take it to FLUSH_BACKLOG_THRESHOLDS thresholds.
