@@ -394,3 +394,45 @@ fn buffered_writes_do_not_stall_behind_a_slow_flush() {
         }
     });
 }
+
+/// Compaction writes its copies out as it moves them: the buffer never
+/// holds much more than a flush threshold of them, so client writes are
+/// not made to wait behind one long flush of a whole segment's records.
+#[test]
+fn compaction_flushes_its_copies_as_it_goes() {
+    let config = EngineConfig { segment_size: 64 * 1024, flush_threshold: 2048, ..tiny_config(FsyncPolicy::Never) };
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        let value = [3u8; 100];
+        // Segments full of keys, then every other key overwritten: half of
+        // each early segment is garbage, past the compaction threshold,
+        // and half is live records to move.
+        let keys: Vec<Vec<u8>> = (0..2_000).map(|i| format!("c{i}").into_bytes()).collect();
+        for k in &keys {
+            engine.put(k, b"", &value, 0).await.expect("put");
+        }
+        for k in keys.iter().step_by(2) {
+            engine.put(k, b"", &value, 0).await.expect("overwrite");
+        }
+        engine.sync().await.expect("sync");
+        let before = engine.stats();
+        let done = engine.compact(0).await.expect("compact");
+        let after = engine.stats();
+        assert!(done.records_moved > 0, "nothing was compacted");
+        let moved_bytes = done.records_moved as usize * (record_len_of(&keys[1_500], &value));
+        let flushes = after.flushes - before.flushes;
+        assert!(
+            flushes as usize >= moved_bytes / config.flush_threshold,
+            "{} records ({moved_bytes} bytes) moved in {flushes} writes",
+            done.records_moved
+        );
+        for k in &keys {
+            assert!(engine.get(k).await.expect("get").is_some());
+        }
+    });
+}
+
+fn record_len_of(key: &[u8], value: &[u8]) -> usize {
+    gyre::storage::format::record_len(key.len(), 0, value.len())
+}

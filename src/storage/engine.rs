@@ -40,7 +40,7 @@ use crate::storage::format::{
 };
 use crate::storage::index::{Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
-use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentUsage};
+use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentScan, SegmentUsage};
 
 /// Errors of the storage engine.
 #[derive(Debug, Error)]
@@ -767,41 +767,55 @@ impl<B: Backend> Engine<B> {
         };
         if live > 0 {
             let data = read_segment(backend, &file).await?;
-            let data = data.as_ref();
-            let mut records = Vec::new();
-            let out = scan_segment(seg, data, true, |off, r| records.push((off as usize, r.encoded_len())));
+            // Scanned a record at a time, yielding every 64: a whole
+            // segment's checksums in one go stalled every request on the
+            // shard for tens of milliseconds.
+            let mut scan = SegmentScan::new(seg, data.as_ref(), true);
+            let mut seen = 0u64;
+            while let Some((off, r)) = scan.next_record() {
+                seen += 1;
+                if seen.is_multiple_of(64) {
+                    backend.yield_now().await;
+                }
+                let hash = key_hash(r.key);
+                let len = r.encoded_len() as u32;
+                let loc = Loc { seg, off: off as u32, len, tombstone: r.kind == Kind::Tombstone };
+                let full = {
+                    let mut st = self.inner.st.borrow_mut();
+                    if let Some(e) = &st.failed {
+                        return Err(StorageError::Failed(e.clone()));
+                    }
+                    if st.index.get(hash, r.key) != Some(loc) {
+                        continue;
+                    }
+                    let oldest = *st.usage.keys().next().expect("segment being compacted exists");
+                    let grace = self.inner.config.tombstone_grace_ms;
+                    if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
+                        st.index.remove(hash, r.key);
+                        st.drop_live(loc);
+                        stats.tombstones_dropped += 1;
+                        st.stats.tombstones_dropped += 1;
+                        continue;
+                    }
+                    let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
+                    st.account(&a, hash, r.key);
+                    stats.records_moved += 1;
+                    st.stats.records_moved += 1;
+                    // Compaction writes out its own copies as it goes: left to
+                    // pile up, a segment's live records filled the buffer past
+                    // the backlog limit and made every client write wait for
+                    // one long flush (a 100-150 ms stall per compaction).
+                    st.writer.pending_bytes() >= self.inner.config.flush_threshold
+                };
+                if full {
+                    self.flush().await?;
+                }
+            }
+            let out = scan.finish();
             for c in &out.corruptions {
                 tracing::error!(seg, off = c.off, len = c.len, reason = %c.reason, "corruption found by compaction");
             }
             stats.corrupt_regions += out.corruptions.len() as u64;
-            for (i, &(off, len)) in records.iter().enumerate() {
-                if i % 64 == 63 {
-                    backend.yield_now().await;
-                }
-                let r = decode_record(&data[off..off + len]).expect("verified by the scan");
-                let hash = key_hash(r.key);
-                let loc = Loc { seg, off: off as u32, len: len as u32, tombstone: r.kind == Kind::Tombstone };
-                let mut st = self.inner.st.borrow_mut();
-                if let Some(e) = &st.failed {
-                    return Err(StorageError::Failed(e.clone()));
-                }
-                if st.index.get(hash, r.key) != Some(loc) {
-                    continue;
-                }
-                let oldest = *st.usage.keys().next().expect("segment being compacted exists");
-                let grace = self.inner.config.tombstone_grace_ms;
-                if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
-                    st.index.remove(hash, r.key);
-                    st.drop_live(loc);
-                    stats.tombstones_dropped += 1;
-                    st.stats.tombstones_dropped += 1;
-                    continue;
-                }
-                let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
-                st.account(&a, hash, r.key);
-                stats.records_moved += 1;
-                st.stats.records_moved += 1;
-            }
             self.sync().await?;
         }
         let (live, total) = {

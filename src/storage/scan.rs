@@ -49,57 +49,85 @@ pub fn scan_segment<'a>(
     sealed: bool,
     mut visit: impl FnMut(u64, RecordRef<'a>),
 ) -> ScanOutcome {
-    let mut out = ScanOutcome::default();
-    let mut at = 0usize;
-    while at < data.len() {
-        let err = match decode_record(&data[at..]) {
-            Ok(r) => {
-                visit(at as u64, r);
-                at += r.encoded_len();
-                out.valid_end = at as u64;
-                continue;
-            }
-            Err(e) => e,
-        };
-        if err == DecodeError::End && data[at..].iter().all(|&b| b == 0) {
-            // Zeros to the end: the end of the data. A sealed segment was
-            // truncated to its data, so zeros there mean lost bytes.
-            if sealed {
-                out.corruptions.push(Corruption {
-                    seg,
-                    off: at as u64,
-                    len: (data.len() - at) as u64,
-                    reason: "zeroed bytes at the end of a sealed segment".into(),
-                });
-            }
-            break;
-        }
-        match resync(data, at + 1) {
-            Some(next) => {
-                out.corruptions.push(Corruption {
-                    seg,
-                    off: at as u64,
-                    len: (next - at) as u64,
-                    reason: format!("invalid record ({err})"),
-                });
-                at = next;
-            }
-            None if sealed => {
-                out.corruptions.push(Corruption {
-                    seg,
-                    off: at as u64,
-                    len: (data.len() - at) as u64,
-                    reason: format!("invalid record up to the end of a sealed segment ({err})"),
-                });
-                break;
-            }
-            None => {
-                out.torn_tail = (data.len() - at) as u64;
-                break;
-            }
-        }
+    let mut scan = SegmentScan::new(seg, data, sealed);
+    while let Some((off, r)) = scan.next_record() {
+        visit(off, r);
     }
-    out
+    scan.finish()
+}
+
+/// [`scan_segment`] one record at a time, so that a caller can let other
+/// work run between records (compaction scans whole segments on a shard
+/// that is serving requests).
+pub struct SegmentScan<'a> {
+    seg: u32,
+    data: &'a [u8],
+    sealed: bool,
+    at: usize,
+    out: ScanOutcome,
+}
+
+impl<'a> SegmentScan<'a> {
+    pub fn new(seg: u32, data: &'a [u8], sealed: bool) -> SegmentScan<'a> {
+        SegmentScan { seg, data, sealed, at: 0, out: ScanOutcome::default() }
+    }
+
+    /// The next valid record and its offset; `None` at the end of the data
+    /// (corrupt regions on the way are recorded for [`Self::finish`]).
+    pub fn next_record(&mut self) -> Option<(u64, RecordRef<'a>)> {
+        let (seg, data) = (self.seg, self.data);
+        while self.at < data.len() {
+            let at = self.at;
+            let err = match decode_record(&data[at..]) {
+                Ok(r) => {
+                    self.at += r.encoded_len();
+                    self.out.valid_end = self.at as u64;
+                    return Some((at as u64, r));
+                }
+                Err(e) => e,
+            };
+            self.at = data.len();
+            if err == DecodeError::End && data[at..].iter().all(|&b| b == 0) {
+                // Zeros to the end: the end of the data. A sealed segment was
+                // truncated to its data, so zeros there mean lost bytes.
+                if self.sealed {
+                    self.out.corruptions.push(Corruption {
+                        seg,
+                        off: at as u64,
+                        len: (data.len() - at) as u64,
+                        reason: "zeroed bytes at the end of a sealed segment".into(),
+                    });
+                }
+                return None;
+            }
+            match resync(data, at + 1) {
+                Some(next) => {
+                    self.out.corruptions.push(Corruption {
+                        seg,
+                        off: at as u64,
+                        len: (next - at) as u64,
+                        reason: format!("invalid record ({err})"),
+                    });
+                    self.at = next;
+                }
+                None if self.sealed => {
+                    self.out.corruptions.push(Corruption {
+                        seg,
+                        off: at as u64,
+                        len: (data.len() - at) as u64,
+                        reason: format!("invalid record up to the end of a sealed segment ({err})"),
+                    });
+                }
+                None => self.out.torn_tail = (data.len() - at) as u64,
+            }
+        }
+        None
+    }
+
+    /// What the scan found besides records.
+    pub fn finish(self) -> ScanOutcome {
+        self.out
+    }
 }
 
 /// Space accounting of one segment on disk.
