@@ -548,17 +548,19 @@ impl<B: Backend> Engine<B> {
     /// Writes the log up to `target` (sealing full segments on the way)
     /// and, if `sync`, fdatasyncs the last segment written.
     ///
-    /// Stops at `target`, not when the buffer is empty: appends arriving
-    /// while a write is in flight are the next flush's. Draining instead
-    /// kept a leader writing back to back under steady load, a few
-    /// kilobytes per write (what arrived during the last one), each write
-    /// paying a submission and rewriting the partial block before it.
+    /// Without `sync` it stops at `target`, not when the buffer is empty:
+    /// appends arriving while a write is in flight are the next flush's.
+    /// Draining there kept a leader writing back to back under steady
+    /// load, a few kilobytes per write (what arrived during the last one),
+    /// each paying a submission and rewriting the partial block before it.
+    /// With `sync` it drains: one more write is cheap next to the
+    /// fdatasync that then covers every writer waiting (group commit).
     async fn flush_as_leader(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
         let backend = &self.inner.backend;
         loop {
             let plan = {
                 let st = self.inner.st.borrow();
-                if st.writer.written() >= target {
+                if !sync && st.writer.written() >= target {
                     break;
                 }
                 st.writer.plan_flush()
