@@ -360,6 +360,32 @@ fn a_flush_leader_stops_at_its_own_target() {
     });
 }
 
+/// A syncing leader writes out what piled up behind its write before its
+/// fdatasync, so one sync acknowledges every writer waiting (group commit).
+#[test]
+fn a_syncing_leader_covers_the_writers_behind_it_with_one_sync() {
+    use futures_lite::future::poll_once;
+    let config = tiny_config(FsyncPolicy::Always);
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        let before = engine.stats().fdatasyncs;
+        backend.hold_writes(true);
+        let keys: Vec<Vec<u8>> = (0..10).map(|i| format!("g{i}").into_bytes()).collect();
+        let mut puts: Vec<Waiting<'_>> = Vec::new();
+        for k in &keys {
+            let mut put: Waiting<'_> = Box::pin(engine.put(k, b"", b"v", 0));
+            assert!(poll_once(&mut put).await.is_none(), "a durable put waits");
+            puts.push(put);
+        }
+        backend.hold_writes(false);
+        for put in puts {
+            put.await.expect("put");
+        }
+        assert_eq!(engine.stats().fdatasyncs - before, 1, "one sync for the leader and the writers behind it");
+    });
+}
+
 /// Buffered writers keep going while a flush is stuck on a slow device
 /// (up to FLUSH_BACKLOG_THRESHOLDS thresholds), and only then wait.
 #[test]
