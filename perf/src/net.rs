@@ -473,14 +473,15 @@ impl Contexts {
         if ctx.is_empty() {
             return;
         }
+        let held = self.held.get_mut(&key);
         // The common case under reads: the context held already (nothing
         // written since); no need to decode it again.
-        if self.held.get(&key).is_some_and(|h| h.bytes == ctx) {
+        if held.as_ref().is_some_and(|h| h.bytes == ctx) {
             return;
         }
         let Ok((clock, _hint)) = decode_context(ctx) else { return };
         let sum: u64 = clock.iter().map(|(_, n)| n).sum();
-        match self.held.get_mut(&key) {
+        match held {
             Some(held) if held.sum < sum => {
                 held.sum = sum;
                 held.bytes.clear();

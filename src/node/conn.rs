@@ -68,8 +68,7 @@ impl Outbox {
     /// Queues the reply of a started request.
     fn push(&self, frame: &[u8]) {
         self.buf.borrow_mut().extend_from_slice(frame);
-        self.queued.set(self.queued.get() + 1);
-        self.changed.notify_all();
+        self.queued_one();
     }
 
     /// Lets `answer` append a reply at once; if it did, counts a request
@@ -78,10 +77,15 @@ impl Outbox {
         let answered = answer(&mut self.buf.borrow_mut());
         if answered {
             self.start();
-            self.queued.set(self.queued.get() + 1);
-            self.changed.notify_all();
+            self.queued_one();
         }
         answered
+    }
+
+    /// A reply was appended to `buf`: wake the writer.
+    fn queued_one(&self) {
+        self.queued.set(self.queued.get() + 1);
+        self.changed.notify_all();
     }
 
     /// `n` replies reached the socket.

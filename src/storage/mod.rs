@@ -2,12 +2,12 @@
 //! in-memory index, written through io_uring.
 //!
 //! Code map: `format` (bytes on disk), `index` (key -> location), `cache`
-//! (location -> record, CLOCK), `log` (what the next write is), `scan` (what recovery and compaction keep),
-//! `engine` (the async driver), `backend` (the I/O trait and its glommio and
-//! in-memory implementations), `config`.
+//! (location -> record, CLOCK), `log` (what the next write is), `scan` (what
+//! recovery and compaction keep), `engine` (the async driver), `backend`
+//! (the I/O trait and its glommio and in-memory implementations), `config`.
 //!
-//! Invariant: `format`, `index`, `cache`, `log`, `scan` and `config` do no I/O and
-//! never read the clock; all I/O goes through `backend::Backend`.
+//! Invariant: `format`, `index`, `cache`, `log`, `scan` and `config` do no
+//! I/O and never read the clock; all I/O goes through `backend::Backend`.
 
 pub mod backend;
 mod cache;
