@@ -4,7 +4,7 @@
 # GYRE=path/to/gyre picks another build (default: this checkout's release build).
 # Prints: target ratio fsync [args] ops_per_sec p50_us p99_us p999_us max_us
 #         errors server_cpu_us_per_op max_values_per_verified_key max_siblings_seen
-cd "$(git rev-parse --show-toplevel)" || exit 1
+cd "$(dirname "$0")/../../.." || exit 1
 T=$1; R=$2; F=$3; shift 3
 D=$(mktemp -d)
 if [ "$T" = gyre ]; then
