@@ -459,6 +459,42 @@ fn compaction_flushes_its_copies_as_it_goes() {
     });
 }
 
+/// A record that compaction moves keeps its place in the record cache (the
+/// copy is the same bytes): reading it afterwards is a cache hit, not a read
+/// of the copy from disk. Its entry is renamed, so the old location's id no
+/// longer finds it, and a write to the key afterwards still supersedes it.
+#[test]
+fn a_record_moved_by_compaction_stays_cached() {
+    let config = EngineConfig { segment_size: 64 * 1024, cache_bytes: 1 << 20, ..tiny_config(FsyncPolicy::Never) };
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        let value = [5u8; 100];
+        let keys: Vec<Vec<u8>> = (0..2_000).map(|i| format!("m{i}").into_bytes()).collect();
+        for k in &keys {
+            engine.put(k, b"", &value, 0).await.expect("put");
+        }
+        for k in keys.iter().step_by(2) {
+            engine.put(k, b"", &value, 0).await.expect("overwrite");
+        }
+        engine.sync().await.expect("sync");
+        assert!(engine.compact(0).await.expect("compact").records_moved > 0, "nothing was compacted");
+        engine.sync().await.expect("sync");
+        let before = engine.stats();
+        for k in keys.iter().skip(1).step_by(2) {
+            assert_eq!(engine.get(k).await.expect("get").expect("present").value(), &value[..]);
+        }
+        let after = engine.stats();
+        assert_eq!(after.cache_misses, before.cache_misses, "a moved record was read from disk");
+        assert_eq!(after.cache_hits - before.cache_hits, 1_000);
+        // The moved entries are still superseded by new writes.
+        for k in keys.iter().skip(1).step_by(2) {
+            engine.put(k, b"", b"new", 0).await.expect("rewrite");
+            assert_eq!(engine.get(k).await.expect("get").expect("present").value(), b"new");
+        }
+    });
+}
+
 fn record_len_of(key: &[u8], value: &[u8]) -> usize {
     gyre::storage::format::record_len(key.len(), 0, value.len())
 }

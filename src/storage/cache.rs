@@ -1,60 +1,92 @@
-//! The record cache: a bounded map from record id (a location, never
-//! reused) to the record's bytes, evicting by CLOCK (second chance).
+//! The record cache: the bytes of recently written or read records, in a
+//! slab evicted by CLOCK (second chance), found through the index.
 //!
 //! Owns: the cached records and the byte count they hold. Invariant: after
 //! every `insert`, `bytes <= budget`, and `bytes` is the sum of the lengths
-//! of the entries in the map.
+//! of the occupied entries.
+//!
+//! # Found through the index, not through a map of its own
+//!
+//! A lookup used to probe the index for the key's location and then a hash
+//! map from location to bytes: two tables, each a cache miss or two on a
+//! shard whose keys do not fit in the CPU caches (a profile of a shard
+//! under SET load put 15% of its time in the two probes). Now `insert`
+//! returns a [`CacheTag`], the index keeps it in the key's slot, and `get`
+//! goes straight to the entry. The index also compares a lookup's key
+//! against the cached record's own key (`key_of`) instead of its key arena,
+//! one miss fewer again: the record has to be read anyway.
+//!
+//! A tag is a hint, not a reference: an entry may be evicted and reused
+//! for another record while a slot still holds its tag. Every entry keeps
+//! the id of the record it holds (its location, never reused), and every
+//! access names the id it expects, so a stale tag reads as a miss; an
+//! index slot never needs updating when its entry goes.
 //!
 //! Why CLOCK and not a linked-list LRU: a hit is on every GET's path. An LRU
-//! hit follows the map's pointer to its list node and relinks it with its
-//! neighbours, several cache misses on records nobody else touches; a
-//! profile of one shard serving GETs put 11% of its time there. A CLOCK hit
-//! is one probe of an inline table and one flag. Eviction approximates LRU:
-//! an entry read since the hand last passed gets a second chance.
+//! hit relinks list nodes, several cache misses on records nobody else
+//! touches (11% of a shard serving GETs, profiled). A CLOCK hit sets one
+//! flag. Eviction approximates LRU: an entry read since the hand last
+//! passed gets a second chance.
 //!
 //! Does no I/O and never reads the clock.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 
-use hashbrown::HashMap;
-
-/// How many ids of forgotten entries the hand's queue may hold beyond twice
-/// the live entries before it is compacted. Compaction walks the queue once,
-/// so it runs at most once per this many forgets plus the live count:
-/// amortised O(1) per forget.
-const STALE_SLACK: usize = 64;
+use crate::storage::format::record_key;
+use crate::storage::index::CacheTag;
 
 struct Entry {
-    raw: Rc<[u8]>,
+    /// The record held (its location's id); meaningless while `raw` is `None`.
+    id: u64,
+    /// `None`: the entry is free (on `free`).
+    raw: Option<Rc<[u8]>>,
     /// Set by a hit; the hand clears it once instead of evicting.
     referenced: bool,
 }
 
 pub(crate) struct RecordCache {
-    /// foldhash (hashbrown's default): ids need no DoS resistance.
-    map: HashMap<u64, Entry>,
-    /// The clock: ids in the order the hand visits them (front first). It
-    /// may hold ids no longer in `map` (forgotten or evicted twice over);
-    /// the hand skips them, and `compact` drops them when they pile up.
-    hand: VecDeque<u64>,
+    entries: Vec<Entry>,
+    /// Free entries, reused before `entries` grows: its length stays the
+    /// largest number of records ever cached at once.
+    free: Vec<u32>,
+    /// The clock hand: the next entry it looks at.
+    hand: usize,
     pub(crate) bytes: usize,
     budget: usize,
 }
 
 impl RecordCache {
     pub(crate) fn new(budget: usize) -> RecordCache {
-        RecordCache { map: HashMap::new(), hand: VecDeque::new(), bytes: 0, budget }
+        RecordCache { entries: Vec::new(), free: Vec::new(), hand: 0, bytes: 0, budget }
     }
 
-    pub(crate) fn get(&mut self, id: u64) -> Option<Rc<[u8]>> {
-        let e = self.map.get_mut(&id)?;
+    /// The entry `tag` points at, if it still holds record `id`.
+    fn entry(&self, tag: CacheTag, id: u64) -> Option<(usize, &Rc<[u8]>)> {
+        let i = (tag.0 as usize).checked_sub(1)?;
+        let e = self.entries.get(i)?;
+        match &e.raw {
+            Some(raw) if e.id == id => Some((i, raw)),
+            _ => None,
+        }
+    }
+
+    /// The bytes of record `id`, if `tag` still holds them; marks a hit.
+    pub(crate) fn get(&mut self, tag: CacheTag, id: u64) -> Option<Rc<[u8]>> {
+        let (i, raw) = self.entry(tag, id)?;
+        let raw = raw.clone();
+        let e = &mut self.entries[i];
         // Written only when it changes: a hit on a hot record leaves its
         // cache line clean.
         if !e.referenced {
             e.referenced = true;
         }
-        Some(e.raw.clone())
+        Some(raw)
+    }
+
+    /// The key of record `id`, if `tag` still holds it (no hit is marked:
+    /// the index asks while it probes).
+    pub(crate) fn key_of(&self, tag: CacheTag, id: u64) -> Option<&[u8]> {
+        self.entry(tag, id).and_then(|(_, raw)| record_key(raw))
     }
 
     /// Whether a record of `len` bytes may be cached: one record may take
@@ -63,139 +95,193 @@ impl RecordCache {
         self.budget > 0 && len <= self.budget / 8
     }
 
-    pub(crate) fn insert(&mut self, id: u64, raw: Rc<[u8]>) {
+    /// Caches the bytes of record `id` (an id not cached already), evicting
+    /// others to stay within the budget; the tag to find them by, or
+    /// [`CacheTag::NONE`] if the record is too large to cache.
+    pub(crate) fn insert(&mut self, id: u64, raw: Rc<[u8]>) -> CacheTag {
         if !self.admits(raw.len()) {
-            return;
+            return CacheTag::NONE;
         }
         self.bytes += raw.len();
-        match self.map.insert(id, Entry { raw, referenced: false }) {
-            Some(old) => self.bytes -= old.raw.len(),
-            None => self.hand.push_back(id),
-        }
         while self.bytes > self.budget {
             if !self.evict_one() {
                 break;
             }
         }
+        let entry = Entry { id, raw: Some(raw), referenced: false };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.entries[i as usize] = entry;
+                i as usize
+            }
+            None => {
+                self.entries.push(entry);
+                self.entries.len() - 1
+            }
+        };
         debug_assert!(self.bytes <= self.budget);
+        CacheTag(u32::try_from(i + 1).expect("fewer cache entries than u32::MAX"))
     }
 
-    /// Drops the entry of a record that is no longer reachable.
-    pub(crate) fn forget(&mut self, id: u64) {
-        if let Some(old) = self.map.remove(&id) {
-            self.bytes -= old.raw.len();
-            if self.hand.len() > 2 * self.map.len() + STALE_SLACK {
-                self.compact();
-            }
+    /// Drops record `id` if `tag` still holds it (it can never be read
+    /// again: superseded, or its segment is gone).
+    pub(crate) fn forget(&mut self, tag: CacheTag, id: u64) {
+        if let Some((i, _)) = self.entry(tag, id) {
+            self.release(i);
         }
     }
 
-    /// Moves the hand until it evicts one entry; false when the cache is
-    /// empty. Ends within two turns: the first clears every flag it passes.
-    fn evict_one(&mut self) -> bool {
-        while let Some(id) = self.hand.pop_front() {
-            match self.map.get_mut(&id) {
-                None => {}
-                Some(e) if e.referenced => {
-                    e.referenced = false;
-                    self.hand.push_back(id);
-                }
-                Some(_) => {
-                    if let Some(old) = self.map.remove(&id) {
-                        self.bytes -= old.raw.len();
-                    }
-                    return true;
-                }
+    /// Record `from` was copied, byte for byte, to `to` (compaction): the
+    /// entry now holds `to`, found by the same tag. Returns whether it did.
+    pub(crate) fn rename(&mut self, tag: CacheTag, from: u64, to: u64) -> bool {
+        match self.entry(tag, from) {
+            Some((i, _)) => {
+                self.entries[i].id = to;
+                true
             }
+            None => false,
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        let e = &mut self.entries[i];
+        if let Some(raw) = e.raw.take() {
+            self.bytes -= raw.len();
+            self.free.push(i as u32);
+        }
+    }
+
+    /// Moves the hand until it evicts one entry; false when nothing is
+    /// cached. Ends within two turns: the first clears every flag it passes.
+    fn evict_one(&mut self) -> bool {
+        for _ in 0..2 * self.entries.len() + 1 {
+            if self.hand >= self.entries.len() {
+                self.hand = 0;
+            }
+            let i = self.hand;
+            self.hand += 1;
+            let Some(e) = self.entries.get_mut(i) else { return false };
+            if e.raw.is_none() {
+                continue;
+            }
+            if e.referenced {
+                e.referenced = false;
+                continue;
+            }
+            self.release(i);
+            return true;
         }
         false
     }
 
-    /// Drops the ids of forgotten entries from the hand's queue, keeping the
-    /// order of the rest.
-    fn compact(&mut self) {
-        let map = &self.map;
-        self.hand.retain(|id| map.contains_key(id));
-    }
-
-    #[cfg(test)]
-    fn queued(&self) -> usize {
-        self.hand.len()
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.map.len()
+        self.entries.len() - self.free.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::format::{encode_record, Kind};
 
     fn rec(len: usize) -> Rc<[u8]> {
         vec![7u8; len].into()
     }
 
+    /// Inserts records 0..n of `len` bytes; their tags by id.
+    fn fill(c: &mut RecordCache, n: u64, len: usize) -> Vec<CacheTag> {
+        (0..n).map(|id| c.insert(id, rec(len))).collect()
+    }
+
+    fn occupied_bytes(c: &RecordCache) -> usize {
+        c.entries.iter().filter_map(|e| e.raw.as_ref()).map(|r| r.len()).sum()
+    }
+
     #[test]
     fn stays_within_its_budget_and_counts_exactly() {
         let mut c = RecordCache::new(1000);
+        let mut last = CacheTag::NONE;
         for id in 0..100u64 {
-            c.insert(id, rec(10 + (id as usize % 50)));
+            last = c.insert(id, rec(10 + (id as usize % 50)));
             assert!(c.bytes <= 1000);
-            let sum: usize = c.map.values().map(|e| e.raw.len()).sum();
-            assert_eq!(c.bytes, sum);
+            assert_eq!(c.bytes, occupied_bytes(&c));
         }
-        assert!(c.get(99).is_some(), "the newest entry is kept");
+        assert!(c.get(last, 99).is_some(), "the newest entry is kept");
     }
 
     #[test]
     fn a_record_read_since_the_hand_passed_survives_one_eviction() {
         let mut c = RecordCache::new(800);
-        for id in 0..8 {
-            c.insert(id, rec(100));
-        }
-        assert!(c.get(0).is_some());
-        c.insert(8, rec(100));
-        assert!(c.get(0).is_some(), "0 was read: second chance");
-        assert!(c.get(1).is_none(), "1 is the oldest unread entry");
-        assert!((2..9).all(|id| c.get(id).is_some()));
+        let mut tags = fill(&mut c, 8, 100);
+        assert!(c.get(tags[0], 0).is_some());
+        tags.push(c.insert(8, rec(100)));
+        assert!(c.get(tags[0], 0).is_some(), "0 was read: second chance");
+        assert!(c.get(tags[1], 1).is_none(), "1 is the oldest unread entry");
+        assert!((2..9).all(|id| c.get(tags[id], id as u64).is_some()));
         assert_eq!(c.bytes, 800);
     }
 
     #[test]
     fn a_record_larger_than_an_eighth_of_the_budget_is_not_cached() {
         let mut c = RecordCache::new(800);
-        c.insert(1, rec(101));
-        assert!(c.get(1).is_none());
+        assert_eq!(c.insert(1, rec(101)), CacheTag::NONE);
         assert_eq!(c.bytes, 0);
-        c.insert(2, rec(100));
-        assert!(c.get(2).is_some());
+        let t = c.insert(2, rec(100));
+        assert!(c.get(t, 2).is_some());
         assert!(!RecordCache::new(0).admits(1));
     }
 
     #[test]
-    fn forgetting_frees_the_bytes_and_the_queue_stays_bounded() {
+    fn forgetting_frees_the_bytes_and_the_entries_are_reused() {
         let mut c = RecordCache::new(1 << 20);
+        let mut tags = Vec::new();
         for id in 0..10_000u64 {
-            c.insert(id, rec(10));
+            tags.push(c.insert(id, rec(10)));
             if id >= 5 {
-                c.forget(id - 5);
+                c.forget(tags[id as usize - 5], id - 5);
             }
-            assert!(c.queued() <= 2 * c.len() + STALE_SLACK + 1, "queue {} for {} entries", c.queued(), c.len());
+            assert!(c.entries.len() <= 6, "{} entries for 5 records", c.entries.len());
         }
         assert_eq!(c.len(), 5);
         assert_eq!(c.bytes, 50);
-        assert!(c.get(9_995).is_some() && c.get(9_994).is_none());
+        assert!(c.get(tags[9_995], 9_995).is_some() && c.get(tags[9_994], 9_994).is_none());
     }
 
     #[test]
-    fn replacing_an_entry_counts_only_the_new_bytes() {
-        let mut c = RecordCache::new(1000);
-        c.insert(1, rec(50));
-        c.insert(1, rec(80));
-        assert_eq!(c.bytes, 80);
-        assert_eq!(c.get(1).map(|r| r.len()), Some(80));
-        assert_eq!(c.queued(), 1);
+    fn a_stale_tag_misses_and_cannot_drop_the_record_now_in_its_entry() {
+        let mut c = RecordCache::new(800);
+        let old = c.insert(1, rec(100));
+        c.forget(old, 1);
+        let new = c.insert(2, rec(100));
+        assert_eq!(old, new, "the free entry is reused");
+        assert!(c.get(old, 1).is_none());
+        c.forget(old, 1);
+        assert!(!c.rename(old, 1, 3));
+        assert!(c.get(new, 2).is_some());
+        assert_eq!(c.bytes, 100);
+        assert!(c.get(CacheTag::NONE, 2).is_none());
+        assert!(c.get(CacheTag(99), 2).is_none());
+    }
+
+    #[test]
+    fn a_renamed_record_is_found_under_its_new_id_only() {
+        let mut c = RecordCache::new(800);
+        let t = c.insert(1, rec(100));
+        assert!(c.rename(t, 1, 2));
+        assert!(c.get(t, 1).is_none());
+        assert_eq!(c.get(t, 2).map(|r| r.len()), Some(100));
+        assert_eq!(c.bytes, 100);
+    }
+
+    #[test]
+    fn key_of_reads_the_key_out_of_the_cached_record() {
+        let mut c = RecordCache::new(1 << 20);
+        let mut raw = Vec::new();
+        encode_record(&mut raw, 1, 0, Kind::Value, b"the-key", b"meta", b"value");
+        let t = c.insert(5, raw.into());
+        assert_eq!(c.key_of(t, 5), Some(&b"the-key"[..]));
+        assert_eq!(c.key_of(t, 6), None);
+        assert_eq!(record_key(&[0u8; 31]), None);
     }
 }

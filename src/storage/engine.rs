@@ -38,7 +38,7 @@ use crate::storage::format::{
     decode_hint, decode_record, format_file_contents, hint_file_name, parse_file_name, parse_format_file,
     segment_file_name, FileKind, HintBuilder, Kind, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
-use crate::storage::index::{Loc, ShardIndex};
+use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentScan, SegmentUsage};
 
@@ -204,11 +204,26 @@ struct State<F> {
 }
 
 impl<F> State<F> {
-    /// Index and space accounting for a record just appended.
-    fn account(&mut self, a: &Appended, hash: u64, key: &[u8]) {
-        if let Some(old) = self.index.insert(hash, key, a.loc) {
-            self.drop_live(old);
+    /// Index and space accounting for a record just appended (its bytes
+    /// cached under `tag`).
+    fn account(&mut self, a: &Appended, hash: u64, key: &[u8], tag: CacheTag) {
+        if let Some((old, old_tag)) = self.index.insert_tagged(hash, key, a.loc, tag) {
+            self.drop_live(old, old_tag);
         }
+        self.count_appended(a);
+    }
+
+    /// Index and space accounting for compaction's copy `a` of the live
+    /// record at `from`: the key moves to the copy, and so do its cached
+    /// bytes (they are the same bytes), so a hot record stays cached.
+    fn account_move(&mut self, a: &Appended, hash: u64, key: &[u8], from: Loc) {
+        let tag = self.index.relocate(hash, key, from, a.loc).expect("the caller checked the record is live");
+        self.cache.rename(tag, from.id(), a.loc.id());
+        self.usage.get_mut(&from.seg).expect("a live record's segment is accounted").live -= from.len as u64;
+        self.count_appended(a);
+    }
+
+    fn count_appended(&mut self, a: &Appended) {
         let u = self.usage.entry(a.loc.seg).or_default();
         u.total += a.loc.len as u64;
         u.live += a.loc.len as u64;
@@ -217,11 +232,11 @@ impl<F> State<F> {
         }
     }
 
-    fn drop_live(&mut self, old: Loc) {
+    fn drop_live(&mut self, old: Loc, tag: CacheTag) {
         let u = self.usage.get_mut(&old.seg).expect("a live record's segment is accounted");
         u.live -= old.len as u64;
-        // Superseded or moved: its cache entry can never be read again.
-        self.cache.forget(old.id());
+        // Superseded or dropped: its cache entry can never be read again.
+        self.cache.forget(tag, old.id());
     }
 }
 
@@ -475,15 +490,16 @@ impl<B: Backend> Engine<B> {
                 }
             }
             let a = st.writer.append(now_ms, kind, key, meta, value);
-            st.account(&a, hash, key);
             // Write-through: with O_DIRECT there is no page cache, so a
             // record just written would otherwise be read back from disk
             // once its buffer is flushed. Keep it (within the budget).
+            let mut tag = CacheTag::NONE;
             if st.cache.admits(a.loc.len as usize) {
                 if let Some(raw) = st.writer.read_buffered(a.loc).map(Rc::<[u8]>::from) {
-                    st.cache.insert(a.loc.id(), raw);
+                    tag = st.cache.insert(a.loc.id(), raw);
                 }
             }
+            st.account(&a, hash, key, tag);
             match kind {
                 Kind::Value => st.stats.puts += 1,
                 Kind::Tombstone => st.stats.deletes += 1,
@@ -655,7 +671,13 @@ impl<B: Backend> Engine<B> {
             .map_err(io_err("reading a record"))?;
         let raw: Rc<[u8]> = data.as_ref().into();
         let rec = Record::decode(raw.clone(), loc, key)?;
-        self.inner.st.borrow_mut().cache.insert(loc.id(), raw);
+        let st = &mut *self.inner.st.borrow_mut();
+        let tag = st.cache.insert(loc.id(), raw);
+        // The key may have moved on during the read: then nothing can find
+        // these bytes, and they would only take the place of others.
+        if tag != CacheTag::NONE && !st.index.set_tag(key_hash(key), key, loc, tag) {
+            st.cache.forget(tag, loc.id());
+        }
         Ok(Some(rec))
     }
 
@@ -676,15 +698,16 @@ impl<B: Backend> Engine<B> {
     fn lookup(&self, key: &[u8]) -> Result<Lookup<B::File>, StorageError> {
         self.check(key, &[], &[])?;
         let hash = key_hash(key);
-        let mut st = self.inner.st.borrow_mut();
-        let Some(loc) = st.index.get(hash, key) else {
+        let st = &mut *self.inner.st.borrow_mut();
+        let cache = &st.cache;
+        let Some((loc, tag)) = st.index.find(hash, key, |tag, loc| cache.key_of(tag, loc.id())) else {
             st.stats.gets += 1;
             st.stats.get_not_found += 1;
             return Ok(Lookup::InMemory(None));
         };
         // The cache first: a record just written is usually there
         // (write-through) and needs no copy out of the write buffer.
-        if let Some(raw) = st.cache.get(loc.id()) {
+        if let Some(raw) = st.cache.get(tag, loc.id()) {
             st.stats.gets += 1;
             st.stats.cache_hits += 1;
             return Record::decode(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
@@ -793,14 +816,14 @@ impl<B: Backend> Engine<B> {
                     let oldest = *st.usage.keys().next().expect("segment being compacted exists");
                     let grace = self.inner.config.tombstone_grace_ms;
                     if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
-                        st.index.remove(hash, r.key);
-                        st.drop_live(loc);
+                        let (_, tag) = st.index.remove(hash, r.key).expect("checked live above");
+                        st.drop_live(loc, tag);
                         stats.tombstones_dropped += 1;
                         st.stats.tombstones_dropped += 1;
                         continue;
                     }
                     let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
-                    st.account(&a, hash, r.key);
+                    st.account_move(&a, hash, r.key, loc);
                     stats.records_moved += 1;
                     st.stats.records_moved += 1;
                     // Compaction writes out its own copies as it goes: left to

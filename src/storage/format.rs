@@ -221,6 +221,15 @@ pub fn decode_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
     })
 }
 
+/// The key of a record already verified (cached bytes): the bytes the
+/// header's `key_len` names after it, without checking anything else.
+/// `None` if `buf` is too short to hold them.
+pub fn record_key(buf: &[u8]) -> Option<&[u8]> {
+    const AT: usize = std::mem::offset_of!(RecordHeader, key_len);
+    let len = u16::from_le_bytes([*buf.get(AT)?, *buf.get(AT + 1)?]) as usize;
+    buf.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len)
+}
+
 // ---------------------------------------------------------------------------
 // Segment and hint files
 // ---------------------------------------------------------------------------

@@ -8,15 +8,18 @@
 //!
 //! # Memory layout (the per-key cost is a headline figure)
 //!
-//! A partition is a `hashbrown::HashTable<Slot>` of 16-byte slots plus a key
+//! A partition is a `hashbrown::HashTable<Slot>` of 20-byte slots plus a key
 //! arena. A slot is `key_ref: u32` (offset of the key in the arena),
 //! `seg: u32`, `off: u32`, `len_flags: u32` (record length, bit 31 =
 //! tombstone): everything a read needs to issue exactly one I/O of exactly
-//! the record's size, and nothing else. Keys sit in the arena as
-//! `len u16 | bytes`. The table costs 17 bytes per bucket (slot + control
-//! byte) at a load factor between 7/16 and 7/8; the arena costs the key plus
-//! 2 bytes, plus garbage from deleted keys that is reclaimed by rewriting the
-//! arena once it passes half. Bitcask's keydir costs ~91 bytes + key.
+//! the record's size; and `cache: u32`, the [`CacheTag`] of the record's
+//! bytes in the record cache, so that a read served from memory goes from
+//! the slot straight to the bytes (see `cache.rs` for why). Keys sit in the
+//! arena as `len u16 | bytes`. The table costs 21 bytes per bucket (slot +
+//! control byte) at a load factor between 7/16 and 7/8; the arena costs the
+//! key plus 2 bytes, plus garbage from deleted keys that is reclaimed by
+//! rewriting the arena once it passes half. Bitcask's keydir costs ~91
+//! bytes + key.
 
 use hashbrown::HashTable;
 
@@ -42,15 +45,27 @@ impl Loc {
 
 const TOMBSTONE_BIT: u32 = 1 << 31;
 
+/// Where a record's bytes may be in the record cache: its entry's number
+/// plus one, so that [`CacheTag::NONE`] is zero. Opaque to the index, which
+/// only keeps it with the key's location; the cache hands it out and checks
+/// it (a tag may be stale: the cache verifies the record id on every use).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheTag(pub u32);
+
+impl CacheTag {
+    pub const NONE: CacheTag = CacheTag(0);
+}
+
 #[derive(Clone, Copy)]
 struct Slot {
     key_ref: u32,
     seg: u32,
     off: u32,
     len_flags: u32,
+    cache: CacheTag,
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+const _: () = assert!(std::mem::size_of::<Slot>() == 20);
 
 impl Slot {
     fn loc(&self) -> Loc {
@@ -110,12 +125,39 @@ impl PartitionIndex {
         self.table.find(table_hash(hash), |s| arena_key(arena, s.key_ref) == key).map(Slot::loc)
     }
 
-    /// Points `key` at `loc`; returns the location it replaced.
+    /// Location and cache tag of `key`'s latest record. `cached_key` gives
+    /// the key of a slot's record from the cache when it is there (tag and
+    /// location in, key out); candidates are compared against that instead
+    /// of the arena, one memory access fewer on a cached read.
+    pub fn find<'c>(
+        &self,
+        hash: u64,
+        key: &[u8],
+        cached_key: impl Fn(CacheTag, Loc) -> Option<&'c [u8]>,
+    ) -> Option<(Loc, CacheTag)> {
+        let arena = &self.arena;
+        self.table
+            .find(table_hash(hash), |s| match cached_key(s.cache, s.loc()) {
+                Some(k) => k == key,
+                None => arena_key(arena, s.key_ref) == key,
+            })
+            .map(|s| (s.loc(), s.cache))
+    }
+
+    /// Points `key` at `loc`, with no cached bytes; returns the location it
+    /// replaced.
     pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
+        self.insert_tagged(hash, key, loc, CacheTag::NONE).map(|(old, _)| old)
+    }
+
+    /// Points `key` at `loc`, whose bytes the cache holds under `tag`;
+    /// returns the location and tag it replaced.
+    pub fn insert_tagged(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> Option<(Loc, CacheTag)> {
         let arena = &self.arena;
         if let Some(slot) = self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) {
-            let old = slot.loc();
+            let old = (slot.loc(), slot.cache);
             slot.set_loc(loc);
+            slot.cache = tag;
             return Some(old);
         }
         let key_ref = u32::try_from(self.arena.len()).expect("partition key arena exceeds 4 GiB");
@@ -127,28 +169,36 @@ impl PartitionIndex {
         }
         self.arena.extend_from_slice(&(key.len() as u16).to_le_bytes());
         self.arena.extend_from_slice(key);
-        let mut slot = Slot { key_ref, seg: 0, off: 0, len_flags: 0 };
+        let mut slot = Slot { key_ref, seg: 0, off: 0, len_flags: 0, cache: tag };
         slot.set_loc(loc);
         let arena = &self.arena;
         self.table.insert_unique(table_hash(hash), slot, |s| table_hash(key_hash(arena_key(arena, s.key_ref))));
         None
     }
 
-    /// Points `key` at `loc` only if it currently points at `expected`
-    /// (compaction moving a record must not undo a newer write).
-    pub fn replace_if(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> bool {
+    /// The slot of `key` if it points at `loc`.
+    fn slot_at(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<&mut Slot> {
         let arena = &self.arena;
-        match self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) {
-            Some(slot) if slot.loc() == expected => {
-                slot.set_loc(loc);
-                true
-            }
-            _ => false,
-        }
+        self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key).filter(|s| s.loc() == loc)
     }
 
-    /// Removes `key`; returns its location.
-    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<Loc> {
+    /// Points `key` at `loc` only if it currently points at `expected`
+    /// (compaction moving a record must not undo a newer write), keeping
+    /// its cache tag (the bytes are the same); returns the tag if it did.
+    pub fn relocate(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> Option<CacheTag> {
+        let slot = self.slot_at(hash, key, expected)?;
+        slot.set_loc(loc);
+        Some(slot.cache)
+    }
+
+    /// Records that the bytes of `key`'s record at `loc` are cached under
+    /// `tag`; false (and nothing changes) if `key` no longer points at `loc`.
+    pub fn set_tag(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> bool {
+        self.slot_at(hash, key, loc).map(|s| s.cache = tag).is_some()
+    }
+
+    /// Removes `key`; returns its location and cache tag.
+    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<(Loc, CacheTag)> {
         let arena = &self.arena;
         let Ok(entry) = self.table.find_entry(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) else {
             return None;
@@ -158,7 +208,7 @@ impl PartitionIndex {
         if self.garbage > 4096 && self.garbage * 2 > self.arena.len() {
             self.rewrite_arena();
         }
-        Some(slot.loc())
+        Some((slot.loc(), slot.cache))
     }
 
     /// Compacts the arena: copies live keys into a fresh one.
@@ -221,21 +271,40 @@ impl ShardIndex {
         self.parts[self.part_of(hash)].as_ref()?.get(hash, key)
     }
 
+    /// See [`PartitionIndex::find`].
+    pub fn find<'c>(
+        &self,
+        hash: u64,
+        key: &[u8],
+        cached_key: impl Fn(CacheTag, Loc) -> Option<&'c [u8]>,
+    ) -> Option<(Loc, CacheTag)> {
+        self.parts[self.part_of(hash)].as_ref()?.find(hash, key, cached_key)
+    }
+
     pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
+        self.insert_tagged(hash, key, loc, CacheTag::NONE).map(|(old, _)| old)
+    }
+
+    pub fn insert_tagged(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> Option<(Loc, CacheTag)> {
         let p = self.part_of(hash);
-        let old = self.parts[p].get_or_insert_with(Default::default).insert(hash, key, loc);
+        let old = self.parts[p].get_or_insert_with(Default::default).insert_tagged(hash, key, loc, tag);
         if old.is_none() {
             self.len += 1;
         }
         old
     }
 
-    pub fn replace_if(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> bool {
+    pub fn relocate(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> Option<CacheTag> {
         let p = self.part_of(hash);
-        self.parts[p].as_mut().is_some_and(|part| part.replace_if(hash, key, expected, loc))
+        self.parts[p].as_mut()?.relocate(hash, key, expected, loc)
     }
 
-    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<Loc> {
+    pub fn set_tag(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> bool {
+        let p = self.part_of(hash);
+        self.parts[p].as_mut().is_some_and(|part| part.set_tag(hash, key, loc, tag))
+    }
+
+    pub fn remove(&mut self, hash: u64, key: &[u8]) -> Option<(Loc, CacheTag)> {
         let p = self.part_of(hash);
         let old = self.parts[p].as_mut()?.remove(hash, key);
         if old.is_some() {
@@ -293,7 +362,7 @@ mod tests {
                     let l = loc(i, i, rng.bool());
                     assert_eq!(idx.insert(h, &key, l), model.insert(key, l));
                 }
-                6..=7 => assert_eq!(idx.remove(h, &key), model.remove(&key)),
+                6..=7 => assert_eq!(idx.remove(h, &key).map(|(l, _)| l), model.remove(&key)),
                 _ => assert_eq!(idx.get(h, &key), model.get(&key).copied()),
             }
             assert_eq!(idx.len(), model.len());
@@ -304,14 +373,41 @@ mod tests {
     }
 
     #[test]
-    fn replace_if_only_moves_the_expected_version() {
+    fn relocate_only_moves_the_expected_version_and_keeps_its_tag() {
+        let mut idx = ShardIndex::new(4);
+        let h = key_hash(b"a");
+        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(3));
+        assert_eq!(idx.relocate(h, b"a", loc(1, 8, false), loc(9, 0, false)), None);
+        assert_eq!(idx.relocate(h, b"a", loc(1, 0, false), loc(9, 0, false)), Some(CacheTag(3)));
+        assert_eq!(idx.find(h, b"a", |_, _| None), Some((loc(9, 0, false), CacheTag(3))));
+        assert_eq!(idx.relocate(key_hash(b"zz"), b"zz", loc(1, 0, false), loc(2, 0, false)), None);
+    }
+
+    #[test]
+    fn tags_follow_the_location_they_were_set_for() {
         let mut idx = ShardIndex::new(4);
         let h = key_hash(b"a");
         idx.insert(h, b"a", loc(1, 0, false));
-        assert!(!idx.replace_if(h, b"a", loc(1, 8, false), loc(9, 0, false)));
-        assert!(idx.replace_if(h, b"a", loc(1, 0, false), loc(9, 0, false)));
-        assert_eq!(idx.get(h, b"a"), Some(loc(9, 0, false)));
-        assert!(!idx.replace_if(key_hash(b"zz"), b"zz", loc(1, 0, false), loc(2, 0, false)));
+        assert!(!idx.set_tag(h, b"a", loc(1, 8, false), CacheTag(5)), "not the current location");
+        assert!(idx.set_tag(h, b"a", loc(1, 0, false), CacheTag(5)));
+        assert_eq!(idx.insert_tagged(h, b"a", loc(2, 0, false), CacheTag(6)), Some((loc(1, 0, false), CacheTag(5))));
+        assert_eq!(idx.insert(h, b"a", loc(3, 0, false)), Some(loc(2, 0, false)));
+        assert_eq!(idx.remove(h, b"a"), Some((loc(3, 0, false), CacheTag::NONE)));
+        assert!(!idx.set_tag(h, b"a", loc(3, 0, false), CacheTag(7)), "removed");
+    }
+
+    #[test]
+    fn find_compares_against_the_cached_key_when_there_is_one() {
+        let mut idx = ShardIndex::new(4);
+        let h = key_hash(b"a");
+        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(1));
+        // A cache that holds the record under tag 1 answers with its key.
+        let found = |key: &[u8], cached: &'static [u8]| idx.find(h, key, |t, _| (t == CacheTag(1)).then_some(cached));
+        assert_eq!(found(b"a", b"a"), Some((loc(1, 0, false), CacheTag(1))));
+        // The cached key decides: a different one means another key.
+        assert_eq!(found(b"a", b"b"), None);
+        // No cached bytes (a stale tag): the arena decides.
+        assert_eq!(idx.find(h, b"a", |_, _| None), Some((loc(1, 0, false), CacheTag(1))));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The per-shard storage engine: a Bitcask-like append-only log with an
 //! in-memory index, written through io_uring.
 //!
-//! Code map: `format` (bytes on disk), `index` (key -> location), `cache`
-//! (location -> record, CLOCK), `log` (what the next write is), `scan` (what
-//! recovery and compaction keep), `engine` (the async driver), `backend`
-//! (the I/O trait and its glommio and in-memory implementations), `config`.
+//! Code map: `format` (bytes on disk), `index` (key -> location and cache
+//! tag), `cache` (tag -> record bytes, CLOCK), `log` (what the next write
+//! is), `scan` (what recovery and compaction keep), `engine` (the async
+//! driver), `backend` (the I/O trait and its glommio and in-memory
+//! implementations), `config`.
 //!
 //! Invariant: `format`, `index`, `cache`, `log`, `scan` and `config` do no
 //! I/O and never read the clock; all I/O goes through `backend::Backend`.
