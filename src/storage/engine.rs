@@ -204,10 +204,18 @@ struct State<F> {
 }
 
 impl<F> State<F> {
+    /// The location of `key`'s latest record and the tag of its cached
+    /// bytes, comparing keys against the cache where it can.
+    fn find(&self, hash: u64, key: &[u8]) -> Option<(Loc, CacheTag)> {
+        self.index.find(hash, key, |tag, loc| self.cache.key_of(tag, loc.id()))
+    }
+
     /// Index and space accounting for a record just appended (its bytes
     /// cached under `tag`).
     fn account(&mut self, a: &Appended, hash: u64, key: &[u8], tag: CacheTag) {
-        if let Some((old, old_tag)) = self.index.insert_tagged(hash, key, a.loc, tag) {
+        let cache = &self.cache;
+        let old = self.index.insert_tagged(hash, key, a.loc, tag, |t, l| cache.key_of(t, l.id()));
+        if let Some((old, old_tag)) = old {
             self.drop_live(old, old_tag);
         }
         self.count_appended(a);
@@ -484,7 +492,7 @@ impl<B: Backend> Engine<B> {
                 return Err(StorageError::Failed(e.clone()));
             }
             if let Some(expect) = expect {
-                if st.index.get(hash, key).map(|l| RecordId(l.id())) != expect {
+                if st.find(hash, key).map(|(l, _)| RecordId(l.id())) != expect {
                     st.stats.write_conflicts += 1;
                     return Ok(None);
                 }
@@ -699,8 +707,7 @@ impl<B: Backend> Engine<B> {
         self.check(key, &[], &[])?;
         let hash = key_hash(key);
         let st = &mut *self.inner.st.borrow_mut();
-        let cache = &st.cache;
-        let Some((loc, tag)) = st.index.find(hash, key, |tag, loc| cache.key_of(tag, loc.id())) else {
+        let Some((loc, tag)) = st.find(hash, key) else {
             st.stats.gets += 1;
             st.stats.get_not_found += 1;
             return Ok(Lookup::InMemory(None));

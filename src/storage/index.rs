@@ -110,6 +110,17 @@ fn arena_key(arena: &[u8], key_ref: u32) -> &[u8] {
     &arena[at + 2..at + 2 + len]
 }
 
+/// Whether `slot` is `key`'s: compared against the key in the slot's cached
+/// record when `cached_key` has it (those bytes are about to be read
+/// anyway), else against the arena.
+#[inline]
+fn slot_is<'c>(arena: &[u8], slot: &Slot, key: &[u8], cached_key: &impl Fn(CacheTag, Loc) -> Option<&'c [u8]>) -> bool {
+    match cached_key(slot.cache, slot.loc()) {
+        Some(k) => k == key,
+        None => arena_key(arena, slot.key_ref) == key,
+    }
+}
+
 impl PartitionIndex {
     pub fn len(&self) -> usize {
         self.table.len()
@@ -136,25 +147,27 @@ impl PartitionIndex {
         cached_key: impl Fn(CacheTag, Loc) -> Option<&'c [u8]>,
     ) -> Option<(Loc, CacheTag)> {
         let arena = &self.arena;
-        self.table
-            .find(table_hash(hash), |s| match cached_key(s.cache, s.loc()) {
-                Some(k) => k == key,
-                None => arena_key(arena, s.key_ref) == key,
-            })
-            .map(|s| (s.loc(), s.cache))
+        self.table.find(table_hash(hash), |s| slot_is(arena, s, key, &cached_key)).map(|s| (s.loc(), s.cache))
     }
 
     /// Points `key` at `loc`, with no cached bytes; returns the location it
     /// replaced.
     pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
-        self.insert_tagged(hash, key, loc, CacheTag::NONE).map(|(old, _)| old)
+        self.insert_tagged(hash, key, loc, CacheTag::NONE, |_, _| None).map(|(old, _)| old)
     }
 
     /// Points `key` at `loc`, whose bytes the cache holds under `tag`;
-    /// returns the location and tag it replaced.
-    pub fn insert_tagged(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> Option<(Loc, CacheTag)> {
+    /// returns the location and tag it replaced. `cached_key` as in `find`.
+    pub fn insert_tagged<'c>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        loc: Loc,
+        tag: CacheTag,
+        cached_key: impl Fn(CacheTag, Loc) -> Option<&'c [u8]>,
+    ) -> Option<(Loc, CacheTag)> {
         let arena = &self.arena;
-        if let Some(slot) = self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key) {
+        if let Some(slot) = self.table.find_mut(table_hash(hash), |s| slot_is(arena, s, key, &cached_key)) {
             let old = (slot.loc(), slot.cache);
             slot.set_loc(loc);
             slot.cache = tag;
@@ -282,12 +295,19 @@ impl ShardIndex {
     }
 
     pub fn insert(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<Loc> {
-        self.insert_tagged(hash, key, loc, CacheTag::NONE).map(|(old, _)| old)
+        self.insert_tagged(hash, key, loc, CacheTag::NONE, |_, _| None).map(|(old, _)| old)
     }
 
-    pub fn insert_tagged(&mut self, hash: u64, key: &[u8], loc: Loc, tag: CacheTag) -> Option<(Loc, CacheTag)> {
+    pub fn insert_tagged<'c>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        loc: Loc,
+        tag: CacheTag,
+        cached_key: impl Fn(CacheTag, Loc) -> Option<&'c [u8]>,
+    ) -> Option<(Loc, CacheTag)> {
         let p = self.part_of(hash);
-        let old = self.parts[p].get_or_insert_with(Default::default).insert_tagged(hash, key, loc, tag);
+        let old = self.parts[p].get_or_insert_with(Default::default).insert_tagged(hash, key, loc, tag, cached_key);
         if old.is_none() {
             self.len += 1;
         }
@@ -376,7 +396,7 @@ mod tests {
     fn relocate_only_moves_the_expected_version_and_keeps_its_tag() {
         let mut idx = ShardIndex::new(4);
         let h = key_hash(b"a");
-        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(3));
+        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(3), |_, _| None);
         assert_eq!(idx.relocate(h, b"a", loc(1, 8, false), loc(9, 0, false)), None);
         assert_eq!(idx.relocate(h, b"a", loc(1, 0, false), loc(9, 0, false)), Some(CacheTag(3)));
         assert_eq!(idx.find(h, b"a", |_, _| None), Some((loc(9, 0, false), CacheTag(3))));
@@ -390,7 +410,10 @@ mod tests {
         idx.insert(h, b"a", loc(1, 0, false));
         assert!(!idx.set_tag(h, b"a", loc(1, 8, false), CacheTag(5)), "not the current location");
         assert!(idx.set_tag(h, b"a", loc(1, 0, false), CacheTag(5)));
-        assert_eq!(idx.insert_tagged(h, b"a", loc(2, 0, false), CacheTag(6)), Some((loc(1, 0, false), CacheTag(5))));
+        assert_eq!(
+            idx.insert_tagged(h, b"a", loc(2, 0, false), CacheTag(6), |_, _| None),
+            Some((loc(1, 0, false), CacheTag(5)))
+        );
         assert_eq!(idx.insert(h, b"a", loc(3, 0, false)), Some(loc(2, 0, false)));
         assert_eq!(idx.remove(h, b"a"), Some((loc(3, 0, false), CacheTag::NONE)));
         assert!(!idx.set_tag(h, b"a", loc(3, 0, false), CacheTag(7)), "removed");
@@ -400,7 +423,7 @@ mod tests {
     fn find_compares_against_the_cached_key_when_there_is_one() {
         let mut idx = ShardIndex::new(4);
         let h = key_hash(b"a");
-        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(1));
+        idx.insert_tagged(h, b"a", loc(1, 0, false), CacheTag(1), |_, _| None);
         // A cache that holds the record under tag 1 answers with its key.
         let found = |key: &[u8], cached: &'static [u8]| idx.find(h, key, |t, _| (t == CacheTag(1)).then_some(cached));
         assert_eq!(found(b"a", b"a"), Some((loc(1, 0, false), CacheTag(1))));
