@@ -1,5 +1,7 @@
-//! One client connection: a reader that frames requests and starts each
-//! one, and a writer that sends every reply that is ready in one write.
+//! One client connection: a reader that frames requests, starts each one
+//! and sends the replies that are ready once it has framed all it read (one
+//! write, no task switch), and a writer task for the rest: replies of
+//! requests that had to wait, and what a full socket would not take.
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
 //! queue.
@@ -56,6 +58,14 @@ struct Outbox {
     closing: Cell<bool>,
     /// A write failed; the reader stops.
     broken: Cell<bool>,
+    /// The reader is starting requests and will send the replies they
+    /// queue itself once it has framed all it read ([`Outbox::send_now`]):
+    /// one `send`, and no wake-up and task switch to the writer per
+    /// request. Replies queued meanwhile do not wake the writer.
+    reader_sends: Cell<bool>,
+    /// The writer holds a batch it has not finished writing: nothing else
+    /// may write before it, or replies would reach the socket out of order.
+    writing: Cell<bool>,
     changed: Notify,
 }
 
@@ -82,15 +92,50 @@ impl Outbox {
         answered
     }
 
-    /// A reply was appended to `buf`: wake the writer.
+    /// A reply was appended to `buf`: wake the writer, unless the reader
+    /// will send it.
     fn queued_one(&self) {
         self.queued.set(self.queued.get() + 1);
-        self.changed.notify_all();
+        if !self.reader_sends.get() {
+            self.changed.notify_all();
+        }
     }
 
-    /// `n` replies reached the socket.
-    fn written(&self, n: usize) {
+    /// `n` replies reached the socket in one write.
+    fn written(&self, shard: &Shard, n: usize) {
         self.in_flight.set(self.in_flight.get() - n);
+        bump(&shard.counters.reply_writes, 1);
+        bump(&shard.counters.replies, n as u64);
+    }
+
+    /// The reader is done starting requests: writes the replies queued so
+    /// far at once if the writer is idle and the socket takes them all, and
+    /// otherwise leaves them (and the waiting) to the writer.
+    fn send_now(&self, sock: &Socket, shard: &Shard) {
+        self.reader_sends.set(false);
+        if self.buf.borrow().is_empty() {
+            return;
+        }
+        if !self.writing.get() {
+            let mut buf = self.buf.borrow_mut();
+            match sock.try_write(&buf) {
+                Ok(n) if n == buf.len() => {
+                    buf.clear();
+                    // No notify: the reader, which is here, is the only
+                    // task waiting for the in-flight count to fall.
+                    self.written(shard, self.queued.replace(0));
+                    return;
+                }
+                Ok(n) => {
+                    // Its replies are counted when the writer finishes them.
+                    buf.drain(..n);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection write failed");
+                    self.broken.set(true);
+                }
+            }
+        }
         self.changed.notify_all();
     }
 }
@@ -120,14 +165,16 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                 let batch = std::mem::take(&mut *out.buf.borrow_mut());
                 if !batch.is_empty() {
                     let n = out.queued.replace(0);
-                    if writer.write_all(&batch).await.is_err() {
+                    out.writing.set(true);
+                    let res = writer.write_all(&batch).await;
+                    out.writing.set(false);
+                    if res.is_err() {
                         out.broken.set(true);
                         out.changed.notify_all();
                         return;
                     }
-                    out.written(n);
-                    bump(&shard.counters.reply_writes, 1);
-                    bump(&shard.counters.replies, n as u64);
+                    out.written(&shard, n);
+                    out.changed.notify_all();
                     // Give the emptied buffer back to be refilled.
                     let mut b = batch;
                     b.clear();
@@ -148,17 +195,21 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
     let mut buf = vec![0u8; READ_CHUNK];
     let (mut start, mut end) = (0usize, 0usize);
     'read: loop {
-        // Frame and start every whole request in the buffer.
+        // Frame and start every whole request in the buffer, then send the
+        // replies that are ready.
+        out.reader_sends.set(true);
         loop {
             match split_frame(&buf[start..end], shard.max_body) {
                 Ok(Some((header, total))) => {
                     while out.in_flight.get() >= MAX_IN_FLIGHT && !out.broken.get() {
+                        out.send_now(&sock, &shard);
                         let g = out.changed.generation();
                         if out.in_flight.get() < MAX_IN_FLIGHT {
                             break;
                         }
                         out.changed.wait(g).await;
                     }
+                    out.reader_sends.set(true);
                     let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
@@ -210,6 +261,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                 }
             }
         }
+        out.send_now(&sock, &shard);
         if out.broken.get() || shard.is_shutting_down() {
             break;
         }
@@ -229,6 +281,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
         }
     }
     // Let in-flight requests finish and the writer send their replies.
+    out.reader_sends.set(false);
     out.closing.set(true);
     out.changed.notify_all();
     writer_task.await;

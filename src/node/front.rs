@@ -127,6 +127,24 @@ impl Socket {
         Ok(())
     }
 
+    /// Writes what the socket takes of `buf` now, without waiting: 0 when
+    /// its send buffer is full (the caller leaves the rest to a task that
+    /// waits with [`Socket::write_all`]).
+    pub(super) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let fd = self.fd.as_raw_fd();
+        while self.ready.writable.get() {
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            // SAFETY: `buf` is valid for `buf.len()` bytes and the fd is open.
+            match check(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready.writable.set(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(0)
+    }
+
     /// Accepts one connection on a listening socket, as a non-blocking
     /// socket with Nagle's algorithm off.
     pub(super) async fn accept(&self) -> io::Result<OwnedFd> {
