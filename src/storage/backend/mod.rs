@@ -57,6 +57,7 @@ pub trait Backend {
     async fn read_file(&self, name: &str) -> io::Result<Vec<u8>>;
     /// Makes creations, renames and removals durable.
     async fn sync_dir(&self) -> io::Result<()>;
-    /// Lets other tasks run (background work calls it between units).
+    /// Lets other tasks run (background work calls it between units):
+    /// must actually give way, not only when a time slice has expired.
     async fn yield_now(&self);
 }
