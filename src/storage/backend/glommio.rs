@@ -151,8 +151,12 @@ impl Backend for GlommioBackend {
         file.truncate(len).await.map_err(io::Error::from)
     }
 
+    /// On glommio's blocking pool: unlinking a large preallocated segment
+    /// frees its extents, which takes ext4 milliseconds, and this runs on a
+    /// shard that is serving requests (compaction).
     async fn remove(&self, name: &str) -> io::Result<()> {
-        std::fs::remove_file(self.dir.join(name))
+        let path = self.dir.join(name);
+        glommio::executor().spawn_blocking(move || std::fs::remove_file(path)).await
     }
 
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
@@ -191,8 +195,12 @@ impl Backend for GlommioBackend {
         Ok(data)
     }
 
+    /// On glommio's blocking pool, like `remove`: a directory fsync waits for
+    /// a journal commit (after every seal's hint file and every compacted
+    /// segment), milliseconds the shard would otherwise spend blocked.
     async fn sync_dir(&self) -> io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+        let dir = self.dir.clone();
+        glommio::executor().spawn_blocking(move || File::open(&dir)?.sync_all()).await
     }
 
     /// A zero timer, not `yield_if_needed`: that yields only once the
