@@ -811,7 +811,7 @@ impl<B: Backend> Engine<B> {
         if let Some(e) = &st.failed {
             return Err(StorageError::Failed(e.clone()));
         }
-        if st.index.get(hash, r.key) != Some(loc) {
+        if !st.index.points_at(hash, r.key, loc) {
             return Ok(false);
         }
         let oldest = *st.usage.keys().next().expect("segment being compacted exists");

@@ -189,10 +189,24 @@ impl PartitionIndex {
         None
     }
 
-    /// The slot of `key` if it points at `loc`.
+    /// The slot of `key` if it points at `loc`. Slots are matched by
+    /// location, not by key: a location names one record forever, so at
+    /// most one slot can hold it, and that slot is its key's. Compaction
+    /// asks this once per record it reads, and comparing keys would fetch
+    /// each candidate's key from the arena (a cache miss per record on a
+    /// shard whose keys do not fit in the CPU caches).
     fn slot_at(&mut self, hash: u64, key: &[u8], loc: Loc) -> Option<&mut Slot> {
-        let arena = &self.arena;
-        self.table.find_mut(table_hash(hash), |s| arena_key(arena, s.key_ref) == key).filter(|s| s.loc() == loc)
+        let slot = self.table.find_mut(table_hash(hash), |s| s.loc() == loc)?;
+        debug_assert!(arena_key(&self.arena, slot.key_ref) == key, "a location is held by another key");
+        Some(slot)
+    }
+
+    /// Whether `key` points at `loc` (its latest record is the one there);
+    /// matched by location, as in `slot_at`.
+    pub fn points_at(&self, hash: u64, key: &[u8], loc: Loc) -> bool {
+        let Some(slot) = self.table.find(table_hash(hash), |s| s.loc() == loc) else { return false };
+        debug_assert!(arena_key(&self.arena, slot.key_ref) == key, "a location is held by another key");
+        true
     }
 
     /// Points `key` at `loc` only if it currently points at `expected`
@@ -314,6 +328,11 @@ impl ShardIndex {
         old
     }
 
+    /// See [`PartitionIndex::points_at`].
+    pub fn points_at(&self, hash: u64, key: &[u8], loc: Loc) -> bool {
+        self.parts[self.part_of(hash)].as_ref().is_some_and(|part| part.points_at(hash, key, loc))
+    }
+
     pub fn relocate(&mut self, hash: u64, key: &[u8], expected: Loc, loc: Loc) -> Option<CacheTag> {
         let p = self.part_of(hash);
         self.parts[p].as_mut()?.relocate(hash, key, expected, loc)
@@ -400,6 +419,9 @@ mod tests {
         assert_eq!(idx.relocate(h, b"a", loc(1, 8, false), loc(9, 0, false)), None);
         assert_eq!(idx.relocate(h, b"a", loc(1, 0, false), loc(9, 0, false)), Some(CacheTag(3)));
         assert_eq!(idx.find(h, b"a", |_, _| None), Some((loc(9, 0, false), CacheTag(3))));
+        assert!(idx.points_at(h, b"a", loc(9, 0, false)));
+        assert!(!idx.points_at(h, b"a", loc(1, 0, false)), "moved away");
+        assert!(!idx.points_at(key_hash(b"zz"), b"zz", loc(1, 0, false)), "no such key");
         assert_eq!(idx.relocate(key_hash(b"zz"), b"zz", loc(1, 0, false), loc(2, 0, false)), None);
     }
 
