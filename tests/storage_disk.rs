@@ -107,6 +107,43 @@ fn a_locked_directory_is_refused() {
     .unwrap();
 }
 
+/// Background work (compaction, scrub) gives way through
+/// `Backend::yield_now`. It must let the reactor run, not only other
+/// tasks: a timer set by another task has to fire while the yielding loop
+/// goes on. A zero timer never yielded at all (the loop below hit its cap
+/// without the other task ever running), and a plain `yield_now` lets the
+/// reactor poll only at the 100 ms preemption timer, by when the loop has
+/// made far more than the cap's iterations.
+#[test]
+fn yield_now_lets_timers_fire_while_background_work_loops() {
+    use gyre::storage::backend::glommio::GlommioBackend;
+    use gyre::storage::backend::Backend;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    const CAP: u32 = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let iterations = run_executor("test", None, async move {
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        let fired = Rc::new(Cell::new(false));
+        let f = fired.clone();
+        let timer = glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            f.set(true);
+        });
+        let mut n = 0u32;
+        while !fired.get() && n < CAP {
+            backend.yield_now().await;
+            n += 1;
+        }
+        timer.await;
+        n
+    })
+    .unwrap();
+    assert!(iterations < CAP, "the 1 ms timer did not fire within {CAP} yields");
+}
+
 fn expected_value(key: &str, size: usize) -> Vec<u8> {
     key.bytes().cycle().take(size).collect()
 }

@@ -19,6 +19,14 @@ use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 use super::{Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
 
+/// How long [`GlommioBackend::yield_now`] sleeps: long enough that the
+/// timer cannot have expired by its first poll (nanoseconds later), short
+/// against a request's latency. Background work gives way every few dozen
+/// records, so this also caps it at that many records per pause when the
+/// shard is otherwise idle (64 records per ~60 µs with the kernel's timer
+/// slack: about a million records a second).
+const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(10);
+
 /// Name of the lock file in every data directory.
 pub const LOCK_FILE: &str = "LOCK";
 
@@ -203,13 +211,25 @@ impl Backend for GlommioBackend {
         glommio::executor().spawn_blocking(move || File::open(&dir)?.sync_all()).await
     }
 
-    /// A zero timer, not `yield_if_needed`: that yields only once the
-    /// executor's preemption timer fires (100 ms by default), and client
-    /// sockets are not glommio I/O, so nothing shortens it when requests
-    /// arrive. Compaction holding the shard for a whole time slice was the
-    /// 70-100 ms stall of buffered SET runs. A timer passes through the
-    /// reactor, and the queues with more shares (the requests') run first.
+    /// A short timer, the only way glommio offers to give way both to the
+    /// other tasks and to the reactor:
+    ///
+    /// - `yield_if_needed` yields only once the executor's preemption
+    ///   timer fires (100 ms by default), and client sockets are not
+    ///   glommio I/O, so nothing shortens it when requests arrive.
+    /// - A plain `yield_now` re-wakes the task at once: its queue never
+    ///   runs dry, so the executor does not poll its rings (where the
+    ///   shard's socket readiness arrives) until the preemption timer.
+    /// - A zero timer never yields at all: glommio's `Timer` is ready on
+    ///   its first poll once its deadline has passed, and a zero deadline
+    ///   has. (This is what a yield was before; compaction then gave way
+    ///   only at its reads, holding the shard 2-3 ms each time; see
+    ///   perf/RESULTS.md.)
+    ///
+    /// A deadline [`YIELD_PAUSE`] away is pending on the first poll; the
+    /// task then waits until the queues with work (the requests') have run
+    /// and the reactor has polled for I/O and timers.
     async fn yield_now(&self) {
-        glommio::timer::sleep(std::time::Duration::ZERO).await
+        glommio::timer::sleep(YIELD_PAUSE).await
     }
 }
