@@ -18,6 +18,10 @@
 //! of the epoll fd on a small io_uring of our own (the `io-uring` crate),
 //! whose completions signal an eventfd that glommio reads. It is armed
 //! only when a shard goes idle, so its wake-up costs once per idle period.
+//! While batches keep coming, the front delivers one, yields so that the
+//! woken connections run, and asks epoll again; every
+//! [`ROUNDS_PER_REACTOR_TURN`] batches it sleeps on a short timer instead,
+//! which lets glommio poll its own rings (disk completions) in between.
 //!
 //! Owns: the epoll fd, the table of registered sockets (token to
 //! readiness cell, a `slab`) and the bridge. Sockets leave `accept` and
@@ -39,11 +43,20 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::notify::Notify;
+use crate::storage::backend::glommio::yield_to_reactor;
 
 /// Events fetched per `epoll_wait`; any non-empty batch is followed by
 /// another wait once the woken tasks have run, so this bounds only the
 /// stack array.
 const EVENTS_PER_WAIT: usize = 256;
+
+/// Batches of readiness the front delivers, letting the woken tasks run
+/// after each, before it gives the reactor a turn. Without the turn, a
+/// loaded shard never ran its queues dry, the reactor polled its rings
+/// only at the 100 ms preemption timer, and a writer waiting on a flush
+/// waited that long (200-300 ms maxima in closed-loop SET runs). Eight
+/// and 32 measured the same; two was slower (perf/RESULTS.md).
+const ROUNDS_PER_REACTOR_TURN: u32 = 8;
 
 /// The readiness of one registered socket, as last reported by epoll and
 /// consumed by its connection's reads and writes.
@@ -260,6 +273,8 @@ impl Front {
     /// Delivers readiness to the registered sockets until [`Front::stop`].
     pub(super) async fn run(self: Rc<Self>) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+        // Non-empty batches since the reactor last had a turn.
+        let mut rounds = 0u32;
         while !self.stopped.get() {
             // SAFETY: `events` is valid for EVENTS_PER_WAIT entries.
             let n = unsafe {
@@ -295,11 +310,22 @@ impl Front {
             if n > 0 {
                 // Let the woken connections run, then look again before
                 // paying for a sleep: under load more requests are in by
-                // then. A zero timer, not a plain yield: glommio handles
-                // I/O completions only once its run queue is empty.
-                glommio::timer::sleep(Duration::ZERO).await;
+                // then, and epoll hands them over without the bridge's
+                // round trip through two rings. A plain yield keeps this
+                // task runnable, though, and glommio polls its rings (the
+                // log's writes and syncs complete there) only once no
+                // queue has work: every `ROUNDS_PER_REACTOR_TURN` batches
+                // the reactor gets its turn.
+                rounds += 1;
+                if rounds < ROUNDS_PER_REACTOR_TURN {
+                    futures_lite::future::yield_now().await;
+                } else {
+                    rounds = 0;
+                    yield_to_reactor().await;
+                }
                 continue;
             }
+            rounds = 0;
             let seen = self.stop.generation();
             if self.stopped.get() {
                 break;
