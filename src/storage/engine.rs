@@ -956,30 +956,36 @@ enum Step<'a> {
     Irregular,
 }
 
-/// A sealed segment's records in order, read through one buffer a piece
-/// (`piece` bytes, or one record if larger) at a time.
+/// A sealed segment's records in order, read a piece (`piece` bytes, or
+/// one record if larger) at a time. Each piece is read straight from the
+/// offset of the first record it must hold, so a record cut by a piece's
+/// end is read again whole with the next piece (at most one record's bytes
+/// per piece) and nothing is copied: copying each MiB into a buffer of its
+/// own took 0.1-0.4 ms of the shard's time at once.
 struct SegmentReader<'e, B: Backend> {
     backend: &'e B,
     file: &'e B::File,
     size: u64,
     piece: usize,
-    /// File offset of `buf[0]`.
+    /// File offset of `data`'s first byte.
     base: u64,
-    buf: Vec<u8>,
-    /// Where the next record starts in `buf`.
+    /// The piece being walked; `None` before the first read.
+    data: Option<B::Read>,
+    /// Where the next record starts in `data`.
     at: usize,
 }
 
 impl<'e, B: Backend> SegmentReader<'e, B> {
     async fn new(backend: &'e B, file: &'e B::File, piece: usize) -> Result<Self, StorageError> {
         let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
-        Ok(SegmentReader { backend, file, size, piece, base: 0, buf: Vec::new(), at: 0 })
+        Ok(SegmentReader { backend, file, size, piece, base: 0, data: None, at: 0 })
     }
 
     async fn next(&mut self) -> Result<Step<'_>, StorageError> {
         loop {
-            let avail = &self.buf[self.at..];
-            let read_all = self.base + self.buf.len() as u64 >= self.size;
+            let data = self.data.as_ref().map_or(&[][..], |d| d.as_ref());
+            let avail = &data[self.at..];
+            let read_all = self.base + data.len() as u64 >= self.size;
             let need = match decode_header(avail) {
                 Ok((_, len)) if avail.len() >= len => break,
                 Ok((_, len)) if !read_all => len,
@@ -990,19 +996,21 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
                 },
                 _ => return Ok(Step::Irregular),
             };
-            self.buf.drain(..self.at);
-            self.base += self.at as u64;
-            self.at = 0;
-            let end = self.base + self.buf.len() as u64;
-            let n = (need.max(self.piece) as u64).min(self.size - end) as usize;
-            let data = self.backend.read_at(self.file, end, n).await.map_err(io_err("reading a segment"))?;
-            if data.as_ref().len() != n {
+            let start = self.base + self.at as u64;
+            let n = (need.max(self.piece) as u64).min(self.size - start) as usize;
+            // Dropped first: one piece's buffer alive at a time.
+            self.data = None;
+            let piece = self.backend.read_at(self.file, start, n).await.map_err(io_err("reading a segment"))?;
+            if piece.as_ref().len() != n {
                 return Ok(Step::Irregular);
             }
-            self.buf.extend_from_slice(data.as_ref());
+            self.data = Some(piece);
+            self.base = start;
+            self.at = 0;
         }
         let at = self.at;
-        match decode_record(&self.buf[at..]) {
+        let data = self.data.as_ref().expect("a record was found in the piece").as_ref();
+        match decode_record(&data[at..]) {
             Ok(r) => {
                 self.at += r.encoded_len();
                 Ok(Step::Record(self.base + at as u64, r))
