@@ -8,7 +8,7 @@
 cd "$(dirname "$0")/../../.." || exit 1
 B=${1:-./target/release/gyre}
 D=$(mktemp -d)
-printf '[storage]\nsegment_size = 16777216\n' > "$D/node.toml"
+printf '[storage]\nsegment_size = 16777216\n%s\n' "$EXTRA_STORAGE" > "$D/node.toml"
 $B node --data-dir "$D/data" --listen 127.0.0.1:7700 --fsync never --shards 1 --config "$D/node.toml" > "$D/node.log" 2>&1 &
 P=$!; sleep 1
 ./target/release/gyre-bench sla perf/results/hot-path/open-set.toml --out "$D/out" --quiet 2>&1 | grep 'ops/s,'
