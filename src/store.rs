@@ -162,7 +162,17 @@ impl<B: Backend> Store<B> {
         }
         let (meta, bytes) = set.encode();
         let kind = if set.all_tombstones() { Kind::Tombstone } else { Kind::Value };
-        Ok(self.engine.put_if(kind, key, &meta, &bytes, now_ms, id).await?.is_some())
+        let pending = self.engine.put_if_now(kind, key, &meta, &bytes, now_ms, id)?;
+        // The engine has copied the record: free the encoding before the
+        // wait for durability (see `Engine::put_if_now`).
+        drop((meta, bytes));
+        match pending {
+            None => Ok(false),
+            Some(pending) => {
+                self.engine.settle(pending).await?;
+                Ok(true)
+            }
+        }
     }
 
     /// Replica sync: merges `incoming` (another replica's set) into the

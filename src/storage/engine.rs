@@ -126,6 +126,20 @@ impl Record {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordId(u64);
 
+/// A write that is in the log buffer and visible to reads but may not yet
+/// meet the durability policy: [`Engine::settle`] waits for that. Not
+/// acknowledged until then.
+#[must_use = "a write is not durable until it is settled"]
+#[derive(Debug)]
+pub struct PendingWrite {
+    /// Log position just past the record.
+    end: Pos,
+    seq: u64,
+    /// The buffer passed the flush threshold: even `never` waits for the
+    /// write to reach the disk (bounds the memory and the data at risk).
+    over_limit: bool,
+}
+
 /// What opening a shard found.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RecoveryReport {
@@ -482,6 +496,54 @@ impl<B: Backend> Engine<B> {
         now_ms: u64,
         expect: Option<Option<RecordId>>,
     ) -> Result<Option<u64>, StorageError> {
+        match self.write_now(kind, key, meta, value, now_ms, expect)? {
+            None => Ok(None),
+            Some(pending) => self.settle(pending).await.map(Some),
+        }
+    }
+
+    /// [`Engine::put_if`] in two halves: the check and the append, now,
+    /// and then [`Engine::settle`], the wait for the durability policy. A
+    /// caller can free what it encoded the record from in between: under
+    /// `fsync = always` a shard holds every waiting write's buffers until
+    /// the group commit, and dozens of each size outran glibc's per-size
+    /// cache (perf/RESULTS.md, "Durable writes and the allocator").
+    pub fn put_if_now(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        meta: &[u8],
+        value: &[u8],
+        now_ms: u64,
+        expect: Option<RecordId>,
+    ) -> Result<Option<PendingWrite>, StorageError> {
+        self.write_now(kind, key, meta, value, now_ms, Some(expect))
+    }
+
+    /// Waits until the write `pending` names meets the durability policy;
+    /// returns its sequence number.
+    pub async fn settle(&self, pending: PendingWrite) -> Result<u64, StorageError> {
+        let PendingWrite { end, seq, over_limit } = pending;
+        match self.inner.config.fsync {
+            FsyncPolicy::Always => self.wait_until(end, true).await?,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                if over_limit {
+                    self.wait_until(end, false).await?;
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    fn write_now(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        meta: &[u8],
+        value: &[u8],
+        now_ms: u64,
+        expect: Option<Option<RecordId>>,
+    ) -> Result<Option<PendingWrite>, StorageError> {
         if kind == Kind::Tombstone && !value.is_empty() {
             return Err(StorageError::Config("a tombstone carries no value".into()));
         }
@@ -518,15 +580,7 @@ impl<B: Backend> Engine<B> {
             let limit = self.inner.config.flush_threshold * if st.flushing { FLUSH_BACKLOG_THRESHOLDS } else { 1 };
             (a.end(), a.seq, st.writer.pending_bytes() >= limit)
         };
-        match self.inner.config.fsync {
-            FsyncPolicy::Always => self.wait_until(end, true).await?,
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
-                if over_limit {
-                    self.wait_until(end, false).await?;
-                }
-            }
-        }
-        Ok(Some(seq))
+        Ok(Some(PendingWrite { end, seq, over_limit }))
     }
 
     /// Waits until `target` is written (and synced if `sync`), leading
@@ -1055,6 +1109,42 @@ mod tests {
     use super::*;
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
+
+    /// The two halves of a conditional write: the append is visible to
+    /// reads at once and checks its expectation then; only `settle` makes
+    /// it durable under `fsync = always` (a power cut in between loses it,
+    /// and that is why a write is acknowledged only after `settle`).
+    #[test]
+    fn a_write_appended_now_is_durable_only_once_settled() {
+        block_on(async {
+            let backend = MemBackend::new();
+            let config = EngineConfig {
+                segment_size: 64 * 1024,
+                max_value_len: 4096,
+                fsync: FsyncPolicy::Always,
+                ..Default::default()
+            };
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            let first = engine.put_if_now(Kind::Value, b"k", b"", b"v1", 1, None).unwrap().expect("key absent");
+            let seen = engine.get(b"k").await.unwrap().expect("visible before it settles");
+            assert_eq!(seen.value(), b"v1");
+            assert!(
+                engine.put_if_now(Kind::Value, b"k", b"", b"v2", 2, None).unwrap().is_none(),
+                "the key is no longer absent"
+            );
+            let seq = engine.settle(first).await.unwrap();
+            let second = engine.put_if_now(Kind::Value, b"k", b"", b"v2", 3, Some(seen.id())).unwrap().unwrap();
+            assert!(engine.settle(second).await.unwrap() > seq);
+            let third = engine.put_if_now(Kind::Value, b"k", b"", b"v3", 4, None).unwrap();
+            assert!(third.is_none(), "stale expectation");
+            let _never_settled = engine.put_if_now(Kind::Value, b"lost", b"", b"x", 6, None).unwrap().unwrap();
+            drop(engine);
+            backend.crash(7, false);
+            let (engine, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v2", "settled writes survive");
+            assert!(engine.get(b"lost").await.unwrap().is_none(), "an unsettled write is not durable");
+        })
+    }
 
     /// A segment of records of assorted sizes; each record's offset and key.
     fn segment() -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {

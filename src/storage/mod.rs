@@ -20,5 +20,5 @@ pub mod log;
 pub mod scan;
 
 pub use config::{EngineConfig, FsyncPolicy};
-pub use engine::{CompactionStats, Engine, EngineStats, Record, RecordId, RecoveryReport, StorageError};
+pub use engine::{CompactionStats, Engine, EngineStats, PendingWrite, Record, RecordId, RecoveryReport, StorageError};
 pub use format::Kind;
