@@ -8,7 +8,7 @@
 //!
 //! Invariant: a write never loses a version it has not seen. The cycle
 //! reads the stored set, applies the update, and appends with
-//! [`Engine::put_if`], which refuses if any other write to the key landed
+//! [`Engine::put_if_now`], which refuses if any other write to the key landed
 //! in between; the cycle then starts again from a fresh read. A key whose
 //! every sibling is a delete is stored as a storage tombstone that still
 //! carries the clock, so a later write with an old context does not

@@ -78,7 +78,7 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
 pub struct Record {
     raw: Rc<[u8]>,
     /// Where it was read from: a write in between changes the key's
-    /// location, which is how [`Engine::put_if`] detects it.
+    /// location, which is how [`Engine::put_if_now`] detects it.
     loc: Loc,
     pub seq: u64,
     pub timestamp_ms: u64,
@@ -464,47 +464,18 @@ impl<B: Backend> Engine<B> {
         value: &[u8],
         now_ms: u64,
     ) -> Result<u64, StorageError> {
-        let written = self.write(kind, key, meta, value, now_ms, None).await?;
-        Ok(written.expect("an unconditional write always appends"))
+        let pending = self.write_now(kind, key, meta, value, now_ms, None)?;
+        self.settle(pending.expect("an unconditional write always appends")).await
     }
 
-    /// Writes a record of `kind` only if `key` still holds the record
+    /// Appends a record of `kind` only if `key` still holds the record
     /// `expect` (`None`: the key is absent), as read by [`Engine::get`].
-    /// The check and the append happen together, before any await, so a
+    /// The check and the append happen together, now, so a
     /// read-modify-write through this cannot lose an interleaved write.
-    /// Returns `Ok(None)` if the key changed (read again and retry), else
-    /// the sequence number once the durability policy is met. A compaction
-    /// that moves the record also counts as a change.
-    pub async fn put_if(
-        &self,
-        kind: Kind,
-        key: &[u8],
-        meta: &[u8],
-        value: &[u8],
-        now_ms: u64,
-        expect: Option<RecordId>,
-    ) -> Result<Option<u64>, StorageError> {
-        self.write(kind, key, meta, value, now_ms, Some(expect)).await
-    }
-
-    async fn write(
-        &self,
-        kind: Kind,
-        key: &[u8],
-        meta: &[u8],
-        value: &[u8],
-        now_ms: u64,
-        expect: Option<Option<RecordId>>,
-    ) -> Result<Option<u64>, StorageError> {
-        match self.write_now(kind, key, meta, value, now_ms, expect)? {
-            None => Ok(None),
-            Some(pending) => self.settle(pending).await.map(Some),
-        }
-    }
-
-    /// [`Engine::put_if`] in two halves: the check and the append, now,
-    /// and then [`Engine::settle`], the wait for the durability policy. A
-    /// caller can free what it encoded the record from in between: under
+    /// Returns `Ok(None)` if the key changed (read again and retry; a
+    /// compaction that moved the record also counts), else the pending
+    /// write, which is acknowledged only once [`Engine::settle`] returns.
+    /// A caller can free what it encoded the record from in between: under
     /// `fsync = always` a shard holds every waiting write's buffers until
     /// the group commit, and dozens of each size outran glibc's per-size
     /// cache (perf/RESULTS.md, "Durable writes and the allocator").

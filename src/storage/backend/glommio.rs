@@ -234,7 +234,7 @@ impl Backend for GlommioBackend {
     ///   only at its reads, holding the shard 2-3 ms each time; see
     ///   perf/RESULTS.md.)
     ///
-    /// A deadline [`YIELD_PAUSE`] away is pending on the first poll; the
+    /// A deadline `YIELD_PAUSE` away is pending on the first poll; the
     /// task then waits until the queues with work (the requests') have run
     /// and the reactor has polled for I/O and timers.
     async fn yield_now(&self) {
