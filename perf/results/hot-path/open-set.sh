@@ -4,6 +4,8 @@
 # 60,000 ops/s from 50 connections, 15 s measured (open-set.toml), against
 # a fresh node with 16 MiB segments so that compaction runs several times.
 # usage: open-set.sh [GYRE_BINARY]   (default: this checkout's release build)
+# EXTRA_STORAGE='compaction_threshold = 1.0' adds lines to the node's
+# [storage] section (that one turns compaction off).
 # Prints gyre-bench's one-line summary.
 cd "$(dirname "$0")/../../.." || exit 1
 B=${1:-./target/release/gyre}

@@ -19,8 +19,8 @@ use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 use super::{Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
 
-/// How long [`GlommioBackend::yield_now`] sleeps: long enough that the
-/// timer cannot have expired by its first poll (nanoseconds later), short
+/// How long [`yield_to_reactor`] sleeps: long enough that the timer
+/// cannot have expired by its first poll (nanoseconds later), short
 /// against a request's latency. Background work gives way every few dozen
 /// records, so this also caps it at that many records per pause when the
 /// shard is otherwise idle (64 records per ~60 µs with the kernel's timer
@@ -29,8 +29,24 @@ const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(10);
 
 /// Gives way to every other task on the shard and to the reactor: returns
 /// once the queues with work have run and the executor has polled its
-/// rings and timers (see `GlommioBackend::yield_now` for why nothing
-/// shorter does).
+/// rings and timers. Background work (through `Backend::yield_now`) and
+/// the node's socket front use it. A short timer is the only way glommio
+/// offers:
+///
+/// - `yield_if_needed` yields only once the executor's preemption timer
+///   fires (100 ms by default), and client sockets are not glommio I/O,
+///   so nothing shortens it when requests arrive.
+/// - A plain `yield_now` re-wakes the task at once: its queue never runs
+///   dry, so the executor does not poll its rings (where disk completions
+///   and the front's wake-ups arrive) until the preemption timer.
+/// - A zero timer never yields at all: glommio's `Timer` is ready on its
+///   first poll once its deadline has passed, and a zero deadline has.
+///   (That was the yield before; compaction then gave way only at its
+///   reads, holding the shard 2-3 ms each time; see perf/RESULTS.md.)
+///
+/// A deadline `YIELD_PAUSE` away is pending on the first poll; the task
+/// then waits until the queues with work (the requests') have run and the
+/// reactor has polled for I/O and timers.
 pub async fn yield_to_reactor() {
     glommio::timer::sleep(YIELD_PAUSE).await
 }
@@ -219,24 +235,7 @@ impl Backend for GlommioBackend {
         glommio::executor().spawn_blocking(move || File::open(&dir)?.sync_all()).await
     }
 
-    /// A short timer, the only way glommio offers to give way both to the
-    /// other tasks and to the reactor:
-    ///
-    /// - `yield_if_needed` yields only once the executor's preemption
-    ///   timer fires (100 ms by default), and client sockets are not
-    ///   glommio I/O, so nothing shortens it when requests arrive.
-    /// - A plain `yield_now` re-wakes the task at once: its queue never
-    ///   runs dry, so the executor does not poll its rings (where the
-    ///   shard's socket readiness arrives) until the preemption timer.
-    /// - A zero timer never yields at all: glommio's `Timer` is ready on
-    ///   its first poll once its deadline has passed, and a zero deadline
-    ///   has. (This is what a yield was before; compaction then gave way
-    ///   only at its reads, holding the shard 2-3 ms each time; see
-    ///   perf/RESULTS.md.)
-    ///
-    /// A deadline `YIELD_PAUSE` away is pending on the first poll; the
-    /// task then waits until the queues with work (the requests') have run
-    /// and the reactor has polled for I/O and timers.
+    /// See [`yield_to_reactor`].
     async fn yield_now(&self) {
         yield_to_reactor().await
     }
