@@ -15,12 +15,14 @@
 //! resurrect what was deleted; compaction forgets it after the engine's
 //! tombstone grace period.
 
+use std::cell::RefCell;
+
 use thiserror::Error;
 
 use crate::core::coord::apply_replica_put;
 use crate::core::version::{decode_context, Actor, Clock, VersionError, VersionSet};
 use crate::storage::backend::Backend;
-use crate::storage::{Engine, Kind, StorageError};
+use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
 
 /// Conflicting writes on one key that make a write start over this many
 /// times give up with [`StoreError::Contended`] rather than spin.
@@ -72,11 +74,15 @@ pub struct Store<B: Backend> {
     /// Largest single value a client may write; the engine's own value
     /// limit bounds the whole stored object (all siblings together).
     max_value_len: usize,
+    /// The encoding `(meta, value)` of the set a write appends, reused:
+    /// the engine copies it into the log at once, so no write needs
+    /// buffers of its own (and none holds any through a durability wait).
+    scratch: RefCell<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<B: Backend> Store<B> {
     pub fn new(engine: Engine<B>, actor: Actor, max_value_len: usize) -> Self {
-        Store { engine, actor, max_value_len }
+        Store { engine, actor, max_value_len, scratch: RefCell::default() }
     }
 
     pub fn engine(&self) -> &Engine<B> {
@@ -108,7 +114,7 @@ impl<B: Backend> Store<B> {
         Some(Ok(reply(context, live)))
     }
 
-    async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<crate::storage::RecordId>), StoreError> {
+    async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<RecordId>), StoreError> {
         match self.engine.get(key).await? {
             None => Ok((VersionSet::new(), None)),
             Some(rec) => {
@@ -127,18 +133,10 @@ impl<B: Backend> Store<B> {
         value: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Written, StoreError> {
-        let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
-        if let Some(v) = value {
-            if v.len() > self.max_value_len {
-                return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
-            }
-        }
+        let ctx = self.check_write(context, value)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let (mut set, id) = self.read(key).await?;
-            set.update(&ctx, self.actor, value.map(<[u8]>::to_vec)).map_err(|e| match e {
-                e @ VersionError::TooManySiblings { .. } => StoreError::TooManySiblings(e),
-                e => StoreError::InvalidContext(e),
-            })?;
+            set.update(&ctx, self.actor, value.map(<[u8]>::to_vec)).map_err(update_error)?;
             if self.write_if(key, &set, id, now_ms).await? {
                 return Ok(Written { set });
             }
@@ -146,26 +144,104 @@ impl<B: Backend> Store<B> {
         Err(StoreError::Contended)
     }
 
-    /// Stores `set` if the key still holds record `id` (the one it was
-    /// read from); false if another write came first.
-    async fn write_if(
+    /// [`Self::put`] without waiting, when the key's record is in memory
+    /// (or it has none): reads the stored versions borrowed from the
+    /// record, applies the update and appends the result in one step, so
+    /// no other write of the key can come between, and no value is copied
+    /// but the new one into the log. `reply` gets the new context (the
+    /// prefix of the stored metadata that encodes the clock) and the number
+    /// of live siblings. `None`, having done nothing, when the record must
+    /// first be read from disk: then [`Self::put`] does the whole cycle.
+    ///
+    /// The write is visible at once, but may be acknowledged only once the
+    /// returned [`PendingWrite`] has settled ([`Engine::settle`]).
+    pub fn put_now<R>(
         &self,
         key: &[u8],
-        set: &VersionSet,
-        id: Option<crate::storage::RecordId>,
+        context: &[u8],
+        value: Option<&[u8]>,
         now_ms: u64,
-    ) -> Result<bool, StoreError> {
+        reply: impl FnOnce(&[u8], usize) -> R,
+    ) -> Option<Result<(R, PendingWrite), StoreError>> {
+        let ctx = match self.check_write(context, value) {
+            Ok(ctx) => ctx,
+            Err(e) => return Some(Err(e)),
+        };
+        let rec = match self.engine.get_now(key)? {
+            Ok(rec) => rec,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let mut set = match &rec {
+            None => VersionSet::default(),
+            Some(rec) => match VersionSet::decode_borrowed(rec.meta(), rec.value()) {
+                Ok(set) => set,
+                Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
+            },
+        };
+        if let Err(e) = set.update(&ctx, self.actor, value) {
+            return Some(Err(update_error(e)));
+        }
+        let (pending, context_len) = match self.append_now(key, &set, rec.as_ref().map(|r| r.id()), now_ms) {
+            Ok(Some(appended)) => appended,
+            Err(e) => return Some(Err(e)),
+            // Nothing ran between the read and the append, so no other
+            // write can have come first; were one to, the whole cycle
+            // starts again where it can wait.
+            Ok(None) => return None,
+        };
+        let context = &self.scratch.borrow().0[..context_len];
+        Some(Ok((reply(context, set.live_values().count()), pending)))
+    }
+
+    /// The context of a write, once the write is known to be within the
+    /// client limits.
+    fn check_write(&self, context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
+        let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
+        if let Some(v) = value {
+            if v.len() > self.max_value_len {
+                return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// Appends `set` if the key still holds record `id` (the one it was
+    /// read from): the write to settle and the length of the new context
+    /// at the front of the encoding left in `scratch`; `None` if another
+    /// write came first.
+    fn append_now<V: AsRef<[u8]>>(
+        &self,
+        key: &[u8],
+        set: &VersionSet<V>,
+        id: Option<RecordId>,
+        now_ms: u64,
+    ) -> Result<Option<(PendingWrite, usize)>, StoreError> {
         let max = self.engine.config().max_value_len;
         let len = set.encoded_value_len();
         if len > max {
             return Err(StoreError::ObjectTooLarge { len, max });
         }
-        let (meta, bytes) = set.encode();
+        let mut scratch = self.scratch.borrow_mut();
+        let (meta, bytes) = &mut *scratch;
+        meta.clear();
+        bytes.clear();
+        let context_len = set.encode_into(meta, bytes);
         let kind = if set.all_tombstones() { Kind::Tombstone } else { Kind::Value };
-        let pending = self.engine.put_if_now(kind, key, &meta, &bytes, now_ms, id)?;
-        // The engine has copied the record: free the encoding before the
-        // wait for durability (see `Engine::put_if_now`).
-        drop((meta, bytes));
+        let pending = self.engine.put_if_now(kind, key, meta, bytes, now_ms, id)?;
+        Ok(pending.map(|p| (p, context_len)))
+    }
+
+    /// Stores `set` if the key still holds record `id` (the one it was
+    /// read from) and waits for it to settle; false if another write came
+    /// first.
+    async fn write_if(
+        &self,
+        key: &[u8],
+        set: &VersionSet,
+        id: Option<RecordId>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let pending = self.append_now(key, set, id, now_ms)?.map(|(p, _)| p);
         match pending {
             None => Ok(false),
             Some(pending) => {
@@ -192,6 +268,14 @@ impl<B: Backend> Store<B> {
             }
         }
         Err(StoreError::Contended)
+    }
+}
+
+/// A client update the versions refuse.
+fn update_error(e: VersionError) -> StoreError {
+    match e {
+        e @ VersionError::TooManySiblings { .. } => StoreError::TooManySiblings(e),
+        e => StoreError::InvalidContext(e),
     }
 }
 
@@ -253,6 +337,59 @@ mod tests {
             // delete: it comes back as the only live value.
             let w = s.put(b"k", &ctx, Some(b"late"), 5).await.unwrap();
             assert_eq!(w.siblings(), 1);
+        })
+    }
+
+    #[test]
+    fn a_write_done_at_once_matches_the_waiting_cycle() {
+        // The same writes (fresh keys, seen and stale contexts, deletes,
+        // too many siblings) through `put` on one store and `put_now` on
+        // another leave equal versions and hand out equal contexts.
+        block_on(async {
+            let (waiting, at_once) = (store(), store());
+            let mut rng = fastrand::Rng::with_seed(11);
+            let mut contexts: Vec<Vec<u8>> = vec![Vec::new()];
+            for i in 0..2_000u64 {
+                let key = [b'k', rng.u8(0..4)];
+                let ctx = contexts[rng.usize(..contexts.len())].clone();
+                let value = (rng.u8(0..5) != 0).then(|| vec![i as u8; rng.usize(0..8)]);
+                let w = waiting.put(&key, &ctx, value.as_deref(), i).await;
+                let n = at_once.put_now(&key, &ctx, value.as_deref(), i, |c, n| (c.to_vec(), n)).expect("in memory");
+                match (w, n) {
+                    (Ok(w), Ok(((context, siblings), pending))) => {
+                        at_once.engine().settle(pending).await.unwrap();
+                        assert_eq!((w.context().to_bytes(), w.siblings()), (context.clone(), siblings), "write {i}");
+                        contexts.push(context);
+                    }
+                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "write {i}"),
+                    (a, b) => panic!("write {i}: {a:?} against {:?}", b.map(|(r, _)| r)),
+                }
+                assert_eq!(waiting.get(&key).await.unwrap(), at_once.get(&key).await.unwrap(), "write {i}");
+            }
+            assert!(contexts.len() > 1_000, "most writes succeed");
+        })
+    }
+
+    #[test]
+    fn a_write_of_a_record_on_disk_is_left_to_the_waiting_cycle() {
+        block_on(async {
+            let config =
+                EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, cache_bytes: 0, ..Default::default() };
+            let (engine, _) = Engine::open(MemBackend::new(), config).await.unwrap();
+            let s = Store::new(engine, 7, 1024);
+            let ctx = s.put(b"k", &[], Some(b"v0"), 1).await.unwrap().context().to_bytes();
+            // Fill the segment past its end so that it is sealed and
+            // written out: the record is then in neither buffer nor cache.
+            for i in 0..100u32 {
+                s.put(&i.to_le_bytes(), &[], Some(&[0; 1000]), 1).await.unwrap();
+            }
+            s.engine().flush().await.unwrap();
+            assert!(s.put_now(b"k", &ctx, Some(b"v1"), 2, |_, _| ()).is_none(), "the record is only on disk");
+            assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"v0".to_vec()], "and nothing was written");
+            // A key never written needs no read: done at once.
+            let (_, pending) = s.put_now(b"new", &[], Some(b"n"), 3, |_, _| ()).unwrap().unwrap();
+            s.engine().settle(pending).await.unwrap();
+            assert_eq!(values(&s.get(b"new").await.unwrap()), vec![b"n".to_vec()]);
         })
     }
 

@@ -385,18 +385,28 @@ pub fn decode_context(bytes: &[u8]) -> Result<(Clock, Option<u16>), VersionError
 
 /// One concurrent version of a key: the value a write put, or `None` for a
 /// delete (a tombstone, kept so that the delete supersedes what it saw).
+/// `V` holds the value: owned bytes (the default), or bytes borrowed from
+/// a stored record while a write reconciles in place
+/// ([`VersionSet::decode_borrowed`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sibling {
+pub struct Sibling<V = Vec<u8>> {
     pub dot: Dot,
-    pub value: Option<Vec<u8>>,
+    pub value: Option<V>,
 }
 
 /// The causal versions of one key: a clock of every write seen, and the
-/// siblings (writes seen but not superseded), sorted by dot.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VersionSet {
+/// siblings (writes seen but not superseded), sorted by dot. `V` as in
+/// [`Sibling`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionSet<V = Vec<u8>> {
     clock: Clock,
-    siblings: Vec<Sibling>,
+    siblings: Vec<Sibling<V>>,
+}
+
+impl<V> Default for VersionSet<V> {
+    fn default() -> Self {
+        VersionSet { clock: Clock::new(), siblings: Vec::new() }
+    }
 }
 
 impl VersionSet {
@@ -405,19 +415,54 @@ impl VersionSet {
         VersionSet::default()
     }
 
+    /// Strictly decodes a stored set; empty meta and empty value are the
+    /// empty set.
+    pub fn decode(meta: &[u8], value: &[u8]) -> Result<VersionSet, VersionError> {
+        let mut siblings = Vec::new();
+        let (clock, _) =
+            walk_stored(meta, value, |dot, v| siblings.push(Sibling { dot, value: v.map(<[u8]>::to_vec) }))?;
+        Ok(VersionSet { clock, siblings })
+    }
+
+    /// Reads a stored set in place, for a GET reply: pushes its live values
+    /// (borrowed, in dot order) onto `live` and returns the context a get
+    /// hands out, which is a prefix of `meta` (the stored clock is encoded
+    /// as a context is). Validates exactly what [`Self::decode`] validates;
+    /// copies no value.
+    pub fn decode_live<'a>(
+        meta: &'a [u8],
+        value: &'a [u8],
+        live: &mut Vec<&'a [u8]>,
+    ) -> Result<&'a [u8], VersionError> {
+        let (_, clock_end) = walk_stored(meta, value, |_, v| live.extend(v))?;
+        Ok(&meta[..clock_end])
+    }
+}
+
+impl<'a> VersionSet<&'a [u8]> {
+    /// [`VersionSet::decode`] with the values borrowed from `value`: a
+    /// write that reconciles and appends at once copies no stored value.
+    pub fn decode_borrowed(meta: &'a [u8], value: &'a [u8]) -> Result<VersionSet<&'a [u8]>, VersionError> {
+        let mut siblings = Vec::new();
+        let (clock, _) = walk_stored(meta, value, |dot, value| siblings.push(Sibling { dot, value }))?;
+        Ok(VersionSet { clock, siblings })
+    }
+}
+
+impl<V: AsRef<[u8]>> VersionSet<V> {
     /// The context to hand out on a get.
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
 
     /// Every sibling, live or tombstone, in dot order.
-    pub fn siblings(&self) -> &[Sibling] {
+    pub fn siblings(&self) -> &[Sibling<V>] {
         &self.siblings
     }
 
     /// The values of the live siblings, in dot order.
     pub fn live_values(&self) -> impl Iterator<Item = &[u8]> {
-        self.siblings.iter().filter_map(|s| s.value.as_deref())
+        self.siblings.iter().filter_map(|s| s.value.as_ref().map(AsRef::as_ref))
     }
 
     /// Whether there are no siblings at all.
@@ -440,7 +485,7 @@ impl VersionSet {
     /// [`VersionError::TooManySiblings`] if more than [`MAX_SIBLINGS`] would
     /// remain, or `Malformed` if the counter would overflow (only a forged
     /// context can get there).
-    pub fn update(&mut self, ctx: &Clock, actor: Actor, value: Option<Vec<u8>>) -> Result<Dot, VersionError> {
+    pub fn update(&mut self, ctx: &Clock, actor: Actor, value: Option<V>) -> Result<Dot, VersionError> {
         let siblings = self.siblings.iter().filter(|s| !ctx.covers(s.dot)).count() + 1;
         if siblings > MAX_SIBLINGS {
             return Err(VersionError::TooManySiblings { siblings, max: MAX_SIBLINGS });
@@ -466,7 +511,10 @@ impl VersionSet {
     /// side does not hold that dot (it saw the write and superseded it); the
     /// clock becomes the pointwise max (bounded, module doc). Never fails;
     /// the result may exceed [`MAX_SIBLINGS`] (see [`Self::check_limits`]).
-    pub fn merge(&mut self, other: &VersionSet) {
+    pub fn merge(&mut self, other: &VersionSet<V>)
+    where
+        V: Clone + Ord,
+    {
         let mut out = Vec::with_capacity(self.siblings.len() + other.siblings.len());
         let (mut a, mut b) = (self.siblings.iter().peekable(), other.siblings.iter().peekable());
         loop {
@@ -543,9 +591,6 @@ impl VersionSet {
 
     /// The storage encoding `(meta, value)` (module doc).
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
-        if self.clock.is_empty() && self.siblings.is_empty() {
-            return (Vec::new(), Vec::new());
-        }
         let mut meta = Vec::with_capacity(
             1 + varint_len(self.clock.len() as u64)
                 + self.clock.len() * MAX_CLOCK_ENTRY_LEN
@@ -553,131 +598,123 @@ impl VersionSet {
                 + self.siblings.len() * MAX_SIBLING_ROW_LEN,
         );
         let mut value = Vec::with_capacity(self.encoded_value_len());
+        self.encode_into(&mut meta, &mut value);
+        (meta, value)
+    }
+
+    /// [`Self::encode`] appended to `meta` and `value` (buffers a caller
+    /// reuses); returns how many of the bytes appended to `meta` are the
+    /// set's context: the stored clock is encoded as a context is, so a
+    /// write's reply can hand out that prefix.
+    pub fn encode_into(&self, meta: &mut Vec<u8>, value: &mut Vec<u8>) -> usize {
+        if self.clock.is_empty() && self.siblings.is_empty() {
+            return 0;
+        }
+        let start = meta.len();
         meta.push(FORMAT);
-        self.clock.encode_body(&mut meta);
-        put_varint(&mut meta, self.siblings.len() as u64);
+        self.clock.encode_body(meta);
+        let context_len = meta.len() - start;
+        put_varint(meta, self.siblings.len() as u64);
         for s in &self.siblings {
             // Invariant: every sibling's actor has a clock entry.
             let index = self.clock.position(s.dot.actor).unwrap_or_default();
-            put_varint(&mut meta, index as u64);
-            put_varint(&mut meta, s.dot.counter);
+            put_varint(meta, index as u64);
+            put_varint(meta, s.dot.counter);
             match &s.value {
                 Some(v) => {
+                    let v = v.as_ref();
                     meta.push(KIND_LIVE);
-                    put_varint(&mut meta, v.len() as u64);
+                    put_varint(meta, v.len() as u64);
                     value.extend_from_slice(v);
                 }
                 None => {
                     meta.push(KIND_TOMBSTONE);
-                    put_varint(&mut meta, 0);
+                    put_varint(meta, 0);
                 }
             }
         }
-        (meta, value)
+        context_len
     }
 
     /// The number of value bytes [`Self::encode`] would produce.
     pub fn encoded_value_len(&self) -> usize {
         self.live_values().map(<[u8]>::len).sum()
     }
+}
 
-    /// Strictly decodes a stored set; empty meta and empty value are the
-    /// empty set.
-    pub fn decode(meta: &[u8], value: &[u8]) -> Result<VersionSet, VersionError> {
-        let mut siblings = Vec::new();
-        let (clock, _) =
-            Self::walk(meta, value, |dot, v| siblings.push(Sibling { dot, value: v.map(<[u8]>::to_vec) }))?;
-        Ok(VersionSet { clock, siblings })
+/// The one decoder of the storage encoding: validates `meta` and `value`,
+/// hands every sibling to `sibling` in dot order, and returns the clock
+/// with the length of its encoding at the start of `meta`.
+fn walk_stored<'a>(
+    meta: &'a [u8],
+    value: &'a [u8],
+    mut sibling: impl FnMut(Dot, Option<&'a [u8]>),
+) -> Result<(Clock, usize), VersionError> {
+    if meta.is_empty() {
+        if !value.is_empty() {
+            return Err(VersionError::Malformed("value bytes without version metadata"));
+        }
+        return Ok((Clock::new(), 0));
     }
-
-    /// Reads a stored set in place, for a GET reply: pushes its live values
-    /// (borrowed, in dot order) onto `live` and returns the context a get
-    /// hands out, which is a prefix of `meta` (the stored clock is encoded
-    /// as a context is). Validates exactly what [`Self::decode`] validates;
-    /// copies no value.
-    pub fn decode_live<'a>(
-        meta: &'a [u8],
-        value: &'a [u8],
-        live: &mut Vec<&'a [u8]>,
-    ) -> Result<&'a [u8], VersionError> {
-        let (_, clock_end) = Self::walk(meta, value, |_, v| live.extend(v))?;
-        Ok(&meta[..clock_end])
+    let mut r = Reader::new(meta);
+    if r.u8()? != FORMAT {
+        return Err(VersionError::Malformed("unknown version metadata format"));
     }
-
-    /// The one decoder of the storage encoding: validates `meta` and
-    /// `value`, hands every sibling to `sibling` in dot order, and returns
-    /// the clock with the length of its encoding at the start of `meta`.
-    fn walk<'a>(
-        meta: &'a [u8],
-        value: &'a [u8],
-        mut sibling: impl FnMut(Dot, Option<&'a [u8]>),
-    ) -> Result<(Clock, usize), VersionError> {
-        if meta.is_empty() {
-            if !value.is_empty() {
-                return Err(VersionError::Malformed("value bytes without version metadata"));
-            }
-            return Ok((Clock::new(), 0));
+    let clock = Clock::decode_body(&mut r)?;
+    if clock.is_empty() {
+        return Err(VersionError::Malformed("empty version set must be zero bytes"));
+    }
+    let clock_end = r.at;
+    let s = r.varint()?;
+    if s > MAX_SIBLINGS as u64 {
+        return Err(VersionError::Malformed("more siblings than MAX_SIBLINGS"));
+    }
+    let mut value_at = 0usize;
+    let mut prev: Option<(u64, u64)> = None;
+    for _ in 0..s {
+        let index = r.varint()?;
+        let counter = r.varint()?;
+        let &(actor, seen) = usize::try_from(index)
+            .ok()
+            .and_then(|i| clock.entries.get(i))
+            .ok_or(VersionError::Malformed("sibling actor index outside the clock"))?;
+        if counter == 0 {
+            return Err(VersionError::Malformed("sibling counter is zero"));
         }
-        let mut r = Reader::new(meta);
-        if r.u8()? != FORMAT {
-            return Err(VersionError::Malformed("unknown version metadata format"));
+        if counter > seen {
+            return Err(VersionError::Malformed("sibling dot not covered by the clock"));
         }
-        let clock = Clock::decode_body(&mut r)?;
-        if clock.is_empty() {
-            return Err(VersionError::Malformed("empty version set must be zero bytes"));
+        if prev.is_some_and(|p| p >= (index, counter)) {
+            return Err(VersionError::Malformed("sibling dots not strictly ascending"));
         }
-        let clock_end = r.at;
-        let s = r.varint()?;
-        if s > MAX_SIBLINGS as u64 {
-            return Err(VersionError::Malformed("more siblings than MAX_SIBLINGS"));
-        }
-        let mut value_at = 0usize;
-        let mut prev: Option<(u64, u64)> = None;
-        for _ in 0..s {
-            let index = r.varint()?;
-            let counter = r.varint()?;
-            let &(actor, seen) = usize::try_from(index)
-                .ok()
-                .and_then(|i| clock.entries.get(i))
-                .ok_or(VersionError::Malformed("sibling actor index outside the clock"))?;
-            if counter == 0 {
-                return Err(VersionError::Malformed("sibling counter is zero"));
+        prev = Some((index, counter));
+        let kind = r.u8()?;
+        let len = r.varint()?;
+        let dot = Dot { actor, counter };
+        match kind {
+            KIND_LIVE => {
+                let end = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| value_at.checked_add(len))
+                    .filter(|&end| end <= value.len())
+                    .ok_or(VersionError::Malformed("sibling lengths exceed the value"))?;
+                sibling(dot, Some(&value[value_at..end]));
+                value_at = end;
             }
-            if counter > seen {
-                return Err(VersionError::Malformed("sibling dot not covered by the clock"));
-            }
-            if prev.is_some_and(|p| p >= (index, counter)) {
-                return Err(VersionError::Malformed("sibling dots not strictly ascending"));
-            }
-            prev = Some((index, counter));
-            let kind = r.u8()?;
-            let len = r.varint()?;
-            let dot = Dot { actor, counter };
-            match kind {
-                KIND_LIVE => {
-                    let end = usize::try_from(len)
-                        .ok()
-                        .and_then(|len| value_at.checked_add(len))
-                        .filter(|&end| end <= value.len())
-                        .ok_or(VersionError::Malformed("sibling lengths exceed the value"))?;
-                    sibling(dot, Some(&value[value_at..end]));
-                    value_at = end;
+            KIND_TOMBSTONE => {
+                if len != 0 {
+                    return Err(VersionError::Malformed("tombstone with a value length"));
                 }
-                KIND_TOMBSTONE => {
-                    if len != 0 {
-                        return Err(VersionError::Malformed("tombstone with a value length"));
-                    }
-                    sibling(dot, None);
-                }
-                _ => return Err(VersionError::Malformed("unknown sibling kind")),
+                sibling(dot, None);
             }
+            _ => return Err(VersionError::Malformed("unknown sibling kind")),
         }
-        r.finish("trailing bytes after version metadata")?;
-        if value_at != value.len() {
-            return Err(VersionError::Malformed("sibling lengths do not sum to the value length"));
-        }
-        Ok((clock, clock_end))
     }
+    r.finish("trailing bytes after version metadata")?;
+    if value_at != value.len() {
+        return Err(VersionError::Malformed("sibling lengths do not sum to the value length"));
+    }
+    Ok((clock, clock_end))
 }
 
 /// Appends `v` as an unsigned LEB128 varint.

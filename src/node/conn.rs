@@ -18,7 +18,7 @@ use std::rc::Rc;
 use futures_lite::future::poll_once;
 
 use super::front::Socket;
-use super::{bump, decode_error_frame, Shard};
+use super::{bump, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
 use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
@@ -214,7 +214,27 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
-                            if out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
+                            let mut settle = None;
+                            if out.push_now(|buf| match shard.answer_now(&header, &req, owner, buf) {
+                                Answer::No => false,
+                                Answer::Now => true,
+                                Answer::Settle(pending, reply) => {
+                                    settle = Some((pending, reply));
+                                    false
+                                }
+                            }) {
+                                start += total;
+                                continue;
+                            }
+                            if let Some((pending, reply)) = settle {
+                                // Appended; acknowledged once it settles.
+                                out.start();
+                                let (out, shard, id) = (out.clone(), shard.clone(), header.request_id);
+                                glommio::spawn_local(async move {
+                                    let reply = shard.settle_reply(id, pending, reply).await;
+                                    out.push(&reply);
+                                })
+                                .detach();
                                 start += total;
                                 continue;
                             }

@@ -44,7 +44,7 @@ use crate::core::version::VersionSet;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
-use crate::storage::StorageError;
+use crate::storage::{PendingWrite, StorageError};
 use crate::store::{Store, StoreError};
 use crate::wire::{ErrorCode, Header, NodeInfo, Request, Response, WireError, HEADER_LEN};
 pub use config::{open_data_dir, DataDir, NodeConfig};
@@ -126,6 +126,16 @@ pub struct Shard {
     /// The cluster this node belongs to (`None`: a lone node, which
     /// serves every key itself).
     cluster: Option<coordinate::ClusterState>,
+}
+
+/// What [`Shard::answer_now`] did with a request.
+enum Answer {
+    /// Nothing: the request goes through `dispatch`.
+    No,
+    /// Its reply is appended to the connection's replies.
+    Now,
+    /// A write appended but not yet settled: its reply, to send once it is.
+    Settle(PendingWrite, Vec<u8>),
 }
 
 /// Where a forwarded request's reply frame lands.
@@ -244,27 +254,64 @@ impl Shard {
         result.unwrap_or_else(|e| self.store_error_frame(id, &e))
     }
 
-    /// Answers `req` at once when that needs no waiting: a lone node's GET
-    /// of a key this shard owns whose record is in memory (the deadline
-    /// cannot have passed: it was set when the request was read). Appends
-    /// the reply frame to `out`; false when the request must go through
-    /// `dispatch`. Spares the common GET the request's copy and a future.
-    fn answer_now(&self, header: &Header, req: &Request<'_>, owner: usize, out: &mut Vec<u8>) -> bool {
-        let Request::Get { key } = *req else { return false };
+    /// Runs `req` at once when that needs no waiting: a lone node's GET,
+    /// PUT or DELETE of a key this shard owns whose record is in memory
+    /// (the deadline cannot have passed: it was set when the request was
+    /// read). Spares the common request its copy and a future.
+    ///
+    /// A reply that may go out at once is appended to `out`. A write that
+    /// must still settle (a durable write waiting for its group commit, or
+    /// a full write buffer) comes back as [`Answer::Settle`] with its reply
+    /// apart: it may be sent only once the write has settled.
+    fn answer_now(&self, header: &Header, req: &Request<'_>, owner: usize, out: &mut Vec<u8>) -> Answer {
         if owner != self.id || self.cluster.is_some() {
-            return false;
+            return Answer::No;
         }
         let (id, shard) = (header.request_id, self.id as u16);
-        let Some(result) =
-            self.store.get_now(key, |context, values| Response::Get { context, values }.encode(out, id, shard))
-        else {
-            return false;
+        let start = out.len();
+        let (put, key, context, value) = match *req {
+            Request::Get { key } => {
+                let Some(result) =
+                    self.store.get_now(key, |context, values| Response::Get { context, values }.encode(out, id, shard))
+                else {
+                    return Answer::No;
+                };
+                bump(&self.counters.requests, 1);
+                if let Err(e) = result {
+                    out.extend_from_slice(&self.store_error_frame(id, &e));
+                }
+                return Answer::Now;
+            }
+            Request::Put { key, context, value } => (true, key, context, Some(value)),
+            Request::Delete { key, context } => (false, key, context, None),
+            _ => return Answer::No,
+        };
+        let Some(result) = self.store.put_now(key, context, value, now_ms(), |context, siblings| {
+            self.encode_write_reply(out, id, put, context, siblings)
+        }) else {
+            return Answer::No;
         };
         bump(&self.counters.requests, 1);
-        if let Err(e) = result {
-            out.extend_from_slice(&self.store_error_frame(id, &e));
+        match result {
+            Err(e) => out.extend_from_slice(&self.store_error_frame(id, &e)),
+            Ok(((), pending)) => {
+                if let Err(pending) = self.store.engine().settle_now(pending) {
+                    let reply = out[start..].to_vec();
+                    out.truncate(start);
+                    return Answer::Settle(pending, reply);
+                }
+            }
         }
-        true
+        Answer::Now
+    }
+
+    /// Sends `reply` (of request `id`, a write that [`Self::answer_now`]
+    /// appended) once the write has settled, or an error if it cannot.
+    async fn settle_reply(&self, id: u64, pending: PendingWrite, reply: Vec<u8>) -> Vec<u8> {
+        match self.store.engine().settle(pending).await {
+            Ok(_) => reply,
+            Err(e) => self.store_error_frame(id, &e.into()),
+        }
     }
 
     /// The error reply of a failed key-value operation; failures of the
@@ -289,14 +336,19 @@ impl Shard {
     /// A PUT (`is_put`) or DELETE reply with the new version's `context`.
     fn write_reply(&self, id: u64, is_put: bool, context: &[u8], siblings: usize) -> Vec<u8> {
         let mut out = Vec::new();
+        self.encode_write_reply(&mut out, id, is_put, context, siblings);
+        out
+    }
+
+    /// [`Self::write_reply`] appended to `out`.
+    fn encode_write_reply(&self, out: &mut Vec<u8>, id: u64, is_put: bool, context: &[u8], siblings: usize) {
         let shard = self.id as u16;
         if is_put {
             let siblings = siblings.min(u16::MAX as usize) as u16;
-            Response::Put { context, siblings }.encode(&mut out, id, shard)
+            Response::Put { context, siblings }.encode(out, id, shard)
         } else {
-            Response::Delete { context }.encode(&mut out, id, shard)
+            Response::Delete { context }.encode(out, id, shard)
         }
-        out
     }
 
     fn info(&self) -> NodeInfo {

@@ -494,16 +494,29 @@ impl<B: Backend> Engine<B> {
     /// Waits until the write `pending` names meets the durability policy;
     /// returns its sequence number.
     pub async fn settle(&self, pending: PendingWrite) -> Result<u64, StorageError> {
-        let PendingWrite { end, seq, over_limit } = pending;
-        match self.inner.config.fsync {
-            FsyncPolicy::Always => self.wait_until(end, true).await?,
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
-                if over_limit {
-                    self.wait_until(end, false).await?;
-                }
+        match self.settle_now(pending) {
+            Ok(seq) => Ok(seq),
+            Err(PendingWrite { end, seq, .. }) => {
+                self.wait_until(end, self.inner.config.fsync == FsyncPolicy::Always).await?;
+                Ok(seq)
             }
         }
-        Ok(seq)
+    }
+
+    /// [`Self::settle`] without waiting: the write's sequence number if it
+    /// meets the durability policy already (a buffered write under `never`
+    /// or `interval` whose buffer is below the flush threshold, or a write
+    /// already synced), or the write back if it has to wait.
+    pub fn settle_now(&self, pending: PendingWrite) -> Result<u64, PendingWrite> {
+        let waits = match self.inner.config.fsync {
+            FsyncPolicy::Always => self.inner.st.borrow().synced < pending.end,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => pending.over_limit,
+        };
+        if waits {
+            Err(pending)
+        } else {
+            Ok(pending.seq)
+        }
     }
 
     fn write_now(
