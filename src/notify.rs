@@ -15,6 +15,10 @@ use std::task::{Poll, Waker};
 pub struct Notify {
     generation: Cell<u64>,
     wakers: RefCell<Vec<Waker>>,
+    /// The list `notify_all` last emptied, kept for its capacity: swapped
+    /// in, so that a waiter after a notify does not allocate a new list
+    /// (a connection's reader waits on one per request).
+    spare: RefCell<Vec<Waker>>,
 }
 
 impl Notify {
@@ -25,9 +29,12 @@ impl Notify {
 
     pub fn notify_all(&self) {
         self.generation.set(self.generation.get() + 1);
-        for w in self.wakers.take() {
+        // Nothing is borrowed while the wakers run.
+        let mut woken = std::mem::replace(&mut *self.wakers.borrow_mut(), self.spare.take());
+        for w in woken.drain(..) {
             w.wake();
         }
+        *self.spare.borrow_mut() = woken;
     }
 
     /// Completes once `notify_all` has run since `seen` was read.

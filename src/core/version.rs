@@ -135,6 +135,7 @@
 
 use std::cmp::Ordering;
 
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::limits::MAX_META_LEN;
@@ -216,17 +217,27 @@ pub struct Dot {
     pub counter: u64,
 }
 
+/// A clock's entries, inline up to two: a write decodes two clocks (the
+/// stored one and the client's context) and merges them, and for a key
+/// written through one or two coordinators none of that allocates. Not
+/// more: sets travel by value through the coordinators.
+type ClockEntries = SmallVec<[(Actor, u64); 2]>;
+
+/// A key's siblings, inline up to one (the common key has one): a write
+/// that reconciles it in place allocates no list for it.
+type Siblings<V> = SmallVec<[Sibling<V>; 1]>;
+
 /// A version vector: the causal context handed to clients (opaque bytes to
 /// them). Entries are sorted by actor, with counters >= 1.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Clock {
-    entries: Vec<(Actor, u64)>,
+    entries: ClockEntries,
 }
 
 impl Clock {
     /// The empty clock: nothing seen.
     pub fn new() -> Clock {
-        Clock { entries: Vec::new() }
+        Clock { entries: ClockEntries::new() }
     }
 
     fn position(&self, actor: Actor) -> Result<usize, usize> {
@@ -252,7 +263,7 @@ impl Clock {
             self.entries.clone_from(&other.entries);
             return;
         }
-        let mut out = Vec::with_capacity(self.entries.len() + other.entries.len());
+        let mut out = ClockEntries::with_capacity(self.entries.len() + other.entries.len());
         let (mut a, mut b) = (self.entries.iter().peekable(), other.entries.iter().peekable());
         loop {
             let next = match (a.peek(), b.peek()) {
@@ -345,7 +356,7 @@ impl Clock {
         if n > MAX_CLOCK_ENTRIES as u64 {
             return Err(VersionError::Malformed("more clock entries than MAX_CLOCK_ENTRIES"));
         }
-        let mut entries: Vec<(Actor, u64)> = Vec::with_capacity(n as usize);
+        let mut entries = ClockEntries::with_capacity(n as usize);
         for _ in 0..n {
             let actor = r.u64_le()?;
             let counter = r.varint()?;
@@ -400,12 +411,12 @@ pub struct Sibling<V = Vec<u8>> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionSet<V = Vec<u8>> {
     clock: Clock,
-    siblings: Vec<Sibling<V>>,
+    siblings: Siblings<V>,
 }
 
 impl<V> Default for VersionSet<V> {
     fn default() -> Self {
-        VersionSet { clock: Clock::new(), siblings: Vec::new() }
+        VersionSet { clock: Clock::new(), siblings: Siblings::new() }
     }
 }
 
@@ -418,7 +429,7 @@ impl VersionSet {
     /// Strictly decodes a stored set; empty meta and empty value are the
     /// empty set.
     pub fn decode(meta: &[u8], value: &[u8]) -> Result<VersionSet, VersionError> {
-        let mut siblings = Vec::new();
+        let mut siblings = Siblings::new();
         let (clock, _) =
             walk_stored(meta, value, |dot, v| siblings.push(Sibling { dot, value: v.map(<[u8]>::to_vec) }))?;
         Ok(VersionSet { clock, siblings })
@@ -443,7 +454,7 @@ impl<'a> VersionSet<&'a [u8]> {
     /// [`VersionSet::decode`] with the values borrowed from `value`: a
     /// write that reconciles and appends at once copies no stored value.
     pub fn decode_borrowed(meta: &'a [u8], value: &'a [u8]) -> Result<VersionSet<&'a [u8]>, VersionError> {
-        let mut siblings = Vec::new();
+        let mut siblings = Siblings::new();
         let (clock, _) = walk_stored(meta, value, |dot, value| siblings.push(Sibling { dot, value }))?;
         Ok(VersionSet { clock, siblings })
     }
@@ -515,7 +526,7 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
     where
         V: Clone + Ord,
     {
-        let mut out = Vec::with_capacity(self.siblings.len() + other.siblings.len());
+        let mut out = Siblings::with_capacity(self.siblings.len() + other.siblings.len());
         let (mut a, mut b) = (self.siblings.iter().peekable(), other.siblings.iter().peekable());
         loop {
             match (a.peek(), b.peek()) {
@@ -586,7 +597,7 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
         victims.truncate(excess);
         let mut dropped: Vec<Actor> = victims.into_iter().map(|(_, a)| a).collect();
         dropped.sort_unstable();
-        self.clock.entries.retain(|&(a, _)| dropped.binary_search(&a).is_err());
+        self.clock.entries.retain(|&mut (a, _)| dropped.binary_search(&a).is_err());
     }
 
     /// The storage encoding `(meta, value)` (module doc).
@@ -787,7 +798,7 @@ mod tests {
     use super::*;
 
     fn clock(entries: &[(Actor, u64)]) -> Clock {
-        Clock { entries: entries.to_vec() }
+        Clock { entries: entries.into() }
     }
 
     fn sib(actor: Actor, counter: u64, value: Option<&[u8]>) -> Sibling {
@@ -990,7 +1001,10 @@ mod tests {
         let mut entries: Vec<(Actor, u64)> = (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, a + 10)).collect();
         entries[0].1 = 1;
         entries[39].1 = 2;
-        let mut s = VersionSet { clock: clock(&entries), siblings: vec![sib(1, 1, Some(b"x")), sib(40, 2, None)] };
+        let mut s = VersionSet {
+            clock: clock(&entries),
+            siblings: [sib(1, 1, Some(b"x")), sib(40, 2, None)].into_iter().collect(),
+        };
         let before = s.clone();
         // A write by a 65th node with an empty context: actor 2 (counter 12),
         // the smallest counter without a sibling, goes.

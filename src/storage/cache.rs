@@ -3,7 +3,9 @@
 //!
 //! Owns: the cached records and the byte count they hold. Invariant: after
 //! every `insert`, `bytes <= budget`, and `bytes` is the sum of the lengths
-//! of the occupied entries.
+//! of the occupied entries. Every record it holds was checksum-verified as
+//! it was read from disk, or encoded by this process (the engine's
+//! write-through), so a hit is not hashed again.
 //!
 //! # Found through the index, not through a map of its own
 //!

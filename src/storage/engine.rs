@@ -35,9 +35,9 @@ use crate::storage::backend::{Backend, WriteBuf};
 use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
-    decode_header, decode_hint, decode_record, format_file_contents, hint_file_name, parse_file_name,
-    parse_format_file, segment_file_name, DecodeError, FileKind, HintBuilder, Kind, RecordRef, FORMAT_FILE,
-    RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    decode_header, decode_hint, decode_record, decode_verified_record, format_file_contents, hint_file_name,
+    parse_file_name, parse_format_file, segment_file_name, DecodeError, FileKind, HintBuilder, Kind, RecordRef,
+    FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -88,12 +88,28 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record `raw` read from `loc` for `key`, checksum verified.
     fn decode(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
+        Record::decode_with(raw, loc, key, decode_record)
+    }
+
+    /// [`Self::decode`] of the record cache's bytes, verified when they
+    /// entered it (see [`decode_verified_record`]).
+    fn decode_cached(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
+        Record::decode_with(raw, loc, key, decode_verified_record)
+    }
+
+    fn decode_with(
+        raw: Rc<[u8]>,
+        loc: Loc,
+        key: &[u8],
+        decode: fn(&[u8]) -> Result<RecordRef<'_>, DecodeError>,
+    ) -> Result<Record, StorageError> {
         let corrupt = |reason: String| StorageError::Corrupt { seg: loc.seg, off: loc.off as u64, reason };
         if raw.len() != loc.len as usize {
             return Err(corrupt(format!("short read: {} of {} bytes", raw.len(), loc.len)));
         }
-        let r = decode_record(&raw).map_err(|e| corrupt(e.to_string()))?;
+        let r = decode(&raw).map_err(|e| corrupt(e.to_string()))?;
         if r.key != key {
             return Err(corrupt("record belongs to another key".into()));
         }
@@ -551,6 +567,8 @@ impl<B: Backend> Engine<B> {
             let mut tag = CacheTag::NONE;
             if st.cache.admits(a.loc.len as usize) {
                 if let Some(raw) = st.writer.read_buffered(a.loc).map(Rc::<[u8]>::from) {
+                    // Cache hits skip the checksum: check the pair here.
+                    debug_assert!(decode_record(&raw).is_ok_and(|r| r.key == key), "the cache gets a verified record");
                     tag = st.cache.insert(a.loc.id(), raw);
                 }
             }
@@ -756,7 +774,7 @@ impl<B: Backend> Engine<B> {
         if let Some(raw) = st.cache.get(tag, loc.id()) {
             st.stats.gets += 1;
             st.stats.cache_hits += 1;
-            return Record::decode(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
+            return Record::decode_cached(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
         }
         if let Some(bytes) = st.writer.read_buffered(loc) {
             let raw: Rc<[u8]> = bytes.into();

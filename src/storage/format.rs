@@ -198,14 +198,28 @@ pub fn decode_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
 
 /// Decodes and verifies the record at the start of `buf`.
 pub fn decode_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
+    decode_record_with(buf, true)
+}
+
+/// [`decode_record`] without the checksum, for bytes verified already:
+/// the record cache holds only records verified when they were read, or
+/// encoded by this process (a hit would otherwise hash the whole record
+/// again on every read). The header is still validated.
+pub fn decode_verified_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
+    decode_record_with(buf, false)
+}
+
+fn decode_record_with(buf: &[u8], verify: bool) -> Result<RecordRef<'_>, DecodeError> {
     let (h, len) = decode_header(buf)?;
     if buf.len() < len {
         return Err(DecodeError::Truncated { need: len, have: buf.len() });
     }
-    let computed = xxh3_64(&buf[8..len]);
-    let stored = h.checksum.get();
-    if computed != stored {
-        return Err(DecodeError::BadChecksum { stored, computed });
+    if verify {
+        let computed = xxh3_64(&buf[8..len]);
+        let stored = h.checksum.get();
+        if computed != stored {
+            return Err(DecodeError::BadChecksum { stored, computed });
+        }
     }
     let k = RECORD_HEADER_LEN + h.key_len.get() as usize;
     let m = k + h.meta_len.get() as usize;
