@@ -59,6 +59,34 @@ fn disk_roundtrip_reopen_and_compaction() {
 }
 
 #[test]
+fn a_spare_segment_is_zero_filled_ahead_and_becomes_the_next_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run_executor("test", None, async move {
+        let (engine, _) = open_shard(&path, small_config()).await.unwrap();
+        let spare = path.join("spare-segment.tmp");
+        let files = || std::fs::read_dir(&path).unwrap().count();
+        engine.prepare_spare().await.unwrap();
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), 64 * 1024, "the whole segment is written");
+        assert!(std::fs::read(&spare).unwrap().iter().all(|&b| b == 0));
+        let before = files();
+        engine.put(b"k", b"", b"v", 0).await.unwrap();
+        engine.flush().await.unwrap();
+        assert!(!spare.exists(), "the first segment is the spare, renamed");
+        assert_eq!(files(), before, "and no other file was made");
+        engine.prepare_spare().await.unwrap();
+        assert!(spare.exists(), "a new spare for the segment after it");
+        engine.close().await.unwrap();
+        drop(engine);
+        let (engine, report) = open_shard(&path, small_config()).await.unwrap();
+        assert_eq!(report.torn_tail_bytes, 0, "zeros past the records are no torn write: {report:?}");
+        assert!(!spare.exists(), "an open removes a spare left behind");
+        assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v");
+    })
+    .unwrap();
+}
+
+#[test]
 fn records_written_are_read_from_memory_not_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();

@@ -88,7 +88,8 @@ impl Stop {
     }
 }
 
-/// Starts the engine's durability ticker and a compaction loop in a
+/// Starts the engine's durability ticker and a compaction loop (which
+/// also keeps a spare segment ready: `Engine::prepare_spare`) in a
 /// low-priority task queue. Both run until `stop` cancels them.
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
@@ -107,7 +108,19 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     let e = engine.clone();
     let compactor = glommio::spawn_local_into(
         async move {
+            // Reported once per run of failures (a full disk fails it on
+            // every pass).
+            let mut spare_failing = false;
             loop {
+                match e.prepare_spare().await {
+                    Ok(()) => spare_failing = false,
+                    Err(StorageError::Failed(_)) => break,
+                    Err(err) if !spare_failing => {
+                        spare_failing = true;
+                        tracing::warn!(error = %err, "no spare segment: the next segment is created when it is needed");
+                    }
+                    Err(_) => {}
+                }
                 glommio::timer::sleep(compact_every).await;
                 match e.compact(now_ms()).await {
                     Ok(st) if st.segments_removed > 0 => tracing::info!(?st, "compaction pass"),

@@ -108,7 +108,11 @@ pub struct EngineConfig {
     pub compaction_threshold: f64,
     /// Age after which compaction may drop a tombstone.
     pub tombstone_grace_ms: u64,
-    /// Reserve each new segment's full size on disk when it is created.
+    /// Reserve each new segment's full size on disk when it is created;
+    /// under a policy that syncs (`always`, `interval`), keep the next
+    /// segment ready ahead as a zero-filled spare instead, so that syncs
+    /// commit no file metadata (`Engine::prepare_spare`; one segment of
+    /// disk held in reserve per shard).
     pub preallocate: bool,
 }
 

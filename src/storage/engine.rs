@@ -210,6 +210,11 @@ pub struct CompactionStats {
     pub corrupt_regions: u64,
 }
 
+/// The spare segment's file name (see [`Engine::prepare_spare`]): a
+/// temporary file, so that an open removes one a crash left behind, half
+/// filled or never taken.
+const SPARE_SEGMENT: &str = "spare-segment.tmp";
+
 /// What [`Engine::lookup`] found.
 enum Lookup<F> {
     /// Answered from memory: the verified record, or `None` (no such key).
@@ -224,6 +229,11 @@ struct State<F> {
     usage: BTreeMap<u32, SegmentUsage>,
     files: HashMap<u32, F>,
     cache: RecordCache,
+    /// A segment-sized file of written zeros (`SPARE_SEGMENT`), taken as
+    /// the next segment (see `Engine::prepare_spare`).
+    spare: Option<F>,
+    /// `prepare_spare` is filling one.
+    preparing_spare: bool,
     /// A leader is writing; others wait for `Notify`.
     flushing: bool,
     /// Everything before this position is written and fdatasynced.
@@ -403,7 +413,10 @@ impl<B: Backend> Engine<B> {
                         continue;
                     }
                     if size != out.valid_end {
-                        report.torn_tail_bytes = size - out.valid_end;
+                        // Zeros past the records are a spare segment's fill
+                        // or a block's padding, not a torn write.
+                        let tail = &data.as_ref()[out.valid_end as usize..];
+                        report.torn_tail_bytes = tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
                         backend.truncate(&file, out.valid_end).await.map_err(io_err("truncating a torn tail"))?;
                     }
                     backend.sync(&file).await.map_err(io_err("syncing a recovered segment"))?;
@@ -433,6 +446,8 @@ impl<B: Backend> Engine<B> {
             usage,
             files,
             cache: RecordCache::new(config.cache_bytes),
+            spare: None,
+            preparing_spare: false,
             flushing: false,
             failed: None,
             compacting: false,
@@ -440,6 +455,45 @@ impl<B: Backend> Engine<B> {
         };
         let inner = Inner { backend, config, st: RefCell::new(st), notify: Notify::default() };
         Ok((Engine { inner: Rc::new(inner) }, report))
+    }
+
+    /// Makes a spare segment ready if there is none: a segment-sized file
+    /// of zeros, written and synced ([`Backend::zero_fill`]), that the
+    /// next segment takes by a rename. Appends into written blocks change
+    /// no file metadata, so the fdatasync of a durable write has no
+    /// journal commit to wait for (a segment created when needed, with
+    /// its size or blocks still to be set, makes every sync commit one:
+    /// perf/RESULTS.md, "Spare segments"). The cost: each segment's blocks
+    /// are written twice (zeros, then records), ahead of time, and one
+    /// segment of disk is held in reserve. Background work: the shell
+    /// calls it as it starts and after each compaction pass. An error here
+    /// fails no write; the next segment is then created when needed.
+    ///
+    /// Only for a policy that waits on syncs (`always`, `interval`): under
+    /// `never` nothing waits on one, and the zeros would only double the
+    /// disk writes (measured: no gain for buffered writes).
+    pub async fn prepare_spare(&self) -> Result<(), StorageError> {
+        if !self.inner.config.preallocate || self.inner.config.fsync == FsyncPolicy::Never {
+            return Ok(());
+        }
+        {
+            let mut st = self.inner.st.borrow_mut();
+            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() {
+                return Ok(());
+            }
+            st.preparing_spare = true;
+        }
+        let backend = &self.inner.backend;
+        let made = async {
+            let file = backend.open(SPARE_SEGMENT, true).await?;
+            backend.zero_fill(&file, self.inner.config.segment_size).await?;
+            Ok(file)
+        }
+        .await;
+        let mut st = self.inner.st.borrow_mut();
+        st.preparing_spare = false;
+        st.spare = Some(made.map_err(io_err("preparing a spare segment"))?);
+        Ok(())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -649,8 +703,15 @@ impl<B: Backend> Engine<B> {
             let Some(plan) = plan else { break };
             let name = segment_file_name(plan.seg);
             let file = if plan.create {
-                let f = backend.open(&name, true).await.map_err(io_err("creating a segment"))?;
-                if self.inner.config.preallocate {
+                let spare = self.inner.st.borrow_mut().spare.take();
+                let (f, zeroed) = match spare {
+                    Some(f) => {
+                        backend.rename(SPARE_SEGMENT, &name).await.map_err(io_err("renaming the spare segment"))?;
+                        (f, true)
+                    }
+                    None => (backend.open(&name, true).await.map_err(io_err("creating a segment"))?, false),
+                };
+                if self.inner.config.preallocate && !zeroed {
                     backend
                         .preallocate(&f, self.inner.config.segment_size)
                         .await
@@ -1111,6 +1172,43 @@ mod tests {
     use super::*;
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
+
+    /// Each new segment takes the spare when there is one (by a rename),
+    /// and is created as before when there is none; an open removes a
+    /// spare left behind; without preallocation there is none.
+    #[test]
+    fn segments_take_the_spare_when_one_is_ready() {
+        block_on(async {
+            let backend = MemBackend::new();
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            assert_eq!(config.fsync, FsyncPolicy::Always);
+            let names = || async { backend.list().await.unwrap() };
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            engine.prepare_spare().await.unwrap();
+            assert!(names().await.contains(&SPARE_SEGMENT.to_string()));
+            engine.put(b"a", b"", &[1; 1000], 0).await.unwrap();
+            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "taken by the first segment");
+            // The next segments find no spare and are created.
+            for i in 0..100u32 {
+                engine.put(&i.to_le_bytes(), b"", &[2; 1000], 0).await.unwrap();
+            }
+            assert!(engine.stats().segments_sealed >= 2);
+            engine.prepare_spare().await.unwrap();
+            drop(engine);
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "removed at open");
+            assert_eq!(engine.get(b"a").await.unwrap().unwrap().value(), &[1; 1000]);
+            assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
+            for config in [
+                EngineConfig { preallocate: false, ..config.clone() },
+                EngineConfig { fsync: FsyncPolicy::Never, ..config },
+            ] {
+                let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+                engine.prepare_spare().await.unwrap();
+                assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "no preallocation or no syncs: no spare");
+            }
+        })
+    }
 
     /// The two halves of a conditional write: the append is visible to
     /// reads at once and checks its expectation then; only `settle` makes

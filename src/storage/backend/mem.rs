@@ -163,6 +163,10 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    async fn zero_fill(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     fn alloc(&self, _file: &MemHandle, len: usize) -> MemBuf {
         assert_eq!(len % BLOCK_SIZE, 0, "unaligned buffer length {len}");
         MemBuf(vec![0; len])
@@ -221,6 +225,13 @@ impl Backend for MemBackend {
 
     async fn remove(&self, name: &str) -> io::Result<()> {
         self.fs.borrow_mut().files.remove(name).map(|_| ()).ok_or_else(|| not_found(name))
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut fs = self.fs.borrow_mut();
+        let file = fs.files.remove(from).ok_or_else(|| not_found(from))?;
+        fs.files.insert(to.to_string(), file);
+        Ok(())
     }
 
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {

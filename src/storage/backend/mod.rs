@@ -37,6 +37,12 @@ pub trait Backend {
     async fn open(&self, name: &str, create: bool) -> io::Result<Self::File>;
     /// Reserves `size` bytes for the file so appends do not allocate.
     async fn preallocate(&self, file: &Self::File, size: u64) -> io::Result<()>;
+    /// Makes the first `size` bytes of `file` written zeros, synced, so
+    /// that later writes into them change no file metadata (no size to
+    /// raise, no unwritten extents to convert) and an fdatasync after them
+    /// has no journal commit to wait for. Background work: gives way
+    /// between pieces. A backend without such metadata does nothing.
+    async fn zero_fill(&self, file: &Self::File, size: u64) -> io::Result<()>;
     /// A zeroed buffer of `len` bytes (a multiple of the block size) for a
     /// write to `file`.
     fn alloc(&self, file: &Self::File, len: usize) -> Self::Buf;
@@ -50,6 +56,9 @@ pub trait Backend {
     async fn truncate(&self, file: &Self::File, len: u64) -> io::Result<()>;
     /// Unlinks a file by name (open handles stay readable).
     async fn remove(&self, name: &str) -> io::Result<()>;
+    /// Renames a file (open handles stay valid); durable once the
+    /// directory is synced.
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Replaces a whole small file durably: temporary file, sync, rename,
     /// directory sync.
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()>;
