@@ -27,17 +27,17 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::core::partition::key_hash;
-use crate::limits::FLUSH_BACKLOG_THRESHOLDS;
 use crate::limits::MAX_KEY_LEN;
 use crate::limits::MAX_META_LEN;
+use crate::limits::{BLOCK_SIZE, FLUSH_BACKLOG_THRESHOLDS};
 use crate::notify::Notify;
 use crate::storage::backend::{Backend, WriteBuf};
 use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_header, decode_hint, decode_record, decode_verified_record, format_file_contents, hint_file_name,
-    parse_file_name, parse_format_file, segment_file_name, DecodeError, FileKind, HintBuilder, Kind, RecordRef,
-    FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    parse_file_name, parse_format_file, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind,
+    RecordRef, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -729,8 +729,8 @@ impl<B: Backend> Engine<B> {
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
                 backend.sync(&file).await.map_err(io_err("syncing a sealed segment"))?;
-                let hint = self.inner.st.borrow().writer.plan_hint(&plan);
-                backend.write_file(&hint_file_name(plan.seg), &hint).await.map_err(io_err("writing a hint file"))?;
+                let hint = self.inner.st.borrow_mut().writer.take_hint(&plan);
+                write_hint(backend, plan.seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
             let mut st = self.inner.st.borrow_mut();
             st.writer.complete_flush(&plan);
@@ -1138,6 +1138,36 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
 }
 
 /// Reads a whole segment file (compaction and scrub work segment by segment).
+/// How much of a hint file [`write_hint`] writes at a time.
+const HINT_PIECE: usize = 1 << 20;
+
+/// Writes segment `seg`'s hint file as `Backend::write_file` writes a
+/// small file (a temporary file, synced, renamed, the directory synced),
+/// but a piece at a time, yielding in between: a sealed segment's hint is
+/// megabytes, and the requests on the shard run while it is written.
+async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> io::Result<()> {
+    let name = hint_file_name(seg);
+    let tmp = format!("{name}.tmp");
+    let file = backend.open(&tmp, true).await?;
+    let len = hint.len();
+    let mut off = 0;
+    while off < len {
+        let piece = HINT_PIECE.min(len - off);
+        let mut buf = backend.alloc(&file, piece.next_multiple_of(BLOCK_SIZE));
+        let n = hint.read(&mut buf.bytes_mut()[..piece]);
+        debug_assert_eq!(n, piece);
+        backend.write_at(&file, buf, off as u64).await?;
+        off += piece;
+        backend.yield_now().await;
+    }
+    // The last piece was padded to a whole block.
+    backend.truncate(&file, len as u64).await?;
+    backend.sync(&file).await?;
+    drop(file);
+    backend.rename(&tmp, &name).await?;
+    backend.sync_dir().await
+}
+
 async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read, StorageError> {
     let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
     backend.read_at(file, 0, size as usize).await.map_err(io_err("reading a segment"))

@@ -43,7 +43,7 @@
 //! exactly as scanning the segment would, without reading values.
 
 use thiserror::Error;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -323,16 +323,81 @@ impl HintBuilder {
     /// Serializes the complete hint file for segment `id` of `data_len` bytes.
     pub fn finish(&self, id: u32, data_len: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(HINT_HEADER_LEN + self.entries.len() + 8);
-        out.extend_from_slice(HINT_MAGIC);
-        out.extend_from_slice(&HINT_VERSION.to_le_bytes());
-        out.extend_from_slice(&id.to_le_bytes());
-        out.extend_from_slice(&data_len.to_le_bytes());
-        out.extend_from_slice(&self.max_seq.to_le_bytes());
-        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.header(id, data_len));
         out.extend_from_slice(&self.entries);
         let sum = xxh3_64(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out
+    }
+
+    fn header(&self, id: u32, data_len: u64) -> [u8; HINT_HEADER_LEN] {
+        let mut h = [0u8; HINT_HEADER_LEN];
+        h[..8].copy_from_slice(HINT_MAGIC);
+        h[8..12].copy_from_slice(&HINT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&id.to_le_bytes());
+        h[16..24].copy_from_slice(&data_len.to_le_bytes());
+        h[24..32].copy_from_slice(&self.max_seq.to_le_bytes());
+        h[32..36].copy_from_slice(&self.count.to_le_bytes());
+        h
+    }
+
+    /// [`Self::finish`] read out a piece at a time ([`HintStream`]).
+    pub fn into_stream(self, id: u32, data_len: u64) -> HintStream {
+        HintStream { header: self.header(id, data_len), entries: self.entries, at: 0, hasher: Xxh3::new() }
+    }
+}
+
+/// A hint file read out a piece at a time, hashed as it goes: a segment's
+/// hint is megabytes (about 20 bytes per record), and building it whole
+/// (a copy, a checksum, and a buffer's page faults) took the shard for
+/// 2.5-7.3 ms at each seal. The bytes are exactly [`HintBuilder::finish`]'s.
+pub struct HintStream {
+    header: [u8; HINT_HEADER_LEN],
+    entries: Vec<u8>,
+    /// Bytes read out so far.
+    at: usize,
+    /// Of everything before the checksum read out so far.
+    hasher: Xxh3,
+}
+
+impl HintStream {
+    /// Length of the whole file.
+    pub fn len(&self) -> usize {
+        HINT_HEADER_LEN + self.entries.len() + 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Copies the next bytes of the file into `out` (as many as fit);
+    /// returns how many, 0 at the end.
+    pub fn read(&mut self, out: &mut [u8]) -> usize {
+        let body = HINT_HEADER_LEN + self.entries.len();
+        let mut n = 0;
+        while n < out.len() && self.at < self.len() {
+            let want = out.len() - n;
+            let copied = if self.at < body {
+                let src = if self.at < HINT_HEADER_LEN {
+                    &self.header[self.at..]
+                } else {
+                    &self.entries[self.at - HINT_HEADER_LEN..]
+                };
+                let k = want.min(src.len());
+                out[n..n + k].copy_from_slice(&src[..k]);
+                self.hasher.update(&src[..k]);
+                k
+            } else {
+                let sum = self.hasher.digest().to_le_bytes();
+                let from = self.at - body;
+                let k = want.min(8 - from);
+                out[n..n + k].copy_from_slice(&sum[from..from + k]);
+                k
+            };
+            n += copied;
+            self.at += copied;
+        }
+        n
     }
 }
 
@@ -529,6 +594,31 @@ mod tests {
         let mut bytes = encode(1, 1, Kind::Value, b"k", b"", b"v");
         bytes[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode_record(&bytes), Err(DecodeError::BadHeader("value length out of range")));
+    }
+
+    #[test]
+    fn a_hint_streamed_in_any_pieces_is_the_hint_finished_whole() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for records in [0u32, 1, 7, 3_000] {
+            let mut hb = HintBuilder::default();
+            for i in 0..records {
+                let key = format!("key-{i}").repeat(rng.usize(1..4));
+                hb.push(i * 64, 64, rng.bool(), key.as_bytes(), u64::from(i) * 3);
+            }
+            let whole = hb.finish(9, 4096);
+            let mut stream = hb.into_stream(9, 4096);
+            assert_eq!(stream.len(), whole.len());
+            let mut streamed = Vec::new();
+            loop {
+                let mut piece = vec![0u8; rng.usize(1..100)];
+                let n = stream.read(&mut piece);
+                if n == 0 {
+                    break;
+                }
+                streamed.extend_from_slice(&piece[..n]);
+            }
+            assert_eq!(streamed, whole, "{records} records");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use crate::limits::BLOCK_SIZE;
-use crate::storage::format::{encode_record, record_len, HintBuilder, Kind};
+use crate::storage::format::{encode_record, record_len, HintBuilder, HintStream, Kind};
 use crate::storage::index::Loc;
 
 /// A log position: (segment id, byte offset). Ordered like the log.
@@ -227,11 +227,12 @@ impl LogWriter {
         &c.bytes[..plan.end]
     }
 
-    /// The hint file of the chunk a sealing plan completes.
-    pub fn plan_hint(&self, plan: &FlushPlan) -> Vec<u8> {
-        let c = self.chunks.front().expect("always an active chunk");
+    /// The hint file of the chunk a sealing plan completes, to be read out
+    /// a piece at a time (the chunk is sealed: it gets no more entries).
+    pub fn take_hint(&mut self, plan: &FlushPlan) -> HintStream {
+        let c = self.chunks.front_mut().expect("always an active chunk");
         assert!(plan.seal && c.seg == plan.seg);
-        c.hint.finish(c.seg, plan.base + plan.end as u64)
+        std::mem::take(&mut c.hint).into_stream(c.seg, plan.base + plan.end as u64)
     }
 
     /// Records that `plan` was written (and, for a seal, truncated, synced
