@@ -723,8 +723,7 @@ impl<B: Backend> Engine<B> {
             } else {
                 self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
             };
-            let mut buf = backend.alloc(&file, plan.write_len());
-            buf.bytes_mut()[..plan.end].copy_from_slice(self.inner.st.borrow().writer.plan_bytes(&plan));
+            let buf = backend.alloc_with(&file, plan.write_len(), self.inner.st.borrow().writer.plan_bytes(&plan));
             backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;

@@ -175,9 +175,15 @@ impl Backend for GlommioBackend {
     }
 
     fn alloc(&self, file: &Rc<DmaFile>, len: usize) -> GlommioBuf {
+        self.alloc_with(file, len, &[])
+    }
+
+    fn alloc_with(&self, file: &Rc<DmaFile>, len: usize, data: &[u8]) -> GlommioBuf {
         assert_eq!(len % BLOCK_SIZE, 0, "unaligned buffer length {len}");
         let mut buf = file.alloc_dma_buffer(len);
-        buf.as_bytes_mut().fill(0);
+        let bytes = buf.as_bytes_mut();
+        bytes[..data.len()].copy_from_slice(data);
+        bytes[data.len()..].fill(0);
         GlommioBuf(buf)
     }
 

@@ -172,6 +172,12 @@ impl Backend for MemBackend {
         MemBuf(vec![0; len])
     }
 
+    fn alloc_with(&self, file: &MemHandle, len: usize, data: &[u8]) -> MemBuf {
+        let mut buf = self.alloc(file, len);
+        buf.0[..data.len()].copy_from_slice(data);
+        buf
+    }
+
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         futures_lite::future::yield_now().await;

@@ -46,6 +46,10 @@ pub trait Backend {
     /// A zeroed buffer of `len` bytes (a multiple of the block size) for a
     /// write to `file`.
     fn alloc(&self, file: &Self::File, len: usize) -> Self::Buf;
+    /// A buffer of `len` bytes for a write to `file` that starts with
+    /// `data` and is zeros after it: [`Self::alloc`] and a copy, without
+    /// zeroing first what the copy overwrites (a log flush is megabytes).
+    fn alloc_with(&self, file: &Self::File, len: usize, data: &[u8]) -> Self::Buf;
     /// Writes the whole buffer at `off` (block aligned).
     async fn write_at(&self, file: &Self::File, buf: Self::Buf, off: u64) -> io::Result<()>;
     /// fdatasync.
