@@ -490,10 +490,19 @@ impl<B: Backend> Engine<B> {
             Ok(file)
         }
         .await;
-        let mut st = self.inner.st.borrow_mut();
-        st.preparing_spare = false;
-        st.spare = Some(made.map_err(io_err("preparing a spare segment"))?);
-        Ok(())
+        self.inner.st.borrow_mut().preparing_spare = false;
+        match made {
+            Ok(file) => {
+                self.inner.st.borrow_mut().spare = Some(file);
+                Ok(())
+            }
+            Err(e) => {
+                // A part-filled spare would only hold disk space (the
+                // likely error is a full disk) until the next open.
+                let _ = backend.remove(SPARE_SEGMENT).await;
+                Err(io_err("preparing a spare segment")(e))
+            }
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -1228,6 +1237,18 @@ mod tests {
             assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "removed at open");
             assert_eq!(engine.get(b"a").await.unwrap().unwrap().value(), &[1; 1000]);
             assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
+            // A spare that cannot be made (a full disk) leaves no file and
+            // fails no write.
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            backend.fail_writes(true);
+            assert!(engine.prepare_spare().await.is_err());
+            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "a failed spare is removed");
+            backend.fail_writes(false);
+            assert!(engine.failed().is_none());
+            engine.put(b"b", b"", b"v", 0).await.unwrap();
+            engine.prepare_spare().await.unwrap();
+            assert!(names().await.contains(&SPARE_SEGMENT.to_string()));
+            drop(engine);
             for config in [
                 EngineConfig { preallocate: false, ..config.clone() },
                 EngineConfig { fsync: FsyncPolicy::Never, ..config },

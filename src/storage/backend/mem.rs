@@ -164,6 +164,11 @@ impl Backend for MemBackend {
     }
 
     async fn zero_fill(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
+        // Files here have no metadata to settle; the fill is a write, and
+        // fails like one.
+        if self.fail_writes.get() {
+            return Err(Self::io_error("write"));
+        }
         Ok(())
     }
 
