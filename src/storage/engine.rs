@@ -463,11 +463,12 @@ impl<B: Backend> Engine<B> {
     /// no file metadata, so the fdatasync of a durable write has no
     /// journal commit to wait for (a segment created when needed, with
     /// its size or blocks still to be set, makes every sync commit one:
-    /// perf/RESULTS.md, "Spare segments"). The cost: each segment's blocks
+    /// perf/RESULTS.md, eighth session). The cost: each segment's blocks
     /// are written twice (zeros, then records), ahead of time, and one
     /// segment of disk is held in reserve. Background work: the shell
     /// calls it as it starts and after each compaction pass. An error here
-    /// fails no write; the next segment is then created when needed.
+    /// fails no write (a part-filled spare is removed); the next segment
+    /// is then created when needed.
     ///
     /// Only for a policy that waits on syncs (`always`, `interval`): under
     /// `never` nothing waits on one, and the zeros would only double the
