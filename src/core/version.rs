@@ -331,14 +331,23 @@ impl Clock {
             return Ok(Clock::new());
         }
         let mut r = Reader::new(bytes);
-        if r.u8()? != FORMAT {
-            return Err(VersionError::Malformed("unknown context format"));
-        }
-        let clock = Clock::decode_body(&mut r)?;
-        if clock.is_empty() {
-            return Err(VersionError::Malformed("empty context must be zero bytes"));
-        }
+        let clock = Clock::decode_encoded(&mut r, "unknown context format", "empty context must be zero bytes")?;
         r.finish("trailing bytes after context")?;
+        Ok(clock)
+    }
+
+    /// What [`Self::encode`] wrote at `r` (a context, or the start of a
+    /// stored set): the format byte, then a clock that is not empty (the
+    /// empty one is encoded as nothing at all). `unknown` and `empty` say
+    /// which encoding failed.
+    fn decode_encoded(r: &mut Reader<'_>, unknown: &'static str, empty: &'static str) -> Result<Clock, VersionError> {
+        if r.u8()? != FORMAT {
+            return Err(VersionError::Malformed(unknown));
+        }
+        let clock = Clock::decode_body(r)?;
+        if clock.is_empty() {
+            return Err(VersionError::Malformed(empty));
+        }
         Ok(clock)
     }
 
@@ -668,13 +677,8 @@ fn walk_stored<'a>(
         return Ok((Clock::new(), 0));
     }
     let mut r = Reader::new(meta);
-    if r.u8()? != FORMAT {
-        return Err(VersionError::Malformed("unknown version metadata format"));
-    }
-    let clock = Clock::decode_body(&mut r)?;
-    if clock.is_empty() {
-        return Err(VersionError::Malformed("empty version set must be zero bytes"));
-    }
+    let clock =
+        Clock::decode_encoded(&mut r, "unknown version metadata format", "empty version set must be zero bytes")?;
     let clock_end = r.at;
     let s = r.varint()?;
     if s > MAX_SIBLINGS as u64 {

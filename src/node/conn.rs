@@ -81,15 +81,15 @@ impl Outbox {
         self.queued_one();
     }
 
-    /// Lets `answer` append a reply at once; if it did, counts a request
-    /// started and its reply queued.
-    fn push_now(&self, answer: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
-        let answered = answer(&mut self.buf.borrow_mut());
-        if answered {
+    /// Lets `answer` append a reply at once; if it did
+    /// ([`Answer::Now`]), counts a request started and its reply queued.
+    fn push_now(&self, answer: impl FnOnce(&mut Vec<u8>) -> Answer) -> Answer {
+        let answer = answer(&mut self.buf.borrow_mut());
+        if let Answer::Now = answer {
             self.start();
             self.queued_one();
         }
-        answered
+        answer
     }
 
     /// A reply was appended to `buf`: wake the writer, unless the reader
@@ -214,31 +214,25 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
-                            let mut settle = None;
-                            if out.push_now(|buf| match shard.answer_now(&header, &req, owner, buf) {
-                                Answer::No => false,
-                                Answer::Now => true,
-                                Answer::Settle(pending, reply) => {
-                                    settle = Some((pending, reply));
-                                    false
+                            match out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
+                                Answer::No => owner,
+                                Answer::Now => {
+                                    start += total;
+                                    continue;
                                 }
-                            }) {
-                                start += total;
-                                continue;
+                                Answer::Settle(pending, reply) => {
+                                    // Appended; acknowledged once it settles.
+                                    out.start();
+                                    let (out, shard, id) = (out.clone(), shard.clone(), header.request_id);
+                                    glommio::spawn_local(async move {
+                                        let reply = shard.settle_reply(id, pending, reply).await;
+                                        out.push(&reply);
+                                    })
+                                    .detach();
+                                    start += total;
+                                    continue;
+                                }
                             }
-                            if let Some((pending, reply)) = settle {
-                                // Appended; acknowledged once it settles.
-                                out.start();
-                                let (out, shard, id) = (out.clone(), shard.clone(), header.request_id);
-                                glommio::spawn_local(async move {
-                                    let reply = shard.settle_reply(id, pending, reply).await;
-                                    out.push(&reply);
-                                })
-                                .detach();
-                                start += total;
-                                continue;
-                            }
-                            owner
                         }
                         Err(e) => {
                             let reply = shard.request_error_frame(header.request_id, &e);

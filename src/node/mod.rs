@@ -268,7 +268,6 @@ impl Shard {
             return Answer::No;
         }
         let (id, shard) = (header.request_id, self.id as u16);
-        let start = out.len();
         let (put, key, context, value) = match *req {
             Request::Get { key } => {
                 let Some(result) =
@@ -286,6 +285,7 @@ impl Shard {
             Request::Delete { key, context } => (false, key, context, None),
             _ => return Answer::No,
         };
+        let start = out.len();
         let Some(result) = self.store.put_now(key, context, value, now_ms(), |context, siblings| {
             self.encode_write_reply(out, id, put, context, siblings)
         }) else {

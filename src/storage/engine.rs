@@ -423,9 +423,9 @@ impl<B: Backend> Engine<B> {
                 }
                 // Seal the recovered segment (or repair its hint) so the next
                 // open replays the hint instead of scanning.
-                let hint = hb.finish(seg, out.valid_end);
                 if is_last || out.corruptions.is_empty() {
-                    backend.write_file(&hint_file_name(seg), &hint).await.map_err(io_err("writing a hint file"))?;
+                    let hint = hb.into_stream(seg, out.valid_end);
+                    write_hint(&backend, seg, hint).await.map_err(io_err("writing a hint file"))?;
                 }
             }
             usage.insert(seg, SegmentUsage { total, live: 0 });
@@ -1146,14 +1146,14 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
     }
 }
 
-/// Reads a whole segment file (compaction and scrub work segment by segment).
 /// How much of a hint file [`write_hint`] writes at a time.
 const HINT_PIECE: usize = 1 << 20;
 
-/// Writes segment `seg`'s hint file as `Backend::write_file` writes a
-/// small file (a temporary file, synced, renamed, the directory synced),
-/// but a piece at a time, yielding in between: a sealed segment's hint is
-/// megabytes, and the requests on the shard run while it is written.
+/// Writes segment `seg`'s hint file (at a seal, and at recovery) as
+/// `Backend::write_file` writes a small file (a temporary file, synced,
+/// renamed, the directory synced), but a piece at a time, yielding in
+/// between: a sealed segment's hint is megabytes, and the requests on the
+/// shard run while it is written.
 async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> io::Result<()> {
     let name = hint_file_name(seg);
     let tmp = format!("{name}.tmp");
@@ -1177,6 +1177,7 @@ async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> 
     backend.sync_dir().await
 }
 
+/// Reads a whole segment file (compaction and scrub work segment by segment).
 async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read, StorageError> {
     let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
     backend.read_at(file, 0, size as usize).await.map_err(io_err("reading a segment"))

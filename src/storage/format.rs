@@ -320,7 +320,10 @@ impl HintBuilder {
         self.max_seq
     }
 
-    /// Serializes the complete hint file for segment `id` of `data_len` bytes.
+    /// Serializes the complete hint file for segment `id` of `data_len`
+    /// bytes, whole: the reference the tests hold [`HintStream`] to (the
+    /// engine writes hints through the stream).
+    #[cfg(test)]
     pub fn finish(&self, id: u32, data_len: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(HINT_HEADER_LEN + self.entries.len() + 8);
         out.extend_from_slice(&self.header(id, data_len));

@@ -164,10 +164,7 @@ impl Backend for GlommioBackend {
         let mut off = 0;
         while off < size {
             let len = ZERO_FILL_PIECE.min((size - off) as usize);
-            let mut buf = file.alloc_dma_buffer(len);
-            buf.as_bytes_mut().fill(0);
-            let n = file.write_at(buf, off).await.map_err(io::Error::from)?;
-            full_write(n, len)?;
+            self.write_at(file, self.alloc(file, len), off).await?;
             off += len as u64;
             yield_to_reactor().await;
         }
@@ -233,18 +230,15 @@ impl Backend for GlommioBackend {
             .dma_open(self.dir.join(&tmp))
             .await
             .map_err(io::Error::from)?;
-        let len = data.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let f = Rc::new(f);
+        let len = data.len().next_multiple_of(BLOCK_SIZE);
         if len > 0 {
-            let mut buf = f.alloc_dma_buffer(len);
-            buf.as_bytes_mut().fill(0);
-            buf.as_bytes_mut()[..data.len()].copy_from_slice(data);
-            let n = f.write_at(buf, 0).await.map_err(io::Error::from)?;
-            full_write(n, len)?;
+            self.write_at(&f, self.alloc_with(&f, len, data), 0).await?;
         }
         f.truncate(data.len() as u64).await.map_err(io::Error::from)?;
         f.fdatasync().await.map_err(io::Error::from)?;
         f.rename(self.dir.join(name)).await.map_err(io::Error::from)?;
-        f.close().await.map_err(io::Error::from)?;
+        f.close_rc().await.map_err(io::Error::from)?;
         self.sync_dir().await
     }
 
