@@ -64,7 +64,7 @@ fn a_spare_segment_is_zero_filled_ahead_and_becomes_the_next_segment() {
     let path = dir.path().to_path_buf();
     run_executor("test", None, async move {
         let (engine, _) = open_shard(&path, small_config()).await.unwrap();
-        let spare = path.join("spare-segment.tmp");
+        let spare = path.join("spare-segment");
         let files = || std::fs::read_dir(&path).unwrap().count();
         engine.prepare_spare().await.unwrap();
         assert_eq!(std::fs::metadata(&spare).unwrap().len(), 64 * 1024, "the whole segment is written");
@@ -80,8 +80,11 @@ fn a_spare_segment_is_zero_filled_ahead_and_becomes_the_next_segment() {
         drop(engine);
         let (engine, report) = open_shard(&path, small_config()).await.unwrap();
         assert_eq!(report.torn_tail_bytes, 0, "zeros past the records are no torn write: {report:?}");
-        assert!(!spare.exists(), "an open removes a spare left behind");
+        assert!(spare.exists(), "an open keeps a filled spare");
         assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v");
+        engine.put(b"k2", b"", b"v2", 0).await.unwrap();
+        engine.flush().await.unwrap();
+        assert!(!spare.exists(), "the reopened engine's first segment is the kept spare");
     })
     .unwrap();
 }

@@ -210,10 +210,12 @@ pub struct CompactionStats {
     pub corrupt_regions: u64,
 }
 
-/// The spare segment's file name (see [`Engine::prepare_spare`]): a
-/// temporary file, so that an open removes one a crash left behind, half
-/// filled or never taken.
-const SPARE_SEGMENT: &str = "spare-segment.tmp";
+/// The spare segment's file name (see [`Engine::prepare_spare`]) once it
+/// is filled and synced: an open keeps it (a restart rewrites no zeros).
+const SPARE_SEGMENT: &str = "spare-segment";
+/// Its name while it is filled: a temporary file, so that an open removes
+/// one a crash left half filled.
+const SPARE_FILLING: &str = "spare-segment.tmp";
 
 /// What [`Engine::lookup`] found.
 enum Lookup<F> {
@@ -335,6 +337,7 @@ impl<B: Backend> Engine<B> {
         let names = backend.list().await.map_err(io_err("listing the data directory"))?;
         let mut segs = BTreeSet::new();
         let mut hints = BTreeSet::new();
+        let mut spare_found = false;
         for name in &names {
             match parse_file_name(name) {
                 Some(FileKind::Segment(id)) => {
@@ -343,6 +346,7 @@ impl<B: Backend> Engine<B> {
                 Some(FileKind::Hint(id)) => {
                     hints.insert(id);
                 }
+                None if name == SPARE_SEGMENT => spare_found = true,
                 None if name.ends_with(".tmp") => {
                     backend.remove(name).await.map_err(io_err("removing a temporary file"))?;
                 }
@@ -436,6 +440,19 @@ impl<B: Backend> Engine<B> {
         }
         index.shrink_to_fit();
         let first_seg = last.map_or(1, |l| l + 1);
+        // A spare a previous run filled stays, if this configuration uses
+        // one of its size; otherwise it would only hold disk space.
+        let mut spare = None;
+        if spare_found {
+            let f = backend.open(SPARE_SEGMENT, false).await.map_err(io_err("opening the spare segment"))?;
+            let size = backend.size(&f).await.map_err(io_err("sizing the spare segment"))?;
+            if config.keeps_spare() && size == config.segment_size {
+                spare = Some(f);
+            } else {
+                drop(f);
+                backend.remove(SPARE_SEGMENT).await.map_err(io_err("removing an unused spare segment"))?;
+            }
+        }
         let writer = LogWriter::new(config.segment_size, first_seg, max_seq + 1);
         report.keys = index.len();
         report.next_seq = writer.next_seq();
@@ -446,7 +463,7 @@ impl<B: Backend> Engine<B> {
             usage,
             files,
             cache: RecordCache::new(config.cache_bytes),
-            spare: None,
+            spare,
             preparing_spare: false,
             flushing: false,
             failed: None,
@@ -465,16 +482,14 @@ impl<B: Backend> Engine<B> {
     /// its size or blocks still to be set, makes every sync commit one:
     /// perf/RESULTS.md, eighth session). The cost: each segment's blocks
     /// are written twice (zeros, then records), ahead of time, and one
-    /// segment of disk is held in reserve. Background work: the shell
-    /// calls it as it starts and after each compaction pass. An error here
-    /// fails no write (a part-filled spare is removed); the next segment
-    /// is then created when needed.
+    /// segment of disk is held in reserve (and kept across restarts).
+    /// Background work: the shell calls it as it starts and after each
+    /// compaction pass. An error here fails no write (a part-filled spare
+    /// is removed); the next segment is then created when needed.
     ///
-    /// Only for a policy that waits on syncs (`always`, `interval`): under
-    /// `never` nothing waits on one, and the zeros would only double the
-    /// disk writes (measured: no gain for buffered writes).
+    /// Does nothing unless [`EngineConfig::keeps_spare`].
     pub async fn prepare_spare(&self) -> Result<(), StorageError> {
-        if !self.inner.config.preallocate || self.inner.config.fsync == FsyncPolicy::Never {
+        if !self.inner.config.keeps_spare() {
             return Ok(());
         }
         {
@@ -486,8 +501,10 @@ impl<B: Backend> Engine<B> {
         }
         let backend = &self.inner.backend;
         let made = async {
-            let file = backend.open(SPARE_SEGMENT, true).await?;
+            let file = backend.open(SPARE_FILLING, true).await?;
             backend.zero_fill(&file, self.inner.config.segment_size).await?;
+            // Filled and synced: from now on an open may keep it.
+            backend.rename(SPARE_FILLING, SPARE_SEGMENT).await?;
             Ok(file)
         }
         .await;
@@ -500,7 +517,7 @@ impl<B: Backend> Engine<B> {
             Err(e) => {
                 // A part-filled spare would only hold disk space (the
                 // likely error is a full disk) until the next open.
-                let _ = backend.remove(SPARE_SEGMENT).await;
+                let _ = backend.remove(SPARE_FILLING).await;
                 Err(io_err("preparing a spare segment")(e))
             }
         }
@@ -1214,20 +1231,24 @@ mod tests {
     use crate::storage::format::encode_record;
 
     /// Each new segment takes the spare when there is one (by a rename),
-    /// and is created as before when there is none; an open removes a
-    /// spare left behind; without preallocation there is none.
+    /// and is created as before when there is none; an open keeps a spare
+    /// that was filled, and removes one left half filled or of no use to
+    /// its configuration.
     #[test]
     fn segments_take_the_spare_when_one_is_ready() {
         block_on(async {
             let backend = MemBackend::new();
             let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
             assert_eq!(config.fsync, FsyncPolicy::Always);
-            let names = || async { backend.list().await.unwrap() };
+            let has = |name: &'static str| {
+                let backend = backend.clone();
+                async move { backend.list().await.unwrap().iter().any(|n| n == name) }
+            };
             let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
             engine.prepare_spare().await.unwrap();
-            assert!(names().await.contains(&SPARE_SEGMENT.to_string()));
+            assert!(has(SPARE_SEGMENT).await && !has(SPARE_FILLING).await);
             engine.put(b"a", b"", &[1; 1000], 0).await.unwrap();
-            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "taken by the first segment");
+            assert!(!has(SPARE_SEGMENT).await, "taken by the first segment");
             // The next segments find no spare and are created.
             for i in 0..100u32 {
                 engine.put(&i.to_le_bytes(), b"", &[2; 1000], 0).await.unwrap();
@@ -1235,29 +1256,44 @@ mod tests {
             assert!(engine.stats().segments_sealed >= 2);
             engine.prepare_spare().await.unwrap();
             drop(engine);
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
-            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "removed at open");
+            // A restart keeps the filled spare: the first segment takes it.
+            let (engine, report) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert_eq!(report.torn_tail_bytes, 0, "the spare's zeros past the records: {report:?}");
+            assert!(has(SPARE_SEGMENT).await, "kept at open");
+            engine.put(b"b", b"", b"v", 0).await.unwrap();
+            assert!(!has(SPARE_SEGMENT).await, "taken by the reopened engine's first segment");
             assert_eq!(engine.get(b"a").await.unwrap().unwrap().value(), &[1; 1000]);
             assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
             // A spare that cannot be made (a full disk) leaves no file and
             // fails no write.
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
             backend.fail_writes(true);
             assert!(engine.prepare_spare().await.is_err());
-            assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "a failed spare is removed");
+            assert!(!has(SPARE_FILLING).await && !has(SPARE_SEGMENT).await, "a failed spare is removed");
             backend.fail_writes(false);
             assert!(engine.failed().is_none());
-            engine.put(b"b", b"", b"v", 0).await.unwrap();
-            engine.prepare_spare().await.unwrap();
-            assert!(names().await.contains(&SPARE_SEGMENT.to_string()));
+            engine.put(b"c", b"", b"v", 0).await.unwrap();
+            // One left half filled is removed at open.
+            backend.write_file(SPARE_FILLING, &[0; 4096]).await.unwrap();
             drop(engine);
-            for config in [
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert!(!has(SPARE_FILLING).await, "a half-filled spare is removed at open");
+            engine.prepare_spare().await.unwrap();
+            drop(engine);
+            // A configuration that keeps none (or another segment size)
+            // removes a spare at open.
+            for other in [
                 EngineConfig { preallocate: false, ..config.clone() },
-                EngineConfig { fsync: FsyncPolicy::Never, ..config },
+                EngineConfig { fsync: FsyncPolicy::Never, ..config.clone() },
+                EngineConfig { segment_size: 64 * 1024, ..config.clone() },
             ] {
-                let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+                let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
                 engine.prepare_spare().await.unwrap();
-                assert!(!names().await.contains(&SPARE_SEGMENT.to_string()), "no preallocation or no syncs: no spare");
+                assert!(has(SPARE_SEGMENT).await);
+                drop(engine);
+                let (engine, _) = Engine::open(backend.clone(), other.clone()).await.unwrap();
+                assert!(!has(SPARE_SEGMENT).await, "removed at open: {other:?}");
+                engine.prepare_spare().await.unwrap();
+                assert_eq!(has(SPARE_SEGMENT).await, other.keeps_spare(), "{other:?}");
             }
         })
     }

@@ -163,11 +163,18 @@ impl Backend for MemBackend {
         Ok(())
     }
 
-    async fn zero_fill(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
-        // Files here have no metadata to settle; the fill is a write, and
-        // fails like one.
+    async fn zero_fill(&self, file: &MemHandle, size: u64) -> io::Result<()> {
+        // Files here have no metadata to settle: the fill is zeros up to
+        // `size`, durable at once (the real one syncs), and fails like a
+        // write.
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
+        }
+        let mut f = file.0.borrow_mut();
+        let size = size as usize;
+        if f.data.len() < size {
+            f.data.resize(size, 0);
+            f.durable.resize(size, 0);
         }
         Ok(())
     }
