@@ -324,6 +324,49 @@ fn shard_unaware_clients_are_forwarded_through_the_mesh() {
     assert_eq!(stats1["node"]["forwarded_in"].as_u64().unwrap(), out);
 }
 
+/// Connections served in one batch have their lookups prefetched in
+/// stages, interleaved with each other (`conn::prefetch`): every reply must
+/// still be its own request's. Eight writers, each with its own keys,
+/// overwrite and read back on one shard until the shard reports batches
+/// served that way (bounded: each writer stops after its share).
+#[test]
+fn connections_served_in_one_batch_get_their_own_replies() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    let addr = node.addr().to_string();
+    let prefetched = |c: &mut Client| -> u64 {
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+        stats["node"]["prefetched"].as_u64().unwrap()
+    };
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr).unwrap();
+                let mut model: HashMap<String, (String, Context)> = HashMap::new();
+                for i in 0..3000 {
+                    let key = format!("w{w}-k{}", i % 40);
+                    let value = format!("w{w}-v{i}");
+                    let ctx = model.get(&key).map(|(_, c)| c.clone()).unwrap_or_default();
+                    let put = c.put(key.as_bytes(), value.as_bytes(), &ctx).unwrap();
+                    assert_eq!(put.siblings, 1, "{key}: each writer supersedes its own last write");
+                    model.insert(key.clone(), (value, put.context));
+                    let got = c.get(key.as_bytes()).unwrap();
+                    assert_eq!(got.values, vec![model[&key].0.clone().into_bytes()], "{key} read back");
+                    if i % 500 == 499 && prefetched(&mut c) > 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert!(prefetched(&mut c) > 0, "eight busy connections never shared a batch");
+}
+
 #[test]
 fn command_line_put_get_delete() {
     let dir = tmp();

@@ -3,6 +3,10 @@
 //! write, no task switch), and a writer task for the rest: replies of
 //! requests that had to wait, and what a full socket would not take.
 //!
+//! When other connections were ready in the same batch, the reader first
+//! prefetches its requests' lookups in stages, yielding between them
+//! ([`prefetch`]), so that the batch's cache misses overlap.
+//!
 //! Owns: the connection's read buffer, its in-flight count and its reply
 //! queue.
 //!
@@ -20,6 +24,7 @@ use futures_lite::future::poll_once;
 use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
+use crate::storage::Prefetch;
 use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
@@ -137,6 +142,43 @@ impl Outbox {
             }
         }
         self.changed.notify_all();
+    }
+}
+
+/// Frames of one read whose lookups [`prefetch`] fetches ahead: one is
+/// the unpipelined case; a few more cover a short pipeline, and past that
+/// the first lookups' lines would be evicted before they are used.
+const PREFETCH_FRAMES: usize = 4;
+
+/// Fetches what the lookups of the first requests in `buf` will touch, one
+/// level per stage ([`Prefetch`]), yielding after each stage, so that
+/// every connection ready in the same batch runs its stage in between: the
+/// misses of all of them are in flight together. Only while other
+/// connections are ready too ([`Socket::in_busy_round`]); alone, a yield
+/// would overlap nothing. The front gives the batch the passes this takes
+/// before it asks epoll again ([`super::front::PREFETCH_PASSES`]).
+async fn prefetch(shard: &Shard, mut buf: &[u8]) {
+    let mut hashes = [0u64; PREFETCH_FRAMES];
+    let mut n = 0;
+    while n < PREFETCH_FRAMES {
+        let Ok(Some((header, total))) = split_frame(buf, shard.max_body) else { break };
+        if let Some(hash) =
+            Request::decode_with(&header, &buf[HEADER_LEN..total]).ok().and_then(|(req, _)| shard.local_key_hash(&req))
+        {
+            hashes[n] = hash;
+            n += 1;
+        }
+        buf = &buf[total..];
+    }
+    if n == 0 {
+        return;
+    }
+    bump(&shard.counters.prefetched, n as u64);
+    for stage in Prefetch::STAGES {
+        for &hash in &hashes[..n] {
+            shard.store.engine().prefetch(hash, stage);
+        }
+        futures_lite::future::yield_now().await;
     }
 }
 
@@ -287,7 +329,12 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
         .await;
         match read {
             Some(Ok(0)) | None => break,
-            Some(Ok(n)) => end += n,
+            Some(Ok(n)) => {
+                end += n;
+                if sock.in_busy_round() {
+                    prefetch(&shard, &buf[start..end]).await;
+                }
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "connection read failed");
                 break;

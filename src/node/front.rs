@@ -19,7 +19,8 @@
 //! whose completions signal an eventfd that glommio reads. It is armed
 //! only when a shard goes idle, so its wake-up costs once per idle period.
 //! While batches keep coming, the front delivers one, yields so that the
-//! woken connections run, and asks epoll again; every
+//! woken connections run (a batch of several: [`PREFETCH_PASSES`] times,
+//! for their prefetch stages), and asks epoll again; every
 //! [`ROUNDS_PER_REACTOR_TURN`] batches it sleeps on a short timer instead,
 //! which lets glommio poll its own rings (disk completions) in between.
 //!
@@ -57,6 +58,14 @@ const EVENTS_PER_WAIT: usize = 256;
 /// waited that long (200-300 ms maxima in closed-loop SET runs). Eight
 /// and 32 measured the same; two was slower (perf/RESULTS.md).
 const ROUNDS_PER_REACTOR_TURN: u32 = 8;
+
+/// Times the front lets the queue of runnable tasks go round after
+/// delivering a batch of several sockets before it asks epoll again: the
+/// connections' [`Prefetch`](crate::storage::Prefetch) stages, one yield
+/// each, and then their serving. Asking sooner finds little (their replies
+/// are not out yet) and costs an `epoll_wait` that measured as more kernel
+/// time per request and no gain from the prefetch at all (perf/RESULTS.md).
+pub(super) const PREFETCH_PASSES: usize = crate::storage::Prefetch::STAGES.len() + 1;
 
 /// The readiness of one registered socket, as last reported by epoll and
 /// consumed by its connection's reads and writes.
@@ -197,6 +206,12 @@ impl Socket {
 
     /// Ends the write side (the client reads end of stream after the
     /// replies already sent).
+    /// Whether other sockets were ready in the same batch as this one's
+    /// last readiness (their connections run before this one's next step).
+    pub(super) fn in_busy_round(&self) -> bool {
+        self.front.round.get() > 1
+    }
+
     pub(super) fn shutdown_write(&self) {
         // SAFETY: plain system call on an open fd.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
@@ -226,6 +241,8 @@ pub(super) struct Front {
     /// Set when the shard no longer needs readiness; the loop exits.
     stopped: Cell<bool>,
     stop: Notify,
+    /// Sockets in the batch being delivered (the last `epoll_wait`'s count).
+    round: Cell<usize>,
 }
 
 impl Front {
@@ -241,6 +258,7 @@ impl Front {
             bridge,
             stopped: Cell::new(false),
             stop: Notify::default(),
+            round: Cell::new(0),
         }))
     }
 
@@ -312,6 +330,7 @@ impl Front {
                     continue;
                 }
             };
+            self.round.set(n);
             {
                 let sockets = self.sockets.borrow();
                 for ev in &events[..n] {
@@ -339,7 +358,11 @@ impl Front {
                 // the reactor gets its turn.
                 rounds += 1;
                 if rounds < ROUNDS_PER_REACTOR_TURN {
-                    futures_lite::future::yield_now().await;
+                    // A batch of several runs the connections' prefetch
+                    // stages first: wait until they have served.
+                    for _ in 0..if n > 1 { PREFETCH_PASSES } else { 1 } {
+                        futures_lite::future::yield_now().await;
+                    }
                 } else {
                     rounds = 0;
                     yield_to_reactor().await;

@@ -39,7 +39,7 @@ use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
-use crate::core::partition::shard_of;
+use crate::core::partition::{key_hash, partition_of, shard_of, shard_of_partition};
 use crate::core::version::VersionSet;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
@@ -96,6 +96,10 @@ pub struct ShardCounters {
     /// many replies share one write.
     pub reply_writes: Cell<u64>,
     pub replies: Cell<u64>,
+    /// Requests whose lookups were prefetched in stages with the other
+    /// connections of their batch (`conn::prefetch`): how often the shard
+    /// was busy enough to overlap its cache misses.
+    pub prefetched: Cell<u64>,
 }
 
 /// One shard's state, shared by its tasks (one thread).
@@ -263,6 +267,19 @@ impl Shard {
     /// must still settle (a durable write waiting for its group commit, or
     /// a full write buffer) comes back as [`Answer::Settle`] with its reply
     /// apart: it may be sent only once the write has settled.
+    /// The key hash of a GET, PUT or DELETE that [`Self::answer_now`] may
+    /// serve here (this shard owns the key, and the node is not in a
+    /// cluster): the lookups worth prefetching.
+    fn local_key_hash(&self, req: &Request<'_>) -> Option<u64> {
+        let key = match *req {
+            Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => key,
+            _ => return None,
+        };
+        let hash = key_hash(key);
+        let owner = shard_of_partition(partition_of(hash, self.partitions), self.partitions, self.shards);
+        (self.cluster.is_none() && owner == self.id).then_some(hash)
+    }
+
     fn answer_now(&self, header: &Header, req: &Request<'_>, owner: usize, out: &mut Vec<u8>) -> Answer {
         if owner != self.id || self.cluster.is_some() {
             return Answer::No;

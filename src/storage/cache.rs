@@ -35,7 +35,12 @@
 use std::rc::Rc;
 
 use crate::storage::format::record_key;
-use crate::storage::index::CacheTag;
+use crate::storage::index::{prefetch_line, CacheTag};
+
+/// How much of a record a prefetch fetches: a small record whole (header,
+/// key, versions and value: about 190 bytes for a 100-byte value); of a big
+/// one, the header, key and versions that every lookup reads first.
+pub(crate) const PREFETCH_RECORD_BYTES: usize = 256;
 
 struct Entry {
     /// The record held (its location's id); meaningless while `raw` is `None`.
@@ -83,6 +88,30 @@ impl RecordCache {
             e.referenced = true;
         }
         Some(raw)
+    }
+
+    /// Asks the CPU to fetch the entry `tag` points at.
+    #[inline]
+    pub(crate) fn prefetch_entry(&self, tag: CacheTag) {
+        if let Some(i) = (tag.0 as usize).checked_sub(1) {
+            if i < self.entries.len() {
+                prefetch_line(self.entries.as_ptr().wrapping_add(i) as usize);
+            }
+        }
+    }
+
+    /// Asks the CPU to fetch the record entry `tag` holds, whichever
+    /// record that is, up to [`PREFETCH_RECORD_BYTES`].
+    #[inline]
+    pub(crate) fn prefetch_record(&self, tag: CacheTag) {
+        let Some(i) = (tag.0 as usize).checked_sub(1) else { return };
+        if let Some(Entry { raw: Some(raw), .. }) = self.entries.get(i) {
+            let (at, len) = (raw.as_ptr() as usize, raw.len().min(PREFETCH_RECORD_BYTES));
+            // Every line the bytes touch: the first may start mid-line.
+            for line in (at & !63..at + len).step_by(64) {
+                prefetch_line(line);
+            }
+        }
     }
 
     /// The key of record `id`, if `tag` still holds it (no hit is marked:

@@ -142,6 +142,30 @@ impl Record {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordId(u64);
 
+/// The levels a lookup walks, each a cache miss on a shard whose records
+/// do not fit in the CPU caches, and each found only through the one
+/// before: the index's control bytes and slots, then the record cache's
+/// entry the slot names, then the record's bytes. [`Engine::prefetch`]
+/// fetches one level per call; a caller that runs the stages of several
+/// lookups in turn (a stage of each, then the next stage of each) has the
+/// misses of one lookup in flight while it works on the others, instead of
+/// waiting for four in a row per lookup (`ShardIndex::find` was 16% of a
+/// shard serving SETs, almost all of it those waits; perf/RESULTS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// The index's control bytes and the first slots the key probes.
+    Slots,
+    /// The cache entry named by the first slot whose tag matches.
+    Entry,
+    /// The first cache lines of that entry's record.
+    Record,
+}
+
+impl Prefetch {
+    /// Every stage, in the order each depends on the last.
+    pub const STAGES: [Prefetch; 3] = [Prefetch::Slots, Prefetch::Entry, Prefetch::Record];
+}
+
 /// A write that is in the log buffer and visible to reads but may not yet
 /// meet the durability policy: [`Engine::settle`] waits for that. Not
 /// acknowledged until then.
@@ -831,6 +855,20 @@ impl<B: Backend> Engine<B> {
             st.cache.forget(tag, loc.id());
         }
         Ok(Some(rec))
+    }
+
+    /// One stage of fetching, ahead of time, what a lookup of the key with
+    /// hash `hash` will touch: see [`Prefetch`]. Changes nothing and never
+    /// waits; a stage that cannot tell where to look does nothing.
+    pub fn prefetch(&self, hash: u64, stage: Prefetch) {
+        // Only a caller between two synchronous steps gets here, but a
+        // hint must never be the thing that panics.
+        let Ok(st) = self.inner.st.try_borrow() else { return };
+        match stage {
+            Prefetch::Slots => st.index.prefetch(hash),
+            Prefetch::Entry => st.cache.prefetch_entry(st.index.guess_tag(hash)),
+            Prefetch::Record => st.cache.prefetch_record(st.index.guess_tag(hash)),
+        }
     }
 
     /// [`Self::get`] without waiting: `None` when the record has to be

@@ -344,7 +344,7 @@ impl HintBuilder {
         h
     }
 
-    /// [`Self::finish`] read out a piece at a time ([`HintStream`]).
+    /// `finish` read out a piece at a time ([`HintStream`]).
     pub fn into_stream(self, id: u32, data_len: u64) -> HintStream {
         HintStream { header: self.header(id, data_len), entries: self.entries, at: 0, hasher: Xxh3::new() }
     }
@@ -353,7 +353,7 @@ impl HintBuilder {
 /// A hint file read out a piece at a time, hashed as it goes: a segment's
 /// hint is megabytes (about 20 bytes per record), and building it whole
 /// (a copy, a checksum, and a buffer's page faults) took the shard for
-/// 2.5-7.3 ms at each seal. The bytes are exactly [`HintBuilder::finish`]'s.
+/// 2.5-7.3 ms at each seal. The bytes are exactly `HintBuilder::finish`'s.
 pub struct HintStream {
     header: [u8; HINT_HEADER_LEN],
     entries: Vec<u8>,

@@ -98,6 +98,12 @@ fn table_hash(ring_hash: u64) -> u64 {
 #[derive(Default)]
 pub struct PartitionIndex {
     table: HashTable<Slot>,
+    /// Where the table's control bytes start (an address, never
+    /// dereferenced), for [`PartitionIndex::prefetch`]; valid while the
+    /// table has `anchor_buckets` buckets (it moves only when it resizes).
+    /// Zero: unknown.
+    anchor: usize,
+    anchor_buckets: usize,
     /// Keys, each as `len u16 | bytes`, referenced by `Slot::key_ref`.
     arena: Vec<u8>,
     /// Bytes of `arena` that belong to removed keys.
@@ -186,7 +192,55 @@ impl PartitionIndex {
         slot.set_loc(loc);
         let arena = &self.arena;
         self.table.insert_unique(table_hash(hash), slot, |s| table_hash(key_hash(arena_key(arena, s.key_ref))));
+        if self.anchor_buckets != self.table.num_buckets() {
+            self.set_anchor();
+        }
         None
+    }
+
+    /// Finds where the control bytes start, from any full bucket: hashbrown
+    /// keeps the slot of bucket `i` at `ctrl - (i + 1) * size_of::<Slot>()`
+    /// and its control byte at `ctrl + i` (its `RawTable` layout; the test
+    /// `prefetch_addresses_follow_the_table` fails if that changes).
+    fn set_anchor(&mut self) {
+        let found = self.table.iter_buckets().next().and_then(|i| Some((i, self.table.get_bucket(i)?)));
+        (self.anchor, self.anchor_buckets) = match found {
+            Some((i, slot)) => {
+                (slot as *const Slot as usize + (i + 1) * std::mem::size_of::<Slot>(), self.table.num_buckets())
+            }
+            None => (0, 0),
+        };
+    }
+
+    /// The addresses of the control byte and the slot of the bucket where
+    /// a probe for `hash` starts; `None` while the anchor is unknown.
+    fn probe_start(&self, hash: u64) -> Option<(usize, usize)> {
+        let buckets = self.table.num_buckets();
+        if self.anchor == 0 || self.anchor_buckets != buckets {
+            return None;
+        }
+        let pos = table_hash(hash) as usize & (buckets - 1);
+        Some((self.anchor.wrapping_add(pos), self.anchor.wrapping_sub((pos + 1) * std::mem::size_of::<Slot>())))
+    }
+
+    /// Asks the CPU to fetch the control bytes and the first slots a probe
+    /// for `hash` reads: the first two of a lookup's dependent misses. The
+    /// key's slot is the probe's first in most lookups and a few further
+    /// (at lower addresses) in most others, hence the line below too.
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if let Some((ctrl, slot)) = self.probe_start(hash) {
+            prefetch_line(ctrl);
+            prefetch_line(slot);
+            prefetch_line(slot.wrapping_sub(64));
+        }
+    }
+
+    /// The cache tag of the first slot `hash` may be in, without comparing
+    /// keys (for prefetching: a wrong guess costs a useless fetch).
+    #[inline]
+    pub fn guess_tag(&self, hash: u64) -> CacheTag {
+        self.table.find(table_hash(hash), |_| true).map_or(CacheTag::NONE, |s| s.cache)
     }
 
     /// The slot of `key` if it points at `loc`. Slots are matched by
@@ -254,6 +308,7 @@ impl PartitionIndex {
     /// Releases spare capacity (after recovery, when no growth is expected soon).
     pub fn shrink_to_fit(&mut self) {
         self.arena.shrink_to_fit();
+        self.set_anchor();
     }
 
     /// Every key with its location, in no particular order.
@@ -296,6 +351,20 @@ impl ShardIndex {
 
     pub fn get(&self, hash: u64, key: &[u8]) -> Option<Loc> {
         self.parts[self.part_of(hash)].as_ref()?.get(hash, key)
+    }
+
+    /// See [`PartitionIndex::prefetch`].
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if let Some(p) = &self.parts[self.part_of(hash)] {
+            p.prefetch(hash);
+        }
+    }
+
+    /// See [`PartitionIndex::guess_tag`].
+    #[inline]
+    pub fn guess_tag(&self, hash: u64) -> CacheTag {
+        self.parts[self.part_of(hash)].as_ref().map_or(CacheTag::NONE, |p| p.guess_tag(hash))
     }
 
     /// See [`PartitionIndex::find`].
@@ -379,6 +448,19 @@ impl ShardIndex {
     }
 }
 
+/// Asks the CPU to bring the cache line holding `addr` into its caches. A
+/// hint: never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch_line(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is not a memory access; any address is allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +491,54 @@ mod tests {
         let mut all: Vec<(Vec<u8>, Loc)> = idx.iter().map(|(k, l)| (k.to_vec(), l)).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+    }
+
+    /// The prefetch computes hashbrown's addresses itself; they must be the
+    /// ones its lookups read, through growth, removals and a shrink.
+    #[test]
+    fn prefetch_addresses_follow_the_table() {
+        let mut part = PartitionIndex::default();
+        let size = std::mem::size_of::<Slot>();
+        let check = |part: &PartitionIndex, keys: &[Vec<u8>]| {
+            let buckets = part.table.num_buckets();
+            let mut near = 0;
+            for key in keys {
+                let h = key_hash(key);
+                let (ctrl, start) = part.probe_start(h).expect("a table with keys has an anchor");
+                let found = part.table.find(table_hash(h), |s| arena_key(&part.arena, s.key_ref) == key.as_slice());
+                let at = found.expect("the key is there") as *const Slot as usize;
+                // The found slot is one of the table's, counted down from
+                // the control bytes, and the probe start is its neighbour.
+                assert_eq!((part.anchor - at) % size, 0);
+                let bucket = (part.anchor - at) / size - 1;
+                assert!(bucket < buckets, "slot {bucket} outside {buckets} buckets");
+                let pos = (part.anchor - start) / size - 1;
+                assert_eq!(ctrl - part.anchor, pos);
+                if bucket.wrapping_sub(pos) & (buckets - 1) < 16 {
+                    near += 1;
+                }
+            }
+            // Almost every key sits in the group its probe starts with.
+            assert!(near * 10 >= keys.len() * 9, "{near} of {} keys near their probe start", keys.len());
+        };
+        let keys: Vec<Vec<u8>> = (0..5000).map(|i| format!("key:{i}").into_bytes()).collect();
+        for (i, key) in keys.iter().enumerate() {
+            part.insert_tagged(key_hash(key), key, loc(1, i as u32, false), CacheTag::NONE, |_, _| None);
+            if i % 997 == 0 {
+                check(&part, &keys[..=i]);
+            }
+        }
+        check(&part, &keys);
+        for key in &keys[..4000] {
+            part.remove(key_hash(key), key);
+        }
+        part.shrink_to_fit();
+        check(&part, &keys[4000..]);
+        // A wrong guess only fetches a useless line: an absent key and an
+        // empty table are fine too.
+        part.prefetch(key_hash(b"absent"));
+        PartitionIndex::default().prefetch(key_hash(b"absent"));
+        assert_eq!(PartitionIndex::default().guess_tag(1), CacheTag::NONE);
     }
 
     #[test]

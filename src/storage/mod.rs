@@ -20,5 +20,7 @@ pub mod log;
 pub mod scan;
 
 pub use config::{EngineConfig, FsyncPolicy};
-pub use engine::{CompactionStats, Engine, EngineStats, PendingWrite, Record, RecordId, RecoveryReport, StorageError};
+pub use engine::{
+    CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport, StorageError,
+};
 pub use format::Kind;
