@@ -204,14 +204,14 @@ impl Socket {
         .await
     }
 
-    /// Ends the write side (the client reads end of stream after the
-    /// replies already sent).
     /// Whether other sockets were ready in the same batch as this one's
     /// last readiness (their connections run before this one's next step).
     pub(super) fn in_busy_round(&self) -> bool {
         self.front.round.get() > 1
     }
 
+    /// Ends the write side (the client reads end of stream after the
+    /// replies already sent).
     pub(super) fn shutdown_write(&self) {
         // SAFETY: plain system call on an open fd.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };

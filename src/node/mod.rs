@@ -258,15 +258,6 @@ impl Shard {
         result.unwrap_or_else(|e| self.store_error_frame(id, &e))
     }
 
-    /// Runs `req` at once when that needs no waiting: a lone node's GET,
-    /// PUT or DELETE of a key this shard owns whose record is in memory
-    /// (the deadline cannot have passed: it was set when the request was
-    /// read). Spares the common request its copy and a future.
-    ///
-    /// A reply that may go out at once is appended to `out`. A write that
-    /// must still settle (a durable write waiting for its group commit, or
-    /// a full write buffer) comes back as [`Answer::Settle`] with its reply
-    /// apart: it may be sent only once the write has settled.
     /// The key hash of a GET, PUT or DELETE that [`Self::answer_now`] may
     /// serve here (this shard owns the key, and the node is not in a
     /// cluster): the lookups worth prefetching.
@@ -280,6 +271,15 @@ impl Shard {
         (self.cluster.is_none() && owner == self.id).then_some(hash)
     }
 
+    /// Runs `req` at once when that needs no waiting: a lone node's GET,
+    /// PUT or DELETE of a key this shard owns whose record is in memory
+    /// (the deadline cannot have passed: it was set when the request was
+    /// read). Spares the common request its copy and a future.
+    ///
+    /// A reply that may go out at once is appended to `out`. A write that
+    /// must still settle (a durable write waiting for its group commit, or
+    /// a full write buffer) comes back as [`Answer::Settle`] with its reply
+    /// apart: it may be sent only once the write has settled.
     fn answer_now(&self, header: &Header, req: &Request<'_>, owner: usize, out: &mut Vec<u8>) -> Answer {
         if owner != self.id || self.cluster.is_some() {
             return Answer::No;

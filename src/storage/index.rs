@@ -20,6 +20,16 @@
 //! key plus 2 bytes, plus garbage from deleted keys that is reclaimed by
 //! rewriting the arena once it passes half. Bitcask's keydir costs ~91
 //! bytes + key.
+//!
+//! # Prefetching a lookup
+//!
+//! A partition also keeps the address of its table's control bytes (16
+//! bytes per partition, refreshed when the table resizes), so that
+//! [`PartitionIndex::prefetch`] can compute where a probe for a hash starts
+//! and fetch those lines before the lookup runs; `guess_tag` then reads the
+//! first matching slot's cache tag without comparing keys, for the next
+//! stage (see `Engine::prefetch`). Both only read, and an address they get
+//! wrong only costs a useless fetch.
 
 use hashbrown::HashTable;
 
