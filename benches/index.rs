@@ -36,6 +36,34 @@ fn bench(c: &mut Criterion) {
             black_box(full.get(*h, k))
         })
     });
+    // A batch of lookups as a busy shard's batch of connections makes
+    // them: one after another, and with every lookup's slots prefetched
+    // first (the first stage of `Engine::prefetch`; the index alone has no
+    // cache entry or record to fetch). Per batch of 16.
+    const BATCH: usize = 16;
+    g.bench_function("get_hit_1m_batch16", |b| {
+        b.iter(|| {
+            let at = i;
+            i = (i + BATCH * 7919) % ks.len();
+            for j in 0..BATCH {
+                let (h, k) = &ks[(at + j * 7919) % ks.len()];
+                black_box(full.get(*h, k));
+            }
+        })
+    });
+    g.bench_function("get_hit_1m_batch16_prefetched", |b| {
+        b.iter(|| {
+            let at = i;
+            i = (i + BATCH * 7919) % ks.len();
+            for j in 0..BATCH {
+                full.prefetch(ks[(at + j * 7919) % ks.len()].0);
+            }
+            for j in 0..BATCH {
+                let (h, k) = &ks[(at + j * 7919) % ks.len()];
+                black_box(full.get(*h, k));
+            }
+        })
+    });
     let miss = keys(1000).into_iter().map(|(_, mut k)| {
         k.push(b'x');
         (key_hash(&k), k)
