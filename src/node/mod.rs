@@ -258,17 +258,15 @@ impl Shard {
         result.unwrap_or_else(|e| self.store_error_frame(id, &e))
     }
 
-    /// The key hash of a GET, PUT or DELETE that [`Self::answer_now`] may
-    /// serve here (this shard owns the key, and the node is not in a
-    /// cluster): the lookups worth prefetching.
+    /// The key hash of a request whose key this shard owns: a lookup in
+    /// its store is coming (on a lone node at once, in a cluster as the
+    /// coordinator's local read or write, or a replica's), so it is worth
+    /// prefetching. (In a cluster the key may not be stored on this node;
+    /// that prefetch only fetches a useless line.)
     fn local_key_hash(&self, req: &Request<'_>) -> Option<u64> {
-        let key = match *req {
-            Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => key,
-            _ => return None,
-        };
-        let hash = key_hash(key);
+        let hash = key_hash(req.key()?);
         let owner = shard_of_partition(partition_of(hash, self.partitions), self.partitions, self.shards);
-        (self.cluster.is_none() && owner == self.id).then_some(hash)
+        (owner == self.id).then_some(hash)
     }
 
     /// Runs `req` at once when that needs no waiting: a lone node's GET,
