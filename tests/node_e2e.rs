@@ -364,7 +364,7 @@ fn connections_served_in_one_batch_get_their_own_replies() {
         w.join().unwrap();
     }
     let mut c = Client::connect(node.addr()).unwrap();
-    assert!(prefetched(&mut c) > 0, "eight busy connections never shared a batch");
+    assert!(prefetched(&mut c) > 0, "no request of eight busy connections was prefetched");
 }
 
 #[test]

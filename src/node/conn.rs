@@ -153,10 +153,11 @@ const PREFETCH_FRAMES: usize = 4;
 /// Fetches what the lookups of the first requests in `buf` will touch, one
 /// level per stage ([`Prefetch`]), yielding after each stage, so that
 /// every connection ready in the same batch runs its stage in between: the
-/// misses of all of them are in flight together. Only while other
-/// connections are ready too ([`Socket::in_busy_round`]); alone, a yield
-/// would overlap nothing. The front gives the batch the passes this takes
-/// before it asks epoll again ([`super::front::PREFETCH_PASSES`]).
+/// misses of all of them are in flight together. The reader calls it only
+/// when the front's batch held other events ([`Socket::in_busy_round`]);
+/// alone, a yield would overlap nothing. The front gives the batch the
+/// passes this takes before it asks epoll again
+/// ([`super::front::PREFETCH_PASSES`]).
 async fn prefetch(shard: &Shard, mut buf: &[u8]) {
     let mut hashes = [0u64; PREFETCH_FRAMES];
     let mut n = 0;

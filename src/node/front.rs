@@ -204,8 +204,8 @@ impl Socket {
         .await
     }
 
-    /// Whether other sockets were ready in the same batch as this one's
-    /// last readiness (their connections run before this one's next step).
+    /// Whether the front's latest epoll batch held more than one event
+    /// (other connections' tasks are queued to run, or have just run).
     pub(super) fn in_busy_round(&self) -> bool {
         self.front.round.get() > 1
     }

@@ -42,6 +42,9 @@ use crate::storage::index::{prefetch_line, CacheTag};
 /// one, the header, key and versions that every lookup reads first.
 pub(crate) const PREFETCH_RECORD_BYTES: usize = 256;
 
+/// The strong and weak counts an `Rc<[u8]>` keeps just before its bytes.
+const RC_HEADER: usize = 2 * std::mem::size_of::<usize>();
+
 struct Entry {
     /// The record held (its location's id); meaningless while `raw` is `None`.
     id: u64,
@@ -95,7 +98,10 @@ impl RecordCache {
     pub(crate) fn prefetch_entry(&self, tag: CacheTag) {
         if let Some(i) = (tag.0 as usize).checked_sub(1) {
             if i < self.entries.len() {
-                prefetch_line(self.entries.as_ptr().wrapping_add(i) as usize);
+                // An entry may straddle two lines: fetch both ends.
+                let at = self.entries.as_ptr().wrapping_add(i) as usize;
+                prefetch_line(at);
+                prefetch_line(at + std::mem::size_of::<Entry>() - 1);
             }
         }
     }
@@ -106,9 +112,11 @@ impl RecordCache {
     pub(crate) fn prefetch_record(&self, tag: CacheTag) {
         let Some(i) = (tag.0 as usize).checked_sub(1) else { return };
         if let Some(Entry { raw: Some(raw), .. }) = self.entries.get(i) {
-            let (at, len) = (raw.as_ptr() as usize, raw.len().min(PREFETCH_RECORD_BYTES));
-            // Every line the bytes touch: the first may start mid-line.
-            for line in (at & !63..at + len).step_by(64) {
+            // From the `Rc`'s counts (a hit clones it) to the end of the
+            // bytes wanted; every line they touch.
+            let at = raw.as_ptr() as usize;
+            let (from, to) = (at.saturating_sub(RC_HEADER), at + raw.len().min(PREFETCH_RECORD_BYTES));
+            for line in (from & !63..to).step_by(64) {
                 prefetch_line(line);
             }
         }

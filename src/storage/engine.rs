@@ -155,7 +155,8 @@ pub struct RecordId(u64);
 pub enum Prefetch {
     /// The index's control bytes and the first slots the key probes.
     Slots,
-    /// The cache entry named by the first slot whose tag matches.
+    /// The cache entry named by the first slot whose hashbrown control tag
+    /// (7 bits of the hash) matches: usually the key's, but unchecked.
     Entry,
     /// The first cache lines of that entry's record.
     Record,
@@ -859,7 +860,9 @@ impl<B: Backend> Engine<B> {
 
     /// One stage of fetching, ahead of time, what a lookup of the key with
     /// hash `hash` will touch: see [`Prefetch`]. Changes nothing and never
-    /// waits; a stage that cannot tell where to look does nothing.
+    /// awaits (its own loads of the slot and entry may stall the CPU, which
+    /// is why a stage comes after the one that fetched them); a stage that
+    /// cannot tell where to look does nothing.
     pub fn prefetch(&self, hash: u64, stage: Prefetch) {
         // Only a caller between two synchronous steps gets here, but a
         // hint must never be the thing that panics.

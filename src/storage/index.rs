@@ -233,14 +233,18 @@ impl PartitionIndex {
         Some((self.anchor.wrapping_add(pos), self.anchor.wrapping_sub((pos + 1) * std::mem::size_of::<Slot>())))
     }
 
-    /// Asks the CPU to fetch the control bytes and the first slots a probe
-    /// for `hash` reads: the first two of a lookup's dependent misses. The
-    /// key's slot is the probe's first in most lookups and a few further
-    /// (at lower addresses) in most others, hence the line below too.
+    /// Asks the CPU to fetch the control group and the first slots a probe
+    /// for `hash` reads: two of a lookup's misses, both known from the hash
+    /// alone, so fetched together. Each may straddle two lines (a 16-byte
+    /// group, a 20-byte slot), so both ends are fetched. The key's slot is
+    /// the probe's first in most lookups and a few further (at lower
+    /// addresses) in most others, hence the line below too.
     #[inline]
     pub fn prefetch(&self, hash: u64) {
         if let Some((ctrl, slot)) = self.probe_start(hash) {
             prefetch_line(ctrl);
+            prefetch_line(ctrl.wrapping_add(15));
+            prefetch_line(slot.wrapping_add(std::mem::size_of::<Slot>() - 1));
             prefetch_line(slot);
             prefetch_line(slot.wrapping_sub(64));
         }
@@ -504,7 +508,8 @@ mod tests {
     }
 
     /// The prefetch computes hashbrown's addresses itself; they must be the
-    /// ones its lookups read, through growth, removals and a shrink.
+    /// ones its lookups read, through growth, removals, the arena's shrink
+    /// and an in-place rehash.
     #[test]
     fn prefetch_addresses_follow_the_table() {
         let mut part = PartitionIndex::default();
@@ -544,6 +549,15 @@ mod tests {
         }
         part.shrink_to_fit();
         check(&part, &keys[4000..]);
+        // Inserts into a table full of deleted buckets rehash it in place
+        // (same allocation, same bucket count) before it would grow.
+        let more: Vec<Vec<u8>> = (0..4000).map(|i| format!("more:{i}").into_bytes()).collect();
+        for (i, key) in more.iter().enumerate() {
+            part.insert_tagged(key_hash(key), key, loc(2, i as u32, false), CacheTag::NONE, |_, _| None);
+        }
+        let mut live = keys[4000..].to_vec();
+        live.extend(more);
+        check(&part, &live);
         // A wrong guess only fetches a useless line: an absent key and an
         // empty table are fine too.
         part.prefetch(key_hash(b"absent"));
