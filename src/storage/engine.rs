@@ -780,7 +780,7 @@ impl<B: Backend> Engine<B> {
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
                 backend.sync(&file).await.map_err(io_err("syncing a sealed segment"))?;
-                let hint = self.inner.st.borrow_mut().writer.take_hint(&plan);
+                let hint = self.inner.st.borrow_mut().writer.hint_stream(&plan);
                 write_hint(backend, plan.seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
             let mut st = self.inner.st.borrow_mut();
@@ -1216,7 +1216,7 @@ async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> 
     let name = hint_file_name(seg);
     let tmp = format!("{name}.tmp");
     let file = backend.open(&tmp, true).await?;
-    let len = hint.len();
+    let len = hint.file_len();
     let mut off = 0;
     while off < len {
         let piece = HINT_PIECE.min(len - off);
@@ -1270,6 +1270,43 @@ mod tests {
     use super::*;
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
+
+    /// A flush dropped while it writes a sealed segment's hint (its task
+    /// cancelled) leaves the seal to the next flush, which must write the
+    /// same hint: an open replays it instead of scanning the segment.
+    #[test]
+    fn a_seal_cut_short_in_its_hint_is_redone_with_the_whole_hint() {
+        block_on(async {
+            let backend = MemBackend::new();
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 1024,
+                fsync: FsyncPolicy::Never,
+                ..Default::default()
+            };
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            // More than a segment, all still in the write buffer.
+            for i in 0..40u32 {
+                engine.put(&i.to_le_bytes(), b"", &[7; 1000], 0).await.unwrap();
+            }
+            let hint_tmp = format!("{}.tmp", hint_file_name(1));
+            let mut flush = Box::pin(engine.sync());
+            loop {
+                assert!(futures_lite::future::poll_once(&mut flush).await.is_none(), "done before the hint");
+                if backend.list().await.unwrap().contains(&hint_tmp) {
+                    break;
+                }
+            }
+            drop(flush);
+            engine.sync().await.unwrap();
+            drop(engine);
+            let (engine, report) = Engine::open(backend.clone(), config).await.unwrap();
+            assert_eq!(report.keys, 40, "{report:?}");
+            for i in 0..40u32 {
+                assert_eq!(engine.get(&i.to_le_bytes()).await.unwrap().unwrap().value(), &[7; 1000], "key {i}");
+            }
+        })
+    }
 
     /// Each new segment takes the spare when there is one (by a rename),
     /// and is created as before when there is none; an open keeps a spare

@@ -49,6 +49,10 @@ pub struct Chunk {
     pub sealed: bool,
     /// Hint entries of every record appended to this segment.
     pub hint: HintBuilder,
+    /// The hint file, once a seal has asked for it ([`LogWriter::hint_stream`]):
+    /// kept until the seal completes, so that a seal cut short (its flush
+    /// dropped) is redone with the same hint, not an empty builder.
+    sealed_hint: Option<HintStream>,
 }
 
 impl Chunk {
@@ -61,6 +65,7 @@ impl Chunk {
             file_exists: false,
             sealed: false,
             hint: HintBuilder::default(),
+            sealed_hint: None,
         }
     }
 
@@ -228,11 +233,13 @@ impl LogWriter {
     }
 
     /// The hint file of the chunk a sealing plan completes, to be read out
-    /// a piece at a time (the chunk is sealed: it gets no more entries).
-    pub fn take_hint(&mut self, plan: &FlushPlan) -> HintStream {
+    /// a piece at a time from its start (the chunk is sealed: it gets no
+    /// more entries). Asked again by a redone seal, it is the same file.
+    pub fn hint_stream(&mut self, plan: &FlushPlan) -> HintStream {
         let c = self.chunks.front_mut().expect("always an active chunk");
         assert!(plan.seal && c.seg == plan.seg);
-        std::mem::take(&mut c.hint).into_stream(c.seg, plan.base + plan.end as u64)
+        let (seg, data_len) = (c.seg, plan.base + plan.end as u64);
+        c.sealed_hint.get_or_insert_with(|| std::mem::take(&mut c.hint).into_stream(seg, data_len)).rewound()
     }
 
     /// Records that `plan` was written (and, for a seal, truncated, synced
