@@ -3,12 +3,25 @@
 //! process writing under `fsync = always` is killed with SIGKILL at random
 //! points, and every acknowledged write must be there after reopening.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gyre::shell::{open_shard, run_executor};
 use gyre::storage::{EngineConfig, FsyncPolicy};
+
+/// Runs `test` on a glommio executor with a fresh data directory's path,
+/// removed once the test is done.
+fn in_fresh_dir<F>(test: impl FnOnce(PathBuf) -> F) -> F::Output
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    run_executor("test", None, test(dir.path().to_path_buf())).unwrap()
+}
 
 fn small_config() -> EngineConfig {
     EngineConfig { segment_size: 64 * 1024, max_value_len: 1024, compaction_threshold: 0.3, ..Default::default() }
@@ -16,9 +29,7 @@ fn small_config() -> EngineConfig {
 
 #[test]
 fn disk_roundtrip_reopen_and_compaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    run_executor("test", None, async move {
+    in_fresh_dir(|path| async move {
         let (engine, report) = open_shard(&path, small_config()).await.unwrap();
         assert_eq!(report.segments, 0);
         for round in 0..4u32 {
@@ -54,15 +65,12 @@ fn disk_roundtrip_reopen_and_compaction() {
         assert_eq!(again.value(), "value-3-1".repeat(10).as_bytes());
         assert!(engine.stats().cache_hits > 0);
         assert!(engine.verify().await.unwrap().is_empty());
-    })
-    .unwrap();
+    });
 }
 
 #[test]
 fn a_spare_segment_is_zero_filled_ahead_and_becomes_the_next_segment() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    run_executor("test", None, async move {
+    in_fresh_dir(|path| async move {
         let (engine, _) = open_shard(&path, small_config()).await.unwrap();
         let spare = path.join("spare-segment");
         let files = || std::fs::read_dir(&path).unwrap().count();
@@ -85,15 +93,12 @@ fn a_spare_segment_is_zero_filled_ahead_and_becomes_the_next_segment() {
         engine.put(b"k2", b"", b"v2", 0).await.unwrap();
         engine.flush().await.unwrap();
         assert!(!spare.exists(), "the reopened engine's first segment is the kept spare");
-    })
-    .unwrap();
+    });
 }
 
 #[test]
 fn records_written_are_read_from_memory_not_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    run_executor("test", None, async move {
+    in_fresh_dir(|path| async move {
         let (engine, _) = open_shard(&path, small_config()).await.unwrap();
         for i in 0..2000u32 {
             engine.put(format!("k{i}").as_bytes(), b"", format!("v{i}").repeat(20).as_bytes(), 0).await.unwrap();
@@ -122,20 +127,16 @@ fn records_written_are_read_from_memory_not_disk() {
         engine.get(b"k7").await.unwrap().expect("present");
         let st = engine.stats();
         assert_eq!((st.cache_misses, st.cache_hits), (1, 1), "{st:?}");
-    })
-    .unwrap();
+    });
 }
 
 #[test]
 fn a_locked_directory_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    run_executor("test", None, async move {
+    in_fresh_dir(|path| async move {
         let (_engine, _) = open_shard(&path, small_config()).await.unwrap();
         let err = open_shard(&path, small_config()).await.err().expect("second open must fail");
         assert!(err.to_string().contains("in use"), "{err}");
-    })
-    .unwrap();
+    });
 }
 
 /// Background work (compaction, scrub) gives way through
@@ -153,9 +154,7 @@ fn yield_now_lets_timers_fire_while_background_work_loops() {
     use std::rc::Rc;
 
     const CAP: u32 = 100_000;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    let iterations = run_executor("test", None, async move {
+    let iterations = in_fresh_dir(|path| async move {
         let backend = GlommioBackend::open(&path).await.unwrap();
         let fired = Rc::new(Cell::new(false));
         let f = fired.clone();
@@ -170,8 +169,7 @@ fn yield_now_lets_timers_fire_while_background_work_loops() {
         }
         timer.await;
         n
-    })
-    .unwrap();
+    });
     assert!(iterations < CAP, "the 1 ms timer did not fire within {CAP} yields");
 }
 
@@ -221,9 +219,7 @@ fn sigkill_under_fsync_always_loses_no_acknowledged_write() {
 
 #[test]
 fn never_policy_writes_through_the_ticker() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    run_executor("test", None, async move {
+    in_fresh_dir(|path| async move {
         let config = EngineConfig { fsync: FsyncPolicy::Never, ..small_config() };
         let (engine, _) = open_shard(&path, config.clone()).await.unwrap();
         let stop = gyre::shell::Stop::default();
@@ -237,8 +233,7 @@ fn never_policy_writes_through_the_ticker() {
         // Stopping released every engine clone: the directory lock is free.
         let (engine, _) = open_shard(&path, config).await.unwrap();
         assert_eq!(engine.get(b"k").await.unwrap().unwrap().value(), b"v");
-    })
-    .unwrap();
+    });
 }
 
 /// Regression: a flush cancelled while its write is in flight (as
@@ -254,9 +249,7 @@ fn engine_close_after_a_cancelled_flush_returns() {
         };
         futures_lite::future::or(async { Some(f.await) }, timeout).await
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    let (cut_short, closed) = run_executor("cancelled-flush", None, async move {
+    let (cut_short, closed) = in_fresh_dir(|path| async move {
         let config = EngineConfig { fsync: FsyncPolicy::Never, ..Default::default() };
         let (engine, _) = open_shard(&path, config).await.unwrap();
         // Cancel flushes until one is cut short mid-write (the cancel
@@ -281,8 +274,7 @@ fn engine_close_after_a_cancelled_flush_returns() {
         }
         let closed = within_3s(async move { engine.close().await.is_ok() }).await;
         (cut_short, closed)
-    })
-    .unwrap();
+    });
     assert!(cut_short > 0, "no flush was cancelled mid-way: the test tested nothing");
     assert_eq!(closed, Some(true), "engine.close() failed or was still waiting after 3 s");
 }
