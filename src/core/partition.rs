@@ -45,7 +45,13 @@ pub fn partition_of(hash: u64, partitions: u32) -> u32 {
 /// any stride.
 #[inline]
 pub fn shard_of(key: &[u8], partitions: u32, shards: usize) -> usize {
-    shard_of_partition(partition_of(key_hash(key), partitions), partitions, shards)
+    shard_of_hash(key_hash(key), partitions, shards)
+}
+
+/// [`shard_of`] for a key whose hash is known.
+#[inline]
+pub fn shard_of_hash(hash: u64, partitions: u32, shards: usize) -> usize {
+    shard_of_partition(partition_of(hash, partitions), partitions, shards)
 }
 
 /// The shard of a node that owns partition `p` (see [`shard_of`]).

@@ -86,6 +86,13 @@ impl Outbox {
         self.queued_one();
     }
 
+    /// Queues the reply of a started request once `reply` has it, from a
+    /// task of its own (the reader goes on meanwhile).
+    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
+        let out = self.clone();
+        glommio::spawn_local(async move { out.push(&reply.await) }).detach();
+    }
+
     /// Lets `answer` append a reply at once; if it did
     /// ([`Answer::Now`]), counts a request started and its reply queued.
     fn push_now(&self, answer: impl FnOnce(&mut Vec<u8>) -> Answer) -> Answer {
@@ -266,12 +273,8 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                                 Answer::Settle(pending, reply) => {
                                     // Appended; acknowledged once it settles.
                                     out.start();
-                                    let (out, shard, id) = (out.clone(), shard.clone(), header.request_id);
-                                    glommio::spawn_local(async move {
-                                        let reply = shard.settle_reply(id, pending, reply).await;
-                                        out.push(&reply);
-                                    })
-                                    .detach();
+                                    let (shard, id) = (shard.clone(), header.request_id);
+                                    out.push_later(async move { shard.settle_reply(id, pending, reply).await });
                                     start += total;
                                     continue;
                                 }
@@ -297,14 +300,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
                         Some(reply) => out.push(&reply),
-                        None => {
-                            let out = out.clone();
-                            glommio::spawn_local(async move {
-                                let reply = fut.await;
-                                out.push(&reply);
-                            })
-                            .detach();
-                        }
+                        None => out.push_later(fut),
                     }
                 }
                 Ok(None) => break,

@@ -86,7 +86,6 @@ pub(super) struct Socket {
     front: Rc<Front>,
 }
 
-/// What one non-blocking call on a socket did.
 /// `send(2)` as a bare system call, and [`recv`] likewise: glibc's
 /// wrappers are cancellation points, and in a process with threads they
 /// bracket every call with `__pthread_{enable,disable}_asynccancel` (0.8%
@@ -108,6 +107,7 @@ unsafe fn recv(fd: libc::c_int, buf: *mut u8, len: usize, flags: libc::c_int) ->
     libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, no_addr, no_len) as isize
 }
 
+/// What one non-blocking call on a socket did.
 fn check(n: isize) -> io::Result<usize> {
     if n < 0 {
         Err(io::Error::last_os_error())

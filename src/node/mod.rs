@@ -39,7 +39,7 @@ use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
-use crate::core::partition::{key_hash, partition_of, shard_of, shard_of_partition};
+use crate::core::partition::{key_hash, shard_of_hash};
 use crate::core::version::VersionSet;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
@@ -148,7 +148,12 @@ type ReplySlot = crate::notify::Slot<Vec<u8>>;
 impl Shard {
     /// The shard that owns `key`.
     fn owner(&self, key: &[u8]) -> usize {
-        shard_of(key, self.partitions, self.shards)
+        self.owner_of_hash(key_hash(key))
+    }
+
+    /// The shard that owns the key with hash `hash`.
+    fn owner_of_hash(&self, hash: u64) -> usize {
+        shard_of_hash(hash, self.partitions, self.shards)
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -265,8 +270,7 @@ impl Shard {
     /// that prefetch only fetches a useless line.)
     fn local_key_hash(&self, req: &Request<'_>) -> Option<u64> {
         let hash = key_hash(req.key()?);
-        let owner = shard_of_partition(partition_of(hash, self.partitions), self.partitions, self.shards);
-        (owner == self.id).then_some(hash)
+        (self.owner_of_hash(hash) == self.id).then_some(hash)
     }
 
     /// Runs `req` at once when that needs no waiting: a lone node's GET,
