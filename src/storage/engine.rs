@@ -27,11 +27,11 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::core::partition::key_hash;
+use crate::limits::FLUSH_BACKLOG_THRESHOLDS;
 use crate::limits::MAX_KEY_LEN;
 use crate::limits::MAX_META_LEN;
-use crate::limits::{BLOCK_SIZE, FLUSH_BACKLOG_THRESHOLDS};
 use crate::notify::Notify;
-use crate::storage::backend::{Backend, WriteBuf};
+use crate::storage::backend::{write_file_in_pieces, Backend};
 use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
@@ -1207,32 +1207,14 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
 /// How much of a hint file [`write_hint`] writes at a time.
 const HINT_PIECE: usize = 1 << 20;
 
-/// Writes segment `seg`'s hint file (at a seal, and at recovery) as
-/// `Backend::write_file` writes a small file (a temporary file, synced,
-/// renamed, the directory synced), but a piece at a time, yielding in
-/// between: a sealed segment's hint is megabytes, and the requests on the
-/// shard run while it is written.
+/// Writes segment `seg`'s hint file (at a seal, and at recovery) a piece at
+/// a time ([`write_file_in_pieces`]).
 async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> io::Result<()> {
-    let name = hint_file_name(seg);
-    let tmp = format!("{name}.tmp");
-    let file = backend.open(&tmp, true).await?;
-    let len = hint.file_len();
-    let mut off = 0;
-    while off < len {
-        let piece = HINT_PIECE.min(len - off);
-        let mut buf = backend.alloc(&file, piece.next_multiple_of(BLOCK_SIZE));
-        let n = hint.read(&mut buf.bytes_mut()[..piece]);
-        debug_assert_eq!(n, piece);
-        backend.write_at(&file, buf, off as u64).await?;
-        off += piece;
-        backend.yield_now().await;
-    }
-    // The last piece was padded to a whole block.
-    backend.truncate(&file, len as u64).await?;
-    backend.sync(&file).await?;
-    drop(file);
-    backend.rename(&tmp, &name).await?;
-    backend.sync_dir().await
+    write_file_in_pieces(backend, &hint_file_name(seg), hint.file_len(), HINT_PIECE, |_, piece| {
+        let n = hint.read(piece);
+        debug_assert_eq!(n, piece.len(), "a hint reads out its whole length");
+    })
+    .await
 }
 
 /// Reads a whole segment file (compaction and scrub work segment by segment).

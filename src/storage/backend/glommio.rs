@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
-use super::{Backend, WriteBuf};
+use super::{write_file_in_pieces, Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
 
 /// How long [`yield_to_reactor`] sleeps: long enough that the timer
@@ -221,25 +221,10 @@ impl Backend for GlommioBackend {
     }
 
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
-        let tmp = format!("{name}.tmp");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .dma_open(self.dir.join(&tmp))
-            .await
-            .map_err(io::Error::from)?;
-        let f = Rc::new(f);
-        let len = data.len().next_multiple_of(BLOCK_SIZE);
-        if len > 0 {
-            self.write_at(&f, self.alloc_with(&f, len, data), 0).await?;
-        }
-        f.truncate(data.len() as u64).await.map_err(io::Error::from)?;
-        f.fdatasync().await.map_err(io::Error::from)?;
-        f.rename(self.dir.join(name)).await.map_err(io::Error::from)?;
-        f.close_rc().await.map_err(io::Error::from)?;
-        self.sync_dir().await
+        write_file_in_pieces(self, name, data.len(), data.len(), |off, piece| {
+            piece.copy_from_slice(&data[off..off + piece.len()])
+        })
+        .await
     }
 
     async fn read_file(&self, name: &str) -> io::Result<Vec<u8>> {

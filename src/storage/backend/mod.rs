@@ -74,3 +74,39 @@ pub trait Backend {
     /// must actually give way, not only when a time slice has expired.
     async fn yield_now(&self);
 }
+
+/// Replaces file `name` durably, as [`Backend::write_file`] promises (a
+/// temporary file written and synced, renamed over `name`, the directory
+/// synced), with its `len` bytes made by `fill(offset, piece)` at most
+/// `piece_len` bytes at a time, giving way between pieces: a sealed
+/// segment's hint file is megabytes, and the shard's requests run while
+/// it is written. A backend with real files implements `write_file` with
+/// it (one piece); the engine writes hints with it.
+pub async fn write_file_in_pieces<B: Backend>(
+    backend: &B,
+    name: &str,
+    len: usize,
+    piece_len: usize,
+    mut fill: impl FnMut(usize, &mut [u8]),
+) -> io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    let file = backend.open(&tmp, true).await?;
+    let mut off = 0;
+    while off < len {
+        if off > 0 {
+            backend.yield_now().await;
+        }
+        let piece = piece_len.min(len - off);
+        let mut buf = backend.alloc(&file, piece.next_multiple_of(crate::limits::BLOCK_SIZE));
+        fill(off, &mut buf.bytes_mut()[..piece]);
+        backend.write_at(&file, buf, off as u64).await?;
+        off += piece;
+    }
+    // The last piece was padded to a whole block (and a stale temporary
+    // file may have been longer).
+    backend.truncate(&file, len as u64).await?;
+    backend.sync(&file).await?;
+    drop(file);
+    backend.rename(&tmp, name).await?;
+    backend.sync_dir().await
+}
