@@ -1253,20 +1253,26 @@ mod tests {
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
 
+    /// A fresh in-memory directory and an engine opened on it.
+    async fn open_mem(config: &EngineConfig) -> (MemBackend, Engine<MemBackend>) {
+        let backend = MemBackend::new();
+        let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+        (backend, engine)
+    }
+
     /// A flush dropped while it writes a sealed segment's hint (its task
     /// cancelled) leaves the seal to the next flush, which must write the
     /// same hint: an open replays it instead of scanning the segment.
     #[test]
     fn a_seal_cut_short_in_its_hint_is_redone_with_the_whole_hint() {
         block_on(async {
-            let backend = MemBackend::new();
             let config = EngineConfig {
                 segment_size: 32 * 1024,
                 max_value_len: 1024,
                 fsync: FsyncPolicy::Never,
                 ..Default::default()
             };
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            let (backend, engine) = open_mem(&config).await;
             // More than a segment, all still in the write buffer.
             for i in 0..40u32 {
                 engine.put(&i.to_le_bytes(), b"", &[7; 1000], 0).await.unwrap();
@@ -1297,14 +1303,13 @@ mod tests {
     #[test]
     fn segments_take_the_spare_when_one_is_ready() {
         block_on(async {
-            let backend = MemBackend::new();
             let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
             assert_eq!(config.fsync, FsyncPolicy::Always);
+            let (backend, engine) = open_mem(&config).await;
             let has = |name: &'static str| {
                 let backend = backend.clone();
                 async move { backend.list().await.unwrap().iter().any(|n| n == name) }
             };
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
             engine.prepare_spare().await.unwrap();
             assert!(has(SPARE_SEGMENT).await && !has(SPARE_FILLING).await);
             engine.put(b"a", b"", &[1; 1000], 0).await.unwrap();
@@ -1365,14 +1370,13 @@ mod tests {
     #[test]
     fn a_write_appended_now_is_durable_only_once_settled() {
         block_on(async {
-            let backend = MemBackend::new();
             let config = EngineConfig {
                 segment_size: 64 * 1024,
                 max_value_len: 4096,
                 fsync: FsyncPolicy::Always,
                 ..Default::default()
             };
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            let (backend, engine) = open_mem(&config).await;
             let first = engine.put_if_now(Kind::Value, b"k", b"", b"v1", 1, None).unwrap().expect("key absent");
             let seen = engine.get(b"k").await.unwrap().expect("visible before it settles");
             assert_eq!(seen.value(), b"v1");
