@@ -303,6 +303,50 @@ fn bad_input_is_refused_with_clear_errors() {
     });
 }
 
+/// Compaction removes a segment with nothing live left in it only once what
+/// superseded its records is synced. Here the newer record of a key is a
+/// write still waiting for its group commit (the disk holds writes back)
+/// when compaction runs, and the power fails: the key must still have a
+/// value (the old one). Compaction used to remove such a segment at once.
+#[test]
+fn compaction_removes_a_dead_segment_only_after_syncing_what_superseded_it() {
+    use futures_lite::future::poll_once;
+    let config = tiny_config(FsyncPolicy::Always);
+    let backend = MemBackend::new();
+    block_on(async {
+        let engine = open(&backend, &config).await;
+        // "k" first, then enough fillers to seal its segment; rewriting
+        // the fillers leaves "k" the only live record there.
+        engine.put(b"k", b"old", &[1; 300], 0).await.unwrap();
+        for round in 0..2u8 {
+            for i in 0..80 {
+                engine.put(format!("f{i}").as_bytes(), b"", &[round; 300], 0).await.unwrap();
+            }
+        }
+        assert!(engine.stats().segments_sealed >= 2, "{:?}", engine.stats());
+        backend.hold_writes(true);
+        let mut put = Box::pin(engine.put(b"k", b"new", &[2; 300], 1));
+        assert!(poll_once(&mut put).await.is_none(), "the new write waits for the disk");
+        let mut compact = Box::pin(engine.compact(1_000));
+        for _ in 0..1_000 {
+            if poll_once(&mut compact).await.is_some() {
+                break;
+            }
+        }
+        drop(compact);
+        drop(put);
+        drop(engine);
+        backend.hold_writes(false);
+        backend.crash(7, false);
+        let engine = open(&backend, &config).await;
+        let got = read(&engine, b"k").await.flatten().map(|(meta, _)| meta);
+        assert!(
+            got.as_deref() == Some(&b"old"[..]) || got.as_deref() == Some(&b"new"[..]),
+            "the key lost both its records: {got:?}"
+        );
+    });
+}
+
 /// A put that could not complete at once, and the keys put before it.
 type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StorageError>> + 'a>>;
 
@@ -497,4 +541,492 @@ fn a_record_moved_by_compaction_stays_cached() {
 
 fn record_len_of(key: &[u8], value: &[u8]) -> usize {
     gyre::storage::format::record_len(key.len(), 0, value.len())
+}
+
+// ---------------------------------------------------------------------------
+// Interleavings and cancellation.
+//
+// A node runs many tasks on one engine at once (writers waiting on a group
+// commit, the flush ticker, compaction, the spare segment), and any of them
+// can be dropped mid-way: a client hangs up, shutdown cancels the ticker.
+// The test below drives random operations as hand-polled futures on the
+// in-memory backend, whose I/O yields, in random order, drops some of them
+// half done, holds writes back at times, and closes or crashes the engine
+// in between. Its model of a key is the set of values it may hold: one,
+// after an acknowledged write; more after a write that was dropped before
+// its answer, which may or may not have happened. Besides the values, it
+// checks that every operation finishes once it is polled whenever it has
+// been woken, as an executor would: a waiter left unwoken by a dropped
+// group-commit leader shows up as a hang.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use gyre::storage::{CompactionStats, Record};
+
+/// What a key may hold as far as the model knows (`None`: absent or
+/// deleted).
+type Val = Option<(Vec<u8>, Vec<u8>)>;
+
+/// A hand-polled engine call.
+type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + 'a>>;
+
+enum Flight<'a> {
+    /// A put (`Some`) or delete (`None`) of `key`.
+    Write {
+        key: Vec<u8>,
+        val: Val,
+        call: Call<'a, u64>,
+    },
+    Read {
+        key: Vec<u8>,
+        call: Call<'a, Option<Record>>,
+    },
+    /// Background work: compaction, flush, sync, tick, spare segment.
+    Chore {
+        what: &'static str,
+        call: Call<'a, ()>,
+    },
+}
+
+/// A waker that records that it was woken.
+struct Woken(AtomicBool);
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+struct InFlight<'a> {
+    flight: Flight<'a>,
+    woken: Arc<Woken>,
+    /// Times it was polled and not done.
+    waited: u32,
+}
+
+/// What a chaos run went through, to show the hard paths were taken.
+#[derive(Default, Debug)]
+struct ChaosCounts {
+    /// Writes acknowledged after waiting at least once.
+    waited_writes: u64,
+    /// Writes dropped after they had started (been polled).
+    dropped_writes: u64,
+    /// Background calls dropped after they had started.
+    dropped_chores: u64,
+    compactions: u64,
+    segments_compacted: u64,
+    segments_sealed: u64,
+    closes: u64,
+    crashes: u64,
+}
+
+impl ChaosCounts {
+    fn add(&mut self, o: &ChaosCounts) {
+        self.waited_writes += o.waited_writes;
+        self.dropped_writes += o.dropped_writes;
+        self.dropped_chores += o.dropped_chores;
+        self.compactions += o.compactions;
+        self.segments_compacted += o.segments_compacted;
+        self.segments_sealed += o.segments_sealed;
+        self.closes += o.closes;
+        self.crashes += o.crashes;
+    }
+}
+
+/// The chaos model: per key, the values it may hold after a crash
+/// (`possible`) and, once a read has seen it, the one it holds in memory
+/// until the next write of it starts (`seen`).
+#[derive(Default)]
+struct Chaos {
+    possible: BTreeMap<Vec<u8>, Vec<Val>>,
+    seen: BTreeMap<Vec<u8>, Val>,
+    /// Keys with an operation in flight: at most one each, so the model
+    /// stays exact.
+    busy: std::collections::BTreeSet<Vec<u8>>,
+    counts: ChaosCounts,
+}
+
+impl Chaos {
+    fn may_hold(&self, key: &[u8]) -> Vec<Val> {
+        self.possible.get(key).cloned().unwrap_or_else(|| vec![None])
+    }
+
+    fn check(&mut self, key: &[u8], got: Val, seed: u64, step: usize, when: &str) {
+        if let Some(seen) = self.seen.get(key) {
+            assert_eq!(&got, seen, "seed {seed} step {step} ({when}): key {:?} changed without a write", key);
+        }
+        let may = self.may_hold(key);
+        assert!(
+            may.contains(&got),
+            "seed {seed} step {step} ({when}): key {:?} holds {:?}, the model allows {:?}",
+            String::from_utf8_lossy(key),
+            got.as_ref().map(|(m, v)| (String::from_utf8_lossy(m).into_owned(), v.len())),
+            may.iter()
+                .map(|v| v.as_ref().map(|(m, v)| (String::from_utf8_lossy(m).into_owned(), v.len())))
+                .collect::<Vec<_>>()
+        );
+        self.seen.insert(key.to_vec(), got);
+    }
+
+    /// A write of `key` was acknowledged.
+    fn acknowledged(&mut self, key: &[u8], val: Val) {
+        self.possible.insert(key.to_vec(), vec![val]);
+    }
+
+    /// A write of `key` was dropped before its answer: it may have happened.
+    fn dropped(&mut self, key: &[u8], val: Val) {
+        let mut may = self.may_hold(key);
+        if !may.contains(&val) {
+            may.push(val);
+        }
+        self.possible.insert(key.to_vec(), may);
+    }
+}
+
+fn record_val(rec: Option<Record>) -> Val {
+    rec.filter(|r| !r.is_tombstone()).map(|r| (r.meta().to_vec(), r.value().to_vec()))
+}
+
+/// Polls `f` once if it was woken since its last poll; `Some` once it is done.
+fn poll_flight<'a>(f: &mut InFlight<'a>) -> Option<Result<Option<Val>, (&'static str, StorageError)>> {
+    if !f.woken.0.swap(false, Ordering::SeqCst) {
+        return None;
+    }
+    let waker = Waker::from(f.woken.clone());
+    let mut cx = Context::from_waker(&waker);
+    f.waited += 1;
+    match &mut f.flight {
+        Flight::Write { call, .. } => match call.as_mut().poll(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(r) => Some(r.map(|_| None).map_err(|e| ("write", e))),
+        },
+        Flight::Read { call, .. } => match call.as_mut().poll(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(r) => Some(r.map(|rec| Some(record_val(rec))).map_err(|e| ("read", e))),
+        },
+        Flight::Chore { what, call } => match call.as_mut().poll(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(r) => Some(r.map(|()| None).map_err(|e| (*what, e))),
+        },
+    }
+}
+
+/// Applies a finished flight to the model.
+fn land(model: &mut Chaos, f: InFlight<'_>, out: Option<Val>, seed: u64, step: usize) {
+    match f.flight {
+        Flight::Write { key, val, .. } => {
+            model.counts.waited_writes += u64::from(f.waited > 1);
+            model.busy.remove(&key);
+            model.acknowledged(&key, val.clone());
+            model.seen.insert(key, val);
+        }
+        Flight::Read { key, .. } => {
+            model.busy.remove(&key);
+            model.check(&key, out.expect("a read returns a value"), seed, step, "read");
+        }
+        Flight::Chore { what, .. } => model.counts.compactions += u64::from(what == "compact"),
+    }
+}
+
+/// Drops a flight half done.
+fn cancel(model: &mut Chaos, f: InFlight<'_>) {
+    let started = f.waited > 0;
+    match f.flight {
+        Flight::Write { key, val, call } => {
+            drop(call);
+            model.counts.dropped_writes += u64::from(started);
+            model.busy.remove(&key);
+            model.dropped(&key, val);
+            model.seen.remove(&key);
+        }
+        Flight::Read { key, .. } => {
+            model.busy.remove(&key);
+        }
+        Flight::Chore { .. } => model.counts.dropped_chores += u64::from(started),
+    }
+}
+
+fn start<'a>(
+    engine: &'a Engine<MemBackend>,
+    rng: &mut fastrand::Rng,
+    model: &mut Chaos,
+    step: usize,
+    now: u64,
+) -> Option<InFlight<'a>> {
+    let flight = match rng.u32(0..100) {
+        0..=59 => {
+            let key = format!("key-{}", rng.u32(0..60)).into_bytes();
+            if !model.busy.insert(key.clone()) {
+                return None;
+            }
+            // The write may land at any poll from now on.
+            model.seen.remove(&key);
+            if rng.u32(0..5) == 0 {
+                let meta = format!("d{step}").into_bytes();
+                let k = key.clone();
+                let call: Call<'a, u64> = Box::pin(async move { engine.delete(&k, &meta, now).await });
+                Flight::Write { key, val: None, call }
+            } else {
+                let meta = format!("m{step}").into_bytes();
+                let value: Vec<u8> = (0..rng.usize(0..=CHAOS_MAX_VALUE)).map(|_| rng.u8(..)).collect();
+                let (k, m, v) = (key.clone(), meta.clone(), value.clone());
+                let call: Call<'a, u64> = Box::pin(async move { engine.put(&k, &m, &v, now).await });
+                Flight::Write { key, val: Some((meta, value)), call }
+            }
+        }
+        60..=84 => {
+            let key = format!("key-{}", rng.u32(0..60)).into_bytes();
+            if !model.busy.insert(key.clone()) {
+                return None;
+            }
+            let k = key.clone();
+            let call: Call<'a, Option<Record>> = Box::pin(async move { engine.get(&k).await });
+            Flight::Read { key, call }
+        }
+        85..=88 => {
+            let call: Call<'a, ()> = Box::pin(async move { engine.compact(now).await.map(|_: CompactionStats| ()) });
+            Flight::Chore { what: "compact", call }
+        }
+        89..=92 => Flight::Chore { what: "flush", call: Box::pin(engine.flush()) },
+        93..=95 => Flight::Chore { what: "sync", call: Box::pin(engine.sync()) },
+        96..=97 => Flight::Chore { what: "tick", call: Box::pin(engine.tick()) },
+        _ => Flight::Chore { what: "prepare_spare", call: Box::pin(engine.prepare_spare()) },
+    };
+    Some(InFlight { flight, woken: Arc::new(Woken(AtomicBool::new(true))), waited: 0 })
+}
+
+/// One step of a chaos run.
+#[derive(Clone, Copy)]
+enum Event {
+    Start,
+    Poll,
+    Cancel,
+    /// Hold writes back, or let them go.
+    Hold,
+    Close,
+    Crash,
+}
+
+/// How often each [`Event`] comes (weights), drawn anew for every seed, so
+/// that seeds differ in their mix and not only in their order: some restart
+/// every few dozen steps, some fill and seal segment after segment, some
+/// drop much of what they start.
+struct Knobs {
+    weights: [(Event, u32); 6],
+    /// A hold event holds writes back with odds 1 in this, else lets them go.
+    hold_odds: u32,
+}
+
+impl Knobs {
+    fn draw_for_run(rng: &mut fastrand::Rng) -> Knobs {
+        Knobs {
+            weights: [
+                (Event::Start, rng.u32(250..450)),
+                (Event::Poll, rng.u32(350..600)),
+                (Event::Cancel, rng.u32(5..80)),
+                (Event::Hold, rng.u32(5..40)),
+                (Event::Close, rng.u32(1..15)),
+                (Event::Crash, rng.u32(1..10)),
+            ],
+            hold_odds: rng.u32(2..10),
+        }
+    }
+
+    fn draw(&self, rng: &mut fastrand::Rng) -> Event {
+        let total: u32 = self.weights.iter().map(|(_, w)| w).sum();
+        let mut r = rng.u32(0..total);
+        for &(event, w) in &self.weights {
+            if r < w {
+                return event;
+            }
+            r -= w;
+        }
+        unreachable!("r < total")
+    }
+}
+
+/// Largest value the chaos test writes.
+const CHAOS_MAX_VALUE: usize = 1000;
+
+/// Operations in flight at once, at most.
+const MAX_FLIGHTS: usize = 12;
+/// Polls of woken flights, in rounds over all of them, allowed to drain
+/// them before the test calls it a hang.
+const DRAIN_ROUNDS: usize = 100_000;
+
+fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // Larger values than the other model tests' (in the same 20 KiB
+    // segments): a run restarts every hundred steps or so, and each stretch
+    // in between should still fill (and seal) segments.
+    let config = EngineConfig { max_value_len: CHAOS_MAX_VALUE, ..tiny_config(fsync) };
+    let backend = MemBackend::new();
+    let mut model = Chaos::default();
+    let knobs = Knobs::draw_for_run(&mut rng);
+    let mut now = 0u64;
+    let mut step = 0usize;
+    block_on(async {
+        while step < steps {
+            let engine = open(&backend, &config).await;
+            // After an open, what is in the engine is all there is.
+            let keys: Vec<Vec<u8>> = model.possible.keys().cloned().collect();
+            for k in keys {
+                let got = read(&engine, &k).await.unwrap_or(None);
+                model.check(&k, got.clone(), seed, step, "after open");
+                model.possible.insert(k, vec![got]);
+            }
+            let mut flights: Vec<InFlight<'_>> = Vec::new();
+            let end = loop {
+                step += 1;
+                if step >= steps {
+                    break "close";
+                }
+                now += rng.u64(0..5);
+                match knobs.draw(&mut rng) {
+                    Event::Start => {
+                        if flights.len() < MAX_FLIGHTS {
+                            if let Some(f) = start(&engine, &mut rng, &mut model, step, now) {
+                                flights.push(f);
+                            }
+                        }
+                    }
+                    Event::Poll => {
+                        // One flight, or every one in a random order (as
+                        // an executor's pass over its queue would).
+                        let polls = if rng.bool() { 1 } else { flights.len() };
+                        for _ in 0..polls {
+                            if flights.is_empty() {
+                                break;
+                            }
+                            let i = rng.usize(0..flights.len());
+                            if let Some(out) = poll_flight(&mut flights[i]) {
+                                let f = flights.swap_remove(i);
+                                let out = out
+                                    .unwrap_or_else(|(what, e)| panic!("seed {seed} step {step}: {what} failed: {e}"));
+                                land(&mut model, f, out, seed, step);
+                            }
+                        }
+                    }
+                    Event::Cancel => {
+                        if !flights.is_empty() {
+                            let i = rng.usize(0..flights.len());
+                            cancel(&mut model, flights.swap_remove(i));
+                        }
+                    }
+                    Event::Hold => backend.hold_writes(rng.u32(0..knobs.hold_odds) == 0),
+                    Event::Close => break "close",
+                    Event::Crash => break "crash",
+                }
+            };
+            backend.hold_writes(false);
+            // Finish some flights and drop the rest.
+            if rng.bool() {
+                let mut rounds = 0;
+                while !flights.is_empty() {
+                    rounds += 1;
+                    assert!(
+                        rounds < DRAIN_ROUNDS,
+                        "seed {seed} step {step}: {} operations never finish (lost wake-up?)",
+                        flights.len()
+                    );
+                    let mut i = 0;
+                    let mut woken = false;
+                    while i < flights.len() {
+                        woken |= flights[i].woken.0.load(Ordering::SeqCst);
+                        if let Some(out) = poll_flight(&mut flights[i]) {
+                            let f = flights.swap_remove(i);
+                            let out =
+                                out.unwrap_or_else(|(what, e)| panic!("seed {seed} step {step}: {what} failed: {e}"));
+                            land(&mut model, f, out, seed, step);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    assert!(
+                        woken || flights.is_empty(),
+                        "seed {seed} step {step}: {} operations wait and nothing will wake them",
+                        flights.len()
+                    );
+                }
+            }
+            for f in flights.drain(..) {
+                cancel(&mut model, f);
+            }
+            drop(flights);
+            let stats = engine.stats();
+            model.counts.segments_compacted += stats.segments_compacted;
+            model.counts.segments_sealed += stats.segments_sealed;
+            if end == "close" {
+                model.counts.closes += 1;
+                engine.close().await.unwrap_or_else(|e| panic!("seed {seed} step {step}: close failed: {e}"));
+            } else {
+                // Power cut. Under `always` every acknowledged write
+                // survives; otherwise sync first to keep the model exact.
+                if fsync != FsyncPolicy::Always {
+                    engine.sync().await.unwrap_or_else(|e| panic!("seed {seed} step {step}: sync failed: {e}"));
+                }
+                drop(engine);
+                backend.crash(seed ^ step as u64, true);
+                model.seen.clear();
+                model.counts.crashes += 1;
+            }
+        }
+        let engine = open(&backend, &config).await;
+        let keys: Vec<Vec<u8>> = model.possible.keys().cloned().collect();
+        for k in keys {
+            let got = read(&engine, &k).await.unwrap_or(None);
+            model.check(&k, got, seed, steps, "at the end");
+        }
+    });
+    model.counts
+}
+
+/// Steps of one chaos run.
+const CHAOS_STEPS: usize = 4000;
+
+/// Seeds per fsync policy for the chaos test (`GYRE_CHAOS_SEEDS` runs more).
+const CHAOS_SEEDS: u64 = 64;
+
+fn chaos_seeds() -> std::ops::Range<u64> {
+    0..std::env::var("GYRE_CHAOS_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(CHAOS_SEEDS)
+}
+
+#[test]
+fn chaos_always() {
+    let mut counts = ChaosCounts::default();
+    for seed in chaos_seeds() {
+        counts.add(&run_chaos(seed, FsyncPolicy::Always, CHAOS_STEPS));
+    }
+    // The runs went where the bugs live.
+    println!("{counts:?}");
+    assert!(counts.waited_writes > 500, "{counts:?}");
+    assert!(counts.dropped_writes > 100, "{counts:?}");
+    assert!(counts.dropped_chores > 100, "{counts:?}");
+    assert!(counts.compactions > 100 && counts.segments_compacted > 100, "{counts:?}");
+    assert!(counts.segments_sealed > 100, "{counts:?}");
+    assert!(counts.closes > 100 && counts.crashes > 50, "{counts:?}");
+}
+
+#[test]
+fn chaos_interval_and_never() {
+    for seed in chaos_seeds() {
+        run_chaos(seed + 10_000, FsyncPolicy::Interval(5), CHAOS_STEPS);
+        run_chaos(seed + 20_000, FsyncPolicy::Never, CHAOS_STEPS);
+    }
+}
+
+/// The chaos test's first find: a compaction pass dropped after moving a
+/// key's record but before syncing the copy; the next pass found the old
+/// segment with nothing live and removed it without a sync, and a power cut
+/// then took the copy: the key was gone. Seed 46 reaches it with the run
+/// as it is now (seed 32 found it first, with fixed weights).
+/// `compaction_removes_a_dead_segment_only_after_syncing_what_superseded_it`
+/// is the same bug without the cancellation.
+#[test]
+fn chaos_seed_46_a_dead_segment_went_before_what_superseded_it_was_synced() {
+    run_chaos(46, FsyncPolicy::Always, CHAOS_STEPS);
 }

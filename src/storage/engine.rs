@@ -345,12 +345,18 @@ impl<B: Backend> Clone for Engine<B> {
     }
 }
 
-/// Resets the `compacting` flag however a pass ends.
-struct CompactingGuard<'a, F>(&'a RefCell<State<F>>);
+/// Clears a "background work in progress" flag of the state (`compacting`,
+/// `preparing_spare`) however the work ends: returning, failing, or its
+/// future dropped half way (a task cancelled at shutdown). A flag left set
+/// would turn that work off for the rest of the engine's life.
+struct ClearOnDrop<'a, F> {
+    st: &'a RefCell<State<F>>,
+    flag: fn(&mut State<F>) -> &mut bool,
+}
 
-impl<F> Drop for CompactingGuard<'_, F> {
+impl<F> Drop for ClearOnDrop<'_, F> {
     fn drop(&mut self) {
-        self.0.borrow_mut().compacting = false;
+        *(self.flag)(&mut self.st.borrow_mut()) = false;
     }
 }
 
@@ -524,6 +530,7 @@ impl<B: Backend> Engine<B> {
             }
             st.preparing_spare = true;
         }
+        let preparing = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.preparing_spare };
         let backend = &self.inner.backend;
         let made = async {
             let file = backend.open(SPARE_FILLING, true).await?;
@@ -533,7 +540,7 @@ impl<B: Backend> Engine<B> {
             Ok(file)
         }
         .await;
-        self.inner.st.borrow_mut().preparing_spare = false;
+        drop(preparing);
         match made {
             Ok(file) => {
                 self.inner.st.borrow_mut().spare = Some(file);
@@ -969,7 +976,7 @@ impl<B: Backend> Engine<B> {
             st.compacting = true;
             pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.inner.config.compaction_threshold)
         };
-        let _guard = CompactingGuard(&self.inner.st);
+        let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
         for seg in victims {
             self.compact_segment(seg, now_ms, &mut stats).await?;
         }
@@ -1068,8 +1075,15 @@ impl<B: Backend> Engine<B> {
                 }
                 stats.corrupt_regions += out.corruptions.len() as u64;
             }
-            self.sync().await?;
         }
+        // Whatever superseded this segment's records must be on disk before
+        // the segment goes: this pass's copies, and also any other records
+        // appended since (writes still waiting for their group commit, the
+        // copies of a pass that was dropped before its sync). A segment that
+        // had nothing live left was removed without this, so a crash right
+        // after lost keys whose newer record was not yet synced: the old
+        // record with the segment, the new one with the power.
+        self.sync().await?;
         let (live, total) = {
             let st = self.inner.st.borrow();
             let u = st.usage[&seg];
@@ -1337,6 +1351,19 @@ mod tests {
             backend.fail_writes(false);
             assert!(engine.failed().is_none());
             engine.put(b"c", b"", b"v", 0).await.unwrap();
+            // A preparation dropped half way (its task cancelled) leaves
+            // the next one free to start.
+            assert!(!has(SPARE_SEGMENT).await);
+            backend.hold_writes(true);
+            {
+                let mut half = Box::pin(engine.prepare_spare());
+                for _ in 0..3 {
+                    assert!(futures_lite::future::poll_once(&mut half).await.is_none(), "the fill waits on the disk");
+                }
+            }
+            backend.hold_writes(false);
+            engine.prepare_spare().await.unwrap();
+            assert!(has(SPARE_SEGMENT).await && !has(SPARE_FILLING).await, "made after a dropped one");
             // One left half filled is removed at open.
             backend.write_file(SPARE_FILLING, &[0; 4096]).await.unwrap();
             drop(engine);

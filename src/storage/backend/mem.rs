@@ -165,8 +165,12 @@ impl Backend for MemBackend {
 
     async fn zero_fill(&self, file: &MemHandle, size: u64) -> io::Result<()> {
         // Files here have no metadata to settle: the fill is zeros up to
-        // `size`, durable at once (the real one syncs), and fails like a
-        // write.
+        // `size`, durable at once (the real one syncs), and waits and fails
+        // like a write.
+        futures_lite::future::yield_now().await;
+        while self.hold_writes.get() {
+            futures_lite::future::yield_now().await;
+        }
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
         }
