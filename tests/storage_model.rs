@@ -657,7 +657,12 @@ impl Chaos {
 
     fn check(&mut self, key: &[u8], got: Val, seed: u64, step: usize, when: &str) {
         if let Some(seen) = self.seen.get(key) {
-            assert_eq!(&got, seen, "seed {seed} step {step} ({when}): key {:?} changed without a write", key);
+            assert_eq!(
+                &got,
+                seen,
+                "seed {seed} step {step} ({when}): key {:?} changed without a write",
+                String::from_utf8_lossy(key)
+            );
         }
         let may = self.may_hold(key);
         assert!(
