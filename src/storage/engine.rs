@@ -530,7 +530,9 @@ impl<B: Backend> Engine<B> {
             }
             st.preparing_spare = true;
         }
-        let preparing = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.preparing_spare };
+        // Held to the end, the clean-up of a failed fill included: another
+        // preparation must not start (and have its file removed) before.
+        let _preparing = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.preparing_spare };
         let backend = &self.inner.backend;
         let made = async {
             let file = backend.open(SPARE_FILLING, true).await?;
@@ -540,7 +542,6 @@ impl<B: Backend> Engine<B> {
             Ok(file)
         }
         .await;
-        drop(preparing);
         match made {
             Ok(file) => {
                 self.inner.st.borrow_mut().spare = Some(file);

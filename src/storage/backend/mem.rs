@@ -135,6 +135,20 @@ impl MemBackend {
     fn io_error(what: &str) -> io::Error {
         io::Error::other(format!("injected {what} failure"))
     }
+
+    /// What every write goes through first: it gives way once (a real
+    /// write is never done on its first poll), waits while writes are
+    /// held back, and fails while writes fail.
+    async fn write_gate(&self) -> io::Result<()> {
+        futures_lite::future::yield_now().await;
+        while self.hold_writes.get() {
+            futures_lite::future::yield_now().await;
+        }
+        if self.fail_writes.get() {
+            return Err(Self::io_error("write"));
+        }
+        Ok(())
+    }
 }
 
 impl Backend for MemBackend {
@@ -167,13 +181,7 @@ impl Backend for MemBackend {
         // Files here have no metadata to settle: the fill is zeros up to
         // `size`, durable at once (the real one syncs), and waits and fails
         // like a write.
-        futures_lite::future::yield_now().await;
-        while self.hold_writes.get() {
-            futures_lite::future::yield_now().await;
-        }
-        if self.fail_writes.get() {
-            return Err(Self::io_error("write"));
-        }
+        self.write_gate().await?;
         let mut f = file.0.borrow_mut();
         let size = size as usize;
         if f.data.len() < size {
@@ -196,13 +204,7 @@ impl Backend for MemBackend {
 
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
-        futures_lite::future::yield_now().await;
-        while self.hold_writes.get() {
-            futures_lite::future::yield_now().await;
-        }
-        if self.fail_writes.get() {
-            return Err(Self::io_error("write"));
-        }
+        self.write_gate().await?;
         let mut f = file.0.borrow_mut();
         let end = off as usize + buf.0.len();
         if f.data.len() < end {
