@@ -565,31 +565,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use gyre::storage::{CompactionStats, Record};
+use gyre::storage::Record;
 
 /// What a key may hold as far as the model knows (`None`: absent or
 /// deleted).
 type Val = Option<(Vec<u8>, Vec<u8>)>;
 
-/// A hand-polled engine call.
-type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + 'a>>;
+/// A hand-polled engine call, and what it returns: the value read
+/// (`Some`) for a read, `None` for everything else.
+type Call<'a> = Pin<Box<dyn Future<Output = Result<Option<Val>, StorageError>> + 'a>>;
 
-enum Flight<'a> {
+/// What a call in flight does, for the model.
+enum Op {
     /// A put (`Some`) or delete (`None`) of `key`.
     Write {
         key: Vec<u8>,
         val: Val,
-        call: Call<'a, u64>,
     },
     Read {
         key: Vec<u8>,
-        call: Call<'a, Option<Record>>,
     },
     /// Background work: compaction, flush, sync, tick, spare segment.
-    Chore {
-        what: &'static str,
-        call: Call<'a, ()>,
-    },
+    Chore(&'static str),
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Write { .. } => "write",
+            Op::Read { .. } => "read",
+            Op::Chore(what) => what,
+        }
+    }
 }
 
 /// A waker that records that it was woken.
@@ -602,13 +609,14 @@ impl Wake for Woken {
 }
 
 struct InFlight<'a> {
-    flight: Flight<'a>,
+    op: Op,
+    call: Call<'a>,
     woken: Arc<Woken>,
-    /// Times it was polled and not done.
-    waited: u32,
+    /// Times it was polled.
+    polls: u32,
 }
 
-/// What a chaos run went through, to show the hard paths were taken.
+/// What chaos runs went through, to show the hard paths were taken.
 #[derive(Default, Debug)]
 struct ChaosCounts {
     /// Writes acknowledged after waiting at least once.
@@ -624,22 +632,10 @@ struct ChaosCounts {
     crashes: u64,
 }
 
-impl ChaosCounts {
-    fn add(&mut self, o: &ChaosCounts) {
-        self.waited_writes += o.waited_writes;
-        self.dropped_writes += o.dropped_writes;
-        self.dropped_chores += o.dropped_chores;
-        self.compactions += o.compactions;
-        self.segments_compacted += o.segments_compacted;
-        self.segments_sealed += o.segments_sealed;
-        self.closes += o.closes;
-        self.crashes += o.crashes;
-    }
-}
-
 /// The chaos model: per key, the values it may hold after a crash
-/// (`possible`) and, once a read has seen it, the one it holds in memory
-/// until the next write of it starts (`seen`).
+/// (`possible`) and, once a read has seen it or a write of it was
+/// acknowledged, the one it holds in memory until the next write of it
+/// starts (`seen`).
 #[derive(Default)]
 struct Chaos {
     possible: BTreeMap<Vec<u8>, Vec<Val>>,
@@ -678,17 +674,61 @@ impl Chaos {
     }
 
     /// A write of `key` was acknowledged.
-    fn acknowledged(&mut self, key: &[u8], val: Val) {
-        self.possible.insert(key.to_vec(), vec![val]);
+    fn acknowledged(&mut self, key: Vec<u8>, val: Val) {
+        self.possible.insert(key.clone(), vec![val.clone()]);
+        self.seen.insert(key, val);
     }
 
     /// A write of `key` was dropped before its answer: it may have happened.
-    fn dropped(&mut self, key: &[u8], val: Val) {
-        let mut may = self.may_hold(key);
+    fn dropped(&mut self, key: Vec<u8>, val: Val) {
+        let mut may = self.may_hold(&key);
         if !may.contains(&val) {
             may.push(val);
         }
-        self.possible.insert(key.to_vec(), may);
+        self.possible.insert(key, may);
+    }
+
+    /// Applies a finished call.
+    fn land(&mut self, f: InFlight<'_>, out: Option<Val>, seed: u64, step: usize) {
+        match f.op {
+            Op::Write { key, val } => {
+                self.counts.waited_writes += u64::from(f.polls > 1);
+                self.busy.remove(&key);
+                self.acknowledged(key, val);
+            }
+            Op::Read { key } => {
+                self.busy.remove(&key);
+                self.check(&key, out.expect("a read returns a value"), seed, step, "read");
+            }
+            Op::Chore(what) => self.counts.compactions += u64::from(what == "compact"),
+        }
+    }
+
+    /// Drops a call half done (or not begun).
+    fn cancel(&mut self, f: InFlight<'_>) {
+        let started = f.polls > 0;
+        match f.op {
+            Op::Write { key, val } => {
+                self.counts.dropped_writes += u64::from(started);
+                self.busy.remove(&key);
+                self.dropped(key, val);
+            }
+            Op::Read { key } => {
+                self.busy.remove(&key);
+            }
+            Op::Chore(_) => self.counts.dropped_chores += u64::from(started),
+        }
+    }
+
+    /// Reads every key the model knows from a freshly opened engine: each
+    /// holds a value the model allows, and from now on exactly that one.
+    async fn recheck(&mut self, engine: &Engine<MemBackend>, seed: u64, step: usize, when: &str) {
+        let keys: Vec<Vec<u8>> = self.possible.keys().cloned().collect();
+        for k in keys {
+            let got = read(engine, &k).await.unwrap_or(None);
+            self.check(&k, got.clone(), seed, step, when);
+            self.possible.insert(k, vec![got]);
+        }
     }
 }
 
@@ -696,63 +736,25 @@ fn record_val(rec: Option<Record>) -> Val {
     rec.filter(|r| !r.is_tombstone()).map(|r| (r.meta().to_vec(), r.value().to_vec()))
 }
 
-/// Polls `f` once if it was woken since its last poll; `Some` once it is done.
-fn poll_flight<'a>(f: &mut InFlight<'a>) -> Option<Result<Option<Val>, (&'static str, StorageError)>> {
+/// Polls flight `i` if it was woken since its last poll, and applies it to
+/// the model if it is done; returns whether it was (and left `flights`).
+fn advance(model: &mut Chaos, flights: &mut Vec<InFlight<'_>>, i: usize, seed: u64, step: usize) -> bool {
+    let f = &mut flights[i];
     if !f.woken.0.swap(false, Ordering::SeqCst) {
-        return None;
+        return false;
     }
     let waker = Waker::from(f.woken.clone());
-    let mut cx = Context::from_waker(&waker);
-    f.waited += 1;
-    match &mut f.flight {
-        Flight::Write { call, .. } => match call.as_mut().poll(&mut cx) {
-            Poll::Pending => None,
-            Poll::Ready(r) => Some(r.map(|_| None).map_err(|e| ("write", e))),
-        },
-        Flight::Read { call, .. } => match call.as_mut().poll(&mut cx) {
-            Poll::Pending => None,
-            Poll::Ready(r) => Some(r.map(|rec| Some(record_val(rec))).map_err(|e| ("read", e))),
-        },
-        Flight::Chore { what, call } => match call.as_mut().poll(&mut cx) {
-            Poll::Pending => None,
-            Poll::Ready(r) => Some(r.map(|()| None).map_err(|e| (*what, e))),
-        },
-    }
+    f.polls += 1;
+    let Poll::Ready(out) = f.call.as_mut().poll(&mut Context::from_waker(&waker)) else { return false };
+    let f = flights.swap_remove(i);
+    let out = out.unwrap_or_else(|e| panic!("seed {seed} step {step}: {} failed: {e}", f.op.name()));
+    model.land(f, out, seed, step);
+    true
 }
 
-/// Applies a finished flight to the model.
-fn land(model: &mut Chaos, f: InFlight<'_>, out: Option<Val>, seed: u64, step: usize) {
-    match f.flight {
-        Flight::Write { key, val, .. } => {
-            model.counts.waited_writes += u64::from(f.waited > 1);
-            model.busy.remove(&key);
-            model.acknowledged(&key, val.clone());
-            model.seen.insert(key, val);
-        }
-        Flight::Read { key, .. } => {
-            model.busy.remove(&key);
-            model.check(&key, out.expect("a read returns a value"), seed, step, "read");
-        }
-        Flight::Chore { what, .. } => model.counts.compactions += u64::from(what == "compact"),
-    }
-}
-
-/// Drops a flight half done.
-fn cancel(model: &mut Chaos, f: InFlight<'_>) {
-    let started = f.waited > 0;
-    match f.flight {
-        Flight::Write { key, val, call } => {
-            drop(call);
-            model.counts.dropped_writes += u64::from(started);
-            model.busy.remove(&key);
-            model.dropped(&key, val);
-            model.seen.remove(&key);
-        }
-        Flight::Read { key, .. } => {
-            model.busy.remove(&key);
-        }
-        Flight::Chore { .. } => model.counts.dropped_chores += u64::from(started),
-    }
+/// A background call: its result does not matter to the model.
+fn chore<'a, T>(what: &'static str, call: impl Future<Output = Result<T, StorageError>> + 'a) -> (Op, Call<'a>) {
+    (Op::Chore(what), Box::pin(async move { call.await.map(|_| None) }))
 }
 
 fn start<'a>(
@@ -762,46 +764,38 @@ fn start<'a>(
     step: usize,
     now: u64,
 ) -> Option<InFlight<'a>> {
-    let flight = match rng.u32(0..100) {
-        0..=59 => {
-            let key = format!("key-{}", rng.u32(0..60)).into_bytes();
-            if !model.busy.insert(key.clone()) {
-                return None;
-            }
-            // The write may land at any poll from now on.
-            model.seen.remove(&key);
-            if rng.u32(0..5) == 0 {
-                let meta = format!("d{step}").into_bytes();
-                let k = key.clone();
-                let call: Call<'a, u64> = Box::pin(async move { engine.delete(&k, &meta, now).await });
-                Flight::Write { key, val: None, call }
-            } else {
-                let meta = format!("m{step}").into_bytes();
-                let value: Vec<u8> = (0..rng.usize(0..=CHAOS_MAX_VALUE)).map(|_| rng.u8(..)).collect();
-                let (k, m, v) = (key.clone(), meta.clone(), value.clone());
-                let call: Call<'a, u64> = Box::pin(async move { engine.put(&k, &m, &v, now).await });
-                Flight::Write { key, val: Some((meta, value)), call }
-            }
-        }
-        60..=84 => {
+    let (op, call) = match rng.u32(0..100) {
+        kind @ 0..=84 => {
             let key = format!("key-{}", rng.u32(0..60)).into_bytes();
             if !model.busy.insert(key.clone()) {
                 return None;
             }
             let k = key.clone();
-            let call: Call<'a, Option<Record>> = Box::pin(async move { engine.get(&k).await });
-            Flight::Read { key, call }
+            if kind >= 60 {
+                let call: Call<'a> = Box::pin(async move { engine.get(&k).await.map(|r| Some(record_val(r))) });
+                (Op::Read { key }, call)
+            } else {
+                // The write may land at any poll from now on.
+                model.seen.remove(&key);
+                let (val, call): (Val, Call<'a>) = if rng.u32(0..5) == 0 {
+                    let meta = format!("d{step}").into_bytes();
+                    (None, Box::pin(async move { engine.delete(&k, &meta, now).await.map(|_| None) }))
+                } else {
+                    let meta = format!("m{step}").into_bytes();
+                    let value: Vec<u8> = (0..rng.usize(0..=CHAOS_MAX_VALUE)).map(|_| rng.u8(..)).collect();
+                    let (m, v) = (meta.clone(), value.clone());
+                    (Some((meta, value)), Box::pin(async move { engine.put(&k, &m, &v, now).await.map(|_| None) }))
+                };
+                (Op::Write { key, val }, call)
+            }
         }
-        85..=88 => {
-            let call: Call<'a, ()> = Box::pin(async move { engine.compact(now).await.map(|_: CompactionStats| ()) });
-            Flight::Chore { what: "compact", call }
-        }
-        89..=92 => Flight::Chore { what: "flush", call: Box::pin(engine.flush()) },
-        93..=95 => Flight::Chore { what: "sync", call: Box::pin(engine.sync()) },
-        96..=97 => Flight::Chore { what: "tick", call: Box::pin(engine.tick()) },
-        _ => Flight::Chore { what: "prepare_spare", call: Box::pin(engine.prepare_spare()) },
+        85..=88 => chore("compact", engine.compact(now)),
+        89..=92 => chore("flush", engine.flush()),
+        93..=95 => chore("sync", engine.sync()),
+        96..=97 => chore("tick", engine.tick()),
+        _ => chore("prepare_spare", engine.prepare_spare()),
     };
-    Some(InFlight { flight, woken: Arc::new(Woken(AtomicBool::new(true))), waited: 0 })
+    Some(InFlight { op, call, woken: Arc::new(Woken(AtomicBool::new(true))), polls: 0 })
 }
 
 /// One step of a chaos run.
@@ -863,14 +857,15 @@ const MAX_FLIGHTS: usize = 12;
 /// them before the test calls it a hang.
 const DRAIN_ROUNDS: usize = 100_000;
 
-fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
+/// One chaos run; what it went through is added to `counts`.
+fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCounts) {
     let mut rng = fastrand::Rng::with_seed(seed);
     // Larger values than the other model tests' (in the same 20 KiB
     // segments): a run restarts every hundred steps or so, and each stretch
     // in between should still fill (and seal) segments.
     let config = EngineConfig { max_value_len: CHAOS_MAX_VALUE, ..tiny_config(fsync) };
     let backend = MemBackend::new();
-    let mut model = Chaos::default();
+    let mut model = Chaos { counts: std::mem::take(counts), ..Chaos::default() };
     let knobs = Knobs::draw_for_run(&mut rng);
     let mut now = 0u64;
     let mut step = 0usize;
@@ -878,12 +873,7 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
         while step < steps {
             let engine = open(&backend, &config).await;
             // After an open, what is in the engine is all there is.
-            let keys: Vec<Vec<u8>> = model.possible.keys().cloned().collect();
-            for k in keys {
-                let got = read(&engine, &k).await.unwrap_or(None);
-                model.check(&k, got.clone(), seed, step, "after open");
-                model.possible.insert(k, vec![got]);
-            }
+            model.recheck(&engine, seed, step, "after open").await;
             let mut flights: Vec<InFlight<'_>> = Vec::new();
             let end = loop {
                 step += 1;
@@ -894,9 +884,7 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
                 match knobs.draw(&mut rng) {
                     Event::Start => {
                         if flights.len() < MAX_FLIGHTS {
-                            if let Some(f) = start(&engine, &mut rng, &mut model, step, now) {
-                                flights.push(f);
-                            }
+                            flights.extend(start(&engine, &mut rng, &mut model, step, now));
                         }
                     }
                     Event::Poll => {
@@ -908,18 +896,13 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
                                 break;
                             }
                             let i = rng.usize(0..flights.len());
-                            if let Some(out) = poll_flight(&mut flights[i]) {
-                                let f = flights.swap_remove(i);
-                                let out = out
-                                    .unwrap_or_else(|(what, e)| panic!("seed {seed} step {step}: {what} failed: {e}"));
-                                land(&mut model, f, out, seed, step);
-                            }
+                            advance(&mut model, &mut flights, i, seed, step);
                         }
                     }
                     Event::Cancel => {
                         if !flights.is_empty() {
                             let i = rng.usize(0..flights.len());
-                            cancel(&mut model, flights.swap_remove(i));
+                            model.cancel(flights.swap_remove(i));
                         }
                     }
                     Event::Hold => backend.hold_writes(rng.u32(0..knobs.hold_odds) == 0),
@@ -942,12 +925,7 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
                     let mut woken = false;
                     while i < flights.len() {
                         woken |= flights[i].woken.0.load(Ordering::SeqCst);
-                        if let Some(out) = poll_flight(&mut flights[i]) {
-                            let f = flights.swap_remove(i);
-                            let out =
-                                out.unwrap_or_else(|(what, e)| panic!("seed {seed} step {step}: {what} failed: {e}"));
-                            land(&mut model, f, out, seed, step);
-                        } else {
+                        if !advance(&mut model, &mut flights, i, seed, step) {
                             i += 1;
                         }
                     }
@@ -959,7 +937,7 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
                 }
             }
             for f in flights.drain(..) {
-                cancel(&mut model, f);
+                model.cancel(f);
             }
             drop(flights);
             let stats = engine.stats();
@@ -981,13 +959,9 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize) -> ChaosCounts {
             }
         }
         let engine = open(&backend, &config).await;
-        let keys: Vec<Vec<u8>> = model.possible.keys().cloned().collect();
-        for k in keys {
-            let got = read(&engine, &k).await.unwrap_or(None);
-            model.check(&k, got, seed, steps, "at the end");
-        }
+        model.recheck(&engine, seed, steps, "at the end").await;
     });
-    model.counts
+    *counts = model.counts;
 }
 
 /// Steps of one chaos run.
@@ -1004,7 +978,7 @@ fn chaos_seeds() -> std::ops::Range<u64> {
 fn chaos_always() {
     let mut counts = ChaosCounts::default();
     for seed in chaos_seeds() {
-        counts.add(&run_chaos(seed, FsyncPolicy::Always, CHAOS_STEPS));
+        run_chaos(seed, FsyncPolicy::Always, CHAOS_STEPS, &mut counts);
     }
     // The runs went where the bugs live.
     println!("{counts:?}");
@@ -1018,9 +992,10 @@ fn chaos_always() {
 
 #[test]
 fn chaos_interval_and_never() {
+    let mut counts = ChaosCounts::default();
     for seed in chaos_seeds() {
-        run_chaos(seed + 10_000, FsyncPolicy::Interval(5), CHAOS_STEPS);
-        run_chaos(seed + 20_000, FsyncPolicy::Never, CHAOS_STEPS);
+        run_chaos(seed + 10_000, FsyncPolicy::Interval(5), CHAOS_STEPS, &mut counts);
+        run_chaos(seed + 20_000, FsyncPolicy::Never, CHAOS_STEPS, &mut counts);
     }
 }
 
@@ -1033,5 +1008,5 @@ fn chaos_interval_and_never() {
 /// is the same bug without the cancellation.
 #[test]
 fn chaos_seed_46_a_dead_segment_went_before_what_superseded_it_was_synced() {
-    run_chaos(46, FsyncPolicy::Always, CHAOS_STEPS);
+    run_chaos(46, FsyncPolicy::Always, CHAOS_STEPS, &mut ChaosCounts::default());
 }
