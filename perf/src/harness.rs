@@ -78,7 +78,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::net::{self, decode, resp_bulk, Contexts, Kind, Routing, Topology};
-use crate::workload::{key_of, Arrival, KeyChooser, KeyDist, Mix, Op, Schedule, ValueSize};
+use crate::workload::{key_of, Arrival, InsertFrontier, KeyChooser, KeyDist, Mix, Op, Schedule, ValueSize};
 
 /// Where a run sends its load: `gyre://HOST:PORT` (`?routing=server` for
 /// server-driven coordination of a cluster) or `redis://HOST:PORT`, with
@@ -468,8 +468,9 @@ struct Gen {
     rng: RefCell<fastrand::Rng>,
     keys: RefCell<KeyChooser>,
     source: RefCell<Source>,
-    /// Highest record acknowledged as written (`latest` reads below it).
-    newest: Cell<u64>,
+    /// The newest record whose insert (and every earlier one of this
+    /// thread's) has finished: `latest` reads at or below it.
+    inserts: RefCell<InsertFrontier>,
     /// The next record this thread inserts.
     next_insert: Cell<u64>,
     contexts: RefCell<Contexts>,
@@ -515,7 +516,8 @@ impl Gen {
                     r
                 } else {
                     let mut keys = self.keys.borrow_mut();
-                    let mut r = keys.next(&mut rng, self.newest.get());
+                    let newest = self.inserts.borrow().newest();
+                    let mut r = keys.next(&mut rng, newest);
                     // A thread keeps to its own residue class of keys
                     // (a draw that misses it 64 times in a row, with many
                     // threads, takes another thread's key).
@@ -523,7 +525,7 @@ impl Gen {
                         if r % self.threads == self.thread {
                             break;
                         }
-                        r = keys.next(&mut rng, self.newest.get());
+                        r = keys.next(&mut rng, newest);
                     }
                     r
                 };
@@ -559,6 +561,9 @@ impl Gen {
     /// An operation ended at `now`.
     fn finish(&self, req: &Req, now: Instant, result: Result<(), String>) {
         let ns = now.saturating_duration_since(req.intended).as_nanos() as u64;
+        if req.op == Op::Insert && !req.load {
+            self.inserts.borrow_mut().finish(req.record);
+        }
         if !req.load {
             let mut w = self.window.lock().expect("window lock");
             match &result {
@@ -708,12 +713,7 @@ impl Gen {
                 req.attempt += 1;
                 again(req)
             }
-            _ => {
-                if req.op == Op::Insert {
-                    self.newest.set(self.newest.get().max(req.record));
-                }
-                self.finish(&req, now, Ok(()))
-            }
+            _ => self.finish(&req, now, Ok(())),
         }
     }
 }
@@ -913,6 +913,8 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
         })
         .collect();
     let seed = thread_seed(&cfg, thread);
+    // The first record past the loaded ones in this thread's residue class.
+    let first_insert = cfg.records + (thread as u64 + threads - cfg.records % threads) % threads;
     let gen = Rc::new(Gen {
         kind: target.kind,
         topo: topo.clone(),
@@ -926,9 +928,8 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
             end: if cfg.load || target.kind == Kind::Gyre { cfg.records } else { 0 },
             prime: !cfg.load,
         }),
-        newest: Cell::new(cfg.records - 1),
-        // The first record past the loaded ones in this thread's residue class.
-        next_insert: Cell::new(cfg.records + (thread as u64 + threads - cfg.records % threads) % threads),
+        inserts: RefCell::new(InsertFrontier::new(cfg.records - 1, first_insert, threads)),
+        next_insert: Cell::new(first_insert),
         contexts: RefCell::new(Contexts::new()),
         key: RefCell::new(Vec::with_capacity(24)),
         slots,

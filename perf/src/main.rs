@@ -7,7 +7,8 @@
 //!   writes JSON, Markdown and an SVG plot under `perf/results/`, and
 //!   exits 2 if any limit is missed (1 on an error).
 //! - `gyre-bench capacity FILE` finds the highest offered rate at which
-//!   the file's limits still hold, per target.
+//!   the file's limits still hold, per target (exits 2 if a target holds
+//!   them at no probed rate, 1 if one cannot be searched).
 //! - `gyre-bench net` is the simple closed-loop (or paced) GET/SET
 //!   generator the node's Redis comparison was first measured with.
 //! - `gyre-bench storage` drives one shard's storage engine in process (no
@@ -55,7 +56,7 @@ struct SlaArgs {
     /// gyre://HOST:PORT?routing=server, redis://HOST:PORT.
     #[arg(long)]
     target: Vec<String>,
-    /// Offered rate instead of the file's (sla only).
+    /// Offered rate instead of the file's (sla only; capacity refuses it).
     #[arg(long)]
     rate: Option<f64>,
     /// Measured seconds instead of the file's (for capacity: per probe).
@@ -79,9 +80,18 @@ struct SlaArgs {
 }
 
 fn main() {
-    let outcome = match Cli::parse().command {
+    // A usage error exits 1, like every other error: 2 means a missed limit.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(1);
+        }
+        Err(e) => e.exit(),
+    };
+    let outcome = match cli.command {
         Command::Sla(args) => run_sla(args),
-        Command::Capacity(args) => run_capacity(args).map(|()| true),
+        Command::Capacity(args) => run_capacity(args),
         Command::Net(args) => net::run(args).map(|()| true),
         Command::Storage(args) => storage::run(args).map(|()| true),
     };
@@ -127,8 +137,18 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
     let workload = sla::describe(&cfg);
     eprintln!("{}: {workload}", file.name());
     let mut reports = Vec::new();
+    // A target that fails is reported with the others' results, not
+    // instead of them.
+    let mut failed = Vec::new();
     for t in &targets {
-        let result = harness::run(t, &cfg)?;
+        let result = match harness::run(t, &cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{}: failed: {e:#}", t.label());
+                failed.push(sla::FailedTarget { target: t.label(), error: format!("{e:#}") });
+                continue;
+            }
+        };
         let (verdicts, pass) = sla::judge(&file.limits, &result);
         print_target(&result, &file.limits, &verdicts);
         reports.push(sla::TargetReport { result, verdicts, pass });
@@ -141,11 +161,16 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
         workload,
         limits: file.limits.iter().map(|l| l.text.clone()).collect(),
         plot: file.plot,
-        pass: reports.iter().all(|r| r.pass),
+        pass: failed.is_empty() && reports.iter().all(|r| r.pass),
         targets: reports,
+        failed,
     };
     for p in sla::write_report(&args.out, &report, &file.limits)? {
         eprintln!("wrote {}", p.display());
+    }
+    if !report.failed.is_empty() {
+        let names: Vec<&str> = report.failed.iter().map(|f| f.target.as_str()).collect();
+        anyhow::bail!("no result from {}", names.join(", "));
     }
     println!("{}", if report.pass { "PASS" } else { "MISS" });
     Ok(report.pass)
@@ -180,31 +205,49 @@ struct Capacity {
     capacity: Option<f64>,
     /// Lowest rate that missed (none: the search's cap held).
     first_miss: Option<f64>,
+    /// Why the search of this target stopped short, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
     probes: Vec<Probe>,
 }
 
-fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
+/// Exits 2 if some target held the limits at no probed rate, 1 (an
+/// error) if some target could not be searched at all.
+fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        args.rate.is_none(),
+        "capacity searches the rate: --rate is for sla (set [capacity] start and max)"
+    );
     let (file, targets) = prepare(&args)?;
     anyhow::ensure!(file.run.mode == sla::LoopMode::Open, "capacity searches an open-loop rate: set mode = \"open\"");
-    anyhow::ensure!(!file.limits.is_empty(), "the SLA file has no limits to hold");
+    let cfg0 = file.config(file.capacity.start)?;
+    // A probe lasts long enough for the strictest percentile limit to be
+    // more than the maximum of its class's samples (up to
+    // MAX_PROBE_SECONDS; a probe still short of them misses).
+    let needed = file.limits.iter().filter_map(|l| l.operations_needed(&cfg0.mix)).max().unwrap_or(0) as f64;
     let mut out = Vec::new();
     for t in &targets {
         let mut search = sla::Search::new(&file.capacity)?;
         let mut probes = Vec::new();
+        let mut error = None;
+        // Load once; later probes find the records there.
         let mut load = file.workload.load;
-        // A probe lasts long enough for the strictest percentile limit to
-        // be more than a maximum (up to MAX_PROBE_SECONDS).
-        let needed = file.limits.iter().map(sla::Limit::samples_needed).max().unwrap_or(0) as f64;
         while let Some(rate) = search.next() {
             let mut cfg = file.config(rate)?;
             cfg.duration = file.capacity.probe_duration.max((needed / rate).min(MAX_PROBE_SECONDS));
             cfg.progress = !args.quiet;
-            // Load once; later probes find the records there.
             cfg.load = load;
-            load = false;
             let r = match harness::run(t, &cfg) {
                 Ok(r) => r,
-                // A target that fails under a rate misses it.
+                // Before any probe ran the target is not there (or not
+                // what it says): an error, not a capacity of nothing.
+                Err(e) if probes.is_empty() => {
+                    println!("{}: error: {e:#}", t.label());
+                    error = Some(format!("{e:#}"));
+                    break;
+                }
+                // One that fails under a rate after serving lower ones
+                // misses it.
                 Err(e) => {
                     println!("{} at {rate:.0}/s: error: {e:#}", t.label());
                     search.record(rate, false);
@@ -213,14 +256,22 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
                         measured: None,
                         pass: false,
                         note: Some(format!("{e:#}")),
+                        too_few_samples: false,
                     }];
                     probes.push(Probe { rate, pass: false, ops_per_sec: 0.0, p99_us: 0.0, p999_us: 0.0, verdicts });
                     continue;
                 }
             };
-            let (verdicts, pass) = sla::judge(&file.limits, &r);
+            load = false;
+            let (verdicts, held) = sla::judge(&file.limits, &r);
+            let pass = held && !verdicts.iter().any(|v| v.too_few_samples);
             let l = r.latency_of("all").cloned().unwrap_or_default();
-            println!("{} at {rate:.0}/s: {}: {}", r.target, sla::summary(&r), if pass { "pass" } else { "miss" });
+            let verdict = match (held, pass) {
+                (true, false) => "miss (too few samples to tell)",
+                (_, true) => "pass",
+                (false, _) => "miss",
+            };
+            println!("{} at {rate:.0}/s: {}: {verdict}", r.target, sla::summary(&r));
             search.record(rate, pass);
             probes.push(Probe {
                 rate,
@@ -231,17 +282,20 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<()> {
                 verdicts,
             });
         }
-        match search.pass {
-            Some(c) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&file.limits)),
-            None => println!("{}: no probed rate held the limits", t.label()),
+        match (search.pass, &error) {
+            (_, Some(_)) => {}
+            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&file.limits)),
+            (None, None) => println!("{}: no probed rate held the limits", t.label()),
         }
-        out.push(Capacity { target: t.label(), capacity: search.pass, first_miss: search.fail, probes });
+        out.push(Capacity { target: t.label(), capacity: search.pass, first_miss: search.fail, error, probes });
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join(format!("{}.capacity.json", file.name()));
     std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
     eprintln!("wrote {}", path.display());
-    Ok(())
+    let failed: Vec<&str> = out.iter().filter(|c| c.error.is_some()).map(|c| c.target.as_str()).collect();
+    anyhow::ensure!(failed.is_empty(), "could not search {}", failed.join(", "));
+    Ok(out.iter().all(|c| c.capacity.is_some()))
 }
 
 /// The longest a capacity probe is stretched to for enough samples.

@@ -371,21 +371,31 @@ fn roundtrip<T>(
     f: impl FnOnce(Response<'_>) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(DISCOVERY_TIMEOUT))?;
     let mut out = Vec::new();
     req.encode(&mut out, 0, gyre::wire::ANY_SHARD, 0);
-    s.write_all(&out)?;
+    s.write_all(&out).with_context(|| format!("sending to {addr}"))?;
+    let not_gyre = || format!("is {addr} a Gyre node?");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some((h, total)) = split_frame(&buf, MAX_BODY_LEN)? {
-            return f(Response::decode(h.opcode, &buf[HEADER_LEN..total])?);
+        if let Some((h, total)) = split_frame(&buf, MAX_BODY_LEN).with_context(not_gyre)? {
+            return f(Response::decode(h.opcode, &buf[HEADER_LEN..total]).with_context(not_gyre)?);
         }
-        let n = s.read(&mut chunk)?;
-        anyhow::ensure!(n > 0, "{addr} closed the connection");
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                bail!("no reply from {addr} within {DISCOVERY_TIMEOUT:?}: {}", not_gyre())
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading from {addr}")),
+        };
+        anyhow::ensure!(n > 0, "{addr} closed the connection: {}", not_gyre());
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// How long discovery waits for a node's reply to RING or PING.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A node's shard ports and partition count (one PING).
 fn ping(addr: SocketAddr) -> anyhow::Result<NodeInfo> {

@@ -182,8 +182,24 @@ impl SlaFile {
         if f.name.is_none() {
             f.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
-        f.config(f.run.rate.unwrap_or(1.0)).with_context(|| format!("checking {}", path.display()))?;
+        f.check().with_context(|| format!("checking {}", path.display()))?;
         Ok(f)
+    }
+
+    /// What no run of this file could do right.
+    fn check(&self) -> anyhow::Result<()> {
+        let cfg = self.config(self.run.rate.unwrap_or(1.0))?;
+        // Without limits every run would pass: nothing would be checked.
+        anyhow::ensure!(!self.limits.is_empty(), "no limits: give at least one, e.g. limits = [\"errors == 0\"]");
+        for l in &self.limits {
+            if l.metric == Metric::Throughput && l.relative && self.run.mode == LoopMode::Closed {
+                bail!("limit {:?}: a closed-loop run has no offered rate; give the throughput in ops/s", l.text);
+            }
+            if l.operations_needed(&cfg.mix).is_none() {
+                bail!("limit {:?}: the workload has no operations of that class", l.text);
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -371,6 +387,24 @@ impl fmt::Display for Limit {
     }
 }
 
+/// The share of a mix's operations a latency class gets.
+fn class_share(class: &str, m: &Mix) -> f64 {
+    let total = m.read + m.update + m.insert + m.rmw;
+    let part = match class {
+        "read" => m.read,
+        "update" => m.update,
+        "insert" => m.insert,
+        "write" => m.update + m.insert,
+        "rmw" => m.rmw,
+        _ => total,
+    };
+    if total > 0.0 {
+        part / total
+    } else {
+        0.0
+    }
+}
+
 /// A limit checked against a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Verdict {
@@ -378,8 +412,12 @@ pub struct Verdict {
     /// What was measured, in the limit's terms (µs, ops/s, count, share).
     pub measured: Option<f64>,
     pub pass: bool,
-    /// Why it could not be checked, if so.
+    /// Why it could not be checked, or checked only roughly, if so.
     pub note: Option<String>,
+    /// The percentile had fewer samples than it needs to be more than
+    /// their maximum: the verdict stands, but a capacity search does not
+    /// count it as a pass.
+    pub too_few_samples: bool,
 }
 
 impl Stat {
@@ -409,12 +447,18 @@ impl Limit {
         }
     }
 
-    /// Samples a run needs for this limit's percentile to be more than
-    /// its maximum: `2 / (1 - q)`.
-    pub fn samples_needed(&self) -> u64 {
+    /// Operations in all a run needs for this limit's percentile to be
+    /// more than the maximum of its class's samples: `2 / (1 - q)` of
+    /// the class, which gets `share` of the operations. None: the
+    /// class gets no operations, so no run can check the limit.
+    pub fn operations_needed(&self, mix: &Mix) -> Option<u64> {
         match &self.metric {
-            Metric::Latency { stat, .. } => stat.quantile().map_or(0, |q| (2.0 / (1.0 - q)).ceil() as u64),
-            _ => 0,
+            Metric::Latency { class, stat } => {
+                let Some(q) = stat.quantile() else { return Some(0) };
+                let share = class_share(class, mix);
+                (share > 0.0).then(|| (2.0 / (1.0 - q) / share).ceil() as u64)
+            }
+            _ => Some(0),
         }
     }
 
@@ -436,6 +480,7 @@ impl Limit {
                         measured: Some(v),
                         pass: self.cmp.holds(v, self.value),
                         note: Some(note),
+                        too_few_samples: true,
                     };
                 }
                 None => Err(format!("no {class} operations were measured")),
@@ -451,10 +496,20 @@ impl Limit {
             Metric::ErrorRate => Ok(r.errors as f64 / attempted as f64),
         };
         match measured {
-            Ok(m) => {
-                Verdict { limit: self.text.clone(), measured: Some(m), pass: self.cmp.holds(m, self.value), note: None }
-            }
-            Err(why) => Verdict { limit: self.text.clone(), measured: None, pass: false, note: Some(why) },
+            Ok(m) => Verdict {
+                limit: self.text.clone(),
+                measured: Some(m),
+                pass: self.cmp.holds(m, self.value),
+                note: None,
+                too_few_samples: false,
+            },
+            Err(why) => Verdict {
+                limit: self.text.clone(),
+                measured: None,
+                pass: false,
+                note: Some(why),
+                too_few_samples: false,
+            },
         }
     }
 
@@ -584,7 +639,17 @@ pub struct Report {
     pub limits: Vec<String>,
     pub plot: PlotClass,
     pub targets: Vec<TargetReport>,
+    /// Targets whose run failed (unreachable, or broke off), with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedTarget>,
     pub pass: bool,
+}
+
+/// A target that gave no result.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedTarget {
+    pub target: String,
+    pub error: String,
 }
 
 /// A one-line description of the workload, for reports.
@@ -646,6 +711,9 @@ pub fn markdown(r: &Report, limits: &[Limit]) -> String {
             if t.pass { "pass" } else { "**miss**" }
         );
     }
+    for f in &r.failed {
+        s += &format!("| {} | | | | | | | | | **failed**: {} |\n", f.target, f.error.replace('|', "\\|"));
+    }
     for t in &r.targets {
         let res = &t.result;
         s += &format!("\n## {}\n\n", res.target);
@@ -694,12 +762,13 @@ pub fn markdown(r: &Report, limits: &[Limit]) -> String {
 /// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
 pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let base = dir.join(&r.name);
-    let json = base.with_extension("json");
+    // Not `with_extension`: a name with a dot ("run-1.5") keeps it.
+    let path = |ext: &str| dir.join(format!("{}.{ext}", r.name));
+    let json = path("json");
     std::fs::write(&json, serde_json::to_string_pretty(r)? + "\n")?;
-    let md = base.with_extension("md");
+    let md = path("md");
     std::fs::write(&md, markdown(r, limits))?;
-    let svg = base.with_extension("svg");
+    let svg = path("svg");
     std::fs::write(&svg, plot(r, limits))?;
     Ok(vec![json, md, svg])
 }
@@ -889,6 +958,16 @@ mod tests {
         assert!(bad("[workload]\nmix = { read = 0.5, update = 0.4 }").is_err(), "shares sum to 0.9");
         assert!(bad("[workload]\nworkload = \"a\"\n[run]\nconnections = 0").is_err());
         assert!(bad("[workload]\nworkload = \"c\"\n[run]\nmode = \"closed\"").is_ok());
+        // What `load` checks beyond the run: limits that no run could judge.
+        let check = |t: &str| toml::from_str::<SlaFile>(t).unwrap().check().map_err(|e| e.to_string());
+        let closed = "[workload]\nworkload = \"c\"\n[run]\nmode = \"closed\"";
+        assert!(check(&format!("limits = [\"errors == 0\"]\n{closed}")).is_ok());
+        assert!(check(closed).unwrap_err().contains("no limits"));
+        let e = check(&format!("limits = [\"throughput >= 95%\"]\n{closed}")).unwrap_err();
+        assert!(e.contains("no offered rate"), "{e}");
+        assert!(check(&format!("limits = [\"throughput >= 9000\"]\n{closed}")).is_ok());
+        let e = check(&format!("limits = [\"update.p99 < 1ms\"]\n{closed}")).unwrap_err();
+        assert!(e.contains("no operations of that class"), "{e}");
     }
 
     #[test]
@@ -935,12 +1014,45 @@ mod tests {
             plot: PlotClass::All,
             pass: false,
             targets: vec![TargetReport { result: res, pass: false, verdicts }],
+            failed: vec![FailedTarget { target: "Redis".into(), error: "connecting to 127.0.0.1:1".into() }],
         };
         let md = markdown(&r, &limits);
+        assert!(md.contains("| Redis | | | | | | | | | **failed**: connecting to 127.0.0.1:1 |"), "{md}");
         assert!(md.contains("| `p99.9 < 1ms` | 800 µs | pass |"), "{md}");
         assert!(md.contains("| `rmw.p99 < 1ms` | n/a (no rmw operations were measured) | **miss** |"), "{md}");
         assert!(md.contains("1: 99.0000%, 2: 0.9000%, 3: 0.1000%"), "{md}");
         let svg = plot(&r, &limits);
         assert!(svg.starts_with("<svg") && svg.contains("SLA p99.9 &lt; 1ms"));
+        // A dot in the name stays in the file names (it is not an extension).
+        let dir = std::env::temp_dir().join(format!("gyre-bench-report-{}", std::process::id()));
+        let dotted = Report { name: "run-1.5".into(), ..r };
+        let paths = write_report(&dir, &dotted, &limits).unwrap();
+        let names: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["run-1.5.json", "run-1.5.md", "run-1.5.svg"]);
+        assert!(paths.iter().all(|p| p.exists()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_class_needs_samples_in_proportion_to_its_share() {
+        let mix = Mix { read: 0.9, update: 0.1, insert: 0.0, rmw: 0.0 };
+        let needed = |l: &str| l.parse::<Limit>().unwrap().operations_needed(&mix);
+        // p99 needs 200 samples: all of the operations, a tenth of them
+        // updates, nine tenths reads.
+        assert_eq!(needed("p99 < 1ms"), Some(200));
+        assert_eq!(needed("update.p99 < 50ms"), Some(2000));
+        assert_eq!(needed("write.p99 < 50ms"), Some(2000));
+        assert_eq!(needed("read.p99.9 < 1ms"), Some(2223));
+        assert_eq!(needed("max < 1ms"), Some(0));
+        assert_eq!(needed("errors == 0"), Some(0));
+        assert_eq!(needed("rmw.p99 < 1ms"), None, "no rmw operations in the mix");
+        // Fewer samples than a percentile needs: the verdict says so.
+        let mut r = result(9_600.0, 800.0, 0, Some(10_000.0));
+        r.latency.get_mut("read").unwrap().count = 5000;
+        let mut few = r.clone();
+        few.latency.get_mut("read").unwrap().count = 150;
+        let v = "read.p99.9 < 1ms".parse::<Limit>().unwrap().check(&few);
+        assert!(v.pass && v.too_few_samples, "{v:?}");
+        assert!(!"read.p99.9 < 1ms".parse::<Limit>().unwrap().check(&r).too_few_samples);
     }
 }

@@ -278,6 +278,48 @@ impl KeyChooser {
     }
 }
 
+/// The newest record a generator thread may read: the end of the longest
+/// run of its inserts that have all finished, as YCSB's acknowledged
+/// counter keeps it. Inserts finish out of order (several connections);
+/// taking the highest finished one instead would let `latest` draw a
+/// record whose insert is still in flight and read it as a miss. An
+/// insert that failed still advances the frontier (as in YCSB): the read
+/// of it then counts as a miss instead of the frontier stopping for good.
+#[derive(Clone, Debug)]
+pub struct InsertFrontier {
+    newest: u64,
+    /// This thread's next insert not yet finished.
+    next: u64,
+    /// Record numbers between a thread's inserts (the thread count).
+    step: u64,
+    /// Finished inserts past `next`, waiting for the ones before them.
+    finished: std::collections::BTreeSet<u64>,
+}
+
+impl InsertFrontier {
+    /// `newest`: the last loaded record; `first`: this thread's first
+    /// insert, its later ones `step` apart.
+    pub fn new(newest: u64, first: u64, step: u64) -> InsertFrontier {
+        InsertFrontier { newest, next: first, step: step.max(1), finished: Default::default() }
+    }
+
+    pub fn newest(&self) -> u64 {
+        self.newest
+    }
+
+    /// The insert of `record` finished (acknowledged or failed).
+    pub fn finish(&mut self, record: u64) {
+        if record < self.next {
+            return;
+        }
+        self.finished.insert(record);
+        while self.finished.remove(&self.next) {
+            self.newest = self.newest.max(self.next);
+            self.next += self.step;
+        }
+    }
+}
+
 fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -483,6 +525,26 @@ mod tests {
         }
         // Ten newest of over a thousand records: about 40% under theta 0.99.
         assert!(near > 30_000, "{near}");
+    }
+
+    #[test]
+    fn latest_reads_only_below_a_run_of_finished_inserts() {
+        // Thread 1 of 2 after 10 loaded records: inserts 11, 13, 15, ...
+        let mut f = InsertFrontier::new(9, 11, 2);
+        f.finish(13);
+        f.finish(15);
+        assert_eq!(f.newest(), 9, "11 is still in flight");
+        f.finish(11);
+        assert_eq!(f.newest(), 15);
+        f.finish(19);
+        assert_eq!(f.newest(), 15, "17 is still in flight");
+        f.finish(17);
+        assert_eq!(f.newest(), 19);
+        // A loaded record, or one already counted, changes nothing.
+        f.finish(3);
+        f.finish(13);
+        assert_eq!(f.newest(), 19);
+        assert!(f.finished.is_empty());
     }
 
     #[test]

@@ -140,4 +140,47 @@ fn an_sla_run_measures_checks_and_reports() {
     let o = bench(&["sla", &bad, "--target", &target, "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("a latency needs a unit"));
+
+    // So is a mistyped option: 2 is kept for a missed limit.
+    let o = bench(&["sla", &miss, "--bogus"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // A target that is not there, beside one that is: the run reports the
+    // good one's result and the other's failure, and exits 1.
+    let nowhere = closed_port();
+    let closed = format!("gyre://{nowhere}");
+    let o = bench(&["sla", &cap_sla(&tmp), "--target", &target, "--target", &closed, "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("two.json")).unwrap()).unwrap();
+    assert_eq!(report["targets"].as_array().unwrap().len(), 1);
+    assert_eq!(report["failed"][0]["target"].as_str().unwrap(), format!("gyre {nowhere}"));
+    assert!(report["failed"][0]["error"].as_str().unwrap().contains("connecting"), "{report}");
+    assert_eq!(report["pass"], false);
+
+    // Capacity against a target that is not there is an error, not a
+    // capacity of nothing; and a capacity search takes no --rate.
+    let o = bench(&["capacity", &cap, "--target", &closed, "--out", out.to_str().unwrap(), "--quiet"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("cap.capacity.json")).unwrap()).unwrap();
+    assert!(c[0]["error"].as_str().unwrap().contains("connecting"), "{c}");
+    assert_eq!(c[0]["probes"].as_array().unwrap().len(), 0);
+    let o = bench(&["capacity", &cap, "--target", &target, "--rate", "100", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rate is for sla"));
+}
+
+/// A loopback address where nothing listens (bound, then closed).
+fn closed_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A short SLA file named `two` under `tmp`.
+fn cap_sla(tmp: &tempfile::TempDir) -> String {
+    write(
+        tmp.path(),
+        "two.toml",
+        "limits = [\"errors == 0\"]\n[workload]\nworkload = \"c\"\nrecords = 50\n[run]\nrate = 100\n\
+         connections = 2\nwarmup = 0\nduration = 0.3\n",
+    )
 }

@@ -6,15 +6,19 @@
 # PIN=S:G pins the server to CPU S and the generator to CPU G (taskset); a
 # Gyre node pins its shard itself (shard 0 on the first allowed CPU), so S
 # applies to Redis. Unset: nothing pinned but the Gyre shard.
+# SRVPIN=S pins only the server to CPU S (Redis, or the whole Gyre node),
+# leaving the generator where the scheduler puts it: both servers then sit
+# where a Gyre shard pins itself, for a comparison with equal placement.
 # Prints: target ratio fsync [args] ops_per_sec p50_us p99_us p999_us max_us
 #         errors server_cpu_us_per_op max_values_per_verified_key max_siblings_seen
 cd "$(dirname "$0")/../../.." || exit 1
 T=$1; R=$2; F=$3; shift 3
 SRV=(); GEN=()
 if [ -n "$PIN" ]; then SRV=(taskset -c "${PIN%%:*}"); GEN=(taskset -c "${PIN##*:}"); fi
+if [ -n "$SRVPIN" ]; then SRV=(taskset -c "$SRVPIN"); fi
 D=$(mktemp -d)
 if [ "$T" = gyre ]; then
-  ${GYRE:-./target/release/gyre} node --data-dir "$D/data" --listen 127.0.0.1:7700 --fsync "$F" "$@" > "$D/node.log" 2>&1 &
+  "${SRV[@]}" ${GYRE:-./target/release/gyre} node --data-dir "$D/data" --listen 127.0.0.1:7700 --fsync "$F" "$@" > "$D/node.log" 2>&1 &
   P=$!; sleep 1; TG=gyre://127.0.0.1:7700
 else
   if [ "$F" = always ]; then A="--appendonly yes --appendfsync always"; else A="--appendonly no"; fi
