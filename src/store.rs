@@ -85,6 +85,11 @@ impl<B: Backend> Store<B> {
         Store { engine, actor, max_value_len, scratch: RefCell::default() }
     }
 
+    /// The largest value a put may store.
+    pub fn max_value_len(&self) -> usize {
+        self.max_value_len
+    }
+
     pub fn engine(&self) -> &Engine<B> {
         &self.engine
     }

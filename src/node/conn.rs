@@ -12,9 +12,12 @@
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection run at
 //! once (past that the reader stops reading: backpressure, not errors);
-//! a frame that cannot be framed or decoded gets an error reply and ends
-//! the connection after the replies before it are written; other
-//! connections never notice.
+//! the read buffer holds at most about twice what the client has sent of
+//! its current frame, whatever size the frame declares; a frame over the
+//! node's size limit but within the protocol's is skipped unread into
+//! memory and answered with an error; a frame that cannot be framed or
+//! decoded gets an error reply and ends the connection after the replies
+//! before it are written; other connections never notice.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -25,16 +28,21 @@ use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
 use crate::storage::Prefetch;
-use crate::wire::{declared_frame_len, split_frame, Request, HEADER_LEN, MAX_IN_FLIGHT};
+use crate::wire::{declared_frame_len, split_frame, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 /// Prepares a frame reader's buffer for the next read: moves the partial
-/// frame in `buf[start..end]` to the front, grows the buffer to hold the
-/// whole of a big frame whose header is in (its size was checked against
+/// frame in `buf[start..end]` to the front, grows the buffer toward the
+/// size of a big frame whose header is in (its size was checked against
 /// the limit when it was framed), and gives back the memory of a big one
 /// once it is consumed. Used by client and peer connections alike.
+///
+/// The buffer grows as the frame's bytes arrive, at most doubling what
+/// is in it, not to the declared size at once: otherwise a header alone,
+/// 24 bytes, would make the node allocate (and zero) a megabyte, and a few
+/// hundred such connections would hold hundreds of megabytes for nothing.
 pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
     if *start > 0 {
         buf.copy_within(*start..*end, 0);
@@ -42,8 +50,9 @@ pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
         *start = 0;
     }
     let needed = buf[..*end].first_chunk::<HEADER_LEN>().map_or(READ_CHUNK, declared_frame_len);
-    if buf.len() < needed.max(*end + 1) {
-        buf.resize(needed.max(*end + 1), 0);
+    let target = needed.min(buf.len().max(2 * *end).max(*end + READ_CHUNK)).max(*end + 1);
+    if buf.len() < target {
+        buf.resize(target, 0);
     } else if *end == 0 && buf.len() > 4 * READ_CHUNK {
         *buf = vec![0u8; READ_CHUNK];
     }
@@ -244,11 +253,21 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
     };
     let mut buf = vec![0u8; READ_CHUNK];
     let (mut start, mut end) = (0usize, 0usize);
+    // Bytes of an oversized frame's body still to be read and dropped.
+    let mut skip = 0usize;
     'read: loop {
         // Frame and start every whole request in the buffer, then send the
         // replies that are ready.
         out.reader_sends.set(true);
         loop {
+            if skip > 0 {
+                let n = skip.min(end - start);
+                start += n;
+                skip -= n;
+                if skip > 0 {
+                    break;
+                }
+            }
             match split_frame(&buf[start..end], shard.max_body) {
                 Ok(Some((header, total))) => {
                     while out.in_flight.get() >= MAX_IN_FLIGHT && !out.broken.get() {
@@ -304,6 +323,20 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     }
                 }
                 Ok(None) => break,
+                // Over this node's limit but within the protocol's: the
+                // frame's end is known, so its body is read and dropped
+                // as it arrives (never held), the request gets an error
+                // reply, and the connection goes on. Closing at once would
+                // leave the client writing into a reset connection, with
+                // a broken pipe for an answer instead of the reason.
+                Err(WireError::FrameTooLarge { len, max }) if len <= MAX_BODY_LEN => {
+                    let header: &[u8; HEADER_LEN] =
+                        buf[start..start + HEADER_LEN].try_into().expect("a header was read");
+                    out.start();
+                    out.push(&shard.oversized_frame_reply(header, len, max));
+                    start += HEADER_LEN;
+                    skip = len;
+                }
                 Err(e) => {
                     let header: [u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
@@ -343,4 +376,38 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
     out.closing.set(true);
     out.changed.notify_all();
     writer_task.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ANY_SHARD;
+
+    #[test]
+    fn the_read_buffer_grows_with_what_arrives_not_with_what_a_header_declares() {
+        let value = vec![9u8; 3 * 1024 * 1024];
+        let mut frame = Vec::new();
+        Request::Put { key: b"k", context: b"", value: &value }.encode(&mut frame, 1, ANY_SHARD, 0);
+        let mut buf = vec![0u8; READ_CHUNK];
+        // The header alone: no room is made for the declared body.
+        let (mut start, mut end) = (0, HEADER_LEN);
+        buf[..end].copy_from_slice(&frame[..end]);
+        make_room(&mut buf, &mut start, &mut end);
+        assert!(buf.len() <= READ_CHUNK + HEADER_LEN, "{} bytes for a header", buf.len());
+        // Then the body as fast as the buffer takes it: at most about
+        // twice what arrived, and the whole frame at the end.
+        while end < frame.len() {
+            let n = (buf.len() - end).min(frame.len() - end);
+            buf[end..end + n].copy_from_slice(&frame[end..end + n]);
+            end += n;
+            make_room(&mut buf, &mut start, &mut end);
+            assert!(buf.len() <= (2 * end).max(end + READ_CHUNK), "{} bytes held for {end} read", buf.len());
+        }
+        assert_eq!(&buf[..end], &frame[..]);
+        assert_eq!(buf.len(), frame.len().max(end + 1));
+        // Consumed: the big buffer is given back.
+        let (mut start, mut end) = (end, end);
+        make_room(&mut buf, &mut start, &mut end);
+        assert_eq!(buf.len(), READ_CHUNK);
+    }
 }

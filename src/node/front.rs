@@ -30,7 +30,8 @@
 //!
 //! Invariant: a socket's readiness cell says "readable" (or "writable")
 //! from the moment epoll reports it until a read (or write) finds the
-//! socket empty (or full); edge-triggered epoll reports the next change,
+//! socket empty (or full), and once the peer's end of stream was reported,
+//! until a read returns it; edge-triggered epoll reports the next change,
 //! so a task that waits only after seeing `EAGAIN` never misses data. A
 //! token is removed from epoll before its socket closes, and a token is
 //! never looked up after its socket was deregistered (events are handled
@@ -73,6 +74,11 @@ pub(super) const PREFETCH_PASSES: usize = crate::storage::Prefetch::STAGES.len()
 pub(super) struct Ready {
     readable: Cell<bool>,
     writable: Cell<bool>,
+    /// Epoll reported the peer's end of stream (or a hang-up or error).
+    /// It is reported once, often in the same event as the last data: a
+    /// short read then must not count as "drained", or the end of stream
+    /// would never be read and the connection never closed.
+    hung_up: Cell<bool>,
     /// Fires when epoll reports anything for the socket.
     changed: Notify,
 }
@@ -145,10 +151,11 @@ impl Socket {
     /// something. `Ok(0)` is end of stream.
     pub(super) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
+        let hung_up = &self.ready.hung_up;
         self.when_ready(&self.ready.readable, || {
             // SAFETY: `buf` is valid for `buf.len()` bytes and the fd is open.
             let n = check(unsafe { recv(fd, buf.as_mut_ptr(), buf.len(), libc::MSG_DONTWAIT) })?;
-            Ok((n, n > 0 && n < buf.len()))
+            Ok((n, n > 0 && n < buf.len() && !hung_up.get()))
         })
         .await
     }
@@ -338,6 +345,9 @@ impl Front {
                     let bits = ev.events as libc::c_int;
                     // An error or hang-up makes both directions fail fast.
                     let broken = bits & (libc::EPOLLERR | libc::EPOLLHUP) != 0;
+                    if broken || bits & libc::EPOLLRDHUP != 0 {
+                        ready.hung_up.set(true);
+                    }
                     if broken || bits & (libc::EPOLLIN | libc::EPOLLRDHUP) != 0 {
                         ready.readable.set(true);
                     }

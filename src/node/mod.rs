@@ -742,6 +742,21 @@ fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -
 }
 
 impl Shard {
+    /// The reply to a frame of `len` body bytes over this node's `max`: a
+    /// PUT's value is too large for this node (`ValueTooLarge`, as the
+    /// store answers a value just over the limit), anything else is a
+    /// frame too large.
+    fn oversized_frame_reply(&self, header: &[u8; HEADER_LEN], len: usize, max: usize) -> Vec<u8> {
+        let id = crate::wire::peek_request_id(header).unwrap_or(0);
+        if crate::wire::peek_opcode(header) == Some(crate::wire::op::PUT) {
+            let limit = self.store.max_value_len();
+            let message = format!("a PUT of {len} bytes is over this node's value limit of {limit} bytes");
+            return self.error_frame(id, ErrorCode::ValueTooLarge, &message);
+        }
+        let e = WireError::FrameTooLarge { len, max };
+        self.error_frame(id, e.code(), &e.to_string())
+    }
+
     /// The reply to a well-framed request whose body does not decode.
     fn request_error_frame(&self, request_id: u64, e: &WireError) -> Vec<u8> {
         if !e.keeps_connection() {

@@ -905,6 +905,15 @@ impl<B: Backend> Engine<B> {
             st.stats.get_not_found += 1;
             return Ok(Lookup::InMemory(None));
         };
+        // A failed engine writes nothing more: a record it had not written
+        // when it failed was never acknowledged and is gone at the next
+        // open. Showing it would show a value a restart takes back, and
+        // the key's earlier record is no longer indexed: say so instead.
+        if let Some(e) = &st.failed {
+            if (loc.seg, loc.off as u64 + loc.len as u64) > st.writer.written() {
+                return Err(StorageError::Failed(e.clone()));
+            }
+        }
         // The cache first: a record just written is usually there
         // (write-through) and needs no copy out of the write buffer.
         if let Some(raw) = st.cache.get(tag, loc.id()) {
@@ -1308,6 +1317,31 @@ mod tests {
             for i in 0..40u32 {
                 assert_eq!(engine.get(&i.to_le_bytes()).await.unwrap().unwrap().value(), &[7; 1000], "key {i}");
             }
+        })
+    }
+
+    /// After a failed write the engine shows none of the records it never
+    /// wrote (a full disk, say): they were not acknowledged, and a restart
+    /// would take them back. What it had written stays readable.
+    #[test]
+    fn a_failed_engine_shows_no_record_it_never_wrote() {
+        block_on(async {
+            let config = EngineConfig { max_value_len: 1024, ..Default::default() };
+            assert_eq!(config.fsync, FsyncPolicy::Always);
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"kept", b"", b"v1", 0).await.unwrap();
+            engine.put(b"lost", b"", b"v1", 0).await.unwrap();
+            backend.fail_writes(true);
+            assert!(engine.put(b"lost", b"", b"v2", 0).await.is_err(), "the write fails");
+            assert!(engine.failed().is_some());
+            assert!(matches!(engine.get(b"lost").await, Err(StorageError::Failed(_))), "v2 was never written");
+            assert_eq!(engine.get(b"kept").await.unwrap().unwrap().value(), b"v1");
+            backend.fail_writes(false);
+            drop(engine);
+            // What a restart reads back: v1, which the failed engine did not
+            // contradict.
+            let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+            assert_eq!(engine.get(b"lost").await.unwrap().unwrap().value(), b"v1");
         })
     }
 

@@ -363,6 +363,13 @@ pub fn peek_request_id(bytes: &[u8; HEADER_LEN]) -> Option<u64> {
     (raw.magic == MAGIC).then(|| raw.request_id.get())
 }
 
+/// Reads the opcode of a header even if the rest is invalid (a frame
+/// too large for the receiver, say), so an error reply can say why.
+pub fn peek_opcode(bytes: &[u8; HEADER_LEN]) -> Option<u8> {
+    let raw = RawHeader::ref_from_bytes(bytes).ok()?;
+    (raw.magic == MAGIC).then_some(raw.opcode)
+}
+
 /// The total length (header + body) a frame's header declares, read
 /// without validating anything else: how much a reader must buffer for
 /// a frame [`split_frame`] has already accepted the header of.

@@ -1,0 +1,101 @@
+//! A node against clients that misbehave at the connection level: ones
+//! that hang up with their last bytes, half-close after a request, or send
+//! a value too big for the node. Each must cost the node nothing lasting
+//! (no socket left open, no memory held) and get a clear answer where one
+//! is owed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::Node;
+use gyre::client::{Client, ClientConfig, Connection, Context, Reply};
+use gyre::wire::{self, ErrorCode, Request, Response, ANY_SHARD, HEADER_LEN};
+
+/// How long the node may take to notice a hang-up: generous, since the
+/// test only asserts that it happens.
+const NOTICE: Duration = Duration::from_secs(10);
+
+/// Time for the node to accept a connection and wait on it, so that what
+/// the client sends next arrives as one event.
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// Connections shard 0 reports open, as its STATS counts them.
+fn open_connections(c: &mut Client) -> u64 {
+    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    stats["node"]["connections_open"].as_u64().unwrap()
+}
+
+#[test]
+fn connections_that_hang_up_with_their_last_bytes_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let mut stats = Client::connect(node.addr()).unwrap();
+    // Each waits until the node is waiting for its bytes, then sends the
+    // start of a header and closes at once, so the bytes and the end of
+    // stream reach the node in one readiness event: it reads the bytes (a
+    // short read) and must still see the end.
+    let mut frame = Vec::new();
+    Request::Get { key: b"k" }.encode(&mut frame, 1, ANY_SHARD, 0);
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(node.addr()).unwrap();
+        std::thread::sleep(SETTLE);
+        s.write_all(&frame[..3]).unwrap();
+    }
+    let deadline = Instant::now() + NOTICE;
+    let mut open = open_connections(&mut stats);
+    while open > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        open = open_connections(&mut stats);
+    }
+    assert_eq!(open, 1, "only the stats connection should be open");
+}
+
+#[test]
+fn a_half_closed_connection_gets_its_reply_and_then_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    Client::connect(node.addr()).unwrap().put(b"k", b"v", &Context::default()).unwrap();
+    for id in 0..50u64 {
+        let mut s = TcpStream::connect(node.addr()).unwrap();
+        std::thread::sleep(SETTLE);
+        let mut frame = Vec::new();
+        Request::Get { key: b"k" }.encode(&mut frame, id, ANY_SHARD, 0);
+        s.write_all(&frame).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(NOTICE)).unwrap();
+        let mut reply = Vec::new();
+        // Ends only when the node closes its side: a timeout fails here.
+        s.read_to_end(&mut reply).unwrap_or_else(|e| panic!("try {id}: no end of stream after the reply: {e}"));
+        let (h, total) = wire::split_frame(&reply, wire::MAX_BODY_LEN).unwrap().expect("a whole reply");
+        assert_eq!((h.request_id, total), (id, reply.len()));
+        let Response::Get { values, .. } = Response::decode(h.opcode, &reply[HEADER_LEN..]).unwrap() else {
+            panic!("not a GET reply")
+        };
+        assert_eq!(values, vec![&b"v"[..]]);
+    }
+}
+
+#[test]
+fn a_value_over_the_limit_is_refused_with_a_reason_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1", "--max-value-len", "1024"]);
+    let mut c = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default()).unwrap();
+    // Far over this node's limit (a frame it will not hold), within the
+    // protocol's: the body is skipped, not buffered, and answered.
+    for len in [64 * 1024, 3 * 1024 * 1024] {
+        let value = vec![7u8; len];
+        let err = c.call(&Request::Put { key: b"big", context: b"", value: &value }, ANY_SHARD).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ValueTooLarge), "{len} bytes: {err}");
+        assert!(err.to_string().contains("1024"), "the reply names the limit: {err}");
+        // The same connection serves the next request.
+        let key = format!("after-{len}");
+        let reply = c.call(&Request::Put { key: key.as_bytes(), context: b"", value: b"ok" }, ANY_SHARD).unwrap();
+        assert!(matches!(reply, Reply::Put(_)), "{reply:?}");
+    }
+    let mut client = Client::connect(node.addr()).unwrap();
+    assert!(client.get(b"big").unwrap().values.is_empty(), "nothing of the big value was stored");
+    assert_eq!(client.get(b"after-65536").unwrap().values, vec![b"ok".to_vec()]);
+}
