@@ -205,7 +205,10 @@ pub enum ErrorCode {
     /// The frame could not be parsed; the connection is closed.
     Malformed,
     UnsupportedVersion,
-    /// The body is longer than this node accepts; the connection is closed.
+    /// The body is longer than this node accepts. Within the protocol's
+    /// `MAX_BODY_LEN` the node skips the body and the connection goes on
+    /// (a PUT over the node's value limit gets `ValueTooLarge`); past it
+    /// the frame's end cannot be trusted and the connection is closed.
     FrameTooLarge,
     UnknownOpcode,
     /// Empty or longer than `MAX_KEY_LEN`.
