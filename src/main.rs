@@ -2,12 +2,15 @@
 //! `delete`, `ping`, `stats`), verify a shard directory (`check`), and a
 //! hidden crash-test writer.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use gyre::client::{Client, ClientConfig, Context as VersionContext};
+use gyre::limits::VALUE_LEN_HARD_CAP;
 use gyre::node::config::DEFAULT_LISTEN;
 use gyre::node::NodeConfig;
 use gyre::shell::{now_ms, open_shard, run_executor};
@@ -29,19 +32,27 @@ struct ClientArgs {
     /// Print JSON instead of plain text.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait for a reply.
-    #[arg(long, default_value_t = 5.0)]
-    timeout: f64,
+    /// Seconds to wait for the connection and for each reply (0.001 to 86400).
+    #[arg(long, default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
+    timeout: Duration,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: one pinned executor per shard, each on its own port.
     Node(NodeArgs),
-    /// Store VALUE under KEY as the successor of what CONTEXT saw.
+    /// Store VALUE (or the bytes of --value-file) under KEY as the successor
+    /// of what CONTEXT saw.
     Put {
         key: String,
-        value: String,
+        /// The value, as the shell passes it (for binary or large values,
+        /// use --value-file).
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<OsString>,
+        /// Read the value from this file instead, byte for byte (`-`:
+        /// standard input; `./-` for a file named `-`).
+        #[arg(long, value_name = "PATH")]
+        value_file: Option<PathBuf>,
         /// The context printed by `get` (omit to add a sibling).
         #[arg(long, default_value = "")]
         context: VersionContext,
@@ -49,16 +60,37 @@ enum Command {
         client: ClientArgs,
     },
     /// Print every concurrent value of KEY and the context to write back with.
+    ///
+    /// Values are printed one per line (and in --json as `values`, strings);
+    /// a value that is not UTF-8 is shown there with replacement characters,
+    /// and --json then adds `values_hex`: every value, in the same order, as
+    /// hex of its exact bytes. --raw writes one value's exact bytes instead.
     Get {
         key: String,
+        /// Write the value's exact bytes to stdout (no newline) and the
+        /// context to stderr. Fails (exit 1) if KEY is not found, or if it
+        /// has siblings and --sibling does not pick one.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+        /// With --raw: the sibling to write, from 0, in the order `get`
+        /// prints them.
+        #[arg(long, value_name = "N", requires = "raw")]
+        sibling: Option<usize>,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Delete the versions of KEY that CONTEXT saw.
+    /// Delete KEY: without --context, what a read of KEY finds now; with
+    /// --context, the versions of KEY that CONTEXT saw.
+    ///
+    /// Without --context, KEY is read first and deleted with the context of
+    /// that read (a write that lands in between survives, as a sibling). If
+    /// KEY is not found, nothing is written, "not found" goes to stderr and
+    /// the exit status is 0; --json then prints `"found": false`.
     Delete {
         key: String,
-        #[arg(long, default_value = "")]
-        context: VersionContext,
+        /// The context printed by `get` (omit to delete what is there now).
+        #[arg(long)]
+        context: Option<VersionContext>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -109,14 +141,33 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Logs go to stderr. RUST_LOG, when set, says what is logged; else a
+    // node (and the other server-side commands) logs from `info` up, so
+    // that its start and any corruption recovery finds are seen, and a
+    // client command only warnings and errors.
+    let default_level = match cli.command {
+        Command::Node(_) | Command::Dev(_) | Command::Check { .. } | Command::StorageWriter { .. } => {
+            tracing_subscriber::filter::LevelFilter::INFO
+        }
+        _ => tracing_subscriber::filter::LevelFilter::WARN,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder().with_default_directive(default_level.into()).from_env_lossy(),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Node(args) => node(args),
-        Command::Put { key, value, context, client } => {
-            let put = connect(&client)?.put(key.as_bytes(), value.as_bytes(), &context)?;
+        Command::Put { key, value, value_file, context, client } => {
+            let value = match (value, value_file) {
+                (_, Some(path)) => read_value(&path)?,
+                (Some(value), None) => std::os::unix::ffi::OsStringExt::into_vec(value),
+                (None, None) => unreachable!("clap requires VALUE or --value-file"),
+            };
+            let put = connect(&client)?.put(key.as_bytes(), &value, &context)?;
             if client.json {
                 println!("{}", serde_json::json!({ "context": put.context.to_string(), "siblings": put.siblings }));
             } else {
@@ -127,11 +178,25 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Get { key, client } => {
+        Command::Get { key, raw, sibling, client } => {
             let got = connect(&client)?.get(key.as_bytes())?;
+            if raw {
+                let value = pick_sibling(&key, &got.values, sibling)?;
+                let mut out = std::io::stdout().lock();
+                out.write_all(value).and_then(|()| out.flush()).context("writing the value to stdout")?;
+                eprintln!("context: {}", got.context);
+                return Ok(());
+            }
             let values: Vec<String> = got.values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            let binary: Vec<usize> =
+                (0..got.values.len()).filter(|&i| std::str::from_utf8(&got.values[i]).is_err()).collect();
             if client.json {
-                println!("{}", serde_json::json!({ "values": values, "context": got.context.to_string() }));
+                let mut out = serde_json::json!({ "values": values, "context": got.context.to_string() });
+                if !binary.is_empty() {
+                    let hex: Vec<String> = got.values.iter().map(|v| VersionContext(v.clone()).to_string()).collect();
+                    out["values_hex"] = serde_json::json!(hex);
+                }
+                println!("{out}");
             } else {
                 if values.is_empty() {
                     eprintln!("(not found)");
@@ -139,14 +204,37 @@ fn main() -> anyhow::Result<()> {
                 for v in &values {
                     println!("{v}");
                 }
+                for i in binary {
+                    eprintln!(
+                        "note: value {i} is not UTF-8 (shown with replacement characters); \
+                         `--raw --sibling {i}` writes its exact bytes"
+                    );
+                }
                 eprintln!("context: {}", got.context);
             }
             Ok(())
         }
         Command::Delete { key, context, client } => {
-            let ctx = connect(&client)?.delete(key.as_bytes(), &context)?;
+            let mut c = connect(&client)?;
+            let (ctx, found) = match context {
+                Some(context) => (c.delete(key.as_bytes(), &context)?, None),
+                None => {
+                    let got = c.get(key.as_bytes())?;
+                    if got.values.is_empty() {
+                        (got.context, Some(false))
+                    } else {
+                        (c.delete(key.as_bytes(), &got.context)?, Some(true))
+                    }
+                }
+            };
             if client.json {
-                println!("{}", serde_json::json!({ "context": ctx.to_string() }));
+                let mut out = serde_json::json!({ "context": ctx.to_string() });
+                if let Some(found) = found {
+                    out["found"] = serde_json::json!(found);
+                }
+                println!("{out}");
+            } else if found == Some(false) {
+                eprintln!("{key}: not found, nothing deleted");
             } else {
                 println!("{ctx}");
             }
@@ -417,9 +505,58 @@ fn shutdown_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBoo
 }
 
 fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let timeout = std::time::Duration::from_secs_f64(args.timeout.max(0.001));
-    let config = ClientConfig { request_timeout: timeout, connect_timeout: timeout, ..Default::default() };
+    let config = ClientConfig { request_timeout: args.timeout, connect_timeout: args.timeout, ..Default::default() };
     Client::connect_with(&args.node, config).with_context(|| format!("connecting to {}", args.node))
+}
+
+/// The shortest and the longest `--timeout`, in seconds.
+const TIMEOUT_RANGE: std::ops::RangeInclusive<f64> = 0.001..=86_400.0;
+
+/// Parses `--timeout`: seconds, finite, within `TIMEOUT_RANGE` (0 would
+/// wait for nothing, and a deadline far away overflows the clock).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !TIMEOUT_RANGE.contains(&secs) {
+        return Err(format!(
+            "{s} is not a timeout: give seconds from {} to {}",
+            TIMEOUT_RANGE.start(),
+            TIMEOUT_RANGE.end()
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s} is not a timeout: {e}"))
+}
+
+/// The value `put --value-file PATH` stores: the file's bytes (`-`:
+/// standard input's), at most the protocol's cap.
+fn read_value(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let (what, source): (String, Box<dyn Read>) = if path == Path::new("-") {
+        ("standard input".into(), Box::new(std::io::stdin().lock()))
+    } else {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        (path.display().to_string(), Box::new(file))
+    };
+    let mut value = Vec::new();
+    source.take(VALUE_LEN_HARD_CAP as u64 + 1).read_to_end(&mut value).with_context(|| format!("reading {what}"))?;
+    if value.len() > VALUE_LEN_HARD_CAP {
+        bail!("{what} holds more than {VALUE_LEN_HARD_CAP} bytes, the largest value Gyre stores");
+    }
+    Ok(value)
+}
+
+/// The value `get --raw` writes: the only one, or sibling `sibling`.
+fn pick_sibling<'a>(key: &str, values: &'a [Vec<u8>], sibling: Option<usize>) -> anyhow::Result<&'a [u8]> {
+    match (values.len(), sibling) {
+        (0, _) => bail!("{key}: not found"),
+        (n, Some(i)) => match values.get(i) {
+            Some(v) => Ok(v),
+            None => bail!("{key} has {n} value(s): --sibling {i} is not one of 0 to {}", n - 1),
+        },
+        (1, None) => Ok(&values[0]),
+        (n, None) => bail!(
+            "{key} has {n} siblings (concurrent writes): pick one with --sibling 0 to {}, or see them all with --json",
+            n - 1
+        ),
+    }
 }
 
 fn check(dir: PathBuf) -> anyhow::Result<()> {
@@ -478,4 +615,59 @@ fn storage_writer(dir: PathBuf, config: EngineConfig, writers: usize, value_size
 /// The value the crash-test writer stores for a key (the checker recomputes it).
 fn value_for(key: &str, size: usize) -> Vec<u8> {
     key.bytes().cycle().take(size).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_finite_positive_seconds() {
+        assert_eq!(parse_timeout("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("0.001"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_timeout("86400"), Ok(Duration::from_secs(86_400)));
+        // These used to panic in `Duration::from_secs_f64`, or to be
+        // turned into a millisecond.
+        for bad in ["inf", "-inf", "infinity", "NaN", "1e20", "1e300", "-1", "0", "-0", "0.0001", "86401", "", "five"] {
+            let err = parse_timeout(bad).expect_err(bad);
+            assert!(err.contains("timeout") || err.contains("seconds"), "{bad}: {err}");
+        }
+        let cli = Cli::try_parse_from(["gyre", "get", "k", "--timeout", "inf"]);
+        assert!(cli.is_err(), "clap refuses --timeout inf");
+    }
+
+    #[test]
+    fn raw_get_picks_one_value() {
+        let one = vec![vec![0xff, 0xfe, 0x00, 0x41, 0x80]];
+        assert_eq!(pick_sibling("k", &one, None).unwrap(), &one[0][..]);
+        assert_eq!(pick_sibling("k", &one, Some(0)).unwrap(), &one[0][..]);
+        assert!(pick_sibling("k", &one, Some(1)).unwrap_err().to_string().contains("--sibling 1"));
+        assert!(pick_sibling("k", &[], None).unwrap_err().to_string().contains("not found"));
+        let two = vec![b"a".to_vec(), b"b".to_vec()];
+        assert!(pick_sibling("k", &two, None).unwrap_err().to_string().contains("2 siblings"));
+        assert_eq!(pick_sibling("k", &two, Some(1)).unwrap(), b"b");
+    }
+
+    #[test]
+    fn put_takes_exactly_one_of_value_and_value_file() {
+        assert!(Cli::try_parse_from(["gyre", "put", "k", "v"]).is_ok());
+        assert!(Cli::try_parse_from(["gyre", "put", "k", "--value-file", "-"]).is_ok());
+        assert!(Cli::try_parse_from(["gyre", "put", "k"]).is_err());
+        assert!(Cli::try_parse_from(["gyre", "put", "k", "v", "--value-file", "f"]).is_err());
+        assert!(Cli::try_parse_from(["gyre", "get", "k", "--sibling", "1"]).is_err(), "--sibling needs --raw");
+        assert!(Cli::try_parse_from(["gyre", "get", "k", "--raw", "--json"]).is_err());
+    }
+
+    #[test]
+    fn value_files_are_read_byte_for_byte_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_value(&path).unwrap(), bytes);
+        std::fs::write(&path, vec![1u8; VALUE_LEN_HARD_CAP + 1]).unwrap();
+        assert!(read_value(&path).unwrap_err().to_string().contains("more than"));
+        assert!(read_value(&dir.path().join("missing")).is_err());
+    }
 }

@@ -403,3 +403,234 @@ fn command_line_put_get_delete() {
     let (ok, _, err) = cli(&["get", "k", "--node", addr, "--timeout", "1"]);
     assert!(!ok && err.contains("connecting to"), "{err}");
 }
+
+/// Runs the `gyre` binary with `stdin` as its standard input (empty if
+/// none) and RUST_LOG unset: the exit status and the raw stdout and stderr.
+fn gyre_bytes(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(common::GYRE)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running gyre");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    // Written from a thread: gyre may exit without reading it all.
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().expect("gyre output");
+    writer.join().unwrap();
+    (out.status.success(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Starts `gyre node` on `data_dir` (one shard, an ephemeral port) with
+/// RUST_LOG as given (`None`: unset) and its stderr in `log`.
+fn start_logged_node(data_dir: &std::path::Path, rust_log: Option<&str>, log: &std::path::Path) -> common::Node {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(common::GYRE);
+    command.args(["node", "--listen", "127.0.0.1:0", "--no-pin", "--shards", "1", "--data-dir"]).arg(data_dir);
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut child = command.stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawning gyre node");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(common::START_TIMEOUT).unwrap_or_default();
+    let node = common::Node {
+        child,
+        addrs: line.split("ready:").nth(1).unwrap_or("").split_whitespace().map(String::from).collect(),
+        data_dir: data_dir.to_path_buf(),
+    };
+    assert!(!node.addrs.is_empty(), "node did not start ({line:?}): {}", std::fs::read_to_string(log).unwrap());
+    node
+}
+
+#[test]
+fn a_node_logs_warnings_and_info_by_default_and_rust_log_overrides() {
+    let dir = tmp();
+    let data = dir.path().join("d");
+    let log = dir.path().join("node.log");
+    let node = start_logged_node(&data, None, &log);
+    let addr = node.addr().to_string();
+    // A client command with RUST_LOG unset prints only its result.
+    for i in 0..30 {
+        let value = format!("value-{i:03}-").repeat(50);
+        let (ok, out, err) = gyre_bytes(&["put", &format!("k{i}"), &value, "--node", &addr], b"");
+        assert!(ok, "{err}");
+        assert!(err.is_empty(), "put wrote to stderr: {err:?}");
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.lines().count(), 1, "put prints its context only: {out:?}");
+    }
+    assert!(node.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("node ready") && text.contains("shard storage open"), "info is logged by default: {text}");
+    assert!(!text.contains("\x1b["), "no colour codes in a log file: {text:?}");
+    // Damage one value on disk: the restarted node must say so.
+    let seg = data.join("shard-000").join("seg-00000001.log");
+    let bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(10).position(|w| w == b"value-015-").expect("the value is in the segment") + 3;
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[at] ^ 0x5a], at as u64).unwrap();
+    drop((file, bytes));
+    let node = start_logged_node(&data, None, &log);
+    assert!(node.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("WARN") && text.contains("recovery found corruption"), "{text}");
+    // RUST_LOG still decides when it is set.
+    let node = start_logged_node(&data, Some("error"), &log);
+    assert!(node.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("recovery found corruption") && !text.contains("node ready"), "{text}");
+}
+
+#[test]
+fn a_timeout_that_is_not_a_duration_is_refused_clearly() {
+    for bad in ["inf", "1e20", "NaN", "-1", "0"] {
+        let (ok, _, err) = cli(&["get", "k", "--node", "127.0.0.1:9", "--timeout", bad]);
+        assert!(!ok, "--timeout {bad} accepted");
+        assert!(!err.contains("panicked"), "--timeout {bad}: {err}");
+        assert!(err.contains("--timeout") && err.contains("seconds from 0.001 to 86400"), "--timeout {bad}: {err}");
+    }
+}
+
+#[test]
+fn command_line_delete_without_a_context_deletes_what_is_there() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    let addr = &node.addr().to_string();
+    assert!(cli(&["put", "cart", "milk", "--node", addr]).0);
+    let (ok, out, err) = cli(&["delete", "cart", "--node", addr]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim().len() % 2, 0, "the new context, in hex: {out:?}");
+    let (ok, out, err) = cli(&["get", "cart", "--node", addr, "--json"]);
+    assert!(ok, "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["values"], serde_json::json!([]), "the value survived a delete: {out}");
+    let (_, out, err) = cli(&["get", "cart", "--node", addr]);
+    assert!(out.is_empty() && err.contains("(not found)"), "{out} {err}");
+    // Siblings go too: the read saw them all.
+    assert!(cli(&["put", "pair", "a", "--node", addr]).0);
+    assert!(cli(&["put", "pair", "b", "--node", addr]).0);
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(c.get(b"pair").unwrap().values.len(), 2);
+    let (ok, out, err) = cli(&["delete", "pair", "--node", addr, "--json"]);
+    assert!(ok, "{err}");
+    let deleted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(deleted["found"], true, "{out}");
+    assert!(c.get(b"pair").unwrap().values.is_empty());
+    // Nothing there: said so, nothing written, exit 0.
+    let (ok, out, err) = cli(&["delete", "pair", "--node", addr]);
+    assert!(ok && out.is_empty() && err.contains("not found"), "{out} {err}");
+    let (ok, out, _) = cli(&["delete", "never-written", "--node", addr, "--json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["found"], false, "{out}");
+    // With --context, what that context saw, as before: an empty one
+    // deletes nothing that exists.
+    assert!(cli(&["put", "kept", "v", "--node", addr]).0);
+    let (ok, out, _) = cli(&["delete", "kept", "--context", "", "--node", addr, "--json"]);
+    assert!(ok && !out.contains("found"), "{out}");
+    assert_eq!(c.get(b"kept").unwrap().values, vec![b"v".to_vec()]);
+}
+
+#[test]
+fn a_refused_start_leaves_the_data_directory_free_to_take_another_shape() {
+    let dir = tmp();
+    let data = dir.path().join("d");
+    let err = Node::try_start(&data, &["--shards", "2", "--max-value-len", "0"]).err().expect("max-value-len 0");
+    assert!(err.contains("max_value_len 0"), "{err}");
+    assert!(!data.exists(), "a refused start created the data directory");
+    // A `[storage]` setting that belongs to the top level is refused too.
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[storage]\nmax_value_len = 100\n").unwrap();
+    let err = Node::try_start(&data, &["--config", config.to_str().unwrap()]).err().expect("[storage] max_value_len");
+    assert!(err.contains("top-level `max_value_len`"), "{err}");
+    std::fs::write(&config, "[storage]\nfsync = \"never\"\n").unwrap();
+    let err = Node::try_start(&data, &["--config", config.to_str().unwrap()]).err().expect("[storage] fsync");
+    assert!(err.contains("top-level `fsync`"), "{err}");
+    assert!(!data.exists());
+    // A start that cannot bind its ports does not fix the shape either.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let args: Vec<std::ffi::OsString> =
+        ["node", "--listen", &listen, "--no-pin", "--shards", "2", "--data-dir"].iter().map(Into::into).collect();
+    let args = [args, vec![data.clone().into()]].concat();
+    let err = common::Node::try_spawn(&args, &data, None).err().expect("a taken port");
+    assert!(err.contains("listening on"), "{err}");
+    assert!(!data.join(gyre::node::config::NODE_FILE).exists(), "the failed start wrote the NODE file");
+    let node = Node::start(&data, &["--shards", "1"]);
+    assert_eq!(node.addrs.len(), 1);
+    drop(node);
+    let err = Node::try_start(&data, &["--shards", "2"]).err().expect("the shape is fixed once a node served");
+    assert!(err.contains("created with 1 shards"), "{err}");
+}
+
+#[test]
+fn command_line_binary_and_large_values_round_trip() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    let addr = &node.addr().to_string();
+    let binary = [0xff, 0xfe, 0x00, 0x41, 0x80];
+    // From standard input.
+    let (ok, out, err) = gyre_bytes(&["put", "bin", "--value-file", "-", "--node", addr], &binary);
+    assert!(ok, "{err}");
+    assert!(!out.is_empty());
+    let (ok, out, err) = gyre_bytes(&["get", "bin", "--raw", "--node", addr], b"");
+    assert!(ok, "{err}");
+    assert_eq!(out, binary, "--raw writes the exact bytes");
+    assert!(err.starts_with("context: "), "{err}");
+    let (ok, out, _) = gyre_bytes(&["get", "bin", "--json", "--node", addr], b"");
+    assert!(ok);
+    let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(got["values_hex"], serde_json::json!(["fffe004180"]), "{got}");
+    assert_eq!(got["values"].as_array().unwrap().len(), 1, "{got}");
+    // From a file, larger than a command line can carry.
+    let big: Vec<u8> = (0..128 * 1024 + 7).map(|i| (i * 7 % 256) as u8).collect();
+    let file = dir.path().join("big.bin");
+    std::fs::write(&file, &big).unwrap();
+    let (ok, _, err) = gyre_bytes(&["put", "big", "--value-file", file.to_str().unwrap(), "--node", addr], b"");
+    assert!(ok, "{err}");
+    let (ok, out, err) = gyre_bytes(&["get", "big", "--raw", "--node", addr], b"");
+    assert!(ok, "{err}");
+    assert!(out == big, "{} bytes back for {}", out.len(), big.len());
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(c.get(b"big").unwrap().values, vec![big.clone()]);
+    // Exactly one of VALUE and --value-file.
+    assert!(!gyre_bytes(&["put", "k", "v", "--value-file", "-", "--node", addr], b"x").0);
+    assert!(!gyre_bytes(&["put", "k", "--node", addr], b"").0);
+    // UTF-8 values print as before, with no hex.
+    assert!(cli(&["put", "text", "héllo", "--node", addr]).0);
+    let (_, out, _) = cli(&["get", "text", "--node", addr, "--json"]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got.as_object().unwrap().keys().collect::<Vec<_>>(), ["context", "values"], "{out}");
+    assert_eq!(got["values"], serde_json::json!(["héllo"]));
+    let (_, out, _) = cli(&["get", "text", "--node", addr]);
+    assert_eq!(out, "héllo\n");
+    // Siblings: --raw needs --sibling to pick one; a missing key fails.
+    assert!(cli(&["put", "text", "other", "--node", addr]).0);
+    let (ok, _, err) = gyre_bytes(&["get", "text", "--raw", "--node", addr], b"");
+    assert!(!ok && err.contains("2 siblings") && err.contains("--sibling"), "{err}");
+    let mut both: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            let (ok, out, err) =
+                gyre_bytes(&["get", "text", "--raw", "--sibling", &i.to_string(), "--node", addr], b"");
+            assert!(ok, "{err}");
+            out
+        })
+        .collect();
+    both.sort();
+    assert_eq!(both, vec!["héllo".as_bytes().to_vec(), b"other".to_vec()]);
+    let (ok, _, err) = gyre_bytes(&["get", "missing", "--raw", "--node", addr], b"");
+    assert!(!ok && err.contains("not found"), "{err}");
+}

@@ -50,8 +50,10 @@ pub struct NodeConfig {
     pub max_value_len: usize,
     /// Durability of acknowledged writes: "always", "interval(ms)", "never".
     pub fsync: FsyncPolicy,
-    /// Per-shard storage settings (`fsync` and the value limit above take
-    /// precedence over the same fields here).
+    /// Per-shard storage settings. Its `fsync` and `max_value_len` are
+    /// the top-level ones above: a `[storage]` table that sets either is
+    /// refused (one place for each setting), and they are not written out.
+    #[serde(deserialize_with = "storage_table", serialize_with = "storage_table_out")]
     pub storage: EngineConfig,
     /// Pin shard `i` to CPU `i mod cpus`.
     pub pin: bool,
@@ -90,6 +92,23 @@ impl NodeConfig {
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// Checks every setting that can be checked without the data
+    /// directory: the value limit, the storage settings, the shard count
+    /// and, if that is given, that every shard has a port. `run` calls
+    /// this before it creates or writes anything, so that a refused start
+    /// leaves no trace (a data directory's shard count is fixed by its
+    /// first start).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.engine_config()?;
+        if let Some(shards) = self.shards {
+            if !(1..=MAX_SHARDS).contains(&shards) {
+                bail!("shards {shards} must be between 1 and {MAX_SHARDS}");
+            }
+            check_ports(self.listen, shards)?;
+        }
+        Ok(())
+    }
+
     /// The engine settings every shard opens with: the stored-object limit
     /// is the hard cap (siblings of one key share a record), the per-value
     /// limit is enforced by the key-value layer.
@@ -101,6 +120,46 @@ impl NodeConfig {
         config.validate().map_err(|e| anyhow::anyhow!("invalid storage settings: {e}"))?;
         Ok(config)
     }
+}
+
+/// Checks that `shards` shards listening from `listen` (shard `i` on its
+/// port + `i`; port 0: ephemeral ports) all have a port.
+fn check_ports(listen: SocketAddr, shards: usize) -> anyhow::Result<()> {
+    let last = listen.port() as usize + shards.saturating_sub(1);
+    if listen.port() != 0 && last > u16::MAX as usize {
+        bail!("{shards} shards listening from {listen} need ports up to {last}, past {}", u16::MAX);
+    }
+    Ok(())
+}
+
+/// Fields of `EngineConfig` that a node takes from its top-level settings
+/// of the same name, never from `[storage]`.
+const STORAGE_KEYS_AT_TOP: [&str; 2] = ["fsync", "max_value_len"];
+
+/// Reads the `[storage]` table, refusing the keys that are set at the top
+/// level (they used to be accepted here and silently overridden).
+fn storage_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<EngineConfig, D::Error> {
+    use serde::de::Error;
+    let table = toml::Table::deserialize(d)?;
+    for key in STORAGE_KEYS_AT_TOP {
+        if table.contains_key(key) {
+            return Err(D::Error::custom(format!(
+                "`{key}` is not a `[storage]` setting: set the top-level `{key}` (before any table) instead"
+            )));
+        }
+    }
+    EngineConfig::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
+}
+
+/// Writes the `[storage]` table without the keys `storage_table` refuses,
+/// so that a written configuration reads back.
+fn storage_table_out<S: serde::Serializer>(storage: &EngineConfig, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::Error;
+    let mut table = toml::Table::try_from(storage).map_err(S::Error::custom)?;
+    for key in STORAGE_KEYS_AT_TOP {
+        table.remove(key);
+    }
+    table.serialize(s)
 }
 
 /// The identity of a data directory, written at creation.
@@ -122,6 +181,9 @@ pub const LOCK_FILE: &str = "LOCK";
 pub struct DataDir {
     pub path: PathBuf,
     pub node: NodeFile,
+    /// A new directory: `node` is its planned identity, not yet written
+    /// (see [`DataDir::persist`]).
+    planned: bool,
     /// Held open for its `flock`; the kernel drops the lock if we die.
     _lock: File,
 }
@@ -129,6 +191,19 @@ pub struct DataDir {
 /// Locks `config.data_dir` (creating it if needed) and reads or creates its
 /// `NODE` file. `random_id` is used only for a new directory.
 pub fn open_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64) -> anyhow::Result<DataDir> {
+    let mut dir = lock_data_dir(config, available_cores, random_id)?;
+    dir.persist()?;
+    Ok(dir)
+}
+
+/// Validates `config`, then locks `config.data_dir` (creating it and its
+/// `LOCK` file if needed) and reads its `NODE` file, refusing a shape
+/// other than the configured one. A new directory gets a planned identity
+/// (`random_id`, the configured shards or `available_cores`), written only
+/// by [`DataDir::persist`]: a start that fails before that leaves the
+/// shape free for the next one.
+pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64) -> anyhow::Result<DataDir> {
+    config.validate()?;
     let path = config.data_dir.clone();
     std::fs::create_dir_all(&path).with_context(|| format!("creating data directory {}", path.display()))?;
     let lock = OpenOptions::new()
@@ -146,7 +221,7 @@ pub fn open_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
     }
     let node_path = path.join(NODE_FILE);
     let partitions = config.storage.partitions;
-    let node = if node_path.exists() {
+    if node_path.exists() {
         let text = std::fs::read_to_string(&node_path).with_context(|| format!("reading {}", node_path.display()))?;
         let node: NodeFile = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid NODE file of this Gyre version", node_path.display()))?;
@@ -170,25 +245,44 @@ pub fn open_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         if node.partitions != partitions {
             bail!("{} was created with {} partitions, not {partitions}", path.display(), node.partitions);
         }
-        node
+        Ok(DataDir { path, node, planned: false, _lock: lock })
     } else {
         let shards = config.shards.unwrap_or(available_cores).max(1);
         if shards > MAX_SHARDS {
             bail!("{shards} shards is more than the limit of {MAX_SHARDS}");
         }
         let node = NodeFile { version: NODE_FILE_VERSION, node_id: random_id, shards, partitions };
-        let tmp = path.join("NODE.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(&node)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &node_path)?;
-        File::open(&path)?.sync_all()?;
-        node
-    };
-    Ok(DataDir { path, node, _lock: lock })
+        Ok(DataDir { path, node, planned: true, _lock: lock })
+    }
 }
 
 impl DataDir {
+    /// Whether the directory's `NODE` file is not written yet.
+    pub fn is_new(&self) -> bool {
+        self.planned
+    }
+
+    /// Writes a new directory's `NODE` file (durably), fixing its shape;
+    /// nothing for a directory that has one. No shard may be opened
+    /// before this.
+    pub fn persist(&mut self) -> anyhow::Result<()> {
+        if !self.planned {
+            return Ok(());
+        }
+        let node_path = self.path.join(NODE_FILE);
+        let tmp = self.path.join("NODE.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(serde_json::to_string_pretty(&self.node)?.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &node_path)?;
+            File::open(&self.path)?.sync_all()
+        };
+        write().with_context(|| format!("writing {}", node_path.display()))?;
+        self.planned = false;
+        Ok(())
+    }
+
     /// Directory of shard `i`'s storage engine.
     pub fn shard_dir(&self, shard: usize) -> PathBuf {
         self.path.join(format!("shard-{shard:03}"))
@@ -224,5 +318,52 @@ mod tests {
         let any = NodeConfig { shards: None, ..config };
         let d = open_data_dir(&any, 8, 44).unwrap();
         assert_eq!((d.node.shards, d.node.node_id), (2, 42), "identity comes from the directory");
+    }
+
+    #[test]
+    fn storage_settings_of_the_top_level_are_refused_in_the_storage_table() {
+        for (key, value) in [("max_value_len", "100"), ("fsync", "\"never\"")] {
+            let text = format!("[storage]\n{key} = {value}\n");
+            let err = toml::from_str::<NodeConfig>(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("set the top-level `{key}`")), "{err}");
+        }
+        // The rest of the table is read as before, unknown keys still fail.
+        let c: NodeConfig =
+            toml::from_str("max_value_len = 100\n[storage]\ncache_bytes = 0\npreallocate = false\n").unwrap();
+        assert_eq!((c.max_value_len, c.storage.cache_bytes, c.storage.preallocate), (100, 0, false));
+        assert!(toml::from_str::<NodeConfig>("[storage]\nsegment_sise = 1\n").is_err());
+        // A written configuration reads back.
+        let c = NodeConfig { max_value_len: 100, fsync: FsyncPolicy::Never, ..Default::default() };
+        let back: NodeConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!((back.max_value_len, back.fsync, back.storage), (100, FsyncPolicy::Never, c.storage));
+    }
+
+    #[test]
+    fn a_refused_configuration_leaves_the_data_directory_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let ok = NodeConfig { data_dir: dir.clone(), shards: Some(2), ..Default::default() };
+        let bad = [
+            NodeConfig { max_value_len: 0, ..ok.clone() },
+            NodeConfig { max_value_len: VALUE_LEN_HARD_CAP + 1, ..ok.clone() },
+            NodeConfig { shards: Some(0), ..ok.clone() },
+            NodeConfig { shards: Some(MAX_SHARDS + 1), ..ok.clone() },
+            NodeConfig { listen: "127.0.0.1:65535".parse().unwrap(), ..ok.clone() },
+            NodeConfig { storage: EngineConfig { segment_size: 4097, ..Default::default() }, ..ok.clone() },
+        ];
+        for config in &bad {
+            assert!(config.validate().is_err(), "{config:?}");
+            assert!(open_data_dir(config, 8, 42).is_err(), "{config:?}");
+            assert!(!dir.exists(), "a refused start created {}", dir.display());
+        }
+        ok.validate().unwrap();
+        // Locked but not persisted: the shape is still free.
+        let d = lock_data_dir(&ok, 8, 42).unwrap();
+        assert!(d.is_new() && !dir.join(NODE_FILE).exists());
+        drop(d);
+        let one = NodeConfig { shards: Some(1), ..ok };
+        let d = open_data_dir(&one, 8, 43).unwrap();
+        assert!(!d.is_new());
+        assert_eq!((d.node.shards, d.node.node_id), (1, 43));
     }
 }

@@ -475,8 +475,11 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             Some(cluster)
         }
     };
-    let data = open_data_dir(&config, cores, fastrand::u64(1..))?;
+    // Every setting is checked before anything is created or written in
+    // the data directory: a refused start must not fix its shape.
+    config.validate()?;
     let engine_config = config.engine_config()?;
+    let mut data = config::lock_data_dir(&config, cores, fastrand::u64(1..))?;
     let shards = data.node.shards;
     // Bind every listener here so that a taken port fails the start with
     // a clear error before any shard runs.
@@ -492,6 +495,9 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         listeners.push(l);
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    // Every port is ours: a new directory's shape is fixed now, before
+    // any shard opens its storage.
+    data.persist()?;
     let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
