@@ -319,6 +319,10 @@ struct NodeArgs {
     /// Largest value accepted, in bytes [default: 1048576].
     #[arg(long)]
     max_value_len: Option<usize>,
+    /// Client connections each shard serves at once; the next is refused
+    /// (Overloaded) [default: 10000].
+    #[arg(long)]
+    max_connections: Option<u64>,
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
@@ -369,6 +373,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.shards = args.shards.or(config.shards);
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
+    config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.pin &= !args.no_pin;
     config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
     config.cluster = args.cluster.or(config.cluster);

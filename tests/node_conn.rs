@@ -99,3 +99,38 @@ fn a_value_over_the_limit_is_refused_with_a_reason_and_the_connection_goes_on() 
     assert!(client.get(b"big").unwrap().values.is_empty(), "nothing of the big value was stored");
     assert_eq!(client.get(b"after-65536").unwrap().values, vec![b"ok".to_vec()]);
 }
+
+#[test]
+fn connections_past_the_limit_are_refused_with_a_reason_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1", "--max-connections", "2"]);
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(node.addr()).unwrap()).collect();
+    // The third: one Overloaded error frame, then the end of stream.
+    let mut third = TcpStream::connect(node.addr()).unwrap();
+    third.set_read_timeout(Some(NOTICE)).unwrap();
+    let mut bytes = Vec::new();
+    third.read_to_end(&mut bytes).expect("refused and closed");
+    let (h, total) = wire::split_frame(&bytes, wire::MAX_BODY_LEN).unwrap().expect("an error frame");
+    assert_eq!(total, bytes.len());
+    let Response::Error { code, message } = Response::decode(h.opcode, &bytes[HEADER_LEN..]).unwrap() else {
+        panic!("not an error frame")
+    };
+    assert_eq!(code, ErrorCode::Overloaded);
+    assert!(message.contains("at most 2"), "{message}");
+    // Once one of the two closes, a new client is served.
+    drop(held);
+    let deadline = Instant::now() + NOTICE;
+    loop {
+        let served = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default())
+            .and_then(|mut c| c.call(&Request::Ping, ANY_SHARD));
+        match served {
+            Ok(reply) => {
+                assert!(matches!(reply, Reply::Pong(_)), "{reply:?}");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => drop(e),
+            Err(e) => panic!("still refused after the held connections closed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -30,6 +30,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// ranges (version 1 directories were laid out by `p mod shards`, so their
 /// keys would be looked for on the wrong shard: refused).
 pub const NODE_FILE_VERSION: u32 = 2;
+/// Client connections a shard serves at once by default. Redis's default
+/// `maxclients` is the same figure for a whole server: past it a client
+/// does better to hear no at once than to wait on a node out of
+/// descriptors or memory. (A node raises its descriptor limit at start.)
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Most shards a node runs (shard ids are a `u16` on the wire, and
 /// 0xFFFF means "any").
 pub const MAX_SHARDS: usize = 1024;
@@ -48,6 +53,9 @@ pub struct NodeConfig {
     pub shards: Option<usize>,
     /// Largest value a client may write.
     pub max_value_len: usize,
+    /// Client connections each shard serves at once; the next is answered
+    /// `Overloaded` and closed.
+    pub max_connections: u64,
     /// Durability of acknowledged writes: "always", "interval(ms)", "never".
     pub fsync: FsyncPolicy,
     /// Per-shard storage settings. Its `fsync` and `max_value_len` are
@@ -75,6 +83,7 @@ impl Default for NodeConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             shards: None,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             fsync: FsyncPolicy::Always,
             storage: EngineConfig::default(),
             pin: true,
@@ -100,6 +109,9 @@ impl NodeConfig {
     /// first start).
     pub fn validate(&self) -> anyhow::Result<()> {
         self.engine_config()?;
+        if self.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
         if let Some(shards) = self.shards {
             if !(1..=MAX_SHARDS).contains(&shards) {
                 bail!("shards {shards} must be between 1 and {MAX_SHARDS}");

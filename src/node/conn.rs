@@ -210,9 +210,10 @@ impl Drop for OpenGuard {
 }
 
 /// Serves one connection until the client closes it, a frame is bad, a
-/// write fails, or the node shuts down.
+/// write fails, or the node shuts down. The accept loop counted it open
+/// (so that connections accepted in one go are counted against the limit
+/// before any of them runs); this takes it off the count at the end.
 pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
-    bump(&shard.counters.connections_open, 1);
     let _open = OpenGuard(shard.clone());
     let sock = Rc::new(sock);
     let out = Rc::new(Outbox::default());

@@ -63,6 +63,31 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const BIND_RETRY: Duration = Duration::from_secs(1);
 /// How often compaction looks for work.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
+/// How long a shard waits before accepting again after `accept` failed
+/// (out of descriptors, say): the listener stays readable, so retrying at
+/// once would spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Raises the process's soft limit on open descriptors to its hard
+/// limit (as Redis does for its `maxclients`): every client connection is
+/// a descriptor, and the usual soft limit of 1,024 would refuse clients
+/// long before memory or CPU run short. Returns the limit now in force.
+fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
 
 /// A message between shards.
 enum Cross {
@@ -83,6 +108,8 @@ pub(crate) fn bump(c: &Cell<u64>, n: u64) {
 pub struct ShardCounters {
     pub connections_accepted: Cell<u64>,
     pub connections_open: Cell<u64>,
+    /// Connections refused at the configured `max_connections`.
+    pub connections_refused: Cell<u64>,
     pub requests: Cell<u64>,
     /// Requests this shard received for keys another shard owns.
     pub forwarded_out: Cell<u64>,
@@ -481,6 +508,15 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let engine_config = config.engine_config()?;
     let mut data = config::lock_data_dir(&config, cores, fastrand::u64(1..))?;
     let shards = data.node.shards;
+    match raise_fd_limit() {
+        Ok(limit) if limit < shards as u64 * config.max_connections => tracing::info!(
+            limit,
+            max_connections = config.max_connections,
+            "the descriptor limit caps client connections below max_connections per shard"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the descriptor limit"),
+    }
     // Bind every listener here so that a taken port fails the start with
     // a clear error before any shard runs.
     let mut listeners = Vec::with_capacity(shards);
@@ -521,6 +557,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             dir: data.shard_dir(i),
             engine_config: engine_config.clone(),
             max_value_len: config.max_value_len,
+            max_connections: config.max_connections,
             max_body,
             listener_fd: listener.into_raw_fd(),
             mesh: mesh.clone(),
@@ -599,6 +636,7 @@ struct ShardSetup {
     dir: std::path::PathBuf,
     engine_config: crate::storage::EngineConfig,
     max_value_len: usize,
+    max_connections: u64,
     max_body: usize,
     listener_fd: std::os::fd::RawFd,
     mesh: MeshBuilder<Cross, glommio::channels::channel_mesh::Full>,
@@ -677,6 +715,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     let front_task = glommio::spawn_local(front.clone().run());
     s.ready.fetch_add(1, Ordering::SeqCst);
     // Accept until shutdown.
+    let mut accept_failing = false;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.shutdown_requested().await;
@@ -686,17 +725,28 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         match accepted {
             None => break,
             Some(Ok(fd)) => {
+                accept_failing = false;
                 bump(&shard.counters.connections_accepted, 1);
+                if shard.counters.connections_open.get() >= s.max_connections {
+                    bump(&shard.counters.connections_refused, 1);
+                    refuse_connection(&shard, fd, s.max_connections);
+                    continue;
+                }
                 match front.register(fd) {
                     Ok(sock) => {
+                        bump(&shard.counters.connections_open, 1);
                         glommio::spawn_local(conn::serve(shard.clone(), sock)).detach();
                     }
                     Err(e) => tracing::warn!(shard = s.id, error = %e, "registering a connection failed"),
                 }
             }
             Some(Err(e)) => {
-                tracing::warn!(shard = s.id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                // Said once per run of failures (out of descriptors fails
+                // every try until a connection closes).
+                if !std::mem::replace(&mut accept_failing, true) {
+                    tracing::warn!(shard = s.id, error = %e, "accept failed; retrying every {ACCEPT_RETRY:?}");
+                }
+                glommio::timer::sleep(ACCEPT_RETRY).await;
             }
         }
     }
@@ -738,6 +788,16 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     engine.close().await.context("flushing the log at shutdown")?;
     tracing::info!(shard = s.id, "shard stopped");
     Ok(())
+}
+
+/// Tells a client over the connection limit why, then closes its socket:
+/// one `Overloaded` error frame (request id 0, as no request was read),
+/// sent without waiting (a new socket's buffer takes it).
+fn refuse_connection(shard: &Shard, fd: std::os::fd::OwnedFd, max: u64) {
+    let message = format!("too many connections: this shard serves at most {max}");
+    let frame = shard.error_frame(0, ErrorCode::Overloaded, &message);
+    let stream = std::net::TcpStream::from(fd);
+    let _ = std::io::Write::write(&mut &stream, &frame);
 }
 
 /// The reply to a frame whose header is unreadable (named by its request
