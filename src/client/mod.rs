@@ -105,16 +105,23 @@ impl fmt::Debug for Context {
 
 impl FromStr for Context {
     type Err = String;
+    /// Parses hex digits (either case; surrounding whitespace ignored).
+    /// Any other input, non-ASCII included, is an error, never a panic.
     fn from_str(s: &str) -> Result<Context, String> {
         let s = s.trim();
-        if !s.len().is_multiple_of(2) || s.len() / 2 > MAX_CONTEXT_LEN {
+        // Bytes, not `&str` slices: a slice could split a multi-byte
+        // character, and `u8::from_str_radix` would accept a sign.
+        let digits = s.as_bytes();
+        if !digits.len().is_multiple_of(2) || digits.len() / 2 > MAX_CONTEXT_LEN {
             return Err("a context is an even number of hex digits, as printed by get".into());
         }
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("not hex: {s:?}")))
-            .collect::<Result<_, _>>()
+        let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+        digits
+            .chunks_exact(2)
+            .map(|pair| Some(hex(pair[0])? << 4 | hex(pair[1])?))
+            .collect::<Option<Vec<u8>>>()
             .map(Context)
+            .ok_or_else(|| format!("not hex: {s:?}"))
     }
 }
 
@@ -200,8 +207,16 @@ pub fn check_request(req: &Request<'_>) -> Result<()> {
 /// Settings of a client.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
+    /// How long opening one connection may take (within what is left of
+    /// the call's `request_timeout`); for the first connection to a node,
+    /// that includes the PING that learns its shard layout.
     pub connect_timeout: Duration,
-    /// How long a request may wait for its reply.
+    /// How long one call of a client (`get`, `put`, `delete`, `get_many`,
+    /// `ping`, `stats`, `fetch_ring`, `connect_with`...) may take in all:
+    /// its connection attempts, its retry of a read and its moves to other
+    /// replicas share this one deadline, each getting what is left of it.
+    /// [`Client::update`] is several calls, each with its own. On a bare
+    /// [`Connection`], each `recv` (or `call`) may wait this long.
     pub request_timeout: Duration,
     /// Send each key straight to the shard that owns it on the node it
     /// goes to (otherwise to that node's listed address, the one given or
@@ -222,6 +237,33 @@ impl Default for ClientConfig {
     }
 }
 
+/// How far a socket's read or write timeout may be from what is left of a
+/// call before it is set again: a read may overrun the call's deadline by
+/// this much, and a call that starts with a full timeout makes no
+/// `setsockopt`.
+const SOCKET_TIMEOUT_SLACK: Duration = Duration::from_millis(2);
+
+/// What is left until `deadline` (zero once it has passed).
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Whether an I/O error is a socket timeout expiring.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// The error of a failed connect to `addr` that was given `limit`: a
+/// timeout is [`ClientError::Timeout`] (as in the async client), anything
+/// else [`ClientError::Io`].
+pub(crate) fn connect_error(addr: SocketAddr, source: io::Error, limit: Duration) -> ClientError {
+    if is_timeout(&source) {
+        ClientError::Timeout { addr, timeout: limit }
+    } else {
+        ClientError::Io { addr, source }
+    }
+}
+
 /// One connection to one shard, with pipelining: [`Connection::send`] any
 /// number of requests, then [`Connection::recv`] their replies, matched by
 /// the ids `send` returned (they may come back in any order).
@@ -234,6 +276,9 @@ pub struct Connection {
     wbuf: Vec<u8>,
     next_id: u64,
     timeout: Duration,
+    /// The socket's read and write timeouts as last set.
+    read_timeout: Duration,
+    write_timeout: Duration,
     /// Set after any I/O or protocol error: the stream's position in the
     /// frame sequence is unknown, so it must not be used again.
     broken: bool,
@@ -243,9 +288,24 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Connects within `config.connect_timeout` (a timeout is
+    /// [`ClientError::Timeout`]).
     pub fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<Connection> {
+        Connection::connect_within(addr, config, config.connect_timeout)
+    }
+
+    /// Connects within `config.connect_timeout` and before `deadline`.
+    fn open(addr: SocketAddr, config: &ClientConfig, deadline: Instant) -> Result<Connection> {
+        let limit = config.connect_timeout.min(left(deadline));
+        if limit.is_zero() {
+            return Err(ClientError::Timeout { addr, timeout: config.request_timeout });
+        }
+        Connection::connect_within(addr, config, limit)
+    }
+
+    fn connect_within(addr: SocketAddr, config: &ClientConfig, limit: Duration) -> Result<Connection> {
+        let stream = TcpStream::connect_timeout(&addr, limit).map_err(|e| connect_error(addr, e, limit))?;
         let io = |source| ClientError::Io { addr, source };
-        let stream = TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(Some(config.request_timeout)).map_err(io)?;
         stream.set_write_timeout(Some(config.request_timeout)).map_err(io)?;
@@ -256,6 +316,8 @@ impl Connection {
             wbuf: Vec::new(),
             next_id: 1,
             timeout: config.request_timeout,
+            read_timeout: config.request_timeout,
+            write_timeout: config.request_timeout,
             broken: false,
             stale_route: false,
         })
@@ -277,29 +339,81 @@ impl Connection {
 
     /// [`Self::send`] with R/W overrides for a GET, PUT or DELETE.
     pub fn send_with(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<u64> {
+        self.queue(req, shard, quorum, self.timeout)
+    }
+
+    /// Queues a request the node may start within `budget`: the node drops
+    /// it instead of running it once the client has stopped waiting.
+    fn queue(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum, budget: Duration) -> Result<u64> {
         check_request(req)?;
         let id = self.next_id;
         self.next_id += 1;
-        // The node drops the request instead of running it once the client
-        // has stopped waiting for it.
-        let deadline_us = self.timeout.as_micros().min(u32::MAX as u128) as u32;
+        let deadline_us = budget.as_micros().clamp(1, u32::MAX as u128) as u32;
         req.encode_with(&mut self.wbuf, id, shard, deadline_us, quorum);
         Ok(id)
     }
 
-    /// Writes every queued request.
+    /// Writes every queued request (within the request timeout).
     pub fn flush(&mut self) -> Result<()> {
-        if self.wbuf.is_empty() {
+        self.flush_until(Instant::now() + self.timeout)
+    }
+
+    /// Writes every queued request before `deadline`.
+    fn flush_until(&mut self, deadline: Instant) -> Result<()> {
+        let mut at = 0;
+        while at < self.wbuf.len() {
+            let res = match self.arm(deadline, true) {
+                Ok(()) => self.stream.write(&self.wbuf[at..]),
+                Err(e) => {
+                    self.wbuf.clear();
+                    return Err(e);
+                }
+            };
+            match res {
+                Ok(0) => {
+                    self.wbuf.clear();
+                    return Err(self.fail(io::Error::new(io::ErrorKind::WriteZero, "the node stopped reading")));
+                }
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The socket's timeout was shorter than what is left.
+                Err(e) if is_timeout(&e) && Instant::now() < deadline => {}
+                Err(e) => {
+                    self.wbuf.clear();
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Before a blocking read (or write): fails with a timeout once
+    /// `deadline` has passed, else makes the socket's timeout what is left
+    /// (unless it is already within [`SOCKET_TIMEOUT_SLACK`] of it).
+    fn arm(&mut self, deadline: Instant, write: bool) -> Result<()> {
+        let left = left(deadline);
+        if left.is_zero() {
+            return Err(self.fail(io::ErrorKind::TimedOut.into()));
+        }
+        let set = if write { self.write_timeout } else { self.read_timeout };
+        if set.abs_diff(left) <= SOCKET_TIMEOUT_SLACK {
             return Ok(());
         }
-        let res = self.stream.write_all(&self.wbuf);
-        self.wbuf.clear();
-        res.map_err(|e| self.fail(e))
+        let res =
+            if write { self.stream.set_write_timeout(Some(left)) } else { self.stream.set_read_timeout(Some(left)) };
+        res.map_err(|e| self.fail(e))?;
+        if write {
+            self.write_timeout = left;
+        } else {
+            self.read_timeout = left;
+        }
+        Ok(())
     }
 
     fn fail(&mut self, e: io::Error) -> ClientError {
         self.broken = true;
-        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        if is_timeout(&e) {
             ClientError::Timeout { addr: self.addr, timeout: self.timeout }
         } else {
             ClientError::Io { addr: self.addr, source: e }
@@ -312,9 +426,15 @@ impl Connection {
     }
 
     /// The next reply: its request id and the reply (an error reply is
-    /// `Err(ClientError::Server)` in the second field).
+    /// `Err(ClientError::Server)` in the second field). Waits up to the
+    /// request timeout.
     pub fn recv(&mut self) -> Result<(u64, Result<Reply>)> {
-        self.flush()?;
+        self.recv_until(Instant::now() + self.timeout)
+    }
+
+    /// [`Self::recv`] that gives up at `deadline`.
+    fn recv_until(&mut self, deadline: Instant) -> Result<(u64, Result<Reply>)> {
+        self.flush_until(deadline)?;
         loop {
             match split_frame(&self.rbuf, MAX_BODY_LEN) {
                 Ok(Some((header, total))) => {
@@ -331,12 +451,16 @@ impl Connection {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(e.to_string())),
             }
+            self.arm(deadline, false)?;
             let at = self.rbuf.len();
             self.rbuf.resize(at + 64 * 1024, 0);
             let n = match self.stream.read(&mut self.rbuf[at..]) {
                 Ok(n) => n,
                 Err(e) => {
                     self.rbuf.truncate(at);
+                    if e.kind() == io::ErrorKind::Interrupted || (is_timeout(&e) && Instant::now() < deadline) {
+                        continue;
+                    }
                     return Err(self.fail(e));
                 }
             };
@@ -355,12 +479,36 @@ impl Connection {
 
     /// [`Self::call`] with R/W overrides.
     pub fn call_with(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<Reply> {
-        let id = self.send_with(req, shard, quorum)?;
-        let (got, reply) = self.recv()?;
+        self.call_until(req, shard, quorum, Instant::now() + self.timeout)
+    }
+
+    /// [`Self::call_with`] that gives up at `deadline`.
+    fn call_until(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum, deadline: Instant) -> Result<Reply> {
+        let id = self.queue(req, shard, quorum, left(deadline))?;
+        let (got, reply) = self.recv_until(deadline)?;
         if got != id {
             return Err(self.protocol(format!("reply to request {got} while waiting for {id}")));
         }
         reply
+    }
+}
+
+/// The deadline of a handshake with a node (its TCP connect and the PING
+/// that learns its shard layout) that starts now in a call ending at
+/// `deadline`, and how long that gives it: at most `connect_timeout`, so
+/// that a node that accepts connections but never answers (a stopped
+/// process) leaves the rest of the call to the other replicas.
+pub(crate) fn handshake_deadline(config: &ClientConfig, deadline: Instant) -> (Instant, Duration) {
+    let now = Instant::now();
+    let deadline = deadline.min(now + config.connect_timeout);
+    (deadline, deadline.saturating_duration_since(now))
+}
+
+/// A handshake's timeout says how long the handshake had.
+pub(crate) fn handshake_error(e: ClientError, limit: Duration) -> ClientError {
+    match e {
+        ClientError::Timeout { addr, .. } => ClientError::Timeout { addr, timeout: limit },
+        other => other,
     }
 }
 
@@ -375,10 +523,14 @@ struct NodeConns {
 }
 
 impl NodeConns {
-    /// Connects to a node and learns its shard layout with a PING.
-    fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<NodeConns> {
-        let mut conn = Connection::connect(addr, config)?;
-        let info = match conn.call(&Request::Ping, ANY_SHARD)? {
+    /// Connects to a node and learns its shard layout with a PING, before
+    /// `deadline` and within `config.connect_timeout` (see
+    /// [`handshake_deadline`]).
+    fn connect(addr: SocketAddr, config: &ClientConfig, deadline: Instant) -> Result<NodeConns> {
+        let (deadline, limit) = handshake_deadline(config, deadline);
+        let mut conn = Connection::open(addr, config, deadline)?;
+        let ping = conn.call_until(&Request::Ping, ANY_SHARD, Quorum::default(), deadline);
+        let info = match ping.map_err(|e| handshake_error(e, limit))? {
             Reply::Pong(info) => info,
             other => return Err(conn.protocol(format!("PING answered with {other:?}"))),
         };
@@ -398,32 +550,41 @@ impl NodeConns {
         slot_for(&self.info, key, shard_aware)
     }
 
-    fn conn(&mut self, slot: usize, config: &ClientConfig) -> Result<&mut Connection> {
+    /// The connection of `slot`, opened (before `deadline`) if it has none
+    /// or its last one broke.
+    fn conn(&mut self, slot: usize, config: &ClientConfig, deadline: Instant) -> Result<&mut Connection> {
         if self.conns[slot].as_ref().is_some_and(Connection::is_broken) {
             self.conns[slot] = None;
         }
         if self.conns[slot].is_none() {
             let addr =
                 if config.shard_aware { SocketAddr::new(self.addr.ip(), self.info.ports[slot]) } else { self.addr };
-            self.conns[slot] = Some(Connection::connect(addr, config)?);
+            self.conns[slot] = Some(Connection::open(addr, config, deadline)?);
         }
         Ok(self.conns[slot].as_mut().expect("connected above"))
     }
 
-    /// Sends one request to the right shard; reads are retried once on a
-    /// fresh connection after an I/O error. Also returns whether the reply
-    /// said the client's ring is stale.
-    fn call(&mut self, req: &Request<'_>, quorum: Quorum, config: &ClientConfig) -> (Result<Reply>, bool) {
+    /// Sends one request to the right shard and waits for its reply until
+    /// `deadline`; reads are retried once on a fresh connection after an
+    /// I/O error, if time is left. Also returns whether the reply said the
+    /// client's ring is stale.
+    fn call(
+        &mut self,
+        req: &Request<'_>,
+        quorum: Quorum,
+        config: &ClientConfig,
+        deadline: Instant,
+    ) -> (Result<Reply>, bool) {
         let (slot, shard) = self.slot_for(req.key(), config.shard_aware);
         let retry = req.is_idempotent();
         let mut once = || -> Result<(Reply, bool)> {
-            let c = self.conn(slot, config)?;
-            let reply = c.call_with(req, shard, quorum);
+            let c = self.conn(slot, config, deadline)?;
+            let reply = c.call_until(req, shard, quorum, deadline);
             let stale = std::mem::take(&mut c.stale_route);
             reply.map(|r| (r, stale))
         };
         let res = match once() {
-            Err(ClientError::Io { .. }) if retry => once(),
+            Err(ClientError::Io { .. }) if retry && Instant::now() < deadline => once(),
             other => other,
         };
         match res {
@@ -546,14 +707,22 @@ impl Client {
     /// Connects to a node, learns its shard layout with a PING and, when
     /// routing by the ring, fetches the cluster's ring (a lone node has
     /// none: every request then goes to it).
+    /// All of it is one call: it ends within `config.request_timeout`.
     pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client> {
-        let seed = NodeConns::connect(resolve(addr)?, &config)?;
+        let addr = resolve(addr)?;
+        let deadline = Instant::now() + config.request_timeout;
+        let seed = NodeConns::connect(addr, &config, deadline)?;
         let mut client =
             Client { config, seed, ring: None, members: Vec::new(), down_until: Vec::new(), quorum: Quorum::default() };
         if client.config.routing == Routing::Client {
-            client.refresh_ring()?;
+            client.refresh_ring_until(deadline)?;
         }
         Ok(client)
+    }
+
+    /// The deadline of a call starting now.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.config.request_timeout
     }
 
     /// Sets R/W overrides for every later GET, PUT and DELETE (0: the
@@ -564,14 +733,22 @@ impl Client {
 
     /// Asks the seed node for the cluster's ring.
     pub fn fetch_ring(&mut self) -> Result<RingView> {
-        let reply = self.seed.call(&Request::Ring, Quorum::default(), &self.config).0?;
+        self.fetch_ring_until(self.deadline())
+    }
+
+    fn fetch_ring_until(&mut self, deadline: Instant) -> Result<RingView> {
+        let reply = self.seed.call(&Request::Ring, Quorum::default(), &self.config, deadline).0?;
         ring_view(self.seed.addr, reply)
     }
 
     /// Fetches the ring again (after a node said it is stale); a lone
     /// node leaves the client without one.
     pub fn refresh_ring(&mut self) -> Result<()> {
-        match self.fetch_ring() {
+        self.refresh_ring_until(self.deadline())
+    }
+
+    fn refresh_ring_until(&mut self, deadline: Instant) -> Result<()> {
+        match self.fetch_ring_until(deadline) {
             Ok(view) => {
                 if self.ring.as_ref().is_none_or(|old| old.ring != view.ring) {
                     self.members = (0..view.ring.members().len()).map(|_| None).collect();
@@ -612,30 +789,37 @@ impl Client {
     /// to the next replica when one cannot be connected to (nothing was
     /// sent), and for a read also when the connection fails; a write that
     /// may have been sent is never sent again (it could add a sibling).
+    /// All of that shares one deadline, `request_timeout` from now.
     pub fn call(&mut self, req: &Request<'_>) -> Result<Reply> {
+        let deadline = self.deadline();
         let targets = self.targets(req);
         let (reply, stale) = if targets.is_empty() {
-            self.seed.call(req, self.quorum, &self.config)
+            self.seed.call(req, self.quorum, &self.config, deadline)
         } else {
-            self.call_replicas(req, &targets)
+            self.call_replicas(req, &targets, deadline)
         };
-        if stale && self.config.routing == Routing::Client {
-            // Best effort: the reply itself is good either way.
-            let _ = self.refresh_ring();
+        if stale && self.config.routing == Routing::Client && Instant::now() < deadline {
+            // Best effort, in what is left of the call: the reply itself
+            // is good either way.
+            let _ = self.refresh_ring_until(deadline);
         }
         reply
     }
 
-    fn call_replicas(&mut self, req: &Request<'_>, targets: &[MemberIdx]) -> (Result<Reply>, bool) {
+    fn call_replicas(&mut self, req: &Request<'_>, targets: &[MemberIdx], deadline: Instant) -> (Result<Reply>, bool) {
         let is_read = matches!(req, Request::Get { .. });
         let now = Instant::now();
         let order = up_first(targets, &self.down_until, now);
         let mut last = None;
         for m in order {
             let i = m as usize;
+            let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
+            if let Some(e) = last.take_if(|_| Instant::now() >= deadline) {
+                // Out of time: the replicas not tried are not marked down.
+                return (Err(e), false);
+            }
             if self.members[i].is_none() {
-                let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
-                match NodeConns::connect(addr, &self.config) {
+                match NodeConns::connect(addr, &self.config, deadline) {
                     Ok(n) => self.members[i] = Some(n),
                     Err(e) => {
                         self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
@@ -646,12 +830,12 @@ impl Client {
             }
             let node = self.members[i].as_mut().expect("connected above");
             let (slot, _) = node.slot_for(req.key(), self.config.shard_aware);
-            if let Err(e) = node.conn(slot, &self.config) {
+            if let Err(e) = node.conn(slot, &self.config, deadline) {
                 self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
                 last = Some(e);
                 continue;
             }
-            let (reply, stale) = node.call(req, self.quorum, &self.config);
+            let (reply, stale) = node.call(req, self.quorum, &self.config, deadline);
             if is_read && matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
                 self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
                 last = reply.err();
@@ -707,25 +891,57 @@ impl Client {
     }
 
     /// Pipelined gets to the seed node: every request is sent before any
-    /// reply is read.
+    /// reply is read. One call: it ends within the request timeout. A key
+    /// the protocol refuses fails the whole call before anything is sent;
+    /// an error reply fails only its key. After any other error the
+    /// connections that still owed replies are closed, so that no stale
+    /// reply reaches a later call.
     pub fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Result<Versions>>> {
-        let mut ids = Vec::with_capacity(keys.len());
-        for k in keys {
-            let (slot, shard) = self.seed.slot_for(Some(k), self.config.shard_aware);
-            let id = self.seed.conn(slot, &self.config)?.send_with(&Request::Get { key: k }, shard, self.quorum)?;
-            ids.push((slot, id));
+        for key in keys {
+            check_request(&Request::Get { key })?;
+        }
+        let deadline = self.deadline();
+        // Replies each connection still owes this call.
+        let mut owed = vec![0usize; self.seed.conns.len()];
+        let res = self.get_many_until(keys, deadline, &mut owed);
+        if res.is_err() {
+            for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
+                self.seed.conns[slot] = None;
+            }
+        }
+        res
+    }
+
+    fn get_many_until(
+        &mut self,
+        keys: &[&[u8]],
+        deadline: Instant,
+        owed: &mut [usize],
+    ) -> Result<Vec<Result<Versions>>> {
+        let mut slots = Vec::with_capacity(keys.len());
+        let mut by_id = std::collections::HashMap::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let (slot, shard) = self.seed.slot_for(Some(key), self.config.shard_aware);
+            let c = self.seed.conn(slot, &self.config, deadline)?;
+            let id = c.queue(&Request::Get { key }, shard, self.quorum, left(deadline))?;
+            owed[slot] += 1;
+            by_id.insert((slot, id), i);
+            slots.push(slot);
+        }
+        for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
+            self.seed.conn(slot, &self.config, deadline)?.flush_until(deadline)?;
         }
         let mut results: Vec<Option<Result<Versions>>> = (0..keys.len()).map(|_| None).collect();
-        let mut by_id = std::collections::HashMap::new();
-        for (i, (slot, id)) in ids.iter().enumerate() {
-            by_id.insert((*slot, *id), i);
-        }
-        for (slot, _) in &ids {
-            let c = self.seed.conn(*slot, &self.config)?;
-            let (id, reply) = c.recv()?;
-            let Some(&i) = by_id.get(&(*slot, id)) else {
+        // One reply per request, read from the connection it was sent on;
+        // replies on one connection may come in any order.
+        for slot in slots {
+            let c = self.seed.conn(slot, &self.config, deadline)?;
+            let (id, reply) = c.recv_until(deadline)?;
+            // Removed once answered: a second reply to it is unknown.
+            let Some(i) = by_id.remove(&(slot, id)) else {
                 return Err(c.protocol(format!("reply to unknown request {id}")));
             };
+            owed[slot] -= 1;
             let addr = c.addr;
             results[i] = Some(reply.and_then(|r| match r {
                 Reply::Get(v) => Ok(v),
@@ -737,7 +953,8 @@ impl Client {
 
     /// The seed node's identity (a PING).
     pub fn ping(&mut self) -> Result<NodeInfo> {
-        match self.seed.call(&Request::Ping, Quorum::default(), &self.config).0? {
+        let deadline = self.deadline();
+        match self.seed.call(&Request::Ping, Quorum::default(), &self.config, deadline).0? {
             Reply::Pong(info) => Ok(info),
             other => Err(self.unexpected(other)),
         }
@@ -745,8 +962,10 @@ impl Client {
 
     /// One shard's counters of the seed node, as JSON.
     pub fn stats(&mut self, shard: usize) -> Result<String> {
+        let deadline = self.deadline();
         let slot = if self.config.shard_aware { shard.min(self.seed.conns.len() - 1) } else { 0 };
-        match self.seed.conn(slot, &self.config)?.call(&Request::Stats, slot as u16)? {
+        let c = self.seed.conn(slot, &self.config, deadline)?;
+        match c.call_until(&Request::Stats, slot as u16, Quorum::default(), deadline)? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -769,6 +988,67 @@ mod tests {
         assert_eq!("".parse::<Context>().unwrap(), Context::default());
         assert!("abc".parse::<Context>().is_err());
         assert!("zz".parse::<Context>().is_err());
+    }
+
+    #[test]
+    fn context_parsing_refuses_hostile_text_without_panicking() {
+        let too_long = "00".repeat(MAX_CONTEXT_LEN + 1);
+        let hostile = [
+            "aé1", // 4 bytes: a slice of 2 splits the 'é'
+            "é",
+            "éé",
+            "ab€",
+            "€",
+            "🦀🦀",
+            "0\u{301}",
+            "a",
+            "abc",
+            "+1",
+            "-1",
+            "+f",
+            "0x",
+            "0x01",
+            "zz",
+            "g0",
+            "\0\0",
+            "a b ",
+            too_long.as_str(),
+        ];
+        for text in hostile {
+            let parsed = std::panic::catch_unwind(|| text.parse::<Context>());
+            let parsed = parsed.unwrap_or_else(|_| panic!("parsing {text:?} panicked"));
+            assert!(parsed.is_err(), "{text:?} parsed as {parsed:?}");
+        }
+        // Empty (or blank) text is the documented "no context".
+        assert_eq!("".parse::<Context>(), Ok(Context::default()));
+        assert_eq!(" \n".parse::<Context>(), Ok(Context::default()));
+        assert_eq!(" 0aFf ".parse::<Context>(), Ok(Context(vec![0x0a, 0xff])));
+        assert_eq!("00".repeat(MAX_CONTEXT_LEN).parse::<Context>(), Ok(Context(vec![0; MAX_CONTEXT_LEN])));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn context_parsing_never_panics(text in proptest::prelude::any::<String>()) {
+            let _ = text.parse::<Context>();
+        }
+
+        #[test]
+        fn context_text_roundtrips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let c = Context(bytes);
+            proptest::prop_assert_eq!(c.to_string().parse::<Context>(), Ok(c));
+        }
+    }
+
+    #[test]
+    fn connect_timeouts_are_timeout_errors() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let limit = Duration::from_millis(250);
+        for kind in [io::ErrorKind::TimedOut, io::ErrorKind::WouldBlock] {
+            let e = connect_error(addr, kind.into(), limit);
+            assert!(matches!(e, ClientError::Timeout { addr: a, timeout } if a == addr && timeout == limit), "{e:?}");
+        }
+        let e = connect_error(addr, io::ErrorKind::ConnectionRefused.into(), limit);
+        assert!(matches!(e, ClientError::Io { .. }), "{e:?}");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!
 //! Owns: the per-shard connections (opened lazily, replaced after they
 //! break), their writer and reader tasks, request ids, the in-flight bound
-//! per connection, per-request timeouts, and the async get-merge-put
-//! helper [`AsyncClient::update`].
+//! per connection, per-call deadlines (a call's connects, retry and moves
+//! to other replicas share one `request_timeout`, as in the blocking
+//! client), and the async get-merge-put helper [`AsyncClient::update`].
 //!
 //! A call encodes its frame into the connection's write buffer and waits
 //! on a oneshot; the connection's writer task writes whatever has queued
@@ -18,7 +19,8 @@
 //! [`MAX_IN_FLIGHT`] permits until its reply arrives or the connection
 //! breaks (a caller that timed out or was dropped leaves its entry to be
 //! cleared by the reply). A connection that saw an I/O or protocol error,
-//! or stayed silent for a whole request timeout, is broken: every waiter
+//! or on which a request waited at least half a request timeout, to its
+//! deadline, without a byte read, is broken: every waiter
 //! gets an error, nothing more is written on it, and the next call opens
 //! a new one. A request is resent only if it was never queued (the
 //! connection was already broken), or if it is a read that failed with an
@@ -41,8 +43,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    check_node_info, check_request, ring_targets, ring_view, up_first, ClientConfig, ClientError, Context, Put, Reply,
-    Result, RingView, Routing, Versions, MAX_UPDATE_ATTEMPTS, MEMBER_RETRY_AFTER,
+    check_node_info, check_request, connect_error, handshake_deadline, handshake_error, ring_targets, ring_view,
+    up_first, ClientConfig, ClientError, Context, Put, Reply, Result, RingView, Routing, Versions, MAX_UPDATE_ATTEMPTS,
+    MEMBER_RETRY_AFTER,
 };
 use crate::core::partition;
 use crate::core::ring::MemberIdx;
@@ -93,10 +96,14 @@ struct NodeSlots {
 }
 
 impl NodeSlots {
-    /// Connects to a node and learns its shard layout with a PING.
-    async fn connect(addr: SocketAddr, config: &ClientConfig) -> Result<NodeSlots> {
-        let first = Arc::new(Conn::open(addr, config).await?);
-        let info = match first.call(&Request::Ping, ANY_SHARD, Quorum::default()).await.map_err(Failure::into_error)? {
+    /// Connects to a node and learns its shard layout with a PING, before
+    /// `deadline` and within `config.connect_timeout` (see
+    /// [`handshake_deadline`]).
+    async fn connect(addr: SocketAddr, config: &ClientConfig, deadline: Instant) -> Result<NodeSlots> {
+        let (deadline, limit) = handshake_deadline(config, deadline);
+        let first = Arc::new(Conn::open(addr, config, deadline).await?);
+        let ping = first.call(&Request::Ping, ANY_SHARD, Quorum::default(), deadline).await;
+        let info = match ping.map_err(|e| handshake_error(e.into_error(), limit))? {
             (Reply::Pong(info), _) => info,
             (other, _) => return Err(protocol(addr, format!("PING answered with {other:?}"))),
         };
@@ -118,9 +125,9 @@ impl NodeSlots {
     }
 
     /// Sends one request on `slot` and waits for its reply and whether
-    /// the reply said the ring is stale. Reads are retried once on a fresh
-    /// connection after an I/O error; a connection that cannot be opened
-    /// is `Failure::Unsent`.
+    /// the reply said the ring is stale, until `deadline`. Reads are
+    /// retried once on a fresh connection after an I/O error, if time is
+    /// left; a connection that cannot be opened is `Failure::Unsent`.
     async fn call_on(
         &self,
         slot: usize,
@@ -128,19 +135,21 @@ impl NodeSlots {
         req: &Request<'_>,
         quorum: Quorum,
         config: &ClientConfig,
+        deadline: Instant,
     ) -> Result<(Reply, bool), Failure> {
         let Some(slot) = self.slots.get(slot) else {
             return Err(Failure::Failed(ClientError::Invalid(format!("no shard {slot} on this node"))));
         };
         let read = req.is_idempotent();
-        match slot.conn(config).await.map_err(Failure::Unsent)?.call(req, shard, quorum).await {
+        match slot.conn(config, deadline).await.map_err(Failure::Unsent)?.call(req, shard, quorum, deadline).await {
             Ok(reply) => return Ok(reply),
+            Err(e) if Instant::now() >= deadline => return Err(e),
             // Never queued: resending cannot duplicate it.
             Err(Failure::Unsent(_)) => {}
             Err(Failure::Failed(ClientError::Io { .. })) if read => {}
             Err(e) => return Err(e),
         }
-        slot.conn(config).await.map_err(Failure::Unsent)?.call(req, shard, quorum).await
+        slot.conn(config, deadline).await.map_err(Failure::Unsent)?.call(req, shard, quorum, deadline).await
     }
 }
 
@@ -152,17 +161,24 @@ impl AsyncClient {
 
     /// Connects to a node, learns its shard layout with a PING and, when
     /// routing by the ring, fetches the cluster's ring (a lone node has
-    /// none: every request then goes to it).
+    /// none: every request then goes to it). All of it is one call: it
+    /// ends within `config.request_timeout`.
     pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<AsyncClient> {
         let addr = resolve(addr).await?;
-        let seed = NodeSlots::connect(addr, &config).await?;
+        let deadline = Instant::now() + config.request_timeout;
+        let seed = NodeSlots::connect(addr, &config, deadline).await?;
         let routing = config.routing;
         let client =
             AsyncClient { inner: Arc::new(Inner { config, seed, route: Mutex::new(None) }), quorum: Quorum::default() };
         if routing == Routing::Client {
-            client.refresh_ring().await?;
+            client.refresh_ring_until(deadline).await?;
         }
         Ok(client)
+    }
+
+    /// The deadline of a call starting now.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.config.request_timeout
     }
 
     /// A handle on the same connections that sends `quorum` (R/W
@@ -174,13 +190,21 @@ impl AsyncClient {
 
     /// Asks the seed node for the cluster's ring.
     pub async fn fetch_ring(&self) -> Result<RingView> {
-        let (reply, _) = self.call_seed(0, ANY_SHARD, &Request::Ring).await?;
+        self.fetch_ring_until(self.deadline()).await
+    }
+
+    async fn fetch_ring_until(&self, deadline: Instant) -> Result<RingView> {
+        let (reply, _) = self.call_seed(0, ANY_SHARD, &Request::Ring, deadline).await?;
         ring_view(self.inner.seed.addr, reply)
     }
 
     /// Fetches the ring again; a lone node leaves the client without one.
     pub async fn refresh_ring(&self) -> Result<()> {
-        let view = match self.fetch_ring().await {
+        self.refresh_ring_until(self.deadline()).await
+    }
+
+    async fn refresh_ring_until(&self, deadline: Instant) -> Result<()> {
+        let view = match self.fetch_ring_until(deadline).await {
             Ok(v) => v,
             Err(ClientError::Server { code: ErrorCode::NotClustered, .. }) => {
                 *lock(&self.inner.route) = None;
@@ -216,9 +240,9 @@ impl AsyncClient {
         partition::shard_of(key, info.partitions, info.ports.len())
     }
 
-    async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>) -> Result<(Reply, bool)> {
-        let quorum = self.quorum;
-        self.inner.seed.call_on(slot, shard, req, quorum, &self.inner.config).await.map_err(Failure::into_error)
+    async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>, deadline: Instant) -> Result<(Reply, bool)> {
+        let (quorum, config) = (self.quorum, &self.inner.config);
+        self.inner.seed.call_on(slot, shard, req, quorum, config, deadline).await.map_err(Failure::into_error)
     }
 
     /// Sends one request and waits for its reply (an error reply is
@@ -227,25 +251,34 @@ impl AsyncClient {
     /// Routing by the ring moves on to the next replica when one cannot be
     /// connected to (nothing was sent), and for a read also when the
     /// connection fails; a write that may have been sent is never resent.
+    /// All of that shares one deadline, `request_timeout` from now.
     pub async fn call(&self, req: &Request<'_>) -> Result<Reply> {
         check_request(req)?;
+        let deadline = self.deadline();
         let route = lock(&self.inner.route).clone();
         let targets = route.as_ref().map_or_else(Vec::new, |r| ring_targets(&r.view, req));
         let (reply, stale) = match route {
-            Some(route) if !targets.is_empty() => self.call_replicas(&route, req, &targets).await?,
+            Some(route) if !targets.is_empty() => self.call_replicas(&route, req, &targets, deadline).await?,
             _ => {
                 let (slot, shard) = self.inner.seed.slot_for(req.key(), self.inner.config.shard_aware);
-                self.call_seed(slot, shard, req).await?
+                self.call_seed(slot, shard, req, deadline).await?
             }
         };
-        if stale && self.inner.config.routing == Routing::Client {
-            // Best effort: the reply itself is good either way.
-            let _ = self.refresh_ring().await;
+        if stale && self.inner.config.routing == Routing::Client && Instant::now() < deadline {
+            // Best effort, in what is left of the call: the reply itself
+            // is good either way.
+            let _ = self.refresh_ring_until(deadline).await;
         }
         Ok(reply)
     }
 
-    async fn call_replicas(&self, route: &Route, req: &Request<'_>, targets: &[MemberIdx]) -> Result<(Reply, bool)> {
+    async fn call_replicas(
+        &self,
+        route: &Route,
+        req: &Request<'_>,
+        targets: &[MemberIdx],
+        deadline: Instant,
+    ) -> Result<(Reply, bool)> {
         let config = &self.inner.config;
         let is_read = matches!(req, Request::Get { .. });
         let now = Instant::now();
@@ -254,19 +287,28 @@ impl AsyncClient {
         let mut last = None;
         for m in order {
             let addr = route.view.ring.member(m).addr;
-            let node = match route.members[m as usize]
-                .get_or_try_init(|| async { NodeSlots::connect(addr, config).await.map(Arc::new) })
-                .await
-            {
-                Ok(n) => n.clone(),
-                Err(e) => {
+            if let Some(e) = last.take_if(|_| Instant::now() >= deadline) {
+                // Out of time: the replicas not tried are not marked down.
+                return Err(e);
+            }
+            // Bounded here too: another task may be the one connecting.
+            let init = route.members[m as usize]
+                .get_or_try_init(|| async { NodeSlots::connect(addr, config, deadline).await.map(Arc::new) });
+            let node = match tokio::time::timeout_at(deadline.into(), init).await {
+                Ok(Ok(n)) => n.clone(),
+                Ok(Err(e)) => {
                     mark_down(m);
                     last = Some(e);
                     continue;
                 }
+                Err(_elapsed) => {
+                    mark_down(m);
+                    last = Some(ClientError::Timeout { addr, timeout: config.request_timeout });
+                    continue;
+                }
             };
             let (slot, shard) = node.slot_for(req.key(), config.shard_aware);
-            match node.call_on(slot, shard, req, self.quorum, config).await {
+            match node.call_on(slot, shard, req, self.quorum, config, deadline).await {
                 Err(Failure::Unsent(e)) => {
                     mark_down(m);
                     last = Some(e);
@@ -341,7 +383,7 @@ impl AsyncClient {
     pub async fn stats(&self, shard: usize) -> Result<String> {
         let last = self.inner.seed.slots.len().saturating_sub(1);
         let slot = if self.inner.config.shard_aware { shard.min(last) } else { 0 };
-        match self.call_seed(slot, slot as u16, &Request::Stats).await?.0 {
+        match self.call_seed(slot, slot as u16, &Request::Stats, self.deadline()).await?.0 {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -389,15 +431,19 @@ impl Slot {
         lock(&self.current).as_ref().filter(|c| !c.shared.broken.load(Ordering::Acquire)).cloned()
     }
 
-    async fn conn(&self, config: &ClientConfig) -> Result<Arc<Conn>> {
+    /// The live connection, or a new one opened before `deadline`.
+    async fn conn(&self, config: &ClientConfig, deadline: Instant) -> Result<Arc<Conn>> {
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let _opening = self.opening.lock().await;
+        // Another caller may be opening it, for longer than this one has.
+        let Ok(_opening) = tokio::time::timeout_at(deadline.into(), self.opening.lock()).await else {
+            return Err(ClientError::Timeout { addr: self.addr, timeout: config.request_timeout });
+        };
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let conn = Arc::new(Conn::open(self.addr, config).await?);
+        let conn = Arc::new(Conn::open(self.addr, config, deadline).await?);
         *lock(&self.current) = Some(conn.clone());
         Ok(conn)
     }
@@ -531,13 +577,18 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, config: &ClientConfig) -> Result<Conn> {
+    /// Connects within `config.connect_timeout` and before `deadline`.
+    async fn open(addr: SocketAddr, config: &ClientConfig, deadline: Instant) -> Result<Conn> {
         let io = |source| ClientError::Io { addr, source };
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| io(io::Error::other(e)))?;
-        let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+        let limit = config.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        if limit.is_zero() {
+            return Err(ClientError::Timeout { addr, timeout: config.request_timeout });
+        }
+        let stream = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(io(e)),
-            Err(_) => return Err(ClientError::Timeout { addr, timeout: config.connect_timeout }),
+            Ok(Err(e)) => return Err(connect_error(addr, e, limit)),
+            Err(_) => return Err(ClientError::Timeout { addr, timeout: limit }),
         };
         stream.set_nodelay(true).map_err(io)?;
         let (rd, wr) = stream.into_split();
@@ -557,12 +608,18 @@ impl Conn {
         Ok(Conn { shared })
     }
 
-    /// Queues one request, waits for its reply within the request timeout
-    /// (which also covers waiting for an in-flight permit).
-    async fn call(&self, req: &Request<'_>, shard: u16, quorum: Quorum) -> Result<(Reply, bool), Failure> {
+    /// Queues one request, waits for its reply until `deadline` (which
+    /// also covers waiting for an in-flight permit).
+    async fn call(
+        &self,
+        req: &Request<'_>,
+        shard: u16,
+        quorum: Quorum,
+        deadline: Instant,
+    ) -> Result<(Reply, bool), Failure> {
         let s = &self.shared;
         let timeout = ClientError::Timeout { addr: s.addr, timeout: s.request_timeout };
-        let deadline = tokio::time::Instant::now() + s.request_timeout;
+        let deadline = tokio::time::Instant::from_std(deadline);
         let permit = match tokio::time::timeout_at(deadline, s.permits.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             Ok(Err(_closed)) => return Err(Failure::Unsent(self.broken_error())),
@@ -590,9 +647,13 @@ impl Conn {
             Ok(Ok(Err(e))) => Err(Failure::Failed(e)),
             Ok(Err(_dropped)) => Err(Failure::Failed(self.broken_error())),
             Err(_elapsed) => {
-                if s.last_read_us.load(Ordering::Acquire) < sent_us {
-                    // Not a byte in a whole timeout: the node or the path
-                    // to it is gone; let the next call open a new one.
+                let silent_us = s.now_us().saturating_sub(sent_us);
+                let enough = s.request_timeout.as_micros() / 2;
+                if s.last_read_us.load(Ordering::Acquire) < sent_us && u128::from(silent_us) >= enough {
+                    // Not a byte while this request waited (at least half a
+                    // request timeout: a call left with less proves little):
+                    // the node or the path to it is gone; let the next call
+                    // open a new one.
                     s.fail(Broken::Silent);
                 }
                 Err(Failure::Failed(timeout))
@@ -847,6 +908,145 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(matches!(client.get(b"k").await, Err(ClientError::Timeout { .. })));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "the silent connection was not replaced");
+    }
+
+    /// Accepts every connection and never reads or answers a byte: a
+    /// stopped node, as its peers see it.
+    async fn silent_listener() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    /// A node on `l` that answers PING (one shard, on its port), RING
+    /// (with `ring`, N = 3), GET (with "v") and PUT on every connection.
+    async fn ring_seed(l: TcpListener, ring: crate::core::ring::Ring) -> SocketAddr {
+        let addr = l.local_addr().unwrap();
+        let ring = ring.to_bytes();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let ring = ring.clone();
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        let mut out = Vec::new();
+                        match Request::decode(h.opcode, &body) {
+                            Ok(Request::Ping) => {
+                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
+                                Response::Pong(info).encode(&mut out, h.request_id, 0);
+                            }
+                            Ok(Request::Ring) => {
+                                Response::Ring { n: 3, r: 2, w: 2, ring: &ring }.encode(&mut out, h.request_id, 0)
+                            }
+                            Ok(Request::Get { .. }) => out = get_reply(h.request_id, b"v"),
+                            Ok(Request::Put { .. }) => {
+                                Response::Put { context: b"", siblings: 1 }.encode(&mut out, h.request_id, 0)
+                            }
+                            other => panic!("the seed got {other:?}"),
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// With every replica of a key silent, a call fails with a timeout
+    /// once its one deadline has passed, not after a full timeout per
+    /// replica tried.
+    #[tokio::test]
+    async fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
+        use crate::core::ring::{Member, Ring};
+        let mut members = Vec::new();
+        for i in 0..3 {
+            members.push(Member { name: format!("n{i}"), addr: silent_listener().await, zone: None });
+        }
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
+        let timeout = Duration::from_millis(300);
+        let config = ClientConfig { request_timeout: timeout, connect_timeout: timeout, ..Default::default() };
+        let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
+        assert_eq!(client.ring().expect("routes by the ring").ring.members().len(), 3);
+        // Well short of what paying the timeout per member took (about
+        // three times it), with room for a loaded machine's scheduling.
+        let bound = timeout * 5 / 2;
+        for round in 0..2 {
+            let started = Instant::now();
+            let put = client.put(b"k", b"v", &Context::default()).await;
+            let took = started.elapsed();
+            assert!(matches!(put, Err(ClientError::Timeout { .. })), "round {round}: {put:?}");
+            assert!(took < bound, "round {round}: a put with a {timeout:?} timeout took {took:?}");
+            let started = Instant::now();
+            let get = client.get(b"k").await;
+            let took = started.elapsed();
+            assert!(matches!(get, Err(ClientError::Timeout { .. })), "round {round}: {get:?}");
+            assert!(took < bound, "round {round}: a get with a {timeout:?} timeout took {took:?}");
+        }
+    }
+
+    /// A replica that accepts connections but never answers costs a call
+    /// at most the connect timeout (TCP connect and PING handshake), so the
+    /// rest of the call's deadline is left to the next replica.
+    #[tokio::test]
+    async fn a_silent_replica_costs_a_call_only_the_connect_timeout() {
+        use crate::core::ring::{Member, Ring};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = l.local_addr().unwrap();
+        let members = vec![
+            Member { name: "silent1".into(), addr: silent_listener().await, zone: None },
+            Member { name: "silent2".into(), addr: silent_listener().await, zone: None },
+            Member { name: "good".into(), addr: good, zone: None },
+        ];
+        let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
+        let (connect_timeout, request_timeout) = (Duration::from_millis(200), Duration::from_secs(2));
+        let config = ClientConfig { request_timeout, connect_timeout, ..Default::default() };
+        let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
+        let view = client.ring().expect("routes by the ring");
+        // A key whose replicas are tried silent ones first.
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| view.prefs.of_key(k).last().is_some_and(|&m| view.ring.member(m).addr == good))
+            .expect("a key");
+        let started = Instant::now();
+        let put = client.put(&key, b"v", &Context::default()).await.expect("the put reaches the answering replica");
+        assert_eq!(put.siblings, 1);
+        let took = started.elapsed();
+        assert!(took < request_timeout, "took {took:?}");
+        assert_eq!(client.get(&key).await.expect("get").values, vec![b"v".to_vec()]);
+    }
+
+    /// As in the blocking client: a connect that times out is a timeout
+    /// error. A listener whose accept queue is full (backlog 0, never
+    /// accepting) makes Linux drop the SYNs of further connects.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_connect_timeout_is_a_timeout_error() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // SAFETY: a plain listen(2) on a socket this test owns.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        let full = (0..16).any(|_| match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(s) => {
+                queued.push(s);
+                false
+            }
+            Err(_) => true,
+        });
+        assert!(full, "the accept queue never filled");
+        let limit = Duration::from_millis(200);
+        let config = ClientConfig { connect_timeout: limit, ..config(2000) };
+        let err = AsyncClient::connect_with(&addr.to_string(), config).await.err().expect("the connect times out");
+        assert!(matches!(err, ClientError::Timeout { addr: a, timeout } if a == addr && timeout <= limit), "{err:?}");
     }
 
     #[tokio::test]

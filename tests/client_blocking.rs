@@ -1,0 +1,235 @@
+//! The blocking client against scripted fake nodes on loopback (std
+//! threads, no `gyre node`): silent replicas, a shard that hangs up, a
+//! listener whose accept queue is full. What a real node can only do by
+//! accident (be stopped, drop a connection mid-batch) is under the test's
+//! control here.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gyre::client::{Client, ClientConfig, ClientError, Context, Routing};
+use gyre::core::ring::{Member, Ring};
+use gyre::wire::{decode_header, Header, NodeInfo, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+
+/// Reads one request frame; `None` once the client hung up.
+fn read_frame(s: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let header = decode_header(&h, MAX_BODY_LEN).ok()?;
+    let mut body = vec![0u8; header.body_len as usize];
+    s.read_exact(&mut body).ok()?;
+    Some((header, body))
+}
+
+/// A listener on a free loopback port that accepts every connection and
+/// never reads or answers a byte: a stopped node, as its peers see it.
+fn silent_listener() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// A fake node on `l` (its shard 0), serving every connection in its own
+/// thread: PING with `info`, RING with `ring` if given (n = 3) or a
+/// NotClustered error, a GET with the value "v", a PUT with success.
+fn fake_node(l: TcpListener, info: NodeInfo, ring: Option<Ring>) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    let ring = ring.map(|r| r.to_bytes());
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let (Ok(mut s), info, ring) = (s, info.clone(), ring.clone()) else { continue };
+            thread::spawn(move || {
+                while let Some((h, body)) = read_frame(&mut s) {
+                    let mut out = Vec::new();
+                    let reply = match Request::decode(h.opcode, &body).expect("a request") {
+                        Request::Ping => Response::Pong(info.clone()),
+                        Request::Ring => match &ring {
+                            Some(ring) => Response::Ring { n: 3, r: 2, w: 2, ring },
+                            None => Response::Error { code: gyre::wire::ErrorCode::NotClustered, message: "lone" },
+                        },
+                        Request::Get { .. } => Response::Get { context: b"", values: vec![b"v"] },
+                        Request::Put { .. } => Response::Put { context: b"", siblings: 1 },
+                        other => panic!("fake node got {other:?}"),
+                    };
+                    reply.encode(&mut out, h.request_id, 0);
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A shard port that reads one request on each connection and hangs up
+/// without answering.
+fn hang_up_listener() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = read_frame(&mut s);
+        }
+    });
+    addr
+}
+
+fn info(ports: Vec<u16>) -> NodeInfo {
+    NodeInfo { node_id: 7, partitions: 64, shard: 0, ports }
+}
+
+/// With every replica of a key silent (accepting connections, answering
+/// nothing), a call fails with a timeout once its one deadline has passed,
+/// not after a full timeout per replica tried.
+#[test]
+fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
+    let members: Vec<Member> =
+        (0..3).map(|i| Member { name: format!("n{i}"), addr: silent_listener(), zone: None }).collect();
+    let ring = Ring::with_members(64, members).expect("ring");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let seed = fake_node(l, info(vec![port]), Some(ring));
+    let timeout = Duration::from_millis(300);
+    let config = ClientConfig {
+        request_timeout: timeout,
+        connect_timeout: timeout,
+        routing: Routing::Client,
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    assert_eq!(client.ring().expect("routes by the ring").ring.members().len(), 3);
+    // Well short of what paying the timeout per member took (about
+    // three times it), with room for a loaded machine's scheduling.
+    let bound = timeout * 5 / 2;
+    for round in 0..2 {
+        let started = Instant::now();
+        let put = client.put(b"k", b"v", &Context::default());
+        let took = started.elapsed();
+        assert!(matches!(put, Err(ClientError::Timeout { .. })), "round {round}: {put:?}");
+        assert!(took < bound, "round {round}: a put with a {timeout:?} timeout took {took:?}");
+        let started = Instant::now();
+        let get = client.get(b"k");
+        let took = started.elapsed();
+        assert!(matches!(get, Err(ClientError::Timeout { .. })), "round {round}: {get:?}");
+        assert!(took < bound, "round {round}: a get with a {timeout:?} timeout took {took:?}");
+    }
+}
+
+/// A replica that accepts connections but never answers costs a call at
+/// most the connect timeout (its TCP connect and PING handshake), so the
+/// rest of the call's deadline is left to the next replica.
+#[test]
+fn a_silent_replica_costs_a_call_only_the_connect_timeout() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = l.local_addr().unwrap();
+    let members = vec![
+        Member { name: "silent1".into(), addr: silent_listener(), zone: None },
+        Member { name: "silent2".into(), addr: silent_listener(), zone: None },
+        Member { name: "good".into(), addr: good, zone: None },
+    ];
+    let ring = Ring::with_members(64, members).expect("ring");
+    let seed = fake_node(l, info(vec![good.port()]), Some(ring));
+    let (connect_timeout, request_timeout) = (Duration::from_millis(200), Duration::from_secs(2));
+    let config = ClientConfig { request_timeout, connect_timeout, routing: Routing::Client, ..Default::default() };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    let view = client.ring().expect("routes by the ring");
+    // A key whose replicas are tried silent ones first.
+    let key = (0..)
+        .map(|i| format!("k{i}").into_bytes())
+        .find(|k| view.prefs.of_key(k).last().is_some_and(|&m| view.ring.member(m).addr == good))
+        .expect("a key");
+    let started = Instant::now();
+    let put = client.put(&key, b"v", &Context::default()).expect("the put reaches the answering replica");
+    assert_eq!(put.siblings, 1);
+    let took = started.elapsed();
+    assert!(took < request_timeout, "took {took:?}");
+    assert_eq!(client.get(&key).expect("get").values, vec![b"v".to_vec()]);
+}
+
+/// The keys' shards on a two-shard fake node: one key owned by shard 0,
+/// one by shard 1.
+fn keys_by_shard(client: &Client) -> (Vec<u8>, Vec<u8>) {
+    let key = |shard| (0..).map(|i| format!("k{i}").into_bytes()).find(|k| client.shard_of(k) == shard).expect("a key");
+    (key(0), key(1))
+}
+
+/// A `get_many` that stops on an error (a shard hanging up, a key the
+/// protocol refuses) leaves no reply owed on any connection: the next
+/// calls read their own replies, not a stale one.
+#[test]
+fn a_failed_get_many_leaves_the_client_usable() {
+    // Shard 0 answers; shard 1 reads a request and hangs up.
+    let bad = hang_up_listener();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good_port = l.local_addr().unwrap().port();
+    let seed = fake_node(l, info(vec![good_port, bad.port()]), None);
+    let config =
+        ClientConfig { request_timeout: Duration::from_secs(5), routing: Routing::Server, ..Default::default() };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect");
+    let (k0, k1) = keys_by_shard(&client);
+    let (k0, k1) = (k0.as_slice(), k1.as_slice());
+    assert_eq!(client.get(k0).expect("shard 0 answers").values, vec![b"v".to_vec()]);
+    // Shard 1 fails first (shard 0's request queued or sent, unread), or
+    // after shard 0 answered part of the batch (one reply still owed).
+    let batches: [&[&[u8]]; 3] = [&[k1, k0], &[k0, k1, k0], &[k0, k0, k1, k0]];
+    for batch in batches {
+        let batch_text: Vec<_> = batch.iter().map(|k| String::from_utf8_lossy(k)).collect();
+        let err = client.get_many(batch).expect_err("shard 1 hangs up");
+        assert!(matches!(err, ClientError::Io { .. } | ClientError::Timeout { .. }), "{err:?}");
+        let got = client.get(k0).unwrap_or_else(|e| panic!("get after a failed get_many of {batch_text:?}: {e}"));
+        assert_eq!(got.values, vec![b"v".to_vec()]);
+        let many = client.get_many(&[k0, k0]).unwrap_or_else(|e| panic!("get_many after {batch_text:?}: {e}"));
+        assert!(many.iter().all(|r| r.as_ref().is_ok_and(|v| v.values == [b"v".to_vec()])), "{many:?}");
+    }
+    // A key the protocol refuses, after one already queued.
+    let err = client.get_many(&[k0, b"", k0]).expect_err("an empty key is refused");
+    assert!(matches!(err, ClientError::Invalid(_)), "{err:?}");
+    assert_eq!(client.get(k0).expect("get after a refused get_many").values, vec![b"v".to_vec()]);
+    assert_eq!(client.ping().expect("ping").ports, vec![good_port, bad.port()]);
+}
+
+/// A connect that times out is a [`ClientError::Timeout`], as in the
+/// async client, not an I/O error. A real connect timeout on loopback: a
+/// listener whose accept queue is full (backlog 0, never accepting) makes
+/// Linux drop the SYNs of further connects, so they hang until their
+/// timeout.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_connect_timeout_is_a_timeout_error() {
+    use std::os::fd::AsRawFd;
+
+    use gyre::client::Connection;
+
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    // SAFETY: a plain listen(2) on a socket this test owns.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0, "listen with backlog 0");
+    // Fill the accept queue until a connect hangs.
+    let mut queued = Vec::new();
+    let full = (0..16).any(|_| match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+        Ok(s) => {
+            queued.push(s);
+            false
+        }
+        Err(_) => true,
+    });
+    assert!(full, "the accept queue never filled");
+    let limit = Duration::from_millis(200);
+    let config = ClientConfig { connect_timeout: limit, ..Default::default() };
+    let started = Instant::now();
+    let err = Connection::connect(addr, &config).err().expect("the connect times out");
+    assert!(matches!(err, ClientError::Timeout { addr: a, timeout } if a == addr && timeout == limit), "{err:?}");
+    assert!(started.elapsed() < limit * 5, "took {:?}", started.elapsed());
+    let err = Client::connect_with(&addr.to_string(), config).err().expect("the connect times out");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    drop(queued);
+}
