@@ -634,3 +634,42 @@ fn command_line_binary_and_large_values_round_trip() {
     let (ok, _, err) = gyre_bytes(&["get", "missing", "--raw", "--node", addr], b"");
     assert!(!ok && err.contains("not found"), "{err}");
 }
+
+/// A cluster member's partition count is the cluster file's: a node
+/// configured for another one is refused with the reason, not silently
+/// changed.
+#[test]
+fn a_cluster_member_configured_for_other_partitions_is_refused() {
+    let dir = tmp();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(
+        &cluster,
+        format!("partitions = 64\nn = 1\nr = 1\nw = 1\n[[nodes]]\nname = \"a\"\naddr = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[storage]\npartitions = 128\n").unwrap();
+    let mut child = std::process::Command::new(common::GYRE)
+        .args(["node", "--no-pin", "--name", "a", "--cluster"])
+        .arg(&cluster)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A node that starts instead of refusing is stopped, and fails below.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("partitions = 128") && stderr.contains("has 64"), "{stderr}");
+    assert!(!dir.path().join("data").join("NODE").exists(), "a refused start writes nothing");
+}

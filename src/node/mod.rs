@@ -498,6 +498,18 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
                 .with_context(|| format!("joining the cluster of {}", path.display()))?;
             // A cluster member listens where the cluster file says.
             config.listen = cluster.ring.member(cluster.me).addr;
+            // The cluster file's partition count is the cluster's; a node
+            // configured for another one is refused rather than silently
+            // changed (the default gives way).
+            let own = config.storage.partitions;
+            if own != file.partitions && own != crate::core::partition::DEFAULT_PARTITIONS {
+                anyhow::bail!(
+                    "[storage] partitions = {own}, but {} has {}: a cluster member takes the cluster file's \
+                     (remove the setting)",
+                    path.display(),
+                    file.partitions
+                );
+            }
             config.storage.partitions = file.partitions;
             Some(cluster)
         }
