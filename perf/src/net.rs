@@ -174,6 +174,10 @@ struct Output {
     p99_us: f64,
     p999_us: f64,
     max_us: f64,
+    /// Operations slower than each of [`TAIL_THRESHOLDS_US`] (µs, count):
+    /// how a tail is made, which a percentile alone does not say (one
+    /// stall of every connection at once, or many smaller ones).
+    slower_than: Vec<(u64, u64)>,
     /// GET and PUT latency apart (the `get` and `set` objects have more).
     read_avg_us: f64,
     read_p999_us: f64,
@@ -393,6 +397,9 @@ fn roundtrip<T>(
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// Latencies (µs) the output counts the operations slower than.
+const TAIL_THRESHOLDS_US: [u64; 4] = [500, 1_000, 2_000, 5_000];
 
 /// How long discovery waits for a node's reply to RING or PING.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1264,6 +1271,10 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         p99_us: all.p99_us,
         p999_us: all.p999_us,
         max_us: all.max_us,
+        slower_than: TAIL_THRESHOLDS_US
+            .iter()
+            .map(|&us| (us, tally.all.count_between(us * 1000 + 1, u64::MAX)))
+            .collect(),
         read_avg_us: get.avg_us,
         read_p999_us: get.p999_us,
         write_avg_us: set.avg_us,
