@@ -179,13 +179,30 @@ fn storage_table_out<S: serde::Serializer>(storage: &EngineConfig, s: S) -> Resu
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
     pub version: u32,
-    /// The dot actor of this node's versions.
+    /// The node's identity (reported by PING and STATS), and the dot
+    /// actor of its versions until its first unclean stop.
     pub node_id: u64,
     pub shards: usize,
     pub partitions: u32,
+    /// The dot actor of this node's new versions, when it is not
+    /// `node_id`: each start after an unclean stop takes a new one
+    /// ([`DataDir::begin_run`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<u64>,
+}
+
+impl NodeFile {
+    /// The dot actor of the versions this node makes.
+    pub fn actor(&self) -> u64 {
+        self.actor.unwrap_or(self.node_id)
+    }
 }
 
 pub const NODE_FILE: &str = "NODE";
+/// Written, durably, once a node stopped cleanly (every shard flushed and
+/// synced its log), and removed, durably, before the next start takes any
+/// write: its absence at a start means the last run may have lost writes.
+pub const CLEAN_FILE: &str = "CLEAN";
 pub const LOCK_FILE: &str = "LOCK";
 
 /// An open, locked data directory. The lock is held until this is dropped.
@@ -259,11 +276,28 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         }
         Ok(DataDir { path, node, planned: false, _lock: lock })
     } else {
+        // Shard data without its NODE file is damage (or a copy made
+        // without it), not a new directory: starting over would give the
+        // data a new identity and perhaps another shard count, and serve
+        // its keys as missing.
+        let orphans: Vec<String> = std::fs::read_dir(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with("shard-"))
+            .collect();
+        if !orphans.is_empty() {
+            bail!(
+                "{} holds shard data ({}) but no {NODE_FILE} file: restore {NODE_FILE}, or move the data away to start \
+                 a new node",
+                path.display(),
+                orphans.join(", ")
+            );
+        }
         let shards = config.shards.unwrap_or(available_cores).max(1);
         if shards > MAX_SHARDS {
             bail!("{shards} shards is more than the limit of {MAX_SHARDS}");
         }
-        let node = NodeFile { version: NODE_FILE_VERSION, node_id: random_id, shards, partitions };
+        let node = NodeFile { version: NODE_FILE_VERSION, node_id: random_id, shards, partitions, actor: None };
         Ok(DataDir { path, node, planned: true, _lock: lock })
     }
 }
@@ -281,6 +315,13 @@ impl DataDir {
         if !self.planned {
             return Ok(());
         }
+        self.write_node_file()?;
+        self.planned = false;
+        Ok(())
+    }
+
+    /// Writes `NODE` from `self.node`, durably (a rename over the old one).
+    fn write_node_file(&self) -> anyhow::Result<()> {
         let node_path = self.path.join(NODE_FILE);
         let tmp = self.path.join("NODE.tmp");
         let write = || -> std::io::Result<()> {
@@ -290,9 +331,51 @@ impl DataDir {
             std::fs::rename(&tmp, &node_path)?;
             File::open(&self.path)?.sync_all()
         };
-        write().with_context(|| format!("writing {}", node_path.display()))?;
-        self.planned = false;
-        Ok(())
+        write().with_context(|| format!("writing {}", node_path.display()))
+    }
+
+    /// Starts a run on a persisted directory, before any shard takes a
+    /// write: removes the `CLEAN` mark durably, or, if it was not there
+    /// (the last run was killed, crashed or failed), gives this node a new
+    /// dot actor (`fresh`, unless it happens to be one in use) and writes
+    /// it to `NODE`. Returns whether the actor changed.
+    ///
+    /// Why: a node makes a key's next dot from the counters it has for
+    /// that key. A run that stopped uncleanly may have lost writes that
+    /// other replicas (or clients) already hold (under `never` or
+    /// `interval`, or a replica write sent before the local sync); with
+    /// the same actor, the next write would reuse a lost write's dot, and
+    /// merging treats equal dots as one write: an acknowledged write
+    /// would silently vanish. A new actor's dots are new everywhere. The
+    /// cost is one more entry in the version vectors of keys written
+    /// after each unclean stop (the pruning policy bounds them).
+    pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
+        let clean = self.path.join(CLEAN_FILE);
+        if clean.exists() {
+            std::fs::remove_file(&clean).with_context(|| format!("removing {}", clean.display()))?;
+            File::open(&self.path)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", self.path.display()))?;
+            return Ok(false);
+        }
+        if self.planned {
+            // A new directory has lost nothing.
+            return Ok(false);
+        }
+        let fresh = if fresh == self.node.node_id || Some(fresh) == self.node.actor { fresh ^ 1 } else { fresh };
+        self.node.actor = Some(fresh);
+        self.write_node_file()?;
+        Ok(true)
+    }
+
+    /// Marks a clean stop: every shard flushed and synced its log.
+    pub fn end_run_cleanly(&self) -> anyhow::Result<()> {
+        let clean = self.path.join(CLEAN_FILE);
+        let write = || -> std::io::Result<()> {
+            File::create(&clean)?.sync_all()?;
+            File::open(&self.path)?.sync_all()
+        };
+        write().with_context(|| format!("writing {}", clean.display()))
     }
 
     /// Directory of shard `i`'s storage engine.
@@ -304,6 +387,23 @@ impl DataDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_data_without_a_node_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+        // As `node::run` starts a new directory.
+        let mut data = lock_data_dir(&config, 2, 7).unwrap();
+        assert!(!data.begin_run(9).unwrap(), "a new directory keeps its actor");
+        data.persist().unwrap();
+        assert_eq!(data.node.actor(), 7);
+        std::fs::create_dir(data.shard_dir(0)).unwrap();
+        drop(data);
+        std::fs::remove_file(dir.path().join(NODE_FILE)).unwrap();
+        let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
+        assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
+        assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");
+    }
 
     #[test]
     fn empty_config_is_the_defaults_and_unknown_keys_fail() {

@@ -461,7 +461,7 @@ fn error_code(e: &StoreError) -> ErrorCode {
         StoreError::Storage(s) => match s {
             StorageError::KeyLength(_) => ErrorCode::InvalidKey,
             StorageError::ValueTooLarge { .. } | StorageError::MetaTooLarge(_) => ErrorCode::ValueTooLarge,
-            StorageError::Io { .. } | StorageError::Failed(_) => ErrorCode::StorageFailed,
+            StorageError::Io { .. } | StorageError::Failed(_) | StorageError::DiskFull(_) => ErrorCode::StorageFailed,
             _ => ErrorCode::Internal,
         },
     }
@@ -545,7 +545,14 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
     // Every port is ours: a new directory's shape is fixed now, before
     // any shard opens its storage.
+    let fresh_actor = data.begin_run(fastrand::u64(1..))?;
     data.persist()?;
+    if fresh_actor {
+        tracing::warn!(
+            actor = format!("{:016x}", data.node.actor()),
+            "the last run did not stop cleanly: new versions carry a new actor id, so none can reuse a lost write's"
+        );
+    }
     let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
@@ -565,6 +572,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             shards,
             partitions: data.node.partitions,
             node_id: data.node.node_id,
+            actor: data.node.actor(),
             ports: ports.clone(),
             dir: data.shard_dir(i),
             engine_config: engine_config.clone(),
@@ -610,16 +618,44 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         std::thread::sleep(Duration::from_millis(2));
     }
     on_start(Started { node_id: data.node.node_id, addrs });
+    let mut panicked = false;
     for t in threads {
-        let _ = t.join();
+        panicked |= t.join().is_err();
     }
     // Keep the mesh builder (and the directory lock) alive until every
     // shard has exited.
     drop(mesh);
-    drop(data);
-    match err_rx.try_recv() {
+    let res = match err_rx.try_recv() {
         Ok(e) => Err(e),
-        Err(_) => Ok(()),
+        Err(_) if panicked => Err(anyhow::anyhow!("a shard thread panicked")),
+        // Every shard drained, flushed and synced: the next start may keep
+        // this run's actor.
+        Err(_) => data.end_run_cleanly(),
+    };
+    drop(data);
+    res
+}
+
+/// Corruptions a shard's start lists one by one in its log; past them, a
+/// count (a badly damaged segment could have thousands).
+const CORRUPTIONS_LOGGED: usize = 20;
+
+/// What recovery found beyond the ordinary, where an operator sees it:
+/// each damaged region (segment, offset, length, why), rejected hints, and
+/// the bytes cut from the log's end as a torn write.
+fn log_recovery(shard: usize, report: &crate::storage::RecoveryReport) {
+    for c in report.corruptions.iter().take(CORRUPTIONS_LOGGED) {
+        tracing::warn!(shard, segment = c.seg, offset = c.off, len = c.len, reason = %c.reason, "recovery skipped a damaged region");
+    }
+    if report.corruptions.len() > CORRUPTIONS_LOGGED {
+        let more = report.corruptions.len() - CORRUPTIONS_LOGGED;
+        tracing::warn!(shard, more, "recovery skipped more damaged regions");
+    }
+    for h in &report.hint_errors {
+        tracing::warn!(shard, hint = %h, "recovery rejected a hint file and scanned its segment instead");
+    }
+    if report.torn_tail_bytes > 0 {
+        tracing::warn!(shard, bytes = report.torn_tail_bytes, "recovery cut a torn write from the end of the log");
     }
 }
 
@@ -644,6 +680,8 @@ struct ShardSetup {
     shards: usize,
     partitions: u32,
     node_id: u64,
+    /// The dot actor of this node's versions (see `DataDir::begin_run`).
+    actor: u64,
     ports: Vec<u16>,
     dir: std::path::PathBuf,
     engine_config: crate::storage::EngineConfig,
@@ -686,9 +724,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     }
     let peer_of: Vec<usize> = s.peer_ids.iter().map(|p| p.load(Ordering::SeqCst)).collect();
     let (engine, report): (DiskEngine, _) = open_shard(&s.dir, s.engine_config.clone()).await?;
-    if !report.corruptions.is_empty() {
-        tracing::warn!(shard = s.id, corruptions = report.corruptions.len(), "recovery found corruption");
-    }
+    log_recovery(s.id, &report);
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
@@ -699,7 +735,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         partitions: s.partitions,
         node_id: s.node_id,
         ports: s.ports,
-        store: Store::new(engine.clone(), s.node_id, s.max_value_len),
+        store: Store::new(engine.clone(), s.actor, s.max_value_len),
         max_body: s.max_body,
         senders,
         peer_of,

@@ -7,7 +7,12 @@
 //! - a write is acknowledged only when its durability policy is met: under
 //!   `always`, once an fdatasync covering its bytes returned `Ok`;
 //! - after any write or sync error the engine is *failed*: every later write
-//!   is refused with that error and nothing more is acknowledged;
+//!   is refused with that error and nothing more is acknowledged; the one
+//!   exception is a disk out of space before any sync failed
+//!   ([`StorageError::DiskFull`]): the engine refuses new writes, keeps what
+//!   it had buffered, and retries on its ticks until the write goes
+//!   through (nothing had reached the disk in a way a retry could not
+//!   redo: a flush cut short is planned again from the same state);
 //! - every record returned by `get` passed its checksum and names its key;
 //! - a segment is deleted by compaction only after copies of all its live
 //!   records are durable.
@@ -55,6 +60,11 @@ pub enum StorageError {
     /// An earlier write or sync failed; the shard accepts no more writes.
     #[error("shard refuses writes after an earlier I/O error: {0}")]
     Failed(String),
+    /// The disk is out of space: writes are refused until it has room
+    /// again (the engine retries on its ticks). A write that got this
+    /// error while it waited for its flush may still be written then.
+    #[error("the disk is full ({0}); writes are refused until there is space again (a write taken before may still be written then)")]
+    DiskFull(String),
     #[error("key length {0} is outside 1..={MAX_KEY_LEN}")]
     KeyLength(usize),
     #[error("value of {len} bytes exceeds the limit of {max}")]
@@ -71,6 +81,27 @@ pub enum StorageError {
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
     move |source| StorageError::Io { op, source }
+}
+
+/// The flush steps that make written bytes durable. A failure there is
+/// never retried: after a failed fdatasync the kernel may have dropped
+/// what it could not write, and a second fdatasync can then succeed
+/// with the data gone.
+const SYNC_OPS: [&str; 3] = ["syncing the directory", "syncing a sealed segment", "fdatasync of the log"];
+
+impl StorageError {
+    /// A disk out of space (or quota) at a step before any sync: the flush
+    /// can be run again from the same state once there is room.
+    fn is_out_of_space_before_sync(&self) -> bool {
+        match self {
+            StorageError::Io { op, source } => {
+                // ENOSPC and EDQUOT, as the standard library names them.
+                !SYNC_OPS.contains(op)
+                    && matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A record read back: the verified bytes plus where its parts lie.
@@ -267,6 +298,9 @@ struct State<F> {
     synced: Pos,
     /// Set by the first write or sync error; refuses all later writes.
     failed: Option<String>,
+    /// Set when a flush ran out of space before any sync failed: new
+    /// writes are refused, what is buffered stays, and `tick` retries.
+    full: Option<String>,
     compacting: bool,
     stats: EngineStats,
 }
@@ -498,6 +532,7 @@ impl<B: Backend> Engine<B> {
             preparing_spare: false,
             flushing: false,
             failed: None,
+            full: None,
             compacting: false,
             stats: EngineStats::default(),
         };
@@ -525,7 +560,7 @@ impl<B: Backend> Engine<B> {
         }
         {
             let mut st = self.inner.st.borrow_mut();
-            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() {
+            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() || st.full.is_some() {
                 return Ok(());
             }
             st.preparing_spare = true;
@@ -668,6 +703,9 @@ impl<B: Backend> Engine<B> {
             if let Some(e) = &st.failed {
                 return Err(StorageError::Failed(e.clone()));
             }
+            if let Some(e) = &st.full {
+                return Err(StorageError::DiskFull(e.clone()));
+            }
             if let Some(expect) = expect {
                 if st.find(hash, key).map(|(l, _)| RecordId(l.id())) != expect {
                     st.stats.write_conflicts += 1;
@@ -713,6 +751,11 @@ impl<B: Backend> Engine<B> {
                 if reached >= target {
                     return Ok(());
                 }
+                // Only `tick` retries a flush that ran out of space: a
+                // writer waiting meanwhile hears why it is not durable.
+                if let Some(e) = &st.full {
+                    return Err(StorageError::DiskFull(e.clone()));
+                }
                 !std::mem::replace(&mut st.flushing, true)
             };
             if lead {
@@ -725,19 +768,67 @@ impl<B: Backend> Engine<B> {
                 // Boxed: a flush's future is large and runs once per
                 // flush, while every write's future would carry its size.
                 let res = Box::pin(self.flush_as_leader(target, sync)).await;
-                if let Err(e) = &res {
-                    let mut st = self.inner.st.borrow_mut();
-                    if st.failed.is_none() {
-                        tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
-                        st.failed = Some(e.to_string());
-                    }
-                }
+                let res = res.map_err(|e| self.record_flush_error(e));
                 drop(guard);
                 res?;
             } else {
                 self.inner.notify.wait(seen).await;
             }
         }
+    }
+
+    /// Marks the engine failed, or full if `e` is a lack of space a later
+    /// flush can retry, and returns the error the caller reports.
+    fn record_flush_error(&self, e: StorageError) -> StorageError {
+        let mut st = self.inner.st.borrow_mut();
+        if e.is_out_of_space_before_sync() && st.failed.is_none() {
+            if st.full.is_none() {
+                tracing::error!(error = %e, "the disk is full: writes are refused until there is space again");
+            }
+            let why = e.to_string();
+            st.full = Some(why.clone());
+            return StorageError::DiskFull(why);
+        }
+        if st.failed.is_none() {
+            tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
+            st.failed = Some(e.to_string());
+        }
+        e
+    }
+
+    /// After the disk ran out of space: writes (and syncs, if the policy
+    /// syncs) everything buffered, and takes writes again once that
+    /// worked. Still no space: stays full, quietly (the next tick tries
+    /// again). Any other error fails the engine.
+    async fn retry_full(&self) -> Result<(), StorageError> {
+        let target = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.full.is_none() || st.failed.is_some() || std::mem::replace(&mut st.flushing, true) {
+                return Ok(());
+            }
+            st.writer.appended()
+        };
+        let guard = LeaderGuard(&self.inner);
+        let sync = self.inner.config.fsync != FsyncPolicy::Never;
+        let res = Box::pin(self.flush_as_leader(target, sync)).await;
+        let mut st = self.inner.st.borrow_mut();
+        match res {
+            Ok(()) => {
+                st.full = None;
+                tracing::info!("the disk has space again: writes are taken again");
+            }
+            Err(e) if e.is_out_of_space_before_sync() && st.failed.is_none() => {
+                st.full = Some(e.to_string());
+            }
+            Err(e) => {
+                drop(st);
+                drop(guard);
+                return Err(self.record_flush_error(e));
+            }
+        }
+        drop(st);
+        drop(guard);
+        Ok(())
     }
 
     /// Writes the log up to `target` (sealing full segments on the way)
@@ -832,10 +923,18 @@ impl<B: Backend> Engine<B> {
     /// The periodic work of the durability policy; the shell calls it every
     /// `config().fsync.tick_ms()` milliseconds.
     pub async fn tick(&self) -> Result<(), StorageError> {
-        match self.inner.config.fsync {
+        if self.inner.st.borrow().full.is_some() {
+            return self.retry_full().await;
+        }
+        let res = match self.inner.config.fsync {
             FsyncPolicy::Always => Ok(()),
             FsyncPolicy::Interval(_) => self.sync().await,
             FsyncPolicy::Never => self.flush().await,
+        };
+        match res {
+            // Out of space: the next ticks retry (`retry_full`).
+            Err(StorageError::DiskFull(_)) => Ok(()),
+            other => other,
         }
     }
 
@@ -971,6 +1070,12 @@ impl<B: Backend> Engine<B> {
         self.inner.st.borrow().failed.clone()
     }
 
+    /// Whether the engine refuses writes for lack of space (until a tick
+    /// finds room again).
+    pub fn full(&self) -> Option<String> {
+        self.inner.st.borrow().full.clone()
+    }
+
     /// One compaction pass: every sealed segment whose garbage ratio passed
     /// the threshold has its live records copied to the head of the log
     /// (expired tombstones dropped when allowed), the copies are synced, and
@@ -980,7 +1085,7 @@ impl<B: Backend> Engine<B> {
         let mut stats = CompactionStats::default();
         let victims = {
             let mut st = self.inner.st.borrow_mut();
-            if st.compacting || st.failed.is_some() {
+            if st.compacting || st.failed.is_some() || st.full.is_some() {
                 return Ok(stats);
             }
             st.compacting = true;
@@ -1342,6 +1447,69 @@ mod tests {
             // contradict.
             let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
             assert_eq!(engine.get(b"lost").await.unwrap().unwrap().value(), b"v1");
+        })
+    }
+
+    /// A full disk stops writes without failing the engine: a write that
+    /// was waiting for its flush hears `DiskFull` (and is written once
+    /// there is room), new writes are refused, reads go on, and a tick
+    /// after space came back writes what was buffered and takes writes
+    /// again. A failed sync is still fatal.
+    #[test]
+    fn a_full_disk_refuses_writes_until_there_is_room_again() {
+        block_on(async {
+            // Small segments: the next write needs a new one (created and
+            // preallocated: where a real disk runs out).
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            assert_eq!(config.fsync, FsyncPolicy::Always);
+            let (backend, engine) = open_mem(&config).await;
+            for i in 0..20u32 {
+                engine.put(&i.to_le_bytes(), b"", &[1; 1000], 0).await.unwrap();
+            }
+            backend.no_space(true);
+            let mut waited = None;
+            for i in 20..200u32 {
+                match engine.put(&i.to_le_bytes(), b"", &[2; 1000], 0).await {
+                    Ok(_) => {}
+                    Err(StorageError::DiskFull(_)) => {
+                        waited = Some(i);
+                        break;
+                    }
+                    Err(e) => panic!("put {i}: {e}"),
+                }
+            }
+            let waited = waited.expect("some write ran out of space");
+            assert!(engine.failed().is_none() && engine.full().is_some());
+            // Refused at once, not appended: it will never be written.
+            let refused = 1000u32.to_le_bytes();
+            assert!(matches!(engine.put(&refused, b"", b"x", 0).await, Err(StorageError::DiskFull(_))));
+            assert!(engine.get(&refused).await.unwrap().is_none());
+            // Reads go on, the write that waited included (it is buffered).
+            assert_eq!(engine.get(&0u32.to_le_bytes()).await.unwrap().unwrap().value(), &[1; 1000]);
+            assert_eq!(engine.get(&waited.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
+            // Ticks while there is no room change nothing.
+            engine.tick().await.unwrap();
+            assert!(engine.full().is_some());
+            // Room again: the next tick writes and syncs what was buffered.
+            backend.no_space(false);
+            engine.tick().await.unwrap();
+            assert!(engine.full().is_none() && engine.failed().is_none());
+            engine.put(b"after", b"", b"v", 0).await.unwrap();
+            // A power cut keeps everything but the refused write.
+            drop(engine);
+            backend.crash(1, false);
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            for i in 0..=waited {
+                let want = if i < 20 { [1u8; 1000] } else { [2; 1000] };
+                assert_eq!(engine.get(&i.to_le_bytes()).await.unwrap().unwrap().value(), &want, "key {i}");
+            }
+            assert_eq!(engine.get(b"after").await.unwrap().unwrap().value(), b"v");
+            assert!(engine.get(&refused).await.unwrap().is_none());
+            // Out of space at a sync is another matter: fatal, as any
+            // failed sync.
+            backend.fail_syncs(true);
+            assert!(engine.put(b"s", b"", b"v", 0).await.is_err());
+            assert!(engine.failed().is_some());
         })
     }
 

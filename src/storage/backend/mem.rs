@@ -37,6 +37,8 @@ pub struct MemBackend {
     /// Injected faults: fail every write / sync from now on.
     fail_writes: Rc<Cell<bool>>,
     fail_syncs: Rc<Cell<bool>>,
+    /// Writes, preallocations and new files fail as on a full disk.
+    no_space: Rc<Cell<bool>>,
     /// Writes wait while set (a slow device, e.g. a seal's fdatasync).
     hold_writes: Rc<Cell<bool>>,
 }
@@ -66,6 +68,12 @@ impl MemBackend {
     /// Makes every later write fail with an I/O error (or stop failing).
     pub fn fail_writes(&self, on: bool) {
         self.fail_writes.set(on);
+    }
+
+    /// Makes every later write, preallocation and file creation fail as
+    /// on a full disk (`ENOSPC`), or stop failing. Syncs still succeed.
+    pub fn no_space(&self, on: bool) {
+        self.no_space.set(on);
     }
 
     /// Makes every write wait until released (or releases them).
@@ -147,6 +155,14 @@ impl MemBackend {
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
         }
+        self.space()
+    }
+
+    /// Fails as a full disk does while `no_space` is set.
+    fn space(&self) -> io::Result<()> {
+        if self.no_space.get() {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         Ok(())
     }
 }
@@ -168,13 +184,14 @@ impl Backend for MemBackend {
         if !create {
             return Err(not_found(name));
         }
+        self.space()?;
         let f = Rc::new(RefCell::new(MemFile::default()));
         fs.files.insert(name.to_string(), f.clone());
         Ok(MemHandle(f))
     }
 
     async fn preallocate(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
-        Ok(())
+        self.space()
     }
 
     async fn zero_fill(&self, file: &MemHandle, size: u64) -> io::Result<()> {
@@ -262,6 +279,7 @@ impl Backend for MemBackend {
         if self.fail_writes.get() {
             return Err(Self::io_error("write"));
         }
+        self.space()?;
         let f = MemFile { data: data.to_vec(), durable: data.to_vec(), pending: Vec::new() };
         self.fs.borrow_mut().files.insert(name.to_string(), Rc::new(RefCell::new(f)));
         Ok(())
