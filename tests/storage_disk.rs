@@ -278,3 +278,97 @@ fn engine_close_after_a_cancelled_flush_returns() {
     assert!(cut_short > 0, "no flush was cancelled mid-way: the test tested nothing");
     assert_eq!(closed, Some(true), "engine.close() failed or was still waiting after 3 s");
 }
+
+/// Regression: the backend sized a file through glommio's
+/// `DmaFile::file_size`, a statx of the path it was opened under, so a
+/// file renamed since (the spare segment: `spare-segment.tmp`, then
+/// `spare-segment`, then `seg-N.log`) could not be sized (ENOENT), or was
+/// given the size of whatever file now has that name. Every operation on
+/// an open handle must go through its descriptor, whatever its name.
+#[test]
+fn a_renamed_file_is_still_sized_and_changed_through_its_open_handle() {
+    use gyre::limits::BLOCK_SIZE;
+    use gyre::storage::backend::glommio::GlommioBackend;
+    use gyre::storage::backend::Backend;
+
+    in_fresh_dir(|path| async move {
+        // Opened first, the backend reads its non-empty LOCK file, so the
+        // empty file below is not the device's first O_DIRECT file.
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        let f = backend.open("a.tmp", true).await.unwrap();
+        let data = vec![7u8; 3 * BLOCK_SIZE];
+        backend.write_at(&f, backend.alloc_with(&f, data.len(), &data), 0).await.unwrap();
+        backend.sync(&f).await.unwrap();
+        backend.rename("a.tmp", "a").await.unwrap();
+        backend.rename("a", "b").await.unwrap();
+        assert_eq!(backend.size(&f).await.unwrap(), 3 * BLOCK_SIZE as u64, "sized after two renames");
+        // Another file now under the name it was opened with: the handle
+        // must not answer for that one, nor change it.
+        std::fs::write(path.join("a.tmp"), [1u8; 100]).unwrap();
+        assert_eq!(backend.size(&f).await.unwrap(), 3 * BLOCK_SIZE as u64, "not the new a.tmp's size");
+
+        backend.truncate(&f, BLOCK_SIZE as u64).await.unwrap();
+        assert_eq!(backend.size(&f).await.unwrap(), BLOCK_SIZE as u64);
+        assert_eq!(std::fs::metadata(path.join("b")).unwrap().len(), BLOCK_SIZE as u64, "truncated b");
+        backend.preallocate(&f, 16 * BLOCK_SIZE as u64).await.unwrap();
+        assert_eq!(backend.size(&f).await.unwrap(), BLOCK_SIZE as u64, "preallocation keeps the size");
+        backend.zero_fill(&f, 4 * BLOCK_SIZE as u64).await.unwrap();
+        assert_eq!(backend.size(&f).await.unwrap(), 4 * BLOCK_SIZE as u64);
+        assert_eq!(std::fs::metadata(path.join("b")).unwrap().len(), 4 * BLOCK_SIZE as u64, "zero-filled b");
+        let tail = vec![9u8; BLOCK_SIZE];
+        backend.write_at(&f, backend.alloc_with(&f, BLOCK_SIZE, &tail), 3 * BLOCK_SIZE as u64).await.unwrap();
+        backend.sync(&f).await.unwrap();
+        let read = backend.read_at(&f, 0, 4 * BLOCK_SIZE).await.unwrap();
+        let read = read.as_ref();
+        assert_eq!(read.len(), 4 * BLOCK_SIZE);
+        assert!(read[..3 * BLOCK_SIZE].iter().all(|&b| b == 0) && read[3 * BLOCK_SIZE..] == tail[..]);
+        assert_eq!(backend.read_file("b").await.unwrap(), read, "the same bytes under the new name");
+        assert_eq!(std::fs::read(path.join("a.tmp")).unwrap(), [1u8; 100], "the other file is untouched");
+    });
+}
+
+/// Regression: a segment that began as the spare (the default `fsync =
+/// always` keeps one) could never be compacted or scrubbed: sizing it
+/// looked up the spare's first name, long renamed, and every compaction
+/// pass failed with ENOENT while the disk filled up.
+#[test]
+fn compaction_removes_a_segment_that_began_as_the_spare() {
+    in_fresh_dir(|path| async move {
+        let config = small_config();
+        assert!(config.keeps_spare());
+        let (engine, _) = open_shard(&path, config.clone()).await.unwrap();
+        engine.prepare_spare().await.unwrap();
+        let first = path.join("seg-00000001.log");
+        let value = |round: u32, i: u32| format!("value-{round}-{i}-").repeat(60);
+        // ~900-byte records: 100 of them fill the 64 KiB first segment
+        // (the spare, renamed) and seal it.
+        // Round 1 overwrites three keys in four: the first segment is
+        // mostly garbage but has live records, which compaction must read.
+        let last_round = |i: u32| if i.is_multiple_of(4) { 0 } else { 1 };
+        for round in 0..2u32 {
+            for i in (0..100u32).filter(|&i| round <= last_round(i)) {
+                engine.put(format!("k{i}").as_bytes(), b"m", value(round, i).as_bytes(), 0).await.unwrap();
+            }
+            if round == 0 {
+                assert!(!path.join("spare-segment").exists(), "the first segment took the spare");
+                assert!(engine.stats().segments_sealed >= 1, "{:?}", engine.stats());
+                // The next spare reuses the first one's original name.
+                engine.prepare_spare().await.unwrap();
+            }
+        }
+        assert!(engine.verify().await.unwrap().is_empty(), "scrub reads the segment too");
+        let c = engine.compact(1).await.unwrap();
+        assert!(c.segments_removed >= 1 && c.records_moved > 0, "{c:?}");
+        assert!(!first.exists(), "the segment that began as the spare is removed");
+        engine.close().await.unwrap();
+        drop(engine);
+        let (engine, report) = open_shard(&path, config).await.unwrap();
+        assert!(report.corruptions.is_empty() && report.hint_errors.is_empty(), "{report:?}");
+        for i in 0..100u32 {
+            let r = engine.get(format!("k{i}").as_bytes()).await.unwrap().expect("present");
+            assert_eq!(r.value(), value(last_round(i), i).as_bytes(), "k{i}");
+            assert_eq!(r.meta(), b"m");
+        }
+        assert!(engine.verify().await.unwrap().is_empty());
+    });
+}

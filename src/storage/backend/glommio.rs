@@ -8,9 +8,19 @@
 //! empty the probe wrongly succeeds and every later read fails with
 //! EOPNOTSUPP (os error 95, glommio issue 605). Reading a full block of
 //! `LOCK` first makes the cached answer correct.
+//!
+//! Every operation on an open file goes through its descriptor, never the
+//! path glommio stored when it was opened: files are renamed while open
+//! (the spare segment is opened as `spare-segment.tmp` and becomes
+//! `seg-N.log`), and glommio does not learn of a rename it did not make.
+//! Its reads, writes, fdatasync, fallocate and ftruncate use the
+//! descriptor; its `file_size`/`stat` do not (a statx of the stored path),
+//! so sizes come from this module's `file_size` (fstat). Its own `rename`,
+//! `remove` and `path` are path-based too and are not used.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -120,6 +130,27 @@ impl GlommioBackend {
     }
 }
 
+/// The size of an open file, from its descriptor (`fstat`): right whatever
+/// the file is called now. glommio's `DmaFile::file_size` statx'es the path
+/// the file was opened under, which after a rename names no file (ENOENT:
+/// compaction and scrub failed on every segment that began as the spare)
+/// or another one (a newer `spare-segment.tmp`, with its size). An fstat
+/// reads the inode in memory and does not wait for the device.
+fn file_size(file: &DmaFile) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: the descriptor is open while `file` is borrowed (glommio
+    // closes it only on close or drop, and this neither closes nor keeps
+    // it); fstat writes only the `stat` it is given, which is initialised
+    // when it returns 0.
+    let st = unsafe {
+        if libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st.assume_init()
+    };
+    u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))
+}
+
 fn full_write(n: usize, want: usize) -> io::Result<()> {
     if n != want {
         return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {n} of {want} bytes")));
@@ -199,8 +230,9 @@ impl Backend for GlommioBackend {
         file.read_at(off, len).await.map(GlommioRead).map_err(io::Error::from)
     }
 
+    /// By descriptor (fstat), not glommio's by-path `DmaFile::file_size`.
     async fn size(&self, file: &Rc<DmaFile>) -> io::Result<u64> {
-        file.file_size().await.map_err(io::Error::from)
+        file_size(file)
     }
 
     async fn truncate(&self, file: &Rc<DmaFile>, len: u64) -> io::Result<()> {
@@ -229,7 +261,7 @@ impl Backend for GlommioBackend {
 
     async fn read_file(&self, name: &str) -> io::Result<Vec<u8>> {
         let f = DmaFile::open(self.dir.join(name)).await.map_err(io::Error::from)?;
-        let size = f.file_size().await.map_err(io::Error::from)? as usize;
+        let size = file_size(&f)? as usize;
         let data = if size == 0 { Vec::new() } else { f.read_at(0, size).await.map_err(io::Error::from)?.to_vec() };
         f.close().await.map_err(io::Error::from)?;
         if data.len() != size {
