@@ -510,7 +510,11 @@ fn shutdown_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBoo
 }
 
 fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let config = ClientConfig { request_timeout: args.timeout, connect_timeout: args.timeout, ..Default::default() };
+    // A connection (and its first PING) gets at most the client's default
+    // connect timeout, and never the whole call: a stopped node must leave
+    // time for the next replica.
+    let connect_timeout = ClientConfig::default().connect_timeout.min(args.timeout / 2);
+    let config = ClientConfig { request_timeout: args.timeout, connect_timeout, ..Default::default() };
     Client::connect_with(&args.node, config).with_context(|| format!("connecting to {}", args.node))
 }
 

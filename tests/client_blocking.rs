@@ -233,3 +233,66 @@ fn a_connect_timeout_is_a_timeout_error() {
     assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
     drop(queued);
 }
+
+/// A node on `l` that completes the handshake (PING, with `info`) but
+/// never answers a read: a node that hangs after the client connected.
+fn read_hanging_node(l: TcpListener, info: NodeInfo) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let (Ok(mut s), info) = (s, info.clone()) else { continue };
+            thread::spawn(move || {
+                while let Some((h, body)) = read_frame(&mut s) {
+                    if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
+                        let mut out = Vec::new();
+                        Response::Pong(info.clone()).encode(&mut out, h.request_id, 0);
+                        if s.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A read whose first replica hangs after the handshake still reaches the
+/// next one before the call's deadline: each replica tried gets a share of
+/// what is left, not all of it.
+#[test]
+fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+    let hung_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung = hung_l.local_addr().unwrap();
+    read_hanging_node(hung_l, info(vec![hung.port()]));
+    let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = good_l.local_addr().unwrap();
+    let members = vec![
+        Member { name: "hung".into(), addr: hung, zone: None },
+        Member { name: "good".into(), addr: good, zone: None },
+        Member { name: "silent".into(), addr: silent_listener(), zone: None },
+    ];
+    let ring = Ring::with_members(64, members).expect("ring");
+    let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
+    let request_timeout = Duration::from_secs(3);
+    let config = ClientConfig {
+        request_timeout,
+        connect_timeout: Duration::from_millis(300),
+        routing: Routing::Client,
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    let view = client.ring().expect("routes by the ring");
+    // A key tried on the hanging replica first, the answering one second.
+    let key = (0..)
+        .map(|i| format!("k{i}").into_bytes())
+        .find(|k| {
+            let prefs = view.prefs.of_key(k);
+            view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+        })
+        .expect("a key");
+    let started = Instant::now();
+    let got = client.get(&key).expect("the read reaches the answering replica");
+    assert_eq!(got.values, vec![b"v".to_vec()]);
+    assert!(started.elapsed() < request_timeout, "took {:?}", started.elapsed());
+}

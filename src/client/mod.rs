@@ -248,6 +248,19 @@ fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
+/// Until when a call tries one replica, with `untried` replicas (this one
+/// included) still to go before `deadline`. A read gives each an equal
+/// share of what is left, so that a replica that hangs (its node stopped,
+/// a connection that accepts and never answers) cannot take the whole
+/// call: the next one still gets its turn. A write is not tried elsewhere
+/// after a timeout (it may have been applied), so it gets all of it.
+pub(crate) fn attempt_deadline(deadline: Instant, untried: usize, is_read: bool) -> Instant {
+    if !is_read || untried <= 1 {
+        return deadline;
+    }
+    (Instant::now() + left(deadline) / untried as u32).min(deadline)
+}
+
 /// Whether an I/O error is a socket timeout expiring.
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -811,7 +824,7 @@ impl Client {
         let now = Instant::now();
         let order = up_first(targets, &self.down_until, now);
         let mut last = None;
-        for m in order {
+        for (tried, &m) in order.iter().enumerate() {
             let i = m as usize;
             let addr = self.ring.as_ref().expect("targets come from the ring").ring.member(m).addr;
             if let Some(e) = last.take_if(|_| Instant::now() >= deadline) {
@@ -835,7 +848,8 @@ impl Client {
                 last = Some(e);
                 continue;
             }
-            let (reply, stale) = node.call(req, self.quorum, &self.config, deadline);
+            let until = attempt_deadline(deadline, order.len() - tried, is_read);
+            let (reply, stale) = node.call(req, self.quorum, &self.config, until);
             if is_read && matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
                 self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
                 last = reply.err();

@@ -285,7 +285,7 @@ impl AsyncClient {
         let order = up_first(targets, &lock(&route.down_until), now);
         let mark_down = |m: MemberIdx| lock(&route.down_until)[m as usize] = Some(Instant::now() + MEMBER_RETRY_AFTER);
         let mut last = None;
-        for m in order {
+        for (tried, &m) in order.iter().enumerate() {
             let addr = route.view.ring.member(m).addr;
             if let Some(e) = last.take_if(|_| Instant::now() >= deadline) {
                 // Out of time: the replicas not tried are not marked down.
@@ -308,7 +308,8 @@ impl AsyncClient {
                 }
             };
             let (slot, shard) = node.slot_for(req.key(), config.shard_aware);
-            match node.call_on(slot, shard, req, self.quorum, config, deadline).await {
+            let until = super::attempt_deadline(deadline, order.len() - tried, is_read);
+            match node.call_on(slot, shard, req, self.quorum, config, until).await {
                 Err(Failure::Unsent(e)) => {
                     mark_down(m);
                     last = Some(e);
