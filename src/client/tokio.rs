@@ -960,6 +960,62 @@ mod tests {
         addr
     }
 
+    /// A node on `l` that answers PING (one shard, on its port) and never
+    /// a read: a node that hangs after the client connected.
+    async fn read_hanging_node(l: TcpListener) -> SocketAddr {
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
+                            let info = NodeInfo { node_id: 2, partitions: 64, shard: 0, ports: vec![addr.port()] };
+                            let mut out = Vec::new();
+                            Response::Pong(info).encode(&mut out, h.request_id, 0);
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A read whose first replica hangs after the handshake still reaches
+    /// the next one before the call's deadline (each replica tried gets a
+    /// share of what is left).
+    #[tokio::test]
+    async fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+        use crate::core::ring::{Member, Ring};
+        let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = l.local_addr().unwrap();
+        let members = vec![
+            Member { name: "hung".into(), addr: hung, zone: None },
+            Member { name: "good".into(), addr: good, zone: None },
+            Member { name: "silent".into(), addr: silent_listener().await, zone: None },
+        ];
+        let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
+        let request_timeout = Duration::from_secs(3);
+        let config =
+            ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
+        let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
+        let view = client.ring().expect("routes by the ring");
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                let prefs = view.prefs.of_key(k);
+                view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+            })
+            .expect("a key");
+        let started = Instant::now();
+        let got = client.get(&key).await.expect("the read reaches the answering replica");
+        assert_eq!(got.values, vec![b"v".to_vec()]);
+        assert!(started.elapsed() < request_timeout, "took {:?}", started.elapsed());
+    }
+
     /// With every replica of a key silent, a call fails with a timeout
     /// once its one deadline has passed, not after a full timeout per
     /// replica tried.
