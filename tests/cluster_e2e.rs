@@ -335,6 +335,140 @@ fn read_repair_heals_a_replica_that_missed_writes() {
     expect_code(alone.get(keys[0].as_bytes()), ErrorCode::QuorumFailed, "R=2 alone");
 }
 
+/// A process stopped with SIGSTOP, continued (SIGCONT) when dropped, so a
+/// failing test never leaves it stopped.
+struct Paused(u32);
+
+impl Paused {
+    fn new(pid: u32) -> Paused {
+        // SAFETY: kill(2) on a process id; no memory is involved.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "kill -STOP {pid}: {}", std::io::Error::last_os_error());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
+    }
+}
+
+/// A member's peer counter (`expired_unsent`, `queue_full`, ...).
+fn peer_counter(cluster: &Cluster, name: &str, which: &str) -> u64 {
+    let stats = cluster.stats(name);
+    stats["cluster"]["peers"][which].as_u64().unwrap_or_else(|| panic!("no peer counter {which} in {stats}"))
+}
+
+/// Regression: read repair waited for every replica's answer (or the
+/// request's deadline), then went out with the request's deadline, which
+/// had passed by then: with one replica hung (SIGSTOP), every repair was
+/// dropped unsent by the peer layer (`expired_unsent` went up), yet
+/// counted in `read_repairs`, and the replica that missed the writes never
+/// got them.
+#[test]
+fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
+    let mut cluster = Cluster::start(stoppable());
+    cluster.kill9("n3");
+    let mut c = cluster.client("n1", Routing::Server);
+    let keys: Vec<String> = (0..10).map(|i| format!("hung-{i}")).collect();
+    for key in &keys {
+        assert_eq!(put(&mut c, key, &format!("{key}-value"), NO_CONTEXT), 1, "W = 2 with n3 down");
+    }
+    cluster.restart("n3");
+    assert_eq!(cluster.stats("n3")["storage"]["keys"], 0, "n3 missed every write");
+    // n1 reaches n3 again (a peer that refused a connection is skipped for
+    // a while): an R = 3 read of a key nobody has (nothing to repair).
+    c.set_quorum(Quorum { r: 3, w: 0 });
+    eventually("an R=3 read through n1", Duration::from_secs(5), || c.get(b"absent").map_err(|e| e.to_string()));
+    c.set_quorum(Quorum::default());
+    let (repairs, failures, expired) = (
+        cluster.counter("n1", "read_repairs"),
+        cluster.counter("n1", "read_repair_failures"),
+        peer_counter(&cluster, "n1", "expired_unsent"),
+    );
+
+    let n2 = Paused::new(cluster.member("n2").node.as_ref().expect("n2 runs").pid());
+    // R = 2 from n1 and n3, at once: n2 does not answer.
+    let started = Instant::now();
+    for key in &keys {
+        assert_eq!(values(&mut c, key), bytes(&[&format!("{key}-value")]), "{key}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "reads waited for n2: {:?}", started.elapsed());
+    // n3 gets its repairs while n2 still hangs, well before the reads'
+    // deadline (2 s) ends their coordinators.
+    eventually("n3 stored the repairs", Duration::from_millis(1500), || {
+        let stored = cluster.stats("n3")["storage"]["keys"].as_u64().unwrap();
+        (stored == keys.len() as u64).then_some(()).ok_or(format!("n3 holds {stored} keys"))
+    });
+    assert!(cluster.counter("n3", "replica_puts") >= keys.len() as u64);
+    eventually("n1 counted acknowledged repairs", Duration::from_secs(2), || {
+        let done = cluster.counter("n1", "read_repairs") - repairs;
+        (done == keys.len() as u64).then_some(()).ok_or(format!("{done} repairs acknowledged"))
+    });
+    // The reads' coordinators end at their deadline, n2 still hung: no
+    // repair was lost or counted twice.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(cluster.counter("n1", "read_repairs") - repairs, keys.len() as u64);
+    assert_eq!(cluster.counter("n1", "read_repair_failures"), failures, "no repair went unacknowledged");
+    assert_eq!(peer_counter(&cluster, "n1", "expired_unsent"), expired, "nothing expired in n1's queues");
+    drop(n2);
+    // n3 alone serves what it was repaired with.
+    assert!(cluster.stop("n1").success());
+    assert!(cluster.stop("n2").success());
+    let mut alone = cluster.client("n3", Routing::Server);
+    alone.set_quorum(Quorum { r: 1, w: 1 });
+    for key in &keys {
+        assert_eq!(values(&mut alone, key), bytes(&[&format!("{key}-value")]), "{key} on n3 alone");
+    }
+}
+
+/// Regression: a peer that stopped reading (SIGSTOP) made the queue of
+/// frames for it grow without limit on the node writing to it (its RSS
+/// went from 17 MB to 346 MB under a flood of 32 KiB puts). The queue is
+/// capped: past it calls to that peer fail at once (`queue_full`), and
+/// writes keep succeeding with the other replica. (n1's RSS is not
+/// asserted: it stores the flood itself. The cap's arithmetic is unit-tested
+/// in `node::peer`.)
+#[test]
+fn a_peer_that_stops_reading_does_not_make_the_writer_queue_without_limit() {
+    let cluster = Cluster::start(ClusterSpec::default());
+    // n1 connects to n2 and n3 before n2 stops.
+    let mut c = cluster.client("n1", Routing::Server);
+    c.set_quorum(Quorum { r: 0, w: 3 });
+    put(&mut c, "warm", "up", NO_CONTEXT);
+    let refused = peer_counter(&cluster, "n1", "queue_full");
+    let n2 = Paused::new(cluster.member("n2").node.as_ref().expect("n2 runs").pid());
+    // 96 MiB of puts through n1 (W = 2: n1 and n3), from 8 writers.
+    let value = vec![b'x'; 32 * 1024];
+    let started = Instant::now();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let value = value.clone();
+            let mut c = cluster.client("n1", Routing::Server);
+            std::thread::spawn(move || {
+                for i in 0..384 {
+                    c.put(format!("flood-{w}-{i}").as_bytes(), &value, NO_CONTEXT)
+                        .unwrap_or_else(|e| panic!("put {w}/{i} with n2 stopped: {e}"));
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    let full = peer_counter(&cluster, "n1", "queue_full") - refused;
+    assert!(full > 0, "n1 never found its queue to n2 full");
+    // Refused at once, not waited for: the flood is not slowed to the
+    // requests' deadline.
+    assert!(started.elapsed() < Duration::from_secs(20), "the flood took {:?}", started.elapsed());
+    drop(n2);
+    // n2 catches up and serves again.
+    let mut c = cluster.client("n2", Routing::Server);
+    eventually("a write through n2 after SIGCONT", Duration::from_secs(5), || {
+        c.put(b"after", b"1", NO_CONTEXT).map_err(|e| e.to_string())
+    });
+}
+
 #[test]
 fn one_stopped_node_is_tolerated_and_two_give_a_quick_quorum_error() {
     let mut cluster = Cluster::start(stoppable());

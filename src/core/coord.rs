@@ -29,17 +29,26 @@
 //!   merge of the answers once R replicas answered ("not found" is an
 //!   answer: the empty set), fails as soon as R is out of reach, or at the
 //!   deadline.
-//! - **Read repair**: after its outcome a get keeps listening until every
-//!   replica answered or failed, or until the request's deadline (the repair
-//!   deadline is the request deadline, so a coordinator never outlives its
-//!   request). Then it merges all answers and sends that merge to every
-//!   replica whose answer differs from it: a stale replica (it answered a set
-//!   that lacks something) or a missing one (it answered "not found" while the
-//!   merge is not empty). A replica that never answered, or failed, gets no
-//!   repair: nothing says what it holds, and anti-entropy and hinted handoff
-//!   cover it. Repair also runs after a failed read (whatever did answer is
-//!   made consistent), and is skipped when the merge of all answers exceeds
-//!   [`MAX_SIBLINGS`], since replicas would refuse it.
+//! - **Read repair**: as soon as a get is decided, the merge of the answers
+//!   so far goes to every replica that answered something that differs from
+//!   it: a stale replica (it answered a set that lacks something) or a
+//!   missing one (it answered "not found" while the merge is not empty). The
+//!   repair does not wait for the replicas still pending: a hung replica
+//!   would otherwise hold it back to the request's deadline, when the
+//!   driver can no longer deliver anything sent with that deadline. The get
+//!   then keeps listening until every replica answered or failed, or until
+//!   the request's deadline (so a coordinator never outlives its request);
+//!   an answer that comes meanwhile is merged in, and the new merge goes to
+//!   every answered replica that may not hold it yet (what a replica is
+//!   known to hold is its answer, then the last repair sent to it), so
+//!   each replica gets at most one repair per answer that changed the
+//!   merge. A replica that never answered, or failed, gets no repair:
+//!   nothing says what it holds, and anti-entropy and hinted handoff cover
+//!   it. Repair also runs after a failed read (whatever did answer is made
+//!   consistent), and stops once the merge exceeds [`MAX_SIBLINGS`], since
+//!   replicas would refuse it. A repair is a [`ReplicaMsg::Put`] of a get
+//!   coordinator; the driver gives it a delivery budget of its own (it may
+//!   leave close to the request's deadline), and it is not waited for.
 //!
 //! # Invariants
 //!
@@ -373,8 +382,9 @@ impl PutCoordinator {
 /// (module doc).
 #[derive(Debug)]
 pub struct GetCoordinator {
-    /// All N replicas and what each answered ("not found" is the empty set).
-    replicas: Vec<(MemberIdx, Answer<VersionSet>)>,
+    /// All N replicas and what each is known to hold: its answer ("not
+    /// found" is the empty set), replaced by each repair sent to it.
+    replicas: Vec<(MemberIdx, Answer<Arc<VersionSet>>)>,
     /// R.
     r: usize,
     /// Replicas that answered (found or not).
@@ -388,9 +398,11 @@ pub struct GetCoordinator {
     /// Messages not yet taken by `poll_transmit`.
     transmits: VecDeque<Transmit>,
     decision: Decision<VersionSet>,
-    /// Whether the read repair has been decided (sent, or found unneeded).
-    repair_done: bool,
-    /// Repair puts sent.
+    /// Whether answers are still awaited: before the decision, and after it
+    /// (for read repair) until every replica answered or failed, or the
+    /// deadline passed.
+    listening: bool,
+    /// Repair puts queued for the driver.
     repairs: usize,
     /// The first replica that answered.
     fastest: Option<MemberIdx>,
@@ -411,7 +423,7 @@ impl GetCoordinator {
             deadline,
             transmits: replicas.iter().map(|&to| Transmit { to, msg: ReplicaMsg::Get }).collect(),
             decision: Decision::Undecided,
-            repair_done: false,
+            listening: true,
             repairs: 0,
             fastest: None,
         };
@@ -420,11 +432,15 @@ impl GetCoordinator {
     }
 
     /// Replica `from` answered with its stored versions (`None`: not found).
+    /// An answer after the get stopped listening is ignored.
     pub fn handle_reply(&mut self, from: MemberIdx, set: Option<VersionSet>, now: u64) {
+        if !self.listening {
+            return;
+        }
         if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             let set = set.unwrap_or_default();
             self.merged.merge(&set);
-            *answer = Answer::Answered(set);
+            *answer = Answer::Answered(Arc::new(set));
             self.answered += 1;
             self.tally.pending -= 1;
             self.fastest.get_or_insert(from);
@@ -434,6 +450,9 @@ impl GetCoordinator {
 
     /// Replica `from` refused the get or could not be reached.
     pub fn handle_failure(&mut self, from: MemberIdx, reason: ReplicaFailure, now: u64) {
+        if !self.listening {
+            return;
+        }
         if let Some(answer @ Answer::Pending) = answer_of(&mut self.replicas, from) {
             *answer = Answer::Failed;
             self.tally.fail(reason);
@@ -444,7 +463,9 @@ impl GetCoordinator {
     /// The driver's timer fired (at or after [`Self::poll_timeout`]; earlier
     /// calls change nothing).
     pub fn handle_timeout(&mut self, now: u64) {
-        self.advance(now);
+        if self.listening {
+            self.advance(now);
+        }
     }
 
     fn advance(&mut self, now: u64) {
@@ -465,29 +486,38 @@ impl GetCoordinator {
                 self.decision = Decision::Ready(Err(error(QuorumFailure::Deadline)));
             }
         }
-        if !self.decision.is_undecided() && !self.repair_done && (self.tally.pending == 0 || now >= self.deadline) {
-            self.repair();
+        if self.decision.is_undecided() {
+            return;
+        }
+        // Decided: repair now with what is known, without waiting for the
+        // replicas still pending (module doc).
+        self.repair();
+        if self.tally.pending == 0 || now >= self.deadline {
+            self.listening = false;
         }
     }
 
-    /// Sends the merge of all answers to every replica whose answer differs.
+    /// Sends the merge of the answers so far to every answered replica not
+    /// known to hold it, and records that it now does.
     fn repair(&mut self) {
-        self.repair_done = true;
         if self.merged.check_limits().is_err() {
             return;
         }
-        let merged = Arc::new(self.merged.clone());
-        for (to, answer) in &self.replicas {
-            if let Answer::Answered(set) = answer {
-                if *set != *merged {
-                    self.transmits.push_back(Transmit { to: *to, msg: ReplicaMsg::Put { set: merged.clone() } });
+        let mut shared: Option<Arc<VersionSet>> = None;
+        for (to, answer) in &mut self.replicas {
+            if let Answer::Answered(held) = answer {
+                if **held != self.merged {
+                    let set = shared.get_or_insert_with(|| Arc::new(self.merged.clone())).clone();
+                    self.transmits.push_back(Transmit { to: *to, msg: ReplicaMsg::Put { set: set.clone() } });
+                    *held = set;
                     self.repairs += 1;
                 }
             }
         }
     }
 
-    /// The next message to send: the gets, then (after the outcome) repairs.
+    /// The next message to send: the gets, then (from the outcome on)
+    /// repairs.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
@@ -498,19 +528,25 @@ impl GetCoordinator {
         self.decision.poll()
     }
 
-    /// When the driver must call [`Self::handle_timeout`]: the deadline until
-    /// the get is decided and its read repair too.
+    /// When the driver must call [`Self::handle_timeout`]: the deadline while
+    /// the get is still listening (undecided, or awaiting answers to repair).
     pub fn poll_timeout(&self) -> Option<u64> {
-        (!self.repair_done).then_some(self.deadline)
+        self.listening.then_some(self.deadline)
     }
 
-    /// Whether the outcome was taken, read repair decided and every message
-    /// taken; later replies change nothing.
+    /// Whether the outcome was taken, the get stopped listening and every
+    /// message was taken; later replies change nothing.
     pub fn is_done(&self) -> bool {
-        matches!(self.decision, Decision::Given) && self.repair_done && self.transmits.is_empty()
+        matches!(self.decision, Decision::Given) && !self.listening && self.transmits.is_empty()
     }
 
-    /// Repair puts sent so far (for the node's STATS).
+    /// Whether the get still takes answers (and may still queue repairs).
+    pub fn is_listening(&self) -> bool {
+        self.listening
+    }
+
+    /// Repair puts queued so far (whether the driver delivered them is the
+    /// driver's to count).
     pub fn repairs(&self) -> usize {
         self.repairs
     }
@@ -741,13 +777,63 @@ mod tests {
         g.handle_reply(0, Some(new.clone()), 1);
         g.handle_reply(1, Some(old), 2);
         assert_eq!(g.poll_outcome(), Some(Ok(new.clone())));
-        assert_eq!(g.poll_transmit(), None, "no repair before all answered or the deadline");
+        let repair = |to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(new.clone()) } };
+        assert_eq!(drain(|| g.poll_transmit()), [repair(1)], "the stale replica, at once");
         g.handle_reply(2, None, 3);
-        let repairs = drain(|| g.poll_transmit());
-        assert_eq!(repairs, [1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(new.clone()) } }));
+        assert_eq!(drain(|| g.poll_transmit()), [repair(2)], "the missing one when it answers; 1 has it now");
         assert_eq!(g.repairs(), 2);
         assert_eq!(g.poll_timeout(), None);
         assert!(g.is_done());
+    }
+
+    /// Regression: the repair was decided only once every replica had
+    /// answered or at the deadline, so one hung replica held it back to
+    /// the deadline, and the node's peer layer then dropped the repair
+    /// (sent with that deadline, already passed) unsent.
+    #[test]
+    fn read_repair_goes_out_at_the_outcome_without_waiting_for_a_hung_replica() {
+        let mut g = get(2);
+        let value = concurrent(&[10]);
+        g.handle_reply(0, Some(value.clone()), 1);
+        g.handle_reply(2, None, 2); // replica 2 missed the write; replica 1 hangs
+        assert_eq!(g.poll_outcome(), Some(Ok(value.clone())));
+        assert_eq!(
+            drain(|| g.poll_transmit()),
+            [Transmit { to: 2, msg: ReplicaMsg::Put { set: Arc::new(value.clone()) } }],
+            "repaired long before the deadline"
+        );
+        assert_eq!(g.repairs(), 1);
+        assert!(g.is_listening() && !g.is_done(), "still waiting for replica 1");
+        assert_eq!(g.poll_timeout(), Some(DEADLINE));
+        // Replica 1 never answers: the deadline sends nothing more.
+        g.handle_timeout(DEADLINE);
+        assert_eq!(g.poll_transmit(), None);
+        assert_eq!(g.repairs(), 1);
+        assert!(g.is_done());
+    }
+
+    #[test]
+    fn a_late_answer_with_more_sends_the_new_merge_to_every_replica_without_it() {
+        let mut g = get(2);
+        g.handle_reply(0, Some(concurrent(&[10])), 1);
+        g.handle_reply(1, None, 2);
+        assert!(g.poll_outcome().unwrap().is_ok());
+        let first = drain(|| g.poll_transmit());
+        assert_eq!(first, [Transmit { to: 1, msg: ReplicaMsg::Put { set: Arc::new(concurrent(&[10])) } }]);
+        // Replica 2 has a concurrent write: all three need the new merge
+        // (0 and 1 lack 11, 2 lacks 10).
+        g.handle_reply(2, Some(concurrent(&[11])), 3);
+        let full = concurrent(&[10, 11]);
+        assert_eq!(
+            drain(|| g.poll_transmit()),
+            [0, 1, 2].map(|to| Transmit { to, msg: ReplicaMsg::Put { set: Arc::new(full.clone()) } })
+        );
+        assert_eq!(g.repairs(), 4);
+        assert!(g.is_done());
+        // Nothing after the get stopped listening.
+        g.handle_reply(2, Some(concurrent(&[12])), 4);
+        g.handle_timeout(DEADLINE);
+        assert_eq!((g.poll_transmit(), g.repairs()), (None, 4));
     }
 
     #[test]

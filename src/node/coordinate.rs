@@ -13,6 +13,15 @@
 //! own task, so a read's repair goes on after the client has its reply,
 //! and every run ends by the request's deadline.
 //!
+//! Read repair: a get coordinator queues its repairs as soon as the read
+//! is decided, and again when a later answer changes the merge (possibly
+//! right at the request's deadline). Each repair is sent with a budget of
+//! its own, [`REPAIR_TIMEOUT`] from when it leaves, not with the request's
+//! deadline, which may have passed by then (the peer layer drops a frame
+//! whose deadline passed unsent). `read_repairs` in STATS counts the repairs
+//! a replica acknowledged; `read_repair_failures` those that got no ack
+//! (the replica refused, was unreachable, or the budget ran out).
+//!
 //! A put that fails its quorum is not acknowledged, but it is not undone
 //! either: the coordinator and any replica that acked keep the new
 //! version, and a later read may return it (Dynamo's semantics; the
@@ -43,6 +52,13 @@ use crate::wire::{
 /// Time a quorum operation may take when the client set no deadline.
 pub const DEFAULT_QUORUM_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Time one read-repair write may take, from when it is sent. A repair is
+/// background work that no client waits for, so it does not inherit the
+/// read's deadline (a repair decided by an answer that came at the
+/// deadline would be dropped unsent); it gets what a quorum write gets by
+/// default, so a replica that takes writes in time takes repairs in time.
+pub const REPAIR_TIMEOUT: Duration = DEFAULT_QUORUM_TIMEOUT;
+
 /// Counters of a shard's cluster work, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct ClusterCounters {
@@ -51,8 +67,12 @@ pub struct ClusterCounters {
     /// Client requests sent on to a replica because this node is not one.
     pub proxied: Cell<u64>,
     pub quorum_failures: Cell<u64>,
-    /// Repair writes sent after reads that found stale or missing replicas.
+    /// Repair writes (after reads that found stale or missing replicas)
+    /// that the replica acknowledged.
     pub read_repairs: Cell<u64>,
+    /// Repair writes that got no acknowledgement: refused, unreachable, or
+    /// not answered within [`REPAIR_TIMEOUT`].
+    pub read_repair_failures: Cell<u64>,
     /// Replica messages served for other coordinators.
     pub replica_gets: Cell<u64>,
     pub replica_puts: Cell<u64>,
@@ -95,9 +115,10 @@ trait Coordinator {
     fn poll_outcome(&mut self) -> Option<Result<Self::Out, QuorumError>>;
     fn poll_timeout(&self) -> Option<u64>;
     fn is_done(&self) -> bool;
-    /// Read-repair writes it sent.
-    fn repairs(&self) -> usize {
-        0
+    /// Whether `t` is a read-repair write (sent with its own budget, and
+    /// answered to nobody).
+    fn is_repair(&self, _t: &Transmit) -> bool {
+        false
     }
 }
 
@@ -151,8 +172,8 @@ impl Coordinator for GetCoordinator {
     fn is_done(&self) -> bool {
         GetCoordinator::is_done(self)
     }
-    fn repairs(&self) -> usize {
-        GetCoordinator::repairs(self)
+    fn is_repair(&self, t: &Transmit) -> bool {
+        matches!(t.msg, ReplicaMsg::Put { .. })
     }
 }
 
@@ -291,6 +312,7 @@ impl Shard {
             let mut encoded: Option<(Arc<VersionSet>, Rc<Encoded>)> = None;
             loop {
                 while let Some(t) = coord.poll_transmit() {
+                    let repair = coord.is_repair(&t);
                     let msg = match t.msg {
                         ReplicaMsg::Get => Outgoing::Get,
                         ReplicaMsg::Put { set } => {
@@ -307,6 +329,15 @@ impl Shard {
                     };
                     let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
                     glommio::spawn_local(async move {
+                        if repair {
+                            // Its own budget: the read's deadline may be
+                            // (nearly) over (module doc).
+                            let budget = Instant::now() + REPAIR_TIMEOUT;
+                            let acked = me.send_replica(&key, t.to, msg, budget).await.is_ok();
+                            let counters = &me.cluster().counters;
+                            bump(if acked { &counters.read_repairs } else { &counters.read_repair_failures }, 1);
+                            return;
+                        }
                         let answer = me.send_replica(&key, t.to, msg, deadline).await;
                         inbox.answers.borrow_mut().push_back((t.to, answer));
                         inbox.changed.notify_all();
@@ -346,7 +377,6 @@ impl Shard {
                     None => inbox.changed.wait(g).await,
                 }
             }
-            bump(&cs.counters.read_repairs, coord.repairs() as u64);
         })
         .detach();
         outcome.take().await

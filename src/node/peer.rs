@@ -20,6 +20,17 @@
 //! immediate error. Frames carry the time left as their deadline, so the
 //! receiver drops work that is already too late; a frame whose deadline
 //! passes while it waits in the queue is dropped unsent.
+//!
+//! Backpressure: a peer that stops reading (a hung or SIGSTOPped process)
+//! fills its socket, and its connection's writer blocks. The bytes queued
+//! on one connection (waiting, plus the batch being written) are capped at
+//! [`MAX_QUEUED_BYTES`]: past it, expired frames are dropped from the
+//! queue, and if it is still full a new call fails at once as unreachable
+//! (`queue_full` in STATS), so its coordinator counts that replica out
+//! instead of waiting, and memory stays bounded. A write that makes no
+//! progress for [`WRITE_STALL_TIMEOUT`] closes the connection (its calls
+//! fail) and marks the peer down for [`RETRY_AFTER`], as a refused
+//! connection does.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -41,6 +52,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a peer whose connection failed is considered down before a
 /// call tries to connect again.
 pub const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Most bytes queued on one peer connection (frames waiting for the writer
+/// plus the batch it is writing) before new calls on it are refused; a
+/// frame is taken while the queue is under the cap, so one frame of any
+/// size always fits, and a connection holds at most this plus one frame
+/// ([`MAX_BODY_LEN`]). A healthy peer drains 4 MiB in milliseconds (a
+/// group of replica puts of one tick is far less), so a queue this long
+/// means the peer has stopped reading; with the socket buffers it bounds
+/// what a hung peer costs each shard per peer shard to ~15 MiB instead of
+/// all the writes of a request deadline.
+pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+/// How long one write to a peer may make no progress (not even
+/// [`WRITE_CHUNK`] bytes) before the connection is closed. As long as the
+/// default quorum timeout: by then every frame of the batch has expired
+/// for a caller that set no deadline.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The writer hands a batch to the socket in pieces of at most this many
+/// bytes, each bounded by [`WRITE_STALL_TIMEOUT`].
+const WRITE_CHUNK: usize = 256 * 1024;
 
 /// Why a call to a peer got no reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +94,12 @@ pub struct PeerCounters {
     pub call_failures: Cell<u64>,
     /// Frames dropped unsent because their deadline passed while queued.
     pub expired_unsent: Cell<u64>,
+    /// Calls refused at once because their connection's queue was full
+    /// ([`MAX_QUEUED_BYTES`]).
+    pub queue_full: Cell<u64>,
+    /// Connections closed because a write made no progress for
+    /// [`WRITE_STALL_TIMEOUT`].
+    pub write_stalls: Cell<u64>,
 }
 
 /// Where a call's reply frame lands.
@@ -74,10 +109,7 @@ type Slot = crate::notify::Slot<Result<Vec<u8>, PeerError>>;
 struct PeerConn {
     name: String,
     /// Frames waiting for the writer.
-    out: RefCell<Vec<u8>>,
-    /// Where each frame in `out` ends, and its deadline: a frame whose
-    /// caller has stopped waiting is dropped instead of sent late.
-    spans: RefCell<Vec<(usize, Instant)>>,
+    out: RefCell<OutQueue>,
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
     next_id: Cell<u64>,
     /// The connection failed; no more frames are accepted.
@@ -103,22 +135,79 @@ impl PeerConn {
 }
 
 /// The frames of `batch` (ending at the offsets in `spans`) whose deadline
-/// is still ahead, and how many they are. Copies only when one expired.
-fn drop_expired(batch: Vec<u8>, spans: &[(usize, Instant)], now: Instant) -> (Vec<u8>, u64) {
+/// is still ahead, with their spans in the result. Copies only when one
+/// expired.
+fn drop_expired(batch: Vec<u8>, spans: Vec<(usize, Instant)>, now: Instant) -> (Vec<u8>, Vec<(usize, Instant)>) {
     if spans.iter().all(|&(_, d)| d > now) {
-        return (batch, spans.len() as u64);
+        return (batch, spans);
     }
     let mut kept = Vec::with_capacity(batch.len());
+    let mut kept_spans = Vec::with_capacity(spans.len());
     let mut start = 0;
-    let mut frames = 0;
-    for &(end, deadline) in spans {
+    for (end, deadline) in spans {
         if deadline > now {
             kept.extend_from_slice(&batch[start..end]);
-            frames += 1;
+            kept_spans.push((kept.len(), deadline));
         }
         start = end;
     }
-    (kept, frames)
+    (kept, kept_spans)
+}
+
+/// The outgoing frames of one connection, capped at [`MAX_QUEUED_BYTES`].
+#[derive(Default)]
+struct OutQueue {
+    /// Frames waiting for the writer.
+    buf: Vec<u8>,
+    /// Where each frame in `buf` ends, and its deadline: a frame whose
+    /// caller has stopped waiting is dropped instead of sent late.
+    spans: Vec<(usize, Instant)>,
+    /// Bytes of the batch the writer is writing now.
+    writing: usize,
+}
+
+impl OutQueue {
+    /// Bytes this connection holds for sending.
+    fn queued(&self) -> usize {
+        self.buf.len() + self.writing
+    }
+
+    /// Whether a new frame may be queued at `now`: while under the cap;
+    /// at the cap, after dropping the frames whose deadline passed, if
+    /// that brought it under. Also returns how many frames were dropped.
+    fn admit(&mut self, now: Instant) -> (bool, u64) {
+        if self.queued() < MAX_QUEUED_BYTES {
+            return (true, 0);
+        }
+        let before = self.spans.len();
+        let (buf, spans) = drop_expired(std::mem::take(&mut self.buf), std::mem::take(&mut self.spans), now);
+        (self.buf, self.spans) = (buf, spans);
+        let dropped = (before - self.spans.len()) as u64;
+        (self.queued() < MAX_QUEUED_BYTES, dropped)
+    }
+
+    /// Queues the frame `encode` appends, to be dropped unsent after
+    /// `deadline`.
+    fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>), deadline: Instant) {
+        encode(&mut self.buf);
+        self.spans.push((self.buf.len(), deadline));
+    }
+
+    /// Takes every queued frame still live at `now` for the writer (it then
+    /// counts as being written until [`Self::written`]): the bytes, how
+    /// many frames they are, and how many expired frames were dropped.
+    fn take(&mut self, now: Instant) -> (Vec<u8>, u64, u64) {
+        let spans = std::mem::take(&mut self.spans);
+        let before = spans.len() as u64;
+        let (batch, spans) = drop_expired(std::mem::take(&mut self.buf), spans, now);
+        self.writing = batch.len();
+        (batch, spans.len() as u64, before - spans.len() as u64)
+    }
+
+    /// The writer finished (or gave up) the batch it took.
+    fn written(&mut self) {
+        self.writing = 0;
+    }
 }
 
 /// A shard's view of its peers.
@@ -183,15 +272,23 @@ impl Peers {
         if conn.dead.get() {
             return Err(self.fail(PeerError::Unreachable(name(), "the connection failed".into())));
         }
+        let now = Instant::now();
+        {
+            let (admitted, expired) = conn.out.borrow_mut().admit(now);
+            bump(&self.counters.expired_unsent, expired);
+            if !admitted {
+                bump(&self.counters.queue_full, 1);
+                return Err(self.fail(PeerError::Unreachable(
+                    name(),
+                    format!("it is not reading: over {MAX_QUEUED_BYTES} bytes wait to be sent to it"),
+                )));
+            }
+        }
         let id = conn.next_id.get();
         conn.next_id.set(id + 1);
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(now);
         let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
-        {
-            let mut out = conn.out.borrow_mut();
-            req.encode_with(&mut out, id, shard, deadline_us, quorum);
-            conn.spans.borrow_mut().push((out.len(), deadline));
-        }
+        conn.out.borrow_mut().push(|out| req.encode_with(out, id, shard, deadline_us, quorum), deadline);
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
         conn.queued.notify_all();
@@ -244,7 +341,6 @@ impl Peers {
         let conn = Rc::new(PeerConn {
             name: format!("{} shard {shard}", self.name(member)),
             out: RefCell::default(),
-            spans: RefCell::default(),
             pending: RefCell::default(),
             next_id: Cell::new(1),
             dead: Cell::new(false),
@@ -289,24 +385,32 @@ impl Peers {
                     if conn.dead.get() {
                         return;
                     }
-                    let batch = std::mem::take(&mut *conn.out.borrow_mut());
-                    if batch.is_empty() {
+                    if conn.out.borrow().buf.is_empty() {
                         conn.queued.wait(g).await;
                         continue;
                     }
-                    let spans = std::mem::take(&mut *conn.spans.borrow_mut());
-                    let (batch, frames) = drop_expired(batch, &spans, Instant::now());
-                    let dropped = spans.len() as u64 - frames;
+                    let (batch, frames, dropped) = conn.out.borrow_mut().take(Instant::now());
                     bump(&peers.counters.expired_unsent, dropped);
-                    if frames == 0 {
-                        continue;
+                    let result = write_bounded(&writer, &batch).await;
+                    conn.out.borrow_mut().written();
+                    match result {
+                        Ok(()) => {}
+                        Err(WriteError::Stalled) => {
+                            bump(&peers.counters.write_stalls, 1);
+                            peers.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
+                            peers.forget(member, shard, &conn);
+                            conn.kill(&format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"));
+                            return;
+                        }
+                        Err(WriteError::Io(e)) => {
+                            conn.kill(&format!("write failed: {e}"));
+                            return;
+                        }
                     }
-                    if let Err(e) = writer.write_all(&batch).await {
-                        conn.kill(&format!("write failed: {e}"));
-                        return;
+                    if frames > 0 {
+                        bump(&peers.counters.replica_writes, 1);
+                        bump(&peers.counters.replica_frames, frames);
                     }
-                    bump(&peers.counters.replica_writes, 1);
-                    bump(&peers.counters.replica_frames, frames);
                 }
             })
         };
@@ -362,6 +466,31 @@ impl Peers {
     }
 }
 
+/// Why a bounded write ended early.
+enum WriteError {
+    Io(std::io::Error),
+    /// No piece of the write went out within [`WRITE_STALL_TIMEOUT`].
+    Stalled,
+}
+
+/// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must
+/// go out within [`WRITE_STALL_TIMEOUT`].
+async fn write_bounded(sock: &super::front::Socket, batch: &[u8]) -> Result<(), WriteError> {
+    for piece in batch.chunks(WRITE_CHUNK) {
+        let write = async { Some(sock.write_all(piece).await) };
+        let stall = async {
+            glommio::timer::sleep(WRITE_STALL_TIMEOUT).await;
+            None
+        };
+        match futures_lite::future::or(write, stall).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(WriteError::Io(e)),
+            None => return Err(WriteError::Stalled),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,11 +500,49 @@ mod tests {
         let now = Instant::now();
         let (late, soon) = (now - Duration::from_millis(1), now + Duration::from_secs(1));
         let batch = b"aaabbbbcc".to_vec();
-        let all_live = [(3, soon), (7, soon), (9, soon)];
-        assert_eq!(drop_expired(batch.clone(), &all_live, now), (batch.clone(), 3));
-        let middle_late = [(3, soon), (7, late), (9, soon)];
-        assert_eq!(drop_expired(batch.clone(), &middle_late, now), (b"aaacc".to_vec(), 2));
-        let all_late = [(3, late), (7, late), (9, late)];
-        assert_eq!(drop_expired(batch, &all_late, now), (Vec::new(), 0));
+        let all_live = vec![(3, soon), (7, soon), (9, soon)];
+        assert_eq!(drop_expired(batch.clone(), all_live.clone(), now), (batch.clone(), all_live));
+        let middle_late = vec![(3, soon), (7, late), (9, soon)];
+        assert_eq!(drop_expired(batch.clone(), middle_late, now), (b"aaacc".to_vec(), vec![(3, soon), (5, soon)]));
+        let all_late = vec![(3, late), (7, late), (9, late)];
+        assert_eq!(drop_expired(batch, all_late, now), (Vec::new(), Vec::new()));
+    }
+
+    fn frame(len: usize) -> impl FnOnce(&mut Vec<u8>) {
+        move |out: &mut Vec<u8>| out.resize(out.len() + len, b'f')
+    }
+
+    /// Regression: a peer connection's queue had no cap, so a peer that
+    /// stopped reading made its callers' frames pile up without limit.
+    #[test]
+    fn a_full_queue_refuses_frames_until_expired_ones_are_dropped_or_written() {
+        let now = Instant::now();
+        let (soon, later) = (now + Duration::from_millis(10), now + Duration::from_secs(10));
+        let mut q = OutQueue::default();
+        // Under the cap, frames are taken; the one that crosses it too.
+        let big = MAX_QUEUED_BYTES / 4 + 1;
+        for deadline in [soon, soon, later, later] {
+            assert_eq!(q.admit(now), (true, 0));
+            q.push(frame(big), deadline);
+        }
+        assert!(q.queued() > MAX_QUEUED_BYTES);
+        // At the cap: refused while nothing has expired.
+        assert_eq!(q.admit(now), (false, 0));
+        // Once the two short ones expire, they make room.
+        let after = soon + Duration::from_millis(1);
+        assert_eq!(q.admit(after), (true, 2));
+        assert_eq!(q.queued(), 2 * big);
+        q.push(frame(big), later);
+        q.push(frame(big), later);
+        assert_eq!(q.admit(after), (false, 0));
+        // The batch being written counts until it is written.
+        let (batch, frames, dropped) = q.take(after);
+        assert_eq!((batch.len(), frames, dropped), (4 * big, 4, 0));
+        assert_eq!(q.admit(after), (false, 0), "the writer is blocked on it");
+        q.written();
+        assert_eq!(q.admit(after), (true, 0));
+        // One frame larger than the cap still fits an empty queue.
+        q.push(frame(MAX_QUEUED_BYTES * 2), later);
+        assert_eq!(q.admit(after), (false, 0));
     }
 }
