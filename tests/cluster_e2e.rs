@@ -283,17 +283,25 @@ fn concurrent_writers_through_different_coordinators_make_siblings() {
     assert_eq!(values(&mut alice, "race"), bytes(&["resolved"]));
 }
 
-#[test]
-fn read_repair_heals_a_replica_that_missed_writes() {
-    let mut cluster = Cluster::start(stoppable());
-    assert!(cluster.stop("n3").success());
+/// With n3 stopped: writes `count` keys `PREFIX-i` (value `KEY-value`)
+/// through n1 with W = 2, restarts n3 and checks it missed them all.
+/// Returns n1's client and the keys.
+fn write_while_n3_is_down(cluster: &mut Cluster, prefix: &str, count: usize) -> (Client, Vec<String>) {
     let mut c = cluster.client("n1", Routing::Server);
-    let keys: Vec<String> = (0..20).map(|i| format!("missed-{i}")).collect();
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
     for key in &keys {
         assert_eq!(put(&mut c, key, &format!("{key}-value"), NO_CONTEXT), 1, "W = 2 with n3 down");
     }
     cluster.restart("n3");
     assert_eq!(cluster.stats("n3")["storage"]["keys"], 0, "n3 missed every write");
+    (c, keys)
+}
+
+#[test]
+fn read_repair_heals_a_replica_that_missed_writes() {
+    let mut cluster = Cluster::start(stoppable());
+    assert!(cluster.stop("n3").success());
+    let (mut c, keys) = write_while_n3_is_down(&mut cluster, "missed", 20);
     let repairs_before = cluster.counter("n1", "read_repairs");
 
     // R = 3 needs n3's answer: it succeeds once n1 tries n3 again (a peer
@@ -371,13 +379,7 @@ fn peer_counter(cluster: &Cluster, name: &str, which: &str) -> u64 {
 fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
     let mut cluster = Cluster::start(stoppable());
     cluster.kill9("n3");
-    let mut c = cluster.client("n1", Routing::Server);
-    let keys: Vec<String> = (0..10).map(|i| format!("hung-{i}")).collect();
-    for key in &keys {
-        assert_eq!(put(&mut c, key, &format!("{key}-value"), NO_CONTEXT), 1, "W = 2 with n3 down");
-    }
-    cluster.restart("n3");
-    assert_eq!(cluster.stats("n3")["storage"]["keys"], 0, "n3 missed every write");
+    let (mut c, keys) = write_while_n3_is_down(&mut cluster, "hung", 10);
     // n1 reaches n3 again (a peer that refused a connection is skipped for
     // a while): an R = 3 read of a key nobody has (nothing to repair).
     c.set_quorum(Quorum { r: 3, w: 0 });
