@@ -331,13 +331,7 @@ fn read_repair_heals_a_replica_that_missed_writes() {
     assert!(cluster.counter("n3", "replica_puts") >= keys.len() as u64);
 
     // With the other two stopped, n3 alone serves every key (R = 1).
-    assert!(cluster.stop("n1").success());
-    assert!(cluster.stop("n2").success());
-    let mut alone = cluster.client("n3", Routing::Server);
-    alone.set_quorum(Quorum { r: 1, w: 1 });
-    for key in &keys {
-        assert_eq!(values(&mut alone, key), bytes(&[&format!("{key}-value")]), "{key} on n3 alone");
-    }
+    let mut alone = n3_alone_serves(&mut cluster, &keys);
     // Its default R = 2 cannot be met alone.
     alone.set_quorum(Quorum::default());
     expect_code(alone.get(keys[0].as_bytes()), ErrorCode::QuorumFailed, "R=2 alone");
@@ -417,13 +411,20 @@ fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
     assert_eq!(peer_counter(&cluster, "n1", "expired_unsent"), expired, "nothing expired in n1's queues");
     drop(n2);
     // n3 alone serves what it was repaired with.
+    n3_alone_serves(&mut cluster, &keys);
+}
+
+/// Stops n1 and n2 and checks that n3 alone (R = 1) serves each key's
+/// `KEY-value`; returns the client, set to R = W = 1.
+fn n3_alone_serves(cluster: &mut Cluster, keys: &[String]) -> Client {
     assert!(cluster.stop("n1").success());
     assert!(cluster.stop("n2").success());
     let mut alone = cluster.client("n3", Routing::Server);
     alone.set_quorum(Quorum { r: 1, w: 1 });
-    for key in &keys {
+    for key in keys {
         assert_eq!(values(&mut alone, key), bytes(&[&format!("{key}-value")]), "{key} on n3 alone");
     }
+    alone
 }
 
 /// Regression: a peer that stopped reading (SIGSTOP) made the queue of
