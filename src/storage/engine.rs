@@ -419,6 +419,21 @@ impl<B: Backend> Engine<B> {
             }
         }
         check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
+        // Compaction removes a segment's hint (durably) before the segment,
+        // so a hint whose segment is missing means the segment was lost:
+        // starting would serve its keys as missing, or older values.
+        if let Some(&seg) = hints.iter().find(|h| !segs.contains(h)) {
+            return Err(StorageError::Corrupt {
+                seg,
+                off: 0,
+                reason: format!(
+                    "{} is missing but its hint file is there: its records are lost (restore the segment, or \
+                     remove {} to start without them)",
+                    segment_file_name(seg),
+                    hint_file_name(seg)
+                ),
+            });
+        }
 
         let mut report = RecoveryReport { segments: segs.len(), ..Default::default() };
         let mut index = ShardIndex::new(config.partitions);
@@ -1215,6 +1230,9 @@ impl<B: Backend> Engine<B> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::Io { op: "removing a hint file", source: e }),
         }
+        // The hint's removal is durable before the segment's: a hint whose
+        // segment is gone is then always damage, which `open` refuses.
+        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
         backend.remove(&segment_file_name(seg)).await.map_err(io_err("removing a segment"))?;
         backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
         let mut st = self.inner.st.borrow_mut();
@@ -1447,6 +1465,28 @@ mod tests {
             // contradict.
             let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
             assert_eq!(engine.get(b"lost").await.unwrap().unwrap().value(), b"v1");
+        })
+    }
+
+    /// A segment lost while its hint file remains is refused at open, not
+    /// skipped (its keys would read as missing, or as older values).
+    #[test]
+    fn a_hint_without_its_segment_is_refused_at_open() {
+        block_on(async {
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let (backend, engine) = open_mem(&config).await;
+            for i in 0..100u32 {
+                engine.put(&i.to_le_bytes(), b"", &[3; 1000], 0).await.unwrap();
+            }
+            assert!(engine.stats().segments_sealed >= 2);
+            drop(engine);
+            assert!(backend.list().await.unwrap().contains(&hint_file_name(1)));
+            backend.remove(&segment_file_name(1)).await.unwrap();
+            let e = Engine::open(backend.clone(), config.clone()).await.err().expect("refused");
+            assert!(e.to_string().contains("seg-00000001.log is missing"), "{e}");
+            // Removing the hint too is the way to start without them.
+            backend.remove(&hint_file_name(1)).await.unwrap();
+            Engine::open(backend, config).await.unwrap();
         })
     }
 
