@@ -827,3 +827,18 @@ fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
         assert!(log.contains(&format!("gyre dev: {name} stopped")), "{log}");
     }
 }
+
+/// A replica write whose versions do not decode is the sender's malformed
+/// request (it was answered as an internal error, as if this node's own
+/// data were damaged), and the node goes on serving the connection.
+#[test]
+fn a_replica_write_with_versions_that_do_not_decode_is_malformed() {
+    let cluster = Cluster::start(ClusterSpec::default());
+    let mut conn = connect_raw(&cluster, "n1");
+    let req = Request::ReplicaPut { key: b"k", meta: &[0xff, 0xff, 0xff], value: b"v" };
+    let err = conn.call(&req, ANY_SHARD).expect_err("refused");
+    assert_eq!(err.code(), Some(ErrorCode::Malformed), "{err}");
+    assert!(err.to_string().contains("do not decode"), "{err}");
+    assert!(get_at(&mut conn, "k").values.is_empty(), "nothing was stored");
+    assert_eq!(cluster.stats("n1")["node"]["malformed_frames"], 1);
+}

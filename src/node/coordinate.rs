@@ -494,7 +494,16 @@ impl Shard {
             }
             Request::ReplicaPut { key, meta, value } => {
                 bump(&cs.counters.replica_puts, 1);
-                let set = VersionSet::decode(meta, value).map_err(crate::store::StoreError::CorruptVersions)?;
+                // Bytes off the wire, not off this node's disk: a set that
+                // does not decode is the sender's malformed request.
+                let set = match VersionSet::decode(meta, value) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        bump(&self.counters.malformed_frames, 1);
+                        let message = format!("replica versions that do not decode: {e}");
+                        return Ok(self.error_frame(id, ErrorCode::Malformed, &message));
+                    }
+                };
                 self.store.merge(key, &set, now_ms()).await?;
                 Response::ReplicaPut.encode(&mut out, id, shard);
             }
