@@ -1,11 +1,14 @@
-//! The `gyre` binary: run a node (`gyre node`), talk to one (`put`, `get`,
-//! `delete`, `ping`, `stats`), verify a shard directory (`check`), and a
+//! The `gyre` binary: run a node (`gyre node`) or a local cluster (`gyre
+//! dev`), talk to one (`put`, `get`, `delete`, `ping`, `stats`, `ring`),
+//! check a data directory (`check`, read-only unless `--repair`), and a
 //! hidden crash-test writer.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -14,7 +17,7 @@ use gyre::limits::VALUE_LEN_HARD_CAP;
 use gyre::node::config::DEFAULT_LISTEN;
 use gyre::node::NodeConfig;
 use gyre::shell::{now_ms, open_shard, run_executor};
-use gyre::storage::{EngineConfig, FsyncPolicy};
+use gyre::storage::{EngineConfig, FsyncPolicy, SPARE_SEGMENT};
 
 #[derive(Parser)]
 #[command(name = "gyre", version, about = "Gyre: a Dynamo-style key-value store")]
@@ -117,11 +120,22 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Recover a shard data directory, scrub every segment, print a JSON report.
-    /// Exits 1 if corruption is found.
+    /// Check a data directory, changing nothing: replay what a start would
+    /// (hints, segment scans), scrub every segment, and print a JSON report
+    /// with the repairs a start (or --repair) would make. Exits 1 if
+    /// corruption is found, or a shard cannot be checked.
+    ///
+    /// DATA_DIR is a node's data directory (each of its shard-NNN
+    /// directories is checked), one shard's directory, or a `gyre dev`
+    /// directory (each node's).
     Check {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
+        /// Make the repairs: recover each shard as a node's start does
+        /// (cut a torn tail, write hints, remove temporary files). Refused
+        /// while a node uses the directory. A spare segment is kept.
+        #[arg(long)]
+        repair: bool,
     },
     /// Crash-test helper: writes unique keys from concurrent writers and prints
     /// each key on stdout once its write is acknowledged.
@@ -159,7 +173,90 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.command {
+    match run(cli.command) {
+        // The reader of stdout is gone (`gyre stats | head -1`): nothing
+        // failed that anyone could be told about.
+        Err(e) if e.is::<StdoutClosed>() => std::process::exit(STDOUT_CLOSED_EXIT),
+        res => res,
+    }
+}
+
+/// Exit status of a command whose standard output was closed before it had
+/// written everything (`gyre stats | head -1`, `gyre get k --raw | head -c
+/// 10`): 141, what a shell reports for a process killed by SIGPIPE (128 +
+/// 13), as `cat` or `grep` end in the same pipeline. Not 0: the output was
+/// cut short, and a script under `set -o pipefail` sees that as it does
+/// for those tools. No message: the reader left on purpose.
+///
+/// Rust ignores SIGPIPE, so such a write fails with `BrokenPipe` (and
+/// `println!` would panic on it); every command writes its output through
+/// `outln!` and `out!`, which turn that error into [`StdoutClosed`],
+/// and `main` into this exit. SIGPIPE itself stays ignored in every
+/// command, `gyre node` and `gyre dev` included: a peer that closes a
+/// socket must give its writer EPIPE, never kill the process.
+const STDOUT_CLOSED_EXIT: i32 = 128 + libc::SIGPIPE;
+
+/// Standard output was closed by its reader (see [`STDOUT_CLOSED_EXIT`]).
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes to stdout and flushes: `Err(StdoutClosed)` if its reader is gone,
+/// another error (a full disk under `> file`) with what was being written.
+fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    write_bytes_stdout(|out| out.write_fmt(args))
+}
+
+/// [`write_stdout`] for whatever `write` writes to the locked stdout.
+fn write_bytes_stdout(
+    write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// Writes a message to stderr, ignoring failure (a closed stderr must not
+/// panic the command, as `eprintln!` would, nor stop `gyre dev` from
+/// stopping its nodes).
+fn write_stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `println!` that returns `Err(StdoutClosed)` instead of panicking when
+/// stdout's reader is gone (see [`STDOUT_CLOSED_EXIT`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!`, as `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that never panics (see [`write_stderr`]).
+macro_rules! note {
+    ($($arg:tt)*) => {
+        write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Node(args) => node(args),
         Command::Put { key, value, value_file, context, client } => {
             let value = match (value, value_file) {
@@ -169,11 +266,11 @@ fn main() -> anyhow::Result<()> {
             };
             let put = connect(&client)?.put(key.as_bytes(), &value, &context)?;
             if client.json {
-                println!("{}", serde_json::json!({ "context": put.context.to_string(), "siblings": put.siblings }));
+                outln!("{}", serde_json::json!({ "context": put.context.to_string(), "siblings": put.siblings }))?;
             } else {
-                println!("{}", put.context);
+                outln!("{}", put.context)?;
                 if put.siblings > 1 {
-                    eprintln!("note: {KEY} now has {} siblings (a concurrent write)", put.siblings, KEY = key);
+                    note!("note: {KEY} now has {} siblings (a concurrent write)", put.siblings, KEY = key);
                 }
             }
             Ok(())
@@ -182,9 +279,8 @@ fn main() -> anyhow::Result<()> {
             let got = connect(&client)?.get(key.as_bytes())?;
             if raw {
                 let value = pick_sibling(&key, &got.values, sibling)?;
-                let mut out = std::io::stdout().lock();
-                out.write_all(value).and_then(|()| out.flush()).context("writing the value to stdout")?;
-                eprintln!("context: {}", got.context);
+                write_bytes_stdout(|out| out.write_all(value))?;
+                note!("context: {}", got.context);
                 return Ok(());
             }
             let values: Vec<String> = got.values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
@@ -196,21 +292,21 @@ fn main() -> anyhow::Result<()> {
                     let hex: Vec<String> = got.values.iter().map(|v| VersionContext(v.clone()).to_string()).collect();
                     out["values_hex"] = serde_json::json!(hex);
                 }
-                println!("{out}");
+                outln!("{out}")?;
             } else {
                 if values.is_empty() {
-                    eprintln!("(not found)");
+                    note!("(not found)");
                 }
                 for v in &values {
-                    println!("{v}");
+                    outln!("{v}")?;
                 }
                 for i in binary {
-                    eprintln!(
+                    note!(
                         "note: value {i} is not UTF-8 (shown with replacement characters); \
                          `--raw --sibling {i}` writes its exact bytes"
                     );
                 }
-                eprintln!("context: {}", got.context);
+                note!("context: {}", got.context);
             }
             Ok(())
         }
@@ -232,11 +328,11 @@ fn main() -> anyhow::Result<()> {
                 if let Some(found) = found {
                     out["found"] = serde_json::json!(found);
                 }
-                println!("{out}");
+                outln!("{out}")?;
             } else if found == Some(false) {
-                eprintln!("{key}: not found, nothing deleted");
+                note!("{key}: not found, nothing deleted");
             } else {
-                println!("{ctx}");
+                outln!("{ctx}")?;
             }
             Ok(())
         }
@@ -248,13 +344,13 @@ fn main() -> anyhow::Result<()> {
                 "shard": info.shard,
                 "ports": info.ports,
             });
-            println!("{out}");
+            outln!("{out}")?;
             Ok(())
         }
         Command::Stats { shard, client } => {
             let stats = connect(&client)?.stats(shard)?;
             let v: serde_json::Value = serde_json::from_str(&stats)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?)?;
             Ok(())
         }
         Command::Dev(args) => dev(args),
@@ -285,13 +381,13 @@ fn main() -> anyhow::Result<()> {
                 let out = serde_json::json!({
                     "version": ring.version(), "partitions": ring.partitions(), "n": n, "members": members,
                 });
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                outln!("{}", serde_json::to_string_pretty(&out)?)?;
             } else {
-                print!("{}", ring.describe(n));
+                out!("{}", ring.describe(n))?;
             }
             Ok(())
         }
-        Command::Check { data_dir } => check(data_dir),
+        Command::Check { data_dir, repair } => check(&data_dir, repair),
         Command::StorageWriter { data_dir, fsync, writers, value_size, segment_size } => {
             let config = EngineConfig { fsync, segment_size, max_value_len: 64 * 1024, ..Default::default() };
             storage_writer(data_dir, config, writers, value_size)
@@ -361,6 +457,10 @@ struct DevArgs {
     /// Durability of each node: always | interval(MS) | never.
     #[arg(long, default_value = "always")]
     fsync: FsyncPolicy,
+    /// Seconds the nodes get to stop after SIGTERM before they are killed
+    /// [default: DEV_STOP_GRACE, 15]. Hidden: the tests shorten it.
+    #[arg(long, hide = true, value_name = "SECONDS", value_parser = parse_timeout)]
+    stop_grace: Option<Duration>,
 }
 
 fn node(args: NodeArgs) -> anyhow::Result<()> {
@@ -383,16 +483,34 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     gyre::node::run(config, shutdown, |started| {
         let addrs: Vec<String> = started.addrs.iter().map(ToString::to_string).collect();
         tracing::info!(node_id = format!("{:016x}", started.node_id), ?addrs, data_dir = %data_dir.display(), "node ready");
-        println!("gyre node {:016x} ready: {}", started.node_id, addrs.join(" "));
-        let _ = std::io::stdout().flush();
+        // A node's stdout may be a pipe nobody reads any more (`gyre dev`
+        // killed): the node goes on serving all the same.
+        let _ = outln!("gyre node {:016x} ready: {}", started.node_id, addrs.join(" "));
     })?;
-    eprintln!("gyre node stopped cleanly");
+    note!("gyre node stopped cleanly");
     Ok(())
 }
 
+/// How long `gyre dev` waits for its nodes to exit after SIGTERM before it
+/// kills them (SIGKILL): a node's own shutdown grace (`SHUTDOWN_GRACE` in
+/// src/node/mod.rs, 10 s, for its connections to take their last replies)
+/// and 5 s more to flush and sync its log and exit. A node that has not
+/// exited by then is hung (stopped, or stuck), not slow. `--stop-grace`
+/// (hidden) overrides it.
+const DEV_STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// How long `gyre dev` waits for a node it killed to be reaped before it
+/// gives up on it (a process in an uninterruptible sleep dies only once
+/// the kernel lets it).
+const DEV_KILL_WAIT: Duration = Duration::from_secs(5);
+
 /// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
 /// process per member, prints where they are, and stops them all on
-/// SIGINT or SIGTERM.
+/// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
+/// them to exit; a node still running after that, or when a second SIGINT
+/// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
+/// node also gets SIGTERM if `gyre dev` dies without stopping it
+/// (`kill -9`): see [`die_with_parent`].
 fn dev(args: DevArgs) -> anyhow::Result<()> {
     use gyre::node::cluster::{ClusterFile, NodeEntry};
     if args.nodes == 0 || args.nodes > 250 {
@@ -403,7 +521,7 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     let file = if path.exists() {
         let (file, _) = ClusterFile::load(&path)?;
         // Its port, N, R and W stand; the flags shape only a new cluster.
-        eprintln!("gyre dev: reusing {} (remove {} for a new cluster)", path.display(), args.data_dir.display());
+        note!("gyre dev: reusing {} (remove {} for a new cluster)", path.display(), args.data_dir.display());
         if file.nodes.len() != args.nodes {
             bail!(
                 "{} describes a {}-node cluster, not {}; use another --data-dir or remove it",
@@ -435,47 +553,48 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
-    let shutdown = shutdown_flag()?;
+    let grace = args.stop_grace.unwrap_or(DEV_STOP_GRACE);
+    let signals = signal_counter()?;
     let exe = std::env::current_exe().context("finding the gyre executable")?;
+    let me = std::process::id() as libc::pid_t;
     let mut children: Vec<(String, std::process::Child)> = Vec::new();
-    let stop_all = |children: &mut Vec<(String, std::process::Child)>| {
-        for (_, c) in children.iter() {
-            // SAFETY: kill(2) on a child we started; no memory is involved.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        }
-        for (name, c) in children.iter_mut() {
-            match c.wait() {
-                Ok(s) if s.success() => eprintln!("gyre dev: {name} stopped"),
-                Ok(s) => eprintln!("gyre dev: {name} exited with {s}"),
-                Err(e) => eprintln!("gyre dev: waiting for {name}: {e}"),
-            }
-        }
-    };
     for node in &file.nodes {
         let data = args.data_dir.join(&node.name);
-        let mut child = std::process::Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        command
             .args(["node", "--cluster"])
             .arg(&path)
             .args(["--name", &node.name, "--data-dir"])
             .arg(&data)
             .args(["--shards", &shards.to_string(), "--fsync", &args.fsync.to_string(), "--no-pin"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting node {}", node.name))?;
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes async-signal-safe system calls (see die_with_parent).
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, move || die_with_parent(me)) };
+        let spawned = command.spawn().with_context(|| format!("starting node {}", node.name));
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                stop_nodes(&mut children, grace, &signals);
+                return Err(e);
+            }
+        };
         let stdout = child.stdout.take().expect("piped");
         let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
         let ready = lines.next().and_then(Result::ok).filter(|l| l.contains(" ready: "));
         children.push((node.name.clone(), child));
         let Some(ready) = ready else {
-            stop_all(&mut children);
+            stop_nodes(&mut children, grace, &signals);
             bail!("node {} did not start (its log is above)", node.name);
         };
         std::thread::spawn(move || lines.for_each(drop));
-        eprintln!("gyre dev: {} {ready}", node.name);
+        note!("gyre dev: {} {ready}", node.name);
     }
     let addrs: Vec<String> = file.nodes.iter().map(|n| n.addr.to_string()).collect();
-    println!("gyre dev ready: {}", addrs.join(" "));
-    println!(
+    // Nobody may be reading stdout (`gyre dev | head -1`): the cluster
+    // runs on regardless, and stops on a signal as ever.
+    let _ = outln!("gyre dev ready: {}", addrs.join(" "));
+    let _ = outln!(
         "{} nodes, N={} R={} W={}, cluster file {}; try: gyre put hello world --node {}",
         file.nodes.len(),
         file.n,
@@ -484,19 +603,123 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         path.display(),
         addrs[0]
     );
-    let _ = std::io::stdout().flush();
-    while !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+    while signals.load(Ordering::SeqCst) == 0 {
         children.retain_mut(|(name, c)| match c.try_wait() {
             Ok(Some(status)) => {
-                eprintln!("gyre dev: node {name} exited ({status}); the others keep running");
+                note!("gyre dev: node {name} exited ({status}); the others keep running");
                 false
             }
             _ => true,
         });
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("gyre dev: stopping {} nodes", children.len());
-    stop_all(&mut children);
+    note!("gyre dev: stopping {} nodes", children.len());
+    let killed = stop_nodes(&mut children, grace, &signals);
+    if !killed.is_empty() {
+        bail!("{} did not stop cleanly and had to be killed", killed.join(", "));
+    }
+    Ok(())
+}
+
+/// Stops `gyre dev`'s nodes: SIGTERM to each, then up to `grace` for them
+/// to exit. Those still running past it, or once another SIGINT or SIGTERM
+/// arrives (`signals` moves), are killed (SIGKILL), said on stderr, and
+/// reaped (each for up to [`DEV_KILL_WAIT`]). Returns the names of the
+/// nodes it killed; `children` is left empty.
+fn stop_nodes(
+    children: &mut Vec<(String, std::process::Child)>,
+    grace: Duration,
+    signals: &AtomicUsize,
+) -> Vec<String> {
+    let seen = signals.load(Ordering::SeqCst);
+    for (_, c) in children.iter() {
+        // SAFETY: kill(2) on a child we started and have not reaped (its
+        // pid cannot have been reused); no memory is involved.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + grace;
+    let why = loop {
+        reap(children, |name, status| match status {
+            Ok(s) if s.success() => note!("gyre dev: {name} stopped"),
+            Ok(s) => note!("gyre dev: {name} exited with {s}"),
+            Err(e) => note!("gyre dev: waiting for {name}: {e}"),
+        });
+        if children.is_empty() {
+            return Vec::new();
+        }
+        if signals.load(Ordering::SeqCst) != seen {
+            break "a second signal: not waiting".to_string();
+        }
+        if Instant::now() >= deadline {
+            break format!("not stopped {:.1} s after SIGTERM", grace.as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut killed = Vec::new();
+    for (name, c) in children.iter_mut() {
+        note!("gyre dev: {name} (pid {}) {why}; killing it", c.id());
+        let _ = c.kill();
+        killed.push(name.clone());
+    }
+    let deadline = Instant::now() + DEV_KILL_WAIT;
+    loop {
+        reap(children, |name, status| match status {
+            Ok(s) => note!("gyre dev: {name} killed ({s})"),
+            Err(e) => note!("gyre dev: waiting for {name}: {e}"),
+        });
+        if children.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for (name, c) in children.drain(..) {
+                note!("gyre dev: {name} (pid {}) has not exited {DEV_KILL_WAIT:?} after SIGKILL; leaving it", c.id());
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed
+}
+
+/// Removes from `children` each one that has exited (or cannot be waited
+/// for), telling `report` how it ended.
+fn reap(
+    children: &mut Vec<(String, std::process::Child)>,
+    mut report: impl FnMut(&str, std::io::Result<std::process::ExitStatus>),
+) {
+    children.retain_mut(|(name, c)| match c.try_wait() {
+        Ok(None) => true,
+        Ok(Some(status)) => {
+            report(name, Ok(status));
+            false
+        }
+        Err(e) => {
+            report(name, Err(e));
+            false
+        }
+    });
+}
+
+/// Runs in a `gyre dev` node between fork and exec: asks the kernel for
+/// SIGTERM when `gyre dev` dies (`PR_SET_PDEATHSIG`), so that a `kill -9`
+/// of `gyre dev` stops its nodes (cleanly: SIGTERM) instead of leaving
+/// them running. If `gyre dev` died before the request was made, the
+/// signal would never come: the node is then not started (its parent is
+/// no longer `parent`). The signal comes when the thread that started the
+/// node exits; `gyre dev` starts its nodes from its main thread, which
+/// lives as long as the process.
+///
+/// Only async-signal-safe calls here (the child of a multi-threaded
+/// process): prctl, getppid, and no allocation.
+fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(2) with integer arguments; no memory is involved.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: getppid(2) cannot fail and touches no memory.
+    if unsafe { libc::getppid() } != parent {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
     Ok(())
 }
 
@@ -507,6 +730,24 @@ fn shutdown_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBoo
         signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
     }
     Ok(flag)
+}
+
+/// How many SIGTERM and SIGINT signals have arrived (`gyre dev` stops its
+/// nodes on the first, and kills them on the next).
+fn signal_counter() -> anyhow::Result<Arc<AtomicUsize>> {
+    let count = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let count = count.clone();
+        // SAFETY: the handler only increments an atomic, which is
+        // async-signal-safe (no allocation, no lock).
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+        .context("installing signal handlers")?;
+    }
+    Ok(count)
 }
 
 fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
@@ -568,29 +809,434 @@ fn pick_sibling<'a>(key: &str, values: &'a [Vec<u8>], sibling: Option<usize>) ->
     }
 }
 
-fn check(dir: PathBuf) -> anyhow::Result<()> {
-    if !dir.join(gyre::storage::format::FORMAT_FILE).exists() {
-        bail!("{} is not a Gyre data directory (no {} file)", dir.display(), gyre::storage::format::FORMAT_FILE);
+/// What `gyre check` reads: a `gyre dev` directory (`cluster.toml` and a
+/// node directory per member), a node's data directory (`NODE` and a
+/// `shard-NNN` directory per shard), or one shard's directory
+/// (`GYRE_FORMAT`, segments and hints).
+enum CheckTarget {
+    Cluster(Vec<PathBuf>),
+    Node(NodeDirInfo),
+    Shard,
+}
+
+/// A node data directory as `gyre check` sees it.
+struct NodeDirInfo {
+    /// Partitions and shards, from its `NODE` file (absent: unknown).
+    partitions: Option<u32>,
+    shards: Option<usize>,
+    /// Its `shard-NNN` directories, in order.
+    shard_dirs: Vec<PathBuf>,
+}
+
+fn is_node_dir(dir: &Path) -> bool {
+    dir.join(gyre::node::config::NODE_FILE).is_file()
+}
+
+/// The `shard-*` directories of `dir`, sorted by name.
+fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().starts_with("shard-") && entry.path().is_dir() {
+            out.push(entry.path());
+        }
     }
-    let corrupt = run_executor("gyre-check", None, async move {
-        let started = std::time::Instant::now();
-        let (engine, report) = open_shard(&dir, EngineConfig::default()).await?;
-        let recovery_ms = started.elapsed().as_secs_f64() * 1e3;
-        let scrub = engine.verify().await?;
-        let out = serde_json::json!({
-            "data_dir": dir,
-            "recovery_ms": recovery_ms,
-            "recovery": report,
-            "scrub_corruptions": scrub,
-            "stats": engine.stats(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        anyhow::Ok(!report.corruptions.is_empty() || !scrub.is_empty())
-    })??;
-    if corrupt {
+    out.sort();
+    Ok(out)
+}
+
+fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
+    let node = dir.join(gyre::node::config::NODE_FILE);
+    let (mut partitions, mut shards) = (None, None);
+    if node.is_file() {
+        let text = std::fs::read_to_string(&node).with_context(|| format!("reading {}", node.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a NODE file", node.display()))?;
+        partitions = v["partitions"].as_u64().and_then(|p| u32::try_from(p).ok());
+        shards = v["shards"].as_u64().map(|s| s as usize);
+    }
+    Ok(NodeDirInfo { partitions, shards, shard_dirs: shard_dirs(dir)? })
+}
+
+fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
+    use gyre::storage::format::FORMAT_FILE;
+    if dir.join(FORMAT_FILE).exists() {
+        return Ok(CheckTarget::Shard);
+    }
+    if is_node_dir(dir) || !shard_dirs(dir).unwrap_or_default().is_empty() {
+        return Ok(CheckTarget::Node(node_dir_info(dir)?));
+    }
+    if dir.join("cluster.toml").is_file() {
+        let mut nodes = Vec::new();
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+            if path.is_dir() && is_node_dir(&path) {
+                nodes.push(path);
+            }
+        }
+        nodes.sort();
+        return Ok(CheckTarget::Cluster(nodes));
+    }
+    bail!(
+        "{} is not a Gyre data directory (no {FORMAT_FILE} file of a shard, no {} file or shard-NNN directories of a \
+         node, no cluster.toml of `gyre dev`)",
+        dir.display(),
+        gyre::node::config::NODE_FILE
+    )
+}
+
+/// `gyre check`: read-only unless `repair`. Prints one JSON report and
+/// exits 1 if a shard holds corruption (or could not be checked).
+fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
+    let mode = if repair { "repair" } else { "check" };
+    let mut failed = false;
+    let out = match check_target(dir)? {
+        CheckTarget::Shard => {
+            // A shard directory inside a node's: that node's partitions.
+            let node = dir.parent().filter(|p| is_node_dir(p));
+            let partitions = node.and_then(|p| node_dir_info(p).ok()?.partitions);
+            let _lock = match node {
+                Some(node) if repair => lock_node_dir(node)?,
+                _ => None,
+            };
+            let mut report = check_shards(&[dir.to_path_buf()], partitions, repair, &mut failed)?;
+            let mut report = report.pop().expect("one shard");
+            report["mode"] = mode.into();
+            report
+        }
+        CheckTarget::Node(info) => {
+            let mut report = check_node(dir, info, repair, &mut failed)?;
+            report["mode"] = mode.into();
+            report
+        }
+        CheckTarget::Cluster(nodes) => {
+            let mut reports = Vec::new();
+            for node in nodes {
+                let info = node_dir_info(&node)?;
+                reports.push(check_node(&node, info, repair, &mut failed)?);
+            }
+            serde_json::json!({ "data_dir": dir, "mode": mode, "nodes": reports })
+        }
+    };
+    outln!("{}", serde_json::to_string_pretty(&out)?)?;
+    if failed {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Checks (or repairs) every shard of the node directory `dir`. A repair
+/// holds the node's LOCK throughout: no node may start on it meanwhile.
+fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) -> anyhow::Result<serde_json::Value> {
+    let _lock = if repair { Some(lock_node_dir(dir)?) } else { None };
+    let shards = check_shards(&info.shard_dirs, info.partitions, repair, failed)?;
+    // Shard directories the NODE file promises but that are not there (a
+    // node creates them at its start; their data, if any, is gone).
+    let missing: Vec<String> = (0..info.shards.unwrap_or(0))
+        .map(|i| format!("shard-{i:03}"))
+        .filter(|name| !dir.join(name).is_dir())
+        .collect();
+    Ok(serde_json::json!({
+        "data_dir": dir,
+        "node": { "shards": info.shards, "partitions": info.partitions },
+        "missing_shards": missing,
+        "shards": shards,
+    }))
+}
+
+/// Locks a node directory as a starting node does (its LOCK file,
+/// exclusively), or fails if a node holds it.
+fn lock_node_dir(dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let path = dir.join(gyre::node::config::LOCK_FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("{} is in use by a running gyre node: stop it before --repair", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Whether a process (a node's shard) holds the LOCK of shard directory
+/// `dir`. Only probed (a shared lock, released at once): nothing is
+/// created or written.
+fn shard_in_use(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join(gyre::storage::backend::glommio::LOCK_FILE)) else {
+        return false;
+    };
+    matches!(file.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// The engine settings a repair opens a shard with: the node's partitions,
+/// and, when the shard has a spare segment of a size a segment can have,
+/// that size with a policy that keeps a spare. The directory records
+/// neither the segment size nor the fsync policy it was written with, and
+/// `Engine::open` removes a spare that does not match its settings: the
+/// defaults would delete the spare of a node run with another
+/// `segment_size`, or under `fsync = never` (which keeps none). Nothing
+/// else in these settings changes what an open does to the directory.
+/// `None` for the spare: it cannot be kept (the open removes it).
+fn repair_config(partitions: Option<u32>, spare: Option<u64>) -> (EngineConfig, Option<u64>) {
+    let base = EngineConfig {
+        partitions: partitions.unwrap_or(gyre::core::partition::DEFAULT_PARTITIONS),
+        ..EngineConfig::default()
+    };
+    let Some(size) = spare else { return (base, None) };
+    let fixed = gyre::storage::format::record_len(gyre::limits::MAX_KEY_LEN, gyre::limits::MAX_META_LEN, 0) as u64;
+    let config = EngineConfig {
+        segment_size: size,
+        // The largest value a segment of this size holds (the open checks
+        // that a largest record fits; it stores nothing).
+        max_value_len: size.saturating_sub(fixed).min(gyre::limits::DEFAULT_MAX_VALUE_LEN as u64) as usize,
+        fsync: FsyncPolicy::Always,
+        preallocate: true,
+        ..base.clone()
+    };
+    match config.validate() {
+        Ok(()) if config.keeps_spare() => (config, Some(size)),
+        _ => (base, None),
+    }
+}
+
+/// Checks each shard directory: read-only (see [`check_shard`]), then, with
+/// `repair`, opened as a node's start opens it. One JSON report per shard;
+/// `failed` is set for corruption or a shard that could not be checked.
+fn check_shards(
+    dirs: &[PathBuf],
+    partitions: Option<u32>,
+    repair: bool,
+    failed: &mut bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut reports = Vec::new();
+    let mut to_repair = Vec::new();
+    for dir in dirs {
+        match check_shard(dir, partitions) {
+            Ok(c) => {
+                *failed |= !c.report.corruptions.is_empty() || !c.scrub.is_empty();
+                if c.in_use {
+                    note!(
+                        "gyre check: {} is in use by a running node: what it reads may be changing under it",
+                        dir.display()
+                    );
+                }
+                let mut r = serde_json::json!({
+                    "data_dir": dir,
+                    "in_use": c.in_use,
+                    "recovery": c.report,
+                    "scrub_corruptions": c.scrub,
+                    "spare_segment_bytes": c.spare,
+                    "repairs": c.repairs,
+                });
+                if repair {
+                    if c.in_use {
+                        bail!("{} is in use by a running gyre node: stop it before --repair", dir.display());
+                    }
+                    to_repair.push((reports.len(), dir.clone(), repair_config(partitions, c.spare).0));
+                    r["repaired"] = false.into();
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                *failed = true;
+                reports.push(serde_json::json!({ "data_dir": dir, "error": format!("{e:#}") }));
+            }
+        }
+    }
+    if to_repair.is_empty() {
+        return Ok(reports);
+    }
+    let repaired = run_executor("gyre-check", None, async move {
+        let mut out = Vec::new();
+        for (i, dir, config) in to_repair {
+            let started = Instant::now();
+            let res = async {
+                let (engine, report) = open_shard(&dir, config).await?;
+                let recovery_ms = started.elapsed().as_secs_f64() * 1e3;
+                let scrub = engine.verify().await?;
+                engine.close().await?;
+                anyhow::Ok((report, recovery_ms, scrub, engine.stats()))
+            }
+            .await;
+            out.push((i, res));
+        }
+        out
+    })?;
+    for (i, res) in repaired {
+        let r = &mut reports[i];
+        match res {
+            Ok((report, recovery_ms, scrub, stats)) => {
+                *failed |= !report.corruptions.is_empty() || !scrub.is_empty();
+                r["repaired"] = true.into();
+                r["recovery"] = serde_json::json!(report);
+                r["recovery_ms"] = recovery_ms.into();
+                r["scrub_corruptions"] = serde_json::json!(scrub);
+                r["stats"] = serde_json::json!(stats);
+            }
+            Err(e) => {
+                *failed = true;
+                r["error"] = format!("repairing: {e:#}").into();
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// What a shard directory holds, and what opening it would change.
+struct ShardCheck {
+    /// What `Engine::open` would report.
+    report: gyre::storage::RecoveryReport,
+    /// What a scrub (`Engine::verify`) after that open would find.
+    scrub: Vec<gyre::storage::scan::Corruption>,
+    /// The changes that open would make, in its order.
+    repairs: Vec<String>,
+    /// The spare segment's size, if there is one.
+    spare: Option<u64>,
+    /// A node's shard holds the directory's LOCK.
+    in_use: bool,
+}
+
+/// Checks a shard directory without changing it: does what `Engine::open`
+/// and `Engine::verify` do (replay valid hints, scan the other segments,
+/// scrub every segment), with the storage format's own read-only scan
+/// functions on the files' bytes, and lists the writes the open would make
+/// instead of making them. The engine cannot open a directory read-only
+/// (it cuts torn tails, writes hints and removes files as it recovers),
+/// hence this second, read-only path; the tests hold the two to the same
+/// report.
+fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck> {
+    use gyre::storage::format::{
+        decode_hint, hint_file_name, parse_file_name, parse_format_file, segment_file_name, FileKind, FORMAT_FILE,
+        STORAGE_FORMAT_VERSION,
+    };
+    use gyre::storage::scan::scan_segment;
+    use std::collections::{BTreeSet, HashSet};
+
+    let in_use = shard_in_use(dir);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut repairs = Vec::new();
+    let (mut segs, mut hints) = (BTreeSet::new(), BTreeSet::new());
+    let mut spare = None;
+    for name in &names {
+        match parse_file_name(name) {
+            Some(FileKind::Segment(id)) => {
+                segs.insert(id);
+            }
+            Some(FileKind::Hint(id)) => {
+                hints.insert(id);
+            }
+            None if name == SPARE_SEGMENT => {
+                spare = Some(std::fs::metadata(dir.join(name)).with_context(|| format!("sizing {name}"))?.len());
+            }
+            None if name.ends_with(".tmp") => repairs.push(format!("remove {name} (a temporary file)")),
+            None => {}
+        }
+    }
+    if names.iter().any(|n| n == FORMAT_FILE) {
+        let path = dir.join(FORMAT_FILE);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        match parse_format_file(&bytes) {
+            Some(STORAGE_FORMAT_VERSION) => {}
+            Some(v) => bail!("storage format {v}: this build reads format {STORAGE_FORMAT_VERSION} and refuses it"),
+            None => bail!("{} is unreadable: a start refuses this directory", path.display()),
+        }
+    } else if !segs.is_empty() {
+        bail!("segments without a {FORMAT_FILE} file: a start refuses this directory");
+    } else {
+        repairs.push(format!("write {FORMAT_FILE}"));
+    }
+
+    let mut report = gyre::storage::RecoveryReport { segments: segs.len(), ..Default::default() };
+    let mut scrub = Vec::new();
+    let mut keys: HashSet<Vec<u8>> = HashSet::new();
+    let mut max_seq = 0u64;
+    let last = segs.last().copied();
+    for &seg in &segs {
+        let name = segment_file_name(seg);
+        let data = std::fs::read(dir.join(&name)).with_context(|| format!("reading {name}"))?;
+        let size = data.len() as u64;
+        let is_last = Some(seg) == last;
+        let mut hinted = false;
+        if !is_last && hints.contains(&seg) {
+            let hint_name = hint_file_name(seg);
+            match std::fs::read(dir.join(&hint_name)) {
+                Ok(bytes) => match decode_hint(&bytes, seg) {
+                    Ok(h) if h.data_len == size => match h.for_each(|e| {
+                        keys.insert(e.key.to_vec());
+                    }) {
+                        Ok(()) => {
+                            hinted = true;
+                            max_seq = max_seq.max(h.max_seq);
+                        }
+                        Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                    },
+                    Ok(h) => report
+                        .hint_errors
+                        .push(format!("segment {seg}: hint says {} bytes of data, segment has {size}", h.data_len)),
+                    Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                },
+                Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
+            }
+        }
+        if hinted {
+            report.hints_used += 1;
+            scrub.extend(scan_segment(seg, &data, true, |_, _| {}).corruptions);
+            continue;
+        }
+        report.segments_scanned += 1;
+        let out = scan_segment(seg, &data, !is_last, |_, r| {
+            keys.insert(r.key.to_vec());
+            max_seq = max_seq.max(r.seq);
+        });
+        report.corruptions.extend(out.corruptions.iter().cloned());
+        let mut kept = size;
+        if is_last {
+            if out.valid_end == 0 && out.corruptions.is_empty() {
+                repairs.push(format!("remove {name} (the last segment, holding no record)"));
+                continue;
+            }
+            if size != out.valid_end {
+                let tail = &data[out.valid_end as usize..];
+                report.torn_tail_bytes = tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
+                let what = match report.torn_tail_bytes {
+                    0 => "zeros past the last record, not a torn write".to_string(),
+                    n => format!("a torn write of {n} bytes"),
+                };
+                repairs.push(format!("truncate {name} from {size} to {} bytes ({what})", out.valid_end));
+                kept = out.valid_end;
+            }
+        }
+        if is_last || out.corruptions.is_empty() {
+            let hint_name = hint_file_name(seg);
+            let verb = if hints.contains(&seg) { "rewrite" } else { "write" };
+            repairs.push(format!("{verb} {hint_name} (the index of {name})"));
+        }
+        // The scrub after the open reads every segment as sealed, the last
+        // one as the open left it.
+        if is_last {
+            scrub.extend(scan_segment(seg, &data[..kept as usize], true, |_, _| {}).corruptions);
+        } else {
+            scrub.extend(out.corruptions);
+        }
+    }
+    scrub.sort_by_key(|c| (c.seg, c.off));
+    report.keys = keys.len();
+    report.next_seq = max_seq + 1;
+    if let (Some(size), (_, None)) = (spare, repair_config(partitions, spare)) {
+        repairs.push(format!("remove {SPARE_SEGMENT} ({size} bytes: not a size a segment can have)"));
+    }
+    Ok(ShardCheck { report, scrub, repairs, spare, in_use })
 }
 
 fn storage_writer(dir: PathBuf, config: EngineConfig, writers: usize, value_size: usize) -> anyhow::Result<()> {

@@ -711,3 +711,361 @@ fn an_unclean_stop_gives_the_node_a_new_actor_and_a_clean_one_keeps_it() {
     assert_ne!(info, second);
     assert!(node.terminate().success());
 }
+
+/// Runs `gyre ARGS` with its stdout a pipe whose reader has already gone:
+/// the exit status and stderr.
+fn gyre_to_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = std::process::Command::new(common::GYRE)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .output()
+        .expect("running gyre");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `gyre stats | head -1`: a client command whose stdout is closed before
+/// it writes ends quietly with 141 (as a process killed by SIGPIPE is
+/// reported), not with a panic.
+#[test]
+fn client_commands_exit_quietly_when_stdout_is_closed() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    let addr = node.addr();
+    let (ok, _, err) = cli(&["put", "k", "v", "--node", addr]);
+    assert!(ok, "{err}");
+    // A lone node has no ring: `ring` reads a cluster file's.
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(
+        &cluster,
+        "partitions = 64\nn = 1\nr = 1\nw = 1\n[[nodes]]\nname = \"n1\"\naddr = \"127.0.0.1:7700\"\n",
+    )
+    .unwrap();
+    let cluster = cluster.to_str().unwrap();
+    let commands: [&[&str]; 8] = [
+        &["stats"],
+        &["get", "k"],
+        &["get", "k", "--json"],
+        &["get", "k", "--raw"],
+        &["ping"],
+        &["ring", "--cluster", cluster],
+        &["ring", "--json", "--cluster", cluster],
+        &["put", "k2", "v2"],
+    ];
+    for args in commands {
+        let args: Vec<&str> = args.iter().copied().chain(["--node", addr]).collect();
+        let (status, stderr) = gyre_to_closed_stdout(&args);
+        assert!(!stderr.contains("panicked"), "gyre {args:?} panicked: {stderr}");
+        assert!(!stderr.contains("Broken pipe") && !stderr.contains("Error"), "gyre {args:?}: {stderr}");
+        assert_eq!(status.code(), Some(141), "gyre {args:?}: {status} {stderr}");
+    }
+    // The node is not affected.
+    assert!(node.terminate().success());
+}
+
+/// The pids of `pid`'s child processes.
+fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    out.sort();
+    out
+}
+
+/// Whether process `pid` is still running (gone or a zombie: not).
+fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some(s) if s != "Z" && s != "X")
+}
+
+/// Waits up to `timeout` for none of `pids` to be running.
+fn all_exit_within(pids: &[u32], timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while pids.iter().any(|&p| running(p)) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn send_signal(pid: u32, signo: libc::c_int) {
+    // SAFETY: kill(2) on a process id; no memory is involved.
+    unsafe { libc::kill(pid as libc::pid_t, signo) };
+}
+
+/// A `gyre dev` process and its nodes: whatever is still running when it
+/// is dropped is continued and killed, so no test leaks a process.
+struct DevRun {
+    child: std::process::Child,
+    nodes: Vec<u32>,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DevRun {
+    /// Starts `gyre dev --nodes NODES` (one shard each, `--fsync never`, a
+    /// free port on 127.0.0.1..=NODES, data in a temp dir) with `extra`
+    /// arguments, and waits for its ready line.
+    fn start(nodes: u8, extra: &[&str]) -> DevRun {
+        use std::io::BufRead;
+        let ips: Vec<std::net::Ipv4Addr> = (1..=nodes).map(|i| std::net::Ipv4Addr::new(127, 0, 0, i)).collect();
+        for attempt in 1.. {
+            let dir = tmp();
+            let log = dir.path().join("dev.log");
+            let port = common::free_port(&ips).to_string();
+            let n = nodes.to_string();
+            let mut child = std::process::Command::new(common::GYRE)
+                .args(["dev", "--nodes", &n, "--shards", "1", "--fsync", "never", "--port", &port, "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawning gyre dev");
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.starts_with("gyre dev ready:") {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+            let ready = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+            let mut dev = DevRun { nodes: child_pids(child.id()), child, log, _dir: dir };
+            if ready {
+                assert_eq!(dev.nodes.len(), nodes as usize, "one process per node: {}", dev.log());
+                return dev;
+            }
+            let _ = dev.child.kill();
+            let _ = dev.child.wait();
+            let log = dev.log();
+            assert!(attempt < 3 && log.contains("Address already in use"), "gyre dev did not start: {log}");
+        }
+        unreachable!()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DevRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for &pid in &self.nodes {
+            if running(pid) {
+                send_signal(pid, libc::SIGCONT);
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A node of `gyre dev` that does not stop (here: SIGSTOP) is killed once
+/// the stop grace has passed, and `gyre dev` exits (1) instead of waiting
+/// for it forever.
+#[test]
+fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
+    let mut dev = DevRun::start(2, &["--stop-grace", "1"]);
+    send_signal(dev.nodes[0], libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    common::signal(dev.child.id(), "TERM");
+    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15));
+    let log = dev.log();
+    let status = status.unwrap_or_else(|| panic!("gyre dev still waits 15 s after SIGTERM: {log}"));
+    eprintln!("gyre dev exited {status} after {:?}", started.elapsed());
+    assert!(!status.success(), "a node had to be killed: {log}");
+    assert!(log.contains("killing it"), "{log}");
+    assert!(log.contains("did not stop cleanly and had to be killed"), "{log}");
+    assert!(all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
+}
+
+/// A second SIGINT or SIGTERM while `gyre dev` waits for its nodes kills
+/// them at once.
+#[test]
+fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
+    // The default grace (15 s): the second signal, not the grace, ends it.
+    let mut dev = DevRun::start(1, &[]);
+    send_signal(dev.nodes[0], libc::SIGSTOP);
+    common::signal(dev.child.id(), "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(dev.child.try_wait().unwrap().is_none(), "gyre dev waits for the stopped node: {}", dev.log());
+    let started = std::time::Instant::now();
+    common::signal(dev.child.id(), "INT");
+    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(6));
+    let log = dev.log();
+    let status = status.unwrap_or_else(|| panic!("gyre dev ignored a second signal: {log}"));
+    assert!(started.elapsed() < Duration::from_secs(6), "{log}");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("a second signal"), "{log}");
+    assert!(all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
+}
+
+/// `kill -9` of `gyre dev` stops its nodes too (they get SIGTERM when their
+/// parent dies).
+#[test]
+fn nodes_of_gyre_dev_stop_when_it_is_killed() {
+    let mut dev = DevRun::start(2, &[]);
+    let _ = dev.child.kill();
+    let _ = dev.child.wait();
+    // They stop at once; the bound leaves room for a node's shutdown grace (10 s).
+    assert!(all_exit_within(&dev.nodes, Duration::from_secs(15)), "nodes outlived gyre dev: {}", dev.log());
+}
+
+/// Every file and directory under `dir`: path, size and modification time.
+fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let meta = std::fs::metadata(&d).unwrap();
+        out.push((d.clone(), meta.len(), meta.modified().unwrap()));
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                todo.push(path);
+            } else {
+                out.push((path, meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `gyre check` on a node's data directory after a `kill -9` changes
+/// nothing: it reports what a start would find and repair (the log's
+/// preallocated tail cut, a hint written) and leaves it to `--repair`,
+/// whose recovery is the one the check foresaw, and which keeps the
+/// spare segment of a node run with a non-default segment size.
+#[test]
+fn gyre_check_is_read_only_and_repair_keeps_the_spare_segment() {
+    let dir = tmp();
+    let config = dir.path().join("node.toml");
+    let segment_size: u64 = 16 << 20;
+    std::fs::write(&config, format!("[storage]\nsegment_size = {segment_size}\n")).unwrap();
+    let data = dir.path().join("data");
+    let config = config.to_str().unwrap();
+    let node = Node::start(&data, &["--shards", "2", "--fsync", "always", "--config", config]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..200 {
+        c.put(format!("k{i}").as_bytes(), b"value", &Context::default()).unwrap();
+    }
+    // Each shard keeps a spare segment ready (made again within seconds
+    // once the first segment took the first spare).
+    let spares: Vec<_> = ["shard-000", "shard-001"].iter().map(|s| data.join(s).join("spare-segment")).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !spares.iter().all(|s| std::fs::metadata(s).is_ok_and(|m| m.len() == segment_size)) {
+        assert!(std::time::Instant::now() < deadline, "no spare segments: {:?}", snapshot(&data));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.kill9();
+
+    let before = snapshot(&data);
+    let data_str = data.to_str().unwrap();
+    let (ok, out, err) = cli(&["check", "--data-dir", data_str]);
+    assert!(ok, "{err}\n{out}");
+    assert_eq!(snapshot(&data), before, "gyre check changed the directory");
+    let check: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(check["mode"], "check", "{check}");
+    let shards = check["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2, "{check}");
+    for shard in shards {
+        assert_eq!(shard["spare_segment_bytes"], segment_size, "{shard}");
+        assert_eq!(shard["scrub_corruptions"], serde_json::json!([]), "{shard}");
+        let repairs = shard["repairs"].to_string();
+        assert!(repairs.contains("truncate seg-") && repairs.contains("write seg-"), "{shard}");
+        assert!(!repairs.contains("spare"), "{shard}");
+    }
+    // One shard's directory, checked alone: also unchanged.
+    let (ok, out, err) = cli(&["check", "--data-dir", data.join("shard-001").to_str().unwrap()]);
+    assert!(ok, "{err}\n{out}");
+    assert_eq!(snapshot(&data), before, "gyre check of a shard directory changed it");
+    let alone: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(alone["recovery"], shards[1]["recovery"], "{alone}");
+
+    let (ok, out, err) = cli(&["check", "--data-dir", data_str, "--repair"]);
+    assert!(ok, "{err}\n{out}");
+    let repair: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (foreseen, done) in shards.iter().zip(repair["shards"].as_array().unwrap()) {
+        assert_eq!(done["repaired"], true, "{done}");
+        assert_eq!(done["recovery"], foreseen["recovery"], "the check foresaw the recovery: {done}");
+        assert_eq!(done["scrub_corruptions"], foreseen["scrub_corruptions"], "{done}");
+    }
+    assert_ne!(snapshot(&data), before, "--repair repaired");
+    for spare in &spares {
+        assert_eq!(std::fs::metadata(spare).map(|m| m.len()).ok(), Some(segment_size), "--repair kept {spare:?}");
+    }
+    let (ok, out, err) = cli(&["check", "--data-dir", data_str]);
+    assert!(ok, "{err}\n{out}");
+    assert!(!out.contains("truncate"), "nothing left to cut: {out}");
+    // The node serves every key from the repaired directory.
+    let node = Node::start(&data, &["--fsync", "always", "--config", config]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..200 {
+        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![b"value".to_vec()], "k{i}");
+    }
+    assert!(node.terminate().success());
+}
+
+/// On a shard of many segments, killed mid-write and then damaged (a byte
+/// flipped in a hinted segment, a hint removed), the read-only check
+/// foresees exactly what `--repair`'s recovery and scrub report, changes
+/// nothing itself, and both exit 1 for the corruption.
+#[test]
+fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
+    let dir = tmp();
+    let shard = dir.path().join("shard");
+    let shard_str = shard.to_str().unwrap();
+    let mut writer = std::process::Command::new(common::GYRE)
+        .args(["storage-writer", "--fsync", "never", "--segment-size", "1048576", "--value-size", "2000"])
+        .args(["--data-dir", shard_str])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning the storage writer");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let hints = |n: usize| format!("seg-{n:08}.hint");
+    while !shard.join(hints(4)).exists() {
+        assert!(std::time::Instant::now() < deadline, "the writer sealed no 4 segments");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+    // Segment 2 keeps its hint (a start trusts it; only the scrub sees the
+    // flipped byte); segment 3 loses its hint (a start scans it).
+    let seg2 = shard.join("seg-00000002.log");
+    let mut bytes = std::fs::read(&seg2).unwrap();
+    bytes[5000] ^= 0xff;
+    std::fs::write(&seg2, bytes).unwrap();
+    std::fs::remove_file(shard.join(hints(3))).unwrap();
+
+    let before = snapshot(&shard);
+    let (ok, out, err) = cli(&["check", "--data-dir", shard_str]);
+    assert!(!ok, "corruption exits 1: {err}\n{out}");
+    assert_eq!(snapshot(&shard), before, "gyre check changed the directory");
+    let check: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(check["recovery"]["hints_used"].as_u64().unwrap() >= 2, "{check}");
+    assert!(check["recovery"]["segments_scanned"].as_u64().unwrap() >= 2, "{check}");
+    assert_eq!(check["scrub_corruptions"][0]["seg"], 2, "{check}");
+    assert!(check["repairs"].to_string().contains("write seg-00000003.hint"), "{check}");
+
+    let (ok, out, err) = cli(&["check", "--data-dir", shard_str, "--repair"]);
+    assert!(!ok, "corruption exits 1: {err}\n{out}");
+    let repair: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(repair["repaired"], true, "{repair}");
+    assert_eq!(repair["recovery"], check["recovery"], "the check foresaw the recovery");
+    assert_eq!(repair["scrub_corruptions"], check["scrub_corruptions"], "and the scrub");
+    assert!(shard.join(hints(3)).exists(), "--repair wrote the missing hint");
+}

@@ -268,7 +268,7 @@ pub struct CompactionStats {
 
 /// The spare segment's file name (see [`Engine::prepare_spare`]) once it
 /// is filled and synced: an open keeps it (a restart rewrites no zeros).
-const SPARE_SEGMENT: &str = "spare-segment";
+pub const SPARE_SEGMENT: &str = "spare-segment";
 /// Its name while it is filled: a temporary file, so that an open removes
 /// one a crash left half filled.
 const SPARE_FILLING: &str = "spare-segment.tmp";

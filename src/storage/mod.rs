@@ -22,5 +22,6 @@ pub mod scan;
 pub use config::{EngineConfig, FsyncPolicy};
 pub use engine::{
     CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport, StorageError,
+    SPARE_SEGMENT,
 };
 pub use format::Kind;
