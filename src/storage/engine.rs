@@ -871,17 +871,29 @@ impl<B: Backend> Engine<B> {
             let file = if plan.create {
                 let spare = self.inner.st.borrow_mut().spare.take();
                 let (f, zeroed) = match spare {
-                    Some(f) => {
-                        backend.rename(SPARE_SEGMENT, &name).await.map_err(io_err("renaming the spare segment"))?;
-                        (f, true)
-                    }
+                    Some(f) => match backend.rename(SPARE_SEGMENT, &name).await {
+                        Ok(()) => (f, true),
+                        Err(e) => {
+                            // Still the spare: a retry (after a full disk)
+                            // takes it again rather than needing new space.
+                            self.inner.st.borrow_mut().spare = Some(f);
+                            return Err(io_err("renaming the spare segment")(e));
+                        }
+                    },
                     None => (backend.open(&name, true).await.map_err(io_err("creating a segment"))?, false),
                 };
                 if self.inner.config.preallocate && !zeroed {
-                    backend
-                        .preallocate(&f, self.inner.config.segment_size)
-                        .await
-                        .map_err(io_err("preallocating a segment"))?;
+                    match backend.preallocate(&f, self.inner.config.segment_size).await {
+                        Ok(()) => {}
+                        // No room for a whole segment ahead of time: the
+                        // segment grows as it is written instead (its syncs
+                        // then commit its size as well). A disk truly full
+                        // fails at the write.
+                        Err(e) if matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) => {
+                            tracing::warn!(segment = plan.seg, error = %e, "no room to preallocate a segment; it grows as written");
+                        }
+                        Err(e) => return Err(io_err("preallocating a segment")(e)),
+                    }
                 }
                 backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
                 self.inner.st.borrow_mut().files.insert(plan.seg, f.clone());
@@ -1023,9 +1035,18 @@ impl<B: Backend> Engine<B> {
         // when it failed was never acknowledged and is gone at the next
         // open. Showing it would show a value a restart takes back, and
         // the key's earlier record is no longer indexed: say so instead.
-        if let Some(e) = &st.failed {
+        let unwritable = match (&st.failed, &st.full) {
+            (Some(e), _) => Some(StorageError::Failed(e.clone())),
+            // Out of space: what is not written yet is written once there
+            // is room, or lost if the node stops first. It was not
+            // acknowledged, so it is not shown either (a read repair would
+            // copy it to replicas that keep it).
+            (None, Some(e)) => Some(StorageError::DiskFull(e.clone())),
+            (None, None) => None,
+        };
+        if let Some(err) = unwritable {
             if (loc.seg, loc.off as u64 + loc.len as u64) > st.writer.written() {
-                return Err(StorageError::Failed(e.clone()));
+                return Err(err);
             }
         }
         // The cache first: a record just written is usually there
@@ -1468,6 +1489,26 @@ mod tests {
         })
     }
 
+    /// No room to preallocate a whole segment is not a full disk: the
+    /// segment grows as it is written, and writes go on.
+    #[test]
+    fn a_segment_that_cannot_be_preallocated_grows_as_written() {
+        block_on(async {
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            assert!(config.preallocate);
+            let (backend, engine) = open_mem(&config).await;
+            backend.no_room_to_preallocate(true);
+            for i in 0..100u32 {
+                engine.put(&i.to_le_bytes(), b"", &[4; 1000], 0).await.unwrap();
+            }
+            assert!(engine.stats().segments_sealed >= 2, "new segments were made");
+            assert!(engine.full().is_none() && engine.failed().is_none());
+            drop(engine);
+            let (engine, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &[4; 1000]);
+        })
+    }
+
     /// A segment lost while its hint file remains is refused at open, not
     /// skipped (its keys would read as missing, or as older values).
     #[test]
@@ -1524,9 +1565,10 @@ mod tests {
             let refused = 1000u32.to_le_bytes();
             assert!(matches!(engine.put(&refused, b"", b"x", 0).await, Err(StorageError::DiskFull(_))));
             assert!(engine.get(&refused).await.unwrap().is_none());
-            // Reads go on, the write that waited included (it is buffered).
+            // Reads of what is written go on; the write that waited is not
+            // shown until it is written.
             assert_eq!(engine.get(&0u32.to_le_bytes()).await.unwrap().unwrap().value(), &[1; 1000]);
-            assert_eq!(engine.get(&waited.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
+            assert!(matches!(engine.get(&waited.to_le_bytes()).await, Err(StorageError::DiskFull(_))));
             // Ticks while there is no room change nothing.
             engine.tick().await.unwrap();
             assert!(engine.full().is_some());
@@ -1534,6 +1576,7 @@ mod tests {
             backend.no_space(false);
             engine.tick().await.unwrap();
             assert!(engine.full().is_none() && engine.failed().is_none());
+            assert_eq!(engine.get(&waited.to_le_bytes()).await.unwrap().unwrap().value(), &[2; 1000]);
             engine.put(b"after", b"", b"v", 0).await.unwrap();
             // A power cut keeps everything but the refused write.
             drop(engine);

@@ -39,6 +39,8 @@ pub struct MemBackend {
     fail_syncs: Rc<Cell<bool>>,
     /// Writes, preallocations and new files fail as on a full disk.
     no_space: Rc<Cell<bool>>,
+    /// Only preallocations fail so (room for data, not a whole segment).
+    no_room_to_preallocate: Rc<Cell<bool>>,
     /// Writes wait while set (a slow device, e.g. a seal's fdatasync).
     hold_writes: Rc<Cell<bool>>,
 }
@@ -74,6 +76,12 @@ impl MemBackend {
     /// on a full disk (`ENOSPC`), or stop failing. Syncs still succeed.
     pub fn no_space(&self, on: bool) {
         self.no_space.set(on);
+    }
+
+    /// Makes preallocations alone fail as on a disk with some room left
+    /// but not a whole segment's (or stop failing).
+    pub fn no_room_to_preallocate(&self, on: bool) {
+        self.no_room_to_preallocate.set(on);
     }
 
     /// Makes every write wait until released (or releases them).
@@ -191,6 +199,9 @@ impl Backend for MemBackend {
     }
 
     async fn preallocate(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
+        if self.no_room_to_preallocate.get() {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         self.space()
     }
 
