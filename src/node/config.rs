@@ -362,10 +362,21 @@ impl DataDir {
             // A new directory has lost nothing.
             return Ok(false);
         }
-        let fresh = if fresh == self.node.node_id || Some(fresh) == self.node.actor { fresh ^ 1 } else { fresh };
-        self.node.actor = Some(fresh);
-        self.write_node_file()?;
+        self.renew_actor(fresh)?;
         Ok(true)
+    }
+
+    /// Gives the node a new dot actor (`fresh`, unless it is one in use,
+    /// or 0) and writes it to `NODE`, durably: for a start that finds the
+    /// last run may have lost writes (no `CLEAN`), or whose recovery lost
+    /// records.
+    pub fn renew_actor(&mut self, fresh: u64) -> anyhow::Result<()> {
+        let mut fresh = fresh.max(1);
+        while fresh == self.node.node_id || Some(fresh) == self.node.actor {
+            fresh = fresh.wrapping_add(1).max(1);
+        }
+        self.node.actor = Some(fresh);
+        self.write_node_file()
     }
 
     /// Marks a clean stop: every shard flushed and synced its log.

@@ -557,6 +557,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
     let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
+    let gate = Arc::new(ActorGate::default());
     let drained = Arc::new(AtomicUsize::new(0));
     // A client request is at most a PUT of the largest value; a clustered
     // node also takes replica writes, which carry a key's whole stored set.
@@ -572,7 +573,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             shards,
             partitions: data.node.partitions,
             node_id: data.node.node_id,
-            actor: data.node.actor(),
+            actor: gate.clone(),
             ports: ports.clone(),
             dir: data.shard_dir(i),
             engine_config: engine_config.clone(),
@@ -611,6 +612,20 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
                 std::thread::sleep(Duration::from_millis(5));
             }
             return Err(e);
+        }
+        if gate.opened.load(Ordering::SeqCst) == shards && gate.actor.load(Ordering::SeqCst) == 0 {
+            // Every shard recovered its storage; none takes a write before
+            // this. Recovery that lost records (damage, a torn write)
+            // after a clean stop needs a new actor as much as a crash does:
+            // the lost records' dots may live on in replicas.
+            if gate.damaged.load(Ordering::SeqCst) && !fresh_actor {
+                data.renew_actor(fastrand::u64(1..))?;
+                tracing::warn!(
+                    actor = format!("{:016x}", data.node.actor()),
+                    "recovery lost records: new versions carry a new actor id, so none can reuse a lost write's"
+                );
+            }
+            gate.actor.store(data.node.actor(), Ordering::SeqCst);
         }
         if ready.load(Ordering::SeqCst) == shards {
             break;
@@ -680,8 +695,9 @@ struct ShardSetup {
     shards: usize,
     partitions: u32,
     node_id: u64,
-    /// The dot actor of this node's versions (see `DataDir::begin_run`).
-    actor: u64,
+    /// Where this shard reports what its recovery found and learns the
+    /// dot actor of its versions (see [`ActorGate`]).
+    actor: Arc<ActorGate>,
     ports: Vec<u16>,
     dir: std::path::PathBuf,
     engine_config: crate::storage::EngineConfig,
@@ -697,6 +713,20 @@ struct ShardSetup {
     peer_ids: Arc<Vec<AtomicUsize>>,
     /// The cluster this node belongs to.
     cluster: Option<cluster::Cluster>,
+}
+
+/// The start's rendezvous between the shards' recoveries and the choice
+/// of the node's dot actor: every shard opens its storage, says whether
+/// recovery lost records, and waits for the actor before it builds its
+/// store (so before it takes any write).
+#[derive(Default)]
+struct ActorGate {
+    /// Shards whose storage is open.
+    opened: AtomicUsize,
+    /// Some shard's recovery skipped damage or cut a torn write.
+    damaged: std::sync::atomic::AtomicBool,
+    /// The actor, once chosen (0: not yet; actors are never 0).
+    actor: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a shard as drained however it exits, so that the others never
@@ -725,6 +755,17 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     let peer_of: Vec<usize> = s.peer_ids.iter().map(|p| p.load(Ordering::SeqCst)).collect();
     let (engine, report): (DiskEngine, _) = open_shard(&s.dir, s.engine_config.clone()).await?;
     log_recovery(s.id, &report);
+    if !report.corruptions.is_empty() || report.torn_tail_bytes > 0 {
+        s.actor.damaged.store(true, Ordering::SeqCst);
+    }
+    s.actor.opened.fetch_add(1, Ordering::SeqCst);
+    let actor = loop {
+        match s.actor.actor.load(Ordering::SeqCst) {
+            0 if s.shutdown.load(Ordering::SeqCst) => anyhow::bail!("stopped before the node chose its actor"),
+            0 => glommio::timer::sleep(Duration::from_millis(1)).await,
+            actor => break actor,
+        }
+    };
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
@@ -735,7 +776,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         partitions: s.partitions,
         node_id: s.node_id,
         ports: s.ports,
-        store: Store::new(engine.clone(), s.actor, s.max_value_len),
+        store: Store::new(engine.clone(), actor, s.max_value_len),
         max_body: s.max_body,
         senders,
         peer_of,
