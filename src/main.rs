@@ -1110,7 +1110,7 @@ struct ShardCheck {
 /// report.
 fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck> {
     use gyre::storage::format::{
-        decode_hint, hint_file_name, parse_file_name, parse_format_file, segment_file_name, FileKind, FORMAT_FILE,
+        hint_file_name, parse_file_name, parse_format_file, replay_hint, segment_file_name, FileKind, FORMAT_FILE,
         STORAGE_FORMAT_VERSION,
     };
     use gyre::storage::scan::scan_segment;
@@ -1171,20 +1171,14 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         if !is_last && hints.contains(&seg) {
             let hint_name = hint_file_name(seg);
             match std::fs::read(dir.join(&hint_name)) {
-                Ok(bytes) => match decode_hint(&bytes, seg) {
-                    Ok(h) if h.data_len == size => match h.for_each(|e| {
-                        keys.insert(e.key.to_vec());
-                    }) {
-                        Ok(()) => {
-                            hinted = true;
-                            max_seq = max_seq.max(h.max_seq);
-                        }
-                        Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
-                    },
-                    Ok(h) => report
-                        .hint_errors
-                        .push(format!("segment {seg}: hint says {} bytes of data, segment has {size}", h.data_len)),
-                    Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                Ok(bytes) => match replay_hint(&bytes, seg, size, |e| {
+                    keys.insert(e.key.to_vec());
+                }) {
+                    Ok(seq) => {
+                        hinted = true;
+                        max_seq = max_seq.max(seq);
+                    }
+                    Err(why) => report.hint_errors.push(why),
                 },
                 Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
             }

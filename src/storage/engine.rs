@@ -40,9 +40,9 @@ use crate::storage::backend::{write_file_in_pieces, Backend};
 use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
-    decode_header, decode_hint, decode_record, decode_verified_record, format_file_contents, hint_file_name,
-    parse_file_name, parse_format_file, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind,
-    RecordRef, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    decode_header, decode_record, decode_verified_record, format_file_contents, hint_file_name, parse_file_name,
+    parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind, RecordRef,
+    FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -450,25 +450,16 @@ impl<B: Backend> Engine<B> {
             let mut hinted = false;
             if !is_last && hints.contains(&seg) {
                 match backend.read_file(&hint_file_name(seg)).await {
-                    Ok(bytes) => match decode_hint(&bytes, seg) {
-                        Ok(h) if h.data_len == size => {
-                            let res = h.for_each(|e| {
-                                let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
-                                index.insert(key_hash(e.key), e.key, loc);
-                                total += e.len as u64;
-                            });
-                            match res {
-                                Ok(()) => {
-                                    hinted = true;
-                                    max_seq = max_seq.max(h.max_seq);
-                                }
-                                Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
-                            }
+                    Ok(bytes) => match replay_hint(bytes.as_ref(), seg, size, |e| {
+                        let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
+                        index.insert(key_hash(e.key), e.key, loc);
+                        total += e.len as u64;
+                    }) {
+                        Ok(seq) => {
+                            hinted = true;
+                            max_seq = max_seq.max(seq);
                         }
-                        Ok(h) => report
-                            .hint_errors
-                            .push(format!("segment {seg}: hint says {} bytes of data, segment has {size}", h.data_len)),
-                        Err(e) => report.hint_errors.push(format!("segment {seg}: {e}")),
+                        Err(why) => report.hint_errors.push(why),
                     },
                     Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
                 }

@@ -441,6 +441,25 @@ pub struct Hint<'a> {
 }
 
 /// Verifies a hint file's checksum and header.
+/// Replays the hint file `bytes` of segment `seg`, whose data is
+/// `data_len` bytes long: `entry` for each entry, then the hint's highest
+/// sequence number; or why the hint cannot be used ("segment N: ..."), in
+/// which case the caller scans the segment instead. Recovery
+/// (`Engine::open`) and `gyre check` share it, so they judge hints alike.
+pub fn replay_hint<'a>(
+    bytes: &'a [u8],
+    seg: u32,
+    data_len: u64,
+    entry: impl FnMut(HintEntry<'a>),
+) -> Result<u64, String> {
+    let h = decode_hint(bytes, seg).map_err(|e| format!("segment {seg}: {e}"))?;
+    if h.data_len != data_len {
+        return Err(format!("segment {seg}: hint says {} bytes of data, segment has {data_len}", h.data_len));
+    }
+    h.for_each(entry).map_err(|e| format!("segment {seg}: {e}"))?;
+    Ok(h.max_seq)
+}
+
 pub fn decode_hint(buf: &[u8], expected_segment: u32) -> Result<Hint<'_>, HintError> {
     if buf.len() < HINT_HEADER_LEN + 8 {
         return Err(HintError::TooShort(buf.len()));
