@@ -129,6 +129,21 @@ impl Outbox {
         bump(&shard.counters.replies, n as u64);
     }
 
+    /// Waits until one more request may start (fewer than `MAX_IN_FLIGHT`
+    /// are owed replies; or the connection broke), sending what is queued
+    /// meanwhile; the reader then starts it, sending its own replies.
+    async fn room_for_one(&self, sock: &Socket, shard: &Shard) {
+        while self.in_flight.get() >= MAX_IN_FLIGHT && !self.broken.get() {
+            self.send_now(sock, shard);
+            let g = self.changed.generation();
+            if self.in_flight.get() < MAX_IN_FLIGHT {
+                break;
+            }
+            self.changed.wait(g).await;
+        }
+        self.reader_sends.set(true);
+    }
+
     /// The reader is done starting requests: writes the replies queued so
     /// far at once if the writer is idle and the socket takes them all, and
     /// otherwise leaves them (and the waiting) to the writer.
@@ -271,15 +286,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
             }
             match split_frame(&buf[start..end], shard.max_body) {
                 Ok(Some((header, total))) => {
-                    while out.in_flight.get() >= MAX_IN_FLIGHT && !out.broken.get() {
-                        out.send_now(&sock, &shard);
-                        let g = out.changed.generation();
-                        if out.in_flight.get() < MAX_IN_FLIGHT {
-                            break;
-                        }
-                        out.changed.wait(g).await;
-                    }
-                    out.reader_sends.set(true);
+                    out.room_for_one(&sock, &shard).await;
                     let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
@@ -331,6 +338,9 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                 // leave the client writing into a reset connection, with
                 // a broken pipe for an answer instead of the reason.
                 Err(WireError::FrameTooLarge { len, max }) if len <= MAX_BODY_LEN => {
+                    // Its error reply is owed like any reply: the same
+                    // bound on what a client that does not read can pile up.
+                    out.room_for_one(&sock, &shard).await;
                     let header: &[u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
                     out.start();
