@@ -630,6 +630,8 @@ struct ChaosCounts {
     segments_sealed: u64,
     closes: u64,
     crashes: u64,
+    /// Calls answered `DiskFull` (runs with a disk that fills).
+    disk_full: u64,
 }
 
 /// The chaos model: per key, the values it may hold after a crash
@@ -644,6 +646,9 @@ struct Chaos {
     /// stays exact.
     busy: std::collections::BTreeSet<Vec<u8>>,
     counts: ChaosCounts,
+    /// The disk fills and empties during the run: `DiskFull` is an answer,
+    /// not a failure.
+    full_disk: bool,
 }
 
 impl Chaos {
@@ -704,6 +709,22 @@ impl Chaos {
         }
     }
 
+    /// A call answered `DiskFull`: a write may still land (it waited for
+    /// its flush) or not (it was refused at once); a read tells nothing.
+    fn refused(&mut self, f: InFlight<'_>) {
+        self.counts.disk_full += 1;
+        match f.op {
+            Op::Write { key, val } => {
+                self.busy.remove(&key);
+                self.dropped(key, val);
+            }
+            Op::Read { key } => {
+                self.busy.remove(&key);
+            }
+            Op::Chore(_) => {}
+        }
+    }
+
     /// Drops a call half done (or not begun).
     fn cancel(&mut self, f: InFlight<'_>) {
         let started = f.polls > 0;
@@ -747,8 +768,18 @@ fn advance(model: &mut Chaos, flights: &mut Vec<InFlight<'_>>, i: usize, seed: u
     f.polls += 1;
     let Poll::Ready(out) = f.call.as_mut().poll(&mut Context::from_waker(&waker)) else { return false };
     let f = flights.swap_remove(i);
-    let out = out.unwrap_or_else(|e| panic!("seed {seed} step {step}: {} failed: {e}", f.op.name()));
-    model.land(f, out, seed, step);
+    match out {
+        Ok(out) => model.land(f, out, seed, step),
+        Err(StorageError::DiskFull(_)) if model.full_disk => model.refused(f),
+        // A chore that needs new space of its own (a spare segment) fails
+        // with the disk's error, and the engine goes on.
+        Err(StorageError::Io { source, .. })
+            if model.full_disk && matches!(f.op, Op::Chore(_)) && source.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            model.refused(f)
+        }
+        Err(e) => panic!("seed {seed} step {step}: {} failed: {e}", f.op.name()),
+    }
     true
 }
 
@@ -859,13 +890,21 @@ const DRAIN_ROUNDS: usize = 100_000;
 
 /// One chaos run; what it went through is added to `counts`.
 fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCounts) {
+    run_chaos_with(seed, fsync, steps, counts, false);
+}
+
+/// [`run_chaos`], and with `full_disk` the disk also fills and empties
+/// (under `always`: a close first gives the engine room and a tick to
+/// write what it buffered). Without it the random draws are the same as
+/// before the option existed, so pinned seeds stay what they were.
+fn run_chaos_with(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCounts, full_disk: bool) {
     let mut rng = fastrand::Rng::with_seed(seed);
     // Larger values than the other model tests' (in the same 20 KiB
     // segments): a run restarts every hundred steps or so, and each stretch
     // in between should still fill (and seal) segments.
     let config = EngineConfig { max_value_len: CHAOS_MAX_VALUE, ..tiny_config(fsync) };
     let backend = MemBackend::new();
-    let mut model = Chaos { counts: std::mem::take(counts), ..Chaos::default() };
+    let mut model = Chaos { counts: std::mem::take(counts), full_disk, ..Chaos::default() };
     let knobs = Knobs::draw_for_run(&mut rng);
     let mut now = 0u64;
     let mut step = 0usize;
@@ -881,6 +920,10 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCoun
                     break "close";
                 }
                 now += rng.u64(0..5);
+                if full_disk && rng.u32(0..30) == 0 {
+                    backend.no_space(rng.bool());
+                    continue;
+                }
                 match knobs.draw(&mut rng) {
                     Event::Start => {
                         if flights.len() < MAX_FLIGHTS {
@@ -943,6 +986,12 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCoun
             let stats = engine.stats();
             model.counts.segments_compacted += stats.segments_compacted;
             model.counts.segments_sealed += stats.segments_sealed;
+            if full_disk {
+                // Room again, and a tick writes what the full disk held.
+                backend.no_space(false);
+                engine.tick().await.unwrap_or_else(|e| panic!("seed {seed} step {step}: tick failed: {e}"));
+                assert!(engine.full().is_none(), "seed {seed} step {step}: still full with room");
+            }
             if end == "close" {
                 model.counts.closes += 1;
                 engine.close().await.unwrap_or_else(|e| panic!("seed {seed} step {step}: close failed: {e}"));
@@ -988,6 +1037,22 @@ fn chaos_always() {
     assert!(counts.compactions > 100 && counts.segments_compacted > 100, "{counts:?}");
     assert!(counts.segments_sealed > 100, "{counts:?}");
     assert!(counts.closes > 100 && counts.crashes > 50, "{counts:?}");
+}
+
+/// The same chaos under `always` with a disk that fills and empties at
+/// random: nothing acknowledged is lost, nothing unacknowledged shows up
+/// as a value never written, and the engine takes writes again once there
+/// is room (the disk-full state, `StorageError::DiskFull`).
+#[test]
+fn chaos_always_with_a_full_disk() {
+    let mut counts = ChaosCounts::default();
+    for seed in chaos_seeds() {
+        run_chaos_with(seed + 30_000, FsyncPolicy::Always, CHAOS_STEPS, &mut counts, true);
+    }
+    println!("{counts:?}");
+    assert!(counts.disk_full > 100, "{counts:?}");
+    assert!(counts.waited_writes > 500 && counts.segments_sealed > 100, "{counts:?}");
+    assert!(counts.closes > 50 && counts.crashes > 20, "{counts:?}");
 }
 
 #[test]
