@@ -1113,7 +1113,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         hint_file_name, parse_file_name, parse_format_file, replay_hint, segment_file_name, FileKind, FORMAT_FILE,
         STORAGE_FORMAT_VERSION,
     };
-    use gyre::storage::scan::scan_segment;
+    use gyre::storage::scan::{scan_segment, torn_bytes};
     use std::collections::{BTreeSet, HashSet};
 
     let in_use = shard_in_use(dir);
@@ -1201,8 +1201,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
                 continue;
             }
             if size != out.valid_end {
-                let tail = &data[out.valid_end as usize..];
-                report.torn_tail_bytes = tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
+                report.torn_tail_bytes = torn_bytes(&data[out.valid_end as usize..]);
                 let what = match report.torn_tail_bytes {
                     0 => "zeros past the last record, not a torn write".to_string(),
                     n => format!("a torn write of {n} bytes"),

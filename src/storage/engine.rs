@@ -46,7 +46,9 @@ use crate::storage::format::{
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
-use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentScan, SegmentUsage};
+use crate::storage::scan::{
+    may_drop_tombstone, pick_compaction, scan_segment, torn_bytes, Corruption, SegmentScan, SegmentUsage,
+};
 
 /// Errors of the storage engine.
 #[derive(Debug, Error)]
@@ -488,10 +490,7 @@ impl<B: Backend> Engine<B> {
                         continue;
                     }
                     if size != out.valid_end {
-                        // Zeros past the records are a spare segment's fill
-                        // or a block's padding, not a torn write.
-                        let tail = &data.as_ref()[out.valid_end as usize..];
-                        report.torn_tail_bytes = tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
+                        report.torn_tail_bytes = torn_bytes(&data.as_ref()[out.valid_end as usize..]);
                         backend.truncate(&file, out.valid_end).await.map_err(io_err("truncating a torn tail"))?;
                     }
                     backend.sync(&file).await.map_err(io_err("syncing a recovered segment"))?;

@@ -36,6 +36,14 @@ fn resync(data: &[u8], from: usize) -> Option<usize> {
         .find(|&at| decode_header(&data[at..]).is_ok() && decode_record(&data[at..]).is_ok())
 }
 
+/// Bytes of a torn write in `tail`, what follows the last valid record of
+/// the last segment: up to its last non-zero byte. Zeros past the records
+/// are a spare segment's fill or a block's padding, not a torn write.
+/// Recovery and `gyre check` report it alike.
+pub fn torn_bytes(tail: &[u8]) -> u64 {
+    tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1)
+}
+
 /// Scans a segment's bytes, calling `visit(offset, record)` for every valid
 /// record in log order.
 ///
