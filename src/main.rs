@@ -1156,6 +1156,9 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     } else {
         repairs.push(format!("write {FORMAT_FILE}"));
     }
+    if let Some(e) = gyre::storage::orphan_hint(&segs, &hints) {
+        bail!("{e}: a start refuses this directory");
+    }
 
     let mut report = gyre::storage::RecoveryReport { segments: segs.len(), ..Default::default() };
     let mut scrub = Vec::new();

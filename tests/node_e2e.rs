@@ -1068,6 +1068,16 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     assert_eq!(repair["recovery"], check["recovery"], "the check foresaw the recovery");
     assert_eq!(repair["scrub_corruptions"], check["scrub_corruptions"], "and the scrub");
     assert!(shard.join(hints(3)).exists(), "--repair wrote the missing hint");
+    // A segment lost while its hint remains: a start refuses the shard,
+    // and so does the check (it changing nothing), with the same reason.
+    std::fs::remove_file(shard.join("seg-00000001.log")).unwrap();
+    let before = snapshot(&shard);
+    let missing = "seg-00000001.log is missing but its hint file is there";
+    let (ok, out, err) = cli(&["check", "--data-dir", shard_str]);
+    assert!(!ok && out.contains(missing), "{err}\n{out}");
+    assert_eq!(snapshot(&shard), before, "gyre check changed the directory");
+    let (ok, out, err) = cli(&["check", "--data-dir", shard_str, "--repair"]);
+    assert!(!ok && (out.contains(missing) || err.contains(missing)), "{err}\n{out}");
 }
 
 /// Recovery that loses records (here a damaged one) after a clean stop

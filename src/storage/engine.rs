@@ -85,6 +85,25 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
     move |source| StorageError::Io { op, source }
 }
 
+/// A hint file whose segment is missing, as the error `Engine::open`
+/// refuses the directory with (`gyre check` reports the same). Compaction
+/// removes a segment's hint (durably) before the segment, so such a hint
+/// means the segment was lost: starting would serve its keys as missing,
+/// or as older values.
+pub fn orphan_hint(segs: &BTreeSet<u32>, hints: &BTreeSet<u32>) -> Option<StorageError> {
+    let &seg = hints.iter().find(|h| !segs.contains(h))?;
+    Some(StorageError::Corrupt {
+        seg,
+        off: 0,
+        reason: format!(
+            "{} is missing but its hint file is there: its records are lost (restore the segment, or remove {} \
+             to start without them)",
+            segment_file_name(seg),
+            hint_file_name(seg)
+        ),
+    })
+}
+
 /// The flush steps that make written bytes durable. A failure there is
 /// never retried: after a failed fdatasync the kernel may have dropped
 /// what it could not write, and a second fdatasync can then succeed
@@ -421,20 +440,8 @@ impl<B: Backend> Engine<B> {
             }
         }
         check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
-        // Compaction removes a segment's hint (durably) before the segment,
-        // so a hint whose segment is missing means the segment was lost:
-        // starting would serve its keys as missing, or older values.
-        if let Some(&seg) = hints.iter().find(|h| !segs.contains(h)) {
-            return Err(StorageError::Corrupt {
-                seg,
-                off: 0,
-                reason: format!(
-                    "{} is missing but its hint file is there: its records are lost (restore the segment, or \
-                     remove {} to start without them)",
-                    segment_file_name(seg),
-                    hint_file_name(seg)
-                ),
-            });
+        if let Some(e) = orphan_hint(&segs, &hints) {
+            return Err(e);
         }
 
         let mut report = RecoveryReport { segments: segs.len(), ..Default::default() };

@@ -21,7 +21,7 @@ pub mod scan;
 
 pub use config::{EngineConfig, FsyncPolicy};
 pub use engine::{
-    CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport, StorageError,
-    SPARE_SEGMENT,
+    orphan_hint, CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport,
+    StorageError, SPARE_SEGMENT,
 };
 pub use format::Kind;
