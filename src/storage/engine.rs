@@ -822,25 +822,18 @@ impl<B: Backend> Engine<B> {
         };
         let guard = LeaderGuard(&self.inner);
         let sync = self.inner.config.fsync != FsyncPolicy::Never;
-        let res = Box::pin(self.flush_as_leader(target, sync)).await;
-        let mut st = self.inner.st.borrow_mut();
+        let res = Box::pin(self.flush_as_leader(target, sync)).await.map_err(|e| self.record_flush_error(e));
+        drop(guard);
         match res {
             Ok(()) => {
-                st.full = None;
+                self.inner.st.borrow_mut().full = None;
                 tracing::info!("the disk has space again: writes are taken again");
+                Ok(())
             }
-            Err(e) if e.is_out_of_space_before_sync() && st.failed.is_none() => {
-                st.full = Some(e.to_string());
-            }
-            Err(e) => {
-                drop(st);
-                drop(guard);
-                return Err(self.record_flush_error(e));
-            }
+            // Still no room: the next tick tries again.
+            Err(StorageError::DiskFull(_)) => Ok(()),
+            Err(e) => Err(e),
         }
-        drop(st);
-        drop(guard);
-        Ok(())
     }
 
     /// Writes the log up to `target` (sealing full segments on the way)
