@@ -115,14 +115,15 @@ impl StorageError {
     /// can be run again from the same state once there is room.
     fn is_out_of_space_before_sync(&self) -> bool {
         match self {
-            StorageError::Io { op, source } => {
-                // ENOSPC and EDQUOT, as the standard library names them.
-                !SYNC_OPS.contains(op)
-                    && matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
-            }
+            StorageError::Io { op, source } => !SYNC_OPS.contains(op) && out_of_space(source),
             _ => false,
         }
     }
+}
+
+/// ENOSPC or EDQUOT, as the standard library names them.
+fn out_of_space(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// A record read back: the verified bytes plus where its parts lie.
@@ -879,7 +880,7 @@ impl<B: Backend> Engine<B> {
                         // segment grows as it is written instead (its syncs
                         // then commit its size as well). A disk truly full
                         // fails at the write.
-                        Err(e) if matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) => {
+                        Err(e) if out_of_space(&e) => {
                             tracing::warn!(segment = plan.seg, error = %e, "no room to preallocate a segment; it grows as written");
                         }
                         Err(e) => return Err(io_err("preallocating a segment")(e)),

@@ -440,7 +440,6 @@ pub struct Hint<'a> {
     entries: &'a [u8],
 }
 
-/// Verifies a hint file's checksum and header.
 /// Replays the hint file `bytes` of segment `seg`, whose data is
 /// `data_len` bytes long: `entry` for each entry, then the hint's highest
 /// sequence number; or why the hint cannot be used ("segment N: ..."), in
@@ -460,6 +459,7 @@ pub fn replay_hint<'a>(
     Ok(h.max_seq)
 }
 
+/// Verifies a hint file's checksum and header.
 pub fn decode_hint(buf: &[u8], expected_segment: u32) -> Result<Hint<'_>, HintError> {
     if buf.len() < HINT_HEADER_LEN + 8 {
         return Err(HintError::TooShort(buf.len()));
