@@ -35,7 +35,8 @@ struct ClientArgs {
     /// Print JSON instead of plain text.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait for the connection and for each reply (0.001 to 86400).
+    /// Seconds a command may take in all (0.001 to 86400); a connection
+    /// gets at most half of it, and no more than 2 s.
     #[arg(long, default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Duration,
 }
@@ -133,7 +134,8 @@ enum Command {
         data_dir: PathBuf,
         /// Make the repairs: recover each shard as a node's start does
         /// (cut a torn tail, write hints, remove temporary files). Refused
-        /// while a node uses the directory. A spare segment is kept.
+        /// while a node uses the directory. A spare segment of a size a
+        /// segment can have is kept.
         #[arg(long)]
         repair: bool,
     },

@@ -15,10 +15,11 @@ cd "$(dirname "$0")/../../.." || exit 1
 T=$1; R=$2; F=$3; shift 3
 SRV=(); GEN=()
 if [ -n "$PIN" ]; then SRV=(taskset -c "${PIN%%:*}"); GEN=(taskset -c "${PIN##*:}"); fi
-if [ -n "$SRVPIN" ]; then SRV=(taskset -c "$SRVPIN"); fi
+NODE=()  # what runs the Gyre node: only SRVPIN places it (PIN is Redis's alone)
+if [ -n "$SRVPIN" ]; then SRV=(taskset -c "$SRVPIN"); NODE=("${SRV[@]}"); fi
 D=$(mktemp -d)
 if [ "$T" = gyre ]; then
-  "${SRV[@]}" ${GYRE:-./target/release/gyre} node --data-dir "$D/data" --listen 127.0.0.1:7700 --fsync "$F" "$@" > "$D/node.log" 2>&1 &
+  "${NODE[@]}" ${GYRE:-./target/release/gyre} node --data-dir "$D/data" --listen 127.0.0.1:7700 --fsync "$F" "$@" > "$D/node.log" 2>&1 &
   P=$!; sleep 1; TG=gyre://127.0.0.1:7700
 else
   if [ "$F" = always ]; then A="--appendonly yes --appendfsync always"; else A="--appendonly no"; fi
