@@ -151,7 +151,9 @@ fn a_silent_replica_costs_a_call_only_the_connect_timeout() {
     let put = client.put(&key, b"v", &Context::default()).expect("the put reaches the answering replica");
     assert_eq!(put.siblings, 1);
     let took = started.elapsed();
-    assert!(took < request_timeout, "took {took:?}");
+    // Two connect timeouts and the answer, not the call's deadline: a
+    // success alone would allow up to it.
+    assert!(took < request_timeout / 2, "took {took:?}");
     assert_eq!(client.get(&key).expect("get").values, vec![b"v".to_vec()]);
 }
 
@@ -294,5 +296,7 @@ fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
     let started = Instant::now();
     let got = client.get(&key).expect("the read reaches the answering replica");
     assert_eq!(got.values, vec![b"v".to_vec()]);
-    assert!(started.elapsed() < request_timeout, "took {:?}", started.elapsed());
+    // The hung replica's share (a third of the deadline) and the answer:
+    // a success alone would allow the whole deadline.
+    assert!(started.elapsed() < request_timeout * 2 / 3, "took {:?}", started.elapsed());
 }

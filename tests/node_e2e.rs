@@ -478,12 +478,7 @@ fn a_node_logs_warnings_and_info_by_default_and_rust_log_overrides() {
     assert!(text.contains("node ready") && text.contains("shard storage open"), "info is logged by default: {text}");
     assert!(!text.contains("\x1b["), "no colour codes in a log file: {text:?}");
     // Damage one value on disk: the restarted node must say so.
-    let seg = data.join("shard-000").join("seg-00000001.log");
-    let bytes = std::fs::read(&seg).unwrap();
-    let at = bytes.windows(10).position(|w| w == b"value-015-").expect("the value is in the segment") + 3;
-    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[at] ^ 0x5a], at as u64).unwrap();
-    drop((file, bytes));
+    damage_value(&data, b"value-015-");
     let node = start_logged_node(&data, None, &log);
     assert!(node.terminate().success());
     let text = std::fs::read_to_string(&log).unwrap();
@@ -677,10 +672,18 @@ fn a_cluster_member_configured_for_other_partitions_is_refused() {
 /// The actor id in a lone node's context (format 1: `u8 1, varint n,
 /// n x (u64 actor, varint counter)`), when it names one actor.
 fn context_actor(ctx: &Context) -> u64 {
-    let hex = ctx.to_string();
-    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-    assert_eq!(&bytes[..2], &[1, 1], "format 1, one actor: {hex}");
-    u64::from_le_bytes(bytes[2..10].try_into().unwrap())
+    assert_eq!(&ctx.0[..2], &[1, 1], "format 1, one actor: {ctx}");
+    u64::from_le_bytes(ctx.0[2..10].try_into().unwrap())
+}
+
+/// Flips a byte inside the first value starting with `marker` in shard 0's
+/// first segment of the node data directory `data` (the node stopped).
+fn damage_value(data: &std::path::Path, marker: &[u8]) {
+    let seg = data.join("shard-000").join("seg-00000001.log");
+    let bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(marker.len()).position(|w| w == marker).expect("the value is in the segment") + 3;
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[at] ^ 0x5a], at as u64).unwrap();
 }
 
 /// A node that did not stop cleanly makes its new versions under a new
@@ -901,12 +904,10 @@ fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     common::signal(dev.child.id(), "TERM");
     std::thread::sleep(Duration::from_millis(300));
     assert!(dev.child.try_wait().unwrap().is_none(), "gyre dev waits for the stopped node: {}", dev.log());
-    let started = std::time::Instant::now();
     common::signal(dev.child.id(), "INT");
     let status = common::wait_bounded(&mut dev.child, Duration::from_secs(6));
     let log = dev.log();
     let status = status.unwrap_or_else(|| panic!("gyre dev ignored a second signal: {log}"));
-    assert!(started.elapsed() < Duration::from_secs(6), "{log}");
     assert!(!status.success(), "{log}");
     assert!(log.contains("a second signal"), "{log}");
     assert!(all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
@@ -1100,12 +1101,7 @@ fn recovery_that_loses_records_gives_the_node_a_new_actor() {
     let node = Node::start(dir.path(), &[]);
     assert!(node.terminate().success());
     // Damage one record in the middle of the log.
-    let seg = dir.path().join("shard-000").join("seg-00000001.log");
-    let bytes = std::fs::read(&seg).unwrap();
-    let at = bytes.windows(10).position(|w| w == b"value-010-").expect("the value is in the segment") + 3;
-    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[at] ^ 0x5a], at as u64).unwrap();
-    drop((file, bytes));
+    damage_value(dir.path(), b"value-010-");
     let node = Node::start(dir.path(), &[]);
     let after = put(&node, "k10", "rewritten");
     assert_ne!(after, first, "recovery lost a record: the actor is new");

@@ -1013,7 +1013,9 @@ mod tests {
         let started = Instant::now();
         let got = client.get(&key).await.expect("the read reaches the answering replica");
         assert_eq!(got.values, vec![b"v".to_vec()]);
-        assert!(started.elapsed() < request_timeout, "took {:?}", started.elapsed());
+        // The hung replica's share (a third of the deadline) and the answer:
+        // a success alone would allow the whole deadline.
+        assert!(started.elapsed() < request_timeout * 2 / 3, "took {:?}", started.elapsed());
     }
 
     /// With every replica of a key silent, a call fails with a timeout
@@ -1076,7 +1078,9 @@ mod tests {
         let put = client.put(&key, b"v", &Context::default()).await.expect("the put reaches the answering replica");
         assert_eq!(put.siblings, 1);
         let took = started.elapsed();
-        assert!(took < request_timeout, "took {took:?}");
+        // Two connect timeouts and the answer, not the call's deadline: a
+        // success alone would allow up to it.
+        assert!(took < request_timeout / 2, "took {took:?}");
         assert_eq!(client.get(&key).await.expect("get").values, vec![b"v".to_vec()]);
     }
 
