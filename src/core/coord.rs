@@ -192,7 +192,8 @@ pub struct PutOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Answer<T> {
     Pending,
-    /// Its first answer was a success; `T` is what it said.
+    /// It answered with success: `T` is what it said (for a read, what it
+    /// holds: what it said, or the last repair sent to it since).
     Answered(T),
     Failed,
 }

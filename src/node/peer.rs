@@ -66,7 +66,7 @@ pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 /// [`WRITE_CHUNK`] bytes) before the connection is closed. As long as the
 /// default quorum timeout: by then every frame of the batch has expired
 /// for a caller that set no deadline.
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+const WRITE_STALL_TIMEOUT: Duration = super::coordinate::DEFAULT_QUORUM_TIMEOUT;
 /// The writer hands a batch to the socket in pieces of at most this many
 /// bytes, each bounded by [`WRITE_STALL_TIMEOUT`].
 const WRITE_CHUNK: usize = 256 * 1024;
