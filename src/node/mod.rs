@@ -421,6 +421,7 @@ impl Shard {
             })),
             "storage": self.store.engine().stats(),
             "storage_failed": self.store.engine().failed(),
+            "storage_full": self.store.engine().full(),
         })
         .to_string()
     }
@@ -514,11 +515,11 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             Some(cluster)
         }
     };
-    // Every setting is checked before anything is created or written in
-    // the data directory: a refused start must not fix its shape.
-    config.validate()?;
-    let engine_config = config.engine_config()?;
+    // `lock_data_dir` checks every setting before it creates or writes
+    // anything in the data directory: a refused start must not fix its
+    // shape.
     let mut data = config::lock_data_dir(&config, cores, fastrand::u64(1..))?;
+    let engine_config = config.engine_config()?;
     let shards = data.node.shards;
     match raise_fd_limit() {
         Ok(limit) if limit < shards as u64 * config.max_connections => tracing::info!(
