@@ -848,16 +848,14 @@ fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
-    let node = dir.join(gyre::node::config::NODE_FILE);
-    let (mut partitions, mut shards) = (None, None);
-    if node.is_file() {
-        let text = std::fs::read_to_string(&node).with_context(|| format!("reading {}", node.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a NODE file", node.display()))?;
-        partitions = v["partitions"].as_u64().and_then(|p| u32::try_from(p).ok());
-        shards = v["shards"].as_u64().map(|s| s as usize);
-    }
-    Ok(NodeDirInfo { partitions, shards, shard_dirs: shard_dirs(dir)? })
+    // A NODE file that is there must be one a start would take: its
+    // partition count decides how a repair opens the shards.
+    let node = is_node_dir(dir).then(|| gyre::node::config::read_node_file(dir)).transpose()?;
+    Ok(NodeDirInfo {
+        partitions: node.as_ref().map(|n| n.partitions),
+        shards: node.as_ref().map(|n| n.shards),
+        shard_dirs: shard_dirs(dir)?,
+    })
 }
 
 fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
@@ -935,7 +933,7 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
     // Shard directories the NODE file promises but that are not there (a
     // node creates them at its start; their data, if any, is gone).
     let missing: Vec<String> = (0..info.shards.unwrap_or(0))
-        .map(|i| format!("shard-{i:03}"))
+        .map(gyre::node::config::shard_dir_name)
         .filter(|name| !dir.join(name).is_dir())
         .collect();
     Ok(serde_json::json!({

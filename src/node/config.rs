@@ -199,6 +199,28 @@ impl NodeFile {
 }
 
 pub const NODE_FILE: &str = "NODE";
+
+/// Reads and checks the `NODE` file of the data directory `dir`: one of
+/// this build's layout version, or an error saying why not.
+pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
+    let node_path = dir.join(NODE_FILE);
+    let text = std::fs::read_to_string(&node_path).with_context(|| format!("reading {}", node_path.display()))?;
+    let node: NodeFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid NODE file of this Gyre version", node_path.display()))?;
+    if node.version != NODE_FILE_VERSION {
+        bail!(
+            "{} has layout version {}, this build reads version {NODE_FILE_VERSION}; refusing to serve it",
+            dir.display(),
+            node.version
+        );
+    }
+    Ok(node)
+}
+
+/// The directory of shard `i` in a node's data directory.
+pub fn shard_dir_name(i: usize) -> String {
+    format!("shard-{i:03}")
+}
 /// Written, durably, once a node stopped cleanly (every shard flushed and
 /// synced its log), and removed, durably, before the next start takes any
 /// write: its absence at a start means the last run may have lost writes.
@@ -251,16 +273,7 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
     let node_path = path.join(NODE_FILE);
     let partitions = config.storage.partitions;
     if node_path.exists() {
-        let text = std::fs::read_to_string(&node_path).with_context(|| format!("reading {}", node_path.display()))?;
-        let node: NodeFile = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid NODE file of this Gyre version", node_path.display()))?;
-        if node.version != NODE_FILE_VERSION {
-            bail!(
-                "{} has layout version {}, this build reads version {NODE_FILE_VERSION}; refusing to serve it",
-                path.display(),
-                node.version
-            );
-        }
+        let node = read_node_file(&path)?;
         if let Some(s) = config.shards {
             if s != node.shards {
                 bail!(
@@ -391,7 +404,7 @@ impl DataDir {
 
     /// Directory of shard `i`'s storage engine.
     pub fn shard_dir(&self, shard: usize) -> PathBuf {
-        self.path.join(format!("shard-{shard:03}"))
+        self.path.join(shard_dir_name(shard))
     }
 }
 
