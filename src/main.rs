@@ -979,27 +979,26 @@ fn shard_in_use(dir: &Path) -> bool {
 /// `Engine::open` removes a spare that does not match its settings: the
 /// defaults would delete the spare of a node run with another
 /// `segment_size`, or under `fsync = never` (which keeps none). Nothing
-/// else in these settings changes what an open does to the directory.
-/// `None` for the spare: it cannot be kept (the open removes it).
-fn repair_config(partitions: Option<u32>, spare: Option<u64>) -> (EngineConfig, Option<u64>) {
+/// else in these settings changes what an open does to the directory; the
+/// repair stores nothing, so the largest value is 0 (any segment size a
+/// segment can have passes the check that a largest record fits).
+fn repair_config(partitions: Option<u32>, spare: Option<u64>) -> EngineConfig {
     let base = EngineConfig {
         partitions: partitions.unwrap_or(gyre::core::partition::DEFAULT_PARTITIONS),
         ..EngineConfig::default()
     };
-    let Some(size) = spare else { return (base, None) };
-    let fixed = gyre::storage::format::record_len(gyre::limits::MAX_KEY_LEN, gyre::limits::MAX_META_LEN, 0) as u64;
+    let Some(size) = spare else { return base };
     let config = EngineConfig {
         segment_size: size,
-        // The largest value a segment of this size holds (the open checks
-        // that a largest record fits; it stores nothing).
-        max_value_len: size.saturating_sub(fixed).min(gyre::limits::DEFAULT_MAX_VALUE_LEN as u64) as usize,
+        max_value_len: 0,
         fsync: FsyncPolicy::Always,
         preallocate: true,
         ..base.clone()
     };
-    match config.validate() {
-        Ok(()) if config.keeps_spare() => (config, Some(size)),
-        _ => (base, None),
+    if config.validate().is_ok() {
+        config
+    } else {
+        base
     }
 }
 
@@ -1036,7 +1035,7 @@ fn check_shards(
                     if c.in_use {
                         bail!("{} is in use by a running gyre node: stop it before --repair", dir.display());
                     }
-                    to_repair.push((reports.len(), dir.clone(), repair_config(partitions, c.spare).0));
+                    to_repair.push((reports.len(), dir.clone(), repair_config(partitions, c.spare)));
                     r["repaired"] = false.into();
                 }
                 reports.push(r);
@@ -1229,7 +1228,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     scrub.sort_by_key(|c| (c.seg, c.off));
     report.keys = keys.len();
     report.next_seq = max_seq + 1;
-    if let (Some(size), (_, None)) = (spare, repair_config(partitions, spare)) {
+    if let Some(size) = spare.filter(|&size| !repair_config(partitions, spare).keeps_spare_of(size)) {
         repairs.push(format!("remove {SPARE_SEGMENT} ({size} bytes: not a size a segment can have)"));
     }
     Ok(ShardCheck { report, scrub, repairs, spare, in_use })

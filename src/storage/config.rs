@@ -141,6 +141,12 @@ impl EngineConfig {
         self.preallocate && self.fsync != FsyncPolicy::Never
     }
 
+    /// Whether an open with this configuration keeps a spare segment of
+    /// `size` bytes (a previous run filled it), or removes it.
+    pub fn keeps_spare_of(&self, size: u64) -> bool {
+        self.keeps_spare() && size == self.segment_size
+    }
+
     /// Largest record this configuration admits.
     pub fn max_record_len(&self) -> u64 {
         record_len(MAX_KEY_LEN, MAX_META_LEN, self.max_value_len) as u64

@@ -524,7 +524,7 @@ impl<B: Backend> Engine<B> {
         if spare_found {
             let f = backend.open(SPARE_SEGMENT, false).await.map_err(io_err("opening the spare segment"))?;
             let size = backend.size(&f).await.map_err(io_err("sizing the spare segment"))?;
-            if config.keeps_spare() && size == config.segment_size {
+            if config.keeps_spare_of(size) {
                 spare = Some(f);
             } else {
                 drop(f);
