@@ -713,7 +713,24 @@ impl Chaos {
     /// its flush) or not (it was refused at once); a read tells nothing.
     fn refused(&mut self, f: InFlight<'_>) {
         self.counts.disk_full += 1;
-        match f.op {
+        self.release(f.op);
+    }
+
+    /// Drops a call half done (or not begun).
+    fn cancel(&mut self, f: InFlight<'_>) {
+        let started = u64::from(f.polls > 0);
+        match &f.op {
+            Op::Write { .. } => self.counts.dropped_writes += started,
+            Op::Chore(_) => self.counts.dropped_chores += started,
+            Op::Read { .. } => {}
+        }
+        self.release(f.op);
+    }
+
+    /// A call ended without its answer: its key is free again, and a write
+    /// may or may not have happened.
+    fn release(&mut self, op: Op) {
+        match op {
             Op::Write { key, val } => {
                 self.busy.remove(&key);
                 self.dropped(key, val);
@@ -722,22 +739,6 @@ impl Chaos {
                 self.busy.remove(&key);
             }
             Op::Chore(_) => {}
-        }
-    }
-
-    /// Drops a call half done (or not begun).
-    fn cancel(&mut self, f: InFlight<'_>) {
-        let started = f.polls > 0;
-        match f.op {
-            Op::Write { key, val } => {
-                self.counts.dropped_writes += u64::from(started);
-                self.busy.remove(&key);
-                self.dropped(key, val);
-            }
-            Op::Read { key } => {
-                self.busy.remove(&key);
-            }
-            Op::Chore(_) => self.counts.dropped_chores += u64::from(started),
         }
     }
 
