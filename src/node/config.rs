@@ -200,6 +200,12 @@ impl NodeFile {
 
 pub const NODE_FILE: &str = "NODE";
 
+/// Makes the directory `dir`'s entries durable (a file created, renamed or
+/// removed in it).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// Reads and checks the `NODE` file of the data directory `dir`: one of
 /// this build's layout version, or an error saying why not.
 pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
@@ -342,7 +348,7 @@ impl DataDir {
             f.write_all(serde_json::to_string_pretty(&self.node)?.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &node_path)?;
-            File::open(&self.path)?.sync_all()
+            sync_dir(&self.path)
         };
         write().with_context(|| format!("writing {}", node_path.display()))
     }
@@ -366,9 +372,7 @@ impl DataDir {
         let clean = self.path.join(CLEAN_FILE);
         if clean.exists() {
             std::fs::remove_file(&clean).with_context(|| format!("removing {}", clean.display()))?;
-            File::open(&self.path)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("syncing {}", self.path.display()))?;
+            sync_dir(&self.path).with_context(|| format!("syncing {}", self.path.display()))?;
             return Ok(false);
         }
         if self.planned {
@@ -397,7 +401,7 @@ impl DataDir {
         let clean = self.path.join(CLEAN_FILE);
         let write = || -> std::io::Result<()> {
             File::create(&clean)?.sync_all()?;
-            File::open(&self.path)?.sync_all()
+            sync_dir(&self.path)
         };
         write().with_context(|| format!("writing {}", clean.display()))
     }
