@@ -366,11 +366,9 @@ impl Peers {
             Err(e) => {
                 bump(&self.counters.connect_failures, 1);
                 tracing::debug!(peer = %conn.name, %addr, error = %e, "connecting to a peer failed");
-                self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
                 // Its ports may have changed if it restarted.
                 self.ports.borrow_mut().remove(&member);
-                self.forget(member, shard, &conn);
-                conn.kill(&e.to_string());
+                self.give_up(member, shard, &conn, &e.to_string());
                 return;
             }
         };
@@ -397,9 +395,12 @@ impl Peers {
                         Ok(()) => {}
                         Err(WriteError::Stalled) => {
                             bump(&peers.counters.write_stalls, 1);
-                            peers.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
-                            peers.forget(member, shard, &conn);
-                            conn.kill(&format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"));
+                            peers.give_up(
+                                member,
+                                shard,
+                                &conn,
+                                &format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"),
+                            );
                             return;
                         }
                         Err(WriteError::Io(e)) => {
@@ -455,6 +456,14 @@ impl Peers {
         self.forget(member, shard, &conn);
         conn.kill(&why);
         writer_task.await;
+    }
+
+    /// Gives up on `conn` to a peer that failed it: the peer is not dialed
+    /// again for [`RETRY_AFTER`], and the connection's calls fail with `why`.
+    fn give_up(&self, member: MemberIdx, shard: u16, conn: &Rc<PeerConn>, why: &str) {
+        self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
+        self.forget(member, shard, conn);
+        conn.kill(why);
     }
 
     /// Drops `conn` from the table if it is still the current one.
