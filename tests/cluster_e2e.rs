@@ -343,17 +343,14 @@ struct Paused(u32);
 
 impl Paused {
     fn new(pid: u32) -> Paused {
-        // SAFETY: kill(2) on a process id; no memory is involved.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "kill -STOP {pid}: {}", std::io::Error::last_os_error());
+        common::signal(pid, "STOP");
         Paused(pid)
     }
 }
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
+        common::try_signal(self.0, "CONT");
     }
 }
 

@@ -799,11 +799,6 @@ fn all_exit_within(pids: &[u32], timeout: Duration) -> bool {
     true
 }
 
-fn send_signal(pid: u32, signo: libc::c_int) {
-    // SAFETY: kill(2) on a process id; no memory is involved.
-    unsafe { libc::kill(pid as libc::pid_t, signo) };
-}
-
 /// A `gyre dev` process and its nodes: whatever is still running when it
 /// is dropped is continued and killed, so no test leaks a process.
 struct DevRun {
@@ -868,8 +863,8 @@ impl Drop for DevRun {
         let _ = self.child.wait();
         for &pid in &self.nodes {
             if running(pid) {
-                send_signal(pid, libc::SIGCONT);
-                send_signal(pid, libc::SIGKILL);
+                common::try_signal(pid, "CONT");
+                common::try_signal(pid, "KILL");
             }
         }
     }
@@ -881,7 +876,7 @@ impl Drop for DevRun {
 #[test]
 fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
     let mut dev = DevRun::start(2, &["--stop-grace", "1"]);
-    send_signal(dev.nodes[0], libc::SIGSTOP);
+    common::signal(dev.nodes[0], "STOP");
     let started = std::time::Instant::now();
     common::signal(dev.child.id(), "TERM");
     let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15));
@@ -900,7 +895,7 @@ fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
 fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     // The default grace (15 s): the second signal, not the grace, ends it.
     let mut dev = DevRun::start(1, &[]);
-    send_signal(dev.nodes[0], libc::SIGSTOP);
+    common::signal(dev.nodes[0], "STOP");
     common::signal(dev.child.id(), "TERM");
     std::thread::sleep(Duration::from_millis(300));
     assert!(dev.child.try_wait().unwrap().is_none(), "gyre dev waits for the stopped node: {}", dev.log());

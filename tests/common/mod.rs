@@ -147,15 +147,22 @@ pub fn stacks(pid: u32) -> String {
 }
 
 pub fn signal(pid: u32, sig: &str) {
+    assert!(try_signal(pid, sig), "kill -{sig} {pid} failed: {}", std::io::Error::last_os_error());
+}
+
+/// [`signal`] for a process that may be gone already (clean-up): whether
+/// it was sent.
+pub fn try_signal(pid: u32, sig: &str) -> bool {
     let signo = match sig {
         "TERM" => libc::SIGTERM,
         "INT" => libc::SIGINT,
         "KILL" => libc::SIGKILL,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
         other => panic!("no signal {other} in the tests' table"),
     };
     // SAFETY: kill(2) on a process id; no memory is involved.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, signo) };
-    assert_eq!(rc, 0, "kill -{sig} {pid} failed: {}", std::io::Error::last_os_error());
+    unsafe { libc::kill(pid as libc::pid_t, signo) == 0 }
 }
 
 /// Waits up to `timeout` for `child` to exit.
