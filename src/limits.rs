@@ -44,15 +44,18 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 /// sealing and compaction constantly).
 pub const MIN_SEGMENT_SIZE: u64 = BLOCK_SIZE as u64;
 
-/// Buffered bytes that make a writer flush the log itself under the
-/// `interval` and `never` policies (it waits for that flush; while one is
-/// already running, appends wait only past `FLUSH_BACKLOG_THRESHOLDS` of
-/// these): bounds the memory and the data at risk between timer flushes.
+/// Buffered bytes that start a flush of the log under the `interval` and
+/// `never` policies, between timer flushes: the shard's flusher task writes
+/// them out (`Engine::flush_wanted`) while writers go on appending, up to
+/// `FLUSH_BACKLOG_THRESHOLDS` of these. Bounds the memory and the data at
+/// risk. No writer waits at one threshold: the one that passed it used to
+/// lead the flush and wait 2-3 ms for the disk, and a 64 KiB threshold
+/// then made a p99.9 of 2.7 ms (perf/RESULTS.md, twelfth session).
 pub const DEFAULT_FLUSH_THRESHOLD: usize = 1024 * 1024;
 
-/// While a flush is already in progress, appends under `interval` and
-/// `never` go on buffering up to this many flush thresholds before a
-/// writer waits. A flush that seals a segment waits for an fdatasync that
+/// Appends under `interval` and `never` go on buffering up to this many
+/// flush thresholds before a writer waits (and, if no flush is running,
+/// leads one). A flush that seals a segment waits for an fdatasync that
 /// took up to ~170 ms on this project's disk; at 100k buffered writes a
 /// second (~15 MB/s) one threshold fills in ~70 ms, so waiting at one
 /// threshold stalled every writer behind the seal. Eight bounds the

@@ -15,7 +15,7 @@ use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::storage::backend::glommio::GlommioBackend;
-use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
+use crate::storage::{Engine, EngineConfig, FsyncPolicy, RecoveryReport, StorageError};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -88,9 +88,10 @@ impl Stop {
     }
 }
 
-/// Starts the engine's durability ticker and a compaction loop (which
-/// also keeps a spare segment ready: `Engine::prepare_spare`) in a
-/// low-priority task queue. Both run until `stop` cancels them.
+/// Starts the engine's durability ticker, its flusher (`interval` and
+/// `never`) and a compaction loop (which also keeps a spare segment ready:
+/// `Engine::prepare_spare`) in a low-priority task queue. All run until
+/// `stop` cancels them.
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
     let e = engine.clone();
@@ -100,6 +101,26 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
             if let Err(err) = e.tick().await {
                 tracing::error!(error = %err, "durability tick failed");
                 break;
+            }
+        }
+    })
+    .detach();
+    // Under `interval` and `never` no writer waits for the flush a full
+    // buffer needs (`Engine::flush_wanted`): this task leads it, at once.
+    let e = engine.clone();
+    let buffered = engine.config().fsync != FsyncPolicy::Always;
+    let flusher = glommio::spawn_local(async move {
+        if !buffered {
+            return;
+        }
+        loop {
+            e.flush_wanted().await;
+            match e.flush().await {
+                Ok(()) | Err(StorageError::DiskFull(_)) => {}
+                Err(err) => {
+                    tracing::error!(error = %err, "log flush failed");
+                    break;
+                }
             }
         }
     })
@@ -134,5 +155,5 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     )
     .expect("compaction task queue exists")
     .detach();
-    stop.tasks.borrow_mut().extend([ticker, compactor]);
+    stop.tasks.borrow_mut().extend([ticker, flusher, compactor]);
 }

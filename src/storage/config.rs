@@ -101,7 +101,7 @@ pub struct EngineConfig {
     pub fsync: FsyncPolicy,
     /// Budget of the hot-record cache in bytes (0 disables it).
     pub cache_bytes: usize,
-    /// Buffered bytes that make a writer flush under `interval`/`never`
+    /// Buffered bytes that start a flush under `interval`/`never`
     /// (see `DEFAULT_FLUSH_THRESHOLD` and `FLUSH_BACKLOG_THRESHOLDS`).
     pub flush_threshold: usize,
     /// Garbage ratio from which a sealed segment is compacted.

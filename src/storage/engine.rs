@@ -229,8 +229,9 @@ pub struct PendingWrite {
     /// Log position just past the record.
     end: Pos,
     seq: u64,
-    /// The buffer passed the flush threshold: even `never` waits for the
-    /// write to reach the disk (bounds the memory and the data at risk).
+    /// The buffer holds `FLUSH_BACKLOG_THRESHOLDS` flush thresholds: even
+    /// `never` waits for the write to reach the disk (bounds the memory and
+    /// the data at risk when flushes fall behind).
     over_limit: bool,
 }
 
@@ -377,6 +378,12 @@ struct Inner<B: Backend> {
     config: EngineConfig,
     st: RefCell<State<B::File>>,
     notify: Notify,
+    /// Wakes the shell's background flusher ([`Engine::flush_wanted`]):
+    /// under `interval` and `never` a write that fills the buffer past the
+    /// flush threshold does not lead that flush and wait for it (one
+    /// client in each threshold's worth used to wait for a whole write
+    /// to reach the disk); it rings this and goes on.
+    flush_wanted: Notify,
 }
 
 /// Clears the group-commit leader flag and wakes the followers when the
@@ -387,6 +394,9 @@ impl<B: Backend> Drop for LeaderGuard<'_, B> {
     fn drop(&mut self) {
         self.0.st.borrow_mut().flushing = false;
         self.0.notify.notify_all();
+        // Appends that passed the threshold during this flush found it
+        // running and rang nobody: the flusher looks again.
+        self.0.flush_wanted.notify_all();
     }
 }
 
@@ -549,7 +559,8 @@ impl<B: Backend> Engine<B> {
             compacting: false,
             stats: EngineStats::default(),
         };
-        let inner = Inner { backend, config, st: RefCell::new(st), notify: Notify::default() };
+        let inner =
+            Inner { backend, config, st: RefCell::new(st), notify: Notify::default(), flush_wanted: Notify::default() };
         Ok((Engine { inner: Rc::new(inner) }, report))
     }
 
@@ -683,7 +694,7 @@ impl<B: Backend> Engine<B> {
 
     /// [`Self::settle`] without waiting: the write's sequence number if it
     /// meets the durability policy already (a buffered write under `never`
-    /// or `interval` whose buffer is below the flush threshold, or a write
+    /// or `interval` whose buffer is below the backlog limit, or a write
     /// already synced), or the write back if it has to wait.
     pub fn settle_now(&self, pending: PendingWrite) -> Result<u64, PendingWrite> {
         let waits = match self.inner.config.fsync {
@@ -711,6 +722,7 @@ impl<B: Backend> Engine<B> {
         }
         self.check(key, meta, value)?;
         let hash = key_hash(key);
+        let ring;
         let (end, seq, over_limit) = {
             let mut st = self.inner.st.borrow_mut();
             if let Some(e) = &st.failed {
@@ -742,11 +754,16 @@ impl<B: Backend> Engine<B> {
                 Kind::Value => st.stats.puts += 1,
                 Kind::Tombstone => st.stats.deletes += 1,
             }
-            // A flush in progress is leading already: let appends pile up
-            // behind it (bounded) rather than stall on its seal.
-            let limit = self.inner.config.flush_threshold * if st.flushing { FLUSH_BACKLOG_THRESHOLDS } else { 1 };
-            (a.end(), a.seq, st.writer.pending_bytes() >= limit)
+            // Past one threshold the background flusher writes the buffer
+            // out; appends pile up behind it (bounded) rather than wait for
+            // the disk, whether or not it has started yet.
+            let (pending, threshold) = (st.writer.pending_bytes(), self.inner.config.flush_threshold);
+            ring = pending >= threshold && !st.flushing && self.inner.config.fsync != FsyncPolicy::Always;
+            (a.end(), a.seq, pending >= threshold * FLUSH_BACKLOG_THRESHOLDS)
         };
+        if ring {
+            self.inner.flush_wanted.notify_all();
+        }
         Ok(Some(PendingWrite { end, seq, over_limit }))
     }
 
@@ -828,6 +845,7 @@ impl<B: Backend> Engine<B> {
         match res {
             Ok(()) => {
                 self.inner.st.borrow_mut().full = None;
+                self.inner.flush_wanted.notify_all();
                 tracing::info!("the disk has space again: writes are taken again");
                 Ok(())
             }
@@ -924,6 +942,29 @@ impl<B: Backend> Engine<B> {
             st.synced = st.synced.max(written);
         }
         Ok(())
+    }
+
+    /// Completes when the write buffer holds a flush threshold's worth
+    /// and no flush is running: the shell's flusher then calls
+    /// [`Engine::flush`]. Under `interval` and `never` no writer leads that
+    /// flush (a writer waits only once `FLUSH_BACKLOG_THRESHOLDS` are
+    /// buffered). Not while the engine has failed or the disk is full:
+    /// ticks retry a full disk.
+    pub async fn flush_wanted(&self) {
+        loop {
+            let seen = self.inner.flush_wanted.generation();
+            {
+                let st = self.inner.st.borrow();
+                if st.failed.is_none()
+                    && st.full.is_none()
+                    && !st.flushing
+                    && st.writer.pending_bytes() >= self.inner.config.flush_threshold
+                {
+                    return;
+                }
+            }
+            self.inner.flush_wanted.wait(seen).await;
+        }
     }
 
     /// Writes everything appended so far to the log files (no fdatasync).
