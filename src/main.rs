@@ -1109,8 +1109,8 @@ struct ShardCheck {
 /// report.
 fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck> {
     use gyre::storage::format::{
-        hint_file_name, parse_file_name, parse_format_file, replay_hint, segment_file_name, FileKind, FORMAT_FILE,
-        STORAGE_FORMAT_VERSION,
+        hint_file_name, parse_file_name, parse_format_file, replay_hint, segment_file_name, FileKind, FormatFileError,
+        Seed, FORMAT_FILE, STORAGE_FORMAT_VERSION,
     };
     use gyre::storage::scan::{scan_segment, torn_bytes};
     use std::collections::{BTreeSet, HashSet};
@@ -1142,19 +1142,26 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
             None => {}
         }
     }
-    if names.iter().any(|n| n == FORMAT_FILE) {
+    // Without a format file there is no segment to scan (or the start
+    // refuses), so the seed there is never used.
+    let seed = if names.iter().any(|n| n == FORMAT_FILE) {
         let path = dir.join(FORMAT_FILE);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         match parse_format_file(&bytes) {
-            Some(STORAGE_FORMAT_VERSION) => {}
-            Some(v) => bail!("storage format {v}: this build reads format {STORAGE_FORMAT_VERSION} and refuses it"),
-            None => bail!("{} is unreadable: a start refuses this directory", path.display()),
+            Ok(seed) => seed,
+            Err(FormatFileError::Version(v)) => {
+                bail!("storage format {v}: this build reads formats 1 to {STORAGE_FORMAT_VERSION} and refuses it")
+            }
+            Err(FormatFileError::Unreadable) => {
+                bail!("{} is unreadable: a start refuses this directory", path.display())
+            }
         }
     } else if !segs.is_empty() {
         bail!("segments without a {FORMAT_FILE} file: a start refuses this directory");
     } else {
         repairs.push(format!("write {FORMAT_FILE}"));
-    }
+        Seed::FORMAT_1
+    };
     if let Some(e) = gyre::storage::orphan_hint(&segs, &hints) {
         bail!("{e}: a start refuses this directory");
     }
@@ -1187,11 +1194,11 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         }
         if hinted {
             report.hints_used += 1;
-            scrub.extend(scan_segment(seg, &data, true, |_, _| {}).corruptions);
+            scrub.extend(scan_segment(seg, &data, true, seed, |_, _| {}).corruptions);
             continue;
         }
         report.segments_scanned += 1;
-        let out = scan_segment(seg, &data, !is_last, |_, r| {
+        let out = scan_segment(seg, &data, !is_last, seed, |_, r| {
             keys.insert(r.key.to_vec());
             max_seq = max_seq.max(r.seq);
         });
@@ -1220,7 +1227,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         // The scrub after the open reads every segment as sealed, the last
         // one as the open left it.
         if is_last {
-            scrub.extend(scan_segment(seg, &data[..kept as usize], true, |_, _| {}).corruptions);
+            scrub.extend(scan_segment(seg, &data[..kept as usize], true, seed, |_, _| {}).corruptions);
         } else {
             scrub.extend(out.corruptions);
         }

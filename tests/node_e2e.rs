@@ -297,7 +297,8 @@ fn a_data_directory_serves_one_node_and_its_own_shape() {
     // A shard directory from another storage format version is refused.
     let format = dir.path().join("shard-001").join(gyre::storage::format::FORMAT_FILE);
     let mut bytes = std::fs::read(&format).unwrap();
-    let text = String::from_utf8_lossy(&bytes).replace("format 1", "format 9");
+    let current = format!("format {}", gyre::storage::format::STORAGE_FORMAT_VERSION);
+    let text = String::from_utf8_lossy(&bytes).replace(&current, "format 9");
     bytes[..text.len()].copy_from_slice(text.as_bytes());
     std::fs::write(&format, &bytes).unwrap();
     let err = Node::try_start(dir.path(), &[]).err().expect("a newer format must refuse");

@@ -97,6 +97,80 @@ fn incompatible_format_version_is_refused() {
     });
 }
 
+/// A client's value may hold the bytes of a whole record, for any key and
+/// sequence number. When the record around it is damaged, recovery resyncs
+/// through that value, and must not adopt the bytes as a record: they do
+/// not verify under the directory's own checksum seed. (Had the client
+/// known the seed, they would be adopted: the second case shows the test
+/// can see an adoption.)
+#[test]
+fn a_record_stored_in_a_value_is_not_adopted_when_its_container_is_damaged() {
+    use gyre::storage::backend::Backend;
+    use gyre::storage::format::{encode_record, parse_format_file, record_len, Kind, Seed};
+    for forged_with_the_shards_seed in [false, true] {
+        let backend = MemBackend::new();
+        block_on(async {
+            let (engine, _) = Engine::open(backend.clone(), config()).await.unwrap();
+            let seed = parse_format_file(&backend.read_file("GYRE_FORMAT").await.unwrap()).unwrap();
+            assert_ne!(seed, Seed::FORMAT_1, "a new directory draws its seed");
+            let forged_seed = if forged_with_the_shards_seed { seed } else { Seed::FORMAT_1 };
+            let mut value = vec![9u8; 20];
+            encode_record(&mut value, forged_seed, 1 << 40, 0, Kind::Value, b"victim", b"", b"forged");
+            value.extend_from_slice(&[9u8; 20]);
+            engine.put(b"a", b"", b"1", 0).await.unwrap();
+            engine.put(b"b", b"", &value, 0).await.unwrap();
+            engine.put(b"c", b"", b"3", 0).await.unwrap();
+            engine.close().await.unwrap();
+            // The key byte of "b", the second record of segment 1.
+            let b_at = record_len(1, 0, 1);
+            backend.corrupt(&segment_file_name(1), b_at + 32, 0x01).unwrap();
+            let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+            assert_eq!(report.corruptions[0].off, b_at as u64, "{report:?}");
+            if !forged_with_the_shards_seed {
+                let whole = record_len(1, 0, value.len()) as u64;
+                assert_eq!((report.corruptions.len(), report.corruptions[0].len), (1, whole), "{report:?}");
+            }
+            let victim = engine.get(b"victim").await.unwrap();
+            assert_eq!(victim.is_some(), forged_with_the_shards_seed, "{victim:?}");
+            assert!(engine.get(b"b").await.unwrap().is_none(), "the damaged record is lost");
+            for (k, v) in [(&b"a"[..], &b"1"[..]), (b"c", b"3")] {
+                assert_eq!(engine.get(k).await.unwrap().unwrap().value(), v);
+            }
+        });
+    }
+}
+
+/// A format 1 directory (checksums with seed 0, before the format file
+/// carried a seed) opens as it is: its records read back, new ones are
+/// written with seed 0 too, and the format file is left alone, so that
+/// the builds that wrote it can still read it.
+#[test]
+fn a_format_1_directory_opens_and_stays_format_1() {
+    use gyre::storage::backend::Backend;
+    use gyre::storage::format::{encode_record, Kind, Seed};
+    let backend = MemBackend::new();
+    let mut format = b"gyre storage format 1\n".to_vec();
+    format.resize(4096, b'\n');
+    let mut segment = Vec::new();
+    encode_record(&mut segment, Seed::FORMAT_1, 1, 0, Kind::Value, b"old", b"", b"from format 1");
+    segment.resize(4096, 0);
+    block_on(async {
+        backend.write_file("GYRE_FORMAT", &format).await.unwrap();
+        backend.write_file(&segment_file_name(1), &segment).await.unwrap();
+        let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+        assert!(report.corruptions.is_empty(), "{report:?}");
+        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from format 1");
+        engine.put(b"new", b"", b"written now", 0).await.unwrap();
+        engine.close().await.unwrap();
+        drop(engine);
+        let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+        assert!(report.corruptions.is_empty(), "{report:?}");
+        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from format 1");
+        assert_eq!(engine.get(b"new").await.unwrap().unwrap().value(), b"written now");
+        assert_eq!(backend.read_file("GYRE_FORMAT").await.unwrap(), format);
+    });
+}
+
 /// Compaction of a segment holding a damaged live record: the damaged
 /// record is reported and its segment kept (so reads keep reporting it,
 /// not losing the key), and every other live record of the segment is

@@ -42,7 +42,7 @@ use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_header, decode_record, decode_verified_record, format_file_contents, hint_file_name, parse_file_name,
     parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind, RecordRef,
-    FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    Seed, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -75,7 +75,7 @@ pub enum StorageError {
     MetaTooLarge(usize),
     #[error("corrupt record in segment {seg} at offset {off}: {reason}")]
     Corrupt { seg: u32, off: u64, reason: String },
-    #[error("data directory has storage format {found}, this build reads format {expected}")]
+    #[error("data directory has storage format {found}, this build reads formats 1 to {expected}")]
     FormatVersion { found: String, expected: u32 },
     #[error("invalid storage configuration: {0}")]
     Config(String),
@@ -142,27 +142,28 @@ pub struct Record {
 
 impl Record {
     /// The record `raw` read from `loc` for `key`, checksum verified.
-    fn decode(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
-        Record::decode_with(raw, loc, key, decode_record)
+    fn decode(raw: Rc<[u8]>, loc: Loc, key: &[u8], seed: Seed) -> Result<Record, StorageError> {
+        Record::decode_with(raw, loc, key, Some(seed))
     }
 
     /// [`Self::decode`] of the record cache's bytes, verified when they
     /// entered it (see [`decode_verified_record`]).
     fn decode_cached(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
-        Record::decode_with(raw, loc, key, decode_verified_record)
+        Record::decode_with(raw, loc, key, None)
     }
 
-    fn decode_with(
-        raw: Rc<[u8]>,
-        loc: Loc,
-        key: &[u8],
-        decode: fn(&[u8]) -> Result<RecordRef<'_>, DecodeError>,
-    ) -> Result<Record, StorageError> {
+    /// `verify`: the seed to check the checksum against, `None` for bytes
+    /// verified already.
+    fn decode_with(raw: Rc<[u8]>, loc: Loc, key: &[u8], verify: Option<Seed>) -> Result<Record, StorageError> {
         let corrupt = |reason: String| StorageError::Corrupt { seg: loc.seg, off: loc.off as u64, reason };
         if raw.len() != loc.len as usize {
             return Err(corrupt(format!("short read: {} of {} bytes", raw.len(), loc.len)));
         }
-        let r = decode(&raw).map_err(|e| corrupt(e.to_string()))?;
+        let r = match verify {
+            Some(seed) => decode_record(&raw, seed),
+            None => decode_verified_record(&raw),
+        }
+        .map_err(|e| corrupt(e.to_string()))?;
         if r.key != key {
             return Err(corrupt("record belongs to another key".into()));
         }
@@ -377,6 +378,8 @@ struct Inner<B: Backend> {
     backend: B,
     config: EngineConfig,
     st: RefCell<State<B::File>>,
+    /// The seed of this shard's record checksums, from its format file.
+    seed: Seed,
     notify: Notify,
     /// Wakes the shell's background flusher ([`Engine::flush_wanted`]):
     /// under `interval` and `never` a write that fills the buffer past the
@@ -450,7 +453,7 @@ impl<B: Backend> Engine<B> {
                 None => {}
             }
         }
-        check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
+        let seed = check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
         if let Some(e) = orphan_hint(&segs, &hints) {
             return Err(e);
         }
@@ -491,7 +494,7 @@ impl<B: Backend> Engine<B> {
                 total = 0;
                 let data = backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
                 let mut hb = HintBuilder::default();
-                let out = scan_segment(seg, data.as_ref(), !is_last, |off, r| {
+                let out = scan_segment(seg, data.as_ref(), !is_last, seed, |off, r| {
                     let len = r.encoded_len() as u32;
                     let tombstone = r.kind == Kind::Tombstone;
                     index.insert(key_hash(r.key), r.key, Loc { seg, off: off as u32, len, tombstone });
@@ -541,7 +544,7 @@ impl<B: Backend> Engine<B> {
                 backend.remove(SPARE_SEGMENT).await.map_err(io_err("removing an unused spare segment"))?;
             }
         }
-        let writer = LogWriter::new(config.segment_size, first_seg, max_seq + 1);
+        let writer = LogWriter::new(config.segment_size, seed, first_seg, max_seq + 1);
         report.keys = index.len();
         report.next_seq = writer.next_seq();
         let st = State {
@@ -559,8 +562,14 @@ impl<B: Backend> Engine<B> {
             compacting: false,
             stats: EngineStats::default(),
         };
-        let inner =
-            Inner { backend, config, st: RefCell::new(st), notify: Notify::default(), flush_wanted: Notify::default() };
+        let inner = Inner {
+            backend,
+            config,
+            st: RefCell::new(st),
+            notify: Notify::default(),
+            flush_wanted: Notify::default(),
+            seed,
+        };
         Ok((Engine { inner: Rc::new(inner) }, report))
     }
 
@@ -745,7 +754,10 @@ impl<B: Backend> Engine<B> {
             if st.cache.admits(a.loc.len as usize) {
                 if let Some(raw) = st.writer.read_buffered(a.loc).map(Rc::<[u8]>::from) {
                     // Cache hits skip the checksum: check the pair here.
-                    debug_assert!(decode_record(&raw).is_ok_and(|r| r.key == key), "the cache gets a verified record");
+                    debug_assert!(
+                        decode_record(&raw, self.inner.seed).is_ok_and(|r| r.key == key),
+                        "the cache gets a verified record"
+                    );
                     tag = st.cache.insert(a.loc.id(), raw);
                 }
             }
@@ -1013,7 +1025,7 @@ impl<B: Backend> Engine<B> {
             .await
             .map_err(io_err("reading a record"))?;
         let raw: Rc<[u8]> = data.as_ref().into();
-        let rec = Record::decode(raw.clone(), loc, key)?;
+        let rec = Record::decode(raw.clone(), loc, key, self.inner.seed)?;
         let st = &mut *self.inner.st.borrow_mut();
         let tag = st.cache.insert(loc.id(), raw);
         // The key may have moved on during the read: then nothing can find
@@ -1092,7 +1104,7 @@ impl<B: Backend> Engine<B> {
             let raw: Rc<[u8]> = bytes.into();
             st.stats.gets += 1;
             st.stats.reads_from_buffer += 1;
-            return Record::decode(raw, loc, key).map(|r| Lookup::InMemory(Some(r)));
+            return Record::decode(raw, loc, key, self.inner.seed).map(|r| Lookup::InMemory(Some(r)));
         }
         Ok(Lookup::OnDisk(loc, st.files.get(&loc.seg).expect("indexed segment is open").clone()))
     }
@@ -1218,7 +1230,7 @@ impl<B: Backend> Engine<B> {
             // Streamed a piece at a time (see `SegmentReader`), and yielding
             // every 64 records: a whole segment's checksums in one go
             // stalled every request on the shard for tens of milliseconds.
-            let mut reader = SegmentReader::new(backend, &file, COMPACTION_READ).await?;
+            let mut reader = SegmentReader::new(backend, &file, COMPACTION_READ, self.inner.seed).await?;
             let mut seen = 0u64;
             let regular = loop {
                 let (off, r) = match reader.next().await? {
@@ -1241,7 +1253,7 @@ impl<B: Backend> Engine<B> {
                 // What the stream already moved is skipped there: the index
                 // no longer points into this segment for those keys.
                 let data = read_segment(backend, &file).await?;
-                let mut scan = SegmentScan::new(seg, data.as_ref(), true);
+                let mut scan = SegmentScan::new(seg, data.as_ref(), true, self.inner.seed);
                 let mut seen = 0u64;
                 while let Some((off, r)) = scan.next_record() {
                     seen += 1;
@@ -1308,7 +1320,7 @@ impl<B: Backend> Engine<B> {
         let mut found = Vec::new();
         for (seg, file) in segs {
             let data = read_segment(&self.inner.backend, &file).await?;
-            found.extend(scan_segment(seg, data.as_ref(), true, |_, _| {}).corruptions);
+            found.extend(scan_segment(seg, data.as_ref(), true, self.inner.seed, |_, _| {}).corruptions);
             self.inner.backend.yield_now().await;
         }
         found.sort_by_key(|c| (c.seg, c.off));
@@ -1357,12 +1369,13 @@ struct SegmentReader<'e, B: Backend> {
     data: Option<B::Read>,
     /// Where the next record starts in `data`.
     at: usize,
+    seed: Seed,
 }
 
 impl<'e, B: Backend> SegmentReader<'e, B> {
-    async fn new(backend: &'e B, file: &'e B::File, piece: usize) -> Result<Self, StorageError> {
+    async fn new(backend: &'e B, file: &'e B::File, piece: usize, seed: Seed) -> Result<Self, StorageError> {
         let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
-        Ok(SegmentReader { backend, file, size, piece, base: 0, data: None, at: 0 })
+        Ok(SegmentReader { backend, file, size, piece, base: 0, data: None, at: 0, seed })
     }
 
     async fn next(&mut self) -> Result<Step<'_>, StorageError> {
@@ -1394,7 +1407,7 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
         }
         let at = self.at;
         let data = self.data.as_ref().expect("a record was found in the piece").as_ref();
-        match decode_record(&data[at..]) {
+        match decode_record(&data[at..], self.seed) {
             Ok(r) => {
                 self.at += r.encoded_len();
                 Ok(Step::Record(self.base + at as u64, r))
@@ -1423,8 +1436,10 @@ async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read
     backend.read_at(file, 0, size as usize).await.map_err(io_err("reading a segment"))
 }
 
-/// Checks (or, in a new directory, writes) the storage format file.
-async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool) -> Result<(), StorageError> {
+/// Checks (or, in a new directory, writes) the storage format file, and
+/// returns the seed of the directory's record checksums (a new directory's
+/// is drawn at random: it must be one no client can know).
+async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool) -> Result<Seed, StorageError> {
     if !exists {
         if has_segments {
             return Err(StorageError::FormatVersion {
@@ -1432,17 +1447,16 @@ async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool)
                 expected: STORAGE_FORMAT_VERSION,
             });
         }
-        return backend
-            .write_file(FORMAT_FILE, &format_file_contents())
+        let seed = Seed(fastrand::u64(1..));
+        backend
+            .write_file(FORMAT_FILE, &format_file_contents(seed))
             .await
-            .map_err(io_err("writing the format file"));
+            .map_err(io_err("writing the format file"))?;
+        return Ok(seed);
     }
     let bytes = backend.read_file(FORMAT_FILE).await.map_err(io_err("reading the format file"))?;
-    match parse_format_file(&bytes) {
-        Some(STORAGE_FORMAT_VERSION) => Ok(()),
-        Some(v) => Err(StorageError::FormatVersion { found: v.to_string(), expected: STORAGE_FORMAT_VERSION }),
-        None => Err(StorageError::FormatVersion { found: "unreadable".into(), expected: STORAGE_FORMAT_VERSION }),
-    }
+    parse_format_file(&bytes)
+        .map_err(|e| StorageError::FormatVersion { found: e.to_string(), expected: STORAGE_FORMAT_VERSION })
 }
 
 #[cfg(test)]
@@ -1452,6 +1466,8 @@ mod tests {
     use super::*;
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
+
+    const SEED: Seed = Seed(0x5eed);
 
     /// A fresh in-memory directory and an engine opened on it.
     async fn open_mem(config: &EngineConfig) -> (MemBackend, Engine<MemBackend>) {
@@ -1751,7 +1767,7 @@ mod tests {
             let key = format!("key-{i}").into_bytes();
             let value = vec![i as u8; rng.usize(0..3000)];
             want.push((data.len() as u64, key.clone()));
-            encode_record(&mut data, i, 0, Kind::Value, &key, b"m", &value);
+            encode_record(&mut data, SEED, i, 0, Kind::Value, &key, b"m", &value);
         }
         (data, want)
     }
@@ -1762,7 +1778,7 @@ mod tests {
         block_on(async {
             backend.write_file("seg", data).await.unwrap();
             let file = backend.open("seg", false).await.unwrap();
-            let mut reader = SegmentReader::new(&backend, &file, piece).await.unwrap();
+            let mut reader = SegmentReader::new(&backend, &file, piece, SEED).await.unwrap();
             let mut got = Vec::new();
             loop {
                 match reader.next().await.unwrap() {

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! offset size field
-//!  0     8    checksum      xxh3_64 of bytes [8, record_len)
+//!  0     8    checksum      xxh3_64 of bytes [8, record_len), seeded with the shard's seed
 //!  8     8    seq           shard-wide write sequence number (compaction keeps it)
 //! 16     6    timestamp_ms  u48, milliseconds since the Unix epoch, given by the caller
 //! 22     1    kind          1 = value, 2 = tombstone; 0 never starts a record
@@ -25,6 +25,16 @@
 //!
 //! A segment is records back to back from offset 0. Unwritten space is zero,
 //! and a zero `kind` byte where a header would start marks the end of the data.
+//!
+//! The checksum is `xxh3_64_with_seed` with a [`Seed`] drawn at random when
+//! the shard directory is made and kept in its format file (format 2; a
+//! format 1 directory's seed is 0, plain `xxh3_64`). A record is opaque
+//! bytes in another record's value, and a client chooses values: a scan
+//! that resyncs past a damaged record looks inside its value, and would
+//! adopt a whole record a client had stored there (any key, any sequence
+//! number, any causal metadata). Without the seed, a client cannot make
+//! bytes that verify (TigerBeetle mixes its cluster id into checksums for
+//! the same reason: bytes from elsewhere must not verify here).
 //!
 //! # Hint file (`seg-NNNNNNNN.hint`, written when a segment is sealed)
 //!
@@ -50,6 +60,20 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::limits::{MAX_KEY_LEN, MAX_META_LEN, VALUE_LEN_HARD_CAP};
+
+/// The seed of one shard's record checksums (see the module docs). A
+/// newtype, so that it cannot be passed for the sequence number beside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seed(pub u64);
+
+impl Seed {
+    /// The seed of a format 1 directory: its checksums are plain `xxh3_64`.
+    pub const FORMAT_1: Seed = Seed(0);
+
+    fn checksum(self, bytes: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0)
+    }
+}
 
 /// Size of the fixed record header.
 pub const RECORD_HEADER_LEN: usize = 32;
@@ -132,11 +156,14 @@ pub const fn record_len(key: usize, meta: usize, value: usize) -> usize {
     RECORD_HEADER_LEN + key + meta + value
 }
 
-/// Appends one record to `out` and returns its length. The caller has
-/// checked the lengths against the configured limits; this re-asserts the
-/// format's own limits (a bug, not bad input, if they fail).
+/// Appends one record to `out`, its checksum seeded with `seed`, and
+/// returns its length. The caller has checked the lengths against the
+/// configured limits; this re-asserts the format's own limits (a bug, not
+/// bad input, if they fail).
+#[allow(clippy::too_many_arguments, reason = "one per field of the record, and the seed")]
 pub fn encode_record(
     out: &mut Vec<u8>,
+    seed: Seed,
     seq: u64,
     timestamp_ms: u64,
     kind: Kind,
@@ -164,7 +191,7 @@ pub fn encode_record(
     out.extend_from_slice(key);
     out.extend_from_slice(meta);
     out.extend_from_slice(value);
-    let sum = xxh3_64(&out[start + 8..]);
+    let sum = seed.checksum(&out[start + 8..]);
     out[start..start + 8].copy_from_slice(&sum.to_le_bytes());
     out.len() - start
 }
@@ -198,9 +225,10 @@ pub fn decode_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
     Ok((h, record_len(k, m, v)))
 }
 
-/// Decodes and verifies the record at the start of `buf`.
-pub fn decode_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
-    decode_record_with(buf, true)
+/// Decodes the record at the start of `buf` and verifies its checksum
+/// against the shard's `seed`.
+pub fn decode_record(buf: &[u8], seed: Seed) -> Result<RecordRef<'_>, DecodeError> {
+    decode_record_with(buf, Some(seed))
 }
 
 /// [`decode_record`] without the checksum, for bytes verified already:
@@ -208,16 +236,16 @@ pub fn decode_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
 /// encoded by this process (a hit would otherwise hash the whole record
 /// again on every read). The header is still validated.
 pub fn decode_verified_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
-    decode_record_with(buf, false)
+    decode_record_with(buf, None)
 }
 
-fn decode_record_with(buf: &[u8], verify: bool) -> Result<RecordRef<'_>, DecodeError> {
+fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
     let (h, len) = decode_header(buf)?;
     if buf.len() < len {
         return Err(DecodeError::Truncated { need: len, have: buf.len() });
     }
-    if verify {
-        let computed = xxh3_64(&buf[8..len]);
+    if let Some(seed) = verify {
+        let computed = seed.checksum(&buf[8..len]);
         let stored = h.checksum.get();
         if computed != stored {
             return Err(DecodeError::BadChecksum { stored, computed });
@@ -530,40 +558,86 @@ pub const FORMAT_FILE: &str = "GYRE_FORMAT";
 
 /// Storage format version. Bump on any incompatible change above; a
 /// directory with another version is refused, never misread.
-pub const STORAGE_FORMAT_VERSION: u32 = 1;
+///
+/// - 1: record checksums are plain `xxh3_64` (`Seed::FORMAT_1`).
+/// - 2: the same layout, checksums seeded with the directory's own seed,
+///   written in the format file. A build that reads only format 1 would
+///   find every record's checksum wrong, so it must refuse format 2.
+///
+/// This build creates format 2 and still opens format 1 directories as
+/// they are (they keep seed 0, and stay readable by older builds).
+pub const STORAGE_FORMAT_VERSION: u32 = 2;
 
-/// The format file's text. It is padded to a whole block so that it is a
-/// non-empty file that can be read with O_DIRECT: the glommio backend opens
-/// it first to work around glommio issue 605 (see `backend::glommio`).
-pub fn format_file_contents() -> Vec<u8> {
-    let mut v = format!("gyre storage format {STORAGE_FORMAT_VERSION}\n").into_bytes();
+/// The format file's text for a new directory with `seed`. It is padded
+/// to a whole block so that it is a non-empty file that can be read with
+/// O_DIRECT: the glommio backend opens it first to work around glommio
+/// issue 605 (see `backend::glommio`).
+///
+/// ```text
+/// gyre storage format 2
+/// record seed 0x0123456789abcdef
+/// (newlines up to 4096 bytes)
+/// ```
+pub fn format_file_contents(seed: Seed) -> Vec<u8> {
+    let mut v = format!("gyre storage format {STORAGE_FORMAT_VERSION}\nrecord seed {:#018x}\n", seed.0).into_bytes();
     v.resize(crate::limits::BLOCK_SIZE, b'\n');
     v
 }
 
-/// Reads the version out of a format file.
-pub fn parse_format_file(buf: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(buf).ok()?;
-    let line = text.lines().next()?;
-    line.strip_prefix("gyre storage format ")?.trim().parse().ok()
+/// Why a format file is refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FormatFileError {
+    #[error("unreadable")]
+    Unreadable,
+    #[error("{0}")]
+    Version(u32),
+}
+
+/// Reads a format file: the seed of the directory's record checksums, or
+/// why this build refuses the directory.
+pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
+    let text = std::str::from_utf8(buf).map_err(|_| FormatFileError::Unreadable)?;
+    let mut lines = text.lines();
+    let version = lines
+        .next()
+        .and_then(|l| l.strip_prefix("gyre storage format "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or(FormatFileError::Unreadable)?;
+    match version {
+        1 => Ok(Seed::FORMAT_1),
+        2 => lines
+            .next()
+            .and_then(|l| l.strip_prefix("record seed 0x"))
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .map(Seed)
+            .ok_or(FormatFileError::Unreadable),
+        v => Err(FormatFileError::Version(v)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A format 2 directory's seed, for the tests.
+    const SEED: Seed = Seed(0x0123_4567_89ab_cdef);
+
     fn encode(seq: u64, ts: u64, kind: Kind, key: &[u8], meta: &[u8], value: &[u8]) -> Vec<u8> {
+        encode_with(SEED, seq, ts, kind, key, meta, value)
+    }
+
+    fn encode_with(seed: Seed, seq: u64, ts: u64, kind: Kind, key: &[u8], meta: &[u8], value: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        let n = encode_record(&mut v, seq, ts, kind, key, meta, value);
+        let n = encode_record(&mut v, seed, seq, ts, kind, key, meta, value);
         assert_eq!(n, v.len());
         v
     }
 
-    /// Golden vector: the exact bytes of one record. If this test fails the
+    /// Golden vectors: the exact bytes of one record, in a format 1
+    /// directory (seed 0) and under a format 2 seed. If this test fails the
     /// on-disk format changed: bump STORAGE_FORMAT_VERSION.
     #[test]
     fn golden_value_record() {
-        let bytes = encode(7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
         let expected_tail: &[u8] = &[
             7, 0, 0, 0, 0, 0, 0, 0, // seq
             6, 5, 4, 3, 2, 1, // timestamp u48
@@ -573,9 +647,30 @@ mod tests {
             1, 0, // meta_len
             b'k', b'e', b'y', b'm', b'v', b'a', b'l', b'u', b'e',
         ];
-        assert_eq!(&bytes[8..], expected_tail);
-        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), xxh3_64(expected_tail));
-        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 0x9213_06f5_5683_2b51, "checksum golden value");
+        let sum = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
+        let v1 = encode_with(Seed::FORMAT_1, 7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
+        assert_eq!(&v1[8..], expected_tail);
+        assert_eq!(sum(&v1), xxh3_64(expected_tail));
+        assert_eq!(sum(&v1), 0x9213_06f5_5683_2b51, "format 1 checksum golden value");
+        let v2 = encode(7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
+        assert_eq!(&v2[8..], expected_tail);
+        assert_eq!(sum(&v2), xxhash_rust::xxh3::xxh3_64_with_seed(expected_tail, SEED.0));
+        assert_eq!(sum(&v2), 0xea77_1e35_db04_a121, "format 2 checksum golden value");
+    }
+
+    /// A record verifies only under the seed it was written with: bytes a
+    /// client stored as a value (seed 0, or any seed but the shard's) are
+    /// never taken for a record of the shard.
+    #[test]
+    fn a_record_verifies_only_under_its_own_seed() {
+        let bytes = encode(7, 1, Kind::Value, b"key", b"m", b"value");
+        assert!(decode_record(&bytes, SEED).is_ok());
+        for other in [Seed::FORMAT_1, Seed(SEED.0 ^ 1), Seed(u64::MAX)] {
+            assert!(matches!(decode_record(&bytes, other), Err(DecodeError::BadChecksum { .. })), "{other:?}");
+        }
+        // The cache's path does not hash, so it takes any seed's bytes:
+        // only this process's own verified bytes may reach it.
+        assert!(decode_verified_record(&bytes).is_ok());
     }
 
     #[test]
@@ -588,7 +683,7 @@ mod tests {
     #[test]
     fn roundtrip() {
         let bytes = encode(42, 1_700_000_000_000, Kind::Value, b"hello", b"ctx", b"world");
-        let r = decode_record(&bytes).unwrap();
+        let r = decode_record(&bytes, SEED).unwrap();
         assert_eq!(r.seq, 42);
         assert_eq!(r.timestamp_ms, 1_700_000_000_000);
         assert_eq!((r.kind, r.key, r.meta, r.value), (Kind::Value, &b"hello"[..], &b"ctx"[..], &b"world"[..]));
@@ -602,7 +697,7 @@ mod tests {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                match decode_record(&b) {
+                match decode_record(&b, SEED) {
                     Ok(r) => panic!("flip at byte {i} bit {bit} accepted: {r:?}"),
                     Err(DecodeError::BadChecksum { .. })
                     | Err(DecodeError::BadHeader(_))
@@ -615,18 +710,18 @@ mod tests {
 
     #[test]
     fn zeros_are_end_and_short_buffers_are_truncated() {
-        assert_eq!(decode_record(&[0u8; 64]), Err(DecodeError::End));
-        assert_eq!(decode_record(&[]), Err(DecodeError::End));
+        assert_eq!(decode_record(&[0u8; 64], SEED), Err(DecodeError::End));
+        assert_eq!(decode_record(&[], SEED), Err(DecodeError::End));
         let bytes = encode(1, 1, Kind::Value, b"k", b"", b"vvvv");
-        assert!(matches!(decode_record(&bytes[..bytes.len() - 1]), Err(DecodeError::Truncated { .. })));
-        assert!(matches!(decode_record(&bytes[..10]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(decode_record(&bytes[..bytes.len() - 1], SEED), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(decode_record(&bytes[..10], SEED), Err(DecodeError::Truncated { .. })));
     }
 
     #[test]
     fn oversized_lengths_are_rejected_before_reading_the_body() {
         let mut bytes = encode(1, 1, Kind::Value, b"k", b"", b"v");
         bytes[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode_record(&bytes), Err(DecodeError::BadHeader("value length out of range")));
+        assert_eq!(decode_record(&bytes, SEED), Err(DecodeError::BadHeader("value length out of range")));
     }
 
     #[test]
@@ -691,6 +786,22 @@ mod tests {
         assert_eq!(parse_file_name("seg-00000012.hint"), Some(FileKind::Hint(12)));
         assert_eq!(parse_file_name("seg-0000012.log"), None);
         assert_eq!(parse_file_name("seg-00000012.hint.tmp"), None);
-        assert_eq!(parse_format_file(&format_file_contents()), Some(STORAGE_FORMAT_VERSION));
+    }
+
+    /// The format file: format 2 carries its seed; format 1 means seed 0;
+    /// another version, or a format 2 file without a seed, is refused.
+    #[test]
+    fn format_files() {
+        let file = format_file_contents(SEED);
+        assert_eq!(file.len(), crate::limits::BLOCK_SIZE);
+        assert!(file.starts_with(b"gyre storage format 2\nrecord seed 0x0123456789abcdef\n"));
+        assert_eq!(parse_format_file(&file), Ok(SEED));
+        assert_eq!(parse_format_file(&format_file_contents(Seed(u64::MAX))), Ok(Seed(u64::MAX)));
+        assert_eq!(parse_format_file(b"gyre storage format 1\n\n\n"), Ok(Seed::FORMAT_1));
+        assert_eq!(parse_format_file(b"gyre storage format 3\nrecord seed 0x1\n"), Err(FormatFileError::Version(3)));
+        assert_eq!(parse_format_file(b"gyre storage format 2\n\n"), Err(FormatFileError::Unreadable));
+        assert_eq!(parse_format_file(b"gyre storage format 2\nrecord seed 0xzz\n"), Err(FormatFileError::Unreadable));
+        assert_eq!(parse_format_file(b"not gyre\n"), Err(FormatFileError::Unreadable));
+        assert_eq!(parse_format_file(&[0xff, 0xfe]), Err(FormatFileError::Unreadable));
     }
 }

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use crate::limits::BLOCK_SIZE;
-use crate::storage::format::{encode_record, record_len, HintBuilder, HintStream, Kind};
+use crate::storage::format::{encode_record, record_len, HintBuilder, HintStream, Kind, Seed};
 use crate::storage::index::Loc;
 
 /// A log position: (segment id, byte offset). Ordered like the log.
@@ -124,6 +124,8 @@ impl Appended {
 #[derive(Debug)]
 pub struct LogWriter {
     segment_size: u64,
+    /// The shard's checksum seed: every record is encoded here.
+    seed: Seed,
     next_seq: u64,
     next_seg: u32,
     /// Front: oldest chunk with unwritten bytes; back: the active segment.
@@ -134,11 +136,11 @@ pub struct LogWriter {
 impl LogWriter {
     /// A writer whose first segment is `first_seg` (empty, not yet created)
     /// and whose first record gets `next_seq`.
-    pub fn new(segment_size: u64, first_seg: u32, next_seq: u64) -> LogWriter {
+    pub fn new(segment_size: u64, seed: Seed, first_seg: u32, next_seq: u64) -> LogWriter {
         assert!(segment_size.is_multiple_of(BLOCK_SIZE as u64));
         let mut chunks = VecDeque::new();
         chunks.push_back(Chunk::new(first_seg));
-        LogWriter { segment_size, next_seq, next_seg: first_seg + 1, chunks, written: (first_seg, 0) }
+        LogWriter { segment_size, seed, next_seq, next_seg: first_seg + 1, chunks, written: (first_seg, 0) }
     }
 
     /// Lowest segment id that still has bytes in memory: segments below it
@@ -198,7 +200,7 @@ impl LogWriter {
         }
         let back = self.chunks.back_mut().expect("always an active chunk");
         let off = back.end();
-        let n = encode_record(&mut back.bytes, seq, ts, kind, key, meta, value) as u64;
+        let n = encode_record(&mut back.bytes, self.seed, seq, ts, kind, key, meta, value) as u64;
         debug_assert_eq!(n, len);
         let tombstone = kind == Kind::Tombstone;
         back.hint.push(off as u32, len as u32, tombstone, key, seq);
@@ -268,6 +270,8 @@ mod tests {
     use super::*;
     use crate::storage::format::decode_record;
 
+    const SEED: Seed = Seed(0x5eed);
+
     fn put(w: &mut LogWriter, key: &str, val_len: usize) -> Appended {
         w.append(1, Kind::Value, key.as_bytes(), b"", &vec![b'v'; val_len])
     }
@@ -292,7 +296,7 @@ mod tests {
 
     #[test]
     fn flushes_rewrite_the_partial_block_and_keep_records_readable() {
-        let mut w = LogWriter::new(1 << 20, 1, 1);
+        let mut w = LogWriter::new(1 << 20, SEED, 1, 1);
         let mut files = Default::default();
         let mut locs = Vec::new();
         for i in 0..200 {
@@ -302,7 +306,7 @@ mod tests {
             }
             for a in &locs {
                 if let Some(b) = w.read_buffered(a.loc) {
-                    assert_eq!(decode_record(b).unwrap().seq, a.seq);
+                    assert_eq!(decode_record(b, SEED).unwrap().seq, a.seq);
                 }
             }
         }
@@ -310,7 +314,7 @@ mod tests {
         assert_eq!(w.pending_bytes(), 0);
         let f = &files[&1];
         for a in &locs {
-            let r = decode_record(&f[a.loc.off as usize..]).unwrap();
+            let r = decode_record(&f[a.loc.off as usize..], SEED).unwrap();
             assert_eq!(r.seq, a.seq);
         }
         assert_eq!(w.written(), w.appended());
@@ -318,7 +322,7 @@ mod tests {
 
     #[test]
     fn segments_seal_at_the_size_limit_and_flush_in_order() {
-        let mut w = LogWriter::new(8192, 1, 1);
+        let mut w = LogWriter::new(8192, SEED, 1, 1);
         let mut files = Default::default();
         let mut sealed = Vec::new();
         for i in 0..100 {
@@ -341,7 +345,7 @@ mod tests {
 
     #[test]
     fn plan_is_none_when_idle() {
-        let mut w = LogWriter::new(8192, 1, 1);
+        let mut w = LogWriter::new(8192, SEED, 1, 1);
         assert_eq!(w.plan_flush(), None);
         put(&mut w, "a", 1);
         let p = w.plan_flush().unwrap();

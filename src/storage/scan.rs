@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::storage::format::{decode_header, decode_record, DecodeError, RecordRef};
+use crate::storage::format::{decode_header, decode_record, DecodeError, RecordRef, Seed};
 
 /// A region of a segment that holds no valid record.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -30,10 +30,13 @@ pub struct ScanOutcome {
     pub corruptions: Vec<Corruption>,
 }
 
-/// Finds the next offset at or after `from` where a verified record starts.
-fn resync(data: &[u8], from: usize) -> Option<usize> {
+/// Finds the next offset at or after `from` where a record verified under
+/// the shard's `seed` starts. It looks inside the damaged record's value,
+/// which a client chose: only the seed keeps a record stored there from
+/// verifying (see `format`).
+fn resync(data: &[u8], from: usize, seed: Seed) -> Option<usize> {
     (from..data.len().saturating_sub(crate::storage::format::RECORD_HEADER_LEN - 1))
-        .find(|&at| decode_header(&data[at..]).is_ok() && decode_record(&data[at..]).is_ok())
+        .find(|&at| decode_header(&data[at..]).is_ok() && decode_record(&data[at..], seed).is_ok())
 }
 
 /// Bytes of a torn write in `tail`, what follows the last valid record of
@@ -55,9 +58,10 @@ pub fn scan_segment<'a>(
     seg: u32,
     data: &'a [u8],
     sealed: bool,
+    seed: Seed,
     mut visit: impl FnMut(u64, RecordRef<'a>),
 ) -> ScanOutcome {
-    let mut scan = SegmentScan::new(seg, data, sealed);
+    let mut scan = SegmentScan::new(seg, data, sealed, seed);
     while let Some((off, r)) = scan.next_record() {
         visit(off, r);
     }
@@ -71,13 +75,14 @@ pub struct SegmentScan<'a> {
     seg: u32,
     data: &'a [u8],
     sealed: bool,
+    seed: Seed,
     at: usize,
     out: ScanOutcome,
 }
 
 impl<'a> SegmentScan<'a> {
-    pub fn new(seg: u32, data: &'a [u8], sealed: bool) -> SegmentScan<'a> {
-        SegmentScan { seg, data, sealed, at: 0, out: ScanOutcome::default() }
+    pub fn new(seg: u32, data: &'a [u8], sealed: bool, seed: Seed) -> SegmentScan<'a> {
+        SegmentScan { seg, data, sealed, seed, at: 0, out: ScanOutcome::default() }
     }
 
     /// The next valid record and its offset; `None` at the end of the data
@@ -86,7 +91,7 @@ impl<'a> SegmentScan<'a> {
         let (seg, data) = (self.seg, self.data);
         while self.at < data.len() {
             let at = self.at;
-            let err = match decode_record(&data[at..]) {
+            let err = match decode_record(&data[at..], self.seed) {
                 Ok(r) => {
                     self.at += r.encoded_len();
                     self.out.valid_end = self.at as u64;
@@ -108,7 +113,7 @@ impl<'a> SegmentScan<'a> {
                 }
                 return None;
             }
-            match resync(data, at + 1) {
+            match resync(data, at + 1, self.seed) {
                 Some(next) => {
                     self.out.corruptions.push(Corruption {
                         seg,
@@ -183,19 +188,21 @@ mod tests {
     use super::*;
     use crate::storage::format::{encode_record, Kind};
 
+    const SEED: Seed = Seed(0x5eed_5eed);
+
     fn segment(n: usize) -> (Vec<u8>, Vec<u64>) {
         let mut v = Vec::new();
         let mut offs = Vec::new();
         for i in 0..n {
             offs.push(v.len() as u64);
-            encode_record(&mut v, i as u64, 0, Kind::Value, format!("k{i}").as_bytes(), b"", &[7u8; 50]);
+            encode_record(&mut v, SEED, i as u64, 0, Kind::Value, format!("k{i}").as_bytes(), b"", &[7u8; 50]);
         }
         (v, offs)
     }
 
     fn keys(seg: &[u8], sealed: bool) -> (Vec<u64>, ScanOutcome) {
         let mut seen = Vec::new();
-        let out = scan_segment(1, seg, sealed, |_, r| seen.push(r.seq));
+        let out = scan_segment(1, seg, sealed, SEED, |_, r| seen.push(r.seq));
         (seen, out)
     }
 
@@ -239,6 +246,43 @@ mod tests {
             assert_eq!(out.corruptions[0].off, offs[4]);
             assert_eq!(out.corruptions[0].len, offs[5] - offs[4]);
             assert_eq!(out.torn_tail, 0);
+        }
+    }
+
+    /// A client's value that holds a whole record (here, the bytes of a
+    /// format 1 record, seed 0, for a key of its choosing with a huge
+    /// sequence number) is not taken for a record when the record around
+    /// it is damaged and the scan resyncs through its value. The same
+    /// bytes under the shard's own seed would be: the seed is the guard.
+    #[test]
+    fn a_record_inside_a_damaged_value_is_not_adopted() {
+        for (inner_seed, adopted) in [(Seed::FORMAT_1, false), (Seed(1), false), (SEED, true)] {
+            let mut inner = Vec::new();
+            encode_record(&mut inner, inner_seed, u64::MAX / 2, 0, Kind::Value, b"victim", b"forged", b"!");
+            let mut s = Vec::new();
+            encode_record(&mut s, SEED, 1, 0, Kind::Value, b"a", b"", b"x");
+            let outer = s.len();
+            let mut value = vec![9u8; 40];
+            value.extend_from_slice(&inner);
+            value.extend_from_slice(&[9u8; 40]);
+            encode_record(&mut s, SEED, 2, 0, Kind::Value, b"b", b"", &value);
+            let after = s.len();
+            encode_record(&mut s, SEED, 3, 0, Kind::Value, b"c", b"", b"y");
+            s[outer + 40] ^= 0x01; // a flipped bit in the outer record's key
+            for sealed in [true, false] {
+                let mut found = Vec::new();
+                let out = scan_segment(1, &s, sealed, SEED, |_, r| found.push((r.seq, r.key.to_vec())));
+                let forged = found.iter().any(|(_, k)| k == b"victim");
+                assert_eq!(forged, adopted, "{inner_seed:?}: {found:?}");
+                assert!(found.contains(&(3, b"c".to_vec())) && found.contains(&(1, b"a".to_vec())));
+                if !adopted {
+                    assert_eq!(out.corruptions.len(), 1);
+                    assert_eq!(
+                        (out.corruptions[0].off, out.corruptions[0].len),
+                        (outer as u64, (after - outer) as u64)
+                    );
+                }
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use gyre::core::partition::DEFAULT_PARTITIONS;
-use gyre::storage::format::{decode_hint, parse_file_name, FileKind, Kind};
+use gyre::storage::format::{decode_hint, parse_file_name, parse_format_file, FileKind, Kind, FORMAT_FILE};
 use gyre::storage::scan::scan_segment;
 use memmap2::Mmap;
 use partition_sim::{Dist, Figure6Params, Figure8Params};
@@ -188,10 +188,15 @@ fn main() -> anyhow::Result<()> {
             let Some(FileKind::Segment(id)) = file_id(&file) else {
                 bail!("{} is not a segment file name", file.display())
             };
+            // Records verify only under their directory's seed.
+            let format = file.with_file_name(FORMAT_FILE);
+            let text = std::fs::read(&format).with_context(|| format!("reading {}", format.display()))?;
+            let seed =
+                parse_format_file(&text).map_err(|e| anyhow::anyhow!("{}: storage format {e}", format.display()))?;
             let data = map(&file)?;
             let bytes = data.as_deref().unwrap_or(&[]);
             let mut n = 0;
-            let out = scan_segment(id, bytes, !active, |off, r| {
+            let out = scan_segment(id, bytes, !active, seed, |off, r| {
                 n += 1;
                 let kind = if r.kind == Kind::Tombstone { "tombstone" } else { "value" };
                 println!(
