@@ -1152,8 +1152,8 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
             Err(FormatFileError::Version(v)) => {
                 bail!("storage format {v}: this build reads formats 1 to {STORAGE_FORMAT_VERSION} and refuses it")
             }
-            Err(FormatFileError::Unreadable) => {
-                bail!("{} is unreadable: a start refuses this directory", path.display())
+            Err(e @ (FormatFileError::Unreadable | FormatFileError::Damaged)) => {
+                bail!("{} is {e}: a start refuses this directory", path.display())
             }
         }
     } else if !segs.is_empty() {

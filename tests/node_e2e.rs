@@ -1077,6 +1077,46 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     assert!(!ok && (out.contains(missing) || err.contains(missing)), "{err}\n{out}");
 }
 
+/// A format file whose record seed is damaged is refused, by a start and
+/// by `gyre check`, and nothing is changed: with a wrong seed no record
+/// would verify, and recovery would cut the last segment as torn.
+#[test]
+fn a_damaged_record_seed_is_refused_and_nothing_is_lost() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..20 {
+        c.put(format!("k{i}").as_bytes(), b"value", &Context::default()).unwrap();
+    }
+    assert!(node.terminate().success());
+    let format = dir.path().join("shard-000").join(gyre::storage::format::FORMAT_FILE);
+    let good = std::fs::read(&format).unwrap();
+    let at = good.windows(14).position(|w| w == b"record seed 0x").unwrap() + 14 + 15;
+    let mut bad = good.clone();
+    bad[at] = if bad[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&format, &bad).unwrap();
+    let before = snapshot(dir.path());
+    let (ok, out, err) = cli(&["check", "--data-dir", dir.path().to_str().unwrap(), "--repair"]);
+    assert!(!ok && format!("{out}{err}").contains("damaged"), "{err}\n{out}");
+    assert_eq!(snapshot(dir.path()), before, "a refused check changed the directory");
+    let err = Node::try_start(dir.path(), &[]).err().expect("a damaged seed must refuse");
+    assert!(err.contains("damaged"), "{err}");
+    // A start takes the node's lock and marks the run begun (no CLEAN),
+    // but touches no file of the shard's data.
+    let data = |snap: Vec<(std::path::PathBuf, u64, std::time::SystemTime)>| {
+        let data_file = |p: &std::path::Path| p.to_string_lossy().contains("seg-") || p.ends_with("GYRE_FORMAT");
+        snap.into_iter().filter(|(p, ..)| data_file(p)).collect::<Vec<_>>()
+    };
+    assert_eq!(data(snapshot(dir.path())), data(before), "a refused start changed the shard's data");
+    std::fs::write(&format, &good).unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..20 {
+        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![b"value".to_vec()], "k{i}");
+    }
+    assert!(node.terminate().success());
+}
+
 /// Recovery that loses records (here a damaged one) after a clean stop
 /// also gives the node a new actor: the lost record's dot may live on in
 /// replicas, and the key's next write must not make it again.

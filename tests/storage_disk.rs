@@ -236,6 +236,40 @@ fn never_policy_writes_through_the_ticker() {
     });
 }
 
+/// Under `interval` and `never`, a buffer past the flush threshold is
+/// written by the shell's flusher task at once, not by the writer that
+/// filled it (which is acknowledged without waiting) and not only at the
+/// next tick (a minute away here).
+#[test]
+fn the_flusher_writes_a_full_buffer_without_a_writer_waiting() {
+    use futures_lite::future::poll_once;
+    in_fresh_dir(|path| async move {
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Interval(60_000),
+            flush_threshold: 16 * 1024,
+            preallocate: false,
+            ..small_config()
+        };
+        let (engine, _) = open_shard(&path, config).await.unwrap();
+        let stop = gyre::shell::Stop::default();
+        gyre::shell::spawn_background(&engine, &stop, Duration::from_secs(3600));
+        let value = [5u8; 500];
+        for i in 0..40u32 {
+            let put = poll_once(Box::pin(engine.put(format!("f{i}").as_bytes(), b"", &value, 0))).await;
+            put.expect("a put below the backlog limit does not wait").unwrap();
+        }
+        assert_eq!(engine.stats().flushes, 0, "nothing written before the flusher ran");
+        let mut waited_ms = 0;
+        while engine.stats().flushes == 0 && waited_ms < 2_000 {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            waited_ms += 5;
+        }
+        assert!(engine.stats().flushes >= 1, "the flusher wrote nothing in {waited_ms} ms");
+        assert!(engine.stats().bytes_written >= 16 * 1024, "{:?}", engine.stats());
+        stop.stop().await;
+    });
+}
+
 /// Regression: a flush cancelled while its write is in flight (as
 /// `shell::Stop::stop` cancels the durability ticker at shutdown) left the
 /// group-commit leader flag set, and every later flush, sync or close

@@ -21,7 +21,11 @@
 //! that needs its bytes on disk and finds no flush in progress becomes the
 //! leader, writes everything buffered in one aligned write (plus one
 //! fdatasync), and wakes the others; the ones still not covered elect the
-//! next leader. Any single-threaded executor can drive it.
+//! next leader. Any single-threaded executor can drive it. Under `never`
+//! and `interval`, a buffer past the flush threshold is written by
+//! whoever answers [`Engine::flush_wanted`] (the shell's flusher task);
+//! without one, nothing is written until `FLUSH_BACKLOG_THRESHOLDS` are
+//! buffered (or a tick), and then the writer that finds it so leads.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -447,15 +451,16 @@ impl<B: Backend> Engine<B> {
                     hints.insert(id);
                 }
                 None if name == SPARE_SEGMENT => spare_found = true,
-                None if name.ends_with(".tmp") => {
-                    backend.remove(name).await.map_err(io_err("removing a temporary file"))?;
-                }
                 None => {}
             }
         }
+        // Refused before anything in the directory is touched.
         let seed = check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
         if let Some(e) = orphan_hint(&segs, &hints) {
             return Err(e);
+        }
+        for name in names.iter().filter(|n| n.ends_with(".tmp")) {
+            backend.remove(name).await.map_err(io_err("removing a temporary file"))?;
         }
 
         let mut report = RecoveryReport { segments: segs.len(), ..Default::default() };
@@ -1438,7 +1443,8 @@ async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read
 
 /// Checks (or, in a new directory, writes) the storage format file, and
 /// returns the seed of the directory's record checksums (a new directory's
-/// is drawn at random: it must be one no client can know).
+/// is drawn from the operating system's randomness: it must be one no
+/// client can know or guess).
 async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool) -> Result<Seed, StorageError> {
     if !exists {
         if has_segments {
@@ -1447,7 +1453,12 @@ async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool)
                 expected: STORAGE_FORMAT_VERSION,
             });
         }
-        let seed = Seed(fastrand::u64(1..));
+        // From the operating system: `fastrand`'s generator is seeded from
+        // the clock and the thread id, which a client could guess.
+        let mut bytes = [0u8; 8];
+        getrandom::getrandom(&mut bytes)
+            .map_err(|e| io_err("drawing the record seed")(io::Error::other(e.to_string())))?;
+        let seed = Seed(u64::from_le_bytes(bytes).max(1));
         backend
             .write_file(FORMAT_FILE, &format_file_contents(seed))
             .await

@@ -576,10 +576,15 @@ pub const STORAGE_FORMAT_VERSION: u32 = 2;
 /// ```text
 /// gyre storage format 2
 /// record seed 0x0123456789abcdef
+/// check 0x<xxh3_64 of the two lines above, their newlines included>
 /// (newlines up to 4096 bytes)
 /// ```
+///
+/// The check line guards the seed: with a wrong seed no record verifies,
+/// and recovery would take the last segment for a torn write and cut it.
 pub fn format_file_contents(seed: Seed) -> Vec<u8> {
-    let mut v = format!("gyre storage format {STORAGE_FORMAT_VERSION}\nrecord seed {:#018x}\n", seed.0).into_bytes();
+    let head = format!("gyre storage format {STORAGE_FORMAT_VERSION}\nrecord seed {:#018x}\n", seed.0);
+    let mut v = format!("{head}check {:#018x}\n", xxh3_64(head.as_bytes())).into_bytes();
     v.resize(crate::limits::BLOCK_SIZE, b'\n');
     v
 }
@@ -589,6 +594,10 @@ pub fn format_file_contents(seed: Seed) -> Vec<u8> {
 pub enum FormatFileError {
     #[error("unreadable")]
     Unreadable,
+    /// Its check line does not match the lines it covers: the seed cannot
+    /// be trusted, and a wrong one would make every record look damaged.
+    #[error("damaged (its check line does not match its record seed)")]
+    Damaged,
     #[error("{0}")]
     Version(u32),
 }
@@ -597,20 +606,28 @@ pub enum FormatFileError {
 /// why this build refuses the directory.
 pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
     let text = std::str::from_utf8(buf).map_err(|_| FormatFileError::Unreadable)?;
-    let mut lines = text.lines();
-    let version = lines
-        .next()
-        .and_then(|l| l.strip_prefix("gyre storage format "))
+    let mut lines = text.split_inclusive('\n');
+    let first = lines.next().ok_or(FormatFileError::Unreadable)?;
+    let version = first
+        .strip_prefix("gyre storage format ")
         .and_then(|v| v.trim().parse().ok())
         .ok_or(FormatFileError::Unreadable)?;
+    let hex = |line: Option<&str>, prefix: &str| {
+        let digits = line.and_then(|l| l.strip_prefix(prefix))?.strip_suffix('\n')?;
+        (digits.len() == 16).then(|| u64::from_str_radix(digits, 16).ok()).flatten()
+    };
     match version {
         1 => Ok(Seed::FORMAT_1),
-        2 => lines
-            .next()
-            .and_then(|l| l.strip_prefix("record seed 0x"))
-            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-            .map(Seed)
-            .ok_or(FormatFileError::Unreadable),
+        2 => {
+            let second = lines.next();
+            let seed = hex(second, "record seed 0x").ok_or(FormatFileError::Unreadable)?;
+            let check = hex(lines.next(), "check 0x").ok_or(FormatFileError::Unreadable)?;
+            let head = [first, second.unwrap_or_default()].concat();
+            if xxh3_64(head.as_bytes()) != check {
+                return Err(FormatFileError::Damaged);
+            }
+            Ok(Seed(seed))
+        }
         v => Err(FormatFileError::Version(v)),
     }
 }
@@ -788,20 +805,32 @@ mod tests {
         assert_eq!(parse_file_name("seg-00000012.hint.tmp"), None);
     }
 
-    /// The format file: format 2 carries its seed; format 1 means seed 0;
-    /// another version, or a format 2 file without a seed, is refused.
+    /// The format file: format 2 carries its seed and a check of it;
+    /// format 1 means seed 0; another version, a format 2 file without a
+    /// seed, or one whose check does not match, is refused.
     #[test]
     fn format_files() {
         let file = format_file_contents(SEED);
         assert_eq!(file.len(), crate::limits::BLOCK_SIZE);
-        assert!(file.starts_with(b"gyre storage format 2\nrecord seed 0x0123456789abcdef\n"));
+        let head = b"gyre storage format 2\nrecord seed 0x0123456789abcdef\n";
+        assert!(file.starts_with(head));
+        let check = format!("check {:#018x}\n", xxh3_64(head));
+        assert!(file[head.len()..].starts_with(check.as_bytes()));
         assert_eq!(parse_format_file(&file), Ok(SEED));
         assert_eq!(parse_format_file(&format_file_contents(Seed(u64::MAX))), Ok(Seed(u64::MAX)));
         assert_eq!(parse_format_file(b"gyre storage format 1\n\n\n"), Ok(Seed::FORMAT_1));
         assert_eq!(parse_format_file(b"gyre storage format 3\nrecord seed 0x1\n"), Err(FormatFileError::Version(3)));
         assert_eq!(parse_format_file(b"gyre storage format 2\n\n"), Err(FormatFileError::Unreadable));
-        assert_eq!(parse_format_file(b"gyre storage format 2\nrecord seed 0xzz\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(b"not gyre\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(&[0xff, 0xfe]), Err(FormatFileError::Unreadable));
+        // Any change to a digit of the seed or of the check is caught.
+        for at in head.len() - 17..head.len() + check.len() - 1 {
+            let mut bad = file.clone();
+            bad[at] = if bad[at] == b'0' { b'1' } else { b'0' };
+            assert!(parse_format_file(&bad).is_err(), "a change at byte {at} was accepted");
+        }
+        let mut no_check = head.to_vec();
+        no_check.resize(4096, b'\n');
+        assert_eq!(parse_format_file(&no_check), Err(FormatFileError::Unreadable));
     }
 }

@@ -41,6 +41,10 @@ enum Command {
         /// Treat the segment as the active one (a bad tail is a torn write).
         #[arg(long)]
         active: bool,
+        /// The shard's GYRE_FORMAT file, which holds the seed its records
+        /// verify under [default: the one beside the segment]
+        #[arg(long)]
+        format_file: Option<PathBuf>,
     },
     /// List the entries of a hint file (seg-NNNNNNNN.hint).
     DumpHint { file: PathBuf },
@@ -184,12 +188,12 @@ fn file_id(path: &std::path::Path) -> Option<FileKind> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::PartitionSim(args) => partition_sim(args)?,
-        Command::DumpSegment { file, active } => {
+        Command::DumpSegment { file, active, format_file } => {
             let Some(FileKind::Segment(id)) = file_id(&file) else {
                 bail!("{} is not a segment file name", file.display())
             };
             // Records verify only under their directory's seed.
-            let format = file.with_file_name(FORMAT_FILE);
+            let format = format_file.unwrap_or_else(|| file.with_file_name(FORMAT_FILE));
             let text = std::fs::read(&format).with_context(|| format!("reading {}", format.display()))?;
             let seed =
                 parse_format_file(&text).map_err(|e| anyhow::anyhow!("{}: storage format {e}", format.display()))?;
