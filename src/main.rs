@@ -421,6 +421,10 @@ struct NodeArgs {
     /// (Overloaded) [default: 10000].
     #[arg(long)]
     max_connections: Option<u64>,
+    /// Seconds a connection may be silent before TCP keepalive probes it;
+    /// dead clients are closed (0: off) [default: 300].
+    #[arg(long)]
+    tcp_keepalive: Option<u64>,
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
@@ -476,6 +480,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
+    config.tcp_keepalive = args.tcp_keepalive.unwrap_or(config.tcp_keepalive);
     config.pin &= !args.no_pin;
     config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
     config.cluster = args.cluster.or(config.cluster);

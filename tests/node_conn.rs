@@ -134,3 +134,54 @@ fn connections_past_the_limit_are_refused_with_a_reason_until_one_closes() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The kernel timer of the node's side of the loopback connection whose
+/// client end is `client` (`tr` of `/proc/net/tcp`: 2 is the keepalive
+/// timer on an idle established socket, 0 none), or `None` before the
+/// node has accepted it.
+fn node_side_timer(node_port: u16, client: &TcpStream) -> Option<u8> {
+    let client_port = client.local_addr().unwrap().port();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+        let established = fields.get(3) == Some(&"01");
+        (established && port(fields[1])? == node_port && port(fields[2])? == client_port)
+            .then(|| u8::from_str_radix(fields[5].split(':').next()?, 16).ok())
+            .flatten()
+    })
+}
+
+/// A node turns TCP keepalive on for the connections it accepts (300 s by
+/// default, Redis's `tcp-keepalive`), so that a client whose host died is
+/// closed rather than holding its connection for ever; `--tcp-keepalive 0`
+/// leaves it off. (A dead host cannot be made on loopback: the test sees
+/// the kernel's keepalive timer armed on the node's side of an idle
+/// connection, and not armed with it off.)
+#[test]
+fn accepted_connections_are_kept_alive_unless_turned_off() {
+    for (args, armed) in [(&[][..], true), (&["--tcp-keepalive", "0"][..], false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut all = vec!["--shards", "1"];
+        all.extend_from_slice(args);
+        let node = Node::start(dir.path(), &all);
+        let port: u16 = node.addr().rsplit(':').next().unwrap().parse().unwrap();
+        let mut client = TcpStream::connect(node.addr()).unwrap();
+        // A reply means the node has accepted the connection (and set its
+        // options): before that the kernel lists it untouched.
+        let mut ping = Vec::new();
+        Request::Ping.encode(&mut ping, 1, ANY_SHARD, 0);
+        client.write_all(&ping).unwrap();
+        let mut header = [0u8; HEADER_LEN];
+        client.read_exact(&mut header).unwrap();
+        let deadline = Instant::now() + NOTICE;
+        let timer = loop {
+            match node_side_timer(port, &client) {
+                Some(t) => break t,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                None => panic!("the node's side of the connection is not in /proc/net/tcp"),
+            }
+        };
+        assert_eq!(timer == 2, armed, "args {args:?}: timer {timer}");
+    }
+}

@@ -35,6 +35,12 @@ pub const NODE_FILE_VERSION: u32 = 2;
 /// does better to hear no at once than to wait on a node out of
 /// descriptors or memory. (A node raises its descriptor limit at start.)
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Seconds a connection may be silent before TCP keepalive probes it, by
+/// default: Redis's `tcp-keepalive` default. A dead client is closed about
+/// twice this after its last word (3 probes, a third of it apart).
+pub const DEFAULT_TCP_KEEPALIVE_S: u64 = 300;
+/// Largest keepalive idle time Linux takes (`TCP_KEEPIDLE`, `MAX_TCP_KEEPIDLE`).
+pub const MAX_TCP_KEEPALIVE_S: u64 = 32_767;
 /// Most shards a node runs (shard ids are a `u16` on the wire, and
 /// 0xFFFF means "any").
 pub const MAX_SHARDS: usize = 1024;
@@ -56,6 +62,9 @@ pub struct NodeConfig {
     /// Client connections each shard serves at once; the next is answered
     /// `Overloaded` and closed.
     pub max_connections: u64,
+    /// Seconds a client or peer connection may be silent before TCP
+    /// keepalive probes it (dead ones are closed); 0 turns it off.
+    pub tcp_keepalive: u64,
     /// Durability of acknowledged writes: "always", "interval(ms)", "never".
     pub fsync: FsyncPolicy,
     /// Per-shard storage settings. Its `fsync` and `max_value_len` are
@@ -84,6 +93,7 @@ impl Default for NodeConfig {
             shards: None,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tcp_keepalive: DEFAULT_TCP_KEEPALIVE_S,
             fsync: FsyncPolicy::Always,
             storage: EngineConfig::default(),
             pin: true,
@@ -111,6 +121,12 @@ impl NodeConfig {
         self.engine_config()?;
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        if self.tcp_keepalive > MAX_TCP_KEEPALIVE_S {
+            bail!(
+                "tcp_keepalive {} s is over Linux's limit of {MAX_TCP_KEEPALIVE_S} s (0 turns it off)",
+                self.tcp_keepalive
+            );
         }
         if let Some(shards) = self.shards {
             if !(1..=MAX_SHARDS).contains(&shards) {
@@ -490,6 +506,7 @@ mod tests {
             NodeConfig { shards: Some(MAX_SHARDS + 1), ..ok.clone() },
             NodeConfig { listen: "127.0.0.1:65535".parse().unwrap(), ..ok.clone() },
             NodeConfig { storage: EngineConfig { segment_size: 4097, ..Default::default() }, ..ok.clone() },
+            NodeConfig { tcp_keepalive: MAX_TCP_KEEPALIVE_S + 1, ..ok.clone() },
         ];
         for config in &bad {
             assert!(config.validate().is_err(), "{config:?}");

@@ -206,6 +206,7 @@ impl Socket {
             // SAFETY: accept4 returned a new fd that nothing else owns.
             let stream = unsafe { std::net::TcpStream::from_raw_fd(c as RawFd) };
             no_delay(&stream);
+            keep_alive(&stream, self.front.keepalive_s);
             Ok((stream.into(), false))
         })
         .await
@@ -233,6 +234,40 @@ fn no_delay(stream: &std::net::TcpStream) {
     }
 }
 
+/// Turns TCP keepalive on for a connection, as Redis's `tcp-keepalive`
+/// does: after `idle_s` seconds without traffic the kernel probes the
+/// other end every `idle_s / 3` seconds (at least 1), and closes the
+/// connection after 3 unanswered probes. A client whose host died or
+/// vanished behind a partition sends no FIN: without this its connection,
+/// its buffers and its slot under `max_connections` would be held for
+/// ever. `idle_s == 0` leaves keepalive off.
+pub(super) fn keep_alive(stream: &std::net::TcpStream, idle_s: u32) {
+    if idle_s == 0 {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: u32| {
+        let value = value as libc::c_int;
+        // SAFETY: plain system call on an open fd with a valid int option.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), name, "setting TCP keepalive failed");
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (idle_s / 3).max(1));
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
 impl Drop for Socket {
     fn drop(&mut self) {
         self.front.deregister(self.fd.as_raw_fd(), self.token);
@@ -250,10 +285,13 @@ pub(super) struct Front {
     stop: Notify,
     /// Sockets in the batch being delivered (the last `epoll_wait`'s count).
     round: Cell<usize>,
+    /// Seconds of silence after which TCP keepalive probes a connection
+    /// (0: none): see [`keep_alive`].
+    keepalive_s: u32,
 }
 
 impl Front {
-    pub(super) fn new() -> io::Result<Rc<Front>> {
+    pub(super) fn new(keepalive_s: u32) -> io::Result<Rc<Front>> {
         // SAFETY: plain system call; the fd is owned right after.
         let epfd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) } as isize)?;
         // SAFETY: epoll_create1 returned a new fd that nothing else owns.
@@ -266,6 +304,7 @@ impl Front {
             stopped: Cell::new(false),
             stop: Notify::default(),
             round: Cell::new(0),
+            keepalive_s,
         }))
     }
 
@@ -301,6 +340,7 @@ impl Front {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
         no_delay(&stream);
+        keep_alive(&stream, self.keepalive_s);
         self.register(stream.into())
     }
 

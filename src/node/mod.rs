@@ -580,6 +580,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             engine_config: engine_config.clone(),
             max_value_len: config.max_value_len,
             max_connections: config.max_connections,
+            tcp_keepalive_s: config.tcp_keepalive as u32,
             max_body,
             listener_fd: listener.into_raw_fd(),
             mesh: mesh.clone(),
@@ -704,6 +705,8 @@ struct ShardSetup {
     engine_config: crate::storage::EngineConfig,
     max_value_len: usize,
     max_connections: u64,
+    /// TCP keepalive idle seconds of client and peer connections (0: off).
+    tcp_keepalive_s: u32,
     max_body: usize,
     listener_fd: std::os::fd::RawFd,
     mesh: MeshBuilder<Cross, glommio::channels::channel_mesh::Full>,
@@ -744,7 +747,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // SAFETY: the fd came from a std listener this thread now owns alone.
     let listener = unsafe { std::net::TcpListener::from_raw_fd(s.listener_fd) };
     listener.set_nonblocking(true).context("making the listener non-blocking")?;
-    let front = front::Front::new().context("creating the shard's epoll instance")?;
+    let front = front::Front::new(s.tcp_keepalive_s).context("creating the shard's epoll instance")?;
     let listener = front.register(listener.into()).context("registering the listener")?;
     let drained = DrainedGuard(s.drained.clone());
     // Join the mesh first: every shard must join or the others wait forever.
