@@ -128,6 +128,18 @@ impl GlommioBackend {
         probe.close().await.map_err(io::Error::from)?;
         Ok(GlommioBackend { dir, _lock: lock })
     }
+
+    async fn open_with(&self, name: &str, create: bool, flags: i32) -> io::Result<Rc<DmaFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .custom_flags(flags)
+            .dma_open(self.dir.join(name))
+            .await
+            .map_err(io::Error::from)?;
+        Ok(Rc::new(f))
+    }
 }
 
 /// The size of an open file, from its descriptor (`fstat`): right whatever
@@ -174,14 +186,14 @@ impl Backend for GlommioBackend {
     }
 
     async fn open(&self, name: &str, create: bool) -> io::Result<Rc<DmaFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .dma_open(self.dir.join(name))
-            .await
-            .map_err(io::Error::from)?;
-        Ok(Rc::new(f))
+        self.open_with(name, create, 0).await
+    }
+
+    /// `O_DSYNC` with `O_DIRECT`: ext4 completes such a write only after
+    /// a cache flush of the device (or with FUA where the device has it),
+    /// in the kernel, as one request: no fdatasync to submit and wait for.
+    async fn open_synced(&self, name: &str, create: bool) -> io::Result<Rc<DmaFile>> {
+        self.open_with(name, create, libc::O_DSYNC).await
     }
 
     async fn preallocate(&self, file: &Rc<DmaFile>, size: u64) -> io::Result<()> {

@@ -5,9 +5,11 @@
 //! or, with tearing, keeps a random prefix of the unsynced writes in order
 //! with the last one cut mid-way and filled with garbage, as a power cut
 //! during a multi-block write can. Faults can be injected into writes and
-//! syncs. Invariant: `durable` only changes on `sync` (and on the metadata
-//! operations, which are modelled as durable at once; the engine syncs the
-//! directory after them anyway).
+//! syncs. Invariant: `durable` only changes on `sync`, on a write through a
+//! handle from `open_synced` (O_DSYNC: that write, and the ones before
+//! it, are durable once it returns), and on the metadata operations
+//! (modelled as durable at once; the engine syncs the directory after them
+//! anyway).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -54,9 +56,10 @@ impl WriteBuf for MemBuf {
     }
 }
 
-/// An open in-memory file.
+/// An open in-memory file; `.1`: opened with `open_synced`, so that its
+/// writes are durable as they are made.
 #[derive(Clone)]
-pub struct MemHandle(Rc<RefCell<MemFile>>);
+pub struct MemHandle(Rc<RefCell<MemFile>>, bool);
 
 fn not_found(name: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
@@ -148,6 +151,20 @@ impl MemBackend {
         self.fs.borrow().files.iter().map(|(n, f)| (n.clone(), f.borrow().data.len())).collect()
     }
 
+    fn open_with(&self, name: &str, create: bool, synced: bool) -> io::Result<MemHandle> {
+        let mut fs = self.fs.borrow_mut();
+        if let Some(f) = fs.files.get(name) {
+            return Ok(MemHandle(f.clone(), synced));
+        }
+        if !create {
+            return Err(not_found(name));
+        }
+        self.space()?;
+        let f = Rc::new(RefCell::new(MemFile::default()));
+        fs.files.insert(name.to_string(), f.clone());
+        Ok(MemHandle(f, synced))
+    }
+
     fn io_error(what: &str) -> io::Error {
         io::Error::other(format!("injected {what} failure"))
     }
@@ -185,17 +202,11 @@ impl Backend for MemBackend {
     }
 
     async fn open(&self, name: &str, create: bool) -> io::Result<MemHandle> {
-        let mut fs = self.fs.borrow_mut();
-        if let Some(f) = fs.files.get(name) {
-            return Ok(MemHandle(f.clone()));
-        }
-        if !create {
-            return Err(not_found(name));
-        }
-        self.space()?;
-        let f = Rc::new(RefCell::new(MemFile::default()));
-        fs.files.insert(name.to_string(), f.clone());
-        Ok(MemHandle(f))
+        self.open_with(name, create, false)
+    }
+
+    async fn open_synced(&self, name: &str, create: bool) -> io::Result<MemHandle> {
+        self.open_with(name, create, true)
     }
 
     async fn preallocate(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
@@ -240,6 +251,17 @@ impl Backend for MemBackend {
         }
         f.data[off as usize..end].copy_from_slice(&buf.0);
         f.pending.push((off, buf.0));
+        if file.1 {
+            // O_DSYNC: durable before it returns, or it fails (then it may
+            // or may not survive a crash). As on Linux over a device
+            // without FUA, the cache flush that makes it durable makes
+            // every write before it durable too.
+            if self.fail_syncs.get() {
+                return Err(Self::io_error("synced write"));
+            }
+            f.durable = f.data.clone();
+            f.pending.clear();
+        }
         Ok(())
     }
 

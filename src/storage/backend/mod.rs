@@ -35,6 +35,11 @@ pub trait Backend {
     async fn list(&self) -> io::Result<Vec<String>>;
     /// Opens a file for reading and writing, creating it if asked.
     async fn open(&self, name: &str, create: bool) -> io::Result<Self::File>;
+    /// [`Self::open`], with every write through this handle durable once
+    /// it returns `Ok` (`O_DSYNC`): its data, and the metadata needed to
+    /// read it back, need no [`Self::sync`] after it. A write that could
+    /// not be made durable fails. Other handles of the file are unchanged.
+    async fn open_synced(&self, name: &str, create: bool) -> io::Result<Self::File>;
     /// Reserves `size` bytes for the file so appends do not allocate.
     async fn preallocate(&self, file: &Self::File, size: u64) -> io::Result<()>;
     /// Makes the first `size` bytes of `file` written zeros, synced, so
