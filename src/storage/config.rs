@@ -18,8 +18,8 @@ use crate::storage::format::record_len;
 /// When a write is acknowledged relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
-    /// After the write and an fdatasync covering it (group commit batches
-    /// concurrent writers into one write and one fdatasync).
+    /// Once durable: segments are opened `O_DSYNC`, and group commit
+    /// batches concurrent writers into one synced write.
     Always,
     /// At once; the log is written and fdatasynced every so many
     /// milliseconds, so a power cut loses at most that much.

@@ -5,7 +5,8 @@
 //! counters, behind one `RefCell` (a shard is one thread; no borrow is held
 //! across an `.await`). Invariants:
 //! - a write is acknowledged only when its durability policy is met: under
-//!   `always`, once an fdatasync covering its bytes returned `Ok`;
+//!   `always`, once a synced write (`O_DSYNC`) or an fdatasync covering its
+//!   bytes returned `Ok`;
 //! - after any write or sync error the engine is *failed*: every later write
 //!   is refused with that error and nothing more is acknowledged; the one
 //!   exception is a disk out of space before any sync failed
@@ -272,6 +273,9 @@ pub struct EngineStats {
     /// Aligned writes issued (one per group-commit batch).
     pub flushes: u64,
     pub fdatasyncs: u64,
+    /// Writes durable as they were made (`always`: segments opened with
+    /// `O_DSYNC`); each is a group commit with no fdatasync.
+    pub synced_writes: u64,
     pub bytes_written: u64,
     pub segments_sealed: u64,
     pub segments_compacted: u64,
@@ -581,7 +585,7 @@ impl<B: Backend> Engine<B> {
     /// Makes a spare segment ready if there is none: a segment-sized file
     /// of zeros, written and synced ([`Backend::zero_fill`]), that the
     /// next segment takes by a rename. Appends into written blocks change
-    /// no file metadata, so the fdatasync of a durable write has no
+    /// no file metadata, so the sync of a durable write has no
     /// journal commit to wait for (a segment created when needed, with
     /// its size or blocks still to be set, makes every sync commit one:
     /// perf/RESULTS.md, eighth session). The cost: each segment's blocks
@@ -873,15 +877,18 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Writes the log up to `target` (sealing full segments on the way)
-    /// and, if `sync`, fdatasyncs the last segment written.
+    /// and, if `sync`, makes it durable: under `always` its writes are
+    /// synced as they are made (it stops at `target`, as a buffered flush
+    /// does); otherwise it fdatasyncs the last segment written.
     ///
     /// Without `sync` it stops at `target`, not when the buffer is empty:
     /// appends arriving while a write is in flight are the next flush's.
     /// Draining there kept a leader writing back to back under steady
     /// load, a few kilobytes per write (what arrived during the last one),
     /// each paying a submission and rewriting the partial block before it.
-    /// With `sync` it drains: one more write is cheap next to the
-    /// fdatasync that then covers every writer waiting (group commit).
+    /// With `sync` and plain writes (`interval`) it drains: one more write
+    /// is cheap next to the fdatasync that then covers every writer
+    /// waiting (group commit).
     async fn flush_as_leader(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
         let backend = &self.inner.backend;
         let synced_writes = self.synced_writes();
@@ -955,6 +962,9 @@ impl<B: Backend> Engine<B> {
             st.stats.bytes_written += plan.write_len() as u64;
             if plan.seal {
                 st.stats.fdatasyncs += 1;
+            }
+            if synced_writes {
+                st.stats.synced_writes += 1;
             }
             if plan.seal || synced_writes {
                 st.synced = st.synced.max(plan.written_to());
