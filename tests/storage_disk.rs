@@ -270,6 +270,54 @@ fn the_flusher_writes_a_full_buffer_without_a_writer_waiting() {
     });
 }
 
+/// The open flags (`/proc/self/fdinfo`) of this process's descriptors of
+/// segment files under `dir`.
+fn segment_fd_flags(dir: &std::path::Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let is_segment = target.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".log"));
+        if target.starts_with(dir) && is_segment {
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", entry.file_name().to_str().unwrap()));
+            let flags = info.ok().and_then(|i| {
+                let line = i.lines().find(|l| l.starts_with("flags:"))?.to_string();
+                u32::from_str_radix(line.trim_start_matches("flags:").trim(), 8).ok()
+            });
+            out.extend(flags);
+        }
+    }
+    out
+}
+
+/// Under `always` the segments the engine writes are opened O_DSYNC (a
+/// group commit is one synced write), the one made from the spare
+/// included; under `interval` they are not (its ticks fdatasync).
+#[test]
+fn segments_are_opened_o_dsync_under_always_only() {
+    for (fsync, dsync) in [(FsyncPolicy::Always, true), (FsyncPolicy::Interval(60_000), false)] {
+        let (flags, reopened) = in_fresh_dir(move |path| async move {
+            let config = EngineConfig { fsync, ..small_config() };
+            let (engine, _) = open_shard(&path, config.clone()).await.unwrap();
+            // Under `always` the first segment comes from the spare.
+            engine.prepare_spare().await.unwrap();
+            engine.put(b"k", b"", b"v", 0).await.unwrap();
+            engine.sync().await.unwrap();
+            let flags = segment_fd_flags(&path);
+            engine.close().await.unwrap();
+            drop(engine);
+            let (engine, _) = open_shard(&path, config).await.unwrap();
+            let reopened = segment_fd_flags(&path);
+            drop(engine);
+            (flags, reopened)
+        });
+        assert!(!flags.is_empty() && !reopened.is_empty(), "{fsync:?}: no segment open");
+        for f in flags.iter().chain(&reopened) {
+            assert_eq!(f & libc::O_DSYNC as u32 != 0, dsync, "{fsync:?}: flags {f:o}");
+            assert!(f & libc::O_DIRECT as u32 != 0, "{fsync:?}: flags {f:o}");
+        }
+    }
+}
+
 /// Regression: a flush cancelled while its write is in flight (as
 /// `shell::Stop::stop` cancels the durability ticker at shutdown) left the
 /// group-commit leader flag set, and every later flush, sync or close

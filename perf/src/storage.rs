@@ -207,8 +207,13 @@ async fn bench(args: StorageArgs, config: EngineConfig) -> anyhow::Result<Output
     stop.stop().await;
     let stats = engine.stats();
     let writes = (stats.puts + stats.deletes).saturating_sub(loaded.puts + loaded.deletes);
-    // Under `always` a group commit is one synced write, not an fdatasync.
-    let syncs = (stats.fdatasyncs + stats.synced_writes).saturating_sub(loaded.fdatasyncs + loaded.synced_writes);
+    // Under `always` a group commit is one synced write, not an fdatasync
+    // (its fdatasyncs are only the seals, whose writes count already).
+    let synced_writes = stats.synced_writes.saturating_sub(loaded.synced_writes);
+    let syncs = match synced_writes {
+        0 => stats.fdatasyncs.saturating_sub(loaded.fdatasyncs),
+        n => n,
+    };
     if syncs > 0 {
         out.records_per_fdatasync = writes as f64 / syncs as f64;
     }

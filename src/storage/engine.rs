@@ -20,8 +20,9 @@
 //!
 //! Group commit is leader/follower and needs no background task: a writer
 //! that needs its bytes on disk and finds no flush in progress becomes the
-//! leader, writes everything buffered in one aligned write (plus one
-//! fdatasync), and wakes the others; the ones still not covered elect the
+//! leader, writes everything buffered in one aligned write (synced as it
+//! is made under `always`; followed by one fdatasync under `interval`'s
+//! ticks), and wakes the others; the ones still not covered elect the
 //! next leader. Any single-threaded executor can drive it. Under `never`
 //! and `interval`, a buffer past the flush threshold is written by
 //! whoever answers [`Engine::flush_wanted`] (the shell's flusher task);
@@ -112,7 +113,11 @@ pub fn orphan_hint(segs: &BTreeSet<u32>, hints: &BTreeSet<u32>) -> Option<Storag
 /// The flush steps that make written bytes durable. A failure there is
 /// never retried: after a failed fdatasync the kernel may have dropped
 /// what it could not write, and a second fdatasync can then succeed
-/// with the data gone.
+/// with the data gone. (Under `always` "writing the log" is itself a
+/// sync step, O_DSYNC. Its lack of space is still retried: it is refused
+/// before it reaches the device, and with O_DIRECT there is no page
+/// cache to lose; the retry sends every byte not yet acknowledged again,
+/// with a fresh device flush. Its other errors fail the engine.)
 const SYNC_OPS: [&str; 3] = ["syncing the directory", "syncing a sealed segment", "fdatasync of the log"];
 
 impl StorageError {
@@ -326,7 +331,8 @@ struct State<F> {
     preparing_spare: bool,
     /// A leader is writing; others wait for `Notify`.
     flushing: bool,
-    /// Everything before this position is written and fdatasynced.
+    /// Everything before this position is written and durable (synced
+    /// writes under `always`, an fdatasync otherwise).
     synced: Pos,
     /// Set by the first write or sync error; refuses all later writes.
     failed: Option<String>,
@@ -1016,13 +1022,14 @@ impl<B: Backend> Engine<B> {
         self.inner.config.fsync == FsyncPolicy::Always
     }
 
-    /// Writes everything appended so far to the log files (no fdatasync).
+    /// Writes everything appended so far to the log files (no fdatasync;
+    /// under `always` the writes are synced as they are made anyway).
     pub async fn flush(&self) -> Result<(), StorageError> {
         let target = self.inner.st.borrow().writer.appended();
         self.wait_until(target, false).await
     }
 
-    /// Writes and fdatasyncs everything appended so far.
+    /// Writes everything appended so far and makes it durable.
     pub async fn sync(&self) -> Result<(), StorageError> {
         let target = self.inner.st.borrow().writer.appended();
         self.wait_until(target, true).await

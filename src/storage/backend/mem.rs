@@ -6,8 +6,9 @@
 //! with the last one cut mid-way and filled with garbage, as a power cut
 //! during a multi-block write can. Faults can be injected into writes and
 //! syncs. Invariant: `durable` only changes on `sync`, on a write through a
-//! handle from `open_synced` (O_DSYNC: that write, and the ones before
-//! it, are durable once it returns), and on the metadata operations
+//! handle from `open_synced` when it returns (O_DSYNC: that write alone;
+//! until then it is in flight, and a crash may keep or tear it), and on
+//! the metadata operations
 //! (modelled as durable at once; the engine syncs the directory after them
 //! anyway).
 
@@ -23,8 +24,22 @@ use crate::limits::BLOCK_SIZE;
 struct MemFile {
     data: Vec<u8>,
     durable: Vec<u8>,
-    /// Writes since the last sync, in order.
+    /// Writes since the last sync, in order, and synced writes still in
+    /// flight: a crash may keep or tear them.
     pending: Vec<(u64, Vec<u8>)>,
+    /// A write through a plain handle is among `pending`.
+    plain_pending: bool,
+}
+
+impl MemFile {
+    /// What a write shows to reads at once, durable or not.
+    fn apply(&mut self, off: u64, bytes: &[u8]) {
+        let end = off as usize + bytes.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        self.data[off as usize..end].copy_from_slice(bytes);
+    }
 }
 
 #[derive(Default)]
@@ -128,6 +143,7 @@ impl MemBackend {
             f.data = image.clone();
             f.durable = image;
             f.pending.clear();
+            f.plain_pending = false;
         }
     }
 
@@ -149,6 +165,42 @@ impl MemBackend {
     /// Names and sizes of all files (tests).
     pub fn files(&self) -> Vec<(String, usize)> {
         self.fs.borrow().files.iter().map(|(n, f)| (n.clone(), f.borrow().data.len())).collect()
+    }
+
+    /// A write through an `open_synced` handle (O_DSYNC): in flight from
+    /// the moment it is issued, so a crash while it is held back may keep
+    /// or tear it; durable once it returns `Ok`, and only it, as with a
+    /// FUA write (nothing written before it through a plain handle
+    /// becomes durable with it; the engine never mixes the two on one
+    /// file, and this asserts so). Refused by the gate (an I/O error, no
+    /// space), it never reached the device; failed in its flush, it may
+    /// or may not survive, until a later write completes over it.
+    async fn synced_write(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
+        {
+            let mut f = file.0.borrow_mut();
+            assert!(!f.plain_pending, "a synced write to a file with plain writes not yet synced");
+            f.pending.push((off, buf.0.clone()));
+        }
+        let gate = self.write_gate().await;
+        let mut f = file.0.borrow_mut();
+        let at = f.pending.iter().rposition(|(o, b)| *o == off && *b == buf.0).expect("the write is in flight");
+        if let Err(e) = gate {
+            f.pending.remove(at);
+            return Err(e);
+        }
+        f.apply(off, &buf.0);
+        if self.fail_syncs.get() {
+            return Err(Self::io_error("synced write"));
+        }
+        // Durable. What was in flight before it is settled as well: a
+        // failed write it covers cannot come back over it in a crash.
+        f.pending.drain(..=at);
+        let end = off as usize + buf.0.len();
+        if f.durable.len() < end {
+            f.durable.resize(end, 0);
+        }
+        f.durable[off as usize..end].copy_from_slice(&buf.0);
+        Ok(())
     }
 
     fn open_with(&self, name: &str, create: bool, synced: bool) -> io::Result<MemHandle> {
@@ -243,25 +295,14 @@ impl Backend for MemBackend {
 
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        if file.1 {
+            return self.synced_write(file, buf, off).await;
+        }
         self.write_gate().await?;
         let mut f = file.0.borrow_mut();
-        let end = off as usize + buf.0.len();
-        if f.data.len() < end {
-            f.data.resize(end, 0);
-        }
-        f.data[off as usize..end].copy_from_slice(&buf.0);
+        f.apply(off, &buf.0);
         f.pending.push((off, buf.0));
-        if file.1 {
-            // O_DSYNC: durable before it returns, or it fails (then it may
-            // or may not survive a crash). As on Linux over a device
-            // without FUA, the cache flush that makes it durable makes
-            // every write before it durable too.
-            if self.fail_syncs.get() {
-                return Err(Self::io_error("synced write"));
-            }
-            f.durable = f.data.clone();
-            f.pending.clear();
-        }
+        f.plain_pending = true;
         Ok(())
     }
 
@@ -273,6 +314,7 @@ impl Backend for MemBackend {
         let mut f = file.0.borrow_mut();
         f.durable = f.data.clone();
         f.pending.clear();
+        f.plain_pending = false;
         Ok(())
     }
 
@@ -313,7 +355,7 @@ impl Backend for MemBackend {
             return Err(Self::io_error("write"));
         }
         self.space()?;
-        let f = MemFile { data: data.to_vec(), durable: data.to_vec(), pending: Vec::new() };
+        let f = MemFile { data: data.to_vec(), durable: data.to_vec(), ..Default::default() };
         self.fs.borrow_mut().files.insert(name.to_string(), Rc::new(RefCell::new(f)));
         Ok(())
     }
