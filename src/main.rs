@@ -232,7 +232,11 @@ fn write_bytes_stdout(
 /// panic the command, as `eprintln!` would, nor stop `gyre dev` from
 /// stopping its nodes).
 fn write_stderr(args: std::fmt::Arguments<'_>) {
-    let _ = std::io::stderr().lock().write_fmt(args);
+    // One write for the whole message: stderr is unbuffered, so
+    // `write_fmt` writes each piece apart, and `gyre dev`'s nodes write to
+    // the same file: "gyre dev: " and "n2 stopped" came out with a node's
+    // line between them.
+    let _ = std::io::stderr().lock().write_all(args.to_string().as_bytes());
 }
 
 /// `println!` that returns `Err(StdoutClosed)` instead of panicking when
