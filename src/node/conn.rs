@@ -28,7 +28,9 @@ use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
 use crate::storage::Prefetch;
-use crate::wire::{declared_frame_len, split_frame, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT};
+use crate::wire::{
+    declared_frame_len, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
+};
 
 /// Initial read buffer; it grows to hold the largest frame being read.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
@@ -181,6 +183,11 @@ impl Outbox {
 /// the first lookups' lines would be evicted before they are used.
 const PREFETCH_FRAMES: usize = 4;
 
+/// The error of a request that arrived, but had not started, when the
+/// node began to stop.
+const SHUTTING_DOWN: &str =
+    "the node is shutting down; the request did not run (retry it, on another replica if there is one)";
+
 /// Fetches what the lookups of the first requests in `buf` will touch, one
 /// level per stage ([`Prefetch`]), yielding after each stage, so that
 /// every connection ready in the same batch runs its stage in between: the
@@ -287,6 +294,16 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
             match split_frame(&buf[start..end], shard.max_body) {
                 Ok(Some((header, total))) => {
                     out.room_for_one(&sock, &shard).await;
+                    if shard.is_shutting_down() {
+                        // A stop finishes what has started; a request
+                        // only buffered is refused, retryably. Running
+                        // every buffered frame let a peer that kept
+                        // sending hold a stop past 10 s.
+                        out.start();
+                        out.push(&shard.error_frame(header.request_id, ErrorCode::ShuttingDown, SHUTTING_DOWN));
+                        start += total;
+                        continue;
+                    }
                     let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
