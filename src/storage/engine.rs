@@ -487,19 +487,17 @@ impl<B: Backend> Engine<B> {
             let mut total = 0u64;
             let mut hinted = false;
             if !is_last && hints.contains(&seg) {
-                match backend.read_file(&hint_file_name(seg)).await {
-                    Ok(bytes) => match replay_hint(bytes.as_ref(), seg, size, |e| {
-                        let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
-                        index.insert(key_hash(e.key), e.key, loc);
-                        total += e.len as u64;
-                    }) {
-                        Ok(seq) => {
-                            hinted = true;
-                            max_seq = max_seq.max(seq);
-                        }
-                        Err(why) => report.hint_errors.push(why),
-                    },
-                    Err(e) => report.hint_errors.push(format!("segment {seg}: reading hint: {e}")),
+                let read = backend.read_file(&hint_file_name(seg)).await;
+                match replay_hint(read.as_deref(), seg, size, |e| {
+                    let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
+                    index.insert(key_hash(e.key), e.key, loc);
+                    total += e.len as u64;
+                }) {
+                    Ok(seq) => {
+                        hinted = true;
+                        max_seq = max_seq.max(seq);
+                    }
+                    Err(why) => report.hint_errors.push(why),
                 }
             }
             if hinted {

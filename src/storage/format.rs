@@ -468,17 +468,19 @@ pub struct Hint<'a> {
     entries: &'a [u8],
 }
 
-/// Replays the hint file `bytes` of segment `seg`, whose data is
-/// `data_len` bytes long: `entry` for each entry, then the hint's highest
-/// sequence number; or why the hint cannot be used ("segment N: ..."), in
-/// which case the caller scans the segment instead. Recovery
-/// (`Engine::open`) and `gyre check` share it, so they judge hints alike.
+/// Replays the hint file of segment `seg` (`read`: its bytes, or why
+/// they could not be read), whose data is `data_len` bytes long: `entry`
+/// for each entry, then the hint's highest sequence number; or why the
+/// hint cannot be used ("segment N: ..."), in which case the caller scans
+/// the segment instead. Recovery (`Engine::open`) and `gyre check` share
+/// it, so they judge hints alike.
 pub fn replay_hint<'a>(
-    bytes: &'a [u8],
+    read: Result<&'a [u8], &std::io::Error>,
     seg: u32,
     data_len: u64,
     entry: impl FnMut(HintEntry<'a>),
 ) -> Result<u64, String> {
+    let bytes = read.map_err(|e| format!("segment {seg}: reading hint: {e}"))?;
     let h = decode_hint(bytes, seg).map_err(|e| format!("segment {seg}: {e}"))?;
     if h.data_len != data_len {
         return Err(format!("segment {seg}: hint says {} bytes of data, segment has {data_len}", h.data_len));
