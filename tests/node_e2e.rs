@@ -941,6 +941,14 @@ fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::S
     out
 }
 
+/// Asserts that `node` serves `value` under each of `k0` .. `k{n-1}`.
+fn serves_keys(node: &Node, n: usize, value: &[u8]) {
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..n {
+        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![value.to_vec()], "k{i}");
+    }
+}
+
 /// `gyre check` on a node's data directory after a `kill -9` changes
 /// nothing: it reports what a start would find and repair (the log's
 /// preallocated tail cut, a hint written) and leaves it to `--repair`,
@@ -1009,10 +1017,7 @@ fn gyre_check_is_read_only_and_repair_keeps_the_spare_segment() {
     assert!(!out.contains("truncate"), "nothing left to cut: {out}");
     // The node serves every key from the repaired directory.
     let node = Node::start(&data, &["--fsync", "always", "--config", config]);
-    let mut c = Client::connect(node.addr()).unwrap();
-    for i in 0..200 {
-        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![b"value".to_vec()], "k{i}");
-    }
+    serves_keys(&node, 200, b"value");
     assert!(node.terminate().success());
 }
 
@@ -1110,10 +1115,7 @@ fn a_damaged_record_seed_is_refused_and_nothing_is_lost() {
     assert_eq!(data(snapshot(dir.path())), data(before), "a refused start changed the shard's data");
     std::fs::write(&format, &good).unwrap();
     let node = Node::start(dir.path(), &[]);
-    let mut c = Client::connect(node.addr()).unwrap();
-    for i in 0..20 {
-        assert_eq!(c.get(format!("k{i}").as_bytes()).unwrap().values, vec![b"value".to_vec()], "k{i}");
-    }
+    serves_keys(&node, 20, b"value");
     assert!(node.terminate().success());
 }
 
