@@ -192,9 +192,7 @@ fn accepted_connections_are_kept_alive_unless_turned_off() {
 /// frame used to run first). Durable puts, pipelined far past what the
 /// node runs at once, are under way when SIGTERM comes. Every reply is
 /// then success or `ShuttingDown`, a refused write did not happen, and an
-/// acknowledged one survives the restart. (How many are refused depends
-/// on when the shard sees the stop: 52-61 of 4,000 in runs here, the
-/// rest acknowledged or never read.)
+/// acknowledged one survives the restart.
 #[test]
 fn a_stop_refuses_the_requests_it_has_not_started_and_runs_none_of_them() {
     const N: u64 = 4_000;
@@ -240,6 +238,10 @@ fn a_stop_refuses_the_requests_it_has_not_started_and_runs_none_of_them() {
         refused.len(),
         N as usize - acked.len() - refused.len()
     );
+    // The node reads until MAX_IN_FLIGHT requests wait for their group
+    // commits, and the stop comes while it waits for room: what it has
+    // read past that is refused (24-61 in runs here, under a CPU hog too).
+    assert!(!refused.is_empty(), "the stop ran every request it had read");
     let node = Node::start(dir.path(), &[]);
     let mut c = Client::connect(node.addr()).unwrap();
     for id in acked {
