@@ -15,7 +15,7 @@ use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::storage::backend::glommio::GlommioBackend;
-use crate::storage::{Engine, EngineConfig, FsyncPolicy, RecoveryReport, StorageError};
+use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -107,24 +107,23 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     .detach();
     // Under `interval` and `never` no writer waits for the flush a full
     // buffer needs (`Engine::flush_wanted`): this task leads it, at once.
-    let e = engine.clone();
-    let buffered = engine.config().fsync != FsyncPolicy::Always;
-    let flusher = glommio::spawn_local(async move {
-        if !buffered {
-            return;
-        }
-        loop {
-            e.flush_wanted().await;
-            match e.flush().await {
-                Ok(()) | Err(StorageError::DiskFull(_)) => {}
-                Err(err) => {
-                    tracing::error!(error = %err, "log flush failed");
-                    break;
+    if !engine.config().synced_writes() {
+        let e = engine.clone();
+        let flusher = glommio::spawn_local(async move {
+            loop {
+                e.flush_wanted().await;
+                match e.flush().await {
+                    Ok(()) | Err(StorageError::DiskFull(_)) => {}
+                    Err(err) => {
+                        tracing::error!(error = %err, "log flush failed");
+                        break;
+                    }
                 }
             }
-        }
-    })
-    .detach();
+        })
+        .detach();
+        stop.tasks.borrow_mut().push(flusher);
+    }
     let tq = executor().create_task_queue(Shares::Static(10), Latency::NotImportant, "compaction");
     let e = engine.clone();
     let compactor = glommio::spawn_local_into(
@@ -155,5 +154,5 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     )
     .expect("compaction task queue exists")
     .detach();
-    stop.tasks.borrow_mut().extend([ticker, flusher, compactor]);
+    stop.tasks.borrow_mut().extend([ticker, compactor]);
 }

@@ -133,6 +133,14 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// Whether writes are acknowledged only once durable (`always`): the
+    /// log's segments are then opened `O_DSYNC`, every segment write is
+    /// synced as it is made, and no writer waits for a buffered flush's
+    /// threshold (there is none to wait for).
+    pub fn synced_writes(&self) -> bool {
+        self.fsync == FsyncPolicy::Always
+    }
+
     /// Whether the engine keeps a zero-filled spare segment ready
     /// (`Engine::prepare_spare`): with preallocation, under a policy that
     /// waits on syncs. Under `never` nothing waits on one, and the zeros

@@ -46,7 +46,7 @@ use crate::storage::backend::{write_file_in_pieces, Backend};
 use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
-    decode_header, decode_record, decode_verified_record, format_file_contents, hint_file_name, parse_file_name,
+    decode_header, decode_record, decode_record_with, format_file_contents, hint_file_name, parse_file_name,
     parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind, RecordRef,
     Seed, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
@@ -157,7 +157,7 @@ impl Record {
     }
 
     /// [`Self::decode`] of the record cache's bytes, verified when they
-    /// entered it (see [`decode_verified_record`]).
+    /// entered it (see [`crate::storage::format::decode_verified_record`]).
     fn decode_cached(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
         Record::decode_with(raw, loc, key, None)
     }
@@ -169,11 +169,7 @@ impl Record {
         if raw.len() != loc.len as usize {
             return Err(corrupt(format!("short read: {} of {} bytes", raw.len(), loc.len)));
         }
-        let r = match verify {
-            Some(seed) => decode_record(&raw, seed),
-            None => decode_verified_record(&raw),
-        }
-        .map_err(|e| corrupt(e.to_string()))?;
+        let r = decode_record_with(&raw, verify).map_err(|e| corrupt(e.to_string()))?;
         if r.key != key {
             return Err(corrupt("record belongs to another key".into()));
         }
@@ -279,7 +275,8 @@ pub struct EngineStats {
     pub flushes: u64,
     pub fdatasyncs: u64,
     /// Writes durable as they were made (`always`: segments opened with
-    /// `O_DSYNC`); each is a group commit with no fdatasync.
+    /// `O_DSYNC`); each is a group commit with no fdatasync. Derived by
+    /// [`Engine::stats`]: under `always` it is every flush.
     pub synced_writes: u64,
     pub bytes_written: u64,
     pub segments_sealed: u64,
@@ -708,7 +705,7 @@ impl<B: Backend> Engine<B> {
         match self.settle_now(pending) {
             Ok(seq) => Ok(seq),
             Err(PendingWrite { end, seq, .. }) => {
-                self.wait_until(end, self.inner.config.fsync == FsyncPolicy::Always).await?;
+                self.wait_until(end, self.inner.config.synced_writes()).await?;
                 Ok(seq)
             }
         }
@@ -783,7 +780,7 @@ impl<B: Backend> Engine<B> {
             // out; appends pile up behind it (bounded) rather than wait for
             // the disk, whether or not it has started yet.
             let (pending, threshold) = (st.writer.pending_bytes(), self.inner.config.flush_threshold);
-            ring = pending >= threshold && !st.flushing && self.inner.config.fsync != FsyncPolicy::Always;
+            ring = pending >= threshold && !st.flushing && !self.inner.config.synced_writes();
             (a.end(), a.seq, pending >= threshold * FLUSH_BACKLOG_THRESHOLDS)
         };
         if ring {
@@ -895,7 +892,7 @@ impl<B: Backend> Engine<B> {
     /// waiting (group commit).
     async fn flush_as_leader(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
         let backend = &self.inner.backend;
-        let synced_writes = self.synced_writes();
+        let synced_writes = self.inner.config.synced_writes();
         loop {
             let plan = {
                 let st = self.inner.st.borrow();
@@ -915,7 +912,7 @@ impl<B: Backend> Engine<B> {
                     Some(f) => match backend.rename(SPARE_SEGMENT, &name).await {
                         // Filled through a plain handle; written through
                         // the policy's (`open_segment`).
-                        Ok(()) if self.synced_writes() => {
+                        Ok(()) if synced_writes => {
                             drop(f);
                             let f = open_segment(backend, &self.inner.config, &name, false).await;
                             (f.map_err(io_err("opening a segment"))?, true)
@@ -967,9 +964,6 @@ impl<B: Backend> Engine<B> {
             if plan.seal {
                 st.stats.fdatasyncs += 1;
             }
-            if synced_writes {
-                st.stats.synced_writes += 1;
-            }
             if plan.seal || synced_writes {
                 st.synced = st.synced.max(plan.written_to());
             }
@@ -1012,12 +1006,6 @@ impl<B: Backend> Engine<B> {
             }
             self.inner.flush_wanted.wait(seen).await;
         }
-    }
-
-    /// Whether the log's writes are synced as they are made (`always`:
-    /// segments are opened with [`Backend::open_synced`]).
-    fn synced_writes(&self) -> bool {
-        self.inner.config.fsync == FsyncPolicy::Always
     }
 
     /// Writes everything appended so far to the log files (no fdatasync;
@@ -1178,6 +1166,8 @@ impl<B: Backend> Engine<B> {
     pub fn stats(&self) -> EngineStats {
         let st = self.inner.st.borrow();
         let mut s = st.stats.clone();
+        // Under `always` every segment write is a synced one.
+        s.synced_writes = if self.inner.config.synced_writes() { s.flushes } else { 0 };
         s.cache_bytes = st.cache.bytes;
         s.keys = st.index.len();
         s.segments = st.usage.len();
@@ -1479,7 +1469,7 @@ async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> 
 /// wake-up (perf/RESULTS.md, twelfth session: 12-19% more durable writes a
 /// second). Sealed segments are opened so as well; they are never written.
 async fn open_segment<B: Backend>(backend: &B, config: &EngineConfig, name: &str, create: bool) -> io::Result<B::File> {
-    if config.fsync == FsyncPolicy::Always {
+    if config.synced_writes() {
         backend.open_synced(name, create).await
     } else {
         backend.open(name, create).await

@@ -239,7 +239,9 @@ pub fn decode_verified_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> 
     decode_record_with(buf, None)
 }
 
-fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
+/// [`decode_record`] with `Some(seed)`, [`decode_verified_record`] with
+/// `None`.
+pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
     let (h, len) = decode_header(buf)?;
     if buf.len() < len {
         return Err(DecodeError::Truncated { need: len, have: buf.len() });

@@ -31,15 +31,13 @@ struct MemFile {
     plain_pending: bool,
 }
 
-impl MemFile {
-    /// What a write shows to reads at once, durable or not.
-    fn apply(&mut self, off: u64, bytes: &[u8]) {
-        let end = off as usize + bytes.len();
-        if self.data.len() < end {
-            self.data.resize(end, 0);
-        }
-        self.data[off as usize..end].copy_from_slice(bytes);
+/// Writes `bytes` at `off` into an image (`data` or `durable`), growing it.
+fn write_into(image: &mut Vec<u8>, off: u64, bytes: &[u8]) {
+    let end = off as usize + bytes.len();
+    if image.len() < end {
+        image.resize(end, 0);
     }
+    image[off as usize..end].copy_from_slice(bytes);
 }
 
 #[derive(Default)]
@@ -133,11 +131,7 @@ impl MemBackend {
                         let blocks = bytes.len() / BLOCK_SIZE;
                         bytes = &bytes[..rng.usize(0..=blocks) * BLOCK_SIZE];
                     }
-                    let end = *off as usize + bytes.len();
-                    if image.len() < end {
-                        image.resize(end, 0);
-                    }
-                    image[*off as usize..end].copy_from_slice(bytes);
+                    write_into(&mut image, *off, bytes);
                 }
             }
             f.data = image.clone();
@@ -188,18 +182,14 @@ impl MemBackend {
             f.pending.remove(at);
             return Err(e);
         }
-        f.apply(off, &buf.0);
+        write_into(&mut f.data, off, &buf.0);
         if self.fail_syncs.get() {
             return Err(Self::io_error("synced write"));
         }
         // Durable. What was in flight before it is settled as well: a
         // failed write it covers cannot come back over it in a crash.
         f.pending.drain(..=at);
-        let end = off as usize + buf.0.len();
-        if f.durable.len() < end {
-            f.durable.resize(end, 0);
-        }
-        f.durable[off as usize..end].copy_from_slice(&buf.0);
+        write_into(&mut f.durable, off, &buf.0);
         Ok(())
     }
 
@@ -300,7 +290,7 @@ impl Backend for MemBackend {
         }
         self.write_gate().await?;
         let mut f = file.0.borrow_mut();
-        f.apply(off, &buf.0);
+        write_into(&mut f.data, off, &buf.0);
         f.pending.push((off, buf.0));
         f.plain_pending = true;
         Ok(())
