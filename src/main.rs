@@ -848,7 +848,9 @@ fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        if entry.file_name().to_string_lossy().starts_with("shard-") && entry.path().is_dir() {
+        if entry.file_name().to_string_lossy().starts_with(gyre::node::config::SHARD_DIR_PREFIX)
+            && entry.path().is_dir()
+        {
             out.push(entry.path());
         }
     }

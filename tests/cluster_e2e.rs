@@ -356,8 +356,7 @@ impl Drop for Paused {
 
 /// A member's peer counter (`expired_unsent`, `queue_full`, ...).
 fn peer_counter(cluster: &Cluster, name: &str, which: &str) -> u64 {
-    let stats = cluster.stats(name);
-    stats["cluster"]["peers"][which].as_u64().unwrap_or_else(|| panic!("no peer counter {which} in {stats}"))
+    cluster.counter_in(name, "peers", which)
 }
 
 /// Regression: read repair waited for every replica's answer (or the

@@ -239,9 +239,12 @@ pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
     Ok(node)
 }
 
+/// What the name of every shard directory starts with.
+pub const SHARD_DIR_PREFIX: &str = "shard-";
+
 /// The directory of shard `i` in a node's data directory.
 pub fn shard_dir_name(i: usize) -> String {
-    format!("shard-{i:03}")
+    format!("{SHARD_DIR_PREFIX}{i:03}")
 }
 /// Written, durably, once a node stopped cleanly (every shard flushed and
 /// synced its log), and removed, durably, before the next start takes any
@@ -318,7 +321,7 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         let orphans: Vec<String> = std::fs::read_dir(&path)
             .with_context(|| format!("reading {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .filter(|n| n.starts_with("shard-"))
+            .filter(|n| n.starts_with(SHARD_DIR_PREFIX))
             .collect();
         if !orphans.is_empty() {
             bail!(

@@ -404,8 +404,14 @@ impl Cluster {
     /// A coordination counter (`proxied`, `read_repairs`, ...) of a
     /// member's STATS.
     pub fn counter(&self, name: &str, which: &str) -> u64 {
+        self.counter_in(name, "coordination", which)
+    }
+
+    /// A counter of a member's STATS, in its `cluster.<section>`
+    /// (`coordination`, `peers`).
+    pub fn counter_in(&self, name: &str, section: &str, which: &str) -> u64 {
         let stats = self.stats(name);
-        stats["cluster"]["coordination"][which].as_u64().unwrap_or_else(|| panic!("no counter {which} in {stats}"))
+        stats["cluster"][section][which].as_u64().unwrap_or_else(|| panic!("no {section} counter {which} in {stats}"))
     }
 
     /// A member's STATS (its only shard).
