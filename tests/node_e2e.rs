@@ -637,7 +637,7 @@ fn command_line_binary_and_large_values_round_trip() {
 #[test]
 fn a_cluster_member_configured_for_other_partitions_is_refused() {
     let dir = tmp();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port(&[std::net::Ipv4Addr::LOCALHOST]);
     let cluster = dir.path().join("cluster.toml");
     std::fs::write(
         &cluster,
@@ -646,28 +646,23 @@ fn a_cluster_member_configured_for_other_partitions_is_refused() {
     .unwrap();
     let config = dir.path().join("node.toml");
     std::fs::write(&config, "[storage]\npartitions = 128\n").unwrap();
-    let mut child = std::process::Command::new(common::GYRE)
-        .args(["node", "--no-pin", "--name", "a", "--cluster"])
-        .arg(&cluster)
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A node that starts instead of refusing is stopped, and fails below.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("partitions = 128") && stderr.contains("has 64"), "{stderr}");
-    assert!(!dir.path().join("data").join("NODE").exists(), "a refused start writes nothing");
+    let data = dir.path().join("data");
+    let args: Vec<std::ffi::OsString> = vec![
+        "node".into(),
+        "--no-pin".into(),
+        "--name".into(),
+        "a".into(),
+        "--cluster".into(),
+        cluster.into(),
+        "--config".into(),
+        config.into(),
+        "--data-dir".into(),
+        data.clone().into(),
+    ];
+    // A node that starts instead of refusing is stopped when dropped.
+    let err = Node::try_spawn(&args, &data, None).err().expect("a member configured for other partitions must refuse");
+    assert!(err.contains("partitions = 128") && err.contains("has 64"), "{err}");
+    assert!(!data.join("NODE").exists(), "a refused start writes nothing");
 }
 
 /// The actor id in a lone node's context (format 1: `u8 1, varint n,
