@@ -811,22 +811,25 @@ impl<B: Backend> Engine<B> {
                 !std::mem::replace(&mut st.flushing, true)
             };
             if lead {
-                // Hands leadership back even if this future is dropped
-                // mid-flush (a cancelled task): otherwise every later
-                // writer would wait for a leader that is gone. A flush cut
-                // short is planned again from the same state, and rewriting
-                // the same bytes at the same offsets is harmless.
-                let guard = LeaderGuard(&self.inner);
-                // Boxed: a flush's future is large and runs once per
-                // flush, while every write's future would carry its size.
-                let res = Box::pin(self.flush_as_leader(target, sync)).await;
-                let res = res.map_err(|e| self.record_flush_error(e));
-                drop(guard);
-                res?;
+                self.lead_flush(target, sync).await?;
             } else {
                 self.inner.notify.wait(seen).await;
             }
         }
+    }
+
+    /// Runs one flush as its leader: the caller has set `flushing`. The
+    /// error is recorded (the engine failed, or full).
+    async fn lead_flush(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
+        // Hands leadership back even if this future is dropped mid-flush
+        // (a cancelled task): otherwise every later writer would wait for
+        // a leader that is gone. A flush cut short is planned again from
+        // the same state, and rewriting the same bytes at the same offsets
+        // is harmless.
+        let _guard = LeaderGuard(&self.inner);
+        // Boxed: a flush's future is large and runs once per flush, while
+        // every write's future would carry its size.
+        Box::pin(self.flush_as_leader(target, sync)).await.map_err(|e| self.record_flush_error(e))
     }
 
     /// Marks the engine failed, or full if `e` is a lack of space a later
@@ -860,11 +863,8 @@ impl<B: Backend> Engine<B> {
             }
             st.writer.appended()
         };
-        let guard = LeaderGuard(&self.inner);
         let sync = self.inner.config.fsync != FsyncPolicy::Never;
-        let res = Box::pin(self.flush_as_leader(target, sync)).await.map_err(|e| self.record_flush_error(e));
-        drop(guard);
-        match res {
+        match self.lead_flush(target, sync).await {
             Ok(()) => {
                 self.inner.st.borrow_mut().full = None;
                 self.inner.flush_wanted.notify_all();
