@@ -64,6 +64,9 @@ pub enum StorageError {
         op: &'static str,
         #[source]
         source: io::Error,
+        /// The step was a sync (made with `sync_err`): a failure there is
+        /// never retried, not even for lack of space.
+        sync: bool,
     },
     /// An earlier write or sync failed; the shard accepts no more writes.
     #[error("shard refuses writes after an earlier I/O error: {0}")]
@@ -88,7 +91,20 @@ pub enum StorageError {
 }
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
-    move |source| StorageError::Io { op, source }
+    move |source| StorageError::Io { op, source, sync: false }
+}
+
+/// [`io_err`] for a step that makes written bytes durable (an fdatasync,
+/// a directory sync). A failure there is never retried: after a failed
+/// fdatasync the kernel may have dropped what it could not write, and a
+/// second fdatasync can then succeed with the data gone. (Under `always`
+/// writing the log is itself a sync, `O_DSYNC`, but reported with
+/// `io_err`: its lack of space is refused before it reaches the device,
+/// with `O_DIRECT` there is no page cache to lose, and the retry sends
+/// every byte not yet acknowledged again with a fresh device flush. Its
+/// other errors fail the engine.)
+fn sync_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
+    move |source| StorageError::Io { op, source, sync: true }
 }
 
 /// A hint file whose segment is missing, as the error `Engine::open`
@@ -110,22 +126,12 @@ pub fn orphan_hint(segs: &BTreeSet<u32>, hints: &BTreeSet<u32>) -> Option<Storag
     })
 }
 
-/// The flush steps that make written bytes durable. A failure there is
-/// never retried: after a failed fdatasync the kernel may have dropped
-/// what it could not write, and a second fdatasync can then succeed
-/// with the data gone. (Under `always` "writing the log" is itself a
-/// sync step, O_DSYNC. Its lack of space is still retried: it is refused
-/// before it reaches the device, and with O_DIRECT there is no page
-/// cache to lose; the retry sends every byte not yet acknowledged again,
-/// with a fresh device flush. Its other errors fail the engine.)
-const SYNC_OPS: [&str; 3] = ["syncing the directory", "syncing a sealed segment", "fdatasync of the log"];
-
 impl StorageError {
     /// A disk out of space (or quota) at a step before any sync: the flush
     /// can be run again from the same state once there is room.
     fn is_out_of_space_before_sync(&self) -> bool {
         match self {
-            StorageError::Io { op, source } => !SYNC_OPS.contains(op) && out_of_space(source),
+            StorageError::Io { source, sync, .. } => !sync && out_of_space(source),
             _ => false,
         }
     }
@@ -517,7 +523,7 @@ impl<B: Backend> Engine<B> {
                     if out.valid_end == 0 && out.corruptions.is_empty() {
                         drop(file);
                         backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
-                        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+                        backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
                         continue;
                     }
                     if size != out.valid_end {
@@ -943,7 +949,7 @@ impl<B: Backend> Engine<B> {
                         Err(e) => return Err(io_err("preallocating a segment")(e)),
                     }
                 }
-                backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+                backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
                 self.inner.st.borrow_mut().files.insert(plan.seg, f.clone());
                 f
             } else {
@@ -953,7 +959,7 @@ impl<B: Backend> Engine<B> {
             backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
-                backend.sync(&file).await.map_err(io_err("syncing a sealed segment"))?;
+                backend.sync(&file).await.map_err(sync_err("syncing a sealed segment"))?;
                 let hint = self.inner.st.borrow_mut().writer.hint_stream(&plan);
                 write_hint(backend, plan.seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
@@ -977,7 +983,7 @@ impl<B: Backend> Engine<B> {
                 }
                 (w, st.files.get(&w.0).expect("written segment is open").clone())
             };
-            backend.sync(&file).await.map_err(io_err("fdatasync of the log"))?;
+            backend.sync(&file).await.map_err(sync_err("fdatasync of the log"))?;
             let mut st = self.inner.st.borrow_mut();
             st.stats.fdatasyncs += 1;
             st.synced = st.synced.max(written);
@@ -1325,13 +1331,13 @@ impl<B: Backend> Engine<B> {
         match backend.remove(&hint_file_name(seg)).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StorageError::Io { op: "removing a hint file", source: e }),
+            Err(e) => return Err(io_err("removing a hint file")(e)),
         }
         // The hint's removal is durable before the segment's: a hint whose
         // segment is gone is then always damage, which `open` refuses.
-        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+        backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         backend.remove(&segment_file_name(seg)).await.map_err(io_err("removing a segment"))?;
-        backend.sync_dir().await.map_err(io_err("syncing the directory"))?;
+        backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         let mut st = self.inner.st.borrow_mut();
         st.usage.remove(&seg);
         st.files.remove(&seg);
