@@ -123,8 +123,10 @@ enum Command {
     },
     /// Check a data directory, changing nothing: replay what a start would
     /// (hints, segment scans), scrub every segment, and print a JSON report
-    /// with the repairs a start (or --repair) would make. Exits 1 if
-    /// corruption is found, or a shard cannot be checked.
+    /// with the repairs --repair would make (a start makes the same, but
+    /// may keep or drop a spare segment differently: its own segment size
+    /// and fsync policy decide). Exits 1 if corruption is found, or a
+    /// shard cannot be checked.
     ///
     /// DATA_DIR is a node's data directory (each of its shard-NNN
     /// directories is checked), one shard's directory, or a `gyre dev`
