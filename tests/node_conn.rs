@@ -136,19 +136,22 @@ fn connections_past_the_limit_are_refused_with_a_reason_until_one_closes() {
 }
 
 /// The kernel timer of the node's side of the loopback connection whose
-/// client end is `client` (`tr` of `/proc/net/tcp`: 2 is the keepalive
-/// timer on an idle established socket, 0 none), or `None` before the
-/// node has accepted it.
-fn node_side_timer(node_port: u16, client: &TcpStream) -> Option<u8> {
+/// client end is `client`, from `/proc/net/tcp`: `tr` (2 is the keepalive
+/// timer on an idle established socket, 0 none) and `tm->when`, the time
+/// left in clock ticks (USER_HZ, 100 a second); `None` before the node
+/// has accepted it.
+fn node_side_timer(node_port: u16, client: &TcpStream) -> Option<(u8, u64)> {
     let client_port = client.local_addr().unwrap().port();
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
         let established = fields.get(3) == Some(&"01");
-        (established && port(fields[1])? == node_port && port(fields[2])? == client_port)
-            .then(|| u8::from_str_radix(fields[5].split(':').next()?, 16).ok())
-            .flatten()
+        if !(established && port(fields[1])? == node_port && port(fields[2])? == client_port) {
+            return None;
+        }
+        let (tr, when) = fields[5].split_once(':')?;
+        Some((u8::from_str_radix(tr, 16).ok()?, u64::from_str_radix(when, 16).ok()?))
     })
 }
 
@@ -157,32 +160,42 @@ fn node_side_timer(node_port: u16, client: &TcpStream) -> Option<u8> {
 /// closed rather than holding its connection for ever; `--tcp-keepalive 0`
 /// leaves it off. (A dead host cannot be made on loopback: the test sees
 /// the kernel's keepalive timer armed on the node's side of an idle
-/// connection, and not armed with it off.)
+/// connection, due within the idle time asked for, and not armed with it
+/// off.)
 #[test]
 fn accepted_connections_are_kept_alive_unless_turned_off() {
-    for (args, armed) in [(&[][..], true), (&["--tcp-keepalive", "0"][..], false)] {
+    // Arguments, and the range the timer must be due in (clock ticks).
+    let cases: [(&[&str], Option<std::ops::RangeInclusive<u64>>); 3] = [
+        (&[], Some(7 * 100 + 1..=300 * 100)),
+        (&["--tcp-keepalive", "7"], Some(1..=7 * 100)),
+        (&["--tcp-keepalive", "0"], None),
+    ];
+    for (args, due) in cases {
         let dir = tempfile::tempdir().unwrap();
         let mut all = vec!["--shards", "1"];
         all.extend_from_slice(args);
         let node = Node::start(dir.path(), &all);
         let port: u16 = node.addr().rsplit(':').next().unwrap().parse().unwrap();
         let mut client = TcpStream::connect(node.addr()).unwrap();
-        // A reply means the node has accepted the connection (and set its
-        // options): before that the kernel lists it untouched.
+        // A reply means the node has accepted the connection: before that
+        // the kernel lists it untouched.
         let mut ping = Vec::new();
         Request::Ping.encode(&mut ping, 1, ANY_SHARD, 0);
         client.write_all(&ping).unwrap();
         let mut header = [0u8; HEADER_LEN];
         client.read_exact(&mut header).unwrap();
         let deadline = Instant::now() + NOTICE;
-        let timer = loop {
+        let (tr, when) = loop {
             match node_side_timer(port, &client) {
                 Some(t) => break t,
                 None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 None => panic!("the node's side of the connection is not in /proc/net/tcp"),
             }
         };
-        assert_eq!(timer == 2, armed, "args {args:?}: timer {timer}");
+        match due {
+            Some(due) => assert!(tr == 2 && due.contains(&when), "args {args:?}: timer {tr}, due in {when} ticks"),
+            None => assert_eq!(tr, 0, "args {args:?}: a timer is armed"),
+        }
     }
 }
 

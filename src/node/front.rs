@@ -206,7 +206,6 @@ impl Socket {
             // SAFETY: accept4 returned a new fd that nothing else owns.
             let stream = unsafe { std::net::TcpStream::from_raw_fd(c as RawFd) };
             no_delay(&stream);
-            keep_alive(&stream, self.front.keepalive_s);
             Ok((stream.into(), false))
         })
         .await
@@ -240,12 +239,13 @@ fn no_delay(stream: &std::net::TcpStream) {
 /// connection after 3 unanswered probes. A client whose host died or
 /// vanished behind a partition sends no FIN: without this its connection,
 /// its buffers and its slot under `max_connections` would be held for
-/// ever. `idle_s == 0` leaves keepalive off.
-pub(super) fn keep_alive(stream: &std::net::TcpStream, idle_s: u32) {
+/// ever. `idle_s == 0` leaves keepalive off. Set on a listener, it holds
+/// for every connection accepted from it (Linux copies the options).
+pub(super) fn keep_alive(socket: &impl AsRawFd, idle_s: u32) {
     if idle_s == 0 {
         return;
     }
-    let fd = stream.as_raw_fd();
+    let fd = socket.as_raw_fd();
     let set = |level: libc::c_int, name: libc::c_int, value: u32| {
         let value = value as libc::c_int;
         // SAFETY: plain system call on an open fd with a valid int option.
@@ -286,7 +286,8 @@ pub(super) struct Front {
     /// Sockets in the batch being delivered (the last `epoll_wait`'s count).
     round: Cell<usize>,
     /// Seconds of silence after which TCP keepalive probes a connection
-    /// (0: none): see [`keep_alive`].
+    /// this shard dials (0: none): see [`keep_alive`]. Accepted ones
+    /// inherit it from the listener.
     keepalive_s: u32,
 }
 

@@ -747,6 +747,8 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // SAFETY: the fd came from a std listener this thread now owns alone.
     let listener = unsafe { std::net::TcpListener::from_raw_fd(s.listener_fd) };
     listener.set_nonblocking(true).context("making the listener non-blocking")?;
+    // Every connection accepted from it inherits the options.
+    front::keep_alive(&listener, s.tcp_keepalive_s);
     let front = front::Front::new(s.tcp_keepalive_s).context("creating the shard's epoll instance")?;
     let listener = front.register(listener.into()).context("registering the listener")?;
     let drained = DrainedGuard(s.drained.clone());
