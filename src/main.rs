@@ -1189,21 +1189,14 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         let data = std::fs::read(dir.join(&name)).with_context(|| format!("reading {name}"))?;
         let size = data.len() as u64;
         let is_last = Some(seg) == last;
-        let mut hinted = false;
-        if !is_last && hints.contains(&seg) {
+        let hinted = !is_last && hints.contains(&seg) && {
             let read = std::fs::read(dir.join(hint_file_name(seg)));
-            match replay_hint(read.as_deref(), seg, size, |e| {
+            let replay = replay_hint(read.as_deref(), seg, size, |e| {
                 keys.insert(e.key.to_vec());
-            }) {
-                Ok(seq) => {
-                    hinted = true;
-                    max_seq = max_seq.max(seq);
-                }
-                Err(why) => report.hint_errors.push(why),
-            }
-        }
+            });
+            report.take_hint(replay, &mut max_seq)
+        };
         if hinted {
-            report.hints_used += 1;
             scrub.extend(scan_segment(seg, &data, true, seed, |_, _| {}).corruptions);
             continue;
         }

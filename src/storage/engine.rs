@@ -264,6 +264,25 @@ pub struct RecoveryReport {
     pub next_seq: u64,
 }
 
+impl RecoveryReport {
+    /// Counts the outcome of a hint's replay ([`replay_hint`]): used (its
+    /// highest sequence number raises `max_seq`), or rejected with why.
+    /// Whether it was used. Recovery and `gyre check` share it.
+    pub fn take_hint(&mut self, replay: Result<u64, String>, max_seq: &mut u64) -> bool {
+        match replay {
+            Ok(seq) => {
+                self.hints_used += 1;
+                *max_seq = (*max_seq).max(seq);
+                true
+            }
+            Err(why) => {
+                self.hint_errors.push(why);
+                false
+            }
+        }
+    }
+}
+
 /// Counters of one engine.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct EngineStats {
@@ -488,24 +507,16 @@ impl<B: Backend> Engine<B> {
             let size = backend.size(&file).await.map_err(io_err("sizing a segment"))?;
             let is_last = Some(seg) == last;
             let mut total = 0u64;
-            let mut hinted = false;
-            if !is_last && hints.contains(&seg) {
+            let hinted = !is_last && hints.contains(&seg) && {
                 let read = backend.read_file(&hint_file_name(seg)).await;
-                match replay_hint(read.as_deref(), seg, size, |e| {
+                let replay = replay_hint(read.as_deref(), seg, size, |e| {
                     let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
                     index.insert(key_hash(e.key), e.key, loc);
                     total += e.len as u64;
-                }) {
-                    Ok(seq) => {
-                        hinted = true;
-                        max_seq = max_seq.max(seq);
-                    }
-                    Err(why) => report.hint_errors.push(why),
-                }
-            }
-            if hinted {
-                report.hints_used += 1;
-            } else {
+                });
+                report.take_hint(replay, &mut max_seq)
+            };
+            if !hinted {
                 report.segments_scanned += 1;
                 total = 0;
                 let data = backend.read_at(&file, 0, size as usize).await.map_err(io_err("reading a segment"))?;
