@@ -1122,11 +1122,11 @@ struct ShardCheck {
 /// report.
 fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck> {
     use gyre::storage::format::{
-        hint_file_name, parse_file_name, parse_format_file, replay_hint, segment_file_name, FileKind, FormatFileError,
-        Seed, FORMAT_FILE, STORAGE_FORMAT_VERSION,
+        hint_file_name, parse_format_file, replay_hint, segment_file_name, FormatFileError, Seed, FORMAT_FILE,
+        STORAGE_FORMAT_VERSION,
     };
     use gyre::storage::scan::{scan_segment, torn_bytes};
-    use std::collections::{BTreeSet, HashSet};
+    use std::collections::HashSet;
 
     let in_use = shard_in_use(dir);
     let mut names = Vec::new();
@@ -1137,24 +1137,13 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         }
     }
     names.sort();
-    let mut repairs = Vec::new();
-    let (mut segs, mut hints) = (BTreeSet::new(), BTreeSet::new());
-    let mut spare = None;
-    for name in &names {
-        match parse_file_name(name) {
-            Some(FileKind::Segment(id)) => {
-                segs.insert(id);
-            }
-            Some(FileKind::Hint(id)) => {
-                hints.insert(id);
-            }
-            None if name == SPARE_SEGMENT => {
-                spare = Some(std::fs::metadata(dir.join(name)).with_context(|| format!("sizing {name}"))?.len());
-            }
-            None if name.ends_with(".tmp") => repairs.push(format!("remove {name} (a temporary file)")),
-            None => {}
-        }
-    }
+    let files = gyre::storage::ShardFiles::sort(&names);
+    let (segs, hints) = (&files.segs, &files.hints);
+    let mut repairs: Vec<String> = files.temps.iter().map(|name| format!("remove {name} (a temporary file)")).collect();
+    let spare = match files.spare {
+        true => Some(std::fs::metadata(dir.join(SPARE_SEGMENT)).context("sizing the spare segment")?.len()),
+        false => None,
+    };
     // Without a format file there is no segment to scan (or the start
     // refuses), so the seed there is never used.
     let seed = if names.iter().any(|n| n == FORMAT_FILE) {
@@ -1175,7 +1164,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         repairs.push(format!("write {FORMAT_FILE}"));
         Seed::FORMAT_1
     };
-    if let Some(e) = gyre::storage::orphan_hint(&segs, &hints) {
+    if let Some(e) = gyre::storage::orphan_hint(segs, hints) {
         bail!("{e}: a start refuses this directory");
     }
 
@@ -1184,7 +1173,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     let mut keys: HashSet<Vec<u8>> = HashSet::new();
     let mut max_seq = 0u64;
     let last = segs.last().copied();
-    for &seg in &segs {
+    for &seg in segs {
         let name = segment_file_name(seg);
         let data = std::fs::read(dir.join(&name)).with_context(|| format!("reading {name}"))?;
         let size = data.len() as u64;

@@ -107,6 +107,39 @@ fn sync_err(op: &'static str) -> impl FnOnce(io::Error) -> StorageError {
     move |source| StorageError::Io { op, source, sync: true }
 }
 
+/// A shard directory's files, as an open sorts them by name. Recovery
+/// (`Engine::open`) and `gyre check` share it.
+#[derive(Debug, Default)]
+pub struct ShardFiles<'a> {
+    pub segs: BTreeSet<u32>,
+    pub hints: BTreeSet<u32>,
+    /// A filled spare segment (`SPARE_SEGMENT`) is there.
+    pub spare: bool,
+    /// Temporary files (`*.tmp`, a spare being filled included): an open
+    /// removes them.
+    pub temps: Vec<&'a str>,
+}
+
+impl<'a> ShardFiles<'a> {
+    pub fn sort(names: &'a [String]) -> ShardFiles<'a> {
+        let mut files = ShardFiles::default();
+        for name in names {
+            match parse_file_name(name) {
+                Some(FileKind::Segment(id)) => {
+                    files.segs.insert(id);
+                }
+                Some(FileKind::Hint(id)) => {
+                    files.hints.insert(id);
+                }
+                None if name == SPARE_SEGMENT => files.spare = true,
+                None if name.ends_with(".tmp") => files.temps.push(name),
+                None => {}
+            }
+        }
+        files
+    }
+}
+
 /// A hint file whose segment is missing, as the error `Engine::open`
 /// refuses the directory with (`gyre check` reports the same). Compaction
 /// removes a segment's hint (durably) before the segment, so such a hint
@@ -471,27 +504,13 @@ impl<B: Backend> Engine<B> {
     pub async fn open(backend: B, config: EngineConfig) -> Result<(Engine<B>, RecoveryReport), StorageError> {
         config.validate().map_err(StorageError::Config)?;
         let names = backend.list().await.map_err(io_err("listing the data directory"))?;
-        let mut segs = BTreeSet::new();
-        let mut hints = BTreeSet::new();
-        let mut spare_found = false;
-        for name in &names {
-            match parse_file_name(name) {
-                Some(FileKind::Segment(id)) => {
-                    segs.insert(id);
-                }
-                Some(FileKind::Hint(id)) => {
-                    hints.insert(id);
-                }
-                None if name == SPARE_SEGMENT => spare_found = true,
-                None => {}
-            }
-        }
+        let ShardFiles { segs, hints, spare: spare_found, temps } = ShardFiles::sort(&names);
         // Refused before anything in the directory is touched.
         let seed = check_format(&backend, names.iter().any(|n| n == FORMAT_FILE), !segs.is_empty()).await?;
         if let Some(e) = orphan_hint(&segs, &hints) {
             return Err(e);
         }
-        for name in names.iter().filter(|n| n.ends_with(".tmp")) {
+        for name in temps {
             backend.remove(name).await.map_err(io_err("removing a temporary file"))?;
         }
 

@@ -22,6 +22,6 @@ pub mod scan;
 pub use config::{EngineConfig, FsyncPolicy};
 pub use engine::{
     orphan_hint, CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport,
-    StorageError, SPARE_SEGMENT,
+    ShardFiles, StorageError, SPARE_SEGMENT,
 };
 pub use format::Kind;
