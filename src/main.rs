@@ -1211,11 +1211,9 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
                 kept = out.valid_end;
             }
         }
-        if is_last || out.corruptions.is_empty() {
-            let hint_name = hint_file_name(seg);
-            let verb = if hints.contains(&seg) { "rewrite" } else { "write" };
-            repairs.push(format!("{verb} {hint_name} (the index of {name})"));
-        }
+        let hint_name = hint_file_name(seg);
+        let verb = if hints.contains(&seg) { "rewrite" } else { "write" };
+        repairs.push(format!("{verb} {hint_name} (the index of {name})"));
         // The scrub after the open reads every segment as sealed, the last
         // one as the open left it.
         if is_last {

@@ -1042,10 +1042,15 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     let _ = writer.wait();
     // Segment 2 keeps its hint (a start trusts it; only the scrub sees the
     // flipped byte); segment 3 loses its hint (a start scans it).
-    let seg2 = shard.join("seg-00000002.log");
-    let mut bytes = std::fs::read(&seg2).unwrap();
-    bytes[5000] ^= 0xff;
-    std::fs::write(&seg2, bytes).unwrap();
+    // Segment 3 is damaged as well: a start that scans it reports the
+    // damage, and writes its hint all the same (of the records that
+    // verified), so the next start does not report it again.
+    for (seg, at) in [(2, 5000), (3, 7000)] {
+        let path = shard.join(format!("seg-{seg:08}.log"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
     std::fs::remove_file(shard.join(hints(3))).unwrap();
 
     let before = snapshot(&shard);
@@ -1065,6 +1070,18 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     assert_eq!(repair["recovery"], check["recovery"], "the check foresaw the recovery");
     assert_eq!(repair["scrub_corruptions"], check["scrub_corruptions"], "and the scrub");
     assert!(shard.join(hints(3)).exists(), "--repair wrote the missing hint");
+    let segs_of = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array().unwrap().iter().map(|c| c["seg"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(segs_of(&repair["recovery"]["corruptions"]), [3], "{repair}");
+    assert_eq!(segs_of(&repair["scrub_corruptions"]), [2, 3], "{repair}");
+    // Segment 3 is hinted now: its damage is no new loss for a start, and a
+    // scrub still finds both.
+    let (ok, out, err) = cli(&["check", "--data-dir", shard_str]);
+    assert!(!ok, "corruption exits 1: {err}\n{out}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(segs_of(&again["recovery"]["corruptions"]), Vec::<u64>::new(), "{again}");
+    assert_eq!(again["scrub_corruptions"], repair["scrub_corruptions"], "{again}");
     // A segment lost while its hint remains: a start refuses the shard,
     // and so does the check (it changing nothing), with the same reason.
     std::fs::remove_file(shard.join("seg-00000001.log")).unwrap();
@@ -1075,6 +1092,47 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     assert_eq!(snapshot(&shard), before, "gyre check changed the directory");
     let (ok, out, err) = cli(&["check", "--data-dir", shard_str, "--repair"]);
     assert!(!ok && (out.contains(missing) || err.contains(missing)), "{err}\n{out}");
+}
+
+/// Damage in a sealed segment without a hint renews the actor once: the
+/// start that finds it writes the segment's hint (of the records that
+/// verified), so a later clean start does not report the same loss again
+/// and keeps the actor. (Each renewal is one more entry in the version
+/// vectors of every key written afterwards.)
+#[test]
+fn damage_in_a_sealed_segment_renews_the_actor_once() {
+    let dir = tmp();
+    let put = |node: &Node, key: &str, value: &str| {
+        let mut c = Client::connect(node.addr()).unwrap();
+        context_actor(&c.put(key.as_bytes(), value.as_bytes(), &Context::default()).unwrap().context)
+    };
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let first = put(&node, "k0", &"value-000-".repeat(20));
+    for i in 1..20 {
+        put(&node, &format!("k{i}"), &format!("value-{i:03}-").repeat(20));
+    }
+    assert!(node.terminate().success());
+    // The next run writes to segment 2: segment 1 is sealed from then on.
+    let node = Node::start(dir.path(), &[]);
+    assert_eq!(put(&node, "k20", "v"), first, "a clean stop keeps the actor");
+    assert!(node.terminate().success());
+    let shard = dir.path().join("shard-000");
+    assert!(shard.join("seg-00000002.log").exists(), "the second run wrote segment 2");
+    damage_value(dir.path(), b"value-010-");
+    std::fs::remove_file(shard.join("seg-00000001.hint")).unwrap();
+
+    let node = Node::start(dir.path(), &[]);
+    let renewed = put(&node, "k21", "v");
+    assert_ne!(renewed, first, "recovery lost a record: the actor is new");
+    assert!(node.terminate().success());
+    assert!(shard.join("seg-00000001.hint").exists(), "the start that found the damage wrote the hint");
+    let node = Node::start(dir.path(), &[]);
+    assert_eq!(put(&node, "k22", "v"), renewed, "the same damage found again is no new loss");
+    // The records around the damaged one are served as before.
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(c.get(b"k9").unwrap().values, vec!["value-009-".repeat(20).into_bytes()]);
+    assert_eq!(c.get(b"k11").unwrap().values, vec!["value-011-".repeat(20).into_bytes()]);
+    assert!(node.terminate().success());
 }
 
 /// A format file whose record seed is damaged is refused, by a start and

@@ -563,11 +563,15 @@ impl<B: Backend> Engine<B> {
                     backend.sync(&file).await.map_err(io_err("syncing a recovered segment"))?;
                 }
                 // Seal the recovered segment (or repair its hint) so the next
-                // open replays the hint instead of scanning.
-                if is_last || out.corruptions.is_empty() {
-                    let hint = hb.into_stream(seg, out.valid_end);
-                    write_hint(&backend, seg, hint).await.map_err(io_err("writing a hint file"))?;
-                }
+                // open replays the hint instead of scanning. A damaged
+                // segment gets one too, of the records that verified: the
+                // damage is reported (and the node's actor renewed) by the
+                // open that found it, and a scrub or a read still finds it,
+                // but a later open must not report it again as new loss
+                // (each such report renews the actor, one more entry in the
+                // version vectors of every key written afterwards).
+                let hint = hb.into_stream(seg, out.valid_end);
+                write_hint(&backend, seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
             usage.insert(seg, SegmentUsage { total, live: 0 });
             files.insert(seg, file);
