@@ -1094,6 +1094,34 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
     assert!(!ok && (out.contains(missing) || err.contains(missing)), "{err}\n{out}");
 }
 
+/// The actor id of a put of `key` to a lone node.
+fn put_actor(node: &Node, key: &str, value: &str) -> u64 {
+    let mut c = Client::connect(node.addr()).unwrap();
+    context_actor(&c.put(key.as_bytes(), value.as_bytes(), &Context::default()).unwrap().context)
+}
+
+/// Two runs of a one-shard node in `dir` (both stopped cleanly), then a
+/// flipped byte in a record of segment 1, which is sealed and has lost its
+/// hint: the next open scans it and finds the damage. Returns the actor of
+/// the two runs.
+fn damaged_sealed_segment(dir: &std::path::Path) -> u64 {
+    let node = Node::start(dir, &["--shards", "1"]);
+    let first = put_actor(&node, "k0", &"value-000-".repeat(20));
+    for i in 1..20 {
+        put_actor(&node, &format!("k{i}"), &format!("value-{i:03}-").repeat(20));
+    }
+    assert!(node.terminate().success());
+    // The next run writes to segment 2: segment 1 is sealed from then on.
+    let node = Node::start(dir, &[]);
+    assert_eq!(put_actor(&node, "k20", "v"), first, "a clean stop keeps the actor");
+    assert!(node.terminate().success());
+    let shard = dir.join("shard-000");
+    assert!(shard.join("seg-00000002.log").exists(), "the second run wrote segment 2");
+    damage_value(dir, b"value-010-");
+    std::fs::remove_file(shard.join("seg-00000001.hint")).unwrap();
+    first
+}
+
 /// Damage in a sealed segment without a hint renews the actor once: the
 /// start that finds it writes the segment's hint (of the records that
 /// verified), so a later clean start does not report the same loss again
@@ -1102,37 +1130,46 @@ fn gyre_check_foresees_the_recovery_of_a_damaged_shard() {
 #[test]
 fn damage_in_a_sealed_segment_renews_the_actor_once() {
     let dir = tmp();
-    let put = |node: &Node, key: &str, value: &str| {
-        let mut c = Client::connect(node.addr()).unwrap();
-        context_actor(&c.put(key.as_bytes(), value.as_bytes(), &Context::default()).unwrap().context)
-    };
-    let node = Node::start(dir.path(), &["--shards", "1"]);
-    let first = put(&node, "k0", &"value-000-".repeat(20));
-    for i in 1..20 {
-        put(&node, &format!("k{i}"), &format!("value-{i:03}-").repeat(20));
-    }
-    assert!(node.terminate().success());
-    // The next run writes to segment 2: segment 1 is sealed from then on.
+    let first = damaged_sealed_segment(dir.path());
     let node = Node::start(dir.path(), &[]);
-    assert_eq!(put(&node, "k20", "v"), first, "a clean stop keeps the actor");
-    assert!(node.terminate().success());
-    let shard = dir.path().join("shard-000");
-    assert!(shard.join("seg-00000002.log").exists(), "the second run wrote segment 2");
-    damage_value(dir.path(), b"value-010-");
-    std::fs::remove_file(shard.join("seg-00000001.hint")).unwrap();
-
-    let node = Node::start(dir.path(), &[]);
-    let renewed = put(&node, "k21", "v");
+    let renewed = put_actor(&node, "k21", "v");
     assert_ne!(renewed, first, "recovery lost a record: the actor is new");
     assert!(node.terminate().success());
-    assert!(shard.join("seg-00000001.hint").exists(), "the start that found the damage wrote the hint");
+    assert!(dir.path().join("shard-000/seg-00000001.hint").exists(), "the start that found the damage wrote the hint");
     let node = Node::start(dir.path(), &[]);
-    assert_eq!(put(&node, "k22", "v"), renewed, "the same damage found again is no new loss");
+    assert_eq!(put_actor(&node, "k22", "v"), renewed, "the same damage found again is no new loss");
     // The records around the damaged one are served as before.
     let mut c = Client::connect(node.addr()).unwrap();
     assert_eq!(c.get(b"k9").unwrap().values, vec!["value-009-".repeat(20).into_bytes()]);
     assert_eq!(c.get(b"k11").unwrap().values, vec!["value-011-".repeat(20).into_bytes()]);
     assert!(node.terminate().success());
+}
+
+/// A `gyre check --repair` that loses records does what a start would: it
+/// removes the node's clean-stop mark before it hints the damage, so the
+/// next start, which finds nothing lost, still gives the node a new actor.
+#[test]
+fn a_repair_that_loses_records_makes_the_next_start_renew_the_actor() {
+    let dir = tmp();
+    let first = damaged_sealed_segment(dir.path());
+    let data = dir.path().to_str().unwrap();
+    assert!(dir.path().join("CLEAN").exists(), "the last run stopped cleanly");
+    let (ok, out, err) = cli(&["check", "--data-dir", data, "--repair"]);
+    assert!(!ok, "corruption exits 1: {err}\n{out}");
+    let repair: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(repair["clean_mark_removed"], true, "{repair}");
+    assert_eq!(repair["shards"][0]["recovery"]["corruptions"][0]["seg"], 1, "{repair}");
+    assert!(!dir.path().join("CLEAN").exists());
+    assert!(dir.path().join("shard-000/seg-00000001.hint").exists(), "the repair hinted the damaged segment");
+    let node = Node::start(dir.path(), &[]);
+    assert_ne!(put_actor(&node, "k21", "v"), first, "the repair lost a record: the actor is new");
+    assert!(node.terminate().success());
+    // A repair that loses nothing leaves the mark.
+    let (ok, out, err) = cli(&["check", "--data-dir", data, "--repair"]);
+    assert!(!ok, "the scrub still finds the damage: {err}\n{out}");
+    let repair: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(repair["clean_mark_removed"], false, "{repair}");
+    assert!(dir.path().join("CLEAN").exists());
 }
 
 /// A format file whose record seed is damaged is refused, by a start and

@@ -222,6 +222,23 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes the `CLEAN` mark of the node data directory `dir`, durably, if
+/// it is there; returns whether it was. Before anything in the directory
+/// may lose or take a write: a start (`DataDir::begin_run`), and a
+/// `gyre check --repair` whose recovery will lose records (the next start
+/// must then give the node a new actor, as after a crash, and only a
+/// missing mark tells it so once the repair has hinted the damage).
+pub fn forget_clean_stop(dir: &Path) -> anyhow::Result<bool> {
+    let clean = dir.join(CLEAN_FILE);
+    match std::fs::remove_file(&clean) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", clean.display())),
+    }
+    sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(true)
+}
+
 /// Reads and checks the `NODE` file of the data directory `dir`: one of
 /// this build's layout version, or an error saying why not.
 pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
@@ -388,10 +405,7 @@ impl DataDir {
     /// cost is one more entry in the version vectors of keys written
     /// after each unclean stop (the pruning policy bounds them).
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
-        let clean = self.path.join(CLEAN_FILE);
-        if clean.exists() {
-            std::fs::remove_file(&clean).with_context(|| format!("removing {}", clean.display()))?;
-            sync_dir(&self.path).with_context(|| format!("syncing {}", self.path.display()))?;
+        if forget_clean_stop(&self.path)? {
             return Ok(false);
         }
         if self.planned {

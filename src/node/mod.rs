@@ -761,7 +761,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     let peer_of: Vec<usize> = s.peer_ids.iter().map(|p| p.load(Ordering::SeqCst)).collect();
     let (engine, report): (DiskEngine, _) = open_shard(&s.dir, s.engine_config.clone()).await?;
     log_recovery(s.id, &report);
-    if !report.corruptions.is_empty() || report.torn_tail_bytes > 0 {
+    if report.lost_records() {
         s.actor.damaged.store(true, Ordering::SeqCst);
     }
     s.actor.opened.fetch_add(1, Ordering::SeqCst);

@@ -298,6 +298,13 @@ pub struct RecoveryReport {
 }
 
 impl RecoveryReport {
+    /// Whether recovery lost records: damage it skipped, or a torn write it
+    /// cut. The dots of lost records may live on in replicas and clients,
+    /// so the node must make its next versions under a new actor.
+    pub fn lost_records(&self) -> bool {
+        !self.corruptions.is_empty() || self.torn_tail_bytes > 0
+    }
+
     /// Counts the outcome of a hint's replay ([`replay_hint`]): used (its
     /// highest sequence number raises `max_seq`), or rejected with why.
     /// Whether it was used. Recovery and `gyre check` share it.
