@@ -907,7 +907,10 @@ fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
     let out = match check_target(dir)? {
         CheckTarget::Shard => {
             // A shard directory inside a node's: that node's partitions.
-            let node = dir.parent().filter(|p| is_node_dir(p));
+            // (From the canonical path: `.` or `shard-000` has no parent
+            // to find the node by.)
+            let canonical = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+            let node = canonical.parent().filter(|p| is_node_dir(p));
             let partitions = node.and_then(|p| node_dir_info(p).ok()?.partitions);
             let _lock = match node {
                 Some(node) if repair => lock_node_dir(node)?,
@@ -1116,6 +1119,10 @@ fn check_shards(
             Err(e) => {
                 *failed = true;
                 r["error"] = format!("repairing: {e:#}").into();
+                // It may have written hints or cut a tail before failing.
+                if !loses {
+                    clean_removed |= forget_clean()?;
+                }
             }
         }
     }
@@ -1222,6 +1229,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         let mut kept = size;
         if is_last {
             if out.valid_end == 0 && out.corruptions.is_empty() {
+                report.torn_tail_bytes = torn_bytes(&data);
                 repairs.push(format!("remove {name} (the last segment, holding no record)"));
                 continue;
             }

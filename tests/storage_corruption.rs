@@ -205,3 +205,51 @@ fn compaction_reports_a_damaged_record_and_moves_the_others() {
         assert_eq!(corrupt, 1);
     });
 }
+
+/// Damage a start finds by scanning a sealed segment (its hint lost) is
+/// reported once: that open writes the segment's hint, of the records
+/// that verified and at the segment's full size, so the next open replays
+/// it and reports no new loss (a node renews its actor at each reported
+/// loss). Wherever the damage lies: inside the segment, or in its last
+/// record (then the records that verify end before the file does).
+#[test]
+fn damage_found_by_a_scan_is_reported_once_wherever_it_lies() {
+    let size_of = |backend: &MemBackend, name: &str| backend.files().into_iter().find(|(n, _)| n == name).unwrap().1;
+    for at_end in [false, true] {
+        let backend = populated();
+        let seg1 = segment_file_name(1);
+        let off = if at_end { size_of(&backend, &seg1) as usize - 10 } else { 1000 };
+        backend.corrupt(&seg1, off, 0x5A).unwrap();
+        block_on(gyre::storage::backend::Backend::remove(&backend, &hint_file_name(1))).unwrap();
+        block_on(async {
+            let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+            assert_eq!(report.corruptions.len(), 1, "at_end {at_end}: {report:?}");
+            assert!(report.lost_records());
+            assert_eq!(engine.len(), 299, "at_end {at_end}");
+            let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+            assert!(!report.lost_records() && report.hint_errors.is_empty(), "at_end {at_end}: {report:?}");
+            assert_eq!(report.segments_scanned, 1, "only the last segment: {report:?}");
+            assert_eq!(engine.len(), 299, "at_end {at_end}");
+            assert_eq!(engine.verify().await.unwrap().len(), 1, "a scrub still finds the damage");
+        });
+    }
+}
+
+/// A last segment none of whose records verifies (its only record
+/// damaged) is removed as holding no record, and its bytes count as lost:
+/// a torn tail, never a silent cut.
+#[test]
+fn a_last_segment_with_no_record_that_verifies_is_reported_lost() {
+    let backend = MemBackend::new();
+    block_on(async {
+        let (engine, _) = Engine::open(backend.clone(), config()).await.unwrap();
+        engine.put(b"only", b"", &[7u8; 150], 0).await.unwrap();
+        engine.close().await.unwrap();
+    });
+    backend.corrupt(&segment_file_name(1), 60, 0x5A).unwrap();
+    block_on(async {
+        let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
+        assert!(report.torn_tail_bytes > 0 && report.lost_records(), "{report:?}");
+        assert!(engine.get(b"only").await.unwrap().is_none());
+    });
+}

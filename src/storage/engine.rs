@@ -558,6 +558,9 @@ impl<B: Backend> Engine<B> {
                 report.corruptions.extend(out.corruptions.iter().cloned());
                 if is_last {
                     if out.valid_end == 0 && out.corruptions.is_empty() {
+                        // No record verified: whatever is not zeros was
+                        // records, lost (a torn write, or damage).
+                        report.torn_tail_bytes = torn_bytes(data.as_ref());
                         drop(file);
                         backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
                         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
@@ -573,11 +576,13 @@ impl<B: Backend> Engine<B> {
                 // open replays the hint instead of scanning. A damaged
                 // segment gets one too, of the records that verified: the
                 // damage is reported (and the node's actor renewed) by the
-                // open that found it, and a scrub or a read still finds it,
-                // but a later open must not report it again as new loss
-                // (each such report renews the actor, one more entry in the
-                // version vectors of every key written afterwards).
-                let hint = hb.into_stream(seg, out.valid_end);
+                // open that found it, and a scrub still finds it, but a
+                // later open must not report it again as new loss (each
+                // such report renews the actor, one more entry in the
+                // version vectors of every key written afterwards). A
+                // sealed segment keeps its size (`replay_hint` checks it),
+                // damage at its end included; the last one was cut above.
+                let hint = hb.into_stream(seg, if is_last { out.valid_end } else { size });
                 write_hint(&backend, seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
             usage.insert(seg, SegmentUsage { total, live: 0 });
