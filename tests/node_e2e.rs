@@ -1172,6 +1172,24 @@ fn a_repair_that_loses_records_makes_the_next_start_renew_the_actor() {
     assert!(dir.path().join("CLEAN").exists());
 }
 
+/// A shard directory that is gone after a clean stop lost every record in
+/// it, and nothing in recovery reports that (the start recreates it
+/// empty): the start gives the node a new actor all the same.
+#[test]
+fn a_missing_shard_directory_gives_the_node_a_new_actor() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let first = put_actor(&node, "k", "v");
+    assert!(node.terminate().success());
+    let node = Node::start(dir.path(), &[]);
+    assert_eq!(put_actor(&node, "k2", "v"), first, "a clean stop keeps the actor");
+    assert!(node.terminate().success());
+    std::fs::remove_dir_all(dir.path().join("shard-001")).unwrap();
+    let node = Node::start(dir.path(), &[]);
+    assert_ne!(put_actor(&node, "k3", "v"), first, "a lost shard directory renews the actor");
+    assert!(node.terminate().success());
+}
+
 /// A format file whose record seed is damaged is refused, by a start and
 /// by `gyre check`, and nothing is changed: with a wrong seed no record
 /// would verify, and recovery would cut the last segment as torn.

@@ -404,8 +404,19 @@ impl DataDir {
     /// would silently vanish. A new actor's dots are new everywhere. The
     /// cost is one more entry in the version vectors of keys written
     /// after each unclean stop (the pruning policy bounds them).
+    ///
+    /// A shard directory the node had and that is gone (its start would
+    /// recreate it empty, losing every record in it with no recovery to
+    /// report it) counts as a loss too, after a clean stop as well.
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
-        if forget_clean_stop(&self.path)? {
+        let missing: Vec<usize> = match self.planned {
+            true => Vec::new(),
+            false => (0..self.node.shards).filter(|&i| !self.shard_dir(i).is_dir()).collect(),
+        };
+        if !missing.is_empty() {
+            tracing::warn!(?missing, "shard directories of this node are gone: their records are lost");
+        }
+        if forget_clean_stop(&self.path)? && missing.is_empty() {
             return Ok(false);
         }
         if self.planned {

@@ -551,7 +551,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     if fresh_actor {
         tracing::warn!(
             actor = format!("{:016x}", data.node.actor()),
-            "the last run did not stop cleanly: new versions carry a new actor id, so none can reuse a lost write's"
+            "the last run did not stop cleanly (or a shard directory is gone): new versions carry a new actor id, so none can reuse a lost write's"
         );
     }
     let ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
