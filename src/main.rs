@@ -1156,7 +1156,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         hint_file_name, parse_format_file, replay_hint, segment_file_name, FormatFileError, Seed, FORMAT_FILE,
         STORAGE_FORMAT_VERSION,
     };
-    use gyre::storage::scan::{scan_segment, torn_bytes};
+    use gyre::storage::scan::scan_segment;
     use std::collections::HashSet;
 
     let in_use = shard_in_use(dir);
@@ -1209,7 +1209,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         let data = std::fs::read(dir.join(&name)).with_context(|| format!("reading {name}"))?;
         let size = data.len() as u64;
         let is_last = Some(seg) == last;
-        let hinted = !is_last && hints.contains(&seg) && {
+        let hinted = hints.contains(&seg) && {
             let read = std::fs::read(dir.join(hint_file_name(seg)));
             let replay = replay_hint(read.as_deref(), seg, size, |e| {
                 keys.insert(e.key.to_vec());
@@ -1228,13 +1228,12 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         report.corruptions.extend(out.corruptions.iter().cloned());
         let mut kept = size;
         if is_last {
+            report.torn_tail_bytes = out.torn_tail;
             if out.valid_end == 0 && out.corruptions.is_empty() {
-                report.torn_tail_bytes = torn_bytes(&data);
                 repairs.push(format!("remove {name} (the last segment, holding no record)"));
                 continue;
             }
             if size != out.valid_end {
-                report.torn_tail_bytes = torn_bytes(&data[out.valid_end as usize..]);
                 let what = match report.torn_tail_bytes {
                     0 => "zeros past the last record, not a torn write".to_string(),
                     n => format!("a torn write of {n} bytes"),

@@ -47,14 +47,12 @@ use crate::storage::cache::RecordCache;
 use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_header, decode_record, decode_record_with, format_file_contents, hint_file_name, parse_file_name,
-    parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, HintBuilder, HintStream, Kind, RecordRef,
-    Seed, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, FormatFileError, HintBuilder, HintStream,
+    Kind, RecordRef, Seed, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
-use crate::storage::scan::{
-    may_drop_tombstone, pick_compaction, scan_segment, torn_bytes, Corruption, SegmentScan, SegmentUsage,
-};
+use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentScan, SegmentUsage};
 
 /// Errors of the storage engine.
 #[derive(Debug, Error)]
@@ -86,6 +84,10 @@ pub enum StorageError {
     Corrupt { seg: u32, off: u64, reason: String },
     #[error("data directory has storage format {found}, this build reads formats 1 to {expected}")]
     FormatVersion { found: String, expected: u32 },
+    /// The format file cannot be read as one, or its record seed is
+    /// damaged: the directory is refused, never opened with a guess.
+    #[error("the data directory's format file {FORMAT_FILE} is {0}; the directory is refused")]
+    FormatFile(FormatFileError),
     #[error("invalid storage configuration: {0}")]
     Config(String),
 }
@@ -533,7 +535,10 @@ impl<B: Backend> Engine<B> {
             let size = backend.size(&file).await.map_err(io_err("sizing a segment"))?;
             let is_last = Some(seg) == last;
             let mut total = 0u64;
-            let hinted = !is_last && hints.contains(&seg) && {
+            // A segment with a hint is never written again (a seal writes
+            // it after its sync; recovery, after its cut, and the writer
+            // goes on in a new segment), the last one included.
+            let hinted = hints.contains(&seg) && {
                 let read = backend.read_file(&hint_file_name(seg)).await;
                 let replay = replay_hint(read.as_deref(), seg, size, |e| {
                     let loc = Loc { seg, off: e.off, len: e.len, tombstone: e.tombstone };
@@ -557,20 +562,17 @@ impl<B: Backend> Engine<B> {
                 max_seq = max_seq.max(hb.max_seq());
                 report.corruptions.extend(out.corruptions.iter().cloned());
                 if is_last {
+                    report.torn_tail_bytes = out.torn_tail;
                     if out.valid_end == 0 && out.corruptions.is_empty() {
-                        // No record verified: whatever is not zeros was
-                        // records, lost (a torn write, or damage).
-                        report.torn_tail_bytes = torn_bytes(data.as_ref());
                         drop(file);
                         backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
                         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
                         continue;
                     }
                     if size != out.valid_end {
-                        report.torn_tail_bytes = torn_bytes(&data.as_ref()[out.valid_end as usize..]);
                         backend.truncate(&file, out.valid_end).await.map_err(io_err("truncating a torn tail"))?;
                     }
-                    backend.sync(&file).await.map_err(io_err("syncing a recovered segment"))?;
+                    backend.sync(&file).await.map_err(sync_err("syncing a recovered segment"))?;
                 }
                 // Seal the recovered segment (or repair its hint) so the next
                 // open replays the hint instead of scanning. A damaged
@@ -597,7 +599,10 @@ impl<B: Backend> Engine<B> {
         // one of its size; otherwise it would only hold disk space.
         let mut spare = None;
         if spare_found {
-            let f = backend.open(SPARE_SEGMENT, false).await.map_err(io_err("opening the spare segment"))?;
+            // Through the policy's handle: it becomes a segment as it is.
+            let f = open_segment(&backend, &config, SPARE_SEGMENT, false)
+                .await
+                .map_err(io_err("opening the spare segment"))?;
             let size = backend.size(&f).await.map_err(io_err("sizing the spare segment"))?;
             if config.keeps_spare_of(size) {
                 spare = Some(f);
@@ -669,7 +674,11 @@ impl<B: Backend> Engine<B> {
             backend.zero_fill(&file, self.inner.config.segment_size).await?;
             // Filled and synced: from now on an open may keep it.
             backend.rename(SPARE_FILLING, SPARE_SEGMENT).await?;
-            Ok(file)
+            // Filled through a plain handle; written, once it is a
+            // segment, through the policy's (`open_segment`). Opened here,
+            // in the background, not by the flush that takes it.
+            drop(file);
+            open_segment(backend, &self.inner.config, SPARE_SEGMENT, false).await
         }
         .await;
         match made {
@@ -962,13 +971,6 @@ impl<B: Backend> Engine<B> {
                 let spare = self.inner.st.borrow_mut().spare.take();
                 let (f, zeroed) = match spare {
                     Some(f) => match backend.rename(SPARE_SEGMENT, &name).await {
-                        // Filled through a plain handle; written through
-                        // the policy's (`open_segment`).
-                        Ok(()) if synced_writes => {
-                            drop(f);
-                            let f = open_segment(backend, &self.inner.config, &name, false).await;
-                            (f.map_err(io_err("opening a segment"))?, true)
-                        }
                         Ok(()) => (f, true),
                         Err(e) => {
                             // Still the spare: a retry (after a full disk)
@@ -1559,8 +1561,12 @@ async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool)
         return Ok(seed);
     }
     let bytes = backend.read_file(FORMAT_FILE).await.map_err(io_err("reading the format file"))?;
-    parse_format_file(&bytes)
-        .map_err(|e| StorageError::FormatVersion { found: e.to_string(), expected: STORAGE_FORMAT_VERSION })
+    parse_format_file(&bytes).map_err(|e| match e {
+        FormatFileError::Version(v) => {
+            StorageError::FormatVersion { found: v.to_string(), expected: STORAGE_FORMAT_VERSION }
+        }
+        e => StorageError::FormatFile(e),
+    })
 }
 
 #[cfg(test)]

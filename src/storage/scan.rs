@@ -25,7 +25,9 @@ pub struct Corruption {
 pub struct ScanOutcome {
     /// End of the last valid record.
     pub valid_end: u64,
-    /// Bytes after `valid_end` dropped as a torn tail (active segment only).
+    /// Bytes of a torn write after `valid_end` (active segment only): up
+    /// to the last non-zero byte (see `torn_bytes`). Recovery and `gyre
+    /// check` report it alike.
     pub torn_tail: u64,
     pub corruptions: Vec<Corruption>,
 }
@@ -42,8 +44,7 @@ fn resync(data: &[u8], from: usize, seed: Seed) -> Option<usize> {
 /// Bytes of a torn write in `tail`, what follows the last valid record of
 /// the last segment: up to its last non-zero byte. Zeros past the records
 /// are a spare segment's fill or a block's padding, not a torn write.
-/// Recovery and `gyre check` report it alike.
-pub fn torn_bytes(tail: &[u8]) -> u64 {
+fn torn_bytes(tail: &[u8]) -> u64 {
     tail.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1)
 }
 
@@ -131,7 +132,7 @@ impl<'a> SegmentScan<'a> {
                         reason: format!("invalid record up to the end of a sealed segment ({err})"),
                     });
                 }
-                None => self.out.torn_tail = (data.len() - at) as u64,
+                None => self.out.torn_tail = torn_bytes(&data[at..]),
             }
         }
         None
@@ -356,12 +357,16 @@ mod tests {
                     assert_eq!(out.torn_tail, 0);
                 } else {
                     assert_eq!(at, out.valid_end.max(at), "seed {seed}: valid_end {} inside the spans", out.valid_end);
+                    // The rest is the torn write, up to its last non-zero
+                    // byte, then zeros.
                     let rest = &s[at as usize..];
+                    let torn = out.torn_tail as usize;
                     assert!(
-                        out.torn_tail == rest.len() as u64 || rest.iter().all(|&b| b == 0),
-                        "seed {seed}: {} bytes after {at} neither torn ({}) nor zeros",
+                        torn <= rest.len()
+                            && rest[torn..].iter().all(|&b| b == 0)
+                            && (torn == 0 || rest[torn - 1] != 0),
+                        "seed {seed}: {} bytes after {at}: torn {torn} does not end at the last non-zero byte",
                         rest.len(),
-                        out.torn_tail
                     );
                 }
             }
