@@ -35,8 +35,10 @@ struct ClientArgs {
     /// Print JSON instead of plain text.
     #[arg(long)]
     json: bool,
-    /// Seconds a command may take in all (0.001 to 86400); a connection
-    /// gets at most half of it, and no more than 2 s.
+    /// Seconds that connecting, and each request the command sends, may
+    /// take (0.001 to 86400): a put sends one, a delete without --context
+    /// two. A connection attempt gets at most half of it, and no more
+    /// than 2 s.
     #[arg(long, default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Duration,
 }
@@ -911,7 +913,7 @@ fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
             // to find the node by.)
             let canonical = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
             let node = canonical.parent().filter(|p| is_node_dir(p));
-            let partitions = node.and_then(|p| node_dir_info(p).ok()?.partitions);
+            let partitions = node.map(gyre::node::config::read_node_file).transpose()?.map(|n| n.partitions);
             let _lock = match node {
                 Some(node) if repair => lock_node_dir(node)?,
                 _ => None,
@@ -920,9 +922,7 @@ fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
                 check_shards(&[dir.to_path_buf()], partitions, repair, node, &mut failed)?;
             let mut report = report.pop().expect("one shard");
             report["mode"] = mode.into();
-            if clean_removed {
-                report["node_clean_mark_removed"] = true.into();
-            }
+            report["clean_mark_removed"] = clean_removed.into();
             report
         }
         CheckTarget::Node(info) => {
@@ -953,9 +953,9 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
     let (shards, clean_removed) = check_shards(&info.shard_dirs, info.partitions, repair, Some(dir), failed)?;
     // Shard directories the NODE file promises but that are not there (a
     // node creates them at its start; their data, if any, is gone).
-    let missing: Vec<String> = (0..info.shards.unwrap_or(0))
+    let missing: Vec<String> = gyre::node::config::missing_shard_dirs(dir, info.shards.unwrap_or(0))
+        .into_iter()
         .map(gyre::node::config::shard_dir_name)
-        .filter(|name| !dir.join(name).is_dir())
         .collect();
     Ok(serde_json::json!({
         "data_dir": dir,
@@ -1101,15 +1101,16 @@ fn check_shards(
         out
     })?;
     for (i, res) in repaired {
+        // A loss the check did not foresee (the files changed since), or
+        // a repair that failed after it may have hinted damage or cut a
+        // tail: late, but the next start still learns of it.
+        if res.as_ref().map_or(true, |(report, ..)| report.lost_records()) {
+            clean_removed |= forget_clean()?;
+        }
         let r = &mut reports[i];
         match res {
             Ok((report, recovery_ms, scrub, stats)) => {
                 *failed |= !report.corruptions.is_empty() || !scrub.is_empty();
-                // Not foreseen (the files changed since the check): late,
-                // but the next start still learns of the loss.
-                if report.lost_records() && !loses {
-                    clean_removed |= forget_clean()?;
-                }
                 r["repaired"] = true.into();
                 r["recovery"] = serde_json::json!(report);
                 r["recovery_ms"] = recovery_ms.into();
@@ -1119,10 +1120,6 @@ fn check_shards(
             Err(e) => {
                 *failed = true;
                 r["error"] = format!("repairing: {e:#}").into();
-                // It may have written hints or cut a tail before failing.
-                if !loses {
-                    clean_removed |= forget_clean()?;
-                }
             }
         }
     }

@@ -113,8 +113,8 @@ impl NodeConfig {
 
     /// Checks every setting that can be checked without the data
     /// directory: the value limit, the storage settings, the shard count
-    /// and, if that is given, that every shard has a port. `run` calls
-    /// this before it creates or writes anything, so that a refused start
+    /// and, if that is given, that every shard has a port. `lock_data_dir`
+    /// calls this before it creates or writes anything, so that a refused start
     /// leaves no trace (a data directory's shard count is fixed by its
     /// first start).
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -262,6 +262,13 @@ pub const SHARD_DIR_PREFIX: &str = "shard-";
 /// The directory of shard `i` in a node's data directory.
 pub fn shard_dir_name(i: usize) -> String {
     format!("{SHARD_DIR_PREFIX}{i:03}")
+}
+
+/// The shards, of the `shards` a node has, whose directories are not in
+/// its data directory `dir` (a start recreates them empty: whatever they
+/// held is lost). A start and `gyre check` judge them alike.
+pub fn missing_shard_dirs(dir: &Path, shards: usize) -> Vec<usize> {
+    (0..shards).filter(|&i| !dir.join(shard_dir_name(i)).is_dir()).collect()
 }
 /// Written, durably, once a node stopped cleanly (every shard flushed and
 /// synced its log), and removed, durably, before the next start takes any
@@ -411,7 +418,7 @@ impl DataDir {
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
         let missing: Vec<usize> = match self.planned {
             true => Vec::new(),
-            false => (0..self.node.shards).filter(|&i| !self.shard_dir(i).is_dir()).collect(),
+            false => missing_shard_dirs(&self.path, self.node.shards),
         };
         if !missing.is_empty() {
             tracing::warn!(?missing, "shard directories of this node are gone: their records are lost");

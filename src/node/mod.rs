@@ -602,18 +602,22 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         threads.push(t);
     }
     drop(err_tx);
+    // A start that fails stops the shards already running: they stop on
+    // the flag; one stuck waiting for another (say, in the mesh join, or
+    // for the actor) must not hang the process, so they get a bounded
+    // time before we return anyway.
+    let fail = |e: anyhow::Error| {
+        shutdown.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + STARTUP_FAILURE_GRACE;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(e)
+    };
     // Wait until every shard serves (or one fails).
     loop {
         if let Ok(e) = err_rx.try_recv() {
-            // The other shards stop on the flag; one stuck waiting for the
-            // failed shard (say, in the mesh join) must not hang the
-            // process, so they get a bounded time before we return anyway.
-            shutdown.store(true, Ordering::SeqCst);
-            let deadline = Instant::now() + STARTUP_FAILURE_GRACE;
-            while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            return Err(e);
+            return fail(e);
         }
         if gate.opened.load(Ordering::SeqCst) == shards && gate.actor.load(Ordering::SeqCst) == 0 {
             // Every shard recovered its storage; none takes a write before
@@ -621,7 +625,9 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             // after a clean stop needs a new actor as much as a crash does:
             // the lost records' dots may live on in replicas.
             if gate.damaged.load(Ordering::SeqCst) && !fresh_actor {
-                data.renew_actor(fastrand::u64(1..))?;
+                if let Err(e) = data.renew_actor(fastrand::u64(1..)) {
+                    return fail(e);
+                }
                 tracing::warn!(
                     actor = format!("{:016x}", data.node.actor()),
                     "recovery lost records: new versions carry a new actor id, so none can reuse a lost write's"
