@@ -464,14 +464,12 @@ fn a_peer_that_stops_reading_does_not_make_the_writer_queue_without_limit() {
     // The write to n2 stuck behind the full socket makes no progress for
     // WRITE_STALL_TIMEOUT (2 s) and closes that connection, failing its
     // calls, rather than holding them until n2 reads again.
-    let stalls =
-        eventually("n1 closing its stalled connection to n2", Duration::from_secs(10), || {
-            match peer_counter(&cluster, "n1", "write_stalls") {
-                0 => Err("no write stall yet".to_string()),
-                n => Ok(n),
-            }
-        });
-    assert!(stalls >= 1);
+    eventually("n1 closing its stalled connection to n2", Duration::from_secs(10), || {
+        match peer_counter(&cluster, "n1", "write_stalls") {
+            0 => Err("no write stall yet".to_string()),
+            n => Ok(n),
+        }
+    });
     drop(n2);
     // n2 catches up and serves again.
     let mut c = cluster.client("n2", Routing::Server);
