@@ -209,10 +209,9 @@ async fn bench(args: StorageArgs, config: EngineConfig) -> anyhow::Result<Output
     let writes = (stats.puts + stats.deletes).saturating_sub(loaded.puts + loaded.deletes);
     // Under `always` a group commit is one synced write, not an fdatasync
     // (its fdatasyncs are only the seals, whose writes count already).
-    let synced_writes = stats.synced_writes.saturating_sub(loaded.synced_writes);
-    let syncs = match synced_writes {
-        0 => stats.fdatasyncs.saturating_sub(loaded.fdatasyncs),
-        n => n,
+    let syncs = match config.synced_writes() {
+        true => stats.synced_writes.saturating_sub(loaded.synced_writes),
+        false => stats.fdatasyncs.saturating_sub(loaded.fdatasyncs),
     };
     if syncs > 0 {
         out.records_per_fdatasync = writes as f64 / syncs as f64;

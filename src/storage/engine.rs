@@ -198,7 +198,7 @@ impl Record {
     }
 
     /// [`Self::decode`] of the record cache's bytes, verified when they
-    /// entered it (see [`crate::storage::format::decode_verified_record`]).
+    /// entered it (see [`crate::storage::format::decode_record_with`]).
     fn decode_cached(raw: Rc<[u8]>, loc: Loc, key: &[u8]) -> Result<Record, StorageError> {
         Record::decode_with(raw, loc, key, None)
     }

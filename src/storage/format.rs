@@ -36,7 +36,7 @@
 //! bytes that verify (TigerBeetle mixes its cluster id into checksums for
 //! the same reason: bytes from elsewhere must not verify here).
 //!
-//! # Hint file (`seg-NNNNNNNN.hint`, written when a segment is sealed)
+//! # Hint file (`seg-NNNNNNNN.hint`, written when a segment is sealed, or by the recovery that scanned it)
 //!
 //! ```text
 //!  0     8    magic         b"GYREHINT"
@@ -231,16 +231,11 @@ pub fn decode_record(buf: &[u8], seed: Seed) -> Result<RecordRef<'_>, DecodeErro
     decode_record_with(buf, Some(seed))
 }
 
-/// [`decode_record`] without the checksum, for bytes verified already:
-/// the record cache holds only records verified when they were read, or
-/// encoded by this process (a hit would otherwise hash the whole record
-/// again on every read). The header is still validated.
-pub fn decode_verified_record(buf: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
-    decode_record_with(buf, None)
-}
-
-/// [`decode_record`] with `Some(seed)`, [`decode_verified_record`] with
-/// `None`.
+/// [`decode_record`] with `Some(seed)`; with `None`, without the
+/// checksum, for bytes verified already: the record cache holds only
+/// records verified when they were read, or encoded by this process (a
+/// hit would otherwise hash the whole record again on every read). The
+/// header is validated either way.
 pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
     let (h, len) = decode_header(buf)?;
     if buf.len() < len {
@@ -691,7 +686,7 @@ mod tests {
         }
         // The cache's path does not hash, so it takes any seed's bytes:
         // only this process's own verified bytes may reach it.
-        assert!(decode_verified_record(&bytes).is_ok());
+        assert!(decode_record_with(&bytes, None).is_ok());
     }
 
     #[test]
