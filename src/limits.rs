@@ -49,9 +49,10 @@ pub const MIN_SEGMENT_SIZE: u64 = BLOCK_SIZE as u64;
 /// them out (`Engine::flush_wanted`) while writers go on appending, up to
 /// `FLUSH_BACKLOG_THRESHOLDS` of these. Bounds the memory and the data at
 /// risk. (An engine driven without the flusher writes only at ticks, or
-/// when a writer finds the backlog full.) No writer waits at one threshold: the one that passed it used to
-/// lead the flush and wait 2-3 ms for the disk, and a 64 KiB threshold
-/// then made a p99.9 of 2.7 ms (perf/RESULTS.md, twelfth session).
+/// when a writer finds the backlog full.) No writer waits at one
+/// threshold: the one that passed it used to lead the flush and wait 2-3 ms
+/// for the disk, and a 64 KiB threshold then made a p99.9 of 2.7 ms
+/// (perf/RESULTS.md, twelfth session).
 pub const DEFAULT_FLUSH_THRESHOLD: usize = 1024 * 1024;
 
 /// Appends under `interval` and `never` go on buffering up to this many

@@ -8,9 +8,8 @@
 //! syncs. Invariant: `durable` only changes on `sync`, on a write through a
 //! handle from `open_synced` when it returns (O_DSYNC: that write alone;
 //! until then it is in flight, and a crash may keep or tear it), and on
-//! the metadata operations
-//! (modelled as durable at once; the engine syncs the directory after them
-//! anyway).
+//! the metadata operations (modelled as durable at once; the engine syncs
+//! the directory after them anyway).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
