@@ -1136,29 +1136,6 @@ fn damaged_segment(dir: &std::path::Path, sealed: bool) -> u64 {
     first
 }
 
-/// Damage in a sealed segment without a hint renews the actor once: the
-/// start that finds it writes the segment's hint (of the records that
-/// verified), so a later clean start does not report the same loss again
-/// and keeps the actor. (Each renewal is one more entry in the version
-/// vectors of every key written afterwards.)
-#[test]
-fn damage_in_a_sealed_segment_renews_the_actor_once() {
-    let dir = tmp();
-    let first = damaged_segment(dir.path(), true);
-    let node = Node::start(dir.path(), &[]);
-    let renewed = put_actor(&node, "k21", "v");
-    assert_ne!(renewed, first, "recovery lost a record: the actor is new");
-    assert!(node.terminate().success());
-    assert!(dir.path().join("shard-000/seg-00000001.hint").exists(), "the start that found the damage wrote the hint");
-    let node = Node::start(dir.path(), &[]);
-    assert_eq!(put_actor(&node, "k22", "v"), renewed, "the same damage found again is no new loss");
-    // The records around the damaged one are served as before.
-    let mut c = Client::connect(node.addr()).unwrap();
-    assert_eq!(c.get(b"k9").unwrap().values, vec!["value-009-".repeat(20).into_bytes()]);
-    assert_eq!(c.get(b"k11").unwrap().values, vec!["value-011-".repeat(20).into_bytes()]);
-    assert!(node.terminate().success());
-}
-
 /// A `gyre check --repair` that loses records does what a start would: it
 /// removes the node's clean-stop mark before it hints the damage, so the
 /// next start, which finds nothing lost, still gives the node a new actor.
@@ -1253,17 +1230,31 @@ fn a_damaged_record_seed_is_refused_and_nothing_is_lost() {
 
 /// Recovery that loses records (here a damaged one) after a clean stop
 /// also gives the node a new actor: the lost record's dot may live on in
-/// replicas, and the key's next write must not make it again.
+/// replicas, and the key's next write must not make it again. It does so
+/// once: the start that finds the damage writes the segment's hint (of
+/// the records that verified), so a later clean start does not report the
+/// same loss again and keeps the actor (each renewal is one more entry in
+/// the version vectors of every key written afterwards). Damage in the
+/// last segment, and in a sealed one.
 #[test]
-fn recovery_that_loses_records_gives_the_node_a_new_actor() {
-    let dir = tmp();
-    // Damage one record of the last segment.
-    let first = damaged_segment(dir.path(), false);
-    let node = Node::start(dir.path(), &[]);
-    let after = put_actor(&node, "k10", "rewritten");
-    assert_ne!(after, first, "recovery lost a record: the actor is new");
-    assert!(node.terminate().success());
-    let node = Node::start(dir.path(), &[]);
-    assert_eq!(put_actor(&node, "k99", "v"), after, "and kept after the next clean stop");
-    assert!(node.terminate().success());
+fn recovery_that_loses_records_renews_the_actor_once() {
+    for sealed in [false, true] {
+        let dir = tmp();
+        let first = damaged_segment(dir.path(), sealed);
+        let node = Node::start(dir.path(), &[]);
+        let renewed = put_actor(&node, "k21", "v");
+        assert_ne!(renewed, first, "sealed {sealed}: recovery lost a record: the actor is new");
+        assert!(node.terminate().success());
+        let hint = dir.path().join("shard-000/seg-00000001.hint");
+        assert!(hint.exists(), "sealed {sealed}: the start that found the damage wrote the hint");
+        let node = Node::start(dir.path(), &[]);
+        assert_eq!(put_actor(&node, "k22", "v"), renewed, "sealed {sealed}: the same damage is no new loss");
+        // The records around the damaged one are served as before.
+        let mut c = Client::connect(node.addr()).unwrap();
+        for k in [9, 11] {
+            let value = format!("value-{k:03}-").repeat(20).into_bytes();
+            assert_eq!(c.get(format!("k{k}").as_bytes()).unwrap().values, vec![value], "sealed {sealed}");
+        }
+        assert!(node.terminate().success());
+    }
 }
