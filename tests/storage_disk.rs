@@ -409,6 +409,42 @@ fn a_renamed_file_is_still_sized_and_changed_through_its_open_handle() {
     });
 }
 
+/// Compaction frees a removed segment's space a piece at a time
+/// (`Backend::release`): closing the last handle of a removed 64 MiB file
+/// frees it all at once in the closing thread, which glommio makes the
+/// shard (15-20 ms here). Only as the last handle: a read in flight through
+/// another must still see the whole file.
+#[test]
+fn release_frees_a_removed_file_only_as_its_last_handle() {
+    use gyre::limits::BLOCK_SIZE;
+    use gyre::storage::backend::glommio::GlommioBackend;
+    use gyre::storage::backend::Backend;
+
+    in_fresh_dir(|path| async move {
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        let f = backend.open("seg", true).await.unwrap();
+        // Several pieces and a part of one.
+        let len = 5 * 1024 * 1024 + 3 * BLOCK_SIZE;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        backend.write_at(&f, backend.alloc_with(&f, len, &data), 0).await.unwrap();
+        backend.sync(&f).await.unwrap();
+        // A descriptor of its own, to watch the file's size after it has
+        // no name.
+        let watch = std::fs::File::open(path.join("seg")).unwrap();
+        backend.remove("seg").await.unwrap();
+        assert!(!path.join("seg").exists());
+
+        let reader = f.clone();
+        backend.release(f).await.unwrap();
+        assert_eq!(watch.metadata().unwrap().len(), len as u64, "not freed while another handle reads");
+        let read = backend.read_at(&reader, 0, len).await.unwrap();
+        assert!(read.as_ref() == &data[..], "the other handle reads the whole file");
+
+        backend.release(reader).await.unwrap();
+        assert_eq!(watch.metadata().unwrap().len(), 0, "freed by the last handle");
+    });
+}
+
 /// Regression: a segment that began as the spare (the default `fsync =
 /// always` keeps one) could never be compacted or scrubbed: sizing it
 /// looked up the spare's first name, long renamed, and every compaction

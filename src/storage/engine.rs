@@ -1376,7 +1376,15 @@ impl<B: Backend> Engine<B> {
             tracing::error!(seg, live, "segment keeps records that could not be moved; not removed");
             return Ok(());
         }
-        match backend.remove(&hint_file_name(seg)).await {
+        // Opened before it goes, so that its space is freed by `release`
+        // a piece at a time, as the segment's is, rather than all at once.
+        let hint_name = hint_file_name(seg);
+        let hint = match backend.open(&hint_name, false).await {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("opening a hint file to remove it")(e)),
+        };
+        match backend.remove(&hint_name).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("removing a hint file")(e)),
@@ -1386,12 +1394,22 @@ impl<B: Backend> Engine<B> {
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         backend.remove(&segment_file_name(seg)).await.map_err(io_err("removing a segment"))?;
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
-        let mut st = self.inner.st.borrow_mut();
-        st.usage.remove(&seg);
-        st.files.remove(&seg);
-        st.stats.segments_compacted += 1;
+        drop(file);
+        let removed = {
+            let mut st = self.inner.st.borrow_mut();
+            st.usage.remove(&seg);
+            st.stats.segments_compacted += 1;
+            st.files.remove(&seg)
+        };
         stats.segments_removed += 1;
         stats.bytes_reclaimed += total;
+        // Both files are gone for good: a failure here only leaves their
+        // space to be freed when the last handle closes.
+        for f in hint.into_iter().chain(removed) {
+            if let Err(e) = backend.release(f).await {
+                tracing::warn!(seg, error = %e, "freeing a removed segment's space a piece at a time failed");
+            }
+        }
         Ok(())
     }
 

@@ -65,6 +65,12 @@ pub trait Backend {
     async fn truncate(&self, file: &Self::File, len: u64) -> io::Result<()>;
     /// Unlinks a file by name (open handles stay readable).
     async fn remove(&self, name: &str) -> io::Result<()>;
+    /// Closes a handle of a file already removed. Where freeing a file's
+    /// space costs the closing thread time in proportion to its size, and
+    /// this is the last handle, the space is freed a piece at a time first,
+    /// giving way between pieces. A handle still held elsewhere (a read in
+    /// flight) is only dropped, and its data stays readable there.
+    async fn release(&self, file: Self::File) -> io::Result<()>;
     /// Renames a file (open handles stay valid); durable once the
     /// directory is synced.
     async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
