@@ -91,6 +91,13 @@ impl Outbox {
         self.in_flight.set(self.in_flight.get() + 1);
     }
 
+    /// A request was read and is answered at once: [`Self::start`], then
+    /// [`Self::push`].
+    fn reply(&self, frame: &[u8]) {
+        self.start();
+        self.push(frame);
+    }
+
     /// Queues the reply of a started request.
     fn push(&self, frame: &[u8]) {
         self.buf.borrow_mut().extend_from_slice(frame);
@@ -299,8 +306,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                         // only buffered is refused, retryably. Running
                         // every buffered frame let a peer that kept
                         // sending hold a stop past 10 s.
-                        out.start();
-                        out.push(&shard.error_frame(header.request_id, ErrorCode::ShuttingDown, SHUTTING_DOWN));
+                        out.reply(&shard.error_frame(header.request_id, ErrorCode::ShuttingDown, SHUTTING_DOWN));
                         start += total;
                         continue;
                     }
@@ -326,8 +332,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                         }
                         Err(e) => {
                             let reply = shard.request_error_frame(header.request_id, &e);
-                            out.start();
-                            out.push(&reply);
+                            out.reply(&reply);
                             if !e.keeps_connection() {
                                 tracing::debug!(error = %e, "closing a connection after a malformed request");
                                 break 'read;
@@ -360,16 +365,14 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     out.room_for_one(&sock, &shard).await;
                     let header: &[u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
-                    out.start();
-                    out.push(&shard.oversized_frame_reply(header, len, max));
+                    out.reply(&shard.oversized_frame_reply(header, len, max));
                     start += HEADER_LEN;
                     skip = len;
                 }
                 Err(e) => {
                     let header: [u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
-                    out.start();
-                    out.push(&decode_error_frame(&shard, &header, &e));
+                    out.reply(&decode_error_frame(&shard, &header, &e));
                     tracing::debug!(error = %e, "closing a connection after a bad frame");
                     break 'read;
                 }

@@ -98,8 +98,8 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     let ticker = glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(tick).await;
-            if let Err(err) = e.tick().await {
-                tracing::error!(error = %err, "durability tick failed");
+            // A failed tick has failed the engine, which logged why.
+            if e.tick().await.is_err() {
                 break;
             }
         }
@@ -114,10 +114,9 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                 e.flush_wanted().await;
                 match e.flush().await {
                     Ok(()) | Err(StorageError::DiskFull(_)) => {}
-                    Err(err) => {
-                        tracing::error!(error = %err, "log flush failed");
-                        break;
-                    }
+                    // The engine logged the failure as it recorded it, and
+                    // refuses writes from now on: nothing left to flush.
+                    Err(_) => break,
                 }
             }
         })
