@@ -597,7 +597,8 @@ pub enum FormatFileError {
     /// be trusted, and a wrong one would make every record look damaged.
     #[error("damaged (its check line does not match its record seed)")]
     Damaged,
-    #[error("{0}")]
+    /// Another storage format, which this build does not read.
+    #[error("of storage format {0}; this build reads formats 1 to {STORAGE_FORMAT_VERSION}")]
     Version(u32),
 }
 

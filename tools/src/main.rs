@@ -195,8 +195,7 @@ fn main() -> anyhow::Result<()> {
             // Records verify only under their directory's seed.
             let format = format_file.unwrap_or_else(|| file.with_file_name(FORMAT_FILE));
             let text = std::fs::read(&format).with_context(|| format!("reading {}", format.display()))?;
-            let seed =
-                parse_format_file(&text).map_err(|e| anyhow::anyhow!("{}: storage format {e}", format.display()))?;
+            let seed = parse_format_file(&text).map_err(|e| anyhow::anyhow!("{} is {e}", format.display()))?;
             let data = map(&file)?;
             let bytes = data.as_deref().unwrap_or(&[]);
             let mut n = 0;
