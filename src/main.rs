@@ -1068,7 +1068,7 @@ fn check_shards(
                     if c.in_use {
                         bail!("{} is in use by a running gyre node: stop it before --repair", dir.display());
                     }
-                    to_repair.push((reports.len(), dir.clone(), repair_config(partitions, c.spare)));
+                    to_repair.push((reports.len(), dir.clone(), c.repair_config));
                     r["repaired"] = false.into();
                 }
                 reports.push(r);
@@ -1138,6 +1138,9 @@ struct ShardCheck {
     spare: Option<u64>,
     /// A node's shard holds the directory's LOCK.
     in_use: bool,
+    /// The settings a repair opens the shard with ([`repair_config`]),
+    /// which the check's prediction of that open used too.
+    repair_config: EngineConfig,
 }
 
 /// Checks a shard directory without changing it: does what `Engine::open`
@@ -1245,10 +1248,11 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     scrub.sort_by_key(|c| (c.seg, c.off));
     report.keys = keys.len();
     report.next_seq = max_seq + 1;
-    if let Some(size) = spare.filter(|&size| !repair_config(partitions, spare).keeps_spare_of(size)) {
+    let repair_config = repair_config(partitions, spare);
+    if let Some(size) = spare.filter(|&size| !repair_config.keeps_spare_of(size)) {
         repairs.push(format!("remove {SPARE_SEGMENT} ({size} bytes: not a size a segment can have)"));
     }
-    Ok(ShardCheck { report, scrub, repairs, spare, in_use })
+    Ok(ShardCheck { report, scrub, repairs, spare, in_use, repair_config })
 }
 
 fn storage_writer(dir: PathBuf, config: EngineConfig, writers: usize, value_size: usize) -> anyhow::Result<()> {
