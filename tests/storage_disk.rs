@@ -413,7 +413,7 @@ fn a_renamed_file_is_still_sized_and_changed_through_its_open_handle() {
 /// (`Backend::release`): closing the last handle of a removed 64 MiB file
 /// frees it all at once in the closing thread, which glommio makes the
 /// shard (15-20 ms here). Only as the last handle: a read in flight through
-/// another must still see the whole file.
+/// another must still see the whole file. And only once no name is left.
 #[test]
 fn release_frees_a_removed_file_only_as_its_last_handle() {
     use gyre::limits::BLOCK_SIZE;
@@ -422,6 +422,16 @@ fn release_frees_a_removed_file_only_as_its_last_handle() {
 
     in_fresh_dir(|path| async move {
         let backend = GlommioBackend::open(&path).await.unwrap();
+        // A file that still has a name (here a hard link, as a backup may
+        // make) keeps its data, even released through its last handle.
+        let kept = backend.open("kept", true).await.unwrap();
+        let data = vec![5u8; 3 * BLOCK_SIZE];
+        backend.write_at(&kept, backend.alloc_with(&kept, data.len(), &data), 0).await.unwrap();
+        std::fs::hard_link(path.join("kept"), path.join("backup")).unwrap();
+        backend.remove("kept").await.unwrap();
+        backend.release(kept).await.unwrap();
+        assert_eq!(std::fs::read(path.join("backup")).unwrap(), data, "a file with a name left is kept whole");
+
         let f = backend.open("seg", true).await.unwrap();
         // Several pieces and a part of one.
         let len = 5 * 1024 * 1024 + 3 * BLOCK_SIZE;

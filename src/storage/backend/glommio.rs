@@ -71,8 +71,12 @@ const ZERO_FILL_PIECE: usize = 1 << 20;
 /// inline, on the shard: a 64 MiB segment removed by compaction stalled
 /// every request on the shard for 15-20 ms (this disk is mounted with
 /// online `discard`, about 0.25 ms a MiB; perf/RESULTS.md, fourteenth
-/// session). Truncated by 2 MiB at a time, each step costs about half a
-/// millisecond, and requests run between steps.
+/// session). A truncation runs on glommio's blocking thread instead, but
+/// that thread is pinned to the shard's CPU, and it also runs the renames,
+/// removals and directory syncs of the write path (a new segment's, a
+/// seal's hint): one truncation to zero would take the CPU from the shard
+/// and hold those up for as long. 2 MiB is about half a millisecond of it,
+/// and requests run between steps.
 const RELEASE_PIECE: u64 = 2 << 20;
 
 /// Name of the lock file in every data directory.
@@ -159,6 +163,11 @@ impl GlommioBackend {
 /// or another one (a newer `spare-segment.tmp`, with its size). An fstat
 /// reads the inode in memory and does not wait for the device.
 fn file_size(file: &DmaFile) -> io::Result<u64> {
+    Ok(file_stat(file)?.0)
+}
+
+/// The size of an open file and how many names it has (`fstat`).
+fn file_stat(file: &DmaFile) -> io::Result<(u64, u64)> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: the descriptor is open while `file` is borrowed (glommio
     // closes it only on close or drop, and this neither closes nor keeps
@@ -170,7 +179,8 @@ fn file_size(file: &DmaFile) -> io::Result<u64> {
         }
         st.assume_init()
     };
-    u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))
+    let size = u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))?;
+    Ok((size, st.st_nlink as u64))
 }
 
 fn full_write(n: usize, want: usize) -> io::Result<()> {
@@ -270,11 +280,16 @@ impl Backend for GlommioBackend {
     }
 
     /// Truncates the file from its end, [`RELEASE_PIECE`] at a time, then
-    /// closes it (then nothing is left to free). Only as the last handle:
-    /// a read in flight through another would come back short.
+    /// closes it (then nothing is left to free). Only as the last handle
+    /// (a read in flight through another would come back short), and only
+    /// once the file has no name left (a hard link made to it, say by a
+    /// backup, keeps its data): otherwise the handle is closed as it is.
     async fn release(&self, file: Rc<DmaFile>) -> io::Result<()> {
         let Ok(file) = Rc::try_unwrap(file) else { return Ok(()) };
-        let mut len = file_size(&file)?;
+        let (mut len, links) = file_stat(&file)?;
+        if links > 0 {
+            return file.close().await.map_err(io::Error::from);
+        }
         while len > 0 {
             len = len.saturating_sub(RELEASE_PIECE);
             file.truncate(len).await.map_err(io::Error::from)?;

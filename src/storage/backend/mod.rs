@@ -69,7 +69,8 @@ pub trait Backend {
     /// space costs the closing thread time in proportion to its size, and
     /// this is the last handle, the space is freed a piece at a time first,
     /// giving way between pieces. A handle still held elsewhere (a read in
-    /// flight) is only dropped, and its data stays readable there.
+    /// flight) is only dropped, and its data stays readable there; a file
+    /// that still has a name (a hard link) is only closed.
     async fn release(&self, file: Self::File) -> io::Result<()>;
     /// Renames a file (open handles stay valid); durable once the
     /// directory is synced.
