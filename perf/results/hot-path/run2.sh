@@ -6,6 +6,8 @@
 # PIN=S:G pins the server to CPU S and the generator to CPU G (taskset); a
 # Gyre node pins its shard itself (shard 0 on the first allowed CPU), so S
 # applies to Redis. Unset: nothing pinned but the Gyre shard.
+# RATE=R offers R requests a second in all (open loop, latency from each
+# request's scheduled send time); unset: closed loop.
 # SRVPIN=S pins only the server to CPU S (Redis, or the whole Gyre node),
 # leaving the generator where the scheduler puts it: both servers then sit
 # where a Gyre shard pins itself, for a comparison with equal placement.
@@ -27,7 +29,7 @@ else
   "${SRV[@]}" redis-server --port 6399 --save '' $A --dir "$D" --daemonize no > /dev/null 2>&1 & P=$!; sleep 0.5; TG=redis://127.0.0.1:6399
 fi
 "${GEN[@]}" ./target/release/gyre-bench net --target $TG --connections ${CONNS:-50} --depth 1 --keys ${KEYS:-100000} --value-size 100 \
-    --duration ${DUR:-10} --warmup 2 --load --read-ratio "$R" --server-pid $P 2>/dev/null |
+    --duration ${DUR:-10} --warmup 2 --load --read-ratio "$R" ${RATE:+--rate "$RATE"} --server-pid $P 2>/dev/null |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(sys.argv[1], " ".join(str(round(d[k],1)) for k in ("ops_per_sec","p50_us","p99_us","p999_us","max_us","errors","server_cpu_us_per_op")), d.get("verify_max_values"), d.get("max_siblings_seen"), d.get("slower_than"))' "$T $R $F $*"
 kill -TERM $P; wait $P 2>/dev/null
 rm -rf "$D"
