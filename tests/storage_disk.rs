@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use gyre::limits::BLOCK_SIZE;
 use gyre::shell::{open_shard, run_executor};
+use gyre::storage::backend::glommio::GlommioBackend;
+use gyre::storage::backend::Backend;
 use gyre::storage::{EngineConfig, FsyncPolicy};
 
 /// Runs `test` on a glommio executor with a fresh data directory's path,
@@ -361,6 +364,14 @@ fn engine_close_after_a_cancelled_flush_returns() {
     assert_eq!(closed, Some(true), "engine.close() failed or was still waiting after 3 s");
 }
 
+/// A new file `name` of `data` (a whole number of blocks) through the
+/// glommio backend.
+async fn new_file(backend: &GlommioBackend, name: &str, data: &[u8]) -> std::rc::Rc<glommio::io::DmaFile> {
+    let f = backend.open(name, true).await.unwrap();
+    backend.write_at(&f, backend.alloc_with(&f, data.len(), data), 0).await.unwrap();
+    f
+}
+
 /// Regression: the backend sized a file through glommio's
 /// `DmaFile::file_size`, a statx of the path it was opened under, so a
 /// file renamed since (the spare segment: `spare-segment.tmp`, then
@@ -369,17 +380,12 @@ fn engine_close_after_a_cancelled_flush_returns() {
 /// an open handle must go through its descriptor, whatever its name.
 #[test]
 fn a_renamed_file_is_still_sized_and_changed_through_its_open_handle() {
-    use gyre::limits::BLOCK_SIZE;
-    use gyre::storage::backend::glommio::GlommioBackend;
-    use gyre::storage::backend::Backend;
-
     in_fresh_dir(|path| async move {
         // Opened first, the backend reads its non-empty LOCK file, so the
         // empty file below is not the device's first O_DIRECT file.
         let backend = GlommioBackend::open(&path).await.unwrap();
-        let f = backend.open("a.tmp", true).await.unwrap();
         let data = vec![7u8; 3 * BLOCK_SIZE];
-        backend.write_at(&f, backend.alloc_with(&f, data.len(), &data), 0).await.unwrap();
+        let f = new_file(&backend, "a.tmp", &data).await;
         backend.sync(&f).await.unwrap();
         backend.rename("a.tmp", "a").await.unwrap();
         backend.rename("a", "b").await.unwrap();
@@ -416,27 +422,21 @@ fn a_renamed_file_is_still_sized_and_changed_through_its_open_handle() {
 /// another must still see the whole file. And only once no name is left.
 #[test]
 fn release_frees_a_removed_file_only_as_its_last_handle() {
-    use gyre::limits::BLOCK_SIZE;
-    use gyre::storage::backend::glommio::GlommioBackend;
-    use gyre::storage::backend::Backend;
-
     in_fresh_dir(|path| async move {
         let backend = GlommioBackend::open(&path).await.unwrap();
         // A file that still has a name (here a hard link, as a backup may
         // make) keeps its data, even released through its last handle.
-        let kept = backend.open("kept", true).await.unwrap();
         let data = vec![5u8; 3 * BLOCK_SIZE];
-        backend.write_at(&kept, backend.alloc_with(&kept, data.len(), &data), 0).await.unwrap();
+        let kept = new_file(&backend, "kept", &data).await;
         std::fs::hard_link(path.join("kept"), path.join("backup")).unwrap();
         backend.remove("kept").await.unwrap();
         backend.release(kept).await.unwrap();
         assert_eq!(std::fs::read(path.join("backup")).unwrap(), data, "a file with a name left is kept whole");
 
-        let f = backend.open("seg", true).await.unwrap();
         // Several pieces and a part of one.
         let len = 5 * 1024 * 1024 + 3 * BLOCK_SIZE;
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        backend.write_at(&f, backend.alloc_with(&f, len, &data), 0).await.unwrap();
+        let f = new_file(&backend, "seg", &data).await;
         backend.sync(&f).await.unwrap();
         // A descriptor of its own, to watch the file's size after it has
         // no name.
