@@ -1153,7 +1153,7 @@ struct ShardCheck {
 /// report.
 fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck> {
     use gyre::storage::format::{hint_file_name, parse_format_file, replay_hint, segment_file_name, Seed, FORMAT_FILE};
-    use gyre::storage::scan::scan_segment;
+    use gyre::storage::scan::{scan_segment, LastSegment};
     use std::collections::HashSet;
 
     let in_use = shard_in_use(dir);
@@ -1221,17 +1221,20 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
         let mut kept = size;
         if is_last {
             report.torn_tail_bytes = out.torn_tail;
-            if out.valid_end == 0 && out.corruptions.is_empty() {
-                repairs.push(format!("remove {name} (the last segment, holding no record)"));
-                continue;
-            }
-            if size != out.valid_end {
-                let what = match report.torn_tail_bytes {
-                    0 => "zeros past the last record, not a torn write".to_string(),
-                    n => format!("a torn write of {n} bytes"),
-                };
-                repairs.push(format!("truncate {name} from {size} to {} bytes ({what})", out.valid_end));
-                kept = out.valid_end;
+            match out.last_segment() {
+                LastSegment::Remove => {
+                    repairs.push(format!("remove {name} (the last segment, holding no record)"));
+                    continue;
+                }
+                LastSegment::Keep { len } if len != size => {
+                    let what = match report.torn_tail_bytes {
+                        0 => "zeros past the last record, not a torn write".to_string(),
+                        n => format!("a torn write of {n} bytes"),
+                    };
+                    repairs.push(format!("truncate {name} from {size} to {len} bytes ({what})"));
+                    kept = len;
+                }
+                LastSegment::Keep { .. } => {}
             }
         }
         let hint_name = hint_file_name(seg);

@@ -52,7 +52,9 @@ use crate::storage::format::{
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
-use crate::storage::scan::{may_drop_tombstone, pick_compaction, scan_segment, Corruption, SegmentScan, SegmentUsage};
+use crate::storage::scan::{
+    may_drop_tombstone, pick_compaction, scan_segment, Corruption, LastSegment, SegmentScan, SegmentUsage,
+};
 
 /// Errors of the storage engine.
 #[derive(Debug, Error)]
@@ -561,19 +563,26 @@ impl<B: Backend> Engine<B> {
                 });
                 max_seq = max_seq.max(hb.max_seq());
                 report.corruptions.extend(out.corruptions.iter().cloned());
-                if is_last {
+                let kept = if is_last {
                     report.torn_tail_bytes = out.torn_tail;
-                    if out.valid_end == 0 && out.corruptions.is_empty() {
-                        drop(file);
-                        backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
-                        backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
-                        continue;
+                    match out.last_segment() {
+                        LastSegment::Remove => {
+                            drop(file);
+                            backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
+                            backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
+                            continue;
+                        }
+                        LastSegment::Keep { len } => {
+                            if len != size {
+                                backend.truncate(&file, len).await.map_err(io_err("truncating a torn tail"))?;
+                            }
+                            backend.sync(&file).await.map_err(sync_err("syncing a recovered segment"))?;
+                            len
+                        }
                     }
-                    if size != out.valid_end {
-                        backend.truncate(&file, out.valid_end).await.map_err(io_err("truncating a torn tail"))?;
-                    }
-                    backend.sync(&file).await.map_err(sync_err("syncing a recovered segment"))?;
-                }
+                } else {
+                    size
+                };
                 // Seal the recovered segment (or repair its hint) so the next
                 // open replays the hint instead of scanning. A damaged
                 // segment gets one too, of the records that verified: the
@@ -584,7 +593,7 @@ impl<B: Backend> Engine<B> {
                 // version vectors of every key written afterwards). A
                 // sealed segment keeps its size (`replay_hint` checks it),
                 // damage at its end included; the last one was cut above.
-                let hint = hb.into_stream(seg, if is_last { out.valid_end } else { size });
+                let hint = hb.into_stream(seg, kept);
                 write_hint(&backend, seg, hint).await.map_err(io_err("writing a hint file"))?;
             }
             usage.insert(seg, SegmentUsage { total, live: 0 });

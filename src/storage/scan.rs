@@ -32,6 +32,29 @@ pub struct ScanOutcome {
     pub corruptions: Vec<Corruption>,
 }
 
+/// What recovery does with the last (active) segment once it is scanned,
+/// and what `gyre check` predicts it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastSegment {
+    /// Not one record and no damage: only zeros, or a torn first write.
+    /// The file goes; the next write starts a new segment.
+    Remove,
+    /// Kept, cut to `len` bytes, the end of its last valid record (its
+    /// size if that is where it ends). Its hint covers `len` bytes.
+    Keep { len: u64 },
+}
+
+impl ScanOutcome {
+    /// The last segment's fate, once scanned as the active segment.
+    pub fn last_segment(&self) -> LastSegment {
+        if self.valid_end == 0 && self.corruptions.is_empty() {
+            LastSegment::Remove
+        } else {
+            LastSegment::Keep { len: self.valid_end }
+        }
+    }
+}
+
 /// Finds the next offset at or after `from` where a record verified under
 /// the shard's `seed` starts. It looks inside the damaged record's value,
 /// which a client chose: only the seed keeps a record stored there from
@@ -218,6 +241,25 @@ mod tests {
         let (seen, out) = keys(&s, false);
         assert_eq!((seen.len(), out.valid_end, out.torn_tail), (10, end, 0));
         assert!(out.corruptions.is_empty());
+    }
+
+    /// Recovery and `gyre check` both follow `last_segment`: a last
+    /// segment without one record (zeros, or a torn first write) goes;
+    /// one with records is cut after the last of them.
+    #[test]
+    fn the_last_segment_goes_only_without_a_record() {
+        let (_, out) = keys(&[0u8; 8192], false);
+        assert_eq!(out.last_segment(), LastSegment::Remove, "only zeros");
+        let (s, offs) = segment(2);
+        let (_, out) = keys(&s[..offs[1] as usize - 5], false);
+        assert!(out.torn_tail > 0, "{out:?}");
+        assert_eq!(out.last_segment(), LastSegment::Remove, "a torn first record");
+        let mut tail = s.clone();
+        tail.resize(8192, 0);
+        let (_, out) = keys(&tail, false);
+        assert_eq!(out.last_segment(), LastSegment::Keep { len: s.len() as u64 }, "zeros after two records");
+        let (_, out) = keys(&s[..s.len() - 5], false);
+        assert_eq!(out.last_segment(), LastSegment::Keep { len: offs[1] }, "a torn second record");
     }
 
     #[test]
