@@ -48,6 +48,16 @@ fn disk_roundtrip_reopen_and_compaction() {
         assert!(before.segments_sealed >= 4, "{before:?}");
         let c = engine.compact(u64::MAX / 2).await.unwrap();
         assert!(c.segments_removed > 0, "{c:?}");
+        // What compaction removed it has also closed (`Backend::release`),
+        // so their space is free once it returns: no descriptor of this
+        // process still holds a removed file of this directory.
+        let held: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .filter(|l| l.starts_with(&*path.to_string_lossy()) && l.ends_with("(deleted)"))
+            .collect();
+        assert!(held.is_empty(), "removed files still open: {held:?}");
         engine.close().await.unwrap();
         drop(engine);
         let (engine, report) = open_shard(&path, small_config()).await.unwrap();
