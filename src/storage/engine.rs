@@ -1391,7 +1391,12 @@ impl<B: Backend> Engine<B> {
         let hint = match backend.open(&hint_name, false).await {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("opening a hint file to remove it")(e)),
+            // Not worth failing the removal for (out of descriptors, say):
+            // the unlink below then frees the hint at once.
+            Err(e) => {
+                tracing::warn!(seg, error = %e, "opening a hint file to free it gently failed");
+                None
+            }
         };
         match backend.remove(&hint_name).await {
             Ok(()) => {}
