@@ -1152,6 +1152,7 @@ fn a_repair_that_loses_records_makes_the_next_start_renew_the_actor() {
     assert_eq!(repair["clean_mark_removed"], true, "{repair}");
     assert_eq!(repair["shards"][0]["recovery"]["corruptions"][0]["seg"], 1, "{repair}");
     assert!(!dir.path().join("CLEAN").exists());
+    assert!(dir.path().join("shard-000/seg-00000001.hint").exists(), "the repair hinted the damaged segment");
     // The same through the shard's directory.
     let other = tmp();
     damaged_segment(other.path(), true);
@@ -1161,7 +1162,7 @@ fn a_repair_that_loses_records_makes_the_next_start_renew_the_actor() {
     let repair: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(repair["clean_mark_removed"], true, "{repair}");
     assert!(!other.path().join("CLEAN").exists());
-    assert!(dir.path().join("shard-000/seg-00000001.hint").exists(), "the repair hinted the damaged segment");
+    assert!(shard.join("seg-00000001.hint").exists(), "the repair through the shard hinted the damaged segment");
     let node = Node::start(dir.path(), &[]);
     assert_ne!(put_actor(&node, "k21", "v"), first, "the repair lost a record: the actor is new");
     assert!(node.terminate().success());

@@ -51,11 +51,14 @@ fn disk_roundtrip_reopen_and_compaction() {
         // What compaction removed it has also closed (`Backend::release`),
         // so their space is free once it returns: no descriptor of this
         // process still holds a removed file of this directory.
+        // Resolved, as the descriptors' links are (a temporary directory
+        // reached through a symbolic link would match nothing).
+        let dir = path.canonicalize().unwrap().to_string_lossy().into_owned();
         let held: Vec<String> = std::fs::read_dir("/proc/self/fd")
             .unwrap()
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .map(|l| l.to_string_lossy().into_owned())
-            .filter(|l| l.starts_with(&*path.to_string_lossy()) && l.ends_with("(deleted)"))
+            .filter(|l| l.starts_with(&dir) && l.ends_with("(deleted)"))
             .collect();
         assert!(held.is_empty(), "removed files still open: {held:?}");
         engine.close().await.unwrap();
