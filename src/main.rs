@@ -1167,10 +1167,11 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     names.sort();
     let files = gyre::storage::ShardFiles::sort(&names);
     let (segs, hints) = (&files.segs, &files.hints);
-    let mut repairs: Vec<String> = files.temps.iter().map(|name| format!("remove {name} (a temporary file)")).collect();
-    let spare = match files.spare {
-        true => Some(std::fs::metadata(dir.join(SPARE_SEGMENT)).context("sizing the spare segment")?.len()),
-        false => None,
+    let mut repairs = Vec::new();
+    let spare = if files.spare {
+        Some(std::fs::metadata(dir.join(SPARE_SEGMENT)).context("sizing the spare segment")?.len())
+    } else {
+        None
     };
     // Without a format file there is no segment to scan (or the start
     // refuses), so the seed there is never used.
@@ -1190,6 +1191,7 @@ fn check_shard(dir: &Path, partitions: Option<u32>) -> anyhow::Result<ShardCheck
     if let Some(e) = gyre::storage::orphan_hint(segs, hints) {
         bail!("{e}: a start refuses this directory");
     }
+    repairs.extend(files.temps.iter().map(|name| format!("remove {name} (a temporary file)")));
 
     let mut report = gyre::storage::RecoveryReport { segments: segs.len(), ..Default::default() };
     let mut scrub = Vec::new();

@@ -396,8 +396,8 @@ impl DataDir {
         write().with_context(|| format!("writing {}", node_path.display()))
     }
 
-    /// Starts a run on a persisted directory, before any shard takes a
-    /// write: removes the `CLEAN` mark durably, or, if it was not there
+    /// Starts a run on the data directory (a new one, not yet persisted,
+    /// included), before any shard takes a write: removes the `CLEAN` mark durably, or, if it was not there
     /// (the last run was killed, crashed or failed), gives this node a new
     /// dot actor (`fresh`, unless it happens to be one in use) and writes
     /// it to `NODE`. Returns whether the actor changed.
@@ -416,18 +416,16 @@ impl DataDir {
     /// recreate it empty, losing every record in it with no recovery to
     /// report it) counts as a loss too, after a clean stop as well.
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
-        let missing: Vec<usize> = match self.planned {
-            true => Vec::new(),
-            false => missing_shard_dirs(&self.path, self.node.shards),
-        };
+        let was_clean = forget_clean_stop(&self.path)?;
+        if self.planned {
+            // A new directory has lost nothing.
+            return Ok(false);
+        }
+        let missing = missing_shard_dirs(&self.path, self.node.shards);
         if !missing.is_empty() {
             tracing::warn!(?missing, "shard directories of this node are gone: their records are lost");
         }
-        if forget_clean_stop(&self.path)? && missing.is_empty() {
-            return Ok(false);
-        }
-        if self.planned {
-            // A new directory has lost nothing.
+        if was_clean && missing.is_empty() {
             return Ok(false);
         }
         self.renew_actor(fresh)?;

@@ -1552,7 +1552,7 @@ async fn write_hint<B: Backend>(backend: &B, seg: u32, mut hint: HintStream) -> 
 /// is durable as it is made (`O_DSYNC`), so a group commit is one request
 /// to the disk, which the kernel completes after the device's cache flush,
 /// instead of a write, a wake-up of the shard, an fdatasync and another
-/// wake-up (perf/RESULTS.md, twelfth session: 12-19% more durable writes a
+/// wake-up (perf/RESULTS.md, twelfth session: 18-22% more durable writes a
 /// second). Sealed segments are opened so as well; they are never written.
 async fn open_segment<B: Backend>(backend: &B, config: &EngineConfig, name: &str, create: bool) -> io::Result<B::File> {
     if config.synced_writes() {
