@@ -30,6 +30,6 @@ else
 fi
 "${GEN[@]}" ./target/release/gyre-bench net --target $TG --connections ${CONNS:-50} --depth 1 --keys ${KEYS:-100000} --value-size 100 \
     --duration ${DUR:-10} --warmup 2 --load --read-ratio "$R" ${RATE:+--rate "$RATE"} --server-pid $P 2>/dev/null |
-  python3 -c 'import json,sys; d=json.load(sys.stdin); print(sys.argv[1], " ".join(str(round(d[k],1)) for k in ("ops_per_sec","p50_us","p99_us","p999_us","max_us","errors","server_cpu_us_per_op")), d.get("verify_max_values"), d.get("max_siblings_seen"), d.get("slower_than"))' "$T $R $F $*"
+  python3 -c 'import json,sys; d=json.load(sys.stdin); print(sys.argv[1], " ".join(str(round(d[k],1)) for k in ("ops_per_sec","p50_us","p99_us","p999_us","max_us","errors","server_cpu_us_per_op")), d.get("verify_max_values"), d.get("max_siblings_seen"), d.get("slower_than"))' "$T $R $F${RATE:+ rate=$RATE} $*"
 kill -TERM $P; wait $P 2>/dev/null
 rm -rf "$D"
