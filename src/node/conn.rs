@@ -27,7 +27,7 @@ use futures_lite::future::poll_once;
 use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
-use crate::storage::Prefetch;
+use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
     declared_frame_len, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
 };
@@ -185,6 +185,65 @@ impl Outbox {
     }
 }
 
+/// The reply of a write that has not settled yet. A write's reply is a
+/// header and the new version's context, which for a lone node's clock is
+/// a few dozen bytes: inline, it costs no allocation while it waits.
+pub(super) type HeldReply = smallvec::SmallVec<[u8; 96]>;
+
+/// Writes of a shard's connections that are appended but not yet settled
+/// (under `fsync = always`, waiting for their group commit), in the order
+/// they were appended, which is log order, so they settle front first.
+///
+/// One task ([`settle_held`]) waits for the front write and hands out the
+/// replies of every write the same group commit settled, instead of one
+/// task, one future and one reply buffer per write.
+#[derive(Default)]
+pub(super) struct Settling {
+    queue: RefCell<std::collections::VecDeque<Held>>,
+    /// A [`settle_held`] task is running: it takes every write queued
+    /// before it finds the queue empty.
+    running: Cell<bool>,
+}
+
+/// A write waiting in [`Settling`], and where its reply goes.
+struct Held {
+    out: Rc<Outbox>,
+    id: u64,
+    pending: PendingWrite,
+    reply: HeldReply,
+}
+
+/// Queues the reply of a write appended just now (nothing appended since),
+/// to go to `out` once the write settles.
+fn hold(shard: &Rc<Shard>, out: &Rc<Outbox>, id: u64, pending: PendingWrite, reply: HeldReply) {
+    shard.settling.queue.borrow_mut().push_back(Held { out: out.clone(), id, pending, reply });
+    if !shard.settling.running.replace(true) {
+        glommio::spawn_local(settle_held(shard.clone())).detach();
+    }
+}
+
+/// Settles the held writes front first, handing each reply (or its error)
+/// to its connection, until none is left. The first write of a group waits
+/// (leading the group's flush if nobody else does); the rest of the group
+/// is settled by then and goes out without waiting.
+async fn settle_held(shard: Rc<Shard>) {
+    let engine = shard.store.engine();
+    loop {
+        let Some(held) = shard.settling.queue.borrow_mut().pop_front() else {
+            shard.settling.running.set(false);
+            return;
+        };
+        let settled = match engine.settle_now(held.pending) {
+            Ok(seq) => Ok(seq),
+            Err(pending) => engine.settle(pending).await,
+        };
+        match settled {
+            Ok(_) => held.out.push(&held.reply),
+            Err(e) => held.out.push(&shard.store_error_frame(held.id, &e.into())),
+        }
+    }
+}
+
 /// Frames of one read whose lookups [`prefetch`] fetches ahead: one is
 /// the unpipelined case; a few more cover a short pipeline, and past that
 /// the first lookups' lines would be evicted before they are used.
@@ -323,8 +382,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                                 Answer::Settle(pending, reply) => {
                                     // Appended; acknowledged once it settles.
                                     out.start();
-                                    let (shard, id) = (shard.clone(), header.request_id);
-                                    out.push_later(async move { shard.settle_reply(id, pending, reply).await });
+                                    hold(&shard, &out, header.request_id, pending, reply);
                                     start += total;
                                     continue;
                                 }

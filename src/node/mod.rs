@@ -157,6 +157,8 @@ pub struct Shard {
     /// The cluster this node belongs to (`None`: a lone node, which
     /// serves every key itself).
     cluster: Option<coordinate::ClusterState>,
+    /// Writes of this shard's connections waiting to settle, in log order.
+    settling: conn::Settling,
 }
 
 /// What [`Shard::answer_now`] did with a request.
@@ -166,7 +168,7 @@ enum Answer {
     /// Its reply is appended to the connection's replies.
     Now,
     /// A write appended but not yet settled: its reply, to send once it is.
-    Settle(PendingWrite, Vec<u8>),
+    Settle(PendingWrite, conn::HeldReply),
 }
 
 /// Where a forwarded request's reply frame lands.
@@ -342,22 +344,13 @@ impl Shard {
             Err(e) => out.extend_from_slice(&self.store_error_frame(id, &e)),
             Ok(((), pending)) => {
                 if let Err(pending) = self.store.engine().settle_now(pending) {
-                    let reply = out[start..].to_vec();
+                    let reply = conn::HeldReply::from_slice(&out[start..]);
                     out.truncate(start);
                     return Answer::Settle(pending, reply);
                 }
             }
         }
         Answer::Now
-    }
-
-    /// Sends `reply` (of request `id`, a write that [`Self::answer_now`]
-    /// appended) once the write has settled, or an error if it cannot.
-    async fn settle_reply(&self, id: u64, pending: PendingWrite, reply: Vec<u8>) -> Vec<u8> {
-        match self.store.engine().settle(pending).await {
-            Ok(_) => reply,
-            Err(e) => self.store_error_frame(id, &e.into()),
-        }
     }
 
     /// The error reply of a failed key-value operation; failures of the
@@ -798,6 +791,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         shutting_down: Cell::new(false),
         shutdown: Notify::default(),
         closed: Notify::default(),
+        settling: conn::Settling::default(),
         cluster,
     });
     let mesh_tasks: Vec<_> =
