@@ -385,48 +385,6 @@ async fn new_file(backend: &GlommioBackend, name: &str, data: &[u8]) -> std::rc:
     f
 }
 
-/// The log's writes go through the shard's own io_uring, submitted at
-/// once (`write_ring`): they land whole; a second one while the first is
-/// in flight goes glommio's way; and a write whose future is dropped
-/// mid-flight still completes before anything else is written, so a
-/// rewrite of the same block right after it is never overtaken by it.
-#[test]
-fn log_writes_through_the_shards_own_ring_land_whole_even_when_cancelled() {
-    in_fresh_dir(|path| async move {
-        let backend = GlommioBackend::open(&path).await.unwrap();
-        let f = backend.open("log", true).await.unwrap();
-        let block = |b: u8| vec![b; BLOCK_SIZE];
-        let write = |data: Vec<u8>, at: usize| {
-            let buf = backend.alloc_with(&f, data.len(), &data);
-            backend.write_log_at(&f, buf, (at * BLOCK_SIZE) as u64)
-        };
-        let before = backend.log_ring_writes();
-        write([block(1), block(1)].concat(), 0).await.unwrap();
-        assert_eq!(backend.log_ring_writes(), before + 1, "the ring took the write");
-        // Two at once: the ring takes the first, glommio the second.
-        let (a, b) = futures_lite::future::zip(write(block(2), 2), write(block(3), 3)).await;
-        a.unwrap();
-        b.unwrap();
-        assert_eq!(backend.log_ring_writes(), before + 2, "one of the two went through the ring");
-        // Cancelled writes, each rewritten at once with other bytes.
-        let mut cancelled = 0;
-        for round in 0..50u8 {
-            let mut first = Box::pin(write(block(100 + round), 4));
-            if futures_lite::future::poll_once(&mut first).await.is_none() {
-                cancelled += 1;
-            }
-            drop(first);
-            write(block(200), 4).await.unwrap();
-            let read = backend.read_at(&f, 4 * BLOCK_SIZE as u64, BLOCK_SIZE).await.unwrap();
-            assert!(read.as_ref() == &block(200)[..], "round {round}: the rewrite was overtaken");
-        }
-        assert!(cancelled > 0, "no write was still in flight when dropped: the test tested nothing");
-        let read = backend.read_at(&f, 0, 5 * BLOCK_SIZE).await.unwrap();
-        let want = [block(1), block(1), block(2), block(3), block(200)].concat();
-        assert!(read.as_ref() == &want[..], "every write landed whole");
-    });
-}
-
 /// Regression: the backend sized a file through glommio's
 /// `DmaFile::file_size`, a statx of the path it was opened under, so a
 /// file renamed since (the spare segment: `spare-segment.tmp`, then

@@ -1013,7 +1013,7 @@ impl<B: Backend> Engine<B> {
                 self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
             };
             let buf = backend.alloc_with(&file, plan.write_len(), self.inner.st.borrow().writer.plan_bytes(&plan));
-            backend.write_log_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
+            backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
                 backend.sync(&file).await.map_err(sync_err("syncing a sealed segment"))?;

@@ -26,7 +26,6 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
-use super::write_ring::WriteRing;
 use super::{write_file_in_pieces, Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
 
@@ -88,9 +87,6 @@ pub struct GlommioBackend {
     dir: PathBuf,
     /// Holds the exclusive lock; released when the backend is dropped.
     _lock: File,
-    /// The log's writes, submitted at once (`None` if the ring could not
-    /// be set up: they then go glommio's way, as every other write does).
-    log_ring: Option<WriteRing>,
 }
 
 /// A write buffer in DMA-able memory.
@@ -144,16 +140,7 @@ impl GlommioBackend {
             return Err(io::Error::other("short read probing the data directory's device"));
         }
         probe.close().await.map_err(io::Error::from)?;
-        let log_ring = WriteRing::new()
-            .inspect_err(|e| tracing::warn!(error = %e, "no io_uring of the shard's own for log writes; they go through glommio's"))
-            .ok();
-        Ok(GlommioBackend { dir, _lock: lock, log_ring })
-    }
-
-    /// Log writes that went through the shard's own ring (see
-    /// `write_ring`); the others went glommio's way.
-    pub fn log_ring_writes(&self) -> u64 {
-        self.log_ring.as_ref().map_or(0, WriteRing::submitted)
+        Ok(GlommioBackend { dir, _lock: lock })
     }
 
     async fn open_with(&self, name: &str, create: bool, flags: i32) -> io::Result<Rc<DmaFile>> {
@@ -265,17 +252,6 @@ impl Backend for GlommioBackend {
         let want = buf.0.len();
         let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
         full_write(n, want)
-    }
-
-    /// Through the shard's own ring when it is free (see `write_ring`).
-    async fn write_log_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
-        assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
-        let Some(ring) = &self.log_ring else { return self.write_at(file, buf, off).await };
-        let want = buf.0.len();
-        match ring.write_at(file, buf.0, off).await {
-            Ok(n) => full_write(n?, want),
-            Err(buf) => self.write_at(file, GlommioBuf(buf), off).await,
-        }
     }
 
     async fn sync(&self, file: &Rc<DmaFile>) -> io::Result<()> {

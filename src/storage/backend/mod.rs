@@ -12,8 +12,6 @@
 #[cfg(feature = "node")]
 pub mod glommio;
 pub mod mem;
-#[cfg(feature = "node")]
-mod write_ring;
 
 use std::io;
 
@@ -59,13 +57,6 @@ pub trait Backend {
     fn alloc_with(&self, file: &Self::File, len: usize, data: &[u8]) -> Self::Buf;
     /// Writes the whole buffer at `off` (block aligned).
     async fn write_at(&self, file: &Self::File, buf: Self::Buf, off: u64) -> io::Result<()>;
-    /// [`Self::write_at`] for the log's writes, which writers wait on:
-    /// sent to the device at once, where the backend can, rather than
-    /// whenever its other I/O goes (the glommio backend's
-    /// `write_ring`). One at a time is the fast case; more are allowed.
-    async fn write_log_at(&self, file: &Self::File, buf: Self::Buf, off: u64) -> io::Result<()> {
-        self.write_at(file, buf, off).await
-    }
     /// fdatasync.
     async fn sync(&self, file: &Self::File) -> io::Result<()>;
     /// Reads up to `len` bytes at `off` (short only at end of file).
