@@ -7,8 +7,12 @@
 //! prefetches its requests' lookups in stages, yielding between them
 //! ([`prefetch`]), so that the batch's cache misses overlap.
 //!
+//! Writes that must still settle (a durable write waiting for its group
+//! commit) have their replies held in the shard's [`Settling`] queue, which
+//! one task per shard hands out as they settle.
+//!
 //! Owns: the connection's read buffer, its in-flight count and its reply
-//! queue.
+//! queue; and the shard's queue of held writes (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection run at
 //! once (past that the reader stops reading: backpressure, not errors);
