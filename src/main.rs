@@ -1104,10 +1104,24 @@ fn check_shards(
         // A loss the check did not foresee (the files changed since), or
         // a repair that failed after it may have hinted damage or cut a
         // tail: late, but the next start still learns of it.
+        // Reported with this shard's result, not in its place: the repairs
+        // made so far are the report's point, and a kept mark is the
+        // user's to remove before the next start.
+        let mut clean_error = None;
         if res.as_ref().map_or(true, |(report, ..)| report.lost_records()) {
-            clean_removed |= forget_clean()?;
+            match forget_clean() {
+                Ok(removed) => clean_removed |= removed,
+                Err(e) => {
+                    *failed = true;
+                    note!("gyre check: could not remove the node's CLEAN mark after a repair that may have lost records: {e:#}; remove it before the node's next start");
+                    clean_error = Some(format!("{e:#}"));
+                }
+            }
         }
         let r = &mut reports[i];
+        if let Some(e) = clean_error {
+            r["clean_mark_error"] = e.into();
+        }
         match res {
             Ok((report, recovery_ms, scrub, stats)) => {
                 *failed |= !report.corruptions.is_empty() || !scrub.is_empty();

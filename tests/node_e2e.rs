@@ -1174,6 +1174,34 @@ fn a_repair_that_loses_records_makes_the_next_start_renew_the_actor() {
     assert!(dir.path().join("CLEAN").exists());
 }
 
+/// A repair that fails (or loses records the check did not foresee) and
+/// then cannot remove the node's clean-stop mark still prints its report,
+/// with both errors, and exits 1: the report of what was repaired is not
+/// lost to the second error.
+#[test]
+fn a_repair_that_cannot_remove_the_clean_mark_afterwards_still_reports() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    put_actor(&node, "k", "v");
+    assert!(node.terminate().success());
+    // A CLEAN that cannot be removed as a file, and a shard LOCK that the
+    // read-only check can open (and lock) but a repair cannot open for
+    // writing: the check finds nothing to lose, the repair fails.
+    std::fs::remove_file(dir.path().join("CLEAN")).unwrap();
+    std::fs::create_dir(dir.path().join("CLEAN")).unwrap();
+    let lock = dir.path().join("shard-000/LOCK");
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::create_dir(&lock).unwrap();
+    let (ok, out, err) = cli(&["check", "--data-dir", dir.path().to_str().unwrap(), "--repair"]);
+    assert!(!ok, "a failed repair exits 1: {err}\n{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}\n{out}"));
+    let shard = &report["shards"][0];
+    assert!(shard["error"].as_str().is_some_and(|e| e.starts_with("repairing")), "{report}");
+    assert!(shard["clean_mark_error"].as_str().is_some_and(|e| e.contains("CLEAN")), "{report}");
+    assert_eq!(report["clean_mark_removed"], false, "{report}");
+    assert!(err.contains("remove it before the node's next start"), "{err}");
+}
+
 /// A shard directory that is gone after a clean stop lost every record in
 /// it, and nothing in recovery reports that (the start recreates it
 /// empty): the start gives the node a new actor all the same.
