@@ -848,21 +848,6 @@ fn is_node_dir(dir: &Path) -> bool {
     dir.join(gyre::node::config::NODE_FILE).is_file()
 }
 
-/// The `shard-*` directories of `dir`, sorted by name.
-fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        if entry.file_name().to_string_lossy().starts_with(gyre::node::config::SHARD_DIR_PREFIX)
-            && entry.path().is_dir()
-        {
-            out.push(entry.path());
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
     // A NODE file that is there must be one a start would take: its
     // partition count decides how a repair opens the shards.
@@ -870,7 +855,7 @@ fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
     Ok(NodeDirInfo {
         partitions: node.as_ref().map(|n| n.partitions),
         shards: node.as_ref().map(|n| n.shards),
-        shard_dirs: shard_dirs(dir)?,
+        shard_dirs: gyre::node::config::shard_dirs(dir)?,
     })
 }
 
@@ -879,7 +864,7 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
     if dir.join(FORMAT_FILE).exists() {
         return Ok(CheckTarget::Shard);
     }
-    if is_node_dir(dir) || !shard_dirs(dir).unwrap_or_default().is_empty() {
+    if is_node_dir(dir) || !gyre::node::config::shard_dirs(dir).unwrap_or_default().is_empty() {
         return Ok(CheckTarget::Node(node_dir_info(dir)?));
     }
     if dir.join("cluster.toml").is_file() {

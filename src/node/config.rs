@@ -264,6 +264,21 @@ pub fn shard_dir_name(i: usize) -> String {
     format!("{SHARD_DIR_PREFIX}{i:03}")
 }
 
+/// The `shard-*` directories of a node's data directory `dir`, sorted by
+/// name. What a start takes for shard data with no `NODE` file, and what
+/// `gyre check` checks.
+pub fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().starts_with(SHARD_DIR_PREFIX) && entry.path().is_dir() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The shards, of the `shards` a node has, whose directories are not in
 /// its data directory `dir` (a start recreates them empty: whatever they
 /// held is lost). A start and `gyre check` judge them alike.
@@ -342,11 +357,8 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         // without it), not a new directory: starting over would give the
         // data a new identity and perhaps another shard count, and serve
         // its keys as missing.
-        let orphans: Vec<String> = std::fs::read_dir(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .filter(|n| n.starts_with(SHARD_DIR_PREFIX))
-            .collect();
+        let orphans: Vec<String> =
+            shard_dirs(&path)?.iter().filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
         if !orphans.is_empty() {
             bail!(
                 "{} holds shard data ({}) but no {NODE_FILE} file: restore {NODE_FILE}, or move the data away to start \
