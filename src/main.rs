@@ -848,6 +848,11 @@ fn is_node_dir(dir: &Path) -> bool {
     dir.join(gyre::node::config::NODE_FILE).is_file()
 }
 
+/// The `shard-*` directories of a node's data directory `dir`, sorted.
+fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    Ok(gyre::node::config::shard_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect())
+}
+
 fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
     // A NODE file that is there must be one a start would take: its
     // partition count decides how a repair opens the shards.
@@ -855,7 +860,7 @@ fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
     Ok(NodeDirInfo {
         partitions: node.as_ref().map(|n| n.partitions),
         shards: node.as_ref().map(|n| n.shards),
-        shard_dirs: gyre::node::config::shard_dirs(dir)?,
+        shard_dirs: shard_dirs(dir)?,
     })
 }
 
@@ -864,7 +869,7 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
     if dir.join(FORMAT_FILE).exists() {
         return Ok(CheckTarget::Shard);
     }
-    if is_node_dir(dir) || !gyre::node::config::shard_dirs(dir).unwrap_or_default().is_empty() {
+    if is_node_dir(dir) || !shard_dirs(dir).unwrap_or_default().is_empty() {
         return Ok(CheckTarget::Node(node_dir_info(dir)?));
     }
     if dir.join("cluster.toml").is_file() {
@@ -887,7 +892,8 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
 }
 
 /// `gyre check`: read-only unless `repair`. Prints one JSON report and
-/// exits 1 if a shard holds corruption (or could not be checked).
+/// exits 1 if a shard holds corruption (or could not be checked or
+/// repaired), or if a repair left the node's `CLEAN` mark it had to remove.
 fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
     let mode = if repair { "repair" } else { "check" };
     let mut failed = false;
@@ -1011,7 +1017,8 @@ fn repair_config(partitions: Option<u32>, spare: Option<u64>) -> EngineConfig {
 
 /// Checks each shard directory: read-only (see [`check_shard`]), then, with
 /// `repair`, opened as a node's start opens it. One JSON report per shard;
-/// `failed` is set for corruption or a shard that could not be checked.
+/// `failed` is set for corruption, a shard that could not be checked or
+/// repaired, or a `CLEAN` mark a repair could not remove.
 ///
 /// A repair whose recovery loses records (damage, a torn write) first
 /// removes the `CLEAN` mark of the shards' node directory `node`, as a
@@ -1069,6 +1076,7 @@ fn check_shards(
     }
     let forget_clean = || node.map_or(Ok(false), gyre::node::config::forget_clean_stop);
     let mut clean_removed = loses && forget_clean()?;
+    let mut clean_errors = Vec::new();
     let repaired = run_executor("gyre-check", None, async move {
         let mut out = Vec::new();
         for (i, dir, config) in to_repair {
@@ -1089,24 +1097,15 @@ fn check_shards(
         // A loss the check did not foresee (the files changed since), or
         // a repair that failed after it may have hinted damage or cut a
         // tail: late, but the next start still learns of it.
-        // Reported with this shard's result, not in its place: the repairs
-        // made so far are the report's point, and a kept mark is the
-        // user's to remove before the next start.
-        let mut clean_error = None;
+        // Reported with this shard's result (below), not in its place: the
+        // repairs made so far are the report's point.
         if res.as_ref().map_or(true, |(report, ..)| report.lost_records()) {
             match forget_clean() {
                 Ok(removed) => clean_removed |= removed,
-                Err(e) => {
-                    *failed = true;
-                    note!("gyre check: could not remove the node's CLEAN mark after a repair that may have lost records: {e:#}; remove it before the node's next start");
-                    clean_error = Some(format!("{e:#}"));
-                }
+                Err(e) => clean_errors.push((i, format!("{e:#}"))),
             }
         }
         let r = &mut reports[i];
-        if let Some(e) = clean_error {
-            r["clean_mark_error"] = e.into();
-        }
         match res {
             Ok((report, recovery_ms, scrub, stats)) => {
                 *failed |= !report.corruptions.is_empty() || !scrub.is_empty();
@@ -1120,6 +1119,14 @@ fn check_shards(
                 *failed = true;
                 r["error"] = format!("repairing: {e:#}").into();
             }
+        }
+    }
+    // A mark that a later attempt removed is gone, whatever failed before.
+    if !clean_removed && !clean_errors.is_empty() {
+        *failed = true;
+        note!("gyre check: a repair that may have lost records could not remove the node's CLEAN mark: remove it before the node's next start");
+        for (i, e) in clean_errors {
+            reports[i]["clean_mark_error"] = e.into();
         }
     }
     Ok((reports, clean_removed))

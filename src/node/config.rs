@@ -264,14 +264,15 @@ pub fn shard_dir_name(i: usize) -> String {
     format!("{SHARD_DIR_PREFIX}{i:03}")
 }
 
-/// The `shard-*` directories of a node's data directory `dir`, sorted by
-/// name. What a start takes for shard data with no `NODE` file, and what
-/// `gyre check` checks.
-pub fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The entries of a node's data directory `dir` named `shard-*`, sorted by
+/// name: its shard directories, and anything else under such a name. A
+/// start refuses all of them without a `NODE` file (shard data, or
+/// something in its place); `gyre check` checks those that are directories.
+pub fn shard_entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        if entry.file_name().to_string_lossy().starts_with(SHARD_DIR_PREFIX) && entry.path().is_dir() {
+        if entry.file_name().to_string_lossy().starts_with(SHARD_DIR_PREFIX) {
             out.push(entry.path());
         }
     }
@@ -357,8 +358,10 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         // without it), not a new directory: starting over would give the
         // data a new identity and perhaps another shard count, and serve
         // its keys as missing.
-        let orphans: Vec<String> =
-            shard_dirs(&path)?.iter().filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+        let orphans: Vec<String> = shard_entries(&path)?
+            .iter()
+            .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
         if !orphans.is_empty() {
             bail!(
                 "{} holds shard data ({}) but no {NODE_FILE} file: restore {NODE_FILE}, or move the data away to start \
@@ -489,6 +492,14 @@ mod tests {
         std::fs::create_dir(data.shard_dir(0)).unwrap();
         drop(data);
         std::fs::remove_file(dir.path().join(NODE_FILE)).unwrap();
+        let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
+        assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
+        assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");
+        // Something else under a shard directory's name is refused alike:
+        // a start would write its NODE file and then fail to make the
+        // shard's directory, on every start after.
+        std::fs::remove_dir(dir.path().join("shard-000")).unwrap();
+        std::fs::write(dir.path().join("shard-000"), b"not a directory").unwrap();
         let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
         assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
         assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");

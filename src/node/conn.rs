@@ -8,7 +8,8 @@
 //! ([`prefetch`]), so that the batch's cache misses overlap.
 //!
 //! Writes that must still settle (a durable write waiting for its group
-//! commit) have their replies held in the shard's [`Settling`] queue, which
+//! commit, or any write past the write buffer's backlog limit) have their
+//! replies held in the shard's [`Settling`] queue, which
 //! one task per shard hands out as they settle.
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
@@ -195,8 +196,10 @@ impl Outbox {
 pub(super) type HeldReply = smallvec::SmallVec<[u8; 96]>;
 
 /// Writes of a shard's connections that are appended but not yet settled
-/// (under `fsync = always`, waiting for their group commit), in the order
-/// they were appended, which is log order, so they settle front first.
+/// (under `fsync = always`, waiting for their group commit; under the
+/// other policies, appended past the write buffer's backlog limit and
+/// waiting for a flush), in the order they were appended, which is log
+/// order, so they settle front first.
 ///
 /// One task ([`settle_held`]) waits for the front write and hands out the
 /// replies of every write the same group commit settled, instead of one
@@ -237,11 +240,7 @@ async fn settle_held(shard: Rc<Shard>) {
             shard.settling.running.set(false);
             return;
         };
-        let settled = match engine.settle_now(held.pending) {
-            Ok(seq) => Ok(seq),
-            Err(pending) => engine.settle(pending).await,
-        };
-        match settled {
+        match engine.settle(held.pending).await {
             Ok(_) => held.out.push(&held.reply),
             Err(e) => held.out.push(&shard.store_error_frame(held.id, &e.into())),
         }
