@@ -1323,18 +1323,18 @@ impl<B: Backend> Engine<B> {
         };
         if live > 0 {
             // Streamed a piece at a time (see `SegmentReader`), and yielding
-            // every 64 records: a whole segment's checksums in one go
-            // stalled every request on the shard for tens of milliseconds.
+            // every so often ([`Pace`]): a whole segment's checksums in one
+            // go stalled every request on the shard for tens of milliseconds.
             let mut reader = SegmentReader::new(backend, &file, COMPACTION_READ, self.inner.seed).await?;
-            let mut seen = 0u64;
+            let mut pace = Pace::default();
             let regular = loop {
+                reader.keys_ahead(COMPACTION_PREFETCH, |key| self.prefetch(key_hash(key), Prefetch::Slots));
                 let (off, r) = match reader.next().await? {
                     Step::Record(off, r) => (off, r),
                     Step::End => break true,
                     Step::Irregular => break false,
                 };
-                seen += 1;
-                if seen.is_multiple_of(64) {
+                if pace.record(r.encoded_len()) {
                     backend.yield_now().await;
                 }
                 if self.move_if_live(seg, off, &r, now_ms, stats)? {
@@ -1349,10 +1349,9 @@ impl<B: Backend> Engine<B> {
                 // no longer points into this segment for those keys.
                 let data = read_segment(backend, &file).await?;
                 let mut scan = SegmentScan::new(seg, data.as_ref(), true, self.inner.seed);
-                let mut seen = 0u64;
+                let mut pace = Pace::default();
                 while let Some((off, r)) = scan.next_record() {
-                    seen += 1;
-                    if seen.is_multiple_of(64) {
+                    if pace.record(r.encoded_len()) {
                         backend.yield_now().await;
                     }
                     if self.move_if_live(seg, off, &r, now_ms, stats)? {
@@ -1487,13 +1486,18 @@ struct SegmentReader<'e, B: Backend> {
     data: Option<B::Read>,
     /// Where the next record starts in `data`.
     at: usize,
+    /// Where the first record not yet offered by [`Self::keys_ahead`]
+    /// starts in `data`, and how many offered records lie before it that
+    /// [`Self::next`] has not returned yet.
+    ahead: usize,
+    offered: usize,
     seed: Seed,
 }
 
 impl<'e, B: Backend> SegmentReader<'e, B> {
     async fn new(backend: &'e B, file: &'e B::File, piece: usize, seed: Seed) -> Result<Self, StorageError> {
         let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
-        Ok(SegmentReader { backend, file, size, piece, base: 0, data: None, at: 0, seed })
+        Ok(SegmentReader { backend, file, size, piece, base: 0, data: None, at: 0, ahead: 0, offered: 0, seed })
     }
 
     async fn next(&mut self) -> Result<Step<'_>, StorageError> {
@@ -1522,18 +1526,86 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
             self.data = Some(piece);
             self.base = start;
             self.at = 0;
+            (self.ahead, self.offered) = (0, 0);
         }
         let at = self.at;
         let data = self.data.as_ref().expect("a record was found in the piece").as_ref();
         match decode_record(&data[at..], self.seed) {
             Ok(r) => {
                 self.at += r.encoded_len();
+                if at < self.ahead {
+                    self.offered = self.offered.saturating_sub(1);
+                }
                 Ok(Step::Record(self.base + at as u64, r))
             }
             Err(_) => Ok(Step::Irregular),
         }
     }
 }
+
+impl<B: Backend> SegmentReader<'_, B> {
+    /// Offers `f` the keys of the records that [`Self::next`] returns next,
+    /// each once, until `n` offered ones are still to be returned, within
+    /// the piece in memory. Only the headers are parsed (nothing verified:
+    /// a key offered here only picks which memory to prefetch).
+    fn keys_ahead(&mut self, n: usize, mut f: impl FnMut(&[u8])) {
+        let Some(data) = self.data.as_ref().map(|d| d.as_ref()) else { return };
+        let mut at = self.ahead.max(self.at);
+        while self.offered < n {
+            let Ok((h, len)) = decode_header(&data[at..]) else { break };
+            let Some(key) = data.get(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + h.key_len.get() as usize) else {
+                break;
+            };
+            if at + len > data.len() {
+                break;
+            }
+            f(key);
+            at += len;
+            self.offered += 1;
+        }
+        self.ahead = at;
+    }
+}
+
+/// When compaction gives way to the shard's requests: after this many
+/// records, or this many bytes of them, whichever comes first. A give-way
+/// (`Backend::yield_now`) costs the shard about 13 µs of CPU (a timer, a
+/// poll of its rings; on an idle shard a sleep and a wake-up): every 64
+/// records, about 16 µs of work, it was more than half of compaction's CPU
+/// (a pass over three 64 MiB segments: 324-398 ms of the shard's CPU,
+/// against 135-153 ms at 256; perf/RESULTS.md, fifteenth session). 256
+/// records of 100-byte values are about 65 µs of work; the byte bound
+/// keeps records with large values (checksummed whole) to as much.
+const COMPACTION_YIELD_RECORDS: u32 = 256;
+const COMPACTION_YIELD_BYTES: usize = 256 * 1024;
+
+/// Counts compaction's work since it last gave way (see
+/// [`COMPACTION_YIELD_RECORDS`]).
+#[derive(Default)]
+struct Pace {
+    records: u32,
+    bytes: usize,
+}
+
+impl Pace {
+    /// Counts a record of `len` bytes; true when it is time to give way
+    /// (and the count starts again).
+    fn record(&mut self, len: usize) -> bool {
+        self.records += 1;
+        self.bytes += len;
+        let due = self.records >= COMPACTION_YIELD_RECORDS || self.bytes >= COMPACTION_YIELD_BYTES;
+        if due {
+            *self = Pace::default();
+        }
+        due
+    }
+}
+
+/// Records ahead of the one being compacted whose index slots compaction
+/// prefetches ([`SegmentReader::keys_ahead`]): each record's liveness check
+/// is a probe of the index at a random place, a cache miss on a shard whose
+/// index does not fit in the CPU caches; a few in flight together overlap.
+const COMPACTION_PREFETCH: usize = 8;
 
 /// How much of a hint file [`write_hint`] writes at a time.
 const HINT_PIECE: usize = 1 << 20;
@@ -1616,6 +1688,18 @@ mod tests {
         let backend = MemBackend::new();
         let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
         (backend, engine)
+    }
+
+    /// Compaction gives way after a count of records or of their bytes,
+    /// whichever comes first, and counts afresh after each.
+    #[test]
+    fn compaction_gives_way_by_records_or_by_bytes() {
+        let mut pace = Pace::default();
+        let small = (1..=3 * COMPACTION_YIELD_RECORDS).filter(|_| pace.record(100)).count();
+        assert_eq!(small, 3, "small records: every {COMPACTION_YIELD_RECORDS}");
+        let big = COMPACTION_YIELD_BYTES / 4;
+        let due: Vec<bool> = (0..8).map(|_| pace.record(big)).collect();
+        assert_eq!(due, [false, false, false, true, false, false, false, true], "large records: by their bytes");
     }
 
     /// A flush dropped while it writes a sealed segment's hint (its task
