@@ -13,6 +13,8 @@
 //!   generator the node's Redis comparison was first measured with.
 //! - `gyre-bench storage` drives one shard's storage engine in process (no
 //!   network) on a pinned glommio executor and prints a JSON result.
+//! - `gyre-bench compaction` times one compaction pass in process (wall
+//!   and the shard thread's CPU) and prints a JSON result.
 
 mod harness;
 mod net;
@@ -46,6 +48,8 @@ enum Command {
     Net(net::NetArgs),
     /// One shard's storage engine, in process.
     Storage(storage::StorageArgs),
+    /// One compaction pass of a shard's storage engine, in process, timed.
+    Compaction(storage::CompactionArgs),
 }
 
 #[derive(Args)]
@@ -94,6 +98,7 @@ fn main() {
         Command::Capacity(args) => run_capacity(args),
         Command::Net(args) => net::run(args).map(|()| true),
         Command::Storage(args) => storage::run(args).map(|()| true),
+        Command::Compaction(args) => storage::run_compaction(args).map(|()| true),
     };
     match outcome {
         Ok(true) => {}
