@@ -145,6 +145,17 @@ impl NodeConfig {
             bail!("max_value_len {} must be between 1 and {VALUE_LEN_HARD_CAP}", self.max_value_len);
         }
         let config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
+        // Said in the node's terms: the engine's own message names its
+        // internal limit, which no node setting shows.
+        if config.segment_size < config.max_record_len() {
+            bail!(
+                "invalid storage settings: segment_size {} is too small: a segment must hold the largest record a \
+                 shard stores, {} bytes (a key's siblings share one record of up to {VALUE_LEN_HARD_CAP} bytes, \
+                 whatever max_value_len is)",
+                config.segment_size,
+                config.max_record_len()
+            );
+        }
         config.validate().map_err(|e| anyhow::anyhow!("invalid storage settings: {e}"))?;
         Ok(config)
     }
@@ -503,6 +514,19 @@ mod tests {
         let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
         assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
         assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");
+    }
+
+    /// A segment too small for a shard's largest record is refused in the
+    /// node's terms, not with the engine's internal value limit.
+    #[test]
+    fn a_segment_smaller_than_the_largest_stored_record_is_refused_clearly() {
+        let mut config = NodeConfig::default();
+        config.storage.segment_size = 8 * 1024 * 1024;
+        let e = config.engine_config().unwrap_err().to_string();
+        assert!(e.contains("segment_size 8388608 is too small") && e.contains("siblings"), "{e}");
+        assert!(!e.contains("max_value_len 8388608"), "{e}");
+        config.storage.segment_size = 16 * 1024 * 1024;
+        assert_eq!(config.engine_config().unwrap().segment_size, 16 * 1024 * 1024);
     }
 
     #[test]
