@@ -248,7 +248,8 @@ pub struct CompactionArgs {
     #[arg(long, default_value_t = 100)]
     pub value_size: usize,
     /// Segments sealed before the pass (each then holds mostly overwritten
-    /// records).
+    /// records; a pass compacts those at least half overwritten, so keep
+    /// `--keys` well below a segment's worth of records).
     #[arg(long, default_value_t = 3)]
     pub segments: u64,
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
@@ -264,7 +265,8 @@ struct CompactionOutput {
     records_written: u64,
     wall_ms: f64,
     /// CPU time of the shard's thread during the pass (its own work and
-    /// its give-ways; not the kernel's I/O threads).
+    /// its give-ways; not glommio's blocking thread nor the kernel's I/O
+    /// threads).
     shard_cpu_ms: f64,
     stats: serde_json::Value,
 }
@@ -285,11 +287,15 @@ pub fn run_compaction(args: CompactionArgs) -> anyhow::Result<()> {
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir).with_context(|| format!("emptying {}", args.dir.display()))?;
     }
+    // Buffered writes (the pass syncs its copies itself), no record cache
+    // (a pass does not read through it), and the default threshold: only
+    // segments at least half overwritten are compacted.
     let config = EngineConfig {
         fsync: FsyncPolicy::Never,
         segment_size: args.segment_size,
         cache_bytes: 0,
-        compaction_threshold: 0.5,
+        compaction_threshold: EngineConfig::default().compaction_threshold,
+        max_value_len: args.value_size.max(gyre::limits::DEFAULT_MAX_VALUE_LEN),
         ..Default::default()
     };
     let a = args.clone();

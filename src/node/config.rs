@@ -150,8 +150,8 @@ impl NodeConfig {
         if config.segment_size < config.max_record_len() {
             bail!(
                 "invalid storage settings: segment_size {} is too small: a segment must hold the largest record a \
-                 shard stores, {} bytes (a key's siblings share one record of up to {VALUE_LEN_HARD_CAP} bytes, \
-                 whatever max_value_len is)",
+                 shard stores, {} bytes (a key's siblings share one record, whose value may hold up to \
+                 {VALUE_LEN_HARD_CAP} bytes whatever max_value_len is)",
                 config.segment_size,
                 config.max_record_len()
             );

@@ -1487,9 +1487,10 @@ struct SegmentReader<'e, B: Backend> {
     /// Where the next record starts in `data`.
     at: usize,
     /// Where the first record not yet offered by [`Self::keys_ahead`]
-    /// starts in `data`, and how many offered records lie before it that
-    /// [`Self::next`] has not returned yet.
+    /// starts in `data` (0 after a new piece is read: then `at` counts).
     ahead: usize,
+    /// Records offered by [`Self::keys_ahead`] that [`Self::next`] has not
+    /// returned yet.
     offered: usize,
     seed: Seed,
 }
@@ -1572,8 +1573,9 @@ impl<B: Backend> SegmentReader<'_, B> {
 /// (`Backend::yield_now`) costs the shard about 13 µs of CPU (a timer, a
 /// poll of its rings; on an idle shard a sleep and a wake-up): every 64
 /// records, about 16 µs of work, it was more than half of compaction's CPU
-/// (a pass over three 64 MiB segments: 324-398 ms of the shard's CPU,
-/// against 135-153 ms at 256; perf/RESULTS.md, fifteenth session). 256
+/// (`gyre-bench compaction`, a pass over three 64 MiB segments: 438-440 ms
+/// of the shard's CPU, against 143-158 ms now, the index prefetch below
+/// included; perf/RESULTS.md, fifteenth session). 256
 /// records of 100-byte values are about 65 µs of work; the byte bound
 /// keeps records with large values (checksummed whole) to as much.
 const COMPACTION_YIELD_RECORDS: u32 = 256;
@@ -1998,19 +2000,46 @@ mod tests {
         (data, want)
     }
 
-    /// Every record the reader gives, and how it ended.
+    /// Every record the reader gives, and how it ended; the same whether or
+    /// not keys are asked for ahead, as compaction asks for them (up to 0,
+    /// 1 and 8 ahead). The keys offered ahead are those of the records it
+    /// then gives, in order, each once, and never more than asked ahead;
+    /// where it stops at damage, also of records past it (only headers are
+    /// read ahead, unverified).
     fn read(data: &[u8], piece: usize) -> (Vec<(u64, Vec<u8>)>, bool) {
+        let runs: Vec<_> = [0, 1, 8].into_iter().map(|ahead| read_ahead(data, piece, ahead)).collect();
+        for (ahead, (got, ended, offered)) in [0, 1, 8].into_iter().zip(&runs) {
+            assert_eq!((got, ended), (&runs[0].0, &runs[0].1), "piece {piece}, {ahead} ahead: other records");
+            let mut keys = got.iter().map(|(_, k)| k);
+            let given = offered.iter().take_while(|k| keys.any(|g| g == *k)).count();
+            assert!(
+                given == offered.len() || !ended,
+                "piece {piece}, {ahead} ahead: {:?} offered out of order or not given",
+                offered[given]
+            );
+        }
+        let (got, ended, _) = runs.into_iter().next().expect("three runs");
+        (got, ended)
+    }
+
+    /// Records a reader gave, how it ended, and the keys offered ahead.
+    type ReadAhead = (Vec<(u64, Vec<u8>)>, bool, Vec<Vec<u8>>);
+
+    /// [`read`] with the keys `keys_ahead(ahead)` offers before each record.
+    fn read_ahead(data: &[u8], piece: usize, ahead: usize) -> ReadAhead {
         let backend = MemBackend::new();
         block_on(async {
             backend.write_file("seg", data).await.unwrap();
             let file = backend.open("seg", false).await.unwrap();
             let mut reader = SegmentReader::new(&backend, &file, piece, SEED).await.unwrap();
-            let mut got = Vec::new();
+            let (mut got, mut offered) = (Vec::new(), Vec::new());
             loop {
+                reader.keys_ahead(ahead, |k| offered.push(k.to_vec()));
+                assert!(reader.offered <= ahead, "{} offered with {ahead} asked", reader.offered);
                 match reader.next().await.unwrap() {
                     Step::Record(off, r) => got.push((off, r.key.to_vec())),
-                    Step::End => return (got, true),
-                    Step::Irregular => return (got, false),
+                    Step::End => return (got, true, offered),
+                    Step::Irregular => return (got, false, offered),
                 }
             }
         })
@@ -2023,6 +2052,9 @@ mod tests {
             assert_eq!(read(&data, piece), (want.clone(), true), "piece {piece}");
         }
         assert_eq!(read(&[], 64), (vec![], true));
+        // In one piece, every record but the first is offered ahead.
+        let (_, _, offered) = read_ahead(&data, COMPACTION_READ, COMPACTION_PREFETCH);
+        assert_eq!(offered.len(), want.len() - 1);
     }
 
     #[test]

@@ -31,10 +31,10 @@ use crate::limits::BLOCK_SIZE;
 
 /// How long [`yield_to_reactor`] sleeps: long enough that the timer
 /// cannot have expired by its first poll (nanoseconds later), short
-/// against a request's latency. Background work gives way every few dozen
-/// records, so this also caps it at that many records per pause when the
-/// shard is otherwise idle (64 records per ~60 µs with the kernel's timer
-/// slack: about a million records a second).
+/// against a request's latency. Background work gives way after a budget
+/// of work (compaction: 256 records or 256 KiB), so on an otherwise idle
+/// shard each budget is followed by one pause (up to ~60 µs with the
+/// kernel's timer slack).
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(10);
 
 /// Gives way to every other task on the shard and to the reactor: returns
