@@ -1202,6 +1202,38 @@ fn a_repair_that_cannot_remove_the_clean_mark_afterwards_still_reports() {
     assert!(err.contains("remove it before the node's next start"), "{err}");
 }
 
+/// A write whose group commit fails gets an error reply, and so does every
+/// write after it, while reads and pings are still answered: the shard's
+/// queue of held writes hands out errors as it hands out replies. The
+/// failure: the shard's directory is removed under the running node, so
+/// its open segment still takes writes, but sealing it (its hint file, the
+/// next segment) fails, and the shard then refuses writes.
+#[test]
+fn held_writes_get_error_replies_when_the_disk_fails_and_the_node_stays_up() {
+    let dir = tmp();
+    let config = dir.path().join("node.toml");
+    // The smallest segment a node takes (its largest record, 8 MiB of
+    // siblings, must fit): 9 MiB, sealed after about 140 writes of 64 KiB.
+    std::fs::write(&config, "[storage]\nsegment_size = 9437184\n").unwrap();
+    let data = dir.path().join("data");
+    let node = Node::start(&data, &["--shards", "1", "--fsync", "always", "--config", config.to_str().unwrap()]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let value = vec![7u8; 64 * 1024];
+    c.put(b"first", &value, &Context::default()).unwrap();
+    std::fs::remove_dir_all(data.join("shard-000")).unwrap();
+    let failed = (0..400).find_map(|i| c.put(format!("k{i}").as_bytes(), &value, &Context::default()).err());
+    let storage_failed = |e: &ClientError| matches!(e, ClientError::Server { code: ErrorCode::StorageFailed, .. });
+    let e = failed.expect("no write failed in 25 MiB: no segment was sealed");
+    // The write whose group commit failed hears that failure itself, not
+    // only the writes after it (had it been acknowledged, a write that is
+    // not on disk would have been).
+    assert!(storage_failed(&e) && !e.to_string().contains("after an earlier"), "{e}");
+    let e = c.put(b"after", b"v", &Context::default()).unwrap_err();
+    assert!(storage_failed(&e), "a later write is refused too: {e}");
+    c.ping().unwrap();
+    assert_eq!(c.get(b"first").unwrap().values, vec![value], "reads are still answered");
+}
+
 /// A shard directory that is gone after a clean stop lost every record in
 /// it, and nothing in recovery reports that (the start recreates it
 /// empty): the start gives the node a new actor all the same.
