@@ -423,10 +423,11 @@ impl DataDir {
     }
 
     /// Starts a run on the data directory (a new one, not yet persisted,
-    /// included), before any shard takes a write: removes the `CLEAN` mark durably, or, if it was not there
-    /// (the last run was killed, crashed or failed), gives this node a new
-    /// dot actor (`fresh`, unless it happens to be one in use) and writes
-    /// it to `NODE`. Returns whether the actor changed.
+    /// included), before any shard takes a write: removes the `CLEAN` mark
+    /// durably, or, if it was not there (the last run was killed, crashed
+    /// or failed), gives this node a new dot actor (`fresh`, unless it
+    /// happens to be one in use) and writes it to `NODE`. Returns whether
+    /// the actor changed.
     ///
     /// Why: a node makes a key's next dot from the counters it has for
     /// that key. A run that stopped uncleanly may have lost writes that

@@ -1575,9 +1575,9 @@ impl<B: Backend> SegmentReader<'_, B> {
 /// records, about 16 µs of work, it was more than half of compaction's CPU
 /// (`gyre-bench compaction`, a pass over three 64 MiB segments: 438-440 ms
 /// of the shard's CPU, against 143-158 ms now, the index prefetch below
-/// included; perf/RESULTS.md, fifteenth session). 256
-/// records of 100-byte values are about 65 µs of work; the byte bound
-/// keeps records with large values (checksummed whole) to as much.
+/// included; perf/RESULTS.md, fifteenth session). 256 records of 100-byte
+/// values are about 65 µs of work; the byte bound keeps records with
+/// large values (checksummed whole) to as much.
 const COMPACTION_YIELD_RECORDS: u32 = 256;
 const COMPACTION_YIELD_BYTES: usize = 256 * 1024;
 
