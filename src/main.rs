@@ -426,6 +426,10 @@ struct NodeArgs {
     /// Largest value accepted, in bytes [default: 1048576].
     #[arg(long)]
     max_value_len: Option<usize>,
+    /// Memory the record caches may take, in bytes, split across the
+    /// shards (0: none) [default: a quarter of the memory available].
+    #[arg(long)]
+    cache_bytes: Option<u64>,
     /// Client connections each shard serves at once; the next is refused
     /// (Overloaded) [default: 10000].
     #[arg(long)]
@@ -488,6 +492,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.shards = args.shards.or(config.shards);
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
+    config.cache_bytes = args.cache_bytes.or(config.cache_bytes);
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.tcp_keepalive = args.tcp_keepalive.unwrap_or(config.tcp_keepalive);
     config.pin &= !args.no_pin;
@@ -569,6 +574,10 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
+    // The nodes share the machine's memory as they share its cores: each
+    // takes its part of the one node's default cache.
+    let cache = gyre::node::memory::available()
+        .map(|m| m / gyre::node::config::DEFAULT_CACHE_SHARE_DIVISOR / args.nodes as u64);
     let grace = args.stop_grace.unwrap_or(DEV_STOP_GRACE);
     let signals = signal_counter()?;
     let exe = std::env::current_exe().context("finding the gyre executable")?;
@@ -584,6 +593,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .arg(&data)
             .args(["--shards", &shards.to_string(), "--fsync", &args.fsync.to_string(), "--no-pin"])
             .stdout(std::process::Stdio::piped());
+        if let Some(bytes) = cache {
+            command.args(["--cache-bytes", &bytes.to_string()]);
+        }
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (see die_with_parent).
         unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, move || die_with_parent(me)) };

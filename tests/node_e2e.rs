@@ -51,6 +51,48 @@ fn put_get_delete_over_the_wire() {
     assert_eq!(c.get(b"key-8").unwrap().values.len(), 1);
 }
 
+/// The shards split the node's record cache: `--cache-bytes` when given,
+/// else a quarter of the memory the node may use; 0 turns it off and
+/// every read still answers (from the log).
+#[test]
+fn the_shards_split_the_record_cache_of_the_node() {
+    let budget = |c: &mut Client, shard| {
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(shard).unwrap()).unwrap();
+        (stats["cache_budget_bytes"].as_u64().unwrap(), stats["storage"]["cache_bytes"].as_u64().unwrap())
+    };
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never", "--cache-bytes", "3000000"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..200 {
+        c.put(format!("key-{i}").as_bytes(), &[b'v'; 100], &Context::default()).unwrap();
+    }
+    for shard in 0..2 {
+        let (budget, used) = budget(&mut c, shard);
+        assert_eq!(budget, 1_500_000, "shard {shard}");
+        assert!(used > 0 && used <= budget, "shard {shard}: {used} bytes cached");
+    }
+    drop(node);
+
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never", "--cache-bytes", "0"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    for i in 0..200 {
+        c.put(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes(), &Context::default()).unwrap();
+    }
+    for i in 0..200 {
+        assert_eq!(c.get(format!("key-{i}").as_bytes()).unwrap().values, vec![format!("value-{i}").into_bytes()]);
+    }
+    assert_eq!((budget(&mut c, 0), budget(&mut c, 1)), ((0, 0), (0, 0)));
+    drop(node);
+
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let memory = gyre::node::memory::available().expect("Linux says how much memory there is");
+    let share = memory / gyre::node::config::DEFAULT_CACHE_SHARE_DIVISOR / 2;
+    assert_eq!(budget(&mut c, 1).0, share);
+}
+
 #[test]
 fn concurrent_writers_get_siblings_and_a_merge_collapses_them() {
     let dir = tmp();

@@ -44,6 +44,17 @@ pub const MAX_TCP_KEEPALIVE_S: u64 = 32_767;
 /// Most shards a node runs (shard ids are a `u16` on the wire, and
 /// 0xFFFF means "any").
 pub const MAX_SHARDS: usize = 1024;
+/// The node's record caches take one part in this many of the memory the
+/// process may use (`node::memory::available`) when `cache_bytes` is not
+/// set: a quarter. Reads are O_DIRECT, so the kernel's page cache holds
+/// none of Gyre's records, and a read that misses this cache waits for
+/// the disk: with the engine's fixed 64 MiB a shard, a node serving a
+/// million 100-byte values answered GETs at half of Redis's rate
+/// (perf/RESULTS.md, sixteenth session). The rest is left for the index
+/// (about 38 bytes per key plus the key), the write buffers and
+/// connections, and whatever else runs on the machine; the caches fill
+/// only as records are written and read.
+pub const DEFAULT_CACHE_SHARE_DIVISOR: u64 = 4;
 
 /// Everything `gyre node` can be told. Every field has a default, so an
 /// empty file (or none) is a working configuration.
@@ -67,9 +78,15 @@ pub struct NodeConfig {
     pub tcp_keepalive: u64,
     /// Durability of acknowledged writes: "always", "interval(ms)", "never".
     pub fsync: FsyncPolicy,
-    /// Per-shard storage settings. Its `fsync` and `max_value_len` are
-    /// the top-level ones above: a `[storage]` table that sets either is
-    /// refused (one place for each setting), and they are not written out.
+    /// Memory the node's record caches may take, in bytes, split evenly
+    /// across its shards (0: no cache). Default: a quarter of the memory
+    /// the process may use ([`DEFAULT_CACHE_SHARE_DIVISOR`]), or the
+    /// engine's 64 MiB a shard if that cannot be read.
+    pub cache_bytes: Option<u64>,
+    /// Per-shard storage settings. Its `fsync`, `max_value_len` and
+    /// `cache_bytes` come from the top-level ones above: a `[storage]`
+    /// table that sets any of them is refused (one place for each
+    /// setting), and they are not written out.
     #[serde(deserialize_with = "storage_table", serialize_with = "storage_table_out")]
     pub storage: EngineConfig,
     /// Pin shard `i` to CPU `i mod cpus`.
@@ -95,6 +112,7 @@ impl Default for NodeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tcp_keepalive: DEFAULT_TCP_KEEPALIVE_S,
             fsync: FsyncPolicy::Always,
+            cache_bytes: None,
             storage: EngineConfig::default(),
             pin: true,
             spin_before_park_us: 0,
@@ -137,7 +155,24 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// The engine settings every shard opens with: the stored-object limit
+    /// The engine settings each of `shards` shards opens with, its record
+    /// cache its share of `cache_bytes`, or by default of the `memory`
+    /// the process may use (`node::memory::available`).
+    pub fn shard_engine_config(&self, shards: usize, memory: Option<u64>) -> anyhow::Result<EngineConfig> {
+        let node_cache = match (self.cache_bytes, memory) {
+            (Some(bytes), _) => Some(bytes),
+            (None, Some(memory)) => Some(memory / DEFAULT_CACHE_SHARE_DIVISOR),
+            (None, None) => None,
+        };
+        let mut config = self.engine_config()?;
+        if let Some(bytes) = node_cache {
+            config.cache_bytes = usize::try_from(bytes / shards.max(1) as u64).unwrap_or(usize::MAX);
+        }
+        Ok(config)
+    }
+
+    /// The engine settings every shard opens with, but for the record
+    /// cache's share ([`Self::shard_engine_config`]): the stored-object limit
     /// is the hard cap (siblings of one key share a record), the per-value
     /// limit is enforced by the key-value layer.
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
@@ -172,18 +207,20 @@ fn check_ports(listen: SocketAddr, shards: usize) -> anyhow::Result<()> {
 }
 
 /// Fields of `EngineConfig` that a node takes from its top-level settings
-/// of the same name, never from `[storage]`.
-const STORAGE_KEYS_AT_TOP: [&str; 2] = ["fsync", "max_value_len"];
+/// of the same name, never from `[storage]`, each with what to say to a
+/// `[storage]` table that sets it.
+const STORAGE_KEYS_AT_TOP: [(&str, &str); 3] =
+    [("fsync", ""), ("max_value_len", ""), ("cache_bytes", " (it is the whole node's, split across its shards)")];
 
 /// Reads the `[storage]` table, refusing the keys that are set at the top
 /// level (they used to be accepted here and silently overridden).
 fn storage_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<EngineConfig, D::Error> {
     use serde::de::Error;
     let table = toml::Table::deserialize(d)?;
-    for key in STORAGE_KEYS_AT_TOP {
+    for (key, note) in STORAGE_KEYS_AT_TOP {
         if table.contains_key(key) {
             return Err(D::Error::custom(format!(
-                "`{key}` is not a `[storage]` setting: set the top-level `{key}` (before any table) instead"
+                "`{key}` is not a `[storage]` setting: set the top-level `{key}` (before any table) instead{note}"
             )));
         }
     }
@@ -195,7 +232,7 @@ fn storage_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<EngineConfig,
 fn storage_table_out<S: serde::Serializer>(storage: &EngineConfig, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::Error;
     let mut table = toml::Table::try_from(storage).map_err(S::Error::custom)?;
-    for key in STORAGE_KEYS_AT_TOP {
+    for (key, _) in STORAGE_KEYS_AT_TOP {
         table.remove(key);
     }
     table.serialize(s)
@@ -559,20 +596,45 @@ mod tests {
 
     #[test]
     fn storage_settings_of_the_top_level_are_refused_in_the_storage_table() {
-        for (key, value) in [("max_value_len", "100"), ("fsync", "\"never\"")] {
+        for (key, value) in [("max_value_len", "100"), ("fsync", "\"never\""), ("cache_bytes", "0")] {
             let text = format!("[storage]\n{key} = {value}\n");
             let err = toml::from_str::<NodeConfig>(&text).unwrap_err().to_string();
             assert!(err.contains(&format!("set the top-level `{key}`")), "{err}");
         }
         // The rest of the table is read as before, unknown keys still fail.
         let c: NodeConfig =
-            toml::from_str("max_value_len = 100\n[storage]\ncache_bytes = 0\npreallocate = false\n").unwrap();
-        assert_eq!((c.max_value_len, c.storage.cache_bytes, c.storage.preallocate), (100, 0, false));
+            toml::from_str("max_value_len = 100\ncache_bytes = 0\n[storage]\npreallocate = false\n").unwrap();
+        assert_eq!((c.max_value_len, c.cache_bytes, c.storage.preallocate), (100, Some(0), false));
         assert!(toml::from_str::<NodeConfig>("[storage]\nsegment_sise = 1\n").is_err());
         // A written configuration reads back.
-        let c = NodeConfig { max_value_len: 100, fsync: FsyncPolicy::Never, ..Default::default() };
+        let c =
+            NodeConfig { max_value_len: 100, fsync: FsyncPolicy::Never, cache_bytes: Some(5), ..Default::default() };
         let back: NodeConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-        assert_eq!((back.max_value_len, back.fsync, back.storage), (100, FsyncPolicy::Never, c.storage));
+        assert_eq!(
+            (back.max_value_len, back.fsync, back.cache_bytes, back.storage),
+            (100, FsyncPolicy::Never, Some(5), c.storage)
+        );
+    }
+
+    /// The record caches take a quarter of the memory the process may use
+    /// unless `cache_bytes` says how much; either way the shards share it.
+    #[test]
+    fn the_record_cache_is_the_nodes_share_of_memory_split_across_shards() {
+        let gib = 1u64 << 30;
+        let auto = NodeConfig::default();
+        let cache = |c: &NodeConfig, shards, memory| c.shard_engine_config(shards, memory).unwrap().cache_bytes as u64;
+        assert_eq!(cache(&auto, 1, Some(16 * gib)), 4 * gib);
+        assert_eq!(cache(&auto, 4, Some(16 * gib)), gib);
+        // Memory unknown: the engine's own default, per shard.
+        assert_eq!(cache(&auto, 4, None), EngineConfig::default().cache_bytes as u64);
+        let set = NodeConfig { cache_bytes: Some(3 * gib), ..Default::default() };
+        assert_eq!(cache(&set, 3, Some(16 * gib)), gib);
+        assert_eq!(cache(&set, 3, None), gib);
+        let off = NodeConfig { cache_bytes: Some(0), ..Default::default() };
+        assert_eq!(cache(&off, 2, Some(16 * gib)), 0);
+        // Everything else is the engine configuration the node checks.
+        let other = EngineConfig { cache_bytes: 0, ..auto.engine_config().unwrap() };
+        assert_eq!(EngineConfig { cache_bytes: 0, ..auto.shard_engine_config(2, Some(gib)).unwrap() }, other);
     }
 
     #[test]

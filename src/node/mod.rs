@@ -23,6 +23,7 @@ pub mod config;
 mod conn;
 mod coordinate;
 mod front;
+pub mod memory;
 mod peer;
 
 use std::cell::{Cell, RefCell};
@@ -413,6 +414,8 @@ impl Shard {
                 "peers": &c.peers.counters,
             })),
             "storage": self.store.engine().stats(),
+            // What `storage.cache_bytes` may grow to on this shard.
+            "cache_budget_bytes": self.store.engine().config().cache_bytes,
             "storage_failed": self.store.engine().failed(),
             "storage_full": self.store.engine().full(),
         })
@@ -512,8 +515,15 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     // anything in the data directory: a refused start must not fix its
     // shape.
     let mut data = config::lock_data_dir(&config, cores, fastrand::u64(1..))?;
-    let engine_config = config.engine_config()?;
     let shards = data.node.shards;
+    let memory = memory::available();
+    let engine_config = config.shard_engine_config(shards, memory)?;
+    tracing::info!(
+        cache_bytes_per_shard = engine_config.cache_bytes,
+        memory_available = memory,
+        set = config.cache_bytes.is_some(),
+        "record cache"
+    );
     match raise_fd_limit() {
         Ok(limit) if limit < shards as u64 * config.max_connections => tracing::info!(
             limit,

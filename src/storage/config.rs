@@ -99,7 +99,10 @@ pub struct EngineConfig {
     /// Largest value accepted (up to `VALUE_LEN_HARD_CAP`).
     pub max_value_len: usize,
     pub fsync: FsyncPolicy,
-    /// Budget of the hot-record cache in bytes (0 disables it).
+    /// Memory the record cache may take, in bytes: the records it holds
+    /// and what each costs besides (0 disables it). Reads are O_DIRECT, so
+    /// no page cache stands between a miss and the disk. A node sets it
+    /// from the memory it has (`NodeConfig::shard_engine_config`).
     pub cache_bytes: usize,
     /// Buffered bytes that start a flush under `interval`/`never`
     /// (see `DEFAULT_FLUSH_THRESHOLD` and `FLUSH_BACKLOG_THRESHOLDS`).

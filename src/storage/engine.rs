@@ -339,6 +339,8 @@ pub struct EngineStats {
     pub reads_from_buffer: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Memory the record cache holds: its records and what holding each
+    /// costs besides (counted against `EngineConfig::cache_bytes`).
     pub cache_bytes: usize,
     /// Aligned writes issued (one per group-commit batch).
     pub flushes: u64,
