@@ -64,6 +64,9 @@ pub struct StorageArgs {
     pub reopen: bool,
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub segment_size: u64,
+    /// The shard's record cache, counting each record's memory, not only
+    /// its bytes (since the sixteenth session; runs before it at the same
+    /// figure cached more records).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub cache_bytes: usize,
     /// CPU to pin the shard's executor to.

@@ -2,17 +2,20 @@
 //! control group limits it (a container, a systemd unit's `MemoryMax`).
 //! A node sizes its record caches from it (`NodeConfig::shard_engine_config`).
 //!
-//! Owns: reading `/proc/meminfo`, `/proc/self/cgroup` and the cgroup limit
-//! files, and parsing them (pure functions over their text, tested on
-//! samples). Invariant: a figure that cannot be read or parsed is `None`,
-//! never a guess; "no limit" is `None` too.
+//! Owns: reading `/proc/meminfo`, `/proc/self/cgroup`,
+//! `/proc/self/mountinfo` and the cgroup limit files, and parsing them
+//! (pure functions over their text, tested on samples). Invariant: a
+//! figure that cannot be read or parsed is `None`, never a guess; "no
+//! limit" is `None` too.
+//!
+//! The limit files are found where the cgroup file systems are mounted
+//! (`mountinfo`), not at an assumed `/sys/fs/cgroup`: v1 may mount the
+//! memory controller with others (`/sys/fs/cgroup/cpu,memory`), v2 may sit
+//! at `/sys/fs/cgroup/unified` beside v1, and a container may see its own
+//! group mounted as the root. A mount shows the group at its root; the
+//! process's group must lie under it, or its files are not visible here.
 
 use std::path::{Path, PathBuf};
-
-/// Where cgroup v2's unified hierarchy is mounted, and v1's memory
-/// controller. Containers mount the process's own group at the root.
-const CGROUP_V2_ROOT: &str = "/sys/fs/cgroup";
-const CGROUP_V1_MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
 
 /// A cgroup v1 limit at or above this is "unlimited": v1 writes the
 /// largest page-aligned `i64` (9223372036854771712) for no limit.
@@ -20,16 +23,21 @@ const CGROUP_V1_UNLIMITED: u64 = 1 << 60;
 
 /// Bytes of memory this process may use: the smaller of the machine's
 /// memory and the tightest limit of its control group and the groups
-/// above it. `None` if neither can be read.
+/// above it that are visible. `None` if neither can be read.
 pub fn available() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_total(&t));
-    let limit = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| {
-        limit_files(&t).iter().filter_map(|f| std::fs::read_to_string(f).ok().and_then(|v| parse_limit(&v))).min()
-    });
-    match (total, limit) {
-        (Some(t), Some(l)) => Some(t.min(l)),
-        (t, l) => t.or(l),
-    }
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let total = read("/proc/meminfo").and_then(|t| mem_total(&t));
+    let files = match (read("/proc/self/cgroup"), read("/proc/self/mountinfo")) {
+        (Some(groups), Some(mounts)) => limit_files(&groups, &mounts),
+        _ => Vec::new(),
+    };
+    let limits = files.iter().filter_map(|f| std::fs::read_to_string(f).ok().and_then(|v| parse_limit(&v)));
+    combine(total, limits)
+}
+
+/// The machine's memory bounded by every limit found.
+fn combine(total: Option<u64>, limits: impl IntoIterator<Item = u64>) -> Option<u64> {
+    limits.into_iter().fold(total, |have, limit| Some(have.map_or(limit, |h| h.min(limit))))
 }
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.
@@ -49,31 +57,103 @@ fn parse_limit(text: &str) -> Option<u64> {
     text.parse::<u64>().ok().filter(|&b| b < CGROUP_V1_UNLIMITED)
 }
 
-/// The limit files that bound this process, from `/proc/self/cgroup`: for
-/// each hierarchy with memory control, its group's file and those of the
-/// groups above it (a parent's limit bounds its children). A group whose
-/// path is not under the mount (a container that mounts only its own
-/// group) is covered by the mount's root file, also listed.
-fn limit_files(proc_self_cgroup: &str) -> Vec<PathBuf> {
+/// Which cgroup hierarchy a mount or a `/proc/self/cgroup` line is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Hierarchy {
+    /// v2, the unified hierarchy: `memory.max`.
+    V2,
+    /// v1 with the memory controller: `memory.limit_in_bytes`.
+    V1Memory,
+}
+
+impl Hierarchy {
+    fn limit_file(self) -> &'static str {
+        match self {
+            Hierarchy::V2 => "memory.max",
+            Hierarchy::V1Memory => "memory.limit_in_bytes",
+        }
+    }
+}
+
+/// The cgroup mounts of `mountinfo` that can limit memory: (hierarchy,
+/// the group shown at the mount's root, the mount point).
+fn cgroup_mounts(mountinfo: &str) -> Vec<(Hierarchy, PathBuf, PathBuf)> {
+    let mut mounts = Vec::new();
+    for line in mountinfo.lines() {
+        // id parent major:minor root mount-point options [optional...] - fstype source super-options
+        let Some((before, after)) = line.split_once(" - ") else { continue };
+        let fields: Vec<&str> = before.split(' ').collect();
+        let after: Vec<&str> = after.split(' ').collect();
+        let (Some(root), Some(point), Some(fstype)) = (fields.get(3), fields.get(4), after.first()) else {
+            continue;
+        };
+        let hierarchy = match *fstype {
+            "cgroup2" => Hierarchy::V2,
+            "cgroup" if after.get(2).is_some_and(|o| o.split(',').any(|o| o == "memory")) => Hierarchy::V1Memory,
+            _ => continue,
+        };
+        mounts.push((hierarchy, unescape(root), unescape(point)));
+    }
+    mounts
+}
+
+/// A `mountinfo` path with its octal escapes (`\040` for a space) undone.
+fn unescape(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// The limit files that bound this process: for each hierarchy with
+/// memory control in `/proc/self/cgroup`, and each mount of it, the file of
+/// the process's group and those of the groups above it up to the mount's
+/// root (a parent's limit bounds its children). A group outside what a
+/// mount shows (a path with `..` in a namespace, or not under the mount's
+/// root) has no file here.
+fn limit_files(proc_self_cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
+    let mounts = cgroup_mounts(mountinfo);
     let mut files = Vec::new();
     for line in proc_self_cgroup.lines() {
-        // hierarchy-id:controllers:path; v2 is "0::path".
+        // hierarchy-id:controllers:path; v2 is "0::path". The path may
+        // hold ':' itself.
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        let (root, file) = if id == "0" && controllers.is_empty() {
-            (CGROUP_V2_ROOT, "memory.max")
+        let hierarchy = if id == "0" && controllers.is_empty() {
+            Hierarchy::V2
         } else if controllers.split(',').any(|c| c == "memory") {
-            (CGROUP_V1_MEMORY_ROOT, "memory.limit_in_bytes")
+            Hierarchy::V1Memory
         } else {
             continue;
         };
-        let mut dir = Some(Path::new(path));
-        while let Some(d) = dir {
-            let relative = d.strip_prefix("/").unwrap_or(d);
-            files.push(Path::new(root).join(relative).join(file));
-            dir = d.parent();
+        let group = Path::new(path);
+        if group.components().any(|c| c == std::path::Component::ParentDir) {
+            continue;
+        }
+        for (_, root, point) in mounts.iter().filter(|(h, _, _)| *h == hierarchy) {
+            let Ok(below) = group.strip_prefix(root) else { continue };
+            let mut dir = point.join(below);
+            loop {
+                files.push(dir.join(hierarchy.limit_file()));
+                if dir == *point || !dir.pop() {
+                    break;
+                }
+            }
         }
     }
     files
@@ -102,40 +182,88 @@ mod tests {
     }
 
     #[test]
+    fn the_tightest_limit_bounds_the_machines_memory() {
+        assert_eq!(combine(Some(100), [300, 50, 70]), Some(50));
+        assert_eq!(combine(Some(100), []), Some(100));
+        assert_eq!(combine(None, [300, 70]), Some(70), "a limit alone still counts");
+        assert_eq!(combine(None, []), None);
+    }
+
+    const V2_MOUNT: &str =
+        "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw\n";
+
+    fn paths<const N: usize>(p: [&str; N]) -> Vec<PathBuf> {
+        p.map(PathBuf::from).to_vec()
+    }
+
+    #[test]
     fn limit_files_cover_the_group_and_every_group_above_it() {
-        let v2 = "0::/system.slice/gyre.service\n";
+        let files = limit_files("0::/system.slice/gyre.service\n", V2_MOUNT);
         assert_eq!(
-            limit_files(v2),
-            [
+            files,
+            paths([
                 "/sys/fs/cgroup/system.slice/gyre.service/memory.max",
                 "/sys/fs/cgroup/system.slice/memory.max",
                 "/sys/fs/cgroup/memory.max",
-            ]
-            .map(PathBuf::from)
+            ])
         );
         // A container's namespace shows its own group as the root.
-        assert_eq!(limit_files("0::/\n"), [PathBuf::from("/sys/fs/cgroup/memory.max")]);
-        // v1: only the hierarchy with the memory controller counts.
-        let v1 = "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n";
+        assert_eq!(limit_files("0::/\n", V2_MOUNT), paths(["/sys/fs/cgroup/memory.max"]));
+        // A path may hold ':'.
         assert_eq!(
-            limit_files(v1),
-            [
-                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes",
-                "/sys/fs/cgroup/memory/docker/memory.limit_in_bytes",
-                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            ]
-            .map(PathBuf::from)
+            limit_files("0::/a:b\n", V2_MOUNT),
+            paths(["/sys/fs/cgroup/a:b/memory.max", "/sys/fs/cgroup/memory.max"])
         );
-        assert!(limit_files("garbage\n\n").is_empty());
+        // Outside the namespace: nothing this process can read for it.
+        assert!(limit_files("0::/../../x\n", V2_MOUNT).is_empty());
+        assert!(limit_files("garbage\n\n", V2_MOUNT).is_empty());
+    }
+
+    #[test]
+    fn limit_files_are_found_where_the_hierarchies_are_mounted() {
+        // A hybrid machine (this project's VM): v1 controllers, memory
+        // mounted alone, v2 beside them at `unified`.
+        let mountinfo = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        let cgroup = "4:memory:/process_api/2c22\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            limit_files(cgroup, mountinfo),
+            paths([
+                "/sys/fs/cgroup/memory/process_api/2c22/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "/sys/fs/cgroup/unified/memory.max",
+            ])
+        );
+        // v1 with memory mounted together with other controllers.
+        let joint = "40 31 0:40 / /sys/fs/cgroup/cpu,memory rw - cgroup cgroup rw,cpu,memory\n";
+        assert_eq!(
+            limit_files("7:cpu,memory:/k\n", joint),
+            paths([
+                "/sys/fs/cgroup/cpu,memory/k/memory.limit_in_bytes",
+                "/sys/fs/cgroup/cpu,memory/memory.limit_in_bytes"
+            ])
+        );
+        // A container that sees the host's hierarchy but has only its own
+        // group mounted: the mount's root is that group, so its limit is
+        // the mount point's file, and the groups above are not visible.
+        let own = "50 40 0:26 /docker/abc /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(limit_files("0::/docker/abc\n", own), paths(["/sys/fs/cgroup/memory.max"]));
+        assert!(limit_files("0::/other\n", own).is_empty(), "a group the mount does not show");
+        // Escaped characters in a mount point.
+        let spaced = "30 23 0:26 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(limit_files("0::/\n", spaced), paths(["/mnt/cg two/memory.max"]));
+        // No cgroup mounts at all: no files, and the machine's memory stands.
+        assert!(limit_files("0::/x\n", "22 1 0:21 / /proc rw - proc proc rw\n").is_empty());
     }
 
     #[test]
     fn this_machine_has_some_memory() {
-        // Linux always has /proc/meminfo; the figure is the machine's or
-        // a limit below it, and never zero.
-        let have = available().expect("readable on Linux");
-        assert!(have > 0);
-        let total = mem_total(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
-        assert!(have <= total);
+        // Linux always has /proc/meminfo; the figure is never zero.
+        assert!(available().expect("readable on Linux") > 0);
     }
 }

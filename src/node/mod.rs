@@ -524,6 +524,17 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         set = config.cache_bytes.is_some(),
         "record cache"
     );
+    if let (Some(set), Some(memory)) = (config.cache_bytes, memory) {
+        if set > memory {
+            tracing::warn!(cache_bytes = set, memory, "cache_bytes is more than the memory this process may use");
+        }
+    }
+    if (1..1 << 20).contains(&engine_config.cache_bytes) {
+        tracing::warn!(
+            cache_bytes_per_shard = engine_config.cache_bytes,
+            "each shard's record cache is under 1 MiB: few records fit (a record may take an eighth of it at most)"
+        );
+    }
     match raise_fd_limit() {
         Ok(limit) if limit < shards as u64 * config.max_connections => tracing::info!(
             limit,

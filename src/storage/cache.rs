@@ -5,7 +5,10 @@
 //! every `insert`, `bytes <= budget`, and `bytes` is the sum of the
 //! [`charge`]s of the occupied entries: a record's length plus what
 //! holding it costs in memory besides ([`ENTRY_OVERHEAD`]), so that the
-//! budget is the memory the cache takes, not only the records' bytes. Every record it holds was checksum-verified as
+//! budget is, approximately, the memory the cache takes, not only the
+//! records' bytes (the slab's spare capacity and its free list are not
+//! counted). The number of entries never exceeds what a tag can name
+//! ([`MAX_BUDGET`]). Every record it holds was checksum-verified as
 //! it was read from disk, or encoded by this process (the engine's
 //! write-through), so a hit is not hashed again.
 //!
@@ -36,7 +39,7 @@
 
 use std::rc::Rc;
 
-use crate::storage::format::record_key;
+use crate::storage::format::{record_key, RECORD_HEADER_LEN};
 use crate::storage::index::{prefetch_line, CacheTag};
 
 /// How much of a record a prefetch fetches: a small record whole (header,
@@ -60,6 +63,15 @@ pub(crate) const fn charge(len: usize) -> usize {
     len + ENTRY_OVERHEAD
 }
 
+/// Most records the slab holds at once: a [`CacheTag`] is a `u32`, and 0
+/// means "none".
+const MAX_ENTRIES: usize = u32::MAX as usize - 1;
+
+/// The largest budget the cache takes: more would let records of the
+/// smallest charge (a header and a one-byte key) outnumber the tags (about
+/// 416 GB on a 64-bit machine). A larger budget is cut to this.
+pub(crate) const MAX_BUDGET: usize = MAX_ENTRIES.saturating_mul(charge(RECORD_HEADER_LEN + 1));
+
 struct Entry {
     /// The record held (its location's id); meaningless while `raw` is `None`.
     id: u64,
@@ -82,7 +94,7 @@ pub(crate) struct RecordCache {
 
 impl RecordCache {
     pub(crate) fn new(budget: usize) -> RecordCache {
-        RecordCache { entries: Vec::new(), free: Vec::new(), hand: 0, bytes: 0, budget }
+        RecordCache { entries: Vec::new(), free: Vec::new(), hand: 0, bytes: 0, budget: budget.min(MAX_BUDGET) }
     }
 
     /// The entry `tag` points at, if it still holds record `id`.
@@ -278,6 +290,13 @@ mod tests {
         assert!(c.get(tags[1], 1).is_none(), "1 is the oldest unread entry");
         assert!((2..9).all(|id| c.get(tags[id], id as u64).is_some()));
         assert_eq!(c.bytes, EIGHT);
+    }
+
+    #[test]
+    fn a_budget_past_what_the_tags_can_name_is_cut() {
+        assert_eq!(RecordCache::new(usize::MAX).budget, MAX_BUDGET);
+        assert!((MAX_BUDGET / charge(RECORD_HEADER_LEN + 1)) <= MAX_ENTRIES);
+        assert_eq!(RecordCache::new(1 << 30).budget, 1 << 30);
     }
 
     #[test]
