@@ -1,8 +1,9 @@
 //! The glommio shell: runs storage engines on real executors and disks.
 //!
 //! Owns: executor construction, the wall clock, and the background tasks
-//! that drive an engine (the durability ticker, and compaction in a
-//! low-priority task queue so foreground work always runs first). This is
+//! that drive an engine (the durability ticker, and compaction in a task
+//! queue of its own: foreground work first while compaction keeps up, an
+//! equal share once it falls far behind). This is
 //! the only place (with the binaries) that reads the clock; the engine gets
 //! `now` as an argument.
 
@@ -15,6 +16,7 @@ use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::storage::backend::glommio::GlommioBackend;
+use crate::storage::scan::{compaction_shares, COMPACTION_BACKLOG_URGENT};
 use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
 
 /// Milliseconds since the Unix epoch.
@@ -88,9 +90,26 @@ impl Stop {
     }
 }
 
+/// How often the compaction loop looks at its backlog between passes.
+const COMPACTION_CHECK: Duration = Duration::from_millis(100);
+
+/// Compaction's CPU shares, which glommio reads every 250 ms: set by the
+/// compaction loop from how far it is behind ([`compaction_shares`]) each
+/// time it looks. A cell, not the engine: the task queue outlives the
+/// loop, and an engine clone held there would keep the shard's directory
+/// locked after `Stop::stop`.
+struct CompactionShares(Rc<std::cell::Cell<usize>>);
+
+impl glommio::SharesManager for CompactionShares {
+    fn shares(&self) -> usize {
+        self.0.get()
+    }
+}
+
 /// Starts the engine's durability ticker, its flusher (`interval` and
 /// `never`) and a compaction loop (which also keeps a spare segment ready:
-/// `Engine::prepare_spare`) in a low-priority task queue. All run until
+/// `Engine::prepare_spare`) in a task queue of its own, whose CPU shares
+/// are few while compaction keeps up and grow with its backlog. All run until
 /// `stop` cancels them.
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
@@ -123,7 +142,9 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
         .detach();
         stop.tasks.borrow_mut().push(flusher);
     }
-    let tq = executor().create_task_queue(Shares::Static(10), Latency::NotImportant, "compaction");
+    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.compaction_backlog())));
+    let manager = Rc::new(CompactionShares(shares.clone()));
+    let tq = executor().create_task_queue(Shares::Dynamic(manager), Latency::NotImportant, "compaction");
     let e = engine.clone();
     let compactor = glommio::spawn_local_into(
         async move {
@@ -140,7 +161,17 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     }
                     Err(_) => {}
                 }
-                glommio::timer::sleep(compact_every).await;
+                // The next pass in `compact_every`, or as soon as the
+                // garbage it could reclaim outgrows the live data.
+                let due = std::time::Instant::now() + compact_every;
+                loop {
+                    let backlog = e.compaction_backlog();
+                    shares.set(compaction_shares(backlog));
+                    if std::time::Instant::now() >= due || backlog >= COMPACTION_BACKLOG_URGENT {
+                        break;
+                    }
+                    glommio::timer::sleep(COMPACTION_CHECK.min(compact_every)).await;
+                }
                 match e.compact(now_ms()).await {
                     Ok(st) if st.segments_removed > 0 => tracing::info!(?st, "compaction pass"),
                     Ok(_) => {}

@@ -53,7 +53,8 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    may_drop_tombstone, pick_compaction, scan_segment, Corruption, LastSegment, SegmentScan, SegmentUsage,
+    compaction_backlog, may_drop_tombstone, pick_compaction, scan_segment, Corruption, LastSegment, SegmentScan,
+    SegmentUsage,
 };
 
 /// Errors of the storage engine.
@@ -1253,10 +1254,24 @@ impl<B: Backend> Engine<B> {
         self.inner.st.borrow().full.clone()
     }
 
+    /// How far compaction is behind ([`compaction_backlog`]; its floor is
+    /// one segment of live data). The shell sets compaction's CPU shares
+    /// and starts passes early from it.
+    pub fn compaction_backlog(&self) -> f64 {
+        let st = self.inner.st.borrow();
+        let config = &self.inner.config;
+        compaction_backlog(
+            &st.usage,
+            st.writer.first_buffered_segment(),
+            config.compaction_threshold,
+            config.segment_size,
+        )
+    }
+
     /// One compaction pass: every sealed segment whose garbage ratio passed
     /// the threshold has its live records copied to the head of the log
     /// (expired tombstones dropped when allowed), the copies are synced, and
-    /// the segment is removed. Call it from a low-priority task: it yields
+    /// the segment is removed. Call it from a background task: it yields
     /// between records.
     pub async fn compact(&self, now_ms: u64) -> Result<CompactionStats, StorageError> {
         let mut stats = CompactionStats::default();
@@ -1278,7 +1293,8 @@ impl<B: Backend> Engine<B> {
     /// Compaction's step for one record of segment `seg` at `off`: copies it
     /// to the head of the log if the index still points at it (or drops it,
     /// if it is a tombstone past its grace). Returns whether the copies
-    /// buffered so far should be written out now.
+    /// this pass buffered since it last flushed (`unflushed`, which it
+    /// counts) should be written out now.
     fn move_if_live(
         &self,
         seg: u32,
@@ -1286,6 +1302,7 @@ impl<B: Backend> Engine<B> {
         r: &RecordRef<'_>,
         now_ms: u64,
         stats: &mut CompactionStats,
+        unflushed: &mut usize,
     ) -> Result<bool, StorageError> {
         let hash = key_hash(r.key);
         let len = r.encoded_len() as u32;
@@ -1313,8 +1330,17 @@ impl<B: Backend> Engine<B> {
         // Compaction writes out its own copies as it goes: left to pile up,
         // a segment's live records filled the buffer past the backlog limit
         // and made every client write wait for one long flush (a 100-150 ms
-        // stall per compaction).
-        Ok(st.writer.pending_bytes() >= self.inner.config.flush_threshold)
+        // stall per compaction). Its own copies, not the buffer's total: on
+        // a shard busy with writes the buffer is always near the
+        // threshold, and a flush awaited for every record moved held a
+        // segment of 4 KiB values with a few live ones for 1-3 s (the
+        // flusher writes the clients' records anyway).
+        *unflushed += len as usize;
+        if *unflushed >= self.inner.config.flush_threshold {
+            *unflushed = 0;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn compact_segment(&self, seg: u32, now_ms: u64, stats: &mut CompactionStats) -> Result<(), StorageError> {
@@ -1323,6 +1349,9 @@ impl<B: Backend> Engine<B> {
             let st = self.inner.st.borrow();
             (st.files.get(&seg).expect("accounted segment is open").clone(), st.usage[&seg].live)
         };
+        // Bytes this segment's copies added to the buffer since the last
+        // flush they asked for (see `move_if_live`).
+        let mut unflushed = 0;
         if live > 0 {
             // Streamed a piece at a time (see `SegmentReader`), and yielding
             // every so often ([`Pace`]): a whole segment's checksums in one
@@ -1339,7 +1368,7 @@ impl<B: Backend> Engine<B> {
                 if pace.record(r.encoded_len()) {
                     backend.yield_now().await;
                 }
-                if self.move_if_live(seg, off, &r, now_ms, stats)? {
+                if self.move_if_live(seg, off, &r, now_ms, stats, &mut unflushed)? {
                     self.flush().await?;
                 }
             };
@@ -1356,7 +1385,7 @@ impl<B: Backend> Engine<B> {
                     if pace.record(r.encoded_len()) {
                         backend.yield_now().await;
                     }
-                    if self.move_if_live(seg, off, &r, now_ms, stats)? {
+                    if self.move_if_live(seg, off, &r, now_ms, stats, &mut unflushed)? {
                         self.flush().await?;
                     }
                 }

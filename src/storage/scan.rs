@@ -197,6 +197,54 @@ pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u
     v.into_iter().map(|(id, _)| id).collect()
 }
 
+/// How far compaction is behind: the garbage in the segments
+/// [`pick_compaction`] would take now, against the live data of every
+/// segment on disk (at least `floor`: a nearly empty shard is not behind
+/// for one segment's garbage). 0 when it has nothing to do; 1 when what it
+/// could reclaim equals the live data, the space the shard takes then
+/// being about twice what it needs beyond the garbage below the threshold.
+pub fn compaction_backlog(
+    segments: &BTreeMap<u32, SegmentUsage>,
+    first_buffered: u32,
+    threshold: f64,
+    floor: u64,
+) -> f64 {
+    let eligible = |(&id, u): &(&u32, &SegmentUsage)| id < first_buffered && u.garbage_ratio() >= threshold;
+    let reclaimable: u64 = segments.iter().filter(eligible).map(|(_, u)| u.total - u.live).sum();
+    let live: u64 = segments.values().map(|u| u.live).sum();
+    reclaimable as f64 / live.max(floor).max(1) as f64
+}
+
+/// The CPU shares compaction's task queue gets against the requests'
+/// (glommio's default queue, [`COMPACTION_SHARES_MAX`]) at `backlog`
+/// ([`compaction_backlog`]): the fewest while it keeps up, so that
+/// requests come first, rising in proportion to the backlog to an equal
+/// share at [`COMPACTION_BACKLOG_FULL`]. With fixed low shares, a shard
+/// saturated by writes of 4 KiB values gave compaction almost no CPU and
+/// its disk grew to ten times its live data in 17 s (perf/RESULTS.md,
+/// sixteenth session); only a full disk would have stopped it.
+pub fn compaction_shares(backlog: f64) -> usize {
+    let span = (COMPACTION_SHARES_MAX - COMPACTION_SHARES_MIN) as f64;
+    let share = (backlog / COMPACTION_BACKLOG_FULL).clamp(0.0, 1.0);
+    COMPACTION_SHARES_MIN + (span * share).round() as usize
+}
+
+/// Compaction's shares while it keeps up (against the requests' 1000).
+pub const COMPACTION_SHARES_MIN: usize = 10;
+/// Compaction's shares at most: glommio's default for a task queue, the
+/// requests' share, so that a backlogged shard splits its CPU evenly
+/// between serving and reclaiming space.
+pub const COMPACTION_SHARES_MAX: usize = 1000;
+/// The backlog at which compaction gets its most shares: reclaimable
+/// garbage twice the live data.
+pub const COMPACTION_BACKLOG_FULL: f64 = 2.0;
+/// The backlog from which compaction runs a pass without waiting for its
+/// next turn: garbage it could reclaim as large as the live data.
+pub const COMPACTION_BACKLOG_URGENT: f64 = 1.0;
+
+const _: () = assert!(COMPACTION_SHARES_MIN >= 1 && COMPACTION_SHARES_MIN < COMPACTION_SHARES_MAX);
+const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGENT <= COMPACTION_BACKLOG_FULL);
+
 /// Whether compaction may drop a live tombstone instead of copying it.
 ///
 /// Recovery replays segments in id order, so a tombstone shadows older
@@ -431,5 +479,29 @@ mod tests {
         assert!(may_drop_tombstone(0, 100, 100, 3, 3));
         assert!(!may_drop_tombstone(0, 99, 100, 3, 3));
         assert!(!may_drop_tombstone(0, 1000, 100, 4, 3));
+    }
+
+    #[test]
+    fn compaction_gets_more_cpu_as_it_falls_behind() {
+        let mut segs = BTreeMap::new();
+        // Live data 100 in segment 1; segment 2 is 90% garbage, segment 3
+        // 40% (below the threshold), segment 4 is still being written.
+        segs.insert(1, SegmentUsage { total: 100, live: 100 });
+        segs.insert(2, SegmentUsage { total: 100, live: 10 });
+        segs.insert(3, SegmentUsage { total: 100, live: 60 });
+        segs.insert(4, SegmentUsage { total: 1000, live: 30 });
+        // Only segment 2's garbage counts (3 is below 0.5, 4 is not sealed).
+        let b = compaction_backlog(&segs, 4, 0.5, 0);
+        assert!((b - 90.0 / 200.0).abs() < 1e-9, "{b}");
+        // A floor keeps a nearly empty shard from looking behind.
+        assert!((compaction_backlog(&segs, 4, 0.5, 1000) - 0.09).abs() < 1e-9);
+        assert_eq!(compaction_backlog(&BTreeMap::new(), 1, 0.5, 0), 0.0);
+        assert_eq!(compaction_shares(0.0), COMPACTION_SHARES_MIN);
+        assert_eq!(compaction_shares(COMPACTION_BACKLOG_FULL), COMPACTION_SHARES_MAX);
+        assert_eq!(compaction_shares(100.0), COMPACTION_SHARES_MAX);
+        assert_eq!(compaction_shares(f64::NAN), COMPACTION_SHARES_MIN);
+        let half = compaction_shares(COMPACTION_BACKLOG_FULL / 2.0);
+        assert_eq!(half, (COMPACTION_SHARES_MIN + COMPACTION_SHARES_MAX).div_ceil(2));
+        assert!(compaction_shares(b) > COMPACTION_SHARES_MIN && compaction_shares(b) < half);
     }
 }
