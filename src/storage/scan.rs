@@ -185,12 +185,18 @@ impl SegmentUsage {
     }
 }
 
+/// Whether segment `id` is worth compacting: complete on disk and with a
+/// garbage ratio of at least `threshold`.
+fn compactable(id: u32, usage: &SegmentUsage, first_buffered: u32, threshold: f64) -> bool {
+    id < first_buffered && usage.garbage_ratio() >= threshold
+}
+
 /// Segments worth compacting, most garbage first: complete on disk (below
 /// `first_buffered`) and with a garbage ratio of at least `threshold`.
 pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u32, threshold: f64) -> Vec<u32> {
     let mut v: Vec<(u32, f64)> = segments
         .iter()
-        .filter(|(&id, u)| id < first_buffered && u.garbage_ratio() >= threshold)
+        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold))
         .map(|(&id, u)| (id, u.garbage_ratio()))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -209,8 +215,11 @@ pub fn compaction_backlog(
     threshold: f64,
     floor: u64,
 ) -> f64 {
-    let eligible = |(&id, u): &(&u32, &SegmentUsage)| id < first_buffered && u.garbage_ratio() >= threshold;
-    let reclaimable: u64 = segments.iter().filter(eligible).map(|(_, u)| u.total - u.live).sum();
+    let reclaimable: u64 = segments
+        .iter()
+        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold))
+        .map(|(_, u)| u.total.saturating_sub(u.live))
+        .sum();
     let live: u64 = segments.values().map(|u| u.live).sum();
     reclaimable as f64 / live.max(floor).max(1) as f64
 }
