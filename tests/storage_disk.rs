@@ -252,6 +252,36 @@ fn never_policy_writes_through_the_ticker() {
     });
 }
 
+/// The compaction loop waits between passes however little a pass does:
+/// with no gap asked for and nothing to compact, a pass returns at once,
+/// and a loop without a real wait would hold the shard forever (no put,
+/// no ticker, no stop). A watchdog turns such a hang into a failure.
+#[test]
+fn the_compaction_loop_never_holds_the_shard() {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        if !watched.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("the compaction loop held the shard for 60 s");
+            std::process::abort();
+        }
+    });
+    in_fresh_dir(|path| async move {
+        let config = EngineConfig { fsync: FsyncPolicy::Never, ..small_config() };
+        let (engine, _) = open_shard(&path, config).await.unwrap();
+        let stop = gyre::shell::Stop::default();
+        gyre::shell::spawn_background(&engine, &stop, Duration::ZERO);
+        for i in 0..20u32 {
+            engine.put(format!("k{i}").as_bytes(), b"", b"v", 0).await.unwrap();
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(engine.stats().flushes >= 1, "the ticker ran");
+        stop.stop().await;
+    });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Under `interval` and `never`, a buffer past the flush threshold is
 /// written by the shell's flusher task at once, not by the writer that
 /// filled it (which is acknowledged without waiting) and not only at the

@@ -62,7 +62,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a node start waits for a listening address still held by a
 /// process that just exited.
 const BIND_RETRY: Duration = Duration::from_secs(1);
-/// How often compaction looks for work.
+/// The longest gap between two compaction passes; a pass comes sooner
+/// when compaction falls behind (`shell::spawn_background`).
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
 /// How long a shard waits before accepting again after `accept` failed
 /// (out of descriptors, say): the listener stays readable, so retrying at

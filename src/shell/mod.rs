@@ -90,10 +90,14 @@ impl Stop {
     }
 }
 
-/// How often the compaction loop looks at its backlog between passes.
+/// How often the compaction loop looks at its backlog between passes;
+/// also the least time between two passes (a `compact_every` below it is
+/// rounded up to it), so that a pass that returns at once (a full or
+/// failed engine) never spins the shard.
 const COMPACTION_CHECK: Duration = Duration::from_millis(100);
 
-/// Compaction's CPU shares, which glommio reads every 250 ms: set by the
+/// Compaction's CPU shares, which glommio reads when the queue is about to
+/// run, at most every 250 ms: set by the
 /// compaction loop from how far it is behind ([`compaction_shares`]) each
 /// time it looks. A cell, not the engine: the task queue outlives the
 /// loop, and an engine clone held there would keep the shard's directory
@@ -151,6 +155,10 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
             // Reported once per run of failures (a full disk fails it on
             // every pass).
             let mut spare_failing = false;
+            // Whether the last pass reclaimed anything: one that did not
+            // (segments kept for corrupt records, a full disk, a pass
+            // already running) gives no reason to hurry the next.
+            let mut progressed = true;
             loop {
                 match e.prepare_spare().await {
                     Ok(()) => spare_failing = false,
@@ -161,23 +169,32 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     }
                     Err(_) => {}
                 }
-                // The next pass in `compact_every`, or as soon as the
-                // garbage it could reclaim outgrows the live data.
+                // The next pass in `compact_every`, or, after a pass that
+                // reclaimed space, as soon as the garbage it could reclaim
+                // outgrows the live data. Always after one sleep at least:
+                // a pass that returns at once must not spin the shard.
                 let due = std::time::Instant::now() + compact_every;
                 loop {
+                    glommio::timer::sleep(COMPACTION_CHECK).await;
                     let backlog = e.compaction_backlog();
                     shares.set(compaction_shares(backlog));
-                    if std::time::Instant::now() >= due || backlog >= COMPACTION_BACKLOG_URGENT {
+                    let urgent = progressed && backlog >= COMPACTION_BACKLOG_URGENT;
+                    if urgent || std::time::Instant::now() >= due {
                         break;
                     }
-                    glommio::timer::sleep(COMPACTION_CHECK.min(compact_every)).await;
                 }
-                match e.compact(now_ms()).await {
-                    Ok(st) if st.segments_removed > 0 => tracing::info!(?st, "compaction pass"),
-                    Ok(_) => {}
+                progressed = match e.compact(now_ms()).await {
+                    Ok(st) if st.segments_removed > 0 => {
+                        tracing::info!(?st, "compaction pass");
+                        true
+                    }
+                    Ok(_) => false,
                     Err(StorageError::Failed(_)) => break,
-                    Err(err) => tracing::error!(error = %err, "compaction failed"),
-                }
+                    Err(err) => {
+                        tracing::error!(error = %err, "compaction failed");
+                        false
+                    }
+                };
             }
         },
         tq,
