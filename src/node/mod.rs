@@ -356,10 +356,16 @@ impl Shard {
     }
 
     /// The error reply of a failed key-value operation; failures of the
-    /// node itself are logged.
+    /// node itself are logged, but not each request a failed or full
+    /// shard refuses: the engine logged that state once as it began, and
+    /// a line per refused request was over a million lines in 15 s of a
+    /// full disk under load.
     fn store_error_frame(&self, request_id: u64, e: &StoreError) -> Vec<u8> {
         let code = error_code(e);
-        if code == ErrorCode::StorageFailed || code == ErrorCode::Internal {
+        let refused = matches!(e, StoreError::Storage(StorageError::Failed(_) | StorageError::DiskFull(_)));
+        if refused {
+            tracing::debug!(shard = self.id, error = %e, "request refused");
+        } else if code == ErrorCode::StorageFailed || code == ErrorCode::Internal {
             tracing::error!(shard = self.id, error = %e, "request failed");
         }
         self.error_frame(request_id, code, &e.to_string())

@@ -22,4 +22,4 @@ print(sys.argv[1], round(d["ops_per_sec"]), round(d["p999_us"]), round(d["server
       "disk_total_MiB", st["disk_total_bytes"] >> 20, "live_MiB", st["disk_live_bytes"] >> 20,
       "compacted", st["segments_compacted"], "moved", st["records_moved"])
 PY
-rm -rf "$W"
+[ -n "$KEEP" ] && cp "$W/node.log" "$KEEP"; rm -rf "$W"

@@ -247,10 +247,22 @@ impl Backend for GlommioBackend {
         GlommioBuf(buf)
     }
 
+    /// A short write is what a disk that fills during the write gives
+    /// (ext4 and tmpfs write what fits and return its length; only the
+    /// next write says ENOSPC). Taken as a plain error it failed the shard
+    /// for good, where a full disk is to be retried once there is room. So
+    /// a short write asks again, with one block of zeros where its data
+    /// stopped (inside the range this write was to fill: the log beyond
+    /// its data is zeros anyway, and a retried flush rewrites the range),
+    /// and reports that write's error if it fails.
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         let want = buf.0.len();
         let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
+        if n < want && n % BLOCK_SIZE == 0 {
+            let probe = self.alloc(file, BLOCK_SIZE);
+            file.write_at(probe.0, off + n as u64).await.map_err(io::Error::from)?;
+        }
         full_write(n, want)
     }
 
