@@ -263,3 +263,47 @@ fn a_last_segment_with_no_record_that_verifies_is_reported_lost() {
         assert!(engine.get(b"only").await.unwrap().is_none());
     });
 }
+
+/// A victim with few live records has them read one by one, found from
+/// its hint file, and its dead records are not read at all: a damaged
+/// dead record is neither reported nor an obstacle, and the segment goes.
+/// A damaged live record read that way sends compaction back to streaming
+/// the segment, which reports it and keeps the segment, as before.
+#[test]
+fn compaction_reads_only_the_live_records_of_a_sparse_segment() {
+    // Segment 1 holds key0 to about key106 (186-187 bytes a record in
+    // 20 KiB); key5's record spans byte 1000, key10's byte 1900.
+    for (damaged_at, damaged_key) in [(1000, 5u32), (1900, 10)] {
+        let backend = populated();
+        backend.corrupt(&segment_file_name(1), damaged_at, 0x5A).unwrap();
+        block_on(async {
+            let (engine, _) = Engine::open(backend.clone(), config()).await.unwrap();
+            let damaged = format!("key{damaged_key}");
+            assert!(matches!(engine.get(damaged.as_bytes()).await, Err(StorageError::Corrupt { seg: 1, .. })));
+            // Overwrite segment 1's keys but key10 and key20 (and those
+            // past key100): a few live records among many dead.
+            for i in (0..=100u32).filter(|&i| i != 10 && i != 20) {
+                engine.put(format!("key{i}").as_bytes(), b"", &[(i + 1) as u8; 150], 0).await.unwrap();
+            }
+            let done = engine.compact(0).await.unwrap();
+            let files: Vec<String> = backend.files().into_iter().map(|(n, _)| n).collect();
+            if damaged_key == 5 {
+                assert_eq!(done.corrupt_regions, 0, "a dead record is not read: {done:?}");
+                assert!(!files.contains(&segment_file_name(1)), "segment 1 is removed: {files:?}");
+            } else {
+                assert_eq!(done.corrupt_regions, 1, "the streamed segment reports it: {done:?}");
+                assert!(files.contains(&segment_file_name(1)), "segment 1 is kept: {files:?}");
+            }
+            assert!(done.records_moved >= 1, "{done:?}");
+            for i in 0..300u32 {
+                let want = if i <= 100 && i != 10 && i != 20 { (i + 1) as u8 } else { i as u8 };
+                match engine.get(format!("key{i}").as_bytes()).await {
+                    Ok(Some(r)) => assert_eq!(r.value(), &[want; 150], "key{i}"),
+                    Err(StorageError::Corrupt { seg: 1, .. }) if i == damaged_key => {}
+                    other => panic!("key{i}: unexpected {other:?}"),
+                }
+            }
+            engine.close().await.unwrap();
+        });
+    }
+}
