@@ -1290,20 +1290,13 @@ impl<B: Backend> Engine<B> {
         Ok(stats)
     }
 
-    /// Compaction's step for one record of segment `seg` at `off`: copies it
-    /// to the head of the log if the index still points at it (or drops it,
-    /// if it is a tombstone past its grace). Returns whether the copies
-    /// this pass buffered since it last flushed (`unflushed`, which it
-    /// counts) should be written out now.
-    fn move_if_live(
-        &self,
-        seg: u32,
-        off: u64,
-        r: &RecordRef<'_>,
-        now_ms: u64,
-        stats: &mut CompactionStats,
-        unflushed: &mut usize,
-    ) -> Result<bool, StorageError> {
+    /// Compaction's step for one record of the pass's segment at `off`:
+    /// copies it to the head of the log if the index still points at it (or
+    /// drops it, if it is a tombstone past its grace). Returns whether the
+    /// copies the pass buffered since it last flushed (`pass.unflushed`,
+    /// which it counts) should be written out now.
+    fn move_if_live(&self, pass: &mut SegmentPass<'_>, off: u64, r: &RecordRef<'_>) -> Result<bool, StorageError> {
+        let (seg, now_ms) = (pass.seg, pass.now_ms);
         let hash = key_hash(r.key);
         let len = r.encoded_len() as u32;
         let loc = Loc { seg, off: off as u32, len, tombstone: r.kind == Kind::Tombstone };
@@ -1319,13 +1312,13 @@ impl<B: Backend> Engine<B> {
         if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
             let (_, tag) = st.index.remove(hash, r.key).expect("checked live above");
             st.drop_live(loc, tag);
-            stats.tombstones_dropped += 1;
+            pass.stats.tombstones_dropped += 1;
             st.stats.tombstones_dropped += 1;
             return Ok(false);
         }
         let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
         st.account_move(&a, hash, r.key, loc);
-        stats.records_moved += 1;
+        pass.stats.records_moved += 1;
         st.stats.records_moved += 1;
         // Compaction writes out its own copies as it goes: left to pile up,
         // a segment's live records filled the buffer past the backlog limit
@@ -1335,12 +1328,31 @@ impl<B: Backend> Engine<B> {
         // threshold, and a flush awaited for every record moved held a
         // segment of 4 KiB values with a few live ones for 1-3 s (the
         // flusher writes the clients' records anyway).
-        *unflushed += len as usize;
-        if *unflushed >= self.inner.config.flush_threshold {
-            *unflushed = 0;
+        pass.unflushed += len as usize;
+        if pass.unflushed >= self.inner.config.flush_threshold {
+            pass.unflushed = 0;
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// One record of a compaction pass, whichever way it was read: gives
+    /// way when `pace` says so, then moves the record if it is live and
+    /// writes the pass's copies out when `move_if_live` asks.
+    async fn compact_record(
+        &self,
+        pass: &mut SegmentPass<'_>,
+        pace: &mut Pace,
+        off: u64,
+        r: &RecordRef<'_>,
+    ) -> Result<(), StorageError> {
+        if pace.record(r.encoded_len()) {
+            self.inner.backend.yield_now().await;
+        }
+        if self.move_if_live(pass, off, r)? {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// The records of segment `seg` the index still points at, found from
@@ -1384,27 +1396,19 @@ impl<B: Backend> Engine<B> {
     /// judges and reports the damage (what was moved is skipped there).
     async fn move_sparse(
         &self,
-        seg: u32,
+        pass: &mut SegmentPass<'_>,
         file: &B::File,
         records: &[(u32, u32)],
-        now_ms: u64,
-        stats: &mut CompactionStats,
-        unflushed: &mut usize,
     ) -> Result<bool, StorageError> {
-        let backend = &self.inner.backend;
         let mut pace = Pace::default();
         for &(off, len) in records {
-            let bytes = backend.read_at(file, off as u64, len as usize).await.map_err(io_err("reading a record"))?;
+            let bytes =
+                self.inner.backend.read_at(file, off as u64, len as usize).await.map_err(io_err("reading a record"))?;
             let r = match decode_record(bytes.as_ref(), self.inner.seed) {
                 Ok(r) if r.encoded_len() == len as usize => r,
                 _ => return Ok(false),
             };
-            if pace.record(r.encoded_len()) {
-                backend.yield_now().await;
-            }
-            if self.move_if_live(seg, off as u64, &r, now_ms, stats, unflushed)? {
-                self.flush().await?;
-            }
+            self.compact_record(pass, &mut pace, off as u64, &r).await?;
         }
         Ok(true)
     }
@@ -1415,13 +1419,11 @@ impl<B: Backend> Engine<B> {
             let st = self.inner.st.borrow();
             (st.files.get(&seg).expect("accounted segment is open").clone(), st.usage[&seg].live)
         };
-        // Bytes this segment's copies added to the buffer since the last
-        // flush they asked for (see `move_if_live`).
-        let mut unflushed = 0;
+        let mut pass = SegmentPass { seg, now_ms, stats, unflushed: 0 };
         let mut sparse_done = false;
         if live > 0 && live <= COMPACTION_SPARSE_BYTES {
             if let Some(records) = self.sparse_live_records(seg).await {
-                sparse_done = self.move_sparse(seg, &file, &records, now_ms, stats, &mut unflushed).await?;
+                sparse_done = self.move_sparse(&mut pass, &file, &records).await?;
                 // Anything still live here was not on the hint's list.
                 // Every record of a sealed segment is on its hint, so this
                 // should not happen; if it does, streaming finds it rather
@@ -1442,12 +1444,7 @@ impl<B: Backend> Engine<B> {
                     Step::End => break true,
                     Step::Irregular => break false,
                 };
-                if pace.record(r.encoded_len()) {
-                    backend.yield_now().await;
-                }
-                if self.move_if_live(seg, off, &r, now_ms, stats, &mut unflushed)? {
-                    self.flush().await?;
-                }
+                self.compact_record(&mut pass, &mut pace, off, &r).await?;
             };
             drop(reader);
             if !regular {
@@ -1459,18 +1456,13 @@ impl<B: Backend> Engine<B> {
                 let mut scan = SegmentScan::new(seg, data.as_ref(), true, self.inner.seed);
                 let mut pace = Pace::default();
                 while let Some((off, r)) = scan.next_record() {
-                    if pace.record(r.encoded_len()) {
-                        backend.yield_now().await;
-                    }
-                    if self.move_if_live(seg, off, &r, now_ms, stats, &mut unflushed)? {
-                        self.flush().await?;
-                    }
+                    self.compact_record(&mut pass, &mut pace, off, &r).await?;
                 }
                 let out = scan.finish();
                 for c in &out.corruptions {
                     tracing::error!(seg, off = c.off, len = c.len, reason = %c.reason, "corruption found by compaction");
                 }
-                stats.corrupt_regions += out.corruptions.len() as u64;
+                pass.stats.corrupt_regions += out.corruptions.len() as u64;
             }
         }
         // Whatever superseded this segment's records must be on disk before
@@ -1688,6 +1680,17 @@ impl<B: Backend> SegmentReader<'_, B> {
 /// large values (checksummed whole) to as much.
 const COMPACTION_YIELD_RECORDS: u32 = 256;
 const COMPACTION_YIELD_BYTES: usize = 256 * 1024;
+
+/// One segment's share of a compaction pass: what each record's step
+/// needs besides the record.
+struct SegmentPass<'s> {
+    seg: u32,
+    now_ms: u64,
+    stats: &'s mut CompactionStats,
+    /// Bytes this segment's copies added to the buffer since the last
+    /// flush they asked for (see `Engine::move_if_live`).
+    unflushed: usize,
+}
 
 /// Counts compaction's work since it last gave way (see
 /// [`COMPACTION_YIELD_RECORDS`]).
