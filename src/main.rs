@@ -576,8 +576,8 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
     // The nodes share the machine's memory as they share its cores: each
     // takes its part of the one node's default cache.
-    let cache = gyre::node::memory::available()
-        .map(|m| m / gyre::node::config::DEFAULT_CACHE_SHARE_DIVISOR / args.nodes as u64);
+    let cache =
+        gyre::node::config::default_node_cache_bytes(gyre::node::memory::available()).map(|b| b / args.nodes as u64);
     let grace = args.stop_grace.unwrap_or(DEV_STOP_GRACE);
     let signals = signal_counter()?;
     let exe = std::env::current_exe().context("finding the gyre executable")?;

@@ -56,6 +56,12 @@ pub const MAX_SHARDS: usize = 1024;
 /// only as records are written and read.
 pub const DEFAULT_CACHE_SHARE_DIVISOR: u64 = 4;
 
+/// The default memory of one node's record caches, from the `memory` the
+/// process may use (`None`: unknown, the engine's default applies).
+pub fn default_node_cache_bytes(memory: Option<u64>) -> Option<u64> {
+    memory.map(|m| m / DEFAULT_CACHE_SHARE_DIVISOR)
+}
+
 /// Everything `gyre node` can be told. Every field has a default, so an
 /// empty file (or none) is a working configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -159,11 +165,7 @@ impl NodeConfig {
     /// cache its share of `cache_bytes`, or by default of the `memory`
     /// the process may use (`node::memory::available`).
     pub fn shard_engine_config(&self, shards: usize, memory: Option<u64>) -> anyhow::Result<EngineConfig> {
-        let node_cache = match (self.cache_bytes, memory) {
-            (Some(bytes), _) => Some(bytes),
-            (None, Some(memory)) => Some(memory / DEFAULT_CACHE_SHARE_DIVISOR),
-            (None, None) => None,
-        };
+        let node_cache = self.cache_bytes.or_else(|| default_node_cache_bytes(memory));
         let mut config = self.engine_config()?;
         if let Some(bytes) = node_cache {
             config.cache_bytes = usize::try_from(bytes / shards.max(1) as u64).unwrap_or(usize::MAX);

@@ -422,7 +422,7 @@ impl Shard {
             })),
             "storage": self.store.engine().stats(),
             // What `storage.cache_bytes` may grow to on this shard.
-            "cache_budget_bytes": self.store.engine().config().cache_bytes,
+            "cache_budget_bytes": self.store.engine().cache_budget(),
             "storage_failed": self.store.engine().failed(),
             "storage_full": self.store.engine().full(),
         })

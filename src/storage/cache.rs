@@ -97,6 +97,11 @@ impl RecordCache {
         RecordCache { entries: Vec::new(), free: Vec::new(), hand: 0, bytes: 0, budget: budget.min(MAX_BUDGET) }
     }
 
+    /// What `bytes` may grow to: the budget given, cut to [`MAX_BUDGET`].
+    pub(crate) fn budget(&self) -> usize {
+        self.budget
+    }
+
     /// The entry `tag` points at, if it still holds record `id`.
     fn entry(&self, tag: CacheTag, id: u64) -> Option<(usize, &Rc<[u8]>)> {
         let i = (tag.0 as usize).checked_sub(1)?;
@@ -294,9 +299,9 @@ mod tests {
 
     #[test]
     fn a_budget_past_what_the_tags_can_name_is_cut() {
-        assert_eq!(RecordCache::new(usize::MAX).budget, MAX_BUDGET);
+        assert_eq!(RecordCache::new(usize::MAX).budget(), MAX_BUDGET);
         assert!((MAX_BUDGET / charge(RECORD_HEADER_LEN + 1)) <= MAX_ENTRIES);
-        assert_eq!(RecordCache::new(1 << 30).budget, 1 << 30);
+        assert_eq!(RecordCache::new(1 << 30).budget(), 1 << 30);
     }
 
     #[test]

@@ -1229,6 +1229,12 @@ impl<B: Backend> Engine<B> {
     }
 
     /// A snapshot of the counters.
+    /// What the record cache may hold (`EngineStats::cache_bytes` at
+    /// most): `EngineConfig::cache_bytes`, cut to what its tags can name.
+    pub fn cache_budget(&self) -> usize {
+        self.inner.st.borrow().cache.budget()
+    }
+
     pub fn stats(&self) -> EngineStats {
         let st = self.inner.st.borrow();
         let mut s = st.stats.clone();
