@@ -307,3 +307,47 @@ fn compaction_reads_only_the_live_records_of_a_sparse_segment() {
         });
     }
 }
+
+/// Writes never wait for compaction that cannot catch up: a pass whose
+/// only segment to compact keeps a damaged live record reclaims nothing,
+/// and writes that waited for it go on (they would otherwise wait for
+/// good), until a pass reclaims something again.
+#[test]
+fn writes_stop_waiting_for_compaction_that_reclaims_nothing() {
+    let backend = populated();
+    backend.corrupt(&segment_file_name(1), 1000, 0x5A).unwrap();
+    block_on(async {
+        // Any garbage to reclaim makes writes wait.
+        let config = EngineConfig { compaction_threshold: 0.3, write_stall_backlog: 0.01, ..config() };
+        let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+        // Overwrite every other key of the first segment only: it alone is
+        // past the threshold.
+        for i in (0..80u32).step_by(2) {
+            engine.put(format!("key{i}").as_bytes(), b"", &[i as u8; 150], 0).await.unwrap();
+        }
+        engine.handle_compaction_check();
+        assert!(engine.stats().write_stalled, "{:?}", engine.stats());
+        let done = engine.compact(0).await.unwrap();
+        assert_eq!((done.segments_removed, done.corrupt_regions), (0, 1), "{done:?}");
+        assert!(engine.compaction_backlog() > 0.01, "the garbage is still there");
+        assert!(!engine.stats().write_stalled, "stuck compaction: writes go on");
+        engine.handle_compaction_check();
+        assert!(!engine.stats().write_stalled, "and stay going");
+        engine.put(b"after", b"", b"v", 0).await.unwrap();
+        // Garbage in segments compaction can remove: the next pass
+        // reclaims it, so it is not stuck, and the damaged segment's
+        // garbage makes writes wait again; the pass after that reclaims
+        // nothing again and lets them go.
+        for i in (120..300u32).step_by(2) {
+            engine.put(format!("key{i}").as_bytes(), b"", &[i as u8; 150], 0).await.unwrap();
+        }
+        let done = engine.compact(0).await.unwrap();
+        assert!(done.segments_removed > 0, "{done:?}");
+        assert!(engine.stats().write_stalled, "not stuck any more: {:?}", engine.stats());
+        let done = engine.compact(0).await.unwrap();
+        assert_eq!(done.segments_removed, 0, "{done:?}");
+        assert!(!engine.stats().write_stalled);
+        engine.put(b"after", b"", b"w", 0).await.unwrap();
+        assert_eq!(engine.stats().write_stalls, 2);
+    });
+}

@@ -22,6 +22,9 @@ fn tiny_config(fsync: FsyncPolicy) -> EngineConfig {
         flush_threshold: 2048,
         compaction_threshold: 0.3,
         tombstone_grace_ms: 50,
+        // Writes never wait for compaction here: the model drives no
+        // compaction loop (`Engine::handle_compaction_check`).
+        write_stall_backlog: 0.0,
         preallocate: true,
     }
 }

@@ -3,7 +3,8 @@
 //! Owns: executor construction, the wall clock, and the background tasks
 //! that drive an engine (the durability ticker, and compaction in a task
 //! queue of its own: foreground work first while compaction keeps up, an
-//! equal share once it falls far behind). This is
+//! equal share once it falls far behind, and the engine's writes waiting
+//! for it beyond that: `Engine::handle_compaction_check`). This is
 //! the only place (with the binaries) that reads the clock; the engine gets
 //! `now` as an argument.
 
@@ -110,6 +111,16 @@ impl glommio::SharesManager for CompactionShares {
     }
 }
 
+/// Held by the compaction loop: tells the engine when the loop ends,
+/// however it ends.
+struct Driving(DiskEngine);
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.0.handle_compaction_stopped();
+    }
+}
+
 /// Starts the engine's durability ticker, its flusher (`interval` and
 /// `never`) and a compaction loop (which also keeps a spare segment ready:
 /// `Engine::prepare_spare`) in a task queue of its own, whose CPU shares
@@ -146,12 +157,16 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
         .detach();
         stop.tasks.borrow_mut().push(flusher);
     }
-    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.compaction_backlog())));
+    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.handle_compaction_check())));
     let manager = Rc::new(CompactionShares(shares.clone()));
     let tq = executor().create_task_queue(Shares::Dynamic(manager), Latency::NotImportant, "compaction");
     let e = engine.clone();
     let compactor = glommio::spawn_local_into(
         async move {
+            // Writes wait for compaction only while this loop runs: its
+            // end (a failed engine, or `Stop::stop` cancelling it) lets
+            // them go.
+            let _driving = Driving(e.clone());
             // Reported once per run of failures (a full disk fails it on
             // every pass).
             let mut spare_failing = false;
@@ -176,7 +191,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                 let due = std::time::Instant::now() + compact_every;
                 loop {
                     glommio::timer::sleep(COMPACTION_CHECK).await;
-                    let backlog = e.compaction_backlog();
+                    let backlog = e.handle_compaction_check();
                     shares.set(compaction_shares(backlog));
                     let urgent = progressed && backlog >= COMPACTION_BACKLOG_URGENT;
                     if urgent || std::time::Instant::now() >= due {

@@ -14,6 +14,7 @@ use crate::limits::{
     MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, VALUE_LEN_HARD_CAP,
 };
 use crate::storage::format::record_len;
+use crate::storage::scan::DEFAULT_WRITE_STALL_BACKLOG;
 
 /// When a write is acknowledged relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +112,14 @@ pub struct EngineConfig {
     pub compaction_threshold: f64,
     /// Age after which compaction may drop a tombstone.
     pub tombstone_grace_ms: u64,
+    /// How far compaction may fall behind before writes wait for it: the
+    /// garbage it could reclaim against the live data (at least a
+    /// segment's worth; `scan::compaction_backlog`). From here a write is
+    /// acknowledged only once compaction has brought that back under
+    /// three quarters of it (`scan::write_stall`), which bounds the disk a
+    /// shard takes to about `write_stall_backlog + 2` times its live data.
+    /// 0: writes never wait, and the disk may fill.
+    pub write_stall_backlog: f64,
     /// Reserve each new segment's full size on disk when it is created;
     /// under a policy that syncs (`always`, `interval`), keep the next
     /// segment ready ahead as a zero-filled spare instead, so that syncs
@@ -130,6 +139,7 @@ impl Default for EngineConfig {
             flush_threshold: DEFAULT_FLUSH_THRESHOLD,
             compaction_threshold: 0.5,
             tombstone_grace_ms: 24 * 3600 * 1000,
+            write_stall_backlog: DEFAULT_WRITE_STALL_BACKLOG,
             preallocate: true,
         }
     }
@@ -187,6 +197,12 @@ impl EngineConfig {
         if !(0.0..=1.0).contains(&self.compaction_threshold) {
             return Err("compaction_threshold must be between 0 and 1".into());
         }
+        if !(self.write_stall_backlog.is_finite() && self.write_stall_backlog >= 0.0) {
+            return Err(format!(
+                "write_stall_backlog {} must be 0 (writes never wait for compaction) or a positive number",
+                self.write_stall_backlog
+            ));
+        }
         if self.flush_threshold == 0 {
             return Err("flush_threshold must be positive".into());
         }
@@ -220,5 +236,8 @@ mod tests {
         assert!(ok.validate().is_ok());
         assert!(EngineConfig { max_value_len: VALUE_LEN_HARD_CAP + 1, ..Default::default() }.validate().is_err());
         assert!(EngineConfig { partitions: 3, ..Default::default() }.validate().is_err());
+        assert!(EngineConfig { write_stall_backlog: -1.0, ..Default::default() }.validate().is_err());
+        assert!(EngineConfig { write_stall_backlog: f64::NAN, ..Default::default() }.validate().is_err());
+        assert!(EngineConfig { write_stall_backlog: 0.0, ..Default::default() }.validate().is_ok());
     }
 }

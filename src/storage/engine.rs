@@ -53,8 +53,8 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    compaction_backlog, may_drop_tombstone, pick_compaction, scan_segment, Corruption, LastSegment, SegmentScan,
-    SegmentUsage,
+    compaction_backlog, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Corruption, LastSegment,
+    SegmentScan, SegmentUsage,
 };
 
 /// Errors of the storage engine.
@@ -355,6 +355,13 @@ pub struct EngineStats {
     pub segments_compacted: u64,
     pub records_moved: u64,
     pub tombstones_dropped: u64,
+    /// Times writes began to wait for compaction (`write_stall_backlog`).
+    pub write_stalls: u64,
+    /// Writes taken while writes wait for compaction: each was
+    /// acknowledged only once compaction caught up.
+    pub writes_stalled: u64,
+    /// Whether writes wait for compaction now.
+    pub write_stalled: bool,
     pub keys: usize,
     pub segments: usize,
     pub index_bytes: usize,
@@ -409,6 +416,17 @@ struct State<F> {
     /// writes are refused, what is buffered stays, and `tick` retries.
     full: Option<String>,
     compacting: bool,
+    /// Writes are acknowledged only once compaction catches up
+    /// ([`write_stall`]); [`Engine::settle`] waits on `caught_up`.
+    stalled: bool,
+    /// Something runs compaction passes for as long as they are due (the
+    /// shell's loop, through [`Engine::handle_compaction_check`]). Only
+    /// then may writes wait for compaction: an engine nobody compacts
+    /// (tests, tools) would keep them waiting for good.
+    compaction_driven: bool,
+    /// The last pass had segments to compact and removed none (all kept
+    /// for damage they hold): waiting for compaction could last for good.
+    compaction_stuck: bool,
     stats: EngineStats,
 }
 
@@ -470,6 +488,8 @@ struct Inner<B: Backend> {
     /// client in each threshold's worth used to wait for a whole write
     /// to reach the disk); it rings this and goes on.
     flush_wanted: Notify,
+    /// Wakes the writes waiting for compaction when the stall ends.
+    caught_up: Notify,
 }
 
 /// Clears the group-commit leader flag and wakes the followers when the
@@ -639,6 +659,9 @@ impl<B: Backend> Engine<B> {
             failed: None,
             full: None,
             compacting: false,
+            stalled: false,
+            compaction_driven: false,
+            compaction_stuck: false,
             stats: EngineStats::default(),
         };
         let inner = Inner {
@@ -647,6 +670,7 @@ impl<B: Backend> Engine<B> {
             st: RefCell::new(st),
             notify: Notify::default(),
             flush_wanted: Notify::default(),
+            caught_up: Notify::default(),
             seed,
         };
         Ok((Engine { inner: Rc::new(inner) }, report))
@@ -779,20 +803,36 @@ impl<B: Backend> Engine<B> {
             Ok(seq) => Ok(seq),
             Err(PendingWrite { end, seq, .. }) => {
                 self.wait_until(end, self.inner.config.synced_writes()).await?;
+                self.wait_for_compaction().await;
                 Ok(seq)
             }
+        }
+    }
+
+    /// Completes once writes no longer wait for compaction (at once if
+    /// they do not).
+    async fn wait_for_compaction(&self) {
+        loop {
+            let seen = self.inner.caught_up.generation();
+            if !self.inner.st.borrow().stalled {
+                return;
+            }
+            self.inner.caught_up.wait(seen).await;
         }
     }
 
     /// [`Self::settle`] without waiting: the write's sequence number if it
     /// meets the durability policy already (a buffered write under `never`
     /// or `interval` whose buffer is below the backlog limit, or a write
-    /// already synced), or the write back if it has to wait.
+    /// already synced) and writes do not wait for compaction, or the
+    /// write back if it has to wait.
     pub fn settle_now(&self, pending: PendingWrite) -> Result<u64, PendingWrite> {
-        let waits = match self.inner.config.fsync {
-            FsyncPolicy::Always => self.inner.st.borrow().synced < pending.end,
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => pending.over_limit,
-        };
+        let st = self.inner.st.borrow();
+        let waits = st.stalled
+            || match self.inner.config.fsync {
+                FsyncPolicy::Always => st.synced < pending.end,
+                FsyncPolicy::Interval(_) | FsyncPolicy::Never => pending.over_limit,
+            };
         if waits {
             Err(pending)
         } else {
@@ -848,6 +888,9 @@ impl<B: Backend> Engine<B> {
             match kind {
                 Kind::Value => st.stats.puts += 1,
                 Kind::Tombstone => st.stats.deletes += 1,
+            }
+            if st.stalled {
+                st.stats.writes_stalled += 1;
             }
             // Past one threshold the background flusher writes the buffer
             // out; appends pile up behind it (bounded) rather than wait for
@@ -915,12 +958,16 @@ impl<B: Backend> Engine<B> {
             }
             let why = e.to_string();
             st.full = Some(why.clone());
+            drop(st);
+            self.update_write_stall();
             return StorageError::DiskFull(why);
         }
         if st.failed.is_none() {
             tracing::error!(error = %e, "storage write failed; the shard now refuses writes");
             st.failed = Some(e.to_string());
         }
+        drop(st);
+        self.update_write_stall();
         e
     }
 
@@ -1240,6 +1287,7 @@ impl<B: Backend> Engine<B> {
         let mut s = st.stats.clone();
         // Under `always` every segment write is a synced one.
         s.synced_writes = if self.inner.config.synced_writes() { s.flushes } else { 0 };
+        s.write_stalled = st.stalled;
         s.cache_bytes = st.cache.bytes;
         s.keys = st.index.len();
         s.segments = st.usage.len();
@@ -1274,6 +1322,51 @@ impl<B: Backend> Engine<B> {
         )
     }
 
+    /// The compaction driver's periodic look (the shell's loop, every
+    /// `COMPACTION_CHECK`): from the first call on, writes may wait for
+    /// compaction when it falls behind ([`write_stall`]; the caller must
+    /// then keep running passes while they are due). Returns the backlog,
+    /// from which the caller sets compaction's CPU shares.
+    pub fn handle_compaction_check(&self) -> f64 {
+        self.inner.st.borrow_mut().compaction_driven = true;
+        self.update_write_stall()
+    }
+
+    /// The compaction driver stopped (its task ended or was cancelled):
+    /// writes no longer wait for compaction.
+    pub fn handle_compaction_stopped(&self) {
+        self.inner.st.borrow_mut().compaction_driven = false;
+        self.update_write_stall();
+    }
+
+    /// Starts or ends the write stall from the backlog now; returns it.
+    fn update_write_stall(&self) -> f64 {
+        let backlog = self.compaction_backlog();
+        let stall_at = self.inner.config.write_stall_backlog;
+        let ended = {
+            let mut st = self.inner.st.borrow_mut();
+            let stall = st.compaction_driven
+                && st.failed.is_none()
+                && st.full.is_none()
+                && write_stall(st.stalled, backlog, stall_at, st.compaction_stuck);
+            if stall == st.stalled {
+                return backlog;
+            }
+            st.stalled = stall;
+            if stall {
+                st.stats.write_stalls += 1;
+                tracing::warn!(backlog, stall_at, "compaction is behind: writes wait for it to catch up");
+            } else {
+                tracing::info!(backlog, stuck = st.compaction_stuck, "writes no longer wait for compaction");
+            }
+            !stall
+        };
+        if ended {
+            self.inner.caught_up.notify_all();
+        }
+        backlog
+    }
+
     /// One compaction pass: every sealed segment whose garbage ratio passed
     /// the threshold has its live records copied to the head of the log
     /// (expired tombstones dropped when allowed), the copies are synced, and
@@ -1290,10 +1383,23 @@ impl<B: Backend> Engine<B> {
             pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.inner.config.compaction_threshold)
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
+        let had_victims = !victims.is_empty();
+        let mut result = Ok(());
         for seg in victims {
-            self.compact_segment(seg, now_ms, &mut stats).await?;
+            result = self.compact_segment(seg, now_ms, &mut stats).await;
+            if result.is_err() {
+                break;
+            }
+            // Writes waiting for compaction go on as soon as it has caught
+            // up, not at the end of the pass.
+            self.update_write_stall();
         }
-        Ok(stats)
+        // A pass that failed, or had segments to compact and removed none,
+        // gives no reason to expect the next to do better: writes stop
+        // waiting for it until one does.
+        self.inner.st.borrow_mut().compaction_stuck = result.is_err() || (had_victims && stats.segments_removed == 0);
+        self.update_write_stall();
+        result.map(|()| stats)
     }
 
     /// Compaction's step for one record of the pass's segment at `off`:
@@ -1917,6 +2023,72 @@ mod tests {
             drop(engine);
             let (engine, _) = Engine::open(backend, config).await.unwrap();
             assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &[4; 1000]);
+        })
+    }
+
+    /// Writes wait for compaction once its backlog reaches the stall
+    /// backlog, but only while something drives compaction: a write taken
+    /// then is readable at once and acknowledged once a pass has brought
+    /// the backlog back, and the end of the driver lets waiting writes go.
+    #[test]
+    fn writes_wait_for_compaction_only_while_it_is_behind_and_driven() {
+        block_on(async {
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 1024,
+                fsync: FsyncPolicy::Never,
+                write_stall_backlog: 2.0,
+                ..Default::default()
+            };
+            let (_backend, engine) = open_mem(&config).await;
+            // 20 keys of 1000 bytes (one segment's worth of live data, the
+            // backlog's floor), each written 10 times: about nine segments
+            // of garbage, sealed and written out.
+            let overwrite = |round: u8| {
+                let engine = engine.clone();
+                async move {
+                    for i in 0..20u32 {
+                        engine.put(&i.to_le_bytes(), b"", &[round; 1000], 0).await.unwrap();
+                    }
+                }
+            };
+            for round in 0..10 {
+                overwrite(round).await;
+            }
+            engine.flush().await.unwrap();
+            let backlog = engine.compaction_backlog();
+            assert!(backlog >= 2.0, "{backlog}");
+            // Nobody drives compaction yet: writes do not wait.
+            engine.put(b"free", b"", b"v", 0).await.unwrap();
+            assert!(!engine.stats().write_stalled);
+            assert!(engine.handle_compaction_check() >= 2.0);
+            let st = engine.stats();
+            assert!(st.write_stalled && st.write_stalls == 1, "{st:?}");
+            let pending = engine.put_if_now(Kind::Value, b"held", b"", b"v", 0, None).unwrap().unwrap();
+            let pending = engine.settle_now(pending).expect_err("no write is acknowledged at once");
+            // Written out first: the settle below is polled only now and
+            // then, and a flush it led would hold up compaction's.
+            engine.flush().await.unwrap();
+            let mut settle = std::pin::pin!(engine.settle(pending));
+            assert!(futures_lite::future::poll_once(&mut settle).await.is_none(), "it waits for compaction");
+            assert_eq!(engine.get(b"held").await.unwrap().unwrap().value(), b"v", "readable meanwhile");
+            let done = engine.compact(0).await.unwrap();
+            assert!(done.segments_removed > 0, "{done:?}");
+            assert!(engine.compaction_backlog() < 2.0 * crate::storage::scan::WRITE_STALL_RESUME);
+            assert!(futures_lite::future::poll_once(&mut settle).await.is_some_and(|r| r.is_ok()), "acknowledged");
+            let st = engine.stats();
+            assert!(!st.write_stalled && st.writes_stalled == 1, "{st:?}");
+            // Behind again, then the driver stops: writes go on.
+            for round in 10..20 {
+                overwrite(round).await;
+            }
+            engine.flush().await.unwrap();
+            engine.handle_compaction_check();
+            assert!(engine.stats().write_stalled);
+            engine.handle_compaction_stopped();
+            assert!(!engine.stats().write_stalled);
+            engine.put(b"free", b"", b"w", 0).await.unwrap();
+            assert_eq!(engine.stats().write_stalls, 2);
         })
     }
 

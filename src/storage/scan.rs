@@ -251,6 +251,46 @@ pub const COMPACTION_BACKLOG_FULL: f64 = 2.0;
 /// next turn: garbage it could reclaim as large as the live data.
 pub const COMPACTION_BACKLOG_URGENT: f64 = 1.0;
 
+/// Whether writes should wait for compaction ([`Engine`]'s write stall),
+/// given whether they wait now, the `backlog` ([`compaction_backlog`]),
+/// the configured stall backlog `stall_at` (0: never) and whether
+/// compaction is `stuck` (its last pass had segments to compact and
+/// reclaimed none of them).
+///
+/// Compaction that falls behind does not stop the writes that outrun it:
+/// a shard saturated by 4 KiB writes held fourteen times its live data
+/// after 20 s, and only a full disk would have stopped it (perf/RESULTS.md,
+/// sixteenth session). So from `stall_at` a write is acknowledged only
+/// once compaction has brought the backlog back under
+/// [`WRITE_STALL_RESUME`] of it (hysteresis: one segment reclaimed does
+/// not release a burst that stalls again at once). Never while compaction
+/// is stuck: waiting would then last for good, a write outage where the
+/// disk filling is the lesser harm.
+///
+/// [`Engine`]: crate::storage::Engine
+pub fn write_stall(stalled: bool, backlog: f64, stall_at: f64, stuck: bool) -> bool {
+    if stall_at <= 0.0 || stuck {
+        return false;
+    }
+    let limit = if stalled { stall_at * WRITE_STALL_RESUME } else { stall_at };
+    backlog >= limit
+}
+
+/// The share of the stall backlog under which stalled writes resume.
+pub const WRITE_STALL_RESUME: f64 = 0.75;
+
+/// The default stall backlog (`EngineConfig::write_stall_backlog`):
+/// reclaimable garbage four times the live data. Past
+/// [`COMPACTION_BACKLOG_FULL`], so compaction has had its largest share
+/// before writers wait. It bounds a shard's disk to about six times its
+/// live data (with a segment's worth as the floor): the live data, four
+/// times that in garbage compaction can take, and at most as much again
+/// in segments under the compaction threshold.
+pub const DEFAULT_WRITE_STALL_BACKLOG: f64 = 4.0;
+
+const _: () = assert!(WRITE_STALL_RESUME > 0.0 && WRITE_STALL_RESUME < 1.0);
+const _: () = assert!(DEFAULT_WRITE_STALL_BACKLOG * WRITE_STALL_RESUME > COMPACTION_BACKLOG_FULL);
+
 const _: () = assert!(COMPACTION_SHARES_MIN >= 1 && COMPACTION_SHARES_MIN < COMPACTION_SHARES_MAX);
 const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGENT <= COMPACTION_BACKLOG_FULL);
 
@@ -512,5 +552,27 @@ mod tests {
         let half = compaction_shares(COMPACTION_BACKLOG_FULL / 2.0);
         assert_eq!(half, (COMPACTION_SHARES_MIN + COMPACTION_SHARES_MAX).div_ceil(2));
         assert!(compaction_shares(b) > COMPACTION_SHARES_MIN && compaction_shares(b) < half);
+    }
+
+    #[test]
+    fn writes_stall_from_the_stall_backlog_until_compaction_brings_it_back() {
+        let at = DEFAULT_WRITE_STALL_BACKLOG;
+        let resume = at * WRITE_STALL_RESUME;
+        // Flowing: below the stall backlog writes go on; from it they wait.
+        assert!(!write_stall(false, at - 0.01, at, false));
+        assert!(write_stall(false, at, at, false));
+        // Waiting: they go on only under the resume level (hysteresis).
+        assert!(write_stall(true, resume + 0.01, at, false));
+        assert!(write_stall(true, resume, at, false));
+        assert!(!write_stall(true, resume - 0.01, at, false));
+        // Flowing between the two levels stays flowing.
+        assert!(!write_stall(false, resume + 0.01, at, false));
+        // Stuck compaction (a pass that reclaimed nothing) never makes
+        // writes wait, however far behind: they would wait for good.
+        assert!(!write_stall(true, 100.0, at, true));
+        assert!(!write_stall(false, 100.0, at, true));
+        // 0 turns the stall off; NaN (no data) does not stall.
+        assert!(!write_stall(false, 100.0, 0.0, false));
+        assert!(!write_stall(false, f64::NAN, at, false));
     }
 }

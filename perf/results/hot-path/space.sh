@@ -4,7 +4,8 @@
 # (fsync never, on CPU 0), then the shard's disk use from STATS.
 # GYRE=path/to/gyre picks the build (default: this checkout's release build).
 # Prints: build ops_per_sec p999_us server_cpu_us_per_op, the bytes of
-# segments on disk and of live records (MiB), segments compacted, records moved.
+# segments on disk and of live records (MiB), segments compacted, records moved,
+# and (builds that have them) write stalls and the writes that waited.
 cd "$(dirname "$0")/../../.." || exit 1
 GYRE=${GYRE:-./target/release/gyre}; W=$(mktemp -d)
 taskset -c 0 "$GYRE" node --data-dir "$W/data" --listen 127.0.0.1:7700 --fsync never --shards 1 > "$W/node.log" 2>&1 & P=$!; sleep 1
@@ -20,6 +21,7 @@ s = json.load(open(w + "/stats.json"))
 st = (s[0] if isinstance(s, list) else s)["storage"]
 print(sys.argv[1], round(d["ops_per_sec"]), round(d["p999_us"]), round(d["server_cpu_us_per_op"], 1),
       "disk_total_MiB", st["disk_total_bytes"] >> 20, "live_MiB", st["disk_live_bytes"] >> 20,
-      "compacted", st["segments_compacted"], "moved", st["records_moved"])
+      "compacted", st["segments_compacted"], "moved", st["records_moved"],
+      "stalls", st.get("write_stalls", "-"), "stalled_writes", st.get("writes_stalled", "-"))
 PY
 [ -n "$KEEP" ] && cp "$W/node.log" "$KEEP"; rm -rf "$W"
