@@ -140,6 +140,7 @@ impl<B: Backend> Store<B> {
     ) -> Result<Written, StoreError> {
         let ctx = self.check_write(context, value)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
+            self.engine.wait_for_compaction().await;
             let (mut set, id) = self.read(key).await?;
             set.update(&ctx, self.actor, value.map(<[u8]>::to_vec)).map_err(update_error)?;
             if self.write_if(key, &set, id, now_ms).await? {
@@ -156,7 +157,9 @@ impl<B: Backend> Store<B> {
     /// but the new one into the log. `reply` gets the new context (the
     /// prefix of the stored metadata that encodes the clock) and the number
     /// of live siblings. `None`, having done nothing, when the record must
-    /// first be read from disk: then [`Self::put`] does the whole cycle.
+    /// first be read from disk, or while writes wait for compaction
+    /// ([`Engine::wait_for_compaction`]): then [`Self::put`] does the whole
+    /// cycle.
     ///
     /// The write is visible at once, but may be acknowledged only once the
     /// returned [`PendingWrite`] has settled ([`Engine::settle`]).
@@ -168,6 +171,10 @@ impl<B: Backend> Store<B> {
         now_ms: u64,
         reply: impl FnOnce(&[u8], usize) -> R,
     ) -> Option<Result<(R, PendingWrite), StoreError>> {
+        // Writes wait for compaction before they are taken: `put` does.
+        if self.engine.write_stalled() {
+            return None;
+        }
         let ctx = match self.check_write(context, value) {
             Ok(ctx) => ctx,
             Err(e) => return Some(Err(e)),
@@ -261,6 +268,7 @@ impl<B: Backend> Store<B> {
     /// Returns whether anything changed (nothing is written otherwise).
     pub async fn merge(&self, key: &[u8], incoming: &VersionSet, now_ms: u64) -> Result<bool, StoreError> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
+            self.engine.wait_for_compaction().await;
             let (set, id) = self.read(key).await?;
             let local = id.map(|_| set);
             let merged = match apply_replica_put(local, incoming) {

@@ -111,6 +111,26 @@ impl glommio::SharesManager for CompactionShares {
     }
 }
 
+/// How often at most the compaction loop reports that writes waited for
+/// compaction.
+const STALL_REPORT: Duration = Duration::from_secs(10);
+
+/// Logs, at most every [`STALL_REPORT`], how many times writes began to
+/// wait for compaction since the last report (`reported`: that count and
+/// when).
+fn report_stalls(reported: &mut (u64, std::time::Instant), check: crate::storage::CompactionCheck) {
+    let (count, at) = *reported;
+    if check.stalls > count && at.elapsed() >= STALL_REPORT {
+        tracing::warn!(
+            times = check.stalls - count,
+            since_s = at.elapsed().as_secs(),
+            backlog = check.backlog,
+            "compaction fell behind the writes: writes waited for it before they were taken"
+        );
+        *reported = (check.stalls, std::time::Instant::now());
+    }
+}
+
 /// Held by the compaction loop: tells the engine when the loop ends,
 /// however it ends.
 struct Driving(DiskEngine);
@@ -157,7 +177,11 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
         .detach();
         stop.tasks.borrow_mut().push(flusher);
     }
-    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.handle_compaction_check())));
+    // Made before the task: the engine is driven from here on, and the
+    // guard lets waiting writes go however the task ends, even cancelled
+    // before it first runs.
+    let driving = Driving(engine.clone());
+    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.handle_compaction_check().backlog)));
     let manager = Rc::new(CompactionShares(shares.clone()));
     let tq = executor().create_task_queue(Shares::Dynamic(manager), Latency::NotImportant, "compaction");
     let e = engine.clone();
@@ -166,7 +190,11 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
             // Writes wait for compaction only while this loop runs: its
             // end (a failed engine, or `Stop::stop` cancelling it) lets
             // them go.
-            let _driving = Driving(e.clone());
+            let _driving = driving;
+            // Writes waiting for compaction, reported at most every
+            // `STALL_REPORT` (they can start and stop several times a
+            // second): the count reported so far, and when.
+            let mut reported = (e.stats().compaction_stalls, std::time::Instant::now());
             // Reported once per run of failures (a full disk fails it on
             // every pass).
             let mut spare_failing = false;
@@ -191,9 +219,13 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                 let due = std::time::Instant::now() + compact_every;
                 loop {
                     glommio::timer::sleep(COMPACTION_CHECK).await;
-                    let backlog = e.handle_compaction_check();
-                    shares.set(compaction_shares(backlog));
-                    let urgent = progressed && backlog >= COMPACTION_BACKLOG_URGENT;
+                    let check = e.handle_compaction_check();
+                    shares.set(compaction_shares(check.backlog));
+                    report_stalls(&mut reported, check);
+                    // Waiting writes make a pass due at once, whatever the
+                    // last one did (the engine lets them go when a pass
+                    // reclaims nothing).
+                    let urgent = check.stalled || (progressed && check.backlog >= COMPACTION_BACKLOG_URGENT);
                     if urgent || std::time::Instant::now() >= due {
                         break;
                     }

@@ -21,7 +21,7 @@ pub mod scan;
 
 pub use config::{EngineConfig, FsyncPolicy};
 pub use engine::{
-    orphan_hint, CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId, RecoveryReport,
-    ShardFiles, StorageError, SPARE_SEGMENT,
+    orphan_hint, CompactionCheck, CompactionStats, Engine, EngineStats, PendingWrite, Prefetch, Record, RecordId,
+    RecoveryReport, ShardFiles, StorageError, SPARE_SEGMENT,
 };
 pub use format::Kind;

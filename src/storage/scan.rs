@@ -214,14 +214,31 @@ pub fn compaction_backlog(
     first_buffered: u32,
     threshold: f64,
     floor: u64,
-) -> f64 {
+) -> Backlog {
     let reclaimable: u64 = segments
         .iter()
         .filter(|(&id, u)| compactable(id, u, first_buffered, threshold))
         .map(|(_, u)| u.total.saturating_sub(u.live))
         .sum();
     let live: u64 = segments.values().map(|u| u.live).sum();
-    reclaimable as f64 / live.max(floor).max(1) as f64
+    Backlog { reclaimable, base: live.max(floor).max(1) }
+}
+
+/// [`compaction_backlog`]'s figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Garbage bytes in the segments compaction would take now.
+    pub reclaimable: u64,
+    /// What they are measured against: the live bytes, at least the floor
+    /// (never 0).
+    pub base: u64,
+}
+
+impl Backlog {
+    /// The backlog: `reclaimable` against `base`.
+    pub fn ratio(&self) -> f64 {
+        self.reclaimable as f64 / self.base as f64
+    }
 }
 
 /// The CPU shares compaction's task queue gets against the requests'
@@ -254,30 +271,45 @@ pub const COMPACTION_BACKLOG_URGENT: f64 = 1.0;
 /// Whether writes should wait for compaction ([`Engine`]'s write stall),
 /// given whether they wait now, the `backlog` ([`compaction_backlog`]),
 /// the configured stall backlog `stall_at` (0: never) and whether
-/// compaction is `stuck` (its last pass had segments to compact and
-/// reclaimed none of them).
+/// compaction is `stuck` (its last pass failed, or had segments to
+/// compact and reclaimed none of them).
 ///
 /// Compaction that falls behind does not stop the writes that outrun it:
 /// a shard saturated by 4 KiB writes held fourteen times its live data
 /// after 20 s, and only a full disk would have stopped it (perf/RESULTS.md,
-/// sixteenth session). So from `stall_at` a write is acknowledged only
-/// once compaction has brought the backlog back under
-/// [`WRITE_STALL_RESUME`] of it (hysteresis: one segment reclaimed does
-/// not release a burst that stalls again at once). Never while compaction
-/// is stuck: waiting would then last for good, a write outage where the
-/// disk filling is the lesser harm.
+/// sixteenth session). So from `stall_at` a write waits before it is taken
+/// until compaction has brought the backlog under [`write_stall_resume`]
+/// (hysteresis: one segment reclaimed does not release a burst that stalls
+/// again at once). Never while compaction is stuck: waiting would then
+/// last for good, a write outage where the disk filling is the lesser harm.
 ///
 /// [`Engine`]: crate::storage::Engine
-pub fn write_stall(stalled: bool, backlog: f64, stall_at: f64, stuck: bool) -> bool {
+pub fn write_stall(stalled: bool, backlog: Backlog, stall_at: f64, stuck: bool) -> bool {
     if stall_at <= 0.0 || stuck {
         return false;
     }
-    let limit = if stalled { stall_at * WRITE_STALL_RESUME } else { stall_at };
-    backlog >= limit
+    let limit = if stalled { write_stall_resume(stall_at, backlog.base) } else { stall_at };
+    backlog.ratio() >= limit
 }
 
-/// The share of the stall backlog under which stalled writes resume.
+/// The backlog under which stalled writes go on: [`WRITE_STALL_RESUME`]
+/// of the stall backlog, but no more than [`WRITE_STALL_RESUME_BYTES`] of
+/// garbage under it. A gap in proportion alone would make a shard with
+/// 100 GB of live data wait for 100 GB to be reclaimed, minutes without a
+/// write; a fixed amount makes the stall a throttle to compaction's pace.
+pub fn write_stall_resume(stall_at: f64, base: u64) -> f64 {
+    let gap = (WRITE_STALL_RESUME_BYTES as f64 / base.max(1) as f64).min(stall_at * (1.0 - WRITE_STALL_RESUME));
+    stall_at - gap
+}
+
+/// The share of the stall backlog under which stalled writes go on, at
+/// most (see [`write_stall_resume`]).
 pub const WRITE_STALL_RESUME: f64 = 0.75;
+
+/// The most garbage compaction reclaims before stalled writes go on (see
+/// [`write_stall_resume`]): four default segments, a fraction of a second
+/// of compaction on this machine (perf/RESULTS.md, seventeenth session).
+pub const WRITE_STALL_RESUME_BYTES: u64 = 4 * crate::limits::DEFAULT_SEGMENT_SIZE;
 
 /// The default stall backlog (`EngineConfig::write_stall_backlog`):
 /// reclaimable garbage four times the live data. Past
@@ -289,6 +321,7 @@ pub const WRITE_STALL_RESUME: f64 = 0.75;
 pub const DEFAULT_WRITE_STALL_BACKLOG: f64 = 4.0;
 
 const _: () = assert!(WRITE_STALL_RESUME > 0.0 && WRITE_STALL_RESUME < 1.0);
+const _: () = assert!(WRITE_STALL_RESUME_BYTES > 0);
 const _: () = assert!(DEFAULT_WRITE_STALL_BACKLOG * WRITE_STALL_RESUME > COMPACTION_BACKLOG_FULL);
 
 const _: () = assert!(COMPACTION_SHARES_MIN >= 1 && COMPACTION_SHARES_MIN < COMPACTION_SHARES_MAX);
@@ -541,10 +574,12 @@ mod tests {
         segs.insert(4, SegmentUsage { total: 1000, live: 30 });
         // Only segment 2's garbage counts (3 is below 0.5, 4 is not sealed).
         let b = compaction_backlog(&segs, 4, 0.5, 0);
+        assert_eq!(b, Backlog { reclaimable: 90, base: 200 });
+        let b = b.ratio();
         assert!((b - 90.0 / 200.0).abs() < 1e-9, "{b}");
         // A floor keeps a nearly empty shard from looking behind.
-        assert!((compaction_backlog(&segs, 4, 0.5, 1000) - 0.09).abs() < 1e-9);
-        assert_eq!(compaction_backlog(&BTreeMap::new(), 1, 0.5, 0), 0.0);
+        assert!((compaction_backlog(&segs, 4, 0.5, 1000).ratio() - 0.09).abs() < 1e-9);
+        assert_eq!(compaction_backlog(&BTreeMap::new(), 1, 0.5, 0).ratio(), 0.0);
         assert_eq!(compaction_shares(0.0), COMPACTION_SHARES_MIN);
         assert_eq!(compaction_shares(COMPACTION_BACKLOG_FULL), COMPACTION_SHARES_MAX);
         assert_eq!(compaction_shares(100.0), COMPACTION_SHARES_MAX);
@@ -557,22 +592,39 @@ mod tests {
     #[test]
     fn writes_stall_from_the_stall_backlog_until_compaction_brings_it_back() {
         let at = DEFAULT_WRITE_STALL_BACKLOG;
-        let resume = at * WRITE_STALL_RESUME;
+        // A GiB live: a quarter of the stall backlog would be a GiB of
+        // garbage between the levels; the cap is less.
+        let base = 1u64 << 30;
+        let backlog = |ratio: f64| Backlog { reclaimable: (ratio * base as f64) as u64, base };
+        let resume = write_stall_resume(at, base);
+        assert!((resume - (at - WRITE_STALL_RESUME_BYTES as f64 / base as f64)).abs() < 1e-9, "{resume}");
         // Flowing: below the stall backlog writes go on; from it they wait.
-        assert!(!write_stall(false, at - 0.01, at, false));
-        assert!(write_stall(false, at, at, false));
+        assert!(!write_stall(false, backlog(at - 0.01), at, false));
+        assert!(write_stall(false, backlog(at), at, false));
         // Waiting: they go on only under the resume level (hysteresis).
-        assert!(write_stall(true, resume + 0.01, at, false));
-        assert!(write_stall(true, resume, at, false));
-        assert!(!write_stall(true, resume - 0.01, at, false));
+        assert!(write_stall(true, backlog(resume + 0.01), at, false));
+        assert!(!write_stall(true, backlog(resume - 0.01), at, false));
         // Flowing between the two levels stays flowing.
-        assert!(!write_stall(false, resume + 0.01, at, false));
+        assert!(!write_stall(false, backlog(resume + 0.01), at, false));
         // Stuck compaction (a pass that reclaimed nothing) never makes
         // writes wait, however far behind: they would wait for good.
-        assert!(!write_stall(true, 100.0, at, true));
-        assert!(!write_stall(false, 100.0, at, true));
-        // 0 turns the stall off; NaN (no data) does not stall.
-        assert!(!write_stall(false, 100.0, 0.0, false));
-        assert!(!write_stall(false, f64::NAN, at, false));
+        assert!(!write_stall(true, backlog(100.0), at, true));
+        assert!(!write_stall(false, backlog(100.0), at, true));
+        // 0 turns the stall off.
+        assert!(!write_stall(false, backlog(100.0), 0.0, false));
+    }
+
+    #[test]
+    fn a_stall_waits_for_a_bounded_amount_of_garbage_to_go() {
+        let at = DEFAULT_WRITE_STALL_BACKLOG;
+        // Little live data: a quarter of the stall backlog.
+        assert!((write_stall_resume(at, 1) - at * WRITE_STALL_RESUME).abs() < 1e-9);
+        assert!((write_stall_resume(at, WRITE_STALL_RESUME_BYTES) - at * WRITE_STALL_RESUME).abs() < 1e-9);
+        // Much live data: the garbage between the levels is the cap, not
+        // a quarter of the stall backlog's worth of it.
+        for base in [1u64 << 34, 100 << 30, 10 << 40] {
+            let gap_bytes = (at - write_stall_resume(at, base)) * base as f64;
+            assert!((gap_bytes - WRITE_STALL_RESUME_BYTES as f64).abs() < 1.0, "{base}: {gap_bytes}");
+        }
     }
 }

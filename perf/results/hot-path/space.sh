@@ -22,6 +22,7 @@ st = (s[0] if isinstance(s, list) else s)["storage"]
 print(sys.argv[1], round(d["ops_per_sec"]), round(d["p999_us"]), round(d["server_cpu_us_per_op"], 1),
       "disk_total_MiB", st["disk_total_bytes"] >> 20, "live_MiB", st["disk_live_bytes"] >> 20,
       "compacted", st["segments_compacted"], "moved", st["records_moved"],
-      "stalls", st.get("write_stalls", "-"), "stalled_writes", st.get("writes_stalled", "-"))
+      "stalls", st.get("compaction_stalls", st.get("write_stalls", "-")),
+      "stalled_writes", st.get("compaction_stalled_writes", st.get("writes_stalled", "-")))
 PY
 [ -n "$KEEP" ] && cp "$W/node.log" "$KEEP"; rm -rf "$W"
