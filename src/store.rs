@@ -171,14 +171,15 @@ impl<B: Backend> Store<B> {
         now_ms: u64,
         reply: impl FnOnce(&[u8], usize) -> R,
     ) -> Option<Result<(R, PendingWrite), StoreError>> {
-        // Writes wait for compaction before they are taken: `put` does.
-        if self.engine.write_stalled() {
-            return None;
-        }
         let ctx = match self.check_write(context, value) {
             Ok(ctx) => ctx,
             Err(e) => return Some(Err(e)),
         };
+        // Writes wait for compaction before they are taken: `put` does
+        // (after the same check, so a bad request is refused at once).
+        if self.engine.write_stalled() {
+            return None;
+        }
         let rec = match self.engine.get_now(key)? {
             Ok(rec) => rec,
             Err(e) => return Some(Err(e.into())),

@@ -26,6 +26,32 @@ where
     run_executor("test", None, test(dir.path().to_path_buf())).unwrap()
 }
 
+/// Aborts the test process unless dropped within `limit`: turns a hang
+/// (a loop that never yields, a wait nothing ends) into a failure. A
+/// panicking test drops it as it unwinds.
+struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    fn start(limit: Duration, what: &'static str) -> Watchdog {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watched = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            if !watched.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("{what} for {limit:?}");
+                std::process::abort();
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn small_config() -> EngineConfig {
     EngineConfig { segment_size: 64 * 1024, max_value_len: 1024, compaction_threshold: 0.3, ..Default::default() }
 }
@@ -258,15 +284,7 @@ fn never_policy_writes_through_the_ticker() {
 /// no ticker, no stop). A watchdog turns such a hang into a failure.
 #[test]
 fn the_compaction_loop_never_holds_the_shard() {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watched = done.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        if !watched.load(std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("the compaction loop held the shard for 60 s");
-            std::process::abort();
-        }
-    });
+    let _watchdog = Watchdog::start(Duration::from_secs(60), "the compaction loop held the shard");
     in_fresh_dir(|path| async move {
         let config = EngineConfig { fsync: FsyncPolicy::Never, ..small_config() };
         let (engine, _) = open_shard(&path, config).await.unwrap();
@@ -279,7 +297,6 @@ fn the_compaction_loop_never_holds_the_shard() {
         assert!(engine.stats().flushes >= 1, "the ticker ran");
         stop.stop().await;
     });
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// The shell's compaction loop drives the write stall: writes that outrun
@@ -289,15 +306,7 @@ fn the_compaction_loop_never_holds_the_shard() {
 /// turns a stall nothing ends into a failure.
 #[test]
 fn the_compaction_loop_makes_writes_wait_for_it_and_lets_them_go() {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watched = done.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        if !watched.load(std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("writes waited for compaction for 60 s");
-            std::process::abort();
-        }
-    });
+    let _watchdog = Watchdog::start(Duration::from_secs(60), "writes waited for compaction");
     in_fresh_dir(|path| async move {
         // Below `COMPACTION_BACKLOG_URGENT`: only the stall makes a pass due
         // before `compact_every` (an hour).
@@ -338,7 +347,6 @@ fn the_compaction_loop_makes_writes_wait_for_it_and_lets_them_go() {
         assert!(!engine.write_stalled(), "the loop's end lets writes go");
         engine.put(b"after", b"", b"v", 0).await.unwrap();
     });
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Under `interval` and `never`, a buffer past the flush threshold is

@@ -426,8 +426,8 @@ struct State<F> {
     /// writes are refused, what is buffered stays, and `tick` retries.
     full: Option<String>,
     compacting: bool,
-    /// Writes are acknowledged only once compaction catches up
-    /// ([`write_stall`]); [`Engine::settle`] waits on `caught_up`.
+    /// Writes wait for compaction before they are taken ([`write_stall`]);
+    /// [`Engine::wait_for_compaction`] waits on `caught_up`.
     stalled: bool,
     /// Something runs compaction passes for as long as they are due (the
     /// shell's loop, through [`Engine::handle_compaction_check`]). Only
@@ -1696,7 +1696,15 @@ impl<B: Backend> Engine<B> {
         // segment is gone is then always damage, which `open` refuses.
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         for &seg in &doomed {
-            backend.remove(&segment_file_name(seg)).await.map_err(io_err("removing a segment"))?;
+            match backend.remove(&segment_file_name(seg)).await {
+                Ok(()) => {}
+                // Removed by a batch that failed after it (a later
+                // removal or the directory sync): it is still accounted,
+                // so every pass picks it first, and would fail here for
+                // good were its absence an error.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing a segment")(e)),
+            }
         }
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         let mut st = self.inner.st.borrow_mut();
@@ -2178,6 +2186,38 @@ mod tests {
             assert!(!engine.write_stalled());
             engine.put(b"free", b"", b"w", 0).await.unwrap();
             assert_eq!(engine.stats().compaction_stalls, 2);
+        })
+    }
+
+    /// A segment already gone when compaction removes it (a batch that
+    /// failed after unlinking it, at a later removal or the directory
+    /// sync, left it accounted) is removed from the books, not an error
+    /// that every later pass, taking it first, would hit again.
+    #[test]
+    fn compaction_removes_a_segment_an_earlier_failed_batch_unlinked() {
+        block_on(async {
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 1024,
+                fsync: FsyncPolicy::Never,
+                ..Default::default()
+            };
+            let (backend, engine) = open_mem(&config).await;
+            for round in 0..10u8 {
+                for i in 0..20u32 {
+                    engine.put(&i.to_le_bytes(), b"", &[round; 1000], 0).await.unwrap();
+                }
+            }
+            engine.flush().await.unwrap();
+            let segments = engine.stats().segments;
+            backend.remove(&segment_file_name(1)).await.unwrap();
+            let done = engine.compact(0).await.expect("the missing segment is no error");
+            assert!(done.segments_removed >= 2, "{done:?}");
+            assert!(engine.stats().segments <= segments - 2);
+            assert!(!backend.list().await.unwrap().contains(&hint_file_name(1)));
+            for i in 0..20u32 {
+                assert_eq!(engine.get(&i.to_le_bytes()).await.unwrap().unwrap().value(), &[9; 1000]);
+            }
         })
     }
 
