@@ -114,11 +114,12 @@ pub struct EngineConfig {
     pub tombstone_grace_ms: u64,
     /// How far compaction may fall behind before writes wait for it: the
     /// garbage it could reclaim against the live data (at least a
-    /// segment's worth; `scan::compaction_backlog`). From here a write is
-    /// acknowledged only once compaction has brought that back under
-    /// three quarters of it (`scan::write_stall`), which bounds the disk a
-    /// shard takes to about `write_stall_backlog + 2` times its live data.
-    /// 0: writes never wait, and the disk may fill.
+    /// segment's worth; `scan::compaction_backlog`). From here a write
+    /// waits before it is taken until compaction has brought that down by
+    /// a quarter, or by 256 MiB of garbage where that is less
+    /// (`scan::write_stall`), which bounds the disk a shard takes to about
+    /// `write_stall_backlog + 2` times its live data. 0: writes never
+    /// wait, and the disk may fill.
     pub write_stall_backlog: f64,
     /// Reserve each new segment's full size on disk when it is created;
     /// under a policy that syncs (`always`, `interval`), keep the next

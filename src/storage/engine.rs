@@ -434,9 +434,13 @@ struct State<F> {
     /// then may writes wait for compaction: an engine nobody compacts
     /// (tests, tools) would keep them waiting for good.
     compaction_driven: bool,
-    /// The last pass had segments to compact and removed none (all kept
-    /// for damage they hold): waiting for compaction could last for good.
+    /// The last pass failed: waiting for compaction could last for good.
     compaction_stuck: bool,
+    /// Segments a pass could not empty (damaged records it cannot move):
+    /// left out of the backlog, which they would otherwise hold up for
+    /// good. With these left out, a pass that does not fail brings the
+    /// backlog down: each victim is removed or kept.
+    kept: BTreeSet<u32>,
     stats: EngineStats,
 }
 
@@ -672,6 +676,7 @@ impl<B: Backend> Engine<B> {
             stalled: false,
             compaction_driven: false,
             compaction_stuck: false,
+            kept: BTreeSet::new(),
             stats: EngineStats::default(),
         };
         let inner = Inner {
@@ -1341,6 +1346,7 @@ impl<B: Backend> Engine<B> {
             st.writer.first_buffered_segment(),
             config.compaction_threshold,
             config.segment_size,
+            &st.kept,
         )
     }
 
@@ -1411,7 +1417,6 @@ impl<B: Backend> Engine<B> {
             pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.inner.config.compaction_threshold)
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
-        let had_victims = !victims.is_empty();
         let mut result = Ok(());
         // The files of the batch before, freed while this batch is
         // compacted: freeing a segment's space takes longer than removing
@@ -1432,10 +1437,9 @@ impl<B: Backend> Engine<B> {
             self.update_write_stall();
         }
         self.release_all(removed).await;
-        // A pass that failed, or had segments to compact and removed none,
-        // gives no reason to expect the next to do better: writes stop
-        // waiting for it until one does.
-        self.inner.st.borrow_mut().compaction_stuck = result.is_err() || (had_victims && stats.segments_removed == 0);
+        // A pass that failed gives no reason to expect the next to do
+        // better: writes stop waiting for compaction until one does not.
+        self.inner.st.borrow_mut().compaction_stuck = result.is_err();
         self.update_write_stall();
         result.map(|()| stats)
     }
@@ -1660,12 +1664,14 @@ impl<B: Backend> Engine<B> {
         self.sync().await?;
         let mut doomed = Vec::with_capacity(segs.len());
         for &seg in segs {
-            let live = self.inner.st.borrow().usage[&seg].live;
+            let mut st = self.inner.st.borrow_mut();
+            let live = st.usage[&seg].live;
             if live > 0 {
                 // Only corrupt records can still be referenced: keep the
                 // segment so reads keep reporting them instead of losing
                 // the keys.
                 tracing::error!(seg, live, "segment keeps records that could not be moved; not removed");
+                st.kept.insert(seg);
             } else {
                 doomed.push(seg);
             }
@@ -1709,6 +1715,7 @@ impl<B: Backend> Engine<B> {
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         let mut st = self.inner.st.borrow_mut();
         for seg in doomed {
+            st.kept.remove(&seg);
             let total = st.usage.remove(&seg).map_or(0, |u| u.total);
             st.stats.segments_compacted += 1;
             freed.extend(st.files.remove(&seg));

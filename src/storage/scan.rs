@@ -7,7 +7,7 @@
 //! in the active segment only a tail after which no valid record follows is
 //! treated as torn (and truncated), anything else is reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::storage::format::{decode_header, decode_record, DecodeError, RecordRef, Seed};
 
@@ -204,7 +204,9 @@ pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u
 }
 
 /// How far compaction is behind: the garbage in the segments
-/// [`pick_compaction`] would take now, against the live data of every
+/// [`pick_compaction`] would take now but for those in `kept` (a pass
+/// could not empty them: they hold damaged records it cannot move, so
+/// compaction cannot bring their garbage down), against the live data of every
 /// segment on disk (at least `floor`: a nearly empty shard is not behind
 /// for one segment's garbage). 0 when it has nothing to do; 1 when what it
 /// could reclaim equals the live data, the space the shard takes then
@@ -214,10 +216,11 @@ pub fn compaction_backlog(
     first_buffered: u32,
     threshold: f64,
     floor: u64,
+    kept: &BTreeSet<u32>,
 ) -> Backlog {
     let reclaimable: u64 = segments
         .iter()
-        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold))
+        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold) && !kept.contains(&id))
         .map(|(_, u)| u.total.saturating_sub(u.live))
         .sum();
     let live: u64 = segments.values().map(|u| u.live).sum();
@@ -271,8 +274,7 @@ pub const COMPACTION_BACKLOG_URGENT: f64 = 1.0;
 /// Whether writes should wait for compaction ([`Engine`]'s write stall),
 /// given whether they wait now, the `backlog` ([`compaction_backlog`]),
 /// the configured stall backlog `stall_at` (0: never) and whether
-/// compaction is `stuck` (its last pass failed, or had segments to
-/// compact and reclaimed none of them).
+/// compaction is `stuck` (its last pass failed).
 ///
 /// Compaction that falls behind does not stop the writes that outrun it:
 /// a shard saturated by 4 KiB writes held fourteen times its live data
@@ -573,13 +575,16 @@ mod tests {
         segs.insert(3, SegmentUsage { total: 100, live: 60 });
         segs.insert(4, SegmentUsage { total: 1000, live: 30 });
         // Only segment 2's garbage counts (3 is below 0.5, 4 is not sealed).
-        let b = compaction_backlog(&segs, 4, 0.5, 0);
+        let none = BTreeSet::new();
+        let b = compaction_backlog(&segs, 4, 0.5, 0, &none);
         assert_eq!(b, Backlog { reclaimable: 90, base: 200 });
+        // A segment compaction could not empty does not count.
+        assert_eq!(compaction_backlog(&segs, 4, 0.5, 0, &BTreeSet::from([2])).reclaimable, 0);
         let b = b.ratio();
         assert!((b - 90.0 / 200.0).abs() < 1e-9, "{b}");
         // A floor keeps a nearly empty shard from looking behind.
-        assert!((compaction_backlog(&segs, 4, 0.5, 1000).ratio() - 0.09).abs() < 1e-9);
-        assert_eq!(compaction_backlog(&BTreeMap::new(), 1, 0.5, 0).ratio(), 0.0);
+        assert!((compaction_backlog(&segs, 4, 0.5, 1000, &none).ratio() - 0.09).abs() < 1e-9);
+        assert_eq!(compaction_backlog(&BTreeMap::new(), 1, 0.5, 0, &none).ratio(), 0.0);
         assert_eq!(compaction_shares(0.0), COMPACTION_SHARES_MIN);
         assert_eq!(compaction_shares(COMPACTION_BACKLOG_FULL), COMPACTION_SHARES_MAX);
         assert_eq!(compaction_shares(100.0), COMPACTION_SHARES_MAX);
@@ -606,7 +611,7 @@ mod tests {
         assert!(!write_stall(true, backlog(resume - 0.01), at, false));
         // Flowing between the two levels stays flowing.
         assert!(!write_stall(false, backlog(resume + 0.01), at, false));
-        // Stuck compaction (a pass that reclaimed nothing) never makes
+        // Stuck compaction (its last pass failed) never makes
         // writes wait, however far behind: they would wait for good.
         assert!(!write_stall(true, backlog(100.0), at, true));
         assert!(!write_stall(false, backlog(100.0), at, true));
