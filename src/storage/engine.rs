@@ -2035,6 +2035,23 @@ mod tests {
 
     const SEED: Seed = Seed(0x5eed);
 
+    /// Small segments (32 KiB), values up to 1 KiB, buffered writes.
+    fn small_buffered() -> EngineConfig {
+        EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, fsync: FsyncPolicy::Never, ..Default::default() }
+    }
+
+    /// Writes keys 0..20 with 1000 bytes of `round` once per round, then
+    /// writes the buffer out: under [`small_buffered`], a segment's worth
+    /// of live data, and as many segments of garbage as rounds but one.
+    async fn overwrite_rounds(engine: &Engine<MemBackend>, rounds: std::ops::Range<u8>) {
+        for round in rounds {
+            for i in 0..20u32 {
+                engine.put(&i.to_le_bytes(), b"", &[round; 1000], 0).await.unwrap();
+            }
+        }
+        engine.flush().await.unwrap();
+    }
+
     /// A fresh in-memory directory and an engine opened on it.
     async fn open_mem(config: &EngineConfig) -> (MemBackend, Engine<MemBackend>) {
         let backend = MemBackend::new();
@@ -2060,12 +2077,7 @@ mod tests {
     #[test]
     fn a_seal_cut_short_in_its_hint_is_redone_with_the_whole_hint() {
         block_on(async {
-            let config = EngineConfig {
-                segment_size: 32 * 1024,
-                max_value_len: 1024,
-                fsync: FsyncPolicy::Never,
-                ..Default::default()
-            };
+            let config = small_buffered();
             let (backend, engine) = open_mem(&config).await;
             // More than a segment, all still in the write buffer.
             for i in 0..40u32 {
@@ -2143,29 +2155,11 @@ mod tests {
     #[test]
     fn writes_wait_for_compaction_only_while_it_is_behind_and_driven() {
         block_on(async {
-            let config = EngineConfig {
-                segment_size: 32 * 1024,
-                max_value_len: 1024,
-                fsync: FsyncPolicy::Never,
-                write_stall_backlog: 2.0,
-                ..Default::default()
-            };
+            let config = EngineConfig { write_stall_backlog: 2.0, ..small_buffered() };
             let (_backend, engine) = open_mem(&config).await;
-            // 20 keys of 1000 bytes (one segment's worth of live data, the
-            // backlog's floor), each written 10 times: about nine segments
-            // of garbage, sealed and written out.
-            let overwrite = |round: u8| {
-                let engine = engine.clone();
-                async move {
-                    for i in 0..20u32 {
-                        engine.put(&i.to_le_bytes(), b"", &[round; 1000], 0).await.unwrap();
-                    }
-                }
-            };
-            for round in 0..10 {
-                overwrite(round).await;
-            }
-            engine.flush().await.unwrap();
+            // One segment's worth of live data (the backlog's floor) and
+            // about nine segments of garbage.
+            overwrite_rounds(&engine, 0..10).await;
             let backlog = engine.compaction_backlog();
             assert!(backlog >= 2.0, "{backlog}");
             // Nobody drives compaction yet: writes do not wait.
@@ -2184,10 +2178,7 @@ mod tests {
             let st = engine.stats();
             assert!(!st.compaction_stalled && st.compaction_stalled_writes == 1, "{st:?}");
             // Behind again, then the driver stops: writes go on.
-            for round in 10..20 {
-                overwrite(round).await;
-            }
-            engine.flush().await.unwrap();
+            overwrite_rounds(&engine, 10..20).await;
             assert!(engine.handle_compaction_check().stalled);
             engine.handle_compaction_stopped();
             assert!(!engine.write_stalled());
@@ -2203,19 +2194,9 @@ mod tests {
     #[test]
     fn compaction_removes_a_segment_an_earlier_failed_batch_unlinked() {
         block_on(async {
-            let config = EngineConfig {
-                segment_size: 32 * 1024,
-                max_value_len: 1024,
-                fsync: FsyncPolicy::Never,
-                ..Default::default()
-            };
+            let config = small_buffered();
             let (backend, engine) = open_mem(&config).await;
-            for round in 0..10u8 {
-                for i in 0..20u32 {
-                    engine.put(&i.to_le_bytes(), b"", &[round; 1000], 0).await.unwrap();
-                }
-            }
-            engine.flush().await.unwrap();
+            overwrite_rounds(&engine, 0..10).await;
             let segments = engine.stats().segments;
             backend.remove(&segment_file_name(1)).await.unwrap();
             let done = engine.compact(0).await.expect("the missing segment is no error");
