@@ -224,7 +224,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     report_stalls(&mut reported, check);
                     // Waiting writes make a pass due at once, whatever the
                     // last one did (the engine lets them go when a pass
-                    // reclaims nothing).
+                    // fails).
                     let urgent = check.stalled || (progressed && check.backlog >= COMPACTION_BACKLOG_URGENT);
                     if urgent || std::time::Instant::now() >= due {
                         break;
