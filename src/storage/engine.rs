@@ -1298,13 +1298,13 @@ impl<B: Backend> Engine<B> {
         self.inner.st.borrow().index.memory_bytes()
     }
 
-    /// A snapshot of the counters.
     /// What the record cache may hold (`EngineStats::cache_bytes` at
     /// most): `EngineConfig::cache_bytes`, cut to what its tags can name.
     pub fn cache_budget(&self) -> usize {
         self.inner.st.borrow().cache.budget()
     }
 
+    /// A snapshot of the counters.
     pub fn stats(&self) -> EngineStats {
         let st = self.inner.st.borrow();
         let mut s = st.stats.clone();
@@ -1332,8 +1332,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// How far compaction is behind ([`compaction_backlog`]; its floor is
-    /// one segment of live data). The shell sets compaction's CPU shares
-    /// and starts passes early from it.
+    /// one segment of live data), as [`Self::handle_compaction_check`]
+    /// finds it, without its effect on the write stall.
     pub fn compaction_backlog(&self) -> f64 {
         self.backlog().ratio()
     }
@@ -1692,25 +1692,13 @@ impl<B: Backend> Engine<B> {
                 // say): the unlink below then frees the hint at once.
                 Err(e) => tracing::warn!(seg, error = %e, "opening a hint file to free it gently failed"),
             }
-            match backend.remove(&hint_name).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("removing a hint file")(e)),
-            }
+            remove_if_present(backend, &hint_name, "removing a hint file").await?;
         }
         // The hints' removal is durable before the segments': a hint whose
         // segment is gone is then always damage, which `open` refuses.
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         for &seg in &doomed {
-            match backend.remove(&segment_file_name(seg)).await {
-                Ok(()) => {}
-                // Removed by a batch that failed after it (a later
-                // removal or the directory sync): it is still accounted,
-                // so every pass picks it first, and would fail here for
-                // good were its absence an error.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("removing a segment")(e)),
-            }
+            remove_if_present(backend, &segment_file_name(seg), "removing a segment").await?;
         }
         backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
         let mut st = self.inner.st.borrow_mut();
@@ -1771,9 +1759,10 @@ const COMPACTION_READ: usize = 1 << 20;
 /// Segments a compaction pass compacts and removes together: one sync
 /// makes what superseded their records durable, and one directory sync
 /// each their hints' and their own removal. One at a time, those syncs
-/// and the freeing of each file's space took 150-400 ms a segment on a
-/// shard saturated by 4 KiB writes, about 250 MB/s, less than the writes
-/// took in (perf/RESULTS.md, seventeenth session). Eight: the copies of
+/// and the freeing of each file's space took 150-370 ms for a segment
+/// with nothing live left on a shard saturated by 4 KiB writes: about 3
+/// segments reclaimed a second while the writes filled 6
+/// (perf/RESULTS.md, seventeenth session). Eight: the copies of
 /// up to eight segments wait for one sync, and their space is reclaimed
 /// a batch at a time.
 const COMPACTION_BATCH: usize = 8;
@@ -1987,6 +1976,19 @@ async fn open_segment<B: Backend>(backend: &B, config: &EngineConfig, name: &str
 }
 
 /// Reads a whole segment file (compaction and scrub work segment by segment).
+/// Removes file `name` of a segment compaction removes: gone already is
+/// no error. A batch that failed after removing some of its files (at a
+/// later removal or the directory sync) leaves their segments accounted,
+/// so the next pass takes them first, and would fail on them for good
+/// were their absence an error.
+async fn remove_if_present<B: Backend>(backend: &B, name: &str, op: &'static str) -> Result<(), StorageError> {
+    match backend.remove(name).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(op)(e)),
+    }
+}
+
 async fn read_segment<B: Backend>(backend: &B, file: &B::File) -> Result<B::Read, StorageError> {
     let size = backend.size(file).await.map_err(io_err("sizing a segment"))?;
     backend.read_at(file, 0, size as usize).await.map_err(io_err("reading a segment"))
