@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{DEFAULT_MAX_VALUE_LEN, VALUE_LEN_HARD_CAP};
+use crate::storage::scan::DEFAULT_DISK_RESERVE_SEGMENTS;
 use crate::storage::{EngineConfig, FsyncPolicy};
 
 /// Port of shard 0 when nothing else is said; shard `i` listens on
@@ -62,6 +63,20 @@ pub fn default_node_cache_bytes(memory: Option<u64>) -> Option<u64> {
     memory.map(|m| m / DEFAULT_CACHE_SHARE_DIVISOR)
 }
 
+/// A node's default disk reserve takes at most one part in this many of
+/// its file system (a tenth): [`DEFAULT_DISK_RESERVE_SEGMENTS`] segments
+/// a shard is 4 GiB for 16 shards, most of a small disk.
+pub const DISK_RESERVE_MAX_SHARE_DIVISOR: u64 = 10;
+
+/// The default disk reserve (`disk_reserve_bytes`) of a node of `shards`
+/// shards with segments of `segment` bytes on a file system of `disk`
+/// bytes (`None`: unknown): [`DEFAULT_DISK_RESERVE_SEGMENTS`] segments a
+/// shard, but no more than a tenth of the file system.
+pub fn default_node_disk_reserve(shards: usize, segment: u64, disk: Option<u64>) -> u64 {
+    let want = (shards as u64).saturating_mul(DEFAULT_DISK_RESERVE_SEGMENTS).saturating_mul(segment);
+    disk.map_or(want, |d| want.min(d / DISK_RESERVE_MAX_SHARE_DIVISOR))
+}
+
 /// Everything `gyre node` can be told. Every field has a default, so an
 /// empty file (or none) is a working configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,8 +104,16 @@ pub struct NodeConfig {
     /// the process may use ([`DEFAULT_CACHE_SHARE_DIVISOR`]), or the
     /// engine's 64 MiB a shard if that cannot be read.
     pub cache_bytes: Option<u64>,
-    /// Per-shard storage settings. Its `fsync`, `max_value_len` and
-    /// `cache_bytes` come from the top-level ones above: a `[storage]`
+    /// Free space on the data directory's file system under which the
+    /// node refuses writes (with a "disk is full" error) while compaction
+    /// goes on and reclaims what it can; they are taken again once there
+    /// is a segment's room above it. 0: no reserve (writes that outrun
+    /// compaction then fill the disk, which compaction cannot empty).
+    /// Default: [`default_node_disk_reserve`], four segments a shard, at
+    /// most a tenth of the file system.
+    pub disk_reserve_bytes: Option<u64>,
+    /// Per-shard storage settings. Its `fsync`, `max_value_len`,
+    /// `cache_bytes` and `disk_reserve_bytes` come from the top-level ones above: a `[storage]`
     /// table that sets any of them is refused (one place for each
     /// setting), and they are not written out.
     #[serde(deserialize_with = "storage_table", serialize_with = "storage_table_out")]
@@ -119,6 +142,7 @@ impl Default for NodeConfig {
             tcp_keepalive: DEFAULT_TCP_KEEPALIVE_S,
             fsync: FsyncPolicy::Always,
             cache_bytes: None,
+            disk_reserve_bytes: None,
             storage: EngineConfig::default(),
             pin: true,
             spin_before_park_us: 0,
@@ -163,13 +187,25 @@ impl NodeConfig {
 
     /// The engine settings each of `shards` shards opens with, its record
     /// cache its share of `cache_bytes`, or by default of the `memory`
-    /// the process may use (`node::memory::available`).
-    pub fn shard_engine_config(&self, shards: usize, memory: Option<u64>) -> anyhow::Result<EngineConfig> {
+    /// the process may use (`node::memory::available`), and the node's
+    /// disk reserve (the file system is shared: each shard refuses writes
+    /// under the whole reserve), by default sized from the `disk`'s size
+    /// (`None`: unknown).
+    pub fn shard_engine_config(
+        &self,
+        shards: usize,
+        memory: Option<u64>,
+        disk: Option<u64>,
+    ) -> anyhow::Result<EngineConfig> {
         let node_cache = self.cache_bytes.or_else(|| default_node_cache_bytes(memory));
         let mut config = self.engine_config()?;
         if let Some(bytes) = node_cache {
             config.cache_bytes = usize::try_from(bytes / shards.max(1) as u64).unwrap_or(usize::MAX);
         }
+        config.disk_reserve_bytes = Some(
+            self.disk_reserve_bytes
+                .unwrap_or_else(|| default_node_disk_reserve(shards.max(1), config.segment_size, disk)),
+        );
         Ok(config)
     }
 
@@ -211,8 +247,12 @@ fn check_ports(listen: SocketAddr, shards: usize) -> anyhow::Result<()> {
 /// Fields of `EngineConfig` that a node takes from its top-level settings
 /// of the same name, never from `[storage]`, each with what to say to a
 /// `[storage]` table that sets it.
-const STORAGE_KEYS_AT_TOP: [(&str, &str); 3] =
-    [("fsync", ""), ("max_value_len", ""), ("cache_bytes", " (it is the whole node's, split across its shards)")];
+const STORAGE_KEYS_AT_TOP: [(&str, &str); 4] = [
+    ("fsync", ""),
+    ("max_value_len", ""),
+    ("cache_bytes", " (it is the whole node's, split across its shards)"),
+    ("disk_reserve_bytes", " (it is the whole node's: its shards share the file system)"),
+];
 
 /// Reads the `[storage]` table, refusing the keys that are set at the top
 /// level (they used to be accepted here and silently overridden).
@@ -598,7 +638,9 @@ mod tests {
 
     #[test]
     fn storage_settings_of_the_top_level_are_refused_in_the_storage_table() {
-        for (key, value) in [("max_value_len", "100"), ("fsync", "\"never\""), ("cache_bytes", "0")] {
+        for (key, value) in
+            [("max_value_len", "100"), ("fsync", "\"never\""), ("cache_bytes", "0"), ("disk_reserve_bytes", "0")]
+        {
             let text = format!("[storage]\n{key} = {value}\n");
             let err = toml::from_str::<NodeConfig>(&text).unwrap_err().to_string();
             assert!(err.contains(&format!("set the top-level `{key}`")), "{err}");
@@ -618,13 +660,36 @@ mod tests {
         );
     }
 
+    /// The disk reserve is the node's, and every shard refuses writes under
+    /// all of it (they share the file system): four segments a shard by
+    /// default, at most a tenth of the file system, or what
+    /// `disk_reserve_bytes` says.
+    #[test]
+    fn the_disk_reserve_is_the_nodes_and_every_shard_keeps_all_of_it() {
+        let seg = EngineConfig::default().segment_size;
+        let reserve = |c: &NodeConfig, shards, disk| c.shard_engine_config(shards, None, disk).unwrap().disk_reserve();
+        let auto = NodeConfig::default();
+        assert_eq!(reserve(&auto, 2, None), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
+        assert_eq!(reserve(&auto, 2, Some(1 << 40)), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
+        assert_eq!(reserve(&auto, 16, Some(10 << 30)), 1 << 30, "a tenth of a 10 GiB disk");
+        let small = NodeConfig { storage: EngineConfig { segment_size: 1 << 20, ..Default::default() }, ..auto };
+        assert_eq!(reserve(&small, 3, None), 3 * DEFAULT_DISK_RESERVE_SEGMENTS << 20, "in the node's segments");
+        let set = NodeConfig { disk_reserve_bytes: Some(12_345), ..Default::default() };
+        assert_eq!(reserve(&set, 16, Some(10 << 30)), 12_345);
+        let off = NodeConfig { disk_reserve_bytes: Some(0), ..Default::default() };
+        assert_eq!(reserve(&off, 4, Some(1 << 40)), 0);
+        let c: NodeConfig = toml::from_str("disk_reserve_bytes = 1048576\n").unwrap();
+        assert_eq!(c.disk_reserve_bytes, Some(1 << 20));
+    }
+
     /// The record caches take a quarter of the memory the process may use
     /// unless `cache_bytes` says how much; either way the shards share it.
     #[test]
     fn the_record_cache_is_the_nodes_share_of_memory_split_across_shards() {
         let gib = 1u64 << 30;
         let auto = NodeConfig::default();
-        let cache = |c: &NodeConfig, shards, memory| c.shard_engine_config(shards, memory).unwrap().cache_bytes as u64;
+        let cache =
+            |c: &NodeConfig, shards, memory| c.shard_engine_config(shards, memory, None).unwrap().cache_bytes as u64;
         assert_eq!(cache(&auto, 1, Some(16 * gib)), 4 * gib);
         assert_eq!(cache(&auto, 4, Some(16 * gib)), gib);
         // Memory unknown: the engine's own default, per shard.
@@ -636,7 +701,11 @@ mod tests {
         assert_eq!(cache(&off, 2, Some(16 * gib)), 0);
         // Everything else is the engine configuration the node checks.
         let other = EngineConfig { cache_bytes: 0, ..auto.engine_config().unwrap() };
-        assert_eq!(EngineConfig { cache_bytes: 0, ..auto.shard_engine_config(2, Some(gib)).unwrap() }, other);
+        let reserve = Some(default_node_disk_reserve(1, other.segment_size, None));
+        assert_eq!(
+            EngineConfig { cache_bytes: 0, disk_reserve_bytes: reserve, ..auto.shard_engine_config(1, Some(gib), None).unwrap() },
+            other
+        );
     }
 
     #[test]

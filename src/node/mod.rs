@@ -524,7 +524,20 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let mut data = config::lock_data_dir(&config, cores, fastrand::u64(1..))?;
     let shards = data.node.shards;
     let memory = memory::available();
-    let engine_config = config.shard_engine_config(shards, memory)?;
+    let disk = match crate::storage::backend::glommio::fs_space(&config.data_dir) {
+        Ok(space) => Some(space),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the data directory's file system size; the default disk reserve is not capped");
+            None
+        }
+    };
+    let engine_config = config.shard_engine_config(shards, memory, disk.map(|d| d.total))?;
+    tracing::info!(
+        disk_reserve_bytes = engine_config.disk_reserve(),
+        disk_free_bytes = disk.map(|d| d.free),
+        set = config.disk_reserve_bytes.is_some(),
+        "writes are refused while the file system has less free space than the disk reserve"
+    );
     tracing::info!(
         cache_bytes_per_shard = engine_config.cache_bytes,
         memory_available = memory,

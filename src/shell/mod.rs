@@ -202,6 +202,9 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
             // (segments kept for corrupt records, a full disk, a pass
             // already running) gives no reason to hurry the next.
             let mut progressed = true;
+            // Whether the disk was low on space at the last look: a pass
+            // is due as it becomes so (it takes more garbage then).
+            let mut was_low = false;
             loop {
                 match e.prepare_spare().await {
                     Ok(()) => spare_failing = false,
@@ -224,8 +227,15 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     report_stalls(&mut reported, check);
                     // Waiting writes make a pass due at once, whatever the
                     // last one did (the engine lets them go when a pass
-                    // fails).
-                    let urgent = check.stalled || (progressed && check.backlog >= COMPACTION_BACKLOG_URGENT);
+                    // fails); so does a disk that has just run low on
+                    // space, and one still low after a pass that
+                    // reclaimed something (writes are refused until it
+                    // has room).
+                    let newly_low = check.low_space && !was_low;
+                    was_low = check.low_space;
+                    let urgent = check.stalled
+                        || newly_low
+                        || (progressed && (check.low_space || check.backlog >= COMPACTION_BACKLOG_URGENT));
                     if urgent || std::time::Instant::now() >= due {
                         break;
                     }

@@ -14,7 +14,7 @@ use crate::limits::{
     MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, VALUE_LEN_HARD_CAP,
 };
 use crate::storage::format::record_len;
-use crate::storage::scan::DEFAULT_WRITE_STALL_BACKLOG;
+use crate::storage::scan::{DEFAULT_DISK_RESERVE_SEGMENTS, DEFAULT_WRITE_STALL_BACKLOG};
 
 /// When a write is acknowledged relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +121,14 @@ pub struct EngineConfig {
     /// `write_stall_backlog + 2` times its live data. 0: writes never
     /// wait, and the disk may fill.
     pub write_stall_backlog: f64,
+    /// Free space on the data directory's file system under which writes
+    /// are refused ([`StorageError::DiskFull`](crate::storage::StorageError::DiskFull)) while compaction goes on in it
+    /// and reclaims what it can (`scan::low_space`); 0: none, and writes
+    /// that outrun compaction fill the disk, which compaction then cannot
+    /// empty. Default: [`DEFAULT_DISK_RESERVE_SEGMENTS`] segments (one
+    /// shard's; a node sets it for all its shards, which share the file
+    /// system: `NodeConfig::shard_engine_config`).
+    pub disk_reserve_bytes: Option<u64>,
     /// Reserve each new segment's full size on disk when it is created;
     /// under a policy that syncs (`always`, `interval`), keep the next
     /// segment ready ahead as a zero-filled spare instead, so that syncs
@@ -141,6 +149,7 @@ impl Default for EngineConfig {
             compaction_threshold: 0.5,
             tombstone_grace_ms: 24 * 3600 * 1000,
             write_stall_backlog: DEFAULT_WRITE_STALL_BACKLOG,
+            disk_reserve_bytes: None,
             preallocate: true,
         }
     }
@@ -167,6 +176,12 @@ impl EngineConfig {
     /// `size` bytes (a previous run filled it), or removes it.
     pub fn keeps_spare_of(&self, size: u64) -> bool {
         self.keeps_spare() && size == self.segment_size
+    }
+
+    /// The free space under which writes are refused (see
+    /// [`Self::disk_reserve_bytes`]).
+    pub fn disk_reserve(&self) -> u64 {
+        self.disk_reserve_bytes.unwrap_or(DEFAULT_DISK_RESERVE_SEGMENTS * self.segment_size)
     }
 
     /// Largest record this configuration admits.

@@ -53,8 +53,8 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    compaction_backlog, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Backlog, Corruption,
-    LastSegment, SegmentScan, SegmentUsage,
+    compaction_backlog, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Backlog,
+    Corruption, LastSegment, SegmentScan, SegmentUsage, LOW_SPACE_COMPACTION_THRESHOLD,
 };
 
 /// Errors of the storage engine.
@@ -361,6 +361,17 @@ pub struct EngineStats {
     pub compaction_stalled_writes: u64,
     /// Whether writes wait for compaction now.
     pub compaction_stalled: bool,
+    /// The file system's free space when the engine last looked (at each
+    /// new segment and on the compaction driver's looks); `None` before
+    /// the first look, or if it could not be read.
+    pub disk_free_bytes: Option<u64>,
+    /// The free space under which writes are refused
+    /// (`EngineConfig::disk_reserve_bytes`).
+    pub disk_reserve_bytes: u64,
+    /// Whether writes are refused now for lack of space (under the reserve).
+    pub low_space: bool,
+    /// Writes refused because the free space was under the reserve.
+    pub low_space_refusals: u64,
     pub keys: usize,
     pub segments: usize,
     pub index_bytes: usize,
@@ -377,6 +388,9 @@ pub struct CompactionCheck {
     pub stalled: bool,
     /// `EngineStats::compaction_stalls` so far.
     pub stalls: u64,
+    /// The disk is low on space ([`low_space`]): writes are refused until
+    /// compaction reclaims some, so a pass that can is due now.
+    pub low_space: bool,
 }
 
 /// What one compaction pass did.
@@ -441,6 +455,14 @@ struct State<F> {
     /// good. With these left out, a pass that does not fail brings the
     /// backlog down: each victim is removed or kept.
     kept: BTreeSet<u32>,
+    /// The file system's free space is under the disk reserve
+    /// ([`low_space`]): new writes are refused, compaction's copies are
+    /// not, and compaction takes what it can (a lower threshold, one
+    /// victim at a time) until the space is back.
+    low_space: bool,
+    /// The free space the engine last found ([`Engine::refresh_free_space`]):
+    /// for the refusal's message and STATS.
+    free_space: Option<u64>,
     stats: EngineStats,
 }
 
@@ -677,6 +699,8 @@ impl<B: Backend> Engine<B> {
             compaction_driven: false,
             compaction_stuck: false,
             kept: BTreeSet::new(),
+            low_space: false,
+            free_space: None,
             stats: EngineStats::default(),
         };
         let inner = Inner {
@@ -688,7 +712,11 @@ impl<B: Backend> Engine<B> {
             caught_up: Notify::default(),
             seed,
         };
-        Ok((Engine { inner: Rc::new(inner) }, report))
+        let engine = Engine { inner: Rc::new(inner) };
+        // A shard opened on a disk already short of space refuses writes
+        // from the first.
+        engine.refresh_free_space();
+        Ok((engine, report))
     }
 
     /// Makes a spare segment ready if there is none: a segment-sized file
@@ -735,6 +763,9 @@ impl<B: Backend> Engine<B> {
         match made {
             Ok(file) => {
                 self.inner.st.borrow_mut().spare = Some(file);
+                // A segment's worth less room: writes stop before the
+                // reserve is gone, not after.
+                self.refresh_free_space();
                 Ok(())
             }
             Err(e) => {
@@ -889,6 +920,10 @@ impl<B: Backend> Engine<B> {
             if let Some(e) = &st.full {
                 return Err(StorageError::DiskFull(e.clone()));
             }
+            if st.low_space && !self.may_use_reserve(kind, st.free_space) {
+                st.stats.low_space_refusals += 1;
+                return Err(self.low_space_error(&st));
+            }
             if let Some(expect) = expect {
                 if st.find(hash, key).map(|(l, _)| RecordId(l.id())) != expect {
                     st.stats.write_conflicts += 1;
@@ -926,6 +961,26 @@ impl<B: Backend> Engine<B> {
             self.inner.flush_wanted.notify_all();
         }
         Ok(Some(PendingWrite { end, seq, over_limit }))
+    }
+
+    /// Whether a write of `kind` is taken while the disk is low on space
+    /// (`free` bytes at the last look): a tombstone, while the first half
+    /// of the reserve lasts. Deleting is how a user makes room on a disk
+    /// full of live data, where compaction finds nothing to reclaim; a
+    /// tombstone is small and turns its key's value into garbage. The
+    /// second half stays compaction's.
+    fn may_use_reserve(&self, kind: Kind, free: Option<u64>) -> bool {
+        kind == Kind::Tombstone && free.is_some_and(|f| f >= self.inner.config.disk_reserve() / 2)
+    }
+
+    /// The refusal of a write while the disk is low on space.
+    #[cold]
+    fn low_space_error(&self, st: &State<B::File>) -> StorageError {
+        let free = st.free_space.map_or_else(|| "unknown".to_string(), |f| format!("{f} bytes"));
+        StorageError::DiskFull(format!(
+            "{free} free on the data directory's file system, under the {}-byte reserve kept for compaction",
+            self.inner.config.disk_reserve()
+        ))
     }
 
     /// Waits until `target` is written (and synced if `sync`), leading
@@ -1081,6 +1136,11 @@ impl<B: Backend> Engine<B> {
                 }
                 backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
                 self.inner.st.borrow_mut().files.insert(plan.seg, f.clone());
+                // Where the log takes new space (without a spare): writes
+                // stop before the reserve is gone, not after.
+                if !zeroed {
+                    self.refresh_free_space();
+                }
                 f
             } else {
                 self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
@@ -1311,6 +1371,9 @@ impl<B: Backend> Engine<B> {
         // Under `always` every segment write is a synced one.
         s.synced_writes = if self.inner.config.synced_writes() { s.flushes } else { 0 };
         s.compaction_stalled = st.stalled;
+        s.disk_free_bytes = st.free_space;
+        s.disk_reserve_bytes = self.inner.config.disk_reserve();
+        s.low_space = st.low_space;
         s.cache_bytes = st.cache.bytes;
         s.keys = st.index.len();
         s.segments = st.usage.len();
@@ -1358,8 +1421,51 @@ impl<B: Backend> Engine<B> {
     pub fn handle_compaction_check(&self) -> CompactionCheck {
         self.inner.st.borrow_mut().compaction_driven = true;
         let backlog = self.update_write_stall();
+        let low_space = self.refresh_free_space();
         let st = self.inner.st.borrow();
-        CompactionCheck { backlog, stalled: st.stalled, stalls: st.stats.compaction_stalls }
+        CompactionCheck { backlog, stalled: st.stalled, stalls: st.stats.compaction_stalls, low_space }
+    }
+
+    /// Reads the file system's free space ([`Backend::free_space`]) and
+    /// passes it to [`Self::handle_free_space`]; returns whether the disk
+    /// is low on space. The engine calls it as it takes each new segment
+    /// and after each batch of compaction; the compaction driver through
+    /// [`Self::handle_compaction_check`]. A free space that cannot be read
+    /// changes nothing (logged).
+    pub fn refresh_free_space(&self) -> bool {
+        match self.inner.backend.free_space() {
+            Ok(free) => self.handle_free_space(free),
+            Err(e) => {
+                let mut st = self.inner.st.borrow_mut();
+                if st.free_space.take().is_some() {
+                    tracing::warn!(error = %e, "cannot read the file system's free space");
+                }
+                st.low_space
+            }
+        }
+    }
+
+    /// The file system has `free` bytes free: from under the disk reserve
+    /// new writes are refused, until compaction (or the operator) has
+    /// made room again ([`low_space`]). Returns whether they are.
+    pub fn handle_free_space(&self, free: u64) -> bool {
+        let config = &self.inner.config;
+        let reserve = config.disk_reserve();
+        let mut st = self.inner.st.borrow_mut();
+        st.free_space = Some(free);
+        let low = low_space(st.low_space, free, reserve, config.segment_size);
+        if low != std::mem::replace(&mut st.low_space, low) {
+            if low {
+                tracing::warn!(
+                    free,
+                    reserve,
+                    "the disk is low on space: writes are refused while compaction reclaims what it can"
+                );
+            } else {
+                tracing::info!(free, reserve, "the disk has room again: writes are taken again");
+            }
+        }
+        low
     }
 
     /// The compaction driver stopped (its task ended or was cancelled):
@@ -1408,13 +1514,22 @@ impl<B: Backend> Engine<B> {
     /// between records.
     pub async fn compact(&self, now_ms: u64) -> Result<CompactionStats, StorageError> {
         let mut stats = CompactionStats::default();
-        let victims = {
+        let (victims, batch) = {
             let mut st = self.inner.st.borrow_mut();
             if st.compacting || st.failed.is_some() || st.full.is_some() {
                 return Ok(stats);
             }
             st.compacting = true;
-            pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.inner.config.compaction_threshold)
+            // Low on space, compaction takes what garbage it can get, one
+            // victim at a time: a batch's copies are all written before
+            // any victim goes, and the reserve holds one victim's.
+            let threshold = self.inner.config.compaction_threshold;
+            let (threshold, batch) = if st.low_space {
+                (threshold.min(LOW_SPACE_COMPACTION_THRESHOLD), 1)
+            } else {
+                (threshold, COMPACTION_BATCH)
+            };
+            (pick_compaction(&st.usage, st.writer.first_buffered_segment(), threshold), batch)
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
         let mut result = Ok(());
@@ -1422,7 +1537,7 @@ impl<B: Backend> Engine<B> {
         // compacted: freeing a segment's space takes longer than removing
         // it (`Backend::release`), and would otherwise hold up the pass.
         let mut removed = Vec::new();
-        for batch in victims.chunks(COMPACTION_BATCH) {
+        for batch in victims.chunks(batch) {
             let release = self.release_all(std::mem::take(&mut removed));
             let (done, ()) = futures_lite::future::zip(self.compact_batch(batch, now_ms, &mut stats), release).await;
             match done {
@@ -1433,8 +1548,10 @@ impl<B: Backend> Engine<B> {
                 }
             }
             // Writes waiting for compaction go on as soon as it has caught
-            // up, not at the end of the pass.
+            // up, and writes refused for space are taken as soon as there
+            // is room, not at the end of the pass.
             self.update_write_stall();
+            self.refresh_free_space();
         }
         self.release_all(removed).await;
         // A pass that failed gives no reason to expect the next to do
@@ -2230,6 +2347,114 @@ mod tests {
             // Removing the hint too is the way to start without them.
             backend.remove(&hint_file_name(1)).await.unwrap();
             Engine::open(backend, config).await.unwrap();
+        })
+    }
+
+    /// A disk of `segments` small segments (`small_buffered`'s) holding
+    /// an engine whose disk reserve is four of them and whose writes
+    /// never wait for compaction.
+    async fn open_small_disk(segments: u64) -> (MemBackend, Engine<MemBackend>) {
+        let seg = small_buffered().segment_size;
+        let config =
+            EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), ..small_buffered() };
+        let backend = MemBackend::new();
+        backend.set_capacity(Some(segments * seg));
+        let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+        (backend, engine)
+    }
+
+    /// Puts `value` under each key of `keys` in turn, writing the buffer
+    /// out after every 20 (as the shell's flusher would), until one is
+    /// refused for lack of space; records what was taken in `model`.
+    /// Returns the refusal's message.
+    async fn put_until_refused(
+        engine: &Engine<MemBackend>,
+        keys: impl Iterator<Item = (u32, u8)>,
+        model: &mut BTreeMap<u32, u8>,
+    ) -> String {
+        for (n, (key, value)) in keys.enumerate() {
+            match engine.put(&key.to_le_bytes(), b"", &[value; 1000], 0).await {
+                Ok(_) => model.insert(key, value),
+                Err(StorageError::DiskFull(why)) => return why,
+                Err(e) => panic!("put {key}: {e}"),
+            };
+            if n % 20 == 19 {
+                engine.flush().await.unwrap();
+            }
+        }
+        panic!("no write was refused");
+    }
+
+    /// Every key of `model` reads back with its value.
+    async fn check_model(engine: &Engine<MemBackend>, model: &BTreeMap<u32, u8>) {
+        for (key, value) in model {
+            let got = engine.get(&key.to_le_bytes()).await.unwrap().expect("taken, so there");
+            assert_eq!(got.value(), &[*value; 1000], "key {key}");
+        }
+    }
+
+    /// Under the disk reserve, new writes are refused before the disk
+    /// fills: nothing fails, nothing taken is lost, reads go on, and the
+    /// compaction pass that makes room lets writes in again.
+    #[test]
+    fn a_disk_low_on_space_refuses_writes_until_compaction_makes_room() {
+        block_on(async {
+            let (backend, engine) = open_small_disk(12).await;
+            let reserve = engine.config().disk_reserve();
+            let mut model = BTreeMap::new();
+            let overwrites = (0..100u8).flat_map(|round| (0..20u32).map(move |key| (key, round)));
+            let why = put_until_refused(&engine, overwrites, &mut model).await;
+            assert!(why.contains("reserve kept for compaction"), "{why}");
+            let free = backend.free_space().unwrap();
+            assert!(free < reserve && free > reserve / 2, "refused in time: {free} of {reserve}");
+            assert!(engine.full().is_none() && engine.failed().is_none(), "the disk never filled");
+            let st = engine.stats();
+            assert!(st.low_space && st.low_space_refusals == 1 && st.disk_free_bytes == Some(free), "{st:?}");
+            assert!(matches!(engine.put(b"new", b"", b"v", 0).await, Err(StorageError::DiskFull(_))));
+            check_model(&engine, &model).await;
+            let done = engine.compact(0).await.unwrap();
+            assert!(done.segments_removed > 0, "{done:?}");
+            assert!(!engine.stats().low_space, "room again: {:?}", backend.free_space());
+            engine.put(b"new", b"", b"v", 0).await.unwrap();
+            check_model(&engine, &model).await;
+            // What compaction moved is on disk for good.
+            engine.sync().await.unwrap();
+            drop(engine);
+            backend.crash(7, false);
+            let (engine, _) = Engine::open(backend.clone(), small_buffered()).await.unwrap();
+            check_model(&engine, &model).await;
+        })
+    }
+
+    /// A disk low on space and full of live data: compaction finds nothing
+    /// to reclaim, new values stay refused, but deletes are taken (from
+    /// the reserve's first half), and then compaction takes garbage it
+    /// would leave under its usual threshold, until writes are taken again.
+    #[test]
+    fn low_on_space_deletes_are_taken_and_compaction_takes_less_garbage() {
+        block_on(async {
+            let (backend, engine) = open_small_disk(12).await;
+            let mut model = BTreeMap::new();
+            put_until_refused(&engine, (0..10_000u32).map(|key| (key, 1)), &mut model).await;
+            assert_eq!(engine.compact(0).await.unwrap().segments_removed, 0, "all live");
+            assert!(matches!(engine.put(b"new", b"", b"v", 0).await, Err(StorageError::DiskFull(_))));
+            // A third of the keys deleted: a third of each segment garbage,
+            // under the threshold of one half.
+            let deleted: Vec<u32> = model.keys().copied().filter(|k| k % 3 == 0).collect();
+            for key in &deleted {
+                engine.delete(&key.to_le_bytes(), b"", 0).await.unwrap();
+                model.remove(key);
+            }
+            engine.flush().await.unwrap();
+            assert!(engine.stats().low_space);
+            let done = engine.compact(0).await.unwrap();
+            assert!(done.segments_removed > 0, "{done:?}");
+            assert!(!engine.stats().low_space, "room again: {:?}", backend.free_space());
+            engine.put(b"new", b"", b"v", 0).await.unwrap();
+            check_model(&engine, &model).await;
+            for key in deleted {
+                assert!(engine.get(&key.to_le_bytes()).await.unwrap().is_none_or(|r| r.is_tombstone()), "{key}");
+            }
         })
     }
 

@@ -328,6 +328,44 @@ const _: () = assert!(WRITE_STALL_RESUME > 0.0 && WRITE_STALL_RESUME < 1.0);
 const _: () = assert!(WRITE_STALL_RESUME_BYTES > 0);
 const _: () = assert!(DEFAULT_WRITE_STALL_BACKLOG * WRITE_STALL_RESUME > COMPACTION_BACKLOG_FULL);
 
+/// Whether the disk is low on space: writes are refused (and compaction
+/// alone may take the space left) while the file system's `free` bytes
+/// are under `reserve` (0: never), until they are back above it by one
+/// `segment` (so that a segment reclaimed and at once refilled does not
+/// flap between the two). `was_low`: whether it is low now.
+///
+/// Without a reserve, writes that outran compaction filled the disk to
+/// the last byte (a one-shard node filled a 1.2 GB file system in 4 s
+/// with 4 KiB values; perf/RESULTS.md, eighteenth session): compaction
+/// then cannot run, because its copies need room before it can remove
+/// a segment, and the shard refused writes until an operator freed
+/// space.
+pub fn low_space(was_low: bool, free: u64, reserve: u64, segment: u64) -> bool {
+    if reserve == 0 {
+        return false;
+    }
+    let limit = if was_low { reserve.saturating_add(segment) } else { reserve };
+    free < limit
+}
+
+/// The default disk reserve ([`low_space`]) of one shard, in segments:
+/// room for its spare segment, for the segment compaction writes its
+/// copies into and the one after it (while low on space compaction
+/// empties one victim at a time, whose live records fill at most a
+/// segment), and for the writes a shard takes between two looks at the
+/// free space (one segment: it looks at each new segment it takes).
+pub const DEFAULT_DISK_RESERVE_SEGMENTS: u64 = 4;
+
+/// The garbage ratio from which compaction takes a segment while the disk
+/// is low on space, where it is lower than the configured threshold:
+/// garbage under the threshold is still space, and with writes refused
+/// compaction is the only way to get it back. Not lower: a segment with
+/// a tenth of garbage costs nine bytes copied for each byte reclaimed.
+pub const LOW_SPACE_COMPACTION_THRESHOLD: f64 = 0.1;
+
+const _: () = assert!(DEFAULT_DISK_RESERVE_SEGMENTS >= 3);
+const _: () = assert!(LOW_SPACE_COMPACTION_THRESHOLD > 0.0 && LOW_SPACE_COMPACTION_THRESHOLD < 1.0);
+
 const _: () = assert!(COMPACTION_SHARES_MIN >= 1 && COMPACTION_SHARES_MIN < COMPACTION_SHARES_MAX);
 const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGENT <= COMPACTION_BACKLOG_FULL);
 
@@ -633,5 +671,19 @@ mod tests {
             let gap_bytes = (at - write_stall_resume(at, base)) * base as f64;
             assert!((gap_bytes - WRITE_STALL_RESUME_BYTES as f64).abs() < 1.0, "{base}: {gap_bytes}");
         }
+    }
+
+    /// Low from under the reserve; back only a segment above it; never
+    /// without a reserve.
+    #[test]
+    fn low_space_has_a_segment_of_hysteresis() {
+        let (reserve, seg) = (400, 100);
+        assert!(!low_space(false, 400, reserve, seg));
+        assert!(low_space(false, 399, reserve, seg));
+        assert!(low_space(true, 400, reserve, seg));
+        assert!(low_space(true, 499, reserve, seg));
+        assert!(!low_space(true, 500, reserve, seg));
+        assert!(!low_space(false, 0, 0, seg) && !low_space(true, 0, 0, seg));
+        assert!(low_space(true, u64::MAX - 1, u64::MAX, seg), "no overflow past the top");
     }
 }

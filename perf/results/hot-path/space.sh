@@ -6,8 +6,9 @@
 # Prints: build ops_per_sec p999_us server_cpu_us_per_op, the bytes of
 # segments on disk and of live records (MiB), segments compacted, records moved,
 # and (builds that have them) write stalls and the writes that waited.
+# DIR=path puts the node's data there (default /tmp), e.g. on a small tmpfs.
 cd "$(dirname "$0")/../../.." || exit 1
-GYRE=${GYRE:-./target/release/gyre}; W=$(mktemp -d)
+GYRE=${GYRE:-./target/release/gyre}; W=$(mktemp -d -p "${DIR:-/tmp}")
 taskset -c 0 "$GYRE" node --data-dir "$W/data" --listen 127.0.0.1:7700 --fsync never --shards 1 > "$W/node.log" 2>&1 & P=$!; sleep 1
 ./target/release/gyre-bench net --target gyre://127.0.0.1:7700 --connections 50 --depth 1 --keys 100000 \
     --value-size "${VSIZE:-100}" --duration "${DUR:-20}" --warmup 2 --load --read-ratio 0 --server-pid $P 2>/dev/null > "$W/run.json"

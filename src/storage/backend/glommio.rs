@@ -183,6 +183,37 @@ fn file_stat(file: &DmaFile) -> io::Result<(u64, u64)> {
     Ok((size, st.st_nlink as u64))
 }
 
+/// The space of the file system holding `path`: bytes free for an
+/// unprivileged writer (`f_bavail`) and its whole size (`f_blocks`), from
+/// `statvfs`. A node sizes its default disk reserve from the size
+/// (`NodeConfig::shard_engine_config`); engines watch what is free.
+pub fn fs_space(path: &Path) -> io::Result<FsSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and
+    // statvfs writes only the struct it is given, which is initialised
+    // when it returns 0.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st.assume_init()
+    };
+    let unit = st.f_frsize as u64;
+    Ok(FsSpace { free: (st.f_bavail as u64).saturating_mul(unit), total: (st.f_blocks as u64).saturating_mul(unit) })
+}
+
+/// What [`fs_space`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Bytes an unprivileged writer can still take.
+    pub free: u64,
+    /// The file system's size.
+    pub total: u64,
+}
+
 fn full_write(n: usize, want: usize) -> io::Result<()> {
     if n != want {
         return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {n} of {want} bytes")));
@@ -339,6 +370,10 @@ impl Backend for GlommioBackend {
     async fn sync_dir(&self) -> io::Result<()> {
         let dir = self.dir.clone();
         glommio::executor().spawn_blocking(move || File::open(&dir)?.sync_all()).await
+    }
+
+    fn free_space(&self) -> io::Result<u64> {
+        Ok(fs_space(&self.dir)?.free)
     }
 
     /// See [`yield_to_reactor`].

@@ -5,7 +5,8 @@
 //! or, with tearing, keeps a random prefix of the unsynced writes in order
 //! with the last one cut mid-way and filled with garbage, as a power cut
 //! during a multi-block write can. Faults can be injected into writes and
-//! syncs. Invariant: `durable` only changes on `sync`, on a write through a
+//! syncs, and the directory can be given a capacity, a disk that fills
+//! ([`MemBackend::set_capacity`]). Invariant: `durable` only changes on `sync`, on a write through a
 //! handle from `open_synced` when it returns (O_DSYNC: that write alone;
 //! until then it is in flight, and a crash may keep or tear it), and on
 //! the metadata operations (modelled as durable at once; the engine syncs
@@ -28,6 +29,16 @@ struct MemFile {
     pending: Vec<(u64, Vec<u8>)>,
     /// A write through a plain handle is among `pending`.
     plain_pending: bool,
+    /// Bytes reserved by `preallocate`: the file takes the larger of this
+    /// and its length against the capacity.
+    allocated: u64,
+}
+
+impl MemFile {
+    /// What the file takes of the directory's capacity.
+    fn footprint(&self) -> u64 {
+        (self.data.len() as u64).max(self.allocated)
+    }
 }
 
 /// Writes `bytes` at `off` into an image (`data` or `durable`), growing it.
@@ -57,6 +68,9 @@ pub struct MemBackend {
     no_room_to_preallocate: Rc<Cell<bool>>,
     /// Writes wait while set (a slow device, e.g. a seal's fdatasync).
     hold_writes: Rc<Cell<bool>>,
+    /// The directory's size, if it has one: what files take beyond it
+    /// fails as on a full disk ([`MemBackend::set_capacity`]).
+    capacity: Rc<Cell<Option<u64>>>,
 }
 
 /// A write buffer.
@@ -97,6 +111,31 @@ impl MemBackend {
     /// but not a whole segment's (or stop failing).
     pub fn no_room_to_preallocate(&self, on: bool) {
         self.no_room_to_preallocate.set(on);
+    }
+
+    /// Gives the directory a size (`None`: none, the default): a write,
+    /// preallocation or fill that would take the files past it fails as
+    /// on a full disk, having changed nothing, and
+    /// [`Backend::free_space`] reports what is left. A file removed is
+    /// freed at once, open handles or not.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.capacity.set(bytes);
+    }
+
+    /// Bytes the files take of the capacity.
+    pub fn used(&self) -> u64 {
+        self.fs.borrow().files.values().map(|f| f.borrow().footprint()).sum()
+    }
+
+    /// Fails as a full disk does if growing `file` to take `end` bytes
+    /// would pass the capacity.
+    fn room_for(&self, file: &MemHandle, end: u64) -> io::Result<()> {
+        let Some(capacity) = self.capacity.get() else { return Ok(()) };
+        let growth = end.saturating_sub(file.0.borrow().footprint());
+        if self.used().saturating_add(growth) > capacity {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
+        Ok(())
     }
 
     /// Makes every write wait until released (or releases them).
@@ -174,7 +213,7 @@ impl MemBackend {
             assert!(!f.plain_pending, "a synced write to a file with plain writes not yet synced");
             f.pending.push((off, buf.0.clone()));
         }
-        let gate = self.write_gate().await;
+        let gate = self.write_gate().await.and_then(|()| self.room_for(file, off + buf.0.len() as u64));
         let mut f = file.0.borrow_mut();
         let at = f.pending.iter().rposition(|(o, b)| *o == off && *b == buf.0).expect("the write is in flight");
         if let Err(e) = gate {
@@ -250,11 +289,15 @@ impl Backend for MemBackend {
         self.open_with(name, create, true)
     }
 
-    async fn preallocate(&self, _file: &MemHandle, _size: u64) -> io::Result<()> {
+    async fn preallocate(&self, file: &MemHandle, size: u64) -> io::Result<()> {
         if self.no_room_to_preallocate.get() {
             return Err(io::ErrorKind::StorageFull.into());
         }
-        self.space()
+        self.space()?;
+        self.room_for(file, size)?;
+        let mut f = file.0.borrow_mut();
+        f.allocated = f.allocated.max(size);
+        Ok(())
     }
 
     async fn zero_fill(&self, file: &MemHandle, size: u64) -> io::Result<()> {
@@ -262,6 +305,7 @@ impl Backend for MemBackend {
         // `size`, durable at once (the real one syncs), and waits and fails
         // like a write.
         self.write_gate().await?;
+        self.room_for(file, size)?;
         let mut f = file.0.borrow_mut();
         let size = size as usize;
         if f.data.len() < size {
@@ -288,6 +332,7 @@ impl Backend for MemBackend {
             return self.synced_write(file, buf, off).await;
         }
         self.write_gate().await?;
+        self.room_for(file, off + buf.0.len() as u64)?;
         let mut f = file.0.borrow_mut();
         write_into(&mut f.data, off, &buf.0);
         f.pending.push((off, buf.0));
@@ -322,6 +367,9 @@ impl Backend for MemBackend {
         let mut f = file.0.borrow_mut();
         f.data.resize(len as usize, 0);
         f.durable.resize(len as usize, 0);
+        // As on a real file system: cutting a file frees its blocks past
+        // the cut, preallocated ones included.
+        f.allocated = f.allocated.min(len);
         for (off, bytes) in &mut f.pending {
             bytes.truncate((len as usize).saturating_sub(*off as usize));
         }
@@ -350,6 +398,12 @@ impl Backend for MemBackend {
             return Err(Self::io_error("write"));
         }
         self.space()?;
+        if let Some(capacity) = self.capacity.get() {
+            let replaced = self.fs.borrow().files.get(name).map_or(0, |f| f.borrow().footprint());
+            if (self.used() - replaced).saturating_add(data.len() as u64) > capacity {
+                return Err(io::ErrorKind::StorageFull.into());
+            }
+        }
         let f = MemFile { data: data.to_vec(), durable: data.to_vec(), ..Default::default() };
         self.fs.borrow_mut().files.insert(name.to_string(), Rc::new(RefCell::new(f)));
         Ok(())
@@ -368,5 +422,10 @@ impl Backend for MemBackend {
 
     async fn yield_now(&self) {
         futures_lite::future::yield_now().await
+    }
+
+    /// What the capacity leaves, or `u64::MAX` without one.
+    fn free_space(&self) -> io::Result<u64> {
+        Ok(self.capacity.get().map_or(u64::MAX, |c| c.saturating_sub(self.used())))
     }
 }

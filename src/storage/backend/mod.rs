@@ -85,6 +85,11 @@ pub trait Backend {
     /// Lets other tasks run (background work calls it between units):
     /// must actually give way, not only when a time slice has expired.
     async fn yield_now(&self);
+    /// Bytes the data directory's file system has free for this process
+    /// (`statvfs`'s `f_bavail`: what an unprivileged writer can still
+    /// take). Cheap (no device I/O): the engine asks at each new segment
+    /// and on the compaction driver's looks ([`crate::storage::Engine::refresh_free_space`]).
+    fn free_space(&self) -> io::Result<u64>;
 }
 
 /// Replaces file `name` durably, as [`Backend::write_file`] promises (a
