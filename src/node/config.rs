@@ -672,8 +672,8 @@ mod tests {
         assert_eq!(reserve(&auto, 2, None), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
         assert_eq!(reserve(&auto, 2, Some(1 << 40)), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
         assert_eq!(reserve(&auto, 16, Some(10 << 30)), 1 << 30, "a tenth of a 10 GiB disk");
-        let small = NodeConfig { storage: EngineConfig { segment_size: 1 << 20, ..Default::default() }, ..auto };
-        assert_eq!(reserve(&small, 3, None), 3 * DEFAULT_DISK_RESERVE_SEGMENTS << 20, "in the node's segments");
+        let big = NodeConfig { storage: EngineConfig { segment_size: 1 << 30, ..Default::default() }, ..auto };
+        assert_eq!(reserve(&big, 3, None), 3 * DEFAULT_DISK_RESERVE_SEGMENTS << 30, "in the node's segments");
         let set = NodeConfig { disk_reserve_bytes: Some(12_345), ..Default::default() };
         assert_eq!(reserve(&set, 16, Some(10 << 30)), 12_345);
         let off = NodeConfig { disk_reserve_bytes: Some(0), ..Default::default() };
@@ -700,12 +700,10 @@ mod tests {
         let off = NodeConfig { cache_bytes: Some(0), ..Default::default() };
         assert_eq!(cache(&off, 2, Some(16 * gib)), 0);
         // Everything else is the engine configuration the node checks.
-        let other = EngineConfig { cache_bytes: 0, ..auto.engine_config().unwrap() };
-        let reserve = Some(default_node_disk_reserve(1, other.segment_size, None));
-        assert_eq!(
-            EngineConfig { cache_bytes: 0, disk_reserve_bytes: reserve, ..auto.shard_engine_config(1, Some(gib), None).unwrap() },
-            other
-        );
+        let plain = auto.engine_config().unwrap();
+        let reserve = Some(default_node_disk_reserve(1, plain.segment_size, None));
+        let other = EngineConfig { cache_bytes: 0, disk_reserve_bytes: reserve, ..plain };
+        assert_eq!(EngineConfig { cache_bytes: 0, ..auto.shard_engine_config(1, Some(gib), None).unwrap() }, other);
     }
 
     #[test]
