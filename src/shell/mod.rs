@@ -17,7 +17,7 @@ use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::storage::backend::glommio::GlommioBackend;
-use crate::storage::scan::{compaction_shares, COMPACTION_BACKLOG_URGENT};
+use crate::storage::scan::COMPACTION_BACKLOG_URGENT;
 use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
 
 /// Milliseconds since the Unix epoch.
@@ -181,7 +181,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     // guard lets waiting writes go however the task ends, even cancelled
     // before it first runs.
     let driving = Driving(engine.clone());
-    let shares = Rc::new(std::cell::Cell::new(compaction_shares(engine.handle_compaction_check().backlog)));
+    let shares = Rc::new(std::cell::Cell::new(engine.handle_compaction_check().shares()));
     let manager = Rc::new(CompactionShares(shares.clone()));
     let tq = executor().create_task_queue(Shares::Dynamic(manager), Latency::NotImportant, "compaction");
     let e = engine.clone();
@@ -223,7 +223,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                 loop {
                     glommio::timer::sleep(COMPACTION_CHECK).await;
                     let check = e.handle_compaction_check();
-                    shares.set(compaction_shares(check.backlog));
+                    shares.set(check.shares());
                     report_stalls(&mut reported, check);
                     // Waiting writes make a pass due at once, whatever the
                     // last one did (the engine lets them go when a pass

@@ -53,8 +53,8 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    compaction_backlog, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Backlog,
-    Corruption, LastSegment, SegmentScan, SegmentUsage, LOW_SPACE_COMPACTION_THRESHOLD,
+    compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Backlog,
+    Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX, LOW_SPACE_COMPACTION_THRESHOLD,
 };
 
 /// Errors of the storage engine.
@@ -391,6 +391,22 @@ pub struct CompactionCheck {
     /// The disk is low on space ([`low_space`]): writes are refused until
     /// compaction reclaims some, so a pass that can is due now.
     pub low_space: bool,
+}
+
+impl CompactionCheck {
+    /// The CPU shares compaction's task queue should have now: as its
+    /// backlog says ([`compaction_shares`]), and the most while the disk
+    /// is low on space. Writes are refused then, and compaction alone can
+    /// end that: on a disk too small for the backlog to grow, the least
+    /// shares left the shard refusing writes for 6 s at a time
+    /// (perf/RESULTS.md, eighteenth session).
+    pub fn shares(&self) -> usize {
+        if self.low_space {
+            COMPACTION_SHARES_MAX
+        } else {
+            compaction_shares(self.backlog)
+        }
+    }
 }
 
 /// What one compaction pass did.
@@ -1514,22 +1530,18 @@ impl<B: Backend> Engine<B> {
     /// between records.
     pub async fn compact(&self, now_ms: u64) -> Result<CompactionStats, StorageError> {
         let mut stats = CompactionStats::default();
-        let (victims, batch) = {
+        let victims = {
             let mut st = self.inner.st.borrow_mut();
             if st.compacting || st.failed.is_some() || st.full.is_some() {
                 return Ok(stats);
             }
             st.compacting = true;
-            // Low on space, compaction takes what garbage it can get, one
-            // victim at a time: a batch's copies are all written before
-            // any victim goes, and the reserve holds one victim's.
-            let threshold = self.inner.config.compaction_threshold;
-            let (threshold, batch) = if st.low_space {
-                (threshold.min(LOW_SPACE_COMPACTION_THRESHOLD), 1)
-            } else {
-                (threshold, COMPACTION_BATCH)
-            };
-            (pick_compaction(&st.usage, st.writer.first_buffered_segment(), threshold), batch)
+            // Low on space, compaction takes what garbage it can get.
+            let mut threshold = self.inner.config.compaction_threshold;
+            if st.low_space {
+                threshold = threshold.min(LOW_SPACE_COMPACTION_THRESHOLD);
+            }
+            pick_compaction(&st.usage, st.writer.first_buffered_segment(), threshold)
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
         let mut result = Ok(());
@@ -1537,11 +1549,23 @@ impl<B: Backend> Engine<B> {
         // compacted: freeing a segment's space takes longer than removing
         // it (`Backend::release`), and would otherwise hold up the pass.
         let mut removed = Vec::new();
-        for batch in victims.chunks(batch) {
+        let mut rest = &victims[..];
+        while !rest.is_empty() {
+            // Low on space, one victim at a time: a batch's copies are all
+            // written before any of its victims goes, the reserve holds
+            // one victim's, and the writes refused meanwhile wait for the
+            // batch. Looked at for each batch: a pass that began with room
+            // (8 victims a batch, about 5 s of them on a shard refusing
+            // writes: perf/RESULTS.md, eighteenth session) may run out.
+            let size = if self.inner.st.borrow().low_space { 1 } else { COMPACTION_BATCH };
+            let batch = &rest[..size.min(rest.len())];
             let release = self.release_all(std::mem::take(&mut removed));
             let (done, ()) = futures_lite::future::zip(self.compact_batch(batch, now_ms, &mut stats), release).await;
             match done {
-                Ok(files) => removed = files,
+                Ok((files, taken)) => {
+                    removed = files;
+                    rest = &rest[taken..];
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -1554,6 +1578,8 @@ impl<B: Backend> Engine<B> {
             self.refresh_free_space();
         }
         self.release_all(removed).await;
+        // The last batch's space is free only now that its files are.
+        self.refresh_free_space();
         // A pass that failed gives no reason to expect the next to do
         // better: writes stop waiting for compaction until one does not.
         self.inner.st.borrow_mut().compaction_stuck = result.is_err();
@@ -1751,18 +1777,26 @@ impl<B: Backend> Engine<B> {
 
     /// Compacts the segments `segs` together: moves their live records,
     /// then removes those left with none ([`Self::remove_segments`]).
-    /// Returns the removed files, for [`Self::release_all`].
+    /// Stops early if the disk runs low on space on the way: the
+    /// segments evacuated so far go at once (writes are refused until
+    /// they do). Returns the removed files, for [`Self::release_all`],
+    /// and how many of `segs` it took.
     async fn compact_batch(
         &self,
         segs: &[u32],
         now_ms: u64,
         stats: &mut CompactionStats,
-    ) -> Result<Vec<B::File>, StorageError> {
+    ) -> Result<(Vec<B::File>, usize), StorageError> {
         let mut unflushed = 0;
+        let mut taken = 0;
         for &seg in segs {
             unflushed = self.evacuate(seg, now_ms, stats, unflushed).await?;
+            taken += 1;
+            if self.inner.st.borrow().low_space {
+                break;
+            }
         }
-        self.remove_segments(segs, stats).await
+        Ok((self.remove_segments(&segs[..taken], stats).await?, taken))
     }
 
     /// Removes the segments of `segs` that have nothing live left, with
