@@ -430,6 +430,11 @@ struct NodeArgs {
     /// shards (0: none) [default: a quarter of the memory available].
     #[arg(long)]
     cache_bytes: Option<u64>,
+    /// Free space under which writes are refused while compaction reclaims
+    /// space, in bytes (0: none) [default: 4 segments a shard, at most a
+    /// tenth of the file system].
+    #[arg(long)]
+    disk_reserve_bytes: Option<u64>,
     /// Client connections each shard serves at once; the next is refused
     /// (Overloaded) [default: 10000].
     #[arg(long)]
@@ -493,6 +498,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.fsync = args.fsync.unwrap_or(config.fsync);
     config.max_value_len = args.max_value_len.unwrap_or(config.max_value_len);
     config.cache_bytes = args.cache_bytes.or(config.cache_bytes);
+    config.disk_reserve_bytes = args.disk_reserve_bytes.or(config.disk_reserve_bytes);
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.tcp_keepalive = args.tcp_keepalive.unwrap_or(config.tcp_keepalive);
     config.pin &= !args.no_pin;

@@ -98,6 +98,35 @@ fn the_shards_split_the_record_cache_of_the_node() {
     assert_eq!(budget(&mut c, 1).0, share);
 }
 
+/// A node whose file system has less free space than its disk reserve
+/// refuses writes with a clear error and goes on serving reads, says so
+/// in STATS, and stops cleanly.
+#[test]
+fn a_node_under_its_disk_reserve_refuses_writes_and_serves_reads() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "always"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    c.put(b"kept", b"v", &Context::default()).unwrap();
+    assert_eq!(node.terminate().code(), Some(0));
+    // No disk has this much free.
+    let node = Node::start(dir.path(), &["--fsync", "always", "--disk-reserve-bytes", &u64::MAX.to_string()]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let err = c.put(b"new", b"v", &Context::default()).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StorageFailed), "{err}");
+    assert!(err.to_string().contains("reserve kept for compaction"), "{err}");
+    let kept = c.get(b"kept").unwrap();
+    assert_eq!(kept.values, vec![b"v".to_vec()]);
+    assert!(c.delete(b"kept", &kept.context).is_err(), "deletes only from the reserve's first half");
+    assert!(c.get(b"new").unwrap().values.is_empty());
+    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let storage = &stats["storage"];
+    assert_eq!(storage["low_space"], true, "{stats}");
+    assert_eq!(storage["low_space_refusals"], 2, "{stats}");
+    assert_eq!(storage["disk_reserve_bytes"], u64::MAX, "{stats}");
+    assert!(storage["disk_free_bytes"].as_u64().is_some_and(|f| f > 0), "{stats}");
+    assert_eq!(node.terminate().code(), Some(0));
+}
+
 #[test]
 fn concurrent_writers_get_siblings_and_a_merge_collapses_them() {
     let dir = tmp();

@@ -25,8 +25,19 @@ fn tiny_config(fsync: FsyncPolicy) -> EngineConfig {
         // Writes never wait for compaction here: the model drives no
         // compaction loop (`Engine::handle_compaction_check`).
         write_stall_backlog: 0.0,
+        // Four segments: what the small-disk runs keep free
+        // (`run_model_on`); without a capacity the disk never runs low.
+        disk_reserve_bytes: Some(4 * 20 * 1024),
         preallocate: true,
     }
+}
+
+/// Whether a write was refused because the disk is low on space (under
+/// the reserve: the write was not taken). A disk that really filled
+/// is another error, and fails the run: the reserve is there to keep
+/// it from happening.
+fn refused_for_space(result: &Result<u64, StorageError>) -> bool {
+    matches!(result, Err(StorageError::DiskFull(why)) if why.contains("reserve kept for compaction"))
 }
 
 async fn open(backend: &MemBackend, config: &EngineConfig) -> Engine<MemBackend> {
@@ -55,9 +66,18 @@ async fn check_all(engine: &Engine<MemBackend>, model: &Model, seed: u64, step: 
 }
 
 fn run_model(seed: u64, fsync: FsyncPolicy, steps: usize) {
+    run_model_on(seed, fsync, steps, None);
+}
+
+/// [`run_model`] on a disk of `capacity` bytes if given: writes refused
+/// for space leave the model as it was. Returns how many were refused,
+/// and how many writes were taken after the first refusal.
+fn run_model_on(seed: u64, fsync: FsyncPolicy, steps: usize, capacity: Option<u64>) -> (u64, u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let config = tiny_config(fsync);
     let backend = MemBackend::new();
+    backend.set_capacity(capacity);
+    let (mut refused, mut taken_after) = (0, 0);
     block_on(async {
         let mut engine = open(&backend, &config).await;
         let mut model: Model = BTreeMap::new();
@@ -69,12 +89,23 @@ fn run_model(seed: u64, fsync: FsyncPolicy, steps: usize) {
                 0..=49 => {
                     let value: Vec<u8> = (0..rng.usize(0..600)).map(|_| rng.u8(..)).collect();
                     let meta = format!("m{step}").into_bytes();
-                    engine.put(&key, &meta, &value, now).await.expect("put");
+                    let put = engine.put(&key, &meta, &value, now).await;
+                    if refused_for_space(&put) {
+                        refused += 1;
+                        continue;
+                    }
+                    put.unwrap_or_else(|e| panic!("seed {seed} step {step}: put: {e}"));
+                    taken_after += (refused > 0) as u64;
                     model.insert(key, Some((meta, value)));
                 }
                 50..=64 => {
                     let meta = format!("d{step}").into_bytes();
-                    engine.delete(&key, &meta, now).await.expect("delete");
+                    let delete = engine.delete(&key, &meta, now).await;
+                    if refused_for_space(&delete) {
+                        refused += 1;
+                        continue;
+                    }
+                    delete.unwrap_or_else(|e| panic!("seed {seed} step {step}: delete: {e}"));
                     model.insert(key, None);
                 }
                 65..=89 => {
@@ -105,12 +136,26 @@ fn run_model(seed: u64, fsync: FsyncPolicy, steps: usize) {
             }
         }
         engine.close().await.expect("close");
-        let stats = engine.stats();
         drop(engine);
         let engine = open(&backend, &config).await;
         check_all(&engine, &model, seed, steps).await;
-        stats
     });
+    (refused, taken_after)
+}
+
+/// The model on a disk of seven segments, four kept in reserve: writes are
+/// refused as it runs low, never fail for a disk that really filled, and
+/// are taken again once compaction has made room; nothing refused shows
+/// and nothing taken is lost, across restarts and power cuts.
+#[test]
+fn model_on_a_small_disk() {
+    for seed in 200..206 {
+        for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
+            let (refused, taken_after) = run_model_on(seed, fsync, 3000, Some(7 * 20 * 1024));
+            println!("seed {seed} {fsync}: {refused} writes refused, {taken_after} taken after the first");
+            assert!(refused > 0 && taken_after > 0, "seed {seed} {fsync}: {refused} refused, {taken_after} after");
+        }
+    }
 }
 
 #[test]

@@ -673,7 +673,7 @@ mod tests {
         assert_eq!(reserve(&auto, 2, Some(1 << 40)), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
         assert_eq!(reserve(&auto, 16, Some(10 << 30)), 1 << 30, "a tenth of a 10 GiB disk");
         let big = NodeConfig { storage: EngineConfig { segment_size: 1 << 30, ..Default::default() }, ..auto };
-        assert_eq!(reserve(&big, 3, None), 3 * DEFAULT_DISK_RESERVE_SEGMENTS << 30, "in the node's segments");
+        assert_eq!(reserve(&big, 3, None), (3 * DEFAULT_DISK_RESERVE_SEGMENTS) << 30, "in the node's segments");
         let set = NodeConfig { disk_reserve_bytes: Some(12_345), ..Default::default() };
         assert_eq!(reserve(&set, 16, Some(10 << 30)), 12_345);
         let off = NodeConfig { disk_reserve_bytes: Some(0), ..Default::default() };

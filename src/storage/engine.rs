@@ -53,8 +53,8 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall, Backlog,
-    Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX, LOW_SPACE_COMPACTION_THRESHOLD,
+    compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall,
+    Backlog, Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX, LOW_SPACE_COMPACTION_THRESHOLD,
 };
 
 /// Errors of the storage engine.
@@ -2389,8 +2389,7 @@ mod tests {
     /// never wait for compaction.
     async fn open_small_disk(segments: u64) -> (MemBackend, Engine<MemBackend>) {
         let seg = small_buffered().segment_size;
-        let config =
-            EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), ..small_buffered() };
+        let config = EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), ..small_buffered() };
         let backend = MemBackend::new();
         backend.set_capacity(Some(segments * seg));
         let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
