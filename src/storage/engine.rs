@@ -14,6 +14,13 @@
 //!   it had buffered, and retries on its ticks until the write goes
 //!   through (nothing had reached the disk in a way a retry could not
 //!   redo: a flush cut short is planned again from the same state);
+//! - while the file system's free space is under the disk reserve
+//!   (`EngineConfig::disk_reserve_bytes`, [`low_space`]) new writes are
+//!   refused ([`StorageError::DiskFull`], but tombstones from the reserve's
+//!   first half) and compaction's copies are not: the reserve is
+//!   compaction's room to reclaim space in; the free space is read again
+//!   at each new segment, so the log cannot pass the reserve by more than
+//!   a segment and a write buffer;
 //! - every record returned by `get` passed its checksum and names its key;
 //! - a segment is deleted by compaction only after copies of all its live
 //!   records are durable.
