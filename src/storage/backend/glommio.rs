@@ -322,7 +322,7 @@ impl Backend for GlommioBackend {
         glommio::executor().spawn_blocking(move || std::fs::remove_file(path)).await
     }
 
-    /// Truncates the file from its end, [`RELEASE_PIECE`] at a time, then
+    /// Truncates the file from its end, `RELEASE_PIECE` at a time, then
     /// closes it (then nothing is left to free). Only as the last handle
     /// (a read in flight through another would come back short), and only
     /// once the file has no name left (a hard link made to it, say by a
