@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{DEFAULT_MAX_VALUE_LEN, VALUE_LEN_HARD_CAP};
-use crate::storage::scan::DEFAULT_DISK_RESERVE_SEGMENTS;
+use crate::storage::scan::{DEFAULT_DISK_RESERVE_SEGMENTS, MIN_DISK_RESERVE_SEGMENTS};
 use crate::storage::{EngineConfig, FsyncPolicy};
 
 /// Port of shard 0 when nothing else is said; shard `i` listens on
@@ -64,17 +64,22 @@ pub fn default_node_cache_bytes(memory: Option<u64>) -> Option<u64> {
 }
 
 /// A node's default disk reserve takes at most one part in this many of
-/// its file system (a tenth): [`DEFAULT_DISK_RESERVE_SEGMENTS`] segments
-/// a shard is 4 GiB for 16 shards, most of a small disk.
+/// its file system (a tenth) where that leaves each shard at least
+/// [`MIN_DISK_RESERVE_SEGMENTS`]: [`DEFAULT_DISK_RESERVE_SEGMENTS`]
+/// segments a shard is 4 GiB for 16 shards, most of a small disk.
 pub const DISK_RESERVE_MAX_SHARE_DIVISOR: u64 = 10;
 
 /// The default disk reserve (`disk_reserve_bytes`) of a node of `shards`
 /// shards with segments of `segment` bytes on a file system of `disk`
 /// bytes (`None`: unknown): [`DEFAULT_DISK_RESERVE_SEGMENTS`] segments a
-/// shard, but no more than a tenth of the file system.
+/// shard, no more than a tenth of the file system, but never under
+/// [`MIN_DISK_RESERVE_SEGMENTS`] a shard (under it compaction may have
+/// no room to reclaim space in once writes have outrun it).
 pub fn default_node_disk_reserve(shards: usize, segment: u64, disk: Option<u64>) -> u64 {
-    let want = (shards as u64).saturating_mul(DEFAULT_DISK_RESERVE_SEGMENTS).saturating_mul(segment);
-    disk.map_or(want, |d| want.min(d / DISK_RESERVE_MAX_SHARE_DIVISOR))
+    let per_shard = |segments: u64| (shards as u64).saturating_mul(segments).saturating_mul(segment);
+    let want = per_shard(DEFAULT_DISK_RESERVE_SEGMENTS);
+    let capped = disk.map_or(want, |d| want.min(d / DISK_RESERVE_MAX_SHARE_DIVISOR));
+    capped.max(per_shard(MIN_DISK_RESERVE_SEGMENTS))
 }
 
 /// Everything `gyre node` can be told. Every field has a default, so an
@@ -110,7 +115,7 @@ pub struct NodeConfig {
     /// is a segment's room above it. 0: no reserve (writes that outrun
     /// compaction then fill the disk, which compaction cannot empty).
     /// Default: [`default_node_disk_reserve`], four segments a shard, at
-    /// most a tenth of the file system.
+    /// most a tenth of the file system but never under three.
     pub disk_reserve_bytes: Option<u64>,
     /// Per-shard storage settings. Its `fsync`, `max_value_len`,
     /// `cache_bytes` and `disk_reserve_bytes` come from the top-level ones above: a `[storage]`
@@ -671,7 +676,8 @@ mod tests {
         let auto = NodeConfig::default();
         assert_eq!(reserve(&auto, 2, None), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
         assert_eq!(reserve(&auto, 2, Some(1 << 40)), 2 * DEFAULT_DISK_RESERVE_SEGMENTS * seg);
-        assert_eq!(reserve(&auto, 16, Some(10 << 30)), 1 << 30, "a tenth of a 10 GiB disk");
+        assert_eq!(reserve(&auto, 16, Some(20 << 30)), 3 << 30, "three segments a shard, over a tenth");
+        assert_eq!(reserve(&auto, 16, Some(35 << 30)), (35 << 30) / 10, "a tenth of a 35 GiB disk");
         let big = NodeConfig { storage: EngineConfig { segment_size: 1 << 30, ..Default::default() }, ..auto };
         assert_eq!(reserve(&big, 3, None), (3 * DEFAULT_DISK_RESERVE_SEGMENTS) << 30, "in the node's segments");
         let set = NodeConfig { disk_reserve_bytes: Some(12_345), ..Default::default() };

@@ -538,6 +538,14 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         set = config.disk_reserve_bytes.is_some(),
         "writes are refused while the file system has less free space than the disk reserve"
     );
+    if let Some(d) = disk.filter(|d| engine_config.disk_reserve() > d.total / 2) {
+        tracing::warn!(
+            disk_reserve_bytes = engine_config.disk_reserve(),
+            disk_total_bytes = d.total,
+            "the disk reserve is over half of the file system: writes will be refused with much of it unused \
+             (set a smaller disk_reserve_bytes, or give it a larger disk or fewer shards)"
+        );
+    }
     tracing::info!(
         cache_bytes_per_shard = engine_config.cache_bytes,
         memory_available = memory,

@@ -60,8 +60,9 @@ use crate::storage::format::{
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
-    compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment, write_stall,
-    Backlog, Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX, LOW_SPACE_COMPACTION_THRESHOLD,
+    compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment,
+    tombstone_fits, write_stall, Backlog, Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX,
+    LOW_SPACE_COMPACTION_THRESHOLD,
 };
 
 /// Errors of the storage engine.
@@ -526,6 +527,33 @@ impl<F> State<F> {
         }
     }
 
+    /// The free space at the last look less what the log has buffered and
+    /// not yet written, which may need new space (`None`: not known).
+    fn space_left(&self) -> Option<u64> {
+        self.free_space.map(|f| f.saturating_sub(self.writer.pending_bytes() as u64))
+    }
+
+    /// Starts or ends the low-space state from [`Self::space_left`] now
+    /// ([`low_space`]); returns whether the disk is low. Not known: as it
+    /// was.
+    fn update_low_space(&mut self, config: &EngineConfig) -> bool {
+        let Some(free) = self.space_left() else { return self.low_space };
+        let reserve = config.disk_reserve();
+        let low = low_space(self.low_space, free, reserve, config.segment_size);
+        if low != std::mem::replace(&mut self.low_space, low) {
+            if low {
+                tracing::warn!(
+                    free,
+                    reserve,
+                    "the disk is low on space: writes are refused while compaction reclaims what it can"
+                );
+            } else {
+                tracing::info!(free, reserve, "the disk has room again: writes are taken again");
+            }
+        }
+        low
+    }
+
     fn drop_live(&mut self, old: Loc, tag: CacheTag) {
         let u = self.usage.get_mut(&old.seg).expect("a live record's segment is accounted");
         u.live -= old.len as u64;
@@ -762,7 +790,10 @@ impl<B: Backend> Engine<B> {
         }
         {
             let mut st = self.inner.st.borrow_mut();
-            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() || st.full.is_some() {
+            // Not while low on space: a spare would take a segment of the
+            // reserve for writes that are refused; compaction's segments
+            // are made as it needs them.
+            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() || st.full.is_some() || st.low_space {
                 return Ok(());
             }
             st.preparing_spare = true;
@@ -943,7 +974,10 @@ impl<B: Backend> Engine<B> {
             if let Some(e) = &st.full {
                 return Err(StorageError::DiskFull(e.clone()));
             }
-            if st.low_space && !self.may_use_reserve(kind, st.free_space) {
+            // What it has buffered counts against the space at the last
+            // look: writes taken between two looks cannot pass the
+            // reserve, however many arrive while a flush is under way.
+            if st.update_low_space(&self.inner.config) && !self.may_use_reserve(kind, st.space_left()) {
                 st.stats.low_space_refusals += 1;
                 return Err(self.low_space_error(&st));
             }
@@ -987,13 +1021,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Whether a write of `kind` is taken while the disk is low on space
-    /// (`free` bytes at the last look): a tombstone, while the first half
-    /// of the reserve lasts. Deleting is how a user makes room on a disk
-    /// full of live data, where compaction finds nothing to reclaim; a
-    /// tombstone is small and turns its key's value into garbage. The
-    /// second half stays compaction's.
-    fn may_use_reserve(&self, kind: Kind, free: Option<u64>) -> bool {
-        kind == Kind::Tombstone && free.is_some_and(|f| f >= self.inner.config.disk_reserve() / 2)
+    /// (`left`: [`State::space_left`]): a tombstone, while
+    /// [`tombstone_fits`].
+    fn may_use_reserve(&self, kind: Kind, left: Option<u64>) -> bool {
+        let config = &self.inner.config;
+        kind == Kind::Tombstone && left.is_some_and(|f| tombstone_fits(f, config.disk_reserve(), config.segment_size))
     }
 
     /// The refusal of a write while the disk is low on space.
@@ -1472,23 +1504,9 @@ impl<B: Backend> Engine<B> {
     /// new writes are refused, until compaction (or the operator) has
     /// made room again ([`low_space`]). Returns whether they are.
     pub fn handle_free_space(&self, free: u64) -> bool {
-        let config = &self.inner.config;
-        let reserve = config.disk_reserve();
         let mut st = self.inner.st.borrow_mut();
         st.free_space = Some(free);
-        let low = low_space(st.low_space, free, reserve, config.segment_size);
-        if low != std::mem::replace(&mut st.low_space, low) {
-            if low {
-                tracing::warn!(
-                    free,
-                    reserve,
-                    "the disk is low on space: writes are refused while compaction reclaims what it can"
-                );
-            } else {
-                tracing::info!(free, reserve, "the disk has room again: writes are taken again");
-            }
-        }
-        low
+        st.update_low_space(&self.inner.config)
     }
 
     /// The compaction driver stopped (its task ended or was cancelled):
@@ -2463,6 +2481,33 @@ mod tests {
             backend.crash(7, false);
             let (engine, _) = Engine::open(backend.clone(), small_buffered()).await.unwrap();
             check_model(&engine, &model).await;
+        })
+    }
+
+    /// Writes taken between two looks at the free space count against it:
+    /// however many are appended while nothing is written (a flush under
+    /// way, the `never` buffer), they cannot pass the reserve, and the
+    /// flush that writes them finds room.
+    #[test]
+    fn writes_buffered_between_looks_count_against_the_reserve() {
+        block_on(async {
+            let (_backend, engine) = open_small_disk(7).await;
+            let mut taken = 0u32;
+            let why = loop {
+                match engine.put_if_now(Kind::Value, &taken.to_le_bytes(), b"", &[1; 1000], 0, None) {
+                    Ok(Some(_)) => taken += 1,
+                    Ok(None) => panic!("{taken}: no conflict can happen here"),
+                    Err(StorageError::DiskFull(why)) => break why,
+                    Err(e) => panic!("{taken}: {e}"),
+                }
+                assert!(taken < 1000, "nothing was refused");
+            };
+            assert!(why.contains("reserve kept for compaction") && taken > 50, "{taken}: {why}");
+            engine.flush().await.unwrap();
+            assert!(engine.full().is_none() && engine.failed().is_none());
+            for key in 0..taken {
+                assert_eq!(engine.get(&key.to_le_bytes()).await.unwrap().unwrap().value(), &[1; 1000]);
+            }
         })
     }
 

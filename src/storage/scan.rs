@@ -330,9 +330,10 @@ const _: () = assert!(DEFAULT_WRITE_STALL_BACKLOG * WRITE_STALL_RESUME > COMPACT
 
 /// Whether the disk is low on space: writes are refused (and compaction
 /// alone may take the space left) while the file system's `free` bytes
-/// are under `reserve` (0: never), until they are back above it by one
-/// `segment` (so that a segment reclaimed and at once refilled does not
-/// flap between the two). `was_low`: whether it is low now.
+/// (less what the shard has buffered and not yet written) are under
+/// `reserve` (0: never), until they are back above it by
+/// [`low_space_gap`] (so that a segment reclaimed and at once refilled
+/// does not flap between the two). `was_low`: whether it is low now.
 ///
 /// Without a reserve, writes that outran compaction filled the disk to
 /// the last byte (a one-shard node filled a 1.2 GB file system in 4 s
@@ -344,17 +345,43 @@ pub fn low_space(was_low: bool, free: u64, reserve: u64, segment: u64) -> bool {
     if reserve == 0 {
         return false;
     }
-    let limit = if was_low { reserve.saturating_add(segment) } else { reserve };
+    let limit = if was_low { reserve.saturating_add(low_space_gap(reserve, segment)) } else { reserve };
     free < limit
 }
 
+/// How far above the reserve the free space must be back before writes
+/// are taken again: a segment, or a quarter of the reserve where that is
+/// more. A node's shards share one reserve and each sees the space come
+/// back; with one segment's gap they would all resume and take a segment
+/// each, back under it at once.
+pub fn low_space_gap(reserve: u64, segment: u64) -> u64 {
+    segment.max(reserve / 4)
+}
+
+/// Whether a tombstone is taken while the disk is low on space, with
+/// `free` bytes left (less what is buffered): while that is half the
+/// reserve and a segment (the free space is read at each new segment, so
+/// it may be a segment out of date). Deleting is how a user makes room on
+/// a disk full of live data, where compaction finds nothing to reclaim; a
+/// tombstone is small and makes its key's value garbage. The rest stays
+/// compaction's.
+pub fn tombstone_fits(free: u64, reserve: u64, segment: u64) -> bool {
+    free >= (reserve / 2).saturating_add(segment)
+}
+
 /// The default disk reserve ([`low_space`]) of one shard, in segments:
-/// room for its spare segment, for the segment compaction writes its
-/// copies into and the one after it (while low on space compaction
-/// empties one victim at a time, whose live records fill at most a
-/// segment), and for the writes a shard takes between two looks at the
-/// free space (one segment: it looks at each new segment it takes).
+/// [`MIN_DISK_RESERVE_SEGMENTS`] and one for the tombstones taken from it.
 pub const DEFAULT_DISK_RESERVE_SEGMENTS: u64 = 4;
+
+/// The least reserve a shard needs, in segments, for compaction to be
+/// sure of room: the segment compaction writes its copies into and the
+/// one after it (while low on space compaction empties one victim at a
+/// time, whose live records fill at most a segment, and no spare is
+/// made), and the segment a shard can take past the reserve before it
+/// sees it (it reads the free space at each new segment it takes, and
+/// counts what it has buffered). A node's default reserve is never
+/// below this (`NodeConfig::shard_engine_config`).
+pub const MIN_DISK_RESERVE_SEGMENTS: u64 = 3;
 
 /// The garbage ratio from which compaction takes a segment while the disk
 /// is low on space, where it is lower than the configured threshold:
@@ -363,7 +390,7 @@ pub const DEFAULT_DISK_RESERVE_SEGMENTS: u64 = 4;
 /// a tenth of garbage costs nine bytes copied for each byte reclaimed.
 pub const LOW_SPACE_COMPACTION_THRESHOLD: f64 = 0.1;
 
-const _: () = assert!(DEFAULT_DISK_RESERVE_SEGMENTS >= 3);
+const _: () = assert!(MIN_DISK_RESERVE_SEGMENTS >= 3 && DEFAULT_DISK_RESERVE_SEGMENTS > MIN_DISK_RESERVE_SEGMENTS);
 const _: () = assert!(LOW_SPACE_COMPACTION_THRESHOLD > 0.0 && LOW_SPACE_COMPACTION_THRESHOLD < 1.0);
 
 const _: () = assert!(COMPACTION_SHARES_MIN >= 1 && COMPACTION_SHARES_MIN < COMPACTION_SHARES_MAX);
@@ -673,8 +700,8 @@ mod tests {
         }
     }
 
-    /// Low from under the reserve; back only a segment above it; never
-    /// without a reserve.
+    /// Low from under the reserve; back only a segment above it (a
+    /// quarter of the reserve, if more); never without a reserve.
     #[test]
     fn low_space_has_a_segment_of_hysteresis() {
         let (reserve, seg) = (400, 100);
@@ -685,5 +712,12 @@ mod tests {
         assert!(!low_space(true, 500, reserve, seg));
         assert!(!low_space(false, 0, 0, seg) && !low_space(true, 0, 0, seg));
         assert!(low_space(true, u64::MAX - 1, u64::MAX, seg), "no overflow past the top");
+        // Sixteen shards' reserve: back a quarter of it above.
+        let node = 16 * 4 * seg;
+        assert_eq!(low_space_gap(node, seg), 16 * seg);
+        assert!(low_space(true, node + 16 * seg - 1, node, seg) && !low_space(true, node + 16 * seg, node, seg));
+        // Tombstones: from half the reserve and a segment up.
+        assert!(tombstone_fits(300, reserve, seg) && !tombstone_fits(299, reserve, seg));
+        assert!(!tombstone_fits(u64::MAX - 1, u64::MAX, u64::MAX), "no overflow past the top");
     }
 }

@@ -53,6 +53,10 @@ fn write_into(image: &mut Vec<u8>, off: u64, bytes: &[u8]) {
 #[derive(Default)]
 struct MemFs {
     files: BTreeMap<String, Rc<RefCell<MemFile>>>,
+    /// Files removed while a handle was open: they take their space until
+    /// the last handle goes, as on a real file system (this list holds
+    /// one reference of its own).
+    removed: Vec<Rc<RefCell<MemFile>>>,
 }
 
 /// Shared handle to one in-memory directory; clones see the same files.
@@ -117,14 +121,17 @@ impl MemBackend {
     /// preallocation or fill that would take the files past it fails as
     /// on a full disk, having changed nothing, and
     /// [`Backend::free_space`] reports what is left. A file removed is
-    /// freed at once, open handles or not.
+    /// freed with its last handle.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.capacity.set(bytes);
     }
 
-    /// Bytes the files take of the capacity.
+    /// Bytes the files take of the capacity: those with a name, and those
+    /// removed that a handle still holds open.
     pub fn used(&self) -> u64 {
-        self.fs.borrow().files.values().map(|f| f.borrow().footprint()).sum()
+        let fs = self.fs.borrow();
+        let open_removed = fs.removed.iter().filter(|f| Rc::strong_count(f) > 1);
+        fs.files.values().chain(open_removed).map(|f| f.borrow().footprint()).sum()
     }
 
     /// Fails as a full disk does if growing `file` to take `end` bytes
@@ -157,6 +164,8 @@ impl MemBackend {
     /// before the crash must not be used after it.
     pub fn crash(&self, seed: u64, tear: bool) {
         let mut rng = fastrand::Rng::with_seed(seed);
+        // The process that held removed files open is gone.
+        self.fs.borrow_mut().removed.clear();
         let fs = self.fs.borrow();
         for file in fs.files.values() {
             let mut f = file.borrow_mut();
@@ -377,12 +386,19 @@ impl Backend for MemBackend {
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
-        self.fs.borrow_mut().files.remove(name).map(|_| ()).ok_or_else(|| not_found(name))
+        let mut fs = self.fs.borrow_mut();
+        let file = fs.files.remove(name).ok_or_else(|| not_found(name))?;
+        fs.removed.retain(|f| Rc::strong_count(f) > 1);
+        if Rc::strong_count(&file) > 1 {
+            fs.removed.push(file);
+        }
+        Ok(())
     }
 
     /// Memory is freed with the last handle, at no cost worth spreading.
     async fn release(&self, file: MemHandle) -> io::Result<()> {
         drop(file);
+        self.fs.borrow_mut().removed.retain(|f| Rc::strong_count(f) > 1);
         Ok(())
     }
 
