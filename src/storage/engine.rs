@@ -2413,8 +2413,14 @@ mod tests {
     /// an engine whose disk reserve is four of them and whose writes
     /// never wait for compaction.
     async fn open_small_disk(segments: u64) -> (MemBackend, Engine<MemBackend>) {
+        open_small_disk_with(segments, FsyncPolicy::Never).await
+    }
+
+    /// [`open_small_disk`] under `fsync`.
+    async fn open_small_disk_with(segments: u64, fsync: FsyncPolicy) -> (MemBackend, Engine<MemBackend>) {
         let seg = small_buffered().segment_size;
-        let config = EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), ..small_buffered() };
+        let config =
+            EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), fsync, ..small_buffered() };
         let backend = MemBackend::new();
         backend.set_capacity(Some(segments * seg));
         let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
@@ -2508,6 +2514,30 @@ mod tests {
             for key in 0..taken {
                 assert_eq!(engine.get(&key.to_le_bytes()).await.unwrap().unwrap().value(), &[1; 1000]);
             }
+        })
+    }
+
+    /// Under `always`, where a spare segment is kept ready, none is made
+    /// while the disk is low on space (it would take a segment of the
+    /// reserve for writes that are refused); once there is room, one is.
+    #[test]
+    fn no_spare_is_made_while_low_on_space() {
+        block_on(async {
+            let (backend, engine) = open_small_disk_with(12, FsyncPolicy::Always).await;
+            assert!(engine.config().keeps_spare());
+            let mut model = BTreeMap::new();
+            let overwrites = (0..100u8).flat_map(|round| (0..20u32).map(move |key| (key, round)));
+            put_until_refused(&engine, overwrites, &mut model).await;
+            // Nothing here has made a spare yet (the shell's loop does).
+            let spare = || async { backend.list().await.unwrap().iter().any(|n| n == SPARE_SEGMENT) };
+            assert!(engine.stats().low_space && !spare().await);
+            engine.prepare_spare().await.unwrap();
+            assert!(!spare().await, "no spare while low on space");
+            assert!(engine.compact(0).await.unwrap().segments_removed > 0);
+            assert!(!engine.stats().low_space);
+            engine.prepare_spare().await.unwrap();
+            assert!(spare().await, "a spare once there is room");
+            check_model(&engine, &model).await;
         })
     }
 
