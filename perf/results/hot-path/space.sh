@@ -7,11 +7,11 @@
 # segments on disk and of live records (MiB), segments compacted, records moved,
 # and (builds that have them) write stalls and the writes that waited.
 # DIR=path puts the node's data there (default /tmp), e.g. on a small tmpfs;
-# NOLOAD=1 skips the load phase (whose errors stop the run). Also prints the
+# FSYNC= sets the policy (default never); NOLOAD=1 skips the load phase (whose errors stop the run). Also prints the
 # writes refused (errors) and, where STATS has it, the refusals for space.
 cd "$(dirname "$0")/../../.." || exit 1
 GYRE=${GYRE:-./target/release/gyre}; W=$(mktemp -d -p "${DIR:-/tmp}")
-taskset -c 0 "$GYRE" node --data-dir "$W/data" --listen 127.0.0.1:7700 --fsync never --shards 1 > "$W/node.log" 2>&1 & P=$!; sleep 1
+taskset -c 0 "$GYRE" node --data-dir "$W/data" --listen 127.0.0.1:7700 --fsync "${FSYNC:-never}" --shards 1 > "$W/node.log" 2>&1 & P=$!; sleep 1
 ./target/release/gyre-bench net --target gyre://127.0.0.1:7700 --connections 50 --depth 1 --keys 100000 \
     --value-size "${VSIZE:-100}" --duration "${DUR:-20}" --warmup 2 $([ -n "$NOLOAD" ] || echo --load) --read-ratio 0 --server-pid $P 2>/dev/null > "$W/run.json"
 ./target/release/gyre stats --node 127.0.0.1:7700 > "$W/stats.json" 2>&1
