@@ -228,14 +228,15 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     // Waiting writes make a pass due at once, whatever the
                     // last one did (the engine lets them go when a pass
                     // fails); so does a disk that has just run low on
-                    // space, and one still low after a pass that
-                    // reclaimed something (writes are refused until it
-                    // has room).
+                    // space, and one still low while there is garbage a
+                    // pass would take (writes are refused until it has
+                    // room; deletes make garbage meanwhile).
                     let newly_low = check.low_space && !was_low;
                     was_low = check.low_space;
                     let urgent = check.stalled
                         || newly_low
-                        || (progressed && (check.low_space || check.backlog >= COMPACTION_BACKLOG_URGENT));
+                        || check.low_reclaimable > 0
+                        || (progressed && check.backlog >= COMPACTION_BACKLOG_URGENT);
                     if urgent || std::time::Instant::now() >= due {
                         break;
                     }

@@ -14,13 +14,13 @@
 //!   it had buffered, and retries on its ticks until the write goes
 //!   through (nothing had reached the disk in a way a retry could not
 //!   redo: a flush cut short is planned again from the same state);
-//! - while the file system's free space is under the disk reserve
-//!   (`EngineConfig::disk_reserve_bytes`, [`low_space`]) new writes are
-//!   refused ([`StorageError::DiskFull`], but tombstones from the reserve's
-//!   first half) and compaction's copies are not: the reserve is
-//!   compaction's room to reclaim space in; the free space is read again
-//!   at each new segment, so the log cannot pass the reserve by more than
-//!   a segment and a write buffer;
+//! - while the file system's free space, less what the shard has
+//!   buffered, is under the disk reserve (`EngineConfig::disk_reserve_bytes`,
+//!   [`low_space`]) new writes are refused ([`StorageError::DiskFull`], but
+//!   tombstones while [`tombstone_fits`]) and compaction's copies are not:
+//!   the reserve is compaction's room to reclaim space in; the free space
+//!   is read again at each new segment, so the log cannot pass the
+//!   reserve by more than the segment it just took;
 //! - every record returned by `get` passed its checksum and names its key;
 //! - a segment is deleted by compaction only after copies of all its live
 //!   records are durable.
@@ -397,8 +397,13 @@ pub struct CompactionCheck {
     /// `EngineStats::compaction_stalls` so far.
     pub stalls: u64,
     /// The disk is low on space ([`low_space`]): writes are refused until
-    /// compaction reclaims some, so a pass that can is due now.
+    /// compaction reclaims some.
     pub low_space: bool,
+    /// While low on space: the garbage a pass would reclaim now (at the
+    /// lower threshold it then has); a pass is due while there is some
+    /// (deletes make it while writes are refused). 0 otherwise, and while
+    /// compaction is stuck.
+    pub low_reclaimable: u64,
 }
 
 impl CompactionCheck {
@@ -1457,15 +1462,32 @@ impl<B: Backend> Engine<B> {
     }
 
     fn backlog(&self) -> Backlog {
+        self.backlog_at(self.inner.config.compaction_threshold)
+    }
+
+    /// [`compaction_backlog`] of segments past the garbage ratio `threshold`.
+    fn backlog_at(&self, threshold: f64) -> Backlog {
         let st = self.inner.st.borrow();
-        let config = &self.inner.config;
         compaction_backlog(
             &st.usage,
             st.writer.first_buffered_segment(),
-            config.compaction_threshold,
-            config.segment_size,
+            threshold,
+            self.inner.config.segment_size,
             &st.kept,
         )
+    }
+
+    /// The garbage ratio from which a pass takes a segment: the configured
+    /// one, or [`LOW_SPACE_COMPACTION_THRESHOLD`] while the disk is `low`
+    /// on space (garbage under the threshold is still space, and with
+    /// writes refused compaction is the only way to get it back).
+    fn compaction_threshold(&self, low: bool) -> f64 {
+        let threshold = self.inner.config.compaction_threshold;
+        if low {
+            threshold.min(LOW_SPACE_COMPACTION_THRESHOLD)
+        } else {
+            threshold
+        }
     }
 
     /// The compaction driver's periodic look (the shell's loop, every
@@ -1477,8 +1499,16 @@ impl<B: Backend> Engine<B> {
         self.inner.st.borrow_mut().compaction_driven = true;
         let backlog = self.update_write_stall();
         let low_space = self.refresh_free_space();
+        // Only while low (a walk over the segments), and not while the
+        // last pass failed: the next would fail as well, and a pass due
+        // every look would only repeat the failure.
+        let low_reclaimable = if low_space && !self.inner.st.borrow().compaction_stuck {
+            self.backlog_at(self.compaction_threshold(true)).reclaimable
+        } else {
+            0
+        };
         let st = self.inner.st.borrow();
-        CompactionCheck { backlog, stalled: st.stalled, stalls: st.stats.compaction_stalls, low_space }
+        CompactionCheck { backlog, stalled: st.stalled, stalls: st.stats.compaction_stalls, low_space, low_reclaimable }
     }
 
     /// Reads the file system's free space ([`Backend::free_space`]) and
@@ -1561,12 +1591,7 @@ impl<B: Backend> Engine<B> {
                 return Ok(stats);
             }
             st.compacting = true;
-            // Low on space, compaction takes what garbage it can get.
-            let mut threshold = self.inner.config.compaction_threshold;
-            if st.low_space {
-                threshold = threshold.min(LOW_SPACE_COMPACTION_THRESHOLD);
-            }
-            pick_compaction(&st.usage, st.writer.first_buffered_segment(), threshold)
+            pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.compaction_threshold(st.low_space))
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
         let mut result = Ok(());
@@ -2542,15 +2567,18 @@ mod tests {
     }
 
     /// A disk low on space and full of live data: compaction finds nothing
-    /// to reclaim, new values stay refused, but deletes are taken (from
-    /// the reserve's first half), and then compaction takes garbage it
-    /// would leave under its usual threshold, until writes are taken again.
+    /// to reclaim (and no pass is due), new values stay refused, but
+    /// deletes are taken (while half the reserve and a segment are free),
+    /// a pass is due for their garbage, and it takes garbage it would
+    /// leave under its usual threshold, until writes are taken again.
     #[test]
     fn low_on_space_deletes_are_taken_and_compaction_takes_less_garbage() {
         block_on(async {
             let (backend, engine) = open_small_disk(12).await;
             let mut model = BTreeMap::new();
             put_until_refused(&engine, (0..10_000u32).map(|key| (key, 1)), &mut model).await;
+            let check = engine.handle_compaction_check();
+            assert!(check.low_space && check.low_reclaimable == 0, "nothing a pass could take: none due {check:?}");
             assert_eq!(engine.compact(0).await.unwrap().segments_removed, 0, "all live");
             assert!(matches!(engine.put(b"new", b"", b"v", 0).await, Err(StorageError::DiskFull(_))));
             // A third of the keys deleted: a third of each segment garbage,
@@ -2561,7 +2589,9 @@ mod tests {
                 model.remove(key);
             }
             engine.flush().await.unwrap();
-            assert!(engine.stats().low_space);
+            let check = engine.handle_compaction_check();
+            assert!(check.low_space && check.low_reclaimable > 0, "the deletes' garbage: a pass is due {check:?}");
+            assert_eq!(check.shares(), COMPACTION_SHARES_MAX);
             let done = engine.compact(0).await.unwrap();
             assert!(done.segments_removed > 0, "{done:?}");
             assert!(!engine.stats().low_space, "room again: {:?}", backend.free_space());
