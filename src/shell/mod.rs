@@ -112,22 +112,52 @@ impl glommio::SharesManager for CompactionShares {
 }
 
 /// How often at most the compaction loop reports that writes waited for
-/// compaction.
+/// compaction, or were refused for lack of space (both can start and stop
+/// several times a second for as long as the writes outrun compaction).
 const STALL_REPORT: Duration = Duration::from_secs(10);
 
-/// Logs, at most every [`STALL_REPORT`], how many times writes began to
-/// wait for compaction since the last report (`reported`: that count and
-/// when).
-fn report_stalls(reported: &mut (u64, std::time::Instant), check: crate::storage::CompactionCheck) {
-    let (count, at) = *reported;
-    if check.stalls > count && at.elapsed() >= STALL_REPORT {
+/// Counts of something that starts again and again (write stalls, low
+/// space), reported at most every [`STALL_REPORT`], the first at once.
+#[derive(Default)]
+struct Episodes {
+    /// The count reported so far.
+    count: u64,
+    /// When it was last reported; `None`: never yet.
+    at: Option<std::time::Instant>,
+}
+
+impl Episodes {
+    /// With the count now at `count`: the episodes since the last report
+    /// and the seconds since then (0 for the first), if a report is due.
+    fn due(&mut self, count: u64) -> Option<(u64, u64)> {
+        if count <= self.count || self.at.is_some_and(|at| at.elapsed() < STALL_REPORT) {
+            return None;
+        }
+        let since = self.at.map_or(0, |at| at.elapsed().as_secs());
+        let times = count - std::mem::replace(&mut self.count, count);
+        self.at = Some(std::time::Instant::now());
+        Some((times, since))
+    }
+}
+
+/// Logs the write stalls and low-space episodes the compaction loop's
+/// look found, as [`Episodes`] allows.
+fn report(stalls: &mut Episodes, low: &mut Episodes, check: crate::storage::CompactionCheck) {
+    if let Some((times, since_s)) = stalls.due(check.stalls) {
         tracing::warn!(
-            times = check.stalls - count,
-            since_s = at.elapsed().as_secs(),
+            times,
+            since_s,
             backlog = check.backlog,
             "compaction fell behind the writes: writes waited for it before they were taken"
         );
-        *reported = (check.stalls, std::time::Instant::now());
+    }
+    if let Some((times, since_s)) = low.due(check.low_space_episodes) {
+        tracing::warn!(
+            times,
+            since_s,
+            "the disk ran low on space: writes were refused while compaction reclaimed what it could \
+             (STATS: disk_free_bytes, disk_reserve_bytes, low_space_refusals)"
+        );
     }
 }
 
@@ -191,10 +221,11 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
             // end (a failed engine, or `Stop::stop` cancelling it) lets
             // them go.
             let _driving = driving;
-            // Writes waiting for compaction, reported at most every
-            // `STALL_REPORT` (they can start and stop several times a
-            // second): the count reported so far, and when.
-            let mut reported = (e.stats().compaction_stalls, std::time::Instant::now());
+            // Writes waiting for compaction, and refused for lack of
+            // space, reported at most every `STALL_REPORT`: every episode
+            // since the engine opened (one may begin as it opens, on a
+            // disk already short of space).
+            let (mut stalls, mut low) = (Episodes::default(), Episodes::default());
             // Reported once per run of failures (a full disk fails it on
             // every pass).
             let mut spare_failing = false;
@@ -224,7 +255,7 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                     glommio::timer::sleep(COMPACTION_CHECK).await;
                     let check = e.handle_compaction_check();
                     shares.set(check.shares());
-                    report_stalls(&mut reported, check);
+                    report(&mut stalls, &mut low, check);
                     // Waiting writes make a pass due at once, whatever the
                     // last one did (the engine lets them go when a pass
                     // fails); so does a disk that has just run low on
@@ -260,4 +291,22 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     .expect("compaction task queue exists")
     .detach();
     stop.tasks.borrow_mut().extend([ticker, compactor]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first episodes are reported at once, later ones only after
+    /// `STALL_REPORT`, and nothing new is never reported.
+    #[test]
+    fn episodes_are_reported_at_once_then_at_most_every_so_often() {
+        let mut e = Episodes::default();
+        assert_eq!(e.due(0), None);
+        assert_eq!(e.due(3), Some((3, 0)));
+        assert_eq!(e.due(3), None);
+        assert_eq!(e.due(5), None, "within STALL_REPORT of the last report");
+        e.at = std::time::Instant::now().checked_sub(STALL_REPORT);
+        assert_eq!(e.due(5).map(|(times, _)| times), Some(2), "the two since, once it has passed");
+    }
 }
