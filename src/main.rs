@@ -432,7 +432,7 @@ struct NodeArgs {
     cache_bytes: Option<u64>,
     /// Free space under which writes are refused while compaction reclaims
     /// space, in bytes (0: none) [default: 4 segments a shard, at most a
-    /// tenth of the file system].
+    /// tenth of the file system but never under 3 segments a shard].
     #[arg(long)]
     disk_reserve_bytes: Option<u64>,
     /// Client connections each shard serves at once; the next is refused

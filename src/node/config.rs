@@ -112,7 +112,7 @@ pub struct NodeConfig {
     /// Free space on the data directory's file system under which the
     /// node refuses writes (with a "disk is full" error) while compaction
     /// goes on and reclaims what it can; they are taken again once there
-    /// is a segment's room above it. 0: no reserve (writes that outrun
+    /// is room above it (`scan::low_space_gap`). 0: no reserve (writes that outrun
     /// compaction then fill the disk, which compaction cannot empty).
     /// Default: [`default_node_disk_reserve`], four segments a shard, at
     /// most a tenth of the file system but never under three.

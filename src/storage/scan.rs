@@ -1,8 +1,8 @@
 //! Recovery and compaction decisions, as pure functions over bytes and
 //! numbers: what a segment scan keeps, what counts as a torn tail and what as
 //! corruption, which segments to compact, which tombstones to drop, how far
-//! compaction is behind, the CPU shares it gets for that, and when writes
-//! wait for it.
+//! compaction is behind, the CPU shares it gets for that, when writes
+//! wait for it, and when the disk is low on space (the reserve).
 //!
 //! Invariants: a scan never returns a record whose checksum failed; in a
 //! sealed segment every byte that is not part of a valid record is reported;

@@ -1,7 +1,7 @@
 #!/bin/bash
 # SET only for DUR seconds (default 20) of VSIZE-byte values (default 100)
 # over 100,000 keys, 50 connections, against a fresh one-shard Gyre node
-# (fsync never, on CPU 0), then the shard's disk use from STATS.
+# (fsync never unless FSYNC= says, on CPU 0), then the shard's disk use from STATS.
 # GYRE=path/to/gyre picks the build (default: this checkout's release build).
 # Prints: build ops_per_sec p999_us server_cpu_us_per_op, the bytes of
 # segments on disk and of live records (MiB), segments compacted, records moved,
