@@ -493,8 +493,9 @@ struct State<F> {
     /// not, and compaction takes what it can (a lower threshold, one
     /// victim at a time) until the space is back.
     low_space: bool,
-    /// The free space the engine last found ([`Engine::refresh_free_space`]):
-    /// for the refusal's message and STATS.
+    /// The free space the engine last found ([`Engine::refresh_free_space`];
+    /// `None`: it could not be read): what `low_space` is decided from,
+    /// less what is buffered, at every write ([`State::space_left`]).
     free_space: Option<u64>,
     stats: EngineStats,
 }
@@ -1522,31 +1523,24 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Reads the file system's free space ([`Backend::free_space`]) and
-    /// passes it to [`Self::handle_free_space`]; returns whether the disk
-    /// is low on space. The engine calls it as it takes each new segment
-    /// and after each batch of compaction; the compaction driver through
-    /// [`Self::handle_compaction_check`]. A free space that cannot be read
-    /// changes nothing (logged).
+    /// Reads the file system's free space ([`Backend::free_space`]):
+    /// from under the disk reserve new writes are refused, until
+    /// compaction (or the operator) has made room again ([`low_space`]).
+    /// Returns whether they are. The engine calls it at open, as it takes
+    /// each new segment and after each batch of compaction; the compaction
+    /// driver through [`Self::handle_compaction_check`]. A free space that
+    /// cannot be read changes nothing (logged).
     pub fn refresh_free_space(&self) -> bool {
-        match self.inner.backend.free_space() {
-            Ok(free) => self.handle_free_space(free),
+        let free = self.inner.backend.free_space();
+        let mut st = self.inner.st.borrow_mut();
+        match free {
+            Ok(free) => st.free_space = Some(free),
             Err(e) => {
-                let mut st = self.inner.st.borrow_mut();
                 if st.free_space.take().is_some() {
                     tracing::warn!(error = %e, "cannot read the file system's free space");
                 }
-                st.low_space
             }
         }
-    }
-
-    /// The file system has `free` bytes free: from under the disk reserve
-    /// new writes are refused, until compaction (or the operator) has
-    /// made room again ([`low_space`]). Returns whether they are.
-    pub fn handle_free_space(&self, free: u64) -> bool {
-        let mut st = self.inner.st.borrow_mut();
-        st.free_space = Some(free);
         st.update_low_space(&self.inner.config)
     }
 
@@ -2446,14 +2440,9 @@ mod tests {
     }
 
     /// A disk of `segments` small segments (`small_buffered`'s) holding
-    /// an engine whose disk reserve is four of them and whose writes
-    /// never wait for compaction.
-    async fn open_small_disk(segments: u64) -> (MemBackend, Engine<MemBackend>) {
-        open_small_disk_with(segments, FsyncPolicy::Never).await
-    }
-
-    /// [`open_small_disk`] under `fsync`.
-    async fn open_small_disk_with(segments: u64, fsync: FsyncPolicy) -> (MemBackend, Engine<MemBackend>) {
+    /// an engine under `fsync` whose disk reserve is four of them and
+    /// whose writes never wait for compaction.
+    async fn open_small_disk(segments: u64, fsync: FsyncPolicy) -> (MemBackend, Engine<MemBackend>) {
         let seg = small_buffered().segment_size;
         let config =
             EngineConfig { write_stall_backlog: 0.0, disk_reserve_bytes: Some(4 * seg), fsync, ..small_buffered() };
@@ -2499,7 +2488,7 @@ mod tests {
     #[test]
     fn a_disk_low_on_space_refuses_writes_until_compaction_makes_room() {
         block_on(async {
-            let (backend, engine) = open_small_disk(12).await;
+            let (backend, engine) = open_small_disk(12, FsyncPolicy::Never).await;
             let reserve = engine.config().disk_reserve();
             let mut model = BTreeMap::new();
             let overwrites = (0..100u8).flat_map(|round| (0..20u32).map(move |key| (key, round)));
@@ -2534,7 +2523,7 @@ mod tests {
     #[test]
     fn writes_buffered_between_looks_count_against_the_reserve() {
         block_on(async {
-            let (_backend, engine) = open_small_disk(7).await;
+            let (_backend, engine) = open_small_disk(7, FsyncPolicy::Never).await;
             let mut taken = 0u32;
             let why = loop {
                 match engine.put_if_now(Kind::Value, &taken.to_le_bytes(), b"", &[1; 1000], 0, None) {
@@ -2560,7 +2549,7 @@ mod tests {
     #[test]
     fn no_spare_is_made_while_low_on_space() {
         block_on(async {
-            let (backend, engine) = open_small_disk_with(12, FsyncPolicy::Always).await;
+            let (backend, engine) = open_small_disk(12, FsyncPolicy::Always).await;
             assert!(engine.config().keeps_spare());
             let mut model = BTreeMap::new();
             let overwrites = (0..100u8).flat_map(|round| (0..20u32).map(move |key| (key, round)));
@@ -2586,7 +2575,7 @@ mod tests {
     #[test]
     fn low_on_space_deletes_are_taken_and_compaction_takes_less_garbage() {
         block_on(async {
-            let (backend, engine) = open_small_disk(12).await;
+            let (backend, engine) = open_small_disk(12, FsyncPolicy::Never).await;
             let mut model = BTreeMap::new();
             put_until_refused(&engine, (0..10_000u32).map(|key| (key, 1)), &mut model).await;
             let check = engine.handle_compaction_check();

@@ -137,9 +137,15 @@ impl MemBackend {
     /// Fails as a full disk does if growing `file` to take `end` bytes
     /// would pass the capacity.
     fn room_for(&self, file: &MemHandle, end: u64) -> io::Result<()> {
+        let current = file.0.borrow().footprint();
+        self.room(current, end)
+    }
+
+    /// Fails as a full disk does if a file that takes `current` bytes
+    /// growing to take `end` would pass the capacity.
+    fn room(&self, current: u64, end: u64) -> io::Result<()> {
         let Some(capacity) = self.capacity.get() else { return Ok(()) };
-        let growth = end.saturating_sub(file.0.borrow().footprint());
-        if self.used().saturating_add(growth) > capacity {
+        if self.used().saturating_add(end.saturating_sub(current)) > capacity {
             return Err(io::ErrorKind::StorageFull.into());
         }
         Ok(())
@@ -414,12 +420,8 @@ impl Backend for MemBackend {
             return Err(Self::io_error("write"));
         }
         self.space()?;
-        if let Some(capacity) = self.capacity.get() {
-            let replaced = self.fs.borrow().files.get(name).map_or(0, |f| f.borrow().footprint());
-            if (self.used() - replaced).saturating_add(data.len() as u64) > capacity {
-                return Err(io::ErrorKind::StorageFull.into());
-            }
-        }
+        let replaced = self.fs.borrow().files.get(name).map_or(0, |f| f.borrow().footprint());
+        self.room(replaced, data.len() as u64)?;
         let f = MemFile { data: data.to_vec(), durable: data.to_vec(), ..Default::default() };
         self.fs.borrow_mut().files.insert(name.to_string(), Rc::new(RefCell::new(f)));
         Ok(())
