@@ -300,3 +300,85 @@ fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
     // a success alone would allow the whole deadline.
     assert!(started.elapsed() < request_timeout * 2 / 3, "took {:?}", started.elapsed());
 }
+
+/// A write that timed out on a replica puts that replica last for a
+/// while, as a read does: the next write goes to another replica first
+/// instead of waiting out the timeout again. (The write that timed out is
+/// not resent: it may have been taken.)
+#[test]
+fn a_write_that_timed_out_puts_its_replica_last_for_the_next_call() {
+    let hung_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung = hung_l.local_addr().unwrap();
+    read_hanging_node(hung_l, info(vec![hung.port()]));
+    let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = good_l.local_addr().unwrap();
+    let members = vec![
+        Member { name: "hung".into(), addr: hung, zone: None },
+        Member { name: "good".into(), addr: good, zone: None },
+        Member { name: "silent".into(), addr: silent_listener(), zone: None },
+    ];
+    let ring = Ring::with_members(64, members).expect("ring");
+    let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
+    let request_timeout = Duration::from_millis(600);
+    let config = ClientConfig {
+        request_timeout,
+        connect_timeout: Duration::from_millis(300),
+        routing: Routing::Client,
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    let view = client.ring().expect("routes by the ring");
+    let key = (0..)
+        .map(|i| format!("k{i}").into_bytes())
+        .find(|k| {
+            let prefs = view.prefs.of_key(k);
+            view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+        })
+        .expect("a key");
+    let first = client.put(&key, b"v", &Context::default());
+    assert!(matches!(first, Err(ClientError::Timeout { .. })), "sent once, to the hung replica: {first:?}");
+    let started = Instant::now();
+    let second = client.put(&key, b"v", &Context::default()).expect("the next write goes to the good replica");
+    assert_eq!(second.siblings, 1);
+    assert!(started.elapsed() < request_timeout / 2, "took {:?}", started.elapsed());
+}
+
+/// Regression: a RING reply with a ring of no members (which decodes) or
+/// N = 0 panicked the client as it built its routing table; it is a
+/// protocol error, at connect as at any refresh.
+#[test]
+fn a_ring_that_routes_no_key_is_a_protocol_error_not_a_panic() {
+    for (ring, n) in [
+        (Ring::new(64).expect("an empty ring"), 3u8),
+        (Ring::with_members(64, vec![Member { name: "a".into(), addr: silent_listener(), zone: None }]).unwrap(), 0),
+    ] {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().unwrap().port();
+        let ring = ring.to_bytes();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let (Ok(mut s), ring) = (s, ring.clone()) else { continue };
+                thread::spawn(move || {
+                    while let Some((h, body)) = read_frame(&mut s) {
+                        let mut out = Vec::new();
+                        match Request::decode(h.opcode, &body).expect("a request") {
+                            Request::Ping => Response::Pong(info(vec![port])),
+                            Request::Ring => Response::Ring { n, r: 1, w: 1, ring: &ring },
+                            other => panic!("fake node got {other:?}"),
+                        }
+                        .encode(&mut out, h.request_id, 0);
+                        if s.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+        match Client::connect_with(&format!("127.0.0.1:{port}"), config) {
+            Err(ClientError::Protocol { reason, .. }) => assert!(reason.contains("routes no key"), "{reason}"),
+            Err(e) => panic!("N = {n}: not a protocol error: {e}"),
+            Ok(_) => panic!("N = {n}: a client routing by a ring that routes no key"),
+        }
+    }
+}

@@ -678,8 +678,13 @@ pub(crate) fn up_first(targets: &[MemberIdx], down_until: &[Option<Instant>], no
 pub(crate) fn ring_view(addr: SocketAddr, reply: Reply) -> Result<RingView> {
     match reply {
         Reply::Ring { n, r, w, ring } => {
-            let ring =
-                Ring::decode(&ring).map_err(|e| ClientError::Protocol { addr, reason: format!("bad ring: {e}") })?;
+            let bad = |reason: String| ClientError::Protocol { addr, reason };
+            let ring = Ring::decode(&ring).map_err(|e| bad(format!("bad ring: {e}")))?;
+            // Routing needs a replica for every key: a ring without members
+            // (which decodes) or N = 0 would leave keys with none.
+            if ring.members().is_empty() || n == 0 {
+                return Err(bad(format!("a ring with {} members and N = {n} routes no key", ring.members().len())));
+            }
             let prefs = ring.preference_table(n as usize);
             Ok(RingView { ring, n, r, w, prefs })
         }
@@ -850,10 +855,15 @@ impl Client {
             }
             let until = attempt_deadline(deadline, order.len() - tried, is_read);
             let (reply, stale) = node.call(req, self.quorum, &self.config, until);
-            if is_read && matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
+            if matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
+                // Tried last for a while, by writes too; but only a read
+                // moves on (a write may have been taken).
                 self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
-                last = reply.err();
-                continue;
+                if is_read {
+                    last = reply.err();
+                    continue;
+                }
+                return (reply, stale);
             }
             self.down_until[i] = None;
             return (reply, stale);

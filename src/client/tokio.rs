@@ -314,8 +314,13 @@ impl AsyncClient {
                     mark_down(m);
                     last = Some(e);
                 }
-                Err(Failure::Failed(e @ (ClientError::Io { .. } | ClientError::Timeout { .. }))) if is_read => {
+                Err(Failure::Failed(e @ (ClientError::Io { .. } | ClientError::Timeout { .. }))) => {
+                    // Tried last for a while, by writes too; but only a
+                    // read moves on (a write may have been taken).
                     mark_down(m);
+                    if !is_read {
+                        return Err(e);
+                    }
                     last = Some(e);
                 }
                 Err(Failure::Failed(e)) => return Err(e),
@@ -474,6 +479,9 @@ enum Broken {
     Io(io::ErrorKind, String),
     Protocol(String),
     /// A request timed out and nothing at all was read while it waited.
+    /// That request's caller gets its timeout; the others on the
+    /// connection get an I/O error (their own time was not up, and a read
+    /// among them is retried on a new connection).
     Silent,
 }
 
@@ -482,7 +490,13 @@ impl Broken {
         match self {
             Broken::Io(kind, msg) => ClientError::Io { addr, source: io::Error::new(*kind, msg.clone()) },
             Broken::Protocol(reason) => protocol(addr, reason.clone()),
-            Broken::Silent => ClientError::Timeout { addr, timeout },
+            Broken::Silent => ClientError::Io {
+                addr,
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connection closed: the node sent nothing while a request waited (of {timeout:?})"),
+                ),
+            },
         }
     }
 }
@@ -1016,6 +1030,81 @@ mod tests {
         // The hung replica's share (a third of the deadline) and the answer:
         // a success alone would allow the whole deadline.
         assert!(started.elapsed() < request_timeout * 2 / 3, "took {:?}", started.elapsed());
+    }
+
+    /// Regression: when one caller's timeout found its connection silent
+    /// and closed it, every other caller waiting on it got that timeout
+    /// too, early (its own time was not up), and a read among them was
+    /// not retried, though a new connection would have answered it.
+    #[tokio::test]
+    async fn a_read_caught_by_another_callers_silence_is_retried_on_a_new_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            // The first connection goes silent after the handshake; every
+            // later one answers its GETs.
+            let (mut first, _) = l.accept().await.unwrap();
+            answer_ping(&mut first, port).await;
+            tokio::spawn(async move { while read_frame(&mut first).await.is_some() {} });
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    while let Some((h, _)) = read_frame(&mut s).await {
+                        if s.write_all(&get_reply(h.request_id, b"v")).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(400)).await.unwrap();
+        let a = tokio::spawn({
+            let c = client.clone();
+            async move { c.get(b"a").await }
+        });
+        // B is sent on the same connection while A waits, and is still
+        // waiting when A's timeout closes it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let b = client.get(b"b").await;
+        let took = started.elapsed();
+        assert!(matches!(a.await.unwrap(), Err(ClientError::Timeout { .. })), "A's own time ran out");
+        assert_eq!(b.unwrap_or_else(|e| panic!("B failed after {took:?}: {e}")).values, vec![b"v".to_vec()]);
+    }
+
+    /// A write that timed out on a replica puts that replica last for a
+    /// while, as a read does: the next write goes to another replica
+    /// first instead of waiting out the timeout again. (The timed-out
+    /// write itself is not resent.)
+    #[tokio::test]
+    async fn a_write_that_timed_out_puts_its_replica_last_for_the_next_call() {
+        use crate::core::ring::{Member, Ring};
+        let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = l.local_addr().unwrap();
+        let members = vec![
+            Member { name: "hung".into(), addr: hung, zone: None },
+            Member { name: "good".into(), addr: good, zone: None },
+            Member { name: "silent".into(), addr: silent_listener().await, zone: None },
+        ];
+        let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
+        let request_timeout = Duration::from_millis(600);
+        let config =
+            ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
+        let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
+        let view = client.ring().expect("routes by the ring");
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                let prefs = view.prefs.of_key(k);
+                view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+            })
+            .expect("a key");
+        let first = client.put(&key, b"v", &Context::default()).await;
+        assert!(matches!(first, Err(ClientError::Timeout { .. })), "sent once, to the hung replica: {first:?}");
+        let started = Instant::now();
+        let second = client.put(&key, b"v", &Context::default()).await.expect("the next write goes to the good one");
+        assert_eq!(second.siblings, 1);
+        assert!(started.elapsed() < request_timeout / 2, "took {:?}", started.elapsed());
     }
 
     /// With every replica of a key silent, a call fails with a timeout
