@@ -603,6 +603,45 @@ fn five_nodes_serve_every_key_from_every_node_and_non_replicas_proxy() {
     }
 }
 
+/// Regression: a node forwarding a write to a replica moved on to the next
+/// replica when the connection to the first failed after the write was
+/// sent to it. The first may have taken it, and the second then made a
+/// second version of it: a sibling no client wrote. Now the write fails
+/// with the reason, and nothing more is sent.
+#[test]
+fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_elsewhere() {
+    let mut cluster = Cluster::start(ClusterSpec { n: 2, r: 1, w: 1, ..Default::default() });
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    let idx = |name: &str| view.ring.index_of(name).expect("a member");
+    // A key n1 does not replicate, coordinated by n2 first, then n3.
+    let key = (0..)
+        .map(|i| format!("lost-{i}"))
+        .find(|k| view.prefs.of_key(k.as_bytes()) == [idx("n2"), idx("n3")])
+        .expect("a key");
+    let mut via_n1 = connect_raw(&cluster, "n1");
+    // n1 opens its connection to n2 (and learns its shard ports).
+    assert!(get_at(&mut via_n1, &key).values.is_empty());
+    let n2_pid = cluster.member("n2").node.as_ref().expect("n2 runs").pid();
+    let paused = Paused::new(n2_pid);
+    let writer = {
+        let key = key.clone();
+        std::thread::spawn(move || {
+            let req = Request::Put { key: key.as_bytes(), context: &[], value: b"once" };
+            via_n1.call(&req, ANY_SHARD)
+        })
+    };
+    // The PUT reaches n2's socket while n2 is stopped; then n2 dies without
+    // reading it, and its connection from n1 fails.
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.kill9("n2");
+    std::mem::forget(paused); // n2 is gone: nothing to continue
+    let reply = writer.join().expect("the writer");
+    let message = expect_code(reply, ErrorCode::QuorumFailed, "a write lost with its connection");
+    assert!(message.contains("may have been taken"), "{message}");
+    // n3 was not asked to coordinate it: it holds nothing.
+    assert_eq!(cluster.stats("n3")["storage"]["keys"].as_u64(), Some(0), "n3 took the write");
+}
+
 /// Regression (client): a `Routing::Server` client adopted the ring on the
 /// first reply flagged STALE_ROUTE (a proxied request) and routed by it
 /// from then on, so it stopped sending everything to the node given.

@@ -467,6 +467,16 @@ impl Shard {
                 Err(e @ PeerError::Timeout(_)) => {
                     return self.error_frame(header.request_id, ErrorCode::DeadlineExceeded, &e.to_string())
                 }
+                // The replica may have taken the write: sent to the next
+                // one too, it would be a second version of it.
+                Err(e @ PeerError::Lost(..)) if !req.is_idempotent() => {
+                    bump(&cs.counters.quorum_failures, 1);
+                    return self.error_frame(
+                        header.request_id,
+                        ErrorCode::QuorumFailed,
+                        &format!("{e}; the write may have been taken: read the key before writing it again"),
+                    );
+                }
                 Err(e) => last = e.to_string(),
             }
         }

@@ -74,8 +74,15 @@ const WRITE_CHUNK: usize = 256 * 1024;
 /// Why a call to a peer got no reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
+    /// The request was never sent (the peer is down, its connection could
+    /// not be made or is full): another replica may be asked instead.
     #[error("peer {0} is unreachable: {1}")]
     Unreachable(String, String),
+    /// The connection failed after the request was handed to the socket:
+    /// the peer may have run it. A write must not then be sent elsewhere
+    /// (a second coordinator would make a second version of it).
+    #[error("the connection to peer {0} failed after the request was sent: {1}")]
+    Lost(String, String),
     #[error("no reply from peer {0} before the deadline")]
     Timeout(String),
     #[error("peer {0} sent a bad reply: {1}")]
@@ -112,6 +119,10 @@ struct PeerConn {
     out: RefCell<OutQueue>,
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
     next_id: Cell<u64>,
+    /// The highest request id the writer has taken for the socket (ids are
+    /// queued in order and taken all at once): a call at or under it may
+    /// have reached the peer when the connection fails.
+    sent_upto: Cell<u64>,
     /// The connection failed; no more frames are accepted.
     dead: Cell<bool>,
     /// Fires when a frame is queued (the writer waits on it) or the
@@ -126,8 +137,10 @@ impl PeerConn {
     /// Fails every waiting call and refuses new ones.
     fn kill(&self, why: &str) {
         self.dead.set(true);
-        for (_, slot) in self.pending.borrow_mut().drain() {
-            slot.set(Err(PeerError::Unreachable(self.name.clone(), why.to_string())));
+        let sent = self.sent_upto.get();
+        for (id, slot) in self.pending.borrow_mut().drain() {
+            let (name, why) = (self.name.clone(), why.to_string());
+            slot.set(Err(if id <= sent { PeerError::Lost(name, why) } else { PeerError::Unreachable(name, why) }));
         }
         self.queued.notify_all();
         self.died.notify_all();
@@ -343,6 +356,7 @@ impl Peers {
             out: RefCell::default(),
             pending: RefCell::default(),
             next_id: Cell::new(1),
+            sent_upto: Cell::new(0),
             dead: Cell::new(false),
             queued: Notify::default(),
             died: Notify::default(),
@@ -388,6 +402,7 @@ impl Peers {
                         continue;
                     }
                     let (batch, frames, dropped) = conn.out.borrow_mut().take(Instant::now());
+                    conn.sent_upto.set(conn.next_id.get() - 1);
                     bump(&peers.counters.expired_unsent, dropped);
                     let result = write_bounded(&writer, &batch).await;
                     conn.out.borrow_mut().written();
