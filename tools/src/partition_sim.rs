@@ -358,6 +358,9 @@ pub struct Figure8Row {
     /// Efficiency over the seeds: mean and minimum.
     pub efficiency_mean: f64,
     pub efficiency_min: f64,
+    /// Share of nodes whose load is more than [`OUT_OF_BALANCE`] away from
+    /// the mean (figure 6's measure), mean over the seeds.
+    pub out_of_balance_mean: f64,
 }
 
 /// Figure 8: efficiency against metadata per node for the three strategies,
@@ -371,7 +374,7 @@ pub fn figure8(p: &Figure8Params) -> Result<Vec<Figure8Row>> {
     let q2 = |t: usize| p.nodes * t * STRATEGY2_PARTITIONS_PER_TOKEN;
     let q3: Vec<u32> = sweep.iter().map(|&t| ring_partitions(p.nodes * t, p.nodes)).collect();
     let rings = q3.iter().map(|&q| Placement::ring(p.nodes, q, p.n)).collect::<Result<Vec<_>>>()?;
-    // effs[strategy][point]: one efficiency per seed.
+    // effs[strategy][point]: one (efficiency, out of balance) per seed.
     let mut effs = vec![vec![Vec::with_capacity(p.seeds); sweep.len()]; 3];
     for s in 0..p.seeds as u64 {
         let mut rng = Rng::with_seed(sub_seed(p.seed, REQUEST_STREAM, s));
@@ -381,7 +384,8 @@ pub fn figure8(p: &Figure8Params) -> Result<Vec<Figure8Row>> {
             let tokens = Tokens::random(p.nodes, t, p.n, &mut rng);
             let s2 = Placement::equal_partitions(&tokens, q2(t) as u64);
             for (k, placement) in [&Placement::Tokens(tokens), &s2, &rings[i]].into_iter().enumerate() {
-                effs[k][i].push(efficiency(&replica_load(placement, p.nodes, requests.iter().copied())));
+                let loads = replica_load(placement, p.nodes, requests.iter().copied());
+                effs[k][i].push((efficiency(&loads), out_of_balance(&loads)));
             }
         }
     }
@@ -399,8 +403,9 @@ pub fn figure8(p: &Figure8Params) -> Result<Vec<Figure8Row>> {
                 metadata,
                 tokens_per_node,
                 partitions,
-                efficiency_mean: e.iter().sum::<f64>() / e.len() as f64,
-                efficiency_min: e.iter().copied().fold(f64::INFINITY, f64::min),
+                efficiency_mean: e.iter().map(|x| x.0).sum::<f64>() / e.len() as f64,
+                efficiency_min: e.iter().map(|x| x.0).fold(f64::INFINITY, f64::min),
+                out_of_balance_mean: e.iter().map(|x| x.1).sum::<f64>() / e.len() as f64,
             });
         }
     }
@@ -490,19 +495,20 @@ fn json_opt(v: Option<usize>) -> String {
 /// Figure 8 as a Markdown table.
 pub fn markdown8(rows: &[Figure8Row]) -> String {
     let mut s = String::from(
-        "| strategy | metadata/node | T | Q | efficiency (mean) | efficiency (min) |\n\
-         |---:|---:|---:|---:|---:|---:|\n",
+        "| strategy | metadata/node | T | Q | efficiency (mean) | efficiency (min) | out of balance |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.4} | {:.4} |",
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:.1}% |",
             r.strategy,
             r.metadata,
             opt(r.tokens_per_node),
             opt(r.partitions),
             r.efficiency_mean,
-            r.efficiency_min
+            r.efficiency_min,
+            r.out_of_balance_mean * 100.0
         );
     }
     s
@@ -514,13 +520,14 @@ pub fn json8(rows: &[Figure8Row]) -> String {
         .map(|r| {
             format!(
                 "{{\"figure\":8,\"strategy\":{},\"metadata\":{},\"tokens_per_node\":{},\"partitions\":{},\
-                 \"efficiency_mean\":{},\"efficiency_min\":{}}}\n",
+                 \"efficiency_mean\":{},\"efficiency_min\":{},\"out_of_balance_mean\":{}}}\n",
                 r.strategy,
                 r.metadata,
                 json_opt(r.tokens_per_node),
                 json_opt(r.partitions),
                 r.efficiency_mean,
-                r.efficiency_min
+                r.efficiency_min,
+                r.out_of_balance_mean
             )
         })
         .collect()
@@ -593,6 +600,25 @@ mod tests {
             mean_efficiency(&workload, |s| Placement::Tokens(Tokens::random(30, 4, 3, &mut Rng::with_seed(s))), 50_000);
         let s3 = mean_efficiency(&workload, |_| Placement::ring(30, ring_partitions(120, 30), 3).unwrap(), 50_000);
         assert!(s1 + 0.1 < s3, "strategy 1 (T=4) {s1}, strategy 3 (Q=128) {s3}");
+    }
+
+    /// Figure 8's rows carry figure 6's measure for every strategy: with
+    /// little metadata, random tokens leave many nodes far off the mean
+    /// load, the ring's equal partitions few.
+    #[test]
+    fn figure8_counts_nodes_out_of_balance_per_strategy() {
+        let p = Figure8Params {
+            keys: 100_000,
+            requests: 100_000,
+            seeds: 2,
+            tokens_per_node: vec![4],
+            ..Default::default()
+        };
+        let rows = figure8(&p).unwrap();
+        let oob: Vec<f64> = rows.iter().map(|r| r.out_of_balance_mean).collect();
+        assert!(oob.iter().all(|o| (0.0..=1.0).contains(o)), "{oob:?}");
+        assert!(oob[0] > 0.3 && oob[2] + 0.2 < oob[0], "strategy 1 {}, strategy 3 {}", oob[0], oob[2]);
+        assert!(markdown8(&rows).contains('%') && json8(&rows).contains("\"out_of_balance_mean\":"));
     }
 
     #[test]
