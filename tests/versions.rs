@@ -419,3 +419,50 @@ fn update_past_max_siblings_fails_and_changes_nothing() {
     assert_eq!(live(&s), ["resolved"]);
     assert!(s.check_limits().is_ok());
 }
+
+/// `(A,1)` written, then deleted as `(A,2)`: clock `{A:2}`, one tombstone.
+fn written_then_deleted(a: Actor) -> VersionSet {
+    let mut s = VersionSet::new();
+    s.update(&Clock::new(), a, Some(b"v1".to_vec())).unwrap();
+    let ctx = s.clock().clone();
+    s.update(&ctx, a, None).unwrap();
+    s
+}
+
+/// Why a node of a cluster keeps its tombstones (`KEEP_TOMBSTONES`, found
+/// by a review): a replica's tombstone holds its dots for the key. Kept, a
+/// later write through that replica (blind, or with a context read before
+/// the delete) takes a new dot, which another replica still holding the
+/// tombstone stores, and a quorum read of the two returns it. Had the
+/// replica dropped the tombstone, the same write would reuse a dot the other
+/// holds: that replica would acknowledge it without storing it (it has that
+/// dot), and the read would return the tombstone alone, losing the write.
+#[test]
+fn a_write_after_a_delete_takes_a_dot_the_other_replicas_have_not_seen() {
+    let a_id = ACTORS[0];
+    let b = written_then_deleted(a_id);
+    let before_delete = {
+        let mut s = VersionSet::new();
+        s.update(&Clock::new(), a_id, Some(b"v1".to_vec())).unwrap();
+        s.clock().clone()
+    };
+    for (what, ctx) in [("blind", Clock::new()), ("with a context from before the delete", before_delete)] {
+        let mut kept = written_then_deleted(a_id);
+        let dot = kept.update(&ctx, a_id, Some(b"v2".to_vec())).unwrap();
+        assert_eq!(dot, Dot { actor: a_id, counter: 3 }, "{what}");
+        let stored = gyre::core::coord::apply_replica_put(Some(b.clone()), &kept).unwrap();
+        let stored = stored.unwrap_or_else(|| panic!("{what}: the other replica took it for a write it has"));
+        let mut read = kept.clone();
+        read.merge(&stored);
+        assert_eq!(read.live_values().collect::<Vec<_>>(), vec![&b"v2"[..]], "{what}");
+
+        // The hazard the kept tombstone prevents.
+        let mut forgot = VersionSet::new();
+        let reused = forgot.update(&ctx, a_id, Some(b"v2".to_vec())).unwrap();
+        assert!(reused.counter <= 2, "{what}: {reused:?} is one of the delete's dots or under it");
+        assert_eq!(gyre::core::coord::apply_replica_put(Some(b.clone()), &forgot).unwrap(), None, "{what}");
+        let mut read = forgot;
+        read.merge(&b);
+        assert_eq!(read.live_values().count(), 0, "{what}: the write is lost");
+    }
+}

@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{DEFAULT_MAX_VALUE_LEN, VALUE_LEN_HARD_CAP};
+use crate::storage::config::KEEP_TOMBSTONES;
 use crate::storage::scan::{DEFAULT_DISK_RESERVE_SEGMENTS, MIN_DISK_RESERVE_SEGMENTS};
 use crate::storage::{EngineConfig, FsyncPolicy};
 
@@ -222,7 +223,23 @@ impl NodeConfig {
         if self.max_value_len == 0 || self.max_value_len > VALUE_LEN_HARD_CAP {
             bail!("max_value_len {} must be between 1 and {VALUE_LEN_HARD_CAP}", self.max_value_len);
         }
-        let config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
+        let mut config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
+        if self.cluster.is_some() {
+            // A replica that drops a tombstone forgets its own dots for the
+            // key: its next write there reissues a dot the others still hold
+            // (the delete's, or one it covers), they take it as a write they
+            // have, and the acknowledged write is lost at the next read. A
+            // replica that missed the delete would also bring the value back
+            // through read repair. Tombstones stay until replicas can agree
+            // that every one of them has it (there is no such protocol yet).
+            if config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms {
+                bail!(
+                    "tombstone_grace_ms cannot be set on a node of a cluster: its tombstones are kept, since a \
+                     replica that drops one can lose later writes to the key"
+                );
+            }
+            config.tombstone_grace_ms = KEEP_TOMBSTONES;
+        }
         // Said in the node's terms: the engine's own message names its
         // internal limit, which no node setting shows.
         if config.segment_size < config.max_record_len() {
@@ -612,6 +629,25 @@ mod tests {
         assert!(!e.contains("max_value_len 8388608"), "{e}");
         config.storage.segment_size = 16 * 1024 * 1024;
         assert_eq!(config.engine_config().unwrap().segment_size, 16 * 1024 * 1024);
+    }
+
+    /// A node of a cluster never drops a tombstone (a replica that forgets
+    /// one can reissue a dot the others hold and lose a later write), and
+    /// refuses a configuration that asks it to; a lone node drops them
+    /// after the grace period, as before.
+    #[test]
+    fn a_cluster_node_keeps_its_tombstones() {
+        let lone: NodeConfig = toml::from_str("").unwrap();
+        let grace = EngineConfig::default().tombstone_grace_ms;
+        assert_eq!(lone.engine_config().unwrap().tombstone_grace_ms, grace);
+        let member = NodeConfig { cluster: Some(PathBuf::from("cluster.toml")), ..lone };
+        assert_eq!(member.engine_config().unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
+        assert_eq!(member.shard_engine_config(2, None, None).unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
+        let mut asks: NodeConfig = toml::from_str("[storage]\ntombstone_grace_ms = 1000\n").unwrap();
+        assert_eq!(asks.engine_config().unwrap().tombstone_grace_ms, 1000, "a lone node takes it");
+        asks.cluster = Some(PathBuf::from("cluster.toml"));
+        let err = asks.engine_config().unwrap_err().to_string();
+        assert!(err.contains("tombstone_grace_ms cannot be set on a node of a cluster"), "{err}");
     }
 
     #[test]

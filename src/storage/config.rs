@@ -16,6 +16,11 @@ use crate::limits::{
 use crate::storage::format::record_len;
 use crate::storage::scan::{DEFAULT_DISK_RESERVE_SEGMENTS, DEFAULT_WRITE_STALL_BACKLOG};
 
+/// [`EngineConfig::tombstone_grace_ms`] that keeps every tombstone: the
+/// age a tombstone would need is never reached (`may_drop_tombstone`
+/// compares it with `now - timestamp`, which cannot exceed `now`).
+pub const KEEP_TOMBSTONES: u64 = u64::MAX;
+
 /// When a write is acknowledged relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -110,7 +115,8 @@ pub struct EngineConfig {
     pub flush_threshold: usize,
     /// Garbage ratio from which a sealed segment is compacted.
     pub compaction_threshold: f64,
-    /// Age after which compaction may drop a tombstone.
+    /// Age after which compaction may drop a tombstone ([`KEEP_TOMBSTONES`]:
+    /// never, as on a node of a cluster).
     pub tombstone_grace_ms: u64,
     /// How far compaction may fall behind before writes wait for it: the
     /// garbage it could reclaim against the live data (at least a

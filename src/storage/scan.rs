@@ -400,8 +400,10 @@ const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGE
 ///
 /// Recovery replays segments in id order, so a tombstone shadows older
 /// records only while it exists. It may go once its grace period has passed
-/// (replicas have had time to learn of the delete) and its segment is the
-/// oldest on disk (no older record of the key can remain to resurrect).
+/// and its segment is the oldest on disk (no older record of the key can
+/// remain to resurrect). A node of a cluster keeps its tombstones
+/// (`KEEP_TOMBSTONES`): a replica's tombstone also holds its dots for the
+/// key, which its next write there must not reissue.
 pub fn may_drop_tombstone(ts_ms: u64, now_ms: u64, grace_ms: u64, seg: u32, oldest_seg: u32) -> bool {
     seg == oldest_seg && now_ms.saturating_sub(ts_ms) >= grace_ms
 }
@@ -630,6 +632,11 @@ mod tests {
         assert!(may_drop_tombstone(0, 100, 100, 3, 3));
         assert!(!may_drop_tombstone(0, 99, 100, 3, 3));
         assert!(!may_drop_tombstone(0, 1000, 100, 4, 3));
+        // Kept for good: no age reaches it, not even a timestamp of 0 at
+        // the last millisecond there is.
+        use crate::storage::config::KEEP_TOMBSTONES;
+        assert!(!may_drop_tombstone(0, u64::MAX - 1, KEEP_TOMBSTONES, 3, 3));
+        assert!(!may_drop_tombstone(5, 1 << 62, KEEP_TOMBSTONES, 3, 3));
     }
 
     #[test]
