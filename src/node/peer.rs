@@ -277,7 +277,12 @@ impl Peers {
         let shard = match req.key() {
             None => 0,
             Some(key) => {
-                let ports = self.ports(member, deadline).await?;
+                // A PING lost with its connection is not this request
+                // lost: this one was never sent.
+                let ports = self.ports(member, deadline).await.map_err(|e| match e {
+                    PeerError::Lost(peer, why) => PeerError::Unreachable(peer, why),
+                    e => e,
+                })?;
                 shard_of(key, self.partitions, ports.len()) as u16
             }
         };
