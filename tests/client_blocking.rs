@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use gyre::client::{Client, ClientConfig, ClientError, Context, Routing};
 use gyre::core::ring::{Member, Ring};
-use gyre::wire::{decode_header, Header, NodeInfo, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use gyre::wire::{decode_header, ErrorCode, Header, NodeInfo, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
 /// Reads one request frame; `None` once the client hung up.
 fn read_frame(s: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
@@ -381,4 +381,50 @@ fn a_ring_that_routes_no_key_is_a_protocol_error_not_a_panic() {
             Ok(_) => panic!("N = {n}: a client routing by a ring that routes no key"),
         }
     }
+}
+
+/// Regression (found by a review): an error reply flagged STALE_ROUTE (a
+/// node that is no replica relays its replica's error flagged) did not make
+/// the client fetch the ring again; only a successful one did.
+#[test]
+fn an_error_reply_flagged_stale_route_refreshes_the_ring() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    let ring = Ring::with_members(64, vec![Member { name: "a".into(), addr, zone: None }]).unwrap().to_bytes();
+    let rings = Arc::new(AtomicUsize::new(0));
+    let asked = rings.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let (Ok(mut s), ring, asked) = (s, ring.clone(), asked.clone()) else { continue };
+            thread::spawn(move || {
+                while let Some((h, body)) = read_frame(&mut s) {
+                    let mut out = Vec::new();
+                    match Request::decode(h.opcode, &body).expect("a request") {
+                        Request::Ping => Response::Pong(info(vec![addr.port()])).encode(&mut out, h.request_id, 0),
+                        Request::Ring => {
+                            asked.fetch_add(1, Ordering::SeqCst);
+                            Response::Ring { n: 1, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
+                        }
+                        Request::Get { .. } => {
+                            let e = Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" };
+                            e.encode(&mut out, h.request_id, 0);
+                            gyre::wire::patch_reply(&mut out, h.request_id, gyre::wire::flags::STALE_ROUTE);
+                        }
+                        other => panic!("fake node got {other:?}"),
+                    }
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+    let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
+    assert_eq!(rings.load(Ordering::SeqCst), 1, "the ring fetched at connect");
+    let err = client.get(b"k").unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QuorumFailed), "{err:?}");
+    assert_eq!(rings.load(Ordering::SeqCst), 2, "the flagged error reply did not refresh the ring");
 }

@@ -590,19 +590,19 @@ impl NodeConns {
     ) -> (Result<Reply>, bool) {
         let (slot, shard) = self.slot_for(req.key(), config.shard_aware);
         let retry = req.is_idempotent();
-        let mut once = || -> Result<(Reply, bool)> {
-            let c = self.conn(slot, config, deadline)?;
+        // The stale flag comes with error replies too (a node that is no
+        // replica relays its replica's error flagged).
+        let mut once = || -> (Result<Reply>, bool) {
+            let c = match self.conn(slot, config, deadline) {
+                Ok(c) => c,
+                Err(e) => return (Err(e), false),
+            };
             let reply = c.call_until(req, shard, quorum, deadline);
-            let stale = std::mem::take(&mut c.stale_route);
-            reply.map(|r| (r, stale))
+            (reply, std::mem::take(&mut c.stale_route))
         };
-        let res = match once() {
-            Err(ClientError::Io { .. }) if retry && Instant::now() < deadline => once(),
+        match once() {
+            (Err(ClientError::Io { .. }), _) if retry && Instant::now() < deadline => once(),
             other => other,
-        };
-        match res {
-            Ok((r, stale)) => (Ok(r), stale),
-            Err(e) => (Err(e), false),
         }
     }
 }
@@ -818,7 +818,7 @@ impl Client {
         };
         if stale && self.config.routing == Routing::Client && Instant::now() < deadline {
             // Best effort, in what is left of the call: the reply itself
-            // is good either way.
+            // (an error reply too) is good either way.
             let _ = self.refresh_ring_until(deadline);
         }
         reply

@@ -103,9 +103,9 @@ impl NodeSlots {
         let (deadline, limit) = handshake_deadline(config, deadline);
         let first = Arc::new(Conn::open(addr, config, deadline).await?);
         let ping = first.call(&Request::Ping, ANY_SHARD, Quorum::default(), deadline).await;
-        let info = match ping.map_err(|e| handshake_error(e.into_error(), limit))? {
-            (Reply::Pong(info), _) => info,
-            (other, _) => return Err(protocol(addr, format!("PING answered with {other:?}"))),
+        let info = match ping.map_err(|e| handshake_error(e.into_error(), limit))?.0? {
+            Reply::Pong(info) => info,
+            other => return Err(protocol(addr, format!("PING answered with {other:?}"))),
         };
         check_node_info(&info).map_err(|reason| protocol(addr, reason))?;
         let slots: Vec<Slot> = if config.shard_aware {
@@ -136,7 +136,7 @@ impl NodeSlots {
         quorum: Quorum,
         config: &ClientConfig,
         deadline: Instant,
-    ) -> Result<(Reply, bool), Failure> {
+    ) -> Result<Answer, Failure> {
         let Some(slot) = self.slots.get(slot) else {
             return Err(Failure::Failed(ClientError::Invalid(format!("no shard {slot} on this node"))));
         };
@@ -195,7 +195,7 @@ impl AsyncClient {
 
     async fn fetch_ring_until(&self, deadline: Instant) -> Result<RingView> {
         let (reply, _) = self.call_seed(0, ANY_SHARD, &Request::Ring, deadline).await?;
-        ring_view(self.inner.seed.addr, reply)
+        ring_view(self.inner.seed.addr, reply?)
     }
 
     /// Fetches the ring again; a lone node leaves the client without one.
@@ -240,7 +240,7 @@ impl AsyncClient {
         partition::shard_of(key, info.partitions, info.ports.len())
     }
 
-    async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>, deadline: Instant) -> Result<(Reply, bool)> {
+    async fn call_seed(&self, slot: usize, shard: u16, req: &Request<'_>, deadline: Instant) -> Result<Answer> {
         let (quorum, config) = (self.quorum, &self.inner.config);
         self.inner.seed.call_on(slot, shard, req, quorum, config, deadline).await.map_err(Failure::into_error)
     }
@@ -266,10 +266,10 @@ impl AsyncClient {
         };
         if stale && self.inner.config.routing == Routing::Client && Instant::now() < deadline {
             // Best effort, in what is left of the call: the reply itself
-            // is good either way.
+            // (an error reply too) is good either way.
             let _ = self.refresh_ring_until(deadline).await;
         }
-        Ok(reply)
+        reply
     }
 
     async fn call_replicas(
@@ -278,7 +278,7 @@ impl AsyncClient {
         req: &Request<'_>,
         targets: &[MemberIdx],
         deadline: Instant,
-    ) -> Result<(Reply, bool)> {
+    ) -> Result<Answer> {
         let config = &self.inner.config;
         let is_read = matches!(req, Request::Get { .. });
         let now = Instant::now();
@@ -389,7 +389,7 @@ impl AsyncClient {
     pub async fn stats(&self, shard: usize) -> Result<String> {
         let last = self.inner.seed.slots.len().saturating_sub(1);
         let slot = if self.inner.config.shard_aware { shard.min(last) } else { 0 };
-        match self.call_seed(slot, slot as u16, &Request::Stats, self.deadline()).await?.0 {
+        match self.call_seed(slot, slot as u16, &Request::Stats, self.deadline()).await?.0? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -460,8 +460,8 @@ enum Failure {
     /// The connection was broken before the request was queued: nothing
     /// was sent.
     Unsent(ClientError),
-    /// The request may have reached the node (or the node answered with an
-    /// error).
+    /// The request may have reached the node, and no answer came (an error
+    /// reply is an answer: `Answer`'s `Err(ClientError::Server)`).
     Failed(ClientError),
 }
 
@@ -501,10 +501,16 @@ impl Broken {
     }
 }
 
+/// What a node answered to one request: the reply (an error reply is
+/// `Err(ClientError::Server)`), and whether the frame was flagged
+/// STALE_ROUTE (a node that is no replica of the key relayed it; its
+/// error replies are flagged too).
+type Answer = (Result<Reply>, bool);
+
 /// A caller waiting for its reply.
 struct Waiter {
-    /// The reply, and whether it was flagged STALE_ROUTE.
-    tx: oneshot::Sender<Result<(Reply, bool)>>,
+    /// The answer, or why the connection failed before it came.
+    tx: oneshot::Sender<Result<Answer>>,
     /// Released when the reply arrives or the connection breaks.
     _permit: OwnedSemaphorePermit,
 }
@@ -571,7 +577,7 @@ impl Shared {
     fn deliver(&self, header: &Header, body: &[u8]) -> Result<(), Broken> {
         let (id, stale) = (header.request_id, header.flags & flags::STALE_ROUTE != 0);
         let reply = match Response::decode(header.opcode, body) {
-            Ok(r) => Reply::from_response(r).map(|r| (r, stale)),
+            Ok(r) => Ok((Reply::from_response(r), stale)),
             Err(e) => return Err(Broken::Protocol(e.to_string())),
         };
         let waiter = lock(&self.state).pending.remove(&id);
@@ -625,13 +631,7 @@ impl Conn {
 
     /// Queues one request, waits for its reply until `deadline` (which
     /// also covers waiting for an in-flight permit).
-    async fn call(
-        &self,
-        req: &Request<'_>,
-        shard: u16,
-        quorum: Quorum,
-        deadline: Instant,
-    ) -> Result<(Reply, bool), Failure> {
+    async fn call(&self, req: &Request<'_>, shard: u16, quorum: Quorum, deadline: Instant) -> Result<Answer, Failure> {
         let s = &self.shared;
         let timeout = ClientError::Timeout { addr: s.addr, timeout: s.request_timeout };
         let deadline = tokio::time::Instant::from_std(deadline);
@@ -1105,6 +1105,54 @@ mod tests {
         let second = client.put(&key, b"v", &Context::default()).await.expect("the next write goes to the good one");
         assert_eq!(second.siblings, 1);
         assert!(started.elapsed() < request_timeout / 2, "took {:?}", started.elapsed());
+    }
+
+    /// Regression (found by a review): an error reply flagged STALE_ROUTE
+    /// (a node that is no replica relays its replica's error flagged) did
+    /// not make the client fetch the ring again; only a successful one did.
+    #[tokio::test]
+    async fn an_error_reply_flagged_stale_route_refreshes_the_ring() {
+        use crate::core::ring::{Member, Ring};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let ring = Ring::with_members(64, vec![Member { name: "a".into(), addr, zone: None }]).unwrap().to_bytes();
+        let rings = Arc::new(AtomicUsize::new(0));
+        let asked = rings.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (ring, asked) = (ring.clone(), asked.clone());
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        let mut out = Vec::new();
+                        match Request::decode(h.opcode, &body) {
+                            Ok(Request::Ping) => {
+                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
+                                Response::Pong(info).encode(&mut out, h.request_id, 0);
+                            }
+                            Ok(Request::Ring) => {
+                                asked.fetch_add(1, Ordering::SeqCst);
+                                Response::Ring { n: 1, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
+                            }
+                            Ok(Request::Get { .. }) => {
+                                let e = Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" };
+                                e.encode(&mut out, h.request_id, 0);
+                                crate::wire::patch_reply(&mut out, h.request_id, flags::STALE_ROUTE);
+                            }
+                            other => panic!("the node got {other:?}"),
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+        let client = AsyncClient::connect_with(&addr.to_string(), config).await.unwrap();
+        assert_eq!(rings.load(Ordering::SeqCst), 1, "the ring fetched at connect");
+        let err = client.get(b"k").await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::QuorumFailed), "{err:?}");
+        assert_eq!(rings.load(Ordering::SeqCst), 2, "the flagged error reply did not refresh the ring");
     }
 
     /// With every replica of a key silent, a call fails with a timeout
