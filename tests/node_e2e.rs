@@ -1398,3 +1398,43 @@ fn recovery_that_loses_records_renews_the_actor_once() {
         assert!(node.terminate().success());
     }
 }
+
+/// Sets the calling thread's CPU affinity (a child process inherits it).
+fn set_affinity(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within
+    // CPU_SETSIZE for the CPU ids the kernel reported.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
+/// Regression (found by a review): shards were pinned to CPUs 0..k whatever
+/// the process was allowed to use (taskset, a container's cpuset), so a
+/// node started on CPU 1 put its shard on CPU 0, and a cpuset without CPU
+/// 0 failed the start. Shard `i` now runs on the `i`-th allowed CPU.
+#[test]
+fn shards_are_pinned_within_the_cpus_the_node_may_use() {
+    let allowed = gyre::node::allowed_cpus();
+    let last = *allowed.last().expect("at least one CPU");
+    let dir = tmp();
+    let mut args: Vec<std::ffi::OsString> =
+        ["node", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"].iter().map(Into::into).collect();
+    args.push(dir.path().into());
+    // The node inherits this thread's affinity: only the last allowed CPU.
+    set_affinity(&[last]);
+    let node = Node::try_spawn(&args, dir.path(), None);
+    set_affinity(&allowed);
+    let node = node.unwrap_or_else(|e| panic!("a node on CPU {last} did not start: {e}"));
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", node.pid())).expect("the node's threads");
+    let shard = tasks
+        .filter_map(|t| t.ok())
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "gyre-shard-0"))
+        .expect("a gyre-shard-0 thread");
+    let status = std::fs::read_to_string(shard.path().join("status")).expect("its status");
+    let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
+    assert_eq!(cpus.trim(), last.to_string(), "shard 0 runs on the CPU the node was given");
+    assert!(node.terminate().success());
+}

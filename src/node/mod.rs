@@ -478,11 +478,35 @@ pub struct Started {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// The CPUs this process may run on, in increasing order: its affinity
+/// mask (`sched_getaffinity`), which `taskset` and a container's cpuset
+/// set; CPUs `0..available_parallelism` if it cannot be read. Never empty.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // writes at most `size_of::<cpu_set_t>()` bytes into it, and CPU_ISSET
+    // reads it within CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let cpus: Vec<usize> = if rc == 0 {
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        cpus
+    }
+}
+
 /// Runs a node until `shutdown` is set; returns once every shard has
 /// drained, flushed and stopped. `on_start` is called once all shards
 /// serve.
 pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnOnce(Started)) -> anyhow::Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPUs this process may run on (taskset, a cgroup's cpuset): shard
+    // `i` is pinned to the `i`-th of them, never to a CPU outside them.
+    let cpus = allowed_cpus();
+    let cores = cpus.len();
     let cluster = match &config.cluster {
         None => None,
         Some(path) => {
@@ -632,7 +656,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             peer_ids: peer_ids.clone(),
             cluster: cluster.clone(),
         };
-        let cpu = config.pin.then(|| i % cores);
+        let cpu = config.pin.then(|| cpus[i % cores]);
         let spin = Duration::from_micros(config.spin_before_park_us);
         let err_tx = err_tx.clone();
         let t = std::thread::Builder::new().name(format!("gyre-shard-{i}")).spawn(move || {
