@@ -1438,3 +1438,33 @@ fn shards_are_pinned_within_the_cpus_the_node_may_use() {
     assert_eq!(cpus.trim(), last.to_string(), "shard 0 runs on the CPU the node was given");
     assert!(node.terminate().success());
 }
+
+/// Regression (found by a review): SIGTERM while the node was starting
+/// (its shards recovering their storage) made it exit 1 with "stopped
+/// before the node chose its actor", and `gyre dev` report a node that did
+/// not start. A stop at any moment of the start is a stop: exit 0 (or the
+/// default death by the signal, before the handler is installed).
+#[test]
+fn a_stop_while_starting_is_not_a_failure() {
+    let mut stopped_by_the_node = 0;
+    for ms in (0..80).step_by(4) {
+        let dir = tmp();
+        let child = std::process::Command::new(common::GYRE)
+            .args(["node", "--listen", "127.0.0.1:0", "--shards", "2", "--no-pin", "--data-dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gyre node");
+        std::thread::sleep(Duration::from_millis(ms));
+        common::signal(child.id(), "TERM");
+        let out = child.wait_with_output().expect("the node's exit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => stopped_by_the_node += 1,
+            None => {} // killed by the signal before the handler was installed
+            Some(code) => panic!("stopped {ms} ms in: exit {code}: {stderr}"),
+        }
+    }
+    assert!(stopped_by_the_node > 0, "no stop reached the node's handler");
+}

@@ -704,9 +704,16 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         if ready.load(Ordering::SeqCst) == shards {
             break;
         }
+        // Stopped while starting: every shard has ended (serving or not).
+        if shutdown.load(Ordering::SeqCst) && threads.iter().all(|t| t.is_finished()) {
+            tracing::info!("stopped while starting");
+            break;
+        }
         std::thread::sleep(Duration::from_millis(2));
     }
-    on_start(Started { node_id: data.node.node_id, addrs });
+    if ready.load(Ordering::SeqCst) == shards {
+        on_start(Started { node_id: data.node.node_id, addrs });
+    }
     let mut panicked = false;
     for t in threads {
         panicked |= t.join().is_err();
@@ -717,6 +724,10 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let res = match err_rx.try_recv() {
         Ok(e) => Err(e),
         Err(_) if panicked => Err(anyhow::anyhow!("a shard thread panicked")),
+        // Stopped before the actor was settled: no write was taken, but a
+        // recovery that lost records may not have renewed it yet, so the
+        // next start renews it, as after a crash.
+        Err(_) if gate.actor.load(Ordering::SeqCst) == 0 => Ok(()),
         // Every shard drained, flushed and synced: the next start may keep
         // this run's actor.
         Err(_) => data.end_run_cleanly(),
@@ -839,7 +850,13 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     s.actor.opened.fetch_add(1, Ordering::SeqCst);
     let actor = loop {
         match s.actor.actor.load(Ordering::SeqCst) {
-            0 if s.shutdown.load(Ordering::SeqCst) => anyhow::bail!("stopped before the node chose its actor"),
+            // A stop while the node starts (SIGTERM during recovery, say)
+            // is a stop, not a failure: nothing was taken yet.
+            0 if s.shutdown.load(Ordering::SeqCst) => {
+                tracing::info!(shard = s.id, "stopped while the node was starting");
+                engine.close().await.context("closing the shard's storage")?;
+                return Ok(());
+            }
             0 => glommio::timer::sleep(Duration::from_millis(1)).await,
             actor => break actor,
         }
