@@ -362,7 +362,10 @@ impl Shard {
     /// full disk under load.
     fn store_error_frame(&self, request_id: u64, e: &StoreError) -> Vec<u8> {
         let code = error_code(e);
-        let refused = matches!(e, StoreError::Storage(StorageError::Failed(_) | StorageError::DiskFull(_)));
+        let refused = matches!(
+            e,
+            StoreError::Storage(StorageError::Failed(_) | StorageError::DiskFull(_) | StorageError::Closed)
+        );
         if refused {
             tracing::debug!(shard = self.id, error = %e, "request refused");
         } else if code == ErrorCode::StorageFailed || code == ErrorCode::Internal {
@@ -466,6 +469,7 @@ fn error_code(e: &StoreError) -> ErrorCode {
             StorageError::KeyLength(_) => ErrorCode::InvalidKey,
             StorageError::ValueTooLarge { .. } | StorageError::MetaTooLarge(_) => ErrorCode::ValueTooLarge,
             StorageError::Io { .. } | StorageError::Failed(_) | StorageError::DiskFull(_) => ErrorCode::StorageFailed,
+            StorageError::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::Internal,
         },
     }
