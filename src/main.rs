@@ -468,7 +468,8 @@ struct DevArgs {
     /// Port of every node (each has its own loopback address).
     #[arg(long, default_value_t = 7700)]
     port: u16,
-    /// Shards per node [default: cores / nodes, at least 1].
+    /// Shards per node [default: a new node, the CPUs / nodes, at least 1;
+    /// a node whose directory exists, the count it was made with].
     #[arg(long)]
     shards: Option<usize>,
     /// Replicas per key, and the default read and write quorums.
@@ -578,8 +579,8 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         std::fs::write(&path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
         file
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shards = args.shards.unwrap_or((cores / args.nodes).max(1));
+    let cores = gyre::node::allowed_cpus().len();
+    let default_shards = (cores / args.nodes).max(1);
     // The nodes share the machine's memory as they share its cores: each
     // takes its part of the one node's default cache.
     let cache =
@@ -597,8 +598,14 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .arg(&path)
             .args(["--name", &node.name, "--data-dir"])
             .arg(&data)
-            .args(["--shards", &shards.to_string(), "--fsync", &args.fsync.to_string(), "--no-pin"])
+            .args(["--fsync", &args.fsync.to_string(), "--no-pin"])
             .stdout(std::process::Stdio::piped());
+        // A node's directory keeps the shard count it was made with: a
+        // restart passes one only if asked (a different one is refused).
+        let made = data.join(gyre::node::config::NODE_FILE).exists();
+        if let Some(shards) = args.shards.or((!made).then_some(default_shards)) {
+            command.args(["--shards", &shards.to_string()]);
+        }
         if let Some(bytes) = cache {
             command.args(["--cache-bytes", &bytes.to_string()]);
         }
@@ -637,10 +644,14 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         path.display(),
         addrs[0]
     );
+    // Nodes that ended other than by a clean stop: they make `gyre dev`
+    // fail, once the others are stopped.
+    let mut failed = Vec::new();
     while signals.load(Ordering::SeqCst) == 0 {
         children.retain_mut(|(name, c)| match c.try_wait() {
             Ok(Some(status)) => {
                 note!("gyre dev: node {name} exited ({status}); the others keep running");
+                failed.push(format!("{name} exited while running ({status})"));
                 false
             }
             _ => true,
@@ -648,9 +659,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     note!("gyre dev: stopping {} nodes", children.len());
-    let killed = stop_nodes(&mut children, grace, &signals);
-    if !killed.is_empty() {
-        bail!("{} did not stop cleanly and had to be killed", killed.join(", "));
+    failed.extend(stop_nodes(&mut children, grace, &signals));
+    if !failed.is_empty() {
+        bail!("not every node stopped cleanly: {}", failed.join("; "));
     }
     Ok(())
 }
@@ -658,8 +669,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
 /// Stops `gyre dev`'s nodes: SIGTERM to each, then up to `grace` for them
 /// to exit. Those still running past it, or once another SIGINT or SIGTERM
 /// arrives (`signals` moves), are killed (SIGKILL), said on stderr, and
-/// reaped (each for up to [`DEV_KILL_WAIT`]). Returns the names of the
-/// nodes it killed; `children` is left empty.
+/// reaped (each for up to [`DEV_KILL_WAIT`]). Returns what went wrong
+/// with each node that did not exit 0 on SIGTERM (it failed, or was
+/// killed); `children` is left empty.
 fn stop_nodes(
     children: &mut Vec<(String, std::process::Child)>,
     grace: Duration,
@@ -672,14 +684,21 @@ fn stop_nodes(
         unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
     }
     let deadline = Instant::now() + grace;
+    let mut failed = Vec::new();
     let why = loop {
         reap(children, |name, status| match status {
             Ok(s) if s.success() => note!("gyre dev: {name} stopped"),
-            Ok(s) => note!("gyre dev: {name} exited with {s}"),
-            Err(e) => note!("gyre dev: waiting for {name}: {e}"),
+            Ok(s) => {
+                note!("gyre dev: {name} exited with {s}");
+                failed.push(format!("{name} exited with {s}"));
+            }
+            Err(e) => {
+                note!("gyre dev: waiting for {name}: {e}");
+                failed.push(format!("{name}: {e}"));
+            }
         });
         if children.is_empty() {
-            return Vec::new();
+            return failed;
         }
         if signals.load(Ordering::SeqCst) != seen {
             break "a second signal: not waiting".to_string();
@@ -689,11 +708,10 @@ fn stop_nodes(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut killed = Vec::new();
     for (name, c) in children.iter_mut() {
         note!("gyre dev: {name} (pid {}) {why}; killing it", c.id());
         let _ = c.kill();
-        killed.push(name.clone());
+        failed.push(format!("{name} killed: {why}"));
     }
     let deadline = Instant::now() + DEV_KILL_WAIT;
     loop {
@@ -712,7 +730,7 @@ fn stop_nodes(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    killed
+    failed
 }
 
 /// Removes from `children` each one that has exited (or cannot be waited

@@ -793,10 +793,18 @@ impl Drop for Dev {
 /// data under `dir`) and waits for its ready line; `Err` with its log if it
 /// exits first.
 fn start_dev(dir: &std::path::Path, port: &str) -> Result<(Dev, String), String> {
+    start_dev_with(dir, port, &["--shards", "1"])
+}
+
+/// [`start_dev`] with other arguments than `--shards 1` (its log appended
+/// to `dev.log`).
+fn start_dev_with(dir: &std::path::Path, port: &str, extra: &[&str]) -> Result<(Dev, String), String> {
     let log_path = dir.join("dev.log");
-    let log = std::fs::File::create(&log_path).unwrap();
+    let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
     let child = Command::new(GYRE)
-        .args(["dev", "--nodes", "3", "--shards", "1", "--port", port, "--data-dir"])
+        .args(["dev", "--nodes", "3", "--port", port])
+        .args(extra)
+        .arg("--data-dir")
         .arg(dir.join("data"))
         .stdout(Stdio::piped())
         .stderr(log)
@@ -871,6 +879,66 @@ fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
     for name in ["n1", "n2", "n3"] {
         assert!(log.contains(&format!("gyre dev: {name} stopped")), "{log}");
     }
+}
+
+/// Starts `gyre dev` with `extra` in a fresh temporary directory at a free
+/// port of 127.0.0.1-3 (another port if one is taken first).
+fn dev_on_free_port(extra: &[&str]) -> (tempfile::TempDir, String, Dev) {
+    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    for attempt in 1.. {
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port(&ips).to_string();
+        match start_dev_with(dir.path(), &port, extra) {
+            Ok((mut dev, _)) => {
+                dev.nodes = children_of(dev.child.id());
+                return (dir, port, dev);
+            }
+            Err(e) if attempt < 3 && e.contains("Address already in use") => eprintln!("retrying: {e}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    unreachable!()
+}
+
+/// SIGTERM to `gyre dev` and its exit status (bounded), with its log.
+fn stop_dev(dev: &mut Dev, dir: &std::path::Path) -> (std::process::ExitStatus, String) {
+    common::signal(dev.child.id(), "TERM");
+    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15)).expect("gyre dev exits after SIGTERM");
+    (status, std::fs::read_to_string(dir.join("dev.log")).unwrap())
+}
+
+/// Regression (found by a review): `gyre dev` passed its default shard
+/// count to every node, also on a restart over a cluster made with another
+/// one, which every node refused; nothing could start that cluster again
+/// without naming the count it was made with.
+#[test]
+fn gyre_dev_restarts_a_cluster_made_with_another_shard_count() {
+    let default = (gyre::node::allowed_cpus().len() / 3).max(1);
+    let made_with = (default + 1).to_string();
+    let (dir, port, mut dev) = dev_on_free_port(&["--shards", &made_with]);
+    let (status, log) = stop_dev(&mut dev, dir.path());
+    assert!(status.success(), "{log}");
+    let (mut again, _) = start_dev_with(dir.path(), &port, &[]).unwrap_or_else(|e| panic!("restart: {e}"));
+    again.nodes = children_of(again.child.id());
+    let info = Client::connect(&format!("127.0.0.1:{port}")).unwrap().node_info().clone();
+    assert_eq!(info.ports.len().to_string(), made_with, "the node kept the shards it was made with");
+    let (status, log) = stop_dev(&mut again, dir.path());
+    assert!(status.success(), "{log}");
+}
+
+/// Regression (found by a review): `gyre dev` exited 0 though a node had
+/// died (here: killed while the cluster ran); it now fails and says which.
+#[test]
+fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
+    let (dir, _port, mut dev) = dev_on_free_port(&["--shards", "1"]);
+    assert_eq!(dev.nodes.len(), 3);
+    // SAFETY: kill(2) on a process id; no memory is involved.
+    unsafe { libc::kill(dev.nodes[0] as libc::pid_t, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, log) = stop_dev(&mut dev, dir.path());
+    assert!(!status.success(), "gyre dev exited 0 after a node was killed: {log}");
+    assert!(log.contains("not every node stopped cleanly") && log.contains("exited while running"), "{log}");
+    assert_eq!(log.matches(" stopped\n").count(), 2, "the two others stopped cleanly: {log}");
 }
 
 /// A replica write whose versions do not decode is the sender's malformed
