@@ -592,7 +592,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         );
     }
     match raise_fd_limit() {
-        Ok(limit) if limit < shards as u64 * config.max_connections => tracing::info!(
+        Ok(limit) if limit < (shards as u64).saturating_mul(config.max_connections) => tracing::info!(
             limit,
             max_connections = config.max_connections,
             "the descriptor limit caps client connections below max_connections per shard"
