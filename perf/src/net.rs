@@ -14,7 +14,12 @@
 //! merged at the end. With `--rate` every connection sends on a fixed
 //! schedule instead (rate / connections each, evenly spaced) and latency
 //! counts from the scheduled time, so a stall of the server (or of the
-//! generator) is charged to the requests it delayed.
+//! generator) is charged to the requests it delayed. A paced request
+//! counts when its scheduled time falls in the measured window, whenever
+//! its reply comes: every request due before the window's end is sent,
+//! and one still unanswered [`DRAIN`] after it is recorded with what it
+//! waited, as an error. Closed loop, a reply counts when it is read within
+//! the window. Errors are counted by the same rule as latencies.
 //!
 //! Routing for Gyre: a RING request tells a lone node (`NotClustered`)
 //! from a cluster member, and a PING of every node gives its shard ports
@@ -654,6 +659,32 @@ struct Tally {
 }
 
 impl Tally {
+    /// One operation's latency, in the histogram of all and of its kind;
+    /// counted as done (throughput) if `done`, not if it was given up on.
+    fn record(&mut self, op: Op, latency: Duration, done: bool) -> anyhow::Result<()> {
+        let ns = (latency.as_nanos() as u64).max(1);
+        self.all.record(ns)?;
+        match op {
+            Op::Get => {
+                self.gets += u64::from(done);
+                self.get.record(ns)?;
+            }
+            Op::Set => {
+                self.sets += u64::from(done);
+                self.set.record(ns)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One failed operation (the first error is kept to be shown).
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
     fn new() -> Tally {
         let h = crate::harness::histogram;
         Tally {
@@ -752,7 +783,9 @@ impl Conn {
 
     /// Runs `source` dry with up to `depth` requests in flight, each sent
     /// as soon as a slot is free or, with `pace`, at its scheduled time.
-    /// Replies read within `window` are recorded in `tally`.
+    /// What counts in `tally`: without a window (the load phase), every
+    /// reply's errors; with one, the replies read within it, or with
+    /// `pace` the requests scheduled within it (see the module doc).
     async fn drive(
         &mut self,
         mut source: Source<'_>,
@@ -771,16 +804,18 @@ impl Conn {
                     // tick early), and its latency counts from the earlier
                     // of its scheduled time and now: late sends count
                     // their wait, early ones are not credited.
-                    let sent = match &pace {
-                        None => now,
-                        Some(p) if p.next <= now + TIMER_SLACK => p.next.min(now),
+                    let (sent, scheduled) = match &pace {
+                        None => (now, now),
+                        Some(p) if p.next <= now + TIMER_SLACK => (p.next.min(now), p.next),
                         Some(_) => break,
                     };
                     // One write per key in flight, so that every write
                     // carries the context of the previous one of its key.
+                    // Paced, the source ends by the schedule, not the
+                    // clock: a request due in the window goes, however late.
                     let mut draws = 0;
                     let (op, key) = loop {
-                        let Some((op, key)) = source.next(now) else {
+                        let Some((op, key)) = source.next(scheduled) else {
                             more = false;
                             break 'fill;
                         };
@@ -833,36 +868,29 @@ impl Conn {
                     if f.op == Op::Set {
                         self.shared.end_write(f.key);
                     }
+                    let counts = match window {
+                        None => true,
+                        Some((from, to)) => {
+                            let at = if pace.is_some() { f.sent } else { read_at };
+                            at >= from && at < to
+                        }
+                    };
                     if let Some(e) = d.error {
-                        tally.errors += 1;
-                        if tally.first_error.is_none() {
-                            tally.first_error = Some(e);
+                        if counts {
+                            tally.fail(e);
                         }
                         continue;
                     }
                     match f.op {
                         Op::Get => {
                             tally.max_get_values = tally.max_get_values.max(d.values);
-                            tally.get_misses += u64::from(d.values == 0);
+                            tally.get_misses += u64::from(d.values == 0 && counts);
                         }
                         Op::Set => tally.max_put_siblings = tally.max_put_siblings.max(d.values),
                     }
-                    if let Some((from, to)) = window {
-                        if read_at >= from && read_at < to {
-                            tally.stale_routes += u64::from(d.stale);
-                            let ns = read_at.saturating_duration_since(f.sent).as_nanos() as u64;
-                            tally.all.record(ns.max(1))?;
-                            match f.op {
-                                Op::Get => {
-                                    tally.gets += 1;
-                                    tally.get.record(ns.max(1))?;
-                                }
-                                Op::Set => {
-                                    tally.sets += 1;
-                                    tally.set.record(ns.max(1))?;
-                                }
-                            }
-                        }
+                    if counts && window.is_some() {
+                        tally.stale_routes += u64::from(d.stale);
+                        tally.record(f.op, read_at.saturating_duration_since(f.sent), true)?;
                     }
                 }
                 if got > 0 {
@@ -879,12 +907,18 @@ impl Conn {
                     }
                 }
                 let read = self.stream.read(&mut self.rbuf[self.rend..]);
-                let n = match due {
+                // All sent: the last replies get until DRAIN after the window.
+                let drain = window.filter(|_| !more).map(|(_, to)| to + DRAIN);
+                let n = match due.or(drain) {
                     None => read.await?,
                     Some(t) => match tokio::time::timeout_at(t.into(), read).await {
                         Ok(n) => n?,
                         // The next request is due: send it, then read on.
-                        Err(_) => break,
+                        Err(_) if due.is_some() => break,
+                        Err(_) => {
+                            self.give_up(tally, window, pace.is_some())?;
+                            return Ok(());
+                        }
                     },
                 };
                 if n == 0 {
@@ -896,6 +930,25 @@ impl Conn {
         }
     }
 }
+
+impl Conn {
+    /// The replies still owed [`DRAIN`] after the window: a paced request
+    /// scheduled in the window is recorded with what it has waited, as an
+    /// error (a closed-loop one read now would be past the window anyway).
+    fn give_up(&mut self, tally: &mut Tally, window: Option<(Instant, Instant)>, paced: bool) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for f in self.in_flight.drain(..) {
+            if paced && window.is_some_and(|(from, to)| f.sent >= from && f.sent < to) {
+                tally.record(f.op, now.saturating_duration_since(f.sent), false)?;
+                tally.fail(format!("no reply {DRAIN:?} after the run"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long a run waits for its last replies after the measured window.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// How early a paced request may go: tokio's timer fires on whole
 /// milliseconds, at or after the deadline, so a connection wakes up to
@@ -1345,6 +1398,68 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-connection Redis stand-in that answers every GET with a nil,
+    /// except between `stall_from` and `stall_to` seconds after it accepts,
+    /// when it answers nothing (and then everything it owes at once).
+    fn stalling_server(stall_from: f64, stall_to: f64) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let t0 = Instant::now();
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let (mut owed, mut buf) = (0usize, [0u8; 4096]);
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => owed += buf[..n].windows(3).filter(|w| w == b"GET").count(),
+                    Err(_) => {}
+                }
+                let t = t0.elapsed().as_secs_f64();
+                if owed > 0 && !(stall_from..stall_to).contains(&t) {
+                    if s.write_all(&b"$-1\r\n".repeat(owed)).is_err() {
+                        return;
+                    }
+                    owed = 0;
+                }
+                if t > stall_to + 2.0 {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    /// Regression (found by a review): a paced run stopped sending when the
+    /// clock passed the window's end and recorded only replies read inside
+    /// it, so a stall that ran past the end vanished from the percentiles
+    /// (half the requests and the whole stall were missing). Now every
+    /// request scheduled in the window counts, whenever its reply comes.
+    #[test]
+    fn a_paced_run_counts_a_stall_that_runs_past_the_window() {
+        let addr = stalling_server(0.5, 1.5);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        let tally = local.block_on(&rt, async {
+            let mut c = Conn::open(Kind::Redis, addr, 0, Rc::new(shared(100))).await.unwrap();
+            let keys: Vec<u32> = (0..100).collect();
+            let from = Instant::now();
+            let to = from + Duration::from_secs(1);
+            let src = Source::Mix { rng: fastrand::Rng::with_seed(1), read_ratio: 1.0, keys: &keys, end: to };
+            let pace = Some(Pace { next: from, interval: Duration::from_millis(1) });
+            let mut t = Tally::new();
+            c.drive(src, 1, Some((from, to)), pace, &mut t).await.unwrap();
+            t
+        });
+        let l = Latency::of(&tally.all);
+        // 1,000 scheduled at 1 ms in the window, all answered by 1.5 s; those
+        // due from 0.5 s on waited for the stall's end.
+        assert!((990..=1000).contains(&l.count), "{l:?}");
+        assert!(l.max_us > 400_000.0, "the stall is not in the tail: {l:?}");
+        assert_eq!((tally.gets, tally.errors), (l.count, 0));
+    }
 
     fn shared(keys: u64) -> Shared {
         Shared::new(Arc::new((0..keys).map(|i| format!("key:{i}").into_bytes()).collect()), 3)
