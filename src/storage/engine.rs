@@ -696,6 +696,13 @@ impl<B: Backend> Engine<B> {
                     match out.last_segment() {
                         LastSegment::Remove => {
                             drop(file);
+                            // Its hint (rejected, or it would not have been
+                            // scanned) first: a hint without its segment is
+                            // damage the next open refuses.
+                            if hints.contains(&seg) {
+                                remove_if_present(&backend, &hint_file_name(seg), "removing a rejected hint").await?;
+                                backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
+                            }
                             backend.remove(&name).await.map_err(io_err("removing an empty segment"))?;
                             backend.sync_dir().await.map_err(sync_err("syncing the directory"))?;
                             continue;
@@ -2294,6 +2301,32 @@ mod tests {
         let big = COMPACTION_YIELD_BYTES / 4;
         let due: Vec<bool> = (0..8).map(|_| pace.record(big)).collect();
         assert_eq!(due, [false, false, false, true, false, false, false, true], "large records: by their bytes");
+    }
+
+    /// Regression (found by a review): recovery removed a last segment in
+    /// which no record verified but kept its (rejected) hint, and the next
+    /// open refused the directory for a hint without its segment.
+    #[test]
+    fn a_removed_last_segment_takes_its_rejected_hint_with_it() {
+        block_on(async {
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"a", b"", b"1", 0).await.unwrap();
+            engine.close().await.unwrap();
+            drop(engine);
+            // This open scans segment 1 and writes its hint.
+            drop(Engine::open(backend.clone(), config.clone()).await.unwrap());
+            assert!(backend.list().await.unwrap().contains(&hint_file_name(1)));
+            backend.corrupt(&hint_file_name(1), 40, 0xff).unwrap();
+            backend.corrupt(&segment_file_name(1), 22, 0xff).unwrap(); // the record's kind
+            let (engine, report) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert!(report.lost_records(), "{report:?}");
+            drop(engine);
+            let files = backend.list().await.unwrap();
+            assert!(!files.contains(&hint_file_name(1)) && !files.contains(&segment_file_name(1)), "{files:?}");
+            let (engine, _) = Engine::open(backend, config).await.expect("the next open");
+            assert!(engine.get(b"a").await.unwrap().is_none());
+        })
     }
 
     /// Regression (found by a review): a write taken while `close` synced

@@ -296,7 +296,9 @@ pub enum FileKind {
 pub fn parse_file_name(name: &str) -> Option<FileKind> {
     let rest = name.strip_prefix("seg-")?;
     let (num, ext) = rest.split_once('.')?;
-    if num.len() != 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+    // `{id:08}`: eight digits, more from id 100,000,000 on (without a
+    // leading zero then); anything else is not a name written here.
+    if num.len() < 8 || (num.len() > 8 && num.starts_with('0')) || !num.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let id: u32 = num.parse().ok()?;
@@ -803,6 +805,15 @@ mod tests {
         assert_eq!(parse_file_name("seg-00000012.hint"), Some(FileKind::Hint(12)));
         assert_eq!(parse_file_name("seg-0000012.log"), None);
         assert_eq!(parse_file_name("seg-00000012.hint.tmp"), None);
+        // Regression (found by a review): past eight digits (segment
+        // 100,000,000 on) the names were not read back, and an open lost
+        // those segments without a word. Every id reads back as written.
+        for id in [0, 99_999_999, 100_000_000, u32::MAX] {
+            assert_eq!(parse_file_name(&segment_file_name(id)), Some(FileKind::Segment(id)), "{id}");
+            assert_eq!(parse_file_name(&hint_file_name(id)), Some(FileKind::Hint(id)), "{id}");
+        }
+        assert_eq!(parse_file_name("seg-0100000000.log"), None, "a leading zero past eight digits");
+        assert_eq!(parse_file_name("seg-99999999999.log"), None, "past u32");
     }
 
     /// The format file: format 2 carries its seed and a check of it;
