@@ -216,8 +216,10 @@ impl EngineConfig {
                 self.max_value_len
             ));
         }
-        if !(0.0..=1.0).contains(&self.compaction_threshold) {
-            return Err("compaction_threshold must be between 0 and 1".into());
+        // 0 would make every sealed segment due, a segment of live data
+        // included: every pass would copy all the data again, forever.
+        if !(self.compaction_threshold > 0.0 && self.compaction_threshold <= 1.0) {
+            return Err("compaction_threshold must be over 0 and at most 1".into());
         }
         if !(self.write_stall_backlog.is_finite() && self.write_stall_backlog >= 0.0) {
             return Err(format!(
@@ -261,5 +263,12 @@ mod tests {
         assert!(EngineConfig { write_stall_backlog: -1.0, ..Default::default() }.validate().is_err());
         assert!(EngineConfig { write_stall_backlog: f64::NAN, ..Default::default() }.validate().is_err());
         assert!(EngineConfig { write_stall_backlog: 0.0, ..Default::default() }.validate().is_ok());
+        // A threshold of 0 would recopy live segments forever (found by a
+        // review); NaN and past 1 mean nothing.
+        for bad in [0.0, -0.1, 1.01, f64::NAN] {
+            let err = EngineConfig { compaction_threshold: bad, ..Default::default() }.validate().unwrap_err();
+            assert!(err.contains("compaction_threshold"), "{bad}: {err}");
+        }
+        assert!(EngineConfig { compaction_threshold: 1.0, ..Default::default() }.validate().is_ok());
     }
 }
