@@ -61,8 +61,8 @@ use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
 use crate::storage::scan::{
     compaction_backlog, compaction_shares, low_space, may_drop_tombstone, pick_compaction, scan_segment,
-    tombstone_fits, write_stall, Backlog, Corruption, LastSegment, SegmentScan, SegmentUsage, COMPACTION_SHARES_MAX,
-    LOW_SPACE_COMPACTION_THRESHOLD,
+    tombstone_fits, write_stall, Backlog, Corruption, Kept, LastSegment, SegmentScan, SegmentUsage,
+    COMPACTION_SHARES_MAX, LOW_SPACE_COMPACTION_THRESHOLD,
 };
 
 /// Errors of the storage engine.
@@ -487,11 +487,12 @@ struct State<F> {
     compaction_driven: bool,
     /// The last pass failed: waiting for compaction could last for good.
     compaction_stuck: bool,
-    /// Segments a pass could not empty (damaged records it cannot move):
-    /// left out of the backlog, which they would otherwise hold up for
-    /// good. With these left out, a pass that does not fail brings the
-    /// backlog down: each victim is removed or kept.
-    kept: BTreeSet<u32>,
+    /// Segments a pass could not empty (damaged records it cannot move),
+    /// with their live bytes then: left out of passes and of the backlog
+    /// (which they would otherwise hold up for good) until one of their
+    /// records is superseded. With these left out, a pass that does not
+    /// fail brings the backlog down: each victim is removed or kept.
+    kept: Kept,
     /// The file system's free space is under the disk reserve
     /// ([`low_space`]): new writes are refused, compaction's copies are
     /// not, and compaction takes what it can (a lower threshold, one
@@ -774,7 +775,7 @@ impl<B: Backend> Engine<B> {
             stalled: false,
             compaction_driven: false,
             compaction_stuck: false,
-            kept: BTreeSet::new(),
+            kept: Kept::new(),
             low_space: false,
             closing: false,
             free_space: None,
@@ -1615,7 +1616,8 @@ impl<B: Backend> Engine<B> {
                 return Ok(stats);
             }
             st.compacting = true;
-            pick_compaction(&st.usage, st.writer.first_buffered_segment(), self.compaction_threshold(st.low_space))
+            let threshold = self.compaction_threshold(st.low_space);
+            pick_compaction(&st.usage, st.writer.first_buffered_segment(), threshold, &st.kept)
         };
         let _guard = ClearOnDrop { st: &self.inner.st, flag: |st| &mut st.compacting };
         let mut result = Ok(());
@@ -1896,7 +1898,7 @@ impl<B: Backend> Engine<B> {
                 // segment so reads keep reporting them instead of losing
                 // the keys.
                 tracing::error!(seg, live, "segment keeps records that could not be moved; not removed");
-                st.kept.insert(seg);
+                st.kept.insert(seg, live);
             } else {
                 doomed.push(seg);
             }
@@ -2301,6 +2303,37 @@ mod tests {
         let big = COMPACTION_YIELD_BYTES / 4;
         let due: Vec<bool> = (0..8).map(|_| pace.record(big)).collect();
         assert_eq!(due, [false, false, false, true, false, false, false, true], "large records: by their bytes");
+    }
+
+    /// Regression (found by a review): a segment a pass could not empty
+    /// (a damaged live record) was taken again by every pass, read in full
+    /// and its damage reported again. Now it waits until one of its live
+    /// records is superseded; then a pass takes it, and removes it once
+    /// nothing live is left in it.
+    #[test]
+    fn a_kept_segment_waits_until_its_live_records_change() {
+        block_on(async {
+            let config = small_buffered();
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
+            overwrite_rounds(&engine, 0..10).await;
+            engine.sync().await.unwrap();
+            backend.corrupt(&segment_file_name(1), 40, 0xff).unwrap();
+            let first = engine.compact(0).await.unwrap();
+            assert!(first.corrupt_regions > 0, "{first:?}");
+            for _ in 0..2 {
+                let again = engine.compact(0).await.unwrap();
+                assert_eq!((again.corrupt_regions, again.segments_removed), (0, 0), "{again:?}");
+            }
+            assert!(backend.list().await.unwrap().contains(&segment_file_name(1)), "kept");
+            // The damaged record superseded: the segment holds nothing live.
+            engine.put(b"stable", b"", &[6; 100], 0).await.unwrap();
+            engine.sync().await.unwrap();
+            let after = engine.compact(0).await.unwrap();
+            assert!(after.segments_removed > 0, "{after:?}");
+            assert!(!backend.list().await.unwrap().contains(&segment_file_name(1)));
+            assert_eq!(engine.get(b"stable").await.unwrap().unwrap().value(), &[6; 100]);
+        })
     }
 
     /// Regression (found by a review): recovery removed a last segment in

@@ -9,7 +9,7 @@
 //! in the active segment only a tail after which no valid record follows is
 //! treated as torn (and truncated), anything else is reported.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::storage::format::{decode_header, decode_record, DecodeError, RecordRef, Seed};
 
@@ -193,12 +193,29 @@ fn compactable(id: u32, usage: &SegmentUsage, first_buffered: u32, threshold: f6
     id < first_buffered && usage.garbage_ratio() >= threshold
 }
 
+/// Segments a pass could not empty (they hold damaged records it cannot
+/// move), with their live bytes then.
+pub type Kept = BTreeMap<u32, u64>;
+
+/// Whether a segment in `kept` is still as a pass left it: no live record
+/// of it has been superseded since, so another pass would only read it
+/// again, fail on the same records and keep it again.
+fn held(kept: &Kept, id: u32, usage: &SegmentUsage) -> bool {
+    kept.get(&id).is_some_and(|&live| usage.live >= live)
+}
+
 /// Segments worth compacting, most garbage first: complete on disk (below
-/// `first_buffered`) and with a garbage ratio of at least `threshold`.
-pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u32, threshold: f64) -> Vec<u32> {
+/// `first_buffered`), with a garbage ratio of at least `threshold`, and
+/// not [`held`] in `kept`.
+pub fn pick_compaction(
+    segments: &BTreeMap<u32, SegmentUsage>,
+    first_buffered: u32,
+    threshold: f64,
+    kept: &Kept,
+) -> Vec<u32> {
     let mut v: Vec<(u32, f64)> = segments
         .iter()
-        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold))
+        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold) && !held(kept, id, u))
         .map(|(&id, u)| (id, u.garbage_ratio()))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -206,8 +223,8 @@ pub fn pick_compaction(segments: &BTreeMap<u32, SegmentUsage>, first_buffered: u
 }
 
 /// How far compaction is behind: the garbage in the segments
-/// [`pick_compaction`] would take now but for those in `kept` (a pass
-/// could not empty them: they hold damaged records it cannot move, so
+/// [`pick_compaction`] would take now (not those [`held`] in `kept`: a pass
+/// could not empty them, they hold damaged records it cannot move, so
 /// compaction cannot bring their garbage down), against the live data of every
 /// segment on disk (at least `floor`: a nearly empty shard is not behind
 /// for one segment's garbage). 0 when it has nothing to do; 1 when what it
@@ -218,11 +235,11 @@ pub fn compaction_backlog(
     first_buffered: u32,
     threshold: f64,
     floor: u64,
-    kept: &BTreeSet<u32>,
+    kept: &Kept,
 ) -> Backlog {
     let reclaimable: u64 = segments
         .iter()
-        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold) && !kept.contains(&id))
+        .filter(|(&id, u)| compactable(id, u, first_buffered, threshold) && !held(kept, id, u))
         .map(|(_, u)| u.total.saturating_sub(u.live))
         .sum();
     let live: u64 = segments.values().map(|u| u.live).sum();
@@ -623,8 +640,14 @@ mod tests {
         m.insert(2, SegmentUsage { total: 100, live: 10 });
         m.insert(3, SegmentUsage { total: 100, live: 40 });
         m.insert(4, SegmentUsage { total: 100, live: 0 });
-        assert_eq!(pick_compaction(&m, 4, 0.5), vec![2, 3]);
-        assert_eq!(pick_compaction(&m, 5, 0.5), vec![4, 2, 3]);
+        let none = Kept::new();
+        assert_eq!(pick_compaction(&m, 4, 0.5, &none), vec![2, 3]);
+        assert_eq!(pick_compaction(&m, 5, 0.5, &none), vec![4, 2, 3]);
+        // A segment a pass could not empty is left alone (found by a review:
+        // every pass read it again and reported its damage again) until one
+        // of its live records is superseded.
+        assert_eq!(pick_compaction(&m, 5, 0.5, &Kept::from([(2, 10)])), vec![4, 3]);
+        assert_eq!(pick_compaction(&m, 5, 0.5, &Kept::from([(2, 11)])), vec![4, 2, 3]);
     }
 
     #[test]
@@ -649,11 +672,12 @@ mod tests {
         segs.insert(3, SegmentUsage { total: 100, live: 60 });
         segs.insert(4, SegmentUsage { total: 1000, live: 30 });
         // Only segment 2's garbage counts (3 is below 0.5, 4 is not sealed).
-        let none = BTreeSet::new();
+        let none = Kept::new();
         let b = compaction_backlog(&segs, 4, 0.5, 0, &none);
         assert_eq!(b, Backlog { reclaimable: 90, base: 200 });
         // A segment compaction could not empty does not count.
-        assert_eq!(compaction_backlog(&segs, 4, 0.5, 0, &BTreeSet::from([2])).reclaimable, 0);
+        assert_eq!(compaction_backlog(&segs, 4, 0.5, 0, &Kept::from([(2, 10)])).reclaimable, 0);
+        assert_eq!(compaction_backlog(&segs, 4, 0.5, 0, &Kept::from([(2, 20)])).reclaimable, 90, "superseded since");
         let b = b.ratio();
         assert!((b - 90.0 / 200.0).abs() < 1e-9, "{b}");
         // A floor keeps a nearly empty shard from looking behind.
