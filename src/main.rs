@@ -127,8 +127,8 @@ enum Command {
     /// (hints, segment scans), scrub every segment, and print a JSON report
     /// with the repairs --repair would make (a start makes the same, but
     /// may keep or drop a spare segment differently: its own segment size
-    /// and fsync policy decide). Exits 1 if corruption is found, or a
-    /// shard cannot be checked.
+    /// and fsync policy decide). Exits 1 if corruption is found, a shard
+    /// cannot be checked, or a node's shard directory is missing.
     ///
     /// DATA_DIR is a node's data directory (each of its shard-NNN
     /// directories is checked), one shard's directory, or a `gyre dev`
@@ -984,6 +984,8 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
         .into_iter()
         .map(gyre::node::config::shard_dir_name)
         .collect();
+    // A start takes this for lost data (and a new actor): so does the check.
+    *failed |= !missing.is_empty();
     Ok(serde_json::json!({
         "data_dir": dir,
         "node": { "shards": info.shards, "partitions": info.partitions },

@@ -1468,3 +1468,22 @@ fn a_stop_while_starting_is_not_a_failure() {
     }
     assert!(stopped_by_the_node > 0, "no stop reached the node's handler");
 }
+
+/// Regression (found by a review): `gyre check` listed a node's missing
+/// shard directories but exited 0, though a start takes them for lost data
+/// (and a new actor); a script checking before a start passed such a node.
+#[test]
+fn check_fails_when_a_nodes_shard_directory_is_gone() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
+    assert!(node.terminate().success());
+    std::fs::remove_dir_all(dir.path().join("shard-001")).expect("removing a shard directory");
+    let out = std::process::Command::new(common::GYRE)
+        .args(["check", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("gyre check");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["missing_shards"], serde_json::json!(["shard-001"]), "{report}");
+    assert!(!out.status.success(), "a node whose shard directory is gone passed the check: {report}");
+}

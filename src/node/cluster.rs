@@ -134,6 +134,18 @@ impl ClusterFile {
         if self.namespaces.iter().enumerate().any(|(i, a)| self.namespaces[..i].iter().any(|b| a.prefix == b.prefix)) {
             bail!("two namespaces have the same prefix");
         }
+        // A node's address is where it listens and what its peers and the
+        // clients dial: port 0 or a wildcard address cannot be dialled.
+        for node in &self.nodes {
+            if node.addr.port() == 0 || node.addr.ip().is_unspecified() {
+                bail!(
+                    "node {:?} has address {}: a node's address is the one its peers and clients dial, so it needs \
+                     a port and a host address (not 0 or a wildcard)",
+                    node.name,
+                    node.addr
+                );
+            }
+        }
         // The ring checks the rest (unique names and addresses, lengths).
         self.ring()
     }
@@ -261,6 +273,11 @@ w = 3
         assert!(bad(&|f| f.w = 4));
         assert!(bad(&|f| f.partitions = 100));
         assert!(bad(&|f| f.nodes[1].name = "a".into()));
+        // Addresses nobody can dial (found by a review: they validated, and
+        // that node's peers and clients dialled port 0 or themselves).
+        assert!(bad(&|f| f.nodes[0].addr.set_port(0)));
+        assert!(bad(&|f| f.nodes[0].addr = "0.0.0.0:7700".parse().unwrap()));
+        assert!(bad(&|f| f.nodes[0].addr = "[::]:7700".parse().unwrap()));
         assert!(bad(&|f| f.namespaces[0].r = Some(5)));
         assert!(bad(&|f| f.namespaces[1].prefix = "s:".into()));
         assert!(bad(&|f| f.nodes.clear()));
