@@ -973,6 +973,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     }
     front.stop();
     front_task.await;
+    engine.begin_close();
     stop.stop().await;
     engine.close().await.context("flushing the log at shutdown")?;
     tracing::info!(shard = s.id, "shard stopped");

@@ -8,7 +8,8 @@
 //! the only place (with the binaries) that reads the clock; the engine gets
 //! `now` as an argument.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use glommio::task::JoinHandle;
 use glommio::{executor, Latency, LocalExecutorBuilder, Placement, Shares};
 
+use crate::notify::Notify;
 use crate::storage::backend::glommio::GlommioBackend;
 use crate::storage::scan::COMPACTION_BACKLOG_URGENT;
 use crate::storage::{Engine, EngineConfig, RecoveryReport, StorageError};
@@ -68,26 +70,50 @@ pub async fn open_shard(dir: &Path, config: EngineConfig) -> anyhow::Result<(Dis
 }
 
 /// Handle that stops the background tasks of [`spawn_background`].
+///
+/// A task stops at its next wait, never in the middle of its work: a task
+/// cancelled in a flush would leave its log write in flight (glommio
+/// cannot call back a write the device has), and the final sync's write
+/// of the same blocks could then be overtaken by it, putting back older
+/// bytes over records already acknowledged. (Found by a review.)
 #[derive(Clone, Default)]
 pub struct Stop {
-    /// The tasks, so that stopping can cancel them mid-sleep: each holds an
-    /// engine clone, and the engine (with its directory lock) is released
-    /// only when the last clone is dropped.
+    /// The tasks, to wait for: each holds an engine clone, and the engine
+    /// (with its directory lock) is released only when the last clone is
+    /// dropped.
     tasks: Rc<RefCell<Vec<JoinHandle<()>>>>,
+    /// Set by [`Stop::stop`].
+    stopping: Rc<Cell<bool>>,
+    /// Wakes the tasks waiting in [`Stop::or_stopped`].
+    woken: Rc<Notify>,
 }
 
 impl Stop {
-    /// Cancels the background tasks and waits until they have dropped
-    /// their engine clones. (A cancelled task is never polled again, and
-    /// the engine's group commit survives a flush cut short.)
+    /// Has the background tasks end at their next wait, and waits until
+    /// they have (and dropped their engine clones). A compaction pass
+    /// under way ends after its current batch if the engine is closing
+    /// (`Engine::begin_close`), else when it is done.
     pub async fn stop(&self) {
+        self.stopping.set(true);
+        self.woken.notify_all();
         let tasks = self.tasks.take();
-        for t in &tasks {
-            t.cancel();
-        }
         for t in tasks {
             t.await;
         }
+    }
+
+    /// `f`'s output, or `None` once [`Stop::stop`] has been called (then
+    /// `f` is dropped: only waits go in here, never work).
+    async fn or_stopped<T>(&self, f: impl Future<Output = T>) -> Option<T> {
+        let seen = self.woken.generation();
+        if self.stopping.get() {
+            return None;
+        }
+        futures_lite::future::or(async { Some(f.await) }, async {
+            self.woken.wait(seen).await;
+            None
+        })
+        .await
     }
 }
 
@@ -175,13 +201,22 @@ impl Drop for Driving {
 /// `never`) and a compaction loop (which also keeps a spare segment ready:
 /// `Engine::prepare_spare`) in a task queue of its own, whose CPU shares
 /// are few while compaction keeps up and grow with its backlog. All run until
-/// `stop` cancels them.
+/// `stop` stops them.
 pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duration) {
     let tick = Duration::from_millis(engine.config().fsync.tick_ms());
-    let e = engine.clone();
+    let (e, s) = (engine.clone(), stop.clone());
     let ticker = glommio::spawn_local(async move {
+        // At a fixed rate, one tick every `tick` from the last one's start
+        // (at once after one that took longer): a write waits at most a
+        // tick and one sync to be made durable under `interval`, not a
+        // tick after each sync's end.
+        let mut next = std::time::Instant::now() + tick;
         loop {
-            glommio::timer::sleep(tick).await;
+            let wait = next.saturating_duration_since(std::time::Instant::now());
+            if s.or_stopped(glommio::timer::sleep(wait)).await.is_none() {
+                break;
+            }
+            next = (next + tick).max(std::time::Instant::now());
             // A failed tick has failed the engine, which logged why.
             if e.tick().await.is_err() {
                 break;
@@ -192,10 +227,12 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     // Under `interval` and `never` no writer waits for the flush a full
     // buffer needs (`Engine::flush_wanted`): this task leads it, at once.
     if !engine.config().synced_writes() {
-        let e = engine.clone();
+        let (e, s) = (engine.clone(), stop.clone());
         let flusher = glommio::spawn_local(async move {
             loop {
-                e.flush_wanted().await;
+                if s.or_stopped(e.flush_wanted()).await.is_none() {
+                    break;
+                }
                 match e.flush().await {
                     Ok(()) | Err(StorageError::DiskFull(_)) => {}
                     // The engine logged the failure as it recorded it, and
@@ -214,12 +251,11 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
     let shares = Rc::new(std::cell::Cell::new(engine.handle_compaction_check().shares()));
     let manager = Rc::new(CompactionShares(shares.clone()));
     let tq = executor().create_task_queue(Shares::Dynamic(manager), Latency::NotImportant, "compaction");
-    let e = engine.clone();
+    let (e, s) = (engine.clone(), stop.clone());
     let compactor = glommio::spawn_local_into(
         async move {
             // Writes wait for compaction only while this loop runs: its
-            // end (a failed engine, or `Stop::stop` cancelling it) lets
-            // them go.
+            // end (a failed engine, or `Stop::stop`) lets them go.
             let _driving = driving;
             // Writes waiting for compaction, and refused for lack of
             // space, reported at most every `STALL_REPORT`: every episode
@@ -252,7 +288,9 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
                 // a pass that returns at once must not spin the shard.
                 let due = std::time::Instant::now() + compact_every;
                 loop {
-                    glommio::timer::sleep(COMPACTION_CHECK).await;
+                    if s.or_stopped(glommio::timer::sleep(COMPACTION_CHECK)).await.is_none() {
+                        return;
+                    }
                     let check = e.handle_compaction_check();
                     shares.set(check.shares());
                     report(&mut stalls, &mut low, check);
@@ -296,6 +334,35 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Stop::stop` ends a task at its wait (here one that would never
+    /// end) but lets the work under way finish: a task cancelled in a
+    /// flush left its write in flight (found by a review).
+    #[test]
+    fn stop_ends_waits_but_never_cuts_work_short() {
+        run_executor("stop-test", None, async {
+            let stop = Stop::default();
+            let done = Rc::new(Cell::new(false));
+            let (s, d) = (stop.clone(), done.clone());
+            let task = glommio::spawn_local(async move {
+                // Work, not under `or_stopped`: a flush, say.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                d.set(true);
+                // Then waiting for more work that never comes.
+                assert!(s.or_stopped(std::future::pending::<()>()).await.is_none());
+            })
+            .detach();
+            stop.tasks.borrow_mut().push(task);
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            let started = std::time::Instant::now();
+            stop.stop().await;
+            assert!(done.get(), "the stop cut the work short");
+            assert!(started.elapsed() < Duration::from_secs(2), "the wait did not end");
+            // A wait that begins after the stop ends at once.
+            assert!(stop.or_stopped(std::future::pending::<()>()).await.is_none());
+        })
+        .unwrap();
+    }
 
     /// The first episodes are reported at once, later ones only after
     /// `STALL_REPORT`, and nothing new is never reported.

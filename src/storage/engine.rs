@@ -498,9 +498,10 @@ struct State<F> {
     /// not, and compaction takes what it can (a lower threshold, one
     /// victim at a time) until the space is back.
     low_space: bool,
-    /// [`Engine::close`] has begun: new writes are refused, so that none is
-    /// taken (and acknowledged, under a buffered policy) after the final
-    /// sync's target is fixed.
+    /// [`Engine::begin_close`] (or `close`) has been called: new writes are
+    /// refused, so that none is taken (and acknowledged, under a buffered
+    /// policy) after the final sync's target is fixed; compaction passes end
+    /// after their batch under way, and no spare is made.
     closing: bool,
     /// The free space the engine last found ([`Engine::refresh_free_space`];
     /// `None`: it could not be read): what `low_space` is decided from,
@@ -820,7 +821,13 @@ impl<B: Backend> Engine<B> {
             // Not while low on space: a spare would take a segment of the
             // reserve for writes that are refused; compaction's segments
             // are made as it needs them.
-            if st.spare.is_some() || st.preparing_spare || st.failed.is_some() || st.full.is_some() || st.low_space {
+            if st.spare.is_some()
+                || st.preparing_spare
+                || st.failed.is_some()
+                || st.full.is_some()
+                || st.low_space
+                || st.closing
+            {
                 return Ok(());
             }
             st.preparing_spare = true;
@@ -1626,7 +1633,9 @@ impl<B: Backend> Engine<B> {
         // it (`Backend::release`), and would otherwise hold up the pass.
         let mut removed = Vec::new();
         let mut rest = &victims[..];
-        while !rest.is_empty() {
+        // A closing engine ends the pass after the batch under way: the
+        // shutdown waits for it (its writes must not be cut short).
+        while !rest.is_empty() && !self.inner.st.borrow().closing {
             // Low on space, one victim at a time: a batch's copies are all
             // written before any of its victims goes, the reserve holds
             // one victim's, and the writes refused meanwhile wait for the
@@ -1976,8 +1985,17 @@ impl<B: Backend> Engine<B> {
     pub fn close(&self) -> impl std::future::Future<Output = Result<(), StorageError>> + '_ {
         // Set now, not at the first poll: a write that runs between the
         // call and the first poll is refused too.
-        self.inner.st.borrow_mut().closing = true;
+        self.begin_close();
         self.sync()
+    }
+
+    /// The first half of [`Engine::close`]: from now on writes are refused,
+    /// a compaction pass ends after its batch under way, and no spare is
+    /// made; what was taken is still to be synced (`close`). A shutdown
+    /// calls it before it stops the background tasks, so that they end
+    /// soon without being cut short.
+    pub fn begin_close(&self) {
+        self.inner.st.borrow_mut().closing = true;
     }
 }
 
@@ -2303,6 +2321,28 @@ mod tests {
         let big = COMPACTION_YIELD_BYTES / 4;
         let due: Vec<bool> = (0..8).map(|_| pace.record(big)).collect();
         assert_eq!(due, [false, false, false, true, false, false, false, true], "large records: by their bytes");
+    }
+
+    /// A closing engine starts no compaction batch (the shutdown waits for
+    /// the background tasks, which are no longer cut short), while the
+    /// same pass on an open engine reclaims the garbage.
+    #[test]
+    fn a_closing_engine_starts_no_compaction_batch() {
+        block_on(async {
+            let config = small_buffered();
+            for closing in [true, false] {
+                let (_backend, engine) = open_mem(&config).await;
+                overwrite_rounds(&engine, 0..10).await;
+                engine.sync().await.unwrap();
+                assert!(engine.compaction_backlog() > 0.0);
+                if closing {
+                    engine.begin_close();
+                }
+                let pass = engine.compact(0).await.unwrap();
+                assert_eq!(pass.segments_removed == 0, closing, "{pass:?}");
+                engine.close().await.unwrap();
+            }
+        })
     }
 
     /// Regression (found by a review): a segment a pass could not empty
