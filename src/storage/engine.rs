@@ -498,6 +498,12 @@ struct State<F> {
     /// not, and compaction takes what it can (a lower threshold, one
     /// victim at a time) until the space is back.
     low_space: bool,
+    /// Compaction's copies not written yet, by where they are (segment,
+    /// offset), with where their record still is on disk: a failed or full
+    /// engine shows no record it has not written (`lookup`), but a copy's
+    /// record was written, and is read from there instead. Pruned as the
+    /// log is written (`prune_moved`).
+    moved: BTreeMap<(u32, u32), Loc>,
     /// [`Engine::begin_close`] (or `close`) has been called: new writes are
     /// refused, so that none is taken (and acknowledged, under a buffered
     /// policy) after the final sync's target is fixed; compaction passes end
@@ -532,10 +538,19 @@ impl<F> State<F> {
     /// record at `from`: the key moves to the copy, and so do its cached
     /// bytes (they are the same bytes), so a hot record stays cached.
     fn account_move(&mut self, a: &Appended, hash: u64, key: &[u8], from: Loc) {
+        self.moved.insert((a.loc.seg, a.loc.off), from);
         let tag = self.index.relocate(hash, key, from, a.loc).expect("the caller checked the record is live");
         self.cache.rename(tag, from.id(), a.loc.id());
         self.usage.get_mut(&from.seg).expect("a live record's segment is accounted").live -= from.len as u64;
         self.count_appended(a);
+    }
+
+    /// Drops the entries of [`State::moved`] whose copy has begun to be
+    /// written (one cut by the write's end is then refused as before).
+    fn prune_moved(&mut self) {
+        let (seg, off) = self.writer.written();
+        let split = (seg, u32::try_from(off).unwrap_or(u32::MAX));
+        self.moved = self.moved.split_off(&split);
     }
 
     fn count_appended(&mut self, a: &Appended) {
@@ -779,6 +794,7 @@ impl<B: Backend> Engine<B> {
             kept: Kept::new(),
             low_space: false,
             closing: false,
+            moved: BTreeMap::new(),
             free_space: None,
             stats: EngineStats::default(),
         };
@@ -1247,6 +1263,7 @@ impl<B: Backend> Engine<B> {
             }
             let mut st = self.inner.st.borrow_mut();
             st.writer.complete_flush(&plan);
+            st.prune_moved();
             st.stats.flushes += 1;
             st.stats.bytes_written += plan.write_len() as u64;
             if plan.seal {
@@ -1408,7 +1425,9 @@ impl<B: Backend> Engine<B> {
         };
         if let Some(err) = unwritable {
             if (loc.seg, loc.off as u64 + loc.len as u64) > st.writer.written() {
-                return Err(err);
+                // A compaction copy: its record is still where it was.
+                let from = st.moved.get(&(loc.seg, loc.off)).and_then(|&f| Some((f, st.files.get(&f.seg)?.clone())));
+                return from.map(|(f, file)| Lookup::OnDisk(f, file)).ok_or(err);
             }
         }
         // The cache first: a record just written is usually there
@@ -2321,6 +2340,30 @@ mod tests {
         let big = COMPACTION_YIELD_BYTES / 4;
         let due: Vec<bool> = (0..8).map(|_| pace.record(big)).collect();
         assert_eq!(due, [false, false, false, true, false, false, false, true], "large records: by their bytes");
+    }
+
+    /// Regression (found by a review): after a write error, every key a
+    /// compaction pass had copied read as failed (its copy not written),
+    /// though its record was durable all along where it was. (A failed
+    /// engine still shows no client write it never wrote:
+    /// `a_failed_engine_shows_no_record_it_never_wrote`.)
+    #[test]
+    fn a_failed_engine_still_reads_what_compaction_had_copied() {
+        block_on(async {
+            let config = small_buffered();
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
+            overwrite_rounds(&engine, 0..10).await;
+            engine.sync().await.unwrap();
+            backend.fail_writes(true);
+            assert!(engine.compact(0).await.is_err(), "the pass's write fails");
+            assert!(engine.failed().is_some());
+            assert_eq!(engine.get(b"stable").await.unwrap().unwrap().value(), &[5; 100]);
+            backend.fail_writes(false);
+            drop(engine);
+            let (reopened, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(reopened.get(b"stable").await.unwrap().unwrap().value(), &[5; 100]);
+        })
     }
 
     /// A closing engine starts no compaction batch (the shutdown waits for
