@@ -259,11 +259,11 @@ fn read_hanging_node(l: TcpListener, info: NodeInfo) -> SocketAddr {
     addr
 }
 
-/// A read whose first replica hangs after the handshake still reaches the
-/// next one before the call's deadline: each replica tried gets a share of
-/// what is left, not all of it.
-#[test]
-fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+/// A ring of a replica that hangs after the handshake, one that answers
+/// (the seed) and one that is silent, a client routing by it with
+/// `request_timeout`, and a key tried on the hung replica first and the
+/// answering one second.
+fn hung_then_good(request_timeout: Duration) -> (Client, Vec<u8>) {
     let hung_l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hung = hung_l.local_addr().unwrap();
     read_hanging_node(hung_l, info(vec![hung.port()]));
@@ -276,16 +276,14 @@ fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
     ];
     let ring = Ring::with_members(64, members).expect("ring");
     let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
-    let request_timeout = Duration::from_secs(3);
     let config = ClientConfig {
         request_timeout,
         connect_timeout: Duration::from_millis(300),
         routing: Routing::Client,
         ..Default::default()
     };
-    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    let client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
     let view = client.ring().expect("routes by the ring");
-    // A key tried on the hanging replica first, the answering one second.
     let key = (0..)
         .map(|i| format!("k{i}").into_bytes())
         .find(|k| {
@@ -293,6 +291,16 @@ fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
             view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
         })
         .expect("a key");
+    (client, key)
+}
+
+/// A read whose first replica hangs after the handshake still reaches the
+/// next one before the call's deadline: each replica tried gets a share of
+/// what is left, not all of it.
+#[test]
+fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+    let request_timeout = Duration::from_secs(3);
+    let (mut client, key) = hung_then_good(request_timeout);
     let started = Instant::now();
     let got = client.get(&key).expect("the read reaches the answering replica");
     assert_eq!(got.values, vec![b"v".to_vec()]);
@@ -307,34 +315,8 @@ fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
 /// not resent: it may have been taken.)
 #[test]
 fn a_write_that_timed_out_puts_its_replica_last_for_the_next_call() {
-    let hung_l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let hung = hung_l.local_addr().unwrap();
-    read_hanging_node(hung_l, info(vec![hung.port()]));
-    let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let good = good_l.local_addr().unwrap();
-    let members = vec![
-        Member { name: "hung".into(), addr: hung, zone: None },
-        Member { name: "good".into(), addr: good, zone: None },
-        Member { name: "silent".into(), addr: silent_listener(), zone: None },
-    ];
-    let ring = Ring::with_members(64, members).expect("ring");
-    let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
     let request_timeout = Duration::from_millis(600);
-    let config = ClientConfig {
-        request_timeout,
-        connect_timeout: Duration::from_millis(300),
-        routing: Routing::Client,
-        ..Default::default()
-    };
-    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
-    let view = client.ring().expect("routes by the ring");
-    let key = (0..)
-        .map(|i| format!("k{i}").into_bytes())
-        .find(|k| {
-            let prefs = view.prefs.of_key(k);
-            view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
-        })
-        .expect("a key");
+    let (mut client, key) = hung_then_good(request_timeout);
     let first = client.put(&key, b"v", &Context::default());
     assert!(matches!(first, Err(ClientError::Timeout { .. })), "sent once, to the hung replica: {first:?}");
     let started = Instant::now();

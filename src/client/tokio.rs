@@ -997,11 +997,11 @@ mod tests {
         addr
     }
 
-    /// A read whose first replica hangs after the handshake still reaches
-    /// the next one before the call's deadline (each replica tried gets a
-    /// share of what is left).
-    #[tokio::test]
-    async fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+    /// A ring of a replica that hangs after the handshake, one that answers
+    /// (the seed) and one that is silent, a client routing by it with
+    /// `request_timeout`, and a key tried on the hung replica first and the
+    /// answering one second.
+    async fn hung_then_good(request_timeout: Duration) -> (AsyncClient, Vec<u8>) {
         use crate::core::ring::{Member, Ring};
         let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1012,7 +1012,6 @@ mod tests {
             Member { name: "silent".into(), addr: silent_listener().await, zone: None },
         ];
         let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
-        let request_timeout = Duration::from_secs(3);
         let config =
             ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
         let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
@@ -1024,6 +1023,16 @@ mod tests {
                 view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
             })
             .expect("a key");
+        (client, key)
+    }
+
+    /// A read whose first replica hangs after the handshake still reaches
+    /// the next one before the call's deadline (each replica tried gets a
+    /// share of what is left).
+    #[tokio::test]
+    async fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
+        let request_timeout = Duration::from_secs(3);
+        let (client, key) = hung_then_good(request_timeout).await;
         let started = Instant::now();
         let got = client.get(&key).await.expect("the read reaches the answering replica");
         assert_eq!(got.values, vec![b"v".to_vec()]);
@@ -1077,28 +1086,8 @@ mod tests {
     /// write itself is not resent.)
     #[tokio::test]
     async fn a_write_that_timed_out_puts_its_replica_last_for_the_next_call() {
-        use crate::core::ring::{Member, Ring};
-        let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let good = l.local_addr().unwrap();
-        let members = vec![
-            Member { name: "hung".into(), addr: hung, zone: None },
-            Member { name: "good".into(), addr: good, zone: None },
-            Member { name: "silent".into(), addr: silent_listener().await, zone: None },
-        ];
-        let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
         let request_timeout = Duration::from_millis(600);
-        let config =
-            ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
-        let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
-        let view = client.ring().expect("routes by the ring");
-        let key = (0..)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| {
-                let prefs = view.prefs.of_key(k);
-                view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
-            })
-            .expect("a key");
+        let (client, key) = hung_then_good(request_timeout).await;
         let first = client.put(&key, b"v", &Context::default()).await;
         assert!(matches!(first, Err(ClientError::Timeout { .. })), "sent once, to the hung replica: {first:?}");
         let started = Instant::now();

@@ -2323,6 +2323,14 @@ mod tests {
         engine.flush().await.unwrap();
     }
 
+    /// Key "stable" (100 bytes of 5) in segment 1, then nine segments of
+    /// garbage and one of live data (`overwrite_rounds`), all synced.
+    async fn stable_among_garbage(engine: &Engine<MemBackend>) {
+        engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
+        overwrite_rounds(engine, 0..10).await;
+        engine.sync().await.unwrap();
+    }
+
     /// A fresh in-memory directory and an engine opened on it.
     async fn open_mem(config: &EngineConfig) -> (MemBackend, Engine<MemBackend>) {
         let backend = MemBackend::new();
@@ -2352,9 +2360,7 @@ mod tests {
         block_on(async {
             let config = small_buffered();
             let (backend, engine) = open_mem(&config).await;
-            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
-            overwrite_rounds(&engine, 0..10).await;
-            engine.sync().await.unwrap();
+            stable_among_garbage(&engine).await;
             backend.fail_writes(true);
             assert!(engine.compact(0).await.is_err(), "the pass's write fails");
             assert!(engine.failed().is_some());
@@ -2398,9 +2404,7 @@ mod tests {
         block_on(async {
             let config = small_buffered();
             let (backend, engine) = open_mem(&config).await;
-            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
-            overwrite_rounds(&engine, 0..10).await;
-            engine.sync().await.unwrap();
+            stable_among_garbage(&engine).await;
             backend.corrupt(&segment_file_name(1), 40, 0xff).unwrap();
             let first = engine.compact(0).await.unwrap();
             assert!(first.corrupt_regions > 0, "{first:?}");
