@@ -621,6 +621,7 @@ fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_el
     let mut via_n1 = connect_raw(&cluster, "n1");
     // n1 opens its connection to n2 (and learns its shard ports).
     assert!(get_at(&mut via_n1, &key).values.is_empty());
+    let sent_before = peer_counter(&cluster, "n1", "replica_frames");
     let n2_pid = cluster.member("n2").node.as_ref().expect("n2 runs").pid();
     let paused = Paused::new(n2_pid);
     let writer = {
@@ -630,9 +631,15 @@ fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_el
             via_n1.call(&req, ANY_SHARD)
         })
     };
-    // The PUT reaches n2's socket while n2 is stopped; then n2 dies without
-    // reading it, and its connection from n1 fails.
-    std::thread::sleep(Duration::from_millis(300));
+    // The PUT reaches n2's socket while n2 is stopped (n1 counts the frame
+    // once written); then n2 dies without reading it, and its connection
+    // from n1 fails.
+    eventually("n1 forwarding the PUT to n2", Duration::from_secs(10), || {
+        match peer_counter(&cluster, "n1", "replica_frames") > sent_before {
+            true => Ok(()),
+            false => Err("not sent yet".to_string()),
+        }
+    });
     cluster.kill9("n2");
     std::mem::forget(paused); // n2 is gone: nothing to continue
     let reply = writer.join().expect("the writer");
@@ -934,7 +941,14 @@ fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
     assert_eq!(dev.nodes.len(), 3);
     // SAFETY: kill(2) on a process id; no memory is involved.
     unsafe { libc::kill(dev.nodes[0] as libc::pid_t, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    // `gyre dev` notices it before it is stopped.
+    eventually("gyre dev noticing the killed node", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
+        match log.contains("the others keep running") {
+            true => Ok(()),
+            false => Err(log),
+        }
+    });
     let (status, log) = stop_dev(&mut dev, dir.path());
     assert!(!status.success(), "gyre dev exited 0 after a node was killed: {log}");
     assert!(log.contains("not every node stopped cleanly") && log.contains("exited while running"), "{log}");

@@ -1449,18 +1449,24 @@ fn a_stop_while_starting_is_not_a_failure() {
     let mut stopped_by_the_node = 0;
     for ms in (0..80).step_by(4) {
         let dir = tmp();
-        let child = std::process::Command::new(common::GYRE)
+        let log = dir.path().join("node.log");
+        let mut child = std::process::Command::new(common::GYRE)
             .args(["node", "--listen", "127.0.0.1:0", "--shards", "2", "--no-pin", "--data-dir"])
-            .arg(dir.path())
+            .arg(dir.path().join("data"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("the node's log"))
             .spawn()
             .expect("spawn gyre node");
         std::thread::sleep(Duration::from_millis(ms));
         common::signal(child.id(), "TERM");
-        let out = child.wait_with_output().expect("the node's exit");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        match out.status.code() {
+        let status = common::wait_bounded(&mut child, Duration::from_secs(20));
+        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("stopped {ms} ms in: still running 20 s later: {stderr}");
+        };
+        match status.code() {
             Some(0) => stopped_by_the_node += 1,
             None => {} // killed by the signal before the handler was installed
             Some(code) => panic!("stopped {ms} ms in: exit {code}: {stderr}"),

@@ -976,12 +976,16 @@ mod tests {
 
     /// A node on `l` that answers PING (one shard, on its port) and never
     /// a read: a node that hangs after the client connected.
-    async fn read_hanging_node(l: TcpListener) -> SocketAddr {
+    async fn read_hanging_node(l: TcpListener, unanswered: Arc<AtomicUsize>) -> SocketAddr {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
+                let unanswered = unanswered.clone();
                 tokio::spawn(async move {
                     while let Some((h, body)) = read_frame(&mut s).await {
+                        if !matches!(Request::decode(h.opcode, &body), Ok(Request::Ping)) {
+                            unanswered.fetch_add(1, Ordering::SeqCst);
+                        }
                         if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
                             let info = NodeInfo { node_id: 2, partitions: 64, shard: 0, ports: vec![addr.port()] };
                             let mut out = Vec::new();
@@ -1000,10 +1004,12 @@ mod tests {
     /// A ring of a replica that hangs after the handshake, one that answers
     /// (the seed) and one that is silent, a client routing by it with
     /// `request_timeout`, and a key tried on the hung replica first and the
-    /// answering one second.
-    async fn hung_then_good(request_timeout: Duration) -> (AsyncClient, Vec<u8>) {
+    /// answering one second; also the count of requests the hung replica
+    /// got (and never answered).
+    async fn hung_then_good(request_timeout: Duration) -> (AsyncClient, Vec<u8>, Arc<AtomicUsize>) {
         use crate::core::ring::{Member, Ring};
-        let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+        let unanswered = Arc::new(AtomicUsize::new(0));
+        let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap(), unanswered.clone()).await;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let good = l.local_addr().unwrap();
         let members = vec![
@@ -1023,7 +1029,7 @@ mod tests {
                 view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
             })
             .expect("a key");
-        (client, key)
+        (client, key, unanswered)
     }
 
     /// A read whose first replica hangs after the handshake still reaches
@@ -1032,7 +1038,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_moves_on_from_a_replica_that_hangs_in_time_for_the_next() {
         let request_timeout = Duration::from_secs(3);
-        let (client, key) = hung_then_good(request_timeout).await;
+        let (client, key, _) = hung_then_good(request_timeout).await;
         let started = Instant::now();
         let got = client.get(&key).await.expect("the read reaches the answering replica");
         assert_eq!(got.values, vec![b"v".to_vec()]);
@@ -1049,12 +1055,18 @@ mod tests {
     async fn a_read_caught_by_another_callers_silence_is_retried_on_a_new_connection() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
+        let first_got = Arc::new(AtomicUsize::new(0));
+        let on_first = first_got.clone();
         tokio::spawn(async move {
             // The first connection goes silent after the handshake; every
             // later one answers its GETs.
             let (mut first, _) = l.accept().await.unwrap();
             answer_ping(&mut first, port).await;
-            tokio::spawn(async move { while read_frame(&mut first).await.is_some() {} });
+            tokio::spawn(async move {
+                while read_frame(&mut first).await.is_some() {
+                    on_first.fetch_add(1, Ordering::SeqCst);
+                }
+            });
             while let Ok((mut s, _)) = l.accept().await {
                 tokio::spawn(async move {
                     while let Some((h, _)) = read_frame(&mut s).await {
@@ -1078,6 +1090,9 @@ mod tests {
         let took = started.elapsed();
         assert!(matches!(a.await.unwrap(), Err(ClientError::Timeout { .. })), "A's own time ran out");
         assert_eq!(b.unwrap_or_else(|e| panic!("B failed after {took:?}: {e}")).values, vec![b"v".to_vec()]);
+        // Not a pass by luck: B went out on the silent connection too (the
+        // retry then on a new one).
+        assert_eq!(first_got.load(Ordering::SeqCst), 2, "A and B on the first connection");
     }
 
     /// A write that timed out on a replica puts that replica last for a
@@ -1086,14 +1101,15 @@ mod tests {
     /// write itself is not resent.)
     #[tokio::test]
     async fn a_write_that_timed_out_puts_its_replica_last_for_the_next_call() {
-        let request_timeout = Duration::from_millis(600);
-        let (client, key) = hung_then_good(request_timeout).await;
+        let (client, key, unanswered) = hung_then_good(Duration::from_millis(600)).await;
         let first = client.put(&key, b"v", &Context::default()).await;
         assert!(matches!(first, Err(ClientError::Timeout { .. })), "sent once, to the hung replica: {first:?}");
-        let started = Instant::now();
+        assert_eq!(unanswered.load(Ordering::SeqCst), 1);
+        // Sent to the hung replica first again, it would time out again (a
+        // write is never resent to the next).
         let second = client.put(&key, b"v", &Context::default()).await.expect("the next write goes to the good one");
         assert_eq!(second.siblings, 1);
-        assert!(started.elapsed() < request_timeout / 2, "took {:?}", started.elapsed());
+        assert_eq!(unanswered.load(Ordering::SeqCst), 1, "the hung replica got the second write");
     }
 
     /// Regression (found by a review): an error reply flagged STALE_ROUTE
