@@ -387,7 +387,9 @@ fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
     for key in &keys {
         assert_eq!(values(&mut c, key), bytes(&[&format!("{key}-value")]), "{key}");
     }
-    // A read that waited for n2 would take its whole 2 s deadline.
+    let reads_ended = Instant::now();
+    // A read that waited for n2 would take its whole deadline (the
+    // client's 5 s request timeout, which the node takes as its own).
     assert!(started.elapsed() < Duration::from_secs(10), "reads waited for n2: {:?}", started.elapsed());
     // n3 gets its repairs while n2 still hangs (they used to be sent at the
     // reads' deadline, already expired, and dropped: never, while n2 hangs).
@@ -400,9 +402,11 @@ fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
         let done = cluster.counter("n1", "read_repairs") - repairs;
         (done == keys.len() as u64).then_some(()).ok_or(format!("{done} repairs acknowledged"))
     });
-    // The reads' coordinators end at their deadline, n2 still hung: no
-    // repair was lost or counted twice.
-    std::thread::sleep(Duration::from_millis(2200));
+    // The reads' coordinators end at their deadline, n2 still hung: once
+    // all have (the last began before `reads_ended`), no repair was lost or
+    // counted twice.
+    let coordinators_ended = reads_ended + Duration::from_millis(5500);
+    std::thread::sleep(coordinators_ended.saturating_duration_since(Instant::now()));
     assert_eq!(cluster.counter("n1", "read_repairs") - repairs, keys.len() as u64);
     assert_eq!(cluster.counter("n1", "read_repair_failures"), failures, "no repair went unacknowledged");
     assert_eq!(peer_counter(&cluster, "n1", "expired_unsent"), expired, "nothing expired in n1's queues");
@@ -727,7 +731,7 @@ fn a_client_driven_client_moves_past_a_replica_that_stopped_after_it_connected()
 /// test is `engine_close_after_a_cancelled_flush_returns` in storage_disk.rs.
 #[test]
 fn a_node_stopped_while_it_takes_writes_exits() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let mut cluster = Cluster::start(ClusterSpec::default());
     let value = vec![b'x'; 128 * 1024];
@@ -735,22 +739,30 @@ fn a_node_stopped_while_it_takes_writes_exits() {
         // Writers on n1 (W = 1: they do not wait for n2) keep n2 busy with
         // replica puts, many in flight at once; n2 is stopped among them.
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
         let writers: Vec<_> = (0..4)
             .map(|w| {
-                let (stop, value) = (stop.clone(), value.clone());
+                let (stop, acked, value) = (stop.clone(), acked.clone(), value.clone());
                 let mut c = cluster.client("n1", Routing::Server);
                 c.set_quorum(Quorum { r: 1, w: 1 });
                 std::thread::spawn(move || {
                     let mut i = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let _ = c.put(format!("big-{round}-{w}-{i}").as_bytes(), &value, NO_CONTEXT);
+                        // Some fail once n2 stops (they still went out).
+                        if c.put(format!("big-{round}-{w}-{i}").as_bytes(), &value, NO_CONTEXT).is_ok() {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
                         i += 1;
                     }
                     i
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(100));
+        // Stopped once the writes flow, not after a guess at how long that takes.
+        eventually("writes through n1", Duration::from_secs(10), || match acked.load(Ordering::Relaxed) {
+            0..=7 => Err("fewer than 8 writes acknowledged".to_string()),
+            _ => Ok(()),
+        });
         let stopped = cluster.try_stop("n2", Duration::from_secs(10));
         stop.store(true, Ordering::Relaxed);
         let writes: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();

@@ -311,10 +311,13 @@ fn acknowledged_writes_survive_kill_9() {
     let dir = tmp();
     let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "always"]);
     let addr = node.addr().to_string();
-    // Writers record every acknowledged put; the node is killed mid-stream.
+    // Writers record every acknowledged put; the node is killed mid-stream,
+    // once at least 100 are acknowledged (by count, not by time: a slow
+    // disk acknowledges fewer a second).
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..4)
         .map(|w| {
-            let addr = addr.clone();
+            let (addr, count) = (addr.clone(), count.clone());
             std::thread::spawn(move || {
                 let mut c = Client::connect(&addr).unwrap();
                 let mut acked = Vec::new();
@@ -324,12 +327,19 @@ fn acknowledged_writes_survive_kill_9() {
                         Ok(_) => acked.push(key),
                         Err(_) => break,
                     }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 acked
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(600));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count.load(std::sync::atomic::Ordering::SeqCst) < 100 {
+        assert!(std::time::Instant::now() < deadline, "not 100 acknowledged writes in 60 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And a little more, so that the kill lands mid-stream.
+    std::thread::sleep(Duration::from_millis(100));
     node.kill9();
     let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
     assert!(acked.len() > 100, "only {} writes before the kill", acked.len());
@@ -972,7 +982,13 @@ fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     let mut dev = DevRun::start(1, &[]);
     common::signal(dev.nodes[0], "STOP");
     common::signal(dev.child.id(), "TERM");
-    std::thread::sleep(Duration::from_millis(300));
+    // The second signal only once dev is stopping (it polls for the first
+    // every 100 ms; one that came before would count as the first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dev.log().contains("gyre dev: stopping") {
+        assert!(std::time::Instant::now() < deadline, "gyre dev never began to stop: {}", dev.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(dev.child.try_wait().unwrap().is_none(), "gyre dev waits for the stopped node: {}", dev.log());
     common::signal(dev.child.id(), "INT");
     let status = common::wait_bounded(&mut dev.child, Duration::from_secs(6));

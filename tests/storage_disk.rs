@@ -234,12 +234,32 @@ fn sigkill_under_fsync_always_loses_no_acknowledged_write() {
             .spawn()
             .expect("spawn gyre storage-writer");
         let stdout = child.stdout.take().unwrap();
-        let reader =
-            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
-        std::thread::sleep(Duration::from_millis(rng.u64(150..600)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // Killed mid-stream: once 30 writes are acknowledged (by count, not
+        // by time: a slow disk acknowledges fewer a second), then after a
+        // seeded delay.
+        let mut lines = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while lines.len() < 30 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("round {round}: {} acknowledged writes, then {e}", lines.len());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        reader.join().unwrap();
+        lines.extend(rx.try_iter());
         eprintln!("round {round}: {} writes acknowledged before SIGKILL", lines.len());
         acked.extend(lines);
     }

@@ -73,7 +73,7 @@ fn an_sla_run_measures_checks_and_reports() {
         "f.toml",
         r#"
         description = "e2e"
-        limits = ["errors == 0", "throughput >= 80%", "rmw.p99 < 5s", "read.max < 5s"]
+        limits = ["errors == 0", "rmw.p99 < 5s", "read.max < 5s"]
         [workload]
         workload = "f"
         records = 200
@@ -105,7 +105,10 @@ fn an_sla_run_measures_checks_and_reports() {
     // Points every 0.25 s through warm-up and run.
     let points = r["timeline"].as_array().unwrap();
     assert!(points.len() >= 4, "{points:?}");
-    assert_eq!(report["targets"][0]["verdicts"].as_array().unwrap().len(), 4);
+    // No limit on throughput or speed here: a debug build on a loaded CI
+    // machine is no place to assert either (the verdicts' logic has unit
+    // tests in sla.rs).
+    assert_eq!(report["targets"][0]["verdicts"].as_array().unwrap().len(), 3);
     let md = std::fs::read_to_string(out.join("f.md")).unwrap();
     assert!(md.contains("| `rmw.p99 < 5s` |"), "{md}");
     let svg = std::fs::read_to_string(out.join("f.svg")).unwrap();
@@ -121,11 +124,12 @@ fn an_sla_run_measures_checks_and_reports() {
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(String::from_utf8_lossy(&o.stdout).contains("MISS p50 < 1us"));
 
-    // Capacity: two short probes, both well within what a node serves.
+    // Capacity: two short probes, both passing (a limit every healthy run
+    // meets: the search's mechanics, not the node's speed, are tested).
     let cap = write(
         tmp.path(),
         "cap.toml",
-        "limits = [\"errors == 0\", \"throughput >= 80%\"]\n[workload]\nworkload = \"b\"\nrecords = 50\n\
+        "limits = [\"errors == 0\"]\n[workload]\nworkload = \"b\"\nrecords = 50\n\
          [run]\nconnections = 2\nwarmup = 0\n[capacity]\nstart = 100\nmax = 200\nprobe_duration = 0.3\n",
     );
     let o = bench(&["capacity", &cap, "--target", &target, "--out", out.to_str().unwrap(), "--quiet"]);
