@@ -32,7 +32,8 @@ pub const VALUE_LEN_HARD_CAP: usize = 8 * 1024 * 1024;
 pub const MAX_RECORD_LEN: usize = RECORD_HEADER_LEN + MAX_KEY_LEN + MAX_META_LEN + VALUE_LEN_HARD_CAP;
 
 /// Segment offsets and record lengths are `u32` in the index (to keep an
-/// index entry at 16 bytes), so a segment can hold at most 4 GiB - 1.
+/// index slot at 20 bytes: `storage::index`), so a segment can hold at most
+/// 4 GiB - 1.
 pub const MAX_SEGMENT_SIZE: u64 = u32::MAX as u64;
 
 /// Default size at which the active segment is sealed: large enough that

@@ -290,7 +290,11 @@ impl Backend for GlommioBackend {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         let want = buf.0.len();
         let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
-        if n < want && n % BLOCK_SIZE == 0 {
+        // Not for a write that wrote nothing: its first block may be one
+        // rewritten with records acknowledged before, which zeros must not
+        // replace (a direct write returns an error, not 0, when it cannot
+        // write at all).
+        if n < want && n > 0 && n % BLOCK_SIZE == 0 {
             let probe = self.alloc(file, BLOCK_SIZE);
             file.write_at(probe.0, off + n as u64).await.map_err(io::Error::from)?;
         }
