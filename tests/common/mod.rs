@@ -75,6 +75,12 @@ impl Node {
                 None => format!("{}: {stderr}", out.status),
             });
         };
+        // Read from here on, or a node that logs more than a pipe holds
+        // (RUST_LOG set by the caller, a test that makes it warn a lot)
+        // would block in its next write to stderr.
+        if let Some(mut err) = child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        }
         let addrs = ready.split_whitespace().map(String::from).collect();
         Ok(Node { child, addrs, data_dir: data_dir.to_path_buf() })
     }
