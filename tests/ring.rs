@@ -163,7 +163,8 @@ fn check_preference_lists(ring: &Ring) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // A fixed seed: the same cases on every run.
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(0x6779_7265), ..ProptestConfig::default() })]
 
     #[test]
     fn claims_stay_balanced_and_move_the_minimum((q, ops) in history()) {

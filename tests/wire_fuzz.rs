@@ -17,7 +17,9 @@ fn valid_frames() -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    // A fixed seed: the same cases on every run (PROPTEST_RNG_SEED does not
+    // override a seed set here; change it here to explore others).
+    #![proptest_config(ProptestConfig { cases: 2000, rng_seed: proptest::test_runner::RngSeed::Fixed(0x6779_7265), ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
