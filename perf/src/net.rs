@@ -659,22 +659,23 @@ struct Tally {
 }
 
 impl Tally {
-    /// One operation's latency, in the histogram of all and of its kind;
-    /// counted as done (throughput) if `done`, not if it was given up on.
-    fn record(&mut self, op: Op, latency: Duration, done: bool) -> anyhow::Result<()> {
+    /// One operation's latency, in the histogram of all and of its kind.
+    fn record(&mut self, op: Op, latency: Duration) -> anyhow::Result<()> {
         let ns = (latency.as_nanos() as u64).max(1);
         self.all.record(ns)?;
         match op {
-            Op::Get => {
-                self.gets += u64::from(done);
-                self.get.record(ns)?;
-            }
-            Op::Set => {
-                self.sets += u64::from(done);
-                self.set.record(ns)?;
-            }
+            Op::Get => self.get.record(ns)?,
+            Op::Set => self.set.record(ns)?,
         }
         Ok(())
+    }
+
+    /// One operation done (throughput).
+    fn complete(&mut self, op: Op) {
+        match op {
+            Op::Get => self.gets += 1,
+            Op::Set => self.sets += 1,
+        }
     }
 
     /// One failed operation (the first error is kept to be shown).
@@ -761,6 +762,9 @@ struct Conn {
     rend: usize,
     in_flight: VecDeque<InFlight>,
     next_id: u64,
+    /// How long after the window a paced run goes on sending, and the
+    /// last replies are waited for ([`DRAIN`]; shorter in tests).
+    drain: Duration,
 }
 
 impl Conn {
@@ -778,6 +782,7 @@ impl Conn {
             rend: 0,
             in_flight: VecDeque::new(),
             next_id: 0,
+            drain: DRAIN,
         })
     }
 
@@ -795,11 +800,31 @@ impl Conn {
         tally: &mut Tally,
     ) -> anyhow::Result<()> {
         let mut more = true;
+        // When the last request went (`more` turned false): the replies
+        // still owed get until DRAIN after it.
+        let mut all_sent_at: Option<Instant> = None;
         let mut read_at = Instant::now();
         loop {
             if more {
                 let now = Instant::now();
-                'fill: while self.in_flight.len() < depth {
+                // Paced and still DRAIN behind the window's end (a server far
+                // slower than the rate): what is left of the schedule is
+                // never sent, and counts as waited for and failed.
+                if let (Some(p), Some((_, to))) = (&pace, window) {
+                    if now >= to + self.drain {
+                        let mut at = p.next;
+                        while at < to {
+                            tally.all.record((now.saturating_duration_since(at).as_nanos() as u64).max(1))?;
+                            tally.fail(format!(
+                                "not sent by {:?} after the run: the server fell behind the rate",
+                                self.drain
+                            ));
+                            at += p.interval;
+                        }
+                        more = false;
+                    }
+                }
+                'fill: while more && self.in_flight.len() < depth {
                     // Paced: a request goes once it is due (up to a timer
                     // tick early), and its latency counts from the earlier
                     // of its scheduled time and now: late sends count
@@ -836,6 +861,9 @@ impl Conn {
                     self.stream.write_all(&self.wbuf).await?;
                     self.wbuf.clear();
                 }
+                if !more {
+                    all_sent_at = Some(Instant::now());
+                }
             }
             // While paced with a free slot, reading waits only until the
             // next request is due.
@@ -868,12 +896,13 @@ impl Conn {
                     if f.op == Op::Set {
                         self.shared.end_write(f.key);
                     }
+                    // Latency and errors: by schedule when paced, else by
+                    // when read. Throughput: by when read, always.
+                    let read_in_window = window.is_some_and(|(from, to)| read_at >= from && read_at < to);
                     let counts = match window {
                         None => true,
-                        Some((from, to)) => {
-                            let at = if pace.is_some() { f.sent } else { read_at };
-                            at >= from && at < to
-                        }
+                        Some((from, to)) if pace.is_some() => f.sent >= from && f.sent < to,
+                        Some(_) => read_in_window,
                     };
                     if let Some(e) = d.error {
                         if counts {
@@ -888,9 +917,12 @@ impl Conn {
                         }
                         Op::Set => tally.max_put_siblings = tally.max_put_siblings.max(d.values),
                     }
+                    if read_in_window {
+                        tally.complete(f.op);
+                    }
                     if counts && window.is_some() {
                         tally.stale_routes += u64::from(d.stale);
-                        tally.record(f.op, read_at.saturating_duration_since(f.sent), true)?;
+                        tally.record(f.op, read_at.saturating_duration_since(f.sent))?;
                     }
                 }
                 if got > 0 {
@@ -907,14 +939,21 @@ impl Conn {
                     }
                 }
                 let read = self.stream.read(&mut self.rbuf[self.rend..]);
-                // All sent: the last replies get until DRAIN after the window.
-                let drain = window.filter(|_| !more).map(|(_, to)| to + DRAIN);
-                let n = match due.or(drain) {
+                // All sent: the last replies get until DRAIN after the
+                // last request went (and the window's end).
+                let drain = window.filter(|_| !more).map(|(_, to)| to.max(all_sent_at.unwrap_or(to)) + self.drain);
+                // Still sending, every slot taken by a server that does not
+                // answer: look again when the sending ends (the window's
+                // end; paced, the cut-off after it), or this read would
+                // wait for good.
+                let cutoff = window.filter(|_| more).map(|(_, to)| if pace.is_some() { to + self.drain } else { to });
+                let n = match due.or(drain).or(cutoff) {
                     None => read.await?,
                     Some(t) => match tokio::time::timeout_at(t.into(), read).await {
                         Ok(n) => n?,
-                        // The next request is due: send it, then read on.
-                        Err(_) if due.is_some() => break,
+                        // The next request is due, or the sending ends:
+                        // look again, then read on.
+                        Err(_) if drain.is_none() => break,
                         Err(_) => {
                             self.give_up(tally, window, pace.is_some())?;
                             return Ok(());
@@ -939,8 +978,8 @@ impl Conn {
         let now = Instant::now();
         for f in self.in_flight.drain(..) {
             if paced && window.is_some_and(|(from, to)| f.sent >= from && f.sent < to) {
-                tally.record(f.op, now.saturating_duration_since(f.sent), false)?;
-                tally.fail(format!("no reply {DRAIN:?} after the run"));
+                tally.record(f.op, now.saturating_duration_since(f.sent))?;
+                tally.fail(format!("no reply {:?} after the run", self.drain));
             }
         }
         Ok(())
@@ -1458,7 +1497,41 @@ mod tests {
         // due from 0.5 s on waited for the stall's end.
         assert!((990..=1000).contains(&l.count), "{l:?}");
         assert!(l.max_us > 400_000.0, "the stall is not in the tail: {l:?}");
-        assert_eq!((tally.gets, tally.errors), (l.count, 0));
+        // Throughput counts the replies read within the window: those due
+        // before the stall.
+        assert!((450..=560).contains(&tally.gets), "{} replies in the window", tally.gets);
+        assert_eq!(tally.errors, 0);
+    }
+
+    /// A server that stops answering for good: the schedule is sent up to
+    /// the drain time after the window, the rest counts as never sent, and
+    /// the run ends (a drain after the last send) with every request of the
+    /// window in the histogram, its wait included, as an error.
+    #[test]
+    fn a_paced_run_against_a_dead_server_ends_and_counts_what_it_never_sent() {
+        let addr = stalling_server(0.3, 1000.0);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        let started = Instant::now();
+        let tally = local.block_on(&rt, async {
+            let mut c = Conn::open(Kind::Redis, addr, 0, Rc::new(shared(100))).await.unwrap();
+            c.drain = Duration::from_millis(300);
+            let keys: Vec<u32> = (0..100).collect();
+            let from = Instant::now();
+            let to = from + Duration::from_secs(1);
+            let src = Source::Mix { rng: fastrand::Rng::with_seed(1), read_ratio: 1.0, keys: &keys, end: to };
+            let pace = Some(Pace { next: from, interval: Duration::from_millis(1) });
+            let mut t = Tally::new();
+            c.drive(src, 1, Some((from, to)), pace, &mut t).await.unwrap();
+            t
+        });
+        assert!(started.elapsed() < Duration::from_secs(10), "the run did not end: {:?}", started.elapsed());
+        let l = Latency::of(&tally.all);
+        assert!((990..=1000).contains(&l.count), "{l:?}");
+        assert!(l.max_us > 1_000_000.0, "the wait of the last ones: {l:?}");
+        assert!(tally.gets < 400, "{} replies", tally.gets);
+        assert_eq!(tally.errors + tally.gets, l.count, "every request answered or failed");
+        assert!(tally.first_error.as_deref().is_some_and(|e| e.contains("after the run")), "{:?}", tally.first_error);
     }
 
     fn shared(keys: u64) -> Shared {
