@@ -112,7 +112,14 @@ impl GlommioBackend {
     /// inside a glommio executor.
     pub async fn open(dir: impl AsRef<Path>) -> io::Result<GlommioBackend> {
         let dir = dir.as_ref().to_path_buf();
+        let created = !dir.exists();
         std::fs::create_dir_all(&dir)?;
+        // A new directory's entry is durable once its parent is synced: a
+        // shard directory lost in a crash would be taken for lost data.
+        if created {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(parent)?.sync_all()?;
+        }
         let lock_path = dir.join(LOCK_FILE);
         let mut lock =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
@@ -214,9 +221,16 @@ pub struct FsSpace {
     pub total: u64,
 }
 
+/// A short write is a disk that filled during the write: reported as one
+/// (`StorageFull`), so that the engine retries it once there is room
+/// instead of failing for good (the probe write of `write_at` may even
+/// have found room again).
 fn full_write(n: usize, want: usize) -> io::Result<()> {
     if n != want {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {n} of {want} bytes")));
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("short write: {n} of {want} bytes (the disk filled during the write)"),
+        ));
     }
     Ok(())
 }
