@@ -342,9 +342,25 @@ fn read_repair_heals_a_replica_that_missed_writes() {
 struct Paused(u32);
 
 impl Paused {
+    /// SIGSTOP, and waits until every thread of the process has stopped:
+    /// the signal only asks, and a thread still running could read and
+    /// serve what the test sends next.
     fn new(pid: u32) -> Paused {
         common::signal(pid, "STOP");
-        Paused(pid)
+        let stopped = |task: std::fs::DirEntry| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ...: comm may hold spaces, so read after ')'.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_none_or(|s| s == "T")
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+            if tasks.flatten().all(stopped) {
+                return Paused(pid);
+            }
+            assert!(Instant::now() < deadline, "process {pid} did not stop within 10 s of SIGSTOP");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -625,7 +641,7 @@ fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_el
     let mut via_n1 = connect_raw(&cluster, "n1");
     // n1 opens its connection to n2 (and learns its shard ports).
     assert!(get_at(&mut via_n1, &key).values.is_empty());
-    let sent_before = peer_counter(&cluster, "n1", "replica_frames");
+    let n2_addr = cluster.member("n2").addr;
     let n2_pid = cluster.member("n2").node.as_ref().expect("n2 runs").pid();
     let paused = Paused::new(n2_pid);
     let writer = {
@@ -635,14 +651,12 @@ fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_el
             via_n1.call(&req, ANY_SHARD)
         })
     };
-    // The PUT reaches n2's socket while n2 is stopped (n1 counts the frame
-    // once written); then n2 dies without reading it, and its connection
-    // from n1 fails.
-    eventually("n1 forwarding the PUT to n2", Duration::from_secs(10), || {
-        match peer_counter(&cluster, "n1", "replica_frames") > sent_before {
-            true => Ok(()),
-            false => Err("not sent yet".to_string()),
-        }
+    // The PUT reaches n2's socket while n2 is stopped (it waits there
+    // unread); then n2 dies without reading it, and its connection from n1
+    // fails.
+    eventually("the PUT waiting unread in n2's socket", Duration::from_secs(10), || match unread_at(n2_addr) {
+        0 => Err("nothing unread yet".to_string()),
+        _ => Ok(()),
     });
     cluster.kill9("n2");
     std::mem::forget(paused); // n2 is gone: nothing to continue
@@ -651,6 +665,24 @@ fn a_forwarded_write_whose_replica_connection_fails_after_sending_is_not_sent_el
     assert!(message.contains("may have been taken"), "{message}");
     // n3 was not asked to coordinate it: it holds nothing.
     assert_eq!(cluster.stats("n3")["storage"]["keys"].as_u64(), Some(0), "n3 took the write");
+}
+
+/// Bytes received and not yet read by the established TCP connections
+/// accepted at `addr` (IPv4), from `/proc/net/tcp`.
+fn unread_at(addr: std::net::SocketAddr) -> u64 {
+    let std::net::IpAddr::V4(ip) = addr.ip() else { panic!("an IPv4 address: {addr}") };
+    let local = format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), addr.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let established = f.get(3) == Some(&"01");
+            let rx = f.get(4)?.split_once(':')?.1;
+            (established && f.get(1) == Some(&local.as_str())).then(|| u64::from_str_radix(rx, 16).ok())?
+        })
+        .sum()
 }
 
 /// Regression (client): a `Routing::Server` client adopted the ring on the
