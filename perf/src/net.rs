@@ -1471,18 +1471,14 @@ mod tests {
         addr
     }
 
-    /// Regression (found by a review): a paced run stopped sending when the
-    /// clock passed the window's end and recorded only replies read inside
-    /// it, so a stall that ran past the end vanished from the percentiles
-    /// (half the requests and the whole stall were missing). Now every
-    /// request scheduled in the window counts, whenever its reply comes.
-    #[test]
-    fn a_paced_run_counts_a_stall_that_runs_past_the_window() {
-        let addr = stalling_server(0.5, 1.5);
+    /// One connection to `addr` paced at 1,000 GETs a second, depth 1, a
+    /// 1 s window from the start, `drain` after it: what it counted.
+    fn paced_second(addr: SocketAddr, drain: Duration) -> Tally {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let local = tokio::task::LocalSet::new();
-        let tally = local.block_on(&rt, async {
+        local.block_on(&rt, async {
             let mut c = Conn::open(Kind::Redis, addr, 0, Rc::new(shared(100))).await.unwrap();
+            c.drain = drain;
             let keys: Vec<u32> = (0..100).collect();
             let from = Instant::now();
             let to = from + Duration::from_secs(1);
@@ -1491,7 +1487,18 @@ mod tests {
             let mut t = Tally::new();
             c.drive(src, 1, Some((from, to)), pace, &mut t).await.unwrap();
             t
-        });
+        })
+    }
+
+    /// Regression (found by a review): a paced run stopped sending when the
+    /// clock passed the window's end and recorded only replies read inside
+    /// it, so a stall that ran past the end vanished from the percentiles
+    /// (half the requests and the whole stall were missing). Now every
+    /// request scheduled in the window counts, whenever its reply comes.
+    #[test]
+    fn a_paced_run_counts_a_stall_that_runs_past_the_window() {
+        let addr = stalling_server(0.5, 1.5);
+        let tally = paced_second(addr, DRAIN);
         let l = Latency::of(&tally.all);
         // 1,000 scheduled at 1 ms in the window, all answered by 1.5 s; those
         // due from 0.5 s on waited for the stall's end.
@@ -1510,21 +1517,8 @@ mod tests {
     #[test]
     fn a_paced_run_against_a_dead_server_ends_and_counts_what_it_never_sent() {
         let addr = stalling_server(0.3, 1000.0);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let local = tokio::task::LocalSet::new();
         let started = Instant::now();
-        let tally = local.block_on(&rt, async {
-            let mut c = Conn::open(Kind::Redis, addr, 0, Rc::new(shared(100))).await.unwrap();
-            c.drain = Duration::from_millis(300);
-            let keys: Vec<u32> = (0..100).collect();
-            let from = Instant::now();
-            let to = from + Duration::from_secs(1);
-            let src = Source::Mix { rng: fastrand::Rng::with_seed(1), read_ratio: 1.0, keys: &keys, end: to };
-            let pace = Some(Pace { next: from, interval: Duration::from_millis(1) });
-            let mut t = Tally::new();
-            c.drive(src, 1, Some((from, to)), pace, &mut t).await.unwrap();
-            t
-        });
+        let tally = paced_second(addr, Duration::from_millis(300));
         assert!(started.elapsed() < Duration::from_secs(10), "the run did not end: {:?}", started.elapsed());
         let l = Latency::of(&tally.all);
         assert!((990..=1000).contains(&l.count), "{l:?}");

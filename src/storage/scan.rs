@@ -206,7 +206,7 @@ fn held(kept: &Kept, id: u32, usage: &SegmentUsage) -> bool {
 
 /// Segments worth compacting, most garbage first: complete on disk (below
 /// `first_buffered`), with a garbage ratio of at least `threshold`, and
-/// not [`held`] in `kept`.
+/// not held in `kept` (kept, and none of its live records superseded since).
 pub fn pick_compaction(
     segments: &BTreeMap<u32, SegmentUsage>,
     first_buffered: u32,
@@ -223,7 +223,7 @@ pub fn pick_compaction(
 }
 
 /// How far compaction is behind: the garbage in the segments
-/// [`pick_compaction`] would take now (not those [`held`] in `kept`: a pass
+/// [`pick_compaction`] would take now (not those held in `kept`: a pass
 /// could not empty them, they hold damaged records it cannot move, so
 /// compaction cannot bring their garbage down), against the live data of every
 /// segment on disk (at least `floor`: a nearly empty shard is not behind
