@@ -42,6 +42,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            // Bounded: a node that does not stop fails the test instead of
+            // holding CI until its time limit.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if !t.is_finished() {
+                assert!(std::thread::panicking(), "the node did not stop within 30 s");
+                return;
+            }
             let r = t.join().expect("the node thread panicked");
             if !std::thread::panicking() {
                 r.expect("the node stopped cleanly");
