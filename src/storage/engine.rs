@@ -1193,19 +1193,23 @@ impl<B: Backend> Engine<B> {
     /// Draining there kept a leader writing back to back under steady
     /// load, a few kilobytes per write (what arrived during the last one),
     /// each paying a submission and rewriting the partial block before it.
-    /// With `sync` and plain writes (`interval`) it drains: one more write
-    /// is cheap next to the fdatasync that then covers every writer
-    /// waiting (group commit).
+    /// With `sync` and plain writes (`interval`) it writes what was
+    /// appended when it began, `target` or more: one more write is cheap
+    /// next to the fdatasync that then covers every writer waiting then
+    /// (group commit). Not until the buffer is empty: under steady writes
+    /// it never was, and the sync never came (found by a review: no
+    /// fdatasync but the seals' for as long as writes went on).
     async fn flush_as_leader(&self, target: Pos, sync: bool) -> Result<(), StorageError> {
         let backend = &self.inner.backend;
         let synced_writes = self.inner.config.synced_writes();
+        let stop = if sync && !synced_writes { target.max(self.inner.st.borrow().writer.appended()) } else { target };
         loop {
             let plan = {
                 let st = self.inner.st.borrow();
                 // With writes synced as they are made, what piled up
                 // behind this flush's write is the next group's: a write
                 // more here would be a device flush more, not one saved.
-                if (!sync || synced_writes) && st.writer.written() >= target {
+                if st.writer.written() >= stop {
                     break;
                 }
                 st.writer.plan_flush()
@@ -2369,6 +2373,33 @@ mod tests {
             drop(engine);
             let (reopened, _) = Engine::open(backend, config).await.unwrap();
             assert_eq!(reopened.get(b"stable").await.unwrap().unwrap().value(), &[5; 100]);
+        })
+    }
+
+    /// Regression (found by a review): under `interval` a sync wrote until
+    /// the buffer was empty, which under steady writes it never was: no
+    /// fdatasync came (but the seals') for as long as writes went on.
+    #[test]
+    fn an_interval_sync_ends_under_steady_writes() {
+        block_on(async {
+            let config = EngineConfig { fsync: FsyncPolicy::Interval(100), ..small_buffered() };
+            let (_backend, engine) = open_mem(&config).await;
+            engine.put(b"first", b"", b"v", 0).await.unwrap();
+            let (done, puts) = (std::cell::Cell::new(false), std::cell::Cell::new(0u32));
+            let sync = async {
+                engine.sync().await.unwrap();
+                done.set(true)
+            };
+            let writer = async {
+                while !done.get() && puts.get() < 2000 {
+                    engine.put(&puts.get().to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
+                    puts.set(puts.get() + 1);
+                    futures_lite::future::yield_now().await;
+                }
+            };
+            futures_lite::future::zip(sync, writer).await;
+            assert!(puts.get() < 50, "the sync ended only after {} more puts", puts.get());
+            assert!(engine.get(b"first").await.unwrap().is_some());
         })
     }
 
