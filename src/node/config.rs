@@ -239,6 +239,14 @@ impl NodeConfig {
                 );
             }
             config.tombstone_grace_ms = KEEP_TOMBSTONES;
+        } else if config.tombstone_grace_ms == EngineConfig::default().tombstone_grace_ms {
+            // A lone node keeps them too unless told otherwise: clients hold
+            // its dots in their contexts, and once it forgot a key, a write
+            // with a context read before the delete covered the key's next
+            // write (its dot reissued) and dropped it unseen (found by a
+            // review). `tombstone_grace_ms` set: dropped after that age, at
+            // that risk.
+            config.tombstone_grace_ms = KEEP_TOMBSTONES;
         }
         // Said in the node's terms: the engine's own message names its
         // internal limit, which no node setting shows.
@@ -633,13 +641,13 @@ mod tests {
 
     /// A node of a cluster never drops a tombstone (a replica that forgets
     /// one can reissue a dot the others hold and lose a later write), and
-    /// refuses a configuration that asks it to; a lone node drops them
-    /// after the grace period, as before.
+    /// refuses a configuration that asks it to; a lone node keeps them
+    /// unless `tombstone_grace_ms` is set (a client's old context could
+    /// otherwise drop a newer write).
     #[test]
     fn a_cluster_node_keeps_its_tombstones() {
         let lone: NodeConfig = toml::from_str("").unwrap();
-        let grace = EngineConfig::default().tombstone_grace_ms;
-        assert_eq!(lone.engine_config().unwrap().tombstone_grace_ms, grace);
+        assert_eq!(lone.engine_config().unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
         let member = NodeConfig { cluster: Some(PathBuf::from("cluster.toml")), ..lone };
         assert_eq!(member.engine_config().unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
         assert_eq!(member.shard_engine_config(2, None, None).unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
