@@ -312,6 +312,31 @@ mod tests {
         v
     }
 
+    /// Regression (found by a review): every delete with an empty context
+    /// added a tombstone sibling, until a key that read as absent refused
+    /// a blind put with too many siblings. A delete folds the tombstones
+    /// there into its own; the values a delete did not see stay.
+    #[test]
+    fn blind_deletes_leave_one_tombstone_and_never_block_a_put() {
+        block_on(async {
+            let s = store();
+            s.put(b"k", &[], Some(b"v"), 0).await.unwrap();
+            for i in 0..2 * crate::core::version::MAX_SIBLINGS as u64 {
+                s.put(b"k", &[], None, 1 + i).await.unwrap();
+            }
+            let got = s.get(b"k").await.unwrap();
+            assert_eq!(values(&got), vec![b"v".to_vec()], "a blind delete saw nothing: the value stays");
+            assert_eq!(got.siblings().len(), 2, "the value and one tombstone");
+            let put = s.put(b"k", &[], Some(b"w"), 1000).await.expect("a blind put beside them");
+            assert_eq!(put.siblings(), 2, "the two values");
+            // A delete that saw everything leaves only its tombstone.
+            let ctx = s.get(b"k").await.unwrap().clock().to_bytes();
+            s.put(b"k", &ctx, None, 1001).await.unwrap();
+            let after = s.get(b"k").await.unwrap();
+            assert_eq!((values(&after).len(), after.siblings().len()), (0, 1));
+        })
+    }
+
     #[test]
     fn concurrent_writers_make_siblings_and_a_merge_collapses_them() {
         block_on(async {

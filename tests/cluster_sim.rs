@@ -179,6 +179,8 @@ struct Client {
 struct Write {
     key: usize,
     dot: Dot,
+    /// A delete: its tombstone may be folded into a later delete's.
+    delete: bool,
     /// The client's context.
     ctx: Clock,
     /// The step at which the put was acknowledged to the client.
@@ -436,13 +438,14 @@ impl Sim {
         };
         let n = &mut self.nodes[usize::from(node)];
         let mut set = n.store.get(&self.keys[key]).cloned().unwrap_or_default();
+        let delete = value.is_none();
         let dot = match set.update(&ctx, Sim::actor(node), value) {
             Ok(dot) => dot,
             Err(e) => return self.op_failed(client, format!("update refused: {e}")),
         };
         n.store.insert(self.keys[key].clone(), set.clone());
         dot.hash(&mut self.hasher);
-        self.writes.push(Write { key, dot, ctx, acked: None });
+        self.writes.push(Write { key, dot, ctx, delete, acked: None });
         let others: Vec<MemberIdx> = self.prefs[key].iter().copied().filter(|&m| m != node).collect();
         let c = match PutCoordinator::new(set, node, &others, W, self.now, self.now + REQUEST_TIMEOUT) {
             Ok(c) => c,
@@ -675,6 +678,13 @@ impl Sim {
         for w in self.writes.iter().filter(|w| w.acked.is_some()) {
             let full = &full[w.key];
             if full.siblings().iter().any(|s| s.dot == w.dot) {
+                continue;
+            }
+            // A delete's tombstone may be folded into a later delete's
+            // (`VersionSet::update`): what it did, superseding the versions
+            // its context saw, lives on in the clock, and a tombstone shows
+            // nothing to a read.
+            if w.delete && full.clock().covers(w.dot) {
                 continue;
             }
             let superseded = self.writes.iter().any(|o| o.key == w.key && o.ctx.covers(w.dot));

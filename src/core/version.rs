@@ -500,13 +500,21 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
     ///
     /// Drops the siblings whose dot `ctx` covers, adds one sibling with the
     /// fresh dot `(actor, max(clock[actor], ctx[actor]) + 1)`, and sets the
-    /// clock to `clock ∪ ctx ∪ {new dot}` (then bounded, module doc). Returns
-    /// the new dot. Fails, leaving `self` unchanged, with
-    /// [`VersionError::TooManySiblings`] if more than [`MAX_SIBLINGS`] would
-    /// remain, or `Malformed` if the counter would overflow (only a forged
-    /// context can get there).
+    /// clock to `clock ∪ ctx ∪ {new dot}` (then bounded, module doc). A
+    /// delete also folds the other tombstones into its own: their dots stay
+    /// in the clock, which is what keeps what they deleted superseded, and a
+    /// tombstone shows nothing to a read (found by a review: blind deletes
+    /// piled up tombstones until a key that read as absent refused a blind
+    /// put with too many siblings). Returns the new dot. Fails, leaving
+    /// `self` unchanged, with [`VersionError::TooManySiblings`] if more than
+    /// [`MAX_SIBLINGS`] would remain, or `Malformed` if the counter would
+    /// overflow (only a forged context can get there).
     pub fn update(&mut self, ctx: &Clock, actor: Actor, value: Option<V>) -> Result<Dot, VersionError> {
-        let siblings = self.siblings.iter().filter(|s| !ctx.covers(s.dot)).count() + 1;
+        let delete = value.is_none();
+        // Gone: what `ctx` saw, and for a delete, the tombstones it folds.
+        let gone = |s: &Sibling<V>| ctx.covers(s.dot) || (delete && s.value.is_none());
+        let kept = |s: &Sibling<V>| !gone(s);
+        let siblings = self.siblings.iter().filter(|s| kept(s)).count() + 1;
         if siblings > MAX_SIBLINGS {
             return Err(VersionError::TooManySiblings { siblings, max: MAX_SIBLINGS });
         }
@@ -517,7 +525,7 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
             .checked_add(1)
             .ok_or(VersionError::Malformed("dot counter overflows u64"))?;
         let dot = Dot { actor, counter };
-        self.siblings.retain(|s| !ctx.covers(s.dot));
+        self.siblings.retain(|s| kept(s));
         let at = self.siblings.partition_point(|s| s.dot < dot);
         self.siblings.insert(at, Sibling { dot, value });
         self.clock.merge(ctx);
@@ -976,11 +984,15 @@ mod tests {
     fn roundtrip_of_a_full_set_stays_within_the_bounds() {
         // Worst case: MAX_CLOCK_ENTRIES actors with huge ids and counters and
         // MAX_SIBLINGS siblings with huge counters.
+        // (Merged from one set per actor: a delete folds the tombstones
+        // already there into its own, replicas' merges do not.)
         let mut s = VersionSet::new();
         for i in 0..MAX_SIBLINGS as u64 {
             let actor = u64::MAX - i;
             let ctx = clock(&[(actor, u64::MAX - 2)]);
-            s.update(&ctx, actor, if i % 2 == 0 { Some(vec![i as u8; i as usize]) } else { None }).unwrap();
+            let mut one = VersionSet::new();
+            one.update(&ctx, actor, if i % 2 == 0 { Some(vec![i as u8; i as usize]) } else { None }).unwrap();
+            s.merge(&one);
         }
         assert_eq!(s.siblings().len(), MAX_SIBLINGS);
         assert_eq!(s.clock().len(), MAX_CLOCK_ENTRIES);
