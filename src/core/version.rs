@@ -501,18 +501,23 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
     /// Drops the siblings whose dot `ctx` covers, adds one sibling with the
     /// fresh dot `(actor, max(clock[actor], ctx[actor]) + 1)`, and sets the
     /// clock to `clock ∪ ctx ∪ {new dot}` (then bounded, module doc). A
-    /// delete also folds the other tombstones into its own: their dots stay
-    /// in the clock, which is what keeps what they deleted superseded, and a
-    /// tombstone shows nothing to a read (found by a review: blind deletes
-    /// piled up tombstones until a key that read as absent refused a blind
-    /// put with too many siblings). Returns the new dot. Fails, leaving
+    /// delete also folds the tombstones of its own node (`actor`) into its
+    /// own: their dots stay in the clock, which is what keeps what they
+    /// deleted superseded, and a tombstone shows nothing to a read (found by
+    /// a review: blind deletes piled up tombstones until a key that read as
+    /// absent refused a blind put with too many siblings). Only its own
+    /// node's: the new tombstone then still holds that node's clock entry
+    /// against truncation (module doc), which another node's tombstone
+    /// would not (a review showed a superseded value coming back through
+    /// a merge once the entry was dropped). So a key keeps at most one
+    /// tombstone per coordinating node. Returns the new dot. Fails, leaving
     /// `self` unchanged, with [`VersionError::TooManySiblings`] if more than
     /// [`MAX_SIBLINGS`] would remain, or `Malformed` if the counter would
     /// overflow (only a forged context can get there).
     pub fn update(&mut self, ctx: &Clock, actor: Actor, value: Option<V>) -> Result<Dot, VersionError> {
         let delete = value.is_none();
-        // Gone: what `ctx` saw, and for a delete, the tombstones it folds.
-        let gone = |s: &Sibling<V>| ctx.covers(s.dot) || (delete && s.value.is_none());
+        // Gone: what `ctx` saw, and for a delete, its node's tombstones.
+        let gone = |s: &Sibling<V>| ctx.covers(s.dot) || (delete && s.value.is_none() && s.dot.actor == actor);
         let kept = |s: &Sibling<V>| !gone(s);
         let siblings = self.siblings.iter().filter(|s| kept(s)).count() + 1;
         if siblings > MAX_SIBLINGS {
@@ -978,6 +983,24 @@ mod tests {
         bad(&[0x01, 0xff, 0xff, 0xff, 0xff, 0x0f], b"", "more clock entries than MAX_CLOCK_ENTRIES");
         bad(&[&m[..20], &[0xff, 0xff, 0xff, 0xff, 0x0f]].concat(), b"hi", "more siblings than MAX_SIBLINGS");
         bad(&[&m[..20], &[MAX_SIBLINGS as u8 + 1]].concat(), b"hi", "more siblings than MAX_SIBLINGS");
+    }
+
+    /// A delete folds its own node's earlier tombstones into its new one,
+    /// never another node's (whose clock entry that tombstone holds against
+    /// truncation).
+    #[test]
+    fn a_delete_folds_only_its_own_nodes_tombstones() {
+        let mut s: VersionSet = VersionSet::new();
+        let none = Clock::new();
+        s.update(&none, 1, Some(b"v".to_vec())).unwrap();
+        let d1 = s.update(&none, 1, None).unwrap();
+        let d2 = s.update(&none, 2, None).unwrap();
+        let dots = |s: &VersionSet| s.siblings().iter().map(|x| x.dot).collect::<Vec<_>>();
+        assert_eq!(dots(&s), vec![Dot { actor: 1, counter: 1 }, d1, d2], "node 2 folds none of node 1's");
+        let d3 = s.update(&none, 1, None).unwrap();
+        assert_eq!(dots(&s), vec![Dot { actor: 1, counter: 1 }, d3, d2], "node 1 folds its own");
+        assert!(s.clock().covers(d1), "the folded dot stays in the clock");
+        assert_eq!(s.live_values().collect::<Vec<_>>(), vec![&b"v"[..]], "a blind delete sees nothing");
     }
 
     #[test]
