@@ -812,15 +812,7 @@ impl Conn {
                 // never sent, and counts as waited for and failed.
                 if let (Some(p), Some((_, to))) = (&pace, window) {
                     if now >= to + self.drain {
-                        let mut at = p.next;
-                        while at < to {
-                            tally.all.record((now.saturating_duration_since(at).as_nanos() as u64).max(1))?;
-                            tally.fail(format!(
-                                "not sent by {:?} after the run: the server fell behind the rate",
-                                self.drain
-                            ));
-                            at += p.interval;
-                        }
+                        self.give_up_unsent(tally, p, to, now)?;
                         more = false;
                     }
                 }
@@ -898,10 +890,10 @@ impl Conn {
                     }
                     // Latency and errors: by schedule when paced, else by
                     // when read. Throughput: by when read, always.
-                    let read_in_window = window.is_some_and(|(from, to)| read_at >= from && read_at < to);
+                    let read_in_window = within(window, read_at);
                     let counts = match window {
                         None => true,
-                        Some((from, to)) if pace.is_some() => f.sent >= from && f.sent < to,
+                        Some(_) if pace.is_some() => within(window, f.sent),
                         Some(_) => read_in_window,
                     };
                     if let Some(e) = d.error {
@@ -968,22 +960,40 @@ impl Conn {
             }
         }
     }
-}
 
-impl Conn {
-    /// The replies still owed [`DRAIN`] after the window: a paced request
-    /// scheduled in the window is recorded with what it has waited, as an
-    /// error (a closed-loop one read now would be past the window anyway).
+    /// The replies still owed [`DRAIN`] after the last send: a paced
+    /// request scheduled in the window is recorded with what it has waited,
+    /// as an error (a closed-loop one read now would be past the window
+    /// anyway).
     fn give_up(&mut self, tally: &mut Tally, window: Option<(Instant, Instant)>, paced: bool) -> anyhow::Result<()> {
         let now = Instant::now();
         for f in self.in_flight.drain(..) {
-            if paced && window.is_some_and(|(from, to)| f.sent >= from && f.sent < to) {
+            if paced && within(window, f.sent) {
                 tally.record(f.op, now.saturating_duration_since(f.sent))?;
                 tally.fail(format!("no reply {:?} after the run", self.drain));
             }
         }
         Ok(())
     }
+
+    /// What is left of a paced schedule [`DRAIN`] after the window's end
+    /// `to` (a server far slower than the rate): never sent, each slot
+    /// recorded with what it has waited, as an error (in the histogram of
+    /// all only: no operation was drawn for it).
+    fn give_up_unsent(&self, tally: &mut Tally, pace: &Pace, to: Instant, now: Instant) -> anyhow::Result<()> {
+        let mut at = pace.next;
+        while at < to {
+            tally.all.record((now.saturating_duration_since(at).as_nanos() as u64).max(1))?;
+            tally.fail(format!("not sent by {:?} after the run: the server fell behind the rate", self.drain));
+            at += pace.interval;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `at` falls in the measured `window`.
+fn within(window: Option<(Instant, Instant)>, at: Instant) -> bool {
+    window.is_some_and(|(from, to)| at >= from && at < to)
 }
 
 /// How long a run waits for its last replies after the measured window.
