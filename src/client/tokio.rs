@@ -942,11 +942,23 @@ mod tests {
     /// A node on `l` that answers PING (one shard, on its port), RING
     /// (with `ring`, N = 3), GET (with "v") and PUT on every connection.
     async fn ring_seed(l: TcpListener, ring: crate::core::ring::Ring) -> SocketAddr {
+        ring_seed_with(l, ring, |id| get_reply(id, b"v")).0
+    }
+
+    /// [`ring_seed`] answering a GET with `get(request id)`; also the count
+    /// of RING requests it got.
+    fn ring_seed_with(
+        l: TcpListener,
+        ring: crate::core::ring::Ring,
+        get: fn(u64) -> Vec<u8>,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         let addr = l.local_addr().unwrap();
         let ring = ring.to_bytes();
+        let rings = Arc::new(AtomicUsize::new(0));
+        let asked = rings.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
-                let ring = ring.clone();
+                let (ring, asked) = (ring.clone(), asked.clone());
                 tokio::spawn(async move {
                     while let Some((h, body)) = read_frame(&mut s).await {
                         let mut out = Vec::new();
@@ -956,9 +968,10 @@ mod tests {
                                 Response::Pong(info).encode(&mut out, h.request_id, 0);
                             }
                             Ok(Request::Ring) => {
+                                asked.fetch_add(1, Ordering::SeqCst);
                                 Response::Ring { n: 3, r: 2, w: 2, ring: &ring }.encode(&mut out, h.request_id, 0)
                             }
-                            Ok(Request::Get { .. }) => out = get_reply(h.request_id, b"v"),
+                            Ok(Request::Get { .. }) => out = get(h.request_id),
                             Ok(Request::Put { .. }) => {
                                 Response::Put { context: b"", siblings: 1 }.encode(&mut out, h.request_id, 0)
                             }
@@ -971,7 +984,7 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, rings)
     }
 
     /// A node on `l` that answers PING (one shard, on its port) and never
@@ -1120,37 +1133,12 @@ mod tests {
         use crate::core::ring::{Member, Ring};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let ring = Ring::with_members(64, vec![Member { name: "a".into(), addr, zone: None }]).unwrap().to_bytes();
-        let rings = Arc::new(AtomicUsize::new(0));
-        let asked = rings.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (ring, asked) = (ring.clone(), asked.clone());
-                tokio::spawn(async move {
-                    while let Some((h, body)) = read_frame(&mut s).await {
-                        let mut out = Vec::new();
-                        match Request::decode(h.opcode, &body) {
-                            Ok(Request::Ping) => {
-                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
-                                Response::Pong(info).encode(&mut out, h.request_id, 0);
-                            }
-                            Ok(Request::Ring) => {
-                                asked.fetch_add(1, Ordering::SeqCst);
-                                Response::Ring { n: 1, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
-                            }
-                            Ok(Request::Get { .. }) => {
-                                let e = Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" };
-                                e.encode(&mut out, h.request_id, 0);
-                                crate::wire::patch_reply(&mut out, h.request_id, flags::STALE_ROUTE);
-                            }
-                            other => panic!("the node got {other:?}"),
-                        }
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+        let ring = Ring::with_members(64, vec![Member { name: "a".into(), addr, zone: None }]).unwrap();
+        let (_, rings) = ring_seed_with(l, ring, |id| {
+            let mut out = Vec::new();
+            Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" }.encode(&mut out, id, 0);
+            crate::wire::patch_reply(&mut out, id, flags::STALE_ROUTE);
+            out
         });
         let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
         let client = AsyncClient::connect_with(&addr.to_string(), config).await.unwrap();
