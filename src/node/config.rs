@@ -224,28 +224,22 @@ impl NodeConfig {
             bail!("max_value_len {} must be between 1 and {VALUE_LEN_HARD_CAP}", self.max_value_len);
         }
         let mut config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
-        if self.cluster.is_some() {
-            // A replica that drops a tombstone forgets its own dots for the
-            // key: its next write there reissues a dot the others still hold
-            // (the delete's, or one it covers), they take it as a write they
-            // have, and the acknowledged write is lost at the next read. A
-            // replica that missed the delete would also bring the value back
-            // through read repair. Tombstones stay until replicas can agree
-            // that every one of them has it (there is no such protocol yet).
-            if config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms {
-                bail!(
-                    "tombstone_grace_ms cannot be set on a node of a cluster: its tombstones are kept, since a \
-                     replica that drops one can lose later writes to the key"
-                );
-            }
-            config.tombstone_grace_ms = KEEP_TOMBSTONES;
-        } else if config.tombstone_grace_ms == EngineConfig::default().tombstone_grace_ms {
-            // A lone node keeps them too unless told otherwise: clients hold
-            // its dots in their contexts, and once it forgot a key, a write
-            // with a context read before the delete covered the key's next
-            // write (its dot reissued) and dropped it unseen (found by a
-            // review). `tombstone_grace_ms` set: dropped after that age, at
-            // that risk.
+        // A node that drops a tombstone forgets its own dots for the key and
+        // reissues one at its next write there: replicas holding that dot
+        // take the write for one they have (it is lost at the next read),
+        // a client whose context from before the delete covers it drops the
+        // new value unseen, and a replica that missed the delete brings the
+        // value back through read repair. So a node keeps its tombstones
+        // unless `tombstone_grace_ms` is set, which only a lone node may
+        // (at that risk: README). Found by reviews.
+        let asked = config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms;
+        if asked && self.cluster.is_some() {
+            bail!(
+                "tombstone_grace_ms cannot be set on a node of a cluster: its tombstones are kept, since a \
+                 replica that drops one can lose later writes to the key"
+            );
+        }
+        if !asked {
             config.tombstone_grace_ms = KEEP_TOMBSTONES;
         }
         // Said in the node's terms: the engine's own message names its

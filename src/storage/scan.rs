@@ -418,9 +418,9 @@ const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGE
 /// Recovery replays segments in id order, so a tombstone shadows older
 /// records only while it exists. It may go once its grace period has passed
 /// and its segment is the oldest on disk (no older record of the key can
-/// remain to resurrect). A node of a cluster keeps its tombstones
-/// (`KEEP_TOMBSTONES`): a replica's tombstone also holds its dots for the
-/// key, which its next write there must not reissue.
+/// remain to resurrect). A node keeps its tombstones unless told otherwise
+/// (`KEEP_TOMBSTONES`): a tombstone also holds the node's dots for the key,
+/// which its next write there must not reissue.
 pub fn may_drop_tombstone(ts_ms: u64, now_ms: u64, grace_ms: u64, seg: u32, oldest_seg: u32) -> bool {
     seg == oldest_seg && now_ms.saturating_sub(ts_ms) >= grace_ms
 }
