@@ -245,8 +245,8 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
         stop.tasks.borrow_mut().push(flusher);
     }
     // Made before the task: the engine is driven from here on, and the
-    // guard lets waiting writes go however the task ends, even cancelled
-    // before it first runs.
+    // guard lets waiting writes go however the task ends, even one that
+    // never runs.
     let driving = Driving(engine.clone());
     let shares = Rc::new(std::cell::Cell::new(engine.handle_compaction_check().shares()));
     let manager = Rc::new(CompactionShares(shares.clone()));

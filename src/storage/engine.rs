@@ -1126,8 +1126,10 @@ impl<B: Backend> Engine<B> {
         // Hands leadership back even if this future is dropped mid-flush
         // (a cancelled task): otherwise every later writer would wait for
         // a leader that is gone. A flush cut short is planned again from
-        // the same state, and rewriting the same bytes at the same offsets
-        // is harmless.
+        // the same state. (On a real disk a write already at the device
+        // stays in flight, and could land after the next flush's write of
+        // the same block, which has more bytes: ARCHITECTURE.md says why
+        // the node never drops a leader.)
         let _guard = LeaderGuard(&self.inner);
         // Boxed: a flush's future is large and runs once per flush, while
         // every write's future would carry its size.
