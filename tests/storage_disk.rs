@@ -502,6 +502,36 @@ async fn new_file(backend: &GlommioBackend, name: &str, data: &[u8]) -> std::rc:
     f
 }
 
+/// A write whose future is dropped once polled (the engine's caller went
+/// away mid-flush) still runs to its end, and a later write to the same
+/// file starts only after it. glommio cannot call back a write it has
+/// handed to the device: it used to stay in flight, and could land after
+/// the next flush's write of the same block, which has more records.
+/// Here the dropped write covers blocks 0 and 1 and the later one block
+/// 0: afterwards block 0 must be the later write's and block 1 the
+/// dropped one's.
+#[test]
+fn a_dropped_write_still_happens_and_before_a_later_one() {
+    in_fresh_dir(|path| async move {
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        let f = new_file(&backend, "log", &[0u8; 2 * BLOCK_SIZE]).await;
+        for round in 0..50u8 {
+            let dropped = vec![2 * round + 1; 2 * BLOCK_SIZE];
+            let later = vec![2 * round + 2; BLOCK_SIZE];
+            {
+                let write = backend.write_at(&f, backend.alloc_with(&f, dropped.len(), &dropped), 0);
+                let mut write = std::pin::pin!(write);
+                assert!(futures_lite::future::poll_once(&mut write).await.is_none(), "a write is not done at once");
+            }
+            backend.write_at(&f, backend.alloc_with(&f, later.len(), &later), 0).await.unwrap();
+            let read = backend.read_at(&f, 0, 2 * BLOCK_SIZE).await.unwrap();
+            let read = read.as_ref();
+            assert!(read[..BLOCK_SIZE] == later[..], "round {round}: block 0 is the later write's");
+            assert!(read[BLOCK_SIZE..] == dropped[BLOCK_SIZE..], "round {round}: block 1 is the dropped write's");
+        }
+    });
+}
+
 /// Regression: the backend sized a file through glommio's
 /// `DmaFile::file_size`, a statx of the path it was opened under, so a
 /// file renamed since (the spare segment: `spare-segment.tmp`, then

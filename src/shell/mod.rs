@@ -72,10 +72,13 @@ pub async fn open_shard(dir: &Path, config: EngineConfig) -> anyhow::Result<(Dis
 /// Handle that stops the background tasks of [`spawn_background`].
 ///
 /// A task stops at its next wait, never in the middle of its work: a task
-/// cancelled in a flush would leave its log write in flight (glommio
-/// cannot call back a write the device has), and the final sync's write
-/// of the same blocks could then be overtaken by it, putting back older
-/// bytes over records already acknowledged. (Found by a review.)
+/// cancelled in a flush left its log write in flight (glommio cannot call
+/// back a write the device has), and the final sync's write of the same
+/// blocks could then be overtaken by it, putting back older bytes over
+/// records already acknowledged (found by a review). The backend now makes
+/// a later write wait for such a write (`Backend::write_at`); stopping
+/// only at a wait keeps shutdown from cutting any work short in the first
+/// place.
 #[derive(Clone, Default)]
 pub struct Stop {
     /// The tasks, to wait for: each holds an engine clone, and the engine

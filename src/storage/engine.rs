@@ -1126,10 +1126,9 @@ impl<B: Backend> Engine<B> {
         // Hands leadership back even if this future is dropped mid-flush
         // (a cancelled task): otherwise every later writer would wait for
         // a leader that is gone. A flush cut short is planned again from
-        // the same state. (On a real disk a write already at the device
-        // stays in flight, and could land after the next flush's write of
-        // the same block, which has more bytes: ARCHITECTURE.md says why
-        // the node never drops a leader.)
+        // the same state. A log write it had issued still runs to its end,
+        // before the next write to that file ([`Backend::write_at`]), so
+        // it cannot land over the next flush's write of the same block.
         let _guard = LeaderGuard(&self.inner);
         // Boxed: a flush's future is large and runs once per flush, while
         // every write's future would carry its size.

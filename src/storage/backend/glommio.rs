@@ -18,9 +18,11 @@
 //! so sizes come from this module's `file_size` (fstat). Its own `rename`,
 //! `remove` and `path` are path-based too and are not used.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -28,6 +30,7 @@ use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use super::{write_file_in_pieces, Backend, WriteBuf};
 use crate::limits::BLOCK_SIZE;
+use crate::notify::Notify;
 
 /// How long [`yield_to_reactor`] sleeps: long enough that the timer
 /// cannot have expired by its first poll (nanoseconds later), short
@@ -87,6 +90,37 @@ pub struct GlommioBackend {
     dir: PathBuf,
     /// Holds the exclusive lock; released when the backend is dropped.
     _lock: File,
+    /// Per file descriptor, the last write issued to it that has not ended:
+    /// the next write to that file waits for it (see `write_at`). An entry
+    /// is removed by its own write when it ends, if no later write has
+    /// taken its place. The write's task holds the file open, so a
+    /// descriptor here is never one the kernel handed out again.
+    writes: Rc<RefCell<HashMap<RawFd, Rc<WriteEnd>>>>,
+}
+
+/// The end of one write (see `GlommioBackend::write_at`): set once, when
+/// the write has completed or failed at the device.
+#[derive(Default)]
+struct WriteEnd {
+    ended: Cell<bool>,
+    notify: Notify,
+}
+
+impl WriteEnd {
+    fn set(&self) {
+        self.ended.set(true);
+        self.notify.notify_all();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let seen = self.notify.generation();
+            if self.ended.get() {
+                return;
+            }
+            self.notify.wait(seen).await;
+        }
+    }
 }
 
 /// A write buffer in DMA-able memory.
@@ -147,7 +181,7 @@ impl GlommioBackend {
             return Err(io::Error::other("short read probing the data directory's device"));
         }
         probe.close().await.map_err(io::Error::from)?;
-        Ok(GlommioBackend { dir, _lock: lock })
+        Ok(GlommioBackend { dir, _lock: lock, writes: Rc::default() })
     }
 
     async fn open_with(&self, name: &str, create: bool, flags: i32) -> io::Result<Rc<DmaFile>> {
@@ -235,6 +269,22 @@ fn full_write(n: usize, want: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes the whole buffer at `off` (see `full_write` for a short write).
+async fn write_whole(file: &DmaFile, buf: GlommioBuf, off: u64) -> io::Result<()> {
+    let want = buf.0.len();
+    let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
+    // Not for a write that wrote nothing: its first block may be one
+    // rewritten with records acknowledged before, which zeros must not
+    // replace (a direct write returns an error, not 0, when it cannot
+    // write at all).
+    if n < want && n > 0 && n % BLOCK_SIZE == 0 {
+        let mut probe = file.alloc_dma_buffer(BLOCK_SIZE);
+        probe.as_bytes_mut().fill(0);
+        file.write_at(probe, off + n as u64).await.map_err(io::Error::from)?;
+    }
+    full_write(n, want)
+}
+
 impl Backend for GlommioBackend {
     type File = Rc<DmaFile>;
     type Buf = GlommioBuf;
@@ -300,19 +350,39 @@ impl Backend for GlommioBackend {
     /// stopped (inside the range this write was to fill: the log beyond
     /// its data is zeros anyway, and a retried flush rewrites the range),
     /// and reports that write's error if it fails.
+    ///
+    /// The write runs in a task of its own, which waits for the previous
+    /// write to the same file to end first. So a write is never abandoned
+    /// half way: if this future is dropped once polled (the engine's caller
+    /// went away), the write still runs to its end, and a later write to
+    /// the same file, the same blocks included, starts only after it
+    /// ended. Without that, a write glommio had already handed to the
+    /// device stayed in flight (it cannot be called back) and could land
+    /// after the next flush's write of the same block, which has more
+    /// records: those records were then lost. The engine's writes to one
+    /// file are one after another anyway (one flush leader), so the wait
+    /// costs nothing but after such a drop.
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
-        let want = buf.0.len();
-        let n = file.write_at(buf.0, off).await.map_err(io::Error::from)?;
-        // Not for a write that wrote nothing: its first block may be one
-        // rewritten with records acknowledged before, which zeros must not
-        // replace (a direct write returns an error, not 0, when it cannot
-        // write at all).
-        if n < want && n > 0 && n % BLOCK_SIZE == 0 {
-            let probe = self.alloc(file, BLOCK_SIZE);
-            file.write_at(probe.0, off + n as u64).await.map_err(io::Error::from)?;
-        }
-        full_write(n, want)
+        let fd = file.as_raw_fd();
+        let end = Rc::new(WriteEnd::default());
+        let before = self.writes.borrow_mut().insert(fd, end.clone());
+        let (file, writes) = (file.clone(), self.writes.clone());
+        let task = glommio::spawn_local(async move {
+            if let Some(before) = before {
+                before.wait().await;
+            }
+            let result = write_whole(&file, buf, off).await;
+            end.set();
+            let mut writes = writes.borrow_mut();
+            if writes.get(&fd).is_some_and(|last| Rc::ptr_eq(last, &end)) {
+                writes.remove(&fd);
+            }
+            result
+        })
+        .detach();
+        // `None` only if the executor cancelled the task (it is ending).
+        task.await.unwrap_or_else(|| Err(io::Error::other("the write's task was cancelled")))
     }
 
     async fn sync(&self, file: &Rc<DmaFile>) -> io::Result<()> {

@@ -55,7 +55,11 @@ pub trait Backend {
     /// `data` and is zeros after it: [`Self::alloc`] and a copy, without
     /// zeroing first what the copy overwrites (a log flush is megabytes).
     fn alloc_with(&self, file: &Self::File, len: usize, data: &[u8]) -> Self::Buf;
-    /// Writes the whole buffer at `off` (block aligned).
+    /// Writes the whole buffer at `off` (block aligned). A write whose
+    /// future is dropped once polled either never happens or runs to its
+    /// end before any later write to the same file starts (a flush leader
+    /// dropped mid-write must not have its write land over the next
+    /// flush's write of the same block).
     async fn write_at(&self, file: &Self::File, buf: Self::Buf, off: u64) -> io::Result<()>;
     /// fdatasync.
     async fn sync(&self, file: &Self::File) -> io::Result<()>;
