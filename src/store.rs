@@ -13,7 +13,10 @@
 //! every sibling is a delete is stored as a storage tombstone that still
 //! carries the clock, so a later write with an old context does not
 //! resurrect what was deleted; compaction forgets it after the engine's
-//! tombstone grace period.
+//! tombstone grace period (a lone node's; a cluster's are kept). A key with
+//! no record takes its first dot above every sequence number the shard has
+//! issued (`dot_floor`), so a key forgotten that way never has a dot
+//! reissued.
 
 use std::cell::RefCell;
 
@@ -23,6 +26,13 @@ use crate::core::coord::apply_replica_put;
 use crate::core::version::{decode_context, Actor, Clock, VersionError, VersionSet};
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
+
+/// The largest counter a client's context may hold. Counters are shards'
+/// sequence numbers ([`Store`]'s `dot_floor`), and 2^53 is about 285 years
+/// of a million writes a second on one shard; a larger one can only be
+/// forged, and is refused, so no stored counter gets near `u64::MAX`
+/// (where the next dot would overflow).
+pub const MAX_CONTEXT_COUNTER: u64 = 1 << 53;
 
 /// Conflicting writes on one key that make a write start over this many
 /// times give up with [`StoreError::Contended`] rather than spin.
@@ -142,7 +152,7 @@ impl<B: Backend> Store<B> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
             let (mut set, id) = self.read(key).await?;
-            set.update(&ctx, self.actor, value.map(<[u8]>::to_vec)).map_err(update_error)?;
+            set.update_after(&ctx, self.actor, value.map(<[u8]>::to_vec), self.dot_floor()).map_err(update_error)?;
             if self.write_if(key, &set, id, now_ms).await? {
                 return Ok(Written { set });
             }
@@ -191,7 +201,7 @@ impl<B: Backend> Store<B> {
                 Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
             },
         };
-        if let Err(e) = set.update(&ctx, self.actor, value) {
+        if let Err(e) = set.update_after(&ctx, self.actor, value, self.dot_floor()) {
             return Some(Err(update_error(e)));
         }
         let (pending, context_len) = match self.append_now(key, &set, rec.as_ref().map(|r| r.id()), now_ms) {
@@ -206,10 +216,41 @@ impl<B: Backend> Store<B> {
         Some(Ok((reply(context, set.live_values().count()), pending)))
     }
 
+    /// What the new dot's counter must be above ([`VersionSet::update_after`]):
+    /// the shard's last sequence number. So a dot this node issues on the
+    /// shard is never one it issued before, whatever the key's record still
+    /// says: every dot is at most the sequence number of the record that
+    /// stored it (its counter is this floor plus one, or one above the
+    /// key's counter, itself at most the last record's number). That holds
+    /// when the node forgot the key (compaction dropped its tombstone): a
+    /// client's context from before the delete, or a replica's copy, would
+    /// otherwise cover the next write there and drop it (found by
+    /// reviews). And when the key's clock lost this node's entry to the
+    /// bound (a merge with more than `MAX_CLOCK_ENTRIES` writers, which a
+    /// forged context can bring about: found by a review). Costs a few
+    /// bytes a clock entry and a dot: counters are sequence numbers.
+    fn dot_floor(&self) -> u64 {
+        self.engine.last_seq()
+    }
+
     /// The context of a write, once the write is known to be within the
     /// client limits.
     fn check_write(&self, context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
         let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
+        // A client's context is untrusted (found by a review): a counter
+        // near `u64::MAX` made every later write of the key overflow its
+        // dot, and one of this node's own past its last sequence number
+        // names a write it never made (and would cover its next ones).
+        if ctx.iter().any(|(_, c)| c > MAX_CONTEXT_COUNTER) {
+            return Err(StoreError::InvalidContext(VersionError::Malformed(
+                "a context counter beyond any real history",
+            )));
+        }
+        if ctx.get(self.actor) > self.engine.last_seq() {
+            return Err(StoreError::InvalidContext(VersionError::Malformed(
+                "the context names a write this node never made",
+            )));
+        }
         if let Some(v) = value {
             if v.len() > self.max_value_len {
                 return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
@@ -446,6 +487,79 @@ mod tests {
             let err = s.put(b"big", &[], Some(&[1; 1000]), 1).await.unwrap_err();
             assert!(matches!(err, StoreError::ObjectTooLarge { .. }), "{err}");
             assert_eq!(s.get(b"big").await.unwrap().live_values().count(), 4);
+        })
+    }
+    /// A context of `(actor, counter)` entries, as a client would send it.
+    fn context_of(entries: &[(Actor, u64)]) -> Vec<u8> {
+        let mut set = VersionSet::<Vec<u8>>::new();
+        for &(actor, counter) in entries {
+            set.update_after(&Clock::new(), actor, Some(vec![]), counter - 1).unwrap();
+        }
+        set.clock().to_bytes()
+    }
+
+    /// Regression (found by reviews): a lone node that dropped a key's
+    /// tombstone forgot its dots there, and its next write of the key
+    /// reissued one; a client whose context was read before the delete
+    /// covered it, and its write dropped that value unseen. A key's dots
+    /// are now drawn above the shard's last sequence number.
+    #[test]
+    fn a_key_written_again_after_its_tombstone_went_takes_a_dot_no_old_context_covers() {
+        block_on(async {
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 2048,
+                tombstone_grace_ms: 0,
+                compaction_threshold: 0.3,
+                ..Default::default()
+            };
+            let (engine, _) = Engine::open(MemBackend::new(), config).await.unwrap();
+            let s = Store::new(engine, 7, 1024);
+            let before_delete = s.put(b"k", &[], Some(b"v1"), 1).await.unwrap().context().to_bytes();
+            s.put(b"k", &before_delete, None, 2).await.unwrap();
+            // Fill segments so that the tombstone's is sealed and mostly
+            // garbage, then compact it away.
+            let mut ctx = Vec::new();
+            for i in 0..40u32 {
+                ctx = s.put(b"filler", &ctx, Some(&[i as u8; 1000]), 3).await.unwrap().context().to_bytes();
+            }
+            let stats = s.engine().compact(10_000).await.unwrap();
+            assert!(stats.tombstones_dropped >= 1, "{stats:?}");
+            assert!(s.engine().get(b"k").await.unwrap().is_none(), "the node forgot the key");
+
+            s.put(b"k", &[], Some(b"v2"), 4).await.unwrap();
+            s.put(b"k", &before_delete, Some(b"v3"), 5).await.unwrap();
+            let got = s.get(b"k").await.unwrap();
+            assert_eq!(values(&got), vec![b"v2".to_vec(), b"v3".to_vec()], "v2 was never seen by the v3 writer");
+        })
+    }
+
+    /// Contexts are untrusted (found by a review): a counter near
+    /// `u64::MAX` made every later write of the key fail (the next dot
+    /// overflowed), and a counter of this node's past its last sequence
+    /// number names a write it never made. Both are refused, and a key
+    /// written with a large but possible counter of another node's stays
+    /// writable.
+    #[test]
+    fn contexts_with_impossible_counters_are_refused() {
+        block_on(async {
+            let s = store();
+            s.put(b"k", &[], Some(b"v"), 1).await.unwrap();
+            let last = s.engine().last_seq();
+            for (what, forged) in [
+                ("near u64::MAX", context_of(&[(7, u64::MAX - 1)])),
+                ("past the bound", context_of(&[(9, MAX_CONTEXT_COUNTER + 1)])),
+                ("this node's, never made", context_of(&[(7, last + 1)])),
+            ] {
+                let err = s.put(b"k", &forged, Some(b"evil"), 2).await.unwrap_err();
+                assert!(matches!(err, StoreError::InvalidContext(_)), "{what}: {err}");
+            }
+            let other = context_of(&[(9, MAX_CONTEXT_COUNTER)]);
+            s.put(b"k", &other, Some(b"w"), 3).await.unwrap();
+            let ctx = s.get(b"k").await.unwrap().clock().to_bytes();
+            s.put(b"k", &ctx, Some(b"fixed"), 4).await.unwrap();
+            s.put(b"k", &[], Some(b"blind"), 5).await.unwrap();
+            assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"blind".to_vec(), b"fixed".to_vec()]);
         })
     }
 }

@@ -477,5 +477,58 @@ fn a_write_after_a_delete_takes_a_dot_the_other_replicas_have_not_seen() {
         let mut read = forgot;
         read.merge(&b);
         assert_eq!(read.live_values().count(), 0, "{what}: the write is lost");
+
+        // What the store does instead: a dot above every sequence number
+        // the shard has issued (here 2: the write and the delete), so
+        // above every dot of the key it forgot.
+        let mut forgot = VersionSet::new();
+        let fresh = forgot.update_after(&ctx, a_id, Some(b"v2".to_vec()), 2).unwrap();
+        assert_eq!(fresh, Dot { actor: a_id, counter: 3 }, "{what}");
+        let stored = gyre::core::coord::apply_replica_put(Some(b.clone()), &forgot).unwrap();
+        let stored = stored.unwrap_or_else(|| panic!("{what}: the other replica took it for a write it has"));
+        let mut read = forgot.clone();
+        read.merge(&stored);
+        assert_eq!(read.live_values().collect::<Vec<_>>(), vec![&b"v2"[..]], "{what}");
     }
+}
+
+/// A forged context wide enough to push real nodes' entries out of the
+/// clock's bound (found by a review): node B's entry was dropped at A,
+/// then at B itself when it merged A's set, and B's next write reissued its
+/// first dot, which replica C (which had seen it) took for a write it had:
+/// an acknowledged write lost. Dots drawn above the shard's sequence
+/// numbers (`update_after`, as the store does) are never reissued, so C
+/// keeps the write. The forged actors cost false siblings at most.
+#[test]
+fn a_forged_wide_context_cannot_make_a_node_reissue_a_dot() {
+    let (a, b) = (1 as Actor, 2 as Actor);
+    // Each node's shard numbers its records; a dot is drawn above them.
+    let (mut seq_a, mut seq_b) = (0u64, 0u64);
+    let mut put_at = |s: &mut VersionSet, ctx: &Clock, actor: Actor, value: &str| {
+        let seq = if actor == a { &mut seq_a } else { &mut seq_b };
+        let dot = s.update_after(ctx, actor, Some(value.as_bytes().to_vec()), *seq).unwrap();
+        *seq = dot.counter;
+        dot
+    };
+    let mut rb = VersionSet::new();
+    let first = put_at(&mut rb, &Clock::new(), b, "v1");
+    let (mut ra, mut rc) = (rb.clone(), rb.clone());
+    let stale = read(&ra);
+    put_at(&mut ra, &stale, a, "v2");
+    rb.merge(&ra);
+    rc.merge(&ra);
+    // {B:1} and 63 made-up actors with large counters.
+    let mut forged = VersionSet::<Vec<u8>>::new();
+    forged.update_after(&Clock::new(), b, Some(vec![]), 0).unwrap();
+    for i in 0..63 {
+        forged.update_after(&Clock::new(), 1000 + i, Some(vec![]), 999_999).unwrap();
+    }
+    put_at(&mut ra, forged.clock(), a, "v3");
+    assert_eq!(ra.clock().get(b), 0, "B's entry dropped at A");
+    rb.merge(&ra);
+    assert_eq!(rb.clock().get(b), 0, "B's own entry dropped at B");
+    let new = put_at(&mut rb, &Clock::new(), b, "new");
+    assert_ne!(new, first, "B reissued a dot");
+    rc.merge(&rb);
+    assert!(live(&rc).contains(&"new".to_string()), "C dropped the acknowledged write: {:?}", live(&rc));
 }

@@ -8,9 +8,12 @@
 //! layouts of the client context and of the stored metadata. Storage and the
 //! wire treat both encodings as opaque bytes.
 //!
-//! A dot `(actor, counter)` names one write: the `counter`-th write that node
-//! `actor` coordinated for this key. A clock maps actors to counters and stands
-//! for every dot `(a, c)` with `1 <= c <= clock[a]`: "these writes were seen".
+//! A dot `(actor, counter)` names one write that node `actor` coordinated for
+//! this key; a node's counters for a key only grow (each write one above the
+//! last it knows of, or above a floor it passes: [`VersionSet::update_after`]).
+//! A clock maps actors to counters and stands for every dot `(a, c)` with
+//! `1 <= c <= clock[a]`: "these writes were seen" (a counter the node skipped
+//! names no write, so covering it costs nothing).
 //!
 //! # Invariant
 //!
@@ -127,11 +130,14 @@
 //! costs a redundant sibling, never an update. One further caveat applies
 //! only to truncation inside a merge: if it drops the entry of the very node
 //! that merges, and that node then coordinates a write whose context lacks its
-//! entry too, it can reissue one of its old dots; a stale context covering
-//! that dot would then supersede the new write. Both need more than
-//! [`MAX_CLOCK_ENTRIES`] distinct coordinators of one key; below that the
-//! clock is never truncated and merge is an exact join (commutative,
-//! associative, idempotent).
+//! entry too, [`VersionSet::update`] would reissue one of its old dots; a
+//! stale context covering that dot would then supersede the new write. The
+//! node never does: its store passes a floor above every dot it issued
+//! ([`VersionSet::update_after`], `Store::dot_floor`), since a forged
+//! context with more than [`MAX_CLOCK_ENTRIES`] made-up actors can bring the
+//! truncation about (found by a review). Below that many actors the clock is
+//! never truncated and merge is an exact join (commutative, associative,
+//! idempotent).
 
 use std::cmp::Ordering;
 
@@ -210,7 +216,8 @@ pub enum VersionError {
     TooManySiblings { siblings: usize, max: usize },
 }
 
-/// One write: the `counter`-th write that node `actor` coordinated for a key.
+/// One write that node `actor` coordinated for a key (counters of one actor
+/// for one key only grow).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Dot {
     pub actor: Actor,
@@ -515,6 +522,22 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
     /// [`MAX_SIBLINGS`] would remain, or `Malformed` if the counter would
     /// overflow (only a forged context can get there).
     pub fn update(&mut self, ctx: &Clock, actor: Actor, value: Option<V>) -> Result<Dot, VersionError> {
+        self.update_after(ctx, actor, value, 0)
+    }
+
+    /// [`Self::update`] whose new dot's counter is also above `after`. A
+    /// node that forgot a key (dropped its tombstone) forgot its dots
+    /// there; writing the key again from nothing, it passes a counter above
+    /// every dot it can have issued before ([`crate::store`] passes its
+    /// shard's next log sequence number), so the new dot is none that a
+    /// client's old context or another replica holds.
+    pub fn update_after(
+        &mut self,
+        ctx: &Clock,
+        actor: Actor,
+        value: Option<V>,
+        after: u64,
+    ) -> Result<Dot, VersionError> {
         let delete = value.is_none();
         // Gone: what `ctx` saw, and for a delete, its node's tombstones.
         let gone = |s: &Sibling<V>| ctx.covers(s.dot) || (delete && s.value.is_none() && s.dot.actor == actor);
@@ -527,6 +550,7 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
             .clock
             .get(actor)
             .max(ctx.get(actor))
+            .max(after)
             .checked_add(1)
             .ok_or(VersionError::Malformed("dot counter overflows u64"))?;
         let dot = Dot { actor, counter };

@@ -224,22 +224,23 @@ impl NodeConfig {
             bail!("max_value_len {} must be between 1 and {VALUE_LEN_HARD_CAP}", self.max_value_len);
         }
         let mut config = EngineConfig { fsync: self.fsync, max_value_len: VALUE_LEN_HARD_CAP, ..self.storage.clone() };
-        // A node that drops a tombstone forgets its own dots for the key and
-        // reissues one at its next write there: replicas holding that dot
-        // take the write for one they have (it is lost at the next read),
-        // a client whose context from before the delete covers it drops the
-        // new value unseen, and a replica that missed the delete brings the
-        // value back through read repair. So a node keeps its tombstones
-        // unless `tombstone_grace_ms` is set, which only a lone node may
-        // (at that risk: README). Found by reviews.
-        let asked = config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms;
-        if asked && self.cluster.is_some() {
-            bail!(
-                "tombstone_grace_ms cannot be set on a node of a cluster: its tombstones are kept, since a \
-                 replica that drops one can lose later writes to the key"
-            );
-        }
-        if !asked {
+        // A replica that dropped a tombstone while another replica missed
+        // the delete would get the value back through read repair, and
+        // nothing yet tells a node that every replica has the tombstone
+        // (anti-entropy). So a node of a cluster keeps its tombstones, and
+        // refuses a setting that asks otherwise. A lone node drops them
+        // after `tombstone_grace_ms`: the one other thing a tombstone held,
+        // the node's dots for the key, no longer needs it, since a key
+        // written again from nothing takes dots above any it had
+        // (`Store::dot_floor`). Found by reviews.
+        if self.cluster.is_some() {
+            if config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms {
+                bail!(
+                    "tombstone_grace_ms cannot be set on a node of a cluster: its tombstones are kept, since a \
+                     replica that drops one while another missed the delete gets the value back through read \
+                     repair"
+                );
+            }
             config.tombstone_grace_ms = KEEP_TOMBSTONES;
         }
         // Said in the node's terms: the engine's own message names its
@@ -633,15 +634,14 @@ mod tests {
         assert_eq!(config.engine_config().unwrap().segment_size, 16 * 1024 * 1024);
     }
 
-    /// A node of a cluster never drops a tombstone (a replica that forgets
-    /// one can reissue a dot the others hold and lose a later write), and
-    /// refuses a configuration that asks it to; a lone node keeps them
-    /// unless `tombstone_grace_ms` is set (a client's old context could
-    /// otherwise drop a newer write).
+    /// A node of a cluster never drops a tombstone (a replica that missed
+    /// the delete would bring the value back through read repair), and
+    /// refuses a configuration that asks it to; a lone node drops them after
+    /// the grace period (its own, or the default).
     #[test]
     fn a_cluster_node_keeps_its_tombstones() {
         let lone: NodeConfig = toml::from_str("").unwrap();
-        assert_eq!(lone.engine_config().unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
+        assert_eq!(lone.engine_config().unwrap().tombstone_grace_ms, EngineConfig::default().tombstone_grace_ms);
         let member = NodeConfig { cluster: Some(PathBuf::from("cluster.toml")), ..lone };
         assert_eq!(member.engine_config().unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);
         assert_eq!(member.shard_engine_config(2, None, None).unwrap().tombstone_grace_ms, KEEP_TOMBSTONES);

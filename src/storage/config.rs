@@ -116,7 +116,7 @@ pub struct EngineConfig {
     /// Garbage ratio from which a sealed segment is compacted.
     pub compaction_threshold: f64,
     /// Age after which compaction may drop a tombstone ([`KEEP_TOMBSTONES`]:
-    /// never, what a node sets unless told otherwise).
+    /// never, what a node of a cluster sets).
     pub tombstone_grace_ms: u64,
     /// How far compaction may fall behind before writes wait for it: the
     /// garbage it could reclaim against the live data (at least a

@@ -980,6 +980,16 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The highest sequence number this shard has given a record (0 before
+    /// its first). It never goes back, across clean restarts too: the
+    /// record that has it is never dropped by compaction
+    /// ([`may_drop_tombstone`]), so recovery finds it again. (After a crash
+    /// it can go back to the last durable record; the node then writes
+    /// under a new actor.)
+    pub fn last_seq(&self) -> u64 {
+        self.inner.st.borrow().writer.next_seq() - 1
+    }
+
     /// Whether writes wait for compaction now ([`Self::wait_for_compaction`]).
     pub fn write_stalled(&self) -> bool {
         self.inner.st.borrow().stalled
@@ -1715,7 +1725,8 @@ impl<B: Backend> Engine<B> {
         }
         let oldest = *st.usage.keys().next().expect("segment being compacted exists");
         let grace = self.inner.config.tombstone_grace_ms;
-        if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest) {
+        let newest = r.seq + 1 == st.writer.next_seq();
+        if loc.tombstone && may_drop_tombstone(r.timestamp_ms, now_ms, grace, seg, oldest, newest) {
             let (_, tag) = st.index.remove(hash, r.key).expect("checked live above");
             st.drop_live(loc, tag);
             pass.stats.tombstones_dropped += 1;
@@ -2341,6 +2352,46 @@ mod tests {
         let backend = MemBackend::new();
         let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
         (backend, engine)
+    }
+
+    /// The shard's newest record keeps its sequence number across clean
+    /// restarts even when it is a tombstone past its grace: compaction
+    /// keeps it (the store draws a forgotten key's next dot above
+    /// `last_seq`, which must not go back). Once a newer record exists,
+    /// the tombstone goes, and the newer record holds the number.
+    #[test]
+    fn the_newest_record_is_never_dropped_so_last_seq_never_goes_back() {
+        block_on(async {
+            let config = EngineConfig { tombstone_grace_ms: 0, compaction_threshold: 0.3, ..small_buffered() };
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"k", b"", &[1; 100], 0).await.unwrap();
+            engine.delete(b"k", b"", 0).await.unwrap();
+            assert_eq!(engine.last_seq(), 2);
+            engine.close().await.unwrap();
+            drop(engine);
+            // Reopened, the tombstone's segment is sealed: compaction may
+            // pick it, and the tombstone is past its grace.
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert_eq!(engine.last_seq(), 2);
+            let stats = engine.compact(1_000).await.unwrap();
+            assert_eq!(stats.segments_removed, 1, "{stats:?}");
+            assert_eq!(stats.tombstones_dropped, 0, "the newest record stays: {stats:?}");
+            // The tombstone's copy shares its segment with j's versions.
+            for i in 0..4 {
+                engine.put(b"j", b"", &[i; 100], 0).await.unwrap();
+            }
+            engine.close().await.unwrap();
+            drop(engine);
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            assert_eq!(engine.last_seq(), 6);
+            let stats = engine.compact(1_000).await.unwrap();
+            assert_eq!(stats.tombstones_dropped, 1, "no longer the newest: {stats:?}");
+            assert!(engine.get(b"k").await.unwrap().is_none());
+            engine.close().await.unwrap();
+            drop(engine);
+            let (engine, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(engine.last_seq(), 6, "held by j's record");
+        });
     }
 
     /// Compaction gives way after a count of records or of their bytes,

@@ -418,11 +418,14 @@ const _: () = assert!(COMPACTION_BACKLOG_URGENT > 0.0 && COMPACTION_BACKLOG_URGE
 /// Recovery replays segments in id order, so a tombstone shadows older
 /// records only while it exists. It may go once its grace period has passed
 /// and its segment is the oldest on disk (no older record of the key can
-/// remain to resurrect). A node keeps its tombstones unless told otherwise
-/// (`KEEP_TOMBSTONES`): a tombstone also holds the node's dots for the key,
-/// which its next write there must not reissue.
-pub fn may_drop_tombstone(ts_ms: u64, now_ms: u64, grace_ms: u64, seg: u32, oldest_seg: u32) -> bool {
-    seg == oldest_seg && now_ms.saturating_sub(ts_ms) >= grace_ms
+/// remain to resurrect). Never the shard's newest record (`newest`): its
+/// sequence number is where recovery resumes numbering, which must not go
+/// back (`Engine::last_seq`: a node's next dot for a key it forgot is drawn
+/// above it). A node of a cluster keeps its tombstones (`KEEP_TOMBSTONES`):
+/// a replica that missed the delete would bring the value back through
+/// read repair.
+pub fn may_drop_tombstone(ts_ms: u64, now_ms: u64, grace_ms: u64, seg: u32, oldest_seg: u32, newest: bool) -> bool {
+    !newest && seg == oldest_seg && now_ms.saturating_sub(ts_ms) >= grace_ms
 }
 
 #[cfg(test)]
@@ -652,14 +655,15 @@ mod tests {
 
     #[test]
     fn tombstones_drop_only_when_old_and_oldest() {
-        assert!(may_drop_tombstone(0, 100, 100, 3, 3));
-        assert!(!may_drop_tombstone(0, 99, 100, 3, 3));
-        assert!(!may_drop_tombstone(0, 1000, 100, 4, 3));
+        assert!(may_drop_tombstone(0, 100, 100, 3, 3, false));
+        assert!(!may_drop_tombstone(0, 99, 100, 3, 3, false));
+        assert!(!may_drop_tombstone(0, 1000, 100, 4, 3, false));
+        assert!(!may_drop_tombstone(0, 1000, 100, 3, 3, true), "never the shard's newest record");
         // Kept for good: no age reaches it, not even a timestamp of 0 at
         // the last millisecond there is.
         use crate::storage::config::KEEP_TOMBSTONES;
-        assert!(!may_drop_tombstone(0, u64::MAX - 1, KEEP_TOMBSTONES, 3, 3));
-        assert!(!may_drop_tombstone(5, 1 << 62, KEEP_TOMBSTONES, 3, 3));
+        assert!(!may_drop_tombstone(0, u64::MAX - 1, KEEP_TOMBSTONES, 3, 3, false));
+        assert!(!may_drop_tombstone(5, 1 << 62, KEEP_TOMBSTONES, 3, 3, false));
     }
 
     #[test]
