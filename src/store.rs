@@ -315,7 +315,14 @@ impl<B: Backend> Store<B> {
             let local = id.map(|_| set);
             let merged = match apply_replica_put(local, incoming) {
                 Ok(Some(m)) => m,
-                Ok(None) => return Ok(false),
+                // Nothing new: what it holds covers `incoming`. Answered
+                // as stored, so only once what it holds is durable.
+                Ok(None) => {
+                    if let Some(id) = id {
+                        self.engine.settle_record(id).await?;
+                    }
+                    return Ok(false);
+                }
                 Err(e) => return Err(StoreError::TooManySiblings(e)),
             };
             if self.write_if(key, &merged, id, now_ms).await? {
@@ -561,5 +568,43 @@ mod tests {
             s.put(b"k", &[], Some(b"blind"), 5).await.unwrap();
             assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"blind".to_vec(), b"fixed".to_vec()]);
         })
+    }
+    /// Regression (found by a review): a replica sent a version it already
+    /// held (read repair had brought it moments before, its group commit
+    /// still to come) acknowledged it at once, and the coordinator counted
+    /// that toward W; a power cut then lost the acknowledged write. It now
+    /// answers once what it read is durable.
+    #[test]
+    fn a_replica_holding_what_it_is_sent_answers_once_that_is_durable() {
+        use crate::storage::FsyncPolicy;
+        use futures_lite::future::poll_once;
+        let backend = MemBackend::new();
+        let config = EngineConfig {
+            segment_size: 64 * 1024,
+            max_value_len: 4096,
+            fsync: FsyncPolicy::Always,
+            ..Default::default()
+        };
+        block_on(async {
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            let s = Store::new(engine, 7, 1024);
+            let mut set = VersionSet::new();
+            set.update(&Clock::new(), 1, Some(b"v".to_vec())).unwrap();
+            backend.hold_writes(true);
+            // The read repair's copy: appended, waiting for its commit.
+            let mut first = Box::pin(s.merge(b"k", &set, 0));
+            assert!(poll_once(&mut first).await.is_none(), "the first merge waits for the disk");
+            // The same version again (the write's own replication).
+            let mut second = Box::pin(s.merge(b"k", &set, 0));
+            assert!(poll_once(&mut second).await.is_none(), "not answered before it is durable");
+            backend.hold_writes(false);
+            assert!(first.await.unwrap(), "the first stored it");
+            assert!(!second.await.unwrap(), "the second found it there");
+            drop(s);
+            backend.crash(1, false);
+            let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+            let after = engine.get(b"k").await.unwrap();
+            assert_eq!(after.map(|r| r.value().to_vec()), Some(b"v".to_vec()), "durable once answered");
+        });
     }
 }

@@ -239,7 +239,7 @@ impl Record {
 
     /// Names this stored record for a conditional write.
     pub fn id(&self) -> RecordId {
-        RecordId(self.loc.id())
+        RecordId::of(self.loc)
     }
 
     /// The opaque causal metadata stored with the record.
@@ -256,7 +256,18 @@ impl Record {
 
 /// The identity of one stored record (locations are never reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecordId(u64);
+pub struct RecordId {
+    id: u64,
+    /// Log position just past the record ([`Engine::settle_record`]); the
+    /// same for every `RecordId` of one record, so equality is by `id`.
+    end: Pos,
+}
+
+impl RecordId {
+    fn of(loc: Loc) -> RecordId {
+        RecordId { id: loc.id(), end: (loc.seg, loc.off as u64 + loc.len as u64) }
+    }
+}
 
 /// The levels a lookup walks, each a cache miss on a shard whose records
 /// do not fit in the CPU caches, and each found only through the one
@@ -959,6 +970,22 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Waits until the record `id` names meets the durability policy, as a
+    /// write of it must before it is acknowledged: for one read, not
+    /// written, by a caller that acknowledges what it read as stored (a
+    /// replica sent a version it already holds). A write is readable
+    /// before its group commit; acknowledged then, it could be lost to a
+    /// power cut (found by a review: a replica acknowledged a version it
+    /// had taken from a read repair moments before, and the coordinator
+    /// counted it toward W). A buffered policy acknowledges before the
+    /// disk anyway: returns at once.
+    pub async fn settle_record(&self, id: RecordId) -> Result<(), StorageError> {
+        if !self.inner.config.synced_writes() {
+            return Ok(());
+        }
+        self.wait_until(id.end, true).await
+    }
+
     /// Completes once writes no longer wait for compaction (at once if
     /// they do not): every write waits here before it is taken
     /// ([`Engine::put`] and [`Engine::delete`] do; a caller of
@@ -1045,7 +1072,7 @@ impl<B: Backend> Engine<B> {
                 return Err(self.low_space_error(&st));
             }
             if let Some(expect) = expect {
-                if st.find(hash, key).map(|(l, _)| RecordId(l.id())) != expect {
+                if st.find(hash, key).map(|(l, _)| RecordId::of(l)) != expect {
                     st.stats.write_conflicts += 1;
                     return Ok(None);
                 }
