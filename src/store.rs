@@ -323,7 +323,7 @@ impl<B: Backend> Store<B> {
                     }
                     return Ok(false);
                 }
-                Err(e) => return Err(StoreError::TooManySiblings(e)),
+                Err(e) => return Err(update_error(e)),
             };
             if self.write_if(key, &merged, id, now_ms).await? {
                 return Ok(true);
@@ -337,6 +337,7 @@ impl<B: Backend> Store<B> {
 fn update_error(e: VersionError) -> StoreError {
     match e {
         e @ VersionError::TooManySiblings { .. } => StoreError::TooManySiblings(e),
+        VersionError::TooLarge { len, max } => StoreError::ObjectTooLarge { len, max },
         e => StoreError::InvalidContext(e),
     }
 }

@@ -115,6 +115,10 @@ pub enum QuorumFailure {
     /// (Get only) R replicas answered, but their versions merge to more
     /// siblings than a stored set may hold; nothing is returned.
     TooManySiblings { siblings: usize, max: usize },
+    /// (Get only) R replicas answered, but their versions merge to more
+    /// value bytes than a stored set (and a reply frame) may hold; nothing
+    /// is returned.
+    TooLarge { len: usize, max: usize },
 }
 
 /// A request that did not reach its quorum (or, for a get, whose answers
@@ -148,6 +152,12 @@ impl fmt::Display for QuorumError {
                 f,
                 "{answered} of {of} replicas answered, but their versions merge to {siblings} siblings, over the \
                  limit of {max}"
+            ),
+            QuorumFailure::TooLarge { len, max } => write!(
+                f,
+                "{answered} of {of} replicas answered, but their versions merge to {len} bytes of values, over \
+                 the stored-object limit of {max}; read with R = 1 and write back with that context to resolve \
+                 them"
             ),
         }
     }
@@ -476,6 +486,7 @@ impl GetCoordinator {
             if self.answered >= self.r {
                 self.decision = Decision::Ready(match self.merged.check_limits() {
                     Ok(()) => Ok(self.merged.clone()),
+                    Err(VersionError::TooLarge { len, max }) => Err(error(QuorumFailure::TooLarge { len, max })),
                     Err(_) => Err(error(QuorumFailure::TooManySiblings {
                         siblings: self.merged.siblings().len(),
                         max: MAX_SIBLINGS,
@@ -578,10 +589,10 @@ pub fn coordinator_order(replicas: &[MemberIdx], context: Option<&[u8]>) -> Vec<
 /// repair): merges `incoming` into the stored set `local` (`None`: not
 /// found). Returns `Some(merged)` when the stored set must change, `None`
 /// when `incoming` brings nothing new (no write needed). Fails with
-/// [`VersionError::TooManySiblings`] when the merge would exceed the sibling
-/// limit; the replica then refuses and keeps what it has. The driver still
-/// checks the merged set's value size against its storage limit, as
-/// `Store::put` does.
+/// [`VersionError::TooManySiblings`] or [`VersionError::TooLarge`] when the
+/// merge would exceed the sibling or the object limit; the replica then
+/// refuses and keeps what it has. The driver still checks the merged set's
+/// value size against its own storage limit, as `Store::put` does.
 pub fn apply_replica_put(local: Option<VersionSet>, incoming: &VersionSet) -> Result<Option<VersionSet>, VersionError> {
     let local = local.unwrap_or_default();
     let mut merged = local.clone();
@@ -937,6 +948,37 @@ mod tests {
         g.handle_reply(2, None, 3);
         assert_eq!((g.poll_transmit(), g.repairs()), (None, 0));
         assert!(g.is_done());
+    }
+
+    /// Regression (found by reviews): each replica holds its set to the
+    /// object limit, but two diverged replicas' union can be twice that.
+    /// Returned, it made a reply over the wire's frame limit (a debug
+    /// build panicked encoding it, clients refused it), and so did the
+    /// repair sent to the replicas. It now fails with its own reason, and
+    /// nothing is repaired; a replica refuses such a merge too.
+    #[test]
+    fn get_whose_answers_merge_past_the_object_limit_fails_and_repairs_nothing() {
+        use crate::limits::VALUE_LEN_HARD_CAP;
+        let big = |actors: std::ops::Range<u64>| {
+            let mut s = VersionSet::new();
+            for a in actors {
+                s.update(&Clock::new(), a, Some(vec![a as u8; 1024 * 1024])).unwrap();
+            }
+            s
+        };
+        let (a, b) = (big(1..8), big(11..18));
+        assert!(a.check_limits().is_ok() && b.check_limits().is_ok(), "each replica's set is within the limits");
+        let mut g = get(2);
+        g.handle_reply(0, Some(a.clone()), 1);
+        g.handle_reply(1, Some(b.clone()), 2);
+        let err = g.poll_outcome().unwrap().unwrap_err();
+        let reason = QuorumFailure::TooLarge { len: 14 * 1024 * 1024, max: VALUE_LEN_HARD_CAP };
+        assert_eq!(err, QuorumError { needed: 2, answered: 2, of: 3, reason });
+        assert_eq!((g.poll_transmit(), g.repairs()), (None, 0));
+        assert_eq!(
+            apply_replica_put(Some(a), &b),
+            Err(VersionError::TooLarge { len: 14 * 1024 * 1024, max: VALUE_LEN_HARD_CAP })
+        );
     }
 
     #[test]

@@ -144,7 +144,7 @@ use std::cmp::Ordering;
 use smallvec::SmallVec;
 use thiserror::Error;
 
-use crate::limits::MAX_META_LEN;
+use crate::limits::{MAX_META_LEN, VALUE_LEN_HARD_CAP};
 
 /// The node id of the server that coordinated a write.
 pub type Actor = u64;
@@ -214,6 +214,10 @@ pub enum VersionError {
     /// The operation would leave more than `max` siblings.
     #[error("{siblings} siblings exceed the limit of {max}")]
     TooManySiblings { siblings: usize, max: usize },
+    /// The live siblings' values would total more than a stored object may
+    /// (`max`: [`VALUE_LEN_HARD_CAP`]).
+    #[error("the siblings' values would total {len} bytes, over the stored-object limit of {max}")]
+    TooLarge { len: usize, max: usize },
 }
 
 /// One write that node `actor` coordinated for a key (counters of one actor
@@ -622,6 +626,14 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
     pub fn check_limits(&self) -> Result<(), VersionError> {
         if self.siblings.len() > MAX_SIBLINGS {
             return Err(VersionError::TooManySiblings { siblings: self.siblings.len(), max: MAX_SIBLINGS });
+        }
+        // Each replica holds its set to the object limit, but the union of
+        // two diverged replicas can be twice that: returned or sent as a
+        // repair, it made a frame over the wire's limit (a debug build
+        // panicked, a client refused the reply; found by reviews).
+        let len = self.encoded_value_len();
+        if len > VALUE_LEN_HARD_CAP {
+            return Err(VersionError::TooLarge { len, max: VALUE_LEN_HARD_CAP });
         }
         // With at most MAX_SIBLINGS siblings the bound always reaches the limit.
         debug_assert!(self.clock.len() <= MAX_CLOCK_ENTRIES);

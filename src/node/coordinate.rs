@@ -39,7 +39,7 @@ use super::cluster::Cluster;
 use super::peer::{PeerError, Peers};
 use super::{bump, error_code, Shard};
 use crate::core::coord::{
-    coordinator_order, GetCoordinator, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg, Transmit,
+    coordinator_order, GetCoordinator, PutCoordinator, QuorumError, QuorumFailure, ReplicaFailure, ReplicaMsg, Transmit,
 };
 use crate::core::ring::MemberIdx;
 use crate::core::version::{encode_context, VersionSet};
@@ -278,9 +278,20 @@ impl Shard {
         }
     }
 
+    /// A request that did not reach its quorum, or a get whose answers
+    /// merge past a limit: that one is not a quorum failure (a retry fails
+    /// the same way; the client must resolve the siblings), and gets the
+    /// code that says so (found by a review).
     fn quorum_error(&self, id: u64, e: &QuorumError) -> Vec<u8> {
-        bump(&self.cluster().counters.quorum_failures, 1);
-        self.error_frame(id, ErrorCode::QuorumFailed, &e.to_string())
+        let code = match e.reason {
+            QuorumFailure::TooManySiblings { .. } => ErrorCode::TooManySiblings,
+            QuorumFailure::TooLarge { .. } => ErrorCode::ValueTooLarge,
+            QuorumFailure::Deadline | QuorumFailure::Failures { .. } => {
+                bump(&self.cluster().counters.quorum_failures, 1);
+                ErrorCode::QuorumFailed
+            }
+        };
+        self.error_frame(id, code, &e.to_string())
     }
 
     /// Starts `coord` in its own task and waits for its outcome; the task
