@@ -567,6 +567,27 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
         Ok(dot)
     }
 
+    /// The context to hand the writer of `dot` (made by an update from
+    /// `ctx`): what that writer has seen. `None` when it is the set's whole
+    /// clock: no live sibling but the new one is left. Otherwise the
+    /// whole clock would cover values the writer never received (the reply
+    /// carries no values), and its next write with that context would drop
+    /// them unseen (found by a review). Then `ctx` plus the new dot, when
+    /// that names nothing else live (no other live sibling of the same
+    /// actor: a clock entry covers every counter below it), or else `ctx`
+    /// alone: the writer's next write then keeps its own earlier value as
+    /// a sibling, which costs a sibling and loses nothing.
+    pub fn writer_context(&self, ctx: &Clock, dot: Dot) -> Option<Clock> {
+        let mut others = self.siblings.iter().filter(|s| s.dot != dot && s.value.is_some()).peekable();
+        others.peek()?;
+        let mut seen = ctx.clone();
+        let same_actor = others.any(|s| s.dot.actor == dot.actor);
+        if !same_actor && (seen.get(dot.actor) > 0 || seen.len() < MAX_CLOCK_ENTRIES) {
+            seen.raise(dot);
+        }
+        Some(seen)
+    }
+
     /// Replica sync: the join of two replicas' states. Keeps a sibling of
     /// either side unless the other side's clock covers its dot and the other
     /// side does not hold that dot (it saw the write and superseded it); the
@@ -1152,5 +1173,32 @@ mod tests {
     fn bounds_are_what_the_doc_says() {
         assert_eq!(MAX_CONTEXT_LEN, 1 + 2 + 1 + 64 * 18, "format, hint, n, entries");
         assert_eq!(MAX_ENCODED_META, 1 + 1 + 64 * 18 + 1 + 64 * 22);
+    }
+
+    /// A writer's context ([`VersionSet::writer_context`]) names its own
+    /// new dot when no other live sibling shares its actor: its next write
+    /// replaces its own value and keeps the one it never saw.
+    #[test]
+    fn a_writer_context_names_its_own_dot_and_no_unseen_sibling() {
+        let mut s: VersionSet = VersionSet::new();
+        s.update(&Clock::new(), 1, Some(b"v0".to_vec())).unwrap();
+        let c0 = s.clock().clone();
+        s.update(&c0, 1, Some(b"other".to_vec())).unwrap();
+        let mine = s.update(&c0, 2, Some(b"mine".to_vec())).unwrap();
+        let seen = s.writer_context(&c0, mine).expect("a sibling it was not given");
+        assert_eq!(seen.iter().collect::<Vec<_>>(), vec![(1, 1), (2, 1)]);
+        s.update(&seen, 2, Some(b"mine2".to_vec())).unwrap();
+        let mut live: Vec<&[u8]> = s.live_values().collect();
+        live.sort();
+        assert_eq!(live, vec![&b"mine2"[..], &b"other"[..]]);
+        // Alone, the whole clock; with another live sibling of its actor,
+        // only what it read.
+        let seen_all = s.clone().writer_context(s.clock(), Dot { actor: 9, counter: 1 });
+        assert!(seen_all.is_some(), "other live siblings remain");
+        let mut one: VersionSet = VersionSet::new();
+        let d = one.update(&Clock::new(), 1, Some(b"a".to_vec())).unwrap();
+        assert_eq!(one.writer_context(&Clock::new(), d), None);
+        let d2 = one.update(&Clock::new(), 1, Some(b"b".to_vec())).unwrap();
+        assert_eq!(one.writer_context(&Clock::new(), d2), Some(Clock::new()), "same actor: the read context alone");
     }
 }

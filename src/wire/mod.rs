@@ -43,11 +43,15 @@
 //!              rep: bytes(u32) context, u16 n, n x bytes(u32) value
 //!                   (n = 0: not found; the context may still be non-empty)
 //! 0x11 PUT     req: u16 key_len, u32 context_len, u32 value_len, key, context, value
-//!              rep: bytes(u32) context (the new version's), u16 siblings (live
-//!                   values the key has after this write: more than 1 means a
-//!                   concurrent write happened)
+//!              rep: bytes(u32) context (what the writer has seen: the
+//!                   key's whole clock when its value is the only live one,
+//!                   else never more than the request's context and the new
+//!                   version, so it covers no value the writer was not
+//!                   given), u16 siblings (live values the key has after
+//!                   this write: more than 1 means a concurrent write
+//!                   happened; a GET shows them)
 //! 0x12 DELETE  req: u16 key_len, u32 context_len, key, context
-//!              rep: bytes(u32) context
+//!              rep: bytes(u32) context (as PUT's)
 //! 0xFF ERROR   rep: u16 code, bytes(u16) UTF-8 message
 //!
 //! Between nodes of a cluster:
