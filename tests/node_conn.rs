@@ -279,3 +279,130 @@ fn a_stop_refuses_the_requests_it_has_not_started_and_runs_none_of_them() {
     }
     assert!(node.terminate().success());
 }
+
+/// Requests shard 0 has run, as its STATS counts them.
+fn requests_run(c: &mut Client) -> u64 {
+    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    stats["node"]["requests"].as_u64().unwrap()
+}
+
+/// A client that pipelines requests for large values and does not read
+/// the replies makes the node stop starting requests once a few MiB of
+/// replies wait (found by a review: only the count of requests was
+/// bounded, and 1024 GETs of a 1 MiB value held a GiB for as long as the
+/// client kept the connection). Once the client reads, the rest run, and
+/// every reply comes, in order.
+#[test]
+fn a_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
+    const N: u64 = 1024;
+    const VALUE: usize = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    c.put(b"big", &vec![7u8; VALUE], &Context::default()).unwrap();
+    let before = requests_run(&mut c);
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    let mut frames = Vec::new();
+    for id in 0..N {
+        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
+    }
+    s.write_all(&frames).unwrap();
+    // Wait until the node stops starting them (the count holds for a
+    // while), or it has run them all. Each STATS is a request too.
+    let deadline = Instant::now() + NOTICE;
+    let mut asked = 0;
+    let mut started = || {
+        asked += 1;
+        requests_run(&mut c) - before - asked
+    };
+    let mut run = started();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = started();
+        if now == run || now >= N || Instant::now() > deadline {
+            run = now;
+            break;
+        }
+        run = now;
+    }
+    eprintln!("{run} of {N} GETs of {VALUE} bytes started while the client read nothing");
+    // 4 MiB of queued replies is 16 of them; the socket's buffers on both
+    // sides take some more.
+    assert!(run < 200, "{run} requests ran for a client that reads nothing");
+    s.set_read_timeout(Some(NOTICE)).unwrap();
+    let mut reply = vec![0u8; HEADER_LEN];
+    for id in 0..N {
+        s.read_exact(&mut reply[..HEADER_LEN]).unwrap();
+        let header = wire::decode_header(reply[..HEADER_LEN].try_into().unwrap(), wire::MAX_BODY_LEN).unwrap();
+        assert_eq!(header.request_id, id, "replies in order");
+        reply.resize(HEADER_LEN + header.body_len as usize, 0);
+        s.read_exact(&mut reply[HEADER_LEN..]).unwrap();
+        match Response::decode(header.opcode, &reply[HEADER_LEN..]).unwrap() {
+            Response::Get { values, .. } => assert_eq!(values, vec![&vec![7u8; VALUE][..]], "reply {id}"),
+            other => panic!("reply {id}: {other:?}"),
+        }
+    }
+    assert!(node.terminate().success());
+}
+
+/// A connection that breaks (the client resets it) runs none of the
+/// requests still in its read buffer: nobody would read their replies
+/// (found by a review: every buffered frame went on to run, past
+/// `MAX_IN_FLIGHT`, its reply piling up unsent).
+#[test]
+fn a_reset_connection_runs_none_of_its_buffered_requests() {
+    use std::os::fd::AsRawFd;
+    const N: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    c.put(b"big", &vec![7u8; 256 * 1024], &Context::default()).unwrap();
+    let before = requests_run(&mut c);
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    let mut frames = Vec::new();
+    for id in 0..N {
+        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
+    }
+    s.write_all(&frames).unwrap();
+    // Until the node waits for the client to read.
+    let deadline = Instant::now() + NOTICE;
+    let mut asked = 0;
+    let mut started = |c: &mut Client| {
+        asked += 1;
+        requests_run(c) - before - asked
+    };
+    let mut run = started(&mut c);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = started(&mut c);
+        if now == run || Instant::now() > deadline {
+            break;
+        }
+        run = now;
+    }
+    // Reset: close with a zero linger, so the node's next write fails.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid descriptor and a `linger` of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+    let deadline = Instant::now() + NOTICE;
+    let mut polls = 1;
+    while open_connections(&mut c) > 1 && Instant::now() < deadline {
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(open_connections(&mut c), 1, "the reset connection is closed");
+    let after = started(&mut c) - polls;
+    eprintln!("{run} started before the reset, {after} in all, of {N}");
+    assert!(after < run + 100, "{after} requests ran for a connection reset after {run}");
+    assert!(node.terminate().success());
+}

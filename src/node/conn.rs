@@ -16,7 +16,9 @@
 //! queue; and the shard's queue of held writes (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection run at
-//! once (past that the reader stops reading: backpressure, not errors);
+//! once, and none starts while `MAX_QUEUED_REPLY_BYTES` of replies wait
+//! for the client (past either the reader stops reading: backpressure,
+//! not errors), nor once a write to the client failed;
 //! the read buffer holds at most about twice what the client has sent of
 //! its current frame, whatever size the frame declares; a frame over the
 //! node's size limit but within the protocol's is skipped unread into
@@ -40,6 +42,22 @@ use crate::wire::{
 /// Initial read buffer; it grows to hold the largest frame being read.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
 
+/// Reply bytes a connection may have queued for the writer before its
+/// reader stops starting requests (until the client reads). The count
+/// bound, `MAX_IN_FLIGHT`, alone let a client that sent 1024 pipelined
+/// GETs of a 1 MiB value and read nothing make the node hold a GiB, for as
+/// long as it kept the connection (found by a review). With it a client
+/// that does not read holds at most this, one reply past it, the batch the
+/// writer is stuck on, and the replies of requests already running.
+/// 4 MiB is many replies of any usual size, so pipelining is not slowed.
+pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A reply buffer that grew past this (a large reply, or a burst) is given
+/// back once written, not kept for the connection's life: an idle pool of
+/// connections that had each read one large value held it all (found by a
+/// review).
+const KEEP_REPLY_BUFFER: usize = 4 * READ_CHUNK;
+
 /// Prepares a frame reader's buffer for the next read: moves the partial
 /// frame in `buf[start..end]` to the front, grows the buffer toward the
 /// size of a big frame whose header is in (its size was checked against
@@ -60,8 +78,14 @@ pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
     let target = needed.min(buf.len().max(2 * *end).max(*end + READ_CHUNK)).max(*end + 1);
     if buf.len() < target {
         buf.resize(target, 0);
-    } else if *end == 0 && buf.len() > 4 * READ_CHUNK {
-        *buf = vec![0u8; READ_CHUNK];
+    } else if buf.len() > 4 * READ_CHUNK && *end < READ_CHUNK && needed <= READ_CHUNK {
+        // A big frame was consumed and what is left (the start of a small
+        // one) fits a small buffer: give the big one back. Not only when
+        // nothing is left: a client that pipelines without pause seldom
+        // leaves a read ending on a frame's end.
+        let mut small = vec![0u8; READ_CHUNK];
+        small[..*end].copy_from_slice(&buf[..*end]);
+        *buf = small;
     }
 }
 
@@ -143,19 +167,30 @@ impl Outbox {
         bump(&shard.counters.replies, n as u64);
     }
 
-    /// Waits until one more request may start (fewer than `MAX_IN_FLIGHT`
-    /// are owed replies; or the connection broke), sending what is queued
-    /// meanwhile; the reader then starts it, sending its own replies.
-    async fn room_for_one(&self, sock: &Socket, shard: &Shard) {
-        while self.in_flight.get() >= MAX_IN_FLIGHT && !self.broken.get() {
+    /// Whether the reader must wait before it starts another request:
+    /// `MAX_IN_FLIGHT` are owed replies, or `MAX_QUEUED_REPLY_BYTES` of
+    /// replies wait for a client that does not read them.
+    fn full(&self) -> bool {
+        self.in_flight.get() >= MAX_IN_FLIGHT || self.buf.borrow().len() >= MAX_QUEUED_REPLY_BYTES
+    }
+
+    /// Waits until one more request may start (not [`Self::full`]),
+    /// sending what is queued meanwhile; the reader then starts it, sending
+    /// its own replies. False if the connection broke: nobody will read a
+    /// reply, so nothing more is started (found by a review: every frame
+    /// buffered went on to run, past `MAX_IN_FLIGHT`, with its reply
+    /// piling up unsent).
+    async fn room_for_one(&self, sock: &Socket, shard: &Shard) -> bool {
+        while self.full() && !self.broken.get() {
             self.send_now(sock, shard);
             let g = self.changed.generation();
-            if self.in_flight.get() < MAX_IN_FLIGHT {
+            if !self.full() {
                 break;
             }
             self.changed.wait(g).await;
         }
         self.reader_sends.set(true);
+        !self.broken.get()
     }
 
     /// The reader is done starting requests: writes the replies queued so
@@ -171,6 +206,9 @@ impl Outbox {
             match sock.try_write(&buf) {
                 Ok(n) if n == buf.len() => {
                     buf.clear();
+                    if buf.capacity() > KEEP_REPLY_BUFFER {
+                        *buf = Vec::new();
+                    }
                     // No notify: the reader, which is here, is the only
                     // task waiting for the in-flight count to fall.
                     self.written(shard, self.queued.replace(0));
@@ -330,7 +368,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     let mut b = batch;
                     b.clear();
                     let mut cur = out.buf.borrow_mut();
-                    if cur.is_empty() && cur.capacity() < b.capacity() {
+                    if cur.is_empty() && cur.capacity() < b.capacity() && b.capacity() <= KEEP_REPLY_BUFFER {
                         *cur = b;
                     }
                     continue;
@@ -362,7 +400,9 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
             }
             match split_frame(&buf[start..end], shard.max_body) {
                 Ok(Some((header, total))) => {
-                    out.room_for_one(&sock, &shard).await;
+                    if !out.room_for_one(&sock, &shard).await {
+                        break 'read;
+                    }
                     if shard.is_shutting_down() {
                         // A stop finishes what has started; a request
                         // only buffered is refused, retryably. Running
@@ -423,7 +463,9 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                 Err(WireError::FrameTooLarge { len, max }) if len <= MAX_BODY_LEN => {
                     // Its error reply is owed like any reply: the same
                     // bound on what a client that does not read can pile up.
-                    out.room_for_one(&sock, &shard).await;
+                    if !out.room_for_one(&sock, &shard).await {
+                        break 'read;
+                    }
                     let header: &[u8; HEADER_LEN] =
                         buf[start..start + HEADER_LEN].try_into().expect("a header was read");
                     out.reply(&shard.oversized_frame_reply(header, len, max));
@@ -498,8 +540,20 @@ mod tests {
         assert_eq!(&buf[..end], &frame[..]);
         assert_eq!(buf.len(), frame.len().max(end + 1));
         // Consumed: the big buffer is given back.
-        let (mut start, mut end) = (end, end);
+        let (mut big, mut start, mut end) = (buf.clone(), end, end);
         make_room(&mut buf, &mut start, &mut end);
         assert_eq!(buf.len(), READ_CHUNK);
+        // Also when the same read brought the start of the next frame (a
+        // client that pipelines seldom leaves a read ending on a frame's
+        // end; found by a review), which moves to the front.
+        let mut next = Vec::new();
+        Request::Get { key: b"k" }.encode(&mut next, 2, ANY_SHARD, 0);
+        let at = frame.len();
+        big.resize(at + 10, 0);
+        big[at..].copy_from_slice(&next[..10]);
+        let (mut start, mut end) = (at, at + 10);
+        make_room(&mut big, &mut start, &mut end);
+        assert_eq!((big.len(), start, end), (READ_CHUNK, 0, 10));
+        assert_eq!(&big[..10], &next[..10]);
     }
 }
