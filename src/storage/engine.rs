@@ -55,7 +55,8 @@ use crate::storage::config::{EngineConfig, FsyncPolicy};
 use crate::storage::format::{
     decode_header, decode_hint, decode_record, decode_record_with, format_file_contents, hint_file_name,
     parse_file_name, parse_format_file, replay_hint, segment_file_name, DecodeError, FileKind, FormatFileError,
-    HintBuilder, HintStream, Kind, RecordRef, Seed, FORMAT_FILE, RECORD_HEADER_LEN, STORAGE_FORMAT_VERSION,
+    HintBuilder, HintStream, Kind, RecordRef, Seed, FORMAT_FILE, KIND_OFFSET, RECORD_HEADER_LEN,
+    STORAGE_FORMAT_VERSION,
 };
 use crate::storage::index::{CacheTag, Loc, ShardIndex};
 use crate::storage::log::{Appended, LogWriter, Pos};
@@ -2131,10 +2132,12 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
                 Ok((_, len)) if avail.len() >= len => break,
                 Ok((_, len)) if !read_all => len,
                 Err(DecodeError::Truncated { .. }) if !read_all => RECORD_HEADER_LEN,
-                Err(DecodeError::End) if avail.is_empty() => match read_all {
-                    true => return Ok(Step::End),
-                    false => RECORD_HEADER_LEN,
-                },
+                Err(DecodeError::End) if avail.is_empty() && read_all => return Ok(Step::End),
+                // Zeros too few to hold the kind byte may be the start of a
+                // record (its checksum's low bytes) cut by the piece's end:
+                // read on (found by a review: an undamaged segment fell
+                // back to the whole-segment scan).
+                Err(DecodeError::End) if avail.len() <= KIND_OFFSET && !read_all => RECORD_HEADER_LEN,
                 _ => return Ok(Step::Irregular),
             };
             let start = self.base + self.at as u64;
@@ -3160,6 +3163,30 @@ mod tests {
         // In one piece, every record but the first is offered ahead.
         let (_, _, offered) = read_ahead(&data, COMPACTION_READ, COMPACTION_PREFETCH);
         assert_eq!(offered.len(), want.len() - 1);
+    }
+
+    /// Regression (found by a review): a piece that ended up to 22 bytes
+    /// into a record whose first bytes are zeros (the low bytes of its
+    /// checksum) looked like the zeros after the last record, and an
+    /// undamaged segment fell back to the whole-segment scan.
+    #[test]
+    fn a_piece_ending_in_a_record_that_starts_with_zeros_reads_on() {
+        let mut first = Vec::new();
+        encode_record(&mut first, SEED, 1, 0, Kind::Value, b"first", b"", b"v");
+        // A record whose checksum's low two bytes are zero.
+        let second = (0u64..)
+            .map(|i| {
+                let mut r = Vec::new();
+                encode_record(&mut r, SEED, 2, 0, Kind::Value, b"second", b"", &i.to_le_bytes());
+                r
+            })
+            .find(|r| r[0] == 0 && r[1] == 0)
+            .expect("one in 65,536");
+        let data = [first.clone(), second].concat();
+        let want = vec![(0, b"first".to_vec()), (first.len() as u64, b"second".to_vec())];
+        for into in [1, 2] {
+            assert_eq!(read(&data, first.len() + into), (want.clone(), true), "{into} bytes into the record");
+        }
     }
 
     #[test]

@@ -196,10 +196,15 @@ pub fn encode_record(
     out.len() - start
 }
 
+/// Offset of a record's kind byte, never 0 in a record: a 0 there is the
+/// zeros after the last record.
+pub const KIND_OFFSET: usize = 22;
+const _: () = assert!(std::mem::offset_of!(RecordHeader, kind) == KIND_OFFSET);
+
 /// Parses and validates the header at the start of `buf`, returning it and
 /// the record's total length. Does not verify the checksum.
 pub fn decode_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
-    if buf.len() > 22 && buf[22] == 0 {
+    if buf.len() > KIND_OFFSET && buf[KIND_OFFSET] == 0 {
         return Err(DecodeError::End);
     }
     let Ok((h, _)) = RecordHeader::read_from_prefix(buf) else {
@@ -335,7 +340,8 @@ pub struct HintBuilder {
 
 impl HintBuilder {
     pub fn push(&mut self, off: u32, len: u32, tombstone: bool, key: &[u8], seq: u64) {
-        debug_assert!(len & HINT_TOMBSTONE_BIT == 0);
+        // What `Hint::for_each` checks on the way back.
+        assert!(len & HINT_TOMBSTONE_BIT == 0 && !key.is_empty() && key.len() <= MAX_KEY_LEN, "bad hint entry");
         self.entries.extend_from_slice(&off.to_le_bytes());
         let flags = len | if tombstone { HINT_TOMBSTONE_BIT } else { 0 };
         self.entries.extend_from_slice(&flags.to_le_bytes());
@@ -471,8 +477,11 @@ pub struct Hint<'a> {
 /// they could not be read), whose data is `data_len` bytes long: `entry`
 /// for each entry, then the hint's highest sequence number; or why the
 /// hint cannot be used ("segment N: ..."), in which case the caller scans
-/// the segment instead. Recovery (`Engine::open`) and `gyre check` share
-/// it, so they judge hints alike.
+/// the segment instead. All or nothing: every entry is checked before the
+/// first goes to `entry`, so a rejected hint has applied none (found by a
+/// review: entries before a bad one stayed in the index, naming records
+/// the segment does not hold, and hid the key's real one). Recovery
+/// (`Engine::open`) and `gyre check` share it, so they judge hints alike.
 pub fn replay_hint<'a>(
     read: Result<&'a [u8], &std::io::Error>,
     seg: u32,
@@ -484,7 +493,8 @@ pub fn replay_hint<'a>(
     if h.data_len != data_len {
         return Err(format!("segment {seg}: hint says {} bytes of data, segment has {data_len}", h.data_len));
     }
-    h.for_each(entry).map_err(|e| format!("segment {seg}: {e}"))?;
+    h.for_each(|_| {}).map_err(|e| format!("segment {seg}: {e}"))?;
+    h.for_each(entry).expect("checked just above");
     Ok(h.max_seq)
 }
 
@@ -796,6 +806,27 @@ mod tests {
             b[i] ^= 0x10;
             assert!(decode_hint(&b, 3).is_err(), "flip at {i} accepted");
         }
+    }
+
+    /// A hint whose checksum holds but whose second entry is malformed
+    /// (a hint writer's bug, or another build's limits) is rejected whole:
+    /// no entry reaches the caller (found by a review: the first stayed in
+    /// the index and hid the key's real record).
+    #[test]
+    fn a_rejected_hint_applies_no_entry() {
+        let mut h = HintBuilder::default();
+        h.push(0, 40, false, b"a", 5);
+        h.push(40, 33, false, b"bc", 9);
+        let mut bytes = h.finish(3, 73);
+        // The second entry's key length (at 47 + 8) to 0, checksum redone.
+        bytes[55] = 0;
+        let body = bytes.len() - 8;
+        let sum = xxh3_64(&bytes[..body]).to_le_bytes();
+        bytes[body..].copy_from_slice(&sum);
+        let mut applied = 0;
+        let replay = replay_hint(Ok(&bytes), 3, 73, |_| applied += 1);
+        assert_eq!(replay, Err("segment 3: hint entry 1 is malformed".to_string()));
+        assert_eq!(applied, 0, "an entry of a rejected hint was applied");
     }
 
     #[test]
