@@ -136,6 +136,10 @@ pub struct Versions {
 /// What a put returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Put {
+    /// What this write has seen, to pass with the next write of the key:
+    /// the key's whole context when the new value is its only one;
+    /// otherwise it covers no sibling this client was not given (a `get`
+    /// shows them, with the context that replaces them all).
     pub context: Context,
     /// Live values of the key after the write (more than one: a concurrent
     /// write happened and the key has siblings).
