@@ -912,7 +912,7 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
         let mut nodes = Vec::new();
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-            if path.is_dir() && is_node_dir(&path) {
+            if path.is_dir() && (is_node_dir(&path) || !shard_dirs(&path).unwrap_or_default().is_empty()) {
                 nodes.push(path);
             }
         }
@@ -986,9 +986,15 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
         .collect();
     // A start takes this for lost data (and a new actor): so does the check.
     *failed |= !missing.is_empty();
+    // Shard data without its NODE file: a start refuses it, and so does
+    // the check (found by a review: it passed, and a `gyre dev`
+    // directory's member without one was left out of the report).
+    let node_file_missing = info.shards.is_none();
+    *failed |= node_file_missing;
     Ok(serde_json::json!({
         "data_dir": dir,
         "node": { "shards": info.shards, "partitions": info.partitions },
+        "node_file_missing": node_file_missing,
         "missing_shards": missing,
         "shards": shards,
         "clean_mark_removed": clean_removed,

@@ -80,6 +80,19 @@ impl ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+/// The connection slot that reaches `shard` of a node with `shards`
+/// reachable shards (STATS is answered by the shard it reaches).
+pub(crate) fn stats_slot(shard: usize, shards: usize) -> Result<usize> {
+    if shard >= shards {
+        return Err(ClientError::Invalid(if shards == 1 {
+            format!("shard {shard}: only shard 0 is reachable (the node has one shard, or routing is not shard-aware)")
+        } else {
+            format!("shard {shard}: the node has shards 0 to {}", shards - 1)
+        }));
+    }
+    Ok(shard)
+}
+
 /// The opaque causal context of a read, to pass back with the next write.
 /// As text it is lowercase hex (empty for "no context").
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
@@ -988,10 +1001,13 @@ impl Client {
         }
     }
 
-    /// One shard's counters of the seed node, as JSON.
+    /// One shard's counters of the seed node, as JSON. A shard the node
+    /// does not have is refused (it answered for its last one; found by a
+    /// review); without shard-aware routing only shard 0 is reachable.
     pub fn stats(&mut self, shard: usize) -> Result<String> {
         let deadline = self.deadline();
-        let slot = if self.config.shard_aware { shard.min(self.seed.conns.len() - 1) } else { 0 };
+        let shards = if self.config.shard_aware { self.seed.conns.len() } else { 1 };
+        let slot = stats_slot(shard, shards)?;
         let c = self.seed.conn(slot, &self.config, deadline)?;
         match c.call_until(&Request::Stats, slot as u16, Quorum::default(), deadline)? {
             Reply::Stats(s) => Ok(s),
@@ -1007,6 +1023,18 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard the node does not have is refused, not answered by its
+    /// last one (found by a review: `gyre stats --shard 5` on a two-shard
+    /// node printed shard 1's counters and exited 0).
+    #[test]
+    fn stats_of_a_shard_the_node_does_not_have_is_refused() {
+        assert_eq!(stats_slot(1, 2).unwrap(), 1);
+        let e = stats_slot(5, 2).unwrap_err().to_string();
+        assert!(e.contains("shards 0 to 1"), "{e}");
+        assert!(matches!(stats_slot(1, 1), Err(ClientError::Invalid(_))));
+        assert_eq!(stats_slot(0, 1).unwrap(), 0);
+    }
 
     #[test]
     fn context_text_roundtrip() {

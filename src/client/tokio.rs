@@ -384,11 +384,11 @@ impl AsyncClient {
         }
     }
 
-    /// One shard's counters of the seed node as JSON (`shard` past the
-    /// last is the last).
+    /// One shard's counters of the seed node as JSON (as the blocking
+    /// client's `stats`: a shard the node does not have is refused).
     pub async fn stats(&self, shard: usize) -> Result<String> {
-        let last = self.inner.seed.slots.len().saturating_sub(1);
-        let slot = if self.inner.config.shard_aware { shard.min(last) } else { 0 };
+        let shards = if self.inner.config.shard_aware { self.inner.seed.slots.len() } else { 1 };
+        let slot = super::stats_slot(shard, shards)?;
         match self.call_seed(slot, slot as u16, &Request::Stats, self.deadline()).await?.0? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),

@@ -173,6 +173,9 @@ impl NodeConfig {
     /// first start).
     pub fn validate(&self) -> anyhow::Result<()> {
         self.engine_config()?;
+        if self.name.is_some() && self.cluster.is_none() {
+            bail!("a node name names a member of a cluster: give the cluster file too (--cluster), or drop the name");
+        }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
@@ -320,6 +323,15 @@ pub struct NodeFile {
     /// ([`DataDir::begin_run`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<u64>,
+    /// What the directory serves: a cluster member's name, or "" for a
+    /// lone node (member names are never empty). Absent in a directory
+    /// from before it was recorded: the next start records its own. A
+    /// start as anything else is refused: a member's directory served as
+    /// another member (a copy, say) would issue the same dots as the
+    /// first, and merging takes equal dots for one write (found by a
+    /// review: an acknowledged write vanished that way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serves: Option<String>,
 }
 
 impl NodeFile {
@@ -368,7 +380,29 @@ pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
             node.version
         );
     }
+    if node.shards == 0 || node.shards > MAX_SHARDS {
+        bail!("{} says the node has {} shards: a node has 1 to {MAX_SHARDS}", node_path.display(), node.shards);
+    }
     Ok(node)
+}
+
+/// What a node started with `config` serves, as `NodeFile::serves` records
+/// it: its member name in a cluster (set once the cluster file is read),
+/// "" alone.
+fn role_of(config: &NodeConfig) -> String {
+    match &config.cluster {
+        Some(_) => config.name.clone().unwrap_or_default(),
+        None => String::new(),
+    }
+}
+
+/// How a role reads in a message.
+fn role_words(role: &str) -> String {
+    if role.is_empty() {
+        "a lone node".to_string()
+    } else {
+        format!("cluster member {role:?}")
+    }
 }
 
 /// What the name of every shard directory starts with.
@@ -395,6 +429,31 @@ pub fn shard_entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What in `dir`, a directory without a `NODE` file, is Gyre data that a
+/// new node must not be created over (found by a review: `gyre node` on a
+/// shard's directory or on a `gyre dev` directory, both `./data` by
+/// default, started an empty node inside it, and `gyre check` then
+/// checked only that): a shard's files, a cluster file, or a directory
+/// holding a node.
+pub fn other_gyre_data(dir: &Path) -> anyhow::Result<Option<String>> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let shard_file =
+            name == crate::storage::format::FORMAT_FILE || crate::storage::format::parse_file_name(&name).is_some();
+        if shard_file {
+            return Ok(Some(format!("a shard's storage ({name})")));
+        }
+        if name == "cluster.toml" {
+            return Ok(Some("a cluster file (cluster.toml: a `gyre dev` directory?)".to_string()));
+        }
+        if entry.path().join(NODE_FILE).is_file() {
+            return Ok(Some(format!("a node's data directory ({name})")));
+        }
+    }
+    Ok(None)
+}
+
 /// The shards, of the `shards` a node has, whose directories are not in
 /// its data directory `dir` (a start recreates them empty: whatever they
 /// held is lost). A start and `gyre check` judge them alike.
@@ -404,7 +463,19 @@ pub fn missing_shard_dirs(dir: &Path, shards: usize) -> Vec<usize> {
 /// Written, durably, once a node stopped cleanly (every shard flushed and
 /// synced its log), and removed, durably, before the next start takes any
 /// write: its absence at a start means the last run may have lost writes.
+/// It holds a [`CleanMark`] (an empty one, from an older build, says only
+/// that the stop was clean).
 pub const CLEAN_FILE: &str = "CLEAN";
+
+/// What `CLEAN` holds: JSON `{"last_seq": [n0, n1, ...]}`, each shard's
+/// last log sequence number at the clean stop. A shard's number never
+/// goes back while its records are there (`Engine::last_seq`), so a start
+/// that recovers less lost records without damage to show for it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CleanMark {
+    last_seq: Vec<u64>,
+}
 pub const LOCK_FILE: &str = "LOCK";
 
 /// An open, locked data directory. The lock is held until this is dropped.
@@ -415,6 +486,12 @@ pub struct DataDir {
     /// A new directory: `node` is its planned identity, not yet written
     /// (see [`DataDir::persist`]).
     planned: bool,
+    /// What this start serves (`NodeFile::serves`).
+    role: String,
+    /// Each shard's last log sequence number at the last clean stop, as
+    /// its `CLEAN` mark said (`begin_run`); `None` without one, or from a
+    /// build that did not record them.
+    clean_seqs: Option<Vec<u64>>,
     /// Held open for its `flock`; the kernel drops the lock if we die.
     _lock: File,
 }
@@ -467,7 +544,18 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         if node.partitions != partitions {
             bail!("{} was created with {} partitions, not {partitions}", path.display(), node.partitions);
         }
-        Ok(DataDir { path, node, planned: false, _lock: lock })
+        let role = role_of(config);
+        if let Some(serves) = node.serves.as_ref().filter(|&s| *s != role) {
+            bail!(
+                "{} holds the data of {}; it cannot be served as {} (its versions would reuse that node's dots). \
+                 Start it as {}, or move it away to start a new node",
+                path.display(),
+                role_words(serves),
+                role_words(&role),
+                role_words(serves)
+            );
+        }
+        Ok(DataDir { path, node, planned: false, role, clean_seqs: None, _lock: lock })
     } else {
         // Shard data without its NODE file is damage (or a copy made
         // without it), not a new directory: starting over would give the
@@ -485,12 +573,26 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
                 orphans.join(", ")
             );
         }
+        if let Some(what) = other_gyre_data(&path)? {
+            bail!(
+                "{} is not a node's data directory but holds {what}: give the node a directory of its own (a new \
+                 or an empty one)",
+                path.display()
+            );
+        }
         let shards = config.shards.unwrap_or(available_cores).max(1);
         if shards > MAX_SHARDS {
             bail!("{shards} shards is more than the limit of {MAX_SHARDS}");
         }
-        let node = NodeFile { version: NODE_FILE_VERSION, node_id: random_id, shards, partitions, actor: None };
-        Ok(DataDir { path, node, planned: true, _lock: lock })
+        let node = NodeFile {
+            version: NODE_FILE_VERSION,
+            node_id: random_id,
+            shards,
+            partitions,
+            actor: None,
+            serves: Some(role_of(config)),
+        };
+        Ok(DataDir { path, node, planned: true, role: role_of(config), clean_seqs: None, _lock: lock })
     }
 }
 
@@ -547,10 +649,21 @@ impl DataDir {
     /// recreate it empty, losing every record in it with no recovery to
     /// report it) counts as a loss too, after a clean stop as well.
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
+        // Read before it goes: the sequence numbers the shards had reached.
+        self.clean_seqs = std::fs::read_to_string(self.path.join(CLEAN_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<CleanMark>(&text).ok())
+            .map(|m| m.last_seq)
+            .filter(|seqs| seqs.len() == self.node.shards);
         let was_clean = forget_clean_stop(&self.path)?;
         if self.planned {
             // A new directory has lost nothing.
             return Ok(false);
+        }
+        // A directory from before the role was recorded takes this start's.
+        if self.node.serves.is_none() {
+            self.node.serves = Some(self.role.clone());
+            self.write_node_file()?;
         }
         let missing = missing_shard_dirs(&self.path, self.node.shards);
         if !missing.is_empty() {
@@ -576,14 +689,29 @@ impl DataDir {
         self.write_node_file()
     }
 
-    /// Marks a clean stop: every shard flushed and synced its log.
-    pub fn end_run_cleanly(&self) -> anyhow::Result<()> {
+    /// Marks a clean stop: every shard flushed and synced its log, and
+    /// `last_seq[i]` is the last sequence number shard `i` gave a record.
+    pub fn end_run_cleanly(&self, last_seq: Vec<u64>) -> anyhow::Result<()> {
         let clean = self.path.join(CLEAN_FILE);
         let write = || -> std::io::Result<()> {
-            File::create(&clean)?.sync_all()?;
+            let mut f = File::create(&clean)?;
+            f.write_all(serde_json::to_string(&CleanMark { last_seq })?.as_bytes())?;
+            f.sync_all()?;
             sync_dir(&self.path)
         };
         write().with_context(|| format!("writing {}", clean.display()))
+    }
+
+    /// The shards whose storage recovered less than they held at the last
+    /// clean stop (`recovered[i]`: shard `i`'s last sequence number now),
+    /// with what they held: records lost with no damage to report (a
+    /// shard directory emptied, segments removed; found by a review). A
+    /// start treats it as a loss, and gives the node a new actor: the
+    /// shard would otherwise number records, and draw dots, from where
+    /// it had been, reusing dots replicas and clients hold.
+    pub fn shards_gone_back(&self, recovered: &[u64]) -> Vec<(usize, u64, u64)> {
+        let Some(clean) = &self.clean_seqs else { return Vec::new() };
+        clean.iter().zip(recovered).enumerate().filter(|(_, (c, r))| r < c).map(|(i, (&c, &r))| (i, c, r)).collect()
     }
 
     /// Directory of shard `i`'s storage engine.
@@ -619,6 +747,100 @@ mod tests {
         let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
         assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
         assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");
+    }
+
+    /// A data directory records what it serves, and refuses to be served as
+    /// anything else (found by a review: a member's directory copied and
+    /// started as another member issued the same dots as the first). One
+    /// from before the record takes its next start's.
+    #[test]
+    fn a_data_directory_serves_only_what_it_was_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |name: &str| NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            cluster: Some(PathBuf::from("cluster.toml")),
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let mut data = open_data_dir(&member("n1"), 2, 7).unwrap();
+        data.begin_run(9).unwrap();
+        assert_eq!(data.node.serves.as_deref(), Some("n1"));
+        drop(data);
+        let e = open_data_dir(&member("n2"), 2, 8).unwrap_err().to_string();
+        assert!(e.contains("cluster member \"n1\"") && e.contains("cannot be served as cluster member \"n2\""), "{e}");
+        let lone = NodeConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+        let e = open_data_dir(&lone, 2, 8).unwrap_err().to_string();
+        assert!(e.contains("cannot be served as a lone node"), "{e}");
+        open_data_dir(&member("n1"), 2, 8).unwrap();
+        // An older NODE file, without the record.
+        let mut node = read_node_file(dir.path()).unwrap();
+        node.serves = None;
+        std::fs::write(dir.path().join(NODE_FILE), serde_json::to_string(&node).unwrap()).unwrap();
+        let mut data = open_data_dir(&lone, 2, 8).unwrap();
+        data.begin_run(9).unwrap();
+        drop(data);
+        assert_eq!(read_node_file(dir.path()).unwrap().serves.as_deref(), Some(""), "a lone node's now");
+        assert!(open_data_dir(&member("n1"), 2, 8).is_err());
+        // A name without a cluster is a mistake, not ignored.
+        let e = NodeConfig { name: Some("n1".into()), ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--cluster"), "{e}");
+    }
+
+    /// A clean stop records each shard's last sequence number; a start
+    /// whose shards recovered less lost records with no damage to show
+    /// (an emptied shard directory, removed segments; found by a review),
+    /// which renews the actor like any loss. A NODE file's shard count is
+    /// checked like the flag's.
+    #[test]
+    fn a_shard_that_went_back_since_its_clean_stop_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig { data_dir: dir.path().to_path_buf(), shards: Some(2), ..Default::default() };
+        let mut data = open_data_dir(&config, 2, 7).unwrap();
+        data.begin_run(9).unwrap();
+        for i in 0..2 {
+            std::fs::create_dir(data.shard_dir(i)).unwrap();
+        }
+        data.end_run_cleanly(vec![10, 0]).unwrap();
+        drop(data);
+        let mut data = open_data_dir(&config, 2, 7).unwrap();
+        assert!(!data.begin_run(9).unwrap(), "a clean stop");
+        assert_eq!(data.shards_gone_back(&[10, 0]), vec![]);
+        assert_eq!(data.shards_gone_back(&[12, 3]), vec![]);
+        assert_eq!(data.shards_gone_back(&[0, 0]), vec![(0, 10, 0)]);
+        drop(data);
+        // An empty mark, as older builds wrote it: no numbers to compare.
+        std::fs::write(dir.path().join(CLEAN_FILE), b"").unwrap();
+        let mut data = open_data_dir(&config, 2, 7).unwrap();
+        assert!(!data.begin_run(9).unwrap(), "still a clean stop");
+        assert_eq!(data.shards_gone_back(&[0, 0]), vec![]);
+        drop(data);
+        let mut node = read_node_file(dir.path()).unwrap();
+        node.shards = 0;
+        std::fs::write(dir.path().join(NODE_FILE), serde_json::to_string(&node).unwrap()).unwrap();
+        let e = read_node_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("0 shards"), "{e}");
+    }
+
+    /// A new node is not created over other Gyre data (found by a review:
+    /// `gyre node` on a shard's directory or on a `gyre dev` directory, both
+    /// `./data` by default, started an empty node inside it).
+    #[test]
+    fn a_node_is_not_created_over_other_gyre_data() {
+        for (what, make) in [
+            ("a shard's storage", &(|d: &Path| std::fs::write(d.join("GYRE_FORMAT"), b"2").unwrap()) as &dyn Fn(&Path)),
+            ("a cluster file", &|d: &Path| std::fs::write(d.join("cluster.toml"), b"").unwrap()),
+            ("a node's data directory", &|d: &Path| {
+                std::fs::create_dir(d.join("n1")).unwrap();
+                std::fs::write(d.join("n1").join(NODE_FILE), b"{}").unwrap();
+            }),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            make(dir.path());
+            let config = NodeConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+            let e = open_data_dir(&config, 2, 7).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+            assert!(!dir.path().join(NODE_FILE).exists(), "{what}: nothing written");
+        }
     }
 
     /// A segment too small for a shard's largest record is refused in the

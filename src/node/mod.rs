@@ -528,8 +528,20 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             };
             let cluster = cluster::Cluster::new(&file, ring, &name)
                 .with_context(|| format!("joining the cluster of {}", path.display()))?;
-            // A cluster member listens where the cluster file says.
-            config.listen = cluster.ring.member(cluster.me).addr;
+            // A cluster member listens where the cluster file says; a
+            // listen address set to another is a mistake, not ignored.
+            let addr = cluster.ring.member(cluster.me).addr;
+            if config.listen != addr && config.listen != NodeConfig::default().listen {
+                anyhow::bail!(
+                    "listen = {}, but {} gives node {name:?} the address {addr}: a cluster member listens where the \
+                     cluster file says (drop the setting)",
+                    config.listen,
+                    path.display()
+                );
+            }
+            config.listen = addr;
+            // What its data directory records it serves (`NodeFile::serves`).
+            config.name = Some(name);
             // The cluster file's partition count is the cluster's; a node
             // configured for another one is refused rather than silently
             // changed (the default gives way).
@@ -628,7 +640,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
     let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
-    let gate = Arc::new(ActorGate::default());
+    let gate = Arc::new(ActorGate::new(shards));
     let drained = Arc::new(AtomicUsize::new(0));
     // A client request is at most a PUT of the largest value; a clustered
     // node also takes replica writes, which carry a key's whole stored set.
@@ -694,7 +706,17 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             // this. Recovery that lost records (damage, a torn write)
             // after a clean stop needs a new actor as much as a crash does:
             // the lost records' dots may live on in replicas.
-            if gate.damaged.load(Ordering::SeqCst) && !fresh_actor {
+            let gone_back = data.shards_gone_back(&ActorGate::seqs(&gate.recovered));
+            for &(shard, had, now) in &gone_back {
+                tracing::warn!(
+                    shard,
+                    last_seq_at_clean_stop = had,
+                    last_seq_now = now,
+                    "a shard holds fewer records than at its clean stop (its directory emptied, or segments removed): \
+                     they are lost"
+                );
+            }
+            if (gate.damaged.load(Ordering::SeqCst) || !gone_back.is_empty()) && !fresh_actor {
                 if let Err(e) = data.renew_actor(fastrand::u64(1..)) {
                     return fail(e);
                 }
@@ -734,7 +756,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         Err(_) if gate.actor.load(Ordering::SeqCst) == 0 => Ok(()),
         // Every shard drained, flushed and synced: the next start may keep
         // this run's actor.
-        Err(_) => data.end_run_cleanly(),
+        Err(_) => data.end_run_cleanly(ActorGate::seqs(&gate.closed)),
     };
     drop(data);
     res
@@ -810,14 +832,36 @@ struct ShardSetup {
 /// of the node's dot actor: every shard opens its storage, says whether
 /// recovery lost records, and waits for the actor before it builds its
 /// store (so before it takes any write).
-#[derive(Default)]
 struct ActorGate {
     /// Shards whose storage is open.
     opened: AtomicUsize,
     /// Some shard's recovery skipped damage or cut a torn write.
     damaged: std::sync::atomic::AtomicBool,
+    /// Each shard's last log sequence number once its storage is open
+    /// (compared with what `CLEAN` says it had: `DataDir::shards_gone_back`).
+    recovered: Vec<std::sync::atomic::AtomicU64>,
+    /// Each shard's last log sequence number once its storage is closed
+    /// (what `CLEAN` records).
+    closed: Vec<std::sync::atomic::AtomicU64>,
     /// The actor, once chosen (0: not yet; actors are never 0).
     actor: std::sync::atomic::AtomicU64,
+}
+
+impl ActorGate {
+    fn new(shards: usize) -> ActorGate {
+        let seqs = || (0..shards).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+        ActorGate {
+            opened: AtomicUsize::new(0),
+            damaged: Default::default(),
+            recovered: seqs(),
+            closed: seqs(),
+            actor: Default::default(),
+        }
+    }
+
+    fn seqs(seqs: &[std::sync::atomic::AtomicU64]) -> Vec<u64> {
+        seqs.iter().map(|s| s.load(Ordering::SeqCst)).collect()
+    }
 }
 
 /// Counts a shard as drained however it exits, so that the others never
@@ -851,6 +895,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     if report.lost_records() {
         s.actor.damaged.store(true, Ordering::SeqCst);
     }
+    s.actor.recovered[s.id].store(engine.last_seq(), Ordering::SeqCst);
     s.actor.opened.fetch_add(1, Ordering::SeqCst);
     let actor = loop {
         match s.actor.actor.load(Ordering::SeqCst) {
@@ -976,6 +1021,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     engine.begin_close();
     stop.stop().await;
     engine.close().await.context("flushing the log at shutdown")?;
+    s.actor.closed[s.id].store(engine.last_seq(), Ordering::SeqCst);
     tracing::info!(shard = s.id, "shard stopped");
     Ok(())
 }
