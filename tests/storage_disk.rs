@@ -532,6 +532,36 @@ fn a_dropped_write_still_happens_and_before_a_later_one() {
     });
 }
 
+/// The same through two handles of one file (found by a review: a flush
+/// leader dropped in a new segment's first write left its handle, and the
+/// next leader opened the segment again; writes were ordered per
+/// descriptor, so its write did not wait). The dropped write is large, so
+/// that without the wait the later small one would mostly land first and
+/// be overwritten.
+#[test]
+fn a_dropped_write_comes_before_a_later_one_through_another_handle() {
+    in_fresh_dir(|path| async move {
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        const BIG: usize = 8 << 20;
+        let a = new_file(&backend, "seg", &vec![0u8; BIG]).await;
+        let b = backend.open("seg", false).await.unwrap();
+        for round in 0..5u8 {
+            let dropped = vec![2 * round + 1; BIG];
+            let later = vec![2 * round + 2; BLOCK_SIZE];
+            {
+                let write = backend.write_at(&a, backend.alloc_with(&a, dropped.len(), &dropped), 0);
+                let mut write = std::pin::pin!(write);
+                assert!(futures_lite::future::poll_once(&mut write).await.is_none());
+            }
+            backend.write_at(&b, backend.alloc_with(&b, later.len(), &later), 0).await.unwrap();
+            let read = backend.read_at(&b, 0, BIG).await.unwrap();
+            let read = read.as_ref();
+            assert!(read[..BLOCK_SIZE] == later[..], "round {round}: block 0 is the later write's");
+            assert!(read[BIG - BLOCK_SIZE..] == dropped[BIG - BLOCK_SIZE..], "round {round}: the dropped write ran");
+        }
+    });
+}
+
 /// Regression: the backend sized a file through glommio's
 /// `DmaFile::file_size`, a statx of the path it was opened under, so a
 /// file renamed since (the spare segment: `spare-segment.tmp`, then

@@ -1255,7 +1255,14 @@ impl<B: Backend> Engine<B> {
             };
             let Some(plan) = plan else { break };
             let name = segment_file_name(plan.seg);
-            let file = if plan.create {
+            // A flush cut short after it made the segment (a dropped
+            // leader) left its handle here: the segment is made, and its
+            // write may still be in flight, which a write through the same
+            // file waits for (`Backend::write_at`).
+            let made = self.inner.st.borrow().files.get(&plan.seg).cloned();
+            let file = if let Some(f) = made {
+                f
+            } else if plan.create {
                 let spare = self.inner.st.borrow_mut().spare.take();
                 let (f, zeroed) = match spare {
                     Some(f) => match backend.rename(SPARE_SEGMENT, &name).await {

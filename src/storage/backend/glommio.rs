@@ -22,7 +22,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -90,13 +90,18 @@ pub struct GlommioBackend {
     dir: PathBuf,
     /// Holds the exclusive lock; released when the backend is dropped.
     _lock: File,
-    /// Per file descriptor, the last write issued to it that has not ended:
-    /// the next write to that file waits for it (see `write_at`). An entry
-    /// is removed by its own write when it ends, if no later write has
-    /// taken its place. The write's task holds the file open, so a
-    /// descriptor here is never one the kernel handed out again.
-    writes: Rc<RefCell<HashMap<RawFd, Rc<WriteEnd>>>>,
+    /// Per file (device and inode: one file may be open through several
+    /// descriptors, as a segment a dropped flush had opened is opened
+    /// again by the next; found by a review), the last write issued to it
+    /// that has not ended: the next write to that file waits for it (see
+    /// `write_at`). An entry is removed by its own write when it ends, if
+    /// no later write has taken its place. The write's task holds the file
+    /// open, so an inode here is never one the file system reused.
+    writes: Rc<RefCell<HashMap<FileKey, Rc<WriteEnd>>>>,
 }
+
+/// A file's identity: its device and inode numbers.
+type FileKey = (u64, u64);
 
 /// The end of one write (see `GlommioBackend::write_at`): set once, when
 /// the write has completed or failed at the device.
@@ -207,8 +212,20 @@ fn file_size(file: &DmaFile) -> io::Result<u64> {
     Ok(file_stat(file)?.0)
 }
 
+/// The identity of an open file (`fstat`: device and inode).
+fn file_key(file: &DmaFile) -> io::Result<FileKey> {
+    let st = fstat(file)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// The size of an open file and how many names it has (`fstat`).
 fn file_stat(file: &DmaFile) -> io::Result<(u64, u64)> {
+    let st = fstat(file)?;
+    let size = u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))?;
+    Ok((size, st.st_nlink as u64))
+}
+
+fn fstat(file: &DmaFile) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: the descriptor is open while `file` is borrowed (glommio
     // closes it only on close or drop, and this neither closes nor keeps
@@ -220,8 +237,7 @@ fn file_stat(file: &DmaFile) -> io::Result<(u64, u64)> {
         }
         st.assume_init()
     };
-    let size = u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))?;
-    Ok((size, st.st_nlink as u64))
+    Ok(st)
 }
 
 /// The space of the file system holding `path`: bytes free for an
@@ -364,9 +380,9 @@ impl Backend for GlommioBackend {
     /// costs nothing but after such a drop.
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
-        let fd = file.as_raw_fd();
+        let key = file_key(file)?;
         let end = Rc::new(WriteEnd::default());
-        let before = self.writes.borrow_mut().insert(fd, end.clone());
+        let before = self.writes.borrow_mut().insert(key, end.clone());
         let (file, writes) = (file.clone(), self.writes.clone());
         let task = glommio::spawn_local(async move {
             if let Some(before) = before {
@@ -375,8 +391,8 @@ impl Backend for GlommioBackend {
             let result = write_whole(&file, buf, off).await;
             end.set();
             let mut writes = writes.borrow_mut();
-            if writes.get(&fd).is_some_and(|last| Rc::ptr_eq(last, &end)) {
-                writes.remove(&fd);
+            if writes.get(&key).is_some_and(|last| Rc::ptr_eq(last, &end)) {
+                writes.remove(&key);
             }
             result
         })
