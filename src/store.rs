@@ -157,6 +157,7 @@ impl<B: Backend> Store<B> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
             let (mut set, id) = self.read(key).await?;
+            self.check_counters(&ctx, set.clock())?;
             let dot = set
                 .update_after(&ctx, self.actor, value.map(<[u8]>::to_vec), self.dot_floor())
                 .map_err(update_error)?;
@@ -209,6 +210,9 @@ impl<B: Backend> Store<B> {
                 Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
             },
         };
+        if let Err(e) = self.check_counters(&ctx, set.clock()) {
+            return Some(Err(e));
+        }
         let dot = match set.update_after(&ctx, self.actor, value, self.dot_floor()) {
             Ok(dot) => dot,
             Err(e) => return Some(Err(update_error(e))),
@@ -247,24 +251,37 @@ impl<B: Backend> Store<B> {
         self.engine.last_seq()
     }
 
+    /// Checks a client's context (untrusted) against the key's stored
+    /// clock, before an update with it. An entry the key's clock already
+    /// holds is one the key has seen, and is taken whatever it is (a forged
+    /// counter another replica took becomes the key's own: found by a
+    /// review, refusing it then left the key unwritable with any context).
+    /// Past that, refused: a counter over [`MAX_CONTEXT_COUNTER`] (one
+    /// near `u64::MAX` made every later write of the key overflow its dot;
+    /// found by a review), and one of this node's own past its last
+    /// sequence number (a write it never made, which would cover its next
+    /// ones). So a stored counter grows past the bound only one a write.
+    fn check_counters(&self, ctx: &Clock, stored: &Clock) -> Result<(), StoreError> {
+        for (actor, counter) in ctx.iter() {
+            if counter <= stored.get(actor) {
+                continue;
+            }
+            if counter > MAX_CONTEXT_COUNTER {
+                let why = "a context counter beyond any real history";
+                return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
+            }
+            if actor == self.actor && counter > self.engine.last_seq() {
+                let why = "the context names a write this node never made";
+                return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
+            }
+        }
+        Ok(())
+    }
+
     /// The context of a write, once the write is known to be within the
     /// client limits.
     fn check_write(&self, context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
         let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
-        // A client's context is untrusted (found by a review): a counter
-        // near `u64::MAX` made every later write of the key overflow its
-        // dot, and one of this node's own past its last sequence number
-        // names a write it never made (and would cover its next ones).
-        if ctx.iter().any(|(_, c)| c > MAX_CONTEXT_COUNTER) {
-            return Err(StoreError::InvalidContext(VersionError::Malformed(
-                "a context counter beyond any real history",
-            )));
-        }
-        if ctx.get(self.actor) > self.engine.last_seq() {
-            return Err(StoreError::InvalidContext(VersionError::Malformed(
-                "the context names a write this node never made",
-            )));
-        }
         if let Some(v) = value {
             if v.len() > self.max_value_len {
                 return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
@@ -660,6 +677,33 @@ mod tests {
             // A reader's context collapses them all.
             let done = s.put(b"k", &got.clock().to_bytes(), Some(b"all"), 7).await.unwrap();
             assert_eq!((done.siblings(), values(&s.get(b"k").await.unwrap())), (1, vec![b"all".to_vec()]));
+        })
+    }
+
+    /// A forged counter of another replica's that one replica took (it
+    /// cannot know the other's numbers) becomes part of the key; the other
+    /// replica, having merged it, takes the contexts it hands out itself
+    /// (found by a review: it refused them as naming writes it never made,
+    /// or past the bound, and the key could no longer be written).
+    #[test]
+    fn a_forged_counter_one_replica_took_leaves_the_key_writable_everywhere() {
+        block_on(async {
+            let open = || async {
+                let config = EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, ..Default::default() };
+                Engine::open(MemBackend::new(), config).await.unwrap().0
+            };
+            let (x, y) = (Store::new(open().await, 1, 1024), Store::new(open().await, 2, 1024));
+            for (key, forged) in [(&b"k"[..], 1_000_000), (&b"j"[..], MAX_CONTEXT_COUNTER)] {
+                let w = x.put(key, &context_of(&[(2, forged)]), Some(b"v"), 2).await.unwrap();
+                y.merge(key, &w.set, 3).await.unwrap();
+                let ctx = y.get(key).await.unwrap().clock().to_bytes();
+                let own = y.put(key, &ctx, Some(b"w"), 4).await.unwrap();
+                let again = y.put(key, &own.context().to_bytes(), Some(b"w2"), 5).await.unwrap();
+                assert_eq!(again.siblings(), 1, "{key:?}");
+                x.merge(key, &again.set, 6).await.unwrap();
+                let ctx = x.get(key).await.unwrap().clock().to_bytes();
+                assert_eq!(x.put(key, &ctx, Some(b"x"), 7).await.unwrap().siblings(), 1, "{key:?}");
+            }
         })
     }
 }
