@@ -15,10 +15,11 @@
 //! Owns: the connection's read buffer, its in-flight count and its reply
 //! queue; and the shard's queue of held writes (in log order).
 //!
-//! Invariant: at most `MAX_IN_FLIGHT` requests of a connection run at
-//! once, and none starts while `MAX_QUEUED_REPLY_BYTES` of replies wait
-//! for the client (past either the reader stops reading: backpressure,
-//! not errors), nor once a write to the client failed;
+//! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
+//! replies, at most `MAX_RUNNING` of them in tasks of their own, and none
+//! starts while `MAX_QUEUED_REPLY_BYTES` of replies wait for the client
+//! (past any of these the reader stops reading: backpressure, not errors),
+//! nor once a write to the client failed;
 //! the read buffer holds at most about twice what the client has sent of
 //! its current frame, whatever size the frame declares; a frame over the
 //! node's size limit but within the protocol's is skipped unread into
@@ -51,6 +52,18 @@ pub(super) const READ_CHUNK: usize = 64 * 1024;
 /// writer is stuck on, and the replies of requests already running.
 /// 4 MiB is many replies of any usual size, so pipelining is not slowed.
 pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Requests of one connection that may run at once in tasks of their own
+/// (not answered on the spot: a record read from disk, a cluster's
+/// coordinated request). Their replies reach the queue only when they end,
+/// so the byte budget above does not see them coming: without this bound,
+/// a client that read nothing had all `MAX_IN_FLIGHT` of them run on cache
+/// misses, and their replies piled up past the budget (found by a review).
+/// With it, such a client holds at most the budget, this many replies, and
+/// the batch the writer is stuck on. 64 is deeper than a pipeline needs
+/// to keep a disk or a cluster busy from one connection.
+pub(super) const MAX_RUNNING: usize = 64;
+const _: () = assert!(MAX_RUNNING <= MAX_IN_FLIGHT && MAX_QUEUED_REPLY_BYTES >= crate::wire::MAX_BODY_LEN / 4);
 
 /// A reply buffer that grew past this (a large reply, or a burst) is given
 /// back once written, not kept for the connection's life: an idle pool of
@@ -99,6 +112,9 @@ struct Outbox {
     /// (running, or queued in `buf`): bounds the memory a client that does
     /// not read its replies can make us hold.
     in_flight: Cell<usize>,
+    /// Requests running in tasks of their own, their replies still to come
+    /// ([`MAX_RUNNING`]).
+    running: Cell<usize>,
     /// No more replies will come; the writer exits once `buf` is empty.
     closing: Cell<bool>,
     /// A write failed; the reader stops.
@@ -137,7 +153,13 @@ impl Outbox {
     /// task of its own (the reader goes on meanwhile).
     fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
         let out = self.clone();
-        glommio::spawn_local(async move { out.push(&reply.await) }).detach();
+        out.running.set(out.running.get() + 1);
+        glommio::spawn_local(async move {
+            let reply = reply.await;
+            out.running.set(out.running.get() - 1);
+            out.push(&reply);
+        })
+        .detach();
     }
 
     /// Lets `answer` append a reply at once; if it did
@@ -168,10 +190,13 @@ impl Outbox {
     }
 
     /// Whether the reader must wait before it starts another request:
-    /// `MAX_IN_FLIGHT` are owed replies, or `MAX_QUEUED_REPLY_BYTES` of
-    /// replies wait for a client that does not read them.
+    /// `MAX_IN_FLIGHT` are owed replies, `MAX_RUNNING` run in tasks, or
+    /// `MAX_QUEUED_REPLY_BYTES` of replies wait for a client that does not
+    /// read them.
     fn full(&self) -> bool {
-        self.in_flight.get() >= MAX_IN_FLIGHT || self.buf.borrow().len() >= MAX_QUEUED_REPLY_BYTES
+        self.in_flight.get() >= MAX_IN_FLIGHT
+            || self.running.get() >= MAX_RUNNING
+            || self.buf.borrow().len() >= MAX_QUEUED_REPLY_BYTES
     }
 
     /// Waits until one more request may start (not [`Self::full`]),
