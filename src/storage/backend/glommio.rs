@@ -477,9 +477,10 @@ impl Backend for GlommioBackend {
     /// were then lost. The engine's writes to one file are one after
     /// another anyway (one flush leader), so the wait costs nothing but
     /// after such a drop; and the write runs in its caller's task, not a
-    /// task of its own (one was measured to add 30-50 µs to a durable
-    /// write's median: its completion woke the caller one pass of the run
-    /// queue later).
+    /// task of its own, so its completion wakes its caller directly (a
+    /// task per write costs an allocation and a pass of the run queue; in
+    /// measurements the two forms were within the VM's noise:
+    /// perf/RESULTS.md, twentieth session).
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         let key = file_key(file)?;
