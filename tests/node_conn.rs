@@ -286,6 +286,61 @@ fn requests_run(c: &mut Client) -> u64 {
     stats["node"]["requests"].as_u64().unwrap()
 }
 
+/// A node (started with `args`) holding a value of `value` bytes, and a
+/// connection that sent `n` pipelined GETs of it and reads nothing.
+struct UnreadGets {
+    node: Node,
+    /// The stats connection.
+    c: Client,
+    /// Requests run before the GETs were sent.
+    before: u64,
+    /// STATS requests sent since (each counts as a request).
+    asked: u64,
+    /// The node's data directory, removed after the node stopped (fields
+    /// drop in order).
+    _dir: tempfile::TempDir,
+}
+
+impl UnreadGets {
+    /// The node, and the connection that sent the GETs.
+    fn send(args: &[&str], n: u64, value: usize) -> (UnreadGets, TcpStream) {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start(dir.path(), args);
+        let mut c = Client::connect(node.addr()).unwrap();
+        c.put(b"big", &vec![7u8; value], &Context::default()).unwrap();
+        let before = requests_run(&mut c);
+        let mut s = TcpStream::connect(node.addr()).unwrap();
+        let mut frames = Vec::new();
+        for id in 0..n {
+            Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
+        }
+        s.write_all(&frames).unwrap();
+        (UnreadGets { node, c, before, asked: 0, _dir: dir }, s)
+    }
+
+    /// Of the GETs, those the node has started (`extra`: requests sent
+    /// besides, as STATS of open connections).
+    fn started(&mut self, extra: u64) -> u64 {
+        self.asked += 1;
+        requests_run(&mut self.c) - self.before - self.asked - extra
+    }
+
+    /// Waits until the node stops starting them (the count holds for a
+    /// while), or it has started `n`: how many it started.
+    fn until_held(&mut self, n: u64) -> u64 {
+        let deadline = Instant::now() + NOTICE;
+        let mut run = self.started(0);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.started(0);
+            if now == run || now >= n || Instant::now() > deadline {
+                return now;
+            }
+            run = now;
+        }
+    }
+}
+
 /// A client that pipelines requests for large values and does not read
 /// the replies makes the node stop starting requests once a few MiB of
 /// replies wait (found by a review: only the count of requests was
@@ -305,35 +360,8 @@ fn a_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
 fn unread_replies_are_bounded(args: &[&str]) {
     const N: u64 = 1024;
     const VALUE: usize = 256 * 1024;
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), args);
-    let mut c = Client::connect(node.addr()).unwrap();
-    c.put(b"big", &vec![7u8; VALUE], &Context::default()).unwrap();
-    let before = requests_run(&mut c);
-    let mut s = TcpStream::connect(node.addr()).unwrap();
-    let mut frames = Vec::new();
-    for id in 0..N {
-        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
-    }
-    s.write_all(&frames).unwrap();
-    // Wait until the node stops starting them (the count holds for a
-    // while), or it has run them all. Each STATS is a request too.
-    let deadline = Instant::now() + NOTICE;
-    let mut asked = 0;
-    let mut started = || {
-        asked += 1;
-        requests_run(&mut c) - before - asked
-    };
-    let mut run = started();
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = started();
-        if now == run || now >= N || Instant::now() > deadline {
-            run = now;
-            break;
-        }
-        run = now;
-    }
+    let (mut gets, mut s) = UnreadGets::send(args, N, VALUE);
+    let run = gets.until_held(N);
     eprintln!("{args:?}: {run} of {N} GETs of {VALUE} bytes started while the client read nothing");
     // 4 MiB of queued replies is 16 of them, 64 may run in tasks, and the
     // socket's buffers on both sides take some more.
@@ -354,7 +382,7 @@ fn unread_replies_are_bounded(args: &[&str]) {
             other => panic!("reply {id}: {other:?}"),
         }
     }
-    assert!(node.terminate().success());
+    assert!(gets.node.terminate().success());
 }
 
 /// A connection that breaks (the client resets it) runs none of the
@@ -365,33 +393,9 @@ fn unread_replies_are_bounded(args: &[&str]) {
 fn a_reset_connection_runs_none_of_its_buffered_requests() {
     use std::os::fd::AsRawFd;
     const N: u64 = 2000;
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &["--shards", "1"]);
-    let mut c = Client::connect(node.addr()).unwrap();
-    c.put(b"big", &vec![7u8; 256 * 1024], &Context::default()).unwrap();
-    let before = requests_run(&mut c);
-    let mut s = TcpStream::connect(node.addr()).unwrap();
-    let mut frames = Vec::new();
-    for id in 0..N {
-        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
-    }
-    s.write_all(&frames).unwrap();
+    let (mut gets, s) = UnreadGets::send(&["--shards", "1"], N, 256 * 1024);
     // Until the node waits for the client to read.
-    let deadline = Instant::now() + NOTICE;
-    let mut asked = 0;
-    let mut started = |c: &mut Client| {
-        asked += 1;
-        requests_run(c) - before - asked
-    };
-    let mut run = started(&mut c);
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = started(&mut c);
-        if now == run || Instant::now() > deadline {
-            break;
-        }
-        run = now;
-    }
+    let run = gets.until_held(N);
     // Reset: close with a zero linger, so the node's next write fails.
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: a valid descriptor and a `linger` of the size given.
@@ -408,13 +412,13 @@ fn a_reset_connection_runs_none_of_its_buffered_requests() {
     drop(s);
     let deadline = Instant::now() + NOTICE;
     let mut polls = 1;
-    while open_connections(&mut c) > 1 && Instant::now() < deadline {
+    while open_connections(&mut gets.c) > 1 && Instant::now() < deadline {
         polls += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(open_connections(&mut c), 1, "the reset connection is closed");
-    let after = started(&mut c) - polls;
+    assert_eq!(open_connections(&mut gets.c), 1, "the reset connection is closed");
+    let after = gets.started(polls);
     eprintln!("{run} started before the reset, {after} in all, of {N}");
     assert!(after < run + 100, "{after} requests ran for a connection reset after {run}");
-    assert!(node.terminate().success());
+    assert!(gets.node.terminate().success());
 }
