@@ -1013,3 +1013,59 @@ fn a_replica_write_with_versions_that_do_not_decode_is_malformed() {
     assert!(get_at(&mut conn, "k").values.is_empty(), "nothing was stored");
     assert_eq!(cluster.stats("n1")["node"]["malformed_frames"], 1);
 }
+
+/// Writes forwarded around a cycle of members (each member sent keys only
+/// the other two hold), many at a time: each member's coordinators wait on
+/// replica frames that come in on the same peer connections as the
+/// forwarded writes. A bound on the requests a connection runs in tasks
+/// that counted the forwarded ones stopped every member's reader there,
+/// and all the writes waited for their deadline (found by a review).
+#[test]
+fn writes_forwarded_around_a_cycle_of_members_all_complete() {
+    use std::io::{Read, Write};
+    const PER_CONN: u64 = 150;
+    let cluster = Cluster::start(ClusterSpec { nodes: 3, n: 2, r: 2, w: 2, ..Default::default() });
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    let mut conns = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        let me = view.ring.index_of(name).unwrap();
+        let foreign: Vec<String> = (0..)
+            .map(|i| format!("cycle-{name}-{i}"))
+            .filter(|k| !view.ring.preference_list(view.ring.partition_of_key(k.as_bytes()), 2).contains(&me))
+            .take(2 * PER_CONN as usize)
+            .collect();
+        for chunk in foreign.chunks(PER_CONN as usize) {
+            let mut s = std::net::TcpStream::connect(cluster.addr(name)).unwrap();
+            let mut frames = Vec::new();
+            for (id, key) in chunk.iter().enumerate() {
+                Request::Put { key: key.as_bytes(), context: b"", value: b"v" }.encode(
+                    &mut frames,
+                    id as u64,
+                    ANY_SHARD,
+                    0,
+                );
+            }
+            s.write_all(&frames).unwrap();
+            conns.push(s);
+        }
+    }
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        for _ in 0..PER_CONN {
+            let mut header = [0u8; gyre::wire::HEADER_LEN];
+            s.read_exact(&mut header).unwrap();
+            let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).unwrap();
+            let mut body = vec![0u8; h.body_len as usize];
+            s.read_exact(&mut body).unwrap();
+            if let gyre::wire::Response::Error { code, message } =
+                gyre::wire::Response::decode(h.opcode, &body).unwrap()
+            {
+                failed.push(format!("{code:?}: {message}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} writes failed, the first: {}", failed.len(), 6 * PER_CONN, failed[0]);
+    eprintln!("{} forwarded writes in {:?}", 6 * PER_CONN, started.elapsed());
+}

@@ -833,6 +833,39 @@ fn a_shard_emptied_after_a_clean_stop_gives_the_node_a_new_actor() {
     assert!(node.terminate().success());
 }
 
+/// The same after a stop that came while the node was starting: that
+/// start's `CLEAN` keeps each shard's number (found by a review: it
+/// recorded 0, and the shard emptied after went unnoticed).
+#[test]
+fn a_shard_emptied_after_a_stop_while_starting_gives_the_node_a_new_actor() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let dir = tmp();
+    let put = |node: &Node, key: &[u8]| {
+        let mut c = Client::connect(node.addr()).unwrap();
+        c.put(key, b"v", &Context::default()).unwrap().context
+    };
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let first = put(&node, b"a");
+    put(&node, b"b");
+    assert!(node.terminate().success());
+    // A start told to stop before it serves (the flag a signal sets).
+    let config = gyre::node::NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        pin: false,
+        ..Default::default()
+    };
+    gyre::node::run(config, Arc::new(AtomicBool::new(true)), |_| {}).unwrap();
+    for entry in std::fs::read_dir(dir.path().join("shard-000")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let node = Node::start(dir.path(), &[]);
+    let again = put(&node, b"a");
+    assert_ne!(context_actor(&again), context_actor(&first), "the same actor after the shard lost its records");
+    assert!(node.terminate().success());
+}
+
 /// Runs `gyre ARGS` with its stdout a pipe whose reader has already gone:
 /// the exit status and stderr.
 fn gyre_to_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {

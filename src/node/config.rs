@@ -702,6 +702,12 @@ impl DataDir {
         write().with_context(|| format!("writing {}", clean.display()))
     }
 
+    /// Each shard's last sequence number at the last clean stop, if its
+    /// `CLEAN` mark said (read by [`Self::begin_run`]).
+    pub fn clean_seqs(&self) -> Option<&[u64]> {
+        self.clean_seqs.as_deref()
+    }
+
     /// The shards whose storage recovered less than they held at the last
     /// clean stop (`recovered[i]`: shard `i`'s last sequence number now),
     /// with what they held: records lost with no damage to report (a

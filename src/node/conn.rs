@@ -16,7 +16,8 @@
 //! queue; and the shard's queue of held writes (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
-//! replies, at most `MAX_RUNNING` of them in tasks of their own, and none
+//! replies, at most `MAX_RUNNING` of them in tasks of their own (other
+//! than those that wait on other members), and none
 //! starts while `MAX_QUEUED_REPLY_BYTES` of replies wait for the client
 //! (past any of these the reader stops reading: backpressure, not errors),
 //! nor once a write to the client failed;
@@ -54,14 +55,14 @@ pub(super) const READ_CHUNK: usize = 64 * 1024;
 pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Requests of one connection that may run at once in tasks of their own
-/// (not answered on the spot: a record read from disk, a cluster's
-/// coordinated request). Their replies reach the queue only when they end,
+/// (not answered on the spot: a record read from disk; not a cluster's
+/// coordinated request, see `Outbox::push_later`). Their replies reach the queue only when they end,
 /// so the byte budget above does not see them coming: without this bound,
 /// a client that read nothing had all `MAX_IN_FLIGHT` of them run on cache
 /// misses, and their replies piled up past the budget (found by a review).
 /// With it, such a client holds at most the budget, this many replies, and
 /// the batch the writer is stuck on. 64 is deeper than a pipeline needs
-/// to keep a disk or a cluster busy from one connection.
+/// to keep a disk busy from one connection.
 pub(super) const MAX_RUNNING: usize = 64;
 const _: () = assert!(MAX_RUNNING <= MAX_IN_FLIGHT && MAX_QUEUED_REPLY_BYTES >= crate::wire::MAX_BODY_LEN / 4);
 
@@ -151,12 +152,21 @@ impl Outbox {
 
     /// Queues the reply of a started request once `reply` has it, from a
     /// task of its own (the reader goes on meanwhile).
-    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
+    /// `counted`: against [`MAX_RUNNING`]. Not a request that waits on
+    /// other members (a cluster's coordinated or forwarded one): peers'
+    /// requests share one connection per peer shard with their replica
+    /// frames, and with forwarding around a cycle of members, each
+    /// member's reader stopped at the bound, the replica frames the others'
+    /// coordinators waited for stayed unread, and everything waited for
+    /// its deadline (found by a review). Those stay bounded by
+    /// `MAX_IN_FLIGHT` alone.
+    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static, counted: bool) {
         let out = self.clone();
-        out.running.set(out.running.get() + 1);
+        let counted = usize::from(counted);
+        out.running.set(out.running.get() + counted);
         glommio::spawn_local(async move {
             let reply = reply.await;
-            out.running.set(out.running.get() - 1);
+            out.running.set(out.running.get() - counted);
             out.push(&reply);
         })
         .detach();
@@ -438,11 +448,14 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                         continue;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
-                    let owner = match Request::decode_with(&header, body) {
+                    let (owner, waits_on_peers) = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
                             match out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
-                                Answer::No => owner,
+                                // A cluster's GET, PUT and DELETE are
+                                // coordinated (or forwarded) and wait on
+                                // other members.
+                                Answer::No => (owner, shard.cluster.is_some() && req.is_quorum_op()),
                                 Answer::Now => {
                                     start += total;
                                     continue;
@@ -475,7 +488,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
                         Some(reply) => out.push(&reply),
-                        None => out.push_later(fut),
+                        None => out.push_later(fut, !waits_on_peers),
                     }
                 }
                 Ok(None) => break,

@@ -640,7 +640,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
     let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
-    let gate = Arc::new(ActorGate::new(shards));
+    let gate = Arc::new(ActorGate::new(shards, data.clean_seqs()));
     let drained = Arc::new(AtomicUsize::new(0));
     // A client request is at most a PUT of the largest value; a clustered
     // node also takes replica writes, which carry a key's whole stored set.
@@ -848,13 +848,20 @@ struct ActorGate {
 }
 
 impl ActorGate {
-    fn new(shards: usize) -> ActorGate {
-        let seqs = || (0..shards).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+    /// `prior`: each shard's last sequence number at the last clean stop,
+    /// if known. A shard that stops before it opens its storage leaves its
+    /// data as it was, and `CLEAN` records that number again for it (found
+    /// by a review: a stop while starting recorded 0, and a shard emptied
+    /// after it went unnoticed).
+    fn new(shards: usize, prior: Option<&[u64]>) -> ActorGate {
+        let seqs = |from: Option<&[u64]>| {
+            (0..shards).map(|i| std::sync::atomic::AtomicU64::new(from.map_or(0, |p| p[i]))).collect()
+        };
         ActorGate {
             opened: AtomicUsize::new(0),
             damaged: Default::default(),
-            recovered: seqs(),
-            closed: seqs(),
+            recovered: seqs(None),
+            closed: seqs(prior),
             actor: Default::default(),
         }
     }
@@ -904,6 +911,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
             0 if s.shutdown.load(Ordering::SeqCst) => {
                 tracing::info!(shard = s.id, "stopped while the node was starting");
                 engine.close().await.context("closing the shard's storage")?;
+                s.actor.closed[s.id].store(engine.last_seq(), Ordering::SeqCst);
                 return Ok(());
             }
             0 => glommio::timer::sleep(Duration::from_millis(1)).await,
