@@ -256,6 +256,11 @@ pub struct Point {
     /// End of the interval, seconds since the measured span began
     /// (negative during the warm-up).
     pub t: f64,
+    /// The interval's length in seconds: it began at `t - span`. (A
+    /// sample is taken a little after its time, so an interval that ends
+    /// just after the measured span began is warm-up: plots leave out
+    /// intervals that began before it; found by a review.)
+    pub span: f64,
     pub ops_per_sec: f64,
     pub errors: u64,
     pub p50_us: Option<f64>,
@@ -1169,6 +1174,7 @@ fn monitor(
         let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
         let p = Point {
             t,
+            span,
             ops_per_sec: merged.all.len() as f64 / span,
             errors: merged.errors,
             p50_us: q(&merged.all, 0.5),

@@ -117,6 +117,11 @@ fn prepare(args: &SlaArgs) -> anyhow::Result<(sla::SlaFile, Vec<harness::Target>
         file.name = Some(n.clone());
     }
     if let Some(r) = args.rate {
+        anyhow::ensure!(
+            file.run.mode == sla::LoopMode::Open,
+            "--rate is for an open-loop file; {} runs closed-loop",
+            args.file.display()
+        );
         file.run.rate = Some(r);
     }
     if let Some(d) = args.duration {
@@ -137,6 +142,7 @@ fn prepare(args: &SlaArgs) -> anyhow::Result<(sla::SlaFile, Vec<harness::Target>
 
 fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
     let (file, targets) = prepare(&args)?;
+    let limits = sla::judged_limits(&file.limits);
     let mut cfg = file.config(file.run.rate.unwrap_or(0.0))?;
     cfg.progress = !args.quiet;
     let workload = sla::describe(&cfg);
@@ -154,8 +160,8 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
                 continue;
             }
         };
-        let (verdicts, pass) = sla::judge(&file.limits, &result);
-        print_target(&result, &file.limits, &verdicts);
+        let (verdicts, pass) = sla::judge(&limits, &result);
+        print_target(&result, &limits, &verdicts);
         reports.push(sla::TargetReport { result, verdicts, pass });
     }
     let report = sla::Report {
@@ -164,13 +170,13 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
         file: args.file.display().to_string(),
         machine: sla::Machine::here(),
         workload,
-        limits: file.limits.iter().map(|l| l.text.clone()).collect(),
+        limits: limits.iter().map(|l| l.text.clone()).collect(),
         plot: file.plot,
         pass: failed.is_empty() && reports.iter().all(|r| r.pass),
         targets: reports,
         failed,
     };
-    for p in sla::write_report(&args.out, &report, &file.limits)? {
+    for p in sla::write_report(&args.out, &report, &limits)? {
         eprintln!("wrote {}", p.display());
     }
     if !report.failed.is_empty() {
@@ -224,6 +230,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         "capacity searches the rate: --rate is for sla (set [capacity] start and max)"
     );
     let (file, targets) = prepare(&args)?;
+    let limits = sla::judged_limits(&file.limits);
     anyhow::ensure!(file.run.mode == sla::LoopMode::Open, "capacity searches an open-loop rate: set mode = \"open\"");
     let cfg0 = file.config(file.capacity.start)?;
     // A probe lasts long enough for the strictest percentile limit to be
@@ -238,6 +245,21 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         // Load once; later probes find the records there.
         let mut load = file.workload.load;
         while let Some(rate) = search.next() {
+            // Too low a rate to collect the samples within the longest
+            // probe: no verdict is possible there, and a miss would only
+            // halve the rate again (found by a review: the search then
+            // reported that no rate held the limits, never having
+            // measured one).
+            if needed / rate > MAX_PROBE_SECONDS {
+                let why = format!(
+                    "at {rate:.0}/s a probe of at most {MAX_PROBE_SECONDS} s cannot collect the {needed:.0} operations \
+                     the strictest limit needs; raise [capacity] start to at least {:.0}/s",
+                    (needed / MAX_PROBE_SECONDS).ceil()
+                );
+                println!("{}: {why}", t.label());
+                error = Some(why);
+                break;
+            }
             let mut cfg = file.config(rate)?;
             cfg.duration = file.capacity.probe_duration.max((needed / rate).min(MAX_PROBE_SECONDS));
             cfg.progress = !args.quiet;
@@ -268,7 +290,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
                 }
             };
             load = false;
-            let (verdicts, held) = sla::judge(&file.limits, &r);
+            let (verdicts, held) = sla::judge(&limits, &r);
             let pass = held && !verdicts.iter().any(|v| v.too_few_samples);
             let l = r.latency_of("all").cloned().unwrap_or_default();
             let verdict = match (held, pass) {
@@ -289,7 +311,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         }
         match (search.pass, &error) {
             (_, Some(_)) => {}
-            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&file.limits)),
+            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&limits)),
             (None, None) => println!("{}: no probed rate held the limits", t.label()),
         }
         out.push(Capacity { target: t.label(), capacity: search.pass, first_miss: search.fail, error, probes });

@@ -127,9 +127,12 @@ pub enum LoopMode {
 #[serde(deny_unknown_fields, default)]
 pub struct RunSection {
     pub mode: LoopMode,
-    pub arrival: Arrival,
+    /// Open loop only (default Poisson).
+    pub arrival: Option<Arrival>,
+    /// Open loop only.
     pub rate: Option<f64>,
-    pub depth: usize,
+    /// Closed loop only (default 1).
+    pub depth: Option<usize>,
     pub connections: usize,
     pub max_in_flight: usize,
     pub warmup: f64,
@@ -143,9 +146,9 @@ impl Default for RunSection {
     fn default() -> Self {
         RunSection {
             mode: LoopMode::Open,
-            arrival: Arrival::Poisson,
+            arrival: None,
             rate: None,
-            depth: 1,
+            depth: None,
             connections: 50,
             max_in_flight: 64,
             warmup: 2.0,
@@ -189,6 +192,20 @@ impl SlaFile {
     /// What no run of this file could do right.
     fn check(&self) -> anyhow::Result<()> {
         let cfg = self.config(self.run.rate.unwrap_or(1.0))?;
+        // A setting of the other loop is a mistake, not ignored (found by
+        // a review: `rate` on a closed-loop file ran closed-loop).
+        match self.run.mode {
+            LoopMode::Closed => anyhow::ensure!(
+                self.run.rate.is_none() && self.run.arrival.is_none(),
+                "rate and arrival are for mode = \"open\"; a closed-loop run has no offered rate (set depth)"
+            ),
+            LoopMode::Open => {
+                anyhow::ensure!(
+                    self.run.depth.is_none(),
+                    "depth is for mode = \"closed\"; an open-loop run sets a rate"
+                )
+            }
+        }
         // Without limits every run would pass: nothing would be checked.
         anyhow::ensure!(!self.limits.is_empty(), "no limits: give at least one, e.g. limits = [\"errors == 0\"]");
         for l in &self.limits {
@@ -220,9 +237,9 @@ impl SlaFile {
         let mode = match r.mode {
             LoopMode::Open => {
                 anyhow::ensure!(r.rate.is_some() || rate > 0.0, "an open-loop run needs a rate");
-                Mode::Open { arrival: r.arrival, rate }
+                Mode::Open { arrival: r.arrival.unwrap_or(Arrival::Poisson), rate }
             }
-            LoopMode::Closed => Mode::Closed { depth: r.depth },
+            LoopMode::Closed => Mode::Closed { depth: r.depth.unwrap_or(1) },
         };
         let cfg = RunConfig {
             mix,
@@ -454,9 +471,15 @@ impl Limit {
     pub fn operations_needed(&self, mix: &Mix) -> Option<u64> {
         match &self.metric {
             Metric::Latency { class, stat } => {
-                let Some(q) = stat.quantile() else { return Some(0) };
+                // The share first: a max or an average of a class the
+                // workload never runs is as unjudgeable as a percentile
+                // (found by a review: accepted, then a miss on every run).
                 let share = class_share(class, mix);
-                (share > 0.0).then(|| (2.0 / (1.0 - q) / share).ceil() as u64)
+                if share <= 0.0 {
+                    return None;
+                }
+                let Some(q) = stat.quantile() else { return Some(0) };
+                Some((2.0 / (1.0 - q) / share).ceil() as u64)
             }
             _ => Some(0),
         }
@@ -533,6 +556,21 @@ pub fn judge(limits: &[Limit], r: &RunResult) -> (Vec<Verdict>, bool) {
     (verdicts, pass)
 }
 
+/// The limits a run is judged by: the file's, and `errors == 0` if none of
+/// them says anything of errors. A failed operation's latency is in no
+/// histogram, so latency limits alone passed a run in which most requests
+/// failed (found by a review); a file that tolerates errors says how many
+/// (`errors` or `error_rate`).
+pub fn judged_limits(limits: &[Limit]) -> Vec<Limit> {
+    let mut out = limits.to_vec();
+    if !limits.iter().any(|l| matches!(l.metric, Metric::Errors | Metric::ErrorRate)) {
+        let mut implied: Limit = "errors == 0".parse().expect("a valid limit");
+        implied.text = "errors == 0 (implied: the file sets no error limit)".to_string();
+        out.push(implied);
+    }
+    out
+}
+
 /// One line: throughput, the percentiles of all operations, errors.
 pub fn summary(r: &RunResult) -> String {
     let l = r.latency_of("all").cloned().unwrap_or_default();
@@ -572,10 +610,19 @@ pub struct Search {
 /// Below `start / 2^MAX_HALVINGS` a search gives up: nothing passes.
 const MAX_HALVINGS: i32 = 8;
 
+/// The finest capacity tolerance: 0.1% of the rate.
+const MIN_TOLERANCE: f64 = 1e-3;
+
 impl Search {
     pub fn new(c: &CapacitySection) -> anyhow::Result<Search> {
         anyhow::ensure!(c.start > 0.0 && c.max >= c.start, "capacity needs 0 < start <= max");
-        anyhow::ensure!(c.tolerance > 0.0 && c.tolerance < 1.0, "capacity tolerance must be in (0, 1)");
+        // At least MIN_TOLERANCE: below about 1e-16 `1 + tolerance` is 1,
+        // the midpoint rounds to an end, and the search never ended (found
+        // by a review); no run measures a rate that finely anyway.
+        anyhow::ensure!(
+            c.tolerance >= MIN_TOLERANCE && c.tolerance < 1.0,
+            "capacity tolerance must be in [{MIN_TOLERANCE}, 1)"
+        );
         anyhow::ensure!(c.probe_duration > 0.0, "capacity probe_duration must be positive");
         Ok(Search { start: c.start, max: c.max, tolerance: c.tolerance, pass: None, fail: None })
     }
@@ -773,6 +820,14 @@ pub fn write_report(dir: &Path, r: &Report, limits: &[Limit]) -> anyhow::Result<
     Ok(vec![json, md, svg])
 }
 
+/// Whether a point of the time series is of the measured span: its
+/// interval began with it or after (a millisecond's slack for when the
+/// sample was taken). One that ended just after the span began is
+/// warm-up (found by a review: figure 5's first point was).
+fn measured(p: &crate::harness::Point) -> bool {
+    p.t > 0.0 && p.t - p.span >= -1e-3
+}
+
 /// Characters of a plot's title that fit its width.
 const MAX_TITLE_CHARS: usize = 80;
 
@@ -788,7 +843,7 @@ pub fn plot(r: &Report, limits: &[Limit]) -> String {
                 .result
                 .timeline
                 .iter()
-                .filter(|p| p.t > 0.0)
+                .filter(|p| measured(p))
                 .map(|p| {
                     let v = match r.plot {
                         PlotClass::All => p.p999_us,
@@ -802,14 +857,19 @@ pub fn plot(r: &Report, limits: &[Limit]) -> String {
         .collect();
     let lines: Vec<(String, f64)> =
         limits.iter().filter_map(|l| l.latency_us().map(|us| (format!("SLA {}", l.text), us))).collect();
-    let interval = r.targets.first().and_then(|t| t.result.timeline.get(1).zip(t.result.timeline.first()));
+    // A point's own span, to the hundredth of a second (the intervals
+    // between sample times drift a little; `{:.1}` called 0.25 s "0.3").
+    let interval = r.targets.first().and_then(|t| t.result.timeline.iter().find(|p| p.t > 0.0)).map(|p| {
+        let s = format!("{:.2}", p.span);
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    });
     let class = match r.plot {
         PlotClass::All => "",
         PlotClass::Read => "read ",
         PlotClass::Write => "write ",
     };
     let label = match interval {
-        Some((b, a)) => format!("{class}p99.9 per {:.1} s interval", b.t - a.t),
+        Some(span) => format!("{class}p99.9 per {span} s interval"),
         None => format!("{class}p99.9 per interval"),
     };
     let title = if r.description.is_empty() { r.name.clone() } else { format!("{}: {}", r.name, r.description) };
@@ -968,6 +1028,55 @@ mod tests {
         assert!(check(&format!("limits = [\"throughput >= 9000\"]\n{closed}")).is_ok());
         let e = check(&format!("limits = [\"update.p99 < 1ms\"]\n{closed}")).unwrap_err();
         assert!(e.contains("no operations of that class"), "{e}");
+        // Found by a review: a max or an average of a class the workload
+        // never runs, and settings of the other loop, were accepted.
+        for stat in ["max", "avg"] {
+            let e = check(&format!("limits = [\"update.{stat} < 1ms\"]\n{closed}")).unwrap_err();
+            assert!(e.contains("no operations of that class"), "{stat}: {e}");
+        }
+        for setting in ["rate = 100", "arrival = \"constant\""] {
+            let e = check(&format!("limits = [\"errors == 0\"]\n{closed}\n{setting}")).unwrap_err();
+            assert!(e.contains("for mode = \"open\""), "{setting}: {e}");
+        }
+        let open = "limits = [\"errors == 0\"]\n[workload]\nworkload = \"c\"\n[run]\nrate = 100";
+        assert!(check(open).is_ok());
+        assert!(check(&format!("{open}\ndepth = 4")).unwrap_err().contains("for mode = \"closed\""));
+    }
+
+    #[test]
+    fn the_time_series_plots_only_intervals_of_the_measured_span() {
+        let point = |t: f64, span: f64| crate::harness::Point {
+            t,
+            span,
+            ops_per_sec: 0.0,
+            errors: 0,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            read_p999_us: None,
+            write_p999_us: None,
+        };
+        assert!(!measured(&point(-0.9999, 1.0)));
+        assert!(!measured(&point(0.0002, 1.0002)), "the warm-up's last second, sampled late");
+        assert!(measured(&point(1.0002, 1.0)));
+        assert!(measured(&point(0.5, 0.5)));
+    }
+
+    /// A run is judged by `errors == 0` too unless its file sets an error
+    /// limit of its own (found by a review: latency limits alone passed a
+    /// run in which most requests failed, their latency being in no
+    /// histogram).
+    #[test]
+    fn limits_without_an_error_limit_imply_no_errors() {
+        let latency: Vec<Limit> = vec!["p99.9 < 1ms".parse().unwrap()];
+        let judged = judged_limits(&latency);
+        assert_eq!(judged.len(), 2);
+        let failing = result(9_600.0, 800.0, 56, Some(10_000.0));
+        let (verdicts, pass) = judge(&judged, &failing);
+        assert!(verdicts[0].pass && !verdicts[1].pass && !pass, "{verdicts:?}");
+        assert!(verdicts[1].limit.contains("implied"), "{verdicts:?}");
+        let tolerant: Vec<Limit> = vec!["p99.9 < 1ms".parse().unwrap(), "error_rate <= 1%".parse().unwrap()];
+        assert_eq!(judged_limits(&tolerant), tolerant);
     }
 
     #[test]
@@ -996,6 +1105,11 @@ mod tests {
             s.record(rate, true);
         }
         assert_eq!((s.pass, s.fail), (Some(5000.0), None));
+        // A tolerance finer than a run can measure is refused (one near
+        // 1e-16 made the search repeat one rate for ever; found by a
+        // review).
+        let fine = CapacitySection { tolerance: 1e-17, ..Default::default() };
+        assert!(Search::new(&fine).unwrap_err().to_string().contains("tolerance"));
     }
 
     #[test]

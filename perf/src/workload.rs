@@ -330,7 +330,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// Value sizes: `value_size = 100` or `value_size = { min = 50, max = 150 }`
 /// (uniform, both ends included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum ValueSize {
     Fixed(usize),
     Uniform { min: usize, max: usize },
@@ -600,6 +600,16 @@ mod tests {
         assert!(drawn.iter().all(|n| (10..=20).contains(n)));
         assert!(drawn.contains(&10) && drawn.contains(&20));
         assert!(ValueSize::Uniform { min: 3, max: 2 }.validate().is_err());
+        // A key it does not know is refused, not read as the uniform form
+        // without it (found by a review).
+        #[derive(serde::Deserialize)]
+        struct W {
+            #[allow(dead_code)]
+            value_size: ValueSize,
+        }
+        assert!(toml::from_str::<W>("value_size = { min = 50, max = 150, distribution = \"zipfian\" }").is_err());
+        assert!(toml::from_str::<W>("value_size = { min = 50, max = 150 }").is_ok());
+        assert!(toml::from_str::<W>("value_size = 100").is_ok());
     }
 
     #[test]
