@@ -463,7 +463,7 @@ pub fn missing_shard_dirs(dir: &Path, shards: usize) -> Vec<usize> {
 /// Written, durably, once a node stopped cleanly (every shard flushed and
 /// synced its log), and removed, durably, before the next start takes any
 /// write: its absence at a start means the last run may have lost writes.
-/// It holds a [`CleanMark`] (an empty one, from an older build, says only
+/// It holds a `CleanMark` (an empty one, from an older build, says only
 /// that the stop was clean).
 pub const CLEAN_FILE: &str = "CLEAN";
 
