@@ -539,6 +539,14 @@ const DEV_KILL_WAIT: Duration = Duration::from_secs(5);
 /// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
 /// node also gets SIGTERM if `gyre dev` dies without stopping it
 /// (`kill -9`): see [`die_with_parent`].
+/// What in `dir` (with no `cluster.toml`) is a node's or a shard's data.
+fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
+    if is_node_dir(dir) {
+        return Ok(Some("a node's data (its NODE file)".to_string()));
+    }
+    gyre::node::config::other_gyre_data(dir)
+}
+
 fn dev(args: DevArgs) -> anyhow::Result<()> {
     use gyre::node::cluster::{ClusterFile, NodeEntry};
     if args.nodes == 0 || args.nodes > 250 {
@@ -546,6 +554,17 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let path = args.data_dir.join("cluster.toml");
+    // A lone node's directory (`gyre node` and `gyre dev` both default to
+    // ./data) is not a cluster's: the members would live beside its data,
+    // and `gyre check` would see only the node.
+    if !path.exists() {
+        if let Some(what) = lone_node_data(&args.data_dir)? {
+            bail!(
+                "{} holds {what}, not a `gyre dev` cluster: give the cluster another --data-dir, or move that away",
+                args.data_dir.display()
+            );
+        }
+    }
     let file = if path.exists() {
         let (file, _) = ClusterFile::load(&path)?;
         // Its port, N, R and W stand; the flags shape only a new cluster.

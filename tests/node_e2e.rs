@@ -1605,3 +1605,30 @@ fn check_fails_on_shard_data_without_a_node_file() {
     assert_eq!(report["nodes"].as_array().map(Vec::len), Some(1), "{report}");
     assert!(!ok, "{report}");
 }
+
+/// `gyre dev` is refused on a lone node's data directory (both default to
+/// ./data): its members would live beside the node's data, and `gyre
+/// check` would see only the node.
+#[test]
+fn gyre_dev_refuses_a_lone_nodes_data_directory() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    assert!(node.terminate().success());
+    let log = dir.path().join("dev.log");
+    let mut child = std::process::Command::new(common::GYRE)
+        .args(["dev", "--port", "1", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(10));
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("gyre dev started on a node's directory: {stderr}");
+    };
+    assert!(!status.success() && stderr.contains("not a `gyre dev` cluster"), "{status:?}: {stderr}");
+    assert!(!dir.path().join("cluster.toml").exists(), "nothing was written");
+}
