@@ -1303,8 +1303,13 @@ impl<B: Backend> Engine<B> {
             } else {
                 self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
             };
-            let buf = backend.alloc_with(&file, plan.write_len(), self.inner.st.borrow().writer.plan_bytes(&plan));
-            backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
+            // A seal right after a flush that ended on a block's end has
+            // nothing to write (a zero-length DMA buffer can panic
+            // glommio's allocator; found by a review).
+            if plan.write_len() > 0 {
+                let buf = backend.alloc_with(&file, plan.write_len(), self.inner.st.borrow().writer.plan_bytes(&plan));
+                backend.write_at(&file, buf, plan.base).await.map_err(io_err("writing the log"))?;
+            }
             if plan.seal {
                 backend.truncate(&file, plan.base + plan.end as u64).await.map_err(io_err("sealing a segment"))?;
                 backend.sync(&file).await.map_err(sync_err("syncing a sealed segment"))?;
@@ -1768,6 +1773,19 @@ impl<B: Backend> Engine<B> {
             st.stats.tombstones_dropped += 1;
             return Ok(false);
         }
+        // A record written under a larger `segment_size` than this run's
+        // fits no segment now: it stays where it is, and its segment is
+        // kept (the log writer asserts a record fits, and the shard
+        // panicked on every pass; found by a review).
+        if u64::from(len) > self.inner.config.segment_size {
+            tracing::warn!(
+                seg,
+                len,
+                segment_size = self.inner.config.segment_size,
+                "a record larger than the segment size stays in its segment"
+            );
+            return Ok(false);
+        }
         let a = st.writer.append_with_seq(r.seq, r.timestamp_ms, r.kind, r.key, r.meta, r.value);
         st.account_move(&a, hash, r.key, loc);
         pass.stats.records_moved += 1;
@@ -1945,7 +1963,25 @@ impl<B: Backend> Engine<B> {
         let mut unflushed = 0;
         let mut taken = 0;
         for &seg in segs {
-            unflushed = self.evacuate(seg, now_ms, stats, unflushed).await?;
+            unflushed = match self.evacuate(seg, now_ms, stats, unflushed).await {
+                Ok(unflushed) => unflushed,
+                // A victim that cannot be read (a bad sector) is kept, and
+                // the pass goes on to the next: failing the pass stopped
+                // every later one at the same victim, and the segments
+                // after it were never compacted again (found by a
+                // review). The copies made from it so far stand; its
+                // remaining live records stay where they are, readable or
+                // reported as they were. A failed or full engine still
+                // ends the pass.
+                Err(e) if self.inner.st.borrow().failed.is_none() && self.inner.st.borrow().full.is_none() => {
+                    let mut st = self.inner.st.borrow_mut();
+                    let live = st.usage[&seg].live;
+                    tracing::error!(seg, live, error = %e, "compaction could not read a segment; keeping it");
+                    st.kept.insert(seg, live);
+                    0
+                }
+                Err(e) => return Err(e),
+            };
             taken += 1;
             if self.inner.st.borrow().low_space {
                 break;
@@ -1973,9 +2009,10 @@ impl<B: Backend> Engine<B> {
             let mut st = self.inner.st.borrow_mut();
             let live = st.usage[&seg].live;
             if live > 0 {
-                // Only corrupt records can still be referenced: keep the
-                // segment so reads keep reporting them instead of losing
-                // the keys.
+                // Only corrupt records (and ones too large for this run's
+                // segment size) can still be referenced: keep the segment
+                // so reads keep serving or reporting them instead of
+                // losing the keys.
                 tracing::error!(seg, live, "segment keeps records that could not be moved; not removed");
                 st.kept.insert(seg, live);
             } else {
@@ -2056,7 +2093,16 @@ impl<B: Backend> Engine<B> {
         // Set now, not at the first poll: a write that runs between the
         // call and the first poll is refused too.
         self.begin_close();
-        self.sync()
+        async move {
+            // A full disk is retried first: only the ticker retried it,
+            // and the shutdown stops the ticker before it closes, so a
+            // close after space came back failed without trying, losing
+            // buffered writes already acknowledged (found by a review).
+            if self.full().is_some() {
+                self.retry_full().await?;
+            }
+            self.sync().await
+        }
     }
 
     /// The first half of [`Engine::close`]: from now on writes are refused,
@@ -2428,6 +2474,103 @@ mod tests {
             drop(engine);
             let (engine, _) = Engine::open(backend, config).await.unwrap();
             assert_eq!(engine.last_seq(), 6, "held by j's record");
+        });
+    }
+
+    /// Found by a review: a segment compaction cannot read (a bad sector)
+    /// failed every pass at the same victim, so the segments after it were
+    /// never compacted again. It is kept now, and the pass goes on.
+    #[test]
+    fn an_unreadable_segment_is_kept_and_the_others_are_compacted() {
+        block_on(async {
+            let config = EngineConfig { compaction_threshold: 0.3, ..small_buffered() };
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
+            overwrite_rounds(&engine, 0..6).await;
+            engine.sync().await.unwrap();
+            backend.fail_reads_of(Some("seg-00000001.log"));
+            let stats = engine.compact(0).await.expect("the pass goes on past the unreadable segment");
+            assert!(stats.segments_removed >= 1, "{stats:?}");
+            assert!(engine.inner.st.borrow().usage.contains_key(&1), "the unreadable segment is kept");
+            backend.fail_reads_of(None);
+            assert_eq!(engine.get(b"stable").await.unwrap().unwrap().value(), &[5; 100]);
+        });
+    }
+
+    /// Found by a review: a record written under a larger segment size
+    /// than this run's panicked the shard when compaction moved it (the
+    /// log writer asserts a record fits a segment), on every restart. It
+    /// stays in its segment, which is kept.
+    #[test]
+    fn a_record_larger_than_this_runs_segments_stays_where_it_is() {
+        block_on(async {
+            let big = EngineConfig {
+                segment_size: 256 * 1024,
+                max_value_len: 64 * 1024,
+                compaction_threshold: 0.3,
+                fsync: FsyncPolicy::Never,
+                ..Default::default()
+            };
+            let (backend, engine) = open_mem(&big).await;
+            engine.put(b"big", b"", &[9; 60 * 1024], 0).await.unwrap();
+            for i in 0..100u32 {
+                engine.put(b"g", b"", &[i as u8; 1000], 0).await.unwrap();
+            }
+            engine.close().await.unwrap();
+            drop(engine);
+            let small = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..big };
+            let (engine, _) = Engine::open(backend, small).await.unwrap();
+            engine.compact(0).await.expect("no panic, no error");
+            assert!(engine.inner.st.borrow().usage.contains_key(&1), "the big record's segment is kept");
+            assert_eq!(engine.get(b"big").await.unwrap().unwrap().value(), &[9; 60 * 1024]);
+            assert_eq!(engine.get(b"g").await.unwrap().unwrap().value(), &[99; 1000]);
+        });
+    }
+
+    /// Found by a review: a close after the disk filled and then had room
+    /// again failed without trying (only the ticker retried a full disk,
+    /// and a shutdown stops it first), losing buffered writes already
+    /// acknowledged.
+    #[test]
+    fn close_retries_a_full_disk_that_has_room_again() {
+        block_on(async {
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 1024,
+                fsync: FsyncPolicy::Interval(5),
+                ..Default::default()
+            };
+            let (backend, engine) = open_mem(&config).await;
+            for i in 0..10u32 {
+                engine.put(&i.to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
+            }
+            backend.no_space(true);
+            assert!(matches!(engine.flush().await, Err(StorageError::DiskFull(_))));
+            assert!(engine.full().is_some());
+            backend.no_space(false);
+            engine.close().await.expect("a close with room again writes what it holds");
+            drop(engine);
+            backend.crash(3, true);
+            let (engine, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(engine.len(), 10, "every acknowledged write is there");
+        });
+    }
+
+    /// Found by a review: a seal right after a flush that ended on a
+    /// block's end issued a write of no bytes (a zero-length DMA buffer
+    /// can panic glommio's allocator). Both backends now assert a write
+    /// has bytes; 1 KiB records fill blocks exactly.
+    #[test]
+    fn a_seal_after_a_flush_that_ended_on_a_block_writes_nothing_empty() {
+        block_on(async {
+            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            assert_eq!(config.fsync, FsyncPolicy::Always);
+            let (_backend, engine) = open_mem(&config).await;
+            let value = vec![3u8; 1024 - crate::storage::format::record_len(4, 0, 0)];
+            for i in 0..100u32 {
+                engine.put(&i.to_le_bytes(), b"", &value, 0).await.unwrap();
+            }
+            assert_eq!(engine.get(&99u32.to_le_bytes()).await.unwrap().unwrap().value(), &value[..]);
         });
     }
 

@@ -483,6 +483,7 @@ impl Backend for GlommioBackend {
     /// perf/RESULTS.md, twentieth session).
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        assert!(!buf.0.is_empty(), "a write of no bytes");
         let key = file_key(file)?;
         let end = Rc::new(WriteEnd::default());
         let before = self.writes.borrow_mut().insert(key, end.clone());

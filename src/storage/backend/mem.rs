@@ -75,6 +75,9 @@ pub struct MemBackend {
     /// The directory's size, if it has one: what files take beyond it
     /// fails as on a full disk ([`MemBackend::set_capacity`]).
     capacity: Rc<Cell<Option<u64>>>,
+    /// Reads of this file fail, as of a bad sector
+    /// ([`MemBackend::fail_reads_of`]).
+    unreadable: Rc<RefCell<Option<Rc<RefCell<MemFile>>>>>,
 }
 
 /// A write buffer.
@@ -101,6 +104,12 @@ impl MemBackend {
     }
 
     /// Makes every later write fail with an I/O error (or stop failing).
+    /// Makes every read of file `name` fail (a bad sector), or none.
+    pub fn fail_reads_of(&self, name: Option<&str>) {
+        let file = name.and_then(|n| self.fs.borrow().files.get(n).cloned());
+        *self.unreadable.borrow_mut() = file;
+    }
+
     pub fn fail_writes(&self, on: bool) {
         self.fail_writes.set(on);
     }
@@ -343,6 +352,9 @@ impl Backend for MemBackend {
 
     async fn write_at(&self, file: &MemHandle, buf: MemBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
+        // Paired with the engine's rule: a write of nothing is not issued
+        // (a zero-length DMA buffer can panic glommio's allocator).
+        assert!(!buf.0.is_empty(), "a write of no bytes");
         if file.1 {
             return self.synced_write(file, buf, off).await;
         }
@@ -368,6 +380,9 @@ impl Backend for MemBackend {
     }
 
     async fn read_at(&self, file: &MemHandle, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        if self.unreadable.borrow().as_ref().is_some_and(|f| Rc::ptr_eq(f, &file.0)) {
+            return Err(Self::io_error("read (bad sector)"));
+        }
         let f = file.0.borrow();
         let start = (off as usize).min(f.data.len());
         let end = (off as usize + len).min(f.data.len());
