@@ -814,23 +814,7 @@ fn an_unclean_stop_gives_the_node_a_new_actor_and_a_clean_one_keeps_it() {
 /// and so its dots began again where replicas and clients held them).
 #[test]
 fn a_shard_emptied_after_a_clean_stop_gives_the_node_a_new_actor() {
-    let dir = tmp();
-    let put = |node: &Node, key: &[u8]| {
-        let mut c = Client::connect(node.addr()).unwrap();
-        c.put(key, b"v", &Context::default()).unwrap().context
-    };
-    let node = Node::start(dir.path(), &["--shards", "1"]);
-    let first = put(&node, b"a");
-    assert!(node.terminate().success());
-    let shard = dir.path().join("shard-000");
-    for entry in std::fs::read_dir(&shard).unwrap() {
-        std::fs::remove_file(entry.unwrap().path()).unwrap();
-    }
-    let node = Node::start(dir.path(), &[]);
-    let again = put(&node, b"a");
-    assert_ne!(context_actor(&again), context_actor(&first), "the same actor after the shard lost its records");
-    assert_ne!(again, first, "the same dot");
-    assert!(node.terminate().success());
+    an_emptied_shard_gives_a_new_actor(|_| {});
 }
 
 /// The same after a stop that came while the node was starting: that
@@ -838,8 +822,23 @@ fn a_shard_emptied_after_a_clean_stop_gives_the_node_a_new_actor() {
 /// recorded 0, and the shard emptied after went unnoticed).
 #[test]
 fn a_shard_emptied_after_a_stop_while_starting_gives_the_node_a_new_actor() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
+    an_emptied_shard_gives_a_new_actor(|dir| {
+        // A start told to stop before it serves (the flag a signal sets).
+        let config = gyre::node::NodeConfig {
+            data_dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            pin: false,
+            ..Default::default()
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        gyre::node::run(config, stop, |_| {}).unwrap();
+    });
+}
+
+/// A one-shard node writes twice and stops cleanly; `between` runs on its
+/// data directory; then the shard's files go, and the next start's first
+/// write must carry another actor (and so another dot).
+fn an_emptied_shard_gives_a_new_actor(between: impl FnOnce(&std::path::Path)) {
     let dir = tmp();
     let put = |node: &Node, key: &[u8]| {
         let mut c = Client::connect(node.addr()).unwrap();
@@ -849,14 +848,7 @@ fn a_shard_emptied_after_a_stop_while_starting_gives_the_node_a_new_actor() {
     let first = put(&node, b"a");
     put(&node, b"b");
     assert!(node.terminate().success());
-    // A start told to stop before it serves (the flag a signal sets).
-    let config = gyre::node::NodeConfig {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        pin: false,
-        ..Default::default()
-    };
-    gyre::node::run(config, Arc::new(AtomicBool::new(true)), |_| {}).unwrap();
+    between(dir.path());
     for entry in std::fs::read_dir(dir.path().join("shard-000")).unwrap() {
         std::fs::remove_file(entry.unwrap().path()).unwrap();
     }
