@@ -251,11 +251,20 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
             // reported that no rate held the limits, never having
             // measured one).
             if needed / rate > MAX_PROBE_SECONDS {
-                let why = format!(
-                    "at {rate:.0}/s a probe of at most {MAX_PROBE_SECONDS} s cannot collect the {needed:.0} operations \
-                     the strictest limit needs; raise [capacity] start to at least {:.0}/s",
-                    (needed / MAX_PROBE_SECONDS).ceil()
-                );
+                let least = (needed / MAX_PROBE_SECONDS).ceil();
+                let why = if search.fail.is_some() {
+                    format!(
+                        "the limits were missed down to {:.0}/s, and below {least:.0}/s no probe of at most \
+                         {MAX_PROBE_SECONDS} s can collect the {needed:.0} operations the strictest limit needs: \
+                         the capacity is below what this file can measure",
+                        search.fail.unwrap_or(rate)
+                    )
+                } else {
+                    format!(
+                        "at {rate:.0}/s a probe of at most {MAX_PROBE_SECONDS} s cannot collect the {needed:.0} \
+                         operations the strictest limit needs; raise [capacity] start to at least {least:.0}/s"
+                    )
+                };
                 println!("{}: {why}", t.label());
                 error = Some(why);
                 break;

@@ -159,7 +159,11 @@ impl Outbox {
     /// member's reader stopped at the bound, the replica frames the others'
     /// coordinators waited for stayed unread, and everything waited for
     /// its deadline (found by a review). Those stay bounded by
-    /// `MAX_IN_FLIGHT` alone.
+    /// `MAX_IN_FLIGHT` alone. A connection cannot tell a peer from a
+    /// client (they share the port), so on a cluster node a client's
+    /// GET, PUT and DELETE are not counted either: a client there that
+    /// does not read can have up to `MAX_IN_FLIGHT` replies coming, as
+    /// before the bound existed (a review pointed this out; left).
     fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static, counted: bool) {
         let out = self.clone();
         let counted = usize::from(counted);
