@@ -13,10 +13,12 @@
 //! every sibling is a delete is stored as a storage tombstone that still
 //! carries the clock, so a later write with an old context does not
 //! resurrect what was deleted; compaction forgets it after the engine's
-//! tombstone grace period (a lone node's; a cluster's are kept). A key with
-//! no record takes its first dot above every sequence number the shard has
-//! issued (`dot_floor`), so a key forgotten that way never has a dot
-//! reissued.
+//! tombstone grace period (a lone node's; a cluster's are kept). Every new
+//! dot is drawn above the shard's last sequence number (`dot_floor`), so a
+//! key forgotten that way never has a dot reissued; and a client context
+//! naming a counter the key has not seen is refused if it is over
+//! [`MAX_CONTEXT_COUNTER`], or is this node's own past its last sequence
+//! number (`check_counters`).
 
 use std::cell::RefCell;
 

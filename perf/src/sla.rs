@@ -46,8 +46,9 @@
 //! `p90`, `p99`, `p99.9`, `p99.99` or `max` (VALUE with `us`, `µs`, `ms`
 //! or `s`), or `throughput` (ops/s, or `%` of the offered rate), `errors`
 //! (a count) or `error_rate` (`%` of operations); CMP is `<`, `<=`, `>`,
-//! `>=` or `==`. A limit on a class with no operations fails: it could not
-//! be checked.
+//! `>=` or `==`. A latency limit on a class the mix has no operations of
+//! is refused when the file is read; one whose class got no operations in
+//! a run fails: it could not be checked.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -45,8 +45,9 @@
 //!   merge. A replica that never answered, or failed, gets no repair:
 //!   nothing says what it holds, and anti-entropy and hinted handoff cover
 //!   it. Repair also runs after a failed read (whatever did answer is made
-//!   consistent), and stops once the merge exceeds [`MAX_SIBLINGS`], since
-//!   replicas would refuse it. A repair is a [`ReplicaMsg::Put`] of a get
+//!   consistent), and stops once the merge exceeds [`MAX_SIBLINGS`] or the
+//!   stored-object limit in value bytes (`check_limits`), since replicas
+//!   would refuse it; the get then fails (too many siblings, too large). A repair is a [`ReplicaMsg::Put`] of a get
 //!   coordinator; the driver gives it a delivery budget of its own (it may
 //!   leave close to the request's deadline), and it is not waited for.
 //!

@@ -529,12 +529,12 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
         self.update_after(ctx, actor, value, 0)
     }
 
-    /// [`Self::update`] whose new dot's counter is also above `after`. A
-    /// node that forgot a key (dropped its tombstone) forgot its dots
-    /// there; writing the key again from nothing, it passes a counter above
-    /// every dot it can have issued before ([`crate::store`] passes its
-    /// shard's next log sequence number), so the new dot is none that a
-    /// client's old context or another replica holds.
+    /// [`Self::update`] whose new dot's counter is also above `after`.
+    /// [`crate::store`] passes its shard's last log sequence number on
+    /// every write, which is at least every dot it has issued for the key:
+    /// so the new dot is none that a client's old context or another
+    /// replica holds, even where the node forgot the key (dropped its
+    /// tombstone) or its clock lost the node's entry to the bound.
     pub fn update_after(
         &mut self,
         ctx: &Clock,

@@ -2,12 +2,15 @@
 //! directory's identity file.
 //!
 //! Owns: every default of `gyre node`, the `NODE` file that pins a data
-//! directory's node id, shard count and partition count, and the directory
-//! lock.
+//! directory's node id, shard count, partition count and what it serves
+//! (a cluster member, or a lone node), the `CLEAN` mark with each shard's
+//! last sequence number, and the directory lock.
 //!
 //! Invariant: a data directory is never served with a shard or partition
 //! count other than the one it was created with (keys would be looked up
-//! on the wrong shard), and never by two processes at once.
+//! on the wrong shard), nor as anything other than what `serves` records
+//! (its dots would be another node's), never by two processes at once;
+//! and a new node is never created over other Gyre data.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;

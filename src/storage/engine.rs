@@ -11,7 +11,8 @@
 //!   is refused with that error and nothing more is acknowledged; the one
 //!   exception is a disk out of space before any sync failed
 //!   ([`StorageError::DiskFull`]): the engine refuses new writes, keeps what
-//!   it had buffered, and retries on its ticks until the write goes
+//!   it had buffered, and retries on its ticks (and once more at `close`,
+//!   since a shutdown stops the ticker first) until the write goes
 //!   through (nothing had reached the disk in a way a retry could not
 //!   redo: a flush cut short is planned again from the same state);
 //! - while the file system's free space, less what the shard has

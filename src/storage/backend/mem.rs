@@ -4,8 +4,8 @@
 //! last fdatasync. [`MemBackend::crash`] throws away everything not synced,
 //! or, with tearing, keeps a random prefix of the unsynced writes in order
 //! with the last one cut mid-way and filled with garbage, as a power cut
-//! during a multi-block write can. Faults can be injected into writes and
-//! syncs, and the directory can be given a capacity, a disk that fills
+//! during a multi-block write can. Faults can be injected into writes,
+//! syncs and the reads of one file ([`MemBackend::fail_reads_of`]), and the directory can be given a capacity, a disk that fills
 //! ([`MemBackend::set_capacity`]). Invariant: `durable` only changes on `sync`, on a write through a
 //! handle from `open_synced` when it returns (O_DSYNC: that write alone;
 //! until then it is in flight, and a crash may keep or tear it), and on
@@ -103,13 +103,13 @@ impl MemBackend {
         MemBackend::default()
     }
 
-    /// Makes every later write fail with an I/O error (or stop failing).
     /// Makes every read of file `name` fail (a bad sector), or none.
     pub fn fail_reads_of(&self, name: Option<&str>) {
         let file = name.and_then(|n| self.fs.borrow().files.get(n).cloned());
         *self.unreadable.borrow_mut() = file;
     }
 
+    /// Makes every later write fail with an I/O error (or stop failing).
     pub fn fail_writes(&self, on: bool) {
         self.fail_writes.set(on);
     }
