@@ -37,6 +37,19 @@ impl Notify {
         *self.spare.borrow_mut() = woken;
     }
 
+    /// Completes once `done()` holds, checked first and after each
+    /// `notify_all` (read before the check, so no wake-up between the check
+    /// and the wait is lost).
+    pub async fn wait_until(&self, mut done: impl FnMut() -> bool) {
+        loop {
+            let seen = self.generation();
+            if done() {
+                return;
+            }
+            self.wait(seen).await;
+        }
+    }
+
     /// Completes once `notify_all` has run since `seen` was read.
     pub async fn wait(&self, seen: u64) {
         poll_fn(|cx| {

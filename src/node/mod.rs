@@ -193,13 +193,7 @@ impl Shard {
 
     /// Completes once shutdown has begun.
     async fn shutdown_requested(&self) {
-        loop {
-            let g = self.shutdown.generation();
-            if self.shutting_down.get() {
-                return;
-            }
-            self.shutdown.wait(g).await;
-        }
+        self.shutdown.wait_until(|| self.shutting_down.get()).await
     }
 
     fn error_frame(&self, request_id: u64, code: ErrorCode, message: &str) -> Vec<u8> {

@@ -215,13 +215,7 @@ impl WriteEnd {
     }
 
     async fn wait(&self) {
-        loop {
-            let seen = self.notify.generation();
-            if self.ended.get() {
-                return;
-            }
-            self.notify.wait(seen).await;
-        }
+        self.notify.wait_until(|| self.ended.get()).await
     }
 }
 
