@@ -39,7 +39,8 @@ impl Notify {
 
     /// Completes once `done()` holds, checked first and after each
     /// `notify_all` (read before the check, so no wake-up between the check
-    /// and the wait is lost).
+    /// and the wait is lost). Only the node's tasks use it.
+    #[cfg(feature = "node")]
     pub async fn wait_until(&self, mut done: impl FnMut() -> bool) {
         loop {
             let seen = self.generation();
