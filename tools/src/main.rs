@@ -72,8 +72,8 @@ struct SimArgs {
     /// Key popularity [default: uniform for Figure 8, zipfian for Figure 6].
     #[arg(long, value_enum)]
     dist: Option<DistArg>,
-    /// Zipf exponent [default: 0.99; Figure 6: 0.8, the most skew for which
-    /// no single key unbalances a node on its own].
+    /// Zipf exponent, and zipfian keys [default: 0.99; Figure 6: 0.8, the
+    /// most skew for which no single key unbalances a node on its own].
     #[arg(long)]
     theta: Option<f64>,
     /// Distinct keys (key:0, key:1, ...).
@@ -93,7 +93,7 @@ struct SimArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DistArg {
     Uniform,
     Zipfian,
@@ -109,7 +109,14 @@ enum Figure {
 }
 
 fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
-    let dist = |default, theta| match a.dist.unwrap_or(default) {
+    // A theta is a zipfian exponent: given, it picks zipfian keys (figure 8
+    // defaults to uniform ones, and ran uniform with it; found by a review).
+    anyhow::ensure!(
+        a.theta.is_none() || a.dist != Some(DistArg::Uniform),
+        "--theta is the zipfian exponent: drop it, or use --dist zipfian"
+    );
+    let given = a.dist.or(a.theta.map(|_| DistArg::Zipfian));
+    let dist = |default, theta| match given.unwrap_or(default) {
         DistArg::Uniform => Dist::Uniform,
         DistArg::Zipfian => Dist::Zipfian { theta: a.theta.unwrap_or(theta) },
     };

@@ -278,11 +278,15 @@ pub fn efficiency(load: &[u64]) -> f64 {
     }
 }
 
-/// The fraction of nodes whose load is more than [`OUT_OF_BALANCE`] times
-/// the mean away from the mean.
+/// The fraction of nodes whose load is at least [`OUT_OF_BALANCE`] times
+/// the mean away from the mean. At least, as the paper has it: a node is
+/// in balance only if its load "deviates from the average load by a value
+/// less than" the threshold (found by a review: with integer loads and a
+/// mean of 100, a load of 85 or 115 sits exactly on it, and `>` counted
+/// those in balance).
 pub fn out_of_balance(load: &[u64]) -> f64 {
     let m = mean(load);
-    load.iter().filter(|&&l| (l as f64 - m).abs() > OUT_OF_BALANCE * m).count() as f64 / load.len().max(1) as f64
+    load.iter().filter(|&&l| (l as f64 - m).abs() >= OUT_OF_BALANCE * m).count() as f64 / load.len().max(1) as f64
 }
 
 /// The power of two nearest `target` (ties up) that a ring of `nodes`
@@ -358,7 +362,7 @@ pub struct Figure8Row {
     /// Efficiency over the seeds: mean and minimum.
     pub efficiency_mean: f64,
     pub efficiency_min: f64,
-    /// Share of nodes whose load is more than [`OUT_OF_BALANCE`] away from
+    /// Share of nodes whose load is at least [`OUT_OF_BALANCE`] away from
     /// the mean (figure 6's measure), mean over the seeds.
     pub out_of_balance_mean: f64,
 }
@@ -640,6 +644,15 @@ mod tests {
         assert_eq!(s2.replicas(u64::MAX), [2, 0]);
         let Placement::Partitions { partitions, lists, .. } = s2 else { unreachable!() };
         assert_eq!((partitions, lists), (4, vec![1, 2, 2, 0, 2, 0, 2, 0]));
+    }
+
+    /// A node exactly 15% off the mean is out of balance, as the paper
+    /// has it ("less than" 15% is in balance; found by a review).
+    #[test]
+    fn a_node_exactly_at_the_threshold_is_out_of_balance() {
+        assert_eq!(out_of_balance(&[100, 100, 100, 100]), 0.0);
+        assert_eq!(out_of_balance(&[85, 115, 100, 100]), 0.5);
+        assert_eq!(out_of_balance(&[86, 114, 100, 100]), 0.0);
     }
 
     #[test]
