@@ -416,3 +416,67 @@ fn an_error_reply_flagged_stale_route_refreshes_the_ring() {
     assert_eq!(err.code(), Some(ErrorCode::QuorumFailed), "{err:?}");
     assert_eq!(rings.load(Ordering::SeqCst), 2, "the flagged error reply did not refresh the ring");
 }
+
+/// A node on `l` that completes the handshake (PING, with `info`) and
+/// answers every other request with the error `code` (a node that is
+/// stopping, or overloaded).
+fn refusing_node(l: TcpListener, info: NodeInfo, code: gyre::wire::ErrorCode) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let (Ok(mut s), info) = (s, info.clone()) else { continue };
+            thread::spawn(move || {
+                while let Some((h, body)) = read_frame(&mut s) {
+                    let mut out = Vec::new();
+                    match Request::decode(h.opcode, &body) {
+                        Ok(Request::Ping) => Response::Pong(info.clone()).encode(&mut out, h.request_id, 0),
+                        _ => Response::Error { code, message: "bye" }.encode(&mut out, h.request_id, 0),
+                    }
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A read whose first replica is stopping (or overloaded) moves on to the
+/// next, as from one that is unreachable (found by a review: it failed
+/// with the first one's error during a rolling restart). A write does
+/// not: it may have been taken.
+#[test]
+fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
+    for code in [gyre::wire::ErrorCode::ShuttingDown, gyre::wire::ErrorCode::Overloaded] {
+        let down_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let down = down_l.local_addr().unwrap();
+        refusing_node(down_l, info(vec![down.port()]), code);
+        let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let good = good_l.local_addr().unwrap();
+        let members = vec![
+            Member { name: "down".into(), addr: down, zone: None },
+            Member { name: "good".into(), addr: good, zone: None },
+            Member { name: "silent".into(), addr: silent_listener(), zone: None },
+        ];
+        let ring = Ring::with_members(64, members).expect("ring");
+        let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
+        let config = ClientConfig { routing: Routing::Client, ..Default::default() };
+        let mut client = Client::connect_with(&seed.to_string(), config.clone()).expect("connect to the seed");
+        let view = client.ring().expect("routes by the ring").clone();
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                let prefs = view.prefs.of_key(k);
+                view.ring.member(prefs[0]).addr == down && view.ring.member(prefs[1]).addr == good
+            })
+            .expect("a key");
+        let got = client.get(&key).unwrap_or_else(|e| panic!("{code:?}: the read stopped at the first replica: {e}"));
+        assert_eq!(got.values, vec![b"v".to_vec()], "{code:?}");
+        // The refusing replica is now tried last by this client: a fresh
+        // one, which tries it first, shows a write stopping there.
+        let mut fresh = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+        let err = fresh.put(&key, b"w", &gyre::client::Context::default()).unwrap_err();
+        assert_eq!(err.code(), Some(code), "a write is not resent: {err}");
+    }
+}

@@ -684,6 +684,20 @@ pub(crate) fn check_node_info(info: &NodeInfo) -> Result<(), String> {
 /// `targets` with the members marked down (until after `now`) moved last:
 /// a dead node costs a request a connection attempt only when nothing
 /// better is left.
+/// Whether a replica's failure means it cannot serve now (unreachable,
+/// silent, stopping or overloaded), so that it is tried last for a while
+/// and a read moves on to the next replica. A read is safe to resend; a
+/// write is not (it may have been taken), and stops at the first. Not a
+/// refusal of the request itself (a bad context, a value too large).
+pub(crate) fn replica_unavailable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Io { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Server { code: ErrorCode::ShuttingDown | ErrorCode::Overloaded, .. }
+    )
+}
+
 pub(crate) fn up_first(targets: &[MemberIdx], down_until: &[Option<Instant>], now: Instant) -> Vec<MemberIdx> {
     let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) =
         targets.iter().partition(|&&m| down_until[m as usize].is_none_or(|t| t <= now));
@@ -872,9 +886,11 @@ impl Client {
             }
             let until = attempt_deadline(deadline, order.len() - tried, is_read);
             let (reply, stale) = node.call(req, self.quorum, &self.config, until);
-            if matches!(reply, Err(ClientError::Io { .. } | ClientError::Timeout { .. })) {
+            if reply.as_ref().is_err_and(replica_unavailable) {
                 // Tried last for a while, by writes too; but only a read
-                // moves on (a write may have been taken).
+                // moves on (a write may have been taken). A node that is
+                // stopping or overloaded counts too: a read stopped at it
+                // during a rolling restart (found by a review).
                 self.down_until[i] = Some(Instant::now() + MEMBER_RETRY_AFTER);
                 if is_read {
                     last = reply.err();

@@ -314,7 +314,7 @@ impl AsyncClient {
                     mark_down(m);
                     last = Some(e);
                 }
-                Err(Failure::Failed(e @ (ClientError::Io { .. } | ClientError::Timeout { .. }))) => {
+                Err(Failure::Failed(e)) if super::replica_unavailable(&e) => {
                     // Tried last for a while, by writes too; but only a
                     // read moves on (a write may have been taken).
                     mark_down(m);
@@ -324,8 +324,18 @@ impl AsyncClient {
                     last = Some(e);
                 }
                 Err(Failure::Failed(e)) => return Err(e),
+                // A node stopping or overloaded answers so: a read moves on
+                // to the next replica (as the blocking client's does).
+                Ok((Err(e), _)) if is_read && super::replica_unavailable(&e) => {
+                    mark_down(m);
+                    last = Some(e);
+                }
                 Ok(r) => {
-                    lock(&route.down_until)[m as usize] = None;
+                    if r.0.as_ref().is_err_and(super::replica_unavailable) {
+                        mark_down(m);
+                    } else {
+                        lock(&route.down_until)[m as usize] = None;
+                    }
                     return Ok(r);
                 }
             }
@@ -1043,6 +1053,64 @@ mod tests {
             })
             .expect("a key");
         (client, key, unanswered)
+    }
+
+    /// A node on `l` that answers PING (one shard, on its port) and every
+    /// other request with the error `code` (stopping, or overloaded).
+    async fn refusing_node(l: TcpListener, code: crate::wire::ErrorCode) -> SocketAddr {
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        let mut out = Vec::new();
+                        if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
+                            let info = NodeInfo { node_id: 3, partitions: 64, shard: 0, ports: vec![addr.port()] };
+                            Response::Pong(info).encode(&mut out, h.request_id, 0);
+                        } else {
+                            Response::Error { code, message: "bye" }.encode(&mut out, h.request_id, 0);
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A read whose first replica is stopping (or overloaded) moves on to
+    /// the next, as the blocking client's does (found by a review); a
+    /// write does not (it may have been taken).
+    #[tokio::test]
+    async fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
+        use crate::core::ring::{Member, Ring};
+        for code in [crate::wire::ErrorCode::ShuttingDown, crate::wire::ErrorCode::Overloaded] {
+            let down = refusing_node(TcpListener::bind("127.0.0.1:0").await.unwrap(), code).await;
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let good = l.local_addr().unwrap();
+            let members = vec![
+                Member { name: "down".into(), addr: down, zone: None },
+                Member { name: "good".into(), addr: good, zone: None },
+                Member { name: "silent".into(), addr: silent_listener().await, zone: None },
+            ];
+            let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
+            let client = AsyncClient::connect_with(&seed.to_string(), ClientConfig::default()).await.unwrap();
+            let view = client.ring().expect("routes by the ring");
+            let key = (0..)
+                .map(|i| format!("k{i}").into_bytes())
+                .find(|k| {
+                    let prefs = view.prefs.of_key(k);
+                    view.ring.member(prefs[0]).addr == down && view.ring.member(prefs[1]).addr == good
+                })
+                .expect("a key");
+            let got = client.get(&key).await.unwrap_or_else(|e| panic!("{code:?}: the read stopped: {e}"));
+            assert_eq!(got.values, vec![b"v".to_vec()], "{code:?}");
+            let fresh = AsyncClient::connect_with(&seed.to_string(), ClientConfig::default()).await.unwrap();
+            let err = fresh.put(&key, b"w", &Context::default()).await.unwrap_err();
+            assert_eq!(err.code(), Some(code), "a write is not resent: {err}");
+        }
     }
 
     /// A read whose first replica hangs after the handshake still reaches
