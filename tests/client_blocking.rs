@@ -274,31 +274,39 @@ fn hung_then_good(request_timeout: Duration) -> (Client, Vec<u8>, Arc<AtomicUsiz
     let hung = hung_l.local_addr().unwrap();
     let unanswered = Arc::new(AtomicUsize::new(0));
     read_hanging_node(hung_l, info(vec![hung.port()]), unanswered.clone());
-    let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let good = good_l.local_addr().unwrap();
-    let members = vec![
-        Member { name: "hung".into(), addr: hung, zone: None },
-        Member { name: "good".into(), addr: good, zone: None },
-        Member { name: "silent".into(), addr: silent_listener(), zone: None },
-    ];
-    let ring = Ring::with_members(64, members).expect("ring");
-    let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
     let config = ClientConfig {
         request_timeout,
         connect_timeout: Duration::from_millis(300),
         routing: Routing::Client,
         ..Default::default()
     };
+    let (client, key, _) = first_then_good(hung, config);
+    (client, key, unanswered)
+}
+
+/// A ring of `first`, a node that answers (the seed) and one that is
+/// silent; a client routing by it with `config`, a key tried on `first`
+/// first and the answering node second, and the seed.
+fn first_then_good(first: SocketAddr, config: ClientConfig) -> (Client, Vec<u8>, SocketAddr) {
+    let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let good = good_l.local_addr().unwrap();
+    let members = vec![
+        Member { name: "first".into(), addr: first, zone: None },
+        Member { name: "good".into(), addr: good, zone: None },
+        Member { name: "silent".into(), addr: silent_listener(), zone: None },
+    ];
+    let ring = Ring::with_members(64, members).expect("ring");
+    let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
     let client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
     let view = client.ring().expect("routes by the ring");
     let key = (0..)
         .map(|i| format!("k{i}").into_bytes())
         .find(|k| {
             let prefs = view.prefs.of_key(k);
-            view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+            view.ring.member(prefs[0]).addr == first && view.ring.member(prefs[1]).addr == good
         })
         .expect("a key");
-    (client, key, unanswered)
+    (client, key, seed)
 }
 
 /// A read whose first replica hangs after the handshake still reaches the
@@ -452,25 +460,8 @@ fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
         let down_l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let down = down_l.local_addr().unwrap();
         refusing_node(down_l, info(vec![down.port()]), code);
-        let good_l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let good = good_l.local_addr().unwrap();
-        let members = vec![
-            Member { name: "down".into(), addr: down, zone: None },
-            Member { name: "good".into(), addr: good, zone: None },
-            Member { name: "silent".into(), addr: silent_listener(), zone: None },
-        ];
-        let ring = Ring::with_members(64, members).expect("ring");
-        let seed = fake_node(good_l, info(vec![good.port()]), Some(ring));
         let config = ClientConfig { routing: Routing::Client, ..Default::default() };
-        let mut client = Client::connect_with(&seed.to_string(), config.clone()).expect("connect to the seed");
-        let view = client.ring().expect("routes by the ring").clone();
-        let key = (0..)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| {
-                let prefs = view.prefs.of_key(k);
-                view.ring.member(prefs[0]).addr == down && view.ring.member(prefs[1]).addr == good
-            })
-            .expect("a key");
+        let (mut client, key, seed) = first_then_good(down, config.clone());
         let got = client.get(&key).unwrap_or_else(|e| panic!("{code:?}: the read stopped at the first replica: {e}"));
         assert_eq!(got.values, vec![b"v".to_vec()], "{code:?}");
         // The refusing replica is now tried last by this client: a fresh

@@ -1030,29 +1030,37 @@ mod tests {
     /// answering one second; also the count of requests the hung replica
     /// got (and never answered).
     async fn hung_then_good(request_timeout: Duration) -> (AsyncClient, Vec<u8>, Arc<AtomicUsize>) {
-        use crate::core::ring::{Member, Ring};
         let unanswered = Arc::new(AtomicUsize::new(0));
         let hung = read_hanging_node(TcpListener::bind("127.0.0.1:0").await.unwrap(), unanswered.clone()).await;
+        let config =
+            ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
+        let (client, key, _) = first_then_good(hung, config).await;
+        (client, key, unanswered)
+    }
+
+    /// A ring of `first`, a node that answers (the seed) and one that is
+    /// silent; a client routing by it with `config`, a key tried on
+    /// `first` first and the answering node second, and the seed.
+    async fn first_then_good(first: SocketAddr, config: ClientConfig) -> (AsyncClient, Vec<u8>, SocketAddr) {
+        use crate::core::ring::{Member, Ring};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let good = l.local_addr().unwrap();
         let members = vec![
-            Member { name: "hung".into(), addr: hung, zone: None },
+            Member { name: "first".into(), addr: first, zone: None },
             Member { name: "good".into(), addr: good, zone: None },
             Member { name: "silent".into(), addr: silent_listener().await, zone: None },
         ];
         let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
-        let config =
-            ClientConfig { request_timeout, connect_timeout: Duration::from_millis(300), ..Default::default() };
         let client = AsyncClient::connect_with(&seed.to_string(), config).await.unwrap();
         let view = client.ring().expect("routes by the ring");
         let key = (0..)
             .map(|i| format!("k{i}").into_bytes())
             .find(|k| {
                 let prefs = view.prefs.of_key(k);
-                view.ring.member(prefs[0]).addr == hung && view.ring.member(prefs[1]).addr == good
+                view.ring.member(prefs[0]).addr == first && view.ring.member(prefs[1]).addr == good
             })
             .expect("a key");
-        (client, key, unanswered)
+        (client, key, seed)
     }
 
     /// A node on `l` that answers PING (one shard, on its port) and every
@@ -1085,26 +1093,9 @@ mod tests {
     /// write does not (it may have been taken).
     #[tokio::test]
     async fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
-        use crate::core::ring::{Member, Ring};
         for code in [crate::wire::ErrorCode::ShuttingDown, crate::wire::ErrorCode::Overloaded] {
             let down = refusing_node(TcpListener::bind("127.0.0.1:0").await.unwrap(), code).await;
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let good = l.local_addr().unwrap();
-            let members = vec![
-                Member { name: "down".into(), addr: down, zone: None },
-                Member { name: "good".into(), addr: good, zone: None },
-                Member { name: "silent".into(), addr: silent_listener().await, zone: None },
-            ];
-            let seed = ring_seed(l, Ring::with_members(64, members).unwrap()).await;
-            let client = AsyncClient::connect_with(&seed.to_string(), ClientConfig::default()).await.unwrap();
-            let view = client.ring().expect("routes by the ring");
-            let key = (0..)
-                .map(|i| format!("k{i}").into_bytes())
-                .find(|k| {
-                    let prefs = view.prefs.of_key(k);
-                    view.ring.member(prefs[0]).addr == down && view.ring.member(prefs[1]).addr == good
-                })
-                .expect("a key");
+            let (client, key, seed) = first_then_good(down, ClientConfig::default()).await;
             let got = client.get(&key).await.unwrap_or_else(|e| panic!("{code:?}: the read stopped: {e}"));
             assert_eq!(got.values, vec![b"v".to_vec()], "{code:?}");
             let fresh = AsyncClient::connect_with(&seed.to_string(), ClientConfig::default()).await.unwrap();
