@@ -1010,10 +1010,29 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
     // directory's member without one was left out of the report).
     let node_file_missing = info.shards.is_none();
     *failed |= node_file_missing;
+    // Shards holding fewer records than at the clean stop (an emptied
+    // directory, removed segments): a start takes that for lost data, and
+    // renews the actor; so the check fails on it (a review found it
+    // passed).
+    let clean = info.shards.and_then(|n| gyre::node::config::read_clean_seqs(dir, n));
+    let gone_back: Vec<serde_json::Value> = shards
+        .iter()
+        .filter_map(|r| {
+            let clean = clean.as_ref()?;
+            let name = Path::new(r["data_dir"].as_str()?).file_name()?.to_str()?.to_string();
+            let i: usize = name.strip_prefix(gyre::node::config::SHARD_DIR_PREFIX)?.parse().ok()?;
+            let now = r["recovery"]["next_seq"].as_u64()?.saturating_sub(1);
+            let had = *clean.get(i)?;
+            (now < had)
+                .then(|| serde_json::json!({ "shard": name, "last_seq_at_clean_stop": had, "last_seq_now": now }))
+        })
+        .collect();
+    *failed |= !gone_back.is_empty();
     Ok(serde_json::json!({
         "data_dir": dir,
         "node": { "shards": info.shards, "partitions": info.partitions },
         "node_file_missing": node_file_missing,
+        "shards_gone_back": gone_back,
         "missing_shards": missing,
         "shards": shards,
         "clean_mark_removed": clean_removed,

@@ -470,6 +470,16 @@ pub fn missing_shard_dirs(dir: &Path, shards: usize) -> Vec<usize> {
 /// that the stop was clean).
 pub const CLEAN_FILE: &str = "CLEAN";
 
+/// Each shard's last sequence number at the clean stop of the node data
+/// directory `dir`, if its `CLEAN` mark says (one number per shard of its
+/// `shards`); `None` without a mark, or an older build's empty one. A
+/// start compares them with what its shards recover
+/// (`DataDir::shards_gone_back`), and so does `gyre check`.
+pub fn read_clean_seqs(dir: &Path, shards: usize) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(dir.join(CLEAN_FILE)).ok()?;
+    serde_json::from_str::<CleanMark>(&text).ok().map(|m| m.last_seq).filter(|seqs| seqs.len() == shards)
+}
+
 /// What `CLEAN` holds: JSON `{"last_seq": [n0, n1, ...]}`, each shard's
 /// last log sequence number at the clean stop. A shard's number never
 /// goes back while its records are there (`Engine::last_seq`), so a start
@@ -653,11 +663,7 @@ impl DataDir {
     /// report it) counts as a loss too, after a clean stop as well.
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
         // Read before it goes: the sequence numbers the shards had reached.
-        self.clean_seqs = std::fs::read_to_string(self.path.join(CLEAN_FILE))
-            .ok()
-            .and_then(|text| serde_json::from_str::<CleanMark>(&text).ok())
-            .map(|m| m.last_seq)
-            .filter(|seqs| seqs.len() == self.node.shards);
+        self.clean_seqs = read_clean_seqs(&self.path, self.node.shards);
         let was_clean = forget_clean_stop(&self.path)?;
         if self.planned {
             // A new directory has lost nothing.
