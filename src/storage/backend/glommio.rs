@@ -305,10 +305,11 @@ fn file_size(file: &DmaFile) -> io::Result<u64> {
     Ok(file_stat(file)?.0)
 }
 
-/// The identity of an open file (`fstat`: device and inode).
-fn file_key(file: &DmaFile) -> io::Result<FileKey> {
-    let st = fstat(file)?;
-    Ok((st.st_dev, st.st_ino))
+/// The identity of an open file: device and inode, as glommio read them
+/// (`statx`) when it opened the file, so no system call per write. They
+/// follow the file through renames, as the key must.
+fn file_key(file: &DmaFile) -> FileKey {
+    ((u64::from(file.dev_major()) << 32) | u64::from(file.dev_minor()), file.inode())
 }
 
 /// The size of an open file and how many names it has (`fstat`).
@@ -478,7 +479,7 @@ impl Backend for GlommioBackend {
     async fn write_at(&self, file: &Rc<DmaFile>, buf: GlommioBuf, off: u64) -> io::Result<()> {
         assert_eq!(off % BLOCK_SIZE as u64, 0, "unaligned write offset {off}");
         assert!(!buf.0.is_empty(), "a write of no bytes");
-        let key = file_key(file)?;
+        let key = file_key(file);
         let end = Rc::new(WriteEnd::default());
         let before = self.writes.borrow_mut().insert(key, end.clone());
         let file = file.clone();
