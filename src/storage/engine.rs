@@ -1263,7 +1263,9 @@ impl<B: Backend> Engine<B> {
             let made = self.inner.st.borrow().files.get(&plan.seg).cloned();
             let file = if let Some(f) = made {
                 f
-            } else if plan.create {
+            } else {
+                // Only a segment not made yet has no handle.
+                assert!(plan.create, "written segment {} is open", plan.seg);
                 let spare = self.inner.st.borrow_mut().spare.take();
                 let (f, zeroed) = match spare {
                     Some(f) => match backend.rename(SPARE_SEGMENT, &name).await {
@@ -1301,8 +1303,6 @@ impl<B: Backend> Engine<B> {
                     self.refresh_free_space();
                 }
                 f
-            } else {
-                self.inner.st.borrow().files.get(&plan.seg).expect("written segment is open").clone()
             };
             // A seal right after a flush that ended on a block's end has
             // nothing to write (a zero-length DMA buffer can panic
