@@ -532,13 +532,6 @@ const DEV_STOP_GRACE: Duration = Duration::from_secs(15);
 /// the kernel lets it).
 const DEV_KILL_WAIT: Duration = Duration::from_secs(5);
 
-/// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
-/// process per member, prints where they are, and stops them all on
-/// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
-/// them to exit; a node still running after that, or when a second SIGINT
-/// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
-/// node also gets SIGTERM if `gyre dev` dies without stopping it
-/// (`kill -9`): see [`die_with_parent`].
 /// What in `dir` (with no `cluster.toml`) is a node's or a shard's data.
 fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
     if is_node_dir(dir) {
@@ -547,6 +540,13 @@ fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
     gyre::node::config::other_gyre_data(dir)
 }
 
+/// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
+/// process per member, prints where they are, and stops them all on
+/// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
+/// them to exit; a node still running after that, or when a second SIGINT
+/// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
+/// node also gets SIGTERM if `gyre dev` dies without stopping it
+/// (`kill -9`): see [`die_with_parent`].
 fn dev(args: DevArgs) -> anyhow::Result<()> {
     use gyre::node::cluster::{ClusterFile, NodeEntry};
     if args.nodes == 0 || args.nodes > 250 {
@@ -554,17 +554,6 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let path = args.data_dir.join("cluster.toml");
-    // A lone node's directory (`gyre node` and `gyre dev` both default to
-    // ./data) is not a cluster's: the members would live beside its data,
-    // and `gyre check` would see only the node.
-    if !path.exists() {
-        if let Some(what) = lone_node_data(&args.data_dir)? {
-            bail!(
-                "{} holds {what}, not a `gyre dev` cluster: give the cluster another --data-dir, or move that away",
-                args.data_dir.display()
-            );
-        }
-    }
     let file = if path.exists() {
         let (file, _) = ClusterFile::load(&path)?;
         // Its port, N, R and W stand; the flags shape only a new cluster.
@@ -579,6 +568,15 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         file
     } else {
+        // A lone node's directory (`gyre node` and `gyre dev` both default
+        // to ./data) is not a cluster's: the members would live beside its
+        // data, and `gyre check` would see only the node.
+        if let Some(what) = lone_node_data(&args.data_dir)? {
+            bail!(
+                "{} holds {what}, not a `gyre dev` cluster: give the cluster another --data-dir, or move that away",
+                args.data_dir.display()
+            );
+        }
         let nodes = (1..=args.nodes)
             .map(|i| NodeEntry {
                 name: format!("n{i}"),

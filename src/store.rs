@@ -14,23 +14,23 @@
 //! carries the clock, so a later write with an old context does not
 //! resurrect what was deleted; compaction forgets it after the engine's
 //! tombstone grace period (a lone node's; a cluster's are kept). Every new
-//! dot is drawn above the shard's last sequence number (`dot_floor`), so a
+//! dot is drawn above the shard's last sequence number (`Store::update`), so a
 //! key forgotten that way never has a dot reissued; and a client context
 //! naming a counter the key has not seen is refused if it is over
 //! [`MAX_CONTEXT_COUNTER`], or is this node's own past its last sequence
-//! number (`check_counters`).
+//! number (`Store::update`).
 
 use std::cell::RefCell;
 
 use thiserror::Error;
 
 use crate::core::coord::apply_replica_put;
-use crate::core::version::{decode_context, Actor, Clock, VersionError, VersionSet};
+use crate::core::version::{decode_context, Actor, Clock, Dot, VersionError, VersionSet};
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
 
 /// The largest counter a client's context may hold. Counters are shards'
-/// sequence numbers ([`Store`]'s `dot_floor`), and 2^53 is about 285 years
+/// sequence numbers ([`Store`]'s `Store::update`), and 2^53 is about 285 years
 /// of a million writes a second on one shard; a larger one can only be
 /// forged, and is refused, so no stored counter gets near `u64::MAX`
 /// (where the next dot would overflow).
@@ -159,10 +159,7 @@ impl<B: Backend> Store<B> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
             let (mut set, id) = self.read(key).await?;
-            self.check_counters(&ctx, set.clock())?;
-            let dot = set
-                .update_after(&ctx, self.actor, value.map(<[u8]>::to_vec), self.dot_floor())
-                .map_err(update_error)?;
+            let dot = self.update(&mut set, &ctx, value.map(<[u8]>::to_vec))?;
             if self.write_if(key, &set, id, now_ms).await? {
                 let seen = set.writer_context(&ctx, dot);
                 return Ok(Written { set, seen });
@@ -175,9 +172,10 @@ impl<B: Backend> Store<B> {
     /// (or it has none): reads the stored versions borrowed from the
     /// record, applies the update and appends the result in one step, so
     /// no other write of the key can come between, and no value is copied
-    /// but the new one into the log. `reply` gets the new context (the
-    /// prefix of the stored metadata that encodes the clock) and the number
-    /// of live siblings. `None`, having done nothing, when the record must
+    /// but the new one into the log. `reply` gets the new context (what the
+    /// writer has seen: the prefix of the stored metadata that encodes the
+    /// clock, or [`VersionSet::writer_context`] when other live siblings
+    /// remain) and the number of live siblings. `None`, having done nothing, when the record must
     /// first be read from disk, or while writes wait for compaction
     /// ([`Engine::wait_for_compaction`]): then [`Self::put`] does the whole
     /// cycle.
@@ -212,12 +210,9 @@ impl<B: Backend> Store<B> {
                 Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
             },
         };
-        if let Err(e) = self.check_counters(&ctx, set.clock()) {
-            return Some(Err(e));
-        }
-        let dot = match set.update_after(&ctx, self.actor, value, self.dot_floor()) {
+        let dot = match self.update(&mut set, &ctx, value) {
             Ok(dot) => dot,
-            Err(e) => return Some(Err(update_error(e))),
+            Err(e) => return Some(Err(e)),
         };
         let (pending, context_len) = match self.append_now(key, &set, rec.as_ref().map(|r| r.id()), now_ms) {
             Ok(Some(appended)) => appended,
@@ -236,48 +231,54 @@ impl<B: Backend> Store<B> {
         Some(Ok((reply, pending)))
     }
 
-    /// What the new dot's counter must be above ([`VersionSet::update_after`]):
-    /// the shard's last sequence number. So a dot this node issues on the
-    /// shard is never one it issued before, whatever the key's record still
-    /// says: every dot is at most the sequence number of the record that
-    /// stored it (its counter is this floor plus one, or one above the
-    /// key's counter, itself at most the last record's number). That holds
+    /// Applies a client's write to the stored `set` (both paths, `put` and
+    /// `put_now`, go through here): checks `ctx` against the stored clock,
+    /// then updates with a new dot drawn above the shard's last sequence
+    /// number.
+    ///
+    /// The dot: every dot this node issues on the shard is above that
+    /// number and at most the sequence number of the record that stores it
+    /// (its counter is the number plus one, or one above the key's counter,
+    /// itself at most the last record's number), so a dot is never one the
+    /// node issued before, whatever the key's record still says. That holds
     /// when the node forgot the key (compaction dropped its tombstone): a
     /// client's context from before the delete, or a replica's copy, would
-    /// otherwise cover the next write there and drop it (found by
-    /// reviews). And when the key's clock lost this node's entry to the
-    /// bound (a merge with more than `MAX_CLOCK_ENTRIES` writers, which a
-    /// forged context can bring about: found by a review). Costs a few
-    /// bytes a clock entry and a dot: counters are sequence numbers.
-    fn dot_floor(&self) -> u64 {
-        self.engine.last_seq()
-    }
-
-    /// Checks a client's context (untrusted) against the key's stored
-    /// clock, before an update with it. An entry the key's clock already
-    /// holds is one the key has seen, and is taken whatever it is (a forged
-    /// counter another replica took becomes the key's own: found by a
-    /// review, refusing it then left the key unwritable with any context).
-    /// Past that, refused: a counter over [`MAX_CONTEXT_COUNTER`] (one
-    /// near `u64::MAX` made every later write of the key overflow its dot;
-    /// found by a review), and one of this node's own past its last
+    /// otherwise cover the next write there and drop it (found by reviews).
+    /// And when the key's clock lost this node's entry to the bound (a merge
+    /// with more than `MAX_CLOCK_ENTRIES` writers, which a forged context
+    /// can bring about: found by a review). Costs a few bytes a clock entry
+    /// and a dot: counters are sequence numbers.
+    ///
+    /// The check: the context is untrusted. An entry the key's clock
+    /// already holds is one the key has seen, and is taken whatever it is
+    /// (a forged counter another replica took becomes the key's own: found
+    /// by a review, refusing it then left the key unwritable with any
+    /// context). Past that, refused: a counter over [`MAX_CONTEXT_COUNTER`]
+    /// (one near `u64::MAX` made every later write of the key overflow its
+    /// dot; found by a review), and one of this node's own past its last
     /// sequence number (a write it never made, which would cover its next
     /// ones). So a stored counter grows past the bound only one a write.
-    fn check_counters(&self, ctx: &Clock, stored: &Clock) -> Result<(), StoreError> {
+    fn update<V: AsRef<[u8]>>(
+        &self,
+        set: &mut VersionSet<V>,
+        ctx: &Clock,
+        value: Option<V>,
+    ) -> Result<Dot, StoreError> {
+        let last_seq = self.engine.last_seq();
         for (actor, counter) in ctx.iter() {
-            if counter <= stored.get(actor) {
+            if counter <= set.clock().get(actor) {
                 continue;
             }
             if counter > MAX_CONTEXT_COUNTER {
                 let why = "a context counter beyond any real history";
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
             }
-            if actor == self.actor && counter > self.engine.last_seq() {
+            if actor == self.actor && counter > last_seq {
                 let why = "the context names a write this node never made";
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
             }
         }
-        Ok(())
+        set.update_after(ctx, self.actor, value, last_seq).map_err(update_error)
     }
 
     /// The context of a write, once the write is known to be within the

@@ -113,6 +113,9 @@ fn main() {
 /// The file, with the command line's overrides, and its targets.
 fn prepare(args: &SlaArgs) -> anyhow::Result<(sla::SlaFile, Vec<harness::Target>)> {
     let mut file = sla::SlaFile::load(&args.file)?;
+    // What runs are judged by: the file's limits, and `errors == 0` if none
+    // of them is an error limit.
+    file.limits = sla::judged_limits(&file.limits);
     if let Some(n) = &args.name {
         file.name = Some(n.clone());
     }
@@ -142,7 +145,6 @@ fn prepare(args: &SlaArgs) -> anyhow::Result<(sla::SlaFile, Vec<harness::Target>
 
 fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
     let (file, targets) = prepare(&args)?;
-    let limits = sla::judged_limits(&file.limits);
     let mut cfg = file.config(file.run.rate.unwrap_or(0.0))?;
     cfg.progress = !args.quiet;
     let workload = sla::describe(&cfg);
@@ -160,8 +162,8 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
                 continue;
             }
         };
-        let (verdicts, pass) = sla::judge(&limits, &result);
-        print_target(&result, &limits, &verdicts);
+        let (verdicts, pass) = sla::judge(&file.limits, &result);
+        print_target(&result, &file.limits, &verdicts);
         reports.push(sla::TargetReport { result, verdicts, pass });
     }
     let report = sla::Report {
@@ -170,13 +172,13 @@ fn run_sla(args: SlaArgs) -> anyhow::Result<bool> {
         file: args.file.display().to_string(),
         machine: sla::Machine::here(),
         workload,
-        limits: limits.iter().map(|l| l.text.clone()).collect(),
+        limits: file.limits.iter().map(|l| l.text.clone()).collect(),
         plot: file.plot,
         pass: failed.is_empty() && reports.iter().all(|r| r.pass),
         targets: reports,
         failed,
     };
-    for p in sla::write_report(&args.out, &report, &limits)? {
+    for p in sla::write_report(&args.out, &report, &file.limits)? {
         eprintln!("wrote {}", p.display());
     }
     if !report.failed.is_empty() {
@@ -230,7 +232,6 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         "capacity searches the rate: --rate is for sla (set [capacity] start and max)"
     );
     let (file, targets) = prepare(&args)?;
-    let limits = sla::judged_limits(&file.limits);
     anyhow::ensure!(file.run.mode == sla::LoopMode::Open, "capacity searches an open-loop rate: set mode = \"open\"");
     let cfg0 = file.config(file.capacity.start)?;
     // A probe lasts long enough for the strictest percentile limit to be
@@ -252,12 +253,12 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
             // measured one).
             if needed / rate > MAX_PROBE_SECONDS {
                 let least = (needed / MAX_PROBE_SECONDS).ceil();
-                let why = if search.fail.is_some() {
+                let why = if let Some(fail) = search.fail {
                     format!(
                         "the limits were missed down to {:.0}/s, and below {least:.0}/s no probe of at most \
                          {MAX_PROBE_SECONDS} s can collect the {needed:.0} operations the strictest limit needs: \
                          the capacity is below what this file can measure",
-                        search.fail.unwrap_or(rate)
+                        fail
                     )
                 } else {
                     format!(
@@ -299,7 +300,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
                 }
             };
             load = false;
-            let (verdicts, held) = sla::judge(&limits, &r);
+            let (verdicts, held) = sla::judge(&file.limits, &r);
             let pass = held && !verdicts.iter().any(|v| v.too_few_samples);
             let l = r.latency_of("all").cloned().unwrap_or_default();
             let verdict = match (held, pass) {
@@ -320,7 +321,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         }
         match (search.pass, &error) {
             (_, Some(_)) => {}
-            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&limits)),
+            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&file.limits)),
             (None, None) => println!("{}: no probed rate held the limits", t.label()),
         }
         out.push(Capacity { target: t.label(), capacity: search.pass, first_miss: search.fail, error, probes });

@@ -681,9 +681,6 @@ pub(crate) fn check_node_info(info: &NodeInfo) -> Result<(), String> {
     partition::validate_partitions(info.partitions).map_err(|e| format!("node info {info:?}: {e}"))
 }
 
-/// `targets` with the members marked down (until after `now`) moved last:
-/// a dead node costs a request a connection attempt only when nothing
-/// better is left.
 /// Whether a replica's failure means it cannot serve now (unreachable,
 /// silent, stopping or overloaded), so that it is tried last for a while
 /// and a read moves on to the next replica. A read is safe to resend; a
@@ -698,6 +695,9 @@ pub(crate) fn replica_unavailable(e: &ClientError) -> bool {
     )
 }
 
+/// `targets` with the members marked down (until after `now`) moved last:
+/// a dead node costs a request a connection attempt only when nothing
+/// better is left.
 pub(crate) fn up_first(targets: &[MemberIdx], down_until: &[Option<Instant>], now: Instant) -> Vec<MemberIdx> {
     let (mut order, down): (Vec<MemberIdx>, Vec<MemberIdx>) =
         targets.iter().partition(|&&m| down_until[m as usize].is_none_or(|t| t <= now));

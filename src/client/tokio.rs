@@ -324,18 +324,17 @@ impl AsyncClient {
                     last = Some(e);
                 }
                 Err(Failure::Failed(e)) => return Err(e),
-                // A node stopping or overloaded answers so: a read moves on
-                // to the next replica (as the blocking client's does).
-                Ok((Err(e), _)) if is_read && super::replica_unavailable(&e) => {
+                // A node stopping or overloaded answers so: the same rule
+                // (as the blocking client's).
+                Ok((Err(e), stale)) if super::replica_unavailable(&e) => {
                     mark_down(m);
+                    if !is_read {
+                        return Ok((Err(e), stale));
+                    }
                     last = Some(e);
                 }
                 Ok(r) => {
-                    if r.0.as_ref().is_err_and(super::replica_unavailable) {
-                        mark_down(m);
-                    } else {
-                        lock(&route.down_until)[m as usize] = None;
-                    }
+                    lock(&route.down_until)[m as usize] = None;
                     return Ok(r);
                 }
             }

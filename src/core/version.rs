@@ -133,7 +133,7 @@
 //! entry too, [`VersionSet::update`] would reissue one of its old dots; a
 //! stale context covering that dot would then supersede the new write. The
 //! node never does: its store passes a floor above every dot it issued
-//! ([`VersionSet::update_after`], `Store::dot_floor`), since a forged
+//! ([`VersionSet::update_after`], `Store::update`), since a forged
 //! context with more than [`MAX_CLOCK_ENTRIES`] made-up actors can bring the
 //! truncation about (found by a review). Below that many actors the clock is
 //! never truncated and merge is an exact join (commutative, associative,

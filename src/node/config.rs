@@ -238,7 +238,7 @@ impl NodeConfig {
         // after `tombstone_grace_ms`: the one other thing a tombstone held,
         // the node's dots for the key, no longer needs it, since a key
         // written again from nothing takes dots above any it had
-        // (`Store::dot_floor`). Found by reviews.
+        // (`Store::update`). Found by reviews.
         if self.cluster.is_some() {
             if config.tombstone_grace_ms != EngineConfig::default().tombstone_grace_ms {
                 bail!(
@@ -542,6 +542,7 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
     }
     let node_path = path.join(NODE_FILE);
     let partitions = config.storage.partitions;
+    let role = role_of(config);
     if node_path.exists() {
         let node = read_node_file(&path)?;
         if let Some(s) = config.shards {
@@ -557,7 +558,6 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         if node.partitions != partitions {
             bail!("{} was created with {} partitions, not {partitions}", path.display(), node.partitions);
         }
-        let role = role_of(config);
         if let Some(serves) = node.serves.as_ref().filter(|&s| *s != role) {
             bail!(
                 "{} holds the data of {}; it cannot be served as {} (its versions would reuse that node's dots). \
@@ -603,9 +603,9 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
             shards,
             partitions,
             actor: None,
-            serves: Some(role_of(config)),
+            serves: Some(role.clone()),
         };
-        Ok(DataDir { path, node, planned: true, role: role_of(config), clean_seqs: None, _lock: lock })
+        Ok(DataDir { path, node, planned: true, role, clean_seqs: None, _lock: lock })
     }
 }
 

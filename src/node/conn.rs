@@ -66,11 +66,11 @@ pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
 pub(super) const MAX_RUNNING: usize = 64;
 const _: () = assert!(MAX_RUNNING <= MAX_IN_FLIGHT && MAX_QUEUED_REPLY_BYTES >= crate::wire::MAX_BODY_LEN / 4);
 
-/// A reply buffer that grew past this (a large reply, or a burst) is given
-/// back once written, not kept for the connection's life: an idle pool of
-/// connections that had each read one large value held it all (found by a
-/// review).
-const KEEP_REPLY_BUFFER: usize = 4 * READ_CHUNK;
+/// A read or reply buffer that grew past this (a large frame, or a burst)
+/// is given back once done with, not kept for the connection's life: an
+/// idle pool of connections that had each read one large value held it all
+/// (found by a review).
+const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 
 /// Prepares a frame reader's buffer for the next read: moves the partial
 /// frame in `buf[start..end]` to the front, grows the buffer toward the
@@ -92,7 +92,7 @@ pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
     let target = needed.min(buf.len().max(2 * *end).max(*end + READ_CHUNK)).max(*end + 1);
     if buf.len() < target {
         buf.resize(target, 0);
-    } else if buf.len() > 4 * READ_CHUNK && *end < READ_CHUNK && needed <= READ_CHUNK {
+    } else if buf.len() > KEEP_BUFFER && *end < READ_CHUNK && needed <= READ_CHUNK {
         // A big frame was consumed and what is left (the start of a small
         // one) fits a small buffer: give the big one back. Not only when
         // nothing is left: a client that pipelines without pause seldom
@@ -245,7 +245,7 @@ impl Outbox {
             match sock.try_write(&buf) {
                 Ok(n) if n == buf.len() => {
                     buf.clear();
-                    if buf.capacity() > KEEP_REPLY_BUFFER {
+                    if buf.capacity() > KEEP_BUFFER {
                         *buf = Vec::new();
                     }
                     // No notify: the reader, which is here, is the only
@@ -407,7 +407,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     let mut b = batch;
                     b.clear();
                     let mut cur = out.buf.borrow_mut();
-                    if cur.is_empty() && cur.capacity() < b.capacity() && b.capacity() <= KEEP_REPLY_BUFFER {
+                    if cur.is_empty() && cur.capacity() < b.capacity() && b.capacity() <= KEEP_BUFFER {
                         *cur = b;
                     }
                     continue;

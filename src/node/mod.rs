@@ -992,13 +992,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     // replies; a client that stops reading its socket is given up on after
     // a grace period instead of holding the shutdown forever.
     let drain = async {
-        loop {
-            let g = shard.closed.generation();
-            if shard.counters.connections_open.get() == 0 {
-                break;
-            }
-            shard.closed.wait(g).await;
-        }
+        shard.closed.wait_until(|| shard.counters.connections_open.get() == 0).await;
         true
     };
     let grace = async {

@@ -314,12 +314,6 @@ fn file_key(file: &DmaFile) -> FileKey {
 
 /// The size of an open file and how many names it has (`fstat`).
 fn file_stat(file: &DmaFile) -> io::Result<(u64, u64)> {
-    let st = fstat(file)?;
-    let size = u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))?;
-    Ok((size, st.st_nlink as u64))
-}
-
-fn fstat(file: &DmaFile) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: the descriptor is open while `file` is borrowed (glommio
     // closes it only on close or drop, and this neither closes nor keeps
@@ -331,7 +325,8 @@ fn fstat(file: &DmaFile) -> io::Result<libc::stat> {
         }
         st.assume_init()
     };
-    Ok(st)
+    let size = u64::try_from(st.st_size).map_err(|_| io::Error::other(format!("negative file size {}", st.st_size)))?;
+    Ok((size, st.st_nlink as u64))
 }
 
 /// The space of the file system holding `path`: bytes free for an
