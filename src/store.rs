@@ -384,9 +384,14 @@ mod tests {
     use futures_lite::future::block_on;
 
     fn store() -> Store<MemBackend> {
+        store_as(7)
+    }
+
+    /// A store whose node is `actor`, on a fresh in-memory directory.
+    fn store_as(actor: Actor) -> Store<MemBackend> {
         let config = EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, ..Default::default() };
         let (engine, _) = block_on(Engine::open(MemBackend::new(), config)).unwrap();
-        Store::new(engine, 7, 1024)
+        Store::new(engine, actor, 1024)
     }
 
     fn values(set: &VersionSet) -> Vec<Vec<u8>> {
@@ -597,13 +602,15 @@ mod tests {
             let s = store();
             s.put(b"k", &[], Some(b"v"), 1).await.unwrap();
             let last = s.engine().last_seq();
-            for (what, forged) in [
-                ("near u64::MAX", context_of(&[(7, u64::MAX - 1)])),
-                ("past the bound", context_of(&[(9, MAX_CONTEXT_COUNTER + 1)])),
-                ("this node's, never made", context_of(&[(7, last + 1)])),
+            // Another node's counters (8, 9), so that the bound is what
+            // refuses them, and this node's (7).
+            for (what, forged, why) in [
+                ("near u64::MAX", context_of(&[(8, u64::MAX - 1)]), "beyond any real history"),
+                ("past the bound", context_of(&[(9, MAX_CONTEXT_COUNTER + 1)]), "beyond any real history"),
+                ("this node's, never made", context_of(&[(7, last + 1)]), "never made"),
             ] {
                 let err = s.put(b"k", &forged, Some(b"evil"), 2).await.unwrap_err();
-                assert!(matches!(err, StoreError::InvalidContext(_)), "{what}: {err}");
+                assert!(matches!(err, StoreError::InvalidContext(_)) && err.to_string().contains(why), "{what}: {err}");
             }
             let other = context_of(&[(9, MAX_CONTEXT_COUNTER)]);
             s.put(b"k", &other, Some(b"w"), 3).await.unwrap();
@@ -691,11 +698,7 @@ mod tests {
     #[test]
     fn a_forged_counter_one_replica_took_leaves_the_key_writable_everywhere() {
         block_on(async {
-            let open = || async {
-                let config = EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, ..Default::default() };
-                Engine::open(MemBackend::new(), config).await.unwrap().0
-            };
-            let (x, y) = (Store::new(open().await, 1, 1024), Store::new(open().await, 2, 1024));
+            let (x, y) = (store_as(1), store_as(2));
             for (key, forged) in [(&b"k"[..], 1_000_000), (&b"j"[..], MAX_CONTEXT_COUNTER)] {
                 let w = x.put(key, &context_of(&[(2, forged)]), Some(b"v"), 2).await.unwrap();
                 y.merge(key, &w.set, 3).await.unwrap();

@@ -832,6 +832,8 @@ fn a_shard_emptied_after_a_stop_while_starting_gives_the_node_a_new_actor() {
         };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         gyre::node::run(config, stop, |_| {}).unwrap();
+        // That start got as far as its clean stop, and kept the number.
+        assert_eq!(gyre::node::config::read_clean_seqs(dir, 1), Some(vec![2]), "CLEAN after the stop while starting");
     });
 }
 
@@ -1562,14 +1564,15 @@ fn check_fails_when_a_nodes_shard_directory_is_gone() {
     let node = Node::start(dir.path(), &["--shards", "2", "--fsync", "never"]);
     assert!(node.terminate().success());
     std::fs::remove_dir_all(dir.path().join("shard-001")).expect("removing a shard directory");
-    let out = std::process::Command::new(common::GYRE)
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("gyre check");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let (ok, report) = check_report(dir.path());
     assert_eq!(report["missing_shards"], serde_json::json!(["shard-001"]), "{report}");
-    assert!(!out.status.success(), "a node whose shard directory is gone passed the check: {report}");
+    assert!(!ok, "a node whose shard directory is gone passed the check: {report}");
+}
+
+/// `gyre check --data-dir PATH`: whether it passed, and its JSON report.
+fn check_report(path: &std::path::Path) -> (bool, serde_json::Value) {
+    let (ok, out, err) = common::cli(&["check", "--data-dir", path.to_str().unwrap()]);
+    (ok, serde_json::from_str(&out).unwrap_or_else(|e| panic!("no JSON report ({e}): {err}")))
 }
 
 /// `gyre check` fails on shard data without its NODE file, which a start
@@ -1581,19 +1584,14 @@ fn check_fails_on_shard_data_without_a_node_file() {
     let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
     assert!(node.terminate().success());
     std::fs::remove_file(dir.path().join("NODE")).unwrap();
-    let check = |path: &std::path::Path| {
-        let out = std::process::Command::new(common::GYRE).args(["check", "--data-dir"]).arg(path).output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
-        (out.status.success(), report)
-    };
-    let (ok, report) = check(dir.path());
+    let (ok, report) = check_report(dir.path());
     assert_eq!(report["node_file_missing"], true, "{report}");
     assert!(!ok, "shard data without NODE passed: {report}");
     // As a member of a `gyre dev` directory.
     let dev = tmp();
     std::fs::write(dev.path().join("cluster.toml"), b"").unwrap();
     std::fs::rename(dir.path(), dev.path().join("n1")).unwrap();
-    let (ok, report) = check(dev.path());
+    let (ok, report) = check_report(dev.path());
     assert_eq!(report["nodes"].as_array().map(Vec::len), Some(1), "{report}");
     assert!(!ok, "{report}");
 }
@@ -1637,13 +1635,7 @@ fn check_fails_on_a_shard_that_went_back_since_its_clean_stop() {
     c.put(b"b", b"v", &Context::default()).unwrap();
     drop(c);
     assert!(node.terminate().success());
-    let check = || {
-        let out =
-            std::process::Command::new(common::GYRE).args(["check", "--data-dir"]).arg(dir.path()).output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
-        (out.status.success(), report)
-    };
-    let (ok, report) = check();
+    let (ok, report) = check_report(dir.path());
     assert!(ok && report["shards_gone_back"] == serde_json::json!([]), "{report}");
     for entry in std::fs::read_dir(dir.path().join("shard-000")).unwrap() {
         let path = entry.unwrap().path();
@@ -1651,7 +1643,7 @@ fn check_fails_on_a_shard_that_went_back_since_its_clean_stop() {
             std::fs::remove_file(path).unwrap();
         }
     }
-    let (ok, report) = check();
+    let (ok, report) = check_report(dir.path());
     assert_eq!(report["shards_gone_back"][0]["shard"], "shard-000", "{report}");
     assert_eq!(report["shards_gone_back"][0]["last_seq_at_clean_stop"], 2, "{report}");
     assert!(!ok, "{report}");

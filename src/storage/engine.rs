@@ -2486,9 +2486,7 @@ mod tests {
         block_on(async {
             let config = EngineConfig { compaction_threshold: 0.3, ..small_buffered() };
             let (backend, engine) = open_mem(&config).await;
-            engine.put(b"stable", b"", &[5; 100], 0).await.unwrap();
-            overwrite_rounds(&engine, 0..6).await;
-            engine.sync().await.unwrap();
+            stable_among_garbage(&engine).await;
             backend.fail_reads_of(Some("seg-00000001.log"));
             let stats = engine.compact(0).await.expect("the pass goes on past the unreadable segment");
             assert!(stats.segments_removed >= 1, "{stats:?}");
