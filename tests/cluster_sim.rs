@@ -680,11 +680,15 @@ impl Sim {
             if full.siblings().iter().any(|s| s.dot == w.dot) {
                 continue;
             }
-            // A delete's tombstone may be folded into a later delete's
-            // (`VersionSet::update`): what it did, superseding the versions
-            // its context saw, lives on in the clock, and a tombstone shows
-            // nothing to a read.
-            if w.delete && full.clock().covers(w.dot) {
+            // A delete's tombstone may be folded into a later delete of the
+            // same node's (`VersionSet::update`): what it did, superseding
+            // the versions its context saw, lives on in the clock, and a
+            // tombstone shows nothing to a read.
+            let folded = self
+                .writes
+                .iter()
+                .any(|o| o.key == w.key && o.delete && o.dot.actor == w.dot.actor && o.dot.counter > w.dot.counter);
+            if w.delete && folded && full.clock().covers(w.dot) {
                 continue;
             }
             let superseded = self.writes.iter().any(|o| o.key == w.key && o.ctx.covers(w.dot));

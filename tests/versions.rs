@@ -175,6 +175,10 @@ proptest! {
         }
         for (dot, _) in unseen.iter().filter(|(_, x)| x.is_none()) {
             prop_assert!(all.clock().covers(*dot), "a tombstone's dot left the clock: {:?}", dot);
+            // Gone only if folded: a later delete of the same node's.
+            let kept = got.iter().any(|(d, _)| d == dot);
+            let folded = h.writes.iter().any(|(d, v)| v.is_none() && d.actor == dot.actor && d.counter > dot.counter);
+            prop_assert!(kept || folded, "a tombstone no write saw is gone, folded by no later delete of its node: {:?}", dot);
         }
     }
 
