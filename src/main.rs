@@ -1013,18 +1013,27 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
     // renews the actor; so the check fails on it (a review found it
     // passed).
     let clean = info.shards.and_then(|n| gyre::node::config::read_clean_seqs(dir, n));
-    let gone_back: Vec<serde_json::Value> = shards
-        .iter()
-        .filter_map(|r| {
-            let clean = clean.as_ref()?;
-            let name = Path::new(r["data_dir"].as_str()?).file_name()?.to_str()?.to_string();
-            let i: usize = name.strip_prefix(gyre::node::config::SHARD_DIR_PREFIX)?.parse().ok()?;
-            let now = r["recovery"]["next_seq"].as_u64()?.saturating_sub(1);
-            let had = *clean.get(i)?;
-            (now < had)
-                .then(|| serde_json::json!({ "shard": name, "last_seq_at_clean_stop": had, "last_seq_now": now }))
-        })
-        .collect();
+    let gone_back: Vec<serde_json::Value> = clean.map_or_else(Vec::new, |clean| {
+        // Each shard's last sequence number as its check recovered it (one
+        // not checked, missing or unreadable, is reported elsewhere).
+        let recovered: Vec<u64> = (0..clean.len())
+            .map(|i| {
+                let path = dir.join(gyre::node::config::shard_dir_name(i));
+                shards
+                    .iter()
+                    .find(|r| r["data_dir"].as_str() == path.to_str())
+                    .and_then(|r| r["recovery"]["next_seq"].as_u64())
+                    .map_or(u64::MAX, |next| next.saturating_sub(1))
+            })
+            .collect();
+        gyre::node::config::shards_gone_back(&clean, &recovered)
+            .into_iter()
+            .map(|(i, had, now)| {
+                let shard = gyre::node::config::shard_dir_name(i);
+                serde_json::json!({ "shard": shard, "last_seq_at_clean_stop": had, "last_seq_now": now })
+            })
+            .collect()
+    });
     *failed |= !gone_back.is_empty();
     Ok(serde_json::json!({
         "data_dir": dir,

@@ -480,6 +480,13 @@ pub fn read_clean_seqs(dir: &Path, shards: usize) -> Option<Vec<u64>> {
     serde_json::from_str::<CleanMark>(&text).ok().map(|m| m.last_seq).filter(|seqs| seqs.len() == shards)
 }
 
+/// The shards whose last sequence number now (`recovered[i]`) is below the
+/// one at the clean stop (`clean[i]`), with both: `(shard, clean, now)`.
+/// A start and `gyre check` judge them alike.
+pub fn shards_gone_back(clean: &[u64], recovered: &[u64]) -> Vec<(usize, u64, u64)> {
+    clean.iter().zip(recovered).enumerate().filter(|(_, (c, r))| r < c).map(|(i, (&c, &r))| (i, c, r)).collect()
+}
+
 /// What `CLEAN` holds: JSON `{"last_seq": [n0, n1, ...]}`, each shard's
 /// last log sequence number at the clean stop. A shard's number never
 /// goes back while its records are there (`Engine::last_seq`), so a start
@@ -725,8 +732,7 @@ impl DataDir {
     /// shard would otherwise number records, and draw dots, from where
     /// it had been, reusing dots replicas and clients hold.
     pub fn shards_gone_back(&self, recovered: &[u64]) -> Vec<(usize, u64, u64)> {
-        let Some(clean) = &self.clean_seqs else { return Vec::new() };
-        clean.iter().zip(recovered).enumerate().filter(|(_, (c, r))| r < c).map(|(i, (&c, &r))| (i, c, r)).collect()
+        self.clean_seqs.as_deref().map_or_else(Vec::new, |clean| shards_gone_back(clean, recovered))
     }
 
     /// Directory of shard `i`'s storage engine.
