@@ -236,6 +236,33 @@ fn a_client_that_stops_reading_its_replies_holds_up_no_one() {
     }
 }
 
+/// A `get_many` of more requests than the sockets hold, each answered by
+/// a value the node must queue: the client once wrote every request
+/// before reading any reply, so the node stopped reading (its reply
+/// budget full) while the client blocked writing, until the client's
+/// deadline. It now keeps a bounded window of requests per connection.
+#[test]
+fn get_many_of_more_than_the_sockets_hold_completes() {
+    let dir = tmp();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    let config = ClientConfig { request_timeout: Duration::from_secs(20), ..ClientConfig::default() };
+    let mut c = Client::connect_with(node.addr(), config).unwrap();
+    // Long keys make the requests large (2 KiB each), and 8 KiB values
+    // make the replies larger: 4,000 of each are 8 MiB of requests and
+    // 32 MiB of replies, both well past loopback's socket buffers.
+    let keys: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'a' + i; gyre::limits::MAX_KEY_LEN]).collect();
+    for key in &keys {
+        c.put(key, &vec![key[0]; 8192], &Context::default()).unwrap();
+    }
+    let batch: Vec<&[u8]> = (0..4000).map(|i| keys[i % keys.len()].as_slice()).collect();
+    let started = std::time::Instant::now();
+    let got = c.get_many(&batch).unwrap_or_else(|e| panic!("after {:?}: {e}", started.elapsed()));
+    assert_eq!(got.len(), batch.len());
+    for (key, got) in batch.iter().zip(got) {
+        assert_eq!(got.unwrap().values, vec![vec![key[0]; 8192]]);
+    }
+}
+
 /// Reads frames from a raw socket until EOF, returning the replies.
 fn read_until_closed(s: &mut TcpStream) -> Vec<(u64, ErrorCode)> {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -747,6 +747,20 @@ pub fn resolve(addr: &str) -> Result<SocketAddr> {
         .ok_or_else(|| ClientError::Resolve(addr.to_string()))
 }
 
+/// The most requests one `get_many` call has unanswered on a connection.
+/// It once wrote every request before reading a reply: with more requests
+/// than the sockets hold, the node stopped reading (its reply budget full
+/// of replies no one read) while the client blocked writing, until the
+/// deadline. A full window of the longest keys is 32 × (24 + 2 + 2 KiB)
+/// bytes, 65 KiB: a receive buffer of Linux's default size (128 KiB)
+/// takes it whole while the node reads nothing. 32 in flight is still
+/// far more than a round trip needs to keep a shard busy.
+pub const GET_MANY_WINDOW: usize = 32;
+
+const _: () = assert!(GET_MANY_WINDOW > 0 && GET_MANY_WINDOW <= crate::wire::MAX_IN_FLIGHT);
+const _: () =
+    assert!(GET_MANY_WINDOW * (crate::wire::HEADER_LEN + 2 + crate::limits::MAX_KEY_LEN) <= 128 * 1024);
+
 impl Client {
     /// Connects to a node with the default settings.
     pub fn connect(addr: &str) -> Result<Client> {
@@ -947,8 +961,9 @@ impl Client {
         Err(ClientError::Conflict { attempts: MAX_UPDATE_ATTEMPTS, siblings })
     }
 
-    /// Pipelined gets to the seed node: every request is sent before any
-    /// reply is read. One call: it ends within the request timeout. A key
+    /// Pipelined gets to the seed node: up to [`GET_MANY_WINDOW`] requests
+    /// wait on each connection, and a reply is read before a full window
+    /// takes another. One call: it ends within the request timeout. A key
     /// the protocol refuses fails the whole call before anything is sent;
     /// an error reply fails only its key. After any other error the
     /// connections that still owed replies are closed, so that no stale
@@ -975,23 +990,31 @@ impl Client {
         deadline: Instant,
         owed: &mut [usize],
     ) -> Result<Vec<Result<Versions>>> {
-        let mut slots = Vec::with_capacity(keys.len());
-        let mut by_id = std::collections::HashMap::with_capacity(keys.len());
-        for (i, key) in keys.iter().enumerate() {
-            let (slot, shard) = self.seed.slot_for(Some(key), self.config.shard_aware);
-            let c = self.seed.conn(slot, &self.config, deadline)?;
-            let id = c.queue(&Request::Get { key }, shard, self.quorum, left(deadline))?;
-            owed[slot] += 1;
-            by_id.insert((slot, id), i);
-            slots.push(slot);
-        }
-        for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
-            self.seed.conn(slot, &self.config, deadline)?.flush_until(deadline)?;
-        }
+        let mut by_id = std::collections::HashMap::with_capacity(keys.len().min(GET_MANY_WINDOW * owed.len()));
         let mut results: Vec<Option<Result<Versions>>> = (0..keys.len()).map(|_| None).collect();
-        // One reply per request, read from the connection it was sent on;
-        // replies on one connection may come in any order.
-        for slot in slots {
+        let mut sent = 0;
+        for _ in 0..keys.len() {
+            // Queue requests in key order until one meets a full window.
+            let mut full = None;
+            while let Some(key) = keys.get(sent) {
+                let (slot, shard) = self.seed.slot_for(Some(key), self.config.shard_aware);
+                if owed[slot] == GET_MANY_WINDOW {
+                    full = Some(slot);
+                    break;
+                }
+                let c = self.seed.conn(slot, &self.config, deadline)?;
+                let id = c.queue(&Request::Get { key }, shard, self.quorum, left(deadline))?;
+                owed[slot] += 1;
+                by_id.insert((slot, id), sent);
+                sent += 1;
+            }
+            for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
+                self.seed.conn(slot, &self.config, deadline)?.flush_until(deadline)?;
+            }
+            // One reply: from the full window's connection, else from any
+            // connection still owing one. Replies on one connection may
+            // come in any order.
+            let slot = full.or_else(|| owed.iter().position(|&n| n > 0)).expect("a request is unanswered");
             let c = self.seed.conn(slot, &self.config, deadline)?;
             let (id, reply) = c.recv_until(deadline)?;
             // Removed once answered: a second reply to it is unknown.
