@@ -758,8 +758,7 @@ pub fn resolve(addr: &str) -> Result<SocketAddr> {
 pub const GET_MANY_WINDOW: usize = 32;
 
 const _: () = assert!(GET_MANY_WINDOW > 0 && GET_MANY_WINDOW <= crate::wire::MAX_IN_FLIGHT);
-const _: () =
-    assert!(GET_MANY_WINDOW * (crate::wire::HEADER_LEN + 2 + crate::limits::MAX_KEY_LEN) <= 128 * 1024);
+const _: () = assert!(GET_MANY_WINDOW * (crate::wire::HEADER_LEN + 2 + crate::limits::MAX_KEY_LEN) <= 128 * 1024);
 
 impl Client {
     /// Connects to a node with the default settings.

@@ -18,7 +18,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use gyre::core::partition::DEFAULT_PARTITIONS;
 use gyre::storage::format::{decode_hint, parse_file_name, parse_format_file, FileKind, Kind, FORMAT_FILE};
 use gyre::storage::scan::scan_segment;
 use memmap2::Mmap;
@@ -60,12 +59,12 @@ struct SimArgs {
     /// N, the length of a preference list: every request loads N nodes.
     #[arg(short = 'n', long = "replicas", default_value_t = 3)]
     n: usize,
-    /// Requests per seed and configuration (Figure 8).
-    #[arg(long, default_value_t = 1_000_000)]
-    requests: usize,
-    /// Runs averaged per configuration (Figure 8).
-    #[arg(long, default_value_t = 5)]
-    seeds: usize,
+    /// Requests per seed and configuration, Figure 8 only [default: 1000000].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Runs averaged per configuration, Figure 8 only [default: 5].
+    #[arg(long)]
+    seeds: Option<usize>,
     /// Base seed: the same arguments always print the same numbers.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -79,12 +78,13 @@ struct SimArgs {
     /// Distinct keys (key:0, key:1, ...).
     #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
-    /// Windows per load (Figure 6).
-    #[arg(long, default_value_t = 20)]
-    windows: usize,
-    /// Q of the ring for Figure 6 (a power of two, at least --nodes).
-    #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
-    partitions: u32,
+    /// Windows per load, Figure 6 only [default: 20].
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Q of the ring, Figure 6 only (a power of two, at least --nodes)
+    /// [default: 1024].
+    #[arg(long)]
+    partitions: Option<u32>,
     /// Which figure to simulate.
     #[arg(long, value_enum, default_value = "all")]
     figure: Figure,
@@ -115,6 +115,21 @@ fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
         a.theta.is_none() || a.dist != Some(DistArg::Uniform),
         "--theta is the zipfian exponent: drop it, or use --dist zipfian"
     );
+    // A setting of one figure's only is refused when only the other runs:
+    // it would change nothing (found by a review).
+    let only = |figure: Figure, given: bool, flag: &str| {
+        anyhow::ensure!(
+            !given || a.figure != figure,
+            "{flag} is a setting of figure {} only, and this run is figure {}",
+            if figure == Figure::Six { 8 } else { 6 },
+            if figure == Figure::Six { 6 } else { 8 },
+        );
+        Ok(())
+    };
+    only(Figure::Six, a.requests.is_some(), "--requests")?;
+    only(Figure::Six, a.seeds.is_some(), "--seeds")?;
+    only(Figure::Eight, a.windows.is_some(), "--windows")?;
+    only(Figure::Eight, a.partitions.is_some(), "--partitions")?;
     let given = a.dist.or(a.theta.map(|_| DistArg::Zipfian));
     let dist = |default, theta| match given.unwrap_or(default) {
         DistArg::Uniform => Dist::Uniform,
@@ -126,11 +141,10 @@ fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
             n: a.n,
             keys: a.keys,
             dist: dist(DistArg::Uniform, partition_sim::DEFAULT_THETA),
-            requests: a.requests,
-            seeds: a.seeds,
             seed: a.seed,
             ..Figure8Params::default()
         };
+        let p = Figure8Params { requests: a.requests.unwrap_or(p.requests), seeds: a.seeds.unwrap_or(p.seeds), ..p };
         let rows = partition_sim::figure8(&p)?;
         if a.json {
             print!("{}", partition_sim::json8(&rows));
@@ -150,17 +164,20 @@ fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
             n: a.n,
             keys: a.keys,
             dist: dist(DistArg::Zipfian, partition_sim::FIGURE6_THETA),
-            partitions: a.partitions,
-            windows: a.windows,
             seed: a.seed,
             ..Figure6Params::default()
+        };
+        let p = Figure6Params {
+            partitions: a.partitions.unwrap_or(p.partitions),
+            windows: a.windows.unwrap_or(p.windows),
+            ..p
         };
         let rows = partition_sim::figure6(&p)?;
         if a.json {
             print!("{}", partition_sim::json6(&rows));
         } else {
             println!(
-                "## Figure 6: fraction of nodes out of balance (>{}% from the mean) vs request load\n\n\
+                "## Figure 6: fraction of nodes out of balance (at least {}% from the mean) vs request load\n\n\
                  strategy 3 (Gyre's ring), S={} nodes, Q={}, N={}, {} keys {}, {} windows per load, seed {}\n",
                 partition_sim::OUT_OF_BALANCE * 100.0,
                 p.nodes,
@@ -247,4 +264,38 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(args: &str) -> anyhow::Result<()> {
+        let argv = ["gyre-tools", "partition-sim"].into_iter().chain(args.split_whitespace());
+        match Cli::try_parse_from(argv)?.command {
+            Command::PartitionSim(a) => partition_sim(a),
+            _ => unreachable!("parsed as partition-sim"),
+        }
+    }
+
+    #[test]
+    fn a_setting_of_the_figure_that_does_not_run_is_refused() {
+        for (args, flag) in [
+            ("--figure 6 --requests 10", "--requests"),
+            ("--figure 6 --seeds 2", "--seeds"),
+            ("--figure 8 --windows 2", "--windows"),
+            ("--figure 8 --partitions 64", "--partitions"),
+        ] {
+            let err = sim(args).expect_err(args).to_string();
+            assert!(err.starts_with(flag) && err.contains("only"), "{args}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_setting_of_the_figure_that_runs_is_taken() {
+        // Small enough to run in a moment; a bad Q shows the value arrived.
+        sim("--figure 8 --requests 1000 --seeds 1 --keys 1000").expect("figure 8's own settings");
+        let err = sim("--figure 6 --partitions 48 --windows 1 --keys 1000").expect_err("Q = 48").to_string();
+        assert!(err.contains("48"), "{err}");
+    }
 }
