@@ -2099,10 +2099,19 @@ impl<B: Backend> Engine<B> {
             // and the shutdown stops the ticker before it closes, so a
             // close after space came back failed without trying, losing
             // buffered writes already acknowledged (found by a review).
-            if self.full().is_some() {
-                self.retry_full().await?;
+            // A flush in flight at the call can run out of space after
+            // that check, while the sync waits for it: a sync that finds
+            // the disk full is retried once the same way.
+            let mut retried = false;
+            loop {
+                if self.full().is_some() {
+                    self.retry_full().await?;
+                }
+                match self.sync().await {
+                    Err(StorageError::DiskFull(_)) if !retried => retried = true,
+                    done => return done,
+                }
             }
-            self.sync().await
         }
     }
 
@@ -2548,6 +2557,40 @@ mod tests {
             assert!(engine.full().is_some());
             backend.no_space(false);
             engine.close().await.expect("a close with room again writes what it holds");
+            drop(engine);
+            backend.crash(3, true);
+            let (engine, _) = Engine::open(backend, config).await.unwrap();
+            assert_eq!(engine.len(), 10, "every acknowledged write is there");
+        });
+    }
+
+    /// The same, for a flush already in flight when `close` is called
+    /// that runs out of space after close's own check: close waited for
+    /// it, then failed with its error without trying again.
+    #[test]
+    fn close_retries_a_flush_in_flight_that_ran_out_of_space() {
+        block_on(async {
+            let config = EngineConfig {
+                segment_size: 32 * 1024,
+                max_value_len: 1024,
+                fsync: FsyncPolicy::Interval(5),
+                ..Default::default()
+            };
+            let (backend, engine) = open_mem(&config).await;
+            for i in 0..10u32 {
+                engine.put(&i.to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
+            }
+            backend.hold_writes(true);
+            let mut flush = Box::pin(engine.flush());
+            assert!(futures_lite::future::poll_once(&mut flush).await.is_none(), "the flush waits on the disk");
+            let mut close = Box::pin(engine.close());
+            assert!(futures_lite::future::poll_once(&mut close).await.is_none(), "close waits for that flush");
+            assert!(engine.full().is_none(), "close found the disk with room");
+            backend.no_space(true);
+            backend.hold_writes(false);
+            assert!(matches!(flush.await, Err(StorageError::DiskFull(_))));
+            backend.no_space(false);
+            close.await.expect("a close with room again writes what it holds");
             drop(engine);
             backend.crash(3, true);
             let (engine, _) = Engine::open(backend, config).await.unwrap();
