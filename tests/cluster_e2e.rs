@@ -1069,3 +1069,103 @@ fn writes_forwarded_around_a_cycle_of_members_all_complete() {
     assert!(failed.is_empty(), "{} of {} writes failed, the first: {}", failed.len(), 6 * PER_CONN, failed[0]);
     eprintln!("{} forwarded writes in {:?}", 6 * PER_CONN, started.elapsed());
 }
+
+/// A client of a cluster member that pipelines GETs of a large value and
+/// reads nothing makes the member stop starting them, as a lone node does:
+/// a member could not tell such a client from a peer forwarding to it, so
+/// it counted none of a client's GETs, PUTs and DELETEs against the
+/// requests a connection may have running, and ran up to 1024, holding
+/// every reply (found by a review). Members now flag what they forward.
+#[test]
+fn a_cluster_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
+    use std::io::{Read, Write};
+    const N: u64 = 1024;
+    const VALUE: usize = 128 * 1024;
+    let cluster = Cluster::start(ClusterSpec::default());
+    let mut c = cluster.client("n1", Routing::Server);
+    c.put(b"big", &vec![7u8; VALUE], NO_CONTEXT).unwrap();
+    // Each STATS is a request of n1's too.
+    let mut polls = 0;
+    let mut requests = |c: &mut Client| {
+        polls += 1;
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+        stats["node"]["requests"].as_u64().unwrap() - polls
+    };
+    let before = requests(&mut c);
+    let mut s = std::net::TcpStream::connect(cluster.addr("n1")).unwrap();
+    let mut frames = Vec::new();
+    for id in 0..N {
+        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
+    }
+    s.write_all(&frames).unwrap();
+    // Until the count holds for a while (or all have started).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut run = requests(&mut c) - before;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = requests(&mut c) - before;
+        if now == run || now >= N || Instant::now() > deadline {
+            run = now;
+            break;
+        }
+        run = now;
+    }
+    // 4 MiB of queued replies is 32 of them, 64 may run, and the sockets'
+    // buffers on both sides take what their limits allow.
+    let bound = 32 + 64 + common::socket_buffers() / VALUE as u64 + 20;
+    eprintln!("{run} of {N} GETs of {VALUE} bytes started while the client read nothing (bound {bound})");
+    assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
+    // Once the client reads, every reply comes, each once.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = vec![false; N as usize];
+    let mut reply = vec![0u8; gyre::wire::HEADER_LEN];
+    for _ in 0..N {
+        reply.resize(gyre::wire::HEADER_LEN, 0);
+        s.read_exact(&mut reply).unwrap();
+        let header = gyre::wire::decode_header(reply[..].try_into().unwrap(), gyre::wire::MAX_BODY_LEN).unwrap();
+        let id = header.request_id;
+        assert!(id < N && !std::mem::replace(&mut seen[id as usize], true), "reply {id} twice or unasked");
+        reply.resize(gyre::wire::HEADER_LEN + header.body_len as usize, 0);
+        s.read_exact(&mut reply[gyre::wire::HEADER_LEN..]).unwrap();
+        match gyre::wire::Response::decode(header.opcode, &reply[gyre::wire::HEADER_LEN..]).unwrap() {
+            gyre::wire::Response::Get { values, .. } => assert_eq!(values, vec![&vec![7u8; VALUE][..]], "reply {id}"),
+            other => panic!("reply {id}: {other:?}"),
+        }
+    }
+}
+
+/// A client's PUT over the value limit is refused from its header on a
+/// cluster member too: the member read such a frame whole, up to the
+/// limit of a replica write (8 MiB and more), before refusing it, since
+/// replica writes come in on the same port.
+#[test]
+fn a_cluster_member_refuses_an_oversized_put_before_its_body() {
+    use std::io::{Read, Write};
+    let cluster = Cluster::start(ClusterSpec::default());
+    let mut s = std::net::TcpStream::connect(cluster.addr("n1")).unwrap();
+    let value = vec![1u8; 2 * gyre::limits::DEFAULT_MAX_VALUE_LEN];
+    let mut frame = Vec::new();
+    Request::Put { key: b"k", context: &[], value: &value }.encode(&mut frame, 9, ANY_SHARD, 0);
+    // The header and a little of the body; the rest is never sent.
+    s.write_all(&frame[..gyre::wire::HEADER_LEN + 64]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = vec![0u8; gyre::wire::HEADER_LEN];
+    s.read_exact(&mut reply).expect("an answer before the body is sent");
+    let header = gyre::wire::decode_header(reply[..].try_into().unwrap(), gyre::wire::MAX_BODY_LEN).unwrap();
+    reply.resize(gyre::wire::HEADER_LEN + header.body_len as usize, 0);
+    s.read_exact(&mut reply[gyre::wire::HEADER_LEN..]).unwrap();
+    match gyre::wire::Response::decode(header.opcode, &reply[gyre::wire::HEADER_LEN..]).unwrap() {
+        gyre::wire::Response::Error { code, message } => {
+            assert_eq!((header.request_id, code), (9, ErrorCode::ValueTooLarge), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Replica writes still take a set larger than a client's value.
+    let mut conn = connect_raw(&cluster, "n1");
+    let mut c = cluster.client("n1", Routing::Server);
+    let big = vec![2u8; gyre::limits::DEFAULT_MAX_VALUE_LEN];
+    c.put(b"a", &big, NO_CONTEXT).unwrap();
+    c.put(b"a", &big, NO_CONTEXT).unwrap();
+    let got = get_at(&mut conn, "a");
+    assert_eq!(got.values, vec![big.clone(), big], "two siblings, a set over one value's limit");
+}

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{socket_buffers, Node};
 use gyre::client::{Client, ClientConfig, Connection, Context, Reply};
 use gyre::wire::{self, ErrorCode, Request, Response, ANY_SHARD, HEADER_LEN};
 
@@ -284,19 +284,6 @@ fn a_stop_refuses_the_requests_it_has_not_started_and_runs_none_of_them() {
 fn requests_run(c: &mut Client) -> u64 {
     let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
     stats["node"]["requests"].as_u64().unwrap()
-}
-
-/// The most a TCP connection's two ends may buffer: the send buffer's
-/// limit and the receive buffer's (`tcp_wmem` and `tcp_rmem`, their third
-/// fields), 16 MiB if they cannot be read.
-fn socket_buffers() -> u64 {
-    let max = |name: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
-            .unwrap_or(8 << 20)
-    };
-    max("tcp_wmem") + max("tcp_rmem")
 }
 
 /// A node (started with `args`) holding a value of `value` bytes, and a

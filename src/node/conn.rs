@@ -17,7 +17,8 @@
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
 //! replies, at most `MAX_RUNNING` of them in tasks of their own (other
-//! than those that wait on other members), and none
+//! than requests another member forwarded, which wait on other members),
+//! and none
 //! starts while `MAX_QUEUED_REPLY_BYTES` of replies wait for the client
 //! (past any of these the reader stops reading: backpressure, not errors),
 //! nor once a write to the client failed;
@@ -55,8 +56,9 @@ pub(super) const READ_CHUNK: usize = 64 * 1024;
 pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Requests of one connection that may run at once in tasks of their own
-/// (not answered on the spot: a record read from disk; not a cluster's
-/// coordinated request, see `Outbox::push_later`). Their replies reach the queue only when they end,
+/// (not answered on the spot: a record read from disk, a request a
+/// cluster member coordinates; not one another member forwarded, see
+/// [`crate::wire::flags::FORWARDED`]). Their replies reach the queue only when they end,
 /// so the byte budget above does not see them coming: without this bound,
 /// a client that read nothing had all `MAX_IN_FLIGHT` of them run on cache
 /// misses, and their replies piled up past the budget (found by a review).
@@ -152,18 +154,16 @@ impl Outbox {
 
     /// Queues the reply of a started request once `reply` has it, from a
     /// task of its own (the reader goes on meanwhile).
-    /// `counted`: against [`MAX_RUNNING`]. Not a request that waits on
-    /// other members (a cluster's coordinated or forwarded one): peers'
-    /// requests share one connection per peer shard with their replica
-    /// frames, and with forwarding around a cycle of members, each
-    /// member's reader stopped at the bound, the replica frames the others'
-    /// coordinators waited for stayed unread, and everything waited for
-    /// its deadline (found by a review). Those stay bounded by
-    /// `MAX_IN_FLIGHT` alone. A connection cannot tell a peer from a
-    /// client (they share the port), so on a cluster node a client's
-    /// GET, PUT and DELETE are not counted either: a client there that
-    /// does not read can have up to `MAX_IN_FLIGHT` replies coming, as
-    /// before the bound existed (a review pointed this out; left).
+    /// `counted`: against [`MAX_RUNNING`]. Not a request another member
+    /// forwarded ([`crate::wire::flags::FORWARDED`]): peers' requests
+    /// share one connection per peer shard with their replica frames, and
+    /// with forwarding around a cycle of members, each member's reader
+    /// stopped at the bound, the replica frames the others' coordinators
+    /// waited for stayed unread, and everything waited for its deadline
+    /// (found by a review). Those stay bounded by `MAX_IN_FLIGHT` alone.
+    /// A client's own GET, PUT and DELETE are counted, on a cluster node
+    /// too (they were not while a connection could not tell a peer from a
+    /// client, found by a review).
     fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static, counted: bool) {
         let out = self.clone();
         let counted = usize::from(counted);
@@ -346,7 +346,7 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
     let mut hashes = [0u64; PREFETCH_FRAMES];
     let mut n = 0;
     while n < PREFETCH_FRAMES {
-        let Ok(Some((header, total))) = split_frame(buf, shard.max_body) else { break };
+        let Ok(Some((header, total))) = split_frame(buf, shard.max_body(buf)) else { break };
         if let Some(hash) =
             Request::decode_with(&header, &buf[HEADER_LEN..total]).ok().and_then(|(req, _)| shard.local_key_hash(&req))
         {
@@ -437,7 +437,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     break;
                 }
             }
-            match split_frame(&buf[start..end], shard.max_body) {
+            match split_frame(&buf[start..end], shard.max_body(&buf[start..end])) {
                 Ok(Some((header, total))) => {
                     if !out.room_for_one(&sock, &shard).await {
                         break 'read;
@@ -452,14 +452,21 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                         continue;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
-                    let (owner, waits_on_peers) = match Request::decode_with(&header, body) {
+                    let (owner, forwarded) = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
                             match out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
-                                // A cluster's GET, PUT and DELETE are
-                                // coordinated (or forwarded) and wait on
-                                // other members.
-                                Answer::No => (owner, shard.cluster.is_some() && req.is_quorum_op()),
+                                // A GET, PUT or DELETE that a member
+                                // forwarded waits on other members here:
+                                // counted, a cycle of members forwarding
+                                // to each other stalled (found by a
+                                // review). A client's own are counted.
+                                Answer::No => (
+                                    owner,
+                                    shard.cluster.is_some()
+                                        && req.is_quorum_op()
+                                        && header.flags & crate::wire::flags::FORWARDED != 0,
+                                ),
                                 Answer::Now => {
                                     start += total;
                                     continue;
@@ -492,7 +499,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
                         Some(reply) => out.push(&reply),
-                        None => out.push_later(fut, !waits_on_peers),
+                        None => out.push_later(fut, !forwarded),
                     }
                 }
                 Ok(None) => break,

@@ -139,8 +139,12 @@ pub struct Shard {
     node_id: u64,
     ports: Vec<u16>,
     store: Store<GlommioBackend>,
-    /// Largest request body this shard reads (checked from the header).
+    /// Largest request body this shard reads (checked from the header)
+    /// of a client's request: a PUT of the largest value.
     max_body: usize,
+    /// The same for a replica write, which carries a key's whole stored
+    /// set: larger on a cluster member (elsewhere it is refused anyway).
+    max_replica_body: usize,
     senders: Senders<Cross>,
     /// Mesh peer index of each shard (the mesh numbers executors in the
     /// order they joined, not by shard id).
@@ -638,9 +642,12 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let drained = Arc::new(AtomicUsize::new(0));
     // A client request is at most a PUT of the largest value; a clustered
     // node also takes replica writes, which carry a key's whole stored set.
-    let max_body = match cluster {
+    // Each is held to its own limit (a cluster member once read a client's
+    // oversized PUT whole, up to the replica limit, before refusing it).
+    let max_body = crate::wire::max_request_body(config.max_value_len);
+    let max_replica_body = match cluster {
         Some(_) => crate::wire::MAX_BODY_LEN,
-        None => crate::wire::max_request_body(config.max_value_len),
+        None => max_body,
     };
     let (err_tx, err_rx) = std::sync::mpsc::channel::<anyhow::Error>();
     let mut threads = Vec::with_capacity(shards);
@@ -658,6 +665,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             max_connections: config.max_connections,
             tcp_keepalive_s: config.tcp_keepalive as u32,
             max_body,
+            max_replica_body,
             listener_fd: listener.into_raw_fd(),
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
@@ -811,6 +819,7 @@ struct ShardSetup {
     /// TCP keepalive idle seconds of client and peer connections (0: off).
     tcp_keepalive_s: u32,
     max_body: usize,
+    max_replica_body: usize,
     listener_fd: std::os::fd::RawFd,
     mesh: MeshBuilder<Cross, glommio::channels::channel_mesh::Full>,
     shutdown: Arc<AtomicBool>,
@@ -924,6 +933,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         ports: s.ports,
         store: Store::new(engine.clone(), actor, s.max_value_len),
         max_body: s.max_body,
+        max_replica_body: s.max_replica_body,
         senders,
         peer_of,
         pending: RefCell::new(HashMap::new()),
@@ -1044,6 +1054,15 @@ impl Shard {
     /// PUT's value is too large for this node (`ValueTooLarge`, as the
     /// store answers a value just over the limit), anything else is a
     /// frame too large.
+    /// The largest body this shard reads of the frame whose header
+    /// starts `buf` (a replica write's limit, or a client request's).
+    fn max_body(&self, buf: &[u8]) -> usize {
+        match buf.first_chunk::<HEADER_LEN>().and_then(crate::wire::peek_opcode) {
+            Some(crate::wire::op::REPLICA_PUT) => self.max_replica_body,
+            _ => self.max_body,
+        }
+    }
+
     fn oversized_frame_reply(&self, header: &[u8; HEADER_LEN], len: usize, max: usize) -> Vec<u8> {
         let id = crate::wire::peek_request_id(header).unwrap_or(0);
         if crate::wire::peek_opcode(header) == Some(crate::wire::op::PUT) {

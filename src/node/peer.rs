@@ -306,7 +306,18 @@ impl Peers {
         conn.next_id.set(id + 1);
         let left = deadline.saturating_duration_since(now);
         let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
-        conn.out.borrow_mut().push(|out| req.encode_with(out, id, shard, deadline_us, quorum), deadline);
+        conn.out.borrow_mut().push(
+            |out| {
+                let at = out.len();
+                req.encode_with(out, id, shard, deadline_us, quorum);
+                // A GET, PUT or DELETE sent to a member is one relayed
+                // for a client: the replica coordinates it (`FORWARDED`).
+                if req.is_quorum_op() {
+                    crate::wire::add_request_flags(&mut out[at..], crate::wire::flags::FORWARDED);
+                }
+            },
+            deadline,
+        );
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
         conn.queued.notify_all();

@@ -460,3 +460,16 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(GYRE).args(args).output().expect("running gyre");
     (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
+
+/// The most a TCP connection's two ends may buffer: the send buffer's
+/// limit and the receive buffer's (`tcp_wmem` and `tcp_rmem`, their third
+/// fields), 16 MiB if they cannot be read.
+pub fn socket_buffers() -> u64 {
+    let max = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+            .unwrap_or(8 << 20)
+    };
+    max("tcp_wmem") + max("tcp_rmem")
+}
