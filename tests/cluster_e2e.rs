@@ -1169,3 +1169,33 @@ fn a_cluster_member_refuses_an_oversized_put_before_its_body() {
     let got = get_at(&mut conn, "a");
     assert_eq!(got.values, vec![big.clone(), big], "two siblings, a set over one value's limit");
 }
+
+/// A PUT whose other replicas refuse it because merged with their versions
+/// the key would pass the sibling or the stored-object limit is answered
+/// with that limit's code: it was `QuorumFailed`, which reads as worth
+/// retrying, though every retry fails the same way (found by a review;
+/// the GET side already named the limits). n1 misses the writes that fill
+/// the key on n2 and n3, so its own write passes and only they refuse.
+#[test]
+fn a_put_the_replicas_refuse_for_a_limit_names_the_limit() {
+    let mut cluster = Cluster::start(stoppable());
+    assert!(cluster.stop("n1").success());
+    let mut n2 = connect_raw(&cluster, "n2");
+    for i in 0..gyre::core::version::MAX_SIBLINGS {
+        put_at(&mut n2, "crowded", &format!("v{i}"), NO_CONTEXT);
+    }
+    // Eight 1 MiB siblings: the stored-object limit (8 MiB) exactly.
+    let mib = vec![b'x'; 1024 * 1024];
+    for _ in 0..8 {
+        let req = Request::Put { key: b"big", context: &[], value: &mib };
+        assert!(matches!(n2.call(&req, ANY_SHARD), Ok(Reply::Put(_))));
+    }
+    cluster.restart("n1");
+    let mut n1 = connect_raw(&cluster, "n1");
+    let crowded = n1.call(&Request::Put { key: b"crowded", context: &[], value: b"one more" }, ANY_SHARD);
+    let message = expect_code(crowded, ErrorCode::TooManySiblings, "a sibling past the limit on the replicas");
+    assert!(message.contains("more than 64 siblings") && message.contains("resolve"), "{message}");
+    let big = n1.call(&Request::Put { key: b"big", context: &[], value: &mib }, ANY_SHARD);
+    expect_code(big, ErrorCode::ValueTooLarge, "a sibling past the object limit on the replicas");
+    assert_eq!(cluster.counter("n1", "quorum_failures"), 0, "neither is a quorum failure");
+}

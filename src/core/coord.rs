@@ -24,7 +24,11 @@
 //!   first ack; the resulting whole set goes to the other N-1 replicas, which
 //!   merge it in ([`apply_replica_put`]). The put succeeds once W replicas
 //!   (the coordinator's included) have it, and fails as soon as too many
-//!   replicas failed for W to be reachable, or at the deadline.
+//!   replicas failed for W to be reachable, or at the deadline. A failure
+//!   in which a replica refused the set for a limit (merged with its own
+//!   versions, too many siblings or too many value bytes) is reported as
+//!   that limit, not as a quorum failure: a retry fails the same way. The
+//!   coordinator's own write stays, as after any failed put.
 //! - **Get** ([`GetCoordinator`]): asks all N replicas; succeeds with the
 //!   merge of the answers once R replicas answered ("not found" is an
 //!   answer: the empty set), fails as soon as R is out of reach, or at the
@@ -104,6 +108,19 @@ pub enum ReplicaFailure {
     /// The replica could not be reached: the connection failed or the node
     /// is known to be down.
     Unreachable,
+    /// The replica refused a set that, merged with its own versions, would
+    /// pass a limit: a retry fails the same way until the key's siblings
+    /// are resolved.
+    OverLimit(Limit),
+}
+
+/// A bound on a key's stored versions ([`crate::core::version`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// [`MAX_SIBLINGS`] siblings.
+    Siblings,
+    /// The stored-object limit on the siblings' value bytes.
+    Size,
 }
 
 /// Why a request failed.
@@ -120,6 +137,11 @@ pub enum QuorumFailure {
     /// value bytes than a stored set (and a reply frame) may hold; nothing
     /// is returned.
     TooLarge { len: usize, max: usize },
+    /// (Put only) Too few replicas took the write for W, and at least one
+    /// refused it for `limit` ([`ReplicaFailure::OverLimit`]): not a
+    /// failure a retry gets past, so reported as the limit (found by a
+    /// review: it was a plain quorum failure).
+    OverLimit { limit: Limit, refused: usize, unreachable: usize },
 }
 
 /// A request that did not reach its quorum (or, for a get, whose answers
@@ -160,6 +182,18 @@ impl fmt::Display for QuorumError {
                  the stored-object limit of {max}; read with R = 1 and write back with that context to resolve \
                  them"
             ),
+            QuorumFailure::OverLimit { limit, refused, unreachable } => {
+                let what = match limit {
+                    Limit::Siblings => format!("more than {MAX_SIBLINGS} siblings"),
+                    Limit::Size => "siblings over the stored-object limit".to_string(),
+                };
+                write!(
+                    f,
+                    "quorum not reached: {answered} of {of} replicas took the write, {refused} refused it \
+                     ({unreachable} unreachable), {needed} needed; merged with their versions the key would \
+                     have {what}: read the key and write back with its context to resolve them"
+                )
+            }
         }
     }
 }
@@ -255,6 +289,8 @@ struct Tally {
     pending: usize,
     refused: usize,
     unreachable: usize,
+    /// The first limit a refusal named: what a failure is reported as.
+    over_limit: Option<Limit>,
 }
 
 impl Tally {
@@ -263,11 +299,19 @@ impl Tally {
         match reason {
             ReplicaFailure::Refused => self.refused += 1,
             ReplicaFailure::Unreachable => self.unreachable += 1,
+            ReplicaFailure::OverLimit(limit) => {
+                self.refused += 1;
+                self.over_limit.get_or_insert(limit);
+            }
         }
     }
 
     fn failures(&self) -> QuorumFailure {
-        QuorumFailure::Failures { refused: self.refused, unreachable: self.unreachable }
+        let (refused, unreachable) = (self.refused, self.unreachable);
+        match self.over_limit {
+            Some(limit) => QuorumFailure::OverLimit { limit, refused, unreachable },
+            None => QuorumFailure::Failures { refused, unreachable },
+        }
     }
 }
 
@@ -693,6 +737,31 @@ mod tests {
         p.handle_timeout(DEADLINE);
         assert_eq!(p.poll_outcome(), None);
         assert_eq!(p.acks(), 2);
+    }
+
+    /// Found by a review: a put that replicas refused because merged with
+    /// their versions the key would pass a limit failed as a plain quorum
+    /// failure, which reads as worth retrying; it names the limit now.
+    /// A put that succeeds anyway is a success.
+    #[test]
+    fn a_put_refused_for_a_limit_fails_as_that_limit() {
+        let mut p = put(2);
+        p.handle_failure(1, ReplicaFailure::Unreachable, 5);
+        assert_eq!(p.poll_outcome(), None);
+        p.handle_failure(2, ReplicaFailure::OverLimit(Limit::Siblings), 6);
+        let err = p.poll_outcome().unwrap().unwrap_err();
+        let reason = QuorumFailure::OverLimit { limit: Limit::Siblings, refused: 1, unreachable: 1 };
+        assert_eq!(err, QuorumError { needed: 2, answered: 1, of: 3, reason });
+        assert!(err.to_string().contains("more than 64 siblings"), "{err}");
+        let mut p = put(2);
+        p.handle_failure(1, ReplicaFailure::OverLimit(Limit::Size), 5);
+        p.handle_failure(2, ReplicaFailure::OverLimit(Limit::Siblings), 6);
+        let reason = p.poll_outcome().unwrap().unwrap_err().reason;
+        assert_eq!(reason, QuorumFailure::OverLimit { limit: Limit::Size, refused: 2, unreachable: 0 }, "the first");
+        let mut p = put(2);
+        p.handle_failure(1, ReplicaFailure::OverLimit(Limit::Size), 5);
+        p.handle_ack(2, 6);
+        assert_eq!(p.poll_outcome(), Some(Ok(PutOutcome { acks: 2, of: 3 })));
     }
 
     #[test]

@@ -39,7 +39,8 @@ use super::cluster::Cluster;
 use super::peer::{PeerError, Peers};
 use super::{bump, error_code, Shard};
 use crate::core::coord::{
-    coordinator_order, GetCoordinator, PutCoordinator, QuorumError, QuorumFailure, ReplicaFailure, ReplicaMsg, Transmit,
+    coordinator_order, GetCoordinator, Limit, PutCoordinator, QuorumError, QuorumFailure, ReplicaFailure, ReplicaMsg,
+    Transmit,
 };
 use crate::core::ring::MemberIdx;
 use crate::core::version::{encode_context, VersionSet};
@@ -279,13 +280,18 @@ impl Shard {
     }
 
     /// A request that did not reach its quorum, or a get whose answers
-    /// merge past a limit: that one is not a quorum failure (a retry fails
-    /// the same way; the client must resolve the siblings), and gets the
-    /// code that says so (found by a review).
+    /// merge past a limit, or a put that replicas refused for one: that is
+    /// not a quorum failure (a retry fails the same way; the client must
+    /// resolve the siblings), and gets the code that says so (found by
+    /// reviews).
     fn quorum_error(&self, id: u64, e: &QuorumError) -> Vec<u8> {
         let code = match e.reason {
-            QuorumFailure::TooManySiblings { .. } => ErrorCode::TooManySiblings,
-            QuorumFailure::TooLarge { .. } => ErrorCode::ValueTooLarge,
+            QuorumFailure::TooManySiblings { .. } | QuorumFailure::OverLimit { limit: Limit::Siblings, .. } => {
+                ErrorCode::TooManySiblings
+            }
+            QuorumFailure::TooLarge { .. } | QuorumFailure::OverLimit { limit: Limit::Size, .. } => {
+                ErrorCode::ValueTooLarge
+            }
             QuorumFailure::Deadline | QuorumFailure::Failures { .. } => {
                 bump(&self.cluster().counters.quorum_failures, 1);
                 ErrorCode::QuorumFailed
@@ -410,7 +416,7 @@ impl Shard {
                     Ok(_) => Ok(None),
                     Err(e) => {
                         tracing::warn!(error = %e, "local replica write failed");
-                        Err(ReplicaFailure::Refused)
+                        Err(refusal(error_code(&e)))
                     }
                 },
             };
@@ -442,7 +448,7 @@ impl Shard {
             Ok(Response::ReplicaPut) => Ok(None),
             Ok(Response::Error { code, message }) => {
                 tracing::debug!(peer = cs.peers.name(to), ?code, message, "a replica refused");
-                Err(ReplicaFailure::Refused)
+                Err(refusal(code))
             }
             _ => Err(ReplicaFailure::Refused),
         }
@@ -531,5 +537,15 @@ impl Shard {
             _ => unreachable!("only replica messages are served here"),
         }
         Ok(out)
+    }
+}
+
+/// How a coordinator counts a replica's refusal with `code`: one for a
+/// limit is reported as that limit if the write fails ([`Limit`]).
+fn refusal(code: ErrorCode) -> ReplicaFailure {
+    match code {
+        ErrorCode::TooManySiblings => ReplicaFailure::OverLimit(Limit::Siblings),
+        ErrorCode::ValueTooLarge => ReplicaFailure::OverLimit(Limit::Size),
+        _ => ReplicaFailure::Refused,
     }
 }
