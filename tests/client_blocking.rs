@@ -39,37 +39,26 @@ fn silent_listener() -> SocketAddr {
     addr
 }
 
-/// A fake node on `l` (its shard 0), serving every connection in its own
-/// thread: PING with `info`, RING with `ring` if given (n = 3) or a
-/// NotClustered error, a GET with the value "v", a PUT with success.
+/// A fake node on `l` (its shard 0): PING with `info`, RING with `ring` if
+/// given (n = 3) or a NotClustered error, a GET with the value "v", a PUT
+/// with success.
 fn fake_node(l: TcpListener, info: NodeInfo, ring: Option<Ring>) -> SocketAddr {
-    let addr = l.local_addr().unwrap();
     let ring = ring.map(|r| r.to_bytes());
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let (Ok(mut s), info, ring) = (s, info.clone(), ring.clone()) else { continue };
-            thread::spawn(move || {
-                while let Some((h, body)) = read_frame(&mut s) {
-                    let mut out = Vec::new();
-                    let reply = match Request::decode(h.opcode, &body).expect("a request") {
-                        Request::Ping => Response::Pong(info.clone()),
-                        Request::Ring => match &ring {
-                            Some(ring) => Response::Ring { n: 3, r: 2, w: 2, ring },
-                            None => Response::Error { code: gyre::wire::ErrorCode::NotClustered, message: "lone" },
-                        },
-                        Request::Get { .. } => Response::Get { context: b"", values: vec![b"v"] },
-                        Request::Put { .. } => Response::Put { context: b"", siblings: 1 },
-                        other => panic!("fake node got {other:?}"),
-                    };
-                    reply.encode(&mut out, h.request_id, 0);
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    scripted_node(l, move |id, req| {
+        Then::Reply(frame(
+            match req {
+                Request::Ping => Response::Pong(info.clone()),
+                Request::Ring => match &ring {
+                    Some(ring) => Response::Ring { n: 3, r: 2, w: 2, ring },
+                    None => Response::Error { code: gyre::wire::ErrorCode::NotClustered, message: "lone" },
+                },
+                Request::Get { .. } => Response::Get { context: b"", values: vec![b"v"] },
+                Request::Put { .. } => Response::Put { context: b"", siblings: 1 },
+                other => panic!("fake node got {other:?}"),
+            },
+            id,
+        ))
+    })
 }
 
 /// A shard port that reads one request on each connection and hangs up
@@ -241,27 +230,15 @@ fn a_connect_timeout_is_a_timeout_error() {
 /// A node on `l` that completes the handshake (PING, with `info`) but
 /// never answers a read: a node that hangs after the client connected.
 fn read_hanging_node(l: TcpListener, info: NodeInfo, unanswered: Arc<AtomicUsize>) -> SocketAddr {
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let (Ok(mut s), info, unanswered) = (s, info.clone(), unanswered.clone()) else { continue };
-            thread::spawn(move || {
-                while let Some((h, body)) = read_frame(&mut s) {
-                    if !matches!(Request::decode(h.opcode, &body), Ok(Request::Ping)) {
-                        unanswered.fetch_add(1, Ordering::SeqCst);
-                    }
-                    if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
-                        let mut out = Vec::new();
-                        Response::Pong(info.clone()).encode(&mut out, h.request_id, 0);
-                        if s.write_all(&out).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+    // A thread per connection that sleeps stands for a node that hangs.
+    scripted_node(l, move |id, req| match req {
+        Request::Ping => Then::Reply(frame(Response::Pong(info.clone()), id)),
+        _ => {
+            unanswered.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_secs(60));
+            Then::HangUp
         }
-    });
-    addr
+    })
 }
 
 /// A ring of a replica that hangs after the handshake, one that answers
@@ -353,24 +330,15 @@ fn a_ring_that_routes_no_key_is_a_protocol_error_not_a_panic() {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().unwrap().port();
         let ring = ring.to_bytes();
-        thread::spawn(move || {
-            for s in l.incoming() {
-                let (Ok(mut s), ring) = (s, ring.clone()) else { continue };
-                thread::spawn(move || {
-                    while let Some((h, body)) = read_frame(&mut s) {
-                        let mut out = Vec::new();
-                        match Request::decode(h.opcode, &body).expect("a request") {
-                            Request::Ping => Response::Pong(info(vec![port])),
-                            Request::Ring => Response::Ring { n, r: 1, w: 1, ring: &ring },
-                            other => panic!("fake node got {other:?}"),
-                        }
-                        .encode(&mut out, h.request_id, 0);
-                        if s.write_all(&out).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+        scripted_node(l, move |id, req| {
+            Then::Reply(frame(
+                match req {
+                    Request::Ping => Response::Pong(info(vec![port])),
+                    Request::Ring => Response::Ring { n, r: 1, w: 1, ring: &ring },
+                    other => panic!("fake node got {other:?}"),
+                },
+                id,
+            ))
         });
         let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
         match Client::connect_with(&format!("127.0.0.1:{port}"), config) {
@@ -391,31 +359,20 @@ fn an_error_reply_flagged_stale_route_refreshes_the_ring() {
     let ring = Ring::with_members(64, vec![Member { name: "a".into(), addr, zone: None }]).unwrap().to_bytes();
     let rings = Arc::new(AtomicUsize::new(0));
     let asked = rings.clone();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let (Ok(mut s), ring, asked) = (s, ring.clone(), asked.clone()) else { continue };
-            thread::spawn(move || {
-                while let Some((h, body)) = read_frame(&mut s) {
-                    let mut out = Vec::new();
-                    match Request::decode(h.opcode, &body).expect("a request") {
-                        Request::Ping => Response::Pong(info(vec![addr.port()])).encode(&mut out, h.request_id, 0),
-                        Request::Ring => {
-                            asked.fetch_add(1, Ordering::SeqCst);
-                            Response::Ring { n: 1, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
-                        }
-                        Request::Get { .. } => {
-                            let e = Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" };
-                            e.encode(&mut out, h.request_id, 0);
-                            gyre::wire::patch_reply(&mut out, h.request_id, gyre::wire::flags::STALE_ROUTE);
-                        }
-                        other => panic!("fake node got {other:?}"),
-                    }
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
+    scripted_node(l, move |id, req| {
+        Then::Reply(match req {
+            Request::Ping => frame(Response::Pong(info(vec![addr.port()])), id),
+            Request::Ring => {
+                asked.fetch_add(1, Ordering::SeqCst);
+                frame(Response::Ring { n: 1, r: 1, w: 1, ring: &ring }, id)
+            }
+            Request::Get { .. } => {
+                let mut out = frame(Response::Error { code: ErrorCode::QuorumFailed, message: "relayed" }, id);
+                gyre::wire::patch_reply(&mut out, id, gyre::wire::flags::STALE_ROUTE);
+                out
+            }
+            other => panic!("fake node got {other:?}"),
+        })
     });
     let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
     let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
@@ -429,25 +386,12 @@ fn an_error_reply_flagged_stale_route_refreshes_the_ring() {
 /// answers every other request with the error `code` (a node that is
 /// stopping, or overloaded).
 fn refusing_node(l: TcpListener, info: NodeInfo, code: gyre::wire::ErrorCode) -> SocketAddr {
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let (Ok(mut s), info) = (s, info.clone()) else { continue };
-            thread::spawn(move || {
-                while let Some((h, body)) = read_frame(&mut s) {
-                    let mut out = Vec::new();
-                    match Request::decode(h.opcode, &body) {
-                        Ok(Request::Ping) => Response::Pong(info.clone()).encode(&mut out, h.request_id, 0),
-                        _ => Response::Error { code, message: "bye" }.encode(&mut out, h.request_id, 0),
-                    }
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    scripted_node(l, move |id, req| {
+        Then::Reply(match req {
+            Request::Ping => frame(Response::Pong(info.clone()), id),
+            _ => frame(Response::Error { code, message: "bye" }, id),
+        })
+    })
 }
 
 /// A read whose first replica is stopping (or overloaded) moves on to the
@@ -470,4 +414,108 @@ fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
         let err = fresh.put(&key, b"w", &gyre::client::Context::default()).unwrap_err();
         assert_eq!(err.code(), Some(code), "a write is not resent: {err}");
     }
+}
+
+/// The reply frame of `resp` to request `id`.
+fn frame(resp: Response<'_>, id: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    resp.encode(&mut out, id, 0);
+    out
+}
+
+/// What a scripted fake node does after a request.
+enum Then {
+    /// Writes this reply frame and reads the next request.
+    Reply(Vec<u8>),
+    /// Writes this reply frame and closes the connection.
+    ReplyAndClose(Vec<u8>),
+    /// Closes the connection without a reply.
+    HangUp,
+}
+
+/// A fake node on `l` serving each connection in a thread of its own:
+/// `answer(id, request)` says what to do with each request.
+fn scripted_node(l: TcpListener, answer: impl Fn(u64, Request<'_>) -> Then + Send + Sync + 'static) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let (Ok(mut s), answer) = (s, answer.clone()) else { continue };
+            thread::spawn(move || {
+                while let Some((h, body)) = read_frame(&mut s) {
+                    let req = Request::decode(h.opcode, &body).expect("a request");
+                    let (out, close) = match answer(h.request_id, req) {
+                        Then::Reply(out) => (out, false),
+                        Then::ReplyAndClose(out) => (out, true),
+                        Then::HangUp => return,
+                    };
+                    if s.write_all(&out).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Found by a review: the client reused a connection the node had closed
+/// while it sat idle (a node restarted meanwhile). A write sent into it
+/// failed as "may have been taken" though no node ever saw it, and
+/// `get_many` and `stats`, which are not retried, failed outright. An
+/// idle connection is now looked at before reuse.
+#[test]
+fn a_connection_the_node_closed_while_idle_is_not_reused() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let writes = Arc::new(AtomicUsize::new(0));
+    let seen = writes.clone();
+    // Every connection is closed after its first reply (the PING's, for
+    // the client's first one).
+    let addr = scripted_node(l, move |id, req| {
+        if let Request::Put { .. } = req {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        let reply = match req {
+            Request::Ping => frame(Response::Pong(info(vec![port])), id),
+            Request::Put { .. } => frame(Response::Put { context: b"", siblings: 1 }, id),
+            Request::Get { .. } => frame(Response::Get { context: b"", values: vec![b"v"] }, id),
+            Request::Stats => frame(Response::Stats("{}"), id),
+            other => panic!("fake node got {other:?}"),
+        };
+        Then::ReplyAndClose(reply)
+    });
+    let config =
+        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
+    // The node's side closes each connection once its reply is written.
+    let idle = Duration::from_millis(100);
+    thread::sleep(idle);
+    client.put(b"k", b"v", &Context::default()).expect("sent on a new connection");
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+    thread::sleep(idle);
+    let many = client.get_many(&[b"k"]).expect("get_many on a new connection");
+    assert!(many.iter().all(|r| r.as_ref().is_ok_and(|v| v.values == [b"v".to_vec()])), "{many:?}");
+    thread::sleep(idle);
+    assert_eq!(client.stats(0).expect("stats on a new connection"), "{}");
+}
+
+/// Found by a review: the reply of a replica message to a client's
+/// request was reported as the client's own invalid request
+/// (`ClientError::Invalid`), not as the node breaking the protocol.
+#[test]
+fn a_replica_messages_reply_to_a_client_request_is_a_protocol_error() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let addr = scripted_node(l, move |id, req| {
+        Then::Reply(match req {
+            Request::Ping => frame(Response::Pong(info(vec![port])), id),
+            _ => frame(Response::ReplicaPut, id),
+        })
+    });
+    let config =
+        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
+    let err = client.get(b"k").unwrap_err();
+    assert!(matches!(err, ClientError::Protocol { addr: a, .. } if a == addr), "{err:?}");
 }

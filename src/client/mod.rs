@@ -80,17 +80,28 @@ impl ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// The connection slot that reaches `shard` of a node with `shards`
-/// reachable shards (STATS is answered by the shard it reaches).
-pub(crate) fn stats_slot(shard: usize, shards: usize) -> Result<usize> {
+/// The connection slot that reaches `shard` of the node `info` describes
+/// (STATS is answered by the shard it reaches): its own with shard-aware
+/// routing, else the one connection, to the shard at the address given.
+pub(crate) fn stats_slot(shard: usize, info: &NodeInfo, shard_aware: bool) -> Result<usize> {
+    let shards = info.ports.len();
     if shard >= shards {
         return Err(ClientError::Invalid(if shards == 1 {
-            format!("shard {shard}: only shard 0 is reachable (the node has one shard, or routing is not shard-aware)")
+            format!("shard {shard}: the node has one shard, shard 0")
         } else {
             format!("shard {shard}: the node has shards 0 to {}", shards - 1)
         }));
     }
-    Ok(shard)
+    if !shard_aware && shard != usize::from(info.shard) {
+        // The one connection reaches the seed address's shard, whatever
+        // shard is asked for (found by a review: stats(0) through shard
+        // 1's port answered with shard 1's counters).
+        return Err(ClientError::Invalid(format!(
+            "shard {shard}: without shard-aware routing only shard {}, the one at the address given, is reachable",
+            info.shard
+        )));
+    }
+    Ok(if shard_aware { shard } else { 0 })
 }
 
 /// The opaque causal context of a read, to pass back with the next write.
@@ -177,7 +188,9 @@ pub enum Reply {
 }
 
 impl Reply {
-    pub(crate) fn from_response(r: Response<'_>) -> Result<Reply> {
+    /// The reply `r` from `addr`; one no client request has (a replica
+    /// message's) is the node's protocol error.
+    pub(crate) fn from_response(addr: SocketAddr, r: Response<'_>) -> Result<Reply> {
         Ok(match r {
             Response::Pong(info) => Reply::Pong(info),
             Response::Stats(s) => Reply::Stats(s.to_string()),
@@ -191,7 +204,8 @@ impl Reply {
             Response::Delete { context } => Reply::Delete(Context(context.to_vec())),
             Response::Ring { n, r, w, ring } => Reply::Ring { n, r, w, ring: ring.to_vec() },
             Response::ReplicaGet { .. } | Response::ReplicaPut => {
-                return Err(ClientError::Invalid("a replica message reached a client".into()))
+                let reason = "a replica message's reply answered a client request".into();
+                return Err(ClientError::Protocol { addr, reason });
             }
             Response::Error { code, message } => {
                 return Err(ClientError::Server { code, message: message.to_string() })
@@ -312,6 +326,10 @@ pub struct Connection {
     /// Set after any I/O or protocol error: the stream's position in the
     /// frame sequence is unknown, so it must not be used again.
     broken: bool,
+    /// Requests sent (or queued) whose replies have not been read: while
+    /// none are owed, anything the node sends, or its closing, means the
+    /// connection is done with ([`Self::closed_while_idle`]).
+    owed: usize,
     /// A reply came flagged STALE_ROUTE (the node was not a replica of its
     /// key): the client's ring is out of date. Cleared by whoever acts on it.
     pub stale_route: bool,
@@ -349,6 +367,7 @@ impl Connection {
             read_timeout: config.request_timeout,
             write_timeout: config.request_timeout,
             broken: false,
+            owed: 0,
             stale_route: false,
         })
     }
@@ -359,6 +378,27 @@ impl Connection {
 
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Whether the node closed this connection (or sent what no request
+    /// asked for) while it owed nothing: a look at the socket that does not
+    /// wait. Checked before a client reuses an idle connection: a node
+    /// that restarted meanwhile had closed it, and a write sent into it
+    /// failed as "may have been taken" though no node ever saw it, while
+    /// reads had only one retry (found by a review). A connection with
+    /// replies owed is never judged by it.
+    fn closed_while_idle(&mut self) -> bool {
+        if self.owed > 0 || !self.wbuf.is_empty() {
+            return false;
+        }
+        if !self.rbuf.is_empty() || self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let seen = self.stream.peek(&mut [0u8; 1]);
+        if self.stream.set_nonblocking(false).is_err() {
+            return true;
+        }
+        !matches!(seen, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Queues a request for `shard` (`ANY_SHARD`: let the node route) and
@@ -378,6 +418,7 @@ impl Connection {
         check_request(req)?;
         let id = self.next_id;
         self.next_id += 1;
+        self.owed += 1;
         let deadline_us = budget.as_micros().clamp(1, u32::MAX as u128) as u32;
         req.encode_with(&mut self.wbuf, id, shard, deadline_us, quorum);
         Ok(id)
@@ -471,10 +512,11 @@ impl Connection {
                     let reply = Response::decode(header.opcode, &self.rbuf[HEADER_LEN..total])
                         .map_err(|e: WireError| e.to_string());
                     let reply = match reply {
-                        Ok(r) => Reply::from_response(r),
+                        Ok(r) => Reply::from_response(self.addr, r),
                         Err(e) => return Err(self.protocol(e)),
                     };
                     self.rbuf.drain(..total);
+                    self.owed = self.owed.saturating_sub(1);
                     self.stale_route |= header.flags & flags::STALE_ROUTE != 0;
                     return Ok((header.request_id, reply));
                 }
@@ -583,7 +625,7 @@ impl NodeConns {
     /// The connection of `slot`, opened (before `deadline`) if it has none
     /// or its last one broke.
     fn conn(&mut self, slot: usize, config: &ClientConfig, deadline: Instant) -> Result<&mut Connection> {
-        if self.conns[slot].as_ref().is_some_and(Connection::is_broken) {
+        if self.conns[slot].as_mut().is_some_and(|c| c.is_broken() || c.closed_while_idle()) {
             self.conns[slot] = None;
         }
         if self.conns[slot].is_none() {
@@ -1041,13 +1083,13 @@ impl Client {
 
     /// One shard's counters of the seed node, as JSON. A shard the node
     /// does not have is refused (it answered for its last one; found by a
-    /// review); without shard-aware routing only shard 0 is reachable.
+    /// review); without shard-aware routing only the shard at the address
+    /// given is reachable.
     pub fn stats(&mut self, shard: usize) -> Result<String> {
         let deadline = self.deadline();
-        let shards = if self.config.shard_aware { self.seed.conns.len() } else { 1 };
-        let slot = stats_slot(shard, shards)?;
+        let slot = stats_slot(shard, &self.seed.info, self.config.shard_aware)?;
         let c = self.seed.conn(slot, &self.config, deadline)?;
-        match c.call_until(&Request::Stats, slot as u16, Quorum::default(), deadline)? {
+        match c.call_until(&Request::Stats, shard as u16, Quorum::default(), deadline)? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -1067,11 +1109,25 @@ mod tests {
     /// node printed shard 1's counters and exited 0).
     #[test]
     fn stats_of_a_shard_the_node_does_not_have_is_refused() {
-        assert_eq!(stats_slot(1, 2).unwrap(), 1);
-        let e = stats_slot(5, 2).unwrap_err().to_string();
+        let two = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![7000, 7001] };
+        assert_eq!(stats_slot(1, &two, true).unwrap(), 1);
+        let e = stats_slot(5, &two, true).unwrap_err().to_string();
         assert!(e.contains("shards 0 to 1"), "{e}");
-        assert!(matches!(stats_slot(1, 1), Err(ClientError::Invalid(_))));
-        assert_eq!(stats_slot(0, 1).unwrap(), 0);
+        let one = NodeInfo { ports: vec![7000], ..two.clone() };
+        assert!(matches!(stats_slot(1, &one, true), Err(ClientError::Invalid(_))));
+        assert_eq!(stats_slot(0, &one, true).unwrap(), 0);
+    }
+
+    /// Found by a review: without shard-aware routing the one connection
+    /// goes to the shard at the address given, and STATS of any other
+    /// shard came back with that one's counters.
+    #[test]
+    fn without_shard_awareness_stats_reach_only_the_shard_at_the_address() {
+        let at_1 = NodeInfo { node_id: 1, partitions: 64, shard: 1, ports: vec![7000, 7001] };
+        assert_eq!(stats_slot(1, &at_1, false).unwrap(), 0, "the one connection");
+        let e = stats_slot(0, &at_1, false).unwrap_err().to_string();
+        assert!(e.contains("only shard 1"), "{e}");
+        assert!(stats_slot(2, &at_1, false).is_err());
     }
 
     #[test]

@@ -396,9 +396,8 @@ impl AsyncClient {
     /// One shard's counters of the seed node as JSON (as the blocking
     /// client's `stats`: a shard the node does not have is refused).
     pub async fn stats(&self, shard: usize) -> Result<String> {
-        let shards = if self.inner.config.shard_aware { self.inner.seed.slots.len() } else { 1 };
-        let slot = super::stats_slot(shard, shards)?;
-        match self.call_seed(slot, slot as u16, &Request::Stats, self.deadline()).await?.0? {
+        let slot = super::stats_slot(shard, &self.inner.seed.info, self.inner.config.shard_aware)?;
+        match self.call_seed(slot, shard as u16, &Request::Stats, self.deadline()).await?.0? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -586,7 +585,7 @@ impl Shared {
     fn deliver(&self, header: &Header, body: &[u8]) -> Result<(), Broken> {
         let (id, stale) = (header.request_id, header.flags & flags::STALE_ROUTE != 0);
         let reply = match Response::decode(header.opcode, body) {
-            Ok(r) => Ok((Reply::from_response(r), stale)),
+            Ok(r) => Ok((Reply::from_response(self.addr, r), stale)),
             Err(e) => return Err(Broken::Protocol(e.to_string())),
         };
         let waiter = lock(&self.state).pending.remove(&id);
