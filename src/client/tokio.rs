@@ -78,6 +78,13 @@ struct Inner {
     route: Mutex<Option<Arc<Route>>>,
 }
 
+/// The shortest wait without a byte read that proves a connection dead
+/// ([`Broken::Silent`]): below it a quiet node is as likely as a dead one.
+const MIN_SILENCE: Duration = Duration::from_millis(100);
+/// Taken off an attempt's budget before it is compared with the silence
+/// measured at its timeout (that starts a moment after the budget does).
+const SILENCE_SLACK: Duration = Duration::from_millis(1);
+
 /// The ring the client routes by, and its members' connections.
 struct Route {
     view: RingView,
@@ -213,14 +220,27 @@ impl AsyncClient {
             Err(e) => return Err(e),
         };
         let mut route = lock(&self.inner.route);
-        if route.as_ref().is_none_or(|r| r.view.ring != view.ring) {
-            let members = view.ring.members().len();
-            *route = Some(Arc::new(Route {
-                members: (0..members).map(|_| tokio::sync::OnceCell::new()).collect(),
-                down_until: Mutex::new(vec![None; members]),
-                view,
-            }));
-        }
+        let next = match route.as_ref() {
+            Some(r) if r.view.ring == view.ring && (r.view.n, r.view.r, r.view.w) == (view.n, view.r, view.w) => {
+                return Ok(());
+            }
+            // The same members with another N, R or W: the connections and
+            // what is known of who is down carry over, the routing does not
+            // (found by a review: a new N was ignored while the ring was
+            // unchanged, so reads went by the old preference lists).
+            Some(r) if r.view.ring == view.ring => {
+                Route { members: r.members.clone(), down_until: Mutex::new(lock(&r.down_until).clone()), view }
+            }
+            _ => {
+                let members = view.ring.members().len();
+                Route {
+                    members: (0..members).map(|_| tokio::sync::OnceCell::new()).collect(),
+                    down_until: Mutex::new(vec![None; members]),
+                    view,
+                }
+            }
+        };
+        *route = Some(Arc::new(next));
         Ok(())
     }
 
@@ -649,7 +669,7 @@ impl Conn {
             Err(_elapsed) => return Err(Failure::Failed(timeout)),
         };
         let (tx, rx) = oneshot::channel();
-        let sent_us = {
+        let (sent_us, budget) = {
             let mut st = lock(&s.state);
             if let Some(why) = &st.broken {
                 return Err(Failure::Unsent(s.error_of(why)));
@@ -662,7 +682,7 @@ impl Conn {
             let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
             req.encode_with(&mut st.wbuf, id, shard, deadline_us, quorum);
             st.pending.insert(id, Waiter { tx, _permit: permit });
-            s.now_us()
+            (s.now_us(), left)
         };
         s.write_ready.notify_one();
         match tokio::time::timeout_at(deadline, rx).await {
@@ -671,12 +691,16 @@ impl Conn {
             Ok(Err(_dropped)) => Err(Failure::Failed(self.broken_error())),
             Err(_elapsed) => {
                 let silent_us = s.now_us().saturating_sub(sent_us);
-                let enough = s.request_timeout.as_micros() / 2;
+                // Half a request timeout, or this attempt's whole budget if
+                // less (a read tried on several replicas gives each a share:
+                // found by a review, a dead connection was kept for good
+                // since no share reached half), but not under a floor: a
+                // wait that short proves little.
+                let enough =
+                    (s.request_timeout / 2).min(budget.saturating_sub(SILENCE_SLACK)).max(MIN_SILENCE).as_micros();
                 if s.last_read_us.load(Ordering::Acquire) < sent_us && u128::from(silent_us) >= enough {
-                    // Not a byte while this request waited (at least half a
-                    // request timeout: a call left with less proves little):
-                    // the node or the path to it is gone; let the next call
-                    // open a new one.
+                    // Not a byte while this request waited: the node or the
+                    // path to it is gone; let the next call open a new one.
                     s.fail(Broken::Silent);
                 }
                 Err(Failure::Failed(timeout))
@@ -1338,5 +1362,105 @@ mod tests {
         assert!(matches!(client.get(b"").await, Err(ClientError::Invalid(_))));
         let long = Context(vec![0; crate::core::version::MAX_CONTEXT_LEN + 1]);
         assert!(matches!(client.delete(b"k", &long).await, Err(ClientError::Invalid(_))));
+    }
+
+    /// Found by a review: a refresh that brought a new N (or R, W) with
+    /// the same ring was ignored, so keys went by the old N's preference
+    /// lists; the member connections carry over.
+    #[tokio::test]
+    async fn a_refresh_takes_a_new_n_when_the_ring_is_unchanged() {
+        use std::sync::atomic::AtomicU8;
+
+        use crate::core::ring::{Member, Ring};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let members = vec![
+            Member { name: "a".into(), addr, zone: None },
+            Member { name: "b".into(), addr: silent_listener().await, zone: None },
+        ];
+        let ring = Ring::with_members(64, members).unwrap().to_bytes();
+        let n = Arc::new(AtomicU8::new(2));
+        let served_n = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (ring, n) = (ring.clone(), served_n.clone());
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        let mut out = Vec::new();
+                        match Request::decode(h.opcode, &body) {
+                            Ok(Request::Ping) => {
+                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
+                                Response::Pong(info).encode(&mut out, h.request_id, 0)
+                            }
+                            Ok(Request::Ring) => {
+                                let n = n.load(Ordering::SeqCst);
+                                Response::Ring { n, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+        let client = AsyncClient::connect_with(&addr.to_string(), config).await.unwrap();
+        assert_eq!(client.ring().unwrap().n, 2);
+        n.store(1, Ordering::SeqCst);
+        client.refresh_ring().await.unwrap();
+        let view = client.ring().unwrap();
+        assert_eq!(view.n, 1, "the refreshed view has the new N");
+        assert_eq!(view.prefs.of_key(b"k").len(), 1, "keys go by the new N's preference lists");
+    }
+
+    /// Found by a review: a connection that went silent (a dead path) was
+    /// never replaced when only reads timed out on it, since a read tried
+    /// on several replicas gives each a share of the deadline and the
+    /// silence rule wanted half a request timeout. Every read then waited
+    /// on it first, each time its replica was tried again.
+    #[tokio::test]
+    async fn a_dead_connection_that_times_out_reads_is_replaced() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let first = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    answer_ping(&mut s, first.port()).await;
+                    // Silent from now on.
+                    held.push(s);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    while let Some((h, body)) = read_frame(&mut s).await {
+                        let mut out = Vec::new();
+                        if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
+                            let info = NodeInfo { node_id: 9, partitions: 64, shard: 0, ports: vec![first.port()] };
+                            Response::Pong(info).encode(&mut out, h.request_id, 0);
+                        } else {
+                            out = get_reply(h.request_id, b"first");
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = ClientConfig {
+            request_timeout: Duration::from_millis(900),
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let (client, key, _) = first_then_good(first, config).await;
+        assert_eq!(client.get(&key).await.unwrap().values, vec![b"v".to_vec()], "past the silent connection");
+        tokio::time::sleep(MEMBER_RETRY_AFTER + Duration::from_millis(100)).await;
+        let got = client.get(&key).await.unwrap();
+        assert_eq!(got.values, vec![b"first".to_vec()], "from a new connection to the first replica");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
