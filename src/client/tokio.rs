@@ -390,7 +390,11 @@ impl AsyncClient {
     /// Reads `key`, computes a new value from its siblings (an empty slice
     /// if absent) with `merge`, and writes it back with the read's context.
     /// If a concurrent write left siblings, it reads and merges again, up
-    /// to [`MAX_UPDATE_ATTEMPTS`] times.
+    /// to [`MAX_UPDATE_ATTEMPTS`] times. `merge` then sees its own earlier
+    /// result among the siblings (that write was stored), so it must
+    /// merge, not apply a change: a set union is right, an increment
+    /// would count twice (a change belongs in the value, as an element
+    /// with an id of its own).
     pub async fn update(&self, key: &[u8], mut merge: impl FnMut(&[Vec<u8>]) -> Vec<u8>) -> Result<Put> {
         let mut siblings = 0;
         for _ in 0..MAX_UPDATE_ATTEMPTS {
