@@ -18,7 +18,8 @@
 //! key forgotten that way never has a dot reissued; and a client context
 //! naming a counter the key has not seen is refused if it is over
 //! [`MAX_CONTEXT_COUNTER`], or is this node's own past its last sequence
-//! number (`Store::update`).
+//! number (`Store::update`); a replica's set naming one over
+//! [`MAX_REPLICA_COUNTER`] is refused (`Store::merge`).
 
 use std::cell::RefCell;
 
@@ -35,6 +36,14 @@ use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
 /// forged, and is refused, so no stored counter gets near `u64::MAX`
 /// (where the next dot would overflow).
 pub const MAX_CONTEXT_COUNTER: u64 = 1 << 53;
+
+/// The largest counter a replica's set may bring that the key does not
+/// hold yet. Above [`MAX_CONTEXT_COUNTER`]: a counter a client could still
+/// bring (at the bound) grows by one with each write of the key after
+/// that, and replicas must take those writes; 2^62 leaves 2^62 - 2^53
+/// writes of one key for that, and as far again to `u64::MAX`.
+pub const MAX_REPLICA_COUNTER: u64 = 1 << 62;
+const _: () = assert!(MAX_CONTEXT_COUNTER < MAX_REPLICA_COUNTER / 2);
 
 /// Conflicting writes on one key that make a write start over this many
 /// times give up with [`StoreError::Contended`] rather than spin.
@@ -342,10 +351,26 @@ impl<B: Backend> Store<B> {
     /// Replica sync: merges `incoming` (another replica's set) into the
     /// stored one, with the same read-check-append cycle as [`Self::put`].
     /// Returns whether anything changed (nothing is written otherwise).
+    ///
+    /// A counter `incoming` holds past [`MAX_REPLICA_COUNTER`] that the
+    /// stored clock does not is refused, as a client's context's past
+    /// [`MAX_CONTEXT_COUNTER`] is: replica
+    /// messages come in on the client port, and a forged one near
+    /// `u64::MAX` would make every later write of the key overflow its dot,
+    /// for good on a cluster (found by a review). A counter of this node's
+    /// own past its last sequence number is taken (unlike a client's): a
+    /// node restored from a backup under its old identity must still
+    /// receive the writes it lost, and new dots are drawn above the clock.
     pub async fn merge(&self, key: &[u8], incoming: &VersionSet, now_ms: u64) -> Result<bool, StoreError> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
             let (set, id) = self.read(key).await?;
+            let held = set.clock();
+            let dots = incoming.siblings().iter().map(|s| (s.dot.actor, s.dot.counter));
+            if incoming.clock().iter().chain(dots).any(|(a, c)| c > held.get(a) && c > MAX_REPLICA_COUNTER) {
+                let why = "a replica's counter beyond any real history";
+                return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
+            }
             let local = id.map(|_| set);
             let merged = match apply_replica_put(local, incoming) {
                 Ok(Some(m)) => m,
@@ -710,6 +735,36 @@ mod tests {
                 let ctx = x.get(key).await.unwrap().clock().to_bytes();
                 assert_eq!(x.put(key, &ctx, Some(b"x"), 7).await.unwrap().siblings(), 1, "{key:?}");
             }
+        })
+    }
+
+    /// Found by a review: a replica message (which any client can send to
+    /// a cluster node's port) was merged with any counter, and one near
+    /// `u64::MAX` made every later write of the key overflow its dot. Past
+    /// the bound it is refused now, as in a client's context; a counter of
+    /// this node's own past its last sequence number is taken (a node
+    /// restored under its old identity must get its lost writes back), and
+    /// the next write's dot is drawn above it.
+    #[test]
+    fn a_replica_set_with_a_counter_past_any_history_is_refused() {
+        block_on(async {
+            let y = store_as(2);
+            let mut forged = VersionSet::<Vec<u8>>::new();
+            forged.update_after(&Clock::new(), 9, Some(b"f".to_vec()), u64::MAX - 1).unwrap();
+            let err = y.merge(b"k", &forged, 1).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidContext(_)), "{err}");
+            assert!(y.get(b"k").await.unwrap().is_empty(), "nothing was stored");
+            let own_ahead = MAX_REPLICA_COUNTER - 1;
+            let mut ahead = VersionSet::<Vec<u8>>::new();
+            ahead.update_after(&Clock::new(), 2, Some(b"a".to_vec()), own_ahead).unwrap();
+            assert!(y.merge(b"k", &ahead, 2).await.unwrap(), "taken");
+            let ctx = y.get(b"k").await.unwrap().clock().to_bytes();
+            let w = y.put(b"k", &ctx, Some(b"w"), 3).await.unwrap();
+            assert_eq!(w.siblings(), 1);
+            assert_eq!(w.set.siblings()[0].dot.counter, own_ahead + 2, "drawn above the clock");
+            // The bound applies only to what the key does not hold yet.
+            let held = y.get(b"k").await.unwrap();
+            assert!(!y.merge(b"k", &held, 4).await.unwrap(), "its own set again: nothing new");
         })
     }
 }
