@@ -988,31 +988,48 @@ mod tests {
         ring: crate::core::ring::Ring,
         get: fn(u64) -> Vec<u8>,
     ) -> (SocketAddr, Arc<AtomicUsize>) {
-        let addr = l.local_addr().unwrap();
+        let port = l.local_addr().unwrap().port();
         let ring = ring.to_bytes();
         let rings = Arc::new(AtomicUsize::new(0));
         let asked = rings.clone();
+        let addr = scripted_node(l, move |id, req| {
+            let mut out = Vec::new();
+            match req {
+                Request::Ping => Response::Pong(one_shard(port)).encode(&mut out, id, 0),
+                Request::Ring => {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    Response::Ring { n: 3, r: 2, w: 2, ring: &ring }.encode(&mut out, id, 0)
+                }
+                Request::Get { .. } => out = get(id),
+                Request::Put { .. } => Response::Put { context: b"", siblings: 1 }.encode(&mut out, id, 0),
+                other => panic!("the seed got {other:?}"),
+            }
+            Some(out)
+        });
+        (addr, rings)
+    }
+
+    /// A node of one shard on `port`.
+    fn one_shard(port: u16) -> NodeInfo {
+        NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![port] }
+    }
+
+    /// A fake node on `l` serving each connection in a task of its own:
+    /// `answer(id, request)` is the reply frame to each request, or `None`
+    /// to hang up.
+    fn scripted_node(
+        l: TcpListener,
+        answer: impl Fn(u64, Request<'_>) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> SocketAddr {
+        let addr = l.local_addr().unwrap();
+        let answer = Arc::new(answer);
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
-                let (ring, asked) = (ring.clone(), asked.clone());
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     while let Some((h, body)) = read_frame(&mut s).await {
-                        let mut out = Vec::new();
-                        match Request::decode(h.opcode, &body) {
-                            Ok(Request::Ping) => {
-                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
-                                Response::Pong(info).encode(&mut out, h.request_id, 0);
-                            }
-                            Ok(Request::Ring) => {
-                                asked.fetch_add(1, Ordering::SeqCst);
-                                Response::Ring { n: 3, r: 2, w: 2, ring: &ring }.encode(&mut out, h.request_id, 0)
-                            }
-                            Ok(Request::Get { .. }) => out = get(h.request_id),
-                            Ok(Request::Put { .. }) => {
-                                Response::Put { context: b"", siblings: 1 }.encode(&mut out, h.request_id, 0)
-                            }
-                            other => panic!("the seed got {other:?}"),
-                        }
+                        let req = Request::decode(h.opcode, &body).expect("a request");
+                        let Some(out) = answer(h.request_id, req) else { return };
                         if s.write_all(&out).await.is_err() {
                             return;
                         }
@@ -1020,7 +1037,7 @@ mod tests {
                 });
             }
         });
-        (addr, rings)
+        addr
     }
 
     /// A node on `l` that answers PING (one shard, on its port) and never
@@ -1092,26 +1109,15 @@ mod tests {
     /// A node on `l` that answers PING (one shard, on its port) and every
     /// other request with the error `code` (stopping, or overloaded).
     async fn refusing_node(l: TcpListener, code: crate::wire::ErrorCode) -> SocketAddr {
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    while let Some((h, body)) = read_frame(&mut s).await {
-                        let mut out = Vec::new();
-                        if let Ok(Request::Ping) = Request::decode(h.opcode, &body) {
-                            let info = NodeInfo { node_id: 3, partitions: 64, shard: 0, ports: vec![addr.port()] };
-                            Response::Pong(info).encode(&mut out, h.request_id, 0);
-                        } else {
-                            Response::Error { code, message: "bye" }.encode(&mut out, h.request_id, 0);
-                        }
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        let port = l.local_addr().unwrap().port();
+        scripted_node(l, move |id, req| {
+            let mut out = Vec::new();
+            match req {
+                Request::Ping => Response::Pong(one_shard(port)).encode(&mut out, id, 0),
+                _ => Response::Error { code, message: "bye" }.encode(&mut out, id, 0),
             }
-        });
-        addr
+            Some(out)
+        })
     }
 
     /// A read whose first replica is stopping (or overloaded) moves on to
@@ -1385,29 +1391,17 @@ mod tests {
         let ring = Ring::with_members(64, members).unwrap().to_bytes();
         let n = Arc::new(AtomicU8::new(2));
         let served_n = n.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (ring, n) = (ring.clone(), served_n.clone());
-                tokio::spawn(async move {
-                    while let Some((h, body)) = read_frame(&mut s).await {
-                        let mut out = Vec::new();
-                        match Request::decode(h.opcode, &body) {
-                            Ok(Request::Ping) => {
-                                let info = NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![addr.port()] };
-                                Response::Pong(info).encode(&mut out, h.request_id, 0)
-                            }
-                            Ok(Request::Ring) => {
-                                let n = n.load(Ordering::SeqCst);
-                                Response::Ring { n, r: 1, w: 1, ring: &ring }.encode(&mut out, h.request_id, 0)
-                            }
-                            other => panic!("{other:?}"),
-                        }
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        scripted_node(l, move |id, req| {
+            let mut out = Vec::new();
+            match req {
+                Request::Ping => Response::Pong(one_shard(addr.port())).encode(&mut out, id, 0),
+                Request::Ring => {
+                    let n = served_n.load(Ordering::SeqCst);
+                    Response::Ring { n, r: 1, w: 1, ring: &ring }.encode(&mut out, id, 0)
+                }
+                other => panic!("{other:?}"),
             }
+            Some(out)
         });
         let config = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
         let client = AsyncClient::connect_with(&addr.to_string(), config).await.unwrap();

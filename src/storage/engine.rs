@@ -2541,26 +2541,14 @@ mod tests {
     /// acknowledged.
     #[test]
     fn close_retries_a_full_disk_that_has_room_again() {
-        block_on(async {
-            let config = EngineConfig {
-                segment_size: 32 * 1024,
-                max_value_len: 1024,
-                fsync: FsyncPolicy::Interval(5),
-                ..Default::default()
-            };
-            let (backend, engine) = open_mem(&config).await;
-            for i in 0..10u32 {
-                engine.put(&i.to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
-            }
-            backend.no_space(true);
-            assert!(matches!(engine.flush().await, Err(StorageError::DiskFull(_))));
-            assert!(engine.full().is_some());
-            backend.no_space(false);
-            engine.close().await.expect("a close with room again writes what it holds");
-            drop(engine);
-            backend.crash(3, true);
-            let (engine, _) = Engine::open(backend, config).await.unwrap();
-            assert_eq!(engine.len(), 10, "every acknowledged write is there");
+        close_after_the_disk_filled(|engine, backend| {
+            Box::pin(async move {
+                backend.no_space(true);
+                assert!(matches!(engine.flush().await, Err(StorageError::DiskFull(_))));
+                assert!(engine.full().is_some());
+                backend.no_space(false);
+                engine.close().await.expect("a close with room again writes what it holds");
+            })
         });
     }
 
@@ -2569,6 +2557,32 @@ mod tests {
     /// it, then failed with its error without trying again.
     #[test]
     fn close_retries_a_flush_in_flight_that_ran_out_of_space() {
+        close_after_the_disk_filled(|engine, backend| {
+            Box::pin(async move {
+                backend.hold_writes(true);
+                let mut flush = Box::pin(engine.flush());
+                assert!(futures_lite::future::poll_once(&mut flush).await.is_none(), "the flush waits on the disk");
+                let mut close = Box::pin(engine.close());
+                assert!(futures_lite::future::poll_once(&mut close).await.is_none(), "close waits for that flush");
+                assert!(engine.full().is_none(), "close found the disk with room");
+                backend.no_space(true);
+                backend.hold_writes(false);
+                assert!(matches!(flush.await, Err(StorageError::DiskFull(_))));
+                backend.no_space(false);
+                close.await.expect("a close with room again writes what it holds");
+            })
+        });
+    }
+
+    /// Ten buffered writes, then `fill_and_close` (the disk fills, and has
+    /// room again by the time the engine closes), a power cut, and a check
+    /// that every write is there.
+    fn close_after_the_disk_filled(
+        fill_and_close: impl for<'a> FnOnce(
+            &'a Engine<MemBackend>,
+            &'a MemBackend,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
+    ) {
         block_on(async {
             let config = EngineConfig {
                 segment_size: 32 * 1024,
@@ -2580,17 +2594,7 @@ mod tests {
             for i in 0..10u32 {
                 engine.put(&i.to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
             }
-            backend.hold_writes(true);
-            let mut flush = Box::pin(engine.flush());
-            assert!(futures_lite::future::poll_once(&mut flush).await.is_none(), "the flush waits on the disk");
-            let mut close = Box::pin(engine.close());
-            assert!(futures_lite::future::poll_once(&mut close).await.is_none(), "close waits for that flush");
-            assert!(engine.full().is_none(), "close found the disk with room");
-            backend.no_space(true);
-            backend.hold_writes(false);
-            assert!(matches!(flush.await, Err(StorageError::DiskFull(_))));
-            backend.no_space(false);
-            close.await.expect("a close with room again writes what it holds");
+            fill_and_close(&engine, &backend).await;
             drop(engine);
             backend.crash(3, true);
             let (engine, _) = Engine::open(backend, config).await.unwrap();
