@@ -143,31 +143,44 @@ fn a_record_stored_in_a_value_is_not_adopted_when_its_container_is_damaged() {
 /// A format 1 directory (checksums with seed 0, before the format file
 /// carried a seed) opens as it is: its records read back, new ones are
 /// written with seed 0 too, and the format file is left alone, so that
-/// the builds that wrote it can still read it.
+/// the builds that wrote it can still read it. A format 2 directory (a
+/// seed, no header checks) likewise.
 #[test]
-fn a_format_1_directory_opens_and_stays_format_1() {
+fn a_format_1_or_2_directory_opens_and_keeps_its_format() {
+    use gyre::storage::format::{format_file_contents, Seed};
+    let mut one = b"gyre storage format 1\n".to_vec();
+    one.resize(4096, b'\n');
+    let two = Seed::format_2(0x5eed_0002);
+    for (seed, format) in [(Seed::FORMAT_1, one), (two, format_file_contents(two))] {
+        opens_and_keeps_its_format(seed, format);
+    }
+}
+
+fn opens_and_keeps_its_format(seed: gyre::storage::format::Seed, format: Vec<u8>) {
     use gyre::storage::backend::Backend;
-    use gyre::storage::format::{encode_record, Kind, Seed};
+    use gyre::storage::format::{encode_record, Kind};
     let backend = MemBackend::new();
-    let mut format = b"gyre storage format 1\n".to_vec();
-    format.resize(4096, b'\n');
     let mut segment = Vec::new();
-    encode_record(&mut segment, Seed::FORMAT_1, 1, 0, Kind::Value, b"old", b"", b"from format 1");
+    encode_record(&mut segment, seed, 1, 0, Kind::Value, b"old", b"", b"from before");
     segment.resize(4096, 0);
     block_on(async {
         backend.write_file("GYRE_FORMAT", &format).await.unwrap();
         backend.write_file(&segment_file_name(1), &segment).await.unwrap();
         let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
-        assert!(report.corruptions.is_empty(), "{report:?}");
-        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from format 1");
+        assert!(report.corruptions.is_empty(), "{seed:?}: {report:?}");
+        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from before");
         engine.put(b"new", b"", b"written now", 0).await.unwrap();
         engine.close().await.unwrap();
         drop(engine);
         let (engine, report) = Engine::open(backend.clone(), config()).await.unwrap();
-        assert!(report.corruptions.is_empty(), "{report:?}");
-        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from format 1");
+        assert!(report.corruptions.is_empty(), "{seed:?}: {report:?}");
+        assert_eq!(engine.get(b"old").await.unwrap().unwrap().value(), b"from before");
         assert_eq!(engine.get(b"new").await.unwrap().unwrap().value(), b"written now");
         assert_eq!(backend.read_file("GYRE_FORMAT").await.unwrap(), format);
+        // The new record is in the directory's own format.
+        let seg = backend.read_file(&segment_file_name(2)).await.unwrap();
+        let r = gyre::storage::format::decode_record(&seg, seed).expect("a record of the directory's format");
+        assert_eq!(r.key, b"new");
     });
 }
 

@@ -360,7 +360,7 @@ mod tests {
     fn key_of_reads_the_key_out_of_the_cached_record() {
         let mut c = RecordCache::new(1 << 20);
         let mut raw = Vec::new();
-        encode_record(&mut raw, Seed(1), 1, 0, Kind::Value, b"the-key", b"meta", b"value");
+        encode_record(&mut raw, Seed::format_3(1), 1, 0, Kind::Value, b"the-key", b"meta", b"value");
         let t = c.insert(5, raw.into());
         assert_eq!(c.key_of(t, 5), Some(&b"the-key"[..]));
         assert_eq!(c.key_of(t, 6), None);

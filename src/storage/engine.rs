@@ -2191,7 +2191,7 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
             let data = self.data.as_ref().map_or(&[][..], |d| d.as_ref());
             let avail = &data[self.at..];
             let read_all = self.base + data.len() as u64 >= self.size;
-            let need = match decode_header(avail) {
+            let need = match decode_header(avail, self.seed) {
                 Ok((_, len)) if avail.len() >= len => break,
                 Ok((_, len)) if !read_all => len,
                 Err(DecodeError::Truncated { .. }) if !read_all => RECORD_HEADER_LEN,
@@ -2240,7 +2240,7 @@ impl<B: Backend> SegmentReader<'_, B> {
         let Some(data) = self.data.as_ref().map(|d| d.as_ref()) else { return };
         let mut at = self.ahead.max(self.at);
         while self.offered < n {
-            let Ok((h, len)) = decode_header(&data[at..]) else { break };
+            let Ok((h, len)) = decode_header(&data[at..], self.seed) else { break };
             let Some(key) = data.get(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + h.key_len.get() as usize) else {
                 break;
             };
@@ -2389,7 +2389,7 @@ async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool)
         let mut bytes = [0u8; 8];
         getrandom::getrandom(&mut bytes)
             .map_err(|e| io_err("drawing the record seed")(io::Error::other(e.to_string())))?;
-        let seed = Seed(u64::from_le_bytes(bytes).max(1));
+        let seed = Seed::format_3(u64::from_le_bytes(bytes).max(1));
         backend
             .write_file(FORMAT_FILE, &format_file_contents(seed))
             .await
@@ -2413,7 +2413,7 @@ mod tests {
     use crate::storage::backend::mem::MemBackend;
     use crate::storage::format::encode_record;
 
-    const SEED: Seed = Seed(0x5eed);
+    const SEED: Seed = Seed::format_3(0x5eed);
 
     /// Small segments (32 KiB), values up to 1 KiB, buffered writes.
     fn small_buffered() -> EngineConfig {

@@ -14,8 +14,11 @@
 //!  8     8    seq           shard-wide write sequence number (compaction keeps it)
 //! 16     6    timestamp_ms  u48, milliseconds since the Unix epoch, given by the caller
 //! 22     1    kind          1 = value, 2 = tombstone; 0 never starts a record
-//! 23     1    reserved      0; a reader rejects anything else
-//! 24     4    value_len     u32, <= VALUE_LEN_HARD_CAP (0 for a tombstone)
+//! 23     1    check_lo      format 3: the header check's low byte; formats 1-2: 0
+//! 24     3    value_len     u24, <= VALUE_LEN_HARD_CAP (0 for a tombstone)
+//! 27     1    check_hi      format 3: the header check's high byte; formats 1-2: 0
+//!                           (formats 1-2 read bytes 24-27 as a u32 value_len,
+//!                           whose top byte the limit keeps 0)
 //! 28     2    key_len       u16, 1..=MAX_KEY_LEN
 //! 30     2    meta_len      u16, <= MAX_META_LEN (opaque causal metadata)
 //! 32     key_len   key
@@ -23,12 +26,23 @@
 //!  ..    value_len value
 //! ```
 //!
+//! The header check (format 3) is the low 16 bits of `xxh3_64_with_seed`
+//! of header bytes [8, 32) with bytes 23 and 27 zeroed, seeded with the
+//! shard's seed XOR [`HEADER_CHECK_DOMAIN`]. It exists for the scan that
+//! resyncs past a damaged record: that scan tries every offset, and bytes
+//! that parse as a header claim up to 8 MiB, which the record checksum must
+//! hash to refuse. A value of a client's made of such headers (one every 8
+//! bytes) cost about a terabyte of hashing per MiB, hours of recovery
+//! (found by a review). The check refuses all but 1 in 65,536 of them
+//! after hashing 24 bytes; a client cannot make one pass on purpose
+//! without the seed.
+//!
 //! A segment is records back to back from offset 0. Unwritten space is zero,
 //! and a zero `kind` byte where a header would start marks the end of the data.
 //!
 //! The checksum is `xxh3_64_with_seed` with a [`Seed`] drawn at random when
-//! the shard directory is made and kept in its format file (format 2; a
-//! format 1 directory's seed is 0, plain `xxh3_64`). A record is opaque
+//! the shard directory is made and kept in its format file (formats 2 and
+//! 3; a format 1 directory's seed is 0, plain `xxh3_64`). A record is opaque
 //! bytes in another record's value, and a client chooses values: a scan
 //! that resyncs past a damaged record looks inside its value, and would
 //! adopt a whole record a client had stored there (any key, any sequence
@@ -61,17 +75,64 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::limits::{MAX_KEY_LEN, MAX_META_LEN, VALUE_LEN_HARD_CAP};
 
-/// The seed of one shard's record checksums (see the module docs). A
-/// newtype, so that it cannot be passed for the sequence number beside it.
+/// How one shard's records are checked (see the module docs): the seed of
+/// their checksums, and whether their headers carry a check of their own
+/// (format 3). Not a bare integer, so that it cannot be passed for the
+/// sequence number beside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seed(pub u64);
+pub struct Seed {
+    pub value: u64,
+    /// Format 3: every header carries the header check.
+    pub header_check: bool,
+}
+
+/// Mixed into the seed of the header check, so that it is not the low bits
+/// of a record checksum of the same bytes.
+pub const HEADER_CHECK_DOMAIN: u64 = 0x6879_6472_6368_6b33;
+
+/// Header bytes that hold the header check in format 3 (module docs).
+const CHECK_LO: usize = 23;
+const CHECK_HI: usize = 27;
+const _: () = assert!(std::mem::offset_of!(RecordHeader, reserved) == CHECK_LO);
+const _: () = assert!(std::mem::offset_of!(RecordHeader, value_len) + 3 == CHECK_HI);
+// value_len is 24 bits in format 3: the limit must fit, and then also keeps
+// the byte formats 1-2 read as value_len's top byte 0.
+const _: () = assert!(VALUE_LEN_HARD_CAP < 1 << 24);
 
 impl Seed {
-    /// The seed of a format 1 directory: its checksums are plain `xxh3_64`.
-    pub const FORMAT_1: Seed = Seed(0);
+    /// A format 1 directory's: its checksums are plain `xxh3_64`.
+    pub const FORMAT_1: Seed = Seed { value: 0, header_check: false };
+
+    /// A format 2 directory's: seeded checksums, no header check.
+    pub const fn format_2(value: u64) -> Seed {
+        Seed { value, header_check: false }
+    }
+
+    /// A format 3 directory's: seeded checksums and header checks.
+    pub const fn format_3(value: u64) -> Seed {
+        Seed { value, header_check: true }
+    }
+
+    /// The storage format of a directory with this seed.
+    pub fn format(self) -> u32 {
+        match (self.header_check, self.value) {
+            (true, _) => 3,
+            (false, 0) => 1,
+            (false, _) => 2,
+        }
+    }
 
     fn checksum(self, bytes: &[u8]) -> u64 {
-        xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0)
+        xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.value)
+    }
+
+    /// The header check of `header` (its check bytes taken as zero).
+    fn header_check_of(self, header: &[u8; RECORD_HEADER_LEN]) -> u16 {
+        let mut covered = [0u8; RECORD_HEADER_LEN - 8];
+        covered.copy_from_slice(&header[8..]);
+        covered[CHECK_LO - 8] = 0;
+        covered[CHECK_HI - 8] = 0;
+        xxhash_rust::xxh3::xxh3_64_with_seed(&covered, self.value ^ HEADER_CHECK_DOMAIN) as u16
     }
 }
 
@@ -188,6 +249,12 @@ pub fn encode_record(
         meta_len: U16::new(meta.len() as u16),
     };
     out.extend_from_slice(header.as_bytes());
+    if seed.header_check {
+        let h: &mut [u8; RECORD_HEADER_LEN] =
+            (&mut out[start..start + RECORD_HEADER_LEN]).try_into().expect("a header's bytes");
+        let [lo, hi] = seed.header_check_of(h).to_le_bytes();
+        (h[CHECK_LO], h[CHECK_HI]) = (lo, hi);
+    }
     out.extend_from_slice(key);
     out.extend_from_slice(meta);
     out.extend_from_slice(value);
@@ -201,20 +268,30 @@ pub fn encode_record(
 pub const KIND_OFFSET: usize = 22;
 const _: () = assert!(std::mem::offset_of!(RecordHeader, kind) == KIND_OFFSET);
 
-/// Parses and validates the header at the start of `buf`, returning it and
-/// the record's total length. Does not verify the checksum.
-pub fn decode_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
+/// Parses and validates the header at the start of `buf` (with its header
+/// check under a format 3 `seed`), returning it and the record's total
+/// length. The header returned has its check bytes zeroed, so its
+/// `value_len` reads the same in every format. Does not verify the
+/// record checksum.
+pub fn decode_header(buf: &[u8], seed: Seed) -> Result<(RecordHeader, usize), DecodeError> {
     if buf.len() > KIND_OFFSET && buf[KIND_OFFSET] == 0 {
         return Err(DecodeError::End);
     }
-    let Ok((h, _)) = RecordHeader::read_from_prefix(buf) else {
+    let Some(bytes) = buf.first_chunk::<RECORD_HEADER_LEN>() else {
         if buf.iter().all(|&b| b == 0) {
             return Err(DecodeError::End);
         }
         return Err(DecodeError::Truncated { need: RECORD_HEADER_LEN, have: buf.len() });
     };
+    let mut h = RecordHeader::read_from_bytes(bytes).expect("a header's size");
     let kind = Kind::from_byte(h.kind).ok_or(DecodeError::BadHeader("unknown kind"))?;
-    if h.reserved != 0 {
+    if seed.header_check {
+        if u16::from_le_bytes([bytes[CHECK_LO], bytes[CHECK_HI]]) != seed.header_check_of(bytes) {
+            return Err(DecodeError::BadHeader("header check mismatch"));
+        }
+        h.reserved = 0;
+        h.value_len = U32::new(h.value_len.get() & 0x00FF_FFFF);
+    } else if h.reserved != 0 {
         return Err(DecodeError::BadHeader("reserved byte set"));
     }
     let (k, m, v) = (h.key_len.get() as usize, h.meta_len.get() as usize, h.value_len.get() as usize);
@@ -242,7 +319,10 @@ pub fn decode_record(buf: &[u8], seed: Seed) -> Result<RecordRef<'_>, DecodeErro
 /// hit would otherwise hash the whole record again on every read). The
 /// header is validated either way.
 pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
-    let (h, len) = decode_header(buf)?;
+    let (h, len) = match verify {
+        Some(seed) => decode_header(buf, seed)?,
+        None => decode_verified_header(buf)?,
+    };
     if buf.len() < len {
         return Err(DecodeError::Truncated { need: len, have: buf.len() });
     }
@@ -265,6 +345,17 @@ pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<Rec
         meta: &buf[k..m],
         value: &buf[m..len],
     })
+}
+
+/// The header of a record already verified (cached bytes), in any format:
+/// its check bytes, which formats 1-2 keep 0, are zeroed as
+/// [`decode_header`] does, and the rest validated.
+fn decode_verified_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
+    let mut bytes = *buf
+        .first_chunk::<RECORD_HEADER_LEN>()
+        .ok_or(DecodeError::Truncated { need: RECORD_HEADER_LEN, have: buf.len() })?;
+    (bytes[CHECK_LO], bytes[CHECK_HI]) = (0, 0);
+    decode_header(&bytes, Seed::FORMAT_1)
 }
 
 /// The key of a record already verified (cached bytes): the bytes the
@@ -574,10 +665,14 @@ pub const FORMAT_FILE: &str = "GYRE_FORMAT";
 /// - 2: the same layout, checksums seeded with the directory's own seed,
 ///   written in the format file. A build that reads only format 1 would
 ///   find every record's checksum wrong, so it must refuse format 2.
+/// - 3: as 2, and every record header carries the header check (module
+///   docs) in bytes 23 and 27, which format 2 keeps 0: a build that reads
+///   only format 2 would refuse every header, so it must refuse format 3.
 ///
-/// This build creates format 2 and still opens format 1 directories as
-/// they are (they keep seed 0, and stay readable by older builds).
-pub const STORAGE_FORMAT_VERSION: u32 = 2;
+/// This build creates format 3 and still opens format 1 and 2 directories
+/// as they are (they keep their format, and stay readable by older
+/// builds). Only format 3 bounds the resync after a damaged record.
+pub const STORAGE_FORMAT_VERSION: u32 = 3;
 
 /// The format file's text for a new directory with `seed`. It is padded
 /// to a whole block so that it is a non-empty file that can be read with
@@ -585,16 +680,19 @@ pub const STORAGE_FORMAT_VERSION: u32 = 2;
 /// issue 605 (see `backend::glommio`).
 ///
 /// ```text
-/// gyre storage format 2
+/// gyre storage format 3
 /// record seed 0x0123456789abcdef
 /// check 0x<xxh3_64 of the two lines above, their newlines included>
 /// (newlines up to 4096 bytes)
 /// ```
 ///
-/// The check line guards the seed: with a wrong seed no record verifies,
-/// and recovery would take the last segment for a torn write and cut it.
+/// (A format 2 file is the same with a 2.) The check line guards the
+/// seed: with a wrong seed no record verifies, and recovery would take the
+/// last segment for a torn write and cut it. A format 1 `seed` has no file
+/// of this form (this build never makes one).
 pub fn format_file_contents(seed: Seed) -> Vec<u8> {
-    let head = format!("gyre storage format {STORAGE_FORMAT_VERSION}\nrecord seed {:#018x}\n", seed.0);
+    assert!(seed.format() >= 2, "a new directory is format 2 or 3");
+    let head = format!("gyre storage format {}\nrecord seed {:#018x}\n", seed.format(), seed.value);
     let mut v = format!("{head}check {:#018x}\n", xxh3_64(head.as_bytes())).into_bytes();
     v.resize(crate::limits::BLOCK_SIZE, b'\n');
     v
@@ -630,7 +728,7 @@ pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
     };
     match version {
         1 => Ok(Seed::FORMAT_1),
-        2 => {
+        2 | 3 => {
             let second = lines.next();
             let seed = hex(second, "record seed 0x").ok_or(FormatFileError::Unreadable)?;
             let check = hex(lines.next(), "check 0x").ok_or(FormatFileError::Unreadable)?;
@@ -638,7 +736,7 @@ pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
             if xxh3_64(head.as_bytes()) != check {
                 return Err(FormatFileError::Damaged);
             }
-            Ok(Seed(seed))
+            Ok(if version == 3 { Seed::format_3(seed) } else { Seed::format_2(seed) })
         }
         v => Err(FormatFileError::Version(v)),
     }
@@ -648,8 +746,10 @@ pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
 mod tests {
     use super::*;
 
-    /// A format 2 directory's seed, for the tests.
-    const SEED: Seed = Seed(0x0123_4567_89ab_cdef);
+    /// A format 3 directory's seed, for the tests.
+    const SEED: Seed = Seed::format_3(0x0123_4567_89ab_cdef);
+    /// The same seed in a format 2 directory.
+    const SEED_2: Seed = Seed::format_2(SEED.value);
 
     fn encode(seq: u64, ts: u64, kind: Kind, key: &[u8], meta: &[u8], value: &[u8]) -> Vec<u8> {
         encode_with(SEED, seq, ts, kind, key, meta, value)
@@ -663,7 +763,8 @@ mod tests {
     }
 
     /// Golden vectors: the exact bytes of one record, in a format 1
-    /// directory (seed 0) and under a format 2 seed. If this test fails the
+    /// directory (seed 0), under a format 2 seed, and under the same seed
+    /// in format 3 (with its header check). If this test fails the
     /// on-disk format changed: bump STORAGE_FORMAT_VERSION.
     #[test]
     fn golden_value_record() {
@@ -681,10 +782,44 @@ mod tests {
         assert_eq!(&v1[8..], expected_tail);
         assert_eq!(sum(&v1), xxh3_64(expected_tail));
         assert_eq!(sum(&v1), 0x9213_06f5_5683_2b51, "format 1 checksum golden value");
-        let v2 = encode(7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
+        let v2 = encode_with(SEED_2, 7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
         assert_eq!(&v2[8..], expected_tail);
-        assert_eq!(sum(&v2), xxhash_rust::xxh3::xxh3_64_with_seed(expected_tail, SEED.0));
+        assert_eq!(sum(&v2), xxhash_rust::xxh3::xxh3_64_with_seed(expected_tail, SEED.value));
         assert_eq!(sum(&v2), 0xea77_1e35_db04_a121, "format 2 checksum golden value");
+        // Format 3: bytes 23 and 27 (15 and 19 after the checksum) hold
+        // the header check of the header with both zeroed.
+        let v3 = encode(7, 0x0102_0304_0506, Kind::Value, b"key", b"m", b"value");
+        let check = xxhash_rust::xxh3::xxh3_64_with_seed(&expected_tail[..24], SEED.value ^ HEADER_CHECK_DOMAIN) as u16;
+        let mut tail3 = expected_tail.to_vec();
+        [tail3[15], tail3[19]] = check.to_le_bytes();
+        assert_eq!(&v3[8..], &tail3[..]);
+        assert_eq!((tail3[15], tail3[19]), (0x20, 0xc3), "format 3 header check golden value");
+        assert_eq!(sum(&v3), xxhash_rust::xxh3::xxh3_64_with_seed(&tail3, SEED.value));
+        let r = decode_record(&v3, SEED).unwrap();
+        assert_eq!((r.seq, r.key, r.meta, r.value), (7, &b"key"[..], &b"m"[..], &b"value"[..]));
+        assert_eq!(decode_record_with(&v3, None), Ok(r), "the cache's path reads format 3 too");
+    }
+
+    /// Format 3: a header whose check does not match is refused before its
+    /// record is hashed, and neither format reads the other's records.
+    #[test]
+    fn a_format_3_header_is_checked() {
+        let v3 = encode(7, 1, Kind::Value, b"key", b"m", b"value");
+        for at in 8..RECORD_HEADER_LEN {
+            let mut bad = v3.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(decode_header(&bad, SEED), Err(DecodeError::BadHeader(_))),
+                "a change at header byte {at} passed"
+            );
+        }
+        assert_eq!(decode_header(&v3, SEED_2).unwrap_err(), DecodeError::BadHeader("reserved byte set"));
+        let v2 = encode_with(SEED_2, 7, 1, Kind::Value, b"key", b"m", b"value");
+        assert_eq!(decode_header(&v2, SEED).unwrap_err(), DecodeError::BadHeader("header check mismatch"));
+        // A value length over 16 MiB cannot be written in 24 bits: the
+        // limit keeps every value within them.
+        let big = encode(1, 1, Kind::Value, b"k", b"", &vec![1u8; VALUE_LEN_HARD_CAP]);
+        assert_eq!(decode_record(&big, SEED).unwrap().value.len(), VALUE_LEN_HARD_CAP);
     }
 
     /// A record verifies only under the seed it was written with: bytes a
@@ -694,7 +829,11 @@ mod tests {
     fn a_record_verifies_only_under_its_own_seed() {
         let bytes = encode(7, 1, Kind::Value, b"key", b"m", b"value");
         assert!(decode_record(&bytes, SEED).is_ok());
-        for other in [Seed::FORMAT_1, Seed(SEED.0 ^ 1), Seed(u64::MAX)] {
+        for other in [Seed::format_3(SEED.value ^ 1), Seed::format_3(u64::MAX)] {
+            assert!(decode_record(&bytes, other).is_err(), "{other:?}");
+        }
+        let bytes = encode_with(SEED_2, 7, 1, Kind::Value, b"key", b"m", b"value");
+        for other in [Seed::FORMAT_1, Seed::format_2(SEED.value ^ 1), Seed::format_2(u64::MAX)] {
             assert!(matches!(decode_record(&bytes, other), Err(DecodeError::BadChecksum { .. })), "{other:?}");
         }
         // The cache's path does not hash, so it takes any seed's bytes:
@@ -704,7 +843,7 @@ mod tests {
 
     #[test]
     fn golden_tombstone_record() {
-        let bytes = encode(1, 0, Kind::Tombstone, b"k", b"", b"");
+        let bytes = encode_with(SEED_2, 1, 0, Kind::Tombstone, b"k", b"", b"");
         assert_eq!(bytes.len(), 33);
         assert_eq!(&bytes[8..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, b'k']);
     }
@@ -748,8 +887,15 @@ mod tests {
 
     #[test]
     fn oversized_lengths_are_rejected_before_reading_the_body() {
-        let mut bytes = encode(1, 1, Kind::Value, b"k", b"", b"v");
+        let mut bytes = encode_with(SEED_2, 1, 1, Kind::Value, b"k", b"", b"v");
         bytes[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_record(&bytes, SEED_2), Err(DecodeError::BadHeader("value length out of range")));
+        // Format 3: the largest 24-bit length, under a header check that
+        // matches it.
+        let mut bytes = encode(1, 1, Kind::Value, b"k", b"", b"v");
+        bytes[24..27].copy_from_slice(&[0xff; 3]);
+        let header: &mut [u8; RECORD_HEADER_LEN] = (&mut bytes[..RECORD_HEADER_LEN]).try_into().unwrap();
+        [header[CHECK_LO], header[CHECK_HI]] = SEED.header_check_of(header).to_le_bytes();
         assert_eq!(decode_record(&bytes, SEED), Err(DecodeError::BadHeader("value length out of range")));
     }
 
@@ -847,22 +993,27 @@ mod tests {
         assert_eq!(parse_file_name("seg-99999999999.log"), None, "past u32");
     }
 
-    /// The format file: format 2 carries its seed and a check of it;
-    /// format 1 means seed 0; another version, a format 2 file without a
-    /// seed, or one whose check does not match, is refused.
+    /// The format file: formats 2 and 3 carry their seed and a check of
+    /// it; format 1 means seed 0; another version, a file without a seed,
+    /// or one whose check does not match, is refused.
     #[test]
     fn format_files() {
+        let two = format_file_contents(SEED_2);
+        assert!(two.starts_with(b"gyre storage format 2\nrecord seed 0x0123456789abcdef\n"));
+        assert_eq!(parse_format_file(&two), Ok(SEED_2));
         let file = format_file_contents(SEED);
         assert_eq!(file.len(), crate::limits::BLOCK_SIZE);
-        let head = b"gyre storage format 2\nrecord seed 0x0123456789abcdef\n";
+        let head = b"gyre storage format 3\nrecord seed 0x0123456789abcdef\n";
         assert!(file.starts_with(head));
         let check = format!("check {:#018x}\n", xxh3_64(head));
         assert!(file[head.len()..].starts_with(check.as_bytes()));
         assert_eq!(parse_format_file(&file), Ok(SEED));
-        assert_eq!(parse_format_file(&format_file_contents(Seed(u64::MAX))), Ok(Seed(u64::MAX)));
+        let max = Seed::format_3(u64::MAX);
+        assert_eq!(parse_format_file(&format_file_contents(max)), Ok(max));
         assert_eq!(parse_format_file(b"gyre storage format 1\n\n\n"), Ok(Seed::FORMAT_1));
-        assert_eq!(parse_format_file(b"gyre storage format 3\nrecord seed 0x1\n"), Err(FormatFileError::Version(3)));
+        assert_eq!(parse_format_file(b"gyre storage format 4\nrecord seed 0x1\n"), Err(FormatFileError::Version(4)));
         assert_eq!(parse_format_file(b"gyre storage format 2\n\n"), Err(FormatFileError::Unreadable));
+        assert_eq!(parse_format_file(b"gyre storage format 3\n\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(b"not gyre\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(&[0xff, 0xfe]), Err(FormatFileError::Unreadable));
         // Any change to a digit of the seed or of the check is caught.

@@ -270,7 +270,7 @@ mod tests {
     use super::*;
     use crate::storage::format::decode_record;
 
-    const SEED: Seed = Seed(0x5eed);
+    const SEED: Seed = Seed::format_3(0x5eed);
 
     fn put(w: &mut LogWriter, key: &str, val_len: usize) -> Appended {
         w.append(1, Kind::Value, key.as_bytes(), b"", &vec![b'v'; val_len])
