@@ -690,3 +690,23 @@ fn compaction_removes_a_segment_that_began_as_the_spare() {
         assert!(engine.verify().await.unwrap().is_empty());
     });
 }
+
+/// A rename is done by its first poll, so that one whose future is
+/// dropped never happens later (found by a review: a rename handed to
+/// glommio's blocking pool ran after its future was dropped, and a flush
+/// leader dropped at the spare's rename to a segment's name could have it
+/// replace the segment the next leader had made and written since).
+#[test]
+fn a_rename_is_done_by_its_first_poll() {
+    in_fresh_dir(|path| async move {
+        let backend = GlommioBackend::open(&path).await.unwrap();
+        new_file(&backend, "from", &[7u8; BLOCK_SIZE]).await;
+        {
+            let rename = backend.rename("from", "to");
+            let mut rename = std::pin::pin!(rename);
+            let done = futures_lite::future::poll_once(&mut rename).await;
+            assert!(matches!(done, Some(Ok(()))), "{done:?}");
+        }
+        assert!(path.join("to").exists() && !path.join("from").exists());
+    });
+}

@@ -533,8 +533,16 @@ impl Backend for GlommioBackend {
     }
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let (from, to) = (self.dir.join(from), self.dir.join(to));
-        glommio::executor().spawn_blocking(move || std::fs::rename(from, to)).await
+        // On the shard's thread, done by the first poll: a rename handed to
+        // glommio's blocking pool runs even if its future is dropped, and
+        // could then land after the engine moved on. A flush leader
+        // dropped at the spare's rename to `seg-N` left the next leader to
+        // create `seg-N` itself, and the late rename replaced that file,
+        // already written and acknowledged, with the spare (found by a
+        // review); a late `spare-segment.tmp` rename could likewise take a
+        // newer spare's place. A rename is a metadata change of a few
+        // microseconds, made once a segment.
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
     }
 
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {

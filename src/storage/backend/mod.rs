@@ -77,7 +77,8 @@ pub trait Backend {
     /// that still has a name (a hard link) is only closed.
     async fn release(&self, file: Self::File) -> io::Result<()>;
     /// Renames a file (open handles stay valid); durable once the
-    /// directory is synced.
+    /// directory is synced. Done when its first poll returns: a rename
+    /// whose future is dropped must not happen later.
     async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Replaces a whole small file durably: temporary file, sync, rename,
     /// directory sync.
