@@ -117,7 +117,9 @@ pub struct ShardCounters {
     pub forwarded_out: Cell<u64>,
     /// Requests other shards handed to this one.
     pub forwarded_in: Cell<u64>,
-    /// Frames refused as malformed or oversized (their connection closed).
+    /// Frames refused as malformed (their connection closed); an
+    /// oversized one within the protocol's limit is skipped and the
+    /// connection goes on.
     pub malformed_frames: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
@@ -1050,10 +1052,6 @@ fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -
 }
 
 impl Shard {
-    /// The reply to a frame of `len` body bytes over this node's `max`: a
-    /// PUT's value is too large for this node (`ValueTooLarge`, as the
-    /// store answers a value just over the limit), anything else is a
-    /// frame too large.
     /// The largest body this shard reads of the frame whose header
     /// starts `buf` (a replica write's limit, or a client request's).
     fn max_body(&self, buf: &[u8]) -> usize {
@@ -1063,6 +1061,10 @@ impl Shard {
         }
     }
 
+    /// The reply to a frame of `len` body bytes over this node's `max`: a
+    /// PUT's value is too large for this node (`ValueTooLarge`, as the
+    /// store answers a value just over the limit), anything else is a
+    /// frame too large.
     fn oversized_frame_reply(&self, header: &[u8; HEADER_LEN], len: usize, max: usize) -> Vec<u8> {
         let id = crate::wire::peek_request_id(header).unwrap_or(0);
         if crate::wire::peek_opcode(header) == Some(crate::wire::op::PUT) {

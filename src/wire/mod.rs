@@ -963,6 +963,7 @@ pub fn check_decoder(data: &[u8]) {
         if let Ok((req, quorum)) = Request::decode_with(&header, body) {
             let mut out = Vec::new();
             req.encode_with(&mut out, header.request_id, header.shard, header.deadline_us, quorum);
+            add_request_flags(&mut out, header.flags & flags::FORWARDED);
             assert_eq!(&out[..], &data[at..at + total], "a request re-encodes to its bytes");
         }
         if let Ok(resp) = Response::decode(header.opcode, body) {
