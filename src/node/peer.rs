@@ -45,7 +45,7 @@ use super::front::Front;
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx, Ring};
 use crate::notify::Notify;
-use crate::wire::{split_frame, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use crate::wire::{split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -145,6 +145,14 @@ impl PeerConn {
         self.queued.notify_all();
         self.died.notify_all();
     }
+}
+
+/// Whether a reply frame with request id 0 is a node's refusal of the
+/// whole connection at its connection limit (`node::refuse_connection`):
+/// one `Overloaded` error, sent before it reads anything. Calls never use
+/// id 0.
+fn refused_at_accept(opcode: u8, body: &[u8]) -> bool {
+    matches!(Response::decode(opcode, body), Ok(Response::Error { code: ErrorCode::Overloaded, .. }))
 }
 
 /// The frames of `batch` (ending at the offsets in `spans`) whose deadline
@@ -452,6 +460,16 @@ impl Peers {
             loop {
                 match split_frame(&buf[start..end], MAX_BODY_LEN) {
                     Ok(Some((h, total))) => {
+                        if h.request_id == 0 && refused_at_accept(h.opcode, &buf[start + HEADER_LEN..start + total]) {
+                            // The peer read none of this connection's
+                            // frames: its calls were never taken, and it
+                            // is not dialed again for a while (it said it
+                            // failed as "may have been taken", and was
+                            // redialed at once; found by a review).
+                            conn.sent_upto.set(0);
+                            self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
+                            break 'read "it refused the connection (at its connection limit)".to_string();
+                        }
                         if let Some(slot) = conn.pending.borrow_mut().remove(&h.request_id) {
                             slot.set(Ok(buf[start..start + total].to_vec()));
                         }
@@ -534,6 +552,27 @@ async fn write_bounded(sock: &super::front::Socket, batch: &[u8]) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node's refusal of a whole connection (one `Overloaded` error with
+    /// request id 0, `node::refuse_connection`) is told from any other
+    /// reply, so that calls on it fail as never sent.
+    #[test]
+    fn a_refusal_at_the_connection_limit_is_recognised() {
+        let frame = |resp: Response<'_>| {
+            let mut out = Vec::new();
+            resp.encode(&mut out, 0, 0);
+            out
+        };
+        let refusal = frame(Response::Error { code: ErrorCode::Overloaded, message: "too many connections" });
+        assert!(refused_at_accept(refusal[3], &refusal[HEADER_LEN..]));
+        for other in [
+            frame(Response::Error { code: ErrorCode::Malformed, message: "bad magic" }),
+            frame(Response::ReplicaPut),
+            frame(Response::Pong(crate::wire::NodeInfo { node_id: 1, partitions: 64, shard: 0, ports: vec![1] })),
+        ] {
+            assert!(!refused_at_accept(other[3], &other[HEADER_LEN..]));
+        }
+    }
 
     #[test]
     fn only_frames_past_their_deadline_are_dropped() {
