@@ -182,6 +182,11 @@ impl NodeConfig {
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
+        // The flag refuses an empty path; the config file did not, and a
+        // node then locked the current directory (found by a review).
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir is empty: name a directory");
+        }
         if self.tcp_keepalive > MAX_TCP_KEEPALIVE_S {
             bail!(
                 "tcp_keepalive {} s is over Linux's limit of {MAX_TCP_KEEPALIVE_S} s (0 turns it off)",
@@ -385,6 +390,12 @@ pub fn read_node_file(dir: &Path) -> anyhow::Result<NodeFile> {
     }
     if node.shards == 0 || node.shards > MAX_SHARDS {
         bail!("{} says the node has {} shards: a node has 1 to {MAX_SHARDS}", node_path.display(), node.shards);
+    }
+    // Ids are drawn from 1 up: 0 is no node's, and a start waited forever
+    // for an actor of 0, which it reads as "not chosen yet" (found by a
+    // review; `gyre check` passed such a file).
+    if node.node_id == 0 || node.actor == Some(0) {
+        bail!("{} names node id or actor 0, which no node has; refusing to serve it", node_path.display());
     }
     Ok(node)
 }
@@ -768,6 +779,34 @@ mod tests {
         let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
         assert!(e.contains("shard-000") && e.contains("no NODE file"), "{e}");
         assert!(!dir.path().join(NODE_FILE).exists(), "nothing was written");
+    }
+
+    /// Found by a review: a NODE file naming actor 0 (or node id 0, the
+    /// actor when none is named) made a start wait forever, and `gyre
+    /// check` passed it; a config file's empty `data_dir` locked the
+    /// current directory. Both are refused.
+    #[test]
+    fn a_node_file_naming_id_0_and_an_empty_data_dir_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+        let mut data = lock_data_dir(&config, 2, 7).unwrap();
+        data.begin_run(9).unwrap();
+        data.persist().unwrap();
+        drop(data);
+        let path = dir.path().join(NODE_FILE);
+        let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (field, zero) in [("actor", 0), ("node_id", 0)] {
+            let mut bad = good.clone();
+            bad[field] = zero.into();
+            if field == "node_id" {
+                bad.as_object_mut().unwrap().remove("actor");
+            }
+            std::fs::write(&path, bad.to_string()).unwrap();
+            let e = open_data_dir(&config, 2, 8).unwrap_err().to_string();
+            assert!(e.contains("actor 0"), "{field}: {e}");
+        }
+        let empty = NodeConfig { data_dir: PathBuf::new(), ..Default::default() };
+        assert!(empty.validate().unwrap_err().to_string().contains("data_dir is empty"));
     }
 
     /// A data directory records what it serves, and refuses to be served as
