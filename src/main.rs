@@ -607,7 +607,21 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the gyre executable")?;
     let me = std::process::id() as libc::pid_t;
     let mut children: Vec<(String, std::process::Child)> = Vec::new();
+    // A stop asked for while the nodes start (SIGTERM to `gyre dev` alone)
+    // is taken between nodes and while one starts: it waited for every
+    // node to be up, or for ever if a start hung (found by a review).
+    let stopped_while_starting = |children: &mut Vec<(String, std::process::Child)>| {
+        note!("gyre dev: stopping {} nodes before all started", children.len());
+        let failed = stop_nodes(children, grace, &signals, 1);
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(anyhow::anyhow!("not every node stopped cleanly: {}", failed.join("; "))),
+        }
+    };
     for node in &file.nodes {
+        if signals.load(Ordering::SeqCst) > 0 {
+            return stopped_while_starting(&mut children);
+        }
         let data = args.data_dir.join(&node.name);
         let mut command = std::process::Command::new(&exe);
         command
@@ -633,19 +647,35 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut child = match spawned {
             Ok(child) => child,
             Err(e) => {
-                stop_nodes(&mut children, grace, &signals);
+                let now = signals.load(Ordering::SeqCst);
+                stop_nodes(&mut children, grace, &signals, now);
                 return Err(e);
             }
         };
+        // The node's first line says it is ready; the rest is drained.
         let stdout = child.stdout.take().expect("piped");
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-        let ready = lines.next().and_then(Result::ok).filter(|l| l.contains(" ready: "));
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let _ = first_tx.send(lines.next().and_then(Result::ok));
+            lines.for_each(drop);
+        });
         children.push((node.name.clone(), child));
+        let ready = loop {
+            match first_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => break line.filter(|l| l.contains(" ready: ")),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if signals.load(Ordering::SeqCst) > 0 => {
+                    return stopped_while_starting(&mut children);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        };
         let Some(ready) = ready else {
-            stop_nodes(&mut children, grace, &signals);
+            let now = signals.load(Ordering::SeqCst);
+            stop_nodes(&mut children, grace, &signals, now);
             bail!("node {} did not start (its log is above)", node.name);
         };
-        std::thread::spawn(move || lines.for_each(drop));
         note!("gyre dev: {} {ready}", node.name);
     }
     let addrs: Vec<String> = file.nodes.iter().map(|n| n.addr.to_string()).collect();
@@ -664,19 +694,34 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     // Nodes that ended other than by a clean stop: they make `gyre dev`
     // fail, once the others are stopped.
     let mut failed = Vec::new();
+    // Failures already said.
+    let mut said = 0;
     while signals.load(Ordering::SeqCst) == 0 {
         children.retain_mut(|(name, c)| match c.try_wait() {
             Ok(Some(status)) => {
-                note!("gyre dev: node {name} exited ({status}); the others keep running");
                 failed.push(format!("{name} exited while running ({status})"));
                 false
             }
             _ => true,
         });
+        if failed.len() > said {
+            // Nothing left to run: it stayed up with no node (found by a
+            // review).
+            if children.is_empty() {
+                bail!("every node has exited: {}", failed.join("; "));
+            }
+            for f in &failed[said..] {
+                note!("gyre dev: node {f}; {} keep running", children.len());
+            }
+            said = failed.len();
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     note!("gyre dev: stopping {} nodes", children.len());
-    failed.extend(stop_nodes(&mut children, grace, &signals));
+    // The stop's own signal is the first: any later one is a second,
+    // even if it came before this looked (found by a review: two signals
+    // close together were taken for one).
+    failed.extend(stop_nodes(&mut children, grace, &signals, 1));
     if !failed.is_empty() {
         bail!("not every node stopped cleanly: {}", failed.join("; "));
     }
@@ -684,17 +729,17 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Stops `gyre dev`'s nodes: SIGTERM to each, then up to `grace` for them
-/// to exit. Those still running past it, or once another SIGINT or SIGTERM
-/// arrives (`signals` moves), are killed (SIGKILL), said on stderr, and
-/// reaped (each for up to [`DEV_KILL_WAIT`]). Returns what went wrong
-/// with each node that did not exit 0 on SIGTERM (it failed, or was
-/// killed); `children` is left empty.
+/// to exit. Those still running past it, or once `signals` counts more
+/// than `seen` SIGINTs and SIGTERMs, are killed (SIGKILL), said on
+/// stderr, and reaped (each for up to [`DEV_KILL_WAIT`]). Returns what
+/// went wrong with each node that did not exit 0 on SIGTERM (it failed, or
+/// was killed); `children` is left empty.
 fn stop_nodes(
     children: &mut Vec<(String, std::process::Child)>,
     grace: Duration,
     signals: &AtomicUsize,
+    seen: usize,
 ) -> Vec<String> {
-    let seen = signals.load(Ordering::SeqCst);
     for (_, c) in children.iter() {
         // SAFETY: kill(2) on a child we started and have not reaped (its
         // pid cannot have been reused); no memory is involved.
@@ -717,7 +762,7 @@ fn stop_nodes(
         if children.is_empty() {
             return failed;
         }
-        if signals.load(Ordering::SeqCst) != seen {
+        if signals.load(Ordering::SeqCst) > seen {
             break "a second signal: not waiting".to_string();
         }
         if Instant::now() >= deadline {

@@ -988,7 +988,7 @@ fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
     // `gyre dev` notices it before it is stopped.
     eventually("gyre dev noticing the killed node", Duration::from_secs(10), || {
         let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
-        match log.contains("the others keep running") {
+        match log.contains("2 keep running") {
             true => Ok(()),
             false => Err(log),
         }
@@ -997,6 +997,20 @@ fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
     assert!(!status.success(), "gyre dev exited 0 after a node was killed: {log}");
     assert!(log.contains("not every node stopped cleanly") && log.contains("exited while running"), "{log}");
     assert_eq!(log.matches(" stopped\n").count(), 2, "the two others stopped cleanly: {log}");
+}
+
+/// Found by a review: `gyre dev` stayed up once every node had died,
+/// saying "the others keep running" of none. It now exits, failing.
+#[test]
+fn gyre_dev_exits_when_every_node_has_died() {
+    let (dir, _port, mut dev) = dev_on_free_port(&["--shards", "1"]);
+    for &pid in &dev.nodes {
+        // SAFETY: kill(2) on a process id; no memory is involved.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15)).expect("gyre dev exits by itself");
+    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap();
+    assert!(!status.success() && log.contains("every node has exited"), "{status}: {log}");
 }
 
 /// A replica write whose versions do not decode is the sender's malformed
