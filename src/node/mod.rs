@@ -705,6 +705,16 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         if let Ok(e) = err_rx.try_recv() {
             return fail(e);
         }
+        // A shard ended before all serve, and not on a stop: it failed
+        // (its error is sent before it ends) or panicked. The others
+        // waited for it for ever (a review's reading).
+        if !shutdown.load(Ordering::SeqCst)
+            && ready.load(Ordering::SeqCst) < shards
+            && threads.iter().any(|t| t.is_finished())
+        {
+            let e = err_rx.try_recv().unwrap_or_else(|_| anyhow::anyhow!("a shard panicked while the node started"));
+            return fail(e);
+        }
         if gate.opened.load(Ordering::SeqCst) == shards && gate.actor.load(Ordering::SeqCst) == 0 {
             // Every shard recovered its storage; none takes a write before
             // this. Recovery that lost records (damage, a torn write)
