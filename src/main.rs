@@ -459,9 +459,10 @@ struct NodeArgs {
 
 #[derive(clap::Args)]
 struct DevArgs {
-    /// Nodes in the cluster.
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
+    /// Nodes in a new cluster [default: 3]; an existing one keeps its own
+    /// (one given that differs is refused).
+    #[arg(long)]
+    nodes: Option<usize>,
     /// Directory of the cluster file and of each node's data (DIR/n1, ...).
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
@@ -547,9 +548,12 @@ fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
 /// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
 /// node also gets SIGTERM if `gyre dev` dies without stopping it
 /// (`kill -9`): see [`die_with_parent`].
+/// Nodes of a new `gyre dev` cluster unless `--nodes` says.
+const DEV_NODES: usize = 3;
+
 fn dev(args: DevArgs) -> anyhow::Result<()> {
     use gyre::node::cluster::{ClusterFile, NodeEntry};
-    if args.nodes == 0 || args.nodes > 250 {
+    if args.nodes.is_some_and(|n| n == 0 || n > 250) {
         bail!("--nodes must be between 1 and 250 (one loopback address each)");
     }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -558,12 +562,14 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         let (file, _) = ClusterFile::load(&path)?;
         // Its port, N, R and W stand; the flags shape only a new cluster.
         note!("gyre dev: reusing {} (remove {} for a new cluster)", path.display(), args.data_dir.display());
-        if file.nodes.len() != args.nodes {
+        // Only a count given that differs is refused: the default is for a
+        // new cluster (a review found it refused every reuse of a cluster
+        // of another size, the README saying it is reused as it is).
+        if let Some(nodes) = args.nodes.filter(|&n| n != file.nodes.len()) {
             bail!(
-                "{} describes a {}-node cluster, not {}; use another --data-dir or remove it",
+                "{} describes a {}-node cluster, not {nodes}; use another --data-dir or remove it",
                 path.display(),
                 file.nodes.len(),
-                args.nodes
             );
         }
         file
@@ -577,7 +583,8 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
                 args.data_dir.display()
             );
         }
-        let nodes = (1..=args.nodes)
+        let count = args.nodes.unwrap_or(DEV_NODES);
+        let nodes = (1..=count)
             .map(|i| NodeEntry {
                 name: format!("n{i}"),
                 addr: std::net::SocketAddr::from(([127, 0, 0, i as u8], args.port)),
@@ -586,9 +593,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .collect();
         let file = ClusterFile {
             partitions: gyre::core::partition::DEFAULT_PARTITIONS,
-            n: args.replicas.min(args.nodes),
-            r: args.read_quorum.min(args.nodes),
-            w: args.write_quorum.min(args.nodes),
+            n: args.replicas.min(count),
+            r: args.read_quorum.min(count),
+            w: args.write_quorum.min(count),
             nodes,
             namespaces: Vec::new(),
         };
@@ -597,11 +604,11 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         file
     };
     let cores = gyre::node::allowed_cpus().len();
-    let default_shards = (cores / args.nodes).max(1);
+    let default_shards = (cores / file.nodes.len()).max(1);
     // The nodes share the machine's memory as they share its cores: each
     // takes its part of the one node's default cache.
-    let cache =
-        gyre::node::config::default_node_cache_bytes(gyre::node::memory::available()).map(|b| b / args.nodes as u64);
+    let cache = gyre::node::config::default_node_cache_bytes(gyre::node::memory::available())
+        .map(|b| b / file.nodes.len() as u64);
     let grace = args.stop_grace.unwrap_or(DEV_STOP_GRACE);
     let signals = signal_counter()?;
     let exe = std::env::current_exe().context("finding the gyre executable")?;

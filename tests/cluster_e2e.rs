@@ -841,8 +841,8 @@ impl Drop for Dev {
 }
 
 /// Starts `gyre dev` (three one-shard nodes on 127.0.0.1-3 at a free port,
-/// data under `dir`) and waits for its ready line; `Err` with its log if it
-/// exits first.
+/// data under `dir`, unless `dir` holds another cluster) and waits for its
+/// ready line; `Err` with its log if it exits first.
 fn start_dev(dir: &std::path::Path, port: &str) -> Result<(Dev, String), String> {
     start_dev_with(dir, port, &["--shards", "1"])
 }
@@ -853,7 +853,7 @@ fn start_dev_with(dir: &std::path::Path, port: &str, extra: &[&str]) -> Result<(
     let log_path = dir.join("dev.log");
     let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
     let child = Command::new(GYRE)
-        .args(["dev", "--nodes", "3", "--port", port])
+        .args(["dev", "--port", port])
         .args(extra)
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -997,6 +997,28 @@ fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
     assert!(!status.success(), "gyre dev exited 0 after a node was killed: {log}");
     assert!(log.contains("not every node stopped cleanly") && log.contains("exited while running"), "{log}");
     assert_eq!(log.matches(" stopped\n").count(), 2, "the two others stopped cleanly: {log}");
+}
+
+/// Found by a review: `gyre dev` refused to reuse a cluster of another
+/// size than its default of three unless given `--nodes`, though an
+/// existing cluster file is reused as it is; a count given that differs
+/// is still refused.
+#[test]
+fn gyre_dev_reuses_a_cluster_of_any_size_without_nodes_given() {
+    let (dir, port, mut dev) = dev_on_free_port(&["--shards", "1", "--nodes", "2"]);
+    assert_eq!(dev.nodes.len(), 2);
+    assert!(stop_dev(&mut dev, dir.path()).0.success());
+    let (mut again, _) = start_dev_with(dir.path(), &port, &[]).expect("reused as it is");
+    again.nodes = children_of(again.child.id());
+    assert_eq!(again.nodes.len(), 2, "the cluster's own two nodes");
+    assert!(stop_dev(&mut again, dir.path()).0.success());
+    let out = Command::new(GYRE)
+        .args(["dev", "--nodes", "3", "--port", &port, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("2-node cluster, not 3"), "{err}");
 }
 
 /// Found by a review: `gyre dev` stayed up once every node had died,
