@@ -110,8 +110,9 @@ enum Command {
     Dev(DevArgs),
     /// Print a cluster's ring: members, partitions owned, replica load.
     Ring {
-        /// Read the ring from this cluster file instead of asking a node.
-        #[arg(long)]
+        /// Read the ring from this cluster file instead of asking a node
+        /// (no --node or --timeout then: nothing is asked).
+        #[arg(long, conflicts_with_all = ["node", "timeout"])]
         cluster: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,

@@ -617,6 +617,16 @@ fn a_timeout_that_is_not_a_duration_is_refused_clearly() {
     }
 }
 
+/// `gyre ring --cluster` asks no node: a --node or --timeout beside it is
+/// refused, not ignored (found by a review).
+#[test]
+fn ring_from_a_cluster_file_refuses_node_flags() {
+    for flag in [["--node", "127.0.0.1:9"], ["--timeout", "1"]] {
+        let (ok, _, err) = cli(&["ring", "--cluster", "cluster.toml", flag[0], flag[1]]);
+        assert!(!ok && err.contains("cannot be used with"), "{flag:?}: {err}");
+    }
+}
+
 #[test]
 fn command_line_delete_without_a_context_deletes_what_is_there() {
     let dir = tmp();
