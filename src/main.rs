@@ -474,13 +474,16 @@ struct DevArgs {
     /// a node whose directory exists, the count it was made with].
     #[arg(long)]
     shards: Option<usize>,
-    /// Replicas per key, and the default read and write quorums.
-    #[arg(short = 'n', long, default_value_t = 3)]
-    replicas: usize,
-    #[arg(short = 'r', long, default_value_t = 2)]
-    read_quorum: usize,
-    #[arg(short = 'w', long, default_value_t = 2)]
-    write_quorum: usize,
+    /// Replicas per key, and the default read and write quorums, of a new
+    /// cluster [default: N=3, R=2, W=2, each at most the nodes (and R and
+    /// W at most N); one given is taken as it is, and a cluster it does
+    /// not fit is refused].
+    #[arg(short = 'n', long)]
+    replicas: Option<usize>,
+    #[arg(short = 'r', long)]
+    read_quorum: Option<usize>,
+    #[arg(short = 'w', long)]
+    write_quorum: Option<usize>,
     /// Durability of each node: always | interval(MS) | never.
     #[arg(long, default_value = "always")]
     fsync: FsyncPolicy,
@@ -585,6 +588,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             );
         }
         let count = args.nodes.unwrap_or(DEV_NODES);
+        // Defaults fit the cluster; a value given is not quietly changed
+        // (`-n 5` on three nodes made N=3; found by a review).
+        let n = args.replicas.unwrap_or(3.min(count));
         let nodes = (1..=count)
             .map(|i| NodeEntry {
                 name: format!("n{i}"),
@@ -594,9 +600,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .collect();
         let file = ClusterFile {
             partitions: gyre::core::partition::DEFAULT_PARTITIONS,
-            n: args.replicas.min(count),
-            r: args.read_quorum.min(count),
-            w: args.write_quorum.min(count),
+            n,
+            r: args.read_quorum.unwrap_or(2.min(n)),
+            w: args.write_quorum.unwrap_or(2.min(n)),
             nodes,
             namespaces: Vec::new(),
         };

@@ -617,6 +617,18 @@ fn a_timeout_that_is_not_a_duration_is_refused_clearly() {
     }
 }
 
+/// `gyre dev -n 5` on three nodes is refused, not quietly made N=3 (found
+/// by a review); the defaults still fit a smaller cluster.
+#[test]
+fn gyre_dev_refuses_a_quorum_its_cluster_cannot_have() {
+    let dir = tmp();
+    let data = dir.path().join("d").display().to_string();
+    let (ok, _, err) = cli(&["dev", "-n", "5", "--port", "9", "--data-dir", &data]);
+    assert!(!ok && err.contains("n = 5 is more than the 3 nodes"), "{err}");
+    let (ok, _, err) = cli(&["dev", "--nodes", "2", "-r", "3", "--port", "9", "--data-dir", &data]);
+    assert!(!ok && err.contains("r = 3"), "{err}");
+}
+
 /// `gyre ring --cluster` asks no node: a --node or --timeout beside it is
 /// refused, not ignored (found by a review).
 #[test]
