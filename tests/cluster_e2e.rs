@@ -1106,6 +1106,46 @@ fn writes_forwarded_around_a_cycle_of_members_all_complete() {
     eprintln!("{} forwarded writes in {:?}", 6 * PER_CONN, started.elapsed());
 }
 
+/// A member at its connection limit refuses a peer's new connection with
+/// one `Overloaded` frame before it reads anything. The peer took that
+/// for a connection lost after sending: a forwarded write failed as "may
+/// have been taken", and the next replica was not tried. It is now never
+/// sent, so the write goes to the next replica (found by a review).
+#[test]
+fn a_forwarded_write_moves_on_from_a_replica_that_refuses_the_connection() {
+    use std::io::Read;
+    let spec =
+        ClusterSpec { n: 2, r: 1, w: 1, args: vec!["--max-connections".into(), "3".into()], ..Default::default() };
+    let cluster = Cluster::start(spec);
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    let idx = |name: &str| view.ring.index_of(name).expect("a member");
+    let key_of = |prefs: [&str; 2]| {
+        (0..)
+            .map(|i| format!("refused-{i}"))
+            .find(|k| view.prefs.of_key(k.as_bytes()) == [idx(prefs[0]), idx(prefs[1])])
+    };
+    let mut n1 = connect_raw(&cluster, "n1");
+    // n1 coordinates a write that n2 replicates: it learns n2's ports over
+    // a replica connection, and opens none to relay requests yet.
+    let warm = key_of(["n1", "n2"]).expect("a key");
+    assert_eq!(put_at(&mut n1, &warm, "v", NO_CONTEXT), 1);
+    // Idle clients take n2's last connections.
+    let mut held = Vec::new();
+    loop {
+        let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        match s.read(&mut [0u8; 64]) {
+            Ok(n) if n > 0 => break,
+            _ => held.push(s),
+        }
+        assert!(held.len() < 3, "n2 never refused a connection");
+    }
+    let key = key_of(["n2", "n3"]).expect("a key");
+    let put = n1.call(&Request::Put { key: key.as_bytes(), context: &[], value: b"w" }, ANY_SHARD);
+    assert!(matches!(put, Ok(Reply::Put(_))), "the write went to n3: {put:?}");
+    drop(held);
+}
+
 /// A client of a cluster member that pipelines GETs of a large value and
 /// reads nothing makes the member stop starting them, as a lone node does:
 /// a member could not tell such a client from a peer forwarding to it, so

@@ -16,9 +16,7 @@
 //! queue; and the shard's queue of held writes (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
-//! replies, at most `MAX_RUNNING` of them in tasks of their own (other
-//! than requests another member forwarded, which wait on other members),
-//! and none
+//! replies, at most `MAX_RUNNING` of them in tasks of their own, and none
 //! starts while `MAX_QUEUED_REPLY_BYTES` of replies wait for the client
 //! (past any of these the reader stops reading: backpressure, not errors),
 //! nor once a write to the client failed;
@@ -57,8 +55,7 @@ pub(super) const MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Requests of one connection that may run at once in tasks of their own
 /// (not answered on the spot: a record read from disk, a request a
-/// cluster member coordinates; not one another member forwarded, see
-/// [`crate::wire::flags::FORWARDED`]). Their replies reach the queue only when they end,
+/// cluster member coordinates or relays). Their replies reach the queue only when they end,
 /// so the byte budget above does not see them coming: without this bound,
 /// a client that read nothing had all `MAX_IN_FLIGHT` of them run on cache
 /// misses, and their replies piled up past the budget (found by a review).
@@ -153,24 +150,18 @@ impl Outbox {
     }
 
     /// Queues the reply of a started request once `reply` has it, from a
-    /// task of its own (the reader goes on meanwhile).
-    /// `counted`: against [`MAX_RUNNING`]. Not a request another member
-    /// forwarded ([`crate::wire::flags::FORWARDED`]): peers' requests
-    /// share one connection per peer shard with their replica frames, and
-    /// with forwarding around a cycle of members, each member's reader
-    /// stopped at the bound, the replica frames the others' coordinators
-    /// waited for stayed unread, and everything waited for its deadline
-    /// (found by a review). Those stay bounded by `MAX_IN_FLIGHT` alone.
-    /// A client's own GET, PUT and DELETE are counted, on a cluster node
-    /// too (they were not while a connection could not tell a peer from a
-    /// client, found by a review).
-    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static, counted: bool) {
+    /// task of its own (the reader goes on meanwhile), counted against
+    /// [`MAX_RUNNING`] until then. Every request is, a cluster's
+    /// coordinated and relayed ones included: members relay client
+    /// requests on connections of their own, apart from replica messages
+    /// (`peer::Lane`), so a reader stopped at the bound by relayed
+    /// requests holds up no replica message they wait on.
+    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
         let out = self.clone();
-        let counted = usize::from(counted);
-        out.running.set(out.running.get() + counted);
+        out.running.set(out.running.get() + 1);
         glommio::spawn_local(async move {
             let reply = reply.await;
-            out.running.set(out.running.get() - counted);
+            out.running.set(out.running.get() - 1);
             out.push(&reply);
         })
         .detach();
@@ -452,21 +443,11 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                         continue;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
-                    let (owner, forwarded) = match Request::decode_with(&header, body) {
+                    let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
                             match out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
-                                // A GET, PUT or DELETE that a member
-                                // forwarded waits on other members here:
-                                // counted, a cycle of members forwarding
-                                // to each other stalled (found by a
-                                // review). A client's own are counted.
-                                Answer::No => (
-                                    owner,
-                                    shard.cluster.is_some()
-                                        && req.is_quorum_op()
-                                        && header.flags & crate::wire::flags::FORWARDED != 0,
-                                ),
+                                Answer::No => owner,
                                 Answer::Now => {
                                     start += total;
                                     continue;
@@ -499,7 +480,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
                         Some(reply) => out.push(&reply),
-                        None => out.push_later(fut, !forwarded),
+                        None => out.push_later(fut),
                     }
                 }
                 Ok(None) => break,

@@ -2,7 +2,9 @@
 //! cluster: replica reads and writes, and client requests it forwards to
 //! a key's coordinator.
 //!
-//! Owns: a connection per (peer node, peer shard), opened on first use;
+//! Owns: two connections per (peer node, peer shard), opened on first use:
+//! one for replica messages, one for the client requests it relays
+//! ([`Lane`]);
 //! each peer's shard ports (learned with a PING to its shard 0); the
 //! requests waiting for their replies; and the batching of outgoing
 //! frames.
@@ -231,6 +233,27 @@ impl OutQueue {
     }
 }
 
+/// Which of a shard's two connections to a peer shard a call takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    /// Replica messages: the peer answers them from its own store, waiting
+    /// on no other member.
+    Replica,
+    /// Client requests relayed to a replica, which coordinates them and so
+    /// waits on replica messages of its own. On a connection of their
+    /// own: sharing one with replica messages, a receiver whose reader
+    /// stopped at its bound on running requests (full of relayed requests)
+    /// left the replica messages behind them unread, and with members
+    /// relaying to each other in a cycle every relayed request waited on
+    /// another stopped reader until its deadline (found by reviews; the
+    /// relayed requests were then left out of the bound, which any client
+    /// could claim to be).
+    Forward,
+}
+
+/// A peer connection's key: the member, its shard, and the lane.
+type ConnKey = (MemberIdx, u16, Lane);
+
 /// A shard's view of its peers.
 pub struct Peers {
     /// The ring's members (shard 0's address and the name of each).
@@ -238,7 +261,7 @@ pub struct Peers {
     partitions: u32,
     /// Each peer's shard ports, learned by PING.
     ports: RefCell<HashMap<MemberIdx, Rc<Vec<u16>>>>,
-    conns: RefCell<HashMap<(MemberIdx, u16), Rc<PeerConn>>>,
+    conns: RefCell<HashMap<ConnKey, Rc<PeerConn>>>,
     /// Peers whose last connection attempt failed, until when they are
     /// not tried again.
     down_until: RefCell<HashMap<MemberIdx, Instant>>,
@@ -294,7 +317,8 @@ impl Peers {
                 shard_of(key, self.partitions, ports.len()) as u16
             }
         };
-        let conn = self.conn(member, shard);
+        let lane = if req.is_quorum_op() { Lane::Forward } else { Lane::Replica };
+        let conn = self.conn((member, shard, lane));
         if conn.dead.get() {
             return Err(self.fail(PeerError::Unreachable(name(), "the connection failed".into())));
         }
@@ -314,18 +338,7 @@ impl Peers {
         conn.next_id.set(id + 1);
         let left = deadline.saturating_duration_since(now);
         let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
-        conn.out.borrow_mut().push(
-            |out| {
-                let at = out.len();
-                req.encode_with(out, id, shard, deadline_us, quorum);
-                // A GET, PUT or DELETE sent to a member is one relayed
-                // for a client: the replica coordinates it (`FORWARDED`).
-                if req.is_quorum_op() {
-                    crate::wire::add_request_flags(&mut out[at..], crate::wire::flags::FORWARDED);
-                }
-            },
-            deadline,
-        );
+        conn.out.borrow_mut().push(|out| req.encode_with(out, id, shard, deadline_us, quorum), deadline);
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
         conn.queued.notify_all();
@@ -368,15 +381,16 @@ impl Peers {
         }
     }
 
-    /// The connection to `(member, shard)`, opened if there is none.
-    fn conn(self: &Rc<Self>, member: MemberIdx, shard: u16) -> Rc<PeerConn> {
-        if let Some(c) = self.conns.borrow().get(&(member, shard)) {
+    /// The connection of `key`, opened if there is none.
+    fn conn(self: &Rc<Self>, key: ConnKey) -> Rc<PeerConn> {
+        if let Some(c) = self.conns.borrow().get(&key) {
             if !c.dead.get() {
                 return c.clone();
             }
         }
+        let (member, shard, lane) = key;
         let conn = Rc::new(PeerConn {
-            name: format!("{} shard {shard}", self.name(member)),
+            name: format!("{} shard {shard} ({lane:?})", self.name(member)),
             out: RefCell::default(),
             pending: RefCell::default(),
             next_id: Cell::new(1),
@@ -385,20 +399,21 @@ impl Peers {
             queued: Notify::default(),
             died: Notify::default(),
         });
-        self.conns.borrow_mut().insert((member, shard), conn.clone());
+        self.conns.borrow_mut().insert(key, conn.clone());
         let mut addr = self.members[member as usize].addr;
         if shard != 0 {
             if let Some(p) = self.ports.borrow().get(&member).and_then(|p| p.get(shard as usize)) {
                 addr.set_port(*p);
             }
         }
-        glommio::spawn_local(self.clone().run_conn(member, shard, addr, conn.clone())).detach();
+        glommio::spawn_local(self.clone().run_conn(key, addr, conn.clone())).detach();
         conn
     }
 
     /// Connects, then writes queued frames and hands replies to their
     /// callers until the connection fails.
-    async fn run_conn(self: Rc<Self>, member: MemberIdx, shard: u16, addr: SocketAddr, conn: Rc<PeerConn>) {
+    async fn run_conn(self: Rc<Self>, key: ConnKey, addr: SocketAddr, conn: Rc<PeerConn>) {
+        let member = key.0;
         let sock = match self.front.connect(addr, CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
@@ -406,7 +421,7 @@ impl Peers {
                 tracing::debug!(peer = %conn.name, %addr, error = %e, "connecting to a peer failed");
                 // Its ports may have changed if it restarted.
                 self.ports.borrow_mut().remove(&member);
-                self.give_up(member, shard, &conn, &e.to_string());
+                self.give_up(key, &conn, &e.to_string());
                 return;
             }
         };
@@ -434,12 +449,7 @@ impl Peers {
                         Ok(()) => {}
                         Err(WriteError::Stalled) => {
                             bump(&peers.counters.write_stalls, 1);
-                            peers.give_up(
-                                member,
-                                shard,
-                                &conn,
-                                &format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"),
-                            );
+                            peers.give_up(key, &conn, &format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"));
                             return;
                         }
                         Err(WriteError::Io(e)) => {
@@ -502,24 +512,24 @@ impl Peers {
             }
         };
         tracing::debug!(peer = %conn.name, why, "peer connection closed");
-        self.forget(member, shard, &conn);
+        self.forget(key, &conn);
         conn.kill(&why);
         writer_task.await;
     }
 
     /// Gives up on `conn` to a peer that failed it: the peer is not dialed
     /// again for [`RETRY_AFTER`], and the connection's calls fail with `why`.
-    fn give_up(&self, member: MemberIdx, shard: u16, conn: &Rc<PeerConn>, why: &str) {
-        self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
-        self.forget(member, shard, conn);
+    fn give_up(&self, key: ConnKey, conn: &Rc<PeerConn>, why: &str) {
+        self.down_until.borrow_mut().insert(key.0, Instant::now() + RETRY_AFTER);
+        self.forget(key, conn);
         conn.kill(why);
     }
 
     /// Drops `conn` from the table if it is still the current one.
-    fn forget(&self, member: MemberIdx, shard: u16, conn: &Rc<PeerConn>) {
+    fn forget(&self, key: ConnKey, conn: &Rc<PeerConn>) {
         let mut conns = self.conns.borrow_mut();
-        if conns.get(&(member, shard)).is_some_and(|c| Rc::ptr_eq(c, conn)) {
-            conns.remove(&(member, shard));
+        if conns.get(&key).is_some_and(|c| Rc::ptr_eq(c, conn)) {
+            conns.remove(&key);
         }
     }
 }

@@ -19,8 +19,8 @@
 //!      0    2 magic        b"GY" (0x47 0x59)
 //!      2    1 version      protocol version, 1
 //!      3    1 opcode       see below; a reply is the request's opcode | 0x80
-//!      4    2 flags        request: 0x0001 QUORUM, 0x0002 FORWARDED;
-//!                          reply: 0x0001 STALE_ROUTE; any other bit is refused
+//!      4    2 flags        request: 0x0001 QUORUM; reply: 0x0001 STALE_ROUTE;
+//!                          any other bit is refused
 //!      6    2 shard        target shard of the node, 0xFFFF = any (the node routes)
 //!      8    8 request_id   chosen by the client, echoed in the reply
 //!     16    4 body_len     bytes after the header, <= MAX_BODY_LEN
@@ -80,10 +80,6 @@
 //!                             extra bytes, u8 r, u8 w, overriding the
 //!                             namespace's read and write quorum for this
 //!                             request (0 = keep the default)
-//! request 0x0002 FORWARDED    GET, PUT, DELETE: a cluster member relays
-//!                             the request for its client (the receiver
-//!                             does not count it against the connection's
-//!                             running requests); clients do not set it
 //! reply   0x0001 STALE_ROUTE  the node that answered is not in the key's
 //!                             preference list (it forwarded the request):
 //!                             a client routing by the ring should fetch it
@@ -184,19 +180,11 @@ pub mod op {
 pub mod flags {
     /// Request: the body starts with `u8 r, u8 w` quorum overrides.
     pub const QUORUM: u16 = 0x0001;
-    /// Request: a GET, PUT or DELETE that a cluster member relays for its
-    /// client to a replica of the key (it waits on other members there,
-    /// so the receiver does not count it against the sending connection's
-    /// running requests: a cycle of members forwarding to each other
-    /// would stall). Clients do not set it. Nothing checks who sets it: a
-    /// client that does is bounded by `MAX_IN_FLIGHT` alone, as every
-    /// client was before the flag.
-    pub const FORWARDED: u16 = 0x0002;
     /// Reply: the answering node is not a replica of the key; refresh the
     /// ring.
     pub const STALE_ROUTE: u16 = 0x0001;
     /// Every flag a request may carry.
-    pub const REQUEST_MASK: u16 = QUORUM | FORWARDED;
+    pub const REQUEST_MASK: u16 = QUORUM;
     /// Every flag a reply may carry.
     pub const REPLY_MASK: u16 = STALE_ROUTE;
 }
@@ -408,18 +396,6 @@ pub fn patch_reply(frame: &mut [u8], request_id: u64, flags: u16) {
     }
 }
 
-/// Adds request `flags` to an encoded request frame (how a member marks a
-/// request it forwards, [`flags::FORWARDED`]). Frames shorter than a
-/// header are left alone.
-pub fn add_request_flags(frame: &mut [u8], flags: u16) {
-    debug_assert_eq!(flags & !flags::REQUEST_MASK, 0);
-    if let Some(h) = frame.first_chunk_mut::<HEADER_LEN>() {
-        if let Ok(raw) = RawHeader::mut_from_bytes(h) {
-            raw.flags = U16::new(raw.flags.get() | flags);
-        }
-    }
-}
-
 /// The largest request body a node whose values are limited to
 /// `max_value_len` must read: a PUT of such a value with the largest key
 /// and context, and the QUORUM overrides.
@@ -594,11 +570,7 @@ impl Request<'_> {
     /// request and its quorum overrides.
     pub fn decode_with<'a>(header: &Header, body: &'a [u8]) -> Result<(Request<'a>, Quorum), WireError> {
         if header.flags & flags::QUORUM == 0 {
-            let req = Request::decode(header.opcode, body)?;
-            if header.flags & flags::FORWARDED != 0 && !req.is_quorum_op() {
-                return Err(malformed("FORWARDED flag on a request that is not a GET, PUT or DELETE"));
-            }
-            return Ok((req, Quorum::default()));
+            return Ok((Request::decode(header.opcode, body)?, Quorum::default()));
         }
         let (q, rest) = body.split_first_chunk::<2>().ok_or(malformed("quorum overrides"))?;
         let req = Request::decode(header.opcode, rest)?;
@@ -963,7 +935,6 @@ pub fn check_decoder(data: &[u8]) {
         if let Ok((req, quorum)) = Request::decode_with(&header, body) {
             let mut out = Vec::new();
             req.encode_with(&mut out, header.request_id, header.shard, header.deadline_us, quorum);
-            add_request_flags(&mut out, header.flags & flags::FORWARDED);
             assert_eq!(&out[..], &data[at..at + total], "a request re-encodes to its bytes");
         }
         if let Ok(resp) = Response::decode(header.opcode, body) {
@@ -1094,7 +1065,7 @@ mod tests {
         };
         assert!(matches!(hdr(&|b| b[0] = b'X'), Err(WireError::BadMagic(_))));
         assert_eq!(hdr(&|b| b[2] = 2), Err(WireError::UnsupportedVersion(2)));
-        assert_eq!(hdr(&|b| b[4] = 4), Err(WireError::UnknownFlags(4)));
+        assert_eq!(hdr(&|b| b[4] = 2), Err(WireError::UnknownFlags(2)));
         let too_big = hdr(&|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes()));
         assert!(matches!(too_big, Err(WireError::FrameTooLarge { .. })));
         // The receiver's own limit applies before the global one.
@@ -1156,29 +1127,6 @@ mod tests {
         bad.extend_from_slice(&[1, 1]);
         let (h, _) = split_frame(&bad, MAX_BODY_LEN).unwrap().unwrap();
         assert!(matches!(Request::decode_with(&h, &bad[HEADER_LEN..]), Err(WireError::Malformed { .. })));
-        // A forwarded DELETE: flag 0x0002 beside QUORUM, the body as sent.
-        let mut fwd = Vec::new();
-        Request::Delete { key: b"k", context: &[] }.encode_with(&mut fwd, 5, 0, 0, Quorum { r: 0, w: 3 });
-        add_request_flags(&mut fwd, flags::FORWARDED);
-        #[rustfmt::skip]
-        let expected = [
-            b'G', b'Y', 1, 0x12, 3, 0, 0, 0,
-            5, 0, 0, 0, 0, 0, 0, 0,
-            9, 0, 0, 0, 0, 0, 0, 0,
-            0, 3, 1, 0, 0, 0, 0, 0, b'k',
-        ];
-        assert_eq!(fwd, expected);
-        let (h, _) = split_frame(&fwd, MAX_BODY_LEN).unwrap().unwrap();
-        assert_eq!(h.flags, flags::QUORUM | flags::FORWARDED);
-        assert_eq!(
-            Request::decode_with(&h, &fwd[HEADER_LEN..]).unwrap().0,
-            Request::Delete { key: b"k", context: &[] }
-        );
-        // Only a GET, PUT or DELETE is forwarded.
-        let mut ping = plain.clone();
-        add_request_flags(&mut ping, flags::FORWARDED);
-        let (h, _) = split_frame(&ping, MAX_BODY_LEN).unwrap().unwrap();
-        assert!(matches!(Request::decode_with(&h, &ping[HEADER_LEN..]), Err(WireError::Malformed { .. })));
 
         let mut out = Vec::new();
         Request::ReplicaPut { key: b"k", meta: &[1, 2], value: b"v" }.encode(&mut out, 2, 1, 0);

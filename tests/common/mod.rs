@@ -252,12 +252,14 @@ pub struct ClusterSpec {
     pub w: usize,
     /// Every node's `--fsync`.
     pub fsync: String,
+    /// More arguments for every node.
+    pub args: Vec<String>,
 }
 
 impl Default for ClusterSpec {
     /// Three nodes, N = 3, R = W = 2, 64 partitions, no fsync.
     fn default() -> Self {
-        ClusterSpec { nodes: 3, partitions: 64, n: 3, r: 2, w: 2, fsync: "never".into() }
+        ClusterSpec { nodes: 3, partitions: 64, n: 3, r: 2, w: 2, fsync: "never".into(), args: Vec::new() }
     }
 }
 
@@ -335,6 +337,7 @@ impl Cluster {
         let mut args: Vec<OsString> = vec!["node".into(), "--cluster".into(), self.file.clone().into()];
         args.extend(["--name", &m.name, "--shards", "1", "--no-pin", "--fsync", &self.spec.fsync].map(OsString::from));
         args.extend(["--data-dir".into(), m.data_dir.clone().into()]);
+        args.extend(self.spec.args.iter().map(OsString::from));
         let node = Node::try_spawn(&args, &m.data_dir, Some(&m.log)).map_err(|e| format!("{}: {e}", m.name))?;
         assert_eq!(node.addr(), m.addr.to_string(), "{} listens where the cluster file says", m.name);
         self.members[i].node = Some(node);
