@@ -308,6 +308,12 @@ pub(crate) fn connect_error(addr: SocketAddr, source: io::Error, limit: Duration
     }
 }
 
+/// How long a connection must have been idle before a call looks whether
+/// the node closed it ([`Connection::closed_while_idle`], three system
+/// calls): calls back to back skip the look, and a node that stops and
+/// starts again takes far longer than this.
+const IDLE_CHECK_AFTER: Duration = Duration::from_millis(1);
+
 /// One connection to one shard, with pipelining: [`Connection::send`] any
 /// number of requests, then [`Connection::recv`] their replies, matched by
 /// the ids `send` returned (they may come back in any order).
@@ -330,6 +336,9 @@ pub struct Connection {
     /// none are owed, anything the node sends, or its closing, means the
     /// connection is done with ([`Self::closed_while_idle`]).
     owed: usize,
+    /// When the last reply was read (or the connection made): a connection
+    /// idle for less than [`IDLE_CHECK_AFTER`] is not looked at.
+    last_reply: Instant,
     /// A reply came flagged STALE_ROUTE (the node was not a replica of its
     /// key): the client's ring is out of date. Cleared by whoever acts on it.
     pub stale_route: bool,
@@ -368,6 +377,7 @@ impl Connection {
             write_timeout: config.request_timeout,
             broken: false,
             owed: 0,
+            last_reply: Instant::now(),
             stale_route: false,
         })
     }
@@ -388,7 +398,7 @@ impl Connection {
     /// reads had only one retry (found by a review). A connection with
     /// replies owed is never judged by it.
     fn closed_while_idle(&mut self) -> bool {
-        if self.owed > 0 || !self.wbuf.is_empty() {
+        if self.owed > 0 || !self.wbuf.is_empty() || self.last_reply.elapsed() < IDLE_CHECK_AFTER {
             return false;
         }
         if !self.rbuf.is_empty() || self.stream.set_nonblocking(true).is_err() {
@@ -517,6 +527,7 @@ impl Connection {
                     };
                     self.rbuf.drain(..total);
                     self.owed = self.owed.saturating_sub(1);
+                    self.last_reply = Instant::now();
                     self.stale_route |= header.flags & flags::STALE_ROUTE != 0;
                     return Ok((header.request_id, reply));
                 }

@@ -138,9 +138,11 @@ pub enum QuorumFailure {
     /// is returned.
     TooLarge { len: usize, max: usize },
     /// (Put only) Too few replicas took the write for W, and at least one
-    /// refused it for `limit` ([`ReplicaFailure::OverLimit`]): not a
-    /// failure a retry gets past, so reported as the limit (found by a
-    /// review: it was a plain quorum failure).
+    /// refused it for `limit` ([`ReplicaFailure::OverLimit`]): reported as
+    /// the limit (found by a review: it was a plain quorum failure, which
+    /// reads as worth retrying), since a retry fails alike while the
+    /// replicas hold what they hold. Unlike the same limit on a lone node,
+    /// the coordinator's own write was stored.
     OverLimit { limit: Limit, refused: usize, unreachable: usize },
 }
 

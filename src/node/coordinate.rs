@@ -448,7 +448,11 @@ impl Shard {
             Ok(Response::ReplicaPut) => Ok(None),
             Ok(Response::Error { code, message }) => {
                 tracing::debug!(peer = cs.peers.name(to), ?code, message, "a replica refused");
-                Err(refusal(code))
+                // Only a write's refusal can be for a limit (a merge).
+                Err(match msg {
+                    Outgoing::Put { .. } => refusal(code),
+                    Outgoing::Get => ReplicaFailure::Refused,
+                })
             }
             _ => Err(ReplicaFailure::Refused),
         }
