@@ -517,3 +517,33 @@ fn a_replica_messages_reply_to_a_client_request_is_a_protocol_error() {
     let err = client.get(b"k").unwrap_err();
     assert!(matches!(err, ClientError::Protocol { addr: a, .. } if a == addr), "{err:?}");
 }
+
+/// A node that stops answers its last request and closes the connection
+/// at once: a client calling again straight away must see that, not send
+/// a write into the closed connection (found by a review: a 1 ms idle
+/// threshold on the look let 20 of 20 such writes fail as "may have been
+/// taken").
+#[test]
+fn a_connection_closed_right_after_its_reply_is_not_reused() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let addr = scripted_node(l, move |id, req| {
+        Then::ReplyAndClose(match req {
+            Request::Ping => frame(Response::Pong(info(vec![port])), id),
+            Request::Put { .. } => frame(Response::Put { context: b"", siblings: 1 }, id),
+            other => panic!("fake node got {other:?}"),
+        })
+    });
+    let config =
+        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let mut failed = Vec::new();
+    for _ in 0..20 {
+        let mut client = Client::connect_with(&addr.to_string(), config.clone()).expect("connect");
+        // Long enough for the node's close to arrive, well under a ms.
+        thread::sleep(Duration::from_micros(200));
+        if let Err(e) = client.put(b"k", b"v", &Context::default()) {
+            failed.push(e.to_string());
+        }
+    }
+    assert!(failed.is_empty(), "{} of 20 writes sent into a closed connection: {:?}", failed.len(), failed.first());
+}

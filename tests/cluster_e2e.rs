@@ -1052,10 +1052,12 @@ fn a_replica_write_with_versions_that_do_not_decode_is_malformed() {
 
 /// Writes forwarded around a cycle of members (each member sent keys only
 /// the other two hold), many at a time: each member's coordinators wait on
-/// replica frames that come in on the same peer connections as the
-/// forwarded writes. A bound on the requests a connection runs in tasks
-/// that counted the forwarded ones stopped every member's reader there,
-/// and all the writes waited for their deadline (found by a review).
+/// replica frames from the others. When those came in on the same peer
+/// connections as the forwarded writes, a bound on the requests a
+/// connection runs in tasks stopped every member's reader there, behind
+/// the forwarded writes, and all the writes waited for their deadline
+/// (found by a review). Forwarded writes now have connections of their
+/// own, and count against the bound.
 #[test]
 fn writes_forwarded_around_a_cycle_of_members_all_complete() {
     use std::io::{Read, Write};
@@ -1143,6 +1145,13 @@ fn a_forwarded_write_moves_on_from_a_replica_that_refuses_the_connection() {
     let key = key_of(["n2", "n3"]).expect("a key");
     let put = n1.call(&Request::Put { key: key.as_bytes(), context: &[], value: b"w" }, ANY_SHARD);
     assert!(matches!(put, Ok(Reply::Put(_))), "the write went to n3: {put:?}");
+    // n2 still serves the connection n1 has: a write that n2 must take
+    // (W = 2) goes through, though n2 refused n1's new one (found by a
+    // review: the refusal marked all of n2 down).
+    let both = Quorum { r: 0, w: 2 };
+    let again = Request::Put { key: warm.as_bytes(), context: &[], value: b"v2" };
+    let put = n1.call_with(&again, ANY_SHARD, both);
+    assert!(matches!(put, Ok(Reply::Put(_))), "over the open replica connection: {put:?}");
     drop(held);
 }
 
@@ -1151,7 +1160,7 @@ fn a_forwarded_write_moves_on_from_a_replica_that_refuses_the_connection() {
 /// a member could not tell such a client from a peer forwarding to it, so
 /// it counted none of a client's GETs, PUTs and DELETEs against the
 /// requests a connection may have running, and ran up to 1024, holding
-/// every reply (found by a review). Members now flag what they forward.
+/// every reply (found by a review). Every request counts now.
 #[test]
 fn a_cluster_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
     use std::io::{Read, Write};

@@ -61,8 +61,9 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// ([`MAX_BODY_LEN`]). A healthy peer drains 4 MiB in milliseconds (a
 /// group of replica puts of one tick is far less), so a queue this long
 /// means the peer has stopped reading; with the socket buffers it bounds
-/// what a hung peer costs each shard per peer shard to ~15 MiB instead of
-/// all the writes of a request deadline.
+/// what a hung peer costs each shard per connection to ~15 MiB (two
+/// connections per peer shard, [`Lane`]) instead of all the writes of a
+/// request deadline.
 pub const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 /// How long one write to a peer may make no progress (not even
 /// [`WRITE_CHUNK`] bytes) before the connection is closed. As long as the
@@ -265,6 +266,12 @@ pub struct Peers {
     /// Peers whose last connection attempt failed, until when they are
     /// not tried again.
     down_until: RefCell<HashMap<MemberIdx, Instant>>,
+    /// Connections a member refused at its connection limit, until when
+    /// they are not dialed again. Per connection, not per member: the
+    /// member still serves the connections it has (found by a review:
+    /// marking the member down for a refused relay connection failed the
+    /// replica calls on its open one).
+    refused_until: RefCell<HashMap<ConnKey, Instant>>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
     pub counters: PeerCounters,
@@ -278,6 +285,7 @@ impl Peers {
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
+            refused_until: RefCell::default(),
             front,
             counters: PeerCounters::default(),
         }
@@ -318,7 +326,12 @@ impl Peers {
             }
         };
         let lane = if req.is_quorum_op() { Lane::Forward } else { Lane::Replica };
-        let conn = self.conn((member, shard, lane));
+        let key = (member, shard, lane);
+        if self.refused_until.borrow().get(&key).is_some_and(|&t| Instant::now() < t) {
+            let why = "it refused the connection (at its connection limit)";
+            return Err(self.fail(PeerError::Unreachable(name(), why.into())));
+        }
+        let conn = self.conn(key);
         if conn.dead.get() {
             return Err(self.fail(PeerError::Unreachable(name(), "the connection failed".into())));
         }
@@ -477,7 +490,7 @@ impl Peers {
                             // failed as "may have been taken", and was
                             // redialed at once; found by a review).
                             conn.sent_upto.set(0);
-                            self.down_until.borrow_mut().insert(member, Instant::now() + RETRY_AFTER);
+                            self.refused_until.borrow_mut().insert(key, Instant::now() + RETRY_AFTER);
                             break 'read "it refused the connection (at its connection limit)".to_string();
                         }
                         if let Some(slot) = conn.pending.borrow_mut().remove(&h.request_id) {
