@@ -414,6 +414,11 @@ fn a_read_moves_on_from_a_replica_that_is_stopping_and_a_write_does_not() {
     }
 }
 
+/// A client that sends everything to the node given, with a 2 s timeout.
+fn server_routed() -> ClientConfig {
+    ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() }
+}
+
 /// The reply frame of `resp` to request `id`.
 fn frame(resp: Response<'_>, id: u64) -> Vec<u8> {
     let mut out = Vec::new();
@@ -483,8 +488,7 @@ fn a_connection_the_node_closed_while_idle_is_not_reused() {
         };
         Then::ReplyAndClose(reply)
     });
-    let config =
-        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let config = server_routed();
     let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
     // The node's side closes each connection once its reply is written.
     let idle = Duration::from_millis(100);
@@ -511,8 +515,7 @@ fn a_replica_messages_reply_to_a_client_request_is_a_protocol_error() {
             _ => frame(Response::ReplicaPut, id),
         })
     });
-    let config =
-        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let config = server_routed();
     let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
     let err = client.get(b"k").unwrap_err();
     assert!(matches!(err, ClientError::Protocol { addr: a, .. } if a == addr), "{err:?}");
@@ -534,8 +537,7 @@ fn a_connection_closed_right_after_its_reply_is_not_reused() {
             other => panic!("fake node got {other:?}"),
         })
     });
-    let config =
-        ClientConfig { request_timeout: Duration::from_secs(2), routing: Routing::Server, ..Default::default() };
+    let config = server_routed();
     let mut failed = Vec::new();
     for _ in 0..20 {
         let mut client = Client::connect_with(&addr.to_string(), config.clone()).expect("connect");
