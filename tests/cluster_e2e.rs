@@ -1108,51 +1108,81 @@ fn writes_forwarded_around_a_cycle_of_members_all_complete() {
     eprintln!("{} forwarded writes in {:?}", 6 * PER_CONN, started.elapsed());
 }
 
-/// A member at its connection limit refuses a peer's new connection with
-/// one `Overloaded` frame before it reads anything. The peer took that
-/// for a connection lost after sending: a forwarded write failed as "may
-/// have been taken", and the next replica was not tried. It is now never
-/// sent, so the write goes to the next replica (found by a review).
+/// Idle clients at a member's connection limit do not lock the other
+/// members out of it (found by a review: members connect to the same
+/// ports, and every write failed its quorum while every node ran). Past
+/// the limit a connection is admitted into a reserve for members, where
+/// its first frame must be a HELLO naming one: a member's relay and
+/// replica connections get in, a client's first request is refused
+/// (`Overloaded`, request id 0), and a connection that sends nothing is
+/// closed.
 #[test]
-fn a_forwarded_write_moves_on_from_a_replica_that_refuses_the_connection() {
-    use std::io::Read;
+fn idle_clients_at_the_limit_do_not_lock_members_out() {
+    use std::io::{Read, Write};
     let spec =
         ClusterSpec { n: 2, r: 1, w: 1, args: vec!["--max-connections".into(), "3".into()], ..Default::default() };
     let cluster = Cluster::start(spec);
     let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
     let idx = |name: &str| view.ring.index_of(name).expect("a member");
     let key_of = |prefs: [&str; 2]| {
-        (0..)
-            .map(|i| format!("refused-{i}"))
-            .find(|k| view.prefs.of_key(k.as_bytes()) == [idx(prefs[0]), idx(prefs[1])])
+        (0..).map(|i| format!("limit-{i}")).find(|k| view.prefs.of_key(k.as_bytes()) == [idx(prefs[0]), idx(prefs[1])])
     };
     let mut n1 = connect_raw(&cluster, "n1");
-    // n1 coordinates a write that n2 replicates: it learns n2's ports over
-    // a replica connection, and opens none to relay requests yet.
+    // n1 coordinates a write that n2 replicates: its replica connection.
     let warm = key_of(["n1", "n2"]).expect("a key");
     assert_eq!(put_at(&mut n1, &warm, "v", NO_CONTEXT), 1);
-    // Idle clients take n2's last connections.
+    // Clients take n2's connections, until one is refused at its first
+    // request: one PING each.
+    let ping = |s: &mut std::net::TcpStream| -> gyre::wire::Response<'static> {
+        let mut frame = Vec::new();
+        Request::Ping.encode(&mut frame, 7, ANY_SHARD, 0);
+        s.write_all(&frame).unwrap();
+        let mut header = [0u8; gyre::wire::HEADER_LEN];
+        s.read_exact(&mut header).unwrap();
+        let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).unwrap();
+        let body: &'static mut [u8] = Box::leak(vec![0u8; h.body_len as usize].into_boxed_slice());
+        s.read_exact(body).unwrap();
+        gyre::wire::Response::decode(h.opcode, body).unwrap()
+    };
     let mut held = Vec::new();
-    loop {
+    let refused = loop {
         let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-        match s.read(&mut [0u8; 64]) {
-            Ok(n) if n > 0 => break,
-            _ => held.push(s),
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match ping(&mut s) {
+            gyre::wire::Response::Pong(_) => held.push(s),
+            other => break other,
         }
-        assert!(held.len() < 3, "n2 never refused a connection");
-    }
-    let key = key_of(["n2", "n3"]).expect("a key");
-    let put = n1.call(&Request::Put { key: key.as_bytes(), context: &[], value: b"w" }, ANY_SHARD);
-    assert!(matches!(put, Ok(Reply::Put(_))), "the write went to n3: {put:?}");
-    // n2 still serves the connection n1 has: a write that n2 must take
-    // (W = 2) goes through, though n2 refused n1's new one (found by a
-    // review: the refusal marked all of n2 down).
+        assert!(held.len() <= 3, "n2 took more clients than its limit");
+    };
+    assert!(
+        matches!(refused, gyre::wire::Response::Error { code: ErrorCode::Overloaded, .. }),
+        "the client past the limit: {refused:?}"
+    );
+    assert_eq!(held.len(), 3, "n2 took its limit of clients");
+    // A write relayed to n2 that needs both replicas (W = 2) opens new
+    // member connections to n2, past its limit (n1's relay connection, or
+    // n3's replica connection if n3 coordinates): admitted.
     let both = Quorum { r: 0, w: 2 };
+    let relayed = key_of(["n2", "n3"]).expect("a key");
+    let put = n1.call_with(&Request::Put { key: relayed.as_bytes(), context: &[], value: b"w" }, ANY_SHARD, both);
+    assert!(matches!(put, Ok(Reply::Put(_))), "relayed to n2 and n3: {put:?}");
+    // And n2 takes writes that need it over n1's replica connection.
     let again = Request::Put { key: warm.as_bytes(), context: &[], value: b"v2" };
     let put = n1.call_with(&again, ANY_SHARD, both);
-    assert!(matches!(put, Ok(Reply::Put(_))), "over the open replica connection: {put:?}");
+    assert!(matches!(put, Ok(Reply::Put(_))), "over the replica connection: {put:?}");
+    // A connection past the limit that sends nothing is closed.
+    let mut silent = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(silent.read(&mut [0u8; 64]).expect("closed, not timed out"), 0, "closed without a word");
     drop(held);
+    // Once n2 has seen the clients go, a client gets in again.
+    let stats = eventually("n2 taking a client again", Duration::from_secs(10), || {
+        let mut c = Client::connect(&cluster.addr("n2")).map_err(|e| e.to_string())?;
+        c.stats(0).map_err(|e| e.to_string())
+    });
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(stats["node"]["member_connections"].as_u64().unwrap() >= 2, "n1's two: {stats}");
+    assert_eq!(stats["node"]["provisional_connections"], 0, "{stats}");
 }
 
 /// A client of a cluster member that pipelines GETs of a large value and

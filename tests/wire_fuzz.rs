@@ -4,8 +4,18 @@
 
 use gyre::wire::{check_decoder, op, Request, Response, ANY_SHARD, REPLY_BIT};
 
-const KNOWN_OPCODES: [u8; 9] =
-    [op::PING, op::STATS, op::GET, op::PUT, op::DELETE, op::REPLICA_GET, op::REPLICA_PUT, op::RING, op::ERROR];
+const KNOWN_OPCODES: [u8; 10] = [
+    op::PING,
+    op::STATS,
+    op::GET,
+    op::PUT,
+    op::DELETE,
+    op::REPLICA_GET,
+    op::REPLICA_PUT,
+    op::HELLO,
+    op::RING,
+    op::ERROR,
+];
 use proptest::prelude::*;
 
 fn valid_frames() -> Vec<u8> {

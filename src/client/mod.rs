@@ -203,7 +203,7 @@ impl Reply {
             }
             Response::Delete { context } => Reply::Delete(Context(context.to_vec())),
             Response::Ring { n, r, w, ring } => Reply::Ring { n, r, w, ring: ring.to_vec() },
-            Response::ReplicaGet { .. } | Response::ReplicaPut => {
+            Response::ReplicaGet { .. } | Response::ReplicaPut | Response::Hello => {
                 let reason = "a replica message's reply answered a client request".into();
                 return Err(ClientError::Protocol { addr, reason });
             }
@@ -520,6 +520,17 @@ impl Connection {
                         Err(e) => return Err(self.protocol(e)),
                     };
                     self.rbuf.drain(..total);
+                    if header.request_id == 0 {
+                        // The node's word on the whole connection (it
+                        // refused it at its limit, or could not read a
+                        // frame): no request is answered, and the
+                        // connection is done. Its reason is the error.
+                        self.broken = true;
+                        return Err(match reply {
+                            Err(e) => e,
+                            Ok(r) => self.protocol(format!("{r:?} as a reply to request 0")),
+                        });
+                    }
                     self.owed = self.owed.saturating_sub(1);
                     self.stale_route |= header.flags & flags::STALE_ROUTE != 0;
                     return Ok((header.request_id, reply));

@@ -510,6 +510,9 @@ impl Failure {
 enum Broken {
     Io(io::ErrorKind, String),
     Protocol(String),
+    /// The node's error for the whole connection (request id 0: refused
+    /// at its connection limit, or a frame it could not read).
+    Server(crate::wire::ErrorCode, String),
     /// A request timed out and nothing at all was read while it waited.
     /// That request's caller gets its timeout; the others on the
     /// connection get an I/O error (their own time was not up, and a read
@@ -522,6 +525,7 @@ impl Broken {
         match self {
             Broken::Io(kind, msg) => ClientError::Io { addr, source: io::Error::new(*kind, msg.clone()) },
             Broken::Protocol(reason) => protocol(addr, reason.clone()),
+            Broken::Server(code, message) => ClientError::Server { code: *code, message: message.clone() },
             Broken::Silent => ClientError::Io {
                 addr,
                 source: io::Error::new(
@@ -609,9 +613,18 @@ impl Shared {
     fn deliver(&self, header: &Header, body: &[u8]) -> Result<(), Broken> {
         let (id, stale) = (header.request_id, header.flags & flags::STALE_ROUTE != 0);
         let reply = match Response::decode(header.opcode, body) {
-            Ok(r) => Ok((Reply::from_response(self.addr, r), stale)),
+            Ok(r) => Reply::from_response(self.addr, r),
             Err(e) => return Err(Broken::Protocol(e.to_string())),
         };
+        if id == 0 {
+            // The node's word on the whole connection: its reason fails
+            // every request on it.
+            return Err(match reply {
+                Err(ClientError::Server { code, message }) => Broken::Server(code, message),
+                _ => Broken::Protocol("a reply to request 0".into()),
+            });
+        }
+        let reply = Ok((reply, stale));
         let waiter = lock(&self.state).pending.remove(&id);
         match waiter {
             // The caller may have given up (timeout, cancelled): fine.

@@ -13,7 +13,10 @@
 //! one task per shard hands out as they settle.
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
-//! queue; and the shard's queue of held writes (in log order).
+//! queue, and its standing (a client's, a cluster member's once it sent a
+//! HELLO naming one, or admitted past the connection limit into the
+//! members' reserve: [`Standing`]); and the shard's queue of held writes
+//! (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
 //! replies, at most `MAX_RUNNING` of them in tasks of their own, and none
@@ -25,7 +28,8 @@
 //! node's size limit but within the protocol's is skipped unread into
 //! memory and answered with an error; a frame that cannot be framed or
 //! decoded gets an error reply and ends the connection after the replies
-//! before it are written; other connections never notice.
+//! before it are written; other connections never notice. A connection in
+//! the members' reserve runs nothing before a HELLO naming a member.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -368,11 +372,74 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Connections a shard of a cluster node admits past `max_connections`
+/// for members (their first frame must be a HELLO naming one): enough for
+/// two connections (replica and relay) from every shard of 512 member
+/// shards. Each holds a read buffer until it names a member or
+/// [`PROVISIONAL_WAIT`] passes, so the reserve is also what a flood of
+/// impostors can hold: 1024 × 64 KiB.
+pub(super) const MEMBER_RESERVE: u64 = 1024;
+
+/// How long a connection admitted into the members' reserve may take to
+/// send its HELLO before it is closed.
+const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a connection is a client's or a member's, kept in the shard's
+/// counters (the accept loop reads them against the connection limit) for
+/// as long as the connection is open.
+pub(super) struct Standing {
+    shard: Rc<Shard>,
+    /// Admitted into the members' reserve and no HELLO yet.
+    provisional: Cell<bool>,
+    /// Named a member (HELLO).
+    member: Cell<bool>,
+}
+
+impl Standing {
+    /// A connection just accepted; `provisional` if past the limit.
+    pub(super) fn new(shard: Rc<Shard>, provisional: bool) -> Standing {
+        if provisional {
+            bump(&shard.counters.provisional_connections, 1);
+        }
+        Standing { shard, provisional: Cell::new(provisional), member: Cell::new(false) }
+    }
+
+    /// The connection named a member.
+    fn named_member(&self) {
+        let c = &self.shard.counters;
+        if self.provisional.replace(false) {
+            c.provisional_connections.set(c.provisional_connections.get() - 1);
+        }
+        if !self.member.replace(true) {
+            bump(&c.member_connections, 1);
+        }
+    }
+}
+
+impl Drop for Standing {
+    fn drop(&mut self) {
+        let c = &self.shard.counters;
+        if self.provisional.get() {
+            c.provisional_connections.set(c.provisional_connections.get() - 1);
+        }
+        if self.member.get() {
+            c.member_connections.set(c.member_connections.get() - 1);
+        }
+    }
+}
+
+/// The refusal a connection past the limit gets (request id 0, as the
+/// accept loop's): peers take it for "nothing was read".
+fn too_many_connections(shard: &Shard) -> Vec<u8> {
+    let message = "too many connections: this shard's are taken (past its limit, only members are admitted)";
+    shard.error_frame(0, ErrorCode::Overloaded, message)
+}
+
 /// Serves one connection until the client closes it, a frame is bad, a
 /// write fails, or the node shuts down. The accept loop counted it open
 /// (so that connections accepted in one go are counted against the limit
 /// before any of them runs); this takes it off the count at the end.
-pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
+pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     let _open = OpenGuard(shard.clone());
     let sock = Rc::new(sock);
     let out = Rc::new(Outbox::default());
@@ -430,6 +497,36 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
             }
             match split_frame(&buf[start..end], shard.max_body(&buf[start..end])) {
                 Ok(Some((header, total))) => {
+                    let body = &buf[start + HEADER_LEN..start + total];
+                    // A HELLO is the connection's, answered here (members
+                    // count apart from clients); in the members' reserve
+                    // it must come first.
+                    let hello = match header.opcode {
+                        crate::wire::op::HELLO => match Request::decode_with(&header, body) {
+                            Ok((Request::Hello { member }, _)) => Some(shard.is_member(member)),
+                            _ => Some(false),
+                        },
+                        _ => None,
+                    };
+                    if standing.provisional.get() && hello != Some(true) {
+                        out.reply(&too_many_connections(&shard));
+                        break 'read;
+                    }
+                    if let Some(member) = hello {
+                        if !out.room_for_one(&sock, &shard).await {
+                            break 'read;
+                        }
+                        if member {
+                            standing.named_member();
+                            let mut reply = Vec::with_capacity(HEADER_LEN);
+                            crate::wire::Response::Hello.encode(&mut reply, header.request_id, shard.id as u16);
+                            out.reply(&reply);
+                        } else {
+                            out.reply(&shard.not_a_member(header.request_id));
+                        }
+                        start += total;
+                        continue;
+                    }
                     if !out.room_for_one(&sock, &shard).await {
                         break 'read;
                     }
@@ -517,7 +614,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket) {
         }
         make_room(&mut buf, &mut start, &mut end);
         let read = futures_lite::future::or(async { Some(sock.read(&mut buf[end..]).await) }, async {
-            shard.shutdown_requested().await;
+            if standing.provisional.get() {
+                // One in the members' reserve that names none in time is
+                // closed, as on a stop.
+                futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(PROVISIONAL_WAIT)).await;
+            } else {
+                shard.shutdown_requested().await;
+            }
             None
         })
         .await;

@@ -91,7 +91,7 @@ pub struct ClusterState {
 impl ClusterState {
     pub(super) fn new(info: Cluster, front: Rc<super::front::Front>) -> ClusterState {
         ClusterState {
-            peers: Rc::new(Peers::new(&info.ring, front)),
+            peers: Rc::new(Peers::new(&info.ring, info.me, front)),
             info,
             counters: ClusterCounters::default(),
             epoch: Instant::now(),

@@ -112,6 +112,12 @@ pub struct ShardCounters {
     pub connections_open: Cell<u64>,
     /// Connections refused at the configured `max_connections`.
     pub connections_refused: Cell<u64>,
+    /// Open connections that named a member of the cluster (HELLO): they
+    /// do not count against `max_connections`.
+    pub member_connections: Cell<u64>,
+    /// Open connections admitted past `max_connections` into the members'
+    /// reserve that have not named a member yet (`conn::Standing`).
+    pub provisional_connections: Cell<u64>,
     pub requests: Cell<u64>,
     /// Requests this shard received for keys another shard owns.
     pub forwarded_out: Cell<u64>,
@@ -280,6 +286,12 @@ impl Shard {
                     None => {
                         return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"))
                     }
+                },
+                // The connection takes a HELLO itself (`conn`); one that
+                // got this far is answered the same way.
+                Request::Hello { member } => match self.is_member(member) {
+                    true => Response::Hello.encode(&mut out, id, shard),
+                    false => return Ok(self.not_a_member(id)),
                 },
                 Request::ReplicaGet { .. } | Request::ReplicaPut { .. } => {
                     if self.cluster.is_none() {
@@ -985,7 +997,16 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
             Some(Ok(fd)) => {
                 accept_failing = false;
                 bump(&shard.counters.connections_accepted, 1);
-                if shard.counters.connections_open.get() >= s.max_connections {
+                // Members' connections (HELLO) do not count against the
+                // limit; past it, a cluster node admits a connection into
+                // a reserve for members, where its first frame must name
+                // one (found by a review: idle clients at the limit locked
+                // the members out of each other).
+                let c = &shard.counters;
+                let members = c.member_connections.get() + c.provisional_connections.get();
+                let clients = c.connections_open.get().saturating_sub(members);
+                let provisional = clients >= s.max_connections;
+                if provisional && (shard.cluster.is_none() || members >= conn::MEMBER_RESERVE) {
                     bump(&shard.counters.connections_refused, 1);
                     refuse_connection(&shard, fd, s.max_connections);
                     continue;
@@ -993,7 +1014,8 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
                 match front.register(fd) {
                     Ok(sock) => {
                         bump(&shard.counters.connections_open, 1);
-                        glommio::spawn_local(conn::serve(shard.clone(), sock)).detach();
+                        let standing = conn::Standing::new(shard.clone(), provisional);
+                        glommio::spawn_local(conn::serve(shard.clone(), sock, standing)).detach();
                     }
                     Err(e) => tracing::warn!(shard = s.id, error = %e, "registering a connection failed"),
                 }
@@ -1062,6 +1084,20 @@ fn decode_error_frame(shard: &Shard, header: &[u8; HEADER_LEN], e: &WireError) -
 }
 
 impl Shard {
+    /// Whether `name` is a member of this node's cluster (a lone node has
+    /// none).
+    pub(super) fn is_member(&self, name: &[u8]) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.peers.is_member(name))
+    }
+
+    /// The refusal of a HELLO that names no member of this cluster.
+    pub(super) fn not_a_member(&self, id: u64) -> Vec<u8> {
+        match self.cluster {
+            Some(_) => self.error_frame(id, ErrorCode::Malformed, "HELLO names no member of this cluster"),
+            None => self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"),
+        }
+    }
+
     /// The largest body this shard reads of the frame whose header
     /// starts `buf` (a replica write's limit, or a client request's).
     fn max_body(&self, buf: &[u8]) -> usize {

@@ -49,6 +49,11 @@ use crate::core::ring::{Member, MemberIdx, Ring};
 use crate::notify::Notify;
 use crate::wire::{split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
+/// How long a HELLO may wait in a new connection's queue before it is
+/// dropped unsent (with the rest of what expired): as long as a connect
+/// may take, and then some.
+const HELLO_LIFETIME: Duration = Duration::from_secs(2);
+
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a peer whose connection failed is considered down before a
@@ -257,6 +262,8 @@ type ConnKey = (MemberIdx, u16, Lane);
 
 /// A shard's view of its peers.
 pub struct Peers {
+    /// This node, named by the HELLO that opens every connection.
+    me: MemberIdx,
     /// The ring's members (shard 0's address and the name of each).
     members: Vec<Member>,
     partitions: u32,
@@ -278,8 +285,9 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub(super) fn new(ring: &Ring, front: Rc<Front>) -> Peers {
+    pub(super) fn new(ring: &Ring, me: MemberIdx, front: Rc<Front>) -> Peers {
         Peers {
+            me,
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
             ports: RefCell::default(),
@@ -289,6 +297,11 @@ impl Peers {
             front,
             counters: PeerCounters::default(),
         }
+    }
+
+    /// Whether `name` names a member of the ring.
+    pub fn is_member(&self, name: &[u8]) -> bool {
+        self.members.iter().any(|m| m.name.as_bytes() == name)
     }
 
     pub fn name(&self, member: MemberIdx) -> &str {
@@ -412,6 +425,14 @@ impl Peers {
             queued: Notify::default(),
             died: Notify::default(),
         });
+        // The first frame names this member (HELLO): the peer counts the
+        // connection apart from its clients, and takes it into its reserve
+        // for members when clients fill its connection limit. Its reply
+        // (id 1, no caller) is dropped by the reader.
+        let hello = Request::Hello { member: self.members[self.me as usize].name.as_bytes() };
+        let id = conn.next_id.get();
+        conn.next_id.set(id + 1);
+        conn.out.borrow_mut().push(|out| hello.encode(out, id, shard, 0), Instant::now() + HELLO_LIFETIME);
         self.conns.borrow_mut().insert(key, conn.clone());
         let mut addr = self.members[member as usize].addr;
         if shard != 0 {

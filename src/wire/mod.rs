@@ -63,6 +63,12 @@
 //!                        (a version set to merge into the replica's own)
 //!                   rep: (empty): merged and stored as the replica's fsync
 //!                        policy says
+//! 0x22 HELLO        req: bytes(u16) member name (1 to MAX_NAME_LEN bytes)
+//!                   rep: (empty). A member sends it first on every
+//!                        connection to another member: the receiver takes
+//!                        the connection as a member's (counted apart from
+//!                        clients, and admitted past --max-connections into
+//!                        a reserve, where it must be the first frame)
 //! 0x30 RING         req: (empty)
 //!                   rep: u8 n, u8 r, u8 w (the cluster's default quorum),
 //!                        then the ring state (`core::ring` documents it)
@@ -172,6 +178,7 @@ pub mod op {
     pub const DELETE: u8 = 0x12;
     pub const REPLICA_GET: u8 = 0x20;
     pub const REPLICA_PUT: u8 = 0x21;
+    pub const HELLO: u8 = 0x22;
     pub const RING: u8 = 0x30;
     pub const ERROR: u8 = 0xFF;
 }
@@ -478,6 +485,10 @@ pub enum Request<'a> {
         meta: &'a [u8],
         value: &'a [u8],
     },
+    /// A member names itself on a connection it opened (module docs).
+    Hello {
+        member: &'a [u8],
+    },
     Ring,
 }
 
@@ -491,6 +502,7 @@ impl Request<'_> {
             Request::Delete { .. } => op::DELETE,
             Request::ReplicaGet { .. } => op::REPLICA_GET,
             Request::ReplicaPut { .. } => op::REPLICA_PUT,
+            Request::Hello { .. } => op::HELLO,
             Request::Ring => op::RING,
         }
     }
@@ -503,14 +515,14 @@ impl Request<'_> {
             | Request::Delete { key, .. }
             | Request::ReplicaGet { key }
             | Request::ReplicaPut { key, .. } => Some(key),
-            Request::Ping | Request::Stats | Request::Ring => None,
+            Request::Ping | Request::Stats | Request::Ring | Request::Hello { .. } => None,
         }
     }
 
     /// Whether sending the request twice does no harm (a read), so a
     /// client may resend it after a broken connection.
     pub fn is_idempotent(&self) -> bool {
-        matches!(self, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring)
+        matches!(self, Request::Get { .. } | Request::Ping | Request::Stats | Request::Ring | Request::Hello { .. })
     }
 
     /// Whether the request is a client's quorum operation (GET, PUT,
@@ -522,7 +534,7 @@ impl Request<'_> {
     fn body_len(&self) -> usize {
         match self {
             Request::Ping | Request::Stats | Request::Ring => 0,
-            Request::Get { key } | Request::ReplicaGet { key } => 2 + key.len(),
+            Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => 2 + key.len(),
             Request::Put { key, context, value } => PUT_FIXED + key.len() + context.len() + value.len(),
             Request::Delete { key, context } => 6 + key.len() + context.len(),
             Request::ReplicaPut { key, meta, value } => PUT_FIXED + key.len() + meta.len() + value.len(),
@@ -548,7 +560,9 @@ impl Request<'_> {
         }
         match self {
             Request::Ping | Request::Stats | Request::Ring => {}
-            Request::Get { key } | Request::ReplicaGet { key } => put_bytes16(out, key),
+            Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => {
+                put_bytes16(out, key)
+            }
             Request::Put { key, context: middle, value } | Request::ReplicaPut { key, meta: middle, value } => {
                 out.extend_from_slice(&(key.len() as u16).to_le_bytes());
                 out.extend_from_slice(&(middle.len() as u32).to_le_bytes());
@@ -593,6 +607,13 @@ impl Request<'_> {
             op::REPLICA_GET => {
                 let key = r.bytes16("REPLICA_GET key")?;
                 Request::ReplicaGet { key: check_key(key)? }
+            }
+            op::HELLO => {
+                let member = r.bytes16("HELLO member")?;
+                if member.is_empty() || member.len() > crate::core::ring::MAX_NAME_LEN {
+                    return Err(malformed("HELLO member name length"));
+                }
+                Request::Hello { member }
             }
             op::REPLICA_PUT => {
                 let meta_ok =
@@ -661,6 +682,7 @@ pub enum Response<'a> {
         set: Option<(&'a [u8], &'a [u8])>,
     },
     ReplicaPut,
+    Hello,
     /// The cluster's default quorum and its encoded ring.
     Ring {
         n: u8,
@@ -684,6 +706,7 @@ impl Response<'_> {
             Response::Delete { .. } => op::DELETE | REPLY_BIT,
             Response::ReplicaGet { .. } => op::REPLICA_GET | REPLY_BIT,
             Response::ReplicaPut => op::REPLICA_PUT | REPLY_BIT,
+            Response::Hello => op::HELLO | REPLY_BIT,
             Response::Ring { .. } => op::RING | REPLY_BIT,
             Response::Error { .. } => op::ERROR,
         }
@@ -699,7 +722,7 @@ impl Response<'_> {
             Response::Put { context, .. } => 4 + context.len() + 2,
             Response::Delete { context } => 4 + context.len(),
             Response::ReplicaGet { set } => 1 + 8 + set.map_or(0, |(m, v)| m.len() + v.len()),
-            Response::ReplicaPut => 0,
+            Response::ReplicaPut | Response::Hello => 0,
             Response::Ring { ring, .. } => 3 + ring.len(),
             Response::Error { message, .. } => 4 + error_message(message).len(),
         }
@@ -747,7 +770,7 @@ impl Response<'_> {
                 put_bytes32(out, meta);
                 put_bytes32(out, value);
             }
-            Response::ReplicaPut => {}
+            Response::ReplicaPut | Response::Hello => {}
             Response::Ring { n, r, w, ring } => {
                 out.extend_from_slice(&[*n, *r, *w]);
                 out.extend_from_slice(ring);
@@ -802,6 +825,7 @@ impl Response<'_> {
                 }
             }
             o if o == op::REPLICA_PUT | REPLY_BIT => Response::ReplicaPut,
+            o if o == op::HELLO | REPLY_BIT => Response::Hello,
             o if o == op::RING | REPLY_BIT => {
                 let [n, rq, w] = r.array("RING quorum")?;
                 Response::Ring { n, r: rq, w, ring: r.rest() }
@@ -1013,6 +1037,7 @@ mod tests {
             Request::Delete { key: b"key", context: b"c" },
             Request::ReplicaGet { key: b"key" },
             Request::ReplicaPut { key: b"key", meta: b"m", value: b"vv" },
+            Request::Hello { member: b"n1" },
             Request::Ring,
         ];
         let mut stream = Vec::new();
@@ -1042,6 +1067,7 @@ mod tests {
             Response::ReplicaGet { set: None },
             Response::ReplicaGet { set: Some((b"m", b"")) },
             Response::ReplicaPut,
+            Response::Hello,
             Response::Ring { n: 3, r: 2, w: 1, ring: b"ring" },
             Response::Error { code: ErrorCode::QuorumFailed, message: "1 of 3" },
             Response::Error { code: ErrorCode::Other(999), message: "later" },
@@ -1079,7 +1105,7 @@ mod tests {
 
     #[test]
     fn body_rejections() {
-        assert_eq!(Request::decode(0x22, &[]), Err(WireError::UnknownOpcode(0x22)));
+        assert_eq!(Request::decode(0x23, &[]), Err(WireError::UnknownOpcode(0x23)));
         assert_eq!(Request::decode(op::GET, &[0, 0]), Err(WireError::KeyLength(0)));
         assert!(matches!(Request::decode(op::GET, &[5, 0, b'a']), Err(WireError::Malformed { .. })));
         assert!(matches!(Request::decode(op::PING, &[1]), Err(WireError::Malformed { .. })));
@@ -1149,6 +1175,24 @@ mod tests {
         assert_eq!(Response::decode(0xA0, &[0, 0, 0, 0, 0, 0, 0, 0, 0]), Ok(Response::ReplicaGet { set: None }));
         assert!(Response::decode(0xA0, &[2, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Response::decode(0xA0, &[0, 1, 0, 0, 0, 5, 0, 0, 0, 0]).is_err());
+        // HELLO: a member's name, 1 to MAX_NAME_LEN bytes; its reply is empty.
+        let mut out = Vec::new();
+        Request::Hello { member: b"n1" }.encode(&mut out, 1, 0, 0);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0x22, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
+            4, 0, 0, 0, 0, 0, 0, 0,
+            2, 0, b'n', b'1',
+        ];
+        assert_eq!(out, expected);
+        let mut out = Vec::new();
+        Response::Hello.encode(&mut out, 1, 0);
+        assert_eq!((out[3], out.len()), (0xA2, HEADER_LEN));
+        assert!(matches!(Request::decode(op::HELLO, &[0, 0]), Err(WireError::Malformed { .. })), "no name");
+        let mut long = vec![65, 0];
+        long.resize(2 + 65, b'x');
+        assert!(matches!(Request::decode(op::HELLO, &long), Err(WireError::Malformed { .. })), "past MAX_NAME_LEN");
     }
 
     #[test]
