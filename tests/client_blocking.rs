@@ -549,3 +549,17 @@ fn a_connection_closed_right_after_its_reply_is_not_reused() {
     }
     assert!(failed.is_empty(), "{} of 20 writes sent into a closed connection: {:?}", failed.len(), failed.first());
 }
+
+/// A node at its connection limit answers a new connection with one error
+/// frame for request id 0, and closes it: the client reports that error
+/// (`Overloaded`), not a protocol error about a reply to no request.
+#[test]
+fn a_connection_the_node_refuses_fails_with_its_reason() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = scripted_node(l, move |_, _| {
+        let refusal = Response::Error { code: ErrorCode::Overloaded, message: "too many connections" };
+        Then::ReplyAndClose(frame(refusal, 0))
+    });
+    let err = Client::connect_with(&addr.to_string(), server_routed()).err().expect("refused");
+    assert!(matches!(&err, ClientError::Server { code: ErrorCode::Overloaded, .. }), "{err:?}");
+}

@@ -1185,6 +1185,45 @@ fn idle_clients_at_the_limit_do_not_lock_members_out() {
     assert_eq!(stats["node"]["provisional_connections"], 0, "{stats}");
 }
 
+/// A connection admitted into the members' reserve has a second from its
+/// accept to name a member, however it trickles its bytes (found by a
+/// review: the wait started again at every read, so a byte at a time kept
+/// a connection there for good, and a frame it declared could grow to
+/// 8 MiB). One that declares anything but a HELLO is refused at its
+/// header.
+#[test]
+fn a_connection_in_the_members_reserve_is_closed_a_second_after_its_accept() {
+    use std::io::{Read, Write};
+    let spec = ClusterSpec { args: vec!["--max-connections".into(), "1".into()], ..Default::default() };
+    let cluster = Cluster::start(spec);
+    // The one client connection.
+    let mut held = Client::connect(&cluster.addr("n2")).unwrap();
+    held.ping().unwrap();
+    let mut frame = Vec::new();
+    Request::Put { key: b"k", context: &[], value: &[7u8; 1000] }.encode(&mut frame, 1, ANY_SHARD, 0);
+    // A byte every 200 ms: the header is whole only after 4.8 s.
+    let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let closed = (0..gyre::wire::HEADER_LEN - 1).any(|i| {
+        let _ = s.write_all(&frame[i..i + 1]);
+        match s.read(&mut [0u8; 64]) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => panic!("an answer to part of a header"),
+        }
+    });
+    assert!(closed, "a connection in the reserve stayed for {} bytes", gyre::wire::HEADER_LEN - 1);
+    // A whole header that is no HELLO is refused at once, body unsent.
+    let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    s.write_all(&frame[..gyre::wire::HEADER_LEN]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut header = [0u8; gyre::wire::HEADER_LEN];
+    s.read_exact(&mut header).expect("a refusal before the body");
+    let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).unwrap();
+    assert_eq!((h.request_id, h.opcode), (0, gyre::wire::op::ERROR));
+    drop(held);
+}
+
 /// A client of a cluster member that pipelines GETs of a large value and
 /// reads nothing makes the member stop starting them, as a lone node does:
 /// a member could not tell such a client from a peer forwarding to it, so

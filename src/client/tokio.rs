@@ -1474,4 +1474,20 @@ mod tests {
         assert_eq!(got.values, vec![b"first".to_vec()], "from a new connection to the first replica");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
+
+    /// A node at its connection limit answers a new connection with one
+    /// error frame for request id 0: the client reports that error, not a
+    /// protocol error about a reply to no request.
+    #[tokio::test]
+    async fn a_connection_the_node_refuses_fails_with_its_reason() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = scripted_node(l, |_, _| {
+            let mut out = Vec::new();
+            Response::Error { code: crate::wire::ErrorCode::Overloaded, message: "too many connections" }
+                .encode(&mut out, 0, 0);
+            Some(out)
+        });
+        let err = AsyncClient::connect_with(&addr.to_string(), config(2000)).await.err().expect("refused");
+        assert!(matches!(&err, ClientError::Server { code: crate::wire::ErrorCode::Overloaded, .. }), "{err:?}");
+    }
 }

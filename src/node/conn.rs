@@ -372,17 +372,23 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Connections a shard of a cluster node admits past `max_connections`
-/// for members (their first frame must be a HELLO naming one): enough for
-/// two connections (replica and relay) from every shard of 512 member
-/// shards. Each holds a read buffer until it names a member or
-/// [`PROVISIONAL_WAIT`] passes, so the reserve is also what a flood of
-/// impostors can hold: 1024 × 64 KiB.
+/// Connections of members a shard of a cluster node takes beyond
+/// `max_connections`: those that named a member (HELLO) and those admitted
+/// past the limit that must name one first, together. Enough for two
+/// connections (replica and relay) from each of 512 member shards. A
+/// name is not proof (member names are public): a client that claims one
+/// is still held to this, so no more than `max_connections` plus this
+/// many connections are open. One admitted past the limit holds at most a
+/// HELLO's bytes until it names a member or [`PROVISIONAL_WAIT`] passes.
 pub(super) const MEMBER_RESERVE: u64 = 1024;
 
-/// How long a connection admitted into the members' reserve may take to
-/// send its HELLO before it is closed.
+/// How long from its accept a connection admitted into the members'
+/// reserve may take to send its HELLO before it is closed.
 const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most bytes a HELLO's body has: what a connection in the members'
+/// reserve may declare.
+const MAX_HELLO_BODY: usize = 2 + crate::core::ring::MAX_NAME_LEN;
 
 /// Whether a connection is a client's or a member's, kept in the shard's
 /// counters (the accept loop reads them against the connection limit) for
@@ -391,7 +397,11 @@ pub(super) struct Standing {
     shard: Rc<Shard>,
     /// Admitted into the members' reserve and no HELLO yet.
     provisional: Cell<bool>,
-    /// Named a member (HELLO).
+    /// When a provisional connection is closed if it has not named a
+    /// member: set once, at accept (a timer per read let a connection
+    /// that sent a byte a second stay for good; found by a review).
+    deadline: std::time::Instant,
+    /// Named a member (HELLO), and counted as one.
     member: Cell<bool>,
 }
 
@@ -401,14 +411,20 @@ impl Standing {
         if provisional {
             bump(&shard.counters.provisional_connections, 1);
         }
-        Standing { shard, provisional: Cell::new(provisional), member: Cell::new(false) }
+        let deadline = std::time::Instant::now() + PROVISIONAL_WAIT;
+        Standing { shard, provisional: Cell::new(provisional), deadline, member: Cell::new(false) }
     }
 
-    /// The connection named a member.
+    /// The connection named a member. A provisional one becomes a
+    /// member's; a client's does too while the reserve has room, and
+    /// otherwise stays a client's (found by a review: any client could
+    /// name a member and so escape every limit).
     fn named_member(&self) {
         let c = &self.shard.counters;
         if self.provisional.replace(false) {
             c.provisional_connections.set(c.provisional_connections.get() - 1);
+        } else if self.member.get() || c.member_connections.get() + c.provisional_connections.get() >= MEMBER_RESERVE {
+            return;
         }
         if !self.member.replace(true) {
             bump(&c.member_connections, 1);
@@ -495,16 +511,29 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     break;
                 }
             }
+            // In the members' reserve, a frame that cannot be a HELLO is
+            // refused at its header, before its body is read into memory.
+            if standing.provisional.get() {
+                if let Some(h) = buf[start..end].first_chunk::<HEADER_LEN>() {
+                    let hello = crate::wire::peek_opcode(h) == Some(crate::wire::op::HELLO);
+                    if !hello || crate::wire::declared_frame_len(h) > HEADER_LEN + MAX_HELLO_BODY {
+                        out.reply(&too_many_connections(&shard));
+                        break 'read;
+                    }
+                }
+            }
             match split_frame(&buf[start..end], shard.max_body(&buf[start..end])) {
                 Ok(Some((header, total))) => {
                     let body = &buf[start + HEADER_LEN..start + total];
                     // A HELLO is the connection's, answered here (members
                     // count apart from clients); in the members' reserve
                     // it must come first.
+                    // (A HELLO that does not decode goes the way of any
+                    // malformed request.)
                     let hello = match header.opcode {
                         crate::wire::op::HELLO => match Request::decode_with(&header, body) {
                             Ok((Request::Hello { member }, _)) => Some(shard.is_member(member)),
-                            _ => Some(false),
+                            _ => None,
                         },
                         _ => None,
                     };
@@ -617,7 +646,8 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             if standing.provisional.get() {
                 // One in the members' reserve that names none in time is
                 // closed, as on a stop.
-                futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(PROVISIONAL_WAIT)).await;
+                let left = standing.deadline.saturating_duration_since(std::time::Instant::now());
+                futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(left)).await;
             } else {
                 shard.shutdown_requested().await;
             }

@@ -75,7 +75,7 @@
 //! ```
 //!
 //! Reserved for the next pieces of work (a node answers them with
-//! `UnknownOpcode`): 0x22-0x2F more replica messages, 0x31-0x3F ring
+//! `UnknownOpcode`): 0x23-0x2F more replica messages, 0x31-0x3F ring
 //! changes, 0x40-0x4F gossip, 0x50-0x5F anti-entropy, 0x60-0x6F hinted
 //! handoff.
 //!
