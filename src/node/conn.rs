@@ -378,8 +378,10 @@ impl Drop for OpenGuard {
 /// connections (replica and relay) from each of 512 member shards. A
 /// name is not proof (member names are public): a client that claims one
 /// is still held to this, so no more than `max_connections` plus this
-/// many connections are open. One admitted past the limit holds at most a
-/// HELLO's bytes until it names a member or [`PROVISIONAL_WAIT`] passes.
+/// many connections are open (and a client that claims every place locks
+/// the members out again). One admitted past the limit holds its read
+/// buffer (64 KiB) and at most a HELLO's bytes until it names a member or
+/// [`PROVISIONAL_WAIT`] passes.
 pub(super) const MEMBER_RESERVE: u64 = 1024;
 
 /// How long from its accept a connection admitted into the members'
