@@ -2415,9 +2415,14 @@ mod tests {
 
     const SEED: Seed = Seed::format_3(0x5eed);
 
-    /// Small segments (32 KiB), values up to 1 KiB, buffered writes.
+    /// Small segments (32 KiB), values up to 1 KiB, the default policy.
+    fn small() -> EngineConfig {
+        EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() }
+    }
+
+    /// [`small`] with buffered writes.
     fn small_buffered() -> EngineConfig {
-        EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, fsync: FsyncPolicy::Never, ..Default::default() }
+        EngineConfig { fsync: FsyncPolicy::Never, ..small() }
     }
 
     /// Writes keys 0..20 with 1000 bytes of `round` once per round, then
@@ -2584,12 +2589,7 @@ mod tests {
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
     ) {
         block_on(async {
-            let config = EngineConfig {
-                segment_size: 32 * 1024,
-                max_value_len: 1024,
-                fsync: FsyncPolicy::Interval(5),
-                ..Default::default()
-            };
+            let config = EngineConfig { fsync: FsyncPolicy::Interval(5), ..small() };
             let (backend, engine) = open_mem(&config).await;
             for i in 0..10u32 {
                 engine.put(&i.to_le_bytes(), b"", &[1; 100], 0).await.unwrap();
@@ -2609,7 +2609,7 @@ mod tests {
     #[test]
     fn a_seal_after_a_flush_that_ended_on_a_block_writes_nothing_empty() {
         block_on(async {
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             assert_eq!(config.fsync, FsyncPolicy::Always);
             let (_backend, engine) = open_mem(&config).await;
             let value = vec![3u8; 1024 - crate::storage::format::record_len(4, 0, 0)];
@@ -2738,7 +2738,7 @@ mod tests {
     #[test]
     fn a_removed_last_segment_takes_its_rejected_hint_with_it() {
         block_on(async {
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             let (backend, engine) = open_mem(&config).await;
             engine.put(b"a", b"", b"1", 0).await.unwrap();
             engine.close().await.unwrap();
@@ -2847,7 +2847,7 @@ mod tests {
     #[test]
     fn a_segment_that_cannot_be_preallocated_grows_as_written() {
         block_on(async {
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             assert!(config.preallocate);
             let (backend, engine) = open_mem(&config).await;
             backend.no_room_to_preallocate(true);
@@ -2929,7 +2929,7 @@ mod tests {
     #[test]
     fn a_hint_without_its_segment_is_refused_at_open() {
         block_on(async {
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             let (backend, engine) = open_mem(&config).await;
             for i in 0..100u32 {
                 engine.put(&i.to_le_bytes(), b"", &[3; 1000], 0).await.unwrap();
@@ -3121,7 +3121,7 @@ mod tests {
         block_on(async {
             // Small segments: the next write needs a new one (created and
             // preallocated: where a real disk runs out).
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             assert_eq!(config.fsync, FsyncPolicy::Always);
             let (backend, engine) = open_mem(&config).await;
             for i in 0..20u32 {
@@ -3183,7 +3183,7 @@ mod tests {
     #[test]
     fn segments_take_the_spare_when_one_is_ready() {
         block_on(async {
-            let config = EngineConfig { segment_size: 32 * 1024, max_value_len: 1024, ..Default::default() };
+            let config = small();
             assert_eq!(config.fsync, FsyncPolicy::Always);
             let (backend, engine) = open_mem(&config).await;
             let has = |name: &'static str| {
