@@ -1581,22 +1581,13 @@ fn a_stop_while_starting_is_not_a_failure() {
     for ms in (0..80).step_by(4) {
         let dir = tmp();
         let log = dir.path().join("node.log");
-        let mut child = std::process::Command::new(common::GYRE)
-            .args(["node", "--listen", "127.0.0.1:0", "--shards", "2", "--no-pin", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("the node's log"))
-            .spawn()
-            .expect("spawn gyre node");
+        let data = dir.path().join("data");
+        let args = ["node", "--listen", "127.0.0.1:0", "--shards", "2", "--no-pin", "--data-dir"];
+        let mut child = common::spawn_logged(args.iter().map(std::ffi::OsStr::new).chain([data.as_os_str()]), &log);
         std::thread::sleep(Duration::from_millis(ms));
         common::signal(child.id(), "TERM");
-        let status = common::wait_bounded(&mut child, Duration::from_secs(20));
-        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("stopped {ms} ms in: still running 20 s later: {stderr}");
-        };
+        let (status, stderr) = common::wait_logged(&mut child, Duration::from_secs(20), &log);
+        let status = status.unwrap_or_else(|| panic!("stopped {ms} ms in: still running 20 s later: {stderr}"));
         match status.code() {
             Some(0) => stopped_by_the_node += 1,
             None => {} // killed by the signal before the handler was installed
@@ -1656,20 +1647,10 @@ fn gyre_dev_refuses_a_lone_nodes_data_directory() {
     let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
     assert!(node.terminate().success());
     let log = dir.path().join("dev.log");
-    let mut child = std::process::Command::new(common::GYRE)
-        .args(["dev", "--port", "1", "--data-dir"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let status = common::wait_bounded(&mut child, Duration::from_secs(10));
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-    let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("gyre dev started on a node's directory: {stderr}");
-    };
+    let args = ["dev", "--port", "1", "--data-dir"].map(std::ffi::OsStr::new);
+    let mut child = common::spawn_logged(args.into_iter().chain([dir.path().as_os_str()]), &log);
+    let (status, stderr) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
+    let status = status.unwrap_or_else(|| panic!("gyre dev started on a node's directory: {stderr}"));
     assert!(!status.success() && stderr.contains("not a `gyre dev` cluster"), "{status:?}: {stderr}");
     assert!(!dir.path().join("cluster.toml").exists(), "nothing was written");
 }

@@ -185,6 +185,29 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
+/// Starts `gyre` with `args`, its stderr written to `log` and its stdout
+/// dropped.
+pub fn spawn_logged<A: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = A>, log: &Path) -> Child {
+    Command::new(GYRE)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("the log file"))
+        .spawn()
+        .expect("spawning gyre")
+}
+
+/// Waits up to `timeout` for `child` (started by [`spawn_logged`]) to exit:
+/// its status, or `None` if it was still running (it is then killed and
+/// reaped), and its log.
+pub fn wait_logged(child: &mut Child, timeout: Duration, log: &Path) -> (Option<ExitStatus>, String) {
+    let status = wait_bounded(child, timeout);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (status, std::fs::read_to_string(log).unwrap_or_default())
+}
+
 /// The first line `child` prints on its (piped) stdout, or `None` if it
 /// closes stdout first or prints nothing within `timeout` (it is then
 /// killed). Its stdout is closed afterwards.
