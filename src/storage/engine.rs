@@ -1972,13 +1972,11 @@ impl<B: Backend> Engine<B> {
                 // after it were never compacted again (found by a
                 // review). The copies made from it so far stand; its
                 // remaining live records stay where they are, readable or
-                // reported as they were. A failed or full engine still
-                // ends the pass.
+                // reported as they were (`remove_segments` keeps a segment
+                // with live records). A failed or full engine still ends
+                // the pass.
                 Err(e) if self.inner.st.borrow().failed.is_none() && self.inner.st.borrow().full.is_none() => {
-                    let mut st = self.inner.st.borrow_mut();
-                    let live = st.usage[&seg].live;
-                    tracing::error!(seg, live, error = %e, "compaction could not read a segment; keeping it");
-                    st.kept.insert(seg, live);
+                    tracing::error!(seg, error = %e, "compaction could not read a segment; keeping what it holds");
                     0
                 }
                 Err(e) => return Err(e),
