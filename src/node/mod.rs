@@ -1087,7 +1087,8 @@ impl Shard {
     /// Whether `name` is a member of this node's cluster (a lone node has
     /// none).
     pub(super) fn is_member(&self, name: &[u8]) -> bool {
-        self.cluster.as_ref().is_some_and(|c| c.peers.is_member(name))
+        let name = std::str::from_utf8(name);
+        self.cluster.as_ref().zip(name.ok()).is_some_and(|(c, name)| c.info.ring.index_of(name).is_some())
     }
 
     /// The refusal of a HELLO that names no member of this cluster.

@@ -299,11 +299,6 @@ impl Peers {
         }
     }
 
-    /// Whether `name` names a member of the ring.
-    pub fn is_member(&self, name: &[u8]) -> bool {
-        self.members.iter().any(|m| m.name.as_bytes() == name)
-    }
-
     pub fn name(&self, member: MemberIdx) -> &str {
         &self.members[member as usize].name
     }
