@@ -2238,7 +2238,7 @@ impl<B: Backend> SegmentReader<'_, B> {
         let Some(data) = self.data.as_ref().map(|d| d.as_ref()) else { return };
         let mut at = self.ahead.max(self.at);
         while self.offered < n {
-            let Ok((h, len)) = decode_header(&data[at..], self.seed) else { break };
+            let Ok((h, len)) = crate::storage::format::decode_verified_header(&data[at..]) else { break };
             let Some(key) = data.get(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + h.key_len.get() as usize) else {
                 break;
             };

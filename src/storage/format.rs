@@ -347,10 +347,11 @@ pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<Rec
     })
 }
 
-/// The header of a record already verified (cached bytes), in any format:
-/// its check bytes, which formats 1-2 keep 0, are zeroed as
-/// [`decode_header`] does, and the rest validated.
-fn decode_verified_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
+/// The header of a record already verified (cached bytes), or one only
+/// looked at (a key to prefetch), in any format: its check bytes, which
+/// formats 1-2 keep 0, are zeroed as [`decode_header`] does, and the rest
+/// validated; the header check itself is not computed.
+pub(crate) fn decode_verified_header(buf: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
     let mut bytes = *buf
         .first_chunk::<RECORD_HEADER_LEN>()
         .ok_or(DecodeError::Truncated { need: RECORD_HEADER_LEN, have: buf.len() })?;
