@@ -622,11 +622,16 @@ fn a_timeout_that_is_not_a_duration_is_refused_clearly() {
 #[test]
 fn gyre_dev_refuses_a_quorum_its_cluster_cannot_have() {
     let dir = tmp();
-    let data = dir.path().join("d").display().to_string();
-    let (ok, _, err) = cli(&["dev", "-n", "5", "--port", "9", "--data-dir", &data]);
-    assert!(!ok && err.contains("n = 5 is more than the 3 nodes"), "{err}");
-    let (ok, _, err) = cli(&["dev", "--nodes", "2", "-r", "3", "--port", "9", "--data-dir", &data]);
-    assert!(!ok && err.contains("r = 3"), "{err}");
+    let (data, log) = (dir.path().join("d").display().to_string(), dir.path().join("dev.log"));
+    // Bounded: were the quorum taken, dev would start its nodes and run on.
+    for (args, says) in [(&["-n", "5"][..], "n = 5 is more than the 3 nodes"), (&["--nodes", "2", "-r", "3"], "r = 3")]
+    {
+        let all = ["dev", "--port", "9", "--data-dir", &data].into_iter().chain(args.iter().copied());
+        let mut child = common::spawn_logged(all, &log);
+        let (status, err) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
+        let status = status.unwrap_or_else(|| panic!("{args:?} started a cluster: {err}"));
+        assert!(!status.success() && err.contains(says), "{args:?}: {err}");
+    }
 }
 
 /// `gyre ring --cluster` asks no node: a --node or --timeout beside it is
