@@ -439,11 +439,21 @@ enum Then {
 /// A fake node on `l` serving each connection in a thread of its own:
 /// `answer(id, request)` says what to do with each request.
 fn scripted_node(l: TcpListener, answer: impl Fn(u64, Request<'_>) -> Then + Send + Sync + 'static) -> SocketAddr {
+    scripted_node_telling_closes(l, answer, None)
+}
+
+/// [`scripted_node`] that also sends on `closed` once it has closed a
+/// connection.
+fn scripted_node_telling_closes(
+    l: TcpListener,
+    answer: impl Fn(u64, Request<'_>) -> Then + Send + Sync + 'static,
+    closed: Option<std::sync::mpsc::Sender<()>>,
+) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     let answer = Arc::new(answer);
     thread::spawn(move || {
         for s in l.incoming() {
-            let (Ok(mut s), answer) = (s, answer.clone()) else { continue };
+            let (Ok(mut s), answer, closed) = (s, answer.clone(), closed.clone()) else { continue };
             thread::spawn(move || {
                 while let Some((h, body)) = read_frame(&mut s) {
                     let req = Request::decode(h.opcode, &body).expect("a request");
@@ -453,8 +463,12 @@ fn scripted_node(l: TcpListener, answer: impl Fn(u64, Request<'_>) -> Then + Sen
                         Then::Ignore => continue,
                     };
                     if s.write_all(&out).is_err() || close {
-                        return;
+                        break;
                     }
+                }
+                drop(s);
+                if let Some(tx) = closed {
+                    let _ = tx.send(());
                 }
             });
         }
@@ -530,21 +544,29 @@ fn a_replica_messages_reply_to_a_client_request_is_a_protocol_error() {
 fn a_connection_closed_right_after_its_reply_is_not_reused() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().unwrap().port();
-    let addr = scripted_node(l, move |id, req| {
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    let answer = move |id, req: Request<'_>| {
         Then::ReplyAndClose(match req {
             Request::Ping => frame(Response::Pong(info(vec![port])), id),
             Request::Put { .. } => frame(Response::Put { context: b"", siblings: 1 }, id),
             other => panic!("fake node got {other:?}"),
         })
-    });
+    };
+    let addr = scripted_node_telling_closes(l, answer, Some(closed_tx));
     let config = server_routed();
     let mut failed = Vec::new();
+    let wait_for_close = || closed.recv_timeout(Duration::from_secs(5)).expect("the node closes the connection");
     for _ in 0..20 {
         let mut client = Client::connect_with(&addr.to_string(), config.clone()).expect("connect");
-        // Long enough for the node's close to arrive, well under a ms.
-        thread::sleep(Duration::from_micros(200));
-        if let Err(e) = client.put(b"k", b"v", &Context::default()) {
-            failed.push(e.to_string());
+        // The node has closed the PING's connection (its end of stream
+        // crosses loopback within the close; a millisecond more for a
+        // busy machine), well under any idle threshold.
+        wait_for_close();
+        thread::sleep(Duration::from_millis(1));
+        match client.put(b"k", b"v", &Context::default()) {
+            // Its connection is closed too.
+            Ok(_) => wait_for_close(),
+            Err(e) => failed.push(e.to_string()),
         }
     }
     assert!(failed.is_empty(), "{} of 20 writes sent into a closed connection: {:?}", failed.len(), failed.first());
