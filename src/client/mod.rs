@@ -330,6 +330,10 @@ pub struct Connection {
     /// none are owed, anything the node sends, or its closing, means the
     /// connection is done with ([`Self::closed_while_idle`]).
     owed: usize,
+    /// Found open by a look (or just opened) and nothing sent since: a
+    /// second look before the next request is skipped (routing by the
+    /// ring opens the connection, then calls on it).
+    looked: bool,
     /// A reply came flagged STALE_ROUTE (the node was not a replica of its
     /// key): the client's ring is out of date. Cleared by whoever acts on it.
     pub stale_route: bool,
@@ -368,6 +372,7 @@ impl Connection {
             write_timeout: config.request_timeout,
             broken: false,
             owed: 0,
+            looked: true,
             stale_route: false,
         })
     }
@@ -392,7 +397,7 @@ impl Connection {
     /// that meets the closed connection (a review found a 1 ms idle
     /// threshold let every such write through).
     fn closed_while_idle(&mut self) -> bool {
-        if self.owed > 0 || !self.wbuf.is_empty() {
+        if self.owed > 0 || !self.wbuf.is_empty() || self.looked {
             return false;
         }
         if !self.rbuf.is_empty() || self.stream.set_nonblocking(true).is_err() {
@@ -402,7 +407,8 @@ impl Connection {
         if self.stream.set_nonblocking(false).is_err() {
             return true;
         }
-        !matches!(seen, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.looked = matches!(seen, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        !self.looked
     }
 
     /// Queues a request for `shard` (`ANY_SHARD`: let the node route) and
@@ -423,6 +429,7 @@ impl Connection {
         let id = self.next_id;
         self.next_id += 1;
         self.owed += 1;
+        self.looked = false;
         let deadline_us = budget.as_micros().clamp(1, u32::MAX as u128) as u32;
         req.encode_with(&mut self.wbuf, id, shard, deadline_us, quorum);
         Ok(id)
