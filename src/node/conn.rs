@@ -549,12 +549,8 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         }
                         if member {
                             standing.named_member();
-                            let mut reply = Vec::with_capacity(HEADER_LEN);
-                            crate::wire::Response::Hello.encode(&mut reply, header.request_id, shard.id as u16);
-                            out.reply(&reply);
-                        } else {
-                            out.reply(&shard.not_a_member(header.request_id));
                         }
+                        out.reply(&shard.hello_reply(header.request_id, member));
                         start += total;
                         continue;
                     }

@@ -289,10 +289,7 @@ impl Shard {
                 },
                 // The connection takes a HELLO itself (`conn`); one that
                 // got this far is answered the same way.
-                Request::Hello { member } => match self.is_member(member) {
-                    true => Response::Hello.encode(&mut out, id, shard),
-                    false => return Ok(self.not_a_member(id)),
-                },
+                Request::Hello { member } => return Ok(self.hello_reply(id, self.is_member(member))),
                 Request::ReplicaGet { .. } | Request::ReplicaPut { .. } => {
                     if self.cluster.is_none() {
                         return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"));
@@ -1091,11 +1088,17 @@ impl Shard {
         self.cluster.as_ref().zip(name.ok()).is_some_and(|(c, name)| c.info.ring.index_of(name).is_some())
     }
 
-    /// The refusal of a HELLO that names no member of this cluster.
-    pub(super) fn not_a_member(&self, id: u64) -> Vec<u8> {
-        match self.cluster {
-            Some(_) => self.error_frame(id, ErrorCode::Malformed, "HELLO names no member of this cluster"),
-            None => self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"),
+    /// The reply to a HELLO: taken if it named a `member` of this cluster,
+    /// refused otherwise.
+    pub(super) fn hello_reply(&self, id: u64, member: bool) -> Vec<u8> {
+        match (member, &self.cluster) {
+            (true, _) => {
+                let mut out = Vec::with_capacity(HEADER_LEN);
+                Response::Hello.encode(&mut out, id, self.id as u16);
+                out
+            }
+            (false, Some(_)) => self.error_frame(id, ErrorCode::Malformed, "HELLO names no member of this cluster"),
+            (false, None) => self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"),
         }
     }
 
