@@ -1144,21 +1144,24 @@ fn idle_clients_at_the_limit_do_not_lock_members_out() {
         s.read_exact(body).unwrap();
         gyre::wire::Response::decode(h.opcode, body).unwrap()
     };
+    // (Connections of the cluster's start that n2 has yet to see closed can
+    // take a place for a while, so the count is not checked, and the
+    // places are filled again before a look that needs them full.)
     let mut held = Vec::new();
-    let refused = loop {
+    let mut fill = |held: &mut Vec<std::net::TcpStream>| loop {
         let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         match ping(&mut s) {
             gyre::wire::Response::Pong(_) => held.push(s),
-            other => break other,
+            refused => break refused,
         }
         assert!(held.len() <= 3, "n2 took more clients than its limit");
     };
+    let refused = fill(&mut held);
     assert!(
         matches!(refused, gyre::wire::Response::Error { code: ErrorCode::Overloaded, .. }),
         "the client past the limit: {refused:?}"
     );
-    assert_eq!(held.len(), 3, "n2 took its limit of clients");
     // A write relayed to n2 that needs both replicas (W = 2) opens new
     // member connections to n2, past its limit (n1's relay connection, or
     // n3's replica connection if n3 coordinates): admitted.
@@ -1171,6 +1174,7 @@ fn idle_clients_at_the_limit_do_not_lock_members_out() {
     let put = n1.call_with(&again, ANY_SHARD, both);
     assert!(matches!(put, Ok(Reply::Put(_))), "over the replica connection: {put:?}");
     // A connection past the limit that sends nothing is closed.
+    fill(&mut held);
     let mut silent = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
     silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(silent.read(&mut [0u8; 64]).expect("closed, not timed out"), 0, "closed without a word");
