@@ -1148,7 +1148,7 @@ fn idle_clients_at_the_limit_do_not_lock_members_out() {
     // take a place for a while, so the count is not checked, and the
     // places are filled again before a look that needs them full.)
     let mut held = Vec::new();
-    let mut fill = |held: &mut Vec<std::net::TcpStream>| loop {
+    let fill = |held: &mut Vec<std::net::TcpStream>| loop {
         let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         match ping(&mut s) {
