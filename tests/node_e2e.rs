@@ -861,7 +861,7 @@ fn an_unclean_stop_gives_the_node_a_new_actor_and_a_clean_one_keeps_it() {
     assert!(node.terminate().success());
 }
 
-/// A shard that holds fewer records than at its clean stop (its directory
+/// A shard whose last sequence number went back since its clean stop (its directory
 /// emptied: an unmounted disk's mount point, say) lost them with no damage
 /// for recovery to report; the start gives the node a new actor as after
 /// any loss (found by a review: it kept the actor, and the shard's numbers
@@ -1660,8 +1660,8 @@ fn gyre_dev_refuses_a_lone_nodes_data_directory() {
     assert!(!dir.path().join("cluster.toml").exists(), "nothing was written");
 }
 
-/// `gyre check` fails on a shard that holds fewer records than at the
-/// node's clean stop (its segments removed), which a start takes for lost
+/// `gyre check` fails on a shard whose last sequence number is below the
+/// one at the node's clean stop (its segments removed), which a start takes for lost
 /// data (found by a review: the check passed it).
 #[test]
 fn check_fails_on_a_shard_that_went_back_since_its_clean_stop() {
