@@ -362,16 +362,6 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
     }
 }
 
-struct OpenGuard(Rc<Shard>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        let c = &self.0.counters.connections_open;
-        c.set(c.get() - 1);
-        self.0.closed.notify_all();
-    }
-}
-
 /// Connections of members a shard of a cluster node takes beyond
 /// `max_connections`: those that named a member (HELLO) and those admitted
 /// past the limit that must name one first, together. Enough for two
@@ -392,9 +382,10 @@ const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// reserve may declare.
 const MAX_HELLO_BODY: usize = 2 + crate::core::ring::MAX_NAME_LEN;
 
-/// Whether a connection is a client's or a member's, kept in the shard's
-/// counters (the accept loop reads them against the connection limit) for
-/// as long as the connection is open.
+/// An open connection, and whether it is a client's or a member's, kept
+/// in the shard's counters (the accept loop reads them against the
+/// connection limit; the shutdown waits for `connections_open` to reach 0)
+/// from the accept for as long as the connection is open.
 pub(super) struct Standing {
     shard: Rc<Shard>,
     /// Admitted into the members' reserve and no HELLO yet.
@@ -410,6 +401,7 @@ pub(super) struct Standing {
 impl Standing {
     /// A connection just accepted; `provisional` if past the limit.
     pub(super) fn new(shard: Rc<Shard>, provisional: bool) -> Standing {
+        bump(&shard.counters.connections_open, 1);
         if provisional {
             bump(&shard.counters.provisional_connections, 1);
         }
@@ -443,6 +435,8 @@ impl Drop for Standing {
         if self.member.get() {
             c.member_connections.set(c.member_connections.get() - 1);
         }
+        c.connections_open.set(c.connections_open.get() - 1);
+        self.shard.closed.notify_all();
     }
 }
 
@@ -455,10 +449,10 @@ fn too_many_connections(shard: &Shard) -> Vec<u8> {
 
 /// Serves one connection until the client closes it, a frame is bad, a
 /// write fails, or the node shuts down. The accept loop counted it open
-/// (so that connections accepted in one go are counted against the limit
-/// before any of them runs); this takes it off the count at the end.
+/// (its `standing`, made at accept, so that connections accepted in one go
+/// are counted against the limit before any of them runs); dropping
+/// `standing` when this ends takes it off the count.
 pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
-    let _open = OpenGuard(shard.clone());
     let sock = Rc::new(sock);
     let out = Rc::new(Outbox::default());
     let writer_task = {

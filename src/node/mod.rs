@@ -1010,7 +1010,6 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
                 }
                 match front.register(fd) {
                     Ok(sock) => {
-                        bump(&shard.counters.connections_open, 1);
                         let standing = conn::Standing::new(shard.clone(), provisional);
                         glommio::spawn_local(conn::serve(shard.clone(), sock, standing)).detach();
                     }
