@@ -1053,6 +1053,9 @@ fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
 /// holds the node's LOCK throughout: no node may start on it meanwhile.
 fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) -> anyhow::Result<serde_json::Value> {
     let _lock = if repair { Some(lock_node_dir(dir)?) } else { None };
+    // Read before the shards' check, which under --repair may remove it
+    // (found by a read-through: shards that went back were then missed).
+    let clean = info.shards.and_then(|n| gyre::node::config::read_clean_seqs(dir, n));
     let (shards, clean_removed) = check_shards(&info.shard_dirs, info.partitions, repair, Some(dir), failed)?;
     // Shard directories the NODE file promises but that are not there (a
     // node creates them at its start; their data, if any, is gone).
@@ -1071,7 +1074,6 @@ fn check_node(dir: &Path, info: NodeDirInfo, repair: bool, failed: &mut bool) ->
     // directory, removed segments): a start takes that for lost data, and
     // renews the actor; so the check fails on it (a review found it
     // passed).
-    let clean = info.shards.and_then(|n| gyre::node::config::read_clean_seqs(dir, n));
     let gone_back: Vec<serde_json::Value> = clean.map_or_else(Vec::new, |clean| {
         // Each shard's last sequence number as its check recovered it (one
         // not checked, missing or unreadable, is reported elsewhere).
