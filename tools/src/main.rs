@@ -136,15 +136,17 @@ fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
         DistArg::Zipfian => Dist::Zipfian { theta: a.theta.unwrap_or(theta) },
     };
     if a.figure != Figure::Six {
+        let default = Figure8Params::default();
         let p = Figure8Params {
             nodes: a.nodes,
             n: a.n,
             keys: a.keys,
             dist: dist(DistArg::Uniform, partition_sim::DEFAULT_THETA),
+            requests: a.requests.unwrap_or(default.requests),
+            seeds: a.seeds.unwrap_or(default.seeds),
             seed: a.seed,
-            ..Figure8Params::default()
+            ..default
         };
-        let p = Figure8Params { requests: a.requests.unwrap_or(p.requests), seeds: a.seeds.unwrap_or(p.seeds), ..p };
         let rows = partition_sim::figure8(&p)?;
         if a.json {
             print!("{}", partition_sim::json8(&rows));
@@ -159,18 +161,16 @@ fn partition_sim(a: SimArgs) -> anyhow::Result<()> {
         }
     }
     if a.figure != Figure::Eight {
+        let default = Figure6Params::default();
         let p = Figure6Params {
             nodes: a.nodes,
             n: a.n,
             keys: a.keys,
             dist: dist(DistArg::Zipfian, partition_sim::FIGURE6_THETA),
+            partitions: a.partitions.unwrap_or(default.partitions),
+            windows: a.windows.unwrap_or(default.windows),
             seed: a.seed,
-            ..Figure6Params::default()
-        };
-        let p = Figure6Params {
-            partitions: a.partitions.unwrap_or(p.partitions),
-            windows: a.windows.unwrap_or(p.windows),
-            ..p
+            ..default
         };
         let rows = partition_sim::figure6(&p)?;
         if a.json {
