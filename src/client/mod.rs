@@ -1040,24 +1040,24 @@ impl Client {
             check_request(&Request::Get { key })?;
         }
         let deadline = self.deadline();
-        // Replies each connection still owes this call.
-        let mut owed = vec![0usize; self.seed.conns.len()];
-        let res = self.get_many_until(keys, deadline, &mut owed);
+        let res = self.get_many_until(keys, deadline);
         if res.is_err() {
-            for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
-                self.seed.conns[slot] = None;
+            // No stale reply may reach a later call.
+            for conn in &mut self.seed.conns {
+                if conn.as_ref().is_some_and(|c| c.owed > 0) {
+                    *conn = None;
+                }
             }
         }
         res
     }
 
-    fn get_many_until(
-        &mut self,
-        keys: &[&[u8]],
-        deadline: Instant,
-        owed: &mut [usize],
-    ) -> Result<Vec<Result<Versions>>> {
-        let mut by_id = std::collections::HashMap::with_capacity(keys.len().min(GET_MANY_WINDOW * owed.len()));
+    fn get_many_until(&mut self, keys: &[&[u8]], deadline: Instant) -> Result<Vec<Result<Versions>>> {
+        // Replies each connection owes: every call before this one ended
+        // with none owed, or with its connection dropped.
+        let owed = |conns: &[Option<Connection>], slot: usize| conns[slot].as_ref().map_or(0, |c| c.owed);
+        let slots = self.seed.conns.len();
+        let mut by_id = std::collections::HashMap::with_capacity(keys.len().min(GET_MANY_WINDOW * slots));
         let mut results: Vec<Option<Result<Versions>>> = (0..keys.len()).map(|_| None).collect();
         let mut sent = 0;
         for _ in 0..keys.len() {
@@ -1065,30 +1065,32 @@ impl Client {
             let mut full = None;
             while let Some(key) = keys.get(sent) {
                 let (slot, shard) = self.seed.slot_for(Some(key), self.config.shard_aware);
-                if owed[slot] == GET_MANY_WINDOW {
+                if owed(&self.seed.conns, slot) == GET_MANY_WINDOW {
                     full = Some(slot);
                     break;
                 }
                 let c = self.seed.conn(slot, &self.config, deadline)?;
                 let id = c.queue(&Request::Get { key }, shard, self.quorum, left(deadline))?;
-                owed[slot] += 1;
                 by_id.insert((slot, id), sent);
                 sent += 1;
             }
-            for (slot, _) in owed.iter().enumerate().filter(|(_, &n)| n > 0) {
-                self.seed.conn(slot, &self.config, deadline)?.flush_until(deadline)?;
+            for slot in 0..slots {
+                if owed(&self.seed.conns, slot) > 0 {
+                    self.seed.conn(slot, &self.config, deadline)?.flush_until(deadline)?;
+                }
             }
             // One reply: from the full window's connection, else from any
             // connection still owing one. Replies on one connection may
             // come in any order.
-            let slot = full.or_else(|| owed.iter().position(|&n| n > 0)).expect("a request is unanswered");
+            let slot = full
+                .or_else(|| (0..slots).find(|&slot| owed(&self.seed.conns, slot) > 0))
+                .expect("a request is unanswered");
             let c = self.seed.conn(slot, &self.config, deadline)?;
             let (id, reply) = c.recv_until(deadline)?;
             // Removed once answered: a second reply to it is unknown.
             let Some(i) = by_id.remove(&(slot, id)) else {
                 return Err(c.protocol(format!("reply to unknown request {id}")));
             };
-            owed[slot] -= 1;
             let addr = c.addr;
             results[i] = Some(reply.and_then(|r| match r {
                 Reply::Get(v) => Ok(v),
