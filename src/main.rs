@@ -539,8 +539,8 @@ const DEV_KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// What in `dir` (with no `cluster.toml`) is a node's or a shard's data.
 fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
-    if is_node_dir(dir) {
-        return Ok(Some("a node's data (its NODE file)".to_string()));
+    if let Some(data) = gyre::node::config::node_data(dir)? {
+        return Ok(Some(data.describe()));
     }
     gyre::node::config::other_gyre_data(dir)
 }
@@ -956,8 +956,10 @@ struct NodeDirInfo {
     shard_dirs: Vec<PathBuf>,
 }
 
+/// Whether `dir` has a `NODE` file (of any kind, as a start sees it: one
+/// that is not a readable file is an error, not a missing file).
 fn is_node_dir(dir: &Path) -> bool {
-    dir.join(gyre::node::config::NODE_FILE).is_file()
+    gyre::node::config::node_data(dir).ok().flatten() == Some(gyre::node::config::NodeData::Node)
 }
 
 /// The `shard-*` directories of a node's data directory `dir`, sorted.
@@ -981,14 +983,14 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
     if dir.join(FORMAT_FILE).exists() {
         return Ok(CheckTarget::Shard);
     }
-    if is_node_dir(dir) || !shard_dirs(dir).unwrap_or_default().is_empty() {
+    if gyre::node::config::node_data(dir)?.is_some() {
         return Ok(CheckTarget::Node(node_dir_info(dir)?));
     }
     if dir.join("cluster.toml").is_file() {
         let mut nodes = Vec::new();
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-            if path.is_dir() && (is_node_dir(&path) || !shard_dirs(&path).unwrap_or_default().is_empty()) {
+            if gyre::node::config::node_data(&path)?.is_some() {
                 nodes.push(path);
             }
         }

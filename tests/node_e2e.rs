@@ -1645,7 +1645,9 @@ fn check_fails_on_shard_data_without_a_node_file() {
 
 /// `gyre dev` is refused on a lone node's data directory (both default to
 /// ./data): its members would live beside the node's data, and `gyre
-/// check` would see only the node.
+/// check` would see only the node. So is one whose `NODE` file is gone,
+/// which a start refuses too (found by a read-through: `gyre dev` made a
+/// cluster over its shard directories).
 #[test]
 fn gyre_dev_refuses_a_lone_nodes_data_directory() {
     let dir = tmp();
@@ -1653,11 +1655,15 @@ fn gyre_dev_refuses_a_lone_nodes_data_directory() {
     assert!(node.terminate().success());
     let log = dir.path().join("dev.log");
     let args = ["dev", "--port", "1", "--data-dir"].map(std::ffi::OsStr::new);
-    let mut child = common::spawn_logged(args.into_iter().chain([dir.path().as_os_str()]), &log);
-    let (status, stderr) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
-    let status = status.unwrap_or_else(|| panic!("gyre dev started on a node's directory: {stderr}"));
-    assert!(!status.success() && stderr.contains("not a `gyre dev` cluster"), "{status:?}: {stderr}");
-    assert!(!dir.path().join("cluster.toml").exists(), "nothing was written");
+    for (what, holds) in [("with its NODE file", "its NODE file"), ("without it", "shard-000")] {
+        let mut child = common::spawn_logged(args.into_iter().chain([dir.path().as_os_str()]), &log);
+        let (status, stderr) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
+        let status = status.unwrap_or_else(|| panic!("{what}: gyre dev started on a node's directory: {stderr}"));
+        let refused = stderr.contains("not a `gyre dev` cluster") && stderr.contains(holds);
+        assert!(!status.success() && refused, "{what}: {status:?}: {stderr}");
+        assert!(!dir.path().join("cluster.toml").exists(), "{what}: nothing was written");
+        let _ = std::fs::remove_file(dir.path().join(gyre::node::config::NODE_FILE));
+    }
 }
 
 /// `gyre check` fails on a shard whose last sequence number is below the

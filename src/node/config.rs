@@ -443,7 +443,44 @@ pub fn shard_entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// What in `dir`, a directory without a `NODE` file, is Gyre data that a
+/// How a directory holds a node's data: the one rule a start, `gyre dev`
+/// and `gyre check` go by (they had one each, and disagreed: `gyre dev`
+/// made a cluster over shard directories that had lost their `NODE` file).
+#[derive(Debug, PartialEq, Eq)]
+pub enum NodeData {
+    /// Its `NODE` file is there (readable or not: a start reads it).
+    Node,
+    /// `shard-*` entries without a `NODE` file, named here: a node's data
+    /// that lost it (or a copy made without it). A start refuses them, and
+    /// `gyre check` fails them.
+    Orphaned(Vec<String>),
+}
+
+impl NodeData {
+    /// What it is, for a message.
+    pub fn describe(&self) -> String {
+        match self {
+            NodeData::Node => format!("a node's data (its {NODE_FILE} file)"),
+            NodeData::Orphaned(names) => format!("shard data ({}) without a {NODE_FILE} file", names.join(", ")),
+        }
+    }
+}
+
+/// Whether `dir` holds a node's data, and how (`None` for anything but a
+/// directory).
+pub fn node_data(dir: &Path) -> anyhow::Result<Option<NodeData>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    if dir.join(NODE_FILE).exists() {
+        return Ok(Some(NodeData::Node));
+    }
+    let orphans: Vec<String> =
+        shard_entries(dir)?.iter().filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    Ok((!orphans.is_empty()).then_some(NodeData::Orphaned(orphans)))
+}
+
+/// What in `dir`, a directory without a node's data, is Gyre data that a
 /// new node must not be created over (found by a review: `gyre node` on a
 /// shard's directory or on a `gyre dev` directory, both `./data` by
 /// default, started an empty node inside it, and `gyre check` then
@@ -461,7 +498,7 @@ pub fn other_gyre_data(dir: &Path) -> anyhow::Result<Option<String>> {
         if name == "cluster.toml" {
             return Ok(Some("a cluster file (cluster.toml: a `gyre dev` directory?)".to_string()));
         }
-        if entry.path().join(NODE_FILE).is_file() {
+        if node_data(&entry.path())?.is_some() {
             return Ok(Some(format!("a node's data directory ({name})")));
         }
     }
@@ -558,10 +595,10 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         }
         Err(TryLockError::Error(e)) => return Err(e).context("locking the data directory"),
     }
-    let node_path = path.join(NODE_FILE);
     let partitions = config.storage.partitions;
     let role = role_of(config);
-    if node_path.exists() {
+    let found = node_data(&path)?;
+    if found == Some(NodeData::Node) {
         let node = read_node_file(&path)?;
         if let Some(s) = config.shards {
             if s != node.shards {
@@ -592,11 +629,7 @@ pub fn lock_data_dir(config: &NodeConfig, available_cores: usize, random_id: u64
         // without it), not a new directory: starting over would give the
         // data a new identity and perhaps another shard count, and serve
         // its keys as missing.
-        let orphans: Vec<String> = shard_entries(&path)?
-            .iter()
-            .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        if !orphans.is_empty() {
+        if let Some(NodeData::Orphaned(orphans)) = found {
             bail!(
                 "{} holds shard data ({}) but no {NODE_FILE} file: restore {NODE_FILE}, or move the data away to start \
                  a new node",
