@@ -339,6 +339,34 @@ pub struct Connection {
     pub stale_route: bool,
 }
 
+/// Peeks at one byte of `stream` without waiting: `WouldBlock` when
+/// nothing has come (the connection is idle and open), `Ok(0)` when the
+/// peer closed it. One `recv(MSG_PEEK | MSG_DONTWAIT)` on Unix; elsewhere
+/// the socket is made non-blocking for the peek and blocking again.
+#[cfg(unix)]
+fn peek_without_waiting(stream: &TcpStream) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: the buffer is one valid, writable byte; the descriptor is
+    // the stream's own, open for as long as `stream` is borrowed.
+    let n = unsafe {
+        libc::recv(stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    match n {
+        -1 => Err(io::Error::last_os_error()),
+        n => Ok(n as usize),
+    }
+}
+
+#[cfg(not(unix))]
+fn peek_without_waiting(stream: &TcpStream) -> io::Result<usize> {
+    stream.set_nonblocking(true)?;
+    let seen = stream.peek(&mut [0u8; 1]);
+    // A socket left non-blocking would fail later reads: that is an error
+    // of the look, whatever it saw.
+    stream.set_nonblocking(false).and(seen)
+}
+
 impl Connection {
     /// Connects within `config.connect_timeout` (a timeout is
     /// [`ClientError::Timeout`]).
@@ -391,23 +419,19 @@ impl Connection {
     /// that restarted meanwhile had closed it, and a write sent into it
     /// failed as "may have been taken" though no node ever saw it, while
     /// reads had only one retry (found by a review). A connection with
-    /// replies owed is never judged by it. Looked at before every call
-    /// (three system calls): a node that stops answers its last request
-    /// and closes at once, so a client calling back to back is the one
-    /// that meets the closed connection (a review found a 1 ms idle
-    /// threshold let every such write through).
+    /// replies owed is never judged by it. Looked at before every call (one
+    /// system call on Unix, three elsewhere): a node that stops answers its
+    /// last request and closes at once, so a client calling back to back
+    /// is the one that meets the closed connection (a review found a 1 ms
+    /// idle threshold let every such write through).
     fn closed_while_idle(&mut self) -> bool {
         if self.owed > 0 || !self.wbuf.is_empty() || self.looked {
             return false;
         }
-        if !self.rbuf.is_empty() || self.stream.set_nonblocking(true).is_err() {
+        if !self.rbuf.is_empty() {
             return true;
         }
-        let seen = self.stream.peek(&mut [0u8; 1]);
-        if self.stream.set_nonblocking(false).is_err() {
-            return true;
-        }
-        self.looked = matches!(seen, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        self.looked = matches!(peek_without_waiting(&self.stream), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         !self.looked
     }
 
