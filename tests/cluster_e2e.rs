@@ -1360,3 +1360,47 @@ fn a_put_the_replicas_refuse_for_a_limit_names_the_limit() {
     expect_code(big, ErrorCode::ValueTooLarge, "a sibling past the object limit on the replicas");
     assert_eq!(cluster.counter("n1", "quorum_failures"), 0, "neither is a quorum failure");
 }
+
+/// Two members whose cluster files list the members in another order have
+/// different rings, and some keys each takes for the other's. A request
+/// relayed for such a key is refused (`RingMismatch`) where it lands, not
+/// relayed back (found by a read-through: it went back and forth between
+/// the two until its deadline, a running request on each at every hop).
+#[test]
+fn a_request_relayed_to_a_member_with_another_ring_is_refused_not_relayed_back() {
+    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 1, r: 1, w: 1, ..Default::default() });
+    let ring_of = |cluster: &Cluster, name: &str| cluster.client(name, Routing::Client).ring().expect("ring").clone();
+    let before = ring_of(&cluster, "n1");
+    // n2 restarts on a file that lists it first: its ring differs from n1's.
+    cluster.stop("n2");
+    let text = std::fs::read_to_string(&cluster.file).unwrap();
+    let (top, nodes) = text.split_once("\n[[nodes]]").expect("a cluster file with nodes");
+    let nodes: Vec<&str> = nodes.split("\n[[nodes]]").collect();
+    assert_eq!(nodes.len(), 2, "{text}");
+    std::fs::write(&cluster.file, format!("{top}\n[[nodes]]{}\n[[nodes]]{}", nodes[1], nodes[0])).unwrap();
+    cluster.restart("n2");
+    let after = ring_of(&cluster, "n2");
+    let owner = |view: &gyre::client::RingView, key: &str| {
+        let me = view.ring.preference_list(view.ring.partition_of_key(key.as_bytes()), 1)[0];
+        view.ring.member(me).name.clone()
+    };
+    let crossed: Vec<String> = (0..10_000)
+        .map(|i| format!("crossed-{i}"))
+        .filter(|k| owner(&before, k) == "n2" && owner(&after, k) == "n1")
+        .take(3)
+        .collect();
+    assert_eq!(crossed.len(), 3, "the two orders give rings that differ");
+    let mut c = cluster.client("n1", Routing::Server);
+    for key in &crossed {
+        let put = c.put(key.as_bytes(), b"v", &Context::default());
+        let message = expect_code(put, ErrorCode::RingMismatch, &format!("put {key}"));
+        assert!(message.contains("cluster file"), "{message}");
+        expect_code(c.get(key.as_bytes()), ErrorCode::RingMismatch, &format!("get {key}"));
+    }
+    assert_eq!(cluster.counter("n2", "misrouted_relays"), 6, "n2 refused each relayed request once");
+    assert_eq!(cluster.counter("n1", "misrouted_relays"), 0, "nothing came back to n1");
+    // A key n1 owns by its own ring it coordinates itself, as before.
+    let own = (0..10_000).map(|i| format!("own-{i}")).find(|k| owner(&before, k) == "n1").expect("n1 owns keys");
+    put(&mut c, &own, "v", &Context::default());
+    assert_eq!(values(&mut c, &own), bytes(&["v"]));
+}

@@ -349,9 +349,7 @@ fn peek_without_waiting(stream: &TcpStream) -> io::Result<usize> {
     let mut byte = 0u8;
     // SAFETY: the buffer is one valid, writable byte; the descriptor is
     // the stream's own, open for as long as `stream` is borrowed.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let n = unsafe { libc::recv(stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     match n {
         -1 => Err(io::Error::last_os_error()),
         n => Ok(n as usize),

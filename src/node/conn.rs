@@ -396,6 +396,9 @@ pub(super) struct Standing {
     deadline: std::time::Instant,
     /// Named a member (HELLO), and counted as one.
     member: Cell<bool>,
+    /// Named a member (HELLO), counted as one or not: its quorum requests
+    /// are that member's relays ([`Shard::misrouted_relay`]).
+    named: Cell<bool>,
 }
 
 impl Standing {
@@ -406,7 +409,13 @@ impl Standing {
             bump(&shard.counters.provisional_connections, 1);
         }
         let deadline = std::time::Instant::now() + PROVISIONAL_WAIT;
-        Standing { shard, provisional: Cell::new(provisional), deadline, member: Cell::new(false) }
+        Standing {
+            shard,
+            provisional: Cell::new(provisional),
+            deadline,
+            member: Cell::new(false),
+            named: Cell::new(false),
+        }
     }
 
     /// The connection named a member. A provisional one becomes a
@@ -414,6 +423,7 @@ impl Standing {
     /// otherwise stays a client's (found by a review: any client could
     /// name a member and so escape every limit).
     fn named_member(&self) {
+        self.named.set(true);
         let c = &self.shard.counters;
         if self.provisional.replace(false) {
             c.provisional_connections.set(c.provisional_connections.get() - 1);
@@ -563,6 +573,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
+                            if let Some(reply) =
+                                standing.named.get().then(|| shard.misrouted_relay(header.request_id, &req)).flatten()
+                            {
+                                out.reply(&reply);
+                                start += total;
+                                continue;
+                            }
                             let owner = req.key().map_or(shard.id, |k| shard.owner(k));
                             match out.push_now(|buf| shard.answer_now(&header, &req, owner, buf)) {
                                 Answer::No => owner,

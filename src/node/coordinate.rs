@@ -67,6 +67,9 @@ pub struct ClusterCounters {
     pub coordinated_puts: Cell<u64>,
     /// Client requests sent on to a replica because this node is not one.
     pub proxied: Cell<u64>,
+    /// Requests a member relayed here for keys this node does not
+    /// replicate, refused with RingMismatch ([`Shard::misrouted_relay`]).
+    pub misrouted_relays: Cell<u64>,
     pub quorum_failures: Cell<u64>,
     /// Repair writes (after reads that found stale or missing replicas)
     /// that the replica acknowledged.
@@ -456,6 +459,29 @@ impl Shard {
             }
             _ => Err(ReplicaFailure::Refused),
         }
+    }
+
+    /// The refusal of a request that a member relayed (it came on a
+    /// connection that named a member) for a key this node does not
+    /// replicate; `None` for any other. A member relays only to a replica
+    /// of the key by its own ring ([`Self::proxy`]), so such a request shows
+    /// that the two members' rings differ (their cluster files do). Relayed
+    /// again, it could go back to the sender: two members whose files list
+    /// each other in another order sent some keys' requests back and forth
+    /// until their deadline (found by a read-through), a running request
+    /// on each at every hop. A client that names a member on its
+    /// connection only gets these refusals for keys this node does not
+    /// replicate, which it would have had relayed.
+    pub(super) fn misrouted_relay(&self, request_id: u64, req: &Request<'_>) -> Option<Vec<u8>> {
+        let cs = self.cluster.as_ref()?;
+        let key = req.key().filter(|_| req.is_quorum_op())?;
+        if cs.info.replicas(key).contains(&cs.info.me) {
+            return None;
+        }
+        bump(&cs.counters.misrouted_relays, 1);
+        let message = "a member relayed this request here, but this node does not replicate its key: the members' \
+                       rings differ (check that every member has the same cluster file, members in the same order)";
+        Some(self.error_frame(request_id, ErrorCode::RingMismatch, message))
     }
 
     /// Forwards a client request to a replica of its key (the put's hinted

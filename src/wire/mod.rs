@@ -245,6 +245,10 @@ pub enum ErrorCode {
     NotClustered,
     /// An R or W override outside 1..=N.
     InvalidQuorum,
+    /// A member relayed the request to a node that, by its own ring, does
+    /// not replicate the key: the members' rings differ (their cluster
+    /// files do). It is not relayed again.
+    RingMismatch,
     /// A code from a newer protocol version.
     Other(u16),
 }
@@ -268,6 +272,7 @@ impl ErrorCode {
             ErrorCode::QuorumFailed => 14,
             ErrorCode::NotClustered => 15,
             ErrorCode::InvalidQuorum => 16,
+            ErrorCode::RingMismatch => 17,
             ErrorCode::Other(c) => c,
         }
     }
@@ -290,6 +295,7 @@ impl ErrorCode {
             14 => ErrorCode::QuorumFailed,
             15 => ErrorCode::NotClustered,
             16 => ErrorCode::InvalidQuorum,
+            17 => ErrorCode::RingMismatch,
             c => ErrorCode::Other(c),
         }
     }
