@@ -1,4 +1,7 @@
-//! Every hard limit of Gyre, named once, with its reasoning.
+//! The storage and node size limits of Gyre, named once, with their
+//! reasoning. (Limits of one module's own format live with it: the wire's
+//! frame limits in `wire`, sibling and clock limits in `core::version`,
+//! member limits in `core::ring`, a connection's in `node::conn`.)
 //!
 //! Invariant: nothing else in the crate writes a size limit as a literal; the
 //! relations between limits (a record fits in a segment, a length fits in its
@@ -67,7 +70,10 @@ pub const FLUSH_BACKLOG_THRESHOLDS: usize = 8;
 
 const _: () = assert!(MAX_KEY_LEN <= u16::MAX as usize, "key length is a u16 on disk");
 const _: () = assert!(MAX_META_LEN <= u16::MAX as usize, "meta length is a u16 on disk");
-const _: () = assert!(VALUE_LEN_HARD_CAP <= u32::MAX as usize, "value length is a u32 on disk");
+const _: () = assert!(
+    VALUE_LEN_HARD_CAP <= u32::MAX as usize,
+    "value length is a u32 in formats 1 and 2 (a u24 in format 3: storage::format checks that)"
+);
 const _: () = assert!(DEFAULT_MAX_VALUE_LEN <= VALUE_LEN_HARD_CAP);
 const _: () = assert!((MAX_RECORD_LEN as u64) < (1 << 31), "index keeps the record length in 31 bits");
 const _: () = assert!((MAX_RECORD_LEN as u64) <= MAX_SEGMENT_SIZE, "a record must fit in a segment");

@@ -129,7 +129,11 @@ enum Command {
     /// with the repairs --repair would make (a start makes the same, but
     /// may keep or drop a spare segment differently: its own segment size
     /// and fsync policy decide). Exits 1 if corruption is found, a shard
-    /// cannot be checked, or a node's shard directory is missing.
+    /// cannot be checked, a node's shard directory is missing
+    /// (`missing_shards`), a shard holds fewer records than at the node's
+    /// clean stop (`shards_gone_back`), shard data has no NODE file
+    /// (`node_file_missing`), or a repair could not remove the CLEAN mark
+    /// (`clean_mark_error`).
     ///
     /// DATA_DIR is a node's data directory (each of its shard-NNN
     /// directories is checked), one shard's directory, or a `gyre dev`
@@ -1007,7 +1011,9 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
 
 /// `gyre check`: read-only unless `repair`. Prints one JSON report and
 /// exits 1 if a shard holds corruption (or could not be checked or
-/// repaired), or if a repair left the node's `CLEAN` mark it had to remove.
+/// repaired), a shard is missing or went back since the clean stop, shard
+/// data has no `NODE` file, or a repair left the node's `CLEAN` mark it
+/// had to remove.
 fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
     let mode = if repair { "repair" } else { "check" };
     let mut failed = false;

@@ -61,9 +61,10 @@
 //! Example: `{1: 1, 300: 300}` is `01 02 | 01 00 00 00 00 00 00 00 01 |
 //! 2c 01 00 00 00 00 00 00 ac 02`.
 //!
-//! A cluster's GET reply adds a coordinator hint (Dynamo section 6.4: the
-//! replica that answered the read fastest coordinates the write that
-//! follows it) with format 2, which [`decode_context`] reads and
+//! A cluster's GET, PUT and DELETE replies add a coordinator hint (Dynamo
+//! section 6.4: the replica that answered the read fastest coordinates
+//! the write that follows it; a write's own coordinator, the next) with
+//! format 2, which [`decode_context`] reads and
 //! [`Clock::decode`] refuses:
 //!
 //! ```text

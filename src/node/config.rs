@@ -127,7 +127,9 @@ pub struct NodeConfig {
     /// setting), and they are not written out.
     #[serde(deserialize_with = "storage_table", serialize_with = "storage_table_out")]
     pub storage: EngineConfig,
-    /// Pin shard `i` to CPU `i mod cpus`.
+    /// Pin shard `i` to the `i mod n`-th of the `n` CPUs the process may
+    /// run on (its affinity mask: under `taskset -c 4-7`, shard 0 runs on
+    /// CPU 4).
     pub pin: bool,
     /// Microseconds a shard with no work spins before it parks (0: park
     /// at once). Spinning saves the sleep and wake-up of each request

@@ -4,9 +4,11 @@
 //! that drive an engine (the durability ticker, and compaction in a task
 //! queue of its own: foreground work first while compaction keeps up, an
 //! equal share once it falls far behind, and the engine's writes waiting
-//! for it beyond that: `Engine::handle_compaction_check`). This is
-//! the only place (with the binaries) that reads the clock; the engine gets
-//! `now` as an argument.
+//! for it beyond that: `Engine::handle_compaction_check`). Of the storage
+//! path, this is the only place (with the binaries) that reads the wall
+//! clock or the monotonic clock; the engine gets `now` as an argument.
+//! (The node's connection, coordination and peer code reads the monotonic
+//! clock for deadlines.)
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -1,9 +1,11 @@
 //! The on-disk formats of one shard's log: records, segment and hint files.
 //!
 //! Owns: the byte layout of a record and of a hint file, their encoding and
-//! their validated decoding. Invariant: every byte that reaches disk was
-//! produced by an `encode_*` here and is covered by an xxh3-64 checksum, and
-//! every byte read back is returned only after `decode_*` verified it.
+//! their validated decoding. Invariant: every record and hint byte that
+//! reaches disk was produced by an `encode_*` here and is covered by an
+//! xxh3-64 checksum, and every such byte read back is returned only after
+//! `decode_*` verified it. (Not covered: the `GYRE_FORMAT` file's padding,
+//! the zeros of a preallocated spare segment, the `LOCK` file's pid text.)
 //! All integers are little-endian.
 //!
 //! # Record (32-byte header + key + meta + value, packed back to back)

@@ -85,7 +85,9 @@
 //! request 0x0001 QUORUM       GET, PUT, DELETE: the body starts with two
 //!                             extra bytes, u8 r, u8 w, overriding the
 //!                             namespace's read and write quorum for this
-//!                             request (0 = keep the default)
+//!                             request (0 = keep the default; sent only
+//!                             with one of them non-zero, and only on
+//!                             those three: otherwise Malformed)
 //! reply   0x0001 STALE_ROUTE  the node that answered is not in the key's
 //!                             preference list (it forwarded the request):
 //!                             a client routing by the ring should fetch it
@@ -213,7 +215,8 @@ impl Quorum {
 /// Machine-readable error codes carried by ERROR replies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
-    /// The frame could not be parsed; the connection is closed.
+    /// The frame could not be parsed; the connection is closed. (Also
+    /// the answer to a HELLO naming no member, whose connection goes on.)
     Malformed,
     UnsupportedVersion,
     /// The body is longer than this node accepts. Within the protocol's
