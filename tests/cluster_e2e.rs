@@ -1012,11 +1012,9 @@ fn gyre_dev_reuses_a_cluster_of_any_size_without_nodes_given() {
     again.nodes = children_of(again.child.id());
     assert_eq!(again.nodes.len(), 2, "the cluster's own two nodes");
     assert!(stop_dev(&mut again, dir.path()).0.success());
-    let out = Command::new(GYRE)
-        .args(["dev", "--nodes", "3", "--port", &port, "--data-dir"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let mut command = Command::new(GYRE);
+    command.args(["dev", "--nodes", "3", "--port", &port, "--data-dir"]).arg(dir.path().join("data"));
+    let out = common::output_bounded(command, b"", Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("2-node cluster, not 3"), "{err}");
 }

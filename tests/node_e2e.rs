@@ -524,23 +524,9 @@ fn command_line_put_get_delete() {
 /// Runs the `gyre` binary with `stdin` as its standard input (empty if
 /// none) and RUST_LOG unset: the exit status and the raw stdout and stderr.
 fn gyre_bytes(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(common::GYRE)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running gyre");
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_vec();
-    // Written from a thread: gyre may exit without reading it all.
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let out = child.wait_with_output().expect("gyre output");
-    writer.join().unwrap();
+    let mut command = std::process::Command::new(common::GYRE);
+    command.args(args).env_remove("RUST_LOG");
+    let out = common::output_bounded(command, stdin, common::COMMAND_TIMEOUT);
     (out.status.success(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -919,14 +905,17 @@ fn an_emptied_shard_gives_a_new_actor(between: impl FnOnce(&std::path::Path)) {
 fn gyre_to_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
     let (reader, writer) = std::io::pipe().expect("a pipe");
     drop(reader);
-    let out = std::process::Command::new(common::GYRE)
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let mut child = std::process::Command::new(common::GYRE)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(writer)
-        .output()
+        .stderr(log.reopen().expect("the log file"))
+        .spawn()
         .expect("running gyre");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    let (status, stderr) = common::wait_logged(&mut child, common::COMMAND_TIMEOUT, log.path());
+    (status.unwrap_or_else(|| panic!("gyre {args:?} hung writing to a closed stdout: {stderr}")), stderr)
 }
 
 /// `gyre stats | head -1`: a client command whose stdout is closed before

@@ -481,9 +481,65 @@ pub fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     v
 }
 
-/// Runs the `gyre` binary: whether it succeeded, its stdout and stderr.
+/// How long a `gyre` command a test runs to its end ([`output_bounded`])
+/// may take: they take well under a second, so this is a hang.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `command` to its end with `stdin` as its input (written from a
+/// thread: it may exit without reading it all) and its stdout and stderr
+/// captured. One still running after `timeout` is killed and the test
+/// fails with what it wrote (found by a review: `output()` let a hung
+/// command, `gyre dev` with its nodes, hold a test for ever). Its
+/// children may keep its pipes open for a while after it: what they wrote
+/// by `timeout` is kept.
+pub fn output_bounded(mut command: Command, stdin: &[u8], timeout: Duration) -> std::process::Output {
+    use std::io::{Read, Write};
+    let what = format!("{command:?}");
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    let stdin = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let reader = |mut from: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = from.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+        rx
+    };
+    let stdout = reader(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = reader(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = wait_bounded(&mut child, timeout);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
+            .unwrap_or_default()
+    };
+    match status {
+        Some(status) => std::process::Output { status, stdout: collect(stdout), stderr: collect(stderr) },
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&collect(stderr)).into_owned();
+            panic!("{what} was still running after {timeout:?} (killed); its stderr: {err}");
+        }
+    }
+}
+
+/// Runs the `gyre` binary (bounded: [`output_bounded`]): whether it
+/// succeeded, its stdout and stderr.
 pub fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(GYRE).args(args).output().expect("running gyre");
+    let mut command = Command::new(GYRE);
+    command.args(args);
+    let out = output_bounded(command, b"", COMMAND_TIMEOUT);
     (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
