@@ -13,12 +13,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli, sorted, Cluster, ClusterSpec, GYRE};
+use common::{cli, sorted, Cluster, ClusterSpec, Dev, GYRE};
 use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply, Routing, Versions};
 use gyre::wire::{ErrorCode, Quorum, Request, ANY_SHARD};
 
@@ -347,11 +346,7 @@ impl Paused {
     /// serve what the test sends next.
     fn new(pid: u32) -> Paused {
         common::signal(pid, "STOP");
-        let stopped = |task: std::fs::DirEntry| {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // pid (comm) state ...: comm may hold spaces, so read after ')'.
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_none_or(|s| s == "T")
-        };
+        let stopped = |task: std::fs::DirEntry| common::stat_state(&task.path().join("stat")).is_none_or(|s| s == 'T');
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
@@ -806,102 +801,13 @@ fn a_node_stopped_while_it_takes_writes_exits() {
     }
 }
 
-/// Processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ...: comm may hold spaces, so parse after ')'.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
-/// The `gyre dev` process and its nodes, killed if the test fails.
-struct Dev {
-    child: std::process::Child,
-    nodes: Vec<u32>,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        for &pid in &self.nodes {
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                // SAFETY: kill(2) on a process id; no memory is involved.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `gyre dev` (three one-shard nodes on 127.0.0.1-3 at a free port,
-/// data under `dir`, unless `dir` holds another cluster) and waits for its
-/// ready line; `Err` with its log if it exits first.
-fn start_dev(dir: &std::path::Path, port: &str) -> Result<(Dev, String), String> {
-    start_dev_with(dir, port, &["--shards", "1"])
-}
-
-/// [`start_dev`] with other arguments than `--shards 1` (its log appended
-/// to `dev.log`).
-fn start_dev_with(dir: &std::path::Path, port: &str, extra: &[&str]) -> Result<(Dev, String), String> {
-    let log_path = dir.join("dev.log");
-    let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
-    let child = Command::new(GYRE)
-        .args(["dev", "--port", port])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawning gyre dev");
-    let mut dev = Dev { child, nodes: Vec::new() };
-    let stdout = dev.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with("gyre dev ready:") => return Ok((dev, line)),
-            Ok(_) => {}
-            Err(e) => return Err(format!("gyre dev not ready ({e}): {}", std::fs::read_to_string(&log_path).unwrap())),
-        }
-    }
-}
-
 #[test]
 fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
     let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
-    // The port is free when picked; should something take it before the
-    // nodes bind it, try another.
-    let mut attempt = 0;
-    let (dir, port, mut dev, ready) = loop {
-        attempt += 1;
-        let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port(&ips).to_string();
-        match start_dev(dir.path(), &port) {
-            Ok((dev, ready)) => break (dir, port, dev, ready),
-            Err(e) if attempt < 3 && e.contains("Address already in use") => eprintln!("retrying: {e}"),
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (_dir, port, mut dev, ready) = Dev::on_free_port(3, &["--shards", "1"]);
     let addrs: Vec<String> = ready["gyre dev ready:".len()..].split_whitespace().map(String::from).collect();
     let want: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
     assert_eq!(addrs, want);
-    dev.nodes = children_of(dev.child.id());
     assert_eq!(dev.nodes.len(), 3, "one node process per member: {:?}", dev.nodes);
 
     let (ok, out, err) = cli(&["put", "greeting", "hello", "--node", &addrs[0], "--json"]);
@@ -920,42 +826,14 @@ fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
     assert_eq!(ring["n"], 3);
     assert_eq!(ring["members"].as_array().unwrap().len(), 3, "{ring}");
 
-    common::signal(dev.child.id(), "TERM");
-    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(10)).expect("gyre dev exits after SIGTERM");
-    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap();
+    let (status, log) = dev.stop();
     assert!(status.success(), "gyre dev exit status {status}: {log}");
     for &pid in &dev.nodes {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "node process {pid} left behind: {log}");
+        assert!(!common::running(pid), "node process {pid} left behind: {log}");
     }
     for name in ["n1", "n2", "n3"] {
         assert!(log.contains(&format!("gyre dev: {name} stopped")), "{log}");
     }
-}
-
-/// Starts `gyre dev` with `extra` in a fresh temporary directory at a free
-/// port of 127.0.0.1-3 (another port if one is taken first).
-fn dev_on_free_port(extra: &[&str]) -> (tempfile::TempDir, String, Dev) {
-    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
-    for attempt in 1.. {
-        let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port(&ips).to_string();
-        match start_dev_with(dir.path(), &port, extra) {
-            Ok((mut dev, _)) => {
-                dev.nodes = children_of(dev.child.id());
-                return (dir, port, dev);
-            }
-            Err(e) if attempt < 3 && e.contains("Address already in use") => eprintln!("retrying: {e}"),
-            Err(e) => panic!("{e}"),
-        }
-    }
-    unreachable!()
-}
-
-/// SIGTERM to `gyre dev` and its exit status (bounded), with its log.
-fn stop_dev(dev: &mut Dev, dir: &std::path::Path) -> (std::process::ExitStatus, String) {
-    common::signal(dev.child.id(), "TERM");
-    let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15)).expect("gyre dev exits after SIGTERM");
-    (status, std::fs::read_to_string(dir.join("dev.log")).unwrap())
 }
 
 /// Regression (found by a review): `gyre dev` passed its default shard
@@ -966,14 +844,13 @@ fn stop_dev(dev: &mut Dev, dir: &std::path::Path) -> (std::process::ExitStatus, 
 fn gyre_dev_restarts_a_cluster_made_with_another_shard_count() {
     let default = (gyre::node::allowed_cpus().len() / 3).max(1);
     let made_with = (default + 1).to_string();
-    let (dir, port, mut dev) = dev_on_free_port(&["--shards", &made_with]);
-    let (status, log) = stop_dev(&mut dev, dir.path());
+    let (dir, port, mut dev, _) = Dev::on_free_port(3, &["--shards", &made_with]);
+    let (status, log) = dev.stop();
     assert!(status.success(), "{log}");
-    let (mut again, _) = start_dev_with(dir.path(), &port, &[]).unwrap_or_else(|e| panic!("restart: {e}"));
-    again.nodes = children_of(again.child.id());
+    let (mut again, _) = Dev::start_in(dir.path(), &port, &[]).unwrap_or_else(|e| panic!("restart: {e}"));
     let info = Client::connect(&format!("127.0.0.1:{port}")).unwrap().node_info().clone();
     assert_eq!(info.ports.len().to_string(), made_with, "the node kept the shards it was made with");
-    let (status, log) = stop_dev(&mut again, dir.path());
+    let (status, log) = again.stop();
     assert!(status.success(), "{log}");
 }
 
@@ -981,19 +858,19 @@ fn gyre_dev_restarts_a_cluster_made_with_another_shard_count() {
 /// died (here: killed while the cluster ran); it now fails and says which.
 #[test]
 fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
-    let (dir, _port, mut dev) = dev_on_free_port(&["--shards", "1"]);
+    let (_dir, _port, mut dev, _) = Dev::on_free_port(3, &["--shards", "1"]);
     assert_eq!(dev.nodes.len(), 3);
     // SAFETY: kill(2) on a process id; no memory is involved.
     unsafe { libc::kill(dev.nodes[0] as libc::pid_t, libc::SIGKILL) };
     // `gyre dev` notices it before it is stopped.
     eventually("gyre dev noticing the killed node", Duration::from_secs(10), || {
-        let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
+        let log = dev.log();
         match log.contains("2 keep running") {
             true => Ok(()),
             false => Err(log),
         }
     });
-    let (status, log) = stop_dev(&mut dev, dir.path());
+    let (status, log) = dev.stop();
     assert!(!status.success(), "gyre dev exited 0 after a node was killed: {log}");
     assert!(log.contains("not every node stopped cleanly") && log.contains("exited while running"), "{log}");
     assert_eq!(log.matches(" stopped\n").count(), 2, "the two others stopped cleanly: {log}");
@@ -1005,13 +882,12 @@ fn gyre_dev_fails_when_a_node_did_not_stop_cleanly() {
 /// is still refused.
 #[test]
 fn gyre_dev_reuses_a_cluster_of_any_size_without_nodes_given() {
-    let (dir, port, mut dev) = dev_on_free_port(&["--shards", "1", "--nodes", "2"]);
+    let (dir, port, mut dev, _) = Dev::on_free_port(3, &["--shards", "1", "--nodes", "2"]);
     assert_eq!(dev.nodes.len(), 2);
-    assert!(stop_dev(&mut dev, dir.path()).0.success());
-    let (mut again, _) = start_dev_with(dir.path(), &port, &[]).expect("reused as it is");
-    again.nodes = children_of(again.child.id());
+    assert!(dev.stop().0.success());
+    let (mut again, _) = Dev::start_in(dir.path(), &port, &[]).expect("reused as it is");
     assert_eq!(again.nodes.len(), 2, "the cluster's own two nodes");
-    assert!(stop_dev(&mut again, dir.path()).0.success());
+    assert!(again.stop().0.success());
     let mut command = Command::new(GYRE);
     command.args(["dev", "--nodes", "3", "--port", &port, "--data-dir"]).arg(dir.path().join("data"));
     let out = common::output_bounded(command, b"", Duration::from_secs(30));
@@ -1023,13 +899,13 @@ fn gyre_dev_reuses_a_cluster_of_any_size_without_nodes_given() {
 /// saying "the others keep running" of none. It now exits, failing.
 #[test]
 fn gyre_dev_exits_when_every_node_has_died() {
-    let (dir, _port, mut dev) = dev_on_free_port(&["--shards", "1"]);
+    let (_dir, _port, mut dev, _) = Dev::on_free_port(3, &["--shards", "1"]);
     for &pid in &dev.nodes {
         // SAFETY: kill(2) on a process id; no memory is involved.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
     let status = common::wait_bounded(&mut dev.child, Duration::from_secs(15)).expect("gyre dev exits by itself");
-    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap();
+    let log = dev.log();
     assert!(!status.success() && log.contains("every node has exited"), "{status}: {log}");
 }
 

@@ -959,105 +959,15 @@ fn client_commands_exit_quietly_when_stdout_is_closed() {
     assert!(node.terminate().success());
 }
 
-/// The pids of `pid`'s child processes.
-fn child_pids(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-    }
-    out.sort();
-    out
-}
-
-/// Whether process `pid` is still running (gone or a zombie: not).
-fn running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    matches!(state, Some(s) if s != "Z" && s != "X")
-}
-
-/// Waits up to `timeout` for none of `pids` to be running.
-fn all_exit_within(pids: &[u32], timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while pids.iter().any(|&p| running(p)) {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// A `gyre dev` process and its nodes: whatever is still running when it
-/// is dropped is continued and killed, so no test leaks a process.
-struct DevRun {
-    child: std::process::Child,
-    nodes: Vec<u32>,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl DevRun {
-    /// Starts `gyre dev --nodes NODES` (one shard each, `--fsync never`, a
-    /// free port on 127.0.0.1..=NODES, data in a temp dir) with `extra`
-    /// arguments, and waits for its ready line.
-    fn start(nodes: u8, extra: &[&str]) -> DevRun {
-        use std::io::BufRead;
-        let ips: Vec<std::net::Ipv4Addr> = (1..=nodes).map(|i| std::net::Ipv4Addr::new(127, 0, 0, i)).collect();
-        for attempt in 1.. {
-            let dir = tmp();
-            let log = dir.path().join("dev.log");
-            let port = common::free_port(&ips).to_string();
-            let n = nodes.to_string();
-            let mut child = std::process::Command::new(common::GYRE)
-                .args(["dev", "--nodes", &n, "--shards", "1", "--fsync", "never", "--port", &port, "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(extra)
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("spawning gyre dev");
-            let stdout = child.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if line.starts_with("gyre dev ready:") {
-                        let _ = tx.send(());
-                    }
-                }
-            });
-            let ready = rx.recv_timeout(Duration::from_secs(30)).is_ok();
-            let mut dev = DevRun { nodes: child_pids(child.id()), child, log, _dir: dir };
-            if ready {
-                assert_eq!(dev.nodes.len(), nodes as usize, "one process per node: {}", dev.log());
-                return dev;
-            }
-            let _ = dev.child.kill();
-            let _ = dev.child.wait();
-            let log = dev.log();
-            assert!(attempt < 3 && log.contains("Address already in use"), "gyre dev did not start: {log}");
-        }
-        unreachable!()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for DevRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for &pid in &self.nodes {
-            if running(pid) {
-                common::try_signal(pid, "CONT");
-                common::try_signal(pid, "KILL");
-            }
-        }
-    }
+/// `gyre dev --nodes NODES --shards 1 --fsync never` with `extra`, at a
+/// free port in a temporary directory (kept until the test ends).
+fn dev_run(nodes: u8, extra: &[&str]) -> (tempfile::TempDir, common::Dev) {
+    let n = nodes.to_string();
+    let args: Vec<&str> =
+        ["--nodes", &n, "--shards", "1", "--fsync", "never"].into_iter().chain(extra.iter().copied()).collect();
+    let (dir, _, dev, _) = common::Dev::on_free_port(nodes, &args);
+    assert_eq!(dev.nodes.len(), nodes as usize, "one process per node: {}", dev.log());
+    (dir, dev)
 }
 
 /// A node of `gyre dev` that does not stop (here: SIGSTOP) is killed once
@@ -1065,7 +975,7 @@ impl Drop for DevRun {
 /// for it forever.
 #[test]
 fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
-    let mut dev = DevRun::start(2, &["--stop-grace", "1"]);
+    let (_dir, mut dev) = dev_run(2, &["--stop-grace", "1"]);
     common::signal(dev.nodes[0], "STOP");
     let started = std::time::Instant::now();
     common::signal(dev.child.id(), "TERM");
@@ -1076,7 +986,7 @@ fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
     assert!(!status.success(), "a node had to be killed: {log}");
     assert!(log.contains("killing it"), "{log}");
     assert!(log.contains("not every node stopped cleanly: ") && log.contains(" killed: not stopped"), "{log}");
-    assert!(all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
+    assert!(common::all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
 }
 
 /// A second SIGINT or SIGTERM while `gyre dev` waits for its nodes kills
@@ -1084,7 +994,7 @@ fn gyre_dev_kills_a_node_that_does_not_stop_within_its_grace() {
 #[test]
 fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     // The default grace (15 s): the second signal, not the grace, ends it.
-    let mut dev = DevRun::start(1, &[]);
+    let (_dir, mut dev) = dev_run(1, &[]);
     common::signal(dev.nodes[0], "STOP");
     common::signal(dev.child.id(), "TERM");
     // The second signal only once dev is stopping (it polls for the first
@@ -1101,18 +1011,18 @@ fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     let status = status.unwrap_or_else(|| panic!("gyre dev ignored a second signal: {log}"));
     assert!(!status.success(), "{log}");
     assert!(log.contains("a second signal"), "{log}");
-    assert!(all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
+    assert!(common::all_exit_within(&dev.nodes, Duration::from_secs(1)), "a node is left running: {log}");
 }
 
 /// `kill -9` of `gyre dev` stops its nodes too (they get SIGTERM when their
 /// parent dies).
 #[test]
 fn nodes_of_gyre_dev_stop_when_it_is_killed() {
-    let mut dev = DevRun::start(2, &[]);
+    let (_dir, mut dev) = dev_run(2, &[]);
     let _ = dev.child.kill();
     let _ = dev.child.wait();
     // They stop at once; the bound leaves room for a node's shutdown grace (10 s).
-    assert!(all_exit_within(&dev.nodes, Duration::from_secs(15)), "nodes outlived gyre dev: {}", dev.log());
+    assert!(common::all_exit_within(&dev.nodes, Duration::from_secs(15)), "nodes outlived gyre dev: {}", dev.log());
 }
 
 /// Every file and directory under `dir`: path, size and modification time.

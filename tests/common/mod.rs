@@ -555,3 +555,133 @@ pub fn socket_buffers() -> u64 {
     };
     max("tcp_wmem") + max("tcp_rmem")
 }
+
+/// The pids of `pid`'s child processes.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    out.sort();
+    out
+}
+
+/// The state letter (`R`, `S`, `T` stopped, `Z` zombie...) in a process's
+/// or thread's `stat` file (`/proc/PID/stat`, `/proc/PID/task/TID/stat`),
+/// `None` once it is gone.
+pub fn stat_state(stat: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // pid (comm) state ...: comm may hold spaces, so parse after ')'.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()?.chars().next())
+}
+
+/// Whether process `pid` is still running (gone or a zombie: not).
+pub fn running(pid: u32) -> bool {
+    matches!(stat_state(Path::new(&format!("/proc/{pid}/stat"))), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Waits up to `timeout` for none of `pids` to be running.
+pub fn all_exit_within(pids: &[u32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while pids.iter().any(|&p| running(p)) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// How long `gyre dev` may take to print its ready line.
+pub const DEV_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `gyre dev` process and its nodes (taken at its ready line, when all
+/// have started): whatever of them still runs when it is dropped is
+/// continued and killed, so no test leaks a process (one shared harness:
+/// two tests files had one each, and one of them killed no node a failed
+/// start had left, nor a stopped one; found by a review).
+pub struct Dev {
+    pub child: Child,
+    pub nodes: Vec<u32>,
+    /// Its stderr (and its nodes').
+    pub log: PathBuf,
+}
+
+impl Dev {
+    /// Starts `gyre dev --port PORT --data-dir DIR/data ARGS`, its stderr
+    /// appended to `DIR/dev.log`, and waits for its ready line: the `Dev`
+    /// and that line, or its log if it exited or did not get ready within
+    /// [`DEV_START_TIMEOUT`] (it is then killed, its nodes too).
+    pub fn start_in(dir: &Path, port: &str, args: &[&str]) -> Result<(Dev, String), String> {
+        let log = dir.join("dev.log");
+        let file = std::fs::File::options().create(true).append(true).open(&log).expect("the log file");
+        let child = Command::new(GYRE)
+            .args(["dev", "--port", port, "--data-dir"])
+            .arg(dir.join("data"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("spawning gyre dev");
+        let mut dev = Dev { child, nodes: Vec::new(), log };
+        let stdout = dev.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("gyre dev ready:") && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = rx.recv_timeout(DEV_START_TIMEOUT);
+        dev.nodes = child_pids(dev.child.id());
+        match ready {
+            Ok(line) => Ok((dev, line)),
+            Err(e) => Err(format!("gyre dev not ready ({e}): {}", dev.log())),
+        }
+    }
+
+    /// [`Self::start_in`] a fresh temporary directory at a free port of
+    /// 127.0.0.1..=`ips` (another port if one is taken first): the
+    /// directory, the port, the `Dev` and its ready line.
+    pub fn on_free_port(ips: u8, args: &[&str]) -> (tempfile::TempDir, String, Dev, String) {
+        let ips: Vec<Ipv4Addr> = (1..=ips).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        for attempt in 1.. {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = free_port(&ips).to_string();
+            match Dev::start_in(dir.path(), &port, args) {
+                Ok((dev, ready)) => return (dir, port, dev, ready),
+                Err(e) if attempt < 3 && e.contains("Address already in use") => eprintln!("retrying: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit status (within 15 s, else the test fails),
+    /// with the log.
+    pub fn stop(&mut self) -> (ExitStatus, String) {
+        signal(self.child.id(), "TERM");
+        let status = wait_bounded(&mut self.child, Duration::from_secs(15));
+        let log = self.log();
+        (status.unwrap_or_else(|| panic!("gyre dev did not exit 15 s after SIGTERM: {log}")), log)
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for &pid in &self.nodes {
+            if running(pid) {
+                try_signal(pid, "CONT");
+                try_signal(pid, "KILL");
+            }
+        }
+    }
+}
