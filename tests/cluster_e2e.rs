@@ -398,7 +398,8 @@ fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
     for key in &keys {
         assert_eq!(values(&mut c, key), bytes(&[&format!("{key}-value")]), "{key}");
     }
-    let reads_ended = Instant::now();
+    // Their coordinators still wait for n2 (until their 5 s deadline).
+    assert!(cluster.counter("n1", "tasks_running") > 0, "n1's coordinators wait for n2");
     // A read that waited for n2 would take its whole deadline (the
     // client's 5 s request timeout, which the node takes as its own).
     assert!(started.elapsed() < Duration::from_secs(10), "reads waited for n2: {:?}", started.elapsed());
@@ -414,10 +415,13 @@ fn read_repair_reaches_a_stale_replica_while_another_replica_hangs() {
         (done == keys.len() as u64).then_some(()).ok_or(format!("{done} repairs acknowledged"))
     });
     // The reads' coordinators end at their deadline, n2 still hung: once
-    // all have (the last began before `reads_ended`), no repair was lost or
-    // counted twice.
-    let coordinators_ended = reads_ended + Duration::from_millis(5500);
-    std::thread::sleep(coordinators_ended.saturating_duration_since(Instant::now()));
+    // all have, no repair was lost or counted twice. (A fixed wait for the
+    // deadline let a slow machine check before they ended; found by a
+    // review.)
+    eventually("n1's coordinators ending at their deadline", Duration::from_secs(30), || {
+        let running = cluster.counter("n1", "tasks_running");
+        (running == 0).then_some(()).ok_or(format!("{running} still run"))
+    });
     assert_eq!(cluster.counter("n1", "read_repairs") - repairs, keys.len() as u64);
     assert_eq!(cluster.counter("n1", "read_repair_failures"), failures, "no repair went unacknowledged");
     assert_eq!(peer_counter(&cluster, "n1", "expired_unsent"), expired, "nothing expired in n1's queues");
