@@ -1114,38 +1114,14 @@ fn a_connection_in_the_members_reserve_is_closed_a_second_after_its_accept() {
 /// every reply (found by a review). Every request counts now.
 #[test]
 fn a_cluster_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
-    use std::io::{Read, Write};
     const N: u64 = 1024;
     const VALUE: usize = 128 * 1024;
     let cluster = Cluster::start(ClusterSpec::default());
     let mut c = cluster.client("n1", Routing::Server);
     c.put(b"big", &vec![7u8; VALUE], NO_CONTEXT).unwrap();
-    // Each STATS is a request of n1's too.
-    let mut polls = 0;
-    let mut requests = |c: &mut Client| {
-        polls += 1;
-        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
-        stats["node"]["requests"].as_u64().unwrap() - polls
-    };
-    let before = requests(&mut c);
-    let mut s = std::net::TcpStream::connect(cluster.addr("n1")).unwrap();
-    let mut frames = Vec::new();
-    for id in 0..N {
-        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
-    }
-    s.write_all(&frames).unwrap();
-    // Until the count holds for a while (or all have started).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut run = requests(&mut c) - before;
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = requests(&mut c) - before;
-        if now == run || now >= N || Instant::now() > deadline {
-            run = now;
-            break;
-        }
-        run = now;
-    }
+    let mut started = common::Started::new(&mut c);
+    let mut s = common::unread_gets(&cluster.addr("n1"), b"big", N);
+    let run = started.until_held(&mut c, N);
     // 4 MiB of queued replies is 32 of them, 64 may run, and the sockets'
     // buffers on both sides take what their limits allow.
     let bound = 32 + 64 + common::socket_buffers() / VALUE as u64 + 20;
@@ -1155,22 +1131,7 @@ fn a_cluster_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
     assert!(bound < N && run > 0, "bound {bound} of {N}, {run} ran: this host's socket buffers are too large");
     assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
     // Once the client reads, every reply comes, each once.
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut seen = vec![false; N as usize];
-    let mut reply = vec![0u8; gyre::wire::HEADER_LEN];
-    for _ in 0..N {
-        reply.resize(gyre::wire::HEADER_LEN, 0);
-        s.read_exact(&mut reply).unwrap();
-        let header = gyre::wire::decode_header(reply[..].try_into().unwrap(), gyre::wire::MAX_BODY_LEN).unwrap();
-        let id = header.request_id;
-        assert!(id < N && !std::mem::replace(&mut seen[id as usize], true), "reply {id} twice or unasked");
-        reply.resize(gyre::wire::HEADER_LEN + header.body_len as usize, 0);
-        s.read_exact(&mut reply[gyre::wire::HEADER_LEN..]).unwrap();
-        match gyre::wire::Response::decode(header.opcode, &reply[gyre::wire::HEADER_LEN..]).unwrap() {
-            gyre::wire::Response::Get { values, .. } => assert_eq!(values, vec![&vec![7u8; VALUE][..]], "reply {id}"),
-            other => panic!("reply {id}: {other:?}"),
-        }
-    }
+    common::read_get_replies(&mut s, N, &vec![7u8; VALUE]);
 }
 
 /// A client's PUT over the value limit is refused from its header on a

@@ -280,22 +280,13 @@ fn a_stop_refuses_the_requests_it_has_not_started_and_runs_none_of_them() {
     assert!(node.terminate().success());
 }
 
-/// Requests shard 0 has run, as its STATS counts them.
-fn requests_run(c: &mut Client) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
-    stats["node"]["requests"].as_u64().unwrap()
-}
-
 /// A node (started with `args`) holding a value of `value` bytes, and a
 /// connection that sent `n` pipelined GETs of it and reads nothing.
 struct UnreadGets {
     node: Node,
     /// The stats connection.
     c: Client,
-    /// Requests run before the GETs were sent.
-    before: u64,
-    /// STATS requests sent since (each counts as a request).
-    asked: u64,
+    started: common::Started,
     /// The node's data directory, removed after the node stopped (fields
     /// drop in order).
     _dir: tempfile::TempDir,
@@ -308,36 +299,20 @@ impl UnreadGets {
         let node = Node::start(dir.path(), args);
         let mut c = Client::connect(node.addr()).unwrap();
         c.put(b"big", &vec![7u8; value], &Context::default()).unwrap();
-        let before = requests_run(&mut c);
-        let mut s = TcpStream::connect(node.addr()).unwrap();
-        let mut frames = Vec::new();
-        for id in 0..n {
-            Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
-        }
-        s.write_all(&frames).unwrap();
-        (UnreadGets { node, c, before, asked: 0, _dir: dir }, s)
+        let started = common::Started::new(&mut c);
+        let s = common::unread_gets(node.addr(), b"big", n);
+        (UnreadGets { node, c, started, _dir: dir }, s)
     }
 
     /// Of the GETs, those the node has started (`extra`: requests sent
     /// besides, as STATS of open connections).
     fn started(&mut self, extra: u64) -> u64 {
-        self.asked += 1;
-        requests_run(&mut self.c) - self.before - self.asked - extra
+        self.started.now(&mut self.c, extra).0
     }
 
-    /// Waits until the node stops starting them (the count holds for a
-    /// while), or it has started `n`: how many it started.
+    /// See [`common::Started::until_held`].
     fn until_held(&mut self, n: u64) -> u64 {
-        let deadline = Instant::now() + NOTICE;
-        let mut run = self.started(0);
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = self.started(0);
-            if now == run || now >= n || Instant::now() > deadline {
-                return now;
-            }
-            run = now;
-        }
+        self.started.until_held(&mut self.c, n)
     }
 }
 
@@ -370,22 +345,7 @@ fn unread_replies_are_bounded(args: &[&str]) {
     // some must have run for the count to mean anything.
     assert!(bound < N && run > 0, "bound {bound} of {N}, {run} ran: this host's socket buffers are too large");
     assert!(run < bound, "{args:?}: {run} requests ran for a client that reads nothing (bound {bound})");
-    s.set_read_timeout(Some(NOTICE)).unwrap();
-    let mut reply = vec![0u8; HEADER_LEN];
-    // Every reply, each once (reads from disk may end in any order).
-    let mut seen = vec![false; N as usize];
-    for _ in 0..N {
-        s.read_exact(&mut reply[..HEADER_LEN]).unwrap();
-        let header = wire::decode_header(reply[..HEADER_LEN].try_into().unwrap(), wire::MAX_BODY_LEN).unwrap();
-        let id = header.request_id;
-        assert!(id < N && !std::mem::replace(&mut seen[id as usize], true), "reply {id} twice or unasked");
-        reply.resize(HEADER_LEN + header.body_len as usize, 0);
-        s.read_exact(&mut reply[HEADER_LEN..]).unwrap();
-        match Response::decode(header.opcode, &reply[HEADER_LEN..]).unwrap() {
-            Response::Get { values, .. } => assert_eq!(values, vec![&vec![7u8; VALUE][..]], "reply {id}"),
-            other => panic!("reply {id}: {other:?}"),
-        }
-    }
+    common::read_get_replies(&mut s, N, &vec![7u8; VALUE]);
     assert!(gets.node.terminate().success());
 }
 

@@ -160,11 +160,15 @@ impl Outbox {
     /// requests on connections of their own, apart from replica messages
     /// (`peer::Lane`), so a reader stopped at the bound by relayed
     /// requests holds up no replica message they wait on.
-    fn push_later(self: &Rc<Self>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
-        let out = self.clone();
+    fn push_later(self: &Rc<Self>, shard: &Rc<Shard>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
+        let (out, shard) = (self.clone(), shard.clone());
         out.running.set(out.running.get() + 1);
+        // Counted from here, not from the task's first poll: a reader that
+        // waits with this task not yet polled must not read as idle.
+        bump(&shard.counters.requests_running, 1);
         glommio::spawn_local(async move {
             let reply = reply.await;
+            shard.counters.requests_running.set(shard.counters.requests_running.get() - 1);
             out.running.set(out.running.get() - 1);
             out.push(&reply);
         })
@@ -215,6 +219,7 @@ impl Outbox {
     /// buffered went on to run, past `MAX_IN_FLIGHT`, with its reply
     /// piling up unsent).
     async fn room_for_one(&self, sock: &Socket, shard: &Shard) -> bool {
+        let _waiting = (self.full() && !self.broken.get()).then(|| super::Gauged::new(&shard.counters.readers_waiting));
         while self.full() && !self.broken.get() {
             self.send_now(sock, shard);
             let g = self.changed.generation();
@@ -615,7 +620,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
                         Some(reply) => out.push(&reply),
-                        None => out.push_later(fut),
+                        None => out.push_later(&shard, fut),
                     }
                 }
                 Ok(None) => break,

@@ -87,22 +87,6 @@ pub struct ClusterCounters {
     pub tasks_running: Cell<u64>,
 }
 
-/// Counts a task in [`ClusterCounters::tasks_running`] while it lives.
-struct TaskGauge<'a>(&'a Cell<u64>);
-
-impl<'a> TaskGauge<'a> {
-    fn new(gauge: &'a Cell<u64>) -> Self {
-        gauge.set(gauge.get() + 1);
-        TaskGauge(gauge)
-    }
-}
-
-impl Drop for TaskGauge<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
 /// A shard's cluster state.
 pub struct ClusterState {
     pub info: Cluster,
@@ -348,7 +332,7 @@ impl Shard {
         glommio::spawn_local(async move {
             let inbox = Rc::new(Inbox::default());
             let cs = self.cluster();
-            let _running = TaskGauge::new(&cs.counters.tasks_running);
+            let _running = super::Gauged::new(&cs.counters.tasks_running);
             // The encoding of the last set sent: every replica of a put (and
             // of a read repair) gets the same set, encoded once.
             let mut encoded: Option<(Arc<VersionSet>, Rc<Encoded>)> = None;
@@ -372,7 +356,7 @@ impl Shard {
                     let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
                     glommio::spawn_local(async move {
                         if repair {
-                            let _running = TaskGauge::new(&me.cluster().counters.tasks_running);
+                            let _running = super::Gauged::new(&me.cluster().counters.tasks_running);
                             // Its own budget: the read's deadline may be
                             // (nearly) over (module doc).
                             let budget = Instant::now() + REPAIR_TIMEOUT;

@@ -105,6 +105,23 @@ pub(crate) fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
+/// One count in a gauge (a counter that goes down too), for as long as it
+/// lives: dropped with its task or its wait, however that ends.
+pub(crate) struct Gauged<'a>(&'a Cell<u64>);
+
+impl<'a> Gauged<'a> {
+    pub(crate) fn new(gauge: &'a Cell<u64>) -> Self {
+        bump(gauge, 1);
+        Gauged(gauge)
+    }
+}
+
+impl Drop for Gauged<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Counters of one shard, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct ShardCounters {
@@ -133,6 +150,13 @@ pub struct ShardCounters {
     /// many replies share one write.
     pub reply_writes: Cell<u64>,
     pub replies: Cell<u64>,
+    /// Gauge: requests running in tasks of their own (reads from disk, a
+    /// cluster's coordination), their replies still to come.
+    pub requests_running: Cell<u64>,
+    /// Gauge: connections whose reader waits, reading nothing more, until
+    /// their client reads its replies or their running requests end (the
+    /// bounds of `conn::Outbox::full`).
+    pub readers_waiting: Cell<u64>,
     /// Requests whose lookups were prefetched in stages with the other
     /// connections of their batch (`conn::prefetch`): how often the shard
     /// was busy enough to overlap its cache misses.

@@ -685,3 +685,87 @@ impl Drop for Dev {
         }
     }
 }
+
+/// Counts the requests a node's shard 0 starts, by its STATS through a
+/// client of the test's: every STATS asked is a request too, and is taken
+/// off.
+pub struct Started {
+    /// Requests started before, the first STATS included.
+    before: u64,
+    /// STATS asked since.
+    asked: u64,
+}
+
+impl Started {
+    pub fn new(c: &mut gyre::client::Client) -> Started {
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON");
+        Started { before: stats["node"]["requests"].as_u64().expect("a request count"), asked: 0 }
+    }
+
+    /// Requests started since [`Self::new`], less the STATS asked and
+    /// `extra` other requests of the test's own; and the node's section
+    /// of STATS.
+    pub fn now(&mut self, c: &mut gyre::client::Client, extra: u64) -> (u64, serde_json::Value) {
+        self.asked += 1;
+        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON");
+        let node = stats["node"].clone();
+        (node["requests"].as_u64().expect("a request count") - self.before - self.asked - extra, node)
+    }
+
+    /// Waits until the node has stopped starting requests for a client
+    /// that reads nothing, or has started `n`: how many it started.
+    /// Stopped is its STATS saying so: a reader waits for its client to
+    /// read (`readers_waiting`) and none of its requests still runs
+    /// (`requests_running`), so none starts until the client reads. (A
+    /// count that held for 300 ms read as stopped, and a slow machine's
+    /// pause ended the wait early; found by a review.)
+    pub fn until_held(&mut self, c: &mut gyre::client::Client, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (started, node) = self.now(c, 0);
+            let held = node["readers_waiting"].as_u64().expect("a gauge") > 0 && node["requests_running"] == 0;
+            if held || started >= n {
+                return started;
+            }
+            assert!(Instant::now() < deadline, "the node neither stopped starting requests nor started all: {node}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends `n` pipelined GETs of `key` (request ids 0 to n-1) on a new
+/// connection to `addr`, and returns it unread.
+pub fn unread_gets(addr: &str, key: &[u8], n: u64) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting");
+    let mut frames = Vec::new();
+    for id in 0..n {
+        gyre::wire::Request::Get { key }.encode(&mut frames, id, gyre::wire::ANY_SHARD, 0);
+    }
+    s.write_all(&frames).expect("sending the GETs");
+    s
+}
+
+/// Reads the replies to [`unread_gets`]' `n` GETs: each once (reads from
+/// disk may end in any order), each the one value `value`.
+pub fn read_get_replies(s: &mut std::net::TcpStream, n: u64, value: &[u8]) {
+    use gyre::wire::{Response, HEADER_LEN};
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
+    let mut seen = vec![false; n as usize];
+    let mut reply = vec![0u8; HEADER_LEN];
+    for _ in 0..n {
+        reply.resize(HEADER_LEN, 0);
+        s.read_exact(&mut reply).expect("a reply's header");
+        let header = gyre::wire::decode_header(reply[..].try_into().expect("a header"), gyre::wire::MAX_BODY_LEN)
+            .expect("a valid header");
+        let id = header.request_id;
+        assert!(id < n && !std::mem::replace(&mut seen[id as usize], true), "reply {id} twice or unasked");
+        reply.resize(HEADER_LEN + header.body_len as usize, 0);
+        s.read_exact(&mut reply[HEADER_LEN..]).expect("a reply's body");
+        match Response::decode(header.opcode, &reply[HEADER_LEN..]).expect("a reply") {
+            Response::Get { values, .. } => assert!(values == [value], "reply {id}: not the value"),
+            other => panic!("reply {id}: {other:?}"),
+        }
+    }
+}
