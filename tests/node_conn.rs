@@ -18,14 +18,26 @@ use gyre::wire::{self, ErrorCode, Request, Response, ANY_SHARD, HEADER_LEN};
 /// test only asserts that it happens.
 const NOTICE: Duration = Duration::from_secs(10);
 
-/// Time for the node to accept a connection and wait on it, so that what
-/// the client sends next arrives as one event.
-const SETTLE: Duration = Duration::from_millis(2);
-
 /// Connections shard 0 reports open, as its STATS counts them.
 fn open_connections(c: &mut Client) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let stats = common::stats(c);
     stats["node"]["connections_open"].as_u64().unwrap()
+}
+
+/// Connections shard 0 has accepted, as its STATS counts them.
+fn accepted(c: &mut Client) -> u64 {
+    common::stats(c)["node"]["connections_accepted"].as_u64().unwrap()
+}
+
+/// Waits until shard 0 has accepted `n` connections, so that it waits on
+/// the last one's bytes and what the client sends next arrives as one
+/// event. (A 2 ms sleep stood for it, which on a slow machine left the
+/// race these tests make untried; found by a review.)
+fn until_accepted(c: &mut Client, n: u64) {
+    let deadline = Instant::now() + NOTICE;
+    while accepted(c) < n {
+        assert!(Instant::now() < deadline, "the node did not accept connection {n}");
+    }
 }
 
 #[test]
@@ -39,17 +51,12 @@ fn connections_that_hang_up_with_their_last_bytes_are_closed() {
     // short read) and must still see the end.
     let mut frame = Vec::new();
     Request::Get { key: b"k" }.encode(&mut frame, 1, ANY_SHARD, 0);
-    for _ in 0..100 {
+    for i in 0..100 {
         let mut s = TcpStream::connect(node.addr()).unwrap();
-        std::thread::sleep(SETTLE);
+        until_accepted(&mut stats, i + 2);
         s.write_all(&frame[..3]).unwrap();
     }
-    // Every one accepted (none still waiting in the listen queue, where it
-    // would not count as open yet), and all but the stats one closed.
-    let accepted = |c: &mut Client| {
-        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
-        stats["node"]["connections_accepted"].as_u64().unwrap()
-    };
+    // Every one accepted, and all but the stats one closed.
     let deadline = Instant::now() + NOTICE;
     let mut state = (accepted(&mut stats), open_connections(&mut stats));
     while state != (101, 1) && Instant::now() < deadline {
@@ -63,10 +70,11 @@ fn connections_that_hang_up_with_their_last_bytes_are_closed() {
 fn a_half_closed_connection_gets_its_reply_and_then_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &["--shards", "1"]);
-    Client::connect(node.addr()).unwrap().put(b"k", b"v", &Context::default()).unwrap();
+    let mut stats = Client::connect(node.addr()).unwrap();
+    stats.put(b"k", b"v", &Context::default()).unwrap();
     for id in 0..50u64 {
         let mut s = TcpStream::connect(node.addr()).unwrap();
-        std::thread::sleep(SETTLE);
+        until_accepted(&mut stats, id + 2);
         let mut frame = Vec::new();
         Request::Get { key: b"k" }.encode(&mut frame, id, ANY_SHARD, 0);
         s.write_all(&frame).unwrap();

@@ -121,7 +121,7 @@ fn a_node_under_its_disk_reserve_refuses_writes_and_serves_reads() {
     assert_eq!(err.code(), Some(ErrorCode::StorageFailed), "{err}");
     assert!(err.to_string().contains("reserve kept for compaction"), "{err}");
     assert!(c.get(b"new").unwrap().values.is_empty());
-    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let stats = common::stats(&mut c);
     let storage = &stats["storage"];
     assert_eq!(storage["low_space"], true, "{stats}");
     assert_eq!(storage["low_space_refusals"], 2, "{stats}");
@@ -196,7 +196,7 @@ fn many_pipelined_requests_on_one_connection() {
         assert_eq!(v.values, vec![format!("v{}", want[&id]).into_bytes()]);
     }
     let mut c = Client::connect(node.addr()).unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let stats = common::stats(&mut c);
     let (writes, replies) =
         (stats["node"]["reply_writes"].as_u64().unwrap(), stats["node"]["replies"].as_u64().unwrap());
     assert!(stats["node"]["forwarded_out"].as_u64().unwrap() > 0, "{stats}");
@@ -329,7 +329,7 @@ fn malformed_and_oversized_frames_close_only_their_connection() {
     // The well-behaved client never noticed.
     assert_eq!(good.get(b"steady").unwrap().values, vec![b"1".to_vec()]);
     assert!(good.get(b"never").unwrap().values.is_empty(), "a request after a bad frame never runs");
-    let stats: serde_json::Value = serde_json::from_str(&good.stats(0).unwrap()).unwrap();
+    let stats = common::stats(&mut good);
     assert_eq!(stats["node"]["malformed_frames"], 3, "{stats}");
 }
 
@@ -434,7 +434,7 @@ fn shard_unaware_clients_are_forwarded_through_the_mesh() {
     for i in 0..40 {
         assert_eq!(aware.get(format!("f{i}").as_bytes()).unwrap().values, vec![b"x".to_vec()]);
     }
-    let stats: serde_json::Value = serde_json::from_str(&aware.stats(0).unwrap()).unwrap();
+    let stats = common::stats(&mut aware);
     let stats1: serde_json::Value = serde_json::from_str(&aware.stats(1).unwrap()).unwrap();
     let out = stats["node"]["forwarded_out"].as_u64().unwrap();
     assert!(out > 5, "{stats}");
@@ -452,7 +452,7 @@ fn connections_served_in_one_batch_get_their_own_replies() {
     let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
     let addr = node.addr().to_string();
     let prefetched = |c: &mut Client| -> u64 {
-        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+        let stats = common::stats(c);
         stats["node"]["prefetched"].as_u64().unwrap()
     };
     let writers: Vec<_> = (0..8)

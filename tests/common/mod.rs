@@ -686,6 +686,11 @@ impl Drop for Dev {
     }
 }
 
+/// Shard 0's STATS through `c`, parsed.
+pub fn stats(c: &mut gyre::client::Client) -> serde_json::Value {
+    serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON")
+}
+
 /// Counts the requests a node's shard 0 starts, by its STATS through a
 /// client of the test's: every STATS asked is a request too, and is taken
 /// off.
@@ -698,7 +703,7 @@ pub struct Started {
 
 impl Started {
     pub fn new(c: &mut gyre::client::Client) -> Started {
-        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON");
+        let stats = stats(c);
         Started { before: stats["node"]["requests"].as_u64().expect("a request count"), asked: 0 }
     }
 
@@ -707,7 +712,7 @@ impl Started {
     /// of STATS.
     pub fn now(&mut self, c: &mut gyre::client::Client, extra: u64) -> (u64, serde_json::Value) {
         self.asked += 1;
-        let stats: serde_json::Value = serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON");
+        let stats = stats(c);
         let node = stats["node"].clone();
         (node["requests"].as_u64().expect("a request count") - self.before - self.asked - extra, node)
     }
