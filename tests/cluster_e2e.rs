@@ -938,7 +938,7 @@ fn a_replica_write_with_versions_that_do_not_decode_is_malformed() {
 /// own, and count against the bound.
 #[test]
 fn writes_forwarded_around_a_cycle_of_members_all_complete() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     const PER_CONN: u64 = 150;
     let cluster = Cluster::start(ClusterSpec { nodes: 3, n: 2, r: 2, w: 2, ..Default::default() });
     let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
@@ -970,11 +970,7 @@ fn writes_forwarded_around_a_cycle_of_members_all_complete() {
     for s in &mut conns {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         for _ in 0..PER_CONN {
-            let mut header = [0u8; gyre::wire::HEADER_LEN];
-            s.read_exact(&mut header).unwrap();
-            let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).unwrap();
-            let mut body = vec![0u8; h.body_len as usize];
-            s.read_exact(&mut body).unwrap();
+            let (h, body) = common::read_frame(s).unwrap();
             if let gyre::wire::Response::Error { code, message } =
                 gyre::wire::Response::decode(h.opcode, &body).unwrap()
             {
@@ -1015,11 +1011,8 @@ fn idle_clients_at_the_limit_do_not_lock_members_out() {
         let mut frame = Vec::new();
         Request::Ping.encode(&mut frame, 7, ANY_SHARD, 0);
         s.write_all(&frame).unwrap();
-        let mut header = [0u8; gyre::wire::HEADER_LEN];
-        s.read_exact(&mut header).unwrap();
-        let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).unwrap();
-        let body: &'static mut [u8] = Box::leak(vec![0u8; h.body_len as usize].into_boxed_slice());
-        s.read_exact(body).unwrap();
+        let (h, body) = common::read_frame(s).unwrap();
+        let body: &'static [u8] = Box::leak(body.into_boxed_slice());
         gyre::wire::Response::decode(h.opcode, body).unwrap()
     };
     // (Connections of the cluster's start that n2 has yet to see closed can
@@ -1140,7 +1133,7 @@ fn a_cluster_client_that_does_not_read_holds_a_bounded_amount_of_replies() {
 /// replica writes come in on the same port.
 #[test]
 fn a_cluster_member_refuses_an_oversized_put_before_its_body() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let cluster = Cluster::start(ClusterSpec::default());
     let mut s = std::net::TcpStream::connect(cluster.addr("n1")).unwrap();
     let value = vec![1u8; 2 * gyre::limits::DEFAULT_MAX_VALUE_LEN];
@@ -1149,12 +1142,8 @@ fn a_cluster_member_refuses_an_oversized_put_before_its_body() {
     // The header and a little of the body; the rest is never sent.
     s.write_all(&frame[..gyre::wire::HEADER_LEN + 64]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reply = vec![0u8; gyre::wire::HEADER_LEN];
-    s.read_exact(&mut reply).expect("an answer before the body is sent");
-    let header = gyre::wire::decode_header(reply[..].try_into().unwrap(), gyre::wire::MAX_BODY_LEN).unwrap();
-    reply.resize(gyre::wire::HEADER_LEN + header.body_len as usize, 0);
-    s.read_exact(&mut reply[gyre::wire::HEADER_LEN..]).unwrap();
-    match gyre::wire::Response::decode(header.opcode, &reply[gyre::wire::HEADER_LEN..]).unwrap() {
+    let (header, body) = common::read_frame(&mut s).expect("an answer before the body is sent");
+    match gyre::wire::Response::decode(header.opcode, &body).unwrap() {
         gyre::wire::Response::Error { code, message } => {
             assert_eq!((header.request_id, code), (9, ErrorCode::ValueTooLarge), "{message}")
         }

@@ -751,24 +751,28 @@ pub fn unread_gets(addr: &str, key: &[u8], n: u64) -> std::net::TcpStream {
     s
 }
 
+/// Reads one frame off `s`: its header and body (an error for a read
+/// that failed, by its timeout too, or a header that does not decode).
+pub fn read_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
+    let mut header = [0u8; gyre::wire::HEADER_LEN];
+    s.read_exact(&mut header).map_err(|e| format!("reading a header: {e}"))?;
+    let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).map_err(|e| format!("a header: {e}"))?;
+    let mut body = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut body).map_err(|e| format!("reading a body: {e}"))?;
+    Ok((h, body))
+}
+
 /// Reads the replies to [`unread_gets`]' `n` GETs: each once (reads from
 /// disk may end in any order), each the one value `value`.
 pub fn read_get_replies(s: &mut std::net::TcpStream, n: u64, value: &[u8]) {
-    use gyre::wire::{Response, HEADER_LEN};
-    use std::io::Read;
+    use gyre::wire::Response;
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
     let mut seen = vec![false; n as usize];
-    let mut reply = vec![0u8; HEADER_LEN];
     for _ in 0..n {
-        reply.resize(HEADER_LEN, 0);
-        s.read_exact(&mut reply).expect("a reply's header");
-        let header = gyre::wire::decode_header(reply[..].try_into().expect("a header"), gyre::wire::MAX_BODY_LEN)
-            .expect("a valid header");
+        let (header, body) = read_frame(s).unwrap_or_else(|e| panic!("a reply: {e}"));
         let id = header.request_id;
         assert!(id < n && !std::mem::replace(&mut seen[id as usize], true), "reply {id} twice or unasked");
-        reply.resize(HEADER_LEN + header.body_len as usize, 0);
-        s.read_exact(&mut reply[HEADER_LEN..]).expect("a reply's body");
-        match Response::decode(header.opcode, &reply[HEADER_LEN..]).expect("a reply") {
+        match Response::decode(header.opcode, &body).expect("a reply") {
             Response::Get { values, .. } => assert!(values == [value], "reply {id}: not the value"),
             other => panic!("reply {id}: {other:?}"),
         }
