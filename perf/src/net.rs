@@ -621,10 +621,16 @@ fn decode_gyre(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
 
 /// One RESP reply: `+simple`, `-error`, `:int` or `$len bulk` / `$-1`.
 fn decode_resp(buf: &[u8]) -> anyhow::Result<Option<Decoded<'_>>> {
+    // The type byte first: a reply that starts with the CRLF has none, and
+    // slicing the line after it panicked (found by a review).
+    let Some(&kind) = buf.first() else { return Ok(None) };
+    if !matches!(kind, b'+' | b'-' | b':' | b'$') {
+        bail!("unexpected RESP reply type {:?}", kind as char);
+    }
     let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
     let line = &buf[1..eol];
     let mut d = Decoded { id: None, len: eol + 2, error: None, values: 1, ctx: &[], stale: false };
-    match buf[0] {
+    match kind {
         b'+' | b':' => {}
         b'-' => d.error = Some(String::from_utf8_lossy(line).into_owned()),
         b'$' => {
@@ -1561,6 +1567,17 @@ mod tests {
         let d = decode_resp(b"-ERR no\r\n").unwrap().unwrap();
         assert_eq!(d.error.as_deref(), Some("ERR no"));
         assert!(decode_resp(b"?\r\n").is_err());
+    }
+
+    /// Found by a review: a reply that starts with its CRLF (no type byte)
+    /// panicked, killing the generator; it is a protocol error.
+    #[test]
+    fn a_resp_reply_without_a_type_is_an_error_not_a_panic() {
+        for bad in [&b"\r\n+OK\r\n"[..], b"\r\n", b"\r", b"OK\r\n"] {
+            let e = decode_resp(bad).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains("unexpected RESP reply type")), "{bad:?}: {e:?}");
+        }
+        assert!(decode_resp(b"").unwrap().is_none(), "nothing read yet");
     }
 
     #[test]
