@@ -166,12 +166,21 @@ impl RunConfig {
         anyhow::ensure!(self.connections >= 1 && self.threads >= 1, "connections and threads must be positive");
         anyhow::ensure!(self.max_in_flight >= 1, "max_in_flight must be positive");
         anyhow::ensure!(
-            self.duration.is_finite() && self.duration > 0.0 && self.warmup.is_finite() && self.warmup >= 0.0,
-            "duration must be positive, warmup not negative (both finite)"
+            self.duration > 0.0 && self.duration <= MAX_SECONDS && (0.0..=MAX_SECONDS).contains(&self.warmup),
+            "duration must be positive and warmup not negative, both at most {MAX_SECONDS} s (a week)"
         );
-        anyhow::ensure!(self.interval.is_finite() && self.interval >= 0.05, "interval must be at least 0.05 s");
+        anyhow::ensure!(
+            (0.05..=MAX_SECONDS).contains(&self.interval),
+            "interval must be between 0.05 s and {MAX_SECONDS} s (a week)"
+        );
         match self.mode {
-            Mode::Open { rate, .. } => anyhow::ensure!(rate > 0.0 && rate.is_finite(), "rate must be positive"),
+            // Each thread's stream gets `rate / threads`, and its gaps must
+            // fit a Duration too (a tiny rate panicked in the open loop).
+            Mode::Open { rate, .. } => anyhow::ensure!(
+                rate.is_finite() && rate / self.threads as f64 >= 1.0 / MAX_SECONDS,
+                "rate must be finite and at least one per week per generator thread ({} threads)",
+                self.threads
+            ),
             Mode::Closed { depth } => anyhow::ensure!(
                 depth >= 1 && self.connections.saturating_mul(depth) <= MAX_QUEUED,
                 "depth must be positive, and connections × depth at most {MAX_QUEUED}"
@@ -319,6 +328,14 @@ impl RunResult {
         self.latency.get(class)
     }
 }
+
+/// The longest warm-up, measured span or interval a run takes, and the
+/// longest mean gap between a thread's arrivals, in seconds: a week. More
+/// is a typo, and `Duration::from_secs_f64` (or adding the result to an
+/// `Instant`) panics on finite values far past it (found by a review:
+/// `warmup = 1e20` and a tiny `rate` did); a week keeps every instant a run
+/// computes far inside the clock's range.
+pub const MAX_SECONDS: f64 = 7.0 * 86_400.0;
 
 /// Requests a connection may have queued (beyond those in flight) before
 /// the generator counts new ones as failed: it is overloaded itself.
@@ -1291,6 +1308,58 @@ mod tests {
         assert_eq!((t.routing, t.label()), (Routing::Server, "server-driven".to_string()));
         assert_eq!(Target::parse("redis://127.0.0.1:6379#Redis 7").unwrap().label(), "Redis 7");
         assert!(Target::parse("redis://127.0.0.1:6379#").is_err());
+    }
+
+    /// A valid open-loop configuration for tests to vary.
+    fn config() -> RunConfig {
+        RunConfig {
+            mix: crate::workload::Workload::A.mix(),
+            dist: KeyDist::Zipfian,
+            theta: crate::workload::DEFAULT_THETA,
+            records: 100,
+            value_size: ValueSize::Fixed(10),
+            load: true,
+            mode: Mode::Open { arrival: Arrival::Poisson, rate: 100.0 },
+            connections: 2,
+            max_in_flight: 64,
+            warmup: 1.0,
+            duration: 1.0,
+            interval: 1.0,
+            threads: 1,
+            seed: 1,
+            progress: false,
+        }
+    }
+
+    /// Found by a review: finite but huge times, and a rate so low that
+    /// its gaps overflow a Duration, passed validation and then panicked
+    /// in `Duration::from_secs_f64`.
+    #[test]
+    fn huge_times_and_tiny_rates_are_refused() {
+        config().validate().unwrap();
+        let refused = |f: &dyn Fn(&mut RunConfig), what: &str| {
+            let mut c = config();
+            f(&mut c);
+            let e = c.validate().expect_err(what).to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        refused(&|c| c.warmup = 1e20, "warmup");
+        refused(&|c| c.duration = 1e20, "duration");
+        refused(&|c| c.duration = f64::INFINITY, "duration");
+        refused(&|c| c.interval = 1e20, "interval");
+        refused(&|c| c.mode = Mode::Open { arrival: Arrival::Poisson, rate: 1e-300 }, "rate");
+        // The bound is per generator thread: 1/s is fine on one thread.
+        refused(
+            &|c| {
+                c.mode = Mode::Open { arrival: Arrival::Constant, rate: 1.0 };
+                c.threads = 1_000_000;
+            },
+            "rate",
+        );
+        let mut week = config();
+        (week.warmup, week.duration, week.interval) = (MAX_SECONDS, MAX_SECONDS, MAX_SECONDS);
+        week.mode = Mode::Open { arrival: Arrival::Poisson, rate: 1.0 / MAX_SECONDS };
+        week.validate().unwrap();
     }
 
     #[test]

@@ -58,7 +58,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::harness::Latency;
+use crate::harness::{Latency, MAX_SECONDS};
 use crate::workload::push_decimal;
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
@@ -1287,8 +1287,16 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     anyhow::ensure!((0.0..=1.0).contains(&args.read_ratio), "--read-ratio must be between 0 and 1");
     anyhow::ensure!(args.connections > 0 && args.depth > 0 && args.threads > 0, "counts must be positive");
     anyhow::ensure!(args.keys > 0 && args.keys <= u32::MAX as u64, "--keys must be between 1 and 2^32-1");
-    anyhow::ensure!(args.duration > 0.0 && args.warmup >= 0.0, "--duration must be positive");
-    anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "--rate must be positive");
+    // Bounded, as the SLA harness's are: `inf` or a tiny rate (a connection's
+    // gap, connections / rate) panicked in Duration::from_secs_f64.
+    anyhow::ensure!(
+        args.duration > 0.0 && args.duration <= MAX_SECONDS && (0.0..=MAX_SECONDS).contains(&args.warmup),
+        "--duration must be positive and --warmup not negative, both at most {MAX_SECONDS} s (a week)"
+    );
+    anyhow::ensure!(
+        args.rate.is_none_or(|r| r > 0.0 && r.is_finite() && args.connections as f64 / r <= MAX_SECONDS),
+        "--rate must be positive, finite, and at least one request a week per connection"
+    );
     let (kind, addr) = parse_target(&args.target)?;
     let topo = discover(kind, addr, args.routing)?;
     let threads = args.threads.min(args.connections);
@@ -1542,6 +1550,30 @@ mod tests {
         assert!(tally.gets < 400, "{} replies", tally.gets);
         assert_eq!(tally.errors + tally.gets, l.count, "every request answered or failed");
         assert!(tally.first_error.as_deref().is_some_and(|e| e.contains("after the run")), "{:?}", tally.first_error);
+    }
+
+    /// Found by a review: `--duration inf` (or 1e20) and a rate whose
+    /// per-connection gap overflows a Duration panicked; they are refused
+    /// before anything connects.
+    #[test]
+    fn huge_times_and_tiny_rates_are_refused() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: NetArgs,
+        }
+        let refused = |extra: &[&str], what: &str| {
+            let mut argv = vec!["net", "--target", "redis://127.0.0.1:1"];
+            argv.extend_from_slice(extra);
+            let args = <Cli as clap::Parser>::try_parse_from(argv).unwrap().args;
+            let e = run(args).expect_err(what).to_string();
+            assert!(e.contains(what), "{extra:?}: {e}");
+        };
+        refused(&["--duration", "inf"], "--duration");
+        refused(&["--duration", "1e20"], "--duration");
+        refused(&["--warmup", "1e20"], "--warmup");
+        refused(&["--rate", "1e-300"], "--rate");
+        refused(&["--rate=-1"], "--rate");
     }
 
     fn shared(keys: u64) -> Shared {

@@ -624,7 +624,11 @@ impl Search {
             c.tolerance >= MIN_TOLERANCE && c.tolerance < 1.0,
             "capacity tolerance must be in [{MIN_TOLERANCE}, 1)"
         );
-        anyhow::ensure!(c.probe_duration > 0.0, "capacity probe_duration must be positive");
+        anyhow::ensure!(
+            c.probe_duration > 0.0 && c.probe_duration <= crate::harness::MAX_SECONDS,
+            "capacity probe_duration must be positive and at most {} s (a week)",
+            crate::harness::MAX_SECONDS
+        );
         Ok(Search { start: c.start, max: c.max, tolerance: c.tolerance, pass: None, fail: None })
     }
 
@@ -1111,6 +1115,9 @@ mod tests {
         // review).
         let fine = CapacitySection { tolerance: 1e-17, ..Default::default() };
         assert!(Search::new(&fine).unwrap_err().to_string().contains("tolerance"));
+        // A finite but huge probe is refused too (found by a review).
+        let long = CapacitySection { probe_duration: 1e20, ..Default::default() };
+        assert!(Search::new(&long).unwrap_err().to_string().contains("probe_duration"));
     }
 
     #[test]

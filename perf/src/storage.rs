@@ -15,6 +15,8 @@ use gyre::storage::{EngineConfig, FsyncPolicy};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::harness::MAX_SECONDS;
+
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// System allocator that tracks live heap bytes.
@@ -104,6 +106,12 @@ struct Output {
 pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     anyhow::ensure!((0.0..=1.0).contains(&args.read_ratio), "--read-ratio must be between 0 and 1");
     anyhow::ensure!(args.writers > 0, "--writers must be positive");
+    // Checked before the directory is emptied (`inf` panicked in
+    // Duration::from_secs_f64; found by a review).
+    anyhow::ensure!(
+        (0.0..=MAX_SECONDS).contains(&args.duration),
+        "--duration must be between 0 and {MAX_SECONDS} s (a week)"
+    );
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir).with_context(|| format!("emptying {}", args.dir.display()))?;
     }
@@ -326,4 +334,34 @@ pub fn run_compaction(args: CompactionArgs) -> anyhow::Result<()> {
     })??;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by a review: `--duration inf` panicked in
+    /// `Duration::from_secs_f64`; it is refused before the directory is
+    /// emptied.
+    #[test]
+    fn a_huge_duration_is_refused_before_the_directory_is_touched() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: StorageArgs,
+        }
+        let dir = std::env::temp_dir().join(format!("gyre-bench-storage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kept = dir.join("kept");
+        std::fs::write(&kept, b"x").unwrap();
+        for d in ["inf", "1e20", "-1", "NaN"] {
+            let duration = format!("--duration={d}");
+            let argv = ["storage", "--dir", dir.to_str().unwrap(), &duration];
+            let args = <Cli as clap::Parser>::try_parse_from(argv).unwrap().args;
+            let e = run(args).expect_err(d).to_string();
+            assert!(e.contains("--duration"), "{d}: {e}");
+        }
+        assert!(kept.exists(), "the directory was emptied");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
