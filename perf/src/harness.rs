@@ -113,6 +113,14 @@ impl Target {
         Ok(Target { url: url.to_string(), name, kind, addr, routing })
     }
 
+    /// This target as it runs on `topo`: `?routing=server` applies to a
+    /// cluster only, and a lone node's run (routing `none`) is not named
+    /// server-driven (found by a review: the label said so while the
+    /// result's `routing` said `none`).
+    fn as_run(&self, topo: &Topology) -> Target {
+        Target { routing: topo.routing(), ..self.clone() }
+    }
+
     /// A short name for tables and plots: `gyre`, `gyre (server-driven)`, `redis`.
     pub fn label(&self) -> String {
         if let Some(n) = &self.name {
@@ -1093,6 +1101,7 @@ impl Default for Stats {
 pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     cfg.validate()?;
     let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
+    let target = &target.as_run(&topo);
     let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
     let cfg = Arc::new(cfg.clone());
     let windows: Vec<Arc<Mutex<Window>>> = (0..cfg.threads).map(|_| Arc::new(Mutex::new(Window::new()))).collect();
@@ -1308,6 +1317,18 @@ mod tests {
         assert_eq!((t.routing, t.label()), (Routing::Server, "server-driven".to_string()));
         assert_eq!(Target::parse("redis://127.0.0.1:6379#Redis 7").unwrap().label(), "Redis 7");
         assert!(Target::parse("redis://127.0.0.1:6379#").is_err());
+    }
+
+    /// Found by a review: `?routing=server` against a lone node ran as a
+    /// plain run (routing `none`) but was labelled server-driven.
+    #[test]
+    fn a_lone_node_is_not_labelled_server_driven() {
+        let t = Target::parse("gyre://127.0.0.1:7700?routing=server").unwrap();
+        let lone = Topology::single(Kind::Gyre, t.addr, &[7700, 7701], 64);
+        assert_eq!(lone.routing_name(), "none");
+        let ran = t.as_run(&lone);
+        assert_eq!(ran.label(), "gyre 127.0.0.1:7700");
+        assert_eq!(ran.url, t.url, "the URL stays as given");
     }
 
     /// A valid open-loop configuration for tests to vary.

@@ -265,7 +265,7 @@ pub(crate) struct Topology {
 
 impl Topology {
     /// A lone node (or Redis) with one endpoint per shard.
-    fn single(kind: Kind, addr: SocketAddr, ports: &[u16], partitions: u32) -> Topology {
+    pub(crate) fn single(kind: Kind, addr: SocketAddr, ports: &[u16], partitions: u32) -> Topology {
         let endpoints = ports.iter().enumerate().map(|(i, &p)| Endpoint {
             addr: SocketAddr::new(addr.ip(), p),
             shard: i as u16,
@@ -343,6 +343,12 @@ impl Topology {
     /// Ring members (1 for a lone node or Redis).
     pub(crate) fn nodes(&self) -> usize {
         self.cluster.as_ref().map_or(1, |c| c.ring.members().len())
+    }
+
+    /// How requests are routed: `Client` on a lone node or Redis, whatever
+    /// the target asked (server routing needs a cluster).
+    pub(crate) fn routing(&self) -> Routing {
+        self.routing
     }
 
     /// The routing mode as reported.

@@ -16,7 +16,7 @@
 //! [workload]
 //! workload = "a"                   # a b c d f, or mix = { read = 0.9, update = 0.1 }
 //! distribution = "zipfian"         # uniform | zipfian | latest (default: per workload)
-//! theta = 0.99
+//! theta = 0.99                     # zipfian and latest only
 //! records = 100000
 //! value_size = 100                 # or { min = 50, max = 150 }
 //! load = true                      # write every record first (not measured)
@@ -87,7 +87,9 @@ pub struct WorkloadSection {
     pub workload: Option<Workload>,
     pub mix: Option<Mix>,
     pub distribution: Option<KeyDist>,
-    pub theta: f64,
+    /// Zipfian and latest only (default `DEFAULT_THETA`): an Option so
+    /// that one given with uniform keys, where it does nothing, is refused.
+    pub theta: Option<f64>,
     pub records: u64,
     pub value_size: ValueSize,
     pub load: bool,
@@ -99,7 +101,7 @@ impl Default for WorkloadSection {
             workload: None,
             mix: None,
             distribution: None,
-            theta: DEFAULT_THETA,
+            theta: None,
             records: 100_000,
             value_size: ValueSize::Fixed(100),
             load: true,
@@ -124,6 +126,15 @@ pub enum LoopMode {
     Closed,
 }
 
+/// `max_in_flight` when a file sets none: requests outstanding on one
+/// open-loop connection before the next one due there waits in the
+/// generator, still on the clock. At the files' rates (tens of thousands a
+/// second over 50 connections, well under one outstanding per connection
+/// at sub-millisecond latency) only a stall fills it; it is bounded
+/// because a deep one with large values can block a connection's writes
+/// (see the harness's module doc).
+const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunSection {
@@ -135,7 +146,9 @@ pub struct RunSection {
     /// Closed loop only (default 1).
     pub depth: Option<usize>,
     pub connections: usize,
-    pub max_in_flight: usize,
+    /// Open loop only (default `DEFAULT_MAX_IN_FLIGHT`): an Option so that
+    /// one given in a closed-loop file, where it does nothing, is refused.
+    pub max_in_flight: Option<usize>,
     pub warmup: f64,
     pub duration: f64,
     pub interval: f64,
@@ -151,7 +164,7 @@ impl Default for RunSection {
             rate: None,
             depth: None,
             connections: 50,
-            max_in_flight: 64,
+            max_in_flight: None,
             warmup: 2.0,
             duration: 10.0,
             interval: 1.0,
@@ -196,10 +209,18 @@ impl SlaFile {
         // A setting of the other loop is a mistake, not ignored (found by
         // a review: `rate` on a closed-loop file ran closed-loop).
         match self.run.mode {
-            LoopMode::Closed => anyhow::ensure!(
-                self.run.rate.is_none() && self.run.arrival.is_none(),
-                "rate and arrival are for mode = \"open\"; a closed-loop run has no offered rate (set depth)"
-            ),
+            LoopMode::Closed => {
+                anyhow::ensure!(
+                    self.run.rate.is_none() && self.run.arrival.is_none(),
+                    "rate and arrival are for mode = \"open\"; a closed-loop run has no offered rate (set depth)"
+                );
+                // Found by a review: a closed loop sends whatever its
+                // connections are given, and ignored it.
+                anyhow::ensure!(
+                    self.run.max_in_flight.is_none(),
+                    "max_in_flight is for mode = \"open\"; a closed-loop run keeps depth per connection outstanding"
+                );
+            }
             LoopMode::Open => {
                 anyhow::ensure!(
                     self.run.depth.is_none(),
@@ -207,6 +228,11 @@ impl SlaFile {
                 )
             }
         }
+        // Found by a review: uniform keys have no skew, and ignored it.
+        anyhow::ensure!(
+            cfg.dist != KeyDist::Uniform || self.workload.theta.is_none(),
+            "theta shapes zipfian and latest keys; distribution = \"uniform\" has none"
+        );
         // Without limits every run would pass: nothing would be checked.
         anyhow::ensure!(!self.limits.is_empty(), "no limits: give at least one, e.g. limits = [\"errors == 0\"]");
         for l in &self.limits {
@@ -245,13 +271,13 @@ impl SlaFile {
         let cfg = RunConfig {
             mix,
             dist,
-            theta: w.theta,
+            theta: w.theta.unwrap_or(DEFAULT_THETA),
             records: w.records,
             value_size: w.value_size,
             load: w.load,
             mode,
             connections: r.connections,
-            max_in_flight: r.max_in_flight,
+            max_in_flight: r.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             warmup: r.warmup,
             duration: r.duration,
             interval: r.interval,
@@ -1046,6 +1072,31 @@ mod tests {
         let open = "limits = [\"errors == 0\"]\n[workload]\nworkload = \"c\"\n[run]\nrate = 100";
         assert!(check(open).is_ok());
         assert!(check(&format!("{open}\ndepth = 4")).unwrap_err().contains("for mode = \"closed\""));
+    }
+
+    /// Found by a review: `max_in_flight` in a closed-loop file and
+    /// `theta` with uniform keys did nothing, silently; they are refused
+    /// when given, and their defaults still apply where they do something.
+    #[test]
+    fn settings_that_would_do_nothing_are_refused() {
+        let check = |t: &str| toml::from_str::<SlaFile>(t).unwrap().check().map_err(|e| e.to_string());
+        let file = |workload: &str, run: &str| {
+            format!("limits = [\"errors == 0\"]\n[workload]\nworkload = \"c\"\n{workload}\n[run]\n{run}")
+        };
+        let closed = "mode = \"closed\"";
+        assert!(check(&file("", closed)).is_ok());
+        let e = check(&file("", &format!("{closed}\nmax_in_flight = 8"))).unwrap_err();
+        assert!(e.contains("max_in_flight is for mode = \"open\""), "{e}");
+        assert!(check(&file("", "rate = 100\nmax_in_flight = 8")).is_ok());
+        let e = check(&file("distribution = \"uniform\"\ntheta = 0.5", closed)).unwrap_err();
+        assert!(e.contains("theta"), "{e}");
+        assert!(check(&file("distribution = \"uniform\"", closed)).is_ok());
+        assert!(check(&file("distribution = \"latest\"\ntheta = 0.5", closed)).is_ok());
+        let f: SlaFile = toml::from_str(&file("theta = 0.5", "rate = 100\nmax_in_flight = 8")).unwrap();
+        let c = f.config(100.0).unwrap();
+        assert_eq!((c.theta, c.max_in_flight), (0.5, 8));
+        let c = toml::from_str::<SlaFile>(&file("", "rate = 100")).unwrap().config(100.0).unwrap();
+        assert_eq!((c.theta, c.max_in_flight), (DEFAULT_THETA, DEFAULT_MAX_IN_FLIGHT));
     }
 
     #[test]
