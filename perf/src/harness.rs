@@ -363,6 +363,11 @@ const DRAIN: Duration = Duration::from_secs(5);
 struct Req {
     op: Op,
     record: u64,
+    /// The value size of its PUTs, drawn when the operation is generated
+    /// (in `dispatch`, like its key): drawn when a connection sent it, the
+    /// draw took the generator's RNG at a time set by the network, and a
+    /// seed no longer fixed the sequence (found by a review).
+    size: usize,
     /// When it should have been sent (latency counts from here).
     intended: Instant,
     /// `None`: the first request of the operation. `Some(ctx)`: the PUT
@@ -526,6 +531,68 @@ struct Gen {
 }
 
 impl Gen {
+    /// Thread `thread`'s generator, with a slot per connection (to
+    /// `endpoints[i]`), at the start of its load phase; no I/O.
+    fn new(
+        kind: Kind,
+        topo: Arc<Topology>,
+        cfg: Arc<RunConfig>,
+        thread: usize,
+        endpoints: &[usize],
+        window: Arc<Mutex<Window>>,
+    ) -> Gen {
+        let threads = cfg.threads as u64;
+        let mut by_endpoint = vec![Vec::new(); topo.endpoints.len()];
+        let slots: Vec<Rc<Slot>> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| {
+                by_endpoint[e].push(i);
+                Rc::new(Slot {
+                    endpoint: e,
+                    queue: RefCell::new(VecDeque::new()),
+                    in_flight: RefCell::new(VecDeque::new()),
+                    wake: Notify::new(),
+                })
+            })
+            .collect();
+        let seed = thread_seed(&cfg, thread);
+        // The first record past the loaded ones in this thread's residue class.
+        let first_insert = cfg.records + (thread as u64 + threads - cfg.records % threads) % threads;
+        Gen {
+            kind,
+            topo,
+            rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+            keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
+            // Without a load, Gyre's records are read once to learn their
+            // contexts (see `Source::Load`); Redis needs nothing.
+            source: RefCell::new(Source::Load {
+                next: thread as u64,
+                step: threads,
+                end: if cfg.load || kind == Kind::Gyre { cfg.records } else { 0 },
+                prime: !cfg.load,
+            }),
+            inserts: RefCell::new(InsertFrontier::new(cfg.records - 1, first_insert, threads)),
+            next_insert: Cell::new(first_insert),
+            contexts: RefCell::new(Contexts::new()),
+            key: RefCell::new(Vec::with_capacity(24)),
+            slots,
+            by_endpoint,
+            stats: RefCell::new(Stats::new()),
+            window,
+            measure: Cell::new(None),
+            outstanding: Cell::new(0),
+            done: Cell::new(0),
+            refill: Cell::new(true),
+            stop: Cell::new(false),
+            idle: Notify::new(),
+            value: vec![b'x'; cfg.value_size.max()],
+            thread: thread as u64,
+            threads,
+            cfg,
+        }
+    }
+
     /// Queues one operation (or a load write); false if the source is dry.
     fn dispatch(&self, intended: Instant) -> bool {
         let mut rng = self.rng.borrow_mut();
@@ -562,13 +629,15 @@ impl Gen {
                 (op, record, false)
             }
         };
+        // Every request draws one (a priming read may become a PUT).
+        let size = self.cfg.value_size.draw(&mut rng);
         let endpoint = {
             let mut key = self.key.borrow_mut();
             key_of(record, &mut key);
             self.topo.route(&key, &mut rng)
         };
         drop(rng);
-        let req = Req { op, record, intended, follow: None, attempt: 0, load };
+        let req = Req { op, record, size, intended, follow: None, attempt: 0, load };
         let Some(&best) = self.by_endpoint[endpoint].iter().min_by_key(|&&i| self.slots[i].busy()) else {
             // Planning gives every endpoint a connection on every thread.
             unreachable!("no connection to endpoint {endpoint}");
@@ -663,8 +732,7 @@ impl Gen {
     /// Encodes `req` as a frame for `shard` with id `id`.
     fn encode(&self, out: &mut Vec<u8>, key: &[u8], req: &Req, id: u64, shard: u16) {
         let get = matches!(req.op, Op::Read | Op::Rmw) && req.follow.is_none();
-        let size = if get { 0 } else { self.cfg.value_size.draw(&mut self.rng.borrow_mut()) };
-        let value = &self.value[..size];
+        let value = &self.value[..if get { 0 } else { req.size }];
         match (self.kind, get) {
             (Kind::Gyre, true) => Request::Get { key }.encode(out, id, shard, 0),
             (Kind::Gyre, false) => {
@@ -927,56 +995,7 @@ fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
     let ThreadSpec { target, topo, cfg, thread, endpoints, window } = spec;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     let local = tokio::task::LocalSet::new();
-    let threads = cfg.threads as u64;
-    let mut by_endpoint = vec![Vec::new(); topo.endpoints.len()];
-    let slots: Vec<Rc<Slot>> = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| {
-            by_endpoint[e].push(i);
-            Rc::new(Slot {
-                endpoint: e,
-                queue: RefCell::new(VecDeque::new()),
-                in_flight: RefCell::new(VecDeque::new()),
-                wake: Notify::new(),
-            })
-        })
-        .collect();
-    let seed = thread_seed(&cfg, thread);
-    // The first record past the loaded ones in this thread's residue class.
-    let first_insert = cfg.records + (thread as u64 + threads - cfg.records % threads) % threads;
-    let gen = Rc::new(Gen {
-        kind: target.kind,
-        topo: topo.clone(),
-        rng: RefCell::new(fastrand::Rng::with_seed(seed)),
-        keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
-        // Without a load, Gyre's records are read once to learn their
-        // contexts (see `Source::Load`); Redis needs nothing.
-        source: RefCell::new(Source::Load {
-            next: thread as u64,
-            step: threads,
-            end: if cfg.load || target.kind == Kind::Gyre { cfg.records } else { 0 },
-            prime: !cfg.load,
-        }),
-        inserts: RefCell::new(InsertFrontier::new(cfg.records - 1, first_insert, threads)),
-        next_insert: Cell::new(first_insert),
-        contexts: RefCell::new(Contexts::new()),
-        key: RefCell::new(Vec::with_capacity(24)),
-        slots,
-        by_endpoint,
-        stats: RefCell::new(Stats::new()),
-        window,
-        measure: Cell::new(None),
-        outstanding: Cell::new(0),
-        done: Cell::new(0),
-        refill: Cell::new(true),
-        stop: Cell::new(false),
-        idle: Notify::new(),
-        value: vec![b'x'; cfg.value_size.max()],
-        thread: thread as u64,
-        threads,
-        cfg: cfg.clone(),
-    });
+    let gen = Rc::new(Gen::new(target.kind, topo.clone(), cfg, thread, &endpoints, window));
     let tasks = local.block_on(&rt, async {
         let mut tasks = Vec::new();
         for (i, slot) in gen.slots.iter().enumerate() {
@@ -1381,6 +1400,79 @@ mod tests {
         (week.warmup, week.duration, week.interval) = (MAX_SECONDS, MAX_SECONDS, MAX_SECONDS);
         week.mode = Mode::Open { arrival: Arrival::Poisson, rate: 1.0 / MAX_SECONDS };
         week.validate().unwrap();
+    }
+
+    /// A generator of thread 0 over a lone two-shard node, connected to
+    /// nothing: what it dispatches stays in its slots' queues.
+    fn offline(cfg: RunConfig, source: Source) -> Gen {
+        let addr = "127.0.0.1:7700".parse().unwrap();
+        let topo = Arc::new(Topology::single(Kind::Gyre, addr, &[7700, 7701], 64));
+        let gen = Gen::new(Kind::Gyre, topo, Arc::new(cfg), 0, &[0, 1], Arc::new(Mutex::new(Window::new())));
+        *gen.source.borrow_mut() = source;
+        gen
+    }
+
+    /// The value size of an encoded request (0 for a GET).
+    fn encoded_size(gen: &Gen, req: &Req) -> usize {
+        let mut out = Vec::new();
+        gen.encode(&mut out, b"user1", req, 0, 0);
+        let (h, total) = gyre::wire::split_frame(&out, gyre::wire::MAX_BODY_LEN).unwrap().unwrap();
+        match Request::decode(h.opcode, &out[gyre::wire::HEADER_LEN..total]).unwrap() {
+            Request::Put { value, .. } => value.len(),
+            _ => 0,
+        }
+    }
+
+    /// Found by a review: the value size was drawn when a connection sent
+    /// a request, from the RNG the arrivals and keys are drawn from, so
+    /// when requests were sent (set by the network) changed every later
+    /// draw. Two generators of one seed, sending at different times and in
+    /// another order, must generate the same operations.
+    #[test]
+    fn a_seed_fixes_the_sequence_whenever_requests_are_sent() {
+        let mut cfg = config();
+        cfg.mix = Mix { read: 0.4, update: 0.3, insert: 0.0, rmw: 0.3 };
+        cfg.value_size = ValueSize::Uniform { min: 1, max: 1000 };
+        let origin = Instant::now();
+        // Sends what is queued after every `every`-th arrival, the slots
+        // in order or reversed; returns (op, record, PUT size, due time)
+        // in generation (due) order.
+        let run = |every: usize, reversed: bool| {
+            let gen = offline(cfg.clone(), Source::Mix);
+            let mut schedule = Schedule::new(Arrival::Poisson, 1000.0, 0.0, &mut fastrand::Rng::with_seed(9));
+            let mut sent = Vec::new();
+            let send = |sent: &mut Vec<(Op, u64, usize, Instant)>| {
+                let order: Vec<&Rc<Slot>> =
+                    if reversed { gen.slots.iter().rev().collect() } else { gen.slots.iter().collect() };
+                for slot in order {
+                    while let Some(mut req) = slot.queue.borrow_mut().pop_front() {
+                        let mut size = encoded_size(&gen, &req);
+                        if req.op == Op::Rmw {
+                            // The PUT after the GET's reply (see `on_reply`).
+                            req.follow = Some(Vec::new());
+                            size = encoded_size(&gen, &req);
+                        }
+                        sent.push((req.op, req.record, size, req.intended));
+                    }
+                }
+            };
+            for i in 0..2000 {
+                let due = schedule.next(&mut gen.rng.borrow_mut());
+                gen.dispatch(origin + Duration::from_secs_f64(due));
+                if i % every == 0 {
+                    send(&mut sent);
+                }
+            }
+            send(&mut sent);
+            sent.sort_by_key(|s| s.3);
+            sent
+        };
+        let a = run(1, false);
+        let b = run(7, true);
+        assert_eq!(a.len(), 2000);
+        let sizes: std::collections::BTreeSet<usize> = a.iter().map(|s| s.2).collect();
+        assert!(sizes.len() > 100, "sizes are drawn: {sizes:?}");
+        assert!(a == b, "the sequences differ from operation {:?}", a.iter().zip(&b).position(|(x, y)| x != y));
     }
 
     #[test]

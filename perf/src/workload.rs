@@ -1,7 +1,11 @@
 //! The workload model of the SLA harness: which operation comes next, on
 //! which key, with how large a value, and when. Pure: no I/O and no clock;
 //! every draw takes the caller's `fastrand::Rng`, so a seed fixes a run's
-//! whole sequence of operations and arrival times.
+//! whole sequence of operations and arrival times, as long as the caller
+//! draws in an order the network does not set: the harness draws an
+//! operation's kind, key and value size when it generates the operation,
+//! never when a connection sends it. (`latest` keys are the exception: they
+//! count back from the newest insert that has finished, which replies set.)
 //!
 //! Workloads follow YCSB's core workloads (Cooper et al., SoCC 2010):
 //!
