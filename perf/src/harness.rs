@@ -18,7 +18,8 @@
 //!   request due while its connection has `max_in_flight` outstanding
 //!   waits in that connection's queue, still on the clock.
 //! - closed loop: `connections × depth` operations are outstanding at all
-//!   times; each completion dispatches the next one at once. This measures
+//!   times, split exactly between the threads (at most `connections` of
+//!   them); each completion dispatches the next one at once. This measures
 //!   peak throughput, and its latency is not a user's.
 //!
 //! Each operation draws its key from the whole key space (so a zipfian
@@ -159,6 +160,7 @@ pub struct RunConfig {
     pub duration: f64,
     /// Seconds per point of the time series and progress line.
     pub interval: f64,
+    /// Generator threads; a closed loop uses at most `connections`.
     pub threads: usize,
     pub seed: u64,
     /// Print a progress line to stderr every interval.
@@ -985,6 +987,15 @@ fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>>
     per
 }
 
+/// Thread `thread`'s share of a closed loop's `total` outstanding
+/// operations: `total` split exactly, the first `total % threads` threads
+/// taking one more. (Each thread took `total / threads` rounded up, so
+/// that 2 threads kept 2 operations outstanding for 1 connection × depth
+/// 1; found by a review.)
+fn closed_share(total: usize, threads: usize, thread: usize) -> usize {
+    total / threads + usize::from(thread < total % threads)
+}
+
 /// Thread `thread`'s RNG seed.
 fn thread_seed(cfg: &RunConfig, thread: usize) -> u64 {
     cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(thread as u64)
@@ -1077,7 +1088,7 @@ fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Time
         match cfg.mode {
             Mode::Closed { depth } => {
                 gen.refill.set(true);
-                for _ in 0..(cfg.connections * depth).div_ceil(cfg.threads) {
+                for _ in 0..closed_share(cfg.connections * depth, cfg.threads, thread) {
                     gen.dispatch(Instant::now());
                 }
                 tokio::time::sleep_until(tl.measure_to.into()).await;
@@ -1121,8 +1132,15 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     cfg.validate()?;
     let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
     let target = &target.as_run(&topo);
+    let mut cfg = cfg.clone();
+    // A closed loop's operations are split exactly between its threads
+    // (`closed_share`); a thread beyond `connections` would make a
+    // connection of its own (see `plan`) for a share of at most `depth`.
+    if let Mode::Closed { .. } = cfg.mode {
+        cfg.threads = cfg.threads.min(cfg.connections);
+    }
     let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
-    let cfg = Arc::new(cfg.clone());
+    let cfg = Arc::new(cfg);
     let windows: Vec<Arc<Mutex<Window>>> = (0..cfg.threads).map(|_| Arc::new(Mutex::new(Window::new()))).collect();
     let barrier = Barrier::new(cfg.threads);
     let timeline = OnceLock::new();
@@ -1473,6 +1491,94 @@ mod tests {
         let sizes: std::collections::BTreeSet<usize> = a.iter().map(|s| s.2).collect();
         assert!(sizes.len() > 100, "sizes are drawn: {sizes:?}");
         assert!(a == b, "the sequences differ from operation {:?}", a.iter().zip(&b).position(|(x, y)| x != y));
+    }
+
+    /// The length of the first whole RESP command (an array of bulk
+    /// strings) in `buf`, and whether it is a GET.
+    fn resp_command(buf: &[u8]) -> Option<(usize, bool)> {
+        // A `*N` or `$N` header at `at`: N, and where what follows starts.
+        let header = |at: usize| -> Option<(usize, usize)> {
+            let eol = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+            Some((std::str::from_utf8(buf.get(at + 1..eol)?).ok()?.parse().ok()?, eol + 2))
+        };
+        let (n, mut at) = header(0)?;
+        let mut get = false;
+        for i in 0..n {
+            let (len, from) = header(at)?;
+            let arg = buf.get(from..from + len + 2)?;
+            get |= i == 0 && &arg[..len] == b"GET";
+            at = from + len + 2;
+        }
+        Some((at, get))
+    }
+
+    /// A Redis stand-in that answers each connection's commands in order,
+    /// one per `delay`; returns its address and the most commands it held
+    /// unanswered at once, over all connections (counted down before a
+    /// reply is written, so never more than the generator had outstanding).
+    fn slow_redis(delay: Duration) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (most, now) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let m = most.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let Ok(mut out) = stream.try_clone() else { return };
+                let (most, now, held) = (m.clone(), now.clone(), now.clone());
+                let (tx, rx) = std::sync::mpsc::channel::<bool>();
+                std::thread::spawn(move || {
+                    for get in rx {
+                        std::thread::sleep(delay);
+                        held.fetch_sub(1, SeqCst);
+                        let reply: &[u8] = if get { b"$-1\r\n" } else { b"+OK\r\n" };
+                        if out.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                    while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some((len, get)) = resp_command(&buf) {
+                            buf.drain(..len);
+                            most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                            if tx.send(get).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, most)
+    }
+
+    /// Found by a review: with several threads a closed loop kept more
+    /// than `connections × depth` operations outstanding (each thread
+    /// took its share rounded up, and had a connection of its own), so
+    /// 1 connection × depth 1 on 2 threads kept 2.
+    #[test]
+    fn a_closed_loop_keeps_exactly_connections_times_depth_outstanding() {
+        for (threads, total) in [(1, 1), (2, 1), (2, 3), (3, 7), (4, 4), (5, 64)] {
+            let shares: Vec<usize> = (0..threads).map(|t| closed_share(total, threads, t)).collect();
+            assert_eq!(shares.iter().sum::<usize>(), total, "{threads} threads: {shares:?}");
+            assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1, "{shares:?}");
+        }
+        for (connections, depth) in [(1, 1), (3, 1)] {
+            let (addr, most) = slow_redis(Duration::from_millis(50));
+            let mut cfg = config();
+            cfg.mode = Mode::Closed { depth };
+            (cfg.connections, cfg.threads, cfg.load) = (connections, 2, false);
+            (cfg.warmup, cfg.duration, cfg.interval) = (0.0, 0.5, 0.25);
+            let r = run(&Target::parse(&format!("redis://{addr}")).unwrap(), &cfg).unwrap();
+            assert!(r.ops > 0, "{r:?}");
+            let most = most.load(std::sync::atomic::Ordering::SeqCst);
+            assert!((1..=connections * depth).contains(&most), "{connections} × {depth}: {most} outstanding");
+        }
     }
 
     #[test]
