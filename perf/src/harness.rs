@@ -55,9 +55,10 @@
 //! deep `max_in_flight` could stall it until the drain times out (the
 //! requests then count as timeouts, not as lost).
 //!
-//! Time series: every completion also lands in its thread's current
-//! *window* (a mutex the monitor swaps every `interval`), which gives the
-//! live progress line and the latency-over-time curves. The run's own
+//! Time series: every completion (and every timeout after the run) also
+//! lands in its thread's current *window* (a mutex the monitor swaps every
+//! `interval`), which gives the live progress line and the latency-over-
+//! time curves. The run's own
 //! histograms count requests by intended send time within the measured
 //! span, including those whose replies come after it ends.
 
@@ -449,6 +450,17 @@ impl Window {
         Window { all: histogram(), read: histogram(), write: histogram(), errors: 0 }
     }
 
+    /// An operation of `op` that took `ns`: in `all`, and in `read` or
+    /// `write` if it is one.
+    fn record(&mut self, op: Op, ns: u64) {
+        let _ = self.all.record(ns.max(1));
+        match op {
+            Op::Read => drop(self.read.record(ns.max(1))),
+            Op::Update | Op::Insert => drop(self.write.record(ns.max(1))),
+            Op::Rmw => {}
+        }
+    }
+
     pub fn add(&mut self, o: &Window) {
         self.all.add(&o.all).expect("same bounds");
         self.read.add(&o.read).expect("same bounds");
@@ -668,14 +680,7 @@ impl Gen {
         if !req.load {
             let mut w = self.window.lock().expect("window lock");
             match &result {
-                Ok(()) => {
-                    let _ = w.all.record(ns.max(1));
-                    match req.op {
-                        Op::Read => drop(w.read.record(ns.max(1))),
-                        Op::Update | Op::Insert => drop(w.write.record(ns.max(1))),
-                        Op::Rmw => {}
-                    }
-                }
+                Ok(()) => w.record(req.op, ns),
                 Err(_) => w.errors += 1,
             }
         }
@@ -713,17 +718,26 @@ impl Gen {
 
     /// The run is over and replies stopped coming: every operation still
     /// queued or in flight that was due in the measured span counts as a
-    /// timeout, an error whose latency is at least what it waited.
+    /// timeout, an error whose latency is at least what it waited. Every
+    /// one (measured or not) also goes into the time series, in the window
+    /// it timed out in (the run's last point), so that a server that hangs
+    /// at the end shows there (found by a review: it showed nothing).
     fn time_out_the_rest(&self, now: Instant) {
         let mut stats = self.stats.borrow_mut();
+        let mut w = self.window.lock().expect("window lock");
         for slot in &self.slots {
             let queued = slot.queue.borrow();
             let in_flight = slot.in_flight.borrow();
             for req in queued.iter().chain(in_flight.iter().map(|f| &f.req)) {
-                if req.load || !self.measured(req.intended) {
+                if req.load {
                     continue;
                 }
                 let ns = now.saturating_duration_since(req.intended).as_nanos() as u64;
+                w.record(req.op, ns);
+                w.errors += 1;
+                if !self.measured(req.intended) {
+                    continue;
+                }
                 let _ = stats.by_op[req.op.index()].record(ns.max(1));
                 stats.timeouts += 1;
                 stats.fail(format!("no reply {DRAIN:?} after the run"));
@@ -1579,6 +1593,28 @@ mod tests {
             let most = most.load(std::sync::atomic::Ordering::SeqCst);
             assert!((1..=connections * depth).contains(&most), "{connections} × {depth}: {most} outstanding");
         }
+    }
+
+    /// Found by a review: operations timed out after the run went into
+    /// the run's histograms only, so a server that hung at the end showed
+    /// nothing on the latency-over-time plot.
+    #[test]
+    fn timeouts_reach_the_time_series() {
+        let gen = offline(config(), Source::Mix);
+        let start = Instant::now();
+        gen.measure.set(Some((start, start + Duration::from_secs(1))));
+        let req = |op, intended| Req { op, record: 1, size: 10, intended, follow: None, attempt: 0, load: false };
+        gen.slots[0].queue.borrow_mut().push_back(req(Op::Read, start));
+        gen.slots[1].in_flight.borrow_mut().push_back(InFlight { id: 0, req: req(Op::Update, start) });
+        // Due before the measured span: in the time series, not the run's counts.
+        let before = start.checked_sub(Duration::from_millis(1)).unwrap();
+        gen.slots[1].in_flight.borrow_mut().push_back(InFlight { id: 1, req: req(Op::Update, before) });
+        gen.time_out_the_rest(start + DRAIN);
+        let w = gen.window.lock().unwrap();
+        assert_eq!((w.all.len(), w.read.len(), w.write.len(), w.errors), (3, 1, 2, 3));
+        assert!(w.all.min() >= DRAIN.as_nanos() as u64 * 999 / 1000, "recorded with what they waited");
+        let stats = gen.stats.borrow();
+        assert_eq!((stats.timeouts, stats.errors), (2, 2));
     }
 
     #[test]
