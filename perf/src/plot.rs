@@ -3,9 +3,9 @@
 //! Owns the rendering of one SVG file with a shared legend and two stacked
 //! panels: "Latency by percentile" (x: percentile on an HdrHistogram-style log
 //! scale of 1/(1-q)) and "Latency over time" (x: seconds since the measured
-//! start), with optional horizontal limit lines on both. Sampling histograms
-//! and choosing what to plot is the caller's job; this module maps numbers to
-//! pixels and text.
+//! start), each with optional horizontal limit lines of its own. Sampling
+//! histograms and choosing what to plot (limits included) is the caller's
+//! job; this module maps numbers to pixels and text.
 //!
 //! Invariant: `render_svg` returns a self-contained, valid SVG 1.1 document
 //! for any input. Every piece of text is XML-escaped and every number written
@@ -28,8 +28,12 @@ pub struct Plot<'a> {
     /// Label of the over-time metric, e.g. "p99.9 per 1 s interval".
     pub over_time_label: &'a str,
     pub series: &'a [Series],
-    /// Optional horizontal limit lines drawn on both panels: (label, µs), e.g. ("SLA p99.9 < 1 ms", 1000.0).
-    pub limits: &'a [(String, f64)],
+    /// Optional horizontal limit lines on the percentile panel: (label, µs),
+    /// e.g. ("SLA p99.9 < 1 ms", 1000.0); only limits on what that panel
+    /// shows (the caller's choice).
+    pub percentile_limits: &'a [(String, f64)],
+    /// The same on the over-time panel.
+    pub over_time_limits: &'a [(String, f64)],
 }
 
 const W: f64 = 960.0;
@@ -90,10 +94,10 @@ pub fn render_svg(plot: &Plot<'_>) -> String {
     let k = if max_x.is_finite() { (max_x - 1e-6).ceil().clamp(1.0, MAX_NINES) } else { 5.0 };
     let x = Axis { lo: 0.0, hi: k, log: false, ticks: (0..=k as usize).map(|i| i as f64).collect() };
     let ys = pct.iter().flatten().flatten().map(|p| p.1);
-    let y = Axis::latency(ys.chain(plot.limits.iter().map(|l| l.1)));
+    let y = Axis::latency(ys.chain(plot.percentile_limits.iter().map(|l| l.1)));
     let y_label = format!("Latency ({})", y.unit());
     let axes = [(&x, "Percentile", &nines_label as &dyn Fn(f64) -> String), (&y, &y_label, &fmt_us)];
-    panel(&mut out, top, "Latency by percentile", axes, plot.limits, &pct, "pct");
+    panel(&mut out, top, "Latency by percentile", axes, plot.percentile_limits, &pct, "pct");
 
     // Panel 2: over time; None or a non-finite value breaks the line.
     let time: Vec<Vec<Vec<(f64, f64)>>> = (plot.series.iter())
@@ -113,10 +117,10 @@ pub fn render_svg(plot: &Plot<'_>) -> String {
     let (t0, t1) = (ts().fold(0.0, f64::min), ts().fold(f64::NAN, f64::max));
     let x = Axis::linear(t0, if t1.is_finite() { t1 } else { 1.0 }, 8);
     let ys = time.iter().flatten().flatten().map(|p| p.1);
-    let y = Axis::latency(ys.chain(plot.limits.iter().map(|l| l.1)));
+    let y = Axis::latency(ys.chain(plot.over_time_limits.iter().map(|l| l.1)));
     let y_label = format!("{} ({})", plot.over_time_label, y.unit());
     let axes = [(&x, "Time since start (s)", &trim as &dyn Fn(f64) -> String), (&y, &y_label, &fmt_us)];
-    panel(&mut out, top + PANEL_H, "Latency over time", axes, plot.limits, &time, "time");
+    panel(&mut out, top + PANEL_H, "Latency over time", axes, plot.over_time_limits, &time, "time");
     out.push_str("</svg>\n");
     out
 }
@@ -329,7 +333,13 @@ mod tests {
     }
 
     fn render(series: &[Series], limits: &[(String, f64)]) -> String {
-        render_svg(&Plot { title: "t", over_time_label: "p99.9 per 1 s interval", series, limits })
+        render_svg(&Plot {
+            title: "t",
+            over_time_label: "p99.9 per 1 s interval",
+            series,
+            percentile_limits: limits,
+            over_time_limits: limits,
+        })
     }
 
     /// Coordinate counts of the polylines of one panel class, in order.
@@ -371,7 +381,13 @@ mod tests {
     #[test]
     fn plot_escapes_labels() {
         let (s, limits) = ([series("x<&>\"'y", 1.0, &[])], [("l<&>".to_string(), 5.0)]);
-        let svg = render_svg(&Plot { title: "<T&>", over_time_label: "a<b", series: &s, limits: &limits });
+        let svg = render_svg(&Plot {
+            title: "<T&>",
+            over_time_label: "a<b",
+            series: &s,
+            percentile_limits: &limits,
+            over_time_limits: &limits,
+        });
         assert_sane(&svg);
         assert!(svg.contains("x&lt;&amp;&gt;&quot;&apos;y") && svg.contains("&lt;T&amp;&gt;"));
         assert!(svg.contains("a&lt;b") && svg.contains("l&lt;&amp;&gt;"));

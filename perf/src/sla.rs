@@ -512,9 +512,13 @@ impl Limit {
         }
     }
 
-    /// The limit's latency in µs, if it is a latency limit (for plots).
-    pub fn latency_us(&self) -> Option<f64> {
-        matches!(self.metric, Metric::Latency { .. }).then_some(self.value)
+    /// The limit's latency in µs, if it is a latency limit on `of`'s
+    /// operations whose statistic `stat_ok` accepts (for a plot's panel).
+    pub fn latency_us(&self, of: &str, stat_ok: impl Fn(Stat) -> bool) -> Option<f64> {
+        match &self.metric {
+            Metric::Latency { class, stat } if class == of && stat_ok(*stat) => Some(self.value),
+            _ => None,
+        }
     }
 
     pub fn check(&self, r: &RunResult) -> Verdict {
@@ -886,8 +890,20 @@ pub fn plot(r: &Report, limits: &[Limit]) -> String {
                 .collect(),
         })
         .collect();
-    let lines: Vec<(String, f64)> =
-        limits.iter().filter_map(|l| l.latency_us().map(|us| (format!("SLA {}", l.text), us))).collect();
+    // Each panel draws the limits on what it shows (found by a review:
+    // every latency limit, of any class or statistic, was drawn on both):
+    // by percentile, all operations' percentiles and maximum; over time,
+    // the p99.9 of the class plotted.
+    let lines = |of: &str, stat_ok: &dyn Fn(Stat) -> bool| -> Vec<(String, f64)> {
+        limits.iter().filter_map(|l| l.latency_us(of, stat_ok).map(|us| (format!("SLA {}", l.text), us))).collect()
+    };
+    let by_percentile = lines("all", &|s| s != Stat::Avg);
+    let plotted = match r.plot {
+        PlotClass::All => "all",
+        PlotClass::Read => "read",
+        PlotClass::Write => "write",
+    };
+    let over_time = lines(plotted, &|s| s == Stat::P999);
     // A point's own span, to the hundredth of a second (the intervals
     // between sample times drift a little; `{:.1}` called 0.25 s "0.3").
     let interval = r.targets.first().and_then(|t| t.result.timeline.iter().find(|p| p.t > 0.0)).map(|p| {
@@ -913,7 +929,8 @@ pub fn plot(r: &Report, limits: &[Limit]) -> String {
         title: &title,
         over_time_label: &label,
         series: &series,
-        limits: &lines,
+        percentile_limits: &by_percentile,
+        over_time_limits: &over_time,
     })
 }
 
@@ -1204,6 +1221,41 @@ mod tests {
         assert_eq!(names, ["run-1.5.json", "run-1.5.md", "run-1.5.svg"]);
         assert!(paths.iter().all(|p| p.exists()));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by a review: every latency limit (a read p99, a write max, an
+    /// average) was drawn on both panels, which show all operations'
+    /// percentiles and the plotted class's p99.9 over time.
+    #[test]
+    fn each_plot_panel_draws_only_the_limits_on_what_it_shows() {
+        let texts = ["p99.9 < 1ms", "max < 9ms", "avg < 7ms", "read.p99 < 2ms", "write.p99.9 < 5ms", "errors == 0"];
+        let limits: Vec<Limit> = texts.iter().map(|t| t.parse().unwrap()).collect();
+        let report = |plot: PlotClass| Report {
+            name: "n".into(),
+            description: String::new(),
+            file: "f.toml".into(),
+            machine: Machine::here(),
+            workload: "w".into(),
+            limits: texts.iter().map(|t| t.to_string()).collect(),
+            plot,
+            pass: true,
+            targets: vec![TargetReport {
+                result: result(9_600.0, 800.0, 0, Some(10_000.0)),
+                pass: true,
+                verdicts: vec![],
+            }],
+            failed: vec![],
+        };
+        let drawn = |plot: PlotClass| {
+            let svg = super::plot(&report(plot), &limits);
+            let count = |t: &str| svg.matches(&format!(">SLA {}</text>", t.replace('<', "&lt;"))).count();
+            texts.map(count)
+        };
+        // By percentile: all operations' p99.9 and max; over time: the p99.9
+        // of the class plotted.
+        assert_eq!(drawn(PlotClass::All), [2, 1, 0, 0, 0, 0]);
+        assert_eq!(drawn(PlotClass::Write), [1, 1, 0, 0, 1, 0]);
+        assert_eq!(drawn(PlotClass::Read), [1, 1, 0, 0, 0, 0]);
     }
 
     #[test]
