@@ -49,6 +49,9 @@
 //! loaded before ends with one version per record). Without a load, a Gyre
 //! target's records are read once instead, so that updates carry their
 //! contexts from the start (a blind write would add a sibling per run).
+//! A run can continue an earlier one's inserts (`RunConfig::inserts`, for
+//! a capacity search's probes): it inserts past them, reads them as records
+//! that exist, and primes them with the loaded ones.
 //!
 //! A connection writes its queued requests and then reads replies: it
 //! does not read while a write is blocked, which with large values and a
@@ -166,6 +169,23 @@ pub struct RunConfig {
     pub seed: u64,
     /// Print a progress line to stderr every interval.
     pub progress: bool,
+    /// Where each generator thread's inserts start, by thread (empty: just
+    /// past `records`): a capacity search's later probes continue where
+    /// the one before stopped (`RunResult::inserts`). Restarted at
+    /// `records`, they rewrote the records an earlier probe had inserted
+    /// (on Gyre a PUT that makes siblings, then a second to collapse
+    /// them), so that probes measured different things (found by a review).
+    pub inserts: Vec<InsertState>,
+}
+
+/// Where one generator thread's inserts stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InsertState {
+    /// The next record it inserts (in its residue class, see `Gen`).
+    pub next: u64,
+    /// The newest record its reads may draw: every insert of its own up to
+    /// there has finished (`InsertFrontier`).
+    pub newest: u64,
 }
 
 impl RunConfig {
@@ -176,6 +196,15 @@ impl RunConfig {
         anyhow::ensure!(self.theta > 0.0 && self.theta < 1.0, "theta must be between 0 and 1 (exclusive)");
         anyhow::ensure!(self.connections >= 1 && self.threads >= 1, "connections and threads must be positive");
         anyhow::ensure!(self.max_in_flight >= 1, "max_in_flight must be positive");
+        let threads = self.threads as u64;
+        anyhow::ensure!(
+            self.inserts.is_empty()
+                || self.inserts.len() == self.threads
+                    && (0..)
+                        .zip(&self.inserts)
+                        .all(|(t, s)| s.next >= self.records && s.next % threads == t && s.newest < s.next),
+            "inserts must continue a run of as many threads, each in its own residue class past the records"
+        );
         anyhow::ensure!(
             self.duration > 0.0 && self.duration <= MAX_SECONDS && (0.0..=MAX_SECONDS).contains(&self.warmup),
             "duration must be positive and warmup not negative, both at most {MAX_SECONDS} s (a week)"
@@ -332,6 +361,10 @@ pub struct RunResult {
     /// (quantile, µs) of all operations, for the plot.
     #[serde(skip)]
     pub curve: Vec<(f64, f64)>,
+    /// Where each thread's inserts stopped, by thread: a next run against
+    /// the same store continues there (`RunConfig::inserts`).
+    #[serde(skip)]
+    pub inserts: Vec<InsertState>,
 }
 
 impl RunResult {
@@ -571,23 +604,31 @@ impl Gen {
             })
             .collect();
         let seed = thread_seed(&cfg, thread);
-        // The first record past the loaded ones in this thread's residue class.
+        // The first record past the loaded ones in this thread's residue
+        // class, or where an earlier run's inserts stopped.
         let first_insert = cfg.records + (thread as u64 + threads - cfg.records % threads) % threads;
+        let at =
+            cfg.inserts.get(thread).copied().unwrap_or(InsertState { next: first_insert, newest: cfg.records - 1 });
         Gen {
             kind,
             topo,
             rng: RefCell::new(fastrand::Rng::with_seed(seed)),
             keys: RefCell::new(KeyChooser::new(cfg.dist, cfg.records, cfg.theta)),
-            // Without a load, Gyre's records are read once to learn their
+            // Without a load, Gyre's records (with those this thread
+            // inserted in earlier runs) are read once to learn their
             // contexts (see `Source::Load`); Redis needs nothing.
             source: RefCell::new(Source::Load {
                 next: thread as u64,
                 step: threads,
-                end: if cfg.load || kind == Kind::Gyre { cfg.records } else { 0 },
+                end: match (cfg.load, kind) {
+                    (true, _) => cfg.records,
+                    (false, Kind::Gyre) => at.next,
+                    (false, Kind::Redis) => 0,
+                },
                 prime: !cfg.load,
             }),
-            inserts: RefCell::new(InsertFrontier::new(cfg.records - 1, first_insert, threads)),
-            next_insert: Cell::new(first_insert),
+            inserts: RefCell::new(InsertFrontier::new(at.newest, at.next, threads)),
+            next_insert: Cell::new(at.next),
             contexts: RefCell::new(Contexts::new()),
             key: RefCell::new(Vec::with_capacity(24)),
             slots,
@@ -987,6 +1028,7 @@ struct Timeline {
 struct ThreadOut {
     stats: Stats,
     load_done: Option<Instant>,
+    inserts: InsertState,
 }
 
 /// Connections per thread and endpoint: connection `c` goes to endpoint
@@ -1132,7 +1174,8 @@ fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Time
         gen.time_out_the_rest(Instant::now());
     }
     let stats = gen.stats.take();
-    Ok(ThreadOut { stats, load_done: cfg.load.then_some(load_done) })
+    let inserts = InsertState { next: gen.next_insert.get(), newest: gen.inserts.borrow().newest() };
+    Ok(ThreadOut { stats, load_done: cfg.load.then_some(load_done), inserts })
 }
 
 impl Default for Stats {
@@ -1143,9 +1186,6 @@ impl Default for Stats {
 
 /// Runs `cfg` against `target` and returns what it measured.
 pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
-    cfg.validate()?;
-    let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
-    let target = &target.as_run(&topo);
     let mut cfg = cfg.clone();
     // A closed loop's operations are split exactly between its threads
     // (`closed_share`); a thread beyond `connections` would make a
@@ -1153,6 +1193,10 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     if let Mode::Closed { .. } = cfg.mode {
         cfg.threads = cfg.threads.min(cfg.connections);
     }
+    // After the cap: `inserts` has one entry per thread that runs.
+    cfg.validate()?;
+    let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
+    let target = &target.as_run(&topo);
     let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
     let cfg = Arc::new(cfg);
     let windows: Vec<Arc<Mutex<Window>>> = (0..cfg.threads).map(|_| Arc::new(Mutex::new(Window::new()))).collect();
@@ -1194,13 +1238,17 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     });
     let mut stats = Stats::new();
     let mut load_done: Option<Instant> = None;
+    let mut inserts = Vec::new();
     for o in outs {
         let o = o?;
         stats.add(&o.stats);
         load_done = load_done.max(o.load_done);
+        inserts.push(o.inserts);
     }
     anyhow::ensure!(stats.load_errors == 0, "{} load writes failed: {:?}", stats.load_errors, stats.first_error);
-    Ok(summarize(target, &topo, &cfg, stats, points, cpu, load_done.map(|d| (d - started).as_secs_f64())))
+    let mut r = summarize(target, &topo, &cfg, stats, points, cpu, load_done.map(|d| (d - started).as_secs_f64()));
+    r.inserts = inserts;
+    Ok(r)
 }
 
 /// Samples the threads' windows every interval until they finish: the
@@ -1346,6 +1394,7 @@ fn summarize(
         generator_cpu_percent: cpu[0],
         machine_busy_percent: cpu[1],
         curve,
+        inserts: Vec::new(),
     }
 }
 
@@ -1400,6 +1449,7 @@ mod tests {
             threads: 1,
             seed: 1,
             progress: false,
+            inserts: Vec::new(),
         }
     }
 
@@ -1434,13 +1484,16 @@ mod tests {
         week.validate().unwrap();
     }
 
-    /// A generator of thread 0 over a lone two-shard node, connected to
-    /// nothing: what it dispatches stays in its slots' queues.
-    fn offline(cfg: RunConfig, source: Source) -> Gen {
+    /// A generator of thread 0 over a lone two-shard Gyre node, connected
+    /// to nothing: what it dispatches stays in its slots' queues. It starts
+    /// in its load phase; `mix` skips that.
+    fn offline(cfg: RunConfig, mix: bool) -> Gen {
         let addr = "127.0.0.1:7700".parse().unwrap();
         let topo = Arc::new(Topology::single(Kind::Gyre, addr, &[7700, 7701], 64));
         let gen = Gen::new(Kind::Gyre, topo, Arc::new(cfg), 0, &[0, 1], Arc::new(Mutex::new(Window::new())));
-        *gen.source.borrow_mut() = source;
+        if mix {
+            *gen.source.borrow_mut() = Source::Mix;
+        }
         gen
     }
 
@@ -1470,7 +1523,7 @@ mod tests {
         // in order or reversed; returns (op, record, PUT size, due time)
         // in generation (due) order.
         let run = |every: usize, reversed: bool| {
-            let gen = offline(cfg.clone(), Source::Mix);
+            let gen = offline(cfg.clone(), true);
             let mut schedule = Schedule::new(Arrival::Poisson, 1000.0, 0.0, &mut fastrand::Rng::with_seed(9));
             let mut sent = Vec::new();
             let send = |sent: &mut Vec<(Op, u64, usize, Instant)>| {
@@ -1508,67 +1561,112 @@ mod tests {
     }
 
     /// The length of the first whole RESP command (an array of bulk
-    /// strings) in `buf`, and whether it is a GET.
-    fn resp_command(buf: &[u8]) -> Option<(usize, bool)> {
+    /// strings) in `buf`, and its arguments.
+    fn resp_command(buf: &[u8]) -> Option<(usize, Vec<Vec<u8>>)> {
         // A `*N` or `$N` header at `at`: N, and where what follows starts.
         let header = |at: usize| -> Option<(usize, usize)> {
             let eol = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
             Some((std::str::from_utf8(buf.get(at + 1..eol)?).ok()?.parse().ok()?, eol + 2))
         };
         let (n, mut at) = header(0)?;
-        let mut get = false;
-        for i in 0..n {
+        let mut args = Vec::new();
+        for _ in 0..n {
             let (len, from) = header(at)?;
-            let arg = buf.get(from..from + len + 2)?;
-            get |= i == 0 && &arg[..len] == b"GET";
+            args.push(buf.get(from..from + len + 2)?[..len].to_vec());
             at = from + len + 2;
         }
-        Some((at, get))
+        Some((at, args))
     }
 
     /// A Redis stand-in that answers each connection's commands in order,
-    /// one per `delay`; returns its address and the most commands it held
-    /// unanswered at once, over all connections (counted down before a
-    /// reply is written, so never more than the generator had outstanding).
-    fn slow_redis(delay: Duration) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::io::{Read, Write};
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (most, now) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let m = most.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let Ok(mut out) = stream.try_clone() else { return };
-                let (most, now, held) = (m.clone(), now.clone(), now.clone());
-                let (tx, rx) = std::sync::mpsc::channel::<bool>();
-                std::thread::spawn(move || {
-                    for get in rx {
-                        std::thread::sleep(delay);
-                        held.fetch_sub(1, SeqCst);
-                        let reply: &[u8] = if get { b"$-1\r\n" } else { b"+OK\r\n" };
-                        if out.write_all(reply).is_err() {
+    /// one per `delay`. A GET finds a key if it was SET before or is one of
+    /// the first `loaded` records (as if loaded).
+    struct FakeRedis {
+        addr: SocketAddr,
+        loaded: u64,
+        /// Commands held unanswered now, and the most at once, over all
+        /// connections (counted down before a reply is written, so never
+        /// more than the generator had outstanding).
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+        /// Keys SET so far, and SETs of a key already set.
+        set: Mutex<std::collections::HashSet<Vec<u8>>>,
+        set_again: std::sync::atomic::AtomicU64,
+    }
+
+    impl FakeRedis {
+        fn start(delay: Duration, loaded: u64) -> Arc<FakeRedis> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let fake = Arc::new(FakeRedis {
+                addr: listener.local_addr().unwrap(),
+                loaded,
+                now: Default::default(),
+                most: Default::default(),
+                set: Default::default(),
+                set_again: Default::default(),
+            });
+            let f = fake.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { return };
+                    f.serve(stream, delay);
+                }
+            });
+            fake
+        }
+
+        /// One connection: a reader that answers each command as it comes
+        /// in, and a writer that sends the answers one per `delay`.
+        fn serve(self: &Arc<Self>, mut stream: std::net::TcpStream, delay: Duration) {
+            use std::io::{Read, Write};
+            use std::sync::atomic::Ordering::SeqCst;
+            let Ok(mut out) = stream.try_clone() else { return };
+            let (tx, rx) = std::sync::mpsc::channel::<&'static [u8]>();
+            let (f, g) = (self.clone(), self.clone());
+            std::thread::spawn(move || {
+                for reply in rx {
+                    std::thread::sleep(delay);
+                    g.now.fetch_sub(1, SeqCst);
+                    if out.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some((len, args)) = resp_command(&buf) {
+                        buf.drain(..len);
+                        f.most.fetch_max(f.now.fetch_add(1, SeqCst) + 1, SeqCst);
+                        if tx.send(f.answer(&args)).is_err() {
                             return;
                         }
                     }
-                });
-                std::thread::spawn(move || {
-                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
-                    while let Ok(n @ 1..) = stream.read(&mut chunk) {
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some((len, get)) = resp_command(&buf) {
-                            buf.drain(..len);
-                            most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
-                            if tx.send(get).is_err() {
-                                return;
-                            }
-                        }
+                }
+            });
+        }
+
+        fn answer(&self, args: &[Vec<u8>]) -> &'static [u8] {
+            let mut set = self.set.lock().unwrap();
+            match args {
+                [cmd, key, _] if cmd == b"SET" => {
+                    if !set.insert(key.clone()) {
+                        self.set_again.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
-                });
+                    b"+OK\r\n"
+                }
+                [cmd, key] if cmd == b"GET" => {
+                    let record = key.strip_prefix(b"user").and_then(|n| std::str::from_utf8(n).ok()?.parse().ok());
+                    if set.contains(key) || record.is_some_and(|r: u64| r < self.loaded) {
+                        b"$1\r\nx\r\n"
+                    } else {
+                        b"$-1\r\n"
+                    }
+                }
+                _ => b"-ERR unknown command\r\n",
             }
-        });
-        (addr, most)
+        }
     }
 
     /// Found by a review: with several threads a closed loop kept more
@@ -1583,16 +1681,56 @@ mod tests {
             assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1, "{shares:?}");
         }
         for (connections, depth) in [(1, 1), (3, 1)] {
-            let (addr, most) = slow_redis(Duration::from_millis(50));
+            let fake = FakeRedis::start(Duration::from_millis(50), 0);
             let mut cfg = config();
             cfg.mode = Mode::Closed { depth };
             (cfg.connections, cfg.threads, cfg.load) = (connections, 2, false);
             (cfg.warmup, cfg.duration, cfg.interval) = (0.0, 0.5, 0.25);
-            let r = run(&Target::parse(&format!("redis://{addr}")).unwrap(), &cfg).unwrap();
+            let r = run(&Target::parse(&format!("redis://{}", fake.addr)).unwrap(), &cfg).unwrap();
             assert!(r.ops > 0, "{r:?}");
-            let most = most.load(std::sync::atomic::Ordering::SeqCst);
+            let most = fake.most.load(std::sync::atomic::Ordering::SeqCst);
             assert!((1..=connections * depth).contains(&most), "{connections} × {depth}: {most} outstanding");
         }
+    }
+
+    /// Found by a review: every run's inserts started at `records`, so a
+    /// capacity search's later probes (no load phase) inserted the records
+    /// an earlier probe had inserted. Runs that continue where the one
+    /// before stopped write only new records, and `latest` reads only
+    /// records that exist.
+    #[test]
+    fn inserts_continue_where_the_run_before_stopped() {
+        let fake = FakeRedis::start(Duration::ZERO, 100);
+        let target = Target::parse(&format!("redis://{}", fake.addr)).unwrap();
+        let mut cfg = config();
+        cfg.mix = Mix { read: 0.5, update: 0.0, insert: 0.5, rmw: 0.0 };
+        (cfg.dist, cfg.load, cfg.threads, cfg.connections) = (KeyDist::Latest, false, 2, 4);
+        cfg.mode = Mode::Open { arrival: Arrival::Poisson, rate: 1000.0 };
+        (cfg.warmup, cfg.duration, cfg.interval) = (0.0, 0.3, 0.1);
+        let mut inserted = 0;
+        for probe in 0..3 {
+            let r = run(&target, &cfg).unwrap();
+            assert_eq!(r.inserts.len(), 2);
+            let set = fake.set.lock().unwrap().len();
+            assert!(set > inserted, "probe {probe} inserted nothing");
+            inserted = set;
+            assert_eq!(fake.set_again.load(std::sync::atomic::Ordering::SeqCst), 0, "probe {probe} rewrote records");
+            assert_eq!((r.errors, r.read_misses), (0, 0), "probe {probe} read records that are not there");
+            cfg.inserts = r.inserts;
+        }
+        // On Gyre, a run without a load reads every record once first to
+        // learn its context: the ones its thread inserted before too.
+        let mut primed = config();
+        primed.load = false;
+        primed.inserts = vec![InsertState { next: 150, newest: 149 }];
+        let gen = offline(primed, false);
+        while gen.dispatch(Instant::now()) {}
+        let mut read: Vec<u64> = gen.slots.iter().flat_map(|s| s.queue.take()).map(|r| r.record).collect();
+        read.sort_unstable();
+        assert_eq!(read, (0..150).collect::<Vec<u64>>());
+        // What does not continue a run of these threads is refused.
+        cfg.threads = 3;
+        assert!(cfg.validate().unwrap_err().to_string().contains("inserts"));
     }
 
     /// Found by a review: operations timed out after the run went into
@@ -1600,7 +1738,7 @@ mod tests {
     /// nothing on the latency-over-time plot.
     #[test]
     fn timeouts_reach_the_time_series() {
-        let gen = offline(config(), Source::Mix);
+        let gen = offline(config(), true);
         let start = Instant::now();
         gen.measure.set(Some((start, start + Duration::from_secs(1))));
         let req = |op, intended| Req { op, record: 1, size: 10, intended, follow: None, attempt: 0, load: false };

@@ -248,6 +248,9 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         // The target as it ran, once a probe has (a lone node asked for
         // server routing runs, and is named, without it).
         let mut label = t.label();
+        // Each probe inserts past the records the ones before inserted (a
+        // probe that failed leaves no word of where its inserts got).
+        let mut inserts = Vec::new();
         while let Some(rate) = search.next() {
             // Too low a rate to collect the samples within the longest
             // probe: no verdict is possible there, and a miss would only
@@ -277,6 +280,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
             cfg.duration = file.capacity.probe_duration.max((needed / rate).min(MAX_PROBE_SECONDS));
             cfg.progress = !args.quiet;
             cfg.load = load;
+            cfg.inserts.clone_from(&inserts);
             let r = match harness::run(t, &cfg) {
                 Ok(r) => r,
                 // Before any probe ran the target is not there (or not
@@ -304,6 +308,7 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
             };
             load = false;
             label.clone_from(&r.target);
+            inserts.clone_from(&r.inserts);
             let (verdicts, held) = sla::judge(&file.limits, &r);
             let pass = held && !verdicts.iter().any(|v| v.too_few_samples);
             let l = r.latency_of("all").cloned().unwrap_or_default();

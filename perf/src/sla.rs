@@ -284,6 +284,7 @@ impl SlaFile {
             threads: r.threads,
             seed: r.seed,
             progress: true,
+            inserts: Vec::new(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -969,6 +970,7 @@ mod tests {
             generator_cpu_percent: None,
             machine_busy_percent: None,
             curve: Vec::new(),
+            inserts: Vec::new(),
         }
     }
 
