@@ -340,31 +340,67 @@ pub fn spawn_background(engine: &DiskEngine, stop: &Stop, compact_every: Duratio
 mod tests {
     use super::*;
 
+    /// `f`'s output, or `None` if it is not done within 10 s: a wait the
+    /// test makes fails, rather than hangs, if nothing ends it.
+    async fn within<T>(f: impl Future<Output = T>) -> Option<T> {
+        futures_lite::future::or(async { Some(f.await) }, async {
+            glommio::timer::sleep(Duration::from_secs(10)).await;
+            None
+        })
+        .await
+    }
+
     /// `Stop::stop` ends a task at its wait (here one that would never
     /// end) but lets the work under way finish: a task cancelled in a
-    /// flush left its write in flight (found by a review).
+    /// flush left its write in flight (found by a review). One task is
+    /// waiting when the stop comes, another is in the middle of its work;
+    /// channels, not timers, put them there. (Found by a review: the
+    /// check sat in a detached task, on a wait that could only end with
+    /// `None` or hang, and the one task had finished its work, by a timer,
+    /// before it waited, so no wait was ever under way at the stop.)
     #[test]
     fn stop_ends_waits_but_never_cuts_work_short() {
+        use glommio::channels::local_channel;
         run_executor("stop-test", None, async {
             let stop = Stop::default();
-            let done = Rc::new(Cell::new(false));
-            let (s, d) = (stop.clone(), done.clone());
-            let task = glommio::spawn_local(async move {
-                // Work, not under `or_stopped`: a flush, say.
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                d.set(true);
-                // Then waiting for more work that never comes.
-                assert!(s.or_stopped(std::future::pending::<()>()).await.is_none());
+            // Waiting for work that never comes.
+            let (waiting_tx, waiting) = local_channel::new_bounded(1);
+            let waited = Rc::new(Cell::new(None));
+            let (s, w) = (stop.clone(), waited.clone());
+            let waiter = glommio::spawn_local(async move {
+                // Received once this task is parked in the wait below (it
+                // gives way nowhere before).
+                waiting_tx.try_send(()).expect("room for one");
+                w.set(Some(s.or_stopped(std::future::pending::<()>()).await));
             })
             .detach();
-            stop.tasks.borrow_mut().push(task);
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-            let started = std::time::Instant::now();
-            stop.stop().await;
-            assert!(done.get(), "the stop cut the work short");
-            assert!(started.elapsed() < Duration::from_secs(2), "the wait did not end");
+            // Working (a flush, say, not under `or_stopped`) until the
+            // test lets it finish, once the stop has begun.
+            let (go_tx, go) = local_channel::new_bounded(1);
+            let (working_tx, working) = local_channel::new_bounded(1);
+            let done_after_stop = Rc::new(Cell::new(None));
+            let (s, d) = (stop.clone(), done_after_stop.clone());
+            let worker = glommio::spawn_local(async move {
+                working_tx.try_send(()).expect("room for one");
+                go.recv().await.expect("the test lets the work finish");
+                d.set(Some(s.stopping.get()));
+                // Then waiting for more work: ends at once, stopped.
+                s.or_stopped(std::future::pending::<()>()).await;
+            })
+            .detach();
+            stop.tasks.borrow_mut().extend([waiter, worker]);
+            within(waiting.recv()).await.flatten().expect("the waiting task started");
+            within(working.recv()).await.flatten().expect("the working task started");
+            let stopped = within(futures_lite::future::zip(stop.stop(), async {
+                let _ = go_tx.send(()).await;
+            }))
+            .await;
+            assert!(stopped.is_some(), "the stop did not end the tasks' waits within 10 s");
+            assert_eq!(waited.get(), Some(None), "the wait under way ends, stopped");
+            assert_eq!(done_after_stop.get(), Some(true), "the stop cut the work short (or came after it)");
             // A wait that begins after the stop ends at once.
-            assert!(stop.or_stopped(std::future::pending::<()>()).await.is_none());
+            let late = within(stop.or_stopped(std::future::pending::<()>())).await;
+            assert_eq!(late, Some(None), "a wait begun after the stop did not end");
         })
         .unwrap();
     }
