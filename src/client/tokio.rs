@@ -1372,19 +1372,38 @@ mod tests {
         assert_eq!(ops, [crate::wire::op::GET, crate::wire::op::GET, crate::wire::op::PUT]);
     }
 
+    /// Found by a review: the check that nothing was sent sat in a detached
+    /// task, so its panic was lost. The fake node now returns every frame
+    /// it read after the handshake, up to the client's close; a valid GET
+    /// after the refused calls flushes anything they might have queued.
     #[tokio::test]
     async fn invalid_requests_are_refused_before_sending() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
+        let node = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             answer_ping(&mut s, port).await;
-            assert!(read_frame(&mut s).await.is_none(), "an invalid request was sent");
+            let frames = async {
+                let mut frames = Vec::new();
+                while let Some((h, body)) = read_frame(&mut s).await {
+                    if h.opcode == crate::wire::op::GET {
+                        s.write_all(&get_reply(h.request_id, b"v")).await.unwrap();
+                    }
+                    frames.push((h.opcode, body));
+                }
+                frames
+            };
+            tokio::time::timeout(Duration::from_secs(10), frames).await
         });
         let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(2000)).await.unwrap();
         assert!(matches!(client.get(b"").await, Err(ClientError::Invalid(_))));
         let long = Context(vec![0; crate::core::version::MAX_CONTEXT_LEN + 1]);
         assert!(matches!(client.delete(b"k", &long).await, Err(ClientError::Invalid(_))));
+        assert_eq!(client.get(b"k").await.expect("a valid GET").values, vec![b"v".to_vec()]);
+        drop(client);
+        let frames = node.await.unwrap().expect("the client closed its connection when dropped");
+        let requests: Vec<_> = frames.iter().map(|(op, body)| Request::decode(*op, body)).collect();
+        assert!(matches!(requests[..], [Ok(Request::Get { key: b"k" })]), "sent after the handshake: {requests:?}");
     }
 
     /// Found by a review: a refresh that brought a new N (or R, W) with
