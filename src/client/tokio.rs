@@ -1172,16 +1172,19 @@ mod tests {
     async fn a_read_caught_by_another_callers_silence_is_retried_on_a_new_connection() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let first_got = Arc::new(AtomicUsize::new(0));
-        let on_first = first_got.clone();
+        // The keys the first connection got, as it gets them.
+        let (on_first, mut first_got) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             // The first connection goes silent after the handshake; every
             // later one answers its GETs.
             let (mut first, _) = l.accept().await.unwrap();
             answer_ping(&mut first, port).await;
             tokio::spawn(async move {
-                while read_frame(&mut first).await.is_some() {
-                    on_first.fetch_add(1, Ordering::SeqCst);
+                while let Some((h, body)) = read_frame(&mut first).await {
+                    match Request::decode(h.opcode, &body) {
+                        Ok(Request::Get { key }) => drop(on_first.send(key.to_vec())),
+                        other => panic!("the first connection got {other:?}"),
+                    }
                 }
             });
             while let Ok((mut s, _)) = l.accept().await {
@@ -1194,22 +1197,35 @@ mod tests {
                 });
             }
         });
-        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(400)).await.unwrap();
+        let timeout = Duration::from_secs(4);
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(4000)).await.unwrap();
         let a = tokio::spawn({
             let c = client.clone();
             async move { c.get(b"a").await }
         });
-        // B is sent on the same connection while A waits, and is still
-        // waiting when A's timeout closes it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let started = Instant::now();
-        let b = client.get(b"b").await;
-        let took = started.elapsed();
+        assert_eq!(
+            tokio::time::timeout(timeout * 2, first_got.recv()).await.ok().flatten().as_deref(),
+            Some(&b"a"[..]),
+            "A on the first connection"
+        );
+        // B goes out on the same connection half A's timeout after A: it
+        // is still waiting when A's timeout closes the connection, with
+        // half its own time left for the retry.
+        tokio::time::sleep(timeout / 2).await;
+        let b = tokio::spawn({
+            let c = client.clone();
+            async move {
+                let started = Instant::now();
+                (c.get(b"b").await, started.elapsed())
+            }
+        });
+        // Not a pass by luck: B went out on the silent connection too,
+        // before A's timeout closed it (the retry then on a new one).
+        let b_on_first = tokio::time::timeout(timeout * 2, first_got.recv()).await.ok().flatten();
+        assert_eq!(b_on_first.as_deref(), Some(&b"b"[..]), "B not on the first connection before A's timeout");
         assert!(matches!(a.await.unwrap(), Err(ClientError::Timeout { .. })), "A's own time ran out");
+        let (b, took) = b.await.unwrap();
         assert_eq!(b.unwrap_or_else(|e| panic!("B failed after {took:?}: {e}")).values, vec![b"v".to_vec()]);
-        // Not a pass by luck: B went out on the silent connection too (the
-        // retry then on a new one).
-        assert_eq!(first_got.load(Ordering::SeqCst), 2, "A and B on the first connection");
     }
 
     /// A write that timed out on a replica puts that replica last for a
