@@ -492,8 +492,9 @@ fn a_connection_the_node_closed_while_idle_is_not_reused() {
     let writes = Arc::new(AtomicUsize::new(0));
     let seen = writes.clone();
     // Every connection is closed after its first reply (the PING's, for
-    // the client's first one).
-    let addr = scripted_node(l, move |id, req| {
+    // the client's first one); `closed` hears of each close.
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    let answer = move |id, req: Request<'_>| {
         if let Request::Put { .. } = req {
             seen.fetch_add(1, Ordering::SeqCst);
         }
@@ -505,18 +506,25 @@ fn a_connection_the_node_closed_while_idle_is_not_reused() {
             other => panic!("fake node got {other:?}"),
         };
         Then::ReplyAndClose(reply)
-    });
+    };
+    let addr = scripted_node_telling_closes(l, answer, Some(closed_tx));
     let config = server_routed();
     let mut client = Client::connect_with(&addr.to_string(), config).expect("connect");
-    // The node's side closes each connection once its reply is written.
-    let idle = Duration::from_millis(100);
-    thread::sleep(idle);
+    // Each call comes once the node has closed the connection the last
+    // one used (found by a review: a 100 ms sleep stood for that), and its
+    // end of stream has crossed loopback (within the close; a millisecond
+    // more for a busy machine, as in the test below).
+    let wait_for_close = || {
+        closed.recv_timeout(Duration::from_secs(5)).expect("the node closes the connection");
+        thread::sleep(Duration::from_millis(1));
+    };
+    wait_for_close();
     client.put(b"k", b"v", &Context::default()).expect("sent on a new connection");
     assert_eq!(writes.load(Ordering::SeqCst), 1);
-    thread::sleep(idle);
+    wait_for_close();
     let many = client.get_many(&[b"k"]).expect("get_many on a new connection");
     assert!(many.iter().all(|r| r.as_ref().is_ok_and(|v| v.values == [b"v".to_vec()])), "{many:?}");
-    thread::sleep(idle);
+    wait_for_close();
     assert_eq!(client.stats(0).expect("stats on a new connection"), "{}");
 }
 
