@@ -288,8 +288,14 @@ fn never_policy_writes_through_the_ticker() {
         gyre::shell::spawn_background(&engine, &stop, Duration::from_secs(3600));
         engine.put(b"k", b"", b"v", 0).await.unwrap();
         assert_eq!(engine.stats().flushes, 0, "acknowledged without I/O");
-        glommio::timer::sleep(Duration::from_millis(100)).await;
-        assert!(engine.stats().flushes >= 1, "the ticker wrote the buffer");
+        // The ticker's first tick is 10 ms away: polled until it has
+        // written, with a deadline far past that (found by a review: one
+        // 100 ms sleep was all a loaded machine got).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while engine.stats().flushes == 0 && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(engine.stats().flushes >= 1, "the ticker wrote nothing within 10 s");
         stop.stop().await;
         drop(engine);
         // Stopping released every engine clone: the directory lock is free.
