@@ -186,8 +186,11 @@ fn a_locked_directory_is_refused() {
 /// tasks: a timer set by another task has to fire while the yielding loop
 /// goes on. A zero timer never yielded at all (the loop below hit its cap
 /// without the other task ever running), and a plain `yield_now` lets the
-/// reactor poll only at the 100 ms preemption timer, by when the loop has
-/// made far more than the cap's iterations.
+/// reactor poll only at the executor's preemption timer. That timer is an
+/// hour away here (found by a review: at glommio's default of 100 ms, a
+/// machine slow enough to take that long for the cap's iterations let the
+/// timer fire anyway, and the test passed with a plain `yield_now`), so
+/// only a yield that lets the reactor run can end the loop before its cap.
 #[test]
 fn yield_now_lets_timers_fire_while_background_work_loops() {
     use gyre::storage::backend::glommio::GlommioBackend;
@@ -196,7 +199,14 @@ fn yield_now_lets_timers_fire_while_background_work_loops() {
     use std::rc::Rc;
 
     const CAP: u32 = 100_000;
-    let iterations = in_fresh_dir(|path| async move {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("yield-test")
+        .preempt_timer(Duration::from_secs(3600))
+        .make()
+        .expect("a glommio executor");
+    let iterations = executor.run(async move {
         let backend = GlommioBackend::open(&path).await.unwrap();
         let fired = Rc::new(Cell::new(false));
         let f = fired.clone();
