@@ -40,6 +40,30 @@ fn refused_for_space(result: &Result<u64, StorageError>) -> bool {
     matches!(result, Err(StorageError::DiskFull(why)) if why.contains("reserve kept for compaction"))
 }
 
+/// Prints its seed, and the call that replays it as a named test, if the
+/// run it guards panics: many failures deep in a run (an `expect` on
+/// `open`, `get`, `compact`, `close` or `sync`, an `unwrap`) name no seed
+/// themselves (found by a review). Made at the top of each run of one seed.
+struct SeedGuard {
+    seed: u64,
+    /// The call that runs this seed alone.
+    replay: String,
+}
+
+impl SeedGuard {
+    fn new(seed: u64, replay: String) -> SeedGuard {
+        SeedGuard { seed, replay }
+    }
+}
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("seed {} failed; pin it as a named test that calls `{}`", self.seed, self.replay);
+        }
+    }
+}
+
 async fn open(backend: &MemBackend, config: &EngineConfig) -> Engine<MemBackend> {
     let (engine, report) = Engine::open(backend.clone(), config.clone()).await.expect("open");
     assert!(report.corruptions.is_empty(), "unexpected corruption: {report:?}");
@@ -73,6 +97,7 @@ fn run_model(seed: u64, fsync: FsyncPolicy, steps: usize) {
 /// for space leave the model as it was. Returns how many were refused,
 /// and how many writes were taken after the first refusal.
 fn run_model_on(seed: u64, fsync: FsyncPolicy, steps: usize, capacity: Option<u64>) -> (u64, u64) {
+    let _guard = SeedGuard::new(seed, format!("run_model_on({seed}, FsyncPolicy::{fsync:?}, {steps}, {capacity:?})"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let config = tiny_config(fsync);
     let backend = MemBackend::new();
@@ -204,6 +229,7 @@ fn model_runs_seal_compact_and_drop_tombstones() {
 /// After a power cut with torn writes, the recovered state is the state
 /// after some prefix of the writes that includes everything synced.
 fn run_torn_prefix(seed: u64) {
+    let _guard = SeedGuard::new(seed, format!("run_torn_prefix({seed})"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let config = tiny_config(FsyncPolicy::Never);
     let backend = MemBackend::new();
@@ -995,6 +1021,10 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCoun
 /// write what it buffered). Without it the random draws are the same as
 /// before the option existed, so pinned seeds stay what they were.
 fn run_chaos_with(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCounts, full_disk: bool) {
+    let _guard = SeedGuard::new(
+        seed,
+        format!("run_chaos_with({seed}, FsyncPolicy::{fsync:?}, {steps}, &mut ChaosCounts::default(), {full_disk})"),
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     // Larger values than the other model tests' (in the same 20 KiB
     // segments): a run restarts every hundred steps or so, and each stretch
