@@ -713,7 +713,28 @@ impl Sim {
     }
 }
 
+/// Prints the mode and seed of a run that panics (inside `Sim::run`, say,
+/// where a failure is not one of the run's own errors, which name them):
+/// the panic alone named neither (found by a review).
+struct SeedGuard {
+    mode: Mode,
+    seed: u64,
+}
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let (mode, seed) = (self.mode, self.seed);
+            eprintln!(
+                "{mode:?} seed {seed} failed (GYRE_SIM_SEED={seed} runs it alone; pin it as a named test that calls \
+                 `run_seed(Mode::{mode:?}, {seed})`)"
+            );
+        }
+    }
+}
+
 fn run_seed(mode: Mode, seed: u64) -> Result<Summary, String> {
+    let _guard = SeedGuard { mode, seed };
     Sim::new(mode, seed).run().map_err(|e| format!("{mode:?} seed {seed} (GYRE_SIM_SEED={seed}): {e}"))
 }
 
