@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli, sorted, Cluster, ClusterSpec, Dev, GYRE};
+use common::{cli, eventually, sorted, Cluster, ClusterSpec, Dev, GYRE};
 use gyre::client::{Client, ClientConfig, ClientError, Connection, Context, Reply, Routing, Versions};
 use gyre::wire::{ErrorCode, Quorum, Request, ANY_SHARD};
 
@@ -38,18 +38,6 @@ fn get(c: &mut Client, key: &str) -> Versions {
 
 fn put(c: &mut Client, key: &str, value: &str, context: &Context) -> usize {
     c.put(key.as_bytes(), value.as_bytes(), context).unwrap_or_else(|e| panic!("put {key}: {e}")).siblings
-}
-
-/// Calls `f` until it succeeds, for at most `timeout`.
-fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {timeout:?}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 /// The default cluster, for tests that stop nodes: fsync always, so that

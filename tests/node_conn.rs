@@ -34,10 +34,10 @@ fn accepted(c: &mut Client) -> u64 {
 /// event. (A 2 ms sleep stood for it, which on a slow machine left the
 /// race these tests make untried; found by a review.)
 fn until_accepted(c: &mut Client, n: u64) {
-    let deadline = Instant::now() + NOTICE;
-    while accepted(c) < n {
-        assert!(Instant::now() < deadline, "the node did not accept connection {n}");
-    }
+    common::eventually(&format!("the node accepting connection {n}"), NOTICE, || match accepted(c) {
+        a if a >= n => Ok(()),
+        a => Err(format!("{a} accepted")),
+    });
 }
 
 #[test]
@@ -57,13 +57,12 @@ fn connections_that_hang_up_with_their_last_bytes_are_closed() {
         s.write_all(&frame[..3]).unwrap();
     }
     // Every one accepted, and all but the stats one closed.
-    let deadline = Instant::now() + NOTICE;
-    let mut state = (accepted(&mut stats), open_connections(&mut stats));
-    while state != (101, 1) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        state = (accepted(&mut stats), open_connections(&mut stats));
-    }
-    assert_eq!(state, (101, 1), "(accepted, open): only the stats connection should be open");
+    common::eventually("only the stats connection open, of 101 accepted", NOTICE, || {
+        match (accepted(&mut stats), open_connections(&mut stats)) {
+            (101, 1) => Ok(()),
+            state => Err(format!("(accepted, open) = {state:?}")),
+        }
+    });
 }
 
 #[test]
@@ -133,20 +132,12 @@ fn connections_past_the_limit_are_refused_with_a_reason_until_one_closes() {
     assert!(message.contains("at most 2"), "{message}");
     // Once one of the two closes, a new client is served.
     drop(held);
-    let deadline = Instant::now() + NOTICE;
-    loop {
-        let served = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default())
-            .and_then(|mut c| c.call(&Request::Ping, ANY_SHARD));
-        match served {
-            Ok(reply) => {
-                assert!(matches!(reply, Reply::Pong(_)), "{reply:?}");
-                break;
-            }
-            Err(e) if Instant::now() < deadline => drop(e),
-            Err(e) => panic!("still refused after the held connections closed: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let reply = common::eventually("a new client served once the held connections closed", NOTICE, || {
+        Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default())
+            .and_then(|mut c| c.call(&Request::Ping, ANY_SHARD))
+            .map_err(|e| e.to_string())
+    });
+    assert!(matches!(reply, Reply::Pong(_)), "{reply:?}");
 }
 
 /// The kernel timer of the node's side of the loopback connection whose

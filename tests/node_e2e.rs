@@ -360,11 +360,12 @@ fn acknowledged_writes_survive_kill_9() {
             })
         })
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while count.load(std::sync::atomic::Ordering::SeqCst) < 100 {
-        assert!(std::time::Instant::now() < deadline, "not 100 acknowledged writes in 60 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::eventually("100 acknowledged writes", Duration::from_secs(60), || {
+        match count.load(std::sync::atomic::Ordering::SeqCst) {
+            n if n >= 100 => Ok(()),
+            n => Err(format!("{n} so far")),
+        }
+    });
     // And a little more, so that the kill lands mid-stream.
     std::thread::sleep(Duration::from_millis(100));
     node.kill9();
@@ -999,11 +1000,14 @@ fn a_second_signal_makes_gyre_dev_kill_its_nodes_at_once() {
     common::signal(dev.child.id(), "TERM");
     // The second signal only once dev is stopping (it polls for the first
     // every 100 ms; one that came before would count as the first).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !dev.log().contains("gyre dev: stopping") {
-        assert!(std::time::Instant::now() < deadline, "gyre dev never began to stop: {}", dev.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually("gyre dev beginning to stop", Duration::from_secs(10), || {
+        let log = dev.log();
+        if log.contains("gyre dev: stopping") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     assert!(dev.child.try_wait().unwrap().is_none(), "gyre dev waits for the stopped node: {}", dev.log());
     common::signal(dev.child.id(), "INT");
     let status = common::wait_bounded(&mut dev.child, Duration::from_secs(6));
@@ -1075,11 +1079,12 @@ fn gyre_check_is_read_only_and_repair_keeps_the_spare_segment() {
     // Each shard keeps a spare segment ready (made again within seconds
     // once the first segment took the first spare).
     let spares: Vec<_> = ["shard-000", "shard-001"].iter().map(|s| data.join(s).join("spare-segment")).collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !spares.iter().all(|s| std::fs::metadata(s).is_ok_and(|m| m.len() == segment_size)) {
-        assert!(std::time::Instant::now() < deadline, "no spare segments: {:?}", snapshot(&data));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually("a spare segment in each shard", Duration::from_secs(30), || {
+        match spares.iter().all(|s| std::fs::metadata(s).is_ok_and(|m| m.len() == segment_size)) {
+            true => Ok(()),
+            false => Err(format!("{:?}", snapshot(&data))),
+        }
+    });
     node.kill9();
 
     let before = snapshot(&data);

@@ -686,6 +686,19 @@ impl Drop for Dev {
     }
 }
 
+/// Calls `f` until it succeeds (every 20 ms), for at most `timeout`: its
+/// value, or the test fails with `what` and `f`'s last error.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Shard 0's STATS through `c`, parsed.
 pub fn stats(c: &mut gyre::client::Client) -> serde_json::Value {
     serde_json::from_str(&c.stats(0).expect("STATS")).expect("STATS is JSON")
