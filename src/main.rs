@@ -994,7 +994,8 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
         let mut nodes = Vec::new();
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-            if gyre::node::config::node_data(&path)?.is_some() {
+            // One it cannot read is no member's (as a start sees it).
+            if gyre::node::config::node_data(&path).ok().flatten().is_some() {
                 nodes.push(path);
             }
         }

@@ -1177,6 +1177,28 @@ fn a_put_the_replicas_refuse_for_a_limit_names_the_limit() {
     assert_eq!(cluster.counter("n1", "quorum_failures"), 0, "neither is a quorum failure");
 }
 
+/// Restarts `name` on a cluster file that lists the members in reverse
+/// order, which gives it a ring that differs from the others'; returns
+/// the ring it had before and the one it has now.
+fn restart_on_reversed_file(cluster: &mut Cluster, name: &str) -> (gyre::client::RingView, gyre::client::RingView) {
+    let ring_of = |cluster: &Cluster| cluster.client(name, Routing::Client).ring().expect("ring").clone();
+    let before = ring_of(cluster);
+    cluster.stop(name);
+    let text = std::fs::read_to_string(&cluster.file).unwrap();
+    let (top, nodes) = text.split_once("\n[[nodes]]").expect("a cluster file with nodes");
+    let nodes: Vec<&str> = nodes.split("\n[[nodes]]").collect();
+    let reversed: String = nodes.iter().rev().map(|n| format!("\n[[nodes]]{n}")).collect();
+    std::fs::write(&cluster.file, format!("{top}{reversed}")).unwrap();
+    cluster.restart(name);
+    (before, ring_of(cluster))
+}
+
+/// The replicas of `key` by `view`'s ring, in preference order, by name.
+fn replicas_by(view: &gyre::client::RingView, key: &str) -> Vec<String> {
+    let prefs = view.ring.preference_list(view.ring.partition_of_key(key.as_bytes()), view.n as usize);
+    prefs.into_iter().map(|m| view.ring.member(m).name.clone()).collect()
+}
+
 /// Two members whose cluster files list the members in another order have
 /// different rings, and some keys each takes for the other's. A request
 /// relayed for such a key is refused (`RingMismatch`) where it lands, not
@@ -1185,24 +1207,11 @@ fn a_put_the_replicas_refuse_for_a_limit_names_the_limit() {
 #[test]
 fn a_request_relayed_to_a_member_with_another_ring_is_refused_not_relayed_back() {
     let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 1, r: 1, w: 1, ..Default::default() });
-    let ring_of = |cluster: &Cluster, name: &str| cluster.client(name, Routing::Client).ring().expect("ring").clone();
-    let before = ring_of(&cluster, "n1");
-    // n2 restarts on a file that lists it first: its ring differs from n1's.
-    cluster.stop("n2");
-    let text = std::fs::read_to_string(&cluster.file).unwrap();
-    let (top, nodes) = text.split_once("\n[[nodes]]").expect("a cluster file with nodes");
-    let nodes: Vec<&str> = nodes.split("\n[[nodes]]").collect();
-    assert_eq!(nodes.len(), 2, "{text}");
-    std::fs::write(&cluster.file, format!("{top}\n[[nodes]]{}\n[[nodes]]{}", nodes[1], nodes[0])).unwrap();
-    cluster.restart("n2");
-    let after = ring_of(&cluster, "n2");
-    let owner = |view: &gyre::client::RingView, key: &str| {
-        let me = view.ring.preference_list(view.ring.partition_of_key(key.as_bytes()), 1)[0];
-        view.ring.member(me).name.clone()
-    };
+    // n2's file lists it first: its ring differs from n1's.
+    let (before, after) = restart_on_reversed_file(&mut cluster, "n2");
     let crossed: Vec<String> = (0..10_000)
         .map(|i| format!("crossed-{i}"))
-        .filter(|k| owner(&before, k) == "n2" && owner(&after, k) == "n1")
+        .filter(|k| replicas_by(&before, k) == ["n2"] && replicas_by(&after, k) == ["n1"])
         .take(3)
         .collect();
     assert_eq!(crossed.len(), 3, "the two orders give rings that differ");
@@ -1216,7 +1225,26 @@ fn a_request_relayed_to_a_member_with_another_ring_is_refused_not_relayed_back()
     assert_eq!(cluster.counter("n2", "misrouted_relays"), 6, "n2 refused each relayed request once");
     assert_eq!(cluster.counter("n1", "misrouted_relays"), 0, "nothing came back to n1");
     // A key n1 owns by its own ring it coordinates itself, as before.
-    let own = (0..10_000).map(|i| format!("own-{i}")).find(|k| owner(&before, k) == "n1").expect("n1 owns keys");
+    let own = (0..10_000).map(|i| format!("own-{i}")).find(|k| replicas_by(&before, k) == ["n1"]).expect("a key");
     put(&mut c, &own, "v", &Context::default());
     assert_eq!(values(&mut c, &own), bytes(&["v"]));
+}
+
+/// A relay that a replica refuses with RingMismatch goes on to the next
+/// replica, which serves it (found by a review: the refusal was the answer,
+/// though a member whose ring agreed could serve the key).
+#[test]
+fn a_relay_refused_for_another_ring_goes_on_to_the_next_replica() {
+    let mut cluster = Cluster::start(ClusterSpec { nodes: 3, n: 2, r: 1, w: 1, ..Default::default() });
+    let (before, after) = restart_on_reversed_file(&mut cluster, "n3");
+    // n2 relays to n3 first, which does not replicate the key by its own
+    // ring; n1, second, does by both.
+    let key = (0..10_000)
+        .map(|i| format!("next-{i}"))
+        .find(|k| replicas_by(&before, k) == ["n3", "n1"] && !replicas_by(&after, k).contains(&"n3".to_string()))
+        .expect("a key the two rings place so");
+    let mut c = cluster.client("n2", Routing::Server);
+    put(&mut c, &key, "v", &Context::default());
+    assert_eq!(values(&mut c, &key), bytes(&["v"]));
+    assert!(cluster.counter("n3", "misrouted_relays") >= 1, "n3 refused the relay first");
 }

@@ -476,11 +476,16 @@ pub struct Window {
     pub read: Histogram<u64>,
     pub write: Histogram<u64>,
     pub errors: u64,
+    /// Of the operations in `all`, those that got no reply (timed out
+    /// after the run): their wait is latency to plot, but they are not
+    /// throughput (a review found a server that hung at the end shown as
+    /// a spike of every timeout as completed operations).
+    pub timed_out: u64,
 }
 
 impl Window {
     pub fn new() -> Window {
-        Window { all: histogram(), read: histogram(), write: histogram(), errors: 0 }
+        Window { all: histogram(), read: histogram(), write: histogram(), errors: 0, timed_out: 0 }
     }
 
     /// An operation of `op` that took `ns`: in `all`, and in `read` or
@@ -499,6 +504,7 @@ impl Window {
         self.read.add(&o.read).expect("same bounds");
         self.write.add(&o.write).expect("same bounds");
         self.errors += o.errors;
+        self.timed_out += o.timed_out;
     }
 }
 
@@ -776,6 +782,7 @@ impl Gen {
                 let ns = now.saturating_duration_since(req.intended).as_nanos() as u64;
                 w.record(req.op, ns);
                 w.errors += 1;
+                w.timed_out += 1;
                 if !self.measured(req.intended) {
                     continue;
                 }
@@ -1300,7 +1307,7 @@ fn monitor(
         let p = Point {
             t,
             span,
-            ops_per_sec: merged.all.len() as f64 / span,
+            ops_per_sec: (merged.all.len() - merged.timed_out) as f64 / span,
             errors: merged.errors,
             p50_us: q(&merged.all, 0.5),
             p99_us: q(&merged.all, 0.99),
@@ -1751,8 +1758,16 @@ mod tests {
         let w = gen.window.lock().unwrap();
         assert_eq!((w.all.len(), w.read.len(), w.write.len(), w.errors), (3, 1, 2, 3));
         assert!(w.all.min() >= DRAIN.as_nanos() as u64 * 999 / 1000, "recorded with what they waited");
+        drop(w);
         let stats = gen.stats.borrow();
         assert_eq!((stats.timeouts, stats.errors), (2, 2));
+        // Their point shows their wait and their errors, and no throughput
+        // (found by a review: all three counted as completed operations).
+        let tl = Timeline { run_from: start, measure_from: start, measure_to: start };
+        let (points, _) = monitor("t", &config(), &tl, std::slice::from_ref(&gen.window), || false);
+        let last = points.last().expect("a point for the timeouts");
+        assert_eq!((last.ops_per_sec, last.errors), (0.0, 3), "{last:?}");
+        assert!(last.p999_us.is_some_and(|us| us >= DRAIN.as_micros() as f64 * 0.999), "{last:?}");
     }
 
     #[test]

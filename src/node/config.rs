@@ -500,7 +500,10 @@ pub fn other_gyre_data(dir: &Path) -> anyhow::Result<Option<String>> {
         if name == "cluster.toml" {
             return Ok(Some("a cluster file (cluster.toml: a `gyre dev` directory?)".to_string()));
         }
-        if node_data(&entry.path())?.is_some() {
+        // A subdirectory this process cannot read (a mounted disk's
+        // `lost+found`) holds no node's data it could serve: not an
+        // error (found by a review: a first start on such a disk failed).
+        if node_data(&entry.path()).ok().flatten().is_some() {
             return Ok(Some(format!("a node's data directory ({name})")));
         }
     }

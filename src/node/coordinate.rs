@@ -329,10 +329,11 @@ impl Shard {
         }
         let key: Rc<[u8]> = key.into();
         let slot = outcome.clone();
+        let running = TaskCount::new(&self);
         glommio::spawn_local(async move {
+            let _running = running;
             let inbox = Rc::new(Inbox::default());
             let cs = self.cluster();
-            let _running = super::Gauged::new(&cs.counters.tasks_running);
             // The encoding of the last set sent: every replica of a put (and
             // of a read repair) gets the same set, encoded once.
             let mut encoded: Option<(Arc<VersionSet>, Rc<Encoded>)> = None;
@@ -354,9 +355,10 @@ impl Shard {
                         }
                     };
                     let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
+                    let running = repair.then(|| TaskCount::new(&self));
                     glommio::spawn_local(async move {
+                        let _running = running;
                         if repair {
-                            let _running = super::Gauged::new(&me.cluster().counters.tasks_running);
                             // Its own budget: the read's deadline may be
                             // (nearly) over (module doc).
                             let budget = Instant::now() + REPAIR_TIMEOUT;
@@ -510,8 +512,17 @@ impl Shard {
         };
         let order = coordinator_order(replicas, context);
         let mut last = String::new();
+        // A replica's RingMismatch: it did nothing, so the next replica is
+        // tried (found by a review: one member with another cluster file
+        // failed requests the others could serve); the refusal is the
+        // answer only if no replica serves.
+        let mut mismatch = None;
         for to in order {
             match cs.peers.call(to, req, quorum, deadline).await {
+                Ok(frame) if is_ring_mismatch(&frame) => {
+                    mismatch = Some(frame);
+                    last = format!("{} does not replicate the key by its own ring", cs.peers.name(to));
+                }
                 Ok(mut frame) => {
                     // Answer as if it were ours: the client's request id, and
                     // the flag that tells a ring-routing client to refresh.
@@ -533,6 +544,10 @@ impl Shard {
                 }
                 Err(e) => last = e.to_string(),
             }
+        }
+        if let Some(mut frame) = mismatch {
+            patch_reply(&mut frame, header.request_id, flags::STALE_ROUTE);
+            return frame;
         }
         bump(&cs.counters.quorum_failures, 1);
         self.error_frame(
@@ -584,5 +599,36 @@ fn refusal(code: ErrorCode) -> ReplicaFailure {
         ErrorCode::TooManySiblings => ReplicaFailure::OverLimit(Limit::Siblings),
         ErrorCode::ValueTooLarge => ReplicaFailure::OverLimit(Limit::Size),
         _ => ReplicaFailure::Refused,
+    }
+}
+
+/// One count in [`ClusterCounters::tasks_running`], taken before its task
+/// is spawned (a task not yet polled is running work too: a review found
+/// a coordinator's end could show 0 with its repair spawned and not yet
+/// polled) and given back when the task ends, however it ends.
+struct TaskCount(Rc<Shard>);
+
+impl TaskCount {
+    fn new(shard: &Rc<Shard>) -> TaskCount {
+        bump(&shard.cluster().counters.tasks_running, 1);
+        TaskCount(shard.clone())
+    }
+}
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        let gauge = &self.0.cluster().counters.tasks_running;
+        gauge.set(gauge.get() - 1);
+    }
+}
+
+/// Whether `frame` is an ERROR reply with code RingMismatch.
+fn is_ring_mismatch(frame: &[u8]) -> bool {
+    match split_frame(frame, MAX_BODY_LEN) {
+        Ok(Some((h, _))) => matches!(
+            Response::decode(h.opcode, &frame[HEADER_LEN..]),
+            Ok(Response::Error { code: ErrorCode::RingMismatch, .. })
+        ),
+        _ => false,
     }
 }
