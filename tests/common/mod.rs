@@ -490,8 +490,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// captured. One still running after `timeout` is killed and the test
 /// fails with what it wrote (found by a review: `output()` let a hung
 /// command, `gyre dev` with its nodes, hold a test for ever). Its
-/// children may keep its pipes open for a while after it: what they wrote
-/// by `timeout` is kept.
+/// children may keep its pipes open after it exits: what came within a
+/// second of that is kept.
 pub fn output_bounded(mut command: Command, stdin: &[u8], timeout: Duration) -> std::process::Output {
     use std::io::{Read, Write};
     let what = format!("{command:?}");
@@ -506,22 +506,35 @@ pub fn output_bounded(mut command: Command, stdin: &[u8], timeout: Duration) -> 
     std::thread::spawn(move || {
         let _ = input.write_all(&stdin);
     });
+    // Each pipe is read into a buffer shared with the test as it comes, so
+    // what was written is kept even while a child holds the pipe open
+    // (found by a review: a reader that handed its bytes over only at the
+    // end of the stream lost them all then).
     let reader = |mut from: Box<dyn Read + Send>| {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let bytes = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (kept, (tx, rx)) = (bytes.clone(), std::sync::mpsc::channel::<()>());
         std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = from.read_to_end(&mut bytes);
-            let _ = tx.send(bytes);
+            let mut chunk = [0u8; 8192];
+            loop {
+                match from.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => kept.lock().expect("output buffer").extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(());
         });
-        rx
+        (bytes, rx)
     };
     let stdout = reader(Box::new(child.stdout.take().expect("piped stdout")));
     let stderr = reader(Box::new(child.stderr.take().expect("piped stderr")));
-    let deadline = Instant::now() + timeout;
     let status = wait_bounded(&mut child, timeout);
-    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
-        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
-            .unwrap_or_default()
+    // The end of each stream, for up to a second more (a child of the
+    // command may hold it open): what came by then.
+    let collect = |(bytes, end): (std::sync::Arc<Mutex<Vec<u8>>>, std::sync::mpsc::Receiver<()>)| {
+        let _ = end.recv_timeout(Duration::from_secs(1));
+        std::mem::take(&mut *bytes.lock().expect("output buffer"))
     };
     match status {
         Some(status) => std::process::Output { status, stdout: collect(stdout), stderr: collect(stderr) },
@@ -732,19 +745,26 @@ impl Started {
 
     /// Waits until the node has stopped starting requests for a client
     /// that reads nothing, or has started `n`: how many it started.
-    /// Stopped is its STATS saying so: a reader waits for its client to
-    /// read (`readers_waiting`) and none of its requests still runs
-    /// (`requests_running`), so none starts until the client reads. (A
-    /// count that held for 300 ms read as stopped, and a slow machine's
-    /// pause ended the wait early; found by a review.)
+    /// Stopped is its STATS saying so twice running: a reader waits for
+    /// its client to read (`readers_waiting`), none of its requests still
+    /// runs (`requests_running`), and no reply was written since the look
+    /// before (`replies`: a writer that finishes a write lets the reader
+    /// start more), so none starts until the client reads. (A count that
+    /// held for 300 ms read as stopped, and a slow machine's pause ended
+    /// the wait early; found by a review.)
     pub fn until_held(&mut self, c: &mut gyre::client::Client, n: u64) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(10);
+        // The replies written at the last look, if it found the node held.
+        let mut held_at = None;
         loop {
             let (started, node) = self.now(c, 0);
+            let replies = node["replies"].as_u64().expect("a reply count");
             let held = node["readers_waiting"].as_u64().expect("a gauge") > 0 && node["requests_running"] == 0;
-            if held || started >= n {
+            // The STATS reply itself is written between two looks.
+            if (held && held_at == Some(replies - 1)) || started >= n {
                 return started;
             }
+            held_at = held.then_some(replies);
             assert!(Instant::now() < deadline, "the node neither stopped starting requests nor started all: {node}");
             std::thread::sleep(Duration::from_millis(20));
         }
