@@ -118,12 +118,19 @@ impl Target {
         Ok(Target { url: url.to_string(), name, kind, addr, routing })
     }
 
-    /// This target as it runs on `topo`: `?routing=server` applies to a
-    /// cluster only, and a lone node's run (routing `none`) is not named
-    /// server-driven (found by a review: the label said so while the
-    /// result's `routing` said `none`).
-    fn as_run(&self, topo: &Topology) -> Target {
-        Target { routing: topo.routing(), ..self.clone() }
+    /// Checks that this target can run as asked on `topo`:
+    /// `?routing=server` asks a cluster's nodes to coordinate, and a lone
+    /// node has none to route to. (Found by reviews: it ran as a plain run
+    /// labelled server-driven, then, relabelled, under the same label as
+    /// the plain target beside it.)
+    fn check_topology(&self, topo: &Topology) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !(self.routing == Routing::Server && topo.routing_name() == "none"),
+            "{}: ?routing=server needs a cluster, and {} is a lone node (drop ?routing=server)",
+            self.url,
+            self.addr
+        );
+        Ok(())
     }
 
     /// A short name for tables and plots: `gyre`, `gyre (server-driven)`, `redis`.
@@ -1050,13 +1057,23 @@ fn plan(endpoints: usize, connections: usize, threads: usize) -> Vec<Vec<usize>>
     per
 }
 
-/// Thread `thread`'s share of a closed loop's `total` outstanding
-/// operations: `total` split exactly, the first `total % threads` threads
-/// taking one more. (Each thread took `total / threads` rounded up, so
-/// that 2 threads kept 2 operations outstanding for 1 connection × depth
-/// 1; found by a review.)
-fn closed_share(total: usize, threads: usize, thread: usize) -> usize {
-    total / threads + usize::from(thread < total % threads)
+/// Each thread's share of a closed loop's `connections × depth`
+/// outstanding operations, for the connections `plans` gives the threads:
+/// `depth` for each of its connections when they are `connections` in all,
+/// so every connection keeps `depth` outstanding (a review found 2 threads
+/// splitting 3 connections' 6 operations 3 and 3, over 2 connections and
+/// 1). When the plan opens more (each thread needs a connection to every
+/// endpoint), the total is split evenly, the first threads taking one more.
+/// (Each thread once took `total / threads` rounded up, so that 2 threads
+/// kept 2 operations outstanding for 1 connection × depth 1; found by a
+/// review.)
+fn closed_shares(plans: &[Vec<usize>], connections: usize, depth: usize) -> Vec<usize> {
+    let threads = plans.len();
+    if plans.iter().map(Vec::len).sum::<usize>() == connections {
+        return plans.iter().map(|p| p.len() * depth).collect();
+    }
+    let total = connections * depth;
+    (0..threads).map(|t| total / threads + usize::from(t < total % threads)).collect()
 }
 
 /// Thread `thread`'s RNG seed.
@@ -1066,7 +1083,7 @@ fn thread_seed(cfg: &RunConfig, thread: usize) -> u64 {
 
 /// A thread's runtime and generator, connected and loaded.
 fn prepare_thread(spec: ThreadSpec<'_>) -> anyhow::Result<ThreadReady> {
-    let ThreadSpec { target, topo, cfg, thread, endpoints, window } = spec;
+    let ThreadSpec { target, topo, cfg, thread, endpoints, window, .. } = spec;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     let local = tokio::task::LocalSet::new();
     let gen = Rc::new(Gen::new(target.kind, topo.clone(), cfg, thread, &endpoints, window));
@@ -1127,11 +1144,13 @@ struct ThreadSpec<'a> {
     /// The endpoint of each of its connections.
     endpoints: Vec<usize>,
     window: Arc<Mutex<Window>>,
+    /// Operations it keeps outstanding in a closed loop ([`closed_shares`]).
+    closed_share: usize,
 }
 
 /// Runs one generator thread: set up, wait for every thread, run, drain.
 fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Timeline>) -> anyhow::Result<ThreadOut> {
-    let (cfg, thread) = (spec.cfg.clone(), spec.thread);
+    let (cfg, thread, closed_share) = (spec.cfg.clone(), spec.thread, spec.closed_share);
     let ready = prepare_thread(spec);
     // Every thread reaches the barrier and the timeline, failed or not, so
     // that none waits forever; the first one there sets the timeline.
@@ -1151,7 +1170,7 @@ fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Time
         match cfg.mode {
             Mode::Closed { depth } => {
                 gen.refill.set(true);
-                for _ in 0..closed_share(cfg.connections * depth, cfg.threads, thread) {
+                for _ in 0..closed_share {
                     gen.dispatch(Instant::now());
                 }
                 tokio::time::sleep_until(tl.measure_to.into()).await;
@@ -1203,8 +1222,13 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     // After the cap: `inserts` has one entry per thread that runs.
     cfg.validate()?;
     let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
-    let target = &target.as_run(&topo);
+    target.check_topology(&topo)?;
     let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
+    let depth = match cfg.mode {
+        Mode::Closed { depth } => depth,
+        Mode::Open { .. } => 0,
+    };
+    let shares = closed_shares(&plans, cfg.connections, depth);
     let cfg = Arc::new(cfg);
     let windows: Vec<Arc<Mutex<Window>>> = (0..cfg.threads).map(|_| Arc::new(Mutex::new(Window::new()))).collect();
     let barrier = Barrier::new(cfg.threads);
@@ -1223,6 +1247,7 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
                     thread: t,
                     endpoints,
                     window: windows[t].clone(),
+                    closed_share: shares[t],
                 };
                 let (barrier, timeline) = (&barrier, &timeline);
                 std::thread::Builder::new()
@@ -1426,16 +1451,17 @@ mod tests {
         assert!(Target::parse("redis://127.0.0.1:6379#").is_err());
     }
 
-    /// Found by a review: `?routing=server` against a lone node ran as a
-    /// plain run (routing `none`) but was labelled server-driven.
+    /// Found by reviews: `?routing=server` against a lone node ran as a
+    /// plain run (routing `none`) labelled server-driven, then under the
+    /// plain target's label. It is refused; a plain target is not.
     #[test]
-    fn a_lone_node_is_not_labelled_server_driven() {
+    fn server_routing_is_refused_on_a_lone_node() {
         let t = Target::parse("gyre://127.0.0.1:7700?routing=server").unwrap();
         let lone = Topology::single(Kind::Gyre, t.addr, &[7700, 7701], 64);
         assert_eq!(lone.routing_name(), "none");
-        let ran = t.as_run(&lone);
-        assert_eq!(ran.label(), "gyre 127.0.0.1:7700");
-        assert_eq!(ran.url, t.url, "the URL stays as given");
+        let err = t.check_topology(&lone).unwrap_err().to_string();
+        assert!(err.contains("needs a cluster"), "{err}");
+        assert!(Target::parse("gyre://127.0.0.1:7700").unwrap().check_topology(&lone).is_ok());
     }
 
     /// A valid open-loop configuration for tests to vary.
@@ -1683,9 +1709,17 @@ mod tests {
     #[test]
     fn a_closed_loop_keeps_exactly_connections_times_depth_outstanding() {
         for (threads, total) in [(1, 1), (2, 1), (2, 3), (3, 7), (4, 4), (5, 64)] {
-            let shares: Vec<usize> = (0..threads).map(|t| closed_share(total, threads, t)).collect();
+            // More endpoints than connections per thread: split evenly.
+            let shares = closed_shares(&plan(total + 1, total, threads), total, 1);
             assert_eq!(shares.iter().sum::<usize>(), total, "{threads} threads: {shares:?}");
             assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1, "{shares:?}");
+        }
+        // One endpoint: depth per connection, whatever the split.
+        for (connections, threads, depth) in [(3, 2, 2), (5, 3, 4), (50, 2, 1)] {
+            let plans = plan(1, connections, threads);
+            let shares = closed_shares(&plans, connections, depth);
+            let per: Vec<usize> = plans.iter().map(|p| p.len() * depth).collect();
+            assert_eq!((shares.iter().sum::<usize>(), &shares), (connections * depth, &per), "{plans:?}");
         }
         for (connections, depth) in [(1, 1), (3, 1)] {
             let fake = FakeRedis::start(Duration::from_millis(50), 0);
