@@ -1168,7 +1168,7 @@ fn thread_main(spec: ThreadSpec<'_>, barrier: &Barrier, timeline: &OnceLock<Time
     let drained = local.block_on(&rt, async {
         tokio::time::sleep_until(tl.run_from.into()).await;
         match cfg.mode {
-            Mode::Closed { depth } => {
+            Mode::Closed { .. } => {
                 gen.refill.set(true);
                 for _ in 0..closed_share {
                     gen.dispatch(Instant::now());

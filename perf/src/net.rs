@@ -347,10 +347,6 @@ impl Topology {
 
     /// How requests are routed: `Client` on a lone node or Redis, whatever
     /// the target asked (server routing needs a cluster).
-    pub(crate) fn routing(&self) -> Routing {
-        self.routing
-    }
-
     /// The routing mode as reported.
     pub(crate) fn routing_name(&self) -> &'static str {
         match (&self.cluster, self.routing) {
