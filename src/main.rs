@@ -991,12 +991,23 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
         return Ok(CheckTarget::Node(node_dir_info(dir)?));
     }
     if dir.join("cluster.toml").is_file() {
+        // The members the file names (all, if it cannot be read): one of
+        // them that cannot be read is an error, anything else unreadable
+        // (a mounted disk's `lost+found`) is no member's (found by a
+        // review: an unreadable member was left out, and the check passed).
+        let named: Option<Vec<String>> = gyre::node::cluster::ClusterFile::load(&dir.join("cluster.toml"))
+            .ok()
+            .map(|(file, _)| file.nodes.into_iter().map(|n| n.name).collect());
         let mut nodes = Vec::new();
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-            // One it cannot read is no member's (as a start sees it).
-            if gyre::node::config::node_data(&path).ok().flatten().is_some() {
-                nodes.push(path);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let member = named.as_ref().is_none_or(|named| named.contains(&name));
+            match gyre::node::config::node_data(&path) {
+                Ok(Some(_)) => nodes.push(path),
+                Ok(None) => {}
+                Err(e) if member => return Err(e),
+                Err(_) => {}
             }
         }
         nodes.sort();

@@ -1247,4 +1247,11 @@ fn a_relay_refused_for_another_ring_goes_on_to_the_next_replica() {
     put(&mut c, &key, "v", &Context::default());
     assert_eq!(values(&mut c, &key), bytes(&["v"]));
     assert!(cluster.counter("n3", "misrouted_relays") >= 1, "n3 refused the relay first");
+    // With n1 down too, the answer is a quorum failure naming both, not a
+    // lasting configuration error (found by a review).
+    cluster.kill9("n1");
+    let failures = cluster.counter("n2", "quorum_failures");
+    let message = expect_code(c.get(key.as_bytes()), ErrorCode::QuorumFailed, "a get with n1 down");
+    assert!(message.contains("by its own ring"), "{message}");
+    assert_eq!(cluster.counter("n2", "quorum_failures"), failures + 1);
 }

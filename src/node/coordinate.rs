@@ -515,13 +515,17 @@ impl Shard {
         // A replica's RingMismatch: it did nothing, so the next replica is
         // tried (found by a review: one member with another cluster file
         // failed requests the others could serve); the refusal is the
-        // answer only if no replica serves.
+        // answer only if every replica refused so. One unreachable besides
+        // makes it a quorum failure, which names both (found by a review:
+        // a node being down read as a lasting configuration error).
         let mut mismatch = None;
+        let mut unreachable = false;
         for to in order {
             match cs.peers.call(to, req, quorum, deadline).await {
                 Ok(frame) if is_ring_mismatch(&frame) => {
                     mismatch = Some(frame);
-                    last = format!("{} does not replicate the key by its own ring", cs.peers.name(to));
+                    let refused = format!("{} does not replicate the key by its own ring", cs.peers.name(to));
+                    last = if last.is_empty() { refused } else { format!("{last}; {refused}") };
                 }
                 Ok(mut frame) => {
                     // Answer as if it were ours: the client's request id, and
@@ -542,10 +546,13 @@ impl Shard {
                         &format!("{e}; the write may have been taken: read the key before writing it again"),
                     );
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => {
+                    unreachable = true;
+                    last = if last.is_empty() { e.to_string() } else { format!("{last}; {e}") };
+                }
             }
         }
-        if let Some(mut frame) = mismatch {
+        if let Some(mut frame) = mismatch.filter(|_| !unreachable) {
             patch_reply(&mut frame, header.request_id, flags::STALE_ROUTE);
             return frame;
         }
