@@ -79,7 +79,8 @@ pub struct NetArgs {
     /// How a Gyre cluster is driven: `client` sends each key straight to
     /// the owning shard of its coordinator (the first node of its
     /// preference list); `server` spreads the keys over every node, which
-    /// coordinates or forwards. No effect on a lone node or Redis.
+    /// coordinates or forwards. `server` is refused on a lone node or
+    /// Redis (there is nothing to route).
     #[arg(long, value_enum, default_value_t = Routing::Client)]
     pub routing: Routing,
     /// TCP connections in all (spread evenly over the shards of every node).
@@ -345,9 +346,7 @@ impl Topology {
         self.cluster.as_ref().map_or(1, |c| c.ring.members().len())
     }
 
-    /// How requests are routed: `Client` on a lone node or Redis, whatever
-    /// the target asked (server routing needs a cluster).
-    /// The routing mode as reported.
+    /// The routing mode as reported: `none` on a lone node or Redis.
     pub(crate) fn routing_name(&self) -> &'static str {
         match (&self.cluster, self.routing) {
             (None, _) => "none",
@@ -1301,6 +1300,12 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     );
     let (kind, addr) = parse_target(&args.target)?;
     let topo = discover(kind, addr, args.routing)?;
+    // As the harness's targets (`Target::check_topology`).
+    anyhow::ensure!(
+        !(args.routing == Routing::Server && topo.routing_name() == "none"),
+        "--routing server needs a cluster, and {} is a lone node or Redis",
+        args.target
+    );
     let threads = args.threads.min(args.connections);
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..args.keys).map(|i| format!("key:{i}").into_bytes()).collect());
     let plans = plan(&topo, &keys, args.connections, threads, args.load)?;
