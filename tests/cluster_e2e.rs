@@ -154,6 +154,7 @@ fn quorum_reads_and_writes_through_every_node_in_both_routing_modes() {
         assert_eq!(c["quorum_failures"], 0, "{name}: {stats}");
         assert_eq!(c["proxied"], 0, "every node replicates every key when N = nodes: {stats}");
         assert_eq!(stats["cluster"]["member"], name.as_str());
+        assert_eq!(stats["cluster"]["peers"]["rings_differ"], 0, "one cluster file: {stats}");
     }
 }
 
@@ -1224,6 +1225,9 @@ fn a_request_relayed_to_a_member_with_another_ring_is_refused_not_relayed_back()
     }
     assert_eq!(cluster.counter("n2", "misrouted_relays"), 6, "n2 refused each relayed request once");
     assert_eq!(cluster.counter("n1", "misrouted_relays"), 0, "nothing came back to n1");
+    // n1 said so when it first reached n2 (a RING of n2's against its own).
+    assert_eq!(cluster.counter_in("n1", "peers", "rings_differ"), 1);
+    assert!(cluster.logs().contains("differs from this node's"), "n1 logged the difference");
     // A key n1 owns by its own ring it coordinates itself, as before.
     let own = (0..10_000).map(|i| format!("own-{i}")).find(|k| replicas_by(&before, k) == ["n1"]).expect("a key");
     put(&mut c, &own, "v", &Context::default());
@@ -1247,6 +1251,8 @@ fn a_relay_refused_for_another_ring_goes_on_to_the_next_replica() {
     put(&mut c, &key, "v", &Context::default());
     assert_eq!(values(&mut c, &key), bytes(&["v"]));
     assert!(cluster.counter("n3", "misrouted_relays") >= 1, "n3 refused the relay first");
+    // n2 reached n3, whose ring differs, and n1, whose ring does not.
+    assert_eq!(cluster.counter_in("n2", "peers", "rings_differ"), 1);
     // With n1 down too, the answer is a quorum failure naming both, not a
     // lasting configuration error (found by a review).
     cluster.kill9("n1");

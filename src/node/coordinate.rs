@@ -99,7 +99,7 @@ pub struct ClusterState {
 impl ClusterState {
     pub(super) fn new(info: Cluster, front: Rc<super::front::Front>) -> ClusterState {
         ClusterState {
-            peers: Rc::new(Peers::new(&info.ring, info.me, front)),
+            peers: Rc::new(Peers::new(&info, front)),
             info,
             counters: ClusterCounters::default(),
             epoch: Instant::now(),

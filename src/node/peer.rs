@@ -45,7 +45,7 @@ use serde::Serialize;
 use super::bump;
 use super::front::Front;
 use crate::core::partition::shard_of;
-use crate::core::ring::{Member, MemberIdx, Ring};
+use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
 use crate::wire::{split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
@@ -115,6 +115,10 @@ pub struct PeerCounters {
     /// Connections closed because a write made no progress for
     /// [`WRITE_STALL_TIMEOUT`].
     pub write_stalls: Cell<u64>,
+    /// Members whose ring, or N, R or W, differs from this node's, as
+    /// their RING answer showed when this shard first reached them: their
+    /// cluster files differ (each member counted once).
+    pub rings_differ: Cell<u64>,
 }
 
 /// Where a call's reply frame lands.
@@ -279,17 +283,25 @@ pub struct Peers {
     /// marking the member down for a refused relay connection failed the
     /// replica calls on its open one).
     refused_until: RefCell<HashMap<ConnKey, Instant>>,
+    /// This node's ring as a RING reply carries it, and its N, R and W:
+    /// what each member's answer is compared with ([`Self::compare_ring`]).
+    ring: (Vec<u8>, [u8; 3]),
+    /// Members whose ring this shard has asked for (or is asking).
+    ring_asked: RefCell<std::collections::HashSet<MemberIdx>>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
     pub counters: PeerCounters,
 }
 
 impl Peers {
-    pub(super) fn new(ring: &Ring, me: MemberIdx, front: Rc<Front>) -> Peers {
+    pub(super) fn new(cluster: &super::cluster::Cluster, front: Rc<Front>) -> Peers {
+        let ring = &cluster.ring;
         Peers {
-            me,
+            me: cluster.me,
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
+            ring: (cluster.ring_bytes.clone(), [cluster.n, cluster.r, cluster.w].map(|v| v as u8)),
+            ring_asked: RefCell::default(),
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
@@ -392,6 +404,7 @@ impl Peers {
             Ok(Response::Pong(info)) if !info.ports.is_empty() && info.partitions == self.partitions => {
                 let ports = Rc::new(info.ports);
                 self.ports.borrow_mut().insert(member, ports.clone());
+                self.compare_ring(member, deadline).await;
                 Ok(ports)
             }
             Ok(Response::Pong(info)) => {
@@ -399,6 +412,33 @@ impl Peers {
             }
             Ok(other) => Err(bad(format!("unexpected reply to PING: {other:?}"))),
             Err(e) => Err(bad(e.to_string())),
+        }
+    }
+
+    /// Asks `member`, the first time this shard reaches it, for its ring
+    /// (RING), and says so if it differs from this node's: their cluster
+    /// files differ (members, their order, or N, R, W), and requests
+    /// relayed between them may be refused (RingMismatch). It was found
+    /// only by such refusals, one request at a time. Best effort: an ask
+    /// that fails says nothing.
+    async fn compare_ring(self: &Rc<Self>, member: MemberIdx, deadline: Instant) {
+        if !self.ring_asked.borrow_mut().insert(member) {
+            return;
+        }
+        let Ok(frame) = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await else {
+            return;
+        };
+        let Some((h, _)) = split_frame(&frame, MAX_BODY_LEN).ok().flatten() else { return };
+        if let Ok(Response::Ring { n, r, w, ring }) = Response::decode(h.opcode, &frame[HEADER_LEN..]) {
+            if ring != self.ring.0 || [n, r, w] != self.ring.1 {
+                bump(&self.counters.rings_differ, 1);
+                tracing::error!(
+                    peer = self.name(member),
+                    "this member's ring (or N, R, W) differs from this node's: their cluster files differ \
+                     (members, their order, or quorums); requests relayed between them may be refused \
+                     (RingMismatch). Give every member the same cluster file"
+                );
+            }
         }
     }
 
