@@ -371,8 +371,12 @@ impl<B: Backend> Store<B> {
     /// `u64::MAX` would make every later write of the key overflow its dot,
     /// for good on a cluster (found by a review). A counter of this node's
     /// own past its last sequence number is taken (unlike a client's): a
-    /// node restored from a backup under its old identity must still
-    /// receive the writes it lost, and new dots are drawn above the clock.
+    /// node that lost writes must still receive them back, and new dots
+    /// are drawn above the clock. That alone does not make a node
+    /// restored from a backup safe under its old identity: a write through
+    /// it before repair reaches it can reuse a dot it lost. Such a node
+    /// needs a new actor, which removing its `CLEAN` mark gives it
+    /// (README).
     pub async fn merge(&self, key: &[u8], incoming: &VersionSet, now_ms: u64) -> Result<bool, StoreError> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
