@@ -285,14 +285,10 @@ impl<B: Backend> Store<B> {
         value: Option<V>,
     ) -> Result<Dot, StoreError> {
         let last_seq = self.engine.last_seq();
-        // Whether the key's clock holds all of `ctx` (a context read from
-        // this key here, the usual case): then the meet is `ctx` itself.
-        let mut within = true;
         for (actor, counter) in ctx.iter() {
             if counter <= set.clock().get(actor) {
                 continue;
             }
-            within = false;
             if counter > MAX_CONTEXT_COUNTER {
                 let why = "a context counter beyond any real history";
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
@@ -302,14 +298,8 @@ impl<B: Backend> Store<B> {
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
             }
         }
-        let met;
-        let seen = if within {
-            ctx
-        } else {
-            met = ctx.meet(set.clock());
-            &met
-        };
-        set.update_after(seen, self.actor, value, last_seq).map_err(update_error)
+        let seen = ctx.meet(set.clock());
+        set.update_after(&seen, self.actor, value, last_seq).map_err(update_error)
     }
 
     /// The context of a write, once the write is known to be within the
