@@ -897,15 +897,6 @@ mod tests {
         Err(VersionError::Malformed(msg))
     }
 
-    #[test]
-    fn meet_is_the_pointwise_minimum_of_what_both_have_seen() {
-        let (a, b) = (clock(&[(1, 5), (2, 3), (4, 9)]), clock(&[(2, 7), (3, 1), (4, 2)]));
-        assert_eq!(a.meet(&b), clock(&[(2, 3), (4, 2)]));
-        assert_eq!(a.meet(&b), b.meet(&a));
-        assert_eq!(a.meet(&a), a);
-        assert!(a.meet(&Clock::new()).is_empty());
-    }
-
     /// The example of the module doc: clock {7: 2, 9: 1}, (7,2) = "hi", (9,1) deleted.
     fn example() -> VersionSet {
         let mut s = VersionSet::new();
