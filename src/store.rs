@@ -267,17 +267,6 @@ impl<B: Backend> Store<B> {
     /// dot; found by a review), and one of this node's own past its last
     /// sequence number (a write it never made, which would cover its next
     /// ones). So a stored counter grows past the bound only one a write.
-    ///
-    /// Then the context counts only as far as the key's clock here goes
-    /// (their meet): this node vouches only for writes it has seen of this
-    /// key. A context with an entry past what its actor ever wrote (forged,
-    /// or an honest client's context of another key: counters are shard
-    /// sequence numbers) otherwise covered that actor's later writes, and a
-    /// replica that took the set dropped the next of them as already seen,
-    /// an acknowledged write lost (found by a review). The cost: what a
-    /// client saw on another replica that has not reached this one yet is
-    /// not superseded by its write but kept as a sibling, to be merged at
-    /// the next read.
     fn update<V: AsRef<[u8]>>(
         &self,
         set: &mut VersionSet<V>,
@@ -298,8 +287,7 @@ impl<B: Backend> Store<B> {
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
             }
         }
-        let seen = ctx.meet(set.clock());
-        set.update_after(&seen, self.actor, value, last_seq).map_err(update_error)
+        set.update_after(ctx, self.actor, value, last_seq).map_err(update_error)
     }
 
     /// The context of a write, once the write is known to be within the
@@ -781,28 +769,6 @@ mod tests {
             // The bound applies only to what the key does not hold yet.
             let held = y.get(b"k").await.unwrap();
             assert!(!y.merge(b"k", &held, 4).await.unwrap(), "its own set again: nothing new");
-        })
-    }
-
-    /// Found by a review: a context with another node's counter past
-    /// anything that node wrote (forged, or an honest client's context of
-    /// another key) was taken whole, so a replica that stored the set
-    /// later dropped that node's next write of the key as already seen, an
-    /// acknowledged write lost. A context now counts only as far as the
-    /// key's clock on the coordinating node goes.
-    #[test]
-    fn a_context_past_what_its_actor_wrote_does_not_cover_its_later_writes() {
-        block_on(async {
-            let (x, y, z) = (store_as(1), store_as(2), store_as(3));
-            let evil = x.put(b"k", &context_of(&[(2, 1_000_000)]), Some(b"evil"), 1).await.unwrap();
-            assert!(z.merge(b"k", &evil.set, 2).await.unwrap());
-            // Y writes without reading: its dot is far below the forged one.
-            let good = y.put(b"k", &[], Some(b"good"), 3).await.unwrap();
-            assert!(z.merge(b"k", &good.set, 4).await.unwrap(), "z takes the later write");
-            let mut all = x.get(b"k").await.unwrap();
-            all.merge(&y.get(b"k").await.unwrap());
-            all.merge(&z.get(b"k").await.unwrap());
-            assert_eq!(values(&all), vec![b"evil".to_vec(), b"good".to_vec()], "both stay");
         })
     }
 }

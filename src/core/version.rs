@@ -298,19 +298,6 @@ impl Clock {
         self.entries = out;
     }
 
-    /// Pointwise minimum: what both clocks have seen (an actor absent from
-    /// either is absent).
-    pub fn meet(&self, other: &Clock) -> Clock {
-        let entries = self
-            .entries
-            .iter()
-            .filter_map(|&(actor, counter)| {
-                Some((actor, counter.min(other.position(actor).ok().map(|i| other.entries[i].1)?)))
-            })
-            .collect();
-        Clock { entries }
-    }
-
     /// Raises `dot.actor`'s counter to at least `dot.counter`.
     fn raise(&mut self, dot: Dot) {
         match self.position(dot.actor) {
