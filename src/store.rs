@@ -267,6 +267,11 @@ impl<B: Backend> Store<B> {
     /// dot; found by a review), and one of this node's own past its last
     /// sequence number (a write it never made, which would cover its next
     /// ones). So a stored counter grows past the bound only one a write.
+    ///
+    /// Known hole: another node's counter past anything it wrote is taken
+    /// (only that node could judge it), and a replica that stores it drops
+    /// that node's next write of the key as seen (ARCHITECTURE.md,
+    /// "Data directory of a node").
     fn update<V: AsRef<[u8]>>(
         &self,
         set: &mut VersionSet<V>,
