@@ -115,11 +115,15 @@ pub struct PeerCounters {
     /// Connections closed because a write made no progress for
     /// [`WRITE_STALL_TIMEOUT`].
     pub write_stalls: Cell<u64>,
-    /// Members whose ring, or N, R or W, differs from this node's, as
-    /// their RING answer showed when this shard first reached them: their
-    /// cluster files differ (each member counted once).
+    /// Times a member's ring, or N, R or W, was found to differ from this
+    /// node's: their cluster files differ. Asked (RING) when this shard
+    /// first reaches the member, and again once it has restarted or an ask
+    /// failed.
     pub rings_differ: Cell<u64>,
 }
+
+/// How long the ask for a member's ring ([`Peers::compare_ring`]) may take.
+const RING_ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a call's reply frame lands.
 type Slot = crate::notify::Slot<Result<Vec<u8>, PeerError>>;
@@ -286,7 +290,8 @@ pub struct Peers {
     /// This node's ring as a RING reply carries it, and its N, R and W:
     /// what each member's answer is compared with ([`Self::compare_ring`]).
     ring: (Vec<u8>, [u8; 3]),
-    /// Members whose ring this shard has asked for (or is asking).
+    /// Members whose ring this shard has asked for (or is asking), until
+    /// the ask fails or the member is found restarted.
     ring_asked: RefCell<std::collections::HashSet<MemberIdx>>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
@@ -404,7 +409,14 @@ impl Peers {
             Ok(Response::Pong(info)) if !info.ports.is_empty() && info.partitions == self.partitions => {
                 let ports = Rc::new(info.ports);
                 self.ports.borrow_mut().insert(member, ports.clone());
-                self.compare_ring(member, deadline).await;
+                // Apart, with a deadline of its own: the request that
+                // learned the ports waits for none of it (found by a
+                // review: it waited for the RING answer, and failed with
+                // a member that did not give one).
+                if self.ring_asked.borrow_mut().insert(member) {
+                    let me = self.clone();
+                    glommio::spawn_local(async move { me.compare_ring(member).await }).detach();
+                }
                 Ok(ports)
             }
             Ok(Response::Pong(info)) => {
@@ -421,11 +433,11 @@ impl Peers {
     /// relayed between them may be refused (RingMismatch). It was found
     /// only by such refusals, one request at a time. Best effort: an ask
     /// that fails says nothing.
-    async fn compare_ring(self: &Rc<Self>, member: MemberIdx, deadline: Instant) {
-        if !self.ring_asked.borrow_mut().insert(member) {
-            return;
-        }
+    async fn compare_ring(self: &Rc<Self>, member: MemberIdx) {
+        let deadline = Instant::now() + RING_ASK_TIMEOUT;
         let Ok(frame) = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await else {
+            // Asked again the next time its ports are learned.
+            self.ring_asked.borrow_mut().remove(&member);
             return;
         };
         let Some((h, _)) = split_frame(&frame, MAX_BODY_LEN).ok().flatten() else { return };
@@ -488,8 +500,10 @@ impl Peers {
             Err(e) => {
                 bump(&self.counters.connect_failures, 1);
                 tracing::debug!(peer = %conn.name, %addr, error = %e, "connecting to a peer failed");
-                // Its ports may have changed if it restarted.
+                // Its ports may have changed if it restarted (and its
+                // cluster file with them: its ring is asked for again).
                 self.ports.borrow_mut().remove(&member);
+                self.ring_asked.borrow_mut().remove(&member);
                 self.give_up(key, &conn, &e.to_string());
                 return;
             }
