@@ -270,8 +270,9 @@ impl<B: Backend> Store<B> {
     ///
     /// Known hole: another node's counter past anything it wrote is taken
     /// (only that node could judge it), and a replica that stores it drops
-    /// that node's next write of the key as seen (ARCHITECTURE.md,
-    /// "Data directory of a node").
+    /// as seen every write of that node's to the key made without that
+    /// entry, up to the counter, until repair gives the node the entry
+    /// (ARCHITECTURE.md, "Data directory of a node").
     fn update<V: AsRef<[u8]>>(
         &self,
         set: &mut VersionSet<V>,

@@ -117,8 +117,8 @@ pub struct PeerCounters {
     pub write_stalls: Cell<u64>,
     /// Times a member's ring, or N, R or W, was found to differ from this
     /// node's: their cluster files differ. Asked (RING) when this shard
-    /// first reaches the member, and again once it has restarted or an ask
-    /// failed.
+    /// learns the member's ports: at the first contact, and again after a
+    /// connection to it failed (a restart) if the ask before got no ring.
     pub rings_differ: Cell<u64>,
 }
 
@@ -427,30 +427,38 @@ impl Peers {
         }
     }
 
-    /// Asks `member`, the first time this shard reaches it, for its ring
-    /// (RING), and says so if it differs from this node's: their cluster
-    /// files differ (members, their order, or N, R, W), and requests
-    /// relayed between them may be refused (RingMismatch). It was found
-    /// only by such refusals, one request at a time. Best effort: an ask
-    /// that fails says nothing.
+    /// Asks `member` for its ring (RING) when this shard learns its ports
+    /// (at the first contact, and again after a connection to it failed),
+    /// and says so if it differs from this node's: their cluster files
+    /// differ (members, their order, or N, R, W), and requests relayed
+    /// between them may be refused (RingMismatch). It was found only by
+    /// such refusals, one request at a time. Best effort: an ask that gets
+    /// no RING answer (unreachable, refused, ShuttingDown) says nothing,
+    /// and is made again the next time the ports are learned.
     async fn compare_ring(self: &Rc<Self>, member: MemberIdx) {
         let deadline = Instant::now() + RING_ASK_TIMEOUT;
-        let Ok(frame) = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await else {
-            // Asked again the next time its ports are learned.
+        let answer = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await;
+        let ring = answer.ok().and_then(|f| {
+            let (h, _) = split_frame(&f, MAX_BODY_LEN).ok().flatten()?;
+            match Response::decode(h.opcode, &f[HEADER_LEN..]) {
+                Ok(Response::Ring { n, r, w, ring }) => Some(([n, r, w], ring.to_vec())),
+                _ => None,
+            }
+        });
+        let Some((quorums, ring)) = ring else {
+            // Any answer but a ring (found by a review: an error reply
+            // left the member marked asked for good).
             self.ring_asked.borrow_mut().remove(&member);
             return;
         };
-        let Some((h, _)) = split_frame(&frame, MAX_BODY_LEN).ok().flatten() else { return };
-        if let Ok(Response::Ring { n, r, w, ring }) = Response::decode(h.opcode, &frame[HEADER_LEN..]) {
-            if ring != self.ring.0 || [n, r, w] != self.ring.1 {
-                bump(&self.counters.rings_differ, 1);
-                tracing::error!(
-                    peer = self.name(member),
-                    "this member's ring (or N, R, W) differs from this node's: their cluster files differ \
-                     (members, their order, or quorums); requests relayed between them may be refused \
-                     (RingMismatch). Give every member the same cluster file"
-                );
-            }
+        if ring != self.ring.0 || quorums != self.ring.1 {
+            bump(&self.counters.rings_differ, 1);
+            tracing::error!(
+                peer = self.name(member),
+                "this member's ring (or N, R, W) differs from this node's: their cluster files differ \
+                 (members, their order, or quorums); requests relayed between them may be refused \
+                 (RingMismatch). Give every member the same cluster file"
+            );
         }
     }
 
