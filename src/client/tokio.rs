@@ -394,7 +394,10 @@ impl AsyncClient {
     /// result among the siblings (that write was stored), so it must
     /// merge, not apply a change: a set union is right, an increment
     /// would count twice (a change belongs in the value, as an element
-    /// with an id of its own).
+    /// with an id of its own). In a cluster, "left siblings" is what the
+    /// write's coordinator holds after it: a concurrent write that other
+    /// replicas hold and it has not heard of yet shows as a sibling at the
+    /// next read, not here.
     pub async fn update(&self, key: &[u8], mut merge: impl FnMut(&[Vec<u8>]) -> Vec<u8>) -> Result<Put> {
         let mut siblings = 0;
         for _ in 0..MAX_UPDATE_ATTEMPTS {
