@@ -330,7 +330,13 @@ fn the_compaction_loop_never_holds_the_shard() {
             engine.put(format!("k{i}").as_bytes(), b"", b"v", 0).await.unwrap();
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
-        assert!(engine.stats().flushes >= 1, "the ticker ran");
+        // The ticker runs beside the loop (polled, not a fixed wait: a
+        // slow machine may take longer than the puts for its first tick).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while engine.stats().flushes == 0 {
+            assert!(std::time::Instant::now() < deadline, "the ticker never ran");
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
         stop.stop().await;
     });
 }
