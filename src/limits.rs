@@ -1,9 +1,10 @@
-//! The storage and node size limits of Gyre, named once, with their
-//! reasoning. (Limits of one module's own format live with it: the wire's
-//! frame limits in `wire`, sibling and clock limits in `core::version`,
-//! member limits in `core::ring`, a connection's in `node::conn`.)
+//! The storage size limits of Gyre, named once, with their reasoning.
+//! (Limits of one module's own format live with it: the wire's frame
+//! limits in `wire`, sibling and clock limits in `core::version`, member
+//! limits in `core::ring`, a client connection's in `node::conn`, a peer
+//! connection's in `node::peer`.)
 //!
-//! Invariant: nothing else in the crate writes a size limit as a literal; the
+//! Invariant: no module but those writes a size limit as a literal; the
 //! relations between limits (a record fits in a segment, a length fits in its
 //! on-disk field) are checked at compile time at the bottom of this file, so
 //! raising one limit cannot silently overflow another.

@@ -495,7 +495,10 @@ impl Shard {
 
     /// Forwards a client request to a replica of its key (the put's hinted
     /// coordinator first, then the preference list in order, skipping
-    /// unreachable ones) and relays the reply, flagged STALE_ROUTE.
+    /// unreachable ones and moving on past a replica's RingMismatch) and
+    /// relays the reply, flagged STALE_ROUTE. The RingMismatch is the
+    /// answer only if every replica tried refused so; with one
+    /// unreachable besides, it is QuorumFailed naming both.
     async fn proxy(
         self: &Rc<Self>,
         header: &Header,

@@ -118,7 +118,9 @@ pub struct PeerCounters {
     /// Times a member's ring, or N, R or W, was found to differ from this
     /// node's: their cluster files differ. Asked (RING) when this shard
     /// learns the member's ports: at the first contact, and again after a
-    /// connection to it failed (a restart) if the ask before got no ring.
+    /// connection to it failed, or after an ask that got no ring. (A member
+    /// that restarts and takes the next connection at once is not asked
+    /// again.)
     pub rings_differ: Cell<u64>,
 }
 

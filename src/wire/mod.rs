@@ -68,7 +68,10 @@
 //!                        connection to another member: the receiver takes
 //!                        the connection as a member's (counted apart from
 //!                        clients, and admitted past --max-connections into
-//!                        a reserve, where it must be the first frame)
+//!                        a reserve, where it must be the first frame). A
+//!                        GET, PUT or DELETE on such a connection is a
+//!                        member's relay: for a key the receiver does not
+//!                        replicate it gets RingMismatch, not relayed again
 //! 0x30 RING         req: (empty)
 //!                   rep: u8 n, u8 r, u8 w (the cluster's default quorum),
 //!                        then the ring state (`core::ring` documents it)

@@ -615,7 +615,9 @@ pub const DEV_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// two tests files had one each, and one of them killed no node a failed
 /// start had left, nor a stopped one; found by a review).
 pub struct Dev {
+    /// The `gyre dev` process.
     pub child: Child,
+    /// Its node processes, taken at its ready line.
     pub nodes: Vec<u32>,
     /// Its stderr (and its nodes').
     pub log: PathBuf,
@@ -672,6 +674,7 @@ impl Dev {
         unreachable!()
     }
 
+    /// What `gyre dev` and its nodes have written to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -728,6 +731,7 @@ pub struct Started {
 }
 
 impl Started {
+    /// Starts counting from now (one STATS through `c`).
     pub fn new(c: &mut gyre::client::Client) -> Started {
         let stats = stats(c);
         Started { before: stats["node"]["requests"].as_u64().expect("a request count"), asked: 0 }
