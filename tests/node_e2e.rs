@@ -534,31 +534,17 @@ fn gyre_bytes(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
 /// Starts `gyre node` on `data_dir` (one shard, an ephemeral port) with
 /// RUST_LOG as given (`None`: unset) and its stderr in `log`.
 fn start_logged_node(data_dir: &std::path::Path, rust_log: Option<&str>, log: &std::path::Path) -> common::Node {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let mut command = Command::new(common::GYRE);
-    command.args(["node", "--listen", "127.0.0.1:0", "--no-pin", "--shards", "1", "--data-dir"]).arg(data_dir);
-    match rust_log {
-        Some(filter) => command.env("RUST_LOG", filter),
-        None => command.env_remove("RUST_LOG"),
-    };
-    let stderr = std::fs::File::create(log).unwrap();
-    let mut child = command.stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawning gyre node");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(common::START_TIMEOUT).unwrap_or_default();
-    let node = common::Node {
-        child,
-        addrs: line.split("ready:").nth(1).unwrap_or("").split_whitespace().map(String::from).collect(),
-        data_dir: data_dir.to_path_buf(),
-    };
-    assert!(!node.addrs.is_empty(), "node did not start ({line:?}): {}", std::fs::read_to_string(log).unwrap());
-    node
+    let args: Vec<std::ffi::OsString> = ["node", "--listen", "127.0.0.1:0", "--no-pin", "--shards", "1", "--data-dir"]
+        .into_iter()
+        .map(Into::into)
+        .chain([data_dir.as_os_str().to_owned()])
+        .collect();
+    let _ = std::fs::remove_file(log);
+    common::Node::try_spawn_with(&args, data_dir, Some(log), |command| match rust_log {
+        Some(filter) => drop(command.env("RUST_LOG", filter)),
+        None => drop(command.env_remove("RUST_LOG")),
+    })
+    .unwrap_or_else(|e| panic!("node did not start: {e}"))
 }
 
 #[test]

@@ -26,6 +26,10 @@ pub struct Node {
     pub child: Child,
     pub addrs: Vec<String>,
     pub data_dir: PathBuf,
+    /// The end of its stderr since its ready line, when not written to a
+    /// log file: printed on drop if the test is failing (found by a
+    /// review: it went nowhere).
+    stderr_tail: std::sync::Arc<Mutex<Vec<u8>>>,
 }
 
 impl Node {
@@ -46,6 +50,21 @@ impl Node {
     /// it prints its ready line. Its stderr is appended to `log` if given,
     /// else piped and returned in the error if the node does not start.
     pub fn try_spawn(args: &[OsString], data_dir: &Path, log: Option<&Path>) -> Result<Node, String> {
+        Node::try_spawn_with(args, data_dir, log, |command| {
+            if std::env::var_os("RUST_LOG").is_none() {
+                command.env("RUST_LOG", "warn");
+            }
+        })
+    }
+
+    /// [`Self::try_spawn`] with `env` setting the node's environment
+    /// (`try_spawn` sets `RUST_LOG=warn` unless the test has one).
+    pub fn try_spawn_with(
+        args: &[OsString],
+        data_dir: &Path,
+        log: Option<&Path>,
+        env: impl FnOnce(&mut Command),
+    ) -> Result<Node, String> {
         let stderr = match log {
             Some(path) => Stdio::from(
                 std::fs::File::options()
@@ -57,9 +76,7 @@ impl Node {
             None => Stdio::piped(),
         };
         let mut command = Command::new(GYRE);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "warn");
-        }
+        env(&mut command);
         let mut child = command.args(args).stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawning gyre node");
         let line = first_line(&mut child, START_TIMEOUT);
         let ready = line.as_deref().and_then(|l| l.split("ready:").nth(1)).map(str::to_string);
@@ -77,12 +94,30 @@ impl Node {
         };
         // Read from here on, or a node that logs more than a pipe holds
         // (RUST_LOG set by the caller, a test that makes it warn a lot)
-        // would block in its next write to stderr.
+        // would block in its next write to stderr. Its last
+        // `STDERR_KEPT` bytes are kept, for a failing test to print.
+        let stderr_tail = std::sync::Arc::new(Mutex::new(Vec::new()));
         if let Some(mut err) = child.stderr.take() {
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            let tail = stderr_tail.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = match err.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    };
+                    let mut tail = tail.lock().expect("stderr tail");
+                    tail.extend_from_slice(&chunk[..n]);
+                    let over = tail.len().saturating_sub(STDERR_KEPT);
+                    tail.drain(..over);
+                }
+            });
         }
         let addrs = ready.split_whitespace().map(String::from).collect();
-        Ok(Node { child, addrs, data_dir: data_dir.to_path_buf() })
+        Ok(Node { child, addrs, data_dir: data_dir.to_path_buf(), stderr_tail })
     }
 
     /// Address of shard 0.
@@ -124,8 +159,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let tail = std::mem::take(&mut *self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()));
+        if std::thread::panicking() && !tail.is_empty() {
+            eprintln!("node {} wrote to stderr (its last bytes):\n{}", self.child.id(), String::from_utf8_lossy(&tail));
+        }
     }
 }
+
+/// How much of a lone node's stderr (one started without a log file) is
+/// kept to print when its test fails.
+const STDERR_KEPT: usize = 64 * 1024;
 
 /// Every thread's stack of process `pid`, for a failure message (gdb, if
 /// installed and allowed to attach; else each thread's kernel wait channel).
