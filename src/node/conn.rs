@@ -161,14 +161,12 @@ impl Outbox {
     /// (`peer::Lane`), so a reader stopped at the bound by relayed
     /// requests holds up no replica message they wait on.
     fn push_later(self: &Rc<Self>, shard: &Rc<Shard>, reply: impl std::future::Future<Output = Vec<u8>> + 'static) {
-        let (out, shard) = (self.clone(), shard.clone());
+        let out = self.clone();
         out.running.set(out.running.get() + 1);
-        // Counted from here, not from the task's first poll: a reader that
-        // waits with this task not yet polled must not read as idle.
-        bump(&shard.counters.requests_running, 1);
+        let running = super::Gauged::new(shard, |s| &s.counters.requests_running);
         glommio::spawn_local(async move {
             let reply = reply.await;
-            shard.counters.requests_running.set(shard.counters.requests_running.get() - 1);
+            drop(running);
             out.running.set(out.running.get() - 1);
             out.push(&reply);
         })
@@ -218,8 +216,9 @@ impl Outbox {
     /// reply, so nothing more is started (found by a review: every frame
     /// buffered went on to run, past `MAX_IN_FLIGHT`, with its reply
     /// piling up unsent).
-    async fn room_for_one(&self, sock: &Socket, shard: &Shard) -> bool {
-        let _waiting = (self.full() && !self.broken.get()).then(|| super::Gauged::new(&shard.counters.readers_waiting));
+    async fn room_for_one(&self, sock: &Socket, shard: &Rc<Shard>) -> bool {
+        let _waiting =
+            (self.full() && !self.broken.get()).then(|| super::Gauged::new(shard, |s| &s.counters.readers_waiting));
         while self.full() && !self.broken.get() {
             self.send_now(sock, shard);
             let g = self.changed.generation();

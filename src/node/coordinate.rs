@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use super::cluster::Cluster;
 use super::peer::{PeerError, Peers};
-use super::{bump, error_code, Shard};
+use super::{bump, error_code, Gauged, Shard};
 use crate::core::coord::{
     coordinator_order, GetCoordinator, Limit, PutCoordinator, QuorumError, QuorumFailure, ReplicaFailure, ReplicaMsg,
     Transmit,
@@ -329,7 +329,7 @@ impl Shard {
         }
         let key: Rc<[u8]> = key.into();
         let slot = outcome.clone();
-        let running = TaskCount::new(&self);
+        let running = Gauged::new(&self, tasks_running);
         glommio::spawn_local(async move {
             let _running = running;
             let inbox = Rc::new(Inbox::default());
@@ -355,7 +355,7 @@ impl Shard {
                         }
                     };
                     let (me, key, inbox) = (self.clone(), key.clone(), inbox.clone());
-                    let running = repair.then(|| TaskCount::new(&self));
+                    let running = repair.then(|| Gauged::new(&self, tasks_running));
                     glommio::spawn_local(async move {
                         let _running = running;
                         if repair {
@@ -612,24 +612,9 @@ fn refusal(code: ErrorCode) -> ReplicaFailure {
     }
 }
 
-/// One count in [`ClusterCounters::tasks_running`], taken before its task
-/// is spawned (a task not yet polled is running work too: a review found
-/// a coordinator's end could show 0 with its repair spawned and not yet
-/// polled) and given back when the task ends, however it ends.
-struct TaskCount(Rc<Shard>);
-
-impl TaskCount {
-    fn new(shard: &Rc<Shard>) -> TaskCount {
-        bump(&shard.cluster().counters.tasks_running, 1);
-        TaskCount(shard.clone())
-    }
-}
-
-impl Drop for TaskCount {
-    fn drop(&mut self) {
-        let gauge = &self.0.cluster().counters.tasks_running;
-        gauge.set(gauge.get() - 1);
-    }
+/// The gauge of a coordinator's and a read repair's tasks.
+fn tasks_running(shard: &Shard) -> &Cell<u64> {
+    &shard.cluster().counters.tasks_running
 }
 
 /// Whether `frame` is an ERROR reply with code RingMismatch.

@@ -105,20 +105,28 @@ pub(crate) fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
-/// One count in a gauge (a counter that goes down too), for as long as it
-/// lives: dropped with its task or its wait, however that ends.
-pub(crate) struct Gauged<'a>(&'a Cell<u64>);
+/// One count in a shard's gauge (a counter that goes down too), taken when
+/// made and given back when dropped, however its task or wait ends. It
+/// holds the shard, so it can be taken before a task is spawned and moved
+/// into it: a task not yet polled is running work too (found by reviews:
+/// a coordinator's end, or a reader, read as idle with a task spawned and
+/// not yet polled).
+pub(crate) struct Gauged {
+    shard: Rc<Shard>,
+    gauge: fn(&Shard) -> &Cell<u64>,
+}
 
-impl<'a> Gauged<'a> {
-    pub(crate) fn new(gauge: &'a Cell<u64>) -> Self {
-        bump(gauge, 1);
-        Gauged(gauge)
+impl Gauged {
+    pub(crate) fn new(shard: &Rc<Shard>, gauge: fn(&Shard) -> &Cell<u64>) -> Gauged {
+        bump(gauge(shard), 1);
+        Gauged { shard: shard.clone(), gauge }
     }
 }
 
-impl Drop for Gauged<'_> {
+impl Drop for Gauged {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        let gauge = (self.gauge)(&self.shard);
+        gauge.set(gauge.get() - 1);
     }
 }
 
