@@ -46,9 +46,7 @@ use crate::core::ring::MemberIdx;
 use crate::core::version::{encode_context, VersionSet};
 use crate::notify::{Notify, Slot};
 use crate::shell::now_ms;
-use crate::wire::{
-    flags, patch_reply, split_frame, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN,
-};
+use crate::wire::{decode_reply_frame, flags, patch_reply, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN};
 
 /// Time a quorum operation may take when the client set no deadline.
 pub const DEFAULT_QUORUM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -445,10 +443,7 @@ impl Shard {
             Err(PeerError::BadReply(..)) => return Err(ReplicaFailure::Refused),
             Err(_) => return Err(ReplicaFailure::Unreachable),
         };
-        let Some((h, _)) = split_frame(&frame, MAX_BODY_LEN).ok().flatten() else {
-            return Err(ReplicaFailure::Refused);
-        };
-        match Response::decode(h.opcode, &frame[HEADER_LEN..]) {
+        match decode_reply_frame(&frame) {
             Ok(Response::ReplicaGet { set: None }) => Ok(None),
             Ok(Response::ReplicaGet { set: Some((meta, value)) }) => match VersionSet::decode(meta, value) {
                 Ok(set) => Ok(Some(set)),
@@ -618,12 +613,9 @@ fn tasks_running(shard: &Shard) -> &Cell<u64> {
 }
 
 /// Whether `frame` is an ERROR reply with code RingMismatch.
+/// (The opcode first: every relayed reply passes here, and only an ERROR
+/// is worth decoding.)
 fn is_ring_mismatch(frame: &[u8]) -> bool {
-    match split_frame(frame, MAX_BODY_LEN) {
-        Ok(Some((h, _))) => matches!(
-            Response::decode(h.opcode, &frame[HEADER_LEN..]),
-            Ok(Response::Error { code: ErrorCode::RingMismatch, .. })
-        ),
-        _ => false,
-    }
+    frame.first_chunk::<HEADER_LEN>().and_then(crate::wire::peek_opcode) == Some(crate::wire::op::ERROR)
+        && matches!(decode_reply_frame(frame), Ok(Response::Error { code: ErrorCode::RingMismatch, .. }))
 }

@@ -47,7 +47,7 @@ use super::front::Front;
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
-use crate::wire::{split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use crate::wire::{decode_reply_frame, split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
 
 /// How long a HELLO may wait in a new connection's queue before it is
 /// dropped unsent (with the rest of what expired): as long as a connect
@@ -405,9 +405,7 @@ impl Peers {
         let frame = Box::pin(self.call(member, &Request::Ping, Quorum::default(), deadline)).await?;
         let name = self.name(member).to_string();
         let bad = |why: String| PeerError::BadReply(name.clone(), why);
-        let (h, _) =
-            split_frame(&frame, MAX_BODY_LEN).ok().flatten().ok_or_else(|| bad("unframed PING reply".into()))?;
-        match Response::decode(h.opcode, &frame[HEADER_LEN..]) {
+        match decode_reply_frame(&frame) {
             Ok(Response::Pong(info)) if !info.ports.is_empty() && info.partitions == self.partitions => {
                 let ports = Rc::new(info.ports);
                 self.ports.borrow_mut().insert(member, ports.clone());
@@ -440,12 +438,9 @@ impl Peers {
     async fn compare_ring(self: &Rc<Self>, member: MemberIdx) {
         let deadline = Instant::now() + RING_ASK_TIMEOUT;
         let answer = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await;
-        let ring = answer.ok().and_then(|f| {
-            let (h, _) = split_frame(&f, MAX_BODY_LEN).ok().flatten()?;
-            match Response::decode(h.opcode, &f[HEADER_LEN..]) {
-                Ok(Response::Ring { n, r, w, ring }) => Some(([n, r, w], ring.to_vec())),
-                _ => None,
-            }
+        let ring = answer.ok().and_then(|f| match decode_reply_frame(&f) {
+            Ok(Response::Ring { n, r, w, ring }) => Some(([n, r, w], ring.to_vec())),
+            _ => None,
         });
         let Some((quorums, ring)) = ring else {
             // Any answer but a ring (found by a review: an error reply

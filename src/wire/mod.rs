@@ -446,6 +446,13 @@ pub fn split_frame(buf: &[u8], max_body: usize) -> Result<Option<(Header, usize)
     Ok((buf.len() >= total).then_some((header, total)))
 }
 
+/// Decodes `frame`, one whole reply frame (as a node's call to another
+/// returns it), into its response.
+pub fn decode_reply_frame(frame: &[u8]) -> Result<Response<'_>, WireError> {
+    let (h, total) = split_frame(frame, MAX_BODY_LEN)?.ok_or(malformed("a reply frame cut short"))?;
+    Response::decode(h.opcode, &frame[HEADER_LEN..total])
+}
+
 /// Header fields that differ per frame.
 struct HeaderFields {
     opcode: u8,
@@ -990,6 +997,15 @@ mod tests {
         let mut out = Vec::new();
         req.encode(&mut out, id, ANY_SHARD, 0);
         out
+    }
+
+    #[test]
+    fn a_whole_reply_frame_decodes_and_a_cut_one_does_not() {
+        let mut out = Vec::new();
+        Response::Error { code: ErrorCode::RingMismatch, message: "m" }.encode(&mut out, 3, 0);
+        let decoded = decode_reply_frame(&out);
+        assert_eq!(decoded, Ok(Response::Error { code: ErrorCode::RingMismatch, message: "m" }));
+        assert!(decode_reply_frame(&out[..out.len() - 1]).is_err());
     }
 
     #[test]
