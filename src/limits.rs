@@ -1,8 +1,9 @@
 //! The storage size limits of Gyre, named once, with their reasoning.
 //! (Limits of one module's own format live with it: the wire's frame
 //! limits in `wire`, sibling and clock limits in `core::version`, member
-//! limits in `core::ring`, a client connection's in `node::conn`, a peer
-//! connection's in `node::peer`.)
+//! limits in `core::ring`, context and replica counter bounds in `store`,
+//! a client connection's in `node::conn`, a peer connection's in
+//! `node::peer`.)
 //!
 //! Invariant: no module but those writes a size limit as a literal; the
 //! relations between limits (a record fits in a segment, a length fits in its

@@ -197,6 +197,12 @@ impl Cluster {
         Ok(Cluster { ring, me, n: file.n, r: file.r, w: file.w, namespaces, ring_bytes, prefs })
     }
 
+    /// N, R and W as a RING reply carries them (a byte each: the cluster
+    /// file's validation bounds them by `MAX_REPLICAS`).
+    pub fn quorum_bytes(&self) -> [u8; 3] {
+        [self.n, self.r, self.w].map(|v| v as u8)
+    }
+
     /// The read and write quorum of a request on `key`: its overrides,
     /// else its namespace's defaults, else the cluster's.
     pub fn quorum(&self, key: &[u8], over: Quorum) -> Result<(usize, usize), String> {

@@ -431,7 +431,7 @@ impl Standing {
         let c = &self.shard.counters;
         if self.provisional.replace(false) {
             c.provisional_connections.set(c.provisional_connections.get() - 1);
-        } else if self.member.get() || c.member_connections.get() + c.provisional_connections.get() >= MEMBER_RESERVE {
+        } else if self.member.get() || c.reserve_used() >= MEMBER_RESERVE {
             return;
         }
         if !self.member.replace(true) {
@@ -457,8 +457,7 @@ impl Drop for Standing {
 /// The refusal a connection past the limit gets (request id 0, as the
 /// accept loop's): peers take it for "nothing was read".
 fn too_many_connections(shard: &Shard) -> Vec<u8> {
-    let message = "too many connections: this shard's are taken (past its limit, only members are admitted)";
-    shard.error_frame(0, ErrorCode::Overloaded, message)
+    shard.connection_refusal("too many connections: this shard's are taken (past its limit, only members are admitted)")
 }
 
 /// Serves one connection until the client closes it, a frame is bad, a
@@ -551,19 +550,16 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
+                    if !out.room_for_one(&sock, &shard).await {
+                        break 'read;
+                    }
                     if let Some(member) = hello {
-                        if !out.room_for_one(&sock, &shard).await {
-                            break 'read;
-                        }
                         if member {
                             standing.named_member();
                         }
                         out.reply(&shard.hello_reply(header.request_id, member));
                         start += total;
                         continue;
-                    }
-                    if !out.room_for_one(&sock, &shard).await {
-                        break 'read;
                     }
                     if shard.is_shutting_down() {
                         // A stop finishes what has started; a request
@@ -574,7 +570,6 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         start += total;
                         continue;
                     }
-                    let body = &buf[start + HEADER_LEN..start + total];
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
                             if let Some(reply) =

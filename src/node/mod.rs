@@ -130,6 +130,14 @@ impl Drop for Gauged {
     }
 }
 
+impl ShardCounters {
+    /// Places of the members' reserve taken: connections that named a
+    /// member, and those admitted past the limit that must name one.
+    pub(crate) fn reserve_used(&self) -> u64 {
+        self.member_connections.get() + self.provisional_connections.get()
+    }
+}
+
 /// Counters of one shard, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct ShardCounters {
@@ -137,8 +145,9 @@ pub struct ShardCounters {
     pub connections_open: Cell<u64>,
     /// Connections refused at the configured `max_connections`.
     pub connections_refused: Cell<u64>,
-    /// Open connections that named a member of the cluster (HELLO): they
-    /// do not count against `max_connections`.
+    /// Open connections that named a member of the cluster (HELLO) while
+    /// the members' reserve had room: they do not count against
+    /// `max_connections`.
     pub member_connections: Cell<u64>,
     /// Open connections admitted past `max_connections` into the members'
     /// reserve that have not named a member yet (`conn::Standing`).
@@ -312,7 +321,7 @@ impl Shard {
                 }
                 Request::Ring => match &self.cluster {
                     Some(c) => {
-                        let [n, r, w] = [c.info.n, c.info.r, c.info.w].map(|v| v as u8);
+                        let [n, r, w] = c.info.quorum_bytes();
                         Response::Ring { n, r, w, ring: &c.info.ring_bytes }.encode(&mut out, id, shard)
                     }
                     None => {
@@ -1032,7 +1041,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
                 // one (found by a review: idle clients at the limit locked
                 // the members out of each other).
                 let c = &shard.counters;
-                let members = c.member_connections.get() + c.provisional_connections.get();
+                let members = c.reserve_used();
                 let clients = c.connections_open.get().saturating_sub(members);
                 let provisional = clients >= s.max_connections;
                 if provisional && (shard.cluster.is_none() || members >= conn::MEMBER_RESERVE) {
@@ -1098,10 +1107,18 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
 /// one `Overloaded` error frame (request id 0, as no request was read),
 /// sent without waiting (a new socket's buffer takes it).
 fn refuse_connection(shard: &Shard, fd: std::os::fd::OwnedFd, max: u64) {
-    let message = format!("too many connections: this shard serves at most {max}");
-    let frame = shard.error_frame(0, ErrorCode::Overloaded, &message);
+    let frame = shard.connection_refusal(&format!("too many connections: this shard serves at most {max}"));
     let stream = std::net::TcpStream::from(fd);
     let _ = std::io::Write::write(&mut &stream, &frame);
+}
+
+impl Shard {
+    /// The refusal of a whole connection: an Overloaded ERROR with request
+    /// id 0, which both clients and a peer (`peer::refused_at_accept`)
+    /// read as "this connection is not served".
+    pub(super) fn connection_refusal(&self, message: &str) -> Vec<u8> {
+        self.error_frame(0, ErrorCode::Overloaded, message)
+    }
 }
 
 /// The reply to a frame whose header is unreadable (named by its request

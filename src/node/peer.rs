@@ -166,9 +166,9 @@ impl PeerConn {
 }
 
 /// Whether a reply frame with request id 0 is a node's refusal of the
-/// whole connection at its connection limit (`node::refuse_connection`):
-/// one `Overloaded` error, sent before it reads anything. Calls never use
-/// id 0.
+/// whole connection at its connection limit (`Shard::connection_refusal`):
+/// one `Overloaded` error, sent before it runs any request. Calls never
+/// use id 0.
 fn refused_at_accept(opcode: u8, body: &[u8]) -> bool {
     matches!(Response::decode(opcode, body), Ok(Response::Error { code: ErrorCode::Overloaded, .. }))
 }
@@ -307,7 +307,7 @@ impl Peers {
             me: cluster.me,
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
-            ring: (cluster.ring_bytes.clone(), [cluster.n, cluster.r, cluster.w].map(|v| v as u8)),
+            ring: (cluster.ring_bytes.clone(), cluster.quorum_bytes()),
             ring_asked: RefCell::default(),
             ports: RefCell::default(),
             conns: RefCell::default(),
