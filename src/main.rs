@@ -549,6 +549,9 @@ fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
     gyre::node::config::other_gyre_data(dir)
 }
 
+/// Nodes of a new `gyre dev` cluster unless `--nodes` says.
+const DEV_NODES: usize = 3;
+
 /// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
 /// process per member, prints where they are, and stops them all on
 /// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
@@ -556,9 +559,6 @@ fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
 /// or SIGTERM arrives, is killed, and `gyre dev` exits 1. On Linux each
 /// node also gets SIGTERM if `gyre dev` dies without stopping it
 /// (`kill -9`): see [`die_with_parent`].
-/// Nodes of a new `gyre dev` cluster unless `--nodes` says.
-const DEV_NODES: usize = 3;
-
 fn dev(args: DevArgs) -> anyhow::Result<()> {
     use gyre::node::cluster::{ClusterFile, NodeEntry};
     if args.nodes.is_some_and(|n| n == 0 || n > 250) {
