@@ -118,21 +118,6 @@ impl Target {
         Ok(Target { url: url.to_string(), name, kind, addr, routing })
     }
 
-    /// Checks that this target can run as asked on `topo`:
-    /// `?routing=server` asks a cluster's nodes to coordinate, and a lone
-    /// node has none to route to. (Found by reviews: it ran as a plain run
-    /// labelled server-driven, then, relabelled, under the same label as
-    /// the plain target beside it.)
-    fn check_topology(&self, topo: &Topology) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !(self.routing == Routing::Server && topo.routing_name() == "none"),
-            "{}: ?routing=server needs a cluster, and {} is a lone node (drop ?routing=server)",
-            self.url,
-            self.addr
-        );
-        Ok(())
-    }
-
     /// A short name for tables and plots: `gyre`, `gyre (server-driven)`, `redis`.
     pub fn label(&self) -> String {
         if let Some(n) = &self.name {
@@ -1222,7 +1207,6 @@ pub fn run(target: &Target, cfg: &RunConfig) -> anyhow::Result<RunResult> {
     // After the cap: `inserts` has one entry per thread that runs.
     cfg.validate()?;
     let topo = Arc::new(net::discover(target.kind, target.addr, target.routing)?);
-    target.check_topology(&topo)?;
     let plans = plan(topo.endpoints.len(), cfg.connections, cfg.threads);
     let depth = match cfg.mode {
         Mode::Closed { depth } => depth,
@@ -1457,11 +1441,10 @@ mod tests {
     #[test]
     fn server_routing_is_refused_on_a_lone_node() {
         let t = Target::parse("gyre://127.0.0.1:7700?routing=server").unwrap();
-        let lone = Topology::single(Kind::Gyre, t.addr, &[7700, 7701], 64);
-        assert_eq!(lone.routing_name(), "none");
-        let err = t.check_topology(&lone).unwrap_err().to_string();
+        let lone = |routing| net::single_routed(Kind::Gyre, t.addr, &[7700, 7701], 64, routing);
+        let err = lone(t.routing).err().expect("refused").to_string();
         assert!(err.contains("needs a cluster"), "{err}");
-        assert!(Target::parse("gyre://127.0.0.1:7700").unwrap().check_topology(&lone).is_ok());
+        assert_eq!(lone(Routing::Client).unwrap().routing_name(), "none");
     }
 
     /// A valid open-loop configuration for tests to vary.

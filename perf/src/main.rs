@@ -245,9 +245,6 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         let mut error = None;
         // Load once; later probes find the records there.
         let mut load = file.workload.load;
-        // The target as it ran, once a probe has (a lone node asked for
-        // server routing runs, and is named, without it).
-        let mut label = t.label();
         // Each probe inserts past the records the ones before inserted (a
         // probe that failed leaves no word of where its inserts got).
         let mut inserts = Vec::new();
@@ -307,7 +304,6 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
                 }
             };
             load = false;
-            label.clone_from(&r.target);
             inserts.clone_from(&r.inserts);
             let (verdicts, held) = sla::judge(&file.limits, &r);
             let pass = held && !verdicts.iter().any(|v| v.too_few_samples);
@@ -330,10 +326,10 @@ fn run_capacity(args: SlaArgs) -> anyhow::Result<bool> {
         }
         match (search.pass, &error) {
             (_, Some(_)) => {}
-            (Some(c), None) => println!("{label}: capacity {c:.0} ops/s (limits: {})", limit_list(&file.limits)),
-            (None, None) => println!("{label}: no probed rate held the limits"),
+            (Some(c), None) => println!("{}: capacity {c:.0} ops/s (limits: {})", t.label(), limit_list(&file.limits)),
+            (None, None) => println!("{}: no probed rate held the limits", t.label()),
         }
-        out.push(Capacity { target: label, capacity: search.pass, first_miss: search.fail, error, probes });
+        out.push(Capacity { target: t.label(), capacity: search.pass, first_miss: search.fail, error, probes });
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join(format!("{}.capacity.json", file.name()));

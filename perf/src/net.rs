@@ -421,9 +421,27 @@ fn ping(addr: SocketAddr) -> anyhow::Result<NodeInfo> {
 /// Learns where to send: a RING request tells a cluster member (its ring
 /// and quorums) from a lone node (`NotClustered`), and a PING of every
 /// node its shard ports.
+/// A lone node's (or Redis's) topology, for a run asked to route by
+/// `routing`: server routing needs a cluster's nodes to coordinate, and is
+/// refused (found by reviews: it ran as a plain run under a server-driven
+/// label).
+pub(crate) fn single_routed(
+    kind: Kind,
+    addr: SocketAddr,
+    ports: &[u16],
+    partitions: u32,
+    routing: Routing,
+) -> anyhow::Result<Topology> {
+    anyhow::ensure!(
+        routing == Routing::Client,
+        "server routing needs a cluster, and {addr} is a lone node or Redis (route by client)"
+    );
+    Ok(Topology::single(kind, addr, ports, partitions))
+}
+
 pub(crate) fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow::Result<Topology> {
     if kind == Kind::Redis {
-        return Ok(Topology::single(kind, addr, &[addr.port()], 1));
+        return single_routed(kind, addr, &[addr.port()], 1, routing);
     }
     let ring = roundtrip(addr, &Request::Ring, |r| match r {
         Response::Ring { n, r, w, ring } => {
@@ -437,7 +455,7 @@ pub(crate) fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow
         None => {
             let info = ping(addr)?;
             anyhow::ensure!(!info.ports.is_empty(), "the node reports no shards");
-            Ok(Topology::single(kind, addr, &info.ports, info.partitions))
+            single_routed(kind, addr, &info.ports, info.partitions, routing)
         }
         Some((n, r, w, ring)) => {
             let infos = ring.members().iter().map(|m| ping(m.addr)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -1300,12 +1318,6 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     );
     let (kind, addr) = parse_target(&args.target)?;
     let topo = discover(kind, addr, args.routing)?;
-    // As the harness's targets (`Target::check_topology`).
-    anyhow::ensure!(
-        !(args.routing == Routing::Server && topo.routing_name() == "none"),
-        "--routing server needs a cluster, and {} is a lone node or Redis",
-        args.target
-    );
     let threads = args.threads.min(args.connections);
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..args.keys).map(|i| format!("key:{i}").into_bytes()).collect());
     let plans = plan(&topo, &keys, args.connections, threads, args.load)?;
