@@ -30,6 +30,9 @@ pub struct Node {
     /// log file: printed on drop if the test is failing (found by a
     /// review: it went nowhere).
     stderr_tail: std::sync::Arc<Mutex<Vec<u8>>>,
+    /// The thread reading it: waited for (briefly) before the tail is
+    /// printed, so the node's last lines (a panic) are in it.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Node {
@@ -97,7 +100,7 @@ impl Node {
         // would block in its next write to stderr. Its last
         // `STDERR_KEPT` bytes are kept, for a failing test to print.
         let stderr_tail = std::sync::Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut err) = child.stderr.take() {
+        let stderr_reader = child.stderr.take().map(|mut err| {
             let tail = stderr_tail.clone();
             std::thread::spawn(move || {
                 use std::io::Read;
@@ -114,10 +117,10 @@ impl Node {
                     let over = tail.len().saturating_sub(STDERR_KEPT);
                     tail.drain(..over);
                 }
-            });
-        }
+            })
+        });
         let addrs = ready.split_whitespace().map(String::from).collect();
-        Ok(Node { child, addrs, data_dir: data_dir.to_path_buf(), stderr_tail })
+        Ok(Node { child, addrs, data_dir: data_dir.to_path_buf(), stderr_tail, stderr_reader })
     }
 
     /// Address of shard 0.
@@ -159,8 +162,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            return;
+        }
+        // The node is gone, so its stderr ends: what it wrote last comes in.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.stderr_reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let tail = std::mem::take(&mut *self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()));
-        if std::thread::panicking() && !tail.is_empty() {
+        if !tail.is_empty() {
             eprintln!("node {} wrote to stderr (its last bytes):\n{}", self.child.id(), String::from_utf8_lossy(&tail));
         }
     }
@@ -426,10 +437,6 @@ impl Cluster {
     /// The address (shard 0) of a member, as the cluster file gives it.
     pub fn addr(&self, name: &str) -> String {
         self.member(name).addr.to_string()
-    }
-
-    pub fn is_running(&self, name: &str) -> bool {
-        self.member(name).node.is_some()
     }
 
     /// SIGTERM, and the exit status (bounded wait).
