@@ -122,6 +122,9 @@ pub struct PeerCounters {
     /// that restarts and takes the next connection at once is not asked
     /// again.)
     pub rings_differ: Cell<u64>,
+    /// Members' rings compared with this node's (`rings_differ` counts
+    /// the ones that differed).
+    pub rings_compared: Cell<u64>,
 }
 
 /// How long the ask for a member's ring ([`Peers::compare_ring`]) may take.
@@ -448,6 +451,7 @@ impl Peers {
             self.ring_asked.borrow_mut().remove(&member);
             return;
         };
+        bump(&self.counters.rings_compared, 1);
         if ring != self.ring.0 || quorums != self.ring.1 {
             bump(&self.counters.rings_differ, 1);
             tracing::error!(
