@@ -2216,7 +2216,8 @@ impl<'e, B: Backend> SegmentReader<'e, B> {
         }
         let at = self.at;
         let data = self.data.as_ref().expect("a record was found in the piece").as_ref();
-        match decode_record(&data[at..], self.seed) {
+        // The loop above verified its header.
+        match crate::storage::format::decode_record_after_header(&data[at..], self.seed) {
             Ok(r) => {
                 self.at += r.encoded_len();
                 if at < self.ahead {

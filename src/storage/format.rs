@@ -321,14 +321,27 @@ pub fn decode_record(buf: &[u8], seed: Seed) -> Result<RecordRef<'_>, DecodeErro
 /// hit would otherwise hash the whole record again on every read). The
 /// header is validated either way.
 pub(crate) fn decode_record_with(buf: &[u8], verify: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
-    let (h, len) = match verify {
+    decode_record_parts(buf, verify, verify)
+}
+
+/// [`decode_record`] of a record whose header [`decode_header`] has
+/// verified already (a scan sizes each record by its header first): the
+/// checksum only, the header's check not hashed again.
+pub(crate) fn decode_record_after_header(buf: &[u8], seed: Seed) -> Result<RecordRef<'_>, DecodeError> {
+    decode_record_parts(buf, None, Some(seed))
+}
+
+/// A record of `buf`: its header verified under `header` (`None`: verified
+/// before), its checksum under `checksum` (`None`: verified before).
+fn decode_record_parts(buf: &[u8], header: Option<Seed>, checksum: Option<Seed>) -> Result<RecordRef<'_>, DecodeError> {
+    let (h, len) = match header {
         Some(seed) => decode_header(buf, seed)?,
         None => decode_verified_header(buf)?,
     };
     if buf.len() < len {
         return Err(DecodeError::Truncated { need: len, have: buf.len() });
     }
-    if let Some(seed) = verify {
+    if let Some(seed) = checksum {
         let computed = seed.checksum(&buf[8..len]);
         let stored = h.checksum.get();
         if computed != stored {

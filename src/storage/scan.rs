@@ -74,7 +74,7 @@ fn resync(data: &[u8], from: usize, seed: Seed, hashed: &mut u64) -> Option<usiz
         match decode_header(&data[at..], seed) {
             Ok((_, len)) if len <= data.len() - at => {
                 *hashed += len as u64;
-                decode_record(&data[at..], seed).is_ok()
+                crate::storage::format::decode_record_after_header(&data[at..], seed).is_ok()
             }
             _ => false,
         }
