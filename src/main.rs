@@ -946,7 +946,8 @@ fn pick_sibling<'a>(key: &str, values: &'a [Vec<u8>], sibling: Option<usize>) ->
 /// `shard-NNN` directory per shard), or one shard's directory
 /// (`GYRE_FORMAT`, segments and hints).
 enum CheckTarget {
-    Cluster(Vec<PathBuf>),
+    /// Its members' directories, in order.
+    Cluster(Vec<(PathBuf, NodeDirInfo)>),
     Node(NodeDirInfo),
     Shard,
 }
@@ -961,7 +962,7 @@ struct NodeDirInfo {
 }
 
 /// Whether `dir` has a `NODE` file (of any kind, as a start sees it: one
-/// that is not a readable file is an error, not a missing file).
+/// that is not a readable file then fails to read).
 fn is_node_dir(dir: &Path) -> bool {
     gyre::node::config::node_data(dir).ok().flatten() == Some(gyre::node::config::NodeData::Node)
 }
@@ -971,10 +972,12 @@ fn shard_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(gyre::node::config::shard_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect())
 }
 
-fn node_dir_info(dir: &Path) -> anyhow::Result<NodeDirInfo> {
+/// `dir`, found to hold `data`, as `gyre check` sees it.
+fn node_dir_info(dir: &Path, data: &gyre::node::config::NodeData) -> anyhow::Result<NodeDirInfo> {
     // A NODE file that is there must be one a start would take: its
     // partition count decides how a repair opens the shards.
-    let node = is_node_dir(dir).then(|| gyre::node::config::read_node_file(dir)).transpose()?;
+    let has_node_file = *data == gyre::node::config::NodeData::Node;
+    let node = has_node_file.then(|| gyre::node::config::read_node_file(dir)).transpose()?;
     Ok(NodeDirInfo {
         partitions: node.as_ref().map(|n| n.partitions),
         shards: node.as_ref().map(|n| n.shards),
@@ -987,8 +990,8 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
     if dir.join(FORMAT_FILE).exists() {
         return Ok(CheckTarget::Shard);
     }
-    if gyre::node::config::node_data(dir)?.is_some() {
-        return Ok(CheckTarget::Node(node_dir_info(dir)?));
+    if let Some(data) = gyre::node::config::node_data(dir)? {
+        return Ok(CheckTarget::Node(node_dir_info(dir, &data)?));
     }
     if dir.join("cluster.toml").is_file() {
         // The members the file names (all, if it cannot be read): one of
@@ -1004,13 +1007,16 @@ fn check_target(dir: &Path) -> anyhow::Result<CheckTarget> {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let member = named.as_ref().is_none_or(|named| named.contains(&name));
             match gyre::node::config::node_data(&path) {
-                Ok(Some(_)) => nodes.push(path),
+                Ok(Some(data)) => {
+                    let info = node_dir_info(&path, &data)?;
+                    nodes.push((path, info));
+                }
                 Ok(None) => {}
                 Err(e) if member => return Err(e),
                 Err(_) => {}
             }
         }
-        nodes.sort();
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
         return Ok(CheckTarget::Cluster(nodes));
     }
     bail!(
@@ -1055,8 +1061,7 @@ fn check(dir: &Path, repair: bool) -> anyhow::Result<()> {
         }
         CheckTarget::Cluster(nodes) => {
             let mut reports = Vec::new();
-            for node in nodes {
-                let info = node_dir_info(&node)?;
+            for (node, info) in nodes {
                 reports.push(check_node(&node, info, repair, &mut failed)?);
             }
             serde_json::json!({ "data_dir": dir, "mode": mode, "nodes": reports })
