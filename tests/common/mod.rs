@@ -838,6 +838,27 @@ pub fn unread_gets(addr: &str, key: &[u8], n: u64) -> std::net::TcpStream {
     s
 }
 
+/// Sends `n` pipelined GETs of `key`, which holds `value` (its one
+/// sibling), to the node at `addr` and reads nothing until the node (its
+/// shard 0, asked through `c`) stops starting them; checks that it started
+/// fewer than a bound the old behaviour (all of them) breaks, then reads
+/// every reply. The bound: the 4 MiB of replies a connection may have
+/// queued, the 64 requests it may have running, what the sockets' buffers
+/// on both sides take, and 20 to spare.
+pub fn check_unread_gets_are_bounded(c: &mut gyre::client::Client, addr: &str, key: &[u8], value: &[u8], n: u64) {
+    let value_len = value.len();
+    let mut started = Started::new(c);
+    let mut s = unread_gets(addr, key, n);
+    let run = started.until_held(c, n);
+    let bound = (4 << 20) / value_len as u64 + 64 + socket_buffers() / value_len as u64 + 20;
+    eprintln!("{run} of {n} GETs of {value_len} bytes started while the client read nothing (bound {bound})");
+    // Some must have run for the count to mean anything.
+    assert!(bound < n && run > 0, "bound {bound} of {n}, {run} ran: this host's socket buffers are too large");
+    assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
+    // Once the client reads, every reply comes, each once.
+    read_get_replies(&mut s, n, value);
+}
+
 /// Reads one frame off `s`: its header and body (an error for a read
 /// that failed, by its timeout too, or a header that does not decode).
 pub fn read_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
