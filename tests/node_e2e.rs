@@ -595,15 +595,10 @@ fn a_timeout_that_is_not_a_duration_is_refused_clearly() {
 #[test]
 fn gyre_dev_refuses_a_quorum_its_cluster_cannot_have() {
     let dir = tmp();
-    let (data, log) = (dir.path().join("d").display().to_string(), dir.path().join("dev.log"));
-    // Bounded: were the quorum taken, dev would start its nodes and run on.
     for (args, says) in [(&["-n", "5"][..], "n = 5 is more than the 3 nodes"), (&["--nodes", "2", "-r", "3"], "r = 3")]
     {
-        let all = ["dev", "--port", "9", "--data-dir", &data].into_iter().chain(args.iter().copied());
-        let mut child = common::spawn_logged(all, &log);
-        let (status, err) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
-        let status = status.unwrap_or_else(|| panic!("{args:?} started a cluster: {err}"));
-        assert!(!status.success() && err.contains(says), "{args:?}: {err}");
+        let err = common::Dev::refused(dir.path(), "9", args);
+        assert!(err.contains(says), "{args:?}: {err}");
     }
 }
 
@@ -1541,18 +1536,15 @@ fn check_fails_on_shard_data_without_a_node_file() {
 #[test]
 fn gyre_dev_refuses_a_lone_nodes_data_directory() {
     let dir = tmp();
-    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "never"]);
+    let data = dir.path().join("data");
+    let node = Node::start(&data, &["--shards", "1", "--fsync", "never"]);
     assert!(node.terminate().success());
-    let log = dir.path().join("dev.log");
-    let args = ["dev", "--port", "1", "--data-dir"].map(std::ffi::OsStr::new);
     for (what, holds) in [("with its NODE file", "its NODE file"), ("without it", "shard-000")] {
-        let mut child = common::spawn_logged(args.into_iter().chain([dir.path().as_os_str()]), &log);
-        let (status, stderr) = common::wait_logged(&mut child, Duration::from_secs(10), &log);
-        let status = status.unwrap_or_else(|| panic!("{what}: gyre dev started on a node's directory: {stderr}"));
+        let stderr = common::Dev::refused(dir.path(), "1", &[]);
         let refused = stderr.contains("not a `gyre dev` cluster") && stderr.contains(holds);
-        assert!(!status.success() && refused, "{what}: {status:?}: {stderr}");
-        assert!(!dir.path().join("cluster.toml").exists(), "{what}: nothing was written");
-        let _ = std::fs::remove_file(dir.path().join(gyre::node::config::NODE_FILE));
+        assert!(refused, "{what}: {stderr}");
+        assert!(!data.join("cluster.toml").exists(), "{what}: nothing was written");
+        let _ = std::fs::remove_file(data.join(gyre::node::config::NODE_FILE));
     }
 }
 

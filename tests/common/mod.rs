@@ -679,17 +679,7 @@ impl Dev {
     /// and that line, or its log if it exited or did not get ready within
     /// [`DEV_START_TIMEOUT`] (it is then killed, its nodes too).
     pub fn start_in(dir: &Path, port: &str, args: &[&str]) -> Result<(Dev, String), String> {
-        let log = dir.join("dev.log");
-        let file = std::fs::File::options().create(true).append(true).open(&log).expect("the log file");
-        let child = Command::new(GYRE)
-            .args(["dev", "--port", port, "--data-dir"])
-            .arg(dir.join("data"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(file)
-            .spawn()
-            .expect("spawning gyre dev");
-        let mut dev = Dev { child, nodes: Vec::new(), log };
+        let mut dev = Dev::spawn_in(dir, port, args);
         let stdout = dev.child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -705,6 +695,40 @@ impl Dev {
             Ok(line) => Ok((dev, line)),
             Err(e) => Err(format!("gyre dev not ready ({e}): {}", dev.log())),
         }
+    }
+
+    /// `gyre dev --port PORT --data-dir DIR/data ARGS`, its stderr appended
+    /// to `DIR/dev.log` and its stdout piped.
+    fn spawn_in(dir: &Path, port: &str, args: &[&str]) -> Dev {
+        let log = dir.join("dev.log");
+        let file = std::fs::File::options().create(true).append(true).open(&log).expect("the log file");
+        let child = Command::new(GYRE)
+            .args(["dev", "--port", port, "--data-dir"])
+            .arg(dir.join("data"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("spawning gyre dev");
+        Dev { child, nodes: Vec::new(), log }
+    }
+
+    /// Runs `gyre dev` as [`Self::start_in`] does, for a test that expects
+    /// a refusal: what it wrote to stderr, once it exited non-zero. The test fails if it
+    /// exited 0 or still runs after [`DEV_START_TIMEOUT`] (then it and any
+    /// node it started are killed: one harness for the tests of a refusal,
+    /// which waited each its own way, and killed no node a wrong start
+    /// left; found by a review).
+    pub fn refused(dir: &Path, port: &str, args: &[&str]) -> String {
+        // What this run writes: the log is appended to.
+        let before = std::fs::metadata(dir.join("dev.log")).map_or(0, |m| m.len() as usize);
+        let mut dev = Dev::spawn_in(dir, port, args);
+        let status = wait_bounded(&mut dev.child, DEV_START_TIMEOUT);
+        dev.nodes = child_pids(dev.child.id());
+        let log = dev.log().get(before..).unwrap_or_default().to_string();
+        let status = status.unwrap_or_else(|| panic!("gyre dev {args:?} started instead of refusing: {log}"));
+        assert!(!status.success(), "gyre dev {args:?} exited 0: {log}");
+        log
     }
 
     /// [`Self::start_in`] a fresh temporary directory at a free port of
