@@ -280,18 +280,14 @@ impl<B: Backend> Store<B> {
         value: Option<V>,
     ) -> Result<Dot, StoreError> {
         let last_seq = self.engine.last_seq();
-        for (actor, counter) in ctx.iter() {
-            if counter <= set.clock().get(actor) {
-                continue;
-            }
-            if counter > MAX_CONTEXT_COUNTER {
-                let why = "a context counter beyond any real history";
-                return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
-            }
-            if actor == self.actor && counter > last_seq {
-                let why = "the context names a write this node never made";
-                return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
-            }
+        if unseen_past(set.clock(), ctx, MAX_CONTEXT_COUNTER) {
+            let why = "a context counter beyond any real history";
+            return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
+        }
+        let own = ctx.get(self.actor);
+        if own > set.clock().get(self.actor) && own > last_seq {
+            let why = "the context names a write this node never made";
+            return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
         }
         set.update_after(ctx, self.actor, value, last_seq).map_err(update_error)
     }
@@ -377,7 +373,7 @@ impl<B: Backend> Store<B> {
             let (set, id) = self.read(key).await?;
             // The clock covers every sibling's dot (`VersionSet::decode`).
             let held = set.clock();
-            if incoming.clock().iter().any(|(a, c)| c > held.get(a) && c > MAX_REPLICA_COUNTER) {
+            if unseen_past(held, incoming.clock(), MAX_REPLICA_COUNTER) {
                 let why = "a replica's counter beyond any real history";
                 return Err(StoreError::InvalidContext(VersionError::Malformed(why)));
             }
@@ -400,6 +396,12 @@ impl<B: Backend> Store<B> {
         }
         Err(StoreError::Contended)
     }
+}
+
+/// Whether `incoming` names a write past `bound` that the key's clock
+/// `held` does not hold (one it holds is the key's own, whatever it is).
+fn unseen_past(held: &Clock, incoming: &Clock, bound: u64) -> bool {
+    incoming.iter().any(|(actor, counter)| counter > held.get(actor) && counter > bound)
 }
 
 /// A client update the versions refuse.
