@@ -509,7 +509,8 @@ impl Shard {
             _ => None,
         };
         let order = coordinator_order(replicas, context);
-        let mut last = String::new();
+        // Why each replica tried did not serve it.
+        let mut why = Vec::new();
         // A replica's RingMismatch: it did nothing, so the next replica is
         // tried (found by a review: one member with another cluster file
         // failed requests the others could serve); the refusal is the
@@ -523,7 +524,7 @@ impl Shard {
                 Ok(frame) if is_ring_mismatch(&frame) => {
                     mismatch = Some(frame);
                     let refused = format!("{} does not replicate the key by its own ring", cs.peers.name(to));
-                    last = if last.is_empty() { refused } else { format!("{last}; {refused}") };
+                    why.push(refused);
                 }
                 Ok(mut frame) => {
                     // Answer as if it were ours: the client's request id, and
@@ -546,7 +547,7 @@ impl Shard {
                 }
                 Err(e) => {
                     unreachable = true;
-                    last = if last.is_empty() { e.to_string() } else { format!("{last}; {e}") };
+                    why.push(e.to_string());
                 }
             }
         }
@@ -558,7 +559,7 @@ impl Shard {
         self.error_frame(
             header.request_id,
             ErrorCode::QuorumFailed,
-            &format!("no replica of the key is reachable: {last}"),
+            &format!("no replica of the key is reachable: {}", why.join("; ")),
         )
     }
 
