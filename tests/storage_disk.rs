@@ -301,11 +301,7 @@ fn never_policy_writes_through_the_ticker() {
         // The ticker's first tick is 10 ms away: polled until it has
         // written, with a deadline far past that (found by a review: one
         // 100 ms sleep was all a loaded machine got).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while engine.stats().flushes == 0 && std::time::Instant::now() < deadline {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(engine.stats().flushes >= 1, "the ticker wrote nothing within 10 s");
+        until_flushed(&engine, "the ticker").await;
         stop.stop().await;
         drop(engine);
         // Stopping released every engine clone: the directory lock is free.
@@ -332,11 +328,7 @@ fn the_compaction_loop_never_holds_the_shard() {
         }
         // The ticker runs beside the loop (polled, not a fixed wait: a
         // slow machine may take longer than the puts for its first tick).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while engine.stats().flushes == 0 {
-            assert!(std::time::Instant::now() < deadline, "the ticker never ran");
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-        }
+        until_flushed(&engine, "the ticker").await;
         stop.stop().await;
     });
 }
@@ -414,12 +406,7 @@ fn the_flusher_writes_a_full_buffer_without_a_writer_waiting() {
             put.expect("a put below the backlog limit does not wait").unwrap();
         }
         assert_eq!(engine.stats().flushes, 0, "nothing written before the flusher ran");
-        let mut waited_ms = 0;
-        while engine.stats().flushes == 0 && waited_ms < 2_000 {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
-            waited_ms += 5;
-        }
-        assert!(engine.stats().flushes >= 1, "the flusher wrote nothing in {waited_ms} ms");
+        until_flushed(&engine, "the flusher").await;
         assert!(engine.stats().bytes_written >= 16 * 1024, "{:?}", engine.stats());
         stop.stop().await;
     });
@@ -518,6 +505,16 @@ fn engine_close_after_a_cancelled_flush_returns() {
 
 /// A new file `name` of `data` (a whole number of blocks) through the
 /// glommio backend.
+/// Waits (polling, up to 10 s, else the test fails naming `what`) until
+/// the engine has flushed once: its background work runs beside the test.
+async fn until_flushed<B: gyre::storage::backend::Backend>(engine: &gyre::storage::Engine<B>, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.stats().flushes == 0 {
+        assert!(std::time::Instant::now() < deadline, "{what} wrote nothing within 10 s");
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn new_file(backend: &GlommioBackend, name: &str, data: &[u8]) -> std::rc::Rc<glommio::io::DmaFile> {
     let f = backend.open(name, true).await.unwrap();
     backend.write_at(&f, backend.alloc_with(&f, data.len(), data), 0).await.unwrap();
