@@ -15,8 +15,9 @@
 //! resurrect what was deleted; compaction forgets it after the engine's
 //! tombstone grace period (a lone node's; a cluster's are kept). Every new
 //! dot is drawn above the shard's last sequence number (`Store::update`), so a
-//! key forgotten that way never has a dot reissued; and a client context
-//! naming a counter the key has not seen is refused if it is over
+//! key forgotten that way never has a dot reissued; a client context bound
+//! to another key is refused, and so is one
+//! naming a counter the key has not seen if it is over
 //! [`MAX_CONTEXT_COUNTER`], or is this node's own past its last sequence
 //! number (`Store::update`); a replica's set naming one over
 //! [`MAX_REPLICA_COUNTER`] is refused (`Store::merge`).
@@ -26,7 +27,9 @@ use std::cell::RefCell;
 use thiserror::Error;
 
 use crate::core::coord::apply_replica_put;
-use crate::core::version::{decode_context, Actor, Clock, Dot, VersionError, VersionSet};
+use crate::core::version::{
+    bind_encoded_clock, decode_context, encode_context, Actor, Clock, Dot, VersionError, VersionSet,
+};
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
 
@@ -104,11 +107,14 @@ pub struct Store<B: Backend> {
     /// the engine copies it into the log at once, so no write needs
     /// buffers of its own (and none holds any through a durability wait).
     scratch: RefCell<(Vec<u8>, Vec<u8>)>,
+    /// The context a GET or a write answered at once hands out (bound to
+    /// its key), reused as `scratch` is: built per reply, copied into it.
+    context: RefCell<Vec<u8>>,
 }
 
 impl<B: Backend> Store<B> {
     pub fn new(engine: Engine<B>, actor: Actor, max_value_len: usize) -> Self {
-        Store { engine, actor, max_value_len, scratch: RefCell::default() }
+        Store { engine, actor, max_value_len, scratch: RefCell::default(), context: RefCell::default() }
     }
 
     /// The largest value a put may store.
@@ -125,10 +131,10 @@ impl<B: Backend> Store<B> {
         Ok(self.read(key).await?.0)
     }
 
-    /// A GET answered from memory without waiting: `reply` gets the
-    /// context and the live values, borrowed from the stored record (no
-    /// value is copied). `None` when the record must be read from disk;
-    /// [`Self::get`] does that.
+    /// A lone node's GET answered from memory without waiting: `reply` gets
+    /// the context (bound to `key`, with no hint) and the live values,
+    /// borrowed from the stored record (no value is copied). `None` when
+    /// the record must be read from disk; [`Self::get`] does that.
     pub fn get_now<R>(&self, key: &[u8], reply: impl FnOnce(&[u8], Vec<&[u8]>) -> R) -> Option<Result<R, StoreError>> {
         let rec = match self.engine.get_now(key)? {
             Ok(rec) => rec,
@@ -142,7 +148,10 @@ impl<B: Backend> Store<B> {
                 Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
             },
         };
-        Some(Ok(reply(context, live)))
+        let mut bound = self.context.borrow_mut();
+        bound.clear();
+        bind_encoded_clock(&mut bound, context, key, None);
+        Some(Ok(reply(&bound, live)))
     }
 
     async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<RecordId>), StoreError> {
@@ -164,7 +173,7 @@ impl<B: Backend> Store<B> {
         value: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Written, StoreError> {
-        let ctx = self.check_write(context, value)?;
+        let ctx = self.check_write(key, context, value)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             self.engine.wait_for_compaction().await;
             let (mut set, id) = self.read(key).await?;
@@ -178,11 +187,11 @@ impl<B: Backend> Store<B> {
     }
 
     /// [`Self::put`] without waiting, when the key's record is in memory
-    /// (or it has none): reads the stored versions borrowed from the
-    /// record, applies the update and appends the result in one step, so
-    /// no other write of the key can come between, and no value is copied
-    /// but the new one into the log. `reply` gets the new context (what the
-    /// writer has seen: the prefix of the stored metadata that encodes the
+    /// (or it has none), on a lone node: reads the stored versions borrowed
+    /// from the record, applies the update and appends the result in one
+    /// step, so no other write of the key can come between, and no value is
+    /// copied but the new one into the log. `reply` gets the new context
+    /// (what the writer has seen, bound to `key` with no hint: the stored
     /// clock, or [`VersionSet::writer_context`] when other live siblings
     /// remain) and the number of live siblings. `None`, having done nothing, when the record must
     /// first be read from disk, or while writes wait for compaction
@@ -199,7 +208,7 @@ impl<B: Backend> Store<B> {
         now_ms: u64,
         reply: impl FnOnce(&[u8], usize) -> R,
     ) -> Option<Result<(R, PendingWrite), StoreError>> {
-        let ctx = match self.check_write(context, value) {
+        let ctx = match self.check_write(key, context, value) {
             Ok(ctx) => ctx,
             Err(e) => return Some(Err(e)),
         };
@@ -232,11 +241,14 @@ impl<B: Backend> Store<B> {
             Ok(None) => return None,
         };
         let siblings = set.live_values().count();
-        let reply = match set.writer_context(&ctx, dot) {
+        let mut bound = self.context.borrow_mut();
+        bound.clear();
+        match set.writer_context(&ctx, dot) {
             // The common case: the prefix of the stored encoding.
-            None => reply(&self.scratch.borrow().0[..context_len], siblings),
-            Some(seen) => reply(&seen.to_bytes(), siblings),
-        };
+            None => bind_encoded_clock(&mut bound, &self.scratch.borrow().0[..context_len], key, None),
+            Some(seen) => *bound = encode_context(&seen, key, None),
+        }
+        let reply = reply(&bound, siblings);
         Some(Ok((reply, pending)))
     }
 
@@ -272,7 +284,11 @@ impl<B: Backend> Store<B> {
     /// (only that node could judge it), and a replica that stores it drops
     /// as seen every write of that node's to the key made without that
     /// entry, up to the counter, until repair gives the node the entry
-    /// (ARCHITECTURE.md, "Data directory of a node").
+    /// (ARCHITECTURE.md, "Data directory of a node"). An honest client's
+    /// context of another key did that; contexts are bound to their key
+    /// now, and `check_write` refuses another key's. A forged context (or
+    /// an unbound one, an older node's format) still can: nothing signs
+    /// them.
     fn update<V: AsRef<[u8]>>(
         &self,
         set: &mut VersionSet<V>,
@@ -292,16 +308,17 @@ impl<B: Backend> Store<B> {
         set.update_after(ctx, self.actor, value, last_seq).map_err(update_error)
     }
 
-    /// The context of a write, once the write is known to be within the
-    /// client limits.
-    fn check_write(&self, context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
-        let (ctx, _hint) = decode_context(context).map_err(StoreError::InvalidContext)?;
+    /// The context of a write of `key`, once the write is known to be
+    /// within the client limits and the context is not another key's.
+    fn check_write(&self, key: &[u8], context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
+        let ctx = decode_context(context).map_err(StoreError::InvalidContext)?;
+        ctx.check_key(key).map_err(StoreError::InvalidContext)?;
         if let Some(v) = value {
             if v.len() > self.max_value_len {
                 return Err(StoreError::ValueTooLarge { len: v.len(), max: self.max_value_len });
             }
         }
-        Ok(ctx)
+        Ok(ctx.clock)
     }
 
     /// Appends `set` if the key still holds record `id` (the one it was
@@ -506,28 +523,40 @@ mod tests {
 
     #[test]
     fn a_write_done_at_once_matches_the_waiting_cycle() {
-        // The same writes (fresh keys, seen and stale contexts, deletes,
-        // too many siblings) through `put` on one store and `put_now` on
-        // another leave equal versions and hand out equal contexts.
+        // The same writes (fresh keys, seen and stale contexts, another
+        // key's, deletes, too many siblings) through `put` on one store and
+        // `put_now` on another leave equal versions and hand out equal
+        // contexts.
         block_on(async {
             let (waiting, at_once) = (store(), store());
             let mut rng = fastrand::Rng::with_seed(11);
-            let mut contexts: Vec<Vec<u8>> = vec![Vec::new()];
-            let mut written = 0;
+            // Contexts handed out, per key (the key's last byte).
+            let mut contexts: Vec<Vec<Vec<u8>>> = vec![vec![Vec::new()]; 4];
+            let (mut written, mut other_keys) = (0, 0);
             for i in 0..2_000u64 {
                 let key = [b'k', rng.u8(0..4)];
-                let ctx = contexts[rng.usize(..contexts.len())].clone();
+                // One write in ten brings a context of a key picked at
+                // random, another's or its own.
+                let of = if rng.u8(0..10) == 0 { rng.usize(0..4) } else { key[1] as usize };
+                let ctx = contexts[of][rng.usize(..contexts[of].len())].clone();
                 let value = (rng.u8(0..5) != 0).then(|| vec![i as u8; rng.usize(0..8)]);
                 let w = waiting.put(&key, &ctx, value.as_deref(), i).await;
                 let n = at_once.put_now(&key, &ctx, value.as_deref(), i, |c, n| (c.to_vec(), n)).expect("in memory");
                 match (w, n) {
                     (Ok(w), Ok(((context, siblings), pending))) => {
                         at_once.engine().settle(pending).await.unwrap();
-                        assert_eq!((w.context().to_bytes(), w.siblings()), (context.clone(), siblings), "write {i}");
-                        contexts.push(context);
+                        let bound = encode_context(w.context(), &key, None);
+                        assert_eq!((bound, w.siblings()), (context.clone(), siblings), "write {i}");
+                        contexts[key[1] as usize].push(context);
                         written += 1;
                     }
-                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "write {i}"),
+                    (Err(a), Err(b)) => {
+                        assert_eq!(a.to_string(), b.to_string(), "write {i}");
+                        if matches!(a, StoreError::InvalidContext(VersionError::OtherKey)) {
+                            assert!(of != key[1] as usize && !ctx.is_empty(), "write {i}: its own context refused");
+                            other_keys += 1;
+                        }
+                    }
                     (a, b) => panic!("write {i}: {a:?} against {:?}", b.map(|(r, _)| r)),
                 }
                 let read = waiting.get(&key).await.unwrap();
@@ -536,10 +565,13 @@ mod tests {
                 // its writer was not given, so writes with those alone
                 // would pile up siblings.
                 if rng.bool() {
-                    contexts.push(read.clock().to_bytes());
+                    let context = at_once.get_now(&key, |c, _| c.to_vec()).expect("in memory").unwrap();
+                    assert_eq!(context, encode_context(read.clock(), &key, None), "write {i}");
+                    contexts[key[1] as usize].push(context);
                 }
             }
             assert!(written > 1_000, "most writes succeed: {written}");
+            assert!(other_keys > 50, "another key's contexts are refused: {other_keys}");
         })
     }
 
@@ -747,6 +779,37 @@ mod tests {
                 let ctx = x.get(key).await.unwrap().clock().to_bytes();
                 assert_eq!(x.put(key, &ctx, Some(b"x"), 7).await.unwrap().siblings(), 1, "{key:?}");
             }
+        })
+    }
+
+    /// The known hole's honest path (a review of the causal versions): a
+    /// client passed key j's context with a write of key k. Counters are
+    /// shard sequence numbers, so j's context named node y's writes far
+    /// past y's write of k; node x took that into k's clock and then
+    /// dropped y's write of k as seen when it arrived. Contexts are bound
+    /// to their key now, and another key's is refused.
+    #[test]
+    fn a_context_of_another_key_is_refused_and_drops_nothing() {
+        block_on(async {
+            let (x, y) = (store_as(1), store_as(2));
+            let of_k = y.put(b"k", &[], Some(b"y's k"), 1).await.unwrap();
+            let mut j_ctx = Vec::new();
+            for i in 0..20 {
+                let w = y.put(b"j", &j_ctx, Some(b"j"), 2 + i).await.unwrap();
+                j_ctx = encode_context(w.context(), b"j", None);
+            }
+            let err = x.put(b"k", &j_ctx, Some(b"mistake"), 30).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidContext(VersionError::OtherKey)), "{err}");
+            assert!(x.get(b"k").await.unwrap().is_empty(), "nothing was stored");
+            assert!(x.merge(b"k", &of_k.set, 31).await.unwrap(), "y's write of k is new to x");
+            assert_eq!(values(&x.get(b"k").await.unwrap()), vec![b"y's k".to_vec()]);
+            // With the key's own context, bound or as older nodes handed
+            // it out (unbound, taken as before), the write goes ahead.
+            let read = x.get(b"k").await.unwrap();
+            let w = x.put(b"k", &encode_context(read.clock(), b"k", None), Some(b"x's k"), 32).await.unwrap();
+            assert_eq!(w.siblings(), 1);
+            let w = x.put(b"k", &w.context().to_bytes(), Some(b"x's k again"), 33).await.unwrap();
+            assert_eq!(w.siblings(), 1);
         })
     }
 

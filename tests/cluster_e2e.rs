@@ -258,6 +258,10 @@ fn concurrent_writers_through_different_coordinators_make_siblings() {
         .unwrap();
     assert_eq!(updated.siblings, 1);
     assert_eq!(values(&mut bob, "cart"), bytes(&["bread,eggs,milk,jam"]));
+    // A context is bound to its key: the cart's, passed with another key,
+    // is refused by that key's coordinator, which stores nothing.
+    let err = bob.put(b"race", b"mistake", &both.context).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidContext), "{err}");
     // Truly concurrent blind writers on every coordinator at once: every
     // write survives as a sibling.
     let writers: Vec<_> = cluster

@@ -507,9 +507,9 @@ impl Contexts {
     /// in a reply covers every version the replica held (siblings
     /// included), so of two contexts of one key the later covers the
     /// earlier unless they come from concurrent writes; the larger counter
-    /// sum is taken as the later. A cluster's contexts also carry a
-    /// coordinator hint (`decode_context` reads both formats); the bytes
-    /// are passed back whole.
+    /// sum is taken as the later. A context also carries its key's tag and
+    /// a cluster's a coordinator hint (`decode_context` reads every
+    /// format); the bytes are passed back whole.
     pub(crate) fn learn(&mut self, key: u64, ctx: &[u8]) {
         if ctx.is_empty() {
             return;
@@ -520,8 +520,8 @@ impl Contexts {
         if held.as_ref().is_some_and(|h| h.bytes == ctx) {
             return;
         }
-        let Ok((clock, _hint)) = decode_context(ctx) else { return };
-        let sum: u64 = clock.iter().map(|(_, n)| n).sum();
+        let Ok(decoded) = decode_context(ctx) else { return };
+        let sum: u64 = decoded.clock.iter().map(|(_, n)| n).sum();
         match held {
             Some(held) if held.sum < sum => {
                 held.sum = sum;
@@ -1781,11 +1781,11 @@ mod tests {
             bytes.push(n as u8);
             Clock::decode(&bytes).unwrap()
         };
-        s.learn(0, &encode_context(&clock(2), 1));
-        s.learn(0, &encode_context(&clock(1), 2));
-        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(2), 1));
-        s.learn(0, &encode_context(&clock(3), 0));
-        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(3), 0));
+        s.learn(0, &encode_context(&clock(2), b"k", Some(1)));
+        s.learn(0, &encode_context(&clock(1), b"k", Some(2)));
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(2), b"k", Some(1)));
+        s.learn(0, &encode_context(&clock(3), b"k", Some(0)));
+        assert_eq!(s.contexts.borrow().get(0).unwrap(), encode_context(&clock(3), b"k", Some(0)));
     }
 
     #[test]

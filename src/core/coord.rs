@@ -628,7 +628,7 @@ fn answer_of<T>(replicas: &mut [(MemberIdx, Answer<T>)], from: MemberIdx) -> Opt
 /// fastest) goes to that one first if it is a replica; then the list in
 /// preference order. A read (`context: None`) takes the list as it is.
 pub fn coordinator_order(replicas: &[MemberIdx], context: Option<&[u8]>) -> Vec<MemberIdx> {
-    let hint = context.and_then(|c| decode_context(c).ok()).and_then(|(_, h)| h).filter(|h| replicas.contains(h));
+    let hint = context.and_then(|c| decode_context(c).ok()).and_then(|c| c.hint).filter(|h| replicas.contains(h));
     hint.into_iter().chain(replicas.iter().copied().filter(|&m| Some(m) != hint)).collect()
 }
 
@@ -660,7 +660,7 @@ mod tests {
 
     #[test]
     fn a_hinted_write_goes_to_its_coordinator_first() {
-        let hinted = |h| crate::core::version::encode_context(&Clock::new(), h);
+        let hinted = |h| crate::core::version::encode_context(&Clock::new(), b"k", Some(h));
         assert_eq!(coordinator_order(&[4, 2, 7], None), [4, 2, 7]);
         assert_eq!(coordinator_order(&[4, 2, 7], Some(&hinted(7))), [7, 4, 2]);
         assert_eq!(coordinator_order(&[4, 2, 7], Some(&hinted(9))), [4, 2, 7], "not a replica: ignored");

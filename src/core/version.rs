@@ -61,17 +61,43 @@
 //! Example: `{1: 1, 300: 300}` is `01 02 | 01 00 00 00 00 00 00 00 01 |
 //! 2c 01 00 00 00 00 00 00 ac 02`.
 //!
-//! A cluster's GET, PUT and DELETE replies add a coordinator hint (Dynamo
-//! section 6.4: the replica that answered the read fastest coordinates
-//! the write that follows it; a write's own coordinator, the next) with
-//! format 2, which [`decode_context`] reads and
-//! [`Clock::decode`] refuses:
+//! That is the stored clock's encoding, and the context format 1 that
+//! older nodes handed out. A node hands out format 3: the clock bound to
+//! its key, with a coordinator hint (Dynamo section 6.4: in a cluster, the
+//! replica that answered the read fastest coordinates the write that
+//! follows it; a write's own coordinator, the next):
+//!
+//! ```text
+//! size     field
+//! 1        format     u8 = 3
+//! 8        key tag    u64 LE, xxh3-64 of the key with seed KEY_TAG_SEED
+//! 2        hint       u16 LE, a ring member index; 0xffff (NO_HINT): none,
+//!                     a lone node's
+//! 1..=10   n          varint, 0..=MAX_CLOCK_ENTRIES (0: nothing seen yet)
+//! n times: actor, counter as above
+//! ```
+//!
+//! A write whose context's key tag is not its key's is refused
+//! ([`DecodedContext::check_key`]): counters are shards' sequence numbers, so a
+//! context of another key names writes this key never had, and taking them
+//! would drop this key's siblings unseen, and in a cluster make a replica
+//! drop a later write of the node they name. The tag guards against a
+//! mistake, not an attacker: it is not signed (ARCHITECTURE.md, "Data
+//! directory of a node").
+//!
+//! Example: `{1: 1}` for key `k`, hinted at member 3, is `03 | a7 23 11 1e
+//! 67 d1 e4 fa | 03 00 | 01 | 01 00 00 00 00 00 00 00 01`.
+//!
+//! [`decode_context`] also reads the two unbound formats older nodes
+//! handed out (a client may hold one across an upgrade; nothing binds it,
+//! so it is taken as before): format 1 above, and format 2, a cluster's
+//! hinted context:
 //!
 //! ```text
 //! size     field
 //! 1        format     u8 = 2
 //! 2        hint       u16 LE, a ring member index
-//! 1..=10   n          varint, 0..=MAX_CLOCK_ENTRIES (0: nothing seen yet)
+//! 1..=10   n          varint, 0..=MAX_CLOCK_ENTRIES
 //! n times: actor, counter as above
 //! ```
 //!
@@ -145,6 +171,8 @@ use std::cmp::Ordering;
 use smallvec::SmallVec;
 use thiserror::Error;
 
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
 use crate::limits::{MAX_META_LEN, VALUE_LEN_HARD_CAP};
 
 /// The node id of the server that coordinated a write.
@@ -164,8 +192,20 @@ const MAX_VARINT_LEN: usize = 10;
 
 /// Format byte of both encodings.
 const FORMAT: u8 = 1;
-/// Format byte of a context that carries a coordinator hint.
+/// Format byte of an unbound context that carries a coordinator hint
+/// (older nodes'; read, never written).
 const FORMAT_HINTED: u8 = 2;
+/// Format byte of a context bound to its key.
+const FORMAT_BOUND: u8 = 3;
+
+/// The hint of a bound context that names no coordinator (a lone node's).
+/// No member has this index.
+pub const NO_HINT: u16 = u16::MAX;
+const _: () = assert!(crate::core::ring::MAX_MEMBERS <= NO_HINT as usize, "NO_HINT must name no member");
+
+/// Seed of the key tag ([`key_tag`]): not the partition hash's (seed 0),
+/// so a context's tag says nothing of where its key lives.
+pub const KEY_TAG_SEED: u64 = 0x6779_7265_2d63_7478; // "gyre-ctx"
 
 /// Sibling kind bytes in the stored sibling table.
 const KIND_LIVE: u8 = 0;
@@ -192,8 +232,9 @@ const MAX_CLOCK_BODY_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64) + MAX_CLO
 /// value length.
 const MAX_SIBLING_ROW_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64 - 1) + MAX_VARINT_LEN + 1 + MAX_VARINT_LEN;
 
-/// Worst-case length of a context encoding (a [`Clock`] with a hint).
-pub const MAX_CONTEXT_LEN: usize = 1 + 2 + MAX_CLOCK_BODY_LEN;
+/// Worst-case length of a context encoding (a [`Clock`] bound to its key,
+/// with a hint).
+pub const MAX_CONTEXT_LEN: usize = 1 + 8 + 2 + MAX_CLOCK_BODY_LEN;
 
 /// Worst-case length of the stored metadata of a [`VersionSet`] within the
 /// limits.
@@ -212,6 +253,9 @@ pub enum VersionError {
     /// a dot counter).
     #[error("malformed version data: {0}")]
     Malformed(&'static str),
+    /// A write brought a context bound to another key.
+    #[error("the context was read from another key; pass a key's own context back with its writes")]
+    OtherKey,
     /// The operation would leave more than `max` siblings.
     #[error("{siblings} siblings exceed the limit of {max}")]
     TooManySiblings { siblings: usize, max: usize },
@@ -393,26 +437,85 @@ impl Clock {
     }
 }
 
-/// A client context with a coordinator hint (module doc, format 2).
-pub fn encode_context(clock: &Clock, hint: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(3 + varint_len(clock.len() as u64) + clock.len() * MAX_CLOCK_ENTRY_LEN);
-    out.push(FORMAT_HINTED);
-    out.extend_from_slice(&hint.to_le_bytes());
+/// The tag that binds a context to `key` (module doc, format 3).
+pub fn key_tag(key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, KEY_TAG_SEED)
+}
+
+/// A decoded client context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedContext {
+    pub clock: Clock,
+    /// The coordinator the context names, if any.
+    pub hint: Option<u16>,
+    /// [`key_tag`] of the key it was read from; `None` for an unbound
+    /// context (an older node's, or no context at all).
+    pub key_tag: Option<u64>,
+}
+
+impl DecodedContext {
+    /// Refuses a context bound to another key than `key`.
+    pub fn check_key(&self, key: &[u8]) -> Result<(), VersionError> {
+        match self.key_tag {
+            Some(tag) if tag != key_tag(key) => Err(VersionError::OtherKey),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The context of `clock` for `key` (module doc, format 3); `hint`:
+/// the coordinator it names, `None` for none.
+pub fn encode_context(clock: &Clock, key: &[u8], hint: Option<u16>) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(BOUND_PREFIX_LEN + varint_len(clock.len() as u64) + clock.len() * MAX_CLOCK_ENTRY_LEN);
+    bound_prefix(&mut out, key, hint);
     clock.encode_body(&mut out);
     out
 }
 
-/// Decodes a client context of either format: its clock and, for format
-/// 2, the coordinator hint.
-pub fn decode_context(bytes: &[u8]) -> Result<(Clock, Option<u16>), VersionError> {
-    if bytes.first() != Some(&FORMAT_HINTED) {
-        return Ok((Clock::decode(bytes)?, None));
+/// [`encode_context`] of a clock given as its encoding ([`Clock::encode`]:
+/// the front of a stored set's metadata), appended to `out`: a node
+/// answers a lone key from its stored record without decoding the clock.
+/// `clock` must be such an encoding; it is not checked here.
+pub fn bind_encoded_clock(out: &mut Vec<u8>, clock: &[u8], key: &[u8], hint: Option<u16>) {
+    bound_prefix(out, key, hint);
+    match clock.split_first() {
+        // Format 1 is the format byte and the body.
+        Some((_, body)) => out.extend_from_slice(body),
+        // The empty clock: a body with no entries.
+        None => put_varint(out, 0),
     }
-    let mut r = Reader::new(&bytes[1..]);
-    let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
+}
+
+/// Bytes of a bound context before its clock body: format, tag, hint.
+const BOUND_PREFIX_LEN: usize = 1 + 8 + 2;
+
+fn bound_prefix(out: &mut Vec<u8>, key: &[u8], hint: Option<u16>) {
+    out.push(FORMAT_BOUND);
+    out.extend_from_slice(&key_tag(key).to_le_bytes());
+    out.extend_from_slice(&hint.unwrap_or(NO_HINT).to_le_bytes());
+}
+
+/// Decodes a client context of any format (module doc).
+pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
+    let (key_tag, hint, body) = match bytes.first() {
+        Some(&FORMAT_BOUND) => {
+            let mut r = Reader::new(&bytes[1..]);
+            let tag = r.u64_le()?;
+            let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
+            (Some(tag), (hint != NO_HINT).then_some(hint), r)
+        }
+        Some(&FORMAT_HINTED) => {
+            let mut r = Reader::new(&bytes[1..]);
+            let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
+            (None, Some(hint), r)
+        }
+        _ => return Ok(DecodedContext { clock: Clock::decode(bytes)?, hint: None, key_tag: None }),
+    };
+    let mut r = body;
     let clock = Clock::decode_body(&mut r)?;
     r.finish("trailing bytes after context")?;
-    Ok((clock, Some(hint)))
+    Ok(DecodedContext { clock, hint, key_tag })
 }
 
 /// One concurrent version of a key: the value a write put, or `None` for a
@@ -951,21 +1054,54 @@ mod tests {
     }
 
     #[test]
-    fn hinted_context_golden() {
+    fn bound_context_golden() {
         let c = clock(&[(1, 1)]);
-        let golden = [0x02, 0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01];
-        assert_eq!(encode_context(&c, 3), golden);
-        assert_eq!(decode_context(&golden), Ok((c.clone(), Some(3))));
-        assert!(Clock::decode(&golden).is_err(), "a plain clock decoder refuses a hint");
-        assert_eq!(decode_context(&c.to_bytes()), Ok((c, None)));
-        // A hint for a key never written: the empty clock.
-        assert_eq!(encode_context(&Clock::new(), 1), [0x02, 0x01, 0x00, 0x00]);
-        assert_eq!(decode_context(&[0x02, 0x01, 0x00, 0x00]), Ok((Clock::new(), Some(1))));
-        assert_eq!(decode_context(&[]), Ok((Clock::new(), None)));
+        let tag = [0xa7, 0x23, 0x11, 0x1e, 0x67, 0xd1, 0xe4, 0xfa];
+        assert_eq!(key_tag(b"k").to_le_bytes(), tag);
+        let golden = [&[0x03][..], &tag, &[0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01]].concat();
+        assert_eq!(encode_context(&c, b"k", Some(3)), golden);
+        let decoded = DecodedContext { clock: c.clone(), hint: Some(3), key_tag: Some(key_tag(b"k")) };
+        assert_eq!(decode_context(&golden), Ok(decoded.clone()));
+        assert!(Clock::decode(&golden).is_err(), "a plain clock decoder refuses a bound context");
+        // From the clock's encoding, as a node answers from a stored record.
+        let mut bound = vec![0xee];
+        bind_encoded_clock(&mut bound, &c.to_bytes(), b"k", Some(3));
+        assert_eq!(bound[1..], golden);
+        // No hint; the empty clock (a key never written).
+        let empty = [&[0x03][..], &tag, &[0xff, 0xff, 0x00]].concat();
+        assert_eq!(encode_context(&Clock::new(), b"k", None), empty);
+        let mut bound = Vec::new();
+        bind_encoded_clock(&mut bound, &[], b"k", None);
+        assert_eq!(bound, empty);
+        let unhinted = DecodedContext { clock: Clock::new(), hint: None, key_tag: Some(key_tag(b"k")) };
+        assert_eq!(decode_context(&empty), Ok(unhinted));
+        // Bound to its key: refused for another.
+        assert_eq!(decoded.check_key(b"k"), Ok(()));
+        assert_eq!(decoded.check_key(b"j"), Err(VersionError::OtherKey));
+        for cut in 1..golden.len() {
+            assert!(decode_context(&golden[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_context(&[golden.as_slice(), &[0]].concat()).is_err());
+        let big = Clock { entries: (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, u64::MAX)).collect() };
+        assert_eq!(encode_context(&big, b"k", Some(7)).len(), MAX_CONTEXT_LEN);
+    }
+
+    /// Contexts older nodes handed out are read, and bind nothing.
+    #[test]
+    fn unbound_contexts_are_read() {
+        let c = clock(&[(1, 1)]);
+        let unbound = |hint| DecodedContext { clock: c.clone(), hint, key_tag: None };
+        let hinted = [0x02, 0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01];
+        assert_eq!(decode_context(&hinted), Ok(unbound(Some(3))));
+        assert!(Clock::decode(&hinted).is_err(), "a plain clock decoder refuses a hint");
+        assert_eq!(decode_context(&c.to_bytes()), Ok(unbound(None)));
+        assert_eq!(unbound(None).check_key(b"any key"), Ok(()));
+        let empty = DecodedContext { clock: Clock::new(), hint: Some(1), key_tag: None };
+        assert_eq!(decode_context(&[0x02, 0x01, 0x00, 0x00]), Ok(empty));
+        let none = DecodedContext { clock: Clock::new(), hint: None, key_tag: None };
+        assert_eq!(decode_context(&[]), Ok(none));
         assert!(decode_context(&[0x02, 0x01]).is_err());
         assert!(decode_context(&[0x02, 0x01, 0x00, 0x00, 0x00]).is_err());
-        let big = Clock { entries: (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, u64::MAX)).collect() };
-        assert_eq!(encode_context(&big, u16::MAX).len(), MAX_CONTEXT_LEN);
     }
 
     #[test]
@@ -1172,7 +1308,7 @@ mod tests {
 
     #[test]
     fn bounds_are_what_the_doc_says() {
-        assert_eq!(MAX_CONTEXT_LEN, 1 + 2 + 1 + 64 * 18, "format, hint, n, entries");
+        assert_eq!(MAX_CONTEXT_LEN, 1 + 8 + 2 + 1 + 64 * 18, "format, key tag, hint, n, entries");
         assert_eq!(MAX_ENCODED_META, 1 + 1 + 64 * 18 + 1 + 64 * 22);
     }
 

@@ -237,7 +237,7 @@ impl Shard {
                 };
                 match self.clone().run_coordinator(key, coord, deadline).await {
                     Ok((set, fastest)) => {
-                        self.get_reply(id, &set, &encode_context(set.clock(), fastest.unwrap_or(cs.info.me)))
+                        self.get_reply(id, &set, &encode_context(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))))
                     }
                     Err(e) => self.quorum_error(id, &e),
                 }
@@ -273,7 +273,7 @@ impl Shard {
             Err(e) => return self.error_frame(id, error_code(&e), &e.to_string()),
         };
         let others: Vec<MemberIdx> = replicas.iter().copied().filter(|&m| m != me).collect();
-        let (context, siblings) = (encode_context(written.context(), me), written.siblings());
+        let (context, siblings) = (encode_context(written.context(), key, Some(me)), written.siblings());
         let now = cs.micros(Instant::now());
         let coord = match PutCoordinator::new(written.set, me, &others, w, now, cs.micros(deadline)) {
             Ok(c) => c,

@@ -41,7 +41,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
 use crate::core::partition::{key_hash, shard_of_hash};
-use crate::core::version::VersionSet;
+use crate::core::version::{encode_context, VersionSet};
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
@@ -309,15 +309,15 @@ impl Shard {
                 Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
                 Request::Get { key } => {
                     let set = self.store.get(key).await?;
-                    out = self.get_reply(id, &set, &set.clock().to_bytes());
+                    out = self.get_reply(id, &set, &encode_context(set.clock(), key, None));
                 }
                 Request::Put { key, context, value } => {
                     let w = self.store.put(key, context, Some(value), now_ms()).await?;
-                    out = self.write_reply(id, true, &w.context().to_bytes(), w.siblings());
+                    out = self.write_reply(id, true, &encode_context(w.context(), key, None), w.siblings());
                 }
                 Request::Delete { key, context } => {
                     let w = self.store.put(key, context, None, now_ms()).await?;
-                    out = self.write_reply(id, false, &w.context().to_bytes(), w.siblings());
+                    out = self.write_reply(id, false, &encode_context(w.context(), key, None), w.siblings());
                 }
                 Request::Ring => match &self.cluster {
                     Some(c) => {
@@ -424,8 +424,8 @@ impl Shard {
         self.error_frame(request_id, code, &e.to_string())
     }
 
-    /// A GET reply: the set's live values and `context` (a lone node's
-    /// clock, or a cluster's hinted context).
+    /// A GET reply: the set's live values and `context` (its clock bound
+    /// to the key, with a coordinator hint in a cluster).
     fn get_reply(&self, id: u64, set: &VersionSet, context: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let values: Vec<&[u8]> = set.live_values().collect();
