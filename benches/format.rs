@@ -3,7 +3,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use gyre::storage::format::{decode_record, encode_record, Kind, Seed};
 
-/// A format 2 directory's seed (any non-zero one costs the same).
+/// A format 3 directory's seed (any non-zero one costs the same).
 const SEED: Seed = Seed::format_3(0x0123_4567_89ab_cdef);
 
 fn bench(c: &mut Criterion) {

@@ -1,0 +1,50 @@
+//! What binding a context to its key costs a lone node's request: the
+//! reply's context built from the stored clock's encoding, and a write's
+//! context decoded and checked against its key. Each beside what the node
+//! did before contexts were bound (the stored encoding copied as it is,
+//! and a format 1 context decoded), in the same run.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use gyre::core::version::{bind_encoded_clock, decode_context, encode_context, Clock, VersionSet};
+
+/// A YCSB-style key, as gyre-bench sends them.
+const KEY: &[u8] = b"user000000012345";
+
+fn bench(c: &mut Criterion) {
+    // A key written once through a lone node: one actor, a counter in the
+    // millions (counters are shard sequence numbers).
+    let mut set = VersionSet::new();
+    set.update_after(&Clock::new(), 0x1234_5678_9abc_def0, Some(b"v".to_vec()), 3_000_000).unwrap();
+    let stored = set.clock().to_bytes();
+    let bound = encode_context(set.clock(), KEY, None);
+    let mut out = Vec::with_capacity(64);
+    let mut g = c.benchmark_group("context");
+    g.bench_function("reply/stored_copied", |b| {
+        b.iter(|| {
+            out.clear();
+            out.extend_from_slice(black_box(&stored));
+            out.len()
+        })
+    });
+    g.bench_function("reply/bound", |b| {
+        b.iter(|| {
+            out.clear();
+            bind_encoded_clock(&mut out, black_box(&stored), black_box(KEY), None);
+            out.len()
+        })
+    });
+    g.bench_function("write/decode_unbound", |b| {
+        b.iter(|| decode_context(black_box(&stored)).unwrap().clock.len())
+    });
+    g.bench_function("write/decode_bound_and_check", |b| {
+        b.iter(|| {
+            let ctx = decode_context(black_box(&bound)).unwrap();
+            ctx.check_key(black_box(KEY)).unwrap();
+            ctx.clock.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
