@@ -67,7 +67,16 @@ pub trait Backend {
     async fn read_at(&self, file: &Self::File, off: u64, len: usize) -> io::Result<Self::Read>;
     async fn size(&self, file: &Self::File) -> io::Result<u64>;
     async fn truncate(&self, file: &Self::File, len: u64) -> io::Result<()>;
-    /// Unlinks a file by name (open handles stay readable).
+    /// Unlinks a file by name (open handles stay readable). Unlike
+    /// [`Self::rename`], a removal whose future is dropped may still happen
+    /// later (glommio's runs on its blocking pool, where a job outlives its
+    /// future). A caller may drop one only on a name nothing creates again
+    /// before the removal is done, or where a late removal of the new file
+    /// is harmless. The engine's names: segment and hint numbers are never
+    /// reused; a removal at open is dropped only with the open; the one
+    /// reused name, the spare being filled, is removed only after a failed
+    /// fill, and a late removal of the next fill's file makes that fill's
+    /// rename fail (a warning; the spare after it is made).
     async fn remove(&self, name: &str) -> io::Result<()>;
     /// Closes a handle of a file already removed. Where freeing a file's
     /// space costs the closing thread time in proportion to its size, and
@@ -85,7 +94,8 @@ pub trait Backend {
     async fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()>;
     /// Reads a whole small file.
     async fn read_file(&self, name: &str) -> io::Result<Vec<u8>>;
-    /// Makes creations, renames and removals durable.
+    /// Makes creations, renames and removals durable. May still run after
+    /// its future is dropped, as [`Self::remove`] (harmless: a sync).
     async fn sync_dir(&self) -> io::Result<()>;
     /// Lets other tasks run (background work calls it between units):
     /// must actually give way, not only when a time slice has expired.
