@@ -33,9 +33,7 @@ fn bench(c: &mut Criterion) {
             out.len()
         })
     });
-    g.bench_function("write/decode_unbound", |b| {
-        b.iter(|| decode_context(black_box(&stored)).unwrap().clock.len())
-    });
+    g.bench_function("write/decode_unbound", |b| b.iter(|| decode_context(black_box(&stored)).unwrap().clock.len()));
     g.bench_function("write/decode_bound_and_check", |b| {
         b.iter(|| {
             let ctx = decode_context(black_box(&bound)).unwrap();

@@ -2388,7 +2388,7 @@ async fn check_format<B: Backend>(backend: &B, exists: bool, has_segments: bool)
         let mut bytes = [0u8; 8];
         getrandom::getrandom(&mut bytes)
             .map_err(|e| io_err("drawing the record seed")(io::Error::other(e.to_string())))?;
-        let seed = Seed::format_3(u64::from_le_bytes(bytes).max(1));
+        let seed = Seed::new_directory(u64::from_le_bytes(bytes));
         backend
             .write_file(FORMAT_FILE, &format_file_contents(seed))
             .await

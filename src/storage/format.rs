@@ -78,15 +78,39 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::limits::{MAX_KEY_LEN, MAX_META_LEN, VALUE_LEN_HARD_CAP};
 
 /// How one shard's records are checked (see the module docs): the seed of
-/// their checksums, and whether their headers carry a check of their own
-/// (format 3). Not a bare integer, so that it cannot be passed for the
-/// sequence number beside it.
+/// their checksums, and the directory's storage format (whether their
+/// headers carry a check of their own). Not a bare integer, so that it
+/// cannot be passed for the sequence number beside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seed {
     pub value: u64,
-    /// Format 3: every header carries the header check.
-    pub header_check: bool,
+    pub format: Format,
 }
+
+/// A storage format this build reads ([`STORAGE_FORMAT_VERSION`]'s doc
+/// says what each changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Format {
+    /// Plain `xxh3_64` record checksums.
+    V1 = 1,
+    /// Seeded checksums.
+    V2 = 2,
+    /// Seeded checksums, and every header carries the header check.
+    V3 = 3,
+}
+
+impl Format {
+    /// The format a new directory is made in.
+    pub const CURRENT: Format = Format::V3;
+
+    /// The format numbered `n` in a format file, if this build reads it.
+    pub fn from_number(n: u32) -> Option<Format> {
+        [Format::V1, Format::V2, Format::V3].into_iter().find(|f| *f as u32 == n)
+    }
+}
+
+const _: () =
+    assert!(Format::CURRENT as u32 == STORAGE_FORMAT_VERSION, "new directories are made in the newest format");
 
 /// Mixed into the seed of the header check, so that it is not the low bits
 /// of a record checksum of the same bytes.
@@ -102,26 +126,29 @@ const _: () = assert!(std::mem::offset_of!(RecordHeader, value_len) + 3 == CHECK
 const _: () = assert!(VALUE_LEN_HARD_CAP < 1 << 24);
 
 impl Seed {
-    /// A format 1 directory's: its checksums are plain `xxh3_64`.
-    pub const FORMAT_1: Seed = Seed { value: 0, header_check: false };
+    /// A format 1 directory's: its checksums are plain `xxh3_64` (a seed
+    /// of 0 is no seed).
+    pub const FORMAT_1: Seed = Seed { value: 0, format: Format::V1 };
 
     /// A format 2 directory's: seeded checksums, no header check.
     pub const fn format_2(value: u64) -> Seed {
-        Seed { value, header_check: false }
+        Seed { value, format: Format::V2 }
     }
 
     /// A format 3 directory's: seeded checksums and header checks.
     pub const fn format_3(value: u64) -> Seed {
-        Seed { value, header_check: true }
+        Seed { value, format: Format::V3 }
     }
 
-    /// The storage format of a directory with this seed.
-    pub fn format(self) -> u32 {
-        match (self.header_check, self.value) {
-            (true, _) => 3,
-            (false, 0) => 1,
-            (false, _) => 2,
-        }
+    /// A new directory's, in [`Format::CURRENT`]: `value` drawn at random,
+    /// never 0 (format 1's).
+    pub const fn new_directory(value: u64) -> Seed {
+        Seed { value: if value == 0 { 1 } else { value }, format: Format::CURRENT }
+    }
+
+    /// Whether every record header carries the header check (format 3).
+    fn header_check(self) -> bool {
+        self.format >= Format::V3
     }
 
     fn checksum(self, bytes: &[u8]) -> u64 {
@@ -251,7 +278,7 @@ pub fn encode_record(
         meta_len: U16::new(meta.len() as u16),
     };
     out.extend_from_slice(header.as_bytes());
-    if seed.header_check {
+    if seed.header_check() {
         let h: &mut [u8; RECORD_HEADER_LEN] =
             (&mut out[start..start + RECORD_HEADER_LEN]).try_into().expect("a header's bytes");
         let [lo, hi] = seed.header_check_of(h).to_le_bytes();
@@ -287,7 +314,7 @@ pub fn decode_header(buf: &[u8], seed: Seed) -> Result<(RecordHeader, usize), De
     };
     let mut h = RecordHeader::read_from_bytes(bytes).expect("a header's size");
     let kind = Kind::from_byte(h.kind).ok_or(DecodeError::BadHeader("unknown kind"))?;
-    if seed.header_check {
+    if seed.header_check() {
         if u16::from_le_bytes([bytes[CHECK_LO], bytes[CHECK_HI]]) != seed.header_check_of(bytes) {
             return Err(DecodeError::BadHeader("header check mismatch"));
         }
@@ -707,8 +734,8 @@ pub const STORAGE_FORMAT_VERSION: u32 = 3;
 /// last segment for a torn write and cut it. A format 1 `seed` has no file
 /// of this form (this build never makes one).
 pub fn format_file_contents(seed: Seed) -> Vec<u8> {
-    assert!(seed.format() >= 2, "a new directory is format 2 or 3");
-    let head = format!("gyre storage format {}\nrecord seed {:#018x}\n", seed.format(), seed.value);
+    assert!(seed.format >= Format::V2, "a new directory is format 2 or 3");
+    let head = format!("gyre storage format {}\nrecord seed {:#018x}\n", seed.format as u32, seed.value);
     let mut v = format!("{head}check {:#018x}\n", xxh3_64(head.as_bytes())).into_bytes();
     v.resize(crate::limits::BLOCK_SIZE, b'\n');
     v
@@ -742,9 +769,9 @@ pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
         let digits = line.and_then(|l| l.strip_prefix(prefix))?.strip_suffix('\n')?;
         (digits.len() == 16).then(|| u64::from_str_radix(digits, 16).ok()).flatten()
     };
-    match version {
-        1 => Ok(Seed::FORMAT_1),
-        2 | 3 => {
+    match Format::from_number(version).ok_or(FormatFileError::Version(version))? {
+        Format::V1 => Ok(Seed::FORMAT_1),
+        format => {
             let second = lines.next();
             let seed = hex(second, "record seed 0x").ok_or(FormatFileError::Unreadable)?;
             let check = hex(lines.next(), "check 0x").ok_or(FormatFileError::Unreadable)?;
@@ -752,9 +779,8 @@ pub fn parse_format_file(buf: &[u8]) -> Result<Seed, FormatFileError> {
             if xxh3_64(head.as_bytes()) != check {
                 return Err(FormatFileError::Damaged);
             }
-            Ok(if version == 3 { Seed::format_3(seed) } else { Seed::format_2(seed) })
+            Ok(Seed { value: seed, format })
         }
-        v => Err(FormatFileError::Version(v)),
     }
 }
 
@@ -1028,6 +1054,15 @@ mod tests {
         assert_eq!(parse_format_file(&format_file_contents(max)), Ok(max));
         assert_eq!(parse_format_file(b"gyre storage format 1\n\n\n"), Ok(Seed::FORMAT_1));
         assert_eq!(parse_format_file(b"gyre storage format 4\nrecord seed 0x1\n"), Err(FormatFileError::Version(4)));
+        assert_eq!(parse_format_file(b"gyre storage format 0\n\n\n"), Err(FormatFileError::Version(0)));
+        // A new directory: the newest format, a seed that is not format 1's.
+        for drawn in [0, 7] {
+            let new = Seed::new_directory(drawn);
+            assert_eq!((new.format as u32, new.value), (STORAGE_FORMAT_VERSION, drawn.max(1)));
+            let head = format!("gyre storage format {STORAGE_FORMAT_VERSION}\n");
+            assert!(format_file_contents(new).starts_with(head.as_bytes()));
+            assert_eq!(parse_format_file(&format_file_contents(new)), Ok(new));
+        }
         assert_eq!(parse_format_file(b"gyre storage format 2\n\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(b"gyre storage format 3\n\n"), Err(FormatFileError::Unreadable));
         assert_eq!(parse_format_file(b"not gyre\n"), Err(FormatFileError::Unreadable));
