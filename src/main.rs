@@ -454,6 +454,10 @@ struct NodeArgs {
     /// Microseconds an idle shard spins before it sleeps [default: 0].
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Refuse writes whose context is in an older node's format (not bound
+    /// to its key), once no client holds one from before an upgrade.
+    #[arg(long)]
+    refuse_unbound_contexts: bool,
     /// Cluster file: run as a member of that cluster (see `gyre dev`).
     #[arg(long)]
     cluster: Option<PathBuf>,
@@ -513,6 +517,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.tcp_keepalive = args.tcp_keepalive.unwrap_or(config.tcp_keepalive);
     config.pin &= !args.no_pin;
     config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
+    config.accept_unbound_contexts &= !args.refuse_unbound_contexts;
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
     let shutdown = shutdown_flag()?;

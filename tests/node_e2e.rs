@@ -59,6 +59,41 @@ fn put_get_delete_over_the_wire() {
     assert_eq!(c.get(b"key-8").unwrap().values.len(), 1);
 }
 
+/// A context in a format older nodes handed out (not bound to its key) is
+/// taken by default, and refused by a node started with
+/// `--refuse-unbound-contexts`, which says why.
+#[test]
+fn unbound_contexts_are_refused_on_request() {
+    let unbound = |c: &Context| {
+        let decoded = gyre::core::version::decode_context(&c.0).expect("a context the node handed out");
+        Context(decoded.clock.to_bytes())
+    };
+    for refuse in [false, true] {
+        let dir = tmp();
+        let mut args = vec!["--shards", "1", "--fsync", "never"];
+        if refuse {
+            args.push("--refuse-unbound-contexts");
+        }
+        let node = Node::start(dir.path(), &args);
+        let mut c = Client::connect(node.addr()).unwrap();
+        let put = c.put(b"k", b"v1", &Context::default()).unwrap();
+        let old = unbound(&put.context);
+        assert!(!old.is_empty() && old != put.context);
+        match c.put(b"k", b"v2", &old) {
+            Ok(w) => assert!(!refuse && w.siblings == 1, "refuse {refuse}: taken"),
+            Err(e) => {
+                assert!(refuse, "{e}");
+                assert_eq!(e.code(), Some(ErrorCode::InvalidContext), "{e}");
+                assert!(e.to_string().contains("older format"), "{e}");
+                let got = c.get(b"k").unwrap();
+                assert_eq!(got.values, vec![b"v1".to_vec()]);
+                assert_eq!(c.put(b"k", b"v2", &got.context).unwrap().siblings, 1, "a bound context is taken");
+            }
+        }
+        assert_eq!(c.get(b"k").unwrap().values, vec![b"v2".to_vec()]);
+    }
+}
+
 /// The shards split the node's record cache: `--cache-bytes` when given,
 /// else a quarter of the memory the node may use; 0 turns it off and
 /// every read still answers (from the log).

@@ -242,6 +242,9 @@ pub const MAX_ENCODED_META: usize =
     1 + MAX_CLOCK_BODY_LEN + varint_len(MAX_SIBLINGS as u64) + MAX_SIBLINGS * MAX_SIBLING_ROW_LEN;
 
 const _: () = assert!(MAX_ENCODED_META <= MAX_META_LEN, "stored version metadata must fit a record's meta");
+// No encoding needs this since contexts are bound (a context is no longer
+// a prefix of the stored metadata); it keeps what a client sends within
+// the size of what a record holds.
 const _: () = assert!(MAX_CONTEXT_LEN <= MAX_META_LEN, "a context must fit the metadata limit");
 const _: () = assert!(MAX_CONTEXT_LEN <= MAX_ENCODED_META);
 const _: () = assert!(MAX_SIBLINGS <= MAX_CLOCK_ENTRIES, "the actors of the siblings alone must fit the clock");
@@ -256,6 +259,10 @@ pub enum VersionError {
     /// A write brought a context bound to another key.
     #[error("the context was read from another key; pass a key's own context back with its writes")]
     OtherKey,
+    /// A write brought an unbound context (an older node's format) where
+    /// the node refuses them.
+    #[error("the context is in an older format, not bound to its key, which this node refuses; read the key again")]
+    Unbound,
     /// The operation would leave more than `max` siblings.
     #[error("{siblings} siblings exceed the limit of {max}")]
     TooManySiblings { siblings: usize, max: usize },
@@ -381,7 +388,9 @@ impl Clock {
         out
     }
 
-    /// Decodes a context; the empty slice is the empty clock.
+    /// Decodes a clock's encoding ([`Self::encode`]: format 1, the context
+    /// older nodes handed out); the empty slice is the empty clock.
+    /// [`decode_context`] reads every context format.
     pub fn decode(bytes: &[u8]) -> Result<Clock, VersionError> {
         if bytes.is_empty() {
             return Ok(Clock::new());
@@ -468,9 +477,14 @@ impl DecodedContext {
 pub fn encode_context(clock: &Clock, key: &[u8], hint: Option<u16>) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(BOUND_PREFIX_LEN + varint_len(clock.len() as u64) + clock.len() * MAX_CLOCK_ENTRY_LEN);
-    bound_prefix(&mut out, key, hint);
-    clock.encode_body(&mut out);
+    encode_context_into(&mut out, clock, key, hint);
     out
+}
+
+/// [`encode_context`] appended to `out`.
+pub fn encode_context_into(out: &mut Vec<u8>, clock: &Clock, key: &[u8], hint: Option<u16>) {
+    bound_prefix(out, key, hint);
+    clock.encode_body(out);
 }
 
 /// [`encode_context`] of a clock given as its encoding ([`Clock::encode`]:
@@ -560,9 +574,10 @@ impl VersionSet {
     }
 
     /// Reads a stored set in place, for a GET reply: pushes its live values
-    /// (borrowed, in dot order) onto `live` and returns the context a get
-    /// hands out, which is a prefix of `meta` (the stored clock is encoded
-    /// as a context is). Validates exactly what [`Self::decode`] validates;
+    /// (borrowed, in dot order) onto `live` and returns the clock's
+    /// encoding, a prefix of `meta` ([`Clock::encode`]: what
+    /// [`bind_encoded_clock`] binds into the context a get hands out).
+    /// Validates exactly what [`Self::decode`] validates;
     /// copies no value.
     pub fn decode_live<'a>(
         meta: &'a [u8],
@@ -585,7 +600,7 @@ impl<'a> VersionSet<&'a [u8]> {
 }
 
 impl<V: AsRef<[u8]>> VersionSet<V> {
-    /// The context to hand out on a get.
+    /// Every write the set has seen: what a get's context holds.
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
@@ -798,8 +813,8 @@ impl<V: AsRef<[u8]>> VersionSet<V> {
 
     /// [`Self::encode`] appended to `meta` and `value` (buffers a caller
     /// reuses); returns how many of the bytes appended to `meta` are the
-    /// set's context: the stored clock is encoded as a context is, so a
-    /// write's reply can hand out that prefix.
+    /// clock's encoding ([`Clock::encode`]), which a write's reply binds
+    /// into its context ([`bind_encoded_clock`]) without decoding it.
     pub fn encode_into(&self, meta: &mut Vec<u8>, value: &mut Vec<u8>) -> usize {
         if self.clock.is_empty() && self.siblings.is_empty() {
             return 0;

@@ -140,6 +140,12 @@ pub struct NodeConfig {
     /// This node's name in the cluster file (default: the node whose
     /// address is `listen`).
     pub name: Option<String>,
+    /// Whether writes may bring a context in a format older nodes handed
+    /// out, not bound to its key (`Store::with_unbound_contexts`). Taken by
+    /// default, so that clients keep the contexts they hold across an
+    /// upgrade; once every client has read again, refusing them closes
+    /// the last honest way a context of another key can drop a write.
+    pub accept_unbound_contexts: bool,
 }
 
 impl Default for NodeConfig {
@@ -159,6 +165,7 @@ impl Default for NodeConfig {
             spin_before_park_us: 0,
             cluster: None,
             name: None,
+            accept_unbound_contexts: true,
         }
     }
 }
@@ -977,6 +984,9 @@ mod tests {
         let c: NodeConfig = toml::from_str("").unwrap();
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert!(c.accept_unbound_contexts, "taken by default: clients hold them across an upgrade");
+        let c: NodeConfig = toml::from_str("accept_unbound_contexts = false").unwrap();
+        assert!(!c.accept_unbound_contexts);
         let c: NodeConfig =
             toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
         assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));

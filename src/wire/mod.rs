@@ -98,7 +98,9 @@
 //! ```
 //!
 //! The context is opaque to clients: it is the causal context of
-//! [`crate::core::version::Clock`], empty for "never read".
+//! [`crate::core::version::Clock`] bound to its key
+//! ([`crate::core::version::encode_context`]; a node hands one out for a
+//! key never written too); a request's empty context means "never read".
 //!
 //! # Errors
 //!
