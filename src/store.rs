@@ -148,16 +148,30 @@ impl<B: Backend> Store<B> {
         &self.engine
     }
 
-    /// The key's versions (empty if it was never written or is forgotten).
+    /// The key's versions (empty if it was never written or is forgotten),
+    /// once they meet the durability policy: under `always`, a version
+    /// written but not yet committed is not shown before it is
+    /// ([`Engine::unsettled_read`]).
     pub async fn get(&self, key: &[u8]) -> Result<VersionSet, StoreError> {
-        Ok(self.read(key).await?.0)
+        let (set, id) = self.read(key).await?;
+        if let Some(id) = id {
+            self.engine.settle_record(id).await?;
+        }
+        Ok(set)
     }
 
     /// A lone node's GET answered from memory without waiting: `reply` gets
     /// the context (bound to `key`, with no hint) and the live values,
     /// borrowed from the stored record (no value is copied). `None` when
-    /// the record must be read from disk; [`Self::get`] does that.
-    pub fn get_now<R>(&self, key: &[u8], reply: impl FnOnce(&[u8], Vec<&[u8]>) -> R) -> Option<Result<R, StoreError>> {
+    /// the record must be read from disk; [`Self::get`] does that. With the
+    /// reply, what it must wait for before it is shown, as a write's reply
+    /// does: a version not yet durable under `always`
+    /// ([`Engine::unsettled_read`]).
+    pub fn get_now<R>(
+        &self,
+        key: &[u8],
+        reply: impl FnOnce(&[u8], Vec<&[u8]>) -> R,
+    ) -> Option<Result<(R, Option<PendingWrite>), StoreError>> {
         let rec = match self.engine.get_now(key)? {
             Ok(rec) => rec,
             Err(e) => return Some(Err(e.into())),
@@ -170,8 +184,9 @@ impl<B: Backend> Store<B> {
                 Err(e) => return Some(Err(StoreError::CorruptVersions(e))),
             },
         };
+        let unsettled = rec.as_ref().and_then(|rec| self.engine.unsettled_read(rec.id()));
         let bind = |out: &mut Vec<u8>| bind_encoded_clock(out, context, key, None);
-        Some(Ok(self.with_context(bind, |context| reply(context, live))))
+        Some(Ok((self.with_context(bind, |context| reply(context, live)), unsettled)))
     }
 
     /// Runs `reply` on a context that `build` writes into the reused
@@ -600,7 +615,7 @@ mod tests {
                 // its writer was not given, so writes with those alone
                 // would pile up siblings.
                 if rng.bool() {
-                    let context = at_once.get_now(&key, |c, _| c.to_vec()).expect("in memory").unwrap();
+                    let (context, _) = at_once.get_now(&key, |c, _| c.to_vec()).expect("in memory").unwrap();
                     assert_eq!(context, encode_context(read.clock(), &key, None), "write {i}");
                     contexts[key[1] as usize].push(context);
                 }
@@ -817,6 +832,44 @@ mod tests {
         })
     }
 
+    /// Found by a review: under `always`, a GET showed a write before its
+    /// group commit, and one whose commit then failed (or that a power cut
+    /// lost) was shown all the same. A read of a version not yet durable
+    /// now waits for it, on both paths; one of a durable version does not.
+    #[test]
+    fn a_read_waits_for_what_it_shows_to_be_durable() {
+        use crate::storage::FsyncPolicy;
+        use futures_lite::future::poll_once;
+        let backend = MemBackend::new();
+        let config = EngineConfig {
+            segment_size: 64 * 1024,
+            max_value_len: 4096,
+            fsync: FsyncPolicy::Always,
+            ..Default::default()
+        };
+        block_on(async {
+            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
+            let s = Store::new(engine, 7, 1024);
+            s.put(b"k", &[], Some(b"durable"), 0).await.unwrap();
+            let (_, wait) = s.get_now(b"k", |_, _| ()).expect("in memory").unwrap();
+            assert!(wait.is_none(), "a durable version is shown at once");
+            backend.hold_writes(true);
+            let mut write = Box::pin(s.put(b"k", &[], Some(b"pending"), 1));
+            assert!(poll_once(&mut write).await.is_none(), "the write waits for the disk");
+            let (values, wait) = s.get_now(b"k", |_, v| v.len()).expect("in memory").unwrap();
+            assert_eq!(values, 2, "read as it stands");
+            let wait = wait.expect("but not to be shown before its commit");
+            let mut read = Box::pin(s.get(b"k"));
+            assert!(poll_once(&mut read).await.is_none(), "the waiting path waits too");
+            backend.hold_writes(false);
+            write.await.unwrap();
+            s.engine().settle(wait).await.unwrap();
+            assert_eq!(read.await.unwrap().live_values().count(), 2);
+            let (_, wait) = s.get_now(b"k", |_, _| ()).expect("in memory").unwrap();
+            assert!(wait.is_none());
+        });
+    }
+
     /// The known hole's honest path (a review of the causal versions): a
     /// client passed key j's context with a write of key k. Counters are
     /// shard sequence numbers, so j's context named node y's writes far
@@ -894,7 +947,7 @@ mod tests {
             let s = store();
             s.put(b"k", &[], Some(b"v"), 1).await.unwrap();
             let inner = s.get_now(b"k", |outer, _| {
-                let inner = s.get_now(b"k", |c, _| c.to_vec()).expect("in memory").unwrap();
+                let (inner, _) = s.get_now(b"k", |c, _| c.to_vec()).expect("in memory").unwrap();
                 assert_eq!(outer, &inner[..]);
                 inner
             });
@@ -903,7 +956,7 @@ mod tests {
             let (read, pending) =
                 s.put_now(b"k", &[], Some(b"w"), 2, |_, _| s.get_now(b"k", seen)).expect("in memory").unwrap();
             s.engine().settle(pending).await.unwrap();
-            let read = read.expect("in memory").unwrap();
+            let (read, _) = read.expect("in memory").unwrap();
             assert_eq!(read, vec![b"v".to_vec(), b"w".to_vec()], "the write is visible at once");
         })
     }

@@ -94,6 +94,43 @@ fn unbound_contexts_are_refused_on_request() {
     }
 }
 
+/// Found by a review: under `fsync = always`, a GET pipelined behind a PUT
+/// was answered from memory with the PUT's value before its group commit,
+/// so when that commit failed (here: the shard's directory is gone, and
+/// the next segment cannot be made) a reader had been shown a value that
+/// was never on disk. A read of a version not yet durable now waits for
+/// it, and fails with it.
+#[test]
+fn a_read_never_shows_a_write_that_is_not_yet_durable() {
+    let dir = tmp();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[storage]\nsegment_size = 9437184\n").unwrap();
+    let data = dir.path().join("data");
+    let node = Node::start(&data, &["--shards", "1", "--fsync", "always", "--config", config.to_str().unwrap()]);
+    let mut conn = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default()).unwrap();
+    let value = vec![7u8; 64 * 1024];
+    std::fs::remove_dir_all(data.join("shard-000")).unwrap();
+    let mut failed = None;
+    for i in 0..400 {
+        let key = format!("k{i}");
+        let put = conn.send(&Request::Put { key: key.as_bytes(), context: b"", value: &value }, ANY_SHARD).unwrap();
+        let get = conn.send(&Request::Get { key: key.as_bytes() }, ANY_SHARD).unwrap();
+        conn.flush().unwrap();
+        let mut replies = HashMap::new();
+        for _ in 0..2 {
+            let (id, reply) = conn.recv().unwrap();
+            replies.insert(id, reply);
+        }
+        let shown = matches!(&replies[&get], Ok(Reply::Get(v)) if v.values == vec![value.clone()]);
+        if replies[&put].is_err() {
+            assert!(!shown, "write {i}: a GET showed a write whose group commit then failed");
+            failed = Some(i);
+            break;
+        }
+    }
+    assert!(failed.is_some(), "a write failed once the segment was full");
+}
+
 /// The shards split the node's record cache: `--cache-bytes` when given,
 /// else a quarter of the memory the node may use; 0 turns it off and
 /// every read still answers (from the log).

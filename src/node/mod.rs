@@ -370,16 +370,26 @@ impl Shard {
         let (id, shard) = (header.request_id, self.id as u16);
         let (put, key, context, value) = match *req {
             Request::Get { key } => {
+                let start = out.len();
                 let Some(result) =
                     self.store.get_now(key, |context, values| Response::Get { context, values }.encode(out, id, shard))
                 else {
                     return Answer::No;
                 };
                 bump(&self.counters.requests, 1);
-                if let Err(e) = result {
-                    out.extend_from_slice(&self.store_error_frame(id, &e));
-                }
-                return Answer::Now;
+                return match result {
+                    Err(e) => {
+                        out.extend_from_slice(&self.store_error_frame(id, &e));
+                        Answer::Now
+                    }
+                    Ok(((), None)) => Answer::Now,
+                    // A version not yet durable: shown once it is.
+                    Ok(((), Some(pending))) => {
+                        let reply = conn::HeldReply::from_slice(&out[start..]);
+                        out.truncate(start);
+                        Answer::Settle(pending, reply)
+                    }
+                };
             }
             Request::Put { key, context, value } => (true, key, context, Some(value)),
             Request::Delete { key, context } => (false, key, context, None),

@@ -988,6 +988,19 @@ impl<B: Backend> Engine<B> {
         self.wait_until(id.end, true).await
     }
 
+    /// What a read of record `id` must wait for before its value is shown:
+    /// under a durable policy, a record past the last group commit (`None`:
+    /// show it now). A write is readable before its group commit; a read
+    /// that showed it at once could show a value that a power cut then
+    /// loses, or whose commit fails (found by a review). Settled as a
+    /// write's ([`Self::settle`], [`Self::settle_now`]); its sequence number
+    /// is 0, a read's. [`Self::settle_record`] is the same wait as one
+    /// future.
+    pub fn unsettled_read(&self, id: RecordId) -> Option<PendingWrite> {
+        let waits = self.inner.config.synced_writes() && self.inner.st.borrow().synced < id.end;
+        waits.then_some(PendingWrite { end: id.end, seq: 0, over_limit: false })
+    }
+
     /// Completes once writes no longer wait for compaction (at once if
     /// they do not): every write waits here before it is taken
     /// ([`Engine::put`] and [`Engine::delete`] do; a caller of
