@@ -597,3 +597,42 @@ fn a_connection_the_node_refuses_fails_with_its_reason() {
     let err = Client::connect_with(&addr.to_string(), server_routed()).err().expect("refused");
     assert!(matches!(&err, ClientError::Server { code: ErrorCode::Overloaded, .. }), "{err:?}");
 }
+
+/// Found by a review: a bare `Connection` whose flush timed out part-way
+/// through a frame was marked broken but still took requests; the next
+/// request's bytes went out behind the cut frame, and the node read them
+/// as the rest of its body (a PUT of a value the client never sent).
+#[test]
+fn a_connection_cut_mid_frame_takes_no_further_request() {
+    use gyre::client::Connection;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // A node that reads nothing until the client's flush has timed out.
+        thread::sleep(Duration::from_millis(800));
+        let _ = tx.send(read_frame(&mut s).map(|(h, body)| (h.opcode, body)));
+    });
+    let sent_value = vec![b'a'; 8 * 1024 * 1024];
+    let config = ClientConfig { request_timeout: Duration::from_millis(300), ..Default::default() };
+    let mut conn = Connection::connect(addr, &config).expect("connect");
+    conn.send(&Request::Put { key: b"k1", context: b"", value: &sent_value }, 0).unwrap();
+    let err = conn.flush().expect_err("the node reads nothing: the flush times out part-way");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(conn.is_broken());
+    let other = vec![b'b'; 8 * 1024 * 1024];
+    let again = conn.send(&Request::Put { key: b"k2", context: b"", value: &other }, 0);
+    let err = again.expect_err("a broken connection takes no request");
+    assert!(err.to_string().contains("cannot be used again"), "{err}");
+    assert!(conn.flush().is_err() && conn.recv().is_err(), "nor writes or reads");
+    drop(conn);
+    // What the node read is the first PUT's head and part of its value,
+    // never another request's bytes.
+    if let Some((op, body)) = rx.recv_timeout(Duration::from_secs(10)).expect("the node read") {
+        match Request::decode(op, &body) {
+            Ok(Request::Put { value, .. }) => assert!(value == &sent_value[..], "a PUT of a value never sent"),
+            other => panic!("the node read {other:?}"),
+        }
+    }
+}

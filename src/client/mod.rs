@@ -324,7 +324,8 @@ pub struct Connection {
     read_timeout: Duration,
     write_timeout: Duration,
     /// Set after any I/O or protocol error: the stream's position in the
-    /// frame sequence is unknown, so it must not be used again.
+    /// frame sequence is unknown, so every later use fails
+    /// ([`Self::check_usable`]).
     broken: bool,
     /// Requests sent (or queued) whose replies have not been read: while
     /// none are owed, anything the node sends, or its closing, means the
@@ -447,6 +448,7 @@ impl Connection {
     /// Queues a request the node may start within `budget`: the node drops
     /// it instead of running it once the client has stopped waiting.
     fn queue(&mut self, req: &Request<'_>, shard: u16, quorum: Quorum, budget: Duration) -> Result<u64> {
+        self.check_usable()?;
         check_request(req)?;
         let id = self.next_id;
         self.next_id += 1;
@@ -464,6 +466,7 @@ impl Connection {
 
     /// Writes every queued request before `deadline`.
     fn flush_until(&mut self, deadline: Instant) -> Result<()> {
+        self.check_usable()?;
         let mut at = 0;
         while at < self.wbuf.len() {
             let res = match self.arm(deadline, true) {
@@ -513,6 +516,18 @@ impl Connection {
             self.read_timeout = left;
         }
         Ok(())
+    }
+
+    /// Refuses any use of a broken connection: a write cut part-way
+    /// through a frame would have the next request's bytes read as the
+    /// rest of it (a PUT's value the client never sent: found by a review),
+    /// and after a protocol error nothing read can be trusted.
+    fn check_usable(&self) -> Result<()> {
+        if !self.broken {
+            return Ok(());
+        }
+        let why = "the connection broke on an earlier error and cannot be used again; open a new one";
+        Err(ClientError::Io { addr: self.addr, source: io::Error::new(io::ErrorKind::NotConnected, why) })
     }
 
     fn fail(&mut self, e: io::Error) -> ClientError {
