@@ -744,7 +744,22 @@ impl Drop for Conn {
 
 /// Reads reply frames and hands each to its waiter, until the connection
 /// breaks or is closed.
+/// Breaks its connection when dropped, unless something broke it first:
+/// a reader or writer task dropped unfinished (its runtime shut down: a
+/// client kept across several runtimes, say) left the connection looking
+/// live, and requests queued on it were never sent and reported as
+/// timeouts (found by a review).
+struct BreakOnDrop(Arc<Shared>);
+
+impl Drop for BreakOnDrop {
+    fn drop(&mut self) {
+        let why = "the connection's task ended (its runtime shut down)".to_string();
+        self.0.fail(Broken::Io(io::ErrorKind::NotConnected, why));
+    }
+}
+
 async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Receiver<bool>) {
+    let _break = BreakOnDrop(s.clone());
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
         let mut at = 0;
@@ -790,6 +805,7 @@ async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Rec
 /// Writes queued requests, everything queued so far in one write, until
 /// the connection breaks or is closed.
 async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::Receiver<bool>) {
+    let _break = BreakOnDrop(s.clone());
     let mut out: Vec<u8> = Vec::new();
     loop {
         {
@@ -1531,5 +1547,46 @@ mod tests {
         });
         let err = AsyncClient::connect_with(&addr.to_string(), config(2000)).await.err().expect("refused");
         assert!(matches!(&err, ClientError::Server { code: crate::wire::ErrorCode::Overloaded, .. }), "{err:?}");
+    }
+
+    /// Found by a review: a client whose connections were opened on a
+    /// runtime that has since shut down (one kept in a static, used from
+    /// several `#[tokio::test]`s or `block_on`s) queued into a connection
+    /// whose reader and writer tasks were gone: the write was never sent,
+    /// and reported as a timeout after the whole request timeout.
+    #[test]
+    fn a_client_outliving_its_first_runtime_still_sends() {
+        let node_rt = tokio::runtime::Runtime::new().unwrap();
+        let (port, puts) = node_rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            let puts = Arc::new(AtomicUsize::new(0));
+            let seen = puts.clone();
+            scripted_node(l, move |id, req| {
+                let mut out = Vec::new();
+                match req {
+                    Request::Ping => Response::Pong(one_shard(port)).encode(&mut out, id, 0),
+                    Request::Get { .. } => out = get_reply(id, b"v"),
+                    Request::Put { .. } => {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        Response::Put { context: b"", siblings: 1 }.encode(&mut out, id, 0)
+                    }
+                    other => panic!("{other:?}"),
+                }
+                Some(out)
+            });
+            (port, puts)
+        });
+        let first = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = first.block_on(async {
+            let c = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(1000)).await.unwrap();
+            c.get(b"k").await.unwrap();
+            c
+        });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let put = second.block_on(client.put(b"k", b"v", &Context::default()));
+        assert!(put.is_ok(), "{put:?} (puts the node got: {})", puts.load(Ordering::SeqCst));
+        assert_eq!(puts.load(Ordering::SeqCst), 1);
     }
 }
