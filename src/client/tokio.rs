@@ -558,6 +558,12 @@ struct State {
     next_id: u64,
     /// Encoded requests the writer has not taken yet.
     wbuf: Vec<u8>,
+    /// The frames in `wbuf`, in order: the writer stamps each one's budget
+    /// as it takes them, and leaves out those whose caller's time is up
+    /// (found by a review: a frame queued behind a large write went out
+    /// with the budget it had when queued, and the node ran a write whose
+    /// caller had been told it timed out).
+    queued: Vec<Queued>,
     pending: HashMap<u64, Waiter>,
     broken: Option<Broken>,
 }
@@ -599,6 +605,7 @@ impl Shared {
             }
             st.broken = Some(why.clone());
             st.wbuf = Vec::new();
+            st.queued = Vec::new();
             std::mem::take(&mut st.pending)
         };
         self.broken.store(true, Ordering::Release);
@@ -664,7 +671,13 @@ impl Conn {
         let shared = Arc::new(Shared {
             addr,
             request_timeout: config.request_timeout,
-            state: Mutex::new(State { next_id: 1, wbuf: Vec::new(), pending: HashMap::new(), broken: None }),
+            state: Mutex::new(State {
+                next_id: 1,
+                wbuf: Vec::new(),
+                queued: Vec::new(),
+                pending: HashMap::new(),
+                broken: None,
+            }),
             broken: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             write_ready: Notify::new(),
@@ -700,7 +713,10 @@ impl Conn {
             // rather than run it after the caller gave up.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
+            let at = st.wbuf.len();
             req.encode_with(&mut st.wbuf, id, shard, deadline_us, quorum);
+            let len = st.wbuf.len() - at;
+            st.queued.push(Queued { at, len, id, deadline });
             st.pending.insert(id, Waiter { tx, _permit: permit });
             (s.now_us(), left)
         };
@@ -742,8 +758,45 @@ impl Drop for Conn {
     }
 }
 
-/// Reads reply frames and hands each to its waiter, until the connection
-/// breaks or is closed.
+/// One request's frame in a connection's write buffer.
+struct Queued {
+    /// Where it starts in the buffer, and its length.
+    at: usize,
+    len: usize,
+    id: u64,
+    /// When its caller stops waiting.
+    deadline: tokio::time::Instant,
+}
+
+/// Stamps each frame in `out` with what is left of its caller's time, and
+/// leaves out (answering its caller with a timeout) each whose time is
+/// up: the node counts a budget from when the frame arrives.
+fn stamp(s: &Shared, out: &mut Vec<u8>, frames: &mut Vec<Queued>) {
+    let now = tokio::time::Instant::now();
+    let (mut kept, mut late) = (0, Vec::new());
+    for f in frames.drain(..) {
+        let left = f.deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            late.push(f.id);
+            continue;
+        }
+        if kept != f.at {
+            out.copy_within(f.at..f.at + f.len, kept);
+        }
+        crate::wire::set_deadline_us(&mut out[kept..], left.as_micros().clamp(1, u32::MAX as u128) as u32);
+        kept += f.len;
+    }
+    out.truncate(kept);
+    if !late.is_empty() {
+        let mut st = lock(&s.state);
+        for id in late {
+            if let Some(w) = st.pending.remove(&id) {
+                let _ = w.tx.send(Err(ClientError::Timeout { addr: s.addr, timeout: s.request_timeout }));
+            }
+        }
+    }
+}
+
 /// Breaks its connection when dropped, unless something broke it first:
 /// a reader or writer task dropped unfinished (its runtime shut down: a
 /// client kept across several runtimes, say) left the connection looking
@@ -758,6 +811,8 @@ impl Drop for BreakOnDrop {
     }
 }
 
+/// Reads reply frames and hands each to its waiter, until the connection
+/// breaks or is closed.
 async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Receiver<bool>) {
     let _break = BreakOnDrop(s.clone());
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -807,6 +862,7 @@ async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Rec
 async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::Receiver<bool>) {
     let _break = BreakOnDrop(s.clone());
     let mut out: Vec<u8> = Vec::new();
+    let mut frames: Vec<Queued> = Vec::new();
     loop {
         {
             let mut st = lock(&s.state);
@@ -814,7 +870,9 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
                 return;
             }
             std::mem::swap(&mut st.wbuf, &mut out);
+            std::mem::swap(&mut st.queued, &mut frames);
         }
+        stamp(&s, &mut out, &mut frames);
         if out.is_empty() {
             tokio::select! {
                 _ = s.write_ready.notified() => continue,
@@ -1588,5 +1646,55 @@ mod tests {
         let put = second.block_on(client.put(b"k", b"v", &Context::default()));
         assert!(put.is_ok(), "{put:?} (puts the node got: {})", puts.load(Ordering::SeqCst));
         assert_eq!(puts.load(Ordering::SeqCst), 1);
+    }
+
+    /// Found by a review: a request whose caller timed out while its frame
+    /// still sat in the connection's write buffer (behind a large write to
+    /// a node that reads slowly) was written later with the budget it had
+    /// when it was queued; the node counts that budget from receipt, so it
+    /// ran a write long after its caller was told it timed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_caller_gave_up_is_not_sent_with_a_fresh_budget() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            answer_ping(&mut s, port).await;
+            // A GET, answered late (so the connection is not silent).
+            let (g, _) = read_frame(&mut s).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.write_all(&get_reply(g.request_id, b"v")).await.unwrap();
+            // Reads nothing more until well after the callers gave up.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut seen = Vec::new();
+            while let Ok(Some((h, body))) = tokio::time::timeout(Duration::from_millis(500), read_frame(&mut s)).await {
+                if let Ok(Request::Put { key, .. }) = Request::decode(h.opcode, &body) {
+                    seen.push((key.to_vec(), Instant::now(), h.deadline_us));
+                }
+            }
+            let _ = tx.send(seen);
+            std::future::pending::<()>().await;
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(300)).await.unwrap();
+        let c = client.clone();
+        let g = tokio::spawn(async move { c.get(b"g").await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let c = client.clone();
+        let big = tokio::spawn(async move { c.put(b"big", &vec![b'a'; 8 << 20], &Context::default()).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let late = client.put(b"late", b"v", &Context::default()).await;
+        let gave_up = Instant::now();
+        assert!(matches!(late, Err(ClientError::Timeout { .. })), "{late:?}");
+        assert!(g.await.unwrap().is_ok());
+        let _ = big.await.unwrap();
+        for (key, arrived, deadline_us) in rx.await.unwrap() {
+            let runs_until = arrived + Duration::from_micros(deadline_us.into());
+            assert!(
+                key != b"late" || runs_until <= gave_up + Duration::from_millis(20),
+                "the node may run the write {:?} after its caller gave up",
+                runs_until - gave_up
+            );
+        }
     }
 }

@@ -455,6 +455,15 @@ pub fn decode_reply_frame(frame: &[u8]) -> Result<Response<'_>, WireError> {
     Response::decode(h.opcode, &frame[HEADER_LEN..total])
 }
 
+/// Rewrites the deadline of the frame at the start of `frame` (nothing if
+/// it is shorter than a header): a client stamps each request's budget
+/// as the request leaves, not as it is queued.
+pub fn set_deadline_us(frame: &mut [u8], deadline_us: u32) {
+    if let Ok((raw, _)) = RawHeader::mut_from_prefix(frame) {
+        raw.deadline_us = U32::new(deadline_us);
+    }
+}
+
 /// Header fields that differ per frame.
 struct HeaderFields {
     opcode: u8,
@@ -1235,5 +1244,20 @@ mod tests {
             panic!("not an error")
         };
         assert_eq!(message.len(), MAX_ERROR_MESSAGE - 1);
+    }
+
+    #[test]
+    fn a_frames_deadline_can_be_stamped_again() {
+        let mut frame = Vec::new();
+        Request::Get { key: b"k" }.encode(&mut frame, 9, 2, 5);
+        let before = frame.clone();
+        set_deadline_us(&mut frame, 70_000);
+        assert_eq!(frame[20..24], 70_000u32.to_le_bytes(), "bytes 20..24, little-endian");
+        assert_eq!((&frame[..20], &frame[24..]), (&before[..20], &before[24..]), "nothing else changes");
+        let header: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(decode_header(header, MAX_BODY_LEN).unwrap().deadline_us, 70_000);
+        let mut short = frame[..HEADER_LEN - 1].to_vec();
+        set_deadline_us(&mut short, 1);
+        assert_eq!(short, frame[..HEADER_LEN - 1], "shorter than a header: untouched");
     }
 }
