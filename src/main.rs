@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use gyre::client::{Client, ClientConfig, Context as VersionContext};
+use gyre::client::{Client, ClientConfig, ClientError, Context as VersionContext};
 use gyre::limits::VALUE_LEN_HARD_CAP;
 use gyre::node::config::DEFAULT_LISTEN;
 use gyre::node::NodeConfig;
@@ -280,7 +280,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 (Some(value), None) => std::os::unix::ffi::OsStringExt::into_vec(value),
                 (None, None) => unreachable!("clap requires VALUE or --value-file"),
             };
-            let put = connect(&client)?.put(key.as_bytes(), &value, &context)?;
+            let put = written(&key, connect(&client)?.put(key.as_bytes(), &value, &context))?;
             if client.json {
                 outln!("{}", serde_json::json!({ "context": put.context.to_string(), "siblings": put.siblings }))?;
             } else {
@@ -329,13 +329,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Delete { key, context, client } => {
             let mut c = connect(&client)?;
             let (ctx, found) = match context {
-                Some(context) => (c.delete(key.as_bytes(), &context)?, None),
+                Some(context) => (written(&key, c.delete(key.as_bytes(), &context))?, None),
                 None => {
                     let got = c.get(key.as_bytes())?;
                     if got.values.is_empty() {
                         (got.context, Some(false))
                     } else {
-                        (c.delete(key.as_bytes(), &got.context)?, Some(true))
+                        (written(&key, c.delete(key.as_bytes(), &got.context))?, Some(true))
                     }
                 }
             };
@@ -409,6 +409,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             storage_writer(data_dir, config, writers, value_size)
         }
     }
+}
+
+/// A write's outcome, where a timeout says what it means: the request
+/// went out and no answer came, so the write may have been stored, and
+/// running the command again can add a sibling (found by a review: the
+/// message said only that no reply came).
+fn written<T>(key: &str, outcome: Result<T, ClientError>) -> anyhow::Result<T> {
+    outcome.map_err(|e| match e {
+        e @ ClientError::Timeout { .. } => anyhow::Error::new(e)
+            .context(format!("the write of {key} may have been stored: read it before writing again")),
+        e => e.into(),
+    })
 }
 
 #[derive(clap::Args)]

@@ -119,6 +119,27 @@ fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
     }
 }
 
+/// Found by a review: the blocking client routed a request no node takes
+/// (an over-long key) before checking it, so with silent replicas it
+/// failed with a timeout, not as invalid, after trying them. It is refused
+/// first now, at once, as the async client does.
+#[test]
+fn an_invalid_request_is_refused_before_it_is_routed() {
+    let members: Vec<Member> =
+        (0..3).map(|i| Member { name: format!("n{i}"), addr: silent_listener(), zone: None }).collect();
+    let ring = Ring::with_members(64, members).expect("ring");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let seed = fake_node(l, info(vec![port]), Some(ring));
+    let config = ClientConfig { routing: Routing::Client, ..Default::default() };
+    let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
+    let long = vec![b'k'; gyre::limits::MAX_KEY_LEN + 1];
+    let started = Instant::now();
+    let put = client.put(&long, b"v", &Context::default());
+    assert!(matches!(put, Err(ClientError::Invalid(_))), "{put:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once: {:?}", started.elapsed());
+}
+
 /// A replica that accepts connections but never answers costs a call at
 /// most the connect timeout (its TCP connect and PING handshake), so the
 /// rest of the call's deadline is left to the next replica.
@@ -635,4 +656,27 @@ fn a_connection_cut_mid_frame_takes_no_further_request() {
             other => panic!("the node read {other:?}"),
         }
     }
+}
+
+/// Found by a review: `gyre put` against a node that took the write and
+/// never answered said only that no reply came; running it again adds a
+/// sibling if the first was stored. The message now says so.
+#[test]
+fn a_cli_write_that_timed_out_says_it_may_have_been_stored() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let addr = scripted_node(l, move |id, req| match req {
+        Request::Ping => Then::Reply(frame(Response::Pong(info(vec![port])), id)),
+        Request::Ring => Then::Reply(frame(Response::Error { code: ErrorCode::NotClustered, message: "lone" }, id)),
+        _ => Then::Ignore,
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gyre"))
+        .args(["put", "k", "v", "--node", &addr.to_string(), "--timeout", "1"])
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run gyre");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("may have been stored") && err.contains("no reply"), "{err}");
 }

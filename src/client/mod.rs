@@ -64,7 +64,9 @@ pub enum ClientError {
     Server { code: ErrorCode, message: String },
     #[error("invalid request: {0}")]
     Invalid(String),
-    #[error("still {siblings} siblings after {attempts} get-merge-put rounds")]
+    /// `update` gave up: each round's write was stored (the last one too),
+    /// but concurrent writers kept leaving siblings beside it.
+    #[error("still {siblings} siblings after {attempts} get-merge-put rounds (each round's write was stored)")]
     Conflict { attempts: usize, siblings: usize },
 }
 
@@ -954,6 +956,10 @@ impl Client {
     /// may have been sent is never sent again (it could add a sibling).
     /// All of that shares one deadline, `request_timeout` from now.
     pub fn call(&mut self, req: &Request<'_>) -> Result<Reply> {
+        // Refused before anything is routed: a request no node takes must
+        // not open connections, or mark replicas down when it cannot
+        // (found by a review; the async client checked first already).
+        check_request(req)?;
         let deadline = self.deadline();
         let targets = self.targets(req);
         let (reply, stale) = if targets.is_empty() {
