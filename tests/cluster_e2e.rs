@@ -806,6 +806,26 @@ fn a_node_stopped_while_it_takes_writes_exits() {
     }
 }
 
+/// Found by a review: the command line connected to its one `--node`
+/// (by default 127.0.0.1:7700) with no fallback, so with that member
+/// stopped nothing could be read or written, though the others serve every
+/// key. `--node` takes several addresses; the first that answers is used.
+#[test]
+fn the_command_line_goes_on_to_the_next_node_given() {
+    let mut cluster = Cluster::start(ClusterSpec::default());
+    let (n1, n2) = (cluster.addr("n1"), cluster.addr("n2"));
+    cluster.stop("n1");
+    let (ok, _, err) = cli(&["put", "k", "v", "--node", &n1, "--timeout", "2"]);
+    assert!(!ok && err.contains("connecting to"), "{err}");
+    let both = format!("{n1},{n2}");
+    let (ok, _, err) = cli(&["put", "k", "v", "--node", &both, "--timeout", "2"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&["get", "k", "--node", &both, "--json", "--timeout", "2"]);
+    assert!(ok, "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["values"], serde_json::json!(["v"]));
+}
+
 #[test]
 fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
     let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
