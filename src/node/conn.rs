@@ -44,8 +44,18 @@ use crate::wire::{
     declared_frame_len, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
 };
 
-/// Initial read buffer; it grows to hold the largest frame being read.
+/// The room a read is given once reads fill what they are given (a client
+/// that pipelines); the buffer also grows to hold the largest frame being
+/// read.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
+
+/// A client connection's first read buffer: a request without a large
+/// value fits, and an idle connection holds no more than this (found by a
+/// review: at `READ_CHUNK` from the start, the default 10,000 idle
+/// clients held 640 MiB of a shard's memory). A read that fills it
+/// grows it to `READ_CHUNK` ([`make_room`]).
+pub(super) const FIRST_READ: usize = 4 * 1024;
+const _: () = assert!(FIRST_READ >= HEADER_LEN && FIRST_READ < READ_CHUNK);
 
 /// Reply bytes a connection may have queued for the writer before its
 /// reader stops starting requests (until the client reads). The count
@@ -86,13 +96,18 @@ const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 /// 24 bytes, would make the node allocate (and zero) a megabyte, and a few
 /// hundred such connections would hold hundreds of megabytes for nothing.
 pub(super) fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
+    // The last read took all the room it had (`end` is where it ended):
+    // the client sends faster than the buffer takes, so the next read gets
+    // `READ_CHUNK`; otherwise the room there is, at least `FIRST_READ`.
+    let filled = *end == buf.len();
     if *start > 0 {
         buf.copy_within(*start..*end, 0);
         *end -= *start;
         *start = 0;
     }
+    let room = if filled { READ_CHUNK } else { FIRST_READ };
     let needed = buf[..*end].first_chunk::<HEADER_LEN>().map_or(READ_CHUNK, declared_frame_len);
-    let target = needed.min(buf.len().max(2 * *end).max(*end + READ_CHUNK)).max(*end + 1);
+    let target = needed.min(buf.len().max(2 * *end).max(*end + room)).max(*end + 1);
     if buf.len() < target {
         buf.resize(target, 0);
     } else if buf.len() > KEEP_BUFFER && *end < READ_CHUNK && needed <= READ_CHUNK {
@@ -503,7 +518,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             }
         })
     };
-    let mut buf = vec![0u8; READ_CHUNK];
+    let mut buf = vec![0u8; FIRST_READ];
     let (mut start, mut end) = (0usize, 0usize);
     // Bytes of an oversized frame's body still to be read and dropped.
     let mut skip = 0usize;
@@ -726,5 +741,31 @@ mod tests {
         make_room(&mut big, &mut start, &mut end);
         assert_eq!((big.len(), start, end), (READ_CHUNK, 0, 10));
         assert_eq!(&big[..10], &next[..10]);
+    }
+
+    /// Found by a review: every connection took a `READ_CHUNK` buffer at
+    /// once, so idle clients held 64 KiB each. A connection starts at
+    /// `FIRST_READ` and keeps it while reads leave room; a read that fills
+    /// it (a client that pipelines) grows it to `READ_CHUNK`.
+    #[test]
+    fn the_read_buffer_starts_small_and_grows_when_reads_fill_it() {
+        let mut get = Vec::new();
+        Request::Get { key: b"k" }.encode(&mut get, 1, ANY_SHARD, 0);
+        let mut buf = vec![0u8; FIRST_READ];
+        let (mut start, mut end) = (0, 0);
+        for _ in 0..100 {
+            // One request a read, consumed whole.
+            make_room(&mut buf, &mut start, &mut end);
+            buf[end..end + get.len()].copy_from_slice(&get);
+            end += get.len();
+            start = end;
+        }
+        make_room(&mut buf, &mut start, &mut end);
+        assert_eq!(buf.len(), FIRST_READ, "one request at a time keeps it small");
+        // A pipeline fills it: part of a frame left over.
+        let (mut start, mut end) = (FIRST_READ - 10, FIRST_READ);
+        make_room(&mut buf, &mut start, &mut end);
+        assert_eq!((start, end), (0, 10));
+        assert_eq!(buf.len(), READ_CHUNK, "grown");
     }
 }
