@@ -768,25 +768,39 @@ struct Queued {
     deadline: tokio::time::Instant,
 }
 
-/// Stamps each frame in `out` with what is left of its caller's time, and
-/// leaves out (answering its caller with a timeout) each whose time is
-/// up: the node counts a budget from when the frame arrives.
-fn stamp(s: &Shared, out: &mut Vec<u8>, frames: &mut Vec<Queued>) {
+/// Bytes of frames the writer stamps together and then writes, at most (a
+/// larger frame is a run of its own): a frame's budget is stamped just
+/// before its run is written, so a frame behind a large one goes out with
+/// what is left of its caller's time then (found by a review: stamped a
+/// whole batch at a time, a frame behind an 8 MiB one left a second later
+/// with its old budget).
+const WRITE_RUN: usize = 64 * 1024;
+
+/// Stamps the frames of the run that starts at `frames[0]` with what is
+/// left of each caller's time, and takes them off `frames`: returns the
+/// byte ranges of `out` to write (consecutive frames kept are one range),
+/// and answers each caller whose time is up with a timeout, leaving its
+/// frame out (the node counts a budget from when the frame arrives).
+fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut std::collections::VecDeque<Queued>) -> Vec<(usize, usize)> {
     let now = tokio::time::Instant::now();
-    let (mut kept, mut late) = (0, Vec::new());
-    for f in frames.drain(..) {
+    let (mut ranges, mut late, mut bytes) = (Vec::<(usize, usize)>::new(), Vec::new(), 0);
+    while let Some(f) = frames.front() {
+        if bytes > 0 && bytes + f.len > WRITE_RUN {
+            break;
+        }
+        let f = frames.pop_front().expect("a front frame");
+        bytes += f.len;
         let left = f.deadline.saturating_duration_since(now);
         if left.is_zero() {
             late.push(f.id);
             continue;
         }
-        if kept != f.at {
-            out.copy_within(f.at..f.at + f.len, kept);
+        crate::wire::set_deadline_us(&mut out[f.at..], left.as_micros().clamp(1, u32::MAX as u128) as u32);
+        match ranges.last_mut() {
+            Some((_, end)) if *end == f.at => *end += f.len,
+            _ => ranges.push((f.at, f.at + f.len)),
         }
-        crate::wire::set_deadline_us(&mut out[kept..], left.as_micros().clamp(1, u32::MAX as u128) as u32);
-        kept += f.len;
     }
-    out.truncate(kept);
     if !late.is_empty() {
         let mut st = lock(&s.state);
         for id in late {
@@ -795,6 +809,7 @@ fn stamp(s: &Shared, out: &mut Vec<u8>, frames: &mut Vec<Queued>) {
             }
         }
     }
+    ranges
 }
 
 /// Breaks its connection when dropped, unless something broke it first:
@@ -862,7 +877,8 @@ async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Rec
 async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::Receiver<bool>) {
     let _break = BreakOnDrop(s.clone());
     let mut out: Vec<u8> = Vec::new();
-    let mut frames: Vec<Queued> = Vec::new();
+    let mut taken: Vec<Queued> = Vec::new();
+    let mut frames = std::collections::VecDeque::new();
     loop {
         {
             let mut st = lock(&s.state);
@@ -870,21 +886,25 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
                 return;
             }
             std::mem::swap(&mut st.wbuf, &mut out);
-            std::mem::swap(&mut st.queued, &mut frames);
+            std::mem::swap(&mut st.queued, &mut taken);
         }
-        stamp(&s, &mut out, &mut frames);
         if out.is_empty() {
             tokio::select! {
                 _ = s.write_ready.notified() => continue,
                 _ = closed.wait_for(|c| *c) => return,
             }
         }
-        tokio::select! {
-            r = wr.write_all(&out) => if let Err(e) = r {
-                s.fail(Broken::Io(e.kind(), e.to_string()));
-                return;
-            },
-            _ = closed.wait_for(|c| *c) => return,
+        frames.extend(taken.drain(..));
+        while !frames.is_empty() {
+            for (from, to) in stamp_run(&s, &mut out, &mut frames) {
+                tokio::select! {
+                    r = wr.write_all(&out[from..to]) => if let Err(e) = r {
+                        s.fail(Broken::Io(e.kind(), e.to_string()));
+                        return;
+                    },
+                    _ = closed.wait_for(|c| *c) => return,
+                }
+            }
         }
         out.clear();
         if out.capacity() > KEEP_BUFFER {
@@ -1685,6 +1705,67 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let late = client.put(b"late", b"v", &Context::default()).await;
         let gave_up = Instant::now();
+        assert!(matches!(late, Err(ClientError::Timeout { .. })), "{late:?}");
+        assert!(g.await.unwrap().is_ok());
+        let _ = big.await.unwrap();
+        for (key, arrived, deadline_us) in rx.await.unwrap() {
+            let runs_until = arrived + Duration::from_micros(deadline_us.into());
+            assert!(
+                key != b"late" || runs_until <= gave_up + Duration::from_millis(20),
+                "the node may run the write {:?} after its caller gave up",
+                runs_until - gave_up
+            );
+        }
+    }
+
+    /// Found by a review: frames were stamped a whole batch at a time, so
+    /// a frame queued in the same batch as a large one (together while the
+    /// writer was idle) was stamped before the large frame went out, and
+    /// left a second later with that budget.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_behind_a_large_one_in_the_same_batch_is_stamped_as_it_leaves() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            answer_ping(&mut s, port).await;
+            // Reads slowly: at most 64 KiB every 10 ms.
+            let (mut buf, mut chunk, mut seen) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = match tokio::time::timeout(Duration::from_secs(1), s.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break,
+                };
+                buf.extend_from_slice(&chunk[..n]);
+                while let Ok(Some((h, total))) = crate::wire::split_frame(&buf, crate::wire::MAX_BODY_LEN) {
+                    match Request::decode(h.opcode, &buf[HEADER_LEN..total]) {
+                        Ok(Request::Get { .. }) => s.write_all(&get_reply(h.request_id, b"v")).await.unwrap(),
+                        Ok(Request::Put { key, .. }) => seen.push((key.to_vec(), Instant::now(), h.deadline_us)),
+                        _ => {}
+                    }
+                    buf.drain(..total);
+                }
+                if seen.iter().any(|(k, _, _)| k == b"late") {
+                    break;
+                }
+            }
+            let _ = tx.send(seen);
+            std::future::pending::<()>().await;
+        });
+        let client = AsyncClient::connect_with(&format!("127.0.0.1:{port}"), config(600)).await.unwrap();
+        // Queued one after the other before the writer runs: one batch.
+        let c = client.clone();
+        let g = tokio::spawn(async move { c.get(b"g").await });
+        let c = client.clone();
+        let big = tokio::spawn(async move { c.put(b"big", &vec![b'a'; 8 << 20], &Context::default()).await });
+        let c = client.clone();
+        let late = tokio::spawn(async move {
+            let r = c.put(b"late", b"v", &Context::default()).await;
+            (r, Instant::now())
+        });
+        let (late, gave_up) = late.await.unwrap();
         assert!(matches!(late, Err(ClientError::Timeout { .. })), "{late:?}");
         assert!(g.await.unwrap().is_ok());
         let _ = big.await.unwrap();
