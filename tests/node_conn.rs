@@ -433,3 +433,31 @@ fn connections_that_come_and_go_leave_nothing_behind() {
     let after = rss_kib(node.pid());
     assert!(after < before + 6 * 1024, "{churn} closed connections left {} KiB behind", after.saturating_sub(before));
 }
+
+/// Found by a review: under `fsync = always`, GETs of a version not yet
+/// durable are held in the shard's settle queue with their whole reply,
+/// which the reply byte budget did not count: a client that sent a PUT of
+/// a large value and then pipelined GETs of the key, reading nothing, had
+/// every GET started and its value copied (1,024 of 1,024, 450 MB), then
+/// all of them queued. Held replies count against the budget now.
+#[test]
+fn held_gets_count_against_the_reply_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1", "--fsync", "always"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let value = vec![7u8; 256 * 1024];
+    let n = 1023u64;
+    let mut started = common::Started::new(&mut c);
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    let mut frames = Vec::new();
+    Request::Put { key: b"big", context: b"", value: &value }.encode(&mut frames, 5000, ANY_SHARD, 0);
+    for id in 0..n {
+        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 0);
+    }
+    s.write_all(&frames).unwrap();
+    let run = started.until_held(&mut c, n + 1);
+    // The budget's worth of replies, the running bound, what the socket
+    // buffers take, and slack.
+    let bound = (4 << 20) / value.len() as u64 + 64 + common::socket_buffers() / value.len() as u64 + 20;
+    assert!(run < bound, "{run} of {} requests ran for a client that reads nothing (bound {bound})", n + 1);
+}

@@ -50,10 +50,10 @@ use crate::wire::{
 pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 /// A client connection's first read buffer: a request without a large
-/// value fits, and an idle connection holds no more than this (found by a
-/// review: at `READ_CHUNK` from the start, the default 10,000 idle
-/// clients held 640 MiB of a shard's memory). A read that fills it
-/// grows it to `READ_CHUNK` ([`make_room`]).
+/// value fits, and a connection whose reads never filled it holds no more
+/// (found by a review: every connection took `READ_CHUNK` at accept). A
+/// read that fills it grows it to `READ_CHUNK` ([`make_room`]), which it
+/// keeps.
 pub(super) const FIRST_READ: usize = 4 * 1024;
 const _: () = assert!(FIRST_READ >= HEADER_LEN && FIRST_READ < READ_CHUNK);
 
@@ -134,6 +134,12 @@ struct Outbox {
     /// Requests running in tasks of their own, their replies still to come
     /// ([`MAX_RUNNING`]).
     running: Cell<usize>,
+    /// Bytes of this connection's replies held in the shard's settle queue
+    /// ([`Settling`]), counted against [`MAX_QUEUED_REPLY_BYTES`] as if
+    /// queued: a held GET's reply carries its values (found by a review: a
+    /// PUT of a large value, then GETs of it read by nobody, had every GET
+    /// started and copied past the budget).
+    held: Cell<usize>,
     /// No more replies will come; the writer exits once `buf` is empty.
     closing: Cell<bool>,
     /// A write failed; the reader stops.
@@ -222,7 +228,7 @@ impl Outbox {
     fn full(&self) -> bool {
         self.in_flight.get() >= MAX_IN_FLIGHT
             || self.running.get() >= MAX_RUNNING
-            || self.buf.borrow().len() >= MAX_QUEUED_REPLY_BYTES
+            || self.buf.borrow().len() + self.held.get() >= MAX_QUEUED_REPLY_BYTES
     }
 
     /// Waits until one more request may start (not [`Self::full`]),
@@ -281,16 +287,21 @@ impl Outbox {
     }
 }
 
-/// The reply of a write that has not settled yet. A write's reply is a
-/// header and the new version's context, which for a lone node's clock is
-/// a few dozen bytes: inline, it costs no allocation while it waits.
+/// The reply of a write that has not settled yet, or of a GET of a version
+/// not yet durable. A write's reply is a header and the new version's
+/// context, a few dozen bytes for a lone node's clock: inline, it costs no
+/// allocation while it waits. A GET's carries its values, and counts
+/// against its connection's reply budget while held (`Outbox::held`).
 pub(super) type HeldReply = smallvec::SmallVec<[u8; 96]>;
 
 /// Writes of a shard's connections that are appended but not yet settled
 /// (under `fsync = always`, waiting for their group commit; under the
 /// other policies, appended past the write buffer's backlog limit and
 /// waiting for a flush), in the order they were appended, which is log
-/// order, so they settle front first.
+/// order, so they settle front first; and GETs of versions not yet durable
+/// (`fsync = always`), queued as they are read. A GET's record may be
+/// earlier in the log than writes queued before it, so it may wait for
+/// their commit too: latency, never an early reply.
 ///
 /// One task ([`settle_held`]) waits for the front write and hands out the
 /// replies of every write the same group commit settled, instead of one
@@ -312,8 +323,10 @@ struct Held {
 }
 
 /// Queues the reply of a write appended just now (nothing appended since),
-/// to go to `out` once the write settles.
+/// or of a GET of a version not yet durable, to go to `out` once it
+/// settles.
 fn hold(shard: &Rc<Shard>, out: &Rc<Outbox>, id: u64, pending: PendingWrite, reply: HeldReply) {
+    out.held.set(out.held.get() + reply.len());
     shard.settling.queue.borrow_mut().push_back(Held { out: out.clone(), id, pending, reply });
     if !shard.settling.running.replace(true) {
         glommio::spawn_local(settle_held(shard.clone())).detach();
@@ -331,7 +344,9 @@ async fn settle_held(shard: Rc<Shard>) {
             shard.settling.running.set(false);
             return;
         };
-        match engine.settle(held.pending).await {
+        let settled = engine.settle(held.pending).await;
+        held.out.held.set(held.out.held.get() - held.reply.len());
+        match settled {
             Ok(_) => held.out.push(&held.reply),
             Err(e) => held.out.push(&shard.store_error_frame(held.id, &e.into())),
         }
@@ -389,7 +404,7 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
 /// is still held to this, so no more than `max_connections` plus this
 /// many connections are open (and a client that claims every place locks
 /// the members out again). One admitted past the limit holds its read
-/// buffer (64 KiB) and at most a HELLO's bytes until it names a member or
+/// buffer ([`FIRST_READ`]) and at most a HELLO's bytes until it names a member or
 /// [`PROVISIONAL_WAIT`] passes.
 pub(super) const MEMBER_RESERVE: u64 = 1024;
 

@@ -574,6 +574,12 @@ impl Shard {
                 // The stored bytes are the wire's encoding: no decode and
                 // re-encode here (the coordinator decodes and checks them).
                 let rec = self.store.engine().get(key).await?;
+                // Not shown before it is durable, as a client's GET
+                // (`Engine::unsettled_read`; found by a review: the
+                // coordinator's own read waited, a replica's did not).
+                if let Some(r) = &rec {
+                    self.store.engine().settle_record(r.id()).await?;
+                }
                 let set = rec.as_ref().map(|r| (r.meta(), r.value()));
                 Response::ReplicaGet { set }.encode(&mut out, id, shard);
             }
