@@ -739,6 +739,16 @@ mod tests {
             assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"blind".to_vec(), b"fixed".to_vec()]);
         })
     }
+    /// An engine that acknowledges a write once it is durable (`always`).
+    fn durable_config() -> EngineConfig {
+        EngineConfig {
+            segment_size: 64 * 1024,
+            max_value_len: 4096,
+            fsync: crate::storage::FsyncPolicy::Always,
+            ..Default::default()
+        }
+    }
+
     /// Regression (found by a review): a replica sent a version it already
     /// held (read repair had brought it moments before, its group commit
     /// still to come) acknowledged it at once, and the coordinator counted
@@ -746,15 +756,8 @@ mod tests {
     /// answers once what it read is durable.
     #[test]
     fn a_replica_holding_what_it_is_sent_answers_once_that_is_durable() {
-        use crate::storage::FsyncPolicy;
         use futures_lite::future::poll_once;
-        let backend = MemBackend::new();
-        let config = EngineConfig {
-            segment_size: 64 * 1024,
-            max_value_len: 4096,
-            fsync: FsyncPolicy::Always,
-            ..Default::default()
-        };
+        let (backend, config) = (MemBackend::new(), durable_config());
         block_on(async {
             let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
             let s = Store::new(engine, 7, 1024);
@@ -838,15 +841,8 @@ mod tests {
     /// now waits for it, on both paths; one of a durable version does not.
     #[test]
     fn a_read_waits_for_what_it_shows_to_be_durable() {
-        use crate::storage::FsyncPolicy;
         use futures_lite::future::poll_once;
-        let backend = MemBackend::new();
-        let config = EngineConfig {
-            segment_size: 64 * 1024,
-            max_value_len: 4096,
-            fsync: FsyncPolicy::Always,
-            ..Default::default()
-        };
+        let (backend, config) = (MemBackend::new(), durable_config());
         block_on(async {
             let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
             let s = Store::new(engine, 7, 1024);

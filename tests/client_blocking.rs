@@ -78,17 +78,23 @@ fn info(ports: Vec<u16>) -> NodeInfo {
     NodeInfo { node_id: 7, partitions: 64, shard: 0, ports }
 }
 
-/// With every replica of a key silent (accepting connections, answering
-/// nothing), a call fails with a timeout once its one deadline has passed,
-/// not after a full timeout per replica tried.
-#[test]
-fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
+/// A fake seed node whose ring has three members, every one silent
+/// ([`silent_listener`]).
+fn seed_of_silent_replicas() -> SocketAddr {
     let members: Vec<Member> =
         (0..3).map(|i| Member { name: format!("n{i}"), addr: silent_listener(), zone: None }).collect();
     let ring = Ring::with_members(64, members).expect("ring");
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().unwrap().port();
-    let seed = fake_node(l, info(vec![port]), Some(ring));
+    fake_node(l, info(vec![port]), Some(ring))
+}
+
+/// With every replica of a key silent (accepting connections, answering
+/// nothing), a call fails with a timeout once its one deadline has passed,
+/// not after a full timeout per replica tried.
+#[test]
+fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
+    let seed = seed_of_silent_replicas();
     // Long enough that a loaded machine's scheduling fits well within the
     // bound below, and paying the timeout per member (three times it)
     // stays past it (found by a review: 300 ms and 750 ms left 450 ms of
@@ -125,12 +131,7 @@ fn a_call_ends_by_its_deadline_however_many_replicas_are_silent() {
 /// first now, at once, as the async client does.
 #[test]
 fn an_invalid_request_is_refused_before_it_is_routed() {
-    let members: Vec<Member> =
-        (0..3).map(|i| Member { name: format!("n{i}"), addr: silent_listener(), zone: None }).collect();
-    let ring = Ring::with_members(64, members).expect("ring");
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().unwrap().port();
-    let seed = fake_node(l, info(vec![port]), Some(ring));
+    let seed = seed_of_silent_replicas();
     let config = ClientConfig { routing: Routing::Client, ..Default::default() };
     let mut client = Client::connect_with(&seed.to_string(), config).expect("connect to the seed");
     let long = vec![b'k'; gyre::limits::MAX_KEY_LEN + 1];

@@ -1668,6 +1668,20 @@ mod tests {
         assert_eq!(puts.load(Ordering::SeqCst), 1);
     }
 
+    /// Checks the PUTs a fake node saw `(key, when it arrived, its
+    /// deadline)`: the one of key `late`, if it came, may not run past
+    /// `gave_up`, when its caller was told it timed out.
+    fn assert_late_not_run_after(seen: Vec<(Vec<u8>, Instant, u32)>, gave_up: Instant) {
+        for (key, arrived, deadline_us) in seen {
+            let runs_until = arrived + Duration::from_micros(deadline_us.into());
+            assert!(
+                key != b"late" || runs_until <= gave_up + Duration::from_millis(20),
+                "the node may run the write {:?} after its caller gave up",
+                runs_until - gave_up
+            );
+        }
+    }
+
     /// Found by a review: a request whose caller timed out while its frame
     /// still sat in the connection's write buffer (behind a large write to
     /// a node that reads slowly) was written later with the budget it had
@@ -1708,14 +1722,7 @@ mod tests {
         assert!(matches!(late, Err(ClientError::Timeout { .. })), "{late:?}");
         assert!(g.await.unwrap().is_ok());
         let _ = big.await.unwrap();
-        for (key, arrived, deadline_us) in rx.await.unwrap() {
-            let runs_until = arrived + Duration::from_micros(deadline_us.into());
-            assert!(
-                key != b"late" || runs_until <= gave_up + Duration::from_millis(20),
-                "the node may run the write {:?} after its caller gave up",
-                runs_until - gave_up
-            );
-        }
+        assert_late_not_run_after(rx.await.unwrap(), gave_up);
     }
 
     /// Found by a review: frames were stamped a whole batch at a time, so
@@ -1769,13 +1776,6 @@ mod tests {
         assert!(matches!(late, Err(ClientError::Timeout { .. })), "{late:?}");
         assert!(g.await.unwrap().is_ok());
         let _ = big.await.unwrap();
-        for (key, arrived, deadline_us) in rx.await.unwrap() {
-            let runs_until = arrived + Duration::from_micros(deadline_us.into());
-            assert!(
-                key != b"late" || runs_until <= gave_up + Duration::from_millis(20),
-                "the node may run the write {:?} after its caller gave up",
-                runs_until - gave_up
-            );
-        }
+        assert_late_not_run_after(rx.await.unwrap(), gave_up);
     }
 }
