@@ -471,6 +471,10 @@ struct NodeArgs {
     /// to its key), once no client holds one from before an upgrade.
     #[arg(long)]
     refuse_unbound_contexts: bool,
+    /// Milliseconds a client may leave a frame it began unfinished, sending
+    /// nothing, before its connection is closed (0: never) [default: 30000].
+    #[arg(long)]
+    frame_timeout_ms: Option<u64>,
     /// Cluster file: run as a member of that cluster (see `gyre dev`).
     #[arg(long)]
     cluster: Option<PathBuf>,
@@ -531,6 +535,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.pin &= !args.no_pin;
     config.spin_before_park_us = args.spin_us.unwrap_or(config.spin_before_park_us);
     config.accept_unbound_contexts &= !args.refuse_unbound_contexts;
+    config.frame_timeout_ms = args.frame_timeout_ms.unwrap_or(config.frame_timeout_ms);
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
     let shutdown = shutdown_flag()?;

@@ -461,3 +461,55 @@ fn held_gets_count_against_the_reply_byte_budget() {
     let bound = (4 << 20) / value.len() as u64 + 64 + common::socket_buffers() / value.len() as u64 + 20;
     assert!(run < bound, "{run} of {} requests ran for a client that reads nothing (bound {bound})", n + 1);
 }
+
+/// Found by a review: a client that sent part of a frame and then nothing
+/// held what it sent for as long as it kept the connection (TCP keepalive
+/// closes a dead client, not a live one that stalls). After
+/// `--frame-timeout-ms` it gets the reason, request id 0, and is closed;
+/// a connection idle between frames is kept, and others are served.
+#[test]
+fn a_frame_left_unfinished_closes_its_connection_after_the_frame_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1", "--frame-timeout-ms", "300"]);
+    let mut ping = Vec::new();
+    Request::Ping.encode(&mut ping, 1, ANY_SHARD, 0);
+    // Idle between frames, past the timeout: kept.
+    let mut idle = TcpStream::connect(node.addr()).unwrap();
+    idle.set_read_timeout(Some(NOTICE)).unwrap();
+    idle.write_all(&ping).unwrap();
+    common::read_frame(&mut idle).expect("a PONG");
+    // Half a PUT, then nothing.
+    let mut stalled = TcpStream::connect(node.addr()).unwrap();
+    stalled.set_read_timeout(Some(NOTICE)).unwrap();
+    let mut put = Vec::new();
+    Request::Put { key: b"k", context: b"", value: &[7u8; 4096] }.encode(&mut put, 2, ANY_SHARD, 0);
+    stalled.write_all(&put[..put.len() / 2]).unwrap();
+    let started = Instant::now();
+    let (header, body) = common::read_frame(&mut stalled).expect("the reason");
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert_eq!(header.request_id, 0);
+    match Response::decode(header.opcode, &body) {
+        Ok(Response::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::DeadlineExceeded);
+            assert!(message.contains("unfinished"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(stalled.read_to_end(&mut rest).unwrap(), 0, "closed");
+    // A frame that keeps coming, slower in all than the timeout: served.
+    let mut slow = TcpStream::connect(node.addr()).unwrap();
+    slow.set_read_timeout(Some(NOTICE)).unwrap();
+    for piece in put.chunks(put.len().div_ceil(5)) {
+        slow.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let (header, body) = common::read_frame(&mut slow).expect("the PUT's reply");
+    assert_eq!(header.request_id, 2);
+    assert!(matches!(Response::decode(header.opcode, &body), Ok(Response::Put { .. })), "{header:?}");
+    idle.write_all(&ping).unwrap();
+    common::read_frame(&mut idle).expect("the idle connection still served");
+    let mut c = Client::connect(node.addr()).unwrap();
+    assert_eq!(common::stats(&mut c)["node"]["stalled_frames"], 1);
+    assert_eq!(c.get(b"k").unwrap().values, vec![vec![7u8; 4096]], "the slow PUT alone");
+}

@@ -61,6 +61,12 @@ pub const MAX_SHARDS: usize = 1024;
 /// only as records are written and read.
 pub const DEFAULT_CACHE_SHARE_DIVISOR: u64 = 4;
 
+/// The default `frame_timeout_ms`: long enough for any client that is
+/// sending, on any link (a byte of the frame resets it), short enough that
+/// a stalled partial frame does not hold its memory for the life of the
+/// connection.
+pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 30_000;
+
 /// The default memory of one node's record caches, from the `memory` the
 /// process may use (`None`: unknown, the engine's default applies).
 pub fn default_node_cache_bytes(memory: Option<u64>) -> Option<u64> {
@@ -146,6 +152,12 @@ pub struct NodeConfig {
     /// upgrade; once every client has read again, refusing them closes
     /// the last honest way a context of another key can drop a write.
     pub accept_unbound_contexts: bool,
+    /// Milliseconds a client may leave a frame it began unfinished without
+    /// sending a byte of it before the node answers "frame not finished"
+    /// (request id 0) and closes the connection, freeing what the frame
+    /// held; 0: never. TCP keepalive closes a dead client, not a live one
+    /// that stalls (found by a review).
+    pub frame_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -166,6 +178,7 @@ impl Default for NodeConfig {
             cluster: None,
             name: None,
             accept_unbound_contexts: true,
+            frame_timeout_ms: DEFAULT_FRAME_TIMEOUT_MS,
         }
     }
 }
@@ -987,6 +1000,9 @@ mod tests {
         assert!(c.accept_unbound_contexts, "taken by default: clients hold them across an upgrade");
         let c: NodeConfig = toml::from_str("accept_unbound_contexts = false").unwrap();
         assert!(!c.accept_unbound_contexts);
+        assert_eq!(NodeConfig::default().frame_timeout_ms, DEFAULT_FRAME_TIMEOUT_MS);
+        let c: NodeConfig = toml::from_str("frame_timeout_ms = 0").unwrap();
+        assert_eq!(c.frame_timeout_ms, 0, "0 turns it off");
         let c: NodeConfig =
             toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
         assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));

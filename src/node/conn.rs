@@ -353,6 +353,15 @@ async fn settle_held(shard: Rc<Shard>) {
     }
 }
 
+/// What ended a reader's wait.
+enum Woke {
+    Read(std::io::Result<usize>),
+    /// Shutdown, or a provisional connection's time ran out.
+    Stop,
+    /// A frame begun stayed unfinished this long (`frame_timeout_ms`).
+    Stalled(std::time::Duration),
+}
+
 /// Frames of one read whose lookups [`prefetch`] fetches ahead: one is
 /// the unpipelined case; a few more cover a short pipeline, and past that
 /// the first lookups' lines would be evicted before they are used.
@@ -680,18 +689,49 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             break;
         }
         make_room(&mut buf, &mut start, &mut end);
-        let read = futures_lite::future::or(async { Some(sock.read(&mut buf[end..]).await) }, async {
-            if standing.provisional.get() {
-                // One in the members' reserve that names none in time is
-                // closed, as on a stop.
-                let left = standing.deadline.saturating_duration_since(std::time::Instant::now());
-                futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(left)).await;
-            } else {
-                shard.shutdown_requested().await;
+        // A frame begun and not finished (or an oversized body being
+        // skipped) may wait for its next byte only so long.
+        let stall = shard.frame_timeout.filter(|_| end > start || skip > 0);
+        let read = futures_lite::future::or(async { Woke::Read(sock.read(&mut buf[end..]).await) }, async {
+            let stop = async {
+                if standing.provisional.get() {
+                    // One in the members' reserve that names none in time
+                    // is closed, as on a stop.
+                    let left = standing.deadline.saturating_duration_since(std::time::Instant::now());
+                    futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(left)).await;
+                } else {
+                    shard.shutdown_requested().await;
+                }
+                Woke::Stop
+            };
+            match stall {
+                None => stop.await,
+                Some(wait) => {
+                    futures_lite::future::or(stop, async {
+                        glommio::timer::sleep(wait).await;
+                        Woke::Stalled(wait)
+                    })
+                    .await
+                }
             }
-            None
         })
         .await;
+        let read = match read {
+            Woke::Read(r) => Some(r),
+            Woke::Stop => None,
+            Woke::Stalled(wait) => {
+                bump(&shard.counters.stalled_frames, 1);
+                let message = format!(
+                    "a frame begun on this connection stayed unfinished, nothing sent, for {} ms (frame_timeout_ms): \
+                     closing the connection",
+                    wait.as_millis()
+                );
+                out.reply(&shard.error_frame(0, ErrorCode::DeadlineExceeded, &message));
+                out.send_now(&sock, &shard);
+                tracing::debug!("closing a connection whose frame stalled");
+                break;
+            }
+        };
         match read {
             Some(Ok(0)) | None => break,
             Some(Ok(n)) => {

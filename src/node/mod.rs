@@ -161,6 +161,9 @@ pub struct ShardCounters {
     /// oversized one within the protocol's limit is skipped and the
     /// connection goes on.
     pub malformed_frames: Cell<u64>,
+    /// Connections closed because a frame they began stayed unfinished,
+    /// nothing sent, for `frame_timeout_ms`.
+    pub stalled_frames: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
     /// Socket writes of replies and replies written: their ratio is how
@@ -194,6 +197,9 @@ pub struct Shard {
     /// The same for a replica write, which carries a key's whole stored
     /// set: larger on a cluster member (elsewhere it is refused anyway).
     max_replica_body: usize,
+    /// How long a connection may leave a frame it began unfinished, sending
+    /// nothing (`frame_timeout_ms`; `None`: no limit).
+    frame_timeout: Option<Duration>,
     senders: Senders<Cross>,
     /// Mesh peer index of each shard (the mesh numbers executors in the
     /// order they joined, not by shard id).
@@ -729,6 +735,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             tcp_keepalive_s: config.tcp_keepalive as u32,
             max_body,
             max_replica_body,
+            frame_timeout: (config.frame_timeout_ms > 0).then(|| Duration::from_millis(config.frame_timeout_ms)),
             listener_fd: listener.into_raw_fd(),
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
@@ -894,6 +901,7 @@ struct ShardSetup {
     tcp_keepalive_s: u32,
     max_body: usize,
     max_replica_body: usize,
+    frame_timeout: Option<Duration>,
     listener_fd: std::os::fd::RawFd,
     mesh: MeshBuilder<Cross, glommio::channels::channel_mesh::Full>,
     shutdown: Arc<AtomicBool>,
@@ -1007,6 +1015,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
         ports: s.ports,
         store: Store::new(engine.clone(), actor, s.max_value_len).with_unbound_contexts(s.accept_unbound_contexts),
         max_body: s.max_body,
+        frame_timeout: s.frame_timeout,
         max_replica_body: s.max_replica_body,
         senders,
         peer_of,
