@@ -513,3 +513,75 @@ fn a_frame_left_unfinished_closes_its_connection_after_the_frame_timeout() {
     assert_eq!(common::stats(&mut c)["node"]["stalled_frames"], 1);
     assert_eq!(c.get(b"k").unwrap().values, vec![vec![7u8; 4096]], "the slow PUT alone");
 }
+
+/// A client socket whose receive buffer is set small before it connects,
+/// so that what the node's writer can leave in the sockets, for a client
+/// that reads nothing, is small too.
+fn connect_with_small_receive_buffer(addr: &str) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let addr: std::net::SocketAddrV4 = addr.parse().unwrap();
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            &sin as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Found by a review: the frame timer fired, but the connection then
+/// waited for its writer with the read buffer still held, and the writer
+/// waited for a client that read nothing. A client with replies queued
+/// (under the byte budget, so its reader went on reading) that then sent
+/// most of an 8 MiB PUT kept the connection, and the partial frame's
+/// buffer, for as long as it liked. Its replies now get as long as the
+/// frame did, and the buffer is dropped first.
+#[test]
+fn a_stalled_frame_is_freed_even_when_the_client_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1", "--frame-timeout-ms", "500", "--max-value-len", "8388608"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    // Replies under the byte budget (the reader never waits in
+    // `room_for_one`), more than the sockets take: the writer is stuck.
+    c.put(b"reply", &vec![4u8; 1300 * 1024], &Context::default()).unwrap();
+    let mut s = connect_with_small_receive_buffer(node.addr());
+    let mut frames = Vec::new();
+    for id in 0..3 {
+        Request::Get { key: b"reply" }.encode(&mut frames, id, ANY_SHARD, 0);
+    }
+    let mut put = Vec::new();
+    Request::Put { key: b"other", context: b"", value: &vec![3u8; 8 << 20] }.encode(&mut put, 9, ANY_SHARD, 0);
+    frames.extend_from_slice(&put[..put.len() - 1024 * 1024]);
+    s.set_write_timeout(Some(NOTICE)).unwrap();
+    s.write_all(&frames).expect("the node reads the partial frame");
+    common::eventually("the frame timer firing", NOTICE, || {
+        match common::stats(&mut c)["node"]["stalled_frames"].as_u64().unwrap() {
+            1 => Ok(()),
+            n => Err(format!("{n} stalled")),
+        }
+    });
+    common::eventually("the stalled connection closed", Duration::from_secs(5), || match open_connections(&mut c) {
+        1 => Ok(()),
+        n => Err(format!("{n} open")),
+    });
+    drop(s);
+}

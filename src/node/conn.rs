@@ -546,6 +546,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     let (mut start, mut end) = (0usize, 0usize);
     // Bytes of an oversized frame's body still to be read and dropped.
     let mut skip = 0usize;
+    let mut stalled = None;
     'read: loop {
         // Frame and start every whole request in the buffer, then send the
         // replies that are ready.
@@ -729,6 +730,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                 out.reply(&shard.error_frame(0, ErrorCode::DeadlineExceeded, &message));
                 out.send_now(&sock, &shard);
                 tracing::debug!("closing a connection whose frame stalled");
+                stalled = Some(wait);
                 break;
             }
         };
@@ -750,7 +752,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     out.reader_sends.set(false);
     out.closing.set(true);
     out.changed.notify_all();
-    writer_task.await;
+    drop(buf);
+    match stalled {
+        None => writer_task.await,
+        // A client that stalled its frame may read nothing either: its
+        // replies get as long as the frame did, then the socket is closed.
+        Some(wait) => futures_lite::future::or(writer_task, glommio::timer::sleep(wait)).await,
+    }
 }
 
 #[cfg(test)]

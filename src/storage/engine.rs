@@ -1150,12 +1150,12 @@ impl<B: Backend> Engine<B> {
             let seen = self.inner.notify.generation();
             let lead = {
                 let mut st = self.inner.st.borrow_mut();
-                if let Some(e) = &st.failed {
-                    return Err(StorageError::Failed(e.clone()));
-                }
                 let reached = if sync { st.synced } else { st.writer.written() };
                 if reached >= target {
                     return Ok(());
+                }
+                if let Some(e) = &st.failed {
+                    return Err(StorageError::Failed(e.clone()));
                 }
                 // Only `tick` retries a flush that ran out of space: a
                 // writer waiting meanwhile hears why it is not durable.
@@ -2851,6 +2851,26 @@ mod tests {
             // contradict.
             let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
             assert_eq!(engine.get(b"lost").await.unwrap().unwrap().value(), b"v1");
+        })
+    }
+
+    /// Found by a review: `settle_record` (a replica's GET, and
+    /// `Store::get`, wait in it) checked `failed` before whether the record
+    /// was already durable, so a failed engine, which keeps what it wrote
+    /// readable (above), refused every read of a durable key that way.
+    #[test]
+    fn a_failed_engine_settles_a_record_that_was_durable_before_it_failed() {
+        block_on(async {
+            let config = EngineConfig { max_value_len: 1024, ..Default::default() };
+            assert_eq!(config.fsync, FsyncPolicy::Always);
+            let (backend, engine) = open_mem(&config).await;
+            engine.put(b"kept", b"", b"v1", 0).await.unwrap();
+            backend.fail_writes(true);
+            assert!(engine.put(b"other", b"", b"v1", 0).await.is_err(), "the write fails");
+            assert!(engine.failed().is_some());
+            let rec = engine.get(b"kept").await.unwrap().unwrap();
+            assert!(engine.unsettled_read(rec.id()).is_none(), "durable: a read need not wait");
+            engine.settle_record(rec.id()).await.expect("a durable record settles at once, failed engine or not");
         })
     }
 
