@@ -956,6 +956,14 @@ mod tests {
     }
 
     /// Answers the PING a client opens with (one shard, on `port`).
+    /// A fake node's next connection, its PING answered
+    /// ([`answer_ping`], shard 0 on `l`'s port).
+    async fn accept_answering_ping(l: &TcpListener) -> TcpStream {
+        let (mut s, _) = l.accept().await.unwrap();
+        answer_ping(&mut s, l.local_addr().unwrap().port()).await;
+        s
+    }
+
     async fn answer_ping(s: &mut TcpStream, port: u16) {
         let (h, _) = read_frame(s).await.expect("a PING");
         let info = NodeInfo { node_id: 7, partitions: 64, shard: 0, ports: vec![port] };
@@ -986,8 +994,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         const N: usize = 64;
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            answer_ping(&mut s, port).await;
+            let mut s = accept_answering_ping(&l).await;
             let mut got = Vec::new();
             while got.len() < N {
                 let (h, body) = read_frame(&mut s).await.unwrap();
@@ -1021,8 +1028,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         const EXTRA: usize = 10;
         let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            answer_ping(&mut s, port).await;
+            let mut s = accept_answering_ping(&l).await;
             let mut ids = Vec::new();
             while ids.len() < MAX_IN_FLIGHT {
                 ids.push(read_frame(&mut s).await.unwrap().0.request_id);
@@ -1498,8 +1504,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let node = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            answer_ping(&mut s, port).await;
+            let mut s = accept_answering_ping(&l).await;
             let frames = async {
                 let mut frames = Vec::new();
                 while let Some((h, body)) = read_frame(&mut s).await {
@@ -1693,8 +1698,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            answer_ping(&mut s, port).await;
+            let mut s = accept_answering_ping(&l).await;
             // A GET, answered late (so the connection is not silent).
             let (g, _) = read_frame(&mut s).await.unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -1735,8 +1739,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            answer_ping(&mut s, port).await;
+            let mut s = accept_answering_ping(&l).await;
             // Reads slowly: at most 64 KiB every 10 ms.
             let (mut buf, mut chunk, mut seen) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
             loop {
