@@ -493,9 +493,24 @@ mod tests {
 
     /// A store whose node is `actor`, on a fresh in-memory directory.
     fn store_as(actor: Actor) -> Store<MemBackend> {
-        let config = EngineConfig { segment_size: 64 * 1024, max_value_len: 4096, ..Default::default() };
-        let (engine, _) = block_on(Engine::open(MemBackend::new(), config)).unwrap();
+        store_on(MemBackend::new(), actor)
+    }
+
+    /// A store whose node is `actor`, on `backend`, with [`config`].
+    fn store_on(backend: MemBackend, actor: Actor) -> Store<MemBackend> {
+        let (engine, _) = block_on(Engine::open(backend, config())).unwrap();
         Store::new(engine, actor, 1024)
+    }
+
+    /// The engine of the store tests: small segments, and writes
+    /// acknowledged once durable (`always`, which some tests rely on).
+    fn config() -> EngineConfig {
+        EngineConfig {
+            segment_size: 64 * 1024,
+            max_value_len: 4096,
+            fsync: crate::storage::FsyncPolicy::Always,
+            ..Default::default()
+        }
     }
 
     fn values(set: &VersionSet) -> Vec<Vec<u8>> {
@@ -739,16 +754,6 @@ mod tests {
             assert_eq!(values(&s.get(b"k").await.unwrap()), vec![b"blind".to_vec(), b"fixed".to_vec()]);
         })
     }
-    /// An engine that acknowledges a write once it is durable (`always`).
-    fn durable_config() -> EngineConfig {
-        EngineConfig {
-            segment_size: 64 * 1024,
-            max_value_len: 4096,
-            fsync: crate::storage::FsyncPolicy::Always,
-            ..Default::default()
-        }
-    }
-
     /// Regression (found by a review): a replica sent a version it already
     /// held (read repair had brought it moments before, its group commit
     /// still to come) acknowledged it at once, and the coordinator counted
@@ -757,10 +762,9 @@ mod tests {
     #[test]
     fn a_replica_holding_what_it_is_sent_answers_once_that_is_durable() {
         use futures_lite::future::poll_once;
-        let (backend, config) = (MemBackend::new(), durable_config());
+        let backend = MemBackend::new();
+        let s = store_on(backend.clone(), 7);
         block_on(async {
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
-            let s = Store::new(engine, 7, 1024);
             let mut set = VersionSet::new();
             set.update(&Clock::new(), 1, Some(b"v".to_vec())).unwrap();
             backend.hold_writes(true);
@@ -775,7 +779,7 @@ mod tests {
             assert!(!second.await.unwrap(), "the second found it there");
             drop(s);
             backend.crash(1, false);
-            let (engine, _) = Engine::open(backend.clone(), config).await.unwrap();
+            let (engine, _) = Engine::open(backend.clone(), config()).await.unwrap();
             let after = engine.get(b"k").await.unwrap();
             assert_eq!(after.map(|r| r.value().to_vec()), Some(b"v".to_vec()), "durable once answered");
         });
@@ -842,10 +846,9 @@ mod tests {
     #[test]
     fn a_read_waits_for_what_it_shows_to_be_durable() {
         use futures_lite::future::poll_once;
-        let (backend, config) = (MemBackend::new(), durable_config());
+        let backend = MemBackend::new();
+        let s = store_on(backend.clone(), 7);
         block_on(async {
-            let (engine, _) = Engine::open(backend.clone(), config.clone()).await.unwrap();
-            let s = Store::new(engine, 7, 1024);
             s.put(b"k", &[], Some(b"durable"), 0).await.unwrap();
             let (_, wait) = s.get_now(b"k", |_, _| ()).expect("in memory").unwrap();
             assert!(wait.is_none(), "a durable version is shown at once");
