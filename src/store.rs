@@ -31,7 +31,7 @@ use crate::core::version::{
     bind_encoded_clock, decode_context, encode_context_into, Actor, Clock, Dot, VersionError, VersionSet,
 };
 use crate::storage::backend::Backend;
-use crate::storage::{Engine, Kind, PendingWrite, RecordId, StorageError};
+use crate::storage::{Engine, Kind, PendingWrite, Record, RecordId, StorageError};
 
 /// The largest counter a client's context may hold. Counters are shards'
 /// sequence numbers ([`Store`]'s `Store::update`), and 2^53 is about 285 years
@@ -153,11 +153,7 @@ impl<B: Backend> Store<B> {
     /// written but not yet committed is not shown before it is
     /// ([`Engine::unsettled_read`]).
     pub async fn get(&self, key: &[u8]) -> Result<VersionSet, StoreError> {
-        let (set, id) = self.read(key).await?;
-        if let Some(id) = id {
-            self.engine.settle_record(id).await?;
-        }
-        Ok(set)
+        Ok(decode_record(self.engine.get_settled(key).await?)?.0)
     }
 
     /// A lone node's GET answered from memory without waiting: `reply` gets
@@ -202,14 +198,10 @@ impl<B: Backend> Store<B> {
         r
     }
 
+    /// The key's stored versions and their record, as they stand (a write
+    /// reads them to apply itself, durable yet or not).
     async fn read(&self, key: &[u8]) -> Result<(VersionSet, Option<RecordId>), StoreError> {
-        match self.engine.get(key).await? {
-            None => Ok((VersionSet::new(), None)),
-            Some(rec) => {
-                let set = VersionSet::decode(rec.meta(), rec.value()).map_err(StoreError::CorruptVersions)?;
-                Ok((set, Some(rec.id())))
-            }
-        }
+        decode_record(self.engine.get(key).await?)
     }
 
     /// Writes `value` (`None`: a delete) as the successor of the versions
@@ -461,6 +453,17 @@ impl<B: Backend> Store<B> {
             }
         }
         Err(StoreError::Contended)
+    }
+}
+
+/// A stored record's versions and its id (none: the empty set).
+fn decode_record(rec: Option<Record>) -> Result<(VersionSet, Option<RecordId>), StoreError> {
+    match rec {
+        None => Ok((VersionSet::new(), None)),
+        Some(rec) => {
+            let set = VersionSet::decode(rec.meta(), rec.value()).map_err(StoreError::CorruptVersions)?;
+            Ok((set, Some(rec.id())))
+        }
     }
 }
 

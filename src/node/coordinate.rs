@@ -573,13 +573,8 @@ impl Shard {
                 bump(&cs.counters.replica_gets, 1);
                 // The stored bytes are the wire's encoding: no decode and
                 // re-encode here (the coordinator decodes and checks them).
-                let rec = self.store.engine().get(key).await?;
-                // Not shown before it is durable, as a client's GET
-                // (`Engine::unsettled_read`; found by a review: the
-                // coordinator's own read waited, a replica's did not).
-                if let Some(r) = &rec {
-                    self.store.engine().settle_record(r.id()).await?;
-                }
+                // Not shown before it is durable, as a client's GET.
+                let rec = self.store.engine().get_settled(key).await?;
                 let set = rec.as_ref().map(|r| (r.meta(), r.value()));
                 Response::ReplicaGet { set }.encode(&mut out, id, shard);
             }

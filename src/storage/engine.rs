@@ -982,10 +982,22 @@ impl<B: Backend> Engine<B> {
     /// counted it toward W). A buffered policy acknowledges before the
     /// disk anyway: returns at once.
     pub async fn settle_record(&self, id: RecordId) -> Result<(), StorageError> {
-        if !self.inner.config.synced_writes() {
-            return Ok(());
+        if let Some(pending) = self.unsettled_read(id) {
+            self.settle(pending).await?;
         }
-        self.wait_until(id.end, true).await
+        Ok(())
+    }
+
+    /// [`Self::get`], once the record it found meets the durability
+    /// policy ([`Self::settle_record`]): what a read may show a client or
+    /// another replica. One place, so that no read path forgets the wait
+    /// (found by a review: a replica's read had).
+    pub async fn get_settled(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        let rec = self.get(key).await?;
+        if let Some(rec) = &rec {
+            self.settle_record(rec.id()).await?;
+        }
+        Ok(rec)
     }
 
     /// What a read of record `id` must wait for before its value is shown:
