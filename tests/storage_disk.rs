@@ -503,8 +503,6 @@ fn engine_close_after_a_cancelled_flush_returns() {
     assert_eq!(closed, Some(true), "engine.close() failed or was still waiting after 3 s");
 }
 
-/// A new file `name` of `data` (a whole number of blocks) through the
-/// glommio backend.
 /// Waits (polling, up to 10 s, else the test fails naming `what`) until
 /// the engine has flushed once: its background work runs beside the test.
 async fn until_flushed<B: gyre::storage::backend::Backend>(engine: &gyre::storage::Engine<B>, what: &str) {
@@ -515,6 +513,8 @@ async fn until_flushed<B: gyre::storage::backend::Backend>(engine: &gyre::storag
     }
 }
 
+/// A new file `name` of `data` (a whole number of blocks) through the
+/// glommio backend.
 async fn new_file(backend: &GlommioBackend, name: &str, data: &[u8]) -> std::rc::Rc<glommio::io::DmaFile> {
     let f = backend.open(name, true).await.unwrap();
     backend.write_at(&f, backend.alloc_with(&f, data.len(), data), 0).await.unwrap();

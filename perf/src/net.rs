@@ -418,9 +418,6 @@ fn ping(addr: SocketAddr) -> anyhow::Result<NodeInfo> {
     })
 }
 
-/// Learns where to send: a RING request tells a cluster member (its ring
-/// and quorums) from a lone node (`NotClustered`), and a PING of every
-/// node its shard ports.
 /// A lone node's (or Redis's) topology, for a run asked to route by
 /// `routing`: server routing needs a cluster's nodes to coordinate, and is
 /// refused (found by reviews: it ran as a plain run under a server-driven
@@ -439,6 +436,9 @@ pub(crate) fn single_routed(
     Ok(Topology::single(kind, addr, ports, partitions))
 }
 
+/// Learns where to send: a RING request tells a cluster member (its ring
+/// and quorums) from a lone node (`NotClustered`), and a PING of every
+/// node its shard ports.
 pub(crate) fn discover(kind: Kind, addr: SocketAddr, routing: Routing) -> anyhow::Result<Topology> {
     if kind == Kind::Redis {
         return single_routed(kind, addr, &[addr.port()], 1, routing);

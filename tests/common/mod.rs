@@ -874,13 +874,22 @@ pub fn check_unread_gets_are_bounded(c: &mut gyre::client::Client, addr: &str, k
     let mut started = Started::new(c);
     let mut s = unread_gets(addr, key, n);
     let run = started.until_held(c, n);
-    let bound = (4 << 20) / value_len as u64 + 64 + socket_buffers() / value_len as u64 + 20;
-    eprintln!("{run} of {n} GETs of {value_len} bytes started while the client read nothing (bound {bound})");
-    // Some must have run for the count to mean anything.
-    assert!(bound < n && run > 0, "bound {bound} of {n}, {run} ran: this host's socket buffers are too large");
-    assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
+    assert_few_ran_unread(run, n, value_len);
     // Once the client reads, every reply comes, each once.
     read_get_replies(&mut s, n, value);
+}
+
+/// Checks that of `n` requests with replies of `reply_len` bytes sent by a
+/// client that reads nothing, `run` started: at most the node's reply
+/// budget (4 MiB), its 64 running, what the socket buffers took, and
+/// slack; and some, or the count would mean nothing.
+pub fn assert_few_ran_unread(run: u64, n: u64, reply_len: usize) {
+    let bound = (4 << 20) / reply_len as u64 + 64 + socket_buffers() / reply_len as u64 + 20;
+    eprintln!(
+        "{run} of {n} requests with {reply_len}-byte replies started while the client read nothing (bound {bound})"
+    );
+    assert!(bound < n && run > 0, "bound {bound} of {n}, {run} ran: this host's socket buffers are too large");
+    assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
 }
 
 /// Reads one frame off `s`: its header and body (an error for a read
