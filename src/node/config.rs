@@ -998,9 +998,9 @@ mod tests {
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert!(c.accept_unbound_contexts, "taken by default: clients hold them across an upgrade");
+        assert_eq!(c.frame_timeout_ms, 30_000, "an empty file's frame timeout");
         let c: NodeConfig = toml::from_str("accept_unbound_contexts = false").unwrap();
         assert!(!c.accept_unbound_contexts);
-        assert_eq!(NodeConfig::default().frame_timeout_ms, DEFAULT_FRAME_TIMEOUT_MS);
         let c: NodeConfig = toml::from_str("frame_timeout_ms = 0").unwrap();
         assert_eq!(c.frame_timeout_ms, 0, "0 turns it off");
         let c: NodeConfig =

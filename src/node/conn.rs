@@ -627,7 +627,8 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                                     continue;
                                 }
                                 Answer::Settle(pending, reply) => {
-                                    // Appended; acknowledged once it settles.
+                                    // A write appended, or a GET of a version
+                                    // not yet durable: answered once it settles.
                                     out.start();
                                     hold(&shard, &out, header.request_id, pending, reply);
                                     start += total;

@@ -218,7 +218,8 @@ pub struct Shard {
     /// The cluster this node belongs to (`None`: a lone node, which
     /// serves every key itself).
     cluster: Option<coordinate::ClusterState>,
-    /// Writes of this shard's connections waiting to settle, in log order.
+    /// Writes of this shard's connections waiting to settle, in log order,
+    /// and GETs of versions not yet durable.
     settling: conn::Settling,
 }
 
@@ -228,7 +229,8 @@ enum Answer {
     No,
     /// Its reply is appended to the connection's replies.
     Now,
-    /// A write appended but not yet settled: its reply, to send once it is.
+    /// A write appended but not yet settled, or a GET of a version not yet
+    /// durable: its reply, to send once that settles.
     Settle(PendingWrite, conn::HeldReply),
 }
 
@@ -367,58 +369,57 @@ impl Shard {
     ///
     /// A reply that may go out at once is appended to `out`. A write that
     /// must still settle (a durable write waiting for its group commit, or
-    /// a full write buffer) comes back as [`Answer::Settle`] with its reply
-    /// apart: it may be sent only once the write has settled.
+    /// a full write buffer), or a GET of a version not yet durable, comes
+    /// back as [`Answer::Settle`] with its reply apart: it may be sent only
+    /// once that has settled.
     fn answer_now(&self, header: &Header, req: &Request<'_>, owner: usize, out: &mut Vec<u8>) -> Answer {
         if owner != self.id || self.cluster.is_some() {
             return Answer::No;
         }
         let (id, shard) = (header.request_id, self.id as u16);
-        let (put, key, context, value) = match *req {
-            Request::Get { key } => {
-                let start = out.len();
-                let Some(result) =
-                    self.store.get_now(key, |context, values| Response::Get { context, values }.encode(out, id, shard))
-                else {
-                    return Answer::No;
-                };
-                bump(&self.counters.requests, 1);
-                return match result {
-                    Err(e) => {
-                        out.extend_from_slice(&self.store_error_frame(id, &e));
-                        Answer::Now
-                    }
-                    Ok(((), None)) => Answer::Now,
-                    // A version not yet durable: shown once it is.
-                    Ok(((), Some(pending))) => {
-                        let reply = conn::HeldReply::from_slice(&out[start..]);
-                        out.truncate(start);
-                        Answer::Settle(pending, reply)
-                    }
-                };
-            }
-            Request::Put { key, context, value } => (true, key, context, Some(value)),
-            Request::Delete { key, context } => (false, key, context, None),
+        let start = out.len();
+        // What the reply must wait for, if anything: a write appended but
+        // not yet settled, or a GET of a version not yet durable.
+        let result = match *req {
+            Request::Get { key } => self
+                .store
+                .get_now(key, |context, values| Response::Get { context, values }.encode(out, id, shard))
+                .map(|r| r.map(|((), unsettled)| unsettled)),
+            Request::Put { key, context, value } => self.write_now(out, id, true, key, context, Some(value)),
+            Request::Delete { key, context } => self.write_now(out, id, false, key, context, None),
             _ => return Answer::No,
         };
-        let start = out.len();
-        let Some(result) = self.store.put_now(key, context, value, now_ms(), |context, siblings| {
-            self.encode_write_reply(out, id, put, context, siblings)
-        }) else {
-            return Answer::No;
-        };
+        let Some(result) = result else { return Answer::No };
         bump(&self.counters.requests, 1);
         match result {
-            Err(e) => out.extend_from_slice(&self.store_error_frame(id, &e)),
-            Ok(((), pending)) => {
-                if let Err(pending) = self.store.engine().settle_now(pending) {
-                    let reply = conn::HeldReply::from_slice(&out[start..]);
-                    out.truncate(start);
-                    return Answer::Settle(pending, reply);
-                }
+            Err(e) => {
+                out.extend_from_slice(&self.store_error_frame(id, &e));
+                Answer::Now
+            }
+            Ok(None) => Answer::Now,
+            Ok(Some(pending)) => {
+                let reply = conn::HeldReply::from_slice(&out[start..]);
+                out.truncate(start);
+                Answer::Settle(pending, reply)
             }
         }
-        Answer::Now
+    }
+
+    /// [`Self::answer_now`]'s PUT (`is_put`) or DELETE: its reply appended
+    /// to `out`, and what it must wait for before it may go (`None`:
+    /// settled already); `None` when it cannot be done at once.
+    fn write_now(
+        &self,
+        out: &mut Vec<u8>,
+        id: u64,
+        is_put: bool,
+        key: &[u8],
+        context: &[u8],
+        value: Option<&[u8]>,
+    ) -> Option<Result<Option<PendingWrite>, StoreError>> {
+        let reply = |context: &[u8], siblings| self.encode_write_reply(out, id, is_put, context, siblings);
+        let result = self.store.put_now(key, context, value, now_ms(), reply)?;
+        Some(result.map(|((), pending)| self.store.engine().settle_now(pending).err()))
     }
 
     /// The error reply of a failed key-value operation; failures of the
