@@ -358,8 +358,8 @@ enum Woke {
     Read(std::io::Result<usize>),
     /// Shutdown, or a provisional connection's time ran out.
     Stop,
-    /// A frame begun stayed unfinished this long (`frame_timeout_ms`).
-    Stalled(std::time::Duration),
+    /// A frame begun stayed unfinished for `frame_timeout_ms`.
+    Stalled,
 }
 
 /// Frames of one read whose lookups [`prefetch`] fetches ahead: one is
@@ -546,7 +546,9 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     let (mut start, mut end) = (0usize, 0usize);
     // Bytes of an oversized frame's body still to be read and dropped.
     let mut skip = 0usize;
-    let mut stalled = None;
+    // The connection closes for a frame left unfinished
+    // (`frame_timeout_ms`).
+    let mut stalled = false;
     'read: loop {
         // Frame and start every whole request in the buffer, then send the
         // replies that are ready.
@@ -694,57 +696,48 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
         // A frame begun and not finished (or an oversized body being
         // skipped) may wait for its next byte only so long.
         let stall = shard.frame_timeout.filter(|_| end > start || skip > 0);
-        let read = futures_lite::future::or(async { Woke::Read(sock.read(&mut buf[end..]).await) }, async {
-            let stop = async {
-                if standing.provisional.get() {
-                    // One in the members' reserve that names none in time
-                    // is closed, as on a stop.
-                    let left = standing.deadline.saturating_duration_since(std::time::Instant::now());
-                    futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(left)).await;
-                } else {
-                    shard.shutdown_requested().await;
-                }
-                Woke::Stop
-            };
-            match stall {
-                None => stop.await,
-                Some(wait) => {
-                    futures_lite::future::or(stop, async {
-                        glommio::timer::sleep(wait).await;
-                        Woke::Stalled(wait)
-                    })
-                    .await
-                }
+        let stop = async {
+            if standing.provisional.get() {
+                // One in the members' reserve that names none in time is
+                // closed, as on a stop.
+                let left = standing.deadline.saturating_duration_since(std::time::Instant::now());
+                futures_lite::future::or(shard.shutdown_requested(), glommio::timer::sleep(left)).await;
+            } else {
+                shard.shutdown_requested().await;
             }
-        })
-        .await;
-        let read = match read {
-            Woke::Read(r) => Some(r),
-            Woke::Stop => None,
-            Woke::Stalled(wait) => {
-                bump(&shard.counters.stalled_frames, 1);
-                let message = format!(
-                    "a frame begun on this connection stayed unfinished, nothing sent, for {} ms (frame_timeout_ms): \
-                     closing the connection",
-                    wait.as_millis()
-                );
-                out.reply(&shard.error_frame(0, ErrorCode::DeadlineExceeded, &message));
-                out.send_now(&sock, &shard);
-                tracing::debug!("closing a connection whose frame stalled");
-                stalled = Some(wait);
-                break;
-            }
+            Woke::Stop
         };
-        match read {
-            Some(Ok(0)) | None => break,
-            Some(Ok(n)) => {
+        let stalling = async {
+            match stall {
+                Some(wait) => glommio::timer::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+            Woke::Stalled
+        };
+        let read = async { Woke::Read(sock.read(&mut buf[end..]).await) };
+        match futures_lite::future::or(read, futures_lite::future::or(stop, stalling)).await {
+            Woke::Read(Ok(0)) | Woke::Stop => break,
+            Woke::Read(Ok(n)) => {
                 end += n;
                 if sock.in_busy_round() {
                     prefetch(&shard, &buf[start..end]).await;
                 }
             }
-            Some(Err(e)) => {
+            Woke::Read(Err(e)) => {
                 tracing::debug!(error = %e, "connection read failed");
+                break;
+            }
+            Woke::Stalled => {
+                bump(&shard.counters.stalled_frames, 1);
+                let message = format!(
+                    "a frame begun on this connection stayed unfinished, nothing sent, for {} ms (frame_timeout_ms): \
+                     closing the connection",
+                    stall.unwrap_or_default().as_millis()
+                );
+                out.reply(&shard.error_frame(0, ErrorCode::DeadlineExceeded, &message));
+                out.send_now(&sock, &shard);
+                tracing::debug!("closing a connection whose frame stalled");
+                stalled = true;
                 break;
             }
         }
@@ -754,7 +747,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     out.closing.set(true);
     out.changed.notify_all();
     drop(buf);
-    match stalled {
+    match shard.frame_timeout.filter(|_| stalled) {
         None => writer_task.await,
         // A client that stalled its frame may read nothing either: its
         // replies get as long as the frame did, then the socket is closed.
