@@ -11,7 +11,9 @@
 //!
 //! A call encodes its frame into the connection's write buffer and waits
 //! on a oneshot; the connection's writer task writes whatever has queued
-//! up in one write (several frames per write under load), and its reader
+//! up, in runs of up to `WRITE_RUN` bytes (several frames per write under
+//! load), stamping each frame with what is left of its caller's time as
+//! its run leaves and leaving out those whose caller gave up; its reader
 //! task matches each reply to its waiter by request id, in any order.
 //!
 //! Invariant: every id in a connection's pending table has exactly one
@@ -30,7 +32,7 @@
 //! Must be used from within a tokio runtime (the connection tasks are
 //! spawned on the current one); outside one, calls fail with an I/O error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -563,7 +565,7 @@ struct State {
     /// (found by a review: a frame queued behind a large write went out
     /// with the budget it had when queued, and the node ran a write whose
     /// caller had been told it timed out).
-    queued: Vec<Queued>,
+    queued: VecDeque<Queued>,
     pending: HashMap<u64, Waiter>,
     broken: Option<Broken>,
 }
@@ -605,7 +607,7 @@ impl Shared {
             }
             st.broken = Some(why.clone());
             st.wbuf = Vec::new();
-            st.queued = Vec::new();
+            st.queued = VecDeque::new();
             std::mem::take(&mut st.pending)
         };
         self.broken.store(true, Ordering::Release);
@@ -674,7 +676,7 @@ impl Conn {
             state: Mutex::new(State {
                 next_id: 1,
                 wbuf: Vec::new(),
-                queued: Vec::new(),
+                queued: VecDeque::new(),
                 pending: HashMap::new(),
                 broken: None,
             }),
@@ -710,13 +712,14 @@ impl Conn {
             let id = st.next_id;
             st.next_id += 1;
             // What is left of the timeout: the node drops the request
-            // rather than run it after the caller gave up.
+            // rather than run it after the caller gave up. Stamped again
+            // as the frame leaves (`stamp_run`).
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
             let at = st.wbuf.len();
             req.encode_with(&mut st.wbuf, id, shard, deadline_us, quorum);
             let len = st.wbuf.len() - at;
-            st.queued.push(Queued { at, len, id, deadline });
+            st.queued.push_back(Queued { at, len, id, deadline });
             st.pending.insert(id, Waiter { tx, _permit: permit });
             (s.now_us(), left)
         };
@@ -777,13 +780,15 @@ struct Queued {
 const WRITE_RUN: usize = 64 * 1024;
 
 /// Stamps the frames of the run that starts at `frames[0]` with what is
-/// left of each caller's time, and takes them off `frames`: returns the
-/// byte ranges of `out` to write (consecutive frames kept are one range),
-/// and answers each caller whose time is up with a timeout, leaving its
-/// frame out (the node counts a budget from when the frame arrives).
-fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut std::collections::VecDeque<Queued>) -> Vec<(usize, usize)> {
+/// left of each caller's time, and takes them off `frames`: leaves in
+/// `ranges` the byte ranges of `out` to write (consecutive frames kept are
+/// one range), and answers each caller whose time is up with a timeout,
+/// leaving its frame out (the node counts a budget from when the frame
+/// arrives).
+fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut VecDeque<Queued>, ranges: &mut Vec<(usize, usize)>) {
     let now = tokio::time::Instant::now();
-    let (mut ranges, mut late, mut bytes) = (Vec::<(usize, usize)>::new(), Vec::new(), 0);
+    ranges.clear();
+    let (mut late, mut bytes) = (Vec::new(), 0);
     while let Some(f) = frames.front() {
         if bytes > 0 && bytes + f.len > WRITE_RUN {
             break;
@@ -809,7 +814,6 @@ fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut std::collections::VecDeque
             }
         }
     }
-    ranges
 }
 
 /// Breaks its connection when dropped, unless something broke it first:
@@ -872,13 +876,13 @@ async fn read_loop(s: Arc<Shared>, mut rd: OwnedReadHalf, mut closed: watch::Rec
     }
 }
 
-/// Writes queued requests, everything queued so far in one write, until
-/// the connection breaks or is closed.
+/// Writes queued requests, a run at a time (`stamp_run`), until the
+/// connection breaks or is closed.
 async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::Receiver<bool>) {
     let _break = BreakOnDrop(s.clone());
     let mut out: Vec<u8> = Vec::new();
-    let mut taken: Vec<Queued> = Vec::new();
-    let mut frames = std::collections::VecDeque::new();
+    let mut frames = VecDeque::new();
+    let mut ranges = Vec::new();
     loop {
         {
             let mut st = lock(&s.state);
@@ -886,7 +890,7 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
                 return;
             }
             std::mem::swap(&mut st.wbuf, &mut out);
-            std::mem::swap(&mut st.queued, &mut taken);
+            std::mem::swap(&mut st.queued, &mut frames);
         }
         if out.is_empty() {
             tokio::select! {
@@ -894,9 +898,9 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
                 _ = closed.wait_for(|c| *c) => return,
             }
         }
-        frames.extend(taken.drain(..));
         while !frames.is_empty() {
-            for (from, to) in stamp_run(&s, &mut out, &mut frames) {
+            stamp_run(&s, &mut out, &mut frames, &mut ranges);
+            for &(from, to) in &ranges {
                 tokio::select! {
                     r = wr.write_all(&out[from..to]) => if let Err(e) = r {
                         s.fail(Broken::Io(e.kind(), e.to_string()));
