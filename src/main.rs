@@ -412,15 +412,19 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// A write's outcome, where a timeout says what it means: the request
-/// went out and no answer came, so the write may have been stored, and
-/// running the command again can add a sibling (found by a review: the
-/// message said only that no reply came).
+/// A write's outcome, where a failure that may have left the write stored
+/// says so ([`ClientError::write_may_have_landed`]): running the command
+/// again can add a sibling (found by a review: a timeout said only that no
+/// reply came).
 fn written<T>(key: &str, outcome: Result<T, ClientError>) -> anyhow::Result<T> {
-    outcome.map_err(|e| match e {
-        e @ ClientError::Timeout { .. } => anyhow::Error::new(e)
-            .context(format!("the write of {key} may have been stored: read it before writing again")),
-        e => e.into(),
+    outcome.map_err(|e| {
+        let landed = e.write_may_have_landed();
+        let e = anyhow::Error::new(e);
+        if landed {
+            e.context(format!("the write of {key} may have been stored: read it before writing again"))
+        } else {
+            e
+        }
     })
 }
 

@@ -71,6 +71,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether a write that failed so may still have been stored, so that
+    /// writing it again can add a sibling: no answer came (a timeout, or
+    /// the connection failed under it: the client never resends such a
+    /// write, `replica_unavailable`), or its coordinator stored it and
+    /// too few replicas answered (QuorumFailed).
+    pub fn write_may_have_landed(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::Server { code: ErrorCode::QuorumFailed, .. }
+        )
+    }
+
     /// The server's error code, if the node answered with an error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -1177,6 +1191,23 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_may_have_landed_only_when_no_answer_came_or_its_coordinator_stored_it() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let server = |code| ClientError::Server { code, message: String::new() };
+        let io = ClientError::Io { addr, source: io::ErrorKind::BrokenPipe.into() };
+        for (e, landed) in [
+            (ClientError::Timeout { addr, timeout: Duration::from_secs(1) }, true),
+            (io, true),
+            (server(ErrorCode::QuorumFailed), true),
+            (server(ErrorCode::InvalidContext), false),
+            (server(ErrorCode::ValueTooLarge), false),
+            (ClientError::Invalid("key".into()), false),
+        ] {
+            assert_eq!(e.write_may_have_landed(), landed, "{e:?}");
+        }
+    }
 
     /// A shard the node does not have is refused, not answered by its
     /// last one (found by a review: `gyre stats --shard 5` on a two-shard
