@@ -116,11 +116,11 @@ pub struct PeerCounters {
     /// [`WRITE_STALL_TIMEOUT`].
     pub write_stalls: Cell<u64>,
     /// Times a member's ring, or N, R or W, was found to differ from this
-    /// node's: their cluster files differ. Asked (RING) when this shard
-    /// learns the member's ports: at the first contact, and again after a
-    /// connection to it failed, or after an ask that got no ring. (A member
-    /// that restarts and takes the next connection at once is not asked
-    /// again.)
+    /// node's: their cluster files differ. Asked (RING) at this shard's
+    /// first call to the member, again after a connection to it failed,
+    /// and at the first call `RING_ASK_RETRY` after an ask that got no
+    /// ring. (A member that restarts and takes the next connection at once
+    /// is not asked again.)
     pub rings_differ: Cell<u64>,
     /// Members' rings compared with this node's (`rings_differ` counts
     /// the ones that differed).
@@ -129,6 +129,10 @@ pub struct PeerCounters {
 
 /// How long the ask for a member's ring ([`Peers::compare_ring`]) may take.
 const RING_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after an ask that got no ring the next call to the member asks
+/// again: at most one RING a member this often while it answers none.
+const RING_ASK_RETRY: Duration = Duration::from_secs(5);
 
 /// Where a call's reply frame lands.
 type Slot = crate::notify::Slot<Result<Vec<u8>, PeerError>>;
@@ -402,8 +406,11 @@ impl Peers {
 
     /// The peer's shard ports, asked once with a PING to its shard 0.
     async fn ports(self: &Rc<Self>, member: MemberIdx, deadline: Instant) -> Result<Rc<Vec<u16>>, PeerError> {
-        if let Some(p) = self.ports.borrow().get(&member) {
-            return Ok(p.clone());
+        let known = self.ports.borrow().get(&member).cloned();
+        if let Some(ports) = known {
+            // Again once an ask that got no ring has waited out its retry.
+            self.ask_ring(member);
+            return Ok(ports);
         }
         let frame = Box::pin(self.call(member, &Request::Ping, Quorum::default(), deadline)).await?;
         let name = self.name(member).to_string();
@@ -412,14 +419,7 @@ impl Peers {
             Ok(Response::Pong(info)) if !info.ports.is_empty() && info.partitions == self.partitions => {
                 let ports = Rc::new(info.ports);
                 self.ports.borrow_mut().insert(member, ports.clone());
-                // Apart, with a deadline of its own: the request that
-                // learned the ports waits for none of it (found by a
-                // review: it waited for the RING answer, and failed with
-                // a member that did not give one).
-                if self.ring_asked.borrow_mut().insert(member) {
-                    let me = self.clone();
-                    glommio::spawn_local(async move { me.compare_ring(member).await }).detach();
-                }
+                self.ask_ring(member);
                 Ok(ports)
             }
             Ok(Response::Pong(info)) => {
@@ -430,14 +430,25 @@ impl Peers {
         }
     }
 
-    /// Asks `member` for its ring (RING) when this shard learns its ports
-    /// (at the first contact, and again after a connection to it failed),
-    /// and says so if it differs from this node's: their cluster files
-    /// differ (members, their order, or N, R, W), and requests relayed
-    /// between them may be refused (RingMismatch). It was found only by
-    /// such refusals, one request at a time. Best effort: an ask that gets
-    /// no RING answer (unreachable, refused, ShuttingDown) says nothing,
-    /// and is made again the next time the ports are learned.
+    /// Starts [`Self::compare_ring`] for `member` unless one ran or runs:
+    /// apart, with a deadline of its own, so the request that reached the
+    /// member waits for none of it (found by a review: it waited for the
+    /// RING answer, and failed with a member that did not give one).
+    fn ask_ring(self: &Rc<Self>, member: MemberIdx) {
+        if self.ring_asked.borrow_mut().insert(member) {
+            let me = self.clone();
+            glommio::spawn_local(async move { me.compare_ring(member).await }).detach();
+        }
+    }
+
+    /// Asks `member` for its ring (RING) when this shard first calls it
+    /// (and again after a connection to it failed), and says so if it
+    /// differs from this node's: their cluster files differ (members, their
+    /// order, or N, R, W), and requests relayed between them may be refused
+    /// (RingMismatch). It was found only by such refusals, one request at a
+    /// time. Best effort: an ask that gets no RING answer (unreachable,
+    /// refused, ShuttingDown) says nothing, and is made again at the first
+    /// call to the member after [`RING_ASK_RETRY`].
     async fn compare_ring(self: &Rc<Self>, member: MemberIdx) {
         let deadline = Instant::now() + RING_ASK_TIMEOUT;
         let answer = Box::pin(self.call(member, &Request::Ring, Quorum::default(), deadline)).await;
@@ -446,8 +457,10 @@ impl Peers {
             _ => None,
         });
         let Some((quorums, ring)) = ring else {
-            // Any answer but a ring (found by a review: an error reply
-            // left the member marked asked for good).
+            // Any answer but a ring (found by reviews: an error reply left
+            // the member marked asked for good, and then, while its
+            // connection stayed up, unasked but never asked again).
+            glommio::timer::sleep(RING_ASK_RETRY).await;
             self.ring_asked.borrow_mut().remove(&member);
             return;
         };
