@@ -6,6 +6,7 @@
 //! the default `node` feature the glommio backend is built; without it the
 //! crate stays portable.
 
+pub mod auth;
 pub mod client;
 pub mod core;
 pub mod limits;

@@ -485,6 +485,11 @@ struct NodeArgs {
     /// This node's name in the cluster file [default: the node whose address is --listen].
     #[arg(long)]
     name: Option<String>,
+    /// File holding the cluster secret (at least 16 bytes; every member the
+    /// same): contexts are signed, and replica messages are taken only from
+    /// members that prove they hold it.
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -542,6 +547,7 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.frame_timeout_ms = args.frame_timeout_ms.unwrap_or(config.frame_timeout_ms);
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
+    config.cluster_secret_file = args.cluster_secret_file.or(config.cluster_secret_file);
     let shutdown = shutdown_flag()?;
     let data_dir = config.data_dir.clone();
     gyre::node::run(config, shutdown, |started| {

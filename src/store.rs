@@ -23,12 +23,15 @@
 //! [`MAX_REPLICA_COUNTER`] is refused (`Store::merge`).
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use thiserror::Error;
 
+use crate::auth::ClusterKeys;
 use crate::core::coord::apply_replica_put;
 use crate::core::version::{
-    bind_encoded_clock, decode_context, encode_context_into, Actor, Clock, Dot, VersionError, VersionSet,
+    bind_encoded_clock, decode_context, encode_context, encode_context_into, Actor, Clock, Dot, VersionError,
+    VersionSet,
 };
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, PendingWrite, Record, RecordId, StorageError};
@@ -114,6 +117,10 @@ pub struct Store<B: Backend> {
     /// older nodes handed out, which clients may hold across an upgrade);
     /// nothing can tell such a context from another key's.
     accept_unbound: bool,
+    /// The cluster secret's keys, if the node has one: every context it
+    /// hands out is signed (format 4), and a write's context with a clock
+    /// must carry a valid signature, so that no client can forge one.
+    keys: Option<Rc<ClusterKeys>>,
 }
 
 impl<B: Backend> Store<B> {
@@ -125,7 +132,30 @@ impl<B: Backend> Store<B> {
             scratch: RefCell::default(),
             context: RefCell::default(),
             accept_unbound: true,
+            keys: None,
         }
+    }
+
+    /// Signs the contexts this store hands out with `keys`, and takes only
+    /// contexts so signed (or with nothing seen) with a write.
+    pub fn with_keys(mut self, keys: Option<Rc<ClusterKeys>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The cluster secret's keys this store signs with, if any.
+    pub fn keys(&self) -> Option<&ClusterKeys> {
+        self.keys.as_deref()
+    }
+
+    /// The context of `clock` for `key`, naming coordinator `hint`:
+    /// bound to the key, and signed if the node has a cluster secret.
+    pub fn context_of(&self, clock: &Clock, key: &[u8], hint: Option<u16>) -> Vec<u8> {
+        let mut out = encode_context(clock, key, hint);
+        if let Some(k) = &self.keys {
+            k.sign(&mut out, 0, key);
+        }
+        out
     }
 
     /// Refuses (`accept: false`) or takes a write's context that is not
@@ -182,17 +212,21 @@ impl<B: Backend> Store<B> {
         };
         let unsettled = rec.as_ref().and_then(|rec| self.engine.unsettled_read(rec.id()));
         let bind = |out: &mut Vec<u8>| bind_encoded_clock(out, context, key, None);
-        Some(Ok((self.with_context(bind, |context| reply(context, live)), unsettled)))
+        Some(Ok((self.with_context(key, bind, |context| reply(context, live)), unsettled)))
     }
 
-    /// Runs `reply` on a context that `build` writes into the reused
-    /// buffer. The buffer is out of the store meanwhile: a `reply` that
-    /// called back into the store would find it empty (and allocate one),
-    /// not borrowed.
-    fn with_context<R>(&self, build: impl FnOnce(&mut Vec<u8>), reply: impl FnOnce(&[u8]) -> R) -> R {
+    /// Runs `reply` on a context of `key` that `build` writes into the
+    /// reused buffer (signed here if the node has a cluster secret). The
+    /// buffer is out of the store meanwhile: a `reply` that called back
+    /// into the store would find it empty (and allocate one), not
+    /// borrowed.
+    fn with_context<R>(&self, key: &[u8], build: impl FnOnce(&mut Vec<u8>), reply: impl FnOnce(&[u8]) -> R) -> R {
         let mut context = self.context.take();
         context.clear();
         build(&mut context);
+        if let Some(k) = &self.keys {
+            k.sign(&mut context, 0, key);
+        }
         let r = reply(&context);
         self.context.replace(context);
         r
@@ -286,7 +320,7 @@ impl<B: Backend> Store<B> {
             None => bind_encoded_clock(out, &self.scratch.borrow().0[..context_len], key, None),
             Some(seen) => encode_context_into(out, &seen, key, None),
         };
-        let reply = self.with_context(bind, |context| reply(context, siblings));
+        let reply = self.with_context(key, bind, |context| reply(context, siblings));
         Some(Ok((reply, pending)))
     }
 
@@ -351,6 +385,9 @@ impl<B: Backend> Store<B> {
     fn check_write(&self, key: &[u8], context: &[u8], value: Option<&[u8]>) -> Result<Clock, StoreError> {
         let ctx = decode_context(context).map_err(StoreError::InvalidContext)?;
         ctx.check_key(key).map_err(StoreError::InvalidContext)?;
+        if let Some(k) = &self.keys {
+            k.check(key, context, &ctx).map_err(StoreError::InvalidContext)?;
+        }
         if ctx.key_tag.is_none() && !ctx.clock.is_empty() && !self.accept_unbound {
             return Err(StoreError::InvalidContext(VersionError::Unbound));
         }

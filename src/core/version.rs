@@ -88,6 +88,25 @@
 //! Example: `{1: 1}` for key `k`, hinted at member 3, is `03 | a7 23 11 1e
 //! 67 d1 e4 fa | 03 00 | 01 | 01 00 00 00 00 00 00 00 01`.
 //!
+//! A node given a cluster secret hands out format 4 instead: format 3 with
+//! the format byte 4 and a MAC after the clock, so that a client cannot
+//! forge one (ARCHITECTURE.md, "Cluster secret"):
+//!
+//! ```text
+//! size     field
+//! 1        format     u8 = 4
+//! 8        key tag    as in format 3
+//! 2        hint       as in format 3
+//! 1..=10   n          as in format 3
+//! n times: actor, counter as above
+//! 16       mac        CONTEXT_MAC_LEN bytes: the node's keyed MAC of the key
+//!                     and of every byte of the context before it
+//! ```
+//!
+//! This module reads and lays out the format ([`sign_context`] takes the
+//! MAC as a function); the node computes and checks the MAC
+//! (`crate::auth`), so nothing here holds a secret.
+//!
 //! [`decode_context`] also reads the two unbound formats older nodes
 //! handed out (a client may hold one across an upgrade; nothing binds it,
 //! so it is taken as before): format 1 above, and format 2, a cluster's
@@ -197,6 +216,12 @@ const FORMAT: u8 = 1;
 const FORMAT_HINTED: u8 = 2;
 /// Format byte of a context bound to its key.
 const FORMAT_BOUND: u8 = 3;
+/// Format 4: a bound context with a MAC (module doc).
+const FORMAT_SIGNED: u8 = 4;
+
+/// Bytes of a signed context's MAC: 128 bits, so that a client guessing
+/// one online has no chance in any number of requests it can send.
+pub const CONTEXT_MAC_LEN: usize = 16;
 
 /// The hint of a bound context that names no coordinator (a lone node's).
 /// No member has this index.
@@ -233,8 +258,8 @@ const MAX_CLOCK_BODY_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64) + MAX_CLO
 const MAX_SIBLING_ROW_LEN: usize = varint_len(MAX_CLOCK_ENTRIES as u64 - 1) + MAX_VARINT_LEN + 1 + MAX_VARINT_LEN;
 
 /// Worst-case length of a context encoding (a [`Clock`] bound to its key,
-/// with a hint).
-pub const MAX_CONTEXT_LEN: usize = 1 + 8 + 2 + MAX_CLOCK_BODY_LEN;
+/// with a hint and a MAC).
+pub const MAX_CONTEXT_LEN: usize = 1 + 8 + 2 + MAX_CLOCK_BODY_LEN + CONTEXT_MAC_LEN;
 
 /// Worst-case length of the stored metadata of a [`VersionSet`] within the
 /// limits.
@@ -263,6 +288,13 @@ pub enum VersionError {
     /// the node refuses them.
     #[error("the context is in an older format, not bound to its key, which this node refuses; read the key again")]
     Unbound,
+    /// A write brought an unsigned context to a node with a cluster secret.
+    #[error("the context is not signed, and this node takes only signed contexts (it has a cluster secret); read the key again")]
+    Unsigned,
+    /// A write brought a signed context whose MAC does not match: forged,
+    /// changed, or signed with another secret.
+    #[error("the context's signature does not match (not one this cluster handed out for this key); read the key again")]
+    BadSignature,
     /// The operation would leave more than `max` siblings.
     #[error("{siblings} siblings exceed the limit of {max}")]
     TooManySiblings { siblings: usize, max: usize },
@@ -460,6 +492,9 @@ pub struct DecodedContext {
     /// [`key_tag`] of the key it was read from; `None` for an unbound
     /// context (an older node's, or no context at all).
     pub key_tag: Option<u64>,
+    /// A signed context's MAC (format 4), and the length of the bytes it
+    /// covers (with the key): the node that checks it needs both.
+    pub mac: Option<([u8; CONTEXT_MAC_LEN], usize)>,
 }
 
 impl DecodedContext {
@@ -510,10 +545,29 @@ fn bound_prefix(out: &mut Vec<u8>, key: &[u8], hint: Option<u16>) {
     out.extend_from_slice(&hint.unwrap_or(NO_HINT).to_le_bytes());
 }
 
-/// Decodes a client context of any format (module doc).
+/// Signs the bound context (format 3) that starts at `out[start]`, the
+/// last thing in `out`: makes it format 4 and appends `mac` of its bytes
+/// (module doc).
+pub fn sign_context(out: &mut Vec<u8>, start: usize, mac: impl FnOnce(&[u8]) -> [u8; CONTEXT_MAC_LEN]) {
+    assert_eq!(out.get(start), Some(&FORMAT_BOUND), "only a bound context is signed");
+    out[start] = FORMAT_SIGNED;
+    let mac = mac(&out[start..]);
+    out.extend_from_slice(&mac);
+}
+
+/// Decodes a client context of any format (module doc). A signed
+/// context's MAC is returned, not checked.
 pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
+    let (mut bytes, mut mac) = (bytes, None);
+    if bytes.first() == Some(&FORMAT_SIGNED) {
+        let covered = bytes.len().checked_sub(CONTEXT_MAC_LEN).filter(|&n| n > 0);
+        let covered = covered.ok_or(VersionError::Malformed("a signed context shorter than its MAC"))?;
+        let (signed, tail) = bytes.split_at(covered);
+        mac = Some((tail.try_into().expect("CONTEXT_MAC_LEN bytes"), covered));
+        bytes = signed;
+    }
     let (key_tag, hint, body) = match bytes.first() {
-        Some(&FORMAT_BOUND) => {
+        Some(&FORMAT_BOUND) | Some(&FORMAT_SIGNED) => {
             let mut r = Reader::new(&bytes[1..]);
             let tag = r.u64_le()?;
             let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
@@ -524,12 +578,12 @@ pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
             let hint = u16::from_le_bytes([r.u8()?, r.u8()?]);
             (None, Some(hint), r)
         }
-        _ => return Ok(DecodedContext { clock: Clock::decode(bytes)?, hint: None, key_tag: None }),
+        _ => return Ok(DecodedContext { clock: Clock::decode(bytes)?, hint: None, key_tag: None, mac: None }),
     };
     let mut r = body;
     let clock = Clock::decode_body(&mut r)?;
     r.finish("trailing bytes after context")?;
-    Ok(DecodedContext { clock, hint, key_tag })
+    Ok(DecodedContext { clock, hint, key_tag, mac })
 }
 
 /// One concurrent version of a key: the value a write put, or `None` for a
@@ -1075,7 +1129,7 @@ mod tests {
         assert_eq!(key_tag(b"k").to_le_bytes(), tag);
         let golden = [&[0x03][..], &tag, &[0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01]].concat();
         assert_eq!(encode_context(&c, b"k", Some(3)), golden);
-        let decoded = DecodedContext { clock: c.clone(), hint: Some(3), key_tag: Some(key_tag(b"k")) };
+        let decoded = DecodedContext { clock: c.clone(), hint: Some(3), key_tag: Some(key_tag(b"k")), mac: None };
         assert_eq!(decode_context(&golden), Ok(decoded.clone()));
         assert!(Clock::decode(&golden).is_err(), "a plain clock decoder refuses a bound context");
         // From the clock's encoding, as a node answers from a stored record.
@@ -1088,7 +1142,7 @@ mod tests {
         let mut bound = Vec::new();
         bind_encoded_clock(&mut bound, &[], b"k", None);
         assert_eq!(bound, empty);
-        let unhinted = DecodedContext { clock: Clock::new(), hint: None, key_tag: Some(key_tag(b"k")) };
+        let unhinted = DecodedContext { clock: Clock::new(), hint: None, key_tag: Some(key_tag(b"k")), mac: None };
         assert_eq!(decode_context(&empty), Ok(unhinted));
         // Bound to its key: refused for another.
         assert_eq!(decoded.check_key(b"k"), Ok(()));
@@ -1098,22 +1152,51 @@ mod tests {
         }
         assert!(decode_context(&[golden.as_slice(), &[0]].concat()).is_err());
         let big = Clock { entries: (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, u64::MAX)).collect() };
-        assert_eq!(encode_context(&big, b"k", Some(7)).len(), MAX_CONTEXT_LEN);
+        let mut signed = encode_context(&big, b"k", Some(7));
+        sign_context(&mut signed, 0, |_| [0; CONTEXT_MAC_LEN]);
+        assert_eq!(signed.len(), MAX_CONTEXT_LEN);
+    }
+
+    /// Format 4: format 3 with its format byte 4 and the MAC of what
+    /// precedes it appended; decoding hands back the MAC and what it
+    /// covers, unchecked.
+    #[test]
+    fn signed_context_golden() {
+        let c = clock(&[(1, 1)]);
+        let tag = [0xa7, 0x23, 0x11, 0x1e, 0x67, 0xd1, 0xe4, 0xfa];
+        let body = [&[0x04][..], &tag, &[0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01]].concat();
+        let mac: [u8; CONTEXT_MAC_LEN] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let golden = [&body[..], &mac].concat();
+        let mut signed = vec![0xee];
+        encode_context_into(&mut signed, &c, b"k", Some(3));
+        sign_context(&mut signed, 1, |covered| {
+            assert_eq!(covered, body, "the MAC covers the context before it, format byte 4 included");
+            mac
+        });
+        assert_eq!(signed[1..], golden);
+        let decoded = decode_context(&golden).unwrap();
+        let want = DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some((mac, body.len())) };
+        assert_eq!(decoded, want);
+        assert_eq!(decoded.check_key(b"j"), Err(VersionError::OtherKey));
+        for cut in 1..golden.len() {
+            assert!(decode_context(&golden[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_context(&[golden.as_slice(), &[0]].concat()).is_err(), "a trailing byte");
     }
 
     /// Contexts older nodes handed out are read, and bind nothing.
     #[test]
     fn unbound_contexts_are_read() {
         let c = clock(&[(1, 1)]);
-        let unbound = |hint| DecodedContext { clock: c.clone(), hint, key_tag: None };
+        let unbound = |hint| DecodedContext { clock: c.clone(), hint, key_tag: None, mac: None };
         let hinted = [0x02, 0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01];
         assert_eq!(decode_context(&hinted), Ok(unbound(Some(3))));
         assert!(Clock::decode(&hinted).is_err(), "a plain clock decoder refuses a hint");
         assert_eq!(decode_context(&c.to_bytes()), Ok(unbound(None)));
         assert_eq!(unbound(None).check_key(b"any key"), Ok(()));
-        let empty = DecodedContext { clock: Clock::new(), hint: Some(1), key_tag: None };
+        let empty = DecodedContext { clock: Clock::new(), hint: Some(1), key_tag: None, mac: None };
         assert_eq!(decode_context(&[0x02, 0x01, 0x00, 0x00]), Ok(empty));
-        let none = DecodedContext { clock: Clock::new(), hint: None, key_tag: None };
+        let none = DecodedContext { clock: Clock::new(), hint: None, key_tag: None, mac: None };
         assert_eq!(decode_context(&[]), Ok(none));
         assert!(decode_context(&[0x02, 0x01]).is_err());
         assert!(decode_context(&[0x02, 0x01, 0x00, 0x00, 0x00]).is_err());
@@ -1323,7 +1406,7 @@ mod tests {
 
     #[test]
     fn bounds_are_what_the_doc_says() {
-        assert_eq!(MAX_CONTEXT_LEN, 1 + 8 + 2 + 1 + 64 * 18, "format, key tag, hint, n, entries");
+        assert_eq!(MAX_CONTEXT_LEN, 1 + 8 + 2 + 1 + 64 * 18 + 16, "format, key tag, hint, n, entries, MAC");
         assert_eq!(MAX_ENCODED_META, 1 + 1 + 64 * 18 + 1 + 64 * 22);
     }
 

@@ -158,6 +158,13 @@ pub struct NodeConfig {
     /// held; 0: never. TCP keepalive closes a dead client, not a live one
     /// that stalls (found by a review).
     pub frame_timeout_ms: u64,
+    /// A file holding the cluster secret (`crate::auth`): with one, the
+    /// node signs the contexts it hands out and takes only signed ones,
+    /// and takes replica messages only from a connection that proved it
+    /// holds the same secret. Every member of a cluster needs the same.
+    /// None: contexts are not signed, and every connection's replica
+    /// messages are taken (serve the port to trusted clients only).
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -179,6 +186,7 @@ impl Default for NodeConfig {
             name: None,
             accept_unbound_contexts: true,
             frame_timeout_ms: DEFAULT_FRAME_TIMEOUT_MS,
+            cluster_secret_file: None,
         }
     }
 }

@@ -442,6 +442,21 @@ pub(super) struct Standing {
     /// Named a member (HELLO), counted as one or not: its quorum requests
     /// are that member's relays ([`Shard::misrouted_relay`]).
     named: Cell<bool>,
+    /// With a cluster secret: whether the connection proved it (AUTH), and
+    /// until then the proof its HELLO reply's challenge asks for. Replica
+    /// messages are taken only once it is proved.
+    auth: Cell<Auth>,
+}
+
+/// A connection's standing with the cluster secret (`Standing::auth`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// Nothing asked yet (no HELLO, or the node has no secret).
+    None,
+    /// The proof the AUTH that follows the HELLO must bring.
+    Expect([u8; crate::wire::PROOF_LEN]),
+    /// Proved: replica messages are taken.
+    Proven,
 }
 
 impl Standing {
@@ -458,6 +473,70 @@ impl Standing {
             deadline,
             member: Cell::new(false),
             named: Cell::new(false),
+            auth: Cell::new(Auth::None),
+        }
+    }
+
+    /// The challenge of the HELLO reply to member `name`, if the node has
+    /// a cluster secret: its AUTH must then answer it.
+    fn challenge(&self, name: &[u8]) -> Option<[u8; crate::wire::CHALLENGE_LEN]> {
+        let keys = self.shard.keys()?;
+        match crate::auth::challenge() {
+            Ok(c) => {
+                self.auth.set(Auth::Expect(keys.proof(&c, name)));
+                Some(c)
+            }
+            Err(e) => {
+                // The member's AUTH then fails, and it dials again.
+                tracing::error!(error = %e, "no random bytes for a member's challenge");
+                None
+            }
+        }
+    }
+
+    /// What the cluster secret says of `req`, decoded on this connection:
+    /// `None` to run it; otherwise the reply it gets instead, and whether
+    /// the connection closes. An AUTH is answered here; a replica message
+    /// on a connection that has not proved the secret is refused.
+    fn screen(&self, id: u64, req: &Request<'_>) -> Option<(Vec<u8>, bool)> {
+        let shard = &self.shard;
+        match req {
+            Request::Auth { proof } => {
+                let proven = match self.auth.get() {
+                    Auth::Expect(want) => crate::auth::proofs_match(&want, proof),
+                    Auth::Proven => true,
+                    Auth::None => false,
+                };
+                if proven {
+                    self.auth.set(Auth::Proven);
+                    let mut out = Vec::with_capacity(HEADER_LEN);
+                    crate::wire::Response::Auth.encode(&mut out, id, shard.id as u16);
+                    return Some((out, false));
+                }
+                bump(&shard.counters.auth_failures, 1);
+                tracing::warn!(
+                    "a connection's AUTH failed (its proof is not this node's cluster secret's, or came without a \
+                     HELLO): closed; do all members have the same cluster_secret_file?"
+                );
+                let why = "the proof does not match this node's cluster secret (or no HELLO asked for one)";
+                Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
+            }
+            Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
+                if shard.keys().is_some() && self.auth.get() != Auth::Proven =>
+            {
+                // Warned once a shard; STATS counts them all.
+                let first = shard.counters.unauthenticated.get() == 0;
+                bump(&shard.counters.unauthenticated, 1);
+                if first {
+                    tracing::warn!(
+                        "refused a replica message from a connection that has not proved the cluster secret \
+                         (a member without cluster_secret_file, or a client): Unauthenticated"
+                    );
+                }
+                let why = "replica messages are taken only from members that proved the cluster secret (AUTH)";
+                Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), false))
+            }
+            _ => None,
         }
     }
 
@@ -583,23 +662,27 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     // malformed request.)
                     let hello = match header.opcode {
                         crate::wire::op::HELLO => match Request::decode_with(&header, body) {
-                            Ok((Request::Hello { member }, _)) => Some(shard.is_member(member)),
+                            Ok((Request::Hello { member }, _)) => Some((shard.is_member(member), member)),
                             _ => None,
                         },
                         _ => None,
                     };
-                    if standing.provisional.get() && hello != Some(true) {
+                    if standing.provisional.get() && !hello.is_some_and(|(member, _)| member) {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
                     if !out.room_for_one(&sock, &shard).await {
                         break 'read;
                     }
-                    if let Some(member) = hello {
-                        if member {
-                            standing.named_member();
-                        }
-                        out.reply(&shard.hello_reply(header.request_id, member));
+                    if let Some((member, name)) = hello {
+                        let challenge = match member {
+                            true => {
+                                standing.named_member();
+                                standing.challenge(name)
+                            }
+                            false => None,
+                        };
+                        out.reply(&shard.hello_reply(header.request_id, member, challenge));
                         start += total;
                         continue;
                     }
@@ -614,6 +697,14 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     }
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
+                            if let Some((reply, close)) = standing.screen(header.request_id, &req) {
+                                out.reply(&reply);
+                                if close {
+                                    break 'read;
+                                }
+                                start += total;
+                                continue;
+                            }
                             if let Some(reply) =
                                 standing.named.get().then(|| shard.misrouted_relay(header.request_id, &req)).flatten()
                             {

@@ -43,7 +43,7 @@ use crate::core::coord::{
     Transmit,
 };
 use crate::core::ring::MemberIdx;
-use crate::core::version::{encode_context, VersionSet};
+use crate::core::version::VersionSet;
 use crate::notify::{Notify, Slot};
 use crate::shell::now_ms;
 use crate::wire::{decode_reply_frame, flags, patch_reply, ErrorCode, Header, Quorum, Request, Response, HEADER_LEN};
@@ -95,9 +95,13 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub(super) fn new(info: Cluster, front: Rc<super::front::Front>) -> ClusterState {
+    pub(super) fn new(
+        info: Cluster,
+        front: Rc<super::front::Front>,
+        keys: Option<Rc<crate::auth::ClusterKeys>>,
+    ) -> ClusterState {
         ClusterState {
-            peers: Rc::new(Peers::new(&info, front)),
+            peers: Rc::new(Peers::new(&info, front, keys)),
             info,
             counters: ClusterCounters::default(),
             epoch: Instant::now(),
@@ -237,7 +241,7 @@ impl Shard {
                 };
                 match self.clone().run_coordinator(key, coord, deadline).await {
                     Ok((set, fastest)) => {
-                        self.get_reply(id, &set, &encode_context(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))))
+                        self.get_reply(id, &set, &self.store.context_of(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))))
                     }
                     Err(e) => self.quorum_error(id, &e),
                 }
@@ -273,7 +277,7 @@ impl Shard {
             Err(e) => return self.error_frame(id, error_code(&e), &e.to_string()),
         };
         let others: Vec<MemberIdx> = replicas.iter().copied().filter(|&m| m != me).collect();
-        let (context, siblings) = (encode_context(written.context(), key, Some(me)), written.siblings());
+        let (context, siblings) = (self.store.context_of(written.context(), key, Some(me)), written.siblings());
         let now = cs.micros(Instant::now());
         let coord = match PutCoordinator::new(written.set, me, &others, w, now, cs.micros(deadline)) {
             Ok(c) => c,

@@ -40,8 +40,9 @@ use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::channels::shared_channel::ConnectedReceiver;
 use serde::Serialize;
 
+use crate::auth::ClusterKeys;
 use crate::core::partition::{key_hash, shard_of_hash};
-use crate::core::version::{encode_context, VersionSet};
+use crate::core::version::VersionSet;
 use crate::notify::Notify;
 use crate::shell::{now_ms, open_shard, run_executor_with, spawn_background, DiskEngine, Stop};
 use crate::storage::backend::glommio::GlommioBackend;
@@ -164,6 +165,11 @@ pub struct ShardCounters {
     /// Connections closed because a frame they began stayed unfinished,
     /// nothing sent, for `frame_timeout_ms`.
     pub stalled_frames: Cell<u64>,
+    /// Replica messages refused (Unauthenticated) on connections that had
+    /// not proved the cluster secret (AUTH), and AUTHs whose proof was
+    /// wrong (their connection closed).
+    pub unauthenticated: Cell<u64>,
+    pub auth_failures: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
     /// Socket writes of replies and replies written: their ratio is how
@@ -317,15 +323,15 @@ impl Shard {
                 Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
                 Request::Get { key } => {
                     let set = self.store.get(key).await?;
-                    out = self.get_reply(id, &set, &encode_context(set.clock(), key, None));
+                    out = self.get_reply(id, &set, &self.store.context_of(set.clock(), key, None));
                 }
                 Request::Put { key, context, value } => {
                     let w = self.store.put(key, context, Some(value), now_ms()).await?;
-                    out = self.write_reply(id, true, &encode_context(w.context(), key, None), w.siblings());
+                    out = self.write_reply(id, true, &self.store.context_of(w.context(), key, None), w.siblings());
                 }
                 Request::Delete { key, context } => {
                     let w = self.store.put(key, context, None, now_ms()).await?;
-                    out = self.write_reply(id, false, &encode_context(w.context(), key, None), w.siblings());
+                    out = self.write_reply(id, false, &self.store.context_of(w.context(), key, None), w.siblings());
                 }
                 Request::Ring => match &self.cluster {
                     Some(c) => {
@@ -338,7 +344,11 @@ impl Shard {
                 },
                 // The connection takes a HELLO itself (`conn`); one that
                 // got this far is answered the same way.
-                Request::Hello { member } => return Ok(self.hello_reply(id, self.is_member(member))),
+                Request::Hello { member } => return Ok(self.hello_reply(id, self.is_member(member), None)),
+                Request::Auth { .. } => {
+                    let why = "an AUTH is its connection's, answered where it is read";
+                    return Ok(self.error_frame(id, ErrorCode::Unauthenticated, why));
+                }
                 Request::ReplicaGet { .. } | Request::ReplicaPut { .. } => {
                     if self.cluster.is_none() {
                         return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"));
@@ -639,6 +649,15 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         }
     };
     let engine_config = config.shard_engine_config(shards, memory, disk.map(|d| d.total))?;
+    let keys = config.cluster_secret_file.as_deref().map(ClusterKeys::load).transpose()?;
+    match (&keys, &cluster) {
+        (Some(_), _) => tracing::info!("cluster secret set: contexts are signed, and members prove the secret at connect"),
+        (None, Some(_)) => tracing::warn!(
+            "no cluster secret (cluster_secret_file): any client of this port can send replica messages and forge \
+             contexts, which can drop acknowledged writes; serve it to trusted clients only"
+        ),
+        (None, None) => {}
+    }
     tracing::info!(
         disk_reserve_bytes = engine_config.disk_reserve(),
         disk_free_bytes = disk.map(|d| d.free),
@@ -732,6 +751,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             engine_config: engine_config.clone(),
             max_value_len: config.max_value_len,
             accept_unbound_contexts: config.accept_unbound_contexts,
+            keys: keys.clone(),
             max_connections: config.max_connections,
             tcp_keepalive_s: config.tcp_keepalive as u32,
             max_body,
@@ -897,6 +917,8 @@ struct ShardSetup {
     engine_config: crate::storage::EngineConfig,
     max_value_len: usize,
     accept_unbound_contexts: bool,
+    /// The cluster secret's keys (`crate::auth`), if the node has one.
+    keys: Option<ClusterKeys>,
     max_connections: u64,
     /// TCP keepalive idle seconds of client and peer connections (0: off).
     tcp_keepalive_s: u32,
@@ -1007,14 +1029,17 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     tracing::info!(shard = s.id, keys = engine.len(), "shard storage open");
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
-    let cluster = s.cluster.map(|c| coordinate::ClusterState::new(c, front.clone()));
+    let keys = s.keys.map(Rc::new);
+    let cluster = s.cluster.map(|c| coordinate::ClusterState::new(c, front.clone(), keys.clone()));
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,
         partitions: s.partitions,
         node_id: s.node_id,
         ports: s.ports,
-        store: Store::new(engine.clone(), actor, s.max_value_len).with_unbound_contexts(s.accept_unbound_contexts),
+        store: Store::new(engine.clone(), actor, s.max_value_len)
+            .with_unbound_contexts(s.accept_unbound_contexts)
+            .with_keys(keys.clone()),
         max_body: s.max_body,
         frame_timeout: s.frame_timeout,
         max_replica_body: s.max_replica_body,
@@ -1158,13 +1183,19 @@ impl Shard {
         self.cluster.as_ref().zip(name.ok()).is_some_and(|(c, name)| c.info.ring.index_of(name).is_some())
     }
 
-    /// The reply to a HELLO: taken if it named a `member` of this cluster,
-    /// refused otherwise.
-    pub(super) fn hello_reply(&self, id: u64, member: bool) -> Vec<u8> {
+    /// The cluster secret's keys, if the node has one.
+    pub(super) fn keys(&self) -> Option<&ClusterKeys> {
+        self.store.keys()
+    }
+
+    /// The reply to a HELLO: taken if it named a `member` of this cluster
+    /// (with the `challenge` its AUTH must answer, if the node has a
+    /// cluster secret), refused otherwise.
+    pub(super) fn hello_reply(&self, id: u64, member: bool, challenge: Option<[u8; crate::wire::CHALLENGE_LEN]>) -> Vec<u8> {
         match (member, &self.cluster) {
             (true, _) => {
-                let mut out = Vec::with_capacity(HEADER_LEN);
-                Response::Hello.encode(&mut out, id, self.id as u16);
+                let mut out = Vec::with_capacity(HEADER_LEN + crate::wire::CHALLENGE_LEN);
+                Response::Hello { challenge }.encode(&mut out, id, self.id as u16);
                 out
             }
             (false, Some(_)) => self.error_frame(id, ErrorCode::Malformed, "HELLO names no member of this cluster"),

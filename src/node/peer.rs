@@ -33,6 +33,13 @@
 //! progress for [`WRITE_STALL_TIMEOUT`] closes the connection (its calls
 //! fail) and marks the peer down for [`RETRY_AFTER`], as a refused
 //! connection does.
+//!
+//! Cluster secret: a shard with one opens each connection with a HELLO
+//! and the AUTH that answers the HELLO reply's challenge, each awaited
+//! before any call's frame is written (the peer refuses replica messages
+//! until the AUTH is taken), within [`HANDSHAKE_TIMEOUT`]. A peer that
+//! refuses the proof (another secret) fails the connection's calls with
+//! its reason, and is marked down as a refused connection is.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -44,6 +51,7 @@ use serde::Serialize;
 
 use super::bump;
 use super::front::Front;
+use crate::auth::ClusterKeys;
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
@@ -125,6 +133,26 @@ pub struct PeerCounters {
     /// Members' rings compared with this node's (`rings_differ` counts
     /// the ones that differed).
     pub rings_compared: Cell<u64>,
+    /// Connections whose HELLO or AUTH (the cluster secret's proof) a
+    /// member refused, or that got no answer to them in time.
+    pub handshake_failures: Cell<u64>,
+}
+
+/// Request ids of the frames that open a connection: its HELLO and (with a
+/// cluster secret) its AUTH. Calls take ids from [`FIRST_CALL_ID`] on.
+const HELLO_ID: u64 = 1;
+const AUTH_ID: u64 = 2;
+const FIRST_CALL_ID: u64 = 3;
+
+/// How long the HELLO and AUTH of a new connection may take to be
+/// answered (a shard with a cluster secret waits for both).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a connection's opening exchange failed.
+enum Shake {
+    /// The peer refused the whole connection at its connection limit.
+    Refused,
+    Failed(String),
 }
 
 /// How long the ask for a member's ring ([`Peers::compare_ring`]) may take.
@@ -304,11 +332,17 @@ pub struct Peers {
     ring_asked: RefCell<std::collections::HashSet<MemberIdx>>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
+    /// The cluster secret's keys: with them, each connection proves the
+    /// secret before its calls are written.
+    keys: Option<Rc<ClusterKeys>>,
+    /// Whether a failed handshake was logged as a warning already (once a
+    /// shard: a member with another secret fails every redial).
+    warned_handshake: Cell<bool>,
     pub counters: PeerCounters,
 }
 
 impl Peers {
-    pub(super) fn new(cluster: &super::cluster::Cluster, front: Rc<Front>) -> Peers {
+    pub(super) fn new(cluster: &super::cluster::Cluster, front: Rc<Front>, keys: Option<Rc<ClusterKeys>>) -> Peers {
         let ring = &cluster.ring;
         Peers {
             me: cluster.me,
@@ -321,6 +355,8 @@ impl Peers {
             down_until: RefCell::default(),
             refused_until: RefCell::default(),
             front,
+            keys,
+            warned_handshake: Cell::new(false),
             counters: PeerCounters::default(),
         }
     }
@@ -488,7 +524,7 @@ impl Peers {
             name: format!("{} shard {shard} ({lane:?})", self.name(member)),
             out: RefCell::default(),
             pending: RefCell::default(),
-            next_id: Cell::new(1),
+            next_id: Cell::new(FIRST_CALL_ID),
             sent_upto: Cell::new(0),
             dead: Cell::new(false),
             queued: Notify::default(),
@@ -497,11 +533,13 @@ impl Peers {
         // The first frame names this member (HELLO): the peer counts the
         // connection apart from its clients, and takes it into its reserve
         // for members when clients fill its connection limit. Its reply
-        // (id 1, no caller) is dropped by the reader.
-        let hello = Request::Hello { member: self.members[self.me as usize].name.as_bytes() };
-        let id = conn.next_id.get();
-        conn.next_id.set(id + 1);
-        conn.out.borrow_mut().push(|out| hello.encode(out, id, shard, 0), Instant::now() + HELLO_LIFETIME);
+        // (no caller) is dropped by the reader. With a cluster secret the
+        // connection sends it itself, and awaits it ([`Self::handshake`]).
+        if self.keys.is_none() {
+            let hello = Request::Hello { member: self.members[self.me as usize].name.as_bytes() };
+            let hello = |out: &mut Vec<u8>| hello.encode(out, HELLO_ID, shard, 0);
+            conn.out.borrow_mut().push(hello, Instant::now() + HELLO_LIFETIME);
+        }
         self.conns.borrow_mut().insert(key, conn.clone());
         let mut addr = self.members[member as usize].addr;
         if shard != 0 {
@@ -531,8 +569,35 @@ impl Peers {
             }
         };
         bump(&self.counters.connects, 1);
-        self.down_until.borrow_mut().remove(&member);
         let sock = Rc::new(sock);
+        let mut buf = vec![0u8; super::conn::READ_CHUNK];
+        let (mut start, mut end) = (0usize, 0usize);
+        if let Some(keys) = &self.keys {
+            let shake = self.handshake(keys, key.1, &sock, &mut buf, &mut start, &mut end);
+            let late = async {
+                glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
+                Err(Shake::Failed(format!("no answer to its HELLO and AUTH in {HANDSHAKE_TIMEOUT:?}")))
+            };
+            match futures_lite::future::or(shake, late).await {
+                Ok(()) => {}
+                Err(Shake::Refused) => {
+                    // As the reader does with a refusal (nothing was sent).
+                    self.refused_until.borrow_mut().insert(key, Instant::now() + RETRY_AFTER);
+                    self.forget(key, &conn);
+                    conn.kill("it refused the connection (at its connection limit)");
+                    return;
+                }
+                Err(Shake::Failed(why)) => {
+                    bump(&self.counters.handshake_failures, 1);
+                    if !self.warned_handshake.replace(true) {
+                        tracing::warn!(peer = %conn.name, why, "opening a connection to a member failed (logged once)");
+                    }
+                    self.give_up(key, &conn, &why);
+                    return;
+                }
+            }
+        }
+        self.down_until.borrow_mut().remove(&member);
         let writer_task = {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
@@ -569,8 +634,6 @@ impl Peers {
                 }
             })
         };
-        let mut buf = vec![0u8; super::conn::READ_CHUNK];
-        let (mut start, mut end) = (0usize, 0usize);
         let why = 'read: loop {
             loop {
                 match split_frame(&buf[start..end], MAX_BODY_LEN) {
@@ -622,6 +685,43 @@ impl Peers {
         writer_task.await;
     }
 
+    /// Opens `sock`, a connection to a peer's `shard`, as a member's with
+    /// the cluster secret's `keys`: a HELLO, then the AUTH that answers its
+    /// reply's challenge, each awaited. A peer without a secret sends no
+    /// challenge, and the connection goes on without an AUTH. Replies are
+    /// read into `buf` (`start..end`, as the reader goes on with it).
+    async fn handshake(
+        &self,
+        keys: &ClusterKeys,
+        shard: u16,
+        sock: &super::front::Socket,
+        buf: &mut Vec<u8>,
+        start: &mut usize,
+        end: &mut usize,
+    ) -> Result<(), Shake> {
+        let name = self.members[self.me as usize].name.as_bytes();
+        let mut out = Vec::new();
+        Request::Hello { member: name }.encode(&mut out, HELLO_ID, shard, 0);
+        send_opening(sock, &out).await?;
+        let frame = read_opening(sock, buf, start, end).await?;
+        let challenge = match opening_reply(&frame, HELLO_ID)? {
+            Response::Hello { challenge: Some(c) } => c,
+            Response::Hello { challenge: None } => {
+                tracing::debug!(shard, "a member has no cluster secret: it takes replica messages from anyone");
+                return Ok(());
+            }
+            _ => return Err(Shake::Failed("its HELLO reply was another reply".into())),
+        };
+        out.clear();
+        Request::Auth { proof: &keys.proof(&challenge, name) }.encode(&mut out, AUTH_ID, shard, 0);
+        send_opening(sock, &out).await?;
+        let frame = read_opening(sock, buf, start, end).await?;
+        match opening_reply(&frame, AUTH_ID)? {
+            Response::Auth => Ok(()),
+            _ => Err(Shake::Failed("its AUTH reply was another reply".into())),
+        }
+    }
+
     /// Gives up on `conn` to a peer that failed it: the peer is not dialed
     /// again for [`RETRY_AFTER`], and the connection's calls fail with `why`.
     fn give_up(&self, key: ConnKey, conn: &Rc<PeerConn>, why: &str) {
@@ -648,6 +748,55 @@ enum WriteError {
 
 /// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must
 /// go out within [`WRITE_STALL_TIMEOUT`].
+/// Writes a frame of a connection's opening exchange.
+async fn send_opening(sock: &super::front::Socket, frame: &[u8]) -> Result<(), Shake> {
+    write_bounded(sock, frame).await.map_err(|e| match e {
+        WriteError::Stalled => Shake::Failed("it took nothing of its HELLO or AUTH".into()),
+        WriteError::Io(e) => Shake::Failed(format!("write failed: {e}")),
+    })
+}
+
+/// Reads the next whole frame of a connection's opening exchange.
+async fn read_opening(
+    sock: &super::front::Socket,
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+    end: &mut usize,
+) -> Result<Vec<u8>, Shake> {
+    loop {
+        match split_frame(&buf[*start..*end], MAX_BODY_LEN) {
+            Ok(Some((_, total))) => {
+                let frame = buf[*start..*start + total].to_vec();
+                *start += total;
+                return Ok(frame);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Shake::Failed(format!("bad frame: {e}"))),
+        }
+        super::conn::make_room(buf, start, end);
+        match sock.read(&mut buf[*end..]).await {
+            Ok(0) => return Err(Shake::Failed("the peer closed the connection".into())),
+            Ok(n) => *end += n,
+            Err(e) => return Err(Shake::Failed(format!("read failed: {e}"))),
+        }
+    }
+}
+
+/// The reply `frame` to the opening frame with request id `id`: a refusal
+/// at the peer's connection limit, and an error reply, are failures.
+fn opening_reply(frame: &[u8], id: u64) -> Result<Response<'_>, Shake> {
+    let reply = decode_reply_frame(frame).map_err(|e| Shake::Failed(format!("bad reply: {e}")))?;
+    let got = crate::wire::decode_header(frame[..HEADER_LEN].try_into().expect("a whole frame"), MAX_BODY_LEN)
+        .map_err(|e| Shake::Failed(format!("bad reply: {e}")))?
+        .request_id;
+    match reply {
+        Response::Error { code: ErrorCode::Overloaded, .. } if got == 0 => Err(Shake::Refused),
+        Response::Error { code, message } => Err(Shake::Failed(format!("it refused: {message} ({code:?})"))),
+        _ if got != id => Err(Shake::Failed(format!("a reply to request {got}, not to {id}"))),
+        reply => Ok(reply),
+    }
+}
+
 async fn write_bounded(sock: &super::front::Socket, batch: &[u8]) -> Result<(), WriteError> {
     for piece in batch.chunks(WRITE_CHUNK) {
         let write = async { Some(sock.write_all(piece).await) };

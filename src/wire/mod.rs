@@ -64,7 +64,9 @@
 //!                   rep: (empty): merged and stored as the replica's fsync
 //!                        policy says
 //! 0x22 HELLO        req: bytes(u16) member name (1 to MAX_NAME_LEN bytes)
-//!                   rep: (empty). A member sends it first on every
+//!                   rep: (empty), or, from a node with a cluster secret,
+//!                        CHALLENGE_LEN (16) random bytes: the challenge
+//!                        the AUTH that follows answers. A member sends it first on every
 //!                        connection to another member: the receiver takes
 //!                        the connection as a member's (counted apart from
 //!                        clients, and admitted past --max-connections into
@@ -72,13 +74,23 @@
 //!                        GET, PUT or DELETE on such a connection is a
 //!                        member's relay: for a key the receiver does not
 //!                        replicate it gets RingMismatch, not relayed again
+//! 0x23 AUTH         req: PROOF_LEN (32) bytes: the member's proof that it
+//!                        holds the cluster secret, for the challenge of
+//!                        this connection's HELLO reply and the name the
+//!                        HELLO gave (`crate::auth`)
+//!                   rep: (empty): the connection is a member's, and its
+//!                        replica messages are taken. A node with a
+//!                        cluster secret answers REPLICA_GET and
+//!                        REPLICA_PUT on a connection without one with
+//!                        Unauthenticated; a wrong proof gets
+//!                        Unauthenticated and the connection is closed
 //! 0x30 RING         req: (empty)
 //!                   rep: u8 n, u8 r, u8 w (the cluster's default quorum),
 //!                        then the ring state (`core::ring` documents it)
 //! ```
 //!
 //! Reserved for the next pieces of work (a node answers them with
-//! `UnknownOpcode`): 0x23-0x2F more replica messages, 0x31-0x3F ring
+//! `UnknownOpcode`): 0x24-0x2F more replica messages, 0x31-0x3F ring
 //! changes, 0x40-0x4F gossip, 0x50-0x5F anti-entropy, 0x60-0x6F hinted
 //! handoff.
 //!
@@ -134,6 +146,14 @@ pub const MAX_BODY_LEN: usize = VALUE_LEN_HARD_CAP + 64 * 1024;
 /// Requests one connection may have in flight; past it the node stops
 /// reading that connection until replies drain (backpressure, not errors).
 pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Bytes of the challenge in a HELLO reply from a node with a cluster
+/// secret: 128 random bits, so that no proof seen on one connection ever
+/// answers another's.
+pub const CHALLENGE_LEN: usize = 16;
+
+/// Bytes of an AUTH's proof: a whole blake3 output (`crate::auth`).
+pub const PROOF_LEN: usize = 32;
 /// Longest error message (longer ones are cut at a character boundary).
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Most values in one GET reply.
@@ -186,6 +206,7 @@ pub mod op {
     pub const REPLICA_GET: u8 = 0x20;
     pub const REPLICA_PUT: u8 = 0x21;
     pub const HELLO: u8 = 0x22;
+    pub const AUTH: u8 = 0x23;
     pub const RING: u8 = 0x30;
     pub const ERROR: u8 = 0xFF;
 }
@@ -257,6 +278,9 @@ pub enum ErrorCode {
     /// not replicate the key: the members' rings differ (their cluster
     /// files do). It is not relayed again.
     RingMismatch,
+    /// A replica message on a connection that has not proved it holds the
+    /// cluster secret (AUTH), or an AUTH whose proof is wrong.
+    Unauthenticated,
     /// A code from a newer protocol version.
     Other(u16),
 }
@@ -281,6 +305,7 @@ impl ErrorCode {
             ErrorCode::NotClustered => 15,
             ErrorCode::InvalidQuorum => 16,
             ErrorCode::RingMismatch => 17,
+            ErrorCode::Unauthenticated => 18,
             ErrorCode::Other(c) => c,
         }
     }
@@ -304,6 +329,7 @@ impl ErrorCode {
             15 => ErrorCode::NotClustered,
             16 => ErrorCode::InvalidQuorum,
             17 => ErrorCode::RingMismatch,
+            18 => ErrorCode::Unauthenticated,
             c => ErrorCode::Other(c),
         }
     }
@@ -519,6 +545,10 @@ pub enum Request<'a> {
     Hello {
         member: &'a [u8],
     },
+    /// A member's proof that it holds the cluster secret (module docs).
+    Auth {
+        proof: &'a [u8; PROOF_LEN],
+    },
     Ring,
 }
 
@@ -533,6 +563,7 @@ impl Request<'_> {
             Request::ReplicaGet { .. } => op::REPLICA_GET,
             Request::ReplicaPut { .. } => op::REPLICA_PUT,
             Request::Hello { .. } => op::HELLO,
+            Request::Auth { .. } => op::AUTH,
             Request::Ring => op::RING,
         }
     }
@@ -545,7 +576,7 @@ impl Request<'_> {
             | Request::Delete { key, .. }
             | Request::ReplicaGet { key }
             | Request::ReplicaPut { key, .. } => Some(key),
-            Request::Ping | Request::Stats | Request::Ring | Request::Hello { .. } => None,
+            Request::Ping | Request::Stats | Request::Ring | Request::Hello { .. } | Request::Auth { .. } => None,
         }
     }
 
@@ -564,6 +595,7 @@ impl Request<'_> {
     fn body_len(&self) -> usize {
         match self {
             Request::Ping | Request::Stats | Request::Ring => 0,
+            Request::Auth { .. } => PROOF_LEN,
             Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => 2 + key.len(),
             Request::Put { key, context, value } => PUT_FIXED + key.len() + context.len() + value.len(),
             Request::Delete { key, context } => 6 + key.len() + context.len(),
@@ -590,6 +622,7 @@ impl Request<'_> {
         }
         match self {
             Request::Ping | Request::Stats | Request::Ring => {}
+            Request::Auth { proof } => out.extend_from_slice(*proof),
             Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => {
                 put_bytes16(out, key)
             }
@@ -645,6 +678,7 @@ impl Request<'_> {
                 }
                 Request::Hello { member }
             }
+            op::AUTH => Request::Auth { proof: r.array_ref("AUTH proof")? },
             op::REPLICA_PUT => {
                 let meta_ok =
                     |len| if len > MAX_ENCODED_META { Err(malformed("REPLICA_PUT meta length")) } else { Ok(()) };
@@ -712,7 +746,13 @@ pub enum Response<'a> {
         set: Option<(&'a [u8], &'a [u8])>,
     },
     ReplicaPut,
-    Hello,
+    /// `challenge`: from a node with a cluster secret, what the AUTH that
+    /// follows must answer.
+    Hello {
+        challenge: Option<[u8; CHALLENGE_LEN]>,
+    },
+    /// The AUTH's proof was right.
+    Auth,
     /// The cluster's default quorum and its encoded ring.
     Ring {
         n: u8,
@@ -736,7 +776,8 @@ impl Response<'_> {
             Response::Delete { .. } => op::DELETE | REPLY_BIT,
             Response::ReplicaGet { .. } => op::REPLICA_GET | REPLY_BIT,
             Response::ReplicaPut => op::REPLICA_PUT | REPLY_BIT,
-            Response::Hello => op::HELLO | REPLY_BIT,
+            Response::Hello { .. } => op::HELLO | REPLY_BIT,
+            Response::Auth => op::AUTH | REPLY_BIT,
             Response::Ring { .. } => op::RING | REPLY_BIT,
             Response::Error { .. } => op::ERROR,
         }
@@ -752,7 +793,8 @@ impl Response<'_> {
             Response::Put { context, .. } => 4 + context.len() + 2,
             Response::Delete { context } => 4 + context.len(),
             Response::ReplicaGet { set } => 1 + 8 + set.map_or(0, |(m, v)| m.len() + v.len()),
-            Response::ReplicaPut | Response::Hello => 0,
+            Response::ReplicaPut | Response::Auth => 0,
+            Response::Hello { challenge } => challenge.map_or(0, |c| c.len()),
             Response::Ring { ring, .. } => 3 + ring.len(),
             Response::Error { message, .. } => 4 + error_message(message).len(),
         }
@@ -800,7 +842,8 @@ impl Response<'_> {
                 put_bytes32(out, meta);
                 put_bytes32(out, value);
             }
-            Response::ReplicaPut | Response::Hello => {}
+            Response::ReplicaPut | Response::Auth => {}
+            Response::Hello { challenge } => out.extend_from_slice(challenge.as_ref().map_or(&[][..], |c| c)),
             Response::Ring { n, r, w, ring } => {
                 out.extend_from_slice(&[*n, *r, *w]);
                 out.extend_from_slice(ring);
@@ -855,7 +898,11 @@ impl Response<'_> {
                 }
             }
             o if o == op::REPLICA_PUT | REPLY_BIT => Response::ReplicaPut,
-            o if o == op::HELLO | REPLY_BIT => Response::Hello,
+            o if o == op::HELLO | REPLY_BIT => match r.rest() {
+                [] => Response::Hello { challenge: None },
+                c => Response::Hello { challenge: Some(c.try_into().map_err(|_| malformed("HELLO challenge"))?) },
+            },
+            o if o == op::AUTH | REPLY_BIT => Response::Auth,
             o if o == op::RING | REPLY_BIT => {
                 let [n, rq, w] = r.array("RING quorum")?;
                 Response::Ring { n, r: rq, w, ring: r.rest() }
@@ -920,6 +967,10 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        self.array_ref(what).copied()
+    }
+
+    fn array_ref<const N: usize>(&mut self, what: &'static str) -> Result<&'a [u8; N], WireError> {
         Ok(self.take(N, what)?.try_into().expect("took N bytes"))
     }
 
@@ -1077,6 +1128,7 @@ mod tests {
             Request::ReplicaGet { key: b"key" },
             Request::ReplicaPut { key: b"key", meta: b"m", value: b"vv" },
             Request::Hello { member: b"n1" },
+            Request::Auth { proof: &[7; PROOF_LEN] },
             Request::Ring,
         ];
         let mut stream = Vec::new();
@@ -1106,7 +1158,9 @@ mod tests {
             Response::ReplicaGet { set: None },
             Response::ReplicaGet { set: Some((b"m", b"")) },
             Response::ReplicaPut,
-            Response::Hello,
+            Response::Hello { challenge: None },
+            Response::Hello { challenge: Some([3; CHALLENGE_LEN]) },
+            Response::Auth,
             Response::Ring { n: 3, r: 2, w: 1, ring: b"ring" },
             Response::Error { code: ErrorCode::QuorumFailed, message: "1 of 3" },
             Response::Error { code: ErrorCode::Other(999), message: "later" },
@@ -1144,7 +1198,7 @@ mod tests {
 
     #[test]
     fn body_rejections() {
-        assert_eq!(Request::decode(0x23, &[]), Err(WireError::UnknownOpcode(0x23)));
+        assert_eq!(Request::decode(0x24, &[]), Err(WireError::UnknownOpcode(0x24)));
         assert_eq!(Request::decode(op::GET, &[0, 0]), Err(WireError::KeyLength(0)));
         assert!(matches!(Request::decode(op::GET, &[5, 0, b'a']), Err(WireError::Malformed { .. })));
         assert!(matches!(Request::decode(op::PING, &[1]), Err(WireError::Malformed { .. })));
@@ -1226,8 +1280,35 @@ mod tests {
         ];
         assert_eq!(out, expected);
         let mut out = Vec::new();
-        Response::Hello.encode(&mut out, 1, 0);
+        Response::Hello { challenge: None }.encode(&mut out, 1, 0);
         assert_eq!((out[3], out.len()), (0xA2, HEADER_LEN));
+        assert_eq!(Response::decode(0xA2, &[]), Ok(Response::Hello { challenge: None }));
+        // With a cluster secret, the reply is the 16-byte challenge, and
+        // the AUTH that follows is the 32-byte proof alone.
+        let challenge: [u8; CHALLENGE_LEN] = std::array::from_fn(|i| i as u8);
+        let mut out = Vec::new();
+        Response::Hello { challenge: Some(challenge) }.encode(&mut out, 1, 0);
+        #[rustfmt::skip]
+        let expected = [
+            b'G', b'Y', 1, 0xA2, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
+            16, 0, 0, 0, 0, 0, 0, 0,
+            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+        ];
+        assert_eq!(out, expected);
+        assert_eq!(Response::decode(0xA2, &out[HEADER_LEN..]), Ok(Response::Hello { challenge: Some(challenge) }));
+        assert!(Response::decode(0xA2, &out[HEADER_LEN..HEADER_LEN + 15]).is_err(), "a challenge cut short");
+        let mut out = Vec::new();
+        Request::Auth { proof: &[0xAB; PROOF_LEN] }.encode(&mut out, 2, 0, 0);
+        assert_eq!(&out[..HEADER_LEN], &[b'G', b'Y', 1, 0x23, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[HEADER_LEN..], &[0xAB; PROOF_LEN]);
+        assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN - 1]).is_err(), "a proof cut short");
+        assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN + 1]).is_err(), "a trailing byte");
+        let mut out = Vec::new();
+        Response::Auth.encode(&mut out, 2, 0);
+        assert_eq!((out[3], out.len()), (0xA3, HEADER_LEN));
+        assert_eq!(ErrorCode::from_u16(18), ErrorCode::Unauthenticated);
+        assert_eq!(ErrorCode::Unauthenticated.to_u16(), 18);
         assert!(matches!(Request::decode(op::HELLO, &[0, 0]), Err(WireError::Malformed { .. })), "no name");
         let mut long = vec![65, 0];
         long.resize(2 + 65, b'x');

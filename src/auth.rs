@@ -1,0 +1,275 @@
+//! The cluster secret: the keys a node derives from it, the MAC that signs
+//! the contexts it hands out, and the proof a member gives at connect.
+//!
+//! Owns: the derivation of both keys from the secret file's bytes, the
+//! context MAC (format 4, `crate::core::version`), and the challenge and
+//! proof of the HELLO/AUTH exchange (`crate::wire`, ARCHITECTURE.md,
+//! "Cluster secret").
+//!
+//! Invariant: nothing outside this module sees the secret or a key derived
+//! from it; every check compares MACs in constant time (`blake3::Hash`'s
+//! equality), and each key serves one purpose (a context's MAC can never
+//! pass for a member's proof, or the other way round).
+//!
+//! Why blake3: a keyed hash that is a MAC as it stands (no HMAC
+//! construction), fast on the few dozen bytes a context has (one
+//! compression), and its `derive_key` mode gives the two keys apart. A
+//! seeded xxh3, which the key tag uses, is no MAC: its seed can be
+//! recovered from outputs.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use crate::core::version::{sign_context, DecodedContext, VersionError, CONTEXT_MAC_LEN};
+use crate::wire::{CHALLENGE_LEN, PROOF_LEN};
+
+/// The fewest bytes a secret file may hold (after trailing whitespace):
+/// 128 bits if they are random. `head -c 32 /dev/urandom | base64 > FILE`
+/// makes a good one.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// The most bytes read from a secret file: a secret is a line, not data;
+/// a bigger file is most likely the wrong one.
+pub const MAX_SECRET_LEN: usize = 4096;
+
+
+/// `blake3::derive_key` contexts: one per key, fixed forever (changing
+/// one changes every MAC, so every member must agree on it).
+const SECRET_CONTEXT: &str = "gyre 2026-12-07 cluster secret";
+const CONTEXT_KEY_CONTEXT: &str = "gyre 2026-12-07 context MAC";
+const PEER_KEY_CONTEXT: &str = "gyre 2026-12-07 member proof";
+
+/// The keys a node derives from its cluster secret.
+#[derive(Clone)]
+pub struct ClusterKeys {
+    /// Signs and checks contexts.
+    context: [u8; 32],
+    /// Makes and checks members' proofs at connect.
+    peer: [u8; 32],
+}
+
+impl std::fmt::Debug for ClusterKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKeys(..)")
+    }
+}
+
+impl ClusterKeys {
+    /// The keys of `secret` (the file's bytes, trailing whitespace cut).
+    pub fn from_secret(secret: &[u8]) -> ClusterKeys {
+        let root = blake3::derive_key(SECRET_CONTEXT, secret);
+        ClusterKeys {
+            context: blake3::derive_key(CONTEXT_KEY_CONTEXT, &root),
+            peer: blake3::derive_key(PEER_KEY_CONTEXT, &root),
+        }
+    }
+
+    /// Reads a secret file: its bytes up to trailing whitespace (a newline
+    /// an editor or `echo` left is not part of it), refused if fewer than
+    /// [`MIN_SECRET_LEN`] or more than [`MAX_SECRET_LEN`].
+    pub fn load(path: &Path) -> anyhow::Result<ClusterKeys> {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
+        if meta.len() > MAX_SECRET_LEN as u64 {
+            bail!("cluster secret {} holds {} bytes, more than {MAX_SECRET_LEN}: is it the right file?", path.display(), meta.len());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "the cluster secret can be read by others than its owner (chmod 600 it)");
+            }
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
+        let secret = bytes.trim_ascii_end();
+        if secret.len() < MIN_SECRET_LEN {
+            bail!(
+                "cluster secret {} holds {} bytes, fewer than {MIN_SECRET_LEN} (make one with `head -c 32 /dev/urandom | base64 > FILE`)",
+                path.display(),
+                secret.len()
+            );
+        }
+        Ok(ClusterKeys::from_secret(secret))
+    }
+
+    /// The MAC of the context bytes `covered` handed out for `key`.
+    fn context_mac(&self, key: &[u8], covered: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.context);
+        // The key's length first, so that no (key, context) pair hashes
+        // like another with the boundary moved.
+        h.update(&(key.len() as u32).to_le_bytes());
+        h.update(key);
+        h.update(covered);
+        h.finalize()
+    }
+
+    /// Signs the bound context of `key` that starts at `out[start]`, the
+    /// last thing in `out` (format 4).
+    pub fn sign(&self, out: &mut Vec<u8>, start: usize, key: &[u8]) {
+        sign_context(out, start, |covered| {
+            let mac = self.context_mac(key, covered);
+            mac.as_bytes()[..CONTEXT_MAC_LEN].try_into().expect("a blake3 hash is 32 bytes")
+        });
+    }
+
+    /// Checks that `ctx`, decoded from `bytes`, is a context this cluster
+    /// signed for `key`. A context with an empty clock needs no signature:
+    /// it claims to have seen nothing, which any client may.
+    pub fn check(&self, key: &[u8], bytes: &[u8], ctx: &DecodedContext) -> Result<(), VersionError> {
+        if ctx.clock.is_empty() {
+            return Ok(());
+        }
+        let Some((mac, covered)) = ctx.mac else { return Err(VersionError::Unsigned) };
+        let want = self.context_mac(key, &bytes[..covered]);
+        // Constant-time: compare as hashes, padding the stored half with
+        // the computed hash's other half.
+        let mut full = *want.as_bytes();
+        full[..CONTEXT_MAC_LEN].copy_from_slice(&mac);
+        if blake3::Hash::from(full) == want {
+            Ok(())
+        } else {
+            Err(VersionError::BadSignature)
+        }
+    }
+
+    /// The proof that a member named `member` holds the secret, for the
+    /// `challenge` a node sent in its HELLO reply.
+    pub fn proof(&self, challenge: &[u8; CHALLENGE_LEN], member: &[u8]) -> [u8; PROOF_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.peer);
+        h.update(challenge);
+        h.update(member);
+        *h.finalize().as_bytes()
+    }
+
+    /// Whether `proof` is [`Self::proof`] of `challenge` and `member`.
+    pub fn check_proof(&self, challenge: &[u8; CHALLENGE_LEN], member: &[u8], proof: &[u8; PROOF_LEN]) -> bool {
+        proofs_match(&self.proof(challenge, member), proof)
+    }
+}
+
+/// Whether two proofs are equal, in constant time (`blake3::Hash`'s
+/// equality): a node keeps the proof it expects and compares.
+pub fn proofs_match(expected: &[u8; PROOF_LEN], got: &[u8; PROOF_LEN]) -> bool {
+    blake3::Hash::from(*expected) == blake3::Hash::from(*got)
+}
+
+/// A fresh random challenge.
+pub fn challenge() -> std::io::Result<[u8; CHALLENGE_LEN]> {
+    let mut c = [0u8; CHALLENGE_LEN];
+    getrandom::getrandom(&mut c).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::version::{decode_context, encode_context_into, Clock};
+
+    fn keys(secret: &[u8]) -> ClusterKeys {
+        ClusterKeys::from_secret(secret)
+    }
+
+    fn signed(k: &ClusterKeys, key: &[u8], clock: &Clock) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_context_into(&mut out, clock, key, None);
+        k.sign(&mut out, 0, key);
+        out
+    }
+
+    /// As a store checks a write's context: its key, then its MAC.
+    fn check(k: &ClusterKeys, key: &[u8], bytes: &[u8]) -> Result<(), VersionError> {
+        let ctx = decode_context(bytes)?;
+        ctx.check_key(key)?;
+        k.check(key, bytes, &ctx)
+    }
+
+    /// `{7: 3}`.
+    fn clock() -> Clock {
+        Clock::decode(&[0x01, 0x01, 7, 0, 0, 0, 0, 0, 0, 0, 3]).unwrap()
+    }
+
+    /// Pins the derivation (both values checked against Python's blake3
+    /// package): a change to it (or to blake3) would refuse
+    /// every context clients hold and every member of a mixed cluster.
+    #[test]
+    fn golden_mac() {
+        let k = keys(b"0123456789abcdef");
+        let ctx = signed(&k, b"k", &clock());
+        let mac = &ctx[ctx.len() - CONTEXT_MAC_LEN..];
+        assert_eq!(hex(mac), "97072f4f6ba87aca10f0971f9670c1b1");
+        assert_eq!(hex(&k.proof(&[1; CHALLENGE_LEN], b"n1")), "b60c06d43da4e7cfc39c847698156391d61428cea39d995d0833ef8ce8431e30");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn a_signed_context_passes_for_its_key_only() {
+        let k = keys(b"a cluster secret of some length");
+        let ctx = signed(&k, b"k", &clock());
+        assert_eq!(check(&k, b"k", &ctx), Ok(()));
+        assert_eq!(check(&k, b"j", &ctx), Err(VersionError::OtherKey));
+        // Another key whose tag matched would still fail the MAC: the MAC
+        // covers the key itself.
+        assert_eq!(k.check(b"j", &ctx, &decode_context(&ctx).unwrap()), Err(VersionError::BadSignature));
+        // Another cluster's secret.
+        assert_eq!(check(&keys(b"another cluster's secret"), b"k", &ctx), Err(VersionError::BadSignature));
+    }
+
+    #[test]
+    fn a_changed_byte_fails() {
+        let k = keys(b"a cluster secret of some length");
+        let ctx = signed(&k, b"k", &clock());
+        for i in 1..ctx.len() {
+            let mut bad = ctx.clone();
+            bad[i] ^= 0x01;
+            assert_ne!(check(&k, b"k", &bad), Ok(()), "byte {i} flipped");
+        }
+    }
+
+    #[test]
+    fn unsigned_contexts_with_a_clock_are_refused() {
+        let k = keys(b"a cluster secret of some length");
+        let mut bound = Vec::new();
+        encode_context_into(&mut bound, &clock(), b"k", None);
+        assert_eq!(check(&k, b"k", &bound), Err(VersionError::Unsigned));
+        assert_eq!(check(&k, b"k", &clock().to_bytes()), Err(VersionError::Unsigned), "format 1");
+        // Nothing seen: nothing to forge.
+        let mut empty = Vec::new();
+        encode_context_into(&mut empty, &Clock::new(), b"k", None);
+        assert_eq!(check(&k, b"k", &empty), Ok(()));
+        assert_eq!(check(&k, b"k", &[]), Ok(()));
+    }
+
+    #[test]
+    fn proofs() {
+        let k = keys(b"a cluster secret of some length");
+        let c = [9; CHALLENGE_LEN];
+        let p = k.proof(&c, b"n1");
+        assert!(k.check_proof(&c, b"n1", &p));
+        assert!(!k.check_proof(&c, b"n2", &p), "another member's name");
+        assert!(!k.check_proof(&[8; CHALLENGE_LEN], b"n1", &p), "another challenge");
+        assert!(!keys(b"another cluster's secret").check_proof(&c, b"n1", &p));
+        // The two keys differ: a context MAC is no proof.
+        assert_ne!(k.context, k.peer);
+        assert_ne!(challenge().unwrap(), challenge().unwrap());
+    }
+
+    #[test]
+    fn secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "0123456789abcdef\n").unwrap();
+        let with_newline = ClusterKeys::load(&path).unwrap();
+        assert_eq!(with_newline.context, keys(b"0123456789abcdef").context, "the trailing newline is cut");
+        std::fs::write(&path, "short\n").unwrap();
+        let e = ClusterKeys::load(&path).unwrap_err().to_string();
+        assert!(e.contains("fewer than 16"), "{e}");
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_LEN + 1]).unwrap();
+        let e = ClusterKeys::load(&path).unwrap_err().to_string();
+        assert!(e.contains("more than 4096"), "{e}");
+        let e = format!("{:#}", ClusterKeys::load(&dir.path().join("none")).unwrap_err());
+        assert!(e.contains("reading cluster secret"), "{e}");
+    }
+}
