@@ -585,6 +585,28 @@ fn lone_node_data(dir: &Path) -> anyhow::Result<Option<String>> {
 /// Nodes of a new `gyre dev` cluster unless `--nodes` says.
 const DEV_NODES: usize = 3;
 
+/// The cluster secret of a `gyre dev` cluster, beside its `cluster.toml`:
+/// made with the directory (or for one from before it), kept across
+/// restarts, owner-only.
+const DEV_SECRET: &str = "cluster.secret";
+
+/// Writes a new random cluster secret to `path` (32 random bytes as hex),
+/// readable by its owner only; an existing file is kept.
+fn ensure_dev_secret(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).map_err(|e| anyhow::anyhow!("no random bytes for a cluster secret: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match file {
+        Ok(mut f) => {
+            f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
 /// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
 /// process per member, prints where they are, and stops them all on
 /// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
@@ -647,6 +669,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         std::fs::write(&path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
         file
     };
+    // Members prove this secret to each other and sign their contexts.
+    let secret = args.data_dir.join(DEV_SECRET);
+    ensure_dev_secret(&secret)?;
     let cores = gyre::node::allowed_cpus().len();
     let default_shards = (cores / file.nodes.len()).max(1);
     // The nodes share the machine's memory as they share its cores: each
@@ -681,6 +706,8 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .args(["--name", &node.name, "--data-dir"])
             .arg(&data)
             .args(["--fsync", &args.fsync.to_string(), "--no-pin"])
+            .arg("--cluster-secret-file")
+            .arg(&secret)
             .stdout(std::process::Stdio::piped());
         // A node's directory keeps the shard count it was made with: a
         // restart passes one only if asked (a different one is refused).

@@ -977,6 +977,57 @@ mod tests {
         })
     }
 
+    /// With a cluster secret's keys, every context the store hands out
+    /// (a GET's and a write's, on both paths) is signed for its key, and a
+    /// write takes only such a context, or one that has seen nothing.
+    /// The attack it closes: a context forged with another node's counter
+    /// far ahead made a replica drop that node's later writes unseen.
+    #[test]
+    fn with_a_secret_contexts_are_signed_and_only_signed_ones_are_taken() {
+        block_on(async {
+            let keys = Rc::new(ClusterKeys::from_secret(b"a cluster secret for the test"));
+            let x = store_as(1).with_keys(Some(keys.clone()));
+            let signed = |ctx: &[u8], key: &[u8]| {
+                let d = decode_context(ctx).unwrap();
+                d.check_key(key).and_then(|()| keys.check(key, ctx, &d)).is_ok() && d.mac.is_some()
+            };
+            let (ctx, _) = x.put_now(b"k", &[], Some(b"v1"), 1, |c, _| c.to_vec()).expect("at once").unwrap();
+            assert!(signed(&ctx, b"k"), "put_now's reply");
+            let (ctx, _) = x.get_now(b"k", |c, _| c.to_vec()).expect("in memory").unwrap();
+            assert!(signed(&ctx, b"k"), "get_now's reply");
+            let read = x.get(b"k").await.unwrap();
+            assert!(signed(&x.context_of(read.clock(), b"k", Some(3)), b"k"), "context_of");
+            // Taken with its own signed context: one version.
+            let w = x.put(b"k", &ctx, Some(b"v2"), 2).await.unwrap();
+            assert_eq!(w.siblings(), 1);
+            // A forged context naming node 2's counter far ahead (what a
+            // replica then takes as seen): refused unsigned, refused with
+            // a MAC of another secret, on both paths.
+            let mut forged = read.clock().clone();
+            forged.merge(&Clock::decode(&[0x01, 0x01, 2, 0, 0, 0, 0, 0, 0, 0, 0x7f]).unwrap());
+            let unsigned = encode_context(&forged, b"k", None);
+            let err = x.put(b"k", &unsigned, Some(b"forged"), 3).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidContext(VersionError::Unsigned)), "{err}");
+            let err = x.put_now(b"k", &unsigned, Some(b"forged"), 3, |_, _| ()).expect("at once").unwrap_err();
+            assert!(matches!(err, StoreError::InvalidContext(VersionError::Unsigned)), "{err}");
+            let other = store_as(1).with_keys(Some(Rc::new(ClusterKeys::from_secret(b"another cluster's secret"))));
+            let wrong = other.context_of(&forged, b"k", None);
+            let err = x.put(b"k", &wrong, None, 4).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidContext(VersionError::BadSignature)), "{err}");
+            assert_eq!(values(&x.get(b"k").await.unwrap()), vec![b"v2".to_vec()], "nothing forged was stored");
+            // Nothing seen needs no signature: a blind write adds a sibling.
+            let w = x.put(b"k", &encode_context(&Clock::new(), b"k", None), Some(b"blind"), 5).await.unwrap();
+            assert_eq!(w.siblings(), 2);
+            // A node without the secret takes a signed context (its tag is
+            // still checked).
+            let plain = store_as(1);
+            plain.put(b"k", &[], Some(b"v"), 1).await.unwrap();
+            let read = plain.get(b"k").await.unwrap();
+            let w = plain.put(b"k", &x.context_of(read.clock(), b"k", None), Some(b"v'"), 2).await.unwrap();
+            assert_eq!(w.siblings(), 1);
+        })
+    }
+
     /// A reply that reads the store again while it runs (none does today)
     /// finds the reused context buffer free, not borrowed (found by a
     /// review: it panicked).

@@ -829,16 +829,22 @@ fn the_command_line_goes_on_to_the_next_node_given() {
 #[test]
 fn gyre_dev_starts_a_cluster_serves_and_stops_every_node() {
     let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
-    let (_dir, port, mut dev, ready) = Dev::on_free_port(3, &["--shards", "1"]);
+    let (dir, port, mut dev, ready) = Dev::on_free_port(3, &["--shards", "1"]);
     let addrs: Vec<String> = ready["gyre dev ready:".len()..].split_whitespace().map(String::from).collect();
     let want: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
     assert_eq!(addrs, want);
     assert_eq!(dev.nodes.len(), 3, "one node process per member: {:?}", dev.nodes);
+    // The members share a secret of their own, readable by its owner only.
+    let secret = dir.path().join("data/cluster.secret");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&secret).unwrap().trim().len(), 64, "32 random bytes as hex");
 
     let (ok, out, err) = cli(&["put", "greeting", "hello", "--node", &addrs[0], "--json"]);
     assert!(ok, "{err}");
     let put: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(put["siblings"], 1, "{out}");
+    assert!(put["context"].as_str().unwrap().starts_with("04"), "signed: {out}");
     for addr in &addrs[1..] {
         let (ok, out, err) = cli(&["get", "greeting", "--node", addr, "--json"]);
         assert!(ok, "{err}");
@@ -1381,4 +1387,87 @@ fn a_member_that_does_not_answer_ring_still_serves_the_first_request() {
             n => Ok(n),
         }
     });
+}
+
+/// The args that give every member of a test cluster the secret in `file`.
+fn secret_spec(file: &std::path::Path, spec: ClusterSpec) -> ClusterSpec {
+    let mut args = spec.args.clone();
+    args.extend(["--cluster-secret-file".to_string(), file.display().to_string()]);
+    ClusterSpec { args, ..spec }
+}
+
+/// With a cluster secret, members prove it to each other at connect and
+/// replicate as before (W = 3: every replica took each write); the
+/// contexts they hand out are signed (format 4); a context that is not
+/// signed, or whose clock was changed, is refused; and a client's replica
+/// write is refused (Unauthenticated) and stores nothing. Without the
+/// secret, the last two were the hole: a client could forge either.
+#[test]
+fn a_cluster_with_a_secret_replicates_and_refuses_what_it_did_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "the test cluster's shared secret\n").unwrap();
+    let cluster = Cluster::start(secret_spec(&secret, ClusterSpec { w: 3, ..Default::default() }));
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
+    let read = get(&mut c, "k");
+    assert_eq!(read.values, bytes(&["v1"]));
+    assert_eq!(read.context.0[0], 4, "a signed context: {}", read.context);
+    for name in cluster.names() {
+        assert_eq!(cluster.stats(&name)["storage"]["keys"], 1, "{name} holds the key");
+    }
+    // Written again with its own context: one version.
+    assert_eq!(put(&mut c, "k", "v2", &read.context), 1);
+    let read = get(&mut c, "k");
+    // The same clock unsigned (format 3), and signed with a changed clock.
+    let decoded = gyre::core::version::decode_context(&read.context.0).unwrap();
+    let unsigned = Context(gyre::core::version::encode_context(&decoded.clock, b"k", decoded.hint));
+    let e = expect_code(c.put(b"k", b"forged", &unsigned), ErrorCode::InvalidContext, "an unsigned context");
+    assert!(e.contains("not signed"), "{e}");
+    let mut changed = read.context.clone();
+    let counter_at = changed.0.len() - gyre::core::version::CONTEXT_MAC_LEN - 1;
+    changed.0[counter_at] ^= 0x01;
+    let e = expect_code(c.put(b"k", b"forged", &changed), ErrorCode::InvalidContext, "a changed context");
+    assert!(e.contains("signature does not match"), "{e}");
+    // A client's replica write, which would merge any versions it likes.
+    let mut raw = connect_raw(&cluster, "n2");
+    let req = Request::ReplicaPut { key: b"k", meta: &[], value: b"" };
+    let e = raw.call(&req, ANY_SHARD).expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::Unauthenticated), "{e}");
+    let req = Request::ReplicaGet { key: b"k" };
+    assert_eq!(raw.call(&req, ANY_SHARD).expect_err("refused").code(), Some(ErrorCode::Unauthenticated));
+    // Its connection goes on serving what a client may send.
+    assert_eq!(get_at(&mut raw, "k").values, bytes(&["v2"]));
+    assert_eq!(cluster.stats("n2")["node"]["unauthenticated"], 2);
+    for name in cluster.names() {
+        assert_eq!(cluster.stats(&name)["node"]["auth_failures"], 0, "{name}");
+        assert_eq!(cluster.counter_in(&name, "peers", "handshake_failures"), 0, "{name}");
+    }
+    assert_eq!(values(&mut c, "k"), bytes(&["v2"]), "nothing forged was stored");
+}
+
+/// A member with another secret (its file changed while it was stopped)
+/// is refused by the others, and refuses them: writes that need it fail
+/// (W = 3), writes that do not go on (W = 2), and both sides count and
+/// log why.
+#[test]
+fn a_member_with_another_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "the test cluster's shared secret\n").unwrap();
+    let mut cluster = Cluster::start(secret_spec(&secret, stoppable()));
+    cluster.stop("n3");
+    std::fs::write(&secret, "another cluster's shared secret\n").unwrap();
+    cluster.restart("n3");
+    let mut c = cluster.client("n1", Routing::Server);
+    let mut raw = connect_raw(&cluster, "n1");
+    let put_all = Request::Put { key: b"k", context: &[], value: b"v" };
+    let e = raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }).expect_err("n3 cannot take it");
+    assert_eq!(e.code(), Some(ErrorCode::QuorumFailed), "{e}");
+    assert_eq!(put(&mut c, "k2", "v", NO_CONTEXT), 1, "W = 2 needs only n1 and n2");
+    assert!(cluster.counter_in("n1", "peers", "handshake_failures") > 0);
+    assert!(cluster.stats("n3")["node"]["auth_failures"].as_u64().unwrap() > 0);
+    let logs = cluster.logs();
+    assert!(logs.contains("opening a connection to a member failed"), "the dialer says why");
+    assert!(logs.contains("do all members have the same cluster_secret_file"), "the refusing member says why");
 }
