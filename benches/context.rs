@@ -2,9 +2,12 @@
 //! reply's context built from the stored clock's encoding, and a write's
 //! context decoded and checked against its key. Each beside what the node
 //! did before contexts were bound (the stored encoding copied as it is,
-//! and a format 1 context decoded), in the same run.
+//! and a format 1 context decoded), in the same run. And what a cluster
+//! secret adds to both: the reply's context signed (format 4), and a
+//! write's MAC checked.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use gyre::auth::ClusterKeys;
 use gyre::core::version::{bind_encoded_clock, decode_context, encode_context, Clock, VersionSet};
 
 /// A YCSB-style key, as gyre-bench sends them.
@@ -38,6 +41,25 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let ctx = decode_context(black_box(&bound)).unwrap();
             ctx.check_key(black_box(KEY)).unwrap();
+            ctx.clock.len()
+        })
+    });
+    let keys = ClusterKeys::from_secret(b"a benchmark's cluster secret");
+    let mut signed = bound.clone();
+    keys.sign(&mut signed, 0, KEY);
+    g.bench_function("reply/bound_signed", |b| {
+        b.iter(|| {
+            out.clear();
+            bind_encoded_clock(&mut out, black_box(&stored), black_box(KEY), None);
+            keys.sign(&mut out, 0, black_box(KEY));
+            out.len()
+        })
+    });
+    g.bench_function("write/decode_signed_and_check", |b| {
+        b.iter(|| {
+            let ctx = decode_context(black_box(&signed)).unwrap();
+            ctx.check_key(black_box(KEY)).unwrap();
+            keys.check(black_box(KEY), &signed, &ctx).unwrap();
             ctx.clock.len()
         })
     });

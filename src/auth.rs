@@ -33,7 +33,6 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// a bigger file is most likely the wrong one.
 pub const MAX_SECRET_LEN: usize = 4096;
 
-
 /// `blake3::derive_key` contexts: one per key, fixed forever (changing
 /// one changes every MAC, so every member must agree on it).
 const SECRET_CONTEXT: &str = "gyre 2026-12-07 cluster secret";
@@ -71,7 +70,11 @@ impl ClusterKeys {
     pub fn load(path: &Path) -> anyhow::Result<ClusterKeys> {
         let meta = std::fs::metadata(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
         if meta.len() > MAX_SECRET_LEN as u64 {
-            bail!("cluster secret {} holds {} bytes, more than {MAX_SECRET_LEN}: is it the right file?", path.display(), meta.len());
+            bail!(
+                "cluster secret {} holds {} bytes, more than {MAX_SECRET_LEN}: is it the right file?",
+                path.display(),
+                meta.len()
+            );
         }
         #[cfg(unix)]
         {
@@ -197,7 +200,10 @@ mod tests {
         let ctx = signed(&k, b"k", &clock());
         let mac = &ctx[ctx.len() - CONTEXT_MAC_LEN..];
         assert_eq!(hex(mac), "97072f4f6ba87aca10f0971f9670c1b1");
-        assert_eq!(hex(&k.proof(&[1; CHALLENGE_LEN], b"n1")), "b60c06d43da4e7cfc39c847698156391d61428cea39d995d0833ef8ce8431e30");
+        assert_eq!(
+            hex(&k.proof(&[1; CHALLENGE_LEN], b"n1")),
+            "b60c06d43da4e7cfc39c847698156391d61428cea39d995d0833ef8ce8431e30"
+        );
     }
 
     fn hex(b: &[u8]) -> String {

@@ -599,9 +599,10 @@ fn ensure_dev_secret(path: &Path) -> anyhow::Result<()> {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
     match file {
-        Ok(mut f) => {
-            f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))
-        }
+        Ok(mut f) => f
+            .write_all(format!("{hex}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }

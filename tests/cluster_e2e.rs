@@ -1314,7 +1314,9 @@ fn stand_in_member(addr: std::net::SocketAddr, answers: bool) -> std::sync::Arc<
                     let mut out = Vec::new();
                     let (id, shard) = (h.request_id, h.shard);
                     match Request::decode(h.opcode, &body) {
-                        Ok(Request::Hello { .. }) => gyre::wire::Response::Hello { challenge: None }.encode(&mut out, id, shard),
+                        Ok(Request::Hello { .. }) => {
+                            gyre::wire::Response::Hello { challenge: None }.encode(&mut out, id, shard)
+                        }
                         Ok(Request::Ping) => {
                             let info = gyre::wire::NodeInfo {
                                 node_id: 42,

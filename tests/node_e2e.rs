@@ -94,6 +94,42 @@ fn unbound_contexts_are_refused_on_request() {
     }
 }
 
+/// A lone node given a cluster secret hands out signed contexts (format 4),
+/// on the in-memory path and after a restart (from disk), and refuses a
+/// context that is not one; a secret file too short, or missing, stops
+/// the start with the reason.
+#[test]
+fn a_node_with_a_secret_signs_its_contexts() {
+    let dir = tmp();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "sixteen bytes at least\n").unwrap();
+    let data = dir.path().join("data");
+    let args = ["--shards", "1", "--fsync", "always", "--cluster-secret-file", secret.to_str().unwrap()];
+    let node = Node::start(&data, &args);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let put = c.put(b"k", b"v1", &Context::default()).unwrap();
+    assert_eq!(put.context.0[0], 4, "signed: {}", put.context);
+    let decoded = gyre::core::version::decode_context(&put.context.0).unwrap();
+    let unsigned = Context(gyre::core::version::encode_context(&decoded.clock, b"k", None));
+    let e = c.put(b"k", b"forged", &unsigned).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidContext), "{e}");
+    assert!(e.to_string().contains("not signed"), "{e}");
+    assert_eq!(node.terminate().code(), Some(0));
+    let node = Node::start(&data, &args);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let got = c.get(b"k").unwrap();
+    assert_eq!((got.values, got.context.0[0]), (vec![b"v1".to_vec()], 4));
+    assert_eq!(c.put(b"k", b"v2", &got.context).unwrap().siblings, 1, "its own context is taken");
+    assert_eq!(c.put(b"k", b"v2'", &put.context).unwrap().siblings, 2, "so is one from before the restart");
+    assert_eq!(node.terminate().code(), Some(0));
+    std::fs::write(&secret, "short\n").unwrap();
+    let err = Node::try_start(&data, &args).err().expect("a short secret");
+    assert!(err.contains("fewer than 16"), "{err}");
+    std::fs::remove_file(&secret).unwrap();
+    let err = Node::try_start(&data, &args).err().expect("no secret file");
+    assert!(err.contains("reading cluster secret"), "{err}");
+}
+
 /// Found by a review: under `fsync = always`, a GET pipelined behind a PUT
 /// was answered from memory with the PUT's value before its group commit,
 /// so when that commit failed (here: the shard's directory is gone, and

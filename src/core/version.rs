@@ -293,7 +293,9 @@ pub enum VersionError {
     Unsigned,
     /// A write brought a signed context whose MAC does not match: forged,
     /// changed, or signed with another secret.
-    #[error("the context's signature does not match (not one this cluster handed out for this key); read the key again")]
+    #[error(
+        "the context's signature does not match (not one this cluster handed out for this key); read the key again"
+    )]
     BadSignature,
     /// The operation would leave more than `max` siblings.
     #[error("{siblings} siblings exceed the limit of {max}")]
@@ -1175,7 +1177,8 @@ mod tests {
         });
         assert_eq!(signed[1..], golden);
         let decoded = decode_context(&golden).unwrap();
-        let want = DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some((mac, body.len())) };
+        let want =
+            DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some((mac, body.len())) };
         assert_eq!(decoded, want);
         assert_eq!(decoded.check_key(b"j"), Err(VersionError::OtherKey));
         for cut in 1..golden.len() {

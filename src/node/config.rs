@@ -1011,6 +1011,9 @@ mod tests {
         assert!(!c.accept_unbound_contexts);
         let c: NodeConfig = toml::from_str("frame_timeout_ms = 0").unwrap();
         assert_eq!(c.frame_timeout_ms, 0, "0 turns it off");
+        assert_eq!(NodeConfig::default().cluster_secret_file, None, "no secret by default");
+        let c: NodeConfig = toml::from_str("cluster_secret_file = \"/etc/gyre/secret\"").unwrap();
+        assert_eq!(c.cluster_secret_file, Some(PathBuf::from("/etc/gyre/secret")));
         let c: NodeConfig =
             toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
         assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));

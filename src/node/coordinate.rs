@@ -240,9 +240,11 @@ impl Shard {
                     Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
                 };
                 match self.clone().run_coordinator(key, coord, deadline).await {
-                    Ok((set, fastest)) => {
-                        self.get_reply(id, &set, &self.store.context_of(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))))
-                    }
+                    Ok((set, fastest)) => self.get_reply(
+                        id,
+                        &set,
+                        &self.store.context_of(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))),
+                    ),
                     Err(e) => self.quorum_error(id, &e),
                 }
             }

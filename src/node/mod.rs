@@ -651,7 +651,9 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let engine_config = config.shard_engine_config(shards, memory, disk.map(|d| d.total))?;
     let keys = config.cluster_secret_file.as_deref().map(ClusterKeys::load).transpose()?;
     match (&keys, &cluster) {
-        (Some(_), _) => tracing::info!("cluster secret set: contexts are signed, and members prove the secret at connect"),
+        (Some(_), _) => {
+            tracing::info!("cluster secret set: contexts are signed, and members prove the secret at connect")
+        }
         (None, Some(_)) => tracing::warn!(
             "no cluster secret (cluster_secret_file): any client of this port can send replica messages and forge \
              contexts, which can drop acknowledged writes; serve it to trusted clients only"
@@ -1191,7 +1193,12 @@ impl Shard {
     /// The reply to a HELLO: taken if it named a `member` of this cluster
     /// (with the `challenge` its AUTH must answer, if the node has a
     /// cluster secret), refused otherwise.
-    pub(super) fn hello_reply(&self, id: u64, member: bool, challenge: Option<[u8; crate::wire::CHALLENGE_LEN]>) -> Vec<u8> {
+    pub(super) fn hello_reply(
+        &self,
+        id: u64,
+        member: bool,
+        challenge: Option<[u8; crate::wire::CHALLENGE_LEN]>,
+    ) -> Vec<u8> {
         match (member, &self.cluster) {
             (true, _) => {
                 let mut out = Vec::with_capacity(HEADER_LEN + crate::wire::CHALLENGE_LEN);

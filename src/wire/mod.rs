@@ -1300,7 +1300,10 @@ mod tests {
         assert!(Response::decode(0xA2, &out[HEADER_LEN..HEADER_LEN + 15]).is_err(), "a challenge cut short");
         let mut out = Vec::new();
         Request::Auth { proof: &[0xAB; PROOF_LEN] }.encode(&mut out, 2, 0, 0);
-        assert_eq!(&out[..HEADER_LEN], &[b'G', b'Y', 1, 0x23, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &out[..HEADER_LEN],
+            &[b'G', b'Y', 1, 0x23, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(&out[HEADER_LEN..], &[0xAB; PROOF_LEN]);
         assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN - 1]).is_err(), "a proof cut short");
         assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN + 1]).is_err(), "a trailing byte");
