@@ -470,7 +470,7 @@ impl Connection {
         self.next_id += 1;
         self.owed += 1;
         self.looked = false;
-        let deadline_us = budget.as_micros().clamp(1, u32::MAX as u128) as u32;
+        let deadline_us = crate::wire::deadline_us_for(budget);
         req.encode_with(&mut self.wbuf, id, shard, deadline_us, quorum);
         Ok(id)
     }

@@ -715,7 +715,7 @@ impl Conn {
             // rather than run it after the caller gave up. Stamped again
             // as the frame leaves (`stamp_run`).
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
+            let deadline_us = crate::wire::deadline_us_for(left);
             let at = st.wbuf.len();
             req.encode_with(&mut st.wbuf, id, shard, deadline_us, quorum);
             let len = st.wbuf.len() - at;
@@ -800,7 +800,7 @@ fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut VecDeque<Queued>, ranges: 
             late.push(f.id);
             continue;
         }
-        crate::wire::set_deadline_us(&mut out[f.at..], left.as_micros().clamp(1, u32::MAX as u128) as u32);
+        crate::wire::set_deadline_us(&mut out[f.at..], crate::wire::deadline_us_for(left));
         match ranges.last_mut() {
             Some((_, end)) if *end == f.at => *end += f.len,
             _ => ranges.push((f.at, f.at + f.len)),

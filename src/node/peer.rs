@@ -268,14 +268,17 @@ impl OutQueue {
     }
 
     /// Takes every queued frame still live at `now` for the writer (it then
-    /// counts as being written until [`Self::written`]): the bytes, how
-    /// many frames they are, and how many expired frames were dropped.
-    fn take(&mut self, now: Instant) -> (Vec<u8>, u64, u64) {
+    /// counts as being written until [`Self::written`]): the bytes, where
+    /// each frame ends and its deadline, and how many expired frames were
+    /// dropped.
+    #[allow(clippy::type_complexity)]
+    fn take(&mut self, now: Instant) -> (Vec<u8>, Vec<(usize, Instant)>, u64) {
         let spans = std::mem::take(&mut self.spans);
         let before = spans.len() as u64;
         let (batch, spans) = drop_expired(std::mem::take(&mut self.buf), spans, now);
         self.writing = batch.len();
-        (batch, spans.len() as u64, before - spans.len() as u64)
+        let dropped = before - spans.len() as u64;
+        (batch, spans, dropped)
     }
 
     /// The writer finished (or gave up) the batch it took.
@@ -419,8 +422,8 @@ impl Peers {
         }
         let id = conn.next_id.get();
         conn.next_id.set(id + 1);
-        let left = deadline.saturating_duration_since(now);
-        let deadline_us = left.as_micros().clamp(1, u32::MAX as u128) as u32;
+        // Stamped again as it leaves (`stamp_run`).
+        let deadline_us = crate::wire::deadline_us_for(deadline.saturating_duration_since(now));
         conn.out.borrow_mut().push(|out| req.encode_with(out, id, shard, deadline_us, quorum), deadline);
         let slot = Rc::new(Slot::default());
         conn.pending.borrow_mut().insert(id, slot.clone());
@@ -610,13 +613,16 @@ impl Peers {
                         conn.queued.wait(g).await;
                         continue;
                     }
-                    let (batch, frames, dropped) = conn.out.borrow_mut().take(Instant::now());
+                    let (mut batch, spans, dropped) = conn.out.borrow_mut().take(Instant::now());
                     conn.sent_upto.set(conn.next_id.get() - 1);
                     bump(&peers.counters.expired_unsent, dropped);
-                    let result = write_bounded(&writer, &batch).await;
+                    let result = write_stamped(&writer, &mut batch, &spans).await;
                     conn.out.borrow_mut().written();
-                    match result {
-                        Ok(()) => {}
+                    let frames = match result {
+                        Ok((frames, late)) => {
+                            bump(&peers.counters.expired_unsent, late);
+                            frames
+                        }
                         Err(WriteError::Stalled) => {
                             bump(&peers.counters.write_stalls, 1);
                             peers.give_up(key, &conn, &format!("it took nothing for {WRITE_STALL_TIMEOUT:?}"));
@@ -626,7 +632,7 @@ impl Peers {
                             conn.kill(&format!("write failed: {e}"));
                             return;
                         }
-                    }
+                    };
                     if frames > 0 {
                         bump(&peers.counters.replica_writes, 1);
                         bump(&peers.counters.replica_frames, frames);
@@ -746,8 +752,6 @@ enum WriteError {
     Stalled,
 }
 
-/// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must
-/// go out within [`WRITE_STALL_TIMEOUT`].
 /// Writes a frame of a connection's opening exchange.
 async fn send_opening(sock: &super::front::Socket, frame: &[u8]) -> Result<(), Shake> {
     write_bounded(sock, frame).await.map_err(|e| match e {
@@ -797,6 +801,72 @@ fn opening_reply(frame: &[u8], id: u64) -> Result<Response<'_>, Shake> {
     }
 }
 
+/// Bytes of frames the writer stamps together and then writes, at most (a
+/// larger frame is a run of its own): a frame's deadline is stamped with
+/// what its caller has left just before its run is written, so a frame
+/// behind a large batch does not reach the peer with the budget it had
+/// when it was queued (the clients' writers do the same; carried over
+/// from the async client's fix).
+const WRITE_RUN: usize = 64 * 1024;
+
+/// Stamps the run of `batch`'s frames (each ending at its `spans` offset)
+/// that starts with frame `first`: each frame with the time its caller
+/// has left at `now`, until the run holds [`WRITE_RUN`] bytes. Leaves in
+/// `ranges` the byte ranges of `batch` to write (consecutive frames kept
+/// are one range), leaving out the frames whose time is up, and returns
+/// the index of the next run's first frame and how many were left out.
+fn stamp_run(
+    batch: &mut [u8],
+    spans: &[(usize, Instant)],
+    first: usize,
+    now: Instant,
+    ranges: &mut Vec<(usize, usize)>,
+) -> (usize, u64) {
+    ranges.clear();
+    let run_start = first.checked_sub(1).map_or(0, |i| spans[i].0);
+    let (mut at, mut next, mut late) = (run_start, first, 0);
+    while let Some(&(end, deadline)) = spans.get(next) {
+        if at > run_start && end - run_start > WRITE_RUN {
+            break;
+        }
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            late += 1;
+        } else {
+            crate::wire::set_deadline_us(&mut batch[at..end], crate::wire::deadline_us_for(left));
+            match ranges.last_mut() {
+                Some((_, e)) if *e == at => *e = end,
+                _ => ranges.push((at, end)),
+            }
+        }
+        (at, next) = (end, next + 1);
+    }
+    (next, late)
+}
+
+/// Writes the frames of `batch` (ending at the offsets in `spans`) a
+/// stamped run at a time ([`stamp_run`]). Returns how many frames went
+/// out, and how many were left out because their time was up.
+async fn write_stamped(
+    sock: &super::front::Socket,
+    batch: &mut [u8],
+    spans: &[(usize, Instant)],
+) -> Result<(u64, u64), WriteError> {
+    let (mut next, mut late, mut ranges) = (0, 0, Vec::new());
+    while next < spans.len() {
+        let first = next;
+        let left_out;
+        (next, left_out) = stamp_run(batch, spans, first, Instant::now(), &mut ranges);
+        late += left_out;
+        for &(a, b) in &ranges {
+            write_bounded(sock, &batch[a..b]).await?;
+        }
+    }
+    Ok((spans.len() as u64 - late, late))
+}
+
+/// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must
+/// go out within [`WRITE_STALL_TIMEOUT`].
 async fn write_bounded(sock: &super::front::Socket, batch: &[u8]) -> Result<(), WriteError> {
     for piece in batch.chunks(WRITE_CHUNK) {
         let write = async { Some(sock.write_all(piece).await) };
@@ -879,13 +949,54 @@ mod tests {
         q.push(frame(big), later);
         assert_eq!(q.admit(after), (false, 0));
         // The batch being written counts until it is written.
-        let (batch, frames, dropped) = q.take(after);
-        assert_eq!((batch.len(), frames, dropped), (4 * big, 4, 0));
+        let (batch, spans, dropped) = q.take(after);
+        assert_eq!((batch.len(), spans.len(), dropped), (4 * big, 4, 0));
         assert_eq!(q.admit(after), (false, 0), "the writer is blocked on it");
         q.written();
         assert_eq!(q.admit(after), (true, 0));
         // One frame larger than the cap still fits an empty queue.
         q.push(frame(MAX_QUEUED_BYTES * 2), later);
         assert_eq!(q.admit(after), (false, 0));
+    }
+
+    /// The writer stamps each frame with what its caller has left as its
+    /// run leaves, a run of up to `WRITE_RUN` bytes at a time, and leaves
+    /// out the frames whose time is up by then. Frames were stamped when
+    /// queued, so one behind a large batch reached the peer with a budget
+    /// its caller no longer had, and the peer did work nobody waited for.
+    #[test]
+    fn frames_are_stamped_with_the_time_left_as_their_run_leaves() {
+        let queued = Instant::now();
+        let mut q = OutQueue::default();
+        let req = Request::Get { key: b"k" };
+        let deadlines = [100, 200, 50, 300].map(|ms| queued + Duration::from_millis(ms));
+        for (i, &d) in deadlines.iter().enumerate() {
+            // Stamped when queued with the whole budget, as a call does.
+            let us = crate::wire::deadline_us_for(d - queued);
+            q.push(|out| req.encode(out, i as u64 + FIRST_CALL_ID, 0, us), d);
+        }
+        // A large frame then, whose run is a run of its own.
+        let big = Request::Put { key: b"b", context: &[], value: &[7; WRITE_RUN] };
+        q.push(|out| big.encode(out, 9, 0, 1), queued + Duration::from_secs(1));
+        let (mut batch, spans, _) = q.take(queued);
+        let deadline_of = |b: &[u8], at: usize| {
+            let h: &[u8; HEADER_LEN] = b[at..at + HEADER_LEN].try_into().unwrap();
+            crate::wire::decode_header(h, MAX_BODY_LEN).unwrap().deadline_us
+        };
+        // The run leaves 60 ms after the frames were queued: the third
+        // frame's caller has given up.
+        let now = queued + Duration::from_millis(60);
+        let mut ranges = Vec::new();
+        let (next, late) = stamp_run(&mut batch, &spans, 0, now, &mut ranges);
+        assert_eq!((next, late), (4, 1), "the small frames are one run; the big one waits for the next");
+        let starts: Vec<usize> = std::iter::once(0).chain(spans.iter().map(|s| s.0)).collect();
+        assert_eq!(ranges, vec![(0, starts[2]), (starts[3], starts[4])], "the late frame is left out");
+        for (i, ms) in [(0, 40), (1, 140), (3, 240)] {
+            assert_eq!(deadline_of(&batch, starts[i]), ms * 1000, "frame {i}: its deadline less the 60 ms gone");
+        }
+        // The big frame, stamped as its own run leaves, 100 ms later.
+        let (next, late) = stamp_run(&mut batch, &spans, 4, now + Duration::from_millis(100), &mut ranges);
+        assert_eq!((next, late, ranges.clone()), (5, 0, vec![(starts[4], starts[5])]));
+        assert_eq!(deadline_of(&batch, starts[4]), 840_000);
     }
 }

@@ -481,6 +481,13 @@ pub fn decode_reply_frame(frame: &[u8]) -> Result<Response<'_>, WireError> {
     Response::decode(h.opcode, &frame[HEADER_LEN..total])
 }
 
+/// A frame's `deadline_us` for a caller with `left` to wait: whole
+/// microseconds, at least 1 (0 means "no deadline") and at most
+/// `u32::MAX` (about 71 minutes).
+pub fn deadline_us_for(left: std::time::Duration) -> u32 {
+    left.as_micros().clamp(1, u32::MAX as u128) as u32
+}
+
 /// Rewrites the deadline of the frame at the start of `frame` (nothing if
 /// it is shorter than a header): a client stamps each request's budget
 /// as the request leaves, not as it is queued.
