@@ -135,19 +135,56 @@ impl ClusterKeys {
         }
     }
 
-    /// The proof that a member named `member` holds the secret, for the
-    /// `challenge` a node sent in its HELLO reply.
-    pub fn proof(&self, challenge: &[u8; CHALLENGE_LEN], member: &[u8]) -> [u8; PROOF_LEN] {
+    /// The proof that `side` of a connection holds the secret: the member
+    /// `dialer` that opened it, to the member `responder` it meant to
+    /// reach, or the other way round, for the responder's `challenge` (its
+    /// HELLO reply) and the dialer's `nonce` (its AUTH). Binding both
+    /// names, both nonces and the side means a proof answers only the one
+    /// exchange it was made for: an impostor at a member's address cannot
+    /// pass a challenge it got from another member on to a dialer and use
+    /// the dialer's proof there (found by a review, when the proof named
+    /// only the dialer), nor reflect a proof back, and a dialer learns that
+    /// whoever answered holds the secret.
+    pub fn proof(&self, side: Side, exchange: &Exchange<'_>) -> [u8; PROOF_LEN] {
         let mut h = blake3::Hasher::new_keyed(&self.peer);
-        h.update(challenge);
-        h.update(member);
+        h.update(match side {
+            Side::Dialer => b"dialer",
+            Side::Responder => b"answer",
+        });
+        h.update(exchange.challenge);
+        h.update(exchange.nonce);
+        for name in [exchange.dialer, exchange.responder] {
+            h.update(&(name.len() as u16).to_le_bytes());
+            h.update(name);
+        }
         *h.finalize().as_bytes()
     }
 
-    /// Whether `proof` is [`Self::proof`] of `challenge` and `member`.
-    pub fn check_proof(&self, challenge: &[u8; CHALLENGE_LEN], member: &[u8], proof: &[u8; PROOF_LEN]) -> bool {
-        proofs_match(&self.proof(challenge, member), proof)
+    /// Whether `proof` is [`Self::proof`] of `side` for `exchange`.
+    pub fn check_proof(&self, side: Side, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> bool {
+        proofs_match(&self.proof(side, exchange), proof)
     }
+}
+
+/// Which end of a connection a proof comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The member that opened the connection (its AUTH).
+    Dialer,
+    /// The member it reached (the AUTH reply).
+    Responder,
+}
+
+/// What a connection's opening exchange binds its proofs to.
+pub struct Exchange<'a> {
+    /// The responder's random challenge (its HELLO reply).
+    pub challenge: &'a [u8; CHALLENGE_LEN],
+    /// The dialer's random nonce (its AUTH).
+    pub nonce: &'a [u8; CHALLENGE_LEN],
+    /// The dialer's member name (its HELLO).
+    pub dialer: &'a [u8],
+    /// The name of the member the dialer meant to reach.
+    pub responder: &'a [u8],
 }
 
 /// Whether two proofs are equal, in constant time (`blake3::Hash`'s
@@ -200,9 +237,15 @@ mod tests {
         let ctx = signed(&k, b"k", &clock());
         let mac = &ctx[ctx.len() - CONTEXT_MAC_LEN..];
         assert_eq!(hex(mac), "97072f4f6ba87aca10f0971f9670c1b1");
+        let ex =
+            Exchange { challenge: &[1; CHALLENGE_LEN], nonce: &[2; CHALLENGE_LEN], dialer: b"n1", responder: b"n2" };
         assert_eq!(
-            hex(&k.proof(&[1; CHALLENGE_LEN], b"n1")),
-            "b60c06d43da4e7cfc39c847698156391d61428cea39d995d0833ef8ce8431e30"
+            hex(&k.proof(Side::Dialer, &ex)),
+            "b2edcafa04b680fe1fea787dd29c3fee4ca61cae5fd00f5ed59047ac32f7d51b"
+        );
+        assert_eq!(
+            hex(&k.proof(Side::Responder, &ex)),
+            "26d3bf02b62d28bbe732daf8c036f4b59a27d7cff5b5bdcc96cc27b881f9e1f7"
         );
     }
 
@@ -251,12 +294,19 @@ mod tests {
     #[test]
     fn proofs() {
         let k = keys(b"a cluster secret of some length");
-        let c = [9; CHALLENGE_LEN];
-        let p = k.proof(&c, b"n1");
-        assert!(k.check_proof(&c, b"n1", &p));
-        assert!(!k.check_proof(&c, b"n2", &p), "another member's name");
-        assert!(!k.check_proof(&[8; CHALLENGE_LEN], b"n1", &p), "another challenge");
-        assert!(!keys(b"another cluster's secret").check_proof(&c, b"n1", &p));
+        let (c, n) = ([9; CHALLENGE_LEN], [8; CHALLENGE_LEN]);
+        let ex = Exchange { challenge: &c, nonce: &n, dialer: b"n1", responder: b"n2" };
+        let p = k.proof(Side::Dialer, &ex);
+        assert!(k.check_proof(Side::Dialer, &ex, &p));
+        assert!(!k.check_proof(Side::Responder, &ex, &p), "a dialer's proof is no answer (reflected)");
+        let other = |ex: Exchange<'_>| k.check_proof(Side::Dialer, &ex, &p);
+        assert!(!other(Exchange { dialer: b"n3", ..ex }), "another dialer");
+        assert!(!other(Exchange { responder: b"n3", ..ex }), "made for another member (relayed)");
+        assert!(!other(Exchange { challenge: &n, ..ex }), "another challenge");
+        assert!(!other(Exchange { nonce: &c, ..ex }), "another nonce");
+        // The names are length-prefixed: no boundary can move.
+        assert!(!other(Exchange { dialer: b"n1n", responder: b"2", ..ex }));
+        assert!(!keys(b"another cluster's secret").check_proof(Side::Dialer, &ex, &p));
         // The two keys differ: a context MAC is no proof.
         assert_ne!(k.context, k.peer);
         assert_ne!(challenge().unwrap(), challenge().unwrap());

@@ -591,21 +591,32 @@ const DEV_NODES: usize = 3;
 const DEV_SECRET: &str = "cluster.secret";
 
 /// Writes a new random cluster secret to `path` (32 random bytes as hex),
-/// readable by its owner only; an existing file is kept.
+/// readable by its owner only; an existing file is kept. The secret is
+/// written and synced under another name and then linked into place, so
+/// a crash never leaves an empty or partial secret there (found by a
+/// review: it would be kept, and refused at every start).
 fn ensure_dev_secret(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
     let mut bytes = [0u8; 32];
     getrandom::getrandom(&mut bytes).map_err(|e| anyhow::anyhow!("no random bytes for a cluster secret: {e}"))?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
-    match file {
-        Ok(mut f) => f
-            .write_all(format!("{hex}\n").as_bytes())
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", path.display())),
+    let tmp = path.with_extension(format!("new-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()));
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
-    }
+        other => other,
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked.with_context(|| format!("writing {}", path.display()))
 }
 
 /// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node

@@ -1295,56 +1295,71 @@ fn a_relay_refused_for_another_ring_goes_on_to_the_next_replica() {
     assert_eq!(cluster.counter("n2", "quorum_failures"), failures + 1);
 }
 
-/// A stand-in member on `addr`: answers HELLO, PING (one shard, on its
-/// port), replica reads and writes at once, and counts the RING requests
-/// it gets. With `answers`, it answers the first with ShuttingDown and the
-/// later ones with a ring of its own (not the cluster's); without, none.
-fn stand_in_member(addr: std::net::SocketAddr, answers: bool) -> std::sync::Arc<std::sync::atomic::AtomicU32> {
+/// Serves `addr` in a member's place: each request is handed to `answer`
+/// with its id and shard and the connection's own state (`S::default()`
+/// at accept), and the frames it returns are written back (none: no
+/// reply). A frame that does not decode ends the connection.
+fn stand_in<S: Default>(
+    addr: std::net::SocketAddr,
+    answer: impl Fn(&Request<'_>, u64, u16, &mut S) -> Option<Vec<u8>> + Send + Sync + 'static,
+) {
     use std::io::Write;
-    use std::sync::atomic::Ordering;
-    let rings = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let listener = std::net::TcpListener::bind(addr).expect("the stand-in's address");
-    let counted = rings.clone();
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let rings = counted.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
+                let mut state = S::default();
                 while let Ok((h, body)) = common::read_frame(&mut conn) {
-                    let mut out = Vec::new();
-                    let (id, shard) = (h.request_id, h.shard);
-                    match Request::decode(h.opcode, &body) {
-                        Ok(Request::Hello { .. }) => {
-                            gyre::wire::Response::Hello { challenge: None }.encode(&mut out, id, shard)
-                        }
-                        Ok(Request::Ping) => {
-                            let info = gyre::wire::NodeInfo {
-                                node_id: 42,
-                                partitions: 64,
-                                shard: 0,
-                                ports: vec![addr.port()],
-                            };
-                            gyre::wire::Response::Pong(info).encode(&mut out, id, shard)
-                        }
-                        Ok(Request::ReplicaGet { .. }) => {
-                            gyre::wire::Response::ReplicaGet { set: None }.encode(&mut out, id, shard)
-                        }
-                        Ok(Request::ReplicaPut { .. }) => gyre::wire::Response::ReplicaPut.encode(&mut out, id, shard),
-                        Ok(Request::Ring) => match rings.fetch_add(1, Ordering::SeqCst) {
-                            _ if !answers => continue,
-                            0 => gyre::wire::Response::Error { code: ErrorCode::ShuttingDown, message: "stopping" }
-                                .encode(&mut out, id, shard),
-                            _ => gyre::wire::Response::Ring { n: 2, r: 2, w: 2, ring: b"another ring" }
-                                .encode(&mut out, id, shard),
-                        },
-                        other => panic!("the stand-in got {other:?}"),
-                    }
+                    let Ok(req) = Request::decode(h.opcode, &body) else { return };
+                    let Some(out) = answer(&req, h.request_id, h.shard, &mut state) else { continue };
                     if conn.write_all(&out).is_err() {
                         return;
                     }
                 }
             });
         }
+    });
+}
+
+/// A stand-in member's answer to PING (one shard, on `port`), and to
+/// replica reads (`found`, or nothing) and writes; `None` for the rest.
+fn member_answer(req: &Request<'_>, id: u64, shard: u16, port: u16, found: Option<(&[u8], &[u8])>) -> Option<Vec<u8>> {
+    use gyre::wire::{NodeInfo, Response};
+    let mut out = Vec::new();
+    match req {
+        Request::Ping => Response::Pong(NodeInfo { node_id: 42, partitions: 64, shard: 0, ports: vec![port] })
+            .encode(&mut out, id, shard),
+        Request::ReplicaGet { .. } => Response::ReplicaGet { set: found }.encode(&mut out, id, shard),
+        Request::ReplicaPut { .. } => Response::ReplicaPut.encode(&mut out, id, shard),
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// A stand-in member on `addr`: answers HELLO, PING (one shard, on its
+/// port), replica reads and writes at once, and counts the RING requests
+/// it gets. With `answers`, it answers the first with ShuttingDown and the
+/// later ones with a ring of its own (not the cluster's); without, none.
+fn stand_in_member(addr: std::net::SocketAddr, answers: bool) -> std::sync::Arc<std::sync::atomic::AtomicU32> {
+    use gyre::wire::Response;
+    use std::sync::atomic::Ordering;
+    let rings = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = rings.clone();
+    stand_in(addr, move |req, id, shard, _: &mut ()| {
+        let mut out = Vec::new();
+        match req {
+            Request::Hello { .. } => Response::Hello { challenge: None }.encode(&mut out, id, shard),
+            Request::Ring => match counted.fetch_add(1, Ordering::SeqCst) {
+                _ if !answers => return None,
+                0 => Response::Error { code: ErrorCode::ShuttingDown, message: "stopping" }.encode(&mut out, id, shard),
+                _ => Response::Ring { n: 2, r: 2, w: 2, ring: b"another ring" }.encode(&mut out, id, shard),
+            },
+            other => return Some(member_answer(other, id, shard, addr.port(), None).expect("a member's request")),
+        }
+        Some(out)
     });
     rings
 }
@@ -1408,7 +1423,7 @@ fn secret_spec(file: &std::path::Path, spec: ClusterSpec) -> ClusterSpec {
 fn a_cluster_with_a_secret_replicates_and_refuses_what_it_did_not_sign() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "the test cluster's shared secret\n").unwrap();
+    common::write_secret(&secret, "the test cluster's shared secret");
     let cluster = Cluster::start(secret_spec(&secret, ClusterSpec { w: 3, ..Default::default() }));
     let mut c = cluster.client("n1", Routing::Server);
     assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
@@ -1456,10 +1471,10 @@ fn a_cluster_with_a_secret_replicates_and_refuses_what_it_did_not_sign() {
 fn a_member_with_another_secret_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "the test cluster's shared secret\n").unwrap();
+    common::write_secret(&secret, "the test cluster's shared secret");
     let mut cluster = Cluster::start(secret_spec(&secret, stoppable()));
     cluster.stop("n3");
-    std::fs::write(&secret, "another cluster's shared secret\n").unwrap();
+    common::write_secret(&secret, "another cluster's shared secret");
     cluster.restart("n3");
     let mut c = cluster.client("n1", Routing::Server);
     let mut raw = connect_raw(&cluster, "n1");
@@ -1472,4 +1487,190 @@ fn a_member_with_another_secret_is_refused() {
     let logs = cluster.logs();
     assert!(logs.contains("opening a connection to a member failed"), "the dialer says why");
     assert!(logs.contains("do all members have the same cluster_secret_file"), "the refusing member says why");
+}
+
+/// A forged version, as an impostor's replica read returns it: written by
+/// an actor no member has.
+fn forged_set() -> (Vec<u8>, Vec<u8>) {
+    let mut set = gyre::core::version::VersionSet::new();
+    set.update(&gyre::core::version::Clock::new(), 0xdead, Some(b"forged".to_vec())).unwrap();
+    set.encode()
+}
+
+/// Found by a review: an impostor at a member's address (the member
+/// stopped; anyone on the host can bind its loopback port) answered HELLO
+/// without a challenge, as a member without a secret would, and the dialer
+/// went on: a GET merged the forged version its replica read returned and
+/// handed it out signed. A peer that sends no challenge is now refused.
+#[test]
+fn a_member_without_a_challenge_is_not_trusted() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the test cluster's shared secret");
+    let mut cluster = Cluster::start(secret_spec(&secret, ClusterSpec::default()));
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
+    cluster.kill9("n3");
+    let addr = cluster.member("n3").addr;
+    let (greeted, served) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicBool::new(false)));
+    let (g, s) = (greeted.clone(), served.clone());
+    stand_in(addr, move |req, id, shard, _: &mut ()| match req {
+        Request::Hello { .. } => {
+            g.store(true, Ordering::SeqCst);
+            let mut out = Vec::new();
+            gyre::wire::Response::Hello { challenge: None }.encode(&mut out, id, shard);
+            Some(out)
+        }
+        other => {
+            s.store(matches!(other, Request::ReplicaGet { .. }), Ordering::SeqCst);
+            let (meta, value) = forged_set();
+            member_answer(other, id, shard, addr.port(), Some((&meta, &value)))
+        }
+    });
+    let mut raw = connect_raw(&cluster, "n1");
+    let all = Quorum { r: 3, w: 0 };
+    eventually("n1 dialing the impostor", Duration::from_secs(10), || {
+        let got = raw.call_with(&Request::Get { key: b"k" }, ANY_SHARD, all);
+        if let Ok(Reply::Get(v)) = &got {
+            panic!("R = 3 was reached with the impostor's answer: {:?}", v.values);
+        }
+        match greeted.load(Ordering::SeqCst) && cluster.counter_in("n1", "peers", "handshake_failures") > 0 {
+            true => Ok(()),
+            false => Err(format!("{got:?}")),
+        }
+    });
+    assert!(!served.load(Ordering::SeqCst), "no replica read was sent to it");
+    assert_eq!(values(&mut c, "k"), bytes(&["v1"]), "R = 2 still reads from n1 and n2");
+    assert!(cluster.logs().contains("it sent no challenge"), "the dialer says why");
+}
+
+/// Found by a review: a proof named only the dialer and the challenge. An
+/// impostor at a stopped member's address (n3) asked n2 for a challenge
+/// in n1's name, passed it to n1 as its own, and handed n1's AUTH to n2,
+/// which took it: the impostor then had a proven connection to n2 and
+/// wrote any versions it liked. The proof now names the member it was
+/// made for (n3 here), so n2 refuses it; and the impostor cannot answer
+/// n1's AUTH with a proof of its own, so n1 sends it nothing.
+#[test]
+fn a_proof_relayed_by_an_impostor_is_refused() {
+    use gyre::wire::Response;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the test cluster's shared secret");
+    let mut cluster = Cluster::start(secret_spec(&secret, ClusterSpec::default()));
+    cluster.kill9("n3");
+    let addr = cluster.member("n3").addr;
+    let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
+    let relayed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = relayed.clone();
+    stand_in(addr, move |req, id, shard, victim: &mut Option<std::net::TcpStream>| {
+        let mut out = Vec::new();
+        match req {
+            Request::Hello { member } => {
+                // Ask n2 for a challenge in the dialer's name, and pass it on.
+                let mut v = std::net::TcpStream::connect(n2).unwrap();
+                let mut f = Vec::new();
+                Request::Hello { member }.encode(&mut f, 1, ANY_SHARD, 0);
+                v.write_all(&f).unwrap();
+                let (_, challenge) = common::read_frame(&mut v).unwrap();
+                let challenge = challenge.try_into().expect("n2 sends a challenge");
+                *victim = Some(v);
+                Response::Hello { challenge: Some(challenge) }.encode(&mut out, id, shard)
+            }
+            Request::Auth { nonce, proof } => {
+                let v = victim.as_mut().expect("a HELLO first");
+                let mut f = Vec::new();
+                Request::Auth { nonce, proof }.encode(&mut f, 2, ANY_SHARD, 0);
+                v.write_all(&f).unwrap();
+                let (h, body) = common::read_frame(v).unwrap();
+                let answer = format!("{:?}", Response::decode(h.opcode, &body));
+                if answer.starts_with("Ok(Auth") {
+                    // Proven at n2: write a forged version there.
+                    let (meta, value) = forged_set();
+                    let mut f = Vec::new();
+                    Request::ReplicaPut { key: b"k", meta: &meta, value: &value }.encode(&mut f, 3, ANY_SHARD, 0);
+                    v.write_all(&f).unwrap();
+                }
+                seen.lock().unwrap().push(answer);
+                // n1 gets an answer that proves nothing.
+                Response::Auth { proof: [0; gyre::wire::PROOF_LEN] }.encode(&mut out, id, shard)
+            }
+            other => {
+                seen.lock().unwrap().push(format!("n1 sent {other:?}"));
+                return member_answer(other, id, shard, addr.port(), None);
+            }
+        }
+        Some(out)
+    });
+    // Any write through n1 makes it dial "n3".
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(put(&mut c, "other", "v", NO_CONTEXT), 1, "W = 2 of n1 and n2");
+    let answers = eventually("the impostor relaying n1's proof", Duration::from_secs(10), || {
+        let got = relayed.lock().unwrap().clone();
+        (!got.is_empty() && cluster.counter_in("n1", "peers", "handshake_failures") > 0)
+            .then_some(got)
+            .ok_or("not yet".into())
+    });
+    assert!(answers[0].contains("Unauthenticated"), "n2 took n1's proof from the impostor: {answers:?}");
+    assert!(answers.iter().all(|a| !a.starts_with("n1 sent")), "n1 sent the impostor a call: {answers:?}");
+    assert!(cluster.logs().contains("does not prove the cluster secret"), "n1 says why");
+    assert_eq!(cluster.stats("n2")["storage"]["keys"], 1, "n2 holds only the key written");
+}
+
+/// With a cluster secret, a HELLO naming a member is not enough: replica
+/// messages wait for the AUTH that answers its challenge (a wrong one
+/// closes the connection), and in the members' reserve (past
+/// --max-connections) a connection that names a member and proves
+/// nothing is closed at its deadline as one that names none (found by a
+/// review: names are public, and such connections held the reserve).
+#[test]
+fn a_hello_without_its_auth_is_no_member() {
+    use gyre::wire::Response;
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the test cluster's shared secret");
+    let spec = ClusterSpec { args: vec!["--max-connections".into(), "1".into()], ..Default::default() };
+    let cluster = Cluster::start(secret_spec(&secret, spec));
+    let call = |s: &mut std::net::TcpStream, req: Request<'_>, id: u64| {
+        let mut f = Vec::new();
+        req.encode(&mut f, id, ANY_SHARD, 0);
+        s.write_all(&f).unwrap();
+        common::read_frame(s).map(|(h, body)| format!("{:?}", Response::decode(h.opcode, &body)))
+    };
+    let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = call(&mut s, Request::Hello { member: b"n1" }, 1);
+    assert!(format!("{hello:?}").contains("challenge: Some"), "{hello:?}");
+    for (id, req) in
+        [(2, Request::ReplicaPut { key: b"k", meta: &[], value: b"" }), (3, Request::ReplicaGet { key: b"k" })]
+    {
+        let r = call(&mut s, req, id);
+        assert!(format!("{r:?}").contains("Unauthenticated"), "{r:?}");
+    }
+    let (nonce, proof) = ([0; gyre::wire::CHALLENGE_LEN], [0; gyre::wire::PROOF_LEN]);
+    let r = call(&mut s, Request::Auth { nonce: &nonce, proof: &proof }, 4);
+    assert!(format!("{r:?}").contains("Unauthenticated"), "{r:?}");
+    assert!(call(&mut s, Request::Ping, 5).is_err(), "closed after a wrong proof");
+    assert_eq!(cluster.stats("n2")["node"]["auth_failures"], 1);
+    // The one connection --max-connections allows is taken; the next is
+    // admitted into the members' reserve, names n1, and proves nothing.
+    let _held = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = call(&mut s, Request::Hello { member: b"n1" }, 1);
+    assert!(format!("{hello:?}").contains("challenge: Some"), "{hello:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut ping = Vec::new();
+    Request::Ping.encode(&mut ping, 2, ANY_SHARD, 0);
+    let _ = s.write_all(&ping);
+    let mut b = [0u8; 1];
+    assert!(!matches!(s.read(&mut b), Ok(1)), "a connection that proved nothing holds a place in the members' reserve");
+    // The members themselves still connect: a write needs all three.
+    let mut raw = connect_raw(&cluster, "n1");
+    let put_all = Request::Put { key: b"k", context: &[], value: b"v" };
+    assert!(matches!(raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }), Ok(Reply::Put(_))));
 }

@@ -102,7 +102,7 @@ fn unbound_contexts_are_refused_on_request() {
 fn a_node_with_a_secret_signs_its_contexts() {
     let dir = tmp();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "sixteen bytes at least\n").unwrap();
+    common::write_secret(&secret, "sixteen bytes at least");
     let data = dir.path().join("data");
     let args = ["--shards", "1", "--fsync", "always", "--cluster-secret-file", secret.to_str().unwrap()];
     let node = Node::start(&data, &args);
@@ -122,7 +122,7 @@ fn a_node_with_a_secret_signs_its_contexts() {
     assert_eq!(c.put(b"k", b"v2", &got.context).unwrap().siblings, 1, "its own context is taken");
     assert_eq!(c.put(b"k", b"v2'", &put.context).unwrap().siblings, 2, "so is one from before the restart");
     assert_eq!(node.terminate().code(), Some(0));
-    std::fs::write(&secret, "short\n").unwrap();
+    common::write_secret(&secret, "short");
     let err = Node::try_start(&data, &args).err().expect("a short secret");
     assert!(err.contains("fewer than 16"), "{err}");
     std::fs::remove_file(&secret).unwrap();

@@ -219,7 +219,7 @@ impl Reply {
             }
             Response::Delete { context } => Reply::Delete(Context(context.to_vec())),
             Response::Ring { n, r, w, ring } => Reply::Ring { n, r, w, ring: ring.to_vec() },
-            Response::ReplicaGet { .. } | Response::ReplicaPut | Response::Hello { .. } | Response::Auth => {
+            Response::ReplicaGet { .. } | Response::ReplicaPut | Response::Hello { .. } | Response::Auth { .. } => {
                 let reason = "a replica message's reply answered a client request".into();
                 return Err(ClientError::Protocol { addr, reason });
             }

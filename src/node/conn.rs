@@ -38,10 +38,11 @@ use futures_lite::future::poll_once;
 
 use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
+use crate::auth::Side;
 use crate::notify::Notify;
 use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
-    declared_frame_len, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
+    declared_frame_len, op, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
 };
 
 /// The room a read is given once reads fill what they are given (a client
@@ -422,8 +423,9 @@ pub(super) const MEMBER_RESERVE: u64 = 1024;
 const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most bytes a HELLO's body has: what a connection in the members'
-/// reserve may declare.
+/// reserve may declare (an AUTH's body is shorter).
 const MAX_HELLO_BODY: usize = 2 + crate::core::ring::MAX_NAME_LEN;
+const _: () = assert!(crate::wire::CHALLENGE_LEN + crate::wire::PROOF_LEN <= MAX_HELLO_BODY);
 
 /// An open connection, and whether it is a client's or a member's, kept
 /// in the shard's counters (the accept loop reads them against the
@@ -443,8 +445,8 @@ pub(super) struct Standing {
     /// are that member's relays ([`Shard::misrouted_relay`]).
     named: Cell<bool>,
     /// With a cluster secret: whether the connection proved it (AUTH), and
-    /// until then the proof its HELLO reply's challenge asks for. Replica
-    /// messages are taken only once it is proved.
+    /// until then what its HELLO asked. Replica messages are taken, and the
+    /// connection counts as a member's, only once it is proved.
     auth: Cell<Auth>,
 }
 
@@ -453,8 +455,9 @@ pub(super) struct Standing {
 enum Auth {
     /// Nothing asked yet (no HELLO, or the node has no secret).
     None,
-    /// The proof the AUTH that follows the HELLO must bring.
-    Expect([u8; crate::wire::PROOF_LEN]),
+    /// A HELLO named `member`, and its reply sent `challenge`: the AUTH
+    /// that follows must answer it.
+    Challenged { challenge: [u8; crate::wire::CHALLENGE_LEN], member: crate::core::ring::MemberIdx },
     /// Proved: replica messages are taken.
     Proven,
 }
@@ -477,19 +480,30 @@ impl Standing {
         }
     }
 
-    /// The challenge of the HELLO reply to member `name`, if the node has
-    /// a cluster secret: its AUTH must then answer it.
-    fn challenge(&self, name: &[u8]) -> Option<[u8; crate::wire::CHALLENGE_LEN]> {
-        let keys = self.shard.keys()?;
+    /// The reply to a HELLO naming `name`, and what it does to the
+    /// connection. Without a cluster secret, a member's HELLO makes the
+    /// connection a member's. With one, the reply carries a challenge and
+    /// only the AUTH that answers it does (a name is public; found by a
+    /// review: a client naming a member held a place in the members'
+    /// reserve for good).
+    fn hello(&self, id: u64, name: &[u8]) -> Vec<u8> {
+        let shard = &self.shard;
+        let Some(member) = shard.member_of(name) else { return shard.hello_reply(id, false, None) };
+        self.named.set(true);
+        if shard.keys().is_none() {
+            self.named_member();
+            return shard.hello_reply(id, true, None);
+        }
         match crate::auth::challenge() {
-            Ok(c) => {
-                self.auth.set(Auth::Expect(keys.proof(&c, name)));
-                Some(c)
+            Ok(challenge) => {
+                self.auth.set(Auth::Challenged { challenge, member });
+                shard.hello_reply(id, true, Some(challenge))
             }
+            // A reply without a challenge would say "no secret here".
             Err(e) => {
-                // The member's AUTH then fails, and it dials again.
                 tracing::error!(error = %e, "no random bytes for a member's challenge");
-                None
+                self.auth.set(Auth::None);
+                shard.error_frame(id, ErrorCode::Internal, "no random bytes for a challenge")
             }
         }
     }
@@ -501,23 +515,32 @@ impl Standing {
     fn screen(&self, id: u64, req: &Request<'_>) -> Option<(Vec<u8>, bool)> {
         let shard = &self.shard;
         match req {
-            Request::Auth { proof } => {
-                let proven = match self.auth.get() {
-                    Auth::Expect(want) => crate::auth::proofs_match(&want, proof),
-                    Auth::Proven => true,
-                    Auth::None => false,
+            Request::Auth { nonce, proof } => {
+                // Only the AUTH that answers this connection's challenge:
+                // one without a HELLO, or a second one, is refused.
+                let answer = match (self.auth.replace(Auth::None), shard.keys(), shard.own_name()) {
+                    (Auth::Challenged { challenge, member }, Some(keys), Some(own)) => {
+                        let dialer = shard.member_name(member).unwrap_or_default();
+                        let ex = crate::auth::Exchange { challenge: &challenge, nonce, dialer, responder: own };
+                        keys.check_proof(Side::Dialer, &ex, proof).then(|| keys.proof(Side::Responder, &ex))
+                    }
+                    _ => None,
                 };
-                if proven {
+                if let Some(proof) = answer {
                     self.auth.set(Auth::Proven);
-                    let mut out = Vec::with_capacity(HEADER_LEN);
-                    crate::wire::Response::Auth.encode(&mut out, id, shard.id as u16);
+                    self.named_member();
+                    let mut out = Vec::with_capacity(HEADER_LEN + crate::wire::PROOF_LEN);
+                    crate::wire::Response::Auth { proof }.encode(&mut out, id, shard.id as u16);
                     return Some((out, false));
                 }
-                bump(&shard.counters.auth_failures, 1);
-                tracing::warn!(
-                    "a connection's AUTH failed (its proof is not this node's cluster secret's, or came without a \
-                     HELLO): closed; do all members have the same cluster_secret_file?"
-                );
+                // Warned once a shard; STATS counts them all.
+                if shard.counters.auth_failures.replace(shard.counters.auth_failures.get() + 1) == 0 {
+                    tracing::warn!(
+                        "a connection's AUTH failed (its proof is not this node's cluster secret's, or it answered \
+                         no challenge of this connection): closed; do all members have the same \
+                         cluster_secret_file?"
+                    );
+                }
                 let why = "the proof does not match this node's cluster secret (or no HELLO asked for one)";
                 Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
             }
@@ -641,12 +664,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     break;
                 }
             }
-            // In the members' reserve, a frame that cannot be a HELLO is
-            // refused at its header, before its body is read into memory.
+            // In the members' reserve, a frame that cannot be a HELLO (or,
+            // with a cluster secret, the AUTH after it) is refused at its
+            // header, before its body is read into memory.
             if standing.provisional.get() {
                 if let Some(h) = buf[start..end].first_chunk::<HEADER_LEN>() {
-                    let hello = crate::wire::peek_opcode(h) == Some(crate::wire::op::HELLO);
-                    if !hello || crate::wire::declared_frame_len(h) > HEADER_LEN + MAX_HELLO_BODY {
+                    let opening = matches!(crate::wire::peek_opcode(h), Some(op::HELLO | op::AUTH));
+                    if !opening || crate::wire::declared_frame_len(h) > HEADER_LEN + MAX_HELLO_BODY {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
@@ -661,28 +685,24 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     // (A HELLO that does not decode goes the way of any
                     // malformed request.)
                     let hello = match header.opcode {
-                        crate::wire::op::HELLO => match Request::decode_with(&header, body) {
-                            Ok((Request::Hello { member }, _)) => Some((shard.is_member(member), member)),
+                        op::HELLO => match Request::decode_with(&header, body) {
+                            Ok((Request::Hello { member }, _)) => Some(member),
                             _ => None,
                         },
                         _ => None,
                     };
-                    if standing.provisional.get() && !hello.is_some_and(|(member, _)| member) {
+                    // A provisional connection's HELLO must name a member;
+                    // its AUTH is judged where it is decoded (`screen`).
+                    let opening = hello.is_some_and(|name| shard.is_member(name)) || header.opcode == op::AUTH;
+                    if standing.provisional.get() && !opening {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
                     if !out.room_for_one(&sock, &shard).await {
                         break 'read;
                     }
-                    if let Some((member, name)) = hello {
-                        let challenge = match member {
-                            true => {
-                                standing.named_member();
-                                standing.challenge(name)
-                            }
-                            false => None,
-                        };
-                        out.reply(&shard.hello_reply(header.request_id, member, challenge));
+                    if let Some(name) = hello {
+                        out.reply(&standing.hello(header.request_id, name));
                         start += total;
                         continue;
                     }

@@ -1181,8 +1181,23 @@ impl Shard {
     /// Whether `name` is a member of this node's cluster (a lone node has
     /// none).
     pub(super) fn is_member(&self, name: &[u8]) -> bool {
-        let name = std::str::from_utf8(name);
-        self.cluster.as_ref().zip(name.ok()).is_some_and(|(c, name)| c.info.ring.index_of(name).is_some())
+        self.member_of(name).is_some()
+    }
+
+    /// The index of the member named `name`, if it is one.
+    pub(super) fn member_of(&self, name: &[u8]) -> Option<crate::core::ring::MemberIdx> {
+        let name = std::str::from_utf8(name).ok()?;
+        self.cluster.as_ref()?.info.ring.index_of(name)
+    }
+
+    /// The name of member `idx`, and this node's own (`None` on a lone
+    /// node).
+    pub(super) fn member_name(&self, idx: crate::core::ring::MemberIdx) -> Option<&[u8]> {
+        Some(self.cluster.as_ref()?.info.ring.member(idx).name.as_bytes())
+    }
+
+    pub(super) fn own_name(&self) -> Option<&[u8]> {
+        self.member_name(self.cluster.as_ref()?.info.me)
     }
 
     /// The cluster secret's keys, if the node has one.

@@ -37,9 +37,12 @@
 //! Cluster secret: a shard with one opens each connection with a HELLO
 //! and the AUTH that answers the HELLO reply's challenge, each awaited
 //! before any call's frame is written (the peer refuses replica messages
-//! until the AUTH is taken), within [`HANDSHAKE_TIMEOUT`]. A peer that
-//! refuses the proof (another secret) fails the connection's calls with
-//! its reason, and is marked down as a refused connection is.
+//! until the AUTH is taken), within [`HANDSHAKE_TIMEOUT`]; the AUTH reply's
+//! own proof is checked too, so an impostor at a member's address is never
+//! sent a call. A peer that sends no challenge (no secret), refuses the
+//! proof, or fails its own, fails the connection's calls with the reason,
+//! and is not dialed again for [`RETRY_AFTER`], as a peer whose connection
+//! failed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -51,7 +54,7 @@ use serde::Serialize;
 
 use super::bump;
 use super::front::Front;
-use crate::auth::ClusterKeys;
+use crate::auth::{ClusterKeys, Side};
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
@@ -338,9 +341,11 @@ pub struct Peers {
     /// The cluster secret's keys: with them, each connection proves the
     /// secret before its calls are written.
     keys: Option<Rc<ClusterKeys>>,
-    /// Whether a failed handshake was logged as a warning already (once a
-    /// shard: a member with another secret fails every redial).
-    warned_handshake: Cell<bool>,
+    /// The last reason a handshake failed that was logged as a warning: a
+    /// member with another secret fails every redial, so a reason is
+    /// warned of once, until another one comes (a timeout first left a
+    /// later mismatch unlogged; found by a review).
+    warned_handshake: RefCell<String>,
     pub counters: PeerCounters,
 }
 
@@ -359,7 +364,7 @@ impl Peers {
             refused_until: RefCell::default(),
             front,
             keys,
-            warned_handshake: Cell::new(false),
+            warned_handshake: RefCell::default(),
             counters: PeerCounters::default(),
         }
     }
@@ -576,7 +581,7 @@ impl Peers {
         let mut buf = vec![0u8; super::conn::READ_CHUNK];
         let (mut start, mut end) = (0usize, 0usize);
         if let Some(keys) = &self.keys {
-            let shake = self.handshake(keys, key.1, &sock, &mut buf, &mut start, &mut end);
+            let shake = self.handshake(keys, member, key.1, &sock, &mut buf, &mut start, &mut end);
             let late = async {
                 glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
                 Err(Shake::Failed(format!("no answer to its HELLO and AUTH in {HANDSHAKE_TIMEOUT:?}")))
@@ -592,8 +597,11 @@ impl Peers {
                 }
                 Err(Shake::Failed(why)) => {
                     bump(&self.counters.handshake_failures, 1);
-                    if !self.warned_handshake.replace(true) {
-                        tracing::warn!(peer = %conn.name, why, "opening a connection to a member failed (logged once)");
+                    if *self.warned_handshake.borrow() != why {
+                        tracing::warn!(peer = %conn.name, why, "opening a connection to a member failed");
+                        why.clone_into(&mut self.warned_handshake.borrow_mut());
+                    } else {
+                        tracing::debug!(peer = %conn.name, why, "opening a connection to a member failed");
                     }
                     self.give_up(key, &conn, &why);
                     return;
@@ -691,39 +699,53 @@ impl Peers {
         writer_task.await;
     }
 
-    /// Opens `sock`, a connection to a peer's `shard`, as a member's with
-    /// the cluster secret's `keys`: a HELLO, then the AUTH that answers its
-    /// reply's challenge, each awaited. A peer without a secret sends no
-    /// challenge, and the connection goes on without an AUTH. Replies are
-    /// read into `buf` (`start..end`, as the reader goes on with it).
+    /// Opens `sock`, a connection to `member`'s `shard`, as a member's
+    /// with the cluster secret's `keys`: a HELLO, then the AUTH that
+    /// answers its reply's challenge, each awaited, and the AUTH reply's
+    /// proof checked. A peer that sends no challenge, or whose proof is
+    /// wrong, is refused: it does not hold the secret (an impostor at the
+    /// member's address, or a member without the secret), and this node
+    /// would merge the versions it sends and sign them into contexts
+    /// (found by a review, when a peer without a challenge was taken).
+    /// Replies are read into `buf` (`start..end`, as the reader goes on
+    /// with it).
+    #[allow(clippy::too_many_arguments)]
     async fn handshake(
         &self,
         keys: &ClusterKeys,
+        member: MemberIdx,
         shard: u16,
         sock: &super::front::Socket,
         buf: &mut Vec<u8>,
         start: &mut usize,
         end: &mut usize,
     ) -> Result<(), Shake> {
-        let name = self.members[self.me as usize].name.as_bytes();
+        let dialer = self.members[self.me as usize].name.as_bytes();
         let mut out = Vec::new();
-        Request::Hello { member: name }.encode(&mut out, HELLO_ID, shard, 0);
+        Request::Hello { member: dialer }.encode(&mut out, HELLO_ID, shard, 0);
         send_opening(sock, &out).await?;
         let frame = read_opening(sock, buf, start, end).await?;
         let challenge = match opening_reply(&frame, HELLO_ID)? {
             Response::Hello { challenge: Some(c) } => c,
             Response::Hello { challenge: None } => {
-                tracing::debug!(shard, "a member has no cluster secret: it takes replica messages from anyone");
-                return Ok(());
+                let why = "it sent no challenge: it has no cluster secret (every member needs the same \
+                           cluster_secret_file)";
+                return Err(Shake::Failed(why.into()));
             }
             _ => return Err(Shake::Failed("its HELLO reply was another reply".into())),
         };
+        let nonce = crate::auth::challenge().map_err(|e| Shake::Failed(format!("no random bytes: {e}")))?;
+        let responder = self.members[member as usize].name.as_bytes();
+        let ex = crate::auth::Exchange { challenge: &challenge, nonce: &nonce, dialer, responder };
         out.clear();
-        Request::Auth { proof: &keys.proof(&challenge, name) }.encode(&mut out, AUTH_ID, shard, 0);
+        Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut out, AUTH_ID, shard, 0);
         send_opening(sock, &out).await?;
         let frame = read_opening(sock, buf, start, end).await?;
         match opening_reply(&frame, AUTH_ID)? {
-            Response::Auth => Ok(()),
+            Response::Auth { proof } if keys.check_proof(Side::Responder, &ex, &proof) => Ok(()),
+            Response::Auth { .. } => Err(Shake::Failed(
+                "its answer to AUTH does not prove the cluster secret (is something else at its address?)".into(),
+            )),
             _ => Err(Shake::Failed("its AUTH reply was another reply".into())),
         }
     }

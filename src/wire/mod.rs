@@ -74,13 +74,17 @@
 //!                        GET, PUT or DELETE on such a connection is a
 //!                        member's relay: for a key the receiver does not
 //!                        replicate it gets RingMismatch, not relayed again
-//! 0x23 AUTH         req: PROOF_LEN (32) bytes: the member's proof that it
-//!                        holds the cluster secret, for the challenge of
-//!                        this connection's HELLO reply and the name the
-//!                        HELLO gave (`crate::auth`)
-//!                   rep: (empty): the connection is a member's, and its
-//!                        replica messages are taken. A node with a
-//!                        cluster secret answers REPLICA_GET and
+//! 0x23 AUTH         req: CHALLENGE_LEN (16) random bytes, the member's
+//!                        nonce, then PROOF_LEN (32) bytes, its proof that
+//!                        it holds the cluster secret: bound to the HELLO
+//!                        reply's challenge, the nonce, the name the HELLO
+//!                        gave and the name of the member it meant to
+//!                        reach (`crate::auth`)
+//!                   rep: PROOF_LEN (32) bytes: the node's own proof, over
+//!                        the same, which the member checks before it
+//!                        sends anything else. The connection is then a
+//!                        member's, and its replica messages are taken. A
+//!                        node with a cluster secret answers REPLICA_GET and
 //!                        REPLICA_PUT on a connection without one with
 //!                        Unauthenticated; a wrong proof gets
 //!                        Unauthenticated and the connection is closed
@@ -552,8 +556,10 @@ pub enum Request<'a> {
     Hello {
         member: &'a [u8],
     },
-    /// A member's proof that it holds the cluster secret (module docs).
+    /// A member's nonce and proof that it holds the cluster secret
+    /// (module docs).
     Auth {
+        nonce: &'a [u8; CHALLENGE_LEN],
         proof: &'a [u8; PROOF_LEN],
     },
     Ring,
@@ -602,7 +608,7 @@ impl Request<'_> {
     fn body_len(&self) -> usize {
         match self {
             Request::Ping | Request::Stats | Request::Ring => 0,
-            Request::Auth { .. } => PROOF_LEN,
+            Request::Auth { .. } => CHALLENGE_LEN + PROOF_LEN,
             Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => 2 + key.len(),
             Request::Put { key, context, value } => PUT_FIXED + key.len() + context.len() + value.len(),
             Request::Delete { key, context } => 6 + key.len() + context.len(),
@@ -629,7 +635,10 @@ impl Request<'_> {
         }
         match self {
             Request::Ping | Request::Stats | Request::Ring => {}
-            Request::Auth { proof } => out.extend_from_slice(*proof),
+            Request::Auth { nonce, proof } => {
+                out.extend_from_slice(*nonce);
+                out.extend_from_slice(*proof);
+            }
             Request::Get { key } | Request::ReplicaGet { key } | Request::Hello { member: key } => {
                 put_bytes16(out, key)
             }
@@ -685,7 +694,7 @@ impl Request<'_> {
                 }
                 Request::Hello { member }
             }
-            op::AUTH => Request::Auth { proof: r.array_ref("AUTH proof")? },
+            op::AUTH => Request::Auth { nonce: r.array_ref("AUTH nonce")?, proof: r.array_ref("AUTH proof")? },
             op::REPLICA_PUT => {
                 let meta_ok =
                     |len| if len > MAX_ENCODED_META { Err(malformed("REPLICA_PUT meta length")) } else { Ok(()) };
@@ -758,8 +767,10 @@ pub enum Response<'a> {
     Hello {
         challenge: Option<[u8; CHALLENGE_LEN]>,
     },
-    /// The AUTH's proof was right.
-    Auth,
+    /// The AUTH's proof was right; the node's own proof.
+    Auth {
+        proof: [u8; PROOF_LEN],
+    },
     /// The cluster's default quorum and its encoded ring.
     Ring {
         n: u8,
@@ -784,7 +795,7 @@ impl Response<'_> {
             Response::ReplicaGet { .. } => op::REPLICA_GET | REPLY_BIT,
             Response::ReplicaPut => op::REPLICA_PUT | REPLY_BIT,
             Response::Hello { .. } => op::HELLO | REPLY_BIT,
-            Response::Auth => op::AUTH | REPLY_BIT,
+            Response::Auth { .. } => op::AUTH | REPLY_BIT,
             Response::Ring { .. } => op::RING | REPLY_BIT,
             Response::Error { .. } => op::ERROR,
         }
@@ -800,7 +811,8 @@ impl Response<'_> {
             Response::Put { context, .. } => 4 + context.len() + 2,
             Response::Delete { context } => 4 + context.len(),
             Response::ReplicaGet { set } => 1 + 8 + set.map_or(0, |(m, v)| m.len() + v.len()),
-            Response::ReplicaPut | Response::Auth => 0,
+            Response::ReplicaPut => 0,
+            Response::Auth { .. } => PROOF_LEN,
             Response::Hello { challenge } => challenge.map_or(0, |c| c.len()),
             Response::Ring { ring, .. } => 3 + ring.len(),
             Response::Error { message, .. } => 4 + error_message(message).len(),
@@ -849,7 +861,8 @@ impl Response<'_> {
                 put_bytes32(out, meta);
                 put_bytes32(out, value);
             }
-            Response::ReplicaPut | Response::Auth => {}
+            Response::ReplicaPut => {}
+            Response::Auth { proof } => out.extend_from_slice(proof),
             Response::Hello { challenge } => out.extend_from_slice(challenge.as_ref().map_or(&[][..], |c| c)),
             Response::Ring { n, r, w, ring } => {
                 out.extend_from_slice(&[*n, *r, *w]);
@@ -909,7 +922,7 @@ impl Response<'_> {
                 [] => Response::Hello { challenge: None },
                 c => Response::Hello { challenge: Some(c.try_into().map_err(|_| malformed("HELLO challenge"))?) },
             },
-            o if o == op::AUTH | REPLY_BIT => Response::Auth,
+            o if o == op::AUTH | REPLY_BIT => Response::Auth { proof: r.array("AUTH reply proof")? },
             o if o == op::RING | REPLY_BIT => {
                 let [n, rq, w] = r.array("RING quorum")?;
                 Response::Ring { n, r: rq, w, ring: r.rest() }
@@ -1135,7 +1148,7 @@ mod tests {
             Request::ReplicaGet { key: b"key" },
             Request::ReplicaPut { key: b"key", meta: b"m", value: b"vv" },
             Request::Hello { member: b"n1" },
-            Request::Auth { proof: &[7; PROOF_LEN] },
+            Request::Auth { nonce: &[6; CHALLENGE_LEN], proof: &[7; PROOF_LEN] },
             Request::Ring,
         ];
         let mut stream = Vec::new();
@@ -1167,7 +1180,7 @@ mod tests {
             Response::ReplicaPut,
             Response::Hello { challenge: None },
             Response::Hello { challenge: Some([3; CHALLENGE_LEN]) },
-            Response::Auth,
+            Response::Auth { proof: [5; PROOF_LEN] },
             Response::Ring { n: 3, r: 2, w: 1, ring: b"ring" },
             Response::Error { code: ErrorCode::QuorumFailed, message: "1 of 3" },
             Response::Error { code: ErrorCode::Other(999), message: "later" },
@@ -1290,8 +1303,9 @@ mod tests {
         Response::Hello { challenge: None }.encode(&mut out, 1, 0);
         assert_eq!((out[3], out.len()), (0xA2, HEADER_LEN));
         assert_eq!(Response::decode(0xA2, &[]), Ok(Response::Hello { challenge: None }));
-        // With a cluster secret, the reply is the 16-byte challenge, and
-        // the AUTH that follows is the 32-byte proof alone.
+        // With a cluster secret, the reply is the 16-byte challenge; the
+        // AUTH that follows, a 16-byte nonce and a 32-byte proof; its reply,
+        // a 32-byte proof.
         let challenge: [u8; CHALLENGE_LEN] = std::array::from_fn(|i| i as u8);
         let mut out = Vec::new();
         Response::Hello { challenge: Some(challenge) }.encode(&mut out, 1, 0);
@@ -1306,17 +1320,19 @@ mod tests {
         assert_eq!(Response::decode(0xA2, &out[HEADER_LEN..]), Ok(Response::Hello { challenge: Some(challenge) }));
         assert!(Response::decode(0xA2, &out[HEADER_LEN..HEADER_LEN + 15]).is_err(), "a challenge cut short");
         let mut out = Vec::new();
-        Request::Auth { proof: &[0xAB; PROOF_LEN] }.encode(&mut out, 2, 0, 0);
+        Request::Auth { nonce: &[0xCD; CHALLENGE_LEN], proof: &[0xAB; PROOF_LEN] }.encode(&mut out, 2, 0, 0);
         assert_eq!(
             &out[..HEADER_LEN],
-            &[b'G', b'Y', 1, 0x23, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0]
+            &[b'G', b'Y', 1, 0x23, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 48, 0, 0, 0, 0, 0, 0, 0]
         );
-        assert_eq!(&out[HEADER_LEN..], &[0xAB; PROOF_LEN]);
-        assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN - 1]).is_err(), "a proof cut short");
-        assert!(Request::decode(op::AUTH, &[0xAB; PROOF_LEN + 1]).is_err(), "a trailing byte");
+        assert_eq!(&out[HEADER_LEN..], [[0xCD; CHALLENGE_LEN].as_slice(), &[0xAB; PROOF_LEN]].concat());
+        assert!(Request::decode(op::AUTH, &out[HEADER_LEN..out.len() - 1]).is_err(), "a proof cut short");
+        assert!(Request::decode(op::AUTH, &[&out[HEADER_LEN..], &[0]].concat()).is_err(), "a trailing byte");
         let mut out = Vec::new();
-        Response::Auth.encode(&mut out, 2, 0);
-        assert_eq!((out[3], out.len()), (0xA3, HEADER_LEN));
+        Response::Auth { proof: [0xEF; PROOF_LEN] }.encode(&mut out, 2, 0);
+        assert_eq!((out[3], out.len()), (0xA3, HEADER_LEN + PROOF_LEN));
+        assert_eq!(Response::decode(0xA3, &out[HEADER_LEN..]), Ok(Response::Auth { proof: [0xEF; PROOF_LEN] }));
+        assert!(Response::decode(0xA3, &[]).is_err(), "an AUTH reply without its proof");
         assert_eq!(ErrorCode::from_u16(18), ErrorCode::Unauthenticated);
         assert_eq!(ErrorCode::Unauthenticated.to_u16(), 18);
         assert!(matches!(Request::decode(op::HELLO, &[0, 0]), Err(WireError::Malformed { .. })), "no name");

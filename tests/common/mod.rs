@@ -892,6 +892,14 @@ pub fn assert_few_ran_unread(run: u64, n: u64, reply_len: usize) {
     assert!(run < bound, "{run} requests ran for a client that reads nothing (bound {bound})");
 }
 
+/// Writes a cluster secret file, readable by its owner only (as a node
+/// expects; it warns otherwise).
+pub fn write_secret(path: &Path, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{secret}\n")).expect("writing a secret");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 /// Reads one frame off `s`: its header and body (an error for a read
 /// that failed, by its timeout too, or a header that does not decode).
 pub fn read_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
