@@ -1674,3 +1674,43 @@ fn a_hello_without_its_auth_is_no_member() {
     let put_all = Request::Put { key: b"k", context: &[], value: b"v" };
     assert!(matches!(raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }), Ok(Reply::Put(_))));
 }
+
+/// Found by a review: with a secret, a HELLO no longer ended a connection's
+/// stay in the members' reserve, so one could send HELLO after HELLO, each
+/// answered with a new challenge; reading none of the replies, it stopped
+/// the node's reader on them, where the reserve's deadline is not checked,
+/// and kept its place for good. In the reserve a connection now sends one
+/// HELLO, then only its AUTH.
+#[test]
+fn a_connection_in_the_reserve_that_floods_hellos_is_closed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the test cluster's shared secret");
+    let spec = ClusterSpec { args: vec!["--max-connections".into(), "1".into()], ..Default::default() };
+    let cluster = Cluster::start(secret_spec(&secret, spec));
+    let mut held = Client::connect(&cluster.addr("n2")).unwrap();
+    held.ping().unwrap();
+    let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut hellos = Vec::new();
+    for id in 0..4096u64 {
+        Request::Hello { member: b"n1" }.encode(&mut hellos, id + 1, ANY_SHARD, 0);
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(900) {
+        match s.write(&hellos) {
+            Ok(_) => {}
+            // Full (the node stopped reading), or closed: either way it
+            // holds nothing more.
+            Err(_) => break,
+        }
+    }
+    eventually("the reserve's connection closed", Duration::from_secs(5), || {
+        let stats: serde_json::Value = serde_json::from_str(&held.stats(0).unwrap()).unwrap();
+        match stats["node"]["provisional_connections"].as_u64() {
+            Some(0) => Ok(()),
+            other => Err(format!("{other:?} provisional {:?} after its accept", started.elapsed())),
+        }
+    });
+}

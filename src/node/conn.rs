@@ -14,9 +14,9 @@
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
 //! queue, and its standing (a client's, a cluster member's once it sent a
-//! HELLO naming one, or admitted past the connection limit into the
-//! members' reserve: [`Standing`]); and the shard's queue of held writes
-//! (in log order).
+//! HELLO naming one (with a cluster secret: once its AUTH proved it), or
+//! admitted past the connection limit into the members' reserve:
+//! [`Standing`]); and the shard's queue of held writes (in log order).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
 //! replies, at most `MAX_RUNNING` of them in tasks of their own, and none
@@ -29,7 +29,9 @@
 //! memory and answered with an error; a frame that cannot be framed or
 //! decoded gets an error reply and ends the connection after the replies
 //! before it are written; other connections never notice. A connection in
-//! the members' reserve runs nothing before a HELLO naming a member.
+//! the members' reserve runs nothing before a HELLO naming a member (with
+//! a cluster secret, and the AUTH that answers its challenge), and sends
+//! nothing else before it.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -407,19 +409,22 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
 }
 
 /// Connections of members a shard of a cluster node takes beyond
-/// `max_connections`: those that named a member (HELLO) and those admitted
-/// past the limit that must name one first, together. Enough for two
-/// connections (replica and relay) from each of 512 member shards. A
-/// name is not proof (member names are public): a client that claims one
-/// is still held to this, so no more than `max_connections` plus this
-/// many connections are open (and a client that claims every place locks
-/// the members out again). One admitted past the limit holds its read
-/// buffer ([`FIRST_READ`]) and at most a HELLO's bytes until it names a member or
-/// [`PROVISIONAL_WAIT`] passes.
+/// `max_connections`: those that named a member (HELLO; with a cluster
+/// secret, that proved it with an AUTH) and those admitted past the limit
+/// that must do so first, together. Enough for two connections (replica
+/// and relay) from each of 512 member shards. Without a secret a name is
+/// not proof (member names are public): a client that claims one is still
+/// held to this, so no more than `max_connections` plus this many
+/// connections are open (and a client that claims every place locks the
+/// members out again); with one, only a proof takes a place. One admitted
+/// past the limit holds its read buffer ([`FIRST_READ`]) and at most a
+/// HELLO's bytes (and one reply) until it is a member's or
+/// [`PROVISIONAL_WAIT`] passes: while it is in the reserve it may send one
+/// HELLO naming a member and, with a secret, then one AUTH, nothing else.
 pub(super) const MEMBER_RESERVE: u64 = 1024;
 
 /// How long from its accept a connection admitted into the members'
-/// reserve may take to send its HELLO before it is closed.
+/// reserve may take to send its HELLO (and AUTH) before it is closed.
 const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most bytes a HELLO's body has: what a connection in the members'
@@ -480,6 +485,17 @@ impl Standing {
         }
     }
 
+    /// Whether a provisional connection may send this frame: the first
+    /// HELLO, if it names a member, and after it (with a cluster secret)
+    /// the AUTH that answers its challenge.
+    fn may_open(&self, hello_names_member: bool, auth: bool) -> bool {
+        match self.auth.get() {
+            Auth::None => hello_names_member && !self.named.get(),
+            Auth::Challenged { .. } => auth,
+            Auth::Proven => true,
+        }
+    }
+
     /// The reply to a HELLO naming `name`, and what it does to the
     /// connection. Without a cluster secret, a member's HELLO makes the
     /// connection a member's. With one, the reply carries a challenge and
@@ -526,6 +542,10 @@ impl Standing {
                     }
                     _ => None,
                 };
+                if shard.keys().is_none() {
+                    let why = "this node has no cluster secret: there is nothing to prove";
+                    return Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true));
+                }
                 if let Some(proof) = answer {
                     self.auth.set(Auth::Proven);
                     self.named_member();
@@ -691,10 +711,15 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         },
                         _ => None,
                     };
-                    // A provisional connection's HELLO must name a member;
-                    // its AUTH is judged where it is decoded (`screen`).
-                    let opening = hello.is_some_and(|name| shard.is_member(name)) || header.opcode == op::AUTH;
-                    if standing.provisional.get() && !opening {
+                    // A provisional connection's one HELLO must name a
+                    // member, and with a secret its one AUTH must follow
+                    // (judged where it is decoded, `screen`). More HELLOs
+                    // each got a reply and a new challenge: a sender that
+                    // read none stopped the reader on its replies, where
+                    // the deadline is not checked, and kept its place for
+                    // good (found by a review).
+                    let names_member = hello.is_some_and(|name| shard.is_member(name));
+                    if standing.provisional.get() && !standing.may_open(names_member, header.opcode == op::AUTH) {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }

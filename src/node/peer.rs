@@ -111,7 +111,9 @@ pub enum PeerError {
 /// Counters of a shard's peer traffic, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct PeerCounters {
-    /// Frames sent to peers, and the socket writes that carried them.
+    /// Frames sent to peers, and the batches that carried them (a batch is
+    /// one socket write per 64 KiB run, `WRITE_RUN`, or per range of it
+    /// left after frames whose time was up).
     pub replica_frames: Cell<u64>,
     pub replica_writes: Cell<u64>,
     pub connects: Cell<u64>,
@@ -136,8 +138,10 @@ pub struct PeerCounters {
     /// Members' rings compared with this node's (`rings_differ` counts
     /// the ones that differed).
     pub rings_compared: Cell<u64>,
-    /// Connections whose HELLO or AUTH (the cluster secret's proof) a
-    /// member refused, or that got no answer to them in time.
+    /// Connections whose opening exchange (cluster secret) failed: the
+    /// member refused the HELLO or the AUTH, sent no challenge (it has no
+    /// secret), answered the AUTH with a proof that is wrong, sent a frame
+    /// that is not a reply to them, or answered nothing in time.
     pub handshake_failures: Cell<u64>,
 }
 
@@ -150,6 +154,13 @@ const FIRST_CALL_ID: u64 = 3;
 /// How long the HELLO and AUTH of a new connection may take to be
 /// answered (a shard with a cluster secret waits for both).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest body of a reply to a HELLO or an AUTH the dialer reads: an
+/// error with the longest message, and more than a challenge or a proof
+/// (a peer that declares more is no member; the protocol's 8 MiB would
+/// be read into memory first).
+const OPENING_MAX_BODY: usize = 4 + crate::wire::MAX_ERROR_MESSAGE;
+const _: () = assert!(crate::wire::PROOF_LEN <= OPENING_MAX_BODY && crate::wire::CHALLENGE_LEN <= OPENING_MAX_BODY);
 
 /// Why a connection's opening exchange failed.
 enum Shake {
@@ -790,7 +801,7 @@ async fn read_opening(
     end: &mut usize,
 ) -> Result<Vec<u8>, Shake> {
     loop {
-        match split_frame(&buf[*start..*end], MAX_BODY_LEN) {
+        match split_frame(&buf[*start..*end], OPENING_MAX_BODY) {
             Ok(Some((_, total))) => {
                 let frame = buf[*start..*start + total].to_vec();
                 *start += total;

@@ -70,7 +70,8 @@
 //!                        connection to another member: the receiver takes
 //!                        the connection as a member's (counted apart from
 //!                        clients, and admitted past --max-connections into
-//!                        a reserve, where it must be the first frame). A
+//!                        a reserve, where it must be the first frame; with
+//!                        a cluster secret, only once the AUTH proved it). A
 //!                        GET, PUT or DELETE on such a connection is a
 //!                        member's relay: for a key the receiver does not
 //!                        replicate it gets RingMismatch, not relayed again
@@ -283,7 +284,9 @@ pub enum ErrorCode {
     /// files do). It is not relayed again.
     RingMismatch,
     /// A replica message on a connection that has not proved it holds the
-    /// cluster secret (AUTH), or an AUTH whose proof is wrong.
+    /// cluster secret (AUTH); or an AUTH whose proof is wrong, that answers
+    /// no challenge of its connection (none asked, or a second AUTH), or
+    /// sent to a node with no secret (those close the connection).
     Unauthenticated,
     /// A code from a newer protocol version.
     Other(u16),
