@@ -1698,14 +1698,16 @@ fn a_connection_in_the_reserve_that_floods_hellos_is_closed() {
         Request::Hello { member: b"n1" }.encode(&mut hellos, id + 1, ANY_SHARD, 0);
     }
     let started = Instant::now();
+    let mut sent = 0;
     while started.elapsed() < Duration::from_millis(900) {
         match s.write(&hellos) {
-            Ok(_) => {}
+            Ok(n) => sent += n,
             // Full (the node stopped reading), or closed: either way it
             // holds nothing more.
             Err(_) => break,
         }
     }
+    assert!(sent > 0, "the first HELLOs were taken");
     eventually("the reserve's connection closed", Duration::from_secs(5), || {
         let stats: serde_json::Value = serde_json::from_str(&held.stats(0).unwrap()).unwrap();
         match stats["node"]["provisional_connections"].as_u64() {
