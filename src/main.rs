@@ -525,6 +525,11 @@ struct DevArgs {
     /// [default: DEV_STOP_GRACE, 15]. Hidden: the tests shorten it.
     #[arg(long, hide = true, value_name = "SECONDS", value_parser = parse_timeout)]
     stop_grace: Option<Duration>,
+    /// Run the nodes without the cluster secret (`DIR/cluster.secret`):
+    /// contexts unsigned, replica messages taken from anyone. For
+    /// measuring what the secret costs; not for a cluster others can reach.
+    #[arg(long)]
+    no_secret: bool,
 }
 
 fn node(args: NodeArgs) -> anyhow::Result<()> {
@@ -683,7 +688,9 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     // Members prove this secret to each other and sign their contexts.
     let secret = args.data_dir.join(DEV_SECRET);
-    ensure_dev_secret(&secret)?;
+    if !args.no_secret {
+        ensure_dev_secret(&secret)?;
+    }
     let cores = gyre::node::allowed_cpus().len();
     let default_shards = (cores / file.nodes.len()).max(1);
     // The nodes share the machine's memory as they share its cores: each
@@ -718,9 +725,10 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
             .args(["--name", &node.name, "--data-dir"])
             .arg(&data)
             .args(["--fsync", &args.fsync.to_string(), "--no-pin"])
-            .arg("--cluster-secret-file")
-            .arg(&secret)
             .stdout(std::process::Stdio::piped());
+        if !args.no_secret {
+            command.arg("--cluster-secret-file").arg(&secret);
+        }
         // A node's directory keeps the shard count it was made with: a
         // restart passes one only if asked (a different one is refused).
         let made = data.join(gyre::node::config::NODE_FILE).exists();

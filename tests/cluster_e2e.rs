@@ -916,9 +916,23 @@ fn gyre_dev_reuses_a_cluster_of_any_size_without_nodes_given() {
     let (dir, port, mut dev, _) = Dev::on_free_port(3, &["--shards", "1", "--nodes", "2"]);
     assert_eq!(dev.nodes.len(), 2);
     assert!(dev.stop().0.success());
-    let (mut again, _) = Dev::start_in(dir.path(), &port, &[]).expect("reused as it is");
+    let secret = std::fs::read(dir.path().join("data/cluster.secret")).unwrap();
+    // Restarted, it keeps its secret; with --no-secret (for measuring what
+    // the secret costs), the nodes run without it.
+    let (mut again, ready) = Dev::start_in(dir.path(), &port, &["--no-secret"]).expect("reused as it is");
     assert_eq!(again.nodes.len(), 2, "the cluster's own two nodes");
+    let addr = ready["gyre dev ready:".len()..].split_whitespace().next().unwrap().to_string();
+    let (ok, out, err) = cli(&["put", "k", "v", "--node", &addr, "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"context\":\"03"), "unsigned: {out}");
     assert!(again.stop().0.success());
+    let (mut again, ready) = Dev::start_in(dir.path(), &port, &[]).expect("reused as it is");
+    let addr = ready["gyre dev ready:".len()..].split_whitespace().next().unwrap().to_string();
+    let (ok, out, err) = cli(&["put", "k", "v", "--node", &addr, "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"context\":\"04"), "signed: {out}");
+    assert!(again.stop().0.success());
+    assert_eq!(std::fs::read(dir.path().join("data/cluster.secret")).unwrap(), secret, "the same secret");
     let err = Dev::refused(dir.path(), &port, &["--nodes", "3"]);
     assert!(err.contains("2-node cluster, not 3"), "{err}");
 }
