@@ -1420,11 +1420,17 @@ fn a_member_that_does_not_answer_ring_still_serves_the_first_request() {
     });
 }
 
-/// The args that give every member of a test cluster the secret in `file`.
-fn secret_spec(file: &std::path::Path, spec: ClusterSpec) -> ClusterSpec {
+/// A test cluster of `spec` whose members share a secret: the directory
+/// that holds the secret's file (kept while the test runs), the file, and
+/// the cluster.
+fn secret_cluster(spec: ClusterSpec) -> (tempfile::TempDir, std::path::PathBuf, Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the test cluster's shared secret");
     let mut args = spec.args.clone();
-    args.extend(["--cluster-secret-file".to_string(), file.display().to_string()]);
-    ClusterSpec { args, ..spec }
+    args.extend(["--cluster-secret-file".to_string(), secret.display().to_string()]);
+    let cluster = Cluster::start(ClusterSpec { args, ..spec });
+    (dir, secret, cluster)
 }
 
 /// With a cluster secret, members prove it to each other at connect and
@@ -1435,10 +1441,7 @@ fn secret_spec(file: &std::path::Path, spec: ClusterSpec) -> ClusterSpec {
 /// secret, the last two were the hole: a client could forge either.
 #[test]
 fn a_cluster_with_a_secret_replicates_and_refuses_what_it_did_not_sign() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
-    let cluster = Cluster::start(secret_spec(&secret, ClusterSpec { w: 3, ..Default::default() }));
+    let (_dir, _, cluster) = secret_cluster(ClusterSpec { w: 3, ..Default::default() });
     let mut c = cluster.client("n1", Routing::Server);
     assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
     let read = get(&mut c, "k");
@@ -1483,10 +1486,7 @@ fn a_cluster_with_a_secret_replicates_and_refuses_what_it_did_not_sign() {
 /// log why.
 #[test]
 fn a_member_with_another_secret_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
-    let mut cluster = Cluster::start(secret_spec(&secret, stoppable()));
+    let (_dir, secret, mut cluster) = secret_cluster(stoppable());
     cluster.stop("n3");
     common::write_secret(&secret, "another cluster's shared secret");
     cluster.restart("n3");
@@ -1519,10 +1519,7 @@ fn forged_set() -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn a_member_without_a_challenge_is_not_trusted() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
-    let mut cluster = Cluster::start(secret_spec(&secret, ClusterSpec::default()));
+    let (_dir, _, mut cluster) = secret_cluster(ClusterSpec::default());
     let mut c = cluster.client("n1", Routing::Server);
     assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
     cluster.kill9("n3");
@@ -1571,10 +1568,7 @@ fn a_proof_relayed_by_an_impostor_is_refused() {
     use gyre::wire::Response;
     use std::io::Write;
     use std::sync::{Arc, Mutex};
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
-    let mut cluster = Cluster::start(secret_spec(&secret, ClusterSpec::default()));
+    let (_dir, _, mut cluster) = secret_cluster(ClusterSpec::default());
     cluster.kill9("n3");
     let addr = cluster.member("n3").addr;
     let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
@@ -1644,11 +1638,8 @@ fn a_proof_relayed_by_an_impostor_is_refused() {
 fn a_hello_without_its_auth_is_no_member() {
     use gyre::wire::Response;
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
     let spec = ClusterSpec { args: vec!["--max-connections".into(), "1".into()], ..Default::default() };
-    let cluster = Cluster::start(secret_spec(&secret, spec));
+    let (_dir, _, cluster) = secret_cluster(spec);
     let call = |s: &mut std::net::TcpStream, req: Request<'_>, id: u64| {
         let mut f = Vec::new();
         req.encode(&mut f, id, ANY_SHARD, 0);
@@ -1698,11 +1689,8 @@ fn a_hello_without_its_auth_is_no_member() {
 #[test]
 fn a_connection_in_the_reserve_that_floods_hellos_is_closed() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    common::write_secret(&secret, "the test cluster's shared secret");
     let spec = ClusterSpec { args: vec!["--max-connections".into(), "1".into()], ..Default::default() };
-    let cluster = Cluster::start(secret_spec(&secret, spec));
+    let (_dir, _, cluster) = secret_cluster(spec);
     let mut held = Client::connect(&cluster.addr("n2")).unwrap();
     held.ping().unwrap();
     let mut s = std::net::TcpStream::connect(cluster.addr("n2")).unwrap();
