@@ -39,9 +39,25 @@ const SECRET_CONTEXT: &str = "gyre 2026-12-07 cluster secret";
 const CONTEXT_KEY_CONTEXT: &str = "gyre 2026-12-07 context MAC";
 const PEER_KEY_CONTEXT: &str = "gyre 2026-12-07 member proof";
 
-/// The keys a node derives from its cluster secret.
+/// The keys a node derives from its cluster secret, and from the secrets
+/// it also accepts while the cluster moves to a new one.
 #[derive(Clone)]
 pub struct ClusterKeys {
+    /// The keys of each secret: the first signs contexts and proves this
+    /// node to others; every one of them is accepted in a context or a
+    /// proof (rotation: ARCHITECTURE.md, "Cluster secret").
+    sets: Vec<Keys>,
+    /// Whether what proves nothing is taken as well: an unsigned context,
+    /// a replica message on a connection without a proof, a member that
+    /// sends no challenge. Only while a cluster turns its secret on or
+    /// off, member by member (a signed context with a wrong MAC, and a
+    /// wrong proof, are still refused).
+    accept_unauthenticated: bool,
+}
+
+/// The keys of one secret.
+#[derive(Clone)]
+struct Keys {
     /// Signs and checks contexts.
     context: [u8; 32],
     /// Makes and checks members' proofs at connect.
@@ -58,10 +74,43 @@ impl ClusterKeys {
     /// The keys of `secret` (the file's bytes, trailing whitespace cut).
     pub fn from_secret(secret: &[u8]) -> ClusterKeys {
         let root = blake3::derive_key(SECRET_CONTEXT, secret);
-        ClusterKeys {
+        let keys = Keys {
             context: blake3::derive_key(CONTEXT_KEY_CONTEXT, &root),
             peer: blake3::derive_key(PEER_KEY_CONTEXT, &root),
+        };
+        ClusterKeys { sets: vec![keys], accept_unauthenticated: false }
+    }
+
+    /// These keys, accepting `other`'s as well (signing and proving with
+    /// these).
+    pub fn accepting(mut self, other: ClusterKeys) -> ClusterKeys {
+        self.sets.extend(other.sets);
+        self
+    }
+
+    /// These keys, taking what proves nothing as well while `accept`
+    /// ([`Self::accepts_unauthenticated`]).
+    pub fn with_unauthenticated(mut self, accept: bool) -> ClusterKeys {
+        self.accept_unauthenticated = accept;
+        self
+    }
+
+    /// Whether an unsigned context, a replica message on a connection that
+    /// proved nothing, and a member that sends no challenge are taken (a
+    /// cluster turning its secret on or off, member by member).
+    pub fn accepts_unauthenticated(&self) -> bool {
+        self.accept_unauthenticated
+    }
+
+    /// The keys of the secret file `current` (it signs and proves), also
+    /// accepting those of the files `accepted` (ARCHITECTURE.md, "Cluster
+    /// secret": rotation).
+    pub fn load_all(current: &Path, accepted: &[std::path::PathBuf]) -> anyhow::Result<ClusterKeys> {
+        let mut keys = ClusterKeys::load(current)?;
+        for path in accepted {
+            keys = keys.accepting(ClusterKeys::load(path)?);
         }
+        Ok(keys)
     }
 
     /// Reads a secret file: its bytes up to trailing whitespace (a newline
@@ -95,6 +144,13 @@ impl ClusterKeys {
         Ok(ClusterKeys::from_secret(secret))
     }
 
+    /// The keys this node signs and proves with.
+    fn current(&self) -> &Keys {
+        &self.sets[0]
+    }
+}
+
+impl Keys {
     /// The MAC of the context bytes `covered` handed out for `key`.
     fn context_mac(&self, key: &[u8], covered: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.context);
@@ -106,33 +162,14 @@ impl ClusterKeys {
         h.finalize()
     }
 
-    /// Signs the bound context of `key` that starts at `out[start]`, the
-    /// last thing in `out` (format 4).
-    pub fn sign(&self, out: &mut Vec<u8>, start: usize, key: &[u8]) {
-        sign_context(out, start, |covered| {
-            let mac = self.context_mac(key, covered);
-            mac.as_bytes()[..CONTEXT_MAC_LEN].try_into().expect("a blake3 hash is 32 bytes")
-        });
-    }
-
-    /// Checks that `ctx`, decoded from `bytes`, is a context this cluster
-    /// signed for `key`. A context with an empty clock needs no signature:
-    /// it claims to have seen nothing, which any client may.
-    pub fn check(&self, key: &[u8], bytes: &[u8], ctx: &DecodedContext) -> Result<(), VersionError> {
-        if ctx.clock.is_empty() {
-            return Ok(());
-        }
-        let Some((mac, covered)) = ctx.mac else { return Err(VersionError::Unsigned) };
-        let want = self.context_mac(key, &bytes[..covered]);
-        // Constant-time: compare as hashes, padding the stored half with
-        // the computed hash's other half.
+    /// Whether `mac` is the MAC of `covered` for `key` (constant time:
+    /// compared as hashes, the stored half padded with the computed hash's
+    /// other half).
+    fn context_mac_matches(&self, key: &[u8], covered: &[u8], mac: &[u8; CONTEXT_MAC_LEN]) -> bool {
+        let want = self.context_mac(key, covered);
         let mut full = *want.as_bytes();
-        full[..CONTEXT_MAC_LEN].copy_from_slice(&mac);
-        if blake3::Hash::from(full) == want {
-            Ok(())
-        } else {
-            Err(VersionError::BadSignature)
-        }
+        full[..CONTEXT_MAC_LEN].copy_from_slice(mac);
+        blake3::Hash::from(full) == want
     }
 
     /// The proof that `side` of a connection holds the secret: the member
@@ -145,7 +182,7 @@ impl ClusterKeys {
     /// the dialer's proof there (found by a review, when the proof named
     /// only the dialer), nor reflect a proof back, and a dialer learns that
     /// whoever answered holds the secret.
-    pub fn proof(&self, side: Side, exchange: &Exchange<'_>) -> [u8; PROOF_LEN] {
+    fn proof(&self, side: Side, exchange: &Exchange<'_>) -> [u8; PROOF_LEN] {
         let mut h = blake3::Hasher::new_keyed(&self.peer);
         h.update(match side {
             Side::Dialer => b"dialer",
@@ -159,10 +196,55 @@ impl ClusterKeys {
         }
         *h.finalize().as_bytes()
     }
+}
 
-    /// Whether `proof` is [`Self::proof`] of `side` for `exchange`.
+impl ClusterKeys {
+    /// Signs the bound context of `key` that starts at `out[start]`, the
+    /// last thing in `out` (format 4), with the current secret.
+    pub fn sign(&self, out: &mut Vec<u8>, start: usize, key: &[u8]) {
+        sign_context(out, start, |covered| {
+            let mac = self.current().context_mac(key, covered);
+            mac.as_bytes()[..CONTEXT_MAC_LEN].try_into().expect("a blake3 hash is 32 bytes")
+        });
+    }
+
+    /// Checks that `ctx`, decoded from `bytes`, is a context this cluster
+    /// signed for `key` (with any secret it accepts). A context with an
+    /// empty clock needs no signature: it claims to have seen nothing,
+    /// which any client may; an unsigned one is taken only while
+    /// [`Self::accepts_unauthenticated`].
+    pub fn check(&self, key: &[u8], bytes: &[u8], ctx: &DecodedContext) -> Result<(), VersionError> {
+        if ctx.clock.is_empty() {
+            return Ok(());
+        }
+        let Some((mac, covered)) = ctx.mac else {
+            return if self.accept_unauthenticated { Ok(()) } else { Err(VersionError::Unsigned) };
+        };
+        match self.sets.iter().any(|k| k.context_mac_matches(key, &bytes[..covered], &mac)) {
+            true => Ok(()),
+            false => Err(VersionError::BadSignature),
+        }
+    }
+
+    /// The proof of `side` for `exchange` (see `Keys::proof`), with the
+    /// current secret: what a dialer sends in its AUTH.
+    pub fn proof(&self, side: Side, exchange: &Exchange<'_>) -> [u8; PROOF_LEN] {
+        self.current().proof(side, exchange)
+    }
+
+    /// Whether `proof` is the proof of `side` for `exchange` with any
+    /// secret this node accepts.
     pub fn check_proof(&self, side: Side, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> bool {
-        proofs_match(&self.proof(side, exchange), proof)
+        self.sets.iter().fold(false, |ok, k| ok | proofs_match(&k.proof(side, exchange), proof))
+    }
+
+    /// A responder's answer to a dialer's `proof` for `exchange`: if the
+    /// proof is good with any secret this node accepts, the responder's
+    /// proof with that same secret (which the dialer holds, whichever of
+    /// the two is current there).
+    pub fn answer(&self, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> Option<[u8; PROOF_LEN]> {
+        let k = self.sets.iter().find(|k| proofs_match(&k.proof(Side::Dialer, exchange), proof))?;
+        Some(k.proof(Side::Responder, exchange))
     }
 }
 
@@ -308,8 +390,55 @@ mod tests {
         assert!(!other(Exchange { dialer: b"n1n", responder: b"2", ..ex }));
         assert!(!keys(b"another cluster's secret").check_proof(Side::Dialer, &ex, &p));
         // The two keys differ: a context MAC is no proof.
-        assert_ne!(k.context, k.peer);
+        assert_ne!(k.current().context, k.current().peer);
         assert_ne!(challenge().unwrap(), challenge().unwrap());
+    }
+
+    /// A cluster moves from secret OLD to NEW member by member: first every
+    /// member accepts NEW (signing with OLD), then every member signs with
+    /// NEW (accepting OLD), then drops OLD. At each step any two members,
+    /// each in either of the two states the step spans, take each other's
+    /// contexts and proofs, and a member's answer to a proof is one the
+    /// dialer can check.
+    #[test]
+    fn a_secret_is_rotated_member_by_member() {
+        let (old, new) = (b"the old cluster secret", b"the new cluster secret");
+        let only_old = || keys(old);
+        let old_accepting_new = || keys(old).accepting(keys(new));
+        let new_accepting_old = || keys(new).accepting(keys(old));
+        let only_new = || keys(new);
+        let steps = [
+            (only_old(), old_accepting_new()),
+            (old_accepting_new(), new_accepting_old()),
+            (new_accepting_old(), only_new()),
+        ];
+        let (c, n) = ([1; CHALLENGE_LEN], [2; CHALLENGE_LEN]);
+        let ex = Exchange { challenge: &c, nonce: &n, dialer: b"n1", responder: b"n2" };
+        for (i, (a, b)) in steps.iter().enumerate() {
+            for (x, y) in [(a, b), (b, a)] {
+                assert_eq!(check(y, b"k", &signed(x, b"k", &clock())), Ok(()), "step {i}: a context");
+                let answer = y.answer(&ex, &x.proof(Side::Dialer, &ex));
+                let answer = answer.unwrap_or_else(|| panic!("step {i}: the dialer's proof is refused"));
+                assert!(x.check_proof(Side::Responder, &ex, &answer), "step {i}: the answer is refused");
+            }
+        }
+        // Across two steps, they do not: OLD alone and NEW alone.
+        assert_eq!(check(&only_new(), b"k", &signed(&only_old(), b"k", &clock())), Err(VersionError::BadSignature));
+        assert_eq!(only_new().answer(&ex, &only_old().proof(Side::Dialer, &ex)), None);
+    }
+
+    /// While a cluster turns its secret on, a member takes unsigned
+    /// contexts too, but never a signed one whose MAC is wrong.
+    #[test]
+    fn accepting_the_unauthenticated_takes_unsigned_contexts_only() {
+        let lenient = keys(b"a cluster secret of some length").with_unauthenticated(true);
+        let mut bound = Vec::new();
+        encode_context_into(&mut bound, &clock(), b"k", None);
+        assert_eq!(check(&lenient, b"k", &bound), Ok(()));
+        assert_eq!(check(&lenient, b"k", &clock().to_bytes()), Ok(()), "format 1");
+        let forged = signed(&keys(b"another cluster's secret"), b"k", &clock());
+        assert_eq!(check(&lenient, b"k", &forged), Err(VersionError::BadSignature));
+        assert_eq!(check(&lenient.with_unauthenticated(false), b"k", &bound), Err(VersionError::Unsigned));
     }
 
     #[test]
@@ -318,7 +447,7 @@ mod tests {
         let path = dir.path().join("secret");
         std::fs::write(&path, "0123456789abcdef\n").unwrap();
         let with_newline = ClusterKeys::load(&path).unwrap();
-        assert_eq!(with_newline.context, keys(b"0123456789abcdef").context, "the trailing newline is cut");
+        assert_eq!(with_newline.current().context, keys(b"0123456789abcdef").current().context, "the newline is cut");
         std::fs::write(&path, "short\n").unwrap();
         let e = ClusterKeys::load(&path).unwrap_err().to_string();
         assert!(e.contains("fewer than 16"), "{e}");

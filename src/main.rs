@@ -490,6 +490,14 @@ struct NodeArgs {
     /// members that prove they hold it.
     #[arg(long)]
     cluster_secret_file: Option<PathBuf>,
+    /// Another secret file whose contexts and proofs are accepted too
+    /// (repeat for more): moving a cluster to a new secret member by member.
+    #[arg(long, value_name = "FILE")]
+    accept_cluster_secret_file: Vec<PathBuf>,
+    /// With a secret, also take unsigned contexts and members that prove
+    /// nothing: only while turning a cluster's secret on, member by member.
+    #[arg(long)]
+    accept_unauthenticated: bool,
 }
 
 #[derive(clap::Args)]
@@ -553,6 +561,8 @@ fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.cluster = args.cluster.or(config.cluster);
     config.name = args.name.or(config.name);
     config.cluster_secret_file = args.cluster_secret_file.or(config.cluster_secret_file);
+    config.accept_cluster_secret_files.extend(args.accept_cluster_secret_file);
+    config.accept_unauthenticated |= args.accept_unauthenticated;
     let shutdown = shutdown_flag()?;
     let data_dir = config.data_dir.clone();
     gyre::node::run(config, shutdown, |started| {

@@ -1718,3 +1718,93 @@ fn a_connection_in_the_reserve_that_floods_hellos_is_closed() {
         }
     });
 }
+
+/// A W = 3 write through n1, retried until every member takes it (a
+/// member just restarted is redialed after `RETRY_AFTER`).
+fn write_to_all(cluster: &Cluster, key: &str) {
+    let mut raw = connect_raw(cluster, "n1");
+    let put_all = Request::Put { key: key.as_bytes(), context: &[], value: b"v" };
+    eventually(&format!("a W = 3 write of {key}"), Duration::from_secs(10), || {
+        match raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }) {
+            Ok(Reply::Put(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
+
+/// Restarts every member in turn with `args`, a W = 3 write after each
+/// restart showing that members in the old and the new state took each
+/// other's proofs.
+fn restart_each_with(cluster: &mut Cluster, args: Vec<String>, step: &str) {
+    cluster.spec.args = args;
+    for name in cluster.names() {
+        cluster.stop(&name);
+        cluster.restart(&name);
+        write_to_all(cluster, &format!("{step}-{name}"));
+    }
+}
+
+/// A cluster moves from one secret to another without stopping, a member
+/// at a time: every member accepts the new secret, then signs and proves
+/// with it (accepting the old), then drops the old. Writes that need every
+/// member succeed after each restart. A context signed with the old secret
+/// is taken until the last step and refused after it.
+#[test]
+fn a_cluster_moves_to_a_new_secret_member_by_member() {
+    let (dir, old, mut cluster) = secret_cluster(stoppable());
+    let new = dir.path().join("new");
+    common::write_secret(&new, "the cluster's next secret");
+    let (old, new) = (old.display().to_string(), new.display().to_string());
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
+    let old_context = get(&mut c, "k").context;
+    let secret = |current: &str, accepted: Option<&str>| {
+        let mut args = vec!["--cluster-secret-file".to_string(), current.to_string()];
+        args.extend(
+            accepted.map(|a| ["--accept-cluster-secret-file".to_string(), a.to_string()]).into_iter().flatten(),
+        );
+        args
+    };
+    restart_each_with(&mut cluster, secret(&old, Some(&new)), "accept-new");
+    restart_each_with(&mut cluster, secret(&new, Some(&old)), "sign-new");
+    let mut c = cluster.client("n1", Routing::Server);
+    let w = c.put(b"k", b"v2", &old_context).expect("an old context, taken while the old secret is");
+    assert_eq!(w.siblings, 1);
+    let old_context_again = old_context.clone();
+    restart_each_with(&mut cluster, secret(&new, None), "drop-old");
+    let mut c = cluster.client("n1", Routing::Server);
+    let e = expect_code(c.put(b"k", b"v3", &old_context_again), ErrorCode::InvalidContext, "an old context");
+    assert!(e.contains("signature does not match"), "{e}");
+    let read = get(&mut c, "k");
+    assert_eq!(put(&mut c, "k", "v3", &read.context), 1, "a fresh read's context is taken");
+    assert_eq!(cluster.stats("n2")["node"]["auth_failures"], 0);
+}
+
+/// A cluster without a secret turns one on without stopping: every
+/// member restarts with the secret and `--accept-unauthenticated` (members
+/// with and without it take each other), then without the latter. Writes
+/// that need every member succeed after each restart, and at the end an
+/// unsigned context is refused.
+#[test]
+fn a_cluster_turns_its_secret_on_member_by_member() {
+    let mut cluster = Cluster::start(stoppable());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    common::write_secret(&secret, "the cluster's first secret");
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(put(&mut c, "k", "v1", NO_CONTEXT), 1);
+    let unsigned = get(&mut c, "k").context;
+    assert_eq!(unsigned.0[0], 3);
+    let with_secret = vec!["--cluster-secret-file".to_string(), secret.display().to_string()];
+    let lenient = [with_secret.clone(), vec!["--accept-unauthenticated".to_string()]].concat();
+    restart_each_with(&mut cluster, lenient, "lenient");
+    let mut c = cluster.client("n1", Routing::Server);
+    assert_eq!(c.put(b"k", b"v2", &unsigned).expect("unsigned, taken meanwhile").siblings, 1);
+    restart_each_with(&mut cluster, with_secret, "strict");
+    let mut c = cluster.client("n1", Routing::Server);
+    let e = expect_code(c.put(b"k", b"v3", &unsigned), ErrorCode::InvalidContext, "an unsigned context");
+    assert!(e.contains("not signed"), "{e}");
+    let mut raw = connect_raw(&cluster, "n2");
+    let req = Request::ReplicaPut { key: b"k", meta: &[], value: b"" };
+    assert_eq!(raw.call(&req, ANY_SHARD).expect_err("refused").code(), Some(ErrorCode::Unauthenticated));
+}

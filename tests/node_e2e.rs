@@ -128,6 +128,8 @@ fn a_node_with_a_secret_signs_its_contexts() {
     std::fs::remove_file(&secret).unwrap();
     let err = Node::try_start(&data, &args).err().expect("no secret file");
     assert!(err.contains("reading cluster secret"), "{err}");
+    let err = Node::try_start(&data, &["--shards", "1", "--accept-unauthenticated"]).err().expect("nothing to relax");
+    assert!(err.contains("need a cluster_secret_file"), "{err}");
 }
 
 /// Found by a review: under `fsync = always`, a GET pipelined behind a PUT

@@ -165,6 +165,15 @@ pub struct NodeConfig {
     /// None: contexts are not signed, and every connection's replica
     /// messages are taken (serve the port to trusted clients only).
     pub cluster_secret_file: Option<PathBuf>,
+    /// More secret files whose contexts and proofs are accepted too (the
+    /// one above signs and proves): moving a cluster to a new secret one
+    /// member at a time (ARCHITECTURE.md, "Cluster secret").
+    pub accept_cluster_secret_files: Vec<PathBuf>,
+    /// With a secret, also take what proves nothing: unsigned contexts,
+    /// replica messages from members that did not prove the secret, members
+    /// that send no challenge. Only while a cluster turns its secret on
+    /// (or off) one member at a time; as unsafe as no secret.
+    pub accept_unauthenticated: bool,
 }
 
 impl Default for NodeConfig {
@@ -187,6 +196,8 @@ impl Default for NodeConfig {
             accept_unbound_contexts: true,
             frame_timeout_ms: DEFAULT_FRAME_TIMEOUT_MS,
             cluster_secret_file: None,
+            accept_cluster_secret_files: Vec::new(),
+            accept_unauthenticated: false,
         }
     }
 }
@@ -1014,6 +1025,10 @@ mod tests {
         assert_eq!(NodeConfig::default().cluster_secret_file, None, "no secret by default");
         let c: NodeConfig = toml::from_str("cluster_secret_file = \"/etc/gyre/secret\"").unwrap();
         assert_eq!(c.cluster_secret_file, Some(PathBuf::from("/etc/gyre/secret")));
+        let c: NodeConfig =
+            toml::from_str("accept_cluster_secret_files = [\"a\", \"b\"]\naccept_unauthenticated = true").unwrap();
+        assert_eq!(c.accept_cluster_secret_files, vec![PathBuf::from("a"), PathBuf::from("b")]);
+        assert!(c.accept_unauthenticated && !NodeConfig::default().accept_unauthenticated);
         let c: NodeConfig =
             toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
         assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));

@@ -40,7 +40,6 @@ use futures_lite::future::poll_once;
 
 use super::front::Socket;
 use super::{bump, decode_error_frame, Answer, Shard};
-use crate::auth::Side;
 use crate::notify::Notify;
 use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
@@ -506,9 +505,14 @@ impl Standing {
         let shard = &self.shard;
         let Some(member) = shard.member_of(name) else { return shard.hello_reply(id, false, None) };
         self.named.set(true);
-        if shard.keys().is_none() {
+        let Some(keys) = shard.keys() else {
             self.named_member();
             return shard.hello_reply(id, true, None);
+        };
+        // While the cluster turns its secret on, a member without one never
+        // sends an AUTH: its HELLO is taken as before.
+        if keys.accepts_unauthenticated() {
+            self.named_member();
         }
         match crate::auth::challenge() {
             Ok(challenge) => {
@@ -538,7 +542,7 @@ impl Standing {
                     (Auth::Challenged { challenge, member }, Some(keys), Some(own)) => {
                         let dialer = shard.member_name(member).unwrap_or_default();
                         let ex = crate::auth::Exchange { challenge: &challenge, nonce, dialer, responder: own };
-                        keys.check_proof(Side::Dialer, &ex, proof).then(|| keys.proof(Side::Responder, &ex))
+                        keys.answer(&ex, proof)
                     }
                     _ => None,
                 };
@@ -565,7 +569,7 @@ impl Standing {
                 Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
             }
             Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
-                if shard.keys().is_some() && self.auth.get() != Auth::Proven =>
+                if shard.keys().is_some_and(|k| !k.accepts_unauthenticated()) && self.auth.get() != Auth::Proven =>
             {
                 // Warned once a shard; STATS counts them all.
                 let first = shard.counters.unauthenticated.get() == 0;

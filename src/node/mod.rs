@@ -649,11 +649,25 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
         }
     };
     let engine_config = config.shard_engine_config(shards, memory, disk.map(|d| d.total))?;
-    let keys = config.cluster_secret_file.as_deref().map(ClusterKeys::load).transpose()?;
+    let keys = match &config.cluster_secret_file {
+        Some(current) => Some(
+            ClusterKeys::load_all(current, &config.accept_cluster_secret_files)?
+                .with_unauthenticated(config.accept_unauthenticated),
+        ),
+        None if !config.accept_cluster_secret_files.is_empty() || config.accept_unauthenticated => anyhow::bail!(
+            "accept_cluster_secret_files and accept_unauthenticated need a cluster_secret_file (the secret that signs)"
+        ),
+        None => None,
+    };
     match (&keys, &cluster) {
-        (Some(_), _) => {
-            tracing::info!("cluster secret set: contexts are signed, and members prove the secret at connect")
-        }
+        (Some(k), _) if k.accepts_unauthenticated() => tracing::warn!(
+            "cluster secret set, and accept_unauthenticated: unsigned contexts and members that prove nothing are \
+             taken too, as without a secret (while the cluster turns its secret on or off)"
+        ),
+        (Some(_), _) => tracing::info!(
+            accepted = config.accept_cluster_secret_files.len(),
+            "cluster secret set: contexts are signed, and members prove the secret at connect"
+        ),
         (None, Some(_)) => tracing::warn!(
             "no cluster secret (cluster_secret_file): any client of this port can send replica messages and forge \
              contexts, which can drop acknowledged writes; serve it to trusted clients only"
