@@ -108,7 +108,7 @@ impl ClusterKeys {
     pub fn load_all(current: &Path, accepted: &[std::path::PathBuf]) -> anyhow::Result<ClusterKeys> {
         let mut keys = ClusterKeys::load(current)?;
         for path in accepted {
-            keys = keys.accepting(ClusterKeys::load(path)?);
+            keys = keys.accepting(ClusterKeys::load(path).context("an accepted secret (accept_cluster_secret_files)")?);
         }
         Ok(keys)
     }
@@ -232,10 +232,19 @@ impl ClusterKeys {
         self.current().proof(side, exchange)
     }
 
-    /// Whether `proof` is the proof of `side` for `exchange` with any
-    /// secret this node accepts.
-    pub fn check_proof(&self, side: Side, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> bool {
-        self.sets.iter().fold(false, |ok, k| ok | proofs_match(&k.proof(side, exchange), proof))
+    /// Whether `proof` is a responder's answer for `exchange` with the
+    /// current secret: the one the dialer proved with, and so the one a
+    /// responder that checked the proof answers with ([`Self::answer`]).
+    /// Not with an accepted one: a member rotating away from a leaked
+    /// secret would take an impostor holding only that (found by a
+    /// review).
+    pub fn check_answer(&self, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> bool {
+        proofs_match(&self.current().proof(Side::Responder, exchange), proof)
+    }
+
+    /// How many secrets this node accepts (the current one included).
+    pub fn secrets(&self) -> usize {
+        self.sets.len()
     }
 
     /// A responder's answer to a dialer's `proof` for `exchange`: if the
@@ -379,16 +388,18 @@ mod tests {
         let (c, n) = ([9; CHALLENGE_LEN], [8; CHALLENGE_LEN]);
         let ex = Exchange { challenge: &c, nonce: &n, dialer: b"n1", responder: b"n2" };
         let p = k.proof(Side::Dialer, &ex);
-        assert!(k.check_proof(Side::Dialer, &ex, &p));
-        assert!(!k.check_proof(Side::Responder, &ex, &p), "a dialer's proof is no answer (reflected)");
-        let other = |ex: Exchange<'_>| k.check_proof(Side::Dialer, &ex, &p);
+        let answer = k.answer(&ex, &p).expect("taken");
+        assert!(k.check_answer(&ex, &answer));
+        assert!(!k.check_answer(&ex, &p), "a dialer's proof is no answer (reflected)");
+        assert_eq!(k.answer(&ex, &answer), None, "an answer is no dialer's proof");
+        let other = |ex: Exchange<'_>| k.answer(&ex, &p).is_some();
         assert!(!other(Exchange { dialer: b"n3", ..ex }), "another dialer");
         assert!(!other(Exchange { responder: b"n3", ..ex }), "made for another member (relayed)");
         assert!(!other(Exchange { challenge: &n, ..ex }), "another challenge");
         assert!(!other(Exchange { nonce: &c, ..ex }), "another nonce");
         // The names are length-prefixed: no boundary can move.
         assert!(!other(Exchange { dialer: b"n1n", responder: b"2", ..ex }));
-        assert!(!keys(b"another cluster's secret").check_proof(Side::Dialer, &ex, &p));
+        assert_eq!(keys(b"another cluster's secret").answer(&ex, &p), None);
         // The two keys differ: a context MAC is no proof.
         assert_ne!(k.current().context, k.current().peer);
         assert_ne!(challenge().unwrap(), challenge().unwrap());
@@ -419,12 +430,16 @@ mod tests {
                 assert_eq!(check(y, b"k", &signed(x, b"k", &clock())), Ok(()), "step {i}: a context");
                 let answer = y.answer(&ex, &x.proof(Side::Dialer, &ex));
                 let answer = answer.unwrap_or_else(|| panic!("step {i}: the dialer's proof is refused"));
-                assert!(x.check_proof(Side::Responder, &ex, &answer), "step {i}: the answer is refused");
+                assert!(x.check_answer(&ex, &answer), "step {i}: the answer is refused");
             }
         }
         // Across two steps, they do not: OLD alone and NEW alone.
         assert_eq!(check(&only_new(), b"k", &signed(&only_old(), b"k", &clock())), Err(VersionError::BadSignature));
         assert_eq!(only_new().answer(&ex, &only_old().proof(Side::Dialer, &ex)), None);
+        // A dialer that signs with NEW and still accepts OLD takes no
+        // answer made with OLD: an impostor holding only the old (leaked)
+        // secret cannot answer it.
+        assert!(!new_accepting_old().check_answer(&ex, &only_old().proof(Side::Responder, &ex)));
     }
 
     /// While a cluster turns its secret on, a member takes unsigned

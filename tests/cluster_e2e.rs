@@ -1719,17 +1719,24 @@ fn a_connection_in_the_reserve_that_floods_hellos_is_closed() {
     });
 }
 
-/// A W = 3 write through n1, retried until every member takes it (a
-/// member just restarted is redialed after `RETRY_AFTER`).
+/// A W = 3 write coordinated by each member in turn (with N = 3 every
+/// member replicates every key, so the one a request reaches coordinates
+/// it), each retried until every member takes it (a member just restarted
+/// is redialed after `RETRY_AFTER`): every member dials every other, so
+/// members in two states meet both ways (found by a review: through n1
+/// alone, only n1 dialed).
 fn write_to_all(cluster: &Cluster, key: &str) {
-    let mut raw = connect_raw(cluster, "n1");
-    let put_all = Request::Put { key: key.as_bytes(), context: &[], value: b"v" };
-    eventually(&format!("a W = 3 write of {key}"), Duration::from_secs(10), || {
-        match raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }) {
-            Ok(Reply::Put(_)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
+    for via in cluster.names() {
+        let mut raw = connect_raw(cluster, &via);
+        let key = format!("{key}-via-{via}");
+        let put_all = Request::Put { key: key.as_bytes(), context: &[], value: b"v" };
+        eventually(&format!("a W = 3 write of {key}"), Duration::from_secs(10), || {
+            match raw.call_with(&put_all, ANY_SHARD, Quorum { r: 0, w: 3 }) {
+                Ok(Reply::Put(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
 }
 
 /// Restarts every member in turn with `args`, a W = 3 write after each
@@ -1766,6 +1773,7 @@ fn a_cluster_moves_to_a_new_secret_member_by_member() {
         args
     };
     restart_each_with(&mut cluster, secret(&old, Some(&new)), "accept-new");
+    assert_eq!(cluster.stats("n1")["cluster_secret"]["secrets"], 2, "n1 accepts two");
     restart_each_with(&mut cluster, secret(&new, Some(&old)), "sign-new");
     let mut c = cluster.client("n1", Routing::Server);
     let w = c.put(b"k", b"v2", &old_context).expect("an old context, taken while the old secret is");
@@ -1800,7 +1808,9 @@ fn a_cluster_turns_its_secret_on_member_by_member() {
     restart_each_with(&mut cluster, lenient, "lenient");
     let mut c = cluster.client("n1", Routing::Server);
     assert_eq!(c.put(b"k", b"v2", &unsigned).expect("unsigned, taken meanwhile").siblings, 1);
+    assert_eq!(cluster.stats("n2")["cluster_secret"]["accept_unauthenticated"], true);
     restart_each_with(&mut cluster, with_secret, "strict");
+    assert_eq!(cluster.stats("n2")["cluster_secret"]["accept_unauthenticated"], false);
     let mut c = cluster.client("n1", Routing::Server);
     let e = expect_code(c.put(b"k", b"v3", &unsigned), ErrorCode::InvalidContext, "an unsigned context");
     assert!(e.contains("not signed"), "{e}");

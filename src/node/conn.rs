@@ -415,7 +415,9 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
 /// not proof (member names are public): a client that claims one is still
 /// held to this, so no more than `max_connections` plus this many
 /// connections are open (and a client that claims every place locks the
-/// members out again); with one, only a proof takes a place. One admitted
+/// members out again); with one, only a proof takes a place (unless the
+/// node also has `accept_unauthenticated`, which takes a HELLO as without
+/// a secret). One admitted
 /// past the limit holds its read buffer ([`FIRST_READ`]) and at most a
 /// HELLO's bytes (and one reply) until it is a member's or
 /// [`PROVISIONAL_WAIT`] passes: while it is in the reserve it may send one
@@ -500,7 +502,8 @@ impl Standing {
     /// connection a member's. With one, the reply carries a challenge and
     /// only the AUTH that answers it does (a name is public; found by a
     /// review: a client naming a member held a place in the members'
-    /// reserve for good).
+    /// reserve for good), unless the node has `accept_unauthenticated`:
+    /// then the HELLO does, as without a secret.
     fn hello(&self, id: u64, name: &[u8]) -> Vec<u8> {
         let shard = &self.shard;
         let Some(member) = shard.member_of(name) else { return shard.hello_reply(id, false, None) };

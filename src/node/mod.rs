@@ -494,6 +494,10 @@ impl Shard {
             "shards": self.shards,
             "partitions": self.partitions,
             "node": &self.counters,
+            "cluster_secret": self.keys().map(|k| serde_json::json!({
+                "secrets": k.secrets(),
+                "accept_unauthenticated": k.accepts_unauthenticated(),
+            })),
             "cluster": self.cluster.as_ref().map(|c| serde_json::json!({
                 "member": c.info.ring.member(c.info.me).name,
                 "ring_version": c.info.ring.version(),

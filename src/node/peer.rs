@@ -39,10 +39,10 @@
 //! before any call's frame is written (the peer refuses replica messages
 //! until the AUTH is taken), within [`HANDSHAKE_TIMEOUT`]; the AUTH reply's
 //! own proof is checked too, so an impostor at a member's address is never
-//! sent a call. A peer that sends no challenge (no secret), refuses the
-//! proof, or fails its own, fails the connection's calls with the reason,
-//! and is not dialed again for [`RETRY_AFTER`], as a peer whose connection
-//! failed.
+//! sent a call. A peer that sends no challenge (no secret; taken only with
+//! `accept_unauthenticated`), refuses the proof, or fails its own, fails
+//! the connection's calls with the reason, and is not dialed again for
+//! [`RETRY_AFTER`], as a peer whose connection failed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -755,7 +755,7 @@ impl Peers {
         send_opening(sock, &out).await?;
         let frame = read_opening(sock, buf, start, end).await?;
         match opening_reply(&frame, AUTH_ID)? {
-            Response::Auth { proof } if keys.check_proof(Side::Responder, &ex, &proof) => Ok(()),
+            Response::Auth { proof } if keys.check_answer(&ex, &proof) => Ok(()),
             Response::Auth { .. } => Err(Shake::Failed(
                 "its answer to AUTH does not prove the cluster secret (is something else at its address?)".into(),
             )),

@@ -71,7 +71,8 @@
 //!                        the connection as a member's (counted apart from
 //!                        clients, and admitted past --max-connections into
 //!                        a reserve, where it must be the first frame; with
-//!                        a cluster secret, only once the AUTH proved it). A
+//!                        a cluster secret, only once the AUTH proved it,
+//!                        unless the node takes the unauthenticated too). A
 //!                        GET, PUT or DELETE on such a connection is a
 //!                        member's relay: for a key the receiver does not
 //!                        replicate it gets RingMismatch, not relayed again
@@ -87,7 +88,8 @@
 //!                        member's, and its replica messages are taken. A
 //!                        node with a cluster secret answers REPLICA_GET and
 //!                        REPLICA_PUT on a connection without one with
-//!                        Unauthenticated; a wrong proof gets
+//!                        Unauthenticated (unless it has
+//!                        accept_unauthenticated); a wrong proof gets
 //!                        Unauthenticated and the connection is closed
 //! 0x30 RING         req: (empty)
 //!                   rep: u8 n, u8 r, u8 w (the cluster's default quorum),
