@@ -459,6 +459,53 @@ fn held_gets_count_against_the_reply_byte_budget() {
     common::assert_few_ran_unread(run, n + 1, value.len());
 }
 
+/// A request's deadline counts from when it arrived, not from when the
+/// node starts it. Pipelined GETs with a 300 ms budget, from a client that
+/// reads none of the replies: the node stops starting them once a few MiB
+/// of replies wait. 600 ms later the client reads. The GETs that waited in
+/// the node's buffer all that time get DeadlineExceeded instead of running
+/// for a client that gave up on them (before, their budget began only
+/// when they started, and all of them ran).
+#[test]
+fn requests_that_waited_past_their_deadline_behind_unread_replies_are_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let mut c = Client::connect(node.addr()).unwrap();
+    let value = vec![7u8; 256 * 1024];
+    c.put(b"big", &value, &Context::default()).unwrap();
+    let mut started = common::Started::new(&mut c);
+    // 100 GETs of 29 bytes: all in the node's first read of 4 KiB.
+    let n = 100u64;
+    let mut frames = Vec::new();
+    for id in 0..n {
+        Request::Get { key: b"big" }.encode(&mut frames, id, ANY_SHARD, 300_000);
+    }
+    assert!(frames.len() < 4096);
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.write_all(&frames).unwrap();
+    let run = started.until_held(&mut c, n);
+    assert!(run < n, "the node stops starting GETs for a client that does not read ({run} of {n})");
+    std::thread::sleep(Duration::from_millis(600));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut values, mut late) = (0, 0);
+    for _ in 0..n {
+        let (h, body) = common::read_frame(&mut s).unwrap();
+        match Response::decode(h.opcode, &body).unwrap() {
+            Response::Get { values: v, .. } => {
+                assert_eq!(v, vec![value.as_slice()]);
+                values += 1;
+            }
+            Response::Error { code: ErrorCode::DeadlineExceeded, .. } => late += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("{values} answered, {late} past their deadline, {run} started before the client read");
+    assert_eq!((values, late), (run, n - run), "every GET that waited past its budget is refused, no other");
+    let (_, stats) = started.now(&mut c, 0);
+    assert_eq!(stats["deadline_exceeded"], n - run);
+    assert!(node.terminate().success());
+}
+
 /// Found by a review: a client that sent part of a frame and then nothing
 /// held what it sent for as long as it kept the connection (TCP keepalive
 /// closes a dead client, not a live one that stalls). After

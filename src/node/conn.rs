@@ -678,6 +678,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     // The connection closes for a frame left unfinished
     // (`frame_timeout_ms`).
     let mut stalled = false;
+    // When the last read ended: the frames it completed arrived then, and
+    // their deadlines count from it. Whether the reader has waited since
+    // (its client not reading its replies, `room_for_one`): only then can
+    // a frame's deadline have passed before it starts, so only then is
+    // the clock read for each frame.
+    let mut read_at = std::time::Instant::now();
+    let mut waited = false;
     'read: loop {
         // Frame and start every whole request in the buffer, then send the
         // replies that are ready.
@@ -730,8 +737,18 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
+                    waited |= out.full();
                     if !out.room_for_one(&sock, &shard).await {
                         break 'read;
+                    }
+                    if waited && header.deadline().is_some_and(|budget| read_at.elapsed() > budget) {
+                        // Its deadline was counted from here before (on a
+                        // review's list): a request that waited behind
+                        // unread replies still ran, for a client that had
+                        // given up on it.
+                        out.reply(&shard.deadline_exceeded(header.request_id));
+                        start += total;
+                        continue;
                     }
                     if let Some(name) = hello {
                         out.reply(&standing.hello(header.request_id, name));
@@ -795,7 +812,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     let frame = buf[start..start + total].to_vec();
                     start += total;
                     out.start();
-                    let mut fut = Box::pin(shard.clone().dispatch(header, frame, owner));
+                    let mut fut = Box::pin(shard.clone().dispatch(header, frame, owner, read_at));
                     // Most requests complete without waiting (cache hits,
                     // buffered writes): answer those without a task.
                     match poll_once(&mut fut).await {
@@ -862,6 +879,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             Woke::Read(Ok(0)) | Woke::Stop => break,
             Woke::Read(Ok(n)) => {
                 end += n;
+                (read_at, waited) = (std::time::Instant::now(), false);
                 if sock.in_busy_round() {
                     prefetch(&shard, &buf[start..end]).await;
                 }

@@ -270,11 +270,19 @@ impl Shard {
         out
     }
 
-    /// Runs one validated request (`frame` = header + body) here or on
-    /// its `owner` shard and returns the encoded reply frame.
-    async fn dispatch(self: Rc<Self>, header: Header, frame: Vec<u8>, owner: usize) -> Vec<u8> {
-        let deadline =
-            (header.deadline_us > 0).then(|| Instant::now() + Duration::from_micros(header.deadline_us as u64));
+    /// The reply to request `id`, whose deadline passed before it ran.
+    fn deadline_exceeded(&self, id: u64) -> Vec<u8> {
+        bump(&self.counters.deadline_exceeded, 1);
+        self.error_frame(id, ErrorCode::DeadlineExceeded, "the request's deadline passed before it ran")
+    }
+
+    /// Runs one validated request (`frame` = header + body), which
+    /// `arrived` (its last byte read), here or on its `owner` shard and
+    /// returns the encoded reply frame. Its deadline counts from its
+    /// arrival, not from now: a request that waited in the connection's
+    /// buffer behind replies its client did not read has used that time.
+    async fn dispatch(self: Rc<Self>, header: Header, frame: Vec<u8>, owner: usize, arrived: Instant) -> Vec<u8> {
+        let deadline = header.deadline().map(|budget| arrived + budget);
         if owner == self.id {
             return self.execute(header, &frame, deadline).await;
         }
@@ -305,8 +313,7 @@ impl Shard {
         let id = header.request_id;
         bump(&self.counters.requests, 1);
         if deadline.is_some_and(|d| Instant::now() > d) {
-            bump(&self.counters.deadline_exceeded, 1);
-            return self.error_frame(id, ErrorCode::DeadlineExceeded, "the request's deadline passed before it ran");
+            return self.deadline_exceeded(id);
         }
         let (req, quorum) = match Request::decode_with(&header, &frame[HEADER_LEN..]) {
             Ok(r) => r,

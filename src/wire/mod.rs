@@ -506,6 +506,13 @@ pub fn set_deadline_us(frame: &mut [u8], deadline_us: u32) {
     }
 }
 
+impl Header {
+    /// The time the sender gives the request (`deadline_us`), if any.
+    pub fn deadline(&self) -> Option<std::time::Duration> {
+        (self.deadline_us > 0).then(|| std::time::Duration::from_micros(self.deadline_us as u64))
+    }
+}
+
 /// Header fields that differ per frame.
 struct HeaderFields {
     opcode: u8,
