@@ -1,10 +1,14 @@
 //! The wire decoder on arbitrary and mutated input (the same checks as the
-//! `fuzz/` target, run in CI with proptest): it never panics; a request
+//! `fuzz/` targets, run in CI with proptest): it never panics; a request
 //! that decodes re-encodes to the same bytes, a reply to the same length.
+//! And the context decoder a write's context goes through, with the
+//! cluster secret's check after it.
 
+use gyre::auth::ClusterKeys;
+use gyre::core::version::{check_context_decoder, decode_context, encode_context, Clock};
 use gyre::wire::{check_decoder, op, Request, Response, ANY_SHARD, REPLY_BIT};
 
-const KNOWN_OPCODES: [u8; 10] = [
+const KNOWN_OPCODES: [u8; 11] = [
     op::PING,
     op::STATS,
     op::GET,
@@ -13,10 +17,37 @@ const KNOWN_OPCODES: [u8; 10] = [
     op::REPLICA_GET,
     op::REPLICA_PUT,
     op::HELLO,
+    op::AUTH,
     op::RING,
     op::ERROR,
 ];
 use proptest::prelude::*;
+
+/// A context of every format: 1 (a bare clock), 2 (hinted), 3 (bound)
+/// and 4 (signed).
+fn valid_contexts() -> Vec<Vec<u8>> {
+    let clock = Clock::decode(&[0x01, 0x02, 1, 0, 0, 0, 0, 0, 0, 0, 5, 9, 0, 0, 0, 0, 0, 0, 0, 0xac, 0x02]).unwrap();
+    let bound = encode_context(&clock, b"key", Some(2));
+    let mut signed = bound.clone();
+    ClusterKeys::from_secret(b"the fuzz tests' secret").sign(&mut signed, 0, b"key");
+    let hinted = [&[0x02, 0x02, 0x00][..], &clock.to_bytes()[1..]].concat();
+    vec![clock.to_bytes(), hinted, bound, signed]
+}
+
+/// The context checks a node runs on a write's context: decoding (and
+/// re-encoding), then the key binding and the MAC, which must never panic
+/// whatever the bytes.
+fn check_context(bytes: &[u8]) {
+    check_context_decoder(bytes);
+    if let Ok(ctx) = decode_context(bytes) {
+        let _ = ctx.check_key(b"key");
+        let keys = ClusterKeys::from_secret(b"the fuzz tests' secret");
+        let checked = keys.check(b"key", bytes, &ctx);
+        if bytes == valid_contexts()[3] {
+            assert_eq!(checked, Ok(()));
+        }
+    }
+}
 
 fn valid_frames() -> Vec<u8> {
     let mut out = Vec::new();
@@ -81,6 +112,28 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_contexts(data in proptest::collection::vec(any::<u8>(), 0..256), format in 0u8..6) {
+        // Half of them start with a format byte a node reads.
+        let mut data = data;
+        if let Some(first) = data.first_mut().filter(|_| format < 5) {
+            *first = format;
+        }
+        check_context(&data);
+    }
+
+    #[test]
+    fn mutated_valid_contexts(which in 0usize..4, flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4), cut in any::<prop::sample::Index>()) {
+        let mut data = valid_contexts()[which].clone();
+        for (i, b) in flips {
+            let at = i.index(data.len());
+            data[at] = b;
+        }
+        let keep = cut.index(data.len() + 1).max(data.len() / 2);
+        data.truncate(keep);
+        check_context(&data);
+    }
+
+    #[test]
     fn mutated_valid_frames(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
         let mut data = valid_frames();
         for (i, b) in flips {
@@ -88,5 +141,16 @@ proptest! {
             data[at] = b;
         }
         check_decoder(&data);
+    }
+}
+
+/// The valid contexts the mutations start from decode, re-encode to their
+/// bytes, and the signed one passes the secret's check.
+#[test]
+fn every_context_format_decodes_and_encodes_back() {
+    for (format, ctx) in valid_contexts().iter().enumerate() {
+        assert_eq!(ctx[0], format as u8 + 1);
+        assert!(decode_context(ctx).is_ok(), "format {}", format + 1);
+        check_context(ctx);
     }
 }

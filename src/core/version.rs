@@ -588,6 +588,37 @@ pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
     Ok(DecodedContext { clock, hint, key_tag, mac })
 }
 
+/// Checks [`decode_context`] on arbitrary `bytes` (the fuzz target's and
+/// the tests' check): it never panics, and a context it decodes encodes
+/// back to exactly its bytes in its own format (the MAC of format 4 as it
+/// came: only the node can check it).
+pub fn check_context_decoder(bytes: &[u8]) {
+    let Ok(ctx) = decode_context(bytes) else { return };
+    let mut out = Vec::with_capacity(bytes.len());
+    match (bytes.first().copied(), ctx.key_tag) {
+        (None, _) => assert!(ctx.clock.is_empty() && ctx.hint.is_none()),
+        (Some(FORMAT_HINTED), None) => {
+            out.push(FORMAT_HINTED);
+            out.extend_from_slice(&ctx.hint.expect("format 2 has a hint").to_le_bytes());
+            ctx.clock.encode_body(&mut out);
+        }
+        (Some(format @ (FORMAT_BOUND | FORMAT_SIGNED)), Some(tag)) => {
+            out.push(format);
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&ctx.hint.unwrap_or(NO_HINT).to_le_bytes());
+            ctx.clock.encode_body(&mut out);
+            if let Some((mac, covered)) = ctx.mac {
+                assert_eq!(covered, out.len(), "the MAC covers the context before it");
+                out.extend_from_slice(&mac);
+            }
+            assert_eq!(ctx.mac.is_some(), format == FORMAT_SIGNED);
+        }
+        (_, None) => ctx.clock.encode(&mut out),
+        (first, tag) => panic!("format {first:?} decoded with key tag {tag:?}"),
+    }
+    assert_eq!(out, bytes, "a context re-encodes to its bytes");
+}
+
 /// One concurrent version of a key: the value a write put, or `None` for a
 /// delete (a tombstone, kept so that the delete supersedes what it saw).
 /// `V` holds the value: owned bytes (the default), or bytes borrowed from
