@@ -39,7 +39,7 @@ use std::rc::Rc;
 use futures_lite::future::poll_once;
 
 use super::front::Socket;
-use super::{bump, decode_error_frame, Answer, Shard};
+use super::{bump, bump_first, decode_error_frame, Answer, Shard};
 use crate::notify::Notify;
 use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
@@ -417,11 +417,11 @@ async fn prefetch(shard: &Shard, mut buf: &[u8]) {
 /// connections are open (and a client that claims every place locks the
 /// members out again); with one, only a proof takes a place (unless the
 /// node also has `accept_unauthenticated`, which takes a HELLO as without
-/// a secret). One admitted
-/// past the limit holds its read buffer ([`FIRST_READ`]) and at most a
-/// HELLO's bytes (and one reply) until it is a member's or
-/// [`PROVISIONAL_WAIT`] passes: while it is in the reserve it may send one
-/// HELLO naming a member and, with a secret, then one AUTH, nothing else.
+/// a secret). One admitted past the limit holds its read buffer
+/// ([`FIRST_READ`]) and at most a HELLO's bytes (and one reply) until it
+/// is a member's or [`PROVISIONAL_WAIT`] passes: while it is in the
+/// reserve it may send one HELLO naming a member and, with a secret, then
+/// one AUTH, nothing else.
 pub(super) const MEMBER_RESERVE: u64 = 1024;
 
 /// How long from its accept a connection admitted into the members'
@@ -429,9 +429,9 @@ pub(super) const MEMBER_RESERVE: u64 = 1024;
 const PROVISIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most bytes a HELLO's body has: what a connection in the members'
-/// reserve may declare (an AUTH's body is shorter).
-const MAX_HELLO_BODY: usize = 2 + crate::core::ring::MAX_NAME_LEN;
-const _: () = assert!(crate::wire::CHALLENGE_LEN + crate::wire::PROOF_LEN <= MAX_HELLO_BODY);
+/// reserve may declare for its HELLO or its AUTH (whose body is shorter).
+const MAX_OPENING_BODY: usize = 2 + crate::core::ring::MAX_NAME_LEN;
+const _: () = assert!(crate::wire::CHALLENGE_LEN + crate::wire::PROOF_LEN <= MAX_OPENING_BODY);
 
 /// An open connection, and whether it is a client's or a member's, kept
 /// in the shard's counters (the accept loop reads them against the
@@ -439,13 +439,15 @@ const _: () = assert!(crate::wire::CHALLENGE_LEN + crate::wire::PROOF_LEN <= MAX
 /// from the accept for as long as the connection is open.
 pub(super) struct Standing {
     shard: Rc<Shard>,
-    /// Admitted into the members' reserve and no HELLO yet.
+    /// Admitted into the members' reserve, and not yet a member's (no
+    /// HELLO naming one; with a cluster secret, no AUTH proving it).
     provisional: Cell<bool>,
-    /// When a provisional connection is closed if it has not named a
-    /// member: set once, at accept (a timer per read let a connection
-    /// that sent a byte a second stay for good; found by a review).
+    /// When a provisional connection is closed if it is not a member's by
+    /// then: set once, at accept (a timer per read let a connection that
+    /// sent a byte a second stay for good; found by a review).
     deadline: std::time::Instant,
-    /// Named a member (HELLO), and counted as one.
+    /// A member's (its HELLO; with a cluster secret, its AUTH), and
+    /// counted as one.
     member: Cell<bool>,
     /// Named a member (HELLO), counted as one or not: its quorum requests
     /// are that member's relays ([`Shard::misrouted_relay`]).
@@ -541,18 +543,18 @@ impl Standing {
             Request::Auth { nonce, proof } => {
                 // Only the AUTH that answers this connection's challenge:
                 // one without a HELLO, or a second one, is refused.
-                let answer = match (self.auth.replace(Auth::None), shard.keys(), shard.own_name()) {
-                    (Auth::Challenged { challenge, member }, Some(keys), Some(own)) => {
+                let Some(keys) = shard.keys() else {
+                    let why = "this node has no cluster secret: there is nothing to prove";
+                    return Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true));
+                };
+                let answer = match (self.auth.replace(Auth::None), shard.own_name()) {
+                    (Auth::Challenged { challenge, member }, Some(own)) => {
                         let dialer = shard.member_name(member).unwrap_or_default();
                         let ex = crate::auth::Exchange { challenge: &challenge, nonce, dialer, responder: own };
                         keys.answer(&ex, proof)
                     }
                     _ => None,
                 };
-                if shard.keys().is_none() {
-                    let why = "this node has no cluster secret: there is nothing to prove";
-                    return Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true));
-                }
                 if let Some(proof) = answer {
                     self.auth.set(Auth::Proven);
                     self.named_member();
@@ -561,7 +563,7 @@ impl Standing {
                     return Some((out, false));
                 }
                 // Warned once a shard; STATS counts them all.
-                if shard.counters.auth_failures.replace(shard.counters.auth_failures.get() + 1) == 0 {
+                if bump_first(&shard.counters.auth_failures) {
                     tracing::warn!(
                         "a connection's AUTH failed (its proof is not this node's cluster secret's, or it answered \
                          no challenge of this connection): closed; do all members have the same \
@@ -575,9 +577,7 @@ impl Standing {
                 if shard.keys().is_some_and(|k| !k.accepts_unauthenticated()) && self.auth.get() != Auth::Proven =>
             {
                 // Warned once a shard; STATS counts them all.
-                let first = shard.counters.unauthenticated.get() == 0;
-                bump(&shard.counters.unauthenticated, 1);
-                if first {
+                if bump_first(&shard.counters.unauthenticated) {
                     tracing::warn!(
                         "refused a replica message from a connection that has not proved the cluster secret \
                          (a member without cluster_secret_file, or a client): Unauthenticated"
@@ -590,7 +590,8 @@ impl Standing {
         }
     }
 
-    /// The connection named a member. A provisional one becomes a
+    /// The connection is a member's: it named one (HELLO), and with a
+    /// cluster secret proved it (AUTH). A provisional one becomes a
     /// member's; a client's does too while the reserve has room, and
     /// otherwise stays a client's (found by a review: any client could
     /// name a member and so escape every limit).
@@ -704,7 +705,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             if standing.provisional.get() {
                 if let Some(h) = buf[start..end].first_chunk::<HEADER_LEN>() {
                     let opening = matches!(crate::wire::peek_opcode(h), Some(op::HELLO | op::AUTH));
-                    if !opening || crate::wire::declared_frame_len(h) > HEADER_LEN + MAX_HELLO_BODY {
+                    if !opening || crate::wire::declared_frame_len(h) > HEADER_LEN + MAX_OPENING_BODY {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
@@ -742,10 +743,11 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         break 'read;
                     }
                     if waited && header.deadline().is_some_and(|budget| read_at.elapsed() > budget) {
-                        // Its deadline was counted from here before (on a
-                        // review's list): a request that waited behind
-                        // unread replies still ran, for a client that had
-                        // given up on it.
+                        // Its deadline counts from its arrival: counted
+                        // from here (as it was until the twenty-fourth
+                        // session), a request that waited behind unread
+                        // replies still ran, for a client that had given
+                        // up on it.
                         out.reply(&shard.deadline_exceeded(header.request_id));
                         start += total;
                         continue;

@@ -101,6 +101,13 @@ enum Cross {
     Reply { tag: u64, frame: Vec<u8> },
 }
 
+/// Adds one to a counter; whether it was the first (a warning logged once
+/// a shard, the counter saying how many followed).
+pub(crate) fn bump_first(c: &Cell<u64>) -> bool {
+    bump(c, 1);
+    c.get() == 1
+}
+
 /// Adds `n` to a counter.
 pub(crate) fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
@@ -166,9 +173,10 @@ pub struct ShardCounters {
     /// nothing sent, for `frame_timeout_ms`.
     pub stalled_frames: Cell<u64>,
     /// Replica messages refused (Unauthenticated) on connections that had
-    /// not proved the cluster secret (AUTH), and AUTHs whose proof was
-    /// wrong (their connection closed).
+    /// not proved the cluster secret (AUTH).
     pub unauthenticated: Cell<u64>,
+    /// AUTHs refused (their connection closed): a wrong proof, or one that
+    /// answered no challenge of its connection.
     pub auth_failures: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
@@ -350,7 +358,13 @@ impl Shard {
                     }
                 },
                 // The connection takes a HELLO itself (`conn`); one that
-                // got this far is answered the same way.
+                // got this far is answered the same way, but with a cluster
+                // secret there is no connection to hold its challenge, and a
+                // reply without one would say "no secret here".
+                Request::Hello { .. } if self.keys().is_some() => {
+                    let why = "a HELLO is answered by the connection that reads it";
+                    return Ok(self.error_frame(id, ErrorCode::Unauthenticated, why));
+                }
                 Request::Hello { member } => return Ok(self.hello_reply(id, self.is_member(member), None)),
                 Request::Auth { .. } => {
                     let why = "an AUTH is its connection's, answered where it is read";
@@ -1215,12 +1229,12 @@ impl Shard {
         self.cluster.as_ref()?.info.ring.index_of(name)
     }
 
-    /// The name of member `idx`, and this node's own (`None` on a lone
-    /// node).
+    /// The name of member `idx` (`None` on a lone node).
     pub(super) fn member_name(&self, idx: crate::core::ring::MemberIdx) -> Option<&[u8]> {
         Some(self.cluster.as_ref()?.info.ring.member(idx).name.as_bytes())
     }
 
+    /// This node's own member name (`None` on a lone node).
     pub(super) fn own_name(&self) -> Option<&[u8]> {
         self.member_name(self.cluster.as_ref()?.info.me)
     }

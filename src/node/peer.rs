@@ -10,10 +10,10 @@
 //! frames.
 //!
 //! Batching: frames queued on one connection while the shard runs other
-//! tasks leave in one write when the connection's writer task runs next,
-//! so the replica messages of every request that became ready in the same
-//! scheduling tick share a write. `replica_frames / replica_writes` in
-//! STATS shows the ratio.
+//! tasks leave together when the connection's writer task runs next, in
+//! one write per 64 KiB run ([`WRITE_RUN`]), so the replica messages of
+//! every request that became ready in the same scheduling tick share a
+//! write. `replica_frames / replica_writes` in STATS shows the ratio.
 //!
 //! Invariant: a call always ends by its deadline: with the reply, or with
 //! an error when the peer is unreachable, the connection breaks, or the
@@ -111,16 +111,17 @@ pub enum PeerError {
 /// Counters of a shard's peer traffic, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct PeerCounters {
-    /// Frames sent to peers, and the batches that carried them (a batch is
-    /// one socket write per 64 KiB run, `WRITE_RUN`, or per range of it
-    /// left after frames whose time was up).
+    /// Frames sent to peers, and the socket writes that carried them (one
+    /// per 64 KiB run of a batch, `WRITE_RUN`, or per range of a run
+    /// around a frame left out because its time was up).
     pub replica_frames: Cell<u64>,
     pub replica_writes: Cell<u64>,
     pub connects: Cell<u64>,
     pub connect_failures: Cell<u64>,
     /// Calls that ended without a reply (unreachable, broken, deadline).
     pub call_failures: Cell<u64>,
-    /// Frames dropped unsent because their deadline passed while queued.
+    /// Frames dropped unsent because their deadline passed while queued,
+    /// or before their run was written.
     pub expired_unsent: Cell<u64>,
     /// Calls refused at once because their connection's queue was full
     /// ([`MAX_QUEUED_BYTES`]).
@@ -161,6 +162,36 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// be read into memory first).
 const OPENING_MAX_BODY: usize = 4 + crate::wire::MAX_ERROR_MESSAGE;
 const _: () = assert!(crate::wire::PROOF_LEN <= OPENING_MAX_BODY && crate::wire::CHALLENGE_LEN <= OPENING_MAX_BODY);
+
+/// A peer connection's read buffer: the bytes read are `buf[start..end]`.
+/// The opening exchange reads into it, and the reader goes on with it.
+struct Inbox {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox { buf: vec![0u8; super::conn::READ_CHUNK], start: 0, end: 0 }
+    }
+
+    /// The next whole frame's header and length, if one is read, with at
+    /// most `max_body` bytes of body.
+    fn next_frame(&self, max_body: usize) -> Result<Option<(crate::wire::Header, usize)>, crate::wire::WireError> {
+        split_frame(&self.buf[self.start..self.end], max_body)
+    }
+
+    /// The frame of `total` bytes at the front (from [`Self::next_frame`]).
+    fn front(&self, total: usize) -> &[u8] {
+        &self.buf[self.start..self.start + total]
+    }
+
+    /// Room for the next read, which goes to `buf[end..]`.
+    fn make_room(&mut self) {
+        super::conn::make_room(&mut self.buf, &mut self.start, &mut self.end);
+    }
+}
 
 /// Why a connection's opening exchange failed.
 enum Shake {
@@ -242,6 +273,9 @@ fn drop_expired(batch: Vec<u8>, spans: Vec<(usize, Instant)>, now: Instant) -> (
     (kept, kept_spans)
 }
 
+/// Where each frame of a batch ends, and when its caller stops waiting.
+type Spans = Vec<(usize, Instant)>;
+
 /// The outgoing frames of one connection, capped at [`MAX_QUEUED_BYTES`].
 #[derive(Default)]
 struct OutQueue {
@@ -285,8 +319,7 @@ impl OutQueue {
     /// counts as being written until [`Self::written`]): the bytes, where
     /// each frame ends and its deadline, and how many expired frames were
     /// dropped.
-    #[allow(clippy::type_complexity)]
-    fn take(&mut self, now: Instant) -> (Vec<u8>, Vec<(usize, Instant)>, u64) {
+    fn take(&mut self, now: Instant) -> (Vec<u8>, Spans, u64) {
         let spans = std::mem::take(&mut self.spans);
         let before = spans.len() as u64;
         let (batch, spans) = drop_expired(std::mem::take(&mut self.buf), spans, now);
@@ -589,10 +622,9 @@ impl Peers {
         };
         bump(&self.counters.connects, 1);
         let sock = Rc::new(sock);
-        let mut buf = vec![0u8; super::conn::READ_CHUNK];
-        let (mut start, mut end) = (0usize, 0usize);
+        let mut inbox = Inbox::new();
         if let Some(keys) = &self.keys {
-            let shake = self.handshake(keys, member, key.1, &sock, &mut buf, &mut start, &mut end);
+            let shake = self.handshake(keys, member, key.1, &sock, &mut inbox);
             let late = async {
                 glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
                 Err(Shake::Failed(format!("no answer to its HELLO and AUTH in {HANDSHAKE_TIMEOUT:?}")))
@@ -637,10 +669,10 @@ impl Peers {
                     bump(&peers.counters.expired_unsent, dropped);
                     let result = write_stamped(&writer, &mut batch, &spans).await;
                     conn.out.borrow_mut().written();
-                    let frames = match result {
-                        Ok((frames, late)) => {
-                            bump(&peers.counters.expired_unsent, late);
-                            frames
+                    let written = match result {
+                        Ok(written) => {
+                            bump(&peers.counters.expired_unsent, written.late);
+                            written
                         }
                         Err(WriteError::Stalled) => {
                             bump(&peers.counters.write_stalls, 1);
@@ -652,18 +684,16 @@ impl Peers {
                             return;
                         }
                     };
-                    if frames > 0 {
-                        bump(&peers.counters.replica_writes, 1);
-                        bump(&peers.counters.replica_frames, frames);
-                    }
+                    bump(&peers.counters.replica_writes, written.writes);
+                    bump(&peers.counters.replica_frames, written.frames);
                 }
             })
         };
         let why = 'read: loop {
             loop {
-                match split_frame(&buf[start..end], MAX_BODY_LEN) {
+                match inbox.next_frame(MAX_BODY_LEN) {
                     Ok(Some((h, total))) => {
-                        if h.request_id == 0 && refused_at_accept(h.opcode, &buf[start + HEADER_LEN..start + total]) {
+                        if h.request_id == 0 && refused_at_accept(h.opcode, &inbox.front(total)[HEADER_LEN..]) {
                             // The peer read none of this connection's
                             // frames: its calls were never taken, and it
                             // is not dialed again for a while (it said it
@@ -674,9 +704,9 @@ impl Peers {
                             break 'read "it refused the connection (at its connection limit)".to_string();
                         }
                         if let Some(slot) = conn.pending.borrow_mut().remove(&h.request_id) {
-                            slot.set(Ok(buf[start..start + total].to_vec()));
+                            slot.set(Ok(inbox.front(total).to_vec()));
                         }
-                        start += total;
+                        inbox.start += total;
                     }
                     Ok(None) => break,
                     Err(e) => break 'read format!("bad frame: {e}"),
@@ -685,9 +715,9 @@ impl Peers {
             if conn.dead.get() {
                 break "write failed".to_string();
             }
-            super::conn::make_room(&mut buf, &mut start, &mut end);
+            inbox.make_room();
             // Wake on a failed write too, so the reader does not wait forever.
-            let read = futures_lite::future::or(async { Some(sock.read(&mut buf[end..]).await) }, async {
+            let read = futures_lite::future::or(async { Some(sock.read(&mut inbox.buf[inbox.end..]).await) }, async {
                 loop {
                     let g = conn.died.generation();
                     if conn.dead.get() {
@@ -699,7 +729,7 @@ impl Peers {
             .await;
             match read {
                 Some(Ok(0)) => break "the peer closed the connection".to_string(),
-                Some(Ok(n)) => end += n,
+                Some(Ok(n)) => inbox.end += n,
                 Some(Err(e)) => break format!("read failed: {e}"),
                 None => break "write failed".to_string(),
             }
@@ -718,25 +748,20 @@ impl Peers {
     /// member's address, or a member without the secret), and this node
     /// would merge the versions it sends and sign them into contexts
     /// (found by a review, when a peer without a challenge was taken).
-    /// Replies are read into `buf` (`start..end`, as the reader goes on
-    /// with it).
-    #[allow(clippy::too_many_arguments)]
+    /// Replies are read into `inbox`, as the reader goes on with it.
     async fn handshake(
         &self,
         keys: &ClusterKeys,
         member: MemberIdx,
         shard: u16,
         sock: &super::front::Socket,
-        buf: &mut Vec<u8>,
-        start: &mut usize,
-        end: &mut usize,
+        inbox: &mut Inbox,
     ) -> Result<(), Shake> {
         let dialer = self.members[self.me as usize].name.as_bytes();
         let mut out = Vec::new();
         Request::Hello { member: dialer }.encode(&mut out, HELLO_ID, shard, 0);
         send_opening(sock, &out).await?;
-        let frame = read_opening(sock, buf, start, end).await?;
-        let challenge = match opening_reply(&frame, HELLO_ID)? {
+        let challenge = match read_opening(sock, inbox, HELLO_ID).await? {
             Response::Hello { challenge: Some(c) } => c,
             // Taken only while the cluster turns its secret on or off.
             Response::Hello { challenge: None } if keys.accepts_unauthenticated() => return Ok(()),
@@ -753,8 +778,7 @@ impl Peers {
         out.clear();
         Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut out, AUTH_ID, shard, 0);
         send_opening(sock, &out).await?;
-        let frame = read_opening(sock, buf, start, end).await?;
-        match opening_reply(&frame, AUTH_ID)? {
+        match read_opening(sock, inbox, AUTH_ID).await? {
             Response::Auth { proof } if keys.check_answer(&ex, &proof) => Ok(()),
             Response::Auth { .. } => Err(Shake::Failed(
                 "its answer to AUTH does not prove the cluster secret (is something else at its address?)".into(),
@@ -795,43 +819,31 @@ async fn send_opening(sock: &super::front::Socket, frame: &[u8]) -> Result<(), S
     })
 }
 
-/// Reads the next whole frame of a connection's opening exchange.
-async fn read_opening(
-    sock: &super::front::Socket,
-    buf: &mut Vec<u8>,
-    start: &mut usize,
-    end: &mut usize,
-) -> Result<Vec<u8>, Shake> {
-    loop {
-        match split_frame(&buf[*start..*end], OPENING_MAX_BODY) {
-            Ok(Some((_, total))) => {
-                let frame = buf[*start..*start + total].to_vec();
-                *start += total;
-                return Ok(frame);
-            }
+/// Reads the reply to the opening frame with request id `id` (the next
+/// whole frame, taken off `inbox`): a refusal at the peer's connection
+/// limit, an error reply, and any other frame are failures.
+async fn read_opening<'a>(sock: &super::front::Socket, inbox: &'a mut Inbox, id: u64) -> Result<Response<'a>, Shake> {
+    let (h, total) = loop {
+        match inbox.next_frame(OPENING_MAX_BODY) {
+            Ok(Some(frame)) => break frame,
             Ok(None) => {}
             Err(e) => return Err(Shake::Failed(format!("bad frame: {e}"))),
         }
-        super::conn::make_room(buf, start, end);
-        match sock.read(&mut buf[*end..]).await {
+        inbox.make_room();
+        match sock.read(&mut inbox.buf[inbox.end..]).await {
             Ok(0) => return Err(Shake::Failed("the peer closed the connection".into())),
-            Ok(n) => *end += n,
+            Ok(n) => inbox.end += n,
             Err(e) => return Err(Shake::Failed(format!("read failed: {e}"))),
         }
+    };
+    inbox.start += total;
+    let body = &inbox.buf[inbox.start - total + HEADER_LEN..inbox.start];
+    if h.request_id == 0 && refused_at_accept(h.opcode, body) {
+        return Err(Shake::Refused);
     }
-}
-
-/// The reply `frame` to the opening frame with request id `id`: a refusal
-/// at the peer's connection limit, and an error reply, are failures.
-fn opening_reply(frame: &[u8], id: u64) -> Result<Response<'_>, Shake> {
-    let reply = decode_reply_frame(frame).map_err(|e| Shake::Failed(format!("bad reply: {e}")))?;
-    let got = crate::wire::decode_header(frame[..HEADER_LEN].try_into().expect("a whole frame"), MAX_BODY_LEN)
-        .map_err(|e| Shake::Failed(format!("bad reply: {e}")))?
-        .request_id;
-    match reply {
-        Response::Error { code: ErrorCode::Overloaded, .. } if got == 0 => Err(Shake::Refused),
+    match Response::decode(h.opcode, body).map_err(|e| Shake::Failed(format!("bad reply: {e}")))? {
         Response::Error { code, message } => Err(Shake::Failed(format!("it refused: {message} ({code:?})"))),
-        _ if got != id => Err(Shake::Failed(format!("a reply to request {got}, not to {id}"))),
+        _ if h.request_id != id => Err(Shake::Failed(format!("a reply to request {}, not to {id}", h.request_id))),
         reply => Ok(reply),
     }
 }
@@ -879,25 +891,37 @@ fn stamp_run(
     (next, late)
 }
 
+/// What [`write_stamped`] wrote of a batch.
+struct Written {
+    frames: u64,
+    /// Frames left out because their time was up.
+    late: u64,
+    /// Socket writes (one per run, or per range of a run around a late
+    /// frame).
+    writes: u64,
+}
+
 /// Writes the frames of `batch` (ending at the offsets in `spans`) a
-/// stamped run at a time ([`stamp_run`]). Returns how many frames went
-/// out, and how many were left out because their time was up.
+/// stamped run at a time ([`stamp_run`]).
 async fn write_stamped(
     sock: &super::front::Socket,
     batch: &mut [u8],
     spans: &[(usize, Instant)],
-) -> Result<(u64, u64), WriteError> {
-    let (mut next, mut late, mut ranges) = (0, 0, Vec::new());
+) -> Result<Written, WriteError> {
+    let (mut next, mut ranges) = (0, Vec::new());
+    let mut done = Written { frames: 0, late: 0, writes: 0 };
     while next < spans.len() {
         let first = next;
         let left_out;
         (next, left_out) = stamp_run(batch, spans, first, Instant::now(), &mut ranges);
-        late += left_out;
+        done.late += left_out;
         for &(a, b) in &ranges {
             write_bounded(sock, &batch[a..b]).await?;
+            done.writes += 1;
         }
     }
-    Ok((spans.len() as u64 - late, late))
+    done.frames = spans.len() as u64 - done.late;
+    Ok(done)
 }
 
 /// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must

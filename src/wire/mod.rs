@@ -66,16 +66,17 @@
 //! 0x22 HELLO        req: bytes(u16) member name (1 to MAX_NAME_LEN bytes)
 //!                   rep: (empty), or, from a node with a cluster secret,
 //!                        CHALLENGE_LEN (16) random bytes: the challenge
-//!                        the AUTH that follows answers. A member sends it first on every
-//!                        connection to another member: the receiver takes
-//!                        the connection as a member's (counted apart from
-//!                        clients, and admitted past --max-connections into
-//!                        a reserve, where it must be the first frame; with
-//!                        a cluster secret, only once the AUTH proved it,
-//!                        unless the node takes the unauthenticated too). A
-//!                        GET, PUT or DELETE on such a connection is a
-//!                        member's relay: for a key the receiver does not
-//!                        replicate it gets RingMismatch, not relayed again
+//!                        the AUTH that follows answers. A member sends it
+//!                        first on every connection to another member: the
+//!                        receiver takes the connection as a member's
+//!                        (counted apart from clients, and admitted past
+//!                        --max-connections into a reserve, where it must
+//!                        be the first frame; with a cluster secret, only
+//!                        once the AUTH proved it, unless the node takes the
+//!                        unauthenticated too). A GET, PUT or DELETE on such
+//!                        a connection is a member's relay: for a key the
+//!                        receiver does not replicate it gets RingMismatch,
+//!                        not relayed again
 //! 0x23 AUTH         req: CHALLENGE_LEN (16) random bytes, the member's
 //!                        nonce, then PROOF_LEN (32) bytes, its proof that
 //!                        it holds the cluster secret: bound to the HELLO
