@@ -1812,6 +1812,13 @@ fn a_cluster_turns_its_secret_on_member_by_member() {
     restart_each_with(&mut cluster, lenient, "lenient");
     let mut c = cluster.client("n1", Routing::Server);
     assert_eq!(c.put(b"k", b"v2", &unsigned).expect("unsigned, taken meanwhile").siblings, 1);
+    // n1, restarted first, took the others' replica messages unproven
+    // (and dialed them unproven) while they had no secret; n3, restarted
+    // last, found a secret everywhere.
+    assert!(cluster.stats("n1")["node"]["unauthenticated_taken"].as_u64().unwrap() > 0);
+    assert!(cluster.counter_in("n1", "peers", "unproven_peers") > 0);
+    assert_eq!(cluster.stats("n3")["node"]["unauthenticated_taken"], 0);
+    assert_eq!(cluster.counter_in("n3", "peers", "unproven_peers"), 0);
     assert_eq!(cluster.stats("n2")["cluster_secret"]["accept_unauthenticated"], true);
     restart_each_with(&mut cluster, with_secret, "strict");
     assert_eq!(cluster.stats("n2")["cluster_secret"]["accept_unauthenticated"], false);

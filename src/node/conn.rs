@@ -574,7 +574,13 @@ impl Standing {
                 Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
             }
             Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
-                if shard.keys().is_some_and(|k| !k.accepts_unauthenticated()) && self.auth.get() != Auth::Proven =>
+                if shard.keys().is_some_and(|k| k.accepts_unauthenticated()) && self.auth.get() != Auth::Proven =>
+            {
+                bump(&shard.counters.unauthenticated_taken, 1);
+                None
+            }
+            Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
+                if shard.keys().is_some() && self.auth.get() != Auth::Proven =>
             {
                 // Warned once a shard; STATS counts them all.
                 if bump_first(&shard.counters.unauthenticated) {

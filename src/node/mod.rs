@@ -178,6 +178,10 @@ pub struct ShardCounters {
     /// AUTHs refused (their connection closed): a wrong proof, or one that
     /// answered no challenge of its connection.
     pub auth_failures: Cell<u64>,
+    /// With `accept_unauthenticated`: replica messages taken from
+    /// connections that proved nothing. Once it stops growing after every
+    /// member has the secret, the cluster can drop the setting.
+    pub unauthenticated_taken: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
     /// Socket writes of replies and replies written: their ratio is how

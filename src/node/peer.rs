@@ -144,6 +144,9 @@ pub struct PeerCounters {
     /// secret), answered the AUTH with a proof that is wrong, sent a frame
     /// that is not a reply to them, or answered nothing in time.
     pub handshake_failures: Cell<u64>,
+    /// With `accept_unauthenticated`: connections to members that sent no
+    /// challenge (no secret), taken unproven.
+    pub unproven_peers: Cell<u64>,
 }
 
 /// Request ids of the frames that open a connection: its HELLO and (with a
@@ -764,7 +767,10 @@ impl Peers {
         let challenge = match read_opening(sock, inbox, HELLO_ID).await? {
             Response::Hello { challenge: Some(c) } => c,
             // Taken only while the cluster turns its secret on or off.
-            Response::Hello { challenge: None } if keys.accepts_unauthenticated() => return Ok(()),
+            Response::Hello { challenge: None } if keys.accepts_unauthenticated() => {
+                bump(&self.counters.unproven_peers, 1);
+                return Ok(());
+            }
             Response::Hello { challenge: None } => {
                 let why = "it sent no challenge: it has no cluster secret (every member needs the same \
                            cluster_secret_file)";
