@@ -491,7 +491,8 @@ struct NodeArgs {
     #[arg(long)]
     cluster_secret_file: Option<PathBuf>,
     /// Another secret file whose contexts and proofs are accepted too
-    /// (repeat for more): moving a cluster to a new secret member by member.
+    /// (repeat for more; added to the config file's list): moving a
+    /// cluster to a new secret member by member.
     #[arg(long, value_name = "FILE")]
     accept_cluster_secret_file: Vec<PathBuf>,
     /// With a secret, also take unsigned contexts and members that prove

@@ -223,6 +223,13 @@ impl NodeConfig {
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
+        if self.cluster_secret_file.is_none()
+            && (!self.accept_cluster_secret_files.is_empty() || self.accept_unauthenticated)
+        {
+            bail!(
+                "accept_cluster_secret_files and accept_unauthenticated need a cluster_secret_file (the secret that signs)"
+            );
+        }
         // The flag refuses an empty path; the config file did not, and a
         // node then locked the current directory (found by a review).
         if self.data_dir.as_os_str().is_empty() {
@@ -1029,6 +1036,10 @@ mod tests {
             toml::from_str("accept_cluster_secret_files = [\"a\", \"b\"]\naccept_unauthenticated = true").unwrap();
         assert_eq!(c.accept_cluster_secret_files, vec![PathBuf::from("a"), PathBuf::from("b")]);
         assert!(c.accept_unauthenticated && !NodeConfig::default().accept_unauthenticated);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("need a cluster_secret_file"), "{e}");
+        let with_secret = NodeConfig { cluster_secret_file: Some("s".into()), ..c };
+        assert!(with_secret.validate().is_ok());
         let c: NodeConfig =
             toml::from_str("fsync = \"never\"\nshards = 2\n[storage]\nsegment_size = 1048576\n").unwrap();
         assert_eq!((c.fsync, c.shards, c.storage.segment_size), (FsyncPolicy::Never, Some(2), 1 << 20));

@@ -683,9 +683,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             ClusterKeys::load_all(current, &config.accept_cluster_secret_files)?
                 .with_unauthenticated(config.accept_unauthenticated),
         ),
-        None if !config.accept_cluster_secret_files.is_empty() || config.accept_unauthenticated => anyhow::bail!(
-            "accept_cluster_secret_files and accept_unauthenticated need a cluster_secret_file (the secret that signs)"
-        ),
+        // `NodeConfig::validate` refused the settings that need one.
         None => None,
     };
     match (&keys, &cluster) {
