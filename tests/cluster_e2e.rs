@@ -1381,16 +1381,24 @@ fn stand_in_member(addr: std::net::SocketAddr, answers: bool) -> std::sync::Arc<
     rings
 }
 
+/// A two-member cluster (N = R = W = 2) whose n2 was killed and is stood
+/// in for by [`stand_in_member`] (`answers` as there): the cluster, the
+/// stand-in's count of RING asks, and a server-driven client of n1.
+fn n1_and_a_stand_in_for_n2(answers: bool) -> (Cluster, std::sync::Arc<std::sync::atomic::AtomicU32>, Client) {
+    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
+    cluster.kill9("n2");
+    let rings = stand_in_member(cluster.member("n2").addr, answers);
+    let c = cluster.client("n1", Routing::Server);
+    (cluster, rings, c)
+}
+
 /// Found by reviews: an ask for a member's ring that got an error reply
 /// left the member marked asked for good, and then, once unmarked, was not
 /// made again while the connection stayed up. The next call to the member
 /// after the retry wait asks again, and a ring that differs is found.
 #[test]
 fn a_ring_ask_that_got_no_ring_is_made_again() {
-    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
-    cluster.kill9("n2");
-    let rings = stand_in_member(cluster.member("n2").addr, true);
-    let mut c = cluster.client("n1", Routing::Server);
+    let (cluster, rings, mut c) = n1_and_a_stand_in_for_n2(true);
     eventually("a second ask, answered with another ring", Duration::from_secs(15), || {
         c.get(b"k").map_err(|e| e.to_string())?;
         match cluster.counter_in("n1", "peers", "rings_differ") {
@@ -1407,10 +1415,7 @@ fn a_ring_ask_that_got_no_ring_is_made_again() {
 /// deadline though both replicas answered it).
 #[test]
 fn a_member_that_does_not_answer_ring_still_serves_the_first_request() {
-    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
-    cluster.kill9("n2");
-    let rings = stand_in_member(cluster.member("n2").addr, false);
-    let mut c = cluster.client("n1", Routing::Server);
+    let (_cluster, rings, mut c) = n1_and_a_stand_in_for_n2(false);
     for i in 0..2 {
         let got = c.get(b"k").unwrap_or_else(|e| panic!("read {i}: {e}"));
         assert!(got.values.is_empty());

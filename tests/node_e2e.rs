@@ -134,6 +134,19 @@ fn a_node_with_a_secret_signs_its_contexts() {
     assert!(err.contains("need a cluster_secret_file"), "{err}");
 }
 
+/// A one-shard node under `fsync = always` in `dir/data`, with the
+/// smallest segment a node takes (its largest record, 8 MiB of siblings,
+/// must fit): 9 MiB, sealed after about 140 writes of 64 KiB. Tests that
+/// make the disk fail remove its shard directory (`data/shard-000`) so the
+/// next seal fails.
+fn durable_node_with_small_segments(dir: &std::path::Path) -> (Node, std::path::PathBuf) {
+    let config = dir.join("node.toml");
+    std::fs::write(&config, "[storage]\nsegment_size = 9437184\n").unwrap();
+    let data = dir.join("data");
+    let node = Node::start(&data, &["--shards", "1", "--fsync", "always", "--config", config.to_str().unwrap()]);
+    (node, data)
+}
+
 /// Found by a review: under `fsync = always`, a GET pipelined behind a PUT
 /// was answered from memory with the PUT's value before its group commit,
 /// so when that commit failed (here: the shard's directory is gone, and
@@ -143,10 +156,7 @@ fn a_node_with_a_secret_signs_its_contexts() {
 #[test]
 fn a_read_never_shows_a_write_that_is_not_yet_durable() {
     let dir = tmp();
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[storage]\nsegment_size = 9437184\n").unwrap();
-    let data = dir.path().join("data");
-    let node = Node::start(&data, &["--shards", "1", "--fsync", "always", "--config", config.to_str().unwrap()]);
+    let (node, data) = durable_node_with_small_segments(dir.path());
     let mut conn = Connection::connect(node.addr().parse().unwrap(), &ClientConfig::default()).unwrap();
     let value = vec![7u8; 64 * 1024];
     std::fs::remove_dir_all(data.join("shard-000")).unwrap();
@@ -1435,12 +1445,7 @@ fn a_repair_that_cannot_remove_the_clean_mark_afterwards_still_reports() {
 #[test]
 fn held_writes_get_error_replies_when_the_disk_fails_and_the_node_stays_up() {
     let dir = tmp();
-    let config = dir.path().join("node.toml");
-    // The smallest segment a node takes (its largest record, 8 MiB of
-    // siblings, must fit): 9 MiB, sealed after about 140 writes of 64 KiB.
-    std::fs::write(&config, "[storage]\nsegment_size = 9437184\n").unwrap();
-    let data = dir.path().join("data");
-    let node = Node::start(&data, &["--shards", "1", "--fsync", "always", "--config", config.to_str().unwrap()]);
+    let (node, data) = durable_node_with_small_segments(dir.path());
     let mut c = Client::connect(node.addr()).unwrap();
     let value = vec![7u8; 64 * 1024];
     c.put(b"first", &value, &Context::default()).unwrap();

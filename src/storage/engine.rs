@@ -2841,20 +2841,28 @@ mod tests {
         })
     }
 
+    /// An engine under `fsync = always` that wrote `kept` and `lost` (v1,
+    /// durable) and then failed writing `lost` v2: its config, its backend
+    /// (writes failing), and the failed engine.
+    async fn failed_after_kept_and_lost() -> (EngineConfig, MemBackend, Engine<MemBackend>) {
+        let config = EngineConfig { max_value_len: 1024, ..Default::default() };
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+        let (backend, engine) = open_mem(&config).await;
+        engine.put(b"kept", b"", b"v1", 0).await.unwrap();
+        engine.put(b"lost", b"", b"v1", 0).await.unwrap();
+        backend.fail_writes(true);
+        assert!(engine.put(b"lost", b"", b"v2", 0).await.is_err(), "the write fails");
+        assert!(engine.failed().is_some());
+        (config, backend, engine)
+    }
+
     /// After a failed write the engine shows none of the records it never
     /// wrote (a full disk, say): they were not acknowledged, and a restart
     /// would take them back. What it had written stays readable.
     #[test]
     fn a_failed_engine_shows_no_record_it_never_wrote() {
         block_on(async {
-            let config = EngineConfig { max_value_len: 1024, ..Default::default() };
-            assert_eq!(config.fsync, FsyncPolicy::Always);
-            let (backend, engine) = open_mem(&config).await;
-            engine.put(b"kept", b"", b"v1", 0).await.unwrap();
-            engine.put(b"lost", b"", b"v1", 0).await.unwrap();
-            backend.fail_writes(true);
-            assert!(engine.put(b"lost", b"", b"v2", 0).await.is_err(), "the write fails");
-            assert!(engine.failed().is_some());
+            let (config, backend, engine) = failed_after_kept_and_lost().await;
             assert!(matches!(engine.get(b"lost").await, Err(StorageError::Failed(_))), "v2 was never written");
             assert_eq!(engine.get(b"kept").await.unwrap().unwrap().value(), b"v1");
             backend.fail_writes(false);
@@ -2873,13 +2881,7 @@ mod tests {
     #[test]
     fn a_failed_engine_settles_a_record_that_was_durable_before_it_failed() {
         block_on(async {
-            let config = EngineConfig { max_value_len: 1024, ..Default::default() };
-            assert_eq!(config.fsync, FsyncPolicy::Always);
-            let (backend, engine) = open_mem(&config).await;
-            engine.put(b"kept", b"", b"v1", 0).await.unwrap();
-            backend.fail_writes(true);
-            assert!(engine.put(b"other", b"", b"v1", 0).await.is_err(), "the write fails");
-            assert!(engine.failed().is_some());
+            let (_, _backend, engine) = failed_after_kept_and_lost().await;
             let rec = engine.get(b"kept").await.unwrap().unwrap();
             assert!(engine.unsettled_read(rec.id()).is_none(), "durable: a read need not wait");
             engine.settle_record(rec.id()).await.expect("a durable record settles at once, failed engine or not");
