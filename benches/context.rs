@@ -46,12 +46,12 @@ fn bench(c: &mut Criterion) {
     });
     let keys = ClusterKeys::from_secret(b"a benchmark's cluster secret");
     let mut signed = bound.clone();
-    keys.sign(&mut signed, 0, KEY);
+    keys.sign(&mut signed, KEY);
     g.bench_function("reply/bound_signed", |b| {
         b.iter(|| {
             out.clear();
             bind_encoded_clock(&mut out, black_box(&stored), black_box(KEY), None);
-            keys.sign(&mut out, 0, black_box(KEY));
+            keys.sign(&mut out, black_box(KEY));
             out.len()
         })
     });

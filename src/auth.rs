@@ -21,7 +21,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use crate::core::version::{sign_context, DecodedContext, VersionError, CONTEXT_MAC_LEN};
+use crate::core::version::{sign_context, signed_part, DecodedContext, VersionError, CONTEXT_MAC_LEN};
 use crate::wire::{CHALLENGE_LEN, PROOF_LEN};
 
 /// The fewest bytes a secret file may hold (after trailing whitespace):
@@ -199,10 +199,10 @@ impl Keys {
 }
 
 impl ClusterKeys {
-    /// Signs the bound context of `key` that starts at `out[start]`, the
-    /// last thing in `out` (format 4), with the current secret.
-    pub fn sign(&self, out: &mut Vec<u8>, start: usize, key: &[u8]) {
-        sign_context(out, start, |covered| {
+    /// Signs `context`, a bound context of `key` (format 3 made format 4),
+    /// with the current secret.
+    pub fn sign(&self, context: &mut Vec<u8>, key: &[u8]) {
+        sign_context(context, |covered| {
             let mac = self.current().context_mac(key, covered);
             mac.as_bytes()[..CONTEXT_MAC_LEN].try_into().expect("a blake3 hash is 32 bytes")
         });
@@ -217,10 +217,12 @@ impl ClusterKeys {
         if ctx.clock.is_empty() {
             return Ok(());
         }
-        let Some((mac, covered)) = ctx.mac else {
+        let Some(mac) = ctx.mac else {
             return if self.accept_unauthenticated { Ok(()) } else { Err(VersionError::Unsigned) };
         };
-        match self.sets.iter().any(|k| k.context_mac_matches(key, &bytes[..covered], &mac)) {
+        // `bytes` are those `ctx` was decoded from; others fail the MAC.
+        let covered = signed_part(bytes).unwrap_or_default();
+        match self.sets.iter().any(|k| k.context_mac_matches(key, covered, &mac)) {
             true => Ok(()),
             false => Err(VersionError::BadSignature),
         }
@@ -303,7 +305,7 @@ mod tests {
     fn signed(k: &ClusterKeys, key: &[u8], clock: &Clock) -> Vec<u8> {
         let mut out = Vec::new();
         encode_context_into(&mut out, clock, key, None);
-        k.sign(&mut out, 0, key);
+        k.sign(&mut out, key);
         out
     }
 

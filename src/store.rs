@@ -30,8 +30,7 @@ use thiserror::Error;
 use crate::auth::ClusterKeys;
 use crate::core::coord::apply_replica_put;
 use crate::core::version::{
-    bind_encoded_clock, decode_context, encode_context, encode_context_into, Actor, Clock, Dot, VersionError,
-    VersionSet,
+    bind_encoded_clock, decode_context, encode_context_into, Actor, Clock, Dot, VersionError, VersionSet,
 };
 use crate::storage::backend::Backend;
 use crate::storage::{Engine, Kind, PendingWrite, Record, RecordId, StorageError};
@@ -119,7 +118,9 @@ pub struct Store<B: Backend> {
     accept_unbound: bool,
     /// The cluster secret's keys, if the node has one: every context it
     /// hands out is signed (format 4), and a write's context with a clock
-    /// must carry a valid signature, so that no client can forge one.
+    /// must carry a valid signature, so that no client can forge one
+    /// (unless the keys also take the unauthenticated, while a cluster
+    /// turns its secret on).
     keys: Option<Rc<ClusterKeys>>,
 }
 
@@ -148,14 +149,17 @@ impl<B: Backend> Store<B> {
         self.keys.as_deref()
     }
 
-    /// The context of `clock` for `key`, naming coordinator `hint`:
-    /// bound to the key, and signed if the node has a cluster secret.
-    pub fn context_of(&self, clock: &Clock, key: &[u8], hint: Option<u16>) -> Vec<u8> {
-        let mut out = encode_context(clock, key, hint);
-        if let Some(k) = &self.keys {
-            k.sign(&mut out, 0, key);
-        }
-        out
+    /// Runs `reply` on the context of `clock` for `key`, naming coordinator
+    /// `hint`: bound to the key, signed if the node has a cluster secret,
+    /// and built in the store's reused buffer ([`Self::with_context`]).
+    pub fn with_context_of<R>(
+        &self,
+        clock: &Clock,
+        key: &[u8],
+        hint: Option<u16>,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> R {
+        self.with_context(key, |out| encode_context_into(out, clock, key, hint), reply)
     }
 
     /// Refuses (`accept: false`) or takes a write's context that is not
@@ -225,7 +229,7 @@ impl<B: Backend> Store<B> {
         context.clear();
         build(&mut context);
         if let Some(k) = &self.keys {
-            k.sign(&mut context, 0, key);
+            k.sign(&mut context, key);
         }
         let r = reply(&context);
         self.context.replace(context);
@@ -996,7 +1000,7 @@ mod tests {
             let (ctx, _) = x.get_now(b"k", |c, _| c.to_vec()).expect("in memory").unwrap();
             assert!(signed(&ctx, b"k"), "get_now's reply");
             let read = x.get(b"k").await.unwrap();
-            assert!(signed(&x.context_of(read.clock(), b"k", Some(3)), b"k"), "context_of");
+            assert!(x.with_context_of(read.clock(), b"k", Some(3), |c| signed(c, b"k")), "with_context_of");
             // Taken with its own signed context: one version.
             let w = x.put(b"k", &ctx, Some(b"v2"), 2).await.unwrap();
             assert_eq!(w.siblings(), 1);
@@ -1011,7 +1015,7 @@ mod tests {
             let err = x.put_now(b"k", &unsigned, Some(b"forged"), 3, |_, _| ()).expect("at once").unwrap_err();
             assert!(matches!(err, StoreError::InvalidContext(VersionError::Unsigned)), "{err}");
             let other = store_as(1).with_keys(Some(Rc::new(ClusterKeys::from_secret(b"another cluster's secret"))));
-            let wrong = other.context_of(&forged, b"k", None);
+            let wrong = other.with_context_of(&forged, b"k", None, <[u8]>::to_vec);
             let err = x.put(b"k", &wrong, None, 4).await.unwrap_err();
             assert!(matches!(err, StoreError::InvalidContext(VersionError::BadSignature)), "{err}");
             assert_eq!(values(&x.get(b"k").await.unwrap()), vec![b"v2".to_vec()], "nothing forged was stored");
@@ -1023,7 +1027,8 @@ mod tests {
             let plain = store_as(1);
             plain.put(b"k", &[], Some(b"v"), 1).await.unwrap();
             let read = plain.get(b"k").await.unwrap();
-            let w = plain.put(b"k", &x.context_of(read.clock(), b"k", None), Some(b"v'"), 2).await.unwrap();
+            let theirs = x.with_context_of(read.clock(), b"k", None, <[u8]>::to_vec);
+            let w = plain.put(b"k", &theirs, Some(b"v'"), 2).await.unwrap();
             assert_eq!(w.siblings(), 1);
         })
     }

@@ -29,7 +29,7 @@ fn valid_contexts() -> Vec<Vec<u8>> {
     let clock = Clock::decode(&[0x01, 0x02, 1, 0, 0, 0, 0, 0, 0, 0, 5, 9, 0, 0, 0, 0, 0, 0, 0, 0xac, 0x02]).unwrap();
     let bound = encode_context(&clock, b"key", Some(2));
     let mut signed = bound.clone();
-    ClusterKeys::from_secret(b"the fuzz tests' secret").sign(&mut signed, 0, b"key");
+    ClusterKeys::from_secret(b"the fuzz tests' secret").sign(&mut signed, b"key");
     let hinted = [&[0x02, 0x02, 0x00][..], &clock.to_bytes()[1..]].concat();
     vec![clock.to_bytes(), hinted, bound, signed]
 }

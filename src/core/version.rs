@@ -494,9 +494,9 @@ pub struct DecodedContext {
     /// [`key_tag`] of the key it was read from; `None` for an unbound
     /// context (an older node's, or no context at all).
     pub key_tag: Option<u64>,
-    /// A signed context's MAC (format 4), and the length of the bytes it
-    /// covers (with the key): the node that checks it needs both.
-    pub mac: Option<([u8; CONTEXT_MAC_LEN], usize)>,
+    /// A signed context's MAC (format 4): it covers the key and every byte
+    /// of the context before it ([`signed_part`]).
+    pub mac: Option<[u8; CONTEXT_MAC_LEN]>,
 }
 
 impl DecodedContext {
@@ -547,14 +547,19 @@ fn bound_prefix(out: &mut Vec<u8>, key: &[u8], hint: Option<u16>) {
     out.extend_from_slice(&hint.unwrap_or(NO_HINT).to_le_bytes());
 }
 
-/// Signs the bound context (format 3) that starts at `out[start]`, the
-/// last thing in `out`: makes it format 4 and appends `mac` of its bytes
-/// (module doc).
-pub fn sign_context(out: &mut Vec<u8>, start: usize, mac: impl FnOnce(&[u8]) -> [u8; CONTEXT_MAC_LEN]) {
-    assert_eq!(out.get(start), Some(&FORMAT_BOUND), "only a bound context is signed");
-    out[start] = FORMAT_SIGNED;
-    let mac = mac(&out[start..]);
-    out.extend_from_slice(&mac);
+/// Signs `context`, a bound context (format 3): makes it format 4 and
+/// appends `mac` of its bytes (module doc).
+pub fn sign_context(context: &mut Vec<u8>, mac: impl FnOnce(&[u8]) -> [u8; CONTEXT_MAC_LEN]) {
+    assert_eq!(context.first(), Some(&FORMAT_BOUND), "only a bound context is signed");
+    context[0] = FORMAT_SIGNED;
+    let mac = mac(context);
+    context.extend_from_slice(&mac);
+}
+
+/// The bytes of a signed context (format 4) its MAC covers: all but the
+/// MAC at its end (`None` if it is not that long).
+pub fn signed_part(bytes: &[u8]) -> Option<&[u8]> {
+    bytes.len().checked_sub(CONTEXT_MAC_LEN).filter(|&n| n > 0).map(|n| &bytes[..n])
 }
 
 /// Decodes a client context of any format (module doc). A signed
@@ -562,10 +567,8 @@ pub fn sign_context(out: &mut Vec<u8>, start: usize, mac: impl FnOnce(&[u8]) -> 
 pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
     let (mut bytes, mut mac) = (bytes, None);
     if bytes.first() == Some(&FORMAT_SIGNED) {
-        let covered = bytes.len().checked_sub(CONTEXT_MAC_LEN).filter(|&n| n > 0);
-        let covered = covered.ok_or(VersionError::Malformed("a signed context shorter than its MAC"))?;
-        let (signed, tail) = bytes.split_at(covered);
-        mac = Some((tail.try_into().expect("CONTEXT_MAC_LEN bytes"), covered));
+        let signed = signed_part(bytes).ok_or(VersionError::Malformed("a signed context shorter than its MAC"))?;
+        mac = Some(bytes[signed.len()..].try_into().expect("CONTEXT_MAC_LEN bytes"));
         bytes = signed;
     }
     let (key_tag, hint, body) = match bytes.first() {
@@ -607,8 +610,7 @@ pub fn check_context_decoder(bytes: &[u8]) {
             out.extend_from_slice(&tag.to_le_bytes());
             out.extend_from_slice(&ctx.hint.unwrap_or(NO_HINT).to_le_bytes());
             ctx.clock.encode_body(&mut out);
-            if let Some((mac, covered)) = ctx.mac {
-                assert_eq!(covered, out.len(), "the MAC covers the context before it");
+            if let Some(mac) = ctx.mac {
                 out.extend_from_slice(&mac);
             }
             assert_eq!(ctx.mac.is_some(), format == FORMAT_SIGNED);
@@ -1186,7 +1188,7 @@ mod tests {
         assert!(decode_context(&[golden.as_slice(), &[0]].concat()).is_err());
         let big = Clock { entries: (1..=MAX_CLOCK_ENTRIES as u64).map(|a| (a, u64::MAX)).collect() };
         let mut signed = encode_context(&big, b"k", Some(7));
-        sign_context(&mut signed, 0, |_| [0; CONTEXT_MAC_LEN]);
+        sign_context(&mut signed, |_| [0; CONTEXT_MAC_LEN]);
         assert_eq!(signed.len(), MAX_CONTEXT_LEN);
     }
 
@@ -1200,16 +1202,15 @@ mod tests {
         let body = [&[0x04][..], &tag, &[0x03, 0x00, 0x01, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01]].concat();
         let mac: [u8; CONTEXT_MAC_LEN] = std::array::from_fn(|i| 0xa0 + i as u8);
         let golden = [&body[..], &mac].concat();
-        let mut signed = vec![0xee];
-        encode_context_into(&mut signed, &c, b"k", Some(3));
-        sign_context(&mut signed, 1, |covered| {
+        let mut signed = encode_context(&c, b"k", Some(3));
+        sign_context(&mut signed, |covered| {
             assert_eq!(covered, body, "the MAC covers the context before it, format byte 4 included");
             mac
         });
-        assert_eq!(signed[1..], golden);
+        assert_eq!(signed, golden);
         let decoded = decode_context(&golden).unwrap();
-        let want =
-            DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some((mac, body.len())) };
+        let want = DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some(mac) };
+        assert_eq!(signed_part(&golden), Some(&body[..]), "the MAC covers the context before it");
         assert_eq!(decoded, want);
         assert_eq!(decoded.check_key(b"j"), Err(VersionError::OtherKey));
         for cut in 1..golden.len() {

@@ -240,11 +240,10 @@ impl Shard {
                     Err(e) => return self.error_frame(id, ErrorCode::InvalidQuorum, &e.to_string()),
                 };
                 match self.clone().run_coordinator(key, coord, deadline).await {
-                    Ok((set, fastest)) => self.get_reply(
-                        id,
-                        &set,
-                        &self.store.context_of(set.clock(), key, Some(fastest.unwrap_or(cs.info.me))),
-                    ),
+                    Ok((set, fastest)) => {
+                        let hint = Some(fastest.unwrap_or(cs.info.me));
+                        self.store.with_context_of(set.clock(), key, hint, |c| self.get_reply(id, &set, c))
+                    }
                     Err(e) => self.quorum_error(id, &e),
                 }
             }
@@ -279,7 +278,9 @@ impl Shard {
             Err(e) => return self.error_frame(id, error_code(&e), &e.to_string()),
         };
         let others: Vec<MemberIdx> = replicas.iter().copied().filter(|&m| m != me).collect();
-        let (context, siblings) = (self.store.context_of(written.context(), key, Some(me)), written.siblings());
+        // Owned: the reply is built once the replicas answered.
+        let context = self.store.with_context_of(written.context(), key, Some(me), <[u8]>::to_vec);
+        let siblings = written.siblings();
         let now = cs.micros(Instant::now());
         let coord = match PutCoordinator::new(written.set, me, &others, w, now, cs.micros(deadline)) {
             Ok(c) => c,

@@ -342,15 +342,19 @@ impl Shard {
                 Request::Stats => Response::Stats(&self.stats_json()).encode(&mut out, id, shard),
                 Request::Get { key } => {
                     let set = self.store.get(key).await?;
-                    out = self.get_reply(id, &set, &self.store.context_of(set.clock(), key, None));
+                    out = self.store.with_context_of(set.clock(), key, None, |c| self.get_reply(id, &set, c));
                 }
                 Request::Put { key, context, value } => {
                     let w = self.store.put(key, context, Some(value), now_ms()).await?;
-                    out = self.write_reply(id, true, &self.store.context_of(w.context(), key, None), w.siblings());
+                    out = self
+                        .store
+                        .with_context_of(w.context(), key, None, |c| self.write_reply(id, true, c, w.siblings()));
                 }
                 Request::Delete { key, context } => {
                     let w = self.store.put(key, context, None, now_ms()).await?;
-                    out = self.write_reply(id, false, &self.store.context_of(w.context(), key, None), w.siblings());
+                    out = self
+                        .store
+                        .with_context_of(w.context(), key, None, |c| self.write_reply(id, false, c, w.siblings()));
                 }
                 Request::Ring => match &self.cluster {
                     Some(c) => {
