@@ -800,7 +800,7 @@ fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut VecDeque<Queued>, ranges: 
             late.push(f.id);
             continue;
         }
-        crate::wire::set_deadline_us(&mut out[f.at..], crate::wire::deadline_us_for(left));
+        crate::wire::stamp_deadline(&mut out[f.at..], left);
         match ranges.last_mut() {
             Some((_, end)) if *end == f.at => *end += f.len,
             _ => ranges.push((f.at, f.at + f.len)),

@@ -886,7 +886,7 @@ fn stamp_run(
         if left.is_zero() {
             late += 1;
         } else {
-            crate::wire::set_deadline_us(&mut batch[at..end], crate::wire::deadline_us_for(left));
+            crate::wire::stamp_deadline(&mut batch[at..end], left);
             match ranges.last_mut() {
                 Some((_, e)) if *e == at => *e = end,
                 _ => ranges.push((at, end)),
@@ -1022,6 +1022,24 @@ mod tests {
         // One frame larger than the cap still fits an empty queue.
         q.push(frame(MAX_QUEUED_BYTES * 2), later);
         assert_eq!(q.admit(after), (false, 0));
+    }
+
+    /// A HELLO goes out with no deadline, as it was encoded: queued with
+    /// `HELLO_LIFETIME` only to be dropped if the connect takes longer. (A
+    /// review found it stamped with that lifetime, so a node whose reader
+    /// had waited could answer it DeadlineExceeded and never take the
+    /// connection as a member's.)
+    #[test]
+    fn a_hello_is_sent_without_a_deadline() {
+        let queued = Instant::now();
+        let mut q = OutQueue::default();
+        let hello = Request::Hello { member: b"n1" };
+        q.push(|out| hello.encode(out, HELLO_ID, 0, 0), queued + HELLO_LIFETIME);
+        let (mut batch, spans, _) = q.take(queued);
+        let mut ranges = Vec::new();
+        assert_eq!(stamp_run(&mut batch, &spans, 0, queued + Duration::from_millis(5), &mut ranges), (1, 0));
+        let h: &[u8; HEADER_LEN] = batch[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(crate::wire::decode_header(h, MAX_BODY_LEN).unwrap().deadline_us, 0);
     }
 
     /// The writer stamps each frame with what its caller has left as its

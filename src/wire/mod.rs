@@ -498,12 +498,16 @@ pub fn deadline_us_for(left: std::time::Duration) -> u32 {
     left.as_micros().clamp(1, u32::MAX as u128) as u32
 }
 
-/// Rewrites the deadline of the frame at the start of `frame` (nothing if
-/// it is shorter than a header): a client stamps each request's budget
-/// as the request leaves, not as it is queued.
-pub fn set_deadline_us(frame: &mut [u8], deadline_us: u32) {
+/// Stamps the frame at the start of `frame` with `left`, the time its
+/// caller still waits ([`deadline_us_for`]): clients and peers stamp each
+/// request's budget as it leaves, not as it is queued. A frame sent
+/// without a deadline (0: a peer's HELLO) keeps none, and one shorter
+/// than a header is left alone.
+pub fn stamp_deadline(frame: &mut [u8], left: std::time::Duration) {
     if let Ok((raw, _)) = RawHeader::mut_from_prefix(frame) {
-        raw.deadline_us = U32::new(deadline_us);
+        if raw.deadline_us.get() != 0 {
+            raw.deadline_us = U32::new(deadline_us_for(left));
+        }
     }
 }
 
@@ -1371,13 +1375,19 @@ mod tests {
         let mut frame = Vec::new();
         Request::Get { key: b"k" }.encode(&mut frame, 9, 2, 5);
         let before = frame.clone();
-        set_deadline_us(&mut frame, 70_000);
+        stamp_deadline(&mut frame, std::time::Duration::from_micros(70_000));
         assert_eq!(frame[20..24], 70_000u32.to_le_bytes(), "bytes 20..24, little-endian");
         assert_eq!((&frame[..20], &frame[24..]), (&before[..20], &before[24..]), "nothing else changes");
         let header: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
         assert_eq!(decode_header(header, MAX_BODY_LEN).unwrap().deadline_us, 70_000);
         let mut short = frame[..HEADER_LEN - 1].to_vec();
-        set_deadline_us(&mut short, 1);
+        stamp_deadline(&mut short, std::time::Duration::from_micros(1));
         assert_eq!(short, frame[..HEADER_LEN - 1], "shorter than a header: untouched");
+        // No deadline (a peer's HELLO): none is stamped on it.
+        let mut hello = Vec::new();
+        Request::Hello { member: b"n1" }.encode(&mut hello, 1, 0, 0);
+        let unstamped = hello.clone();
+        stamp_deadline(&mut hello, std::time::Duration::from_secs(2));
+        assert_eq!(hello, unstamped);
     }
 }
