@@ -120,8 +120,8 @@ pub struct PeerCounters {
     pub connect_failures: Cell<u64>,
     /// Calls that ended without a reply (unreachable, broken, deadline).
     pub call_failures: Cell<u64>,
-    /// Frames dropped unsent because their deadline passed while queued,
-    /// or before their run was written.
+    /// Frames dropped unsent because their deadline passed: found so when
+    /// their run was about to be written, or when a full queue made room.
     pub expired_unsent: Cell<u64>,
     /// Calls refused at once because their connection's queue was full
     /// ([`MAX_QUEUED_BYTES`]).
@@ -318,17 +318,14 @@ impl OutQueue {
         self.spans.push((self.buf.len(), deadline));
     }
 
-    /// Takes every queued frame still live at `now` for the writer (it then
-    /// counts as being written until [`Self::written`]): the bytes, where
-    /// each frame ends and its deadline, and how many expired frames were
-    /// dropped.
-    fn take(&mut self, now: Instant) -> (Vec<u8>, Spans, u64) {
-        let spans = std::mem::take(&mut self.spans);
-        let before = spans.len() as u64;
-        let (batch, spans) = drop_expired(std::mem::take(&mut self.buf), spans, now);
+    /// Takes every queued frame for the writer (it then counts as being
+    /// written until [`Self::written`]): the bytes, and where each frame
+    /// ends and its deadline. Those whose time is up are left out as their
+    /// run is written ([`stamp_run`]).
+    fn take(&mut self) -> (Vec<u8>, Spans) {
+        let batch = std::mem::take(&mut self.buf);
         self.writing = batch.len();
-        let dropped = before - spans.len() as u64;
-        (batch, spans, dropped)
+        (batch, std::mem::take(&mut self.spans))
     }
 
     /// The writer finished (or gave up) the batch it took.
@@ -658,6 +655,7 @@ impl Peers {
         let writer_task = {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
+                let mut ranges = Vec::new();
                 loop {
                     let g = conn.queued.generation();
                     if conn.dead.get() {
@@ -667,10 +665,9 @@ impl Peers {
                         conn.queued.wait(g).await;
                         continue;
                     }
-                    let (mut batch, spans, dropped) = conn.out.borrow_mut().take(Instant::now());
+                    let (mut batch, spans) = conn.out.borrow_mut().take();
                     conn.sent_upto.set(conn.next_id.get() - 1);
-                    bump(&peers.counters.expired_unsent, dropped);
-                    let result = write_stamped(&writer, &mut batch, &spans).await;
+                    let result = write_stamped(&writer, &mut batch, &spans, &mut ranges).await;
                     conn.out.borrow_mut().written();
                     let written = match result {
                         Ok(written) => {
@@ -908,20 +905,21 @@ struct Written {
 }
 
 /// Writes the frames of `batch` (ending at the offsets in `spans`) a
-/// stamped run at a time ([`stamp_run`]).
+/// stamped run at a time ([`stamp_run`]; `ranges` is its reused list).
 async fn write_stamped(
     sock: &super::front::Socket,
     batch: &mut [u8],
     spans: &[(usize, Instant)],
+    ranges: &mut Vec<(usize, usize)>,
 ) -> Result<Written, WriteError> {
-    let (mut next, mut ranges) = (0, Vec::new());
+    let mut next = 0;
     let mut done = Written { frames: 0, late: 0, writes: 0 };
     while next < spans.len() {
         let first = next;
         let left_out;
-        (next, left_out) = stamp_run(batch, spans, first, Instant::now(), &mut ranges);
+        (next, left_out) = stamp_run(batch, spans, first, Instant::now(), ranges);
         done.late += left_out;
-        for &(a, b) in &ranges {
+        for &(a, b) in ranges.iter() {
             write_bounded(sock, &batch[a..b]).await?;
             done.writes += 1;
         }
@@ -1014,8 +1012,8 @@ mod tests {
         q.push(frame(big), later);
         assert_eq!(q.admit(after), (false, 0));
         // The batch being written counts until it is written.
-        let (batch, spans, dropped) = q.take(after);
-        assert_eq!((batch.len(), spans.len(), dropped), (4 * big, 4, 0));
+        let (batch, spans) = q.take();
+        assert_eq!((batch.len(), spans.len()), (4 * big, 4));
         assert_eq!(q.admit(after), (false, 0), "the writer is blocked on it");
         q.written();
         assert_eq!(q.admit(after), (true, 0));
@@ -1035,7 +1033,7 @@ mod tests {
         let mut q = OutQueue::default();
         let hello = Request::Hello { member: b"n1" };
         q.push(|out| hello.encode(out, HELLO_ID, 0, 0), queued + HELLO_LIFETIME);
-        let (mut batch, spans, _) = q.take(queued);
+        let (mut batch, spans) = q.take();
         let mut ranges = Vec::new();
         assert_eq!(stamp_run(&mut batch, &spans, 0, queued + Duration::from_millis(5), &mut ranges), (1, 0));
         let h: &[u8; HEADER_LEN] = batch[..HEADER_LEN].try_into().unwrap();
@@ -1061,7 +1059,7 @@ mod tests {
         // A large frame then, whose run is a run of its own.
         let big = Request::Put { key: b"b", context: &[], value: &[7; WRITE_RUN] };
         q.push(|out| big.encode(out, 9, 0, 1), queued + Duration::from_secs(1));
-        let (mut batch, spans, _) = q.take(queued);
+        let (mut batch, spans) = q.take();
         let deadline_of = |b: &[u8], at: usize| {
             let h: &[u8; HEADER_LEN] = b[at..at + HEADER_LEN].try_into().unwrap();
             crate::wire::decode_header(h, MAX_BODY_LEN).unwrap().deadline_us
