@@ -151,7 +151,7 @@ impl<B: Backend> Store<B> {
 
     /// Runs `reply` on the context of `clock` for `key`, naming coordinator
     /// `hint`: bound to the key, signed if the node has a cluster secret,
-    /// and built in the store's reused buffer ([`Self::with_context`]).
+    /// and built in the store's reused buffer (`Self::with_context`).
     pub fn with_context_of<R>(
         &self,
         clock: &Clock,

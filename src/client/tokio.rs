@@ -11,7 +11,7 @@
 //!
 //! A call encodes its frame into the connection's write buffer and waits
 //! on a oneshot; the connection's writer task writes whatever has queued
-//! up, in runs of up to `WRITE_RUN` bytes (several frames per write under
+//! up, in runs of up to `wire::WRITE_RUN` bytes (several frames per write under
 //! load), stamping each frame with what is left of its caller's time as
 //! its run leaves and leaving out those whose caller gave up; its reader
 //! task matches each reply to its waiter by request id, in any order.
@@ -52,8 +52,8 @@ use super::{
 use crate::core::partition;
 use crate::core::ring::MemberIdx;
 use crate::wire::{
-    flags, split_frame, ErrorCode, Header, NodeInfo, Quorum, Request, Response, ANY_SHARD, HEADER_LEN, MAX_BODY_LEN,
-    MAX_IN_FLIGHT,
+    flags, split_frame, ErrorCode, Header, NodeInfo, Quorum, Request, Response, StampedRun, ANY_SHARD, HEADER_LEN,
+    MAX_BODY_LEN, MAX_IN_FLIGHT,
 };
 
 /// Free space the reader makes before each read.
@@ -771,39 +771,22 @@ struct Queued {
     deadline: tokio::time::Instant,
 }
 
-/// Bytes of frames the writer stamps together and then writes, at most (a
-/// larger frame is a run of its own): a frame's budget is stamped just
-/// before its run is written, so a frame behind a large one goes out with
-/// what is left of its caller's time then (found by a review: stamped a
-/// whole batch at a time, a frame behind an 8 MiB one left a second later
-/// with its old budget).
-const WRITE_RUN: usize = 64 * 1024;
-
-/// Stamps the frames of the run that starts at `frames[0]` with what is
-/// left of each caller's time, and takes them off `frames`: leaves in
-/// `ranges` the byte ranges of `out` to write (consecutive frames kept are
-/// one range), and answers each caller whose time is up with a timeout,
+/// Fills `run` with the frames at the front of `frames`, each stamped with
+/// what is left of its caller's time (`wire::StampedRun`), and takes them
+/// off `frames`; answers each caller whose time is up with a timeout,
 /// leaving its frame out (the node counts a budget from when the frame
 /// arrives).
-fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut VecDeque<Queued>, ranges: &mut Vec<(usize, usize)>) {
+fn stamp_run(s: &Shared, out: &mut [u8], frames: &mut VecDeque<Queued>, run: &mut StampedRun) {
     let now = tokio::time::Instant::now();
-    ranges.clear();
-    let (mut late, mut bytes) = (Vec::new(), 0);
-    while let Some(f) = frames.front() {
-        if bytes > 0 && bytes + f.len > WRITE_RUN {
+    run.start();
+    let mut late = Vec::new();
+    while let Some(f) = frames.pop_front() {
+        if !run.fits(f.len) {
+            frames.push_front(f);
             break;
         }
-        let f = frames.pop_front().expect("a front frame");
-        bytes += f.len;
-        let left = f.deadline.saturating_duration_since(now);
-        if left.is_zero() {
+        if !run.take(out, f.at, f.at + f.len, f.deadline.saturating_duration_since(now)) {
             late.push(f.id);
-            continue;
-        }
-        crate::wire::stamp_deadline(&mut out[f.at..], left);
-        match ranges.last_mut() {
-            Some((_, end)) if *end == f.at => *end += f.len,
-            _ => ranges.push((f.at, f.at + f.len)),
         }
     }
     if !late.is_empty() {
@@ -882,7 +865,7 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
     let _break = BreakOnDrop(s.clone());
     let mut out: Vec<u8> = Vec::new();
     let mut frames = VecDeque::new();
-    let mut ranges = Vec::new();
+    let mut run = StampedRun::default();
     loop {
         {
             let mut st = lock(&s.state);
@@ -899,8 +882,8 @@ async fn write_loop(s: Arc<Shared>, mut wr: OwnedWriteHalf, mut closed: watch::R
             }
         }
         while !frames.is_empty() {
-            stamp_run(&s, &mut out, &mut frames, &mut ranges);
-            for &(from, to) in &ranges {
+            stamp_run(&s, &mut out, &mut frames, &mut run);
+            for &(from, to) in &run.ranges {
                 tokio::select! {
                     r = wr.write_all(&out[from..to]) => if let Err(e) = r {
                         s.fail(Broken::Io(e.kind(), e.to_string()));

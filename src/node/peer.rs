@@ -11,7 +11,7 @@
 //!
 //! Batching: frames queued on one connection while the shard runs other
 //! tasks leave together when the connection's writer task runs next, in
-//! one write per 64 KiB run ([`WRITE_RUN`]), so the replica messages of
+//! one write per 64 KiB run ([`crate::wire::WRITE_RUN`]), so the replica messages of
 //! every request that became ready in the same scheduling tick share a
 //! write. `replica_frames / replica_writes` in STATS shows the ratio.
 //!
@@ -58,7 +58,9 @@ use crate::auth::{ClusterKeys, Side};
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
-use crate::wire::{decode_reply_frame, split_frame, ErrorCode, Quorum, Request, Response, HEADER_LEN, MAX_BODY_LEN};
+use crate::wire::{
+    decode_reply_frame, split_frame, ErrorCode, Quorum, Request, Response, StampedRun, HEADER_LEN, MAX_BODY_LEN,
+};
 
 /// How long a HELLO may wait in a new connection's queue before it is
 /// dropped unsent (with the rest of what expired): as long as a connect
@@ -655,7 +657,7 @@ impl Peers {
         let writer_task = {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
-                let mut ranges = Vec::new();
+                let mut run = StampedRun::default();
                 loop {
                     let g = conn.queued.generation();
                     if conn.dead.get() {
@@ -667,7 +669,7 @@ impl Peers {
                     }
                     let (mut batch, spans) = conn.out.borrow_mut().take();
                     conn.sent_upto.set(conn.next_id.get() - 1);
-                    let result = write_stamped(&writer, &mut batch, &spans, &mut ranges).await;
+                    let result = write_stamped(&writer, &mut batch, &spans, &mut run).await;
                     conn.out.borrow_mut().written();
                     let written = match result {
                         Ok(written) => {
@@ -851,43 +853,24 @@ async fn read_opening<'a>(sock: &super::front::Socket, inbox: &'a mut Inbox, id:
     }
 }
 
-/// Bytes of frames the writer stamps together and then writes, at most (a
-/// larger frame is a run of its own): a frame's deadline is stamped with
-/// what its caller has left just before its run is written, so a frame
-/// behind a large batch does not reach the peer with the budget it had
-/// when it was queued (the clients' writers do the same; carried over
-/// from the async client's fix).
-const WRITE_RUN: usize = 64 * 1024;
-
-/// Stamps the run of `batch`'s frames (each ending at its `spans` offset)
-/// that starts with frame `first`: each frame with the time its caller
-/// has left at `now`, until the run holds [`WRITE_RUN`] bytes. Leaves in
-/// `ranges` the byte ranges of `batch` to write (consecutive frames kept
-/// are one range), leaving out the frames whose time is up, and returns
-/// the index of the next run's first frame and how many were left out.
+/// Fills `run` with `batch`'s frames (each ending at its `spans` offset)
+/// from frame `first` on, each stamped with the time its caller has left
+/// at `now` or left out if none is (the run's `ranges` are what to
+/// write). Returns the index of the next run's first frame and how many
+/// were left out.
 fn stamp_run(
     batch: &mut [u8],
     spans: &[(usize, Instant)],
     first: usize,
     now: Instant,
-    ranges: &mut Vec<(usize, usize)>,
+    run: &mut StampedRun,
 ) -> (usize, u64) {
-    ranges.clear();
-    let run_start = first.checked_sub(1).map_or(0, |i| spans[i].0);
-    let (mut at, mut next, mut late) = (run_start, first, 0);
-    while let Some(&(end, deadline)) = spans.get(next) {
-        if at > run_start && end - run_start > WRITE_RUN {
-            break;
-        }
-        let left = deadline.saturating_duration_since(now);
-        if left.is_zero() {
+    run.start();
+    let mut at = first.checked_sub(1).map_or(0, |i| spans[i].0);
+    let (mut next, mut late) = (first, 0);
+    while let Some(&(end, deadline)) = spans.get(next).filter(|&&(end, _)| run.fits(end - at)) {
+        if !run.take(batch, at, end, deadline.saturating_duration_since(now)) {
             late += 1;
-        } else {
-            crate::wire::stamp_deadline(&mut batch[at..end], left);
-            match ranges.last_mut() {
-                Some((_, e)) if *e == at => *e = end,
-                _ => ranges.push((at, end)),
-            }
         }
         (at, next) = (end, next + 1);
     }
@@ -905,21 +888,21 @@ struct Written {
 }
 
 /// Writes the frames of `batch` (ending at the offsets in `spans`) a
-/// stamped run at a time ([`stamp_run`]; `ranges` is its reused list).
+/// stamped run at a time ([`stamp_run`], into the writer's reused `run`).
 async fn write_stamped(
     sock: &super::front::Socket,
     batch: &mut [u8],
     spans: &[(usize, Instant)],
-    ranges: &mut Vec<(usize, usize)>,
+    run: &mut StampedRun,
 ) -> Result<Written, WriteError> {
     let mut next = 0;
     let mut done = Written { frames: 0, late: 0, writes: 0 };
     while next < spans.len() {
         let first = next;
         let left_out;
-        (next, left_out) = stamp_run(batch, spans, first, Instant::now(), ranges);
+        (next, left_out) = stamp_run(batch, spans, first, Instant::now(), run);
         done.late += left_out;
-        for &(a, b) in ranges.iter() {
+        for &(a, b) in &run.ranges {
             write_bounded(sock, &batch[a..b]).await?;
             done.writes += 1;
         }
@@ -1034,8 +1017,8 @@ mod tests {
         let hello = Request::Hello { member: b"n1" };
         q.push(|out| hello.encode(out, HELLO_ID, 0, 0), queued + HELLO_LIFETIME);
         let (mut batch, spans) = q.take();
-        let mut ranges = Vec::new();
-        assert_eq!(stamp_run(&mut batch, &spans, 0, queued + Duration::from_millis(5), &mut ranges), (1, 0));
+        let mut run = StampedRun::default();
+        assert_eq!(stamp_run(&mut batch, &spans, 0, queued + Duration::from_millis(5), &mut run), (1, 0));
         let h: &[u8; HEADER_LEN] = batch[..HEADER_LEN].try_into().unwrap();
         assert_eq!(crate::wire::decode_header(h, MAX_BODY_LEN).unwrap().deadline_us, 0);
     }
@@ -1057,7 +1040,7 @@ mod tests {
             q.push(|out| req.encode(out, i as u64 + FIRST_CALL_ID, 0, us), d);
         }
         // A large frame then, whose run is a run of its own.
-        let big = Request::Put { key: b"b", context: &[], value: &[7; WRITE_RUN] };
+        let big = Request::Put { key: b"b", context: &[], value: &[7; crate::wire::WRITE_RUN] };
         q.push(|out| big.encode(out, 9, 0, 1), queued + Duration::from_secs(1));
         let (mut batch, spans) = q.take();
         let deadline_of = |b: &[u8], at: usize| {
@@ -1067,17 +1050,17 @@ mod tests {
         // The run leaves 60 ms after the frames were queued: the third
         // frame's caller has given up.
         let now = queued + Duration::from_millis(60);
-        let mut ranges = Vec::new();
-        let (next, late) = stamp_run(&mut batch, &spans, 0, now, &mut ranges);
+        let mut run = StampedRun::default();
+        let (next, late) = stamp_run(&mut batch, &spans, 0, now, &mut run);
         assert_eq!((next, late), (4, 1), "the small frames are one run; the big one waits for the next");
         let starts: Vec<usize> = std::iter::once(0).chain(spans.iter().map(|s| s.0)).collect();
-        assert_eq!(ranges, vec![(0, starts[2]), (starts[3], starts[4])], "the late frame is left out");
+        assert_eq!(run.ranges, vec![(0, starts[2]), (starts[3], starts[4])], "the late frame is left out");
         for (i, ms) in [(0, 40), (1, 140), (3, 240)] {
             assert_eq!(deadline_of(&batch, starts[i]), ms * 1000, "frame {i}: its deadline less the 60 ms gone");
         }
         // The big frame, stamped as its own run leaves, 100 ms later.
-        let (next, late) = stamp_run(&mut batch, &spans, 4, now + Duration::from_millis(100), &mut ranges);
-        assert_eq!((next, late, ranges.clone()), (5, 0, vec![(starts[4], starts[5])]));
+        let (next, late) = stamp_run(&mut batch, &spans, 4, now + Duration::from_millis(100), &mut run);
+        assert_eq!((next, late, run.ranges.clone()), (5, 0, vec![(starts[4], starts[5])]));
         assert_eq!(deadline_of(&batch, starts[4]), 840_000);
     }
 }

@@ -511,6 +511,58 @@ pub fn stamp_deadline(frame: &mut [u8], left: std::time::Duration) {
     }
 }
 
+/// Bytes of frames a writer stamps together and then writes, at most (a
+/// larger frame is a run of its own): each frame's budget is stamped just
+/// before its run is written, so a frame behind a large one goes out with
+/// what is left of its caller's time then (found by a review: stamped a
+/// whole batch at a time, a frame behind an 8 MiB one left a second later
+/// with its old budget). The async client's writer and a node's peer
+/// writer both write in runs ([`StampedRun`]).
+pub const WRITE_RUN: usize = 64 * 1024;
+
+/// The run of queued frames a writer is about to write: each frame taken
+/// into it is stamped with what its caller has left ([`stamp_deadline`])
+/// or, with nothing left, left out, until the run holds [`WRITE_RUN`]
+/// bytes. The writer then writes `ranges`.
+#[derive(Default)]
+pub struct StampedRun {
+    /// Bytes of the frames taken so far, those left out included.
+    bytes: usize,
+    /// The byte ranges of the writer's buffer to write, in order:
+    /// consecutive frames kept are one range.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+impl StampedRun {
+    /// Starts a new run (the ranges of the last one are dropped, their
+    /// room kept).
+    pub fn start(&mut self) {
+        self.bytes = 0;
+        self.ranges.clear();
+    }
+
+    /// Whether a frame of `len` bytes goes in this run (the first frame of
+    /// a run always does).
+    pub fn fits(&self, len: usize) -> bool {
+        self.bytes == 0 || self.bytes + len <= WRITE_RUN
+    }
+
+    /// Takes the frame `buf[at..end]`, whose caller has `left` to wait,
+    /// into the run: stamped, or left out if nothing is left (false).
+    pub fn take(&mut self, buf: &mut [u8], at: usize, end: usize, left: std::time::Duration) -> bool {
+        self.bytes += end - at;
+        if left.is_zero() {
+            return false;
+        }
+        stamp_deadline(&mut buf[at..end], left);
+        match self.ranges.last_mut() {
+            Some((_, e)) if *e == at => *e = end,
+            _ => self.ranges.push((at, end)),
+        }
+        true
+    }
+}
+
 impl Header {
     /// The time the sender gives the request (`deadline_us`), if any.
     pub fn deadline(&self) -> Option<std::time::Duration> {
