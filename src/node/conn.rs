@@ -40,6 +40,7 @@ use futures_lite::future::poll_once;
 
 use super::front::Socket;
 use super::{bump, bump_first, decode_error_frame, Answer, Shard};
+use crate::auth::ClusterKeys;
 use crate::notify::Notify;
 use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
@@ -235,13 +236,13 @@ impl Outbox {
 
     /// Waits until one more request may start (not [`Self::full`]),
     /// sending what is queued meanwhile; the reader then starts it, sending
-    /// its own replies. False if the connection broke: nobody will read a
-    /// reply, so nothing more is started (found by a review: every frame
-    /// buffered went on to run, past `MAX_IN_FLIGHT`, with its reply
-    /// piling up unsent).
-    async fn room_for_one(&self, sock: &Socket, shard: &Rc<Shard>) -> bool {
-        let _waiting =
-            (self.full() && !self.broken.get()).then(|| super::Gauged::new(shard, |s| &s.counters.readers_waiting));
+    /// its own replies. Whether it had to wait; `None` if the connection
+    /// broke: nobody will read a reply, so nothing more is started (found
+    /// by a review: every frame buffered went on to run, past
+    /// `MAX_IN_FLIGHT`, with its reply piling up unsent).
+    async fn room_for_one(&self, sock: &Socket, shard: &Rc<Shard>) -> Option<bool> {
+        let waits = self.full() && !self.broken.get();
+        let _waiting = waits.then(|| super::Gauged::new(shard, |s| &s.counters.readers_waiting));
         while self.full() && !self.broken.get() {
             self.send_now(sock, shard);
             let g = self.changed.generation();
@@ -251,7 +252,7 @@ impl Outbox {
             self.changed.wait(g).await;
         }
         self.reader_sends.set(true);
-        !self.broken.get()
+        (!self.broken.get()).then_some(waits)
     }
 
     /// The reader is done starting requests: writes the replies queued so
@@ -574,14 +575,12 @@ impl Standing {
                 Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
             }
             Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
-                if shard.keys().is_some_and(|k| k.accepts_unauthenticated()) && self.auth.get() != Auth::Proven =>
-            {
-                bump(&shard.counters.unauthenticated_taken, 1);
-                None
-            }
-            Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
                 if shard.keys().is_some() && self.auth.get() != Auth::Proven =>
             {
+                if shard.keys().is_some_and(ClusterKeys::accepts_unauthenticated) {
+                    bump(&shard.counters.unauthenticated_taken, 1);
+                    return None;
+                }
                 // Warned once a shard; STATS counts them all.
                 if bump_first(&shard.counters.unauthenticated) {
                     tracing::warn!(
@@ -744,15 +743,14 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                         out.reply(&too_many_connections(&shard));
                         break 'read;
                     }
-                    waited |= out.full();
-                    if !out.room_for_one(&sock, &shard).await {
-                        break 'read;
+                    match out.room_for_one(&sock, &shard).await {
+                        Some(w) => waited |= w,
+                        None => break 'read,
                     }
                     if waited && header.deadline().is_some_and(|budget| read_at.elapsed() > budget) {
                         // Its deadline counts from its arrival: counted
-                        // from here (as it was until the twenty-fourth
-                        // session), a request that waited behind unread
-                        // replies still ran, for a client that had given
+                        // from here, a request that waited behind unread
+                        // replies would run for a client that had given
                         // up on it.
                         out.reply(&shard.deadline_exceeded(header.request_id));
                         start += total;
@@ -838,7 +836,7 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                 Err(WireError::FrameTooLarge { len, max }) if len <= MAX_BODY_LEN => {
                     // Its error reply is owed like any reply: the same
                     // bound on what a client that does not read can pile up.
-                    if !out.room_for_one(&sock, &shard).await {
+                    if out.room_for_one(&sock, &shard).await.is_none() {
                         break 'read;
                     }
                     let header: &[u8; HEADER_LEN] =

@@ -365,18 +365,12 @@ impl Shard {
                         return Ok(self.error_frame(id, ErrorCode::NotClustered, "this node is not part of a cluster"))
                     }
                 },
-                // The connection takes a HELLO itself (`conn`); one that
-                // got this far is answered the same way, but with a cluster
-                // secret there is no connection to hold its challenge, and a
-                // reply without one would say "no secret here".
-                Request::Hello { .. } if self.keys().is_some() => {
-                    let why = "a HELLO is answered by the connection that reads it";
-                    return Ok(self.error_frame(id, ErrorCode::Unauthenticated, why));
-                }
-                Request::Hello { member } => return Ok(self.hello_reply(id, self.is_member(member), None)),
-                Request::Auth { .. } => {
-                    let why = "an AUTH is its connection's, answered where it is read";
-                    return Ok(self.error_frame(id, ErrorCode::Unauthenticated, why));
+                // A connection answers every HELLO and AUTH it reads
+                // (`conn::Standing`): none is dispatched. Were one to be,
+                // there is no connection here to hold a challenge or a proof.
+                Request::Hello { .. } | Request::Auth { .. } => {
+                    let why = "a HELLO or an AUTH is answered by the connection that reads it";
+                    return Ok(self.error_frame(id, ErrorCode::Internal, why));
                 }
                 Request::ReplicaGet { .. } | Request::ReplicaPut { .. } => {
                     if self.cluster.is_none() {

@@ -198,6 +198,10 @@ impl Inbox {
     }
 }
 
+/// Why calls fail on a connection its member refused at its connection
+/// limit.
+const REFUSED: &str = "it refused the connection (at its connection limit)";
+
 /// Why a connection's opening exchange failed.
 enum Shake {
     /// The peer refused the whole connection at its connection limit.
@@ -379,9 +383,10 @@ pub struct Peers {
     /// This node's ring as a RING reply carries it, and its N, R and W:
     /// what each member's answer is compared with ([`Self::compare_ring`]).
     ring: (Vec<u8>, [u8; 3]),
-    /// Members whose ring this shard has asked for (or is asking), until
-    /// the ask fails or the member is found restarted.
-    ring_asked: RefCell<std::collections::HashSet<MemberIdx>>,
+    /// By member: whether this shard has asked for its ring (or is
+    /// asking), until the ask fails or the member is found restarted. A
+    /// flag per member, not a set: every keyed call looks at it.
+    ring_asked: Vec<Cell<bool>>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
     /// The cluster secret's keys: with them, each connection proves the
@@ -403,7 +408,7 @@ impl Peers {
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
             ring: (cluster.ring_bytes.clone(), cluster.quorum_bytes()),
-            ring_asked: RefCell::default(),
+            ring_asked: (0..ring.members().len()).map(|_| Cell::new(false)).collect(),
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
@@ -452,8 +457,7 @@ impl Peers {
         let lane = if req.is_quorum_op() { Lane::Forward } else { Lane::Replica };
         let key = (member, shard, lane);
         if self.refused_until.borrow().get(&key).is_some_and(|&t| Instant::now() < t) {
-            let why = "it refused the connection (at its connection limit)";
-            return Err(self.fail(PeerError::Unreachable(name(), why.into())));
+            return Err(self.fail(PeerError::Unreachable(name(), REFUSED.into())));
         }
         let conn = self.conn(key);
         if conn.dead.get() {
@@ -525,7 +529,7 @@ impl Peers {
     /// member waits for none of it (found by a review: it waited for the
     /// RING answer, and failed with a member that did not give one).
     fn ask_ring(self: &Rc<Self>, member: MemberIdx) {
-        if self.ring_asked.borrow_mut().insert(member) {
+        if !self.ring_asked[member as usize].replace(true) {
             let me = self.clone();
             glommio::spawn_local(async move { me.compare_ring(member).await }).detach();
         }
@@ -551,7 +555,7 @@ impl Peers {
             // the member marked asked for good, and then, while its
             // connection stayed up, unasked but never asked again).
             glommio::timer::sleep(RING_ASK_RETRY).await;
-            self.ring_asked.borrow_mut().remove(&member);
+            self.ring_asked[member as usize].set(false);
             return;
         };
         bump(&self.counters.rings_compared, 1);
@@ -617,7 +621,7 @@ impl Peers {
                 // Its ports may have changed if it restarted (and its
                 // cluster file with them: its ring is asked for again).
                 self.ports.borrow_mut().remove(&member);
-                self.ring_asked.borrow_mut().remove(&member);
+                self.ring_asked[member as usize].set(false);
                 self.give_up(key, &conn, &e.to_string());
                 return;
             }
@@ -635,9 +639,9 @@ impl Peers {
                 Ok(()) => {}
                 Err(Shake::Refused) => {
                     // As the reader does with a refusal (nothing was sent).
-                    self.refused_until.borrow_mut().insert(key, Instant::now() + RETRY_AFTER);
+                    self.refused(key);
                     self.forget(key, &conn);
-                    conn.kill("it refused the connection (at its connection limit)");
+                    conn.kill(REFUSED);
                     return;
                 }
                 Err(Shake::Failed(why)) => {
@@ -702,8 +706,8 @@ impl Peers {
                             // failed as "may have been taken", and was
                             // redialed at once; found by a review).
                             conn.sent_upto.set(0);
-                            self.refused_until.borrow_mut().insert(key, Instant::now() + RETRY_AFTER);
-                            break 'read "it refused the connection (at its connection limit)".to_string();
+                            self.refused(key);
+                            break 'read REFUSED.to_string();
                         }
                         if let Some(slot) = conn.pending.borrow_mut().remove(&h.request_id) {
                             slot.set(Ok(inbox.front(total).to_vec()));
@@ -790,6 +794,13 @@ impl Peers {
             )),
             _ => Err(Shake::Failed("its AUTH reply was another reply".into())),
         }
+    }
+
+    /// The member refused connection `key` at its connection limit: it is
+    /// not dialed again for [`RETRY_AFTER`] (the member still serves the
+    /// connections it has).
+    fn refused(&self, key: ConnKey) {
+        self.refused_until.borrow_mut().insert(key, Instant::now() + RETRY_AFTER);
     }
 
     /// Gives up on `conn` to a peer that failed it: the peer is not dialed
