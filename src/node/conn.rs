@@ -8,15 +8,17 @@
 //! ([`prefetch`]), so that the batch's cache misses overlap.
 //!
 //! Writes that must still settle (a durable write waiting for its group
-//! commit, or any write past the write buffer's backlog limit) have their
-//! replies held in the shard's [`Settling`] queue, which
-//! one task per shard hands out as they settle.
+//! commit, or any write past the write buffer's backlog limit), and GETs
+//! of a version not yet durable under `always`, have their replies held
+//! in the shard's [`Settling`] queue, which one task per shard hands out
+//! as they settle.
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
 //! queue, and its standing (a client's, a cluster member's once it sent a
 //! HELLO naming one (with a cluster secret: once its AUTH proved it), or
 //! admitted past the connection limit into the members' reserve:
-//! [`Standing`]); and the shard's queue of held writes (in log order).
+//! [`Standing`]); and the shard's queue of held replies (in log order;
+//! a held GET waits for its version's commit).
 //!
 //! Invariant: at most `MAX_IN_FLIGHT` requests of a connection are owed
 //! replies, at most `MAX_RUNNING` of them in tasks of their own, and none

@@ -113,9 +113,10 @@ pub enum PeerError {
 /// Counters of a shard's peer traffic, reported by STATS.
 #[derive(Default, Serialize)]
 pub struct PeerCounters {
-    /// Frames sent to peers, and the socket writes that carried them (one
-    /// per 64 KiB run of a batch, `WRITE_RUN`, or per range of a run
-    /// around a frame left out because its time was up).
+    /// Frames sent to peers, and the writes that carried them (one per
+    /// 64 KiB run of a batch, `WRITE_RUN`, or per range of a run around a
+    /// frame left out because its time was up; a range over `WRITE_CHUNK`,
+    /// one large frame, is handed to the socket in pieces).
     pub replica_frames: Cell<u64>,
     pub replica_writes: Cell<u64>,
     pub connects: Cell<u64>,
@@ -144,7 +145,9 @@ pub struct PeerCounters {
     /// Connections whose opening exchange (cluster secret) failed: the
     /// member refused the HELLO or the AUTH, sent no challenge (it has no
     /// secret), answered the AUTH with a proof that is wrong, sent a frame
-    /// that is not a reply to them, or answered nothing in time.
+    /// that is not a reply to them, closed the connection, or answered
+    /// nothing in time; or the write or read failed, or there were no
+    /// random bytes for the nonce.
     pub handshake_failures: Cell<u64>,
     /// With `accept_unauthenticated`: connections to members that sent no
     /// challenge (no secret), taken unproven.
