@@ -17,11 +17,13 @@
 //! seeded xxh3, which the key tag uses, is no MAC: its seed can be
 //! recovered from outputs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::core::version::{sign_context, signed_part, DecodedContext, VersionError, CONTEXT_MAC_LEN};
+use crate::core::version::{
+    check_context_decoder, sign_context, signed_part, DecodedContext, VersionError, CONTEXT_MAC_LEN,
+};
 use crate::wire::{CHALLENGE_LEN, PROOF_LEN};
 
 /// The fewest bytes a secret file may hold (after trailing whitespace):
@@ -50,8 +52,8 @@ pub struct ClusterKeys {
     /// Whether what proves nothing is taken as well: an unsigned context,
     /// a replica message on a connection without a proof, a member that
     /// sends no challenge. Only while a cluster turns its secret on or
-    /// off, member by member (a signed context with a wrong MAC, and a
-    /// wrong proof, are still refused).
+    /// off, member by member (a signed context with a clock and a wrong
+    /// MAC, and a wrong proof, are still refused).
     accept_unauthenticated: bool,
 }
 
@@ -67,86 +69,6 @@ struct Keys {
 impl std::fmt::Debug for ClusterKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ClusterKeys(..)")
-    }
-}
-
-impl ClusterKeys {
-    /// The keys of `secret` (the file's bytes, trailing whitespace cut).
-    pub fn from_secret(secret: &[u8]) -> ClusterKeys {
-        let root = blake3::derive_key(SECRET_CONTEXT, secret);
-        let keys = Keys {
-            context: blake3::derive_key(CONTEXT_KEY_CONTEXT, &root),
-            peer: blake3::derive_key(PEER_KEY_CONTEXT, &root),
-        };
-        ClusterKeys { sets: vec![keys], accept_unauthenticated: false }
-    }
-
-    /// These keys, accepting `other`'s as well (signing and proving with
-    /// these).
-    pub fn accepting(mut self, other: ClusterKeys) -> ClusterKeys {
-        self.sets.extend(other.sets);
-        self
-    }
-
-    /// These keys, taking what proves nothing as well while `accept`
-    /// ([`Self::accepts_unauthenticated`]).
-    pub fn with_unauthenticated(mut self, accept: bool) -> ClusterKeys {
-        self.accept_unauthenticated = accept;
-        self
-    }
-
-    /// Whether an unsigned context, a replica message on a connection that
-    /// proved nothing, and a member that sends no challenge are taken (a
-    /// cluster turning its secret on or off, member by member).
-    pub fn accepts_unauthenticated(&self) -> bool {
-        self.accept_unauthenticated
-    }
-
-    /// The keys of the secret file `current` (it signs and proves), also
-    /// accepting those of the files `accepted` (ARCHITECTURE.md, "Cluster
-    /// secret": rotation).
-    pub fn load_all(current: &Path, accepted: &[std::path::PathBuf]) -> anyhow::Result<ClusterKeys> {
-        let mut keys = ClusterKeys::load(current)?;
-        for path in accepted {
-            keys = keys.accepting(ClusterKeys::load(path).context("an accepted secret (accept_cluster_secret_files)")?);
-        }
-        Ok(keys)
-    }
-
-    /// Reads a secret file: its bytes up to trailing whitespace (a newline
-    /// an editor or `echo` left is not part of it), refused if fewer than
-    /// [`MIN_SECRET_LEN`] or more than [`MAX_SECRET_LEN`].
-    pub fn load(path: &Path) -> anyhow::Result<ClusterKeys> {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
-        if meta.len() > MAX_SECRET_LEN as u64 {
-            bail!(
-                "cluster secret {} holds {} bytes, more than {MAX_SECRET_LEN}: is it the right file?",
-                path.display(),
-                meta.len()
-            );
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "the cluster secret can be read by others than its owner (chmod 600 it)");
-            }
-        }
-        let bytes = std::fs::read(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
-        let secret = bytes.trim_ascii_end();
-        if secret.len() < MIN_SECRET_LEN {
-            bail!(
-                "cluster secret {} holds {} bytes, fewer than {MIN_SECRET_LEN} (make one with `head -c 32 /dev/urandom | base64 > FILE`)",
-                path.display(),
-                secret.len()
-            );
-        }
-        Ok(ClusterKeys::from_secret(secret))
-    }
-
-    /// The keys this node signs and proves with.
-    fn current(&self) -> &Keys {
-        &self.sets[0]
     }
 }
 
@@ -199,6 +121,84 @@ impl Keys {
 }
 
 impl ClusterKeys {
+    /// The keys of `secret` (the file's bytes, trailing whitespace cut).
+    pub fn from_secret(secret: &[u8]) -> ClusterKeys {
+        let root = blake3::derive_key(SECRET_CONTEXT, secret);
+        let keys = Keys {
+            context: blake3::derive_key(CONTEXT_KEY_CONTEXT, &root),
+            peer: blake3::derive_key(PEER_KEY_CONTEXT, &root),
+        };
+        ClusterKeys { sets: vec![keys], accept_unauthenticated: false }
+    }
+
+    /// These keys, accepting `other`'s as well (signing and proving with
+    /// these).
+    pub fn accepting(mut self, other: ClusterKeys) -> ClusterKeys {
+        self.sets.extend(other.sets);
+        self
+    }
+
+    /// These keys, taking what proves nothing as well while `accept`
+    /// ([`Self::accepts_unauthenticated`]).
+    pub fn with_unauthenticated(mut self, accept: bool) -> ClusterKeys {
+        self.accept_unauthenticated = accept;
+        self
+    }
+
+    /// Whether an unsigned context, a replica message on a connection that
+    /// proved nothing, and a member that sends no challenge are taken (a
+    /// cluster turning its secret on or off, member by member).
+    pub fn accepts_unauthenticated(&self) -> bool {
+        self.accept_unauthenticated
+    }
+
+    /// The keys of the secret file `current` (it signs and proves), also
+    /// accepting those of the files `accepted` (ARCHITECTURE.md, "Cluster
+    /// secret": rotation).
+    pub fn load_all(current: &Path, accepted: &[PathBuf]) -> anyhow::Result<ClusterKeys> {
+        let mut keys = ClusterKeys::load(current)?;
+        for path in accepted {
+            keys = keys.accepting(ClusterKeys::load(path).context("an accepted secret (accept_cluster_secret_files)")?);
+        }
+        Ok(keys)
+    }
+
+    /// Reads a secret file: its bytes up to trailing whitespace (a newline
+    /// an editor or `echo` left is not part of it), refused if fewer than
+    /// [`MIN_SECRET_LEN`] or more than [`MAX_SECRET_LEN`].
+    pub fn load(path: &Path) -> anyhow::Result<ClusterKeys> {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
+        if meta.len() > MAX_SECRET_LEN as u64 {
+            bail!(
+                "cluster secret {} holds {} bytes, more than {MAX_SECRET_LEN}: is it the right file?",
+                path.display(),
+                meta.len()
+            );
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "the cluster secret can be read by others than its owner (chmod 600 it)");
+            }
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("reading cluster secret {}", path.display()))?;
+        let secret = bytes.trim_ascii_end();
+        if secret.len() < MIN_SECRET_LEN {
+            bail!(
+                "cluster secret {} holds {} bytes, fewer than {MIN_SECRET_LEN} (make one with `head -c 32 /dev/urandom | base64 > FILE`)",
+                path.display(),
+                secret.len()
+            );
+        }
+        Ok(ClusterKeys::from_secret(secret))
+    }
+
+    /// The keys this node signs and proves with.
+    fn current(&self) -> &Keys {
+        &self.sets[0]
+    }
+
     /// Signs `context`, a bound context of `key` (format 3 made format 4),
     /// with the current secret.
     pub fn sign(&self, context: &mut Vec<u8>, key: &[u8]) {
@@ -284,6 +284,28 @@ pub struct Exchange<'a> {
 /// equality): a node keeps the proof it expects and compares.
 fn proofs_match(expected: &[u8; PROOF_LEN], got: &[u8; PROOF_LEN]) -> bool {
     blake3::Hash::from(*expected) == blake3::Hash::from(*got)
+}
+
+/// The checks a node runs on a write's context `bytes` for `key`, on
+/// arbitrary input (the fuzz target's and the tests' check): decoding and
+/// re-encoding ([`check_context_decoder`]), the key binding, then `keys`'
+/// MAC check. None may panic; and a context bound to `key` with a clock
+/// is taken only if it is `signed`, the one context of `key` that `keys`
+/// signed here (any other bytes, a changed clock or MAC, or an unsigned
+/// format, are refused).
+#[doc(hidden)]
+pub fn check_write_context(keys: &ClusterKeys, key: &[u8], signed: &[u8], bytes: &[u8]) {
+    check_context_decoder(bytes);
+    let Ok(ctx) = crate::core::version::decode_context(bytes) else { return };
+    if ctx.check_key(key).is_err() {
+        return;
+    }
+    let checked = keys.check(key, bytes, &ctx);
+    if bytes == signed || ctx.clock.is_empty() {
+        assert_eq!(checked, Ok(()), "{bytes:02x?}");
+    } else {
+        assert!(checked.is_err(), "taken with the secret: {bytes:02x?}");
+    }
 }
 
 /// A fresh random challenge.

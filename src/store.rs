@@ -362,9 +362,11 @@ impl<B: Backend> Store<B> {
     /// entry, up to the counter, until repair gives the node the entry
     /// (ARCHITECTURE.md, "Data directory of a node"). An honest client's
     /// context of another key did that; contexts are bound to their key
-    /// now, and `check_write` refuses another key's. A forged context (or
-    /// an unbound one, an older node's format) still can: nothing signs
-    /// them.
+    /// now, and `check_write` refuses another key's. A forged context still
+    /// can on a node without a cluster secret (or one that takes the
+    /// unauthenticated while a secret is turned on): with one, only the
+    /// contexts the cluster signed are taken. So can an unbound one (an
+    /// older node's format) while the node takes those.
     fn update<V: AsRef<[u8]>>(
         &self,
         set: &mut VersionSet<V>,

@@ -1,26 +1,38 @@
-//! Feeds arbitrary bytes to the context decoder a node runs on every
-//! write's context, and to the cluster secret's check after it: neither
-//! may panic, and a context that decodes must re-encode to its bytes
-//! (`check_context_decoder`). The first byte, when under 5, replaces the
-//! input's own as its format byte, so the fuzzer spends its time in the
-//! formats a node reads (0 is a format 1 clock that fails its own check).
+//! Feeds arbitrary bytes to the checks a node runs on every write's
+//! context (`gyre::auth::check_write_context`: decoding and re-encoding,
+//! the key binding, the cluster secret's MAC check): none may panic, and
+//! with the secret only the context it signed is taken. The first byte,
+//! when under 5, replaces the input's own as its format byte, so the
+//! fuzzer spends its time in the formats a node reads (0 is a format 1
+//! clock that fails its own check).
 #![no_main]
 
-use gyre::auth::ClusterKeys;
-use gyre::core::version::{check_context_decoder, decode_context};
+use std::sync::OnceLock;
+
+use gyre::auth::{check_write_context, ClusterKeys};
+use gyre::core::version::{encode_context, Clock};
 use libfuzzer_sys::fuzz_target;
 
+/// The target's secret, and the one context of key `key` it signed.
+fn keys_and_signed() -> &'static (ClusterKeys, Vec<u8>) {
+    static ONCE: OnceLock<(ClusterKeys, Vec<u8>)> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let keys = ClusterKeys::from_secret(b"the fuzz target's secret");
+        let clock = Clock::decode(&[0x01, 0x01, 7, 0, 0, 0, 0, 0, 0, 0, 3]).expect("a clock");
+        let mut signed = encode_context(&clock, b"key", Some(1));
+        keys.sign(&mut signed, b"key");
+        (keys, signed)
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
-    let mut bytes = data.to_vec();
-    if let [choice, rest @ ..] = data {
-        if *choice < 5 && !rest.is_empty() {
-            bytes = rest.to_vec();
+    let (keys, signed) = keys_and_signed();
+    match data {
+        [choice, rest @ ..] if *choice < 5 && !rest.is_empty() => {
+            let mut bytes = rest.to_vec();
             bytes[0] = *choice;
+            check_write_context(keys, b"key", signed, &bytes);
         }
-    }
-    check_context_decoder(&bytes);
-    if let Ok(ctx) = decode_context(&bytes) {
-        let _ = ctx.check_key(b"key");
-        let _ = ClusterKeys::from_secret(b"the fuzz target's secret").check(b"key", &bytes, &ctx);
+        _ => check_write_context(keys, b"key", signed, data),
     }
 });

@@ -45,7 +45,7 @@
 //! varint, an overlong one (a final byte of 0 after the first: every value has
 //! exactly one encoding) and one that overflows `u64` (a 10th byte above 1).
 //!
-//! ## Context (a [`Clock`], handed to clients as opaque bytes)
+//! ## Clock encoding (stored, and context format 1)
 //!
 //! The empty clock ("no context") is the empty byte string. Otherwise:
 //!
@@ -542,8 +542,13 @@ pub fn bind_encoded_clock(out: &mut Vec<u8>, clock: &[u8], key: &[u8], hint: Opt
 const BOUND_PREFIX_LEN: usize = 1 + 8 + 2;
 
 fn bound_prefix(out: &mut Vec<u8>, key: &[u8], hint: Option<u16>) {
-    out.push(FORMAT_BOUND);
-    out.extend_from_slice(&key_tag(key).to_le_bytes());
+    tagged_prefix(out, FORMAT_BOUND, key_tag(key), hint);
+}
+
+/// Format byte, key tag and hint: the front of a format 3 or 4 context.
+fn tagged_prefix(out: &mut Vec<u8>, format: u8, tag: u64, hint: Option<u16>) {
+    out.push(format);
+    out.extend_from_slice(&tag.to_le_bytes());
     out.extend_from_slice(&hint.unwrap_or(NO_HINT).to_le_bytes());
 }
 
@@ -595,6 +600,7 @@ pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
 /// the tests' check): it never panics, and a context it decodes encodes
 /// back to exactly its bytes in its own format (the MAC of format 4 as it
 /// came: only the node can check it).
+#[doc(hidden)]
 pub fn check_context_decoder(bytes: &[u8]) {
     let Ok(ctx) = decode_context(bytes) else { return };
     let mut out = Vec::with_capacity(bytes.len());
@@ -606,9 +612,7 @@ pub fn check_context_decoder(bytes: &[u8]) {
             ctx.clock.encode_body(&mut out);
         }
         (Some(format @ (FORMAT_BOUND | FORMAT_SIGNED)), Some(tag)) => {
-            out.push(format);
-            out.extend_from_slice(&tag.to_le_bytes());
-            out.extend_from_slice(&ctx.hint.unwrap_or(NO_HINT).to_le_bytes());
+            tagged_prefix(&mut out, format, tag, ctx.hint);
             ctx.clock.encode_body(&mut out);
             if let Some(mac) = ctx.mac {
                 out.extend_from_slice(&mac);

@@ -119,8 +119,9 @@
 //!
 //! The context is opaque to clients: it is the causal context of
 //! [`crate::core::version::Clock`] bound to its key
-//! ([`crate::core::version::encode_context`]; a node hands one out for a
-//! key never written too); a request's empty context means "never read".
+//! ([`crate::core::version::encode_context`], and signed by a node with a
+//! cluster secret, `crate::auth`; a node hands one out for a key never
+//! written too); a request's empty context means "never read".
 //!
 //! # Errors
 //!
@@ -882,7 +883,7 @@ impl Response<'_> {
             Response::ReplicaGet { set } => 1 + 8 + set.map_or(0, |(m, v)| m.len() + v.len()),
             Response::ReplicaPut => 0,
             Response::Auth { .. } => PROOF_LEN,
-            Response::Hello { challenge } => challenge.map_or(0, |c| c.len()),
+            Response::Hello { challenge } => challenge.map_or(0, |_| CHALLENGE_LEN),
             Response::Ring { ring, .. } => 3 + ring.len(),
             Response::Error { message, .. } => 4 + error_message(message).len(),
         }
@@ -932,7 +933,11 @@ impl Response<'_> {
             }
             Response::ReplicaPut => {}
             Response::Auth { proof } => out.extend_from_slice(proof),
-            Response::Hello { challenge } => out.extend_from_slice(challenge.as_ref().map_or(&[][..], |c| c)),
+            Response::Hello { challenge } => {
+                if let Some(c) = challenge {
+                    out.extend_from_slice(c);
+                }
+            }
             Response::Ring { n, r, w, ring } => {
                 out.extend_from_slice(&[*n, *r, *w]);
                 out.extend_from_slice(ring);
