@@ -77,7 +77,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use crate::core::ring::MemberIdx;
-use crate::core::version::{decode_context, VersionError, VersionSet, MAX_SIBLINGS};
+use crate::core::version::{context_hint, VersionError, VersionSet, MAX_SIBLINGS};
 
 /// What a coordinator asks of one replica. The key is the driver's: a
 /// coordinator serves one request for one key.
@@ -628,7 +628,7 @@ fn answer_of<T>(replicas: &mut [(MemberIdx, Answer<T>)], from: MemberIdx) -> Opt
 /// fastest) goes to that one first if it is a replica; then the list in
 /// preference order. A read (`context: None`) takes the list as it is.
 pub fn coordinator_order(replicas: &[MemberIdx], context: Option<&[u8]>) -> Vec<MemberIdx> {
-    let hint = context.and_then(|c| decode_context(c).ok()).and_then(|c| c.hint).filter(|h| replicas.contains(h));
+    let hint = context.and_then(context_hint).filter(|h| replicas.contains(h));
     hint.into_iter().chain(replicas.iter().copied().filter(|&m| Some(m) != hint)).collect()
 }
 

@@ -596,6 +596,19 @@ pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
     Ok(DecodedContext { clock, hint, key_tag, mac })
 }
 
+/// The coordinator a context names (formats 2 to 4), read without
+/// decoding the rest: where a write goes first, decided before any node
+/// decodes (and checks) the whole context.
+/// It is the hint [`decode_context`] gives, when that decodes.
+pub fn context_hint(bytes: &[u8]) -> Option<u16> {
+    let read = |at: usize| bytes.get(at..at + 2).map(|h| u16::from_le_bytes([h[0], h[1]]));
+    match *bytes.first()? {
+        FORMAT_HINTED => read(1),
+        FORMAT_BOUND | FORMAT_SIGNED => read(1 + 8).filter(|&h| h != NO_HINT),
+        _ => None,
+    }
+}
+
 /// Checks [`decode_context`] on arbitrary `bytes` (the fuzz target's and
 /// the tests' check): it never panics, and a context it decodes encodes
 /// back to exactly its bytes in its own format (the MAC of format 4 as it
@@ -603,6 +616,7 @@ pub fn decode_context(bytes: &[u8]) -> Result<DecodedContext, VersionError> {
 #[doc(hidden)]
 pub fn check_context_decoder(bytes: &[u8]) {
     let Ok(ctx) = decode_context(bytes) else { return };
+    assert_eq!(context_hint(bytes), ctx.hint, "the hint read alone is the decoded one");
     let mut out = Vec::with_capacity(bytes.len());
     match (bytes.first().copied(), ctx.key_tag) {
         (None, _) => assert!(ctx.clock.is_empty() && ctx.hint.is_none()),
@@ -1215,6 +1229,7 @@ mod tests {
         let decoded = decode_context(&golden).unwrap();
         let want = DecodedContext { clock: c, hint: Some(3), key_tag: Some(key_tag(b"k")), mac: Some(mac) };
         assert_eq!(signed_part(&golden), Some(&body[..]), "the MAC covers the context before it");
+        assert_eq!(context_hint(&golden), Some(3));
         assert_eq!(decoded, want);
         assert_eq!(decoded.check_key(b"j"), Err(VersionError::OtherKey));
         for cut in 1..golden.len() {
