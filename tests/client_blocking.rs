@@ -4,6 +4,8 @@
 //! accident (be stopped, drop a connection mid-batch) is under the test's
 //! control here.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -668,12 +670,10 @@ fn a_cli_write_that_timed_out_says_it_may_have_been_stored() {
         Request::Ring => Then::Reply(frame(Response::Error { code: ErrorCode::NotClustered, message: "lone" }, id)),
         _ => Then::Ignore,
     });
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gyre"))
-        .args(["put", "k", "v", "--node", &addr.to_string(), "--timeout", "1"])
-        .env_remove("RUST_LOG")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run gyre");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gyre"));
+    command.args(["put", "k", "v", "--node", &addr.to_string(), "--timeout", "1"]);
+    command.env_remove("RUST_LOG").env_remove("RUST_BACKTRACE");
+    let out = common::output_bounded(command, b"", common::COMMAND_TIMEOUT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("may have been stored") && err.contains("no reply"), "{err}");

@@ -109,7 +109,7 @@ fn a_node_with_a_secret_signs_its_contexts() {
     let mut c = Client::connect(node.addr()).unwrap();
     let put = c.put(b"k", b"v1", &Context::default()).unwrap();
     assert_eq!(put.context.0[0], 4, "signed: {}", put.context);
-    let stats: serde_json::Value = serde_json::from_str(&c.stats(0).unwrap()).unwrap();
+    let stats = common::stats(&mut c);
     assert_eq!(stats["cluster_secret"], serde_json::json!({"secrets": 1, "accept_unauthenticated": false}));
     let decoded = gyre::core::version::decode_context(&put.context.0).unwrap();
     let unsigned = Context(gyre::core::version::encode_context(&decoded.clock, b"k", None));

@@ -942,7 +942,6 @@ mod tests {
         Some((header, body))
     }
 
-    /// Answers the PING a client opens with (one shard, on `port`).
     /// A fake node's next connection, its PING answered
     /// ([`answer_ping`], shard 0 on `l`'s port).
     async fn accept_answering_ping(l: &TcpListener) -> TcpStream {
@@ -951,6 +950,7 @@ mod tests {
         s
     }
 
+    /// Answers the PING a client opens with (one shard, on `port`).
     async fn answer_ping(s: &mut TcpStream, port: u16) {
         let (h, _) = read_frame(s).await.expect("a PING");
         let info = NodeInfo { node_id: 7, partitions: 64, shard: 0, ports: vec![port] };
