@@ -308,6 +308,38 @@ pub fn check_write_context(keys: &ClusterKeys, key: &[u8], signed: &[u8], bytes:
     }
 }
 
+/// Writes a new random cluster secret to `path` (32 random bytes as hex,
+/// a line), readable by its owner only, unless a file is there: it is
+/// kept (`gyre dev`'s cluster keeps its secret across restarts). The
+/// secret is written and synced under another name and then linked into
+/// place, so a crash never leaves an empty or partial secret there (found
+/// by a review: it would be kept, and refused at every start).
+#[cfg(unix)]
+pub fn create_secret_file(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).map_err(|e| anyhow::anyhow!("no random bytes for a cluster secret: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension(format!("new-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()));
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked.with_context(|| format!("writing {}", path.display()))
+}
+
 /// A fresh random challenge.
 pub fn challenge() -> std::io::Result<[u8; CHALLENGE_LEN]> {
     let mut c = [0u8; CHALLENGE_LEN];
@@ -479,6 +511,25 @@ mod tests {
         let forged = signed(&keys(b"another cluster's secret"), b"k", &clock());
         assert_eq!(check(&lenient, b"k", &forged), Err(VersionError::BadSignature));
         assert_eq!(check(&lenient.with_unauthenticated(false), b"k", &bound), Err(VersionError::Unsigned));
+    }
+
+    #[test]
+    fn a_new_secret_file_is_random_owner_only_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.secret");
+        create_secret_file(&path).unwrap();
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.trim_end().len(), 64, "32 bytes as hex: {first:?}");
+        assert!(first.ends_with('\n') && first.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(ClusterKeys::load(&path).is_ok());
+        create_secret_file(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first, "an existing secret is kept");
+        let other = dir.path().join("other.secret");
+        create_secret_file(&other).unwrap();
+        assert_ne!(std::fs::read_to_string(&other).unwrap(), first, "random");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no file left under another name");
     }
 
     #[test]

@@ -606,35 +606,6 @@ const DEV_NODES: usize = 3;
 /// restarts, owner-only.
 const DEV_SECRET: &str = "cluster.secret";
 
-/// Writes a new random cluster secret to `path` (32 random bytes as hex),
-/// readable by its owner only; an existing file is kept. The secret is
-/// written and synced under another name and then linked into place, so
-/// a crash never leaves an empty or partial secret there (found by a
-/// review: it would be kept, and refused at every start).
-fn ensure_dev_secret(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if path.exists() {
-        return Ok(());
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| anyhow::anyhow!("no random bytes for a cluster secret: {e}"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension(format!("new-{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()));
-    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
-    });
-    let _ = std::fs::remove_file(&tmp);
-    linked.with_context(|| format!("writing {}", path.display()))
-}
-
 /// `gyre dev`: writes (or reuses) `DIR/cluster.toml`, starts one node
 /// process per member, prints where they are, and stops them all on
 /// SIGINT or SIGTERM: SIGTERM to each node, then [`DEV_STOP_GRACE`] for
@@ -700,7 +671,7 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     // Members prove this secret to each other and sign their contexts.
     let secret = args.data_dir.join(DEV_SECRET);
     if !args.no_secret {
-        ensure_dev_secret(&secret)?;
+        gyre::auth::create_secret_file(&secret)?;
     }
     let cores = gyre::node::allowed_cpus().len();
     let default_shards = (cores / file.nodes.len()).max(1);
