@@ -75,7 +75,9 @@ impl ClientError {
     /// writing it again can add a sibling: no answer came (a timeout, or
     /// the connection failed under it: the client never resends such a
     /// write, `replica_unavailable`), or its coordinator stored it and
-    /// too few replicas answered (QuorumFailed).
+    /// too few replicas answered (QuorumFailed). Conservative: an I/O
+    /// error that came before the write was sent (a connection that could
+    /// not be made, or was already broken) says "may" too.
     pub fn write_may_have_landed(&self) -> bool {
         matches!(
             self,
