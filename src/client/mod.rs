@@ -858,12 +858,59 @@ pub struct Client {
     quorum: Quorum,
 }
 
-/// Resolves `addr` ("host:port") to its first socket address.
-pub fn resolve(addr: &str) -> Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?
-        .next()
-        .ok_or_else(|| ClientError::Resolve(addr.to_string()))
+/// Resolves `addr` ("host:port") to its socket addresses, in the
+/// resolver's order, giving up at `deadline`. An address written as an IP
+/// needs no lookup. A name is looked up on a thread of its own, since the
+/// system resolver takes no timeout: when the deadline passes first, the
+/// call returns and the thread finishes on its own.
+pub fn resolve(addr: &str, deadline: Instant) -> Result<Vec<SocketAddr>> {
+    if let Ok(ip) = addr.parse::<SocketAddr>() {
+        return Ok(vec![ip]);
+    }
+    let name = addr.to_string();
+    let found = within(deadline, move || name.to_socket_addrs().map(Vec::from_iter))
+        .ok_or_else(|| ClientError::Resolve(format!("{addr}: no answer from the resolver in time")))?
+        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?;
+    if found.is_empty() {
+        return Err(ClientError::Resolve(format!("{addr}: no address")));
+    }
+    Ok(found)
+}
+
+/// Runs `f` on a thread of its own and returns its result, or `None` if
+/// `deadline` passes first (or the thread could not be started, or `f`
+/// panicked).
+fn within<T: Send + 'static>(deadline: Instant, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    if left(deadline).is_zero() {
+        return None;
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("gyre-resolve".into())
+        .spawn(move || {
+            // The caller may have stopped waiting; the result is then dropped.
+            let _ = tx.send(f());
+        })
+        .ok()?;
+    rx.recv_timeout(left(deadline)).ok()
+}
+
+/// Calls `connect` with each of `addrs` in turn until one succeeds; the
+/// last error if none does. A name that resolves to several addresses
+/// (`localhost`: `::1`, then `127.0.0.1`) reaches a node listening on any
+/// of them, as `TcpStream::connect` does.
+pub(crate) fn first_that_connects<T>(
+    addrs: &[SocketAddr],
+    mut connect: impl FnMut(SocketAddr) -> Result<T>,
+) -> Result<T> {
+    let mut last = None;
+    for &addr in addrs {
+        match connect(addr) {
+            Ok(conn) => return Ok(conn),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Resolve("no address to connect to".into())))
 }
 
 /// The most requests one `get_many` call has unanswered on a connection.
@@ -887,12 +934,13 @@ impl Client {
 
     /// Connects to a node, learns its shard layout with a PING and, when
     /// routing by the ring, fetches the cluster's ring (a lone node has
-    /// none: every request then goes to it).
-    /// All of it is one call: it ends within `config.request_timeout`.
+    /// none: every request then goes to it). A name is resolved first, and
+    /// each of its addresses tried in turn ([`resolve`]). All of it is one
+    /// call: it ends within `config.request_timeout`.
     pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client> {
-        let addr = resolve(addr)?;
         let deadline = Instant::now() + config.request_timeout;
-        let seed = NodeConns::connect(addr, &config, deadline)?;
+        let addrs = resolve(addr, deadline)?;
+        let seed = first_that_connects(&addrs, |addr| NodeConns::connect(addr, &config, deadline))?;
         let mut client =
             Client { config, seed, ring: None, members: Vec::new(), down_until: Vec::new(), quorum: Quorum::default() };
         if client.config.routing == Routing::Client {
@@ -1192,7 +1240,56 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+    use std::thread;
+
     use super::*;
+
+    /// An IP address is taken as it is; a name is looked up, but never
+    /// past the call's deadline: the system resolver takes no timeout, and
+    /// `connect_with` promised to end within `request_timeout` while its
+    /// lookup could hang for as long as the resolver's retries took.
+    #[test]
+    fn a_name_is_resolved_within_the_deadline() {
+        let later = Instant::now() + Duration::from_secs(30);
+        assert_eq!(resolve("127.0.0.1:7700", Instant::now()).unwrap(), vec!["127.0.0.1:7700".parse().unwrap()]);
+        let local = resolve("localhost:7700", later).unwrap();
+        assert!(!local.is_empty() && local.iter().all(|a| a.ip().is_loopback() && a.port() == 7700), "{local:?}");
+        let e = resolve("localhost:7700", Instant::now()).unwrap_err();
+        assert!(matches!(&e, ClientError::Resolve(m) if m.contains("in time")), "{e:?}");
+        let e = resolve("no port here", later).unwrap_err();
+        assert!(matches!(e, ClientError::Resolve(_)), "{e:?}");
+        // A lookup that takes longer than the deadline is given up on.
+        let started = Instant::now();
+        let hung = within(started + Duration::from_millis(50), || thread::sleep(Duration::from_secs(10)));
+        assert!(hung.is_none() && started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert_eq!(within(later, || 7), Some(7));
+    }
+
+    /// Each address of a name is tried in turn: `localhost` that resolves
+    /// to `::1` first reaches a node on 127.0.0.1 (the client took only the
+    /// first address, so `--node localhost:7700` failed where IPv6's
+    /// loopback comes first).
+    #[test]
+    fn each_address_is_tried_until_one_connects() {
+        let refused = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let open = TcpListener::bind("127.0.0.1:0").unwrap();
+        let live = open.local_addr().unwrap();
+        let limit = Duration::from_secs(5);
+        let connect = |a| TcpStream::connect_timeout(&a, limit).map_err(|e| connect_error(a, e, limit));
+        let mut tried = Vec::new();
+        let conn = first_that_connects(&[refused, live], |a| {
+            tried.push(a);
+            connect(a)
+        })
+        .unwrap();
+        assert_eq!((conn.peer_addr().unwrap(), tried), (live, vec![refused, live]));
+        let e = first_that_connects(&[refused], connect).unwrap_err();
+        assert!(matches!(e, ClientError::Io { addr, .. } if addr == refused), "{e:?}");
+    }
 
     #[test]
     fn a_write_may_have_landed_only_when_no_answer_came_or_its_coordinator_stored_it() {

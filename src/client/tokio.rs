@@ -170,12 +170,24 @@ impl AsyncClient {
 
     /// Connects to a node, learns its shard layout with a PING and, when
     /// routing by the ring, fetches the cluster's ring (a lone node has
-    /// none: every request then goes to it). All of it is one call: it
-    /// ends within `config.request_timeout`.
+    /// none: every request then goes to it). A name is resolved first, and
+    /// each of its addresses tried in turn. All of it is one call: it ends
+    /// within `config.request_timeout`.
     pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<AsyncClient> {
-        let addr = resolve(addr).await?;
         let deadline = Instant::now() + config.request_timeout;
-        let seed = NodeSlots::connect(addr, &config, deadline).await?;
+        let mut last = None;
+        for addr in resolve(addr, deadline).await? {
+            match NodeSlots::connect(addr, &config, deadline).await {
+                Ok(seed) => return AsyncClient::with_seed(seed, config, deadline).await,
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("resolve returns at least one address"))
+    }
+
+    /// The client of a connected seed node, with the ring fetched when
+    /// routing by it.
+    async fn with_seed(seed: NodeSlots, config: ClientConfig, deadline: Instant) -> Result<AsyncClient> {
         let routing = config.routing;
         let client =
             AsyncClient { inner: Arc::new(Inner { config, seed, route: Mutex::new(None) }), quorum: Quorum::default() };
@@ -437,14 +449,26 @@ impl AsyncClient {
     }
 }
 
-/// Resolves `addr` ("host:port") to its first socket address without
-/// blocking the runtime's thread.
-async fn resolve(addr: &str) -> Result<SocketAddr> {
-    tokio::net::lookup_host(addr)
+/// Resolves `addr` ("host:port") to its socket addresses without blocking
+/// the runtime's thread, giving up at `deadline` (the blocking client's
+/// [`resolve`](super::resolve), on tokio's resolver).
+async fn resolve(addr: &str, deadline: Instant) -> Result<Vec<SocketAddr>> {
+    if let Ok(ip) = addr.parse::<SocketAddr>() {
+        return Ok(vec![ip]);
+    }
+    let late = || ClientError::Resolve(format!("{addr}: no answer from the resolver in time"));
+    if deadline <= Instant::now() {
+        return Err(late());
+    }
+    let found = tokio::time::timeout_at(deadline.into(), tokio::net::lookup_host(addr))
         .await
-        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?
-        .next()
-        .ok_or_else(|| ClientError::Resolve(addr.to_string()))
+        .map_err(|_| late())?
+        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?;
+    let found: Vec<SocketAddr> = found.collect();
+    if found.is_empty() {
+        return Err(ClientError::Resolve(format!("{addr}: no address")));
+    }
+    Ok(found)
 }
 
 fn protocol(addr: SocketAddr, reason: String) -> ClientError {
@@ -931,6 +955,18 @@ mod tests {
         send(c.ping());
         send(c.stats(0));
         send(c.call(&Request::Ping));
+    }
+
+    /// As the blocking client's: an IP address is taken as it is, and a
+    /// lookup never runs past the call's deadline.
+    #[tokio::test]
+    async fn a_name_is_resolved_within_the_deadline() {
+        let later = Instant::now() + Duration::from_secs(30);
+        assert_eq!(resolve("127.0.0.1:7700", Instant::now()).await.unwrap(), vec!["127.0.0.1:7700".parse().unwrap()]);
+        let local = resolve("localhost:7700", later).await.unwrap();
+        assert!(!local.is_empty() && local.iter().all(|a| a.ip().is_loopback() && a.port() == 7700), "{local:?}");
+        let e = resolve("localhost:7700", Instant::now()).await.unwrap_err();
+        assert!(matches!(&e, ClientError::Resolve(m) if m.contains("in time")), "{e:?}");
     }
 
     async fn read_frame(s: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
