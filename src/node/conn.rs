@@ -304,9 +304,10 @@ pub(super) type HeldReply = smallvec::SmallVec<[u8; 96]>;
 /// other policies, appended past the write buffer's backlog limit and
 /// waiting for a flush), in the order they were appended, which is log
 /// order, so they settle front first; and GETs of versions not yet durable
-/// (`fsync = always`), queued as they are read. A GET's record may be
-/// earlier in the log than writes queued before it, so it may wait for
-/// their commit too: latency, never an early reply.
+/// (`fsync = always`), queued in the same order by where their records
+/// end. A GET's record may be earlier in the log than writes held before
+/// it: it goes before them, so that it does not wait for a later group
+/// commit than its own (it once went to the back, and could).
 ///
 /// One task ([`settle_held`]) waits for the front write and hands out the
 /// replies of every write the same group commit settled, instead of one
@@ -332,10 +333,18 @@ struct Held {
 /// settles.
 fn hold(shard: &Rc<Shard>, out: &Rc<Outbox>, id: u64, pending: PendingWrite, reply: HeldReply) {
     out.held.set(out.held.get() + reply.len());
-    shard.settling.queue.borrow_mut().push_back(Held { out: out.clone(), id, pending, reply });
+    in_log_order(&mut shard.settling.queue.borrow_mut(), Held { out: out.clone(), id, pending, reply });
     if !shard.settling.running.replace(true) {
         glommio::spawn_local(settle_held(shard.clone())).detach();
     }
+}
+
+/// Queues `held` after every entry whose record ends no later in the log,
+/// so the queue stays in log order: a write appended just now goes to the
+/// back, a GET of an earlier record before the writes after it.
+fn in_log_order(queue: &mut std::collections::VecDeque<Held>, held: Held) {
+    let at = queue.partition_point(|h| h.pending.no_later_than(&held.pending));
+    queue.insert(at, held);
 }
 
 /// Settles the held writes front first, handing each reply (or its error)
@@ -928,6 +937,24 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
 mod tests {
     use super::*;
     use crate::wire::ANY_SHARD;
+
+    /// The settle queue stays in log order: a GET of a record earlier in
+    /// the log than held writes is settled before them, not behind a
+    /// later group commit than its own; writes keep their order.
+    #[test]
+    fn a_held_get_goes_before_the_writes_after_its_record() {
+        let out = Rc::new(Outbox::default());
+        let held =
+            |id, end| Held { out: out.clone(), id, pending: PendingWrite::ending_at(end), reply: HeldReply::new() };
+        let mut queue = std::collections::VecDeque::new();
+        for (id, end) in [(1, (0, 100)), (2, (0, 200)), (3, (1, 50)), (4, (0, 150)), (5, (0, 200)), (6, (1, 60))] {
+            in_log_order(&mut queue, held(id, end));
+        }
+        let ids: Vec<u64> = queue.iter().map(|h| h.id).collect();
+        // 4 (a GET of a record at 150) before 2; 5 (a GET of the record 2
+        // wrote) after 2, not before it.
+        assert_eq!(ids, [1, 4, 2, 5, 3, 6]);
+    }
 
     #[test]
     fn the_read_buffer_grows_with_what_arrives_not_with_what_a_header_declares() {

@@ -311,6 +311,21 @@ pub struct PendingWrite {
     over_limit: bool,
 }
 
+impl PendingWrite {
+    /// Whether this write's record ends no later in the log than
+    /// `other`'s: it is durable no later, under every policy.
+    pub fn no_later_than(&self, other: &PendingWrite) -> bool {
+        self.end <= other.end
+    }
+
+    /// A pending write whose record ends at `end`, for tests of what
+    /// orders pending writes.
+    #[cfg(test)]
+    pub(crate) fn ending_at(end: Pos) -> PendingWrite {
+        PendingWrite { end, seq: 0, over_limit: false }
+    }
+}
+
 /// What opening a shard found.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RecoveryReport {
