@@ -169,6 +169,37 @@ fn quorum_reads_and_writes_through_every_node_in_both_routing_modes() {
     }
 }
 
+/// A node asks each member for its ring once, whatever its shards: each
+/// shard asked on its own, so a node of S shards asked every member S
+/// times (and would log a differing ring S times).
+#[test]
+fn a_node_of_several_shards_asks_each_member_for_its_ring_once() {
+    let cluster = Cluster::start(ClusterSpec { shards: 2, ..Default::default() });
+    let mut c = cluster.client("n1", Routing::Server);
+    for i in 0..40 {
+        put(&mut c, &format!("ring-ask-{i}"), "v", &Context::default());
+    }
+    let compared = |name: &str| -> Vec<u64> {
+        (0..2).map(|s| cluster.shard_stats(name, s)["cluster"]["peers"]["rings_compared"].as_u64().unwrap()).collect()
+    };
+    // Both of n1's shards coordinated writes, and so called n2 and n3.
+    for s in 0..2 {
+        let coordinated = cluster.shard_stats("n1", s)["cluster"]["coordination"]["coordinated_puts"].as_u64();
+        assert!(coordinated.unwrap() > 0, "n1's shard {s} coordinated no write");
+    }
+    eventually("n1 comparing both members' rings", Duration::from_secs(10), || {
+        let by_shard = compared("n1");
+        match by_shard.iter().sum::<u64>() {
+            2.. => Ok(()),
+            _ => Err(format!("{by_shard:?}")),
+        }
+    });
+    // Asks run apart from the requests: give any second one time to land.
+    std::thread::sleep(Duration::from_millis(300));
+    let by_shard = compared("n1");
+    assert_eq!(by_shard.iter().sum::<u64>(), 2, "one ask a member for the node, by shard: {by_shard:?}");
+}
+
 #[test]
 fn quorum_overrides_per_request() {
     let mut cluster = Cluster::start(stoppable());

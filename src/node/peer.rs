@@ -48,6 +48,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -133,10 +136,10 @@ pub struct PeerCounters {
     /// [`WRITE_STALL_TIMEOUT`].
     pub write_stalls: Cell<u64>,
     /// Times a member's ring, or N, R or W, was found to differ from this
-    /// node's: their cluster files differ. Asked (RING) at this shard's
-    /// first call to the member, again after a connection to it failed,
-    /// and at the first call `RING_ASK_RETRY` after an ask that got no
-    /// ring. (A member that restarts and takes the next connection at once
+    /// node's: their cluster files differ. Asked (RING) once for the
+    /// node, by the shard that first calls the member, again after any
+    /// shard's connection to it failed, and at the first call
+    /// `RING_ASK_RETRY` after an ask that got no ring. (A member that restarts and takes the next connection at once
     /// is not asked again.)
     pub rings_differ: Cell<u64>,
     /// Members' rings compared with this node's (`rings_differ` counts
@@ -386,10 +389,11 @@ pub struct Peers {
     /// This node's ring as a RING reply carries it, and its N, R and W:
     /// what each member's answer is compared with ([`Self::compare_ring`]).
     ring: (Vec<u8>, [u8; 3]),
-    /// By member: whether this shard has asked for its ring (or is
-    /// asking), until the ask fails or the member is found restarted. A
-    /// flag per member, not a set: every keyed call looks at it.
-    ring_asked: Vec<Cell<bool>>,
+    /// By member: whether this node (any of its shards) has asked for its
+    /// ring (or is asking), until the ask fails or the member is found
+    /// restarted (`Cluster::ring_asked`, shared by the shards). A flag per
+    /// member, not a set: every keyed call looks at it.
+    ring_asked: Arc<[AtomicBool]>,
     /// The shard's socket readiness (peer connections are its sockets too).
     front: Rc<Front>,
     /// The cluster secret's keys: with them, each connection proves the
@@ -411,7 +415,7 @@ impl Peers {
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
             ring: (cluster.ring_bytes.clone(), cluster.quorum_bytes()),
-            ring_asked: (0..ring.members().len()).map(|_| Cell::new(false)).collect(),
+            ring_asked: cluster.ring_asked.clone(),
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),
@@ -532,13 +536,17 @@ impl Peers {
     /// member waits for none of it (found by a review: it waited for the
     /// RING answer, and failed with a member that did not give one).
     fn ask_ring(self: &Rc<Self>, member: MemberIdx) {
-        if !self.ring_asked[member as usize].replace(true) {
+        // Looked at first: every keyed call comes here, and a look leaves
+        // the flags' cache line shared between the cores, where a swap
+        // would take it each time.
+        let asked = &self.ring_asked[member as usize];
+        if !asked.load(Relaxed) && !asked.swap(true, Relaxed) {
             let me = self.clone();
             glommio::spawn_local(async move { me.compare_ring(member).await }).detach();
         }
     }
 
-    /// Asks `member` for its ring (RING) when this shard first calls it
+    /// Asks `member` for its ring (RING) when this node first calls it
     /// (and again after a connection to it failed), and says so if it
     /// differs from this node's: their cluster files differ (members, their
     /// order, or N, R, W), and requests relayed between them may be refused
@@ -558,7 +566,7 @@ impl Peers {
             // the member marked asked for good, and then, while its
             // connection stayed up, unasked but never asked again).
             glommio::timer::sleep(RING_ASK_RETRY).await;
-            self.ring_asked[member as usize].set(false);
+            self.ring_asked[member as usize].store(false, Relaxed);
             return;
         };
         bump(&self.counters.rings_compared, 1);
@@ -624,7 +632,7 @@ impl Peers {
                 // Its ports may have changed if it restarted (and its
                 // cluster file with them: its ring is asked for again).
                 self.ports.borrow_mut().remove(&member);
-                self.ring_asked[member as usize].set(false);
+                self.ring_asked[member as usize].store(false, Relaxed);
                 self.give_up(key, &conn, &e.to_string());
                 return;
             }

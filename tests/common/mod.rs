@@ -329,14 +329,16 @@ pub struct ClusterSpec {
     pub w: usize,
     /// Every node's `--fsync`.
     pub fsync: String,
+    /// Every node's `--shards`.
+    pub shards: usize,
     /// More arguments for every node.
     pub args: Vec<String>,
 }
 
 impl Default for ClusterSpec {
-    /// Three nodes, N = 3, R = W = 2, 64 partitions, no fsync.
+    /// Three nodes of one shard, N = 3, R = W = 2, 64 partitions, no fsync.
     fn default() -> Self {
-        ClusterSpec { nodes: 3, partitions: 64, n: 3, r: 2, w: 2, fsync: "never".into(), args: Vec::new() }
+        ClusterSpec { nodes: 3, partitions: 64, n: 3, r: 2, w: 2, fsync: "never".into(), shards: 1, args: Vec::new() }
     }
 }
 
@@ -412,7 +414,10 @@ impl Cluster {
         let m = &self.members[i];
         assert!(m.node.is_none(), "{} is already running", m.name);
         let mut args: Vec<OsString> = vec!["node".into(), "--cluster".into(), self.file.clone().into()];
-        args.extend(["--name", &m.name, "--shards", "1", "--no-pin", "--fsync", &self.spec.fsync].map(OsString::from));
+        let shards = self.spec.shards.to_string();
+        args.extend(
+            ["--name", &m.name, "--shards", &shards, "--no-pin", "--fsync", &self.spec.fsync].map(OsString::from),
+        );
         args.extend(["--data-dir".into(), m.data_dir.clone().into()]);
         args.extend(self.spec.args.iter().map(OsString::from));
         let node = Node::try_spawn(&args, &m.data_dir, Some(&m.log)).map_err(|e| format!("{}: {e}", m.name))?;
@@ -496,10 +501,15 @@ impl Cluster {
         stats["cluster"][section][which].as_u64().unwrap_or_else(|| panic!("no {section} counter {which} in {stats}"))
     }
 
-    /// A member's STATS (its only shard).
+    /// A member's STATS (its only shard, or its shard 0).
     pub fn stats(&self, name: &str) -> serde_json::Value {
+        self.shard_stats(name, 0)
+    }
+
+    /// The STATS of a member's shard `shard`.
+    pub fn shard_stats(&self, name: &str, shard: usize) -> serde_json::Value {
         let mut c = self.client(name, gyre::client::Routing::Server);
-        let text = c.stats(0).unwrap_or_else(|e| panic!("STATS of {name}: {e}"));
+        let text = c.stats(shard).unwrap_or_else(|e| panic!("STATS of {name}: {e}"));
         serde_json::from_str(&text).expect("STATS is JSON")
     }
 
