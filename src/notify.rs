@@ -19,17 +19,15 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 pub struct Notify {
     generation: Cell<u64>,
-    /// The registered waiters' wakers, by the key each [`Wait`] holds;
-    /// `None`: a free key. Keys (not a scan for an equal waker) so that a
-    /// wait registers and leaves in constant time however many others
-    /// wait: every connection of a shard waits on its shutdown.
-    wakers: RefCell<Vec<Option<Waker>>>,
-    /// Free keys in `wakers`, reused before the list grows.
-    free: RefCell<Vec<usize>>,
+    /// The registered waiters' wakers, by the key each [`Wait`] holds:
+    /// keys (not a scan for an equal waker) so that a wait registers and
+    /// leaves in constant time however many others wait (every connection
+    /// of a shard waits on its shutdown); freed keys are reused.
+    wakers: RefCell<slab::Slab<Waker>>,
     /// The list `notify_all` last emptied, kept for its capacity: swapped
     /// in, so that a waiter after a notify does not allocate a new list
     /// (a connection's reader waits on one per request).
-    spare: RefCell<Vec<Option<Waker>>>,
+    spare: RefCell<slab::Slab<Waker>>,
 }
 
 impl Notify {
@@ -41,11 +39,10 @@ impl Notify {
     pub fn notify_all(&self) {
         self.generation.set(self.generation.get() + 1);
         // Every key goes with the list: waiters registered before see the
-        // new generation and leave theirs alone.
-        self.free.borrow_mut().clear();
-        // Nothing is borrowed while the wakers run.
+        // new generation and leave theirs alone. Nothing is borrowed while
+        // the wakers run.
         let mut woken = std::mem::replace(&mut *self.wakers.borrow_mut(), self.spare.take());
-        for w in woken.drain(..).flatten() {
+        for w in woken.drain() {
             w.wake();
         }
         *self.spare.borrow_mut() = woken;
@@ -73,7 +70,7 @@ impl Notify {
     /// Waiters registered now (for the tests).
     #[cfg(test)]
     fn registered(&self) -> usize {
-        self.wakers.borrow().iter().flatten().count()
+        self.wakers.borrow().len()
     }
 }
 
@@ -100,24 +97,13 @@ impl Future for Wait<'_> {
         match this.key {
             // Polled again (inside a `select`, say): one entry, its waker
             // replaced only if the task's changed.
-            Some(key) => match &mut wakers[key] {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                slot => *slot = Some(cx.waker().clone()),
-            },
-            None => {
-                let waker = Some(cx.waker().clone());
-                let key = match notify.free.borrow_mut().pop() {
-                    Some(key) => {
-                        wakers[key] = waker;
-                        key
-                    }
-                    None => {
-                        wakers.push(waker);
-                        wakers.len() - 1
-                    }
-                };
-                this.key = Some(key);
+            Some(key) => {
+                let w = &mut wakers[key];
+                if !w.will_wake(cx.waker()) {
+                    *w = cx.waker().clone();
+                }
             }
+            None => this.key = Some(wakers.insert(cx.waker().clone())),
         }
         Poll::Pending
     }
@@ -128,8 +114,7 @@ impl Drop for Wait<'_> {
         // Unless a `notify_all` took the whole list since it registered
         // (the key may be another waiter's now).
         if let Some(key) = self.key.filter(|_| self.notify.generation.get() == self.seen) {
-            self.notify.wakers.borrow_mut()[key] = None;
-            self.notify.free.borrow_mut().push(key);
+            self.notify.wakers.borrow_mut().remove(key);
         }
     }
 }
@@ -212,7 +197,7 @@ mod tests {
             assert!(fut.as_mut().poll(&mut cx).is_pending());
         }
         assert_eq!(n.registered(), 0);
-        assert!(n.wakers.borrow().len() <= 1, "keys are reused");
+        assert_eq!(n.wakers.borrow().vacant_key(), 0, "keys are reused");
         // One still waiting is woken; one dropped after a notify_all
         // leaves the waiter registered since alone.
         let g = n.generation();
