@@ -42,9 +42,12 @@
 //! default [`SEEDS`]. A seed that ever failed becomes a named test in
 //! `mod regressions` below, so it is checked on every run.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use common::SeedGuard;
 use gyre::core::coord::{
     apply_replica_put, GetCoordinator, MemberIdx, PutCoordinator, QuorumError, ReplicaFailure, ReplicaMsg,
 };
@@ -713,28 +716,15 @@ impl Sim {
     }
 }
 
-/// Prints the mode and seed of a run that panics (inside `Sim::run`, say,
-/// where a failure is not one of the run's own errors, which name them):
-/// the panic alone named neither (found by a review).
-struct SeedGuard {
-    mode: Mode,
-    seed: u64,
-}
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let (mode, seed) = (self.mode, self.seed);
-            eprintln!(
-                "{mode:?} seed {seed} failed (GYRE_SIM_SEED={seed} runs it alone; pin it as a named test that calls \
-                 `run_seed(Mode::{mode:?}, {seed})`)"
-            );
-        }
-    }
-}
-
 fn run_seed(mode: Mode, seed: u64) -> Result<Summary, String> {
-    let _guard = SeedGuard { mode, seed };
+    // The panic alone (inside `Sim::run`, say, where a failure is not one
+    // of the run's own errors, which name them) named neither.
+    let _guard = SeedGuard {
+        replay: format!(
+            "{mode:?} seed {seed} failed (GYRE_SIM_SEED={seed} runs it alone; pin it as a named test that calls \
+             `run_seed(Mode::{mode:?}, {seed})`)"
+        ),
+    };
     Sim::new(mode, seed).run().map_err(|e| format!("{mode:?} seed {seed} (GYRE_SIM_SEED={seed}): {e}"))
 }
 

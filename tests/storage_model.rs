@@ -4,8 +4,11 @@
 //! happen constantly. Every run prints its seed on failure; failing seeds
 //! are pinned below as named tests.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::SeedGuard;
 use futures_lite::future::block_on;
 use gyre::storage::backend::mem::MemBackend;
 use gyre::storage::{Engine, EngineConfig, FsyncPolicy, StorageError};
@@ -40,28 +43,10 @@ fn refused_for_space(result: &Result<u64, StorageError>) -> bool {
     matches!(result, Err(StorageError::DiskFull(why)) if why.contains("reserve kept for compaction"))
 }
 
-/// Prints its seed, and the call that replays it as a named test, if the
-/// run it guards panics: many failures deep in a run (an `expect` on
-/// `open`, `get`, `compact`, `close` or `sync`, an `unwrap`) name no seed
-/// themselves (found by a review). Made at the top of each run of one seed.
-struct SeedGuard {
-    seed: u64,
-    /// The call that runs this seed alone.
-    replay: String,
-}
-
-impl SeedGuard {
-    fn new(seed: u64, replay: String) -> SeedGuard {
-        SeedGuard { seed, replay }
-    }
-}
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("seed {} failed; pin it as a named test that calls `{}`", self.seed, self.replay);
-        }
-    }
+/// Says, if the run panics, which seed failed and the call that replays
+/// it as a named test.
+fn seed_guard(seed: u64, call: String) -> SeedGuard {
+    SeedGuard { replay: format!("seed {seed} failed; pin it as a named test that calls `{call}`") }
 }
 
 async fn open(backend: &MemBackend, config: &EngineConfig) -> Engine<MemBackend> {
@@ -97,7 +82,7 @@ fn run_model(seed: u64, fsync: FsyncPolicy, steps: usize) {
 /// for space leave the model as it was. Returns how many were refused,
 /// and how many writes were taken after the first refusal.
 fn run_model_on(seed: u64, fsync: FsyncPolicy, steps: usize, capacity: Option<u64>) -> (u64, u64) {
-    let _guard = SeedGuard::new(seed, format!("run_model_on({seed}, FsyncPolicy::{fsync:?}, {steps}, {capacity:?})"));
+    let _guard = seed_guard(seed, format!("run_model_on({seed}, FsyncPolicy::{fsync:?}, {steps}, {capacity:?})"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let config = tiny_config(fsync);
     let backend = MemBackend::new();
@@ -229,7 +214,7 @@ fn model_runs_seal_compact_and_drop_tombstones() {
 /// After a power cut with torn writes, the recovered state is the state
 /// after some prefix of the writes that includes everything synced.
 fn run_torn_prefix(seed: u64) {
-    let _guard = SeedGuard::new(seed, format!("run_torn_prefix({seed})"));
+    let _guard = seed_guard(seed, format!("run_torn_prefix({seed})"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let config = tiny_config(FsyncPolicy::Never);
     let backend = MemBackend::new();
@@ -1021,7 +1006,7 @@ fn run_chaos(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCoun
 /// write what it buffered). Without it the random draws are the same as
 /// before the option existed, so pinned seeds stay what they were.
 fn run_chaos_with(seed: u64, fsync: FsyncPolicy, steps: usize, counts: &mut ChaosCounts, full_disk: bool) {
-    let _guard = SeedGuard::new(
+    let _guard = seed_guard(
         seed,
         format!("run_chaos_with({seed}, FsyncPolicy::{fsync:?}, {steps}, &mut ChaosCounts::default(), {full_disk})"),
     );

@@ -937,3 +937,20 @@ pub fn read_get_replies(s: &mut std::net::TcpStream, n: u64, value: &[u8]) {
         }
     }
 }
+
+/// Prints how to replay a seeded run if the run it guards panics: many
+/// failures deep in a run (an `expect`, an `unwrap`, an assert inside the
+/// thing under test) name no seed themselves (found by reviews). Made at
+/// the top of each run of one seed.
+pub struct SeedGuard {
+    /// What to print: the seed, and the call that runs it alone.
+    pub replay: String,
+}
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.replay);
+        }
+    }
+}
