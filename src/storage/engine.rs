@@ -2041,12 +2041,24 @@ impl<B: Backend> Engine<B> {
         // that had nothing live left was once removed without this, so a
         // crash right after lost keys whose newer record was not yet
         // synced: the old record with the segment, the new one with the
-        // power. One sync covers the whole batch.
+        // power. One sync covers the whole batch, and so only what was
+        // appended when it began: a segment still live then, whose last
+        // records a write superseded while the sync ran, waits for the next
+        // pass, whose sync covers that write (found by a review: a record
+        // too large to move, overwritten during the sync, went with its
+        // segment while its successor was still in the buffer).
+        let empty_before: Vec<bool> = {
+            let st = self.inner.st.borrow();
+            segs.iter().map(|seg| st.usage[seg].live == 0).collect()
+        };
         self.sync().await?;
         let mut doomed = Vec::with_capacity(segs.len());
-        for &seg in segs {
+        for (&seg, empty_before) in segs.iter().zip(empty_before) {
             let mut st = self.inner.st.borrow_mut();
             let live = st.usage[&seg].live;
+            if live == 0 && !empty_before {
+                continue;
+            }
             if live > 0 {
                 // Only corrupt records (and ones too large for this run's
                 // segment size) can still be referenced: keep the segment
