@@ -12,10 +12,14 @@
 //! - Each node: a `BTreeMap<Vec<u8>, VersionSet>` replica store, actor id
 //!   `node + 1`, and the coordinators of its requests. A key's preference
 //!   list is the 3 nodes after `key_hash(key) mod nodes` (no ring needed).
+//!   A put draws its dot above the node's last sequence number (the
+//!   store's floor) and replies with the context the node hands out
+//!   (`VersionSet::writer_context`).
 //! - Clients (one request at a time each) get, put or delete one of 5 keys
 //!   through a random member of its preference list; a put carries the
-//!   context of the client's last read of that key (empty if none). A
-//!   request to a stopped coordinator fails at once.
+//!   context of the client's last read of that key, or the one its last
+//!   acknowledged put of it returned (empty if none). A request to a
+//!   stopped coordinator fails at once.
 //! - The network delays every message by a random time (so it reorders);
 //!   in the faulty mode it also drops and duplicates messages, and nodes
 //!   stop and restart (a stopped node neither receives nor sends; its
@@ -28,7 +32,8 @@
 //!
 //! - every acknowledged write (W acks) survives: its dot is a sibling of the
 //!   merge of all replicas, or that merge's clock covers it and some write's
-//!   context covered it (it was superseded by a write that saw it);
+//!   context covered it, made by a client that had seen it (a read showed
+//!   it, or the client wrote it): it was superseded by a write that saw it;
 //! - the final R = N read returns that merge, and its read repair leaves every
 //!   replica of the key holding exactly it;
 //! - without faults, every operation succeeds, and every read that starts
@@ -154,7 +159,7 @@ enum Event {
 }
 
 enum Coord {
-    Put { c: PutCoordinator, client: usize, write: usize },
+    Put { c: PutCoordinator, client: usize, write: usize, reply_ctx: Vec<u8> },
     Get { c: GetCoordinator, client: Option<usize>, key: usize, started: u64 },
 }
 
@@ -168,6 +173,9 @@ struct Running {
 
 struct Node {
     up: bool,
+    /// The last record sequence number of its store: a put draws its dot
+    /// above it, as `Store::update` does (the floor).
+    seq: u64,
     store: BTreeMap<Vec<u8>, VersionSet>,
     coords: BTreeMap<ReqId, Running>,
 }
@@ -175,6 +183,10 @@ struct Node {
 struct Client {
     /// Encoded context of the last read of each key.
     ctx: BTreeMap<usize, Vec<u8>>,
+    /// The merge of every read clock the client got, per key.
+    saw: BTreeMap<usize, Clock>,
+    /// Its own acknowledged writes, per key.
+    own: BTreeMap<usize, Vec<Dot>>,
     done: bool,
 }
 
@@ -188,6 +200,11 @@ struct Write {
     ctx: Clock,
     /// The step at which the put was acknowledged to the client.
     acked: Option<u64>,
+    /// What its client had seen of the key when it wrote: read clocks,
+    /// and its own acknowledged writes. A write supersedes only what its
+    /// client saw.
+    saw: Clock,
+    own: Vec<Dot>,
 }
 
 /// What a run did, for the aggregate sanity checks and the trace
@@ -259,8 +276,12 @@ impl Sim {
             step: 0,
             seq: 0,
             queue: BTreeMap::new(),
-            nodes: (0..nodes).map(|_| Node { up: true, store: BTreeMap::new(), coords: BTreeMap::new() }).collect(),
-            clients: (0..CLIENTS).map(|_| Client { ctx: BTreeMap::new(), done: false }).collect(),
+            nodes: (0..nodes)
+                .map(|_| Node { up: true, seq: 0, store: BTreeMap::new(), coords: BTreeMap::new() })
+                .collect(),
+            clients: (0..CLIENTS)
+                .map(|_| Client { ctx: BTreeMap::new(), saw: BTreeMap::new(), own: BTreeMap::new(), done: false })
+                .collect(),
             keys,
             prefs,
             issued: 0,
@@ -442,20 +463,25 @@ impl Sim {
         let n = &mut self.nodes[usize::from(node)];
         let mut set = n.store.get(&self.keys[key]).cloned().unwrap_or_default();
         let delete = value.is_none();
-        let dot = match set.update(&ctx, Sim::actor(node), value) {
+        let dot = match set.update_after(&ctx, Sim::actor(node), value, n.seq) {
             Ok(dot) => dot,
             Err(e) => return self.op_failed(client, format!("update refused: {e}")),
         };
+        n.seq = (n.seq + 1).max(dot.counter);
+        // The context the node hands back with the put's reply.
+        let reply_ctx = set.writer_context(&ctx, dot).unwrap_or_else(|| set.clock().clone()).to_bytes();
         n.store.insert(self.keys[key].clone(), set.clone());
         dot.hash(&mut self.hasher);
-        self.writes.push(Write { key, dot, ctx, delete, acked: None });
+        let saw = self.clients[client].saw.get(&key).cloned().unwrap_or_default();
+        let own = self.clients[client].own.get(&key).cloned().unwrap_or_default();
+        self.writes.push(Write { key, dot, ctx, delete, acked: None, saw, own });
         let others: Vec<MemberIdx> = self.prefs[key].iter().copied().filter(|&m| m != node).collect();
         let c = match PutCoordinator::new(set, node, &others, W, self.now, self.now + REQUEST_TIMEOUT) {
             Ok(c) => c,
             Err(e) => return self.error(format!("put coordinator refused valid arguments: {e}")),
         };
         let req = self.new_req();
-        let coord = Coord::Put { c, client, write: self.writes.len() - 1 };
+        let coord = Coord::Put { c, client, write: self.writes.len() - 1, reply_ctx };
         self.nodes[usize::from(node)].coords.insert(req, Running { coord, answered: false, armed: None });
         self.drive(node, req);
     }
@@ -481,7 +507,7 @@ impl Sim {
             Coord::Get { key, .. } => *key,
         };
         let (done, timeout) = match &mut running.coord {
-            Coord::Put { c, client, write } => {
+            Coord::Put { c, client, write, reply_ctx } => {
                 while let Some(t) = c.poll_transmit() {
                     self.send(node, t.to, Net::Req { req, key, msg: t.msg });
                 }
@@ -492,6 +518,11 @@ impl Sim {
                             self.summary.ops_ok += 1;
                             self.summary.acked_writes += 1;
                             self.writes[*write].acked = Some(self.step);
+                            // The client writes next with the context the
+                            // put returned.
+                            let (k, d) = (self.writes[*write].key, self.writes[*write].dot);
+                            self.clients[*client].ctx.insert(k, reply_ctx.clone());
+                            self.clients[*client].own.entry(k).or_default().push(d);
                             (7u8, *client).hash(&mut self.hasher);
                             self.client_next(*client);
                         }
@@ -561,6 +592,7 @@ impl Sim {
                     }
                 }
                 self.clients[client].ctx.insert(key, set.clock().to_bytes());
+                self.clients[client].saw.entry(key).or_default().merge(set.clock());
                 self.client_next(client);
             }
             Err(e) => self.op_failed(client, format!("get: {e}")),
@@ -611,6 +643,7 @@ impl Sim {
                     ReplicaMsg::Put { set } => match apply_replica_put(store.get(&self.keys[key]).cloned(), &set) {
                         Ok(Some(merged)) => {
                             store.insert(self.keys[key].clone(), merged);
+                            self.nodes[usize::from(to)].seq += 1;
                             Net::PutAck { req }
                         }
                         Ok(None) => Net::PutAck { req },
@@ -694,7 +727,14 @@ impl Sim {
             if w.delete && folded && full.clock().covers(w.dot) {
                 continue;
             }
-            let superseded = self.writes.iter().any(|o| o.key == w.key && o.ctx.covers(w.dot));
+            // Superseded by a write whose context covered it and whose
+            // client had seen it. A delete is exempt from "seen": a put's
+            // reply context covers the key's tombstones unseen
+            // (`writer_context` looks at live versions), which drops them,
+            // and a tombstone shows in no read, so no client sees it change.
+            let superseded = self.writes.iter().any(|o| {
+                o.key == w.key && o.ctx.covers(w.dot) && (w.delete || o.saw.covers(w.dot) || o.own.contains(&w.dot))
+            });
             if !full.clock().covers(w.dot) || !superseded {
                 let msg = format!(
                     "acknowledged write {:?} of key {} is lost (covered by the final clock: {}, superseded by a \
