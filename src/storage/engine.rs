@@ -416,6 +416,10 @@ pub struct EngineStats {
     pub low_space_episodes: u64,
     pub keys: usize,
     pub segments: usize,
+    /// Segments compaction left in place because records in them could
+    /// not be moved (damaged, or larger than this run's segment size):
+    /// they hold their space until those keys are written again.
+    pub segments_kept: usize,
     pub index_bytes: usize,
     pub disk_live_bytes: u64,
     pub disk_total_bytes: u64,
@@ -1584,6 +1588,7 @@ impl<B: Backend> Engine<B> {
         s.cache_bytes = st.cache.bytes;
         s.keys = st.index.len();
         s.segments = st.usage.len();
+        s.segments_kept = st.kept.len();
         s.index_bytes = st.index.memory_bytes();
         s.disk_live_bytes = st.usage.values().map(|u| u.live).sum();
         s.disk_total_bytes = st.usage.values().map(|u| u.total).sum();
