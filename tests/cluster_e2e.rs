@@ -1423,6 +1423,32 @@ fn n1_and_a_stand_in_for_n2(answers: bool) -> (Cluster, std::sync::Arc<std::sync
     (cluster, rings, c)
 }
 
+/// A replica's reply counts only as the answer to the call it came for
+/// (found by a review: a REPLICA_GET reply to a write counted as its
+/// acknowledgement, and a REPLICA_PUT reply to a read as "not found"). A
+/// stand-in n2 answers each replica call with the other's reply: with
+/// N = R = W = 2, neither a write nor a read may succeed.
+#[test]
+fn a_replica_reply_of_the_wrong_kind_counts_for_nothing() {
+    use gyre::wire::Response;
+    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
+    cluster.kill9("n2");
+    let port = cluster.member("n2").addr.port();
+    stand_in(cluster.member("n2").addr, move |req, id, shard, _: &mut ()| {
+        let mut out = Vec::new();
+        match req {
+            Request::Hello { .. } => Response::Hello { challenge: None }.encode(&mut out, id, shard),
+            Request::ReplicaGet { .. } => Response::ReplicaPut.encode(&mut out, id, shard),
+            Request::ReplicaPut { .. } => Response::ReplicaGet { set: None }.encode(&mut out, id, shard),
+            other => return member_answer(other, id, shard, port, None),
+        }
+        Some(out)
+    });
+    let mut c = cluster.client("n1", Routing::Server);
+    expect_code(c.put(b"k", b"v", &Context::default()), ErrorCode::QuorumFailed, "a write n2 did not take");
+    expect_code(c.get(b"k"), ErrorCode::QuorumFailed, "a read n2 did not answer");
+}
+
 /// Found by reviews: an ask for a member's ring that got an error reply
 /// left the member marked asked for good, and then, once unmarked, was not
 /// made again while the connection stayed up. The next call to the member

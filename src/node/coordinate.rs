@@ -450,17 +450,23 @@ impl Shard {
             Err(PeerError::BadReply(..)) => return Err(ReplicaFailure::Refused),
             Err(_) => return Err(ReplicaFailure::Unreachable),
         };
-        match decode_reply_frame(&frame) {
-            Ok(Response::ReplicaGet { set: None }) => Ok(None),
-            Ok(Response::ReplicaGet { set: Some((meta, value)) }) => match VersionSet::decode(meta, value) {
-                Ok(set) => Ok(Some(set)),
-                Err(e) => {
-                    tracing::warn!(peer = cs.peers.name(to), error = %e, "a replica sent unreadable versions");
-                    Err(ReplicaFailure::Refused)
+        // A reply counts only as the answer to the call it came for: a
+        // REPLICA_PUT reply to a read is no "not found", and a REPLICA_GET
+        // reply to a write is no acknowledgement (ids make such a mix-up
+        // a peer's bug, which must not count toward W or R).
+        match (decode_reply_frame(&frame), &msg) {
+            (Ok(Response::ReplicaGet { set: None }), Outgoing::Get) => Ok(None),
+            (Ok(Response::ReplicaGet { set: Some((meta, value)) }), Outgoing::Get) => {
+                match VersionSet::decode(meta, value) {
+                    Ok(set) => Ok(Some(set)),
+                    Err(e) => {
+                        tracing::warn!(peer = cs.peers.name(to), error = %e, "a replica sent unreadable versions");
+                        Err(ReplicaFailure::Refused)
+                    }
                 }
-            },
-            Ok(Response::ReplicaPut) => Ok(None),
-            Ok(Response::Error { code, message }) => {
+            }
+            (Ok(Response::ReplicaPut), Outgoing::Put { .. }) => Ok(None),
+            (Ok(Response::Error { code, message }), _) => {
                 tracing::debug!(peer = cs.peers.name(to), ?code, message, "a replica refused");
                 // Only a write's refusal can be for a limit (a merge).
                 Err(match msg {
