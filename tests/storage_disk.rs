@@ -181,6 +181,27 @@ fn a_locked_directory_is_refused() {
     });
 }
 
+/// A lock held for a moment does not refuse a start: `gyre check` looks
+/// whether a shard is in use with a shared lock it drops at once, and a
+/// start that met it failed (found by a review).
+#[test]
+fn a_lock_held_for_a_moment_is_waited_for() {
+    in_fresh_dir(|path| async move {
+        let (engine, _) = open_shard(&path, small_config()).await.unwrap();
+        engine.close().await.unwrap();
+        drop(engine);
+        let lock = std::fs::File::open(path.join(gyre::storage::backend::glommio::LOCK_FILE)).unwrap();
+        lock.try_lock_shared().expect("the shard is free");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(lock);
+        });
+        let opened = open_shard(&path, small_config()).await;
+        release.join().unwrap();
+        opened.unwrap_or_else(|e| panic!("a look's lock refused the start: {e}"));
+    });
+}
+
 /// Background work (compaction, scrub) gives way through
 /// `Backend::yield_now`. It must let the reactor run, not only other
 /// tasks: a timer set by another task has to fire while the yielding loop

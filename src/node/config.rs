@@ -765,7 +765,11 @@ impl DataDir {
     /// report it) counts as a loss too, after a clean stop as well.
     pub fn begin_run(&mut self, fresh: u64) -> anyhow::Result<bool> {
         // Read before it goes: the sequence numbers the shards had reached.
-        self.clean_seqs = read_clean_seqs(&self.path, self.node.shards);
+        // Not in a new directory: a mark left there (an operator removed
+        // NODE and the shards but kept the directory) is another node's,
+        // and its numbers read as records this one lost (found by a
+        // review).
+        self.clean_seqs = if self.planned { None } else { read_clean_seqs(&self.path, self.node.shards) };
         let was_clean = forget_clean_stop(&self.path)?;
         if self.planned {
             // A new directory has lost nothing.
@@ -963,6 +967,31 @@ mod tests {
         std::fs::write(dir.path().join(NODE_FILE), serde_json::to_string(&node).unwrap()).unwrap();
         let e = read_node_file(dir.path()).unwrap_err().to_string();
         assert!(e.contains("0 shards"), "{e}");
+    }
+
+    /// A CLEAN mark left in a directory whose NODE and shards were removed
+    /// is another node's: a new node there lost nothing (found by a review:
+    /// it warned of lost records and renewed its actor at once).
+    #[test]
+    fn a_clean_mark_left_in_a_new_directory_is_not_the_new_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig { data_dir: dir.path().to_path_buf(), shards: Some(2), ..Default::default() };
+        let mut data = open_data_dir(&config, 2, 7).unwrap();
+        data.begin_run(9).unwrap();
+        for i in 0..2 {
+            std::fs::create_dir(data.shard_dir(i)).unwrap();
+        }
+        data.end_run_cleanly(vec![10, 5]).unwrap();
+        drop(data);
+        std::fs::remove_file(dir.path().join(NODE_FILE)).unwrap();
+        for i in 0..2 {
+            std::fs::remove_dir(dir.path().join(shard_dir_name(i))).unwrap();
+        }
+        let mut data = lock_data_dir(&config, 2, 11).unwrap();
+        assert!(data.is_new());
+        assert!(!data.begin_run(12).unwrap(), "a new directory keeps its actor");
+        assert_eq!(data.shards_gone_back(&[0, 0]), vec![], "a new node lost nothing");
+        assert!(!dir.path().join(CLEAN_FILE).exists(), "the old mark is gone");
     }
 
     /// A new node is not created over other Gyre data (found by a review:

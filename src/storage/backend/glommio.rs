@@ -237,6 +237,13 @@ impl AsRef<[u8]> for GlommioRead {
     }
 }
 
+/// Tries at taking a shard directory's lock held by another process,
+/// [`LOCK_RETRY_AFTER`] apart: 100 ms in all, far longer than `gyre
+/// check`'s look at it, and short enough that a start over a running
+/// node's directory still fails at once to a person.
+const LOCK_TRIES: u32 = 20;
+const LOCK_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl GlommioBackend {
     /// Opens (creating if needed) and locks a data directory. Must run
     /// inside a glommio executor.
@@ -253,17 +260,28 @@ impl GlommioBackend {
         let lock_path = dir.join(LOCK_FILE);
         let mut lock =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
-                let holder = holder.lines().next().unwrap_or("").trim().to_string();
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("data directory {} is in use by another Gyre process ({holder})", dir.display()),
-                ));
+        let mut tries = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                // A lock held for a moment: `gyre check` looks whether a
+                // shard is in use with a shared lock it drops at once. A
+                // start that met it failed (found by a review); a node
+                // that holds the directory holds it for longer than this.
+                Err(std::fs::TryLockError::WouldBlock) if tries < LOCK_TRIES => {
+                    tries += 1;
+                    glommio::timer::sleep(LOCK_RETRY_AFTER).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                    let holder = holder.lines().next().unwrap_or("").trim().to_string();
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("data directory {} is in use by another Gyre process ({holder})", dir.display()),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
         // A full block: the DMA probe below must read a non-empty file.
         let mut text = format!("pid {}\n", std::process::id()).into_bytes();
