@@ -536,13 +536,80 @@ impl Ring {
     /// The first `N` entries of every partition's preference list,
     /// computed once: the ring is immutable, and a request only looks its
     /// key's list up.
+    ///
+    /// One sweep, `O(partitions × members)` at worst, whatever the ring:
+    /// walking each partition's list separately, as
+    /// [`Self::preference_list`] does, took a lap of the ring per partition
+    /// when members own long runs of partitions, or none (found by a
+    /// review: a ring a node sent, 65,536 partitions all owned by one of
+    /// three members, held a client's connect for seconds past its
+    /// timeout). The sweep goes counterclockwise over two laps keeping the
+    /// members in the order a clockwise walk from the current partition
+    /// meets them (move to front), and reads each list off that order:
+    /// both passes of the walk decide on a member at its first occurrence.
     pub fn preference_table(&self, n: usize) -> PreferenceTable {
-        let n = n.min(self.members.len());
-        let mut lists = Vec::with_capacity(self.owners.len() * n);
-        for p in 0..self.partitions {
-            lists.extend(self.preference_list(p, n));
+        let want = n.min(self.members.len());
+        let (m, q) = (self.members.len(), self.owners.len());
+        let mut lists = vec![0 as MemberIdx; q * want];
+        if want == 0 || q == 0 {
+            return PreferenceTable { n: want, partitions: self.partitions, lists };
         }
-        PreferenceTable { n, partitions: self.partitions, lists }
+        let mut order = MoveToFront::new(m);
+        for i in (q..2 * q).rev() {
+            order.touch(self.owners[i - q]);
+        }
+        // Members that own no partition (never in a balanced ring) come
+        // last, as the walk takes them.
+        let non_owners: Vec<MemberIdx> = (0..m as MemberIdx).filter(|&i| !order.has(i)).collect();
+        let first = want.min(self.zones);
+        let mut out = Vec::with_capacity(want);
+        // Stamps, so that nothing is cleared per partition: `listed[i] ==
+        // p + 1` when member `i` is in partition p's list, `zone_used[z]`
+        // likewise for its zones.
+        let (mut listed, mut zone_used) = (vec![0usize; m], vec![0usize; self.zones]);
+        for p in (0..q).rev() {
+            order.touch(self.owners[p]);
+            let stamp = p + 1;
+            out.clear();
+            // Pass 1: distinct zones (without zones: distinct members).
+            for o in order.iter() {
+                if out.len() == first {
+                    break;
+                }
+                let z = self.zone_of[o as usize] as usize;
+                if zone_used[z] != stamp {
+                    zone_used[z] = stamp;
+                    listed[o as usize] = stamp;
+                    out.push(o);
+                }
+            }
+            // Pass 2: the remaining members, in the same order.
+            for o in order.iter() {
+                if out.len() >= want {
+                    break;
+                }
+                if listed[o as usize] != stamp {
+                    listed[o as usize] = stamp;
+                    out.push(o);
+                }
+            }
+            // Then the members that own nothing: by index, or for long
+            // lists those of zones still unused first
+            // (`extended_preference_list`).
+            for zone_first in [want > 16, false] {
+                for &i in &non_owners {
+                    let z = self.zone_of[i as usize] as usize;
+                    if out.len() < want && listed[i as usize] != stamp && (!zone_first || zone_used[z] != stamp) {
+                        listed[i as usize] = stamp;
+                        zone_used[z] = stamp;
+                        out.push(i);
+                    }
+                }
+            }
+            out.truncate(want);
+            lists[p * want..(p + 1) * want].copy_from_slice(&out);
+        }
+        PreferenceTable { n: want, partitions: self.partitions, lists }
     }
 
     /// Every member, in preference order for `partition`: its first `N`
@@ -613,10 +680,9 @@ impl Ring {
         if self.members.is_empty() {
             return counts;
         }
-        for p in 0..self.partitions {
-            for m in self.preference_list(p, n) {
-                counts[m as usize] += 1;
-            }
+        // The table, not a walk per partition: one sweep whatever the ring.
+        for &m in &self.preference_table(n).lists {
+            counts[m as usize] += 1;
         }
         counts
     }
@@ -868,6 +934,55 @@ impl PreferenceTable {
     }
 }
 
+/// The members in the order a clockwise walk meets them, kept as a
+/// counterclockwise sweep touches each partition's owner
+/// ([`Ring::preference_table`]): a doubly linked list over member indexes,
+/// a touched member moved to its front.
+struct MoveToFront {
+    head: Option<MemberIdx>,
+    prev: Vec<Option<MemberIdx>>,
+    next: Vec<Option<MemberIdx>>,
+    /// Touched at least once (in the list).
+    touched: Vec<bool>,
+}
+
+impl MoveToFront {
+    fn new(members: usize) -> MoveToFront {
+        MoveToFront { head: None, prev: vec![None; members], next: vec![None; members], touched: vec![false; members] }
+    }
+
+    fn has(&self, m: MemberIdx) -> bool {
+        self.touched[m as usize]
+    }
+
+    /// Moves `m` to the front (putting it there if it was not listed).
+    fn touch(&mut self, m: MemberIdx) {
+        if self.head == Some(m) {
+            return;
+        }
+        let i = m as usize;
+        if std::mem::replace(&mut self.touched[i], true) {
+            let (p, n) = (self.prev[i], self.next[i]);
+            if let Some(p) = p {
+                self.next[p as usize] = n;
+            }
+            if let Some(n) = n {
+                self.prev[n as usize] = p;
+            }
+        }
+        self.prev[i] = None;
+        self.next[i] = self.head;
+        if let Some(h) = self.head {
+            self.prev[h as usize] = Some(m);
+        }
+        self.head = Some(m);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = MemberIdx> + '_ {
+        std::iter::successors(self.head, |&m| self.next[m as usize])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,6 +993,64 @@ mod tests {
 
     fn nodes(n: usize) -> Vec<Member> {
         (0..n).map(|i| member(&format!("n{i}"), &format!("127.0.0.{}:7000", i + 1), None)).collect()
+    }
+
+    /// Each partition's list as the walk makes it ([`Ring::preference_list`]).
+    fn walked(ring: &Ring, n: usize) -> Vec<Vec<MemberIdx>> {
+        (0..ring.partitions()).map(|p| ring.preference_list(p, n)).collect()
+    }
+
+    fn tabled(ring: &Ring, n: usize) -> Vec<Vec<MemberIdx>> {
+        let table = ring.preference_table(n);
+        (0..ring.partitions()).map(|p| table.of_partition(p).to_vec()).collect()
+    }
+
+    proptest::proptest! {
+        /// The sweep's table is the walk's lists, on any ring a node could
+        /// be sent: owners in long runs or scattered, members that own
+        /// nothing, zones or none, lists short and long (past 16, the
+        /// walk's other path).
+        #[test]
+        fn the_table_is_each_partitions_walk(
+            log_q in 0u32..9,
+            count in 1usize..40,
+            zones in 0usize..6,
+            runs in proptest::collection::vec((0usize..40, 1usize..64), 1..40),
+            n in 1usize..42,
+        ) {
+            let q = 1usize << log_q;
+            let count = count.min(q);
+            let members: Vec<Member> = (0..count)
+                .map(|i| {
+                    let zone = (zones > 0).then(|| format!("z{}", i % zones));
+                    member(&format!("n{i}"), &format!("127.0.{}.{}:7000", i / 200, i % 200 + 1), zone.as_deref())
+                })
+                .collect();
+            // Runs of partitions, each owned by one member (some members
+            // may own none).
+            let mut owners = Vec::with_capacity(q);
+            for &(who, len) in runs.iter().cycle() {
+                if owners.len() == q {
+                    break;
+                }
+                owners.extend(std::iter::repeat_n((who % count) as MemberIdx, len.min(q - owners.len())));
+            }
+            let ring = Ring::from_parts(1, q as u32, members, owners);
+            proptest::prop_assert_eq!(tabled(&ring, n), walked(&ring, n));
+        }
+    }
+
+    /// A ring whose partitions one member owns all but a few of: the walk
+    /// from most partitions goes round most of the ring; the table does
+    /// not (it is built in one sweep), and says what the walk says.
+    #[test]
+    fn a_lopsided_ring_gets_its_table() {
+        let q = 1u32 << 12;
+        let mut owners = vec![0 as MemberIdx; q as usize];
+        owners[q as usize - 1] = 1;
+        let ring = Ring::from_parts(1, q, nodes(4), owners);
+        assert_eq!(tabled(&ring, 3), walked(&ring, 3));
+        assert_eq!(ring.preference_table(3).of_partition(0), [0, 1, 2]);
     }
 
     /// The example of the module doc.
