@@ -74,15 +74,20 @@ impl ClientError {
     /// Whether a write that failed so may still have been stored, so that
     /// writing it again can add a sibling: no answer came (a timeout, or
     /// the connection failed under it: the client never resends such a
-    /// write, `replica_unavailable`), or its coordinator stored it and
-    /// too few replicas answered (QuorumFailed). Conservative: an I/O
+    /// write, `replica_unavailable`), an answer came that could not be
+    /// read (a protocol error: found by a review, a node that stored the
+    /// write and set a reply flag this client does not know was taken for
+    /// one that did not), or its coordinator stored it and too few
+    /// replicas answered (QuorumFailed). Conservative: an I/O or protocol
     /// error that came before the write was sent (a connection that could
-    /// not be made, or was already broken) says "may" too.
+    /// not be made, was already broken, or whose PING was answered wrong)
+    /// says "may" too.
     pub fn write_may_have_landed(&self) -> bool {
         matches!(
             self,
             ClientError::Io { .. }
                 | ClientError::Timeout { .. }
+                | ClientError::Protocol { .. }
                 | ClientError::Server { code: ErrorCode::QuorumFailed, .. }
         )
     }
@@ -1303,6 +1308,7 @@ mod tests {
             (server(ErrorCode::InvalidContext), false),
             (server(ErrorCode::ValueTooLarge), false),
             (ClientError::Invalid("key".into()), false),
+            (ClientError::Protocol { addr, reason: "unknown flags 0x0002".into() }, true),
         ] {
             assert_eq!(e.write_may_have_landed(), landed, "{e:?}");
         }
