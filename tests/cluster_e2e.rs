@@ -1449,6 +1449,53 @@ fn a_replica_reply_of_the_wrong_kind_counts_for_nothing() {
     expect_code(c.get(b"k"), ErrorCode::QuorumFailed, "a read n2 did not answer");
 }
 
+/// A write a member relayed to the key's replica, which gave no answer in
+/// time, may have been stored there: the client is told so
+/// (QuorumFailed), as when the connection failed under it, not
+/// DeadlineExceeded, which says the request did not run (found by a
+/// review: the CLI then gave no warning, and running the write again
+/// added a sibling). A read that timed out is DeadlineExceeded still.
+#[test]
+fn a_relayed_write_that_got_no_answer_in_time_may_have_been_stored() {
+    use gyre::wire::Response;
+    let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 1, r: 1, w: 1, ..Default::default() });
+    let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
+    let key = (0..10_000).map(|i| format!("far-{i}")).find(|k| replicas_by(&view, k) == ["n2"]).expect("a key");
+    cluster.kill9("n2");
+    let port = cluster.member("n2").addr.port();
+    // n2's stand-in takes the relayed requests and never answers them.
+    stand_in(cluster.member("n2").addr, move |req, id, shard, _: &mut ()| {
+        let mut out = Vec::new();
+        match req {
+            Request::Hello { .. } => Response::Hello { challenge: None }.encode(&mut out, id, shard),
+            Request::Put { .. } | Request::Get { .. } => return None,
+            other => return member_answer(other, id, shard, port, None),
+        }
+        Some(out)
+    });
+    // A budget of 300 ms on each request, and a socket that waits longer:
+    // the node's answer, not the client's own timeout.
+    let mut sock = std::net::TcpStream::connect(cluster.member("n1").addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = |req: &Request<'_>, id: u64| {
+        use std::io::Write;
+        let mut frame = Vec::new();
+        req.encode(&mut frame, id, ANY_SHARD, 300_000);
+        sock.write_all(&frame).unwrap();
+        let (h, body) = common::read_frame(&mut sock).unwrap();
+        assert_eq!(h.request_id, id);
+        match Response::decode(h.opcode, &body).unwrap() {
+            Response::Error { code, message } => (code, message.to_string()),
+            other => panic!("request {id}: {other:?}"),
+        }
+    };
+    let (code, message) = answer(&Request::Put { key: key.as_bytes(), context: b"", value: b"v" }, 1);
+    assert_eq!(code, ErrorCode::QuorumFailed, "{message}");
+    assert!(message.contains("may have been taken"), "{message}");
+    let (code, message) = answer(&Request::Get { key: key.as_bytes() }, 2);
+    assert_eq!(code, ErrorCode::DeadlineExceeded, "a read: {message}");
+}
+
 /// Found by reviews: an ask for a member's ring that got an error reply
 /// left the member marked asked for good, and then, once unmarked, was not
 /// made again while the connection stayed up. The next call to the member

@@ -545,18 +545,24 @@ impl Shard {
                     patch_reply(&mut frame, header.request_id, flags::STALE_ROUTE);
                     return frame;
                 }
-                Err(e @ PeerError::Timeout(_)) => {
-                    return self.error_frame(header.request_id, ErrorCode::DeadlineExceeded, &e.to_string())
-                }
                 // The replica may have taken the write: sent to the next
-                // one too, it would be a second version of it.
-                Err(e @ PeerError::Lost(..)) if !req.is_idempotent() => {
+                // one too, it would be a second version of it. And the
+                // client is told it may have been stored (QuorumFailed),
+                // when no answer came in time as when the connection
+                // failed under it: DeadlineExceeded says "not run" (found
+                // by a review: the CLI then said nothing of a write that
+                // may have been stored, and running it again added a
+                // sibling).
+                Err(e @ (PeerError::Lost(..) | PeerError::Timeout(_))) if !req.is_idempotent() => {
                     bump(&cs.counters.quorum_failures, 1);
                     return self.error_frame(
                         header.request_id,
                         ErrorCode::QuorumFailed,
                         &format!("{e}; the write may have been taken: read the key before writing it again"),
                     );
+                }
+                Err(e @ PeerError::Timeout(_)) => {
+                    return self.error_frame(header.request_id, ErrorCode::DeadlineExceeded, &e.to_string())
                 }
                 Err(e) => {
                     unreachable = true;
