@@ -105,11 +105,31 @@ impl Keys {
     /// only the dialer), nor reflect a proof back, and a dialer learns that
     /// whoever answered holds the secret.
     fn proof(&self, side: Side, exchange: &Exchange<'_>) -> [u8; PROOF_LEN] {
+        self.exchange_mac(
+            match side {
+                Side::Dialer => b"dialer",
+                Side::Responder => b"answer",
+            },
+            exchange,
+        )
+    }
+
+    /// The session key of a connection whose opening `exchange` proved the
+    /// secret both ways: what seals its frames after the AUTH reply. Bound
+    /// to the exchange as the proofs are (a fresh challenge and nonce give
+    /// every connection its own), under a label no proof has.
+    fn session(&self, exchange: &Exchange<'_>) -> Session {
+        Session { key: self.exchange_mac(b"session", exchange) }
+    }
+
+    /// `blake3_keyed(peer key, label || challenge || nonce || u16 len,
+    /// dialer || u16 len, responder)`: proofs and session keys. The labels
+    /// ("dialer", "answer", "session") differ in their first six bytes,
+    /// and what follows them has one layout, so no input of one label is
+    /// another's.
+    fn exchange_mac(&self, label: &[u8], exchange: &Exchange<'_>) -> [u8; 32] {
         let mut h = blake3::Hasher::new_keyed(&self.peer);
-        h.update(match side {
-            Side::Dialer => b"dialer",
-            Side::Responder => b"answer",
-        });
+        h.update(label);
         h.update(exchange.challenge);
         h.update(exchange.nonce);
         for name in [exchange.dialer, exchange.responder] {
@@ -252,10 +272,139 @@ impl ClusterKeys {
     /// A responder's answer to a dialer's `proof` for `exchange`: if the
     /// proof is good with any secret this node accepts, the responder's
     /// proof with that same secret (which the dialer holds, whichever of
-    /// the two is current there).
-    pub fn answer(&self, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> Option<[u8; PROOF_LEN]> {
+    /// the two is current there), and the connection's session under it.
+    pub fn answer(&self, exchange: &Exchange<'_>, proof: &[u8; PROOF_LEN]) -> Option<([u8; PROOF_LEN], Session)> {
         let k = self.sets.iter().find(|k| proofs_match(&k.proof(Side::Dialer, exchange), proof))?;
-        Some(k.proof(Side::Responder, exchange))
+        Some((k.proof(Side::Responder, exchange), k.session(exchange)))
+    }
+
+    /// The session of a connection this node opened, once the answer to
+    /// its AUTH checked out ([`Self::check_answer`]: under the current
+    /// secret, as the answer was).
+    pub fn session(&self, exchange: &Exchange<'_>) -> Session {
+        self.current().session(exchange)
+    }
+}
+
+/// Bytes of a sealed frame's tag ([`Sealer`]): 128 bits, as a context's
+/// MAC.
+pub const SEAL_TAG_LEN: usize = crate::wire::SEAL_TAG_LEN;
+
+/// The key that seals one member connection's frames, both ways, once its
+/// opening exchange proved the secret both ways (ARCHITECTURE.md, "Cluster
+/// secret": sealed frames). Split into the two ends' halves.
+pub struct Session {
+    key: [u8; 32],
+}
+
+impl Session {
+    /// The dialer's halves: it seals what it sends, and opens what the
+    /// responder sends.
+    pub fn dialer(self) -> (Sealer, Opener) {
+        self.split(Direction::ToResponder)
+    }
+
+    /// The responder's halves.
+    pub fn responder(self) -> (Sealer, Opener) {
+        self.split(Direction::ToDialer)
+    }
+
+    fn split(self, sends: Direction) -> (Sealer, Opener) {
+        let receives = match sends {
+            Direction::ToResponder => Direction::ToDialer,
+            Direction::ToDialer => Direction::ToResponder,
+        };
+        (Sealer { key: self.key, dir: sends, next: 0 }, Opener { key: self.key, dir: receives, next: 0 })
+    }
+}
+
+/// Which way a sealed frame goes: part of its tag, so that a frame sent
+/// one way never passes for one sent the other (reflected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    ToResponder = 0,
+    ToDialer = 1,
+}
+
+/// The tag of the `seq`th frame (from 0) sent `dir` on a session: the first
+/// [`SEAL_TAG_LEN`] bytes of `blake3_keyed(session key, u8 dir || u64 seq
+/// || frame)`, the frame as sent (its header sealed: the SEALED flag set,
+/// the tag counted in `body_len`) up to the tag. The sequence number is
+/// the count of frames before it that way, never sent: a frame dropped,
+/// replayed, reordered or moved to another connection fails its tag.
+fn seal_tag(key: &[u8; 32], dir: Direction, seq: u64, frame: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&[dir as u8]);
+    h.update(&seq.to_le_bytes());
+    h.update(frame);
+    h.finalize()
+}
+
+/// Seals the frames one end of a session sends, in the order they go on
+/// the wire.
+pub struct Sealer {
+    key: [u8; 32],
+    dir: Direction,
+    /// The sequence number of the next frame.
+    next: u64,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sealer({:?}, next {})", self.dir, self.next)
+    }
+}
+
+impl Sealer {
+    /// Seals the whole frame at `buf[at..]`, the next to go out
+    /// ([`crate::wire::seal_frame`]).
+    pub fn seal(&mut self, buf: &mut Vec<u8>, at: usize) {
+        let (key, dir, seq) = (&self.key, self.dir, self.next);
+        crate::wire::seal_frame(buf, at, |frame| {
+            seal_tag(key, dir, seq, frame).as_bytes()[..SEAL_TAG_LEN].try_into().expect("a blake3 hash is 32 bytes")
+        });
+        self.next += 1;
+    }
+}
+
+/// Opens the frames one end of a session receives, in the order they
+/// arrive.
+pub struct Opener {
+    key: [u8; 32],
+    dir: Direction,
+    /// The sequence number the next frame must have been sealed with.
+    next: u64,
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opener({:?}, next {})", self.dir, self.next)
+    }
+}
+
+impl Opener {
+    /// Checks the whole sealed frame `frame` (the next to arrive) and
+    /// unseals it in place ([`crate::wire::open_frame`]): its length
+    /// without the tag. A frame that fails ends the connection: the
+    /// sequence is lost.
+    pub fn open(&mut self, frame: &mut [u8]) -> Result<usize, crate::wire::SealError> {
+        let (key, dir, seq) = (&self.key, self.dir, self.next);
+        let len = crate::wire::open_frame(frame, |covered, tag| {
+            let want = seal_tag(key, dir, seq, covered);
+            // Constant time, as a context's MAC (`Keys::context_mac_matches`).
+            let mut full = *want.as_bytes();
+            full[..SEAL_TAG_LEN].copy_from_slice(tag);
+            blake3::Hash::from(full) == want
+        })?;
+        self.next += 1;
+        Ok(len)
+    }
+
+    /// Counts a frame that arrived sealed but was dropped unread (over the
+    /// receiver's size limit, its body skipped as it arrived): the sender
+    /// counted it.
+    pub fn skip(&mut self) {
+        self.next += 1;
     }
 }
 
@@ -400,6 +549,87 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    fn ping(id: u64) -> Vec<u8> {
+        let mut f = Vec::new();
+        crate::wire::Request::Ping.encode(&mut f, id, crate::wire::ANY_SHARD, 0);
+        f
+    }
+
+    /// Pins the session key and the seal (all three values checked
+    /// against Python's blake3 package): a change to either would make
+    /// members of two builds refuse each other's every frame.
+    #[test]
+    fn golden_seal() {
+        let k = keys(b"0123456789abcdef");
+        let ex =
+            Exchange { challenge: &[1; CHALLENGE_LEN], nonce: &[2; CHALLENGE_LEN], dialer: b"n1", responder: b"n2" };
+        assert_eq!(hex(&k.session(&ex).key), "e4424a226033990963eaf094bc48519192be72e96dacd53318dffac0ad276bb1");
+        let (mut sealer, _) = k.session(&ex).dialer();
+        let mut first = ping(1);
+        sealer.seal(&mut first, 0);
+        // The header with SEALED (0x8000) and body_len 16, then the tag.
+        assert_eq!(hex(&first), "475901010080ffff01000000000000001000000000000000816d849873073af37f9d9225d15f216f");
+        let mut second = ping(2);
+        sealer.seal(&mut second, 0);
+        assert_eq!(hex(&second[second.len() - SEAL_TAG_LEN..]), "121b4950620f98d0d435786dd4c6514a");
+    }
+
+    /// A sealed frame opens once, in its place in the sequence, going its
+    /// own way, on its own connection, unchanged: what an attacker on the
+    /// network path could otherwise do to a member connection (inject,
+    /// replay, reorder, reflect, splice from another connection, change).
+    #[test]
+    fn a_sealed_frame_opens_once_in_order_one_way_on_its_own_connection() {
+        use crate::wire::SealError;
+        let k = keys(b"a cluster secret of some length");
+        let (c, n) = ([9; CHALLENGE_LEN], [8; CHALLENGE_LEN]);
+        let ex = Exchange { challenge: &c, nonce: &n, dialer: b"n1", responder: b"n2" };
+        let (mut dialer_seals, mut dialer_opens) = k.session(&ex).dialer();
+        let sealed: Vec<Vec<u8>> = (1..=3)
+            .map(|id| {
+                let mut f = ping(id);
+                dialer_seals.seal(&mut f, 0);
+                f
+            })
+            .collect();
+        let open = |opener: &mut Opener, f: &[u8]| {
+            let mut f = f.to_vec();
+            opener.open(&mut f).map(|len| f[..len].to_vec())
+        };
+        // Out of order: the second first.
+        assert_eq!(open(&mut k.session(&ex).responder().1, &sealed[1]), Err(SealError::BadTag));
+        // Reflected back to the dialer.
+        assert_eq!(open(&mut dialer_opens, &sealed[0]), Err(SealError::BadTag));
+        // Another connection's session (another nonce), another secret.
+        let other = Exchange { nonce: &c, ..ex };
+        assert_eq!(open(&mut k.session(&other).responder().1, &sealed[0]), Err(SealError::BadTag));
+        let stranger = keys(b"another cluster's secret");
+        assert_eq!(open(&mut stranger.session(&ex).responder().1, &sealed[0]), Err(SealError::BadTag));
+        // Any byte changed.
+        for i in 0..sealed[0].len() {
+            let mut bad = sealed[0].clone();
+            bad[i] ^= 0x01;
+            assert!(open(&mut k.session(&ex).responder().1, &bad).is_err(), "byte {i} flipped");
+        }
+        // Unsealed, or cut.
+        assert_eq!(open(&mut k.session(&ex).responder().1, &ping(1)), Err(SealError::NotSealed));
+        let cut = &sealed[0][..sealed[0].len() - 1];
+        assert_eq!(open(&mut k.session(&ex).responder().1, cut), Err(SealError::TooShort));
+        // In order, each opens to the frame as it was encoded; a failure
+        // moved nothing on.
+        let (mut responder_seals, mut responder_opens) = k.session(&ex).responder();
+        assert!(open(&mut responder_opens, &ping(1)).is_err());
+        for (i, f) in sealed.iter().enumerate() {
+            assert_eq!(open(&mut responder_opens, f), Ok(ping(i as u64 + 1)), "frame {i}");
+        }
+        // Once each: a replay fails.
+        assert_eq!(open(&mut responder_opens, &sealed[2]), Err(SealError::BadTag));
+        // And the other way.
+        let mut reply = ping(7);
+        responder_seals.seal(&mut reply, 0);
+        assert_eq!(open(&mut dialer_opens, &reply), Ok(ping(7)));
+    }
+
     #[test]
     fn a_signed_context_passes_for_its_key_only() {
         let k = keys(b"a cluster secret of some length");
@@ -445,10 +675,10 @@ mod tests {
         let (c, n) = ([9; CHALLENGE_LEN], [8; CHALLENGE_LEN]);
         let ex = Exchange { challenge: &c, nonce: &n, dialer: b"n1", responder: b"n2" };
         let p = k.proof(Side::Dialer, &ex);
-        let answer = k.answer(&ex, &p).expect("taken");
+        let answer = k.answer(&ex, &p).expect("taken").0;
         assert!(k.check_answer(&ex, &answer));
         assert!(!k.check_answer(&ex, &p), "a dialer's proof is no answer (reflected)");
-        assert_eq!(k.answer(&ex, &answer), None, "an answer is no dialer's proof");
+        assert!(k.answer(&ex, &answer).is_none(), "an answer is no dialer's proof");
         let other = |ex: Exchange<'_>| k.answer(&ex, &p).is_some();
         assert!(!other(Exchange { dialer: b"n3", ..ex }), "another dialer");
         assert!(!other(Exchange { responder: b"n3", ..ex }), "made for another member (relayed)");
@@ -456,7 +686,7 @@ mod tests {
         assert!(!other(Exchange { nonce: &c, ..ex }), "another nonce");
         // The names are length-prefixed: no boundary can move.
         assert!(!other(Exchange { dialer: b"n1n", responder: b"2", ..ex }));
-        assert_eq!(keys(b"another cluster's secret").answer(&ex, &p), None);
+        assert!(keys(b"another cluster's secret").answer(&ex, &p).is_none());
         // The two keys differ: a context MAC is no proof.
         assert_ne!(k.current().context, k.current().peer);
         assert_ne!(challenge().unwrap(), challenge().unwrap());
@@ -486,13 +716,17 @@ mod tests {
             for (x, y) in [(a, b), (b, a)] {
                 assert_eq!(check(y, b"k", &signed(x, b"k", &clock())), Ok(()), "step {i}: a context");
                 let answer = y.answer(&ex, &x.proof(Side::Dialer, &ex));
-                let answer = answer.unwrap_or_else(|| panic!("step {i}: the dialer's proof is refused"));
+                let (answer, session) = answer.unwrap_or_else(|| panic!("step {i}: the dialer's proof is refused"));
                 assert!(x.check_answer(&ex, &answer), "step {i}: the answer is refused");
+                // Both ends seal under the same session key.
+                let mut f = ping(1);
+                x.session(&ex).dialer().0.seal(&mut f, 0);
+                assert!(session.responder().1.open(&mut f).is_ok(), "step {i}: the sessions differ");
             }
         }
         // Across two steps, they do not: OLD alone and NEW alone.
         assert_eq!(check(&only_new(), b"k", &signed(&only_old(), b"k", &clock())), Err(VersionError::BadSignature));
-        assert_eq!(only_new().answer(&ex, &only_old().proof(Side::Dialer, &ex)), None);
+        assert!(only_new().answer(&ex, &only_old().proof(Side::Dialer, &ex)).is_none());
         // A dialer that signs with NEW and still accepts OLD takes no
         // answer made with OLD: an impostor holding only the old (leaked)
         // secret cannot answer it.

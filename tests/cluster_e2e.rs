@@ -1951,3 +1951,215 @@ fn a_cluster_turns_its_secret_on_member_by_member() {
     let req = Request::ReplicaPut { key: b"k", meta: &[], value: b"" };
     assert_eq!(raw.call(&req, ANY_SHARD).expect_err("refused").code(), Some(ErrorCode::Unauthenticated));
 }
+
+/// The secret of [`secret_cluster`], as its members derive their keys.
+fn test_cluster_keys() -> gyre::auth::ClusterKeys {
+    gyre::auth::ClusterKeys::from_secret(b"the test cluster's shared secret")
+}
+
+/// Opens a connection to `to` as member `name` holding the cluster's
+/// secret (HELLO, then an AUTH with a good proof, the answer checked):
+/// the socket and the session's dialer halves.
+fn proven_connection(
+    to: std::net::SocketAddr,
+    name: &str,
+    responder: &str,
+) -> (std::net::TcpStream, gyre::auth::Sealer, gyre::auth::Opener) {
+    use gyre::auth::{Exchange, Side};
+    use gyre::wire::Response;
+    use std::io::Write;
+    let keys = test_cluster_keys();
+    let mut s = std::net::TcpStream::connect(to).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut f = Vec::new();
+    Request::Hello { member: name.as_bytes() }.encode(&mut f, 1, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
+        panic!("no challenge")
+    };
+    let nonce = [7; gyre::wire::CHALLENGE_LEN];
+    let ex =
+        Exchange { challenge: &challenge, nonce: &nonce, dialer: name.as_bytes(), responder: responder.as_bytes() };
+    f.clear();
+    Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut f, 2, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let Ok(Response::Auth { proof }) = Response::decode(h.opcode, &body) else { panic!("no AUTH answer") };
+    assert!(keys.check_answer(&ex, &proof), "the node's answer proves the secret");
+    let (sealer, opener) = keys.session(&ex).dialer();
+    (s, sealer, opener)
+}
+
+/// Writes `req` sealed (as request `id`) and returns its frame as sent.
+fn send_sealed(s: &mut std::net::TcpStream, sealer: &mut gyre::auth::Sealer, req: &Request<'_>, id: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut f = Vec::new();
+    req.encode(&mut f, id, ANY_SHARD, 0);
+    sealer.seal(&mut f, 0);
+    s.write_all(&f).unwrap();
+    f
+}
+
+/// Reads one sealed reply and opens it: its request id and response, as
+/// text.
+fn read_sealed(s: &mut std::net::TcpStream, opener: &mut gyre::auth::Opener) -> Result<(u64, String), String> {
+    let (h, body) = common::read_frame(s)?;
+    let mut whole = Vec::new();
+    whole.extend_from_slice(&encode_header(&h));
+    whole.extend_from_slice(&body);
+    let len = opener.open(&mut whole).map_err(|e| e.to_string())?;
+    let (h, _) = gyre::wire::split_frame(&whole[..len], gyre::wire::MAX_BODY_LEN).unwrap().unwrap();
+    Ok((h.request_id, format!("{:?}", gyre::wire::Response::decode(h.opcode, &whole[gyre::wire::HEADER_LEN..len]))))
+}
+
+/// A header as it was on the wire.
+fn encode_header(h: &gyre::wire::Header) -> [u8; gyre::wire::HEADER_LEN] {
+    let mut b = [0u8; gyre::wire::HEADER_LEN];
+    b[..2].copy_from_slice(b"GY");
+    b[2] = 1;
+    b[3] = h.opcode;
+    b[4..6].copy_from_slice(&h.flags.to_le_bytes());
+    b[6..8].copy_from_slice(&h.shard.to_le_bytes());
+    b[8..16].copy_from_slice(&h.request_id.to_le_bytes());
+    b[16..20].copy_from_slice(&h.body_len.to_le_bytes());
+    b[20..24].copy_from_slice(&h.deadline_us.to_le_bytes());
+    b
+}
+
+/// With a cluster secret, what follows a member connection's AUTH is
+/// sealed both ways: each frame carries a tag under the connection's own
+/// session key over its direction, its place in the sequence and its
+/// bytes. A sealed call is served (its reply sealed); a frame sent
+/// unsealed, replayed, or changed on the way closes the connection
+/// (before, a connection was authenticated at its start only, and anyone
+/// on the network path could inject replica messages into it).
+#[test]
+fn after_the_auth_a_member_connection_is_sealed_both_ways() {
+    use std::io::{Read, Write};
+    let (_dir, _, cluster) = secret_cluster(ClusterSpec::default());
+    let mut c = cluster.client("n1", Routing::Server);
+    put(&mut c, "k", "v", NO_CONTEXT);
+    let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
+    let closed = |s: &mut std::net::TcpStream| {
+        // Its refusal (sealed, id 0), then the end of the connection.
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    // Sealed calls are served, and their replies open.
+    let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    send_sealed(&mut s, &mut sealer, &Request::ReplicaGet { key: b"k" }, 3);
+    let (id, reply) = read_sealed(&mut s, &mut opener).unwrap();
+    assert!(id == 3 && reply.contains("ReplicaGet") && reply.contains("Some"), "{reply}");
+    let sent = send_sealed(&mut s, &mut sealer, &Request::Ping, 4);
+    assert_eq!(read_sealed(&mut s, &mut opener).unwrap().0, 4);
+    // The same frame again (a replay): refused, closed.
+    s.write_all(&sent).unwrap();
+    let refusal = read_sealed(&mut s, &mut opener).unwrap();
+    assert!(refusal.0 == 0 && refusal.1.contains("Unauthenticated"), "{refusal:?}");
+    assert!(closed(&mut s), "a replayed frame closes the connection");
+    // Unsealed after the AUTH: refused, closed.
+    let (mut s, _, _) = proven_connection(n2, "n1", "n2");
+    let mut f = Vec::new();
+    Request::ReplicaGet { key: b"k" }.encode(&mut f, 3, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s), "an unsealed frame closes the connection");
+    // A byte changed on the way: refused, closed.
+    let (mut s, mut sealer, _) = proven_connection(n2, "n1", "n2");
+    let mut f = Vec::new();
+    let (meta, value) = forged_set();
+    Request::ReplicaPut { key: b"k", meta: &meta, value: &value }.encode(&mut f, 3, ANY_SHARD, 0);
+    sealer.seal(&mut f, 0);
+    let at = f.len() - gyre::wire::SEAL_TAG_LEN - 1;
+    f[at] ^= 1;
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s), "a changed frame closes the connection");
+    let node = &cluster.stats("n2")["node"];
+    assert_eq!(node["seal_failures"], 3, "{node}");
+    assert_eq!(values(&mut c, "k"), bytes(&["v"]), "nothing forged was stored");
+    // The members' own connections are sealed and serve: a write needs all three.
+    c.set_quorum(Quorum { r: 0, w: 3 });
+    put(&mut c, "all", "v", NO_CONTEXT);
+    assert_eq!(cluster.counter_in("n1", "peers", "seal_failures"), 0);
+}
+
+/// The dialer's side: a member's reply must be sealed too. A stand-in
+/// that holds the secret and answers its AUTH properly, then acknowledges
+/// a replica write unsealed, is not counted toward W, and its connection
+/// is closed; the same stand-in sealing its replies is.
+#[test]
+fn a_members_reply_that_is_not_sealed_is_not_taken() {
+    use gyre::auth::Exchange;
+    use gyre::wire::Response;
+    use std::io::Write;
+    for seals in [false, true] {
+        let (_dir, _, mut cluster) = secret_cluster(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
+        cluster.kill9("n2");
+        let addr = cluster.member("n2").addr;
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                std::thread::spawn(move || {
+                    let keys = test_cluster_keys();
+                    let challenge = [5; gyre::wire::CHALLENGE_LEN];
+                    let mut session = None;
+                    let mut out = Vec::new();
+                    while let Ok((h, body)) = common::read_frame(&mut s) {
+                        let mut whole = encode_header(&h).to_vec();
+                        whole.extend_from_slice(&body);
+                        let len = match session.as_mut() {
+                            Some((_, opener)) => {
+                                let opener: &mut gyre::auth::Opener = opener;
+                                opener.open(&mut whole).expect("n1's frames are sealed")
+                            }
+                            None => whole.len(),
+                        };
+                        let (h, _) = gyre::wire::split_frame(&whole[..len], gyre::wire::MAX_BODY_LEN).unwrap().unwrap();
+                        let req = Request::decode(h.opcode, &whole[gyre::wire::HEADER_LEN..len]).unwrap();
+                        out.clear();
+                        let id = h.request_id;
+                        match req {
+                            Request::Hello { .. } => {
+                                Response::Hello { challenge: Some(challenge) }.encode(&mut out, id, 0)
+                            }
+                            Request::Auth { nonce, proof } => {
+                                let ex = Exchange { challenge: &challenge, nonce, dialer: b"n1", responder: b"n2" };
+                                let (answer, sess) = keys.answer(&ex, proof).expect("n1 proves the secret");
+                                Response::Auth { proof: answer }.encode(&mut out, id, 0);
+                                if s.write_all(&out).is_err() {
+                                    return;
+                                }
+                                session = Some(sess.responder());
+                                continue;
+                            }
+                            other => match member_answer(&other, id, 0, addr.port(), None) {
+                                Some(reply) => out = reply,
+                                None => continue,
+                            },
+                        }
+                        if let (true, Some((sealer, _))) = (seals, session.as_mut()) {
+                            let sealer: &mut gyre::auth::Sealer = sealer;
+                            sealer.seal(&mut out, 0);
+                        }
+                        if s.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut c = cluster.client("n1", Routing::Server);
+        let put = c.put(b"k", b"v", &Context::default());
+        if seals {
+            put.unwrap_or_else(|e| panic!("a stand-in that seals its replies: {e}"));
+            assert_eq!(cluster.counter_in("n1", "peers", "seal_failures"), 0);
+        } else {
+            expect_code(put, ErrorCode::QuorumFailed, "an unsealed acknowledgement");
+            assert!(cluster.counter_in("n1", "peers", "seal_failures") > 0);
+        }
+    }
+}

@@ -42,11 +42,12 @@ use futures_lite::future::poll_once;
 
 use super::front::Socket;
 use super::{bump, bump_first, decode_error_frame, Answer, Shard};
-use crate::auth::ClusterKeys;
+use crate::auth::{ClusterKeys, Opener, Sealer};
 use crate::notify::Notify;
 use crate::storage::{PendingWrite, Prefetch};
 use crate::wire::{
     declared_frame_len, op, split_frame, ErrorCode, Request, WireError, HEADER_LEN, MAX_BODY_LEN, MAX_IN_FLIGHT,
+    SEAL_TAG_LEN,
 };
 
 /// The room a read is given once reads fill what they are given (a client
@@ -158,6 +159,9 @@ struct Outbox {
     /// may write before it, or replies would reach the socket out of order.
     writing: Cell<bool>,
     changed: Notify,
+    /// A member connection that proved the cluster secret: each reply is
+    /// sealed as it is queued, which is the order replies go out in.
+    sealer: RefCell<Option<Sealer>>,
 }
 
 impl Outbox {
@@ -175,8 +179,20 @@ impl Outbox {
 
     /// Queues the reply of a started request.
     fn push(&self, frame: &[u8]) {
-        self.buf.borrow_mut().extend_from_slice(frame);
+        let mut buf = self.buf.borrow_mut();
+        let at = buf.len();
+        buf.extend_from_slice(frame);
+        self.seal(&mut buf, at);
+        drop(buf);
         self.queued_one();
+    }
+
+    /// Seals the reply just queued at `buf[at..]` if the connection is
+    /// sealed.
+    fn seal(&self, buf: &mut Vec<u8>, at: usize) {
+        if let Some(sealer) = self.sealer.borrow_mut().as_mut() {
+            sealer.seal(buf, at);
+        }
     }
 
     /// Queues the reply of a started request once `reply` has it, from a
@@ -202,10 +218,16 @@ impl Outbox {
     /// Lets `answer` append a reply at once; if it did
     /// ([`Answer::Now`]), counts a request started and its reply queued.
     fn push_now(&self, answer: impl FnOnce(&mut Vec<u8>) -> Answer) -> Answer {
-        let answer = answer(&mut self.buf.borrow_mut());
+        let mut buf = self.buf.borrow_mut();
+        let at = buf.len();
+        let answer = answer(&mut buf);
         if let Answer::Now = answer {
+            self.seal(&mut buf, at);
+            drop(buf);
             self.start();
             self.queued_one();
+        } else {
+            debug_assert_eq!(buf.len(), at, "a reply appended but not answered now");
         }
         answer
     }
@@ -468,6 +490,9 @@ pub(super) struct Standing {
     /// until then what its HELLO asked. Replica messages are taken, and the
     /// connection counts as a member's, only once it is proved.
     auth: Cell<Auth>,
+    /// The session of the AUTH just answered, until the reader takes it to
+    /// seal every frame after that answer, both ways.
+    session: RefCell<Option<crate::auth::Session>>,
 }
 
 /// A connection's standing with the cluster secret (`Standing::auth`).
@@ -497,7 +522,14 @@ impl Standing {
             member: Cell::new(false),
             named: Cell::new(false),
             auth: Cell::new(Auth::None),
+            session: RefCell::new(None),
         }
+    }
+
+    /// The session of the AUTH just answered, once (the reader seals the
+    /// connection with it after queueing the answer).
+    fn take_session(&self) -> Option<crate::auth::Session> {
+        self.session.borrow_mut().take()
     }
 
     /// Whether a provisional connection may send this frame: the first
@@ -567,8 +599,9 @@ impl Standing {
                     }
                     _ => None,
                 };
-                if let Some(proof) = answer {
+                if let Some((proof, session)) = answer {
                     self.auth.set(Auth::Proven);
+                    *self.session.borrow_mut() = Some(session);
                     self.named_member();
                     let mut out = Vec::with_capacity(HEADER_LEN + crate::wire::PROOF_LEN);
                     crate::wire::Response::Auth { proof }.encode(&mut out, id, shard.id as u16);
@@ -639,6 +672,32 @@ impl Drop for Standing {
     }
 }
 
+/// What a member connection that sent a frame that failed its seal is
+/// told before it is closed (request id 0: the connection's, not one
+/// request's).
+const SEAL_REFUSED: &str = "a frame failed its seal (sent unsealed after the AUTH, or changed on the way): the \
+                            connection is closed";
+
+/// Opens `frame`, the next whole frame off a sealed connection: the
+/// unsealed frame's header and length (its tag follows it), or `None`
+/// (counted, and warned of once a shard) if it fails.
+fn open_sealed(opener: &mut Opener, frame: &mut [u8], shard: &Shard) -> Option<(crate::wire::Header, usize)> {
+    let opened = opener.open(frame).map_err(|e| e.to_string()).and_then(|len| {
+        let h = frame.first_chunk::<HEADER_LEN>().expect("a whole frame");
+        let header = crate::wire::decode_header(h, MAX_BODY_LEN).map_err(|e| e.to_string())?;
+        Ok((header, len))
+    });
+    match opened {
+        Ok(opened) => Some(opened),
+        Err(why) => {
+            if bump_first(&shard.counters.seal_failures) {
+                tracing::warn!(why, "closed a member connection whose frame failed its seal");
+            }
+            None
+        }
+    }
+}
+
 /// The refusal a connection past the limit gets (request id 0, as the
 /// accept loop's): peers take it for "nothing was read".
 fn too_many_connections(shard: &Shard) -> Vec<u8> {
@@ -690,8 +749,12 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
     };
     let mut buf = vec![0u8; FIRST_READ];
     let (mut start, mut end) = (0usize, 0usize);
-    // Bytes of an oversized frame's body still to be read and dropped.
+    // Bytes of an oversized frame's body still to be read and dropped (or
+    // of a sealed frame's tag, once it is checked).
     let mut skip = 0usize;
+    // A member connection that proved the cluster secret: every frame
+    // after its AUTH is sealed, and opened here before anything reads it.
+    let mut opener: Option<Opener> = None;
     // The connection closes for a frame left unfinished
     // (`frame_timeout_ms`).
     let mut stalled = false;
@@ -727,8 +790,23 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     }
                 }
             }
-            match split_frame(&buf[start..end], shard.max_body(&buf[start..end])) {
+            let tag_len = if opener.is_some() { SEAL_TAG_LEN } else { 0 };
+            match split_frame(&buf[start..end], shard.max_body(&buf[start..end]) + tag_len) {
                 Ok(Some((header, total))) => {
+                    let (header, total) = match opener.as_mut() {
+                        None => (header, total),
+                        Some(o) => match open_sealed(o, &mut buf[start..start + total], &shard) {
+                            Some(opened) => {
+                                // The tag is skipped after the frame.
+                                skip = total - opened.1;
+                                opened
+                            }
+                            None => {
+                                out.reply(&shard.error_frame(0, ErrorCode::Unauthenticated, SEAL_REFUSED));
+                                break 'read;
+                            }
+                        },
+                    };
                     let body = &buf[start + HEADER_LEN..start + total];
                     // A HELLO is the connection's, answered here (members
                     // count apart from clients); in the members' reserve
@@ -787,6 +865,13 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                                 out.reply(&reply);
                                 if close {
                                     break 'read;
+                                }
+                                // An AUTH answered: what follows it, both
+                                // ways, is sealed.
+                                if let Some(session) = standing.take_session() {
+                                    let (sealer, o) = session.responder();
+                                    *out.sealer.borrow_mut() = Some(sealer);
+                                    opener = Some(o);
                                 }
                                 start += total;
                                 continue;
@@ -855,6 +940,10 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     out.reply(&shard.oversized_frame_reply(header, len, max));
                     start += HEADER_LEN;
                     skip = len;
+                    // Dropped unread, tag and all: the sender counted it.
+                    if let Some(o) = opener.as_mut() {
+                        o.skip();
+                    }
                 }
                 Err(e) => {
                     let header: [u8; HEADER_LEN] =

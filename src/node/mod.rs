@@ -182,6 +182,11 @@ pub struct ShardCounters {
     /// connections that proved nothing. Once it stops growing after every
     /// member has the secret, the cluster can drop the setting.
     pub unauthenticated_taken: Cell<u64>,
+    /// Member connections closed for a frame that failed its seal: sent
+    /// unsealed after the AUTH (a member of an older build), or whose tag
+    /// did not match (changed, replayed, reordered or injected on the
+    /// way).
+    pub seal_failures: Cell<u64>,
     pub error_replies: Cell<u64>,
     pub deadline_exceeded: Cell<u64>,
     /// Socket writes of replies and replies written: their ratio is how

@@ -57,7 +57,7 @@ use serde::Serialize;
 
 use super::bump;
 use super::front::Front;
-use crate::auth::{ClusterKeys, Side};
+use crate::auth::{ClusterKeys, Opener, Sealer, Side};
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
@@ -152,6 +152,10 @@ pub struct PeerCounters {
     /// nothing in time; or the write or read failed, or there were no
     /// random bytes for the nonce.
     pub handshake_failures: Cell<u64>,
+    /// Connections closed for a reply that failed its seal: unsealed after
+    /// the AUTH (a member of an older build), or whose tag did not match
+    /// (changed, replayed, reordered or injected on the way).
+    pub seal_failures: Cell<u64>,
     /// With `accept_unauthenticated`: connections to members that sent no
     /// challenge (no secret), taken unproven.
     pub unproven_peers: Cell<u64>,
@@ -640,6 +644,10 @@ impl Peers {
         bump(&self.counters.connects, 1);
         let sock = Rc::new(sock);
         let mut inbox = Inbox::new();
+        // With a cluster secret, what follows the opening exchange is
+        // sealed both ways (unless a lenient member took one that proved
+        // nothing).
+        let mut session = None;
         if let Some(keys) = &self.keys {
             let shake = self.handshake(keys, member, key.1, &sock, &mut inbox);
             let late = async {
@@ -647,7 +655,7 @@ impl Peers {
                 Err(Shake::Failed(format!("no answer to its HELLO and AUTH in {HANDSHAKE_TIMEOUT:?}")))
             };
             match futures_lite::future::or(shake, late).await {
-                Ok(()) => {}
+                Ok(s) => session = s,
                 Err(Shake::Refused) => {
                     // As the reader does with a refusal (nothing was sent).
                     self.refused(key);
@@ -669,10 +677,12 @@ impl Peers {
             }
         }
         self.down_until.borrow_mut().remove(&member);
+        let (sealer, mut opener) = session.map(crate::auth::Session::dialer).unzip();
         let writer_task = {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
                 let mut run = StampedRun::default();
+                let mut sealing = sealer.map(|s| (s, Vec::new()));
                 loop {
                     let g = conn.queued.generation();
                     if conn.dead.get() {
@@ -684,7 +694,7 @@ impl Peers {
                     }
                     let (mut batch, spans) = conn.out.borrow_mut().take();
                     conn.sent_upto.set(conn.next_id.get() - 1);
-                    let result = write_stamped(&writer, &mut batch, &spans, &mut run).await;
+                    let result = write_stamped(&writer, &mut batch, &spans, &mut run, sealing.as_mut()).await;
                     conn.out.borrow_mut().written();
                     let written = match result {
                         Ok(written) => {
@@ -709,7 +719,20 @@ impl Peers {
         let why = 'read: loop {
             loop {
                 match inbox.next_frame(MAX_BODY_LEN) {
-                    Ok(Some((h, total))) => {
+                    Ok(Some((h, whole))) => {
+                        // A sealed frame is opened before anything reads it:
+                        // `total` is the frame without its tag.
+                        let (h, total) = match opener.as_mut() {
+                            None => (h, whole),
+                            Some(o) => match open_reply(o, &mut inbox.buf[inbox.start..inbox.start + whole]) {
+                                Ok(opened) => opened,
+                                Err(why) => {
+                                    bump(&self.counters.seal_failures, 1);
+                                    tracing::warn!(peer = %conn.name, why, "a member's reply failed its seal");
+                                    break 'read format!("a reply failed its seal: {why}");
+                                }
+                            },
+                        };
                         if h.request_id == 0 && refused_at_accept(h.opcode, &inbox.front(total)[HEADER_LEN..]) {
                             // The peer read none of this connection's
                             // frames: its calls were never taken, and it
@@ -723,7 +746,7 @@ impl Peers {
                         if let Some(slot) = conn.pending.borrow_mut().remove(&h.request_id) {
                             slot.set(Ok(inbox.front(total).to_vec()));
                         }
-                        inbox.start += total;
+                        inbox.start += whole;
                     }
                     Ok(None) => break,
                     Err(e) => break 'read format!("bad frame: {e}"),
@@ -766,6 +789,10 @@ impl Peers {
     /// would merge the versions it sends and sign them into contexts
     /// (found by a review, when a peer without a challenge was taken).
     /// Replies are read into `inbox`, as the reader goes on with it.
+    ///
+    /// Its session (sealing what follows, both ways), or `None` for a
+    /// member that sent no challenge, taken only while the cluster turns
+    /// its secret on or off.
     async fn handshake(
         &self,
         keys: &ClusterKeys,
@@ -773,7 +800,7 @@ impl Peers {
         shard: u16,
         sock: &super::front::Socket,
         inbox: &mut Inbox,
-    ) -> Result<(), Shake> {
+    ) -> Result<Option<crate::auth::Session>, Shake> {
         let dialer = self.members[self.me as usize].name.as_bytes();
         let mut out = Vec::new();
         Request::Hello { member: dialer }.encode(&mut out, HELLO_ID, shard, 0);
@@ -783,7 +810,7 @@ impl Peers {
             // Taken only while the cluster turns its secret on or off.
             Response::Hello { challenge: None } if keys.accepts_unauthenticated() => {
                 bump(&self.counters.unproven_peers, 1);
-                return Ok(());
+                return Ok(None);
             }
             Response::Hello { challenge: None } => {
                 let why = "it sent no challenge: it has no cluster secret (every member needs the same \
@@ -799,7 +826,7 @@ impl Peers {
         Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut out, AUTH_ID, shard, 0);
         send_opening(sock, &out).await?;
         match read_opening(sock, inbox, AUTH_ID).await? {
-            Response::Auth { proof } if keys.check_answer(&ex, &proof) => Ok(()),
+            Response::Auth { proof } if keys.check_answer(&ex, &proof) => Ok(Some(keys.session(&ex))),
             Response::Auth { .. } => Err(Shake::Failed(
                 "its answer to AUTH does not prove the cluster secret (is something else at its address?)".into(),
             )),
@@ -916,6 +943,7 @@ async fn write_stamped(
     batch: &mut [u8],
     spans: &[(usize, Instant)],
     run: &mut StampedRun,
+    mut sealing: Option<&mut (Sealer, Vec<u8>)>,
 ) -> Result<Written, WriteError> {
     let mut next = 0;
     let mut done = Written { frames: 0, late: 0, writes: 0 };
@@ -924,13 +952,45 @@ async fn write_stamped(
         let left_out;
         (next, left_out) = stamp_run(batch, spans, first, Instant::now(), run);
         done.late += left_out;
-        for &(a, b) in &run.ranges {
-            write_bounded(sock, &batch[a..b]).await?;
-            done.writes += 1;
+        match sealing.as_deref_mut() {
+            None => {
+                for &(a, b) in &run.ranges {
+                    write_bounded(sock, &batch[a..b]).await?;
+                    done.writes += 1;
+                }
+            }
+            // Sealed: each frame kept, stamped, is copied out with its
+            // tag, in the order they go out, and the run written at once.
+            Some((sealer, sealed)) => {
+                sealed.clear();
+                for &(a, b) in &run.ranges {
+                    let mut at = a;
+                    while at < b {
+                        let end = at
+                            + crate::wire::declared_frame_len(
+                                batch[at..].first_chunk().expect("frames this node encoded"),
+                            );
+                        let from = sealed.len();
+                        sealed.extend_from_slice(&batch[at..end]);
+                        sealer.seal(sealed, from);
+                        at = end;
+                    }
+                }
+                write_bounded(sock, sealed).await?;
+                done.writes += 1;
+            }
         }
     }
     done.frames = spans.len() as u64 - done.late;
     Ok(done)
+}
+
+/// Opens `frame`, the next whole reply off a sealed connection: the
+/// unsealed frame's header and length (its tag follows it).
+fn open_reply(opener: &mut Opener, frame: &mut [u8]) -> Result<(crate::wire::Header, usize), String> {
+    let len = opener.open(frame).map_err(|e| e.to_string())?;
+    let h = frame.first_chunk::<HEADER_LEN>().expect("a whole frame");
+    Ok((crate::wire::decode_header(h, MAX_BODY_LEN).map_err(|e| e.to_string())?, len))
 }
 
 /// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must

@@ -20,7 +20,10 @@
 //!      2    1 version      protocol version, 1
 //!      3    1 opcode       see below; a reply is the request's opcode | 0x80
 //!      4    2 flags        request: 0x0001 QUORUM; reply: 0x0001 STALE_ROUTE;
-//!                          any other bit is refused
+//!                          either: 0x8000 SEALED (a member connection that
+//!                          proved the cluster secret: the body's last 16
+//!                          bytes are the frame's tag); any other bit is
+//!                          refused
 //!      6    2 shard        target shard of the node, 0xFFFF = any (the node routes)
 //!      8    8 request_id   chosen by the client, echoed in the reply
 //!     16    4 body_len     bytes after the header, <= MAX_BODY_LEN
@@ -169,10 +172,18 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 pub const MAX_REPLY_VALUES: usize = crate::core::version::MAX_SIBLINGS;
 
 const PUT_FIXED: usize = 2 + 4 + 4;
-const _: () = assert!(MAX_BODY_LEN >= max_request_body(VALUE_LEN_HARD_CAP), "a PUT with QUORUM overrides");
-const _: () = assert!(MAX_BODY_LEN >= 4 + MAX_CONTEXT_LEN + 2 + 4 * MAX_REPLY_VALUES + VALUE_LEN_HARD_CAP);
-const _: () = assert!(MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_ENCODED_META + VALUE_LEN_HARD_CAP, "REPLICA_PUT");
-const _: () = assert!(MAX_BODY_LEN >= 1 + 4 + MAX_ENCODED_META + 4 + VALUE_LEN_HARD_CAP, "REPLICA_GET reply");
+// Each of these may go on a member connection (a relayed request or
+// reply, a replica message), sealed: its tag must fit too.
+const _: () =
+    assert!(MAX_BODY_LEN >= max_request_body(VALUE_LEN_HARD_CAP) + SEAL_TAG_LEN, "a PUT with QUORUM overrides");
+const _: () =
+    assert!(MAX_BODY_LEN >= 4 + MAX_CONTEXT_LEN + 2 + 4 * MAX_REPLY_VALUES + VALUE_LEN_HARD_CAP + SEAL_TAG_LEN);
+const _: () = assert!(
+    MAX_BODY_LEN >= PUT_FIXED + MAX_KEY_LEN + MAX_ENCODED_META + VALUE_LEN_HARD_CAP + SEAL_TAG_LEN,
+    "REPLICA_PUT"
+);
+const _: () =
+    assert!(MAX_BODY_LEN >= 1 + 4 + MAX_ENCODED_META + 4 + VALUE_LEN_HARD_CAP + SEAL_TAG_LEN, "REPLICA_GET reply");
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize, "body_len is a u32");
 const _: () = assert!(MAX_KEY_LEN <= u16::MAX as usize, "key length is a u16 on the wire");
 const _: () = assert!(MAX_REPLY_VALUES <= u16::MAX as usize, "value count is a u16 on the wire");
@@ -227,10 +238,73 @@ pub mod flags {
     /// Reply: the answering node is not a replica of the key; refresh the
     /// ring.
     pub const STALE_ROUTE: u16 = 0x0001;
+    /// Either way, on a member connection that proved the cluster secret:
+    /// the body ends with the frame's [`super::SEAL_TAG_LEN`]-byte tag
+    /// ([`super::seal_frame`]).
+    pub const SEALED: u16 = 0x8000;
     /// Every flag a request may carry.
-    pub const REQUEST_MASK: u16 = QUORUM;
+    pub const REQUEST_MASK: u16 = QUORUM | SEALED;
     /// Every flag a reply may carry.
-    pub const REPLY_MASK: u16 = STALE_ROUTE;
+    pub const REPLY_MASK: u16 = STALE_ROUTE | SEALED;
+}
+
+/// Bytes of a sealed frame's tag, at the end of its body (`crate::auth`
+/// computes it): 128 bits.
+pub const SEAL_TAG_LEN: usize = 16;
+
+/// Why a frame on a sealed connection was refused ([`open_frame`]).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SealError {
+    #[error("a frame without the SEALED flag on a sealed member connection (is the member of an older build?)")]
+    NotSealed,
+    #[error("a sealed frame too short to hold its tag")]
+    TooShort,
+    #[error("a sealed frame whose tag does not match (changed, replayed, reordered, or not the member's)")]
+    BadTag,
+}
+
+/// Seals the whole frame at `buf[at..]` for a sealed connection: sets its
+/// SEALED flag, counts [`SEAL_TAG_LEN`] more bytes in its `body_len`, and
+/// appends `tag` of the frame so patched. The frame must be one this side
+/// encoded (well formed, unsealed).
+pub fn seal_frame(buf: &mut Vec<u8>, at: usize, tag: impl FnOnce(&[u8]) -> [u8; SEAL_TAG_LEN]) {
+    let whole = buf.len() - at;
+    let raw = RawHeader::mut_from_prefix(&mut buf[at..]).expect("a whole frame to seal").0;
+    debug_assert_eq!(raw.flags.get() & flags::SEALED, 0, "sealed twice");
+    debug_assert_eq!(HEADER_LEN + raw.body_len.get() as usize, whole, "one whole frame");
+    raw.flags = U16::new(raw.flags.get() | flags::SEALED);
+    raw.body_len = U32::new(raw.body_len.get() + SEAL_TAG_LEN as u32);
+    let tag = tag(&buf[at..]);
+    buf.extend_from_slice(&tag);
+}
+
+/// Opens `frame`, one whole frame off a sealed connection (its header
+/// checked by [`split_frame`]): it must carry the SEALED flag and a tag
+/// that `check(frame up to the tag, tag)` takes; its header is then
+/// rewritten as unsealed (the flag cleared, `body_len` less the tag), and
+/// the unsealed frame's length returned: `frame[..len]` is the frame as
+/// its sender encoded it.
+pub fn open_frame(
+    frame: &mut [u8],
+    check: impl FnOnce(&[u8], &[u8; SEAL_TAG_LEN]) -> bool,
+) -> Result<usize, SealError> {
+    let (raw, _) = RawHeader::mut_from_prefix(frame).map_err(|_| SealError::TooShort)?;
+    if raw.flags.get() & flags::SEALED == 0 {
+        return Err(SealError::NotSealed);
+    }
+    let body = raw.body_len.get() as usize;
+    if body < SEAL_TAG_LEN || frame.len() != HEADER_LEN + body {
+        return Err(SealError::TooShort);
+    }
+    let len = frame.len() - SEAL_TAG_LEN;
+    let (covered, tag) = frame.split_at(len);
+    if !check(covered, tag.try_into().expect("SEAL_TAG_LEN bytes")) {
+        return Err(SealError::BadTag);
+    }
+    let (raw, _) = RawHeader::mut_from_prefix(frame).map_err(|_| SealError::TooShort)?;
+    raw.flags = U16::new(raw.flags.get() & !flags::SEALED);
+    raw.body_len = U32::new((body - SEAL_TAG_LEN) as u32);
+    Ok(len)
 }
 
 /// Per-request quorum overrides (the QUORUM flag); 0 keeps the default.
