@@ -1,15 +1,20 @@
 //! The cluster secret: the keys a node derives from it, the MAC that signs
-//! the contexts it hands out, and the proof a member gives at connect.
+//! the contexts it hands out, the proof a member gives at connect, and the
+//! seal on every frame of a member connection after that.
 //!
 //! Owns: the derivation of both keys from the secret file's bytes, the
-//! context MAC (format 4, `crate::core::version`), and the challenge and
-//! proof of the HELLO/AUTH exchange (`crate::wire`, ARCHITECTURE.md,
-//! "Cluster secret").
+//! context MAC (format 4, `crate::core::version`), the challenge and
+//! proof of the HELLO/AUTH exchange, and each proven connection's session
+//! key and frame tags ([`Sealer`], [`Opener`]; the frame layout is
+//! `crate::wire::seal_frame`'s) (`crate::wire`, ARCHITECTURE.md, "Cluster
+//! secret").
 //!
 //! Invariant: nothing outside this module sees the secret or a key derived
 //! from it; every check compares MACs in constant time (`blake3::Hash`'s
 //! equality), and each key serves one purpose (a context's MAC can never
-//! pass for a member's proof, or the other way round).
+//! pass for a member's proof, or the other way round; a session key seals
+//! one connection's frames and nothing else); a sealed frame opens once,
+//! in its place in its direction's sequence.
 //!
 //! Why blake3: a keyed hash that is a MAC as it stands (no HMAC
 //! construction), fast on the few dozen bytes a context has (one

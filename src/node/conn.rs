@@ -14,7 +14,8 @@
 //! as they settle.
 //!
 //! Owns: the connection's read buffer, its in-flight count and its reply
-//! queue, and its standing (a client's, a cluster member's once it sent a
+//! queue (sealed, with its reads, once a member's AUTH proved the cluster
+//! secret: `crate::auth`), and its standing (a client's, a cluster member's once it sent a
 //! HELLO naming one (with a cluster secret: once its AUTH proved it), or
 //! admitted past the connection limit into the members' reserve:
 //! [`Standing`]); and the shard's queue of held replies (in log order;
