@@ -21,9 +21,9 @@
 //!      3    1 opcode       see below; a reply is the request's opcode | 0x80
 //!      4    2 flags        request: 0x0001 QUORUM; reply: 0x0001 STALE_ROUTE;
 //!                          either: 0x8000 SEALED (a member connection that
-//!                          proved the cluster secret: the body's last 16
-//!                          bytes are the frame's tag); any other bit is
-//!                          refused
+//!                          proved the cluster secret: the body is
+//!                          encrypted, its last 16 bytes the frame's tag);
+//!                          any other bit is refused
 //!      6    2 shard        target shard of the node, 0xFFFF = any (the node routes)
 //!      8    8 request_id   chosen by the client, echoed in the reply
 //!     16    4 body_len     bytes after the header, <= MAX_BODY_LEN
@@ -239,8 +239,8 @@ pub mod flags {
     /// ring.
     pub const STALE_ROUTE: u16 = 0x0001;
     /// Either way, on a member connection that proved the cluster secret:
-    /// the body ends with the frame's [`super::SEAL_TAG_LEN`]-byte tag
-    /// ([`super::seal_frame`]).
+    /// the body is encrypted and ends with the frame's
+    /// [`super::SEAL_TAG_LEN`]-byte tag ([`super::seal_frame`]).
     pub const SEALED: u16 = 0x8000;
     /// Every flag a request may carry.
     pub const REQUEST_MASK: u16 = QUORUM | SEALED;
@@ -249,7 +249,7 @@ pub mod flags {
 }
 
 /// Bytes of a sealed frame's tag, at the end of its body (`crate::auth`
-/// computes it): 128 bits.
+/// computes it: AES-256-GCM's): 128 bits.
 pub const SEAL_TAG_LEN: usize = 16;
 
 /// Why a frame on a sealed connection was refused ([`open_frame`]).
@@ -259,51 +259,57 @@ pub enum SealError {
     NotSealed,
     #[error("a sealed frame too short to hold its tag")]
     TooShort,
-    #[error("a sealed frame whose tag does not match (changed, replayed, reordered, or not the member's)")]
+    #[error("a sealed frame that does not open (changed, replayed, reordered, or not the member's)")]
     BadTag,
 }
 
 /// Seals the whole frame at `buf[at..]` for a sealed connection: sets its
-/// SEALED flag, counts [`SEAL_TAG_LEN`] more bytes in its `body_len`, and
-/// appends `tag` of the frame so patched. The frame must be one this side
+/// SEALED flag, counts [`SEAL_TAG_LEN`] more bytes in its `body_len`, lets
+/// `seal(header, body)` encrypt the body in place under the header so
+/// patched (authenticated, sent in the clear: a receiver frames by it),
+/// and appends the tag it returns. The frame must be one this side
 /// encoded (well formed, unsealed).
-pub fn seal_frame(buf: &mut Vec<u8>, at: usize, tag: impl FnOnce(&[u8]) -> [u8; SEAL_TAG_LEN]) {
+pub fn seal_frame(buf: &mut Vec<u8>, at: usize, seal: impl FnOnce(&[u8; HEADER_LEN], &mut [u8]) -> [u8; SEAL_TAG_LEN]) {
     let whole = buf.len() - at;
     let raw = RawHeader::mut_from_prefix(&mut buf[at..]).expect("a whole frame to seal").0;
     debug_assert_eq!(raw.flags.get() & flags::SEALED, 0, "sealed twice");
     debug_assert_eq!(HEADER_LEN + raw.body_len.get() as usize, whole, "one whole frame");
     raw.flags = U16::new(raw.flags.get() | flags::SEALED);
     raw.body_len = U32::new(raw.body_len.get() + SEAL_TAG_LEN as u32);
-    let tag = tag(&buf[at..]);
+    let (header, body) = buf[at..].split_at_mut(HEADER_LEN);
+    let tag = seal(header.first_chunk().expect("HEADER_LEN bytes"), body);
     buf.extend_from_slice(&tag);
 }
 
 /// Opens `frame`, one whole frame off a sealed connection (its header
-/// checked by [`split_frame`]): it must carry the SEALED flag and a tag
-/// that `check(frame up to the tag, tag)` takes; its header is then
-/// rewritten as unsealed (the flag cleared, `body_len` less the tag), and
-/// the unsealed frame's length returned: `frame[..len]` is the frame as
-/// its sender encoded it.
+/// checked by [`split_frame`]): it must carry the SEALED flag, and
+/// `open(header, body, tag)` must decrypt its body in place and take its
+/// tag; its header is then rewritten as unsealed (the flag cleared,
+/// `body_len` less the tag), and the unsealed frame's length returned:
+/// `frame[..len]` is the frame as its sender encoded it. A frame that
+/// fails is left in no state to read.
 pub fn open_frame(
     frame: &mut [u8],
-    check: impl FnOnce(&[u8], &[u8; SEAL_TAG_LEN]) -> bool,
+    open: impl FnOnce(&[u8; HEADER_LEN], &mut [u8], &[u8; SEAL_TAG_LEN]) -> bool,
 ) -> Result<usize, SealError> {
     let (raw, _) = RawHeader::mut_from_prefix(frame).map_err(|_| SealError::TooShort)?;
     if raw.flags.get() & flags::SEALED == 0 {
         return Err(SealError::NotSealed);
     }
-    let body = raw.body_len.get() as usize;
-    if body < SEAL_TAG_LEN || frame.len() != HEADER_LEN + body {
+    let body_len = raw.body_len.get() as usize;
+    if body_len < SEAL_TAG_LEN || frame.len() != HEADER_LEN + body_len {
         return Err(SealError::TooShort);
     }
     let len = frame.len() - SEAL_TAG_LEN;
-    let (covered, tag) = frame.split_at(len);
-    if !check(covered, tag.try_into().expect("SEAL_TAG_LEN bytes")) {
+    let (sealed, tag) = frame.split_at_mut(len);
+    let (header, body) = sealed.split_at_mut(HEADER_LEN);
+    let tag: &[u8; SEAL_TAG_LEN] = (&*tag).try_into().expect("SEAL_TAG_LEN bytes");
+    if !open(header.first_chunk().expect("HEADER_LEN bytes"), body, tag) {
         return Err(SealError::BadTag);
     }
     let (raw, _) = RawHeader::mut_from_prefix(frame).map_err(|_| SealError::TooShort)?;
     raw.flags = U16::new(raw.flags.get() & !flags::SEALED);
-    raw.body_len = U32::new((body - SEAL_TAG_LEN) as u32);
+    raw.body_len = U32::new((body_len - SEAL_TAG_LEN) as u32);
     Ok(len)
 }
 
