@@ -2002,9 +2002,21 @@ fn send_sealed(s: &mut std::net::TcpStream, sealer: &mut gyre::auth::Sealer, req
 }
 
 /// Reads one sealed reply and opens it: its request id and response, as
-/// text.
+/// text. A reply whose body, as it came over the network, shows `hidden`
+/// in the clear fails.
 fn read_sealed(s: &mut std::net::TcpStream, opener: &mut gyre::auth::Opener) -> Result<(u64, String), String> {
+    read_sealed_hiding(s, opener, b"")
+}
+
+fn read_sealed_hiding(
+    s: &mut std::net::TcpStream,
+    opener: &mut gyre::auth::Opener,
+    hidden: &[u8],
+) -> Result<(u64, String), String> {
     let (h, body) = common::read_frame(s)?;
+    if !hidden.is_empty() && body.windows(hidden.len()).any(|w| w == hidden) {
+        return Err(format!("{:?} crossed the network in the clear", String::from_utf8_lossy(hidden)));
+    }
     let mut whole = Vec::new();
     whole.extend_from_slice(&encode_header(&h));
     whole.extend_from_slice(&body);
@@ -2039,7 +2051,8 @@ fn after_the_auth_a_member_connection_is_sealed_both_ways() {
     use std::io::{Read, Write};
     let (_dir, _, cluster) = secret_cluster(ClusterSpec::default());
     let mut c = cluster.client("n1", Routing::Server);
-    put(&mut c, "k", "v", NO_CONTEXT);
+    let value = "a value no one on the path reads";
+    put(&mut c, "k", value, NO_CONTEXT);
     let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
     let closed = |s: &mut std::net::TcpStream| {
         // Its refusal (sealed, id 0), then the end of the connection.
@@ -2049,10 +2062,10 @@ fn after_the_auth_a_member_connection_is_sealed_both_ways() {
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         }
     };
-    // Sealed calls are served, and their replies open.
     let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    // Sealed calls are served; their replies are encrypted and open.
     send_sealed(&mut s, &mut sealer, &Request::ReplicaGet { key: b"k" }, 3);
-    let (id, reply) = read_sealed(&mut s, &mut opener).unwrap();
+    let (id, reply) = read_sealed_hiding(&mut s, &mut opener, value.as_bytes()).unwrap();
     assert!(id == 3 && reply.contains("ReplicaGet") && reply.contains("Some"), "{reply}");
     let sent = send_sealed(&mut s, &mut sealer, &Request::Ping, 4);
     assert_eq!(read_sealed(&mut s, &mut opener).unwrap().0, 4);
@@ -2070,8 +2083,8 @@ fn after_the_auth_a_member_connection_is_sealed_both_ways() {
     // A byte changed on the way: refused, closed.
     let (mut s, mut sealer, _) = proven_connection(n2, "n1", "n2");
     let mut f = Vec::new();
-    let (meta, value) = forged_set();
-    Request::ReplicaPut { key: b"k", meta: &meta, value: &value }.encode(&mut f, 3, ANY_SHARD, 0);
+    let (meta, forged) = forged_set();
+    Request::ReplicaPut { key: b"k", meta: &meta, value: &forged }.encode(&mut f, 3, ANY_SHARD, 0);
     sealer.seal(&mut f, 0);
     let at = f.len() - gyre::wire::SEAL_TAG_LEN - 1;
     f[at] ^= 1;
@@ -2079,7 +2092,7 @@ fn after_the_auth_a_member_connection_is_sealed_both_ways() {
     assert!(closed(&mut s), "a changed frame closes the connection");
     let node = &cluster.stats("n2")["node"];
     assert_eq!(node["seal_failures"], 3, "{node}");
-    assert_eq!(values(&mut c, "k"), bytes(&["v"]), "nothing forged was stored");
+    assert_eq!(values(&mut c, "k"), bytes(&[value]), "nothing forged was stored");
     // The members' own connections are sealed and serve: a write needs all three.
     c.set_quorum(Quorum { r: 0, w: 3 });
     put(&mut c, "all", "v", NO_CONTEXT);
