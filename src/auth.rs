@@ -419,13 +419,6 @@ impl Opener {
         self.next += 1;
         Ok(len)
     }
-
-    /// Counts a frame that arrived sealed but was dropped unread (over the
-    /// receiver's size limit, its body skipped as it arrived): the sender
-    /// counted it.
-    pub fn skip(&mut self) {
-        self.next += 1;
-    }
 }
 
 /// Which end of a connection a proof comes from.

@@ -2176,3 +2176,50 @@ fn a_members_reply_that_is_not_sealed_is_not_taken() {
         }
     }
 }
+
+/// A sealed frame over the node's size limit is read whole and opened
+/// before it is answered as too large, and the connection goes on; one
+/// changed on the way to look too large, or one injected in a member's
+/// frame's place, closes it (found by a review: a frame over the limit
+/// was skipped unread, so an attacker on the path could drop a member's
+/// frame, or put any header in its place, and the sequence went on).
+#[test]
+fn a_sealed_frame_over_the_limit_is_opened_before_it_is_answered() {
+    use std::io::Write;
+    let (_dir, _, cluster) = secret_cluster(ClusterSpec::default());
+    let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
+    let big = vec![7u8; 2 * 1024 * 1024];
+    // A member's own frame over the limit: answered, and the next served.
+    let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    send_sealed(&mut s, &mut sealer, &Request::Put { key: b"k", context: b"", value: &big }, 3);
+    let (id, reply) = read_sealed(&mut s, &mut opener).unwrap();
+    assert!(id == 3 && reply.contains("ValueTooLarge"), "{reply}");
+    send_sealed(&mut s, &mut sealer, &Request::Ping, 4);
+    assert_eq!(read_sealed(&mut s, &mut opener).unwrap().0, 4, "the connection goes on");
+    // Changed on the way to look like a PUT over the limit: closed.
+    let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    let mut f = Vec::new();
+    Request::ReplicaPut { key: b"k", meta: &[], value: &big }.encode(&mut f, 3, ANY_SHARD, 0);
+    sealer.seal(&mut f, 0);
+    f[3] = gyre::wire::op::PUT;
+    s.write_all(&f).unwrap();
+    send_sealed(&mut s, &mut sealer, &Request::Ping, 4);
+    let replies: Vec<_> = (0..2).map_while(|_| read_sealed(&mut s, &mut opener).ok()).collect();
+    assert!(matches!(&replies[..], [(0, r)] if r.contains("Unauthenticated")), "{replies:?}");
+    // An unsealed frame over the limit in a member's frame's place: closed.
+    let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    send_sealed(&mut s, &mut sealer, &Request::Ping, 4);
+    let mut injected = Vec::new();
+    Request::Ping.encode(&mut injected, 77, ANY_SHARD, 0);
+    let body = 3 * 512 * 1024;
+    injected[16..20].copy_from_slice(&(body as u32).to_le_bytes());
+    injected.resize(gyre::wire::HEADER_LEN + body, 0);
+    s.write_all(&injected).unwrap();
+    let mut dropped = Vec::new();
+    Request::ReplicaGet { key: b"k" }.encode(&mut dropped, 5, ANY_SHARD, 0);
+    sealer.seal(&mut dropped, 0);
+    send_sealed(&mut s, &mut sealer, &Request::Ping, 6);
+    let replies: Vec<_> = (0..3).map_while(|_| read_sealed(&mut s, &mut opener).ok()).collect();
+    assert!(matches!(&replies[..], [(4, _), (0, r)] if r.contains("Unauthenticated")), "{replies:?}");
+    assert_eq!(cluster.stats("n2")["node"]["seal_failures"], 2);
+}
