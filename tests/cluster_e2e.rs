@@ -2223,3 +2223,89 @@ fn a_sealed_frame_over_the_limit_is_opened_before_it_is_answered() {
     assert!(matches!(&replies[..], [(4, _), (0, r)] if r.contains("Unauthenticated")), "{replies:?}");
     assert_eq!(cluster.stats("n2")["node"]["seal_failures"], 2);
 }
+
+/// On a sealed connection a header that does not frame (an unknown
+/// version or flag, a length past the protocol's) is refused with no
+/// request's id, and the connection closed: answered with its own id, the
+/// reply went out sealed, and an attacker on the path could answer any
+/// call the member had in flight (found by a review: a relayed PUT that
+/// was stored, answered UnsupportedVersion first).
+#[test]
+fn a_header_that_does_not_frame_on_a_sealed_connection_answers_no_call() {
+    use std::io::Write;
+    let (_dir, _, cluster) = secret_cluster(ClusterSpec::default());
+    let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
+    type Patch = fn(&mut Vec<u8>);
+    let patches: [(&str, Patch); 3] = [
+        ("version", |f| f[2] = 2),
+        ("flag", |f| f[4] |= 0x02),
+        ("length", |f| f[16..20].copy_from_slice(&u32::MAX.to_le_bytes())),
+    ];
+    for (what, patch) in patches {
+        let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+        // A member's call in flight (a relayed PUT that needs every
+        // replica), then a header in place of its next frame, with the
+        // call's id.
+        let mut f = Vec::new();
+        let put = Request::Put { key: b"relayed", context: b"", value: b"stored" };
+        put.encode_with(&mut f, 3, ANY_SHARD, 0, Quorum { r: 0, w: 3 });
+        sealer.seal(&mut f, 0);
+        let mut forged = Vec::new();
+        Request::Ping.encode(&mut forged, 3, ANY_SHARD, 0);
+        patch(&mut forged);
+        f.extend_from_slice(&forged);
+        s.write_all(&f).unwrap();
+        let replies: Vec<_> = (0..3).map_while(|_| read_sealed(&mut s, &mut opener).ok()).collect();
+        assert!(
+            replies.iter().all(|(id, r)| *id == 0 || r.contains("Put {")),
+            "{what}: an answer made from an unopened header: {replies:?}"
+        );
+        assert!(replies.iter().any(|(id, r)| *id == 0 && r.contains("Unauthenticated")), "{what}: {replies:?}");
+    }
+    assert_eq!(cluster.stats("n2")["node"]["seal_failures"], 3);
+}
+
+/// Once a HELLO got a challenge, only its AUTH may follow: a request an
+/// attacker on the path slips in before the AUTH is refused and the
+/// connection closed. It ran as a client's, and its reply, queued after
+/// the AUTH's answer, went out sealed as the first of the member's
+/// sequence, with the id the attacker chose: the member took it for the
+/// answer to its own first call (found by a review: a relayed GET of one
+/// key answered with another key's value). A HELLO on a proven connection
+/// is refused too.
+#[test]
+fn only_the_auth_may_follow_a_challenge() {
+    use gyre::auth::{Exchange, Side};
+    use gyre::wire::Response;
+    use std::io::Write;
+    let (_dir, _, cluster) = secret_cluster(ClusterSpec::default());
+    let mut c = cluster.client("n1", Routing::Server);
+    put(&mut c, "someone-elses-key", "the wrong value", NO_CONTEXT);
+    let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
+    let keys = test_cluster_keys();
+    let mut s = std::net::TcpStream::connect(n2).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut f = Vec::new();
+    Request::Hello { member: b"n1" }.encode(&mut f, 1, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
+        panic!("no challenge")
+    };
+    let nonce = [9; gyre::wire::CHALLENGE_LEN];
+    let ex = Exchange { challenge: &challenge, nonce: &nonce, dialer: b"n1", responder: b"n2" };
+    let mut both = Vec::new();
+    Request::Get { key: b"someone-elses-key" }.encode(&mut both, 3, ANY_SHARD, 0);
+    Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut both, 2, ANY_SHARD, 0);
+    s.write_all(&both).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let reply = format!("{:?}", Response::decode(h.opcode, &body));
+    assert!(h.request_id == 3 && reply.contains("Unauthenticated"), "{reply}");
+    assert!(common::read_frame(&mut s).is_err(), "closed: the AUTH is not answered");
+    // A proven connection does not start over.
+    let (mut s, mut sealer, mut opener) = proven_connection(n2, "n1", "n2");
+    send_sealed(&mut s, &mut sealer, &Request::Hello { member: b"n1" }, 3);
+    let (id, reply) = read_sealed(&mut s, &mut opener).unwrap();
+    assert!(id == 3 && reply.contains("Unauthenticated"), "{reply}");
+    assert!(read_sealed(&mut s, &mut opener).is_err(), "closed");
+}

@@ -89,7 +89,7 @@ const _: () = assert!(MAX_RUNNING <= MAX_IN_FLIGHT && MAX_QUEUED_REPLY_BYTES >= 
 /// is given back once done with, not kept for the connection's life: an
 /// idle pool of connections that had each read one large value held it all
 /// (found by a review).
-const KEEP_BUFFER: usize = 4 * READ_CHUNK;
+pub(super) const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 
 /// Prepares a frame reader's buffer for the next read: moves the partial
 /// frame in `buf[start..end]` to the front, grows the buffer toward the
@@ -526,6 +526,24 @@ impl Standing {
         }
     }
 
+    /// What this connection's opening exchange allows `opcode` now, with
+    /// `owed` replies not yet written: `None` to go on, or why the
+    /// connection is refused and closed. Once a HELLO got a challenge,
+    /// only its AUTH may follow, and only with nothing owed: a request
+    /// started before the AUTH, or slipped in before it, would have its
+    /// reply sealed as the first of the member's sequence (found by a
+    /// review: a GET an attacker on the path put before the AUTH was
+    /// answered sealed, and the dialer took it for its own first call).
+    /// Once proven, no HELLO may start the exchange again.
+    fn opening_refuses(&self, opcode: u8, owed: usize) -> Option<&'static str> {
+        match self.auth.get() {
+            Auth::Challenged { .. } if opcode != op::AUTH => Some("only the AUTH may follow a challenge"),
+            Auth::Challenged { .. } if owed > 0 => Some("an AUTH with replies still owed on its connection"),
+            Auth::Proven if opcode == op::HELLO => Some("a HELLO on a connection that proved the secret"),
+            _ => None,
+        }
+    }
+
     /// The session of the AUTH just answered, once (the reader seals the
     /// connection with it after queueing the answer).
     fn take_session(&self) -> Option<crate::auth::Session> {
@@ -813,6 +831,11 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                             }
                         },
                     };
+                    if let Some(why) = standing.opening_refuses(header.opcode, out.in_flight.get()) {
+                        bump(&shard.counters.auth_failures, 1);
+                        out.reply(&shard.error_frame(header.request_id, ErrorCode::Unauthenticated, why));
+                        break 'read;
+                    }
                     let max = shard.max_body(&buf[start..start + total]);
                     if opener.is_some() && header.body_len as usize > max {
                         // Opened, and over this node's limit: answered as an
@@ -958,6 +981,15 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     out.reply(&shard.oversized_frame_reply(header, len, max));
                     start += HEADER_LEN;
                     skip = len;
+                }
+                // On a sealed connection a header that does not frame is
+                // answered with no request's id: one taken from it would
+                // answer, sealed, a request the member has in flight
+                // (found by a review).
+                Err(_) if opener.is_some() => {
+                    bump(&shard.counters.seal_failures, 1);
+                    out.reply(&shard.error_frame(0, ErrorCode::Unauthenticated, SEAL_REFUSED));
+                    break 'read;
                 }
                 Err(e) => {
                     let header: [u8; HEADER_LEN] =

@@ -978,6 +978,12 @@ async fn write_stamped(
                 }
                 write_bounded(sock, sealed).await?;
                 done.writes += 1;
+                // One large frame's copy is not kept for the connection's
+                // life (found by a review: as the connections' read
+                // buffers once were, `conn::KEEP_BUFFER`).
+                if sealed.capacity() > super::conn::KEEP_BUFFER {
+                    *sealed = Vec::new();
+                }
             }
         }
     }
