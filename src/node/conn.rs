@@ -535,9 +535,20 @@ impl Standing {
     /// review: a GET an attacker on the path put before the AUTH was
     /// answered sealed, and the dialer took it for its own first call).
     /// Once proven, no HELLO may start the exchange again.
+    ///
+    /// While the cluster turns its secret on or off (a lenient node), a
+    /// member without the secret sends its calls right after its HELLO and
+    /// never an AUTH: such a frame is taken, and the connection goes on
+    /// unproven, never to be sealed (a later AUTH is refused).
     fn opening_refuses(&self, opcode: u8, owed: usize) -> Option<&'static str> {
         match self.auth.get() {
-            Auth::Challenged { .. } if opcode != op::AUTH => Some("only the AUTH may follow a challenge"),
+            Auth::Challenged { .. } if opcode != op::AUTH => {
+                if self.shard.keys().is_some_and(ClusterKeys::accepts_unauthenticated) {
+                    self.auth.set(Auth::None);
+                    return None;
+                }
+                Some("only the AUTH may follow a challenge")
+            }
             Auth::Challenged { .. } if owed > 0 => Some("an AUTH with replies still owed on its connection"),
             Auth::Proven if opcode == op::HELLO => Some("a HELLO on a connection that proved the secret"),
             _ => None,
