@@ -1372,6 +1372,23 @@ fn stand_in<S: Default>(
     });
 }
 
+/// A stand-in member at `addr` without a secret (HELLO answered with no
+/// challenge) that answers a request as `except` says (`Some(Some(reply))`,
+/// or `Some(None)`: no answer) and otherwise as [`member_answer`] does.
+fn stand_in_except(
+    addr: std::net::SocketAddr,
+    except: impl Fn(&Request<'_>, u64, u16) -> Option<Option<Vec<u8>>> + Send + Sync + 'static,
+) {
+    stand_in(addr, move |req, id, shard, _: &mut ()| {
+        if let Request::Hello { .. } = req {
+            let mut out = Vec::new();
+            gyre::wire::Response::Hello { challenge: None }.encode(&mut out, id, shard);
+            return Some(out);
+        }
+        except(req, id, shard).unwrap_or_else(|| member_answer(req, id, shard, addr.port(), None))
+    });
+}
+
 /// A stand-in member's answer to PING (one shard, on `port`), and to
 /// replica reads (`found`, or nothing) and writes; `None` for the rest.
 fn member_answer(req: &Request<'_>, id: u64, shard: u16, port: u16, found: Option<(&[u8], &[u8])>) -> Option<Vec<u8>> {
@@ -1433,16 +1450,14 @@ fn a_replica_reply_of_the_wrong_kind_counts_for_nothing() {
     use gyre::wire::Response;
     let mut cluster = Cluster::start(ClusterSpec { nodes: 2, n: 2, r: 2, w: 2, ..Default::default() });
     cluster.kill9("n2");
-    let port = cluster.member("n2").addr.port();
-    stand_in(cluster.member("n2").addr, move |req, id, shard, _: &mut ()| {
+    stand_in_except(cluster.member("n2").addr, |req, id, shard| {
         let mut out = Vec::new();
         match req {
-            Request::Hello { .. } => Response::Hello { challenge: None }.encode(&mut out, id, shard),
             Request::ReplicaGet { .. } => Response::ReplicaPut.encode(&mut out, id, shard),
             Request::ReplicaPut { .. } => Response::ReplicaGet { set: None }.encode(&mut out, id, shard),
-            other => return member_answer(other, id, shard, port, None),
+            _ => return None,
         }
-        Some(out)
+        Some(Some(out))
     });
     let mut c = cluster.client("n1", Routing::Server);
     expect_code(c.put(b"k", b"v", &Context::default()), ErrorCode::QuorumFailed, "a write n2 did not take");
@@ -1462,16 +1477,9 @@ fn a_relayed_write_that_got_no_answer_in_time_may_have_been_stored() {
     let view = cluster.client("n1", Routing::Client).ring().expect("ring").clone();
     let key = (0..10_000).map(|i| format!("far-{i}")).find(|k| replicas_by(&view, k) == ["n2"]).expect("a key");
     cluster.kill9("n2");
-    let port = cluster.member("n2").addr.port();
     // n2's stand-in takes the relayed requests and never answers them.
-    stand_in(cluster.member("n2").addr, move |req, id, shard, _: &mut ()| {
-        let mut out = Vec::new();
-        match req {
-            Request::Hello { .. } => Response::Hello { challenge: None }.encode(&mut out, id, shard),
-            Request::Put { .. } | Request::Get { .. } => return None,
-            other => return member_answer(other, id, shard, port, None),
-        }
-        Some(out)
+    stand_in_except(cluster.member("n2").addr, |req, _, _| {
+        matches!(req, Request::Put { .. } | Request::Get { .. }).then_some(None)
     });
     // A budget of 300 ms on each request, and a socket that waits longer:
     // the node's answer, not the client's own timeout.

@@ -934,13 +934,9 @@ mod tests {
         assert!(e.contains("--cluster"), "{e}");
     }
 
-    /// A clean stop records each shard's last sequence number; a start
-    /// whose shards recovered less lost records with no damage to show
-    /// (an emptied shard directory, removed segments; found by a review),
-    /// which renews the actor like any loss. A NODE file's shard count is
-    /// checked like the flag's.
-    #[test]
-    fn a_shard_that_went_back_since_its_clean_stop_is_found() {
+    /// A new node of two shards that ran once and stopped cleanly, its
+    /// shards at `last_seq`: its directory and its config.
+    fn stopped_cleanly(last_seq: Vec<u64>) -> (tempfile::TempDir, NodeConfig) {
         let dir = tempfile::tempdir().unwrap();
         let config = NodeConfig { data_dir: dir.path().to_path_buf(), shards: Some(2), ..Default::default() };
         let mut data = open_data_dir(&config, 2, 7).unwrap();
@@ -948,8 +944,18 @@ mod tests {
         for i in 0..2 {
             std::fs::create_dir(data.shard_dir(i)).unwrap();
         }
-        data.end_run_cleanly(vec![10, 0]).unwrap();
-        drop(data);
+        data.end_run_cleanly(last_seq).unwrap();
+        (dir, config)
+    }
+
+    /// A clean stop records each shard's last sequence number; a start
+    /// whose shards recovered less lost records with no damage to show
+    /// (an emptied shard directory, removed segments; found by a review),
+    /// which renews the actor like any loss. A NODE file's shard count is
+    /// checked like the flag's.
+    #[test]
+    fn a_shard_that_went_back_since_its_clean_stop_is_found() {
+        let (dir, config) = stopped_cleanly(vec![10, 0]);
         let mut data = open_data_dir(&config, 2, 7).unwrap();
         assert!(!data.begin_run(9).unwrap(), "a clean stop");
         assert_eq!(data.shards_gone_back(&[10, 0]), vec![]);
@@ -974,15 +980,7 @@ mod tests {
     /// it warned of lost records and renewed its actor at once).
     #[test]
     fn a_clean_mark_left_in_a_new_directory_is_not_the_new_nodes() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = NodeConfig { data_dir: dir.path().to_path_buf(), shards: Some(2), ..Default::default() };
-        let mut data = open_data_dir(&config, 2, 7).unwrap();
-        data.begin_run(9).unwrap();
-        for i in 0..2 {
-            std::fs::create_dir(data.shard_dir(i)).unwrap();
-        }
-        data.end_run_cleanly(vec![10, 5]).unwrap();
-        drop(data);
+        let (dir, config) = stopped_cleanly(vec![10, 5]);
         std::fs::remove_file(dir.path().join(NODE_FILE)).unwrap();
         for i in 0..2 {
             std::fs::remove_dir(dir.path().join(shard_dir_name(i))).unwrap();
