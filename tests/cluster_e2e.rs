@@ -2319,3 +2319,70 @@ fn only_the_auth_may_follow_a_challenge() {
     assert!(id == 3 && reply.contains("Unauthenticated"), "{reply}");
     assert!(read_sealed(&mut s, &mut opener).is_err(), "closed");
 }
+
+/// A connection to a node with a secret, its HELLO sent as n1 and its
+/// challenge read.
+fn challenged(to: std::net::SocketAddr) -> (std::net::TcpStream, [u8; gyre::wire::CHALLENGE_LEN]) {
+    use gyre::wire::Response;
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(to).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut f = Vec::new();
+    Request::Hello { member: b"n1" }.encode(&mut f, 1, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
+        panic!("no challenge")
+    };
+    (s, challenge)
+}
+
+/// Writes n1's good AUTH for `challenge` and reads the reply, as text.
+fn auth_reply(s: &mut std::net::TcpStream, challenge: &[u8; gyre::wire::CHALLENGE_LEN]) -> Result<String, String> {
+    use gyre::auth::{Exchange, Side};
+    use std::io::Write;
+    let nonce = [9; gyre::wire::CHALLENGE_LEN];
+    let ex = Exchange { challenge, nonce: &nonce, dialer: b"n1", responder: b"n2" };
+    let mut f = Vec::new();
+    Request::Auth { nonce: &nonce, proof: &test_cluster_keys().proof(Side::Dialer, &ex) }
+        .encode(&mut f, 2, ANY_SHARD, 0);
+    let _ = s.write_all(&f);
+    common::read_frame(s).map(|(h, b)| format!("{:?}", gyre::wire::Response::decode(h.opcode, &b)))
+}
+
+/// The opening exchange's rules hold on the paths around it too (found by
+/// a review): after a challenge, a frame over the node's size limit is no
+/// AUTH (it was answered, and the AUTH taken after it); and on a lenient
+/// node a connection that went on unproven is not challenged again (a
+/// second HELLO got a challenge, and its AUTH was taken).
+#[test]
+fn the_opening_rules_hold_for_oversized_frames_and_on_a_lenient_node() {
+    use std::io::Write;
+    let spec = ClusterSpec { args: vec!["--max-value-len".into(), "1024".into()], ..Default::default() };
+    let (_dir, _, cluster) = secret_cluster(spec);
+    let (mut s, challenge) = challenged(cluster.addr("n2").parse().unwrap());
+    let len = gyre::wire::max_request_body(1024) + 1;
+    let mut big = Vec::new();
+    Request::Get { key: b"k" }.encode(&mut big, 3, ANY_SHARD, 0);
+    big[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+    big.truncate(gyre::wire::HEADER_LEN);
+    big.resize(gyre::wire::HEADER_LEN + len, 0);
+    s.write_all(&big).unwrap();
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let first = format!("{:?}", gyre::wire::Response::decode(h.opcode, &body));
+    assert!(first.contains("Unauthenticated"), "{first}");
+    assert!(auth_reply(&mut s, &challenge).is_err(), "closed: the AUTH is not taken");
+    drop(cluster);
+    let spec = ClusterSpec { args: vec!["--accept-unauthenticated".into()], ..Default::default() };
+    let (_dir, _, cluster) = secret_cluster(spec);
+    let (mut s, _) = challenged(cluster.addr("n2").parse().unwrap());
+    let mut f = Vec::new();
+    Request::Ring.encode(&mut f, 3, ANY_SHARD, 0);
+    Request::Hello { member: b"n1" }.encode(&mut f, 4, ANY_SHARD, 0);
+    s.write_all(&f).unwrap();
+    assert_eq!(common::read_frame(&mut s).unwrap().0.request_id, 3, "taken unproven");
+    let (h, body) = common::read_frame(&mut s).unwrap();
+    let second = format!("{:?}", gyre::wire::Response::decode(h.opcode, &body));
+    assert!(h.request_id == 4 && second.contains("Unauthenticated"), "{second}");
+    assert!(common::read_frame(&mut s).is_err(), "closed");
+}

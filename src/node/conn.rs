@@ -505,6 +505,10 @@ enum Auth {
     Challenged { challenge: [u8; crate::wire::CHALLENGE_LEN], member: crate::core::ring::MemberIdx },
     /// Proved: replica messages are taken.
     Proven,
+    /// A lenient node took a frame other than the AUTH after the challenge
+    /// (a member without the secret): the connection goes on unproven for
+    /// good, and takes no HELLO or AUTH again.
+    Unproven,
 }
 
 impl Standing {
@@ -544,13 +548,14 @@ impl Standing {
         match self.auth.get() {
             Auth::Challenged { .. } if opcode != op::AUTH => {
                 if self.shard.keys().is_some_and(ClusterKeys::accepts_unauthenticated) {
-                    self.auth.set(Auth::None);
+                    self.auth.set(Auth::Unproven);
                     return None;
                 }
                 Some("only the AUTH may follow a challenge")
             }
             Auth::Challenged { .. } if owed > 0 => Some("an AUTH with replies still owed on its connection"),
             Auth::Proven if opcode == op::HELLO => Some("a HELLO on a connection that proved the secret"),
+            Auth::Unproven if opcode == op::HELLO => Some("a HELLO on a connection that went on unproven"),
             _ => None,
         }
     }
@@ -568,7 +573,7 @@ impl Standing {
         match self.auth.get() {
             Auth::None => hello_names_member && !self.named.get(),
             Auth::Challenged { .. } => auth,
-            Auth::Proven => true,
+            Auth::Proven | Auth::Unproven => true,
         }
     }
 
@@ -982,6 +987,18 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                 // leave the client writing into a reset connection, with
                 // a broken pipe for an answer instead of the reason.
                 Err(WireError::FrameTooLarge { len, max }) if len <= MAX_BODY_LEN => {
+                    // Within the opening exchange's rules too: after a
+                    // challenge, a frame over the limit is no AUTH (found by
+                    // a review: answered, it let the AUTH follow another
+                    // frame).
+                    let h: &[u8; HEADER_LEN] = buf[start..start + HEADER_LEN].try_into().expect("a header was read");
+                    let opcode = crate::wire::peek_opcode(h).unwrap_or(0);
+                    if let Some(why) = standing.opening_refuses(opcode, out.in_flight.get()) {
+                        bump(&shard.counters.auth_failures, 1);
+                        let id = crate::wire::peek_request_id(h).unwrap_or(0);
+                        out.reply(&shard.error_frame(id, ErrorCode::Unauthenticated, why));
+                        break 'read;
+                    }
                     // Its error reply is owed like any reply: the same
                     // bound on what a client that does not read can pile up.
                     if out.room_for_one(&sock, &shard).await.is_none() {
