@@ -2,9 +2,11 @@
 //! `fuzz/` targets, run in CI with proptest): it never panics; a request
 //! that decodes re-encodes to the same bytes, a reply to the same length.
 //! And the context decoder a write's context goes through, with the
-//! cluster secret's check after it.
+//! cluster secret's check after it; and a sealed connection's opener on
+//! arbitrary and mutated frames (it never panics, and opens nothing but
+//! the frames sealed for it, unchanged).
 
-use gyre::auth::{check_write_context, ClusterKeys};
+use gyre::auth::{check_write_context, ClusterKeys, Exchange};
 use gyre::core::version::{decode_context, encode_context, Clock};
 use gyre::wire::{check_decoder, op, Request, Response, ANY_SHARD, REPLY_BIT};
 
@@ -129,6 +131,35 @@ proptest! {
         let keep = cut.index(data.len() + 1).max(data.len() / 2);
         data.truncate(keep);
         check_context(&data);
+    }
+
+    #[test]
+    fn arbitrary_and_mutated_sealed_frames_do_not_open(
+        data in proptest::collection::vec(any::<u8>(), 0..256),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let keys = ClusterKeys::from_secret(b"the fuzz tests' secret");
+        let ex = Exchange { challenge: &[3; 16], nonce: &[4; 16], dialer: b"n1", responder: b"n2" };
+        let opener = || keys.session(&ex).responder().1;
+        let mut arbitrary = data.clone();
+        prop_assert!(opener().open(&mut arbitrary).is_err(), "arbitrary bytes opened: {data:02x?}");
+        // A frame sealed for this session, then changed or cut.
+        let mut sealed = Vec::new();
+        Request::Put { key: b"key", context: b"", value: &data }.encode(&mut sealed, 7, ANY_SHARD, 0);
+        let plain = sealed.clone();
+        keys.session(&ex).dialer().0.seal(&mut sealed, 0);
+        let mut whole = sealed.clone();
+        prop_assert_eq!(opener().open(&mut whole).map(|len| whole[..len].to_vec()), Ok(plain));
+        let mut changed = sealed.clone();
+        for (i, b) in flips {
+            let at = i.index(changed.len());
+            changed[at] ^= b | 1;
+        }
+        // (Two flips of one byte may cancel out.)
+        prop_assert!(changed == sealed || opener().open(&mut changed).is_err());
+        let mut short = sealed[..cut.index(sealed.len())].to_vec();
+        prop_assert!(opener().open(&mut short).is_err());
     }
 
     #[test]
