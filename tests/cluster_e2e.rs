@@ -1979,19 +1979,11 @@ fn proven_connection(
     use gyre::wire::Response;
     use std::io::Write;
     let keys = test_cluster_keys();
-    let mut s = std::net::TcpStream::connect(to).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut f = Vec::new();
-    Request::Hello { member: name.as_bytes() }.encode(&mut f, 1, ANY_SHARD, 0);
-    s.write_all(&f).unwrap();
-    let (h, body) = common::read_frame(&mut s).unwrap();
-    let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
-        panic!("no challenge")
-    };
+    let (mut s, challenge) = challenged_as(to, name);
     let nonce = [7; gyre::wire::CHALLENGE_LEN];
     let ex =
         Exchange { challenge: &challenge, nonce: &nonce, dialer: name.as_bytes(), responder: responder.as_bytes() };
-    f.clear();
+    let mut f = Vec::new();
     Request::Auth { nonce: &nonce, proof: &keys.proof(Side::Dialer, &ex) }.encode(&mut f, 2, ANY_SHARD, 0);
     s.write_all(&f).unwrap();
     let (h, body) = common::read_frame(&mut s).unwrap();
@@ -2293,15 +2285,7 @@ fn only_the_auth_may_follow_a_challenge() {
     put(&mut c, "someone-elses-key", "the wrong value", NO_CONTEXT);
     let n2: std::net::SocketAddr = cluster.addr("n2").parse().unwrap();
     let keys = test_cluster_keys();
-    let mut s = std::net::TcpStream::connect(n2).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut f = Vec::new();
-    Request::Hello { member: b"n1" }.encode(&mut f, 1, ANY_SHARD, 0);
-    s.write_all(&f).unwrap();
-    let (h, body) = common::read_frame(&mut s).unwrap();
-    let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
-        panic!("no challenge")
-    };
+    let (mut s, challenge) = challenged(n2);
     let nonce = [9; gyre::wire::CHALLENGE_LEN];
     let ex = Exchange { challenge: &challenge, nonce: &nonce, dialer: b"n1", responder: b"n2" };
     let mut both = Vec::new();
@@ -2323,12 +2307,17 @@ fn only_the_auth_may_follow_a_challenge() {
 /// A connection to a node with a secret, its HELLO sent as n1 and its
 /// challenge read.
 fn challenged(to: std::net::SocketAddr) -> (std::net::TcpStream, [u8; gyre::wire::CHALLENGE_LEN]) {
+    challenged_as(to, "n1")
+}
+
+/// [`challenged`], as member `name`.
+fn challenged_as(to: std::net::SocketAddr, name: &str) -> (std::net::TcpStream, [u8; gyre::wire::CHALLENGE_LEN]) {
     use gyre::wire::Response;
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(to).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut f = Vec::new();
-    Request::Hello { member: b"n1" }.encode(&mut f, 1, ANY_SHARD, 0);
+    Request::Hello { member: name.as_bytes() }.encode(&mut f, 1, ANY_SHARD, 0);
     s.write_all(&f).unwrap();
     let (h, body) = common::read_frame(&mut s).unwrap();
     let Ok(Response::Hello { challenge: Some(challenge) }) = Response::decode(h.opcode, &body) else {
