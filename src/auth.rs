@@ -638,6 +638,7 @@ mod tests {
         // In order, each opens to the frame as it was encoded; a failure
         // moved nothing on.
         let (mut responder_seals, mut responder_opens) = k.session(&ex).responder();
+        assert_eq!(open(&mut responder_opens, &sealed[1]), Err(SealError::BadTag), "out of order");
         assert!(open(&mut responder_opens, &ping(1)).is_err());
         for (i, f) in sealed.iter().enumerate() {
             assert_eq!(open(&mut responder_opens, f), Ok(ping(i as u64 + 1)), "frame {i}");

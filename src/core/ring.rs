@@ -1040,12 +1040,28 @@ mod tests {
         }
     }
 
+    /// Lists either side of 16, where the walk takes members that own
+    /// nothing zone-first ([`Ring::extended_preference_list`]) instead of
+    /// by index: one member owns every partition, 18 own none, two zones
+    /// (a case the proptest above found against a table that took them by
+    /// index for every length).
+    #[test]
+    fn members_that_own_nothing_are_listed_as_the_walk_lists_them() {
+        let members: Vec<Member> = (0..19)
+            .map(|i| member(&format!("n{i}"), &format!("127.0.0.{}:7000", i + 1), Some(["z0", "z1"][i % 2])))
+            .collect();
+        let ring = Ring::from_parts(1, 32, members, vec![8; 32]);
+        for n in [16, 17] {
+            assert_eq!(tabled(&ring, n), walked(&ring, n), "n = {n}");
+        }
+    }
+
     /// A ring whose partitions one member owns all but a few of: the walk
     /// from most partitions goes round most of the ring; the table does
     /// not (it is built in one sweep), and says what the walk says.
     #[test]
     fn a_lopsided_ring_gets_its_table() {
-        let q = 1u32 << 12;
+        let q = 1u32 << 10;
         let mut owners = vec![0 as MemberIdx; q as usize];
         owners[q as usize - 1] = 1;
         let ring = Ring::from_parts(1, q, nodes(4), owners);

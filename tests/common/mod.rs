@@ -913,12 +913,31 @@ pub fn write_secret(path: &Path, secret: &str) {
 /// Reads one frame off `s`: its header and body (an error for a read
 /// that failed, by its timeout too, or a header that does not decode).
 pub fn read_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
+    let (h, mut whole) = read_whole_frame(s)?;
+    Ok((h, whole.split_off(gyre::wire::HEADER_LEN)))
+}
+
+/// Reads one frame off `s` as it came, header and body in one buffer (a
+/// sealed frame is opened so), and its decoded header.
+pub fn read_whole_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
     let mut header = [0u8; gyre::wire::HEADER_LEN];
     s.read_exact(&mut header).map_err(|e| format!("reading a header: {e}"))?;
     let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).map_err(|e| format!("a header: {e}"))?;
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body).map_err(|e| format!("reading a body: {e}"))?;
-    Ok((h, body))
+    let mut whole = header.to_vec();
+    whole.resize(gyre::wire::HEADER_LEN + h.body_len as usize, 0);
+    s.read_exact(&mut whole[gyre::wire::HEADER_LEN..]).map_err(|e| format!("reading a body: {e}"))?;
+    Ok((h, whole))
+}
+
+/// Whether the node closed `s`: it reads to the end (whatever came before
+/// it), or the connection was reset. A read that times out is not a close:
+/// a node that kept the connection open and said nothing fails this.
+pub fn closed(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    match s.read_to_end(&mut Vec::new()) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
 
 /// Reads the replies to [`unread_gets`]' `n` GETs: each once (reads from
