@@ -2011,7 +2011,7 @@ fn read_sealed_hiding(
     opener: &mut gyre::auth::Opener,
     hidden: &[u8],
 ) -> Result<(u64, String), String> {
-    let (_, mut whole) = common::read_whole_frame(s)?;
+    let (_, mut whole) = common::read_whole_frame(s, true)?;
     if !hidden.is_empty() && whole.windows(hidden.len()).any(|w| w == hidden) {
         return Err(format!("{:?} crossed the network in the clear", String::from_utf8_lossy(hidden)));
     }
@@ -2100,7 +2100,7 @@ fn a_members_reply_that_is_not_sealed_is_not_taken() {
                     let challenge = [5; gyre::wire::CHALLENGE_LEN];
                     let mut session = None;
                     let mut out = Vec::new();
-                    while let Ok((_, mut whole)) = common::read_whole_frame(&mut s) {
+                    while let Ok((_, mut whole)) = common::read_whole_frame(&mut s, session.is_some()) {
                         let len = match session.as_mut() {
                             Some((_, opener)) => {
                                 let opener: &mut gyre::auth::Opener = opener;

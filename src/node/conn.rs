@@ -712,24 +712,15 @@ impl Drop for Standing {
 const SEAL_REFUSED: &str = "a frame failed its seal (sent unsealed after the AUTH, or changed on the way): the \
                             connection is closed";
 
-/// Opens `frame`, the next whole frame off a sealed connection: the
-/// unsealed frame's header and length (its tag follows it), or `None`
-/// (counted, and warned of once a shard) if it fails.
-fn open_sealed(opener: &mut Opener, frame: &mut [u8], shard: &Shard) -> Option<(crate::wire::Header, usize)> {
-    let opened = opener.open(frame).map_err(|e| e.to_string()).and_then(|len| {
-        let h = frame.first_chunk::<HEADER_LEN>().expect("a whole frame");
-        let header = crate::wire::decode_header(h, MAX_BODY_LEN).map_err(|e| e.to_string())?;
-        Ok((header, len))
-    });
-    match opened {
-        Ok(opened) => Some(opened),
-        Err(why) => {
-            if bump_first(&shard.counters.seal_failures) {
-                tracing::warn!(why, "closed a member connection whose frame failed its seal");
-            }
-            None
-        }
+/// Refuses a sealed connection's frame that does not open, or does not
+/// frame, with no request's id (one taken from its unchecked header would
+/// answer, sealed, a call the member has in flight); counted, and warned
+/// of once a shard. The reader then closes the connection.
+fn seal_refused(shard: &Shard, out: &Outbox, why: &str) {
+    if bump_first(&shard.counters.seal_failures) {
+        tracing::warn!(why, "closed a member connection whose frame failed its seal");
     }
+    out.reply(&shard.error_frame(0, ErrorCode::Unauthenticated, SEAL_REFUSED));
 }
 
 /// The refusal a connection past the limit gets (request id 0, as the
@@ -830,39 +821,42 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
             // counted in the sequence, on a header no one checked (found
             // by a review: on the way, a frame could be dropped or replaced
             // by one over the limit, unseen).
-            let limit = if opener.is_some() { MAX_BODY_LEN } else { shard.max_body(&buf[start..end]) };
-            match split_frame(&buf[start..end], limit) {
+            let framed = match opener {
+                Some(_) => crate::wire::split_sealed_frame(&buf[start..end]),
+                None => split_frame(&buf[start..end], shard.max_body(&buf[start..end])),
+            };
+            match framed {
                 Ok(Some((header, total))) => {
                     let (header, total) = match opener.as_mut() {
                         None => (header, total),
-                        Some(o) => match open_sealed(o, &mut buf[start..start + total], &shard) {
-                            Some(opened) => {
-                                // The tag is skipped after the frame.
-                                skip = total - opened.1;
-                                opened
-                            }
-                            None => {
-                                out.reply(&shard.error_frame(0, ErrorCode::Unauthenticated, SEAL_REFUSED));
+                        Some(o) => {
+                            let Ok(len) = o.open(&mut buf[start..start + total]) else {
+                                seal_refused(&shard, &out, "a frame did not open");
                                 break 'read;
+                            };
+                            // The tag is skipped after the frame.
+                            skip = total - len;
+                            let max = shard.max_body(&buf[start..start + len]);
+                            let header = header.opened();
+                            if header.body_len as usize > max {
+                                // Opened, and over this node's limit:
+                                // answered as an unsealed one is, and the
+                                // connection goes on.
+                                if out.room_for_one(&sock, &shard).await.is_none() {
+                                    break 'read;
+                                }
+                                let h = buf[start..start + HEADER_LEN].first_chunk().expect("a header was read");
+                                out.reply(&shard.oversized_frame_reply(h, header.body_len as usize, max));
+                                start += len;
+                                continue;
                             }
-                        },
+                            (header, len)
+                        }
                     };
                     if let Some(why) = standing.opening_refuses(header.opcode, out.in_flight.get()) {
                         bump(&shard.counters.auth_failures, 1);
                         out.reply(&shard.error_frame(header.request_id, ErrorCode::Unauthenticated, why));
                         break 'read;
-                    }
-                    let max = shard.max_body(&buf[start..start + total]);
-                    if opener.is_some() && header.body_len as usize > max {
-                        // Opened, and over this node's limit: answered as an
-                        // unsealed one is, and the connection goes on.
-                        if out.room_for_one(&sock, &shard).await.is_none() {
-                            break 'read;
-                        }
-                        let h = buf[start..start + HEADER_LEN].first_chunk().expect("a header was read");
-                        out.reply(&shard.oversized_frame_reply(h, header.body_len as usize, max));
-                        start += total;
-                        continue;
                     }
                     let body = &buf[start + HEADER_LEN..start + total];
                     // A HELLO is the connection's, answered here (members
@@ -1011,12 +1005,10 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     skip = len;
                 }
                 // On a sealed connection a header that does not frame is
-                // answered with no request's id: one taken from it would
-                // answer, sealed, a request the member has in flight
-                // (found by a review).
-                Err(_) if opener.is_some() => {
-                    bump(&shard.counters.seal_failures, 1);
-                    out.reply(&shard.error_frame(0, ErrorCode::Unauthenticated, SEAL_REFUSED));
+                // refused as a frame that does not open (found by a review:
+                // answered with its own id).
+                Err(e) if opener.is_some() => {
+                    seal_refused(&shard, &out, &e.to_string());
                     break 'read;
                 }
                 Err(e) => {

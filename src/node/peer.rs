@@ -57,7 +57,7 @@ use serde::Serialize;
 
 use super::bump;
 use super::front::Front;
-use crate::auth::{ClusterKeys, Opener, Sealer, Side};
+use crate::auth::{ClusterKeys, Sealer, Side};
 use crate::core::partition::shard_of;
 use crate::core::ring::{Member, MemberIdx};
 use crate::notify::Notify;
@@ -195,6 +195,12 @@ impl Inbox {
     /// most `max_body` bytes of body.
     fn next_frame(&self, max_body: usize) -> Result<Option<(crate::wire::Header, usize)>, crate::wire::WireError> {
         split_frame(&self.buf[self.start..self.end], max_body)
+    }
+
+    /// [`Self::next_frame`] on a sealed connection
+    /// ([`crate::wire::split_sealed_frame`]).
+    fn next_sealed_frame(&self) -> Result<Option<(crate::wire::Header, usize)>, crate::wire::WireError> {
+        crate::wire::split_sealed_frame(&self.buf[self.start..self.end])
     }
 
     /// The frame of `total` bytes at the front (from [`Self::next_frame`]).
@@ -718,19 +724,19 @@ impl Peers {
         };
         let why = 'read: loop {
             loop {
-                match inbox.next_frame(MAX_BODY_LEN) {
+                let framed = match opener {
+                    Some(_) => inbox.next_sealed_frame(),
+                    None => inbox.next_frame(MAX_BODY_LEN),
+                };
+                match framed {
                     Ok(Some((h, whole))) => {
                         // A sealed frame is opened before anything reads it:
                         // `total` is the frame without its tag.
                         let (h, total) = match opener.as_mut() {
                             None => (h, whole),
-                            Some(o) => match open_reply(o, &mut inbox.buf[inbox.start..inbox.start + whole]) {
-                                Ok(opened) => opened,
-                                Err(why) => {
-                                    bump(&self.counters.seal_failures, 1);
-                                    tracing::warn!(peer = %conn.name, why, "a member's reply failed its seal");
-                                    break 'read format!("a reply failed its seal: {why}");
-                                }
+                            Some(o) => match o.open(&mut inbox.buf[inbox.start..inbox.start + whole]) {
+                                Ok(len) => (h.opened(), len),
+                                Err(e) => break 'read self.seal_failed(&conn, &e.to_string()),
                             },
                         };
                         if h.request_id == 0 && refused_at_accept(h.opcode, &inbox.front(total)[HEADER_LEN..]) {
@@ -749,6 +755,7 @@ impl Peers {
                         inbox.start += whole;
                     }
                     Ok(None) => break,
+                    Err(e) if opener.is_some() => break 'read self.seal_failed(&conn, &e.to_string()),
                     Err(e) => break 'read format!("bad frame: {e}"),
                 }
             }
@@ -832,6 +839,15 @@ impl Peers {
             )),
             _ => Err(Shake::Failed("its AUTH reply was another reply".into())),
         }
+    }
+
+    /// A sealed connection's reply that did not open, or did not frame:
+    /// counted and warned of; the reader closes the connection for the
+    /// reason returned.
+    fn seal_failed(&self, conn: &PeerConn, why: &str) -> String {
+        bump(&self.counters.seal_failures, 1);
+        tracing::warn!(peer = %conn.name, why, "a member's reply failed its seal");
+        format!("a reply failed its seal: {why}")
     }
 
     /// The member refused connection `key` at its connection limit: it is
@@ -989,14 +1005,6 @@ async fn write_stamped(
     }
     done.frames = spans.len() as u64 - done.late;
     Ok(done)
-}
-
-/// Opens `frame`, the next whole reply off a sealed connection: the
-/// unsealed frame's header and length (its tag follows it).
-fn open_reply(opener: &mut Opener, frame: &mut [u8]) -> Result<(crate::wire::Header, usize), String> {
-    let len = opener.open(frame).map_err(|e| e.to_string())?;
-    let h = frame.first_chunk::<HEADER_LEN>().expect("a whole frame");
-    Ok((crate::wire::decode_header(h, MAX_BODY_LEN).map_err(|e| e.to_string())?, len))
 }
 
 /// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must

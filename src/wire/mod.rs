@@ -242,10 +242,11 @@ pub mod flags {
     /// the body is encrypted and ends with the frame's
     /// [`super::SEAL_TAG_LEN`]-byte tag ([`super::seal_frame`]).
     pub const SEALED: u16 = 0x8000;
-    /// Every flag a request may carry.
-    pub const REQUEST_MASK: u16 = QUORUM | SEALED;
-    /// Every flag a reply may carry.
-    pub const REPLY_MASK: u16 = STALE_ROUTE | SEALED;
+    /// Every flag a request may carry (SEALED only on a sealed connection:
+    /// [`super::split_sealed_frame`]).
+    pub const REQUEST_MASK: u16 = QUORUM;
+    /// Every flag a reply may carry (likewise).
+    pub const REPLY_MASK: u16 = STALE_ROUTE;
 }
 
 /// Bytes of a sealed frame's tag, at the end of its body (`crate::auth`
@@ -475,6 +476,17 @@ fn malformed(what: &'static str) -> WireError {
 /// [`MAX_BODY_LEN`]); the body length is checked here, before the caller
 /// allocates for it.
 pub fn decode_header(bytes: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, WireError> {
+    decode_header_with(bytes, max_body, 0)
+}
+
+/// [`decode_header`] on a sealed connection: the SEALED flag is taken, and
+/// the body may be as long as the protocol allows ([`split_sealed_frame`]).
+pub fn decode_sealed_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+    decode_header_with(bytes, MAX_BODY_LEN, flags::SEALED)
+}
+
+/// [`decode_header`], also taking the flags of `extra`.
+fn decode_header_with(bytes: &[u8; HEADER_LEN], max_body: usize, extra: u16) -> Result<Header, WireError> {
     let raw = RawHeader::read_from_bytes(bytes).map_err(|_| malformed("header"))?;
     if raw.magic != MAGIC {
         return Err(WireError::BadMagic(raw.magic));
@@ -487,7 +499,7 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN], max_body: usize) -> Result<Header
     if len > max {
         return Err(WireError::FrameTooLarge { len, max });
     }
-    let mask = if raw.opcode & REPLY_BIT != 0 { flags::REPLY_MASK } else { flags::REQUEST_MASK };
+    let mask = extra | if raw.opcode & REPLY_BIT != 0 { flags::REPLY_MASK } else { flags::REQUEST_MASK };
     if raw.flags.get() & !mask != 0 {
         return Err(WireError::UnknownFlags(raw.flags.get()));
     }
@@ -559,10 +571,22 @@ pub fn check_context_len(len: usize) -> Result<(), WireError> {
 
 /// If `buf` starts with a whole frame, its header and total length.
 pub fn split_frame(buf: &[u8], max_body: usize) -> Result<Option<(Header, usize)>, WireError> {
+    split_with(buf, max_body, 0)
+}
+
+fn split_with(buf: &[u8], max_body: usize, extra_flags: u16) -> Result<Option<(Header, usize)>, WireError> {
     let Some(h) = buf.first_chunk::<HEADER_LEN>() else { return Ok(None) };
-    let header = decode_header(h, max_body)?;
+    let header = decode_header_with(h, max_body, extra_flags)?;
     let total = HEADER_LEN + header.body_len as usize;
     Ok((buf.len() >= total).then_some((header, total)))
+}
+
+/// [`split_frame`] on a sealed connection: the SEALED flag is taken (and
+/// must be there for the frame to open), and every frame is read whole up
+/// to the protocol's [`MAX_BODY_LEN`]. The header is the sealed one;
+/// [`Header::opened`] is the frame's once it opens.
+pub fn split_sealed_frame(buf: &[u8]) -> Result<Option<(Header, usize)>, WireError> {
+    split_with(buf, MAX_BODY_LEN, flags::SEALED)
 }
 
 /// Decodes `frame`, one whole reply frame (as a node's call to another
@@ -645,6 +669,16 @@ impl StampedRun {
 }
 
 impl Header {
+    /// A sealed frame's header as [`open_frame`] rewrites it once the frame
+    /// opens: the SEALED flag cleared, the tag off `body_len`.
+    pub fn opened(self) -> Header {
+        Header {
+            flags: self.flags & !flags::SEALED,
+            body_len: self.body_len.saturating_sub(SEAL_TAG_LEN as u32),
+            ..self
+        }
+    }
+
     /// The time the sender gives the request (`deadline_us`), if any.
     pub fn deadline(&self) -> Option<std::time::Duration> {
         (self.deadline_us > 0).then(|| std::time::Duration::from_micros(self.deadline_us as u64))
@@ -1359,6 +1393,15 @@ mod tests {
         assert!(matches!(hdr(&|b| b[0] = b'X'), Err(WireError::BadMagic(_))));
         assert_eq!(hdr(&|b| b[2] = 2), Err(WireError::UnsupportedVersion(2)));
         assert_eq!(hdr(&|b| b[4] = 2), Err(WireError::UnknownFlags(2)));
+        // SEALED only on a sealed connection (found by a read-through: in
+        // the shared masks, a client's frame with it was served, and did
+        // not re-encode to its bytes).
+        let mut sealed = good.clone();
+        sealed[5] |= (flags::SEALED >> 8) as u8;
+        assert_eq!(split_frame(&sealed, MAX_BODY_LEN), Err(WireError::UnknownFlags(flags::SEALED)));
+        let (h, total) = split_sealed_frame(&sealed).unwrap().unwrap();
+        assert_eq!((h.flags, total), (flags::SEALED, sealed.len()));
+        assert_eq!(h.opened().flags, 0, "opened: the flag cleared");
         let too_big = hdr(&|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes()));
         assert!(matches!(too_big, Err(WireError::FrameTooLarge { .. })));
         // The receiver's own limit applies before the global one.

@@ -913,16 +913,21 @@ pub fn write_secret(path: &Path, secret: &str) {
 /// Reads one frame off `s`: its header and body (an error for a read
 /// that failed, by its timeout too, or a header that does not decode).
 pub fn read_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
-    let (h, mut whole) = read_whole_frame(s)?;
+    let (h, mut whole) = read_whole_frame(s, false)?;
     Ok((h, whole.split_off(gyre::wire::HEADER_LEN)))
 }
 
 /// Reads one frame off `s` as it came, header and body in one buffer (a
-/// sealed frame is opened so), and its decoded header.
-pub fn read_whole_frame(s: &mut impl std::io::Read) -> Result<(gyre::wire::Header, Vec<u8>), String> {
+/// sealed frame is opened so), and its decoded header; `sealed`: off a
+/// sealed connection (the SEALED flag taken).
+pub fn read_whole_frame(s: &mut impl std::io::Read, sealed: bool) -> Result<(gyre::wire::Header, Vec<u8>), String> {
     let mut header = [0u8; gyre::wire::HEADER_LEN];
     s.read_exact(&mut header).map_err(|e| format!("reading a header: {e}"))?;
-    let h = gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN).map_err(|e| format!("a header: {e}"))?;
+    let h = match sealed {
+        true => gyre::wire::decode_sealed_header(&header),
+        false => gyre::wire::decode_header(&header, gyre::wire::MAX_BODY_LEN),
+    };
+    let h = h.map_err(|e| format!("a header: {e}"))?;
     let mut whole = header.to_vec();
     whole.resize(gyre::wire::HEADER_LEN + h.body_len as usize, 0);
     s.read_exact(&mut whole[gyre::wire::HEADER_LEN..]).map_err(|e| format!("reading a body: {e}"))?;
