@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
 }
 
 fn seal(c: &mut Criterion, set: &VersionSet) {
-    use gyre::auth::{Exchange, Sealer};
+    use gyre::auth::Exchange;
     use gyre::wire::{Request, Response, ANY_SHARD};
     let keys = ClusterKeys::from_secret(b"a benchmark's cluster secret");
     let ex = Exchange { challenge: &[1; 16], nonce: &[2; 16], dialer: b"n1", responder: b"n2" };
@@ -81,8 +81,9 @@ fn seal(c: &mut Criterion, set: &VersionSet) {
     Response::ReplicaPut.encode(&mut ack, 1, 0);
     let mut g = c.benchmark_group("seal");
     for (name, frame) in [("replica_put", &put), ("ack", &ack)] {
-        // The sealers' and openers' counts move on with every frame: each
-        // iteration seals with a fresh pair's first, as a sequence would.
+        // Sealing: one sealer, its count moving on each iteration as a
+        // sequence's would. Opening: a fresh opener each iteration (set up
+        // untimed), which opens its first frame.
         let (mut sealer, _) = keys.session(&ex).dialer();
         let mut out = Vec::with_capacity(frame.len() + 16);
         g.bench_function(format!("{name}/{}_bytes/seal", frame.len()), |b| {
@@ -93,9 +94,8 @@ fn seal(c: &mut Criterion, set: &VersionSet) {
                 out.len()
             })
         });
-        let fresh = || -> (Sealer, _) { keys.session(&ex).dialer() };
         let mut sealed = frame.clone();
-        fresh().0.seal(&mut sealed, 0);
+        keys.session(&ex).dialer().0.seal(&mut sealed, 0);
         g.bench_function(format!("{name}/{}_bytes/open", frame.len()), |b| {
             b.iter_batched_ref(
                 || (keys.session(&ex).responder().1, sealed.clone()),

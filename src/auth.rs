@@ -5,9 +5,9 @@
 //! Owns: the derivation of both keys from the secret file's bytes, the
 //! context MAC (format 4, `crate::core::version`), the challenge and
 //! proof of the HELLO/AUTH exchange, and each proven connection's session
-//! key and frame tags ([`Sealer`], [`Opener`]; the frame layout is
-//! `crate::wire::seal_frame`'s) (`crate::wire`, ARCHITECTURE.md, "Cluster
-//! secret").
+//! key, with which [`Sealer`] and [`Opener`] encrypt and authenticate its
+//! frames (AES-256-GCM; the frame layout is `crate::wire::seal_frame`'s;
+//! ARCHITECTURE.md, "Cluster secret").
 //!
 //! Invariant: nothing outside this module sees the secret or a key derived
 //! from it; every check compares MACs in constant time (`blake3::Hash`'s
@@ -23,9 +23,9 @@
 //! recovered from outputs. Why AES-256-GCM for the frames: an AEAD, so
 //! members' keys and values are encrypted as well as authenticated, and
 //! with AES-NI and carry-less multiplication cheaper on a replica write
-//! of a few hundred bytes than a keyed blake3 of it alone (`cargo bench
-//! --bench context -- seal`: 236 against 286 ns to seal 172 bytes, and as
-//! much to open them); `aes-gcm` picks the instructions at run time.
+//! of a few hundred bytes than a keyed blake3 tag of it alone, which a
+//! first version used (perf/RESULTS.md, "Cluster: sealed member
+//! connections": 238 against 286 ns to seal 172 bytes).
 
 use std::path::{Path, PathBuf};
 
@@ -298,9 +298,6 @@ impl ClusterKeys {
     }
 }
 
-/// Bytes of a sealed frame's tag ([`Sealer`]): AES-GCM's 128 bits.
-pub const SEAL_TAG_LEN: usize = crate::wire::SEAL_TAG_LEN;
-
 /// The key that seals one member connection's frames, both ways, once its
 /// opening exchange proved the secret both ways (ARCHITECTURE.md, "Cluster
 /// secret": sealed frames). Split into the two ends' halves.
@@ -312,99 +309,74 @@ impl Session {
     /// The dialer's halves: it seals what it sends, and opens what the
     /// responder sends.
     pub fn dialer(self) -> (Sealer, Opener) {
-        self.split(Direction::ToResponder)
+        self.split(Side::Dialer)
     }
 
     /// The responder's halves.
     pub fn responder(self) -> (Sealer, Opener) {
-        self.split(Direction::ToDialer)
+        self.split(Side::Responder)
     }
 
-    fn split(self, sends: Direction) -> (Sealer, Opener) {
-        let receives = match sends {
-            Direction::ToResponder => Direction::ToDialer,
-            Direction::ToDialer => Direction::ToResponder,
+    /// `me`'s halves, under one AES-256-GCM key schedule (AES-NI and
+    /// carry-less multiplication where the CPU has them, picked by
+    /// `aes-gcm` at run time).
+    fn split(self, me: Side) -> (Sealer, Opener) {
+        let cipher = Aes256Gcm::new(&self.key.into());
+        let other = match me {
+            Side::Dialer => Side::Responder,
+            Side::Responder => Side::Dialer,
         };
-        (
-            Sealer { cipher: cipher(&self.key), dir: sends, next: 0 },
-            Opener { cipher: cipher(&self.key), dir: receives, next: 0 },
-        )
+        (Sealer(Way { cipher: cipher.clone(), from: me, next: 0 }), Opener(Way { cipher, from: other, next: 0 }))
     }
 }
 
-/// Which way a sealed frame goes: part of its nonce, so that a frame sent
-/// one way never opens as one sent the other (reflected).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Direction {
-    ToResponder = 0,
-    ToDialer = 1,
-}
-
-/// The AES-GCM nonce of the `seq`th frame (from 0) sent `dir` on a
-/// session: `u8 dir, [0; 3], u64 seq`. The sequence number is the count of
-/// frames before it that way, never sent: a frame dropped, replayed,
-/// reordered, reflected or moved to another connection (another session
-/// key) does not open. No nonce repeats under a key: each connection has
-/// its own key, each direction its `dir`, each frame its `seq`.
-fn nonce(dir: Direction, seq: u64) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
-    let mut n = [0u8; 12];
-    n[0] = dir as u8;
-    n[4..].copy_from_slice(&seq.to_le_bytes());
-    n.into()
-}
-
-/// The cipher of a session's key: AES-256-GCM, whose key schedule is
-/// made once per connection (AES-NI and carry-less multiplication where
-/// the CPU has them: a frame of a few hundred bytes costs well under a
-/// keyed blake3 of it).
-fn cipher(key: &[u8; 32]) -> Aes256Gcm {
-    Aes256Gcm::new(key.into())
-}
-
-/// Seals the frames one end of a session sends, in the order they go on
-/// the wire.
-pub struct Sealer {
+/// One way of a session: the frames the side `from` sends.
+struct Way {
     cipher: Aes256Gcm,
-    dir: Direction,
+    /// The sender: part of every nonce, so that a frame sent one way never
+    /// opens as one sent the other (reflected).
+    from: Side,
     /// The sequence number of the next frame.
     next: u64,
 }
 
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Sealer({:?}, next {})", self.dir, self.next)
+impl Way {
+    /// The AES-GCM nonce of the next frame: `u8 from (0 dialer, 1
+    /// responder), [0; 3], u64 seq`. The sequence number is the count of
+    /// frames before it that way, never sent: a frame dropped, replayed,
+    /// reordered, reflected or moved to another connection (another session
+    /// key) does not open. No nonce repeats under a key: each connection has
+    /// its own key, each way its `from`, each frame its `seq`.
+    fn nonce(&self) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
+        let mut n = [0u8; 12];
+        n[0] = self.from as u8;
+        n[4..].copy_from_slice(&self.next.to_le_bytes());
+        n.into()
     }
 }
+
+/// Seals the frames one end of a session sends, in the order they go on
+/// the wire.
+pub struct Sealer(Way);
 
 impl Sealer {
     /// Seals the whole frame at `buf[at..]`, the next to go out
     /// ([`crate::wire::seal_frame`]): its body encrypted, its header (in
     /// the clear) and body authenticated by the tag.
     pub fn seal(&mut self, buf: &mut Vec<u8>, at: usize) {
-        let (cipher, nonce) = (&self.cipher, nonce(self.dir, self.next));
+        let (cipher, nonce) = (&self.0.cipher, self.0.nonce());
         crate::wire::seal_frame(buf, at, |header, body| {
             // Fails only past GCM's 64 GiB a message; a frame is at most
             // `MAX_BODY_LEN`.
             cipher.encrypt_in_place_detached(&nonce, header, body).expect("a frame is within GCM's limit").into()
         });
-        self.next += 1;
+        self.0.next += 1;
     }
 }
 
 /// Opens the frames one end of a session receives, in the order they
 /// arrive.
-pub struct Opener {
-    cipher: Aes256Gcm,
-    dir: Direction,
-    /// The sequence number the next frame must have been sealed with.
-    next: u64,
-}
-
-impl std::fmt::Debug for Opener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Opener({:?}, next {})", self.dir, self.next)
-    }
-}
+pub struct Opener(Way);
 
 impl Opener {
     /// Checks the whole sealed frame `frame` (the next to arrive) and
@@ -412,11 +384,11 @@ impl Opener {
     /// the tag. A frame that fails ends the connection: the sequence is
     /// lost. (The tag is checked in constant time, by `aes-gcm`.)
     pub fn open(&mut self, frame: &mut [u8]) -> Result<usize, crate::wire::SealError> {
-        let (cipher, nonce) = (&self.cipher, nonce(self.dir, self.next));
+        let (cipher, nonce) = (&self.0.cipher, self.0.nonce());
         let len = crate::wire::open_frame(frame, |header, body, tag| {
             cipher.decrypt_in_place_detached(&nonce, header, body, tag.into()).is_ok()
         })?;
-        self.next += 1;
+        self.0.next += 1;
         Ok(len)
     }
 }
@@ -425,9 +397,9 @@ impl Opener {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// The member that opened the connection (its AUTH).
-    Dialer,
+    Dialer = 0,
     /// The member it reached (the AUTH reply).
-    Responder,
+    Responder = 1,
 }
 
 /// What a connection's opening exchange binds its proofs to.
