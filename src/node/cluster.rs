@@ -35,8 +35,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -182,13 +180,6 @@ pub struct Cluster {
     pub ring_bytes: Vec<u8>,
     /// Every partition's first N replicas, computed once.
     prefs: PreferenceTable,
-    /// By member: whether one of this node's shards has asked it for its
-    /// ring (or is asking), until the ask fails or a connection to it does
-    /// (`node::peer`). One flag for the whole node, shared by every shard's
-    /// copy: an ask per shard made a node of S shards ask each member S
-    /// times, and log a differing ring S times. Touched off the request
-    /// path only, once per ask.
-    pub ring_asked: Arc<[AtomicBool]>,
 }
 
 impl Cluster {
@@ -203,8 +194,7 @@ impl Cluster {
         namespaces.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.len()));
         let ring_bytes = ring.to_bytes();
         let prefs = ring.preference_table(file.n);
-        let ring_asked = ring.members().iter().map(|_| AtomicBool::new(false)).collect();
-        Ok(Cluster { ring, me, n: file.n, r: file.r, w: file.w, namespaces, ring_bytes, prefs, ring_asked })
+        Ok(Cluster { ring, me, n: file.n, r: file.r, w: file.w, namespaces, ring_bytes, prefs })
     }
 
     /// N, R and W as a RING reply carries them (a byte each: the cluster

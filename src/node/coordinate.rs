@@ -99,9 +99,10 @@ impl ClusterState {
         info: Cluster,
         front: Rc<super::front::Front>,
         keys: Option<Rc<crate::auth::ClusterKeys>>,
+        ring_asked: std::sync::Arc<[std::sync::atomic::AtomicBool]>,
     ) -> ClusterState {
         ClusterState {
-            peers: Rc::new(Peers::new(&info, front, keys)),
+            peers: Rc::new(Peers::new(&info, front, keys, ring_asked)),
             info,
             counters: ClusterCounters::default(),
             epoch: Instant::now(),

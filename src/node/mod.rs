@@ -772,6 +772,8 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
     let mesh = MeshBuilder::<Cross, _>::full(shards, MESH_CHANNEL_SIZE);
     let ready = Arc::new(AtomicUsize::new(0));
     let peer_ids: Arc<Vec<AtomicUsize>> = Arc::new((0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect());
+    let members = cluster.as_ref().map_or(0, |c| c.ring.members().len());
+    let ring_asked: Arc<[AtomicBool]> = (0..members).map(|_| AtomicBool::new(false)).collect();
     let gate = Arc::new(ActorGate::new(shards, data.clean_seqs()));
     let drained = Arc::new(AtomicUsize::new(0));
     // A client request is at most a PUT of the largest value; a clustered
@@ -809,6 +811,7 @@ pub fn run(mut config: NodeConfig, shutdown: Arc<AtomicBool>, on_start: impl FnO
             ready: ready.clone(),
             drained: drained.clone(),
             peer_ids: peer_ids.clone(),
+            ring_asked: ring_asked.clone(),
             cluster: cluster.clone(),
         };
         let cpu = config.pin.then(|| cpus[i % cores]);
@@ -978,6 +981,13 @@ struct ShardSetup {
     drained: Arc<AtomicUsize>,
     /// Each shard's mesh peer index, published after joining.
     peer_ids: Arc<Vec<AtomicUsize>>,
+    /// By member: whether one of this node's shards has asked it for its
+    /// ring (or is asking), until the ask fails or a connection to it does
+    /// (`node::peer`). One flag for the whole node, shared by its shards:
+    /// an ask per shard made a node of S shards ask each member S times,
+    /// and log a differing ring S times. Read on every keyed peer call (a
+    /// relaxed load), written once per ask.
+    ring_asked: Arc<[AtomicBool]>,
     /// The cluster this node belongs to.
     cluster: Option<cluster::Cluster>,
 }
@@ -1076,7 +1086,7 @@ async fn run_shard(s: ShardSetup) -> anyhow::Result<()> {
     let stop = Stop::default();
     spawn_background(&engine, &stop, COMPACT_EVERY);
     let keys = s.keys.map(Rc::new);
-    let cluster = s.cluster.map(|c| coordinate::ClusterState::new(c, front.clone(), keys.clone()));
+    let cluster = s.cluster.map(|c| coordinate::ClusterState::new(c, front.clone(), keys.clone(), s.ring_asked));
     let shard = Rc::new(Shard {
         id: s.id,
         shards: s.shards,

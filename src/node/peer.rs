@@ -401,7 +401,7 @@ pub struct Peers {
     ring: (Vec<u8>, [u8; 3]),
     /// By member: whether this node (any of its shards) has asked for its
     /// ring (or is asking), until the ask fails or the member is found
-    /// restarted (`Cluster::ring_asked`, shared by the shards). A flag per
+    /// restarted (the node's, shared by its shards: `ShardSetup`). A flag per
     /// member, not a set: every keyed call looks at it.
     ring_asked: Arc<[AtomicBool]>,
     /// The shard's socket readiness (peer connections are its sockets too).
@@ -418,14 +418,19 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub(super) fn new(cluster: &super::cluster::Cluster, front: Rc<Front>, keys: Option<Rc<ClusterKeys>>) -> Peers {
+    pub(super) fn new(
+        cluster: &super::cluster::Cluster,
+        front: Rc<Front>,
+        keys: Option<Rc<ClusterKeys>>,
+        ring_asked: Arc<[AtomicBool]>,
+    ) -> Peers {
         let ring = &cluster.ring;
         Peers {
             me: cluster.me,
             members: ring.members().to_vec(),
             partitions: ring.partitions(),
             ring: (cluster.ring_bytes.clone(), cluster.quorum_bytes()),
-            ring_asked: cluster.ring_asked.clone(),
+            ring_asked,
             ports: RefCell::default(),
             conns: RefCell::default(),
             down_until: RefCell::default(),

@@ -357,8 +357,9 @@ pub enum ErrorCode {
     /// The node is shutting down.
     ShuttingDown,
     Internal,
-    /// Fewer replicas than the read or write quorum answered in time; the
-    /// message says how many.
+    /// Fewer replicas than the read or write quorum answered in time (the
+    /// message says how many), or a write relayed to a replica got no answer
+    /// from it: either way a write may have been stored.
     QuorumFailed,
     /// The node is not part of a cluster (a RING request to a lone node).
     NotClustered,
