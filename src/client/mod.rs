@@ -873,7 +873,13 @@ pub fn resolve(addr: &str, deadline: Instant) -> Result<Vec<SocketAddr>> {
         return Ok(vec![ip]);
     }
     let name = addr.to_string();
-    let found = within(deadline, move || name.to_socket_addrs().map(Vec::from_iter))
+    resolved(addr, within(deadline, move || name.to_socket_addrs().map(Vec::from_iter)))
+}
+
+/// What a lookup of `addr` gave (`None`: no answer before the deadline),
+/// as both clients take it: at least one address, or why not.
+pub(crate) fn resolved(addr: &str, found: Option<io::Result<Vec<SocketAddr>>>) -> Result<Vec<SocketAddr>> {
+    let found = found
         .ok_or_else(|| ClientError::Resolve(format!("{addr}: no answer from the resolver in time")))?
         .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?;
     if found.is_empty() {
@@ -915,7 +921,7 @@ pub(crate) fn first_that_connects<T>(
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| ClientError::Resolve("no address to connect to".into())))
+    Err(last.expect("resolve returns at least one address"))
 }
 
 /// The most requests one `get_many` call has unanswered on a connection.

@@ -456,19 +456,11 @@ async fn resolve(addr: &str, deadline: Instant) -> Result<Vec<SocketAddr>> {
     if let Ok(ip) = addr.parse::<SocketAddr>() {
         return Ok(vec![ip]);
     }
-    let late = || ClientError::Resolve(format!("{addr}: no answer from the resolver in time"));
-    if deadline <= Instant::now() {
-        return Err(late());
-    }
-    let found = tokio::time::timeout_at(deadline.into(), tokio::net::lookup_host(addr))
-        .await
-        .map_err(|_| late())?
-        .map_err(|e| ClientError::Resolve(format!("{addr}: {e}")))?;
-    let found: Vec<SocketAddr> = found.collect();
-    if found.is_empty() {
-        return Err(ClientError::Resolve(format!("{addr}: no address")));
-    }
-    Ok(found)
+    let found = match deadline > Instant::now() {
+        true => tokio::time::timeout_at(deadline.into(), tokio::net::lookup_host(addr)).await.ok(),
+        false => None,
+    };
+    super::resolved(addr, found.map(|f| f.map(Iterator::collect)))
 }
 
 fn protocol(addr: SocketAddr, reason: String) -> ClientError {
