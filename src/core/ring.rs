@@ -554,9 +554,11 @@ impl Ring {
         if want == 0 || q == 0 {
             return PreferenceTable { n: want, partitions: self.partitions, lists };
         }
+        // The first lap puts every owner in the list, in the order a walk
+        // from partition 0 meets them once past the end of the ring.
         let mut order = MoveToFront::new(m);
-        for i in (q..2 * q).rev() {
-            order.touch(self.owners[i - q]);
+        for p in (0..q).rev() {
+            order.touch(self.owners[p]);
         }
         // Members that own no partition (never in a balanced ring) come
         // last, as the walk takes them.
@@ -606,15 +608,17 @@ impl Ring {
                     }
                 }
             }
-            out.truncate(want);
             lists[p * want..(p + 1) * want].copy_from_slice(&out);
         }
         PreferenceTable { n: want, partitions: self.partitions, lists }
     }
 
-    /// Every member, in preference order for `partition`: its first `N`
-    /// entries are `preference_list(partition, N)` for every `N`. Panics
-    /// on the empty ring or a partition `>= partitions()`.
+    /// Every member, in preference order for `partition`: on a ring where
+    /// every member owns a partition (every ring a node builds), its first
+    /// `N` entries are `preference_list(partition, N)` for every `N`.
+    /// Members that own nothing come last, those of zones still unused
+    /// first, where `preference_list` for `N <= 16` takes them by index.
+    /// Panics on the empty ring or a partition `>= partitions()`.
     pub fn extended_preference_list(&self, partition: u32) -> Vec<MemberIdx> {
         let m = self.members.len();
         let q = self.owners.len();
