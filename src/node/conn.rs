@@ -490,9 +490,18 @@ pub(super) struct Standing {
     /// until then what its HELLO asked. Replica messages are taken, and the
     /// connection counts as a member's, only once it is proved.
     auth: Cell<Auth>,
-    /// The session of the AUTH just answered, until the reader takes it to
-    /// seal every frame after that answer, both ways.
-    session: RefCell<Option<crate::auth::Session>>,
+}
+
+/// What the cluster secret made of a request ([`Standing::screen`]): the
+/// reply it gets instead of running, and what follows it.
+enum Screened {
+    /// Refused; the connection goes on.
+    Refused(Vec<u8>),
+    /// Refused; the connection closes.
+    Closing(Vec<u8>),
+    /// An AUTH answered: every frame after the answer, both ways, is
+    /// sealed under the session.
+    Proven(Vec<u8>, crate::auth::Session),
 }
 
 /// A connection's standing with the cluster secret (`Standing::auth`).
@@ -526,7 +535,6 @@ impl Standing {
             member: Cell::new(false),
             named: Cell::new(false),
             auth: Cell::new(Auth::None),
-            session: RefCell::new(None),
         }
     }
 
@@ -558,12 +566,6 @@ impl Standing {
             Auth::Unproven if opcode == op::HELLO => Some("a HELLO on a connection that went on unproven"),
             _ => None,
         }
-    }
-
-    /// The session of the AUTH just answered, once (the reader seals the
-    /// connection with it after queueing the answer).
-    fn take_session(&self) -> Option<crate::auth::Session> {
-        self.session.borrow_mut().take()
     }
 
     /// Whether a provisional connection may send this frame: the first
@@ -612,10 +614,9 @@ impl Standing {
     }
 
     /// What the cluster secret says of `req`, decoded on this connection:
-    /// `None` to run it; otherwise the reply it gets instead, and whether
-    /// the connection closes. An AUTH is answered here; a replica message
-    /// on a connection that has not proved the secret is refused.
-    fn screen(&self, id: u64, req: &Request<'_>) -> Option<(Vec<u8>, bool)> {
+    /// `None` to run it. An AUTH is answered here; a replica message on a
+    /// connection that has not proved the secret is refused.
+    fn screen(&self, id: u64, req: &Request<'_>) -> Option<Screened> {
         let shard = &self.shard;
         match req {
             Request::Auth { nonce, proof } => {
@@ -623,7 +624,7 @@ impl Standing {
                 // one without a HELLO, or a second one, is refused.
                 let Some(keys) = shard.keys() else {
                     let why = "this node has no cluster secret: there is nothing to prove";
-                    return Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true));
+                    return Some(Screened::Closing(shard.error_frame(id, ErrorCode::Unauthenticated, why)));
                 };
                 let answer = match (self.auth.replace(Auth::None), shard.own_name()) {
                     (Auth::Challenged { challenge, member }, Some(own)) => {
@@ -635,11 +636,10 @@ impl Standing {
                 };
                 if let Some((proof, session)) = answer {
                     self.auth.set(Auth::Proven);
-                    *self.session.borrow_mut() = Some(session);
                     self.named_member();
                     let mut out = Vec::with_capacity(HEADER_LEN + crate::wire::PROOF_LEN);
                     crate::wire::Response::Auth { proof }.encode(&mut out, id, shard.id as u16);
-                    return Some((out, false));
+                    return Some(Screened::Proven(out, session));
                 }
                 // Warned once a shard; STATS counts them all.
                 if bump_first(&shard.counters.auth_failures) {
@@ -650,7 +650,7 @@ impl Standing {
                     );
                 }
                 let why = "the proof does not match this node's cluster secret (or no HELLO asked for one)";
-                Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), true))
+                Some(Screened::Closing(shard.error_frame(id, ErrorCode::Unauthenticated, why)))
             }
             Request::ReplicaGet { .. } | Request::ReplicaPut { .. }
                 if shard.keys().is_some() && self.auth.get() != Auth::Proven =>
@@ -667,7 +667,7 @@ impl Standing {
                     );
                 }
                 let why = "replica messages are taken only from members that proved the cluster secret (AUTH)";
-                Some((shard.error_frame(id, ErrorCode::Unauthenticated, why), false))
+                Some(Screened::Refused(shard.error_frame(id, ErrorCode::Unauthenticated, why)))
             }
             _ => None,
         }
@@ -912,17 +912,21 @@ pub(super) async fn serve(shard: Rc<Shard>, sock: Socket, standing: Standing) {
                     }
                     let owner = match Request::decode_with(&header, body) {
                         Ok((req, _)) => {
-                            if let Some((reply, close)) = standing.screen(header.request_id, &req) {
-                                out.reply(&reply);
-                                if close {
-                                    break 'read;
-                                }
-                                // An AUTH answered: what follows it, both
-                                // ways, is sealed.
-                                if let Some(session) = standing.take_session() {
-                                    let (sealer, o) = session.responder();
-                                    *out.sealer.borrow_mut() = Some(sealer);
-                                    opener = Some(o);
+                            if let Some(screened) = standing.screen(header.request_id, &req) {
+                                match screened {
+                                    Screened::Refused(reply) => out.reply(&reply),
+                                    Screened::Closing(reply) => {
+                                        out.reply(&reply);
+                                        break 'read;
+                                    }
+                                    // The answer goes out unsealed; what
+                                    // follows it, both ways, is sealed.
+                                    Screened::Proven(reply, session) => {
+                                        out.reply(&reply);
+                                        let (sealer, o) = session.responder();
+                                        *out.sealer.borrow_mut() = Some(sealer);
+                                        opener = Some(o);
+                                    }
                                 }
                                 start += total;
                                 continue;

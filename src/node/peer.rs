@@ -693,7 +693,7 @@ impl Peers {
             let (conn, peers, writer) = (conn.clone(), self.clone(), sock.clone());
             glommio::spawn_local(async move {
                 let mut run = StampedRun::default();
-                let mut sealing = sealer.map(|s| (s, Vec::new()));
+                let mut sealing = sealer.map(|sealer| Sealing { sealer, sealed: Vec::new() });
                 loop {
                     let g = conn.queued.generation();
                     if conn.dead.get() {
@@ -964,7 +964,7 @@ async fn write_stamped(
     batch: &mut [u8],
     spans: &[(usize, Instant)],
     run: &mut StampedRun,
-    mut sealing: Option<&mut (Sealer, Vec<u8>)>,
+    mut sealing: Option<&mut Sealing>,
 ) -> Result<Written, WriteError> {
     let mut next = 0;
     let mut done = Written { frames: 0, late: 0, writes: 0 };
@@ -982,7 +982,7 @@ async fn write_stamped(
             }
             // Sealed: each frame kept, stamped, is copied out with its
             // tag, in the order they go out, and the run written at once.
-            Some((sealer, sealed)) => {
+            Some(Sealing { sealer, sealed }) => {
                 sealed.clear();
                 for &(a, b) in &run.ranges {
                     let mut at = a;
@@ -1010,6 +1010,13 @@ async fn write_stamped(
     }
     done.frames = spans.len() as u64 - done.late;
     Ok(done)
+}
+
+/// A sealed connection's writer: its sealer, and the run of sealed frames
+/// it writes (each frame copied out of the batch with its tag).
+struct Sealing {
+    sealer: Sealer,
+    sealed: Vec<u8>,
 }
 
 /// Writes all of `batch` in pieces of [`WRITE_CHUNK`], each of which must
